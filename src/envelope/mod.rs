@@ -1,0 +1,440 @@
+//! The at-rest envelope: how one record is sealed, byte by byte.
+//!
+//! Every record the crate stores (a message, a Signal session) is one
+//! envelope: a header naming whose it is, what it is, until when it may be
+//! read, where it may live and under which key it is sealed, then the
+//! AES-256-GCM ciphertext. The whole header is the AEAD's associated data, so
+//! no byte of it can be changed without the envelope failing to open.
+//!
+//! # Format, version 1
+//!
+//! All integers are big-endian. `r` is the region's length.
+//!
+//! | offset | length | field | rule |
+//! |---|---|---|---|
+//! | 0 | 4 | magic | `43 53 54 44` (`"CSTD"`) |
+//! | 4 | 1 | version | `01` |
+//! | 5 | 1 | suite | `01`: DEK by HKDF-SHA256, commitment by SHA-256, AES-256-GCM |
+//! | 6 | 1 | kind | [`Kind`]: `01` inbound message, `02` outbound message, `03` Signal session |
+//! | 7 | 8 | business | [`BusinessId`], not zero |
+//! | 15 | 16 | id | the record's [`MessageId`] |
+//! | 31 | 8 | epoch | ms since the Unix epoch at which the epoch key is destroyed ([`Epoch`]) |
+//! | 39 | 8 | expiry | ms since the Unix epoch after which the record may not be read; `expiry < epoch` |
+//! | 47 | 1 | region length `r` | 2 to 15 |
+//! | 48 | `r` | region | [`Region`]: `a-z`, `0-9`, inner `-` |
+//! | 48 + r | 12 | nonce | random |
+//! | 60 + r | 32 | commitment | `SHA-256("custodian/v1/commit" ‖ DEK)` |
+//! | 92 + r | 4 | ciphertext length `n` | 16 to [`MAX_CIPHERTEXT_LEN`], tag included |
+//! | 96 + r | `n` | ciphertext ‖ tag | AES-256-GCM(DEK, nonce, AAD = bytes `0 .. 96 + r`) |
+//!
+//! `DEK = HKDF-SHA256-Expand(epoch key, "custodian/v1/dek" ‖ suite ‖ id, 32)`.
+//! The envelope adds `112 + r` bytes to its plaintext: 114 with a two-letter
+//! region, never more than 127.
+//!
+//! # Parsing
+//!
+//! [`Envelope::parse`] is total: any input gives an envelope or one precise
+//! [`EnvelopeError`], never a panic, and it allocates nothing (the envelope
+//! borrows its input). Unknown versions, suites and kinds, out-of-range
+//! lengths, an expiry not before its epoch and trailing bytes are all errors,
+//! so every valid envelope has exactly one encoding and
+//! `Envelope::parse(b)?.to_bytes() == b`. The parsed envelope keeps the header
+//! bytes it read, and opening authenticates exactly those.
+//!
+//! ```
+//! use custodian::envelope::{Envelope, EnvelopeError, Field};
+//!
+//! assert_eq!(Envelope::parse(b"CSTD"), Err(EnvelopeError::Truncated(Field::Version)));
+//! assert_eq!(Envelope::parse(b"JUNK"), Err(EnvelopeError::BadMagic));
+//! ```
+
+use std::fmt;
+
+use subtle::ConstantTimeEq;
+
+use crate::aead::{NONCE_LEN, TAG_LEN};
+use crate::ids::{BusinessId, MessageId, Region};
+use rand::Rng;
+
+use crate::keys::{Epoch, EpochKey, EpochLength, KeyError};
+use crate::time::Timestamp;
+
+mod codec;
+#[cfg(test)]
+mod tests;
+
+use codec::Reader;
+
+/// The four bytes every envelope starts with.
+pub const MAGIC: [u8; 4] = *b"CSTD";
+/// The format version this crate writes and reads.
+pub const VERSION: u8 = 1;
+/// Length of the key-commitment value.
+pub const COMMITMENT_LEN: usize = 32;
+/// Largest plaintext a v1 envelope holds: 64 MiB.
+pub const MAX_PLAINTEXT_LEN: usize = 64 << 20;
+/// Largest ciphertext length field accepted: the largest plaintext plus its tag.
+pub const MAX_CIPHERTEXT_LEN: usize = MAX_PLAINTEXT_LEN + TAG_LEN;
+/// Header length before the region.
+const FIXED_HEAD: usize = 48;
+/// Header length after the region.
+const FIXED_TAIL: usize = NONCE_LEN + COMMITMENT_LEN + 4;
+/// Longest possible header.
+pub const MAX_HEADER_LEN: usize = FIXED_HEAD + Region::MAX_LEN + FIXED_TAIL;
+
+/// The cryptographic suite of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Suite {
+    /// DEK by HKDF-SHA256-Expand from the epoch key, key commitment by
+    /// SHA-256 of the DEK, AES-256-GCM with a 96-bit random nonce.
+    V1 = 1,
+}
+
+/// What an envelope holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Kind {
+    /// A message a consumer sent to the business.
+    InboundMessage = 1,
+    /// A message the business sends to a consumer.
+    OutboundMessage = 2,
+    /// A Signal session with one consumer device.
+    SignalSession = 3,
+}
+
+impl Kind {
+    /// Every kind, in code order.
+    pub const ALL: &'static [Self] = &[
+        Self::InboundMessage,
+        Self::OutboundMessage,
+        Self::SignalSession,
+    ];
+
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| *k as u8 == code)
+    }
+}
+
+/// The header field a truncated input ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[allow(missing_docs)] // each variant is the field of the same name in the format table
+pub enum Field {
+    Magic,
+    Version,
+    Suite,
+    Kind,
+    Business,
+    Id,
+    Epoch,
+    Expiry,
+    RegionLength,
+    Region,
+    Nonce,
+    Commitment,
+    CiphertextLength,
+    Ciphertext,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why bytes are not a well-formed envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// The input ended inside this field.
+    #[error("envelope truncated in field {0}")]
+    Truncated(Field),
+    /// The input does not start with [`MAGIC`].
+    #[error("not an envelope: bad magic")]
+    BadMagic,
+    /// A format version this crate does not read.
+    #[error("unsupported envelope version {0}")]
+    UnsupportedVersion(u8),
+    /// A suite this crate does not know.
+    #[error("unknown suite {0}")]
+    UnknownSuite(u8),
+    /// A kind this crate does not know.
+    #[error("unknown kind {0}")]
+    UnknownKind(u8),
+    /// Business id zero.
+    #[error("business id is zero")]
+    ZeroBusiness,
+    /// The region length is outside 2..=15.
+    #[error("region length {0} is outside 2..=15")]
+    RegionLength(u8),
+    /// The region has characters outside `a-z`, `0-9`, inner `-`.
+    #[error("region name is malformed")]
+    BadRegion,
+    /// The expiry is not before the epoch's end: the key would die first.
+    #[error("expiry is not before the end of its epoch")]
+    ExpiryNotBeforeEpoch,
+    /// The ciphertext length is below the tag length or above the maximum.
+    #[error("ciphertext length {0} is outside 16..={MAX_CIPHERTEXT_LEN}")]
+    CiphertextLength(u32),
+    /// Bytes follow the ciphertext.
+    #[error("{0} bytes after the end of the envelope")]
+    TrailingBytes(usize),
+}
+
+/// Why a record could not be sealed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The plaintext is longer than [`MAX_PLAINTEXT_LEN`].
+    #[error("plaintext of {0} bytes exceeds the envelope maximum")]
+    TooLarge(usize),
+    /// The key belongs to another business than the label names.
+    #[error("the epoch key belongs to another business")]
+    WrongKey,
+    /// The label's expiry is not within one maximum epoch length before the
+    /// key's epoch ends: the key would be destroyed before the record
+    /// expires, or long after.
+    #[error("expiry {expiry} does not fall in {epoch}")]
+    ExpiryOutsideEpoch {
+        /// The label's expiry.
+        expiry: Timestamp,
+        /// The key's epoch.
+        epoch: Epoch,
+    },
+    /// The expiry is not in the future.
+    #[error("expiry {expiry} is not after now ({now})")]
+    ExpiryNotInFuture {
+        /// The expiry asked for.
+        expiry: Timestamp,
+        /// The clock's reading.
+        now: Timestamp,
+    },
+    /// The expiry is so far away that no epoch can hold it.
+    #[error("expiry {0} is beyond the last representable epoch")]
+    ExpiryOutOfRange(Timestamp),
+    /// The epoch key could not be had (destroyed epoch, provider or store failure).
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// The authenticated facts about a record that its owner chooses: sealed into
+/// the header, checked on every open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Label {
+    /// What the record is.
+    pub kind: Kind,
+    /// Whose it is.
+    pub business: BusinessId,
+    /// Its id (a message's id; a fresh id for other records).
+    pub id: MessageId,
+    /// When it stops being readable.
+    pub expiry: Timestamp,
+    /// Where it may be stored.
+    pub region: Region,
+}
+
+/// A parsed header. Read-only: headers are made only by sealing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Header {
+    suite: Suite,
+    label: Label,
+    epoch: Epoch,
+    nonce: [u8; NONCE_LEN],
+    commitment: [u8; COMMITMENT_LEN],
+}
+
+impl Header {
+    /// The suite.
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+    /// The label: kind, business, id, expiry, region.
+    pub fn label(&self) -> &Label {
+        &self.label
+    }
+    /// The epoch whose key seals the record.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    /// The AEAD nonce.
+    pub fn nonce(&self) -> &[u8; NONCE_LEN] {
+        &self.nonce
+    }
+    /// The key-commitment value.
+    pub fn commitment(&self) -> &[u8; COMMITMENT_LEN] {
+        &self.commitment
+    }
+}
+
+/// A parsed envelope, borrowing the bytes it was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    header: Header,
+    header_bytes: &'a [u8],
+    ciphertext: &'a [u8],
+}
+
+/// The envelope failed to open: wrong key, or any byte altered. One opaque
+/// error, so a caller learns nothing about which check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DecryptError;
+
+impl<'a> Envelope<'a> {
+    /// Parse `bytes` as exactly one envelope. Total: never panics, allocates nothing.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let mut r = Reader::new(bytes);
+        if r.array::<4>(Field::Magic)? != MAGIC {
+            return Err(EnvelopeError::BadMagic);
+        }
+        match r.u8(Field::Version)? {
+            VERSION => {}
+            v => return Err(EnvelopeError::UnsupportedVersion(v)),
+        }
+        let suite = match r.u8(Field::Suite)? {
+            1 => Suite::V1,
+            s => return Err(EnvelopeError::UnknownSuite(s)),
+        };
+        let kind = r.u8(Field::Kind)?;
+        let kind = Kind::from_code(kind).ok_or(EnvelopeError::UnknownKind(kind))?;
+        let business =
+            BusinessId::new(r.u64(Field::Business)?).ok_or(EnvelopeError::ZeroBusiness)?;
+        let id = MessageId::from_bytes(r.array(Field::Id)?);
+        let epoch = Epoch::ending_at(Timestamp::from_millis(r.u64(Field::Epoch)?));
+        let expiry = Timestamp::from_millis(r.u64(Field::Expiry)?);
+        let region_len = r.u8(Field::RegionLength)?;
+        if !(Region::MIN_LEN..=Region::MAX_LEN).contains(&usize::from(region_len)) {
+            return Err(EnvelopeError::RegionLength(region_len));
+        }
+        let region = Region::from_bytes(r.take(usize::from(region_len), Field::Region)?)
+            .map_err(|_| EnvelopeError::BadRegion)?;
+        let nonce = r.array(Field::Nonce)?;
+        let commitment = r.array(Field::Commitment)?;
+        let ct_len = r.u32(Field::CiphertextLength)?;
+        if expiry >= epoch.end() {
+            return Err(EnvelopeError::ExpiryNotBeforeEpoch);
+        }
+        let n = usize::try_from(ct_len).map_err(|_| EnvelopeError::CiphertextLength(ct_len))?;
+        if !(TAG_LEN..=MAX_CIPHERTEXT_LEN).contains(&n) {
+            return Err(EnvelopeError::CiphertextLength(ct_len));
+        }
+        let header_bytes = r.consumed();
+        let ciphertext = r.take(n, Field::Ciphertext)?;
+        r.finish()?;
+        Ok(Self {
+            header: Header {
+                suite,
+                label: Label {
+                    kind,
+                    business,
+                    id,
+                    expiry,
+                    region,
+                },
+                epoch,
+                nonce,
+                commitment,
+            },
+            header_bytes,
+            ciphertext,
+        })
+    }
+
+    /// The envelope's bytes: exactly the bytes it was parsed from.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [self.header_bytes, self.ciphertext].concat()
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The header bytes as read: the associated data that opening authenticates.
+    pub fn header_bytes(&self) -> &'a [u8] {
+        self.header_bytes
+    }
+
+    /// Ciphertext then tag.
+    pub fn ciphertext(&self) -> &'a [u8] {
+        self.ciphertext
+    }
+
+    /// Check the key commitment, then authenticate and decrypt under `key`,
+    /// which must be the key of this envelope's business and epoch.
+    pub(crate) fn open(&self, key: &EpochKey) -> Result<Vec<u8>, DecryptError> {
+        if key.business() != self.header.label.business || key.epoch() != self.header.epoch {
+            return Err(DecryptError);
+        }
+        let dek = key.dek(self.header.suite as u8, &self.header.label.id);
+        if !bool::from(dek.commitment().ct_eq(&self.header.commitment)) {
+            return Err(DecryptError);
+        }
+        dek.cipher()
+            .open(&self.header.nonce, self.header_bytes, self.ciphertext)
+            .map_err(|_| DecryptError)
+    }
+}
+
+/// Seal `plaintext` as the record `label` describes, under `key`: the key of
+/// the label's business for an epoch in which the label's expiry falls.
+///
+/// This is the whole cryptographic cost of sealing; a
+/// [`Vault`](crate::vault::Vault) adds finding the key and checking the
+/// expiry against its clock. Use it to seal many records of one epoch with a
+/// key fetched once from [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal).
+pub fn seal(key: &EpochKey, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    seal_with_nonce(key, label, &nonce, plaintext)
+}
+
+/// [`seal`] with a caller-chosen nonce, which must never repeat for one key
+/// and record id: for known-answer tests and fuzzers only.
+pub(crate) fn seal_with_nonce(
+    key: &EpochKey,
+    label: &Label,
+    nonce: &[u8; NONCE_LEN],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let epoch = key.epoch();
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(SealError::TooLarge(plaintext.len()));
+    }
+    if key.business() != label.business {
+        return Err(SealError::WrongKey);
+    }
+    if label.expiry >= epoch.end() || label.expiry < epoch.end().saturating_sub(EpochLength::MAX) {
+        return Err(SealError::ExpiryOutsideEpoch {
+            expiry: label.expiry,
+            epoch,
+        });
+    }
+    let suite = Suite::V1;
+    let dek = key.dek(suite as u8, &label.id);
+    let region = label.region.as_bytes();
+    // Bounded by MAX_CIPHERTEXT_LEN (checked above), which fits in u32.
+    let ct_len = (plaintext.len() + TAG_LEN) as u32;
+
+    let mut head = [0u8; FIXED_HEAD];
+    head[..4].copy_from_slice(&MAGIC);
+    head[4..7].copy_from_slice(&[VERSION, suite as u8, label.kind as u8]);
+    head[7..15].copy_from_slice(&label.business.get().to_be_bytes());
+    head[15..31].copy_from_slice(label.id.as_bytes());
+    head[31..39].copy_from_slice(&epoch.end().as_millis().to_be_bytes());
+    head[39..47].copy_from_slice(&label.expiry.as_millis().to_be_bytes());
+    // A region is at most 15 bytes.
+    head[47] = region.len() as u8;
+    let mut out =
+        Vec::with_capacity(FIXED_HEAD + region.len() + FIXED_TAIL + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(region);
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&dek.commitment());
+    out.extend_from_slice(&ct_len.to_be_bytes());
+    // Everything written so far is the header: the associated data.
+    dek.cipher()
+        .seal_appending(nonce, plaintext, &mut out)
+        .map_err(|_| SealError::TooLarge(plaintext.len()))?;
+    Ok(out)
+}

@@ -1,0 +1,578 @@
+//! The key hierarchy: retention enforced by cryptography.
+//!
+//! ```text
+//! KeyProvider                 the host's root of trust (KMS/HSM), or LocalKeyProvider
+//!  └ KEK(business, version)   256-bit, versioned, wrapped by the provider
+//!     └ EpochKey(business, epoch)   random 256-bit, wrapped by the primary KEK
+//!        └ DEK(record) = HKDF-SHA256-Expand(EpochKey, "custodian/v1/dek" ‖ suite ‖ record id)
+//! ```
+//!
+//! Every record is sealed under a key derived from the key of the epoch in
+//! which it expires. When the epoch ends its key is destroyed, and with it
+//! every record of the epoch, in the store and in every backup of it. KEKs
+//! rotate without touching content: add a version, promote it, [rewrap] the
+//! epoch keys, raise the decrypt floor, retire the old version.
+//!
+//! The [`KeyManager`] keeps unwrapped keys in memory so that sealing costs no
+//! I/O once an epoch's key is loaded. It assumes it is the only writer of its
+//! [`KeyStore`]'s keys (one manager per store), which keeps its cache exact.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use custodian::ids::BusinessId;
+//! use custodian::keys::{Epoch, EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+//! use custodian::store::MemoryStore;
+//! use custodian::time::Timestamp;
+//!
+//! let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+//! let keys = KeyManager::new(provider, Arc::new(MemoryStore::new()));
+//! let business = BusinessId::new(42).unwrap();
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//!
+//! let v2 = keys.add_kek_version(business, now).await?;
+//! keys.promote_kek_version(business, v2).await?;
+//! assert_eq!(keys.ring(business).await?.primary(), v2);
+//!
+//! let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
+//! keys.epoch_key_for_seal(business, epoch, now).await?;
+//! keys.destroy_epoch(business, epoch, now).await?;
+//! assert!(keys.epoch_key(business, epoch).await.is_err());
+//! # Ok::<(), custodian::keys::KeyError>(())
+//! # }).unwrap();
+//! ```
+//!
+//! [rewrap]: KeyManager::rewrap
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+use std::fmt;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::ids::BusinessId;
+use crate::store::{KeyStore, StoreError};
+use crate::time::Timestamp;
+
+mod epoch;
+mod provider;
+mod ring;
+mod secret;
+mod wrapped;
+
+pub use epoch::{Epoch, EpochLength};
+pub use provider::{KekContext, KeyProvider, LocalKeyProvider, ProviderError};
+pub use ring::{KekRing, KekVersion};
+pub(crate) use secret::Kek;
+pub use secret::{EpochKey, SecretKey};
+pub use wrapped::{KeyEntry, KeyId, KeyKind, WrappedKey};
+
+/// Why a key operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The ring has no such version (never added, or retired).
+    #[error("business {business} has no KEK version {version}")]
+    UnknownVersion {
+        /// The business.
+        business: BusinessId,
+        /// The version asked for.
+        version: u32,
+    },
+    /// The version is below the decrypt floor and may not unwrap.
+    #[error("KEK version {version} is below the decrypt floor {floor}")]
+    BelowFloor {
+        /// The version asked for.
+        version: u32,
+        /// The ring's floor.
+        floor: u32,
+    },
+    /// The decrypt floor only goes up.
+    #[error("the decrypt floor is {floor}; it cannot be lowered to {requested}")]
+    FloorLowering {
+        /// The current floor.
+        floor: u32,
+        /// The floor asked for.
+        requested: u32,
+    },
+    /// The decrypt floor cannot pass the primary version.
+    #[error("the decrypt floor cannot pass the primary version {primary} (asked {requested})")]
+    FloorAbovePrimary {
+        /// The primary version.
+        primary: u32,
+        /// The floor asked for.
+        requested: u32,
+    },
+    /// Keys are still wrapped below the floor asked for: rewrap first.
+    #[error("keys are still wrapped under versions below {floor}: rewrap before raising the floor")]
+    NeedsRewrap {
+        /// The floor asked for.
+        floor: u32,
+    },
+    /// Only versions below the floor may be retired.
+    #[error("KEK version {version} is at or above the decrypt floor {floor}; it cannot be retired")]
+    RetireAtOrAboveFloor {
+        /// The version asked for.
+        version: u32,
+        /// The ring's floor.
+        floor: u32,
+    },
+    /// The version still wraps keys.
+    #[error("KEK version {version} still wraps {keys} keys")]
+    VersionInUse {
+        /// The version asked for.
+        version: u32,
+        /// How many keys it wraps.
+        keys: u64,
+    },
+    /// All 2^32 - 1 version numbers are used.
+    #[error("KEK version numbers are exhausted")]
+    VersionsExhausted,
+    /// A stored ring breaks the ring invariants.
+    #[error("stored KEK ring of business {business} is corrupt")]
+    CorruptRing {
+        /// The business.
+        business: BusinessId,
+    },
+    /// A stored key kind this version does not know.
+    #[error("unknown key kind {0}")]
+    UnknownKeyKind(u8),
+    /// A wrapped key failed to unwrap: altered, moved or foreign bytes.
+    #[error("wrapped key {0:?} does not unwrap")]
+    Unwrap(KeyId),
+    /// The epoch's key was destroyed: its records are unreadable for good.
+    #[error("the key of business {business}'s {epoch} was destroyed")]
+    EpochDestroyed {
+        /// The business.
+        business: BusinessId,
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// The epoch has ended: nothing can be sealed into it.
+    #[error("{epoch} has ended")]
+    EpochEnded {
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// No key was ever made for this epoch (or it was swept after ending).
+    #[error("business {business} has no key for {epoch}")]
+    UnknownEpoch {
+        /// The business.
+        business: BusinessId,
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// Concurrent administrators kept changing the ring; try again.
+    #[error("the KEK ring kept changing under concurrent updates")]
+    Contention,
+    /// The key provider failed.
+    #[error(transparent)]
+    Provider(Arc<ProviderError>),
+    /// The key store failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+}
+
+impl From<ProviderError> for KeyError {
+    fn from(e: ProviderError) -> Self {
+        Self::Provider(Arc::new(e))
+    }
+}
+
+impl From<StoreError> for KeyError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(Arc::new(e))
+    }
+}
+
+/// How many times a ring update is retried when it races another.
+const RING_RETRIES: usize = 16;
+/// Page size for rewrap and the end-of-epoch sweep.
+const PAGE: usize = 256;
+
+/// Manages every business's KEK ring and epoch keys over a provider and a store.
+pub struct KeyManager {
+    provider: Arc<dyn KeyProvider>,
+    store: Arc<dyn KeyStore>,
+    cache: RwLock<Cache>,
+}
+
+/// Unwrapped keys in memory. Keys are business ids and epochs, which the
+/// host and the clock choose, not consumers; foldhash (randomly seeded) keeps
+/// the per-record lookup at a few nanoseconds.
+#[derive(Default)]
+struct Cache {
+    rings: HashMap<BusinessId, KekRing, RandomState>,
+    keks: HashMap<(BusinessId, u32), Arc<Kek>, RandomState>,
+    epochs: HashMap<(BusinessId, Epoch), Arc<EpochKey>, RandomState>,
+}
+
+impl fmt::Debug for KeyManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cache = self.read();
+        f.debug_struct("KeyManager")
+            .field("businesses", &cache.rings.len())
+            .field("cached_keks", &cache.keks.len())
+            .field("cached_epoch_keys", &cache.epochs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyManager {
+    /// A manager over `provider` (the root of trust) and `store` (where wrapped keys live).
+    pub fn new(provider: Arc<dyn KeyProvider>, store: Arc<dyn KeyStore>) -> Self {
+        Self {
+            provider,
+            store,
+            cache: RwLock::default(),
+        }
+    }
+
+    // The cache holds only derived state: after a panic elsewhere it is still
+    // a subset of the store, so a poisoned lock is safe to recover.
+    fn read(&self) -> RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Cache> {
+        self.cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The KEK ring of `business`, created with version 1 on first use.
+    pub async fn ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        if let Some(ring) = self.read().rings.get(&business) {
+            return Ok(ring.clone());
+        }
+        let ring = match self.store.ring(business).await? {
+            Some(ring) => ring,
+            None => self.create_ring(business).await?,
+        };
+        self.write().rings.insert(business, ring.clone());
+        Ok(ring)
+    }
+
+    async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        let key = SecretKey::generate();
+        let wrapped = self
+            .provider
+            .wrap(
+                &KekContext {
+                    business,
+                    version: 1,
+                },
+                &key,
+            )
+            .await?;
+        // The creation time of version 1 is informational; no clock is needed.
+        let ring = KekRing::new(business, wrapped, Timestamp::UNIX_EPOCH);
+        match self.store.put_ring(&ring, None).await {
+            Ok(()) => {
+                let kek = Arc::new(Kek::new(1, &key));
+                self.write().keks.insert((business, 1), kek);
+                Ok(ring)
+            }
+            // Another caller created it first: use theirs.
+            Err(StoreError::Conflict) => {
+                self.store.ring(business).await?.ok_or(KeyError::Contention)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Apply `change` to the stored ring, retrying if another update races it.
+    async fn update_ring<F>(&self, business: BusinessId, change: F) -> Result<KekRing, KeyError>
+    where
+        F: Fn(&KekRing) -> Result<KekRing, KeyError>,
+    {
+        self.ring(business).await?;
+        for _ in 0..RING_RETRIES {
+            let current = self
+                .store
+                .ring(business)
+                .await?
+                .ok_or(KeyError::CorruptRing { business })?;
+            let next = change(&current)?;
+            match self.store.put_ring(&next, Some(current.revision())).await {
+                Ok(()) => {
+                    self.write().rings.insert(business, next.clone());
+                    return Ok(next);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KeyError::Contention)
+    }
+
+    /// The unwrapped KEK `version` of `ring`'s business, if it may unwrap.
+    async fn kek(&self, ring: &KekRing, version: u32) -> Result<Arc<Kek>, KeyError> {
+        let business = ring.business();
+        let stored = ring.usable(version)?;
+        if let Some(kek) = self.read().keks.get(&(business, version)) {
+            return Ok(kek.clone());
+        }
+        let key = self
+            .provider
+            .unwrap(&KekContext { business, version }, &stored.wrapped)
+            .await?;
+        let kek = Arc::new(Kek::new(version, &key));
+        self.write().keks.insert((business, version), kek.clone());
+        Ok(kek)
+    }
+
+    /// Add a new KEK version to `business`'s ring, not yet primary, so every
+    /// node can unwrap with it before it is promoted. Returns the version.
+    pub async fn add_kek_version(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Result<u32, KeyError> {
+        self.ring(business).await?;
+        for _ in 0..RING_RETRIES {
+            let current = self
+                .store
+                .ring(business)
+                .await?
+                .ok_or(KeyError::CorruptRing { business })?;
+            let version = current.next_version();
+            let key = SecretKey::generate();
+            let wrapped = self
+                .provider
+                .wrap(&KekContext { business, version }, &key)
+                .await?;
+            let (next, version) = current.add_version(wrapped, now)?;
+            match self.store.put_ring(&next, Some(current.revision())).await {
+                Ok(()) => {
+                    let mut cache = self.write();
+                    cache.rings.insert(business, next);
+                    cache
+                        .keks
+                        .insert((business, version), Arc::new(Kek::new(version, &key)));
+                    return Ok(version);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KeyError::Contention)
+    }
+
+    /// Make `version` the primary: new keys are wrapped under it from now on.
+    pub async fn promote_kek_version(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(), KeyError> {
+        self.update_ring(business, |r| r.promote(version))
+            .await
+            .map(drop)
+    }
+
+    /// Rewrap every key of `business` still wrapped under a version older than
+    /// the primary, without touching any content. Returns how many were rewrapped.
+    pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
+        let ring = self.ring(business).await?;
+        let primary = self.kek(&ring, ring.primary()).await?;
+        let mut after = None;
+        let mut done = 0;
+        loop {
+            let page = self
+                .store
+                .keys_wrapped_below(business, primary.version, after, PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for old in page {
+                let kek = self.kek(&ring, old.kek_version).await?;
+                let secret = old.open(&kek)?;
+                let new = WrappedKey::seal(old.id, &primary, &secret)?;
+                if self.store.rewrap_key(new, old.kek_version).await? {
+                    done += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Raise `business`'s decrypt floor to `version`: older versions may no
+    /// longer unwrap. Refused while any key is still wrapped below it.
+    pub async fn raise_decrypt_floor(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(), KeyError> {
+        if !self
+            .store
+            .keys_wrapped_below(business, version, None, 1)
+            .await?
+            .is_empty()
+        {
+            return Err(KeyError::NeedsRewrap { floor: version });
+        }
+        self.update_ring(business, |r| r.raise_floor(version))
+            .await?;
+        self.write()
+            .keks
+            .retain(|(b, v), _| *b != business || *v >= version);
+        Ok(())
+    }
+
+    /// Retire `version`: destroy its wrapped bytes for good. Only versions
+    /// below the floor, wrapping no key, may be retired.
+    pub async fn retire_kek_version(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(), KeyError> {
+        let keys = self.store.count_wrapped_under(business, version).await?;
+        if keys > 0 {
+            return Err(KeyError::VersionInUse { version, keys });
+        }
+        self.update_ring(business, |r| r.retire(version)).await?;
+        self.write().keks.remove(&(business, version));
+        Ok(())
+    }
+
+    /// The key of `business`'s `epoch` if it is loaded already: the hot path
+    /// of sealing and opening, with no I/O and no future to build.
+    pub(crate) fn cached_epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+    ) -> Option<Arc<EpochKey>> {
+        self.read().epochs.get(&(business, epoch)).cloned()
+    }
+
+    /// Run `f` with the loaded key of `business`'s `epoch`, if it is loaded,
+    /// under the cache's read lock: no reference count to bump on the hot path.
+    pub(crate) fn with_cached_epoch_key<T>(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        f: impl FnOnce(&EpochKey) -> T,
+    ) -> Option<T> {
+        self.read().epochs.get(&(business, epoch)).map(|key| f(key))
+    }
+
+    /// The key of `business`'s `epoch` for sealing, created (random, wrapped
+    /// under the primary KEK) if the epoch has none yet. Refused once the
+    /// epoch has ended or its key was destroyed.
+    pub async fn epoch_key_for_seal(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        now: Timestamp,
+    ) -> Result<Arc<EpochKey>, KeyError> {
+        if epoch.end() <= now {
+            return Err(KeyError::EpochEnded { epoch });
+        }
+        if let Some(key) = self.cached_epoch_key(business, epoch) {
+            return Ok(key);
+        }
+        let id = KeyId::epoch(business, epoch);
+        let entry = match self.store.key(&id).await? {
+            Some(entry) => entry,
+            None => {
+                let ring = self.ring(business).await?;
+                let kek = self.kek(&ring, ring.primary()).await?;
+                let secret = SecretKey::generate();
+                let wrapped = WrappedKey::seal(id, &kek, secret.expose_secret())?;
+                self.store.insert_key(wrapped).await?
+            }
+        };
+        self.load_epoch_key(business, epoch, entry).await
+    }
+
+    /// The key of `business`'s `epoch`, for opening.
+    pub async fn epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+    ) -> Result<Arc<EpochKey>, KeyError> {
+        if let Some(key) = self.cached_epoch_key(business, epoch) {
+            return Ok(key);
+        }
+        match self.store.key(&KeyId::epoch(business, epoch)).await? {
+            Some(entry) => self.load_epoch_key(business, epoch, entry).await,
+            None => Err(KeyError::UnknownEpoch { business, epoch }),
+        }
+    }
+
+    async fn load_epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        entry: KeyEntry,
+    ) -> Result<Arc<EpochKey>, KeyError> {
+        let wrapped = match entry {
+            KeyEntry::Wrapped(w) => w,
+            KeyEntry::Destroyed { .. } => return Err(KeyError::EpochDestroyed { business, epoch }),
+        };
+        let ring = self.ring(business).await?;
+        let kek = self.kek(&ring, wrapped.kek_version).await?;
+        let secret = wrapped.open(&kek)?;
+        let secret = SecretKey::from_slice(&secret).ok_or(KeyError::Unwrap(wrapped.id))?;
+        let key = Arc::new(EpochKey::new(business, epoch, &secret));
+        // A concurrent loader may have won; either copy is the same key.
+        Ok(self
+            .write()
+            .epochs
+            .entry((business, epoch))
+            .or_insert(key)
+            .clone())
+    }
+
+    /// Store `secret` as the key of `business`'s `epoch` (wrapped under the
+    /// primary KEK), for fixtures that need known epoch keys.
+    #[cfg(test)]
+    pub(crate) async fn install_epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        secret: &SecretKey,
+    ) -> Result<(), KeyError> {
+        let ring = self.ring(business).await?;
+        let kek = self.kek(&ring, ring.primary()).await?;
+        let wrapped =
+            WrappedKey::seal(KeyId::epoch(business, epoch), &kek, secret.expose_secret())?;
+        match self.store.insert_key(wrapped).await? {
+            KeyEntry::Wrapped(w) if w.kek_version == kek.version => Ok(()),
+            _ => Err(KeyError::Contention),
+        }
+    }
+
+    /// Destroy the key of `business`'s `epoch` now, before the epoch ends:
+    /// every record of the epoch becomes unreadable and nothing more can be
+    /// sealed into it. Returns whether a live key was destroyed.
+    pub async fn destroy_epoch(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        now: Timestamp,
+    ) -> Result<bool, KeyError> {
+        let destroyed = self
+            .store
+            .destroy_key(&KeyId::epoch(business, epoch), now)
+            .await?;
+        self.write().epochs.remove(&(business, epoch));
+        Ok(destroyed)
+    }
+
+    /// Destroy the keys of every epoch that ended at or before `now` (and
+    /// drop the tombstones of epochs destroyed early), `limit` at a time until
+    /// none is left. Returns how many entries were removed.
+    pub async fn destroy_ended_epochs(&self, now: Timestamp) -> Result<u64, KeyError> {
+        let mut removed = 0;
+        loop {
+            let ended = self.store.ended_epoch_keys(now, PAGE).await?;
+            if ended.is_empty() {
+                return Ok(removed);
+            }
+            removed += self.store.delete_keys(&ended).await?;
+            // No ended epoch's key may outlive its stored copy in memory.
+            self.write()
+                .epochs
+                .retain(|(_, epoch), _| epoch.end() > now);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Where state lives: the storage traits a host implements, and the backends
+//! that ship with the crate.
+//!
+//! Stores hold only what is safe at rest: wrapped keys, sealed envelopes and
+//! keyed hashes. Each trait method is atomic on its own; methods that must
+//! not lose a race (creating a key, rewrapping one, changing a KEK ring) take
+//! the value they expect to replace and refuse with [`StoreError::Conflict`]
+//! or report the winner, so concurrent callers never overwrite each other.
+
+use async_trait::async_trait;
+
+use crate::ids::BusinessId;
+use crate::keys::{KekRing, KeyEntry, KeyId, WrappedKey};
+use crate::time::Timestamp;
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A compare-and-swap lost: the stored value changed since it was read.
+    /// Reload and retry.
+    #[error("concurrent update: the stored value changed since it was read")]
+    Conflict,
+    /// The stored data is not what this crate wrote (damaged or foreign).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, connection, ...).
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+/// Where wrapped keys and KEK rings live.
+///
+/// Implementations must make each method atomic. Keys are never stored in
+/// clear: everything passed here is already wrapped.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// The KEK ring of `business`, if it has one.
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError>;
+
+    /// Store `ring` if the stored ring's revision is `expected` (`None`: no
+    /// ring stored yet); otherwise [`StoreError::Conflict`].
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError>;
+
+    /// The entry stored under `id`.
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError>;
+
+    /// Store `key` unless something is already stored under its id; return
+    /// what is stored afterwards (ours, a concurrent winner, or a tombstone).
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError>;
+
+    /// Replace a live key's wrapping if it is still wrapped under
+    /// `expected_version`. Returns whether it was replaced.
+    async fn rewrap_key(&self, key: WrappedKey, expected_version: u32) -> Result<bool, StoreError>;
+
+    /// Destroy the key under `id`: delete its wrapped bytes and keep a
+    /// tombstone dated `at`. Returns whether a live key was destroyed.
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError>;
+
+    /// Remove entries (live or tombstones) outright. Returns how many existed.
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError>;
+
+    /// Up to `limit` live keys of `business` wrapped under a version below
+    /// `version`, in id order, after `after` (for resumable paging).
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError>;
+
+    /// How many live keys of `business` are wrapped under exactly `version`.
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Up to `limit` epoch-key entries (live or tombstones), of any business,
+    /// whose epoch ended at or before `now`, oldest first.
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError>;
+}

@@ -1,0 +1,200 @@
+//! Sealing and opening records under managed keys, with expiry enforced.
+//!
+//! A [`Vault`] ties the key hierarchy to the envelope and the clock: it seals
+//! a record under the key of the epoch in which the record expires, and opens
+//! a record only for the business that owns it, only before its expiry, and
+//! only while its epoch key exists. Opening reads; it never changes stored state.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::{sync::Arc, time::Duration};
+//! use custodian::envelope::{Kind, Label};
+//! use custodian::ids::{BusinessId, MessageId};
+//! use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+//! use custodian::store::MemoryStore;
+//! use custodian::time::{Clock, ManualClock, Timestamp};
+//! use custodian::vault::{OpenError, Vault};
+//!
+//! let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+//! let keys = KeyManager::new(
+//!     Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+//!     Arc::new(MemoryStore::new()),
+//! );
+//! let vault = Vault::new(Arc::new(keys), Arc::new(clock.clone()), EpochLength::DEFAULT);
+//!
+//! let business = BusinessId::new(1).unwrap();
+//! let label = Label {
+//!     kind: Kind::InboundMessage,
+//!     business,
+//!     id: MessageId::random(),
+//!     expiry: clock.now().saturating_add(Duration::from_secs(3600)),
+//!     region: "eu".parse()?,
+//! };
+//! let sealed = vault.seal(&label, b"hello").await?;
+//! assert_eq!(vault.open(&sealed, business).await?.plaintext, b"hello");
+//!
+//! clock.advance(Duration::from_secs(3600));
+//! assert!(matches!(vault.open(&sealed, business).await, Err(OpenError::Expired { .. })));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+use std::sync::Arc;
+
+use crate::envelope::{self, Envelope, EnvelopeError, Header, Label};
+use crate::ids::BusinessId;
+use crate::keys::{Epoch, EpochKey, EpochLength, KeyError, KeyManager};
+use crate::time::{Clock, Timestamp};
+
+pub use crate::envelope::SealError;
+
+/// Why a record could not be opened. Each refusal a caller can act on has its
+/// own variant; every cryptographic failure is the one opaque [`OpenError::Decrypt`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The bytes are not a well-formed envelope.
+    #[error(transparent)]
+    Malformed(#[from] EnvelopeError),
+    /// The envelope belongs to another business.
+    #[error("the record belongs to another business")]
+    WrongBusiness,
+    /// The record's retention has ended; it may not be read, swept or not.
+    #[error("the record expired at {expiry}")]
+    Expired {
+        /// When it expired.
+        expiry: Timestamp,
+    },
+    /// The record's epoch key was destroyed: it is unreadable for good.
+    #[error("the record's epoch key was destroyed")]
+    EpochDestroyed,
+    /// No key exists for the record's epoch.
+    #[error("no key exists for the record's epoch")]
+    UnknownEpoch,
+    /// Authentication failed: wrong key or altered bytes. Deliberately opaque.
+    #[error("decryption failed")]
+    Decrypt,
+    /// The key hierarchy failed (provider or store unavailable, corrupt key).
+    #[error(transparent)]
+    Key(KeyError),
+}
+
+impl From<KeyError> for OpenError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::EpochDestroyed { .. } => Self::EpochDestroyed,
+            KeyError::UnknownEpoch { .. } => Self::UnknownEpoch,
+            other => Self::Key(other),
+        }
+    }
+}
+
+/// An opened record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The authenticated header.
+    pub header: Header,
+    /// The plaintext.
+    pub plaintext: Vec<u8>,
+}
+
+impl Opened {
+    /// The authenticated label.
+    pub fn label(&self) -> &Label {
+        self.header.label()
+    }
+}
+
+/// Seals and opens records under the keys a [`KeyManager`] manages.
+pub struct Vault {
+    keys: Arc<KeyManager>,
+    clock: Arc<dyn Clock>,
+    epoch_length: EpochLength,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("keys", &self.keys)
+            .field("epoch_length", &self.epoch_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// A vault over `keys`, reading time from `clock`, grouping expiries into
+    /// epochs of `epoch_length`.
+    pub fn new(keys: Arc<KeyManager>, clock: Arc<dyn Clock>, epoch_length: EpochLength) -> Self {
+        Self {
+            keys,
+            clock,
+            epoch_length,
+        }
+    }
+
+    /// The key manager, for rotation and shredding.
+    pub fn keys(&self) -> &KeyManager {
+        &self.keys
+    }
+
+    /// The clock the vault enforces expiry against.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    /// The epoch that holds records expiring at `expiry`.
+    pub fn epoch_of(&self, expiry: Timestamp) -> Option<Epoch> {
+        Epoch::containing(expiry, self.epoch_length)
+    }
+
+    /// Seal `plaintext` as the record `label` describes, under the key of the
+    /// epoch in which it expires (created on first use).
+    pub async fn seal(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        if plaintext.len() > envelope::MAX_PLAINTEXT_LEN {
+            return Err(SealError::TooLarge(plaintext.len()));
+        }
+        let now = self.clock.now();
+        if label.expiry <= now {
+            return Err(SealError::ExpiryNotInFuture {
+                expiry: label.expiry,
+                now,
+            });
+        }
+        let epoch = self
+            .epoch_of(label.expiry)
+            .ok_or(SealError::ExpiryOutOfRange(label.expiry))?;
+        let seal = |key: &EpochKey| envelope::seal(key, label, plaintext);
+        match self.keys.with_cached_epoch_key(label.business, epoch, seal) {
+            Some(sealed) => sealed,
+            // Once per epoch: boxed so the common path's future stays small.
+            None => {
+                seal(&*Box::pin(self.keys.epoch_key_for_seal(label.business, epoch, now)).await?)
+            }
+        }
+    }
+
+    /// Open `bytes` on behalf of `business`: refused if the record belongs to
+    /// another business, has expired, or its epoch key is gone.
+    pub async fn open(&self, bytes: &[u8], business: BusinessId) -> Result<Opened, OpenError> {
+        let envelope = Envelope::parse(bytes)?;
+        let header = *envelope.header();
+        let label = header.label();
+        if label.business != business {
+            return Err(OpenError::WrongBusiness);
+        }
+        if self.clock.now() >= label.expiry {
+            return Err(OpenError::Expired {
+                expiry: label.expiry,
+            });
+        }
+        let open = |key: &EpochKey| envelope.open(key).map_err(|_| OpenError::Decrypt);
+        let plaintext = match self
+            .keys
+            .with_cached_epoch_key(business, header.epoch(), open)
+        {
+            Some(opened) => opened?,
+            None => open(&*Box::pin(self.keys.epoch_key(business, header.epoch())).await?)?,
+        };
+        Ok(Opened { header, plaintext })
+    }
+}

@@ -1,0 +1,448 @@
+//! The key hierarchy through the public API: rotation, shredding, failures.
+#![allow(clippy::unwrap_used, clippy::panic, reason = "tests assert by panicking")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::envelope::{Envelope, Kind, Label};
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::keys::{
+    Epoch, EpochLength, KeyEntry, KeyError, KeyId, KeyManager, KeyProvider, LocalKeyProvider,
+    ProviderError, SecretKey,
+};
+use custodian::store::{KeyStore, MemoryStore};
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::vault::{OpenError, SealError, Vault};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+struct Fixture {
+    root: [u8; 32],
+    store: Arc<MemoryStore>,
+    clock: ManualClock,
+    vault: Vault,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let root = [0x5c; 32];
+        let store = Arc::new(MemoryStore::new());
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let vault = Self::vault_over(root, &store, &clock);
+        Self {
+            root,
+            store,
+            clock,
+            vault,
+        }
+    }
+
+    /// A vault with a fresh, empty key cache over the same store and root:
+    /// what a restarted process sees.
+    fn vault_over(root: [u8; 32], store: &Arc<MemoryStore>, clock: &ManualClock) -> Vault {
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut root.clone(),
+        )));
+        let keys = KeyManager::new(provider, store.clone());
+        Vault::new(
+            Arc::new(keys),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        )
+    }
+
+    fn restarted(&self) -> Vault {
+        Self::vault_over(self.root, &self.store, &self.clock)
+    }
+
+    fn label(&self, business: BusinessId, expires_in: Duration) -> Label {
+        Label {
+            kind: Kind::InboundMessage,
+            business,
+            id: MessageId::random(),
+            expiry: self.clock.now().saturating_add(expires_in),
+            region: "eu".parse().unwrap(),
+        }
+    }
+
+    /// Seal one message expiring in each of `hours` hours from now.
+    async fn seal_across_epochs(
+        &self,
+        business: BusinessId,
+        hours: u32,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for h in 1..=hours {
+            let plaintext = format!("message expiring in {h} hours").into_bytes();
+            let sealed = self
+                .vault
+                .seal(
+                    &self.label(business, HOUR * h + Duration::from_secs(60)),
+                    &plaintext,
+                )
+                .await
+                .unwrap();
+            out.push((sealed, plaintext));
+        }
+        out
+    }
+}
+
+fn business(id: u64) -> BusinessId {
+    BusinessId::new(id).unwrap()
+}
+
+fn epoch_of(sealed: &[u8]) -> Epoch {
+    Envelope::parse(sealed).unwrap().header().epoch()
+}
+
+#[tokio::test]
+async fn messages_sealed_under_kek_v1_open_after_rotation_and_v1_retirement() {
+    let f = Fixture::new();
+    let b = business(10);
+    let sealed = f.seal_across_epochs(b, 5).await;
+    let keys = f.vault.keys();
+    assert_eq!(keys.ring(b).await.unwrap().primary(), 1);
+
+    let v2 = keys.add_kek_version(b, f.clock.now()).await.unwrap();
+    assert_eq!(v2, 2);
+    // Added but not promoted: new keys are still wrapped under v1.
+    assert_eq!(keys.ring(b).await.unwrap().primary(), 1);
+    keys.promote_kek_version(b, v2).await.unwrap();
+
+    // Nothing may skip a step: the floor waits for the rewrap, retirement for the floor.
+    assert!(matches!(
+        keys.raise_decrypt_floor(b, 2).await,
+        Err(KeyError::NeedsRewrap { floor: 2 })
+    ));
+    assert!(matches!(
+        keys.retire_kek_version(b, 1).await,
+        Err(KeyError::VersionInUse {
+            version: 1,
+            keys: 5
+        })
+    ));
+
+    assert_eq!(keys.rewrap(b).await.unwrap(), 5);
+    assert_eq!(keys.rewrap(b).await.unwrap(), 0, "rewrap is idempotent");
+    for (s, p) in &sealed {
+        assert_eq!(&f.vault.open(s, b).await.unwrap().plaintext, p);
+    }
+    assert!(matches!(
+        keys.retire_kek_version(b, 1).await,
+        Err(KeyError::RetireAtOrAboveFloor {
+            version: 1,
+            floor: 1
+        })
+    ));
+    keys.raise_decrypt_floor(b, 2).await.unwrap();
+    keys.retire_kek_version(b, 1).await.unwrap();
+    let ring = keys.ring(b).await.unwrap();
+    assert_eq!((ring.primary(), ring.floor()), (2, 2));
+    assert_eq!(
+        ring.versions()
+            .iter()
+            .map(|v| v.version)
+            .collect::<Vec<_>>(),
+        [2]
+    );
+
+    // A restarted process, which never saw v1 unwrapped, reads everything.
+    let restarted = f.restarted();
+    for (s, p) in &sealed {
+        assert_eq!(&restarted.open(s, b).await.unwrap().plaintext, p);
+    }
+    // And new messages are wrapped under v2 only.
+    let fresh = restarted
+        .seal(&f.label(b, HOUR * 9), b"after rotation")
+        .await
+        .unwrap();
+    let id = KeyId::epoch(b, epoch_of(&fresh));
+    assert!(
+        matches!(f.store.key(&id).await.unwrap(), Some(KeyEntry::Wrapped(w)) if w.kek_version == 2)
+    );
+}
+
+#[tokio::test]
+async fn rotation_of_one_business_leaves_others_untouched() {
+    let f = Fixture::new();
+    let (a, b) = (business(1), business(2));
+    let sealed_b = f.seal_across_epochs(b, 2).await;
+    f.seal_across_epochs(a, 2).await;
+    let keys = f.vault.keys();
+    let v2 = keys.add_kek_version(a, f.clock.now()).await.unwrap();
+    keys.promote_kek_version(a, v2).await.unwrap();
+    assert_eq!(keys.rewrap(a).await.unwrap(), 2);
+    assert_eq!(keys.ring(b).await.unwrap().primary(), 1);
+    for (s, p) in &sealed_b {
+        assert_eq!(&f.restarted().open(s, b).await.unwrap().plaintext, p);
+    }
+}
+
+#[tokio::test]
+async fn destroying_an_epoch_key_makes_exactly_that_epochs_messages_unreadable() {
+    let f = Fixture::new();
+    let b = business(20);
+    let other = business(21);
+    let sealed = f.seal_across_epochs(b, 4).await;
+    let sealed_other = f.seal_across_epochs(other, 4).await;
+    // Two messages in the doomed epoch.
+    let doomed = epoch_of(&sealed[1].0);
+    let mut second = f.label(b, HOUR * 2 + Duration::from_secs(120));
+    second.kind = Kind::OutboundMessage;
+    let second = f.vault.seal(&second, b"also doomed").await.unwrap();
+    assert_eq!(epoch_of(&second), doomed);
+
+    assert!(
+        f.vault
+            .keys()
+            .destroy_epoch(b, doomed, f.clock.now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.vault
+            .keys()
+            .destroy_epoch(b, doomed, f.clock.now())
+            .await
+            .unwrap()
+    );
+
+    for vault in [&f.vault, &f.restarted()] {
+        for (s, p) in &sealed {
+            let opened = vault.open(s, b).await;
+            if epoch_of(s) == doomed {
+                assert!(
+                    matches!(opened, Err(OpenError::EpochDestroyed)),
+                    "{opened:?}"
+                );
+            } else {
+                assert_eq!(&opened.unwrap().plaintext, p);
+            }
+        }
+        assert!(matches!(
+            vault.open(&second, b).await,
+            Err(OpenError::EpochDestroyed)
+        ));
+        // The same epoch of another business is unaffected.
+        for (s, p) in &sealed_other {
+            assert_eq!(&vault.open(s, other).await.unwrap().plaintext, p);
+        }
+    }
+    // Nothing can be sealed into a destroyed epoch; it is never silently re-created.
+    let late = f.label(b, HOUR * 2 + Duration::from_secs(180));
+    assert!(matches!(
+        f.restarted().seal(&late, b"x").await,
+        Err(SealError::Key(KeyError::EpochDestroyed { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn expired_messages_are_refused_before_and_after_their_epoch_is_swept() {
+    let f = Fixture::new();
+    let b = business(30);
+    let sealed = f.seal_across_epochs(b, 3).await;
+    f.clock.advance(HOUR + Duration::from_secs(61));
+    // The first message has expired; its epoch is still live.
+    assert!(matches!(
+        f.vault.open(&sealed[0].0, b).await,
+        Err(OpenError::Expired { .. })
+    ));
+    assert_eq!(
+        f.vault.open(&sealed[1].0, b).await.unwrap().plaintext,
+        sealed[1].1
+    );
+
+    f.clock.advance(HOUR);
+    assert_eq!(
+        f.vault
+            .keys()
+            .destroy_ended_epochs(f.clock.now())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        f.store
+            .key(&KeyId::epoch(b, epoch_of(&sealed[0].0)))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(matches!(
+        f.restarted().open(&sealed[0].0, b).await,
+        Err(OpenError::Expired { .. })
+    ));
+    assert_eq!(
+        f.restarted().open(&sealed[2].0, b).await.unwrap().plaintext,
+        sealed[2].1
+    );
+    assert_eq!(
+        f.vault
+            .keys()
+            .destroy_ended_epochs(f.clock.now())
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn sealing_refuses_past_expiry_and_oversized_plaintext() {
+    let f = Fixture::new();
+    let b = business(31);
+    let mut label = f.label(b, HOUR);
+    label.expiry = f.clock.now();
+    assert!(matches!(
+        f.vault.seal(&label, b"x").await,
+        Err(SealError::ExpiryNotInFuture { .. })
+    ));
+    let label = f.label(b, HOUR);
+    let huge = vec![0u8; custodian::envelope::MAX_PLAINTEXT_LEN + 1];
+    assert!(matches!(
+        f.vault.seal(&label, &huge).await,
+        Err(SealError::TooLarge(_))
+    ));
+}
+
+#[tokio::test]
+async fn another_root_secret_cannot_unwrap_anything() {
+    let f = Fixture::new();
+    let b = business(40);
+    let sealed = f.seal_across_epochs(b, 1).await;
+    let stranger = Fixture::vault_over([0x99; 32], &f.store, &f.clock);
+    let opened = stranger.open(&sealed[0].0, b).await;
+    assert!(
+        matches!(&opened, Err(OpenError::Key(KeyError::Provider(e))) if matches!(**e, ProviderError::Unwrap)),
+        "{opened:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_wrapped_epoch_key_is_refused_and_nothing_changes() {
+    let f = Fixture::new();
+    let b = business(50);
+    let sealed = f.seal_across_epochs(b, 1).await;
+    let id = KeyId::epoch(b, epoch_of(&sealed[0].0));
+    let Some(KeyEntry::Wrapped(mut w)) = f.store.key(&id).await.unwrap() else {
+        panic!("no key")
+    };
+    let last = w.blob.len() - 1;
+    w.blob[last] ^= 1;
+    f.store.delete_keys(&[id]).await.unwrap();
+    f.store.insert_key(w.clone()).await.unwrap();
+    let before = f.store.key(&id).await.unwrap();
+    let opened = f.restarted().open(&sealed[0].0, b).await;
+    assert!(
+        matches!(opened, Err(OpenError::Key(KeyError::Unwrap(k))) if k == id),
+        "{opened:?}"
+    );
+    assert_eq!(
+        f.store.key(&id).await.unwrap(),
+        before,
+        "opening never alters stored state"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_sealers_share_one_epoch_key() {
+    let f = Arc::new(Fixture::new());
+    let b = business(60);
+    let expiry = f.clock.now().saturating_add(HOUR * 3);
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut label = f.label(b, HOUR);
+                label.expiry = expiry;
+                let text = format!("message {i}");
+                (f.vault.seal(&label, text.as_bytes()).await.unwrap(), text)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (sealed, text) = t.await.unwrap();
+        assert_eq!(
+            f.restarted().open(&sealed, b).await.unwrap().plaintext,
+            text.as_bytes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn kek_blobs_are_bound_to_business_and_version() {
+    let provider = LocalKeyProvider::new(&SecretKey::generate());
+    let key = SecretKey::generate();
+    let ctx = custodian::keys::KekContext {
+        business: business(1),
+        version: 1,
+    };
+    let blob = provider.wrap(&ctx, &key).await.unwrap();
+    assert_eq!(
+        provider.unwrap(&ctx, &blob).await.unwrap().expose_secret(),
+        key.expose_secret()
+    );
+    for other in [
+        custodian::keys::KekContext {
+            business: business(2),
+            ..ctx
+        },
+        custodian::keys::KekContext { version: 2, ..ctx },
+    ] {
+        assert!(matches!(
+            provider.unwrap(&other, &blob).await,
+            Err(ProviderError::Unwrap)
+        ));
+    }
+    assert!(matches!(
+        provider.unwrap(&ctx, &blob[1..]).await,
+        Err(ProviderError::Unwrap)
+    ));
+}
+
+/// Every secret type and every holder of secrets prints without them.
+#[tokio::test]
+async fn no_secret_byte_reaches_debug_output() {
+    let secret_bytes = [0xAB_u8; 32];
+    let root = SecretKey::from_bytes(&mut secret_bytes.clone());
+    let provider = Arc::new(LocalKeyProvider::new(&root));
+    let store = Arc::new(MemoryStore::new());
+    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
+    let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+    let vault = Vault::new(keys.clone(), Arc::new(clock.clone()), EpochLength::DEFAULT);
+    let b = business(70);
+    let label = Label {
+        kind: Kind::InboundMessage,
+        business: b,
+        id: MessageId::random(),
+        expiry: clock.now().saturating_add(HOUR),
+        region: "eu".parse().unwrap(),
+    };
+    vault.seal(&label, b"warm the caches").await.unwrap();
+    let epoch = Epoch::containing(label.expiry, EpochLength::DEFAULT).unwrap();
+    let epoch_key = keys.epoch_key(b, epoch).await.unwrap();
+    let ring = keys.ring(b).await.unwrap();
+    let Some(KeyEntry::Wrapped(wrapped)) = store.key(&KeyId::epoch(b, epoch)).await.unwrap() else {
+        panic!("no key")
+    };
+    let phone: PhoneNumber = "+447700900123".parse().unwrap();
+
+    let printed = format!(
+        "{root:?} {provider:?} {keys:?} {vault:?} {epoch_key:?} {ring:?} {wrapped:?} {phone:?} {phone}"
+    );
+    let needles = [
+        "171".to_owned(), // 0xAB in decimal, as a derived Debug of [u8] would print it
+        "abab".to_owned(),
+        "ABAB".to_owned(),
+        "7700900".to_owned(),
+        hex::encode(&ring.versions()[0].wrapped[..8]),
+        hex::encode(&wrapped.blob[..8]),
+    ];
+    for needle in &needles {
+        assert!(
+            !printed.contains(needle.as_str()),
+            "{needle} printed in {printed}"
+        );
+    }
+    assert!(printed.contains("SecretKey(..)") && printed.contains("key: .."));
+}
