@@ -11,7 +11,10 @@
 //!
 //! Run: `cargo bench --bench envelope`.
 
-#![allow(clippy::unwrap_used, reason = "a benchmark: a failure should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark: a failure should stop it loudly"
+)]
 
 use std::future::Future;
 use std::hint::black_box;

@@ -1,5 +1,9 @@
 //! The key hierarchy through the public API: rotation, shredding, failures.
-#![allow(clippy::unwrap_used, clippy::panic, reason = "tests assert by panicking")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;
