@@ -62,13 +62,23 @@ impl Cipher {
     ) -> Result<(), AeadError> {
         let aad_len = out.len();
         out.extend_from_slice(plaintext);
-        let (aad, body) = out.split_at_mut(aad_len);
-        let buf = InOutBuf::from(body);
+        self.seal_in_place(nonce, aad_len, out)
+    }
+
+    /// Encrypt `buf[aad_len..]` in place with `buf[..aad_len]` as the
+    /// associated data, appending the tag.
+    pub(crate) fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad_len: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), AeadError> {
+        let (aad, body) = buf.split_at_mut_checked(aad_len).ok_or(AeadError)?;
         let tag = self
             .0
-            .encrypt_inout_detached(&Nonce::from(*nonce), aad, buf)
+            .encrypt_inout_detached(&Nonce::from(*nonce), aad, InOutBuf::from(body))
             .map_err(|_| AeadError)?;
-        out.extend_from_slice(&tag);
+        buf.extend_from_slice(&tag);
         Ok(())
     }
 

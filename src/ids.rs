@@ -234,6 +234,35 @@ impl fmt::Debug for PhoneNumber {
     }
 }
 
+/// A consumer's phone number as the crate indexes it: a keyed hash (HMAC
+/// under a key of the business), never the number itself. Two businesses get
+/// unrelated hashes for one consumer, and without the business's key a hash
+/// reveals nothing. Only the key hierarchy makes them; anything may hold them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PhoneHash([u8; 16]);
+
+impl PhoneHash {
+    /// Length in bytes.
+    pub const LEN: usize = 16;
+
+    /// The hash with these bytes (as read back from a store).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// The hash's bytes.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PhoneHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A prefix is enough to tell hashes apart in logs.
+        write!(f, "PhoneHash({}…)", hex::encode(&self.0[..4]))
+    }
+}
+
 /// A storage region a business may pin its content to ("local storage").
 ///
 /// 2 to 15 characters of `a-z`, `0-9` and `-` (not first or last), such as
@@ -245,6 +274,14 @@ pub struct Region {
 }
 
 impl Region {
+    /// `local`: the region of a store that makes no residency claim (an
+    /// in-process store, a test). A business pinned to a named region never
+    /// matches it.
+    pub const LOCAL: Self = Self {
+        len: 5,
+        bytes: *b"local\0\0\0\0\0\0\0\0\0\0",
+    };
+
     /// Fewest characters in a region name.
     pub const MIN_LEN: usize = 2;
     /// Most characters in a region name.
@@ -375,6 +412,8 @@ mod tests {
 
     #[test]
     fn region_names_are_validated() {
+        assert_eq!(Region::LOCAL.as_str(), "local");
+        assert_eq!("local".parse::<Region>(), Ok(Region::LOCAL));
         for good in ["eu", "us", "in-south", "me-central-1", "abcdefghijklmno"] {
             assert_eq!(
                 good.parse::<Region>().map(|r| r.to_string()),

@@ -4,10 +4,15 @@
 mod aead;
 pub mod envelope;
 pub mod ids;
+pub mod integrity;
 pub mod keys;
+pub mod signal;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;
 pub mod vault;
+pub mod visibility;
 
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;

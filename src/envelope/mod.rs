@@ -52,9 +52,10 @@ use std::fmt;
 
 use subtle::ConstantTimeEq;
 
-use crate::aead::{NONCE_LEN, TAG_LEN};
+use crate::aead::{Cipher, NONCE_LEN, TAG_LEN};
 use crate::ids::{BusinessId, MessageId, Region};
 use rand::Rng;
+use zeroize::Zeroizing;
 
 use crate::keys::{Epoch, EpochKey, EpochLength, KeyError};
 use crate::time::Timestamp;
@@ -397,11 +398,29 @@ pub(crate) fn seal_with_nonce(
     nonce: &[u8; NONCE_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
-    let epoch = key.epoch();
+    check_seal(key.business(), key.epoch(), label, plaintext)?;
+    let dek = key.dek(Suite::V1 as u8, &label.id);
+    write_sealed(
+        &dek.cipher(),
+        &dek.commitment(),
+        key.epoch(),
+        label,
+        nonce,
+        plaintext,
+    )
+}
+
+/// The checks every seal makes before any cryptography.
+fn check_seal(
+    business: BusinessId,
+    epoch: Epoch,
+    label: &Label,
+    plaintext: &[u8],
+) -> Result<(), SealError> {
     if plaintext.len() > MAX_PLAINTEXT_LEN {
         return Err(SealError::TooLarge(plaintext.len()));
     }
-    if key.business() != label.business {
+    if business != label.business {
         return Err(SealError::WrongKey);
     }
     if label.expiry >= epoch.end() || label.expiry < epoch.end().saturating_sub(EpochLength::MAX) {
@@ -410,31 +429,152 @@ pub(crate) fn seal_with_nonce(
             epoch,
         });
     }
-    let suite = Suite::V1;
-    let dek = key.dek(suite as u8, &label.id);
-    let region = label.region.as_bytes();
-    // Bounded by MAX_CIPHERTEXT_LEN (checked above), which fits in u32.
-    let ct_len = (plaintext.len() + TAG_LEN) as u32;
+    Ok(())
+}
 
-    let mut head = [0u8; FIXED_HEAD];
-    head[..4].copy_from_slice(&MAGIC);
-    head[4..7].copy_from_slice(&[VERSION, suite as u8, label.kind as u8]);
-    head[7..15].copy_from_slice(&label.business.get().to_be_bytes());
-    head[15..31].copy_from_slice(label.id.as_bytes());
-    head[31..39].copy_from_slice(&epoch.end().as_millis().to_be_bytes());
-    head[39..47].copy_from_slice(&label.expiry.as_millis().to_be_bytes());
-    // A region is at most 15 bytes.
-    head[47] = region.len() as u8;
-    let mut out =
-        Vec::with_capacity(FIXED_HEAD + region.len() + FIXED_TAIL + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(&head);
-    out.extend_from_slice(region);
-    out.extend_from_slice(nonce);
-    out.extend_from_slice(&dek.commitment());
-    out.extend_from_slice(&ct_len.to_be_bytes());
-    // Everything written so far is the header: the associated data.
-    dek.cipher()
+/// A header, built on the stack.
+struct HeaderBytes {
+    bytes: [u8; MAX_HEADER_LEN],
+    len: usize,
+}
+
+impl HeaderBytes {
+    /// The header of `label` sealed in `epoch` with `nonce` and `commitment`,
+    /// for a plaintext of `plaintext_len` bytes (checked by [`check_seal`]).
+    fn new(
+        label: &Label,
+        epoch: Epoch,
+        nonce: &[u8; NONCE_LEN],
+        commitment: &[u8; COMMITMENT_LEN],
+        plaintext_len: usize,
+    ) -> Self {
+        let region = label.region.as_bytes();
+        let r = region.len();
+        // Bounded by MAX_CIPHERTEXT_LEN (checked), which fits in u32.
+        let ct_len = (plaintext_len + TAG_LEN) as u32;
+        let mut bytes = [0u8; MAX_HEADER_LEN];
+        bytes[..4].copy_from_slice(&MAGIC);
+        bytes[4..7].copy_from_slice(&[VERSION, Suite::V1 as u8, label.kind as u8]);
+        bytes[7..15].copy_from_slice(&label.business.get().to_be_bytes());
+        bytes[15..31].copy_from_slice(label.id.as_bytes());
+        bytes[31..39].copy_from_slice(&epoch.end().as_millis().to_be_bytes());
+        bytes[39..47].copy_from_slice(&label.expiry.as_millis().to_be_bytes());
+        // A region is at most 15 bytes.
+        bytes[47] = r as u8;
+        bytes[48..48 + r].copy_from_slice(region);
+        bytes[48 + r..60 + r].copy_from_slice(nonce);
+        bytes[60 + r..92 + r].copy_from_slice(commitment);
+        bytes[92 + r..96 + r].copy_from_slice(&ct_len.to_be_bytes());
+        Self {
+            bytes,
+            len: FIXED_HEAD + r + FIXED_TAIL,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Write header then ciphertext, the header authenticated as associated data.
+/// The caller has run [`check_seal`].
+fn write_sealed(
+    cipher: &Cipher,
+    commitment: &[u8; COMMITMENT_LEN],
+    epoch: Epoch,
+    label: &Label,
+    nonce: &[u8; NONCE_LEN],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let header = HeaderBytes::new(label, epoch, nonce, commitment, plaintext.len());
+    let mut out = Vec::with_capacity(header.len + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(header.as_slice());
+    cipher
         .seal_appending(nonce, plaintext, &mut out)
         .map_err(|_| SealError::TooLarge(plaintext.len()))?;
     Ok(out)
+}
+
+/// The key of one record within one epoch, derived once and kept, for a
+/// record that is sealed again and again in place (a Signal session after
+/// every message). Each seal draws a fresh random nonce; the key refuses to
+/// seal more than [`RecordKey::MAX_SEALS`] times, far inside AES-GCM's bound
+/// of 2^32 random nonces per key, so the holder derives a new record id.
+pub(crate) struct RecordKey {
+    business: BusinessId,
+    epoch: Epoch,
+    id: MessageId,
+    cipher: Cipher,
+    commitment: [u8; COMMITMENT_LEN],
+    seals: u32,
+}
+
+impl RecordKey {
+    /// Seals allowed under one record key.
+    pub(crate) const MAX_SEALS: u32 = 1 << 24;
+
+    /// The record key of record `id` under `key`.
+    pub(crate) fn new(key: &EpochKey, id: MessageId) -> Self {
+        let dek = key.dek(Suite::V1 as u8, &id);
+        Self {
+            business: key.business(),
+            epoch: key.epoch(),
+            id,
+            cipher: dek.cipher(),
+            commitment: dek.commitment(),
+            seals: 0,
+        }
+    }
+
+    /// The epoch the key belongs to.
+    pub(crate) fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The record id the key belongs to.
+    pub(crate) fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// Whether the key may seal again.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.seals >= Self::MAX_SEALS
+    }
+
+    /// Seal `plaintext` as `label`, which must name this key's record. The
+    /// plaintext buffer becomes the envelope: the header is inserted before
+    /// it and it is encrypted in place, so no copy of it is left behind.
+    pub(crate) fn seal_owned(
+        &mut self,
+        label: &Label,
+        plaintext: Vec<u8>,
+    ) -> Result<Vec<u8>, SealError> {
+        let mut buf = Zeroizing::new(plaintext);
+        check_seal(self.business, self.epoch, label, &buf)?;
+        if label.id != self.id || self.is_spent() {
+            return Err(SealError::WrongKey);
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        self.seals += 1;
+        let header = HeaderBytes::new(label, self.epoch, &nonce, &self.commitment, buf.len());
+        buf.reserve(header.len + TAG_LEN);
+        buf.splice(0..0, header.as_slice().iter().copied());
+        self.cipher
+            .seal_in_place(&nonce, header.len, &mut buf)
+            .map_err(|_| SealError::TooLarge(buf.len()))?;
+        // Only ciphertext is left: take it out of the zeroizing wrapper.
+        Ok(std::mem::take(&mut *buf))
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordKey")
+            .field("business", &self.business)
+            .field("epoch", &self.epoch)
+            .field("id", &self.id)
+            .field("seals", &self.seals)
+            .finish_non_exhaustive()
+    }
 }

@@ -50,7 +50,11 @@ use foldhash::fast::RandomState;
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::ids::BusinessId;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::ids::{BusinessId, PhoneHash, PhoneNumber};
 use crate::store::{KeyStore, StoreError};
 use crate::time::Timestamp;
 
@@ -197,6 +201,9 @@ pub struct KeyManager {
     cache: RwLock<Cache>,
 }
 
+/// The keyed hash behind a business's phone-number index.
+struct PhoneIndexKey(Hmac<Sha256>);
+
 /// Unwrapped keys in memory. Keys are business ids and epochs, which the
 /// host and the clock choose, not consumers; foldhash (randomly seeded) keeps
 /// the per-record lookup at a few nanoseconds.
@@ -205,6 +212,7 @@ struct Cache {
     rings: HashMap<BusinessId, KekRing, RandomState>,
     keks: HashMap<(BusinessId, u32), Arc<Kek>, RandomState>,
     epochs: HashMap<(BusinessId, Epoch), Arc<EpochKey>, RandomState>,
+    phone_index: HashMap<BusinessId, Arc<PhoneIndexKey>, RandomState>,
 }
 
 impl fmt::Debug for KeyManager {
@@ -214,6 +222,7 @@ impl fmt::Debug for KeyManager {
             .field("businesses", &cache.rings.len())
             .field("cached_keks", &cache.keks.len())
             .field("cached_epoch_keys", &cache.epochs.len())
+            .field("cached_phone_index_keys", &cache.phone_index.len())
             .finish_non_exhaustive()
     }
 }
@@ -520,6 +529,87 @@ impl KeyManager {
             .entry((business, epoch))
             .or_insert(key)
             .clone())
+    }
+
+    /// Wrap `secret` as `id` under `id.business`'s primary KEK and store it
+    /// unless something is stored under `id` already. Returns the secret that
+    /// is stored afterwards: ours, or a concurrent writer's.
+    pub(crate) async fn store_secret(
+        &self,
+        id: KeyId,
+        secret: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let ring = self.ring(id.business).await?;
+        let kek = self.kek(&ring, ring.primary()).await?;
+        let wrapped = WrappedKey::seal(id, &kek, secret)?;
+        match self.store.insert_key(wrapped.clone()).await? {
+            KeyEntry::Wrapped(stored) if stored == wrapped => Ok(Zeroizing::new(secret.to_vec())),
+            KeyEntry::Wrapped(stored) => self.unwrap_secret(&stored).await,
+            KeyEntry::Destroyed { .. } => Err(KeyError::Unwrap(id)),
+        }
+    }
+
+    /// The secret stored as `id`, if any.
+    pub(crate) async fn load_secret(
+        &self,
+        id: KeyId,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
+        match self.store.key(&id).await? {
+            Some(KeyEntry::Wrapped(w)) => self.unwrap_secret(&w).await.map(Some),
+            Some(KeyEntry::Destroyed { .. }) | None => Ok(None),
+        }
+    }
+
+    /// Unwrap a stored key (its KEK version must be at or above the floor).
+    pub(crate) async fn unwrap_secret(
+        &self,
+        wrapped: &WrappedKey,
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let ring = self.ring(wrapped.id.business).await?;
+        let kek = self.kek(&ring, wrapped.kek_version).await?;
+        wrapped.open(&kek)
+    }
+
+    /// The key store, for callers that list wrapped keys.
+    pub(crate) fn store(&self) -> &dyn KeyStore {
+        &*self.store
+    }
+
+    /// `number` as `business`'s phone-number index knows it: HMAC-SHA256
+    /// under the business's index key (created on first use), truncated to
+    /// 128 bits. Stable for a business, unrelated across businesses.
+    pub async fn phone_hash(
+        &self,
+        business: BusinessId,
+        number: &PhoneNumber,
+    ) -> Result<PhoneHash, KeyError> {
+        let cached = self.read().phone_index.get(&business).cloned();
+        let key = match cached {
+            Some(key) => key,
+            None => {
+                let id = KeyId {
+                    business,
+                    kind: KeyKind::PhoneIndex,
+                    id: 0,
+                };
+                let fresh = SecretKey::generate();
+                let secret = self.store_secret(id, fresh.expose_secret()).await?;
+                let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&secret)
+                    .map_err(|_| KeyError::Unwrap(id))?;
+                let key = Arc::new(PhoneIndexKey(mac));
+                self.write()
+                    .phone_index
+                    .entry(business)
+                    .or_insert(key)
+                    .clone()
+            }
+        };
+        let mut mac = key.0.clone();
+        mac.update(number.expose().as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut hash = [0u8; PhoneHash::LEN];
+        hash.copy_from_slice(&digest[..PhoneHash::LEN]);
+        Ok(PhoneHash::from_bytes(hash))
     }
 
     /// Store `secret` as the key of `business`'s `epoch` (wrapped under the

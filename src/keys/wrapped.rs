@@ -20,9 +20,26 @@ use crate::time::Timestamp;
 pub enum KeyKind {
     /// An expiry epoch's key; the id is the epoch's end in milliseconds.
     Epoch = 1,
+    /// A business's Signal identity key pair and registration id; id 0.
+    SignalIdentity = 2,
+    /// A Signal signed prekey; the id is the prekey id.
+    SignalSignedPreKey = 3,
+    /// A Signal one-time prekey; the id is the prekey id.
+    SignalPreKey = 4,
+    /// The key of a business's phone-number index (HMAC); id 0.
+    PhoneIndex = 5,
 }
 
 impl KeyKind {
+    /// Every kind, in code order.
+    pub const ALL: &'static [Self] = &[
+        Self::Epoch,
+        Self::SignalIdentity,
+        Self::SignalSignedPreKey,
+        Self::SignalPreKey,
+        Self::PhoneIndex,
+    ];
+
     /// The stored code.
     pub const fn code(self) -> u8 {
         self as u8
@@ -33,10 +50,11 @@ impl TryFrom<u8> for KeyKind {
     type Error = KeyError;
 
     fn try_from(code: u8) -> Result<Self, KeyError> {
-        match code {
-            1 => Ok(Self::Epoch),
-            _ => Err(KeyError::UnknownKeyKind(code)),
-        }
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.code() == code)
+            .ok_or(KeyError::UnknownKeyKind(code))
     }
 }
 

@@ -6,16 +6,23 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{KeyStore, StoreError};
-use crate::ids::BusinessId;
+use super::{Batch, KeyStore, Op, PeerId, SignalStore, StoreError};
+use crate::ids::{BusinessId, PhoneHash, Region};
 use crate::keys::{KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
 
 /// Everything in process memory, behind one mutex. Each method holds the lock
 /// for its whole effect, which makes every method atomic.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
+    region: Region,
     inner: Mutex<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::in_region(Region::LOCAL)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -24,12 +31,40 @@ struct Inner {
     keys: BTreeMap<KeyId, KeyEntry>,
     /// Epoch keys by end, then owner: the sweep's index.
     epochs: BTreeSet<(Timestamp, BusinessId)>,
+    peers: BTreeMap<(BusinessId, PeerId), Vec<u8>>,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store in [`Region::LOCAL`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that declares `region`.
+    pub fn in_region(region: Region) -> Self {
+        Self {
+            region,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Every stored byte string (wrapped KEKs, wrapped keys, sealed peers),
+    /// for tests that search the store for secrets.
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> Vec<Vec<u8>> {
+        let inner = self.lock();
+        let rings = inner
+            .rings
+            .values()
+            .flat_map(|r| r.versions().iter().map(|v| v.wrapped.clone()));
+        let keys = inner.keys.values().filter_map(|e| match e {
+            KeyEntry::Wrapped(w) => Some(w.blob.clone()),
+            KeyEntry::Destroyed { .. } => None,
+        });
+        rings
+            .chain(keys)
+            .chain(inner.peers.values().cloned())
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -38,6 +73,15 @@ impl MemoryStore {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    fn delete_key(&mut self, id: &KeyId) -> bool {
+        if let Some(ix) = epoch_index(id) {
+            self.epochs.remove(&ix);
+        }
+        self.keys.remove(id).is_some()
     }
 }
 
@@ -102,16 +146,7 @@ impl KeyStore for MemoryStore {
 
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        let mut n = 0;
-        for id in ids {
-            if inner.keys.remove(id).is_some() {
-                n += 1;
-            }
-            if let Some(ix) = epoch_index(id) {
-                inner.epochs.remove(&ix);
-            }
-        }
-        Ok(n)
+        Ok(ids.iter().filter(|id| inner.delete_key(id)).count() as u64)
     }
 
     async fn keys_wrapped_below(
@@ -153,6 +188,34 @@ impl KeyStore for MemoryStore {
         Ok(n as u64)
     }
 
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        let inner = self.lock();
+        let from = KeyId {
+            business,
+            kind,
+            id: after.map_or(0, |a| a.saturating_add(1)),
+        };
+        if after == Some(u64::MAX) {
+            return Ok(Vec::new());
+        }
+        Ok(inner
+            .keys
+            .range(from..)
+            .take_while(|(id, _)| id.business == business && id.kind == kind)
+            .filter_map(|(_, e)| match e {
+                KeyEntry::Wrapped(w) => Some(w.clone()),
+                KeyEntry::Destroyed { .. } => None,
+            })
+            .take(limit)
+            .collect())
+    }
+
     async fn ended_epoch_keys(
         &self,
         now: Timestamp,
@@ -170,5 +233,59 @@ impl KeyStore for MemoryStore {
                 id: end.as_millis(),
             })
             .collect())
+    }
+}
+
+#[async_trait]
+impl SignalStore for MemoryStore {
+    fn region(&self) -> Region {
+        self.region
+    }
+
+    async fn peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().peers.get(&(business, peer)).cloned())
+    }
+
+    async fn peer_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, StoreError> {
+        let from = (business, PeerId { phone, device: 0 });
+        Ok(self
+            .lock()
+            .peers
+            .range(from..)
+            .take_while(|((b, p), _)| *b == business && p.phone == phone)
+            .map(|((_, p), _)| p.device)
+            .collect())
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        // One lock for the whole batch: nothing can observe half of it, and
+        // no operation can fail halfway.
+        let mut inner = self.lock();
+        for op in batch.into_ops() {
+            match op {
+                Op::PutPeer {
+                    business,
+                    peer,
+                    sealed,
+                } => {
+                    inner.peers.insert((business, peer), sealed);
+                }
+                Op::DeletePeer { business, peer } => {
+                    inner.peers.remove(&(business, peer));
+                }
+                Op::DeleteKey(id) => {
+                    inner.delete_key(&id);
+                }
+            }
+        }
+        Ok(())
     }
 }

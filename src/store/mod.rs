@@ -9,12 +9,14 @@
 
 use async_trait::async_trait;
 
-use crate::ids::BusinessId;
-use crate::keys::{KekRing, KeyEntry, KeyId, WrappedKey};
+use crate::ids::{BusinessId, PhoneHash, Region};
+use crate::keys::{KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
 
+mod batch;
 mod memory;
 
+pub use batch::{Batch, Op, PeerId};
 pub use memory::MemoryStore;
 
 /// A storage failure.
@@ -81,6 +83,16 @@ pub trait KeyStore: Send + Sync {
         version: u32,
     ) -> Result<u64, StoreError>;
 
+    /// Up to `limit` live keys of `business` of `kind`, in id order, with ids
+    /// above `after`.
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError>;
+
     /// Up to `limit` epoch-key entries (live or tombstones), of any business,
     /// whose epoch ended at or before `now`, oldest first.
     async fn ended_epoch_keys(
@@ -88,4 +100,28 @@ pub trait KeyStore: Send + Sync {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<KeyId>, StoreError>;
+}
+
+/// Where Signal state lives: one sealed record per consumer device (its
+/// session and trusted identity), under its business, keyed by the
+/// consumer's [`PhoneHash`] and device id. A backend that stores Signal state
+/// also stores keys, and commits [`Batch`]es spanning both atomically.
+#[async_trait]
+pub trait SignalStore: KeyStore {
+    /// The region this store keeps data in; records are sealed for it.
+    fn region(&self) -> Region;
+
+    /// The sealed record of `peer` under `business`.
+    async fn peer(&self, business: BusinessId, peer: PeerId)
+    -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The device ids of `phone` with a stored record under `business`, ascending.
+    async fn peer_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, StoreError>;
+
+    /// Apply every operation of `batch`, or none of them.
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 }

@@ -1,0 +1,244 @@
+//! Billing records: billable messages per business, category and period.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, Grid, PerBusiness, Period, lock};
+use crate::ids::BusinessId;
+use crate::time::Timestamp;
+use crate::visibility::{DataClass, Labelled};
+
+/// What a billable message is for (the categories messaging networks price by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Promotions, offers, announcements.
+    Marketing,
+    /// Follow-ups to a consumer's action or request (an order update, say).
+    Utility,
+    /// One-time codes and other authentication.
+    Authentication,
+    /// Replies within a conversation the consumer started.
+    Service,
+}
+
+impl Category {
+    /// Every category.
+    pub const ALL: &'static [Self] = &[
+        Self::Marketing,
+        Self::Utility,
+        Self::Authentication,
+        Self::Service,
+    ];
+}
+
+/// Billable messages per category.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CategoryCounts {
+    /// Marketing messages.
+    pub marketing: u64,
+    /// Utility messages.
+    pub utility: u64,
+    /// Authentication messages.
+    pub authentication: u64,
+    /// Service messages.
+    pub service: u64,
+}
+
+impl CategoryCounts {
+    /// The count of `category`.
+    pub const fn get(&self, category: Category) -> u64 {
+        match category {
+            Category::Marketing => self.marketing,
+            Category::Utility => self.utility,
+            Category::Authentication => self.authentication,
+            Category::Service => self.service,
+        }
+    }
+
+    /// All categories together.
+    pub const fn total(&self) -> u64 {
+        self.marketing
+            .saturating_add(self.utility)
+            .saturating_add(self.authentication)
+            .saturating_add(self.service)
+    }
+
+    fn add(&mut self, category: Category, n: u64) {
+        let c = match category {
+            Category::Marketing => &mut self.marketing,
+            Category::Utility => &mut self.utility,
+            Category::Authentication => &mut self.authentication,
+            Category::Service => &mut self.service,
+        };
+        *c = c.saturating_add(n);
+    }
+}
+
+/// One business's billable messages in one period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BillingRecord {
+    /// The period.
+    pub period: Period,
+    /// Billable messages by category.
+    pub messages: CategoryCounts,
+}
+
+/// A business's billing records, as exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BillingStatement {
+    /// The business.
+    pub business: BusinessId,
+    /// When the statement was made.
+    pub generated_at: Timestamp,
+    /// Records, oldest period first.
+    pub records: Vec<BillingRecord>,
+    /// Periods dropped at the retention bound before they were taken, since
+    /// the ledger started (non-zero means take more often).
+    pub dropped_periods: u64,
+}
+
+/// Settings of the [`BillingLedger`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BillingConfig {
+    /// Length of a billing period. Default: one day (UTC).
+    pub period: Duration,
+    /// Periods kept per business until taken, at least 1; past it the
+    /// oldest is dropped and counted. Default 62.
+    pub retained_periods: usize,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(24 * 3600),
+            retained_periods: 62,
+        }
+    }
+}
+
+/// Counts billable messages per business, category and period.
+///
+/// Record each billable message once: the processor records a message when
+/// the transport first accepts it, and never for a retransmission. Records
+/// are released as [`DataClass::Billing`], and hold no content and no phone
+/// number.
+#[derive(Debug)]
+pub struct BillingLedger {
+    config: BillingConfig,
+    grid: Grid,
+    businesses: PerBusiness<Ledger>,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    periods: BTreeMap<u64, CategoryCounts>,
+    dropped_periods: u64,
+}
+
+impl BillingLedger {
+    /// A ledger with this configuration.
+    pub fn new(config: BillingConfig) -> Result<Self, ConfigError> {
+        if config.retained_periods == 0 {
+            return Err(ConfigError {
+                field: "retained_periods",
+                rule: "must be at least 1",
+            });
+        }
+        Ok(Self {
+            grid: Grid::new(config.period, "period")?,
+            config,
+            businesses: PerBusiness::new(),
+        })
+    }
+
+    /// One billable message of `category`, sent by `business` at `at`.
+    pub fn record(&self, business: BusinessId, category: Category, at: Timestamp) {
+        self.record_many(business, category, 1, at);
+    }
+
+    /// `count` billable messages of `category`, sent by `business` at `at`.
+    pub fn record_many(&self, business: BusinessId, category: Category, count: u64, at: Timestamp) {
+        let index = self.grid.index(at);
+        let retained = self.config.retained_periods;
+        self.businesses.update(business, Ledger::default, |l| {
+            l.periods.entry(index).or_default().add(category, count);
+            while l.periods.len() > retained {
+                l.periods.pop_first();
+                l.dropped_periods += 1;
+            }
+        });
+    }
+
+    /// Every period kept for `business` (the open one included), labelled
+    /// [`DataClass::Billing`].
+    pub fn statement(&self, business: BusinessId, now: Timestamp) -> Labelled<BillingStatement> {
+        let statement = self
+            .businesses
+            .with(business, |l| self.statement_of(business, now, l, |_| true))
+            .unwrap_or_else(|| self.statement_of(business, now, &Ledger::default(), |_| true));
+        Labelled::of_business(DataClass::Billing, business, statement)
+    }
+
+    /// The periods of `business` that ended by `now`, removed from the
+    /// ledger (to hand them to the system of record), labelled
+    /// [`DataClass::Billing`]. A message recorded later for a period
+    /// already taken appears in a later take on its own: the counts of a
+    /// period are the sum of its takes.
+    pub fn take_closed(&self, business: BusinessId, now: Timestamp) -> Labelled<BillingStatement> {
+        let open = self.grid.index(now);
+        let statement = self
+            .businesses
+            .with(business, |l| {
+                let s = self.statement_of(business, now, l, |i| i < open);
+                l.periods.retain(|&i, _| i >= open);
+                s
+            })
+            .unwrap_or_else(|| self.statement_of(business, now, &Ledger::default(), |_| true));
+        Labelled::of_business(DataClass::Billing, business, statement)
+    }
+
+    /// Drops everything kept about `business`; `true` if there was anything.
+    pub fn forget(&self, business: BusinessId) -> bool {
+        self.businesses.remove(business)
+    }
+
+    /// Every business with records, in id order.
+    pub fn businesses(&self) -> Vec<BusinessId> {
+        self.businesses
+            .all()
+            .into_iter()
+            .filter(|(_, l)| !lock(l).periods.is_empty())
+            .map(|(b, _)| b)
+            .collect()
+    }
+
+    fn statement_of(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+        ledger: &Ledger,
+        keep: impl Fn(u64) -> bool,
+    ) -> BillingStatement {
+        BillingStatement {
+            business,
+            generated_at: now,
+            records: ledger
+                .periods
+                .iter()
+                .filter(|(i, _)| keep(**i))
+                .map(|(&i, &messages)| BillingRecord {
+                    period: self.grid.period(i),
+                    messages,
+                })
+                .collect(),
+            dropped_periods: ledger.dropped_periods,
+        }
+    }
+}

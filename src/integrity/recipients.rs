@@ -1,0 +1,161 @@
+//! The recipients a business has reached, in bounded memory.
+//!
+//! Two generations of a map from recipient to the last window the business
+//! messaged it. A lookup checks both and moves a hit into the current
+//! generation; when the current generation is full it becomes the previous
+//! one and the old previous one is dropped. So memory never exceeds the
+//! bound, a recipient touched in the last `bound / 2` distinct recipients is
+//! always remembered, and one not touched for longer may be forgotten and
+//! counted as new again: over-counting, never under-counting, new recipients.
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
+/// Marks a consumer the business heard from but never messaged.
+const NEVER_SENT: u64 = u64::MAX;
+
+/// What a send to a recipient was, for this window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// Never seen (or forgotten at the bound).
+    New,
+    /// Seen before, first message to it in this window.
+    Returning,
+    /// Already messaged in this window.
+    Repeat,
+}
+
+#[derive(Debug)]
+pub(super) struct RecipientTracker {
+    current: HashMap<u64, u64, RandomState>,
+    previous: HashMap<u64, u64, RandomState>,
+    generation: usize,
+    rotations: u64,
+}
+
+impl RecipientTracker {
+    /// A tracker holding at most `bound` recipients (at least 2).
+    pub(super) fn new(bound: usize) -> Self {
+        Self {
+            current: HashMap::default(),
+            previous: HashMap::default(),
+            generation: (bound / 2).max(1),
+            rotations: 0,
+        }
+    }
+
+    /// How many times a generation was dropped at the bound.
+    pub(super) fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
+    /// A message sent to `key` in `window`.
+    pub(super) fn sent(&mut self, key: u64, window: u64) -> Reach {
+        let last = match self.current.get_mut(&key) {
+            Some(last) => Some(std::mem::replace(last, window)),
+            None => {
+                let last = self.previous.remove(&key);
+                self.insert(key, window);
+                last
+            }
+        };
+        match last {
+            None => Reach::New,
+            Some(w) if w == window => Reach::Repeat,
+            Some(_) => Reach::Returning,
+        }
+    }
+
+    /// A message received from `key`: the consumer is known from now on,
+    /// so replying to it is not fan-out.
+    pub(super) fn heard_from(&mut self, key: u64) {
+        if self.current.contains_key(&key) {
+            return;
+        }
+        let last = self.previous.remove(&key).unwrap_or(NEVER_SENT);
+        self.insert(key, last);
+    }
+
+    fn insert(&mut self, key: u64, window: u64) {
+        if self.current.len() >= self.generation {
+            self.previous = std::mem::take(&mut self.current);
+            self.rotations += 1;
+        }
+        self.current.insert(key, window);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn counts_new_returning_and_repeat() {
+        let mut t = RecipientTracker::new(100);
+        assert_eq!(t.sent(1, 0), Reach::New);
+        assert_eq!(t.sent(1, 0), Reach::Repeat);
+        assert_eq!(t.sent(1, 1), Reach::Returning);
+        t.heard_from(2);
+        assert_eq!(t.sent(2, 1), Reach::Returning);
+        assert_eq!(t.sent(2, 1), Reach::Repeat);
+    }
+
+    #[test]
+    fn at_the_bound_old_recipients_are_forgotten_and_count_as_new() {
+        let mut t = RecipientTracker::new(4); // generations of 2
+        for k in 0..3 {
+            assert_eq!(t.sent(k, 0), Reach::New);
+        }
+        // 0 and 1 moved to the previous generation; still remembered.
+        assert_eq!(t.sent(0, 1), Reach::Returning);
+        for k in 10..14 {
+            t.sent(k, 1);
+        }
+        // 1 was not touched for two generations: forgotten.
+        assert_eq!(t.sent(1, 2), Reach::New);
+        assert!(t.rotations() > 0);
+    }
+
+    proptest! {
+        #[test]
+        fn memory_never_exceeds_the_bound_and_new_is_never_undercounted(
+            bound in 2usize..64,
+            keys in proptest::collection::vec((0u64..200, 0u64..5), 0..500),
+        ) {
+            let mut t = RecipientTracker::new(bound);
+            let mut ever = std::collections::HashSet::new();
+            let mut keys = keys;
+            keys.sort_by_key(|k| k.1); // windows move forward
+            for (key, window) in keys {
+                let reach = t.sent(key, window);
+                if ever.insert(key) {
+                    prop_assert_eq!(reach, Reach::New);
+                }
+                prop_assert!(t.len() <= bound.max(2));
+            }
+        }
+
+        #[test]
+        fn below_the_bound_counts_are_exact(keys in proptest::collection::vec((0u64..50, 0u64..5), 0..300)) {
+            let mut t = RecipientTracker::new(1000);
+            let mut last = std::collections::HashMap::new();
+            let mut keys = keys;
+            keys.sort_by_key(|k| k.1);
+            for (key, window) in keys {
+                let expected = match last.insert(key, window) {
+                    None => Reach::New,
+                    Some(w) if w == window => Reach::Repeat,
+                    Some(_) => Reach::Returning,
+                };
+                prop_assert_eq!(t.sent(key, window), expected);
+            }
+        }
+    }
+}

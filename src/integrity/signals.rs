@@ -1,0 +1,610 @@
+//! Per-business integrity signals and the anomaly detector.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::recipients::{Reach, RecipientTracker};
+use super::{ConfigError, Grid, PerBusiness, Period, hash_key, lock};
+use crate::ids::{BusinessId, PhoneHash};
+use crate::time::Timestamp;
+use crate::visibility::{DataClass, Labelled};
+
+/// Thresholds and bounds of the [`IntegrityMonitor`].
+///
+/// The defaults follow the way messaging networks limit businesses: a new
+/// business reaches at most about a thousand new consumers a day before it
+/// has a history, and an established one is judged against its own past.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct IntegrityConfig {
+    /// Length of a window. Default: one day, which evens out the daily
+    /// rhythm of legitimate traffic; anomalies are still raised the moment
+    /// the open window crosses a threshold, not when it closes.
+    pub window: Duration,
+    /// Weight of the newest window in the baseline (an exponentially
+    /// weighted moving average of new recipients per window), in (0, 1].
+    /// Default 0.1 (a memory of about ten windows).
+    pub baseline_weight: f64,
+    /// Windows of history before the baseline is trusted; until then the
+    /// cold-start limit applies. Default 7.
+    pub warmup_windows: u32,
+    /// A window is flagged when its new recipients exceed this many times
+    /// the baseline (and [`IntegrityConfig::min_new_recipients`]); at least
+    /// one. Default 4. A steady ramp of new recipients by a factor below
+    /// `1 + (ratio - 1) × baseline_weight` per window (1.3 with the
+    /// defaults) keeps pace with its own baseline, so once past
+    /// [`IntegrityConfig::min_new_recipients`] this rule does not flag it
+    /// (that is how legitimate businesses grow); the spam rule and the
+    /// transport's own signals are what catch such a ramp.
+    pub fan_out_ratio: f64,
+    /// New recipients a window may always reach, whatever the baseline, so
+    /// that small businesses are not flagged for small changes. Default 250.
+    pub min_new_recipients: u64,
+    /// New recipients a window may reach before the baseline is trusted.
+    /// Default 1,000.
+    pub cold_start_new_recipients: u64,
+    /// A window is flagged when spam reports plus blocks reach this share
+    /// of the messages sent, in (0, 1]. Default 0.02.
+    pub spam_rate: f64,
+    /// ... and at least this many. Default 10.
+    pub min_spam_signals: u64,
+    /// Most recipients remembered per business, at least 2. Default 200,000
+    /// (at most about 5 MB per business). At the bound the recipients not
+    /// messaged for longest are forgotten, and count as new if messaged
+    /// again: new and unique recipient counts may then over-count (never
+    /// under-count), which errs towards flagging; the window reports it
+    /// ([`WindowSignals::recipient_bound_reached`]).
+    pub max_tracked_recipients: usize,
+    /// Closed windows kept per business for the report, at most 10,000.
+    /// Default 30.
+    pub history_windows: usize,
+}
+
+impl Default for IntegrityConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(24 * 3600),
+            baseline_weight: 0.1,
+            warmup_windows: 7,
+            fan_out_ratio: 4.0,
+            min_new_recipients: 250,
+            cold_start_new_recipients: 1_000,
+            spam_rate: 0.02,
+            min_spam_signals: 10,
+            max_tracked_recipients: 200_000,
+            history_windows: 30,
+        }
+    }
+}
+
+impl IntegrityConfig {
+    /// Checks every field against its documented range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Grid::new(self.window, "window")?;
+        let bad = |field, rule| Err(ConfigError { field, rule });
+        if !(self.baseline_weight > 0.0 && self.baseline_weight <= 1.0) {
+            return bad("baseline_weight", "must be in (0, 1]");
+        }
+        if !(self.fan_out_ratio.is_finite() && self.fan_out_ratio >= 1.0) {
+            return bad("fan_out_ratio", "must be finite and at least 1");
+        }
+        if !(self.spam_rate > 0.0 && self.spam_rate <= 1.0) {
+            return bad("spam_rate", "must be in (0, 1]");
+        }
+        if self.max_tracked_recipients < 2 {
+            return bad("max_tracked_recipients", "must be at least 2");
+        }
+        if self.history_windows > 10_000 {
+            return bad("history_windows", "must be at most 10000");
+        }
+        Ok(())
+    }
+}
+
+/// What kind of anomaly a window shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AnomalyKind {
+    /// New recipients above the fan-out ratio times the business's baseline
+    /// (a business reaching out to ever more people it never talked to).
+    FanOut,
+    /// New recipients above the cold-start limit, before a baseline exists.
+    ColdStartFanOut,
+    /// Spam reports and blocks above the spam rate.
+    SpamReports,
+}
+
+/// An anomaly raised in a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Anomaly {
+    /// What it is.
+    pub kind: AnomalyKind,
+    /// When the window crossed the threshold.
+    pub raised_at: Timestamp,
+    /// The count that crossed it (new recipients, or spam reports plus blocks).
+    pub observed: u64,
+    /// The threshold it crossed.
+    pub threshold: u64,
+}
+
+/// The signals of one window of one business.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WindowSignals {
+    /// The window.
+    pub period: Period,
+    /// Messages the business sent.
+    pub sent: u64,
+    /// Messages the business received.
+    pub received: u64,
+    /// Distinct consumers the business messaged.
+    pub unique_recipients: u64,
+    /// Of those, consumers it had never messaged nor heard from: the
+    /// window's fan-out to new recipients.
+    pub new_recipients: u64,
+    /// Spam reports against the business.
+    pub spam_reports: u64,
+    /// Consumers who blocked the business.
+    pub blocks: u64,
+    /// The baseline (new recipients per window) the window was judged
+    /// against; `None` while warming up.
+    pub baseline_new_recipients: Option<f64>,
+    /// The new-recipient count above which the window is flagged.
+    pub new_recipient_threshold: u64,
+    /// Anomalies raised, at most one of each kind.
+    pub anomalies: Vec<Anomaly>,
+    /// The recipient bound was reached in this window: the recipient counts
+    /// may over-count.
+    pub recipient_bound_reached: bool,
+}
+
+impl WindowSignals {
+    /// Whether any anomaly was raised.
+    pub fn is_flagged(&self) -> bool {
+        !self.anomalies.is_empty()
+    }
+
+    fn has(&self, kind: AnomalyKind) -> bool {
+        self.anomalies.iter().any(|a| a.kind == kind)
+    }
+}
+
+/// What the transport receives about a business: its open window and its
+/// recent closed ones. No content, no phone number, no phone hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct IntegrityReport {
+    /// The business.
+    pub business: BusinessId,
+    /// When the report was made.
+    pub generated_at: Timestamp,
+    /// The window open at `generated_at` (counts so far).
+    pub current: WindowSignals,
+    /// Closed windows with activity, oldest first (at most
+    /// [`IntegrityConfig::history_windows`]).
+    pub history: Vec<WindowSignals>,
+}
+
+impl IntegrityReport {
+    /// Whether the open window or any window in the history is flagged.
+    pub fn is_flagged(&self) -> bool {
+        self.current.is_flagged() || self.history.iter().any(WindowSignals::is_flagged)
+    }
+}
+
+/// Collects integrity signals per business and flags anomalies.
+///
+/// Feed it as messages flow ([`record_sent`](Self::record_sent),
+/// [`record_received`](Self::record_received),
+/// [`record_spam_report`](Self::record_spam_report),
+/// [`record_block`](Self::record_block)); export with
+/// [`export`](Self::export), which gives a value labelled
+/// [`DataClass::IntegritySignals`] for the gate to release. An event
+/// timestamped before the open window (late) counts in the open window.
+#[derive(Debug)]
+pub struct IntegrityMonitor {
+    config: IntegrityConfig,
+    grid: Grid,
+    businesses: PerBusiness<BusinessSignals>,
+}
+
+#[derive(Debug)]
+struct BusinessSignals {
+    open: WindowSignals,
+    index: u64,
+    rotations_at_open: u64,
+    recipients: RecipientTracker,
+    baseline: Option<f64>,
+    windows_closed: u64,
+    history: VecDeque<WindowSignals>,
+}
+
+impl IntegrityMonitor {
+    /// A monitor with this configuration.
+    pub fn new(config: IntegrityConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            grid: Grid::new(config.window, "window")?,
+            config,
+            businesses: PerBusiness::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IntegrityConfig {
+        &self.config
+    }
+
+    /// The business sent a message to `recipient` at `at`.
+    pub fn record_sent(&self, business: BusinessId, recipient: PhoneHash, at: Timestamp) {
+        let key = hash_key(&recipient);
+        self.update(business, at, |s, cfg| {
+            s.open.sent += 1;
+            match s.recipients.sent(key, s.index) {
+                Reach::New => {
+                    s.open.unique_recipients += 1;
+                    s.open.new_recipients += 1;
+                    s.check_fan_out(at);
+                }
+                Reach::Returning => s.open.unique_recipients += 1,
+                Reach::Repeat => {}
+            }
+            if s.recipients.rotations() != s.rotations_at_open {
+                s.open.recipient_bound_reached = true;
+            }
+            s.check_spam(at, cfg);
+        });
+    }
+
+    /// The business received a message from `sender` at `at`. The sender
+    /// becomes a known consumer: messaging it later is not fan-out.
+    pub fn record_received(&self, business: BusinessId, sender: PhoneHash, at: Timestamp) {
+        let key = hash_key(&sender);
+        self.update(business, at, |s, _| {
+            s.open.received += 1;
+            s.recipients.heard_from(key);
+        });
+    }
+
+    /// A consumer reported the business for spam at `at`.
+    pub fn record_spam_report(&self, business: BusinessId, at: Timestamp) {
+        self.update(business, at, |s, cfg| {
+            s.open.spam_reports += 1;
+            s.check_spam(at, cfg);
+        });
+    }
+
+    /// A consumer blocked the business at `at`.
+    pub fn record_block(&self, business: BusinessId, at: Timestamp) {
+        self.update(business, at, |s, cfg| {
+            s.open.blocks += 1;
+            s.check_spam(at, cfg);
+        });
+    }
+
+    /// The business's signals as of `now`, labelled
+    /// [`DataClass::IntegritySignals`]: release it to the transport through
+    /// the gate. A business never seen gets an empty report.
+    pub fn export(&self, business: BusinessId, now: Timestamp) -> Labelled<IntegrityReport> {
+        let report = self
+            .businesses
+            .with(business, |s| {
+                s.roll(self.grid.index(now), self.grid, &self.config);
+                s.report(business, now)
+            })
+            .unwrap_or_else(|| {
+                BusinessSignals::new(self.grid.index(now), self.grid, &self.config)
+                    .report(business, now)
+            });
+        Labelled::of_business(DataClass::IntegritySignals, business, report)
+    }
+
+    /// Every business's signals as of `now`, in business-id order.
+    pub fn export_all(&self, now: Timestamp) -> Vec<Labelled<IntegrityReport>> {
+        self.businesses
+            .all()
+            .into_iter()
+            .map(|(business, cell)| {
+                let mut s = lock(&cell);
+                s.roll(self.grid.index(now), self.grid, &self.config);
+                let report = s.report(business, now);
+                Labelled::of_business(DataClass::IntegritySignals, business, report)
+            })
+            .collect()
+    }
+
+    /// Drops everything kept about `business`; `true` if there was anything.
+    pub fn forget(&self, business: BusinessId) -> bool {
+        self.businesses.remove(business)
+    }
+
+    fn update(
+        &self,
+        business: BusinessId,
+        at: Timestamp,
+        f: impl FnOnce(&mut BusinessSignals, &IntegrityConfig),
+    ) {
+        let index = self.grid.index(at);
+        self.businesses.update(
+            business,
+            || BusinessSignals::new(index, self.grid, &self.config),
+            |s| {
+                s.roll(index, self.grid, &self.config);
+                f(s, &self.config);
+            },
+        );
+    }
+}
+
+impl BusinessSignals {
+    fn new(index: u64, grid: Grid, config: &IntegrityConfig) -> Self {
+        let mut s = Self {
+            open: empty_window(grid.period(index)),
+            index,
+            rotations_at_open: 0,
+            recipients: RecipientTracker::new(config.max_tracked_recipients),
+            baseline: None,
+            windows_closed: 0,
+            history: VecDeque::new(),
+        };
+        s.set_threshold(config);
+        s
+    }
+
+    /// Close the open window if `index` is past it, and open window `index`.
+    fn roll(&mut self, index: u64, grid: Grid, config: &IntegrityConfig) {
+        if index <= self.index {
+            return;
+        }
+        let closed = std::mem::replace(&mut self.open, empty_window(grid.period(index)));
+        let alpha = config.baseline_weight;
+        let fanned_out =
+            closed.has(AnomalyKind::FanOut) || closed.has(AnomalyKind::ColdStartFanOut);
+        // A flagged window is kept out of the baseline: an abuser must not
+        // raise its own bar by abusing.
+        if !fanned_out {
+            let x = closed.new_recipients as f64;
+            self.baseline = Some(match self.baseline {
+                None => x,
+                Some(b) => alpha * x + (1.0 - alpha) * b,
+            });
+        }
+        // Windows with no activity count as zero new recipients.
+        let gaps = index - self.index - 1;
+        if gaps > 0 {
+            let decay = (1.0 - alpha).powi(i32::try_from(gaps).unwrap_or(i32::MAX));
+            self.baseline = self.baseline.map(|b| b * decay);
+        }
+        self.windows_closed = self.windows_closed.saturating_add(gaps + 1);
+        if config.history_windows > 0 {
+            if self.history.len() >= config.history_windows {
+                self.history.pop_front();
+            }
+            self.history.push_back(closed);
+        }
+        self.index = index;
+        self.rotations_at_open = self.recipients.rotations();
+        self.set_threshold(config);
+    }
+
+    fn set_threshold(&mut self, config: &IntegrityConfig) {
+        let warm = self.windows_closed >= u64::from(config.warmup_windows);
+        let (baseline, threshold) = match self.baseline {
+            Some(b) if warm => {
+                // `as` saturates; b and the ratio are finite and non-negative.
+                let scaled = (config.fan_out_ratio * b).ceil() as u64;
+                (Some(b), scaled.max(config.min_new_recipients))
+            }
+            _ => (None, config.cold_start_new_recipients),
+        };
+        self.open.baseline_new_recipients = baseline;
+        self.open.new_recipient_threshold = threshold;
+    }
+
+    fn check_fan_out(&mut self, at: Timestamp) {
+        let w = &mut self.open;
+        let kind = if w.baseline_new_recipients.is_some() {
+            AnomalyKind::FanOut
+        } else {
+            AnomalyKind::ColdStartFanOut
+        };
+        if w.new_recipients > w.new_recipient_threshold && !w.has(kind) {
+            w.anomalies.push(Anomaly {
+                kind,
+                raised_at: at,
+                observed: w.new_recipients,
+                threshold: w.new_recipient_threshold,
+            });
+        }
+    }
+
+    fn check_spam(&mut self, at: Timestamp, config: &IntegrityConfig) {
+        let w = &mut self.open;
+        let signals = w.spam_reports + w.blocks;
+        let by_rate = (config.spam_rate * w.sent as f64).ceil() as u64;
+        let threshold = by_rate.max(config.min_spam_signals);
+        if signals >= threshold && !w.has(AnomalyKind::SpamReports) {
+            w.anomalies.push(Anomaly {
+                kind: AnomalyKind::SpamReports,
+                raised_at: at,
+                observed: signals,
+                threshold,
+            });
+        }
+    }
+
+    fn report(&self, business: BusinessId, now: Timestamp) -> IntegrityReport {
+        IntegrityReport {
+            business,
+            generated_at: now,
+            current: self.open.clone(),
+            history: self.history.iter().cloned().collect(),
+        }
+    }
+}
+
+fn empty_window(period: Period) -> WindowSignals {
+    WindowSignals {
+        period,
+        sent: 0,
+        received: 0,
+        unique_recipients: 0,
+        new_recipients: 0,
+        spam_reports: 0,
+        blocks: 0,
+        baseline_new_recipients: None,
+        new_recipient_threshold: 0,
+        anomalies: Vec::new(),
+        recipient_bound_reached: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::ManualClock;
+    use crate::visibility::{Gate, MemoryAuditSink, Party, Purpose, VisibilityPolicy};
+    use std::sync::Arc;
+
+    const DAY: u64 = 24 * 3600 * 1000;
+
+    fn hash(i: u64) -> PhoneHash {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+        PhoneHash::from_bytes(b)
+    }
+
+    fn signals(m: &IntegrityMonitor, b: BusinessId, now: u64) -> IntegrityReport {
+        let now = Timestamp::from_millis(now);
+        let gate = Gate::new(
+            VisibilityPolicy::published(),
+            Arc::new(MemoryAuditSink::new()),
+            Arc::new(ManualClock::new(now)),
+        );
+        gate.release(m.export(b, now), Party::Transport, Purpose::Integrity)
+            .unwrap()
+            .into_value()
+    }
+
+    #[test]
+    fn counts_unique_and_new_recipients_per_window() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        let t = Timestamp::from_millis(10 * DAY);
+        m.record_received(b, hash(9), t);
+        for i in [1, 2, 2, 3, 9] {
+            m.record_sent(b, hash(i), t);
+        }
+        let r = signals(&m, b, 10 * DAY);
+        assert_eq!(
+            (
+                r.current.sent,
+                r.current.received,
+                r.current.unique_recipients,
+                r.current.new_recipients
+            ),
+            (5, 1, 4, 3)
+        );
+        m.record_sent(b, hash(1), Timestamp::from_millis(11 * DAY));
+        let r = signals(&m, b, 11 * DAY);
+        assert_eq!(
+            (r.current.unique_recipients, r.current.new_recipients),
+            (1, 0)
+        );
+        assert_eq!(r.history.len(), 1);
+        assert_eq!(r.history[0].period.start, Timestamp::from_millis(10 * DAY));
+    }
+
+    #[test]
+    fn cold_start_fan_out_is_flagged_the_moment_it_crosses() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        for i in 0..1_001 {
+            m.record_sent(b, hash(i), Timestamp::from_millis(DAY + i));
+        }
+        let r = signals(&m, b, DAY + 2_000);
+        assert_eq!(r.current.anomalies.len(), 1);
+        let a = r.current.anomalies[0];
+        assert_eq!(a.kind, AnomalyKind::ColdStartFanOut);
+        assert_eq!((a.observed, a.threshold), (1_001, 1_000));
+        assert_eq!(a.raised_at, Timestamp::from_millis(DAY + 1_000));
+    }
+
+    #[test]
+    fn spam_reports_above_the_rate_are_flagged() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        let t = Timestamp::from_millis(DAY);
+        for i in 0..1_000 {
+            m.record_sent(b, hash(i % 50), t);
+        }
+        for _ in 0..19 {
+            m.record_spam_report(b, t);
+        }
+        assert!(!signals(&m, b, DAY).is_flagged());
+        m.record_block(b, t);
+        let r = signals(&m, b, DAY);
+        assert_eq!(r.current.anomalies[0].kind, AnomalyKind::SpamReports);
+        assert_eq!(r.current.anomalies[0].threshold, 20);
+    }
+
+    #[test]
+    fn the_bound_is_reported_when_reached() {
+        let config = IntegrityConfig {
+            max_tracked_recipients: 10,
+            ..Default::default()
+        };
+        let m = IntegrityMonitor::new(config).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        for i in 0..11 {
+            m.record_sent(b, hash(i), Timestamp::from_millis(DAY));
+        }
+        assert!(signals(&m, b, DAY).current.recipient_bound_reached);
+    }
+
+    #[test]
+    fn invalid_configuration_names_the_field() {
+        let c = IntegrityConfig {
+            fan_out_ratio: f64::NAN,
+            ..Default::default()
+        };
+        assert_eq!(IntegrityMonitor::new(c).unwrap_err().field, "fan_out_ratio");
+        let c = IntegrityConfig {
+            baseline_weight: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "baseline_weight");
+        let c = IntegrityConfig {
+            window: Duration::ZERO,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "window");
+    }
+
+    #[test]
+    fn idle_windows_decay_the_baseline() {
+        let config = IntegrityConfig {
+            warmup_windows: 1,
+            ..Default::default()
+        };
+        let m = IntegrityMonitor::new(config).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        for i in 0..100 {
+            m.record_sent(b, hash(i), Timestamp::from_millis(DAY));
+        }
+        m.record_sent(b, hash(0), Timestamp::from_millis(2 * DAY));
+        let near = signals(&m, b, 2 * DAY)
+            .current
+            .baseline_new_recipients
+            .unwrap();
+        let far = signals(&m, b, 30 * DAY)
+            .current
+            .baseline_new_recipients
+            .unwrap();
+        assert!(far < near, "{far} < {near}");
+    }
+}

@@ -1,0 +1,382 @@
+//! Non-identifiable statistics: per business and period, k-suppressed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, Grid, PerBusiness, Period, hash_key, lock};
+use crate::ids::{BusinessId, PhoneHash};
+use crate::time::Timestamp;
+use crate::visibility::{DataClass, Labelled};
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From a consumer to the business.
+    Inbound,
+    /// From the business to a consumer.
+    Outbound,
+}
+
+impl Direction {
+    /// Every direction.
+    pub const ALL: &'static [Self] = &[Self::Inbound, Self::Outbound];
+}
+
+/// A status a message reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Outbound: handed to the transport. Inbound: received from it.
+    Sent,
+    /// Delivered to the recipient (the consumer's device, or the business).
+    Delivered,
+    /// Read by the recipient.
+    Read,
+    /// Could not be delivered before it expired.
+    Failed,
+}
+
+impl Status {
+    /// Every status.
+    pub const ALL: &'static [Self] = &[Self::Sent, Self::Delivered, Self::Read, Self::Failed];
+}
+
+/// Upper bounds (inclusive, milliseconds) of the delivery-latency buckets;
+/// one more bucket holds everything above the last.
+pub const LATENCY_BOUNDS_MS: [u64; 6] = [1_000, 5_000, 30_000, 60_000, 300_000, 3_600_000];
+const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
+
+/// Most consumers a bucket must count before it is released.
+const MAX_K: usize = 1_000;
+
+/// Settings of the [`StatisticsCollector`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatisticsConfig {
+    /// Length of a statistics period. Default: one day (UTC).
+    pub period: Duration,
+    /// A bucket is released only if at least `k` distinct consumers
+    /// contributed to it; 2 to 1,000. Default 10.
+    pub k: usize,
+    /// Periods kept per business, at least 1; past it the oldest is
+    /// dropped unreleased. Default 31.
+    pub retained_periods: usize,
+}
+
+impl Default for StatisticsConfig {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(24 * 3600),
+            k: 10,
+            retained_periods: 31,
+        }
+    }
+}
+
+/// A released message count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MessageCount {
+    /// The direction.
+    pub direction: Direction,
+    /// The status.
+    pub status: Status,
+    /// Messages.
+    pub messages: u64,
+}
+
+/// A released delivery-latency bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LatencyCount {
+    /// Latencies above this (exclusive, ms); 0 for the first bucket.
+    pub above_ms: u64,
+    /// Latencies up to this (inclusive, ms); `None` for the last bucket.
+    pub up_to_ms: Option<u64>,
+    /// Messages.
+    pub messages: u64,
+}
+
+/// One business's statistics for one closed period, k-suppressed.
+///
+/// Buckets with fewer than `k` distinct consumers are absent, exactly like
+/// empty ones. If any latency bucket is suppressed, the outbound
+/// `delivered` count (which the latency buckets sum to) is suppressed too,
+/// so no suppressed bucket can be recovered by subtraction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StatisticsReport {
+    /// The business.
+    pub business: BusinessId,
+    /// The period (closed).
+    pub period: Period,
+    /// The suppression threshold applied.
+    pub k: usize,
+    /// Message counts by direction and status.
+    pub messages: Vec<MessageCount>,
+    /// Outbound delivery latency histogram.
+    pub delivery_latency: Vec<LatencyCount>,
+}
+
+/// Collects per-business statistics and exports them k-suppressed, labelled
+/// [`DataClass::NonIdentifiableStatistics`].
+///
+/// Only closed periods are exported, and exporting seals them: an event
+/// timestamped in a sealed period counts in the first unsealed one, so a
+/// released number never changes and two exports cannot be subtracted to
+/// isolate a few consumers.
+#[derive(Debug)]
+pub struct StatisticsCollector {
+    config: StatisticsConfig,
+    grid: Grid,
+    businesses: PerBusiness<BusinessStats>,
+}
+
+#[derive(Debug, Default)]
+struct BusinessStats {
+    periods: BTreeMap<u64, PeriodStats>,
+    /// Periods below this index are sealed.
+    sealed_below: u64,
+}
+
+#[derive(Debug, Default)]
+struct PeriodStats {
+    messages: [[Bucket; 4]; 2],
+    latency: [Bucket; LATENCY_BUCKETS],
+}
+
+/// A count, and the distinct consumers behind it, remembered up to k.
+#[derive(Debug, Default)]
+struct Bucket {
+    messages: u64,
+    /// Sorted; at most k entries: knowing "at least k" is all that is needed.
+    consumers: Vec<u64>,
+}
+
+impl Bucket {
+    fn add(&mut self, consumer: u64, k: usize) {
+        self.messages = self.messages.saturating_add(1);
+        if self.consumers.len() < k
+            && let Err(at) = self.consumers.binary_search(&consumer)
+        {
+            self.consumers.insert(at, consumer);
+        }
+    }
+
+    fn releasable(&self, k: usize) -> bool {
+        self.consumers.len() >= k
+    }
+
+    fn suppressed(&self, k: usize) -> bool {
+        self.messages > 0 && !self.releasable(k)
+    }
+}
+
+fn latency_bucket(latency: Duration) -> usize {
+    let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+    LATENCY_BOUNDS_MS
+        .iter()
+        .position(|&bound| ms <= bound)
+        .unwrap_or(LATENCY_BOUNDS_MS.len())
+}
+
+impl StatisticsCollector {
+    /// A collector with this configuration.
+    pub fn new(config: StatisticsConfig) -> Result<Self, ConfigError> {
+        if !(2..=MAX_K).contains(&config.k) {
+            return Err(ConfigError {
+                field: "k",
+                rule: "must be from 2 to 1000",
+            });
+        }
+        if config.retained_periods == 0 {
+            return Err(ConfigError {
+                field: "retained_periods",
+                rule: "must be at least 1",
+            });
+        }
+        Ok(Self {
+            grid: Grid::new(config.period, "period")?,
+            config,
+            businesses: PerBusiness::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StatisticsConfig {
+        &self.config
+    }
+
+    /// A message between `business` and `consumer` reached `status` at `at`.
+    pub fn record_message(
+        &self,
+        business: BusinessId,
+        consumer: PhoneHash,
+        direction: Direction,
+        status: Status,
+        at: Timestamp,
+    ) {
+        let consumer = hash_key(&consumer);
+        self.update(business, at, |p, k| {
+            p.messages[direction as usize][status as usize].add(consumer, k);
+        });
+    }
+
+    /// An outbound message to `consumer` was delivered `latency` after it
+    /// was sent; `at` is the delivery time. Also counts the message as
+    /// outbound `delivered`, so call it instead of
+    /// [`record_message`](Self::record_message) for a delivery.
+    pub fn record_delivery(
+        &self,
+        business: BusinessId,
+        consumer: PhoneHash,
+        latency: Duration,
+        at: Timestamp,
+    ) {
+        let consumer = hash_key(&consumer);
+        self.update(business, at, |p, k| {
+            p.messages[Direction::Outbound as usize][Status::Delivered as usize].add(consumer, k);
+            p.latency[latency_bucket(latency)].add(consumer, k);
+        });
+    }
+
+    /// The reports of `business`'s periods that ended by `now`, oldest
+    /// first, each labelled [`DataClass::NonIdentifiableStatistics`]. The
+    /// periods are sealed and kept: asking again gives the same reports.
+    pub fn closed_reports(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Vec<Labelled<StatisticsReport>> {
+        let open = self.grid.index(now);
+        self.businesses
+            .with(business, |s| {
+                s.sealed_below = s.sealed_below.max(open);
+                s.periods
+                    .range(..open)
+                    .map(|(&i, p)| self.report(business, i, p))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The reports of every business's periods that ended by `now`, removed
+    /// from the collector, in business then period order.
+    pub fn take_closed(&self, now: Timestamp) -> Vec<Labelled<StatisticsReport>> {
+        let open = self.grid.index(now);
+        let mut out = Vec::new();
+        for (business, cell) in self.businesses.all() {
+            let mut s = lock(&cell);
+            s.sealed_below = s.sealed_below.max(open);
+            let keep = s.periods.split_off(&open);
+            let closed = std::mem::replace(&mut s.periods, keep);
+            out.extend(closed.iter().map(|(&i, p)| self.report(business, i, p)));
+        }
+        out
+    }
+
+    /// Drops everything kept about `business`; `true` if there was anything.
+    pub fn forget(&self, business: BusinessId) -> bool {
+        self.businesses.remove(business)
+    }
+
+    fn update(&self, business: BusinessId, at: Timestamp, f: impl FnOnce(&mut PeriodStats, usize)) {
+        let (k, retained) = (self.config.k, self.config.retained_periods);
+        let index = self.grid.index(at);
+        self.businesses
+            .update(business, BusinessStats::default, |s| {
+                let index = index.max(s.sealed_below);
+                f(s.periods.entry(index).or_default(), k);
+                while s.periods.len() > retained {
+                    s.periods.pop_first();
+                }
+            });
+    }
+
+    fn report(
+        &self,
+        business: BusinessId,
+        index: u64,
+        p: &PeriodStats,
+    ) -> Labelled<StatisticsReport> {
+        let k = self.config.k;
+        let latency_suppressed = p.latency.iter().any(|b| b.suppressed(k));
+        let mut messages = Vec::new();
+        for &direction in Direction::ALL {
+            for &status in Status::ALL {
+                let bucket = &p.messages[direction as usize][status as usize];
+                // The latency buckets sum to the outbound delivered count:
+                // releasing it beside a suppressed bucket would give that
+                // bucket away by subtraction.
+                let complement = direction == Direction::Outbound
+                    && status == Status::Delivered
+                    && latency_suppressed;
+                if bucket.releasable(k) && !complement {
+                    messages.push(MessageCount {
+                        direction,
+                        status,
+                        messages: bucket.messages,
+                    });
+                }
+            }
+        }
+        let delivery_latency = p
+            .latency
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.releasable(k))
+            .map(|(i, b)| LatencyCount {
+                above_ms: if i == 0 { 0 } else { LATENCY_BOUNDS_MS[i - 1] },
+                up_to_ms: LATENCY_BOUNDS_MS.get(i).copied(),
+                messages: b.messages,
+            })
+            .collect();
+        let report = StatisticsReport {
+            business,
+            period: self.grid.period(index),
+            k,
+            messages,
+            delivery_latency,
+        };
+        Labelled::of_business(DataClass::NonIdentifiableStatistics, business, report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_inclusive_upper_bounds() {
+        assert_eq!(latency_bucket(Duration::ZERO), 0);
+        assert_eq!(latency_bucket(Duration::from_millis(1_000)), 0);
+        assert_eq!(latency_bucket(Duration::from_millis(1_001)), 1);
+        assert_eq!(latency_bucket(Duration::from_secs(3_600)), 5);
+        assert_eq!(latency_bucket(Duration::from_secs(3_601)), 6);
+        assert_eq!(latency_bucket(Duration::MAX), 6);
+    }
+
+    #[test]
+    fn bucket_counts_distinct_consumers_up_to_k() {
+        let mut b = Bucket::default();
+        for c in [5, 3, 5, 9, 3] {
+            b.add(c, 3);
+        }
+        assert_eq!(b.messages, 5);
+        assert!(b.releasable(3));
+        assert!(!b.releasable(4));
+        assert_eq!(b.consumers, [3, 5, 9]);
+    }
+
+    #[test]
+    fn k_below_two_is_refused() {
+        let c = StatisticsConfig {
+            k: 1,
+            ..Default::default()
+        };
+        assert_eq!(StatisticsCollector::new(c).unwrap_err().field, "k");
+    }
+}

@@ -1,0 +1,95 @@
+//! Decoded peer state kept in memory, and when a reload may be trusted.
+//!
+//! Sending is write-behind: the library leases sending counters in batches
+//! of 64, and a session need only be persisted before a ciphertext whose
+//! counter lies past the persisted lease (or when its retention epoch moves).
+//! A snapshot reloaded by the process that wrote it is trusted as current;
+//! any other reload fast-forwards the sending chain past the lease, so a
+//! counter is never issued twice. The cache keeps that sound: if it ever has
+//! to drop a peer with unpersisted sends, it changes the process incarnation,
+//! so every older snapshot becomes untrusted.
+
+use std::sync::{Mutex, MutexGuard};
+
+use foldhash::fast::RandomState;
+use hashlink::LruCache;
+use rand::Rng;
+
+use super::peer::Peer;
+use super::rng::ThreadCsprng;
+use crate::ids::BusinessId;
+use crate::store::PeerId;
+
+type Key = (BusinessId, PeerId);
+
+pub(super) struct PeerCache {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    peers: LruCache<Key, Peer, RandomState>,
+    incarnation: [u8; 16],
+}
+
+fn fresh_incarnation() -> [u8; 16] {
+    let mut incarnation = [0u8; 16];
+    ThreadCsprng.fill_bytes(&mut incarnation);
+    incarnation
+}
+
+impl PeerCache {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                peers: LruCache::with_hasher(capacity.max(1), RandomState::default()),
+                incarnation: fresh_incarnation(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section is one map operation; recover after a panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The incarnation snapshots are written and trusted under.
+    pub(super) fn incarnation(&self) -> [u8; 16] {
+        self.lock().incarnation
+    }
+
+    /// Take a peer's state out (the caller holds the peer's address lock).
+    pub(super) fn take(&self, key: &Key) -> Option<Peer> {
+        self.lock().peers.remove(key)
+    }
+
+    /// Put a peer's state back, evicting the least recently used peer if full.
+    pub(super) fn put(&self, key: Key, peer: Peer) {
+        let mut inner = self.lock();
+        if inner.peers.len() >= inner.peers.capacity()
+            && !inner.peers.contains_key(&key)
+            && let Some((_, evicted)) = inner.peers.remove_lru()
+            && evicted.dirty
+        {
+            // Its unpersisted sends are forgotten: no snapshot may be trusted now.
+            inner.incarnation = fresh_incarnation();
+        }
+        inner.peers.insert(key, peer);
+    }
+
+    /// Drop a peer's state that will not be put back. If it held unpersisted
+    /// sends, no snapshot may be trusted any more.
+    pub(super) fn discard(&self, peer: Peer) {
+        if peer.dirty {
+            self.lock().incarnation = fresh_incarnation();
+        }
+    }
+
+    /// Forget a peer whose stored state was deleted.
+    pub(super) fn remove(&self, key: &Key) {
+        self.lock().peers.remove(key);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().peers.len()
+    }
+}

@@ -1,0 +1,935 @@
+//! The Signal protocol with consumers' devices, on behalf of each business.
+//!
+//! The promise: the crate speaks the wire format WhatsApp clients speak
+//! (through `wacore-libsignal`), holds each business's Signal keys, and
+//! nothing it stores reveals a private key; a message that fails to decrypt
+//! changes nothing.
+//!
+//! - **Business keys.** Each business (one business phone number) has an
+//!   identity key pair and registration id, created on first use; signed
+//!   prekeys rotated on a schedule (default 7 days), the previous ones kept
+//!   for a grace period (default 30 days) so first messages in flight still
+//!   decrypt; a bounded pool of one-time prekeys, replenished below a
+//!   low-water mark. All private keys are wrapped under the business's KEK.
+//! - **Peers.** One record per consumer device, keyed by the consumer's
+//!   [`PhoneHash`] and device id (the library never sees a phone number):
+//!   the session and the device's trusted identity, sealed in an envelope
+//!   whose expiry is the latest expiry of any message exchanged with it, so
+//!   the state is shredded with the last message that needs it.
+//! - **Atomicity.** Every operation stages the library's writes and commits
+//!   them as one [`Batch`] only if it succeeds, consumed one-time prekey
+//!   deletion included. Tampered, replayed or undecryptable input leaves
+//!   sessions, prekeys and identities exactly as they were.
+//! - **Serialisation.** Operations on one device address are serialised, so
+//!   concurrent callers cannot fork a ratchet; different addresses proceed
+//!   concurrently.
+//! - **Identity changes** (a consumer reinstalling) follow an
+//!   [`IdentityPolicy`]: refuse, or accept and report (the default).
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use custodian::ids::BusinessId;
+//! use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+//! use custodian::signal::{SignalConfig, Sessions};
+//! use custodian::store::MemoryStore;
+//! use custodian::time::SystemClock;
+//! use custodian::vault::Vault;
+//!
+//! let store = Arc::new(MemoryStore::new());
+//! let keys = KeyManager::new(Arc::new(LocalKeyProvider::new(&SecretKey::generate())), store.clone());
+//! let vault = Arc::new(Vault::new(Arc::new(keys), Arc::new(SystemClock), EpochLength::DEFAULT));
+//! let sessions = Sessions::new(vault, store, SignalConfig::default());
+//!
+//! // What the host publishes through its transport, for consumers to reach the business.
+//! let published = sessions.publish(BusinessId::new(7).unwrap()).await?;
+//! assert_eq!(published.one_time_prekeys.len(), 100);
+//! # Ok::<(), custodian::signal::SignalError>(())
+//! # }).unwrap();
+//! ```
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use wacore_libsignal::protocol::{
+    CiphertextMessage, CiphertextMessageType, DeviceId, GenericSignedPreKey, IdentityChange,
+    IdentityKey, PreKeyBundle as LibBundle, PreKeySignalMessage, PublicKey, SignalMessage,
+    SignalProtocolError, UsePQRatchet, message_decrypt, message_encrypt, process_prekey_bundle,
+};
+use zeroize::Zeroizing;
+
+use crate::envelope::{Kind, Label, RecordKey, SealError};
+use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::keys::{KeyError, KeyId, KeyKind};
+use crate::store::{Batch, Op, PeerId, SignalStore, StoreError};
+use crate::time::Timestamp;
+use crate::vault::{OpenError, Vault};
+
+mod account;
+mod cache;
+mod lock;
+mod peer;
+mod rng;
+mod stores;
+#[cfg(all(test, feature = "testing"))]
+mod tests;
+
+use account::Account;
+use cache::PeerCache;
+use lock::Stripes;
+use peer::Peer;
+use rng::ThreadCsprng;
+use stores::{IdentityOverlay, PreKeyOverlay, SessionOverlay, SignedPreKeyOverlay};
+
+/// What a storage-side failure was.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageFailure {
+    /// The store failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The key hierarchy failed.
+    #[error(transparent)]
+    Key(KeyError),
+    /// Sealing the peer record failed.
+    #[error(transparent)]
+    Seal(SealError),
+    /// A stored record failed to open for a reason other than its expiry or
+    /// shredding (which simply mean the state is gone).
+    #[error(transparent)]
+    Open(OpenError),
+    /// A stored record did not decode.
+    #[error("stored Signal state is corrupt: {0}")]
+    Corrupt(&'static str),
+}
+
+/// Why a Signal operation failed. Every variant is something a host can act
+/// on; none carries a phone number or key material.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignalError {
+    /// The device's identity key changed and the [`IdentityPolicy`] refuses it.
+    #[error("the device's identity key changed and the identity policy refuses it")]
+    UntrustedIdentity,
+    /// No session with the device: start one from its prekey bundle.
+    #[error("no session with this device")]
+    NoSession,
+    /// The message was already decrypted (a replay or a duplicate delivery).
+    #[error("duplicate message")]
+    DuplicateMessage,
+    /// The message is malformed, forged, or for keys this business does not hold.
+    #[error("invalid message: {0}")]
+    InvalidMessage(&'static str),
+    /// A prekey bundle is malformed or its signature does not verify.
+    #[error("invalid prekey bundle: {0}")]
+    BadBundle(&'static str),
+    /// Storage, the key hierarchy or sealing failed; nothing was changed.
+    #[error("storage failure: {0}")]
+    Storage(StorageFailure),
+}
+
+impl From<KeyError> for SignalError {
+    fn from(e: KeyError) -> Self {
+        Self::Storage(StorageFailure::Key(e))
+    }
+}
+
+impl From<StoreError> for SignalError {
+    fn from(e: StoreError) -> Self {
+        Self::Storage(StorageFailure::Store(Arc::new(e)))
+    }
+}
+
+impl From<SealError> for SignalError {
+    fn from(e: SealError) -> Self {
+        Self::Storage(StorageFailure::Seal(e))
+    }
+}
+
+/// What to do when a device presents an identity key other than the one
+/// trusted for it (the consumer reinstalled, or someone impersonates them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdentityPolicy {
+    /// Refuse: the message fails with [`SignalError::UntrustedIdentity`] and
+    /// nothing changes.
+    Refuse,
+    /// Accept the new key and report it (a "security code changed" notice):
+    /// [`Decrypted::identity_changed`] is set.
+    #[default]
+    AcceptAndReport,
+}
+
+/// How the Signal side behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalConfig {
+    /// How often the signed prekey is replaced (default 7 days).
+    pub signed_prekey_rotation: Duration,
+    /// How long a replaced signed prekey still decrypts first messages (default 30 days).
+    pub signed_prekey_grace: Duration,
+    /// One-time prekeys kept available (default 100).
+    pub prekey_pool: usize,
+    /// Replenish the pool when fewer than this remain (default 20).
+    pub prekey_low_water: usize,
+    /// What to do with a changed identity key (default accept and report).
+    pub identity_policy: IdentityPolicy,
+    /// Peers kept decoded in memory (least recently used evicted; default 65,536).
+    pub peer_cache: usize,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        Self {
+            signed_prekey_rotation: Duration::from_secs(7 * 24 * 3600),
+            signed_prekey_grace: Duration::from_secs(30 * 24 * 3600),
+            prekey_pool: 100,
+            prekey_low_water: 20,
+            identity_policy: IdentityPolicy::AcceptAndReport,
+            peer_cache: 65_536,
+        }
+    }
+}
+
+/// The two kinds of Signal message on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// A first message that also establishes a session (`pkmsg`).
+    FirstContact,
+    /// A message in an established session (`msg`).
+    FollowUp,
+}
+
+/// A Signal message as the transport carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ciphertext {
+    /// Which kind of message the bytes are.
+    pub kind: MessageKind,
+    /// The serialized message.
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for Ciphertext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ciphertext")
+            .field("kind", &self.kind)
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// A decrypted message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Decrypted {
+    /// The plaintext.
+    pub plaintext: Vec<u8>,
+    /// The device presented a new identity key and the policy accepted it:
+    /// tell the business (a "security code changed" notice).
+    pub identity_changed: bool,
+    /// The message established a new session.
+    pub first_contact: bool,
+}
+
+impl fmt::Debug for Decrypted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Decrypted")
+            .field("len", &self.plaintext.len())
+            .field("identity_changed", &self.identity_changed)
+            .field("first_contact", &self.first_contact)
+            .finish()
+    }
+}
+
+/// Whether starting a session replaced a trusted identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityStatus {
+    /// First time seen, or unchanged.
+    NewOrUnchanged,
+    /// Replaced a different trusted key (accepted under the policy).
+    Changed,
+}
+
+/// A one-time prekey, public half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublicPreKey {
+    /// Its id (24 bits).
+    pub id: u32,
+    /// The 33-byte public key (type byte `05`).
+    pub public_key: [u8; 33],
+}
+
+/// A signed prekey, public half, with the identity key's signature over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedPublicPreKey {
+    /// Its id (24 bits).
+    pub id: u32,
+    /// The 33-byte public key.
+    pub public_key: [u8; 33],
+    /// XEdDSA signature by the identity key over `public_key`.
+    pub signature: [u8; 64],
+}
+
+/// What one device publishes so others can start a session with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreKeyBundle {
+    /// The device's registration id.
+    pub registration_id: u32,
+    /// The device id.
+    pub device_id: u32,
+    /// The 33-byte identity key.
+    pub identity_key: [u8; 33],
+    /// The signed prekey.
+    pub signed_prekey: SignedPublicPreKey,
+    /// A one-time prekey, if any were left.
+    pub one_time_prekey: Option<PublicPreKey>,
+}
+
+/// Everything a business publishes through the transport: its identity,
+/// current signed prekey and every one-time prekey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKeys {
+    /// The business's registration id.
+    pub registration_id: u32,
+    /// The device id the business uses.
+    pub device_id: u32,
+    /// The 33-byte identity key.
+    pub identity_key: [u8; 33],
+    /// The current signed prekey.
+    pub signed_prekey: SignedPublicPreKey,
+    /// The one-time prekeys available.
+    pub one_time_prekeys: Vec<PublicPreKey>,
+}
+
+impl PublishedKeys {
+    /// The bundle a consumer fetches: with the `index`-th one-time prekey, or
+    /// none.
+    pub fn bundle(&self, index: Option<usize>) -> PreKeyBundle {
+        PreKeyBundle {
+            registration_id: self.registration_id,
+            device_id: self.device_id,
+            identity_key: self.identity_key,
+            signed_prekey: self.signed_prekey,
+            one_time_prekey: index.and_then(|i| self.one_time_prekeys.get(i).copied()),
+        }
+    }
+}
+
+/// What [`Sessions::maintain`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Maintenance {
+    /// A new signed prekey was made current.
+    pub rotated: bool,
+    /// Signed prekeys past their grace period, deleted.
+    pub signed_retired: usize,
+    /// One-time prekeys added.
+    pub prekeys_added: usize,
+    /// One-time prekeys available afterwards.
+    pub prekeys_available: usize,
+}
+
+/// The device id a business presents.
+pub const BUSINESS_DEVICE_ID: u32 = 0;
+
+/// Signal sessions with consumers' devices, on behalf of many businesses.
+pub struct Sessions {
+    vault: Arc<Vault>,
+    store: Arc<dyn SignalStore>,
+    config: SignalConfig,
+    accounts: RwLock<HashMap<BusinessId, Arc<Account>>>,
+    cache: PeerCache,
+    address_locks: Stripes,
+    business_locks: Stripes,
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sessions")
+            .field("config", &self.config)
+            .field("cached_peers", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Translate a library error; `failure` is a storage error an overlay saw.
+fn protocol_error(e: SignalProtocolError, failure: Option<SignalError>) -> SignalError {
+    use SignalProtocolError as P;
+    if let Some(failure) = failure {
+        return failure;
+    }
+    match e {
+        P::DuplicatedMessage(..) => SignalError::DuplicateMessage,
+        P::UntrustedIdentity(_) => SignalError::UntrustedIdentity,
+        P::SessionNotFound(_) | P::NoSenderKeyState(_) => SignalError::NoSession,
+        P::BadMac(_) => SignalError::InvalidMessage("MAC verification failed"),
+        P::InvalidPreKeyId => SignalError::InvalidMessage("unknown one-time prekey"),
+        P::InvalidSignedPreKeyId => SignalError::InvalidMessage("unknown signed prekey"),
+        P::SignatureValidationFailed => {
+            SignalError::InvalidMessage("signature verification failed")
+        }
+        P::InvalidRegistrationId(..) => SignalError::InvalidMessage("invalid registration id"),
+        P::LegacyCiphertextVersion(_)
+        | P::UnrecognizedCiphertextVersion(_)
+        | P::UnrecognizedMessageVersion(_) => {
+            SignalError::InvalidMessage("unsupported message version")
+        }
+        P::InvalidSessionStructure(_) => {
+            SignalError::Storage(StorageFailure::Corrupt("session structure"))
+        }
+        P::InvalidState(..) | P::BackendError(..) => {
+            SignalError::Storage(StorageFailure::Corrupt("Signal state"))
+        }
+        _ => SignalError::InvalidMessage("malformed message"),
+    }
+}
+
+impl Sessions {
+    /// Signal sessions sealed by `vault` and stored in `store`, which must be
+    /// the store the vault's key manager uses (batches span both).
+    pub fn new(vault: Arc<Vault>, store: Arc<dyn SignalStore>, config: SignalConfig) -> Self {
+        Self {
+            vault,
+            store,
+            cache: PeerCache::new(config.peer_cache),
+            config,
+            accounts: RwLock::default(),
+            address_locks: Stripes::new(),
+            business_locks: Stripes::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SignalConfig {
+        &self.config
+    }
+
+    fn now(&self) -> Timestamp {
+        self.vault.clock().now()
+    }
+
+    /// The business's account, loaded (or created) once and cached.
+    async fn account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
+        let cached = self
+            .accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&business)
+            .cloned();
+        if let Some(account) = cached {
+            return Ok(account);
+        }
+        let _guard = self.business_locks.lock(business).await;
+        let cached = self
+            .accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&business)
+            .cloned();
+        if let Some(account) = cached {
+            return Ok(account);
+        }
+        let account =
+            Arc::new(Account::load_or_create(self.vault.keys(), business, self.now()).await?);
+        let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
+        accounts.insert(business, account.clone());
+        Ok(account)
+    }
+
+    /// The keys `business` publishes through the transport (created on first use).
+    pub async fn publish(&self, business: BusinessId) -> Result<PublishedKeys, SignalError> {
+        let mut one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
+        if one_time_prekeys.len() < self.config.prekey_low_water {
+            self.maintain(business).await?;
+            one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
+        }
+        let account = self.account(business).await?;
+        Ok(PublishedKeys {
+            registration_id: account.registration_id,
+            device_id: BUSINESS_DEVICE_ID,
+            identity_key: account.identity.identity_key().serialize(),
+            signed_prekey: account.signed_public()?,
+            one_time_prekeys,
+        })
+    }
+
+    /// Keep `business`'s prekeys healthy: rotate the signed prekey when due,
+    /// delete replaced ones past their grace period, refill the one-time pool
+    /// below its low-water mark. Run it periodically; publish afterwards if
+    /// anything changed.
+    pub async fn maintain(&self, business: BusinessId) -> Result<Maintenance, SignalError> {
+        let _guard = self.business_locks.lock(business).await;
+        let keys = self.vault.keys();
+        let now = self.now();
+        let mut account = Account::load_or_create(keys, business, now).await?;
+        let mut report = Maintenance::default();
+
+        let created = |r: &wacore_libsignal::protocol::SignedPreKeyRecord| {
+            Timestamp::from_millis(r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0))
+        };
+        let current = created(account.current_signed()?);
+        if now >= current.saturating_add(self.config.signed_prekey_rotation) {
+            account.add_signed_prekey(keys, business, now).await?;
+            report.rotated = true;
+        }
+        // A signed prekey stays usable for the grace period after the next
+        // one replaced it.
+        let replaced_at: Vec<Timestamp> = account.signed.iter().skip(1).map(created).collect();
+        let mut retired = Vec::new();
+        for (record, replaced) in account.signed.iter().zip(replaced_at) {
+            if now >= replaced.saturating_add(self.config.signed_prekey_grace) {
+                let id = record
+                    .id()
+                    .map(u32::from)
+                    .map_err(|_| SignalError::Storage(StorageFailure::Corrupt("signed prekey")))?;
+                retired.push(KeyId {
+                    business,
+                    kind: KeyKind::SignalSignedPreKey,
+                    id: u64::from(id),
+                });
+            }
+        }
+        if !retired.is_empty() {
+            keys.store().delete_keys(&retired).await?;
+            report.signed_retired = retired.len();
+            let retired_ids: BTreeSet<u64> = retired.iter().map(|k| k.id).collect();
+            account.signed.retain(|r| {
+                r.id()
+                    .is_ok_and(|i| !retired_ids.contains(&u64::from(u32::from(i))))
+            });
+        }
+
+        let existing = account::one_time_prekeys(keys, business).await?;
+        report.prekeys_available = existing.len();
+        if existing.len() < self.config.prekey_low_water {
+            let taken: BTreeSet<u32> = existing.iter().map(|k| k.id).collect();
+            let wanted = self.config.prekey_pool.saturating_sub(existing.len());
+            report.prekeys_added =
+                account::add_one_time_prekeys(keys, business, &taken, wanted).await?;
+            report.prekeys_available += report.prekeys_added;
+        }
+        self.accounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(business, Arc::new(account));
+        Ok(report)
+    }
+
+    /// The committed state of `peer`: from memory, or opened from the store.
+    /// State that has expired or been shredded is no state.
+    async fn load_peer(&self, business: BusinessId, peer: PeerId) -> Result<Peer, SignalError> {
+        if let Some(cached) = self.cache.take(&(business, peer)) {
+            return Ok(cached);
+        }
+        let Some(sealed) = self.store.peer(business, peer).await? else {
+            return Ok(Peer::empty(peer));
+        };
+        match self.vault.open(&sealed, business).await {
+            Ok(opened) if opened.label().kind == Kind::SignalSession => {
+                let expiry = opened.label().expiry;
+                let plaintext = Zeroizing::new(opened.plaintext);
+                Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
+                    .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))
+            }
+            Ok(_) => Err(SignalError::Storage(StorageFailure::Corrupt(
+                "peer record of another kind",
+            ))),
+            Err(
+                OpenError::Expired { .. } | OpenError::EpochDestroyed | OpenError::UnknownEpoch,
+            ) => Ok(Peer::empty(peer)),
+            Err(e) => Err(SignalError::Storage(StorageFailure::Open(e))),
+        }
+    }
+
+    /// The library's view of `state` for one operation.
+    fn overlays(
+        &self,
+        account: Arc<Account>,
+        state: &mut Peer,
+    ) -> (SessionOverlay, IdentityOverlay) {
+        (
+            SessionOverlay::new(state.session.take()),
+            IdentityOverlay {
+                account,
+                policy: self.config.identity_policy,
+                peer: state.identity,
+                written: false,
+            },
+        )
+    }
+
+    /// After a failed operation: keep the committed state unless the library
+    /// wrote over it, in which case it is reloaded from the store next time.
+    fn restore(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        mut state: Peer,
+        sessions: SessionOverlay,
+        identities: &IdentityOverlay,
+    ) {
+        if sessions.disturbed() || identities.written {
+            self.cache.discard(state);
+        } else {
+            state.session = sessions.into_record();
+            self.cache.put((business, peer), state);
+        }
+    }
+
+    /// Seal `state` (its expiry raised to at least `expiry`) and commit it
+    /// with `batch`; only then does it become the cached state.
+    async fn commit_peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        mut state: Peer,
+        expiry: Timestamp,
+        mut batch: Batch,
+    ) -> Result<(), SignalError> {
+        state.expiry = state.expiry.max(expiry);
+        let now = self.now();
+        if state.expiry <= now {
+            let error = SealError::ExpiryNotInFuture {
+                expiry: state.expiry,
+                now,
+            };
+            self.cache.discard(state);
+            return Err(error.into());
+        }
+        let epoch = self
+            .vault
+            .epoch_of(state.expiry)
+            .ok_or(SealError::ExpiryOutOfRange(state.expiry))?;
+        let key = match state.key.take() {
+            Some(key) if key.epoch() == epoch && !key.is_spent() => key,
+            _ => {
+                let epoch_key = self
+                    .vault
+                    .keys()
+                    .epoch_key_for_seal(business, epoch, now)
+                    .await?;
+                Box::new(RecordKey::new(&epoch_key, MessageId::random()))
+            }
+        };
+        let plaintext = state.encode(&self.cache.incarnation());
+        let label = Label {
+            kind: Kind::SignalSession,
+            business,
+            id: key.id(),
+            expiry: state.expiry,
+            region: self.store.region(),
+        };
+        let sealed = state.key.insert(key).seal_owned(&label, plaintext)?;
+        batch.push(Op::PutPeer {
+            business,
+            peer,
+            sealed,
+        });
+        self.store.commit(batch).await?;
+        // The snapshot now covers every counter sent: nothing is pending.
+        if let Some(session) = state.session.as_mut() {
+            session.clear_pending_reservation();
+        }
+        state.dirty = false;
+        self.cache.put((business, peer), state);
+        Ok(())
+    }
+
+    /// Decrypt `message` from `peer` on behalf of `business`. On success the
+    /// session advances, a consumed one-time prekey is deleted and the peer's
+    /// state is kept until at least `expiry` (the message's own expiry), all
+    /// in one commit; on any failure nothing changes.
+    pub async fn decrypt(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        message: &Ciphertext,
+        expiry: Timestamp,
+    ) -> Result<Decrypted, SignalError> {
+        let parsed = match message.kind {
+            MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
+                .map(CiphertextMessage::PreKeySignalMessage),
+            MessageKind::FollowUp => SignalMessage::try_from(message.bytes.as_slice())
+                .map(CiphertextMessage::SignalMessage),
+        }
+        .map_err(|e| protocol_error(e, None))?;
+        let account = self.account(business).await?;
+        let _guard = self.address_locks.lock((business, peer)).await;
+        let mut state = self.load_peer(business, peer).await?;
+        let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
+        let mut prekeys = PreKeyOverlay {
+            keys: self.vault.keys(),
+            business,
+            consumed: None,
+            failure: Mutex::new(None),
+        };
+        let signed = SignedPreKeyOverlay { account };
+        let result = message_decrypt(
+            &parsed,
+            &state.address,
+            &mut sessions,
+            &mut identities,
+            &mut prekeys,
+            &signed,
+            &mut ThreadCsprng,
+            UsePQRatchet::No,
+        )
+        .await;
+        let decrypted = match result {
+            Ok(decrypted) => decrypted,
+            Err(e) => {
+                self.restore(business, peer, state, sessions, &identities);
+                return Err(protocol_error(e, prekeys.take_failure()));
+            }
+        };
+        state.session = sessions.into_record();
+        state.identity = identities.peer;
+        let mut batch = Batch::new();
+        let consumed = decrypted
+            .consumed_prekey_id
+            .map(u32::from)
+            .or(prekeys.consumed);
+        if let Some(id) = consumed {
+            batch.push(Op::DeleteKey(KeyId {
+                business,
+                kind: KeyKind::SignalPreKey,
+                id: u64::from(id),
+            }));
+        }
+        self.commit_peer(business, peer, state, expiry, batch)
+            .await?;
+        if consumed.is_some() {
+            self.replenish_if_low(business).await?;
+        }
+        Ok(Decrypted {
+            plaintext: decrypted.plaintext,
+            identity_changed: decrypted.identity_change == IdentityChange::ReplacedExisting,
+            first_contact: message.kind == MessageKind::FirstContact,
+        })
+    }
+
+    /// Refill the one-time prekey pool if it fell below the low-water mark.
+    async fn replenish_if_low(&self, business: BusinessId) -> Result<(), SignalError> {
+        let left = self
+            .vault
+            .keys()
+            .store()
+            .keys_of_kind(
+                business,
+                KeyKind::SignalPreKey,
+                None,
+                self.config.prekey_low_water,
+            )
+            .await?;
+        if left.len() < self.config.prekey_low_water {
+            self.maintain(business).await?;
+        }
+        Ok(())
+    }
+
+    /// Encrypt `plaintext` for `peer`, which must have a session; the peer's
+    /// state is kept until at least `expiry` (the message's own expiry).
+    ///
+    /// Sending is write-behind within the library's counter lease: the
+    /// session is committed before a ciphertext is returned whenever its
+    /// counter lies past the persisted lease (every 64 messages) or its
+    /// retention epoch moves, and at the next decrypt. A crash can lose only
+    /// sends the lease covers, and a reload after one skips past the lease,
+    /// so no counter, and so no message key, is ever used twice.
+    pub async fn encrypt(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        plaintext: &[u8],
+        expiry: Timestamp,
+    ) -> Result<Ciphertext, SignalError> {
+        let account = self.account(business).await?;
+        let _guard = self.address_locks.lock((business, peer)).await;
+        let mut state = self.load_peer(business, peer).await?;
+        if state.session.is_none() {
+            self.cache.put((business, peer), state);
+            return Err(SignalError::NoSession);
+        }
+        let (mut sessions, mut identities) = self.overlays(account, &mut state);
+        let message = match message_encrypt(
+            plaintext,
+            &state.address,
+            &mut sessions,
+            &mut identities,
+        )
+        .await
+        {
+            Ok(message) => message,
+            Err(e) => {
+                self.restore(business, peer, state, sessions, &identities);
+                return Err(protocol_error(e, None));
+            }
+        };
+        state.session = sessions.into_record();
+        state.identity = identities.peer;
+        let kind = match message.message_type() {
+            CiphertextMessageType::PreKey => MessageKind::FirstContact,
+            _ => MessageKind::FollowUp,
+        };
+        let bytes = message.serialize().to_vec();
+        let pending = state
+            .session
+            .as_ref()
+            .is_some_and(|s| s.has_pending_reservation());
+        let epoch_moves =
+            state.key.as_ref().map(|k| k.epoch()) != self.vault.epoch_of(state.expiry.max(expiry));
+        if pending || epoch_moves || identities.written {
+            self.commit_peer(business, peer, state, expiry, Batch::new())
+                .await?;
+        } else {
+            state.expiry = state.expiry.max(expiry);
+            state.dirty = true;
+            self.cache.put((business, peer), state);
+        }
+        Ok(Ciphertext { kind, bytes })
+    }
+
+    /// Encrypt `plaintext` for every device of `phone` that has a session,
+    /// one result per device, in device order.
+    pub async fn encrypt_for_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        plaintext: &[u8],
+        expiry: Timestamp,
+    ) -> Result<Vec<(u32, Result<Ciphertext, SignalError>)>, SignalError> {
+        let mut out = Vec::new();
+        for device in self.store.peer_devices(business, phone).await? {
+            let peer = PeerId { phone, device };
+            out.push((
+                device,
+                self.encrypt(business, peer, plaintext, expiry).await,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Start a session with `peer` from its prekey bundle (fetched through
+    /// the transport). The bundle's signature is verified; a bad bundle is
+    /// refused and changes nothing.
+    pub async fn start_session(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        bundle: &PreKeyBundle,
+        expiry: Timestamp,
+    ) -> Result<IdentityStatus, SignalError> {
+        let lib_bundle = to_library_bundle(bundle)?;
+        let account = self.account(business).await?;
+        let _guard = self.address_locks.lock((business, peer)).await;
+        let mut state = self.load_peer(business, peer).await?;
+        let (mut sessions, mut identities) = self.overlays(account, &mut state);
+        let result = process_prekey_bundle(
+            &state.address,
+            &mut sessions,
+            &mut identities,
+            &lib_bundle,
+            &mut ThreadCsprng,
+            UsePQRatchet::No,
+        )
+        .await;
+        let change = match result {
+            Ok(change) => change,
+            Err(e) => {
+                self.restore(business, peer, state, sessions, &identities);
+                return Err(match e {
+                    SignalProtocolError::SignatureValidationFailed => {
+                        SignalError::BadBundle("signed prekey signature does not verify")
+                    }
+                    other => protocol_error(other, None),
+                });
+            }
+        };
+        state.session = sessions.into_record();
+        state.identity = identities.peer;
+        self.commit_peer(business, peer, state, expiry, Batch::new())
+            .await?;
+        Ok(match change {
+            IdentityChange::ReplacedExisting => IdentityStatus::Changed,
+            IdentityChange::NewOrUnchanged => IdentityStatus::NewOrUnchanged,
+        })
+    }
+
+    /// Whether `peer` has a live session with `business`.
+    pub async fn has_session(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<bool, SignalError> {
+        let _guard = self.address_locks.lock((business, peer)).await;
+        let state = self.load_peer(business, peer).await?;
+        let has = state.session.is_some();
+        self.cache.put((business, peer), state);
+        Ok(has)
+    }
+
+    /// The devices of `phone` with stored state under `business`.
+    pub async fn devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, SignalError> {
+        Ok(self.store.peer_devices(business, phone).await?)
+    }
+
+    /// Delete every device's state for `phone` under `business` (sessions
+    /// and trusted identities), in one commit. Returns how many devices had state.
+    pub async fn forget(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<usize, SignalError> {
+        let devices = self.store.peer_devices(business, phone).await?;
+        let peers: Vec<PeerId> = devices
+            .iter()
+            .map(|&device| PeerId { phone, device })
+            .collect();
+        let _guards = self
+            .address_locks
+            .lock_all(peers.iter().map(|&peer| (business, peer)))
+            .await;
+        let mut batch = Batch::new();
+        for &peer in &peers {
+            batch.push(Op::DeletePeer { business, peer });
+        }
+        self.store.commit(batch).await?;
+        for &peer in &peers {
+            self.cache.remove(&(business, peer));
+        }
+        Ok(peers.len())
+    }
+}
+
+fn to_library_bundle(bundle: &PreKeyBundle) -> Result<LibBundle, SignalError> {
+    let key = |bytes: &[u8], what| {
+        PublicKey::deserialize(bytes).map_err(|_| SignalError::BadBundle(what))
+    };
+    let identity = IdentityKey::new(key(
+        &bundle.identity_key,
+        "identity key is not a valid public key",
+    )?);
+    let signed = key(
+        &bundle.signed_prekey.public_key,
+        "signed prekey is not a valid public key",
+    )?;
+    let one_time = match &bundle.one_time_prekey {
+        Some(k) => Some((
+            k.id.into(),
+            key(&k.public_key, "one-time prekey is not a valid public key")?,
+        )),
+        None => None,
+    };
+    LibBundle::new(
+        bundle.registration_id,
+        DeviceId::from(bundle.device_id),
+        one_time,
+        bundle.signed_prekey.id.into(),
+        signed,
+        bundle.signed_prekey.signature.to_vec(),
+        identity,
+    )
+    .map_err(|_| SignalError::BadBundle("malformed bundle"))
+}

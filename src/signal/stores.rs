@@ -1,0 +1,224 @@
+//! The library's store traits, over one operation's staged state.
+//!
+//! Each operation (decrypt, encrypt, start a session) builds these overlays
+//! from the committed state, lets the library read and write them, and only
+//! if the library succeeds turns what was written into one atomic [`Batch`]
+//! (crate::store::Batch). A failed operation leaves nothing behind: the
+//! overlays are simply dropped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use wacore_libsignal::protocol::{
+    Direction, GenericSignedPreKey, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore,
+    PreKeyId, PreKeyRecord, PreKeyStore, ProtocolAddress, SessionRecord, SessionStore,
+    SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord, SignedPreKeyStore,
+};
+
+use super::account::Account;
+use super::{IdentityPolicy, SignalError};
+use crate::ids::BusinessId;
+use crate::keys::{KeyId, KeyKind, KeyManager};
+
+type Result<T> = std::result::Result<T, SignalProtocolError>;
+
+fn unsupported(what: &'static str) -> SignalProtocolError {
+    SignalProtocolError::InvalidState(what, "not used by this crate's operations".to_owned())
+}
+
+/// The session with the one device an operation addresses.
+///
+/// Every library operation loads the session exactly once, mutates its copy
+/// and stores it back on success, so the overlay hands the record over
+/// instead of cloning it. A second load in one operation is refused (the
+/// operation fails and nothing is committed), so a library that ever loaded
+/// twice could not be handed a stale or empty record.
+pub(super) struct SessionOverlay {
+    record: Mutex<Option<SessionRecord>>,
+    /// Whether the record was handed to the library.
+    loaded: AtomicBool,
+    /// Whether the library stored a new record.
+    written: bool,
+}
+
+impl SessionOverlay {
+    pub(super) fn new(record: Option<SessionRecord>) -> Self {
+        Self {
+            record: Mutex::new(record),
+            loaded: AtomicBool::new(false),
+            written: false,
+        }
+    }
+
+    /// The record after the operation: what the library stored, or the
+    /// untouched original if it never loaded it; `None` if it took the
+    /// record and stored nothing back.
+    pub(super) fn into_record(self) -> Option<SessionRecord> {
+        self.record.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the committed record is no longer held here unchanged.
+    pub(super) fn disturbed(&self) -> bool {
+        self.written || self.loaded.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl SessionStore for SessionOverlay {
+    async fn load_session(&self, _address: &ProtocolAddress) -> Result<Option<SessionRecord>> {
+        if self.loaded.swap(true, Ordering::Relaxed) {
+            return Err(SignalProtocolError::InvalidState(
+                "load_session",
+                "loaded twice in one operation".to_owned(),
+            ));
+        }
+        Ok(self.record.lock().unwrap_or_else(|p| p.into_inner()).take())
+    }
+
+    async fn has_session(&self, _address: &ProtocolAddress) -> Result<bool> {
+        let held = self
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        Ok(held || self.loaded.load(Ordering::Relaxed))
+    }
+
+    async fn store_session(
+        &mut self,
+        _address: &ProtocolAddress,
+        record: SessionRecord,
+    ) -> Result<()> {
+        *self.record.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        self.written = true;
+        Ok(())
+    }
+}
+
+/// The business's identity, and the trusted identity of the one device.
+pub(super) struct IdentityOverlay {
+    pub(super) account: Arc<Account>,
+    pub(super) policy: IdentityPolicy,
+    pub(super) peer: Option<IdentityKey>,
+    /// Whether the library saved an identity (new or replacing).
+    pub(super) written: bool,
+}
+
+#[async_trait]
+impl IdentityKeyStore for IdentityOverlay {
+    async fn get_identity_key_pair(&self) -> Result<IdentityKeyPair> {
+        Ok(self.account.identity.clone())
+    }
+
+    async fn get_local_registration_id(&self) -> Result<u32> {
+        Ok(self.account.registration_id)
+    }
+
+    async fn save_identity(
+        &mut self,
+        _address: &ProtocolAddress,
+        identity: &IdentityKey,
+    ) -> Result<IdentityChange> {
+        let change = match self.peer {
+            Some(known) if known == *identity => return Ok(IdentityChange::NewOrUnchanged),
+            Some(_) => IdentityChange::ReplacedExisting,
+            None => IdentityChange::NewOrUnchanged,
+        };
+        self.peer = Some(*identity);
+        self.written = true;
+        Ok(change)
+    }
+
+    async fn is_trusted_identity(
+        &self,
+        _address: &ProtocolAddress,
+        identity: &IdentityKey,
+        _direction: Direction,
+    ) -> Result<bool> {
+        Ok(match self.peer {
+            None => true,
+            Some(known) if known == *identity => true,
+            Some(_) => self.policy == IdentityPolicy::AcceptAndReport,
+        })
+    }
+
+    async fn get_identity(&self, _address: &ProtocolAddress) -> Result<Option<IdentityKey>> {
+        Ok(self.peer)
+    }
+}
+
+/// The business's one-time prekeys, read from the key store on demand.
+pub(super) struct PreKeyOverlay<'a> {
+    pub(super) keys: &'a KeyManager,
+    pub(super) business: BusinessId,
+    /// The prekey the library consumed, deleted with the operation's batch.
+    pub(super) consumed: Option<u32>,
+    /// A storage failure behind a `BackendError`, kept to report it precisely.
+    pub(super) failure: Mutex<Option<SignalError>>,
+}
+
+impl PreKeyOverlay<'_> {
+    pub(super) fn take_failure(&self) -> Option<SignalError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+#[async_trait]
+impl PreKeyStore for PreKeyOverlay<'_> {
+    async fn get_pre_key(&self, prekey_id: PreKeyId) -> Result<PreKeyRecord> {
+        let id = KeyId {
+            business: self.business,
+            kind: KeyKind::SignalPreKey,
+            id: u64::from(u32::from(prekey_id)),
+        };
+        match self.keys.load_secret(id).await {
+            Ok(Some(bytes)) => PreKeyRecord::deserialize(&bytes),
+            Ok(None) => Err(SignalProtocolError::InvalidPreKeyId),
+            Err(e) => {
+                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
+                Err(SignalProtocolError::InvalidState(
+                    "prekey store",
+                    "unavailable".to_owned(),
+                ))
+            }
+        }
+    }
+
+    async fn save_pre_key(&mut self, _id: PreKeyId, _record: &PreKeyRecord) -> Result<()> {
+        Err(unsupported("save_pre_key"))
+    }
+
+    async fn remove_pre_key(&mut self, prekey_id: PreKeyId) -> Result<()> {
+        self.consumed = Some(prekey_id.into());
+        Ok(())
+    }
+}
+
+/// The business's live signed prekeys.
+pub(super) struct SignedPreKeyOverlay {
+    pub(super) account: Arc<Account>,
+}
+
+#[async_trait]
+impl SignedPreKeyStore for SignedPreKeyOverlay {
+    async fn get_signed_pre_key(&self, id: SignedPreKeyId) -> Result<SignedPreKeyRecord> {
+        self.account
+            .signed
+            .iter()
+            .find(|r| r.id().is_ok_and(|i| i == id))
+            .cloned()
+            .ok_or(SignalProtocolError::InvalidSignedPreKeyId)
+    }
+
+    async fn save_signed_pre_key(
+        &mut self,
+        _id: SignedPreKeyId,
+        _record: &SignedPreKeyRecord,
+    ) -> Result<()> {
+        Err(unsupported("save_signed_pre_key"))
+    }
+}

@@ -1,0 +1,99 @@
+//! Atomic write batches: what one successful operation changes.
+
+use crate::ids::{BusinessId, PhoneHash};
+use crate::keys::KeyId;
+
+/// One consumer device, as Signal state is keyed: the consumer's phone hash
+/// and the device id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId {
+    /// The consumer.
+    pub phone: PhoneHash,
+    /// The device (0 is the consumer's primary device).
+    pub device: u32,
+}
+
+/// One write. The enum is exhaustive on purpose: a backend that does not
+/// handle a new kind of write fails to compile rather than dropping it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Store the sealed record of a peer (insert or replace).
+    PutPeer {
+        /// The business.
+        business: BusinessId,
+        /// The peer.
+        peer: PeerId,
+        /// The sealed record.
+        sealed: Vec<u8>,
+    },
+    /// Delete a peer's record.
+    DeletePeer {
+        /// The business.
+        business: BusinessId,
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Delete a wrapped key outright (a consumed one-time prekey).
+    DeleteKey(KeyId),
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PutPeer {
+                business,
+                peer,
+                sealed,
+            } => f
+                .debug_struct("PutPeer")
+                .field("business", business)
+                .field("peer", peer)
+                .field("sealed_len", &sealed.len())
+                .finish(),
+            Self::DeletePeer { business, peer } => f
+                .debug_struct("DeletePeer")
+                .field("business", business)
+                .field("peer", peer)
+                .finish(),
+            Self::DeleteKey(id) => f.debug_tuple("DeleteKey").field(id).finish(),
+        }
+    }
+}
+
+/// Writes that take effect together or not at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a write.
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Add every write of `other` after this batch's.
+    pub fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+
+    /// The writes, in order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    /// Take the writes.
+    pub fn into_ops(self) -> Vec<Op> {
+        self.ops
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}

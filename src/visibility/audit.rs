@@ -1,0 +1,516 @@
+//! Audit: the decision record every release writes, and where it goes.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::table::Revision;
+use super::{DataClass, Party, Purpose};
+use crate::ids::BusinessId;
+use crate::time::Timestamp;
+
+/// Identifies one decision: a random 64-bit instance (one per [`Gate`])
+/// and a sequence number counted by that instance.
+///
+/// Written `iiiiiiiiiiiiiiii-ssssssssssssssss` (16 + 16 lowercase hex
+/// digits). Ids are unique within a process without a global lock: each gate
+/// draws its instance at random and counts with one atomic; two gates share
+/// an instance with probability 2^-64 per pair.
+///
+/// [`Gate`]: super::Gate
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DecisionId {
+    instance: u64,
+    sequence: u64,
+}
+
+impl DecisionId {
+    /// The id with this instance and sequence number.
+    pub const fn new(instance: u64, sequence: u64) -> Self {
+        Self { instance, sequence }
+    }
+
+    /// The gate instance that made the decision.
+    pub const fn instance(self) -> u64 {
+        self.instance
+    }
+
+    /// The decision's number within its instance, from 1.
+    pub const fn sequence(self) -> u64 {
+        self.sequence
+    }
+}
+
+impl fmt::Display for DecisionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}-{:016x}", self.instance, self.sequence)
+    }
+}
+
+impl fmt::Debug for DecisionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DecisionId({self})")
+    }
+}
+
+/// A string that is not a decision id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a decision id is 16 lowercase hex digits, '-', 16 lowercase hex digits")]
+#[non_exhaustive]
+pub struct BadDecisionId;
+
+impl FromStr for DecisionId {
+    type Err = BadDecisionId;
+
+    fn from_str(s: &str) -> Result<Self, BadDecisionId> {
+        fn half(s: &str) -> Result<u64, BadDecisionId> {
+            let canonical = s.len() == 16
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !canonical {
+                return Err(BadDecisionId);
+            }
+            u64::from_str_radix(s, 16).map_err(|_| BadDecisionId)
+        }
+        let (instance, sequence) = s.split_once('-').ok_or(BadDecisionId)?;
+        Ok(Self::new(half(instance)?, half(sequence)?))
+    }
+}
+
+impl Serialize for DecisionId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DecisionId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether a release was allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The value was handed over.
+    Allow,
+    /// The value was kept.
+    Deny,
+}
+
+/// Why a release was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// The policy does not allow the cell.
+    Policy,
+    /// An opt-in service, and the value's business has not opted in (or the
+    /// value belongs to no business).
+    NotOptedIn,
+    /// The policy allowed it, but the audit sink failed to record the
+    /// decision, so the value was kept (fail closed).
+    AuditFailed,
+}
+
+/// One release decision: the audit event. It never holds the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Decision {
+    /// When it was decided, from the gate's clock.
+    pub at: Timestamp,
+    /// Its unique id.
+    pub id: DecisionId,
+    /// The revision of the policy that decided.
+    pub revision: Revision,
+    /// Who asked to receive the value.
+    pub party: Party,
+    /// The class of the value.
+    pub class: DataClass,
+    /// What for.
+    pub purpose: Purpose,
+    /// Allowed or denied.
+    pub verdict: Verdict,
+    /// Why it was denied; `None` when allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DenyReason>,
+    /// The business the value belongs to, if it belongs to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub business: Option<BusinessId>,
+}
+
+impl Decision {
+    /// Whether the value was handed over.
+    pub const fn is_allowed(&self) -> bool {
+        matches!(self.verdict, Verdict::Allow)
+    }
+}
+
+/// Why an audit sink could not record a decision.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// Writing to the sink's destination failed.
+    #[error("audit write failed: {0}")]
+    Io(Arc<io::Error>),
+    /// The sink failed earlier and records nothing more: what reached its
+    /// destination after the failure is unknown.
+    #[error("audit sink is out of service after an earlier write failure")]
+    OutOfService,
+    /// The decision could not be encoded.
+    #[error("audit event could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// Where decisions are recorded.
+///
+/// `record` is called on every release, under no lock of the gate, from
+/// many threads at once: keep it short and synchronous (buffer, or hand off
+/// to a queue of your own). An error makes the gate keep the value (fail
+/// closed).
+pub trait AuditSink: Send + Sync {
+    /// Record one decision.
+    fn record(&self, decision: &Decision) -> Result<(), AuditError>;
+}
+
+impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
+    fn record(&self, decision: &Decision) -> Result<(), AuditError> {
+        (**self).record(decision)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the state consistent at each step,
+    // so a panic elsewhere while holding the lock is no reason to stop auditing.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps decisions in memory: for tests, and as a bounded ring of the
+/// latest decisions for inspection.
+#[derive(Debug, Default)]
+pub struct MemoryAuditSink {
+    inner: Mutex<Ring>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    events: VecDeque<Decision>,
+    capacity: Option<usize>,
+    recorded: u64,
+}
+
+impl MemoryAuditSink {
+    /// A sink that keeps every decision (memory grows with each release).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A sink that keeps the latest `capacity` decisions (at least one),
+    /// dropping the oldest.
+    pub fn bounded(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            inner: Mutex::new(Ring {
+                events: VecDeque::with_capacity(capacity),
+                capacity: Some(capacity),
+                recorded: 0,
+            }),
+        }
+    }
+
+    /// The decisions kept, oldest first.
+    pub fn events(&self) -> Vec<Decision> {
+        lock(&self.inner).events.iter().copied().collect()
+    }
+
+    /// Removes and returns the decisions kept, oldest first.
+    pub fn take(&self) -> Vec<Decision> {
+        lock(&self.inner).events.drain(..).collect()
+    }
+
+    /// How many decisions were ever recorded (including any dropped by the bound).
+    pub fn recorded(&self) -> u64 {
+        lock(&self.inner).recorded
+    }
+}
+
+impl AuditSink for MemoryAuditSink {
+    fn record(&self, decision: &Decision) -> Result<(), AuditError> {
+        let mut ring = lock(&self.inner);
+        if ring.capacity.is_some_and(|c| ring.events.len() >= c) {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(*decision);
+        ring.recorded += 1;
+        Ok(())
+    }
+}
+
+/// When a [`JsonLinesSink`] writes its lines to the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FlushPolicy {
+    /// Write and flush each line before `record` returns: a released value's
+    /// decision is in the operating system's hands before the value leaves.
+    /// One write per release.
+    EveryEvent,
+    /// Buffer lines; write when `max_bytes` are buffered, or when a decision
+    /// is at least `max_delay` (by decision time) after the last write, or on
+    /// [`JsonLinesSink::flush`] and drop. Decisions still in the buffer are
+    /// lost if the process dies: call `flush` from a timer to bound that.
+    Buffered {
+        /// Buffer size that triggers a write.
+        max_bytes: usize,
+        /// Longest time between writes while decisions keep coming.
+        max_delay: Duration,
+    },
+}
+
+impl FlushPolicy {
+    /// Buffered, 64 KiB or one second.
+    pub const BUFFERED: Self = Self::Buffered {
+        max_bytes: 64 << 10,
+        max_delay: Duration::from_secs(1),
+    };
+}
+
+impl Default for FlushPolicy {
+    /// [`FlushPolicy::EveryEvent`]: the audit trail comes before throughput.
+    fn default() -> Self {
+        Self::EveryEvent
+    }
+}
+
+/// Appends decisions to a writer (normally a file), one JSON object per line.
+///
+/// After a write error the sink is out of service: every later `record`
+/// fails (so the gate keeps every value) until the host replaces the sink;
+/// the file may then end in a partial line, which readers should skip.
+pub struct JsonLinesSink<W: Write + Send = File> {
+    flush: FlushPolicy,
+    inner: Mutex<Lines<W>>,
+}
+
+struct Lines<W> {
+    writer: Option<W>,
+    buf: Vec<u8>,
+    last_write: Option<Timestamp>,
+    failed: bool,
+}
+
+impl JsonLinesSink<File> {
+    /// Appends to the file at `path`, creating it if needed, writing every
+    /// line at once ([`FlushPolicy::EveryEvent`]).
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::open_with(path, FlushPolicy::default())
+    }
+
+    /// Appends to the file at `path`, creating it if needed.
+    pub fn open_with(path: impl AsRef<Path>, flush: FlushPolicy) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self::new(file, flush))
+    }
+}
+
+impl<W: Write + Send> JsonLinesSink<W> {
+    /// Writes lines to `writer`.
+    pub fn new(writer: W, flush: FlushPolicy) -> Self {
+        Self {
+            flush,
+            inner: Mutex::new(Lines {
+                writer: Some(writer),
+                buf: Vec::with_capacity(256),
+                last_write: None,
+                failed: false,
+            }),
+        }
+    }
+
+    /// Writes and flushes every buffered line.
+    pub fn flush(&self) -> Result<(), AuditError> {
+        lock(&self.inner).write_out()
+    }
+
+    /// Flushes, then returns the writer.
+    pub fn into_inner(mut self) -> Result<W, AuditError> {
+        let lines = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        lines.write_out()?;
+        lines.writer.take().ok_or(AuditError::OutOfService)
+    }
+}
+
+impl<W: Write> Lines<W> {
+    fn write_out(&mut self) -> Result<(), AuditError> {
+        if self.failed {
+            return Err(AuditError::OutOfService);
+        }
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(AuditError::OutOfService);
+        };
+        let result = writer.write_all(&self.buf).and_then(|()| writer.flush());
+        self.buf.clear();
+        result.map_err(|e| {
+            self.failed = true;
+            AuditError::Io(Arc::new(e))
+        })
+    }
+}
+
+impl<W: Write + Send> AuditSink for JsonLinesSink<W> {
+    fn record(&self, decision: &Decision) -> Result<(), AuditError> {
+        let mut lines = lock(&self.inner);
+        if lines.failed {
+            return Err(AuditError::OutOfService);
+        }
+        let start = lines.buf.len();
+        if let Err(e) = serde_json::to_writer(&mut lines.buf, decision) {
+            lines.buf.truncate(start);
+            return Err(AuditError::Encode(e.to_string()));
+        }
+        lines.buf.push(b'\n');
+        let due = match self.flush {
+            FlushPolicy::EveryEvent => true,
+            FlushPolicy::Buffered {
+                max_bytes,
+                max_delay,
+            } => {
+                lines.buf.len() >= max_bytes
+                    || lines
+                        .last_write
+                        .is_none_or(|t| decision.at.saturating_duration_since(t) >= max_delay)
+            }
+        };
+        if due {
+            lines.last_write = Some(decision.at);
+            lines.write_out()?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write + Send> Drop for JsonLinesSink<W> {
+    fn drop(&mut self) {
+        let lines = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if !lines.buf.is_empty() {
+            // Nowhere to report an error from drop; call `flush` first to see it.
+            let _ = lines.write_out();
+        }
+    }
+}
+
+impl<W: Write + Send> fmt::Debug for JsonLinesSink<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines = lock(&self.inner);
+        f.debug_struct("JsonLinesSink")
+            .field("flush", &self.flush)
+            .field("buffered_bytes", &lines.buf.len())
+            .field("failed", &lines.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decision(seq: u64, at: u64) -> Decision {
+        Decision {
+            at: Timestamp::from_millis(at),
+            id: DecisionId::new(0xabc, seq),
+            revision: Revision::PUBLISHED,
+            party: Party::Transport,
+            class: DataClass::ConsumerPhoneNumber,
+            purpose: Purpose::Delivery,
+            verdict: Verdict::Allow,
+            reason: None,
+            business: BusinessId::new(7),
+        }
+    }
+
+    struct FailingWriter;
+    impl Write for FailingWriter {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::other("disk full"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn decision_serializes_to_the_documented_shape() {
+        let json = serde_json::to_string(&decision(1, 5)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"at":5,"id":"0000000000000abc-0000000000000001","revision":0,"party":"transport","class":"consumer_phone_number","purpose":"delivery","verdict":"allow","business":7}"#
+        );
+        let back: Decision = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, decision(1, 5));
+    }
+
+    #[test]
+    fn bounded_memory_sink_keeps_the_latest() {
+        let sink = MemoryAuditSink::bounded(2);
+        for i in 1..=5 {
+            sink.record(&decision(i, i)).unwrap();
+        }
+        let kept: Vec<u64> = sink.events().iter().map(|d| d.id.sequence()).collect();
+        assert_eq!(kept, [4, 5]);
+        assert_eq!(sink.recorded(), 5);
+        assert_eq!(sink.take().len(), 2);
+        assert!(sink.events().is_empty());
+    }
+
+    #[test]
+    fn buffered_sink_writes_when_full_late_or_flushed() {
+        let sink = JsonLinesSink::new(
+            Vec::new(),
+            FlushPolicy::Buffered {
+                max_bytes: 1 << 20,
+                max_delay: Duration::from_secs(1),
+            },
+        );
+        sink.record(&decision(1, 0)).unwrap(); // first write is due at once
+        sink.record(&decision(2, 10)).unwrap(); // buffered
+        sink.record(&decision(3, 500)).unwrap(); // buffered
+        assert!(!format!("{sink:?}").contains("buffered_bytes: 0"));
+        sink.record(&decision(4, 1_000)).unwrap(); // a second after the last write
+        let out = sink.into_inner().unwrap();
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 4);
+    }
+
+    #[test]
+    fn write_failure_puts_the_sink_out_of_service() {
+        let sink = JsonLinesSink::new(FailingWriter, FlushPolicy::EveryEvent);
+        assert!(matches!(
+            sink.record(&decision(1, 0)),
+            Err(AuditError::Io(_))
+        ));
+        assert!(matches!(
+            sink.record(&decision(2, 0)),
+            Err(AuditError::OutOfService)
+        ));
+        assert!(matches!(sink.flush(), Err(AuditError::OutOfService)));
+    }
+
+    proptest! {
+        #[test]
+        fn decision_ids_round_trip_and_parse_strictly(instance: u64, sequence: u64, junk in "\\PC{0,40}") {
+            let id = DecisionId::new(instance, sequence);
+            prop_assert_eq!(id.to_string().parse::<DecisionId>(), Ok(id));
+            if let Ok(parsed) = junk.parse::<DecisionId>() {
+                prop_assert_eq!(parsed.to_string(), junk);
+            }
+        }
+    }
+}

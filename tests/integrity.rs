@@ -1,0 +1,593 @@
+//! Integrity signals, statistics and billing through the public API:
+//! anomaly detection over a simulated population, k-suppression, billing
+//! counts, and release only to the parties the policy allows.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::ids::{BusinessId, PhoneHash};
+use custodian::integrity::{
+    AnomalyKind, BillingConfig, BillingLedger, BillingStatement, Category, Direction,
+    IntegrityConfig, IntegrityMonitor, IntegrityReport, StatisticsCollector, StatisticsConfig,
+    StatisticsReport, Status,
+};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::visibility::{
+    DataClass, Gate, Labelled, MemoryAuditSink, Party, Purpose, VisibilityPolicy,
+};
+
+const DAY: u64 = 24 * 3600 * 1000;
+const START: u64 = 20_000 * DAY; // 2024-10-04, a day boundary
+const POPULATION: u64 = 100_000;
+
+/// The phone hash of consumer `i` (distinct and well mixed, like an HMAC).
+fn consumer(i: u64) -> PhoneHash {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&z.to_le_bytes());
+    b[8..].copy_from_slice(&i.to_le_bytes());
+    PhoneHash::from_bytes(b)
+}
+
+/// A small deterministic generator (xorshift64*), for jitter.
+struct Jitter(u64);
+impl Jitter {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % below
+    }
+}
+
+fn at(day: u64, ms: u64) -> Timestamp {
+    Timestamp::from_millis(START + day * DAY + ms)
+}
+
+fn gate(now: Timestamp) -> (Gate, Arc<MemoryAuditSink>) {
+    let audit = Arc::new(MemoryAuditSink::new());
+    let gate = Gate::new(
+        VisibilityPolicy::published(),
+        audit.clone(),
+        Arc::new(ManualClock::new(now)),
+    );
+    (gate, audit)
+}
+
+fn signals(monitor: &IntegrityMonitor, business: BusinessId, now: Timestamp) -> IntegrityReport {
+    let (gate, _) = gate(now);
+    gate.release(
+        monitor.export(business, now),
+        Party::Transport,
+        Purpose::Integrity,
+    )
+    .unwrap()
+    .into_value()
+}
+
+/// A business with a customer base: each day it messages `returning`
+/// existing customers and `new` consumers it never talked to, drawn from the
+/// population, and hears from some of them.
+struct Business {
+    id: BusinessId,
+    customers: Vec<u64>,
+    next_stranger: u64,
+    jitter: Jitter,
+}
+
+impl Business {
+    fn new(id: u64, first_stranger: u64) -> Self {
+        Self {
+            id: BusinessId::new(id).unwrap(),
+            customers: Vec::new(),
+            next_stranger: first_stranger,
+            jitter: Jitter(0x1234_5678 ^ id),
+        }
+    }
+
+    fn day(&mut self, monitor: &IntegrityMonitor, day: u64, returning: u64, new: u64) {
+        let mut ms = 0;
+        let mut tick = || {
+            ms += 1;
+            at(day, ms)
+        };
+        let known = self.customers.len() as u64;
+        for _ in 0..returning.min(known) {
+            let c = self.customers[self.jitter.next(known) as usize];
+            if self.jitter.next(4) == 0 {
+                monitor.record_received(self.id, consumer(c), tick());
+            }
+            monitor.record_sent(self.id, consumer(c), tick());
+        }
+        for _ in 0..new {
+            let c = self.next_stranger % POPULATION;
+            self.next_stranger += 1;
+            monitor.record_sent(self.id, consumer(c), tick());
+            self.customers.push(c);
+        }
+    }
+}
+
+#[test]
+fn business_messaging_a_growing_fraction_of_the_population_is_flagged() {
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let mut business = Business::new(1, 0);
+    // Two weeks of ordinary trade: a few hundred customers, ~20 new a day.
+    for day in 0..14 {
+        let new = 10 + business.jitter.next(20);
+        business.day(&monitor, day, 300, new);
+        assert!(
+            !signals(&monitor, business.id, at(day, DAY - 1)).is_flagged(),
+            "day {day}"
+        );
+    }
+    // Then it starts reaching out to the whole population: 0.5%, 1%, 2%, ...
+    let mut flagged_on = None;
+    for (step, day) in (14..22).enumerate() {
+        let new = (POPULATION / 200) << step;
+        business.day(&monitor, day, 300, new.min(POPULATION));
+        let report = signals(&monitor, business.id, at(day, DAY - 1));
+        if report.current.is_flagged() && flagged_on.is_none() {
+            flagged_on = Some(day);
+            let anomaly = report.current.anomalies[0];
+            assert_eq!(anomaly.kind, AnomalyKind::FanOut);
+            // Raised as the window crossed the bar, not at its end.
+            assert!(anomaly.raised_at < at(day, 1_000), "{anomaly:?}");
+            assert!(anomaly.threshold < 500, "{anomaly:?}");
+            assert!(report.current.baseline_new_recipients.unwrap() < 100.0);
+        }
+        // Once abusing, every window stays flagged: the abuse does not
+        // raise the business's own baseline.
+        if flagged_on.is_some() {
+            assert!(report.current.is_flagged(), "day {day} not flagged");
+        }
+    }
+    assert_eq!(flagged_on, Some(14), "the first day of fan-out is flagged");
+}
+
+#[test]
+fn a_slow_ramp_towards_everyone_is_flagged_before_it_gets_far() {
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let mut business = Business::new(2, 0);
+    for day in 0..14 {
+        business.day(&monitor, day, 300, 20);
+    }
+    let mut new = 20.0f64;
+    let mut reached = 0u64;
+    for day in 14..60 {
+        new *= 1.5;
+        business.day(&monitor, day, 300, new as u64);
+        reached += new as u64;
+        if signals(&monitor, business.id, at(day, DAY - 1))
+            .current
+            .is_flagged()
+        {
+            assert!(
+                reached < POPULATION / 100,
+                "flagged only after {reached} strangers"
+            );
+            return;
+        }
+    }
+    panic!("a 1.5x daily ramp was never flagged");
+}
+
+#[test]
+fn steady_customer_traffic_is_not_flagged() {
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let mut small = Business::new(3, 0);
+    // Starts with 400 customers, then trades with them and wins 5 to 44 new ones a day.
+    small.day(&monitor, 0, 0, 400);
+    for day in 1..120 {
+        let new = 5 + small.jitter.next(40);
+        small.day(&monitor, day, 380, new);
+        for _ in 0..small.jitter.next(3) {
+            monitor.record_spam_report(small.id, at(day, DAY - 10));
+        }
+    }
+    let report = signals(&monitor, small.id, at(120, 0));
+    assert!(!report.is_flagged(), "{report:?}");
+    assert_eq!(
+        report.history.len(),
+        IntegrityConfig::default().history_windows
+    );
+    let last = report.history.last().unwrap();
+    assert!(last.new_recipients >= 5 && last.new_recipients < 45);
+    assert!(last.unique_recipients > 300, "{last:?}");
+
+    // A large business with big daily swings (half to double its usual
+    // intake), onboarded with a cold-start limit that fits it.
+    let mut config = IntegrityConfig::default();
+    config.cold_start_new_recipients = 10_000;
+    let monitor = IntegrityMonitor::new(config).unwrap();
+    let mut large = Business::new(4, 0);
+    for day in 0..90 {
+        let new = 1_000 + large.jitter.next(1_000);
+        large.day(&monitor, day, 3_000, new);
+        let report = signals(&monitor, large.id, at(day, DAY - 1));
+        assert!(
+            !report.current.is_flagged(),
+            "day {day}: {:?}",
+            report.current
+        );
+    }
+}
+
+#[test]
+fn businesses_are_judged_against_their_own_baseline() {
+    // The same day's fan-out is ordinary for one business and abuse for another.
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let mut big = Business::new(5, 0);
+    let mut small = Business::new(6, 50_000);
+    for day in 0..20 {
+        big.day(&monitor, day, 500, 800);
+        small.day(&monitor, day, 50, 5);
+    }
+    big.day(&monitor, 20, 500, 900);
+    small.day(&monitor, 20, 50, 900);
+    assert!(
+        !signals(&monitor, big.id, at(20, DAY - 1))
+            .current
+            .is_flagged()
+    );
+    assert!(
+        signals(&monitor, small.id, at(20, DAY - 1))
+            .current
+            .is_flagged()
+    );
+}
+
+#[test]
+fn many_tasks_can_record_at_once() {
+    let monitor = Arc::new(IntegrityMonitor::new(IntegrityConfig::default()).unwrap());
+    let business = BusinessId::new(8).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let monitor = &monitor;
+            s.spawn(move || {
+                for i in 0..250 {
+                    monitor.record_sent(business, consumer(t * 250 + i), at(0, i));
+                }
+            });
+        }
+    });
+    let report = signals(&monitor, business, at(0, 1_000));
+    assert_eq!(report.current.sent, 1_000);
+    assert_eq!(report.current.unique_recipients, 1_000);
+    assert_eq!(report.current.new_recipients, 1_000);
+}
+
+fn statistics(
+    collector: &StatisticsCollector,
+    business: BusinessId,
+    now: Timestamp,
+) -> Vec<StatisticsReport> {
+    let (gate, _) = gate(now);
+    collector
+        .closed_reports(business, now)
+        .into_iter()
+        .map(|r| {
+            gate.release(r, Party::RestOfCompany, Purpose::Analytics)
+                .unwrap()
+                .into_value()
+        })
+        .collect()
+}
+
+fn count(report: &StatisticsReport, direction: Direction, status: Status) -> Option<u64> {
+    report
+        .messages
+        .iter()
+        .find(|m| m.direction == direction && m.status == status)
+        .map(|m| m.messages)
+}
+
+#[test]
+fn statistics_buckets_below_k_consumers_are_suppressed() {
+    let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+    let business = BusinessId::new(9).unwrap();
+    let t = at(0, 1_000);
+    // Inbound delivered: 10 consumers (= k) -> released.
+    for c in 0..10 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Inbound,
+            Status::Delivered,
+            t,
+        );
+    }
+    // Outbound read: 500 messages but only 9 consumers -> suppressed.
+    for i in 0..500 {
+        collector.record_message(
+            business,
+            consumer(i % 9),
+            Direction::Outbound,
+            Status::Read,
+            t,
+        );
+    }
+    // Outbound sent: 30 consumers -> released.
+    for c in 0..30 {
+        collector.record_message(business, consumer(c), Direction::Outbound, Status::Sent, t);
+    }
+    // Deliveries: 20 consumers within a second, one consumer after an hour.
+    for c in 0..20 {
+        collector.record_delivery(business, consumer(c), Duration::from_millis(300), t);
+    }
+    collector.record_delivery(business, consumer(99), Duration::from_secs(7_200), t);
+
+    assert!(
+        statistics(&collector, business, at(0, 5_000)).is_empty(),
+        "period still open"
+    );
+    let reports = statistics(&collector, business, at(1, 0));
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    assert_eq!(r.k, 10);
+    assert_eq!(count(r, Direction::Inbound, Status::Delivered), Some(10));
+    assert_eq!(count(r, Direction::Outbound, Status::Sent), Some(30));
+    assert_eq!(
+        count(r, Direction::Outbound, Status::Read),
+        None,
+        "9 consumers < k"
+    );
+    // The one slow delivery is suppressed, and so is the delivered count
+    // that would give it away by subtraction.
+    assert_eq!(count(r, Direction::Outbound, Status::Delivered), None);
+    assert_eq!(r.delivery_latency.len(), 1);
+    assert_eq!(r.delivery_latency[0].up_to_ms, Some(1_000));
+    assert_eq!(r.delivery_latency[0].messages, 20);
+    assert_eq!(r.messages.len(), 2);
+
+    // The serialized export holds nothing about the lone slow consumer.
+    let json = serde_json::to_string(r).unwrap();
+    assert!(
+        !json.contains("7200000") && !json.contains("\"up_to_ms\":null"),
+        "{json}"
+    );
+}
+
+#[test]
+fn k_is_configurable() {
+    let mut config = StatisticsConfig::default();
+    config.k = 3;
+    let collector = StatisticsCollector::new(config).unwrap();
+    let business = BusinessId::new(9).unwrap();
+    for c in 0..3 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Inbound,
+            Status::Sent,
+            at(0, 0),
+        );
+    }
+    for c in 0..2 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Inbound,
+            Status::Read,
+            at(0, 0),
+        );
+    }
+    let r = &statistics(&collector, business, at(1, 0))[0];
+    assert_eq!(r.k, 3);
+    assert_eq!(count(r, Direction::Inbound, Status::Sent), Some(3));
+    assert_eq!(count(r, Direction::Inbound, Status::Read), None);
+}
+
+#[test]
+fn released_statistics_never_change_so_exports_cannot_be_subtracted() {
+    let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+    let business = BusinessId::new(10).unwrap();
+    for c in 0..12 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Inbound,
+            Status::Sent,
+            at(0, 10),
+        );
+    }
+    let first = statistics(&collector, business, at(1, 0));
+    // A straggler timestamped in the exported period...
+    collector.record_message(
+        business,
+        consumer(500),
+        Direction::Inbound,
+        Status::Sent,
+        at(0, 20),
+    );
+    // ...does not change what was released...
+    assert_eq!(statistics(&collector, business, at(1, 5)), first);
+    assert_eq!(count(&first[0], Direction::Inbound, Status::Sent), Some(12));
+    // ...and counts in the next period instead.
+    for c in 0..10 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Inbound,
+            Status::Sent,
+            at(1, 10),
+        );
+    }
+    let (gate, _) = gate(at(2, 0));
+    let taken: Vec<StatisticsReport> = collector
+        .take_closed(at(2, 0))
+        .into_iter()
+        .map(|r| {
+            gate.release(r, Party::Transport, Purpose::Analytics)
+                .unwrap()
+                .into_value()
+        })
+        .collect();
+    assert_eq!(taken.len(), 2);
+    assert_eq!(count(&taken[1], Direction::Inbound, Status::Sent), Some(11));
+    assert!(
+        collector.take_closed(at(2, 0)).is_empty(),
+        "taken periods are gone"
+    );
+}
+
+fn statement(
+    ledger: &BillingLedger,
+    business: BusinessId,
+    now: Timestamp,
+    take: bool,
+) -> BillingStatement {
+    let (gate, _) = gate(now);
+    let labelled = if take {
+        ledger.take_closed(business, now)
+    } else {
+        ledger.statement(business, now)
+    };
+    gate.release(labelled, Party::Transport, Purpose::Billing)
+        .unwrap()
+        .into_value()
+}
+
+#[test]
+fn billing_counts_messages_per_category_and_period() {
+    let ledger = BillingLedger::new(BillingConfig::default()).unwrap();
+    let business = BusinessId::new(11).unwrap();
+    let other = BusinessId::new(12).unwrap();
+    for _ in 0..3 {
+        ledger.record(business, Category::Marketing, at(0, 5));
+    }
+    ledger.record(business, Category::Utility, at(0, 6));
+    ledger.record_many(business, Category::Authentication, 40, at(0, 7));
+    ledger.record(business, Category::Service, at(1, 1));
+    ledger.record(other, Category::Marketing, at(0, 1));
+
+    let s = statement(&ledger, business, at(1, 2), false);
+    assert_eq!(s.business, business);
+    assert_eq!(s.records.len(), 2);
+    let day0 = s.records[0].messages;
+    assert_eq!(
+        (
+            day0.marketing,
+            day0.utility,
+            day0.authentication,
+            day0.service
+        ),
+        (3, 1, 40, 0)
+    );
+    assert_eq!(day0.total(), 44);
+    assert_eq!(s.records[0].period.start, at(0, 0));
+    assert_eq!(s.records[1].messages.get(Category::Service), 1);
+
+    // Taking hands over closed periods only, once.
+    let taken = statement(&ledger, business, at(1, 2), true);
+    assert_eq!(taken.records.len(), 1);
+    assert_eq!(taken.records[0].messages.total(), 44);
+    assert!(
+        statement(&ledger, business, at(1, 3), true)
+            .records
+            .is_empty()
+    );
+    // A late message for a taken period comes in a later take, on its own.
+    ledger.record(business, Category::Marketing, at(0, 9));
+    let late = statement(&ledger, business, at(2, 0), true);
+    assert_eq!(late.records.len(), 2);
+    assert_eq!(late.records[0].messages.marketing, 1);
+    assert_eq!(ledger.businesses(), vec![other]);
+}
+
+#[test]
+fn billing_drops_the_oldest_period_at_the_bound_and_says_so() {
+    let mut config = BillingConfig::default();
+    config.retained_periods = 3;
+    let ledger = BillingLedger::new(config).unwrap();
+    let business = BusinessId::new(13).unwrap();
+    for day in 0..5 {
+        ledger.record(business, Category::Utility, at(day, 0));
+    }
+    let s = statement(&ledger, business, at(5, 0), false);
+    assert_eq!(s.records.len(), 3);
+    assert_eq!(s.records[0].period.start, at(2, 0));
+    assert_eq!(s.dropped_periods, 2);
+}
+
+/// Release `labelled` (cloned) for every party and purpose; the allowed pairs.
+fn releasable<T: Clone>(gate: &Gate, labelled: &Labelled<T>) -> HashSet<(Party, Purpose)> {
+    let mut allowed = HashSet::new();
+    for &party in Party::ALL {
+        for &purpose in Purpose::ALL {
+            if gate.release(labelled.clone(), party, purpose).is_ok() {
+                allowed.insert((party, purpose));
+            }
+        }
+    }
+    allowed
+}
+
+#[test]
+fn exports_are_releasable_only_to_the_parties_the_policy_allows() {
+    let business = BusinessId::new(14).unwrap();
+    let now = at(3, 0);
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    monitor.record_sent(business, consumer(1), at(2, 0));
+    let ledger = BillingLedger::new(BillingConfig::default()).unwrap();
+    ledger.record(business, Category::Marketing, at(2, 0));
+    let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+    for c in 0..10 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Outbound,
+            Status::Sent,
+            at(2, 0),
+        );
+    }
+
+    let (gate, audit) = gate(now);
+    let signals = monitor.export(business, now);
+    let bill = ledger.statement(business, now);
+    let stats = collector.closed_reports(business, now).remove(0);
+    assert_eq!(signals.class(), DataClass::IntegritySignals);
+    assert_eq!(bill.class(), DataClass::Billing);
+    assert_eq!(stats.class(), DataClass::NonIdentifiableStatistics);
+    for labelled_business in [signals.business(), bill.business(), stats.business()] {
+        assert_eq!(labelled_business, Some(business));
+    }
+
+    use Party::*;
+    assert_eq!(
+        releasable(&gate, &signals),
+        HashSet::from([(Transport, Purpose::Integrity)]),
+        "integrity signals go to the transport only"
+    );
+    assert_eq!(
+        releasable(&gate, &bill),
+        HashSet::from([
+            (Processor, Purpose::Billing),
+            (Business, Purpose::Billing),
+            (Transport, Purpose::Billing),
+            (RestOfCompany, Purpose::Billing),
+        ])
+    );
+    assert_eq!(
+        releasable(&gate, &stats),
+        HashSet::from([
+            (Processor, Purpose::Analytics),
+            (Business, Purpose::Analytics),
+            (Transport, Purpose::Analytics),
+            (RestOfCompany, Purpose::Analytics),
+        ])
+    );
+    // Every attempt was audited under the business it concerns.
+    let events = audit.events();
+    assert_eq!(events.len(), 3 * 28);
+    assert!(events.iter().all(|e| e.business == Some(business)));
+}

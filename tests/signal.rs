@@ -1,0 +1,730 @@
+//! Signal sessions on behalf of a business, against real Signal clients
+//! (the test kit's consumer devices).
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::ids::{BusinessId, PhoneNumber};
+use custodian::keys::{EpochLength, KeyKind, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::signal::{
+    Ciphertext, IdentityPolicy, IdentityStatus, MessageKind, PublishedKeys, Sessions, SignalConfig,
+    SignalError,
+};
+use custodian::store::{KeyStore, MemoryStore, PeerId, SignalStore};
+use custodian::testing::ConsumerDevice;
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::vault::Vault;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+struct World {
+    store: Arc<MemoryStore>,
+    clock: ManualClock,
+    keys: Arc<KeyManager>,
+    sessions: Sessions,
+    business: BusinessId,
+    root: [u8; 32],
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with_config(SignalConfig::default())
+    }
+
+    fn with_config(config: SignalConfig) -> Self {
+        let store = Arc::new(MemoryStore::new());
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let root = [0x42; 32];
+        let (keys, sessions) = Self::open(root, &store, &clock, config);
+        Self {
+            store,
+            clock,
+            keys,
+            sessions,
+            business: BusinessId::new(555).unwrap(),
+            root,
+        }
+    }
+
+    fn open(
+        root: [u8; 32],
+        store: &Arc<MemoryStore>,
+        clock: &ManualClock,
+        config: SignalConfig,
+    ) -> (Arc<KeyManager>, Sessions) {
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut root.clone(),
+        )));
+        let keys = Arc::new(KeyManager::new(provider, store.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        (keys, Sessions::new(vault, store.clone(), config))
+    }
+
+    /// The processor restarted: new caches and incarnation, same store.
+    fn restart(&mut self) {
+        let (keys, sessions) = Self::open(
+            self.root,
+            &self.store,
+            &self.clock,
+            self.sessions.config().clone(),
+        );
+        self.keys = keys;
+        self.sessions = sessions;
+    }
+
+    fn expiry(&self) -> Timestamp {
+        self.clock.now().saturating_add(30 * DAY)
+    }
+
+    async fn peer(&self, number: &str, device: &ConsumerDevice) -> PeerId {
+        let number: PhoneNumber = number.parse().unwrap();
+        PeerId {
+            phone: self.keys.phone_hash(self.business, &number).await.unwrap(),
+            device: device.device_id(),
+        }
+    }
+
+    async fn published(&self) -> PublishedKeys {
+        self.sessions.publish(self.business).await.unwrap()
+    }
+
+    async fn decrypt(&self, peer: PeerId, message: &Ciphertext) -> Result<Vec<u8>, SignalError> {
+        let expiry = self.expiry();
+        self.sessions
+            .decrypt(self.business, peer, message, expiry)
+            .await
+            .map(|d| d.plaintext)
+    }
+
+    async fn encrypt(&self, peer: PeerId, plaintext: &[u8]) -> Ciphertext {
+        self.sessions
+            .encrypt(self.business, peer, plaintext, self.expiry())
+            .await
+            .unwrap()
+    }
+
+    /// Everything stored about the peer and the business's prekeys.
+    async fn snapshot(&self, peer: PeerId) -> (Option<Vec<u8>>, Vec<u64>, Vec<u64>) {
+        let ids = |kind| async move {
+            self.store
+                .keys_of_kind(self.business, kind, None, 10_000)
+                .await
+                .unwrap()
+                .iter()
+                .map(|k| k.id.id)
+                .collect::<Vec<_>>()
+        };
+        (
+            self.store.peer(self.business, peer).await.unwrap(),
+            ids(KeyKind::SignalPreKey).await,
+            ids(KeyKind::SignalSignedPreKey).await,
+        )
+    }
+
+    /// A consumer device with a session, after one first-contact message.
+    async fn contact(&self, number: &str, device_id: u32) -> (ConsumerDevice, PeerId) {
+        let mut device = ConsumerDevice::new(device_id);
+        let published = self.published().await;
+        device
+            .start_session(self.business, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let peer = self.peer(number, &device).await;
+        let first = device.encrypt(self.business, b"hello").await.unwrap();
+        assert_eq!(first.kind, MessageKind::FirstContact);
+        assert_eq!(self.decrypt(peer, &first).await.unwrap(), b"hello");
+        (device, peer)
+    }
+}
+
+#[tokio::test]
+async fn first_contact_then_a_conversation_both_ways() {
+    let w = World::new();
+    let (mut phone, peer) = w.contact("+447700900001", 0).await;
+    for turn in 0..20 {
+        let text = format!("business turn {turn}");
+        let out = w.encrypt(peer, text.as_bytes()).await;
+        assert_eq!(
+            phone.decrypt(w.business, &out).await.unwrap(),
+            text.as_bytes()
+        );
+        let text = format!("consumer turn {turn}");
+        let back = phone.encrypt(w.business, text.as_bytes()).await.unwrap();
+        assert_eq!(back.kind, MessageKind::FollowUp);
+        assert_eq!(w.decrypt(peer, &back).await.unwrap(), text.as_bytes());
+    }
+    // The device trusts the identity the business published.
+    assert_eq!(
+        phone.trusted_business_identity(w.business),
+        Some(w.published().await.identity_key)
+    );
+}
+
+#[tokio::test]
+async fn a_consumed_one_time_prekey_is_deleted_at_once_and_the_pool_refills() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 8,
+        ..SignalConfig::default()
+    };
+    let w = World::with_config(config);
+    let published = w.published().await;
+    assert_eq!(published.one_time_prekeys.len(), 10);
+    let mut used = Vec::new();
+    for i in 0..3 {
+        let mut device = ConsumerDevice::new(0);
+        let bundle = published.bundle(Some(i));
+        used.push(bundle.one_time_prekey.unwrap().id);
+        device.start_session(w.business, &bundle).await.unwrap();
+        let peer = w.peer(&format!("+1415555010{i}"), &device).await;
+        let first = device.encrypt(w.business, b"hi").await.unwrap();
+        w.decrypt(peer, &first).await.unwrap();
+        let (_, prekeys, _) = w.snapshot(peer).await;
+        assert!(
+            !prekeys.contains(&u64::from(used[i])),
+            "prekey {} still stored",
+            used[i]
+        );
+    }
+    // Three consumed: 7 left, below the mark of 8, so the pool was refilled to 10.
+    let now = w.published().await;
+    assert_eq!(now.one_time_prekeys.len(), 10);
+    assert!(now.one_time_prekeys.iter().all(|k| !used.contains(&k.id)));
+}
+
+#[tokio::test]
+async fn tampered_replayed_and_garbage_messages_change_nothing() {
+    let w = World::new();
+    let (mut phone, peer) = w.contact("+447700900002", 0).await;
+    // After a reply the device sends follow-ups, whose last 8 bytes are the MAC.
+    let reply = w.encrypt(peer, b"welcome").await;
+    phone.decrypt(w.business, &reply).await.unwrap();
+    let good = phone.encrypt(w.business, b"genuine").await.unwrap();
+    assert_eq!(good.kind, MessageKind::FollowUp);
+    let before = w.snapshot(peer).await;
+
+    let mut tampered = good.clone();
+    let mid = tampered.bytes.len() / 2;
+    tampered.bytes[mid] ^= 0x20;
+    assert!(matches!(
+        w.decrypt(peer, &tampered).await,
+        Err(SignalError::InvalidMessage(_))
+    ));
+    let mut bad_mac = good.clone();
+    *bad_mac.bytes.last_mut().unwrap() ^= 1;
+    let result = w.decrypt(peer, &bad_mac).await;
+    assert!(
+        matches!(result, Err(SignalError::InvalidMessage(_))),
+        "{result:?}"
+    );
+    for garbage in [
+        vec![],
+        vec![0x33],
+        vec![0xff; 200],
+        good.bytes[..10].to_vec(),
+    ] {
+        for kind in [MessageKind::FirstContact, MessageKind::FollowUp] {
+            let msg = Ciphertext {
+                kind,
+                bytes: garbage.clone(),
+            };
+            assert!(matches!(
+                w.decrypt(peer, &msg).await,
+                Err(SignalError::InvalidMessage(_))
+            ));
+        }
+    }
+    assert_eq!(
+        w.snapshot(peer).await,
+        before,
+        "a failed decrypt changed stored state"
+    );
+
+    // The genuine message still decrypts after all that, exactly once.
+    assert_eq!(w.decrypt(peer, &good).await.unwrap(), b"genuine");
+    let after = w.snapshot(peer).await;
+    assert!(matches!(
+        w.decrypt(peer, &good).await,
+        Err(SignalError::DuplicateMessage)
+    ));
+    assert_eq!(
+        w.snapshot(peer).await,
+        after,
+        "a replay changed stored state"
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_first_contact_message_is_a_duplicate() {
+    let w = World::new();
+    let mut phone = ConsumerDevice::new(0);
+    phone
+        .start_session(w.business, &w.published().await.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900003", &phone).await;
+    let first = phone.encrypt(w.business, b"first").await.unwrap();
+    assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"first");
+    let before = w.snapshot(peer).await;
+    assert!(matches!(
+        w.decrypt(peer, &first).await,
+        Err(SignalError::DuplicateMessage)
+    ));
+    assert_eq!(w.snapshot(peer).await, before);
+}
+
+#[tokio::test]
+async fn out_of_order_delivery_decrypts_every_message_once() {
+    let w = World::new();
+    let (mut phone, peer) = w.contact("+447700900004", 0).await;
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        sent.push(
+            phone
+                .encrypt(w.business, format!("m{i}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    for i in [5, 0, 7, 2, 1, 6, 3, 4] {
+        assert_eq!(
+            w.decrypt(peer, &sent[i]).await.unwrap(),
+            format!("m{i}").as_bytes()
+        );
+    }
+    for m in &sent {
+        assert!(matches!(
+            w.decrypt(peer, m).await,
+            Err(SignalError::DuplicateMessage)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn business_initiated_session_from_a_consumer_bundle() {
+    let w = World::new();
+    let mut phone = ConsumerDevice::new(0);
+    let peer = w.peer("+447700900005", &phone).await;
+    let bundle = phone.bundle(true);
+    let status = w
+        .sessions
+        .start_session(w.business, peer, &bundle, w.expiry())
+        .await
+        .unwrap();
+    assert_eq!(status, IdentityStatus::NewOrUnchanged);
+    let first = w.encrypt(peer, b"your order shipped").await;
+    assert_eq!(first.kind, MessageKind::FirstContact);
+    assert_eq!(
+        phone.decrypt(w.business, &first).await.unwrap(),
+        b"your order shipped"
+    );
+    let reply = phone.encrypt(w.business, b"thanks").await.unwrap();
+    assert_eq!(w.decrypt(peer, &reply).await.unwrap(), b"thanks");
+    let next = w.encrypt(peer, b"you are welcome").await;
+    assert_eq!(next.kind, MessageKind::FollowUp);
+    assert_eq!(
+        phone.decrypt(w.business, &next).await.unwrap(),
+        b"you are welcome"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
+    let w = World::new();
+    let mut phone = ConsumerDevice::new(0);
+    let peer = w.peer("+447700900006", &phone).await;
+    let good = phone.bundle(true);
+
+    let mut bad_signature = good;
+    bad_signature.signed_prekey.signature[10] ^= 1;
+    let mut bad_key = good;
+    bad_key.identity_key[0] = 0x07;
+    let mut swapped_identity = good;
+    swapped_identity.identity_key = ConsumerDevice::new(0).identity_key();
+    for bad in [bad_signature, bad_key, swapped_identity] {
+        let result = w
+            .sessions
+            .start_session(w.business, peer, &bad, w.expiry())
+            .await;
+        assert!(
+            matches!(result, Err(SignalError::BadBundle(_))),
+            "{result:?}"
+        );
+    }
+    assert_eq!(w.store.peer(w.business, peer).await.unwrap(), None);
+    assert!(matches!(
+        w.sessions.encrypt(w.business, peer, b"x", w.expiry()).await,
+        Err(SignalError::NoSession)
+    ));
+    // The good bundle still works.
+    w.sessions
+        .start_session(w.business, peer, &good, w.expiry())
+        .await
+        .unwrap();
+    assert!(w.sessions.has_session(w.business, peer).await.unwrap());
+}
+
+async fn reinstall(w: &World, number: &str) -> (PeerId, Ciphertext) {
+    let (_, peer) = w.contact(number, 0).await;
+    let mut reinstalled = ConsumerDevice::new(0);
+    reinstalled
+        .start_session(w.business, &w.published().await.bundle(Some(1)))
+        .await
+        .unwrap();
+    (
+        peer,
+        reinstalled
+            .encrypt(w.business, b"new phone, who dis")
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn identity_change_is_accepted_and_reported_by_default() {
+    let w = World::new();
+    let (peer, first) = reinstall(&w, "+447700900007").await;
+    let decrypted = w
+        .sessions
+        .decrypt(w.business, peer, &first, w.expiry())
+        .await
+        .unwrap();
+    assert!(decrypted.identity_changed);
+    assert!(decrypted.first_contact);
+    assert_eq!(decrypted.plaintext, b"new phone, who dis");
+}
+
+#[tokio::test]
+async fn identity_change_is_refused_when_the_policy_says_so() {
+    let w = World::with_config(SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    });
+    let (peer, first) = reinstall(&w, "+447700900008").await;
+    let before = w.snapshot(peer).await;
+    let result = w
+        .sessions
+        .decrypt(w.business, peer, &first, w.expiry())
+        .await;
+    assert!(
+        matches!(result, Err(SignalError::UntrustedIdentity)),
+        "{result:?}"
+    );
+    assert_eq!(
+        w.snapshot(peer).await,
+        before,
+        "a refused identity changed stored state"
+    );
+}
+
+#[tokio::test]
+async fn many_tasks_on_one_address_never_fork_the_ratchet() {
+    let w = Arc::new(World::new());
+    let (mut phone, peer) = w.contact("+447700900009", 0).await;
+    // 64 concurrent sends to one device: each must get its own counter.
+    let sends: Vec<_> = (0..64)
+        .map(|i| {
+            let w = w.clone();
+            tokio::spawn(async move { (i, w.encrypt(peer, format!("out {i}").as_bytes()).await) })
+        })
+        .collect();
+    let mut outs = Vec::new();
+    for s in sends {
+        outs.push(s.await.unwrap());
+    }
+    for (i, out) in &outs {
+        assert_eq!(
+            phone.decrypt(w.business, out).await.unwrap(),
+            format!("out {i}").as_bytes()
+        );
+    }
+    // 64 concurrent receives from the device, delivered in one burst.
+    let mut ins = Vec::new();
+    for i in 0..64 {
+        ins.push(
+            phone
+                .encrypt(w.business, format!("in {i}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    let receives: Vec<_> = ins
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let w = w.clone();
+            tokio::spawn(async move { (i, w.decrypt(peer, &m).await.unwrap()) })
+        })
+        .collect();
+    for r in receives {
+        let (i, plaintext) = r.await.unwrap();
+        assert_eq!(plaintext, format!("in {i}").as_bytes());
+    }
+    // The session is still in step both ways.
+    let out = w.encrypt(peer, b"still in step").await;
+    assert_eq!(
+        phone.decrypt(w.business, &out).await.unwrap(),
+        b"still in step"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_processor_continues_from_stored_state() {
+    let mut w = World::new();
+    let (mut phone, peer) = w.contact("+447700900010", 0).await;
+    let pending = phone
+        .encrypt(w.business, b"sent before the restart")
+        .await
+        .unwrap();
+    let out = w.encrypt(peer, b"before").await;
+    w.restart();
+    assert_eq!(phone.decrypt(w.business, &out).await.unwrap(), b"before");
+    assert_eq!(
+        w.decrypt(peer, &pending).await.unwrap(),
+        b"sent before the restart"
+    );
+    for i in 0..5 {
+        let out = w.encrypt(peer, format!("after {i}").as_bytes()).await;
+        assert_eq!(
+            phone.decrypt(w.business, &out).await.unwrap(),
+            format!("after {i}").as_bytes()
+        );
+        let back = phone.encrypt(w.business, b"ack").await.unwrap();
+        assert_eq!(w.decrypt(peer, &back).await.unwrap(), b"ack");
+    }
+}
+
+#[tokio::test]
+async fn fan_out_reaches_every_device_of_a_consumer() {
+    let w = World::new();
+    let number = "+447700900011";
+    let mut devices = Vec::new();
+    for id in [0, 1, 7] {
+        let (device, _) = w.contact(number, id).await;
+        devices.push(device);
+    }
+    let phone = w.peer(number, &devices[0]).await.phone;
+    assert_eq!(
+        w.sessions.devices(w.business, phone).await.unwrap(),
+        vec![0, 1, 7]
+    );
+    let results = w
+        .sessions
+        .encrypt_for_devices(w.business, phone, b"to all of you", w.expiry())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    for ((device_id, result), device) in results.into_iter().zip(&mut devices) {
+        assert_eq!(device_id, device.device_id());
+        assert_eq!(
+            device.decrypt(w.business, &result.unwrap()).await.unwrap(),
+            b"to all of you"
+        );
+    }
+}
+
+#[tokio::test]
+async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
+    let w = World::new();
+    let old = w.published().await;
+    w.clock.advance(7 * DAY);
+    let report = w.sessions.maintain(w.business).await.unwrap();
+    assert!(report.rotated);
+    let new = w.published().await;
+    assert_ne!(new.signed_prekey.id, old.signed_prekey.id);
+
+    // A consumer who fetched the old bundle before the rotation still gets through.
+    let mut late = ConsumerDevice::new(0);
+    late.start_session(w.business, &old.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900012", &late).await;
+    let first = late
+        .encrypt(w.business, b"from an old bundle")
+        .await
+        .unwrap();
+    assert_eq!(
+        w.decrypt(peer, &first).await.unwrap(),
+        b"from an old bundle"
+    );
+
+    // After the grace period the replaced key is deleted; the new one remains.
+    w.clock.advance(30 * DAY);
+    let report = w.sessions.maintain(w.business).await.unwrap();
+    assert!(report.rotated, "7 days passed again");
+    assert_eq!(report.signed_retired, 1);
+    let mut too_late = ConsumerDevice::new(0);
+    too_late
+        .start_session(w.business, &old.bundle(Some(1)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900013", &too_late).await;
+    let first = too_late.encrypt(w.business, b"too late").await.unwrap();
+    assert!(matches!(
+        w.decrypt(peer, &first).await,
+        Err(SignalError::InvalidMessage(_))
+    ));
+    let current = w.published().await;
+    let mut fresh = ConsumerDevice::new(0);
+    fresh
+        .start_session(w.business, &current.bundle(Some(2)))
+        .await
+        .unwrap();
+    let first = fresh.encrypt(w.business, b"current").await.unwrap();
+    let peer = w.peer("+447700900014", &fresh).await;
+    assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"current");
+}
+
+#[tokio::test]
+async fn session_state_expires_with_the_last_message_that_needs_it() {
+    let w = World::new();
+    let (_phone, peer) = w.contact("+447700900015", 0).await;
+    assert!(w.sessions.has_session(w.business, peer).await.unwrap());
+    w.clock.advance(29 * DAY);
+    assert!(w.sessions.has_session(w.business, peer).await.unwrap());
+    w.clock.advance(DAY + Duration::from_secs(1));
+    let mut restarted = World::open(w.root, &w.store, &w.clock, SignalConfig::default()).1;
+    assert!(!restarted.has_session(w.business, peer).await.unwrap());
+    restarted = World::open(w.root, &w.store, &w.clock, SignalConfig::default()).1;
+    assert!(matches!(
+        restarted.encrypt(w.business, peer, b"x", w.expiry()).await,
+        Err(SignalError::NoSession)
+    ));
+}
+
+#[tokio::test]
+async fn forgetting_a_consumer_deletes_every_device_state() {
+    let w = World::new();
+    let number = "+447700900016";
+    let (a, _) = w.contact(number, 0).await;
+    w.contact(number, 3).await;
+    let phone = w.peer(number, &a).await.phone;
+    assert_eq!(w.sessions.forget(w.business, phone).await.unwrap(), 2);
+    assert!(
+        w.sessions
+            .devices(w.business, phone)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !w.sessions
+            .has_session(w.business, PeerId { phone, device: 0 })
+            .await
+            .unwrap()
+    );
+}
+
+mod fuzz {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    struct Fixture {
+        runtime: tokio::runtime::Runtime,
+        world: World,
+        peer: PeerId,
+        follow_up: Ciphertext,
+    }
+
+    /// One conversation shared by every case: each case must leave it as it was.
+    fn fixture() -> &'static Fixture {
+        static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+        FIXTURE.get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let (world, peer, follow_up) = runtime.block_on(async {
+                let w = World::new();
+                let (mut phone, peer) = w.contact("+447700900099", 0).await;
+                let reply = w.encrypt(peer, b"hi").await;
+                phone.decrypt(w.business, &reply).await.unwrap();
+                let follow_up = phone.encrypt(w.business, b"kept for later").await.unwrap();
+                (w, peer, follow_up)
+            });
+            Fixture {
+                runtime,
+                world,
+                peer,
+                follow_up,
+            }
+        })
+    }
+
+    fn refused_without_change(kind: MessageKind, bytes: Vec<u8>) -> Result<(), TestCaseError> {
+        let f = fixture();
+        f.runtime.block_on(async {
+            let before = f.world.snapshot(f.peer).await;
+            let result = f.world.decrypt(f.peer, &Ciphertext { kind, bytes }).await;
+            prop_assert!(result.is_err(), "decrypted: {:?}", result);
+            prop_assert_eq!(f.world.snapshot(f.peer).await, before);
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_change_state(
+            bytes in prop::collection::vec(any::<u8>(), 0..300),
+            first_contact in any::<bool>(),
+        ) {
+            let kind = if first_contact { MessageKind::FirstContact } else { MessageKind::FollowUp };
+            refused_without_change(kind, bytes)?;
+        }
+
+        #[test]
+        fn every_bit_flip_of_a_follow_up_is_refused_without_change(bit in 0usize..2000) {
+            let f = fixture();
+            let mut bytes = f.follow_up.bytes.clone();
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            refused_without_change(MessageKind::FollowUp, bytes)?;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sends_lost_from_memory_are_never_repeated_under_the_same_keys() {
+    // A cache of one peer: touching a second peer evicts the first while it
+    // holds sends not yet persisted (the library's counter lease covers them).
+    let w = World::with_config(SignalConfig {
+        peer_cache: 1,
+        ..SignalConfig::default()
+    });
+    let (mut a, peer_a) = w.contact("+447700900301", 0).await;
+    for i in 0..3 {
+        let out = w
+            .encrypt(peer_a, format!("unpersisted {i}").as_bytes())
+            .await;
+        assert_eq!(
+            a.decrypt(w.business, &out).await.unwrap(),
+            format!("unpersisted {i}").as_bytes()
+        );
+    }
+    let (_b, _) = w.contact("+447700900302", 0).await;
+    // Peer A is reloaded from its older snapshot; the chain must skip ahead,
+    // never re-issue the counters already used.
+    for i in 0..3 {
+        let out = w
+            .encrypt(peer_a, format!("after eviction {i}").as_bytes())
+            .await;
+        assert_eq!(
+            a.decrypt(w.business, &out).await.unwrap(),
+            format!("after eviction {i}").as_bytes()
+        );
+    }
+}
