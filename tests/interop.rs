@@ -28,7 +28,7 @@ use custodian::signal::{
     BUSINESS_DEVICE_ID, Ciphertext, MessageKind, PreKeyBundle, PublicPreKey, PublishedKeys,
     Sessions, SignalConfig, SignalError, SignedPublicPreKey,
 };
-use custodian::store::{MemoryStore, PeerId, SignalStore};
+use custodian::store::{MemoryStore, PeerId, Storage};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::Vault;
 

@@ -16,7 +16,7 @@ use custodian::signal::{
     Ciphertext, IdentityPolicy, IdentityStatus, MessageKind, PublishedKeys, Sessions, SignalConfig,
     SignalError,
 };
-use custodian::store::{KeyStore, MemoryStore, PeerId, SignalStore};
+use custodian::store::{KeyStore, MemoryStore, PeerId, Storage};
 use custodian::testing::ConsumerDevice;
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::Vault;

@@ -63,7 +63,7 @@ use zeroize::Zeroizing;
 use crate::envelope::{Kind, Label, RecordKey, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{KeyError, KeyId, KeyKind};
-use crate::store::{Batch, Op, PeerId, SignalStore, StoreError};
+use crate::store::{Batch, Op, PeerId, Storage, StoreError};
 use crate::time::Timestamp;
 use crate::vault::{OpenError, Vault};
 
@@ -333,7 +333,7 @@ pub const BUSINESS_DEVICE_ID: u32 = 0;
 /// Signal sessions with consumers' devices, on behalf of many businesses.
 pub struct Sessions {
     vault: Arc<Vault>,
-    store: Arc<dyn SignalStore>,
+    store: Arc<dyn Storage>,
     config: SignalConfig,
     accounts: RwLock<HashMap<BusinessId, Arc<Account>>>,
     cache: PeerCache,
@@ -385,7 +385,7 @@ fn protocol_error(e: SignalProtocolError, failure: Option<SignalError>) -> Signa
 impl Sessions {
     /// Signal sessions sealed by `vault` and stored in `store`, which must be
     /// the store the vault's key manager uses (batches span both).
-    pub fn new(vault: Arc<Vault>, store: Arc<dyn SignalStore>, config: SignalConfig) -> Self {
+    pub fn new(vault: Arc<Vault>, store: Arc<dyn Storage>, config: SignalConfig) -> Self {
         Self {
             vault,
             store,

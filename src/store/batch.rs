@@ -1,6 +1,7 @@
 //! Atomic write batches: what one successful operation changes.
 
-use crate::ids::{BusinessId, PhoneHash};
+use super::{Delivery, Hold, HoldScope, MessageRecord};
+use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::KeyId;
 
 /// One consumer device, as Signal state is keyed: the consumer's phone hash
@@ -35,6 +36,28 @@ pub enum Op {
     },
     /// Delete a wrapped key outright (a consumed one-time prekey).
     DeleteKey(KeyId),
+    /// Store a message (insert or replace).
+    PutMessage(Box<MessageRecord>),
+    /// Change a stored message's delivery bookkeeping (no effect if it is gone).
+    UpdateDelivery {
+        /// The business.
+        business: BusinessId,
+        /// The message.
+        id: MessageId,
+        /// The new bookkeeping.
+        delivery: Delivery,
+    },
+    /// Delete a message.
+    DeleteMessage {
+        /// The business.
+        business: BusinessId,
+        /// The message.
+        id: MessageId,
+    },
+    /// Place (or replace) a legal hold.
+    PutHold(Hold),
+    /// Release a legal hold.
+    DeleteHold(HoldScope),
 }
 
 impl std::fmt::Debug for Op {
@@ -56,6 +79,24 @@ impl std::fmt::Debug for Op {
                 .field("peer", peer)
                 .finish(),
             Self::DeleteKey(id) => f.debug_tuple("DeleteKey").field(id).finish(),
+            Self::PutMessage(m) => f.debug_tuple("PutMessage").field(m).finish(),
+            Self::UpdateDelivery {
+                business,
+                id,
+                delivery,
+            } => f
+                .debug_struct("UpdateDelivery")
+                .field("business", business)
+                .field("id", id)
+                .field("delivery", delivery)
+                .finish(),
+            Self::DeleteMessage { business, id } => f
+                .debug_struct("DeleteMessage")
+                .field("business", business)
+                .field("id", id)
+                .finish(),
+            Self::PutHold(h) => f.debug_tuple("PutHold").field(h).finish(),
+            Self::DeleteHold(s) => f.debug_tuple("DeleteHold").field(s).finish(),
         }
     }
 }

@@ -6,9 +6,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{Batch, KeyStore, Op, PeerId, SignalStore, StoreError};
-use crate::ids::{BusinessId, PhoneHash, Region};
-use crate::keys::{KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
+use super::{
+    Batch, Census, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, Op, PeerId, Storage,
+    StoreError,
+};
+use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
+use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
 
 /// Everything in process memory, behind one mutex. Each method holds the lock
@@ -32,6 +35,11 @@ struct Inner {
     /// Epoch keys by end, then owner: the sweep's index.
     epochs: BTreeSet<(Timestamp, BusinessId)>,
     peers: BTreeMap<(BusinessId, PeerId), Vec<u8>>,
+    messages: BTreeMap<(BusinessId, MessageId), MessageRecord>,
+    by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
+    by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
+    by_phone: BTreeSet<(BusinessId, PhoneHash, MessageId)>,
+    holds: BTreeMap<HoldScope, Hold>,
 }
 
 impl MemoryStore {
@@ -77,6 +85,78 @@ impl MemoryStore {
 }
 
 impl Inner {
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::PutPeer {
+                business,
+                peer,
+                sealed,
+            } => {
+                self.peers.insert((business, peer), sealed);
+            }
+            Op::DeletePeer { business, peer } => {
+                self.peers.remove(&(business, peer));
+            }
+            Op::DeleteKey(id) => {
+                self.delete_key(&id);
+            }
+            Op::PutMessage(m) => {
+                let key = (m.business, m.id);
+                self.unindex(key);
+                self.by_expiry.insert((m.expiry, m.business, m.id));
+                self.by_phone.insert((m.business, m.phone, m.id));
+                if let Some(due) = m.delivery.next_attempt {
+                    self.by_due.insert((due, m.business, m.id));
+                }
+                self.messages.insert(key, *m);
+            }
+            Op::UpdateDelivery {
+                business,
+                id,
+                delivery,
+            } => {
+                if let Some(m) = self.messages.get_mut(&(business, id)) {
+                    if let Some(due) = m.delivery.next_attempt {
+                        self.by_due.remove(&(due, business, id));
+                    }
+                    if let Some(due) = delivery.next_attempt {
+                        self.by_due.insert((due, business, id));
+                    }
+                    m.delivery = delivery;
+                }
+            }
+            Op::DeleteMessage { business, id } => {
+                self.unindex((business, id));
+                self.messages.remove(&(business, id));
+            }
+            Op::PutHold(hold) => {
+                self.holds.insert(hold.scope, hold);
+            }
+            Op::DeleteHold(scope) => {
+                self.holds.remove(&scope);
+            }
+        }
+    }
+
+    /// Drop the index entries of a stored message (if any).
+    fn unindex(&mut self, key: (BusinessId, MessageId)) {
+        if let Some(m) = self.messages.get(&key) {
+            self.by_expiry.remove(&(m.expiry, m.business, m.id));
+            self.by_phone.remove(&(m.business, m.phone, m.id));
+            if let Some(due) = m.delivery.next_attempt {
+                self.by_due.remove(&(due, m.business, m.id));
+            }
+        }
+    }
+
+    fn has_live_message(&self, business: BusinessId, phone: PhoneHash, now: Timestamp) -> bool {
+        let from = (business, phone, MessageId::from_bytes([0; 16]));
+        self.by_phone
+            .range(from..)
+            .take_while(|(b, p, _)| *b == business && *p == phone)
+            .any(|&(b, _, id)| self.messages.get(&(b, id)).is_some_and(|m| m.expiry > now))
+    }
+
     fn delete_key(&mut self, id: &KeyId) -> bool {
         if let Some(ix) = epoch_index(id) {
             self.epochs.remove(&ix);
@@ -237,9 +317,19 @@ impl KeyStore for MemoryStore {
 }
 
 #[async_trait]
-impl SignalStore for MemoryStore {
+impl Storage for MemoryStore {
     fn region(&self) -> Region {
         self.region
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        // One lock for the whole batch: nothing can observe half of it, and
+        // no operation can fail halfway.
+        let mut inner = self.lock();
+        for op in batch.into_ops() {
+            inner.apply(op);
+        }
+        Ok(())
     }
 
     async fn peer(
@@ -265,27 +355,153 @@ impl SignalStore for MemoryStore {
             .collect())
     }
 
-    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        // One lock for the whole batch: nothing can observe half of it, and
-        // no operation can fail halfway.
+    async fn message(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        Ok(self.lock().messages.get(&(business, id)).cloned())
+    }
+
+    async fn due_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .by_due
+            .iter()
+            .take_while(|(due, _, _)| *due <= now)
+            .take(limit)
+            .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)).cloned())
+            .collect())
+    }
+
+    async fn expired_open_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .by_expiry
+            .iter()
+            .take_while(|(expiry, _, _)| *expiry <= now)
+            .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)))
+            .filter(|m| m.delivery.status.is_open())
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn delete_expired(
+        &self,
+        now: Timestamp,
+        holds: &[HoldScope],
+        limit: usize,
+    ) -> Result<Vec<ExpiredMessage>, StoreError> {
         let mut inner = self.lock();
-        for op in batch.into_ops() {
-            match op {
-                Op::PutPeer {
-                    business,
-                    peer,
-                    sealed,
-                } => {
-                    inner.peers.insert((business, peer), sealed);
-                }
-                Op::DeletePeer { business, peer } => {
-                    inner.peers.remove(&(business, peer));
-                }
-                Op::DeleteKey(id) => {
-                    inner.delete_key(&id);
-                }
-            }
+        let doomed: Vec<ExpiredMessage> = inner
+            .by_expiry
+            .iter()
+            .take_while(|(expiry, _, _)| *expiry <= now)
+            .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)))
+            .filter(|m| m.delivery.next_attempt.is_none())
+            .filter(|m| !holds.iter().any(|h| h.covers(m.business, m.phone)))
+            .take(limit)
+            .map(ExpiredMessage::from)
+            .collect();
+        for m in &doomed {
+            inner.apply(Op::DeleteMessage {
+                business: m.business,
+                id: m.id,
+            });
         }
-        Ok(())
+        Ok(doomed)
+    }
+
+    async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        let inner = self.lock();
+        let epochs: BTreeSet<Epoch> = inner
+            .messages
+            .range(
+                (business, MessageId::from_bytes([0; 16]))
+                    ..=(business, MessageId::from_bytes([0xff; 16])),
+            )
+            .map(|(_, m)| m)
+            .filter(|m| phone.is_none_or(|p| m.phone == p))
+            .map(|m| m.epoch)
+            .collect();
+        Ok(epochs.into_iter().collect())
+    }
+
+    async fn peers_without_live_messages(
+        &self,
+        phones: &[(BusinessId, PhoneHash)],
+        now: Timestamp,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for &(business, phone) in phones {
+            if inner.has_live_message(business, phone, now) {
+                continue;
+            }
+            let from = (business, PeerId { phone, device: 0 });
+            out.extend(
+                inner
+                    .peers
+                    .range(from..)
+                    .take_while(|((b, p), _)| *b == business && p.phone == phone)
+                    .map(|(k, _)| *k),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn orphan_peers(
+        &self,
+        now: Timestamp,
+        after: Option<(BusinessId, PeerId)>,
+        limit: usize,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        let inner = self.lock();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner
+            .peers
+            .range((start, Bound::Unbounded))
+            .map(|(k, _)| *k)
+            .filter(|(b, p)| !inner.has_live_message(*b, p.phone, now))
+            .take(limit)
+            .collect())
+    }
+
+    async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        Ok(self.lock().holds.values().cloned().collect())
+    }
+
+    async fn census(&self) -> Result<Census, StoreError> {
+        let inner = self.lock();
+        let phones: BTreeSet<(BusinessId, PhoneHash)> = inner
+            .by_phone
+            .iter()
+            .map(|&(b, p, _)| (b, p))
+            .chain(inner.peers.keys().map(|(b, p)| (*b, p.phone)))
+            .collect();
+        let epoch_keys = inner
+            .keys
+            .iter()
+            .filter(|(id, e)| id.kind == KeyKind::Epoch && matches!(e, KeyEntry::Wrapped(_)))
+            .count();
+        Ok(Census {
+            messages: inner.messages.len() as u64,
+            peers: inner.peers.len() as u64,
+            phones: phones.len() as u64,
+            epoch_keys: epoch_keys as u64,
+        })
     }
 }

@@ -9,15 +9,21 @@
 
 use async_trait::async_trait;
 
-use crate::ids::{BusinessId, PhoneHash, Region};
-use crate::keys::{KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
+use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
+use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
 
 mod batch;
+mod hold;
 mod memory;
+mod message;
 
 pub use batch::{Batch, Op, PeerId};
+pub use hold::{Hold, HoldScope};
 pub use memory::MemoryStore;
+pub use message::{
+    Census, Delivery, Direction, ExpiredMessage, FailureReason, MessageRecord, Status,
+};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -102,14 +108,20 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<Vec<KeyId>, StoreError>;
 }
 
-/// Where Signal state lives: one sealed record per consumer device (its
-/// session and trusted identity), under its business, keyed by the
-/// consumer's [`PhoneHash`] and device id. A backend that stores Signal state
-/// also stores keys, and commits [`Batch`]es spanning both atomically.
+/// Everything the processor stores beyond keys: Signal state (one sealed
+/// record per consumer device), messages (sealed, with their index fields in
+/// clear: business, id, direction, phone hash, expiry, epoch, delivery
+/// bookkeeping), and legal holds. Writes come as [`Batch`]es that take effect
+/// together or not at all, key deletions included, so a backend stores keys
+/// too.
 #[async_trait]
-pub trait SignalStore: KeyStore {
+pub trait Storage: KeyStore {
     /// The region this store keeps data in; records are sealed for it.
     fn region(&self) -> Region;
+
+    /// Apply every operation of `batch`, or none of them. Once this returns
+    /// `Ok`, the batch is as durable as the backend promises.
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 
     /// The sealed record of `peer` under `business`.
     async fn peer(&self, business: BusinessId, peer: PeerId)
@@ -122,6 +134,68 @@ pub trait SignalStore: KeyStore {
         phone: PhoneHash,
     ) -> Result<Vec<u32>, StoreError>;
 
-    /// Apply every operation of `batch`, or none of them.
-    async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+    /// The stored message `id` of `business`.
+    async fn message(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError>;
+
+    /// Up to `limit` messages whose next attempt is due at or before `now`,
+    /// earliest first.
+    async fn due_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Up to `limit` messages that expired at or before `now` while still
+    /// open (queued or sent, never delivered), earliest first: the processor
+    /// marks them failed and tells the business before they are deleted.
+    async fn expired_open_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Atomically delete and return up to `limit` messages that expired at or
+    /// before `now`, have no attempt pending (nothing left to tell anyone),
+    /// and are covered by none of `holds`; earliest first.
+    async fn delete_expired(
+        &self,
+        now: Timestamp,
+        holds: &[HoldScope],
+        limit: usize,
+    ) -> Result<Vec<ExpiredMessage>, StoreError>;
+
+    /// The distinct epochs of the stored messages of `business` (only those
+    /// about `phone`, if given): what a legal hold must keep from shredding.
+    async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError>;
+
+    /// Of the consumers in `phones`, the peer records of those with no
+    /// message expiring after `now`: Signal state no live message needs.
+    async fn peers_without_live_messages(
+        &self,
+        phones: &[(BusinessId, PhoneHash)],
+        now: Timestamp,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError>;
+
+    /// Up to `limit` peer records, in key order after `after`, whose consumer
+    /// has no message expiring after `now` (a full, resumable scan).
+    async fn orphan_peers(
+        &self,
+        now: Timestamp,
+        after: Option<(BusinessId, PeerId)>,
+        limit: usize,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError>;
+
+    /// The legal holds in force.
+    async fn holds(&self) -> Result<Vec<Hold>, StoreError>;
+
+    /// How much the store holds.
+    async fn census(&self) -> Result<Census, StoreError>;
 }

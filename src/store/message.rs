@@ -1,0 +1,261 @@
+//! Stored messages and their delivery state.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::keys::Epoch;
+use crate::time::Timestamp;
+
+/// Which way a message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From a consumer to the business.
+    Inbound = 1,
+    /// From the business to a consumer.
+    Outbound = 2,
+}
+
+impl Direction {
+    /// The stored code.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The direction with this stored code.
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Inbound),
+            2 => Some(Self::Outbound),
+            _ => None,
+        }
+    }
+}
+
+/// Where a message is in its delivery. Statuses only move forward along
+/// `Queued → Sent → Delivered → Read`; `Failed` ends a message that was never
+/// delivered. An inbound message is `Queued` until the business has it, then
+/// `Delivered`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Stored, not yet handed on.
+    Queued = 0,
+    /// Handed to the transport (outbound).
+    Sent = 1,
+    /// Reached the recipient (the consumer's device, or the business).
+    Delivered = 2,
+    /// Read by the consumer (outbound).
+    Read = 3,
+    /// Will never be delivered; see the failure reason.
+    Failed = 4,
+}
+
+impl Status {
+    /// The stored code.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The status with this stored code.
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(Self::Queued),
+            1 => Some(Self::Sent),
+            2 => Some(Self::Delivered),
+            3 => Some(Self::Read),
+            4 => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    /// Whether moving from `self` to `next` is forward. A status never goes
+    /// back, and a message that was delivered can no longer fail.
+    pub fn may_become(self, next: Self) -> bool {
+        match (self, next) {
+            (Self::Failed, _) | (Self::Read, _) => false,
+            (Self::Queued | Self::Sent, Self::Failed) => true,
+            (_, Self::Failed) => false,
+            (from, to) => to > from,
+        }
+    }
+
+    /// Whether the message still needs work (delivery or retransmission).
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Queued | Self::Sent)
+    }
+}
+
+/// Why a message failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// Its retention ended before it could be delivered: it can no longer be
+    /// retransmitted and is deleted.
+    Expired = 1,
+    /// The consumer has no device to deliver to.
+    NoDevices = 2,
+    /// The transport refused it permanently.
+    Refused = 3,
+    /// No session could be established with any of the consumer's devices.
+    NoSession = 4,
+}
+
+impl FailureReason {
+    /// The stored code.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The reason with this stored code.
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Expired),
+            2 => Some(Self::NoDevices),
+            3 => Some(Self::Refused),
+            4 => Some(Self::NoSession),
+            _ => None,
+        }
+    }
+}
+
+/// A message's delivery bookkeeping: everything about it that changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The status.
+    pub status: Status,
+    /// Why it failed, when `status` is `Failed`.
+    pub failure: Option<FailureReason>,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due; `None` when no attempt is scheduled.
+    pub next_attempt: Option<Timestamp>,
+}
+
+impl Delivery {
+    /// A fresh message: queued, due at `now`.
+    pub fn queued(now: Timestamp) -> Self {
+        Self {
+            status: Status::Queued,
+            failure: None,
+            attempts: 0,
+            next_attempt: Some(now),
+        }
+    }
+}
+
+/// A stored message: its index fields in clear, everything else sealed.
+///
+/// The sealed envelope holds the content and the consumer's phone number (an
+/// outbound message must be sent again after a restart); the store sees only
+/// the number's keyed hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// The business it belongs to.
+    pub business: BusinessId,
+    /// Its id (also the envelope's record id).
+    pub id: MessageId,
+    /// Which way it travels.
+    pub direction: Direction,
+    /// The consumer, as the phone index knows them.
+    pub phone: PhoneHash,
+    /// When it was stored.
+    pub created: Timestamp,
+    /// When its retention ends.
+    pub expiry: Timestamp,
+    /// The epoch whose key seals it.
+    pub epoch: Epoch,
+    /// Delivery bookkeeping.
+    pub delivery: Delivery,
+    /// The sealed envelope.
+    pub sealed: Vec<u8>,
+}
+
+impl fmt::Debug for MessageRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageRecord")
+            .field("business", &self.business)
+            .field("id", &self.id)
+            .field("direction", &self.direction)
+            .field("phone", &self.phone)
+            .field("created", &self.created)
+            .field("expiry", &self.expiry)
+            .field("epoch", &self.epoch)
+            .field("delivery", &self.delivery)
+            .field("sealed_len", &self.sealed.len())
+            .finish()
+    }
+}
+
+/// What the sweep needs to know about an expired message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExpiredMessage {
+    /// The business.
+    pub business: BusinessId,
+    /// The message.
+    pub id: MessageId,
+    /// The consumer.
+    pub phone: PhoneHash,
+    /// Its expiry.
+    pub expiry: Timestamp,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// Whether it was still open (never delivered): the sweep reports it failed.
+    pub open: bool,
+    /// Its direction.
+    pub direction: Direction,
+}
+
+impl From<&MessageRecord> for ExpiredMessage {
+    fn from(m: &MessageRecord) -> Self {
+        Self {
+            business: m.business,
+            id: m.id,
+            phone: m.phone,
+            expiry: m.expiry,
+            epoch: m.epoch,
+            open: m.delivery.status.is_open(),
+            direction: m.direction,
+        }
+    }
+}
+
+/// How much a store holds: for operators, tests and the gateway's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Census {
+    /// Stored messages.
+    pub messages: u64,
+    /// Stored Signal peer records.
+    pub peers: u64,
+    /// Distinct consumers (phone hashes) with a message or a peer record.
+    pub phones: u64,
+    /// Live epoch keys.
+    pub epoch_keys: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_only_move_forward() {
+        use Status::*;
+        let all = [Queued, Sent, Delivered, Read, Failed];
+        for from in all {
+            for to in all {
+                let expected = matches!(
+                    (from, to),
+                    (Queued, Sent | Delivered | Read | Failed)
+                        | (Sent, Delivered | Read | Failed)
+                        | (Delivered, Read)
+                );
+                assert_eq!(from.may_become(to), expected, "{from:?} -> {to:?}");
+            }
+            assert_eq!(Status::from_code(from.code()), Some(from));
+        }
+        assert_eq!(Status::from_code(9), None);
+    }
+}
