@@ -6,11 +6,15 @@ pub mod envelope;
 pub mod ids;
 pub mod integrity;
 pub mod keys;
+mod lock;
+pub mod processor;
+pub mod retention;
 pub mod signal;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+pub mod transport;
 pub mod vault;
 pub mod visibility;
 

@@ -44,7 +44,7 @@
 //!
 //! [rewrap]: KeyManager::rewrap
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use foldhash::fast::RandomState;
 use std::fmt;
@@ -649,20 +649,40 @@ impl KeyManager {
     }
 
     /// Destroy the keys of every epoch that ended at or before `now` (and
-    /// drop the tombstones of epochs destroyed early), `limit` at a time until
-    /// none is left. Returns how many entries were removed.
+    /// drop the tombstones of epochs destroyed early). Returns how many
+    /// entries were removed.
     pub async fn destroy_ended_epochs(&self, now: Timestamp) -> Result<u64, KeyError> {
+        self.destroy_ended_epochs_except(now, &BTreeSet::new())
+            .await
+    }
+
+    /// [`destroy_ended_epochs`](Self::destroy_ended_epochs), sparing the
+    /// epochs in `keep` (those a legal hold still needs).
+    pub async fn destroy_ended_epochs_except(
+        &self,
+        now: Timestamp,
+        keep: &BTreeSet<(BusinessId, Epoch)>,
+    ) -> Result<u64, KeyError> {
         let mut removed = 0;
         loop {
-            let ended = self.store.ended_epoch_keys(now, PAGE).await?;
-            if ended.is_empty() {
+            // Spared entries come back on every page; asking for that many
+            // more guarantees progress.
+            let ended = self.store.ended_epoch_keys(now, PAGE + keep.len()).await?;
+            let doomed: Vec<KeyId> = ended
+                .into_iter()
+                .filter(|id| {
+                    !keep.contains(&(id.business, Epoch::ending_at(Timestamp::from_millis(id.id))))
+                })
+                .collect();
+            if doomed.is_empty() {
                 return Ok(removed);
             }
-            removed += self.store.delete_keys(&ended).await?;
-            // No ended epoch's key may outlive its stored copy in memory.
-            self.write()
+            removed += self.store.delete_keys(&doomed).await?;
+            // No destroyed key may outlive its stored copy in memory.
+            let mut cache = self.write();
+            cache
                 .epochs
-                .retain(|(_, epoch), _| epoch.end() > now);
+                .retain(|(b, epoch), _| epoch.end() > now || keep.contains(&(*b, *epoch)));
         }
     }
 }

@@ -69,16 +69,15 @@ use crate::vault::{OpenError, Vault};
 
 mod account;
 mod cache;
-mod lock;
 mod peer;
 mod rng;
 mod stores;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
 
+use crate::lock::Stripes;
 use account::Account;
 use cache::PeerCache;
-use lock::Stripes;
 use peer::Peer;
 use rng::ThreadCsprng;
 use stores::{IdentityOverlay, PreKeyOverlay, SessionOverlay, SignedPreKeyOverlay};
@@ -341,6 +340,71 @@ pub struct Sessions {
     business_locks: Stripes,
 }
 
+/// A decrypted message whose state changes are staged but not committed
+/// (see [`Sessions::decrypt_staged`]). It holds the device's address lock.
+pub(crate) struct StagedDecrypt<'a> {
+    sessions: &'a Sessions,
+    business: BusinessId,
+    peer: PeerId,
+    state: Option<Peer>,
+    /// What to note in the cache if the staging is dropped uncommitted.
+    original: Option<Peer>,
+    consumed: Option<u32>,
+    expiry: Timestamp,
+    decrypted: Decrypted,
+    _guard: async_lock::MutexGuard<'a, ()>,
+}
+
+impl StagedDecrypt<'_> {
+    /// The decrypted message.
+    pub(crate) fn decrypted(&self) -> &Decrypted {
+        &self.decrypted
+    }
+
+    /// Commit the staged session change, the consumed prekey's deletion and
+    /// `extra`, atomically; return the decrypted message.
+    pub(crate) async fn commit(mut self, mut extra: Batch) -> Result<Decrypted, SignalError> {
+        let s = self.sessions;
+        let (business, peer) = (self.business, self.peer);
+        if let Some(id) = self.consumed {
+            extra.push(Op::DeleteKey(KeyId {
+                business,
+                kind: KeyKind::SignalPreKey,
+                id: u64::from(id),
+            }));
+        }
+        let Some(state) = self.state.take() else {
+            return Err(SignalError::Storage(StorageFailure::Corrupt(
+                "staged state committed twice",
+            )));
+        };
+        self.original = None;
+        s.commit_peer(business, peer, state, self.expiry, extra)
+            .await?;
+        if self.consumed.is_some() {
+            s.replenish_if_low(business).await?;
+        }
+        Ok(std::mem::replace(
+            &mut self.decrypted,
+            Decrypted {
+                plaintext: Vec::new(),
+                identity_changed: false,
+                first_contact: false,
+            },
+        ))
+    }
+}
+
+impl Drop for StagedDecrypt<'_> {
+    fn drop(&mut self) {
+        // Dropped without a commit: the store still has the old state, and a
+        // dirty original had sends that only lived in memory.
+        if let Some(original) = self.original.take() {
+            self.sessions.cache.discard(original);
+        }
+    }
+}
+
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sessions")
@@ -582,17 +646,45 @@ impl Sessions {
         peer: PeerId,
         mut state: Peer,
         expiry: Timestamp,
-        mut batch: Batch,
+        batch: Batch,
     ) -> Result<(), SignalError> {
         state.expiry = state.expiry.max(expiry);
+        match self
+            .seal_and_commit(business, peer, &mut state, batch)
+            .await
+        {
+            Ok(()) => {
+                // The snapshot now covers every counter sent: nothing is pending.
+                if let Some(session) = state.session.as_mut() {
+                    session.clear_pending_reservation();
+                }
+                state.dirty = false;
+                self.cache.put((business, peer), state);
+                Ok(())
+            }
+            Err(e) => {
+                // Not committed: the store keeps the old state, and any sends
+                // that only lived in memory are forgotten safely.
+                self.cache.discard(state);
+                Err(e)
+            }
+        }
+    }
+
+    async fn seal_and_commit(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        state: &mut Peer,
+        mut batch: Batch,
+    ) -> Result<(), SignalError> {
         let now = self.now();
         if state.expiry <= now {
-            let error = SealError::ExpiryNotInFuture {
+            return Err(SealError::ExpiryNotInFuture {
                 expiry: state.expiry,
                 now,
-            };
-            self.cache.discard(state);
-            return Err(error.into());
+            }
+            .into());
         }
         let epoch = self
             .vault
@@ -624,12 +716,6 @@ impl Sessions {
             sealed,
         });
         self.store.commit(batch).await?;
-        // The snapshot now covers every counter sent: nothing is pending.
-        if let Some(session) = state.session.as_mut() {
-            session.clear_pending_reservation();
-        }
-        state.dirty = false;
-        self.cache.put((business, peer), state);
         Ok(())
     }
 
@@ -644,6 +730,23 @@ impl Sessions {
         message: &Ciphertext,
         expiry: Timestamp,
     ) -> Result<Decrypted, SignalError> {
+        self.decrypt_staged(business, peer, message, expiry)
+            .await?
+            .commit(Batch::new())
+            .await
+    }
+
+    /// Decrypt `message` but commit nothing yet: the result holds the
+    /// device's address lock and the staged writes, and its
+    /// [`commit`](StagedDecrypt::commit) adds the caller's own writes (the
+    /// message itself) to the same atomic batch. Dropping it changes nothing.
+    pub(crate) async fn decrypt_staged(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        message: &Ciphertext,
+        expiry: Timestamp,
+    ) -> Result<StagedDecrypt<'_>, SignalError> {
         let parsed = match message.kind {
             MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
                 .map(CiphertextMessage::PreKeySignalMessage),
@@ -652,7 +755,7 @@ impl Sessions {
         }
         .map_err(|e| protocol_error(e, None))?;
         let account = self.account(business).await?;
-        let _guard = self.address_locks.lock((business, peer)).await;
+        let guard = self.address_locks.lock((business, peer)).await;
         let mut state = self.load_peer(business, peer).await?;
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
@@ -680,29 +783,36 @@ impl Sessions {
                 return Err(protocol_error(e, prekeys.take_failure()));
             }
         };
-        state.session = sessions.into_record();
-        state.identity = identities.peer;
-        let mut batch = Batch::new();
         let consumed = decrypted
             .consumed_prekey_id
             .map(u32::from)
             .or(prekeys.consumed);
-        if let Some(id) = consumed {
-            batch.push(Op::DeleteKey(KeyId {
-                business,
-                kind: KeyKind::SignalPreKey,
-                id: u64::from(id),
-            }));
-        }
-        self.commit_peer(business, peer, state, expiry, batch)
-            .await?;
-        if consumed.is_some() {
-            self.replenish_if_low(business).await?;
-        }
-        Ok(Decrypted {
-            plaintext: decrypted.plaintext,
-            identity_changed: decrypted.identity_change == IdentityChange::ReplacedExisting,
-            first_contact: message.kind == MessageKind::FirstContact,
+        // The committed state is out of the cache until the commit puts the
+        // new one back; losing it (a dropped staging) means a reload.
+        let original = Peer {
+            session: None,
+            identity: state.identity,
+            key: None,
+            dirty: state.dirty,
+            address: state.address.clone(),
+            expiry: state.expiry,
+        };
+        state.session = sessions.into_record();
+        state.identity = identities.peer;
+        Ok(StagedDecrypt {
+            sessions: self,
+            business,
+            peer,
+            state: Some(state),
+            original: Some(original),
+            consumed,
+            expiry,
+            decrypted: Decrypted {
+                plaintext: decrypted.plaintext,
+                identity_changed: decrypted.identity_change == IdentityChange::ReplacedExisting,
+                first_contact: message.kind == MessageKind::FirstContact,
+            },
+            _guard: guard,
         })
     }
 

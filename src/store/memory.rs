@@ -407,7 +407,7 @@ impl Storage for MemoryStore {
             .iter()
             .take_while(|(expiry, _, _)| *expiry <= now)
             .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)))
-            .filter(|m| m.delivery.next_attempt.is_none())
+            .filter(|m| m.delivery.next_attempt.is_none() && !m.delivery.status.is_open())
             .filter(|m| !holds.iter().any(|h| h.covers(m.business, m.phone)))
             .take(limit)
             .map(ExpiredMessage::from)

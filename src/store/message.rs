@@ -132,7 +132,21 @@ pub struct Delivery {
     /// Delivery attempts made so far.
     pub attempts: u32,
     /// When the next attempt is due; `None` when no attempt is scheduled.
+    /// An open message (queued or sent) always has one: that is how its
+    /// retransmission, and its failure at expiry, can never be forgotten.
     pub next_attempt: Option<Timestamp>,
+    /// The recipient's devices the message must still be sent to after a
+    /// partial failure: bit `d` for device `d` (devices 63 and above share
+    /// bit 63). Zero means none outstanding.
+    #[serde(default)]
+    pub pending_devices: u64,
+}
+
+impl Delivery {
+    /// The bit of device `device` in [`pending_devices`](Self::pending_devices).
+    pub const fn device_bit(device: u32) -> u64 {
+        1 << if device < 63 { device } else { 63 }
+    }
 }
 
 impl Delivery {
@@ -143,6 +157,7 @@ impl Delivery {
             failure: None,
             attempts: 0,
             next_attempt: Some(now),
+            pending_devices: 0,
         }
     }
 }

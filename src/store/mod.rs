@@ -17,6 +17,8 @@ mod batch;
 mod hold;
 mod memory;
 mod message;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 pub use batch::{Batch, Op, PeerId};
 pub use hold::{Hold, HoldScope};
@@ -24,6 +26,8 @@ pub use memory::MemoryStore;
 pub use message::{
     Census, Delivery, Direction, ExpiredMessage, FailureReason, MessageRecord, Status,
 };
+#[cfg(feature = "sqlite")]
+pub use sqlite::{Durability, SqliteConfig, SqliteOpenError, SqliteStore};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -159,8 +163,10 @@ pub trait Storage: KeyStore {
     ) -> Result<Vec<MessageRecord>, StoreError>;
 
     /// Atomically delete and return up to `limit` messages that expired at or
-    /// before `now`, have no attempt pending (nothing left to tell anyone),
-    /// and are covered by none of `holds`; earliest first.
+    /// before `now`, are settled (delivered, read or failed, with no attempt
+    /// pending: nothing left to tell anyone), and are covered by none of
+    /// `holds`; earliest first. An open message is never deleted: it must be
+    /// reported failed first.
     async fn delete_expired(
         &self,
         now: Timestamp,

@@ -4,6 +4,16 @@
 //! - [`ConsumerDevice`]: a consumer's device, a real Signal client with its
 //!   own identity, prekeys and sessions, that talks to businesses through
 //!   the crate.
+//! - [`SimNetwork`]: the messaging network, a [`Transport`](crate::transport::Transport)
+//!   for the processor, holding consumers with several devices each; consumers
+//!   send with [`SimNetwork::consumer_sends`], and [`SimNetwork::pump`] moves
+//!   everything due (inbound messages, messages to devices, delivery reports).
+//! - [`SimBusiness`]: the businesses' endpoint, a
+//!   [`BusinessSink`](crate::transport::BusinessSink) that records what it is handed.
+//! - [`Faults`]: loss, duplication, delay (so reordering), failures and
+//!   outages on each link, decided by a seeded generator: the same seed
+//!   replays the same run. Time is a [`ManualClock`](crate::time::ManualClock)
+//!   the harness advances.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -17,5 +27,7 @@
 //! ```
 
 mod device;
+mod network;
 
 pub use device::{ConsumerDevice, DeviceError};
+pub use network::{Faults, PumpReport, SimBusiness, SimNetwork, join_all};

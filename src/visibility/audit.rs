@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::table::Revision;
 use super::{DataClass, Party, Purpose};
 use crate::ids::BusinessId;
+use crate::store::HoldScope;
 use crate::time::Timestamp;
 
 /// Identifies one decision: a random 64-bit instance (one per [`Gate`])
@@ -180,12 +181,43 @@ pub enum AuditError {
 pub trait AuditSink: Send + Sync {
     /// Record one decision.
     fn record(&self, decision: &Decision) -> Result<(), AuditError>;
+
+    /// Record a legal hold being placed or released.
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError>;
 }
 
 impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
     fn record(&self, decision: &Decision) -> Result<(), AuditError> {
         (**self).record(decision)
     }
+
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+        (**self).record_hold(event)
+    }
+}
+
+/// What happened to a legal hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldAction {
+    /// The hold was placed: what it covers is no longer deleted or shredded.
+    Placed,
+    /// The hold was released: the next sweep catches up.
+    Released,
+}
+
+/// A legal hold placed or released: an audit event of its own, since holds
+/// suspend retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldEvent {
+    /// When.
+    pub at: Timestamp,
+    /// Placed or released.
+    pub action: HoldAction,
+    /// What the hold covers.
+    pub scope: HoldScope,
+    /// The case or order it serves.
+    pub reference: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -206,6 +238,7 @@ struct Ring {
     events: VecDeque<Decision>,
     capacity: Option<usize>,
     recorded: u64,
+    holds: Vec<HoldEvent>,
 }
 
 impl MemoryAuditSink {
@@ -223,6 +256,7 @@ impl MemoryAuditSink {
                 events: VecDeque::with_capacity(capacity),
                 capacity: Some(capacity),
                 recorded: 0,
+                holds: Vec::new(),
             }),
         }
     }
@@ -241,6 +275,11 @@ impl MemoryAuditSink {
     pub fn recorded(&self) -> u64 {
         lock(&self.inner).recorded
     }
+
+    /// Every legal-hold event, oldest first (never dropped by the bound).
+    pub fn hold_events(&self) -> Vec<HoldEvent> {
+        lock(&self.inner).holds.clone()
+    }
 }
 
 impl AuditSink for MemoryAuditSink {
@@ -251,6 +290,11 @@ impl AuditSink for MemoryAuditSink {
         }
         ring.events.push_back(*decision);
         ring.recorded += 1;
+        Ok(())
+    }
+
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+        lock(&self.inner).holds.push(event.clone());
         Ok(())
     }
 }
@@ -366,6 +410,24 @@ impl<W: Write> Lines<W> {
 }
 
 impl<W: Write + Send> AuditSink for JsonLinesSink<W> {
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+        // Hold events are rare and suspend retention: always written at once,
+        // as `{"hold": {...}}` so readers tell them from release decisions.
+        let mut lines = lock(&self.inner);
+        if lines.failed {
+            return Err(AuditError::OutOfService);
+        }
+        let start = lines.buf.len();
+        if let Err(e) = serde_json::to_writer(&mut lines.buf, &serde_json::json!({ "hold": event }))
+        {
+            lines.buf.truncate(start);
+            return Err(AuditError::Encode(e.to_string()));
+        }
+        lines.buf.push(b'\n');
+        lines.last_write = Some(event.at);
+        lines.write_out()
+    }
+
     fn record(&self, decision: &Decision) -> Result<(), AuditError> {
         let mut lines = lock(&self.inner);
         if lines.failed {

@@ -367,6 +367,10 @@ mod tests {
         fn record(&self, _: &Decision) -> Result<(), AuditError> {
             Err(AuditError::OutOfService)
         }
+
+        fn record_hold(&self, _: &crate::visibility::HoldEvent) -> Result<(), AuditError> {
+            Err(AuditError::OutOfService)
+        }
     }
 
     #[test]

@@ -9,16 +9,16 @@ use foldhash::fast::RandomState;
 /// operations on one key therefore never overlap, while operations on
 /// different keys share a mutex only when their keys collide (1 in
 /// [`Stripes::COUNT`]). Memory is constant however many keys there are.
-pub(super) struct Stripes {
+pub(crate) struct Stripes {
     locks: Box<[Mutex<()>]>,
     hasher: RandomState,
 }
 
 impl Stripes {
     /// Number of mutexes.
-    pub(super) const COUNT: usize = 1024;
+    pub(crate) const COUNT: usize = 1024;
 
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             locks: (0..Self::COUNT).map(|_| Mutex::new(())).collect(),
             hasher: RandomState::default(),
@@ -31,13 +31,13 @@ impl Stripes {
     }
 
     /// Wait for, then hold, the mutex of `key`.
-    pub(super) async fn lock(&self, key: impl Hash) -> MutexGuard<'_, ()> {
+    pub(crate) async fn lock(&self, key: impl Hash) -> MutexGuard<'_, ()> {
         self.locks[self.index(key)].lock().await
     }
 
     /// Hold the mutexes of all `keys` at once. They are taken in index order,
     /// each once, so two callers can never wait on each other in a cycle.
-    pub(super) async fn lock_all<K: Hash>(
+    pub(crate) async fn lock_all<K: Hash>(
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Vec<MutexGuard<'_, ()>> {

@@ -1,0 +1,291 @@
+//! Retention and residency, enforced at read time, by sweep and by
+//! crypto-shredding.
+//!
+//! The promises:
+//!
+//! - **Nothing is readable after its retention period**: 30 days at most
+//!   ([`CEILING`], which no configuration can raise), shorter where the
+//!   business sets it, per class of message. [`evaluate`] decides for reads
+//!   (an expired message is refused whether or not the sweep has run); the
+//!   sealed expiry stops the [`Vault`](crate::vault::Vault) from opening it;
+//!   and the key of its expiry epoch is destroyed when the epoch ends, which
+//!   makes it unreadable in every copy of the store.
+//! - **A consumer's phone number and Signal state are gone once no stored
+//!   message refers to them**: the number lives only inside sealed messages,
+//!   and the [sweep](Retention::sweep) deletes a consumer's sessions and
+//!   trusted identities as soon as their last message is deleted.
+//! - **Content at rest stays in the region the business chose**:
+//!   [`check_residency`] refuses a store in another region, the region is
+//!   sealed into every envelope, and content in use elsewhere is held as
+//!   [`InUse`] for at most the in-use TTL.
+//!
+//! Legal holds ([`Retention::place_hold`]) are explicit and audited. While
+//! one stands, what it covers is neither deleted nor shredded (it is still
+//! not readable through normal reads); releasing it lets the next sweep
+//! catch up.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::time::Duration;
+//! use custodian::retention::{RetentionPolicy, PolicyError};
+//!
+//! let policy = RetentionPolicy::from_toml(r#"
+//!     retention = "30d"
+//!     [business.1001]
+//!     outbound = "7d"
+//! "#)?;
+//! assert_eq!(policy.periods(custodian::ids::BusinessId::new(1001).unwrap()).outbound,
+//!            Duration::from_secs(7 * 86_400));
+//!
+//! let too_long = RetentionPolicy::from_toml("[business.1001]\nretention = \"31d\"");
+//! assert_eq!(too_long.unwrap_err().field, "business.1001.retention");
+//! # Ok::<(), PolicyError>(())
+//! # }).unwrap();
+//! ```
+
+use std::sync::{Arc, RwLock};
+
+use crate::ids::{BusinessId, Region};
+use crate::keys::KeyManager;
+use crate::store::{Batch, Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
+use crate::time::Timestamp;
+use crate::visibility::{AuditError, AuditSink, HoldAction, HoldEvent};
+
+mod evaluate;
+mod policy;
+mod residency;
+mod sweep;
+
+pub use evaluate::{Decision, PurgeReason, RecordFacts, effective_expiry, evaluate};
+pub use policy::{
+    BusinessFile, BusinessRetention, CEILING, DEFAULT_IN_USE_TTL, Periods, PolicyError, PolicyFile,
+    RetentionPolicy, format_duration, parse_duration,
+};
+pub use residency::{InUse, ResidencyError, check_residency};
+pub use sweep::{ExpiryNotifier, SweepError, SweepReport};
+
+/// Why a legal hold could not be placed or released. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HoldError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit trail could not record the change, so it was undone.
+    #[error("the hold change could not be audited: {0}")]
+    Audit(#[from] AuditError),
+}
+
+/// Messages a sweep handles per store operation.
+const DEFAULT_BATCH: usize = 1024;
+
+/// Retention over one store: the policy in force, legal holds, the sweep.
+pub struct Retention {
+    storage: Arc<dyn Storage>,
+    keys: Arc<KeyManager>,
+    audit: Arc<dyn AuditSink>,
+    policy: RwLock<Arc<RetentionPolicy>>,
+    /// The holds in force, as last read or written by this instance.
+    holds: RwLock<Option<Arc<[HoldScope]>>>,
+    batch: usize,
+}
+
+impl std::fmt::Debug for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retention")
+            .field("policy", &self.policy())
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Retention {
+    /// Retention of the records in `storage`, whose epoch keys `keys`
+    /// manages, under `policy`; legal-hold changes are written to `audit`.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        keys: Arc<KeyManager>,
+        policy: RetentionPolicy,
+        audit: Arc<dyn AuditSink>,
+    ) -> Self {
+        Self {
+            storage,
+            keys,
+            audit,
+            policy: RwLock::new(Arc::new(policy)),
+            holds: RwLock::new(None),
+            batch: DEFAULT_BATCH,
+        }
+    }
+
+    /// Handle `batch` messages per store operation in sweeps (at least one).
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<RetentionPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Put `policy` in force. Shorter periods apply at once to reads of
+    /// messages already stored, and to the sweep.
+    pub fn set_policy(&self, policy: RetentionPolicy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// Refuse to store content of `business` in a store outside its region.
+    pub fn check_residency(
+        &self,
+        business: BusinessId,
+        store: Region,
+    ) -> Result<(), ResidencyError> {
+        check_residency(business, self.policy().region(business), store)
+    }
+
+    async fn hold_scopes(&self) -> Result<Arc<[HoldScope]>, StoreError> {
+        if let Some(holds) = self.holds.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(holds);
+        }
+        let scopes: Arc<[HoldScope]> = self
+            .storage
+            .holds()
+            .await?
+            .into_iter()
+            .map(|h| h.scope)
+            .collect();
+        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = Some(scopes.clone());
+        Ok(scopes)
+    }
+
+    /// What retention says about `message` at `now`: the check every read
+    /// makes before opening it.
+    pub async fn decide(
+        &self,
+        message: &MessageRecord,
+        now: Timestamp,
+    ) -> Result<Decision, StoreError> {
+        let holds = self.hold_scopes().await?;
+        Ok(evaluate(
+            &RecordFacts::from(message),
+            now,
+            &self.policy(),
+            &holds,
+        ))
+    }
+
+    /// Sweep everything retention no longer allows at `now`: report open
+    /// messages that expired to `notifier` and mark them failed, delete
+    /// expired messages and the Signal state of consumers left without a
+    /// live message, destroy the keys of ended epochs. Nothing a legal hold
+    /// covers is touched. Idempotent; if interrupted, the next sweep finishes.
+    pub async fn sweep(
+        &self,
+        now: Timestamp,
+        notifier: &dyn ExpiryNotifier,
+    ) -> Result<SweepReport, SweepError> {
+        self.sweep_steps(now, notifier, u64::MAX).await
+    }
+
+    /// A sweep that stops after `max_steps` store operations; its report says
+    /// whether it finished. For hosts that sweep in slices, and for tests
+    /// that interrupt it.
+    pub async fn sweep_steps(
+        &self,
+        now: Timestamp,
+        notifier: &dyn ExpiryNotifier,
+        max_steps: u64,
+    ) -> Result<SweepReport, SweepError> {
+        sweep::Sweep {
+            storage: &*self.storage,
+            keys: &self.keys,
+            notifier,
+            now,
+            batch: self.batch,
+            max_steps,
+            report: SweepReport::default(),
+        }
+        .run()
+        .await
+    }
+
+    /// The legal holds in force.
+    pub async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        self.storage.holds().await
+    }
+
+    /// Place a legal hold on `scope` for the case `reference`. Audited; if the
+    /// audit trail cannot record it, the hold is not placed.
+    pub async fn place_hold(
+        &self,
+        scope: HoldScope,
+        reference: &str,
+        now: Timestamp,
+    ) -> Result<(), HoldError> {
+        let hold = Hold {
+            scope,
+            reference: reference.to_owned(),
+            placed: now,
+        };
+        let mut batch = Batch::new();
+        batch.push(Op::PutHold(hold));
+        self.storage.commit(batch).await?;
+        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let event = HoldEvent {
+            at: now,
+            action: HoldAction::Placed,
+            scope,
+            reference: reference.to_owned(),
+        };
+        if let Err(e) = self.audit.record_hold(&event) {
+            let mut undo = Batch::new();
+            undo.push(Op::DeleteHold(scope));
+            self.storage.commit(undo).await?;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Release the legal hold on `scope`. Audited; if the audit trail cannot
+    /// record it, the hold stays. Returns whether a hold was in force.
+    pub async fn release_hold(
+        &self,
+        scope: HoldScope,
+        reference: &str,
+        now: Timestamp,
+    ) -> Result<bool, HoldError> {
+        let Some(existing) = self
+            .storage
+            .holds()
+            .await?
+            .into_iter()
+            .find(|h| h.scope == scope)
+        else {
+            return Ok(false);
+        };
+        let event = HoldEvent {
+            at: now,
+            action: HoldAction::Released,
+            scope,
+            reference: reference.to_owned(),
+        };
+        self.audit.record_hold(&event)?;
+        let mut batch = Batch::new();
+        batch.push(Op::DeleteHold(scope));
+        if let Err(e) = self.storage.commit(batch).await {
+            // The audit says released; put the record straight (the hold stands).
+            let _ = self.audit.record_hold(&HoldEvent {
+                action: HoldAction::Placed,
+                reference: existing.reference.clone(),
+                ..event
+            });
+            return Err(e.into());
+        }
+        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(true)
+    }
+}

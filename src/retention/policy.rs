@@ -1,0 +1,413 @@
+//! Retention periods: how long each business keeps each class of message,
+//! under a ceiling no configuration can raise.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{BusinessId, Region};
+use crate::keys::EpochLength;
+use crate::store::Direction;
+use crate::time::Timestamp;
+
+/// The most any message may be kept: 30 days. Not configurable.
+pub const CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The default time content may stay in use outside its region: 60 minutes.
+pub const DEFAULT_IN_USE_TTL: Duration = Duration::from_secs(3600);
+
+/// Why a retention configuration was refused. `field` names where, in the
+/// file's own terms (`business.1001.inbound`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct PolicyError {
+    /// The offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl PolicyError {
+    fn new(field: impl Into<String>, problem: impl fmt::Display) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// Retention of one business (or the default), per class of message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Periods {
+    /// Messages from consumers.
+    pub inbound: Duration,
+    /// Messages from the business (what retransmission needs).
+    pub outbound: Duration,
+}
+
+impl Periods {
+    /// Both classes kept for `period`.
+    pub const fn both(period: Duration) -> Self {
+        Self {
+            inbound: period,
+            outbound: period,
+        }
+    }
+
+    /// The period of `direction`.
+    pub const fn of(&self, direction: Direction) -> Duration {
+        match direction {
+            Direction::Inbound => self.inbound,
+            Direction::Outbound => self.outbound,
+        }
+    }
+}
+
+/// What the configuration says about one business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusinessRetention {
+    /// Its retention periods.
+    pub periods: Periods,
+    /// The region its content must be stored in ("local storage"), if pinned.
+    pub region: Option<Region>,
+}
+
+/// Retention for every business: a default, per-business (and per-class)
+/// shorter periods, the epoch length and the in-use TTL. Every period is at
+/// most [`CEILING`]: a configuration that asks for more is refused, never
+/// clamped.
+///
+/// The file form (TOML or JSON), every field optional:
+///
+/// ```toml
+/// retention = "30d"      # the default, for both classes
+/// epoch = "1h"           # expiry epoch length (1s to 1d)
+/// in_use_ttl = "60m"     # content in use outside its region
+///
+/// [business.1001]
+/// retention = "7d"
+/// outbound = "3d"        # per class: inbound, outbound
+/// region = "eu"          # local storage: content at rest only in this region
+/// ```
+///
+/// Durations are an integer and a unit: `s`, `m`, `h` or `d`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    default: Periods,
+    epoch_length: EpochLength,
+    in_use_ttl: Duration,
+    businesses: BTreeMap<BusinessId, BusinessRetention>,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self {
+            default: Periods::both(CEILING),
+            epoch_length: EpochLength::DEFAULT,
+            in_use_ttl: DEFAULT_IN_USE_TTL,
+            businesses: BTreeMap::new(),
+        }
+    }
+}
+
+fn check_period(field: &str, d: Duration) -> Result<Duration, PolicyError> {
+    if d.is_zero() {
+        return Err(PolicyError::new(
+            field,
+            "a retention period must be positive",
+        ));
+    }
+    if d > CEILING {
+        return Err(PolicyError::new(
+            field,
+            format_args!("{} exceeds the 30-day ceiling", format_duration(d)),
+        ));
+    }
+    Ok(d)
+}
+
+impl RetentionPolicy {
+    /// The default periods, applied to businesses not configured.
+    pub fn default_periods(&self) -> Periods {
+        self.default
+    }
+
+    /// Set the default periods; each must be within the ceiling.
+    pub fn with_default(mut self, periods: Periods) -> Result<Self, PolicyError> {
+        check_period("retention.inbound", periods.inbound)?;
+        check_period("retention.outbound", periods.outbound)?;
+        self.default = periods;
+        Ok(self)
+    }
+
+    /// Configure one business; its periods must be within the ceiling.
+    pub fn with_business(
+        mut self,
+        business: BusinessId,
+        config: BusinessRetention,
+    ) -> Result<Self, PolicyError> {
+        check_period(
+            &format!("business.{business}.inbound"),
+            config.periods.inbound,
+        )?;
+        check_period(
+            &format!("business.{business}.outbound"),
+            config.periods.outbound,
+        )?;
+        self.businesses.insert(business, config);
+        Ok(self)
+    }
+
+    /// Set the epoch length.
+    pub fn with_epoch_length(mut self, length: EpochLength) -> Self {
+        self.epoch_length = length;
+        self
+    }
+
+    /// Set the in-use TTL (at most the ceiling).
+    pub fn with_in_use_ttl(mut self, ttl: Duration) -> Result<Self, PolicyError> {
+        self.in_use_ttl = check_period("in_use_ttl", ttl)?;
+        Ok(self)
+    }
+
+    /// The periods that apply to `business`.
+    pub fn periods(&self, business: BusinessId) -> Periods {
+        self.businesses
+            .get(&business)
+            .map_or(self.default, |b| b.periods)
+    }
+
+    /// How long `business` keeps messages going `direction`.
+    pub fn period(&self, business: BusinessId, direction: Direction) -> Duration {
+        self.periods(business).of(direction)
+    }
+
+    /// When a message of `business` going `direction`, stored at `now`, expires.
+    pub fn expiry(&self, business: BusinessId, direction: Direction, now: Timestamp) -> Timestamp {
+        now.saturating_add(self.period(business, direction))
+    }
+
+    /// The region `business` pinned its content to, if any.
+    pub fn region(&self, business: BusinessId) -> Option<Region> {
+        self.businesses.get(&business).and_then(|b| b.region)
+    }
+
+    /// The expiry epoch length.
+    pub fn epoch_length(&self) -> EpochLength {
+        self.epoch_length
+    }
+
+    /// How long content may stay in use outside its business's region.
+    pub fn in_use_ttl(&self) -> Duration {
+        self.in_use_ttl
+    }
+
+    /// The configured businesses.
+    pub fn businesses(&self) -> impl Iterator<Item = (BusinessId, &BusinessRetention)> {
+        self.businesses.iter().map(|(b, r)| (*b, r))
+    }
+
+    /// Parse and validate a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile =
+            toml::from_str(text).map_err(|e| PolicyError::new("(file)", e.message()))?;
+        file.validate()
+    }
+
+    /// Parse and validate a JSON configuration.
+    pub fn from_json(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile =
+            serde_json::from_str(text).map_err(|e| PolicyError::new("(file)", e))?;
+        file.validate()
+    }
+
+    /// The file form of this policy.
+    pub fn to_file(&self) -> PolicyFile {
+        let periods = |p: Periods| {
+            (
+                Some(format_duration(p.inbound)),
+                Some(format_duration(p.outbound)),
+            )
+        };
+        let (inbound, outbound) = periods(self.default);
+        PolicyFile {
+            retention: None,
+            inbound,
+            outbound,
+            epoch: Some(format_duration(self.epoch_length.as_duration())),
+            in_use_ttl: Some(format_duration(self.in_use_ttl)),
+            business: self
+                .businesses
+                .iter()
+                .map(|(b, r)| {
+                    let (inbound, outbound) = periods(r.periods);
+                    (
+                        b.to_string(),
+                        BusinessFile {
+                            retention: None,
+                            inbound,
+                            outbound,
+                            region: r.region,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A retention configuration as written in a file (see [`RetentionPolicy`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Default period for both classes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// Default period for inbound messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<String>,
+    /// Default period for outbound messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<String>,
+    /// Epoch length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// In-use TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use_ttl: Option<String>,
+    /// Per-business settings, keyed by business id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub business: BTreeMap<String, BusinessFile>,
+}
+
+/// One business's settings in a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusinessFile {
+    /// Period for both classes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// Period for inbound messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<String>,
+    /// Period for outbound messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<String>,
+    /// Pinned region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Region>,
+}
+
+/// Resolve `retention`, then per-class overrides, each checked against the ceiling.
+fn resolve_periods(
+    prefix: &str,
+    base: Periods,
+    retention: Option<&str>,
+    inbound: Option<&str>,
+    outbound: Option<&str>,
+) -> Result<Periods, PolicyError> {
+    let field = |name: &str| {
+        if prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{prefix}.{name}")
+        }
+    };
+    let read = |name: &str, text: Option<&str>| -> Result<Option<Duration>, PolicyError> {
+        text.map(|t| {
+            let f = field(name);
+            parse_duration(t)
+                .map_err(|p| PolicyError::new(f.clone(), p))
+                .and_then(|d| check_period(&f, d))
+        })
+        .transpose()
+    };
+    let both = read("retention", retention)?;
+    let mut periods = both.map_or(base, Periods::both);
+    if let Some(d) = read("inbound", inbound)? {
+        periods.inbound = d;
+    }
+    if let Some(d) = read("outbound", outbound)? {
+        periods.outbound = d;
+    }
+    Ok(periods)
+}
+
+impl PolicyFile {
+    /// Check every field and build the policy.
+    pub fn validate(&self) -> Result<RetentionPolicy, PolicyError> {
+        let mut policy = RetentionPolicy::default();
+        policy.default = resolve_periods(
+            "",
+            policy.default,
+            self.retention.as_deref(),
+            self.inbound.as_deref(),
+            self.outbound.as_deref(),
+        )?;
+        if let Some(text) = &self.epoch {
+            let d = parse_duration(text).map_err(|p| PolicyError::new("epoch", p))?;
+            policy.epoch_length = EpochLength::new(d).ok_or_else(|| {
+                PolicyError::new("epoch", "an epoch is 1s to 1d, in whole milliseconds")
+            })?;
+        }
+        if let Some(text) = &self.in_use_ttl {
+            let d = parse_duration(text).map_err(|p| PolicyError::new("in_use_ttl", p))?;
+            policy.in_use_ttl = check_period("in_use_ttl", d)?;
+        }
+        for (key, b) in &self.business {
+            let prefix = format!("business.{key}");
+            let business: BusinessId = key.parse().map_err(|e| {
+                PolicyError::new(prefix.clone(), format_args!("not a business id: {e}"))
+            })?;
+            let periods = resolve_periods(
+                &prefix,
+                policy.default,
+                b.retention.as_deref(),
+                b.inbound.as_deref(),
+                b.outbound.as_deref(),
+            )?;
+            policy.businesses.insert(
+                business,
+                BusinessRetention {
+                    periods,
+                    region: b.region,
+                },
+            );
+        }
+        Ok(policy)
+    }
+}
+
+/// Parse `<integer><unit>`, unit one of `s`, `m`, `h`, `d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a duration like \"30d\", \"12h\", \"90m\" or \"45s\"")
+    })?;
+    let seconds = match unit {
+        "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        "d" => Some(86_400),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{text:?} has no unit: use s, m, h or d"))?;
+    n.checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// The largest whole unit that expresses `d` exactly (sub-second parts dropped).
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s >= size && s.is_multiple_of(size) {
+            return format!("{}{unit}", s / size);
+        }
+    }
+    format!("{s}s")
+}

@@ -1,0 +1,251 @@
+//! The sweep: deletes what retention no longer allows, in bounded,
+//! resumable steps.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::ids::{BusinessId, PhoneHash};
+use crate::keys::{Epoch, KeyError, KeyManager};
+use crate::store::{
+    Batch, Delivery, FailureReason, HoldScope, MessageRecord, Op, PeerId, Status, Storage,
+    StoreError,
+};
+use crate::time::Timestamp;
+
+/// Told when a message expires before it was delivered, so it never fails
+/// silently. The processor tells the business; a host running retention on
+/// its own can log or count.
+#[async_trait]
+pub trait ExpiryNotifier: Send + Sync {
+    /// `message` expired undelivered. Return `true` once whoever is waiting
+    /// has been told; `false` leaves it for the next sweep.
+    async fn expired_undelivered(&self, message: &MessageRecord) -> bool;
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SweepReport {
+    /// Open messages that expired, reported failed.
+    pub failed_expired: u64,
+    /// Messages deleted.
+    pub messages_deleted: u64,
+    /// Signal peer records (sessions and trusted identities) deleted.
+    pub peers_deleted: u64,
+    /// Consumers whose Signal state was deleted: no message needs them.
+    pub consumers_forgotten: u64,
+    /// Epoch keys destroyed (ended epochs, and tombstones of early ones).
+    pub epoch_keys_destroyed: u64,
+    /// Store operations performed.
+    pub steps: u64,
+    /// Whether the sweep ran to the end (false if it stopped at its step budget).
+    pub complete: bool,
+    /// Time taken.
+    pub elapsed: Duration,
+}
+
+/// Why a sweep stopped early with an error. What it did before is kept:
+/// running it again continues.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SweepError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The key hierarchy failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// One sweep in progress.
+pub(super) struct Sweep<'a> {
+    pub(super) storage: &'a dyn Storage,
+    pub(super) keys: &'a KeyManager,
+    pub(super) notifier: &'a dyn ExpiryNotifier,
+    pub(super) now: Timestamp,
+    pub(super) batch: usize,
+    pub(super) max_steps: u64,
+    pub(super) report: SweepReport,
+}
+
+impl Sweep<'_> {
+    /// Count a step; `false` once the budget is spent.
+    fn step(&mut self) -> bool {
+        if self.report.steps >= self.max_steps {
+            return false;
+        }
+        self.report.steps += 1;
+        true
+    }
+
+    /// Run every stage to the end, or until the step budget is spent.
+    /// Each stage is idempotent, so a sweep stopped anywhere (by the budget,
+    /// an error or a crash) is finished by the next one.
+    pub(super) async fn run(mut self) -> Result<SweepReport, SweepError> {
+        let started = Instant::now();
+        let holds: Vec<HoldScope> = self
+            .storage
+            .holds()
+            .await?
+            .into_iter()
+            .map(|h| h.scope)
+            .collect();
+        let complete = self.fail_expired_open().await?
+            && self.delete_expired(&holds).await?
+            && self.delete_orphan_peers(&holds).await?
+            && self.destroy_ended_epochs(&holds).await?;
+        self.report.complete = complete;
+        self.report.elapsed = started.elapsed();
+        Ok(self.report)
+    }
+
+    /// Stage 1: every message that expired undelivered is reported, then
+    /// marked failed (and so becomes deletable).
+    async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
+        let mut skipped: BTreeSet<(BusinessId, crate::ids::MessageId)> = BTreeSet::new();
+        loop {
+            let open = self
+                .storage
+                .expired_open_messages(self.now, self.batch + skipped.len())
+                .await?;
+            let fresh: Vec<MessageRecord> = open
+                .into_iter()
+                .filter(|m| !skipped.contains(&(m.business, m.id)))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(true);
+            }
+            // Take the step before telling anyone, so a sweep stopped by its
+            // budget never reports a message it then fails to mark. (A crash
+            // between telling and marking reports it again next time: at
+            // least once, never silently.)
+            if !self.step() {
+                return Ok(false);
+            }
+            let mut batch = Batch::new();
+            for m in fresh {
+                if self.notifier.expired_undelivered(&m).await {
+                    batch.push(Op::UpdateDelivery {
+                        business: m.business,
+                        id: m.id,
+                        delivery: Delivery {
+                            status: Status::Failed,
+                            failure: Some(FailureReason::Expired),
+                            attempts: m.delivery.attempts,
+                            next_attempt: None,
+                            pending_devices: 0,
+                        },
+                    });
+                    self.report.failed_expired += 1;
+                } else {
+                    // Not told yet: it stays open, and is tried again next sweep.
+                    skipped.insert((m.business, m.id));
+                }
+            }
+            if !batch.is_empty() {
+                self.storage.commit(batch).await?;
+            }
+        }
+    }
+
+    /// Stage 2: delete expired, settled, unheld messages, and with each batch
+    /// the Signal state of consumers left with no live message.
+    async fn delete_expired(&mut self, holds: &[HoldScope]) -> Result<bool, SweepError> {
+        loop {
+            if !self.step() {
+                return Ok(false);
+            }
+            let deleted = self
+                .storage
+                .delete_expired(self.now, holds, self.batch)
+                .await?;
+            if deleted.is_empty() {
+                return Ok(true);
+            }
+            self.report.messages_deleted += deleted.len() as u64;
+            let phones: Vec<(BusinessId, PhoneHash)> = deleted
+                .iter()
+                .map(|m| (m.business, m.phone))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let peers = self
+                .storage
+                .peers_without_live_messages(&phones, self.now)
+                .await?;
+            if !self.delete_peers(peers, holds).await? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Stage 3: a full scan for Signal state no live message needs, which
+    /// also finishes the work of a sweep interrupted between stage 2's steps.
+    async fn delete_orphan_peers(&mut self, holds: &[HoldScope]) -> Result<bool, SweepError> {
+        let mut after = None;
+        loop {
+            let orphans = self
+                .storage
+                .orphan_peers(self.now, after, self.batch)
+                .await?;
+            let Some(&last) = orphans.last() else {
+                return Ok(true);
+            };
+            after = Some(last);
+            if !self.delete_peers(orphans, holds).await? {
+                return Ok(false);
+            }
+        }
+    }
+
+    async fn delete_peers(
+        &mut self,
+        peers: Vec<(BusinessId, PeerId)>,
+        holds: &[HoldScope],
+    ) -> Result<bool, SweepError> {
+        let peers: Vec<(BusinessId, PeerId)> = peers
+            .into_iter()
+            .filter(|(b, p)| !holds.iter().any(|h| h.covers(*b, p.phone)))
+            .collect();
+        if peers.is_empty() {
+            return Ok(true);
+        }
+        if !self.step() {
+            return Ok(false);
+        }
+        let consumers: BTreeSet<(BusinessId, PhoneHash)> =
+            peers.iter().map(|(b, p)| (*b, p.phone)).collect();
+        let mut batch = Batch::new();
+        for &(business, peer) in &peers {
+            batch.push(Op::DeletePeer { business, peer });
+        }
+        self.storage.commit(batch).await?;
+        self.report.peers_deleted += peers.len() as u64;
+        self.report.consumers_forgotten += consumers.len() as u64;
+        Ok(true)
+    }
+
+    /// Stage 4: destroy the keys of ended epochs, except those still holding
+    /// a message under a legal hold.
+    async fn destroy_ended_epochs(&mut self, holds: &[HoldScope]) -> Result<bool, SweepError> {
+        if !self.step() {
+            return Ok(false);
+        }
+        let mut keep: BTreeSet<(BusinessId, Epoch)> = BTreeSet::new();
+        for hold in holds {
+            let (business, phone) = match *hold {
+                HoldScope::Business(b) => (b, None),
+                HoldScope::Consumer(b, p) => (b, Some(p)),
+            };
+            for epoch in self.storage.message_epochs(business, phone).await? {
+                keep.insert((business, epoch));
+            }
+        }
+        self.report.epoch_keys_destroyed += self
+            .keys
+            .destroy_ended_epochs_except(self.now, &keep)
+            .await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,317 @@
+//! How values are laid out in SQLite, and how SQLite's failures become
+//! [`StoreError`]s.
+//!
+//! SQLite integers are signed 64-bit; most of ours (business ids,
+//! timestamps, key ids) are unsigned 64-bit and must keep their order, since
+//! the queries page and sort by them. Each is stored *biased*: `v XOR 2^63`,
+//! read as signed. That maps `0` to `i64::MIN` and `u64::MAX` to `i64::MAX`,
+//! so SQLite's signed order is exactly the unsigned order, and no value can
+//! fail to fit. Small integers (codes, versions, device ids, attempts) are
+//! stored as they are. Ids and phone hashes are 16-byte blobs, compared as
+//! bytes, which is their `Ord`.
+//!
+//! Decoding is total: a value of the wrong type, an unknown code or a blob of
+//! the wrong length is [`StoreError::Corrupt`] naming the column, never a
+//! panic. Error messages name tables and columns, never stored bytes.
+
+use rusqlite::types::ValueRef;
+use rusqlite::{ErrorCode, Row};
+
+use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::keys::{Epoch, KeyId, KeyKind};
+use crate::store::{
+    Delivery, Direction, ExpiredMessage, FailureReason, MessageRecord, PeerId, Status, StoreError,
+};
+use crate::time::Timestamp;
+
+const BIAS: u64 = 1 << 63;
+
+/// An unsigned value as stored: biased so that signed order is unsigned order.
+pub(super) const fn u64_to_sql(v: u64) -> i64 {
+    (v ^ BIAS) as i64
+}
+
+/// The unsigned value of a stored (biased) integer.
+pub(super) const fn u64_from_sql(v: i64) -> u64 {
+    (v as u64) ^ BIAS
+}
+
+pub(super) fn business_sql(b: BusinessId) -> i64 {
+    u64_to_sql(b.get())
+}
+
+pub(super) fn time_sql(t: Timestamp) -> i64 {
+    u64_to_sql(t.as_millis())
+}
+
+/// A `LIMIT` for SQL: every `usize` limit is honoured (SQLite's limit is `i64`).
+pub(super) fn limit_sql(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// The error for a stored value that this crate cannot have written.
+pub(super) fn corrupt(column: &str, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{column}: {what}"))
+}
+
+/// A SQLite failure as a [`StoreError`]. Damage is `Corrupt`, everything
+/// else `Backend`; the message is SQLite's, which names objects, never values.
+pub(super) fn store_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
+    match &e {
+        E::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+        {
+            StoreError::Corrupt(format!("SQLite: {e}"))
+        }
+        E::InvalidColumnType(..)
+        | E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::Utf8Error(..) => StoreError::Corrupt(format!("SQLite value: {e}")),
+        _ => StoreError::Backend(format!("SQLite: {e}")),
+    }
+}
+
+/// `?` for SQLite results inside the backend: `.db()?` maps the error
+/// through [`store_error`]. (A `From` impl would put rusqlite in the crate's
+/// public API.)
+pub(super) trait Db<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> Db<T> for rusqlite::Result<T> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(store_error)
+    }
+}
+
+/// The columns of one row, decoded with the column names at hand for errors.
+pub(super) struct Cols<'a, 'r> {
+    row: &'a Row<'r>,
+    table: &'static str,
+}
+
+impl<'a, 'r> Cols<'a, 'r> {
+    pub(super) fn new(row: &'a Row<'r>, table: &'static str) -> Self {
+        Self { row, table }
+    }
+
+    fn value(&self, idx: usize) -> Result<ValueRef<'a>, StoreError> {
+        self.row.get_ref(idx).map_err(store_error)
+    }
+
+    fn wrong(&self, column: &str, expected: &str, found: ValueRef<'_>) -> StoreError {
+        corrupt(
+            &format!("{}.{column}", self.table),
+            format_args!("expected {expected}, found {}", found.data_type()),
+        )
+    }
+
+    fn bad(&self, column: &str, what: impl std::fmt::Display) -> StoreError {
+        corrupt(&format!("{}.{column}", self.table), what)
+    }
+
+    pub(super) fn int(&self, idx: usize, column: &str) -> Result<i64, StoreError> {
+        match self.value(idx)? {
+            ValueRef::Integer(v) => Ok(v),
+            other => Err(self.wrong(column, "an integer", other)),
+        }
+    }
+
+    pub(super) fn opt_int(&self, idx: usize, column: &str) -> Result<Option<i64>, StoreError> {
+        match self.value(idx)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Integer(v) => Ok(Some(v)),
+            other => Err(self.wrong(column, "an integer or null", other)),
+        }
+    }
+
+    pub(super) fn blob(&self, idx: usize, column: &str) -> Result<&'a [u8], StoreError> {
+        match self.value(idx)? {
+            ValueRef::Blob(b) => Ok(b),
+            other => Err(self.wrong(column, "a blob", other)),
+        }
+    }
+
+    pub(super) fn opt_blob(
+        &self,
+        idx: usize,
+        column: &str,
+    ) -> Result<Option<&'a [u8]>, StoreError> {
+        match self.value(idx)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Blob(b) => Ok(Some(b)),
+            other => Err(self.wrong(column, "a blob or null", other)),
+        }
+    }
+
+    pub(super) fn text(&self, idx: usize, column: &str) -> Result<String, StoreError> {
+        match self.value(idx)? {
+            ValueRef::Text(t) => std::str::from_utf8(t)
+                .map(str::to_owned)
+                .map_err(|_| self.bad(column, "text is not UTF-8")),
+            other => Err(self.wrong(column, "text", other)),
+        }
+    }
+
+    pub(super) fn u64(&self, idx: usize, column: &str) -> Result<u64, StoreError> {
+        self.int(idx, column).map(u64_from_sql)
+    }
+
+    pub(super) fn u32(&self, idx: usize, column: &str) -> Result<u32, StoreError> {
+        let v = self.int(idx, column)?;
+        u32::try_from(v).map_err(|_| self.bad(column, format_args!("{v} is out of range")))
+    }
+
+    pub(super) fn time(&self, idx: usize, column: &str) -> Result<Timestamp, StoreError> {
+        self.u64(idx, column).map(Timestamp::from_millis)
+    }
+
+    pub(super) fn opt_time(
+        &self,
+        idx: usize,
+        column: &str,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self
+            .opt_int(idx, column)?
+            .map(|v| Timestamp::from_millis(u64_from_sql(v))))
+    }
+
+    pub(super) fn business(&self, idx: usize, column: &str) -> Result<BusinessId, StoreError> {
+        BusinessId::new(self.u64(idx, column)?).ok_or_else(|| self.bad(column, "business id 0"))
+    }
+
+    pub(super) fn bytes16(&self, idx: usize, column: &str) -> Result<[u8; 16], StoreError> {
+        let b = self.blob(idx, column)?;
+        <[u8; 16]>::try_from(b)
+            .map_err(|_| self.bad(column, format_args!("{} bytes, expected 16", b.len())))
+    }
+
+    pub(super) fn message_id(&self, idx: usize, column: &str) -> Result<MessageId, StoreError> {
+        self.bytes16(idx, column).map(MessageId::from_bytes)
+    }
+
+    pub(super) fn phone(&self, idx: usize, column: &str) -> Result<PhoneHash, StoreError> {
+        self.bytes16(idx, column).map(PhoneHash::from_bytes)
+    }
+
+    pub(super) fn key_kind(&self, idx: usize, column: &str) -> Result<KeyKind, StoreError> {
+        let code = self.int(idx, column)?;
+        u8::try_from(code)
+            .ok()
+            .and_then(|c| KeyKind::try_from(c).ok())
+            .ok_or_else(|| self.bad(column, format_args!("unknown key kind {code}")))
+    }
+
+    fn code(&self, idx: usize, column: &str) -> Result<u8, StoreError> {
+        let v = self.int(idx, column)?;
+        u8::try_from(v).map_err(|_| self.bad(column, format_args!("unknown code {v}")))
+    }
+
+    pub(super) fn direction(&self, idx: usize, column: &str) -> Result<Direction, StoreError> {
+        let c = self.code(idx, column)?;
+        Direction::from_code(c).ok_or_else(|| self.bad(column, format_args!("unknown code {c}")))
+    }
+
+    pub(super) fn status(&self, idx: usize, column: &str) -> Result<Status, StoreError> {
+        let c = self.code(idx, column)?;
+        Status::from_code(c).ok_or_else(|| self.bad(column, format_args!("unknown code {c}")))
+    }
+
+    pub(super) fn failure(
+        &self,
+        idx: usize,
+        column: &str,
+    ) -> Result<Option<FailureReason>, StoreError> {
+        match self.opt_int(idx, column)? {
+            None => Ok(None),
+            Some(v) => u8::try_from(v)
+                .ok()
+                .and_then(FailureReason::from_code)
+                .map(Some)
+                .ok_or_else(|| self.bad(column, format_args!("unknown code {v}"))),
+        }
+    }
+}
+
+/// The columns of `messages` in the order [`message`] reads them.
+pub(super) const MESSAGE_COLUMNS: &str = "business, id, direction, phone, created, expiry, \
+     epoch, status, failure, attempts, next_attempt, pending_devices, sealed";
+
+/// A message row selected with [`MESSAGE_COLUMNS`].
+pub(super) fn message(row: &Row<'_>) -> Result<MessageRecord, StoreError> {
+    let c = Cols::new(row, "messages");
+    Ok(MessageRecord {
+        business: c.business(0, "business")?,
+        id: c.message_id(1, "id")?,
+        direction: c.direction(2, "direction")?,
+        phone: c.phone(3, "phone")?,
+        created: c.time(4, "created")?,
+        expiry: c.time(5, "expiry")?,
+        epoch: Epoch::ending_at(c.time(6, "epoch")?),
+        delivery: Delivery {
+            status: c.status(7, "status")?,
+            failure: c.failure(8, "failure")?,
+            attempts: c.u32(9, "attempts")?,
+            next_attempt: c.opt_time(10, "next_attempt")?,
+            pending_devices: c.u64(11, "pending_devices")?,
+        },
+        sealed: c.blob(12, "sealed")?.to_vec(),
+    })
+}
+
+/// A row of `business, id, phone, expiry, epoch, status, direction`.
+pub(super) fn expired(row: &Row<'_>) -> Result<ExpiredMessage, StoreError> {
+    let c = Cols::new(row, "messages");
+    Ok(ExpiredMessage {
+        business: c.business(0, "business")?,
+        id: c.message_id(1, "id")?,
+        phone: c.phone(2, "phone")?,
+        expiry: c.time(3, "expiry")?,
+        epoch: Epoch::ending_at(c.time(4, "epoch")?),
+        open: c.status(5, "status")?.is_open(),
+        direction: c.direction(6, "direction")?,
+    })
+}
+
+/// A row of `business, phone, device` of `peers`.
+pub(super) fn peer_key(row: &Row<'_>) -> Result<(BusinessId, PeerId), StoreError> {
+    let c = Cols::new(row, "peers");
+    Ok((
+        c.business(0, "business")?,
+        PeerId {
+            phone: c.phone(1, "phone")?,
+            device: c.u32(2, "device")?,
+        },
+    ))
+}
+
+/// The primary-key columns of a key, as bound: business, kind, id.
+pub(super) fn key_id_sql(id: &KeyId) -> (i64, i64, i64) {
+    (
+        business_sql(id.business),
+        i64::from(id.kind.code()),
+        u64_to_sql(id.id),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn biased_integers_round_trip_and_keep_unsigned_order(a: u64, b: u64) {
+            prop_assert_eq!(u64_from_sql(u64_to_sql(a)), a);
+            prop_assert_eq!(u64_to_sql(a).cmp(&u64_to_sql(b)), a.cmp(&b));
+        }
+    }
+
+    #[test]
+    fn biased_extremes_map_to_signed_extremes() {
+        assert_eq!(u64_to_sql(0), i64::MIN);
+        assert_eq!(u64_to_sql(u64::MAX), i64::MAX);
+        assert_eq!(limit_sql(usize::MAX), i64::MAX);
+    }
+}

@@ -1,0 +1,546 @@
+//! The durable embedded backend: everything in one SQLite file, and a write
+//! acknowledged only once it is committed.
+//!
+//! See [`SqliteStore`] for the promises and the layout: `schema` recognises,
+//! creates and migrates the file; `writer` runs every write on one thread
+//! with group commit; `writes` and `reads` are the statements; `codec` lays
+//! values out and maps SQLite's errors.
+
+mod codec;
+mod reads;
+mod schema;
+mod writer;
+mod writes;
+
+#[cfg(test)]
+mod tests;
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+
+use self::reads::Readers;
+use self::writer::Writer;
+use super::{
+    Batch, Census, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, PeerId, Storage,
+    StoreError,
+};
+use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
+use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
+use crate::time::Timestamp;
+
+/// What an acknowledged write survives.
+///
+/// Either way the database stays consistent: a crash at any moment loses at
+/// most whole transactions, never part of one, and never corrupts the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Survives a power loss or an operating-system crash: every commit
+    /// waits for the log to reach the disk (`synchronous = FULL`). The default.
+    #[default]
+    Full,
+    /// Survives a crash of the process; an operating-system crash or a power
+    /// loss may undo the last commits before the next checkpoint
+    /// (`synchronous = NORMAL`). Commits do not wait for the disk.
+    Normal,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+        }
+    }
+}
+
+/// How a [`SqliteStore`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteConfig {
+    /// The region the file is kept in; records are sealed for it (default
+    /// [`Region::LOCAL`]).
+    pub region: Region,
+    /// What an acknowledged write survives (default [`Durability::Full`]).
+    pub durability: Durability,
+    /// How long a statement waits for a lock held by another process before
+    /// failing (default 5 s). Within one process there is no waiting: one
+    /// thread writes, and readers never block under write-ahead logging.
+    pub busy_timeout: Duration,
+    /// Read-only connections kept open between reads (default 4). Reads
+    /// never wait for one: a read that finds none idle opens another.
+    pub readers: usize,
+    /// Most writes committed in one transaction (default 256): bounds the
+    /// latency a write adds to the others in its group.
+    pub max_group: NonZeroUsize,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        Self {
+            region: Region::LOCAL,
+            durability: Durability::Full,
+            busy_timeout: Duration::from_secs(5),
+            readers: 4,
+            max_group: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+/// Why a SQLite database could not be opened. Whatever the reason, a file
+/// that is refused is left exactly as it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SqliteOpenError {
+    /// The file could not be read or created.
+    #[error("cannot access {}: {source}", path.display())]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file exists and is empty. A database this crate creates is never
+    /// left empty, so this is not one of ours (or one that was truncated to
+    /// nothing); it is not initialised over.
+    #[error("{} is an empty file, not a custodian database", path.display())]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not a SQLite database at all.
+    #[error("{} is not a SQLite database", path.display())]
+    NotSqlite {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A SQLite database, of another application.
+    #[error(
+        "{} is a SQLite database of another application (application_id {found:#010x}; a custodian database has {:#010x})",
+        path.display(),
+        schema::APPLICATION_ID
+    )]
+    ForeignApplication {
+        /// The file.
+        path: PathBuf,
+        /// The application id it carries.
+        found: u32,
+    },
+    /// A custodian database written by a newer version of this crate.
+    #[error(
+        "{} has schema version {found}, newer than version {supported}, the newest this build of custodian knows: upgrade custodian to open it",
+        path.display()
+    )]
+    NewerSchema {
+        /// The file.
+        path: PathBuf,
+        /// Its schema version.
+        found: u32,
+        /// The newest version this build knows.
+        supported: u32,
+    },
+    /// A custodian database whose tables or indexes are not those of its
+    /// schema version.
+    #[error("{} does not have the schema of a version {version} custodian database: {detail}", path.display())]
+    UnexpectedSchema {
+        /// The file.
+        path: PathBuf,
+        /// The schema version it claims.
+        version: u32,
+        /// What differs.
+        detail: String,
+    },
+    /// The file is shorter than its header says.
+    #[error("{} is truncated: its header describes {expected} bytes, the file has {actual}", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The length the header describes.
+        expected: u64,
+        /// The file's length.
+        actual: u64,
+    },
+    /// SQLite found the file damaged.
+    #[error("{} is damaged: {message}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's description.
+        message: String,
+    },
+    /// SQLite failed otherwise (locked, out of space, ...).
+    #[error("SQLite failed on {}: {message}", path.display())]
+    Backend {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's description.
+        message: String,
+    },
+}
+
+impl From<SqliteOpenError> for StoreError {
+    fn from(e: SqliteOpenError) -> Self {
+        match e {
+            SqliteOpenError::Io { .. }
+            | SqliteOpenError::Backend { .. }
+            | SqliteOpenError::NewerSchema { .. } => Self::Backend(e.to_string()),
+            _ => Self::Corrupt(e.to_string()),
+        }
+    }
+}
+
+/// Statements the writer keeps prepared.
+const WRITER_STATEMENTS: usize = 64;
+/// The writer's page cache, in KiB (SQLite's default is 2 MiB).
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+/// The log is truncated back to this size after a checkpoint that emptied it.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// A [`Storage`] (and [`KeyStore`]) in one SQLite file: the durable default
+/// for embedded use.
+///
+/// # Promises
+///
+/// - **Acknowledged means committed.** [`commit`](Storage::commit) and every
+///   key write return `Ok` only after the transaction holding them committed,
+///   as durable as the configured [`Durability`] (by default, across power
+///   loss). A batch is one transaction, or part of one: all of it or none.
+/// - **Group commit.** All writes go through one writer thread, which commits
+///   whatever is queued together in one transaction; concurrent writers share
+///   its cost. A write that fails is retried alone so it fails alone.
+/// - **Reads never wait for writes.** The file is in write-ahead-log mode;
+///   reads use their own read-only connections and see the last commit.
+/// - **Foreign files are left alone.** Opening refuses, with a
+///   [`SqliteOpenError`] and without writing a byte, anything that is not a
+///   custodian database of a known schema version. Older versions are
+///   migrated forward.
+/// - **No panics on bad data.** A stored value this crate could not have
+///   written is [`StoreError::Corrupt`].
+///
+/// Reads are short and run on the caller's thread; writes never block the
+/// caller's thread (they await a reply from the writer), and need no async
+/// runtime. Dropping the store finishes the queued writes, then closes the
+/// file. A write whose caller stopped waiting still completes.
+///
+/// # Layout
+///
+/// Tables `kek_rings` (one JSON ring per business), `wrapped_keys` (live keys
+/// and tombstones; an index of epoch keys by end), `peers`, `messages`
+/// (indexed by expiry, by next attempt where one is due, and by consumer)
+/// and `holds`. The file's `application_id` marks it as custodian's, its
+/// `user_version` is the schema version.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use custodian::store::{SqliteConfig, SqliteStore, Storage};
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = SqliteStore::open(dir.path().join("custodian.db"), SqliteConfig::default())?;
+/// assert_eq!(store.census().await?.messages, 0);
+/// # Ok(())
+/// # }
+/// ```
+pub struct SqliteStore {
+    region: Region,
+    path: PathBuf,
+    readers: Readers,
+    // Dropped last: queued writes finish before the file closes.
+    writer: Writer,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("region", &self.region)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Open the custodian database at `path`, creating it if nothing is
+    /// there, migrating it if its schema is older than this build's.
+    pub fn open(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, SqliteOpenError> {
+        let path = path.as_ref();
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(SqliteOpenError::NotSqlite {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => schema::create(path)?,
+            Err(source) => {
+                return Err(SqliteOpenError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+        // Everything that can refuse the file runs before anything may write it.
+        schema::inspect_header(path)?;
+        {
+            let conn = reads::open_read_only(path, config.busy_timeout)
+                .map_err(|e| open_error(path, e))?;
+            schema::verify(path, &conn)?;
+        }
+        let mut conn = open_writer(path, &config).map_err(|e| open_error(path, e))?;
+        schema::migrate(path, &mut conn)?;
+        conn.execute_batch(writes::CREATE_HELD)
+            .map_err(|e| open_error(path, e))?;
+        let writer =
+            Writer::start(conn, config.max_group.get()).map_err(|source| SqliteOpenError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            region: config.region,
+            path: path.to_owned(),
+            readers: Readers::new(path.to_owned(), config.busy_timeout, config.readers),
+            writer,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn open_error(path: &Path, e: rusqlite::Error) -> SqliteOpenError {
+    let message = e.to_string();
+    match codec::store_error(e) {
+        StoreError::Corrupt(_) => SqliteOpenError::Corrupt {
+            path: path.to_owned(),
+            message,
+        },
+        _ => SqliteOpenError::Backend {
+            path: path.to_owned(),
+            message,
+        },
+    }
+}
+
+/// The one read-write connection, configured for the writer thread.
+fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(config.busy_timeout)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!(
+                "cannot use write-ahead logging here (journal mode stays {mode})"
+            )),
+        ));
+    }
+    conn.pragma_update(None, "synchronous", config.durability.pragma())?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
+    Ok(conn)
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        self.readers.with(|c| reads::ring(c, business))
+    }
+
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        let ring = ring.clone();
+        self.writer
+            .write(move |c| writes::put_ring(c, &ring, expected))
+            .await?
+    }
+
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        self.readers.with(|c| reads::key(c, id))
+    }
+
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        self.writer
+            .write(move |c| writes::insert_key(c, &key))
+            .await
+    }
+
+    async fn rewrap_key(&self, key: WrappedKey, expected_version: u32) -> Result<bool, StoreError> {
+        self.writer
+            .write(move |c| writes::rewrap_key(c, &key, expected_version))
+            .await
+    }
+
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        let id = *id;
+        self.writer
+            .write(move |c| writes::destroy_key(c, &id, at))
+            .await
+    }
+
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.writer
+            .write(move |c| {
+                let mut n = 0;
+                for id in &ids {
+                    n += u64::from(writes::delete_key(c, id)?);
+                }
+                Ok(n)
+            })
+            .await
+    }
+
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.readers
+            .with(|c| reads::keys_wrapped_below(c, business, version, after, limit))
+    }
+
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        self.readers
+            .with(|c| reads::count_wrapped_under(c, business, version))
+    }
+
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.readers
+            .with(|c| reads::keys_of_kind(c, business, kind, after, limit))
+    }
+
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.readers
+            .with(|c| reads::ended_epoch_keys(c, now, limit))
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStore {
+    fn region(&self) -> Region {
+        self.region
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .write(move |c| writes::apply_batch(c, &batch))
+            .await
+    }
+
+    async fn peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.readers.with(|c| reads::peer(c, business, peer))
+    }
+
+    async fn peer_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, StoreError> {
+        self.readers
+            .with(|c| reads::peer_devices(c, business, phone))
+    }
+
+    async fn message(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        self.readers.with(|c| reads::message(c, business, id))
+    }
+
+    async fn due_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        self.readers.with(|c| reads::due_messages(c, now, limit))
+    }
+
+    async fn expired_open_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        self.readers
+            .with(|c| reads::expired_open_messages(c, now, limit))
+    }
+
+    async fn delete_expired(
+        &self,
+        now: Timestamp,
+        holds: &[HoldScope],
+        limit: usize,
+    ) -> Result<Vec<ExpiredMessage>, StoreError> {
+        let holds = holds.to_vec();
+        self.writer
+            .write(move |c| writes::delete_expired(c, now, &holds, limit))
+            .await
+    }
+
+    async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        self.readers
+            .with(|c| reads::message_epochs(c, business, phone))
+    }
+
+    async fn peers_without_live_messages(
+        &self,
+        phones: &[(BusinessId, PhoneHash)],
+        now: Timestamp,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        self.readers
+            .with(|c| reads::peers_without_live_messages(c, phones, now))
+    }
+
+    async fn orphan_peers(
+        &self,
+        now: Timestamp,
+        after: Option<(BusinessId, PeerId)>,
+        limit: usize,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        self.readers
+            .with(|c| reads::orphan_peers(c, now, after, limit))
+    }
+
+    async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        self.readers.with(|c| reads::holds(c))
+    }
+
+    async fn census(&self) -> Result<Census, StoreError> {
+        self.readers.with(reads::census)
+    }
+}

@@ -1,0 +1,523 @@
+//! Reads: a small pool of read-only connections, and the queries.
+//!
+//! Under write-ahead logging a reader sees the last committed transaction
+//! and is never blocked by the writer, nor blocks it. Each read is one
+//! statement, or one read transaction when it takes several, so a read never
+//! sees half of a batch. Reads run on the calling task's thread: they are
+//! indexed lookups and bounded scans, not worth a thread hop each.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, Row, params};
+
+use super::codec::{
+    self, Cols, Db, MESSAGE_COLUMNS, business_sql, key_id_sql, limit_sql, time_sql, u64_to_sql,
+};
+use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
+use crate::store::{Census, Hold, HoldScope, MessageRecord, PeerId, StoreError};
+use crate::time::Timestamp;
+
+/// Statements each connection keeps prepared.
+const STATEMENT_CACHE: usize = 48;
+
+/// Read-only connections, opened on demand, up to `keep` kept for reuse.
+pub(super) struct Readers {
+    path: PathBuf,
+    busy_timeout: Duration,
+    keep: usize,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    pub(super) fn new(path: PathBuf, busy_timeout: Duration, keep: usize) -> Self {
+        Self {
+            path,
+            busy_timeout,
+            keep,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Open a read-only connection to the database.
+    pub(super) fn open(&self) -> rusqlite::Result<Connection> {
+        open_read_only(&self.path, self.busy_timeout)
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
+        // The guarded Vec is only pushed and popped: always consistent.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on a pooled connection. The lock is held only to take and
+    /// return a connection, never while `f` runs.
+    pub(super) fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.idle().pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.open().db()?,
+        };
+        let out = f(&mut conn);
+        // A connection left inside a transaction (an error mid-read) is dropped.
+        if conn.is_autocommit() {
+            let mut idle = self.idle();
+            if idle.len() < self.keep {
+                idle.push(conn);
+            }
+        }
+        out
+    }
+}
+
+pub(super) fn open_read_only(
+    path: &std::path::Path,
+    busy: Duration,
+) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(busy)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Collect every row of a query through `decode`.
+fn collect<T>(
+    rows: &mut rusqlite::Rows<'_>,
+    mut decode: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().db()? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+pub(super) fn ring(conn: &Connection, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT revision, ring FROM kek_rings WHERE business = ?1")
+        .db()?;
+    let mut rows = stmt.query([business_sql(business)]).db()?;
+    let Some(row) = rows.next().db()? else {
+        return Ok(None);
+    };
+    let c = Cols::new(row, "kek_rings");
+    let revision = c.u64(0, "revision")?;
+    let ring: KekRing = serde_json::from_slice(c.blob(1, "ring")?)
+        .map_err(|_| codec::corrupt("kek_rings.ring", "not a valid KEK ring"))?;
+    if ring.business() != business || ring.revision() != revision {
+        return Err(codec::corrupt(
+            "kek_rings.ring",
+            "the ring does not match its row's business and revision",
+        ));
+    }
+    Ok(Some(ring))
+}
+
+pub(super) fn key(conn: &Connection, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+    let (business, kind, key) = key_id_sql(id);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT kek_version, blob, destroyed_at FROM wrapped_keys
+             WHERE business = ?1 AND kind = ?2 AND id = ?3",
+        )
+        .db()?;
+    let mut rows = stmt.query(params![business, kind, key]).db()?;
+    match rows.next().db()? {
+        None => Ok(None),
+        Some(row) => entry(&Cols::new(row, "wrapped_keys"), *id, 0).map(Some),
+    }
+}
+
+/// A `kek_version, blob, destroyed_at` triple from column `at` on.
+fn entry(c: &Cols<'_, '_>, id: KeyId, at: usize) -> Result<KeyEntry, StoreError> {
+    let version = c.opt_int(at, "kek_version")?;
+    let blob = c.opt_blob(at + 1, "blob")?;
+    let destroyed = c.opt_time(at + 2, "destroyed_at")?;
+    match (version, blob, destroyed) {
+        (Some(v), Some(blob), None) => Ok(KeyEntry::Wrapped(WrappedKey {
+            id,
+            kek_version: u32::try_from(v)
+                .map_err(|_| codec::corrupt("wrapped_keys.kek_version", "out of range"))?,
+            blob: blob.to_vec(),
+        })),
+        (None, None, Some(at)) => Ok(KeyEntry::Destroyed { at }),
+        _ => Err(codec::corrupt(
+            "wrapped_keys",
+            "an entry is neither a live key nor a tombstone",
+        )),
+    }
+}
+
+/// A live key from `kind, id, kek_version, blob, destroyed_at` of `business`.
+fn live_key(row: &Row<'_>, business: BusinessId) -> Result<WrappedKey, StoreError> {
+    let c = Cols::new(row, "wrapped_keys");
+    let id = KeyId {
+        business,
+        kind: c.key_kind(0, "kind")?,
+        id: c.u64(1, "id")?,
+    };
+    match entry(&c, id, 2)? {
+        KeyEntry::Wrapped(w) => Ok(w),
+        KeyEntry::Destroyed { .. } => Err(codec::corrupt(
+            "wrapped_keys",
+            "a tombstone where a live key was selected",
+        )),
+    }
+}
+
+pub(super) fn keys_wrapped_below(
+    conn: &Connection,
+    business: BusinessId,
+    version: u32,
+    after: Option<KeyId>,
+    limit: usize,
+) -> Result<Vec<WrappedKey>, StoreError> {
+    // Kinds are codes from 1: (0, anything) is below every key.
+    let (kind, id) = match after {
+        Some(a) if a.business > business => return Ok(Vec::new()),
+        Some(a) if a.business == business => (i64::from(a.kind.code()), u64_to_sql(a.id)),
+        _ => (0, i64::MIN),
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT kind, id, kek_version, blob, destroyed_at FROM wrapped_keys
+             WHERE business = ?1 AND (kind, id) > (?2, ?3)
+               AND blob IS NOT NULL AND kek_version < ?4
+             ORDER BY kind, id LIMIT ?5",
+        )
+        .db()?;
+    let mut rows = stmt
+        .query(params![
+            business_sql(business),
+            kind,
+            id,
+            version,
+            limit_sql(limit)
+        ])
+        .db()?;
+    collect(&mut rows, |r| live_key(r, business))
+}
+
+pub(super) fn count_wrapped_under(
+    conn: &Connection,
+    business: BusinessId,
+    version: u32,
+) -> Result<u64, StoreError> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM wrapped_keys
+             WHERE business = ?1 AND blob IS NOT NULL AND kek_version = ?2",
+        )
+        .db()?
+        .query_row(params![business_sql(business), version], |r| r.get(0))
+        .db()?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+pub(super) fn keys_of_kind(
+    conn: &Connection,
+    business: BusinessId,
+    kind: KeyKind,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<WrappedKey>, StoreError> {
+    let from = match after {
+        None => 0,
+        Some(u64::MAX) => return Ok(Vec::new()),
+        Some(a) => a + 1,
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT kind, id, kek_version, blob, destroyed_at FROM wrapped_keys
+             WHERE business = ?1 AND kind = ?2 AND id >= ?3 AND blob IS NOT NULL
+             ORDER BY id LIMIT ?4",
+        )
+        .db()?;
+    let mut rows = stmt
+        .query(params![
+            business_sql(business),
+            kind.code(),
+            u64_to_sql(from),
+            limit_sql(limit)
+        ])
+        .db()?;
+    collect(&mut rows, |r| live_key(r, business))
+}
+
+pub(super) fn ended_epoch_keys(
+    conn: &Connection,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<KeyId>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT business, id FROM wrapped_keys
+             WHERE kind = 1 AND id <= ?1 ORDER BY id, business LIMIT ?2",
+        )
+        .db()?;
+    let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
+    collect(&mut rows, |r| {
+        let c = Cols::new(r, "wrapped_keys");
+        Ok(KeyId {
+            business: c.business(0, "business")?,
+            kind: KeyKind::Epoch,
+            id: c.u64(1, "id")?,
+        })
+    })
+}
+
+pub(super) fn peer(
+    conn: &Connection,
+    business: BusinessId,
+    peer: PeerId,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT sealed FROM peers WHERE business = ?1 AND phone = ?2 AND device = ?3",
+        )
+        .db()?;
+    let mut rows = stmt
+        .query(params![
+            business_sql(business),
+            &peer.phone.as_bytes()[..],
+            peer.device
+        ])
+        .db()?;
+    match rows.next().db()? {
+        None => Ok(None),
+        Some(row) => Ok(Some(Cols::new(row, "peers").blob(0, "sealed")?.to_vec())),
+    }
+}
+
+/// Device ids of `phone`, ascending.
+pub(super) fn peer_devices(
+    conn: &Connection,
+    business: BusinessId,
+    phone: PhoneHash,
+) -> Result<Vec<u32>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT device FROM peers WHERE business = ?1 AND phone = ?2 ORDER BY device",
+        )
+        .db()?;
+    let mut rows = stmt
+        .query(params![business_sql(business), &phone.as_bytes()[..]])
+        .db()?;
+    collect(&mut rows, |r| Cols::new(r, "peers").u32(0, "device"))
+}
+
+pub(super) fn message(
+    conn: &Connection,
+    business: BusinessId,
+    id: MessageId,
+) -> Result<Option<MessageRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE business = ?1 AND id = ?2"
+        ))
+        .db()?;
+    let mut rows = stmt
+        .query(params![business_sql(business), &id.as_bytes()[..]])
+        .db()?;
+    match rows.next().db()? {
+        None => Ok(None),
+        Some(row) => codec::message(row).map(Some),
+    }
+}
+
+pub(super) fn due_messages(
+    conn: &Connection,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<MessageRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE next_attempt IS NOT NULL AND next_attempt <= ?1
+             ORDER BY next_attempt, business, id LIMIT ?2"
+        ))
+        .db()?;
+    let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
+    collect(&mut rows, codec::message)
+}
+
+pub(super) fn expired_open_messages(
+    conn: &Connection,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<MessageRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE expiry <= ?1 AND status IN (0, 1)
+             ORDER BY expiry, business, id LIMIT ?2"
+        ))
+        .db()?;
+    let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
+    collect(&mut rows, codec::message)
+}
+
+pub(super) fn message_epochs(
+    conn: &Connection,
+    business: BusinessId,
+    phone: Option<PhoneHash>,
+) -> Result<Vec<Epoch>, StoreError> {
+    let decode = |r: &Row<'_>| {
+        Cols::new(r, "messages")
+            .time(0, "epoch")
+            .map(Epoch::ending_at)
+    };
+    match phone {
+        None => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT DISTINCT epoch FROM messages WHERE business = ?1 ORDER BY epoch",
+                )
+                .db()?;
+            let mut rows = stmt.query([business_sql(business)]).db()?;
+            collect(&mut rows, decode)
+        }
+        Some(p) => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT DISTINCT epoch FROM messages
+                     WHERE business = ?1 AND phone = ?2 ORDER BY epoch",
+                )
+                .db()?;
+            let mut rows = stmt
+                .query(params![business_sql(business), &p.as_bytes()[..]])
+                .db()?;
+            collect(&mut rows, decode)
+        }
+    }
+}
+
+pub(super) fn peers_without_live_messages(
+    conn: &mut Connection,
+    phones: &[(BusinessId, PhoneHash)],
+    now: Timestamp,
+) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+    // One read transaction: every answer from the same snapshot.
+    let tx = conn.transaction().db()?;
+    let mut out = Vec::new();
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT device FROM peers
+                 WHERE business = ?1 AND phone = ?2
+                   AND NOT EXISTS (SELECT 1 FROM messages
+                                   WHERE business = ?1 AND phone = ?2 AND expiry > ?3)
+                 ORDER BY device",
+            )
+            .db()?;
+        for &(business, phone) in phones {
+            let mut rows = stmt
+                .query(params![
+                    business_sql(business),
+                    &phone.as_bytes()[..],
+                    time_sql(now)
+                ])
+                .db()?;
+            let devices = collect(&mut rows, |r| Cols::new(r, "peers").u32(0, "device"))?;
+            out.extend(
+                devices
+                    .into_iter()
+                    .map(|device| (business, PeerId { phone, device })),
+            );
+        }
+    }
+    tx.finish().db()?;
+    Ok(out)
+}
+
+pub(super) fn orphan_peers(
+    conn: &Connection,
+    now: Timestamp,
+    after: Option<(BusinessId, PeerId)>,
+    limit: usize,
+) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+    // Business ids start at 1, so (business 0, …) is below every peer.
+    let (business, phone, device) = match after {
+        Some((b, p)) => (
+            business_sql(b),
+            p.phone.as_bytes().to_vec(),
+            i64::from(p.device),
+        ),
+        None => (codec::u64_to_sql(0), Vec::new(), -1),
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT business, phone, device FROM peers AS p
+             WHERE (business, phone, device) > (?1, ?2, ?3)
+               AND NOT EXISTS (SELECT 1 FROM messages AS m
+                               WHERE m.business = p.business AND m.phone = p.phone
+                                 AND m.expiry > ?4)
+             ORDER BY business, phone, device LIMIT ?5",
+        )
+        .db()?;
+    let mut rows = stmt
+        .query(params![
+            business,
+            phone,
+            device,
+            time_sql(now),
+            limit_sql(limit)
+        ])
+        .db()?;
+    collect(&mut rows, codec::peer_key)
+}
+
+pub(super) fn holds(conn: &Connection) -> Result<Vec<Hold>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT kind, business, phone, reference, placed FROM holds
+             ORDER BY kind, business, phone",
+        )
+        .db()?;
+    let mut rows = stmt.query([]).db()?;
+    collect(&mut rows, |r| {
+        let c = Cols::new(r, "holds");
+        let business = c.business(1, "business")?;
+        let scope = match c.int(0, "kind")? {
+            1 if c.blob(2, "phone")?.is_empty() => HoldScope::Business(business),
+            2 => HoldScope::Consumer(business, c.phone(2, "phone")?),
+            _ => return Err(codec::corrupt("holds", "not a valid hold scope")),
+        };
+        Ok(Hold {
+            scope,
+            reference: c.text(3, "reference")?,
+            placed: c.time(4, "placed")?,
+        })
+    })
+}
+
+pub(super) fn census(conn: &mut Connection) -> Result<Census, StoreError> {
+    // One read transaction: the four counts describe one state.
+    let tx = conn.transaction().db()?;
+    let count = |sql: &str| -> Result<u64, StoreError> {
+        let n: i64 = tx
+            .prepare_cached(sql)
+            .db()?
+            .query_row([], |r| r.get(0))
+            .db()?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    let census = Census {
+        messages: count("SELECT count(*) FROM messages")?,
+        peers: count("SELECT count(*) FROM peers")?,
+        phones: count(
+            "SELECT count(*) FROM (SELECT business, phone FROM messages
+                                   UNION SELECT business, phone FROM peers)",
+        )?,
+        epoch_keys: count("SELECT count(*) FROM wrapped_keys WHERE kind = 1 AND blob IS NOT NULL")?,
+    };
+    tx.finish().db()?;
+    Ok(census)
+}

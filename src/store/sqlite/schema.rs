@@ -1,0 +1,385 @@
+//! The file: how a custodian database is recognised, created and migrated.
+//!
+//! A custodian database is a SQLite file whose `application_id` is
+//! [`APPLICATION_ID`] and whose `user_version` is its schema version. Opening
+//! checks, before anything writes to the file:
+//!
+//! 1. the header (read with plain file I/O): SQLite's magic, our application
+//!    id, a schema version this build knows, and a file as long as the header
+//!    says it is (when no write-ahead log could account for the difference);
+//! 2. the schema (through a read-only connection): exactly the tables and
+//!    indexes that [`MIGRATIONS`] create for that version.
+//!
+//! Anything else is refused with a [`SqliteOpenError`] and left byte for byte
+//! as it was. Only then is the file opened for writing and migrated forward,
+//! one step per version, each step in one transaction with its new
+//! `user_version`.
+//!
+//! A new database is built under a temporary name and linked into place
+//! complete, so a crash while creating one never leaves an empty or
+//! half-initialised file under the real name.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::{SqliteOpenError, codec};
+
+/// The `application_id` of a custodian database: "CUST" in ASCII.
+pub(super) const APPLICATION_ID: u32 = 0x4355_5354;
+
+/// One forward step of the schema.
+pub(super) struct Migration {
+    /// The schema version this step produces (the one before is `version - 1`).
+    pub(super) version: u32,
+    /// The statements, run in one transaction.
+    pub(super) sql: &'static str,
+}
+
+/// Every schema version, oldest first. Version 0 is an empty custodian
+/// database (application id set, no tables). Append only: a released step
+/// never changes.
+pub(super) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: V1,
+}];
+
+/// The schema version this build writes.
+pub(super) const SCHEMA_VERSION: u32 = 1;
+
+/// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
+/// `direction`, `status` and `failure` are the types' one-byte codes.
+const V1: &str = "
+CREATE TABLE kek_rings (
+    business INTEGER PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    ring     BLOB NOT NULL
+);
+CREATE TABLE wrapped_keys (
+    business     INTEGER NOT NULL,
+    kind         INTEGER NOT NULL,
+    id           INTEGER NOT NULL,
+    kek_version  INTEGER,
+    blob         BLOB,
+    destroyed_at INTEGER,
+    PRIMARY KEY (business, kind, id)
+) WITHOUT ROWID;
+CREATE INDEX wrapped_keys_epoch_end ON wrapped_keys (id, business) WHERE kind = 1;
+CREATE TABLE peers (
+    business INTEGER NOT NULL,
+    phone    BLOB NOT NULL,
+    device   INTEGER NOT NULL,
+    sealed   BLOB NOT NULL,
+    UNIQUE (business, phone, device)
+);
+CREATE TABLE messages (
+    business     INTEGER NOT NULL,
+    id           BLOB NOT NULL,
+    direction    INTEGER NOT NULL,
+    phone        BLOB NOT NULL,
+    created      INTEGER NOT NULL,
+    expiry       INTEGER NOT NULL,
+    epoch        INTEGER NOT NULL,
+    status       INTEGER NOT NULL,
+    failure      INTEGER,
+    attempts     INTEGER NOT NULL,
+    next_attempt INTEGER,
+    pending_devices INTEGER NOT NULL,
+    sealed       BLOB NOT NULL,
+    UNIQUE (business, id)
+);
+CREATE INDEX messages_expiry ON messages (expiry, business, id);
+CREATE INDEX messages_due ON messages (next_attempt, business, id) WHERE next_attempt IS NOT NULL;
+CREATE INDEX messages_phone ON messages (business, phone, expiry);
+CREATE TABLE holds (
+    kind      INTEGER NOT NULL,
+    business  INTEGER NOT NULL,
+    phone     BLOB NOT NULL,
+    reference TEXT NOT NULL,
+    placed    INTEGER NOT NULL,
+    PRIMARY KEY (kind, business, phone)
+) WITHOUT ROWID;
+";
+
+/// Length of SQLite's file header.
+const HEADER_LEN: usize = 100;
+const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+fn be32(h: &[u8; HEADER_LEN], at: usize) -> u32 {
+    u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]])
+}
+
+fn sqlite_error(path: &Path, e: rusqlite::Error) -> SqliteOpenError {
+    let message = e.to_string();
+    match codec::store_error(e) {
+        crate::store::StoreError::Corrupt(_) => SqliteOpenError::Corrupt {
+            path: path.to_owned(),
+            message,
+        },
+        _ => SqliteOpenError::Backend {
+            path: path.to_owned(),
+            message,
+        },
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> SqliteOpenError {
+    SqliteOpenError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The path of the write-ahead log beside `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Check the header of an existing file with plain reads: it must be a
+/// SQLite database of ours, of a schema version we know, and not shorter
+/// than its header says. Reads only.
+pub(super) fn inspect_header(path: &Path) -> Result<(), SqliteOpenError> {
+    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+    let len = file.metadata().map_err(|e| io_error(path, e))?.len();
+    if len == 0 {
+        return Err(SqliteOpenError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match file.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, e)),
+        }
+    }
+    if got < HEADER_LEN || &header[..16] != MAGIC {
+        return Err(SqliteOpenError::NotSqlite {
+            path: path.to_owned(),
+        });
+    }
+    let application_id = be32(&header, 68);
+    if application_id != APPLICATION_ID {
+        return Err(SqliteOpenError::ForeignApplication {
+            path: path.to_owned(),
+            found: application_id,
+        });
+    }
+    let version = be32(&header, 60);
+    if version > SCHEMA_VERSION {
+        return Err(SqliteOpenError::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    // Page size: a power of two from 512 to 32768, or 1 meaning 65536.
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        n if n >= 512 && n.is_power_of_two() => u64::from(n),
+        _ => {
+            return Err(SqliteOpenError::Corrupt {
+                path: path.to_owned(),
+                message: "invalid page size in the header".into(),
+            });
+        }
+    };
+    // The header's page count is valid only when its change counter matches
+    // "version valid for"; with a non-empty log beside the file, the log may
+    // hold pages the file does not have yet, so the length proves nothing.
+    let pages = u64::from(be32(&header, 28));
+    let counted = pages != 0 && be32(&header, 24) == be32(&header, 92);
+    let log = std::fs::metadata(wal_path(path)).map_or(0, |m| m.len());
+    if counted && log == 0 && len < pages.saturating_mul(page_size) {
+        return Err(SqliteOpenError::Truncated {
+            path: path.to_owned(),
+            expected: pages.saturating_mul(page_size),
+            actual: len,
+        });
+    }
+    Ok(())
+}
+
+/// The schema objects a database of `version` has: (type, name, table).
+type Objects = BTreeSet<(String, String, String)>;
+
+fn objects(conn: &Connection) -> Result<Objects, rusqlite::Error> {
+    let mut stmt = conn.prepare(
+        "SELECT type, name, tbl_name FROM sqlite_schema \
+         WHERE name NOT LIKE 'sqlite\\_stat%' ESCAPE '\\'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+/// What [`MIGRATIONS`] up to `version` create, found by running them on an
+/// empty in-memory database (the same SQLite build names the automatic
+/// indexes the same way).
+fn expected_objects(version: u32) -> Result<Objects, rusqlite::Error> {
+    let conn = Connection::open_in_memory()?;
+    for m in MIGRATIONS.iter().filter(|m| m.version <= version) {
+        conn.execute_batch(m.sql)?;
+    }
+    objects(&conn)
+}
+
+fn pragma_u32(conn: &Connection, name: &str) -> Result<u32, rusqlite::Error> {
+    // Both pragmas are 32-bit; application_id is signed in SQLite's API.
+    conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0))
+        .map(|v| v as u32)
+}
+
+/// Check, through a read-only connection, that the database is ours, of a
+/// known version, with exactly the schema of that version. Returns the version.
+pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenError> {
+    let err = |e| sqlite_error(path, e);
+    let application_id = pragma_u32(conn, "application_id").map_err(err)?;
+    if application_id != APPLICATION_ID {
+        return Err(SqliteOpenError::ForeignApplication {
+            path: path.to_owned(),
+            found: application_id,
+        });
+    }
+    let version = pragma_u32(conn, "user_version").map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(SqliteOpenError::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let found = objects(conn).map_err(err)?;
+    let expected = expected_objects(version).map_err(err)?;
+    if found != expected {
+        let unexpected: Vec<&str> = found.difference(&expected).map(|o| o.1.as_str()).collect();
+        let missing: Vec<&str> = expected.difference(&found).map(|o| o.1.as_str()).collect();
+        return Err(SqliteOpenError::UnexpectedSchema {
+            path: path.to_owned(),
+            version,
+            detail: format!(
+                "unexpected objects [{}], missing objects [{}]",
+                unexpected.join(", "),
+                missing.join(", ")
+            ),
+        });
+    }
+    Ok(version)
+}
+
+/// Bring the database to [`SCHEMA_VERSION`], one step per transaction. The
+/// version is read again under the write lock: another process may have
+/// migrated it since [`verify`].
+pub(super) fn migrate(path: &Path, conn: &mut Connection) -> Result<(), SqliteOpenError> {
+    let err = |e| sqlite_error(path, e);
+    // Up to date: no need for the write lock.
+    if pragma_u32(conn, "user_version").map_err(err)? == SCHEMA_VERSION {
+        return Ok(());
+    }
+    for step in MIGRATIONS {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let current = pragma_u32(&tx, "user_version").map_err(err)?;
+        if current > SCHEMA_VERSION {
+            return Err(SqliteOpenError::NewerSchema {
+                path: path.to_owned(),
+                found: current,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if current + 1 != step.version {
+            continue;
+        }
+        tx.execute_batch(step.sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", step.version)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Create a new, fully migrated database at `path`, unless one appears there
+/// first (then that one is opened as usual). Built under a temporary name in
+/// the same directory and hard-linked into place: the link either puts a
+/// complete database under `path` or fails because something is there.
+pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".creating-{}-{nanos}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let built = build(&tmp);
+    let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_error(path, e)),
+    });
+    // The temporary name goes whatever happened; its log and index are gone
+    // with the connection that closed cleanly (or never existed).
+    for leftover in [tmp.clone(), wal_path(&tmp), {
+        let mut shm = tmp.as_os_str().to_owned();
+        shm.push("-shm");
+        PathBuf::from(shm)
+    }] {
+        let _ = std::fs::remove_file(leftover);
+    }
+    linked?;
+    sync_dir(path)
+}
+
+fn build(tmp: &Path) -> Result<(), SqliteOpenError> {
+    let err = |e| sqlite_error(tmp, e);
+    let mut conn = Connection::open_with_flags(
+        tmp,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    // The id is stored as SQLite's signed 32-bit value.
+    conn.pragma_update(None, "application_id", APPLICATION_ID as i32)
+        .map_err(err)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(SqliteOpenError::Backend {
+            path: tmp.to_owned(),
+            message: format!("cannot use write-ahead logging here (journal mode stays {mode})"),
+        });
+    }
+    migrate(tmp, &mut conn)?;
+    // Closing the last connection checkpoints the log into the file.
+    conn.close().map_err(|(_, e)| err(e))?;
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error(tmp, e))
+}
+
+/// Make a new directory entry durable (a no-op where directories cannot be
+/// opened).
+fn sync_dir(path: &Path) -> Result<(), SqliteOpenError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match File::open(dir) {
+        Ok(d) => d.sync_all().or_else(|e| match e.kind() {
+            // Some platforms refuse fsync on a directory handle.
+            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::PermissionDenied => Ok(()),
+            _ => Err(io_error(dir, e)),
+        }),
+        Err(_) => Ok(()),
+    }
+}

@@ -1,0 +1,703 @@
+//! What only the SQLite backend has: files, schema versions, stored rows
+//! this crate could not have written, and the writer's grouping. The
+//! behaviour shared with every backend is in `tests/conformance.rs`.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, params};
+
+use super::codec::{business_sql, time_sql};
+use super::schema::{APPLICATION_ID, SCHEMA_VERSION};
+use super::writer::testing::{Work, commit_as_group};
+use super::*;
+use crate::store::{Delivery, Direction, Op, Status};
+
+const T0: u64 = 1_767_225_600_000;
+
+fn business(n: u64) -> BusinessId {
+    BusinessId::new(n).unwrap()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn record(id: u8, sealed: &[u8]) -> MessageRecord {
+    MessageRecord {
+        business: business(1),
+        id: MessageId::from_bytes([id; 16]),
+        direction: Direction::Inbound,
+        phone: PhoneHash::from_bytes([7; 16]),
+        created: Timestamp::from_millis(T0),
+        expiry: Timestamp::from_millis(T0 + 1000),
+        epoch: Epoch::ending_at(Timestamp::from_millis(T0 + 3_600_000)),
+        delivery: Delivery::queued(Timestamp::from_millis(T0)),
+        sealed: sealed.to_vec(),
+    }
+}
+
+/// A store with a little of everything, closed; returns the file.
+fn populated(dir: &Path) -> PathBuf {
+    let path = dir.join("custodian.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..50 {
+            batch.push(Op::PutMessage(Box::new(record(i, &[i; 300]))));
+        }
+        batch.push(Op::PutPeer {
+            business: business(1),
+            peer: PeerId {
+                phone: PhoneHash::from_bytes([7; 16]),
+                device: 0,
+            },
+            sealed: vec![1; 200],
+        });
+        store.commit(batch).await.unwrap();
+        let ring = KekRing::new(business(1), vec![9; 40], Timestamp::from_millis(T0));
+        store.put_ring(&ring, None).await.unwrap();
+    });
+    drop(store);
+    path
+}
+
+/// `open` must refuse `path` with an error `check` accepts, leaving its
+/// bytes as they were.
+fn refused(path: &Path, check: impl Fn(&SqliteOpenError) -> bool) -> SqliteOpenError {
+    let before = std::fs::read(path).unwrap();
+    let err = SqliteStore::open(path, SqliteConfig::default()).unwrap_err();
+    assert!(check(&err), "unexpected error: {err:?}");
+    assert_eq!(
+        std::fs::read(path).unwrap(),
+        before,
+        "a refused file was modified"
+    );
+    err
+}
+
+// ---------------------------------------------------------------------------
+// Files
+
+#[test]
+fn a_new_file_is_created_complete_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.db");
+    drop(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let app: i64 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .unwrap();
+    let version: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        (app, version, mode.as_str()),
+        (i64::from(APPLICATION_ID), SCHEMA_VERSION, "wal")
+    );
+    drop(conn);
+    // Nothing is left behind but the database (and its log files).
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .collect();
+    assert_eq!(names, ["new.db"]);
+    drop(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+}
+
+#[test]
+fn concurrent_creators_of_one_file_all_open_the_same_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raced.db");
+    let stores: Vec<SqliteStore> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| SqliteStore::open(&path, SqliteConfig::default()).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    block_on(stores[0].commit({
+        let mut b = Batch::new();
+        b.push(Op::PutMessage(Box::new(record(1, b"x"))));
+        b
+    }))
+    .unwrap();
+    for s in &stores {
+        let m = block_on(s.message(business(1), MessageId::from_bytes([1; 16]))).unwrap();
+        assert!(m.is_some(), "a creator opened another file");
+    }
+}
+
+#[test]
+fn garbage_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("garbage.db");
+    let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&path, &garbage).unwrap();
+    let err = refused(&path, |e| matches!(e, SqliteOpenError::NotSqlite { .. }));
+    assert!(err.to_string().contains("not a SQLite database"), "{err}");
+    // Short files too, including a bare SQLite magic.
+    std::fs::write(&path, b"SQLite format 3\0").unwrap();
+    refused(&path, |e| matches!(e, SqliteOpenError::NotSqlite { .. }));
+}
+
+#[test]
+fn an_empty_file_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.db");
+    std::fs::write(&path, b"").unwrap();
+    let err = refused(&path, |e| matches!(e, SqliteOpenError::Empty { .. }));
+    assert!(err.to_string().contains("empty"), "{err}");
+}
+
+#[test]
+fn a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = SqliteStore::open(dir.path(), SqliteConfig::default()).unwrap_err();
+    assert!(matches!(err, SqliteOpenError::NotSqlite { .. }), "{err:?}");
+}
+
+#[test]
+fn a_truncated_database_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let full = std::fs::read(&path).unwrap();
+    assert!(full.len() > 8192, "the fixture is too small to truncate");
+    std::fs::write(&path, &full[..full.len() / 2]).unwrap();
+    let err = refused(&path, |e| matches!(e, SqliteOpenError::Truncated { .. }));
+    assert!(err.to_string().contains("truncated"), "{err}");
+    // Cut inside the header: not even a SQLite file any more.
+    std::fs::write(&path, &full[..60]).unwrap();
+    refused(&path, |e| matches!(e, SqliteOpenError::NotSqlite { .. }));
+}
+
+#[test]
+fn another_applications_database_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT);
+             INSERT INTO messages (body) VALUES ('someone else''s data');",
+        )
+        .unwrap();
+    }
+    let err = refused(&path, |e| {
+        matches!(e, SqliteOpenError::ForeignApplication { found: 0, .. })
+    });
+    assert!(err.to_string().contains("another application"), "{err}");
+
+    // Another application that does set an id.
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "application_id", 0x0f05_5000)
+        .unwrap();
+    refused(&path, |e| {
+        matches!(
+            e,
+            SqliteOpenError::ForeignApplication {
+                found: 0x0f05_5000,
+                ..
+            }
+        )
+    });
+}
+
+#[test]
+fn a_newer_schema_is_refused_untouched_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", SCHEMA_VERSION + 4)
+        .unwrap();
+    let err = refused(&path, |e| {
+        matches!(e, SqliteOpenError::NewerSchema { found, supported, .. }
+            if *found == SCHEMA_VERSION + 4 && *supported == SCHEMA_VERSION)
+    });
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("version {}", SCHEMA_VERSION + 4))
+            && text.contains(&format!("version {SCHEMA_VERSION}")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_custodian_database_with_unexpected_tables_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE extra (x)")
+        .unwrap();
+    let err = refused(&path, |e| {
+        matches!(e, SqliteOpenError::UnexpectedSchema { version: 1, .. })
+    });
+    assert!(err.to_string().contains("extra"), "{err}");
+
+    // A missing index is as wrong as an extra table.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TABLE extra; DROP INDEX messages_due;")
+        .unwrap();
+    let err = refused(&path, |e| {
+        matches!(e, SqliteOpenError::UnexpectedSchema { .. })
+    });
+    assert!(err.to_string().contains("messages_due"), "{err}");
+}
+
+#[test]
+fn damaged_files_never_panic() {
+    // Flip bytes all over a real database: opening and reading may fail,
+    // but only with errors.
+    let dir = tempfile::tempdir().unwrap();
+    let pristine = std::fs::read(populated(dir.path())).unwrap();
+    let path = dir.path().join("damaged.db");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut opened = 0;
+    for round in 0..40 {
+        let mut bytes = pristine.clone();
+        let flips = 1 + next() % 16;
+        for _ in 0..flips {
+            // Half the rounds aim at the first page (header and schema).
+            let span = if round % 2 == 0 { 4096 } else { bytes.len() };
+            let at = (next() as usize) % span.min(bytes.len());
+            bytes[at] ^= (next() as u8) | 1;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("damaged.db-wal"));
+        let _ = std::fs::remove_file(dir.path().join("damaged.db-shm"));
+        let Ok(store) = SqliteStore::open(&path, SqliteConfig::default()) else {
+            continue;
+        };
+        opened += 1;
+        block_on(async {
+            let b = business(1);
+            let _ = store.census().await;
+            let _ = store.ring(b).await;
+            let _ = store.message(b, MessageId::from_bytes([3; 16])).await;
+            let _ = store.due_messages(Timestamp::MAX, 100).await;
+            let _ = store.expired_open_messages(Timestamp::MAX, 100).await;
+            let _ = store.orphan_peers(Timestamp::MAX, None, 100).await;
+            let _ = store.message_epochs(b, None).await;
+            let _ = store.holds().await;
+            let _ = store.delete_expired(Timestamp::MAX, &[], 100).await;
+        });
+    }
+    // Some damage lands in data pages and the file still opens.
+    assert!(opened > 0);
+}
+
+// ---------------------------------------------------------------------------
+// Migrations
+
+#[test]
+fn an_empty_version_0_database_is_migrated_to_the_current_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v0.db");
+    {
+        // Hand-made: our application id, no tables, a rollback journal.
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID as i32)
+            .unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+    }
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        batch.push(Op::PutMessage(Box::new(record(1, b"after migration"))));
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    let conn = Connection::open(&path).unwrap();
+    let version: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!((version, mode.as_str()), (SCHEMA_VERSION, "wal"));
+    drop(conn);
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let m = block_on(store.message(business(1), MessageId::from_bytes([1; 16]))).unwrap();
+    assert_eq!(m.unwrap().sealed, b"after migration");
+}
+
+#[test]
+fn migrations_are_numbered_consecutively_up_to_the_schema_version() {
+    let versions: Vec<u32> = schema::MIGRATIONS.iter().map(|m| m.version).collect();
+    let expected: Vec<u32> = (1..=SCHEMA_VERSION).collect();
+    assert_eq!(versions, expected);
+}
+
+// ---------------------------------------------------------------------------
+// Stored rows this crate could not have written
+
+fn tamper(path: &Path, sql: &str) {
+    Connection::open(path).unwrap().execute_batch(sql).unwrap();
+}
+
+#[test]
+fn malformed_rows_are_corrupt_errors_that_reveal_no_stored_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    // 0x5345435245540a = "SECRET\n": must never appear in an error.
+    let cases: &[(&str, &str)] = &[
+        (
+            "UPDATE messages SET status = 9, sealed = X'5345435245540a' WHERE id = X'01010101010101010101010101010101'",
+            "messages.status",
+        ),
+        (
+            "UPDATE messages SET direction = 0, sealed = X'5345435245540a' WHERE id = X'01010101010101010101010101010101'",
+            "messages.direction",
+        ),
+        (
+            "UPDATE messages SET failure = 77 WHERE id = X'01010101010101010101010101010101'",
+            "messages.failure",
+        ),
+        (
+            "UPDATE messages SET id = X'0101' WHERE id = X'01010101010101010101010101010101'",
+            "messages.id",
+        ),
+        (
+            "UPDATE messages SET phone = 'SECRET' WHERE id = X'01010101010101010101010101010101'",
+            "messages.phone",
+        ),
+        (
+            "UPDATE messages SET attempts = -1 WHERE id = X'01010101010101010101010101010101'",
+            "messages.attempts",
+        ),
+        (
+            "UPDATE messages SET expiry = 'soon' WHERE id = X'01010101010101010101010101010101'",
+            "messages.expiry",
+        ),
+        (
+            "UPDATE messages SET sealed = 5 WHERE id = X'01010101010101010101010101010101'",
+            "messages.sealed",
+        ),
+    ];
+    for (sql, column) in cases {
+        let copy = dir.path().join("tampered.db");
+        std::fs::copy(&path, &copy).unwrap();
+        tamper(&copy, sql);
+        let store = SqliteStore::open(&copy, SqliteConfig::default()).unwrap();
+        let err = block_on(store.due_messages(Timestamp::MAX, 1000)).unwrap_err();
+        let StoreError::Corrupt(text) = &err else {
+            panic!("{sql}: {err:?}");
+        };
+        assert!(text.contains(column), "{sql}: {text}");
+        assert!(!text.contains("SECRET"), "{sql}: {text}");
+        drop(store);
+        std::fs::remove_file(&copy).unwrap();
+    }
+}
+
+#[test]
+fn malformed_keys_rings_and_holds_are_corrupt_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let b = business_sql(business(1));
+    tamper(
+        &path,
+        &format!(
+            "INSERT INTO wrapped_keys VALUES ({b}, 2, {z}, 1, X'00', {t});
+             INSERT INTO wrapped_keys VALUES ({b}, 99, {z}, 1, X'00', NULL);
+             INSERT INTO holds VALUES (3, {b}, X'', 'ref', {t});",
+            z = codec::u64_to_sql(0),
+            t = time_sql(Timestamp::from_millis(T0)),
+        ),
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let both = KeyId {
+        business: business(1),
+        kind: KeyKind::SignalIdentity,
+        id: 0,
+    };
+    assert!(matches!(
+        block_on(store.key(&both)),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        block_on(store.keys_wrapped_below(business(1), 5, None, 10)),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        block_on(store.holds()),
+        Err(StoreError::Corrupt(_))
+    ));
+    drop(store);
+
+    tamper(&path, "UPDATE kek_rings SET ring = X'7b7d'");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    assert!(matches!(
+        block_on(store.ring(business(1))),
+        Err(StoreError::Corrupt(_))
+    ));
+    drop(store);
+    // A valid ring under another business's row.
+    let other = serde_json::to_vec(&KekRing::new(
+        business(2),
+        vec![1],
+        Timestamp::from_millis(0),
+    ))
+    .unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE kek_rings SET ring = ?1", params![other])
+        .unwrap();
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    assert!(matches!(
+        block_on(store.ring(business(1))),
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// The writer
+
+fn writer_conn(dir: &Path) -> Connection {
+    let path = populated(dir);
+    let conn = open_writer(&path, &SqliteConfig::default()).unwrap();
+    conn.execute_batch(writes::CREATE_HELD).unwrap();
+    conn
+}
+
+fn put_work(id: u8, sealed: Vec<u8>) -> Work<()> {
+    let mut batch = Batch::new();
+    batch.push(Op::PutMessage(Box::new(record(id, b"ok"))));
+    batch.push(Op::PutPeer {
+        business: business(1),
+        peer: PeerId {
+            phone: PhoneHash::from_bytes([id; 16]),
+            device: 0,
+        },
+        sealed,
+    });
+    Box::new(move |c: &Connection| writes::apply_batch(c, &batch))
+}
+
+fn stored(conn: &Connection, id: u8) -> bool {
+    conn.query_row(
+        "SELECT count(*) FROM messages WHERE id = ?1",
+        [&[id; 16][..]],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap()
+        == 1
+}
+
+#[test]
+fn a_failing_task_in_a_group_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let too_big = vec![0u8; 1_000_000_001];
+    let results = commit_as_group(
+        &conn,
+        vec![
+            put_work(101, vec![1]),
+            put_work(102, too_big),
+            put_work(103, vec![3]),
+        ],
+    );
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(matches!(results[1], Err(StoreError::Backend(_))));
+    assert!(stored(&conn, 101) && stored(&conn, 103));
+    assert!(!stored(&conn, 102), "the failed batch was half applied");
+    assert!(conn.is_autocommit(), "a transaction was left open");
+}
+
+#[test]
+fn a_group_commits_in_one_transaction_in_queue_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    // The second task sees the first one's write: one transaction, in order.
+    let works: Vec<Work<bool>> = vec![
+        Box::new(|c: &Connection| {
+            let mut batch = Batch::new();
+            batch.push(Op::PutMessage(Box::new(record(200, b"first"))));
+            writes::apply_batch(c, &batch).map(|()| true)
+        }),
+        Box::new(|c: &Connection| Ok(stored(c, 200))),
+    ];
+    let results = commit_as_group(&conn, works);
+    assert_eq!(results.len(), 2);
+    assert!(matches!(results[1], Ok(true)));
+    assert!(conn.is_autocommit());
+}
+
+#[test]
+fn durability_settings_reach_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    for (durability, expected) in [(Durability::Full, 2), (Durability::Normal, 1)] {
+        let config = SqliteConfig {
+            durability,
+            ..SqliteConfig::default()
+        };
+        let conn = open_writer(&path, &config).unwrap();
+        let sync: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, expected, "{durability:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Query plans: the hot paths use their indexes
+
+fn plan(conn: &Connection, sql: &str) -> String {
+    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let n = stmt.parameter_count();
+    let params: Vec<i64> = vec![0; n];
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(params), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap();
+    rows.map(|r| r.unwrap()).collect::<Vec<_>>().join(" | ")
+}
+
+#[test]
+fn the_sweep_and_delivery_queries_use_their_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let cases = [
+        (writes::SWEEP.0, "messages_expiry"),
+        (writes::SWEEP.1, "messages_expiry (expiry<?)"),
+        (writes::SWEEP_HELD.0, "messages_expiry"),
+        (writes::SWEEP_HELD.1, "messages_expiry (expiry<?)"),
+        (
+            "SELECT * FROM messages WHERE next_attempt IS NOT NULL AND next_attempt <= ?1 ORDER BY next_attempt, business, id LIMIT ?2",
+            "messages_due",
+        ),
+        (
+            "SELECT * FROM messages WHERE expiry <= ?1 AND status IN (0, 1) ORDER BY expiry, business, id LIMIT ?2",
+            "messages_expiry",
+        ),
+        (
+            "SELECT 1 FROM messages WHERE business = ?1 AND phone = ?2 AND expiry > ?3",
+            "messages_phone",
+        ),
+        (
+            "SELECT business, id FROM wrapped_keys WHERE kind = 1 AND id <= ?1 ORDER BY id, business LIMIT ?2",
+            "wrapped_keys_epoch_end",
+        ),
+        (
+            "SELECT business, phone, device FROM peers AS p WHERE (business, phone, device) > (?1, ?2, ?3) ORDER BY business, phone, device LIMIT ?4",
+            "sqlite_autoindex_peers_1",
+        ),
+    ];
+    for (sql, index) in cases {
+        let p = plan(&conn, sql);
+        assert!(p.contains(index), "{sql}\n  plan: {p}");
+        assert!(!p.contains("TEMP B-TREE"), "{sql} sorts\n  plan: {p}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shredding
+
+/// Whether `needle` occurs in the database file or its log.
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    [path.to_owned(), PathBuf::from(wal)].iter().any(|p| {
+        std::fs::read(p)
+            .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0xa5).collect() };
+    let key = |id, blob| WrappedKey {
+        id: KeyId {
+            business: business(1),
+            kind: KeyKind::Epoch,
+            id,
+        },
+        kek_version: 1,
+        blob,
+    };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        store.insert_key(key(1, secret(1))).await.unwrap();
+        store.insert_key(key(2, secret(2))).await.unwrap();
+        store.insert_key(key(3, secret(3))).await.unwrap();
+        store.insert_key(key(4, secret(4))).await.unwrap();
+    });
+    drop(store);
+    assert!(file_contains(&path, &secret(1)), "the test cannot see keys");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        store
+            .destroy_key(&key(1, vec![]).id, Timestamp::from_millis(T0))
+            .await
+            .unwrap();
+        let mut rewrapped = key(2, secret(22));
+        rewrapped.kek_version = 2;
+        assert!(store.rewrap_key(rewrapped, 1).await.unwrap());
+        store.delete_keys(&[key(3, vec![]).id]).await.unwrap();
+    });
+    // Closing checkpoints the log into the file and removes the log.
+    drop(store);
+    for gone in [1, 2, 3] {
+        assert!(
+            !file_contains(&path, &secret(gone)),
+            "key {gone}'s old bytes are still in the file"
+        );
+    }
+    assert!(file_contains(&path, &secret(22)) && file_contains(&path, &secret(4)));
+}
+
+#[test]
+fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
+    // 20,000 expired, settled messages; deleting the first 10 must not walk
+    // the other 19,990 index entries (a chunked sweep would be quadratic).
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let mut batch = Batch::new();
+    for i in 0..20_000u32 {
+        let mut m = record(0, b"gone");
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        m.id = MessageId::from_bytes(id);
+        m.expiry = Timestamp::from_millis(T0 + u64::from(i));
+        m.delivery = Delivery {
+            status: Status::Delivered,
+            failure: None,
+            attempts: 1,
+            next_attempt: None,
+            pending_devices: 0,
+        };
+        batch.push(Op::PutMessage(Box::new(m)));
+    }
+    writes::apply_batch(&conn, &batch).unwrap();
+    let now = Timestamp::from_millis(T0 + 1_000_000);
+    let gone = writes::delete_expired(&conn, now, &[], 10).unwrap();
+    assert_eq!(gone.len(), 10);
+    let steps = conn
+        .prepare_cached(writes::SWEEP.1)
+        .unwrap()
+        .get_status(rusqlite::StatementStatus::VmStep);
+    assert!(
+        steps < 2_000,
+        "the delete took {steps} VM steps for 10 rows"
+    );
+}

@@ -1,0 +1,251 @@
+//! The single writer: every write of a [`SqliteStore`](super::SqliteStore)
+//! runs on one thread that owns the only read-write connection, and
+//! concurrent writes share transactions (group commit).
+//!
+//! Callers queue a task on a channel and await a one-shot reply. The thread
+//! takes the first queued task, then everything else already queued (up to
+//! the configured group size), runs them in order inside one `BEGIN
+//! IMMEDIATE … COMMIT`, and replies to each only after `COMMIT` returned: an
+//! `Ok` is a committed transaction, as durable as the configured
+//! [`Durability`](super::Durability). While one group is being committed the
+//! next one queues up, so the more callers write at once, the fewer
+//! transactions (and syncs) each write costs.
+//!
+//! A failure must not take other callers down with it. If a task fails, or
+//! `COMMIT` does, the group is rolled back and every task is run again in a
+//! transaction of its own, so each caller gets the result of its own work.
+//! A task's work may run more than once for that reason; it never
+//! half-applies, since its transaction commits or rolls back whole.
+//!
+//! The one-shot replies are `futures-channel`'s: runtime-agnostic, small,
+//! maintained with the `futures` crates, and a reply whose sender is dropped
+//! (the writer thread gone) completes with `Canceled` instead of hanging.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use futures_channel::oneshot;
+use rusqlite::Connection;
+
+use super::codec::store_error;
+use crate::store::StoreError;
+
+/// A unit of work for the writer thread, with its reply.
+trait Task: Send {
+    /// Do the work inside the current transaction; keep the output for the
+    /// reply. An error aborts the transaction.
+    fn run(&mut self, conn: &Connection) -> Result<(), StoreError>;
+
+    /// The transaction committed: send the output.
+    fn succeed(self: Box<Self>);
+
+    /// The work failed or its transaction did not commit: send `error`.
+    fn fail(self: Box<Self>, error: StoreError);
+}
+
+struct Typed<T, F> {
+    work: F,
+    output: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Task for Typed<T, F>
+where
+    T: Send,
+    F: FnMut(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.output = None;
+        self.output = Some((self.work)(conn)?);
+        Ok(())
+    }
+
+    fn succeed(self: Box<Self>) {
+        let this = *self;
+        let result = this
+            .output
+            .ok_or_else(|| StoreError::Backend("write task committed without running".into()));
+        // The caller may have stopped waiting; the work is done either way.
+        let _ = this.reply.send(result);
+    }
+
+    fn fail(self: Box<Self>, error: StoreError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// The handle to the writer thread. Dropping it lets queued work finish,
+/// then closes the connection and joins the thread.
+pub(super) struct Writer {
+    queue: Option<mpsc::Sender<Box<dyn Task>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Backend("the SQLite writer thread has stopped".into())
+}
+
+impl Writer {
+    /// Start the writer thread on `conn`, grouping at most `max_group` tasks
+    /// per transaction.
+    pub(super) fn start(conn: Connection, max_group: usize) -> std::io::Result<Self> {
+        let (queue, tasks) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("custodian-sqlite-writer".into())
+            .spawn(move || run(conn, tasks, max_group.max(1)))?;
+        Ok(Self {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Run `work` in a write transaction; resolves once that transaction
+    /// committed (or failed). `work` may run more than once (see the module
+    /// docs), each time in a fresh transaction.
+    pub(super) async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let task = Box::new(Typed {
+            work,
+            output: None,
+            reply,
+        });
+        self.queue
+            .as_ref()
+            .ok_or_else(writer_gone)?
+            .send(task)
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread's loop once it has drained it.
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(conn: Connection, tasks: mpsc::Receiver<Box<dyn Task>>, max_group: usize) {
+    let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group);
+    while let Ok(first) = tasks.recv() {
+        group.push(first);
+        while group.len() < max_group {
+            match tasks.try_recv() {
+                Ok(task) => group.push(task),
+                Err(_) => break,
+            }
+        }
+        commit_group(&conn, &mut group);
+    }
+    // Closing the last connection checkpoints the log into the file.
+    let _ = conn.close();
+}
+
+/// Where a group's transaction failed.
+enum Failure {
+    /// Could not start it: nothing ran.
+    Begin(StoreError),
+    /// A task failed, or the commit did: rolled back.
+    Aborted(StoreError),
+}
+
+/// Run `tasks` in one transaction. On failure everything is rolled back.
+fn attempt(conn: &Connection, tasks: &mut [Box<dyn Task>]) -> Result<(), Failure> {
+    // Cached: these two run once per transaction, parsed once per connection.
+    let sql = |statement: &str| {
+        conn.prepare_cached(statement)
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+            .map_err(store_error)
+    };
+    sql("BEGIN IMMEDIATE").map_err(Failure::Begin)?;
+    let outcome = tasks
+        .iter_mut()
+        .try_for_each(|t| t.run(conn))
+        .and_then(|()| sql("COMMIT"));
+    outcome.map_err(|e| {
+        if !conn.is_autocommit() {
+            // If even the rollback fails the connection is unusable; the
+            // next BEGIN reports that to the next callers.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        Failure::Aborted(e)
+    })
+}
+
+/// The same error again, for another caller (`StoreError` is not `Clone`).
+fn duplicate(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict => StoreError::Conflict,
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+    }
+}
+
+/// Commit `group` (emptied on return), replying to every task.
+fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>) {
+    match attempt(conn, group) {
+        Ok(()) => group.drain(..).for_each(|t| t.succeed()),
+        Err(Failure::Begin(e)) => {
+            // Nothing ran; running the tasks one by one would only repeat the
+            // wait that failed, once per task.
+            group.drain(..).for_each(|t| t.fail(duplicate(&e)));
+        }
+        Err(Failure::Aborted(e)) if group.len() == 1 => {
+            if let Some(task) = group.pop() {
+                task.fail(e);
+            }
+        }
+        Err(Failure::Aborted(_)) => {
+            for mut task in group.drain(..) {
+                match attempt(conn, std::slice::from_mut(&mut task)) {
+                    Ok(()) => task.succeed(),
+                    Err(Failure::Begin(e) | Failure::Aborted(e)) => task.fail(e),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod testing {
+    //! Drive the group logic directly, without the thread.
+    use super::*;
+
+    /// One task's work.
+    pub(crate) type Work<T> = Box<dyn FnMut(&Connection) -> Result<T, StoreError> + Send>;
+
+    /// Commit the works in `works` as one group, as the thread would, and
+    /// return each one's result.
+    pub(crate) fn commit_as_group<T: Send + 'static>(
+        conn: &Connection,
+        works: Vec<Work<T>>,
+    ) -> Vec<Result<T, StoreError>> {
+        let mut answers = Vec::new();
+        let mut group: Vec<Box<dyn Task>> = Vec::new();
+        for work in works {
+            let (reply, answer) = oneshot::channel();
+            group.push(Box::new(Typed {
+                work,
+                output: None,
+                reply,
+            }));
+            answers.push(answer);
+        }
+        commit_group(conn, &mut group);
+        answers
+            .into_iter()
+            .map(|mut a| match a.try_recv() {
+                Ok(Some(r)) => r,
+                _ => Err(StoreError::Backend("no reply".into())),
+            })
+            .collect()
+    }
+}

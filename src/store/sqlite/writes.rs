@@ -1,0 +1,384 @@
+//! The write operations, each run by the writer thread inside a transaction
+//! (see [`writer`](super::writer)); none commits on its own.
+
+use rusqlite::{Connection, params};
+
+use super::codec::{
+    self, Db, business_sql, key_id_sql, limit_sql, store_error, time_sql, u64_to_sql,
+};
+use super::reads;
+use crate::keys::{KekRing, KeyEntry, KeyId, WrappedKey};
+use crate::store::{Batch, ExpiredMessage, HoldScope, Op, StoreError};
+use crate::time::Timestamp;
+
+/// A hold scope as stored: kind (1 business, 2 consumer), business, phone
+/// (empty for a whole business).
+pub(super) fn scope_sql(scope: &HoldScope) -> (i64, i64, &[u8]) {
+    match scope {
+        HoldScope::Business(b) => (1, business_sql(*b), &[]),
+        HoldScope::Consumer(b, p) => (2, business_sql(*b), p.as_bytes()),
+    }
+}
+
+/// Apply every operation of `batch`, in order.
+pub(super) fn apply_batch(conn: &Connection, batch: &Batch) -> Result<(), StoreError> {
+    batch.ops().iter().try_for_each(|op| apply(conn, op))
+}
+
+fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
+    let done = match op {
+        Op::PutPeer {
+            business,
+            peer,
+            sealed,
+        } => conn
+            .prepare_cached(
+                "INSERT INTO peers (business, phone, device, sealed) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (business, phone, device) DO UPDATE SET sealed = excluded.sealed",
+            )
+            .db()?
+            .execute(params![
+                business_sql(*business),
+                &peer.phone.as_bytes()[..],
+                peer.device,
+                sealed
+            ]),
+        Op::DeletePeer { business, peer } => conn
+            .prepare_cached("DELETE FROM peers WHERE business = ?1 AND phone = ?2 AND device = ?3")
+            .db()?
+            .execute(params![
+                business_sql(*business),
+                &peer.phone.as_bytes()[..],
+                peer.device
+            ]),
+        Op::DeleteKey(id) => return delete_key(conn, id).map(drop),
+        Op::PutMessage(m) => conn
+            .prepare_cached(
+                "INSERT INTO messages (business, id, direction, phone, created, expiry, epoch,
+                     status, failure, attempts, next_attempt, pending_devices, sealed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT (business, id) DO UPDATE SET
+                     direction = excluded.direction, phone = excluded.phone,
+                     created = excluded.created, expiry = excluded.expiry,
+                     epoch = excluded.epoch, status = excluded.status,
+                     failure = excluded.failure, attempts = excluded.attempts,
+                     next_attempt = excluded.next_attempt,
+                     pending_devices = excluded.pending_devices, sealed = excluded.sealed",
+            )
+            .db()?
+            .execute(params![
+                business_sql(m.business),
+                &m.id.as_bytes()[..],
+                m.direction.code(),
+                &m.phone.as_bytes()[..],
+                time_sql(m.created),
+                time_sql(m.expiry),
+                time_sql(m.epoch.end()),
+                m.delivery.status.code(),
+                m.delivery.failure.map(|f| f.code()),
+                m.delivery.attempts,
+                m.delivery.next_attempt.map(time_sql),
+                u64_to_sql(m.delivery.pending_devices),
+                m.sealed,
+            ]),
+        Op::UpdateDelivery {
+            business,
+            id,
+            delivery,
+        } => conn
+            .prepare_cached(
+                "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5, next_attempt = ?6,
+                     pending_devices = ?7
+                 WHERE business = ?1 AND id = ?2",
+            )
+            .db()?
+            .execute(params![
+                business_sql(*business),
+                &id.as_bytes()[..],
+                delivery.status.code(),
+                delivery.failure.map(|f| f.code()),
+                delivery.attempts,
+                delivery.next_attempt.map(time_sql),
+                u64_to_sql(delivery.pending_devices),
+            ]),
+        Op::DeleteMessage { business, id } => conn
+            .prepare_cached("DELETE FROM messages WHERE business = ?1 AND id = ?2")
+            .db()?
+            .execute(params![business_sql(*business), &id.as_bytes()[..]]),
+        Op::PutHold(hold) => {
+            let (kind, business, phone) = scope_sql(&hold.scope);
+            conn.prepare_cached(
+                "INSERT INTO holds (kind, business, phone, reference, placed)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (kind, business, phone) DO UPDATE SET
+                     reference = excluded.reference, placed = excluded.placed",
+            )
+            .db()?
+            .execute(params![
+                kind,
+                business,
+                phone,
+                hold.reference,
+                time_sql(hold.placed)
+            ])
+        }
+        Op::DeleteHold(scope) => {
+            let (kind, business, phone) = scope_sql(scope);
+            conn.prepare_cached(
+                "DELETE FROM holds WHERE kind = ?1 AND business = ?2 AND phone = ?3",
+            )
+            .db()?
+            .execute(params![kind, business, phone])
+        }
+    };
+    done.map(drop).map_err(store_error)
+}
+
+/// Run `f` with SQLite overwriting deleted content (`secure_delete = FAST`:
+/// where that costs no extra I/O), so that the bytes of a destroyed key, a
+/// replaced wrapping or a retired KEK version do not linger in the page that
+/// held them. Only key writes pay for it; messages and peers are sealed under
+/// keys that are shredded.
+fn shredding<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.pragma_update(None, "secure_delete", "FAST").db()?;
+    let out = f();
+    conn.pragma_update(None, "secure_delete", "OFF").db()?;
+    out
+}
+
+/// Store `ring` if the stored revision is `expected`. The outer error fails
+/// the transaction; the inner one is the caller's answer (a lost race).
+pub(super) fn put_ring(
+    conn: &Connection,
+    ring: &KekRing,
+    expected: Option<u64>,
+) -> Result<Result<(), StoreError>, StoreError> {
+    let business = business_sql(ring.business());
+    let stored: Option<i64> = {
+        let mut stmt = conn
+            .prepare_cached("SELECT revision FROM kek_rings WHERE business = ?1")
+            .db()?;
+        let mut rows = stmt.query([business]).db()?;
+        match rows.next().db()? {
+            Some(row) => Some(codec::Cols::new(row, "kek_rings").int(0, "revision")?),
+            None => None,
+        }
+    };
+    if stored.map(codec::u64_from_sql) != expected {
+        return Ok(Err(StoreError::Conflict));
+    }
+    let json = serde_json::to_vec(ring)
+        .map_err(|e| StoreError::Backend(format!("cannot encode a KEK ring: {e}")))?;
+    shredding(conn, || {
+        conn.prepare_cached(
+            "INSERT INTO kek_rings (business, revision, ring) VALUES (?1, ?2, ?3)
+             ON CONFLICT (business) DO UPDATE SET
+                 revision = excluded.revision, ring = excluded.ring",
+        )
+        .db()?
+        .execute(params![business, u64_to_sql(ring.revision()), json])
+        .db()
+    })?;
+    Ok(Ok(()))
+}
+
+/// Store `key` unless its id is taken; return what is stored afterwards.
+pub(super) fn insert_key(conn: &Connection, key: &WrappedKey) -> Result<KeyEntry, StoreError> {
+    let (business, kind, id) = key_id_sql(&key.id);
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL) ON CONFLICT DO NOTHING",
+        )
+        .db()?
+        .execute(params![business, kind, id, key.kek_version, key.blob])
+        .db()?;
+    if inserted == 1 {
+        return Ok(KeyEntry::Wrapped(key.clone()));
+    }
+    reads::key(conn, &key.id)?.ok_or_else(|| {
+        StoreError::Backend("a key insert conflicted with an entry that is not there".into())
+    })
+}
+
+/// Replace a live key's wrapping if it is wrapped under `expected_version`.
+pub(super) fn rewrap_key(
+    conn: &Connection,
+    key: &WrappedKey,
+    expected_version: u32,
+) -> Result<bool, StoreError> {
+    let (business, kind, id) = key_id_sql(&key.id);
+    let changed = shredding(conn, || {
+        conn.prepare_cached(
+            "UPDATE wrapped_keys SET kek_version = ?4, blob = ?5
+             WHERE business = ?1 AND kind = ?2 AND id = ?3
+               AND blob IS NOT NULL AND kek_version = ?6",
+        )
+        .db()?
+        .execute(params![
+            business,
+            kind,
+            id,
+            key.kek_version,
+            key.blob,
+            expected_version
+        ])
+        .db()
+    })?;
+    Ok(changed == 1)
+}
+
+/// Replace whatever is under `id` with a tombstone dated `at`; whether a
+/// live key was there.
+pub(super) fn destroy_key(
+    conn: &Connection,
+    id: &KeyId,
+    at: Timestamp,
+) -> Result<bool, StoreError> {
+    let (business, kind, key) = key_id_sql(id);
+    let was_live = matches!(reads::key(conn, id)?, Some(KeyEntry::Wrapped(_)));
+    shredding(conn, || {
+        conn.prepare_cached(
+            "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
+             VALUES (?1, ?2, ?3, NULL, NULL, ?4)
+             ON CONFLICT (business, kind, id) DO UPDATE SET
+                 kek_version = NULL, blob = NULL, destroyed_at = excluded.destroyed_at",
+        )
+        .db()?
+        .execute(params![business, kind, key, time_sql(at)])
+        .db()
+    })?;
+    Ok(was_live)
+}
+
+/// Remove the entry under `id`; whether there was one.
+pub(super) fn delete_key(conn: &Connection, id: &KeyId) -> Result<bool, StoreError> {
+    let (business, kind, key) = key_id_sql(id);
+    let n = shredding(conn, || {
+        conn.prepare_cached(
+            "DELETE FROM wrapped_keys WHERE business = ?1 AND kind = ?2 AND id = ?3",
+        )
+        .db()?
+        .execute(params![business, kind, key])
+        .db()
+    })?;
+    Ok(n == 1)
+}
+
+/// The holds of one `delete_expired` call, in a table private to the writer
+/// connection (SQLite's temporary schema: never in the database file).
+pub(super) const CREATE_HELD: &str = "CREATE TEMP TABLE IF NOT EXISTS held (
+    business INTEGER NOT NULL,
+    phone    BLOB NOT NULL,
+    PRIMARY KEY (business, phone)
+) WITHOUT ROWID";
+
+/// What `delete_expired` may delete: expired at or before `?1`, settled
+/// (not queued or sent, no attempt pending).
+macro_rules! settled {
+    () => {
+        "expiry <= ?1 AND next_attempt IS NULL AND status NOT IN (0, 1)"
+    };
+}
+
+/// ... and covered by no hold in `temp.held` (a business-wide hold has an
+/// empty phone).
+macro_rules! not_held {
+    () => {
+        " AND NOT EXISTS (SELECT 1 FROM temp.held AS h
+             WHERE h.business = messages.business AND h.phone IN (X'', messages.phone))"
+    };
+}
+
+macro_rules! select_doomed {
+    ($filter:expr) => {
+        concat!(
+            "SELECT business, id, phone, expiry, epoch, status, direction FROM messages WHERE ",
+            $filter,
+            " ORDER BY expiry, business, id LIMIT ?2"
+        )
+    };
+}
+
+/// With `?1` the last selected row's expiry (not `now`): exactly the rows
+/// selected, by a range scan of the expiry index that ends where they end,
+/// as a plain `DELETE` would.
+macro_rules! delete_doomed {
+    ($filter:expr) => {
+        concat!(
+            "DELETE FROM messages WHERE ",
+            $filter,
+            " AND (expiry, business, id) <= (?1, ?2, ?3)"
+        )
+    };
+}
+
+/// (select, delete) without and with the hold filter.
+pub(super) const SWEEP: (&str, &str) = (select_doomed!(settled!()), delete_doomed!(settled!()));
+pub(super) const SWEEP_HELD: (&str, &str) = (
+    select_doomed!(concat!(settled!(), not_held!())),
+    delete_doomed!(concat!(settled!(), not_held!())),
+);
+
+/// Delete and return up to `limit` expired, settled messages that no hold
+/// covers, earliest first. Two statements in the writer's transaction: read
+/// the first `limit` candidates in index order, then delete the index range
+/// they span. (Cheaper than `DELETE … RETURNING`, which buffers every row,
+/// and than deleting by a list of row ids.)
+pub(super) fn delete_expired(
+    conn: &Connection,
+    now: Timestamp,
+    holds: &[HoldScope],
+    limit: usize,
+) -> Result<Vec<ExpiredMessage>, StoreError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    if !holds.is_empty() {
+        conn.prepare_cached("DELETE FROM temp.held")
+            .db()?
+            .execute([])
+            .db()?;
+        let mut put = conn
+            .prepare_cached("INSERT OR IGNORE INTO temp.held VALUES (?1, ?2)")
+            .db()?;
+        for scope in holds {
+            let (_, business, phone) = scope_sql(scope);
+            put.execute(params![business, phone]).db()?;
+        }
+    }
+    let (select, delete) = if holds.is_empty() { SWEEP } else { SWEEP_HELD };
+    let now = time_sql(now);
+    let mut doomed = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(select).db()?;
+        let mut rows = stmt.query(params![now, limit_sql(limit)]).db()?;
+        while let Some(row) = rows.next().db()? {
+            doomed.push(codec::expired(row)?);
+        }
+    }
+    let Some(last) = doomed.last() else {
+        return Ok(doomed);
+    };
+    let deleted = conn
+        .prepare_cached(delete)
+        .db()?
+        .execute(params![
+            time_sql(last.expiry),
+            business_sql(last.business),
+            &last.id.as_bytes()[..]
+        ])
+        .db()?;
+    if deleted != doomed.len() {
+        // Impossible inside one transaction; refuse rather than report
+        // deletions that did not happen.
+        return Err(StoreError::Backend(format!(
+            "the sweep selected {} messages but deleted {deleted}",
+            doomed.len()
+        )));
+    }
+    Ok(doomed)
+}

@@ -1,0 +1,228 @@
+//! The seams where a host plugs the processor into the world: the messaging
+//! network ([`Transport`]), the business ([`BusinessSink`]), and who may act
+//! for whom ([`Authorizer`]).
+//!
+//! Every trait is `Send + Sync`; the async ones need no runtime of their own.
+//! Values handed across these seams have already been released through the
+//! [visibility policy](crate::visibility): a phone number reaches the
+//! transport only for delivery, content reaches only the business.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::ids::{BusinessId, MessageId, PhoneNumber};
+use crate::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
+use crate::store::{FailureReason, Status};
+use crate::time::Timestamp;
+
+/// Who is calling: an opaque name the host's identity system gives a caller
+/// (an API token's subject, a service account). Not secret; it is logged.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Principal(Arc<str>);
+
+impl Principal {
+    /// The principal named `name`.
+    pub fn new(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Principal({})", self.0)
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Decides which principal may act for which business: the role the
+/// business manager plays. Every entry point of the processor asks it first.
+pub trait Authorizer: Send + Sync {
+    /// Whether `principal` may act for `business` (send as it, receive for
+    /// it, read its messages and statuses).
+    fn may_act_for(&self, principal: &Principal, business: BusinessId) -> bool;
+
+    /// Whether `principal` may run maintenance that spans businesses
+    /// (retransmission, the retention sweep, legal holds). Businesses may not.
+    fn may_operate(&self, principal: &Principal) -> bool;
+}
+
+/// An [`Authorizer`] from a fixed table: which principals act for which
+/// businesses, and which are operators.
+#[derive(Debug, Clone, Default)]
+pub struct StaticAuthorizer {
+    grants: HashMap<Principal, BTreeSet<BusinessId>>,
+    operators: BTreeSet<Principal>,
+}
+
+impl StaticAuthorizer {
+    /// Nobody may do anything.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Let `principal` act for `business`.
+    pub fn grant(mut self, principal: &Principal, business: BusinessId) -> Self {
+        self.grants
+            .entry(principal.clone())
+            .or_default()
+            .insert(business);
+        self
+    }
+
+    /// Let `principal` run maintenance.
+    pub fn operator(mut self, principal: &Principal) -> Self {
+        self.operators.insert(principal.clone());
+        self
+    }
+}
+
+impl Authorizer for StaticAuthorizer {
+    fn may_act_for(&self, principal: &Principal, business: BusinessId) -> bool {
+        self.grants
+            .get(principal)
+            .is_some_and(|b| b.contains(&business))
+    }
+
+    fn may_operate(&self, principal: &Principal) -> bool {
+        self.operators.contains(principal)
+    }
+}
+
+/// Why the transport could not do something.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The network is unreachable or timed out: try again later.
+    #[error("transport unavailable: {0}")]
+    Unavailable(String),
+    /// The network refused for good (the consumer does not exist, the
+    /// business is blocked): retrying will not help.
+    #[error("transport refused: {0}")]
+    Refused(String),
+}
+
+/// A Signal message for one device, as handed to the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The message it carries (so the transport can report its status).
+    pub id: MessageId,
+    /// The Signal ciphertext.
+    pub ciphertext: Ciphertext,
+}
+
+/// The messaging network (WhatsApp, in the model this crate follows). It
+/// never sees content: only ciphertext, and consumer numbers for routing.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// The devices `consumer` has. Empty if they have none.
+    async fn devices(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+    ) -> Result<Vec<u32>, TransportError>;
+
+    /// The prekey bundle of one of `consumer`'s devices, to start a session.
+    async fn fetch_bundle(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError>;
+
+    /// Send `message` to one device of `consumer`. `Ok` means the network
+    /// accepted it; delivery is reported later as a status.
+    async fn send(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError>;
+
+    /// Publish the keys consumers fetch to reach `business`.
+    async fn publish_keys(
+        &self,
+        business: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError>;
+}
+
+/// A message from a consumer, decrypted and released to its business.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InboundMessage {
+    /// The business it is for.
+    pub business: BusinessId,
+    /// Its id: derived from the transport's id, so a redelivery after a
+    /// crash carries the same id and the business can drop it.
+    pub id: MessageId,
+    /// Who sent it.
+    pub from: PhoneNumber,
+    /// From which of their devices.
+    pub device: u32,
+    /// What they sent.
+    pub content: Vec<u8>,
+    /// When the processor received it.
+    pub received: Timestamp,
+    /// The device presented a new identity key (a "security code changed" notice).
+    pub identity_changed: bool,
+}
+
+impl fmt::Debug for InboundMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboundMessage")
+            .field("business", &self.business)
+            .field("id", &self.id)
+            .field("from", &self.from)
+            .field("device", &self.device)
+            .field("content_len", &self.content.len())
+            .field("received", &self.received)
+            .field("identity_changed", &self.identity_changed)
+            .finish()
+    }
+}
+
+/// A change in an outbound message's status, for its business. Inbound
+/// messages that expire undelivered are reported the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusUpdate {
+    /// The business.
+    pub business: BusinessId,
+    /// The message.
+    pub id: MessageId,
+    /// Its new status.
+    pub status: Status,
+    /// Why it failed, for `Failed`.
+    pub failure: Option<FailureReason>,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// Why the business could not take a message or status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("business endpoint unavailable: {0}")]
+pub struct SinkError(pub String);
+
+/// The business: where its inbound messages and statuses go (a webhook, a
+/// queue). Deliveries are retried until they succeed or expire, so a sink
+/// may see a message twice after a crash: deduplicate by message id.
+#[async_trait]
+pub trait BusinessSink: Send + Sync {
+    /// Hand over an inbound message.
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError>;
+
+    /// Report a status.
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError>;
+}

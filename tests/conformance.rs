@@ -1,0 +1,1868 @@
+//! The storage conformance suite: every backend keeps the documented
+//! semantics of [`KeyStore`] and [`Storage`], the same way.
+//!
+//! Each test body below is written once, against `&Backend`, and
+//! [`conformance!`] instantiates it for every backend: [`MemoryStore`]
+//! always, [`SqliteStore`] (on a fresh file in a temporary directory) with
+//! the `sqlite` feature. A backend passes when its answers equal those the
+//! trait documents, which the in-memory store defines by construction.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use custodian::ids::{BusinessId, MessageId, PhoneHash};
+use custodian::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
+use custodian::store::{
+    Batch, Census, Delivery, Direction, ExpiredMessage, FailureReason, Hold, HoldScope,
+    MemoryStore, MessageRecord, Op, PeerId, Status, Storage, StoreError,
+};
+#[cfg(feature = "sqlite")]
+use custodian::store::{Durability, SqliteConfig, SqliteStore};
+use custodian::time::Timestamp;
+
+// ---------------------------------------------------------------------------
+// Backends
+
+/// A store under test, and what the suite needs to know about its backend.
+struct Backend {
+    store: Arc<dyn Storage>,
+    /// A write this backend cannot apply, if there is one.
+    unappliable: Option<fn() -> Op>,
+    #[cfg(feature = "sqlite")]
+    sqlite: Option<(tempfile::TempDir, SqliteConfig)>,
+}
+
+impl Backend {
+    fn memory() -> Self {
+        Self {
+            store: Arc::new(MemoryStore::new()),
+            unappliable: None,
+            #[cfg(feature = "sqlite")]
+            sqlite: None,
+        }
+    }
+
+    #[cfg(feature = "sqlite")]
+    fn sqlite() -> Self {
+        Self::sqlite_with(SqliteConfig::default())
+    }
+
+    #[cfg(feature = "sqlite")]
+    fn sqlite_with(config: SqliteConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("store.db"), config.clone()).unwrap();
+        Self {
+            store: Arc::new(store),
+            unappliable: Some(too_big_for_sqlite),
+            sqlite: Some((dir, config)),
+        }
+    }
+
+    /// Close the store and open it again (the memory store has nothing to
+    /// close: it stays as it is). The caller must hold no other handle.
+    async fn reopen(&mut self) {
+        #[cfg(feature = "sqlite")]
+        if let Some((dir, config)) = &self.sqlite {
+            assert_eq!(Arc::strong_count(&self.store), 1, "a handle is still open");
+            // Replacing the handle drops (closes) the old store first.
+            self.store = Arc::new(MemoryStore::new());
+            self.store =
+                Arc::new(SqliteStore::open(dir.path().join("store.db"), config.clone()).unwrap());
+        }
+    }
+}
+
+/// SQLite refuses any value over its length limit (10^9 bytes) with
+/// `SQLITE_TOOBIG`. The zeroed allocation is lazily mapped: it costs no memory.
+#[cfg(feature = "sqlite")]
+fn too_big_for_sqlite() -> Op {
+    Op::PutPeer {
+        business: business(1),
+        peer: peer(999, 0),
+        sealed: vec![0; 1_000_000_001],
+    }
+}
+
+/// Instantiate every listed test body for every backend.
+macro_rules! conformance {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                $(#[$attr])*
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut backend = super::Backend::memory();
+                    super::$name(&mut backend).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "sqlite")]
+        mod sqlite {
+            $(
+                $(#[$attr])*
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut backend = super::Backend::sqlite();
+                    super::$name(&mut backend).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    kek_ring_put_is_compare_and_swap,
+    concurrent_ring_writers_exactly_one_wins_each_revision,
+    insert_key_keeps_the_first_writer_and_returns_it,
+    concurrent_inserts_of_one_key_all_see_the_same_winner,
+    rewrap_replaces_only_a_live_key_under_the_expected_version,
+    destroy_key_leaves_a_tombstone_that_blocks_reinsertion,
+    delete_keys_removes_keys_and_tombstones_and_counts_them,
+    keys_wrapped_below_pages_in_key_order_within_the_business,
+    count_wrapped_under_counts_live_keys_of_exactly_that_version,
+    keys_of_kind_pages_by_id_and_skips_tombstones,
+    ended_epoch_keys_are_oldest_first_with_tombstones_and_limited,
+    peers_are_replaced_deleted_and_listed_by_device,
+    messages_are_replaced_and_delivery_updates_only_touch_stored_ones,
+    due_messages_are_earliest_first_and_follow_updates,
+    expired_open_messages_are_the_open_ones_earliest_first,
+    delete_expired_spares_held_pending_and_live_messages,
+    message_epochs_are_distinct_sorted_and_filtered_by_phone,
+    peers_without_live_messages_lists_only_idle_consumers,
+    orphan_peers_pages_through_every_idle_peer_in_key_order,
+    holds_are_placed_replaced_released_in_scope_order,
+    census_counts_what_is_stored,
+    extreme_values_round_trip_and_keep_their_order,
+    a_batch_is_all_or_nothing,
+    a_failing_batch_fails_alone_among_concurrent_ones,
+    readers_never_observe_half_a_batch,
+    many_tasks_commit_concurrently_and_every_record_is_kept,
+    #[cfg(feature = "testing")]
+    vault_and_signal_sessions_run_over_the_store,
+);
+
+// ---------------------------------------------------------------------------
+// Fixtures
+
+const T0: u64 = 1_767_225_600_000;
+const HOUR: u64 = 3_600_000;
+
+fn business(n: u64) -> BusinessId {
+    BusinessId::new(n).unwrap()
+}
+
+fn t(ms: u64) -> Timestamp {
+    Timestamp::from_millis(ms)
+}
+
+/// Message ids in numeric order are in byte order too.
+fn mid(n: u64) -> MessageId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    b[8..].copy_from_slice(&(!n).to_le_bytes());
+    MessageId::from_bytes(b)
+}
+
+fn phone(n: u64) -> PhoneHash {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    b[15] = 0x5a;
+    PhoneHash::from_bytes(b)
+}
+
+fn peer(phone_n: u64, device: u32) -> PeerId {
+    PeerId {
+        phone: phone(phone_n),
+        device,
+    }
+}
+
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn key(b: u64, kind: KeyKind, id: u64, version: u32) -> WrappedKey {
+    WrappedKey {
+        id: KeyId {
+            business: business(b),
+            kind,
+            id,
+        },
+        kek_version: version,
+        blob: bytes(id ^ (u64::from(version) << 40) ^ b, 60),
+    }
+}
+
+fn epoch_key(b: u64, end: u64) -> WrappedKey {
+    key(b, KeyKind::Epoch, end, 1)
+}
+
+fn ids(keys: &[WrappedKey]) -> Vec<KeyId> {
+    keys.iter().map(|k| k.id).collect()
+}
+
+struct M {
+    business: u64,
+    id: u64,
+    phone: u64,
+    expiry: u64,
+    next: Option<u64>,
+    status: Status,
+    direction: Direction,
+}
+
+impl M {
+    fn new(business: u64, id: u64, phone: u64, expiry: u64) -> Self {
+        Self {
+            business,
+            id,
+            phone,
+            expiry,
+            next: None,
+            status: Status::Delivered,
+            direction: Direction::Inbound,
+        }
+    }
+
+    fn due(mut self, at: u64) -> Self {
+        self.next = Some(at);
+        self
+    }
+
+    fn status(mut self, s: Status) -> Self {
+        self.status = s;
+        self
+    }
+
+    fn outbound(mut self) -> Self {
+        self.direction = Direction::Outbound;
+        self
+    }
+
+    fn record(&self) -> MessageRecord {
+        MessageRecord {
+            business: business(self.business),
+            id: mid(self.id),
+            direction: self.direction,
+            phone: phone(self.phone),
+            created: t(self.expiry.saturating_sub(30 * 24 * HOUR)),
+            expiry: t(self.expiry),
+            epoch: Epoch::ending_at(t(self.expiry.saturating_add(HOUR) / HOUR * HOUR)),
+            delivery: Delivery {
+                status: self.status,
+                failure: (self.status == Status::Failed).then_some(FailureReason::Refused),
+                attempts: 3,
+                next_attempt: self.next.map(t),
+                pending_devices: 0,
+            },
+            sealed: bytes(
+                self.id ^ (self.business << 32),
+                100 + (self.id % 50) as usize,
+            ),
+        }
+    }
+}
+
+fn put(m: &M) -> Op {
+    Op::PutMessage(Box::new(m.record()))
+}
+
+fn put_peer(b: u64, p: PeerId, seed: u64) -> Op {
+    Op::PutPeer {
+        business: business(b),
+        peer: p,
+        sealed: bytes(seed, 80),
+    }
+}
+
+fn batch(ops: impl IntoIterator<Item = Op>) -> Batch {
+    let mut batch = Batch::new();
+    for op in ops {
+        batch.push(op);
+    }
+    batch
+}
+
+async fn commit(s: &dyn Storage, ops: impl IntoIterator<Item = Op>) {
+    s.commit(batch(ops)).await.unwrap();
+}
+
+fn msg_keys(ms: &[MessageRecord]) -> Vec<(BusinessId, MessageId)> {
+    ms.iter().map(|m| (m.business, m.id)).collect()
+}
+
+fn key_of(b: u64, id: u64) -> (BusinessId, MessageId) {
+    (business(b), mid(id))
+}
+
+// ---------------------------------------------------------------------------
+// Keys
+
+async fn kek_ring_put_is_compare_and_swap(backend: &mut Backend) {
+    let s = &*backend.store;
+    let b = business(7);
+    let r0 = KekRing::new(b, bytes(1, 48), t(T0));
+    assert_eq!(s.ring(b).await.unwrap(), None);
+    assert!(matches!(
+        s.put_ring(&r0, Some(0)).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        s.ring(b).await.unwrap(),
+        None,
+        "a lost CAS stored something"
+    );
+    s.put_ring(&r0, None).await.unwrap();
+    assert_eq!(s.ring(b).await.unwrap(), Some(r0.clone()));
+    assert!(matches!(
+        s.put_ring(&r0, None).await,
+        Err(StoreError::Conflict)
+    ));
+
+    let (r1, _) = r0.add_version(bytes(2, 48), t(T0 + 1)).unwrap();
+    assert!(matches!(
+        s.put_ring(&r1, Some(1)).await,
+        Err(StoreError::Conflict)
+    ));
+    s.put_ring(&r1, Some(0)).await.unwrap();
+    assert_eq!(s.ring(b).await.unwrap(), Some(r1.clone()));
+    let r2 = r1.promote(2).unwrap();
+    assert!(matches!(
+        s.put_ring(&r2, Some(0)).await,
+        Err(StoreError::Conflict)
+    ));
+    s.put_ring(&r2, Some(1)).await.unwrap();
+    assert_eq!(s.ring(b).await.unwrap(), Some(r2));
+    assert_eq!(s.ring(business(8)).await.unwrap(), None);
+}
+
+async fn concurrent_ring_writers_exactly_one_wins_each_revision(backend: &mut Backend) {
+    let b = business(3);
+    let r0 = KekRing::new(b, bytes(3, 48), t(T0));
+    backend.store.put_ring(&r0, None).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let s = backend.store.clone();
+        let r0 = r0.clone();
+        tasks.push(tokio::spawn(async move {
+            let (next, _) = r0.add_version(bytes(100 + i, 48), t(T0 + i)).unwrap();
+            (s.put_ring(&next, Some(0)).await, next)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (Ok(()), ring) => winners.push(ring),
+            (Err(StoreError::Conflict), _) => {}
+            (Err(e), _) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one writer wins revision 0");
+    assert_eq!(
+        backend.store.ring(b).await.unwrap().as_ref(),
+        winners.first()
+    );
+}
+
+async fn insert_key_keeps_the_first_writer_and_returns_it(backend: &mut Backend) {
+    let s = &*backend.store;
+    let first = key(1, KeyKind::SignalPreKey, 7, 1);
+    let mut second = first.clone();
+    second.blob = bytes(999, 60);
+    second.kek_version = 2;
+    assert_eq!(s.key(&first.id).await.unwrap(), None);
+    assert_eq!(
+        s.insert_key(first.clone()).await.unwrap(),
+        KeyEntry::Wrapped(first.clone())
+    );
+    assert_eq!(
+        s.insert_key(second).await.unwrap(),
+        KeyEntry::Wrapped(first.clone()),
+        "the winner is returned, not the loser"
+    );
+    assert_eq!(
+        s.key(&first.id).await.unwrap(),
+        Some(KeyEntry::Wrapped(first.clone()))
+    );
+    // Neighbours are distinct keys.
+    for other in [
+        key(2, KeyKind::SignalPreKey, 7, 1),
+        key(1, KeyKind::SignalSignedPreKey, 7, 1),
+        key(1, KeyKind::SignalPreKey, 8, 1),
+    ] {
+        assert_eq!(s.key(&other.id).await.unwrap(), None);
+        assert_eq!(
+            s.insert_key(other.clone()).await.unwrap(),
+            KeyEntry::Wrapped(other)
+        );
+    }
+}
+
+async fn concurrent_inserts_of_one_key_all_see_the_same_winner(backend: &mut Backend) {
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let s = backend.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut k = key(4, KeyKind::PhoneIndex, 0, 1);
+            k.blob = bytes(i, 40);
+            s.insert_key(k).await.unwrap()
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let stored = backend
+        .store
+        .key(&key(4, KeyKind::PhoneIndex, 0, 1).id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answers.iter().all(|a| *a == stored), "{answers:?}");
+}
+
+async fn rewrap_replaces_only_a_live_key_under_the_expected_version(backend: &mut Backend) {
+    let s = &*backend.store;
+    let v1 = key(1, KeyKind::Epoch, T0, 1);
+    s.insert_key(v1.clone()).await.unwrap();
+    let v2 = key(1, KeyKind::Epoch, T0, 2);
+    assert!(!s.rewrap_key(v2.clone(), 2).await.unwrap());
+    assert_eq!(
+        s.key(&v1.id).await.unwrap(),
+        Some(KeyEntry::Wrapped(v1.clone()))
+    );
+    assert!(s.rewrap_key(v2.clone(), 1).await.unwrap());
+    assert_eq!(
+        s.key(&v1.id).await.unwrap(),
+        Some(KeyEntry::Wrapped(v2.clone()))
+    );
+    let v3 = key(1, KeyKind::Epoch, T0, 3);
+    assert!(
+        !s.rewrap_key(v3.clone(), 1).await.unwrap(),
+        "a stale rewrap must lose"
+    );
+    assert_eq!(s.key(&v1.id).await.unwrap(), Some(KeyEntry::Wrapped(v2)));
+
+    // A missing key is not created; a tombstone is not revived.
+    let missing = key(1, KeyKind::Epoch, T0 + HOUR, 2);
+    assert!(!s.rewrap_key(missing.clone(), 1).await.unwrap());
+    assert_eq!(s.key(&missing.id).await.unwrap(), None);
+    s.destroy_key(&v1.id, t(T0)).await.unwrap();
+    assert!(!s.rewrap_key(v3, 2).await.unwrap());
+    assert_eq!(
+        s.key(&v1.id).await.unwrap(),
+        Some(KeyEntry::Destroyed { at: t(T0) })
+    );
+}
+
+async fn destroy_key_leaves_a_tombstone_that_blocks_reinsertion(backend: &mut Backend) {
+    let s = &*backend.store;
+    let k = key(2, KeyKind::SignalSignedPreKey, 5, 1);
+    s.insert_key(k.clone()).await.unwrap();
+    assert!(s.destroy_key(&k.id, t(T0)).await.unwrap());
+    assert_eq!(
+        s.key(&k.id).await.unwrap(),
+        Some(KeyEntry::Destroyed { at: t(T0) })
+    );
+    assert_eq!(
+        s.insert_key(k.clone()).await.unwrap(),
+        KeyEntry::Destroyed { at: t(T0) },
+        "a destroyed key is never silently re-created"
+    );
+    assert!(!s.destroy_key(&k.id, t(T0 + 5)).await.unwrap());
+    assert!(matches!(
+        s.key(&k.id).await.unwrap(),
+        Some(KeyEntry::Destroyed { .. })
+    ));
+    // Destroying a key that never existed still leaves a tombstone.
+    let never = key(2, KeyKind::SignalSignedPreKey, 6, 1);
+    assert!(!s.destroy_key(&never.id, t(T0 + 9)).await.unwrap());
+    assert_eq!(
+        s.key(&never.id).await.unwrap(),
+        Some(KeyEntry::Destroyed { at: t(T0 + 9) })
+    );
+    // Tombstones are not live keys.
+    assert!(
+        s.keys_of_kind(business(2), KeyKind::SignalSignedPreKey, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.count_wrapped_under(business(2), 1).await.unwrap(), 0);
+    assert!(
+        s.keys_wrapped_below(business(2), 9, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn delete_keys_removes_keys_and_tombstones_and_counts_them(backend: &mut Backend) {
+    let s = &*backend.store;
+    let live = epoch_key(3, T0);
+    let dead = epoch_key(3, T0 + HOUR);
+    let absent = epoch_key(3, T0 + 2 * HOUR);
+    s.insert_key(live.clone()).await.unwrap();
+    s.insert_key(dead.clone()).await.unwrap();
+    s.destroy_key(&dead.id, t(T0)).await.unwrap();
+    assert_eq!(
+        s.ended_epoch_keys(t(T0 + 9 * HOUR), 10).await.unwrap(),
+        vec![live.id, dead.id]
+    );
+    assert_eq!(
+        s.delete_keys(&[live.id, dead.id, absent.id]).await.unwrap(),
+        2
+    );
+    assert_eq!(s.key(&live.id).await.unwrap(), None);
+    assert_eq!(s.key(&dead.id).await.unwrap(), None);
+    assert!(
+        s.ended_epoch_keys(t(T0 + 9 * HOUR), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.delete_keys(&[]).await.unwrap(), 0);
+    // Deleted outright, the id is free again.
+    assert_eq!(
+        s.insert_key(dead.clone()).await.unwrap(),
+        KeyEntry::Wrapped(dead)
+    );
+    // A consumed prekey deleted through a batch.
+    let prekey = key(3, KeyKind::SignalPreKey, 11, 1);
+    s.insert_key(prekey.clone()).await.unwrap();
+    commit(s, [Op::DeleteKey(prekey.id)]).await;
+    assert_eq!(s.key(&prekey.id).await.unwrap(), None);
+}
+
+async fn keys_wrapped_below_pages_in_key_order_within_the_business(backend: &mut Backend) {
+    let s = &*backend.store;
+    let b = 5;
+    let mut expected = Vec::new();
+    for (kind, id, version) in [
+        (KeyKind::Epoch, T0, 1),
+        (KeyKind::Epoch, T0 + HOUR, 3),
+        (KeyKind::Epoch, u64::MAX, 2),
+        (KeyKind::SignalIdentity, 0, 1),
+        (KeyKind::SignalPreKey, 1, 2),
+        (KeyKind::SignalPreKey, 2, 3),
+        (KeyKind::SignalPreKey, 1 << 63, 1),
+        (KeyKind::PhoneIndex, 0, 2),
+    ] {
+        let k = key(b, kind, id, version);
+        s.insert_key(k.clone()).await.unwrap();
+        if version < 3 {
+            expected.push(k);
+        }
+    }
+    let dead = key(b, KeyKind::SignalPreKey, 5, 1);
+    s.insert_key(dead.clone()).await.unwrap();
+    s.destroy_key(&dead.id, t(T0)).await.unwrap();
+    for other in [4, 6] {
+        s.insert_key(key(other, KeyKind::Epoch, T0, 1))
+            .await
+            .unwrap();
+    }
+    expected.sort_by_key(|k| k.id);
+
+    let mut pages = Vec::new();
+    let mut after = None;
+    for round in 0.. {
+        assert!(round < 100, "paging never ends");
+        let page = s
+            .keys_wrapped_below(business(b), 3, after, 2)
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        pages.extend(page);
+    }
+    assert_eq!(ids(&pages), ids(&expected));
+    assert_eq!(pages, expected, "the wrapped bytes come back as stored");
+
+    // A cursor from an earlier business starts at the beginning; one from a
+    // later business is past the end.
+    let from_before = KeyId {
+        business: business(4),
+        kind: KeyKind::PhoneIndex,
+        id: u64::MAX,
+    };
+    assert_eq!(
+        ids(&s
+            .keys_wrapped_below(business(b), 3, Some(from_before), 100)
+            .await
+            .unwrap()),
+        ids(&expected)
+    );
+    let from_after = KeyId {
+        business: business(6),
+        kind: KeyKind::Epoch,
+        id: 0,
+    };
+    assert!(
+        s.keys_wrapped_below(business(b), 3, Some(from_after), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.keys_wrapped_below(business(b), 1, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.keys_wrapped_below(business(b), 3, None, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn count_wrapped_under_counts_live_keys_of_exactly_that_version(backend: &mut Backend) {
+    let s = &*backend.store;
+    for (b, id, version) in [(1, 1, 1), (1, 2, 2), (1, 3, 2), (1, 4, 2), (2, 1, 2)] {
+        s.insert_key(key(b, KeyKind::SignalPreKey, id, version))
+            .await
+            .unwrap();
+    }
+    s.destroy_key(&key(1, KeyKind::SignalPreKey, 4, 2).id, t(T0))
+        .await
+        .unwrap();
+    assert_eq!(s.count_wrapped_under(business(1), 2).await.unwrap(), 2);
+    assert_eq!(s.count_wrapped_under(business(1), 1).await.unwrap(), 1);
+    assert_eq!(s.count_wrapped_under(business(1), 3).await.unwrap(), 0);
+    assert_eq!(s.count_wrapped_under(business(2), 2).await.unwrap(), 1);
+    assert_eq!(s.count_wrapped_under(business(3), 2).await.unwrap(), 0);
+}
+
+async fn keys_of_kind_pages_by_id_and_skips_tombstones(backend: &mut Backend) {
+    let s = &*backend.store;
+    let kind = KeyKind::SignalPreKey;
+    let mut expected = Vec::new();
+    for id in [0, 1, 2, 40, 1 << 63, u64::MAX - 1, u64::MAX] {
+        let k = key(9, kind, id, 1);
+        s.insert_key(k.clone()).await.unwrap();
+        expected.push(k);
+    }
+    let dead = key(9, kind, 3, 1);
+    s.insert_key(dead.clone()).await.unwrap();
+    s.destroy_key(&dead.id, t(T0)).await.unwrap();
+    // Other kinds and businesses around it.
+    for k in [
+        key(9, KeyKind::SignalSignedPreKey, 1, 1),
+        key(9, KeyKind::SignalIdentity, 0, 1),
+        key(8, kind, 5, 1),
+        key(10, kind, 5, 1),
+    ] {
+        s.insert_key(k).await.unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut after = None;
+    for round in 0.. {
+        assert!(round < 100, "paging never ends");
+        let page = s.keys_of_kind(business(9), kind, after, 3).await.unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.id);
+        pages.extend(page);
+    }
+    assert_eq!(pages, expected);
+    assert_eq!(
+        ids(&s.keys_of_kind(business(9), kind, Some(2), 2).await.unwrap()),
+        ids(&expected[3..5])
+    );
+    assert!(
+        s.keys_of_kind(business(9), kind, Some(u64::MAX), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.keys_of_kind(business(9), kind, None, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn ended_epoch_keys_are_oldest_first_with_tombstones_and_limited(backend: &mut Backend) {
+    let s = &*backend.store;
+    // (business, end): inserted out of order, one end shared by two businesses.
+    let ends = [
+        (3, T0 + 2 * HOUR),
+        (1, T0 + HOUR),
+        (2, T0 + HOUR),
+        (1, T0),
+        (4, T0 + 5 * HOUR),
+    ];
+    for (b, end) in ends {
+        s.insert_key(epoch_key(b, end)).await.unwrap();
+    }
+    s.destroy_key(&epoch_key(1, T0).id, t(T0)).await.unwrap();
+    // A tombstone for a key never stored is listed too, and other kinds never are.
+    s.destroy_key(&epoch_key(5, T0 + 2 * HOUR).id, t(T0))
+        .await
+        .unwrap();
+    s.insert_key(key(1, KeyKind::SignalPreKey, T0 - 1, 1))
+        .await
+        .unwrap();
+
+    let id = |b, end| epoch_key(b, end).id;
+    let all = vec![
+        id(1, T0),
+        id(1, T0 + HOUR),
+        id(2, T0 + HOUR),
+        id(3, T0 + 2 * HOUR),
+        id(5, T0 + 2 * HOUR),
+    ];
+    assert_eq!(
+        s.ended_epoch_keys(t(T0 + 2 * HOUR), 100).await.unwrap(),
+        all,
+        "ended at or before now, by end then business"
+    );
+    assert_eq!(
+        s.ended_epoch_keys(t(T0 + 2 * HOUR), 3).await.unwrap(),
+        all[..3]
+    );
+    assert_eq!(
+        s.ended_epoch_keys(t(T0 + HOUR - 1), 100).await.unwrap(),
+        all[..1]
+    );
+    assert!(s.ended_epoch_keys(t(T0 - 1), 100).await.unwrap().is_empty());
+    assert!(
+        s.ended_epoch_keys(t(T0 + 9 * HOUR), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Peers and messages
+
+async fn peers_are_replaced_deleted_and_listed_by_device(backend: &mut Backend) {
+    let s = &*backend.store;
+    commit(
+        s,
+        [
+            put_peer(1, peer(1, 3), 1),
+            put_peer(1, peer(1, 0), 2),
+            put_peer(1, peer(1, 1), 3),
+            put_peer(1, peer(2, 0), 4),
+            put_peer(2, peer(1, 5), 5),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.peer_devices(business(1), phone(1)).await.unwrap(),
+        [0, 1, 3]
+    );
+    assert_eq!(s.peer_devices(business(1), phone(2)).await.unwrap(), [0]);
+    assert_eq!(s.peer_devices(business(2), phone(1)).await.unwrap(), [5]);
+    assert!(
+        s.peer_devices(business(1), phone(3))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.peer(business(1), peer(1, 1)).await.unwrap(),
+        Some(bytes(3, 80))
+    );
+    commit(s, [put_peer(1, peer(1, 1), 33)]).await;
+    assert_eq!(
+        s.peer(business(1), peer(1, 1)).await.unwrap(),
+        Some(bytes(33, 80))
+    );
+    commit(
+        s,
+        [
+            Op::DeletePeer {
+                business: business(1),
+                peer: peer(1, 0),
+            },
+            Op::DeletePeer {
+                business: business(1),
+                peer: peer(9, 9),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(s.peer(business(1), peer(1, 0)).await.unwrap(), None);
+    assert_eq!(s.peer_devices(business(1), phone(1)).await.unwrap(), [1, 3]);
+    assert_eq!(s.peer(business(2), peer(1, 1)).await.unwrap(), None);
+    // Later ops of a batch see earlier ones: put then delete leaves nothing.
+    commit(
+        s,
+        [
+            put_peer(3, peer(1, 0), 1),
+            Op::DeletePeer {
+                business: business(3),
+                peer: peer(1, 0),
+            },
+            put_peer(3, peer(2, 0), 1),
+        ],
+    )
+    .await;
+    assert_eq!(s.peer(business(3), peer(1, 0)).await.unwrap(), None);
+    assert!(s.peer(business(3), peer(2, 0)).await.unwrap().is_some());
+}
+
+async fn messages_are_replaced_and_delivery_updates_only_touch_stored_ones(backend: &mut Backend) {
+    let s = &*backend.store;
+    let first = M::new(1, 1, 1, T0 + HOUR).due(T0).status(Status::Queued);
+    commit(s, [put(&first)]).await;
+    assert_eq!(
+        s.message(business(1), mid(1)).await.unwrap(),
+        Some(first.record())
+    );
+    assert_eq!(s.message(business(2), mid(1)).await.unwrap(), None);
+
+    // Replaced whole, indexes included: the old expiry and due time are gone.
+    let mut second = M::new(1, 1, 2, T0 + 5 * HOUR).outbound().due(T0 + 3 * HOUR);
+    second.status = Status::Sent;
+    commit(s, [put(&second)]).await;
+    assert_eq!(
+        s.message(business(1), mid(1)).await.unwrap(),
+        Some(second.record())
+    );
+    assert!(s.due_messages(t(T0 + HOUR), 10).await.unwrap().is_empty());
+    assert!(
+        s.expired_open_messages(t(T0 + 2 * HOUR), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.message_epochs(business(1), Some(phone(1))).await.unwrap(),
+        []
+    );
+
+    let delivery = Delivery {
+        status: Status::Failed,
+        failure: Some(FailureReason::NoSession),
+        attempts: 7,
+        next_attempt: None,
+        pending_devices: 0,
+    };
+    commit(
+        s,
+        [
+            Op::UpdateDelivery {
+                business: business(1),
+                id: mid(1),
+                delivery,
+            },
+            Op::UpdateDelivery {
+                business: business(1),
+                id: mid(2),
+                delivery,
+            },
+        ],
+    )
+    .await;
+    let mut expected = second.record();
+    expected.delivery = delivery;
+    assert_eq!(
+        s.message(business(1), mid(1)).await.unwrap(),
+        Some(expected)
+    );
+    assert_eq!(
+        s.message(business(1), mid(2)).await.unwrap(),
+        None,
+        "an update of a missing message creates nothing"
+    );
+    assert!(s.due_messages(t(u64::MAX), 10).await.unwrap().is_empty());
+
+    commit(
+        s,
+        [
+            Op::DeleteMessage {
+                business: business(1),
+                id: mid(1),
+            },
+            Op::DeleteMessage {
+                business: business(1),
+                id: mid(3),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(s.message(business(1), mid(1)).await.unwrap(), None);
+    assert_eq!(s.census().await.unwrap().messages, 0);
+}
+
+async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backend) {
+    let s = &*backend.store;
+    let ms = [
+        M::new(2, 1, 1, T0 + 9 * HOUR).due(T0 + 20),
+        M::new(1, 2, 1, T0 + 9 * HOUR).due(T0 + 10),
+        M::new(2, 3, 2, T0 + 9 * HOUR).due(T0 + 10),
+        M::new(1, 4, 2, T0 + 9 * HOUR).due(T0 + 10),
+        M::new(1, 5, 3, T0 + 9 * HOUR).due(T0 + 30),
+        M::new(1, 6, 3, T0 + 9 * HOUR),
+    ];
+    commit(s, ms.iter().map(put)).await;
+    let due = s.due_messages(t(T0 + 20), 100).await.unwrap();
+    assert_eq!(
+        msg_keys(&due),
+        [key_of(1, 2), key_of(1, 4), key_of(2, 3), key_of(2, 1)],
+        "by due time, then business, then id"
+    );
+    assert_eq!(due[0], ms[1].record(), "whole records come back");
+    assert_eq!(
+        msg_keys(&s.due_messages(t(T0 + 20), 2).await.unwrap()),
+        [key_of(1, 2), key_of(1, 4)]
+    );
+    assert!(s.due_messages(t(T0 + 9), 100).await.unwrap().is_empty());
+    assert!(s.due_messages(t(T0 + 20), 0).await.unwrap().is_empty());
+
+    // Rescheduled later, and unscheduled: the index follows.
+    let later = Delivery {
+        status: Status::Sent,
+        failure: None,
+        attempts: 1,
+        next_attempt: Some(t(T0 + 25)),
+        pending_devices: 0b101,
+    };
+    let done = Delivery {
+        status: Status::Delivered,
+        failure: None,
+        attempts: 1,
+        next_attempt: None,
+        pending_devices: 0,
+    };
+    commit(
+        s,
+        [
+            Op::UpdateDelivery {
+                business: business(1),
+                id: mid(2),
+                delivery: later,
+            },
+            Op::UpdateDelivery {
+                business: business(2),
+                id: mid(3),
+                delivery: done,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(
+        msg_keys(&s.due_messages(t(T0 + 100), 100).await.unwrap()),
+        [key_of(1, 4), key_of(2, 1), key_of(1, 2), key_of(1, 5)]
+    );
+}
+
+async fn expired_open_messages_are_the_open_ones_earliest_first(backend: &mut Backend) {
+    let s = &*backend.store;
+    let ms = [
+        M::new(1, 1, 1, T0 + 30).status(Status::Queued),
+        M::new(1, 2, 1, T0 + 10).status(Status::Sent).due(T0),
+        M::new(2, 3, 1, T0 + 10).status(Status::Queued),
+        M::new(1, 4, 1, T0 + 5).status(Status::Delivered),
+        M::new(1, 5, 1, T0 + 5).status(Status::Read),
+        M::new(1, 6, 1, T0 + 5).status(Status::Failed),
+        M::new(1, 7, 1, T0 + 31).status(Status::Queued),
+    ];
+    commit(s, ms.iter().map(put)).await;
+    let open = s.expired_open_messages(t(T0 + 30), 100).await.unwrap();
+    assert_eq!(
+        msg_keys(&open),
+        [key_of(1, 2), key_of(2, 3), key_of(1, 1)],
+        "open (queued or sent), expired at or before now, by expiry"
+    );
+    assert_eq!(open[0], ms[1].record());
+    assert_eq!(
+        msg_keys(&s.expired_open_messages(t(T0 + 30), 1).await.unwrap()),
+        [key_of(1, 2)],
+        "the limit counts open messages only"
+    );
+    assert!(
+        s.expired_open_messages(t(T0 + 9), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Backend) {
+    let s = &*backend.store;
+    let now = T0 + 100;
+    let ms = [
+        M::new(1, 1, 1, T0 + 50).status(Status::Queued).outbound(),
+        M::new(1, 2, 1, T0 + 10),
+        M::new(2, 3, 2, T0 + 10),
+        M::new(1, 4, 1, T0 + 20).status(Status::Sent).due(T0 + 200),
+        M::new(1, 5, 1, now + 1),
+        M::new(3, 6, 1, T0 + 1),
+        M::new(1, 7, 3, T0 + 1),
+        M::new(1, 8, 3, now),
+        M::new(1, 9, 1, T0 + 50).status(Status::Failed).outbound(),
+    ];
+    commit(s, ms.iter().map(put)).await;
+    let holds = [
+        HoldScope::Business(business(3)),
+        HoldScope::Consumer(business(1), phone(3)),
+    ];
+    let first = s.delete_expired(t(now), &holds, 2).await.unwrap();
+    assert_eq!(
+        first,
+        [
+            ExpiredMessage::from(&ms[1].record()),
+            ExpiredMessage::from(&ms[2].record())
+        ],
+        "earliest first, held ones skipped without using up the limit"
+    );
+    assert!(!first[0].open);
+    let rest = s.delete_expired(t(now), &holds, 100).await.unwrap();
+    assert_eq!(
+        rest,
+        [ExpiredMessage::from(&ms[8].record())],
+        "an open message is never deleted, even with no attempt scheduled"
+    );
+    assert!(!rest[0].open);
+    assert_eq!(rest[0].direction, Direction::Outbound);
+    assert!(
+        s.delete_expired(t(now), &holds, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for (b, id) in [(1, 2), (2, 3), (1, 9)] {
+        assert_eq!(s.message(business(b), mid(id)).await.unwrap(), None);
+    }
+    // Open, pending, live and held messages are all still there.
+    for (b, id) in [(1, 1), (1, 4), (1, 5), (3, 6), (1, 7), (1, 8)] {
+        assert!(s.message(business(b), mid(id)).await.unwrap().is_some());
+    }
+    // The holds released: the held ones go, earliest first; the pending one stays.
+    let released = s.delete_expired(t(now), &[], 100).await.unwrap();
+    assert_eq!(
+        released
+            .iter()
+            .map(|m| (m.business, m.id))
+            .collect::<Vec<_>>(),
+        [key_of(1, 7), key_of(3, 6), key_of(1, 8)]
+    );
+    assert!(s.message(business(1), mid(4)).await.unwrap().is_some());
+    assert!(s.delete_expired(t(now), &[], 0).await.unwrap().is_empty());
+    assert_eq!(s.census().await.unwrap().messages, 3);
+}
+
+async fn message_epochs_are_distinct_sorted_and_filtered_by_phone(backend: &mut Backend) {
+    let s = &*backend.store;
+    commit(
+        s,
+        [
+            put(&M::new(1, 1, 1, T0 + 5 * HOUR)),
+            put(&M::new(1, 2, 2, T0 + HOUR + 5)),
+            put(&M::new(1, 3, 1, T0 + HOUR + 7)),
+            put(&M::new(1, 4, 1, T0 + 5 * HOUR + 1)),
+            put(&M::new(2, 5, 1, T0 + 9 * HOUR)),
+        ],
+    )
+    .await;
+    let epoch = |expiry: u64| M::new(1, 0, 0, expiry).record().epoch;
+    assert_eq!(
+        s.message_epochs(business(1), None).await.unwrap(),
+        [epoch(T0 + HOUR + 5), epoch(T0 + 5 * HOUR)]
+    );
+    assert_eq!(
+        s.message_epochs(business(1), Some(phone(2))).await.unwrap(),
+        [epoch(T0 + HOUR + 5)]
+    );
+    assert_eq!(
+        s.message_epochs(business(1), Some(phone(1))).await.unwrap(),
+        [epoch(T0 + HOUR + 5), epoch(T0 + 5 * HOUR)]
+    );
+    assert!(
+        s.message_epochs(business(3), None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn peers_without_live_messages_lists_only_idle_consumers(backend: &mut Backend) {
+    let s = &*backend.store;
+    let now = T0 + 100;
+    commit(
+        s,
+        [
+            // phone 1: a live message; phone 2: only expired ones (one
+            // expiring exactly now); phone 3: none; phone 4: no peers.
+            put(&M::new(1, 1, 1, now + 1)),
+            put(&M::new(1, 2, 1, now - 50)),
+            put(&M::new(1, 3, 2, now)),
+            put(&M::new(1, 4, 2, now - 1)),
+            put(&M::new(1, 5, 4, now - 1)),
+            // The same phone hash under another business is someone else.
+            put(&M::new(2, 6, 3, now + 1)),
+            put_peer(1, peer(1, 0), 1),
+            put_peer(1, peer(2, 2), 2),
+            put_peer(1, peer(2, 0), 3),
+            put_peer(1, peer(3, 1), 4),
+            put_peer(2, peer(2, 0), 5),
+        ],
+    )
+    .await;
+    let phones = [
+        (business(1), phone(3)),
+        (business(1), phone(1)),
+        (business(1), phone(2)),
+        (business(1), phone(4)),
+    ];
+    assert_eq!(
+        s.peers_without_live_messages(&phones, t(now))
+            .await
+            .unwrap(),
+        [
+            (business(1), peer(3, 1)),
+            (business(1), peer(2, 0)),
+            (business(1), peer(2, 2)),
+        ],
+        "in the order asked, devices ascending"
+    );
+    assert!(
+        s.peers_without_live_messages(&[], t(now))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Once the live message has expired too, phone 1 is idle.
+    assert_eq!(
+        s.peers_without_live_messages(&[(business(1), phone(1))], t(now + 1))
+            .await
+            .unwrap(),
+        [(business(1), peer(1, 0))]
+    );
+}
+
+async fn orphan_peers_pages_through_every_idle_peer_in_key_order(backend: &mut Backend) {
+    let s = &*backend.store;
+    let now = T0 + 100;
+    let mut ops = vec![
+        put(&M::new(2, 1, 1, now + 1)),
+        put(&M::new(1, 2, 2, now + 1)),
+        put(&M::new(1, 3, 3, now - 1)),
+    ];
+    let mut expected = Vec::new();
+    for b in [3u64, 1, 2, u64::MAX] {
+        for p in [3u64, 1, 2] {
+            for device in [2, 0, u32::MAX] {
+                ops.push(put_peer(b, peer(p, device), b ^ p));
+                let live = (b == 2 && p == 1) || (b == 1 && p == 2);
+                if !live {
+                    expected.push((business(b), peer(p, device)));
+                }
+            }
+        }
+    }
+    commit(s, ops).await;
+    expected.sort();
+    let mut found = Vec::new();
+    let mut after = None;
+    for round in 0.. {
+        assert!(round < 100, "paging never ends");
+        let page = s.orphan_peers(t(now), after, 4).await.unwrap();
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = Some(*last);
+        found.extend(page);
+    }
+    assert_eq!(found, expected);
+    assert!(s.orphan_peers(t(now), None, 0).await.unwrap().is_empty());
+    assert_eq!(
+        s.orphan_peers(t(now), Some(expected[5]), 2).await.unwrap(),
+        expected[6..8]
+    );
+}
+
+async fn holds_are_placed_replaced_released_in_scope_order(backend: &mut Backend) {
+    let s = &*backend.store;
+    let hold = |scope, reference: &str, placed| Hold {
+        scope,
+        reference: reference.to_owned(),
+        placed: t(placed),
+    };
+    let a = hold(HoldScope::Consumer(business(2), phone(1)), "case-1", T0);
+    let b = hold(HoldScope::Business(business(3)), "case-2", T0 + 1);
+    let c = hold(HoldScope::Business(business(1)), "case-3 ünïcode", T0 + 2);
+    let d = hold(HoldScope::Consumer(business(1), phone(2)), "", T0 + 3);
+    assert!(s.holds().await.unwrap().is_empty());
+    commit(
+        s,
+        [a.clone(), b.clone(), c.clone(), d.clone()].map(Op::PutHold),
+    )
+    .await;
+    assert_eq!(
+        s.holds().await.unwrap(),
+        [c.clone(), b.clone(), d.clone(), a.clone()]
+    );
+    let a2 = hold(a.scope, "case-1 amended", T0 + 9);
+    commit(s, [Op::PutHold(a2.clone()), Op::DeleteHold(b.scope)]).await;
+    commit(s, [Op::DeleteHold(HoldScope::Business(business(9)))]).await;
+    assert_eq!(s.holds().await.unwrap(), [c, d, a2]);
+}
+
+async fn census_counts_what_is_stored(backend: &mut Backend) {
+    let s = &*backend.store;
+    assert_eq!(s.census().await.unwrap(), Census::default());
+    commit(
+        s,
+        [
+            put(&M::new(1, 1, 1, T0)),
+            put(&M::new(1, 2, 1, T0)),
+            put(&M::new(1, 3, 2, T0)),
+            put(&M::new(2, 4, 1, T0)),
+            put_peer(1, peer(1, 0), 1),
+            put_peer(1, peer(1, 1), 1),
+            put_peer(1, peer(3, 0), 1),
+        ],
+    )
+    .await;
+    s.insert_key(epoch_key(1, T0)).await.unwrap();
+    s.insert_key(epoch_key(1, T0 + HOUR)).await.unwrap();
+    s.insert_key(epoch_key(2, T0)).await.unwrap();
+    s.destroy_key(&epoch_key(2, T0).id, t(T0)).await.unwrap();
+    s.insert_key(key(1, KeyKind::SignalPreKey, 1, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.census().await.unwrap(),
+        Census {
+            messages: 4,
+            peers: 3,
+            // (1,1) (1,2) (2,1) (1,3)
+            phones: 4,
+            epoch_keys: 2,
+        }
+    );
+}
+
+async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
+    let s = &*backend.store;
+    let max = u64::MAX;
+    let big = MessageRecord {
+        business: business(max),
+        id: MessageId::from_bytes([0xff; 16]),
+        direction: Direction::Outbound,
+        phone: PhoneHash::from_bytes([0xff; 16]),
+        created: t(0),
+        expiry: Timestamp::MAX,
+        epoch: Epoch::ending_at(Timestamp::MAX),
+        delivery: Delivery {
+            status: Status::Sent,
+            failure: None,
+            attempts: u32::MAX,
+            next_attempt: Some(t(1 << 63)),
+            pending_devices: u64::MAX,
+        },
+        sealed: Vec::new(),
+    };
+    let small = MessageRecord {
+        business: business(1),
+        id: MessageId::from_bytes([0; 16]),
+        phone: PhoneHash::from_bytes([0; 16]),
+        expiry: t(0),
+        epoch: Epoch::ending_at(t(0)),
+        delivery: Delivery {
+            next_attempt: Some(t(0)),
+            ..big.delivery
+        },
+        ..big.clone()
+    };
+    let mid_value = MessageRecord {
+        business: business((1 << 63) - 1),
+        id: MessageId::from_bytes([0x80; 16]),
+        expiry: t((1 << 63) - 1),
+        delivery: Delivery {
+            next_attempt: Some(t((1 << 63) - 1)),
+            ..big.delivery
+        },
+        ..big.clone()
+    };
+    commit(
+        s,
+        [
+            Op::PutMessage(Box::new(big.clone())),
+            Op::PutMessage(Box::new(small.clone())),
+            Op::PutMessage(Box::new(mid_value.clone())),
+            put_peer(
+                max,
+                PeerId {
+                    phone: PhoneHash::from_bytes([0xff; 16]),
+                    device: u32::MAX,
+                },
+                1,
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.message(big.business, big.id).await.unwrap(),
+        Some(big.clone())
+    );
+    assert_eq!(
+        s.message(small.business, small.id).await.unwrap(),
+        Some(small.clone())
+    );
+    assert_eq!(
+        msg_keys(&s.due_messages(Timestamp::MAX, 10).await.unwrap()),
+        [
+            (small.business, small.id),
+            (mid_value.business, mid_value.id),
+            (big.business, big.id)
+        ]
+    );
+    assert_eq!(
+        msg_keys(&s.expired_open_messages(Timestamp::MAX, 10).await.unwrap()),
+        [
+            (small.business, small.id),
+            (mid_value.business, mid_value.id),
+            (big.business, big.id)
+        ]
+    );
+    assert_eq!(
+        s.message_epochs(big.business, None).await.unwrap(),
+        [big.epoch]
+    );
+    assert_eq!(
+        s.peer_devices(business(max), PhoneHash::from_bytes([0xff; 16]))
+            .await
+            .unwrap(),
+        [u32::MAX]
+    );
+
+    let top = key(max, KeyKind::Epoch, max, u32::MAX);
+    let low = key(max, KeyKind::Epoch, 0, 0);
+    s.insert_key(top.clone()).await.unwrap();
+    s.insert_key(low.clone()).await.unwrap();
+    assert_eq!(
+        s.key(&top.id).await.unwrap(),
+        Some(KeyEntry::Wrapped(top.clone()))
+    );
+    assert_eq!(
+        s.ended_epoch_keys(Timestamp::MAX, 10).await.unwrap(),
+        [low.id, top.id]
+    );
+    assert_eq!(
+        ids(&s
+            .keys_of_kind(business(max), KeyKind::Epoch, None, 10)
+            .await
+            .unwrap()),
+        [low.id, top.id]
+    );
+    s.destroy_key(&top.id, Timestamp::MAX).await.unwrap();
+    assert_eq!(
+        s.key(&top.id).await.unwrap(),
+        Some(KeyEntry::Destroyed { at: Timestamp::MAX })
+    );
+    let ring = KekRing::new(business(max), Vec::new(), Timestamp::MAX);
+    s.put_ring(&ring, None).await.unwrap();
+    assert_eq!(s.ring(business(max)).await.unwrap(), Some(ring));
+}
+
+// ---------------------------------------------------------------------------
+// Atomicity and concurrency
+
+async fn a_batch_is_all_or_nothing(backend: &mut Backend) {
+    let s = &*backend.store;
+    commit(s, [put_peer(1, peer(1, 0), 1), put(&M::new(1, 1, 1, T0))]).await;
+    let before = s.census().await.unwrap();
+
+    // A batch takes effect as a whole: later ops see earlier ones.
+    commit(
+        s,
+        [
+            put(&M::new(1, 2, 1, T0)),
+            Op::UpdateDelivery {
+                business: business(1),
+                id: mid(2),
+                delivery: Delivery::queued(t(T0)),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.message(business(1), mid(2))
+            .await
+            .unwrap()
+            .unwrap()
+            .delivery,
+        Delivery::queued(t(T0))
+    );
+
+    let Some(unappliable) = backend.unappliable else {
+        // This backend has no write it cannot apply.
+        return;
+    };
+    let failing = batch([
+        put(&M::new(1, 3, 5, T0)),
+        put_peer(1, peer(1, 0), 99),
+        Op::DeleteMessage {
+            business: business(1),
+            id: mid(1),
+        },
+        Op::PutHold(Hold {
+            scope: HoldScope::Business(business(1)),
+            reference: "x".into(),
+            placed: t(T0),
+        }),
+        unappliable(),
+        put_peer(1, peer(2, 0), 98),
+    ]);
+    let err = s.commit(failing).await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err}");
+    // Nothing of it happened, before or after the failing op.
+    assert_eq!(s.message(business(1), mid(3)).await.unwrap(), None);
+    assert_eq!(
+        s.peer(business(1), peer(1, 0)).await.unwrap(),
+        Some(bytes(1, 80))
+    );
+    assert!(s.message(business(1), mid(1)).await.unwrap().is_some());
+    assert!(s.holds().await.unwrap().is_empty());
+    assert_eq!(s.peer(business(1), peer(2, 0)).await.unwrap(), None);
+    assert_eq!(
+        s.census().await.unwrap(),
+        Census {
+            messages: before.messages + 1,
+            ..before
+        }
+    );
+    // The store still works.
+    commit(s, [put_peer(1, peer(2, 0), 98)]).await;
+    assert!(s.peer(business(1), peer(2, 0)).await.unwrap().is_some());
+}
+
+async fn a_failing_batch_fails_alone_among_concurrent_ones(backend: &mut Backend) {
+    let Some(unappliable) = backend.unappliable else {
+        return;
+    };
+    // Good batches from many tasks, and bad ones among them: whichever
+    // transactions they share, every good batch lands and every bad one fails.
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let s = backend.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for i in 0..20u64 {
+                let n = task * 100 + i;
+                let bad = i % 7 == 3;
+                let mut ops = vec![put(&M::new(1, n, n, T0)), put_peer(1, peer(n, 0), n)];
+                if bad {
+                    ops.insert(1, unappliable());
+                }
+                results.push((n, bad, s.commit(batch(ops)).await));
+            }
+            results
+        }));
+    }
+    for task in tasks {
+        for (n, bad, result) in task.await.unwrap() {
+            let stored = backend.store.message(business(1), mid(n)).await.unwrap();
+            let peer = backend.store.peer(business(1), peer(n, 0)).await.unwrap();
+            if bad {
+                assert!(result.is_err(), "batch {n} cannot be applied");
+                assert!(stored.is_none() && peer.is_none(), "batch {n} half applied");
+            } else {
+                assert!(result.is_ok(), "batch {n}: {result:?}");
+                assert_eq!(stored, Some(M::new(1, n, n, T0).record()));
+                assert_eq!(peer, Some(bytes(n, 80)));
+            }
+        }
+    }
+}
+
+async fn readers_never_observe_half_a_batch(backend: &mut Backend) {
+    // Each batch stores one peer and three messages of a new consumer; nothing
+    // is ever deleted. A reader that sees a batch's peer must see its
+    // messages, and every census must count three messages per peer.
+    const WRITERS: u64 = 4;
+    const BATCHES: u64 = 60;
+    let done = Arc::new(AtomicBool::new(false));
+    let checks = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for r in 0..2u64 {
+        let s = backend.store.clone();
+        let done = done.clone();
+        let checks = checks.clone();
+        readers.push(tokio::spawn(async move {
+            let mut n = r;
+            // At least a few rounds even if the writers finish first.
+            let mut rounds = 0;
+            while !done.load(Ordering::Acquire) || rounds < 5 {
+                rounds += 1;
+                let c = s.census().await.unwrap();
+                assert_eq!(c.messages, 3 * c.peers, "census saw half a batch: {c:?}");
+                assert_eq!(c.phones, c.peers, "{c:?}");
+                n = (n * 7 + 3) % (WRITERS * BATCHES);
+                if s.peer(business(1), peer(n, 0)).await.unwrap().is_some() {
+                    for j in 0..3 {
+                        assert!(
+                            s.message(business(1), mid(n * 3 + j))
+                                .await
+                                .unwrap()
+                                .is_some(),
+                            "batch {n}: peer visible, message {j} not"
+                        );
+                    }
+                }
+                checks.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let s = backend.store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..BATCHES {
+                let n = i * WRITERS + w;
+                let mut ops = vec![put_peer(1, peer(n, 0), n)];
+                ops.extend((0..3).map(|j| put(&M::new(1, n * 3 + j, n, T0 + HOUR))));
+                s.commit(batch(ops)).await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    done.store(true, Ordering::Release);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert!(checks.load(Ordering::Relaxed) >= 10);
+    let c = backend.store.census().await.unwrap();
+    assert_eq!(
+        (c.peers, c.messages),
+        (WRITERS * BATCHES, 3 * WRITERS * BATCHES)
+    );
+}
+
+async fn many_tasks_commit_concurrently_and_every_record_is_kept(backend: &mut Backend) {
+    const TASKS: u64 = 32;
+    const COMMITS: u64 = 200;
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let s = backend.store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..COMMITS {
+                let n = task * COMMITS + i;
+                s.commit(batch([
+                    put(&M::new(1 + task % 3, n, n, T0 + HOUR + n)),
+                    put_peer(1 + task % 3, peer(n, 1), n),
+                ]))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let s = &*backend.store;
+    let mut seen = BTreeMap::new();
+    for task in 0..TASKS {
+        for i in 0..COMMITS {
+            let n = task * COMMITS + i;
+            let b = 1 + task % 3;
+            let expected = M::new(b, n, n, T0 + HOUR + n).record();
+            assert_eq!(
+                s.message(business(b), mid(n)).await.unwrap().as_ref(),
+                Some(&expected),
+                "message {n}"
+            );
+            assert_eq!(
+                s.peer(business(b), peer(n, 1)).await.unwrap(),
+                Some(bytes(n, 80)),
+                "peer {n}"
+            );
+            *seen.entry(b).or_insert(0u64) += 1;
+        }
+    }
+    let c = s.census().await.unwrap();
+    assert_eq!((c.messages, c.peers), (TASKS * COMMITS, TASKS * COMMITS));
+    assert_eq!(seen.values().sum::<u64>(), TASKS * COMMITS);
+}
+
+// ---------------------------------------------------------------------------
+// The crate's own users, end to end
+
+#[cfg(feature = "testing")]
+async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
+    use std::time::Duration;
+
+    use custodian::envelope::{Kind, Label};
+    use custodian::ids::PhoneNumber;
+    use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+    use custodian::signal::{MessageKind, Sessions, SignalConfig};
+    use custodian::testing::ConsumerDevice;
+    use custodian::time::{Clock, ManualClock};
+    use custodian::vault::Vault;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let root = [0x42; 32];
+    let clock = ManualClock::new(t(T0));
+    let b = business(555);
+    let number: PhoneNumber = "+447700900001".parse().unwrap();
+
+    let open = |store: &Arc<dyn Storage>| {
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut root.clone(),
+        )));
+        let keys = Arc::new(KeyManager::new(provider, store.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        let sessions = Sessions::new(vault.clone(), store.clone(), SignalConfig::default());
+        (keys, vault, sessions)
+    };
+
+    let (keys, vault, sessions) = open(&backend.store);
+    let label = Label {
+        kind: Kind::InboundMessage,
+        business: b,
+        id: MessageId::random(),
+        expiry: clock.now().saturating_add(DAY),
+        region: "eu".parse().unwrap(),
+    };
+    let sealed = vault.seal(&label, b"stored content").await.unwrap();
+    assert_eq!(
+        vault.open(&sealed, b).await.unwrap().plaintext,
+        b"stored content"
+    );
+
+    let expiry = clock.now().saturating_add(30 * DAY);
+    let mut device = ConsumerDevice::new(0);
+    let published = sessions.publish(b).await.unwrap();
+    device
+        .start_session(b, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = PeerId {
+        phone: keys.phone_hash(b, &number).await.unwrap(),
+        device: device.device_id(),
+    };
+    let first = device.encrypt(b, b"hello").await.unwrap();
+    assert_eq!(first.kind, MessageKind::FirstContact);
+    let got = sessions.decrypt(b, peer, &first, expiry).await.unwrap();
+    assert_eq!(got.plaintext, b"hello");
+    for turn in 0..5 {
+        let text = format!("business turn {turn}");
+        let out = sessions
+            .encrypt(b, peer, text.as_bytes(), expiry)
+            .await
+            .unwrap();
+        assert_eq!(device.decrypt(b, &out).await.unwrap(), text.as_bytes());
+        let text = format!("consumer turn {turn}");
+        let back = device.encrypt(b, text.as_bytes()).await.unwrap();
+        assert_eq!(
+            sessions
+                .decrypt(b, peer, &back, expiry)
+                .await
+                .unwrap()
+                .plaintext,
+            text.as_bytes()
+        );
+    }
+    assert!(
+        backend.store.peer(b, peer).await.unwrap().is_some(),
+        "the session state is stored"
+    );
+
+    // A restart: new managers over the reopened store carry on the conversation.
+    drop((keys, vault, sessions));
+    backend.reopen().await;
+    let (keys, vault, sessions) = open(&backend.store);
+    assert_eq!(
+        vault.open(&sealed, b).await.unwrap().plaintext,
+        b"stored content"
+    );
+    assert_eq!(keys.phone_hash(b, &number).await.unwrap(), peer.phone);
+    let back = device.encrypt(b, b"after restart").await.unwrap();
+    assert_eq!(
+        sessions
+            .decrypt(b, peer, &back, expiry)
+            .await
+            .unwrap()
+            .plaintext,
+        b"after restart"
+    );
+    let out = sessions
+        .encrypt(b, peer, b"welcome back", expiry)
+        .await
+        .unwrap();
+    assert_eq!(device.decrypt(b, &out).await.unwrap(), b"welcome back");
+}
+
+// ---------------------------------------------------------------------------
+// Durable backends only
+
+#[cfg(feature = "sqlite")]
+mod durable {
+    use super::*;
+
+    /// Everything the read methods return, for comparing two states.
+    async fn snapshot(s: &dyn Storage) -> String {
+        let mut out = String::new();
+        for b in [1, 2] {
+            out += &format!("{:?}\n", s.ring(business(b)).await.unwrap());
+            for kind in KeyKind::ALL {
+                out += &format!(
+                    "{:?}\n",
+                    s.keys_of_kind(business(b), *kind, None, 1000)
+                        .await
+                        .unwrap()
+                );
+            }
+            out += &format!("{:?}\n", s.message_epochs(business(b), None).await.unwrap());
+        }
+        out += &format!(
+            "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n",
+            s.key(&epoch_key(1, T0).id).await.unwrap(),
+            s.ended_epoch_keys(Timestamp::MAX, 1000).await.unwrap(),
+            s.due_messages(Timestamp::MAX, 1000).await.unwrap(),
+            s.orphan_peers(Timestamp::MAX, None, 1000).await.unwrap(),
+            s.holds().await.unwrap(),
+            s.census().await.unwrap(),
+        );
+        for n in 0..20 {
+            out += &format!(
+                "{:?} {:?}\n",
+                s.message(business(1), mid(n)).await.unwrap(),
+                s.peer(business(1), peer(n, 0)).await.unwrap()
+            );
+        }
+        out
+    }
+
+    async fn survives_reopen(mut backend: Backend) {
+        let s = backend.store.clone();
+        let ring = KekRing::new(business(1), bytes(5, 48), t(T0));
+        s.put_ring(&ring, None).await.unwrap();
+        for n in 0..20 {
+            s.insert_key(key(1, KeyKind::SignalPreKey, n, 1))
+                .await
+                .unwrap();
+            commit(
+                &*s,
+                [
+                    put(&M::new(1, n, n, T0 + n * HOUR).due(T0 + n)),
+                    put_peer(1, peer(n, 0), n),
+                ],
+            )
+            .await;
+        }
+        s.insert_key(epoch_key(1, T0)).await.unwrap();
+        s.destroy_key(&epoch_key(1, T0).id, t(T0 + 1))
+            .await
+            .unwrap();
+        commit(
+            &*s,
+            [Op::PutHold(Hold {
+                scope: HoldScope::Consumer(business(1), phone(3)),
+                reference: "case".into(),
+                placed: t(T0),
+            })],
+        )
+        .await;
+        assert_eq!(
+            s.delete_expired(t(T0 + 2 * HOUR), &[], 100)
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
+        let before = snapshot(&*s).await;
+        drop(s);
+        backend.reopen().await;
+        let after = snapshot(&*backend.store).await;
+        assert_eq!(before, after);
+        assert!(after.contains("Destroyed"), "{after}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn everything_committed_survives_closing_and_reopening() {
+        survives_reopen(Backend::sqlite()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn everything_committed_survives_reopening_with_normal_durability() {
+        survives_reopen(Backend::sqlite_with(SqliteConfig {
+            durability: Durability::Normal,
+            ..SqliteConfig::default()
+        }))
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_handles_on_one_file_see_each_others_commits() {
+        let backend = Backend::sqlite();
+        let (dir, config) = backend.sqlite.as_ref().unwrap();
+        let other = SqliteStore::open(dir.path().join("store.db"), config.clone()).unwrap();
+        commit(&*backend.store, [put(&M::new(1, 1, 1, T0))]).await;
+        assert!(other.message(business(1), mid(1)).await.unwrap().is_some());
+        commit(&other, [put_peer(1, peer(1, 0), 1)]).await;
+        assert!(
+            backend
+                .store
+                .peer(business(1), peer(1, 0))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn the_store_needs_no_async_runtime() {
+        // Driven by a bare executor: writes wait on the writer thread's reply.
+        let backend = Backend::sqlite();
+        let s = backend.store.clone();
+        let stored = block_on(async move {
+            s.commit(batch([put(&M::new(1, 1, 1, T0))])).await.unwrap();
+            s.message(business(1), mid(1)).await.unwrap()
+        });
+        assert_eq!(stored, Some(M::new(1, 1, 1, T0).record()));
+    }
+
+    /// A minimal executor: poll, park until woken.
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Crash safety of the SQLite backend: a process killed with SIGKILL at any
+//! moment loses no acknowledged batch and leaves no batch half applied.
+//!
+//! The test re-runs its own binary as a child (selected by an environment
+//! variable, and `--exact` so that only the child's test runs). The child
+//! commits batches from several tasks and prints each acknowledged batch on
+//! stdout as soon as `commit` returns `Ok`. The parent reads those lines,
+//! kills the child with SIGKILL at points chosen by a seeded generator,
+//! reopens the file and checks, for every task, that the stored state is
+//! exactly that of its acknowledged batches (or of those plus the one batch
+//! that was in flight when the child died), then starts the child again to
+//! carry on where the acknowledgements stopped.
+#![cfg(unix)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use custodian::ids::{BusinessId, MessageId, PhoneHash};
+use custodian::keys::Epoch;
+use custodian::store::{
+    Batch, Delivery, Direction, MessageRecord, Op, PeerId, SqliteConfig, SqliteStore, Status,
+    Storage,
+};
+use custodian::time::Timestamp;
+
+const CHILD_DB: &str = "CUSTODIAN_CRASH_CHILD_DB";
+const CHILD_START: &str = "CUSTODIAN_CRASH_CHILD_START";
+/// Tasks committing at once in the child (so batches share transactions).
+const TASKS: usize = 4;
+/// Kills at least, and the time after which no new round starts once
+/// that many are done.
+const MIN_KILLS: u32 = 24;
+const BUDGET: Duration = Duration::from_secs(40);
+/// The child stops by itself after this many batches per task (a parent
+/// that died must not leave it running for ever).
+const MAX_SEQ: u64 = 1_000_000;
+const T0: u64 = 1_767_225_600_000;
+
+fn business() -> BusinessId {
+    BusinessId::new(42).unwrap()
+}
+
+/// The id of the message of batch `seq` of `task`.
+fn id(task: usize, seq: u64) -> MessageId {
+    let mut b = [0u8; 16];
+    b[0] = task as u8;
+    b[1..9].copy_from_slice(&seq.to_be_bytes());
+    b[15] = 0xc5;
+    MessageId::from_bytes(b)
+}
+
+fn peer(task: usize, seq: u64) -> PeerId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8] = task as u8;
+    PeerId {
+        phone: PhoneHash::from_bytes(b),
+        device: (seq % 3) as u32,
+    }
+}
+
+/// Deterministic bytes: a function of (tag, task, seq) only.
+fn bytes(tag: u8, task: usize, seq: u64, len: usize) -> Vec<u8> {
+    let mut x = (seq << 8 | task as u64) ^ (u64::from(tag) << 56) ^ 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn record(task: usize, seq: u64) -> MessageRecord {
+    let expiry = T0 + 30 * 86_400_000 + seq;
+    MessageRecord {
+        business: business(),
+        id: id(task, seq),
+        direction: if seq.is_multiple_of(2) {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        },
+        phone: peer(task, seq).phone,
+        created: Timestamp::from_millis(T0 + seq),
+        expiry: Timestamp::from_millis(expiry),
+        epoch: Epoch::ending_at(Timestamp::from_millis(
+            expiry / 3_600_000 * 3_600_000 + 3_600_000,
+        )),
+        delivery: Delivery::queued(Timestamp::from_millis(T0 + seq)),
+        sealed: bytes(1, task, seq, 200 + (seq as usize * 37) % 900),
+    }
+}
+
+fn delivered(seq: u64) -> Delivery {
+    Delivery {
+        status: Status::Delivered,
+        failure: None,
+        attempts: (seq % 1000) as u32,
+        next_attempt: None,
+        pending_devices: 0,
+    }
+}
+
+/// Batch `seq` of `task`: its message and the peer with it; every fifth
+/// batch also marks the previous message delivered, every seventh deletes
+/// the message and peer of two batches back.
+fn batch(task: usize, seq: u64) -> Batch {
+    let mut b = Batch::new();
+    b.push(Op::PutMessage(Box::new(record(task, seq))));
+    b.push(Op::PutPeer {
+        business: business(),
+        peer: peer(task, seq),
+        sealed: bytes(2, task, seq, 100 + (seq as usize * 13) % 400),
+    });
+    if seq % 5 == 4 {
+        b.push(Op::UpdateDelivery {
+            business: business(),
+            id: id(task, seq - 1),
+            delivery: delivered(seq),
+        });
+    }
+    if seq % 7 == 6 {
+        b.push(Op::DeleteMessage {
+            business: business(),
+            id: id(task, seq - 2),
+        });
+        b.push(Op::DeletePeer {
+            business: business(),
+            peer: peer(task, seq - 2),
+        });
+    }
+    b
+}
+
+/// What a task's first `count` batches leave: messages and peers by seq.
+type State = (BTreeMap<u64, MessageRecord>, BTreeMap<u64, Vec<u8>>);
+
+fn model(task: usize, count: u64) -> State {
+    let (mut messages, mut peers) = (BTreeMap::new(), BTreeMap::new());
+    for seq in 0..count {
+        for op in batch(task, seq).into_ops() {
+            match op {
+                Op::PutMessage(m) => {
+                    messages.insert(seq, *m);
+                }
+                Op::PutPeer { sealed, .. } => {
+                    peers.insert(seq, sealed);
+                }
+                Op::UpdateDelivery { delivery, .. } => {
+                    if let Some(m) = messages.get_mut(&(seq - 1)) {
+                        m.delivery = delivery;
+                    }
+                }
+                Op::DeleteMessage { .. } => {
+                    messages.remove(&(seq - 2));
+                }
+                Op::DeletePeer { .. } => {
+                    peers.remove(&(seq - 2));
+                }
+                other => panic!("unexpected op {other:?}"),
+            }
+        }
+    }
+    (messages, peers)
+}
+
+/// The child: commit batches from `TASKS` tasks, printing `ack TASK SEQ`
+/// after each `Ok`, until killed. A no-op in an ordinary test run.
+#[test]
+fn crash_child() {
+    let Some(path) = std::env::var_os(CHILD_DB) else {
+        return;
+    };
+    let starts: Vec<u64> = std::env::var(CHILD_START)
+        .unwrap()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let store = Arc::new(SqliteStore::open(path, SqliteConfig::default()).unwrap());
+        let mut tasks = Vec::new();
+        for (task, start) in starts.into_iter().enumerate() {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for seq in start..MAX_SEQ {
+                    store.commit(batch(task, seq)).await.unwrap();
+                    let mut out = std::io::stdout().lock();
+                    if writeln!(out, "ack {task} {seq}")
+                        .and_then(|()| out.flush())
+                        .is_err()
+                    {
+                        // The parent is gone.
+                        std::process::exit(0);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+/// A small seeded generator (SplitMix64): the kill points are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Check the file after a kill: it opens, and each task's state is that of
+/// its acknowledged batches, or of those and the next one. Returns how many
+/// acknowledged messages were checked, and how many tasks' unacknowledged
+/// batch in flight turned out committed (as it may).
+fn verify(path: &Path, acked: &[Option<u64>]) -> (usize, usize) {
+    let store = SqliteStore::open(path, SqliteConfig::default())
+        .unwrap_or_else(|e| panic!("the file does not reopen cleanly: {e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (mut present, mut committed_unacked) = (0, 0);
+    for (task, last) in acked.iter().enumerate() {
+        let done = last.map_or(0, |a| a + 1);
+        // Every seq that may hold something, and one past it that must not.
+        let mut actual: State = Default::default();
+        runtime.block_on(async {
+            for seq in 0..=done + 1 {
+                if let Some(m) = store.message(business(), id(task, seq)).await.unwrap() {
+                    actual.0.insert(seq, m);
+                }
+                if let Some(p) = store.peer(business(), peer(task, seq)).await.unwrap() {
+                    actual.1.insert(seq, p);
+                }
+            }
+        });
+        let acknowledged = model(task, done);
+        let in_flight = model(task, done + 1);
+        assert!(
+            actual == acknowledged || actual == in_flight,
+            "task {task}: after {done} acknowledged batches the store holds neither their \
+             state nor that plus the batch in flight:\n  messages {:?}\n  peers {:?}",
+            actual.0.keys().collect::<Vec<_>>(),
+            actual.1.keys().collect::<Vec<_>>(),
+        );
+        present += acknowledged.0.len();
+        committed_unacked += usize::from(actual != acknowledged);
+    }
+    (present, committed_unacked)
+}
+
+#[test]
+fn acknowledged_batches_survive_sigkill() {
+    if std::env::var_os(CHILD_DB).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    let mut rng = Rng(0x00c0_ffee_d00d_2026);
+    let mut acked: Vec<Option<u64>> = vec![None; TASKS];
+    let started = Instant::now();
+    let (mut kills, mut acks) = (0u32, 0u64);
+    let (mut checked, mut unacked_committed) = (0usize, 0usize);
+    while kills < MIN_KILLS || started.elapsed() < BUDGET / 4 {
+        if kills >= MIN_KILLS && started.elapsed() > BUDGET {
+            break;
+        }
+        let starts: Vec<String> = acked
+            .iter()
+            .map(|a| a.map_or(0, |a| a + 1).to_string())
+            .collect();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(CHILD_DB, &path)
+            .env(CHILD_START, starts.join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut words = line.split_whitespace();
+                if words.next() == Some("ack") {
+                    let task: usize = words.next().unwrap().parse().unwrap();
+                    let seq: u64 = words.next().unwrap().parse().unwrap();
+                    if tx.send((task, seq)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+
+        // Where to kill: sometimes at once (while it opens the file), else
+        // after a random number of acknowledgements, plus a random delay.
+        let mut got = Vec::new();
+        if rng.below(5) != 0 {
+            let wanted = 1 + rng.below(80);
+            while got.len() < wanted as usize {
+                match rx.recv_timeout(Duration::from_secs(20)) {
+                    Ok(ack) => got.push(ack),
+                    Err(e) => panic!("the child stopped acknowledging: {e}"),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(3000)));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "the child ended by itself: {status}"
+        );
+        kills += 1;
+        reader.join().unwrap();
+        // Acknowledgements written before the kill count, read or not.
+        got.extend(rx.try_iter());
+
+        for (task, seq) in got {
+            let expected = acked[task].map_or(0, |a| a + 1);
+            assert_eq!(seq, expected, "task {task} acknowledged out of order");
+            acked[task] = Some(seq);
+            acks += 1;
+        }
+        let (present, in_flight) = verify(&path, &acked);
+        checked += present;
+        unacked_committed += in_flight;
+    }
+    let total: u64 = acked.iter().map(|a| a.map_or(0, |a| a + 1)).sum();
+    eprintln!(
+        "crash test: {kills} SIGKILLs in {:.1} s; {acks} batches acknowledged ({total} in all \
+         tasks' sequences); {checked} acknowledged message checks byte for byte over all \
+         rounds; {unacked_committed} times a task's unacknowledged batch in flight was found \
+         committed whole",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(kills >= MIN_KILLS);
+    assert!(acks > 100, "too few acknowledged batches to mean anything");
+}

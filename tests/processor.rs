@@ -1,0 +1,531 @@
+//! The processor end to end, through the simulated network with faults on.
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::integrity::Category;
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{
+    DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError, StatusChange,
+};
+use custodian::store::{HoldScope, MemoryStore, Status, Storage};
+use custodian::testing::{Faults, SimBusiness, SimNetwork};
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::visibility::{DataClass, MemoryAuditSink, Party, Verdict, VisibilityPolicy};
+
+const T0: u64 = 1_767_225_600_000;
+
+struct Deployment {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    network: Arc<SimNetwork>,
+    business: Arc<SimBusiness>,
+    audit: Arc<MemoryAuditSink>,
+    processor: Processor,
+    transport: Principal,
+    operator: Principal,
+    owners: BTreeMap<BusinessId, Principal>,
+}
+
+impl Deployment {
+    fn new(businesses: &[u64], network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
+        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
+        let audit = Arc::new(MemoryAuditSink::new());
+        let transport = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let mut authorizer = StaticAuthorizer::new().operator(&operator);
+        let mut owners = BTreeMap::new();
+        for &b in businesses {
+            let b = BusinessId::new(b).unwrap();
+            let owner = Principal::new(&format!("owner-of-{b}"));
+            authorizer = authorizer.grant(&owner, b).grant(&transport, b);
+            owners.insert(b, owner);
+        }
+        let host = Host {
+            storage: store.clone(),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: business.clone(),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: audit.clone(),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: Duration::from_secs(120),
+                batch: 10_000,
+            },
+            ..Policies::default()
+        };
+        let processor = Processor::new(host, policies).unwrap();
+        Self {
+            clock,
+            store,
+            network,
+            business,
+            audit,
+            processor,
+            transport,
+            operator,
+            owners,
+        }
+    }
+
+    fn owner(&self, b: BusinessId) -> &Principal {
+        &self.owners[&b]
+    }
+
+    async fn publish_all(&self) {
+        for (&b, owner) in &self.owners {
+            self.processor.publish_keys(owner, b).await.unwrap();
+        }
+    }
+
+    /// Run the world for `span`, in steps of `step`: pump the network, retry what is due.
+    async fn run(&self, span: Duration, step: Duration) {
+        let mut elapsed = Duration::ZERO;
+        while elapsed < span {
+            self.network.pump(&self.processor, &self.transport).await;
+            self.processor.retransmit_due(&self.operator).await.unwrap();
+            self.clock.advance(step);
+            elapsed += step;
+        }
+    }
+}
+
+fn number(i: usize) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+#[tokio::test]
+async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_faults() {
+    let start = Timestamp::from_millis(T0);
+    let network_faults = Faults::moderate().with_outage(
+        start.saturating_add(Duration::from_secs(300)),
+        Duration::from_secs(600),
+    );
+    let sink_faults = Faults {
+        fail: 0.1,
+        ..Faults::none()
+    }
+    .with_outage(
+        start.saturating_add(Duration::from_secs(900)),
+        Duration::from_secs(900),
+    );
+    let d = Deployment::new(&[101, 202], network_faults, sink_faults, 42);
+    let businesses: Vec<BusinessId> = d.owners.keys().copied().collect();
+    let consumers = 24;
+    for i in 0..consumers {
+        d.network.add_consumer(&number(i), 1 + (i % 3) as u32).await;
+    }
+    // A number nobody has: its messages must fail with a reason.
+    let nobody = number(999);
+    d.publish_all().await;
+
+    let mut sent_by_consumers: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut sent_by_businesses: Vec<(BusinessId, MessageId, PhoneNumber, Vec<u8>)> = Vec::new();
+    for round in 0..3 {
+        for i in 0..consumers {
+            let b = businesses[(i + round) % 2];
+            let device = (i % 3) as u32 % (1 + (i % 3) as u32);
+            let text = format!("consumer {i} round {round} to {b}").into_bytes();
+            d.network
+                .consumer_sends(&number(i), device, b, &text)
+                .await
+                .unwrap();
+            sent_by_consumers.insert(text);
+        }
+        for i in (0..consumers).step_by(2) {
+            let b = businesses[i % 2];
+            let text = format!("business {b} to consumer {i} round {round}").into_bytes();
+            let outbound = Outbound {
+                to: number(i),
+                content: text.clone(),
+                category: Category::Utility,
+            };
+            let id = d.processor.send(d.owner(b), b, outbound).await.unwrap();
+            sent_by_businesses.push((b, id, number(i), text));
+        }
+        d.run(Duration::from_secs(120), Duration::from_secs(10))
+            .await;
+    }
+    let to_nobody = d
+        .processor
+        .send(
+            d.owner(businesses[0]),
+            businesses[0],
+            Outbound {
+                to: nobody.clone(),
+                content: b"hello?".to_vec(),
+                category: Category::Marketing,
+            },
+        )
+        .await
+        .unwrap();
+    // Long enough for every outage to end and every retry to land.
+    d.run(Duration::from_secs(3 * 3600), Duration::from_secs(30))
+        .await;
+
+    // Every consumer message reached the business, exactly once per id.
+    let handed: BTreeSet<Vec<u8>> = d
+        .business
+        .contents()
+        .into_iter()
+        .map(|(_, _, c)| c)
+        .collect();
+    let missing: Vec<String> = sent_by_consumers
+        .difference(&handed)
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "never reached the business: {missing:?}"
+    );
+    assert_eq!(handed, sent_by_consumers);
+    assert_eq!(
+        d.business.contents().len(),
+        sent_by_consumers.len(),
+        "a consumer message was handed over under two ids"
+    );
+
+    // Every business message reached every device of its recipient exactly
+    // once (duplicate copies are recognised by id), and was reported delivered.
+    let statuses = d.business.statuses();
+    for (b, id, to, text) in &sent_by_businesses {
+        let received = d.network.received(to).await;
+        for device in d.network.devices_of(to).await {
+            assert!(
+                received.get(&device).is_some_and(|r| r.contains_key(id)),
+                "{id} never reached device {device}"
+            );
+            let contents = d.network.contents(to, device).await;
+            let copies: Vec<_> = contents.iter().filter(|(_, m, _)| m == id).collect();
+            assert_eq!(copies.len(), 1);
+            assert_eq!(&copies[0].2, text);
+            assert_eq!(copies[0].0, *b);
+        }
+        let seen = &statuses[id];
+        assert!(
+            seen.iter().any(|(s, _)| *s == Status::Delivered),
+            "{id}: {seen:?}"
+        );
+        let (status, _) = d
+            .processor
+            .message_status(d.owner(*b), *b, *id)
+            .await
+            .unwrap();
+        assert!(status >= Status::Delivered);
+    }
+    // The message to nobody failed, with its reason.
+    assert_eq!(
+        statuses[&to_nobody].last(),
+        Some(&(
+            Status::Failed,
+            Some(custodian::store::FailureReason::NoDevices)
+        ))
+    );
+    // Statuses never went backwards.
+    for (id, seen) in &statuses {
+        let ranks: Vec<Status> = seen
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| *s != Status::Failed)
+            .collect();
+        assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{id}: {seen:?}");
+    }
+
+    // The audit trail holds no release the policy forbids.
+    let policy = VisibilityPolicy::default();
+    let events = d.audit.events();
+    assert!(events.len() > 100);
+    for e in &events {
+        if e.verdict == Verdict::Allow {
+            assert!(policy.allows(e.party, e.class, e.purpose), "{e:?}");
+            assert!(
+                !(e.class == DataClass::MessageContent
+                    && matches!(e.party, Party::Transport | Party::RestOfCompany))
+            );
+        }
+    }
+
+    // Past retention: nothing readable, no phone number, no Signal state.
+    d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+    let report = d.processor.sweep(&d.operator).await.unwrap();
+    assert!(report.complete && report.messages_deleted > 0 && report.peers_deleted > 0);
+    let census = d.processor.census(&d.operator).await.unwrap();
+    assert_eq!((census.messages, census.peers, census.phones), (0, 0, 0));
+    for (b, id, _, _) in &sent_by_businesses {
+        assert!(matches!(
+            d.processor.message_status(d.owner(*b), *b, *id).await,
+            Err(ProcessorError::NotFound)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn statuses_never_go_backwards_and_duplicates_are_ignored() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 1);
+    let b = BusinessId::new(7).unwrap();
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d
+        .processor
+        .send(
+            d.owner(b),
+            b,
+            Outbound {
+                to: number(1),
+                content: b"x".to_vec(),
+                category: Category::Service,
+            },
+        )
+        .await
+        .unwrap();
+    let p = d.owner(b);
+    assert_eq!(
+        d.processor
+            .status_update(p, b, id, Status::Read)
+            .await
+            .unwrap(),
+        StatusChange::Applied
+    );
+    assert_eq!(
+        d.processor
+            .status_update(p, b, id, Status::Delivered)
+            .await
+            .unwrap(),
+        StatusChange::Ignored
+    );
+    assert_eq!(
+        d.processor
+            .status_update(p, b, id, Status::Read)
+            .await
+            .unwrap(),
+        StatusChange::Ignored
+    );
+    assert!(matches!(
+        d.processor.status_update(p, b, id, Status::Failed).await,
+        Err(ProcessorError::Invalid(_))
+    ));
+    assert_eq!(
+        d.processor.message_status(p, b, id).await.unwrap().0,
+        Status::Read
+    );
+    let seen: Vec<Status> = d.business.statuses()[&id].iter().map(|(s, _)| *s).collect();
+    assert_eq!(seen, [Status::Sent, Status::Read]);
+}
+
+#[tokio::test]
+async fn a_redelivered_inbound_message_reaches_the_business_once() {
+    let faults = Faults {
+        duplicate: 1.0,
+        ..Faults::none()
+    };
+    let d = Deployment::new(&[7], faults, Faults::none(), 3);
+    let b = BusinessId::new(7).unwrap();
+    d.network.add_consumer(&number(1), 1).await;
+    d.publish_all().await;
+    for i in 0..5 {
+        d.network
+            .consumer_sends(&number(1), 0, b, format!("m{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(report.to_processor, 10, "every message arrived twice");
+    assert_eq!(report.acknowledged, 10, "duplicates are acknowledged too");
+    let messages = d.business.messages();
+    assert_eq!(messages.len(), 5);
+    assert!(messages.values().all(|&copies| copies == 1));
+}
+
+#[tokio::test]
+async fn expired_undelivered_messages_are_reported_failed() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 5);
+    let b = BusinessId::new(7).unwrap();
+    // The consumer exists but the network is down for the whole retention.
+    d.network.add_consumer(&number(1), 1).await;
+    let down = Faults::none().with_outage(
+        Timestamp::from_millis(T0),
+        Duration::from_secs(40 * 24 * 3600),
+    );
+    let d2 = Deployment::new(&[7], down, Faults::none(), 6);
+    d2.network.add_consumer(&number(1), 1).await;
+    let id = d2
+        .processor
+        .send(
+            d2.owner(b),
+            b,
+            Outbound {
+                to: number(1),
+                content: b"never".to_vec(),
+                category: Category::Service,
+            },
+        )
+        .await
+        .unwrap();
+    d2.run(Duration::from_secs(600), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        d2.processor
+            .message_status(d2.owner(b), b, id)
+            .await
+            .unwrap()
+            .0,
+        Status::Queued
+    );
+    d2.clock.advance(Duration::from_secs(30 * 24 * 3600));
+    let report = d2.processor.sweep(&d2.operator).await.unwrap();
+    assert_eq!(report.failed_expired, 1);
+    assert_eq!(
+        d2.business.statuses()[&id].last(),
+        Some(&(
+            Status::Failed,
+            Some(custodian::store::FailureReason::Expired)
+        ))
+    );
+    assert_eq!(d2.processor.census(&d2.operator).await.unwrap().messages, 0);
+    drop(d);
+}
+
+/// A principal of business A tries every entry point on business B (and
+/// every operator entry point): each is refused, and nothing changes.
+#[tokio::test]
+async fn no_principal_reaches_another_tenant() {
+    let d = Deployment::new(&[1, 2], Faults::none(), Faults::none(), 9);
+    let (a, b) = (BusinessId::new(1).unwrap(), BusinessId::new(2).unwrap());
+    d.network.add_consumer(&number(1), 1).await;
+    d.publish_all().await;
+    d.network
+        .consumer_sends(&number(1), 0, b, b"for B")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    let b_message = d
+        .processor
+        .send(
+            d.owner(b),
+            b,
+            Outbound {
+                to: number(1),
+                content: b"from B".to_vec(),
+                category: Category::Service,
+            },
+        )
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+
+    let before = (
+        d.store.census().await.unwrap(),
+        d.business.messages(),
+        d.business.statuses(),
+        d.processor
+            .message_status(d.owner(b), b, b_message)
+            .await
+            .unwrap(),
+        d.audit.events().len(),
+    );
+    let intruder = d.owner(a).clone();
+    let unauthorized = |r: Result<(), ProcessorError>| {
+        assert!(
+            matches!(r, Err(ProcessorError::Unauthorized { .. })),
+            "{r:?}"
+        )
+    };
+
+    unauthorized(
+        d.processor
+            .send(
+                &intruder,
+                b,
+                Outbound {
+                    to: number(1),
+                    content: b"spoof".to_vec(),
+                    category: Category::Service,
+                },
+            )
+            .await
+            .map(drop),
+    );
+    let inbound = custodian::processor::Inbound {
+        from: number(1),
+        device: 0,
+        transport_id: vec![1],
+        message: custodian::signal::Ciphertext {
+            kind: custodian::signal::MessageKind::FollowUp,
+            bytes: vec![0x33; 40],
+        },
+    };
+    unauthorized(d.processor.receive(&intruder, b, inbound).await.map(drop));
+    unauthorized(
+        d.processor
+            .status_update(&intruder, b, b_message, Status::Read)
+            .await
+            .map(drop),
+    );
+    unauthorized(
+        d.processor
+            .message_status(&intruder, b, b_message)
+            .await
+            .map(drop),
+    );
+    unauthorized(d.processor.publish_keys(&intruder, b).await);
+    unauthorized(d.processor.integrity_report(&intruder, b).await.map(drop));
+    unauthorized(d.processor.billing_statement(&intruder, b).await.map(drop));
+    // Maintenance is for operators: a business cannot sweep, retransmit, hold or count.
+    unauthorized(d.processor.sweep(&intruder).await.map(drop));
+    unauthorized(d.processor.retransmit_due(&intruder).await.map(drop));
+    unauthorized(d.processor.census(&intruder).await.map(drop));
+    unauthorized(d.processor.statistics(&intruder).await.map(drop));
+    unauthorized(
+        d.processor
+            .place_hold(&intruder, HoldScope::Business(b), "x")
+            .await,
+    );
+    unauthorized(
+        d.processor
+            .release_hold(&intruder, HoldScope::Business(b), "x")
+            .await
+            .map(drop),
+    );
+    // Asking about a message id of B in A's name reveals nothing either.
+    assert!(matches!(
+        d.processor.message_status(&intruder, a, b_message).await,
+        Err(ProcessorError::NotFound)
+    ));
+
+    let after = (
+        d.store.census().await.unwrap(),
+        d.business.messages(),
+        d.business.statuses(),
+        d.processor
+            .message_status(d.owner(b), b, b_message)
+            .await
+            .unwrap(),
+        d.audit.events().len(),
+    );
+    assert_eq!(before, after, "a refused call changed something");
+    // And B's own principal still works.
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, b_message)
+            .await
+            .unwrap(),
+        before.3
+    );
+    let _ = d.clock.now();
+}

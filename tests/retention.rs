@@ -1,0 +1,954 @@
+//! Retention: policy, read-time decisions, the sweep, legal holds, residency.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use custodian::envelope::{Kind, Label};
+use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
+use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::retention::{
+    BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile, PurgeReason,
+    RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
+};
+use custodian::store::{
+    Batch, Delivery, Direction, FailureReason, HoldScope, MemoryStore, MessageRecord, Op, PeerId,
+    Status, Storage,
+};
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::vault::{OpenError, Vault};
+use custodian::visibility::{HoldAction, MemoryAuditSink};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+const T0: u64 = 1_767_225_600_000;
+
+fn business(id: u64) -> BusinessId {
+    BusinessId::new(id).unwrap()
+}
+
+// ---- policy ---------------------------------------------------------------
+
+#[test]
+fn policy_files_set_shorter_periods_per_business_and_class() {
+    let policy = RetentionPolicy::from_toml(
+        r#"
+        retention = "20d"
+        epoch = "30m"
+        in_use_ttl = "15m"
+        [business.1001]
+        retention = "7d"
+        outbound = "2d"
+        region = "eu"
+        [business.1002]
+        inbound = "12h"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(policy.default_periods(), Periods::both(20 * DAY));
+    assert_eq!(
+        policy.periods(business(1001)),
+        Periods {
+            inbound: 7 * DAY,
+            outbound: 2 * DAY
+        }
+    );
+    assert_eq!(
+        policy.periods(business(1002)),
+        Periods {
+            inbound: 12 * HOUR,
+            outbound: 20 * DAY
+        }
+    );
+    assert_eq!(policy.periods(business(9)), Periods::both(20 * DAY));
+    assert_eq!(policy.region(business(1001)), Some("eu".parse().unwrap()));
+    assert_eq!(policy.epoch_length().as_duration(), 30 * MINUTE);
+    assert_eq!(policy.in_use_ttl(), 15 * MINUTE);
+    // The file form round-trips, in TOML and JSON.
+    let file = policy.to_file();
+    assert_eq!(
+        RetentionPolicy::from_toml(&toml::to_string(&file).unwrap()).unwrap(),
+        policy
+    );
+    assert_eq!(
+        RetentionPolicy::from_json(&serde_json::to_string(&file).unwrap()).unwrap(),
+        policy
+    );
+    // Nothing configured: 30 days, 1-hour epochs, 60 minutes in use.
+    let empty = RetentionPolicy::from_toml("").unwrap();
+    assert_eq!(empty, RetentionPolicy::default());
+    assert_eq!(empty.period(business(1), Direction::Inbound), CEILING);
+}
+
+#[test]
+fn configurations_beyond_the_ceiling_or_malformed_are_refused_naming_the_field() {
+    for (text, field) in [
+        ("retention = \"31d\"", "retention"),
+        ("inbound = \"721h\"", "inbound"),
+        ("outbound = \"2592001s\"", "outbound"),
+        (
+            "[business.7]\nretention = \"30d\"\noutbound = \"43201m\"",
+            "business.7.outbound",
+        ),
+        ("[business.7]\ninbound = \"0s\"", "business.7.inbound"),
+        (
+            "[business.7]\nretention = \"thirty days\"",
+            "business.7.retention",
+        ),
+        ("[business.0]\nretention = \"1d\"", "business.0"),
+        ("[business.abc]\nretention = \"1d\"", "business.abc"),
+        ("epoch = \"2d\"", "epoch"),
+        ("epoch = \"0s\"", "epoch"),
+        ("in_use_ttl = \"31d\"", "in_use_ttl"),
+        ("in_use_ttl = \"9\"", "in_use_ttl"),
+        ("retention = \"99999999999999999d\"", "retention"),
+    ] {
+        let err = RetentionPolicy::from_toml(text).unwrap_err();
+        assert_eq!(err.field, field, "{text}: {err}");
+    }
+    let err = RetentionPolicy::from_toml("retain = \"1d\"").unwrap_err();
+    assert!(err.problem.contains("retain"), "{err}");
+    let err = RetentionPolicy::from_json(r#"{"business": {"5": {"region": "EU"}}}"#).unwrap_err();
+    assert!(err.problem.contains("region"), "{err}");
+    // The builder refuses the same way.
+    let too_long = BusinessRetention {
+        periods: Periods::both(CEILING + MINUTE),
+        region: None,
+    };
+    assert_eq!(
+        RetentionPolicy::default()
+            .with_business(business(3), too_long)
+            .unwrap_err()
+            .field,
+        "business.3.inbound"
+    );
+}
+
+mod ceiling {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn duration_text() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            (
+                0u64..2_000_000,
+                prop::sample::select(vec!["s", "m", "h", "d", "", "x", "ms"])
+            )
+                .prop_map(|(n, unit)| Some(format!("{n}{unit}"))),
+        ]
+    }
+
+    proptest! {
+        /// Whatever a user writes, the policy that loads never keeps anything
+        /// longer than 30 days, and no field is silently clamped.
+        #[test]
+        fn no_loadable_configuration_exceeds_the_ceiling(
+            retention in duration_text(),
+            inbound in duration_text(),
+            outbound in duration_text(),
+            businesses in prop::collection::btree_map(1u64..5, (duration_text(), duration_text(), duration_text()), 0..4),
+        ) {
+            let file = PolicyFile {
+                retention: retention.clone(),
+                inbound: inbound.clone(),
+                outbound: outbound.clone(),
+                business: businesses
+                    .iter()
+                    .map(|(b, (r, i, o))| (b.to_string(), custodian::retention::BusinessFile {
+                        retention: r.clone(),
+                        inbound: i.clone(),
+                        outbound: o.clone(),
+                        region: None,
+                    }))
+                    .collect(),
+                ..PolicyFile::default()
+            };
+            let text = toml::to_string(&file).unwrap();
+            match RetentionPolicy::from_toml(&text) {
+                Ok(policy) => {
+                    for b in 1..6 {
+                        for d in [Direction::Inbound, Direction::Outbound] {
+                            let p = policy.period(business(b), d);
+                            prop_assert!(p <= CEILING && !p.is_zero());
+                        }
+                    }
+                    // Every written value was taken as written.
+                    let written: Vec<&Option<String>> = [&retention, &inbound, &outbound].into_iter()
+                        .chain(businesses.values().flat_map(|(r, i, o)| [r, i, o]))
+                        .collect();
+                    for text in written.into_iter().flatten() {
+                        let d = custodian::retention::parse_duration(text).unwrap();
+                        prop_assert!(d <= CEILING);
+                    }
+                }
+                Err(e) => prop_assert!(!e.field.is_empty()),
+            }
+        }
+    }
+}
+
+// ---- decisions ------------------------------------------------------------
+
+fn facts(created: u64, expiry: u64) -> RecordFacts {
+    RecordFacts {
+        business: business(1),
+        phone: PhoneHash::from_bytes([1; 16]),
+        direction: Direction::Outbound,
+        created: Timestamp::from_millis(created),
+        expiry: Timestamp::from_millis(expiry),
+    }
+}
+
+#[test]
+fn evaluate_keeps_until_expiry_then_purges_unless_held() {
+    let policy = RetentionPolicy::default();
+    let r = facts(T0, T0 + 1000);
+    assert_eq!(
+        evaluate(&r, Timestamp::from_millis(T0 + 999), &policy, &[]),
+        Decision::Keep {
+            until: Timestamp::from_millis(T0 + 1000)
+        }
+    );
+    let expired = evaluate(&r, Timestamp::from_millis(T0 + 1000), &policy, &[]);
+    assert_eq!(
+        expired,
+        Decision::Purge(PurgeReason::Expired {
+            at: Timestamp::from_millis(T0 + 1000)
+        })
+    );
+    assert!(!expired.readable());
+    let hold = HoldScope::Consumer(business(1), PhoneHash::from_bytes([1; 16]));
+    let held = evaluate(&r, Timestamp::from_millis(T0 + 5000), &policy, &[hold]);
+    assert!(matches!(held, Decision::Held { scope, .. } if scope == hold));
+    assert!(!held.readable(), "a held message is kept, not readable");
+    let other = HoldScope::Consumer(business(1), PhoneHash::from_bytes([2; 16]));
+    assert!(matches!(
+        evaluate(&r, Timestamp::from_millis(T0 + 5000), &policy, &[other]),
+        Decision::Purge(_)
+    ));
+}
+
+#[test]
+fn a_shortened_period_applies_at_once_to_messages_already_stored() {
+    let r = facts(T0, T0 + CEILING.as_millis() as u64);
+    let shorter = RetentionPolicy::default()
+        .with_business(
+            business(1),
+            BusinessRetention {
+                periods: Periods::both(DAY),
+                region: None,
+            },
+        )
+        .unwrap();
+    let just_after = Timestamp::from_millis(T0 + DAY.as_millis() as u64);
+    assert_eq!(
+        evaluate(&r, just_after, &shorter, &[]),
+        Decision::Purge(PurgeReason::RetentionShortened { at: just_after })
+    );
+    // No policy can make a message live longer than its sealed expiry.
+    let later = Timestamp::from_millis(T0 + CEILING.as_millis() as u64);
+    assert!(matches!(
+        evaluate(&r, later, &RetentionPolicy::default(), &[]),
+        Decision::Purge(_)
+    ));
+}
+
+// ---- residency ------------------------------------------------------------
+
+#[test]
+fn content_is_refused_by_a_store_outside_its_region() {
+    let eu: Region = "eu".parse().unwrap();
+    let us: Region = "us".parse().unwrap();
+    assert!(check_residency(business(1), Some(eu), eu).is_ok());
+    assert!(check_residency(business(1), None, us).is_ok());
+    let err = check_residency(business(1), Some(eu), us).unwrap_err();
+    assert_eq!((err.pinned, err.store), (eu, us));
+    assert!(err.to_string().contains("eu") && err.to_string().contains("us"));
+    // A pinned business never matches an unclaimed local store either.
+    assert!(check_residency(business(1), Some(eu), Region::LOCAL).is_err());
+}
+
+#[test]
+fn content_in_use_outside_its_region_is_dropped_after_the_ttl() {
+    let until = Timestamp::from_millis(T0).saturating_add(HOUR);
+    let mut held = InUse::new(b"plaintext".to_vec(), until);
+    assert!(held.get(Timestamp::from_millis(T0)).is_some());
+    assert!(held.get(until).is_none());
+    // Gone for good, even if the clock is set back.
+    assert!(held.get(Timestamp::from_millis(T0)).is_none());
+}
+
+// ---- the sweep ------------------------------------------------------------
+
+/// Records every expired-undelivered report; can be told to fail.
+#[derive(Default)]
+struct Notices {
+    told: Mutex<Vec<MessageId>>,
+    refuse: AtomicBool,
+}
+
+#[async_trait]
+impl ExpiryNotifier for Notices {
+    async fn expired_undelivered(&self, message: &MessageRecord) -> bool {
+        if self.refuse.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.told.lock().unwrap().push(message.id);
+        true
+    }
+}
+
+struct World {
+    store: Arc<MemoryStore>,
+    clock: ManualClock,
+    keys: Arc<KeyManager>,
+    vault: Vault,
+    retention: Retention,
+    audit: Arc<MemoryAuditSink>,
+    root: [u8; 32],
+    next: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Stored {
+    record: MessageRecord,
+    plaintext: Vec<u8>,
+}
+
+impl World {
+    fn new(batch: usize) -> Self {
+        let store = Arc::new(MemoryStore::new());
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let root = [0x33; 32];
+        let keys = Arc::new(KeyManager::new(
+            Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+                &mut root.clone(),
+            ))),
+            store.clone(),
+        ));
+        let vault = Vault::new(keys.clone(), Arc::new(clock.clone()), EpochLength::DEFAULT);
+        let audit = Arc::new(MemoryAuditSink::new());
+        let retention = Retention::new(
+            store.clone(),
+            keys.clone(),
+            RetentionPolicy::default(),
+            audit.clone(),
+        )
+        .with_batch(batch);
+        Self {
+            store,
+            clock,
+            keys,
+            vault,
+            retention,
+            audit,
+            root,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    async fn phone(&self, b: BusinessId, n: u32) -> PhoneHash {
+        let number: PhoneNumber = format!("+44770090{n:04}").parse().unwrap();
+        self.keys.phone_hash(b, &number).await.unwrap()
+    }
+
+    /// Store a message (and touch its consumer's Signal state) as the
+    /// processor would: sealed, with the policy's expiry, in one commit.
+    async fn store(
+        &self,
+        b: BusinessId,
+        consumer: u32,
+        direction: Direction,
+        open: bool,
+    ) -> Stored {
+        let phone = self.phone(b, consumer).await;
+        let now = self.now();
+        let expiry = self.retention.policy().expiry(b, direction, now);
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let label = Label {
+            kind: match direction {
+                Direction::Inbound => Kind::InboundMessage,
+                Direction::Outbound => Kind::OutboundMessage,
+            },
+            business: b,
+            id: MessageId::random(),
+            expiry,
+            region: Region::LOCAL,
+        };
+        let plaintext = format!("message {n}").into_bytes();
+        let sealed = self.vault.seal(&label, &plaintext).await.unwrap();
+        let delivery = if open {
+            Delivery::queued(now)
+        } else {
+            Delivery {
+                status: Status::Delivered,
+                failure: None,
+                attempts: 1,
+                next_attempt: None,
+                pending_devices: 0,
+            }
+        };
+        let record = MessageRecord {
+            business: b,
+            id: label.id,
+            direction,
+            phone,
+            created: now,
+            expiry,
+            epoch: self.vault.epoch_of(expiry).unwrap(),
+            delivery,
+            sealed,
+        };
+        let mut batch = Batch::new();
+        batch.push(Op::PutMessage(Box::new(record.clone())));
+        batch.push(Op::PutPeer {
+            business: b,
+            peer: PeerId { phone, device: 0 },
+            sealed: vec![n as u8; 8],
+        });
+        self.store.commit(batch).await.unwrap();
+        Stored { record, plaintext }
+    }
+
+    /// The read path: retention decides, then the vault opens.
+    async fn read(&self, m: &MessageRecord) -> Option<Vec<u8>> {
+        let stored = self.store.message(m.business, m.id).await.unwrap()?;
+        if !self
+            .retention
+            .decide(&stored, self.now())
+            .await
+            .unwrap()
+            .readable()
+        {
+            return None;
+        }
+        Some(
+            self.vault
+                .open(&stored.sealed, m.business)
+                .await
+                .ok()?
+                .plaintext,
+        )
+    }
+}
+
+#[tokio::test]
+async fn the_sweep_deletes_expired_messages_forgets_consumers_and_shreds_epochs() {
+    let w = World::new(3);
+    let b = business(1);
+    let mut old = Vec::new();
+    for consumer in 0..5 {
+        old.push(w.store(b, consumer, Direction::Inbound, false).await);
+    }
+    w.clock.advance(10 * DAY);
+    let young = w.store(b, 0, Direction::Outbound, false).await; // consumer 0 stays live
+    w.clock.advance(21 * DAY);
+
+    let notices = Notices::default();
+    let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+    assert!(report.complete);
+    assert_eq!(report.messages_deleted, 5);
+    assert_eq!(
+        report.peers_deleted, 4,
+        "consumer 0 still has a live message"
+    );
+    assert_eq!(report.consumers_forgotten, 4);
+    assert!(report.epoch_keys_destroyed >= 1);
+    for m in &old {
+        assert_eq!(w.store.message(b, m.record.id).await.unwrap(), None);
+        // Even a copy of the sealed bytes (a backup) no longer opens: the key is gone.
+        let fresh = Vault::new(
+            Arc::new(KeyManager::new(
+                Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+                    &mut w.root.clone(),
+                ))),
+                w.store.clone(),
+            )),
+            Arc::new(ManualClock::new(Timestamp::from_millis(T0))),
+            EpochLength::DEFAULT,
+        );
+        assert!(matches!(
+            fresh.open(&m.record.sealed, b).await,
+            Err(OpenError::UnknownEpoch | OpenError::EpochDestroyed)
+        ));
+    }
+    assert_eq!(w.read(&young.record).await, Some(young.plaintext.clone()));
+    assert_eq!(
+        w.store.peer_devices(b, young.record.phone).await.unwrap(),
+        vec![0]
+    );
+    let census = w.store.census().await.unwrap();
+    assert_eq!((census.messages, census.peers, census.phones), (1, 1, 1));
+    // A second sweep finds nothing to do.
+    let again = w.retention.sweep(w.now(), &notices).await.unwrap();
+    assert_eq!(
+        (
+            again.messages_deleted,
+            again.peers_deleted,
+            again.epoch_keys_destroyed
+        ),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn an_expired_message_is_refused_before_the_sweep_runs() {
+    let w = World::new(10);
+    let m = w.store(business(1), 1, Direction::Inbound, false).await;
+    w.clock.advance(CEILING - MINUTE);
+    assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
+    w.clock.advance(MINUTE);
+    assert_eq!(w.read(&m.record).await, None);
+    assert!(
+        w.store
+            .message(business(1), m.record.id)
+            .await
+            .unwrap()
+            .is_some(),
+        "not swept yet"
+    );
+}
+
+#[tokio::test]
+async fn undelivered_messages_fail_as_expired_never_silently() {
+    let w = World::new(2);
+    let b = business(1);
+    let open: Vec<Stored> = futures_all(&w, b, 5).await;
+    w.clock.advance(CEILING + MINUTE);
+    let notices = Notices::default();
+    notices.refuse.store(true, Ordering::SeqCst);
+    // Nobody can be told: nothing is deleted.
+    let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+    assert_eq!((report.failed_expired, report.messages_deleted), (0, 0));
+    for m in &open {
+        let stored = w.store.message(b, m.record.id).await.unwrap().unwrap();
+        assert!(stored.delivery.status.is_open());
+    }
+    // Once told, they fail with the expired reason and are deleted.
+    notices.refuse.store(false, Ordering::SeqCst);
+    let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+    assert_eq!((report.failed_expired, report.messages_deleted), (5, 5));
+    let told: BTreeSet<MessageId> = notices.told.lock().unwrap().iter().copied().collect();
+    let expected: BTreeSet<MessageId> = open.iter().map(|m| m.record.id).collect();
+    assert_eq!(told, expected);
+    assert_eq!(
+        notices.told.lock().unwrap().len(),
+        5,
+        "each told exactly once"
+    );
+}
+
+async fn futures_all(w: &World, b: BusinessId, n: u32) -> Vec<Stored> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(w.store(b, i, Direction::Outbound, true).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn failed_status_reason_is_expired() {
+    let w = World::new(10);
+    let b = business(1);
+    let m = w.store(b, 1, Direction::Outbound, true).await;
+    // Keep it from being deleted, to look at it: hold its consumer.
+    w.retention
+        .place_hold(HoldScope::Consumer(b, m.record.phone), "case-1", w.now())
+        .await
+        .unwrap();
+    w.clock.advance(CEILING);
+    w.retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    let stored = w.store.message(b, m.record.id).await.unwrap().unwrap();
+    assert_eq!(stored.delivery.status, Status::Failed);
+    assert_eq!(stored.delivery.failure, Some(FailureReason::Expired));
+}
+
+#[tokio::test]
+async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
+    let w = World::new(4);
+    let (a, b) = (business(1), business(2));
+    let held_consumer = w.store(a, 1, Direction::Inbound, false).await;
+    let other_consumer = w.store(a, 2, Direction::Inbound, false).await;
+    let whole_business = w.store(b, 1, Direction::Inbound, false).await;
+    let consumer_hold = HoldScope::Consumer(a, held_consumer.record.phone);
+    w.retention
+        .place_hold(consumer_hold, "case-17", w.now())
+        .await
+        .unwrap();
+    w.retention
+        .place_hold(HoldScope::Business(b), "case-18", w.now())
+        .await
+        .unwrap();
+    w.clock.advance(CEILING + 2 * HOUR);
+    let report = w
+        .retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.messages_deleted, 1,
+        "only the unheld consumer's message goes"
+    );
+    assert!(
+        w.store
+            .message(a, other_consumer.record.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    for m in [&held_consumer, &whole_business] {
+        let stored = w
+            .store
+            .message(m.record.business, m.record.id)
+            .await
+            .unwrap()
+            .unwrap();
+        // Kept, and its epoch key kept, but not readable through normal reads.
+        assert!(matches!(
+            w.retention.decide(&stored, w.now()).await.unwrap(),
+            Decision::Held { .. }
+        ));
+        assert_eq!(w.read(&m.record).await, None);
+        assert!(
+            !w.store
+                .peer_devices(m.record.business, m.record.phone)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(
+        w.keys
+            .epoch_key(a, held_consumer.record.epoch)
+            .await
+            .is_ok(),
+        "held epoch not shredded"
+    );
+
+    // Releasing lets the next sweep catch up.
+    assert!(
+        w.retention
+            .release_hold(consumer_hold, "case-17 closed", w.now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        w.retention
+            .release_hold(HoldScope::Business(b), "case-18 closed", w.now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !w.retention
+            .release_hold(HoldScope::Business(b), "again", w.now())
+            .await
+            .unwrap()
+    );
+    let report = w
+        .retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    assert_eq!(report.messages_deleted, 2);
+    assert!(report.epoch_keys_destroyed >= 1);
+    assert!(
+        w.keys
+            .epoch_key(a, held_consumer.record.epoch)
+            .await
+            .is_err()
+    );
+    assert_eq!(w.store.census().await.unwrap().messages, 0);
+
+    let events = w.audit.hold_events();
+    let actions: Vec<(HoldAction, &str)> = events
+        .iter()
+        .map(|e| (e.action, e.reference.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (HoldAction::Placed, "case-17"),
+            (HoldAction::Placed, "case-18"),
+            (HoldAction::Released, "case-17 closed"),
+            (HoldAction::Released, "case-18 closed"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_sweep_stopped_after_any_step_is_finished_by_the_next() {
+    // For every possible stopping point: stop there, check nothing live was
+    // touched, then finish and check the end state is the same as one full sweep.
+    let mut stop_after = 1;
+    loop {
+        let w = World::new(2);
+        let b = business(1);
+        let mut expired = Vec::new();
+        for i in 0..5 {
+            expired.push(w.store(b, i, Direction::Inbound, i % 2 == 0).await);
+        }
+        w.clock.advance(20 * DAY);
+        let live = [
+            w.store(b, 0, Direction::Outbound, false).await,
+            w.store(b, 9, Direction::Inbound, true).await,
+        ];
+        w.clock.advance(11 * DAY);
+        let notices = Notices::default();
+        let partial = w
+            .retention
+            .sweep_steps(w.now(), &notices, stop_after)
+            .await
+            .unwrap();
+        for m in &live {
+            assert_eq!(
+                w.read(&m.record).await,
+                Some(m.plaintext.clone()),
+                "step {stop_after}"
+            );
+        }
+        let rest = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert!(rest.complete);
+        for m in &expired {
+            assert!(
+                w.store.message(b, m.record.id).await.unwrap().is_none(),
+                "step {stop_after}"
+            );
+        }
+        for m in &live {
+            assert_eq!(
+                w.read(&m.record).await,
+                Some(m.plaintext.clone()),
+                "step {stop_after}"
+            );
+        }
+        let census = w.store.census().await.unwrap();
+        assert_eq!((census.messages, census.peers), (2, 2), "step {stop_after}");
+        assert_eq!(
+            notices.told.lock().unwrap().len(),
+            3,
+            "each open message reported once, step {stop_after}"
+        );
+        if partial.complete {
+            assert!(stop_after > 3, "the sweep has several steps");
+            break;
+        }
+        stop_after += 1;
+    }
+}
+
+// ---- random timelines -----------------------------------------------------
+
+mod timelines {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Action {
+        Arrive {
+            business: u64,
+            consumer: u32,
+            outbound: bool,
+            open: bool,
+        },
+        Deliver {
+            which: usize,
+        },
+        Advance {
+            minutes: u64,
+        },
+        Shorten {
+            business: u64,
+            outbound: bool,
+            hours: u64,
+        },
+        Hold {
+            business: u64,
+            consumer: Option<u32>,
+        },
+        Release {
+            which: usize,
+        },
+        Sweep {
+            steps: Option<u64>,
+        },
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        prop_oneof![
+            6 => (1u64..3, 0u32..6, any::<bool>(), any::<bool>())
+                .prop_map(|(business, consumer, outbound, open)| Action::Arrive { business, consumer, outbound, open }),
+            2 => any::<usize>().prop_map(|which| Action::Deliver { which }),
+            6 => prop_oneof![1u64..120, 1u64..(31 * 24 * 60)].prop_map(|minutes| Action::Advance { minutes }),
+            1 => (1u64..3, any::<bool>(), 1u64..(30 * 24))
+                .prop_map(|(business, outbound, hours)| Action::Shorten { business, outbound, hours }),
+            1 => (1u64..3, prop::option::of(0u32..6)).prop_map(|(business, consumer)| Action::Hold { business, consumer }),
+            1 => any::<usize>().prop_map(|which| Action::Release { which }),
+            3 => prop::option::of(1u64..8).prop_map(|steps| Action::Sweep { steps }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// At every step: no message past its expiry opens, and no live
+        /// message is lost. After every complete sweep: no phone number (no
+        /// message) and no Signal state remains without a live or held message.
+        #[test]
+        fn retention_promises_hold_on_random_timelines(actions in prop::collection::vec(action(), 1..40)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let w = World::new(3);
+                let notices = Notices::default();
+                let mut stored: Vec<Stored> = Vec::new();
+                let mut holds: Vec<HoldScope> = Vec::new();
+                let mut policy = RetentionPolicy::default();
+                for action in actions {
+                    match action {
+                        Action::Arrive { business: b, consumer, outbound, open } => {
+                            let d = if outbound { Direction::Outbound } else { Direction::Inbound };
+                            stored.push(w.store(business(b), consumer, d, open).await);
+                        }
+                        Action::Deliver { which } => {
+                            if !stored.is_empty() {
+                                let m = &stored[which % stored.len()].record;
+                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0 };
+                                if let Some(s) = w.store.message(m.business, m.id).await.unwrap()
+                                    && s.delivery.status.may_become(Status::Delivered)
+                                {
+                                    let mut batch = Batch::new();
+                                    batch.push(Op::UpdateDelivery { business: m.business, id: m.id, delivery });
+                                    w.store.commit(batch).await.unwrap();
+                                }
+                            }
+                        }
+                        Action::Advance { minutes } => w.clock.advance(MINUTE * minutes as u32),
+                        Action::Shorten { business: b, outbound, hours } => {
+                            // Retention only ever changes downward here.
+                            let mut periods = policy.periods(business(b));
+                            let slot = if outbound { &mut periods.outbound } else { &mut periods.inbound };
+                            *slot = (*slot).min(HOUR * hours as u32);
+                            policy = policy.with_business(business(b), BusinessRetention { periods, region: None }).unwrap();
+                            w.retention.set_policy(policy.clone());
+                        }
+                        Action::Hold { business: b, consumer } => {
+                            let scope = match consumer {
+                                Some(c) => HoldScope::Consumer(business(b), w.phone(business(b), c).await),
+                                None => HoldScope::Business(business(b)),
+                            };
+                            w.retention.place_hold(scope, "case", w.now()).await.unwrap();
+                            if !holds.contains(&scope) { holds.push(scope); }
+                        }
+                        Action::Release { which } => {
+                            if !holds.is_empty() {
+                                let scope = holds.remove(which % holds.len());
+                                prop_assert!(w.retention.release_hold(scope, "closed", w.now()).await.unwrap());
+                            }
+                        }
+                        Action::Sweep { steps } => {
+                            let report = w.retention.sweep_steps(w.now(), &notices, steps.unwrap_or(u64::MAX)).await.unwrap();
+                            if report.complete {
+                                check_after_sweep(&w, &stored, &holds).await?;
+                            }
+                        }
+                    }
+                    check_always(&w, &stored, &policy).await?;
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    /// No message past its expiry opens (the read path, and the raw sealed
+    /// bytes past their sealed expiry); no live message is lost.
+    async fn check_always(
+        w: &World,
+        stored: &[Stored],
+        policy: &RetentionPolicy,
+    ) -> Result<(), TestCaseError> {
+        let now = w.now();
+        for m in stored {
+            let facts = RecordFacts::from(&m.record);
+            let effective = custodian::retention::effective_expiry(&facts, policy);
+            let read = w.read(&m.record).await;
+            if now >= effective {
+                prop_assert!(read.is_none(), "message past its expiry was read");
+            } else {
+                prop_assert_eq!(
+                    read.as_deref(),
+                    Some(m.plaintext.as_slice()),
+                    "live message lost"
+                );
+            }
+            if now >= m.record.expiry {
+                prop_assert!(
+                    w.vault
+                        .open(&m.record.sealed, m.record.business)
+                        .await
+                        .is_err()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// After a complete sweep: every message left is live, held, or waiting
+    /// to report its failure; every peer record has a live or held message.
+    async fn check_after_sweep(
+        w: &World,
+        stored: &[Stored],
+        holds: &[HoldScope],
+    ) -> Result<(), TestCaseError> {
+        let now = w.now();
+        let mut live_phones: BTreeMap<(BusinessId, PhoneHash), bool> = BTreeMap::new();
+        for m in stored {
+            let Some(s) = w
+                .store
+                .message(m.record.business, m.record.id)
+                .await
+                .unwrap()
+            else {
+                continue;
+            };
+            let held = holds.iter().any(|h| h.covers(s.business, s.phone));
+            prop_assert!(
+                s.expiry > now || held,
+                "an expired, unheld message survived a sweep"
+            );
+            if s.expiry > now || held {
+                live_phones.insert((s.business, s.phone), true);
+            }
+        }
+        for b in [business(1), business(2)] {
+            for c in 0..6 {
+                let phone = w.phone(b, c).await;
+                let devices = w.store.peer_devices(b, phone).await.unwrap();
+                let held = holds.iter().any(|h| h.covers(b, phone));
+                if !devices.is_empty() {
+                    prop_assert!(
+                        live_phones.contains_key(&(b, phone)) || held,
+                        "Signal state outlived its messages"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
