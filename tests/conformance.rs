@@ -136,6 +136,8 @@ conformance!(
     expired_open_messages_are_the_open_ones_earliest_first,
     delete_expired_spares_held_pending_and_live_messages,
     message_epochs_are_distinct_sorted_and_filtered_by_phone,
+    message_businesses_lists_each_business_once_in_order,
+    cap_expiry_shortens_only_later_expiries_of_one_business_and_direction,
     peers_without_live_messages_lists_only_idle_consumers,
     orphan_peers_pages_through_every_idle_peer_in_key_order,
     holds_are_placed_replaced_released_in_scope_order,
@@ -1031,14 +1033,12 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
         ],
         "earliest first, held ones skipped without using up the limit"
     );
-    assert!(!first[0].open);
     let rest = s.delete_expired(t(now), &holds, 100).await.unwrap();
     assert_eq!(
         rest,
         [ExpiredMessage::from(&ms[8].record())],
         "an open message is never deleted, even with no attempt scheduled"
     );
-    assert!(!rest[0].open);
     assert_eq!(rest[0].direction, Direction::Outbound);
     assert!(
         s.delete_expired(t(now), &holds, 100)
@@ -1065,6 +1065,120 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
     assert!(s.message(business(1), mid(4)).await.unwrap().is_some());
     assert!(s.delete_expired(t(now), &[], 0).await.unwrap().is_empty());
     assert_eq!(s.census().await.unwrap().messages, 3);
+}
+
+async fn message_businesses_lists_each_business_once_in_order(backend: &mut Backend) {
+    let s = &*backend.store;
+    assert!(s.message_businesses().await.unwrap().is_empty());
+    commit(
+        s,
+        [
+            put(&M::new(3, 1, 1, T0)),
+            put(&M::new(1, 2, 1, T0)),
+            put(&M::new(u64::MAX, 3, 1, T0)),
+            put(&M::new(2, 4, 1, T0)),
+            put(&M::new(1, 5, 2, T0)),
+            put(&M::new(2, 6, 2, T0)),
+            put_peer(9, peer(1, 0), 1),
+        ],
+    )
+    .await;
+    let all: Vec<BusinessId> = [1, 2, 3, u64::MAX].into_iter().map(business).collect();
+    assert_eq!(
+        s.message_businesses().await.unwrap(),
+        all,
+        "peers alone do not count"
+    );
+    commit(
+        s,
+        [4, 6].map(|id| Op::DeleteMessage {
+            business: business(2),
+            id: mid(id),
+        }),
+    )
+    .await;
+    let rest: Vec<BusinessId> = [1, 3, u64::MAX].into_iter().map(business).collect();
+    assert_eq!(s.message_businesses().await.unwrap(), rest);
+}
+
+async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
+    backend: &mut Backend,
+) {
+    let s = &*backend.store;
+    const DAY: u64 = 24 * HOUR;
+    let with_created = |m: M, created: u64| {
+        let mut r = m.record();
+        r.created = t(created);
+        r
+    };
+    // `M` records are created 30 days before they expire.
+    let records = [
+        M::new(1, 1, 1, T0 + 30 * DAY).record(),
+        M::new(1, 2, 1, T0 + 30 * DAY).outbound().record(),
+        M::new(2, 3, 1, T0 + 30 * DAY).record(),
+        M::new(1, 4, 2, T0 + 35 * DAY).record(),
+        // Already shorter than the cap: never made later.
+        with_created(M::new(1, 5, 1, T0 + 2 * DAY), T0),
+        // Creation plus the period passes the end of time: the cap
+        // saturates there, and changes nothing.
+        with_created(M::new(1, 6, 3, u64::MAX), u64::MAX - HOUR),
+        // Near the end of time, but the cap still fits.
+        M::new(1, 7, 3, u64::MAX).record(),
+    ];
+    commit(
+        s,
+        records.iter().cloned().map(|r| Op::PutMessage(Box::new(r))),
+    )
+    .await;
+    let cap = Op::CapExpiry {
+        business: business(1),
+        direction: Direction::Inbound,
+        period: std::time::Duration::from_millis(7 * DAY),
+    };
+    commit(s, [cap.clone()]).await;
+
+    let capped: BTreeMap<u64, u64> = [
+        (1, T0 + 7 * DAY),
+        (4, T0 + 12 * DAY),
+        (7, u64::MAX - 23 * DAY),
+    ]
+    .into();
+    let check = async || {
+        for r in &records {
+            let stored = s.message(r.business, r.id).await.unwrap().unwrap();
+            let n = u64::from_be_bytes(r.id.as_bytes()[..8].try_into().unwrap());
+            let mut expected = r.clone();
+            if let Some(&e) = capped.get(&n).filter(|_| r.business == business(1)) {
+                expected.expiry = t(e);
+            }
+            assert_eq!(stored, expected, "message {n}");
+        }
+    };
+    check().await;
+    // Idempotent, and a longer period makes nothing later.
+    commit(s, [cap]).await;
+    commit(
+        s,
+        [Op::CapExpiry {
+            business: business(1),
+            direction: Direction::Inbound,
+            period: std::time::Duration::from_millis(20 * DAY),
+        }],
+    )
+    .await;
+    check().await;
+
+    // The expiry index follows: the sweep's queries see the new expiries.
+    let gone = s.delete_expired(t(T0 + 7 * DAY), &[], 100).await.unwrap();
+    assert_eq!(
+        gone.iter().map(|m| (m.business, m.id)).collect::<Vec<_>>(),
+        [key_of(1, 5), key_of(1, 1)]
+    );
+    let gone = s.delete_expired(t(T0 + 12 * DAY), &[], 100).await.unwrap();
+    assert_eq!(
+        gone.iter().map(|m| (m.business, m.id)).collect::<Vec<_>>(),
+        [key_of(1, 4)]
+    );
 }
 
 async fn message_epochs_are_distinct_sorted_and_filtered_by_phone(backend: &mut Backend) {

@@ -308,8 +308,26 @@ impl ExpiryNotifier for Notices {
     }
 }
 
+/// The storage backends the crate has: every promise is checked on each.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    #[cfg(feature = "sqlite")]
+    Sqlite,
+}
+
+impl Backend {
+    const ALL: &[Self] = &[
+        Self::Memory,
+        #[cfg(feature = "sqlite")]
+        Self::Sqlite,
+    ];
+}
+
 struct World {
-    store: Arc<MemoryStore>,
+    store: Arc<dyn Storage>,
+    /// Where a durable store's file lives, kept for the world's lifetime.
+    _dir: Option<tempfile::TempDir>,
     clock: ManualClock,
     keys: Arc<KeyManager>,
     vault: Vault,
@@ -326,8 +344,33 @@ struct Stored {
 }
 
 impl World {
+    /// A world over the in-memory store.
     fn new(batch: usize) -> Self {
-        let store = Arc::new(MemoryStore::new());
+        Self::over(Arc::new(MemoryStore::new()), None, batch)
+    }
+
+    /// A world over a SQLite store in a fresh file.
+    #[cfg(feature = "sqlite")]
+    fn sqlite(batch: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = custodian::store::SqliteStore::open(
+            dir.path().join("store.db"),
+            custodian::store::SqliteConfig::default(),
+        )
+        .unwrap();
+        Self::over(Arc::new(store), Some(dir), batch)
+    }
+
+    /// A world over `backend`.
+    fn on(backend: Backend, batch: usize) -> Self {
+        match backend {
+            Backend::Memory => Self::new(batch),
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite => Self::sqlite(batch),
+        }
+    }
+
+    fn over(store: Arc<dyn Storage>, dir: Option<tempfile::TempDir>, batch: usize) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let root = [0x33; 32];
         let keys = Arc::new(KeyManager::new(
@@ -347,6 +390,7 @@ impl World {
         .with_batch(batch);
         Self {
             store,
+            _dir: dir,
             clock,
             keys,
             vault,
@@ -696,9 +740,15 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
 async fn a_sweep_stopped_after_any_step_is_finished_by_the_next() {
     // For every possible stopping point: stop there, check nothing live was
     // touched, then finish and check the end state is the same as one full sweep.
+    for &backend in Backend::ALL {
+        stops_anywhere(backend).await;
+    }
+}
+
+async fn stops_anywhere(backend: Backend) {
     let mut stop_after = 1;
     loop {
-        let w = World::new(2);
+        let w = World::on(backend, 2);
         let b = business(1);
         let mut expired = Vec::new();
         for i in 0..5 {
@@ -720,7 +770,7 @@ async fn a_sweep_stopped_after_any_step_is_finished_by_the_next() {
             assert_eq!(
                 w.read(&m.record).await,
                 Some(m.plaintext.clone()),
-                "step {stop_after}"
+                "{backend:?} step {stop_after}"
             );
         }
         let rest = w.retention.sweep(w.now(), &notices).await.unwrap();
@@ -728,18 +778,22 @@ async fn a_sweep_stopped_after_any_step_is_finished_by_the_next() {
         for m in &expired {
             assert!(
                 w.store.message(b, m.record.id).await.unwrap().is_none(),
-                "step {stop_after}"
+                "{backend:?} step {stop_after}"
             );
         }
         for m in &live {
             assert_eq!(
                 w.read(&m.record).await,
                 Some(m.plaintext.clone()),
-                "step {stop_after}"
+                "{backend:?} step {stop_after}"
             );
         }
         let census = w.store.census().await.unwrap();
-        assert_eq!((census.messages, census.peers), (2, 2), "step {stop_after}");
+        assert_eq!(
+            (census.messages, census.peers),
+            (2, 2),
+            "{backend:?} step {stop_after}"
+        );
         assert_eq!(
             notices.told.lock().unwrap().len(),
             3,
@@ -812,10 +866,13 @@ mod timelines {
         /// message is lost. After every complete sweep: no phone number (no
         /// message) and no Signal state remains without a live or held message.
         #[test]
-        fn retention_promises_hold_on_random_timelines(actions in prop::collection::vec(action(), 1..40)) {
+        fn retention_promises_hold_on_random_timelines(
+            backend in prop::sample::select(Backend::ALL),
+            actions in prop::collection::vec(action(), 1..40),
+        ) {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
             runtime.block_on(async {
-                let w = World::new(3);
+                let w = World::on(backend, 3);
                 let notices = Notices::default();
                 let mut stored: Vec<Stored> = Vec::new();
                 let mut holds: Vec<HoldScope> = Vec::new();
@@ -865,7 +922,7 @@ mod timelines {
                         Action::Sweep { steps } => {
                             let report = w.retention.sweep_steps(w.now(), &notices, steps.unwrap_or(u64::MAX)).await.unwrap();
                             if report.complete {
-                                check_after_sweep(&w, &stored, &holds).await?;
+                                check_after_sweep(&w, &stored, &holds, &policy).await?;
                             }
                         }
                     }
@@ -909,12 +966,14 @@ mod timelines {
         Ok(())
     }
 
-    /// After a complete sweep: every message left is live, held, or waiting
-    /// to report its failure; every peer record has a live or held message.
+    /// After a complete sweep: every message left is live under the policy
+    /// in force (its stored expiry shortened to match) or held; every peer
+    /// record has a live or held message.
     async fn check_after_sweep(
         w: &World,
         stored: &[Stored],
         holds: &[HoldScope],
+        policy: &RetentionPolicy,
     ) -> Result<(), TestCaseError> {
         let now = w.now();
         let mut live_phones: BTreeMap<(BusinessId, PhoneHash), bool> = BTreeMap::new();
@@ -928,11 +987,14 @@ mod timelines {
                 continue;
             };
             let held = holds.iter().any(|h| h.covers(s.business, s.phone));
+            let effective =
+                custodian::retention::effective_expiry(&RecordFacts::from(&m.record), policy);
+            prop_assert_eq!(s.expiry, effective, "the stored expiry follows the policy");
             prop_assert!(
-                s.expiry > now || held,
+                effective > now || held,
                 "an expired, unheld message survived a sweep"
             );
-            if s.expiry > now || held {
+            if effective > now || held {
                 live_phones.insert((s.business, s.phone), true);
             }
         }

@@ -43,7 +43,7 @@
 //! # }).unwrap();
 //! ```
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::ids::{BusinessId, Region};
 use crate::keys::KeyManager;
@@ -76,8 +76,13 @@ pub enum HoldError {
     Audit(#[from] AuditError),
 }
 
-/// Messages a sweep handles per store operation.
-const DEFAULT_BATCH: usize = 1024;
+/// Messages a sweep handles per store operation. Each step is one
+/// transaction: in SQLite, smaller steps rewrite the same index pages more
+/// often (sweeping 1M expired messages, measured against one bare `DELETE`
+/// of them: 84% of its rate in steps of 65,536, 91% in steps of 262,144,
+/// 96% in one step; `benches/retention.rs`), larger ones hold the writer
+/// longer (about a second per step of 65,536 on the reference machine).
+const DEFAULT_BATCH: usize = 65_536;
 
 /// Retention over one store: the policy in force, legal holds, the sweep.
 pub struct Retention {
@@ -87,6 +92,9 @@ pub struct Retention {
     policy: RwLock<Arc<RetentionPolicy>>,
     /// The holds in force, as last read or written by this instance.
     holds: RwLock<Option<Arc<[HoldScope]>>>,
+    /// The policy whose periods every stored message's expiry reflects
+    /// (`None` until a sweep has applied one: stores outlive processes).
+    applied: Mutex<Option<Arc<RetentionPolicy>>>,
     batch: usize,
 }
 
@@ -114,11 +122,14 @@ impl Retention {
             audit,
             policy: RwLock::new(Arc::new(policy)),
             holds: RwLock::new(None),
+            applied: Mutex::new(None),
             batch: DEFAULT_BATCH,
         }
     }
 
-    /// Handle `batch` messages per store operation in sweeps (at least one).
+    /// Handle `batch` messages per store operation in sweeps (at least one;
+    /// default 65,536). Larger batches sweep a backlog faster; smaller ones
+    /// keep each step, which holds the store's writer, short.
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -133,7 +144,8 @@ impl Retention {
     }
 
     /// Put `policy` in force. Shorter periods apply at once to reads of
-    /// messages already stored, and to the sweep.
+    /// messages already stored; the next sweep shortens their stored expiry
+    /// too, and deletes them (and forgets their consumers) once it passes.
     pub fn set_policy(&self, policy: RetentionPolicy) {
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
@@ -200,8 +212,16 @@ impl Retention {
         notifier: &dyn ExpiryNotifier,
         max_steps: u64,
     ) -> Result<SweepReport, SweepError> {
-        sweep::Sweep {
+        let policy = self.policy();
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, &policy));
+        let (report, shortened) = sweep::Sweep {
             storage: &*self.storage,
+            shorten: (!applied).then_some(&*policy),
             keys: &self.keys,
             notifier,
             now,
@@ -210,7 +230,11 @@ impl Retention {
             report: SweepReport::default(),
         }
         .run()
-        .await
+        .await?;
+        if shortened {
+            *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+        }
+        Ok(report)
     }
 
     /// The legal holds in force.

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{
-    Batch, Delivery, FailureReason, HoldScope, MessageRecord, Op, PeerId, Status, Storage,
-    StoreError,
+    Batch, Delivery, Direction, FailureReason, HoldScope, MessageRecord, Op, PeerId, Status,
+    Storage, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -61,6 +62,9 @@ pub enum SweepError {
 /// One sweep in progress.
 pub(super) struct Sweep<'a> {
     pub(super) storage: &'a dyn Storage,
+    /// A policy whose shortened periods are yet to be applied to the
+    /// messages already stored.
+    pub(super) shorten: Option<&'a RetentionPolicy>,
     pub(super) keys: &'a KeyManager,
     pub(super) notifier: &'a dyn ExpiryNotifier,
     pub(super) now: Timestamp,
@@ -82,8 +86,11 @@ impl Sweep<'_> {
     /// Run every stage to the end, or until the step budget is spent.
     /// Each stage is idempotent, so a sweep stopped anywhere (by the budget,
     /// an error or a crash) is finished by the next one.
-    pub(super) async fn run(mut self) -> Result<SweepReport, SweepError> {
+    /// The report says whether the sweep finished; the flag, whether the
+    /// policy's shortened periods now apply to every stored message.
+    pub(super) async fn run(mut self) -> Result<(SweepReport, bool), SweepError> {
         let started = Instant::now();
+        let shortened = self.shorten_expiries().await?;
         let holds: Vec<HoldScope> = self
             .storage
             .holds()
@@ -91,13 +98,45 @@ impl Sweep<'_> {
             .into_iter()
             .map(|h| h.scope)
             .collect();
-        let complete = self.fail_expired_open().await?
+        let complete = shortened
+            && self.fail_expired_open().await?
             && self.delete_expired(&holds).await?
             && self.delete_orphan_peers(&holds).await?
             && self.destroy_ended_epochs(&holds).await?;
         self.report.complete = complete;
         self.report.elapsed = started.elapsed();
-        Ok(self.report)
+        Ok((self.report, shortened))
+    }
+
+    /// Stage 0 (after a policy change): cap the expiry of stored messages
+    /// at their creation plus the period now in force, wherever that is
+    /// shorter. Reads already refuse them; this lets the later stages delete
+    /// them, and forget their consumers, on time.
+    async fn shorten_expiries(&mut self) -> Result<bool, SweepError> {
+        let Some(policy) = self.shorten else {
+            return Ok(true);
+        };
+        for business in self.storage.message_businesses().await? {
+            let mut batch = Batch::new();
+            for direction in [Direction::Inbound, Direction::Outbound] {
+                let period = policy.period(business, direction);
+                if period < CEILING {
+                    batch.push(Op::CapExpiry {
+                        business,
+                        direction,
+                        period,
+                    });
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            if !self.step() {
+                return Ok(false);
+            }
+            self.storage.commit(batch).await?;
+        }
+        Ok(true)
     }
 
     /// Stage 1: every message that expired undelivered is reported, then

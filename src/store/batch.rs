@@ -1,6 +1,8 @@
 //! Atomic write batches: what one successful operation changes.
 
-use super::{Delivery, Hold, HoldScope, MessageRecord};
+use std::time::Duration;
+
+use super::{Delivery, Direction, Hold, HoldScope, MessageRecord};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::KeyId;
 
@@ -54,6 +56,19 @@ pub enum Op {
         /// The message.
         id: MessageId,
     },
+    /// Shorten retention retroactively: every stored message of `business`
+    /// in `direction` whose expiry is later than its creation plus `period`
+    /// expires then instead. Never makes an expiry later. Applied when a
+    /// business's retention is shortened, so that the sweep deletes what
+    /// reads already refuse.
+    CapExpiry {
+        /// The business.
+        business: BusinessId,
+        /// Which class of its messages.
+        direction: Direction,
+        /// The retention period now in force.
+        period: Duration,
+    },
     /// Place (or replace) a legal hold.
     PutHold(Hold),
     /// Release a legal hold.
@@ -94,6 +109,16 @@ impl std::fmt::Debug for Op {
                 .debug_struct("DeleteMessage")
                 .field("business", business)
                 .field("id", id)
+                .finish(),
+            Self::CapExpiry {
+                business,
+                direction,
+                period,
+            } => f
+                .debug_struct("CapExpiry")
+                .field("business", business)
+                .field("direction", direction)
+                .field("period", period)
                 .finish(),
             Self::PutHold(h) => f.debug_tuple("PutHold").field(h).finish(),
             Self::DeleteHold(s) => f.debug_tuple("DeleteHold").field(s).finish(),

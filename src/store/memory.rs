@@ -1,14 +1,15 @@
 //! The in-memory backend: for tests, examples and hosts that persist nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::Bound;
+use std::ops::{Bound, RangeInclusive};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{
-    Batch, Census, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, Op, PeerId, Storage,
-    StoreError,
+    Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, Op, PeerId,
+    Storage, StoreError,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -129,11 +130,36 @@ impl Inner {
                 self.unindex((business, id));
                 self.messages.remove(&(business, id));
             }
+            Op::CapExpiry {
+                business,
+                direction,
+                period,
+            } => self.cap_expiry(business, direction, period),
             Op::PutHold(hold) => {
                 self.holds.insert(hold.scope, hold);
             }
             Op::DeleteHold(scope) => {
                 self.holds.remove(&scope);
+            }
+        }
+    }
+
+    fn cap_expiry(&mut self, business: BusinessId, direction: Direction, period: Duration) {
+        let Self {
+            messages,
+            by_expiry,
+            ..
+        } = self;
+        for m in messages
+            .range_mut(business_range(business))
+            .map(|(_, m)| m)
+            .filter(|m| m.direction == direction)
+        {
+            let cap = m.created.saturating_add(period);
+            if m.expiry > cap {
+                by_expiry.remove(&(m.expiry, m.business, m.id));
+                by_expiry.insert((cap, m.business, m.id));
+                m.expiry = cap;
             }
         }
     }
@@ -163,6 +189,11 @@ impl Inner {
         }
         self.keys.remove(id).is_some()
     }
+}
+
+/// The keys of every message of `business`.
+fn business_range(business: BusinessId) -> RangeInclusive<(BusinessId, MessageId)> {
+    (business, MessageId::from_bytes([0; 16]))..=(business, MessageId::from_bytes([0xff; 16]))
 }
 
 fn epoch_index(id: &KeyId) -> Option<(Timestamp, BusinessId)> {
@@ -421,6 +452,24 @@ impl Storage for MemoryStore {
         Ok(doomed)
     }
 
+    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<BusinessId> = Vec::new();
+        let mut next = inner.messages.keys().next().map(|(b, _)| *b);
+        while let Some(business) = next {
+            out.push(business);
+            next = inner
+                .messages
+                .range((
+                    Bound::Excluded(*business_range(business).end()),
+                    Bound::Unbounded,
+                ))
+                .next()
+                .map(|((b, _), _)| *b);
+        }
+        Ok(out)
+    }
+
     async fn message_epochs(
         &self,
         business: BusinessId,
@@ -429,10 +478,7 @@ impl Storage for MemoryStore {
         let inner = self.lock();
         let epochs: BTreeSet<Epoch> = inner
             .messages
-            .range(
-                (business, MessageId::from_bytes([0; 16]))
-                    ..=(business, MessageId::from_bytes([0xff; 16])),
-            )
+            .range(business_range(business))
             .map(|(_, m)| m)
             .filter(|m| phone.is_none_or(|p| m.phone == p))
             .map(|m| m.epoch)

@@ -205,7 +205,8 @@ impl fmt::Debug for MessageRecord {
     }
 }
 
-/// What the sweep needs to know about an expired message.
+/// A message the sweep deleted (always a settled one: open messages are
+/// reported failed first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExpiredMessage {
     /// The business.
@@ -218,8 +219,6 @@ pub struct ExpiredMessage {
     pub expiry: Timestamp,
     /// Its epoch.
     pub epoch: Epoch,
-    /// Whether it was still open (never delivered): the sweep reports it failed.
-    pub open: bool,
     /// Its direction.
     pub direction: Direction,
 }
@@ -232,7 +231,6 @@ impl From<&MessageRecord> for ExpiredMessage {
             phone: m.phone,
             expiry: m.expiry,
             epoch: m.epoch,
-            open: m.delivery.status.is_open(),
             direction: m.direction,
         }
     }

@@ -174,6 +174,9 @@ pub trait Storage: KeyStore {
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError>;
 
+    /// The businesses with at least one stored message, ascending.
+    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError>;
+
     /// The distinct epochs of the stored messages of `business` (only those
     /// about `phone`, if given): what a legal hold must keep from shredding.
     async fn message_epochs(

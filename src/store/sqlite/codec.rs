@@ -260,7 +260,7 @@ pub(super) fn message(row: &Row<'_>) -> Result<MessageRecord, StoreError> {
     })
 }
 
-/// A row of `business, id, phone, expiry, epoch, status, direction`.
+/// A row of `business, id, phone, expiry, epoch, direction`.
 pub(super) fn expired(row: &Row<'_>) -> Result<ExpiredMessage, StoreError> {
     let c = Cols::new(row, "messages");
     Ok(ExpiredMessage {
@@ -269,8 +269,7 @@ pub(super) fn expired(row: &Row<'_>) -> Result<ExpiredMessage, StoreError> {
         phone: c.phone(2, "phone")?,
         expiry: c.time(3, "expiry")?,
         epoch: Epoch::ending_at(c.time(4, "epoch")?),
-        open: c.status(5, "status")?.is_open(),
-        direction: c.direction(6, "direction")?,
+        direction: c.direction(5, "direction")?,
     })
 }
 

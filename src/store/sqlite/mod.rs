@@ -508,6 +508,10 @@ impl Storage for SqliteStore {
             .await
     }
 
+    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        self.readers.with(|c| reads::message_businesses(c))
+    }
+
     async fn message_epochs(
         &self,
         business: BusinessId,

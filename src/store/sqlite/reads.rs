@@ -355,6 +355,9 @@ pub(super) fn expired_open_messages(
 ) -> Result<Vec<MessageRecord>, StoreError> {
     let mut stmt = conn
         .prepare_cached(&format!(
+            // `status IN (0, 1)` (queued, sent) is the condition of the
+            // partial index `messages_open`: the sweep finds the few open
+            // messages without walking every expired one.
             "SELECT {MESSAGE_COLUMNS} FROM messages
              WHERE expiry <= ?1 AND status IN (0, 1)
              ORDER BY expiry, business, id LIMIT ?2"
@@ -362,6 +365,26 @@ pub(super) fn expired_open_messages(
         .db()?;
     let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
     collect(&mut rows, codec::message)
+}
+
+pub(super) fn message_businesses(conn: &Connection) -> Result<Vec<BusinessId>, StoreError> {
+    // One index seek per business, however many messages each has.
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT business FROM messages WHERE business > ?1 ORDER BY business LIMIT 1",
+        )
+        .db()?;
+    let mut out = Vec::new();
+    let mut after = i64::MIN;
+    loop {
+        let mut rows = stmt.query([after]).db()?;
+        let Some(row) = rows.next().db()? else {
+            return Ok(out);
+        };
+        let business = Cols::new(row, "messages").business(0, "business")?;
+        out.push(business);
+        after = business_sql(business);
+    }
 }
 
 pub(super) fn message_epochs(

@@ -94,6 +94,7 @@ CREATE TABLE messages (
 CREATE INDEX messages_expiry ON messages (expiry, business, id);
 CREATE INDEX messages_due ON messages (next_attempt, business, id) WHERE next_attempt IS NOT NULL;
 CREATE INDEX messages_phone ON messages (business, phone, expiry);
+CREATE INDEX messages_open ON messages (expiry, business, id) WHERE status IN (0, 1);
 CREATE TABLE holds (
     kind      INTEGER NOT NULL,
     business  INTEGER NOT NULL,

@@ -585,7 +585,11 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
         ),
         (
             "SELECT * FROM messages WHERE expiry <= ?1 AND status IN (0, 1) ORDER BY expiry, business, id LIMIT ?2",
-            "messages_expiry",
+            "messages_open",
+        ),
+        (
+            "SELECT business FROM messages WHERE business > ?1 ORDER BY business LIMIT 1",
+            "COVERING INDEX",
         ),
         (
             "SELECT 1 FROM messages WHERE business = ?1 AND phone = ?2 AND expiry > ?3",

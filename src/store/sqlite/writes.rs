@@ -105,6 +105,29 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             .prepare_cached("DELETE FROM messages WHERE business = ?1 AND id = ?2")
             .db()?
             .execute(params![business_sql(*business), &id.as_bytes()[..]]),
+        Op::CapExpiry {
+            business,
+            direction,
+            period,
+        } => {
+            // Stored times are biased (`t - 2^63`, see `codec`), so adding
+            // the period to the stored value adds it to the time. Rows whose
+            // creation plus the period would pass the largest time are left
+            // alone: their cap saturates there, which no expiry exceeds.
+            let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+            conn.prepare_cached(
+                "UPDATE messages SET expiry = created + ?3
+                 WHERE business = ?1 AND direction = ?2
+                   AND created <= ?4 AND expiry > created + ?3",
+            )
+            .db()?
+            .execute(params![
+                business_sql(*business),
+                direction.code(),
+                period,
+                i64::MAX - period
+            ])
+        }
         Op::PutHold(hold) => {
             let (kind, business, phone) = scope_sql(&hold.scope);
             conn.prepare_cached(
@@ -296,7 +319,7 @@ macro_rules! not_held {
 macro_rules! select_doomed {
     ($filter:expr) => {
         concat!(
-            "SELECT business, id, phone, expiry, epoch, status, direction FROM messages WHERE ",
+            "SELECT business, id, phone, expiry, epoch, direction FROM messages WHERE ",
             $filter,
             " ORDER BY expiry, business, id LIMIT ?2"
         )

@@ -1,0 +1,752 @@
+//! The processor end to end, beside the sum of its bare parts measured in
+//! the same run, on the in-memory store and on SQLite.
+//!
+//! Shapes, each with 64 consumers (one device each, real Signal clients)
+//! whose conversations with one business are already established, driven
+//! concurrently on one runtime thread (the SQLite writer has its own):
+//!
+//! - `inbound_burst`: consumers send 200-byte messages in a row (no ratchet
+//!   turn); [`Processor::receive`] decrypts, releases to the business, seals
+//!   and stores each, in one commit with the session's advance.
+//! - `inbound_alternating`: a reply between every two messages, so each
+//!   inbound message turns the ratchet (X25519-bound); only the receiving is
+//!   timed.
+//! - `outbound_burst`: [`Processor::send`] of 200-byte messages: sealed and
+//!   stored, encrypted, handed to the transport, bookkeeping stored.
+//!
+//! Bare parts (`parts/…`), each alone: Signal decrypt and encrypt between
+//! two of the test kit's devices (bare `wacore-libsignal`, in-memory
+//! stores), in one direction and alternating; HKDF-SHA256 expand of a
+//! record key; AES-256-GCM key schedule and seal of a stored record's size;
+//! and for SQLite, bare rusqlite inserts of the message and peer rows the
+//! pipeline writes, 64 to a transaction (what group commit batches), with
+//! the store's pragmas. After criterion's report, a summary prints each
+//! shape's throughput as a share of its parts' (1 / the sum of their
+//! times), and the CPU each inbound message costs.
+//!
+//! Run: `cargo bench --bench pipeline` (the summary needs every part; a
+//! filtered run prints what it can).
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark: a failure should stop it loudly"
+)]
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::inout::InOutBuf;
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use async_trait::async_trait;
+use criterion::{Criterion, Throughput};
+use custodian::ids::{BusinessId, PhoneNumber};
+use custodian::integrity::Category;
+use custodian::keys::LocalKeyProvider;
+use custodian::keys::SecretKey;
+use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
+use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys, SignalConfig};
+use custodian::store::{MemoryStore, PeerId, SqliteConfig, SqliteStore, Storage};
+use custodian::testing::{ConsumerDevice, join_all};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
+};
+use custodian::visibility::{AuditError, AuditSink, HoldEvent, Verdict};
+use hkdf::Hkdf;
+use rusqlite::{Connection, params};
+use sha2::Sha256;
+use tokio::sync::Mutex as AsyncMutex;
+
+const T0: u64 = 1_767_225_600_000;
+const CONSUMERS: usize = 64;
+const CONTENT: [u8; 200] = [0x5a; 200];
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+}
+
+fn number(i: usize) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// The host around the processor: a transport that only records, a business
+// that takes everything, an audit trail that counts.
+
+#[derive(Default)]
+struct Network {
+    keys: Mutex<Option<PublishedKeys>>,
+    /// What the processor sent, per consumer number.
+    sent: Mutex<BTreeMap<String, Vec<Ciphertext>>>,
+}
+
+#[async_trait]
+impl Transport for Network {
+    async fn devices(&self, _: BusinessId, _: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
+        Ok(vec![0])
+    }
+
+    async fn fetch_bundle(
+        &self,
+        _: BusinessId,
+        _: &PhoneNumber,
+        _: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        Err(TransportError::Refused("every session exists already".into()))
+    }
+
+    async fn send(
+        &self,
+        _: BusinessId,
+        consumer: &PhoneNumber,
+        _: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError> {
+        self.sent
+            .lock()
+            .unwrap()
+            .entry(consumer.expose().to_owned())
+            .or_default()
+            .push(message.ciphertext.clone());
+        Ok(())
+    }
+
+    async fn publish_keys(&self, _: BusinessId, keys: &PublishedKeys) -> Result<(), TransportError> {
+        *self.keys.lock().unwrap() = Some(keys.clone());
+        Ok(())
+    }
+}
+
+struct Business;
+
+#[async_trait]
+impl BusinessSink for Business {
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
+        black_box(message);
+        Ok(())
+    }
+
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
+        black_box(update);
+        Ok(())
+    }
+}
+
+struct Audit;
+
+impl AuditSink for Audit {
+    fn record(&self, verdict: &Verdict) -> Result<(), AuditError> {
+        black_box(verdict);
+        Ok(())
+    }
+
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+        black_box(event);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The rig: a processor, one business, 64 consumers in conversation with it.
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Memory,
+    Sqlite,
+}
+
+struct Consumer {
+    number: PhoneNumber,
+    device: AsyncMutex<ConsumerDevice>,
+}
+
+struct Rig {
+    processor: Processor,
+    storage: Arc<dyn Storage>,
+    network: Arc<Network>,
+    principal: Principal,
+    business: BusinessId,
+    consumers: Vec<Consumer>,
+    next_transport_id: Mutex<u64>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Rig {
+    async fn new(backend: Backend) -> Self {
+        let (storage, dir): (Arc<dyn Storage>, _) = match backend {
+            Backend::Memory => (Arc::new(MemoryStore::new()), None),
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store =
+                    SqliteStore::open(dir.path().join("pipeline.db"), SqliteConfig::default())
+                        .unwrap();
+                (Arc::new(store), Some(dir))
+            }
+        };
+        let network = Arc::new(Network::default());
+        let principal = Principal::new("gateway");
+        let business = BusinessId::new(1001).unwrap();
+        let host = Host {
+            storage: storage.clone(),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: Arc::new(Business),
+            authorizer: Arc::new(
+                StaticAuthorizer::new()
+                    .grant(&principal, business)
+                    .operator(&principal),
+            ),
+            clock: Arc::new(ManualClock::new(Timestamp::from_millis(T0))),
+            audit: Arc::new(Audit),
+        };
+        let policies = Policies {
+            signal: SignalConfig {
+                prekey_pool: CONSUMERS + 16,
+                prekey_low_water: 1,
+                ..SignalConfig::default()
+            },
+            ..Policies::default()
+        };
+        let processor = Processor::new(host, policies).unwrap();
+        processor.publish_keys(&principal, business).await.unwrap();
+        let keys = network.keys.lock().unwrap().clone().unwrap();
+        let rig = Self {
+            processor,
+            storage,
+            network,
+            principal,
+            business,
+            consumers: (0..CONSUMERS)
+                .map(|i| Consumer {
+                    number: number(i),
+                    device: AsyncMutex::new(ConsumerDevice::new(0)),
+                })
+                .collect(),
+            next_transport_id: Mutex::new(0),
+            _dir: dir,
+        };
+        // First contact, and a reply so that each consumer's next message
+        // is an ordinary one.
+        for (i, c) in rig.consumers.iter().enumerate() {
+            c.device
+                .lock()
+                .await
+                .start_session(business, &keys.bundle(Some(i)))
+                .await
+                .unwrap();
+        }
+        rig.inbound_round().await;
+        rig.outbound_round().await;
+        rig.consumers_read().await;
+        rig
+    }
+
+    /// Consumer `c` writes a message to the business.
+    async fn write(&self, c: &Consumer) -> Inbound {
+        let message = c
+            .device
+            .lock()
+            .await
+            .encrypt(self.business, &CONTENT)
+            .await
+            .unwrap();
+        let id = {
+            let mut next = self.next_transport_id.lock().unwrap();
+            *next += 1;
+            *next
+        };
+        Inbound {
+            from: c.number.clone(),
+            device: 0,
+            transport_id: id.to_be_bytes().to_vec(),
+            message,
+        }
+    }
+
+    /// Every consumer sends one message and the processor receives them all.
+    async fn inbound_round(&self) {
+        let mut written = Vec::new();
+        for c in &self.consumers {
+            written.push(self.write(c).await);
+        }
+        self.receive_all(vec![written]).await;
+    }
+
+    /// Receive `per_consumer[round][consumer]`, the consumers concurrently,
+    /// each one's messages in order.
+    async fn receive_all(&self, rounds: Vec<Vec<Inbound>>) -> Duration {
+        let mut lanes: Vec<Vec<Inbound>> = (0..CONSUMERS).map(|_| Vec::new()).collect();
+        for round in rounds {
+            for (lane, inbound) in lanes.iter_mut().zip(round) {
+                lane.push(inbound);
+            }
+        }
+        let start = Instant::now();
+        join_all(
+            lanes
+                .into_iter()
+                .map(|lane| async move {
+                    for inbound in lane {
+                        let receipt = self
+                            .processor
+                            .receive(&self.principal, self.business, inbound)
+                            .await
+                            .unwrap();
+                        assert!(receipt.delivered && !receipt.duplicate);
+                    }
+                })
+                .collect(),
+        )
+        .await;
+        start.elapsed()
+    }
+
+    /// The business sends one message to every consumer.
+    async fn outbound_round(&self) -> Duration {
+        self.send_all(1).await
+    }
+
+    async fn send_all(&self, per_consumer: u64) -> Duration {
+        let start = Instant::now();
+        join_all(
+            self.consumers
+                .iter()
+                .map(|c| async move {
+                    for _ in 0..per_consumer {
+                        let outbound = Outbound {
+                            to: c.number.clone(),
+                            content: CONTENT.to_vec(),
+                            category: Category::Service,
+                        };
+                        self.processor
+                            .send(&self.principal, self.business, outbound)
+                            .await
+                            .unwrap();
+                    }
+                })
+                .collect(),
+        )
+        .await;
+        start.elapsed()
+    }
+
+    /// Every consumer reads what the business sent it.
+    async fn consumers_read(&self) {
+        let sent = std::mem::take(&mut *self.network.sent.lock().unwrap());
+        for c in &self.consumers {
+            let mut device = c.device.lock().await;
+            for message in sent.get(c.number.expose()).into_iter().flatten() {
+                device.decrypt(self.business, message).await.unwrap();
+            }
+        }
+    }
+
+    /// Sizes of what one inbound message stores: its record's plaintext
+    /// (before the envelope), its sealed record, and its consumer's sealed
+    /// peer record.
+    async fn stored_sizes(&self) -> Sizes {
+        let before = *self.next_transport_id.lock().unwrap();
+        let c = &self.consumers[0];
+        let inbound = self.write(c).await;
+        let receipt = self
+            .processor
+            .receive(&self.principal, self.business, inbound)
+            .await
+            .unwrap();
+        assert_eq!(*self.next_transport_id.lock().unwrap(), before + 1);
+        let message = self
+            .storage
+            .message(self.business, receipt.id)
+            .await
+            .unwrap()
+            .unwrap();
+        let phone = self
+            .processor
+            .keys()
+            .phone_hash(self.business, &c.number)
+            .await
+            .unwrap();
+        let peer = self
+            .storage
+            .peer(self.business, PeerId { phone, device: 0 })
+            .await
+            .unwrap()
+            .unwrap();
+        // Format v1 adds 112 bytes and the region's name.
+        let overhead = 112 + self.storage.region().as_str().len();
+        Sizes {
+            plaintext: message.sealed.len() - overhead,
+            message: message.sealed.len(),
+            peer: peer.len(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The pipeline
+
+fn bench_pipeline(c: &mut Criterion, backend: Backend) {
+    let rt = runtime();
+    let rig = rt.block_on(Rig::new(backend));
+    let name = format!("{backend:?}").to_lowercase();
+    let mut g = c.benchmark_group(format!("pipeline_{name}"));
+    g.throughput(Throughput::Elements(1)).sample_size(20);
+
+    g.bench_function("inbound_burst", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let rounds = iters.div_ceil(CONSUMERS as u64);
+                let mut written = Vec::new();
+                for _ in 0..rounds {
+                    let mut round = Vec::new();
+                    for c in &rig.consumers {
+                        round.push(rig.write(c).await);
+                    }
+                    written.push(round);
+                }
+                let elapsed = rig.receive_all(written).await;
+                elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
+            })
+        })
+    });
+
+    g.bench_function("inbound_alternating", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let rounds = iters.div_ceil(CONSUMERS as u64);
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..rounds {
+                    rig.outbound_round().await;
+                    rig.consumers_read().await;
+                    let mut round = Vec::new();
+                    for c in &rig.consumers {
+                        round.push(rig.write(c).await);
+                    }
+                    elapsed += rig.receive_all(vec![round]).await;
+                }
+                elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
+            })
+        })
+    });
+
+    g.bench_function("outbound_burst", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let per_consumer = iters.div_ceil(CONSUMERS as u64);
+                let elapsed = rig.send_all(per_consumer).await;
+                rig.consumers_read().await;
+                elapsed.mul_f64(iters as f64 / (per_consumer * CONSUMERS as u64) as f64)
+            })
+        })
+    });
+    g.finish();
+
+    let sizes = rt.block_on(rig.stored_sizes());
+    let cpu = rt.block_on(cpu_per_inbound(&rig));
+    SIZES.lock().unwrap().insert(name.clone(), sizes);
+    CPU.lock().unwrap().insert(name, cpu);
+}
+
+/// The CPU time (all threads) and wall time of 64 × 200 inbound messages.
+async fn cpu_per_inbound(rig: &Rig) -> (Duration, Duration, u64) {
+    const ROUNDS: usize = 200;
+    let mut written = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut round = Vec::new();
+        for c in &rig.consumers {
+            round.push(rig.write(c).await);
+        }
+        written.push(round);
+    }
+    let before = process_cpu();
+    let wall = rig.receive_all(written).await;
+    (process_cpu() - before, wall, (ROUNDS * CONSUMERS) as u64)
+}
+
+/// This process's CPU time so far, user and system, all threads.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which is in parentheses).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // Linux reports in clock ticks of 1/100 s on every platform it runs on.
+    Duration::from_millis(ticks * 10)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    plaintext: usize,
+    message: usize,
+    peer: usize,
+}
+
+static SIZES: Mutex<BTreeMap<String, Sizes>> = Mutex::new(BTreeMap::new());
+static CPU: Mutex<BTreeMap<String, (Duration, Duration, u64)>> = Mutex::new(BTreeMap::new());
+
+// ---------------------------------------------------------------------------
+// The bare parts
+
+/// Two test-kit devices (bare wacore-libsignal) in conversation: `a` plays
+/// the consumer, `b` the business.
+struct Pair {
+    a: ConsumerDevice,
+    b: ConsumerDevice,
+    business: BusinessId,
+}
+
+impl Pair {
+    async fn new() -> Self {
+        let business = BusinessId::new(1).unwrap();
+        let mut a = ConsumerDevice::new(0);
+        let mut b = ConsumerDevice::new(1);
+        let bundle = b.bundle(true);
+        a.start_session(business, &bundle).await.unwrap();
+        let mut pair = Self { a, b, business };
+        let first = pair.a.encrypt(business, &CONTENT).await.unwrap();
+        pair.b.decrypt(business, &first).await.unwrap();
+        let reply = pair.b.encrypt(business, &CONTENT).await.unwrap();
+        pair.a.decrypt(business, &reply).await.unwrap();
+        pair
+    }
+}
+
+fn bench_parts(c: &mut Criterion) {
+    let rt = runtime();
+    let mut pair = rt.block_on(Pair::new());
+    let business = pair.business;
+    let mut g = c.benchmark_group("parts");
+    g.throughput(Throughput::Elements(1));
+
+    g.bench_function("signal_decrypt", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut messages = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    messages.push(pair.a.encrypt(business, &CONTENT).await.unwrap());
+                }
+                let start = Instant::now();
+                for m in &messages {
+                    black_box(pair.b.decrypt(business, m).await.unwrap());
+                }
+                start.elapsed()
+            })
+        })
+    });
+
+    g.bench_function("signal_decrypt_alternating", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let reply = pair.b.encrypt(business, &CONTENT).await.unwrap();
+                    pair.a.decrypt(business, &reply).await.unwrap();
+                    let m = pair.a.encrypt(business, &CONTENT).await.unwrap();
+                    let start = Instant::now();
+                    black_box(pair.b.decrypt(business, &m).await.unwrap());
+                    elapsed += start.elapsed();
+                }
+                elapsed
+            })
+        })
+    });
+
+    g.bench_function("signal_encrypt", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                let mut messages = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    messages.push(pair.b.encrypt(business, &CONTENT).await.unwrap());
+                }
+                let elapsed = start.elapsed();
+                for m in &messages {
+                    pair.a.decrypt(business, m).await.unwrap();
+                }
+                elapsed
+            })
+        })
+    });
+
+    let prk = [0x11u8; 32];
+    let info = [0x22u8; 96];
+    g.bench_function("hkdf_expand", |b| {
+        b.iter(|| {
+            let mut okm = [0u8; 32];
+            Hkdf::<Sha256>::from_prk(black_box(&prk))
+                .unwrap()
+                .expand(black_box(&info), &mut okm)
+                .unwrap();
+            black_box(okm)
+        })
+    });
+
+    // The stored record's plaintext: the content plus the body's framing
+    // (sender number, device, timestamps); the envelope adds the rest.
+    let sizes = SIZES.lock().unwrap().clone();
+    let record_plaintext = sizes.values().next().map_or(CONTENT.len() + 40, |s| s.plaintext);
+    let key = [0x33u8; 32];
+    let aad = [0x44u8; 98];
+    let mut buffer = vec![0x55u8; record_plaintext];
+    g.bench_function("aes_gcm_seal", |b| {
+        b.iter(|| {
+            let cipher = Aes256Gcm::new(black_box(&key).into());
+            let tag = cipher
+                .encrypt_inout_detached(&Nonce::from([7; 12]), &aad, InOutBuf::from(buffer.as_mut_slice()))
+                .unwrap();
+            black_box(tag)
+        })
+    });
+
+    if let Some(&Sizes { message, peer, .. }) = sizes.get("sqlite") {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = bare_sqlite(&dir.path().join("bare.db"));
+        let mut n = 0u64;
+        g.bench_function("sqlite_insert", |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                let mut left = iters;
+                while left > 0 {
+                    let k = left.min(CONSUMERS as u64);
+                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                    for _ in 0..k {
+                        n += 1;
+                        bare_insert(&conn, n, message, peer);
+                    }
+                    conn.execute_batch("COMMIT").unwrap();
+                    left -= k;
+                }
+                start.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A file with the store's schema, opened bare with its writer's pragmas.
+fn bare_sqlite(path: &Path) -> Connection {
+    drop(SqliteStore::open(path, SqliteConfig::default()).unwrap());
+    let conn = Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    conn.pragma_update(None, "temp_store", "MEMORY").unwrap();
+    conn.pragma_update(None, "cache_size", -32_768).unwrap();
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)
+        .unwrap();
+    conn
+}
+
+/// Insert message `n` (and upsert its consumer's peer record, one of 64),
+/// as one inbound message writes them.
+fn bare_insert(conn: &Connection, n: u64, message: usize, peer: usize) {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+    id[8..].copy_from_slice(&n.to_le_bytes());
+    let phone = [(n % CONSUMERS as u64) as u8; 16];
+    conn.prepare_cached(
+        "INSERT INTO messages (business, id, direction, phone, created, expiry, epoch,
+             status, failure, attempts, next_attempt, pending_devices, sealed)
+         VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, 2, NULL, 1, NULL, 0, ?7)",
+    )
+    .unwrap()
+    .execute(params![
+        1001i64,
+        &id[..],
+        &phone[..],
+        n as i64,
+        n as i64 + 1,
+        n as i64 + 2,
+        vec![0x66u8; message]
+    ])
+    .unwrap();
+    conn.prepare_cached(
+        "INSERT INTO peers (business, phone, device, sealed) VALUES (?1, ?2, 0, ?3)
+         ON CONFLICT (business, phone, device) DO UPDATE SET sealed = excluded.sealed",
+    )
+    .unwrap()
+    .execute(params![1001i64, &phone[..], vec![0x77u8; peer]])
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The summary
+
+/// Criterion's mean time per element of `id`, from its saved estimate.
+fn mean(id: &str) -> Option<f64> {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path: PathBuf = [target.as_str(), "criterion", id, "new", "estimates.json"]
+        .iter()
+        .collect();
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["mean"]["point_estimate"].as_f64()
+}
+
+fn summary() {
+    let parts = |names: &[&str]| -> Option<f64> {
+        names.iter().map(|n| mean(&format!("parts/{n}"))).sum()
+    };
+    println!("\nsummary (mean ns per message; throughput as a share of the bare parts')");
+    for backend in ["memory", "sqlite"] {
+        let insert: &[&str] = if backend == "sqlite" { &["sqlite_insert"] } else { &[] };
+        let shapes: [(&str, Vec<&str>); 3] = [
+            ("inbound_burst", [&["signal_decrypt", "hkdf_expand", "aes_gcm_seal"][..], insert].concat()),
+            ("inbound_alternating", [&["signal_decrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..], insert].concat()),
+            ("outbound_burst", [&["signal_encrypt", "hkdf_expand", "aes_gcm_seal"][..], insert].concat()),
+        ];
+        for (shape, names) in shapes {
+            let (Some(ours), Some(bare)) = (mean(&format!("pipeline_{backend}/{shape}")), parts(&names))
+            else {
+                continue;
+            };
+            println!(
+                "  {backend:6} {shape:20} {:8.0} msg/s = {:5.1}% of parts ({:8.0} msg/s: {})",
+                1e9 / ours,
+                100.0 * bare / ours,
+                1e9 / bare,
+                names.join(" + ")
+            );
+        }
+        if let (Some(ours), Some(decrypt)) = (
+            mean(&format!("pipeline_{backend}/inbound_alternating")),
+            mean("parts/signal_decrypt_alternating"),
+        ) {
+            println!(
+                "  {backend:6} inbound_alternating = {:5.1}% of bare alternating Signal decrypt alone",
+                100.0 * decrypt / ours
+            );
+        }
+        if let Some(&(cpu, wall, n)) = CPU.lock().unwrap().get(backend) {
+            println!(
+                "  {backend:6} inbound_burst CPU: {:.1} µs per message over all threads ({:.2} cores busy), {:.0} msg/s per core",
+                cpu.as_secs_f64() * 1e6 / n as f64,
+                cpu.as_secs_f64() / wall.as_secs_f64(),
+                n as f64 / cpu.as_secs_f64()
+            );
+        }
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .configure_from_args();
+    bench_pipeline(&mut c, Backend::Memory);
+    bench_pipeline(&mut c, Backend::Sqlite);
+    bench_parts(&mut c);
+    c.final_summary();
+    summary();
+}
