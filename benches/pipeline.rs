@@ -56,7 +56,7 @@ use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
     Transport, TransportError,
 };
-use custodian::visibility::{AuditError, AuditSink, HoldEvent, Verdict};
+use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent};
 use hkdf::Hkdf;
 use rusqlite::{Connection, params};
 use sha2::Sha256;
@@ -99,7 +99,9 @@ impl Transport for Network {
         _: &PhoneNumber,
         _: u32,
     ) -> Result<PreKeyBundle, TransportError> {
-        Err(TransportError::Refused("every session exists already".into()))
+        Err(TransportError::Refused(
+            "every session exists already".into(),
+        ))
     }
 
     async fn send(
@@ -118,7 +120,11 @@ impl Transport for Network {
         Ok(())
     }
 
-    async fn publish_keys(&self, _: BusinessId, keys: &PublishedKeys) -> Result<(), TransportError> {
+    async fn publish_keys(
+        &self,
+        _: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
         *self.keys.lock().unwrap() = Some(keys.clone());
         Ok(())
     }
@@ -142,7 +148,7 @@ impl BusinessSink for Business {
 struct Audit;
 
 impl AuditSink for Audit {
-    fn record(&self, verdict: &Verdict) -> Result<(), AuditError> {
+    fn record(&self, verdict: &Decision) -> Result<(), AuditError> {
         black_box(verdict);
         Ok(())
     }
@@ -596,7 +602,10 @@ fn bench_parts(c: &mut Criterion) {
     // The stored record's plaintext: the content plus the body's framing
     // (sender number, device, timestamps); the envelope adds the rest.
     let sizes = SIZES.lock().unwrap().clone();
-    let record_plaintext = sizes.values().next().map_or(CONTENT.len() + 40, |s| s.plaintext);
+    let record_plaintext = sizes
+        .values()
+        .next()
+        .map_or(CONTENT.len() + 40, |s| s.plaintext);
     let key = [0x33u8; 32];
     let aad = [0x44u8; 98];
     let mut buffer = vec![0x55u8; record_plaintext];
@@ -604,7 +613,11 @@ fn bench_parts(c: &mut Criterion) {
         b.iter(|| {
             let cipher = Aes256Gcm::new(black_box(&key).into());
             let tag = cipher
-                .encrypt_inout_detached(&Nonce::from([7; 12]), &aad, InOutBuf::from(buffer.as_mut_slice()))
+                .encrypt_inout_detached(
+                    &Nonce::from([7; 12]),
+                    &aad,
+                    InOutBuf::from(buffer.as_mut_slice()),
+                )
                 .unwrap();
             black_box(tag)
         })
@@ -695,19 +708,44 @@ fn mean(id: &str) -> Option<f64> {
 }
 
 fn summary() {
-    let parts = |names: &[&str]| -> Option<f64> {
-        names.iter().map(|n| mean(&format!("parts/{n}"))).sum()
-    };
+    let parts =
+        |names: &[&str]| -> Option<f64> { names.iter().map(|n| mean(&format!("parts/{n}"))).sum() };
     println!("\nsummary (mean ns per message; throughput as a share of the bare parts')");
     for backend in ["memory", "sqlite"] {
-        let insert: &[&str] = if backend == "sqlite" { &["sqlite_insert"] } else { &[] };
+        let insert: &[&str] = if backend == "sqlite" {
+            &["sqlite_insert"]
+        } else {
+            &[]
+        };
         let shapes: [(&str, Vec<&str>); 3] = [
-            ("inbound_burst", [&["signal_decrypt", "hkdf_expand", "aes_gcm_seal"][..], insert].concat()),
-            ("inbound_alternating", [&["signal_decrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..], insert].concat()),
-            ("outbound_burst", [&["signal_encrypt", "hkdf_expand", "aes_gcm_seal"][..], insert].concat()),
+            (
+                "inbound_burst",
+                [
+                    &["signal_decrypt", "hkdf_expand", "aes_gcm_seal"][..],
+                    insert,
+                ]
+                .concat(),
+            ),
+            (
+                "inbound_alternating",
+                [
+                    &["signal_decrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..],
+                    insert,
+                ]
+                .concat(),
+            ),
+            (
+                "outbound_burst",
+                [
+                    &["signal_encrypt", "hkdf_expand", "aes_gcm_seal"][..],
+                    insert,
+                ]
+                .concat(),
+            ),
         ];
         for (shape, names) in shapes {
-            let (Some(ours), Some(bare)) = (mean(&format!("pipeline_{backend}/{shape}")), parts(&names))
+            let (Some(ours), Some(bare)) =
+                (mean(&format!("pipeline_{backend}/{shape}")), parts(&names))
             else {
                 continue;
             };
