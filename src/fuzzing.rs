@@ -2,14 +2,24 @@
 //! `--cfg fuzzing` (which `cargo fuzz` sets) or in the crate's own tests.
 //!
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
-//! drive parsing and opening without a key store. Nothing here exists in a
-//! normal build.
+//! drive parsing and opening without a key store, and they hold the checks
+//! of the other parsers' targets ([`phone_number`], [`policy_file`]), so
+//! `cargo test` replays those corpora through the very code the fuzzers run.
+//! Nothing here exists in a normal build.
+
+#![allow(
+    clippy::panic,
+    reason = "a fuzz check reports a broken property by panicking"
+)]
 
 use sha2::{Digest, Sha256};
 
 use crate::envelope::{self, Envelope, Label, SealError};
-use crate::ids::BusinessId;
+use crate::ids::{BusinessId, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, SecretKey};
+use crate::retention::{CEILING, RetentionPolicy};
+use crate::store::Direction;
+use crate::visibility::{HardRule, VisibilityPolicy};
 
 /// The fixture key of `business`'s `epoch`: SHA-256 over a label, the
 /// business id and the epoch's end. The named corpus is sealed under these.
@@ -40,4 +50,148 @@ pub fn seal_with_nonce(
 /// Open a parsed envelope with `key`; `None` on any authentication failure.
 pub fn open_with_key(envelope: &Envelope<'_>, key: &EpochKey) -> Option<Vec<u8>> {
     envelope.open(key).ok()
+}
+
+/// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
+/// accepts exactly strict E.164 (`+`, 7 to 15 digits, no leading zero) and
+/// never prints more than its last two digits; [`Region`] accepts exactly
+/// its documented names. Returns whether the bytes were a phone number.
+pub fn phone_number(data: &[u8]) -> bool {
+    if let Ok(region) = Region::from_bytes(data) {
+        assert_eq!(region.as_bytes(), data, "a region is the name it parsed");
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let Ok(number) = text.parse::<PhoneNumber>() else {
+        return false;
+    };
+    let digits = number.digits();
+    assert_eq!(number.expose(), text, "a number is the text it parsed");
+    assert!((PhoneNumber::MIN_DIGITS..=PhoneNumber::MAX_DIGITS).contains(&digits.len()));
+    assert!(digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0'));
+    let hidden = &digits[..digits.len() - 2];
+    for shown in [number.to_string(), format!("{number:?}")] {
+        assert!(
+            !shown.contains(hidden),
+            "{shown} shows a redacted digit run"
+        );
+    }
+    true
+}
+
+/// Which loaders accepted a policy file (see [`policy_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyLoads {
+    /// [`VisibilityPolicy::from_toml`].
+    pub visibility_toml: bool,
+    /// [`VisibilityPolicy::from_json`].
+    pub visibility_json: bool,
+    /// [`RetentionPolicy::from_toml`].
+    pub retention_toml: bool,
+    /// [`RetentionPolicy::from_json`].
+    pub retention_json: bool,
+}
+
+/// Fuzz check for the policy-file parsers, on any bytes: whatever a
+/// visibility or retention loader accepts keeps the hard rules (no cell a
+/// [`HardRule`] forbids; no period past [`CEILING`]) and survives a write
+/// and reload unchanged. Returns which loaders accepted the bytes.
+pub fn policy_file(data: &[u8]) -> PolicyLoads {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return PolicyLoads::default();
+    };
+    let visibility = |policy: Result<VisibilityPolicy, _>| {
+        let Ok(policy) = policy else { return false };
+        for (party, class, purpose) in policy.allowed_cells() {
+            if let Some(rule) = HardRule::breaking(party, class, purpose) {
+                panic!("loaded policy allows {party:?}/{class:?}/{purpose:?} against {rule}");
+            }
+        }
+        assert!(VisibilityPolicy::from_toml(&policy.to_toml()).is_ok_and(|p| p == policy));
+        assert!(VisibilityPolicy::from_json(&policy.to_json()).is_ok_and(|p| p == policy));
+        true
+    };
+    let retention = |policy: Result<RetentionPolicy, _>| {
+        let Ok(policy) = policy else { return false };
+        let mut periods = vec![policy.default_periods()];
+        periods.extend(policy.businesses().map(|(b, _)| policy.periods(b)));
+        for p in periods {
+            for d in Direction::ALL {
+                assert!(p.of(d) <= CEILING, "a loaded period exceeds the ceiling");
+            }
+        }
+        assert!(policy.in_use_ttl() <= CEILING);
+        assert_eq!(policy.to_file().validate().as_ref(), Ok(&policy));
+        true
+    };
+    PolicyLoads {
+        visibility_toml: visibility(VisibilityPolicy::from_toml(text)),
+        visibility_json: visibility(VisibilityPolicy::from_json(text)),
+        retention_toml: retention(RetentionPolicy::from_toml(text)),
+        retention_json: retention(RetentionPolicy::from_json(text)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// Every file of `target`'s corpus: the expectation its name gives
+    /// (before `--`; none for inputs a fuzzer saved) and its bytes.
+    fn corpus(target: &str) -> Vec<(String, Option<String>, Vec<u8>)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 10, "{target} corpus too small");
+        files
+            .into_iter()
+            .map(|path| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let expected = name.split_once("--").map(|(e, _)| e.to_owned());
+                (name.clone(), expected, std::fs::read(&path).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn phone_number_corpus_replays_with_the_expected_results() {
+        for (name, expected, bytes) in corpus("phone_number") {
+            let accepted = phone_number(&bytes);
+            if let Some(expected) = expected {
+                assert_eq!(accepted, expected == "ok", "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn policy_file_corpus_replays_with_the_expected_results() {
+        for (name, expected, bytes) in corpus("policy_file") {
+            let loads = policy_file(&bytes);
+            let accepted: Vec<&str> = [
+                (loads.visibility_toml, "visibility-toml"),
+                (loads.visibility_json, "visibility-json"),
+                (loads.retention_toml, "retention-toml"),
+                (loads.retention_json, "retention-json"),
+            ]
+            .into_iter()
+            .filter_map(|(ok, loader)| ok.then_some(loader))
+            .collect();
+            let accepted = if accepted.is_empty() {
+                "none".to_owned()
+            } else {
+                accepted.join("+")
+            };
+            if let Some(expected) = expected {
+                assert_eq!(accepted, expected, "{name}");
+            }
+        }
+    }
 }

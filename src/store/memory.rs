@@ -36,11 +36,33 @@ struct Inner {
     /// Epoch keys by end, then owner: the sweep's index.
     epochs: BTreeSet<(Timestamp, BusinessId)>,
     peers: BTreeMap<(BusinessId, PeerId), Vec<u8>>,
-    messages: BTreeMap<(BusinessId, MessageId), MessageRecord>,
+    /// Boxed: tree nodes move their values on every insert and split.
+    messages: BTreeMap<(BusinessId, MessageId), Box<MessageRecord>>,
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_phone: BTreeSet<(BusinessId, PhoneHash, MessageId)>,
     holds: BTreeMap<HoldScope, Hold>,
+}
+
+/// What the indexes hold for one stored message.
+struct IndexEntries {
+    business: BusinessId,
+    id: MessageId,
+    expiry: Timestamp,
+    phone: PhoneHash,
+    due: Option<Timestamp>,
+}
+
+impl IndexEntries {
+    fn of(m: &MessageRecord) -> Self {
+        Self {
+            business: m.business,
+            id: m.id,
+            expiry: m.expiry,
+            phone: m.phone,
+            due: m.delivery.next_attempt,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -102,14 +124,11 @@ impl Inner {
                 self.delete_key(&id);
             }
             Op::PutMessage(m) => {
-                let key = (m.business, m.id);
-                self.unindex(key);
-                self.by_expiry.insert((m.expiry, m.business, m.id));
-                self.by_phone.insert((m.business, m.phone, m.id));
-                if let Some(due) = m.delivery.next_attempt {
-                    self.by_due.insert((due, m.business, m.id));
+                let new = IndexEntries::of(&m);
+                if let Some(old) = self.messages.insert((m.business, m.id), m) {
+                    self.unindex(&IndexEntries::of(&old));
                 }
-                self.messages.insert(key, *m);
+                self.index(&new);
             }
             Op::UpdateDelivery {
                 business,
@@ -127,8 +146,9 @@ impl Inner {
                 }
             }
             Op::DeleteMessage { business, id } => {
-                self.unindex((business, id));
-                self.messages.remove(&(business, id));
+                if let Some(old) = self.messages.remove(&(business, id)) {
+                    self.unindex(&IndexEntries::of(&old));
+                }
             }
             Op::CapExpiry {
                 business,
@@ -164,14 +184,23 @@ impl Inner {
         }
     }
 
-    /// Drop the index entries of a stored message (if any).
-    fn unindex(&mut self, key: (BusinessId, MessageId)) {
-        if let Some(m) = self.messages.get(&key) {
-            self.by_expiry.remove(&(m.expiry, m.business, m.id));
-            self.by_phone.remove(&(m.business, m.phone, m.id));
-            if let Some(due) = m.delivery.next_attempt {
-                self.by_due.remove(&(due, m.business, m.id));
-            }
+    fn record(&self, business: BusinessId, id: MessageId) -> Option<&MessageRecord> {
+        self.messages.get(&(business, id)).map(|m| &**m)
+    }
+
+    fn index(&mut self, e: &IndexEntries) {
+        self.by_expiry.insert((e.expiry, e.business, e.id));
+        self.by_phone.insert((e.business, e.phone, e.id));
+        if let Some(due) = e.due {
+            self.by_due.insert((due, e.business, e.id));
+        }
+    }
+
+    fn unindex(&mut self, e: &IndexEntries) {
+        self.by_expiry.remove(&(e.expiry, e.business, e.id));
+        self.by_phone.remove(&(e.business, e.phone, e.id));
+        if let Some(due) = e.due {
+            self.by_due.remove(&(due, e.business, e.id));
         }
     }
 
@@ -391,7 +420,7 @@ impl Storage for MemoryStore {
         business: BusinessId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        Ok(self.lock().messages.get(&(business, id)).cloned())
+        Ok(self.lock().record(business, id).cloned())
     }
 
     async fn due_messages(
@@ -405,7 +434,7 @@ impl Storage for MemoryStore {
             .iter()
             .take_while(|(due, _, _)| *due <= now)
             .take(limit)
-            .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)).cloned())
+            .filter_map(|&(_, b, id)| inner.record(b, id).cloned())
             .collect())
     }
 
@@ -419,7 +448,7 @@ impl Storage for MemoryStore {
             .by_expiry
             .iter()
             .take_while(|(expiry, _, _)| *expiry <= now)
-            .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)))
+            .filter_map(|&(_, b, id)| inner.record(b, id))
             .filter(|m| m.delivery.status.is_open())
             .take(limit)
             .cloned()
@@ -437,7 +466,7 @@ impl Storage for MemoryStore {
             .by_expiry
             .iter()
             .take_while(|(expiry, _, _)| *expiry <= now)
-            .filter_map(|&(_, b, id)| inner.messages.get(&(b, id)))
+            .filter_map(|&(_, b, id)| inner.record(b, id))
             .filter(|m| m.delivery.next_attempt.is_none() && !m.delivery.status.is_open())
             .filter(|m| !holds.iter().any(|h| h.covers(m.business, m.phone)))
             .take(limit)

@@ -19,6 +19,9 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Both directions.
+    pub const ALL: [Self; 2] = [Self::Inbound, Self::Outbound];
+
     /// The stored code.
     pub const fn code(self) -> u8 {
         self as u8
