@@ -658,6 +658,8 @@ fn bare_sqlite(path: &Path) -> Connection {
     conn.pragma_update(None, "cache_size", -32_768).unwrap();
     conn.pragma_update(None, "journal_size_limit", 64 << 20)
         .unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)
+        .unwrap();
     conn
 }
 

@@ -124,6 +124,11 @@ fn bare(path: &Path, durability: &str) -> Connection {
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", durability).unwrap();
     conn.pragma_update(None, "cache_size", -32_768).unwrap();
+    conn.pragma_update(None, "temp_store", "MEMORY").unwrap();
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)
+        .unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)
+        .unwrap();
     conn
 }
 

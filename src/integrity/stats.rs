@@ -10,19 +10,14 @@ use crate::ids::{BusinessId, PhoneHash};
 use crate::time::Timestamp;
 use crate::visibility::{DataClass, Labelled};
 
-/// Which way a message went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// From a consumer to the business.
-    Inbound,
-    /// From the business to a consumer.
-    Outbound,
-}
+pub use crate::store::Direction;
 
-impl Direction {
-    /// Every direction.
-    pub const ALL: &'static [Self] = &[Self::Inbound, Self::Outbound];
+/// `direction`'s row in a per-direction table.
+const fn lane(direction: Direction) -> usize {
+    match direction {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
 }
 
 /// A status a message reached.
@@ -221,7 +216,7 @@ impl StatisticsCollector {
     ) {
         let consumer = hash_key(&consumer);
         self.update(business, at, |p, k| {
-            p.messages[direction as usize][status as usize].add(consumer, k);
+            p.messages[lane(direction)][status as usize].add(consumer, k);
         });
     }
 
@@ -238,7 +233,7 @@ impl StatisticsCollector {
     ) {
         let consumer = hash_key(&consumer);
         self.update(business, at, |p, k| {
-            p.messages[Direction::Outbound as usize][Status::Delivered as usize].add(consumer, k);
+            p.messages[lane(Direction::Outbound)][Status::Delivered as usize].add(consumer, k);
             p.latency[latency_bucket(latency)].add(consumer, k);
         });
     }
@@ -305,9 +300,9 @@ impl StatisticsCollector {
         let k = self.config.k;
         let latency_suppressed = p.latency.iter().any(|b| b.suppressed(k));
         let mut messages = Vec::new();
-        for &direction in Direction::ALL {
+        for direction in Direction::ALL {
             for &status in Status::ALL {
-                let bucket = &p.messages[direction as usize][status as usize];
+                let bucket = &p.messages[lane(direction)][status as usize];
                 // The latency buckets sum to the outbound delivered count:
                 // releasing it beside a suppressed bucket would give that
                 // bucket away by subtraction.

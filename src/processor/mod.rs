@@ -318,13 +318,6 @@ fn stats_status(status: Status) -> crate::integrity::Status {
     }
 }
 
-fn stats_direction(direction: Direction) -> crate::integrity::Direction {
-    match direction {
-        Direction::Inbound => crate::integrity::Direction::Inbound,
-        Direction::Outbound => crate::integrity::Direction::Outbound,
-    }
-}
-
 /// The outcome of one attempt to hand an inbound message to its business.
 enum Attempt {
     Done,
@@ -540,7 +533,7 @@ impl Processor {
         self.statistics.record_message(
             business,
             phone,
-            crate::integrity::Direction::Inbound,
+            Direction::Inbound,
             crate::integrity::Status::Sent,
             now,
         );
@@ -548,7 +541,7 @@ impl Processor {
             self.statistics.record_message(
                 business,
                 phone,
-                crate::integrity::Direction::Inbound,
+                Direction::Inbound,
                 crate::integrity::Status::Delivered,
                 now,
             );
@@ -731,7 +724,7 @@ impl Processor {
             self.statistics.record_message(
                 business,
                 record.phone,
-                crate::integrity::Direction::Outbound,
+                Direction::Outbound,
                 crate::integrity::Status::Sent,
                 now,
             );
@@ -941,7 +934,7 @@ impl Processor {
             self.statistics.record_message(
                 record.business,
                 record.phone,
-                stats_direction(record.direction),
+                record.direction,
                 crate::integrity::Status::Failed,
                 update.at,
             );
@@ -1009,7 +1002,7 @@ impl Processor {
             self.statistics.record_message(
                 business,
                 record.phone,
-                crate::integrity::Direction::Outbound,
+                Direction::Outbound,
                 stats_status(status),
                 now,
             );
@@ -1098,7 +1091,7 @@ impl Processor {
                         self.statistics.record_message(
                             record.business,
                             record.phone,
-                            crate::integrity::Direction::Inbound,
+                            Direction::Inbound,
                             crate::integrity::Status::Delivered,
                             now,
                         );
@@ -1258,7 +1251,7 @@ impl ExpiryNotifier for FailureNotifier<'_> {
             self.processor.statistics.record_message(
                 message.business,
                 message.phone,
-                stats_direction(message.direction),
+                message.direction,
                 crate::integrity::Status::Failed,
                 update.at,
             );

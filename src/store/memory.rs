@@ -1,7 +1,7 @@
 //! The in-memory backend: for tests, examples and hosts that persist nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::{Bound, RangeInclusive};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use super::{
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
+use foldhash::fast::RandomState;
 
 /// Everything in process memory, behind one mutex. Each method holds the lock
 /// for its whole effect, which makes every method atomic.
@@ -36,8 +37,9 @@ struct Inner {
     /// Epoch keys by end, then owner: the sweep's index.
     epochs: BTreeSet<(Timestamp, BusinessId)>,
     peers: BTreeMap<(BusinessId, PeerId), Vec<u8>>,
-    /// Boxed: tree nodes move their values on every insert and split.
-    messages: BTreeMap<(BusinessId, MessageId), Box<MessageRecord>>,
+    /// Per business, by id: hashed, as ids are random and a tree would
+    /// miss the cache at every level; boxed, so growth moves pointers.
+    messages: HashMap<BusinessId, HashMap<MessageId, Box<MessageRecord>, RandomState>>,
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_phone: BTreeSet<(BusinessId, PhoneHash, MessageId)>,
@@ -125,7 +127,8 @@ impl Inner {
             }
             Op::PutMessage(m) => {
                 let new = IndexEntries::of(&m);
-                if let Some(old) = self.messages.insert((m.business, m.id), m) {
+                let of_business = self.messages.entry(m.business).or_default();
+                if let Some(old) = of_business.insert(m.id, m) {
                     self.unindex(&IndexEntries::of(&old));
                 }
                 self.index(&new);
@@ -135,7 +138,11 @@ impl Inner {
                 id,
                 delivery,
             } => {
-                if let Some(m) = self.messages.get_mut(&(business, id)) {
+                let m = self
+                    .messages
+                    .get_mut(&business)
+                    .and_then(|m| m.get_mut(&id));
+                if let Some(m) = m {
                     if let Some(due) = m.delivery.next_attempt {
                         self.by_due.remove(&(due, business, id));
                     }
@@ -146,8 +153,14 @@ impl Inner {
                 }
             }
             Op::DeleteMessage { business, id } => {
-                if let Some(old) = self.messages.remove(&(business, id)) {
-                    self.unindex(&IndexEntries::of(&old));
+                if let Some(of_business) = self.messages.get_mut(&business) {
+                    let old = of_business.remove(&id);
+                    if of_business.is_empty() {
+                        self.messages.remove(&business);
+                    }
+                    if let Some(old) = old {
+                        self.unindex(&IndexEntries::of(&old));
+                    }
                 }
             }
             Op::CapExpiry {
@@ -171,8 +184,9 @@ impl Inner {
             ..
         } = self;
         for m in messages
-            .range_mut(business_range(business))
-            .map(|(_, m)| m)
+            .get_mut(&business)
+            .into_iter()
+            .flat_map(|m| m.values_mut())
             .filter(|m| m.direction == direction)
         {
             let cap = m.created.saturating_add(period);
@@ -185,7 +199,15 @@ impl Inner {
     }
 
     fn record(&self, business: BusinessId, id: MessageId) -> Option<&MessageRecord> {
-        self.messages.get(&(business, id)).map(|m| &**m)
+        self.messages.get(&business)?.get(&id).map(|m| &**m)
+    }
+
+    /// The messages of `business`, in no particular order.
+    fn of_business(&self, business: BusinessId) -> impl Iterator<Item = &MessageRecord> {
+        self.messages
+            .get(&business)
+            .into_iter()
+            .flat_map(|m| m.values().map(|m| &**m))
     }
 
     fn index(&mut self, e: &IndexEntries) {
@@ -209,7 +231,7 @@ impl Inner {
         self.by_phone
             .range(from..)
             .take_while(|(b, p, _)| *b == business && *p == phone)
-            .any(|&(b, _, id)| self.messages.get(&(b, id)).is_some_and(|m| m.expiry > now))
+            .any(|&(b, _, id)| self.record(b, id).is_some_and(|m| m.expiry > now))
     }
 
     fn delete_key(&mut self, id: &KeyId) -> bool {
@@ -218,11 +240,6 @@ impl Inner {
         }
         self.keys.remove(id).is_some()
     }
-}
-
-/// The keys of every message of `business`.
-fn business_range(business: BusinessId) -> RangeInclusive<(BusinessId, MessageId)> {
-    (business, MessageId::from_bytes([0; 16]))..=(business, MessageId::from_bytes([0xff; 16]))
 }
 
 fn epoch_index(id: &KeyId) -> Option<(Timestamp, BusinessId)> {
@@ -482,20 +499,8 @@ impl Storage for MemoryStore {
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        let inner = self.lock();
-        let mut out: Vec<BusinessId> = Vec::new();
-        let mut next = inner.messages.keys().next().map(|(b, _)| *b);
-        while let Some(business) = next {
-            out.push(business);
-            next = inner
-                .messages
-                .range((
-                    Bound::Excluded(*business_range(business).end()),
-                    Bound::Unbounded,
-                ))
-                .next()
-                .map(|((b, _), _)| *b);
-        }
+        let mut out: Vec<BusinessId> = self.lock().messages.keys().copied().collect();
+        out.sort_unstable();
         Ok(out)
     }
 
@@ -506,9 +511,7 @@ impl Storage for MemoryStore {
     ) -> Result<Vec<Epoch>, StoreError> {
         let inner = self.lock();
         let epochs: BTreeSet<Epoch> = inner
-            .messages
-            .range(business_range(business))
-            .map(|(_, m)| m)
+            .of_business(business)
             .filter(|m| phone.is_none_or(|p| m.phone == p))
             .map(|m| m.epoch)
             .collect();
@@ -573,7 +576,7 @@ impl Storage for MemoryStore {
             .filter(|(id, e)| id.kind == KeyKind::Epoch && matches!(e, KeyEntry::Wrapped(_)))
             .count();
         Ok(Census {
-            messages: inner.messages.len() as u64,
+            messages: inner.messages.values().map(|m| m.len() as u64).sum(),
             peers: inner.peers.len() as u64,
             phones: phones.len() as u64,
             epoch_keys: epoch_keys as u64,

@@ -198,6 +198,15 @@ const WRITER_STATEMENTS: usize = 64;
 const WRITER_CACHE_KIB: i64 = 32 * 1024;
 /// The log is truncated back to this size after a checkpoint that emptied it.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
+/// Log pages (4 KiB each: 64 MiB) after which a commit checkpoints them
+/// into the file (SQLite's default is 1,000). Each checkpoint writes every
+/// page changed since the last, once, however often it changed, and syncs
+/// the file: rarer checkpoints write and sync far less under the scattered
+/// index updates of message traffic. Measured on the inbound pipeline
+/// (`benches/pipeline.rs`, one run each): 43.6 µs per inbound message
+/// against 58.6 µs at 1,000, and 38 µs of CPU against 48. The cost is a log of up to 64 MiB
+/// (read back on recovery) holding older page images until it is reused.
+const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 
 /// A [`Storage`] (and [`KeyStore`]) in one SQLite file: the durable default
 /// for embedded use.
@@ -345,6 +354,7 @@ fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connectio
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
     Ok(conn)
 }
