@@ -10,8 +10,10 @@
 //!   expiry <= ?` on an identical copy of the same file, with the same
 //!   pragmas as the store's writer (write-ahead log, `synchronous = FULL`,
 //!   32 MiB cache); peers and keys
-//!   untouched. Every sample starts from a fresh copy of one template
-//!   file (or, in memory, a freshly filled store); only the sweep is timed.
+//!   untouched. `sqlite/custodian` sweeps in the default steps (65,536
+//!   messages), `sqlite/custodian_batch_262144` in steps of 262,144. Every
+//!   sample starts from a fresh copy of one template file (or, in memory, a
+//!   freshly filled store); only the sweep is timed.
 //! - `shred/{messages}`: destroying the 720 ended epoch keys (the crypto-
 //!   shred that makes every copy of their messages unreadable) in a SQLite
 //!   store holding 100,000 and then 1,000,000 messages sealed under them:
@@ -158,13 +160,18 @@ impl ExpiryNotifier for Unneeded {
 }
 
 /// Time one full sweep of `store`, checking it did all the work.
-async fn timed_sweep(store: Arc<dyn Storage>) -> Duration {
+/// Sweep everything in `store` in steps of `batch` (the default if none).
+async fn timed_sweep(store: Arc<dyn Storage>, batch: Option<usize>) -> Duration {
     let retention = Retention::new(
         store.clone(),
         keys(store),
         RetentionPolicy::default(),
         Arc::new(MemoryAuditSink::new()),
     );
+    let retention = match batch {
+        Some(batch) => retention.with_batch(batch),
+        None => retention,
+    };
     let start = Instant::now();
     let report = retention
         .sweep(Timestamp::from_millis(NOW), &Unneeded)
@@ -322,16 +329,21 @@ fn bench_sweep(c: &mut Criterion, t: &Templates) {
     g.bench_function("sqlite/bare_delete", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| bare_delete(t.of(ROWS), &run)).sum())
     });
-    g.bench_function("sqlite/custodian", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    fresh_copy(t.of(ROWS), &run);
-                    rt.block_on(timed_sweep(open(&run)))
-                })
-                .sum()
-        })
-    });
+    for (name, batch) in [
+        ("sqlite/custodian", None),
+        ("sqlite/custodian_batch_262144", Some(262_144)),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        fresh_copy(t.of(ROWS), &run);
+                        rt.block_on(timed_sweep(open(&run), batch))
+                    })
+                    .sum()
+            })
+        });
+    }
     g.bench_function("memory/custodian", |b| {
         b.iter_custom(|iters| {
             (0..iters)
@@ -339,7 +351,7 @@ fn bench_sweep(c: &mut Criterion, t: &Templates) {
                     rt.block_on(async {
                         let store: Arc<dyn Storage> = Arc::new(MemoryStore::new());
                         fill(store.clone(), ROWS).await;
-                        timed_sweep(store).await
+                        timed_sweep(store, None).await
                     })
                 })
                 .sum()

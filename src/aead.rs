@@ -92,11 +92,18 @@ impl Cipher {
     ) -> Result<Vec<u8>, AeadError> {
         let split = sealed.len().checked_sub(TAG_LEN).ok_or(AeadError)?;
         let (ciphertext, tag) = sealed.split_at(split);
-        let mut out = vec![0u8; ciphertext.len()];
         let tag = Tag::try_from(tag).map_err(|_| AeadError)?;
-        let buf = InOutBuf::new(ciphertext, &mut out).map_err(|_| AeadError)?;
+        // Copy, then decrypt in place (as aes-gcm's own `decrypt` does): one
+        // pass over fresh memory instead of zeroing it first. On failure the
+        // buffer still holds only ciphertext.
+        let mut out = ciphertext.to_vec();
         self.0
-            .decrypt_inout_detached(&Nonce::from(*nonce), aad, buf, &tag)
+            .decrypt_inout_detached(
+                &Nonce::from(*nonce),
+                aad,
+                InOutBuf::from(&mut out[..]),
+                &tag,
+            )
             .map_err(|_| AeadError)?;
         Ok(out)
     }
