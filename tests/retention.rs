@@ -549,6 +549,58 @@ async fn the_sweep_deletes_expired_messages_forgets_consumers_and_shreds_epochs(
     );
 }
 
+/// Whether `needle` occurs in the SQLite file at `path` or its log.
+#[cfg(feature = "sqlite")]
+fn file_contains(path: &std::path::Path, needle: &[u8]) -> bool {
+    let mut log = path.as_os_str().to_owned();
+    log.push("-wal");
+    [path.to_owned(), std::path::PathBuf::from(log)]
+        .iter()
+        .any(|p| {
+            std::fs::read(p).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        })
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn after_a_sweep_no_destroyed_key_remains_in_the_sqlite_files() {
+    use custodian::keys::{KeyEntry, KeyId, KeyKind};
+
+    let w = World::sqlite(1000);
+    let b = business(1);
+    let mut wrapped = Vec::new();
+    for consumer in 0..5 {
+        let m = w.store(b, consumer, Direction::Inbound, false).await;
+        let id = KeyId {
+            business: b,
+            kind: KeyKind::Epoch,
+            id: m.record.epoch.end().as_millis(),
+        };
+        if let Some(KeyEntry::Wrapped(key)) = w.store.key(&id).await.unwrap() {
+            wrapped.push(key.blob);
+        }
+    }
+    let path = w._dir.as_ref().unwrap().path().join("store.db");
+    assert!(
+        !wrapped.is_empty() && wrapped.iter().all(|k| file_contains(&path, k)),
+        "the test cannot see the epoch keys in the files"
+    );
+    w.clock.advance(31 * DAY);
+    let report = w
+        .retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    assert!(report.complete && report.messages_deleted == 5 && report.epoch_keys_destroyed >= 1);
+    // The store is still open: the log is where old pages would linger.
+    for key in &wrapped {
+        assert!(
+            !file_contains(&path, key),
+            "a destroyed epoch key is still in the files"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_expired_message_is_refused_before_the_sweep_runs() {
     let w = World::new(10);

@@ -103,6 +103,11 @@ impl Sweep<'_> {
             && self.delete_expired(&holds).await?
             && self.delete_orphan_peers(&holds).await?
             && self.destroy_ended_epochs(&holds).await?;
+        let r = &self.report;
+        if complete && r.messages_deleted + r.peers_deleted + r.epoch_keys_destroyed > 0 {
+            // What was deleted may live on in the store's own files.
+            self.storage.scrub().await?;
+        }
         self.report.complete = complete;
         self.report.elapsed = started.elapsed();
         Ok((self.report, shortened))

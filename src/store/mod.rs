@@ -207,4 +207,15 @@ pub trait Storage: KeyStore {
 
     /// How much the store holds.
     async fn census(&self) -> Result<Census, StoreError>;
+
+    /// Remove what deleted records left behind in the backend's own files,
+    /// where it keeps older versions of its pages (a write-ahead log, say):
+    /// after this, the bytes of deleted messages and destroyed keys are gone
+    /// from the files as well as from the records. A complete sweep calls it
+    /// once at its end. Best effort: a backend that cannot do it now does it
+    /// the next time. The default, for backends that keep no old versions,
+    /// does nothing.
+    async fn scrub(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -228,6 +228,9 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 ///   migrated forward.
 /// - **No panics on bad data.** A stored value this crate could not have
 ///   written is [`StoreError::Corrupt`].
+/// - **Shredded bytes leave the files.** Key rows are deleted with SQLite's
+///   `secure_delete`, and [`scrub`](Storage::scrub) (which every complete
+///   sweep ends with) empties the write-ahead log of older page images.
 ///
 /// Reads are short and run on the caller's thread; writes never block the
 /// caller's thread (they await a reply from the writer), and need no async
@@ -256,6 +259,7 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 pub struct SqliteStore {
     region: Region,
     path: PathBuf,
+    busy_timeout: Duration,
     readers: Readers,
     // Dropped last: queued writes finish before the file closes.
     writer: Writer,
@@ -309,6 +313,7 @@ impl SqliteStore {
         Ok(Self {
             region: config.region,
             path: path.to_owned(),
+            busy_timeout: config.busy_timeout,
             readers: Readers::new(path.to_owned(), config.busy_timeout, config.readers),
             writer,
         })
@@ -557,4 +562,43 @@ impl Storage for SqliteStore {
     async fn census(&self) -> Result<Census, StoreError> {
         self.readers.with(reads::census)
     }
+
+    /// Checkpoint the whole write-ahead log into the file and truncate the
+    /// log to nothing, on a thread and connection of its own: the log's
+    /// older page images (deleted messages, destroyed keys, up to
+    /// 64 MiB of them) leave the disk's view of the files. Writes wait
+    /// while it runs. If a reader still holds an older snapshot the log
+    /// cannot be emptied; that is logged, and the next sweep tries again.
+    async fn scrub(&self) -> Result<(), StoreError> {
+        let (path, busy) = (self.path.clone(), self.busy_timeout);
+        let (reply, answer) = futures_channel::oneshot::channel();
+        std::thread::Builder::new()
+            .name("custodian-sqlite-scrub".into())
+            .spawn(move || {
+                let _ = reply.send(truncate_log(&path, busy));
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start the scrub: {e}")))?;
+        let emptied = answer
+            .await
+            .map_err(|_| StoreError::Backend("the scrub thread stopped".into()))??;
+        if !emptied {
+            tracing::warn!("a reader held the SQLite log; it is emptied at the next sweep");
+        }
+        Ok(())
+    }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` from a new connection, waiting up to
+/// `busy` for the writer and for readers; whether the log is now empty.
+fn truncate_log(path: &Path, busy: Duration) -> Result<bool, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(codec::store_error)?;
+    conn.busy_timeout(busy).map_err(codec::store_error)?;
+    let blocked: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .map_err(codec::store_error)?;
+    Ok(blocked == 0)
 }

@@ -705,3 +705,42 @@ fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
         "the delete took {steps} VM steps for 10 rows"
     );
 }
+
+#[test]
+fn scrub_empties_the_log_of_destroyed_keys_while_the_store_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.db");
+    let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0x5a).collect() };
+    let key = |id, blob| WrappedKey {
+        id: KeyId {
+            business: business(1),
+            kind: KeyKind::Epoch,
+            id,
+        },
+        kek_version: 1,
+        blob,
+    };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        store.insert_key(key(1, secret(1))).await.unwrap();
+        store.insert_key(key(2, secret(2))).await.unwrap();
+        store.delete_keys(&[key(1, vec![]).id]).await.unwrap();
+    });
+    // The row is gone, but the log still holds the page as it was.
+    assert!(
+        file_contains(&path, &secret(1)),
+        "the test cannot see the log"
+    );
+    block_on(store.scrub()).unwrap();
+    assert!(
+        !file_contains(&path, &secret(1)),
+        "the destroyed key is still in the files"
+    );
+    assert!(file_contains(&path, &secret(2)), "the live key was lost");
+    // The store goes on working.
+    block_on(async {
+        assert!(store.key(&key(1, vec![]).id).await.unwrap().is_none());
+        assert!(store.key(&key(2, vec![]).id).await.unwrap().is_some());
+        store.insert_key(key(3, secret(3))).await.unwrap();
+    });
+}
