@@ -44,7 +44,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use async_trait::async_trait;
 use criterion::{Criterion, Throughput};
 use custodian::ids::{BusinessId, PhoneNumber};
-use custodian::integrity::Category;
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::LocalKeyProvider;
 use custodian::keys::SecretKey;
 use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
@@ -126,6 +126,14 @@ impl Transport for Network {
         keys: &PublishedKeys,
     ) -> Result<(), TransportError> {
         *self.keys.lock().unwrap() = Some(keys.clone());
+        Ok(())
+    }
+
+    async fn integrity_signals(&self, _: &IntegrityReport) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn billing(&self, _: &BillingStatement) -> Result<(), TransportError> {
         Ok(())
     }
 }
@@ -375,7 +383,8 @@ impl Rig {
             .unwrap();
         let phone = self
             .processor
-            .keys()
+            .keys(&self.principal)
+            .unwrap()
             .phone_hash(self.business, &c.number)
             .await
             .unwrap();

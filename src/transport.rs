@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
+use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
 use crate::store::{FailureReason, Status};
 use crate::time::Timestamp;
@@ -158,6 +159,15 @@ pub trait Transport: Send + Sync {
         business: BusinessId,
         keys: &PublishedKeys,
     ) -> Result<(), TransportError>;
+
+    /// Take a business's integrity signals (counts and anomalies, no
+    /// content, no phone numbers), released to the transport for integrity:
+    /// what its abuse detection works on.
+    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError>;
+
+    /// Take a business's billing records for closed periods, released to
+    /// the transport (billing's system of record) for billing.
+    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError>;
 }
 
 /// A message from a consumer, decrypted and released to its business.

@@ -545,11 +545,24 @@ async fn delete_keys_removes_keys_and_tombstones_and_counts_them(backend: &mut B
         s.insert_key(dead.clone()).await.unwrap(),
         KeyEntry::Wrapped(dead)
     );
-    // A consumed prekey deleted through a batch.
+    // A consumed prekey deleted through a batch, once: consuming it again
+    // fails the whole batch, which changes nothing.
     let prekey = key(3, KeyKind::SignalPreKey, 11, 1);
     s.insert_key(prekey.clone()).await.unwrap();
-    commit(s, [Op::DeleteKey(prekey.id)]).await;
+    commit(s, [Op::ConsumeKey(prekey.id)]).await;
     assert_eq!(s.key(&prekey.id).await.unwrap(), None);
+    let mut again = Batch::new();
+    again.push(put_peer(3, peer(3, 0), 1));
+    again.push(Op::ConsumeKey(prekey.id));
+    assert!(matches!(s.commit(again).await, Err(StoreError::Conflict)));
+    assert_eq!(s.peer(business(3), peer(3, 0)).await.unwrap(), None);
+    // A tombstone is not a live key either.
+    let destroyed = key(3, KeyKind::SignalPreKey, 12, 1);
+    s.insert_key(destroyed.clone()).await.unwrap();
+    s.destroy_key(&destroyed.id, t(T0)).await.unwrap();
+    let mut batch = Batch::new();
+    batch.push(Op::ConsumeKey(destroyed.id));
+    assert!(matches!(s.commit(batch).await, Err(StoreError::Conflict)));
 }
 
 async fn keys_wrapped_below_pages_in_key_order_within_the_business(backend: &mut Backend) {
@@ -847,7 +860,7 @@ async fn messages_are_replaced_and_delivery_updates_only_touch_stored_ones(backe
     );
     assert!(s.due_messages(t(T0 + HOUR), 10).await.unwrap().is_empty());
     assert!(
-        s.expired_open_messages(t(T0 + 2 * HOUR), 10)
+        s.expired_open_messages(t(T0 + 2 * HOUR), None, 10)
             .await
             .unwrap()
             .is_empty()
@@ -864,33 +877,78 @@ async fn messages_are_replaced_and_delivery_updates_only_touch_stored_ones(backe
         next_attempt: None,
         pending_devices: 0,
     };
-    commit(
-        s,
-        [
-            Op::UpdateDelivery {
-                business: business(1),
-                id: mid(1),
-                delivery,
-            },
-            Op::UpdateDelivery {
-                business: business(1),
-                id: mid(2),
-                delivery,
-            },
-        ],
-    )
-    .await;
+    let update = |id, expected| Op::UpdateDelivery {
+        business: business(1),
+        id: mid(id),
+        expected,
+        delivery,
+    };
+    // A compare-and-swap on the status: a stale expectation, or a missing
+    // message, fails the whole batch and changes nothing.
+    for stale in [
+        [update(1, Status::Queued), put(&M::new(1, 9, 1, T0))],
+        [put(&M::new(1, 9, 1, T0)), update(2, Status::Queued)],
+    ] {
+        assert!(matches!(
+            s.commit(batch(stale)).await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(s.message(business(1), mid(9)).await.unwrap(), None);
+        assert_eq!(
+            s.message(business(1), mid(2)).await.unwrap(),
+            None,
+            "an update of a missing message creates nothing"
+        );
+    }
+    commit(s, [update(1, Status::Sent)]).await;
     let mut expected = second.record();
     expected.delivery = delivery;
     assert_eq!(
         s.message(business(1), mid(1)).await.unwrap(),
+        Some(expected.clone())
+    );
+    // Expired and still open: failed as expired; settled: left alone.
+    let open = M::new(1, 8, 1, T0 + HOUR).due(T0).status(Status::Sent);
+    commit(s, [put(&open)]).await;
+    commit(
+        s,
+        [
+            Op::FailExpired {
+                business: business(1),
+                id: mid(8),
+            },
+            Op::FailExpired {
+                business: business(1),
+                id: mid(1),
+            },
+            Op::FailExpired {
+                business: business(1),
+                id: mid(77),
+            },
+        ],
+    )
+    .await;
+    let mut failed = open.record();
+    failed.delivery = Delivery {
+        status: Status::Failed,
+        failure: Some(FailureReason::Expired),
+        next_attempt: None,
+        pending_devices: 0,
+        ..failed.delivery
+    };
+    assert_eq!(s.message(business(1), mid(8)).await.unwrap(), Some(failed));
+    assert_eq!(
+        s.message(business(1), mid(1)).await.unwrap(),
         Some(expected)
     );
-    assert_eq!(
-        s.message(business(1), mid(2)).await.unwrap(),
-        None,
-        "an update of a missing message creates nothing"
-    );
+    commit(
+        s,
+        [Op::DeleteMessage {
+            business: business(1),
+            id: mid(8),
+        }],
+    )
+    .await;
     assert!(s.due_messages(t(u64::MAX), 10).await.unwrap().is_empty());
 
     commit(
@@ -957,11 +1015,13 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
             Op::UpdateDelivery {
                 business: business(1),
                 id: mid(2),
+                expected: Status::Delivered,
                 delivery: later,
             },
             Op::UpdateDelivery {
                 business: business(2),
                 id: mid(3),
+                expected: Status::Delivered,
                 delivery: done,
             },
         ],
@@ -985,7 +1045,10 @@ async fn expired_open_messages_are_the_open_ones_earliest_first(backend: &mut Ba
         M::new(1, 7, 1, T0 + 31).status(Status::Queued),
     ];
     commit(s, ms.iter().map(put)).await;
-    let open = s.expired_open_messages(t(T0 + 30), 100).await.unwrap();
+    let open = s
+        .expired_open_messages(t(T0 + 30), None, 100)
+        .await
+        .unwrap();
     assert_eq!(
         msg_keys(&open),
         [key_of(1, 2), key_of(2, 3), key_of(1, 1)],
@@ -993,15 +1056,49 @@ async fn expired_open_messages_are_the_open_ones_earliest_first(backend: &mut Ba
     );
     assert_eq!(open[0], ms[1].record());
     assert_eq!(
-        msg_keys(&s.expired_open_messages(t(T0 + 30), 1).await.unwrap()),
+        msg_keys(&s.expired_open_messages(t(T0 + 30), None, 1).await.unwrap()),
         [key_of(1, 2)],
         "the limit counts open messages only"
     );
     assert!(
-        s.expired_open_messages(t(T0 + 9), 100)
+        s.expired_open_messages(t(T0 + 9), None, 100)
             .await
             .unwrap()
             .is_empty()
+    );
+    // Paging: after a message, the ones after it in (expiry, business, id)
+    // order, whether or not the message is still there.
+    let after = |m: &MessageRecord| Some((m.expiry, m.business, m.id));
+    assert_eq!(
+        msg_keys(
+            &s.expired_open_messages(t(T0 + 30), after(&open[0]), 100)
+                .await
+                .unwrap()
+        ),
+        [key_of(2, 3), key_of(1, 1)]
+    );
+    assert_eq!(
+        msg_keys(
+            &s.expired_open_messages(t(T0 + 30), after(&open[1]), 1)
+                .await
+                .unwrap()
+        ),
+        [key_of(1, 1)]
+    );
+    assert!(
+        s.expired_open_messages(t(T0 + 30), after(&open[2]), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let gone = M::new(1, 0, 1, T0 + 10).record();
+    assert_eq!(
+        msg_keys(
+            &s.expired_open_messages(t(T0 + 30), after(&gone), 100)
+                .await
+                .unwrap()
+        ),
+        [key_of(1, 2), key_of(2, 3), key_of(1, 1)]
     );
 }
 
@@ -1130,12 +1227,27 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
         records.iter().cloned().map(|r| Op::PutMessage(Box::new(r))),
     )
     .await;
-    let cap = Op::CapExpiry {
-        business: business(1),
-        direction: Direction::Inbound,
-        period: std::time::Duration::from_millis(7 * DAY),
+    // In pages of two ids; a backend may do more per call, never less.
+    let cap = async |days: u64| {
+        let mut after = None;
+        for _ in 0..100 {
+            after = s
+                .cap_expiry(
+                    business(1),
+                    Direction::Inbound,
+                    std::time::Duration::from_millis(days * DAY),
+                    after,
+                    2,
+                )
+                .await
+                .unwrap();
+            if after.is_none() {
+                return;
+            }
+        }
+        panic!("cap_expiry never finished");
     };
-    commit(s, [cap.clone()]).await;
+    cap(7).await;
 
     let capped: BTreeMap<u64, u64> = [
         (1, T0 + 7 * DAY),
@@ -1156,16 +1268,8 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
     };
     check().await;
     // Idempotent, and a longer period makes nothing later.
-    commit(s, [cap]).await;
-    commit(
-        s,
-        [Op::CapExpiry {
-            business: business(1),
-            direction: Direction::Inbound,
-            period: std::time::Duration::from_millis(20 * DAY),
-        }],
-    )
-    .await;
+    cap(7).await;
+    cap(20).await;
     check().await;
 
     // The expiry index follows: the sweep's queries see the new expiries.
@@ -1268,6 +1372,36 @@ async fn peers_without_live_messages_lists_only_idle_consumers(backend: &mut Bac
             .unwrap(),
         [(business(1), peer(1, 0))]
     );
+    // The sweep's delete checks again in the same commit: a consumer whose
+    // message arrived since it looked keeps its state.
+    let idle = |p| Op::DeleteIdlePeer {
+        business: business(1),
+        peer: p,
+        now: t(now),
+    };
+    commit(
+        s,
+        [
+            put(&M::new(1, 7, 2, now + 5)),
+            idle(peer(2, 0)),
+            idle(peer(1, 0)),
+            idle(peer(3, 1)),
+        ],
+    )
+    .await;
+    assert_eq!(s.peer_devices(business(1), phone(2)).await.unwrap(), [0, 2]);
+    assert_eq!(s.peer_devices(business(1), phone(1)).await.unwrap(), [0]);
+    assert!(
+        s.peer_devices(business(1), phone(3))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.peer_devices(business(2), phone(2)).await.unwrap(),
+        [0],
+        "another business's consumer is untouched"
+    );
 }
 
 async fn orphan_peers_pages_through_every_idle_peer_in_key_order(backend: &mut Backend) {
@@ -1331,9 +1465,32 @@ async fn holds_are_placed_replaced_released_in_scope_order(backend: &mut Backend
         s.holds().await.unwrap(),
         [c.clone(), b.clone(), d.clone(), a.clone()]
     );
+    let release = |h: &Hold| Op::DeleteHold {
+        scope: h.scope,
+        reference: h.reference.clone(),
+    };
+    // A second case on the same scope is a hold of its own; the same case
+    // placed again keeps the first placement.
     let a2 = hold(a.scope, "case-1 amended", T0 + 9);
-    commit(s, [Op::PutHold(a2.clone()), Op::DeleteHold(b.scope)]).await;
-    commit(s, [Op::DeleteHold(HoldScope::Business(business(9)))]).await;
+    let again = hold(a.scope, "case-1", T0 + 10);
+    commit(
+        s,
+        [Op::PutHold(a2.clone()), Op::PutHold(again), release(&b)],
+    )
+    .await;
+    commit(
+        s,
+        [
+            release(&hold(HoldScope::Business(business(9)), "case-2", T0)),
+            release(&hold(c.scope, "another case", T0)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.holds().await.unwrap(),
+        [c.clone(), d.clone(), a.clone(), a2.clone()]
+    );
+    commit(s, [release(&a)]).await;
     assert_eq!(s.holds().await.unwrap(), [c, d, a2]);
 }
 
@@ -1448,7 +1605,11 @@ async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
         ]
     );
     assert_eq!(
-        msg_keys(&s.expired_open_messages(Timestamp::MAX, 10).await.unwrap()),
+        msg_keys(
+            &s.expired_open_messages(Timestamp::MAX, None, 10)
+                .await
+                .unwrap()
+        ),
         [
             (small.business, small.id),
             (mid_value.business, mid_value.id),
@@ -1511,6 +1672,7 @@ async fn a_batch_is_all_or_nothing(backend: &mut Backend) {
             Op::UpdateDelivery {
                 business: business(1),
                 id: mid(2),
+                expected: M::new(1, 2, 1, T0).record().delivery.status,
                 delivery: Delivery::queued(t(T0)),
             },
         ],

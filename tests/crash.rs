@@ -116,9 +116,11 @@ fn delivered(seq: u64) -> Delivery {
 }
 
 /// Batch `seq` of `task`: its message and the peer with it; every fifth
-/// batch also marks the previous message delivered, every seventh deletes
-/// the message and peer of two batches back.
-fn batch(task: usize, seq: u64) -> Batch {
+/// batch also marks the previous message delivered (a compare-and-swap
+/// from its status `previous`: queued, or delivered already when the batch
+/// is committed again after a crash hid its acknowledgement), every seventh
+/// deletes the message and peer of two batches back.
+fn batch(task: usize, seq: u64, previous: Status) -> Batch {
     let mut b = Batch::new();
     b.push(Op::PutMessage(Box::new(record(task, seq))));
     b.push(Op::PutPeer {
@@ -130,6 +132,7 @@ fn batch(task: usize, seq: u64) -> Batch {
         b.push(Op::UpdateDelivery {
             business: business(),
             id: id(task, seq - 1),
+            expected: previous,
             delivery: delivered(seq),
         });
     }
@@ -152,7 +155,7 @@ type State = (BTreeMap<u64, MessageRecord>, BTreeMap<u64, Vec<u8>>);
 fn model(task: usize, count: u64) -> State {
     let (mut messages, mut peers) = (BTreeMap::new(), BTreeMap::new());
     for seq in 0..count {
-        for op in batch(task, seq).into_ops() {
+        for op in batch(task, seq, Status::Queued).into_ops() {
             match op {
                 Op::PutMessage(m) => {
                     messages.insert(seq, *m);
@@ -201,7 +204,12 @@ fn crash_child() {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 for seq in start..MAX_SEQ {
-                    store.commit(batch(task, seq)).await.unwrap();
+                    let previous = match seq.checked_sub(1) {
+                        Some(p) => store.message(business(), id(task, p)).await.unwrap(),
+                        None => None,
+                    };
+                    let previous = previous.map_or(Status::Queued, |m| m.delivery.status);
+                    store.commit(batch(task, seq, previous)).await.unwrap();
                     let mut out = std::io::stdout().lock();
                     if writeln!(out, "ack {task} {seq}")
                         .and_then(|()| out.flush())

@@ -484,8 +484,24 @@ async fn no_principal_reaches_another_tenant() {
             .map(drop),
     );
     unauthorized(d.processor.publish_keys(&intruder, b).await);
-    unauthorized(d.processor.integrity_report(&intruder, b).await.map(drop));
     unauthorized(d.processor.billing_statement(&intruder, b).await.map(drop));
+    unauthorized(d.processor.report_spam(&intruder, b));
+    unauthorized(d.processor.report_block(&intruder, b));
+    unauthorized(d.processor.opt_in(&intruder, b));
+    unauthorized(d.processor.opt_out(&intruder, b));
+    // Integrity signals go to the transport only, exported by operators;
+    // key administration and policies are for operators too.
+    unauthorized(d.processor.export_integrity(&intruder).await.map(drop));
+    unauthorized(d.processor.export_billing(&intruder).await.map(drop));
+    unauthorized(d.processor.keys(&intruder).map(drop));
+    unauthorized(
+        d.processor
+            .set_retention_policy(&intruder, custodian::retention::RetentionPolicy::default()),
+    );
+    unauthorized(
+        d.processor
+            .set_visibility_policy(&intruder, VisibilityPolicy::default()),
+    );
     // Maintenance is for operators: a business cannot sweep, retransmit, hold or count.
     unauthorized(d.processor.sweep(&intruder).await.map(drop));
     unauthorized(d.processor.retransmit_due(&intruder).await.map(drop));

@@ -676,6 +676,62 @@ async fn failed_status_reason_is_expired() {
     assert_eq!(stored.delivery.failure, Some(FailureReason::Expired));
 }
 
+/// A notifier that places a legal hold the first time it is called: a hold
+/// placed while a sweep runs.
+struct HoldsMidSweep<'a> {
+    retention: &'a Retention,
+    scope: HoldScope,
+    now: Timestamp,
+    placed: AtomicBool,
+}
+
+#[async_trait]
+impl ExpiryNotifier for HoldsMidSweep<'_> {
+    async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+        if !self.placed.swap(true, Ordering::SeqCst) {
+            self.retention
+                .place_hold(self.scope, "case-mid-sweep", self.now)
+                .await
+                .unwrap();
+        }
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_hold_placed_while_a_sweep_runs_stops_its_later_steps() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 4);
+        let b = business(1);
+        // An open message makes the sweep call the notifier before it
+        // deletes anything; the held consumer's settled message must survive.
+        let open = w.store(b, 1, Direction::Outbound, true).await;
+        let held = w.store(b, 2, Direction::Inbound, false).await;
+        w.clock.advance(CEILING + HOUR);
+        let notifier = HoldsMidSweep {
+            retention: &w.retention,
+            scope: HoldScope::Consumer(b, held.record.phone),
+            now: w.now(),
+            placed: AtomicBool::new(false),
+        };
+        let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert!(report.complete, "{backend:?}");
+        assert_eq!(report.messages_deleted, 1, "{backend:?}: {report:?}");
+        assert!(
+            w.store.message(b, open.record.id).await.unwrap().is_none(),
+            "{backend:?}: the unheld message goes"
+        );
+        assert!(
+            w.store.message(b, held.record.id).await.unwrap().is_some(),
+            "{backend:?}: a hold placed mid-sweep was ignored"
+        );
+        assert!(
+            w.keys.epoch_key(b, held.record.epoch).await.is_ok(),
+            "{backend:?}: the held epoch was shredded"
+        );
+    }
+}
+
 #[tokio::test]
 async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
     let w = World::new(4);
@@ -738,22 +794,50 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
         "held epoch not shredded"
     );
 
-    // Releasing lets the next sweep catch up.
+    // A hold is released by its own case: another case's release leaves
+    // it standing, and two cases on one scope are released one by one.
+    assert!(
+        !w.retention
+            .release_hold(consumer_hold, "case-18", w.now())
+            .await
+            .unwrap()
+    );
+    w.retention
+        .place_hold(consumer_hold, "case-19", w.now())
+        .await
+        .unwrap();
     assert!(
         w.retention
-            .release_hold(consumer_hold, "case-17 closed", w.now())
+            .release_hold(consumer_hold, "case-17", w.now())
+            .await
+            .unwrap()
+    );
+    let report = w
+        .retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.messages_deleted, 0,
+        "case-19 still holds the consumer"
+    );
+
+    // Releasing every hold lets the next sweep catch up.
+    assert!(
+        w.retention
+            .release_hold(consumer_hold, "case-19", w.now())
             .await
             .unwrap()
     );
     assert!(
         w.retention
-            .release_hold(HoldScope::Business(b), "case-18 closed", w.now())
+            .release_hold(HoldScope::Business(b), "case-18", w.now())
             .await
             .unwrap()
     );
     assert!(
         !w.retention
-            .release_hold(HoldScope::Business(b), "again", w.now())
+            .release_hold(HoldScope::Business(b), "case-18", w.now())
             .await
             .unwrap()
     );
@@ -782,8 +866,10 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
         [
             (HoldAction::Placed, "case-17"),
             (HoldAction::Placed, "case-18"),
-            (HoldAction::Released, "case-17 closed"),
-            (HoldAction::Released, "case-18 closed"),
+            (HoldAction::Placed, "case-19"),
+            (HoldAction::Released, "case-17"),
+            (HoldAction::Released, "case-19"),
+            (HoldAction::Released, "case-18"),
         ]
     );
 }
@@ -943,7 +1029,7 @@ mod timelines {
                                     && s.delivery.status.may_become(Status::Delivered)
                                 {
                                     let mut batch = Batch::new();
-                                    batch.push(Op::UpdateDelivery { business: m.business, id: m.id, delivery });
+                                    batch.push(Op::UpdateDelivery { business: m.business, id: m.id, expected: s.delivery.status, delivery });
                                     w.store.commit(batch).await.unwrap();
                                 }
                             }
@@ -968,7 +1054,7 @@ mod timelines {
                         Action::Release { which } => {
                             if !holds.is_empty() {
                                 let scope = holds.remove(which % holds.len());
-                                prop_assert!(w.retention.release_hold(scope, "closed", w.now()).await.unwrap());
+                                prop_assert!(w.retention.release_hold(scope, "case", w.now()).await.unwrap());
                             }
                         }
                         Action::Sweep { steps } => {

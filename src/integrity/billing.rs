@@ -204,6 +204,29 @@ impl BillingLedger {
         Labelled::of_business(DataClass::Billing, business, statement)
     }
 
+    /// Put back what a [`take_closed`](Self::take_closed) took, when it
+    /// could not be handed to the system of record: its counts are added to
+    /// their periods again, to be taken next time.
+    pub fn restore(&self, statement: &BillingStatement) {
+        let retained = self.config.retained_periods;
+        self.businesses
+            .update(statement.business, Ledger::default, |l| {
+                for record in &statement.records {
+                    let counts = l
+                        .periods
+                        .entry(self.grid.index(record.period.start))
+                        .or_default();
+                    for &category in Category::ALL {
+                        counts.add(category, record.messages.get(category));
+                    }
+                }
+                while l.periods.len() > retained {
+                    l.periods.pop_first();
+                    l.dropped_periods += 1;
+                }
+            });
+    }
+
     /// Drops everything kept about `business`; `true` if there was anything.
     pub fn forget(&self, business: BusinessId) -> bool {
         self.businesses.remove(business)

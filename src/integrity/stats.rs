@@ -258,6 +258,11 @@ impl StatisticsCollector {
             .unwrap_or_default()
     }
 
+    /// Every business with statistics kept, in id order.
+    pub fn businesses(&self) -> Vec<BusinessId> {
+        self.businesses.all().into_iter().map(|(b, _)| b).collect()
+    }
+
     /// The reports of every business's periods that ended by `now`, removed
     /// from the collector, in business then period order.
     pub fn take_closed(&self, now: Timestamp) -> Vec<Labelled<StatisticsReport>> {

@@ -3,13 +3,14 @@
 //! path.
 //!
 //! - **Inbound** ([`Processor::receive`]): a consumer's Signal message is
-//!   decrypted, handed to the business (content and number released through
-//!   the visibility policy), and sealed and stored, as delivered or queued
-//!   for another attempt, in the same commit as the session's advance. Only
-//!   then does `receive` return: acknowledge the transport after it, and a
-//!   crash can never lose a message the transport let go of. A redelivered
-//!   message is recognised (Signal refuses it as a duplicate) and not handed
-//!   over twice.
+//!   decrypted, sealed and stored in the same commit as the session's
+//!   advance, then handed to the business (content and number released
+//!   through the visibility policy) and marked delivered, or left due for
+//!   another attempt. `receive` returns after that: acknowledge the
+//!   transport then, and a crash can never lose a message the transport let
+//!   go of (one stored but not yet handed over is handed over by
+//!   [`Processor::retransmit_due`]). A redelivered message is recognised
+//!   and not handed over twice.
 //! - **Outbound** ([`Processor::send`]): the message is sealed and stored
 //!   first, then encrypted for each of the consumer's devices (a session is
 //!   started from the device's bundle when there is none) and handed to the
@@ -23,26 +24,33 @@
 //!   maintenance is for operators only. Each business's data is also sealed
 //!   under its own keys.
 //! - **Concurrency**: operations on one consumer device are serialised (the
-//!   Signal layer), operations on one message too; everything else runs
-//!   concurrently.
+//!   Signal layer); one attempt at a time is made per message (a claim the
+//!   retransmission loop skips), and every change of a message's delivery
+//!   state is a compare-and-swap on its status, so concurrent reports never
+//!   move it backwards. No lock is held while the host's transport or
+//!   business is called: a host may call back into the processor from
+//!   there. Everything else runs concurrently.
 //!
-//! Logs (`tracing`) carry business ids, message ids and phone-hash
-//! prefixes, never content or numbers.
+//! Each entry point runs in a `tracing` span named for it; spans and events
+//! carry business ids, message ids and device ids, never content or
+//! numbers.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use sha2::{Digest, Sha256};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
+use zeroize::Zeroizing;
 
 use crate::envelope::{Kind, Label, MAX_PLAINTEXT_LEN, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::integrity::{
     BillingConfig, BillingLedger, BillingStatement, Category, IntegrityConfig, IntegrityMonitor,
-    IntegrityReport, StatisticsCollector, StatisticsConfig, StatisticsReport,
+    StatisticsCollector, StatisticsConfig, StatisticsReport,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
-use crate::lock::Stripes;
 use crate::retention::{
     ExpiryNotifier, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, SweepReport,
 };
@@ -57,7 +65,9 @@ use crate::transport::{
     TransportError,
 };
 use crate::vault::{OpenError, Vault};
-use crate::visibility::{AuditSink, DataClass, Gate, Labelled, Party, Purpose, VisibilityPolicy};
+use crate::visibility::{
+    AuditSink, DataClass, DenyReason, Gate, Labelled, Party, PolicyError, Purpose, VisibilityPolicy,
+};
 
 mod payload;
 
@@ -102,6 +112,12 @@ pub enum ProcessorError {
     /// The visibility policy refused to release a value for this.
     #[error("the visibility policy does not allow this release")]
     Denied,
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A visibility policy was refused.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     /// No such message (never stored, or deleted at the end of its retention).
     #[error("no such message")]
     NotFound,
@@ -283,7 +299,43 @@ pub struct Processor {
     statistics: StatisticsCollector,
     billing: BillingLedger,
     delivery: DeliveryConfig,
-    message_locks: Stripes,
+    claims: Claims,
+}
+
+/// Messages an attempt is under way for. Not a lock: nobody waits for a
+/// claim. The retransmission loop and the sweep's expiry reports skip a
+/// claimed message (its attempt is running, and will leave it due again if
+/// it must be), so one attempt at a time is made per message without
+/// holding anything while the host is called.
+#[derive(Default)]
+struct Claims(Mutex<HashSet<(BusinessId, MessageId), RandomState>>);
+
+/// A claim on one message, given up when dropped.
+struct Claim<'a> {
+    claims: &'a Claims,
+    key: (BusinessId, MessageId),
+}
+
+impl Claims {
+    /// Claim `id`, unless an attempt is under way for it.
+    fn claim(&self, business: BusinessId, id: MessageId) -> Option<Claim<'_>> {
+        let key = (business, id);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key)
+            .then_some(Claim { claims: self, key })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.claims
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for Processor {
@@ -319,6 +371,7 @@ fn stats_status(status: Status) -> crate::integrity::Status {
 }
 
 /// The outcome of one attempt to hand an inbound message to its business.
+#[derive(Debug, Clone, Copy)]
 enum Attempt {
     Done,
     Retry,
@@ -326,6 +379,7 @@ enum Attempt {
 }
 
 /// The outcome of one attempt to send an outbound message to devices.
+#[derive(Debug, Clone, Copy)]
 enum DeviceOutcome {
     /// Sent to `sent` devices; the `pending` ones failed for now.
     Reached { sent: u32, pending: u64 },
@@ -334,6 +388,21 @@ enum DeviceOutcome {
     /// No device can be reached, for this reason.
     Fail(FailureReason),
 }
+
+/// An inbound message's parts before they are released to its business.
+struct InboundParts {
+    id: MessageId,
+    from: PhoneNumber,
+    device: u32,
+    content: Vec<u8>,
+    received: Timestamp,
+    identity_changed: bool,
+}
+
+/// How often a compare-and-swap of a message's delivery state is retried:
+/// each lost race means its status moved forward, which it can do at most
+/// four times.
+const MAX_STATUS_RACES: usize = 8;
 
 impl Processor {
     /// A processor over `host`'s seams, under `policies`.
@@ -365,7 +434,7 @@ impl Processor {
             authorizer: host.authorizer,
             clock: host.clock,
             delivery: policies.delivery,
-            message_locks: Stripes::new(),
+            claims: Claims::default(),
         })
     }
 
@@ -391,19 +460,72 @@ impl Processor {
         }
     }
 
-    /// The retention policy in force, and the legal holds.
-    pub fn retention(&self) -> &Retention {
-        &self.retention
+    /// The key manager, for KEK rotation and early shredding (operators
+    /// only: it spans every business).
+    pub fn keys(&self, principal: &Principal) -> Result<&KeyManager, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(&self.keys)
     }
 
-    /// The key manager, for KEK rotation and shredding (host administration).
-    pub fn keys(&self) -> &KeyManager {
-        &self.keys
+    /// The retention policy in force.
+    pub fn retention_policy(&self) -> Arc<RetentionPolicy> {
+        self.retention.policy()
     }
 
-    /// The visibility gate (its policy, opt-ins).
-    pub fn gate(&self) -> &Gate {
-        &self.gate
+    /// Put a retention policy in force (operators only). Shorter periods
+    /// apply to reads at once, and to stored messages from the next sweep.
+    pub fn set_retention_policy(
+        &self,
+        principal: &Principal,
+        policy: RetentionPolicy,
+    ) -> Result<(), ProcessorError> {
+        self.authorize_operator(principal)?;
+        self.retention.set_policy(policy);
+        info!(principal = %principal, "retention policy replaced");
+        Ok(())
+    }
+
+    /// The visibility policy in force.
+    pub fn visibility_policy(&self) -> VisibilityPolicy {
+        self.gate.policy()
+    }
+
+    /// Put a visibility policy in force (operators only); one that would
+    /// break a hard rule is refused.
+    pub fn set_visibility_policy(
+        &self,
+        principal: &Principal,
+        policy: VisibilityPolicy,
+    ) -> Result<(), ProcessorError> {
+        self.authorize_operator(principal)?;
+        self.gate.replace_policy(policy)?;
+        info!(principal = %principal, "visibility policy replaced");
+        Ok(())
+    }
+
+    /// `business` enables the opt-in services (an AI assistant, say) for its
+    /// data; only a principal acting for it can.
+    pub fn opt_in(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+    ) -> Result<(), ProcessorError> {
+        self.authorize(principal, business)?;
+        self.gate.opt_in(business);
+        info!(%business, principal = %principal, "opted in to opt-in services");
+        Ok(())
+    }
+
+    /// `business` disables the opt-in services again.
+    pub fn opt_out(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+    ) -> Result<(), ProcessorError> {
+        self.authorize(principal, business)?;
+        self.gate.opt_out(business);
+        info!(%business, principal = %principal, "opted out of opt-in services");
+        Ok(())
     }
 
     fn open_label(&self, record: &MessageRecord) -> Label {
@@ -429,7 +551,6 @@ impl Processor {
         phone: PhoneHash,
         now: Timestamp,
         expiry: Timestamp,
-        delivery: Delivery,
         body: &[u8],
     ) -> Result<MessageRecord, ProcessorError> {
         let mut record = MessageRecord {
@@ -443,12 +564,37 @@ impl Processor {
                 .vault
                 .epoch_of(expiry)
                 .ok_or(SealError::ExpiryOutOfRange(expiry))?,
-            delivery,
+            // Due at once: if the first attempt never happens (a crash), the
+            // retransmission loop makes it.
+            delivery: Delivery::queued(now),
             sealed: Vec::new(),
         };
         let label = self.open_label(&record);
         record.sealed = self.vault.seal(&label, body).await?;
         Ok(record)
+    }
+
+    /// Change a message's delivery state if its status is still `expected`;
+    /// `false` if it moved on (or the message is gone) meanwhile.
+    async fn write_delivery(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        expected: Status,
+        delivery: Delivery,
+    ) -> Result<bool, ProcessorError> {
+        let mut batch = Batch::new();
+        batch.push(Op::UpdateDelivery {
+            business,
+            id,
+            expected,
+            delivery,
+        });
+        match self.storage.commit(batch).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Receive a consumer's message for `business` from the transport.
@@ -461,12 +607,29 @@ impl Processor {
         business: BusinessId,
         inbound: Inbound,
     ) -> Result<Receipt, ProcessorError> {
+        let span = debug_span!("receive", %business, device = inbound.device);
+        self.receive_in(principal, business, inbound)
+            .instrument(span)
+            .await
+    }
+
+    async fn receive_in(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        inbound: Inbound,
+    ) -> Result<Receipt, ProcessorError> {
         self.authorize(principal, business)?;
         self.retention
             .check_residency(business, self.storage.region())?;
         let now = self.clock.now();
         let phone = self.keys.phone_hash(business, &inbound.from).await?;
         let id = inbound_id(business, phone, &inbound.transport_id);
+        let duplicate = Receipt {
+            id,
+            duplicate: true,
+            delivered: false,
+        };
         let expiry = self
             .retention
             .policy()
@@ -482,53 +645,35 @@ impl Processor {
         {
             Ok(staged) => staged,
             Err(SignalError::DuplicateMessage) => {
-                debug!(%business, %id, "duplicate inbound message");
-                return Ok(Receipt {
-                    id,
-                    duplicate: true,
-                    delivered: false,
-                });
+                debug!(%id, "duplicate inbound message");
+                return Ok(duplicate);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // A redelivery that Signal no longer recognises as one (the
+                // session moved on, or was reset): the message is stored.
+                if self.storage.message(business, id).await?.is_some() {
+                    debug!(%id, "redelivery of a stored message");
+                    return Ok(duplicate);
+                }
+                return Err(e.into());
+            }
         };
         let decrypted = staged.decrypted();
-        let message = InboundMessage {
-            business,
-            id,
-            from: inbound.from,
-            device: inbound.device,
-            content: decrypted.plaintext.clone(),
-            received: now,
-            identity_changed: decrypted.identity_changed,
-        };
-        // Hand over first, then store as delivered (or queued) in the same
-        // commit as the session: one write per message. A crash in between
-        // means no acknowledgement, a redelivery, and the same id again.
-        let attempt = self.hand_to_business(&message).await;
-        let body = InboundBody {
-            from: message.from,
-            device: message.device,
-            identity_changed: message.identity_changed,
-            content: message.content,
-        }
-        .encode();
-        let delivered = matches!(attempt, Attempt::Done);
-        let delivery = self.after_attempt(&Delivery::queued(now), attempt, now);
+        let identity_changed = decrypted.identity_changed;
+        let body = Zeroizing::new(InboundBody::encode_fields(
+            &inbound.from,
+            inbound.device,
+            identity_changed,
+            &decrypted.plaintext,
+        ));
         let record = self
-            .seal_record(
-                business,
-                id,
-                Direction::Inbound,
-                phone,
-                now,
-                expiry,
-                delivery,
-                &body,
-            )
+            .seal_record(business, id, Direction::Inbound, phone, now, expiry, &body)
             .await?;
+        // A fresh record: nothing else can be attempting it.
+        let claim = self.claims.claim(business, id);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record)));
-        staged.commit(batch).await?;
+        let decrypted = staged.commit(batch).await?;
         self.integrity.record_received(business, phone, now);
         self.statistics.record_message(
             business,
@@ -537,16 +682,25 @@ impl Processor {
             crate::integrity::Status::Sent,
             now,
         );
-        if delivered {
-            self.statistics.record_message(
-                business,
-                phone,
-                Direction::Inbound,
-                crate::integrity::Status::Delivered,
-                now,
-            );
-        }
-        debug!(%business, %id, delivered, "inbound message stored");
+        debug!(%id, "inbound message stored");
+        let delivered = match claim {
+            Some(_claim) => {
+                let parts = InboundParts {
+                    id,
+                    from: inbound.from,
+                    device: inbound.device,
+                    content: decrypted.plaintext,
+                    received: now,
+                    identity_changed,
+                };
+                let attempt = self
+                    .hand_to_business(business, parts, Purpose::Delivery)
+                    .await;
+                self.settle_inbound(business, id, phone, Delivery::queued(now), attempt)
+                    .await?
+            }
+            None => false,
+        };
         Ok(Receipt {
             id,
             duplicate: false,
@@ -554,34 +708,92 @@ impl Processor {
         })
     }
 
-    /// Release an inbound message's content and sender to its business and
-    /// hand it over.
-    async fn hand_to_business(&self, message: &InboundMessage) -> Attempt {
-        let business = message.business;
-        let released = self
-            .gate
-            .release(
-                Labelled::of_business(DataClass::MessageContent, business, ()),
-                Party::Business,
-                Purpose::Delivery,
-            )
-            .and_then(|_| {
-                self.gate.release(
-                    Labelled::of_business(DataClass::ConsumerPhoneNumber, business, ()),
-                    Party::Business,
-                    Purpose::Delivery,
-                )
-            });
-        if released.is_err() {
-            warn!(%business, id = %message.id, "visibility policy refused delivery to the business");
-            return Attempt::Fail(FailureReason::Refused);
-        }
-        match self.sink.deliver(message).await {
+    /// Release an inbound message's content and sender to its business for
+    /// `purpose`, and hand it over.
+    async fn hand_to_business(
+        &self,
+        business: BusinessId,
+        parts: InboundParts,
+        purpose: Purpose,
+    ) -> Attempt {
+        let refused = |reason: DenyReason| {
+            warn!(%business, id = %parts.id, ?reason, "visibility policy refused delivery to the business");
+            match reason {
+                // The audit trail failed: the policy allows it, try again.
+                DenyReason::AuditFailed => Attempt::Retry,
+                _ => Attempt::Fail(FailureReason::Refused),
+            }
+        };
+        let content = match self.gate.release(
+            Labelled::of_business(DataClass::MessageContent, business, parts.content),
+            Party::Business,
+            purpose,
+        ) {
+            Ok(released) => released.into_value(),
+            Err(denied) => return refused(denied.reason()),
+        };
+        let from = match self.gate.release(
+            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, parts.from),
+            Party::Business,
+            purpose,
+        ) {
+            Ok(released) => released.into_value(),
+            Err(denied) => return refused(denied.reason()),
+        };
+        let message = InboundMessage {
+            business,
+            id: parts.id,
+            from,
+            device: parts.device,
+            content,
+            received: parts.received,
+            identity_changed: parts.identity_changed,
+        };
+        match self.sink.deliver(&message).await {
             Ok(()) => Attempt::Done,
             Err(e) => {
                 debug!(%business, id = %message.id, error = %e, "business unavailable; will retry");
                 Attempt::Retry
             }
+        }
+    }
+
+    /// Record the outcome of an attempt to hand over an inbound message
+    /// whose delivery state was `current`; whether it was delivered. A
+    /// message failed meanwhile (its retention ended) stays failed.
+    async fn settle_inbound(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        phone: PhoneHash,
+        current: Delivery,
+        attempt: Attempt,
+    ) -> Result<bool, ProcessorError> {
+        let now = self.clock.now();
+        let next = self.after_attempt(&current, attempt, now);
+        if !self
+            .write_delivery(business, id, current.status, next)
+            .await?
+        {
+            return Ok(false);
+        }
+        match attempt {
+            Attempt::Done => {
+                self.statistics.record_message(
+                    business,
+                    phone,
+                    Direction::Inbound,
+                    crate::integrity::Status::Delivered,
+                    now,
+                );
+                Ok(true)
+            }
+            Attempt::Fail(_) => {
+                self.report_status(business, id, phone, Direction::Inbound, next)
+                    .await?;
+                Ok(false)
+            }
+            Attempt::Retry => Ok(false),
         }
     }
 
@@ -623,6 +835,18 @@ impl Processor {
         business: BusinessId,
         outbound: Outbound,
     ) -> Result<MessageId, ProcessorError> {
+        let span = debug_span!("send", %business);
+        self.send_in(principal, business, outbound)
+            .instrument(span)
+            .await
+    }
+
+    async fn send_in(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        outbound: Outbound,
+    ) -> Result<MessageId, ProcessorError> {
         self.authorize(principal, business)?;
         self.retention
             .check_residency(business, self.storage.region())?;
@@ -641,7 +865,7 @@ impl Processor {
             category: outbound.category,
             content: outbound.content,
         };
-        let record = self
+        let mut record = self
             .seal_record(
                 business,
                 id,
@@ -649,78 +873,63 @@ impl Processor {
                 phone,
                 now,
                 expiry,
-                Delivery::queued(now),
-                &body.encode(),
+                &Zeroizing::new(body.encode()),
             )
             .await?;
+        // A fresh id: the claim is ours, and keeps the retransmission loop
+        // off the message (due at once) until this first attempt is done.
+        let _claim = self.claims.claim(business, id);
+        let sealed = std::mem::take(&mut record.sealed);
         let mut batch = Batch::new();
-        batch.push(Op::PutMessage(Box::new(record.clone())));
+        batch.push(Op::PutMessage(Box::new(MessageRecord {
+            sealed,
+            ..record.clone()
+        })));
         self.storage.commit(batch).await?;
-        self.billing.record(business, body.category, now);
         self.integrity.record_sent(business, phone, now);
-        debug!(%business, %id, "outbound message stored");
-        let _guard = self.message_locks.lock((business, id)).await;
-        self.attempt_outbound(&record, &body).await?;
+        debug!(%id, "outbound message stored");
+        self.attempt_outbound(&record, &body, Purpose::Delivery)
+            .await?;
         Ok(id)
     }
 
     /// Encrypt and send an outbound message to the devices of its recipient
     /// that still need it (all of them, unless an earlier attempt left some
-    /// pending); record the outcome. The caller holds the message's lock.
+    /// pending); record the outcome. The caller holds the message's claim.
     async fn attempt_outbound(
         &self,
         record: &MessageRecord,
         body: &OutboundBody,
+        purpose: Purpose,
     ) -> Result<(), ProcessorError> {
         let (business, id) = (record.business, record.id);
-        let current = record.delivery;
-        let only = (current.pending_devices != 0).then_some(current.pending_devices);
-        let outcome = self.send_to_devices(record, body, only).await;
+        let decided_on = record.delivery;
+        let only = (decided_on.pending_devices != 0).then_some(decided_on.pending_devices);
+        let outcome = self.send_to_devices(record, body, only, purpose).await;
         let now = self.clock.now();
-        let attempts = current.attempts.saturating_add(1);
-        let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
-        let delivery = match outcome {
-            // Nothing reachable now: try the same again later.
-            DeviceOutcome::Unreachable => Delivery {
-                attempts,
-                next_attempt: retry,
-                ..current
-            },
-            // Never reached anyone, and no one can be reached: failed.
-            DeviceOutcome::Fail(reason) if current.status == Status::Queued => Delivery {
-                status: Status::Failed,
-                failure: Some(reason),
-                attempts,
-                next_attempt: Some(now),
-                pending_devices: 0,
-            },
-            // Some devices have it; the rest cannot be reached: stop trying them.
-            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, 0, now),
-            DeviceOutcome::Reached { sent, pending } => {
-                let mut next = current;
-                if sent > 0 && current.status == Status::Queued {
-                    next.status = Status::Sent;
-                }
-                if pending != 0 {
-                    Delivery {
-                        attempts,
-                        next_attempt: retry,
-                        pending_devices: pending,
-                        ..next
-                    }
-                } else {
-                    self.settle_after_send(next, attempts, 0, now)
-                }
+        // Record it on the stored state: a delivery report may have moved
+        // the status forward while the devices were being sent to.
+        let mut current = decided_on;
+        let mut races = 0;
+        let next = loop {
+            let next = self.after_send(current, outcome, now);
+            if self
+                .write_delivery(business, id, current.status, next)
+                .await?
+            {
+                break next;
+            }
+            races += 1;
+            match self.storage.message(business, id).await? {
+                Some(stored) if races < MAX_STATUS_RACES => current = stored.delivery,
+                Some(_) => return Err(StoreError::Conflict.into()),
+                // Deleted meanwhile: nothing left to record.
+                None => return Ok(()),
             }
         };
-        let mut batch = Batch::new();
-        batch.push(Op::UpdateDelivery {
-            business,
-            id,
-            delivery,
-        });
-        self.storage.commit(batch).await?;
-        if current.status == Status::Queued && delivery.status == Status::Sent {
+        if current.status == Status::Queued && next.status == Status::Sent {
+            // Billable once, when the transport first accepts it.
+            self.billing.record(business, body.category, now);
             self.statistics.record_message(
                 business,
                 record.phone,
@@ -737,27 +946,58 @@ impl Processor {
             })
             .await;
         }
-        if !delivery.status.is_open()
-            && delivery.next_attempt.is_some()
-            && delivery.pending_devices == 0
-        {
-            let mut settled = record.clone();
-            settled.delivery = delivery;
-            self.report_status(&settled).await?;
+        if !next.status.is_open() && next.next_attempt.is_some() && next.pending_devices == 0 {
+            self.report_status(business, id, record.phone, Direction::Outbound, next)
+                .await?;
         }
         Ok(())
+    }
+
+    /// The bookkeeping after sending to devices, for a message whose stored
+    /// delivery state is `current`.
+    fn after_send(&self, current: Delivery, outcome: DeviceOutcome, now: Timestamp) -> Delivery {
+        let attempts = current.attempts.saturating_add(1);
+        let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
+        match outcome {
+            // Nothing reachable now: try the same again later.
+            DeviceOutcome::Unreachable => Delivery {
+                attempts,
+                next_attempt: retry,
+                ..current
+            },
+            // Never reached anyone, and no one can be reached: failed.
+            DeviceOutcome::Fail(reason) if current.status == Status::Queued => Delivery {
+                status: Status::Failed,
+                failure: Some(reason),
+                attempts,
+                next_attempt: Some(now),
+                pending_devices: 0,
+            },
+            // Some devices have it; the rest cannot be reached: stop trying them.
+            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now),
+            DeviceOutcome::Reached { sent, pending } => {
+                let mut next = current;
+                if sent > 0 && current.status == Status::Queued {
+                    next.status = Status::Sent;
+                }
+                if pending != 0 {
+                    Delivery {
+                        attempts,
+                        next_attempt: retry,
+                        pending_devices: pending,
+                        ..next
+                    }
+                } else {
+                    self.settle_after_send(next, attempts, now)
+                }
+            }
+        }
     }
 
     /// Bookkeeping once every device that can be reached has the message:
     /// an open message waits for its delivery report (and is sent again if
     /// none comes); a delivered one has its status reported.
-    fn settle_after_send(
-        &self,
-        current: Delivery,
-        attempts: u32,
-        pending: u64,
-        now: Timestamp,
-    ) -> Delivery {
+    fn settle_after_send(&self, current: Delivery, attempts: u32, now: Timestamp) -> Delivery {
         let next_attempt = if current.status.is_open() {
             Some(now.saturating_add(self.delivery.receipt_timeout))
         } else {
@@ -766,7 +1006,7 @@ impl Processor {
         Delivery {
             attempts,
             next_attempt,
-            pending_devices: pending,
+            pending_devices: 0,
             ..current
         }
     }
@@ -776,19 +1016,25 @@ impl Processor {
         record: &MessageRecord,
         body: &OutboundBody,
         only: Option<u64>,
+        purpose: Purpose,
     ) -> DeviceOutcome {
         let business = record.business;
         let released = self.gate.release(
             Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to.clone()),
             Party::Transport,
-            Purpose::Delivery,
+            purpose,
         );
-        let Ok(number) = released else {
-            warn!(%business, id = %record.id, "visibility policy refused the number to the transport");
-            return DeviceOutcome::Fail(FailureReason::Refused);
+        let number = match released {
+            Ok(number) => number.into_value(),
+            Err(denied) if denied.reason() == DenyReason::AuditFailed => {
+                return DeviceOutcome::Unreachable;
+            }
+            Err(_) => {
+                warn!(%business, id = %record.id, "visibility policy refused the number to the transport");
+                return DeviceOutcome::Fail(FailureReason::Refused);
+            }
         };
-        let number = number.value();
-        let devices = match self.transport.devices(business, number).await {
+        let devices = match self.transport.devices(business, &number).await {
             Ok(devices) if devices.is_empty() => {
                 return DeviceOutcome::Fail(FailureReason::NoDevices);
             }
@@ -796,7 +1042,7 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
-        let payload = device_payload(record.id, &body.content);
+        let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let (mut sent, mut pending) = (0u32, 0u64);
         for device in devices {
             let bit = Delivery::device_bit(device);
@@ -808,7 +1054,7 @@ impl Processor {
                 device,
             };
             match self
-                .ensure_session(business, peer, number, record.expiry)
+                .ensure_session(business, peer, &number, record.expiry)
                 .await
             {
                 Ok(true) => {}
@@ -836,7 +1082,7 @@ impl Processor {
             };
             match self
                 .transport
-                .send(business, number, device, &message)
+                .send(business, &number, device, &message)
                 .await
             {
                 Ok(()) => sent += 1,
@@ -849,7 +1095,6 @@ impl Processor {
         }
         DeviceOutcome::Reached { sent, pending }
     }
-
     /// Make sure `peer` has a session, starting one from its bundle if not.
     /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
     /// `Err(())`: try again later.
@@ -889,24 +1134,32 @@ impl Processor {
         }
     }
 
-    /// Report a status to the business, best effort (statuses other than
-    /// settled statuses are reported reliably, see `report_status`).
+    /// Report a status to the business, best effort (settled statuses are
+    /// reported reliably, see `report_status`).
     async fn notify(&self, update: StatusUpdate) {
         if let Err(e) = self.sink.status(&update).await {
             debug!(business = %update.business, id = %update.id, error = %e, "status not delivered");
         }
     }
 
-    /// Tell the business the settled status of `record` (delivered, read or
-    /// failed); once told, nothing is pending. If it cannot be told, the
-    /// report is due again after a backoff: a business always learns how its
-    /// message ended.
-    async fn report_status(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
+    /// Tell the business the settled status in `delivery` (delivered, read
+    /// or failed) of one of its messages; once told, nothing is pending. If
+    /// it cannot be told, the report is due again after a backoff: a
+    /// business always learns how its message ended. Returns whether it
+    /// was told.
+    async fn report_status(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        phone: PhoneHash,
+        direction: Direction,
+        delivery: Delivery,
+    ) -> Result<bool, ProcessorError> {
         let update = StatusUpdate {
-            business: record.business,
-            id: record.id,
-            status: record.delivery.status,
-            failure: record.delivery.failure,
+            business,
+            id,
+            status: delivery.status,
+            failure: delivery.failure,
             at: self.clock.now(),
         };
         let told = self.sink.status(&update).await.is_ok();
@@ -916,25 +1169,22 @@ impl Processor {
             Some(
                 update
                     .at
-                    .saturating_add(self.delivery.backoff(record.delivery.attempts)),
+                    .saturating_add(self.delivery.backoff(delivery.attempts)),
             )
         };
-        let mut batch = Batch::new();
-        batch.push(Op::UpdateDelivery {
-            business: record.business,
-            id: record.id,
-            delivery: Delivery {
-                next_attempt,
-                attempts: record.delivery.attempts.saturating_add(u32::from(!told)),
-                ..record.delivery
-            },
-        });
-        self.storage.commit(batch).await?;
+        let next = Delivery {
+            next_attempt,
+            attempts: delivery.attempts.saturating_add(u32::from(!told)),
+            ..delivery
+        };
+        // If the status moved on meanwhile, its own report is pending.
+        self.write_delivery(business, id, delivery.status, next)
+            .await?;
         if told && update.status == Status::Failed {
             self.statistics.record_message(
-                record.business,
-                record.phone,
-                record.direction,
+                business,
+                phone,
+                direction,
                 crate::integrity::Status::Failed,
                 update.at,
             );
@@ -944,8 +1194,22 @@ impl Processor {
 
     /// A delivery report from the transport for an outbound message:
     /// `Delivered` or `Read`. Reports that would move the status backwards
-    /// (late, duplicated or out of order) are ignored.
+    /// (late, duplicated or out of order), and reports for a message past
+    /// its retention (which fails as expired), are ignored.
     pub async fn status_update(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        id: MessageId,
+        status: Status,
+    ) -> Result<StatusChange, ProcessorError> {
+        let span = debug_span!("status_update", %business, %id, ?status);
+        self.status_update_in(principal, business, id, status)
+            .instrument(span)
+            .await
+    }
+
+    async fn status_update_in(
         &self,
         principal: &Principal,
         business: BusinessId,
@@ -958,59 +1222,65 @@ impl Processor {
                 "the transport reports delivered or read",
             ));
         }
-        let _guard = self.message_locks.lock((business, id)).await;
-        let record = self
-            .storage
-            .message(business, id)
-            .await?
-            .ok_or(ProcessorError::NotFound)?;
-        if record.direction != Direction::Outbound || !record.delivery.status.may_become(status) {
-            return Ok(StatusChange::Ignored);
+        for _ in 0..MAX_STATUS_RACES {
+            let record = self
+                .storage
+                .message(business, id)
+                .await?
+                .ok_or(ProcessorError::NotFound)?;
+            let now = self.clock.now();
+            if record.direction != Direction::Outbound
+                || !record.delivery.status.may_become(status)
+                || now >= record.expiry
+            {
+                return Ok(StatusChange::Ignored);
+            }
+            // Settled, with the report to the business pending until it is
+            // told, unless devices still wait for a retry: the report
+            // follows that.
+            let pending = record.delivery.pending_devices;
+            let settled = Delivery {
+                status,
+                failure: None,
+                attempts: record.delivery.attempts,
+                next_attempt: if pending != 0 {
+                    record.delivery.next_attempt
+                } else {
+                    Some(now)
+                },
+                pending_devices: pending,
+            };
+            if !self
+                .write_delivery(business, id, record.delivery.status, settled)
+                .await?
+            {
+                // Another report won the race: decide again on what it left.
+                continue;
+            }
+            if record.delivery.status < Status::Delivered {
+                self.statistics.record_delivery(
+                    business,
+                    record.phone,
+                    now.saturating_duration_since(record.created),
+                    now,
+                );
+            }
+            if status == Status::Read {
+                self.statistics.record_message(
+                    business,
+                    record.phone,
+                    Direction::Outbound,
+                    stats_status(status),
+                    now,
+                );
+            }
+            if pending == 0 {
+                self.report_status(business, id, record.phone, Direction::Outbound, settled)
+                    .await?;
+            }
+            return Ok(StatusChange::Applied);
         }
-        let now = self.clock.now();
-        // Settled, with the report to the business pending until it is told,
-        // unless devices still wait for a retry: the report follows that.
-        let mut settled = record.clone();
-        let pending = record.delivery.pending_devices;
-        settled.delivery = Delivery {
-            status,
-            failure: None,
-            attempts: record.delivery.attempts,
-            next_attempt: if pending != 0 {
-                record.delivery.next_attempt
-            } else {
-                Some(now)
-            },
-            pending_devices: pending,
-        };
-        let mut batch = Batch::new();
-        batch.push(Op::UpdateDelivery {
-            business,
-            id,
-            delivery: settled.delivery,
-        });
-        self.storage.commit(batch).await?;
-        if record.delivery.status < Status::Delivered {
-            self.statistics.record_delivery(
-                business,
-                record.phone,
-                now.saturating_duration_since(record.created),
-                now,
-            );
-        }
-        if status == Status::Read {
-            self.statistics.record_message(
-                business,
-                record.phone,
-                Direction::Outbound,
-                stats_status(status),
-                now,
-            );
-        }
-        if pending == 0 {
-            self.report_status(&settled).await?;
-        }
-        Ok(StatusChange::Applied)
+        Err(StoreError::Conflict.into())
     }
 
     /// The status of one of `business`'s messages.
@@ -1029,46 +1299,118 @@ impl Processor {
         Ok((record.delivery.status, record.delivery.failure))
     }
 
+    /// Tell the business that `record`, still open, expired undelivered,
+    /// and mark it failed. If the business cannot be told now, it is due
+    /// again after a backoff (it never blocks the messages behind it).
+    /// Returns whether the business was told.
+    async fn fail_expired(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
+        let (business, id) = (record.business, record.id);
+        let update = StatusUpdate {
+            business,
+            id,
+            status: Status::Failed,
+            failure: Some(FailureReason::Expired),
+            at: self.clock.now(),
+        };
+        if self.sink.status(&update).await.is_ok() {
+            // Conditional: a message settled meanwhile stays settled.
+            let mut batch = Batch::new();
+            batch.push(Op::FailExpired { business, id });
+            self.storage.commit(batch).await?;
+            self.statistics.record_message(
+                business,
+                record.phone,
+                record.direction,
+                crate::integrity::Status::Failed,
+                update.at,
+            );
+            debug!(%business, %id, "expired undelivered; reported failed");
+            return Ok(true);
+        }
+        let d = record.delivery;
+        let later = Delivery {
+            attempts: d.attempts.saturating_add(1),
+            next_attempt: Some(update.at.saturating_add(self.delivery.backoff(d.attempts))),
+            ..d
+        };
+        self.write_delivery(business, id, d.status, later).await?;
+        Ok(false)
+    }
+
     /// Work through messages whose next attempt is due: hand inbound ones to
-    /// the business, send outbound ones again, report failures. Operators
+    /// the business, send outbound ones again, report settled statuses and
+    /// failures (a message past its retention fails as expired). Operators
     /// only. Run it periodically.
     pub async fn retransmit_due(
         &self,
         principal: &Principal,
     ) -> Result<RetransmitReport, ProcessorError> {
         self.authorize_operator(principal)?;
+        self.retransmit_due_in()
+            .instrument(debug_span!("retransmit_due"))
+            .await
+    }
+
+    async fn retransmit_due_in(&self) -> Result<RetransmitReport, ProcessorError> {
         let now = self.clock.now();
         let mut report = RetransmitReport::default();
         for due in self.storage.due_messages(now, self.delivery.batch).await? {
             report.due += 1;
-            let _guard = self.message_locks.lock((due.business, due.id)).await;
-            // Look again under the lock: a status may have arrived meanwhile.
+            // An attempt under way for it will leave it due again if it must be.
+            let Some(_claim) = self.claims.claim(due.business, due.id) else {
+                continue;
+            };
+            // Look again under the claim: a status may have arrived meanwhile.
             let Some(record) = self.storage.message(due.business, due.id).await? else {
                 continue;
             };
-            if record.delivery.next_attempt.is_none_or(|t| t > now) {
+            let d = record.delivery;
+            if d.next_attempt.is_none_or(|t| t > now) {
                 continue;
             }
+            let readable = self.retention.decide(&record, now).await?.readable();
             let resend = record.direction == Direction::Outbound
-                && record.delivery.status != Status::Failed
-                && record.delivery.pending_devices != 0;
-            if !record.delivery.status.is_open() && !resend {
-                if self.report_status(&record).await? && record.delivery.status == Status::Failed {
+                && d.status != Status::Failed
+                && d.pending_devices != 0
+                && readable;
+            if !d.status.is_open() && !resend {
+                // Settled: its report is what is due (devices past
+                // retention are not sent to any more).
+                let settled = Delivery {
+                    pending_devices: 0,
+                    ..d
+                };
+                if self
+                    .report_status(
+                        record.business,
+                        record.id,
+                        record.phone,
+                        record.direction,
+                        settled,
+                    )
+                    .await?
+                    && d.status == Status::Failed
+                {
                     report.failures_reported += 1;
                 }
                 continue;
             }
-            // Past retention: not readable; the sweep reports it failed.
-            if !self.retention.decide(&record, now).await?.readable() {
+            if !readable {
+                // Open, past retention: it can never be delivered now.
+                if self.fail_expired(&record).await? {
+                    report.failures_reported += 1;
+                } else {
+                    report.rescheduled += 1;
+                }
                 continue;
             }
             let opened = self.vault.open(&record.sealed, record.business).await?;
+            let plaintext = Zeroizing::new(opened.plaintext);
             match record.direction {
                 Direction::Inbound => {
-                    let body = InboundBody::decode(&opened.plaintext)
+                    let body = InboundBody::decode(&plaintext)
                         .map_err(|e| ProcessorError::Store(StoreError::Corrupt(e.0.to_owned())))?;
-                    let message = InboundMessage {
-                        business: record.business,
+                    let parts = InboundParts {
                         id: record.id,
                         from: body.from,
                         device: body.device,
@@ -1076,37 +1418,30 @@ impl Processor {
                         received: record.created,
                         identity_changed: body.identity_changed,
                     };
-                    let attempt = self.hand_to_business(&message).await;
-                    let done = matches!(attempt, Attempt::Done);
-                    let delivery = self.after_attempt(&record.delivery, attempt, now);
-                    let mut batch = Batch::new();
-                    batch.push(Op::UpdateDelivery {
-                        business: record.business,
-                        id: record.id,
-                        delivery,
-                    });
-                    self.storage.commit(batch).await?;
-                    if done {
+                    // Handing a message to its business is delivery, however
+                    // many attempts it takes.
+                    let attempt = self
+                        .hand_to_business(record.business, parts, Purpose::Delivery)
+                        .await;
+                    if self
+                        .settle_inbound(record.business, record.id, record.phone, d, attempt)
+                        .await?
+                    {
                         report.delivered_to_business += 1;
-                        self.statistics.record_message(
-                            record.business,
-                            record.phone,
-                            Direction::Inbound,
-                            crate::integrity::Status::Delivered,
-                            now,
-                        );
-                    } else if delivery.status == Status::Failed {
-                        let mut failed = record.clone();
-                        failed.delivery = delivery;
-                        self.report_status(&failed).await?;
                     } else {
                         report.rescheduled += 1;
                     }
                 }
                 Direction::Outbound => {
-                    let body = OutboundBody::decode(&opened.plaintext)
+                    let body = OutboundBody::decode(&plaintext)
                         .map_err(|e| ProcessorError::Store(StoreError::Corrupt(e.0.to_owned())))?;
-                    self.attempt_outbound(&record, &body).await?;
+                    // Sending it through the transport again is retransmission.
+                    let purpose = if d.attempts == 0 {
+                        Purpose::Delivery
+                    } else {
+                        Purpose::Retransmission
+                    };
+                    self.attempt_outbound(&record, &body, purpose).await?;
                     match self
                         .storage
                         .message(record.business, record.id)
@@ -1124,14 +1459,24 @@ impl Processor {
 
     /// Run the retention sweep (operators only): expired undelivered
     /// messages are reported failed to their businesses, then everything
-    /// retention no longer allows is deleted or shredded.
+    /// retention no longer allows is deleted or shredded, and no Signal
+    /// state the sweep deleted stays in memory.
     pub async fn sweep(&self, principal: &Principal) -> Result<SweepReport, ProcessorError> {
         self.authorize_operator(principal)?;
-        let notifier = FailureNotifier { processor: self };
-        Ok(self.retention.sweep(self.clock.now(), &notifier).await?)
+        async {
+            let notifier = FailureNotifier { processor: self };
+            let report = self.retention.sweep(self.clock.now(), &notifier).await?;
+            if report.peers_deleted > 0 {
+                self.sessions.clear_cache();
+            }
+            Ok(report)
+        }
+        .instrument(debug_span!("sweep"))
+        .await
     }
 
-    /// Place a legal hold (operators only).
+    /// Place a legal hold on `scope` for the case `reference` (operators
+    /// only). Audited; a second case may hold the same scope.
     pub async fn place_hold(
         &self,
         principal: &Principal,
@@ -1145,7 +1490,8 @@ impl Processor {
             .await?)
     }
 
-    /// Release a legal hold (operators only).
+    /// Release the legal hold on `scope` for the case `reference`
+    /// (operators only). Audited. Returns whether it was in force.
     pub async fn release_hold(
         &self,
         principal: &Principal,
@@ -1169,28 +1515,53 @@ impl Processor {
         self.authorize(principal, business)?;
         self.sessions.maintain(business).await?;
         let keys = self.sessions.publish(business).await?;
-        self.transport
-            .publish_keys(business, &keys)
-            .await
-            .map_err(|e| ProcessorError::Config(format!("publishing keys: {e}")))
+        Ok(self.transport.publish_keys(business, &keys).await?)
     }
 
-    /// `business`'s integrity signals, released to the transport for
-    /// integrity (the only party the policy allows).
-    pub async fn integrity_report(
+    /// A consumer reported `business` for spam (the transport tells the
+    /// processor, acting for the business's number): an integrity signal.
+    pub fn report_spam(
         &self,
         principal: &Principal,
         business: BusinessId,
-    ) -> Result<IntegrityReport, ProcessorError> {
+    ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
-        let report = self.integrity.export(business, self.clock.now());
-        self.gate
-            .release(report, Party::Transport, Purpose::Integrity)
-            .map(|r| r.into_value())
-            .map_err(|_| ProcessorError::Denied)
+        self.integrity
+            .record_spam_report(business, self.clock.now());
+        Ok(())
     }
 
-    /// `business`'s billing statement, released to the business.
+    /// A consumer blocked `business`: an integrity signal.
+    pub fn report_block(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+    ) -> Result<(), ProcessorError> {
+        self.authorize(principal, business)?;
+        self.integrity.record_block(business, self.clock.now());
+        Ok(())
+    }
+
+    /// Hand every business's integrity signals to the transport, released
+    /// for integrity (the only party and purpose the published table
+    /// allows). Operators only; businesses never see them. Returns how many
+    /// reports were handed over.
+    pub async fn export_integrity(&self, principal: &Principal) -> Result<usize, ProcessorError> {
+        self.authorize_operator(principal)?;
+        let mut exported = 0;
+        for report in self.integrity.export_all(self.clock.now()) {
+            let report = self
+                .gate
+                .release(report, Party::Transport, Purpose::Integrity)
+                .map_err(|_| ProcessorError::Denied)?;
+            self.transport.integrity_signals(report.value()).await?;
+            exported += 1;
+        }
+        Ok(exported)
+    }
+
+    /// `business`'s billing statement (every period kept, the open one
+    /// included), released to the business.
     pub async fn billing_statement(
         &self,
         principal: &Principal,
@@ -1204,24 +1575,66 @@ impl Processor {
             .map_err(|_| ProcessorError::Denied)
     }
 
+    /// Hand the closed billing periods of every business to the transport,
+    /// billing's system of record, released for billing (operators only).
+    /// What cannot be handed over stays for the next export. Returns how
+    /// many statements were handed over.
+    pub async fn export_billing(&self, principal: &Principal) -> Result<usize, ProcessorError> {
+        self.authorize_operator(principal)?;
+        let now = self.clock.now();
+        let mut exported = 0;
+        for business in self.billing.businesses() {
+            let statement = self.billing.take_closed(business, now);
+            let released = match self
+                .gate
+                .release(statement, Party::Transport, Purpose::Billing)
+            {
+                Ok(released) => released.into_value(),
+                Err(denied) => {
+                    if let Ok(kept) = self.gate.release(
+                        denied.into_labelled(),
+                        Party::Processor,
+                        Purpose::Billing,
+                    ) {
+                        self.billing.restore(kept.value());
+                    }
+                    return Err(ProcessorError::Denied);
+                }
+            };
+            if released.records.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.transport.billing(&released).await {
+                self.billing.restore(&released);
+                return Err(e.into());
+            }
+            exported += 1;
+        }
+        Ok(exported)
+    }
+
     /// Closed periods of non-identifiable statistics, small buckets
     /// suppressed, released to the rest of the company for analytics
-    /// (operators only).
+    /// (operators only). They are removed only once every one was released.
     pub async fn statistics(
         &self,
         principal: &Principal,
     ) -> Result<Vec<StatisticsReport>, ProcessorError> {
         self.authorize_operator(principal)?;
-        self.statistics
-            .take_closed(self.clock.now())
-            .into_iter()
-            .map(|report| {
-                self.gate
+        let now = self.clock.now();
+        let mut released = Vec::new();
+        for business in self.statistics.businesses() {
+            for report in self.statistics.closed_reports(business, now) {
+                let report = self
+                    .gate
                     .release(report, Party::RestOfCompany, Purpose::Analytics)
-                    .map(|r| r.into_value())
-                    .map_err(|_| ProcessorError::Denied)
-            })
-            .collect()
+                    .map_err(|_| ProcessorError::Denied)?;
+                released.push(report.into_value());
+            }
+        }
+        // Sealed by `closed_reports`: what it takes is what was released.
+        drop(self.statistics.take_closed(now));
+        Ok(released)
     }
 
     /// How much the store holds (operators only).
@@ -1239,23 +1652,20 @@ struct FailureNotifier<'a> {
 #[async_trait::async_trait]
 impl ExpiryNotifier for FailureNotifier<'_> {
     async fn expired_undelivered(&self, message: &MessageRecord) -> bool {
-        let update = StatusUpdate {
-            business: message.business,
-            id: message.id,
-            status: Status::Failed,
-            failure: Some(FailureReason::Expired),
-            at: self.processor.clock.now(),
+        let p = self.processor;
+        // An attempt under way: it finds the message expired, or the next
+        // sweep does.
+        let Some(_claim) = p.claims.claim(message.business, message.id) else {
+            return false;
         };
-        let told = self.processor.sink.status(&update).await.is_ok();
-        if told {
-            self.processor.statistics.record_message(
-                message.business,
-                message.phone,
-                message.direction,
-                crate::integrity::Status::Failed,
-                update.at,
-            );
+        match p.storage.message(message.business, message.id).await {
+            Ok(Some(record)) if record.delivery.status.is_open() => {
+                p.fail_expired(&record).await.unwrap_or_else(|e| {
+                    warn!(business = %record.business, id = %record.id, error = %e, "could not fail an expired message");
+                    false
+                })
+            }
+            _ => false,
         }
-        told
     }
 }

@@ -54,17 +54,33 @@ fn category_code(c: Category) -> u8 {
 
 impl InboundBody {
     /// `01` ‖ flags ‖ device (u32 BE) ‖ number length ‖ number ‖ content.
+    #[cfg(test)]
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + self.content.len());
+        Self::encode_fields(
+            &self.from,
+            self.device,
+            self.identity_changed,
+            &self.content,
+        )
+    }
+
+    /// The encoding of a body with these fields, without building one.
+    pub(super) fn encode_fields(
+        from: &PhoneNumber,
+        device: u32,
+        identity_changed: bool,
+        content: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + content.len());
         out.push(VERSION);
-        out.push(if self.identity_changed {
+        out.push(if identity_changed {
             IDENTITY_CHANGED
         } else {
             0
         });
-        out.extend_from_slice(&self.device.to_be_bytes());
-        put_phone(&mut out, &self.from);
-        out.extend_from_slice(&self.content);
+        out.extend_from_slice(&device.to_be_bytes());
+        put_phone(&mut out, from);
+        out.extend_from_slice(content);
         out
     }
 

@@ -99,6 +99,12 @@ pub struct Retention {
     /// (`None` until a sweep has applied one: stores outlive processes).
     applied: Mutex<Option<Arc<RetentionPolicy>>>,
     batch: usize,
+    /// One sweep at a time: two would report the same expired messages.
+    sweeping: async_lock::Mutex<()>,
+    /// Taken by every hold change and by every sweep step that deletes or
+    /// shreds, which reads the holds afresh under it: a hold placed while
+    /// a sweep runs is honoured from the sweep's next step on.
+    hold_gate: async_lock::Mutex<()>,
 }
 
 impl std::fmt::Debug for Retention {
@@ -127,6 +133,8 @@ impl Retention {
             holds: RwLock::new(None),
             applied: Mutex::new(None),
             batch: DEFAULT_BATCH,
+            sweeping: async_lock::Mutex::new(()),
+            hold_gate: async_lock::Mutex::new(()),
         }
     }
 
@@ -215,6 +223,7 @@ impl Retention {
         notifier: &dyn ExpiryNotifier,
         max_steps: u64,
     ) -> Result<SweepReport, SweepError> {
+        let _sweeping = self.sweeping.lock().await;
         let policy = self.policy();
         let applied = self
             .applied
@@ -226,6 +235,7 @@ impl Retention {
             storage: &*self.storage,
             shorten: (!applied).then_some(&*policy),
             keys: &self.keys,
+            hold_gate: &self.hold_gate,
             notifier,
             now,
             batch: self.batch,
@@ -245,55 +255,67 @@ impl Retention {
         self.storage.holds().await
     }
 
-    /// Place a legal hold on `scope` for the case `reference`. Audited; if the
-    /// audit trail cannot record it, the hold is not placed.
+    /// Place a legal hold on `scope` for the case `reference`. Audited
+    /// first: if the audit trail cannot record it, the hold is not placed.
+    /// Placing a hold that stands already (same scope, same case) changes
+    /// nothing. A sweep in progress honours it from its next step on.
     pub async fn place_hold(
         &self,
         scope: HoldScope,
         reference: &str,
         now: Timestamp,
     ) -> Result<(), HoldError> {
-        let hold = Hold {
-            scope,
-            reference: reference.to_owned(),
-            placed: now,
-        };
-        let mut batch = Batch::new();
-        batch.push(Op::PutHold(hold));
-        self.storage.commit(batch).await?;
-        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let _gate = self.hold_gate.lock().await;
+        let stored = self.storage.holds().await?;
+        if stored
+            .iter()
+            .any(|h| h.scope == scope && h.reference == reference)
+        {
+            return Ok(());
+        }
         let event = HoldEvent {
             at: now,
             action: HoldAction::Placed,
             scope,
             reference: reference.to_owned(),
         };
-        if let Err(e) = self.audit.record_hold(&event) {
-            let mut undo = Batch::new();
-            undo.push(Op::DeleteHold(scope));
-            self.storage.commit(undo).await?;
+        self.audit.record_hold(&event)?;
+        let mut batch = Batch::new();
+        batch.push(Op::PutHold(Hold {
+            scope,
+            reference: reference.to_owned(),
+            placed: now,
+        }));
+        if let Err(e) = self.storage.commit(batch).await {
+            // The audit says placed; put the record straight (no hold stands).
+            let _ = self.audit.record_hold(&HoldEvent {
+                action: HoldAction::Released,
+                ..event
+            });
             return Err(e.into());
         }
+        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 
-    /// Release the legal hold on `scope`. Audited; if the audit trail cannot
-    /// record it, the hold stays. Returns whether a hold was in force.
+    /// Release the legal hold on `scope` for the case `reference`; holds of
+    /// other cases on the same scope stand. Audited first: if the audit
+    /// trail cannot record it, the hold stays. Returns whether such a hold
+    /// was in force.
     pub async fn release_hold(
         &self,
         scope: HoldScope,
         reference: &str,
         now: Timestamp,
     ) -> Result<bool, HoldError> {
-        let Some(existing) = self
-            .storage
-            .holds()
-            .await?
-            .into_iter()
-            .find(|h| h.scope == scope)
-        else {
+        let _gate = self.hold_gate.lock().await;
+        let stored = self.storage.holds().await?;
+        if !stored
+            .iter()
+            .any(|h| h.scope == scope && h.reference == reference)
+        {
             return Ok(false);
-        };
+        }
         let event = HoldEvent {
             at: now,
             action: HoldAction::Released,
@@ -302,12 +324,14 @@ impl Retention {
         };
         self.audit.record_hold(&event)?;
         let mut batch = Batch::new();
-        batch.push(Op::DeleteHold(scope));
+        batch.push(Op::DeleteHold {
+            scope,
+            reference: reference.to_owned(),
+        });
         if let Err(e) = self.storage.commit(batch).await {
             // The audit says released; put the record straight (the hold stands).
             let _ = self.audit.record_hold(&HoldEvent {
                 action: HoldAction::Placed,
-                reference: existing.reference.clone(),
                 ..event
             });
             return Err(e.into());

@@ -9,10 +9,7 @@ use async_trait::async_trait;
 use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyManager};
-use crate::store::{
-    Batch, Delivery, Direction, FailureReason, HoldScope, MessageRecord, Op, PeerId, Status,
-    Storage, StoreError,
-};
+use crate::store::{Batch, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError};
 use crate::time::Timestamp;
 
 /// Told when a message expires before it was delivered, so it never fails
@@ -66,6 +63,8 @@ pub(super) struct Sweep<'a> {
     /// messages already stored.
     pub(super) shorten: Option<&'a RetentionPolicy>,
     pub(super) keys: &'a KeyManager,
+    /// Held by every step that deletes or shreds (see [`Sweep::held`]).
+    pub(super) hold_gate: &'a async_lock::Mutex<()>,
     pub(super) notifier: &'a dyn ExpiryNotifier,
     pub(super) now: Timestamp,
     pub(super) batch: usize,
@@ -73,7 +72,20 @@ pub(super) struct Sweep<'a> {
     pub(super) report: SweepReport,
 }
 
-impl Sweep<'_> {
+/// The holds in force, read under the hold gate, with the gate: no hold
+/// can be placed or released until the step holding it is done.
+struct Held<'g> {
+    scopes: Vec<HoldScope>,
+    _gate: async_lock::MutexGuard<'g, ()>,
+}
+
+impl Held<'_> {
+    fn covers(&self, business: BusinessId, phone: PhoneHash) -> bool {
+        self.scopes.iter().any(|h| h.covers(business, phone))
+    }
+}
+
+impl<'a> Sweep<'a> {
     /// Count a step; `false` once the budget is spent.
     fn step(&mut self) -> bool {
         if self.report.steps >= self.max_steps {
@@ -81,6 +93,22 @@ impl Sweep<'_> {
         }
         self.report.steps += 1;
         true
+    }
+
+    /// The holds in force now, and the gate that keeps them so for a step.
+    async fn held(&self) -> Result<Held<'a>, SweepError> {
+        let gate = self.hold_gate.lock().await;
+        let scopes = self
+            .storage
+            .holds()
+            .await?
+            .into_iter()
+            .map(|h| h.scope)
+            .collect();
+        Ok(Held {
+            scopes,
+            _gate: gate,
+        })
     }
 
     /// Run every stage to the end, or until the step budget is spent.
@@ -91,22 +119,17 @@ impl Sweep<'_> {
     pub(super) async fn run(mut self) -> Result<(SweepReport, bool), SweepError> {
         let started = Instant::now();
         let shortened = self.shorten_expiries().await?;
-        let holds: Vec<HoldScope> = self
-            .storage
-            .holds()
-            .await?
-            .into_iter()
-            .map(|h| h.scope)
-            .collect();
         let complete = shortened
             && self.fail_expired_open().await?
-            && self.delete_expired(&holds).await?
-            && self.delete_orphan_peers(&holds).await?
-            && self.destroy_ended_epochs(&holds).await?;
-        let r = &self.report;
-        if complete && r.messages_deleted + r.peers_deleted + r.epoch_keys_destroyed > 0 {
-            // What was deleted may live on in the store's own files.
-            self.storage.scrub().await?;
+            && self.delete_expired().await?
+            && self.delete_orphan_peers().await?
+            && self.destroy_ended_epochs().await?;
+        if complete {
+            // What was deleted may live on in the store's own files; a store
+            // that cannot scrub now does it at the next sweep.
+            if let Err(e) = self.storage.scrub().await {
+                tracing::warn!(error = %e, "the store could not scrub deleted records yet");
+            }
         }
         self.report.complete = complete;
         self.report.elapsed = started.elapsed();
@@ -115,51 +138,52 @@ impl Sweep<'_> {
 
     /// Stage 0 (after a policy change): cap the expiry of stored messages
     /// at their creation plus the period now in force, wherever that is
-    /// shorter. Reads already refuse them; this lets the later stages delete
-    /// them, and forget their consumers, on time.
+    /// shorter, a page of one business at a time. Reads already refuse
+    /// them; this lets the later stages delete them, and forget their
+    /// consumers, on time.
     async fn shorten_expiries(&mut self) -> Result<bool, SweepError> {
         let Some(policy) = self.shorten else {
             return Ok(true);
         };
         for business in self.storage.message_businesses().await? {
-            let mut batch = Batch::new();
-            for direction in [Direction::Inbound, Direction::Outbound] {
+            for direction in Direction::ALL {
                 let period = policy.period(business, direction);
-                if period < CEILING {
-                    batch.push(Op::CapExpiry {
-                        business,
-                        direction,
-                        period,
-                    });
+                if period >= CEILING {
+                    continue;
+                }
+                let mut after = None;
+                loop {
+                    if !self.step() {
+                        return Ok(false);
+                    }
+                    after = self
+                        .storage
+                        .cap_expiry(business, direction, period, after, self.batch)
+                        .await?;
+                    if after.is_none() {
+                        break;
+                    }
                 }
             }
-            if batch.is_empty() {
-                continue;
-            }
-            if !self.step() {
-                return Ok(false);
-            }
-            self.storage.commit(batch).await?;
         }
         Ok(true)
     }
 
     /// Stage 1: every message that expired undelivered is reported, then
-    /// marked failed (and so becomes deletable).
+    /// marked failed (and so becomes deletable). One not reported yet (its
+    /// business unreachable) stays open for the next sweep, and this one
+    /// pages past it.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
-        let mut skipped: BTreeSet<(BusinessId, crate::ids::MessageId)> = BTreeSet::new();
+        let mut after = None;
         loop {
             let open = self
                 .storage
-                .expired_open_messages(self.now, self.batch + skipped.len())
+                .expired_open_messages(self.now, after, self.batch)
                 .await?;
-            let fresh: Vec<MessageRecord> = open
-                .into_iter()
-                .filter(|m| !skipped.contains(&(m.business, m.id)))
-                .collect();
-            if fresh.is_empty() {
+            let Some(last) = open.last() else {
                 return Ok(true);
-            }
+            };
+            after = Some((last.expiry, last.business, last.id));
             // Take the step before telling anyone, so a sweep stopped by its
             // budget never reports a message it then fails to mark. (A crash
             // between telling and marking reports it again next time: at
@@ -168,23 +192,14 @@ impl Sweep<'_> {
                 return Ok(false);
             }
             let mut batch = Batch::new();
-            for m in fresh {
+            for m in open {
                 if self.notifier.expired_undelivered(&m).await {
-                    batch.push(Op::UpdateDelivery {
+                    // Conditional: a message settled meanwhile stays settled.
+                    batch.push(Op::FailExpired {
                         business: m.business,
                         id: m.id,
-                        delivery: Delivery {
-                            status: Status::Failed,
-                            failure: Some(FailureReason::Expired),
-                            attempts: m.delivery.attempts,
-                            next_attempt: None,
-                            pending_devices: 0,
-                        },
                     });
                     self.report.failed_expired += 1;
-                } else {
-                    // Not told yet: it stays open, and is tried again next sweep.
-                    skipped.insert((m.business, m.id));
                 }
             }
             if !batch.is_empty() {
@@ -195,14 +210,15 @@ impl Sweep<'_> {
 
     /// Stage 2: delete expired, settled, unheld messages, and with each batch
     /// the Signal state of consumers left with no live message.
-    async fn delete_expired(&mut self, holds: &[HoldScope]) -> Result<bool, SweepError> {
+    async fn delete_expired(&mut self) -> Result<bool, SweepError> {
         loop {
             if !self.step() {
                 return Ok(false);
             }
+            let held = self.held().await?;
             let deleted = self
                 .storage
-                .delete_expired(self.now, holds, self.batch)
+                .delete_expired(self.now, &held.scopes, self.batch)
                 .await?;
             if deleted.is_empty() {
                 return Ok(true);
@@ -218,7 +234,7 @@ impl Sweep<'_> {
                 .storage
                 .peers_without_live_messages(&phones, self.now)
                 .await?;
-            if !self.delete_peers(peers, holds).await? {
+            if !self.delete_peers(peers, &held).await? {
                 return Ok(false);
             }
         }
@@ -226,7 +242,7 @@ impl Sweep<'_> {
 
     /// Stage 3: a full scan for Signal state no live message needs, which
     /// also finishes the work of a sweep interrupted between stage 2's steps.
-    async fn delete_orphan_peers(&mut self, holds: &[HoldScope]) -> Result<bool, SweepError> {
+    async fn delete_orphan_peers(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
         loop {
             let orphans = self
@@ -237,20 +253,23 @@ impl Sweep<'_> {
                 return Ok(true);
             };
             after = Some(last);
-            if !self.delete_peers(orphans, holds).await? {
+            let held = self.held().await?;
+            if !self.delete_peers(orphans, &held).await? {
                 return Ok(false);
             }
         }
     }
 
+    /// Delete the peers no hold covers, each only if its consumer still has
+    /// no live message (one may have arrived since the peers were listed).
     async fn delete_peers(
         &mut self,
         peers: Vec<(BusinessId, PeerId)>,
-        holds: &[HoldScope],
+        held: &Held<'_>,
     ) -> Result<bool, SweepError> {
         let peers: Vec<(BusinessId, PeerId)> = peers
             .into_iter()
-            .filter(|(b, p)| !holds.iter().any(|h| h.covers(*b, p.phone)))
+            .filter(|(b, p)| !held.covers(*b, p.phone))
             .collect();
         if peers.is_empty() {
             return Ok(true);
@@ -262,7 +281,11 @@ impl Sweep<'_> {
             peers.iter().map(|(b, p)| (*b, p.phone)).collect();
         let mut batch = Batch::new();
         for &(business, peer) in &peers {
-            batch.push(Op::DeletePeer { business, peer });
+            batch.push(Op::DeleteIdlePeer {
+                business,
+                peer,
+                now: self.now,
+            });
         }
         self.storage.commit(batch).await?;
         self.report.peers_deleted += peers.len() as u64;
@@ -272,12 +295,13 @@ impl Sweep<'_> {
 
     /// Stage 4: destroy the keys of ended epochs, except those still holding
     /// a message under a legal hold.
-    async fn destroy_ended_epochs(&mut self, holds: &[HoldScope]) -> Result<bool, SweepError> {
+    async fn destroy_ended_epochs(&mut self) -> Result<bool, SweepError> {
         if !self.step() {
             return Ok(false);
         }
+        let held = self.held().await?;
         let mut keep: BTreeSet<(BusinessId, Epoch)> = BTreeSet::new();
-        for hold in holds {
+        for hold in &held.scopes {
             let (business, phone) = match *hold {
                 HoldScope::Business(b) => (b, None),
                 HoldScope::Consumer(b, p) => (b, Some(p)),

@@ -29,6 +29,9 @@ pub(super) struct PeerCache {
 struct Inner {
     peers: LruCache<Key, Peer, RandomState>,
     incarnation: [u8; 16],
+    /// Bumped by [`PeerCache::clear`]; state loaded in an older
+    /// generation is never put back.
+    generation: u64,
 }
 
 fn fresh_incarnation() -> [u8; 16] {
@@ -43,6 +46,7 @@ impl PeerCache {
             inner: Mutex::new(Inner {
                 peers: LruCache::with_hasher(capacity.max(1), RandomState::default()),
                 incarnation: fresh_incarnation(),
+                generation: 0,
             }),
         }
     }
@@ -62,9 +66,22 @@ impl PeerCache {
         self.lock().peers.remove(key)
     }
 
+    /// The generation state loaded from the store now belongs to. Read it
+    /// before reading the store.
+    pub(super) fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// Put a peer's state back, evicting the least recently used peer if full.
+    /// State of an older generation is discarded instead.
     pub(super) fn put(&self, key: Key, peer: Peer) {
         let mut inner = self.lock();
+        if peer.generation != inner.generation {
+            if peer.dirty {
+                inner.incarnation = fresh_incarnation();
+            }
+            return;
+        }
         if inner.peers.len() >= inner.peers.capacity()
             && !inner.peers.contains_key(&key)
             && let Some((_, evicted)) = inner.peers.remove_lru()
@@ -81,6 +98,18 @@ impl PeerCache {
     pub(super) fn discard(&self, peer: Peer) {
         if peer.dirty {
             self.lock().incarnation = fresh_incarnation();
+        }
+    }
+
+    /// Forget every peer: stored state was deleted behind the cache's back
+    /// (a retention sweep). State taken out before is not put back.
+    pub(super) fn clear(&self) {
+        let mut inner = self.lock();
+        inner.generation = inner.generation.wrapping_add(1);
+        let dirty = inner.peers.iter().any(|(_, p)| p.dirty);
+        inner.peers.clear();
+        if dirty {
+            inner.incarnation = fresh_incarnation();
         }
     }
 

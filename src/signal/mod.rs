@@ -225,7 +225,8 @@ pub struct Decrypted {
     /// The device presented a new identity key and the policy accepted it:
     /// tell the business (a "security code changed" notice).
     pub identity_changed: bool,
-    /// The message established a new session.
+    /// The message was a first-contact message from a device with no
+    /// session before: it established the session.
     pub first_contact: bool,
 }
 
@@ -352,7 +353,8 @@ pub(crate) struct StagedDecrypt<'a> {
     consumed: Option<u32>,
     expiry: Timestamp,
     decrypted: Decrypted,
-    _guard: async_lock::MutexGuard<'a, ()>,
+    /// The device's address lock, held until the commit.
+    guard: Option<async_lock::MutexGuard<'a, ()>>,
 }
 
 impl StagedDecrypt<'_> {
@@ -362,12 +364,15 @@ impl StagedDecrypt<'_> {
     }
 
     /// Commit the staged session change, the consumed prekey's deletion and
-    /// `extra`, atomically; return the decrypted message.
+    /// `extra`, atomically; return the decrypted message. The device's
+    /// address lock is released before the one-time prekey pool is
+    /// refilled, which is best effort: the message is committed whatever
+    /// the refill does.
     pub(crate) async fn commit(mut self, mut extra: Batch) -> Result<Decrypted, SignalError> {
         let s = self.sessions;
         let (business, peer) = (self.business, self.peer);
         if let Some(id) = self.consumed {
-            extra.push(Op::DeleteKey(KeyId {
+            extra.push(Op::ConsumeKey(KeyId {
                 business,
                 kind: KeyKind::SignalPreKey,
                 id: u64::from(id),
@@ -379,10 +384,27 @@ impl StagedDecrypt<'_> {
             )));
         };
         self.original = None;
-        s.commit_peer(business, peer, state, self.expiry, extra)
-            .await?;
-        if self.consumed.is_some() {
-            s.replenish_if_low(business).await?;
+        match s
+            .commit_peer(business, peer, state, self.expiry, extra)
+            .await
+        {
+            Ok(()) => {}
+            // Only a consumed prekey makes a commit conflict: another first
+            // message (from another device) used it while this one decrypted.
+            Err(SignalError::Storage(StorageFailure::Store(e)))
+                if matches!(*e, StoreError::Conflict) =>
+            {
+                return Err(SignalError::InvalidMessage(
+                    "the one-time prekey was used already",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        drop(self.guard.take());
+        if self.consumed.is_some()
+            && let Err(e) = s.replenish_if_low(business).await
+        {
+            tracing::warn!(%business, error = %e, "could not refill the one-time prekey pool");
         }
         Ok(std::mem::replace(
             &mut self.decrypted,
@@ -581,26 +603,42 @@ impl Sessions {
     /// State that has expired or been shredded is no state.
     async fn load_peer(&self, business: BusinessId, peer: PeerId) -> Result<Peer, SignalError> {
         if let Some(cached) = self.cache.take(&(business, peer)) {
-            return Ok(cached);
+            if cached.expiry > self.now() {
+                return Ok(cached);
+            }
+            // Its retention is over, as the sealed copy's is: no state.
+            self.cache.discard(cached);
         }
+        // Read before the store: a clear that runs after this makes the
+        // state read below stale, and it is not put back.
+        let generation = self.cache.generation();
         let Some(sealed) = self.store.peer(business, peer).await? else {
-            return Ok(Peer::empty(peer));
+            return Ok(Peer {
+                generation,
+                ..Peer::empty(peer)
+            });
         };
-        match self.vault.open(&sealed, business).await {
+        let loaded = match self.vault.open(&sealed, business).await {
             Ok(opened) if opened.label().kind == Kind::SignalSession => {
                 let expiry = opened.label().expiry;
                 let plaintext = Zeroizing::new(opened.plaintext);
                 Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
-                    .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))
+                    .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))?
             }
-            Ok(_) => Err(SignalError::Storage(StorageFailure::Corrupt(
-                "peer record of another kind",
-            ))),
+            Ok(_) => {
+                return Err(SignalError::Storage(StorageFailure::Corrupt(
+                    "peer record of another kind",
+                )));
+            }
             Err(
                 OpenError::Expired { .. } | OpenError::EpochDestroyed | OpenError::UnknownEpoch,
-            ) => Ok(Peer::empty(peer)),
-            Err(e) => Err(SignalError::Storage(StorageFailure::Open(e))),
-        }
+            ) => Peer::empty(peer),
+            Err(e) => return Err(SignalError::Storage(StorageFailure::Open(e))),
+        };
+        Ok(Peer {
+            generation,
+            ..loaded
+        })
     }
 
     /// The library's view of `state` for one operation.
@@ -757,6 +795,7 @@ impl Sessions {
         let account = self.account(business).await?;
         let guard = self.address_locks.lock((business, peer)).await;
         let mut state = self.load_peer(business, peer).await?;
+        let had_session = state.session.is_some();
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
             keys: self.vault.keys(),
@@ -796,6 +835,7 @@ impl Sessions {
             dirty: state.dirty,
             address: state.address.clone(),
             expiry: state.expiry,
+            generation: state.generation,
         };
         state.session = sessions.into_record();
         state.identity = identities.peer;
@@ -810,9 +850,9 @@ impl Sessions {
             decrypted: Decrypted {
                 plaintext: decrypted.plaintext,
                 identity_changed: decrypted.identity_change == IdentityChange::ReplacedExisting,
-                first_contact: message.kind == MessageKind::FirstContact,
+                first_contact: message.kind == MessageKind::FirstContact && !had_session,
             },
-            _guard: guard,
+            guard: Some(guard),
         })
     }
 
@@ -983,6 +1023,16 @@ impl Sessions {
         phone: PhoneHash,
     ) -> Result<Vec<u32>, SignalError> {
         Ok(self.store.peer_devices(business, phone).await?)
+    }
+
+    /// Drop every peer's state held in memory, so that the next operation
+    /// on each reads the store. Call it after deleting Signal state behind
+    /// this instance's back: the [`Processor`](crate::processor::Processor)
+    /// does after every sweep that deleted peers. Sends not yet persisted
+    /// (see [`encrypt`](Self::encrypt)) are forgotten safely: no counter is
+    /// reused.
+    pub fn clear_cache(&self) {
+        self.cache.clear();
     }
 
     /// Delete every device's state for `phone` under `business` (sessions

@@ -41,6 +41,9 @@ pub(super) struct Peer {
     pub(super) key: Option<Box<RecordKey>>,
     /// Sends since the last persist (write-behind; see the cache module).
     pub(super) dirty: bool,
+    /// The cache generation it was loaded in: state loaded before the
+    /// cache was cleared (a sweep deleted stored state) is not put back.
+    pub(super) generation: u64,
 }
 
 /// The library address of a peer.
@@ -60,6 +63,7 @@ impl Peer {
             expiry: Timestamp::UNIX_EPOCH,
             key: None,
             dirty: false,
+            generation: 0,
         }
     }
 
@@ -126,6 +130,7 @@ impl Peer {
             expiry,
             key: None,
             dirty: false,
+            generation: 0,
         })
     }
 }

@@ -1,10 +1,9 @@
 //! Atomic write batches: what one successful operation changes.
 
-use std::time::Duration;
-
-use super::{Delivery, Direction, Hold, HoldScope, MessageRecord};
+use super::{Delivery, Hold, HoldScope, MessageRecord, Status};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::KeyId;
+use crate::time::Timestamp;
 
 /// One consumer device, as Signal state is keyed: the consumer's phone hash
 /// and the device id.
@@ -36,18 +35,46 @@ pub enum Op {
         /// The peer.
         peer: PeerId,
     },
-    /// Delete a wrapped key outright (a consumed one-time prekey).
-    DeleteKey(KeyId),
+    /// Delete a peer's record unless a message of its consumer expires
+    /// after `now`: the retention sweep's delete, which must not race a
+    /// message that arrived since it looked.
+    DeleteIdlePeer {
+        /// The business.
+        business: BusinessId,
+        /// The peer.
+        peer: PeerId,
+        /// The sweep's time.
+        now: Timestamp,
+    },
+    /// Delete a live wrapped key (a consumed one-time prekey). If no live
+    /// key is stored under the id, the whole batch fails with
+    /// [`StoreError::Conflict`](super::StoreError::Conflict): a one-time
+    /// prekey is consumed once.
+    ConsumeKey(KeyId),
     /// Store a message (insert or replace).
     PutMessage(Box<MessageRecord>),
-    /// Change a stored message's delivery bookkeeping (no effect if it is gone).
+    /// Change a stored message's delivery bookkeeping, if its status is
+    /// still `expected`. If it is not, or the message is gone, the whole
+    /// batch fails with [`StoreError::Conflict`](super::StoreError::Conflict):
+    /// reread it and decide again (a compare-and-swap, so that concurrent
+    /// writers never move a status backwards).
     UpdateDelivery {
         /// The business.
         business: BusinessId,
         /// The message.
         id: MessageId,
+        /// The status the change was decided on.
+        expected: Status,
         /// The new bookkeeping.
         delivery: Delivery,
+    },
+    /// Mark a message failed because its retention ended, if it is still
+    /// open (queued or sent); otherwise no effect. Nothing stays pending.
+    FailExpired {
+        /// The business.
+        business: BusinessId,
+        /// The message.
+        id: MessageId,
     },
     /// Delete a message.
     DeleteMessage {
@@ -56,23 +83,17 @@ pub enum Op {
         /// The message.
         id: MessageId,
     },
-    /// Shorten retention retroactively: every stored message of `business`
-    /// in `direction` whose expiry is later than its creation plus `period`
-    /// expires then instead. Never makes an expiry later. Applied when a
-    /// business's retention is shortened, so that the sweep deletes what
-    /// reads already refuse.
-    CapExpiry {
-        /// The business.
-        business: BusinessId,
-        /// Which class of its messages.
-        direction: Direction,
-        /// The retention period now in force.
-        period: Duration,
-    },
-    /// Place (or replace) a legal hold.
+    /// Place a legal hold (no effect if the same scope is already held for
+    /// the same reference).
     PutHold(Hold),
-    /// Release a legal hold.
-    DeleteHold(HoldScope),
+    /// Release the legal hold on `scope` for `reference` (other cases
+    /// holding the same scope stand).
+    DeleteHold {
+        /// What it covers.
+        scope: HoldScope,
+        /// The case it serves.
+        reference: String,
+    },
 }
 
 impl std::fmt::Debug for Op {
@@ -93,35 +114,46 @@ impl std::fmt::Debug for Op {
                 .field("business", business)
                 .field("peer", peer)
                 .finish(),
-            Self::DeleteKey(id) => f.debug_tuple("DeleteKey").field(id).finish(),
+            Self::DeleteIdlePeer {
+                business,
+                peer,
+                now,
+            } => f
+                .debug_struct("DeleteIdlePeer")
+                .field("business", business)
+                .field("peer", peer)
+                .field("now", now)
+                .finish(),
+            Self::ConsumeKey(id) => f.debug_tuple("ConsumeKey").field(id).finish(),
             Self::PutMessage(m) => f.debug_tuple("PutMessage").field(m).finish(),
             Self::UpdateDelivery {
                 business,
                 id,
+                expected,
                 delivery,
             } => f
                 .debug_struct("UpdateDelivery")
                 .field("business", business)
                 .field("id", id)
+                .field("expected", expected)
                 .field("delivery", delivery)
+                .finish(),
+            Self::FailExpired { business, id } => f
+                .debug_struct("FailExpired")
+                .field("business", business)
+                .field("id", id)
                 .finish(),
             Self::DeleteMessage { business, id } => f
                 .debug_struct("DeleteMessage")
                 .field("business", business)
                 .field("id", id)
                 .finish(),
-            Self::CapExpiry {
-                business,
-                direction,
-                period,
-            } => f
-                .debug_struct("CapExpiry")
-                .field("business", business)
-                .field("direction", direction)
-                .field("period", period)
-                .finish(),
             Self::PutHold(h) => f.debug_tuple("PutHold").field(h).finish(),
-            Self::DeleteHold(s) => f.debug_tuple("DeleteHold").field(s).finish(),
+            Self::DeleteHold { scope, reference } => f
+                .debug_struct("DeleteHold")
+                .field("scope", scope)
+                .field("reference", reference)
+                .finish(),
         }
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, Op, PeerId,
-    Storage, StoreError,
+    Batch, Census, Delivery, Direction, ExpiredMessage, FailureReason, Hold, HoldScope, KeyStore,
+    MessageRecord, Op, PeerId, Status, Storage, StoreError,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -43,7 +43,7 @@ struct Inner {
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_phone: BTreeSet<(BusinessId, PhoneHash, MessageId)>,
-    holds: BTreeMap<HoldScope, Hold>,
+    holds: BTreeMap<(HoldScope, String), Hold>,
 }
 
 /// What the indexes hold for one stored message.
@@ -122,7 +122,17 @@ impl Inner {
             Op::DeletePeer { business, peer } => {
                 self.peers.remove(&(business, peer));
             }
-            Op::DeleteKey(id) => {
+            Op::DeleteIdlePeer {
+                business,
+                peer,
+                now,
+            } => {
+                if !self.has_live_message(business, peer.phone, now) {
+                    self.peers.remove(&(business, peer));
+                }
+            }
+            Op::ConsumeKey(id) => {
+                // Checked live by `commit` before anything was applied.
                 self.delete_key(&id);
             }
             Op::PutMessage(m) => {
@@ -137,6 +147,7 @@ impl Inner {
                 business,
                 id,
                 delivery,
+                ..
             } => {
                 let m = self
                     .messages
@@ -152,6 +163,24 @@ impl Inner {
                     m.delivery = delivery;
                 }
             }
+            Op::FailExpired { business, id } => {
+                let m = self
+                    .messages
+                    .get_mut(&business)
+                    .and_then(|m| m.get_mut(&id));
+                if let Some(m) = m.filter(|m| m.delivery.status.is_open()) {
+                    if let Some(due) = m.delivery.next_attempt {
+                        self.by_due.remove(&(due, business, id));
+                    }
+                    m.delivery = Delivery {
+                        status: Status::Failed,
+                        failure: Some(FailureReason::Expired),
+                        next_attempt: None,
+                        pending_devices: 0,
+                        ..m.delivery
+                    };
+                }
+            }
             Op::DeleteMessage { business, id } => {
                 if let Some(of_business) = self.messages.get_mut(&business) {
                     let old = of_business.remove(&id);
@@ -163,18 +192,62 @@ impl Inner {
                     }
                 }
             }
-            Op::CapExpiry {
-                business,
-                direction,
-                period,
-            } => self.cap_expiry(business, direction, period),
             Op::PutHold(hold) => {
-                self.holds.insert(hold.scope, hold);
+                self.holds
+                    .entry((hold.scope, hold.reference.clone()))
+                    .or_insert(hold);
             }
-            Op::DeleteHold(scope) => {
-                self.holds.remove(&scope);
+            Op::DeleteHold { scope, reference } => {
+                self.holds.remove(&(scope, reference));
             }
         }
+    }
+
+    /// Whether every condition of `ops` holds, each checked where it stands
+    /// in the batch (after the writes before it), before anything is applied.
+    fn conditions_hold(&self, ops: &[Op]) -> bool {
+        let mut statuses: HashMap<(BusinessId, MessageId), Option<Status>> = HashMap::new();
+        let mut consumed: BTreeSet<KeyId> = BTreeSet::new();
+        let status = |statuses: &HashMap<_, Option<Status>>, b: BusinessId, id: MessageId| {
+            statuses
+                .get(&(b, id))
+                .copied()
+                .unwrap_or_else(|| self.record(b, id).map(|m| m.delivery.status))
+        };
+        for op in ops {
+            match op {
+                Op::ConsumeKey(id) => {
+                    let live = matches!(self.keys.get(id), Some(KeyEntry::Wrapped(_)));
+                    if !live || !consumed.insert(*id) {
+                        return false;
+                    }
+                }
+                Op::UpdateDelivery {
+                    business,
+                    id,
+                    expected,
+                    delivery,
+                } => {
+                    if status(&statuses, *business, *id) != Some(*expected) {
+                        return false;
+                    }
+                    statuses.insert((*business, *id), Some(delivery.status));
+                }
+                Op::PutMessage(m) => {
+                    statuses.insert((m.business, m.id), Some(m.delivery.status));
+                }
+                Op::FailExpired { business, id }
+                    if status(&statuses, *business, *id).is_some_and(Status::is_open) =>
+                {
+                    statuses.insert((*business, *id), Some(Status::Failed));
+                }
+                Op::DeleteMessage { business, id } => {
+                    statuses.insert((*business, *id), None);
+                }
+                _ => {}
+            }
+        }
+        true
     }
 
     fn cap_expiry(&mut self, business: BusinessId, direction: Direction, period: Duration) {
@@ -401,8 +474,12 @@ impl Storage for MemoryStore {
 
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         // One lock for the whole batch: nothing can observe half of it, and
-        // no operation can fail halfway.
+        // no operation can fail halfway (the conditions that fail a batch
+        // are all checked before anything is applied).
         let mut inner = self.lock();
+        if !inner.conditions_hold(batch.ops()) {
+            return Err(StoreError::Conflict);
+        }
         for op in batch.into_ops() {
             inner.apply(op);
         }
@@ -458,18 +535,33 @@ impl Storage for MemoryStore {
     async fn expired_open_messages(
         &self,
         now: Timestamp,
+        after: Option<(Timestamp, BusinessId, MessageId)>,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
         let inner = self.lock();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         Ok(inner
             .by_expiry
-            .iter()
+            .range((start, Bound::Unbounded))
             .take_while(|(expiry, _, _)| *expiry <= now)
             .filter_map(|&(_, b, id)| inner.record(b, id))
             .filter(|m| m.delivery.status.is_open())
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn cap_expiry(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        period: Duration,
+        _after: Option<MessageId>,
+        _limit: usize,
+    ) -> Result<Option<MessageId>, StoreError> {
+        // In memory the whole business at once is one short critical section.
+        self.lock().cap_expiry(business, direction, period);
+        Ok(None)
     }
 
     async fn delete_expired(

@@ -154,13 +154,32 @@ pub trait Storage: KeyStore {
     ) -> Result<Vec<MessageRecord>, StoreError>;
 
     /// Up to `limit` messages that expired at or before `now` while still
-    /// open (queued or sent, never delivered), earliest first: the processor
-    /// marks them failed and tells the business before they are deleted.
+    /// open (queued or sent, never delivered), in `(expiry, business, id)`
+    /// order after `after` (for paging past messages left open): the
+    /// processor marks them failed and tells the business before they are
+    /// deleted.
     async fn expired_open_messages(
         &self,
         now: Timestamp,
+        after: Option<(Timestamp, BusinessId, MessageId)>,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Shorten retention retroactively, for up to `limit` messages of
+    /// `business` in id order after `after`: each message in `direction`
+    /// whose expiry is later than its creation plus `period` expires then
+    /// instead (never later). Returns the id to continue after, or `None`
+    /// once every message of the business was looked at. Applied when a
+    /// business's retention is shortened, so that the sweep deletes what
+    /// reads already refuse; a backend may do more than `limit` at once.
+    async fn cap_expiry(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        period: std::time::Duration,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Option<MessageId>, StoreError>;
 
     /// Atomically delete and return up to `limit` messages that expired at or
     /// before `now`, are settled (delivered, read or failed, with no attempt
@@ -211,10 +230,11 @@ pub trait Storage: KeyStore {
     /// Remove what deleted records left behind in the backend's own files,
     /// where it keeps older versions of its pages (a write-ahead log, say):
     /// after this, the bytes of deleted messages and destroyed keys are gone
-    /// from the files as well as from the records. A complete sweep calls it
-    /// once at its end. Best effort: a backend that cannot do it now does it
-    /// the next time. The default, for backends that keep no old versions,
-    /// does nothing.
+    /// from the files as well as from the records. Every complete sweep
+    /// calls it at its end, and logs a failure rather than failing: a
+    /// backend that cannot do it now (a reader holds an old snapshot) does
+    /// it at the next sweep. The default, for backends that keep no old
+    /// versions, does nothing.
     async fn scrub(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -12,6 +12,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::device::ConsumerDevice;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
+use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::processor::{Inbound, Processor, ProcessorError, parse_device_payload};
 use crate::signal::{PreKeyBundle, PublishedKeys};
 use crate::store::{FailureReason, Status};
@@ -183,6 +184,8 @@ struct Net {
     seq: u64,
     next_transport_id: u64,
     link: Link,
+    integrity: Vec<IntegrityReport>,
+    billing: Vec<BillingStatement>,
 }
 
 /// What one [`SimNetwork::pump`] did.
@@ -274,6 +277,8 @@ impl SimNetwork {
                 seq: 0,
                 next_transport_id: 1,
                 link: Link::new(faults, seed),
+                integrity: Vec::new(),
+                billing: Vec::new(),
             }),
             clock,
         }
@@ -503,6 +508,16 @@ impl SimNetwork {
             .unwrap_or_default()
     }
 
+    /// Every integrity report the processor exported to the network.
+    pub async fn integrity_reports(&self) -> Vec<IntegrityReport> {
+        self.net.lock().await.integrity.clone()
+    }
+
+    /// Every billing statement the processor exported to the network.
+    pub async fn billing_statements(&self) -> Vec<BillingStatement> {
+        self.net.lock().await.billing.clone()
+    }
+
     /// The device ids of `number`.
     pub async fn devices_of(&self, number: &PhoneNumber) -> Vec<u32> {
         let net = self.net.lock().await;
@@ -592,6 +607,16 @@ impl Transport for SimNetwork {
             .await
             .published
             .insert(business, (keys.clone(), 0));
+        Ok(())
+    }
+
+    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
+        self.net.lock().await.integrity.push(report.clone());
+        Ok(())
+    }
+
+    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
+        self.net.lock().await.billing.push(statement.clone());
         Ok(())
     }
 }

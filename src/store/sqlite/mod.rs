@@ -25,8 +25,8 @@ use rusqlite::{Connection, OpenFlags};
 use self::reads::Readers;
 use self::writer::Writer;
 use super::{
-    Batch, Census, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, PeerId, Storage,
-    StoreError,
+    Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, PeerId,
+    Storage, StoreError,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -163,6 +163,17 @@ pub enum SqliteOpenError {
         /// The file's length.
         actual: u64,
     },
+    /// A custodian database of another region: records sealed here would
+    /// claim a region other than the one the data lives in.
+    #[error("{} is the store of region {stored}, not of region {configured}", path.display())]
+    RegionMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The region the file was created for.
+        stored: String,
+        /// The region it was opened as.
+        configured: Region,
+    },
     /// SQLite found the file damaged.
     #[error("{} is damaged: {message}", path.display())]
     Corrupt {
@@ -186,7 +197,8 @@ impl From<SqliteOpenError> for StoreError {
         match e {
             SqliteOpenError::Io { .. }
             | SqliteOpenError::Backend { .. }
-            | SqliteOpenError::NewerSchema { .. } => Self::Backend(e.to_string()),
+            | SqliteOpenError::NewerSchema { .. }
+            | SqliteOpenError::RegionMismatch { .. } => Self::Backend(e.to_string()),
             _ => Self::Corrupt(e.to_string()),
         }
     }
@@ -299,10 +311,27 @@ impl SqliteStore {
         {
             let conn = reads::open_read_only(path, config.busy_timeout)
                 .map_err(|e| open_error(path, e))?;
-            schema::verify(path, &conn)?;
+            let version = schema::verify(path, &conn)?;
+            let stored = schema::stored_region(&conn, version).map_err(|e| open_error(path, e))?;
+            if let Some(stored) = stored.filter(|r| *r != config.region.as_str()) {
+                return Err(SqliteOpenError::RegionMismatch {
+                    path: path.to_owned(),
+                    stored,
+                    configured: config.region,
+                });
+            }
         }
         let mut conn = open_writer(path, &config).map_err(|e| open_error(path, e))?;
         schema::migrate(path, &mut conn)?;
+        let stored = schema::record_region(&conn, config.region.as_str())
+            .map_err(|e| open_error(path, e))?;
+        if stored != config.region.as_str() {
+            return Err(SqliteOpenError::RegionMismatch {
+                path: path.to_owned(),
+                stored,
+                configured: config.region,
+            });
+        }
         conn.execute_batch(writes::CREATE_HELD)
             .map_err(|e| open_error(path, e))?;
         let writer =
@@ -505,10 +534,24 @@ impl Storage for SqliteStore {
     async fn expired_open_messages(
         &self,
         now: Timestamp,
+        after: Option<(Timestamp, BusinessId, MessageId)>,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
         self.readers
-            .with(|c| reads::expired_open_messages(c, now, limit))
+            .with(|c| reads::expired_open_messages(c, now, after, limit))
+    }
+
+    async fn cap_expiry(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        period: Duration,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Option<MessageId>, StoreError> {
+        self.writer
+            .write(move |c| writes::cap_expiry(c, business, direction, period, after, limit))
+            .await
     }
 
     async fn delete_expired(

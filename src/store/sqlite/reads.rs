@@ -351,19 +351,37 @@ pub(super) fn due_messages(
 pub(super) fn expired_open_messages(
     conn: &Connection,
     now: Timestamp,
+    after: Option<(Timestamp, BusinessId, MessageId)>,
     limit: usize,
 ) -> Result<Vec<MessageRecord>, StoreError> {
+    // `status IN (0, 1)` (queued, sent) is the condition of the partial
+    // index `messages_open`: the sweep finds the few open messages without
+    // walking every expired one, and pages by seeking past the last one.
+    let first = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE expiry <= ?1 AND status IN (0, 1)
+         ORDER BY expiry, business, id LIMIT ?2"
+    );
+    let next = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE expiry <= ?1 AND status IN (0, 1) AND (expiry, business, id) > (?3, ?4, ?5)
+         ORDER BY expiry, business, id LIMIT ?2"
+    );
+    let (now, limit) = (time_sql(now), limit_sql(limit));
     let mut stmt = conn
-        .prepare_cached(&format!(
-            // `status IN (0, 1)` (queued, sent) is the condition of the
-            // partial index `messages_open`: the sweep finds the few open
-            // messages without walking every expired one.
-            "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE expiry <= ?1 AND status IN (0, 1)
-             ORDER BY expiry, business, id LIMIT ?2"
-        ))
+        .prepare_cached(if after.is_some() { &next } else { &first })
         .db()?;
-    let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
+    let mut rows = match after {
+        None => stmt.query(params![now, limit]),
+        Some((t, b, id)) => stmt.query(params![
+            now,
+            limit,
+            time_sql(t),
+            business_sql(b),
+            &id.as_bytes()[..]
+        ]),
+    }
+    .db()?;
     collect(&mut rows, codec::message)
 }
 

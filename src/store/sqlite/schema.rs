@@ -42,13 +42,19 @@ pub(super) struct Migration {
 /// Every schema version, oldest first. Version 0 is an empty custodian
 /// database (application id set, no tables). Append only: a released step
 /// never changes.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: V1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        sql: V2,
+    },
+];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: u32 = 1;
+pub(super) const SCHEMA_VERSION: u32 = 2;
 
 /// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
 /// `direction`, `status` and `failure` are the types' one-byte codes.
@@ -104,6 +110,64 @@ CREATE TABLE holds (
     PRIMARY KEY (kind, business, phone)
 ) WITHOUT ROWID;
 ";
+
+/// Version 2: legal holds are keyed by scope *and* case reference, so two
+/// cases holding the same scope are placed and released independently; the
+/// store records the region it was created for, and refuses to be opened
+/// as a store of another region.
+const V2: &str = "
+CREATE TABLE holds_v2 (
+    kind      INTEGER NOT NULL,
+    business  INTEGER NOT NULL,
+    phone     BLOB NOT NULL,
+    reference TEXT NOT NULL,
+    placed    INTEGER NOT NULL,
+    PRIMARY KEY (kind, business, phone, reference)
+) WITHOUT ROWID;
+INSERT INTO holds_v2 (kind, business, phone, reference, placed)
+    SELECT kind, business, phone, reference, placed FROM holds;
+DROP TABLE holds;
+ALTER TABLE holds_v2 RENAME TO holds;
+CREATE TABLE store_meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// The name of the region in `store_meta` (schema version 2 and later).
+const META_REGION: &str = "region";
+
+/// The region recorded in the database, if its schema records one and it
+/// has been set. Reads only.
+pub(super) fn stored_region(
+    conn: &Connection,
+    version: u32,
+) -> Result<Option<String>, rusqlite::Error> {
+    if version < 2 {
+        return Ok(None);
+    }
+    let mut stmt = conn.prepare("SELECT value FROM store_meta WHERE name = ?1")?;
+    let mut rows = stmt.query([META_REGION])?;
+    match rows.next()? {
+        Some(row) => row.get(0).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Record `region` as the database's region, unless one is recorded
+/// already (another process may have won the race since [`verify`]);
+/// return the region recorded.
+pub(super) fn record_region(conn: &Connection, region: &str) -> Result<String, rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO store_meta (name, value) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        [META_REGION, region],
+    )?;
+    conn.query_row(
+        "SELECT value FROM store_meta WHERE name = ?1",
+        [META_REGION],
+        |r| r.get(0),
+    )
+}
 
 /// Length of SQLite's file header.
 const HEADER_LEN: usize = 100;

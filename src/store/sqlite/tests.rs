@@ -238,7 +238,13 @@ fn a_custodian_database_with_unexpected_tables_is_refused_untouched() {
         .execute_batch("CREATE TABLE extra (x)")
         .unwrap();
     let err = refused(&path, |e| {
-        matches!(e, SqliteOpenError::UnexpectedSchema { version: 1, .. })
+        matches!(
+            e,
+            SqliteOpenError::UnexpectedSchema {
+                version: SCHEMA_VERSION,
+                ..
+            }
+        )
     });
     assert!(err.to_string().contains("extra"), "{err}");
 
@@ -290,7 +296,7 @@ fn damaged_files_never_panic() {
             let _ = store.ring(b).await;
             let _ = store.message(b, MessageId::from_bytes([3; 16])).await;
             let _ = store.due_messages(Timestamp::MAX, 100).await;
-            let _ = store.expired_open_messages(Timestamp::MAX, 100).await;
+            let _ = store.expired_open_messages(Timestamp::MAX, None, 100).await;
             let _ = store.orphan_peers(Timestamp::MAX, None, 100).await;
             let _ = store.message_epochs(b, None).await;
             let _ = store.holds().await;
@@ -334,6 +340,72 @@ fn an_empty_version_0_database_is_migrated_to_the_current_schema() {
     let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
     let m = block_on(store.message(business(1), MessageId::from_bytes([1; 16]))).unwrap();
     assert_eq!(m.unwrap().sealed, b"after migration");
+}
+
+#[test]
+fn a_version_1_database_keeps_its_data_through_the_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let hold_of = |reference: &str| Hold {
+        scope: HoldScope::Business(business(4)),
+        reference: reference.to_owned(),
+        placed: Timestamp::from_millis(T0),
+    };
+    {
+        // What a version 1 build left: its schema, a message and a hold
+        // (keyed by scope alone in that version).
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID as i32)
+            .unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0].sql).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let held = hold_of("case-1");
+        let (kind, b, phone) = super::writes::scope_sql(&held.scope);
+        conn.execute(
+            "INSERT INTO holds VALUES (?1, ?2, ?3, 'case-1', ?4)",
+            params![kind, b, phone, time_sql(Timestamp::from_millis(T0))],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        assert_eq!(store.holds().await.unwrap(), [hold_of("case-1")]);
+        // Version 2 keys holds by case: a second case on the scope stands beside it.
+        let mut batch = Batch::new();
+        batch.push(Op::PutHold(hold_of("case-2")));
+        store.commit(batch).await.unwrap();
+        assert_eq!(
+            store.holds().await.unwrap(),
+            [hold_of("case-1"), hold_of("case-2")]
+        );
+    });
+    drop(store);
+    let version: u32 = Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+}
+
+#[test]
+fn a_store_refuses_to_open_as_another_region_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let eu = SqliteConfig {
+        region: "eu-west".parse().unwrap(),
+        ..SqliteConfig::default()
+    };
+    let before = std::fs::read(&path).unwrap();
+    let err = SqliteStore::open(&path, eu).unwrap_err();
+    assert!(
+        matches!(&err, SqliteOpenError::RegionMismatch { stored, .. } if stored == Region::LOCAL.as_str()),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("eu-west"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // Its own region opens it.
+    SqliteStore::open(&path, SqliteConfig::default()).unwrap();
 }
 
 #[test]
@@ -586,6 +658,18 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
         (
             "SELECT * FROM messages WHERE expiry <= ?1 AND status IN (0, 1) ORDER BY expiry, business, id LIMIT ?2",
             "messages_open",
+        ),
+        (
+            "SELECT * FROM messages WHERE expiry <= ?1 AND status IN (0, 1) AND (expiry, business, id) > (?3, ?4, ?5) ORDER BY expiry, business, id LIMIT ?2",
+            "messages_open ((expiry,business,id)>(?,?,?) AND expiry<?)",
+        ),
+        (
+            "SELECT id FROM messages WHERE business = ?1 AND id > ?2 ORDER BY id LIMIT 1 OFFSET ?3",
+            "COVERING INDEX sqlite_autoindex_messages_1",
+        ),
+        (
+            "DELETE FROM peers WHERE business = ?1 AND phone = ?2 AND device = ?3 AND NOT EXISTS (SELECT 1 FROM messages AS m WHERE m.business = ?1 AND m.phone = ?2 AND m.expiry > ?4)",
+            "messages_phone",
         ),
         (
             "SELECT business FROM messages WHERE business > ?1 ORDER BY business LIMIT 1",

@@ -7,8 +7,13 @@ use super::codec::{
     self, Db, business_sql, key_id_sql, limit_sql, store_error, time_sql, u64_to_sql,
 };
 use super::reads;
+use std::time::Duration;
+
+use crate::ids::{BusinessId, MessageId};
 use crate::keys::{KekRing, KeyEntry, KeyId, WrappedKey};
-use crate::store::{Batch, ExpiredMessage, HoldScope, Op, StoreError};
+use crate::store::{
+    Batch, Direction, ExpiredMessage, FailureReason, HoldScope, Op, Status, StoreError,
+};
 use crate::time::Timestamp;
 
 /// A hold scope as stored: kind (1 business, 2 consumer), business, phone
@@ -51,7 +56,41 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 &peer.phone.as_bytes()[..],
                 peer.device
             ]),
-        Op::DeleteKey(id) => return delete_key(conn, id).map(drop),
+        Op::DeleteIdlePeer {
+            business,
+            peer,
+            now,
+        } => conn
+            .prepare_cached(
+                "DELETE FROM peers WHERE business = ?1 AND phone = ?2 AND device = ?3
+                   AND NOT EXISTS (SELECT 1 FROM messages AS m
+                       WHERE m.business = ?1 AND m.phone = ?2 AND m.expiry > ?4)",
+            )
+            .db()?
+            .execute(params![
+                business_sql(*business),
+                &peer.phone.as_bytes()[..],
+                peer.device,
+                time_sql(*now)
+            ]),
+        Op::ConsumeKey(id) => {
+            let (business, kind, key) = key_id_sql(id);
+            let n = shredding(conn, || {
+                conn.prepare_cached(
+                    "DELETE FROM wrapped_keys
+                     WHERE business = ?1 AND kind = ?2 AND id = ?3 AND blob IS NOT NULL",
+                )
+                .db()?
+                .execute(params![business, kind, key])
+                .db()
+            })?;
+            // Fails the batch: the key was consumed (or never existed).
+            return if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict)
+            };
+        }
         Op::PutMessage(m) => conn
             .prepare_cached(
                 "INSERT INTO messages (business, id, direction, phone, created, expiry, epoch,
@@ -84,57 +123,57 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
         Op::UpdateDelivery {
             business,
             id,
+            expected,
             delivery,
-        } => conn
+        } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5,
+                         next_attempt = ?6, pending_devices = ?7
+                     WHERE business = ?1 AND id = ?2 AND status = ?8",
+                )
+                .db()?
+                .execute(params![
+                    business_sql(*business),
+                    &id.as_bytes()[..],
+                    delivery.status.code(),
+                    delivery.failure.map(|f| f.code()),
+                    delivery.attempts,
+                    delivery.next_attempt.map(time_sql),
+                    u64_to_sql(delivery.pending_devices),
+                    expected.code(),
+                ])
+                .db()?;
+            // Fails the batch: the status moved on, or the message is gone.
+            return if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict)
+            };
+        }
+        Op::FailExpired { business, id } => conn
             .prepare_cached(
-                "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5, next_attempt = ?6,
-                     pending_devices = ?7
-                 WHERE business = ?1 AND id = ?2",
+                "UPDATE messages SET status = ?3, failure = ?4, next_attempt = NULL,
+                     pending_devices = ?5
+                 WHERE business = ?1 AND id = ?2 AND status IN (0, 1)",
             )
             .db()?
             .execute(params![
                 business_sql(*business),
                 &id.as_bytes()[..],
-                delivery.status.code(),
-                delivery.failure.map(|f| f.code()),
-                delivery.attempts,
-                delivery.next_attempt.map(time_sql),
-                u64_to_sql(delivery.pending_devices),
+                Status::Failed.code(),
+                FailureReason::Expired.code(),
+                u64_to_sql(0),
             ]),
         Op::DeleteMessage { business, id } => conn
             .prepare_cached("DELETE FROM messages WHERE business = ?1 AND id = ?2")
             .db()?
             .execute(params![business_sql(*business), &id.as_bytes()[..]]),
-        Op::CapExpiry {
-            business,
-            direction,
-            period,
-        } => {
-            // Stored times are biased (`t - 2^63`, see `codec`), so adding
-            // the period to the stored value adds it to the time. Rows whose
-            // creation plus the period would pass the largest time are left
-            // alone: their cap saturates there, which no expiry exceeds.
-            let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
-            conn.prepare_cached(
-                "UPDATE messages SET expiry = created + ?3
-                 WHERE business = ?1 AND direction = ?2
-                   AND created <= ?4 AND expiry > created + ?3",
-            )
-            .db()?
-            .execute(params![
-                business_sql(*business),
-                direction.code(),
-                period,
-                i64::MAX - period
-            ])
-        }
         Op::PutHold(hold) => {
             let (kind, business, phone) = scope_sql(&hold.scope);
             conn.prepare_cached(
                 "INSERT INTO holds (kind, business, phone, reference, placed)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (kind, business, phone) DO UPDATE SET
-                     reference = excluded.reference, placed = excluded.placed",
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
             )
             .db()?
             .execute(params![
@@ -145,28 +184,90 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 time_sql(hold.placed)
             ])
         }
-        Op::DeleteHold(scope) => {
+        Op::DeleteHold { scope, reference } => {
             let (kind, business, phone) = scope_sql(scope);
             conn.prepare_cached(
-                "DELETE FROM holds WHERE kind = ?1 AND business = ?2 AND phone = ?3",
+                "DELETE FROM holds
+                 WHERE kind = ?1 AND business = ?2 AND phone = ?3 AND reference = ?4",
             )
             .db()?
-            .execute(params![kind, business, phone])
+            .execute(params![kind, business, phone, reference])
         }
     };
     done.map(drop).map_err(store_error)
 }
 
-/// Run `f` with SQLite overwriting deleted content (`secure_delete = FAST`:
-/// where that costs no extra I/O), so that the bytes of a destroyed key, a
-/// replaced wrapping or a retired KEK version do not linger in the page that
-/// held them. Only key writes pay for it; messages and peers are sealed under
-/// keys that are shredded.
+/// Cap the expiry of up to `limit` messages of `business` (in id order
+/// after `after`) at their creation plus `period`, for those in `direction`
+/// whose expiry is later. Returns the last id looked at, if there may be
+/// more.
+pub(super) fn cap_expiry(
+    conn: &Connection,
+    business: BusinessId,
+    direction: Direction,
+    period: Duration,
+    after: Option<MessageId>,
+    limit: usize,
+) -> Result<Option<MessageId>, StoreError> {
+    let business = business_sql(business);
+    let after = after.map_or([0u8; MessageId::LEN], |id| *id.as_bytes());
+    // The page: `limit` ids of the business after `after`, by the
+    // `(business, id)` unique index.
+    let last: Option<Vec<u8>> = {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id FROM messages WHERE business = ?1 AND id > ?2
+                 ORDER BY id LIMIT 1 OFFSET ?3",
+            )
+            .db()?;
+        let mut rows = stmt
+            .query(params![business, &after[..], limit_sql(limit.max(1) - 1)])
+            .db()?;
+        match rows.next().db()? {
+            Some(row) => Some(row.get(0).db()?),
+            None => None,
+        }
+    };
+    // Stored times are biased (`t - 2^63`, see `codec`), so adding the
+    // period to the stored value adds it to the time. Rows whose creation
+    // plus the period would pass the largest time are left alone: their cap
+    // saturates there, which no expiry exceeds.
+    let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+    let upto: &[u8] = last.as_deref().unwrap_or(&[0xff; MessageId::LEN]);
+    conn.prepare_cached(
+        "UPDATE messages SET expiry = created + ?3
+         WHERE business = ?1 AND id > ?5 AND id <= ?6 AND direction = ?2
+           AND created <= ?4 AND expiry > created + ?3",
+    )
+    .db()?
+    .execute(params![
+        business,
+        direction.code(),
+        period,
+        i64::MAX - period,
+        &after[..],
+        upto
+    ])
+    .db()?;
+    last.map(|id| {
+        <[u8; MessageId::LEN]>::try_from(id.as_slice())
+            .map(MessageId::from_bytes)
+            .map_err(|_| codec::corrupt("messages", "a message id is not 16 bytes"))
+    })
+    .transpose()
+}
+
+/// Run `f` with SQLite overwriting deleted content with zeros
+/// (`secure_delete = ON`), so that the bytes of a destroyed key, a replaced
+/// wrapping or a retired KEK version linger neither in the page that held
+/// them nor in a page the deletion frees (`FAST` would leave those on the
+/// freelist). Only key writes pay for it, and they are rare; messages and
+/// peers are sealed under keys that are shredded.
 fn shredding<T>(
     conn: &Connection,
     f: impl FnOnce() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.pragma_update(None, "secure_delete", "FAST").db()?;
+    conn.pragma_update(None, "secure_delete", "ON").db()?;
     let out = f();
     conn.pragma_update(None, "secure_delete", "OFF").db()?;
     out
