@@ -183,8 +183,20 @@ impl<'de> Deserialize<'de> for MessageId {
 ///
 /// It deliberately does not implement `Serialize`: a number leaves the crate
 /// only inside a sealed envelope or through the visibility policy.
-#[derive(Clone, PartialEq, Eq, Hash, Zeroize, ZeroizeOnDrop)]
+///
+/// Nor does it implement `Zeroize`: a wiped number is no longer E.164 and
+/// every accessor would break on it, so wiping happens only in `Drop`, when
+/// nothing can read the value again.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PhoneNumber(String);
+
+impl Drop for PhoneNumber {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for PhoneNumber {}
 
 impl PhoneNumber {
     /// Fewest digits accepted (the shortest numbering plans in use).
@@ -356,6 +368,29 @@ impl<'de> Deserialize<'de> for Region {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `IMPLEMENTS` is true exactly when `T: Zeroize`: the inherent constant,
+    /// which exists only under that bound, shadows the blanket trait's.
+    struct ZeroizeProbe<T>(std::marker::PhantomData<T>);
+    trait NoZeroize {
+        const IMPLEMENTS: bool = false;
+    }
+    impl<T> NoZeroize for ZeroizeProbe<T> {}
+    impl<T: Zeroize> ZeroizeProbe<T> {
+        const IMPLEMENTS: bool = true;
+    }
+
+    #[test]
+    fn a_phone_number_wipes_itself_on_drop_but_cannot_be_wiped_while_in_use() {
+        // The probe itself answers both ways.
+        const { assert!(ZeroizeProbe::<String>::IMPLEMENTS) };
+        const { assert!(!ZeroizeProbe::<Region>::IMPLEMENTS) };
+        // A public `zeroize` would leave an empty string behind, on which
+        // `Display` and `digits` slice out of bounds.
+        const { assert!(!ZeroizeProbe::<PhoneNumber>::IMPLEMENTS) };
+        fn zeroizes_on_drop<T: ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<PhoneNumber>();
+    }
 
     #[test]
     fn phone_number_parse_is_strict_e164() {

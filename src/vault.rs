@@ -89,8 +89,10 @@ impl From<KeyError> for OpenError {
     }
 }
 
-/// An opened record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An opened record. Its `Debug` shows the label and the plaintext's
+/// length, never the plaintext: for some kinds (Signal sessions) that is
+/// key material, for the rest it is message content.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Opened {
     /// The authenticated header.
     pub header: Header,
@@ -102,6 +104,15 @@ impl Opened {
     /// The authenticated label.
     pub fn label(&self) -> &Label {
         self.header.label()
+    }
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("label", self.label())
+            .field("plaintext_len", &self.plaintext.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -8,15 +8,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use async_trait::async_trait;
 use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::keys::{
-    Epoch, EpochLength, KeyEntry, KeyError, KeyId, KeyManager, KeyProvider, LocalKeyProvider,
-    ProviderError, SecretKey,
+    Epoch, EpochLength, KekContext, KeyEntry, KeyError, KeyId, KeyManager, KeyProvider,
+    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
 use custodian::store::{KeyStore, MemoryStore};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::{OpenError, SealError, Vault};
+use hkdf::Hkdf;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -404,11 +410,190 @@ async fn kek_blobs_are_bound_to_business_and_version() {
     ));
 }
 
-/// Every secret type and every holder of secrets prints without them.
+/// A provider that pauses in `unwrap` until released: it holds a key load
+/// between reading the store and caching what it read.
+struct GatedProvider {
+    inner: LocalKeyProvider,
+    reached: Semaphore,
+    release: Semaphore,
+}
+
+#[async_trait]
+impl KeyProvider for GatedProvider {
+    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        self.inner.wrap(context, key).await
+    }
+
+    async fn unwrap(
+        &self,
+        context: &KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, ProviderError> {
+        self.reached.add_permits(1);
+        self.release.acquire().await.unwrap().forget();
+        self.inner.unwrap(context, wrapped).await
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Destroy {
+    Early,
+    AfterEnd,
+}
+
+#[tokio::test]
+async fn a_key_load_racing_a_destroy_never_brings_the_key_back() {
+    for destroy in [Destroy::Early, Destroy::AfterEnd] {
+        let f = Fixture::new();
+        let b = business(80);
+        let sealed = f.seal_across_epochs(b, 1).await;
+        let epoch = epoch_of(&sealed[0].0);
+        let gate = Arc::new(GatedProvider {
+            inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut f.root.clone())),
+            reached: Semaphore::new(0),
+            release: Semaphore::new(0),
+        });
+        // A manager with a cold cache: loading the epoch key unwraps the KEK.
+        let keys = Arc::new(KeyManager::new(gate.clone(), f.store.clone()));
+        let loader = tokio::spawn({
+            let keys = keys.clone();
+            async move { keys.epoch_key(b, epoch).await }
+        });
+        // The loader has read the live key from the store and waits on the KEK.
+        gate.reached.acquire().await.unwrap().forget();
+        match destroy {
+            Destroy::Early => assert!(keys.destroy_epoch(b, epoch, f.clock.now()).await.unwrap()),
+            Destroy::AfterEnd => {
+                f.clock.set(epoch.end());
+                assert_eq!(keys.destroy_ended_epochs(f.clock.now()).await.unwrap(), 1);
+            }
+        }
+        // Open the gate for good.
+        gate.release.add_permits(Semaphore::MAX_PERMITS / 2);
+        let gone = |r: &Result<_, KeyError>| {
+            matches!(
+                (r, destroy),
+                (Err(KeyError::EpochDestroyed { .. }), Destroy::Early)
+                    | (Err(KeyError::UnknownEpoch { .. }), Destroy::AfterEnd)
+            )
+        };
+        let loaded = loader.await.unwrap();
+        assert!(gone(&loaded), "{destroy:?}: the racing load got {loaded:?}");
+        // Nothing was left in the cache to read or seal with.
+        let again = keys.epoch_key(b, epoch).await;
+        assert!(gone(&again), "{destroy:?}: then {again:?}");
+        if let Destroy::AfterEnd = destroy {
+            continue;
+        }
+        let vault = Vault::new(keys, Arc::new(f.clock.clone()), EpochLength::DEFAULT);
+        let opened = vault.open(&sealed[0].0, b).await;
+        assert!(
+            matches!(opened, Err(OpenError::EpochDestroyed)),
+            "{opened:?}"
+        );
+        let late = f.label(b, HOUR + Duration::from_secs(90));
+        assert_eq!(vault.epoch_of(late.expiry), Some(epoch));
+        let resealed = vault.seal(&late, b"late").await;
+        assert!(
+            matches!(
+                resealed,
+                Err(SealError::Key(KeyError::EpochDestroyed { .. }))
+            ),
+            "{resealed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn opening_with_the_ring_missing_reports_a_corrupt_ring_and_writes_nothing() {
+    let f = Fixture::new();
+    let b = business(81);
+    let sealed = f.seal_across_epochs(b, 1).await;
+    let id = KeyId::epoch(b, epoch_of(&sealed[0].0));
+    let Some(KeyEntry::Wrapped(wrapped)) = f.store.key(&id).await.unwrap() else {
+        panic!("no key")
+    };
+    // The epoch key without the ring that wraps it.
+    let partial = Arc::new(MemoryStore::new());
+    partial.insert_key(wrapped.clone()).await.unwrap();
+    let vault = Fixture::vault_over(f.root, &partial, &f.clock);
+    let corrupt = |e: &KeyError| matches!(e, KeyError::CorruptRing { business } if *business == b);
+    let opened = vault.open(&sealed[0].0, b).await;
+    assert!(
+        matches!(&opened, Err(OpenError::Key(e)) if corrupt(e)),
+        "{opened:?}"
+    );
+    let loaded = vault.keys().epoch_key(b, epoch_of(&sealed[0].0)).await;
+    assert!(matches!(&loaded, Err(e) if corrupt(e)), "{loaded:?}");
+    // Sealing into that epoch needs the same ring; it makes no new one either.
+    let label = f.label(b, HOUR + Duration::from_secs(90));
+    let resealed = vault.seal(&label, b"x").await;
+    assert!(
+        matches!(&resealed, Err(SealError::Key(e)) if corrupt(e)),
+        "{resealed:?}"
+    );
+    assert_eq!(partial.ring(b).await.unwrap(), None, "no ring was created");
+    assert_eq!(
+        partial.key(&id).await.unwrap(),
+        Some(KeyEntry::Wrapped(wrapped))
+    );
+}
+
+/// The ways a `Debug` (derived, hand-rolled or `{:x?}`) could spell a run
+/// of 4 or more of `secret`'s bytes: decimal lists, hex lists, hex strings.
+fn spellings(secret: &[u8]) -> Vec<String> {
+    let list = |w: &[u8], f: fn(&u8) -> String| w.iter().map(f).collect::<Vec<_>>().join(", ");
+    secret
+        .windows(4)
+        .flat_map(|w| {
+            [
+                list(w, |b| b.to_string()),
+                list(w, |b| format!("{b:x}")),
+                list(w, |b| format!("{b:X}")),
+                hex::encode(w),
+                hex::encode_upper(w),
+            ]
+        })
+        .collect()
+}
+
+/// The key wrap of `WrappedKey`: AES-256-GCM under the KEK, nonce ‖
+/// ciphertext ‖ tag, bound to the key's name and KEK version.
+fn wrap_epoch_key(kek: &[u8; 32], id: KeyId, kek_version: u32, key: &[u8; 32]) -> WrappedKey {
+    let mut aad = b"custodian/v1/wrap".to_vec();
+    aad.extend_from_slice(&id.business.get().to_be_bytes());
+    aad.push(id.kind.code());
+    aad.extend_from_slice(&id.id.to_be_bytes());
+    aad.extend_from_slice(&kek_version.to_be_bytes());
+    let nonce = [0x4e; 12];
+    let mut blob = nonce.to_vec();
+    blob.extend(
+        Aes256Gcm::new(kek.into())
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: key,
+                    aad: &aad,
+                },
+            )
+            .unwrap(),
+    );
+    WrappedKey {
+        id,
+        kek_version,
+        blob,
+    }
+}
+
+/// Every secret type and every holder of secrets prints without them: with
+/// the root, KEK, epoch key and record key (DEK) all known, no run of their
+/// bytes, nor of the wrapped blobs, the plaintext or the phone number's
+/// hidden digits, shows in any `Debug`, and each `Debug` is exactly the
+/// redacted one (a derived `Debug` put back on any of these types fails here).
 #[tokio::test]
 async fn no_secret_byte_reaches_debug_output() {
-    let secret_bytes = [0xAB_u8; 32];
-    let root = SecretKey::from_bytes(&mut secret_bytes.clone());
+    let root_bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xA5);
+    let root = SecretKey::from_bytes(&mut root_bytes.clone());
     let provider = Arc::new(LocalKeyProvider::new(&root));
     let store = Arc::new(MemoryStore::new());
     let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
@@ -416,37 +601,133 @@ async fn no_secret_byte_reaches_debug_output() {
     let vault = Vault::new(keys.clone(), Arc::new(clock.clone()), EpochLength::DEFAULT);
     let b = business(70);
     let label = Label {
-        kind: Kind::InboundMessage,
+        kind: Kind::SignalSession,
         business: b,
-        id: MessageId::random(),
+        id: MessageId::from_bytes([0x11; 16]),
         expiry: clock.now().saturating_add(HOUR),
         region: "eu".parse().unwrap(),
     };
-    vault.seal(&label, b"warm the caches").await.unwrap();
     let epoch = Epoch::containing(label.expiry, EpochLength::DEFAULT).unwrap();
+
+    // The KEK, as the provider unwraps it; then an epoch key of our choosing,
+    // wrapped under it, installed before anything is sealed.
+    let ring = keys.ring(b).await.unwrap();
+    let kek = provider
+        .unwrap(
+            &KekContext {
+                business: b,
+                version: 1,
+            },
+            &ring.versions()[0].wrapped,
+        )
+        .await
+        .unwrap();
+    let epoch_bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(53) ^ 0x3C);
+    let id = KeyId::epoch(b, epoch);
+    let installed = wrap_epoch_key(kek.expose_secret(), id, 1, &epoch_bytes);
+    store.insert_key(installed.clone()).await.unwrap();
+
+    let plaintext = b"session: ratchet chain key material";
+    let sealed = vault.seal(&label, plaintext).await.unwrap();
+    // The record key, derived as the envelope documents; the commitment in
+    // the header proves the vault used exactly this key (and so ours).
+    let mut info = b"custodian/v1/dek".to_vec();
+    info.push(1);
+    info.extend_from_slice(label.id.as_bytes());
+    let mut dek = [0u8; 32];
+    Hkdf::<Sha256>::from_prk(&epoch_bytes)
+        .unwrap()
+        .expand(&info, &mut dek)
+        .unwrap();
+    let commitment: [u8; 32] = Sha256::new()
+        .chain_update(b"custodian/v1/commit")
+        .chain_update(dek)
+        .finalize()
+        .into();
+    let envelope = Envelope::parse(&sealed).unwrap();
+    assert_eq!(envelope.header().commitment(), &commitment);
+
+    let opened = vault.open(&sealed, b).await.unwrap();
+    assert_eq!(opened.plaintext, plaintext);
     let epoch_key = keys.epoch_key(b, epoch).await.unwrap();
     let ring = keys.ring(b).await.unwrap();
-    let Some(KeyEntry::Wrapped(wrapped)) = store.key(&KeyId::epoch(b, epoch)).await.unwrap() else {
-        panic!("no key")
-    };
+    let entry = store.key(&id).await.unwrap().unwrap();
+    assert_eq!(entry, KeyEntry::Wrapped(installed.clone()));
     let phone: PhoneNumber = "+447700900123".parse().unwrap();
 
-    let printed = format!(
-        "{root:?} {provider:?} {keys:?} {vault:?} {epoch_key:?} {ring:?} {wrapped:?} {phone:?} {phone}"
-    );
-    let needles = [
-        "171".to_owned(), // 0xAB in decimal, as a derived Debug of [u8] would print it
-        "abab".to_owned(),
-        "ABAB".to_owned(),
-        "7700900".to_owned(),
-        hex::encode(&ring.versions()[0].wrapped[..8]),
-        hex::encode(&wrapped.blob[..8]),
+    let printed: Vec<(&str, String)> = vec![
+        ("root", format!("{root:?}")),
+        ("kek", format!("{kek:?}")),
+        ("provider", format!("{provider:?}")),
+        ("keys", format!("{keys:?}")),
+        ("vault", format!("{vault:?}")),
+        ("epoch_key", format!("{epoch_key:?}")),
+        ("ring", format!("{ring:?}")),
+        ("kek_version", format!("{:?}", ring.versions()[0])),
+        ("wrapped", format!("{installed:?}")),
+        ("entry", format!("{entry:?}")),
+        ("opened", format!("{opened:?}")),
+        ("phone", format!("{phone:?} {phone}")),
     ];
-    for needle in &needles {
-        assert!(
-            !printed.contains(needle.as_str()),
-            "{needle} printed in {printed}"
-        );
+    let mut needles = Vec::new();
+    for secret in [
+        &root_bytes[..],
+        kek.expose_secret(),
+        &epoch_bytes,
+        &dek,
+        &ring.versions()[0].wrapped,
+        &installed.blob,
+        plaintext,
+    ] {
+        needles.extend(spellings(secret));
     }
-    assert!(printed.contains("SecretKey(..)") && printed.contains("key: .."));
+    needles.extend(["ratchet".to_owned(), "7700900".to_owned()]);
+    for (what, text) in &printed {
+        for needle in &needles {
+            assert!(
+                !text.contains(needle.as_str()),
+                "{what} prints {needle:?}: {text}"
+            );
+        }
+    }
+
+    // And each prints exactly its redacted form.
+    let keys_shown = "KeyManager { businesses: 1, cached_keks: 1, cached_epoch_keys: 1, \
+                      cached_phone_index_keys: 0, .. }";
+    let version_shown = format!(
+        "KekVersion {{ version: 1, wrapped_len: 61, created: {:?} }}",
+        ring.versions()[0].created
+    );
+    let wrapped_shown = format!(
+        "WrappedKey {{ id: {id:?}, kek_version: 1, blob_len: {} }}",
+        installed.blob.len()
+    );
+    let expected = [
+        "SecretKey(..)".to_owned(),
+        "SecretKey(..)".to_owned(),
+        "LocalKeyProvider { root: .. }".to_owned(),
+        keys_shown.to_owned(),
+        format!(
+            "Vault {{ keys: {keys_shown}, epoch_length: {:?}, .. }}",
+            EpochLength::DEFAULT
+        ),
+        format!("EpochKey {{ business: {b:?}, epoch: {epoch:?}, key: .. }}"),
+        format!(
+            "KekRing {{ business: {b:?}, versions: [{version_shown}], next_version: 2, \
+             primary: 1, floor: 1, revision: 0 }}"
+        ),
+        version_shown.clone(),
+        wrapped_shown.clone(),
+        format!("Wrapped({wrapped_shown})"),
+        format!(
+            "Opened {{ label: {:?}, plaintext_len: {}, .. }}",
+            label,
+            plaintext.len()
+        ),
+        "PhoneNumber(+…23) +…23".to_owned(),
+    ];
+    assert_eq!(printed.len(), expected.len());
+    for ((what, text), expected) in printed.iter().zip(&expected) {
+        assert_eq!(text, expected, "{what}");
+    }
 }

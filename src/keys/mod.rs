@@ -132,7 +132,8 @@ pub enum KeyError {
     /// All 2^32 - 1 version numbers are used.
     #[error("KEK version numbers are exhausted")]
     VersionsExhausted,
-    /// A stored ring breaks the ring invariants.
+    /// A stored ring breaks the ring invariants or cannot advance its
+    /// revision, or keys are stored under a ring that is missing.
     #[error("stored KEK ring of business {business} is corrupt")]
     CorruptRing {
         /// The business.
@@ -191,8 +192,19 @@ impl From<StoreError> for KeyError {
 
 /// How many times a ring update is retried when it races another.
 const RING_RETRIES: usize = 16;
+/// How many times loading an epoch key is retried when destroys race it.
+const LOAD_RETRIES: usize = 16;
 /// Page size for rewrap and the end-of-epoch sweep.
 const PAGE: usize = 256;
+
+/// What loading an epoch key may do when the store has none.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Opening: a missing key is an error; nothing is written.
+    Existing,
+    /// Sealing: create the key (random, wrapped under the primary KEK).
+    CreateIfAbsent,
+}
 
 /// Manages every business's KEK ring and epoch keys over a provider and a store.
 pub struct KeyManager {
@@ -213,6 +225,12 @@ struct Cache {
     keks: HashMap<(BusinessId, u32), Arc<Kek>, RandomState>,
     epochs: HashMap<(BusinessId, Epoch), Arc<EpochKey>, RandomState>,
     phone_index: HashMap<BusinessId, Arc<PhoneIndexKey>, RandomState>,
+    /// Bumped, under the write lock, after every destruction of epoch keys
+    /// in the store. A loader notes it before reading a key from the store
+    /// and caches the key only if it has not moved since: a key read just
+    /// before a concurrent destroy must not be cached after the destroy
+    /// emptied the cache, or the epoch would stay readable in memory.
+    epoch_destructions: u64,
 }
 
 impl fmt::Debug for KeyManager {
@@ -249,15 +267,36 @@ impl KeyManager {
 
     /// The KEK ring of `business`, created with version 1 on first use.
     pub async fn ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
-        if let Some(ring) = self.read().rings.get(&business) {
-            return Ok(ring.clone());
+        if let Some(ring) = self.stored_ring(business).await? {
+            return Ok(ring);
         }
-        let ring = match self.store.ring(business).await? {
-            Some(ring) => ring,
-            None => self.create_ring(business).await?,
-        };
+        let ring = self.create_ring(business).await?;
         self.write().rings.insert(business, ring.clone());
         Ok(ring)
+    }
+
+    /// The KEK ring of `business` if one exists; never creates one.
+    async fn stored_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
+        if let Some(ring) = self.read().rings.get(&business) {
+            return Ok(Some(ring.clone()));
+        }
+        let Some(ring) = self.store.ring(business).await? else {
+            return Ok(None);
+        };
+        // A ring an update cached meanwhile is at least as new as ours.
+        Ok(Some(
+            self.write().rings.entry(business).or_insert(ring).clone(),
+        ))
+    }
+
+    /// The ring that must exist because a key wrapped under it does. Used
+    /// wherever a stored key is unwrapped, so that opening never writes: a
+    /// missing ring is reported, not replaced by a fresh one that could not
+    /// unwrap the key anyway.
+    async fn ring_of_stored_key(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        self.stored_ring(business)
+            .await?
+            .ok_or(KeyError::CorruptRing { business })
     }
 
     async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
@@ -478,21 +517,12 @@ impl KeyManager {
         if let Some(key) = self.cached_epoch_key(business, epoch) {
             return Ok(key);
         }
-        let id = KeyId::epoch(business, epoch);
-        let entry = match self.store.key(&id).await? {
-            Some(entry) => entry,
-            None => {
-                let ring = self.ring(business).await?;
-                let kek = self.kek(&ring, ring.primary()).await?;
-                let secret = SecretKey::generate();
-                let wrapped = WrappedKey::seal(id, &kek, secret.expose_secret())?;
-                self.store.insert_key(wrapped).await?
-            }
-        };
-        self.load_epoch_key(business, epoch, entry).await
+        self.load_epoch_key(business, epoch, Load::CreateIfAbsent)
+            .await
     }
 
-    /// The key of `business`'s `epoch`, for opening.
+    /// The key of `business`'s `epoch`, for opening. Never writes: a missing
+    /// key or ring is an error, not something to create.
     pub async fn epoch_key(
         &self,
         business: BusinessId,
@@ -501,34 +531,54 @@ impl KeyManager {
         if let Some(key) = self.cached_epoch_key(business, epoch) {
             return Ok(key);
         }
-        match self.store.key(&KeyId::epoch(business, epoch)).await? {
-            Some(entry) => self.load_epoch_key(business, epoch, entry).await,
-            None => Err(KeyError::UnknownEpoch { business, epoch }),
-        }
+        self.load_epoch_key(business, epoch, Load::Existing).await
     }
 
+    /// Read, unwrap and cache the key of `business`'s `epoch`.
     async fn load_epoch_key(
         &self,
         business: BusinessId,
         epoch: Epoch,
-        entry: KeyEntry,
+        load: Load,
     ) -> Result<Arc<EpochKey>, KeyError> {
-        let wrapped = match entry {
-            KeyEntry::Wrapped(w) => w,
-            KeyEntry::Destroyed { .. } => return Err(KeyError::EpochDestroyed { business, epoch }),
-        };
-        let ring = self.ring(business).await?;
-        let kek = self.kek(&ring, wrapped.kek_version).await?;
-        let secret = wrapped.open(&kek)?;
-        let secret = SecretKey::from_slice(&secret).ok_or(KeyError::Unwrap(wrapped.id))?;
-        let key = Arc::new(EpochKey::new(business, epoch, &secret));
-        // A concurrent loader may have won; either copy is the same key.
-        Ok(self
-            .write()
-            .epochs
-            .entry((business, epoch))
-            .or_insert(key)
-            .clone())
+        let id = KeyId::epoch(business, epoch);
+        for _ in 0..LOAD_RETRIES {
+            // Noted before the store is read: see `Cache::epoch_destructions`.
+            let destructions = self.read().epoch_destructions;
+            let entry = match (self.store.key(&id).await?, load) {
+                (Some(entry), _) => entry,
+                (None, Load::Existing) => return Err(KeyError::UnknownEpoch { business, epoch }),
+                (None, Load::CreateIfAbsent) => {
+                    let ring = self.ring(business).await?;
+                    let kek = self.kek(&ring, ring.primary()).await?;
+                    let secret = SecretKey::generate();
+                    let wrapped = WrappedKey::seal(id, &kek, secret.expose_secret())?;
+                    // Whatever is stored afterwards (ours, a concurrent
+                    // sealer's, or a tombstone) is what we use.
+                    self.store.insert_key(wrapped).await?
+                }
+            };
+            let wrapped = match entry {
+                KeyEntry::Wrapped(w) => w,
+                KeyEntry::Destroyed { .. } => {
+                    return Err(KeyError::EpochDestroyed { business, epoch });
+                }
+            };
+            let ring = self.ring_of_stored_key(business).await?;
+            let kek = self.kek(&ring, wrapped.kek_version).await?;
+            let secret = wrapped.open(&kek)?;
+            let secret = SecretKey::from_slice(&secret).ok_or(KeyError::Unwrap(wrapped.id))?;
+            let key = Arc::new(EpochKey::new(business, epoch, &secret));
+            let mut cache = self.write();
+            if cache.epoch_destructions != destructions {
+                // Keys were destroyed while this one loaded, maybe this very
+                // one: read the store again rather than revive it.
+                continue;
+            }
+            // A concurrent loader may have won; either copy is the same key.
+            return Ok(cache.epochs.entry((business, epoch)).or_insert(key).clone());
+        }
+        Err(KeyError::Contention)
     }
 
     /// Wrap `secret` as `id` under `id.business`'s primary KEK and store it
@@ -565,7 +615,7 @@ impl KeyManager {
         &self,
         wrapped: &WrappedKey,
     ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let ring = self.ring(wrapped.id.business).await?;
+        let ring = self.ring_of_stored_key(wrapped.id.business).await?;
         let kek = self.kek(&ring, wrapped.kek_version).await?;
         wrapped.open(&kek)
     }
@@ -644,7 +694,9 @@ impl KeyManager {
             .store
             .destroy_key(&KeyId::epoch(business, epoch), now)
             .await?;
-        self.write().epochs.remove(&(business, epoch));
+        let mut cache = self.write();
+        cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
+        cache.epochs.remove(&(business, epoch));
         Ok(destroyed)
     }
 
@@ -680,9 +732,100 @@ impl KeyManager {
             removed += self.store.delete_keys(&doomed).await?;
             // No destroyed key may outlive its stored copy in memory.
             let mut cache = self.write();
+            cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
             cache
                 .epochs
                 .retain(|(b, epoch), _| epoch.end() > now || keep.contains(&(*b, *epoch)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hkdf::Hkdf;
+    use sha2::Digest;
+
+    use super::*;
+    use crate::envelope::RecordKey;
+    use crate::ids::MessageId;
+
+    #[test]
+    fn hash_states_behind_hmac_and_hkdf_wipe_themselves_on_drop() {
+        // `Hmac<Sha256>` (the phone index, the HKDF in every `EpochKey` and in
+        // `LocalKeyProvider`) holds two SHA-256 cores keyed with the secret;
+        // sha2 wipes a core on drop only with its `zeroize` feature on.
+        fn zeroizes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<sha2::block_api::Sha256VarCore>();
+        zeroizes_on_drop::<Sha256>();
+    }
+
+    /// Decimal-list and hex spellings of every 4-byte window of `secret`.
+    fn spellings(secret: &[u8]) -> Vec<String> {
+        let list = |w: &[u8], f: fn(&u8) -> String| w.iter().map(f).collect::<Vec<_>>().join(", ");
+        secret
+            .windows(4)
+            .flat_map(|w| {
+                [
+                    list(w, |b| b.to_string()),
+                    list(w, |b| format!("{b:x}")),
+                    hex::encode(w),
+                    hex::encode_upper(w),
+                ]
+            })
+            .collect()
+    }
+
+    /// The crate's own key holders print no byte of the keys they hold.
+    #[test]
+    fn kek_dek_and_record_key_print_redacted() {
+        let kek_bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(29) ^ 0x5A);
+        let epoch_bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(71) ^ 0xC3);
+        let business = BusinessId::new(9).unwrap();
+        let epoch = Epoch::ending_at(Timestamp::from_millis(1_767_229_200_000));
+        let id = MessageId::from_bytes([0x22; 16]);
+        let kek = Kek::new(3, &SecretKey::from_bytes(&mut kek_bytes.clone()));
+        let epoch_key = EpochKey::new(
+            business,
+            epoch,
+            &SecretKey::from_bytes(&mut epoch_bytes.clone()),
+        );
+        let dek = epoch_key.dek(1, &id);
+        let mut info = b"custodian/v1/dek".to_vec();
+        info.push(1);
+        info.extend_from_slice(id.as_bytes());
+        let mut dek_bytes = [0u8; 32];
+        Hkdf::<Sha256>::from_prk(&epoch_bytes)
+            .unwrap()
+            .expand(&info, &mut dek_bytes)
+            .unwrap();
+        // The commitment proves these are the bytes the `Dek` holds.
+        let commitment: [u8; 32] = <Sha256 as Digest>::new()
+            .chain_update(b"custodian/v1/commit")
+            .chain_update(dek_bytes)
+            .finalize()
+            .into();
+        assert_eq!(dek.commitment(), commitment);
+        let record = RecordKey::new(&epoch_key, id);
+
+        let printed = [
+            (format!("{kek:?}"), "Kek { version: 3, key: .. }".to_owned()),
+            (format!("{dek:?}"), "Dek(..)".to_owned()),
+            (
+                format!("{record:?}"),
+                format!(
+                    "RecordKey {{ business: {business:?}, epoch: {epoch:?}, id: {id:?}, seals: 0, .. }}"
+                ),
+            ),
+        ];
+        let needles: Vec<String> = [&kek_bytes, &epoch_bytes, &dek_bytes]
+            .into_iter()
+            .flat_map(|s| spellings(s))
+            .collect();
+        for (text, expected) in &printed {
+            assert_eq!(text, expected);
+            for needle in &needles {
+                assert!(!text.contains(needle.as_str()), "{needle} in {text}");
+            }
         }
     }
 }

@@ -184,9 +184,14 @@ impl KekRing {
         })
     }
 
-    fn bumped(mut self) -> Self {
-        self.revision += 1;
-        self
+    /// The ring with its revision advanced. A stored ring can carry any
+    /// revision, including `u64::MAX`; one that cannot advance would let two
+    /// updates share a revision, so it is reported as corrupt.
+    fn bumped(mut self) -> Result<Self, KeyError> {
+        self.revision = self.revision.checked_add(1).ok_or(KeyError::CorruptRing {
+            business: self.business,
+        })?;
+        Ok(self)
     }
 
     /// Add a new version (not primary yet). Returns the ring and the version.
@@ -199,7 +204,7 @@ impl KekRing {
             wrapped,
             created: now,
         });
-        Ok((next.bumped(), version))
+        Ok((next.bumped()?, version))
     }
 
     /// Make `version` the primary. It must exist and be at or above the floor.
@@ -207,7 +212,7 @@ impl KekRing {
         self.usable(version)?;
         let mut next = self.clone();
         next.primary = version;
-        Ok(next.bumped())
+        next.bumped()
     }
 
     /// Raise the decrypt floor to `version`. The floor never goes down (that
@@ -227,7 +232,7 @@ impl KekRing {
         }
         let mut next = self.clone();
         next.floor = version;
-        Ok(next.bumped())
+        next.bumped()
     }
 
     /// Retire `version`: its wrapped bytes are removed for good. Only versions
@@ -249,7 +254,7 @@ impl KekRing {
             })?;
         let mut next = self.clone();
         next.versions.remove(i);
-        Ok(next.bumped())
+        next.bumped()
     }
 }
 
@@ -320,5 +325,30 @@ mod tests {
         assert!(serde_json::from_str::<KekRing>(&bad).is_err());
         let bad = good.replace("\"primary\":1", "\"primary\":5");
         assert!(serde_json::from_str::<KekRing>(&bad).is_err());
+    }
+
+    /// `r` as a store could hand it back: valid, at the last revision.
+    fn at_last_revision(r: &KekRing) -> KekRing {
+        let mut json = serde_json::to_value(r).unwrap();
+        json["revision"] = u64::MAX.into();
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_ring_at_the_last_revision_is_refused_as_corrupt_not_overflowed() {
+        let t = Timestamp::from_millis(1);
+        let (two, _) = ring().add_version(vec![2], t).unwrap();
+        let promoted = two.promote(2).unwrap();
+        let floored = promoted.raise_floor(2).unwrap();
+        let corrupt = |r: Result<KekRing, KeyError>| matches!(r, Err(KeyError::CorruptRing { .. }));
+        assert_eq!(at_last_revision(&ring()).revision(), u64::MAX);
+        assert!(corrupt(
+            at_last_revision(&ring())
+                .add_version(vec![2], t)
+                .map(|(r, _)| r)
+        ));
+        assert!(corrupt(at_last_revision(&two).promote(2)));
+        assert!(corrupt(at_last_revision(&promoted).raise_floor(2)));
+        assert!(corrupt(at_last_revision(&floored).retire(1)));
     }
 }
