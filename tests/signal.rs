@@ -427,7 +427,9 @@ async fn identity_change_is_refused_when_the_policy_says_so() {
     );
 }
 
-#[tokio::test]
+// Worker threads, so that the tasks really overlap: on one thread a task
+// runs to completion between awaits that never wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_on_one_address_never_fork_the_ratchet() {
     let w = Arc::new(World::new());
     let (mut phone, peer) = w.contact("+447700900009", 0).await;

@@ -64,13 +64,17 @@ impl Account {
         let stored = match keys.load_secret(id).await? {
             Some(stored) => stored,
             None => {
-                let mut fresh = Vec::with_capacity(4 + 64);
+                // Wiped whatever happens, the store failing included.
+                let pair = zeroize::Zeroizing::new(
+                    IdentityKeyPair::generate(&mut ThreadCsprng)
+                        .serialize()
+                        .into_vec(),
+                );
+                let mut fresh = zeroize::Zeroizing::new(Vec::with_capacity(4 + pair.len()));
                 let registration_id = ThreadCsprng.random_range(1..=MAX_REGISTRATION_ID);
                 fresh.extend_from_slice(&registration_id.to_be_bytes());
-                fresh.extend_from_slice(&IdentityKeyPair::generate(&mut ThreadCsprng).serialize());
-                let stored = keys.store_secret(id, &fresh).await?;
-                zeroize::Zeroize::zeroize(&mut fresh);
-                stored
+                fresh.extend_from_slice(&pair);
+                keys.store_secret(id, &fresh).await?
             }
         };
         let (registration_id, identity) = stored

@@ -225,8 +225,9 @@ pub struct Decrypted {
     /// The device presented a new identity key and the policy accepted it:
     /// tell the business (a "security code changed" notice).
     pub identity_changed: bool,
-    /// The message was a first-contact message from a device with no
-    /// session before: it established the session.
+    /// The message was a first-contact message that established a new
+    /// session (the device had none, or started over), not one that
+    /// repeated the setup of the session in use.
     pub first_contact: bool,
 }
 
@@ -795,7 +796,14 @@ impl Sessions {
         let account = self.account(business).await?;
         let guard = self.address_locks.lock((business, peer)).await;
         let mut state = self.load_peer(business, peer).await?;
-        let had_session = state.session.is_some();
+        // A first-contact message on an existing session resends its setup;
+        // one that changes the session's base key starts a new session.
+        let base_key = |session: Option<&wacore_libsignal::protocol::SessionRecord>| {
+            session
+                .and_then(|s| s.session_state())
+                .map(|s| s.alice_base_key().to_vec())
+        };
+        let base_before = base_key(state.session.as_ref());
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
             keys: self.vault.keys(),
@@ -839,6 +847,8 @@ impl Sessions {
         };
         state.session = sessions.into_record();
         state.identity = identities.peer;
+        let first_contact = message.kind == MessageKind::FirstContact
+            && (base_before.is_none() || base_before != base_key(state.session.as_ref()));
         Ok(StagedDecrypt {
             sessions: self,
             business,
@@ -850,7 +860,7 @@ impl Sessions {
             decrypted: Decrypted {
                 plaintext: decrypted.plaintext,
                 identity_changed: decrypted.identity_change == IdentityChange::ReplacedExisting,
-                first_contact: message.kind == MessageKind::FirstContact && !had_session,
+                first_contact,
             },
             guard: Some(guard),
         })

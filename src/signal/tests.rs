@@ -108,3 +108,95 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
         );
     }
 }
+
+async fn fixture() -> (Sessions, Arc<KeyManager>, BusinessId, Timestamp) {
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        store.clone(),
+    ));
+    let vault = Arc::new(Vault::new(
+        keys.clone(),
+        Arc::new(clock.clone()),
+        EpochLength::DEFAULT,
+    ));
+    let sessions = Sessions::new(vault, store, SignalConfig::default());
+    let expiry = Timestamp::from_millis(1_767_225_600_000 + 86_400_000);
+    (sessions, keys, BusinessId::new(9).unwrap(), expiry)
+}
+
+/// Two devices (two consumers) start sessions from the same published
+/// bundle, so their first messages name the same one-time prekey, and both
+/// decrypt before either commits: only the first commit may use it.
+#[tokio::test]
+async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
+    let (sessions, keys, business, expiry) = fixture().await;
+    let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
+    let mut peers = Vec::new();
+    let mut firsts = Vec::new();
+    for n in ["+447700900301", "+447700900302"] {
+        let mut device = ConsumerDevice::new(0);
+        device.start_session(business, &bundle).await.unwrap();
+        firsts.push(device.encrypt(business, n.as_bytes()).await.unwrap());
+        let number: PhoneNumber = n.parse().unwrap();
+        peers.push(PeerId {
+            phone: keys.phone_hash(business, &number).await.unwrap(),
+            device: 0,
+        });
+    }
+    let a = sessions
+        .decrypt_staged(business, peers[0], &firsts[0], expiry)
+        .await
+        .unwrap();
+    // The in-memory store never makes a task wait, so staging completes in
+    // one poll unless the two addresses share a lock stripe (1 in 1,024):
+    // then they are serialised and cannot race at all.
+    let mut staging =
+        std::pin::pin!(sessions.decrypt_staged(business, peers[1], &firsts[1], expiry));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let std::task::Poll::Ready(b) = staging.as_mut().poll(&mut cx) else {
+        return;
+    };
+    let b = b.unwrap();
+    assert_eq!(a.decrypted().plaintext, b"+447700900301");
+    assert!(a.decrypted().first_contact);
+    a.commit(Batch::new()).await.unwrap();
+    let refused = b.commit(Batch::new()).await;
+    assert!(
+        matches!(refused, Err(SignalError::InvalidMessage(_))),
+        "{refused:?}"
+    );
+    // The loser's state was not stored: it has no session.
+    assert!(!sessions.has_session(business, peers[1]).await.unwrap());
+    assert!(sessions.has_session(business, peers[0]).await.unwrap());
+}
+
+/// Until the business replies, every message of the consumer is a
+/// first-contact message repeating the session's setup; only the first one
+/// established the session.
+#[tokio::test]
+async fn only_the_message_that_starts_a_session_is_first_contact() {
+    let (sessions, keys, business, expiry) = fixture().await;
+    let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
+    let mut device = ConsumerDevice::new(0);
+    device.start_session(business, &bundle).await.unwrap();
+    let number: PhoneNumber = "+447700900303".parse().unwrap();
+    let peer = PeerId {
+        phone: keys.phone_hash(business, &number).await.unwrap(),
+        device: 0,
+    };
+    let first = device.encrypt(business, b"one").await.unwrap();
+    let second = device.encrypt(business, b"two").await.unwrap();
+    assert_eq!(second.kind, MessageKind::FirstContact);
+    let d1 = sessions
+        .decrypt(business, peer, &first, expiry)
+        .await
+        .unwrap();
+    let d2 = sessions
+        .decrypt(business, peer, &second, expiry)
+        .await
+        .unwrap();
+    assert!(d1.first_contact);
+    assert!(!d2.first_contact);
+}
