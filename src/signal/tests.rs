@@ -109,6 +109,7 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
     }
 }
 
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
 async fn fixture() -> (Sessions, Arc<KeyManager>, BusinessId, Timestamp) {
     let store = Arc::new(MemoryStore::new());
     let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
