@@ -194,6 +194,37 @@ mod ceiling {
                 Err(e) => prop_assert!(!e.field.is_empty()),
             }
         }
+
+        /// A policy built in code is written to a file and read back as the
+        /// same policy, whatever its periods (to the millisecond).
+        #[test]
+        fn built_policies_round_trip_through_their_file(
+            inbound in 1u64..=CEILING.as_millis() as u64,
+            outbound in 1u64..=CEILING.as_millis() as u64,
+            ttl in 1u64..=CEILING.as_millis() as u64,
+            per_business in prop::collection::btree_map(1u64..5, (1u64..=CEILING.as_millis() as u64, 1u64..=CEILING.as_millis() as u64), 0..4),
+        ) {
+            let ms = Duration::from_millis;
+            let mut policy = RetentionPolicy::default()
+                .with_default(Periods { inbound: ms(inbound), outbound: ms(outbound) })
+                .unwrap()
+                .with_in_use_ttl(ms(ttl))
+                .unwrap();
+            for (b, (i, o)) in &per_business {
+                policy = policy
+                    .with_business(business(*b), BusinessRetention { periods: Periods { inbound: ms(*i), outbound: ms(*o) }, region: None })
+                    .unwrap();
+            }
+            let text = toml::to_string(&policy.to_file()).unwrap();
+            prop_assert_eq!(RetentionPolicy::from_toml(&text).unwrap(), policy);
+        }
+    }
+
+    #[test]
+    fn sub_millisecond_periods_are_refused_naming_the_field() {
+        let odd = Periods::both(Duration::from_nanos(1_500_000));
+        let err = RetentionPolicy::default().with_default(odd).unwrap_err();
+        assert_eq!(err.field, "inbound");
     }
 }
 

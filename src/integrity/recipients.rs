@@ -7,6 +7,9 @@
 //! bound, a recipient touched in the last `bound / 2` distinct recipients is
 //! always remembered, and one not touched for longer may be forgotten and
 //! counted as new again: over-counting, never under-counting, new recipients.
+//! A recipient neither messaged nor heard from since a given window can be
+//! forgotten outright ([`RecipientTracker::forget_before`]): the monitor
+//! keeps no consumer longer than the retention ceiling.
 
 use std::collections::HashMap;
 
@@ -26,10 +29,18 @@ pub(super) enum Reach {
     Repeat,
 }
 
+/// What is kept per recipient: the last window the business messaged it
+/// ([`NEVER_SENT`] if only heard from), and the last window of any contact.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    sent: u64,
+    contact: u64,
+}
+
 #[derive(Debug)]
 pub(super) struct RecipientTracker {
-    current: HashMap<u64, u64, RandomState>,
-    previous: HashMap<u64, u64, RandomState>,
+    current: HashMap<u64, Seen, RandomState>,
+    previous: HashMap<u64, Seen, RandomState>,
     generation: usize,
     rotations: u64,
 }
@@ -52,11 +63,15 @@ impl RecipientTracker {
 
     /// A message sent to `key` in `window`.
     pub(super) fn sent(&mut self, key: u64, window: u64) -> Reach {
+        let now = Seen {
+            sent: window,
+            contact: window,
+        };
         let last = match self.current.get_mut(&key) {
-            Some(last) => Some(std::mem::replace(last, window)),
+            Some(last) => Some(std::mem::replace(last, now).sent),
             None => {
-                let last = self.previous.remove(&key);
-                self.insert(key, window);
+                let last = self.previous.remove(&key).map(|s| s.sent);
+                self.insert(key, now);
                 last
             }
         };
@@ -67,22 +82,35 @@ impl RecipientTracker {
         }
     }
 
-    /// A message received from `key`: the consumer is known from now on,
-    /// so replying to it is not fan-out.
-    pub(super) fn heard_from(&mut self, key: u64) {
-        if self.current.contains_key(&key) {
+    /// A message received from `key` in `window`: the consumer is known
+    /// from now on, so replying to it is not fan-out.
+    pub(super) fn heard_from(&mut self, key: u64, window: u64) {
+        if let Some(seen) = self.current.get_mut(&key) {
+            seen.contact = seen.contact.max(window);
             return;
         }
-        let last = self.previous.remove(&key).unwrap_or(NEVER_SENT);
-        self.insert(key, last);
+        let sent = self.previous.remove(&key).map_or(NEVER_SENT, |s| s.sent);
+        self.insert(
+            key,
+            Seen {
+                sent,
+                contact: window,
+            },
+        );
     }
 
-    fn insert(&mut self, key: u64, window: u64) {
+    /// Forget every recipient with no contact in `window` or later.
+    pub(super) fn forget_before(&mut self, window: u64) {
+        self.current.retain(|_, s| s.contact >= window);
+        self.previous.retain(|_, s| s.contact >= window);
+    }
+
+    fn insert(&mut self, key: u64, seen: Seen) {
         if self.current.len() >= self.generation {
             self.previous = std::mem::take(&mut self.current);
             self.rotations += 1;
         }
-        self.current.insert(key, window);
+        self.current.insert(key, seen);
     }
 
     #[cfg(test)]
@@ -102,9 +130,23 @@ mod tests {
         assert_eq!(t.sent(1, 0), Reach::New);
         assert_eq!(t.sent(1, 0), Reach::Repeat);
         assert_eq!(t.sent(1, 1), Reach::Returning);
-        t.heard_from(2);
+        t.heard_from(2, 1);
         assert_eq!(t.sent(2, 1), Reach::Returning);
         assert_eq!(t.sent(2, 1), Reach::Repeat);
+    }
+
+    #[test]
+    fn recipients_without_contact_since_a_window_are_forgotten() {
+        let mut t = RecipientTracker::new(100);
+        t.sent(1, 0);
+        t.heard_from(2, 3);
+        t.sent(3, 2);
+        t.heard_from(3, 5);
+        t.forget_before(3);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.sent(1, 6), Reach::New, "1 was last seen in window 0");
+        assert_eq!(t.sent(2, 6), Reach::Returning);
+        assert_eq!(t.sent(3, 6), Reach::Returning);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::recipients::{Reach, RecipientTracker};
 use super::{ConfigError, Grid, PerBusiness, Period, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
+use crate::retention::CEILING;
 use crate::time::Timestamp;
 use crate::visibility::{DataClass, Labelled};
 
@@ -146,6 +147,9 @@ pub struct WindowSignals {
     /// Of those, consumers it had never messaged nor heard from: the
     /// window's fan-out to new recipients.
     pub new_recipients: u64,
+    /// The fan-out rate: new recipients per hour over the window (for the
+    /// open window, over the part of it gone by when the report was made).
+    pub new_recipients_per_hour: f64,
     /// Spam reports against the business.
     pub spam_reports: u64,
     /// Consumers who blocked the business.
@@ -266,7 +270,7 @@ impl IntegrityMonitor {
         let key = hash_key(&sender);
         self.update(business, at, |s, _| {
             s.open.received += 1;
-            s.recipients.heard_from(key);
+            s.recipients.heard_from(key, s.index);
         });
     }
 
@@ -387,6 +391,11 @@ impl BusinessSignals {
             self.history.push_back(closed);
         }
         self.index = index;
+        // Nothing about a consumer outlives the retention ceiling here
+        // either: one not messaged nor heard from for that long is
+        // forgotten (and would count as new again).
+        let horizon = (CEILING.as_millis() as u64).div_ceil(grid.len_ms.max(1));
+        self.recipients.forget_before(index.saturating_sub(horizon));
         self.rotations_at_open = self.recipients.rotations();
         self.set_threshold(config);
     }
@@ -438,11 +447,23 @@ impl BusinessSignals {
     }
 
     fn report(&self, business: BusinessId, now: Timestamp) -> IntegrityReport {
+        // Over at least a minute, so a report made just as a window opens
+        // does not divide by (almost) nothing.
+        let rate = |w: &WindowSignals, until: Timestamp| {
+            let span = until
+                .min(w.period.end)
+                .saturating_duration_since(w.period.start);
+            let hours = span.max(Duration::from_secs(60)).as_secs_f64() / 3600.0;
+            WindowSignals {
+                new_recipients_per_hour: w.new_recipients as f64 / hours,
+                ..w.clone()
+            }
+        };
         IntegrityReport {
             business,
             generated_at: now,
-            current: self.open.clone(),
-            history: self.history.iter().cloned().collect(),
+            current: rate(&self.open, now),
+            history: self.history.iter().map(|w| rate(w, w.period.end)).collect(),
         }
     }
 }
@@ -454,6 +475,7 @@ fn empty_window(period: Period) -> WindowSignals {
         received: 0,
         unique_recipients: 0,
         new_recipients: 0,
+        new_recipients_per_hour: 0.0,
         spam_reports: 0,
         blocks: 0,
         baseline_new_recipients: None,
@@ -488,6 +510,37 @@ mod tests {
         gate.release(m.export(b, now), Party::Transport, Purpose::Integrity)
             .unwrap()
             .into_value()
+    }
+
+    #[test]
+    fn the_fan_out_rate_is_new_recipients_per_hour_of_the_window() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        for i in 0..48 {
+            m.record_sent(b, hash(i), Timestamp::from_millis(10 * DAY));
+        }
+        // Six hours into the window: 48 new recipients, 8 an hour so far.
+        let r = signals(&m, b, 10 * DAY + DAY / 4);
+        assert!((r.current.new_recipients_per_hour - 8.0).abs() < 1e-9);
+        // Once closed, over the whole day: 2 an hour.
+        let r = signals(&m, b, 11 * DAY);
+        assert!((r.history[0].new_recipients_per_hour - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_consumer_out_of_contact_past_the_retention_ceiling_is_forgotten() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        m.record_sent(b, hash(1), Timestamp::from_millis(10 * DAY));
+        m.record_sent(b, hash(2), Timestamp::from_millis(10 * DAY));
+        // Still known 29 days later...
+        m.record_sent(b, hash(2), Timestamp::from_millis(39 * DAY));
+        let r = signals(&m, b, 39 * DAY);
+        assert_eq!(r.current.new_recipients, 0);
+        // ...but not after 30 days without contact.
+        m.record_sent(b, hash(1), Timestamp::from_millis(41 * DAY));
+        let r = signals(&m, b, 41 * DAY);
+        assert_eq!(r.current.new_recipients, 1);
     }
 
     #[test]

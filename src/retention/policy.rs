@@ -91,7 +91,7 @@ pub struct BusinessRetention {
 /// region = "eu"          # local storage: content at rest only in this region
 /// ```
 ///
-/// Durations are an integer and a unit: `s`, `m`, `h` or `d`.
+/// Durations are an integer and a unit: `ms`, `s`, `m`, `h` or `d`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionPolicy {
     default: Periods,
@@ -124,6 +124,13 @@ fn check_period(field: &str, d: Duration) -> Result<Duration, PolicyError> {
             format_args!("{} exceeds the 30-day ceiling", format_duration(d)),
         ));
     }
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        // A file says it in whole milliseconds at the finest.
+        return Err(PolicyError::new(
+            field,
+            "a period is a whole number of milliseconds",
+        ));
+    }
     Ok(d)
 }
 
@@ -135,8 +142,8 @@ impl RetentionPolicy {
 
     /// Set the default periods; each must be within the ceiling.
     pub fn with_default(mut self, periods: Periods) -> Result<Self, PolicyError> {
-        check_period("retention.inbound", periods.inbound)?;
-        check_period("retention.outbound", periods.outbound)?;
+        check_period("inbound", periods.inbound)?;
+        check_period("outbound", periods.outbound)?;
         self.default = periods;
         Ok(self)
     }
@@ -379,7 +386,7 @@ impl PolicyFile {
     }
 }
 
-/// Parse `<integer><unit>`, unit one of `s`, `m`, `h`, `d`.
+/// Parse `<integer><unit>`, unit one of `ms`, `s`, `m`, `h`, `d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -388,26 +395,34 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = digits.parse().map_err(|_| {
         format!("{text:?} is not a duration like \"30d\", \"12h\", \"90m\" or \"45s\"")
     })?;
-    let seconds = match unit {
-        "s" => Some(1),
-        "m" => Some(60),
-        "h" => Some(3600),
-        "d" => Some(86_400),
+    let millis = match unit {
+        "ms" => Some(1),
+        "s" => Some(1000),
+        "m" => Some(60_000),
+        "h" => Some(3_600_000),
+        "d" => Some(86_400_000),
         _ => None,
     }
-    .ok_or_else(|| format!("{text:?} has no unit: use s, m, h or d"))?;
-    n.checked_mul(seconds)
-        .map(Duration::from_secs)
+    .ok_or_else(|| format!("{text:?} has no unit: use ms, s, m, h or d"))?;
+    n.checked_mul(millis)
+        .map(Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
-/// The largest whole unit that expresses `d` exactly (sub-second parts dropped).
+/// The largest whole unit that expresses `d` exactly; `parse_duration`
+/// reads it back as the same duration for every whole number of
+/// milliseconds (below that, the nanoseconds are dropped).
 pub fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s >= size && s.is_multiple_of(size) {
-            return format!("{}{unit}", s / size);
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
         }
     }
-    format!("{s}s")
+    format!("{ms}ms")
 }
