@@ -124,7 +124,7 @@ fn check_period(field: &str, d: Duration) -> Result<Duration, PolicyError> {
             format_args!("{} exceeds the 30-day ceiling", format_duration(d)),
         ));
     }
-    if d.subsec_nanos() % 1_000_000 != 0 {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
         // A file says it in whole milliseconds at the finest.
         return Err(PolicyError::new(
             field,
