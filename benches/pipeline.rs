@@ -6,18 +6,23 @@
 //! concurrently on one runtime thread (the SQLite writer has its own):
 //!
 //! - `inbound_burst`: consumers send 200-byte messages in a row (no ratchet
-//!   turn); [`Processor::receive`] decrypts, releases to the business, seals
-//!   and stores each, in one commit with the session's advance.
+//!   turn); [`Processor::receive`] decrypts, seals and stores each in one
+//!   commit with the session's advance, releases it to the business, and
+//!   records it delivered.
 //! - `inbound_alternating`: a reply between every two messages, so each
 //!   inbound message turns the ratchet (X25519-bound); only the receiving is
 //!   timed.
+//! - `outbound_alternating`: each consumer answers between two messages of
+//!   the business, so each [`Processor::send`] turns the ratchet; only the
+//!   sending is timed.
 //! - `outbound_burst`: [`Processor::send`] of 200-byte messages: sealed and
 //!   stored, encrypted, handed to the transport, bookkeeping stored.
 //!
 //! Bare parts (`parts/…`), each alone: Signal decrypt and encrypt between
 //! two of the test kit's devices (bare `wacore-libsignal`, in-memory
-//! stores), in one direction and alternating; HKDF-SHA256 expand of a
-//! record key; AES-256-GCM key schedule and seal of a stored record's size;
+//! stores), in one direction and alternating (each turning the ratchet);
+//! HKDF-SHA256 expand of a record key; AES-256-GCM key schedule and seal of
+//! a stored record's size;
 //! and for SQLite, bare rusqlite inserts of the message and peer rows the
 //! pipeline writes, 64 to a transaction (what group commit batches), with
 //! the store's pragmas. After criterion's report, a summary prints each
@@ -451,6 +456,23 @@ fn bench_pipeline(c: &mut Criterion, backend: Backend) {
         })
     });
 
+    g.bench_function("outbound_alternating", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let rounds = iters.div_ceil(CONSUMERS as u64);
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..rounds {
+                    // Each consumer answers first, so the business's next
+                    // send turns the ratchet.
+                    rig.inbound_round().await;
+                    elapsed += rig.outbound_round().await;
+                    rig.consumers_read().await;
+                }
+                elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
+            })
+        })
+    });
+
     g.bench_function("outbound_burst", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
@@ -572,6 +594,23 @@ fn bench_parts(c: &mut Criterion) {
                     let start = Instant::now();
                     black_box(pair.b.decrypt(business, &m).await.unwrap());
                     elapsed += start.elapsed();
+                }
+                elapsed
+            })
+        })
+    });
+
+    g.bench_function("signal_encrypt_alternating", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let m = pair.a.encrypt(business, &CONTENT).await.unwrap();
+                    pair.b.decrypt(business, &m).await.unwrap();
+                    let start = Instant::now();
+                    let reply = black_box(pair.b.encrypt(business, &CONTENT).await.unwrap());
+                    elapsed += start.elapsed();
+                    pair.a.decrypt(business, &reply).await.unwrap();
                 }
                 elapsed
             })
@@ -707,12 +746,25 @@ fn bare_insert(conn: &Connection, n: u64, message: usize, peer: usize) {
 // ---------------------------------------------------------------------------
 // The summary
 
-/// Criterion's mean time per element of `id`, from its saved estimate.
+/// When this run started: estimates saved before it are another run's.
+static STARTED: Mutex<Option<std::time::SystemTime>> = Mutex::new(None);
+
+/// Criterion's mean time per element of `id`, from the estimate this run
+/// saved (`None` if it did not run it: a filtered run compares only what
+/// it measured).
 fn mean(id: &str) -> Option<f64> {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path: PathBuf = [target.as_str(), "criterion", id, "new", "estimates.json"]
         .iter()
         .collect();
+    let saved = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    if STARTED
+        .lock()
+        .unwrap()
+        .is_none_or(|started| saved < started)
+    {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
@@ -728,7 +780,7 @@ fn summary() {
         } else {
             &[]
         };
-        let shapes: [(&str, Vec<&str>); 3] = [
+        let shapes: [(&str, Vec<&str>); 4] = [
             (
                 "inbound_burst",
                 [
@@ -741,6 +793,14 @@ fn summary() {
                 "inbound_alternating",
                 [
                     &["signal_decrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..],
+                    insert,
+                ]
+                .concat(),
+            ),
+            (
+                "outbound_alternating",
+                [
+                    &["signal_encrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..],
                     insert,
                 ]
                 .concat(),
@@ -789,6 +849,7 @@ fn summary() {
 }
 
 fn main() {
+    *STARTED.lock().unwrap() = Some(std::time::SystemTime::now());
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))

@@ -147,6 +147,7 @@ conformance!(
     a_failing_batch_fails_alone_among_concurrent_ones,
     readers_never_observe_half_a_batch,
     many_tasks_commit_concurrently_and_every_record_is_kept,
+    the_retention_sweep_runs_over_the_store,
     #[cfg(feature = "testing")]
     vault_and_signal_sessions_run_over_the_store,
 );
@@ -2141,4 +2142,105 @@ mod durable {
             std::thread::park();
         }
     }
+}
+
+/// The retention sweep over the backend: expired messages deleted, their
+/// consumers' Signal state forgotten, ended epoch keys destroyed; live
+/// messages, their consumers and held ones kept; and a second sweep finds
+/// nothing left to do.
+async fn the_retention_sweep_runs_over_the_store(backend: &mut Backend) {
+    use custodian::keys::{KeyManager, LocalKeyProvider, SecretKey};
+    use custodian::retention::{ExpiryNotifier, Retention, RetentionPolicy};
+    use custodian::visibility::MemoryAuditSink;
+
+    struct Told;
+    #[async_trait::async_trait]
+    impl ExpiryNotifier for Told {
+        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+            true
+        }
+    }
+
+    let s = backend.store.clone();
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        s.clone(),
+    ));
+    let retention = Retention::new(
+        s.clone(),
+        keys.clone(),
+        RetentionPolicy::default(),
+        Arc::new(MemoryAuditSink::new()),
+    )
+    .with_batch(3);
+    let now = T0 + 10 * HOUR;
+    // Consumer 1: expired only; consumer 2: one live message; consumer 3:
+    // expired but held; consumer 4: expired and still open.
+    let mut ops = vec![
+        put(&M::new(1, 1, 1, now - HOUR)),
+        put(&M::new(1, 2, 1, now - 2 * HOUR)),
+        put(&M::new(1, 3, 2, now - HOUR)),
+        put(&M::new(1, 4, 2, now + HOUR)),
+        put(&M::new(1, 5, 3, now - HOUR)),
+        put(&M::new(1, 6, 4, now - HOUR).status(Status::Sent).due(now)),
+    ];
+    for phone_n in 1..=4 {
+        ops.push(put_peer(1, peer(phone_n, 0), phone_n));
+    }
+    commit(&*s, ops).await;
+    // Ended, with nothing held in it; ended, holding the held message;
+    // not ended yet.
+    for hours in [2, 10, 12] {
+        let epoch = Epoch::ending_at(t(T0 + hours * HOUR));
+        keys.epoch_key_for_seal(business(1), epoch, t(T0))
+            .await
+            .unwrap();
+    }
+    retention
+        .place_hold(HoldScope::Consumer(business(1), phone(3)), "case", t(now))
+        .await
+        .unwrap();
+
+    let report = retention.sweep(t(now), &Told).await.unwrap();
+    assert!(report.complete);
+    assert_eq!(report.failed_expired, 1);
+    assert_eq!(report.messages_deleted, 4, "{report:?}");
+    assert_eq!(report.consumers_forgotten, 2, "{report:?}");
+    assert_eq!(report.epoch_keys_destroyed, 1, "{report:?}");
+    let mut left = Vec::new();
+    for n in 1..=6 {
+        if s.message(business(1), mid(n)).await.unwrap().is_some() {
+            left.push(n);
+        }
+    }
+    assert_eq!(left, [4, 5], "the live and the held message stay");
+    for (phone_n, kept) in [(1, false), (2, true), (3, true), (4, false)] {
+        assert_eq!(
+            s.peer(business(1), peer(phone_n, 0))
+                .await
+                .unwrap()
+                .is_some(),
+            kept,
+            "consumer {phone_n}"
+        );
+    }
+    for (hours, kept) in [(2, false), (10, true), (12, true)] {
+        assert_eq!(
+            keys.epoch_key(business(1), Epoch::ending_at(t(T0 + hours * HOUR)))
+                .await
+                .is_ok(),
+            kept,
+            "the epoch ending at hour {hours}"
+        );
+    }
+    let again = retention.sweep(t(now), &Told).await.unwrap();
+    assert_eq!(
+        (
+            again.failed_expired,
+            again.messages_deleted,
+            again.peers_deleted,
+            again.epoch_keys_destroyed
+        ),
+        (0, 0, 0, 0)
+    );
 }

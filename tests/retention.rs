@@ -523,61 +523,64 @@ impl World {
 
 #[tokio::test]
 async fn the_sweep_deletes_expired_messages_forgets_consumers_and_shreds_epochs() {
-    let w = World::new(3);
-    let b = business(1);
-    let mut old = Vec::new();
-    for consumer in 0..5 {
-        old.push(w.store(b, consumer, Direction::Inbound, false).await);
-    }
-    w.clock.advance(10 * DAY);
-    let young = w.store(b, 0, Direction::Outbound, false).await; // consumer 0 stays live
-    w.clock.advance(21 * DAY);
+    // Every promise holds on every backend.
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 3);
+        let b = business(1);
+        let mut old = Vec::new();
+        for consumer in 0..5 {
+            old.push(w.store(b, consumer, Direction::Inbound, false).await);
+        }
+        w.clock.advance(10 * DAY);
+        let young = w.store(b, 0, Direction::Outbound, false).await; // consumer 0 stays live
+        w.clock.advance(21 * DAY);
 
-    let notices = Notices::default();
-    let report = w.retention.sweep(w.now(), &notices).await.unwrap();
-    assert!(report.complete);
-    assert_eq!(report.messages_deleted, 5);
-    assert_eq!(
-        report.peers_deleted, 4,
-        "consumer 0 still has a live message"
-    );
-    assert_eq!(report.consumers_forgotten, 4);
-    assert!(report.epoch_keys_destroyed >= 1);
-    for m in &old {
-        assert_eq!(w.store.message(b, m.record.id).await.unwrap(), None);
-        // Even a copy of the sealed bytes (a backup) no longer opens: the key is gone.
-        let fresh = Vault::new(
-            Arc::new(KeyManager::new(
-                Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
-                    &mut w.root.clone(),
-                ))),
-                w.store.clone(),
-            )),
-            Arc::new(ManualClock::new(Timestamp::from_millis(T0))),
-            EpochLength::DEFAULT,
+        let notices = Notices::default();
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert!(report.complete);
+        assert_eq!(report.messages_deleted, 5);
+        assert_eq!(
+            report.peers_deleted, 4,
+            "consumer 0 still has a live message"
         );
-        assert!(matches!(
-            fresh.open(&m.record.sealed, b).await,
-            Err(OpenError::UnknownEpoch | OpenError::EpochDestroyed)
-        ));
+        assert_eq!(report.consumers_forgotten, 4);
+        assert!(report.epoch_keys_destroyed >= 1);
+        for m in &old {
+            assert_eq!(w.store.message(b, m.record.id).await.unwrap(), None);
+            // Even a copy of the sealed bytes (a backup) no longer opens: the key is gone.
+            let fresh = Vault::new(
+                Arc::new(KeyManager::new(
+                    Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+                        &mut w.root.clone(),
+                    ))),
+                    w.store.clone(),
+                )),
+                Arc::new(ManualClock::new(Timestamp::from_millis(T0))),
+                EpochLength::DEFAULT,
+            );
+            assert!(matches!(
+                fresh.open(&m.record.sealed, b).await,
+                Err(OpenError::UnknownEpoch | OpenError::EpochDestroyed)
+            ));
+        }
+        assert_eq!(w.read(&young.record).await, Some(young.plaintext.clone()));
+        assert_eq!(
+            w.store.peer_devices(b, young.record.phone).await.unwrap(),
+            vec![0]
+        );
+        let census = w.store.census().await.unwrap();
+        assert_eq!((census.messages, census.peers, census.phones), (1, 1, 1));
+        // A second sweep finds nothing to do.
+        let again = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(
+            (
+                again.messages_deleted,
+                again.peers_deleted,
+                again.epoch_keys_destroyed
+            ),
+            (0, 0, 0)
+        );
     }
-    assert_eq!(w.read(&young.record).await, Some(young.plaintext.clone()));
-    assert_eq!(
-        w.store.peer_devices(b, young.record.phone).await.unwrap(),
-        vec![0]
-    );
-    let census = w.store.census().await.unwrap();
-    assert_eq!((census.messages, census.peers, census.phones), (1, 1, 1));
-    // A second sweep finds nothing to do.
-    let again = w.retention.sweep(w.now(), &notices).await.unwrap();
-    assert_eq!(
-        (
-            again.messages_deleted,
-            again.peers_deleted,
-            again.epoch_keys_destroyed
-        ),
-        (0, 0, 0)
-    );
 }
 
 /// Whether `needle` occurs in the SQLite file at `path` or its log.
@@ -634,49 +637,55 @@ async fn after_a_sweep_no_destroyed_key_remains_in_the_sqlite_files() {
 
 #[tokio::test]
 async fn an_expired_message_is_refused_before_the_sweep_runs() {
-    let w = World::new(10);
-    let m = w.store(business(1), 1, Direction::Inbound, false).await;
-    w.clock.advance(CEILING - MINUTE);
-    assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
-    w.clock.advance(MINUTE);
-    assert_eq!(w.read(&m.record).await, None);
-    assert!(
-        w.store
-            .message(business(1), m.record.id)
-            .await
-            .unwrap()
-            .is_some(),
-        "not swept yet"
-    );
+    // Every promise holds on every backend.
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 10);
+        let m = w.store(business(1), 1, Direction::Inbound, false).await;
+        w.clock.advance(CEILING - MINUTE);
+        assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
+        w.clock.advance(MINUTE);
+        assert_eq!(w.read(&m.record).await, None);
+        assert!(
+            w.store
+                .message(business(1), m.record.id)
+                .await
+                .unwrap()
+                .is_some(),
+            "not swept yet"
+        );
+    }
 }
 
 #[tokio::test]
 async fn undelivered_messages_fail_as_expired_never_silently() {
-    let w = World::new(2);
-    let b = business(1);
-    let open: Vec<Stored> = futures_all(&w, b, 5).await;
-    w.clock.advance(CEILING + MINUTE);
-    let notices = Notices::default();
-    notices.refuse.store(true, Ordering::SeqCst);
-    // Nobody can be told: nothing is deleted.
-    let report = w.retention.sweep(w.now(), &notices).await.unwrap();
-    assert_eq!((report.failed_expired, report.messages_deleted), (0, 0));
-    for m in &open {
-        let stored = w.store.message(b, m.record.id).await.unwrap().unwrap();
-        assert!(stored.delivery.status.is_open());
+    // Every promise holds on every backend.
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 2);
+        let b = business(1);
+        let open: Vec<Stored> = futures_all(&w, b, 5).await;
+        w.clock.advance(CEILING + MINUTE);
+        let notices = Notices::default();
+        notices.refuse.store(true, Ordering::SeqCst);
+        // Nobody can be told: nothing is deleted.
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!((report.failed_expired, report.messages_deleted), (0, 0));
+        for m in &open {
+            let stored = w.store.message(b, m.record.id).await.unwrap().unwrap();
+            assert!(stored.delivery.status.is_open());
+        }
+        // Once told, they fail with the expired reason and are deleted.
+        notices.refuse.store(false, Ordering::SeqCst);
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!((report.failed_expired, report.messages_deleted), (5, 5));
+        let told: BTreeSet<MessageId> = notices.told.lock().unwrap().iter().copied().collect();
+        let expected: BTreeSet<MessageId> = open.iter().map(|m| m.record.id).collect();
+        assert_eq!(told, expected);
+        assert_eq!(
+            notices.told.lock().unwrap().len(),
+            5,
+            "each told exactly once"
+        );
     }
-    // Once told, they fail with the expired reason and are deleted.
-    notices.refuse.store(false, Ordering::SeqCst);
-    let report = w.retention.sweep(w.now(), &notices).await.unwrap();
-    assert_eq!((report.failed_expired, report.messages_deleted), (5, 5));
-    let told: BTreeSet<MessageId> = notices.told.lock().unwrap().iter().copied().collect();
-    let expected: BTreeSet<MessageId> = open.iter().map(|m| m.record.id).collect();
-    assert_eq!(told, expected);
-    assert_eq!(
-        notices.told.lock().unwrap().len(),
-        5,
-        "each told exactly once"
-    );
 }
 
 async fn futures_all(w: &World, b: BusinessId, n: u32) -> Vec<Stored> {
@@ -689,22 +698,25 @@ async fn futures_all(w: &World, b: BusinessId, n: u32) -> Vec<Stored> {
 
 #[tokio::test]
 async fn failed_status_reason_is_expired() {
-    let w = World::new(10);
-    let b = business(1);
-    let m = w.store(b, 1, Direction::Outbound, true).await;
-    // Keep it from being deleted, to look at it: hold its consumer.
-    w.retention
-        .place_hold(HoldScope::Consumer(b, m.record.phone), "case-1", w.now())
-        .await
-        .unwrap();
-    w.clock.advance(CEILING);
-    w.retention
-        .sweep(w.now(), &Notices::default())
-        .await
-        .unwrap();
-    let stored = w.store.message(b, m.record.id).await.unwrap().unwrap();
-    assert_eq!(stored.delivery.status, Status::Failed);
-    assert_eq!(stored.delivery.failure, Some(FailureReason::Expired));
+    // Every promise holds on every backend.
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 10);
+        let b = business(1);
+        let m = w.store(b, 1, Direction::Outbound, true).await;
+        // Keep it from being deleted, to look at it: hold its consumer.
+        w.retention
+            .place_hold(HoldScope::Consumer(b, m.record.phone), "case-1", w.now())
+            .await
+            .unwrap();
+        w.clock.advance(CEILING);
+        w.retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        let stored = w.store.message(b, m.record.id).await.unwrap().unwrap();
+        assert_eq!(stored.delivery.status, Status::Failed);
+        assert_eq!(stored.delivery.failure, Some(FailureReason::Expired));
+    }
 }
 
 /// A notifier that places a legal hold the first time it is called: a hold
@@ -765,144 +777,147 @@ async fn a_hold_placed_while_a_sweep_runs_stops_its_later_steps() {
 
 #[tokio::test]
 async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
-    let w = World::new(4);
-    let (a, b) = (business(1), business(2));
-    let held_consumer = w.store(a, 1, Direction::Inbound, false).await;
-    let other_consumer = w.store(a, 2, Direction::Inbound, false).await;
-    let whole_business = w.store(b, 1, Direction::Inbound, false).await;
-    let consumer_hold = HoldScope::Consumer(a, held_consumer.record.phone);
-    w.retention
-        .place_hold(consumer_hold, "case-17", w.now())
-        .await
-        .unwrap();
-    w.retention
-        .place_hold(HoldScope::Business(b), "case-18", w.now())
-        .await
-        .unwrap();
-    w.clock.advance(CEILING + 2 * HOUR);
-    let report = w
-        .retention
-        .sweep(w.now(), &Notices::default())
-        .await
-        .unwrap();
-    assert_eq!(
-        report.messages_deleted, 1,
-        "only the unheld consumer's message goes"
-    );
-    assert!(
-        w.store
-            .message(a, other_consumer.record.id)
+    // Every promise holds on every backend.
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 4);
+        let (a, b) = (business(1), business(2));
+        let held_consumer = w.store(a, 1, Direction::Inbound, false).await;
+        let other_consumer = w.store(a, 2, Direction::Inbound, false).await;
+        let whole_business = w.store(b, 1, Direction::Inbound, false).await;
+        let consumer_hold = HoldScope::Consumer(a, held_consumer.record.phone);
+        w.retention
+            .place_hold(consumer_hold, "case-17", w.now())
             .await
-            .unwrap()
-            .is_none()
-    );
-    for m in [&held_consumer, &whole_business] {
-        let stored = w
-            .store
-            .message(m.record.business, m.record.id)
-            .await
-            .unwrap()
             .unwrap();
-        // Kept, and its epoch key kept, but not readable through normal reads.
-        assert!(matches!(
-            w.retention.decide(&stored, w.now()).await.unwrap(),
-            Decision::Held { .. }
-        ));
-        assert_eq!(w.read(&m.record).await, None);
+        w.retention
+            .place_hold(HoldScope::Business(b), "case-18", w.now())
+            .await
+            .unwrap();
+        w.clock.advance(CEILING + 2 * HOUR);
+        let report = w
+            .retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            report.messages_deleted, 1,
+            "only the unheld consumer's message goes"
+        );
         assert!(
-            !w.store
-                .peer_devices(m.record.business, m.record.phone)
+            w.store
+                .message(a, other_consumer.record.id)
                 .await
                 .unwrap()
-                .is_empty()
+                .is_none()
+        );
+        for m in [&held_consumer, &whole_business] {
+            let stored = w
+                .store
+                .message(m.record.business, m.record.id)
+                .await
+                .unwrap()
+                .unwrap();
+            // Kept, and its epoch key kept, but not readable through normal reads.
+            assert!(matches!(
+                w.retention.decide(&stored, w.now()).await.unwrap(),
+                Decision::Held { .. }
+            ));
+            assert_eq!(w.read(&m.record).await, None);
+            assert!(
+                !w.store
+                    .peer_devices(m.record.business, m.record.phone)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert!(
+            w.keys
+                .epoch_key(a, held_consumer.record.epoch)
+                .await
+                .is_ok(),
+            "held epoch not shredded"
+        );
+
+        // A hold is released by its own case: another case's release leaves
+        // it standing, and two cases on one scope are released one by one.
+        assert!(
+            !w.retention
+                .release_hold(consumer_hold, "case-18", w.now())
+                .await
+                .unwrap()
+        );
+        w.retention
+            .place_hold(consumer_hold, "case-19", w.now())
+            .await
+            .unwrap();
+        assert!(
+            w.retention
+                .release_hold(consumer_hold, "case-17", w.now())
+                .await
+                .unwrap()
+        );
+        let report = w
+            .retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            report.messages_deleted, 0,
+            "case-19 still holds the consumer"
+        );
+
+        // Releasing every hold lets the next sweep catch up.
+        assert!(
+            w.retention
+                .release_hold(consumer_hold, "case-19", w.now())
+                .await
+                .unwrap()
+        );
+        assert!(
+            w.retention
+                .release_hold(HoldScope::Business(b), "case-18", w.now())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !w.retention
+                .release_hold(HoldScope::Business(b), "case-18", w.now())
+                .await
+                .unwrap()
+        );
+        let report = w
+            .retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert_eq!(report.messages_deleted, 2);
+        assert!(report.epoch_keys_destroyed >= 1);
+        assert!(
+            w.keys
+                .epoch_key(a, held_consumer.record.epoch)
+                .await
+                .is_err()
+        );
+        assert_eq!(w.store.census().await.unwrap().messages, 0);
+
+        let events = w.audit.hold_events();
+        let actions: Vec<(HoldAction, &str)> = events
+            .iter()
+            .map(|e| (e.action, e.reference.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                (HoldAction::Placed, "case-17"),
+                (HoldAction::Placed, "case-18"),
+                (HoldAction::Placed, "case-19"),
+                (HoldAction::Released, "case-17"),
+                (HoldAction::Released, "case-19"),
+                (HoldAction::Released, "case-18"),
+            ]
         );
     }
-    assert!(
-        w.keys
-            .epoch_key(a, held_consumer.record.epoch)
-            .await
-            .is_ok(),
-        "held epoch not shredded"
-    );
-
-    // A hold is released by its own case: another case's release leaves
-    // it standing, and two cases on one scope are released one by one.
-    assert!(
-        !w.retention
-            .release_hold(consumer_hold, "case-18", w.now())
-            .await
-            .unwrap()
-    );
-    w.retention
-        .place_hold(consumer_hold, "case-19", w.now())
-        .await
-        .unwrap();
-    assert!(
-        w.retention
-            .release_hold(consumer_hold, "case-17", w.now())
-            .await
-            .unwrap()
-    );
-    let report = w
-        .retention
-        .sweep(w.now(), &Notices::default())
-        .await
-        .unwrap();
-    assert_eq!(
-        report.messages_deleted, 0,
-        "case-19 still holds the consumer"
-    );
-
-    // Releasing every hold lets the next sweep catch up.
-    assert!(
-        w.retention
-            .release_hold(consumer_hold, "case-19", w.now())
-            .await
-            .unwrap()
-    );
-    assert!(
-        w.retention
-            .release_hold(HoldScope::Business(b), "case-18", w.now())
-            .await
-            .unwrap()
-    );
-    assert!(
-        !w.retention
-            .release_hold(HoldScope::Business(b), "case-18", w.now())
-            .await
-            .unwrap()
-    );
-    let report = w
-        .retention
-        .sweep(w.now(), &Notices::default())
-        .await
-        .unwrap();
-    assert_eq!(report.messages_deleted, 2);
-    assert!(report.epoch_keys_destroyed >= 1);
-    assert!(
-        w.keys
-            .epoch_key(a, held_consumer.record.epoch)
-            .await
-            .is_err()
-    );
-    assert_eq!(w.store.census().await.unwrap().messages, 0);
-
-    let events = w.audit.hold_events();
-    let actions: Vec<(HoldAction, &str)> = events
-        .iter()
-        .map(|e| (e.action, e.reference.as_str()))
-        .collect();
-    assert_eq!(
-        actions,
-        [
-            (HoldAction::Placed, "case-17"),
-            (HoldAction::Placed, "case-18"),
-            (HoldAction::Placed, "case-19"),
-            (HoldAction::Released, "case-17"),
-            (HoldAction::Released, "case-19"),
-            (HoldAction::Released, "case-18"),
-        ]
-    );
 }
 
 #[tokio::test]
