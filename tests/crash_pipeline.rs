@@ -1,0 +1,359 @@
+//! Crash safety of the whole inbound pipeline on SQLite: a gateway killed
+//! with SIGKILL at any moment loses no message it acknowledged.
+//!
+//! The test re-runs its own binary as a child (selected by an environment
+//! variable). The child is a gateway: a [`Processor`] on a SQLite file,
+//! with a root key the parent also knows, receiving the messages of a few
+//! consumers (real Signal clients) and printing `ack <id> <number> <text>`
+//! for each message as soon as [`Processor::receive`] returns, which is
+//! when a gateway acknowledges the transport. The parent kills it at
+//! seeded random points, then opens the file itself and checks that every
+//! acknowledged message is stored, opens under the key hierarchy to exactly
+//! the text sent, and was committed with its sender's Signal state; that
+//! the store holds no more than was sent; and then starts the gateway again
+//! on the same file (restarting from its stored business keys) to go on.
+#![cfg(unix)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::integrity::{BillingStatement, IntegrityReport};
+use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::processor::{Host, Inbound, Policies, Processor};
+use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::store::{PeerId, SqliteConfig, SqliteStore, Storage};
+use custodian::testing::ConsumerDevice;
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
+};
+use custodian::vault::Vault;
+use custodian::visibility::MemoryAuditSink;
+
+const CHILD_DB: &str = "CUSTODIAN_CRASH_PIPELINE_DB";
+const CHILD_RUN: &str = "CUSTODIAN_CRASH_PIPELINE_RUN";
+const MIN_KILLS: u32 = 20;
+const CONSUMERS: u32 = 3;
+/// The child stops by itself after this many messages per consumer.
+const MAX_SEQ: u32 = 100_000;
+const T0: u64 = 1_767_225_600_000;
+const ROOT: [u8; 32] = [0x5c; 32];
+
+fn business() -> BusinessId {
+    BusinessId::new(77).unwrap()
+}
+
+fn number(run: u32, consumer: u32) -> PhoneNumber {
+    format!("+4477009{run:03}{consumer:02}").parse().unwrap()
+}
+
+fn clock() -> ManualClock {
+    ManualClock::new(Timestamp::from_millis(T0))
+}
+
+fn key_provider() -> Arc<LocalKeyProvider> {
+    Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+        &mut ROOT.clone(),
+    )))
+}
+
+/// The transport of the child: it only keeps the published keys.
+#[derive(Default)]
+struct Network {
+    keys: Mutex<Option<PublishedKeys>>,
+}
+
+#[async_trait]
+impl Transport for Network {
+    async fn devices(&self, _: BusinessId, _: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
+        Ok(vec![0])
+    }
+
+    async fn fetch_bundle(
+        &self,
+        _: BusinessId,
+        _: &PhoneNumber,
+        _: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        Err(TransportError::Refused("not in this test".into()))
+    }
+
+    async fn send(
+        &self,
+        _: BusinessId,
+        _: &PhoneNumber,
+        _: u32,
+        _: &Outgoing,
+    ) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn publish_keys(
+        &self,
+        _: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
+        *self.keys.lock().unwrap() = Some(keys.clone());
+        Ok(())
+    }
+
+    async fn integrity_signals(&self, _: &IntegrityReport) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn billing(&self, _: &BillingStatement) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+struct Business;
+
+#[async_trait]
+impl BusinessSink for Business {
+    async fn deliver(&self, _: &InboundMessage) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn status(&self, _: &StatusUpdate) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// The child: a gateway receiving messages until it is killed. A no-op in
+/// an ordinary test run.
+#[test]
+fn crash_pipeline_child() {
+    let Some(path) = std::env::var_os(CHILD_DB) else {
+        return;
+    };
+    let run: u32 = std::env::var(CHILD_RUN).unwrap().parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let storage = Arc::new(SqliteStore::open(path, SqliteConfig::default()).unwrap());
+        let network = Arc::new(Network::default());
+        let gateway = Principal::new("gateway");
+        let host = Host {
+            storage,
+            key_provider: key_provider(),
+            transport: network.clone(),
+            business: Arc::new(Business),
+            authorizer: Arc::new(
+                StaticAuthorizer::new()
+                    .grant(&gateway, business())
+                    .operator(&gateway),
+            ),
+            clock: Arc::new(clock()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let processor = Processor::new(host, Policies::default()).unwrap();
+        processor.publish_keys(&gateway, business()).await.unwrap();
+        let published = network.keys.lock().unwrap().clone().unwrap();
+        let mut devices = Vec::new();
+        for c in 0..CONSUMERS {
+            let mut device = ConsumerDevice::new(0);
+            device
+                .start_session(business(), &published.bundle(Some(c as usize)))
+                .await
+                .unwrap();
+            devices.push(device);
+        }
+        for seq in 0..MAX_SEQ {
+            for (c, device) in devices.iter_mut().enumerate() {
+                let text = format!("run {run} consumer {c} message {seq}");
+                let message = device.encrypt(business(), text.as_bytes()).await.unwrap();
+                let from = number(run, c as u32);
+                let inbound = Inbound {
+                    from: from.clone(),
+                    device: 0,
+                    transport_id: text.clone().into_bytes(),
+                    message,
+                };
+                let receipt = processor
+                    .receive(&gateway, business(), inbound)
+                    .await
+                    .unwrap();
+                assert!(!receipt.duplicate);
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "ack {} {} {text}", receipt.id, from.expose())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    // The parent is gone.
+                    std::process::exit(0);
+                }
+            }
+        }
+    });
+}
+
+/// One acknowledged message: its id, sender and text.
+struct Acked {
+    id: MessageId,
+    from: PhoneNumber,
+    text: String,
+}
+
+fn parse(line: &str) -> Option<Acked> {
+    let rest = line.strip_prefix("ack ")?;
+    let (id, rest) = rest.split_once(' ')?;
+    let (from, text) = rest.split_once(' ')?;
+    Some(Acked {
+        id: id.parse().ok()?,
+        from: from.parse().ok()?,
+        text: text.to_owned(),
+    })
+}
+
+/// A small seeded generator (SplitMix64): the kill points are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+/// Open the file as a new gateway would and check every acknowledged
+/// message; returns how many messages the store holds.
+fn verify(path: &Path, acked: &[Acked], sent_at_most: usize) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store: Arc<dyn Storage> = Arc::new(
+            SqliteStore::open(path, SqliteConfig::default())
+                .unwrap_or_else(|e| panic!("the file does not reopen cleanly: {e}")),
+        );
+        let keys = Arc::new(KeyManager::new(key_provider(), store.clone()));
+        let vault = Vault::new(keys.clone(), Arc::new(clock()), EpochLength::DEFAULT);
+        for m in acked {
+            let record = store
+                .message(business(), m.id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("acknowledged message {:?} was lost", m.text));
+            let opened = vault
+                .open(&record.sealed, business())
+                .await
+                .unwrap_or_else(|e| panic!("acknowledged message {:?} does not open: {e}", m.text));
+            assert!(
+                opened.plaintext.ends_with(m.text.as_bytes()),
+                "message {:?} opened to other content",
+                m.text
+            );
+            let phone = keys.phone_hash(business(), &m.from).await.unwrap();
+            assert_eq!(record.phone, phone);
+            assert!(
+                store
+                    .peer(business(), PeerId { phone, device: 0 })
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "message {:?} is stored without its sender's session",
+                m.text
+            );
+        }
+        let stored = store.census().await.unwrap().messages;
+        assert!(
+            stored >= acked.len() as u64 && stored <= sent_at_most as u64,
+            "{stored} messages stored; {} acknowledged, at most {sent_at_most} sent",
+            acked.len()
+        );
+        stored
+    })
+}
+
+#[test]
+fn acknowledged_inbound_messages_survive_sigkill_of_the_gateway() {
+    if std::env::var_os(CHILD_DB).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.db");
+    let mut rng = Rng(0x005e_ed0f_c4a5);
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut in_flight_max = 0usize;
+    let started = Instant::now();
+    for run in 0..MIN_KILLS {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_pipeline_child",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(CHILD_DB, &path)
+            .env(CHILD_RUN, run.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(ack) = parse(&line)
+                    && tx.send(ack).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // Sometimes while it starts (opening the file, publishing keys),
+        // else after some acknowledgements, plus a random delay.
+        let mut got = Vec::new();
+        if rng.below(4) != 0 {
+            let wanted = 1 + rng.below(40);
+            while got.len() < wanted as usize {
+                match rx.recv_timeout(Duration::from_secs(60)) {
+                    Ok(ack) => got.push(ack),
+                    Err(e) => panic!("the gateway stopped acknowledging: {e}"),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(20_000)));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "the gateway ended by itself");
+        reader.join().unwrap();
+        got.extend(rx.try_iter());
+        acked.extend(got);
+        // The gateway receives one message at a time: at most one was
+        // committed but not acknowledged when it died.
+        in_flight_max += 1;
+        let stored = verify(&path, &acked, acked.len() + in_flight_max);
+        assert!(stored >= acked.len() as u64);
+    }
+    eprintln!(
+        "pipeline crash test: {MIN_KILLS} SIGKILLs in {:.1} s; {} acknowledged messages, \
+         every one found, opened and matched after every kill",
+        started.elapsed().as_secs_f64(),
+        acked.len()
+    );
+    assert!(
+        acked.len() > 50,
+        "too few acknowledged messages to mean anything"
+    );
+}
