@@ -485,6 +485,12 @@ async fn no_principal_reaches_another_tenant() {
     );
     unauthorized(d.processor.publish_keys(&intruder, b).await);
     unauthorized(d.processor.billing_statement(&intruder, b).await.map(drop));
+    unauthorized(
+        d.processor
+            .trust_new_identity(&intruder, b, &number(1), 0)
+            .await
+            .map(drop),
+    );
     unauthorized(d.processor.report_spam(&intruder, b));
     unauthorized(d.processor.report_block(&intruder, b));
     unauthorized(d.processor.opt_in(&intruder, b));

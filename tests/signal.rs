@@ -425,6 +425,16 @@ async fn identity_change_is_refused_when_the_policy_says_so() {
         before,
         "a refused identity changed stored state"
     );
+    // The host approves the change (the consumer confirmed the new
+    // security code): the device starts over, and the message decrypts.
+    assert!(w.sessions.reset_device(w.business, peer).await.unwrap());
+    let decrypted = w
+        .sessions
+        .decrypt(w.business, peer, &first, w.expiry())
+        .await
+        .unwrap();
+    assert_eq!(decrypted.plaintext, b"new phone, who dis");
+    assert!(decrypted.first_contact && !decrypted.identity_changed);
 }
 
 // Worker threads, so that the tasks really overlap: on one thread a task

@@ -1518,6 +1518,27 @@ impl Processor {
         Ok(self.transport.publish_keys(business, &keys).await?)
     }
 
+    /// Approve a changed identity key of one of `consumer`'s devices that
+    /// the identity policy refused: the device's session and trusted
+    /// identity are forgotten, and its next first-contact message starts a
+    /// new session. Returns whether the device had state.
+    pub async fn trust_new_identity(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<bool, ProcessorError> {
+        self.authorize(principal, business)?;
+        let phone = self.keys.phone_hash(business, consumer).await?;
+        let reset = self
+            .sessions
+            .reset_device(business, PeerId { phone, device })
+            .await?;
+        info!(%business, device, "a changed identity key was approved");
+        Ok(reset)
+    }
+
     /// A consumer reported `business` for spam (the transport tells the
     /// processor, acting for the business's number): an integrity signal.
     pub fn report_spam(

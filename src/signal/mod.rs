@@ -1045,6 +1045,25 @@ impl Sessions {
         self.cache.clear();
     }
 
+    /// Forget one device's session and trusted identity, so that its next
+    /// first-contact message is taken as a new contact: how a host approves
+    /// an identity change that [`IdentityPolicy::Refuse`] refused (the
+    /// consumer confirmed the new security code). Returns whether the
+    /// device had state.
+    pub async fn reset_device(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<bool, SignalError> {
+        let _guard = self.address_locks.lock((business, peer)).await;
+        let had = self.store.peer(business, peer).await?.is_some();
+        let mut batch = Batch::new();
+        batch.push(Op::DeletePeer { business, peer });
+        self.store.commit(batch).await?;
+        self.cache.remove(&(business, peer));
+        Ok(had)
+    }
+
     /// Delete every device's state for `phone` under `business` (sessions
     /// and trusted identities), in one commit. Returns how many devices had state.
     pub async fn forget(
