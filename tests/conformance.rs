@@ -1116,13 +1116,18 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
         M::new(1, 7, 3, T0 + 1),
         M::new(1, 8, 3, now),
         M::new(1, 9, 1, T0 + 50).status(Status::Failed).outbound(),
+        // Settled, its status report to the business still pending.
+        M::new(1, 10, 1, T0 + 30)
+            .status(Status::Read)
+            .outbound()
+            .due(T0 + 60),
     ];
     commit(s, ms.iter().map(put)).await;
     let holds = [
         HoldScope::Business(business(3)),
         HoldScope::Consumer(business(1), phone(3)),
     ];
-    let first = s.delete_expired(t(now), &holds, 2).await.unwrap();
+    let first = s.delete_expired(t(now), t(T0), &holds, 2).await.unwrap();
     assert_eq!(
         first,
         [
@@ -1131,7 +1136,7 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
         ],
         "earliest first, held ones skipped without using up the limit"
     );
-    let rest = s.delete_expired(t(now), &holds, 100).await.unwrap();
+    let rest = s.delete_expired(t(now), t(T0), &holds, 100).await.unwrap();
     assert_eq!(
         rest,
         [ExpiredMessage::from(&ms[8].record())],
@@ -1139,7 +1144,7 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
     );
     assert_eq!(rest[0].direction, Direction::Outbound);
     assert!(
-        s.delete_expired(t(now), &holds, 100)
+        s.delete_expired(t(now), t(T0), &holds, 100)
             .await
             .unwrap()
             .is_empty()
@@ -1152,7 +1157,7 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
         assert!(s.message(business(b), mid(id)).await.unwrap().is_some());
     }
     // The holds released: the held ones go, earliest first; the pending one stays.
-    let released = s.delete_expired(t(now), &[], 100).await.unwrap();
+    let released = s.delete_expired(t(now), t(T0), &[], 100).await.unwrap();
     assert_eq!(
         released
             .iter()
@@ -1161,7 +1166,26 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
         [key_of(1, 7), key_of(3, 6), key_of(1, 8)]
     );
     assert!(s.message(business(1), mid(4)).await.unwrap().is_some());
-    assert!(s.delete_expired(t(now), &[], 0).await.unwrap().is_empty());
+    assert!(
+        s.delete_expired(t(now), t(T0), &[], 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.census().await.unwrap().messages, 4);
+    // A pending report is given up once the message expired at or before
+    // `abandon_before`; an open message stays open whatever.
+    assert!(
+        s.delete_expired(t(now), t(T0 + 29), &[], 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let abandoned = s
+        .delete_expired(t(now), t(T0 + 30), &[], 100)
+        .await
+        .unwrap();
+    assert_eq!(abandoned, [ExpiredMessage::from(&ms[9].record())]);
     assert_eq!(s.census().await.unwrap().messages, 3);
 }
 
@@ -1274,12 +1298,18 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
     check().await;
 
     // The expiry index follows: the sweep's queries see the new expiries.
-    let gone = s.delete_expired(t(T0 + 7 * DAY), &[], 100).await.unwrap();
+    let gone = s
+        .delete_expired(t(T0 + 7 * DAY), t(T0 + 7 * DAY), &[], 100)
+        .await
+        .unwrap();
     assert_eq!(
         gone.iter().map(|m| (m.business, m.id)).collect::<Vec<_>>(),
         [key_of(1, 5), key_of(1, 1)]
     );
-    let gone = s.delete_expired(t(T0 + 12 * DAY), &[], 100).await.unwrap();
+    let gone = s
+        .delete_expired(t(T0 + 12 * DAY), t(T0 + 12 * DAY), &[], 100)
+        .await
+        .unwrap();
     assert_eq!(
         gone.iter().map(|m| (m.business, m.id)).collect::<Vec<_>>(),
         [key_of(1, 4)]
@@ -2065,7 +2095,7 @@ mod durable {
         )
         .await;
         assert_eq!(
-            s.delete_expired(t(T0 + 2 * HOUR), &[], 100)
+            s.delete_expired(t(T0 + 2 * HOUR), t(T0 + 2 * HOUR), &[], 100)
                 .await
                 .unwrap()
                 .len(),

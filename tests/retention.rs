@@ -16,7 +16,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
     BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile, PurgeReason,
-    RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
+    REPORT_GRACE, RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
     Batch, Delivery, Direction, FailureReason, HoldScope, MemoryStore, MessageRecord, Op, PeerId,
@@ -677,6 +677,7 @@ async fn undelivered_messages_fail_as_expired_never_silently() {
         notices.refuse.store(false, Ordering::SeqCst);
         let report = w.retention.sweep(w.now(), &notices).await.unwrap();
         assert_eq!((report.failed_expired, report.messages_deleted), (5, 5));
+        assert_eq!(report.failures_unreported, 0);
         let told: BTreeSet<MessageId> = notices.told.lock().unwrap().iter().copied().collect();
         let expected: BTreeSet<MessageId> = open.iter().map(|m| m.record.id).collect();
         assert_eq!(told, expected);
@@ -685,6 +686,27 @@ async fn undelivered_messages_fail_as_expired_never_silently() {
             5,
             "each told exactly once"
         );
+
+        // A business that cannot be told for the whole grace: its messages
+        // fail anyway, counted as unreported, and are deleted.
+        let unlucky: Vec<Stored> = futures_all(&w, b, 3).await;
+        w.clock.advance(CEILING + MINUTE);
+        notices.refuse.store(true, Ordering::SeqCst);
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(report.messages_deleted, 0, "still within the grace");
+        w.clock.advance(REPORT_GRACE);
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(
+            (
+                report.failed_expired,
+                report.failures_unreported,
+                report.messages_deleted
+            ),
+            (3, 3, 3)
+        );
+        for m in &unlucky {
+            assert!(w.store.message(b, m.record.id).await.unwrap().is_none());
+        }
     }
 }
 

@@ -62,7 +62,7 @@ pub use policy::{
     RetentionPolicy, format_duration, parse_duration,
 };
 pub use residency::{InUse, ResidencyError, check_residency};
-pub use sweep::{ExpiryNotifier, SweepError, SweepReport};
+pub use sweep::{ExpiryNotifier, REPORT_GRACE, SweepError, SweepReport};
 
 /// Why a legal hold could not be placed or released. Nothing changed.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,15 @@ use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{Batch, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError};
 use crate::time::Timestamp;
 
+/// How long after its expiry a message is kept while its business cannot be
+/// told how it ended (that it failed as expired, or a status report still
+/// pending): one day. The content is unreadable from the expiry on (its
+/// epoch key is destroyed); only the row waits, so that a business endpoint
+/// down for a while still learns of every failure. Past the grace the sweep
+/// deletes it anyway, counts it in [`SweepReport::failures_unreported`] and
+/// logs it: retention's ceiling outranks the report.
+pub const REPORT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// Told when a message expires before it was delivered, so it never fails
 /// silently. The processor tells the business; a host running retention on
 /// its own can log or count.
@@ -25,8 +34,12 @@ pub trait ExpiryNotifier: Send + Sync {
 /// What a sweep did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SweepReport {
-    /// Open messages that expired, reported failed.
+    /// Open messages that expired, marked failed (reported, or given up
+    /// on past [`REPORT_GRACE`]).
     pub failed_expired: u64,
+    /// Of those, the ones whose business could not be told within
+    /// [`REPORT_GRACE`] (each is also logged).
+    pub failures_unreported: u64,
     /// Messages deleted.
     pub messages_deleted: u64,
     /// Signal peer records (sessions and trusted identities) deleted.
@@ -93,6 +106,12 @@ impl<'a> Sweep<'a> {
         }
         self.report.steps += 1;
         true
+    }
+
+    /// Messages that expired at or before this are deleted even if their
+    /// business is still to be told something.
+    fn abandon_before(&self) -> Timestamp {
+        self.now.saturating_sub(REPORT_GRACE)
     }
 
     /// The holds in force now, and the gate that keeps them so for a step.
@@ -172,7 +191,8 @@ impl<'a> Sweep<'a> {
     /// Stage 1: every message that expired undelivered is reported, then
     /// marked failed (and so becomes deletable). One not reported yet (its
     /// business unreachable) stays open for the next sweep, and this one
-    /// pages past it.
+    /// pages past it, until [`REPORT_GRACE`] has passed: then it is failed
+    /// unreported.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
         loop {
@@ -193,14 +213,24 @@ impl<'a> Sweep<'a> {
             }
             let mut batch = Batch::new();
             for m in open {
-                if self.notifier.expired_undelivered(&m).await {
-                    // Conditional: a message settled meanwhile stays settled.
-                    batch.push(Op::FailExpired {
-                        business: m.business,
-                        id: m.id,
-                    });
-                    self.report.failed_expired += 1;
+                let told = self.notifier.expired_undelivered(&m).await;
+                if !told && m.expiry > self.abandon_before() {
+                    continue;
                 }
+                if !told {
+                    tracing::warn!(
+                        business = %m.business,
+                        id = %m.id,
+                        "expired undelivered; its business could not be told within the grace"
+                    );
+                    self.report.failures_unreported += 1;
+                }
+                // Conditional: a message settled meanwhile stays settled.
+                batch.push(Op::FailExpired {
+                    business: m.business,
+                    id: m.id,
+                });
+                self.report.failed_expired += 1;
             }
             if !batch.is_empty() {
                 self.storage.commit(batch).await?;
@@ -218,7 +248,7 @@ impl<'a> Sweep<'a> {
             let held = self.held().await?;
             let deleted = self
                 .storage
-                .delete_expired(self.now, &held.scopes, self.batch)
+                .delete_expired(self.now, self.abandon_before(), &held.scopes, self.batch)
                 .await?;
             if deleted.is_empty() {
                 return Ok(true);

@@ -567,6 +567,7 @@ impl Storage for MemoryStore {
     async fn delete_expired(
         &self,
         now: Timestamp,
+        abandon_before: Timestamp,
         holds: &[HoldScope],
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError> {
@@ -576,7 +577,8 @@ impl Storage for MemoryStore {
             .iter()
             .take_while(|(expiry, _, _)| *expiry <= now)
             .filter_map(|&(_, b, id)| inner.record(b, id))
-            .filter(|m| m.delivery.next_attempt.is_none() && !m.delivery.status.is_open())
+            .filter(|m| !m.delivery.status.is_open())
+            .filter(|m| m.delivery.next_attempt.is_none() || m.expiry <= abandon_before)
             .filter(|m| !holds.iter().any(|h| h.covers(m.business, m.phone)))
             .take(limit)
             .map(ExpiredMessage::from)

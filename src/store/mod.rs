@@ -182,13 +182,16 @@ pub trait Storage: KeyStore {
     ) -> Result<Option<MessageId>, StoreError>;
 
     /// Atomically delete and return up to `limit` messages that expired at or
-    /// before `now`, are settled (delivered, read or failed, with no attempt
-    /// pending: nothing left to tell anyone), and are covered by none of
-    /// `holds`; earliest first. An open message is never deleted: it must be
-    /// reported failed first.
+    /// before `now` and are settled (delivered, read or failed) and covered
+    /// by none of `holds`, earliest first: those with nothing left to tell
+    /// anyone (no attempt pending), and those that expired at or before
+    /// `abandon_before` whatever is pending (a status report the business
+    /// could not take for that long is given up). An open message is never
+    /// deleted: it must be marked failed first.
     async fn delete_expired(
         &self,
         now: Timestamp,
+        abandon_before: Timestamp,
         holds: &[HoldScope],
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError>;

@@ -557,12 +557,13 @@ impl Storage for SqliteStore {
     async fn delete_expired(
         &self,
         now: Timestamp,
+        abandon_before: Timestamp,
         holds: &[HoldScope],
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError> {
         let holds = holds.to_vec();
         self.writer
-            .write(move |c| writes::delete_expired(c, now, &holds, limit))
+            .write(move |c| writes::delete_expired(c, now, abandon_before, &holds, limit))
             .await
     }
 

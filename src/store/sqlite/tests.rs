@@ -300,7 +300,9 @@ fn damaged_files_never_panic() {
             let _ = store.orphan_peers(Timestamp::MAX, None, 100).await;
             let _ = store.message_epochs(b, None).await;
             let _ = store.holds().await;
-            let _ = store.delete_expired(Timestamp::MAX, &[], 100).await;
+            let _ = store
+                .delete_expired(Timestamp::MAX, Timestamp::MAX, &[], 100)
+                .await;
         });
     }
     // Some damage lands in data pages and the file still opens.
@@ -778,7 +780,7 @@ fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
     }
     writes::apply_batch(&conn, &batch).unwrap();
     let now = Timestamp::from_millis(T0 + 1_000_000);
-    let gone = writes::delete_expired(&conn, now, &[], 10).unwrap();
+    let gone = writes::delete_expired(&conn, now, now, &[], 10).unwrap();
     assert_eq!(gone.len(), 10);
     let steps = conn
         .prepare_cached(writes::SWEEP.1)

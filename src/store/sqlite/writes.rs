@@ -401,10 +401,11 @@ pub(super) const CREATE_HELD: &str = "CREATE TEMP TABLE IF NOT EXISTS held (
 ) WITHOUT ROWID";
 
 /// What `delete_expired` may delete: expired at or before `?1`, settled
-/// (not queued or sent, no attempt pending).
+/// (not queued or sent), and with no attempt pending unless it expired at or
+/// before `?4` (a report given up).
 macro_rules! settled {
     () => {
-        "expiry <= ?1 AND next_attempt IS NULL AND status NOT IN (0, 1)"
+        "expiry <= ?1 AND status NOT IN (0, 1) AND (next_attempt IS NULL OR expiry <= ?4)"
     };
 }
 
@@ -455,6 +456,7 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
+    abandon_before: Timestamp,
     holds: &[HoldScope],
     limit: usize,
 ) -> Result<Vec<ExpiredMessage>, StoreError> {
@@ -476,10 +478,19 @@ pub(super) fn delete_expired(
     }
     let (select, delete) = if holds.is_empty() { SWEEP } else { SWEEP_HELD };
     let now = time_sql(now);
+    let abandon = time_sql(abandon_before);
     let mut doomed = Vec::new();
     {
         let mut stmt = conn.prepare_cached(select).db()?;
-        let mut rows = stmt.query(params![now, limit_sql(limit)]).db()?;
+        // `?3` is the delete's; the select leaves it unused.
+        let mut rows = stmt
+            .query(params![
+                now,
+                limit_sql(limit),
+                rusqlite::types::Null,
+                abandon
+            ])
+            .db()?;
         while let Some(row) = rows.next().db()? {
             doomed.push(codec::expired(row)?);
         }
@@ -493,7 +504,8 @@ pub(super) fn delete_expired(
         .execute(params![
             time_sql(last.expiry),
             business_sql(last.business),
-            &last.id.as_bytes()[..]
+            &last.id.as_bytes()[..],
+            abandon
         ])
         .db()?;
     if deleted != doomed.len() {
