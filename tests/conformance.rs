@@ -2095,7 +2095,7 @@ mod durable {
         )
         .await;
         assert_eq!(
-            s.delete_expired(t(T0 + 2 * HOUR), t(T0 + 2 * HOUR), &[], 100)
+            s.delete_expired(t(T0 + 2 * HOUR), Timestamp::UNIX_EPOCH, &[], 100)
                 .await
                 .unwrap()
                 .len(),

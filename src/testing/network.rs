@@ -1,147 +1,48 @@
-//! A simulated messaging network: consumers with real Signal devices, a
-//! [`Transport`] for the processor, a [`BusinessSink`] for the businesses,
-//! and fault injection on both, all deterministic under a seed.
+//! The simulated messaging network: consumers with real Signal devices and
+//! a [`Transport`] for the processor, with seeded faults on every leg.
+//!
+//! The legs, and what a fault does on each (see [`Faults`]):
+//!
+//! - **Consumer → processor** ([`Leg::Inbound`]): the network stores and
+//!   forwards, as a messaging server does. It keeps a consumer's message
+//!   until the processor acknowledges it ([`Processor::receive`] returns
+//!   `Ok`), delivering it again every [`REDELIVERY`] until then; a lost
+//!   attempt (or a lost acknowledgement, so the processor sees the message
+//!   twice) costs time, never the message. The processor could not recover
+//!   a message it never saw; the network has to.
+//! - **Processor → network** ([`Leg::Call`]): `devices`, `fetch_bundle`
+//!   and `send` are refused as unavailable (`fail`, outages); the processor
+//!   retries them.
+//! - **Network → device** ([`Leg::ToDevice`]): a ciphertext the network
+//!   accepted may be lost for good, duplicated or delayed.
+//! - **Device → processor** ([`Leg::Receipt`]): each device's delivery
+//!   report may be lost for good, duplicated or delayed. The network tells
+//!   the processor a message is delivered once every device of the consumer
+//!   has reported it, so a loss on either of these two legs leaves the
+//!   message unreported and the processor's retransmission (after its
+//!   receipt timeout) is what gets it to every device.
+//!
+//! During an outage every call is refused and nothing in flight moves.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use super::device::ConsumerDevice;
+use super::faults::{Decision, Faults, Injector, Leg, LegStats};
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::processor::{Inbound, Processor, ProcessorError, parse_device_payload};
 use crate::signal::{PreKeyBundle, PublishedKeys};
-use crate::store::{FailureReason, Status};
+use crate::store::Status;
 use crate::time::{Clock, ManualClock, Timestamp};
-use crate::transport::{
-    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StatusUpdate, Transport,
-    TransportError,
-};
+use crate::transport::{Outgoing, Principal, Transport, TransportError};
 
-/// What can go wrong on a link, each with a probability from 0 to 1.
-///
-/// The network stores and forwards what it accepted: a dropped attempt is
-/// retried by the network itself (it costs time, not the message), while a
-/// failed call or an outage is refused to the caller, who must retry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Faults {
-    /// A message is lost (the sender is told it went).
-    pub drop: f64,
-    /// A message arrives twice.
-    pub duplicate: f64,
-    /// A message is held back by a random delay up to `max_delay`, so later
-    /// ones overtake it.
-    pub delay: f64,
-    /// The longest delay.
-    pub max_delay: Duration,
-    /// A call fails outright as unavailable.
-    pub fail: f64,
-    /// Periods during which every call fails as unavailable.
-    pub outages: Vec<(Timestamp, Timestamp)>,
-}
-
-impl Faults {
-    /// No faults at all.
-    pub fn none() -> Self {
-        Self {
-            drop: 0.0,
-            duplicate: 0.0,
-            delay: 0.0,
-            max_delay: Duration::ZERO,
-            fail: 0.0,
-            outages: Vec::new(),
-        }
-    }
-
-    /// A bad day: 5% lost, 5% duplicated, 20% delayed up to a minute, 5% of
-    /// calls failing.
-    pub fn moderate() -> Self {
-        Self {
-            drop: 0.05,
-            duplicate: 0.05,
-            delay: 0.2,
-            max_delay: Duration::from_secs(60),
-            fail: 0.05,
-            outages: Vec::new(),
-        }
-    }
-
-    /// Add an outage from `start` for `length`.
-    pub fn with_outage(mut self, start: Timestamp, length: Duration) -> Self {
-        self.outages.push((start, start.saturating_add(length)));
-        self
-    }
-
-    fn in_outage(&self, now: Timestamp) -> bool {
-        self.outages
-            .iter()
-            .any(|&(from, to)| from <= now && now < to)
-    }
-}
-
-/// Deterministic fault decisions for one link.
-struct Link {
-    faults: Faults,
-    rng: StdRng,
-}
-
-impl Link {
-    fn new(faults: Faults, seed: u64) -> Self {
-        Self {
-            faults,
-            rng: StdRng::seed_from_u64(seed),
-        }
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && self.rng.random_bool(p.min(1.0))
-    }
-
-    /// Whether a call fails as unavailable now.
-    fn fails(&mut self, now: Timestamp) -> bool {
-        let p = self.faults.fail;
-        self.faults.in_outage(now) || self.chance(p)
-    }
-
-    /// When copies of a message the network accepted now arrive. The network
-    /// stores and forwards, as a messaging server does: a dropped attempt is
-    /// delivered again after [`REDELIVERY`], never lost.
-    fn forwarded(&mut self, now: Timestamp) -> Vec<Timestamp> {
-        let mut arrivals = self.arrivals(now);
-        if arrivals.is_empty() {
-            arrivals.push(now.saturating_add(REDELIVERY));
-        }
-        arrivals
-    }
-
-    /// When copies of a message sent now arrive: none if dropped, two if duplicated.
-    fn arrivals(&mut self, now: Timestamp) -> Vec<Timestamp> {
-        let (drop, duplicate, delay, max) = (
-            self.faults.drop,
-            self.faults.duplicate,
-            self.faults.delay,
-            self.faults.max_delay,
-        );
-        if self.chance(drop) {
-            return Vec::new();
-        }
-        let copies = if self.chance(duplicate) { 2 } else { 1 };
-        (0..copies)
-            .map(|_| {
-                if self.chance(delay) && !max.is_zero() {
-                    let ms = self.rng.random_range(0..=max.as_millis() as u64);
-                    now.saturating_add(Duration::from_millis(ms))
-                } else {
-                    now
-                }
-            })
-            .collect()
-    }
-}
+/// How long the network waits for the processor's acknowledgement of a
+/// consumer's message before delivering it again, and before repeating a
+/// delivery report the processor failed to take.
+pub const REDELIVERY: Duration = Duration::from_secs(30);
 
 struct InFlight<T> {
     at: Timestamp,
@@ -149,9 +50,22 @@ struct InFlight<T> {
     item: T,
 }
 
+/// A consumer's message on its way to the processor.
+#[derive(Clone)]
 struct ToProcessor {
     business: BusinessId,
     inbound: Inbound,
+    hop: Hop,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// The network (re)starts delivering: the attempt's fate is decided
+    /// when it is due.
+    Attempt,
+    /// A copy reaches the processor. `reply_lost`: its acknowledgement
+    /// never reaches the network, which will deliver it again.
+    Arrive { reply_lost: bool },
 }
 
 struct ToDevice {
@@ -161,10 +75,14 @@ struct ToDevice {
     message: Outgoing,
 }
 
+/// A delivery report on its way to the processor: from one device
+/// (`device`: `Some`), or the network repeating a report the processor
+/// failed to take (`None`).
 struct Receipt {
     business: BusinessId,
     id: MessageId,
-    status: Status,
+    number: String,
+    device: Option<u32>,
 }
 
 struct Consumer {
@@ -181,11 +99,83 @@ struct Net {
     to_processor: Vec<InFlight<ToProcessor>>,
     to_devices: Vec<InFlight<ToDevice>>,
     receipts: Vec<InFlight<Receipt>>,
+    /// Devices that reported each outbound message delivered.
+    reported_by: BTreeMap<(BusinessId, MessageId), BTreeSet<u32>>,
+    /// Messages whose delivery report the processor took.
+    reported: BTreeSet<(BusinessId, MessageId)>,
+    /// Per message and device, whether the network accepted the last send.
+    last_send: BTreeMap<(BusinessId, MessageId, u32), bool>,
+    /// Sends to a device the network had already accepted the message
+    /// for, made after the processor took the message's delivery report.
+    resent_after_report: u64,
     seq: u64,
     next_transport_id: u64,
-    link: Link,
+    faults: Injector,
     integrity: Vec<IntegrityReport>,
     billing: Vec<BillingStatement>,
+}
+
+impl Net {
+    fn push<T>(queue: &mut Vec<InFlight<T>>, seq: &mut u64, at: Timestamp, item: T) {
+        *seq += 1;
+        queue.push(InFlight {
+            at,
+            seq: *seq,
+            item,
+        });
+    }
+
+    /// Start one delivery attempt of a consumer's message at `now`.
+    fn launch_inbound(&mut self, business: BusinessId, inbound: Inbound, now: Timestamp) {
+        let fate = self.faults.decide(Leg::Inbound, now).fate;
+        let item = |hop| ToProcessor {
+            business,
+            inbound: inbound.clone(),
+            hop,
+        };
+        if fate.dropped && !fate.reply_lost {
+            // Lost on the way: no acknowledgement comes, so the network tries again.
+            let retry = item(Hop::Attempt);
+            Self::push(
+                &mut self.to_processor,
+                &mut self.seq,
+                now.saturating_add(REDELIVERY),
+                retry,
+            );
+            return;
+        }
+        let first = item(Hop::Arrive {
+            reply_lost: fate.reply_lost,
+        });
+        Self::push(
+            &mut self.to_processor,
+            &mut self.seq,
+            now.saturating_add(fate.delays[0]),
+            first,
+        );
+        if fate.duplicated {
+            let second = item(Hop::Arrive { reply_lost: false });
+            Self::push(
+                &mut self.to_processor,
+                &mut self.seq,
+                now.saturating_add(fate.delays[1]),
+                second,
+            );
+        }
+    }
+
+    /// Copies of an event that survived its fate, as arrival times.
+    fn arrivals(decision: Decision, now: Timestamp) -> Vec<Timestamp> {
+        let copies = decision.fate.copies() as usize;
+        decision.fate.delays[..copies]
+            .iter()
+            .map(|d| now.saturating_add(*d))
+            .collect()
+    }
+
+    fn in_flight(&self) -> u64 {
+        (self.to_processor.len() + self.to_devices.len() + self.receipts.len()) as u64
+    }
 }
 
 /// What one [`SimNetwork::pump`] did.
@@ -248,11 +238,12 @@ pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output>
     outputs.into_iter().flatten().collect()
 }
 
-/// How long the network waits before delivering an unacknowledged message again.
-const REDELIVERY: Duration = Duration::from_secs(30);
-
-fn unavailable() -> TransportError {
-    TransportError::Unavailable("simulated network fault".into())
+fn unavailable(decision: Decision) -> TransportError {
+    TransportError::Unavailable(if decision.outage {
+        "simulated outage".into()
+    } else {
+        "simulated network fault".into()
+    })
 }
 
 fn take_due<T>(queue: &mut Vec<InFlight<T>>, now: Timestamp) -> Vec<InFlight<T>> {
@@ -264,8 +255,8 @@ fn take_due<T>(queue: &mut Vec<InFlight<T>>, now: Timestamp) -> Vec<InFlight<T>>
 }
 
 impl SimNetwork {
-    /// A network with `faults` on every link, deterministic under `seed`,
-    /// reading time from `clock`.
+    /// A network with `faults` on every leg, deterministic under `seed`
+    /// (see [`Faults::fate`]), reading time from `clock`.
     pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Self {
         Self {
             net: async_lock::Mutex::new(Net {
@@ -274,9 +265,13 @@ impl SimNetwork {
                 to_processor: Vec::new(),
                 to_devices: Vec::new(),
                 receipts: Vec::new(),
+                reported_by: BTreeMap::new(),
+                reported: BTreeSet::new(),
+                last_send: BTreeMap::new(),
+                resent_after_report: 0,
                 seq: 0,
                 next_transport_id: 1,
-                link: Link::new(faults, seed),
+                faults: Injector::new(faults, seed),
                 integrity: Vec::new(),
                 billing: Vec::new(),
             }),
@@ -301,7 +296,7 @@ impl SimNetwork {
 
     /// A consumer's device sends `content` to `business`, starting a session
     /// from the business's published keys if it has none. The message is now
-    /// in flight to the processor.
+    /// in flight to the processor (one event on [`Leg::Inbound`]).
     pub async fn consumer_sends(
         &self,
         number: &PhoneNumber,
@@ -338,40 +333,39 @@ impl SimNetwork {
             .map_err(|e| e.to_string())?;
         let transport_id = net.next_transport_id.to_be_bytes().to_vec();
         net.next_transport_id += 1;
-        for at in net.link.forwarded(now) {
-            net.seq += 1;
-            let seq = net.seq;
-            net.to_processor.push(InFlight {
-                at,
-                seq,
-                item: ToProcessor {
-                    business,
-                    inbound: Inbound {
-                        from: number.clone(),
-                        device,
-                        transport_id: transport_id.clone(),
-                        message: message.clone(),
-                    },
-                },
-            });
-        }
+        let inbound = Inbound {
+            from: number.clone(),
+            device,
+            transport_id,
+            message,
+        };
+        net.launch_inbound(business, inbound, now);
         Ok(())
     }
 
-    /// Move everything due: consumer messages to the processor (acting as
-    /// `principal`; an unacknowledged one stays in flight and is redelivered
-    /// later), business messages to devices (each decrypts, deduplicates by
-    /// message id and reports delivery), delivery reports to the processor.
+    /// Move everything due, unless the network is in an outage: consumer
+    /// messages to the processor (acting as `principal`; one not
+    /// acknowledged is delivered again after [`REDELIVERY`]), business
+    /// messages to devices (each decrypts, deduplicates by message id and
+    /// reports delivery), delivery reports to the processor.
     pub async fn pump(&self, processor: &Processor, principal: &Principal) -> PumpReport {
         let now = self.clock.now();
         let mut report = PumpReport::default();
-        let (inbound, outbound, receipts) = {
+        let inbound = {
             let mut net = self.net.lock().await;
-            (
-                take_due(&mut net.to_processor, now),
-                take_due(&mut net.to_devices, now),
-                take_due(&mut net.receipts, now),
-            )
+            if net.faults.faults().in_outage(now) {
+                report.in_flight = net.in_flight();
+                return report;
+            }
+            let (attempts, mut arrivals): (Vec<_>, Vec<_>) = take_due(&mut net.to_processor, now)
+                .into_iter()
+                .partition(|f| f.item.hop == Hop::Attempt);
+            for flight in attempts {
+                net.launch_inbound(flight.item.business, flight.item.inbound, now);
+            }
+            arrivals.extend(take_due(&mut net.to_processor, now));
+            arrivals.sort_by_key(|f| (f.at, f.seq));
+            arrivals
         };
         // Like a real network, many deliveries are in flight at once.
         for chunk in inbound.chunks(CONCURRENCY) {
@@ -383,27 +377,32 @@ impl SimNetwork {
                     .is_ok();
                 (acked, started.elapsed())
             });
-            for ((acked, took), flight) in join_all(calls.collect()).await.into_iter().zip(chunk) {
+            let results = join_all(calls.collect()).await;
+            let mut net = self.net.lock().await;
+            let net = &mut *net;
+            for ((acked, took), flight) in results.into_iter().zip(chunk) {
                 report.to_processor += 1;
                 report.receive_latencies.push(took);
+                let heard = acked && flight.item.hop == (Hop::Arrive { reply_lost: false });
                 if acked {
                     report.acknowledged += 1;
-                } else {
-                    // Not acknowledged: the network delivers it again later.
-                    let mut net = self.net.lock().await;
-                    net.seq += 1;
-                    let seq = net.seq;
-                    net.to_processor.push(InFlight {
-                        at: now.saturating_add(REDELIVERY),
-                        seq,
-                        item: ToProcessor {
-                            business: flight.item.business,
-                            inbound: flight.item.inbound.clone(),
-                        },
-                    });
+                }
+                if !heard {
+                    // No acknowledgement reached the network: it delivers again later.
+                    let retry = ToProcessor {
+                        hop: Hop::Attempt,
+                        ..flight.item.clone()
+                    };
+                    Net::push(
+                        &mut net.to_processor,
+                        &mut net.seq,
+                        now.saturating_add(REDELIVERY),
+                        retry,
+                    );
                 }
             }
         }
+        let outbound = take_due(&mut self.net.lock().await.to_devices, now);
         for flight in outbound {
             report.to_devices += 1;
             let ToDevice {
@@ -420,6 +419,7 @@ impl SimNetwork {
             let Some(handset) = consumer.devices.get_mut(&device) else {
                 continue;
             };
+            // A copy it already decrypted (an injected duplicate) fails here.
             let Ok(plaintext) = handset.decrypt(business, &message.ciphertext).await else {
                 continue;
             };
@@ -440,53 +440,85 @@ impl SimNetwork {
                     .or_default()
                     .push((business, id, content.to_vec()));
             }
-            for at in net.link.forwarded(now) {
-                net.seq += 1;
-                let seq = net.seq;
-                net.receipts.push(InFlight {
-                    at,
-                    seq,
-                    item: Receipt {
-                        business,
-                        id,
-                        status: Status::Delivered,
-                    },
-                });
+            let decision = net.faults.decide(Leg::Receipt, now);
+            for at in Net::arrivals(decision, now) {
+                let receipt = Receipt {
+                    business,
+                    id,
+                    number: number.clone(),
+                    device: Some(device),
+                };
+                Net::push(&mut net.receipts, &mut net.seq, at, receipt);
             }
         }
-        for chunk in receipts.chunks(CONCURRENCY) {
-            let calls = chunk.iter().map(|flight| {
-                let r = &flight.item;
-                processor.status_update(principal, r.business, r.id, r.status)
-            });
-            for (result, flight) in join_all(calls.collect()).await.into_iter().zip(chunk) {
-                report.receipts += 1;
-                if matches!(result, Ok(_) | Err(ProcessorError::NotFound)) {
-                    continue;
+        // Reports that complete a message (every device has it) go to the processor.
+        let calls: Vec<(BusinessId, MessageId, String)> = {
+            let mut net = self.net.lock().await;
+            let net = &mut *net;
+            let mut calls = Vec::new();
+            for flight in take_due(&mut net.receipts, now) {
+                let Receipt {
+                    business,
+                    id,
+                    number,
+                    device,
+                } = flight.item;
+                let complete = match device {
+                    None => true,
+                    Some(device) => {
+                        let by = net.reported_by.entry((business, id)).or_default();
+                        by.insert(device);
+                        net.consumers
+                            .get(&number)
+                            .is_some_and(|c| c.devices.keys().all(|d| by.contains(d)))
+                    }
+                };
+                if complete {
+                    calls.push((business, id, number));
                 }
-                let mut net = self.net.lock().await;
-                net.seq += 1;
-                let seq = net.seq;
-                let r = &flight.item;
-                net.receipts.push(InFlight {
-                    at: now.saturating_add(REDELIVERY),
-                    seq,
-                    item: Receipt {
-                        business: r.business,
-                        id: r.id,
-                        status: r.status,
-                    },
-                });
+            }
+            calls
+        };
+        for chunk in calls.chunks(CONCURRENCY) {
+            let updates = chunk.iter().map(|(business, id, _)| {
+                processor.status_update(principal, *business, *id, Status::Delivered)
+            });
+            let results = join_all(updates.collect()).await;
+            let mut net = self.net.lock().await;
+            let net = &mut *net;
+            for (result, (business, id, number)) in results.into_iter().zip(chunk) {
+                report.receipts += 1;
+                match result {
+                    Ok(_) => {
+                        net.reported.insert((*business, *id));
+                    }
+                    Err(ProcessorError::NotFound) => {}
+                    Err(_) => {
+                        let retry = Receipt {
+                            business: *business,
+                            id: *id,
+                            number: number.clone(),
+                            device: None,
+                        };
+                        Net::push(
+                            &mut net.receipts,
+                            &mut net.seq,
+                            now.saturating_add(REDELIVERY),
+                            retry,
+                        );
+                    }
+                }
             }
         }
-        let net = self.net.lock().await;
-        report.in_flight =
-            (net.to_processor.len() + net.to_devices.len() + net.receipts.len()) as u64;
+        report.in_flight = self.net.lock().await.in_flight();
         report
     }
 
-    /// Business message ids each device of `number` received, with how many
-    /// copies arrived (device id → message id → copies).
+    /// Business message ids each device of `number` decrypted, with how
+    /// many copies (device id → message id → copies). Copies beyond the
+    /// first are the processor's retransmissions (a device drops them by
+    /// id); a duplicate the network made of one ciphertext fails to decrypt
+    /// and is not counted.
     pub async fn received(&self, number: &PhoneNumber) -> BTreeMap<u32, BTreeMap<MessageId, u32>> {
         let net = self.net.lock().await;
         net.consumers
@@ -526,6 +558,34 @@ impl SimNetwork {
             .map(|c| c.devices.keys().copied().collect())
             .unwrap_or_default()
     }
+
+    /// Items in flight: consumer messages, ciphertexts and delivery reports.
+    pub async fn in_flight(&self) -> u64 {
+        self.net.lock().await.in_flight()
+    }
+
+    /// Sends of a message to a device whose previous send of it the
+    /// network had accepted, made after the processor took the message's
+    /// delivery report (every device had it by then). A processor that
+    /// honours delivery reports makes none: it may still retry a device
+    /// whose last send was refused, but it does not start another round.
+    /// With this at zero, every copy beyond the first that a device counts
+    /// in [`received`](Self::received) was a retransmission the processor
+    /// made before it knew the message was delivered.
+    pub async fn resent_after_delivery(&self) -> u64 {
+        self.net.lock().await.resent_after_report
+    }
+
+    /// The faults met so far, per leg (legs with no events left out).
+    pub async fn fault_stats(&self) -> BTreeMap<Leg, LegStats> {
+        self.net.lock().await.faults.stats()
+    }
+
+    /// Every fault decision so far, in the order made: the schedule a seed
+    /// produced for this run's events.
+    pub async fn fault_log(&self) -> Vec<Decision> {
+        self.net.lock().await.faults.log()
+    }
 }
 
 #[async_trait]
@@ -536,8 +596,9 @@ impl Transport for SimNetwork {
         consumer: &PhoneNumber,
     ) -> Result<Vec<u32>, TransportError> {
         let mut net = self.net.lock().await;
-        if net.link.fails(self.clock.now()) {
-            return Err(unavailable());
+        let decision = net.faults.decide(Leg::Call, self.clock.now());
+        if decision.refused() {
+            return Err(unavailable(decision));
         }
         Ok(net
             .consumers
@@ -553,8 +614,9 @@ impl Transport for SimNetwork {
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
         let mut net = self.net.lock().await;
-        if net.link.fails(self.clock.now()) {
-            return Err(unavailable());
+        let decision = net.faults.decide(Leg::Call, self.clock.now());
+        if decision.refused() {
+            return Err(unavailable(decision));
         }
         let handset = net
             .consumers
@@ -573,25 +635,29 @@ impl Transport for SimNetwork {
     ) -> Result<(), TransportError> {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
-        if net.link.fails(now) {
-            return Err(unavailable());
+        let net = &mut *net;
+        let decision = net.faults.decide(Leg::Call, now);
+        let key = (business, message.id, device);
+        if decision.refused() {
+            net.last_send.insert(key, false);
+            return Err(unavailable(decision));
         }
         if !net.consumers.contains_key(consumer.expose()) {
             return Err(TransportError::Refused("no such consumer".into()));
         }
-        for at in net.link.forwarded(now) {
-            net.seq += 1;
-            let seq = net.seq;
-            net.to_devices.push(InFlight {
-                at,
-                seq,
-                item: ToDevice {
-                    business,
-                    number: consumer.expose().to_owned(),
-                    device,
-                    message: message.clone(),
-                },
-            });
+        let accepted_before = net.last_send.insert(key, true) == Some(true);
+        if accepted_before && net.reported.contains(&(business, message.id)) {
+            net.resent_after_report += 1;
+        }
+        let decision = net.faults.decide(Leg::ToDevice, now);
+        for at in Net::arrivals(decision, now) {
+            let copy = ToDevice {
+                business,
+                number: consumer.expose().to_owned(),
+                device,
+                message: message.clone(),
+            };
+            Net::push(&mut net.to_devices, &mut net.seq, at, copy);
         }
         Ok(())
     }
@@ -617,98 +683,6 @@ impl Transport for SimNetwork {
 
     async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
         self.net.lock().await.billing.push(statement.clone());
-        Ok(())
-    }
-}
-
-/// What a simulated business received.
-#[derive(Debug, Default)]
-struct Inbox {
-    /// Inbound message id → copies handed over.
-    messages: BTreeMap<MessageId, u32>,
-    /// Contents, first copy of each, in arrival order.
-    contents: Vec<(BusinessId, MessageId, Vec<u8>)>,
-    /// Statuses per outbound message, in arrival order.
-    statuses: BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>>,
-}
-
-/// The businesses' endpoint: records what it is handed, with faults.
-pub struct SimBusiness {
-    inbox: Mutex<Inbox>,
-    link: Mutex<Link>,
-    clock: ManualClock,
-}
-
-impl std::fmt::Debug for SimBusiness {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimBusiness").finish_non_exhaustive()
-    }
-}
-
-impl SimBusiness {
-    /// An endpoint failing with `faults.fail` probability and during
-    /// `faults.outages`, deterministic under `seed`.
-    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Arc<Self> {
-        Arc::new(Self {
-            inbox: Mutex::new(Inbox::default()),
-            link: Mutex::new(Link::new(faults, seed)),
-            clock,
-        })
-    }
-
-    fn inbox(&self) -> MutexGuard<'_, Inbox> {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn fails(&self) -> bool {
-        self.link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .fails(self.clock.now())
-    }
-
-    /// Inbound message ids handed over, with how many copies.
-    pub fn messages(&self) -> BTreeMap<MessageId, u32> {
-        self.inbox().messages.clone()
-    }
-
-    /// Contents handed over (first copies, in order).
-    pub fn contents(&self) -> Vec<(BusinessId, MessageId, Vec<u8>)> {
-        self.inbox().contents.clone()
-    }
-
-    /// Statuses reported per message.
-    pub fn statuses(&self) -> BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>> {
-        self.inbox().statuses.clone()
-    }
-}
-
-#[async_trait]
-impl BusinessSink for SimBusiness {
-    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
-        if self.fails() {
-            return Err(SinkError("simulated outage".into()));
-        }
-        let mut inbox = self.inbox();
-        let copies = inbox.messages.entry(message.id).or_insert(0);
-        *copies += 1;
-        if *copies == 1 {
-            inbox
-                .contents
-                .push((message.business, message.id, message.content.clone()));
-        }
-        Ok(())
-    }
-
-    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
-        if self.fails() {
-            return Err(SinkError("simulated outage".into()));
-        }
-        self.inbox()
-            .statuses
-            .entry(update.id)
-            .or_default()
-            .push((update.status, update.failure));
         Ok(())
     }
 }

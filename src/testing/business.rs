@@ -1,0 +1,298 @@
+//! The businesses' endpoint: a [`BusinessSink`] that records what it is
+//! handed, with seeded faults, the way a business's webhook behaves.
+//!
+//! A call returning `Ok` means the business took the message or status.
+//! What each fault does (see [`Faults`]):
+//!
+//! - `fail`, outages: the call is refused; the business has nothing.
+//! - `drop`: the call times out, so the processor gets an error and retries
+//!   later. Half the time the request was lost (the business has nothing);
+//!   half the time only the reply was (the business has it, and will have it
+//!   again when the processor retries): [`Cause::ReplyLost`].
+//! - `duplicate`: the business receives it twice (a proxy retried, say):
+//!   the second copy is [`Cause::Injected`].
+//! - `delay`: the business took it, but it shows in the record only later,
+//!   so later deliveries overtake it (the business's own queue is slow).
+//!
+//! The record keeps every copy with its cause, so a harness tells copies
+//! the fault injector made from copies the processor made:
+//! [`SimBusiness::messages`] counts only the handovers the processor was
+//! told succeeded, which is what "exactly once" is about.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::faults::{Decision, Faults, Injector, Leg, LegStats};
+use crate::ids::{BusinessId, MessageId};
+use crate::store::{FailureReason, Status};
+use crate::time::{Clock, ManualClock, Timestamp};
+use crate::transport::{BusinessSink, InboundMessage, SinkError, StatusUpdate};
+
+/// Why a copy reached the simulated business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cause {
+    /// The processor handed it over and was told the business took it.
+    Handed,
+    /// The processor handed it over, the business took it, and the reply
+    /// was lost: the processor was told it failed (and will retry).
+    ReplyLost,
+    /// A duplicate the fault injector made of a handover.
+    Injected,
+}
+
+/// The copies of one inbound message the business received, by cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Copies {
+    /// Handovers the processor was told succeeded: exactly one per message
+    /// when the processor delivers exactly once.
+    pub handed: u32,
+    /// Handovers whose reply was lost.
+    pub reply_lost: u32,
+    /// Duplicates the fault injector made.
+    pub injected: u32,
+}
+
+impl Copies {
+    /// Every copy the business received.
+    pub fn total(&self) -> u32 {
+        self.handed + self.reply_lost + self.injected
+    }
+
+    fn count(&mut self, cause: Cause) {
+        match cause {
+            Cause::Handed => self.handed += 1,
+            Cause::ReplyLost => self.reply_lost += 1,
+            Cause::Injected => self.injected += 1,
+        }
+    }
+}
+
+enum Item {
+    Message {
+        business: BusinessId,
+        id: MessageId,
+        content: Vec<u8>,
+    },
+    Status {
+        id: MessageId,
+        status: Status,
+        failure: Option<FailureReason>,
+    },
+}
+
+/// A copy the business took, shown in the record from `visible`.
+struct Arrival {
+    visible: Timestamp,
+    seq: u64,
+    cause: Cause,
+    item: Item,
+}
+
+/// What the business has, as far as the record shows at a given time.
+struct Record {
+    faults: Injector,
+    /// Taken, not yet shown (delayed).
+    held: Vec<Arrival>,
+    seq: u64,
+    copies: BTreeMap<MessageId, Copies>,
+    contents: Vec<(BusinessId, MessageId, Vec<u8>)>,
+    statuses: BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>>,
+    status_log: Vec<(MessageId, Status, Option<FailureReason>, Cause)>,
+}
+
+impl Record {
+    fn hold(&mut self, visible: Timestamp, cause: Cause, item: Item) {
+        self.seq += 1;
+        self.held.push(Arrival {
+            visible,
+            seq: self.seq,
+            cause,
+            item,
+        });
+    }
+
+    /// Show everything due by `now`, in the order it became visible.
+    fn settle(&mut self, now: Timestamp) {
+        if self.held.iter().all(|a| a.visible > now) {
+            return;
+        }
+        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|a| a.visible <= now);
+        self.held = rest;
+        due.sort_by_key(|a| (a.visible, a.seq));
+        for arrival in due {
+            match arrival.item {
+                Item::Message {
+                    business,
+                    id,
+                    content,
+                } => {
+                    let copies = self.copies.entry(id).or_default();
+                    let first = copies.total() == 0;
+                    copies.count(arrival.cause);
+                    if first {
+                        self.contents.push((business, id, content));
+                    }
+                }
+                Item::Status {
+                    id,
+                    status,
+                    failure,
+                } => {
+                    if arrival.cause != Cause::Injected {
+                        self.statuses.entry(id).or_default().push((status, failure));
+                    }
+                    self.status_log.push((id, status, failure, arrival.cause));
+                }
+            }
+        }
+    }
+
+    /// Decide the fate of a call on `leg` at `now`, and keep what the
+    /// business took.
+    fn take(&mut self, leg: Leg, now: Timestamp, item: impl Fn() -> Item) -> Result<(), SinkError> {
+        let decision = self.faults.decide(leg, now);
+        let result = self.apply(decision, now, &item);
+        self.settle(now);
+        result
+    }
+
+    fn apply(
+        &mut self,
+        decision: Decision,
+        now: Timestamp,
+        item: &impl Fn() -> Item,
+    ) -> Result<(), SinkError> {
+        let fate = decision.fate;
+        if decision.outage {
+            return Err(SinkError("simulated outage".into()));
+        }
+        if fate.failed {
+            return Err(SinkError("simulated failure".into()));
+        }
+        if fate.dropped {
+            if fate.reply_lost {
+                self.hold(now.saturating_add(fate.delays[0]), Cause::ReplyLost, item());
+                return Err(SinkError("simulated timeout: the reply was lost".into()));
+            }
+            return Err(SinkError("simulated timeout: the request was lost".into()));
+        }
+        self.hold(now.saturating_add(fate.delays[0]), Cause::Handed, item());
+        if fate.duplicated {
+            self.hold(now.saturating_add(fate.delays[1]), Cause::Injected, item());
+        }
+        Ok(())
+    }
+}
+
+/// The businesses' endpoint: records what it is handed, with faults on
+/// [`Leg::Deliver`] and [`Leg::Status`].
+pub struct SimBusiness {
+    record: Mutex<Record>,
+    clock: ManualClock,
+}
+
+impl std::fmt::Debug for SimBusiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBusiness").finish_non_exhaustive()
+    }
+}
+
+impl SimBusiness {
+    /// An endpoint with `faults`, deterministic under `seed` (see
+    /// [`Faults::fate`]), reading time from `clock`.
+    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Arc<Self> {
+        Arc::new(Self {
+            record: Mutex::new(Record {
+                faults: Injector::new(faults, seed),
+                held: Vec::new(),
+                seq: 0,
+                copies: BTreeMap::new(),
+                contents: Vec::new(),
+                statuses: BTreeMap::new(),
+                status_log: Vec::new(),
+            }),
+            clock,
+        })
+    }
+
+    /// The record, with everything due by now shown.
+    fn record(&self) -> MutexGuard<'_, Record> {
+        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        record.settle(self.clock.now());
+        record
+    }
+
+    /// Inbound message ids shown so far, with how many times the processor
+    /// handed each over and was told it succeeded ([`Copies::handed`]).
+    /// A processor that delivers exactly once gives 1 for every id.
+    pub fn messages(&self) -> BTreeMap<MessageId, u32> {
+        self.record()
+            .copies
+            .iter()
+            .map(|(id, c)| (*id, c.handed))
+            .collect()
+    }
+
+    /// Every copy of each inbound message shown so far, by cause.
+    pub fn copies(&self) -> BTreeMap<MessageId, Copies> {
+        self.record().copies.clone()
+    }
+
+    /// Contents shown so far: the first copy of each message (what a
+    /// business deduplicating by id keeps), in the order they showed.
+    pub fn contents(&self) -> Vec<(BusinessId, MessageId, Vec<u8>)> {
+        self.record().contents.clone()
+    }
+
+    /// Statuses shown so far per message, in the order they showed:
+    /// everything the processor sent that the business took (including
+    /// those whose reply was lost), without the injector's duplicates.
+    pub fn statuses(&self) -> BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>> {
+        self.record().statuses.clone()
+    }
+
+    /// Every status copy shown so far, in order, with its cause.
+    pub fn status_log(&self) -> Vec<(MessageId, Status, Option<FailureReason>, Cause)> {
+        self.record().status_log.clone()
+    }
+
+    /// Copies the business took that do not show yet (delayed).
+    pub fn held_back(&self) -> usize {
+        self.record().held.len()
+    }
+
+    /// The faults met so far, per leg (legs with no events left out).
+    pub fn fault_stats(&self) -> BTreeMap<Leg, LegStats> {
+        self.record().faults.stats()
+    }
+
+    /// Every fault decision so far, in the order made.
+    pub fn fault_log(&self) -> Vec<Decision> {
+        self.record().faults.log()
+    }
+}
+
+#[async_trait]
+impl BusinessSink for SimBusiness {
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
+        let now = self.clock.now();
+        self.record().take(Leg::Deliver, now, || Item::Message {
+            business: message.business,
+            id: message.id,
+            content: message.content.clone(),
+        })
+    }
+
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
+        let now = self.clock.now();
+        self.record().take(Leg::Status, now, || Item::Status {
+            id: update.id,
+            status: update.status,
+            failure: update.failure,
+        })
+    }
+}

@@ -1,0 +1,759 @@
+//! The test-support kit itself: every fault kind happens, at close to its
+//! configured rate, on the legs it applies to, and the same seed with the
+//! same events gives the same fault schedule.
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::integrity::Category;
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
+use custodian::signal::{Ciphertext, MessageKind};
+use custodian::store::{MemoryStore, Status};
+use custodian::testing::{
+    Cause, Decision, Faults, Leg, LegStats, REDELIVERY, SimBusiness, SimNetwork,
+};
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, StaticAuthorizer, StatusUpdate, Transport,
+};
+use custodian::visibility::MemoryAuditSink;
+use proptest::prelude::*;
+
+const T0: u64 = 1_767_225_600_000;
+const EVENTS: u64 = 20_000;
+
+fn start() -> Timestamp {
+    Timestamp::from_millis(T0)
+}
+
+fn number(i: usize) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+fn business() -> BusinessId {
+    BusinessId::new(7).unwrap()
+}
+
+/// Every kind of fault at once, at rates far enough apart to tell them apart.
+fn all_faults() -> Faults {
+    Faults {
+        drop: 0.1,
+        duplicate: 0.2,
+        delay: 0.3,
+        max_delay: Duration::from_secs(60),
+        fail: 0.15,
+        outages: Vec::new(),
+    }
+}
+
+/// `hits` out of `total` is within five standard deviations (plus a hair)
+/// of `p`. The seeds are fixed, so this never flakes; the margin is what a
+/// correct implementation would need under any seed.
+#[track_caller]
+fn assert_rate(what: &str, hits: u64, total: u64, p: f64) {
+    assert!(
+        total > 100,
+        "{what}: too few events ({total}) to judge a rate"
+    );
+    let rate = hits as f64 / total as f64;
+    let margin = 5.0 * (p * (1.0 - p) / total as f64).sqrt() + 0.002;
+    assert!(
+        (rate - p).abs() <= margin,
+        "{what}: {hits}/{total} = {rate:.4}, configured {p} (margin {margin:.4})"
+    );
+}
+
+fn schedule(faults: &Faults, seed: u64, leg: Leg) -> Vec<custodian::testing::Fate> {
+    (0..EVENTS).map(|n| faults.fate(seed, leg, n)).collect()
+}
+
+#[test]
+fn fate_is_a_pure_function_of_seed_leg_and_event_number() {
+    let faults = all_faults();
+    for leg in Leg::ALL {
+        assert_eq!(
+            schedule(&faults, 11, leg),
+            schedule(&faults.clone(), 11, leg)
+        );
+        assert_ne!(
+            schedule(&faults, 11, leg),
+            schedule(&faults, 12, leg),
+            "{leg:?}: another seed, another schedule"
+        );
+    }
+    // Legs draw from separate streams.
+    let on = |leg| -> Vec<bool> {
+        (0..EVENTS)
+            .map(|n| faults.fate(11, leg, n).dropped)
+            .collect()
+    };
+    assert_ne!(on(Leg::ToDevice), on(Leg::Receipt));
+}
+
+#[test]
+fn each_fault_happens_at_close_to_its_configured_rate() {
+    let faults = all_faults();
+    let max_ms = faults.max_delay.as_millis() as u64;
+    for leg in Leg::ALL {
+        let fates = schedule(&faults, 2024, leg);
+        let count = |f: &dyn Fn(&custodian::testing::Fate) -> bool| {
+            fates.iter().filter(|x| f(x)).count() as u64
+        };
+        let refusable = matches!(leg, Leg::Call | Leg::Deliver | Leg::Status);
+        let carries = leg != Leg::Call;
+        let failed = count(&|f| f.failed);
+        if refusable {
+            assert_rate(&format!("{leg:?} fail"), failed, EVENTS, faults.fail);
+        } else {
+            assert_eq!(failed, 0, "{leg:?} refuses nothing");
+        }
+        if !carries {
+            let carried = |f: &custodian::testing::Fate| {
+                f.dropped || f.reply_lost || f.duplicated || f.delays != [Duration::ZERO; 2]
+            };
+            assert_eq!(count(&carried), 0, "{leg:?} carries nothing");
+            continue;
+        }
+        let offered = EVENTS - failed;
+        let dropped = count(&|f| f.dropped);
+        assert_rate(&format!("{leg:?} drop"), dropped, offered, faults.drop);
+        let replies = count(&|f| f.reply_lost);
+        if matches!(leg, Leg::Inbound | Leg::Deliver | Leg::Status) {
+            assert_rate(&format!("{leg:?} reply lost"), replies, dropped, 0.5);
+        } else {
+            assert_eq!(replies, 0, "{leg:?} has no replies to lose");
+        }
+        let kept = offered - dropped;
+        let duplicated = count(&|f| f.duplicated);
+        assert_rate(
+            &format!("{leg:?} duplicate"),
+            duplicated,
+            kept,
+            faults.duplicate,
+        );
+        let copies: u64 = fates.iter().map(|f| u64::from(f.copies())).sum();
+        let delays: Vec<Duration> = fates
+            .iter()
+            .flat_map(|f| f.delays[..f.copies() as usize].to_vec())
+            .collect();
+        assert_eq!(delays.len() as u64, copies);
+        let late: Vec<u64> = delays
+            .iter()
+            .filter(|d| !d.is_zero())
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_rate(
+            &format!("{leg:?} delay"),
+            late.len() as u64,
+            copies,
+            faults.delay,
+        );
+        assert!(late.iter().all(|&ms| ms <= max_ms));
+        // Uniform up to the maximum: the mean is about half of it.
+        let mean = late.iter().sum::<u64>() as f64 / late.len() as f64;
+        assert!(
+            (mean / max_ms as f64 - 0.5).abs() < 0.03,
+            "{leg:?}: mean delay {mean} ms"
+        );
+        // Nothing travels that was refused or lost outright.
+        assert!(
+            fates
+                .iter()
+                .all(|f| f.copies() == 0 || !(f.failed || (f.dropped && !f.reply_lost)))
+        );
+    }
+}
+
+#[test]
+fn no_faults_means_no_faults_and_certain_faults_always_happen() {
+    let none = Faults::none();
+    let all = Faults {
+        drop: 1.0,
+        fail: 1.0,
+        ..Faults::none()
+    };
+    for leg in Leg::ALL {
+        for n in 0..1000 {
+            let fate = none.fate(5, leg, n);
+            assert!(!fate.failed && !fate.dropped && !fate.duplicated);
+            assert_eq!(fate.delays, [Duration::ZERO; 2]);
+            let fate = all.fate(5, leg, n);
+            match leg {
+                Leg::Call | Leg::Deliver | Leg::Status => assert!(fate.failed),
+                _ => assert!(fate.dropped),
+            }
+        }
+    }
+}
+
+/// The sim applies exactly the pure schedule: decision `n` on a leg is
+/// `fate(seed, leg, n)`, with nothing skipped or reordered.
+#[track_caller]
+fn assert_log_is_the_schedule(log: &[Decision], faults: &Faults, seed: u64) {
+    let mut next: BTreeMap<Leg, u64> = BTreeMap::new();
+    for d in log {
+        let n = next.entry(d.leg).or_default();
+        assert_eq!(d.n, *n, "{:?} events numbered in order", d.leg);
+        *n += 1;
+        assert_eq!(d.fate, faults.fate(seed, d.leg, d.n));
+    }
+}
+
+fn garbage_message() -> Outgoing {
+    Outgoing {
+        id: MessageId::random(),
+        ciphertext: Ciphertext {
+            kind: MessageKind::FollowUp,
+            bytes: vec![0x33; 40],
+        },
+    }
+}
+
+#[tokio::test]
+async fn the_network_refuses_loses_duplicates_and_delays_at_the_configured_rates() {
+    let faults = all_faults();
+    let clock = ManualClock::new(start());
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 99);
+    network.add_consumer(&number(1), 1).await;
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    for _ in 0..EVENTS {
+        match network
+            .send(business(), &number(1), 0, &garbage_message())
+            .await
+        {
+            Ok(()) => accepted += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    let stats = network.fault_stats().await;
+    let call = stats[&Leg::Call];
+    let to_device = stats[&Leg::ToDevice];
+    assert_eq!(call.events, EVENTS);
+    assert_eq!(call.failed, refused);
+    assert_rate("refused sends", refused, EVENTS, faults.fail);
+    // Every accepted send is one event on the way to the device.
+    assert_eq!(to_device.events, accepted);
+    assert_rate("lost ciphertexts", to_device.dropped, accepted, faults.drop);
+    assert_rate(
+        "duplicated ciphertexts",
+        to_device.duplicated,
+        accepted - to_device.dropped,
+        faults.duplicate,
+    );
+    assert_rate(
+        "late ciphertexts",
+        to_device.delayed,
+        to_device.copies,
+        faults.delay,
+    );
+    // What is in flight is exactly the copies that survived: lost ones are gone.
+    assert_eq!(
+        to_device.copies,
+        accepted - to_device.dropped + to_device.duplicated
+    );
+    assert_eq!(network.in_flight().await, to_device.copies);
+    assert_log_is_the_schedule(&network.fault_log().await, &faults, 99);
+}
+
+fn inbound(id: MessageId) -> InboundMessage {
+    InboundMessage {
+        business: business(),
+        id,
+        from: number(1),
+        device: 0,
+        content: id.to_string().into_bytes(),
+        received: start(),
+        identity_changed: false,
+    }
+}
+
+#[tokio::test]
+async fn the_business_endpoint_refuses_loses_duplicates_and_delays_and_says_which() {
+    let faults = all_faults();
+    let clock = ManualClock::new(start());
+    let sink = SimBusiness::new(clock.clone(), faults.clone(), 3);
+    let mut taken = BTreeSet::new();
+    let mut errors = 0u64;
+    for _ in 0..EVENTS {
+        let id = MessageId::random();
+        match sink.deliver(&inbound(id)).await {
+            Ok(()) => {
+                taken.insert(id);
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let s: LegStats = sink.fault_stats()[&Leg::Deliver];
+    assert_eq!(s.events, EVENTS);
+    assert_rate("refused deliveries", s.failed, EVENTS, faults.fail);
+    assert_rate(
+        "timed-out deliveries",
+        s.dropped,
+        EVENTS - s.failed,
+        faults.drop,
+    );
+    assert_rate("lost replies", s.replies_lost, s.dropped, 0.5);
+    assert_eq!(
+        errors,
+        s.failed + s.dropped,
+        "a lost request or reply is an error"
+    );
+    assert_rate(
+        "duplicated deliveries",
+        s.duplicated,
+        EVENTS - s.failed - s.dropped,
+        faults.duplicate,
+    );
+
+    // Delayed copies show only later.
+    assert!(sink.held_back() > 0);
+    let early = sink.copies().len();
+    clock.advance(faults.max_delay);
+    assert_eq!(sink.held_back(), 0);
+    let copies = sink.copies();
+    assert!(early < copies.len());
+    assert_rate("late copies", s.delayed, s.copies, faults.delay);
+
+    // The record tells the processor's handovers from the injector's copies.
+    let handed: BTreeSet<MessageId> = sink
+        .messages()
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(handed, taken, "handed over = the calls that returned Ok");
+    assert!(sink.messages().values().all(|&n| n <= 1));
+    let sum = |f: fn(&custodian::testing::Copies) -> u32| -> u64 {
+        copies.values().map(|c| u64::from(f(c))).sum()
+    };
+    assert_eq!(sum(|c| c.handed), taken.len() as u64);
+    assert_eq!(sum(|c| c.reply_lost), s.replies_lost);
+    assert_eq!(sum(|c| c.injected), s.duplicated);
+    assert_eq!(sum(|c| c.total()), s.copies);
+    // A business deduplicating by id keeps one copy of each.
+    assert_eq!(sink.contents().len(), copies.len());
+    assert_log_is_the_schedule(&sink.fault_log(), &faults, 3);
+}
+
+#[tokio::test]
+async fn delayed_deliveries_and_statuses_show_late_and_out_of_order() {
+    let faults = Faults {
+        delay: 0.5,
+        max_delay: Duration::from_secs(60),
+        ..Faults::none()
+    };
+    let clock = ManualClock::new(start());
+    let sink = SimBusiness::new(clock.clone(), faults, 8);
+    let ids: Vec<MessageId> = (0..200).map(|_| MessageId::random()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        sink.deliver(&inbound(*id)).await.unwrap();
+        let status = if i % 2 == 0 {
+            Status::Sent
+        } else {
+            Status::Delivered
+        };
+        let update = StatusUpdate {
+            business: business(),
+            id: ids[i / 2 * 2],
+            status,
+            failure: None,
+            at: clock.now(),
+        };
+        sink.status(&update).await.unwrap();
+        clock.advance(Duration::from_millis(100));
+    }
+    let shown_early = sink.contents().len();
+    assert!(shown_early < ids.len(), "some deliveries are held back");
+    clock.advance(Duration::from_secs(61));
+    let order: Vec<MessageId> = sink.contents().into_iter().map(|(_, id, _)| id).collect();
+    assert_eq!(order.len(), ids.len());
+    assert_ne!(order, ids, "later deliveries overtook held-back ones");
+    assert_eq!(
+        order.iter().collect::<BTreeSet<_>>(),
+        ids.iter().collect::<BTreeSet<_>>()
+    );
+    // Statuses reorder too: some Delivered shows before its Sent.
+    let statuses = sink.statuses();
+    assert!(
+        statuses
+            .values()
+            .any(|s| s.first().map(|x| x.0) == Some(Status::Delivered))
+    );
+    assert!(sink.status_log().iter().all(|x| x.3 == Cause::Handed));
+}
+
+#[tokio::test]
+async fn an_outage_refuses_every_call_for_its_period_only() {
+    let faults = Faults::none().with_outage(
+        start().saturating_add(Duration::from_secs(10)),
+        Duration::from_secs(20),
+    );
+    let clock = ManualClock::new(start());
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 1);
+    let sink = SimBusiness::new(clock.clone(), faults, 1);
+    network.add_consumer(&number(1), 2).await;
+    let mut seen = Vec::new();
+    for second in 0..40 {
+        let devices_ok = network.devices(business(), &number(1)).await.is_ok();
+        let send_ok = network
+            .send(business(), &number(1), 1, &garbage_message())
+            .await
+            .is_ok();
+        assert_eq!(devices_ok, send_ok);
+        let net_ok = devices_ok;
+        let sink_ok = sink.deliver(&inbound(MessageId::random())).await.is_ok();
+        assert_eq!(net_ok, sink_ok);
+        seen.push((second, net_ok));
+        clock.advance(Duration::from_secs(1));
+    }
+    for (second, ok) in seen {
+        assert_eq!(ok, !(10..30).contains(&second), "at {second} s");
+    }
+    let stats = network.fault_stats().await[&Leg::Call];
+    assert_eq!((stats.outage, stats.failed), (40, 0));
+}
+
+/// Two fault kinds on one leg never shift each other, and two legs never
+/// shift each other: statuses interleaved or not, deliveries meet the same
+/// fates.
+#[tokio::test]
+async fn one_legs_schedule_does_not_depend_on_events_on_another() {
+    let faults = all_faults();
+    let run = |with_statuses: bool| {
+        let faults = faults.clone();
+        async move {
+            let sink = SimBusiness::new(ManualClock::new(start()), faults, 21);
+            let mut results = Vec::new();
+            for i in 0..2000u32 {
+                results.push(sink.deliver(&inbound(MessageId::random())).await.is_ok());
+                if with_statuses && i % 3 == 0 {
+                    let update = StatusUpdate {
+                        business: business(),
+                        id: MessageId::random(),
+                        status: Status::Sent,
+                        failure: None,
+                        at: start(),
+                    };
+                    let _ = sink.status(&update).await;
+                }
+            }
+            let deliveries: Vec<Decision> = sink
+                .fault_log()
+                .into_iter()
+                .filter(|d| d.leg == Leg::Deliver)
+                .collect();
+            (results, deliveries)
+        }
+    };
+    assert_eq!(run(false).await, run(true).await);
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Devices,
+    Send { device: u32 },
+    Deliver,
+    Status,
+    Advance { seconds: u64 },
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        Just(Event::Devices),
+        (0u32..3).prop_map(|device| Event::Send { device }),
+        Just(Event::Deliver),
+        Just(Event::Status),
+        (0u64..120).prop_map(|seconds| Event::Advance { seconds }),
+    ]
+}
+
+/// Play `events` against a fresh network and endpoint; what came out.
+async fn play(
+    faults: &Faults,
+    seed: u64,
+    events: &[Event],
+) -> (Vec<bool>, Vec<Decision>, Vec<Decision>, u64) {
+    let clock = ManualClock::new(start());
+    let network = SimNetwork::new(clock.clone(), faults.clone(), seed);
+    let sink = SimBusiness::new(clock.clone(), faults.clone(), seed);
+    network.add_consumer(&number(1), 3).await;
+    let mut outcomes = Vec::new();
+    for event in events {
+        let ok = match event {
+            Event::Devices => network.devices(business(), &number(1)).await.is_ok(),
+            Event::Send { device } => network
+                .send(business(), &number(1), *device, &garbage_message())
+                .await
+                .is_ok(),
+            Event::Deliver => sink.deliver(&inbound(MessageId::random())).await.is_ok(),
+            Event::Status => {
+                let update = StatusUpdate {
+                    business: business(),
+                    id: MessageId::random(),
+                    status: Status::Delivered,
+                    failure: None,
+                    at: clock.now(),
+                };
+                sink.status(&update).await.is_ok()
+            }
+            Event::Advance { seconds } => {
+                clock.advance(Duration::from_secs(*seconds));
+                true
+            }
+        };
+        outcomes.push(ok);
+    }
+    (
+        outcomes,
+        network.fault_log().await,
+        sink.fault_log(),
+        network.in_flight().await,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Same seed, same events (message ids, keys and all else random):
+    /// same fault schedule, same outcomes; and the schedule is the pure
+    /// function of the seed.
+    #[test]
+    fn same_seed_and_same_events_give_the_same_fault_schedule(
+        seed in any::<u64>(),
+        events in prop::collection::vec(event(), 1..300),
+        outage_at in 0u64..3600,
+    ) {
+        let faults = all_faults()
+            .with_outage(start().saturating_add(Duration::from_secs(outage_at)), Duration::from_secs(300));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let first = runtime.block_on(play(&faults, seed, &events));
+        let second = runtime.block_on(play(&faults, seed, &events));
+        prop_assert_eq!(&first, &second);
+        assert_log_is_the_schedule(&first.1, &faults, seed);
+        assert_log_is_the_schedule(&first.2, &faults, seed);
+    }
+}
+
+// End to end: real devices, the processor, and faults on.
+
+struct Deployment {
+    clock: ManualClock,
+    network: Arc<SimNetwork>,
+    business: Arc<SimBusiness>,
+    processor: Processor,
+    transport: Principal,
+    operator: Principal,
+    owner: Principal,
+}
+
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Deployment {
+    async fn new(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
+        let clock = ManualClock::new(start());
+        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
+        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
+        let transport = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let owner = Principal::new("owner");
+        let authorizer = StaticAuthorizer::new()
+            .operator(&operator)
+            .grant(&owner, self::business())
+            .grant(&transport, self::business());
+        let host = Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: business.clone(),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: RECEIPT_TIMEOUT,
+                batch: 10_000,
+            },
+            ..Policies::default()
+        };
+        let processor = Processor::new(host, policies).unwrap();
+        processor
+            .publish_keys(&owner, self::business())
+            .await
+            .unwrap();
+        Self {
+            clock,
+            network,
+            business,
+            processor,
+            transport,
+            operator,
+            owner,
+        }
+    }
+
+    async fn send(&self, to: usize, text: &str) -> MessageId {
+        let outbound = Outbound {
+            to: number(to),
+            content: text.as_bytes().to_vec(),
+            category: Category::Utility,
+        };
+        self.processor
+            .send(&self.owner, business(), outbound)
+            .await
+            .unwrap()
+    }
+
+    /// Run the world for `span` in steps of 10 s; with `retransmit`, the
+    /// processor retries what is due.
+    async fn run(&self, span: Duration, retransmit: bool) {
+        let step = Duration::from_secs(10);
+        let mut elapsed = Duration::ZERO;
+        while elapsed < span {
+            self.network.pump(&self.processor, &self.transport).await;
+            if retransmit {
+                self.processor.retransmit_due(&self.operator).await.unwrap();
+            }
+            self.clock.advance(step);
+            elapsed += step;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lost_ciphertext_never_reaches_the_device_by_itself() {
+    let lossy = Faults {
+        drop: 1.0,
+        ..Faults::none()
+    };
+    let d = Deployment::new(lossy, Faults::none(), 4).await;
+    d.network.add_consumer(&number(1), 2).await;
+    let id = d.send(1, "gone").await;
+    // Long past any redelivery the network might make, with no
+    // retransmission by the processor: nothing arrives.
+    d.run(REDELIVERY * 20, false).await;
+    assert!(d.network.received(&number(1)).await.is_empty());
+    let stats = d.network.fault_stats().await;
+    assert_eq!(stats[&Leg::ToDevice].dropped, 2);
+    assert_eq!(d.network.in_flight().await, 0, "lost, not queued");
+    let (status, _) = d
+        .processor
+        .message_status(&d.owner, business(), id)
+        .await
+        .unwrap();
+    assert_eq!(status, Status::Sent);
+}
+
+#[tokio::test]
+async fn retransmission_gets_every_message_to_every_device_despite_real_losses() {
+    let network_faults = Faults {
+        drop: 0.3,
+        duplicate: 0.1,
+        ..Faults::none()
+    };
+    let d = Deployment::new(network_faults.clone(), Faults::none(), 77).await;
+    let consumers = 12;
+    for i in 0..consumers {
+        d.network.add_consumer(&number(i), 1 + (i % 3) as u32).await;
+    }
+    let mut sent = Vec::new();
+    let mut written = BTreeSet::new();
+    for round in 0..3 {
+        for i in 0..consumers {
+            sent.push((i, d.send(i, &format!("to {i}, round {round}")).await));
+            let text = format!("from {i}, round {round}");
+            d.network
+                .consumer_sends(
+                    &number(i),
+                    (i % 3) as u32 % (1 + (i % 3) as u32),
+                    business(),
+                    text.as_bytes(),
+                )
+                .await
+                .unwrap();
+            written.insert(text.into_bytes());
+        }
+    }
+    d.run(RECEIPT_TIMEOUT * 20, true).await;
+
+    let stats = d.network.fault_stats().await;
+    assert!(stats[&Leg::ToDevice].dropped > 0, "{stats:?}");
+    assert!(stats[&Leg::Receipt].dropped > 0, "{stats:?}");
+    assert!(stats[&Leg::Inbound].dropped > 0, "{stats:?}");
+    assert_log_is_the_schedule(&d.network.fault_log().await, &network_faults, 77);
+
+    let statuses = d.business.statuses();
+    let mut retransmitted = 0;
+    for (i, id) in &sent {
+        let received = d.network.received(&number(*i)).await;
+        for device in d.network.devices_of(&number(*i)).await {
+            let copies = received.get(&device).and_then(|r| r.get(id)).copied();
+            assert!(
+                copies.is_some(),
+                "{id} never reached device {device} of {i}"
+            );
+            retransmitted += copies.unwrap_or(0) - 1;
+            let shown = d.network.contents(&number(*i), device).await;
+            assert_eq!(shown.iter().filter(|(_, m, _)| m == id).count(), 1);
+        }
+        assert!(
+            statuses[id].iter().any(|(s, _)| *s == Status::Delivered),
+            "{id}: {:?}",
+            statuses[id]
+        );
+    }
+    assert!(retransmitted > 0, "losses were made good by retransmission");
+    assert_eq!(d.network.resent_after_delivery().await, 0);
+    // Inbound: the network's redeliveries got every message through, once.
+    let contents: BTreeSet<Vec<u8>> = d
+        .business
+        .contents()
+        .into_iter()
+        .map(|(_, _, c)| c)
+        .collect();
+    assert_eq!(contents, written);
+    assert!(d.business.messages().values().all(|&n| n == 1));
+}
+
+#[tokio::test]
+async fn lost_replies_and_injected_duplicates_never_count_as_the_processor_delivering_twice() {
+    let sink_faults = Faults {
+        drop: 0.3,
+        duplicate: 0.3,
+        ..Faults::none()
+    };
+    let d = Deployment::new(Faults::none(), sink_faults, 31).await;
+    for i in 0..6 {
+        d.network.add_consumer(&number(i), 1).await;
+    }
+    for round in 0..10 {
+        for i in 0..6 {
+            d.network
+                .consumer_sends(&number(i), 0, business(), format!("{i}/{round}").as_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    d.run(Duration::from_secs(3600), true).await;
+    let copies = d.business.copies();
+    assert_eq!(copies.len(), 60);
+    assert!(copies.values().all(|c| c.handed == 1), "{copies:?}");
+    assert!(copies.values().any(|c| c.reply_lost > 0));
+    assert!(copies.values().any(|c| c.injected > 0));
+    let stats = d.business.fault_stats()[&Leg::Deliver];
+    assert_eq!(
+        copies.values().map(|c| u64::from(c.injected)).sum::<u64>(),
+        stats.duplicated
+    );
+}
