@@ -118,9 +118,16 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
         start.saturating_add(Duration::from_secs(300)),
         Duration::from_secs(600),
     );
+    // The business endpoint loses requests and replies, duplicates,
+    // refuses, and is down for a quarter of an hour. (Not delays: what it
+    // shows must keep the order the processor sent statuses in, which the
+    // test checks never goes backwards.)
     let sink_faults = Faults {
         fail: 0.1,
-        ..Faults::none()
+        drop: 0.1,
+        duplicate: 0.1,
+        delay: 0.0,
+        ..Faults::moderate()
     }
     .with_outage(
         start.saturating_add(Duration::from_secs(900)),
@@ -180,7 +187,9 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
     d.run(Duration::from_secs(3 * 3600), Duration::from_secs(30))
         .await;
 
-    // Every consumer message reached the business, exactly once per id.
+    // Every consumer message reached the business, and the processor handed
+    // each over exactly once: other copies the business saw are the fault
+    // injector's (duplicates, replies lost on the way back).
     let handed: BTreeSet<Vec<u8>> = d
         .business
         .contents()
@@ -201,9 +210,24 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
         sent_by_consumers.len(),
         "a consumer message was handed over under two ids"
     );
+    let copies = d.business.copies();
+    assert!(
+        copies.values().all(|c| c.handed == 1),
+        "handed over more than once: {:?}",
+        copies
+            .iter()
+            .filter(|(_, c)| c.handed != 1)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        copies.values().any(|c| c.injected + c.reply_lost > 0),
+        "the business faults never struck: the check above proves nothing"
+    );
 
-    // Every business message reached every device of its recipient exactly
-    // once (duplicate copies are recognised by id), and was reported delivered.
+    // Every business message reached every device of its recipient, with
+    // its content, and was reported delivered. Copies beyond the first
+    // are retransmissions made before the delivery report came back (the
+    // devices drop them by id): none was sent after it.
     let statuses = d.business.statuses();
     for (b, id, to, text) in &sent_by_businesses {
         let received = d.network.received(to).await;
@@ -213,10 +237,10 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
                 "{id} never reached device {device}"
             );
             let contents = d.network.contents(to, device).await;
-            let copies: Vec<_> = contents.iter().filter(|(_, m, _)| m == id).collect();
-            assert_eq!(copies.len(), 1);
-            assert_eq!(&copies[0].2, text);
-            assert_eq!(copies[0].0, *b);
+            let first: Vec<_> = contents.iter().filter(|(_, m, _)| m == id).collect();
+            assert_eq!(first.len(), 1);
+            assert_eq!(&first[0].2, text);
+            assert_eq!(first[0].0, *b);
         }
         let seen = &statuses[id];
         assert!(
@@ -230,6 +254,7 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
             .unwrap();
         assert!(status >= Status::Delivered);
     }
+    assert_eq!(d.network.resent_after_delivery().await, 0);
     // The message to nobody failed, with its reason.
     assert_eq!(
         statuses[&to_nobody].last(),
@@ -248,7 +273,9 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
         assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{id}: {seen:?}");
     }
 
-    // The audit trail holds no release the policy forbids.
+    // The audit trail holds no release the policy forbids, and every copy
+    // of a message the business was handed came through a release of its
+    // content and one of its sender's number: one decision per handover.
     let policy = VisibilityPolicy::default();
     let events = d.audit.events();
     assert!(events.len() > 100);
@@ -261,6 +288,24 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
             );
         }
     }
+    let released_to_business = |class: DataClass| {
+        events
+            .iter()
+            .filter(|e| {
+                e.verdict == Verdict::Allow && e.party == Party::Business && e.class == class
+            })
+            .count()
+    };
+    let handovers: usize = d
+        .business
+        .fault_stats()
+        .get(&custodian::testing::Leg::Deliver)
+        .map_or(0, |s| s.events as usize);
+    assert_eq!(released_to_business(DataClass::MessageContent), handovers);
+    assert_eq!(
+        released_to_business(DataClass::ConsumerPhoneNumber),
+        handovers
+    );
 
     // Past retention: nothing readable, no phone number, no Signal state.
     d.clock.advance(Duration::from_secs(31 * 24 * 3600));
@@ -550,4 +595,102 @@ async fn no_principal_reaches_another_tenant() {
         before.3
     );
     let _ = d.clock.now();
+}
+
+/// A business whose webhook answers every message at once, by calling the
+/// processor from inside `deliver` (a bot): nothing the processor holds
+/// while it hands a message over may stand in the way of that reply.
+struct EchoBot {
+    processor: std::sync::Mutex<std::sync::Weak<Processor>>,
+    owner: Principal,
+    replies: std::sync::Mutex<Vec<MessageId>>,
+}
+
+#[async_trait::async_trait]
+impl custodian::transport::BusinessSink for EchoBot {
+    async fn deliver(
+        &self,
+        message: &custodian::transport::InboundMessage,
+    ) -> Result<(), custodian::transport::SinkError> {
+        let processor = self.processor.lock().unwrap().upgrade().unwrap();
+        let reply = Outbound {
+            to: message.from.clone(),
+            content: [b"re: ".as_slice(), &message.content].concat(),
+            category: Category::Service,
+        };
+        let id = processor
+            .send(&self.owner, message.business, reply)
+            .await
+            .unwrap();
+        self.replies.lock().unwrap().push(id);
+        Ok(())
+    }
+
+    async fn status(
+        &self,
+        _: &custodian::transport::StatusUpdate,
+    ) -> Result<(), custodian::transport::SinkError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_business_may_reply_from_inside_its_webhook() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let clock = ManualClock::new(Timestamp::from_millis(T0));
+            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 11));
+            let b = BusinessId::new(5).unwrap();
+            let owner = Principal::new("owner");
+            let bot = Arc::new(EchoBot {
+                processor: std::sync::Mutex::new(std::sync::Weak::new()),
+                owner: owner.clone(),
+                replies: std::sync::Mutex::new(Vec::new()),
+            });
+            let host = Host {
+                storage: Arc::new(MemoryStore::new()),
+                key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+                transport: network.clone(),
+                business: bot.clone(),
+                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
+                clock: Arc::new(clock.clone()),
+                audit: Arc::new(MemoryAuditSink::new()),
+            };
+            let processor = Arc::new(Processor::new(host, Policies::default()).unwrap());
+            *bot.processor.lock().unwrap() = Arc::downgrade(&processor);
+            processor.publish_keys(&owner, b).await.unwrap();
+            network.add_consumer(&number(1), 2).await;
+            for i in 0..3 {
+                network
+                    .consumer_sends(&number(1), 0, b, format!("hi {i}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+            network.pump(&processor, &owner).await;
+            network.pump(&processor, &owner).await;
+            let replies = bot.replies.lock().unwrap().clone();
+            assert_eq!(replies.len(), 3);
+            for device in [0, 1] {
+                let got = network.contents(&number(1), device).await;
+                let texts: BTreeSet<Vec<u8>> = got.into_iter().map(|(_, _, c)| c).collect();
+                let expected: BTreeSet<Vec<u8>> =
+                    (0..3).map(|i| format!("re: hi {i}").into_bytes()).collect();
+                assert_eq!(texts, expected, "device {device}");
+            }
+        });
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(Duration::from_secs(120)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the reply from inside the webhook deadlocked the processor")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the scenario failed: see its panic above")
+        }
+    }
 }
