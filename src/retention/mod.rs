@@ -15,9 +15,15 @@
 //!   and the [sweep](Retention::sweep) deletes a consumer's sessions and
 //!   trusted identities as soon as their last message is deleted.
 //! - **Content at rest stays in the region the business chose**:
-//!   [`check_residency`] refuses a store in another region, the region is
-//!   sealed into every envelope, and content in use elsewhere is held as
-//!   [`InUse`] for at most the in-use TTL.
+//!   [`check_residency`] refuses a store in another region (the processor
+//!   checks it on every receive and send), the region is sealed into every
+//!   envelope, and a SQLite store records its region and refuses to be
+//!   opened as another's. The processor keeps no content in memory beyond
+//!   the call that handles it: between attempts everything waits sealed in
+//!   the store. A host that takes content out of its region (a cache, an
+//!   opt-in service) holds it as [`InUse`], which gives it up once the
+//!   in-use TTL ([`RetentionPolicy::in_use_ttl`], default 60 minutes) has
+//!   passed.
 //!
 //! Legal holds ([`Retention::place_hold`]) are explicit and audited. While
 //! one stands, what it covers is neither deleted nor shredded (it is still

@@ -17,20 +17,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test]
 async fn no_private_key_or_session_secret_is_stored_in_clear() {
-    let store = Arc::new(MemoryStore::new());
-    let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-    let keys = Arc::new(KeyManager::new(
-        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        store.clone(),
-    ));
-    let vault = Arc::new(Vault::new(
-        keys.clone(),
-        Arc::new(clock.clone()),
-        EpochLength::DEFAULT,
-    ));
-    let sessions = Sessions::new(vault, store.clone(), SignalConfig::default());
-    let business = BusinessId::new(9).unwrap();
-    let expiry = Timestamp::from_millis(1_767_225_600_000 + 86_400_000);
+    let (sessions, keys, store, business, expiry) = fixture().await;
 
     let published = sessions.publish(business).await.unwrap();
     let mut phone = ConsumerDevice::new(0);
@@ -109,8 +96,15 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
     }
 }
 
+/// Sessions over an in-memory store, for business 9, and an expiry a day on.
 #[allow(clippy::unwrap_used, reason = "a test fixture")]
-async fn fixture() -> (Sessions, Arc<KeyManager>, BusinessId, Timestamp) {
+async fn fixture() -> (
+    Sessions,
+    Arc<KeyManager>,
+    Arc<MemoryStore>,
+    BusinessId,
+    Timestamp,
+) {
     let store = Arc::new(MemoryStore::new());
     let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
     let keys = Arc::new(KeyManager::new(
@@ -122,9 +116,9 @@ async fn fixture() -> (Sessions, Arc<KeyManager>, BusinessId, Timestamp) {
         Arc::new(clock.clone()),
         EpochLength::DEFAULT,
     ));
-    let sessions = Sessions::new(vault, store, SignalConfig::default());
+    let sessions = Sessions::new(vault, store.clone(), SignalConfig::default());
     let expiry = Timestamp::from_millis(1_767_225_600_000 + 86_400_000);
-    (sessions, keys, BusinessId::new(9).unwrap(), expiry)
+    (sessions, keys, store, BusinessId::new(9).unwrap(), expiry)
 }
 
 /// Two devices (two consumers) start sessions from the same published
@@ -132,7 +126,7 @@ async fn fixture() -> (Sessions, Arc<KeyManager>, BusinessId, Timestamp) {
 /// decrypt before either commits: only the first commit may use it.
 #[tokio::test]
 async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
-    let (sessions, keys, business, expiry) = fixture().await;
+    let (sessions, keys, _, business, expiry) = fixture().await;
     let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
     let mut peers = Vec::new();
     let mut firsts = Vec::new();
@@ -178,7 +172,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
 /// established the session.
 #[tokio::test]
 async fn only_the_message_that_starts_a_session_is_first_contact() {
-    let (sessions, keys, business, expiry) = fixture().await;
+    let (sessions, keys, _, business, expiry) = fixture().await;
     let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
     let mut device = ConsumerDevice::new(0);
     device.start_session(business, &bundle).await.unwrap();

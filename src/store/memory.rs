@@ -206,21 +206,29 @@ impl Inner {
     /// Whether every condition of `ops` holds, each checked where it stands
     /// in the batch (after the writes before it), before anything is applied.
     fn conditions_hold(&self, ops: &[Op]) -> bool {
-        let mut statuses: HashMap<(BusinessId, MessageId), Option<Status>> = HashMap::new();
-        let mut consumed: BTreeSet<KeyId> = BTreeSet::new();
-        let status = |statuses: &HashMap<_, Option<Status>>, b: BusinessId, id: MessageId| {
+        let conditional = |op: &Op| matches!(op, Op::ConsumeKey(_) | Op::UpdateDelivery { .. });
+        if !ops.iter().any(conditional) {
+            return true;
+        }
+        // Batches are a few operations: a list beats a map here.
+        let mut statuses: Vec<((BusinessId, MessageId), Option<Status>)> = Vec::new();
+        let mut consumed: Vec<KeyId> = Vec::new();
+        let status = |statuses: &[((BusinessId, MessageId), Option<Status>)], key| {
             statuses
-                .get(&(b, id))
-                .copied()
-                .unwrap_or_else(|| self.record(b, id).map(|m| m.delivery.status))
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| *s)
+                .unwrap_or_else(|| self.record(key.0, key.1).map(|m| m.delivery.status))
         };
         for op in ops {
             match op {
                 Op::ConsumeKey(id) => {
                     let live = matches!(self.keys.get(id), Some(KeyEntry::Wrapped(_)));
-                    if !live || !consumed.insert(*id) {
+                    if !live || consumed.contains(id) {
                         return false;
                     }
+                    consumed.push(*id);
                 }
                 Op::UpdateDelivery {
                     business,
@@ -228,21 +236,21 @@ impl Inner {
                     expected,
                     delivery,
                 } => {
-                    if status(&statuses, *business, *id) != Some(*expected) {
+                    if status(&statuses, (*business, *id)) != Some(*expected) {
                         return false;
                     }
-                    statuses.insert((*business, *id), Some(delivery.status));
+                    statuses.push(((*business, *id), Some(delivery.status)));
                 }
                 Op::PutMessage(m) => {
-                    statuses.insert((m.business, m.id), Some(m.delivery.status));
+                    statuses.push(((m.business, m.id), Some(m.delivery.status)));
                 }
                 Op::FailExpired { business, id }
-                    if status(&statuses, *business, *id).is_some_and(Status::is_open) =>
+                    if status(&statuses, (*business, *id)).is_some_and(Status::is_open) =>
                 {
-                    statuses.insert((*business, *id), Some(Status::Failed));
+                    statuses.push(((*business, *id), Some(Status::Failed)));
                 }
                 Op::DeleteMessage { business, id } => {
-                    statuses.insert((*business, *id), None);
+                    statuses.push(((*business, *id), None));
                 }
                 _ => {}
             }
