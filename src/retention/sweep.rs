@@ -238,8 +238,11 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// Stage 2: delete expired, settled, unheld messages, and with each batch
-    /// the Signal state of consumers left with no live message.
+    /// Stage 2: delete expired, settled, unheld messages. Their consumers'
+    /// Signal state goes in stage 3, in one pass over the peers: a step's
+    /// messages span most consumers (they are taken in expiry order), so
+    /// checking those consumers after every step would check most of them
+    /// again and again.
     async fn delete_expired(&mut self) -> Result<bool, SweepError> {
         loop {
             if !self.step() {
@@ -254,26 +257,19 @@ impl<'a> Sweep<'a> {
                 return Ok(true);
             }
             self.report.messages_deleted += deleted.len() as u64;
-            let phones: Vec<(BusinessId, PhoneHash)> = deleted
-                .iter()
-                .map(|m| (m.business, m.phone))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let peers = self
-                .storage
-                .peers_without_live_messages(&phones, self.now)
-                .await?;
-            if !self.delete_peers(peers, &held).await? {
-                return Ok(false);
-            }
         }
     }
 
-    /// Stage 3: a full scan for Signal state no live message needs, which
-    /// also finishes the work of a sweep interrupted between stage 2's steps.
+    /// Stage 3: a full scan for Signal state no live message needs: the
+    /// consumers whose last messages stage 2 deleted (in this sweep or in
+    /// one interrupted before), and any left by other means. Each peer is
+    /// deleted only if its consumer still has no live message (one may have
+    /// arrived since the page was listed: that peer stays, though the
+    /// report counts it).
     async fn delete_orphan_peers(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
+        // Pages are in key order, so one consumer's devices are adjacent.
+        let mut last_consumer = None;
         loop {
             let orphans = self
                 .storage
@@ -284,43 +280,32 @@ impl<'a> Sweep<'a> {
             };
             after = Some(last);
             let held = self.held().await?;
-            if !self.delete_peers(orphans, &held).await? {
+            let peers: Vec<(BusinessId, PeerId)> = orphans
+                .into_iter()
+                .filter(|(b, p)| !held.covers(*b, p.phone))
+                .collect();
+            if peers.is_empty() {
+                continue;
+            }
+            if !self.step() {
                 return Ok(false);
             }
+            let mut batch = Batch::new();
+            for &(business, peer) in &peers {
+                batch.push(Op::DeleteIdlePeer {
+                    business,
+                    peer,
+                    now: self.now,
+                });
+            }
+            self.storage.commit(batch).await?;
+            self.report.peers_deleted += peers.len() as u64;
+            for (business, peer) in peers {
+                if last_consumer.replace((business, peer.phone)) != Some((business, peer.phone)) {
+                    self.report.consumers_forgotten += 1;
+                }
+            }
         }
-    }
-
-    /// Delete the peers no hold covers, each only if its consumer still has
-    /// no live message (one may have arrived since the peers were listed).
-    async fn delete_peers(
-        &mut self,
-        peers: Vec<(BusinessId, PeerId)>,
-        held: &Held<'_>,
-    ) -> Result<bool, SweepError> {
-        let peers: Vec<(BusinessId, PeerId)> = peers
-            .into_iter()
-            .filter(|(b, p)| !held.covers(*b, p.phone))
-            .collect();
-        if peers.is_empty() {
-            return Ok(true);
-        }
-        if !self.step() {
-            return Ok(false);
-        }
-        let consumers: BTreeSet<(BusinessId, PhoneHash)> =
-            peers.iter().map(|(b, p)| (*b, p.phone)).collect();
-        let mut batch = Batch::new();
-        for &(business, peer) in &peers {
-            batch.push(Op::DeleteIdlePeer {
-                business,
-                peer,
-                now: self.now,
-            });
-        }
-        self.storage.commit(batch).await?;
-        self.report.peers_deleted += peers.len() as u64;
-        self.report.consumers_forgotten += consumers.len() as u64;
-        Ok(true)
     }
 
     /// Stage 4: destroy the keys of ended epochs, except those still holding

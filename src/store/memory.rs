@@ -620,29 +620,6 @@ impl Storage for MemoryStore {
         Ok(epochs.into_iter().collect())
     }
 
-    async fn peers_without_live_messages(
-        &self,
-        phones: &[(BusinessId, PhoneHash)],
-        now: Timestamp,
-    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
-        let inner = self.lock();
-        let mut out = Vec::new();
-        for &(business, phone) in phones {
-            if inner.has_live_message(business, phone, now) {
-                continue;
-            }
-            let from = (business, PeerId { phone, device: 0 });
-            out.extend(
-                inner
-                    .peers
-                    .range(from..)
-                    .take_while(|((b, p), _)| *b == business && p.phone == phone)
-                    .map(|(k, _)| *k),
-            );
-        }
-        Ok(out)
-    }
-
     async fn orphan_peers(
         &self,
         now: Timestamp,

@@ -207,14 +207,6 @@ pub trait Storage: KeyStore {
         phone: Option<PhoneHash>,
     ) -> Result<Vec<Epoch>, StoreError>;
 
-    /// Of the consumers in `phones`, the peer records of those with no
-    /// message expiring after `now`: Signal state no live message needs.
-    async fn peers_without_live_messages(
-        &self,
-        phones: &[(BusinessId, PhoneHash)],
-        now: Timestamp,
-    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError>;
-
     /// Up to `limit` peer records, in key order after `after`, whose consumer
     /// has no message expiring after `now` (a full, resumable scan).
     async fn orphan_peers(

@@ -580,15 +580,6 @@ impl Storage for SqliteStore {
             .with(|c| reads::message_epochs(c, business, phone))
     }
 
-    async fn peers_without_live_messages(
-        &self,
-        phones: &[(BusinessId, PhoneHash)],
-        now: Timestamp,
-    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
-        self.readers
-            .with(|c| reads::peers_without_live_messages(c, phones, now))
-    }
-
     async fn orphan_peers(
         &self,
         now: Timestamp,

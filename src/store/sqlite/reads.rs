@@ -440,44 +440,6 @@ pub(super) fn message_epochs(
     }
 }
 
-pub(super) fn peers_without_live_messages(
-    conn: &mut Connection,
-    phones: &[(BusinessId, PhoneHash)],
-    now: Timestamp,
-) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
-    // One read transaction: every answer from the same snapshot.
-    let tx = conn.transaction().db()?;
-    let mut out = Vec::new();
-    {
-        let mut stmt = tx
-            .prepare_cached(
-                "SELECT device FROM peers
-                 WHERE business = ?1 AND phone = ?2
-                   AND NOT EXISTS (SELECT 1 FROM messages
-                                   WHERE business = ?1 AND phone = ?2 AND expiry > ?3)
-                 ORDER BY device",
-            )
-            .db()?;
-        for &(business, phone) in phones {
-            let mut rows = stmt
-                .query(params![
-                    business_sql(business),
-                    &phone.as_bytes()[..],
-                    time_sql(now)
-                ])
-                .db()?;
-            let devices = collect(&mut rows, |r| Cols::new(r, "peers").u32(0, "device"))?;
-            out.extend(
-                devices
-                    .into_iter()
-                    .map(|device| (business, PeerId { phone, device })),
-            );
-        }
-    }
-    tx.finish().db()?;
-    Ok(out)
-}
-
 pub(super) fn orphan_peers(
     conn: &Connection,
     now: Timestamp,
