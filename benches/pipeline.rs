@@ -56,7 +56,7 @@ use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
 use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{MemoryStore, PeerId, SqliteConfig, SqliteStore, Storage};
 use custodian::testing::{ConsumerDevice, join_all};
-use custodian::time::{ManualClock, Timestamp};
+use custodian::time::SystemClock;
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
     Transport, TransportError,
@@ -67,7 +67,6 @@ use rusqlite::{Connection, params};
 use sha2::Sha256;
 use tokio::sync::Mutex as AsyncMutex;
 
-const T0: u64 = 1_767_225_600_000;
 const CONSUMERS: usize = 64;
 const CONTENT: [u8; 200] = [0x5a; 200];
 
@@ -222,7 +221,10 @@ impl Rig {
                     .grant(&principal, business)
                     .operator(&principal),
             ),
-            clock: Arc::new(ManualClock::new(Timestamp::from_millis(T0))),
+            // Real time: expiries and due times advance as they would in
+            // production, so the stores' time-ordered indexes grow at their
+            // end (a frozen clock would scatter every insert by message id).
+            clock: Arc::new(SystemClock),
             audit: Arc::new(Audit),
         };
         let policies = Policies {

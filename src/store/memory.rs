@@ -1,6 +1,6 @@
 //! The in-memory backend: for tests, examples and hosts that persist nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -42,7 +42,9 @@ struct Inner {
     messages: HashMap<BusinessId, HashMap<MessageId, Box<MessageRecord>, RandomState>>,
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
-    by_phone: BTreeSet<(BusinessId, PhoneHash, MessageId)>,
+    /// The messages of each consumer: hashed, as phone hashes are random
+    /// and a tree over every message would miss the cache at every level.
+    by_phone: HashMap<(BusinessId, PhoneHash), HashSet<MessageId, RandomState>, RandomState>,
     holds: BTreeMap<(HoldScope, String), Hold>,
 }
 
@@ -293,7 +295,10 @@ impl Inner {
 
     fn index(&mut self, e: &IndexEntries) {
         self.by_expiry.insert((e.expiry, e.business, e.id));
-        self.by_phone.insert((e.business, e.phone, e.id));
+        self.by_phone
+            .entry((e.business, e.phone))
+            .or_default()
+            .insert(e.id);
         if let Some(due) = e.due {
             self.by_due.insert((due, e.business, e.id));
         }
@@ -301,18 +306,22 @@ impl Inner {
 
     fn unindex(&mut self, e: &IndexEntries) {
         self.by_expiry.remove(&(e.expiry, e.business, e.id));
-        self.by_phone.remove(&(e.business, e.phone, e.id));
+        if let Some(ids) = self.by_phone.get_mut(&(e.business, e.phone)) {
+            ids.remove(&e.id);
+            if ids.is_empty() {
+                self.by_phone.remove(&(e.business, e.phone));
+            }
+        }
         if let Some(due) = e.due {
             self.by_due.remove(&(due, e.business, e.id));
         }
     }
 
     fn has_live_message(&self, business: BusinessId, phone: PhoneHash, now: Timestamp) -> bool {
-        let from = (business, phone, MessageId::from_bytes([0; 16]));
-        self.by_phone
-            .range(from..)
-            .take_while(|(b, p, _)| *b == business && *p == phone)
-            .any(|&(b, _, id)| self.record(b, id).is_some_and(|m| m.expiry > now))
+        self.by_phone.get(&(business, phone)).is_some_and(|ids| {
+            ids.iter()
+                .any(|&id| self.record(business, id).is_some_and(|m| m.expiry > now))
+        })
     }
 
     fn delete_key(&mut self, id: &KeyId) -> bool {
@@ -645,8 +654,8 @@ impl Storage for MemoryStore {
         let inner = self.lock();
         let phones: BTreeSet<(BusinessId, PhoneHash)> = inner
             .by_phone
-            .iter()
-            .map(|&(b, p, _)| (b, p))
+            .keys()
+            .copied()
             .chain(inner.peers.keys().map(|(b, p)| (*b, p.phone)))
             .collect();
         let epoch_keys = inner
