@@ -49,17 +49,16 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use async_trait::async_trait;
 use criterion::{Criterion, Throughput};
 use custodian::ids::{BusinessId, PhoneNumber};
-use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::integrity::Category;
 use custodian::keys::LocalKeyProvider;
 use custodian::keys::SecretKey;
 use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
-use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys, SignalConfig};
+use custodian::signal::SignalConfig;
 use custodian::store::{MemoryStore, PeerId, SqliteConfig, SqliteStore, Storage};
-use custodian::testing::{ConsumerDevice, join_all};
+use custodian::testing::{ConsumerDevice, RecordingTransport, join_all};
 use custodian::time::SystemClock;
 use custodian::transport::{
-    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
-    Transport, TransportError,
+    BusinessSink, InboundMessage, Principal, SinkError, StaticAuthorizer, StatusUpdate,
 };
 use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent};
 use hkdf::Hkdf;
@@ -81,66 +80,8 @@ fn number(i: usize) -> PhoneNumber {
 }
 
 // ---------------------------------------------------------------------------
-// The host around the processor: a transport that only records, a business
-// that takes everything, an audit trail that counts.
-
-#[derive(Default)]
-struct Network {
-    keys: Mutex<Option<PublishedKeys>>,
-    /// What the processor sent, per consumer number.
-    sent: Mutex<BTreeMap<String, Vec<Ciphertext>>>,
-}
-
-#[async_trait]
-impl Transport for Network {
-    async fn devices(&self, _: BusinessId, _: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
-        Ok(vec![0])
-    }
-
-    async fn fetch_bundle(
-        &self,
-        _: BusinessId,
-        _: &PhoneNumber,
-        _: u32,
-    ) -> Result<PreKeyBundle, TransportError> {
-        Err(TransportError::Refused(
-            "every session exists already".into(),
-        ))
-    }
-
-    async fn send(
-        &self,
-        _: BusinessId,
-        consumer: &PhoneNumber,
-        _: u32,
-        message: &Outgoing,
-    ) -> Result<(), TransportError> {
-        self.sent
-            .lock()
-            .unwrap()
-            .entry(consumer.expose().to_owned())
-            .or_default()
-            .push(message.ciphertext.clone());
-        Ok(())
-    }
-
-    async fn publish_keys(
-        &self,
-        _: BusinessId,
-        keys: &PublishedKeys,
-    ) -> Result<(), TransportError> {
-        *self.keys.lock().unwrap() = Some(keys.clone());
-        Ok(())
-    }
-
-    async fn integrity_signals(&self, _: &IntegrityReport) -> Result<(), TransportError> {
-        Ok(())
-    }
-
-    async fn billing(&self, _: &BillingStatement) -> Result<(), TransportError> {
-        Ok(())
-    }
-}
+// The host around the processor: the kit's transport that only records, a
+// business that takes everything, an audit trail that counts.
 
 struct Business;
 
@@ -188,7 +129,7 @@ struct Consumer {
 struct Rig {
     processor: Processor,
     storage: Arc<dyn Storage>,
-    network: Arc<Network>,
+    network: Arc<RecordingTransport>,
     principal: Principal,
     business: BusinessId,
     consumers: Vec<Consumer>,
@@ -208,7 +149,7 @@ impl Rig {
                 (Arc::new(store), Some(dir))
             }
         };
-        let network = Arc::new(Network::default());
+        let network = Arc::new(RecordingTransport::new());
         let principal = Principal::new("gateway");
         let business = BusinessId::new(1001).unwrap();
         let host = Host {
@@ -237,7 +178,7 @@ impl Rig {
         };
         let processor = Processor::new(host, policies).unwrap();
         processor.publish_keys(&principal, business).await.unwrap();
-        let keys = network.keys.lock().unwrap().clone().unwrap();
+        let keys = network.published().unwrap();
         let rig = Self {
             processor,
             storage,
@@ -360,7 +301,7 @@ impl Rig {
 
     /// Every consumer reads what the business sent it.
     async fn consumers_read(&self) {
-        let sent = std::mem::take(&mut *self.network.sent.lock().unwrap());
+        let sent = self.network.take_sent();
         for c in &self.consumers {
             let mut device = c.device.lock().await;
             for message in sent.get(c.number.expose()).into_iter().flatten() {

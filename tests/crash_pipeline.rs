@@ -24,21 +24,18 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-use custodian::integrity::{BillingStatement, IntegrityReport};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{Host, Inbound, Policies, Processor};
-use custodian::signal::{PreKeyBundle, PublishedKeys};
 use custodian::store::{PeerId, SqliteConfig, SqliteStore, Storage};
-use custodian::testing::ConsumerDevice;
+use custodian::testing::{ConsumerDevice, RecordingTransport};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{
-    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
-    Transport, TransportError,
+    BusinessSink, InboundMessage, Principal, SinkError, StaticAuthorizer, StatusUpdate,
 };
 use custodian::vault::Vault;
 use custodian::visibility::MemoryAuditSink;
@@ -70,55 +67,6 @@ fn key_provider() -> Arc<LocalKeyProvider> {
     )))
 }
 
-/// The transport of the child: it only keeps the published keys.
-#[derive(Default)]
-struct Network {
-    keys: Mutex<Option<PublishedKeys>>,
-}
-
-#[async_trait]
-impl Transport for Network {
-    async fn devices(&self, _: BusinessId, _: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
-        Ok(vec![0])
-    }
-
-    async fn fetch_bundle(
-        &self,
-        _: BusinessId,
-        _: &PhoneNumber,
-        _: u32,
-    ) -> Result<PreKeyBundle, TransportError> {
-        Err(TransportError::Refused("not in this test".into()))
-    }
-
-    async fn send(
-        &self,
-        _: BusinessId,
-        _: &PhoneNumber,
-        _: u32,
-        _: &Outgoing,
-    ) -> Result<(), TransportError> {
-        Ok(())
-    }
-
-    async fn publish_keys(
-        &self,
-        _: BusinessId,
-        keys: &PublishedKeys,
-    ) -> Result<(), TransportError> {
-        *self.keys.lock().unwrap() = Some(keys.clone());
-        Ok(())
-    }
-
-    async fn integrity_signals(&self, _: &IntegrityReport) -> Result<(), TransportError> {
-        Ok(())
-    }
-
-    async fn billing(&self, _: &BillingStatement) -> Result<(), TransportError> {
-        Ok(())
-    }
-}
-
 struct Business;
 
 #[async_trait]
@@ -145,7 +93,7 @@ fn crash_pipeline_child() {
         .unwrap();
     runtime.block_on(async move {
         let storage = Arc::new(SqliteStore::open(path, SqliteConfig::default()).unwrap());
-        let network = Arc::new(Network::default());
+        let network = Arc::new(RecordingTransport::new());
         let gateway = Principal::new("gateway");
         let host = Host {
             storage,
@@ -162,7 +110,7 @@ fn crash_pipeline_child() {
         };
         let processor = Processor::new(host, Policies::default()).unwrap();
         processor.publish_keys(&gateway, business()).await.unwrap();
-        let published = network.keys.lock().unwrap().clone().unwrap();
+        let published = network.published().unwrap();
         let mut devices = Vec::new();
         for c in 0..CONSUMERS {
             let mut device = ConsumerDevice::new(0);

@@ -757,3 +757,71 @@ async fn lost_replies_and_injected_duplicates_never_count_as_the_processor_deliv
         stats.duplicated
     );
 }
+
+/// The recording transport keeps the published keys and what the processor
+/// sends, for a harness that hands ciphertexts to its own devices.
+#[tokio::test]
+async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
+    let clock = ManualClock::new(start());
+    let network = Arc::new(custodian::testing::RecordingTransport::new());
+    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
+    let owner = Principal::new("owner");
+    let b = BusinessId::new(3).unwrap();
+    let processor = Processor::new(
+        Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: business.clone(),
+            authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        },
+        Policies::default(),
+    )
+    .unwrap();
+    assert!(network.published().is_none());
+    processor.publish_keys(&owner, b).await.unwrap();
+    let published = network.published().unwrap();
+    let mut device = custodian::testing::ConsumerDevice::new(0);
+    device
+        .start_session(b, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let first = device.encrypt(b, b"hello").await.unwrap();
+    let inbound = custodian::processor::Inbound {
+        from: number(7),
+        device: 0,
+        transport_id: b"t-1".to_vec(),
+        message: first,
+    };
+    assert!(
+        processor
+            .receive(&owner, b, inbound)
+            .await
+            .unwrap()
+            .delivered
+    );
+    let id = processor
+        .send(
+            &owner,
+            b,
+            Outbound {
+                to: number(7),
+                content: b"hi back".to_vec(),
+                category: Category::Service,
+            },
+        )
+        .await
+        .unwrap();
+    let mut sent = network.take_sent();
+    let to_seven = sent.remove(number(7).expose()).unwrap();
+    assert!(sent.is_empty());
+    assert_eq!(to_seven.len(), 1);
+    let payload = device.decrypt(b, &to_seven[0]).await.unwrap();
+    assert_eq!(
+        custodian::processor::parse_device_payload(&payload),
+        Some((id, b"hi back".as_slice()))
+    );
+    assert!(network.take_sent().is_empty(), "taken once");
+}

@@ -53,6 +53,7 @@ use crate::integrity::{
 use crate::keys::{KeyError, KeyManager, KeyProvider};
 use crate::retention::{
     ExpiryNotifier, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, SweepReport,
+    check_residency,
 };
 use crate::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
 use crate::store::{
@@ -574,6 +575,20 @@ impl Processor {
         Ok(record)
     }
 
+    /// The expiry of a `direction` message of `business` arriving at `now`,
+    /// if residency lets this store keep its content (one read of the
+    /// policy for both).
+    fn admit(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        now: Timestamp,
+    ) -> Result<Timestamp, ProcessorError> {
+        let policy = self.retention.policy();
+        check_residency(business, policy.region(business), self.storage.region())?;
+        Ok(policy.expiry(business, direction, now))
+    }
+
     /// Change a message's delivery state if its status is still `expected`;
     /// `false` if it moved on (or the message is gone) meanwhile.
     async fn write_delivery(
@@ -620,9 +635,8 @@ impl Processor {
         inbound: Inbound,
     ) -> Result<Receipt, ProcessorError> {
         self.authorize(principal, business)?;
-        self.retention
-            .check_residency(business, self.storage.region())?;
         let now = self.clock.now();
+        let expiry = self.admit(business, Direction::Inbound, now)?;
         let phone = self.keys.phone_hash(business, &inbound.from).await?;
         let id = inbound_id(business, phone, &inbound.transport_id);
         let duplicate = Receipt {
@@ -630,10 +644,6 @@ impl Processor {
             duplicate: true,
             delivered: false,
         };
-        let expiry = self
-            .retention
-            .policy()
-            .expiry(business, Direction::Inbound, now);
         let peer = PeerId {
             phone,
             device: inbound.device,
@@ -848,18 +858,13 @@ impl Processor {
         outbound: Outbound,
     ) -> Result<MessageId, ProcessorError> {
         self.authorize(principal, business)?;
-        self.retention
-            .check_residency(business, self.storage.region())?;
         if outbound.content.len() > MAX_PLAINTEXT_LEN - 64 {
             return Err(ProcessorError::Invalid("content too large"));
         }
         let now = self.clock.now();
+        let expiry = self.admit(business, Direction::Outbound, now)?;
         let phone = self.keys.phone_hash(business, &outbound.to).await?;
         let id = MessageId::random();
-        let expiry = self
-            .retention
-            .policy()
-            .expiry(business, Direction::Outbound, now);
         let body = OutboundBody {
             to: outbound.to,
             category: outbound.category,

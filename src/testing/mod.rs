@@ -11,6 +11,9 @@
 //! - [`SimBusiness`]: the businesses' endpoint, a
 //!   [`BusinessSink`](crate::transport::BusinessSink) that records what it is
 //!   handed, and why each copy came ([`Cause`]).
+//! - [`RecordingTransport`]: a transport that accepts everything and keeps
+//!   it, for harnesses and benchmarks that hand ciphertexts to devices
+//!   themselves.
 //! - [`Faults`]: loss, duplication, delay (so reordering), failures and
 //!   outages on each [`Leg`] of both, decided by a seeded pure function
 //!   ([`Faults::fate`]). Time is a [`ManualClock`](crate::time::ManualClock)
@@ -64,8 +67,10 @@ mod business;
 mod device;
 mod faults;
 mod network;
+mod recording;
 
 pub use business::{Cause, Copies, SimBusiness};
 pub use device::{ConsumerDevice, DeviceError};
 pub use faults::{Decision, Fate, Faults, Leg, LegStats};
 pub use network::{PumpReport, REDELIVERY, SimNetwork, join_all};
+pub use recording::RecordingTransport;

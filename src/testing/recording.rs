@@ -1,0 +1,95 @@
+//! A transport that accepts everything and keeps it.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+
+use async_trait::async_trait;
+
+use crate::ids::{BusinessId, PhoneNumber};
+use crate::integrity::{BillingStatement, IntegrityReport};
+use crate::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
+use crate::transport::{Outgoing, Transport, TransportError};
+
+/// A [`Transport`] for harnesses and benchmarks that drive consumer devices
+/// themselves: every consumer has one device (0), every send is accepted and
+/// kept for the harness to hand to the device, the published keys are kept,
+/// and there is no bundle to fetch (start each device's session from
+/// [`published`](Self::published) keys before the processor sends to it).
+/// No faults, no delays: for those, [`SimNetwork`](super::SimNetwork).
+#[derive(Debug, Default)]
+pub struct RecordingTransport {
+    keys: Mutex<Option<PublishedKeys>>,
+    sent: Mutex<BTreeMap<String, Vec<Ciphertext>>>,
+}
+
+impl RecordingTransport {
+    /// An empty transport.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The keys the processor published last.
+    pub fn published(&self) -> Option<PublishedKeys> {
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Take what the processor sent since the last call, per consumer
+    /// number (E.164), in the order sent.
+    pub fn take_sent(&self) -> BTreeMap<String, Vec<Ciphertext>> {
+        std::mem::take(&mut *self.sent.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+#[async_trait]
+impl Transport for RecordingTransport {
+    async fn devices(&self, _: BusinessId, _: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
+        Ok(vec![0])
+    }
+
+    async fn fetch_bundle(
+        &self,
+        _: BusinessId,
+        _: &PhoneNumber,
+        _: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        Err(TransportError::Refused(
+            "a recording transport has no bundles: start sessions from the published keys".into(),
+        ))
+    }
+
+    async fn send(
+        &self,
+        _: BusinessId,
+        consumer: &PhoneNumber,
+        _: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError> {
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(consumer.expose().to_owned())
+            .or_default()
+            .push(message.ciphertext.clone());
+        Ok(())
+    }
+
+    async fn publish_keys(
+        &self,
+        _: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
+        *self.keys.lock().unwrap_or_else(PoisonError::into_inner) = Some(keys.clone());
+        Ok(())
+    }
+
+    async fn integrity_signals(&self, _: &IntegrityReport) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn billing(&self, _: &BillingStatement) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
