@@ -605,7 +605,9 @@ impl Storage for SqliteStore {
     /// while it runs. If a reader still holds an older snapshot the log
     /// cannot be emptied; that is logged, and the next sweep tries again.
     async fn scrub(&self) -> Result<(), StoreError> {
-        let (path, busy) = (self.path.clone(), self.busy_timeout);
+        // While it waits for readers the checkpoint holds off new writes:
+        // a short wait, so message traffic is not held up behind it.
+        let (path, busy) = (self.path.clone(), self.busy_timeout.min(SCRUB_WAIT));
         let (reply, answer) = futures_channel::oneshot::channel();
         std::thread::Builder::new()
             .name("custodian-sqlite-scrub".into())
@@ -622,6 +624,9 @@ impl Storage for SqliteStore {
         Ok(())
     }
 }
+
+/// Longest a scrub waits for the writer and for readers.
+const SCRUB_WAIT: Duration = Duration::from_millis(250);
 
 /// `PRAGMA wal_checkpoint(TRUNCATE)` from a new connection, waiting up to
 /// `busy` for the writer and for readers; whether the log is now empty.
