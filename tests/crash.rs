@@ -18,13 +18,13 @@
     reason = "tests assert by panicking"
 )]
 
+mod common;
+
+use common::{KillPlan, Rng, run_and_kill};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use custodian::ids::{BusinessId, MessageId, PhoneHash};
@@ -47,6 +47,14 @@ const BUDGET: Duration = Duration::from_secs(40);
 /// that died must not leave it running for ever).
 const MAX_SEQ: u64 = 1_000_000;
 const T0: u64 = 1_767_225_600_000;
+/// Sometimes at once (while it opens the file), else after a random number
+/// of acknowledgements, plus a random delay.
+const KILL_PLAN: KillPlan = KillPlan {
+    at_once_one_in: 5,
+    max_acks: 80,
+    max_delay: Duration::from_micros(3000),
+    patience: Duration::from_secs(20),
+};
 
 fn business() -> BusinessId {
     BusinessId::new(42).unwrap()
@@ -227,23 +235,6 @@ fn crash_child() {
     });
 }
 
-/// A small seeded generator (SplitMix64): the kill points are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Check the file after a kill: it opens, and each task's state is that of
 /// its acknowledged batches, or of those and the next one. Returns how many
 /// acknowledged messages were checked, and how many tasks' unacknowledged
@@ -304,63 +295,17 @@ fn acknowledged_batches_survive_sigkill() {
             .iter()
             .map(|a| a.map_or(0, |a| a + 1).to_string())
             .collect();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash_child",
-                "--nocapture",
-                "--test-threads=1",
-                "-q",
-            ])
-            .env(CHILD_DB, &path)
-            .env(CHILD_START, starts.join(","))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let mut words = line.split_whitespace();
-                if words.next() == Some("ack") {
-                    let task: usize = words.next().unwrap().parse().unwrap();
-                    let seq: u64 = words.next().unwrap().parse().unwrap();
-                    if tx.send((task, seq)).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-
-        // Where to kill: sometimes at once (while it opens the file), else
-        // after a random number of acknowledgements, plus a random delay.
-        let mut got = Vec::new();
-        if rng.below(5) != 0 {
-            let wanted = 1 + rng.below(80);
-            while got.len() < wanted as usize {
-                match rx.recv_timeout(Duration::from_secs(20)) {
-                    Ok(ack) => got.push(ack),
-                    Err(e) => panic!("the child stopped acknowledging: {e}"),
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_micros(rng.below(3000)));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "the child ended by itself: {status}"
-        );
+        let starts = starts.join(",");
+        let env = [
+            (CHILD_DB, path.as_os_str()),
+            (CHILD_START, std::ffi::OsStr::new(&starts)),
+        ];
+        let got = run_and_kill("crash_child", &env, &KILL_PLAN, &mut rng);
         kills += 1;
-        reader.join().unwrap();
-        // Acknowledgements written before the kill count, read or not.
-        got.extend(rx.try_iter());
-
-        for (task, seq) in got {
+        for ack in got {
+            let mut words = ack.split_whitespace();
+            let task: usize = words.next().unwrap().parse().unwrap();
+            let seq: u64 = words.next().unwrap().parse().unwrap();
             let expected = acked[task].map_or(0, |a| a + 1);
             assert_eq!(seq, expected, "task {task} acknowledged out of order");
             acked[task] = Some(seq);

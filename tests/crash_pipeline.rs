@@ -20,11 +20,12 @@
     reason = "tests assert by panicking"
 )]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+mod common;
+
+use common::{KillPlan, Rng, run_and_kill};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -48,6 +49,14 @@ const CONSUMERS: u32 = 3;
 const MAX_SEQ: u32 = 100_000;
 const T0: u64 = 1_767_225_600_000;
 const ROOT: [u8; 32] = [0x5c; 32];
+/// Sometimes while it starts (opening the file, publishing keys), else after
+/// some acknowledgements, plus a random delay.
+const KILL_PLAN: KillPlan = KillPlan {
+    at_once_one_in: 4,
+    max_acks: 40,
+    max_delay: Duration::from_micros(20_000),
+    patience: Duration::from_secs(60),
+};
 
 fn business() -> BusinessId {
     BusinessId::new(77).unwrap()
@@ -156,28 +165,15 @@ struct Acked {
     text: String,
 }
 
-fn parse(line: &str) -> Option<Acked> {
-    let rest = line.strip_prefix("ack ")?;
-    let (id, rest) = rest.split_once(' ')?;
+/// An acknowledgement as the child prints it after `ack `.
+fn parse(ack: &str) -> Option<Acked> {
+    let (id, rest) = ack.split_once(' ')?;
     let (from, text) = rest.split_once(' ')?;
     Some(Acked {
         id: id.parse().ok()?,
         from: from.parse().ok()?,
         text: text.to_owned(),
     })
-}
-
-/// A small seeded generator (SplitMix64): the kill points are reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % n
-    }
 }
 
 /// Open the file as a new gateway would and check every acknowledged
@@ -242,51 +238,14 @@ fn acknowledged_inbound_messages_survive_sigkill_of_the_gateway() {
     let mut in_flight_max = 0usize;
     let started = Instant::now();
     for run in 0..MIN_KILLS {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash_pipeline_child",
-                "--nocapture",
-                "--test-threads=1",
-                "-q",
-            ])
-            .env(CHILD_DB, &path)
-            .env(CHILD_RUN, run.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(ack) = parse(&line)
-                    && tx.send(ack).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        // Sometimes while it starts (opening the file, publishing keys),
-        // else after some acknowledgements, plus a random delay.
-        let mut got = Vec::new();
-        if rng.below(4) != 0 {
-            let wanted = 1 + rng.below(40);
-            while got.len() < wanted as usize {
-                match rx.recv_timeout(Duration::from_secs(60)) {
-                    Ok(ack) => got.push(ack),
-                    Err(e) => panic!("the gateway stopped acknowledging: {e}"),
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_micros(rng.below(20_000)));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        assert_eq!(status.signal(), Some(9), "the gateway ended by itself");
-        reader.join().unwrap();
-        got.extend(rx.try_iter());
+        let run_text = run.to_string();
+        let env = [
+            (CHILD_DB, path.as_os_str()),
+            (CHILD_RUN, std::ffi::OsStr::new(&run_text)),
+        ];
+        let got = run_and_kill("crash_pipeline_child", &env, &KILL_PLAN, &mut rng)
+            .into_iter()
+            .map(|ack| parse(&ack).unwrap_or_else(|| panic!("a malformed acknowledgement: {ack}")));
         acked.extend(got);
         // The gateway receives one message at a time: at most one was
         // committed but not acknowledged when it died.

@@ -803,7 +803,9 @@ impl Sessions {
                 .and_then(|s| s.session_state())
                 .map(|s| s.alice_base_key().to_vec())
         };
-        let base_before = base_key(state.session.as_ref());
+        // Only first-contact messages need it: no copy on the follow-up path.
+        let base_before =
+            (message.kind == MessageKind::FirstContact).then(|| base_key(state.session.as_ref()));
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
             keys: self.vault.keys(),
@@ -847,8 +849,8 @@ impl Sessions {
         };
         state.session = sessions.into_record();
         state.identity = identities.peer;
-        let first_contact = message.kind == MessageKind::FirstContact
-            && (base_before.is_none() || base_before != base_key(state.session.as_ref()));
+        let first_contact = base_before
+            .is_some_and(|before| before.is_none() || before != base_key(state.session.as_ref()));
         Ok(StagedDecrypt {
             sessions: self,
             business,
