@@ -711,12 +711,9 @@ fn file_contains(path: &Path, needle: &[u8]) -> bool {
     })
 }
 
-#[test]
-fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = populated(dir.path());
-    let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0xa5).collect() };
-    let key = |id, blob| WrappedKey {
+/// A wrapped epoch key `id` of business 1 with `blob` as its bytes.
+fn epoch_key(id: u64, blob: Vec<u8>) -> WrappedKey {
+    WrappedKey {
         id: KeyId {
             business: business(1),
             kind: KeyKind::Epoch,
@@ -724,7 +721,15 @@ fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
         },
         kek_version: 1,
         blob,
-    };
+    }
+}
+
+#[test]
+fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0xa5).collect() };
+    let key = epoch_key;
     let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
     block_on(async {
         store.insert_key(key(1, secret(1))).await.unwrap();
@@ -797,15 +802,7 @@ fn scrub_empties_the_log_of_destroyed_keys_while_the_store_stays_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("open.db");
     let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0x5a).collect() };
-    let key = |id, blob| WrappedKey {
-        id: KeyId {
-            business: business(1),
-            kind: KeyKind::Epoch,
-            id,
-        },
-        kek_version: 1,
-        blob,
-    };
+    let key = epoch_key;
     let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
     block_on(async {
         store.insert_key(key(1, secret(1))).await.unwrap();
