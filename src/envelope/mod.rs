@@ -83,6 +83,10 @@ const FIXED_TAIL: usize = NONCE_LEN + COMMITMENT_LEN + 4;
 /// Longest possible header.
 pub const MAX_HEADER_LEN: usize = FIXED_HEAD + Region::MAX_LEN + FIXED_TAIL;
 
+/// The most sealing adds to a plaintext (header and tag): a buffer with this
+/// much spare room is sealed in place by `RecordKey::seal_owned`.
+pub(crate) const SEAL_ROOM: usize = MAX_HEADER_LEN + TAG_LEN;
+
 /// The cryptographic suite of an envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -544,15 +548,17 @@ impl RecordKey {
     /// Seal `plaintext` as `label`, which must name this key's record. The
     /// plaintext is wiped before this returns, on success and on refusal.
     ///
-    /// The envelope is written into one buffer allocated at its exact final
-    /// size and encrypted there in place: growing the plaintext's own buffer
-    /// instead could reallocate and free a copy of it unwiped.
+    /// If the plaintext's buffer has room for the header and tag, the
+    /// envelope is written and encrypted there in place: no copy of the
+    /// plaintext is made, so none is left to wipe. Otherwise it is written
+    /// into one buffer allocated at its exact final size (growing the
+    /// plaintext's own buffer could reallocate and free a copy unwiped).
     pub(crate) fn seal_owned(
         &mut self,
         label: &Label,
         plaintext: Vec<u8>,
     ) -> Result<Vec<u8>, SealError> {
-        let plaintext = Zeroizing::new(plaintext);
+        let mut plaintext = Zeroizing::new(plaintext);
         check_seal(self.business, self.epoch, label, &plaintext)?;
         if label.id != self.id || self.is_spent() {
             return Err(SealError::WrongKey);
@@ -560,14 +566,25 @@ impl RecordKey {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         self.seals += 1;
-        let header = HeaderBytes::new(label, self.epoch, &nonce, &self.commitment, plaintext.len());
-        // Wrapped until encrypted, so a failure wipes the copy too.
-        let mut out = Zeroizing::new(Vec::with_capacity(header.len + plaintext.len() + TAG_LEN));
-        out.extend_from_slice(header.as_slice());
-        out.extend_from_slice(&plaintext);
+        let len = plaintext.len();
+        let header = HeaderBytes::new(label, self.epoch, &nonce, &self.commitment, len);
+        let sealed_len = header.len + len + TAG_LEN;
+        let mut out = if plaintext.capacity() >= sealed_len {
+            // Within capacity: neither the resize nor the tag reallocates.
+            plaintext.resize(header.len + len, 0);
+            plaintext.copy_within(..len, header.len);
+            plaintext[..header.len].copy_from_slice(header.as_slice());
+            plaintext
+        } else {
+            // Wrapped until encrypted, so a failure wipes the copy too.
+            let mut out = Zeroizing::new(Vec::with_capacity(sealed_len));
+            out.extend_from_slice(header.as_slice());
+            out.extend_from_slice(&plaintext);
+            out
+        };
         self.cipher
             .seal_in_place(&nonce, header.len, &mut out)
-            .map_err(|_| SealError::TooLarge(plaintext.len()))?;
+            .map_err(|_| SealError::TooLarge(len))?;
         // Only ciphertext is left: take it out of the zeroizing wrapper.
         Ok(std::mem::take(&mut *out))
     }
@@ -590,7 +607,7 @@ mod record_key_tests {
     use crate::fuzzing::fixture_epoch_key;
 
     #[test]
-    fn record_key_writes_the_seal_format_into_one_exact_allocation() {
+    fn record_key_seals_in_place_or_into_one_exact_allocation() {
         let business = BusinessId::new(7).unwrap();
         let end = Timestamp::from_millis(1_767_229_200_000);
         let key = fixture_epoch_key(business, Epoch::ending_at(end));
@@ -602,6 +619,7 @@ mod record_key_tests {
             region: "eu".parse().unwrap(),
         };
         let mut record = RecordKey::new(&key, label.id);
+        let room = SEAL_ROOM;
         for len in [0, 1, 1000, 64 * 1024] {
             // A buffer with no spare room: growing it in place would move it.
             let plaintext = vec![0x5a; len];
@@ -613,6 +631,28 @@ mod record_key_tests {
                 seal_with_nonce(&key, &label, &nonce, &plaintext).unwrap(),
                 sealed
             );
+
+            // A buffer with room for the header and tag: sealed where it is.
+            let mut roomy = Vec::with_capacity(len + room);
+            roomy.extend_from_slice(&plaintext);
+            let at = roomy.as_ptr();
+            let sealed = record.seal_owned(&label, roomy).unwrap();
+            assert_eq!(sealed.as_ptr(), at, "sealed in place");
+            let nonce = *Envelope::parse(&sealed).unwrap().header().nonce();
+            assert_eq!(
+                seal_with_nonce(&key, &label, &nonce, &plaintext).unwrap(),
+                sealed
+            );
+        }
+        // Room to the byte is enough; a byte short, it is copied out.
+        let exact = record.seal_owned(&label, vec![0x5a; 1000]).unwrap().len();
+        for (capacity, in_place) in [(exact, true), (exact - 1, false)] {
+            let mut plaintext = Vec::with_capacity(capacity);
+            plaintext.extend_from_slice(&[0x5a; 1000]);
+            let at = plaintext.as_ptr();
+            let sealed = record.seal_owned(&label, plaintext).unwrap();
+            assert_eq!(sealed.as_ptr() == at, in_place);
+            assert_eq!(sealed.len(), exact);
         }
     }
 }

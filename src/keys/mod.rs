@@ -636,23 +636,8 @@ impl KeyManager {
         let cached = self.read().phone_index.get(&business).cloned();
         let key = match cached {
             Some(key) => key,
-            None => {
-                let id = KeyId {
-                    business,
-                    kind: KeyKind::PhoneIndex,
-                    id: 0,
-                };
-                let fresh = SecretKey::generate();
-                let secret = self.store_secret(id, fresh.expose_secret()).await?;
-                let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&secret)
-                    .map_err(|_| KeyError::Unwrap(id))?;
-                let key = Arc::new(PhoneIndexKey(mac));
-                self.write()
-                    .phone_index
-                    .entry(business)
-                    .or_insert(key)
-                    .clone()
-            }
+            // Boxed: every message awaits this, and only the first creates.
+            None => Box::pin(self.create_phone_index_key(business)).await?,
         };
         let mut mac = key.0.clone();
         mac.update(number.expose().as_bytes());
@@ -660,6 +645,29 @@ impl KeyManager {
         let mut hash = [0u8; PhoneHash::LEN];
         hash.copy_from_slice(&digest[..PhoneHash::LEN]);
         Ok(PhoneHash::from_bytes(hash))
+    }
+
+    /// Create (or, if another task did first, take) `business`'s phone index key.
+    async fn create_phone_index_key(
+        &self,
+        business: BusinessId,
+    ) -> Result<Arc<PhoneIndexKey>, KeyError> {
+        let id = KeyId {
+            business,
+            kind: KeyKind::PhoneIndex,
+            id: 0,
+        };
+        let fresh = SecretKey::generate();
+        let secret = self.store_secret(id, fresh.expose_secret()).await?;
+        let mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&secret).map_err(|_| KeyError::Unwrap(id))?;
+        let key = Arc::new(PhoneIndexKey(mac));
+        Ok(self
+            .write()
+            .phone_index
+            .entry(business)
+            .or_insert(key)
+            .clone())
     }
 
     /// Store `secret` as the key of `business`'s `epoch` (wrapped under the

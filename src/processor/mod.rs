@@ -799,8 +799,8 @@ impl Processor {
                 Ok(true)
             }
             Attempt::Fail(_) => {
-                self.report_status(business, id, phone, Direction::Inbound, next)
-                    .await?;
+                // Boxed: rare, and its future would grow every receive's.
+                Box::pin(self.report_status(business, id, phone, Direction::Inbound, next)).await?;
                 Ok(false)
             }
             Attempt::Retry => Ok(false),

@@ -27,7 +27,8 @@ pub(super) struct PeerCache {
 }
 
 struct Inner {
-    peers: LruCache<Key, Peer, RandomState>,
+    /// Boxed: a peer's state moves in and out on every operation.
+    peers: LruCache<Key, Box<Peer>, RandomState>,
     incarnation: [u8; 16],
     /// Bumped by [`PeerCache::clear`]; state loaded in an older
     /// generation is never put back.
@@ -62,7 +63,7 @@ impl PeerCache {
     }
 
     /// Take a peer's state out (the caller holds the peer's address lock).
-    pub(super) fn take(&self, key: &Key) -> Option<Peer> {
+    pub(super) fn take(&self, key: &Key) -> Option<Box<Peer>> {
         self.lock().peers.remove(key)
     }
 
@@ -74,7 +75,7 @@ impl PeerCache {
 
     /// Put a peer's state back, evicting the least recently used peer if full.
     /// State of an older generation is discarded instead.
-    pub(super) fn put(&self, key: Key, peer: Peer) {
+    pub(super) fn put(&self, key: Key, peer: Box<Peer>) {
         let mut inner = self.lock();
         if peer.generation != inner.generation {
             if peer.dirty {
@@ -93,10 +94,10 @@ impl PeerCache {
         inner.peers.insert(key, peer);
     }
 
-    /// Drop a peer's state that will not be put back. If it held unpersisted
-    /// sends, no snapshot may be trusted any more.
-    pub(super) fn discard(&self, peer: Peer) {
-        if peer.dirty {
+    /// A peer's state will not be put back: if it held unpersisted sends
+    /// (`dirty`), no snapshot may be trusted any more.
+    pub(super) fn discard(&self, dirty: bool) {
+        if dirty {
             self.lock().incarnation = fresh_incarnation();
         }
     }

@@ -348,9 +348,10 @@ pub(crate) struct StagedDecrypt<'a> {
     sessions: &'a Sessions,
     business: BusinessId,
     peer: PeerId,
-    state: Option<Peer>,
-    /// What to note in the cache if the staging is dropped uncommitted.
-    original: Option<Peer>,
+    state: Option<Box<Peer>>,
+    /// Whether the committed state, taken out of the cache, had unpersisted
+    /// sends: noted in the cache if the staging is dropped uncommitted.
+    original_dirty: Option<bool>,
     consumed: Option<u32>,
     expiry: Timestamp,
     decrypted: Decrypted,
@@ -384,7 +385,7 @@ impl StagedDecrypt<'_> {
                 "staged state committed twice",
             )));
         };
-        self.original = None;
+        self.original_dirty = None;
         match s
             .commit_peer(business, peer, state, self.expiry, extra)
             .await
@@ -402,8 +403,9 @@ impl StagedDecrypt<'_> {
             Err(e) => return Err(e),
         }
         drop(self.guard.take());
+        // Boxed: only first-contact messages refill.
         if self.consumed.is_some()
-            && let Err(e) = s.replenish_if_low(business).await
+            && let Err(e) = Box::pin(s.replenish_if_low(business)).await
         {
             tracing::warn!(%business, error = %e, "could not refill the one-time prekey pool");
         }
@@ -422,8 +424,8 @@ impl Drop for StagedDecrypt<'_> {
     fn drop(&mut self) {
         // Dropped without a commit: the store still has the old state, and a
         // dirty original had sends that only lived in memory.
-        if let Some(original) = self.original.take() {
-            self.sessions.cache.discard(original);
+        if let Some(dirty) = self.original_dirty.take() {
+            self.sessions.cache.discard(dirty);
         }
     }
 }
@@ -495,23 +497,24 @@ impl Sessions {
 
     /// The business's account, loaded (or created) once and cached.
     async fn account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
-        let cached = self
-            .accounts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&business)
-            .cloned();
-        if let Some(account) = cached {
-            return Ok(account);
+        match self.cached_account(business) {
+            Some(account) => Ok(account),
+            // Boxed: every message awaits this, and only the first loads.
+            None => Box::pin(self.load_account(business)).await,
         }
-        let _guard = self.business_locks.lock(business).await;
-        let cached = self
-            .accounts
+    }
+
+    fn cached_account(&self, business: BusinessId) -> Option<Arc<Account>> {
+        self.accounts
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&business)
-            .cloned();
-        if let Some(account) = cached {
+            .cloned()
+    }
+
+    async fn load_account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
+        let _guard = self.business_locks.lock(business).await;
+        if let Some(account) = self.cached_account(business) {
             return Ok(account);
         }
         let account =
@@ -602,22 +605,26 @@ impl Sessions {
 
     /// The committed state of `peer`: from memory, or opened from the store.
     /// State that has expired or been shredded is no state.
-    async fn load_peer(&self, business: BusinessId, peer: PeerId) -> Result<Peer, SignalError> {
+    async fn load_peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Box<Peer>, SignalError> {
         if let Some(cached) = self.cache.take(&(business, peer)) {
             if cached.expiry > self.now() {
                 return Ok(cached);
             }
             // Its retention is over, as the sealed copy's is: no state.
-            self.cache.discard(cached);
+            self.cache.discard(cached.dirty);
         }
         // Read before the store: a clear that runs after this makes the
         // state read below stale, and it is not put back.
         let generation = self.cache.generation();
         let Some(sealed) = self.store.peer(business, peer).await? else {
-            return Ok(Peer {
+            return Ok(Box::new(Peer {
                 generation,
                 ..Peer::empty(peer)
-            });
+            }));
         };
         let loaded = match self.vault.open(&sealed, business).await {
             Ok(opened) if opened.label().kind == Kind::SignalSession => {
@@ -636,10 +643,10 @@ impl Sessions {
             ) => Peer::empty(peer),
             Err(e) => return Err(SignalError::Storage(StorageFailure::Open(e))),
         };
-        Ok(Peer {
+        Ok(Box::new(Peer {
             generation,
             ..loaded
-        })
+        }))
     }
 
     /// The library's view of `state` for one operation.
@@ -665,12 +672,12 @@ impl Sessions {
         &self,
         business: BusinessId,
         peer: PeerId,
-        mut state: Peer,
+        mut state: Box<Peer>,
         sessions: SessionOverlay,
         identities: &IdentityOverlay,
     ) {
         if sessions.disturbed() || identities.written {
-            self.cache.discard(state);
+            self.cache.discard(state.dirty);
         } else {
             state.session = sessions.into_record();
             self.cache.put((business, peer), state);
@@ -683,7 +690,7 @@ impl Sessions {
         &self,
         business: BusinessId,
         peer: PeerId,
-        mut state: Peer,
+        mut state: Box<Peer>,
         expiry: Timestamp,
         batch: Batch,
     ) -> Result<(), SignalError> {
@@ -704,7 +711,7 @@ impl Sessions {
             Err(e) => {
                 // Not committed: the store keeps the old state, and any sends
                 // that only lived in memory are forgotten safely.
-                self.cache.discard(state);
+                self.cache.discard(state.dirty);
                 Err(e)
             }
         }
@@ -732,11 +739,9 @@ impl Sessions {
         let key = match state.key.take() {
             Some(key) if key.epoch() == epoch && !key.is_spent() => key,
             _ => {
-                let epoch_key = self
-                    .vault
-                    .keys()
-                    .epoch_key_for_seal(business, epoch, now)
-                    .await?;
+                // Boxed: a new record key is rare (a new peer, epoch or key).
+                let epoch_key =
+                    Box::pin(self.vault.keys().epoch_key_for_seal(business, epoch, now)).await?;
                 Box::new(RecordKey::new(&epoch_key, MessageId::random()))
             }
         };
@@ -814,7 +819,9 @@ impl Sessions {
             failure: Mutex::new(None),
         };
         let signed = SignedPreKeyOverlay { account };
-        let result = message_decrypt(
+        // Boxed: the library's future is large, and every future that awaits
+        // this one would otherwise carry (and move) it.
+        let result = Box::pin(message_decrypt(
             &parsed,
             &state.address,
             &mut sessions,
@@ -823,7 +830,7 @@ impl Sessions {
             &signed,
             &mut ThreadCsprng,
             UsePQRatchet::No,
-        )
+        ))
         .await;
         let decrypted = match result {
             Ok(decrypted) => decrypted,
@@ -838,15 +845,7 @@ impl Sessions {
             .or(prekeys.consumed);
         // The committed state is out of the cache until the commit puts the
         // new one back; losing it (a dropped staging) means a reload.
-        let original = Peer {
-            session: None,
-            identity: state.identity,
-            key: None,
-            dirty: state.dirty,
-            address: state.address.clone(),
-            expiry: state.expiry,
-            generation: state.generation,
-        };
+        let original_dirty = Some(state.dirty);
         state.session = sessions.into_record();
         state.identity = identities.peer;
         let first_contact = base_before
@@ -856,7 +855,7 @@ impl Sessions {
             business,
             peer,
             state: Some(state),
-            original: Some(original),
+            original_dirty,
             consumed,
             expiry,
             decrypted: Decrypted {

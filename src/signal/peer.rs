@@ -13,7 +13,9 @@
 
 use wacore_libsignal::protocol::{DeviceId, IdentityKey, ProtocolAddress, SessionRecord};
 
-use crate::envelope::RecordKey;
+use zeroize::Zeroizing;
+
+use crate::envelope::{RecordKey, SEAL_ROOM};
 use crate::store::PeerId;
 use crate::time::Timestamp;
 
@@ -21,6 +23,11 @@ const VERSION: u8 = 1;
 const HAS_IDENTITY: u8 = 1;
 const HAS_SESSION: u8 = 2;
 const IDENTITY_LEN: usize = 33;
+/// Spare room an encoding leaves after the record: the trailer, and what
+/// sealing adds in place.
+const ROOM: usize = IDENTITY_LEN + 2 + SEAL_ROOM;
+/// What a record may grow by between two encodings without a copy.
+const GROWTH: usize = 256;
 
 /// Why a stored peer record could not be read back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +51,8 @@ pub(super) struct Peer {
     /// The cache generation it was loaded in: state loaded before the
     /// cache was cleared (a sweep deleted stored state) is not put back.
     pub(super) generation: u64,
+    /// The length of the last encoding: the next one reserves for it.
+    pub(super) encoded_len: usize,
 }
 
 /// The library address of a peer.
@@ -64,26 +73,34 @@ impl Peer {
             key: None,
             dirty: false,
             generation: 0,
+            encoded_len: 0,
         }
     }
 
     /// Encode for sealing; `incarnation` marks the session snapshot as this
-    /// process's, so reloading it here does not skip sending counters.
-    pub(super) fn encode(&self, incarnation: &[u8; 16]) -> Vec<u8> {
-        // Room for a typical record, the trailer, and the envelope header and
-        // tag that sealing adds in place (the record reserves more if it must).
-        let mut out = Vec::with_capacity(1024);
+    /// process's, so reloading it here does not skip sending counters. The
+    /// buffer keeps room for the envelope, so sealing it makes no copy.
+    pub(super) fn encode(&mut self, incarnation: &[u8; 16]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len.max(1024) + GROWTH + ROOM);
         let mut flags = 0;
         if let Some(session) = &self.session {
-            // Clears `out` first, which is why the trailer follows it.
+            // Clears `out` first (which is why the trailer follows it) and
+            // reserves what it writes: a reallocation moves no bytes.
             session.serialize_into_for_store(&mut out, incarnation);
             flags |= HAS_SESSION;
+        }
+        if out.capacity() - out.len() < ROOM {
+            // Grown past the reservation: move it, wiping the old buffer.
+            let record = Zeroizing::new(out);
+            out = Vec::with_capacity(record.len() + ROOM);
+            out.extend_from_slice(&record);
         }
         if let Some(identity) = &self.identity {
             out.extend_from_slice(&identity.serialize());
             flags |= HAS_IDENTITY;
         }
         out.extend_from_slice(&[flags, VERSION]);
+        self.encoded_len = out.len();
         out
     }
 
@@ -131,6 +148,7 @@ impl Peer {
             key: None,
             dirty: false,
             generation: 0,
+            encoded_len: bytes.len(),
         })
     }
 }
@@ -143,5 +161,32 @@ impl std::fmt::Debug for Peer {
             .field("expiry", &self.expiry)
             .field("dirty", &self.dirty)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::PhoneHash;
+    use wacore_libsignal::protocol::KeyPair;
+
+    #[test]
+    fn an_encoding_round_trips_and_leaves_room_to_seal_in_place() {
+        let id = PeerId {
+            phone: PhoneHash::from_bytes([7; 16]),
+            device: 2,
+        };
+        let mut peer = Peer::empty(id);
+        peer.identity = Some(IdentityKey::new(
+            KeyPair::generate(&mut rand::rng()).public_key,
+        ));
+        let bytes = peer.encode(&[1; 16]);
+        assert!(bytes.capacity() - bytes.len() >= SEAL_ROOM);
+        assert_eq!(peer.encoded_len, bytes.len());
+        let expiry = Timestamp::from_millis(5);
+        let back = Peer::decode(id, &bytes, &[1; 16], expiry).unwrap();
+        assert_eq!(back.identity, peer.identity);
+        assert!(back.session.is_none());
+        assert_eq!((back.expiry, back.encoded_len), (expiry, bytes.len()));
     }
 }
