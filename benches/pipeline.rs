@@ -1,9 +1,12 @@
 //! The processor end to end, beside the sum of its bare parts measured in
 //! the same run, on the in-memory store and on SQLite.
 //!
-//! Shapes, each with 64 consumers (one device each, real Signal clients)
+//! Shapes, each with 256 consumers (one device each, real Signal clients)
 //! whose conversations with one business are already established, driven
-//! concurrently on one runtime thread (the SQLite writer has its own):
+//! concurrently on one runtime thread (the SQLite writer has its own). A
+//! gateway at 20,000 messages a second has thousands of conversations in
+//! flight; 256 is still few, and what group commit can share a
+//! transaction among depends on it:
 //!
 //! - `inbound_burst`: consumers send 200-byte messages in a row (no ratchet
 //!   turn); [`Processor::receive`] decrypts, seals and stores each in one
@@ -24,13 +27,15 @@
 //! HKDF-SHA256 expand of a record key; AES-256-GCM key schedule and seal of
 //! a stored record's size;
 //! and for SQLite, bare rusqlite inserts of the message and peer rows the
-//! pipeline writes, 64 to a transaction (what group commit batches), with
-//! the store's pragmas. After criterion's report, a summary prints each
+//! pipeline writes, with the store's pragmas, in the same batching: as many
+//! to a transaction as the SQLite pipeline's group commit put in one (its
+//! [`SqliteStore::group_commits`], counted while its CPU is measured). After criterion's report, a summary prints each
 //! shape's throughput as a share of its parts' (1 / the sum of their
 //! times), and the CPU each inbound message costs.
 //!
 //! Run: `cargo bench --bench pipeline` (the summary needs every part; a
-//! filtered run prints what it can).
+//! filtered run prints what it can; `PIPELINE_BACKENDS=memory` or `sqlite`
+//! sets up one backend only).
 
 #![allow(
     clippy::unwrap_used,
@@ -66,7 +71,7 @@ use rusqlite::{Connection, params};
 use sha2::Sha256;
 use tokio::sync::Mutex as AsyncMutex;
 
-const CONSUMERS: usize = 64;
+const CONSUMERS: usize = 256;
 const CONTENT: [u8; 200] = [0x5a; 200];
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -113,7 +118,7 @@ impl AuditSink for Audit {
 }
 
 // ---------------------------------------------------------------------------
-// The rig: a processor, one business, 64 consumers in conversation with it.
+// The rig: a processor, one business, 256 consumers in conversation with it.
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {
@@ -129,6 +134,7 @@ struct Consumer {
 struct Rig {
     processor: Processor,
     storage: Arc<dyn Storage>,
+    sqlite: Option<Arc<SqliteStore>>,
     network: Arc<RecordingTransport>,
     principal: Principal,
     business: BusinessId,
@@ -139,14 +145,15 @@ struct Rig {
 
 impl Rig {
     async fn new(backend: Backend) -> Self {
-        let (storage, dir): (Arc<dyn Storage>, _) = match backend {
-            Backend::Memory => (Arc::new(MemoryStore::new()), None),
+        let (storage, sqlite, dir): (Arc<dyn Storage>, _, _) = match backend {
+            Backend::Memory => (Arc::new(MemoryStore::new()), None, None),
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
-                let store =
+                let store = Arc::new(
                     SqliteStore::open(dir.path().join("pipeline.db"), SqliteConfig::default())
-                        .unwrap();
-                (Arc::new(store), Some(dir))
+                        .unwrap(),
+                );
+                (store.clone(), Some(store), Some(dir))
             }
         };
         let network = Arc::new(RecordingTransport::new());
@@ -182,6 +189,7 @@ impl Rig {
         let rig = Self {
             processor,
             storage,
+            sqlite,
             network,
             principal,
             business,
@@ -430,13 +438,18 @@ fn bench_pipeline(c: &mut Criterion, backend: Backend) {
 
     let sizes = rt.block_on(rig.stored_sizes());
     let cpu = rt.block_on(cpu_per_inbound(&rig));
+    if let Some(per) = cpu.messages_per_transaction() {
+        // The bare inserts are batched as group commit batched these.
+        *SQLITE_BATCH.lock().unwrap() = Some(per.round().max(1.0) as u64);
+    }
     SIZES.lock().unwrap().insert(name.clone(), sizes);
     CPU.lock().unwrap().insert(name, cpu);
 }
 
-/// The CPU time (all threads) and wall time of 64 × 200 inbound messages.
-async fn cpu_per_inbound(rig: &Rig) -> (Duration, Duration, u64) {
-    const ROUNDS: usize = 200;
+/// The CPU time (all threads) and wall time of `CONSUMERS` × 50 inbound
+/// messages; on SQLite, the transactions they took.
+async fn cpu_per_inbound(rig: &Rig) -> Cpu {
+    const ROUNDS: usize = 50;
     let mut written = Vec::new();
     for _ in 0..ROUNDS {
         let mut round = Vec::new();
@@ -446,8 +459,36 @@ async fn cpu_per_inbound(rig: &Rig) -> (Duration, Duration, u64) {
         written.push(round);
     }
     let before = process_cpu();
+    let transactions = || rig.sqlite.as_ref().map(|s| s.group_commits().transactions);
+    let transactions_before = transactions();
     let wall = rig.receive_all(written).await;
-    (process_cpu() - before, wall, (ROUNDS * CONSUMERS) as u64)
+    Cpu {
+        cpu: process_cpu() - before,
+        wall,
+        messages: (ROUNDS * CONSUMERS) as u64,
+        transactions: transactions()
+            .zip(transactions_before)
+            .map(|(after, before)| after - before),
+    }
+}
+
+/// What [`cpu_per_inbound`] measured.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    cpu: Duration,
+    wall: Duration,
+    messages: u64,
+    transactions: Option<u64>,
+}
+
+impl Cpu {
+    /// Inbound messages per write transaction (each message is two writes:
+    /// stored with its session, then marked delivered).
+    fn messages_per_transaction(&self) -> Option<f64> {
+        self.transactions
+            .filter(|&t| t > 0)
+            .map(|t| self.messages as f64 / t as f64)
+    }
 }
 
 /// This process's CPU time so far, user and system, all threads.
@@ -474,7 +515,9 @@ struct Sizes {
 }
 
 static SIZES: Mutex<BTreeMap<String, Sizes>> = Mutex::new(BTreeMap::new());
-static CPU: Mutex<BTreeMap<String, (Duration, Duration, u64)>> = Mutex::new(BTreeMap::new());
+/// Inbound messages per transaction the SQLite pipeline committed.
+static SQLITE_BATCH: Mutex<Option<u64>> = Mutex::new(None);
+static CPU: Mutex<BTreeMap<String, Cpu>> = Mutex::new(BTreeMap::new());
 
 // ---------------------------------------------------------------------------
 // The bare parts
@@ -618,12 +661,13 @@ fn bench_parts(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let conn = bare_sqlite(&dir.path().join("bare.db"));
         let mut n = 0u64;
+        let batch = SQLITE_BATCH.lock().unwrap().unwrap_or(CONSUMERS as u64);
         g.bench_function("sqlite_insert", |b| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 let mut left = iters;
                 while left > 0 {
-                    let k = left.min(CONSUMERS as u64);
+                    let k = left.min(batch);
                     conn.execute_batch("BEGIN IMMEDIATE").unwrap();
                     for _ in 0..k {
                         n += 1;
@@ -654,7 +698,7 @@ fn bare_sqlite(path: &Path) -> Connection {
     conn
 }
 
-/// Insert message `n` (and upsert its consumer's peer record, one of 64),
+/// Insert message `n` (and upsert its consumer's peer record, one of 256),
 /// as one inbound message writes them.
 fn bare_insert(conn: &Connection, n: u64, message: usize, peer: usize) {
     let mut id = [0u8; 16];
@@ -780,13 +824,19 @@ fn summary() {
                 100.0 * decrypt / ours
             );
         }
-        if let Some(&(cpu, wall, n)) = CPU.lock().unwrap().get(backend) {
+        if let Some(&c) = CPU.lock().unwrap().get(backend) {
+            let (cpu, wall, n) = (c.cpu.as_secs_f64(), c.wall.as_secs_f64(), c.messages as f64);
             println!(
                 "  {backend:6} inbound_burst CPU: {:.1} µs per message over all threads ({:.2} cores busy), {:.0} msg/s per core",
-                cpu.as_secs_f64() * 1e6 / n as f64,
-                cpu.as_secs_f64() / wall.as_secs_f64(),
-                n as f64 / cpu.as_secs_f64()
+                cpu * 1e6 / n,
+                cpu / wall,
+                n / cpu
             );
+            if let Some(per) = c.messages_per_transaction() {
+                println!(
+                    "  {backend:6} group commit: {per:.1} inbound messages per transaction (the bare inserts are batched as many)"
+                );
+            }
         }
     }
 }
@@ -797,8 +847,14 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
         .configure_from_args();
-    bench_pipeline(&mut c, Backend::Memory);
-    bench_pipeline(&mut c, Backend::Sqlite);
+    // `PIPELINE_BACKENDS=memory` (or `sqlite`) sets up only that rig, for
+    // profiling one backend.
+    let backends = std::env::var("PIPELINE_BACKENDS").unwrap_or_else(|_| "memory,sqlite".into());
+    for backend in [Backend::Memory, Backend::Sqlite] {
+        if backends.contains(&format!("{backend:?}").to_lowercase()) {
+            bench_pipeline(&mut c, backend);
+        }
+    }
     bench_parts(&mut c);
     c.final_summary();
     summary();

@@ -27,7 +27,7 @@ pub use message::{
     Census, Delivery, Direction, ExpiredMessage, FailureReason, MessageRecord, Status,
 };
 #[cfg(feature = "sqlite")]
-pub use sqlite::{Durability, SqliteConfig, SqliteOpenError, SqliteStore};
+pub use sqlite::{Durability, GroupCommits, SqliteConfig, SqliteOpenError, SqliteStore};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]

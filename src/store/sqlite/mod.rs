@@ -354,6 +354,29 @@ impl SqliteStore {
     }
 }
 
+/// How well group commit is grouping: see [`SqliteStore::group_commits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupCommits {
+    /// Write transactions committed since the store was opened.
+    pub transactions: u64,
+    /// Writes ([`commit`](Storage::commit)s and key writes) they held.
+    pub writes: u64,
+}
+
+impl SqliteStore {
+    /// The transactions the writer committed since the store was opened,
+    /// and the writes they held: writes per transaction is how many
+    /// concurrent writes share each transaction's sync. Failed writes are
+    /// not counted.
+    pub fn group_commits(&self) -> GroupCommits {
+        let (transactions, writes) = self.writer.committed();
+        GroupCommits {
+            transactions,
+            writes,
+        }
+    }
+}
+
 fn open_error(path: &Path, e: rusqlite::Error) -> SqliteOpenError {
     let message = e.to_string();
     match codec::store_error(e) {

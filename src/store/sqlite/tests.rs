@@ -3,6 +3,7 @@
 //! behaviour shared with every backend is in `tests/conformance.rs`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{Connection, params};
 
@@ -578,7 +579,7 @@ fn a_failing_task_in_a_group_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let conn = writer_conn(dir.path());
     let too_big = vec![0u8; 1_000_000_001];
-    let results = commit_as_group(
+    let (results, committed) = commit_as_group(
         &conn,
         vec![
             put_work(101, vec![1]),
@@ -587,6 +588,8 @@ fn a_failing_task_in_a_group_fails_alone() {
         ],
     );
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    // Rolled back, then each alone: two transactions of one write each.
+    assert_eq!(committed, (2, 2));
     assert!(matches!(results[1], Err(StoreError::Backend(_))));
     assert!(stored(&conn, 101) && stored(&conn, 103));
     assert!(!stored(&conn, 102), "the failed batch was half applied");
@@ -606,7 +609,8 @@ fn a_group_commits_in_one_transaction_in_queue_order() {
         }),
         Box::new(|c: &Connection| Ok(stored(c, 200))),
     ];
-    let results = commit_as_group(&conn, works);
+    let (results, committed) = commit_as_group(&conn, works);
+    assert_eq!(committed, (1, 2));
     assert_eq!(results.len(), 2);
     assert!(matches!(results[1], Ok(true)));
     assert!(conn.is_autocommit());
@@ -826,4 +830,42 @@ fn scrub_empties_the_log_of_destroyed_keys_while_the_store_stays_open() {
         assert!(store.key(&key(2, vec![]).id).await.unwrap().is_some());
         store.insert_key(key(3, secret(3))).await.unwrap();
     });
+}
+
+#[test]
+fn concurrent_commits_share_transactions_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("g.db"), SqliteConfig::default()).unwrap());
+    let before = store.group_commits();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in 0..64u8 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let mut batch = Batch::new();
+                batch.push(Op::PutMessage(Box::new(record(id, b"x"))));
+                store.commit(batch).await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
+    });
+    let after = store.group_commits();
+    assert_eq!(after.writes - before.writes, 64);
+    let transactions = after.transactions - before.transactions;
+    assert!((1..=64).contains(&transactions), "{transactions}");
+    // A failed write is not counted.
+    let mut too_big = Batch::new();
+    too_big.push(Op::PutMessage(Box::new(record(
+        99,
+        &vec![0; 1_000_000_001],
+    ))));
+    assert!(block_on(store.commit(too_big)).is_err());
+    assert_eq!(store.group_commits(), after);
 }

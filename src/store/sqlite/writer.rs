@@ -21,6 +21,8 @@
 //! maintained with the `futures` crates, and a reply whose sender is dropped
 //! (the writer thread gone) completes with `Canceled` instead of hanging.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -79,6 +81,14 @@ where
 pub(super) struct Writer {
     queue: Option<mpsc::Sender<Box<dyn Task>>>,
     thread: Option<JoinHandle<()>>,
+    counts: Arc<Counts>,
+}
+
+/// What the writer has committed so far.
+#[derive(Debug, Default)]
+struct Counts {
+    transactions: AtomicU64,
+    writes: AtomicU64,
 }
 
 fn writer_gone() -> StoreError {
@@ -90,13 +100,24 @@ impl Writer {
     /// per transaction.
     pub(super) fn start(conn: Connection, max_group: usize) -> std::io::Result<Self> {
         let (queue, tasks) = mpsc::channel();
+        let counts = Arc::new(Counts::default());
+        let counted = counts.clone();
         let thread = std::thread::Builder::new()
             .name("custodian-sqlite-writer".into())
-            .spawn(move || run(conn, tasks, max_group.max(1)))?;
+            .spawn(move || run(conn, tasks, max_group.max(1), &counted))?;
         Ok(Self {
             queue: Some(queue),
             thread: Some(thread),
+            counts,
         })
+    }
+
+    /// Transactions committed so far, and the writes they held.
+    pub(super) fn committed(&self) -> (u64, u64) {
+        (
+            self.counts.transactions.load(Ordering::Relaxed),
+            self.counts.writes.load(Ordering::Relaxed),
+        )
     }
 
     /// Run `work` in a write transaction; resolves once that transaction
@@ -132,7 +153,7 @@ impl Drop for Writer {
     }
 }
 
-fn run(conn: Connection, tasks: mpsc::Receiver<Box<dyn Task>>, max_group: usize) {
+fn run(conn: Connection, tasks: mpsc::Receiver<Box<dyn Task>>, max_group: usize, counts: &Counts) {
     let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group);
     while let Ok(first) = tasks.recv() {
         group.push(first);
@@ -142,7 +163,7 @@ fn run(conn: Connection, tasks: mpsc::Receiver<Box<dyn Task>>, max_group: usize)
                 Err(_) => break,
             }
         }
-        commit_group(&conn, &mut group);
+        commit_group(&conn, &mut group, counts);
     }
     // Closing the last connection checkpoints the log into the file.
     let _ = conn.close();
@@ -190,9 +211,16 @@ fn duplicate(e: &StoreError) -> StoreError {
 }
 
 /// Commit `group` (emptied on return), replying to every task.
-fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>) {
+fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>, counts: &Counts) {
+    let committed = |writes: usize| {
+        counts.transactions.fetch_add(1, Ordering::Relaxed);
+        counts.writes.fetch_add(writes as u64, Ordering::Relaxed);
+    };
     match attempt(conn, group) {
-        Ok(()) => group.drain(..).for_each(|t| t.succeed()),
+        Ok(()) => {
+            committed(group.len());
+            group.drain(..).for_each(|t| t.succeed());
+        }
         Err(Failure::Begin(e)) => {
             // Nothing ran; running the tasks one by one would only repeat the
             // wait that failed, once per task.
@@ -206,7 +234,10 @@ fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>) {
         Err(Failure::Aborted(_)) => {
             for mut task in group.drain(..) {
                 match attempt(conn, std::slice::from_mut(&mut task)) {
-                    Ok(()) => task.succeed(),
+                    Ok(()) => {
+                        committed(1);
+                        task.succeed();
+                    }
                     Err(Failure::Begin(e) | Failure::Aborted(e)) => task.fail(e),
                 }
             }
@@ -223,11 +254,11 @@ pub(super) mod testing {
     pub(crate) type Work<T> = Box<dyn FnMut(&Connection) -> Result<T, StoreError> + Send>;
 
     /// Commit the works in `works` as one group, as the thread would, and
-    /// return each one's result.
+    /// return each one's result, and the transactions and writes committed.
     pub(crate) fn commit_as_group<T: Send + 'static>(
         conn: &Connection,
         works: Vec<Work<T>>,
-    ) -> Vec<Result<T, StoreError>> {
+    ) -> (Vec<Result<T, StoreError>>, (u64, u64)) {
         let mut answers = Vec::new();
         let mut group: Vec<Box<dyn Task>> = Vec::new();
         for work in works {
@@ -239,13 +270,19 @@ pub(super) mod testing {
             }));
             answers.push(answer);
         }
-        commit_group(conn, &mut group);
-        answers
+        let counts = Counts::default();
+        commit_group(conn, &mut group, &counts);
+        let results = answers
             .into_iter()
             .map(|mut a| match a.try_recv() {
                 Ok(Some(r)) => r,
                 _ => Err(StoreError::Backend("no reply".into())),
             })
-            .collect()
+            .collect();
+        let committed = (
+            counts.transactions.load(Ordering::Relaxed),
+            counts.writes.load(Ordering::Relaxed),
+        );
+        (results, committed)
     }
 }
