@@ -28,10 +28,11 @@
 //! a stored record's size;
 //! and for SQLite, bare rusqlite inserts of the message and peer rows the
 //! pipeline writes, with the store's pragmas, in the same batching: as many
-//! to a transaction as the SQLite pipeline's group commit put in one (its
-//! [`SqliteStore::group_commits`], counted while its CPU is measured). After criterion's report, a summary prints each
-//! shape's throughput as a share of its parts' (1 / the sum of their
-//! times), and the CPU each inbound message costs.
+//! to a transaction as the SQLite pipeline's group commit put in one in an
+//! inbound burst ([`SqliteStore::group_commits`], counted while its CPU is
+//! measured). After criterion's report, a summary prints each shape's
+//! throughput as a share of its parts' (1 / the sum of their times), and
+//! the CPU each inbound message costs.
 //!
 //! Run: `cargo bench --bench pipeline` (the summary needs every part; a
 //! filtered run prints what it can; `PIPELINE_BACKENDS=memory` or `sqlite`
