@@ -140,7 +140,6 @@ struct Rig {
     principal: Principal,
     business: BusinessId,
     consumers: Vec<Consumer>,
-    next_transport_id: Mutex<u64>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -200,7 +199,6 @@ impl Rig {
                     device: AsyncMutex::new(ConsumerDevice::new(0)),
                 })
                 .collect(),
-            next_transport_id: Mutex::new(0),
             _dir: dir,
         };
         // First contact, and a reply so that each consumer's next message
@@ -228,15 +226,9 @@ impl Rig {
             .encrypt(self.business, &CONTENT)
             .await
             .unwrap();
-        let id = {
-            let mut next = self.next_transport_id.lock().unwrap();
-            *next += 1;
-            *next
-        };
         Inbound {
             from: c.number.clone(),
             device: 0,
-            transport_id: id.to_be_bytes().to_vec(),
             message,
         }
     }
@@ -323,7 +315,6 @@ impl Rig {
     /// (before the envelope), its sealed record, and its consumer's sealed
     /// peer record.
     async fn stored_sizes(&self) -> Sizes {
-        let before = *self.next_transport_id.lock().unwrap();
         let c = &self.consumers[0];
         let inbound = self.write(c).await;
         let receipt = self
@@ -331,7 +322,6 @@ impl Rig {
             .receive(&self.principal, self.business, inbound)
             .await
             .unwrap();
-        assert_eq!(*self.next_transport_id.lock().unwrap(), before + 1);
         let message = self
             .storage
             .message(self.business, receipt.id)

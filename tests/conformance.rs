@@ -131,7 +131,7 @@ conformance!(
     keys_of_kind_pages_by_id_and_skips_tombstones,
     ended_epoch_keys_are_oldest_first_with_tombstones_and_limited,
     peers_are_replaced_deleted_and_listed_by_device,
-    messages_are_replaced_and_delivery_updates_only_touch_stored_ones,
+    messages_are_stored_once_and_delivery_updates_only_touch_stored_ones,
     due_messages_are_earliest_first_and_follow_updates,
     expired_open_messages_are_the_open_ones_earliest_first,
     delete_expired_spares_held_pending_and_live_messages,
@@ -841,7 +841,9 @@ async fn peers_are_replaced_deleted_and_listed_by_device(backend: &mut Backend) 
     assert!(s.peer(business(3), peer(2, 0)).await.unwrap().is_some());
 }
 
-async fn messages_are_replaced_and_delivery_updates_only_touch_stored_ones(backend: &mut Backend) {
+async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
+    backend: &mut Backend,
+) {
     let s = &*backend.store;
     let first = M::new(1, 1, 1, T0 + HOUR).due(T0).status(Status::Queued);
     commit(s, [put(&first)]).await;
@@ -851,10 +853,39 @@ async fn messages_are_replaced_and_delivery_updates_only_touch_stored_ones(backe
     );
     assert_eq!(s.message(business(2), mid(1)).await.unwrap(), None);
 
-    // Replaced whole, indexes included: the old expiry and due time are gone.
+    // A second message under a stored id (a replay) fails the whole batch
+    // and changes nothing, in the store or in a batch of its own.
     let mut second = M::new(1, 1, 2, T0 + 5 * HOUR).outbound().due(T0 + 3 * HOUR);
     second.status = Status::Sent;
-    commit(s, [put(&second)]).await;
+    for replay in [
+        batch([put(&M::new(1, 9, 1, T0)), put(&second)]),
+        batch([put(&M::new(1, 9, 1, T0)), put(&M::new(1, 9, 2, T0))]),
+    ] {
+        assert!(matches!(s.commit(replay).await, Err(StoreError::Conflict)));
+        assert_eq!(s.message(business(1), mid(9)).await.unwrap(), None);
+        assert_eq!(
+            s.message(business(1), mid(1)).await.unwrap(),
+            Some(first.record())
+        );
+        assert_eq!(
+            msg_keys(&s.due_messages(t(T0), 10).await.unwrap()),
+            [key_of(1, 1)]
+        );
+    }
+
+    // Deleted, an id may be stored again, indexes included: the old expiry
+    // and due time are gone.
+    commit(
+        s,
+        [
+            Op::DeleteMessage {
+                business: business(1),
+                id: mid(1),
+            },
+            put(&second),
+        ],
+    )
+    .await;
     assert_eq!(
         s.message(business(1), mid(1)).await.unwrap(),
         Some(second.record())

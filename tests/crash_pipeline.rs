@@ -137,7 +137,6 @@ fn crash_pipeline_child() {
                 let inbound = Inbound {
                     from: from.clone(),
                     device: 0,
-                    transport_id: text.clone().into_bytes(),
                     message,
                 };
                 let receipt = processor

@@ -509,7 +509,6 @@ async fn no_principal_reaches_another_tenant() {
     let inbound = custodian::processor::Inbound {
         from: number(1),
         device: 0,
-        transport_id: vec![1],
         message: custodian::signal::Ciphertext {
             kind: custodian::signal::MessageKind::FollowUp,
             bytes: vec![0x33; 40],
@@ -693,4 +692,113 @@ fn a_business_may_reply_from_inside_its_webhook() {
             panic!("the scenario failed: see its panic above")
         }
     }
+}
+
+/// A restart loses what the processor kept in memory, including session
+/// advances written behind; a replay of a message received before it is
+/// still refused, and stays refused once the stored message is gone.
+#[tokio::test]
+async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
+    use custodian::processor::Inbound;
+    use custodian::store::{Batch, Op};
+    use custodian::testing::{ConsumerDevice, RecordingTransport};
+
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let store = Arc::new(MemoryStore::new());
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
+    let network = Arc::new(RecordingTransport::new());
+    let owner = Principal::new("owner");
+    let b = BusinessId::new(3).unwrap();
+    let start = || {
+        Processor::new(
+            Host {
+                storage: store.clone(),
+                key_provider: provider.clone(),
+                transport: network.clone(),
+                business: business.clone(),
+                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
+                clock: Arc::new(clock.clone()),
+                audit: Arc::new(MemoryAuditSink::new()),
+            },
+            Policies::default(),
+        )
+        .unwrap()
+    };
+    let inbound = |message| Inbound {
+        from: number(7),
+        device: 0,
+        message,
+    };
+
+    let before = start();
+    before.publish_keys(&owner, b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    device
+        .start_session(b, &network.published().unwrap().bundle(Some(0)))
+        .await
+        .unwrap();
+    // A first message, and the business's answer: the device's next
+    // messages follow up on the session.
+    let first = device.encrypt(b, b"hello").await.unwrap();
+    before.receive(&owner, b, inbound(first)).await.unwrap();
+    let reply = Outbound {
+        to: number(7),
+        content: b"hi".to_vec(),
+        category: Category::Service,
+    };
+    before.send(&owner, b, reply).await.unwrap();
+    let answer = network.take_sent().remove(number(7).expose()).unwrap();
+    device.decrypt(b, &answer[0]).await.unwrap();
+    let mut sent = Vec::new();
+    for i in 0..7 {
+        let message = device.encrypt(b, format!("m{i}").as_bytes()).await.unwrap();
+        let receipt = before
+            .receive(&owner, b, inbound(message.clone()))
+            .await
+            .unwrap();
+        assert!(receipt.delivered && !receipt.duplicate);
+        sent.push((receipt.id, message));
+    }
+    drop(before);
+
+    let after = start();
+    for (id, message) in &sent {
+        let receipt = after.receive(&owner, b, inbound(message.clone())).await;
+        assert!(
+            receipt.as_ref().is_ok_and(|r| r.duplicate && r.id == *id),
+            "a replay after a restart was not refused as one: {receipt:?}"
+        );
+    }
+    // The device goes on: its next message decrypts, past the keys the
+    // replays used.
+    let next = device.encrypt(b, b"m7").await.unwrap();
+    let receipt = after.receive(&owner, b, inbound(next)).await.unwrap();
+    assert!(receipt.delivered && !receipt.duplicate);
+
+    // Their retention over, the replayed messages are gone; a replay must
+    // still not decrypt, now or after another restart.
+    let mut gone = Batch::new();
+    for (id, _) in &sent {
+        gone.push(Op::DeleteMessage {
+            business: b,
+            id: *id,
+        });
+    }
+    store.commit(gone).await.unwrap();
+    for (processor, label) in [
+        (&after, "without their copies"),
+        (&start(), "restarted again"),
+    ] {
+        for (_, message) in &sent {
+            let receipt = processor.receive(&owner, b, inbound(message.clone())).await;
+            assert!(
+                !receipt.as_ref().is_ok_and(|r| r.delivered),
+                "{label}: a replay was delivered again"
+            );
+        }
+    }
+    let messages = business.messages();
+    assert_eq!(messages.len(), 9);
+    assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
 }

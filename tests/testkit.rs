@@ -792,7 +792,6 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
     let inbound = custodian::processor::Inbound {
         from: number(7),
         device: 0,
-        transport_id: b"t-1".to_vec(),
         message: first,
     };
     assert!(

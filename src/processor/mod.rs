@@ -40,7 +40,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use foldhash::fast::RandomState;
-use sha2::{Digest, Sha256};
 use tracing::{Instrument, debug, debug_span, info, warn};
 use zeroize::Zeroizing;
 
@@ -55,7 +54,7 @@ use crate::retention::{
     ExpiryNotifier, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, SweepReport,
     check_residency,
 };
-use crate::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
+use crate::signal::{Ciphertext, Parsed, Sessions, SignalConfig, SignalError};
 use crate::store::{
     Batch, Census, Delivery, Direction, FailureReason, HoldScope, MessageRecord, Op, PeerId,
     Status, Storage, StoreError,
@@ -212,8 +211,6 @@ pub struct Inbound {
     pub from: PhoneNumber,
     /// The sender's device.
     pub device: u32,
-    /// The transport's id for this delivery (stable across redeliveries).
-    pub transport_id: Vec<u8>,
     /// The Signal message.
     pub message: Ciphertext,
 }
@@ -350,18 +347,6 @@ impl std::fmt::Debug for Processor {
 
 /// The id of an inbound message: a hash of the business, the sender's phone
 /// hash and the transport's id, so every redelivery gets the same id.
-fn inbound_id(business: BusinessId, phone: PhoneHash, transport_id: &[u8]) -> MessageId {
-    let mut h = Sha256::new();
-    h.update(b"custodian/v1/inbound-id");
-    h.update(business.get().to_be_bytes());
-    h.update(phone.as_bytes());
-    h.update(transport_id);
-    let digest = h.finalize();
-    let mut id = [0u8; MessageId::LEN];
-    id.copy_from_slice(&digest[..MessageId::LEN]);
-    MessageId::from_bytes(id)
-}
-
 fn stats_status(status: Status) -> crate::integrity::Status {
     match status {
         Status::Queued | Status::Sent => crate::integrity::Status::Sent,
@@ -638,19 +623,20 @@ impl Processor {
         let now = self.clock.now();
         let expiry = self.admit(business, Direction::Inbound, now)?;
         let phone = self.keys.phone_hash(business, &inbound.from).await?;
-        let id = inbound_id(business, phone, &inbound.transport_id);
+        let peer = PeerId {
+            phone,
+            device: inbound.device,
+        };
+        let parsed = Parsed::new(&inbound.message)?;
+        let id = parsed.id(business, peer);
         let duplicate = Receipt {
             id,
             duplicate: true,
             delivered: false,
         };
-        let peer = PeerId {
-            phone,
-            device: inbound.device,
-        };
         let staged = match self
             .sessions
-            .decrypt_staged(business, peer, &inbound.message, expiry)
+            .decrypt_staged(business, peer, &parsed, expiry)
             .await
         {
             Ok(staged) => staged,
@@ -683,7 +669,15 @@ impl Processor {
         let claim = self.claims.claim(business, id);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record)));
-        let decrypted = staged.commit(batch).await?;
+        let decrypted = match staged.commit_stored(batch).await {
+            Ok(decrypted) => decrypted,
+            // A replay that a session outdated by a crash took for new.
+            Err(SignalError::DuplicateMessage) => {
+                debug!(%id, "replay of a stored message");
+                return Ok(duplicate);
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.integrity.record_received(business, phone, now);
         self.statistics.record_message(
             business,

@@ -53,6 +53,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use wacore_libsignal::protocol::{
     CiphertextMessage, CiphertextMessageType, DeviceId, GenericSignedPreKey, IdentityChange,
     IdentityKey, PreKeyBundle as LibBundle, PreKeySignalMessage, PublicKey, SignalMessage,
@@ -78,7 +79,7 @@ mod tests;
 use crate::lock::Stripes;
 use account::Account;
 use cache::PeerCache;
-use peer::Peer;
+use peer::{Peer, RECEIVE_WINDOW};
 use rng::ThreadCsprng;
 use stores::{IdentityOverlay, PreKeyOverlay, SessionOverlay, SignedPreKeyOverlay};
 
@@ -217,6 +218,60 @@ impl fmt::Debug for Ciphertext {
     }
 }
 
+/// A consumer's message, parsed for [`Sessions::decrypt_staged`]; its
+/// header names it.
+pub(crate) struct Parsed {
+    message: CiphertextMessage,
+    /// The sender's ratchet key: the receiving chain the message is on.
+    chain: PublicKey,
+    counter: u32,
+}
+
+impl Parsed {
+    /// Parse `message`; nothing is decrypted yet.
+    pub(crate) fn new(message: &Ciphertext) -> Result<Self, SignalError> {
+        let parsed = match message.kind {
+            MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
+                .map(CiphertextMessage::PreKeySignalMessage),
+            MessageKind::FollowUp => SignalMessage::try_from(message.bytes.as_slice())
+                .map(CiphertextMessage::SignalMessage),
+        }
+        .map_err(|e| protocol_error(e, None))?;
+        let inner = match &parsed {
+            CiphertextMessage::PreKeySignalMessage(m) => m.message(),
+            CiphertextMessage::SignalMessage(m) => m,
+            _ => return Err(SignalError::InvalidMessage("malformed message")),
+        };
+        Ok(Self {
+            chain: *inner.sender_ratchet_key(),
+            counter: inner.counter(),
+            message: parsed,
+        })
+    }
+
+    /// The id of this message from `peer` to `business`: every redelivery
+    /// and every replay of it has the same, and no other message of the
+    /// device's sessions has (a ratchet key is fresh for each chain).
+    pub(crate) fn id(&self, business: BusinessId, peer: PeerId) -> MessageId {
+        message_id(business, peer, &self.chain, self.counter)
+    }
+}
+
+/// The id of message `counter` of receiving chain `chain` from `peer`.
+fn message_id(business: BusinessId, peer: PeerId, chain: &PublicKey, counter: u32) -> MessageId {
+    let mut h = Sha256::new();
+    h.update(b"custodian/v2/inbound-id");
+    h.update(business.get().to_be_bytes());
+    h.update(peer.phone.as_bytes());
+    h.update(peer.device.to_be_bytes());
+    h.update(chain.serialize());
+    h.update(counter.to_be_bytes());
+    let digest = h.finalize();
+    let mut id = [0u8; MessageId::LEN];
+    id.copy_from_slice(&digest[..MessageId::LEN]);
+    MessageId::from_bytes(id)
+}
+
 /// A decrypted message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Decrypted {
@@ -331,6 +386,11 @@ pub struct Maintenance {
 /// The device id a business presents.
 pub const BUSINESS_DEVICE_ID: u32 = 0;
 
+/// How much later than its stored copy's a session's expiry may be while
+/// receives are written behind: a stored copy outdated by a crash expires
+/// at most this much sooner than the one lost.
+const RECEIVE_LAG: Duration = Duration::from_secs(3600);
+
 /// Signal sessions with consumers' devices, on behalf of many businesses.
 pub struct Sessions {
     vault: Arc<Vault>,
@@ -353,6 +413,17 @@ pub(crate) struct StagedDecrypt<'a> {
     /// sends: noted in the cache if the staging is dropped uncommitted.
     original_dirty: Option<bool>,
     consumed: Option<u32>,
+    /// The message's [`Parsed::id`].
+    id: MessageId,
+    /// The library wrote the device's identity.
+    identity_written: bool,
+    /// The message's receiving chain and the index it left it at, if it is
+    /// a chain of the current session.
+    chain: Option<(PublicKey, u32)>,
+    /// The message was the next on its chain of the session in use: the
+    /// decrypt derived nothing but the next keys, as a decrypt from the
+    /// stored copy would again.
+    in_order: bool,
     expiry: Timestamp,
     decrypted: Decrypted,
     /// The device's address lock, held until the commit.
@@ -370,7 +441,20 @@ impl StagedDecrypt<'_> {
     /// address lock is released before the one-time prekey pool is
     /// refilled, which is best effort: the message is committed whatever
     /// the refill does.
-    pub(crate) async fn commit(mut self, mut extra: Batch) -> Result<Decrypted, SignalError> {
+    pub(crate) async fn commit(self, extra: Batch) -> Result<Decrypted, SignalError> {
+        self.commit_as(extra, false).await
+    }
+
+    /// Commit as [`commit`](Self::commit) does, `extra` storing the message
+    /// under its [`Parsed::id`]. A stored id is never stored again, so the
+    /// store refuses a replay whatever the session's state: a plain step
+    /// along a receiving chain may then be written behind (see the cache
+    /// module). A replay fails with [`StoreError::Conflict`].
+    pub(crate) async fn commit_stored(self, extra: Batch) -> Result<Decrypted, SignalError> {
+        self.commit_as(extra, true).await
+    }
+
+    async fn commit_as(mut self, mut extra: Batch, stored: bool) -> Result<Decrypted, SignalError> {
         let s = self.sessions;
         let (business, peer) = (self.business, self.peer);
         if let Some(id) = self.consumed {
@@ -380,22 +464,49 @@ impl StagedDecrypt<'_> {
                 id: u64::from(id),
             }));
         }
-        let Some(state) = self.state.take() else {
+        let Some(mut state) = self.state.take() else {
             return Err(SignalError::Storage(StorageFailure::Corrupt(
                 "staged state committed twice",
             )));
         };
         self.original_dirty = None;
-        match s
-            .commit_peer(business, peer, state, self.expiry, extra)
-            .await
+        let committed = if stored
+            && self.in_order
+            && self.consumed.is_none()
+            && !self.identity_written
+            && s.may_write_behind(&state, self.chain.as_ref(), self.expiry)
         {
+            state.expiry = state.expiry.max(self.expiry);
+            match s.store.commit(extra).await {
+                Ok(()) => {
+                    s.cache.put((business, peer), state);
+                    Ok(())
+                }
+                Err(e) => {
+                    s.cache.discard(state.dirty);
+                    Err(e.into())
+                }
+            }
+        } else {
+            // Persisted up to the chain's index: the receives that follow
+            // on it may be written behind, one window's worth.
+            state.behind = self
+                .chain
+                .map(|(chain, index)| (chain, index.saturating_add(RECEIVE_WINDOW)));
+            s.commit_peer(business, peer, state, self.expiry, extra)
+                .await
+        };
+        match committed {
             Ok(()) => {}
-            // Only a consumed prekey makes a commit conflict: another first
-            // message (from another device) used it while this one decrypted.
+            // The message is stored already (a replay), or its one-time
+            // prekey is consumed: another first message (from another
+            // device) used it while this one decrypted.
             Err(SignalError::Storage(StorageFailure::Store(e)))
                 if matches!(*e, StoreError::Conflict) =>
             {
+                if stored && s.store.message(business, self.id).await?.is_some() {
+                    return Err(SignalError::DuplicateMessage);
+                }
                 return Err(SignalError::InvalidMessage(
                     "the one-time prekey was used already",
                 ));
@@ -705,6 +816,7 @@ impl Sessions {
                     session.clear_pending_reservation();
                 }
                 state.dirty = false;
+                state.sealed_expiry = state.expiry;
                 self.cache.put((business, peer), state);
                 Ok(())
             }
@@ -774,10 +886,77 @@ impl Sessions {
         message: &Ciphertext,
         expiry: Timestamp,
     ) -> Result<Decrypted, SignalError> {
-        self.decrypt_staged(business, peer, message, expiry)
+        self.decrypt_staged(business, peer, &Parsed::new(message)?, expiry)
             .await?
             .commit(Batch::new())
             .await
+    }
+
+    /// Whether a receive that stores its message, by `expiry`, may leave
+    /// `state`'s advance to `chain` (its receiving chain and new index)
+    /// unpersisted. It must stay within the window persisted last on that
+    /// chain, so a stored copy outdated by a crash is only ever unsure of
+    /// one window's counters ([`Peer::unsure`]); the copy must expire no
+    /// later than the message (and at most [`RECEIVE_LAG`] sooner), so no
+    /// copy outlives a stored message that it would take for new; and no
+    /// send may be waiting on a persisted lease, nor the record's epoch move.
+    fn may_write_behind(
+        &self,
+        state: &Peer,
+        chain: Option<&(PublicKey, u32)>,
+        expiry: Timestamp,
+    ) -> bool {
+        let (Some((chain, index)), Some((window, end))) = (chain, state.behind.as_ref()) else {
+            return false;
+        };
+        chain == window
+            && index <= end
+            && !state
+                .session
+                .as_ref()
+                .is_some_and(|s| s.has_pending_reservation())
+            && state.sealed_expiry <= expiry
+            && expiry <= state.sealed_expiry.saturating_add(RECEIVE_LAG)
+            && state.key.as_ref().map(|k| k.epoch())
+                == self.vault.epoch_of(state.expiry.max(expiry))
+    }
+
+    /// Which of `state`'s unsure counters on `chain` below `counter` a
+    /// receive written behind had consumed, now that a message at `counter`
+    /// was decrypted: their keys, just kept for messages still to come, are
+    /// dropped, so a replay of one does not decrypt once its stored copy is
+    /// gone. Every counter below `counter` is then sure.
+    async fn settle_unsure(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        state: &mut Peer,
+        chain: &PublicKey,
+        counter: u32,
+    ) -> Result<(), SignalError> {
+        let Some(at) = state.unsure.iter().position(|u| u.chain == *chain) else {
+            return Ok(());
+        };
+        let unsure = state.unsure[at];
+        if counter < unsure.next {
+            return Ok(());
+        }
+        for earlier in unsure.next..counter.min(unsure.end) {
+            let id = message_id(business, peer, chain, earlier);
+            if self.store.message(business, id).await?.is_some()
+                && let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut())
+            {
+                session.get_message_keys(chain, earlier).map_err(|_| {
+                    SignalError::Storage(StorageFailure::Corrupt("session structure"))
+                })?;
+            }
+        }
+        if counter.saturating_add(1) < unsure.end {
+            state.unsure[at].next = counter + 1;
+        } else {
+            state.unsure.swap_remove(at);
+        }
+        Ok(())
     }
 
     /// Decrypt `message` but commit nothing yet: the result holds the
@@ -788,16 +967,10 @@ impl Sessions {
         &self,
         business: BusinessId,
         peer: PeerId,
-        message: &Ciphertext,
+        message: &Parsed,
         expiry: Timestamp,
     ) -> Result<StagedDecrypt<'_>, SignalError> {
-        let parsed = match message.kind {
-            MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
-                .map(CiphertextMessage::PreKeySignalMessage),
-            MessageKind::FollowUp => SignalMessage::try_from(message.bytes.as_slice())
-                .map(CiphertextMessage::SignalMessage),
-        }
-        .map_err(|e| protocol_error(e, None))?;
+        let first = matches!(message.message, CiphertextMessage::PreKeySignalMessage(_));
         let account = self.account(business).await?;
         let guard = self.address_locks.lock((business, peer)).await;
         let mut state = self.load_peer(business, peer).await?;
@@ -809,8 +982,18 @@ impl Sessions {
                 .map(|s| s.alice_base_key().to_vec())
         };
         // Only first-contact messages need it: no copy on the follow-up path.
-        let base_before =
-            (message.kind == MessageKind::FirstContact).then(|| base_key(state.session.as_ref()));
+        let base_before = first.then(|| base_key(state.session.as_ref()));
+        // Where the message's chain of the session in use stands, if it
+        // could be the next on it: a follow-up at the chain's index.
+        let current = |session: Option<&wacore_libsignal::protocol::SessionRecord>| {
+            let state = session?.session_state()?;
+            let index = state.get_receiver_chain_key(&message.chain).ok()??.index();
+            Some((state.alice_base_key().to_vec(), index))
+        };
+        let next_before = (!first)
+            .then(|| current(state.session.as_ref()))
+            .flatten()
+            .filter(|(_, index)| *index == message.counter);
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
             keys: self.vault.keys(),
@@ -822,7 +1005,7 @@ impl Sessions {
         // Boxed: the library's future is large, and every future that awaits
         // this one would otherwise carry (and move) it.
         let result = Box::pin(message_decrypt(
-            &parsed,
+            &message.message,
             &state.address,
             &mut sessions,
             &mut identities,
@@ -850,6 +1033,19 @@ impl Sessions {
         state.identity = identities.peer;
         let first_contact = base_before
             .is_some_and(|before| before.is_none() || before != base_key(state.session.as_ref()));
+        let after = current(state.session.as_ref());
+        let in_order = matches!(
+            (&next_before, &after),
+            (Some((before, _)), Some((base, index)))
+                if before == base && *index == message.counter.saturating_add(1)
+        );
+        if let Err(e) = self
+            .settle_unsure(business, peer, &mut state, &message.chain, message.counter)
+            .await
+        {
+            self.cache.discard(state.dirty);
+            return Err(e);
+        }
         Ok(StagedDecrypt {
             sessions: self,
             business,
@@ -857,6 +1053,10 @@ impl Sessions {
             state: Some(state),
             original_dirty,
             consumed,
+            id: message.id(business, peer),
+            identity_written: identities.written,
+            chain: after.map(|(_, index)| (message.chain, index)),
+            in_order,
             expiry,
             decrypted: Decrypted {
                 plaintext: decrypted.plaintext,

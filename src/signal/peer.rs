@@ -11,7 +11,9 @@
 //! | 1 | flags: bit 0 identity present, bit 1 session present; others zero |
 //! | 1 | version `01` |
 
-use wacore_libsignal::protocol::{DeviceId, IdentityKey, ProtocolAddress, SessionRecord};
+use wacore_libsignal::protocol::{
+    DeviceId, IdentityKey, ProtocolAddress, PublicKey, SessionRecord, SessionState,
+};
 
 use zeroize::Zeroizing;
 
@@ -28,6 +30,9 @@ const IDENTITY_LEN: usize = 33;
 const ROOM: usize = IDENTITY_LEN + 2 + SEAL_ROOM;
 /// What a record may grow by between two encodings without a copy.
 const GROWTH: usize = 256;
+/// How many counters of a receiving chain past its persisted index a
+/// receive may consume without persisting the session (see the cache module).
+pub(super) const RECEIVE_WINDOW: u32 = 32;
 
 /// Why a stored peer record could not be read back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +58,42 @@ pub(super) struct Peer {
     pub(super) generation: u64,
     /// The length of the last encoding: the next one reserves for it.
     pub(super) encoded_len: usize,
+    /// The expiry the stored copy was sealed with.
+    pub(super) sealed_expiry: Timestamp,
+    /// Receives may advance this receiving chain without persisting the
+    /// session, up to (not including) this counter. Kept in memory only.
+    pub(super) behind: Option<(PublicKey, u32)>,
+    /// Counters of the receiving chains as loaded that receives written
+    /// behind may have consumed before the state that knew it was lost.
+    pub(super) unsure: Vec<Unsure>,
+}
+
+/// Counters `next..end` of one receiving chain, which a receive written
+/// behind may have consumed: a stored message says which did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unsure {
+    pub(super) chain: PublicKey,
+    pub(super) next: u32,
+    pub(super) end: u32,
+}
+
+impl Unsure {
+    /// The receiving chains of `state`, each unsure from its next counter
+    /// over one window.
+    fn of(state: &SessionState) -> Vec<Self> {
+        state
+            .all_receiver_chain_logging_info()
+            .into_iter()
+            .filter_map(|(key, index)| {
+                let next = index?;
+                Some(Self {
+                    chain: PublicKey::deserialize(&key).ok()?,
+                    next,
+                    end: next.saturating_add(RECEIVE_WINDOW),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The library address of a peer.
@@ -74,6 +115,9 @@ impl Peer {
             dirty: false,
             generation: 0,
             encoded_len: 0,
+            sealed_expiry: Timestamp::UNIX_EPOCH,
+            behind: None,
+            unsure: Vec::new(),
         }
     }
 
@@ -140,6 +184,11 @@ impl Peer {
         } else {
             return Err(CorruptPeer("bytes before the trailer"));
         };
+        let unsure = session
+            .as_ref()
+            .and_then(SessionRecord::session_state)
+            .map(Unsure::of)
+            .unwrap_or_default();
         Ok(Self {
             address: address(peer),
             session,
@@ -149,6 +198,9 @@ impl Peer {
             dirty: false,
             generation: 0,
             encoded_len: bytes.len(),
+            sealed_expiry: expiry,
+            behind: None,
+            unsure,
         })
     }
 }

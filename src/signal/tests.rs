@@ -141,14 +141,19 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
         });
     }
     let a = sessions
-        .decrypt_staged(business, peers[0], &firsts[0], expiry)
+        .decrypt_staged(
+            business,
+            peers[0],
+            &Parsed::new(&firsts[0]).unwrap(),
+            expiry,
+        )
         .await
         .unwrap();
     // The in-memory store never makes a task wait, so staging completes in
     // one poll unless the two addresses share a lock stripe (1 in 1,024):
     // then they are serialised and cannot race at all.
-    let mut staging =
-        std::pin::pin!(sessions.decrypt_staged(business, peers[1], &firsts[1], expiry));
+    let second = Parsed::new(&firsts[1]).unwrap();
+    let mut staging = std::pin::pin!(sessions.decrypt_staged(business, peers[1], &second, expiry));
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let std::task::Poll::Ready(b) = staging.as_mut().poll(&mut cx) else {
         return;

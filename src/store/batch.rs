@@ -51,7 +51,10 @@ pub enum Op {
     /// [`StoreError::Conflict`](super::StoreError::Conflict): a one-time
     /// prekey is consumed once.
     ConsumeKey(KeyId),
-    /// Store a message (insert or replace).
+    /// Store a new message. If one with its id is stored already, the
+    /// whole batch fails with [`StoreError::Conflict`](super::StoreError::Conflict):
+    /// a stored message is never replaced, so an id is a guard against
+    /// storing the same message twice.
     PutMessage(Box<MessageRecord>),
     /// Change a stored message's delivery bookkeeping, if its status is
     /// still `expected`. If it is not, or the message is gone, the whole

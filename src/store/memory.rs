@@ -138,12 +138,9 @@ impl Inner {
                 self.delete_key(&id);
             }
             Op::PutMessage(m) => {
-                let new = IndexEntries::of(&m);
-                let of_business = self.messages.entry(m.business).or_default();
-                if let Some(old) = of_business.insert(m.id, m) {
-                    self.unindex(&IndexEntries::of(&old));
-                }
-                self.index(&new);
+                // Checked new by `commit` before anything was applied.
+                self.index(&IndexEntries::of(&m));
+                self.messages.entry(m.business).or_default().insert(m.id, m);
             }
             Op::UpdateDelivery {
                 business,
@@ -208,7 +205,12 @@ impl Inner {
     /// Whether every condition of `ops` holds, each checked where it stands
     /// in the batch (after the writes before it), before anything is applied.
     fn conditions_hold(&self, ops: &[Op]) -> bool {
-        let conditional = |op: &Op| matches!(op, Op::ConsumeKey(_) | Op::UpdateDelivery { .. });
+        let conditional = |op: &Op| {
+            matches!(
+                op,
+                Op::ConsumeKey(_) | Op::UpdateDelivery { .. } | Op::PutMessage(_)
+            )
+        };
         if !ops.iter().any(conditional) {
             return true;
         }
@@ -244,6 +246,9 @@ impl Inner {
                     statuses.push(((*business, *id), Some(delivery.status)));
                 }
                 Op::PutMessage(m) => {
+                    if status(&statuses, (m.business, m.id)).is_some() {
+                        return false;
+                    }
                     statuses.push(((m.business, m.id), Some(m.delivery.status)));
                 }
                 Op::FailExpired { business, id }

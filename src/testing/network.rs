@@ -109,7 +109,6 @@ struct Net {
     /// for, made after the processor took the message's delivery report.
     resent_after_report: u64,
     seq: u64,
-    next_transport_id: u64,
     faults: Injector,
     integrity: Vec<IntegrityReport>,
     billing: Vec<BillingStatement>,
@@ -270,7 +269,6 @@ impl SimNetwork {
                 last_send: BTreeMap::new(),
                 resent_after_report: 0,
                 seq: 0,
-                next_transport_id: 1,
                 faults: Injector::new(faults, seed),
                 integrity: Vec::new(),
                 billing: Vec::new(),
@@ -331,12 +329,9 @@ impl SimNetwork {
             .encrypt(business, content)
             .await
             .map_err(|e| e.to_string())?;
-        let transport_id = net.next_transport_id.to_be_bytes().to_vec();
-        net.next_transport_id += 1;
         let inbound = Inbound {
             from: number.clone(),
             device,
-            transport_id,
             message,
         };
         net.launch_inbound(business, inbound, now);

@@ -774,7 +774,8 @@ fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
     let mut batch = Batch::new();
     for i in 0..20_000u32 {
         let mut m = record(0, b"gone");
-        let mut id = [0u8; 16];
+        // Not an id `populated` stored.
+        let mut id = [0xee; 16];
         id[..4].copy_from_slice(&i.to_be_bytes());
         m.id = MessageId::from_bytes(id);
         m.expiry = Timestamp::from_millis(T0 + u64::from(i));

@@ -91,35 +91,38 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 Err(StoreError::Conflict)
             };
         }
-        Op::PutMessage(m) => conn
-            .prepare_cached(
-                "INSERT INTO messages (business, id, direction, phone, created, expiry, epoch,
-                     status, failure, attempts, next_attempt, pending_devices, sealed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                 ON CONFLICT (business, id) DO UPDATE SET
-                     direction = excluded.direction, phone = excluded.phone,
-                     created = excluded.created, expiry = excluded.expiry,
-                     epoch = excluded.epoch, status = excluded.status,
-                     failure = excluded.failure, attempts = excluded.attempts,
-                     next_attempt = excluded.next_attempt,
-                     pending_devices = excluded.pending_devices, sealed = excluded.sealed",
-            )
-            .db()?
-            .execute(params![
-                business_sql(m.business),
-                &m.id.as_bytes()[..],
-                m.direction.code(),
-                &m.phone.as_bytes()[..],
-                time_sql(m.created),
-                time_sql(m.expiry),
-                time_sql(m.epoch.end()),
-                m.delivery.status.code(),
-                m.delivery.failure.map(|f| f.code()),
-                m.delivery.attempts,
-                m.delivery.next_attempt.map(time_sql),
-                u64_to_sql(m.delivery.pending_devices),
-                m.sealed,
-            ]),
+        Op::PutMessage(m) => {
+            let n = conn
+                .prepare_cached(
+                    "INSERT INTO messages (business, id, direction, phone, created, expiry,
+                         epoch, status, failure, attempts, next_attempt, pending_devices, sealed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                     ON CONFLICT (business, id) DO NOTHING",
+                )
+                .db()?
+                .execute(params![
+                    business_sql(m.business),
+                    &m.id.as_bytes()[..],
+                    m.direction.code(),
+                    &m.phone.as_bytes()[..],
+                    time_sql(m.created),
+                    time_sql(m.expiry),
+                    time_sql(m.epoch.end()),
+                    m.delivery.status.code(),
+                    m.delivery.failure.map(|f| f.code()),
+                    m.delivery.attempts,
+                    m.delivery.next_attempt.map(time_sql),
+                    u64_to_sql(m.delivery.pending_devices),
+                    m.sealed,
+                ])
+                .db()?;
+            // Fails the batch: a message with this id is stored already.
+            return if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict)
+            };
+        }
         Op::UpdateDelivery {
             business,
             id,
