@@ -221,14 +221,15 @@ impl std::fmt::Debug for Inbound {
             .field("from", &self.from)
             .field("device", &self.device)
             .field("message", &self.message)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
 /// What [`Processor::receive`] did; return it only after acknowledging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {
-    /// The message's id (the same for every redelivery of it).
+    /// The message's id, derived from its Signal header: the same for every
+    /// redelivery or replay of it, whatever the transport calls it.
     pub id: MessageId,
     /// It was a duplicate of a message already received: nothing was done.
     pub duplicate: bool,
@@ -345,8 +346,6 @@ impl std::fmt::Debug for Processor {
     }
 }
 
-/// The id of an inbound message: a hash of the business, the sender's phone
-/// hash and the transport's id, so every redelivery gets the same id.
 fn stats_status(status: Status) -> crate::integrity::Status {
     match status {
         Status::Queued | Status::Sent => crate::integrity::Status::Sent,
@@ -600,7 +599,9 @@ impl Processor {
     /// Receive a consumer's message for `business` from the transport.
     /// Returns once the message is durably stored (and, if the business
     /// took it, handed over): acknowledge the transport then. On an error,
-    /// do not acknowledge: the transport's redelivery is handled.
+    /// do not acknowledge: the transport's redelivery is handled. A
+    /// redelivery or a replay of a stored message, however it arrives, is
+    /// answered as a duplicate and reaches the business no second time.
     pub async fn receive(
         &self,
         principal: &Principal,

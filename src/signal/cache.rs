@@ -8,6 +8,25 @@
 //! counter is never issued twice. The cache keeps that sound: if it ever has
 //! to drop a peer with unpersisted sends, it changes the process incarnation,
 //! so every older snapshot becomes untrusted.
+//!
+//! Receiving is write-behind too, for the plain case: a follow-up message
+//! that is the next on a receiving chain of the session in use, within 32
+//! counters of where that chain was last persisted, stores only the message.
+//! Two things make a snapshot that lost such receives (a crash, or a peer
+//! dropped from the cache) safe to reload:
+//!
+//! - An inbound message's id is derived from its Signal header (the
+//!   sender's ratchet key and counter), and a message is stored once. A
+//!   replay that the outdated snapshot decrypts again fails to store, and is
+//!   answered as the duplicate it is.
+//! - Once the replayed messages' retention ends, their ids no longer guard.
+//!   So a reloaded snapshot is unsure of the 32 counters past each receiving
+//!   chain's index ([`Unsure`](super::peer::Unsure)). When a later message
+//!   skips over unsure counters, the keys of those with a stored message are
+//!   dropped rather than kept for late arrivals, and the snapshot is
+//!   persisted. A receive is written behind only if the stored snapshot
+//!   expires no later than its message (and at most an hour sooner), so no
+//!   snapshot outlives the messages that settle it.
 
 use std::sync::{Mutex, MutexGuard};
 
