@@ -22,8 +22,10 @@
 //!   stored, encrypted, handed to the transport, bookkeeping stored.
 //!
 //! Bare parts (`parts/…`), each alone: Signal decrypt and encrypt between
-//! two of the test kit's devices (bare `wacore-libsignal`, in-memory
-//! stores), in one direction and alternating (each turning the ratchet);
+//! the test kit's devices (bare `wacore-libsignal`, in-memory stores), one
+//! in the business's place with a session with each of 256 consumers, taken
+//! in turn as the shapes take them, in one direction and alternating (each
+//! turning the ratchet);
 //! HKDF-SHA256 expand of a record key; AES-256-GCM key schedule and seal of
 //! a stored record's size;
 //! and for SQLite, bare rusqlite inserts of the message and peer rows the
@@ -513,34 +515,57 @@ static CPU: Mutex<BTreeMap<String, Cpu>> = Mutex::new(BTreeMap::new());
 // ---------------------------------------------------------------------------
 // The bare parts
 
-/// Two test-kit devices (bare wacore-libsignal) in conversation: `a` plays
-/// the consumer, `b` the business.
-struct Pair {
-    a: ConsumerDevice,
-    b: ConsumerDevice,
-    business: BusinessId,
+/// The pipeline's conversations without the processor: a test-kit device
+/// (bare wacore-libsignal, in-memory stores) for each of the `CONSUMERS`
+/// consumers, and one in the business's place, holding a session with each
+/// (it names consumer `i` as business `i + 1`). Each part takes the
+/// consumers in turn, as the pipeline's shapes do: one conversation alone
+/// would keep its state in the nearest cache, which no gateway enjoys.
+struct Bare {
+    consumers: Vec<ConsumerDevice>,
+    business: ConsumerDevice,
+    /// The consumer whose turn is next.
+    turn: usize,
 }
 
-impl Pair {
+impl Bare {
     async fn new() -> Self {
-        let business = BusinessId::new(1).unwrap();
-        let mut a = ConsumerDevice::new(0);
-        let mut b = ConsumerDevice::new(1);
-        let bundle = b.bundle(true);
-        a.start_session(business, &bundle).await.unwrap();
-        let mut pair = Self { a, b, business };
-        let first = pair.a.encrypt(business, &CONTENT).await.unwrap();
-        pair.b.decrypt(business, &first).await.unwrap();
-        let reply = pair.b.encrypt(business, &CONTENT).await.unwrap();
-        pair.a.decrypt(business, &reply).await.unwrap();
-        pair
+        let mut business = ConsumerDevice::new(1);
+        let mut consumers = Vec::with_capacity(CONSUMERS);
+        for i in 0..CONSUMERS {
+            let mut consumer = ConsumerDevice::new(0);
+            let bundle = business.bundle(true);
+            consumer.start_session(name(i), &bundle).await.unwrap();
+            let first = consumer.encrypt(name(i), &CONTENT).await.unwrap();
+            business.decrypt(name(i), &first).await.unwrap();
+            let reply = business.encrypt(name(i), &CONTENT).await.unwrap();
+            consumer.decrypt(name(i), &reply).await.unwrap();
+            consumers.push(consumer);
+        }
+        Self {
+            consumers,
+            business,
+            turn: 0,
+        }
     }
+
+    /// The next consumer in turn, and the name the two devices know each
+    /// other by.
+    fn next(&mut self) -> (usize, BusinessId) {
+        let i = self.turn;
+        self.turn = (i + 1) % CONSUMERS;
+        (i, name(i))
+    }
+}
+
+/// How the devices of [`Bare`] name conversation `i`.
+fn name(i: usize) -> BusinessId {
+    BusinessId::new(i as u64 + 1).unwrap()
 }
 
 fn bench_parts(c: &mut Criterion) {
     let rt = runtime();
-    let mut pair = rt.block_on(Pair::new());
-    let business = pair.business;
+    let mut bare = rt.block_on(Bare::new());
     let mut g = c.benchmark_group("parts");
     g.throughput(Throughput::Elements(1));
 
@@ -549,11 +574,13 @@ fn bench_parts(c: &mut Criterion) {
             rt.block_on(async {
                 let mut messages = Vec::with_capacity(iters as usize);
                 for _ in 0..iters {
-                    messages.push(pair.a.encrypt(business, &CONTENT).await.unwrap());
+                    let (i, n) = bare.next();
+                    let m = bare.consumers[i].encrypt(n, &CONTENT).await.unwrap();
+                    messages.push((n, m));
                 }
                 let start = Instant::now();
-                for m in &messages {
-                    black_box(pair.b.decrypt(business, m).await.unwrap());
+                for (n, m) in &messages {
+                    black_box(bare.business.decrypt(*n, m).await.unwrap());
                 }
                 start.elapsed()
             })
@@ -565,11 +592,12 @@ fn bench_parts(c: &mut Criterion) {
             rt.block_on(async {
                 let mut elapsed = Duration::ZERO;
                 for _ in 0..iters {
-                    let reply = pair.b.encrypt(business, &CONTENT).await.unwrap();
-                    pair.a.decrypt(business, &reply).await.unwrap();
-                    let m = pair.a.encrypt(business, &CONTENT).await.unwrap();
+                    let (i, n) = bare.next();
+                    let reply = bare.business.encrypt(n, &CONTENT).await.unwrap();
+                    bare.consumers[i].decrypt(n, &reply).await.unwrap();
+                    let m = bare.consumers[i].encrypt(n, &CONTENT).await.unwrap();
                     let start = Instant::now();
-                    black_box(pair.b.decrypt(business, &m).await.unwrap());
+                    black_box(bare.business.decrypt(n, &m).await.unwrap());
                     elapsed += start.elapsed();
                 }
                 elapsed
@@ -582,12 +610,13 @@ fn bench_parts(c: &mut Criterion) {
             rt.block_on(async {
                 let mut elapsed = Duration::ZERO;
                 for _ in 0..iters {
-                    let m = pair.a.encrypt(business, &CONTENT).await.unwrap();
-                    pair.b.decrypt(business, &m).await.unwrap();
+                    let (i, n) = bare.next();
+                    let m = bare.consumers[i].encrypt(n, &CONTENT).await.unwrap();
+                    bare.business.decrypt(n, &m).await.unwrap();
                     let start = Instant::now();
-                    let reply = black_box(pair.b.encrypt(business, &CONTENT).await.unwrap());
+                    let reply = black_box(bare.business.encrypt(n, &CONTENT).await.unwrap());
                     elapsed += start.elapsed();
-                    pair.a.decrypt(business, &reply).await.unwrap();
+                    bare.consumers[i].decrypt(n, &reply).await.unwrap();
                 }
                 elapsed
             })
@@ -597,14 +626,15 @@ fn bench_parts(c: &mut Criterion) {
     g.bench_function("signal_encrypt", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
-                let start = Instant::now();
                 let mut messages = Vec::with_capacity(iters as usize);
+                let start = Instant::now();
                 for _ in 0..iters {
-                    messages.push(pair.b.encrypt(business, &CONTENT).await.unwrap());
+                    let (i, n) = bare.next();
+                    messages.push((i, n, bare.business.encrypt(n, &CONTENT).await.unwrap()));
                 }
                 let elapsed = start.elapsed();
-                for m in &messages {
-                    pair.a.decrypt(business, m).await.unwrap();
+                for (i, n, m) in &messages {
+                    bare.consumers[*i].decrypt(*n, m).await.unwrap();
                 }
                 elapsed
             })
