@@ -26,7 +26,8 @@
 //!   dropped rather than kept for late arrivals, and the snapshot is
 //!   persisted. A receive is written behind only if the stored snapshot
 //!   expires no later than its message (and at most an hour sooner), so no
-//!   snapshot outlives the messages that settle it.
+//!   snapshot outlives the messages that settle it (unless a business's
+//!   retention is shortened meanwhile, which deletes messages early).
 
 use std::sync::{Mutex, MutexGuard};
 
