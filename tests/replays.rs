@@ -1,0 +1,222 @@
+//! Random conversations with restarts: every message a device sends reaches
+//! the business exactly once, however late, out of order or replayed it
+//! arrives, and whatever the processor lost in a restart (receives are
+//! written behind; see the `signal` module).
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::ids::{BusinessId, PhoneNumber};
+use custodian::integrity::Category;
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
+use custodian::signal::Ciphertext;
+use custodian::store::MemoryStore;
+use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::visibility::MemoryAuditSink;
+use proptest::prelude::*;
+
+const T0: u64 = 1_767_225_600_000;
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// The device writes a message; it is in flight until delivered.
+    Write,
+    /// The transport delivers one message in flight (any of them).
+    Deliver(usize),
+    /// The transport delivers an earlier message again.
+    Replay(usize),
+    /// The business writes to the device, which reads it: the device's
+    /// next messages start a new receiving chain.
+    Answer,
+    /// The processor restarts: what it kept in memory is lost.
+    Restart,
+    /// Time passes.
+    Wait(u64),
+    /// Twenty days pass and the sweep runs (deleting what arrived more than
+    /// 30 days ago); the device writes a message that is delivered at once,
+    /// so its session lives on.
+    Age,
+    /// Retention ends for everything so far, and the sweep runs; the device
+    /// starts a new session (its messages in flight are lost with the old).
+    Expire,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        5 => Just(Step::Write),
+        5 => any::<usize>().prop_map(Step::Deliver),
+        3 => any::<usize>().prop_map(Step::Replay),
+        1 => Just(Step::Answer),
+        2 => Just(Step::Restart),
+        1 => (1u64..7200).prop_map(Step::Wait),
+        2 => Just(Step::Age),
+        1 => Just(Step::Expire),
+    ]
+}
+
+struct World {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    provider: Arc<LocalKeyProvider>,
+    business: Arc<SimBusiness>,
+    network: Arc<RecordingTransport>,
+    owner: Principal,
+    operator: Principal,
+    id: BusinessId,
+}
+
+impl World {
+    fn processor(&self) -> Processor {
+        Processor::new(
+            Host {
+                storage: self.store.clone(),
+                key_provider: self.provider.clone(),
+                transport: self.network.clone(),
+                business: self.business.clone(),
+                authorizer: Arc::new(
+                    StaticAuthorizer::new()
+                        .grant(&self.owner, self.id)
+                        .operator(&self.operator),
+                ),
+                clock: Arc::new(self.clock.clone()),
+                audit: Arc::new(MemoryAuditSink::new()),
+            },
+            Policies::default(),
+        )
+        .unwrap()
+    }
+}
+
+fn consumer() -> PhoneNumber {
+    "+447700900123".parse().unwrap()
+}
+
+async fn run(steps: Vec<Step>) {
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let world = World {
+        business: SimBusiness::new(clock.clone(), Faults::none(), 1),
+        clock,
+        store: Arc::new(MemoryStore::new()),
+        provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        network: Arc::new(RecordingTransport::new()),
+        owner: Principal::new("owner"),
+        operator: Principal::new("operator"),
+        id: BusinessId::new(5).unwrap(),
+    };
+    let (b, owner) = (world.id, &world.owner);
+    let mut processor = world.processor();
+    processor.publish_keys(owner, b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    let mut prekeys = 0..;
+    let bundle = world.network.published().unwrap();
+    let next = prekeys.next().unwrap();
+    device
+        .start_session(b, &bundle.bundle(Some(next)))
+        .await
+        .unwrap();
+    let mut in_flight: Vec<Ciphertext> = Vec::new();
+    let mut delivered: Vec<Ciphertext> = Vec::new();
+    // Delivered, then deleted by the sweep.
+    let mut expired: Vec<Ciphertext> = Vec::new();
+    for step in steps {
+        match step {
+            Step::Write => {
+                let n = expired.len() + delivered.len() + in_flight.len();
+                let text = format!("message {n}");
+                in_flight.push(device.encrypt(b, text.as_bytes()).await.unwrap());
+            }
+            Step::Deliver(i) if !in_flight.is_empty() => {
+                let message = in_flight.remove(i % in_flight.len());
+                let inbound = Inbound {
+                    from: consumer(),
+                    device: 0,
+                    message: message.clone(),
+                };
+                let receipt = processor.receive(owner, b, inbound).await.unwrap();
+                assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+                delivered.push(message);
+            }
+            Step::Replay(i) if !delivered.is_empty() || !expired.is_empty() => {
+                let earlier: Vec<&Ciphertext> = expired.iter().chain(&delivered).collect();
+                let inbound = Inbound {
+                    from: consumer(),
+                    device: 0,
+                    message: earlier[i % earlier.len()].clone(),
+                };
+                let receipt = processor.receive(owner, b, inbound).await;
+                assert!(
+                    !receipt.as_ref().is_ok_and(|r| r.delivered),
+                    "a replay was delivered again: {receipt:?}"
+                );
+            }
+            Step::Answer if !delivered.is_empty() => {
+                let answer = Outbound {
+                    to: consumer(),
+                    content: b"noted".to_vec(),
+                    category: Category::Service,
+                };
+                processor.send(owner, b, answer).await.unwrap();
+                let mut sent = world.network.take_sent();
+                for message in sent.remove(consumer().expose()).unwrap_or_default() {
+                    device.decrypt(b, &message).await.unwrap();
+                }
+            }
+            Step::Restart => processor = world.processor(),
+            Step::Wait(seconds) => world.clock.advance(Duration::from_secs(seconds)),
+            Step::Age => {
+                world.clock.advance(Duration::from_secs(20 * 24 * 3600));
+                processor.sweep(&world.operator).await.unwrap();
+                let n = expired.len() + delivered.len() + in_flight.len();
+                let text = format!("message {n}");
+                let message = device.encrypt(b, text.as_bytes()).await.unwrap();
+                let inbound = Inbound {
+                    from: consumer(),
+                    device: 0,
+                    message: message.clone(),
+                };
+                let receipt = processor.receive(owner, b, inbound).await.unwrap();
+                assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+                delivered.push(message);
+            }
+            Step::Expire => {
+                world.clock.advance(Duration::from_secs(31 * 24 * 3600));
+                processor.sweep(&world.operator).await.unwrap();
+                expired.append(&mut delivered);
+                in_flight.clear();
+                device = ConsumerDevice::new(0);
+                let next = prekeys.next().unwrap();
+                device
+                    .start_session(b, &bundle.bundle(Some(next)))
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+    }
+    let copies = world.business.messages();
+    assert_eq!(copies.len(), expired.len() + delivered.len());
+    assert!(copies.values().all(|&c| c == 1), "{copies:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn every_message_reaches_the_business_once_across_restarts(
+        steps in prop::collection::vec(step(), 1..48)
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(run(steps));
+    }
+}
