@@ -628,8 +628,8 @@ impl Processor {
             phone,
             device: inbound.device,
         };
-        let parsed = Parsed::new(&inbound.message)?;
-        let id = parsed.id(business, peer);
+        let parsed = Parsed::new(&inbound.message, business, peer)?;
+        let id = parsed.id();
         let duplicate = Receipt {
             id,
             duplicate: true,

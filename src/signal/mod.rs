@@ -225,11 +225,17 @@ pub(crate) struct Parsed {
     /// The sender's ratchet key: the receiving chain the message is on.
     chain: PublicKey,
     counter: u32,
+    /// The id of the message (see [`Parsed::id`]).
+    id: MessageId,
 }
 
 impl Parsed {
-    /// Parse `message`; nothing is decrypted yet.
-    pub(crate) fn new(message: &Ciphertext) -> Result<Self, SignalError> {
+    /// Parse `message` from `peer` to `business`; nothing is decrypted yet.
+    pub(crate) fn new(
+        message: &Ciphertext,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Self, SignalError> {
         let parsed = match message.kind {
             MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
                 .map(CiphertextMessage::PreKeySignalMessage),
@@ -242,18 +248,20 @@ impl Parsed {
             CiphertextMessage::SignalMessage(m) => m,
             _ => return Err(SignalError::InvalidMessage("malformed message")),
         };
+        let (chain, counter) = (*inner.sender_ratchet_key(), inner.counter());
         Ok(Self {
-            chain: *inner.sender_ratchet_key(),
-            counter: inner.counter(),
+            id: message_id(business, peer, &chain, counter),
+            chain,
+            counter,
             message: parsed,
         })
     }
 
-    /// The id of this message from `peer` to `business`: every redelivery
-    /// and every replay of it has the same, and no other message of the
-    /// device's sessions has (a ratchet key is fresh for each chain).
-    pub(crate) fn id(&self, business: BusinessId, peer: PeerId) -> MessageId {
-        message_id(business, peer, &self.chain, self.counter)
+    /// The id of this message: every redelivery and every replay of it has
+    /// the same, and no other message of the device's sessions has (a
+    /// ratchet key is fresh for each chain).
+    pub(crate) fn id(&self) -> MessageId {
+        self.id
     }
 }
 
@@ -886,10 +894,15 @@ impl Sessions {
         message: &Ciphertext,
         expiry: Timestamp,
     ) -> Result<Decrypted, SignalError> {
-        self.decrypt_staged(business, peer, &Parsed::new(message)?, expiry)
-            .await?
-            .commit(Batch::new())
-            .await
+        self.decrypt_staged(
+            business,
+            peer,
+            &Parsed::new(message, business, peer)?,
+            expiry,
+        )
+        .await?
+        .commit(Batch::new())
+        .await
     }
 
     /// Whether a receive that stores its message, by `expiry`, may leave
@@ -1053,7 +1066,7 @@ impl Sessions {
             state: Some(state),
             original_dirty,
             consumed,
-            id: message.id(business, peer),
+            id: message.id(),
             identity_written: identities.written,
             chain: after.map(|(_, index)| (message.chain, index)),
             in_order,

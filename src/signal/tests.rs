@@ -144,7 +144,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
         .decrypt_staged(
             business,
             peers[0],
-            &Parsed::new(&firsts[0]).unwrap(),
+            &Parsed::new(&firsts[0], business, peers[0]).unwrap(),
             expiry,
         )
         .await
@@ -152,7 +152,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
     // The in-memory store never makes a task wait, so staging completes in
     // one poll unless the two addresses share a lock stripe (1 in 1,024):
     // then they are serialised and cannot race at all.
-    let second = Parsed::new(&firsts[1]).unwrap();
+    let second = Parsed::new(&firsts[1], business, peers[1]).unwrap();
     let mut staging = std::pin::pin!(sessions.decrypt_staged(business, peers[1], &second, expiry));
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let std::task::Poll::Ready(b) = staging.as_mut().poll(&mut cx) else {
