@@ -585,12 +585,16 @@ fn a_failing_task_in_a_group_fails_alone() {
             put_work(101, vec![1]),
             put_work(102, too_big),
             put_work(103, vec![3]),
+            // Stores message 101 again: a conflict with the first.
+            put_work(101, vec![4]),
         ],
     );
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
-    // Rolled back, then each alone: two transactions of one write each.
-    assert_eq!(committed, (2, 2));
+    // Rolled back at each failure, then the others again together: one
+    // transaction (one sync) of two writes.
+    assert_eq!(committed, (1, 2));
     assert!(matches!(results[1], Err(StoreError::Backend(_))));
+    assert!(matches!(results[3], Err(StoreError::Conflict)));
     assert!(stored(&conn, 101) && stored(&conn, 103));
     assert!(!stored(&conn, 102), "the failed batch was half applied");
     assert!(conn.is_autocommit(), "a transaction was left open");

@@ -11,11 +11,14 @@
 //! next one queues up, so the more callers write at once, the fewer
 //! transactions (and syncs) each write costs.
 //!
-//! A failure must not take other callers down with it. If a task fails, or
-//! `COMMIT` does, the group is rolled back and every task is run again in a
-//! transaction of its own, so each caller gets the result of its own work.
-//! A task's work may run more than once for that reason; it never
-//! half-applies, since its transaction commits or rolls back whole.
+//! A failure must not take other callers down with it. If a task fails,
+//! the group is rolled back, that task gets its error, and the others run
+//! again as a group: a write that fails (a conflict, say a replayed message)
+//! costs its group a rollback, not a sync per write. If `COMMIT` fails,
+//! every task is run again in a transaction of its own, so each caller gets
+//! the result of its own work. A task's work may run more than once for
+//! these reasons; it never half-applies, since its transaction commits or
+//! rolls back whole.
 //!
 //! The one-shot replies are `futures-channel`'s: runtime-agnostic, small,
 //! maintained with the `futures` crates, and a reply whose sender is dropped
@@ -173,8 +176,10 @@ fn run(conn: Connection, tasks: mpsc::Receiver<Box<dyn Task>>, max_group: usize,
 enum Failure {
     /// Could not start it: nothing ran.
     Begin(StoreError),
-    /// A task failed, or the commit did: rolled back.
-    Aborted(StoreError),
+    /// The task at this index failed: rolled back.
+    Task(usize, StoreError),
+    /// The commit failed: rolled back.
+    Commit(StoreError),
 }
 
 /// Run `tasks` in one transaction. On failure everything is rolled back.
@@ -189,15 +194,15 @@ fn attempt(conn: &Connection, tasks: &mut [Box<dyn Task>]) -> Result<(), Failure
     sql("BEGIN IMMEDIATE").map_err(Failure::Begin)?;
     let outcome = tasks
         .iter_mut()
-        .try_for_each(|t| t.run(conn))
-        .and_then(|()| sql("COMMIT"));
-    outcome.map_err(|e| {
+        .enumerate()
+        .try_for_each(|(i, t)| t.run(conn).map_err(|e| Failure::Task(i, e)))
+        .and_then(|()| sql("COMMIT").map_err(Failure::Commit));
+    outcome.inspect_err(|_| {
         if !conn.is_autocommit() {
             // If even the rollback fails the connection is unusable; the
             // next BEGIN reports that to the next callers.
             let _ = conn.execute_batch("ROLLBACK");
         }
-        Failure::Aborted(e)
     })
 }
 
@@ -216,29 +221,35 @@ fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>, counts: &Coun
         counts.transactions.fetch_add(1, Ordering::Relaxed);
         counts.writes.fetch_add(writes as u64, Ordering::Relaxed);
     };
-    match attempt(conn, group) {
-        Ok(()) => {
-            committed(group.len());
-            group.drain(..).for_each(|t| t.succeed());
-        }
-        Err(Failure::Begin(e)) => {
-            // Nothing ran; running the tasks one by one would only repeat the
-            // wait that failed, once per task.
-            group.drain(..).for_each(|t| t.fail(duplicate(&e)));
-        }
-        Err(Failure::Aborted(e)) if group.len() == 1 => {
-            if let Some(task) = group.pop() {
-                task.fail(e);
+    while !group.is_empty() {
+        match attempt(conn, group) {
+            Ok(()) => {
+                committed(group.len());
+                group.drain(..).for_each(|t| t.succeed());
             }
-        }
-        Err(Failure::Aborted(_)) => {
-            for mut task in group.drain(..) {
-                match attempt(conn, std::slice::from_mut(&mut task)) {
-                    Ok(()) => {
-                        committed(1);
-                        task.succeed();
+            Err(Failure::Begin(e)) => {
+                // Nothing ran; running the tasks one by one would only repeat
+                // the wait that failed, once per task.
+                group.drain(..).for_each(|t| t.fail(duplicate(&e)));
+            }
+            // Its own failure: the others go again without it.
+            Err(Failure::Task(i, e)) => group.remove(i).fail(e),
+            Err(Failure::Commit(e)) if group.len() == 1 => {
+                if let Some(task) = group.pop() {
+                    task.fail(e);
+                }
+            }
+            Err(Failure::Commit(_)) => {
+                for mut task in group.drain(..) {
+                    match attempt(conn, std::slice::from_mut(&mut task)) {
+                        Ok(()) => {
+                            committed(1);
+                            task.succeed();
+                        }
+                        Err(Failure::Begin(e) | Failure::Task(_, e) | Failure::Commit(e)) => {
+                            task.fail(e);
+                        }
                     }
-                    Err(Failure::Begin(e) | Failure::Aborted(e)) => task.fail(e),
                 }
             }
         }
