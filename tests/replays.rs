@@ -100,6 +100,20 @@ fn consumer() -> PhoneNumber {
     "+447700900123".parse().unwrap()
 }
 
+fn inbound(message: &Ciphertext) -> Inbound {
+    Inbound {
+        from: consumer(),
+        device: 0,
+        message: message.clone(),
+    }
+}
+
+/// Deliver a message not delivered before: the business gets it.
+async fn deliver(processor: &Processor, owner: &Principal, b: BusinessId, message: &Ciphertext) {
+    let receipt = processor.receive(owner, b, inbound(message)).await.unwrap();
+    assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+}
+
 async fn run(steps: Vec<Step>) {
     let clock = ManualClock::new(Timestamp::from_millis(T0));
     let world = World {
@@ -136,23 +150,13 @@ async fn run(steps: Vec<Step>) {
             }
             Step::Deliver(i) if !in_flight.is_empty() => {
                 let message = in_flight.remove(i % in_flight.len());
-                let inbound = Inbound {
-                    from: consumer(),
-                    device: 0,
-                    message: message.clone(),
-                };
-                let receipt = processor.receive(owner, b, inbound).await.unwrap();
-                assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+                deliver(&processor, owner, b, &message).await;
                 delivered.push(message);
             }
             Step::Replay(i) if !delivered.is_empty() || !expired.is_empty() => {
                 let earlier: Vec<&Ciphertext> = expired.iter().chain(&delivered).collect();
-                let inbound = Inbound {
-                    from: consumer(),
-                    device: 0,
-                    message: earlier[i % earlier.len()].clone(),
-                };
-                let receipt = processor.receive(owner, b, inbound).await;
+                let replay = inbound(earlier[i % earlier.len()]);
+                let receipt = processor.receive(owner, b, replay).await;
                 assert!(
                     !receipt.as_ref().is_ok_and(|r| r.delivered),
                     "a replay was delivered again: {receipt:?}"
@@ -178,13 +182,7 @@ async fn run(steps: Vec<Step>) {
                 let n = expired.len() + delivered.len() + in_flight.len();
                 let text = format!("message {n}");
                 let message = device.encrypt(b, text.as_bytes()).await.unwrap();
-                let inbound = Inbound {
-                    from: consumer(),
-                    device: 0,
-                    message: message.clone(),
-                };
-                let receipt = processor.receive(owner, b, inbound).await.unwrap();
-                assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+                deliver(&processor, owner, b, &message).await;
                 delivered.push(message);
             }
             Step::Expire => {
