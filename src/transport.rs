@@ -175,8 +175,8 @@ pub trait Transport: Send + Sync {
 pub struct InboundMessage {
     /// The business it is for.
     pub business: BusinessId,
-    /// Its id: derived from the transport's id, so a redelivery after a
-    /// crash carries the same id and the business can drop it.
+    /// Its id: derived from the Signal message's header, so a redelivery
+    /// after a crash carries the same id and the business can drop it.
     pub id: MessageId,
     /// Who sent it.
     pub from: PhoneNumber,
