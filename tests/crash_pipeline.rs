@@ -10,8 +10,13 @@
 //! seeded random points, then opens the file itself and checks that every
 //! acknowledged message is stored, opens under the key hierarchy to exactly
 //! the text sent, and was committed with its sender's Signal state; that
-//! the store holds no more than was sent; and then starts the gateway again
-//! on the same file (restarting from its stored business keys) to go on.
+//! the store holds no more than was sent. A gateway started on the file
+//! then receives each of the run's acknowledged messages again, as a
+//! replaying transport would send them: none reaches the business a second
+//! time, though the session state the kill left behind lacks the receives
+//! it had not persisted yet (the business answers each consumer once, so
+//! their later messages are written behind). Then the gateway is started
+//! again on the same file (from its stored business keys) to go on.
 #![cfg(unix)]
 #![allow(
     clippy::unwrap_used,
@@ -30,8 +35,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::integrity::Category;
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
-use custodian::processor::{Host, Inbound, Policies, Processor};
+use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
+use custodian::signal::{Ciphertext, MessageKind};
 use custodian::store::{PeerId, SqliteConfig, SqliteStore, Storage};
 use custodian::testing::{ConsumerDevice, RecordingTransport};
 use custodian::time::{ManualClock, Timestamp};
@@ -76,11 +83,14 @@ fn key_provider() -> Arc<LocalKeyProvider> {
     )))
 }
 
-struct Business;
+/// A business that counts what it is handed.
+#[derive(Default)]
+struct Business(std::sync::atomic::AtomicUsize);
 
 #[async_trait]
 impl BusinessSink for Business {
     async fn deliver(&self, _: &InboundMessage) -> Result<(), SinkError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -108,7 +118,7 @@ fn crash_pipeline_child() {
             storage,
             key_provider: key_provider(),
             transport: network.clone(),
-            business: Arc::new(Business),
+            business: Arc::new(Business::default()),
             authorizer: Arc::new(
                 StaticAuthorizer::new()
                     .grant(&gateway, business())
@@ -137,40 +147,75 @@ fn crash_pipeline_child() {
                 let inbound = Inbound {
                     from: from.clone(),
                     device: 0,
-                    message,
+                    message: message.clone(),
                 };
                 let receipt = processor
                     .receive(&gateway, business(), inbound)
                     .await
                     .unwrap();
                 assert!(!receipt.duplicate);
+                let kind = match message.kind {
+                    MessageKind::FirstContact => 'f',
+                    _ => 'u',
+                };
+                let ciphertext = hex::encode(&message.bytes);
                 let mut out = std::io::stdout().lock();
-                if writeln!(out, "ack {} {} {text}", receipt.id, from.expose())
-                    .and_then(|()| out.flush())
-                    .is_err()
+                if writeln!(
+                    out,
+                    "ack {} {} {kind}{ciphertext} {text}",
+                    receipt.id,
+                    from.expose()
+                )
+                .and_then(|()| out.flush())
+                .is_err()
                 {
                     // The parent is gone.
                     std::process::exit(0);
+                }
+                if seq == 0 {
+                    // An answer: the consumer's next messages follow up on
+                    // the session, and are written behind.
+                    let answer = Outbound {
+                        to: from.clone(),
+                        content: b"noted".to_vec(),
+                        category: Category::Service,
+                    };
+                    processor.send(&gateway, business(), answer).await.unwrap();
+                    let mut sent = network.take_sent();
+                    for m in sent.remove(from.expose()).unwrap_or_default() {
+                        device.decrypt(business(), &m).await.unwrap();
+                    }
                 }
             }
         }
     });
 }
 
-/// One acknowledged message: its id, sender and text.
+/// One acknowledged message: its id, sender, ciphertext and text.
 struct Acked {
     id: MessageId,
     from: PhoneNumber,
+    message: Ciphertext,
     text: String,
 }
 
 /// An acknowledgement as the child prints it after `ack `.
 fn parse(ack: &str) -> Option<Acked> {
     let (id, rest) = ack.split_once(' ')?;
-    let (from, text) = rest.split_once(' ')?;
+    let (from, rest) = rest.split_once(' ')?;
+    let (message, text) = rest.split_once(' ')?;
+    let kind = match message.get(..1)? {
+        "f" => MessageKind::FirstContact,
+        "u" => MessageKind::FollowUp,
+        _ => return None,
+    };
     Some(Acked {
         id: id.parse().ok()?,
         from: from.parse().ok()?,
+        message: Ciphertext {
+            kind,
+            bytes: hex::decode(message.get(1..)?).ok()?,
+        },
         text: text.to_owned(),
     })
 }
@@ -225,6 +270,42 @@ fn verify(path: &Path, acked: &[Acked], sent_at_most: usize) -> u64 {
     })
 }
 
+/// Start a gateway on the file and receive every message of `replays`
+/// again: none may reach the business.
+fn replay(path: &Path, replays: &[Acked]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let sink = Arc::new(Business::default());
+        let gateway = Principal::new("gateway");
+        let host = Host {
+            storage: Arc::new(SqliteStore::open(path, SqliteConfig::default()).unwrap()),
+            key_provider: key_provider(),
+            transport: Arc::new(RecordingTransport::new()),
+            business: sink.clone(),
+            authorizer: Arc::new(StaticAuthorizer::new().grant(&gateway, business())),
+            clock: Arc::new(clock()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let processor = Processor::new(host, Policies::default()).unwrap();
+        for m in replays {
+            let inbound = Inbound {
+                from: m.from.clone(),
+                device: 0,
+                message: m.message.clone(),
+            };
+            let receipt = processor.receive(&gateway, business(), inbound).await;
+            assert!(
+                receipt.as_ref().is_ok_and(|r| r.duplicate && r.id == m.id),
+                "a replay of {:?} was not refused as one: {receipt:?}",
+                m.text
+            );
+        }
+        assert_eq!(sink.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+    });
+}
+
 #[test]
 fn acknowledged_inbound_messages_survive_sigkill_of_the_gateway() {
     if std::env::var_os(CHILD_DB).is_some() {
@@ -245,12 +326,15 @@ fn acknowledged_inbound_messages_survive_sigkill_of_the_gateway() {
         let got = run_and_kill("crash_pipeline_child", &env, &KILL_PLAN, &mut rng)
             .into_iter()
             .map(|ack| parse(&ack).unwrap_or_else(|| panic!("a malformed acknowledgement: {ack}")));
+        let before = acked.len();
         acked.extend(got);
         // The gateway receives one message at a time: at most one was
-        // committed but not acknowledged when it died.
-        in_flight_max += 1;
+        // committed but not acknowledged when it died. It also stored an
+        // answer to each consumer, at most.
+        in_flight_max += 1 + CONSUMERS as usize;
         let stored = verify(&path, &acked, acked.len() + in_flight_max);
         assert!(stored >= acked.len() as u64);
+        replay(&path, &acked[before..]);
     }
     eprintln!(
         "pipeline crash test: {MIN_KILLS} SIGKILLs in {:.1} s; {} acknowledged messages, \
