@@ -989,24 +989,26 @@ impl Sessions {
         let mut state = self.load_peer(business, peer).await?;
         // A first-contact message on an existing session resends its setup;
         // one that changes the session's base key starts a new session.
-        let base_key = |session: Option<&wacore_libsignal::protocol::SessionRecord>| {
-            session
+        type Record = wacore_libsignal::protocol::SessionRecord;
+        // The index of the message's receiving chain in the session in use.
+        let chain_index = |session: Option<&Record>| {
+            let chain = session?
+                .session_state()?
+                .get_receiver_chain_key(&message.chain);
+            chain.ok()?.map(|k| k.index())
+        };
+        // Whether it could be the next message on that chain.
+        let next = !first && chain_index(state.session.as_ref()) == Some(message.counter);
+        // The base key naming the session in use, where the decrypt may
+        // change that session and it matters: a first-contact message may
+        // start a new one, and the next message must not have used another.
+        let base_before = (first || next).then(|| {
+            state
+                .session
+                .as_ref()
                 .and_then(|s| s.session_state())
                 .map(|s| s.alice_base_key().to_vec())
-        };
-        // Only first-contact messages need it: no copy on the follow-up path.
-        let base_before = first.then(|| base_key(state.session.as_ref()));
-        // Where the message's chain of the session in use stands, if it
-        // could be the next on it: a follow-up at the chain's index.
-        let current = |session: Option<&wacore_libsignal::protocol::SessionRecord>| {
-            let state = session?.session_state()?;
-            let index = state.get_receiver_chain_key(&message.chain).ok()??.index();
-            Some((state.alice_base_key().to_vec(), index))
-        };
-        let next_before = (!first)
-            .then(|| current(state.session.as_ref()))
-            .flatten()
-            .filter(|(_, index)| *index == message.counter);
+        });
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
             keys: self.vault.keys(),
@@ -1044,14 +1046,13 @@ impl Sessions {
         let original_dirty = Some(state.dirty);
         state.session = sessions.into_record();
         state.identity = identities.peer;
-        let first_contact = base_before
-            .is_some_and(|before| before.is_none() || before != base_key(state.session.as_ref()));
-        let after = current(state.session.as_ref());
-        let in_order = matches!(
-            (&next_before, &after),
-            (Some((before, _)), Some((base, index)))
-                if before == base && *index == message.counter.saturating_add(1)
-        );
+        let same_session = matches!(&base_before, Some(Some(before))
+            if state.session.as_ref().and_then(|s| s.session_state())
+                .is_some_and(|s| s.alice_base_key() == before.as_slice()));
+        let first_contact = first && !same_session;
+        let index_after = chain_index(state.session.as_ref());
+        let in_order =
+            next && same_session && index_after == Some(message.counter.saturating_add(1));
         if let Err(e) = self
             .settle_unsure(business, peer, &mut state, &message.chain, message.counter)
             .await
@@ -1068,7 +1069,7 @@ impl Sessions {
             consumed,
             id: message.id(),
             identity_written: identities.written,
-            chain: after.map(|(_, index)| (message.chain, index)),
+            chain: index_after.map(|index| (message.chain, index)),
             in_order,
             expiry,
             decrypted: Decrypted {

@@ -369,11 +369,7 @@ impl SqliteStore {
     /// concurrent writes share each transaction's sync. Failed writes are
     /// not counted.
     pub fn group_commits(&self) -> GroupCommits {
-        let (transactions, writes) = self.writer.committed();
-        GroupCommits {
-            transactions,
-            writes,
-        }
+        self.writer.committed()
     }
 }
 

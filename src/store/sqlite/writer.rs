@@ -32,6 +32,7 @@ use std::thread::JoinHandle;
 use futures_channel::oneshot;
 use rusqlite::Connection;
 
+use super::GroupCommits;
 use super::codec::store_error;
 use crate::store::StoreError;
 
@@ -116,11 +117,11 @@ impl Writer {
     }
 
     /// Transactions committed so far, and the writes they held.
-    pub(super) fn committed(&self) -> (u64, u64) {
-        (
-            self.counts.transactions.load(Ordering::Relaxed),
-            self.counts.writes.load(Ordering::Relaxed),
-        )
+    pub(super) fn committed(&self) -> GroupCommits {
+        GroupCommits {
+            transactions: self.counts.transactions.load(Ordering::Relaxed),
+            writes: self.counts.writes.load(Ordering::Relaxed),
+        }
     }
 
     /// Run `work` in a write transaction; resolves once that transaction
