@@ -66,11 +66,13 @@
 mod business;
 mod device;
 mod faults;
+mod join;
 mod network;
 mod recording;
 
 pub use business::{Cause, Copies, SimBusiness};
 pub use device::{ConsumerDevice, DeviceError};
 pub use faults::{Decision, Fate, Faults, Leg, LegStats};
-pub use network::{PumpReport, REDELIVERY, SimNetwork, join_all};
+pub use join::join_all;
+pub use network::{PumpReport, REDELIVERY, SimNetwork};
 pub use recording::RecordingTransport;

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 
 use super::device::ConsumerDevice;
 use super::faults::{Decision, Faults, Injector, Leg, LegStats};
+use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::processor::{Inbound, Processor, ProcessorError, parse_device_payload};
@@ -210,32 +211,6 @@ impl std::fmt::Debug for SimNetwork {
 
 /// Deliveries to the processor the network keeps in flight at once.
 const CONCURRENCY: usize = 64;
-
-/// Drive `futures` concurrently to completion; outputs in order. Needs no
-/// runtime (the kit depends on none); polls every unfinished future on each
-/// wake-up, so keep batches to tens or hundreds.
-pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *output = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
-}
 
 fn unavailable(decision: Decision) -> TransportError {
     TransportError::Unavailable(if decision.outage {
