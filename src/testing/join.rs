@@ -79,7 +79,10 @@ mod tests {
                 // Woken twice: the second must not poll it again.
                 waker.wake_by_ref();
                 waker.wake();
-                while polls.load(Ordering::Relaxed) < 2 {
+                // Bounded, so that a future never polled again fails the
+                // test below instead of hanging it.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while polls.load(Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline {
                     std::thread::yield_now();
                 }
             }
