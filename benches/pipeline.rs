@@ -504,6 +504,15 @@ static CPU: Mutex<BTreeMap<String, Cpu>> = Mutex::new(BTreeMap::new());
 // ---------------------------------------------------------------------------
 // The bare parts
 
+/// Which side of an alternating exchange [`Bare::alternating_rounds`] times.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// The business's decrypt of each consumer's reply.
+    Decrypt,
+    /// The business's encrypt of each answer.
+    Encrypt,
+}
+
 /// The pipeline's conversations without the processor: a test-kit device
 /// (bare wacore-libsignal, in-memory stores) for each of the `CONSUMERS`
 /// consumers, and one in the business's place, holding a session with each
@@ -545,18 +554,7 @@ impl Bare {
         self.turn = (i + 1) % CONSUMERS;
         (i, name(i))
     }
-}
 
-/// Which side of an alternating exchange [`Bare::alternating_rounds`] times.
-#[derive(Clone, Copy, PartialEq)]
-enum Side {
-    /// The business's decrypt of each consumer's reply.
-    Decrypt,
-    /// The business's encrypt of each answer.
-    Encrypt,
-}
-
-impl Bare {
     /// Enough rounds for `iters` messages: in each, the business writes to
     /// every consumer and every consumer replies, so each of its decrypts
     /// and encrypts turns a ratchet. Returns the time of `side` alone, per

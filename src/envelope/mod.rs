@@ -619,7 +619,6 @@ mod record_key_tests {
             region: "eu".parse().unwrap(),
         };
         let mut record = RecordKey::new(&key, label.id);
-        let room = SEAL_ROOM;
         for len in [0, 1, 1000, 64 * 1024] {
             // A buffer with no spare room: growing it in place would move it.
             let plaintext = vec![0x5a; len];
@@ -633,7 +632,7 @@ mod record_key_tests {
             );
 
             // A buffer with room for the header and tag: sealed where it is.
-            let mut roomy = Vec::with_capacity(len + room);
+            let mut roomy = Vec::with_capacity(len + SEAL_ROOM);
             roomy.extend_from_slice(&plaintext);
             let at = roomy.as_ptr();
             let sealed = record.seal_owned(&label, roomy).unwrap();

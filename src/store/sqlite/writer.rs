@@ -95,6 +95,15 @@ struct Counts {
     writes: AtomicU64,
 }
 
+impl Counts {
+    fn snapshot(&self) -> GroupCommits {
+        GroupCommits {
+            transactions: self.transactions.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+        }
+    }
+}
+
 fn writer_gone() -> StoreError {
     StoreError::Backend("the SQLite writer thread has stopped".into())
 }
@@ -118,10 +127,7 @@ impl Writer {
 
     /// Transactions committed so far, and the writes they held.
     pub(super) fn committed(&self) -> GroupCommits {
-        GroupCommits {
-            transactions: self.counts.transactions.load(Ordering::Relaxed),
-            writes: self.counts.writes.load(Ordering::Relaxed),
-        }
+        self.counts.snapshot()
     }
 
     /// Run `work` in a write transaction; resolves once that transaction
@@ -291,10 +297,7 @@ pub(super) mod testing {
                 _ => Err(StoreError::Backend("no reply".into())),
             })
             .collect();
-        let committed = (
-            counts.transactions.load(Ordering::Relaxed),
-            counts.writes.load(Ordering::Relaxed),
-        );
-        (results, committed)
+        let committed = counts.snapshot();
+        (results, (committed.transactions, committed.writes))
     }
 }
