@@ -38,9 +38,19 @@
 //! the CPU each inbound message of the burst cost (all threads, over the
 //! same receives criterion timed).
 //!
+//! Criterion measures the pipeline and its parts minutes apart, and this
+//! machine's speed drifts over minutes by more than the gaps measured. So
+//! after criterion's groups, each backend's rig is also compared **in
+//! pairs**: a chunk of a shape through the pipeline (eight rounds of a
+//! burst, one of an alternating shape), and its bare parts on as many
+//! messages right after it (or right before: the order swaps every pair),
+//! in the same process state. The summary prints the median share of the
+//! pairs and its quartiles beside the share of criterion's means.
+//!
 //! Run: `cargo bench --bench pipeline` (the summary needs every part; a
 //! filtered run prints what it can; `PIPELINE_BACKENDS=memory` or `sqlite`
-//! sets up one backend only).
+//! sets up one backend only; `PIPELINE_PAIRS=n` sets the pairs per shape,
+//! 15 by default, and 0 skips them, for profiling).
 
 #![allow(
     clippy::unwrap_used,
@@ -78,6 +88,59 @@ use tokio::sync::Mutex as AsyncMutex;
 
 const CONSUMERS: usize = 256;
 const CONTENT: [u8; 200] = [0x5a; 200];
+
+/// The pipeline's four shapes (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Shape {
+    InboundBurst,
+    InboundAlternating,
+    OutboundAlternating,
+    OutboundBurst,
+}
+
+impl Shape {
+    const ALL: [Shape; 4] = [
+        Shape::InboundBurst,
+        Shape::InboundAlternating,
+        Shape::OutboundAlternating,
+        Shape::OutboundBurst,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Shape::InboundBurst => "inbound_burst",
+            Shape::InboundAlternating => "inbound_alternating",
+            Shape::OutboundAlternating => "outbound_alternating",
+            Shape::OutboundBurst => "outbound_burst",
+        }
+    }
+
+    /// The bare Signal part of the shape; its other parts are the same
+    /// for all four (HKDF, AES-GCM, and on SQLite the insert).
+    fn signal_part(self) -> &'static str {
+        match self {
+            Shape::InboundBurst => "signal_decrypt",
+            Shape::InboundAlternating => "signal_decrypt_alternating",
+            Shape::OutboundAlternating => "signal_encrypt_alternating",
+            Shape::OutboundBurst => "signal_encrypt",
+        }
+    }
+
+    /// Messages in one pair of the paired comparison: a few rounds of a
+    /// burst (so that each conversation takes several in a row), one
+    /// round of an alternating shape.
+    fn chunk(self) -> u64 {
+        match self {
+            Shape::InboundBurst | Shape::OutboundBurst => 8 * CONSUMERS as u64,
+            Shape::InboundAlternating | Shape::OutboundAlternating => CONSUMERS as u64,
+        }
+    }
+}
+
+/// `elapsed` for `done` messages, scaled to `iters`.
+fn per_iters(elapsed: Duration, iters: u64, done: u64) -> Duration {
+    elapsed.mul_f64(iters as f64 / done as f64)
+}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -254,7 +317,11 @@ impl Rig {
     }
 
     /// Receive `per_consumer[round][consumer]`, the consumers concurrently,
-    /// each one's messages in order.
+    /// each one's messages in order. Each lane yields after each message,
+    /// so that the conversations interleave as a gateway's do (and as the
+    /// bare parts take them): on memory, nothing else makes a lane wait,
+    /// and it would take all its messages in a row, its state in the
+    /// nearest cache.
     async fn receive_all(&self, rounds: Vec<Vec<Inbound>>) -> Duration {
         let mut lanes: Vec<Vec<Inbound>> = (0..CONSUMERS).map(|_| Vec::new()).collect();
         for round in rounds {
@@ -274,6 +341,7 @@ impl Rig {
                             .await
                             .unwrap();
                         assert!(receipt.delivered && !receipt.duplicate);
+                        tokio::task::yield_now().await;
                     }
                 })
                 .collect(),
@@ -287,6 +355,8 @@ impl Rig {
         self.send_all(1).await
     }
 
+    /// The business sends `per_consumer` messages to every consumer, the
+    /// consumers concurrently (interleaved as in [`Rig::receive_all`]).
     async fn send_all(&self, per_consumer: u64) -> Duration {
         let start = Instant::now();
         join_all(
@@ -303,6 +373,7 @@ impl Rig {
                             .send(&self.principal, self.business, outbound)
                             .await
                             .unwrap();
+                        tokio::task::yield_now().await;
                     }
                 })
                 .collect(),
@@ -320,6 +391,74 @@ impl Rig {
                 device.decrypt(self.business, message).await.unwrap();
             }
         }
+    }
+
+    /// `rounds` rounds of `shape` (each a message per consumer): the time
+    /// of the processor's part alone.
+    async fn run(&self, shape: Shape, rounds: u64, cpu: &mut Cpu) -> Duration {
+        match shape {
+            Shape::InboundBurst => self.inbound_burst(rounds, cpu).await,
+            Shape::InboundAlternating => self.inbound_alternating(rounds).await,
+            Shape::OutboundAlternating => self.outbound_alternating(rounds).await,
+            Shape::OutboundBurst => self.outbound_burst(rounds).await,
+        }
+    }
+
+    /// The inbound burst shape, `rounds` messages from each consumer: the
+    /// time the processor took to receive them (the consumers' writing is
+    /// not timed). Adds the CPU and transactions of the receiving to `cpu`.
+    async fn inbound_burst(&self, rounds: u64, cpu: &mut Cpu) -> Duration {
+        let mut written = Vec::new();
+        for _ in 0..rounds {
+            let mut round = Vec::new();
+            for c in &self.consumers {
+                round.push(self.write(c).await);
+            }
+            written.push(round);
+        }
+        let (before, transactions) = (process_cpu(), self.transactions());
+        let elapsed = self.receive_all(written).await;
+        cpu.cpu += process_cpu() - before;
+        cpu.wall += elapsed;
+        cpu.messages += rounds * CONSUMERS as u64;
+        cpu.transactions += self.transactions() - transactions;
+        elapsed
+    }
+
+    /// The inbound alternating shape, `rounds` rounds: the business writes
+    /// to every consumer, each replies, and only the receiving is timed.
+    async fn inbound_alternating(&self, rounds: u64) -> Duration {
+        let mut elapsed = Duration::ZERO;
+        for _ in 0..rounds {
+            self.outbound_round().await;
+            self.consumers_read().await;
+            let mut round = Vec::new();
+            for c in &self.consumers {
+                round.push(self.write(c).await);
+            }
+            elapsed += self.receive_all(vec![round]).await;
+        }
+        elapsed
+    }
+
+    /// The outbound alternating shape, `rounds` rounds: each consumer
+    /// answers first, so the business's next send turns the ratchet; only
+    /// the sending is timed.
+    async fn outbound_alternating(&self, rounds: u64) -> Duration {
+        let mut elapsed = Duration::ZERO;
+        for _ in 0..rounds {
+            self.inbound_round().await;
+            elapsed += self.outbound_round().await;
+            self.consumers_read().await;
+        }
+        elapsed
+    }
+
+    /// The outbound burst shape, `per_consumer` messages to each consumer.
+    async fn outbound_burst(&self, per_consumer: u64) -> Duration {
+        let elapsed = self.send_all(per_consumer).await;
+        self.consumers_read().await;
+        elapsed
     }
 
     /// Sizes of what one inbound message stores: its record's plaintext
@@ -375,83 +514,36 @@ fn bench_pipeline(c: &mut Criterion, backend: Backend) {
     // The CPU (all threads) and group commits of every timed burst, warm-up
     // included: the very receives criterion times.
     let mut cpu = Cpu::default();
-    g.bench_function("inbound_burst", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
+    for shape in Shape::ALL {
+        g.bench_function(shape.name(), |b| {
+            b.iter_custom(|iters| {
                 let rounds = iters.div_ceil(CONSUMERS as u64);
-                let mut written = Vec::new();
-                for _ in 0..rounds {
-                    let mut round = Vec::new();
-                    for c in &rig.consumers {
-                        round.push(rig.write(c).await);
-                    }
-                    written.push(round);
-                }
-                let (before, transactions) = (process_cpu(), rig.transactions());
-                let elapsed = rig.receive_all(written).await;
-                cpu.cpu += process_cpu() - before;
-                cpu.wall += elapsed;
-                cpu.messages += rounds * CONSUMERS as u64;
-                cpu.transactions += rig.transactions() - transactions;
-                elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
+                let elapsed = rt.block_on(rig.run(shape, rounds, &mut cpu));
+                per_iters(elapsed, iters, rounds * CONSUMERS as u64)
             })
-        })
-    });
-
-    g.bench_function("inbound_alternating", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let rounds = iters.div_ceil(CONSUMERS as u64);
-                let mut elapsed = Duration::ZERO;
-                for _ in 0..rounds {
-                    rig.outbound_round().await;
-                    rig.consumers_read().await;
-                    let mut round = Vec::new();
-                    for c in &rig.consumers {
-                        round.push(rig.write(c).await);
-                    }
-                    elapsed += rig.receive_all(vec![round]).await;
-                }
-                elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
-            })
-        })
-    });
-
-    g.bench_function("outbound_alternating", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let rounds = iters.div_ceil(CONSUMERS as u64);
-                let mut elapsed = Duration::ZERO;
-                for _ in 0..rounds {
-                    // Each consumer answers first, so the business's next
-                    // send turns the ratchet.
-                    rig.inbound_round().await;
-                    elapsed += rig.outbound_round().await;
-                    rig.consumers_read().await;
-                }
-                elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
-            })
-        })
-    });
-
-    g.bench_function("outbound_burst", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let per_consumer = iters.div_ceil(CONSUMERS as u64);
-                let elapsed = rig.send_all(per_consumer).await;
-                rig.consumers_read().await;
-                elapsed.mul_f64(iters as f64 / (per_consumer * CONSUMERS as u64) as f64)
-            })
-        })
-    });
+        });
+    }
     g.finish();
 
+    // The bare parts, while the rig (and the heap it grew) is still alive:
+    // the allocating bare Signal parts run markedly faster in the smaller
+    // heap of a process without it, which the pipeline never meets.
     let sizes = rt.block_on(rig.stored_sizes());
-    if let Some(per) = cpu.messages_per_transaction() {
-        // The bare inserts are batched as group commit batched these.
-        *SQLITE_BATCH.lock().unwrap() = Some(per.round().max(1.0) as u64);
+    let mut bare = rt.block_on(Bare::new());
+    // The bare inserts are batched as group commit batched these.
+    let mut inserts = (backend == Backend::Sqlite).then(|| {
+        let batch = cpu.messages_per_transaction().unwrap_or(CONSUMERS as f64);
+        BareSqlite::new(sizes, batch.round().max(1.0) as u64)
+    });
+    bench_parts(c, &rt, &name, &mut bare, sizes, inserts.as_mut());
+    let pairs = std::env::var("PIPELINE_PAIRS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(15);
+    if pairs > 0 {
+        let measured = rt.block_on(paired(&rig, &mut bare, sizes, inserts.as_mut(), pairs));
+        PAIRED.lock().unwrap().insert(name.clone(), measured);
     }
-    SIZES.lock().unwrap().insert(name.clone(), sizes);
     CPU.lock().unwrap().insert(name, cpu);
 }
 
@@ -496,10 +588,78 @@ struct Sizes {
     peer: usize,
 }
 
-static SIZES: Mutex<BTreeMap<String, Sizes>> = Mutex::new(BTreeMap::new());
-/// Inbound messages per transaction the SQLite pipeline committed.
-static SQLITE_BATCH: Mutex<Option<u64>> = Mutex::new(None);
 static CPU: Mutex<BTreeMap<String, Cpu>> = Mutex::new(BTreeMap::new());
+/// Each shape's pairs, from [`paired`].
+type Paired = Vec<(Shape, Vec<Pair>)>;
+/// Per backend, each shape's pairs.
+static PAIRED: Mutex<BTreeMap<String, Paired>> = Mutex::new(BTreeMap::new());
+
+/// One pair of the paired comparison: the time per message of the
+/// pipeline and of its bare parts.
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    pipeline: Duration,
+    parts: Duration,
+}
+
+impl Pair {
+    /// The pipeline's throughput as a share of its parts'.
+    fn share(&self) -> f64 {
+        self.parts.as_secs_f64() / self.pipeline.as_secs_f64()
+    }
+}
+
+/// Each shape's throughput as a share of its bare parts', `pairs` times:
+/// a chunk of the pipeline beside its parts on as many messages, taken
+/// right after it (or right before: the order swaps every pair). The
+/// machine's speed drifts over a run by more than the gaps measured, and
+/// criterion measures the pipeline and the parts minutes apart; within a
+/// pair both sides meet the same machine. The bare Signal part runs its
+/// chunk twice and is timed the second time, so that it meets caches as
+/// warm as in its own criterion group, not as the pipeline left them.
+/// `inserts`: the bare inserts, on SQLite.
+async fn paired(
+    rig: &Rig,
+    bare: &mut Bare,
+    sizes: Sizes,
+    mut inserts: Option<&mut BareSqlite>,
+    pairs: usize,
+) -> Paired {
+    let mut cpu = Cpu::default();
+    let mut out = Vec::new();
+    for shape in Shape::ALL {
+        let n = shape.chunk();
+        let mut measured = Vec::with_capacity(pairs);
+        // One pair to warm up, not counted.
+        for k in 0..=pairs {
+            let mut parts = async || {
+                let insert = inserts.as_mut().map_or(Duration::ZERO, |s| s.insert(n));
+                // Timed the second time, as criterion times a part: on the
+                // state its own previous round left in the caches.
+                bare.signal(shape, n).await;
+                bare.signal(shape, n).await
+                    + hkdf_expand(n)
+                    + aes_gcm_seal(n, sizes.plaintext)
+                    + insert
+            };
+            let (pipeline, parts) = if k % 2 == 0 {
+                let pipeline = rig.run(shape, n / CONSUMERS as u64, &mut cpu).await;
+                (pipeline, parts().await)
+            } else {
+                let parts = parts().await;
+                (rig.run(shape, n / CONSUMERS as u64, &mut cpu).await, parts)
+            };
+            if k > 0 {
+                measured.push(Pair {
+                    pipeline: pipeline / n as u32,
+                    parts: parts / n as u32,
+                });
+            }
+        }
+        out.push((shape, measured));
+    }
+    out
+}
 
 // ---------------------------------------------------------------------------
 // The bare parts
@@ -585,7 +745,53 @@ impl Bare {
                 elapsed += start.elapsed();
             }
         }
-        elapsed.mul_f64(iters as f64 / (rounds * CONSUMERS as u64) as f64)
+        per_iters(elapsed, iters, rounds * CONSUMERS as u64)
+    }
+
+    /// `n` messages of the Signal part of `shape`.
+    async fn signal(&mut self, shape: Shape, n: u64) -> Duration {
+        match shape {
+            Shape::InboundBurst => self.decrypt(n).await,
+            Shape::InboundAlternating => self.alternating_rounds(n, Side::Decrypt).await,
+            Shape::OutboundAlternating => self.alternating_rounds(n, Side::Encrypt).await,
+            Shape::OutboundBurst => self.encrypt(n).await,
+        }
+    }
+
+    /// `n` decrypts in the business's place, the consumers in turn (their
+    /// encrypting is not timed).
+    async fn decrypt(&mut self, n: u64) -> Duration {
+        let mut messages = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let (i, name) = self.next();
+            let m = self.consumers[i].encrypt(name, &CONTENT).await.unwrap();
+            messages.push((name, m));
+        }
+        let start = Instant::now();
+        for (name, m) in &messages {
+            black_box(self.business.decrypt(*name, m).await.unwrap());
+        }
+        start.elapsed()
+    }
+
+    /// `n` encrypts in the business's place, the consumers in turn (their
+    /// decrypting is not timed).
+    async fn encrypt(&mut self, n: u64) -> Duration {
+        let mut messages = Vec::with_capacity(n as usize);
+        let start = Instant::now();
+        for _ in 0..n {
+            let (i, name) = self.next();
+            messages.push((
+                i,
+                name,
+                self.business.encrypt(name, &CONTENT).await.unwrap(),
+            ));
+        }
+        let elapsed = start.elapsed();
+        for (i, name, m) in &messages {
+            self.consumers[*i].decrypt(*name, m).await.unwrap();
+        }
+        elapsed
     }
 }
 
@@ -594,117 +800,105 @@ fn name(i: usize) -> BusinessId {
     BusinessId::new(i as u64 + 1).unwrap()
 }
 
-fn bench_parts(c: &mut Criterion) {
-    let rt = runtime();
-    let mut bare = rt.block_on(Bare::new());
-    let mut g = c.benchmark_group("parts");
-    g.throughput(Throughput::Elements(1));
+/// `n` HKDF-SHA256 expands of a record key.
+fn hkdf_expand(n: u64) -> Duration {
+    let (prk, info) = ([0x11u8; 32], [0x22u8; 96]);
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut okm = [0u8; 32];
+        Hkdf::<Sha256>::from_prk(black_box(&prk))
+            .unwrap()
+            .expand(black_box(&info), &mut okm)
+            .unwrap();
+        black_box(okm);
+    }
+    start.elapsed()
+}
 
-    g.bench_function("signal_decrypt", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut messages = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    let (i, n) = bare.next();
-                    let m = bare.consumers[i].encrypt(n, &CONTENT).await.unwrap();
-                    messages.push((n, m));
-                }
-                let start = Instant::now();
-                for (n, m) in &messages {
-                    black_box(bare.business.decrypt(*n, m).await.unwrap());
-                }
-                start.elapsed()
-            })
-        })
-    });
+/// `n` AES-256-GCM key schedules and seals of a `len`-byte record.
+fn aes_gcm_seal(n: u64, len: usize) -> Duration {
+    let (key, aad) = ([0x33u8; 32], [0x44u8; 98]);
+    let mut buffer = vec![0x55u8; len];
+    let start = Instant::now();
+    for _ in 0..n {
+        let cipher = Aes256Gcm::new(black_box(&key).into());
+        let tag = cipher
+            .encrypt_inout_detached(
+                &Nonce::from([7; 12]),
+                &aad,
+                InOutBuf::from(buffer.as_mut_slice()),
+            )
+            .unwrap();
+        black_box(tag);
+    }
+    start.elapsed()
+}
 
-    // Alternating, in rounds as the pipeline's shapes run them: every
-    // conversation turns its ratchet once per round, and the timed side
-    // takes them all in a row, so each session is as cold as a gateway's.
-    g.bench_function("signal_decrypt_alternating", |b| {
-        b.iter_custom(|iters| rt.block_on(bare.alternating_rounds(iters, Side::Decrypt)))
-    });
+/// Bare rusqlite inserts of the rows the SQLite pipeline writes, batched
+/// as its group commit batched them.
+struct BareSqlite {
+    conn: Connection,
+    /// Rows inserted so far.
+    n: u64,
+    /// Messages per transaction.
+    batch: u64,
+    sizes: Sizes,
+    _dir: tempfile::TempDir,
+}
 
-    g.bench_function("signal_encrypt_alternating", |b| {
-        b.iter_custom(|iters| rt.block_on(bare.alternating_rounds(iters, Side::Encrypt)))
-    });
-
-    g.bench_function("signal_encrypt", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut messages = Vec::with_capacity(iters as usize);
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let (i, n) = bare.next();
-                    messages.push((i, n, bare.business.encrypt(n, &CONTENT).await.unwrap()));
-                }
-                let elapsed = start.elapsed();
-                for (i, n, m) in &messages {
-                    bare.consumers[*i].decrypt(*n, m).await.unwrap();
-                }
-                elapsed
-            })
-        })
-    });
-
-    let prk = [0x11u8; 32];
-    let info = [0x22u8; 96];
-    g.bench_function("hkdf_expand", |b| {
-        b.iter(|| {
-            let mut okm = [0u8; 32];
-            Hkdf::<Sha256>::from_prk(black_box(&prk))
-                .unwrap()
-                .expand(black_box(&info), &mut okm)
-                .unwrap();
-            black_box(okm)
-        })
-    });
-
-    // The stored record's plaintext: the content plus the body's framing
-    // (sender number, device, timestamps); the envelope adds the rest.
-    let sizes = SIZES.lock().unwrap().clone();
-    let record_plaintext = sizes
-        .values()
-        .next()
-        .map_or(CONTENT.len() + 40, |s| s.plaintext);
-    let key = [0x33u8; 32];
-    let aad = [0x44u8; 98];
-    let mut buffer = vec![0x55u8; record_plaintext];
-    g.bench_function("aes_gcm_seal", |b| {
-        b.iter(|| {
-            let cipher = Aes256Gcm::new(black_box(&key).into());
-            let tag = cipher
-                .encrypt_inout_detached(
-                    &Nonce::from([7; 12]),
-                    &aad,
-                    InOutBuf::from(buffer.as_mut_slice()),
-                )
-                .unwrap();
-            black_box(tag)
-        })
-    });
-
-    if let Some(&Sizes { message, peer, .. }) = sizes.get("sqlite") {
+impl BareSqlite {
+    fn new(sizes: Sizes, batch: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let conn = bare_sqlite(&dir.path().join("bare.db"));
-        let mut n = 0u64;
-        let batch = SQLITE_BATCH.lock().unwrap().unwrap_or(CONSUMERS as u64);
+        Self {
+            conn: bare_sqlite(&dir.path().join("bare.db")),
+            n: 0,
+            batch,
+            sizes,
+            _dir: dir,
+        }
+    }
+
+    /// `n` messages inserted and committed.
+    fn insert(&mut self, n: u64) -> Duration {
+        let start = Instant::now();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(self.batch);
+            self.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            for _ in 0..k {
+                self.n += 1;
+                bare_insert(&self.conn, self.n, self.sizes.message, self.sizes.peer);
+            }
+            self.conn.execute_batch("COMMIT").unwrap();
+            left -= k;
+        }
+        start.elapsed()
+    }
+}
+
+/// The bare parts of backend `name`'s shapes, beside its rig.
+fn bench_parts(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    bare: &mut Bare,
+    sizes: Sizes,
+    inserts: Option<&mut BareSqlite>,
+) {
+    let mut g = c.benchmark_group(format!("parts_{name}"));
+    g.throughput(Throughput::Elements(1));
+    for shape in Shape::ALL {
+        g.bench_function(shape.signal_part(), |b| {
+            b.iter_custom(|iters| rt.block_on(bare.signal(shape, iters)))
+        });
+    }
+    g.bench_function("hkdf_expand", |b| b.iter_custom(hkdf_expand));
+    g.bench_function("aes_gcm_seal", |b| {
+        b.iter_custom(|iters| aes_gcm_seal(iters, sizes.plaintext))
+    });
+    if let Some(inserts) = inserts {
         g.bench_function("sqlite_insert", |b| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                let mut left = iters;
-                while left > 0 {
-                    let k = left.min(batch);
-                    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-                    for _ in 0..k {
-                        n += 1;
-                        bare_insert(&conn, n, message, peer);
-                    }
-                    conn.execute_batch("COMMIT").unwrap();
-                    left -= k;
-                }
-                start.elapsed()
-            })
+            b.iter_custom(|iters| inserts.insert(iters))
         });
     }
     g.finish();
@@ -788,67 +982,68 @@ fn mean(id: &str) -> Option<f64> {
     v["mean"]["point_estimate"].as_f64()
 }
 
+/// The quartiles of `values`.
+fn quartiles(values: &[f64]) -> Option<[f64; 3]> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v.get(((v.len() - 1) as f64 * q).round() as usize).copied();
+    Some([at(0.25)?, at(0.5)?, at(0.75)?])
+}
+
 fn summary() {
-    let parts =
-        |names: &[&str]| -> Option<f64> { names.iter().map(|n| mean(&format!("parts/{n}"))).sum() };
-    println!("\nsummary (mean ns per message; throughput as a share of the bare parts')");
+    println!("\nsummary (throughput as a share of the bare parts' = 1 / the sum of their times)");
+    let paired = PAIRED.lock().unwrap().clone();
     for backend in ["memory", "sqlite"] {
-        let insert: &[&str] = if backend == "sqlite" {
-            &["sqlite_insert"]
-        } else {
-            &[]
-        };
-        let shapes: [(&str, Vec<&str>); 4] = [
-            (
-                "inbound_burst",
-                [
-                    &["signal_decrypt", "hkdf_expand", "aes_gcm_seal"][..],
-                    insert,
-                ]
-                .concat(),
-            ),
-            (
-                "inbound_alternating",
-                [
-                    &["signal_decrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..],
-                    insert,
-                ]
-                .concat(),
-            ),
-            (
-                "outbound_alternating",
-                [
-                    &["signal_encrypt_alternating", "hkdf_expand", "aes_gcm_seal"][..],
-                    insert,
-                ]
-                .concat(),
-            ),
-            (
-                "outbound_burst",
-                [
-                    &["signal_encrypt", "hkdf_expand", "aes_gcm_seal"][..],
-                    insert,
-                ]
-                .concat(),
-            ),
-        ];
-        for (shape, names) in shapes {
-            let (Some(ours), Some(bare)) =
-                (mean(&format!("pipeline_{backend}/{shape}")), parts(&names))
-            else {
-                continue;
-            };
-            println!(
-                "  {backend:6} {shape:20} {:8.0} msg/s = {:5.1}% of parts ({:8.0} msg/s: {})",
-                1e9 / ours,
-                100.0 * bare / ours,
-                1e9 / bare,
-                names.join(" + ")
-            );
+        for shape in Shape::ALL {
+            let mut names = vec![shape.signal_part(), "hkdf_expand", "aes_gcm_seal"];
+            if backend == "sqlite" {
+                names.push("sqlite_insert");
+            }
+            let parts: Option<f64> = names
+                .iter()
+                .map(|n| mean(&format!("parts_{backend}/{n}")))
+                .sum();
+            let ours = mean(&format!("pipeline_{backend}/{}", shape.name()));
+            if let (Some(ours), Some(parts)) = (ours, parts) {
+                println!(
+                    "  {backend:6} {:20} {:8.0} msg/s = {:5.1}% of parts ({:8.0} msg/s: {}), criterion means",
+                    shape.name(),
+                    1e9 / ours,
+                    100.0 * parts / ours,
+                    1e9 / parts,
+                    names.join(" + ")
+                );
+            }
+            let pairs = paired
+                .get(backend)
+                .and_then(|p| p.iter().find(|(s, _)| *s == shape))
+                .map(|(_, p)| p.as_slice())
+                .unwrap_or_default();
+            let shares: Vec<f64> = pairs.iter().map(Pair::share).collect();
+            let pipeline: Vec<f64> = pairs.iter().map(|p| p.pipeline.as_secs_f64()).collect();
+            let parts: Vec<f64> = pairs.iter().map(|p| p.parts.as_secs_f64()).collect();
+            if let (Some([low, median, high]), Some([_, ours, _]), Some([_, bare, _])) =
+                (quartiles(&shares), quartiles(&pipeline), quartiles(&parts))
+            {
+                println!(
+                    "  {backend:6} {:20} {:5.1}% of parts, paired: median of {} pairs of {} messages (quartiles {:.1}–{:.1}%; medians {:.2} µs vs {:.2} µs)",
+                    shape.name(),
+                    100.0 * median,
+                    shares.len(),
+                    shape.chunk(),
+                    100.0 * low,
+                    100.0 * high,
+                    ours * 1e6,
+                    bare * 1e6
+                );
+            }
         }
         if let (Some(ours), Some(decrypt)) = (
             mean(&format!("pipeline_{backend}/inbound_alternating")),
-            mean("parts/signal_decrypt_alternating"),
+            mean(&format!("parts_{backend}/signal_decrypt_alternating")),
         ) {
             println!(
                 "  {backend:6} inbound_alternating = {:5.1}% of bare alternating Signal decrypt alone",
@@ -886,7 +1081,6 @@ fn main() {
             bench_pipeline(&mut c, backend);
         }
     }
-    bench_parts(&mut c);
     c.final_summary();
     summary();
 }
