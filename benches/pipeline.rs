@@ -3,7 +3,8 @@
 //!
 //! Shapes, each with 256 consumers (one device each, real Signal clients)
 //! whose conversations with one business are already established, driven
-//! concurrently on one runtime thread (the SQLite writer has its own). A
+//! concurrently on one runtime thread (the SQLite writer has its own), each
+//! conversation yielding after each message so that they interleave. A
 //! gateway at 20,000 messages a second has thousands of conversations in
 //! flight; 256 is still few, and what group commit can share a
 //! transaction among depends on it:
@@ -21,22 +22,29 @@
 //! - `outbound_burst`: [`Processor::send`] of 200-byte messages: sealed and
 //!   stored, encrypted, handed to the transport, bookkeeping stored.
 //!
-//! Bare parts (`parts/…`), each alone: Signal decrypt and encrypt between
-//! the test kit's devices (bare `wacore-libsignal`, in-memory stores), one
-//! in the business's place with a session with each of 256 consumers, taken
-//! in turn as the shapes take them: in one direction, and alternating in
-//! rounds (each conversation turns its ratchet once a round, and the timed
-//! side takes all 256 in a row, as the pipeline's alternating shapes do);
-//! HKDF-SHA256 expand of a record key; AES-256-GCM key schedule and seal of
-//! a stored record's size;
-//! and for SQLite, bare rusqlite inserts of the message rows the pipeline
-//! writes (and a peer row per 32), with the store's pragmas, in the same batching: as many
-//! to a transaction as the SQLite pipeline's group commit put in one in an
-//! inbound burst ([`SqliteStore::group_commits`], counted while its CPU is
-//! measured). After criterion's report, a summary prints each shape's
-//! throughput as a share of its parts' (1 / the sum of their times), and
-//! the CPU each inbound message of the burst cost (all threads, over the
-//! same receives criterion timed).
+//! Bare parts (`parts_memory/…`, `parts_sqlite/…`), each alone, measured
+//! right after that backend's pipeline while its rig is still alive (the
+//! bare Signal parts allocate on every call, and run markedly faster in
+//! the smaller heap of a process without it):
+//!
+//! - Signal decrypt and encrypt between the test kit's devices (bare
+//!   `wacore-libsignal`, in-memory stores), one in the business's place
+//!   with a session with each of 256 consumers, taken in turn as the
+//!   shapes take them: in one direction, and alternating in rounds (each
+//!   conversation turns its ratchet once a round, and the timed side takes
+//!   all 256 in a row, as the pipeline's alternating shapes do);
+//! - HKDF-SHA256 expand of a record key;
+//! - AES-256-GCM key schedule and seal of a stored record's size;
+//! - for SQLite, bare rusqlite inserts of the message rows the pipeline
+//!   writes (and a peer row per 32), with the store's pragmas, in the same
+//!   batching: as many to a transaction as the SQLite pipeline's group
+//!   commit put in one in an inbound burst
+//!   ([`SqliteStore::group_commits`], counted while its CPU is measured).
+//!
+//! After criterion's report, a summary prints each shape's throughput as a
+//! share of its parts' (1 / the sum of their times), and the CPU each
+//! inbound message of the burst cost (all threads, over the same receives
+//! criterion timed).
 //!
 //! Criterion measures the pipeline and its parts minutes apart, and this
 //! machine's speed drifts over minutes by more than the gaps measured. So
