@@ -140,6 +140,7 @@ conformance!(
     cap_expiry_shortens_only_later_expiries_of_one_business_and_direction,
     a_peer_is_deleted_as_idle_only_while_its_consumer_has_no_live_message,
     orphan_peers_pages_through_every_idle_peer_in_key_order,
+    a_consumer_whose_messages_are_deleted_has_none_left,
     holds_are_placed_replaced_released_in_scope_order,
     census_counts_what_is_stored,
     extreme_values_round_trip_and_keep_their_order,
@@ -1530,6 +1531,58 @@ async fn holds_are_placed_replaced_released_in_scope_order(backend: &mut Backend
     );
     commit(s, [release(&a)]).await;
     assert_eq!(s.holds().await.unwrap(), [c, d, a2]);
+}
+
+async fn a_consumer_whose_messages_are_deleted_has_none_left(backend: &mut Backend) {
+    let s = &*backend.store;
+    let now = T0 + 100;
+    let delete = |id| Op::DeleteMessage {
+        business: business(1),
+        id: mid(id),
+    };
+    let orphans = async || s.orphan_peers(t(now), None, 10).await.unwrap();
+    let phones = async || s.census().await.unwrap().phones;
+    // Consumer 1 has three live messages, consumer 2 one; neither has a peer
+    // yet, so the census counts phones by their messages alone.
+    commit(
+        s,
+        [
+            put(&M::new(1, 1, 1, now + HOUR)),
+            put(&M::new(1, 2, 1, now + HOUR)),
+            put(&M::new(1, 3, 1, now + HOUR)),
+            put(&M::new(1, 4, 2, now + HOUR)),
+        ],
+    )
+    .await;
+    assert_eq!(phones().await, 2);
+    // Deleted one at a time: the consumer keeps counting while any is left.
+    for (id, left) in [(1, 2), (3, 2), (2, 1)] {
+        commit(s, [delete(id)]).await;
+        assert_eq!(phones().await, left, "after deleting message {id}");
+    }
+    // A deleted id stored again is the consumer's again, once.
+    commit(s, [put(&M::new(1, 1, 1, now + HOUR))]).await;
+    assert_eq!(phones().await, 2);
+    commit(s, [put_peer(1, peer(1, 0), 1)]).await;
+    assert!(orphans().await.is_empty(), "consumer 1 has a live message");
+    commit(s, [delete(1)]).await;
+    assert_eq!(orphans().await, [(business(1), peer(1, 0))]);
+    commit(
+        s,
+        [Op::DeleteIdlePeer {
+            business: business(1),
+            peer: peer(1, 0),
+            now: t(now),
+        }],
+    )
+    .await;
+    assert!(
+        s.peer_devices(business(1), phone(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(phones().await, 1);
 }
 
 async fn census_counts_what_is_stored(backend: &mut Backend) {

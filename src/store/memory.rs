@@ -1,6 +1,6 @@
 //! The in-memory backend: for tests, examples and hosts that persist nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -42,10 +42,22 @@ struct Inner {
     messages: HashMap<BusinessId, HashMap<MessageId, Box<MessageRecord>, RandomState>>,
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
-    /// The messages of each consumer: hashed, as phone hashes are random
-    /// and a tree over every message would miss the cache at every level.
-    by_phone: HashMap<(BusinessId, PhoneHash), HashSet<MessageId, RandomState>, RandomState>,
+    /// The messages of each consumer, for the questions asked by phone.
+    by_phone: HashMap<(BusinessId, PhoneHash), PhoneIds, RandomState>,
     holds: BTreeMap<(HoldScope, String), Hold>,
+}
+
+/// The ids of one consumer's messages (present while it has any),
+/// appended as they are stored and not removed one by one: a deleted
+/// message's id stays until the list is twice as long as the messages
+/// left, when it keeps only theirs. So storing a message costs a push, not
+/// a hashed insert into a set that keeps growing; every reader checks each
+/// id against the messages.
+#[derive(Debug, Default)]
+struct PhoneIds {
+    ids: Vec<MessageId>,
+    /// The consumer's stored messages.
+    live: usize,
 }
 
 /// What the indexes hold for one stored message.
@@ -300,10 +312,9 @@ impl Inner {
 
     fn index(&mut self, e: &IndexEntries) {
         self.by_expiry.insert((e.expiry, e.business, e.id));
-        self.by_phone
-            .entry((e.business, e.phone))
-            .or_default()
-            .insert(e.id);
+        let phone = self.by_phone.entry((e.business, e.phone)).or_default();
+        phone.ids.push(e.id);
+        phone.live += 1;
         if let Some(due) = e.due {
             self.by_due.insert((due, e.business, e.id));
         }
@@ -311,10 +322,20 @@ impl Inner {
 
     fn unindex(&mut self, e: &IndexEntries) {
         self.by_expiry.remove(&(e.expiry, e.business, e.id));
-        if let Some(ids) = self.by_phone.get_mut(&(e.business, e.phone)) {
-            ids.remove(&e.id);
-            if ids.is_empty() {
-                self.by_phone.remove(&(e.business, e.phone));
+        // Called once the message is gone from `messages`.
+        let key = (e.business, e.phone);
+        if let Some(phone) = self.by_phone.get_mut(&key) {
+            phone.live = phone.live.saturating_sub(1);
+            if phone.live == 0 {
+                self.by_phone.remove(&key);
+            } else if phone.ids.len() >= 2 * phone.live {
+                let stored = self.messages.get(&e.business);
+                phone
+                    .ids
+                    .retain(|id| stored.is_some_and(|m| m.contains_key(id)));
+                // An id deleted and stored again was listed twice.
+                phone.ids.sort_unstable();
+                phone.ids.dedup();
             }
         }
         if let Some(due) = e.due {
@@ -323,8 +344,9 @@ impl Inner {
     }
 
     fn has_live_message(&self, business: BusinessId, phone: PhoneHash, now: Timestamp) -> bool {
-        self.by_phone.get(&(business, phone)).is_some_and(|ids| {
-            ids.iter()
+        self.by_phone.get(&(business, phone)).is_some_and(|p| {
+            p.ids
+                .iter()
                 .any(|&id| self.record(business, id).is_some_and(|m| m.expiry > now))
         })
     }
