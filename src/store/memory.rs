@@ -52,7 +52,7 @@ struct Inner {
 /// message's id stays until the list is twice as long as the messages
 /// left, when it keeps only theirs. So storing a message costs a push, not
 /// a hashed insert into a set that keeps growing; every reader checks each
-/// id against the messages.
+/// id against the messages (and their consumer).
 #[derive(Debug, Default)]
 struct PhoneIds {
     ids: Vec<MessageId>,
@@ -347,7 +347,8 @@ impl Inner {
         self.by_phone.get(&(business, phone)).is_some_and(|p| {
             p.ids
                 .iter()
-                .any(|&id| self.record(business, id).is_some_and(|m| m.expiry > now))
+                .filter_map(|&id| self.record(business, id))
+                .any(|m| m.phone == phone && m.expiry > now)
         })
     }
 
