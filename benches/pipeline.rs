@@ -317,11 +317,17 @@ impl Rig {
 
     /// Every consumer sends one message and the processor receives them all.
     async fn inbound_round(&self) {
-        let mut written = Vec::new();
+        let round = self.write_round().await;
+        self.receive_all(vec![round]).await;
+    }
+
+    /// Every consumer writes one message to the business.
+    async fn write_round(&self) -> Vec<Inbound> {
+        let mut round = Vec::with_capacity(CONSUMERS);
         for c in &self.consumers {
-            written.push(self.write(c).await);
+            round.push(self.write(c).await);
         }
-        self.receive_all(vec![written]).await;
+        round
     }
 
     /// Receive `per_consumer[round][consumer]`, the consumers concurrently,
@@ -418,11 +424,7 @@ impl Rig {
     async fn inbound_burst(&self, rounds: u64, cpu: &mut Cpu) -> Duration {
         let mut written = Vec::new();
         for _ in 0..rounds {
-            let mut round = Vec::new();
-            for c in &self.consumers {
-                round.push(self.write(c).await);
-            }
-            written.push(round);
+            written.push(self.write_round().await);
         }
         let (before, transactions) = (process_cpu(), self.transactions());
         let elapsed = self.receive_all(written).await;
@@ -440,10 +442,7 @@ impl Rig {
         for _ in 0..rounds {
             self.outbound_round().await;
             self.consumers_read().await;
-            let mut round = Vec::new();
-            for c in &self.consumers {
-                round.push(self.write(c).await);
-            }
+            let round = self.write_round().await;
             elapsed += self.receive_all(vec![round]).await;
         }
         elapsed
@@ -650,12 +649,13 @@ async fn paired(
                     + aes_gcm_seal(n, sizes.plaintext)
                     + insert
             };
+            let rounds = n / CONSUMERS as u64;
             let (pipeline, parts) = if k % 2 == 0 {
-                let pipeline = rig.run(shape, n / CONSUMERS as u64, &mut cpu).await;
+                let pipeline = rig.run(shape, rounds, &mut cpu).await;
                 (pipeline, parts().await)
             } else {
                 let parts = parts().await;
-                (rig.run(shape, n / CONSUMERS as u64, &mut cpu).await, parts)
+                (rig.run(shape, rounds, &mut cpu).await, parts)
             };
             if k > 0 {
                 measured.push(Pair {

@@ -592,7 +592,13 @@ fn a_failing_task_in_a_group_fails_alone() {
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
     // Rolled back at each failure, then the others again together: one
     // transaction (one sync) of two writes.
-    assert_eq!(committed, (1, 2));
+    assert_eq!(
+        committed,
+        GroupCommits {
+            transactions: 1,
+            writes: 2
+        }
+    );
     assert!(matches!(results[1], Err(StoreError::Backend(_))));
     assert!(matches!(results[3], Err(StoreError::Conflict)));
     assert!(stored(&conn, 101) && stored(&conn, 103));
@@ -614,7 +620,13 @@ fn a_group_commits_in_one_transaction_in_queue_order() {
         Box::new(|c: &Connection| Ok(stored(c, 200))),
     ];
     let (results, committed) = commit_as_group(&conn, works);
-    assert_eq!(committed, (1, 2));
+    assert_eq!(
+        committed,
+        GroupCommits {
+            transactions: 1,
+            writes: 2
+        }
+    );
     assert_eq!(results.len(), 2);
     assert!(matches!(results[1], Ok(true)));
     assert!(conn.is_autocommit());

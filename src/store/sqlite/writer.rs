@@ -276,7 +276,7 @@ pub(super) mod testing {
     pub(crate) fn commit_as_group<T: Send + 'static>(
         conn: &Connection,
         works: Vec<Work<T>>,
-    ) -> (Vec<Result<T, StoreError>>, (u64, u64)) {
+    ) -> (Vec<Result<T, StoreError>>, GroupCommits) {
         let mut answers = Vec::new();
         let mut group: Vec<Box<dyn Task>> = Vec::new();
         for work in works {
@@ -297,7 +297,6 @@ pub(super) mod testing {
                 _ => Err(StoreError::Backend("no reply".into())),
             })
             .collect();
-        let committed = counts.snapshot();
-        (results, (committed.transactions, committed.writes))
+        (results, counts.snapshot())
     }
 }
