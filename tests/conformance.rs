@@ -859,6 +859,7 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
     let mut second = M::new(1, 1, 2, T0 + 5 * HOUR).outbound().due(T0 + 3 * HOUR);
     second.status = Status::Sent;
     for replay in [
+        batch([put(&second)]),
         batch([put(&M::new(1, 9, 1, T0)), put(&second)]),
         batch([put(&M::new(1, 9, 1, T0)), put(&M::new(1, 9, 2, T0))]),
     ] {
@@ -919,8 +920,10 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
     // A compare-and-swap on the status: a stale expectation, or a missing
     // message, fails the whole batch and changes nothing.
     for stale in [
-        [update(1, Status::Queued), put(&M::new(1, 9, 1, T0))],
-        [put(&M::new(1, 9, 1, T0)), update(2, Status::Queued)],
+        vec![update(1, Status::Queued)],
+        vec![update(2, Status::Queued)],
+        vec![update(1, Status::Queued), put(&M::new(1, 9, 1, T0))],
+        vec![put(&M::new(1, 9, 1, T0)), update(2, Status::Queued)],
     ] {
         assert!(matches!(
             s.commit(batch(stale)).await,

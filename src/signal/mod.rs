@@ -404,7 +404,7 @@ pub struct Sessions {
     vault: Arc<Vault>,
     store: Arc<dyn Storage>,
     config: SignalConfig,
-    accounts: RwLock<HashMap<BusinessId, Arc<Account>>>,
+    accounts: RwLock<HashMap<BusinessId, Arc<Account>, foldhash::fast::RandomState>>,
     cache: PeerCache,
     address_locks: Stripes,
     business_locks: Stripes,

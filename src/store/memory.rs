@@ -1,5 +1,6 @@
 //! The in-memory backend: for tests, examples and hosts that persist nothing.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
@@ -32,14 +33,14 @@ impl Default for MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    rings: HashMap<BusinessId, KekRing>,
+    rings: HashMap<BusinessId, KekRing, RandomState>,
     keys: BTreeMap<KeyId, KeyEntry>,
     /// Epoch keys by end, then owner: the sweep's index.
     epochs: BTreeSet<(Timestamp, BusinessId)>,
     peers: BTreeMap<(BusinessId, PeerId), Vec<u8>>,
     /// Per business, by id: hashed, as ids are random and a tree would
     /// miss the cache at every level; boxed, so growth moves pointers.
-    messages: HashMap<BusinessId, HashMap<MessageId, Box<MessageRecord>, RandomState>>,
+    messages: HashMap<BusinessId, HashMap<MessageId, Box<MessageRecord>, RandomState>, RandomState>,
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     /// The messages of each consumer, for the questions asked by phone.
@@ -124,7 +125,10 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn apply(&mut self, op: Op) {
+    /// Apply `op` if its condition holds (a message put is new, a delivery
+    /// updated has its expected status, a key consumed is live); whether it
+    /// held. Nothing changes when it does not.
+    fn apply(&mut self, op: Op) -> bool {
         match op {
             Op::PutPeer {
                 business,
@@ -146,33 +150,39 @@ impl Inner {
                 }
             }
             Op::ConsumeKey(id) => {
-                // Checked live by `commit` before anything was applied.
+                if !matches!(self.keys.get(&id), Some(KeyEntry::Wrapped(_))) {
+                    return false;
+                }
                 self.delete_key(&id);
             }
             Op::PutMessage(m) => {
-                // Checked new by `commit` before anything was applied.
-                self.index(&IndexEntries::of(&m));
-                self.messages.entry(m.business).or_default().insert(m.id, m);
+                let entries = IndexEntries::of(&m);
+                match self.messages.entry(m.business).or_default().entry(m.id) {
+                    Entry::Occupied(_) => return false,
+                    Entry::Vacant(vacant) => vacant.insert(m),
+                };
+                self.index(&entries);
             }
             Op::UpdateDelivery {
                 business,
                 id,
+                expected,
                 delivery,
-                ..
             } => {
                 let m = self
                     .messages
                     .get_mut(&business)
                     .and_then(|m| m.get_mut(&id));
-                if let Some(m) = m {
-                    if let Some(due) = m.delivery.next_attempt {
-                        self.by_due.remove(&(due, business, id));
-                    }
-                    if let Some(due) = delivery.next_attempt {
-                        self.by_due.insert((due, business, id));
-                    }
-                    m.delivery = delivery;
+                let Some(m) = m.filter(|m| m.delivery.status == expected) else {
+                    return false;
+                };
+                if let Some(due) = m.delivery.next_attempt {
+                    self.by_due.remove(&(due, business, id));
                 }
+                if let Some(due) = delivery.next_attempt {
+                    self.by_due.insert((due, business, id));
+                }
+                m.delivery = delivery;
             }
             Op::FailExpired { business, id } => {
                 let m = self
@@ -212,6 +222,7 @@ impl Inner {
                 self.holds.remove(&(scope, reference));
             }
         }
+        true
     }
 
     /// Whether every condition of `ops` holds, each checked where it stands
@@ -522,13 +533,21 @@ impl Storage for MemoryStore {
         // no operation can fail halfway (the conditions that fail a batch
         // are all checked before anything is applied).
         let mut inner = self.lock();
-        if !inner.conditions_hold(batch.ops()) {
-            return Err(StoreError::Conflict);
+        match <[Op; 1]>::try_from(batch.into_ops()) {
+            // Most batches are one operation: checked as it is applied, with
+            // one lookup.
+            Ok([op]) => inner.apply(op).then_some(()).ok_or(StoreError::Conflict),
+            Err(ops) => {
+                if !inner.conditions_hold(&ops) {
+                    return Err(StoreError::Conflict);
+                }
+                for op in ops {
+                    let held = inner.apply(op);
+                    debug_assert!(held, "conditions checked before applying");
+                }
+                Ok(())
+            }
         }
-        for op in batch.into_ops() {
-            inner.apply(op);
-        }
-        Ok(())
     }
 
     async fn peer(
