@@ -999,16 +999,14 @@ impl Sessions {
         };
         // Whether it could be the next message on that chain.
         let next = !first && chain_index(state.session.as_ref()) == Some(message.counter);
-        // The base key naming the session in use, where the decrypt may
+        // The base key naming the session in use (a key of another length
+        // names none, so no session counts as kept), where the decrypt may
         // change that session and it matters: a first-contact message may
         // start a new one, and the next message must not have used another.
-        let base_before = (first || next).then(|| {
-            state
-                .session
-                .as_ref()
-                .and_then(|s| s.session_state())
-                .map(|s| s.alice_base_key().to_vec())
-        });
+        let base_key = |session: Option<&Record>| -> Option<[u8; PublicKey::SERIALIZED_KEY_LEN]> {
+            session?.session_state()?.alice_base_key().try_into().ok()
+        };
+        let base_before = (first || next).then(|| base_key(state.session.as_ref()));
         let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
         let mut prekeys = PreKeyOverlay {
             keys: self.vault.keys(),
@@ -1046,9 +1044,8 @@ impl Sessions {
         let original_dirty = Some(state.dirty);
         state.session = sessions.into_record();
         state.identity = identities.peer;
-        let same_session = matches!(&base_before, Some(Some(before))
-            if state.session.as_ref().and_then(|s| s.session_state())
-                .is_some_and(|s| s.alice_base_key() == before.as_slice()));
+        let same_session = matches!(base_before, Some(Some(before))
+            if base_key(state.session.as_ref()) == Some(before));
         let first_contact = first && !same_session;
         let index_after = chain_index(state.session.as_ref());
         let in_order =
