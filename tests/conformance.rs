@@ -26,6 +26,7 @@ use custodian::store::{
 #[cfg(feature = "sqlite")]
 use custodian::store::{Durability, SqliteConfig, SqliteStore};
 use custodian::time::Timestamp;
+use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------
 // Backends
@@ -2336,4 +2337,212 @@ async fn the_retention_sweep_runs_over_the_store(backend: &mut Backend) {
         ),
         (0, 0, 0, 0)
     );
+}
+
+// ---------------------------------------------------------------------------
+// Every backend answers a random run of batches as the memory store does
+
+/// One write of a random run, over a small world (two businesses, four
+/// message ids, two consumers, three one-time prekeys) so that writes
+/// collide: replays, stale expectations, missing messages, keys consumed
+/// twice.
+#[derive(Debug, Clone)]
+enum Write {
+    Put {
+        business: u64,
+        id: u64,
+        phone: u64,
+        hours: u64,
+        due: Option<u64>,
+        status: Status,
+    },
+    Update {
+        business: u64,
+        id: u64,
+        expected: Status,
+        status: Status,
+        due: Option<u64>,
+    },
+    FailExpired {
+        business: u64,
+        id: u64,
+    },
+    Delete {
+        business: u64,
+        id: u64,
+    },
+    Consume(u64),
+}
+
+const STATUSES: [Status; 5] = [
+    Status::Queued,
+    Status::Sent,
+    Status::Delivered,
+    Status::Read,
+    Status::Failed,
+];
+
+fn prekey(n: u64) -> WrappedKey {
+    key(1, KeyKind::SignalPreKey, n, 1)
+}
+
+impl Write {
+    fn op(&self) -> Op {
+        match *self {
+            Self::Put {
+                business,
+                id,
+                phone,
+                hours,
+                due,
+                status,
+            } => {
+                let mut m = M::new(business, id, phone, T0 + hours * HOUR).status(status);
+                m.next = due.map(|h| T0 + h * HOUR);
+                put(&m)
+            }
+            Self::Update {
+                business: b,
+                id,
+                expected,
+                status,
+                due,
+            } => Op::UpdateDelivery {
+                business: business(b),
+                id: mid(id),
+                expected,
+                delivery: Delivery {
+                    status,
+                    failure: (status == Status::Failed).then_some(FailureReason::Refused),
+                    attempts: 1,
+                    next_attempt: due.map(|h| t(T0 + h * HOUR)),
+                    pending_devices: 0,
+                },
+            },
+            Self::FailExpired { business: b, id } => Op::FailExpired {
+                business: business(b),
+                id: mid(id),
+            },
+            Self::Delete { business: b, id } => Op::DeleteMessage {
+                business: business(b),
+                id: mid(id),
+            },
+            Self::Consume(n) => Op::ConsumeKey(prekey(n).id),
+        }
+    }
+}
+
+fn write() -> impl Strategy<Value = Write> {
+    let at = (1..=2u64, 1..=4u64);
+    let status = proptest::sample::select(STATUSES.to_vec());
+    let due = proptest::option::of(0..6u64);
+    prop_oneof![
+        3 => (at.clone(), 1..=2u64, 1..48u64, due.clone(), status.clone()).prop_map(
+            |((business, id), phone, hours, due, status)| Write::Put {
+                business,
+                id,
+                phone,
+                hours,
+                due,
+                status
+            }
+        ),
+        3 => (at.clone(), status.clone(), status, due).prop_map(
+            |((business, id), expected, status, due)| Write::Update {
+                business,
+                id,
+                expected,
+                status,
+                due
+            }
+        ),
+        1 => at.clone().prop_map(|(business, id)| Write::FailExpired { business, id }),
+        1 => at.prop_map(|(business, id)| Write::Delete { business, id }),
+        1 => (1..=3u64).prop_map(Write::Consume),
+    ]
+}
+
+/// What a reader can learn of the small world.
+async fn observe(s: &dyn Storage) -> Vec<String> {
+    let end = t(T0 + 100 * HOUR);
+    let mut seen = vec![
+        format!("{:?}", s.census().await.unwrap()),
+        format!("{:?}", msg_keys(&s.due_messages(end, 100).await.unwrap())),
+        format!(
+            "{:?}",
+            msg_keys(&s.expired_open_messages(end, None, 100).await.unwrap())
+        ),
+        format!("{:?}", s.message_businesses().await.unwrap()),
+    ];
+    for b in 1..=2 {
+        for p in [None, Some(phone(1)), Some(phone(2))] {
+            seen.push(format!(
+                "{:?}",
+                s.message_epochs(business(b), p).await.unwrap()
+            ));
+        }
+        for id in 1..=4 {
+            seen.push(format!(
+                "{:?}",
+                s.message(business(b), mid(id)).await.unwrap()
+            ));
+        }
+    }
+    for n in 1..=3 {
+        seen.push(format!("{:?}", s.key(&prekey(n).id).await.unwrap()));
+    }
+    seen
+}
+
+/// Run `batches` on `store`; each commit's outcome, then what a reader sees.
+/// `padded` adds a write that changes nothing to every batch, so that no
+/// batch is of one operation.
+async fn run(
+    store: &dyn Storage,
+    batches: &[Vec<Write>],
+    padded: bool,
+) -> (Vec<Result<(), String>>, Vec<String>) {
+    for n in 1..=3 {
+        store.insert_key(prekey(n)).await.unwrap();
+    }
+    let mut outcomes = Vec::new();
+    for writes in batches {
+        let mut ops: Vec<Op> = writes.iter().map(Write::op).collect();
+        if padded {
+            ops.push(Op::DeleteHold {
+                scope: HoldScope::Business(business(1)),
+                reference: "no such hold".into(),
+            });
+        }
+        let outcome = store.commit(batch(ops)).await;
+        outcomes.push(outcome.map_err(|e| format!("{e:?}")));
+    }
+    (outcomes, observe(store).await)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A batch of one write (checked as the memory store applies it) and
+    /// the same write in a longer batch (checked whole first) succeed or
+    /// conflict alike and leave the same state, on every backend.
+    #[test]
+    fn every_backend_runs_random_batches_as_the_memory_store_does(
+        batches in proptest::collection::vec(proptest::collection::vec(write(), 1..=3), 1..16),
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let expected = rt.block_on(run(&MemoryStore::new(), &batches, false));
+        let padded = rt.block_on(run(&MemoryStore::new(), &batches, true));
+        prop_assert_eq!(&padded, &expected, "memory, every batch checked whole");
+        #[cfg(feature = "sqlite")]
+        {
+            let backend = Backend::sqlite();
+            let sqlite = rt.block_on(run(&*backend.store, &batches, false));
+            prop_assert_eq!(&sqlite, &expected, "sqlite");
+        }
+    }
 }
