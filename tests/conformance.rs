@@ -2463,33 +2463,41 @@ fn write() -> impl Strategy<Value = Write> {
 }
 
 /// What a reader can learn of the small world.
-async fn observe(s: &dyn Storage) -> Vec<String> {
+#[derive(Debug, PartialEq)]
+struct Seen {
+    census: Census,
+    due: Vec<(BusinessId, MessageId)>,
+    expired_open: Vec<(BusinessId, MessageId)>,
+    businesses: Vec<BusinessId>,
+    /// Per business, then for no phone and each consumer.
+    epochs: Vec<Vec<Epoch>>,
+    messages: Vec<Option<MessageRecord>>,
+    prekeys: Vec<Option<KeyEntry>>,
+}
+
+async fn observe(s: &dyn Storage) -> Seen {
     let end = t(T0 + 100 * HOUR);
-    let mut seen = vec![
-        format!("{:?}", s.census().await.unwrap()),
-        format!("{:?}", msg_keys(&s.due_messages(end, 100).await.unwrap())),
-        format!(
-            "{:?}",
-            msg_keys(&s.expired_open_messages(end, None, 100).await.unwrap())
-        ),
-        format!("{:?}", s.message_businesses().await.unwrap()),
-    ];
+    let mut seen = Seen {
+        census: s.census().await.unwrap(),
+        due: msg_keys(&s.due_messages(end, 100).await.unwrap()),
+        expired_open: msg_keys(&s.expired_open_messages(end, None, 100).await.unwrap()),
+        businesses: s.message_businesses().await.unwrap(),
+        epochs: Vec::new(),
+        messages: Vec::new(),
+        prekeys: Vec::new(),
+    };
     for b in 1..=2 {
         for p in [None, Some(phone(1)), Some(phone(2))] {
-            seen.push(format!(
-                "{:?}",
-                s.message_epochs(business(b), p).await.unwrap()
-            ));
+            seen.epochs
+                .push(s.message_epochs(business(b), p).await.unwrap());
         }
         for id in 1..=4 {
-            seen.push(format!(
-                "{:?}",
-                s.message(business(b), mid(id)).await.unwrap()
-            ));
+            seen.messages
+                .push(s.message(business(b), mid(id)).await.unwrap());
         }
     }
     for n in 1..=3 {
-        seen.push(format!("{:?}", s.key(&prekey(n).id).await.unwrap()));
+        seen.prekeys.push(s.key(&prekey(n).id).await.unwrap());
     }
     seen
 }
@@ -2501,7 +2509,7 @@ async fn run(
     store: &dyn Storage,
     batches: &[Vec<Write>],
     padded: bool,
-) -> (Vec<Result<(), String>>, Vec<String>) {
+) -> (Vec<Result<(), String>>, Seen) {
     for n in 1..=3 {
         store.insert_key(prekey(n)).await.unwrap();
     }
