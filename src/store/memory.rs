@@ -150,7 +150,7 @@ impl Inner {
                 }
             }
             Op::ConsumeKey(id) => {
-                if !matches!(self.keys.get(&id), Some(KeyEntry::Wrapped(_))) {
+                if !self.is_live(&id) {
                     return false;
                 }
                 self.delete_key(&id);
@@ -251,8 +251,7 @@ impl Inner {
         for op in ops {
             match op {
                 Op::ConsumeKey(id) => {
-                    let live = matches!(self.keys.get(id), Some(KeyEntry::Wrapped(_)));
-                    if !live || consumed.contains(id) {
+                    if !self.is_live(id) || consumed.contains(id) {
                         return false;
                     }
                     consumed.push(*id);
@@ -363,6 +362,11 @@ impl Inner {
         })
     }
 
+    /// Whether a wrapped key (not a tombstone) is stored under `id`.
+    fn is_live(&self, id: &KeyId) -> bool {
+        matches!(self.keys.get(id), Some(KeyEntry::Wrapped(_)))
+    }
+
     fn delete_key(&mut self, id: &KeyId) -> bool {
         if let Some(ix) = epoch_index(id) {
             self.epochs.remove(&ix);
@@ -422,7 +426,7 @@ impl KeyStore for MemoryStore {
 
     async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let was_live = matches!(inner.keys.get(id), Some(KeyEntry::Wrapped(_)));
+        let was_live = inner.is_live(id);
         inner.keys.insert(*id, KeyEntry::Destroyed { at });
         if let Some(ix) = epoch_index(id) {
             inner.epochs.insert(ix);
