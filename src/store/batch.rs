@@ -162,9 +162,21 @@ impl std::fmt::Debug for Op {
 }
 
 /// Writes that take effect together or not at all.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Most batches are one write (a message stored, a delivery marked): that
+/// one is held inline, so building and committing it allocates nothing.
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
-    ops: Vec<Op>,
+    ops: Ops,
+}
+
+/// The writes of a [`Batch`]: never `Many` with fewer than two.
+#[derive(Debug, Clone, Default)]
+enum Ops {
+    #[default]
+    None,
+    One(Op),
+    Many(Vec<Op>),
 }
 
 impl Batch {
@@ -175,26 +187,106 @@ impl Batch {
 
     /// Add a write.
     pub fn push(&mut self, op: Op) {
-        self.ops.push(op);
+        self.ops = match std::mem::take(&mut self.ops) {
+            Ops::None => Ops::One(op),
+            Ops::One(first) => Ops::Many(vec![first, op]),
+            Ops::Many(mut ops) => {
+                ops.push(op);
+                Ops::Many(ops)
+            }
+        };
     }
 
     /// Add every write of `other` after this batch's.
     pub fn append(&mut self, other: Batch) {
-        self.ops.extend(other.ops);
+        match other.ops {
+            Ops::None => {}
+            Ops::One(op) => self.push(op),
+            Ops::Many(ops) => ops.into_iter().for_each(|op| self.push(op)),
+        }
     }
 
     /// The writes, in order.
     pub fn ops(&self) -> &[Op] {
-        &self.ops
+        match &self.ops {
+            Ops::None => &[],
+            Ops::One(op) => std::slice::from_ref(op),
+            Ops::Many(ops) => ops,
+        }
     }
 
     /// Take the writes.
     pub fn into_ops(self) -> Vec<Op> {
-        self.ops
+        match self.ops {
+            Ops::None => Vec::new(),
+            Ops::One(op) => vec![op],
+            Ops::Many(ops) => ops,
+        }
+    }
+
+    /// The write, if the batch is exactly one; otherwise the batch.
+    pub(crate) fn into_single(self) -> Result<Op, Batch> {
+        match self.ops {
+            Ops::One(op) => Ok(op),
+            ops => Err(Batch { ops }),
+        }
     }
 
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        matches!(self.ops, Ops::None)
+    }
+}
+
+impl PartialEq for Batch {
+    fn eq(&self, other: &Self) -> bool {
+        self.ops() == other.ops()
+    }
+}
+
+impl Eq for Batch {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delete(id: u8) -> Op {
+        Op::DeleteMessage {
+            business: BusinessId::new(1).unwrap(),
+            id: MessageId::from_bytes([id; 16]),
+        }
+    }
+
+    /// The writes a batch built of `pushes` then appended `appended`.
+    fn built(pushes: &[u8], appended: &[u8]) -> Batch {
+        let mut batch = Batch::new();
+        pushes.iter().for_each(|&i| batch.push(delete(i)));
+        let mut other = Batch::new();
+        appended.iter().for_each(|&i| other.push(delete(i)));
+        batch.append(other);
+        batch
+    }
+
+    #[test]
+    fn a_batch_keeps_its_writes_in_order_however_it_was_built() {
+        for n in 0..4u8 {
+            for split in 0..=n {
+                let ids: Vec<u8> = (0..n).collect();
+                let batch = built(&ids[..split as usize], &ids[split as usize..]);
+                let expected: Vec<Op> = ids.iter().map(|&i| delete(i)).collect();
+                assert_eq!(batch.ops(), expected.as_slice());
+                assert_eq!(batch.is_empty(), n == 0);
+                assert_eq!(batch.clone().into_ops(), expected);
+                // Equal by their writes, whichever way they were built.
+                assert_eq!(batch, built(&ids, &[]));
+                match batch.into_single() {
+                    Ok(op) => assert_eq!((n, op), (1, delete(0))),
+                    Err(rest) => {
+                        assert_ne!(n, 1);
+                        assert_eq!(rest.into_ops(), expected);
+                    }
+                }
+            }
+        }
     }
 }

@@ -537,15 +537,15 @@ impl Storage for MemoryStore {
         // no operation can fail halfway (the conditions that fail a batch
         // are all checked before anything is applied).
         let mut inner = self.lock();
-        match <[Op; 1]>::try_from(batch.into_ops()) {
+        match batch.into_single() {
             // Most batches are one operation: checked as it is applied, with
             // one lookup.
-            Ok([op]) => inner.apply(op).then_some(()).ok_or(StoreError::Conflict),
-            Err(ops) => {
-                if !inner.conditions_hold(&ops) {
+            Ok(op) => inner.apply(op).then_some(()).ok_or(StoreError::Conflict),
+            Err(batch) => {
+                if !inner.conditions_hold(batch.ops()) {
                     return Err(StoreError::Conflict);
                 }
-                for op in ops {
+                for op in batch.into_ops() {
                     let held = inner.apply(op);
                     debug_assert!(held, "conditions checked before applying");
                 }
