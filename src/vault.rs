@@ -161,21 +161,10 @@ impl Vault {
     /// Seal `plaintext` as the record `label` describes, under the key of the
     /// epoch in which it expires (created on first use).
     pub async fn seal(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
-        self.seal_at(label, plaintext, self.clock.now()).await
-    }
-
-    /// [`Vault::seal`] at `now`, a time the caller has just read from this
-    /// vault's clock (so that a record's creation time and its seal agree,
-    /// and the clock is read once).
-    pub(crate) async fn seal_at(
-        &self,
-        label: &Label,
-        plaintext: &[u8],
-        now: Timestamp,
-    ) -> Result<Vec<u8>, SealError> {
         if plaintext.len() > envelope::MAX_PLAINTEXT_LEN {
             return Err(SealError::TooLarge(plaintext.len()));
         }
+        let now = self.clock.now();
         if label.expiry <= now {
             return Err(SealError::ExpiryNotInFuture {
                 expiry: label.expiry,

@@ -555,7 +555,7 @@ impl Processor {
             sealed: Vec::new(),
         };
         let label = self.open_label(&record);
-        record.sealed = self.vault.seal_at(&label, body, now).await?;
+        record.sealed = self.vault.seal(&label, body).await?;
         Ok(record)
     }
 

@@ -165,13 +165,13 @@ impl std::fmt::Debug for Op {
 ///
 /// Most batches are one write (a message stored, a delivery marked): that
 /// one is held inline, so building and committing it allocates nothing.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Batch {
     ops: Ops,
 }
 
 /// The writes of a [`Batch`]: never `Many` with fewer than two.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 enum Ops {
     #[default]
     None,
@@ -235,6 +235,12 @@ impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
         matches!(self.ops, Ops::None)
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("ops", &self.ops()).finish()
     }
 }
 
