@@ -1,5 +1,7 @@
 //! Atomic write batches: what one successful operation changes.
 
+use smallvec::SmallVec;
+
 use super::{Delivery, Hold, HoldScope, MessageRecord, Status};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::KeyId;
@@ -165,18 +167,9 @@ impl std::fmt::Debug for Op {
 ///
 /// Most batches are one write (a message stored, a delivery marked): that
 /// one is held inline, so building and committing it allocates nothing.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
-    ops: Ops,
-}
-
-/// The writes of a [`Batch`]: never `Many` with fewer than two.
-#[derive(Clone, Default)]
-enum Ops {
-    #[default]
-    None,
-    One(Op),
-    Many(Vec<Op>),
+    ops: SmallVec<[Op; 1]>,
 }
 
 impl Batch {
@@ -187,70 +180,40 @@ impl Batch {
 
     /// Add a write.
     pub fn push(&mut self, op: Op) {
-        self.ops = match std::mem::take(&mut self.ops) {
-            Ops::None => Ops::One(op),
-            Ops::One(first) => Ops::Many(vec![first, op]),
-            Ops::Many(mut ops) => {
-                ops.push(op);
-                Ops::Many(ops)
-            }
-        };
+        self.ops.push(op);
     }
 
     /// Add every write of `other` after this batch's.
     pub fn append(&mut self, other: Batch) {
-        match other.ops {
-            Ops::None => {}
-            Ops::One(op) => self.push(op),
-            Ops::Many(ops) => ops.into_iter().for_each(|op| self.push(op)),
-        }
+        self.ops.extend(other.ops);
     }
 
     /// The writes, in order.
     pub fn ops(&self) -> &[Op] {
-        match &self.ops {
-            Ops::None => &[],
-            Ops::One(op) => std::slice::from_ref(op),
-            Ops::Many(ops) => ops,
-        }
+        &self.ops
     }
 
     /// Take the writes.
     pub fn into_ops(self) -> Vec<Op> {
-        match self.ops {
-            Ops::None => Vec::new(),
-            Ops::One(op) => vec![op],
-            Ops::Many(ops) => ops,
-        }
+        self.ops.into_vec()
     }
 
     /// The write, if the batch is exactly one; otherwise the batch.
-    pub(crate) fn into_single(self) -> Result<Op, Batch> {
-        match self.ops {
-            Ops::One(op) => Ok(op),
-            ops => Err(Batch { ops }),
+    pub(crate) fn into_single(mut self) -> Result<Op, Batch> {
+        if self.ops.len() == 1
+            && let Some(op) = self.ops.pop()
+        {
+            Ok(op)
+        } else {
+            Err(self)
         }
     }
 
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        matches!(self.ops, Ops::None)
+        self.ops.is_empty()
     }
 }
-
-impl std::fmt::Debug for Batch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch").field("ops", &self.ops()).finish()
-    }
-}
-
-impl PartialEq for Batch {
-    fn eq(&self, other: &Self) -> bool {
-        self.ops() == other.ops()
-    }
-}
-
-impl Eq for Batch {}
 
 #[cfg(test)]
 mod tests {
