@@ -58,7 +58,8 @@
 //! Run: `cargo bench --bench pipeline` (the summary needs every part; a
 //! filtered run prints what it can; `PIPELINE_BACKENDS=memory` or `sqlite`
 //! sets up one backend only; `PIPELINE_PAIRS=n` sets the pairs per shape,
-//! 15 by default, and 0 skips them, for profiling).
+//! 15 by default, and 0 skips them, for profiling; `PIPELINE_SHAPES`, a
+//! comma-separated list of shape names, pairs only those).
 
 #![allow(
     clippy::unwrap_used,
@@ -634,7 +635,13 @@ async fn paired(
 ) -> Paired {
     let mut cpu = Cpu::default();
     let mut out = Vec::new();
-    for shape in Shape::ALL {
+    let wanted = std::env::var("PIPELINE_SHAPES").ok();
+    let wanted = |shape: Shape| {
+        wanted
+            .as_deref()
+            .is_none_or(|w| w.split(',').any(|s| s.trim() == shape.name()))
+    };
+    for shape in Shape::ALL.into_iter().filter(|&s| wanted(s)) {
         let n = shape.chunk();
         let mut measured = Vec::with_capacity(pairs);
         // One pair to warm up, not counted.

@@ -216,6 +216,18 @@ pub struct KeyManager {
 /// The keyed hash behind a business's phone-number index.
 struct PhoneIndexKey(Hmac<Sha256>);
 
+impl PhoneIndexKey {
+    /// `number`'s HMAC, truncated to a [`PhoneHash`].
+    fn hash(&self, number: &PhoneNumber) -> PhoneHash {
+        let mut mac = self.0.clone();
+        mac.update(number.expose().as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut hash = [0u8; PhoneHash::LEN];
+        hash.copy_from_slice(&digest[..PhoneHash::LEN]);
+        PhoneHash::from_bytes(hash)
+    }
+}
+
 /// Unwrapped keys in memory. Keys are business ids and epochs, which the
 /// host and the clock choose, not consumers; foldhash (randomly seeded) keeps
 /// the per-record lookup at a few nanoseconds.
@@ -633,18 +645,21 @@ impl KeyManager {
         business: BusinessId,
         number: &PhoneNumber,
     ) -> Result<PhoneHash, KeyError> {
-        let cached = self.read().phone_index.get(&business).cloned();
-        let key = match cached {
-            Some(key) => key,
+        // Hashed in a plain function, under the cache's read lock: its
+        // working state stays on the stack instead of in the caller's
+        // future, which a busy gateway finds cold.
+        let cached = self
+            .read()
+            .phone_index
+            .get(&business)
+            .map(|k| k.hash(number));
+        match cached {
+            Some(hash) => Ok(hash),
             // Boxed: every message awaits this, and only the first creates.
-            None => Box::pin(self.create_phone_index_key(business)).await?,
-        };
-        let mut mac = key.0.clone();
-        mac.update(number.expose().as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let mut hash = [0u8; PhoneHash::LEN];
-        hash.copy_from_slice(&digest[..PhoneHash::LEN]);
-        Ok(PhoneHash::from_bytes(hash))
+            None => Ok(Box::pin(self.create_phone_index_key(business))
+                .await?
+                .hash(number)),
+        }
     }
 
     /// Create (or, if another task did first, take) `business`'s phone index key.

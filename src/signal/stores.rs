@@ -17,7 +17,7 @@ use wacore_libsignal::protocol::{
 };
 
 use super::account::Account;
-use super::{IdentityPolicy, SignalError};
+use super::{IdentityPolicy, SignalError, same_key};
 use crate::ids::BusinessId;
 use crate::keys::{KeyId, KeyKind, KeyManager};
 
@@ -121,7 +121,9 @@ impl IdentityKeyStore for IdentityOverlay {
         identity: &IdentityKey,
     ) -> Result<IdentityChange> {
         let change = match self.peer {
-            Some(known) if known == *identity => return Ok(IdentityChange::NewOrUnchanged),
+            Some(known) if same_key(known.public_key(), identity.public_key()) => {
+                return Ok(IdentityChange::NewOrUnchanged);
+            }
             Some(_) => IdentityChange::ReplacedExisting,
             None => IdentityChange::NewOrUnchanged,
         };
@@ -138,7 +140,7 @@ impl IdentityKeyStore for IdentityOverlay {
     ) -> Result<bool> {
         Ok(match self.peer {
             None => true,
-            Some(known) if known == *identity => true,
+            Some(known) if same_key(known.public_key(), identity.public_key()) => true,
             Some(_) => self.policy == IdentityPolicy::AcceptAndReport,
         })
     }

@@ -67,12 +67,15 @@ impl Transport for RecordingTransport {
         _: u32,
         message: &Outgoing,
     ) -> Result<(), TransportError> {
-        self.sent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(consumer.expose().to_owned())
-            .or_default()
-            .push(message.ciphertext.clone());
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        let ciphertext = message.ciphertext.clone();
+        // The consumer's key is copied only the first time.
+        match sent.get_mut(consumer.expose()) {
+            Some(list) => list.push(ciphertext),
+            None => {
+                sent.insert(consumer.expose().to_owned(), vec![ciphertext]);
+            }
+        }
         Ok(())
     }
 
