@@ -609,9 +609,16 @@ impl Processor {
         inbound: Inbound,
     ) -> Result<Receipt, ProcessorError> {
         let span = debug_span!("receive", %business, device = inbound.device);
-        self.receive_in(principal, business, inbound)
-            .instrument(span)
-            .await
+        // Boxed: the caller's future (a host's task, or one of its many
+        // lanes) carries a pointer instead of about 4 KiB of state, and
+        // the block glibc hands back is the one the last message used,
+        // still in the cache. Inline, a 256-lane burst ran about 3% slower
+        // (a send measured the same either way, so it is not boxed).
+        Box::pin(
+            self.receive_in(principal, business, inbound)
+                .instrument(span),
+        )
+        .await
     }
 
     async fn receive_in(
