@@ -646,8 +646,7 @@ impl KeyManager {
         number: &PhoneNumber,
     ) -> Result<PhoneHash, KeyError> {
         // Hashed in a plain function, under the cache's read lock: its
-        // working state stays on the stack instead of in the caller's
-        // future, which a busy gateway finds cold.
+        // working state stays on the stack, out of the caller's future.
         let cached = self
             .read()
             .phone_index
