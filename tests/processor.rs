@@ -446,6 +446,72 @@ async fn expired_undelivered_messages_are_reported_failed() {
     drop(d);
 }
 
+/// A stored message whose record cannot be opened (damaged bytes) or is
+/// not its own (another message's envelope under its id) is failed as
+/// unreadable and its business told; it holds up nothing behind it, and
+/// nothing is sent under an id its envelope does not carry.
+#[tokio::test]
+async fn an_unreadable_stored_message_fails_with_a_reason_and_blocks_nothing() {
+    use custodian::store::{Batch, Delivery, Direction, FailureReason, MessageRecord, Op};
+
+    let down = Faults::none().with_outage(Timestamp::from_millis(T0), Duration::from_secs(600));
+    let d = Deployment::new(&[7], down, Faults::none(), 8);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 2).await;
+    let good = d
+        .processor
+        .send(
+            d.owner(b),
+            b,
+            Outbound {
+                to: number(1),
+                content: b"still goes".to_vec(),
+                category: Category::Service,
+            },
+        )
+        .await
+        .unwrap();
+    let stored = d.store.message(b, good).await.unwrap().unwrap();
+    let bad = |byte: u8, direction, sealed: Vec<u8>| MessageRecord {
+        id: MessageId::from_bytes([byte; 16]),
+        direction,
+        // Due before the good one, so that it comes first in every pass.
+        delivery: Delivery::queued(Timestamp::from_millis(T0 - 1)),
+        sealed,
+        ..stored.clone()
+    };
+    let damaged_out = bad(0xd1, Direction::Outbound, b"not an envelope".to_vec());
+    let damaged_in = bad(0xd2, Direction::Inbound, stored.sealed[..40].to_vec());
+    let misplaced = bad(0xd3, Direction::Outbound, stored.sealed.clone());
+    let bad_ids = [damaged_out.id, damaged_in.id, misplaced.id];
+    let mut batch = Batch::new();
+    for record in [damaged_out, damaged_in, misplaced] {
+        batch.push(Op::PutMessage(Box::new(record)));
+    }
+    d.store.commit(batch).await.unwrap();
+
+    // Every pass succeeds, through the outage and after it.
+    d.run(Duration::from_secs(900), Duration::from_secs(60))
+        .await;
+    for id in bad_ids {
+        assert_eq!(
+            d.processor.message_status(d.owner(b), b, id).await.unwrap(),
+            (Status::Failed, Some(FailureReason::Unreadable))
+        );
+        assert_eq!(
+            d.business.statuses()[&id].last(),
+            Some(&(Status::Failed, Some(FailureReason::Unreadable)))
+        );
+    }
+    let received = d.network.received(&number(1)).await;
+    assert_eq!(received.len(), 2, "both devices");
+    for messages in received.values() {
+        assert!(messages.contains_key(&good));
+        assert!(bad_ids.iter().all(|id| !messages.contains_key(id)));
+    }
+}
+
 /// A principal of business A tries every entry point on business B (and
 /// every operator entry point): each is refused, and nothing changes.
 #[tokio::test]

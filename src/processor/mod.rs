@@ -64,7 +64,7 @@ use crate::transport::{
     Authorizer, BusinessSink, InboundMessage, Outgoing, Principal, StatusUpdate, Transport,
     TransportError,
 };
-use crate::vault::{OpenError, Vault};
+use crate::vault::{OpenError, Opened, Vault};
 use crate::visibility::{
     AuditSink, DataClass, DenyReason, Gate, Labelled, Party, PolicyError, Purpose, VisibilityPolicy,
 };
@@ -256,6 +256,16 @@ impl std::fmt::Debug for Outbound {
             .field("category", &self.category)
             .finish()
     }
+}
+
+/// What a stored message's record holds, as far as it can be handed on.
+enum Stored {
+    /// Its content.
+    Content(Zeroizing<Vec<u8>>),
+    /// It expired since it was found readable.
+    Expired,
+    /// Nothing, ever: damaged, its key gone, or another record's envelope.
+    Unreadable,
 }
 
 /// What [`Processor::retransmit_due`] did.
@@ -1306,6 +1316,51 @@ impl Processor {
         Ok((record.delivery.status, record.delivery.failure))
     }
 
+    /// The content sealed for the stored message `record`, if its envelope
+    /// opens and is the one sealed for this very record (its business, id
+    /// and direction), so that no damaged or misplaced row is handed on
+    /// under another message's id. A failure that may pass (the key
+    /// hierarchy unavailable) is an error.
+    async fn open_message(&self, record: &MessageRecord) -> Result<Stored, ProcessorError> {
+        match self.vault.open(&record.sealed, record.business).await {
+            Ok(Opened { header, plaintext }) => {
+                let plaintext = Zeroizing::new(plaintext);
+                let label = header.label();
+                let kind = self.open_label(record).kind;
+                Ok(if label.id == record.id && label.kind == kind {
+                    Stored::Content(plaintext)
+                } else {
+                    debug!(business = %record.business, id = %record.id, "a stored message holds another record's envelope");
+                    Stored::Unreadable
+                })
+            }
+            Err(OpenError::Expired { .. }) => Ok(Stored::Expired),
+            Err(OpenError::Key(e)) => Err(e.into()),
+            Err(e) => {
+                debug!(business = %record.business, id = %record.id, error = %e, "a stored message cannot be opened");
+                Ok(Stored::Unreadable)
+            }
+        }
+    }
+
+    /// Fail `record`, whose stored content cannot be opened or decoded: it
+    /// can never be delivered, and its business is told why. Returns
+    /// whether the business was told.
+    async fn fail_unreadable(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
+        let (business, id, current) = (record.business, record.id, record.delivery);
+        warn!(%business, %id, "a stored message is unreadable: failed");
+        let failed = Attempt::Fail(FailureReason::Unreadable);
+        let next = self.after_attempt(&current, failed, self.clock.now());
+        if !self
+            .write_delivery(business, id, current.status, next)
+            .await?
+        {
+            return Ok(false);
+        }
+        self.report_status(business, id, record.phone, record.direction, next)
+            .await
+    }
+
     /// Tell the business that `record`, still open, expired undelivered,
     /// and mark it failed. If the business cannot be told now, it is due
     /// again after a backoff (it never blocks the messages behind it).
@@ -1411,12 +1466,18 @@ impl Processor {
                 }
                 continue;
             }
-            let opened = self.vault.open(&record.sealed, record.business).await?;
-            let plaintext = Zeroizing::new(opened.plaintext);
+            let plaintext = match self.open_message(&record).await? {
+                Stored::Content(plaintext) => Some(plaintext),
+                // Past its retention since the check: the next pass fails it.
+                Stored::Expired => continue,
+                Stored::Unreadable => None,
+            };
             match record.direction {
                 Direction::Inbound => {
-                    let body = InboundBody::decode(&plaintext)
-                        .map_err(|e| ProcessorError::Store(StoreError::Corrupt(e.0.to_owned())))?;
+                    let Some(body) = plaintext.and_then(|p| InboundBody::decode(&p).ok()) else {
+                        report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
+                        continue;
+                    };
                     let parts = InboundParts {
                         id: record.id,
                         from: body.from,
@@ -1440,8 +1501,10 @@ impl Processor {
                     }
                 }
                 Direction::Outbound => {
-                    let body = OutboundBody::decode(&plaintext)
-                        .map_err(|e| ProcessorError::Store(StoreError::Corrupt(e.0.to_owned())))?;
+                    let Some(body) = plaintext.and_then(|p| OutboundBody::decode(&p).ok()) else {
+                        report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
+                        continue;
+                    };
                     // Sending it through the transport again is retransmission.
                     let purpose = if d.attempts == 0 {
                         Purpose::Delivery

@@ -135,14 +135,32 @@ impl<'a> Sweep<'a> {
     /// an error or a crash) is finished by the next one.
     /// The report says whether the sweep finished; the flag, whether the
     /// policy's shortened periods now apply to every stored message.
+    ///
+    /// A stage that fails does not stop the later ones: a record that
+    /// cannot be read (damaged, say) must not keep everything else past
+    /// its retention, least of all the epoch keys, whose destruction makes
+    /// whatever is left unreadable. The first error is returned once every
+    /// stage has run. (Once the budget is spent, each later stage stops at
+    /// its first step.)
     pub(super) async fn run(mut self) -> Result<(SweepReport, bool), SweepError> {
         let started = Instant::now();
-        let shortened = self.shorten_expiries().await?;
-        let complete = shortened
-            && self.fail_expired_open().await?
-            && self.delete_expired().await?
-            && self.delete_orphan_peers().await?
-            && self.destroy_ended_epochs().await?;
+        let mut failed = None;
+        let mut done = |stage: Result<bool, SweepError>| {
+            stage.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "a sweep stage failed; the later stages still run");
+                failed.get_or_insert(e);
+                false
+            })
+        };
+        let shortened = done(self.shorten_expiries().await);
+        let failed_open = done(self.fail_expired_open().await);
+        let deleted = done(self.delete_expired().await);
+        let forgotten = done(self.delete_orphan_peers().await);
+        let destroyed = done(self.destroy_ended_epochs().await);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let complete = shortened && failed_open && deleted && forgotten && destroyed;
         if complete {
             // What was deleted may live on in the store's own files; a store
             // that cannot scrub now does it at the next sweep.

@@ -105,6 +105,9 @@ pub enum FailureReason {
     Refused = 3,
     /// No session could be established with any of the consumer's devices.
     NoSession = 4,
+    /// Its stored record can never be opened again: damaged, its key gone,
+    /// or not the envelope sealed for it.
+    Unreadable = 5,
 }
 
 impl FailureReason {
@@ -120,6 +123,7 @@ impl FailureReason {
             2 => Some(Self::NoDevices),
             3 => Some(Self::Refused),
             4 => Some(Self::NoSession),
+            5 => Some(Self::Unreadable),
             _ => None,
         }
     }

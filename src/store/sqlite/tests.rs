@@ -886,3 +886,51 @@ fn concurrent_commits_share_transactions_and_are_counted() {
     assert!(block_on(store.commit(too_big)).is_err());
     assert_eq!(store.group_commits(), after);
 }
+
+/// One row that no longer decodes fails the sweep (the error is returned,
+/// and the row is kept for an operator to look at), but not the rest of
+/// it: every other expired message is still deleted.
+#[test]
+fn a_row_that_does_not_decode_fails_the_sweep_but_no_other_deletion() {
+    use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
+    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy, SweepError};
+    use crate::visibility::MemoryAuditSink;
+
+    struct Told;
+    #[async_trait::async_trait]
+    impl ExpiryNotifier for Told {
+        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+            true
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let damaged = "X'01010101010101010101010101010101'";
+    tamper(
+        &path,
+        &format!(
+            "UPDATE messages SET status = 2, next_attempt = NULL WHERE id != {damaged};
+             UPDATE messages SET phone = X'0707' WHERE id = {damaged};"
+        ),
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let before = block_on(store.census()).unwrap().messages;
+    assert!(before > 1);
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        store.clone(),
+    ));
+    let retention = Retention::new(
+        store.clone(),
+        keys,
+        RetentionPolicy::default(),
+        Arc::new(MemoryAuditSink::new()),
+    );
+    let now = Timestamp::from_millis(T0 + 86_400_000);
+    let swept = block_on(retention.sweep(now, &Told));
+    assert!(
+        matches!(swept, Err(SweepError::Store(StoreError::Corrupt(_)))),
+        "{swept:?}"
+    );
+    assert_eq!(block_on(store.census()).unwrap().messages, 1);
+}
