@@ -674,9 +674,12 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         "\nstore before retention: {} messages, {} Signal peer records, {} consumers, {} epoch keys",
         census.messages, census.peers, census.phones, census.epoch_keys
     );
+    // Every stored message's sealed bytes, as a backup would hold them.
     let mut samples: Vec<MessageRecord> = Vec::new();
-    for (b, id, _) in sent.iter().take(5) {
-        if let Some(record) = storage.message(*b, *id).await? {
+    let outbound = sent.iter().map(|&(b, id, _)| (b, id));
+    let inbound = contents.iter().map(|&(b, id, _)| (b, id));
+    for (b, id) in outbound.chain(inbound) {
+        if let Some(record) = storage.message(b, id).await? {
             samples.push(record);
         }
     }
@@ -698,10 +701,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     if !sweep.complete {
         broken.push("the sweep stopped before the end".into());
     }
-    if census.messages > 0 || census.phones > 0 || census.peers > 0 {
+    if census.messages > 0 || census.phones > 0 || census.peers > 0 || census.epoch_keys > 0 {
         broken.push(format!(
-            "after retention the store still holds {} messages, {} consumers, {} Signal peer records",
-            census.messages, census.phones, census.peers
+            "after retention the store still holds {} messages, {} consumers, {} Signal peer records, {} epoch keys",
+            census.messages, census.phones, census.peers, census.epoch_keys
         ));
     }
     let mut still_found = 0;
@@ -740,20 +743,26 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         "{unreadable} of {} sealed messages copied before the sweep refuse to open with the root key and an old clock",
         samples.len(),
     );
+    if samples.is_empty() {
+        broken.push("no sealed message was copied before the sweep to try".into());
+    }
     if unreadable != samples.len() {
         broken.push(format!(
             "{} sealed copies still open after retention",
             samples.len() - unreadable
         ));
     }
-    if let Some(path) = &path {
-        let (bytes, hits) = numbers_in_clear(path)?;
-        println!("store files: {bytes} bytes, phone numbers in clear: {hits}");
-        if hits > 0 {
-            broken.push(format!(
-                "{hits} phone numbers in clear in the store's files"
-            ));
+    match &path {
+        Some(path) => {
+            let (bytes, hits) = numbers_in_clear(path)?;
+            println!("store files: {bytes} bytes, phone numbers in clear: {hits}");
+            if hits > 0 {
+                broken.push(format!(
+                    "{hits} phone numbers in clear in the store's files"
+                ));
+            }
         }
+        None => println!("store files: none to scan for phone numbers (--memory)"),
     }
 
     // The audit trail.

@@ -102,7 +102,8 @@ impl Authorizer for StaticAuthorizer {
     }
 }
 
-/// Why the transport could not do something.
+/// Why the transport could not do something. Its text is logged as given:
+/// keep content and phone numbers out of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
@@ -220,7 +221,8 @@ pub struct StatusUpdate {
     pub at: Timestamp,
 }
 
-/// Why the business could not take a message or status.
+/// Why the business could not take a message or status. Its text is
+/// logged as given: keep content and phone numbers out of it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("business endpoint unavailable: {0}")]
 pub struct SinkError(pub String);

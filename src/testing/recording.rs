@@ -16,10 +16,21 @@ use crate::transport::{Outgoing, Transport, TransportError};
 /// and there is no bundle to fetch (start each device's session from
 /// [`published`](Self::published) keys before the processor sends to it).
 /// No faults, no delays: for those, [`SimNetwork`](super::SimNetwork).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RecordingTransport {
     keys: Mutex<Option<PublishedKeys>>,
     sent: Mutex<BTreeMap<String, Vec<Ciphertext>>>,
+}
+
+impl std::fmt::Debug for RecordingTransport {
+    /// Counts only: the map is keyed by consumers' numbers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("RecordingTransport")
+            .field("consumers", &sent.len())
+            .field("ciphertexts", &sent.values().map(Vec::len).sum::<usize>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RecordingTransport {
