@@ -304,6 +304,15 @@ fn batch(ops: impl IntoIterator<Item = Op>) -> Batch {
     batch
 }
 
+/// The stored bookkeeping of message `id` of business `b`.
+async fn stored(s: &dyn Storage, b: u64, id: u64) -> Delivery {
+    s.message(business(b), mid(id))
+        .await
+        .unwrap()
+        .unwrap()
+        .delivery
+}
+
 async fn commit(s: &dyn Storage, ops: impl IntoIterator<Item = Op>) {
     s.commit(batch(ops)).await.unwrap();
 }
@@ -918,13 +927,34 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
         expected,
         delivery,
     };
-    // A compare-and-swap on the status: a stale expectation, or a missing
-    // message, fails the whole batch and changes nothing.
+    // A compare-and-swap on the whole bookkeeping: a stale expectation (in
+    // any field), or a missing message, fails the whole batch and changes
+    // nothing.
+    let stored = second.record().delivery;
+    let stale_status = Delivery {
+        status: Status::Queued,
+        ..stored
+    };
+    let stale_devices = Delivery {
+        pending_devices: stored.pending_devices ^ 0b10,
+        ..stored
+    };
+    let stale_attempts = Delivery {
+        attempts: stored.attempts + 1,
+        ..stored
+    };
+    let stale_due = Delivery {
+        next_attempt: Some(t(T0 + 12_345)),
+        ..stored
+    };
     for stale in [
-        vec![update(1, Status::Queued)],
-        vec![update(2, Status::Queued)],
-        vec![update(1, Status::Queued), put(&M::new(1, 9, 1, T0))],
-        vec![put(&M::new(1, 9, 1, T0)), update(2, Status::Queued)],
+        vec![update(1, stale_status)],
+        vec![update(1, stale_devices)],
+        vec![update(1, stale_attempts)],
+        vec![update(1, stale_due)],
+        vec![update(2, stored)],
+        vec![update(1, stale_status), put(&M::new(1, 9, 1, T0))],
+        vec![put(&M::new(1, 9, 1, T0)), update(2, stored)],
     ] {
         assert!(matches!(
             s.commit(batch(stale)).await,
@@ -937,7 +967,7 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
             "an update of a missing message creates nothing"
         );
     }
-    commit(s, [update(1, Status::Sent)]).await;
+    commit(s, [update(1, stored)]).await;
     let mut expected = second.record();
     expected.delivery = delivery;
     assert_eq!(
@@ -1052,13 +1082,13 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
             Op::UpdateDelivery {
                 business: business(1),
                 id: mid(2),
-                expected: Status::Delivered,
+                expected: stored(s, 1, 2).await,
                 delivery: later,
             },
             Op::UpdateDelivery {
                 business: business(2),
                 id: mid(3),
-                expected: Status::Delivered,
+                expected: stored(s, 2, 3).await,
                 delivery: done,
             },
         ],
@@ -1767,7 +1797,7 @@ async fn a_batch_is_all_or_nothing(backend: &mut Backend) {
             Op::UpdateDelivery {
                 business: business(1),
                 id: mid(2),
-                expected: M::new(1, 2, 1, T0).record().delivery.status,
+                expected: M::new(1, 2, 1, T0).record().delivery,
                 delivery: Delivery::queued(t(T0)),
             },
         ],
@@ -2359,7 +2389,11 @@ enum Write {
     Update {
         business: u64,
         id: u64,
-        expected: Status,
+        /// `None`: what is stored when the batch is committed (stale if
+        /// an earlier write of the batch changed it); a status: that
+        /// status with the rest as stored, stale unless it is the status
+        /// stored.
+        expected: Option<Status>,
         status: Status,
         due: Option<u64>,
     },
@@ -2387,7 +2421,8 @@ fn prekey(n: u64) -> WrappedKey {
 }
 
 impl Write {
-    fn op(&self) -> Op {
+    /// The write as an operation on `store` as it stands.
+    async fn op(&self, store: &dyn Storage) -> Op {
         match *self {
             Self::Put {
                 business,
@@ -2407,18 +2442,28 @@ impl Write {
                 expected,
                 status,
                 due,
-            } => Op::UpdateDelivery {
-                business: business(b),
-                id: mid(id),
-                expected,
-                delivery: Delivery {
-                    status,
-                    failure: (status == Status::Failed).then_some(FailureReason::Refused),
-                    attempts: 1,
-                    next_attempt: due.map(|h| t(T0 + h * HOUR)),
-                    pending_devices: 0,
-                },
-            },
+            } => {
+                let stored = store
+                    .message(business(b), mid(id))
+                    .await
+                    .unwrap()
+                    .map_or(Delivery::queued(t(T0)), |m| m.delivery);
+                Op::UpdateDelivery {
+                    business: business(b),
+                    id: mid(id),
+                    expected: match expected {
+                        None => stored,
+                        Some(status) => Delivery { status, ..stored },
+                    },
+                    delivery: Delivery {
+                        status,
+                        failure: (status == Status::Failed).then_some(FailureReason::Refused),
+                        attempts: 1,
+                        next_attempt: due.map(|h| t(T0 + h * HOUR)),
+                        pending_devices: 0,
+                    },
+                }
+            }
             Self::FailExpired { business: b, id } => Op::FailExpired {
                 business: business(b),
                 id: mid(id),
@@ -2447,7 +2492,7 @@ fn write() -> impl Strategy<Value = Write> {
                 status
             }
         ),
-        3 => (at.clone(), status.clone(), status, due).prop_map(
+        3 => (at.clone(), proptest::option::of(status.clone()), status, due).prop_map(
             |((business, id), expected, status, due)| Write::Update {
                 business,
                 id,
@@ -2515,7 +2560,10 @@ async fn run(
     }
     let mut outcomes = Vec::new();
     for writes in batches {
-        let mut ops: Vec<Op> = writes.iter().map(Write::op).collect();
+        let mut ops = Vec::with_capacity(writes.len() + 1);
+        for write in writes {
+            ops.push(write.op(store).await);
+        }
         if padded {
             ops.push(Op::DeleteHold {
                 scope: HoldScope::Business(business(1)),

@@ -125,10 +125,10 @@ fn delivered(seq: u64) -> Delivery {
 
 /// Batch `seq` of `task`: its message and the peer with it; every fifth
 /// batch also marks the previous message delivered (a compare-and-swap
-/// from its status `previous`: queued, or delivered already when the batch
+/// from its bookkeeping `previous`: queued, or delivered already when the batch
 /// is committed again after a crash hid its acknowledgement), every seventh
 /// deletes the message and peer of two batches back.
-fn batch(task: usize, seq: u64, previous: Status) -> Batch {
+fn batch(task: usize, seq: u64, previous: Delivery) -> Batch {
     let mut b = Batch::new();
     b.push(Op::PutMessage(Box::new(record(task, seq))));
     b.push(Op::PutPeer {
@@ -163,7 +163,7 @@ type State = (BTreeMap<u64, MessageRecord>, BTreeMap<u64, Vec<u8>>);
 fn model(task: usize, count: u64) -> State {
     let (mut messages, mut peers) = (BTreeMap::new(), BTreeMap::new());
     for seq in 0..count {
-        for op in batch(task, seq, Status::Queued).into_ops() {
+        for op in batch(task, seq, record(task, seq).delivery).into_ops() {
             match op {
                 Op::PutMessage(m) => {
                     messages.insert(seq, *m);
@@ -216,7 +216,10 @@ fn crash_child() {
                         Some(p) => store.message(business(), id(task, p)).await.unwrap(),
                         None => None,
                     };
-                    let previous = previous.map_or(Status::Queued, |m| m.delivery.status);
+                    let previous = previous.map_or_else(
+                        || record(task, seq.saturating_sub(1)).delivery,
+                        |m| m.delivery,
+                    );
                     // Committed before the last kill, but not acknowledged: a
                     // message is stored once, so the batch is not retried.
                     if store

@@ -610,6 +610,8 @@ async fn no_principal_reaches_another_tenant() {
     unauthorized(d.processor.export_integrity(&intruder).await.map(drop));
     unauthorized(d.processor.export_billing(&intruder).await.map(drop));
     unauthorized(d.processor.keys(&intruder).map(drop));
+    unauthorized(d.processor.retention_policy(&intruder).map(drop));
+    assert!(d.processor.retention_policy(&d.operator).is_ok());
     unauthorized(
         d.processor
             .set_retention_policy(&intruder, custodian::retention::RetentionPolicy::default()),

@@ -1097,7 +1097,7 @@ mod timelines {
                                     && s.delivery.status.may_become(Status::Delivered)
                                 {
                                     let mut batch = Batch::new();
-                                    batch.push(Op::UpdateDelivery { business: m.business, id: m.id, expected: s.delivery.status, delivery });
+                                    batch.push(Op::UpdateDelivery { business: m.business, id: m.id, expected: s.delivery, delivery });
                                     w.store.commit(batch).await.unwrap();
                                 }
                             }

@@ -462,9 +462,14 @@ impl Processor {
         Ok(&self.keys)
     }
 
-    /// The retention policy in force.
-    pub fn retention_policy(&self) -> Arc<RetentionPolicy> {
-        self.retention.policy()
+    /// The retention policy in force (operators only: it names every
+    /// business with its own periods or region).
+    pub fn retention_policy(
+        &self,
+        principal: &Principal,
+    ) -> Result<Arc<RetentionPolicy>, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self.retention.policy())
     }
 
     /// Put a retention policy in force (operators only). Shorter periods
@@ -583,13 +588,13 @@ impl Processor {
         Ok(policy.expiry(business, direction, now))
     }
 
-    /// Change a message's delivery state if its status is still `expected`;
-    /// `false` if it moved on (or the message is gone) meanwhile.
+    /// Change a message's delivery state if it is still `expected`; `false`
+    /// if it changed (or the message is gone) meanwhile.
     async fn write_delivery(
         &self,
         business: BusinessId,
         id: MessageId,
-        expected: Status,
+        expected: Delivery,
         delivery: Delivery,
     ) -> Result<bool, ProcessorError> {
         let mut batch = Batch::new();
@@ -793,10 +798,7 @@ impl Processor {
     ) -> Result<bool, ProcessorError> {
         let now = self.clock.now();
         let next = self.after_attempt(&current, attempt, now);
-        if !self
-            .write_delivery(business, id, current.status, next)
-            .await?
-        {
+        if !self.write_delivery(business, id, current, next).await? {
             return Ok(false);
         }
         match attempt {
@@ -930,10 +932,7 @@ impl Processor {
         let mut races = 0;
         let next = loop {
             let next = self.after_send(current, outcome, now);
-            if self
-                .write_delivery(business, id, current.status, next)
-                .await?
-            {
+            if self.write_delivery(business, id, current, next).await? {
                 break next;
             }
             races += 1;
@@ -945,15 +944,7 @@ impl Processor {
             }
         };
         if current.status == Status::Queued && next.status == Status::Sent {
-            // Billable once, when the transport first accepts it.
-            self.billing.record(business, body.category, now);
-            self.statistics.record_message(
-                business,
-                record.phone,
-                Direction::Outbound,
-                crate::integrity::Status::Sent,
-                now,
-            );
+            self.accepted(record, body.category, now);
             self.notify(StatusUpdate {
                 business,
                 id,
@@ -968,6 +959,33 @@ impl Processor {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Count outbound `record` of `category` as taken by the transport at
+    /// `now`: billable, and sent. Called once, by whichever write first
+    /// moves it on from queued (a send's bookkeeping, or a delivery report
+    /// that came first).
+    fn accepted(&self, record: &MessageRecord, category: Category, now: Timestamp) {
+        self.billing.record(record.business, category, now);
+        self.statistics.record_message(
+            record.business,
+            record.phone,
+            Direction::Outbound,
+            crate::integrity::Status::Sent,
+            now,
+        );
+    }
+
+    /// The category of outbound `record`, from its sealed body; `None` if
+    /// the body cannot be read.
+    async fn category_of(
+        &self,
+        record: &MessageRecord,
+    ) -> Result<Option<Category>, ProcessorError> {
+        Ok(match self.open_message(record).await? {
+            Stored::Content(plaintext) => OutboundBody::decode(&plaintext).ok().map(|b| b.category),
+            Stored::Expired | Stored::Unreadable => None,
+        })
     }
 
     /// The bookkeeping after sending to devices, for a message whose stored
@@ -1159,24 +1177,25 @@ impl Processor {
         }
     }
 
-    /// Tell the business the settled status in `delivery` (delivered, read
-    /// or failed) of one of its messages; once told, nothing is pending. If
-    /// it cannot be told, the report is due again after a backoff: a
-    /// business always learns how its message ended. Returns whether it
-    /// was told.
+    /// Tell the business the settled status (delivered, read or failed) of
+    /// one of its messages, whose stored bookkeeping is `stored`; once
+    /// told, nothing is pending (devices not reached by then are not sent
+    /// to any more). If it cannot be told, the report is due again after a
+    /// backoff: a business always learns how its message ended. Returns
+    /// whether it was told.
     async fn report_status(
         &self,
         business: BusinessId,
         id: MessageId,
         phone: PhoneHash,
         direction: Direction,
-        delivery: Delivery,
+        stored: Delivery,
     ) -> Result<bool, ProcessorError> {
         let update = StatusUpdate {
             business,
             id,
-            status: delivery.status,
-            failure: delivery.failure,
+            status: stored.status,
+            failure: stored.failure,
             at: self.clock.now(),
         };
         let told = self.sink.status(&update).await.is_ok();
@@ -1186,17 +1205,18 @@ impl Processor {
             Some(
                 update
                     .at
-                    .saturating_add(self.delivery.backoff(delivery.attempts)),
+                    .saturating_add(self.delivery.backoff(stored.attempts)),
             )
         };
         let next = Delivery {
             next_attempt,
-            attempts: delivery.attempts.saturating_add(u32::from(!told)),
-            ..delivery
+            attempts: stored.attempts.saturating_add(u32::from(!told)),
+            pending_devices: 0,
+            ..stored
         };
-        // If the status moved on meanwhile, its own report is pending.
-        self.write_delivery(business, id, delivery.status, next)
-            .await?;
+        // If it changed meanwhile (a newer status, a device left to retry),
+        // what changed it decides what is reported next.
+        self.write_delivery(business, id, stored, next).await?;
         if told && update.status == Status::Failed {
             self.statistics.record_message(
                 business,
@@ -1252,6 +1272,14 @@ impl Processor {
             {
                 return Ok(StatusChange::Ignored);
             }
+            // Reported before the send's own bookkeeping moved it on from
+            // queued: this write does, and counts it taken (billable, sent).
+            // Its category is read before anything changes.
+            let queued_as = if record.delivery.status == Status::Queued {
+                Some(self.category_of(&record).await?)
+            } else {
+                None
+            };
             // Settled, with the report to the business pending until it is
             // told, unless devices still wait for a retry: the report
             // follows that.
@@ -1268,11 +1296,18 @@ impl Processor {
                 pending_devices: pending,
             };
             if !self
-                .write_delivery(business, id, record.delivery.status, settled)
+                .write_delivery(business, id, record.delivery, settled)
                 .await?
             {
                 // Another report won the race: decide again on what it left.
                 continue;
+            }
+            match queued_as {
+                Some(Some(category)) => self.accepted(&record, category, now),
+                Some(None) => {
+                    warn!(%business, %id, "a message reported delivered cannot be billed: its body is unreadable");
+                }
+                None => {}
             }
             if record.delivery.status < Status::Delivered {
                 self.statistics.record_delivery(
@@ -1351,10 +1386,7 @@ impl Processor {
         warn!(%business, %id, "a stored message is unreadable: failed");
         let failed = Attempt::Fail(FailureReason::Unreadable);
         let next = self.after_attempt(&current, failed, self.clock.now());
-        if !self
-            .write_delivery(business, id, current.status, next)
-            .await?
-        {
+        if !self.write_delivery(business, id, current, next).await? {
             return Ok(false);
         }
         self.report_status(business, id, record.phone, record.direction, next)
@@ -1389,14 +1421,22 @@ impl Processor {
             debug!(%business, %id, "expired undelivered; reported failed");
             return Ok(true);
         }
+        self.postpone(record, update.at).await?;
+        Ok(false)
+    }
+
+    /// Make `record`'s next attempt, which could not be made at `now`, due
+    /// again after a backoff, its state otherwise unchanged.
+    async fn postpone(&self, record: &MessageRecord, now: Timestamp) -> Result<(), ProcessorError> {
         let d = record.delivery;
         let later = Delivery {
             attempts: d.attempts.saturating_add(1),
-            next_attempt: Some(update.at.saturating_add(self.delivery.backoff(d.attempts))),
+            next_attempt: Some(now.saturating_add(self.delivery.backoff(d.attempts))),
             ..d
         };
-        self.write_delivery(business, id, d.status, later).await?;
-        Ok(false)
+        self.write_delivery(record.business, record.id, d, later)
+            .await?;
+        Ok(())
     }
 
     /// Work through messages whose next attempt is due: hand inbound ones to
@@ -1438,17 +1478,13 @@ impl Processor {
             if !d.status.is_open() && !resend {
                 // Settled: its report is what is due (devices past
                 // retention are not sent to any more).
-                let settled = Delivery {
-                    pending_devices: 0,
-                    ..d
-                };
                 if self
                     .report_status(
                         record.business,
                         record.id,
                         record.phone,
                         record.direction,
-                        settled,
+                        d,
                     )
                     .await?
                     && d.status == Status::Failed
@@ -1466,11 +1502,19 @@ impl Processor {
                 }
                 continue;
             }
-            let plaintext = match self.open_message(&record).await? {
-                Stored::Content(plaintext) => Some(plaintext),
+            let plaintext = match self.open_message(&record).await {
+                Ok(Stored::Content(plaintext)) => Some(plaintext),
                 // Past its retention since the check: the next pass fails it.
-                Stored::Expired => continue,
-                Stored::Unreadable => None,
+                Ok(Stored::Expired) => continue,
+                Ok(Stored::Unreadable) => None,
+                // Its key could not be had now (the provider or the store
+                // unavailable, a ring to repair): it waits, the rest go on.
+                Err(e) => {
+                    warn!(business = %record.business, id = %record.id, error = %e, "a due message's key is unavailable: postponed");
+                    self.postpone(&record, now).await?;
+                    report.rescheduled += 1;
+                    continue;
+                }
             };
             match record.direction {
                 Direction::Inbound => {

@@ -2,7 +2,7 @@
 
 use smallvec::SmallVec;
 
-use super::{Delivery, Hold, HoldScope, MessageRecord, Status};
+use super::{Delivery, Hold, HoldScope, MessageRecord};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::KeyId;
 use crate::time::Timestamp;
@@ -58,18 +58,20 @@ pub enum Op {
     /// a stored message is never replaced, so an id is a guard against
     /// storing the same message twice.
     PutMessage(Box<MessageRecord>),
-    /// Change a stored message's delivery bookkeeping, if its status is
-    /// still `expected`. If it is not, or the message is gone, the whole
-    /// batch fails with [`StoreError::Conflict`](super::StoreError::Conflict):
-    /// reread it and decide again (a compare-and-swap, so that concurrent
-    /// writers never move a status backwards).
+    /// Change a stored message's delivery bookkeeping, if it is still
+    /// exactly `expected` (every field: status, failure, attempts, next
+    /// attempt, pending devices). If it is not, or the message is gone, the
+    /// whole batch fails with [`StoreError::Conflict`](super::StoreError::Conflict):
+    /// reread it and decide again. A compare-and-swap of the whole value, so
+    /// that concurrent writers never move a status backwards, nor undo one
+    /// another's devices left to retry.
     UpdateDelivery {
         /// The business.
         business: BusinessId,
         /// The message.
         id: MessageId,
-        /// The status the change was decided on.
-        expected: Status,
+        /// The bookkeeping the change was decided on.
+        expected: Delivery,
         /// The new bookkeeping.
         delivery: Delivery,
     },

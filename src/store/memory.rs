@@ -82,6 +82,17 @@ impl IndexEntries {
     }
 }
 
+/// What [`Op::FailExpired`] makes of an open message's `delivery`.
+fn failed_expired(delivery: Delivery) -> Delivery {
+    Delivery {
+        status: Status::Failed,
+        failure: Some(FailureReason::Expired),
+        next_attempt: None,
+        pending_devices: 0,
+        ..delivery
+    }
+}
+
 impl MemoryStore {
     /// An empty store in [`Region::LOCAL`].
     pub fn new() -> Self {
@@ -173,7 +184,7 @@ impl Inner {
                     .messages
                     .get_mut(&business)
                     .and_then(|m| m.get_mut(&id));
-                let Some(m) = m.filter(|m| m.delivery.status == expected) else {
+                let Some(m) = m.filter(|m| m.delivery == expected) else {
                     return false;
                 };
                 if let Some(due) = m.delivery.next_attempt {
@@ -193,13 +204,7 @@ impl Inner {
                     if let Some(due) = m.delivery.next_attempt {
                         self.by_due.remove(&(due, business, id));
                     }
-                    m.delivery = Delivery {
-                        status: Status::Failed,
-                        failure: Some(FailureReason::Expired),
-                        next_attempt: None,
-                        pending_devices: 0,
-                        ..m.delivery
-                    };
+                    m.delivery = failed_expired(m.delivery);
                 }
             }
             Op::DeleteMessage { business, id } => {
@@ -238,15 +243,16 @@ impl Inner {
             return true;
         }
         // Batches are a few operations: a list beats a map here.
-        let mut statuses: Vec<((BusinessId, MessageId), Option<Status>)> = Vec::new();
+        type Seen = Vec<((BusinessId, MessageId), Option<Delivery>)>;
+        let mut statuses: Seen = Vec::new();
         let mut consumed: Vec<KeyId> = Vec::new();
-        let status = |statuses: &[((BusinessId, MessageId), Option<Status>)], key| {
+        let status = |statuses: &Seen, key: (BusinessId, MessageId)| {
             statuses
                 .iter()
                 .rev()
                 .find(|(k, _)| *k == key)
                 .map(|(_, s)| *s)
-                .unwrap_or_else(|| self.record(key.0, key.1).map(|m| m.delivery.status))
+                .unwrap_or_else(|| self.record(key.0, key.1).map(|m| m.delivery))
         };
         for op in ops {
             match op {
@@ -265,18 +271,20 @@ impl Inner {
                     if status(&statuses, (*business, *id)) != Some(*expected) {
                         return false;
                     }
-                    statuses.push(((*business, *id), Some(delivery.status)));
+                    statuses.push(((*business, *id), Some(*delivery)));
                 }
                 Op::PutMessage(m) => {
                     if status(&statuses, (m.business, m.id)).is_some() {
                         return false;
                     }
-                    statuses.push(((m.business, m.id), Some(m.delivery.status)));
+                    statuses.push(((m.business, m.id), Some(m.delivery)));
                 }
-                Op::FailExpired { business, id }
-                    if status(&statuses, (*business, *id)).is_some_and(Status::is_open) =>
-                {
-                    statuses.push(((*business, *id), Some(Status::Failed)));
+                Op::FailExpired { business, id } => {
+                    if let Some(d) = status(&statuses, (*business, *id))
+                        && d.status.is_open()
+                    {
+                        statuses.push(((*business, *id), Some(failed_expired(d))));
+                    }
                 }
                 Op::DeleteMessage { business, id } => {
                     statuses.push(((*business, *id), None));

@@ -133,7 +133,8 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 .prepare_cached(
                     "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5,
                          next_attempt = ?6, pending_devices = ?7
-                     WHERE business = ?1 AND id = ?2 AND status = ?8",
+                     WHERE business = ?1 AND id = ?2 AND status = ?8 AND failure IS ?9
+                         AND attempts = ?10 AND next_attempt IS ?11 AND pending_devices = ?12",
                 )
                 .db()?
                 .execute(params![
@@ -144,7 +145,11 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                     delivery.attempts,
                     delivery.next_attempt.map(time_sql),
                     u64_to_sql(delivery.pending_devices),
-                    expected.code(),
+                    expected.status.code(),
+                    expected.failure.map(|f| f.code()),
+                    expected.attempts,
+                    expected.next_attempt.map(time_sql),
+                    u64_to_sql(expected.pending_devices),
                 ])
                 .db()?;
             // Fails the batch: the status moved on, or the message is gone.

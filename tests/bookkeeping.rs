@@ -1,0 +1,366 @@
+//! Delivery bookkeeping when reports race the processor's own writes: a
+//! delivery report that beats a send's bookkeeping, a slow report to the
+//! business while a device waits for a retry, and a message whose key was
+//! shredded early while it was due.
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
+use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::store::{FailureReason, MemoryStore, Status, Storage};
+use custodian::testing::{Faults, SimBusiness, SimNetwork};
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
+};
+use custodian::visibility::MemoryAuditSink;
+use tokio::sync::Notify;
+
+const T0: u64 = 1_767_225_600_000;
+
+/// What [`Racing`] does besides forwarding to the simulated network.
+#[derive(Clone, Copy, Default, PartialEq)]
+enum Race {
+    #[default]
+    None,
+    /// The device's delivery report reaches the processor from inside
+    /// `send`, before the send's own bookkeeping (a host may call back in).
+    ReportInsideSend,
+    /// The network takes the message but its reply is lost.
+    LoseReply,
+    /// Device 1's send starts a delivery report for the message (device 0
+    /// has it) and fails transiently once that report is in the business's
+    /// webhook.
+    ReportWhileDevice1Fails,
+}
+
+/// The simulated network, with one [`Race`] switched on.
+struct Racing {
+    network: Arc<SimNetwork>,
+    processor: OnceLock<Weak<Processor>>,
+    transport: Principal,
+    race: Mutex<Race>,
+    in_webhook: Arc<Notify>,
+    report: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Racing {
+    fn processor(&self) -> Arc<Processor> {
+        self.processor.get().unwrap().upgrade().unwrap()
+    }
+}
+
+#[async_trait]
+impl Transport for Racing {
+    async fn devices(&self, b: BusinessId, c: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
+        self.network.devices(b, c).await
+    }
+
+    async fn fetch_bundle(
+        &self,
+        b: BusinessId,
+        c: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        self.network.fetch_bundle(b, c, device).await
+    }
+
+    async fn send(
+        &self,
+        b: BusinessId,
+        c: &PhoneNumber,
+        device: u32,
+        m: &Outgoing,
+    ) -> Result<(), TransportError> {
+        let race = *self.race.lock().unwrap();
+        if race == Race::ReportWhileDevice1Fails && device == 1 {
+            *self.race.lock().unwrap() = Race::None;
+            let (processor, transport, id) = (self.processor(), self.transport.clone(), m.id);
+            let report = tokio::spawn(async move {
+                processor
+                    .status_update(&transport, b, id, Status::Delivered)
+                    .await
+                    .unwrap();
+            });
+            *self.report.lock().unwrap() = Some(report);
+            self.in_webhook.notified().await;
+            return Err(TransportError::Unavailable("transient".into()));
+        }
+        self.network.send(b, c, device, m).await?;
+        match race {
+            Race::LoseReply => Err(TransportError::Unavailable("reply lost".into())),
+            Race::ReportInsideSend => {
+                self.processor()
+                    .status_update(&self.transport, b, m.id, Status::Delivered)
+                    .await
+                    .unwrap();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
+        self.network.publish_keys(b, k).await
+    }
+
+    async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
+        self.network.integrity_signals(r).await
+    }
+
+    async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
+        self.network.billing(s).await
+    }
+}
+
+/// A business endpoint whose first `Delivered` report waits, once armed,
+/// until it is let go (a slow webhook).
+struct SlowWebhook {
+    business: Arc<SimBusiness>,
+    armed: Mutex<bool>,
+    entered: Arc<Notify>,
+    go: Notify,
+}
+
+#[async_trait]
+impl BusinessSink for SlowWebhook {
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
+        self.business.deliver(message).await
+    }
+
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
+        let armed = update.status == Status::Delivered
+            && std::mem::replace(&mut *self.armed.lock().unwrap(), false);
+        if armed {
+            self.entered.notify_one();
+            self.go.notified().await;
+        }
+        self.business.status(update).await
+    }
+}
+
+struct Deployment {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    racing: Arc<Racing>,
+    webhook: Arc<SlowWebhook>,
+    processor: Arc<Processor>,
+    transport: Principal,
+    operator: Principal,
+    owner: Principal,
+}
+
+impl Deployment {
+    fn new(network_faults: Faults) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let transport = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let owner = Principal::new("owner");
+        let mut authorizer = StaticAuthorizer::new().operator(&operator);
+        for b in [1, 2] {
+            let b = BusinessId::new(b).unwrap();
+            authorizer = authorizer.grant(&owner, b).grant(&transport, b);
+        }
+        let in_webhook = Arc::new(Notify::new());
+        let racing = Arc::new(Racing {
+            network: Arc::new(SimNetwork::new(clock.clone(), network_faults, 1)),
+            processor: OnceLock::new(),
+            transport: transport.clone(),
+            race: Mutex::new(Race::None),
+            in_webhook: in_webhook.clone(),
+            report: Mutex::new(None),
+        });
+        let webhook = Arc::new(SlowWebhook {
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            armed: Mutex::new(false),
+            entered: in_webhook,
+            go: Notify::new(),
+        });
+        let host = Host {
+            storage: store.clone(),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: racing.clone(),
+            business: webhook.clone(),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: Duration::from_secs(120),
+                batch: 10_000,
+            },
+            ..Policies::default()
+        };
+        let processor = Arc::new(Processor::new(host, policies).unwrap());
+        racing.processor.set(Arc::downgrade(&processor)).unwrap();
+        Self {
+            clock,
+            store,
+            racing,
+            webhook,
+            processor,
+            transport,
+            operator,
+            owner,
+        }
+    }
+
+    fn race(&self, race: Race) {
+        *self.racing.race.lock().unwrap() = race;
+    }
+
+    async fn send(&self, b: BusinessId, to: usize) -> MessageId {
+        let message = Outbound {
+            to: number(to),
+            content: b"hello".to_vec(),
+            category: Category::Service,
+        };
+        self.processor.send(&self.owner, b, message).await.unwrap()
+    }
+
+    /// Messages billed to `b` so far.
+    async fn billed(&self, b: BusinessId) -> u64 {
+        let statement = self
+            .processor
+            .billing_statement(&self.owner, b)
+            .await
+            .unwrap();
+        statement.records.iter().map(|r| r.messages.total()).sum()
+    }
+
+    /// Deliver what is in flight and retry what is due, `rounds` times.
+    async fn settle(&self, rounds: usize) {
+        for _ in 0..rounds {
+            self.racing
+                .network
+                .pump(&self.processor, &self.transport)
+                .await;
+            self.clock.advance(Duration::from_secs(30));
+            self.processor.retransmit_due(&self.operator).await.unwrap();
+        }
+    }
+}
+
+fn number(i: usize) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+fn business(n: u64) -> BusinessId {
+    BusinessId::new(n).unwrap()
+}
+
+/// A delivery report that reaches the processor before the send's own
+/// bookkeeping moves the message on from queued: the message is still
+/// billed, once, and ends delivered.
+#[tokio::test]
+async fn a_report_that_beats_the_sends_bookkeeping_still_bills_once() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.send(b, 1).await;
+    assert_eq!(d.billed(b).await, 1);
+
+    d.race(Race::ReportInsideSend);
+    let id = d.send(b, 1).await;
+    let (status, _) = d.processor.message_status(&d.owner, b, id).await.unwrap();
+    assert_eq!(status, Status::Delivered);
+    assert_eq!(d.billed(b).await, 2);
+    d.race(Race::None);
+    d.settle(5).await;
+    assert_eq!(d.billed(b).await, 2, "billed once, whoever moved it on");
+}
+
+/// The network took the message but its reply was lost; the device's
+/// report then arrives, and the retransmission after it finds the message
+/// delivered. Billed once.
+#[tokio::test]
+async fn a_send_whose_reply_was_lost_is_billed_once_when_its_report_comes() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::LoseReply);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    let (status, _) = d.processor.message_status(&d.owner, b, id).await.unwrap();
+    assert_eq!(status, Status::Queued);
+    d.settle(5).await;
+    let (status, _) = d.processor.message_status(&d.owner, b, id).await.unwrap();
+    assert!(matches!(status, Status::Delivered | Status::Read));
+    assert_eq!(d.billed(b).await, 1);
+}
+
+/// Device 0's report is in the business's (slow) webhook while device 1's
+/// send fails and is left to retry: the report's write, when the webhook
+/// returns, must not undo the retry. Device 1 gets the message.
+#[tokio::test]
+async fn a_slow_report_never_undoes_a_device_left_to_retry() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    *d.webhook.armed.lock().unwrap() = true;
+    d.race(Race::ReportWhileDevice1Fails);
+    let id = d.send(b, 1).await;
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(waiting.status, Status::Delivered);
+    assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
+    d.webhook.go.notify_one();
+    let report = d.racing.report.lock().unwrap().take().unwrap();
+    report.await.unwrap();
+    let after = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(after, waiting, "the report's write lost to the newer state");
+    d.settle(10).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for device in [0, 1] {
+        assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
+    }
+}
+
+/// A business's epoch shredded early while one of its messages is due: the
+/// message fails as unreadable, and another business's message due behind
+/// it is sent in the same pass.
+#[tokio::test]
+async fn an_early_shred_fails_its_message_and_holds_up_no_other_business() {
+    let outage = Faults::none().with_outage(Timestamp::from_millis(T0), Duration::from_secs(60));
+    let d = Deployment::new(outage);
+    let (b1, b2) = (business(1), business(2));
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.racing.network.add_consumer(&number(2), 1).await;
+    let m1 = d.send(b1, 1).await;
+    d.clock.advance(Duration::from_secs(1));
+    let m2 = d.send(b2, 2).await;
+    d.clock.advance(Duration::from_secs(120));
+    d.processor.publish_keys(&d.owner, b1).await.unwrap();
+    d.processor.publish_keys(&d.owner, b2).await.unwrap();
+    let epoch = d.store.message(b1, m1).await.unwrap().unwrap().epoch;
+    let now = d.clock.now();
+    let keys = d.processor.keys(&d.operator).unwrap();
+    assert!(keys.destroy_epoch(b1, epoch, now).await.unwrap());
+
+    let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(report.failures_reported, 1);
+    assert_eq!(
+        d.processor.message_status(&d.owner, b1, m1).await.unwrap(),
+        (Status::Failed, Some(FailureReason::Unreadable))
+    );
+    let (status, _) = d.processor.message_status(&d.owner, b2, m2).await.unwrap();
+    assert_eq!(status, Status::Sent);
+}
