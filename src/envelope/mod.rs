@@ -19,7 +19,7 @@
 //! | 7 | 8 | business | [`BusinessId`], not zero |
 //! | 15 | 16 | id | the record's [`MessageId`] |
 //! | 31 | 8 | epoch | ms since the Unix epoch at which the epoch key is destroyed ([`Epoch`]) |
-//! | 39 | 8 | expiry | ms since the Unix epoch after which the record may not be read; `expiry < epoch` |
+//! | 39 | 8 | expiry | ms since the Unix epoch after which the record may not be read; `epoch − 24 h ≤ expiry < epoch` (the longest epoch is a day) |
 //! | 47 | 1 | region length `r` | 2 to 15 |
 //! | 48 | `r` | region | [`Region`]: `a-z`, `0-9`, inner `-` |
 //! | 48 + r | 12 | nonce | random |
@@ -36,7 +36,7 @@
 //! [`Envelope::parse`] is total: any input gives an envelope or one precise
 //! [`EnvelopeError`], never a panic, and it allocates nothing (the envelope
 //! borrows its input). Unknown versions, suites and kinds, out-of-range
-//! lengths, an expiry not before its epoch and trailing bytes are all errors,
+//! lengths, an expiry outside its epoch and trailing bytes are all errors,
 //! so every valid envelope has exactly one encoding and
 //! `Envelope::parse(b)?.to_bytes() == b`. The parsed envelope keeps the header
 //! bytes it read, and opening authenticates exactly those.
@@ -179,6 +179,11 @@ pub enum EnvelopeError {
     /// The expiry is not before the epoch's end: the key would die first.
     #[error("expiry is not before the end of its epoch")]
     ExpiryNotBeforeEpoch,
+    /// The expiry is before the earliest start of its epoch (its end less
+    /// the longest epoch, a day): no seal writes that, so the header is
+    /// damaged.
+    #[error("expiry is before the earliest start of its epoch")]
+    ExpiryBeforeEpoch,
     /// The ciphertext length is below the tag length or above the maximum.
     #[error("ciphertext length {0} is outside 16..={MAX_CIPHERTEXT_LEN}")]
     CiphertextLength(u32),
@@ -318,6 +323,9 @@ impl<'a> Envelope<'a> {
         let ct_len = r.u32(Field::CiphertextLength)?;
         if expiry >= epoch.end() {
             return Err(EnvelopeError::ExpiryNotBeforeEpoch);
+        }
+        if expiry < epoch.end().saturating_sub(EpochLength::MAX) {
+            return Err(EnvelopeError::ExpiryBeforeEpoch);
         }
         let n = usize::try_from(ct_len).map_err(|_| EnvelopeError::CiphertextLength(ct_len))?;
         if !(TAG_LEN..=MAX_CIPHERTEXT_LEN).contains(&n) {

@@ -192,6 +192,11 @@ fn corpus() -> Vec<(String, Vec<u8>, String)> {
         "Malformed(ExpiryNotBeforeEpoch)",
     );
     add(
+        "expiry-before-epoch-start",
+        patched(39, &(epoch - 86_400_001).to_be_bytes()),
+        "Malformed(ExpiryBeforeEpoch)",
+    );
+    add(
         "ciphertext-length-below-tag",
         patched(92 + r, &15u32.to_be_bytes()),
         "Malformed(CiphertextLength(15))",

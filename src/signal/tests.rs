@@ -1,4 +1,5 @@
-//! What the crate stores reveals no private key.
+//! What the crate stores reveals no private key; damaged stored state is
+//! reported, never taken for none.
 
 use std::sync::Arc;
 
@@ -199,4 +200,59 @@ async fn only_the_message_that_starts_a_session_is_first_contact() {
         .unwrap();
     assert!(d1.first_contact);
     assert!(!d2.first_contact);
+}
+
+/// A stored peer record whose header was damaged (an expiry or an epoch no
+/// seal writes) is reported corrupt: not taken for no session, after which
+/// a new identity at the address would pass as first contact and the
+/// record be overwritten.
+#[tokio::test]
+async fn a_damaged_peer_record_header_is_corrupt_not_absent() {
+    for (at, value) in [(39usize, 1u64), (31, u64::MAX)] {
+        let (sessions, keys, store, business, expiry) = fixture().await;
+        let published = sessions.publish(business).await.unwrap();
+        let mut phone = ConsumerDevice::new(0);
+        phone
+            .start_session(business, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let number: PhoneNumber = "+447700900123".parse().unwrap();
+        let peer = PeerId {
+            phone: keys.phone_hash(business, &number).await.unwrap(),
+            device: 0,
+        };
+        let first = phone.encrypt(business, b"hello").await.unwrap();
+        sessions
+            .decrypt(business, peer, &first, expiry)
+            .await
+            .unwrap();
+
+        let mut sealed = store.peer(business, peer).await.unwrap().unwrap();
+        sealed[at..at + 8].copy_from_slice(&value.to_be_bytes());
+        let mut batch = Batch::new();
+        batch.push(Op::PutPeer {
+            business,
+            peer,
+            sealed: sealed.clone(),
+        });
+        store.commit(batch).await.unwrap();
+        sessions.clear_cache();
+
+        let has = sessions.has_session(business, peer).await;
+        assert!(
+            matches!(
+                has,
+                Err(SignalError::Storage(StorageFailure::Open(
+                    OpenError::Malformed(_)
+                )))
+            ),
+            "byte {at}: {has:?}"
+        );
+        let bundle = sessions.publish(business).await.unwrap().bundle(Some(1));
+        let mut impostor = ConsumerDevice::new(0);
+        impostor.start_session(business, &bundle).await.unwrap();
+        let m = impostor.encrypt(business, b"new identity").await.unwrap();
+        assert!(sessions.decrypt(business, peer, &m, expiry).await.is_err());
+        assert_eq!(store.peer(business, peer).await.unwrap(), Some(sealed));
+    }
 }
