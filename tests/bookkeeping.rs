@@ -285,6 +285,11 @@ async fn a_report_that_beats_the_sends_bookkeeping_still_bills_once() {
     d.race(Race::None);
     d.settle(5).await;
     assert_eq!(d.billed(b).await, 2, "billed once, whoever moved it on");
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Delivered, None)],
+        "told once"
+    );
 }
 
 /// The network took the message but its reply was lost; the device's

@@ -1031,12 +1031,13 @@ impl Processor {
 
     /// Bookkeeping once every device that can be reached has the message:
     /// an open message waits for its delivery report (and is sent again if
-    /// none comes); a delivered one has its status reported.
+    /// none comes); a delivered one has its status reported, unless that
+    /// was done meanwhile (nothing was due).
     fn settle_after_send(&self, current: Delivery, attempts: u32, now: Timestamp) -> Delivery {
         let next_attempt = if current.status.is_open() {
             Some(now.saturating_add(self.delivery.receipt_timeout))
         } else {
-            Some(now)
+            current.next_attempt.map(|_| now)
         };
         Delivery {
             attempts,
