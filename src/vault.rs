@@ -31,7 +31,7 @@
 //!     region: "eu".parse()?,
 //! };
 //! let sealed = vault.seal(&label, b"hello").await?;
-//! assert_eq!(vault.open(&sealed, business).await?.plaintext, b"hello");
+//! assert_eq!(*vault.open(&sealed, business).await?.plaintext, b"hello");
 //!
 //! clock.advance(Duration::from_secs(3600));
 //! assert!(matches!(vault.open(&sealed, business).await, Err(OpenError::Expired { .. })));
@@ -40,6 +40,8 @@
 //! ```
 
 use std::sync::Arc;
+
+use zeroize::Zeroizing;
 
 use crate::envelope::{self, Envelope, EnvelopeError, Header, Label};
 use crate::ids::BusinessId;
@@ -89,15 +91,16 @@ impl From<KeyError> for OpenError {
     }
 }
 
-/// An opened record. Its `Debug` shows the label and the plaintext's
-/// length, never the plaintext: for some kinds (Signal sessions) that is
-/// key material, for the rest it is message content.
+/// An opened record. Its plaintext is wiped when dropped, and its `Debug`
+/// shows the label and the plaintext's length, never the plaintext: for
+/// some kinds (Signal sessions) that is key material, for the rest it is
+/// message content.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Opened {
     /// The authenticated header.
     pub header: Header,
-    /// The plaintext.
-    pub plaintext: Vec<u8>,
+    /// The plaintext, wiped on drop.
+    pub plaintext: Zeroizing<Vec<u8>>,
 }
 
 impl Opened {
@@ -206,6 +209,9 @@ impl Vault {
             Some(opened) => opened?,
             None => open(&*Box::pin(self.keys.epoch_key(business, header.epoch())).await?)?,
         };
-        Ok(Opened { header, plaintext })
+        Ok(Opened {
+            header,
+            plaintext: Zeroizing::new(plaintext),
+        })
     }
 }

@@ -2050,7 +2050,7 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
     };
     let sealed = vault.seal(&label, b"stored content").await.unwrap();
     assert_eq!(
-        vault.open(&sealed, b).await.unwrap().plaintext,
+        vault.open(&sealed, b).await.unwrap().plaintext.to_vec(),
         b"stored content"
     );
 
@@ -2097,7 +2097,7 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
     backend.reopen().await;
     let (keys, vault, sessions) = open(&backend.store);
     assert_eq!(
-        vault.open(&sealed, b).await.unwrap().plaintext,
+        vault.open(&sealed, b).await.unwrap().plaintext.to_vec(),
         b"stored content"
     );
     assert_eq!(keys.phone_hash(b, &number).await.unwrap(), peer.phone);

@@ -136,7 +136,7 @@ async fn messages_sealed_under_kek_v1_open_after_rotation_and_v1_retirement() {
     assert_eq!(keys.rewrap(b).await.unwrap(), 5);
     assert_eq!(keys.rewrap(b).await.unwrap(), 0, "rewrap is idempotent");
     for (s, p) in &sealed {
-        assert_eq!(&f.vault.open(s, b).await.unwrap().plaintext, p);
+        assert_eq!(&f.vault.open(s, b).await.unwrap().plaintext.to_vec(), p);
     }
     assert!(matches!(
         keys.retire_kek_version(b, 1).await,
@@ -160,7 +160,7 @@ async fn messages_sealed_under_kek_v1_open_after_rotation_and_v1_retirement() {
     // A restarted process, which never saw v1 unwrapped, reads everything.
     let restarted = f.restarted();
     for (s, p) in &sealed {
-        assert_eq!(&restarted.open(s, b).await.unwrap().plaintext, p);
+        assert_eq!(&restarted.open(s, b).await.unwrap().plaintext.to_vec(), p);
     }
     // And new messages are wrapped under v2 only.
     let fresh = restarted
@@ -185,7 +185,10 @@ async fn rotation_of_one_business_leaves_others_untouched() {
     assert_eq!(keys.rewrap(a).await.unwrap(), 2);
     assert_eq!(keys.ring(b).await.unwrap().primary(), 1);
     for (s, p) in &sealed_b {
-        assert_eq!(&f.restarted().open(s, b).await.unwrap().plaintext, p);
+        assert_eq!(
+            &f.restarted().open(s, b).await.unwrap().plaintext.to_vec(),
+            p
+        );
     }
 }
 
@@ -227,7 +230,7 @@ async fn destroying_an_epoch_key_makes_exactly_that_epochs_messages_unreadable()
                     "{opened:?}"
                 );
             } else {
-                assert_eq!(&opened.unwrap().plaintext, p);
+                assert_eq!(&opened.unwrap().plaintext.to_vec(), p);
             }
         }
         assert!(matches!(
@@ -236,7 +239,7 @@ async fn destroying_an_epoch_key_makes_exactly_that_epochs_messages_unreadable()
         ));
         // The same epoch of another business is unaffected.
         for (s, p) in &sealed_other {
-            assert_eq!(&vault.open(s, other).await.unwrap().plaintext, p);
+            assert_eq!(&vault.open(s, other).await.unwrap().plaintext.to_vec(), p);
         }
     }
     // Nothing can be sealed into a destroyed epoch; it is never silently re-created.
@@ -259,7 +262,12 @@ async fn expired_messages_are_refused_before_and_after_their_epoch_is_swept() {
         Err(OpenError::Expired { .. })
     ));
     assert_eq!(
-        f.vault.open(&sealed[1].0, b).await.unwrap().plaintext,
+        f.vault
+            .open(&sealed[1].0, b)
+            .await
+            .unwrap()
+            .plaintext
+            .to_vec(),
         sealed[1].1
     );
 
@@ -284,7 +292,12 @@ async fn expired_messages_are_refused_before_and_after_their_epoch_is_swept() {
         Err(OpenError::Expired { .. })
     ));
     assert_eq!(
-        f.restarted().open(&sealed[2].0, b).await.unwrap().plaintext,
+        f.restarted()
+            .open(&sealed[2].0, b)
+            .await
+            .unwrap()
+            .plaintext
+            .to_vec(),
         sealed[2].1
     );
     assert_eq!(
@@ -373,7 +386,12 @@ async fn concurrent_sealers_share_one_epoch_key() {
     for t in tasks {
         let (sealed, text) = t.await.unwrap();
         assert_eq!(
-            f.restarted().open(&sealed, b).await.unwrap().plaintext,
+            f.restarted()
+                .open(&sealed, b)
+                .await
+                .unwrap()
+                .plaintext
+                .to_vec(),
             text.as_bytes()
         );
     }
@@ -648,7 +666,7 @@ async fn no_secret_byte_reaches_debug_output() {
     assert_eq!(envelope.header().commitment(), &commitment);
 
     let opened = vault.open(&sealed, b).await.unwrap();
-    assert_eq!(opened.plaintext, plaintext);
+    assert_eq!(opened.plaintext.to_vec(), plaintext);
     let epoch_key = keys.epoch_key(b, epoch).await.unwrap();
     let ring = keys.ring(b).await.unwrap();
     let entry = store.key(&id).await.unwrap().unwrap();

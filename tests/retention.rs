@@ -516,7 +516,8 @@ impl World {
                 .open(&stored.sealed, m.business)
                 .await
                 .ok()?
-                .plaintext,
+                .plaintext
+                .to_vec(),
         )
     }
 }

@@ -64,7 +64,7 @@ use crate::transport::{
     Authorizer, BusinessSink, InboundMessage, Outgoing, Principal, StatusUpdate, Transport,
     TransportError,
 };
-use crate::vault::{OpenError, Opened, Vault};
+use crate::vault::{OpenError, Vault};
 use crate::visibility::{
     AuditSink, DataClass, DenyReason, Gate, Labelled, Party, PolicyError, Purpose, VisibilityPolicy,
 };
@@ -1359,12 +1359,11 @@ impl Processor {
     /// hierarchy unavailable) is an error.
     async fn open_message(&self, record: &MessageRecord) -> Result<Stored, ProcessorError> {
         match self.vault.open(&record.sealed, record.business).await {
-            Ok(Opened { header, plaintext }) => {
-                let plaintext = Zeroizing::new(plaintext);
-                let label = header.label();
+            Ok(opened) => {
+                let label = opened.label();
                 let kind = self.open_label(record).kind;
                 Ok(if label.id == record.id && label.kind == kind {
-                    Stored::Content(plaintext)
+                    Stored::Content(opened.plaintext)
                 } else {
                     debug!(business = %record.business, id = %record.id, "a stored message holds another record's envelope");
                     Stored::Unreadable

@@ -59,7 +59,6 @@ use wacore_libsignal::protocol::{
     IdentityKey, PreKeyBundle as LibBundle, PreKeySignalMessage, PublicKey, SignalMessage,
     SignalProtocolError, UsePQRatchet, message_decrypt, message_encrypt, process_prekey_bundle,
 };
-use zeroize::Zeroizing;
 
 use crate::envelope::{Kind, Label, RecordKey, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
@@ -755,7 +754,7 @@ impl Sessions {
         let loaded = match self.vault.open(&sealed, business).await {
             Ok(opened) if opened.label().kind == Kind::SignalSession => {
                 let expiry = opened.label().expiry;
-                let plaintext = Zeroizing::new(opened.plaintext);
+                let plaintext = opened.plaintext;
                 Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
                     .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))?
             }
