@@ -21,16 +21,8 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
     let (sessions, keys, store, business, expiry) = fixture().await;
 
     let published = sessions.publish(business).await.unwrap();
-    let mut phone = ConsumerDevice::new(0);
-    phone
-        .start_session(business, &published.bundle(Some(0)))
-        .await
-        .unwrap();
-    let number: PhoneNumber = "+447700900123".parse().unwrap();
-    let peer = PeerId {
-        phone: keys.phone_hash(business, &number).await.unwrap(),
-        device: 0,
-    };
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let number: PhoneNumber = NUMBER.parse().unwrap();
     for i in 0..3 {
         let m = phone
             .encrypt(business, format!("in {i}").as_bytes())
@@ -122,6 +114,30 @@ async fn fixture() -> (
     (sessions, keys, store, BusinessId::new(9).unwrap(), expiry)
 }
 
+/// The consumer of [`consumer`].
+const NUMBER: &str = "+447700900123";
+
+/// A consumer's device with a session started from `published` (its first
+/// one-time prekey), and the address the business knows it by.
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+async fn consumer(
+    keys: &KeyManager,
+    business: BusinessId,
+    published: &PublishedKeys,
+) -> (ConsumerDevice, PeerId) {
+    let mut phone = ConsumerDevice::new(0);
+    phone
+        .start_session(business, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let number: PhoneNumber = NUMBER.parse().unwrap();
+    let peer = PeerId {
+        phone: keys.phone_hash(business, &number).await.unwrap(),
+        device: 0,
+    };
+    (phone, peer)
+}
+
 /// Two devices (two consumers) start sessions from the same published
 /// bundle, so their first messages name the same one-time prekey, and both
 /// decrypt before either commits: only the first commit may use it.
@@ -211,16 +227,7 @@ async fn a_damaged_peer_record_header_is_corrupt_not_absent() {
     for (at, value) in [(39usize, 1u64), (31, u64::MAX)] {
         let (sessions, keys, store, business, expiry) = fixture().await;
         let published = sessions.publish(business).await.unwrap();
-        let mut phone = ConsumerDevice::new(0);
-        phone
-            .start_session(business, &published.bundle(Some(0)))
-            .await
-            .unwrap();
-        let number: PhoneNumber = "+447700900123".parse().unwrap();
-        let peer = PeerId {
-            phone: keys.phone_hash(business, &number).await.unwrap(),
-            device: 0,
-        };
+        let (mut phone, peer) = consumer(&keys, business, &published).await;
         let first = phone.encrypt(business, b"hello").await.unwrap();
         sessions
             .decrypt(business, peer, &first, expiry)
