@@ -3,9 +3,9 @@
 //!
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
-//! of the other parsers' targets ([`phone_number`], [`policy_file`]), so
-//! `cargo test` replays those corpora through the very code the fuzzers run.
-//! Nothing here exists in a normal build.
+//! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`]),
+//! so `cargo test` replays those corpora through the very code the fuzzers
+//! run. Nothing here exists in a normal build.
 
 #![allow(
     clippy::panic,
@@ -50,6 +50,40 @@ pub fn seal_with_nonce(
 /// Open a parsed envelope with `key`; `None` on any authentication failure.
 pub fn open_with_key(envelope: &Envelope<'_>, key: &EpochKey) -> Option<Vec<u8>> {
     envelope.open(key).ok()
+}
+
+/// What opening some bytes as an envelope gave (see [`envelope_open`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// The bytes are not an envelope: [`Envelope::parse`] refused them.
+    Malformed,
+    /// They parse, but do not open under the fixture key of their own
+    /// business and epoch.
+    Refused,
+    /// They opened, and seal again to exactly themselves.
+    Opened,
+}
+
+/// Fuzz check for opening envelopes, on any bytes: opening with the fixture
+/// key of the envelope's own business and epoch never panics, and a
+/// successful open re-seals (same key, same nonce) to exactly the input, so
+/// no altered envelope can open to a plaintext. Returns how far it got.
+pub fn envelope_open(data: &[u8]) -> Opening {
+    let Ok(envelope) = Envelope::parse(data) else {
+        return Opening::Malformed;
+    };
+    let header = envelope.header();
+    let key = fixture_epoch_key(header.label().business, header.epoch());
+    let Some(plaintext) = open_with_key(&envelope, &key) else {
+        return Opening::Refused;
+    };
+    let resealed = seal_with_nonce(&key, header.label(), header.nonce(), &plaintext)
+        .unwrap_or_else(|e| panic!("an envelope that opened cannot be sealed again: {e}"));
+    assert_eq!(
+        resealed, data,
+        "an opened envelope must be exactly what sealing makes"
+    );
+    Opening::Opened
 }
 
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
@@ -169,6 +203,19 @@ mod tests {
                 assert_eq!(accepted, expected == "ok", "{name}");
             }
         }
+    }
+
+    #[test]
+    fn envelope_open_corpus_replays_with_the_expected_results() {
+        let mut opened = 0;
+        for (name, expected, bytes) in corpus("envelope_open") {
+            let opening = envelope_open(&bytes);
+            opened += usize::from(opening == Opening::Opened);
+            if let Some(expected) = expected {
+                assert_eq!(format!("{opening:?}").to_lowercase(), expected, "{name}");
+            }
+        }
+        assert!(opened >= 3, "too few envelopes that open");
     }
 
     #[test]
