@@ -15,7 +15,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::envelope::{self, Envelope, Label, SealError};
-use crate::ids::{BusinessId, PhoneNumber, Region};
+use crate::ids::{BusinessId, MessageId, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, SecretKey};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::store::Direction;
@@ -86,19 +86,39 @@ pub fn envelope_open(data: &[u8]) -> Opening {
     Opening::Opened
 }
 
+/// Which identifier parsers accepted some bytes (see [`phone_number`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IdParses {
+    /// [`PhoneNumber`]'s `FromStr`.
+    pub phone_number: bool,
+    /// [`Region::from_bytes`].
+    pub region: bool,
+    /// [`BusinessId`]'s `FromStr`.
+    pub business_id: bool,
+    /// [`MessageId`]'s `FromStr`.
+    pub message_id: bool,
+}
+
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
 /// accepts exactly strict E.164 (`+`, 7 to 15 digits, no leading zero) and
 /// never prints more than its last two digits; [`Region`] accepts exactly
-/// its documented names. Returns whether the bytes were a phone number.
-pub fn phone_number(data: &[u8]) -> bool {
+/// its documented names; [`BusinessId`] accepts exactly the decimal numbers
+/// 1 to 2^64 - 1 without a sign or leading zero, and [`MessageId`] exactly
+/// 32 lowercase hexadecimal digits, each printing and serialising back to
+/// the text it parsed. Returns which parsers accepted the bytes.
+pub fn phone_number(data: &[u8]) -> IdParses {
+    let mut parses = IdParses::default();
     if let Ok(region) = Region::from_bytes(data) {
         assert_eq!(region.as_bytes(), data, "a region is the name it parsed");
+        parses.region = true;
     }
     let Ok(text) = std::str::from_utf8(data) else {
-        return false;
+        return parses;
     };
+    parses.business_id = business_id(text);
+    parses.message_id = message_id(text);
     let Ok(number) = text.parse::<PhoneNumber>() else {
-        return false;
+        return parses;
     };
     let digits = number.digits();
     assert_eq!(number.expose(), text, "a number is the text it parsed");
@@ -111,6 +131,47 @@ pub fn phone_number(data: &[u8]) -> bool {
             "{shown} shows a redacted digit run"
         );
     }
+    parses.phone_number = true;
+    parses
+}
+
+/// The [`BusinessId`] half of [`phone_number`]: whether `text` is one.
+fn business_id(text: &str) -> bool {
+    // At most 20 digits without a leading zero: u128 holds it exactly.
+    let expected = !text.is_empty()
+        && text.len() <= 20
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && !text.starts_with('0')
+        && text
+            .parse::<u128>()
+            .is_ok_and(|n| n <= u128::from(u64::MAX));
+    let parsed = text.parse::<BusinessId>();
+    assert_eq!(parsed.is_ok(), expected, "business id {text:?}");
+    let Ok(id) = parsed else { return false };
+    assert_eq!(id.to_string(), text, "a business id prints as it parsed");
+    assert_eq!(BusinessId::new(id.get()), Some(id));
+    let json = serde_json::to_string(&id).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(json, text, "a business id serialises as its number");
+    assert_eq!(serde_json::from_str::<BusinessId>(&json).ok(), Some(id));
+    true
+}
+
+/// The [`MessageId`] half of [`phone_number`]: whether `text` is one.
+fn message_id(text: &str) -> bool {
+    let expected = text.len() == 2 * MessageId::LEN
+        && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let parsed = text.parse::<MessageId>();
+    assert_eq!(parsed.is_ok(), expected, "message id {text:?}");
+    let Ok(id) = parsed else { return false };
+    assert_eq!(id.to_string(), text, "a message id prints as it parsed");
+    assert_eq!(MessageId::from_bytes(*id.as_bytes()), id);
+    let json = serde_json::to_string(&id).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        json,
+        format!("\"{text}\""),
+        "a message id serialises as its text"
+    );
+    assert_eq!(serde_json::from_str::<MessageId>(&json).ok(), Some(id));
     true
 }
 
@@ -198,10 +259,20 @@ mod tests {
     #[test]
     fn phone_number_corpus_replays_with_the_expected_results() {
         for (name, expected, bytes) in corpus("phone_number") {
-            let accepted = phone_number(&bytes);
-            if let Some(expected) = expected {
-                assert_eq!(accepted, expected == "ok", "{name}");
-            }
+            let parses = phone_number(&bytes);
+            let Some(expected) = expected else { continue };
+            // `<parser>-ok` or `<parser>-bad`; a bare `ok`/`bad` is about
+            // the phone-number parser.
+            let (parser, verdict) = expected.rsplit_once('-').unwrap_or(("phone", &expected));
+            let accepted = match parser {
+                "phone" => parses.phone_number,
+                "region" => parses.region,
+                "business" => parses.business_id,
+                "message" => parses.message_id,
+                _ => panic!("{name}: unknown parser {parser}"),
+            };
+            assert!(matches!(verdict, "ok" | "bad"), "{name}: unknown verdict");
+            assert_eq!(accepted, verdict == "ok", "{name}");
         }
     }
 
