@@ -3,9 +3,9 @@
 //!
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
-//! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`]),
-//! so `cargo test` replays those corpora through the very code the fuzzers
-//! run. Nothing here exists in a normal build.
+//! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
+//! [`signal_message`]), so `cargo test` replays those corpora through the
+//! very code the fuzzers run. Nothing here exists in a normal build.
 
 #![allow(
     clippy::panic,
@@ -15,10 +15,11 @@
 use sha2::{Digest, Sha256};
 
 use crate::envelope::{self, Envelope, Label, SealError};
-use crate::ids::{BusinessId, MessageId, PhoneNumber, Region};
+use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, SecretKey};
 use crate::retention::{CEILING, RetentionPolicy};
-use crate::store::Direction;
+use crate::signal::{Ciphertext, MessageKind, Parsed, SignalError};
+use crate::store::{Direction, PeerId};
 use crate::visibility::{HardRule, VisibilityPolicy};
 
 /// The fixture key of `business`'s `epoch`: SHA-256 over a label, the
@@ -228,6 +229,128 @@ pub fn policy_file(data: &[u8]) -> PolicyLoads {
     }
 }
 
+/// Which of `accepted` hold, as corpus file names spell it: their names
+/// joined by `+`, or `none`.
+fn spell(accepted: &[(bool, &str)]) -> String {
+    let names: Vec<&str> = accepted
+        .iter()
+        .filter_map(|&(ok, name)| ok.then_some(name))
+        .collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join("+")
+    }
+}
+
+/// The business every [`signal_message`] check uses.
+fn fixture_business() -> BusinessId {
+    match BusinessId::new(4242) {
+        Some(business) => business,
+        None => unreachable!("4242 is not zero"),
+    }
+}
+
+/// The consumer device every [`signal_message`] check uses.
+pub fn fixture_peer() -> PeerId {
+    PeerId {
+        phone: PhoneHash::from_bytes([0x70; PhoneHash::LEN]),
+        device: 1,
+    }
+}
+
+/// Which kinds a transport message parsed as (see [`signal_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SignalParses {
+    /// As a first-contact message (`pkmsg`, a `PreKeySignalMessage`).
+    pub first_contact: bool,
+    /// As a follow-up message (`msg`, a `SignalMessage`).
+    pub follow_up: bool,
+}
+
+impl SignalParses {
+    /// As the corpus names it: `first-contact`, `follow-up`, both joined by
+    /// `+`, or `none`.
+    pub fn spelled(&self) -> String {
+        spell(&[
+            (self.first_contact, "first-contact"),
+            (self.follow_up, "follow-up"),
+        ])
+    }
+}
+
+/// Fuzz check for the transport's inbound parser, on any bytes as either
+/// kind of Signal message: parsing never panics; a refusal is
+/// [`SignalError::InvalidMessage`]; accepted input gets a stable id (the
+/// same bytes parse to the same id again), one that names its sender
+/// (another device, consumer or business gets another), and a first-contact
+/// message has the id of the message it embeds, sent on its own. Returns
+/// which kinds the bytes parsed as.
+pub fn signal_message(data: &[u8]) -> SignalParses {
+    let business = fixture_business();
+    let peer = fixture_peer();
+    let mut parses = SignalParses::default();
+    for kind in [MessageKind::FirstContact, MessageKind::FollowUp] {
+        let message = Ciphertext {
+            kind,
+            bytes: data.to_vec(),
+        };
+        let parse =
+            |message: &Ciphertext, business, peer| match Parsed::new(message, business, peer) {
+                Ok(parsed) => Some(parsed),
+                Err(SignalError::InvalidMessage(_)) => None,
+                Err(e) => panic!("a malformed message must be InvalidMessage, not {e:?}"),
+            };
+        let Some(parsed) = parse(&message, business, peer) else {
+            continue;
+        };
+        let id = parsed.id();
+        let id_of = |message: &Ciphertext, business, peer| {
+            parse(message, business, peer)
+                .map(|p| p.id())
+                .unwrap_or_else(|| panic!("{kind:?} parsed once, then not"))
+        };
+        assert_eq!(id_of(&message, business, peer), id, "the id is not stable");
+        let other_device = PeerId {
+            device: peer.device ^ 1,
+            ..peer
+        };
+        let other_phone = PeerId {
+            phone: PhoneHash::from_bytes([0x71; PhoneHash::LEN]),
+            ..peer
+        };
+        let other_business = BusinessId::new(business.get() + 1).unwrap_or(business);
+        assert_ne!(
+            id_of(&message, business, other_device),
+            id,
+            "another device, same id"
+        );
+        assert_ne!(
+            id_of(&message, business, other_phone),
+            id,
+            "another consumer, same id"
+        );
+        assert_ne!(
+            id_of(&message, other_business, peer),
+            id,
+            "another business, same id"
+        );
+        match (kind, parsed.embedded()) {
+            (MessageKind::FirstContact, Some(inner)) => {
+                assert_eq!(
+                    id_of(&inner, business, peer),
+                    id,
+                    "a first-contact message and the message it embeds have different ids"
+                );
+                parses.first_contact = true;
+            }
+            (MessageKind::FollowUp, None) => parses.follow_up = true,
+            (kind, inner) => panic!("{kind:?} parsed with embedded message {inner:?}"),
+        }
+    }
+    parses
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -290,23 +413,30 @@ mod tests {
     }
 
     #[test]
+    fn signal_message_corpus_replays_with_the_expected_results() {
+        let mut real = [0; 2];
+        for (name, expected, bytes) in corpus("signal_message") {
+            let parses = signal_message(&bytes);
+            real[0] += usize::from(parses.first_contact);
+            real[1] += usize::from(parses.follow_up);
+            let accepted = parses.spelled();
+            if let Some(expected) = expected {
+                assert_eq!(accepted, expected, "{name}");
+            }
+        }
+        assert!(real[0] >= 2 && real[1] >= 2, "too few real messages");
+    }
+
+    #[test]
     fn policy_file_corpus_replays_with_the_expected_results() {
         for (name, expected, bytes) in corpus("policy_file") {
             let loads = policy_file(&bytes);
-            let accepted: Vec<&str> = [
+            let accepted = spell(&[
                 (loads.visibility_toml, "visibility-toml"),
                 (loads.visibility_json, "visibility-json"),
                 (loads.retention_toml, "retention-toml"),
                 (loads.retention_json, "retention-json"),
-            ]
-            .into_iter()
-            .filter_map(|(ok, loader)| ok.then_some(loader))
-            .collect();
-            let accepted = if accepted.is_empty() {
-                "none".to_owned()
-            } else {
-                accepted.join("+")
-            };
+            ]);
             if let Some(expected) = expected {
                 assert_eq!(accepted, expected, "{name}");
             }

@@ -263,6 +263,19 @@ impl Parsed {
     pub(crate) fn id(&self) -> MessageId {
         self.id
     }
+
+    /// A first-contact message's embedded message, as the transport would
+    /// carry it on its own: the same message, so it parses to the same id.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn embedded(&self) -> Option<Ciphertext> {
+        match &self.message {
+            CiphertextMessage::PreKeySignalMessage(m) => Some(Ciphertext {
+                kind: MessageKind::FollowUp,
+                bytes: m.message().serialized().to_vec(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Whether `a` and `b` are the same public key. A plain comparison:
