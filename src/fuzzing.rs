@@ -4,8 +4,9 @@
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
 //! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
-//! [`signal_message`]), so `cargo test` replays those corpora through the
-//! very code the fuzzers run. Nothing here exists in a normal build.
+//! [`signal_message`], [`peer_record`]), so `cargo test` replays those
+//! corpora through the very code the fuzzers run. Nothing here exists in a
+//! normal build.
 
 #![allow(
     clippy::panic,
@@ -18,8 +19,9 @@ use crate::envelope::{self, Envelope, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, SecretKey};
 use crate::retention::{CEILING, RetentionPolicy};
-use crate::signal::{Ciphertext, MessageKind, Parsed, SignalError};
+use crate::signal::{Ciphertext, MessageKind, Parsed, SignalError, decode_peer_record};
 use crate::store::{Direction, PeerId};
+use crate::time::Timestamp;
 use crate::visibility::{HardRule, VisibilityPolicy};
 
 /// The fixture key of `business`'s `epoch`: SHA-256 over a label, the
@@ -243,7 +245,7 @@ fn spell(accepted: &[(bool, &str)]) -> String {
     }
 }
 
-/// The business every [`signal_message`] check uses.
+/// The business every [`signal_message`] and [`peer_record`] check uses.
 fn fixture_business() -> BusinessId {
     match BusinessId::new(4242) {
         Some(business) => business,
@@ -251,7 +253,7 @@ fn fixture_business() -> BusinessId {
     }
 }
 
-/// The consumer device every [`signal_message`] check uses.
+/// The consumer device every [`signal_message`] and [`peer_record`] check uses.
 pub fn fixture_peer() -> PeerId {
     PeerId {
         phone: PhoneHash::from_bytes([0x70; PhoneHash::LEN]),
@@ -351,6 +353,78 @@ pub fn signal_message(data: &[u8]) -> SignalParses {
     parses
 }
 
+/// The incarnation [`peer_record`] decodes under; the corpus's records with
+/// a session are encoded under it, so their reload is trusted.
+pub const PEER_INCARNATION: [u8; 16] = [0x5a; 16];
+
+/// What a stored peer record held (see [`peer_record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerShape {
+    /// A Signal session.
+    pub session: bool,
+    /// The consumer's trusted identity key.
+    pub identity: bool,
+}
+
+/// A [`peer_record`] outcome as the corpus names it: what the record held
+/// (`session+identity`, `session`, `identity`, or `empty`), or the reason it
+/// was refused with hyphens for spaces (`bad-session`).
+pub fn spell_peer_record(outcome: Result<PeerShape, &str>) -> String {
+    match outcome {
+        Ok(PeerShape {
+            session: false,
+            identity: false,
+        }) => "empty".to_owned(),
+        Ok(shape) => spell(&[(shape.session, "session"), (shape.identity, "identity")]),
+        Err(reason) => reason.replace(' ', "-"),
+    }
+}
+
+/// Fuzz check for the stored Signal state of a consumer device (the sealed
+/// peer record, once opened), on any bytes: decoding never panics, and
+/// refuses with a reason. The session part is the library's protobuf, which
+/// is not canonical (field order, unknown fields, varint widths), so what
+/// decodes re-encodes to a normal form that encoding keeps
+/// (`encode∘decode` is idempotent, with the same session, identity and
+/// unsure receiving chains); a record without a session is canonical and
+/// re-encodes to exactly the input. A decoded peer is clean, at the fixture
+/// device's address, with the expiry it was loaded with. Returns what the
+/// record held, or why it was refused.
+pub fn peer_record(data: &[u8]) -> Result<PeerShape, &'static str> {
+    let peer = fixture_peer();
+    let expiry = Timestamp::from_millis(1_767_225_600_000);
+    let first = decode_peer_record(peer, data, &PEER_INCARNATION, expiry)?;
+    assert!(!first.encoding.is_empty());
+    assert_eq!(first.encoded_len, data.len());
+    assert_eq!(first.expiries, (expiry, expiry));
+    assert!(first.clean, "a decoded peer is dirty or keyed");
+    assert_eq!(
+        first.address,
+        (hex::encode(peer.phone.as_bytes()), peer.device)
+    );
+    let second = decode_peer_record(peer, &first.encoding, &PEER_INCARNATION, expiry)
+        .unwrap_or_else(|e| panic!("a re-encoded record does not decode: {e}"));
+    assert_eq!(
+        second.encoding, first.encoding,
+        "encode∘decode is not idempotent"
+    );
+    assert_eq!(
+        (second.has_session, second.identity, &second.unsure),
+        (first.has_session, first.identity, &first.unsure),
+        "a re-encoded record decodes to another peer"
+    );
+    if !first.has_session {
+        assert_eq!(
+            first.encoding, data,
+            "a record without a session is not canonical"
+        );
+    }
+    Ok(PeerShape {
+        session: first.has_session,
+        identity: first.identity.is_some(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -425,6 +499,16 @@ mod tests {
             }
         }
         assert!(real[0] >= 2 && real[1] >= 2, "too few real messages");
+    }
+
+    #[test]
+    fn peer_record_corpus_replays_with_the_expected_results() {
+        for (name, expected, bytes) in corpus("peer_record") {
+            let outcome = spell_peer_record(peer_record(&bytes));
+            if let Some(expected) = expected {
+                assert_eq!(outcome, expected, "{name}");
+            }
+        }
     }
 
     #[test]

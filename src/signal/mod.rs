@@ -79,6 +79,8 @@ mod tests;
 use crate::lock::Stripes;
 use account::Account;
 use cache::PeerCache;
+#[cfg(any(test, fuzzing))]
+pub(crate) use peer::decode_peer_record;
 use peer::{Peer, RECEIVE_WINDOW};
 use rng::ThreadCsprng;
 use stores::{IdentityOverlay, PreKeyOverlay, SessionOverlay, SignedPreKeyOverlay};
