@@ -4,9 +4,9 @@
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
 //! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
-//! [`signal_message`], [`peer_record`]), so `cargo test` replays those
-//! corpora through the very code the fuzzers run. Nothing here exists in a
-//! normal build.
+//! [`signal_message`], [`peer_record`], [`payload`]), so `cargo test`
+//! replays those corpora through the very code the fuzzers run. Nothing here
+//! exists in a normal build.
 
 #![allow(
     clippy::panic,
@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::envelope::{self, Envelope, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, SecretKey};
+use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::signal::{Ciphertext, MessageKind, Parsed, SignalError, decode_peer_record};
 use crate::store::{Direction, PeerId};
@@ -425,6 +426,53 @@ pub fn peer_record(data: &[u8]) -> Result<PeerShape, &'static str> {
     })
 }
 
+/// Which stored-body decoders accepted some bytes (see [`payload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PayloadDecodes {
+    /// The sealed body of an inbound message.
+    pub inbound: bool,
+    /// The sealed body of an outbound message.
+    pub outbound: bool,
+}
+
+impl PayloadDecodes {
+    /// As the corpus names it: `inbound`, `outbound`, both joined by `+`, or
+    /// `none`.
+    pub fn spelled(&self) -> String {
+        spell(&[(self.inbound, "inbound"), (self.outbound, "outbound")])
+    }
+}
+
+/// Fuzz check for the processor's stored message bodies and the payload a
+/// device receives, on any bytes: the inbound and outbound body decoders
+/// never panic, refuse with a reason, and what they accept (a strict E.164
+/// number included) encodes back to exactly the input; any payload of at
+/// least a message id splits into id and content that join back to it.
+/// Returns which body decoders accepted the bytes.
+pub fn payload(data: &[u8]) -> PayloadDecodes {
+    let decodes = |kind: &str, result: Result<Vec<u8>, &'static str>| match result {
+        Ok(encoding) => {
+            assert_eq!(
+                encoding, data,
+                "a decoded {kind} body encodes to other bytes"
+            );
+            true
+        }
+        Err(reason) => {
+            assert!(!reason.is_empty(), "a refused {kind} body has no reason");
+            false
+        }
+    };
+    match parse_device_payload(data) {
+        Some((id, content)) => assert_eq!(device_payload(id, content), data),
+        None => assert!(data.len() < MessageId::LEN, "a device payload is refused"),
+    }
+    PayloadDecodes {
+        inbound: decodes("inbound", reencode_inbound(data)),
+        outbound: decodes("outbound", reencode_outbound(data)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -507,6 +555,17 @@ mod tests {
             let outcome = spell_peer_record(peer_record(&bytes));
             if let Some(expected) = expected {
                 assert_eq!(outcome, expected, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn payload_corpus_replays_with_the_expected_results() {
+        for (name, expected, bytes) in corpus("payload") {
+            let decodes = payload(&bytes);
+            let accepted = decodes.spelled();
+            if let Some(expected) = expected {
+                assert_eq!(accepted, expected, "{name}");
             }
         }
     }
