@@ -3,9 +3,10 @@
 //!
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
-//! of the other parsers' targets ([`phone_number`], [`policy_file`]), so
-//! `cargo test` replays those corpora through the very code the fuzzers run.
-//! Nothing here exists in a normal build.
+//! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
+//! [`signal_message`], [`peer_record`], [`payload`]), so `cargo test`
+//! replays those corpora through the very code the fuzzers run. Nothing here
+//! exists in a normal build.
 
 #![allow(
     clippy::panic,
@@ -15,10 +16,13 @@
 use sha2::{Digest, Sha256};
 
 use crate::envelope::{self, Envelope, Label, SealError};
-use crate::ids::{BusinessId, PhoneNumber, Region};
+use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, SecretKey};
+use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
 use crate::retention::{CEILING, RetentionPolicy};
-use crate::store::Direction;
+use crate::signal::{Ciphertext, MessageKind, Parsed, SignalError, decode_peer_record};
+use crate::store::{Direction, PeerId};
+use crate::time::Timestamp;
 use crate::visibility::{HardRule, VisibilityPolicy};
 
 /// The fixture key of `business`'s `epoch`: SHA-256 over a label, the
@@ -52,19 +56,73 @@ pub fn open_with_key(envelope: &Envelope<'_>, key: &EpochKey) -> Option<Vec<u8>>
     envelope.open(key).ok()
 }
 
+/// What opening some bytes as an envelope gave (see [`envelope_open`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// The bytes are not an envelope: [`Envelope::parse`] refused them.
+    Malformed,
+    /// They parse, but do not open under the fixture key of their own
+    /// business and epoch.
+    Refused,
+    /// They opened, and seal again to exactly themselves.
+    Opened,
+}
+
+/// Fuzz check for opening envelopes, on any bytes: opening with the fixture
+/// key of the envelope's own business and epoch never panics, and a
+/// successful open re-seals (same key, same nonce) to exactly the input, so
+/// no altered envelope can open to a plaintext. Returns how far it got.
+pub fn envelope_open(data: &[u8]) -> Opening {
+    let Ok(envelope) = Envelope::parse(data) else {
+        return Opening::Malformed;
+    };
+    let header = envelope.header();
+    let key = fixture_epoch_key(header.label().business, header.epoch());
+    let Some(plaintext) = open_with_key(&envelope, &key) else {
+        return Opening::Refused;
+    };
+    let resealed = seal_with_nonce(&key, header.label(), header.nonce(), &plaintext)
+        .unwrap_or_else(|e| panic!("an envelope that opened cannot be sealed again: {e}"));
+    assert_eq!(
+        resealed, data,
+        "an opened envelope must be exactly what sealing makes"
+    );
+    Opening::Opened
+}
+
+/// Which identifier parsers accepted some bytes (see [`phone_number`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IdParses {
+    /// [`PhoneNumber`]'s `FromStr`.
+    pub phone_number: bool,
+    /// [`Region::from_bytes`].
+    pub region: bool,
+    /// [`BusinessId`]'s `FromStr`.
+    pub business_id: bool,
+    /// [`MessageId`]'s `FromStr`.
+    pub message_id: bool,
+}
+
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
 /// accepts exactly strict E.164 (`+`, 7 to 15 digits, no leading zero) and
 /// never prints more than its last two digits; [`Region`] accepts exactly
-/// its documented names. Returns whether the bytes were a phone number.
-pub fn phone_number(data: &[u8]) -> bool {
+/// its documented names; [`BusinessId`] accepts exactly the decimal numbers
+/// 1 to 2^64 - 1 without a sign or leading zero, and [`MessageId`] exactly
+/// 32 lowercase hexadecimal digits, each printing and serialising back to
+/// the text it parsed. Returns which parsers accepted the bytes.
+pub fn phone_number(data: &[u8]) -> IdParses {
+    let mut parses = IdParses::default();
     if let Ok(region) = Region::from_bytes(data) {
         assert_eq!(region.as_bytes(), data, "a region is the name it parsed");
+        parses.region = true;
     }
     let Ok(text) = std::str::from_utf8(data) else {
-        return false;
+        return parses;
     };
+    parses.business_id = business_id(text);
+    parses.message_id = message_id(text);
     let Ok(number) = text.parse::<PhoneNumber>() else {
-        return false;
+        return parses;
     };
     let digits = number.digits();
     assert_eq!(number.expose(), text, "a number is the text it parsed");
@@ -77,6 +135,47 @@ pub fn phone_number(data: &[u8]) -> bool {
             "{shown} shows a redacted digit run"
         );
     }
+    parses.phone_number = true;
+    parses
+}
+
+/// The [`BusinessId`] half of [`phone_number`]: whether `text` is one.
+fn business_id(text: &str) -> bool {
+    // At most 20 digits without a leading zero: u128 holds it exactly.
+    let expected = !text.is_empty()
+        && text.len() <= 20
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && !text.starts_with('0')
+        && text
+            .parse::<u128>()
+            .is_ok_and(|n| n <= u128::from(u64::MAX));
+    let parsed = text.parse::<BusinessId>();
+    assert_eq!(parsed.is_ok(), expected, "business id {text:?}");
+    let Ok(id) = parsed else { return false };
+    assert_eq!(id.to_string(), text, "a business id prints as it parsed");
+    assert_eq!(BusinessId::new(id.get()), Some(id));
+    let json = serde_json::to_string(&id).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(json, text, "a business id serialises as its number");
+    assert_eq!(serde_json::from_str::<BusinessId>(&json).ok(), Some(id));
+    true
+}
+
+/// The [`MessageId`] half of [`phone_number`]: whether `text` is one.
+fn message_id(text: &str) -> bool {
+    let expected = text.len() == 2 * MessageId::LEN
+        && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let parsed = text.parse::<MessageId>();
+    assert_eq!(parsed.is_ok(), expected, "message id {text:?}");
+    let Ok(id) = parsed else { return false };
+    assert_eq!(id.to_string(), text, "a message id prints as it parsed");
+    assert_eq!(MessageId::from_bytes(*id.as_bytes()), id);
+    let json = serde_json::to_string(&id).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        json,
+        format!("\"{text}\""),
+        "a message id serialises as its text"
+    );
+    assert_eq!(serde_json::from_str::<MessageId>(&json).ok(), Some(id));
     true
 }
 
@@ -133,6 +232,247 @@ pub fn policy_file(data: &[u8]) -> PolicyLoads {
     }
 }
 
+/// Which of `accepted` hold, as corpus file names spell it: their names
+/// joined by `+`, or `none`.
+fn spell(accepted: &[(bool, &str)]) -> String {
+    let names: Vec<&str> = accepted
+        .iter()
+        .filter_map(|&(ok, name)| ok.then_some(name))
+        .collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join("+")
+    }
+}
+
+/// The business every [`signal_message`] and [`peer_record`] check uses.
+fn fixture_business() -> BusinessId {
+    match BusinessId::new(4242) {
+        Some(business) => business,
+        None => unreachable!("4242 is not zero"),
+    }
+}
+
+/// The consumer device every [`signal_message`] and [`peer_record`] check uses.
+pub fn fixture_peer() -> PeerId {
+    PeerId {
+        phone: PhoneHash::from_bytes([0x70; PhoneHash::LEN]),
+        device: 1,
+    }
+}
+
+/// Which kinds a transport message parsed as (see [`signal_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SignalParses {
+    /// As a first-contact message (`pkmsg`, a `PreKeySignalMessage`).
+    pub first_contact: bool,
+    /// As a follow-up message (`msg`, a `SignalMessage`).
+    pub follow_up: bool,
+}
+
+impl SignalParses {
+    /// As the corpus names it: `first-contact`, `follow-up`, both joined by
+    /// `+`, or `none`.
+    pub fn spelled(&self) -> String {
+        spell(&[
+            (self.first_contact, "first-contact"),
+            (self.follow_up, "follow-up"),
+        ])
+    }
+}
+
+/// Fuzz check for the transport's inbound parser, on any bytes as either
+/// kind of Signal message: parsing never panics; a refusal is
+/// [`SignalError::InvalidMessage`]; accepted input gets a stable id (the
+/// same bytes parse to the same id again), one that names its sender
+/// (another device, consumer or business gets another), and a first-contact
+/// message has the id of the message it embeds, sent on its own. Returns
+/// which kinds the bytes parsed as.
+pub fn signal_message(data: &[u8]) -> SignalParses {
+    let business = fixture_business();
+    let peer = fixture_peer();
+    let mut parses = SignalParses::default();
+    for kind in [MessageKind::FirstContact, MessageKind::FollowUp] {
+        let message = Ciphertext {
+            kind,
+            bytes: data.to_vec(),
+        };
+        let parse =
+            |message: &Ciphertext, business, peer| match Parsed::new(message, business, peer) {
+                Ok(parsed) => Some(parsed),
+                Err(SignalError::InvalidMessage(_)) => None,
+                Err(e) => panic!("a malformed message must be InvalidMessage, not {e:?}"),
+            };
+        let Some(parsed) = parse(&message, business, peer) else {
+            continue;
+        };
+        let id = parsed.id();
+        let id_of = |message: &Ciphertext, business, peer| {
+            parse(message, business, peer)
+                .map(|p| p.id())
+                .unwrap_or_else(|| panic!("{kind:?} parsed once, then not"))
+        };
+        assert_eq!(id_of(&message, business, peer), id, "the id is not stable");
+        let other_device = PeerId {
+            device: peer.device ^ 1,
+            ..peer
+        };
+        let other_phone = PeerId {
+            phone: PhoneHash::from_bytes([0x71; PhoneHash::LEN]),
+            ..peer
+        };
+        let other_business = BusinessId::new(business.get() + 1).unwrap_or(business);
+        assert_ne!(
+            id_of(&message, business, other_device),
+            id,
+            "another device, same id"
+        );
+        assert_ne!(
+            id_of(&message, business, other_phone),
+            id,
+            "another consumer, same id"
+        );
+        assert_ne!(
+            id_of(&message, other_business, peer),
+            id,
+            "another business, same id"
+        );
+        match (kind, parsed.embedded()) {
+            (MessageKind::FirstContact, Some(inner)) => {
+                assert_eq!(
+                    id_of(&inner, business, peer),
+                    id,
+                    "a first-contact message and the message it embeds have different ids"
+                );
+                parses.first_contact = true;
+            }
+            (MessageKind::FollowUp, None) => parses.follow_up = true,
+            (kind, inner) => panic!("{kind:?} parsed with embedded message {inner:?}"),
+        }
+    }
+    parses
+}
+
+/// The incarnation [`peer_record`] decodes under; the corpus's records with
+/// a session are encoded under it, so their reload is trusted.
+pub const PEER_INCARNATION: [u8; 16] = [0x5a; 16];
+
+/// What a stored peer record held (see [`peer_record`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerShape {
+    /// A Signal session.
+    pub session: bool,
+    /// The consumer's trusted identity key.
+    pub identity: bool,
+}
+
+/// A [`peer_record`] outcome as the corpus names it: what the record held
+/// (`session+identity`, `session`, `identity`, or `empty`), or the reason it
+/// was refused with hyphens for spaces (`bad-session`).
+pub fn spell_peer_record(outcome: Result<PeerShape, &str>) -> String {
+    match outcome {
+        Ok(PeerShape {
+            session: false,
+            identity: false,
+        }) => "empty".to_owned(),
+        Ok(shape) => spell(&[(shape.session, "session"), (shape.identity, "identity")]),
+        Err(reason) => reason.replace(' ', "-"),
+    }
+}
+
+/// Fuzz check for the stored Signal state of a consumer device (the sealed
+/// peer record, once opened), on any bytes: decoding never panics, and
+/// refuses with a reason. The session part is the library's protobuf, which
+/// is not canonical (field order, unknown fields, varint widths), so what
+/// decodes re-encodes to a normal form that encoding keeps
+/// (`encode∘decode` is idempotent, with the same session, identity and
+/// unsure receiving chains); a record without a session is canonical and
+/// re-encodes to exactly the input. A decoded peer is clean, at the fixture
+/// device's address, with the expiry it was loaded with. Returns what the
+/// record held, or why it was refused.
+pub fn peer_record(data: &[u8]) -> Result<PeerShape, &'static str> {
+    let peer = fixture_peer();
+    let expiry = Timestamp::from_millis(1_767_225_600_000);
+    let first = decode_peer_record(peer, data, &PEER_INCARNATION, expiry)?;
+    assert!(!first.encoding.is_empty());
+    assert_eq!(first.encoded_len, data.len());
+    assert_eq!(first.expiries, (expiry, expiry));
+    assert!(first.clean, "a decoded peer is dirty or keyed");
+    assert_eq!(
+        first.address,
+        (hex::encode(peer.phone.as_bytes()), peer.device)
+    );
+    let second = decode_peer_record(peer, &first.encoding, &PEER_INCARNATION, expiry)
+        .unwrap_or_else(|e| panic!("a re-encoded record does not decode: {e}"));
+    assert_eq!(
+        second.encoding, first.encoding,
+        "encode∘decode is not idempotent"
+    );
+    assert_eq!(
+        (second.has_session, second.identity, &second.unsure),
+        (first.has_session, first.identity, &first.unsure),
+        "a re-encoded record decodes to another peer"
+    );
+    if !first.has_session {
+        assert_eq!(
+            first.encoding, data,
+            "a record without a session is not canonical"
+        );
+    }
+    Ok(PeerShape {
+        session: first.has_session,
+        identity: first.identity.is_some(),
+    })
+}
+
+/// Which stored-body decoders accepted some bytes (see [`payload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PayloadDecodes {
+    /// The sealed body of an inbound message.
+    pub inbound: bool,
+    /// The sealed body of an outbound message.
+    pub outbound: bool,
+}
+
+impl PayloadDecodes {
+    /// As the corpus names it: `inbound`, `outbound`, both joined by `+`, or
+    /// `none`.
+    pub fn spelled(&self) -> String {
+        spell(&[(self.inbound, "inbound"), (self.outbound, "outbound")])
+    }
+}
+
+/// Fuzz check for the processor's stored message bodies and the payload a
+/// device receives, on any bytes: the inbound and outbound body decoders
+/// never panic, refuse with a reason, and what they accept (a strict E.164
+/// number included) encodes back to exactly the input; any payload of at
+/// least a message id splits into id and content that join back to it.
+/// Returns which body decoders accepted the bytes.
+pub fn payload(data: &[u8]) -> PayloadDecodes {
+    let decodes = |kind: &str, result: Result<Vec<u8>, &'static str>| match result {
+        Ok(encoding) => {
+            assert_eq!(
+                encoding, data,
+                "a decoded {kind} body encodes to other bytes"
+            );
+            true
+        }
+        Err(reason) => {
+            assert!(!reason.is_empty(), "a refused {kind} body has no reason");
+            false
+        }
+    };
+    match parse_device_payload(data) {
+        Some((id, content)) => assert_eq!(device_payload(id, content), data),
+        None => assert!(data.len() < MessageId::LEN, "a device payload is refused"),
+    }
+    PayloadDecodes {
+        inbound: decodes("inbound", reencode_inbound(data)),
+        outbound: decodes("outbound", reencode_outbound(data)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -164,9 +504,68 @@ mod tests {
     #[test]
     fn phone_number_corpus_replays_with_the_expected_results() {
         for (name, expected, bytes) in corpus("phone_number") {
-            let accepted = phone_number(&bytes);
+            let parses = phone_number(&bytes);
+            let Some(expected) = expected else { continue };
+            // `<parser>-ok` or `<parser>-bad`; a bare `ok`/`bad` is about
+            // the phone-number parser.
+            let (parser, verdict) = expected.rsplit_once('-').unwrap_or(("phone", &expected));
+            let accepted = match parser {
+                "phone" => parses.phone_number,
+                "region" => parses.region,
+                "business" => parses.business_id,
+                "message" => parses.message_id,
+                _ => panic!("{name}: unknown parser {parser}"),
+            };
+            assert!(matches!(verdict, "ok" | "bad"), "{name}: unknown verdict");
+            assert_eq!(accepted, verdict == "ok", "{name}");
+        }
+    }
+
+    #[test]
+    fn envelope_open_corpus_replays_with_the_expected_results() {
+        let mut opened = 0;
+        for (name, expected, bytes) in corpus("envelope_open") {
+            let opening = envelope_open(&bytes);
+            opened += usize::from(opening == Opening::Opened);
             if let Some(expected) = expected {
-                assert_eq!(accepted, expected == "ok", "{name}");
+                assert_eq!(format!("{opening:?}").to_lowercase(), expected, "{name}");
+            }
+        }
+        assert!(opened >= 3, "too few envelopes that open");
+    }
+
+    #[test]
+    fn signal_message_corpus_replays_with_the_expected_results() {
+        let mut real = [0; 2];
+        for (name, expected, bytes) in corpus("signal_message") {
+            let parses = signal_message(&bytes);
+            real[0] += usize::from(parses.first_contact);
+            real[1] += usize::from(parses.follow_up);
+            let accepted = parses.spelled();
+            if let Some(expected) = expected {
+                assert_eq!(accepted, expected, "{name}");
+            }
+        }
+        assert!(real[0] >= 2 && real[1] >= 2, "too few real messages");
+    }
+
+    #[test]
+    fn peer_record_corpus_replays_with_the_expected_results() {
+        for (name, expected, bytes) in corpus("peer_record") {
+            let outcome = spell_peer_record(peer_record(&bytes));
+            if let Some(expected) = expected {
+                assert_eq!(outcome, expected, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn payload_corpus_replays_with_the_expected_results() {
+        for (name, expected, bytes) in corpus("payload") {
+            let decodes = payload(&bytes);
+            let accepted = decodes.spelled();
+            if let Some(expected) = expected {
+                assert_eq!(accepted, expected, "{name}");
             }
         }
     }
@@ -175,20 +574,12 @@ mod tests {
     fn policy_file_corpus_replays_with_the_expected_results() {
         for (name, expected, bytes) in corpus("policy_file") {
             let loads = policy_file(&bytes);
-            let accepted: Vec<&str> = [
+            let accepted = spell(&[
                 (loads.visibility_toml, "visibility-toml"),
                 (loads.visibility_json, "visibility-json"),
                 (loads.retention_toml, "retention-toml"),
                 (loads.retention_json, "retention-json"),
-            ]
-            .into_iter()
-            .filter_map(|(ok, loader)| ok.then_some(loader))
-            .collect();
-            let accepted = if accepted.is_empty() {
-                "none".to_owned()
-            } else {
-                accepted.join("+")
-            };
+            ]);
             if let Some(expected) = expected {
                 assert_eq!(accepted, expected, "{name}");
             }

@@ -329,7 +329,39 @@ async fn fixture_vault() -> Vault {
     Vault::new(Arc::new(keys), Arc::new(clock), EpochLength::DEFAULT)
 }
 
+/// The `envelope_open` target's corpus, drawn from `corpus()`: each file
+/// named by what `crate::fuzzing::envelope_open` must make of it (opening
+/// under the fixture key of the envelope's own business and epoch, so the
+/// vault's refusals of an expired record or another business's are opens
+/// here).
+fn open_corpus() -> Vec<(String, Vec<u8>)> {
+    corpus()
+        .into_iter()
+        .filter_map(|(name, bytes, expected)| {
+            let opening = match expected.as_str() {
+                "ok" | "Expired" | "WrongBusiness" | "EpochDestroyed" | "UnknownEpoch" => "opened",
+                "Decrypt" => "refused",
+                _ if [
+                    "truncated-empty",
+                    "truncated-ciphertext",
+                    "bad-magic",
+                    "trailing-byte",
+                    "ciphertext-length-past-input",
+                    "expiry-at-epoch-end",
+                ]
+                .contains(&name.as_str()) =>
+                {
+                    "malformed"
+                }
+                _ => return None,
+            };
+            Some((format!("{opening}--{name}"), bytes))
+        })
+        .collect()
+}
+
 const CORPUS_DIR: &str = "fuzz/corpus/envelope_parse";
+const OPEN_CORPUS_DIR: &str = "fuzz/corpus/envelope_open";
 const MANIFEST: &str = "tests/data/envelope_corpus.txt";
 
 /// Rewrite the corpus files and manifest from `corpus()`. Run by hand after
@@ -349,6 +381,11 @@ fn write_corpus() {
         manifest.push_str(&format!("{name} {expected}\n"));
     }
     std::fs::write(repo(MANIFEST), manifest).unwrap();
+    let dir = repo(OPEN_CORPUS_DIR);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in open_corpus() {
+        std::fs::write(dir.join(&name), &bytes).unwrap();
+    }
 }
 
 #[tokio::test]
@@ -382,6 +419,13 @@ fn corpus_on_disk_is_what_the_generator_makes() {
         assert_eq!(
             on_disk, bytes,
             "{name}: run `cargo test write_corpus -- --ignored`"
+        );
+    }
+    for (name, bytes) in open_corpus() {
+        let on_disk = std::fs::read(repo(OPEN_CORPUS_DIR).join(&name)).unwrap();
+        assert_eq!(
+            on_disk, bytes,
+            "envelope_open/{name}: run `cargo test write_corpus -- --ignored`"
         );
     }
 }

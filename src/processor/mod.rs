@@ -73,6 +73,8 @@ mod payload;
 
 use payload::{InboundBody, OutboundBody};
 pub use payload::{device_payload, parse_device_payload};
+#[cfg(any(test, fuzzing))]
+pub(crate) use payload::{reencode_inbound, reencode_outbound};
 
 /// Why a processor operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -54,7 +54,7 @@ fn category_code(c: Category) -> u8 {
 
 impl InboundBody {
     /// `01` ‖ flags ‖ device (u32 BE) ‖ number length ‖ number ‖ content.
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     pub(super) fn encode(&self) -> Vec<u8> {
         Self::encode_fields(
             &self.from,
@@ -126,6 +126,24 @@ impl OutboundBody {
             content: content.to_vec(),
         })
     }
+}
+
+/// Decode a stored inbound body and encode it again (for the fuzz checks,
+/// `crate::fuzzing::payload`); the decoder's reason if it refuses.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn reencode_inbound(bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
+    InboundBody::decode(bytes)
+        .map(|body| body.encode())
+        .map_err(|e| e.0)
+}
+
+/// Decode a stored outbound body and encode it again (for the fuzz checks,
+/// `crate::fuzzing::payload`); the decoder's reason if it refuses.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn reencode_outbound(bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
+    OutboundBody::decode(bytes)
+        .map(|body| body.encode())
+        .map_err(|e| e.0)
 }
 
 /// What a consumer's device receives from a business: the message id (so a

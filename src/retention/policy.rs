@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{Error as _, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ids::{BusinessId, Region};
 use crate::keys::EpochLength;
@@ -283,9 +284,47 @@ pub struct PolicyFile {
     /// In-use TTL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_use_ttl: Option<String>,
-    /// Per-business settings, keyed by business id.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Per-business settings, keyed by business id. A business given twice
+    /// is refused, in every format (JSON would keep the last silently).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_businesses"
+    )]
     pub business: BTreeMap<String, BusinessFile>,
+}
+
+/// Read the `business` table, refusing a key given twice, naming it: the
+/// same file must mean the same policy in TOML (which refuses duplicate keys
+/// itself) and JSON (whose maps keep the last value).
+fn unique_businesses<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, BusinessFile>, D::Error> {
+    struct Unique;
+
+    impl<'de> Visitor<'de> for Unique {
+        type Value = BTreeMap<String, BusinessFile>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table of business settings keyed by business id")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut businesses = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if businesses.contains_key(&key) {
+                    return Err(A::Error::custom(format_args!(
+                        "business.{key}: business {key:?} is configured twice"
+                    )));
+                }
+                let settings = map.next_value()?;
+                businesses.insert(key, settings);
+            }
+            Ok(businesses)
+        }
+    }
+
+    deserializer.deserialize_map(Unique)
 }
 
 /// One business's settings in a file.
@@ -425,4 +464,122 @@ pub fn format_duration(d: Duration) -> String {
         }
     }
     format!("{ms}ms")
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn a_business_given_twice_is_refused_in_json_naming_it() {
+        let text = r#"{"business": {"5": {"retention": "7d"}, "6": {}, "5": {"retention": "1d"}}}"#;
+        let err = RetentionPolicy::from_json(text).unwrap_err();
+        assert_eq!(err.field, "(file)");
+        assert!(
+            err.problem
+                .starts_with("business.5: business \"5\" is configured twice"),
+            "{err}"
+        );
+        // TOML refuses it too, by its own rule.
+        let text = "[business.5]\nretention = \"7d\"\n[business.5]\nretention = \"1d\"\n";
+        assert!(RetentionPolicy::from_toml(text).is_err());
+        // The same business once is fine.
+        let once = r#"{"business": {"5": {"retention": "7d"}, "6": {}}}"#;
+        let policy = RetentionPolicy::from_json(once).unwrap();
+        let five = BusinessId::new(5).unwrap();
+        assert_eq!(
+            policy.periods(five),
+            Periods::both(Duration::from_secs(7 * 86_400))
+        );
+    }
+
+    /// Mostly durations that load (1 to 30 of a unit), some that may not.
+    fn duration_text() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            2 => Just(None),
+            4 => (1u64..=30, prop::sample::select(vec!["ms", "s", "m", "h", "d"]))
+                .prop_map(|(n, unit)| Some(format!("{n}{unit}"))),
+            1 => (
+                0u64..3_000_000,
+                prop::sample::select(vec!["ms", "s", "m", "h", "d", "", "x"])
+            )
+                .prop_map(|(n, unit)| Some(format!("{n}{unit}"))),
+        ]
+    }
+
+    /// Mostly epoch lengths that load (1s to 1d), some that may not.
+    fn epoch_text() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            3 => prop::sample::select(vec![None, Some("1s"), Some("90s"), Some("30m"), Some("1h"), Some("1d")])
+                .prop_map(|e| e.map(str::to_owned)),
+            1 => duration_text(),
+        ]
+    }
+
+    fn business_file() -> impl Strategy<Value = BusinessFile> {
+        (
+            duration_text(),
+            duration_text(),
+            duration_text(),
+            prop::option::of(prop::sample::select(vec!["eu", "us", "in-south"])),
+        )
+            .prop_map(|(retention, inbound, outbound, region)| BusinessFile {
+                retention,
+                inbound,
+                outbound,
+                region: region.and_then(|r| r.parse().ok()),
+            })
+    }
+
+    fn policy_file() -> impl Strategy<Value = PolicyFile> {
+        (
+            (duration_text(), duration_text(), duration_text()),
+            (epoch_text(), duration_text()),
+            prop::collection::btree_map(
+                prop_oneof![
+                    8 => (1u64..6).prop_map(|b| b.to_string()),
+                    1 => Just("0".to_owned()),
+                ],
+                business_file(),
+                0..4,
+            ),
+        )
+            .prop_map(
+                |((retention, inbound, outbound), (epoch, in_use_ttl), business)| PolicyFile {
+                    retention,
+                    inbound,
+                    outbound,
+                    epoch,
+                    in_use_ttl,
+                    business,
+                },
+            )
+    }
+
+    proptest! {
+        /// One configuration written as TOML and as JSON loads to the same
+        /// policy, or is refused for the same field; what loads is written
+        /// back (`to_file`) in either format and read again unchanged.
+        #[test]
+        fn json_and_toml_files_load_to_the_same_policy(file in policy_file()) {
+            let toml_text = toml::to_string(&file).unwrap();
+            let json_text = serde_json::to_string(&file).unwrap();
+            let from_toml = RetentionPolicy::from_toml(&toml_text);
+            let from_json = RetentionPolicy::from_json(&json_text);
+            match (&from_toml, &from_json) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(a), Err(b)) => prop_assert_eq!(&a.field, &b.field),
+                _ => prop_assert!(false, "{from_toml:?} vs {from_json:?}"),
+            }
+            if let Ok(policy) = from_toml {
+                let written = policy.to_file();
+                let toml_text = toml::to_string(&written).unwrap();
+                let json_text = serde_json::to_string(&written).unwrap();
+                prop_assert_eq!(RetentionPolicy::from_toml(&toml_text).unwrap(), policy.clone());
+                prop_assert_eq!(RetentionPolicy::from_json(&json_text).unwrap(), policy);
+            }
+        }
+    }
 }

@@ -78,6 +78,8 @@ mod tests;
 use crate::lock::Stripes;
 use account::Account;
 use cache::PeerCache;
+#[cfg(any(test, fuzzing))]
+pub(crate) use peer::decode_peer_record;
 use peer::{Peer, RECEIVE_WINDOW};
 use rng::ThreadCsprng;
 use stores::{IdentityOverlay, PreKeyOverlay, SessionOverlay, SignedPreKeyOverlay};
@@ -261,6 +263,19 @@ impl Parsed {
     /// ratchet key is fresh for each chain).
     pub(crate) fn id(&self) -> MessageId {
         self.id
+    }
+
+    /// A first-contact message's embedded message, as the transport would
+    /// carry it on its own: the same message, so it parses to the same id.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn embedded(&self) -> Option<Ciphertext> {
+        match &self.message {
+            CiphertextMessage::PreKeySignalMessage(m) => Some(Ciphertext {
+                kind: MessageKind::FollowUp,
+                bytes: m.message().serialized().to_vec(),
+            }),
+            _ => None,
+        }
     }
 }
 

@@ -205,6 +205,64 @@ impl Peer {
     }
 }
 
+/// What [`Peer::decode`] made of a stored record, for the fuzz checks
+/// (`crate::fuzzing::peer_record`).
+#[cfg(any(test, fuzzing))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodedPeer {
+    /// The decoded peer encoded again, under the same incarnation.
+    pub(crate) encoding: Vec<u8>,
+    /// Whether it holds a session.
+    pub(crate) has_session: bool,
+    /// The trusted identity key it holds, if any.
+    pub(crate) identity: Option<[u8; IDENTITY_LEN]>,
+    /// The receiving chains unsure after the load: (chain, next, end).
+    pub(crate) unsure: Vec<([u8; IDENTITY_LEN], u32, u32)>,
+    /// The library address's name and device id.
+    pub(crate) address: (String, u32),
+    /// The expiry and the sealed expiry it was given.
+    pub(crate) expiries: (Timestamp, Timestamp),
+    /// The encoded length it remembers (the length of what it was decoded from).
+    pub(crate) encoded_len: usize,
+    /// Whether it came out clean: not dirty, no record key, nothing written
+    /// behind, generation 0.
+    pub(crate) clean: bool,
+}
+
+/// Decode a stored record as a load does, then encode it again: the fuzz
+/// checks' way in to [`Peer::decode`] and [`Peer::encode`].
+#[cfg(any(test, fuzzing))]
+pub(crate) fn decode_peer_record(
+    peer: PeerId,
+    bytes: &[u8],
+    incarnation: &[u8; 16],
+    expiry: Timestamp,
+) -> Result<DecodedPeer, &'static str> {
+    let mut decoded = Peer::decode(peer, bytes, incarnation, expiry).map_err(|e| e.0)?;
+    let clean = !decoded.dirty
+        && decoded.key.is_none()
+        && decoded.behind.is_none()
+        && decoded.generation == 0;
+    let encoded_len = decoded.encoded_len;
+    Ok(DecodedPeer {
+        encoding: decoded.encode(incarnation),
+        has_session: decoded.session.is_some(),
+        identity: decoded.identity.map(|k| k.serialize()),
+        unsure: decoded
+            .unsure
+            .iter()
+            .map(|u| (u.chain.serialize(), u.next, u.end))
+            .collect(),
+        address: (
+            decoded.address.name().to_owned(),
+            u32::from(decoded.address.device_id()),
+        ),
+        expiries: (decoded.expiry, decoded.sealed_expiry),
+        encoded_len,
+        clean,
+    })
+}
+
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")

@@ -263,3 +263,174 @@ async fn a_damaged_peer_record_header_is_corrupt_not_absent() {
         assert_eq!(store.peer(business, peer).await.unwrap(), Some(sealed));
     }
 }
+
+/// Write real Signal messages and peer records, and damaged copies, into the
+/// `signal_message` and `peer_record` fuzz corpora, each named by what its
+/// check makes of it. Keys are fresh on every run, so the files are
+/// committed bytes, not regenerated: the replay tests in `crate::fuzzing`
+/// prove they still parse. Run by hand:
+/// `cargo test --all-features --lib write_signal_corpora -- --ignored`.
+#[tokio::test]
+#[ignore = "rewrites fuzz/corpus; run by hand"]
+async fn write_signal_corpora() {
+    use crate::fuzzing::{
+        PEER_INCARNATION, fixture_peer, peer_record, signal_message, spell_peer_record,
+    };
+
+    let (sessions, _, _, _, expiry) = fixture().await;
+    let business = BusinessId::new(4242).unwrap();
+    let peer = fixture_peer();
+    let published = sessions.publish(business).await.unwrap();
+    let mut phone = ConsumerDevice::new(peer.device);
+    phone
+        .start_session(business, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let mut real: Vec<(String, Vec<u8>)> = Vec::new();
+    // Until the business replies, the device's messages set the session up.
+    for i in 1..=2 {
+        let m = phone
+            .encrypt(business, format!("first message {i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(m.kind, MessageKind::FirstContact);
+        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+        real.push((format!("first-contact--real-{i}"), m.bytes));
+    }
+    let reply = sessions
+        .encrypt(business, peer, b"a reply from the business", expiry)
+        .await
+        .unwrap();
+    phone.decrypt(business, &reply).await.unwrap();
+    assert_eq!(reply.kind, MessageKind::FollowUp);
+    real.push(("follow-up--real-business-reply".to_owned(), reply.bytes));
+    for i in 1..=2 {
+        let m = phone
+            .encrypt(business, format!("follow-up {i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(m.kind, MessageKind::FollowUp);
+        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+        real.push((format!("follow-up--real-{i}"), m.bytes));
+    }
+
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let damage = |files: &mut Vec<(String, Vec<u8>)>, base: &str, bytes: Vec<u8>, name: &str| {
+        files.push((format!("{base}-{name}"), bytes));
+    };
+    for (name, bytes) in &real {
+        let base = name.replace("--", "-");
+        let flip = |at: usize| {
+            let mut v = bytes.clone();
+            v[at] ^= 0x01;
+            v
+        };
+        let (version, middle, last) = (flip(0), flip(bytes.len() / 2), flip(bytes.len() - 1));
+        damage(&mut files, &base, version, "flipped-version");
+        damage(&mut files, &base, middle, "flipped-middle");
+        damage(&mut files, &base, last, "flipped-last");
+        damage(
+            &mut files,
+            &base,
+            bytes[..bytes.len() / 2].to_vec(),
+            "truncated-half",
+        );
+        damage(
+            &mut files,
+            &base,
+            bytes[..bytes.len() - 1].to_vec(),
+            "truncated-last",
+        );
+        let mut longer = bytes.clone();
+        longer.push(0);
+        damage(&mut files, &base, longer, "trailing-zero");
+    }
+    files.push(("empty".to_owned(), Vec::new()));
+    files.push(("version-only".to_owned(), vec![0x33]));
+    files.push(("garbage-ff".to_owned(), vec![0xff; 64]));
+    files.push(("garbage-zero".to_owned(), vec![0; 64]));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/signal_message");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in &real {
+        let expected = name.split_once("--").unwrap().0;
+        assert_eq!(signal_message(bytes).spelled(), expected, "{name}");
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    for (name, bytes) in files {
+        let outcome = signal_message(&bytes).spelled();
+        std::fs::write(dir.join(format!("{outcome}--{name}")), bytes).unwrap();
+    }
+
+    // Peer records: the device's real one, and variants of it.
+    let mut full = sessions.cache.take(&(business, peer)).unwrap();
+    assert!(full.session.is_some() && full.identity.is_some());
+    let with_both = full.encode(&PEER_INCARNATION);
+    let identity = full.identity.take();
+    let session_only = full.encode(&PEER_INCARNATION);
+    let other_incarnation = {
+        full.identity = identity;
+        full.encode(&[0; 16])
+    };
+    full.session = None;
+    let identity_only = full.encode(&PEER_INCARNATION);
+    full.identity = None;
+    let empty = full.encode(&PEER_INCARNATION);
+    let mut records: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        (
+            "real-session-identity",
+            with_both.clone(),
+            Some("session+identity"),
+        ),
+        ("real-session", session_only, Some("session")),
+        (
+            "real-other-incarnation",
+            other_incarnation,
+            Some("session+identity"),
+        ),
+        ("real-identity", identity_only.clone(), Some("identity")),
+        ("real-empty", empty, Some("empty")),
+        ("empty-bytes", Vec::new(), Some("empty-record")),
+        ("version-only", vec![1], Some("truncated-flags")),
+        ("version-2", vec![0, 2], Some("unknown-record-version")),
+        ("unknown-flag", vec![4, 1], Some("unknown-flags")),
+        (
+            "identity-flag-without-key",
+            vec![1, 1],
+            Some("truncated-identity"),
+        ),
+        ("session-flag-without-session", vec![2, 1], None),
+    ];
+    let mut before_trailer = identity_only.clone();
+    before_trailer.insert(0, 0);
+    records.push((
+        "byte-before-identity",
+        before_trailer,
+        Some("bytes-before-the-trailer"),
+    ));
+    let mut bad_key = identity_only.clone();
+    bad_key[0] = 0x06;
+    records.push(("identity-bad-key-type", bad_key, Some("bad-identity-key")));
+    let n = with_both.len();
+    for (name, at) in [
+        ("flipped-session-start", 0),
+        ("flipped-session-middle", (n - 35) / 2),
+    ] {
+        let mut v = with_both.clone();
+        v[at] ^= 0x01;
+        records.push((name, v, None));
+    }
+    records.push((
+        "truncated-session",
+        with_both[(n - 35) / 2..].to_vec(),
+        None,
+    ));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/peer_record");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes, expected) in records {
+        let outcome = spell_peer_record(peer_record(&bytes));
+        if let Some(expected) = expected {
+            assert_eq!(outcome, expected, "{name}");
+        }
+        std::fs::write(dir.join(format!("{outcome}--{name}")), bytes).unwrap();
+    }
+}
