@@ -235,6 +235,10 @@ pub trait BusinessSink: Send + Sync {
     /// Hand over an inbound message.
     async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError>;
 
-    /// Report a status.
+    /// Report a status. A report may come more than once, and reports of
+    /// one message made concurrently (a send's `sent` and a delivery
+    /// report's `delivered`) may arrive out of order; the stored status
+    /// never goes backwards, so keep the furthest one seen
+    /// (`queued < sent < delivered < read`; `failed` is final).
     async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError>;
 }
