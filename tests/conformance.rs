@@ -1312,6 +1312,11 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
         with_created(M::new(1, 6, 3, u64::MAX), u64::MAX - HOUR),
         // Near the end of time, but the cap still fits.
         M::new(1, 7, 3, u64::MAX).record(),
+        // The lowest id there is: on the first page too.
+        MessageRecord {
+            id: MessageId::from_bytes([0; 16]),
+            ..M::new(1, 8, 1, T0 + 30 * DAY).record()
+        },
     ];
     commit(
         s,
@@ -1341,6 +1346,7 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
     cap(7).await;
 
     let capped: BTreeMap<u64, u64> = [
+        (0, T0 + 7 * DAY),
         (1, T0 + 7 * DAY),
         (4, T0 + 12 * DAY),
         (7, u64::MAX - 23 * DAY),
@@ -1370,7 +1376,11 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
         .unwrap();
     assert_eq!(
         gone.iter().map(|m| (m.business, m.id)).collect::<Vec<_>>(),
-        [key_of(1, 5), key_of(1, 1)]
+        [
+            key_of(1, 5),
+            (business(1), MessageId::from_bytes([0; 16])),
+            key_of(1, 1)
+        ]
     );
     let gone = s
         .delete_expired(t(T0 + 12 * DAY), t(T0 + 12 * DAY), &[], 100)

@@ -26,7 +26,7 @@ const T0: u64 = 1_767_225_600_000;
 
 struct Deployment {
     clock: ManualClock,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn Storage>,
     network: Arc<SimNetwork>,
     business: Arc<SimBusiness>,
     audit: Arc<MemoryAuditSink>,
@@ -38,8 +38,19 @@ struct Deployment {
 
 impl Deployment {
     fn new(businesses: &[u64], network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
+        Self::on(store, businesses, network_faults, sink_faults, seed)
+    }
+
+    /// A deployment over `store`.
+    fn on(
+        store: Arc<dyn Storage>,
+        businesses: &[u64],
+        network_faults: Faults,
+        sink_faults: Faults,
+        seed: u64,
+    ) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
         let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
         let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
         let audit = Arc::new(MemoryAuditSink::new());
@@ -869,4 +880,68 @@ async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
     let messages = business.messages();
     assert_eq!(messages.len(), 9);
     assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
+}
+
+/// A sweep that fails part-way (one row of a SQLite store no longer
+/// decodes) has still deleted what its later stages deleted, a consumer's
+/// Signal state among it; the processor must not keep that state cached,
+/// or a consumer forgotten on disk would still be decrypted from memory.
+/// (The business's retention is shortened first, so that the state is
+/// deleted before the cached copy would have expired by itself.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_sweep_that_fails_part_way_keeps_no_deleted_state_in_memory() {
+    use custodian::retention::RetentionPolicy;
+    use custodian::store::{SqliteConfig, SqliteStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let d = Deployment::on(store, &[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    d.network
+        .consumer_sends(&number(1), 0, b, b"hello")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.business.messages().len(), 1);
+    // A damaged copy of the row, still open: the sweep's first stage
+    // cannot decode it.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO messages (business, id, direction, phone, created, expiry, epoch,
+                 status, failure, attempts, next_attempt, pending_devices, sealed)
+             SELECT business, X'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee', direction, X'0707', created, expiry, epoch,
+                 0, NULL, 0, NULL, 0, sealed FROM messages LIMIT 1",
+        )
+        .unwrap();
+
+    let shorter = RetentionPolicy::from_toml("[business.7]\nretention = \"1d\"\n").unwrap();
+    d.processor
+        .set_retention_policy(&d.operator, shorter)
+        .unwrap();
+    d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+    let swept = d.processor.sweep(&d.operator).await;
+    assert!(matches!(swept, Err(ProcessorError::Sweep(_))), "{swept:?}");
+    let census = d.store.census().await.unwrap();
+    assert_eq!(
+        (census.messages, census.peers),
+        (1, 0),
+        "all but the damaged row"
+    );
+
+    // The consumer still has its session; the processor must not.
+    d.network
+        .consumer_sends(&number(1), 0, b, b"after retention")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        d.business.messages().len(),
+        1,
+        "decrypted from a forgotten session"
+    );
 }

@@ -1581,11 +1581,16 @@ impl Processor {
         self.authorize_operator(principal)?;
         async {
             let notifier = FailureNotifier { processor: self };
-            let report = self.retention.sweep(self.clock.now(), &notifier).await?;
-            if report.peers_deleted > 0 {
+            let swept = self.retention.sweep(self.clock.now(), &notifier).await;
+            // A sweep that failed may have deleted Signal state in its later
+            // stages all the same: drop the cache then too.
+            if swept
+                .as_ref()
+                .map_or(true, |report| report.peers_deleted > 0)
+            {
                 self.sessions.clear_cache();
             }
-            Ok(report)
+            Ok(swept?)
         }
         .instrument(debug_span!("sweep"))
         .await

@@ -218,7 +218,10 @@ pub(super) fn cap_expiry(
     limit: usize,
 ) -> Result<Option<MessageId>, StoreError> {
     let business = business_sql(business);
-    let after = after.map_or([0u8; MessageId::LEN], |id| *id.as_bytes());
+    // From the start: the empty blob, which sorts before every id, the
+    // all-zero one included.
+    let after = after.map(|id| *id.as_bytes());
+    let after: &[u8] = after.as_ref().map_or(&[], |id| &id[..]);
     // The page: `limit` ids of the business after `after`, by the
     // `(business, id)` unique index.
     let last: Option<Vec<u8>> = {
@@ -229,7 +232,7 @@ pub(super) fn cap_expiry(
             )
             .db()?;
         let mut rows = stmt
-            .query(params![business, &after[..], limit_sql(limit.max(1) - 1)])
+            .query(params![business, after, limit_sql(limit.max(1) - 1)])
             .db()?;
         match rows.next().db()? {
             Some(row) => Some(row.get(0).db()?),
@@ -253,7 +256,7 @@ pub(super) fn cap_expiry(
         direction.code(),
         period,
         i64::MAX - period,
-        &after[..],
+        after,
         upto
     ])
     .db()?;
