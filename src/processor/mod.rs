@@ -260,6 +260,14 @@ impl std::fmt::Debug for Outbound {
     }
 }
 
+/// The envelope kind of a message record in `direction`.
+fn message_kind(direction: Direction) -> Kind {
+    match direction {
+        Direction::Inbound => Kind::InboundMessage,
+        Direction::Outbound => Kind::OutboundMessage,
+    }
+}
+
 /// What a stored message's record holds, as far as it can be handed on.
 enum Stored {
     /// Its content.
@@ -532,10 +540,7 @@ impl Processor {
 
     fn open_label(&self, record: &MessageRecord) -> Label {
         Label {
-            kind: match record.direction {
-                Direction::Inbound => Kind::InboundMessage,
-                Direction::Outbound => Kind::OutboundMessage,
-            },
+            kind: message_kind(record.direction),
             business: record.business,
             id: record.id,
             expiry: record.expiry,
@@ -1363,13 +1368,14 @@ impl Processor {
         match self.vault.open(&record.sealed, record.business).await {
             Ok(opened) => {
                 let label = opened.label();
-                let kind = self.open_label(record).kind;
-                Ok(if label.id == record.id && label.kind == kind {
-                    Stored::Content(opened.plaintext)
-                } else {
-                    debug!(business = %record.business, id = %record.id, "a stored message holds another record's envelope");
-                    Stored::Unreadable
-                })
+                Ok(
+                    if label.id == record.id && label.kind == message_kind(record.direction) {
+                        Stored::Content(opened.plaintext)
+                    } else {
+                        debug!(business = %record.business, id = %record.id, "a stored message holds another record's envelope");
+                        Stored::Unreadable
+                    },
+                )
             }
             Err(OpenError::Expired { .. }) => Ok(Stored::Expired),
             Err(OpenError::Key(e)) => Err(e.into()),

@@ -242,13 +242,13 @@ impl Inner {
         if !ops.iter().any(conditional) {
             return true;
         }
-        // Batches are a few operations: a list beats a map here.
+        // Each message's bookkeeping as the ops before have left it (`None`:
+        // absent). Batches are a few operations: a list beats a map here.
         type Seen = Vec<((BusinessId, MessageId), Option<Delivery>)>;
-        let mut statuses: Seen = Vec::new();
+        let mut seen: Seen = Vec::new();
         let mut consumed: Vec<KeyId> = Vec::new();
-        let status = |statuses: &Seen, key: (BusinessId, MessageId)| {
-            statuses
-                .iter()
+        let current = |seen: &Seen, key: (BusinessId, MessageId)| {
+            seen.iter()
                 .rev()
                 .find(|(k, _)| *k == key)
                 .map(|(_, s)| *s)
@@ -268,26 +268,26 @@ impl Inner {
                     expected,
                     delivery,
                 } => {
-                    if status(&statuses, (*business, *id)) != Some(*expected) {
+                    if current(&seen, (*business, *id)) != Some(*expected) {
                         return false;
                     }
-                    statuses.push(((*business, *id), Some(*delivery)));
+                    seen.push(((*business, *id), Some(*delivery)));
                 }
                 Op::PutMessage(m) => {
-                    if status(&statuses, (m.business, m.id)).is_some() {
+                    if current(&seen, (m.business, m.id)).is_some() {
                         return false;
                     }
-                    statuses.push(((m.business, m.id), Some(m.delivery)));
+                    seen.push(((m.business, m.id), Some(m.delivery)));
                 }
                 Op::FailExpired { business, id } => {
-                    if let Some(d) = status(&statuses, (*business, *id))
+                    if let Some(d) = current(&seen, (*business, *id))
                         && d.status.is_open()
                     {
-                        statuses.push(((*business, *id), Some(failed_expired(d))));
+                        seen.push(((*business, *id), Some(failed_expired(d))));
                     }
                 }
                 Op::DeleteMessage { business, id } => {
-                    statuses.push(((*business, *id), None));
+                    seen.push(((*business, *id), None));
                 }
                 _ => {}
             }
