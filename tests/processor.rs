@@ -100,6 +100,19 @@ impl Deployment {
         &self.owners[&b]
     }
 
+    /// `b` sends `content` to `to` (a service message); its id.
+    async fn send(&self, b: BusinessId, to: PhoneNumber, content: &[u8]) -> MessageId {
+        let message = Outbound {
+            to,
+            content: content.to_vec(),
+            category: Category::Service,
+        };
+        self.processor
+            .send(self.owner(b), b, message)
+            .await
+            .unwrap()
+    }
+
     async fn publish_all(&self) {
         for (&b, owner) in &self.owners {
             self.processor.publish_keys(owner, b).await.unwrap();
@@ -337,19 +350,7 @@ async fn statuses_never_go_backwards_and_duplicates_are_ignored() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 1);
     let b = BusinessId::new(7).unwrap();
     d.network.add_consumer(&number(1), 1).await;
-    let id = d
-        .processor
-        .send(
-            d.owner(b),
-            b,
-            Outbound {
-                to: number(1),
-                content: b"x".to_vec(),
-                category: Category::Service,
-            },
-        )
-        .await
-        .unwrap();
+    let id = d.send(b, number(1), b"x").await;
     let p = d.owner(b);
     assert_eq!(
         d.processor
@@ -420,19 +421,7 @@ async fn expired_undelivered_messages_are_reported_failed() {
     );
     let d2 = Deployment::new(&[7], down, Faults::none(), 6);
     d2.network.add_consumer(&number(1), 1).await;
-    let id = d2
-        .processor
-        .send(
-            d2.owner(b),
-            b,
-            Outbound {
-                to: number(1),
-                content: b"never".to_vec(),
-                category: Category::Service,
-            },
-        )
-        .await
-        .unwrap();
+    let id = d2.send(b, number(1), b"never").await;
     d2.run(Duration::from_secs(600), Duration::from_secs(60))
         .await;
     assert_eq!(
@@ -470,19 +459,7 @@ async fn an_unreadable_stored_message_fails_with_a_reason_and_blocks_nothing() {
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
     d.network.add_consumer(&number(1), 2).await;
-    let good = d
-        .processor
-        .send(
-            d.owner(b),
-            b,
-            Outbound {
-                to: number(1),
-                content: b"still goes".to_vec(),
-                category: Category::Service,
-            },
-        )
-        .await
-        .unwrap();
+    let good = d.send(b, number(1), b"still goes").await;
     let stored = d.store.message(b, good).await.unwrap().unwrap();
     let bad = |byte: u8, direction, sealed: Vec<u8>| MessageRecord {
         id: MessageId::from_bytes([byte; 16]),
@@ -536,19 +513,7 @@ async fn no_principal_reaches_another_tenant() {
         .await
         .unwrap();
     d.network.pump(&d.processor, &d.transport).await;
-    let b_message = d
-        .processor
-        .send(
-            d.owner(b),
-            b,
-            Outbound {
-                to: number(1),
-                content: b"from B".to_vec(),
-                category: Category::Service,
-            },
-        )
-        .await
-        .unwrap();
+    let b_message = d.send(b, number(1), b"from B").await;
     d.network.pump(&d.processor, &d.transport).await;
 
     let before = (
