@@ -500,6 +500,81 @@ async fn an_unreadable_stored_message_fails_with_a_reason_and_blocks_nothing() {
     }
 }
 
+/// A stored message whose row was edited to name another consumer (its
+/// phone hash, by which that consumer's Signal state is found) is failed
+/// as unreadable: an outbound one is not sent under the other consumer's
+/// session, an inbound one is not handed to the business as theirs.
+#[tokio::test]
+async fn a_message_row_naming_another_consumer_is_unreadable() {
+    use custodian::store::{Batch, Direction, FailureReason, Op};
+
+    // The consumer's message arrives before the transport goes down; the
+    // business is down from the start.
+    let down = Duration::from_secs(600);
+    let transport = Faults::none().with_outage(Timestamp::from_millis(T0 + 1_000), down);
+    let sink = Faults::none().with_outage(Timestamp::from_millis(T0), down);
+    let d = Deployment::new(&[7], transport, sink, 10);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    d.network.add_consumer(&number(2), 1).await;
+    d.network
+        .consumer_sends(&number(2), 0, b, b"from the other consumer")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    d.clock.advance(Duration::from_secs(1));
+    let outbound = d.send(b, number(1), b"for consumer 1").await;
+    let other = d.send(b, number(2), b"for consumer 2").await;
+    let due = d
+        .store
+        .due_messages(Timestamp::from_millis(T0 + 3_600_000), 10)
+        .await
+        .unwrap();
+    let inbound = due
+        .iter()
+        .find(|m| m.direction == Direction::Inbound)
+        .unwrap()
+        .clone();
+    let to_one = d.store.message(b, outbound).await.unwrap().unwrap();
+    let (one, two) = (to_one.phone, inbound.phone);
+    assert_ne!(one, two);
+    let mut batch = Batch::new();
+    for (record, phone) in [(to_one, two), (inbound.clone(), one)] {
+        batch.push(Op::DeleteMessage {
+            business: b,
+            id: record.id,
+        });
+        batch.push(Op::PutMessage(Box::new(custodian::store::MessageRecord {
+            phone,
+            ..record
+        })));
+    }
+    d.store.commit(batch).await.unwrap();
+
+    d.run(Duration::from_secs(900), Duration::from_secs(60))
+        .await;
+    for id in [outbound, inbound.id] {
+        assert_eq!(
+            d.processor.message_status(d.owner(b), b, id).await.unwrap(),
+            (Status::Failed, Some(FailureReason::Unreadable))
+        );
+        assert_eq!(
+            d.business.statuses()[&id].last(),
+            Some(&(Status::Failed, Some(FailureReason::Unreadable)))
+        );
+    }
+    assert!(!d.business.messages().contains_key(&inbound.id));
+    for n in [1, 2] {
+        for messages in d.network.received(&number(n)).await.values() {
+            assert!(!messages.contains_key(&outbound));
+        }
+    }
+    // The untouched message went out as usual.
+    let received = d.network.received(&number(2)).await;
+    assert!(received.values().all(|m| m.contains_key(&other)));
+}
+
 /// A principal of business A tries every entry point on business B (and
 /// every operator entry point): each is refused, and nothing changes.
 #[tokio::test]

@@ -71,7 +71,7 @@ use crate::visibility::{
 
 mod payload;
 
-use payload::{InboundBody, OutboundBody};
+use payload::{InboundBody, OutboundBody, StoredBody};
 pub use payload::{device_payload, parse_device_payload};
 #[cfg(any(test, fuzzing))]
 pub(crate) use payload::{reencode_inbound, reencode_outbound};
@@ -269,9 +269,9 @@ fn message_kind(direction: Direction) -> Kind {
 }
 
 /// What a stored message's record holds, as far as it can be handed on.
-enum Stored {
+enum Stored<T> {
     /// Its content.
-    Content(Zeroizing<Vec<u8>>),
+    Content(T),
     /// It expired since it was found readable.
     Expired,
     /// Nothing, ever: damaged, its key gone, or another record's envelope.
@@ -1364,7 +1364,10 @@ impl Processor {
     /// and direction), so that no damaged or misplaced row is handed on
     /// under another message's id. A failure that may pass (the key
     /// hierarchy unavailable) is an error.
-    async fn open_message(&self, record: &MessageRecord) -> Result<Stored, ProcessorError> {
+    async fn open_message(
+        &self,
+        record: &MessageRecord,
+    ) -> Result<Stored<Zeroizing<Vec<u8>>>, ProcessorError> {
         match self.vault.open(&record.sealed, record.business).await {
             Ok(opened) => {
                 let label = opened.label();
@@ -1384,6 +1387,32 @@ impl Processor {
                 Ok(Stored::Unreadable)
             }
         }
+    }
+
+    /// The body of due `record`: opened, decoded, and naming the consumer
+    /// whose phone hash the row holds (the row's hash is what that
+    /// consumer's Signal state is found by, so a row edited to another
+    /// consumer's hash is unreadable, not sent under the other's session).
+    async fn due_body(&self, record: &MessageRecord) -> Result<Stored<StoredBody>, ProcessorError> {
+        let plaintext = match self.open_message(record).await? {
+            Stored::Content(plaintext) => plaintext,
+            Stored::Expired => return Ok(Stored::Expired),
+            Stored::Unreadable => return Ok(Stored::Unreadable),
+        };
+        let Ok(body) = StoredBody::decode(record.direction, &plaintext) else {
+            debug!(business = %record.business, id = %record.id, "a stored message's body does not decode");
+            return Ok(Stored::Unreadable);
+        };
+        if self
+            .keys
+            .phone_hash(record.business, body.consumer())
+            .await?
+            != record.phone
+        {
+            debug!(business = %record.business, id = %record.id, "a stored message's row names another consumer");
+            return Ok(Stored::Unreadable);
+        }
+        Ok(Stored::Content(body))
     }
 
     /// Fail `record`, whose stored content cannot be opened or decoded: it
@@ -1510,11 +1539,14 @@ impl Processor {
                 }
                 continue;
             }
-            let plaintext = match self.open_message(&record).await {
-                Ok(Stored::Content(plaintext)) => Some(plaintext),
+            let body = match self.due_body(&record).await {
+                Ok(Stored::Content(body)) => body,
                 // Past its retention since the check: the next pass fails it.
                 Ok(Stored::Expired) => continue,
-                Ok(Stored::Unreadable) => None,
+                Ok(Stored::Unreadable) => {
+                    report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
+                    continue;
+                }
                 // Its key could not be had now (the provider or the store
                 // unavailable, a ring to repair): it waits, the rest go on.
                 Err(e) => {
@@ -1524,12 +1556,8 @@ impl Processor {
                     continue;
                 }
             };
-            match record.direction {
-                Direction::Inbound => {
-                    let Some(body) = plaintext.and_then(|p| InboundBody::decode(&p).ok()) else {
-                        report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
-                        continue;
-                    };
+            match body {
+                StoredBody::Inbound(body) => {
                     let parts = InboundParts {
                         id: record.id,
                         from: body.from,
@@ -1552,11 +1580,7 @@ impl Processor {
                         report.rescheduled += 1;
                     }
                 }
-                Direction::Outbound => {
-                    let Some(body) = plaintext.and_then(|p| OutboundBody::decode(&p).ok()) else {
-                        report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
-                        continue;
-                    };
+                StoredBody::Outbound(body) => {
                     // Sending it through the transport again is retransmission.
                     let purpose = if d.attempts == 0 {
                         Purpose::Delivery

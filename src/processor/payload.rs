@@ -3,6 +3,7 @@
 
 use crate::ids::{MessageId, PhoneNumber};
 use crate::integrity::Category;
+use crate::store::Direction;
 
 const VERSION: u8 = 1;
 const IDENTITY_CHANGED: u8 = 1;
@@ -125,6 +126,30 @@ impl OutboundBody {
             category,
             content: content.to_vec(),
         })
+    }
+}
+
+/// The sealed body of a stored message of either direction.
+pub(super) enum StoredBody {
+    Inbound(InboundBody),
+    Outbound(OutboundBody),
+}
+
+impl StoredBody {
+    /// Decode the body of a message stored in `direction`.
+    pub(super) fn decode(direction: Direction, bytes: &[u8]) -> Result<Self, BadPayload> {
+        Ok(match direction {
+            Direction::Inbound => Self::Inbound(InboundBody::decode(bytes)?),
+            Direction::Outbound => Self::Outbound(OutboundBody::decode(bytes)?),
+        })
+    }
+
+    /// The consumer the message is from or to.
+    pub(super) fn consumer(&self) -> &PhoneNumber {
+        match self {
+            Self::Inbound(body) => &body.from,
+            Self::Outbound(body) => &body.to,
+        }
     }
 }
 

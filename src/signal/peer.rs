@@ -8,8 +8,15 @@
 //! |---|---|
 //! | rest | the session record in the library's store form, if flagged |
 //! | 33 | the consumer's trusted identity key, if flagged |
+//! | 16 | the device's consumer: the phone hash the record is stored under |
+//! | 4 | the device id, big-endian |
 //! | 1 | flags: bit 0 identity present, bit 1 session present; others zero |
-//! | 1 | version `01` |
+//! | 1 | version `02` |
+//!
+//! The envelope binds the record to its business, but not to the row it is
+//! stored in: the device named inside is checked against the row on every
+//! load, so a store that copies one consumer's record over another's cannot
+//! make the processor encrypt to the second under the first's session.
 
 use wacore_libsignal::protocol::{
     DeviceId, IdentityKey, ProtocolAddress, PublicKey, SessionRecord, SessionState,
@@ -18,16 +25,19 @@ use wacore_libsignal::protocol::{
 use zeroize::Zeroizing;
 
 use crate::envelope::{RecordKey, SEAL_ROOM};
+use crate::ids::PhoneHash;
 use crate::store::PeerId;
 use crate::time::Timestamp;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HAS_IDENTITY: u8 = 1;
 const HAS_SESSION: u8 = 2;
 const IDENTITY_LEN: usize = 33;
+/// The device's address: its phone hash and device id.
+const DEVICE_LEN: usize = PhoneHash::LEN + 4;
 /// Spare room an encoding leaves after the record: the trailer, and what
 /// sealing adds in place.
-const ROOM: usize = IDENTITY_LEN + 2 + SEAL_ROOM;
+const ROOM: usize = IDENTITY_LEN + DEVICE_LEN + 2 + SEAL_ROOM;
 /// What a record may grow by between two encodings without a copy.
 const GROWTH: usize = 256;
 /// How many counters of a receiving chain past its persisted index a
@@ -41,6 +51,8 @@ pub(super) struct CorruptPeer(pub(super) &'static str);
 /// A peer's state in memory: what was last committed, plus the record key
 /// it is re-sealed under.
 pub(super) struct Peer {
+    /// The device, as its record is stored under.
+    pub(super) id: PeerId,
     /// The library's name for the peer: the phone hash in hex, never the number.
     pub(super) address: ProtocolAddress,
     pub(super) session: Option<SessionRecord>,
@@ -107,6 +119,7 @@ fn address(peer: PeerId) -> ProtocolAddress {
 impl Peer {
     pub(super) fn empty(peer: PeerId) -> Self {
         Self {
+            id: peer,
             address: address(peer),
             session: None,
             identity: None,
@@ -143,6 +156,8 @@ impl Peer {
             out.extend_from_slice(&identity.serialize());
             flags |= HAS_IDENTITY;
         }
+        out.extend_from_slice(self.id.phone.as_bytes());
+        out.extend_from_slice(&self.id.device.to_be_bytes());
         out.extend_from_slice(&[flags, VERSION]);
         self.encoded_len = out.len();
         out
@@ -162,6 +177,16 @@ impl Peer {
         let (&flags, mut rest) = rest.split_last().ok_or(CorruptPeer("truncated flags"))?;
         if flags & !(HAS_IDENTITY | HAS_SESSION) != 0 {
             return Err(CorruptPeer("unknown flags"));
+        }
+        let split = rest
+            .len()
+            .checked_sub(DEVICE_LEN)
+            .ok_or(CorruptPeer("truncated device"))?;
+        let (head, device) = rest.split_at(split);
+        rest = head;
+        let (phone, id) = device.split_at(PhoneHash::LEN);
+        if phone != peer.phone.as_bytes() || id != peer.device.to_be_bytes() {
+            return Err(CorruptPeer("record of another device"));
         }
         let identity = if flags & HAS_IDENTITY != 0 {
             let split = rest
@@ -190,6 +215,7 @@ impl Peer {
             .map(Unsure::of)
             .unwrap_or_default();
         Ok(Self {
+            id: peer,
             address: address(peer),
             session,
             identity,
@@ -277,7 +303,6 @@ impl std::fmt::Debug for Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::PhoneHash;
     use wacore_libsignal::protocol::KeyPair;
 
     #[test]
@@ -298,5 +323,28 @@ mod tests {
         assert_eq!(back.identity, peer.identity);
         assert!(back.session.is_none());
         assert_eq!((back.expiry, back.encoded_len), (expiry, bytes.len()));
+    }
+
+    #[test]
+    fn a_record_opens_only_for_the_device_it_was_written_for() {
+        let id = PeerId {
+            phone: PhoneHash::from_bytes([7; 16]),
+            device: 2,
+        };
+        let bytes = Peer::empty(id).encode(&[1; 16]);
+        let expiry = Timestamp::from_millis(5);
+        assert!(Peer::decode(id, &bytes, &[1; 16], expiry).is_ok());
+        for other in [
+            PeerId { device: 3, ..id },
+            PeerId {
+                phone: PhoneHash::from_bytes([8; 16]),
+                ..id
+            },
+        ] {
+            assert_eq!(
+                Peer::decode(other, &bytes, &[1; 16], expiry).err(),
+                Some(CorruptPeer("record of another device"))
+            );
+        }
     }
 }

@@ -264,6 +264,61 @@ async fn a_damaged_peer_record_header_is_corrupt_not_absent() {
     }
 }
 
+/// A store that copies one consumer's peer record over another's row cannot
+/// make the processor use the first consumer's session for the second: the
+/// copy is corrupt, nothing is encrypted under it, and nothing changes.
+#[tokio::test]
+async fn a_peer_record_copied_to_another_device_is_refused() {
+    let (sessions, keys, store, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let first = phone.encrypt(business, b"hello").await.unwrap();
+    sessions
+        .decrypt(business, peer, &first, expiry)
+        .await
+        .unwrap();
+    let sealed = store.peer(business, peer).await.unwrap().unwrap();
+    let other_number: PhoneNumber = "+447700900404".parse().unwrap();
+    let other_phone = keys.phone_hash(business, &other_number).await.unwrap();
+    for other in [
+        PeerId { device: 1, ..peer },
+        PeerId {
+            phone: other_phone,
+            ..peer
+        },
+    ] {
+        let mut batch = Batch::new();
+        batch.push(Op::PutPeer {
+            business,
+            peer: other,
+            sealed: sealed.clone(),
+        });
+        store.commit(batch).await.unwrap();
+        let sent = sessions
+            .encrypt(business, other, b"for the other", expiry)
+            .await;
+        assert!(
+            matches!(
+                sent,
+                Err(SignalError::Storage(StorageFailure::Corrupt(
+                    "record of another device"
+                )))
+            ),
+            "{other:?}: {sent:?}"
+        );
+        assert_eq!(
+            store.peer(business, other).await.unwrap(),
+            Some(sealed.clone())
+        );
+    }
+    // The original row still opens and its session still works.
+    let reply = sessions
+        .encrypt(business, peer, b"reply", expiry)
+        .await
+        .unwrap();
+    phone.decrypt(business, &reply).await.unwrap();
+}
+
 /// Write real Signal messages and peer records, and damaged copies, into the
 /// `signal_message` and `peer_record` fuzz corpora, each named by what its
 /// check makes of it. Keys are fresh on every run, so the files are
@@ -366,6 +421,7 @@ async fn write_signal_corpora() {
     assert!(full.session.is_some() && full.identity.is_some());
     let with_both = full.encode(&PEER_INCARNATION);
     let identity = full.identity.take();
+    let full_identity = identity;
     let session_only = full.encode(&PEER_INCARNATION);
     let other_incarnation = {
         full.identity = identity;
@@ -375,6 +431,14 @@ async fn write_signal_corpora() {
     let identity_only = full.encode(&PEER_INCARNATION);
     full.identity = None;
     let empty = full.encode(&PEER_INCARNATION);
+    // The trailer of a record of the fixture device: its address, `flags`
+    // and the version.
+    let trailer = |flags: u8| {
+        let mut t = peer.phone.as_bytes().to_vec();
+        t.extend_from_slice(&peer.device.to_be_bytes());
+        t.extend_from_slice(&[flags, 2]);
+        t
+    };
     let mut records: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         (
             "real-session-identity",
@@ -390,16 +454,27 @@ async fn write_signal_corpora() {
         ("real-identity", identity_only.clone(), Some("identity")),
         ("real-empty", empty, Some("empty")),
         ("empty-bytes", Vec::new(), Some("empty-record")),
-        ("version-only", vec![1], Some("truncated-flags")),
-        ("version-2", vec![0, 2], Some("unknown-record-version")),
-        ("unknown-flag", vec![4, 1], Some("unknown-flags")),
+        ("version-only", vec![2], Some("truncated-flags")),
+        ("version-1", vec![0, 1], Some("unknown-record-version")),
+        ("unknown-flag", vec![4, 2], Some("unknown-flags")),
+        ("device-cut-short", vec![0, 0, 2], Some("truncated-device")),
         (
             "identity-flag-without-key",
-            vec![1, 1],
+            trailer(1),
             Some("truncated-identity"),
         ),
-        ("session-flag-without-session", vec![2, 1], None),
+        ("session-flag-without-session", trailer(2), None),
     ];
+    let mut elsewhere = Peer::empty(PeerId {
+        device: peer.device + 1,
+        ..peer
+    });
+    elsewhere.identity = full_identity;
+    records.push((
+        "another-device",
+        elsewhere.encode(&PEER_INCARNATION),
+        Some("record-of-another-device"),
+    ));
     let mut before_trailer = identity_only.clone();
     before_trailer.insert(0, 0);
     records.push((
@@ -413,7 +488,7 @@ async fn write_signal_corpora() {
     let n = with_both.len();
     for (name, at) in [
         ("flipped-session-start", 0),
-        ("flipped-session-middle", (n - 35) / 2),
+        ("flipped-session-middle", (n - 55) / 2),
     ] {
         let mut v = with_both.clone();
         v[at] ^= 0x01;
@@ -421,7 +496,7 @@ async fn write_signal_corpora() {
     }
     records.push((
         "truncated-session",
-        with_both[(n - 35) / 2..].to_vec(),
+        with_both[(n - 55) / 2..].to_vec(),
         None,
     ));
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/peer_record");
