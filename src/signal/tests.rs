@@ -421,7 +421,6 @@ async fn write_signal_corpora() {
     assert!(full.session.is_some() && full.identity.is_some());
     let with_both = full.encode(&PEER_INCARNATION);
     let identity = full.identity.take();
-    let full_identity = identity;
     let session_only = full.encode(&PEER_INCARNATION);
     let other_incarnation = {
         full.identity = identity;
@@ -469,7 +468,7 @@ async fn write_signal_corpora() {
         device: peer.device + 1,
         ..peer
     });
-    elsewhere.identity = full_identity;
+    elsewhere.identity = identity;
     records.push((
         "another-device",
         elsewhere.encode(&PEER_INCARNATION),
