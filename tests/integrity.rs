@@ -591,3 +591,38 @@ fn exports_are_releasable_only_to_the_parties_the_policy_allows() {
     assert_eq!(events.len(), 3 * 28);
     assert!(events.iter().all(|e| e.business == Some(business)));
 }
+
+#[test]
+fn a_window_is_flagged_as_soon_as_new_recipients_exceed_ratio_times_the_baseline() {
+    let mut config = IntegrityConfig::default();
+    config.baseline_weight = 1.0; // the baseline is the last window
+    config.warmup_windows = 1;
+    config.fan_out_ratio = 2.5;
+    config.min_new_recipients = 1;
+    let monitor = IntegrityMonitor::new(config).unwrap();
+    let business = BusinessId::new(15).unwrap();
+    for c in 0..3 {
+        monitor.record_sent(business, consumer(c), at(0, c));
+    }
+    // Baseline 3, ratio 2.5: anything above 7.5 new recipients exceeds it.
+    for c in 100..108 {
+        monitor.record_sent(business, consumer(c), at(1, c));
+    }
+    let report = signals(&monitor, business, at(1, 1_000));
+    assert_eq!(report.current.baseline_new_recipients, Some(3.0));
+    assert_eq!(report.current.new_recipients, 8);
+    assert_eq!(
+        report.current.new_recipient_threshold, 7,
+        "the count above which a window is flagged"
+    );
+    assert_eq!(
+        report
+            .current
+            .anomalies
+            .iter()
+            .map(|a| (a.kind, a.observed))
+            .collect::<Vec<_>>(),
+        [(AnomalyKind::FanOut, 8)],
+        "8 new recipients exceed 2.5 × 3"
+    );
+}

@@ -404,8 +404,10 @@ impl BusinessSignals {
         let warm = self.windows_closed >= u64::from(config.warmup_windows);
         let (baseline, threshold) = match self.baseline {
             Some(b) if warm => {
-                // `as` saturates; b and the ratio are finite and non-negative.
-                let scaled = (config.fan_out_ratio * b).ceil() as u64;
+                // Flagged above ratio × b: a whole count exceeds it exactly
+                // when it exceeds its floor. `as` saturates; b and the ratio
+                // are finite and non-negative.
+                let scaled = (config.fan_out_ratio * b).floor() as u64;
                 (Some(b), scaled.max(config.min_new_recipients))
             }
             _ => (None, config.cold_start_new_recipients),
