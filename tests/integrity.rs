@@ -626,3 +626,29 @@ fn a_window_is_flagged_as_soon_as_new_recipients_exceed_ratio_times_the_baseline
         "8 new recipients exceed 2.5 × 3"
     );
 }
+
+#[test]
+fn the_history_holds_the_windows_with_activity_however_often_it_is_exported() {
+    let business = BusinessId::new(16).unwrap();
+    let quiet = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let watched = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    for monitor in [&quiet, &watched] {
+        monitor.record_sent(business, consumer(1), at(0, 5));
+    }
+    // One monitor is exported every day in between, the other is not.
+    for day in 1..5 {
+        drop(signals(&watched, business, at(day, 0)));
+    }
+    for monitor in [&quiet, &watched] {
+        monitor.record_sent(business, consumer(2), at(5, 5));
+    }
+    let periods = |monitor: &IntegrityMonitor| {
+        signals(monitor, business, at(6, 0))
+            .history
+            .iter()
+            .map(|w| w.period.start)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(periods(&quiet), [at(0, 0), at(5, 0)]);
+    assert_eq!(periods(&watched), periods(&quiet));
+}

@@ -384,7 +384,11 @@ impl BusinessSignals {
             self.baseline = self.baseline.map(|b| b * decay);
         }
         self.windows_closed = self.windows_closed.saturating_add(gaps + 1);
-        if config.history_windows > 0 {
+        // Only windows with activity: a window closed by an export (or
+        // another event) looks no different from one no event ever opened.
+        let active =
+            closed.sent > 0 || closed.received > 0 || closed.spam_reports > 0 || closed.blocks > 0;
+        if active && config.history_windows > 0 {
             if self.history.len() >= config.history_windows {
                 self.history.pop_front();
             }
