@@ -652,3 +652,91 @@ fn the_history_holds_the_windows_with_activity_however_often_it_is_exported() {
     assert_eq!(periods(&quiet), [at(0, 0), at(5, 0)]);
     assert_eq!(periods(&watched), periods(&quiet));
 }
+
+/// Through the processor: what an export takes out of the ledger.
+#[cfg(feature = "testing")]
+mod exports {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use custodian::ids::PhoneNumber;
+    use custodian::keys::{LocalKeyProvider, SecretKey};
+    use custodian::processor::{Host, Outbound, Policies, Processor, ProcessorError};
+    use custodian::store::MemoryStore;
+    use custodian::testing::{Faults, SimBusiness, SimNetwork};
+    use custodian::transport::{Principal, StaticAuthorizer};
+    use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent};
+
+    use super::*;
+
+    /// An audit trail that can be taken down and brought back.
+    #[derive(Default)]
+    struct Switchable {
+        kept: MemoryAuditSink,
+        down: AtomicBool,
+    }
+
+    impl AuditSink for Switchable {
+        fn record(&self, decision: &Decision) -> Result<(), AuditError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(AuditError::OutOfService);
+            }
+            self.kept.record(decision)
+        }
+
+        fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+            self.kept.record_hold(event)
+        }
+    }
+
+    #[tokio::test]
+    async fn billing_an_export_could_not_audit_is_exported_later() {
+        let clock = ManualClock::new(at(0, 0));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1));
+        let audit = Arc::new(Switchable::default());
+        let business = BusinessId::new(17).unwrap();
+        let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
+        let host = Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            authorizer: Arc::new(
+                StaticAuthorizer::new()
+                    .operator(&operator)
+                    .grant(&owner, business),
+            ),
+            clock: Arc::new(clock.clone()),
+            audit: audit.clone(),
+        };
+        let processor = Processor::new(host, Policies::default()).unwrap();
+        processor.publish_keys(&owner, business).await.unwrap();
+        let to: PhoneNumber = "+447700900123".parse().unwrap();
+        network.add_consumer(&to, 1).await;
+        let message = Outbound {
+            to,
+            content: b"your order has shipped".to_vec(),
+            category: Category::Utility,
+        };
+        processor.send(&owner, business, message).await.unwrap();
+        let billed = processor.billing_statement(&owner, business).await.unwrap();
+        assert_eq!(billed.records.len(), 1, "{billed:?}");
+        assert_eq!(billed.records[0].messages.utility, 1);
+
+        // The day closes; the audit trail is down when billing is exported.
+        clock.advance(Duration::from_millis(DAY));
+        audit.down.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            processor.export_billing(&operator).await,
+            Err(ProcessorError::Denied)
+        ));
+        assert!(network.billing_statements().await.is_empty());
+
+        // Once it is back, the day is exported: nothing was lost.
+        audit.down.store(false, Ordering::SeqCst);
+        assert_eq!(processor.export_billing(&operator).await.unwrap(), 1);
+        let exported = network.billing_statements().await;
+        assert_eq!(exported.len(), 1);
+        assert_eq!(exported[0].records.len(), 1);
+        assert_eq!(exported[0].records[0].messages.utility, 1);
+    }
+}

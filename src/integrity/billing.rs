@@ -103,6 +103,10 @@ pub struct BillingStatement {
     pub dropped_periods: u64,
 }
 
+/// What a take removed from the ledger, to put back if it is not handed
+/// over; it opens for no one.
+pub(crate) struct Undo(BillingStatement);
+
 /// Settings of the [`BillingLedger`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -192,6 +196,18 @@ impl BillingLedger {
     /// already taken appears in a later take on its own: the counts of a
     /// period are the sum of its takes.
     pub fn take_closed(&self, business: BusinessId, now: Timestamp) -> Labelled<BillingStatement> {
+        self.take_closed_undoably(business, now).0
+    }
+
+    /// As [`take_closed`](Self::take_closed), with what undoes the take if
+    /// the statement cannot be released or handed over: the counts go back
+    /// to the ledger without being released to anyone, so neither a refused
+    /// release nor a failed audit trail loses them.
+    pub(crate) fn take_closed_undoably(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> (Labelled<BillingStatement>, Undo) {
         let open = self.grid.index(now);
         let statement = self
             .businesses
@@ -201,7 +217,16 @@ impl BillingLedger {
                 s
             })
             .unwrap_or_else(|| self.statement_of(business, now, &Ledger::default(), |_| true));
-        Labelled::of_business(DataClass::Billing, business, statement)
+        let undo = Undo(statement.clone());
+        (
+            Labelled::of_business(DataClass::Billing, business, statement),
+            undo,
+        )
+    }
+
+    /// Put back what [`take_closed_undoably`](Self::take_closed_undoably) took.
+    pub(crate) fn undo(&self, undo: Undo) {
+        self.restore(&undo.0);
     }
 
     /// Put back what a [`take_closed`](Self::take_closed) took, when it

@@ -1756,20 +1756,16 @@ impl Processor {
         let now = self.clock.now();
         let mut exported = 0;
         for business in self.billing.businesses() {
-            let statement = self.billing.take_closed(business, now);
+            let (statement, undo) = self.billing.take_closed_undoably(business, now);
             let released = match self
                 .gate
                 .release(statement, Party::Transport, Purpose::Billing)
             {
                 Ok(released) => released.into_value(),
-                Err(denied) => {
-                    if let Ok(kept) = self.gate.release(
-                        denied.into_labelled(),
-                        Party::Processor,
-                        Purpose::Billing,
-                    ) {
-                        self.billing.restore(kept.value());
-                    }
+                Err(_) => {
+                    // Refused, or the audit trail failed: the counts go
+                    // back (released to no one), for the next export.
+                    self.billing.undo(undo);
                     return Err(ProcessorError::Denied);
                 }
             };
@@ -1777,7 +1773,7 @@ impl Processor {
                 continue;
             }
             if let Err(e) = self.transport.billing(&released).await {
-                self.billing.restore(&released);
+                self.billing.undo(undo);
                 return Err(e.into());
             }
             exported += 1;
