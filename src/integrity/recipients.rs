@@ -114,7 +114,7 @@ impl RecipientTracker {
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.current.len() + self.previous.len()
     }
 }

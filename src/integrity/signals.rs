@@ -321,6 +321,18 @@ impl IntegrityMonitor {
             .collect()
     }
 
+    /// Closes, for every business, the windows that ended by `now`, and so
+    /// forgets the consumers out of contact for the retention ceiling, as
+    /// events and exports do for the business they concern. The processor
+    /// runs it on every sweep, so a business gone quiet keeps no consumer
+    /// past the ceiling either.
+    pub fn expire(&self, now: Timestamp) {
+        let index = self.grid.index(now);
+        for (_, cell) in self.businesses.all() {
+            lock(&cell).roll(index, self.grid, &self.config);
+        }
+    }
+
     /// Drops everything kept about `business`; `true` if there was anything.
     pub fn forget(&self, business: BusinessId) -> bool {
         self.businesses.remove(business)
@@ -397,9 +409,12 @@ impl BusinessSignals {
         self.index = index;
         // Nothing about a consumer outlives the retention ceiling here
         // either: one not messaged nor heard from for that long is
-        // forgotten (and would count as new again).
-        let horizon = (CEILING.as_millis() as u64).div_ceil(grid.len_ms.max(1));
-        self.recipients.forget_before(index.saturating_sub(horizon));
+        // forgotten (and would count as new again). Kept: contacts in the
+        // windows that started less than the ceiling before this one ends,
+        // so at this window's end no contact kept is older than the ceiling.
+        let horizon = CEILING.as_millis() as u64 / grid.len_ms.max(1);
+        self.recipients
+            .forget_before(index.saturating_add(1).saturating_sub(horizon));
         self.rotations_at_open = self.recipients.rotations();
         self.set_threshold(config);
     }
@@ -547,6 +562,41 @@ mod tests {
         m.record_sent(b, hash(1), Timestamp::from_millis(41 * DAY));
         let r = signals(&m, b, 41 * DAY);
         assert_eq!(r.current.new_recipients, 1);
+    }
+
+    fn tracked(m: &IntegrityMonitor, b: BusinessId) -> usize {
+        m.businesses.with(b, |s| s.recipients.len()).unwrap_or(0)
+    }
+
+    #[test]
+    fn no_consumer_is_remembered_past_the_retention_ceiling() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        // Contacted in the first minute of day 10.
+        let last = Timestamp::from_millis(10 * DAY + 60_000);
+        m.record_sent(b, hash(1), last);
+        m.record_received(b, hash(2), last);
+        drop(m.export(b, Timestamp::from_millis(39 * DAY + 120_000)));
+        assert_eq!(tracked(&m, b), 2, "29 days and a minute on");
+        // 30 days and a minute on, the business still active: forgotten.
+        m.record_sent(b, hash(3), Timestamp::from_millis(40 * DAY + 120_000));
+        assert_eq!(tracked(&m, b), 1);
+    }
+
+    #[test]
+    fn a_business_gone_quiet_forgets_its_consumers_at_expiry() {
+        let m = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        m.record_sent(b, hash(1), Timestamp::from_millis(10 * DAY));
+        m.record_received(b, hash(2), Timestamp::from_millis(10 * DAY));
+        m.expire(Timestamp::from_millis(39 * DAY));
+        assert_eq!(tracked(&m, b), 2);
+        // No event, no export: the expiry a sweep runs is enough.
+        m.expire(Timestamp::from_millis(40 * DAY));
+        assert_eq!(tracked(&m, b), 0);
+        // The window it closed keeps its counts.
+        let r = signals(&m, b, 40 * DAY);
+        assert_eq!((r.history.len(), r.history[0].sent), (1, 1));
     }
 
     #[test]
