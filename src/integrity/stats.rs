@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, Grid, PerBusiness, Period, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
+use crate::retention::CEILING;
 use crate::time::Timestamp;
 use crate::visibility::{DataClass, Labelled};
 
@@ -149,6 +150,9 @@ struct Bucket {
     messages: u64,
     /// Sorted; at most k entries: knowing "at least k" is all that is needed.
     consumers: Vec<u64>,
+    /// The consumers were forgotten at the retention ceiling, and there
+    /// were at least k of them.
+    enough: bool,
 }
 
 impl Bucket {
@@ -162,7 +166,13 @@ impl Bucket {
     }
 
     fn releasable(&self, k: usize) -> bool {
-        self.consumers.len() >= k
+        self.enough || self.consumers.len() >= k
+    }
+
+    /// Forget the consumers, keeping whether they were enough.
+    fn forget_consumers(&mut self, k: usize) {
+        self.enough = self.releasable(k);
+        self.consumers = Vec::new();
     }
 
     fn suppressed(&self, k: usize) -> bool {
@@ -278,6 +288,33 @@ impl StatisticsCollector {
         out
     }
 
+    /// Forgets the consumers counted in every closed period that began at
+    /// least the retention ceiling before `now` (so holds a contact that
+    /// old), keeping its counts and which of its buckets may be released;
+    /// such periods are sealed (a late event counts in the first period
+    /// after them). The processor runs it on every sweep, so no consumer
+    /// outlives retention here, whether or not the statistics are ever
+    /// taken (with periods no longer than the ceiling; a longer open
+    /// period keeps its consumers until it closes).
+    pub fn expire(&self, now: Timestamp) {
+        let k = self.config.k;
+        let cutoff = now.as_millis().saturating_sub(CEILING.as_millis() as u64);
+        let below = self
+            .grid
+            .index(Timestamp::from_millis(cutoff))
+            .saturating_add(1)
+            .min(self.grid.index(now));
+        for (_, cell) in self.businesses.all() {
+            let mut s = lock(&cell);
+            s.sealed_below = s.sealed_below.max(below);
+            for (_, p) in s.periods.range_mut(..below) {
+                for bucket in p.messages.iter_mut().flatten().chain(&mut p.latency) {
+                    bucket.forget_consumers(k);
+                }
+            }
+        }
+    }
+
     /// Drops everything kept about `business`; `true` if there was anything.
     pub fn forget(&self, business: BusinessId) -> bool {
         self.businesses.remove(business)
@@ -369,6 +406,82 @@ mod tests {
         assert!(b.releasable(3));
         assert!(!b.releasable(4));
         assert_eq!(b.consumers, [3, 5, 9]);
+    }
+
+    #[test]
+    fn no_consumer_is_kept_past_the_retention_ceiling_and_counts_stay_releasable() {
+        let c = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+        let b = BusinessId::new(3).unwrap();
+        let day: u64 = 24 * 3600 * 1000;
+        let at = |ms| Timestamp::from_millis(100 * day + ms);
+        let consumer = |i: u8| PhoneHash::from_bytes([i; 16]);
+        for i in 0..10 {
+            c.record_message(
+                b,
+                consumer(i),
+                Direction::Inbound,
+                Status::Sent,
+                at(i.into()),
+            );
+        }
+        for i in 0..9 {
+            c.record_message(
+                b,
+                consumer(i),
+                Direction::Inbound,
+                Status::Read,
+                at(i.into()),
+            );
+        }
+        let kept = |c: &StatisticsCollector| {
+            c.businesses
+                .with(b, |s| {
+                    s.periods
+                        .values()
+                        .flat_map(|p| p.messages.iter().flatten().chain(&p.latency))
+                        .map(|bucket| bucket.consumers.len())
+                        .sum::<usize>()
+                })
+                .unwrap()
+        };
+        // The period began at day 100: its consumers are kept until day 130.
+        c.expire(at(30 * day - 1));
+        assert_eq!(kept(&c), 19);
+        c.expire(at(30 * day));
+        assert_eq!(kept(&c), 0);
+        // A late event counts after the sealed period, not in it.
+        c.record_message(b, consumer(42), Direction::Inbound, Status::Read, at(5));
+        let reports: Vec<StatisticsReport> = c
+            .take_closed(at(40 * day))
+            .into_iter()
+            .map(|r| {
+                crate::visibility::Gate::new(
+                    crate::visibility::VisibilityPolicy::published(),
+                    std::sync::Arc::new(crate::visibility::MemoryAuditSink::new()),
+                    std::sync::Arc::new(crate::time::ManualClock::new(at(40 * day))),
+                )
+                .release(
+                    r,
+                    crate::visibility::Party::Processor,
+                    crate::visibility::Purpose::Analytics,
+                )
+                .unwrap()
+                .into_value()
+            })
+            .collect();
+        assert_eq!(reports.len(), 2);
+        let counts = |r: &StatisticsReport| {
+            r.messages
+                .iter()
+                .map(|m| (m.direction, m.status, m.messages))
+                .collect::<Vec<_>>()
+        };
+        // Still released (10 consumers), still suppressed (9).
+        assert_eq!(
+            counts(&reports[0]),
+            [(Direction::Inbound, Status::Sent, 10)]
+        );
+        assert!(counts(&reports[1]).is_empty(), "one consumer: suppressed");
     }
 
     #[test]

@@ -1606,16 +1606,19 @@ impl Processor {
     /// Run the retention sweep (operators only): expired undelivered
     /// messages are reported failed to their businesses, then everything
     /// retention no longer allows is deleted or shredded, no Signal state
-    /// the sweep deleted stays in memory, and the integrity monitor forgets
-    /// the consumers out of contact for the retention ceiling.
+    /// the sweep deleted stays in memory, and the integrity monitor and the
+    /// statistics forget the consumers out of contact for the retention
+    /// ceiling.
     pub async fn sweep(&self, principal: &Principal) -> Result<SweepReport, ProcessorError> {
         self.authorize_operator(principal)?;
         async {
             let notifier = FailureNotifier { processor: self };
             let now = self.clock.now();
-            // No consumer outlives retention in the integrity monitor
-            // either, whether or not its business is still active.
+            // No consumer outlives retention in the integrity monitor or
+            // the statistics either, whether or not its business is still
+            // active or its statistics are ever taken.
             self.integrity.expire(now);
+            self.statistics.expire(now);
             let swept = self.retention.sweep(now, &notifier).await;
             // A sweep that failed may have deleted Signal state in its later
             // stages all the same: drop the cache then too.
