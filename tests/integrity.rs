@@ -740,3 +740,25 @@ mod exports {
         assert_eq!(exported[0].records[0].messages.utility, 1);
     }
 }
+
+#[test]
+fn a_window_flagged_for_spam_does_not_feed_the_fan_out_baseline() {
+    let mut config = IntegrityConfig::default();
+    config.baseline_weight = 1.0;
+    config.warmup_windows = 1;
+    let monitor = IntegrityMonitor::new(config).unwrap();
+    let business = BusinessId::new(18).unwrap();
+    // Day 0: 900 new recipients, and reported for spam.
+    for c in 0..900 {
+        monitor.record_sent(business, consumer(c), at(0, c));
+    }
+    for _ in 0..20 {
+        monitor.record_spam_report(business, at(0, 1_000));
+    }
+    let day0 = signals(&monitor, business, at(0, 2_000));
+    assert_eq!(day0.current.anomalies[0].kind, AnomalyKind::SpamReports);
+    // Day 1: the flagged day raised no bar.
+    let day1 = signals(&monitor, business, at(1, 0));
+    assert_eq!(day1.current.baseline_new_recipients, None);
+    assert_eq!(day1.current.new_recipient_threshold, 1_000);
+}

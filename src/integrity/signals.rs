@@ -378,11 +378,10 @@ impl BusinessSignals {
         }
         let closed = std::mem::replace(&mut self.open, empty_window(grid.period(index)));
         let alpha = config.baseline_weight;
-        let fanned_out =
-            closed.has(AnomalyKind::FanOut) || closed.has(AnomalyKind::ColdStartFanOut);
-        // A flagged window is kept out of the baseline: an abuser must not
-        // raise its own bar by abusing.
-        if !fanned_out {
+        // A flagged window (for any anomaly, spam reports included) is kept
+        // out of the baseline: an abuser must not raise its own bar by
+        // abusing.
+        if !closed.is_flagged() {
             let x = closed.new_recipients as f64;
             self.baseline = Some(match self.baseline {
                 None => x,
