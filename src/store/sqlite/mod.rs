@@ -240,9 +240,11 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 ///   migrated forward.
 /// - **No panics on bad data.** A stored value this crate could not have
 ///   written is [`StoreError::Corrupt`].
-/// - **Shredded bytes leave the files.** Key rows are deleted with SQLite's
-///   `secure_delete`, and [`scrub`](Storage::scrub) (which every complete
-///   sweep ends with) empties the write-ahead log of older page images.
+/// - **Shredded bytes leave the files.** Key rows are written and deleted
+///   with SQLite's `secure_delete` (so neither a deletion nor a page split
+///   leaves a copy of a key behind), and [`scrub`](Storage::scrub) (which
+///   every complete sweep ends with) empties the write-ahead log of older
+///   page images.
 ///
 /// Reads are short and run on the caller's thread; writes never block the
 /// caller's thread (they await a reply from the writer), and need no async

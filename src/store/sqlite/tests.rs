@@ -934,3 +934,64 @@ fn a_row_that_does_not_decode_fails_the_sweep_but_no_other_deletion() {
     );
     assert_eq!(block_on(store.census()).unwrap().messages, 1);
 }
+
+/// Keys are inserted out of order, so the table's pages split and
+/// rebalance: SQLite copies cells between pages, and a page rebuilt without
+/// `secure_delete` keeps the old copies in its free space. Once every key is
+/// destroyed or deleted, none of their bytes may be left in the file.
+#[test]
+fn keys_moved_by_page_splits_leave_no_bytes_once_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("split.db");
+    let secret = |n: u64| -> Vec<u8> {
+        let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..60)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    const N: u64 = 2000;
+    let config = SqliteConfig {
+        durability: Durability::Normal,
+        ..SqliteConfig::default()
+    };
+    let store = Arc::new(SqliteStore::open(&path, config).unwrap());
+    block_on(async {
+        // One at a time, so that each insert is a transaction of its own
+        // and the pages split as keys arrive over time.
+        for j in 0..N {
+            let i = j * 7919 % N;
+            store.insert_key(epoch_key(i, secret(i))).await.unwrap();
+        }
+        for i in 0..N {
+            let id = epoch_key(i, vec![]).id;
+            if i % 2 == 0 {
+                store
+                    .destroy_key(&id, Timestamp::from_millis(T0))
+                    .await
+                    .unwrap();
+            } else {
+                store.delete_keys(&[id]).await.unwrap();
+            }
+        }
+        store.scrub().await.unwrap();
+    });
+    drop(store);
+    let file = std::fs::read(&path).unwrap();
+    let needles: std::collections::HashMap<Vec<u8>, u64> =
+        (0..N).map(|i| (secret(i)[18..42].to_vec(), i)).collect();
+    let mut left: Vec<u64> = file
+        .windows(24)
+        .filter_map(|w| needles.get(w).copied())
+        .collect();
+    left.sort_unstable();
+    left.dedup();
+    assert!(
+        left.is_empty(),
+        "bytes of keys {left:?} are still in the file"
+    );
+}

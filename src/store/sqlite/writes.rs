@@ -272,8 +272,11 @@ pub(super) fn cap_expiry(
 /// (`secure_delete = ON`), so that the bytes of a destroyed key, a replaced
 /// wrapping or a retired KEK version linger neither in the page that held
 /// them nor in a page the deletion frees (`FAST` would leave those on the
-/// freelist). Only key writes pay for it, and they are rare; messages and
-/// peers are sealed under keys that are shredded.
+/// freelist). Every write to the key tables runs so, inserts included: an
+/// insert that splits a page moves other keys' cells, and without it the
+/// copies they leave behind in free space outlive those keys' destruction.
+/// Only key writes pay for it, and they are rare; messages and peers are
+/// sealed under keys that are shredded.
 fn shredding<T>(
     conn: &Connection,
     f: impl FnOnce() -> Result<T, StoreError>,
@@ -321,16 +324,18 @@ pub(super) fn put_ring(
 }
 
 /// Store `key` unless its id is taken; return what is stored afterwards.
+/// Shredding too: the page split it may cause copies other keys' cells.
 pub(super) fn insert_key(conn: &Connection, key: &WrappedKey) -> Result<KeyEntry, StoreError> {
     let (business, kind, id) = key_id_sql(&key.id);
-    let inserted = conn
-        .prepare_cached(
+    let inserted = shredding(conn, || {
+        conn.prepare_cached(
             "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL) ON CONFLICT DO NOTHING",
         )
         .db()?
         .execute(params![business, kind, id, key.kek_version, key.blob])
-        .db()?;
+        .db()
+    })?;
     if inserted == 1 {
         return Ok(KeyEntry::Wrapped(key.clone()));
     }
