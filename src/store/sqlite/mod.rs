@@ -589,7 +589,7 @@ impl Storage for SqliteStore {
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        self.readers.with(|c| reads::message_businesses(c))
+        self.readers.with(reads::message_businesses)
     }
 
     async fn message_epochs(

@@ -385,24 +385,30 @@ pub(super) fn expired_open_messages(
     collect(&mut rows, codec::message)
 }
 
-pub(super) fn message_businesses(conn: &Connection) -> Result<Vec<BusinessId>, StoreError> {
-    // One index seek per business, however many messages each has.
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT business FROM messages WHERE business > ?1 ORDER BY business LIMIT 1",
-        )
-        .db()?;
+pub(super) fn message_businesses(conn: &mut Connection) -> Result<Vec<BusinessId>, StoreError> {
+    // One index seek per business, however many messages each has, all in
+    // one read transaction: the list is of one state.
+    let tx = conn.transaction().db()?;
     let mut out = Vec::new();
-    let mut after = i64::MIN;
-    loop {
-        let mut rows = stmt.query([after]).db()?;
-        let Some(row) = rows.next().db()? else {
-            return Ok(out);
-        };
-        let business = Cols::new(row, "messages").business(0, "business")?;
-        out.push(business);
-        after = business_sql(business);
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT business FROM messages WHERE business > ?1 ORDER BY business LIMIT 1",
+            )
+            .db()?;
+        let mut after = i64::MIN;
+        loop {
+            let mut rows = stmt.query([after]).db()?;
+            let Some(row) = rows.next().db()? else {
+                break;
+            };
+            let business = Cols::new(row, "messages").business(0, "business")?;
+            out.push(business);
+            after = business_sql(business);
+        }
     }
+    tx.finish().db()?;
+    Ok(out)
 }
 
 pub(super) fn message_epochs(
@@ -481,7 +487,7 @@ pub(super) fn holds(conn: &Connection) -> Result<Vec<Hold>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT kind, business, phone, reference, placed FROM holds
-             ORDER BY kind, business, phone",
+             ORDER BY kind, business, phone, reference",
         )
         .db()?;
     let mut rows = stmt.query([]).db()?;
