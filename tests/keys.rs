@@ -749,3 +749,176 @@ async fn no_secret_byte_reaches_debug_output() {
         assert_eq!(text, expected, "{what}");
     }
 }
+
+/// A key store that, once armed, pauses the next successful `put_ring`
+/// after it is stored and before it returns: the writer has won the
+/// compare-and-swap but not yet cached what it wrote.
+struct PausingStore {
+    inner: MemoryStore,
+    armed: std::sync::atomic::AtomicBool,
+    reached: Semaphore,
+    release: Semaphore,
+}
+
+#[async_trait]
+impl KeyStore for PausingStore {
+    async fn ring(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<custodian::keys::KekRing>, custodian::store::StoreError> {
+        self.inner.ring(business).await
+    }
+
+    async fn put_ring(
+        &self,
+        ring: &custodian::keys::KekRing,
+        expected: Option<u64>,
+    ) -> Result<(), custodian::store::StoreError> {
+        self.inner.put_ring(ring, expected).await?;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.reached.add_permits(1);
+            self.release.acquire().await.unwrap().forget();
+        }
+        Ok(())
+    }
+
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, custodian::store::StoreError> {
+        self.inner.key(id).await
+    }
+
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, custodian::store::StoreError> {
+        self.inner.insert_key(key).await
+    }
+
+    async fn rewrap_key(
+        &self,
+        key: WrappedKey,
+        expected_version: u32,
+    ) -> Result<bool, custodian::store::StoreError> {
+        self.inner.rewrap_key(key, expected_version).await
+    }
+
+    async fn destroy_key(
+        &self,
+        id: &KeyId,
+        at: Timestamp,
+    ) -> Result<bool, custodian::store::StoreError> {
+        self.inner.destroy_key(id, at).await
+    }
+
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, custodian::store::StoreError> {
+        self.inner.delete_keys(ids).await
+    }
+
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, custodian::store::StoreError> {
+        self.inner
+            .keys_wrapped_below(business, version, after, limit)
+            .await
+    }
+
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, custodian::store::StoreError> {
+        self.inner.count_wrapped_under(business, version).await
+    }
+
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: custodian::keys::KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, custodian::store::StoreError> {
+        self.inner.keys_of_kind(business, kind, after, limit).await
+    }
+
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, custodian::store::StoreError> {
+        self.inner.ended_epoch_keys(now, limit).await
+    }
+}
+
+/// Two ring updates race: the first stores its ring, then a second stores
+/// a newer one (raising the decrypt floor) and caches it before the first
+/// caches its own. The manager must keep the newer ring: an older one
+/// cached last would bring back the old floor, and with it a KEK version
+/// retired for cause, in this process until the ring next changes.
+#[tokio::test]
+async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
+    let root = [0x6d; 32];
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+        &mut root.clone(),
+    )));
+    let store = Arc::new(PausingStore {
+        inner: MemoryStore::new(),
+        armed: false.into(),
+        reached: Semaphore::new(0),
+        release: Semaphore::new(0),
+    });
+    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
+    let b = business(90);
+    let now = Timestamp::from_millis(1_767_225_600_000);
+    let v2 = keys.add_kek_version(b, now).await.unwrap();
+    keys.promote_kek_version(b, v2).await.unwrap();
+
+    // A slow administrator adds v3: stored, not yet cached.
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.add_kek_version(b, now).await }
+    });
+    store.reached.acquire().await.unwrap().forget();
+    // Meanwhile v1 is put below the floor (nothing is wrapped under it).
+    keys.raise_decrypt_floor(b, v2).await.unwrap();
+    store.release.add_permits(1);
+    assert_eq!(slow.await.unwrap().unwrap(), 3);
+
+    let stored = store.ring(b).await.unwrap().unwrap();
+    assert_eq!(stored.floor(), 2);
+
+    // Someone holding the old KEK v1 plants an epoch key wrapped under it.
+    let kek1 = provider
+        .unwrap(
+            &KekContext {
+                business: b,
+                version: 1,
+            },
+            &stored.get(1).unwrap().wrapped,
+        )
+        .await
+        .unwrap();
+    let epoch = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    let id = KeyId::epoch(b, epoch);
+    store
+        .insert_key(wrap_epoch_key(kek1.expose_secret(), id, 1, &[0x42; 32]))
+        .await
+        .unwrap();
+    let loaded = keys.epoch_key(b, epoch).await;
+    assert!(
+        matches!(
+            loaded,
+            Err(KeyError::BelowFloor {
+                version: 1,
+                floor: 2
+            })
+        ),
+        "a version below the decrypt floor unwrapped: {loaded:?}"
+    );
+    let cached = keys.ring(b).await.unwrap();
+    assert_eq!(
+        (cached.revision(), cached.floor()),
+        (stored.revision(), stored.floor()),
+        "the manager caches an older ring than the store's"
+    );
+}

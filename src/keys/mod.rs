@@ -245,6 +245,21 @@ struct Cache {
     epoch_destructions: u64,
 }
 
+impl Cache {
+    /// Cache `ring` as `business`'s unless a newer revision is cached
+    /// already (a concurrent update that finished first); returns the ring
+    /// cached afterwards. Revisions only go up, so an update that stored
+    /// its ring first but caches it last never brings back an older ring:
+    /// an older floor, a retired version.
+    fn cache_ring(&mut self, business: BusinessId, ring: KekRing) -> KekRing {
+        let cached = self.rings.entry(business).or_insert_with(|| ring.clone());
+        if cached.revision() < ring.revision() {
+            *cached = ring;
+        }
+        cached.clone()
+    }
+}
+
 impl fmt::Debug for KeyManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cache = self.read();
@@ -283,8 +298,7 @@ impl KeyManager {
             return Ok(ring);
         }
         let ring = self.create_ring(business).await?;
-        self.write().rings.insert(business, ring.clone());
-        Ok(ring)
+        Ok(self.write().cache_ring(business, ring))
     }
 
     /// The KEK ring of `business` if one exists; never creates one.
@@ -295,10 +309,7 @@ impl KeyManager {
         let Some(ring) = self.store.ring(business).await? else {
             return Ok(None);
         };
-        // A ring an update cached meanwhile is at least as new as ours.
-        Ok(Some(
-            self.write().rings.entry(business).or_insert(ring).clone(),
-        ))
+        Ok(Some(self.write().cache_ring(business, ring)))
     }
 
     /// The ring that must exist because a key wrapped under it does. Used
@@ -354,7 +365,7 @@ impl KeyManager {
             let next = change(&current)?;
             match self.store.put_ring(&next, Some(current.revision())).await {
                 Ok(()) => {
-                    self.write().rings.insert(business, next.clone());
+                    self.write().cache_ring(business, next.clone());
                     return Ok(next);
                 }
                 Err(StoreError::Conflict) => continue,
@@ -404,7 +415,7 @@ impl KeyManager {
             match self.store.put_ring(&next, Some(current.revision())).await {
                 Ok(()) => {
                     let mut cache = self.write();
-                    cache.rings.insert(business, next);
+                    cache.cache_ring(business, next);
                     cache
                         .keks
                         .insert((business, version), Arc::new(Kek::new(version, &key)));
