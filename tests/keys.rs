@@ -922,3 +922,96 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
         "the manager caches an older ring than the store's"
     );
 }
+
+/// A provider that, once armed, pauses the next unwrap of KEK version 1
+/// until released.
+struct PausingV1Provider {
+    inner: LocalKeyProvider,
+    armed: std::sync::atomic::AtomicBool,
+    reached: Semaphore,
+    release: Semaphore,
+}
+
+#[async_trait]
+impl KeyProvider for PausingV1Provider {
+    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        self.inner.wrap(context, key).await
+    }
+
+    async fn unwrap(
+        &self,
+        context: &KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, ProviderError> {
+        if context.version == 1 && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.reached.add_permits(1);
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.inner.unwrap(context, wrapped).await
+    }
+}
+
+/// A seal creating an epoch's key under the primary KEK v1 races a
+/// rotation that promotes v2 and raises the decrypt floor to it. The floor
+/// may go up only once no key is wrapped below it: the new key must not end
+/// up stored under v1 behind the floor, where nothing may unwrap it (the
+/// epoch could never be sealed into or opened, nor v1 retired).
+#[tokio::test]
+async fn a_key_created_during_a_floor_raise_is_never_left_below_the_floor() {
+    let f = Fixture::new();
+    let b = business(91);
+    // Another process made the ring and added v2.
+    let v2 = f
+        .vault
+        .keys()
+        .add_kek_version(b, f.clock.now())
+        .await
+        .unwrap();
+    let provider = Arc::new(PausingV1Provider {
+        inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut f.root.clone())),
+        armed: true.into(),
+        reached: Semaphore::new(0),
+        release: Semaphore::new(0),
+    });
+    let keys = Arc::new(KeyManager::new(provider.clone(), f.store.clone()));
+    let epoch =
+        Epoch::containing(f.clock.now().saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    let now = f.clock.now();
+    let sealer = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.epoch_key_for_seal(b, epoch, now).await }
+    });
+    // The sealer has the ring (primary v1) and waits for KEK v1.
+    provider.reached.acquire().await.unwrap().forget();
+    keys.promote_kek_version(b, v2).await.unwrap();
+    assert_eq!(keys.rewrap(b).await.unwrap(), 0);
+    let raise = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.raise_decrypt_floor(b, v2).await }
+    });
+    // Let the raise run as far as it can before the sealer resumes.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    provider.release.add_permits(1);
+    let sealed = sealer.await.unwrap();
+    let raised = raise.await.unwrap();
+    assert!(sealed.is_ok(), "the seal failed: {sealed:?}");
+    assert!(
+        matches!(raised, Ok(()) | Err(KeyError::NeedsRewrap { floor: 2 })),
+        "{raised:?}"
+    );
+    let floor = f.store.ring(b).await.unwrap().unwrap().floor();
+    let Some(KeyEntry::Wrapped(stored)) = f.store.key(&KeyId::epoch(b, epoch)).await.unwrap()
+    else {
+        panic!("no key stored")
+    };
+    assert!(
+        stored.kek_version >= floor,
+        "the epoch key is wrapped under v{} below the floor {floor}",
+        stored.kek_version
+    );
+    // The key opens here and in a restarted process.
+    keys.epoch_key(b, epoch).await.unwrap();
+    f.restarted().keys().epoch_key(b, epoch).await.unwrap();
+}

@@ -211,6 +211,13 @@ pub struct KeyManager {
     provider: Arc<dyn KeyProvider>,
     store: Arc<dyn KeyStore>,
     cache: RwLock<Cache>,
+    /// Shared by everything that wraps a key under the primary KEK and
+    /// stores it (creating a key, rewrapping); exclusive for raising the
+    /// decrypt floor and retiring a version. The floor is checked against
+    /// the stored keys and then raised: no key may be wrapped in between
+    /// under a version the new floor leaves behind, where nothing could
+    /// unwrap it again.
+    wrapping: async_lock::RwLock<()>,
 }
 
 /// The keyed hash behind a business's phone-number index.
@@ -279,6 +286,7 @@ impl KeyManager {
             provider,
             store,
             cache: RwLock::default(),
+            wrapping: async_lock::RwLock::new(()),
         }
     }
 
@@ -442,6 +450,7 @@ impl KeyManager {
     /// Rewrap every key of `business` still wrapped under a version older than
     /// the primary, without touching any content. Returns how many were rewrapped.
     pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
+        let _wrapping = self.wrapping.read().await;
         let ring = self.ring(business).await?;
         let primary = self.kek(&ring, ring.primary()).await?;
         let mut after = None;
@@ -472,6 +481,7 @@ impl KeyManager {
         business: BusinessId,
         version: u32,
     ) -> Result<(), KeyError> {
+        let _wrapping = self.wrapping.write().await;
         if !self
             .store
             .keys_wrapped_below(business, version, None, 1)
@@ -495,6 +505,7 @@ impl KeyManager {
         business: BusinessId,
         version: u32,
     ) -> Result<(), KeyError> {
+        let _wrapping = self.wrapping.write().await;
         let keys = self.store.count_wrapped_under(business, version).await?;
         if keys > 0 {
             return Err(KeyError::VersionInUse { version, keys });
@@ -572,6 +583,7 @@ impl KeyManager {
                 (Some(entry), _) => entry,
                 (None, Load::Existing) => return Err(KeyError::UnknownEpoch { business, epoch }),
                 (None, Load::CreateIfAbsent) => {
+                    let _wrapping = self.wrapping.read().await;
                     let ring = self.ring(business).await?;
                     let kek = self.kek(&ring, ring.primary()).await?;
                     let secret = SecretKey::generate();
@@ -612,10 +624,13 @@ impl KeyManager {
         id: KeyId,
         secret: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let wrapping = self.wrapping.read().await;
         let ring = self.ring(id.business).await?;
         let kek = self.kek(&ring, ring.primary()).await?;
         let wrapped = WrappedKey::seal(id, &kek, secret)?;
-        match self.store.insert_key(wrapped.clone()).await? {
+        let stored = self.store.insert_key(wrapped.clone()).await?;
+        drop(wrapping);
+        match stored {
             KeyEntry::Wrapped(stored) if stored == wrapped => Ok(Zeroizing::new(secret.to_vec())),
             KeyEntry::Wrapped(stored) => self.unwrap_secret(&stored).await,
             KeyEntry::Destroyed { .. } => Err(KeyError::Unwrap(id)),
