@@ -46,9 +46,15 @@ use zeroize::Zeroizing;
 use crate::envelope::{self, Envelope, EnvelopeError, Header, Label};
 use crate::ids::BusinessId;
 use crate::keys::{Epoch, EpochKey, EpochLength, KeyError, KeyManager};
+use crate::retention::CEILING;
 use crate::time::{Clock, Timestamp};
 
 pub use crate::envelope::SealError;
+
+/// How far past the retention [`CEILING`] from now a sealed record's expiry
+/// may be: one minute, so that a record the processor gave the full 30
+/// days a moment ago is not refused because the clock stepped back since.
+pub const CLOCK_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a record could not be opened. Each refusal a caller can act on has its
 /// own variant; every cryptographic failure is the one opaque [`OpenError::Decrypt`].
@@ -162,7 +168,9 @@ impl Vault {
     }
 
     /// Seal `plaintext` as the record `label` describes, under the key of the
-    /// epoch in which it expires (created on first use).
+    /// epoch in which it expires (created on first use). The expiry must be
+    /// in the future and at most the retention [`CEILING`] away (give or
+    /// take [`CLOCK_TOLERANCE`]).
     pub async fn seal(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         if plaintext.len() > envelope::MAX_PLAINTEXT_LEN {
             return Err(SealError::TooLarge(plaintext.len()));
@@ -170,6 +178,14 @@ impl Vault {
         let now = self.clock.now();
         if label.expiry <= now {
             return Err(SealError::ExpiryNotInFuture {
+                expiry: label.expiry,
+                now,
+            });
+        }
+        // Nothing stays readable past the ceiling: no configuration, and no
+        // caller of the vault, can raise it.
+        if label.expiry > now.saturating_add(CEILING + CLOCK_TOLERANCE) {
+            return Err(SealError::ExpiryBeyondCeiling {
                 expiry: label.expiry,
                 now,
             });

@@ -1015,3 +1015,45 @@ async fn a_key_created_during_a_floor_raise_is_never_left_below_the_floor() {
     keys.epoch_key(b, epoch).await.unwrap();
     f.restarted().keys().epoch_key(b, epoch).await.unwrap();
 }
+
+/// The vault seals nothing that would stay readable past the 30-day
+/// ceiling, nor creates a key for an epoch that far out: a record is
+/// readable until its expiry and its epoch's key lives until the epoch ends,
+/// so an expiry a year away would keep both for a year.
+#[tokio::test]
+async fn sealing_refuses_an_expiry_beyond_the_retention_ceiling() {
+    let f = Fixture::new();
+    let b = business(32);
+    let ceiling = custodian::retention::CEILING;
+    let at_ceiling = f.label(b, ceiling);
+    f.vault.seal(&at_ceiling, b"thirty days").await.unwrap();
+    // A clock that stepped back a little since the expiry was set.
+    let tolerance = custodian::vault::CLOCK_TOLERANCE;
+    f.vault
+        .seal(
+            &f.label(b, ceiling + tolerance),
+            b"thirty days, a minute ago",
+        )
+        .await
+        .unwrap();
+    for beyond in [
+        ceiling + tolerance + Duration::from_millis(1),
+        ceiling + HOUR * 2,
+        Duration::from_secs(365 * 24 * 3600),
+    ] {
+        let label = f.label(b, beyond);
+        let sealed = f.vault.seal(&label, b"kept too long").await;
+        assert!(
+            matches!(sealed, Err(SealError::ExpiryBeyondCeiling { .. })),
+            "{beyond:?}: {sealed:?}"
+        );
+        let epoch = f.vault.epoch_of(label.expiry).unwrap();
+        if epoch != f.vault.epoch_of(at_ceiling.expiry).unwrap() {
+            assert_eq!(
+                f.store.key(&KeyId::epoch(b, epoch)).await.unwrap(),
+                None,
+                "{beyond:?}: a key was made for an epoch past the ceiling"
+            );
+        }
+    }
+}

@@ -220,6 +220,15 @@ pub enum SealError {
         /// The clock's reading.
         now: Timestamp,
     },
+    /// The expiry is further from now than the retention ceiling
+    /// ([`CEILING`](crate::retention::CEILING)) allows.
+    #[error("expiry {expiry} is more than the 30-day retention ceiling after now ({now})")]
+    ExpiryBeyondCeiling {
+        /// The expiry asked for.
+        expiry: Timestamp,
+        /// The clock's reading.
+        now: Timestamp,
+    },
     /// The expiry is so far away that no epoch can hold it.
     #[error("expiry {0} is beyond the last representable epoch")]
     ExpiryOutOfRange(Timestamp),
