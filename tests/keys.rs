@@ -1057,3 +1057,43 @@ async fn sealing_refuses_an_expiry_beyond_the_retention_ceiling() {
         }
     }
 }
+
+/// A load that unwrapped KEK v1 just before v1 was put below the floor and
+/// retired must not cache it afterwards: the retired version's key would
+/// stay in memory for the life of the process.
+#[tokio::test]
+async fn a_kek_unwrapped_during_its_retirement_is_not_cached() {
+    let f = Fixture::new();
+    let b = business(92);
+    let sealed = f.seal_across_epochs(b, 1).await;
+    let epoch = epoch_of(&sealed[0].0);
+    let v2 = f
+        .vault
+        .keys()
+        .add_kek_version(b, f.clock.now())
+        .await
+        .unwrap();
+    let provider = Arc::new(PausingV1Provider {
+        inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut f.root.clone())),
+        armed: true.into(),
+        reached: Semaphore::new(0),
+        release: Semaphore::new(0),
+    });
+    let keys = Arc::new(KeyManager::new(provider.clone(), f.store.clone()));
+    let loader = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.epoch_key(b, epoch).await }
+    });
+    // The loader read the key (wrapped under v1) and waits for KEK v1.
+    provider.reached.acquire().await.unwrap().forget();
+    keys.promote_kek_version(b, v2).await.unwrap();
+    assert_eq!(keys.rewrap(b).await.unwrap(), 1);
+    keys.raise_decrypt_floor(b, v2).await.unwrap();
+    keys.retire_kek_version(b, 1).await.unwrap();
+    provider.release.add_permits(1);
+    // The key it read was the same key, so handing it out is fine...
+    loader.await.unwrap().unwrap();
+    // ...but only v2 stays cached.
+    let shown = format!("{keys:?}");
+    assert!(shown.contains("cached_keks: 1,"), "{shown}");
+}

@@ -395,7 +395,17 @@ impl KeyManager {
             .unwrap(&KekContext { business, version }, &stored.wrapped)
             .await?;
         let kek = Arc::new(Kek::new(version, &key));
-        self.write().keks.insert((business, version), kek.clone());
+        // The ring may have moved on while the provider answered: a version
+        // put below the floor or retired meanwhile serves this one call (it
+        // was usable when asked for) but is not kept in memory.
+        let mut cache = self.write();
+        if cache
+            .rings
+            .get(&business)
+            .is_none_or(|current| current.usable(version).is_ok())
+        {
+            cache.keks.insert((business, version), kek.clone());
+        }
         Ok(kek)
     }
 
