@@ -758,6 +758,8 @@ struct PausingStore {
     armed: std::sync::atomic::AtomicBool,
     reached: Semaphore,
     release: Semaphore,
+    /// `(a, b)`: asked for `a`'s ring, hand back `b`'s (a misfiled row).
+    misfiled: Option<(BusinessId, BusinessId)>,
 }
 
 #[async_trait]
@@ -766,7 +768,10 @@ impl KeyStore for PausingStore {
         &self,
         business: BusinessId,
     ) -> Result<Option<custodian::keys::KekRing>, custodian::store::StoreError> {
-        self.inner.ring(business).await
+        match self.misfiled {
+            Some((a, b)) if a == business => self.inner.ring(b).await,
+            _ => self.inner.ring(business).await,
+        }
     }
 
     async fn put_ring(
@@ -865,6 +870,7 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
         armed: false.into(),
         reached: Semaphore::new(0),
         release: Semaphore::new(0),
+        misfiled: None,
     });
     let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
     let b = business(90);
@@ -1096,4 +1102,44 @@ async fn a_kek_unwrapped_during_its_retirement_is_not_cached() {
     // ...but only v2 stays cached.
     let shown = format!("{keys:?}");
     assert!(shown.contains("cached_keks: 1,"), "{shown}");
+}
+
+/// A store that hands back another business's ring (a misfiled row, or a
+/// row copied on purpose) must not get this business's keys wrapped under,
+/// nor its ring updates applied to, the other business's KEKs: a KEK is
+/// bound to its business, and so must be everything wrapped under it.
+#[tokio::test]
+async fn another_business_ring_is_refused_as_corrupt() {
+    let (a, b) = (business(93), business(94));
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let store = Arc::new(PausingStore {
+        inner: MemoryStore::new(),
+        armed: false.into(),
+        reached: Semaphore::new(0),
+        release: Semaphore::new(0),
+        misfiled: Some((a, b)),
+    });
+    let keys = KeyManager::new(provider, store.clone());
+    let now = Timestamp::from_millis(1_767_225_600_000);
+    let b_ring = keys.ring(b).await.unwrap();
+    let epoch = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    let corrupt = |r: Result<(), KeyError>| matches!(r, Err(KeyError::CorruptRing { business }) if business == a);
+    let sealed = keys.epoch_key_for_seal(a, epoch, now).await.map(drop);
+    assert!(corrupt(sealed.clone()), "{sealed:?}");
+    let added = keys.add_kek_version(a, now).await.map(drop);
+    assert!(corrupt(added.clone()), "{added:?}");
+    let hashed = keys
+        .phone_hash(a, &"+447700900123".parse().unwrap())
+        .await
+        .map(drop);
+    assert!(corrupt(hashed.clone()), "{hashed:?}");
+    assert_eq!(
+        store.inner.ring(b).await.unwrap().unwrap(),
+        b_ring,
+        "b's ring changed"
+    );
+    assert_eq!(
+        store.inner.key(&KeyId::epoch(a, epoch)).await.unwrap(),
+        None
+    );
 }

@@ -309,12 +309,24 @@ impl KeyManager {
         Ok(self.write().cache_ring(business, ring))
     }
 
+    /// The ring the store holds for `business`, which must be `business`'s:
+    /// KEKs are unwrapped in the context of the ring's business, so a ring
+    /// stored under another business's id (misfiled, or copied there) would
+    /// have this business's keys wrapped under, and its ring updates applied
+    /// to, that business's KEKs.
+    async fn load_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
+        match self.store.ring(business).await? {
+            Some(ring) if ring.business() != business => Err(KeyError::CorruptRing { business }),
+            ring => Ok(ring),
+        }
+    }
+
     /// The KEK ring of `business` if one exists; never creates one.
     async fn stored_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
         if let Some(ring) = self.read().rings.get(&business) {
             return Ok(Some(ring.clone()));
         }
-        let Some(ring) = self.store.ring(business).await? else {
+        let Some(ring) = self.load_ring(business).await? else {
             return Ok(None);
         };
         Ok(Some(self.write().cache_ring(business, ring)))
@@ -352,7 +364,7 @@ impl KeyManager {
             }
             // Another caller created it first: use theirs.
             Err(StoreError::Conflict) => {
-                self.store.ring(business).await?.ok_or(KeyError::Contention)
+                self.load_ring(business).await?.ok_or(KeyError::Contention)
             }
             Err(e) => Err(e.into()),
         }
@@ -366,8 +378,7 @@ impl KeyManager {
         self.ring(business).await?;
         for _ in 0..RING_RETRIES {
             let current = self
-                .store
-                .ring(business)
+                .load_ring(business)
                 .await?
                 .ok_or(KeyError::CorruptRing { business })?;
             let next = change(&current)?;
@@ -419,8 +430,7 @@ impl KeyManager {
         self.ring(business).await?;
         for _ in 0..RING_RETRIES {
             let current = self
-                .store
-                .ring(business)
+                .load_ring(business)
                 .await?
                 .ok_or(KeyError::CorruptRing { business })?;
             let version = current.next_version();
