@@ -1143,3 +1143,25 @@ async fn another_business_ring_is_refused_as_corrupt() {
         None
     );
 }
+
+/// A ring operation that fails changes nothing: in particular it does not
+/// create a ring (and a KEK at the provider) for a business that had none.
+#[tokio::test]
+async fn a_failed_ring_operation_on_a_new_business_creates_no_ring() {
+    let f = Fixture::new();
+    let keys = f.vault.keys();
+    let b = business(95);
+    assert!(matches!(
+        keys.promote_kek_version(b, 2).await,
+        Err(KeyError::UnknownVersion { version: 2, .. })
+    ));
+    assert!(matches!(
+        keys.raise_decrypt_floor(b, 2).await,
+        Err(KeyError::FloorAbovePrimary { .. })
+    ));
+    assert!(matches!(
+        keys.retire_kek_version(b, 1).await,
+        Err(KeyError::RetireAtOrAboveFloor { .. })
+    ));
+    assert_eq!(f.store.ring(b).await.unwrap(), None, "a ring was created");
+}

@@ -375,7 +375,12 @@ impl KeyManager {
     where
         F: Fn(&KekRing) -> Result<KekRing, KeyError>,
     {
-        self.ring(business).await?;
+        if self.stored_ring(business).await?.is_none() {
+            // A change a new ring would refuse fails before one is created:
+            // a failed operation changes nothing.
+            change(&KekRing::new(business, Vec::new(), Timestamp::UNIX_EPOCH))?;
+            self.ring(business).await?;
+        }
         for _ in 0..RING_RETRIES {
             let current = self
                 .load_ring(business)
