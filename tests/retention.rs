@@ -15,7 +15,7 @@ use custodian::envelope::{Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile, PurgeReason,
+    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile, PurgeReason,
     REPORT_GRACE, RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
@@ -450,9 +450,23 @@ impl World {
         direction: Direction,
         open: bool,
     ) -> Stored {
+        self.store_admitted(self.retention.admit(), b, consumer, direction, open)
+            .await
+    }
+
+    /// As [`store`](Self::store), with the expiry of a policy admitted
+    /// earlier (the message arrived then, and is stored only now).
+    async fn store_admitted(
+        &self,
+        admission: Admission,
+        b: BusinessId,
+        consumer: u32,
+        direction: Direction,
+        open: bool,
+    ) -> Stored {
         let phone = self.phone(b, consumer).await;
         let now = self.now();
-        let expiry = self.retention.policy().expiry(b, direction, now);
+        let expiry = admission.policy().expiry(b, direction, now);
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         let label = Label {
             kind: match direction {
@@ -496,6 +510,7 @@ impl World {
             sealed: vec![n as u8; 8],
         });
         self.store.commit(batch).await.unwrap();
+        self.retention.stored(&admission);
         Stored { record, plaintext }
     }
 
@@ -519,6 +534,37 @@ impl World {
                 .plaintext
                 .to_vec(),
         )
+    }
+}
+
+/// A message that arrived before retention was shortened, and is stored
+/// only after a sweep applied the shorter period (and found nothing to
+/// cap), is capped by the next sweep all the same.
+#[tokio::test]
+async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_sweep() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 3);
+        let b = business(1);
+        let arrived = w.retention.admit();
+        let shorter = RetentionPolicy::default()
+            .with_business(
+                b,
+                BusinessRetention {
+                    periods: Periods::both(DAY),
+                    region: None,
+                },
+            )
+            .unwrap();
+        w.retention.set_policy(shorter);
+        let notices = Notices::default();
+        assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
+        let late = w
+            .store_admitted(arrived, b, 1, Direction::Inbound, false)
+            .await;
+        assert_eq!(late.record.expiry, w.now().saturating_add(CEILING));
+        assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
+        let stored = w.store.message(b, late.record.id).await.unwrap().unwrap();
+        assert_eq!(stored.expiry, w.now().saturating_add(DAY), "{backend:?}");
     }
 }
 

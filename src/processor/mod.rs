@@ -51,8 +51,8 @@ use crate::integrity::{
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
 use crate::retention::{
-    ExpiryNotifier, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, SweepReport,
-    check_residency,
+    Admission, ExpiryNotifier, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError,
+    SweepReport, check_residency,
 };
 use crate::signal::{Ciphertext, Parsed, Sessions, SignalConfig, SignalError};
 use crate::store::{
@@ -589,10 +589,11 @@ impl Processor {
         business: BusinessId,
         direction: Direction,
         now: Timestamp,
-    ) -> Result<Timestamp, ProcessorError> {
-        let policy = self.retention.policy();
+    ) -> Result<(Timestamp, Admission), ProcessorError> {
+        let admission = self.retention.admit();
+        let policy = admission.policy();
         check_residency(business, policy.region(business), self.storage.region())?;
-        Ok(policy.expiry(business, direction, now))
+        Ok((policy.expiry(business, direction, now), admission))
     }
 
     /// Change a message's delivery state if it is still `expected`; `false`
@@ -651,7 +652,7 @@ impl Processor {
     ) -> Result<Receipt, ProcessorError> {
         self.authorize(principal, business)?;
         let now = self.clock.now();
-        let expiry = self.admit(business, Direction::Inbound, now)?;
+        let (expiry, admission) = self.admit(business, Direction::Inbound, now)?;
         let phone = self.keys.phone_hash(business, &inbound.from).await?;
         let peer = PeerId {
             phone,
@@ -708,6 +709,7 @@ impl Processor {
             }
             Err(e) => return Err(e.into()),
         };
+        self.retention.stored(&admission);
         self.integrity.record_received(business, phone, now);
         self.statistics.record_message(
             business,
@@ -883,7 +885,7 @@ impl Processor {
             return Err(ProcessorError::Invalid("content too large"));
         }
         let now = self.clock.now();
-        let expiry = self.admit(business, Direction::Outbound, now)?;
+        let (expiry, admission) = self.admit(business, Direction::Outbound, now)?;
         let phone = self.keys.phone_hash(business, &outbound.to).await?;
         let id = MessageId::random();
         let body = OutboundBody {
@@ -912,6 +914,7 @@ impl Processor {
             ..record.clone()
         })));
         self.storage.commit(batch).await?;
+        self.retention.stored(&admission);
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
         self.attempt_outbound(&record, &body, Purpose::Delivery)

@@ -49,6 +49,7 @@
 //! # }).unwrap();
 //! ```
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::ids::{BusinessId, Region};
@@ -93,6 +94,21 @@ pub enum HoldError {
 /// off-peak can raise it with [`Retention::with_batch`].
 const DEFAULT_BATCH: usize = 65_536;
 
+/// The retention policy a new message was given its expiry by (see
+/// [`Retention::admit`]).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    policy: Arc<RetentionPolicy>,
+    generation: u64,
+}
+
+impl Admission {
+    /// The policy in force when the message arrived.
+    pub fn policy(&self) -> &RetentionPolicy {
+        &self.policy
+    }
+}
+
 /// Retention over one store: the policy in force, legal holds, the sweep.
 pub struct Retention {
     storage: Arc<dyn Storage>,
@@ -104,6 +120,13 @@ pub struct Retention {
     /// The policy whose periods every stored message's expiry reflects
     /// (`None` until a sweep has applied one: stores outlive processes).
     applied: Mutex<Option<Arc<RetentionPolicy>>>,
+    /// Counts policy changes, each made under the policy's write lock: the
+    /// policy an [`Admission`] was given.
+    generation: AtomicU64,
+    /// A message given its expiry under a policy replaced before it was
+    /// stored may have been stored behind a sweep applying the new one:
+    /// the next sweep applies the policy in force again.
+    stale: AtomicBool,
     batch: usize,
     /// One sweep at a time: two would report the same expired messages.
     sweeping: async_lock::Mutex<()>,
@@ -138,6 +161,8 @@ impl Retention {
             policy: RwLock::new(Arc::new(policy)),
             holds: RwLock::new(None),
             applied: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            stale: AtomicBool::new(false),
             batch: DEFAULT_BATCH,
             sweeping: async_lock::Mutex::new(()),
             hold_gate: async_lock::Mutex::new(()),
@@ -164,7 +189,29 @@ impl Retention {
     /// messages already stored; the next sweep shortens their stored expiry
     /// too, and deletes them (and forgets their consumers) once it passes.
     pub fn set_policy(&self, policy: RetentionPolicy) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(policy);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The policy in force, to give a new message its expiry by. Once the
+    /// message is stored, pass the admission to [`stored`](Self::stored).
+    pub fn admit(&self) -> Admission {
+        let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        Admission {
+            policy: policy.clone(),
+            generation: self.generation.load(Ordering::SeqCst),
+        }
+    }
+
+    /// A message admitted with `admission` is stored. If the policy changed
+    /// in between, a sweep applying the new one may have passed it already:
+    /// the next sweep applies the policy in force again, so that no message
+    /// keeps an expiry longer than the policy allows.
+    pub fn stored(&self, admission: &Admission) {
+        if self.generation.load(Ordering::SeqCst) != admission.generation {
+            self.stale.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Refuse to store content of `business` in a store outside its region.
@@ -231,12 +278,16 @@ impl Retention {
     ) -> Result<SweepReport, SweepError> {
         let _sweeping = self.sweeping.lock().await;
         let policy = self.policy();
-        let applied = self
-            .applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|a| Arc::ptr_eq(a, &policy));
+        // Taken before the stage that applies the policy: a message stored
+        // late from here on marks the next sweep's.
+        let stale = self.stale.swap(false, Ordering::SeqCst);
+        let applied = !stale
+            && self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, &policy));
         let (report, shortened) = sweep::Sweep {
             storage: &*self.storage,
             shorten: (!applied).then_some(&*policy),
