@@ -432,8 +432,23 @@ async fn kek_blobs_are_bound_to_business_and_version() {
 /// between reading the store and caching what it read.
 struct GatedProvider {
     inner: LocalKeyProvider,
+    /// Pause only the next unwrap of this KEK version (`None`: every unwrap).
+    only: Option<u32>,
+    armed: std::sync::atomic::AtomicBool,
     reached: Semaphore,
     release: Semaphore,
+}
+
+impl GatedProvider {
+    fn new(root: [u8; 32], only: Option<u32>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut root.clone())),
+            only,
+            armed: true.into(),
+            reached: Semaphore::new(0),
+            release: Semaphore::new(0),
+        })
+    }
 }
 
 #[async_trait]
@@ -447,8 +462,14 @@ impl KeyProvider for GatedProvider {
         context: &KekContext,
         wrapped: &[u8],
     ) -> Result<SecretKey, ProviderError> {
-        self.reached.add_permits(1);
-        self.release.acquire().await.unwrap().forget();
+        let pause = self.only.is_none_or(|version| {
+            context.version == version
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        });
+        if pause {
+            self.reached.add_permits(1);
+            self.release.acquire().await.unwrap().forget();
+        }
         self.inner.unwrap(context, wrapped).await
     }
 }
@@ -466,11 +487,7 @@ async fn a_key_load_racing_a_destroy_never_brings_the_key_back() {
         let b = business(80);
         let sealed = f.seal_across_epochs(b, 1).await;
         let epoch = epoch_of(&sealed[0].0);
-        let gate = Arc::new(GatedProvider {
-            inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut f.root.clone())),
-            reached: Semaphore::new(0),
-            release: Semaphore::new(0),
-        });
+        let gate = GatedProvider::new(f.root, None);
         // A manager with a cold cache: loading the epoch key unwraps the KEK.
         let keys = Arc::new(KeyManager::new(gate.clone(), f.store.clone()));
         let loader = tokio::spawn({
@@ -929,34 +946,6 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
     );
 }
 
-/// A provider that, once armed, pauses the next unwrap of KEK version 1
-/// until released.
-struct PausingV1Provider {
-    inner: LocalKeyProvider,
-    armed: std::sync::atomic::AtomicBool,
-    reached: Semaphore,
-    release: Semaphore,
-}
-
-#[async_trait]
-impl KeyProvider for PausingV1Provider {
-    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
-        self.inner.wrap(context, key).await
-    }
-
-    async fn unwrap(
-        &self,
-        context: &KekContext,
-        wrapped: &[u8],
-    ) -> Result<SecretKey, ProviderError> {
-        if context.version == 1 && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.reached.add_permits(1);
-            self.release.acquire().await.unwrap().forget();
-        }
-        self.inner.unwrap(context, wrapped).await
-    }
-}
-
 /// A seal creating an epoch's key under the primary KEK v1 races a
 /// rotation that promotes v2 and raises the decrypt floor to it. The floor
 /// may go up only once no key is wrapped below it: the new key must not end
@@ -973,12 +962,7 @@ async fn a_key_created_during_a_floor_raise_is_never_left_below_the_floor() {
         .add_kek_version(b, f.clock.now())
         .await
         .unwrap();
-    let provider = Arc::new(PausingV1Provider {
-        inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut f.root.clone())),
-        armed: true.into(),
-        reached: Semaphore::new(0),
-        release: Semaphore::new(0),
-    });
+    let provider = GatedProvider::new(f.root, Some(1));
     let keys = Arc::new(KeyManager::new(provider.clone(), f.store.clone()));
     let epoch =
         Epoch::containing(f.clock.now().saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
@@ -1079,12 +1063,7 @@ async fn a_kek_unwrapped_during_its_retirement_is_not_cached() {
         .add_kek_version(b, f.clock.now())
         .await
         .unwrap();
-    let provider = Arc::new(PausingV1Provider {
-        inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut f.root.clone())),
-        armed: true.into(),
-        reached: Semaphore::new(0),
-        release: Semaphore::new(0),
-    });
+    let provider = GatedProvider::new(f.root, Some(1));
     let keys = Arc::new(KeyManager::new(provider.clone(), f.store.clone()));
     let loader = tokio::spawn({
         let keys = keys.clone();

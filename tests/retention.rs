@@ -15,8 +15,8 @@ use custodian::envelope::{Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile, PurgeReason,
-    REPORT_GRACE, RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
+    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile,
+    PurgeReason, REPORT_GRACE, RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
     Batch, Delivery, Direction, FailureReason, HoldScope, MemoryStore, MessageRecord, Op, PeerId,
