@@ -410,6 +410,53 @@ async fn a_redelivered_inbound_message_reaches_the_business_once() {
 }
 
 #[tokio::test]
+async fn a_malformed_inbound_message_creates_no_key() {
+    use custodian::keys::{KeyId, KeyKind};
+    let d = Deployment::new(&[1], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(1).unwrap();
+    d.publish_all().await;
+    let phone_key = KeyId {
+        business: b,
+        kind: KeyKind::PhoneIndex,
+        id: 0,
+    };
+    let garbage = |kind| custodian::processor::Inbound {
+        from: number(1),
+        device: 0,
+        message: custodian::signal::Ciphertext {
+            kind,
+            bytes: vec![0x33; 40],
+        },
+    };
+    for kind in [
+        custodian::signal::MessageKind::FirstContact,
+        custodian::signal::MessageKind::FollowUp,
+    ] {
+        let refused = d.processor.receive(&d.transport, b, garbage(kind)).await;
+        assert!(
+            matches!(
+                refused,
+                Err(ProcessorError::Signal(
+                    custodian::signal::SignalError::InvalidMessage(_)
+                ))
+            ),
+            "{refused:?}"
+        );
+    }
+    assert!(d.store.key(&phone_key).await.unwrap().is_none());
+
+    // The first message that parses creates it.
+    d.network.add_consumer(&number(1), 1).await;
+    d.network
+        .consumer_sends(&number(1), 0, b, b"hello")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.business.messages().len(), 1);
+    assert!(d.store.key(&phone_key).await.unwrap().is_some());
+}
+
+#[tokio::test]
 async fn expired_undelivered_messages_are_reported_failed() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 5);
     let b = BusinessId::new(7).unwrap();

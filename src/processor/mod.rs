@@ -54,7 +54,7 @@ use crate::retention::{
     Admission, ExpiryNotifier, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError,
     SweepReport, check_residency,
 };
-use crate::signal::{Ciphertext, Parsed, Sessions, SignalConfig, SignalError};
+use crate::signal::{Ciphertext, Sessions, SignalConfig, SignalError, Unbound};
 use crate::store::{
     Batch, Census, Delivery, Direction, FailureReason, HoldScope, MessageRecord, Op, PeerId,
     Status, Storage, StoreError,
@@ -653,12 +653,14 @@ impl Processor {
         self.authorize(principal, business)?;
         let now = self.clock.now();
         let (expiry, admission) = self.admit(business, Direction::Inbound, now)?;
+        // Parsed first: malformed bytes create no phone-hash key.
+        let unbound = Unbound::parse(&inbound.message)?;
         let phone = self.keys.phone_hash(business, &inbound.from).await?;
         let peer = PeerId {
             phone,
             device: inbound.device,
         };
-        let parsed = Parsed::new(&inbound.message, business, peer)?;
+        let parsed = unbound.bind(business, peer);
         let id = parsed.id();
         let duplicate = Receipt {
             id,

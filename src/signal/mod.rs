@@ -230,13 +230,18 @@ pub(crate) struct Parsed {
     id: MessageId,
 }
 
-impl Parsed {
-    /// Parse `message` from `peer` to `business`; nothing is decrypted yet.
-    pub(crate) fn new(
-        message: &Ciphertext,
-        business: BusinessId,
-        peer: PeerId,
-    ) -> Result<Self, SignalError> {
+/// A consumer's message parsed from the wire, before it is bound to its
+/// sender: parsing needs no key, so malformed bytes are refused before
+/// anything (the business's phone-hash key among them) is created.
+pub(crate) struct Unbound {
+    message: CiphertextMessage,
+    chain: PublicKey,
+    counter: u32,
+}
+
+impl Unbound {
+    /// Parse `message`; nothing is decrypted yet.
+    pub(crate) fn parse(message: &Ciphertext) -> Result<Self, SignalError> {
         let parsed = match message.kind {
             MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
                 .map(CiphertextMessage::PreKeySignalMessage),
@@ -251,11 +256,31 @@ impl Parsed {
         };
         let (chain, counter) = (*inner.sender_ratchet_key(), inner.counter());
         Ok(Self {
-            id: message_id(business, peer, &chain, counter),
+            message: parsed,
             chain,
             counter,
-            message: parsed,
         })
+    }
+
+    /// The message as sent by `peer` to `business`.
+    pub(crate) fn bind(self, business: BusinessId, peer: PeerId) -> Parsed {
+        Parsed {
+            id: message_id(business, peer, &self.chain, self.counter),
+            chain: self.chain,
+            counter: self.counter,
+            message: self.message,
+        }
+    }
+}
+
+impl Parsed {
+    /// Parse `message` from `peer` to `business`; nothing is decrypted yet.
+    pub(crate) fn new(
+        message: &Ciphertext,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Self, SignalError> {
+        Ok(Unbound::parse(message)?.bind(business, peer))
     }
 
     /// The id of this message: every redelivery and every replay of it has
