@@ -740,3 +740,83 @@ async fn sends_lost_from_memory_are_never_repeated_under_the_same_keys() {
         );
     }
 }
+
+/// A message from a consumer's old installation, delivered after the new
+/// one's identity was accepted, decrypts under the old (archived) session
+/// and makes the old identity trusted again: that is an identity change
+/// too, and must be reported (or refused) like any other.
+#[tokio::test]
+async fn a_late_message_from_a_replaced_identity_is_reported_as_a_change() {
+    let w = World::new();
+    let (mut old, peer) = w.contact("+447700900017", 0).await;
+    let reply = w.encrypt(peer, b"welcome").await;
+    old.decrypt(w.business, &reply).await.unwrap();
+    let late = old
+        .encrypt(w.business, b"sent before the reinstall")
+        .await
+        .unwrap();
+    assert_eq!(late.kind, MessageKind::FollowUp);
+
+    let mut new = ConsumerDevice::new(0);
+    new.start_session(w.business, &w.published().await.bundle(Some(1)))
+        .await
+        .unwrap();
+    let first = new.encrypt(w.business, b"new phone").await.unwrap();
+    let decrypted = w
+        .sessions
+        .decrypt(w.business, peer, &first, w.expiry())
+        .await
+        .unwrap();
+    assert!(decrypted.identity_changed);
+
+    // The old installation's message: the trusted identity flips back.
+    let decrypted = w
+        .sessions
+        .decrypt(w.business, peer, &late, w.expiry())
+        .await
+        .unwrap();
+    assert_eq!(decrypted.plaintext, b"sent before the reinstall");
+    assert!(
+        decrypted.identity_changed,
+        "the trusted identity went back to the old one unreported"
+    );
+}
+
+/// Under [`IdentityPolicy::Refuse`], no message may make another identity
+/// trusted, one decrypted under an archived session of an older identity
+/// (accepted while the policy was to accept) included.
+#[tokio::test]
+async fn a_late_message_from_a_replaced_identity_is_refused_under_refuse() {
+    let mut w = World::new();
+    let (mut old, peer) = w.contact("+447700900018", 0).await;
+    let reply = w.encrypt(peer, b"welcome").await;
+    old.decrypt(w.business, &reply).await.unwrap();
+    let late = old
+        .encrypt(w.business, b"sent before the reinstall")
+        .await
+        .unwrap();
+
+    let mut new = ConsumerDevice::new(0);
+    new.start_session(w.business, &w.published().await.bundle(Some(1)))
+        .await
+        .unwrap();
+    let first = new.encrypt(w.business, b"new phone").await.unwrap();
+    w.decrypt(peer, &first).await.unwrap();
+
+    // The host now refuses identity changes.
+    let config = SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    };
+    w.sessions = World::open(w.root, &w.store, &w.clock, config).1;
+    let before = w.snapshot(peer).await;
+    let result = w.decrypt(peer, &late).await;
+    assert!(
+        matches!(result, Err(SignalError::UntrustedIdentity)),
+        "{result:?}"
+    );
+    assert_eq!(w.snapshot(peer).await, before);
+    // The accepted identity still works.
+    let next = new.encrypt(w.business, b"still me").await.unwrap();
+    assert_eq!(w.decrypt(peer, &next).await.unwrap(), b"still me");
+}

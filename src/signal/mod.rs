@@ -827,6 +827,7 @@ impl Sessions {
                 policy: self.config.identity_policy,
                 peer: state.identity,
                 written: false,
+                replaced: false,
             },
         )
     }
@@ -1120,7 +1121,10 @@ impl Sessions {
             expiry,
             decrypted: Decrypted {
                 plaintext: decrypted.plaintext,
-                identity_changed: decrypted.identity_change == IdentityChange::ReplacedExisting,
+                // What the trusted identity did, not what the library
+                // reports: a message under an archived session brings back
+                // its older identity, which the library calls no change.
+                identity_changed: identities.replaced,
                 first_contact,
             },
             guard: Some(guard),

@@ -103,6 +103,10 @@ pub(super) struct IdentityOverlay {
     pub(super) peer: Option<IdentityKey>,
     /// Whether the library saved an identity (new or replacing).
     pub(super) written: bool,
+    /// Whether a saved identity replaced another trusted one. The library
+    /// reports no change when a message decrypted under an archived session
+    /// brings back that session's older identity; this does.
+    pub(super) replaced: bool,
 }
 
 #[async_trait]
@@ -117,18 +121,24 @@ impl IdentityKeyStore for IdentityOverlay {
 
     async fn save_identity(
         &mut self,
-        _address: &ProtocolAddress,
+        address: &ProtocolAddress,
         identity: &IdentityKey,
     ) -> Result<IdentityChange> {
         let change = match self.peer {
             Some(known) if same_key(known.public_key(), identity.public_key()) => {
                 return Ok(IdentityChange::NewOrUnchanged);
             }
+            // The library saves an archived session's identity without
+            // asking whether it is trusted: the policy decides here too.
+            Some(_) if self.policy == IdentityPolicy::Refuse => {
+                return Err(SignalProtocolError::UntrustedIdentity(address.clone()));
+            }
             Some(_) => IdentityChange::ReplacedExisting,
             None => IdentityChange::NewOrUnchanged,
         };
         self.peer = Some(*identity);
         self.written = true;
+        self.replaced |= change == IdentityChange::ReplacedExisting;
         Ok(change)
     }
 
