@@ -820,3 +820,55 @@ async fn a_late_message_from_a_replaced_identity_is_refused_under_refuse() {
     let next = new.encrypt(w.business, b"still me").await.unwrap();
     assert_eq!(w.decrypt(peer, &next).await.unwrap(), b"still me");
 }
+
+/// A first-contact message that repeats the setup of the session in use
+/// (the device has had no reply yet) is decrypted under that session; the
+/// identity key it carries was not used to decrypt it. Anyone on the
+/// transport could swap their own key in: it must not become the device's
+/// trusted identity, or their own first-contact message would then pass as
+/// from the same identity, no change reported.
+#[tokio::test]
+async fn a_resent_setup_carrying_another_identity_key_is_refused() {
+    use wacore_libsignal::protocol::{IdentityKeyPair, PreKeySignalMessage};
+
+    let w = World::new();
+    let (mut phone, peer) = w.contact("+447700900019", 0).await;
+    // No reply yet: the device's next message repeats the setup.
+    let resend = phone.encrypt(w.business, b"still me").await.unwrap();
+    assert_eq!(resend.kind, MessageKind::FirstContact);
+    let genuine = PreKeySignalMessage::try_from(resend.bytes.as_slice()).unwrap();
+    let intruder = IdentityKeyPair::generate(&mut rand::rng());
+    let swapped = PreKeySignalMessage::new(
+        genuine.message_version(),
+        genuine.registration_id(),
+        genuine.pre_key_id(),
+        genuine.signed_pre_key_id(),
+        *genuine.base_key(),
+        *intruder.identity_key(),
+        genuine.message().clone(),
+    )
+    .unwrap();
+    let swapped = Ciphertext {
+        kind: MessageKind::FirstContact,
+        bytes: swapped.serialized().to_vec(),
+    };
+    let before = w.snapshot(peer).await;
+    let result = w
+        .sessions
+        .decrypt(w.business, peer, &swapped, w.expiry())
+        .await;
+    assert!(
+        matches!(result, Err(SignalError::InvalidMessage(_))),
+        "{result:?}"
+    );
+    assert_eq!(w.snapshot(peer).await, before);
+
+    // The genuine message still decrypts, its identity unchanged.
+    let decrypted = w
+        .sessions
+        .decrypt(w.business, peer, &resend, w.expiry())
+        .await
+        .unwrap();
+    assert_eq!(decrypted.plaintext, b"still me");
+    assert!(!decrypted.identity_changed);
+}

@@ -1094,6 +1094,25 @@ impl Sessions {
         let original_dirty = Some(state.dirty);
         state.session = sessions.into_record();
         state.identity = identities.peer;
+        // A first-contact message that repeats the setup of a session it
+        // matches is decrypted under that session, not with the identity
+        // key it carries, which the library then trusts: anyone could swap
+        // their own in. It must be the key the session was set up with.
+        if let CiphertextMessage::PreKeySignalMessage(m) = &message.message {
+            let session_identity = state
+                .session
+                .as_ref()
+                .and_then(|s| s.session_state())
+                .and_then(|s| s.remote_identity_key().ok().flatten());
+            if !session_identity
+                .is_some_and(|k| same_key(k.public_key(), m.identity_key().public_key()))
+            {
+                self.cache.discard(state.dirty);
+                return Err(SignalError::InvalidMessage(
+                    "identity key other than the session's",
+                ));
+            }
+        }
         let same_session = matches!(base_before, Some(Some(before))
             if base_key(state.session.as_ref()) == Some(before));
         let first_contact = first && !same_session;
