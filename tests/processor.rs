@@ -1032,3 +1032,140 @@ async fn a_sweep_that_fails_part_way_keeps_no_deleted_state_in_memory() {
         "decrypted from a forgotten session"
     );
 }
+
+/// Receives written behind on one receiving chain are lost in a restart,
+/// and the consumer moves on to a new chain without sending on the old one
+/// again: the stored session, persisted by the messages that follow on the
+/// new chain, still takes the old chain's lost counters for new. Once the
+/// messages on them are deleted at the end of their retention (the session
+/// lives on, kept by newer messages), a replay of one must still not reach
+/// the business a second time.
+#[tokio::test]
+async fn a_replay_on_a_chain_left_behind_by_a_restart_is_refused_after_its_copy_expires() {
+    replay_on_a_chain_left_behind(true).await;
+}
+
+/// The same without a restart: a tampered message, which anyone on the
+/// transport can send, makes the processor drop the session it holds in
+/// memory, receives written behind included.
+#[tokio::test]
+async fn a_replay_on_a_chain_left_behind_by_a_tampered_message_is_refused_after_its_copy_expires() {
+    replay_on_a_chain_left_behind(false).await;
+}
+
+/// Lose the receives written behind on a chain (by a restart, or else by a
+/// tampered message), move on to a new chain, let the first messages
+/// expire, replay them.
+async fn replay_on_a_chain_left_behind(restart: bool) {
+    use custodian::processor::Inbound;
+    use custodian::testing::{ConsumerDevice, RecordingTransport};
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let store = Arc::new(MemoryStore::new());
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
+    let network = Arc::new(RecordingTransport::new());
+    let owner = Principal::new("owner");
+    let operator = Principal::new("operator");
+    let b = BusinessId::new(3).unwrap();
+    let start = || {
+        Processor::new(
+            Host {
+                storage: store.clone(),
+                key_provider: provider.clone(),
+                transport: network.clone(),
+                business: business.clone(),
+                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).operator(&operator)),
+                clock: Arc::new(clock.clone()),
+                audit: Arc::new(MemoryAuditSink::new()),
+            },
+            Policies::default(),
+        )
+        .unwrap()
+    };
+    let inbound = |message| Inbound {
+        from: number(7),
+        device: 0,
+        message,
+    };
+    let reply = || Outbound {
+        to: number(7),
+        content: b"hi".to_vec(),
+        category: Category::Service,
+    };
+
+    let before = start();
+    before.publish_keys(&owner, b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    device
+        .start_session(b, &network.published().unwrap().bundle(Some(0)))
+        .await
+        .unwrap();
+    let first = device.encrypt(b, b"hello").await.unwrap();
+    before.receive(&owner, b, inbound(first)).await.unwrap();
+    before.send(&owner, b, reply()).await.unwrap();
+    for message in network.take_sent().remove(number(7).expose()).unwrap() {
+        device.decrypt(b, &message).await.unwrap();
+    }
+    // A run of messages on one chain: all but the first written behind.
+    let mut old_chain = Vec::new();
+    for i in 0..7 {
+        let message = device.encrypt(b, format!("m{i}").as_bytes()).await.unwrap();
+        let receipt = before
+            .receive(&owner, b, inbound(message.clone()))
+            .await
+            .unwrap();
+        assert!(receipt.delivered && !receipt.duplicate);
+        old_chain.push(message);
+    }
+    let after = if restart {
+        drop(before);
+        start()
+    } else {
+        let mut tampered = old_chain[6].clone();
+        let mid = tampered.bytes.len() / 2;
+        tampered.bytes[mid] ^= 1;
+        assert!(before.receive(&owner, b, inbound(tampered)).await.is_err());
+        before
+    };
+    // The business answers, and the device's next messages are on a new
+    // chain.
+    after.send(&owner, b, reply()).await.unwrap();
+    for message in network.take_sent().remove(number(7).expose()).unwrap() {
+        device.decrypt(b, &message).await.unwrap();
+    }
+    let next = device.encrypt(b, b"new chain").await.unwrap();
+    assert!(
+        after
+            .receive(&owner, b, inbound(next))
+            .await
+            .unwrap()
+            .delivered
+    );
+    // The conversation goes on 20 days later, so the session outlives the
+    // first messages, which the sweep deletes after their 30 days.
+    clock.advance(20 * DAY);
+    let later = device.encrypt(b, b"still here").await.unwrap();
+    assert!(
+        after
+            .receive(&owner, b, inbound(later))
+            .await
+            .unwrap()
+            .delivered
+    );
+    clock.advance(11 * DAY);
+    after.sweep(&operator).await.unwrap();
+
+    for (processor, label) in [(&after, "after the sweep"), (&start(), "restarted again")] {
+        for message in &old_chain {
+            let receipt = processor.receive(&owner, b, inbound(message.clone())).await;
+            assert!(
+                !receipt.as_ref().is_ok_and(|r| r.delivered),
+                "{label}: a replay was delivered again"
+            );
+        }
+    }
+    let messages = business.messages();
+    assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
+}

@@ -861,10 +861,14 @@ impl Sessions {
         batch: Batch,
     ) -> Result<(), SignalError> {
         state.expiry = state.expiry.max(expiry);
-        match self
-            .seal_and_commit(business, peer, &mut state, batch)
-            .await
-        {
+        let committed = match self.settle_left_unsure(business, peer, &mut state).await {
+            Ok(()) => {
+                self.seal_and_commit(business, peer, &mut state, batch)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match committed {
             Ok(()) => {
                 // The snapshot now covers every counter sent: nothing is pending.
                 if let Some(session) = state.session.as_mut() {
@@ -979,6 +983,62 @@ impl Sessions {
             && expiry <= state.sealed_expiry.saturating_add(RECEIVE_LAG)
             && state.key.as_ref().map(|k| k.epoch())
                 == self.vault.epoch_of(state.expiry.max(expiry))
+    }
+
+    /// Before `state` is persisted: settle every counter it is still unsure
+    /// of (see [`settle_unsure`](Self::settle_unsure)), on every receiving
+    /// chain. The new snapshot may outlive the stored messages that now
+    /// tell which counters a receive written behind had consumed (its
+    /// expiry is raised by the operation persisting it), so each chain is
+    /// moved past the last counter with a stored message, keeping the keys
+    /// of the counters skipped without one. The messages are still stored:
+    /// they expire no sooner than the snapshot loaded.
+    async fn settle_left_unsure(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        state: &mut Peer,
+    ) -> Result<(), SignalError> {
+        let corrupt = || SignalError::Storage(StorageFailure::Corrupt("session structure"));
+        for unsure in std::mem::take(&mut state.unsure) {
+            let mut stored = Vec::new();
+            for counter in unsure.next..unsure.end {
+                let id = message_id(business, peer, &unsure.chain, counter);
+                if self.store.message(business, id).await?.is_some() {
+                    stored.push(counter);
+                }
+            }
+            let Some(&last) = stored.last() else {
+                continue;
+            };
+            let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut()) else {
+                continue;
+            };
+            let Some(mut key) = session
+                .get_receiver_chain_key(&unsure.chain)
+                .map_err(|_| corrupt())?
+            else {
+                continue;
+            };
+            for &counter in stored.iter().filter(|&&c| c < key.index()) {
+                session
+                    .get_message_keys(&unsure.chain, counter)
+                    .map_err(|_| corrupt())?;
+            }
+            while key.index() <= last {
+                let (keys, next) = key.step_with_message_keys().map_err(|_| corrupt())?;
+                if !stored.contains(&key.index()) {
+                    session
+                        .set_message_keys(&unsure.chain, keys)
+                        .map_err(|_| corrupt())?;
+                }
+                key = next;
+            }
+            session
+                .set_receiver_chain_key(&unsure.chain, &key)
+                .map_err(|_| corrupt())?;
+        }
+        Ok(())
     }
 
     /// Which of `state`'s unsure counters on `chain` below `counter` a
