@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 const T0: u64 = 1_767_225_600_000;
 
 /// What [`Racing`] does besides forwarding to the simulated network.
-#[derive(Clone, Copy, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 enum Race {
     #[default]
     None,
@@ -44,6 +44,8 @@ enum Race {
     /// has it) and fails transiently once that report is in the business's
     /// webhook.
     ReportWhileDevice1Fails,
+    /// The network lists every device twice.
+    ListTwice,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -65,7 +67,14 @@ impl Racing {
 #[async_trait]
 impl Transport for Racing {
     async fn devices(&self, b: BusinessId, c: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
-        self.network.devices(b, c).await
+        let race = *self.race.lock().unwrap();
+        match race {
+            Race::ListTwice => {
+                let devices = self.network.devices(b, c).await?;
+                Ok(devices.iter().chain(&devices).copied().collect())
+            }
+            _ => self.network.devices(b, c).await,
+        }
     }
 
     async fn fetch_bundle(
@@ -368,4 +377,22 @@ async fn an_early_shred_fails_its_message_and_holds_up_no_other_business() {
     );
     let (status, _) = d.processor.message_status(&d.owner, b2, m2).await.unwrap();
     assert_eq!(status, Status::Sent);
+}
+
+/// A network that lists a device twice: the device is sent the message
+/// once.
+#[tokio::test]
+async fn a_device_listed_twice_is_sent_the_message_once() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::ListTwice);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    d.settle(1).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for device in [0, 1] {
+        assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
+    }
 }

@@ -1086,7 +1086,12 @@ impl Processor {
             Ok(devices) if devices.is_empty() => {
                 return DeviceOutcome::Fail(FailureReason::NoDevices);
             }
-            Ok(devices) => devices,
+            Ok(mut devices) => {
+                // Each device once, however often the network lists it.
+                devices.sort_unstable();
+                devices.dedup();
+                devices
+            }
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
