@@ -46,6 +46,8 @@ enum Race {
     ReportWhileDevice1Fails,
     /// The network lists every device twice.
     ListTwice,
+    /// The network answers every bundle request with device 0's bundle.
+    BundleOfDevice0,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -83,7 +85,11 @@ impl Transport for Racing {
         c: &PhoneNumber,
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
-        self.network.fetch_bundle(b, c, device).await
+        let race = *self.race.lock().unwrap();
+        match race {
+            Race::BundleOfDevice0 => self.network.fetch_bundle(b, c, 0).await,
+            _ => self.network.fetch_bundle(b, c, device).await,
+        }
     }
 
     async fn send(
@@ -395,4 +401,23 @@ async fn a_device_listed_twice_is_sent_the_message_once() {
     for device in [0, 1] {
         assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
     }
+}
+
+/// A network that answers device 1's bundle request with device 0's
+/// bundle: no session is started from it, and device 1 gets the message
+/// once the network answers right.
+#[tokio::test]
+async fn a_bundle_of_another_device_is_refused_and_the_device_still_gets_the_message() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::BundleOfDevice0);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    d.settle(10).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&1].get(&id), Some(&1), "device 1");
+    let (status, _) = d.processor.message_status(&d.owner, b, id).await.unwrap();
+    assert_eq!(status, Status::Delivered);
 }

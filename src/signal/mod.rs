@@ -1229,8 +1229,8 @@ impl Sessions {
     }
 
     /// Start a session with `peer` from its prekey bundle (fetched through
-    /// the transport). The bundle's signature is verified; a bad bundle is
-    /// refused and changes nothing.
+    /// the transport). The bundle's signature is verified, and it must be
+    /// `peer`'s device's; a bad bundle is refused and changes nothing.
     pub async fn start_session(
         &self,
         business: BusinessId,
@@ -1238,6 +1238,9 @@ impl Sessions {
         bundle: &PreKeyBundle,
         expiry: Timestamp,
     ) -> Result<IdentityStatus, SignalError> {
+        if bundle.device_id != peer.device {
+            return Err(SignalError::BadBundle("the bundle is another device's"));
+        }
         let lib_bundle = to_library_bundle(bundle)?;
         let account = self.account(business).await?;
         let _guard = self.address_locks.lock((business, peer)).await;
