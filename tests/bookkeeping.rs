@@ -48,6 +48,8 @@ enum Race {
     ListTwice,
     /// The network answers every bundle request with device 0's bundle.
     BundleOfDevice0,
+    /// The network answers every bundle request with the business's own.
+    OwnBundle,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -58,6 +60,7 @@ struct Racing {
     race: Mutex<Race>,
     in_webhook: Arc<Notify>,
     report: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    published: Mutex<Option<PublishedKeys>>,
 }
 
 impl Racing {
@@ -88,6 +91,13 @@ impl Transport for Racing {
         let race = *self.race.lock().unwrap();
         match race {
             Race::BundleOfDevice0 => self.network.fetch_bundle(b, c, 0).await,
+            Race::OwnBundle => Ok(self
+                .published
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .bundle(Some(0))),
             _ => self.network.fetch_bundle(b, c, device).await,
         }
     }
@@ -128,6 +138,7 @@ impl Transport for Racing {
     }
 
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
+        *self.published.lock().unwrap() = Some(k.clone());
         self.network.publish_keys(b, k).await
     }
 
@@ -197,6 +208,7 @@ impl Deployment {
             race: Mutex::new(Race::None),
             in_webhook: in_webhook.clone(),
             report: Mutex::new(None),
+            published: Mutex::new(None),
         });
         let webhook = Arc::new(SlowWebhook {
             business: SimBusiness::new(clock.clone(), Faults::none(), 2),
@@ -420,4 +432,30 @@ async fn a_bundle_of_another_device_is_refused_and_the_device_still_gets_the_mes
     assert_eq!(received[&1].get(&id), Some(&1), "device 1");
     let (status, _) = d.processor.message_status(&d.owner, b, id).await.unwrap();
     assert_eq!(status, Status::Delivered);
+}
+
+/// A network that hands the business its own bundle for a consumer's
+/// device: no session is started from it (the message fails, having
+/// reached no one), and the next message reaches the device once the
+/// network answers right.
+#[tokio::test]
+async fn the_business_own_bundle_is_refused_for_a_consumer_device() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::OwnBundle);
+    let first = d.send(b, 1).await;
+    d.race(Race::None);
+    assert_eq!(
+        d.processor
+            .message_status(&d.owner, b, first)
+            .await
+            .unwrap(),
+        (Status::Failed, Some(FailureReason::NoSession))
+    );
+    let second = d.send(b, 1).await;
+    d.settle(5).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&0].get(&second), Some(&1));
 }
