@@ -50,6 +50,8 @@ enum Race {
     BundleOfDevice0,
     /// The network answers every bundle request with the business's own.
     OwnBundle,
+    /// The network refuses every send for good.
+    RefuseSends,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -122,6 +124,9 @@ impl Transport for Racing {
             *self.report.lock().unwrap() = Some(report);
             self.in_webhook.notified().await;
             return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::RefuseSends {
+            return Err(TransportError::Refused("blocked".into()));
         }
         self.network.send(b, c, device, m).await?;
         match race {
@@ -458,4 +463,25 @@ async fn the_business_own_bundle_is_refused_for_a_consumer_device() {
     d.settle(5).await;
     let received = d.racing.network.received(&number(1)).await;
     assert_eq!(received[&0].get(&second), Some(&1));
+}
+
+/// A network that refuses every send for good: the message fails as
+/// refused, not for want of a session.
+#[tokio::test]
+async fn a_message_every_device_refuses_fails_as_refused() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::RefuseSends);
+    let id = d.send(b, 1).await;
+    assert_eq!(
+        d.processor.message_status(&d.owner, b, id).await.unwrap(),
+        (Status::Failed, Some(FailureReason::Refused))
+    );
+    d.settle(3).await;
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Failed, Some(FailureReason::Refused))]
+    );
 }

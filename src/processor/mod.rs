@@ -1096,7 +1096,7 @@ impl Processor {
             Err(_) => return DeviceOutcome::Unreachable,
         };
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
-        let (mut sent, mut pending) = (0u32, 0u64);
+        let (mut sent, mut pending, mut refused) = (0u32, 0u64, false);
         for device in devices {
             let bit = Delivery::device_bit(device);
             if only.is_some_and(|mask| mask & bit == 0) {
@@ -1139,12 +1139,18 @@ impl Processor {
                 .await
             {
                 Ok(()) => sent += 1,
-                Err(TransportError::Refused(_)) => {}
+                Err(TransportError::Refused(_)) => refused = true,
                 Err(_) => pending |= bit,
             }
         }
         if sent == 0 && pending == 0 && only.is_none() {
-            return DeviceOutcome::Fail(FailureReason::NoSession);
+            // No device took it: the network refused some, and no session
+            // could be had with the rest.
+            return DeviceOutcome::Fail(if refused {
+                FailureReason::Refused
+            } else {
+                FailureReason::NoSession
+            });
         }
         DeviceOutcome::Reached { sent, pending }
     }
