@@ -52,6 +52,9 @@ enum Race {
     OwnBundle,
     /// The network refuses every send for good.
     RefuseSends,
+    /// The device list call brings in the delivery report of this message,
+    /// then fails transiently.
+    ReportThenNoDeviceList(MessageId),
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -79,6 +82,14 @@ impl Transport for Racing {
             Race::ListTwice => {
                 let devices = self.network.devices(b, c).await?;
                 Ok(devices.iter().chain(&devices).copied().collect())
+            }
+            Race::ReportThenNoDeviceList(id) => {
+                *self.race.lock().unwrap() = Race::None;
+                self.processor()
+                    .status_update(&self.transport, b, id, Status::Delivered)
+                    .await
+                    .unwrap();
+                Err(TransportError::Unavailable("timed out".into()))
             }
             _ => self.network.devices(b, c).await,
         }
@@ -483,5 +494,28 @@ async fn a_message_every_device_refuses_fails_as_refused() {
     assert_eq!(
         d.webhook.business.statuses()[&id],
         [(Status::Failed, Some(FailureReason::Refused))]
+    );
+}
+
+/// A delivery report that arrives while a retransmission asks for the
+/// device list, which then fails: the business is told delivered once.
+#[tokio::test]
+async fn a_report_during_a_failed_device_list_call_is_told_once() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    // Device 0 gets it; its report is lost, so it is sent again after the
+    // receipt timeout, when the report comes after all.
+    d.race(Race::ReportThenNoDeviceList(id));
+    d.clock.advance(Duration::from_secs(121));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(*d.racing.race.lock().unwrap(), Race::None, "the race ran");
+    d.clock.advance(Duration::from_secs(600));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Sent, None), (Status::Delivered, None)]
     );
 }

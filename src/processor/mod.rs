@@ -1006,6 +1006,13 @@ impl Processor {
         let attempts = current.attempts.saturating_add(1);
         let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
         match outcome {
+            // Settled meanwhile with no device left to send to: nothing to
+            // try again, only its report (if not yet made) is due.
+            DeviceOutcome::Unreachable
+                if !current.status.is_open() && current.pending_devices == 0 =>
+            {
+                self.settle_after_send(current, attempts, now)
+            }
             // Nothing reachable now: try the same again later.
             DeviceOutcome::Unreachable => Delivery {
                 attempts,
