@@ -55,6 +55,9 @@ enum Race {
     /// The device list call brings in the delivery report of this message,
     /// then fails transiently.
     ReportThenNoDeviceList(MessageId),
+    /// Device 0's delivery report reaches the processor from inside its
+    /// `send`; device 1's send then fails transiently.
+    ReportInsideSendThenDevice1Fails,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -133,7 +136,21 @@ impl Transport for Racing {
                     .unwrap();
             });
             *self.report.lock().unwrap() = Some(report);
-            self.in_webhook.notified().await;
+            // Until the report is in the business's webhook, or done
+            // without telling it.
+            loop {
+                if self.report.lock().unwrap().as_ref().unwrap().is_finished() {
+                    break;
+                }
+                tokio::select! {
+                    () = self.in_webhook.notified() => break,
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+            return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::ReportInsideSendThenDevice1Fails && device == 1 {
+            *self.race.lock().unwrap() = Race::None;
             return Err(TransportError::Unavailable("transient".into()));
         }
         if race == Race::RefuseSends {
@@ -142,7 +159,7 @@ impl Transport for Racing {
         self.network.send(b, c, device, m).await?;
         match race {
             Race::LoseReply => Err(TransportError::Unavailable("reply lost".into())),
-            Race::ReportInsideSend => {
+            Race::ReportInsideSend | Race::ReportInsideSendThenDevice1Fails => {
                 self.processor()
                     .status_update(&self.transport, b, m.id, Status::Delivered)
                     .await
@@ -517,5 +534,31 @@ async fn a_report_during_a_failed_device_list_call_is_told_once() {
     assert_eq!(
         d.webhook.business.statuses()[&id],
         [(Status::Sent, None), (Status::Delivered, None)]
+    );
+}
+
+/// Device 0's delivery report reaches the processor from inside its send,
+/// and device 1's send then fails for now: the business is not told
+/// delivered while device 1 waits for the message, and is told once, after
+/// device 1 has it.
+#[tokio::test]
+async fn a_report_from_inside_a_send_waits_for_the_devices_left_to_retry() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::ReportInsideSendThenDevice1Fails);
+    let id = d.send(b, 1).await;
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(waiting.status, Status::Delivered);
+    assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
+    assert_eq!(d.webhook.business.statuses().get(&id), None, "not told yet");
+    d.settle(10).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&1].get(&id), Some(&1), "device 1");
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Delivered, None)],
+        "told once"
     );
 }

@@ -345,6 +345,14 @@ impl Claims {
             .insert(key)
             .then_some(Claim { claims: self, key })
     }
+
+    /// Whether an attempt is under way for `id`.
+    fn held(&self, business: BusinessId, id: MessageId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(business, id))
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -966,8 +974,15 @@ impl Processor {
             })
             .await;
         }
-        if !next.status.is_open() && next.next_attempt.is_some() && next.pending_devices == 0 {
-            self.report_status(business, id, record.phone, Direction::Outbound, next)
+        // A settled status whose report is due is told now: this attempt's,
+        // or one a delivery report wrote meanwhile and left to this attempt
+        // (see `status_update`).
+        let due = match self.storage.message(business, id).await? {
+            Some(stored) => stored.delivery,
+            None => return Ok(()),
+        };
+        if !due.status.is_open() && due.next_attempt.is_some() && due.pending_devices == 0 {
+            self.report_status(business, id, record.phone, Direction::Outbound, due)
                 .await?;
         }
         Ok(())
@@ -1357,7 +1372,11 @@ impl Processor {
                     now,
                 );
             }
-            if pending == 0 {
+            // An attempt under way (a report that came from inside the
+            // transport's `send`, say) leaves the report to it: only its
+            // bookkeeping knows whether devices still wait for the message.
+            // Should it miss this write, the retransmission loop reports it.
+            if pending == 0 && !self.claims.held(business, id) {
                 self.report_status(business, id, record.phone, Direction::Outbound, settled)
                     .await?;
             }
