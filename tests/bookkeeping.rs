@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 const T0: u64 = 1_767_225_600_000;
 
 /// What [`Racing`] does besides forwarding to the simulated network.
-#[derive(Clone, Copy, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 enum Race {
     #[default]
     None,
@@ -44,6 +44,20 @@ enum Race {
     /// has it) and fails transiently once that report is in the business's
     /// webhook.
     ReportWhileDevice1Fails,
+    /// The network lists every device twice.
+    ListTwice,
+    /// The network answers every bundle request with device 0's bundle.
+    BundleOfDevice0,
+    /// The network answers every bundle request with the business's own.
+    OwnBundle,
+    /// The network refuses every send for good.
+    RefuseSends,
+    /// The device list call brings in the delivery report of this message,
+    /// then fails transiently.
+    ReportThenNoDeviceList(MessageId),
+    /// Device 0's delivery report reaches the processor from inside its
+    /// `send`; device 1's send then fails transiently.
+    ReportInsideSendThenDevice1Fails,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -54,6 +68,7 @@ struct Racing {
     race: Mutex<Race>,
     in_webhook: Arc<Notify>,
     report: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    published: Mutex<Option<PublishedKeys>>,
 }
 
 impl Racing {
@@ -65,7 +80,22 @@ impl Racing {
 #[async_trait]
 impl Transport for Racing {
     async fn devices(&self, b: BusinessId, c: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
-        self.network.devices(b, c).await
+        let race = *self.race.lock().unwrap();
+        match race {
+            Race::ListTwice => {
+                let devices = self.network.devices(b, c).await?;
+                Ok(devices.iter().chain(&devices).copied().collect())
+            }
+            Race::ReportThenNoDeviceList(id) => {
+                *self.race.lock().unwrap() = Race::None;
+                self.processor()
+                    .status_update(&self.transport, b, id, Status::Delivered)
+                    .await
+                    .unwrap();
+                Err(TransportError::Unavailable("timed out".into()))
+            }
+            _ => self.network.devices(b, c).await,
+        }
     }
 
     async fn fetch_bundle(
@@ -74,7 +104,18 @@ impl Transport for Racing {
         c: &PhoneNumber,
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
-        self.network.fetch_bundle(b, c, device).await
+        let race = *self.race.lock().unwrap();
+        match race {
+            Race::BundleOfDevice0 => self.network.fetch_bundle(b, c, 0).await,
+            Race::OwnBundle => Ok(self
+                .published
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .bundle(Some(0))),
+            _ => self.network.fetch_bundle(b, c, device).await,
+        }
     }
 
     async fn send(
@@ -95,13 +136,30 @@ impl Transport for Racing {
                     .unwrap();
             });
             *self.report.lock().unwrap() = Some(report);
-            self.in_webhook.notified().await;
+            // Until the report is in the business's webhook, or done
+            // without telling it.
+            loop {
+                if self.report.lock().unwrap().as_ref().unwrap().is_finished() {
+                    break;
+                }
+                tokio::select! {
+                    () = self.in_webhook.notified() => break,
+                    () = tokio::task::yield_now() => {}
+                }
+            }
             return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::ReportInsideSendThenDevice1Fails && device == 1 {
+            *self.race.lock().unwrap() = Race::None;
+            return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::RefuseSends {
+            return Err(TransportError::Refused("blocked".into()));
         }
         self.network.send(b, c, device, m).await?;
         match race {
             Race::LoseReply => Err(TransportError::Unavailable("reply lost".into())),
-            Race::ReportInsideSend => {
+            Race::ReportInsideSend | Race::ReportInsideSendThenDevice1Fails => {
                 self.processor()
                     .status_update(&self.transport, b, m.id, Status::Delivered)
                     .await
@@ -113,6 +171,7 @@ impl Transport for Racing {
     }
 
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
+        *self.published.lock().unwrap() = Some(k.clone());
         self.network.publish_keys(b, k).await
     }
 
@@ -182,6 +241,7 @@ impl Deployment {
             race: Mutex::new(Race::None),
             in_webhook: in_webhook.clone(),
             report: Mutex::new(None),
+            published: Mutex::new(None),
         });
         let webhook = Arc::new(SlowWebhook {
             business: SimBusiness::new(clock.clone(), Faults::none(), 2),
@@ -368,4 +428,137 @@ async fn an_early_shred_fails_its_message_and_holds_up_no_other_business() {
     );
     let (status, _) = d.processor.message_status(&d.owner, b2, m2).await.unwrap();
     assert_eq!(status, Status::Sent);
+}
+
+/// A network that lists a device twice: the device is sent the message
+/// once.
+#[tokio::test]
+async fn a_device_listed_twice_is_sent_the_message_once() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::ListTwice);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    d.settle(1).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for device in [0, 1] {
+        assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
+    }
+}
+
+/// A network that answers device 1's bundle request with device 0's
+/// bundle: no session is started from it, and device 1 gets the message
+/// once the network answers right.
+#[tokio::test]
+async fn a_bundle_of_another_device_is_refused_and_the_device_still_gets_the_message() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::BundleOfDevice0);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    d.settle(10).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&1].get(&id), Some(&1), "device 1");
+    let (status, _) = d.processor.message_status(&d.owner, b, id).await.unwrap();
+    assert_eq!(status, Status::Delivered);
+}
+
+/// A network that hands the business its own bundle for a consumer's
+/// device: no session is started from it (the message fails, having
+/// reached no one), and the next message reaches the device once the
+/// network answers right.
+#[tokio::test]
+async fn the_business_own_bundle_is_refused_for_a_consumer_device() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::OwnBundle);
+    let first = d.send(b, 1).await;
+    d.race(Race::None);
+    assert_eq!(
+        d.processor
+            .message_status(&d.owner, b, first)
+            .await
+            .unwrap(),
+        (Status::Failed, Some(FailureReason::NoSession))
+    );
+    let second = d.send(b, 1).await;
+    d.settle(5).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&0].get(&second), Some(&1));
+}
+
+/// A network that refuses every send for good: the message fails as
+/// refused, not for want of a session.
+#[tokio::test]
+async fn a_message_every_device_refuses_fails_as_refused() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::RefuseSends);
+    let id = d.send(b, 1).await;
+    assert_eq!(
+        d.processor.message_status(&d.owner, b, id).await.unwrap(),
+        (Status::Failed, Some(FailureReason::Refused))
+    );
+    d.settle(3).await;
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Failed, Some(FailureReason::Refused))]
+    );
+}
+
+/// A delivery report that arrives while a retransmission asks for the
+/// device list, which then fails: the business is told delivered once.
+#[tokio::test]
+async fn a_report_during_a_failed_device_list_call_is_told_once() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    // Device 0 gets it; its report is lost, so it is sent again after the
+    // receipt timeout, when the report comes after all.
+    d.race(Race::ReportThenNoDeviceList(id));
+    d.clock.advance(Duration::from_secs(121));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(*d.racing.race.lock().unwrap(), Race::None, "the race ran");
+    d.clock.advance(Duration::from_secs(600));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Sent, None), (Status::Delivered, None)]
+    );
+}
+
+/// Device 0's delivery report reaches the processor from inside its send,
+/// and device 1's send then fails for now: the business is not told
+/// delivered while device 1 waits for the message, and is told once, after
+/// device 1 has it.
+#[tokio::test]
+async fn a_report_from_inside_a_send_waits_for_the_devices_left_to_retry() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::ReportInsideSendThenDevice1Fails);
+    let id = d.send(b, 1).await;
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(waiting.status, Status::Delivered);
+    assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
+    assert_eq!(d.webhook.business.statuses().get(&id), None, "not told yet");
+    d.settle(10).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&1].get(&id), Some(&1), "device 1");
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Delivered, None)],
+        "told once"
+    );
 }

@@ -351,7 +351,10 @@ async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     bad_key.identity_key[0] = 0x07;
     let mut swapped_identity = good;
     swapped_identity.identity_key = ConsumerDevice::new(0).identity_key();
-    for bad in [bad_signature, bad_key, swapped_identity] {
+    let other_device = ConsumerDevice::new(peer.device + 1).bundle(true);
+    let mut own = w.published().await.bundle(Some(0));
+    own.device_id = peer.device;
+    for bad in [bad_signature, bad_key, swapped_identity, other_device, own] {
         let result = w
             .sessions
             .start_session(w.business, peer, &bad, w.expiry())

@@ -345,6 +345,14 @@ impl Claims {
             .insert(key)
             .then_some(Claim { claims: self, key })
     }
+
+    /// Whether an attempt is under way for `id`.
+    fn held(&self, business: BusinessId, id: MessageId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(business, id))
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -966,8 +974,15 @@ impl Processor {
             })
             .await;
         }
-        if !next.status.is_open() && next.next_attempt.is_some() && next.pending_devices == 0 {
-            self.report_status(business, id, record.phone, Direction::Outbound, next)
+        // A settled status whose report is due is told now: this attempt's,
+        // or one a delivery report wrote meanwhile and left to this attempt
+        // (see `status_update`).
+        let due = match self.storage.message(business, id).await? {
+            Some(stored) => stored.delivery,
+            None => return Ok(()),
+        };
+        if !due.status.is_open() && due.next_attempt.is_some() && due.pending_devices == 0 {
+            self.report_status(business, id, record.phone, Direction::Outbound, due)
                 .await?;
         }
         Ok(())
@@ -1006,6 +1021,13 @@ impl Processor {
         let attempts = current.attempts.saturating_add(1);
         let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
         match outcome {
+            // Settled meanwhile with no device left to send to: nothing to
+            // try again, only its report (if not yet made) is due.
+            DeviceOutcome::Unreachable
+                if !current.status.is_open() && current.pending_devices == 0 =>
+            {
+                self.settle_after_send(current, attempts, now)
+            }
             // Nothing reachable now: try the same again later.
             DeviceOutcome::Unreachable => Delivery {
                 attempts,
@@ -1086,12 +1108,17 @@ impl Processor {
             Ok(devices) if devices.is_empty() => {
                 return DeviceOutcome::Fail(FailureReason::NoDevices);
             }
-            Ok(devices) => devices,
+            Ok(mut devices) => {
+                // Each device once, however often the network lists it.
+                devices.sort_unstable();
+                devices.dedup();
+                devices
+            }
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
-        let (mut sent, mut pending) = (0u32, 0u64);
+        let (mut sent, mut pending, mut refused) = (0u32, 0u64, false);
         for device in devices {
             let bit = Delivery::device_bit(device);
             if only.is_some_and(|mask| mask & bit == 0) {
@@ -1134,12 +1161,18 @@ impl Processor {
                 .await
             {
                 Ok(()) => sent += 1,
-                Err(TransportError::Refused(_)) => {}
+                Err(TransportError::Refused(_)) => refused = true,
                 Err(_) => pending |= bit,
             }
         }
         if sent == 0 && pending == 0 && only.is_none() {
-            return DeviceOutcome::Fail(FailureReason::NoSession);
+            // No device took it: the network refused some, and no session
+            // could be had with the rest.
+            return DeviceOutcome::Fail(if refused {
+                FailureReason::Refused
+            } else {
+                FailureReason::NoSession
+            });
         }
         DeviceOutcome::Reached { sent, pending }
     }
@@ -1339,7 +1372,11 @@ impl Processor {
                     now,
                 );
             }
-            if pending == 0 {
+            // An attempt under way (a report that came from inside the
+            // transport's `send`, say) leaves the report to it: only its
+            // bookkeeping knows whether devices still wait for the message.
+            // Should it miss this write, the retransmission loop reports it.
+            if pending == 0 && !self.claims.held(business, id) {
                 self.report_status(business, id, record.phone, Direction::Outbound, settled)
                     .await?;
             }

@@ -1312,8 +1312,9 @@ impl Sessions {
     }
 
     /// Start a session with `peer` from its prekey bundle (fetched through
-    /// the transport). The bundle's signature is verified; a bad bundle is
-    /// refused and changes nothing.
+    /// the transport). The bundle's signature is verified, and it must be
+    /// `peer`'s device's, not the business's own; a bad bundle is refused
+    /// and changes nothing.
     pub async fn start_session(
         &self,
         business: BusinessId,
@@ -1321,8 +1322,14 @@ impl Sessions {
         bundle: &PreKeyBundle,
         expiry: Timestamp,
     ) -> Result<IdentityStatus, SignalError> {
+        if bundle.device_id != peer.device {
+            return Err(SignalError::BadBundle("the bundle is another device's"));
+        }
         let lib_bundle = to_library_bundle(bundle)?;
         let account = self.account(business).await?;
+        if bundle.identity_key == account.identity.identity_key().serialize() {
+            return Err(SignalError::BadBundle("the bundle is the business's own"));
+        }
         let _guard = self.address_locks.lock((business, peer)).await;
         let mut state = self.load_peer(business, peer).await?;
         let (mut sessions, mut identities) = self.overlays(account, &mut state);
