@@ -976,13 +976,11 @@ impl Processor {
         }
         // A settled status whose report is due is told now: this attempt's,
         // or one a delivery report wrote meanwhile and left to this attempt
-        // (see `status_update`).
-        let due = match self.storage.message(business, id).await? {
-            Some(stored) => stored.delivery,
-            None => return Ok(()),
-        };
-        if !due.status.is_open() && due.next_attempt.is_some() && due.pending_devices == 0 {
-            self.report_status(business, id, record.phone, Direction::Outbound, due)
+        // (see `status_update`; the write above saw it, or failed and took
+        // it in). One written after that write is told by the
+        // retransmission loop.
+        if !next.status.is_open() && next.next_attempt.is_some() && next.pending_devices == 0 {
+            self.report_status(business, id, record.phone, Direction::Outbound, next)
                 .await?;
         }
         Ok(())

@@ -26,10 +26,11 @@
 //!   dropped rather than kept for late arrivals, and the snapshot is
 //!   persisted. Every persist settles the counters still unsure on every
 //!   chain the same way (the chain moved past the last with a stored
-//!   message), as the new snapshot may outlive those messages. A receive is written behind only if the stored snapshot
-//!   expires no later than its message (and at most an hour sooner), so no
-//!   snapshot outlives the messages that settle it (unless a business's
-//!   retention is shortened meanwhile, which deletes messages early).
+//!   message), as the new snapshot may outlive those messages. A receive
+//!   is written behind only if the stored snapshot expires no later than
+//!   its message (and at most an hour sooner), so no snapshot outlives the
+//!   messages that settle it (unless a business's retention is shortened
+//!   meanwhile, which deletes messages early).
 
 use std::sync::{Mutex, MutexGuard};
 
