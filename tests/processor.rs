@@ -860,67 +860,111 @@ fn a_business_may_reply_from_inside_its_webhook() {
     }
 }
 
-/// A restart loses what the processor kept in memory, including session
-/// advances written behind; a replay of a message received before it is
-/// still refused, and stays refused once the stored message is gone.
-#[tokio::test]
-async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
-    use custodian::processor::Inbound;
-    use custodian::store::{Batch, Op};
-    use custodian::testing::{ConsumerDevice, RecordingTransport};
+/// One consumer device and a processor over a store, keys and network that
+/// outlive it: each [`Restartable::start`] is a fresh process.
+struct Restartable {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    provider: Arc<LocalKeyProvider>,
+    business: Arc<SimBusiness>,
+    network: Arc<custodian::testing::RecordingTransport>,
+    owner: Principal,
+    operator: Principal,
+    b: BusinessId,
+}
 
-    let clock = ManualClock::new(Timestamp::from_millis(T0));
-    let store = Arc::new(MemoryStore::new());
-    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
-    let network = Arc::new(RecordingTransport::new());
-    let owner = Principal::new("owner");
-    let b = BusinessId::new(3).unwrap();
-    let start = || {
+impl Restartable {
+    fn new() -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        Self {
+            business: SimBusiness::new(clock.clone(), Faults::none(), 1),
+            clock,
+            store: Arc::new(MemoryStore::new()),
+            provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            network: Arc::new(custodian::testing::RecordingTransport::new()),
+            owner: Principal::new("owner"),
+            operator: Principal::new("operator"),
+            b: BusinessId::new(3).unwrap(),
+        }
+    }
+
+    fn start(&self) -> Processor {
+        let authorizer = StaticAuthorizer::new()
+            .grant(&self.owner, self.b)
+            .operator(&self.operator);
         Processor::new(
             Host {
-                storage: store.clone(),
-                key_provider: provider.clone(),
-                transport: network.clone(),
-                business: business.clone(),
-                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
-                clock: Arc::new(clock.clone()),
+                storage: self.store.clone(),
+                key_provider: self.provider.clone(),
+                transport: self.network.clone(),
+                business: self.business.clone(),
+                authorizer: Arc::new(authorizer),
+                clock: Arc::new(self.clock.clone()),
                 audit: Arc::new(MemoryAuditSink::new()),
             },
             Policies::default(),
         )
         .unwrap()
-    };
-    let inbound = |message| Inbound {
-        from: number(7),
-        device: 0,
-        message,
-    };
+    }
 
-    let before = start();
-    before.publish_keys(&owner, b).await.unwrap();
-    let mut device = ConsumerDevice::new(0);
-    device
-        .start_session(b, &network.published().unwrap().bundle(Some(0)))
-        .await
-        .unwrap();
-    // A first message, and the business's answer: the device's next
-    // messages follow up on the session.
-    let first = device.encrypt(b, b"hello").await.unwrap();
-    before.receive(&owner, b, inbound(first)).await.unwrap();
-    let reply = Outbound {
-        to: number(7),
-        content: b"hi".to_vec(),
-        category: Category::Service,
-    };
-    before.send(&owner, b, reply).await.unwrap();
-    let answer = network.take_sent().remove(number(7).expose()).unwrap();
-    device.decrypt(b, &answer[0]).await.unwrap();
+    /// `message` from the consumer's device.
+    fn inbound(message: custodian::signal::Ciphertext) -> custodian::processor::Inbound {
+        custodian::processor::Inbound {
+            from: number(7),
+            device: 0,
+            message,
+        }
+    }
+
+    /// The business answers: its reply, decrypted by `device`, which moves
+    /// the device's next messages to a new chain.
+    async fn reply(&self, processor: &Processor, device: &mut custodian::testing::ConsumerDevice) {
+        let reply = Outbound {
+            to: number(7),
+            content: b"hi".to_vec(),
+            category: Category::Service,
+        };
+        processor.send(&self.owner, self.b, reply).await.unwrap();
+        for message in self.network.take_sent().remove(number(7).expose()).unwrap() {
+            device.decrypt(self.b, &message).await.unwrap();
+        }
+    }
+
+    /// A first processor, and a device with a session answered by it: the
+    /// device's next messages follow up on the session.
+    async fn converse(&self) -> (Processor, custodian::testing::ConsumerDevice) {
+        let processor = self.start();
+        processor.publish_keys(&self.owner, self.b).await.unwrap();
+        let mut device = custodian::testing::ConsumerDevice::new(0);
+        device
+            .start_session(self.b, &self.network.published().unwrap().bundle(Some(0)))
+            .await
+            .unwrap();
+        let first = device.encrypt(self.b, b"hello").await.unwrap();
+        processor
+            .receive(&self.owner, self.b, Self::inbound(first))
+            .await
+            .unwrap();
+        self.reply(&processor, &mut device).await;
+        (processor, device)
+    }
+}
+
+/// A restart loses what the processor kept in memory, including session
+/// advances written behind; a replay of a message received before it is
+/// still refused, and stays refused once the stored message is gone.
+#[tokio::test]
+async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
+    use custodian::store::{Batch, Op};
+
+    let w = Restartable::new();
+    let (owner, b, inbound) = (&w.owner, w.b, Restartable::inbound);
+    let (before, mut device) = w.converse().await;
     let mut sent = Vec::new();
     for i in 0..7 {
         let message = device.encrypt(b, format!("m{i}").as_bytes()).await.unwrap();
         let receipt = before
-            .receive(&owner, b, inbound(message.clone()))
+            .receive(owner, b, inbound(message.clone()))
             .await
             .unwrap();
         assert!(receipt.delivered && !receipt.duplicate);
@@ -928,9 +972,9 @@ async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
     }
     drop(before);
 
-    let after = start();
+    let after = w.start();
     for (id, message) in &sent {
-        let receipt = after.receive(&owner, b, inbound(message.clone())).await;
+        let receipt = after.receive(owner, b, inbound(message.clone())).await;
         assert!(
             receipt.as_ref().is_ok_and(|r| r.duplicate && r.id == *id),
             "a replay after a restart was not refused as one: {receipt:?}"
@@ -939,7 +983,7 @@ async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
     // The device goes on: its next message decrypts, past the keys the
     // replays used.
     let next = device.encrypt(b, b"m7").await.unwrap();
-    let receipt = after.receive(&owner, b, inbound(next)).await.unwrap();
+    let receipt = after.receive(owner, b, inbound(next)).await.unwrap();
     assert!(receipt.delivered && !receipt.duplicate);
 
     // Their retention over, the replayed messages are gone; a replay must
@@ -951,20 +995,20 @@ async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
             id: *id,
         });
     }
-    store.commit(gone).await.unwrap();
+    w.store.commit(gone).await.unwrap();
     for (processor, label) in [
         (&after, "without their copies"),
-        (&start(), "restarted again"),
+        (&w.start(), "restarted again"),
     ] {
         for (_, message) in &sent {
-            let receipt = processor.receive(&owner, b, inbound(message.clone())).await;
+            let receipt = processor.receive(owner, b, inbound(message.clone())).await;
             assert!(
                 !receipt.as_ref().is_ok_and(|r| r.delivered),
                 "{label}: a replay was delivered again"
             );
         }
     }
-    let messages = business.messages();
+    let messages = w.business.messages();
     assert_eq!(messages.len(), 9);
     assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
 }
@@ -1057,63 +1101,16 @@ async fn a_replay_on_a_chain_left_behind_by_a_tampered_message_is_refused_after_
 /// tampered message), move on to a new chain, let the first messages
 /// expire, replay them.
 async fn replay_on_a_chain_left_behind(restart: bool) {
-    use custodian::processor::Inbound;
-    use custodian::testing::{ConsumerDevice, RecordingTransport};
-
     const DAY: Duration = Duration::from_secs(24 * 3600);
-    let clock = ManualClock::new(Timestamp::from_millis(T0));
-    let store = Arc::new(MemoryStore::new());
-    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
-    let network = Arc::new(RecordingTransport::new());
-    let owner = Principal::new("owner");
-    let operator = Principal::new("operator");
-    let b = BusinessId::new(3).unwrap();
-    let start = || {
-        Processor::new(
-            Host {
-                storage: store.clone(),
-                key_provider: provider.clone(),
-                transport: network.clone(),
-                business: business.clone(),
-                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).operator(&operator)),
-                clock: Arc::new(clock.clone()),
-                audit: Arc::new(MemoryAuditSink::new()),
-            },
-            Policies::default(),
-        )
-        .unwrap()
-    };
-    let inbound = |message| Inbound {
-        from: number(7),
-        device: 0,
-        message,
-    };
-    let reply = || Outbound {
-        to: number(7),
-        content: b"hi".to_vec(),
-        category: Category::Service,
-    };
-
-    let before = start();
-    before.publish_keys(&owner, b).await.unwrap();
-    let mut device = ConsumerDevice::new(0);
-    device
-        .start_session(b, &network.published().unwrap().bundle(Some(0)))
-        .await
-        .unwrap();
-    let first = device.encrypt(b, b"hello").await.unwrap();
-    before.receive(&owner, b, inbound(first)).await.unwrap();
-    before.send(&owner, b, reply()).await.unwrap();
-    for message in network.take_sent().remove(number(7).expose()).unwrap() {
-        device.decrypt(b, &message).await.unwrap();
-    }
+    let w = Restartable::new();
+    let (owner, b, inbound) = (&w.owner, w.b, Restartable::inbound);
+    let (before, mut device) = w.converse().await;
     // A run of messages on one chain: all but the first written behind.
     let mut old_chain = Vec::new();
     for i in 0..7 {
         let message = device.encrypt(b, format!("m{i}").as_bytes()).await.unwrap();
         let receipt = before
-            .receive(&owner, b, inbound(message.clone()))
+            .receive(owner, b, inbound(message.clone()))
             .await
             .unwrap();
         assert!(receipt.delivered && !receipt.duplicate);
@@ -1121,51 +1118,48 @@ async fn replay_on_a_chain_left_behind(restart: bool) {
     }
     let after = if restart {
         drop(before);
-        start()
+        w.start()
     } else {
         let mut tampered = old_chain[6].clone();
         let mid = tampered.bytes.len() / 2;
         tampered.bytes[mid] ^= 1;
-        assert!(before.receive(&owner, b, inbound(tampered)).await.is_err());
+        assert!(before.receive(owner, b, inbound(tampered)).await.is_err());
         before
     };
     // The business answers, and the device's next messages are on a new
     // chain.
-    after.send(&owner, b, reply()).await.unwrap();
-    for message in network.take_sent().remove(number(7).expose()).unwrap() {
-        device.decrypt(b, &message).await.unwrap();
-    }
+    w.reply(&after, &mut device).await;
     let next = device.encrypt(b, b"new chain").await.unwrap();
     assert!(
         after
-            .receive(&owner, b, inbound(next))
+            .receive(owner, b, inbound(next))
             .await
             .unwrap()
             .delivered
     );
     // The conversation goes on 20 days later, so the session outlives the
     // first messages, which the sweep deletes after their 30 days.
-    clock.advance(20 * DAY);
+    w.clock.advance(20 * DAY);
     let later = device.encrypt(b, b"still here").await.unwrap();
     assert!(
         after
-            .receive(&owner, b, inbound(later))
+            .receive(owner, b, inbound(later))
             .await
             .unwrap()
             .delivered
     );
-    clock.advance(11 * DAY);
-    after.sweep(&operator).await.unwrap();
+    w.clock.advance(11 * DAY);
+    after.sweep(&w.operator).await.unwrap();
 
-    for (processor, label) in [(&after, "after the sweep"), (&start(), "restarted again")] {
+    for (processor, label) in [(&after, "after the sweep"), (&w.start(), "restarted again")] {
         for message in &old_chain {
-            let receipt = processor.receive(&owner, b, inbound(message.clone())).await;
+            let receipt = processor.receive(owner, b, inbound(message.clone())).await;
             assert!(
                 !receipt.as_ref().is_ok_and(|r| r.delivered),
                 "{label}: a replay was delivered again"
             );
         }
     }
-    let messages = business.messages();
+    let messages = w.business.messages();
     assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
 }
