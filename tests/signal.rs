@@ -744,14 +744,11 @@ async fn sends_lost_from_memory_are_never_repeated_under_the_same_keys() {
     }
 }
 
-/// A message from a consumer's old installation, delivered after the new
-/// one's identity was accepted, decrypts under the old (archived) session
-/// and makes the old identity trusted again: that is an identity change
-/// too, and must be reported (or refused) like any other.
-#[tokio::test]
-async fn a_late_message_from_a_replaced_identity_is_reported_as_a_change() {
-    let w = World::new();
-    let (mut old, peer) = w.contact("+447700900017", 0).await;
+/// A consumer at `number` whose old installation wrote a message it has not
+/// sent yet, then reinstalled: the message from before (`late`), and the
+/// new installation with its first message.
+async fn reinstalled(w: &World, number: &str) -> (PeerId, Ciphertext, ConsumerDevice, Ciphertext) {
+    let (mut old, peer) = w.contact(number, 0).await;
     let reply = w.encrypt(peer, b"welcome").await;
     old.decrypt(w.business, &reply).await.unwrap();
     let late = old
@@ -759,12 +756,22 @@ async fn a_late_message_from_a_replaced_identity_is_reported_as_a_change() {
         .await
         .unwrap();
     assert_eq!(late.kind, MessageKind::FollowUp);
-
     let mut new = ConsumerDevice::new(0);
     new.start_session(w.business, &w.published().await.bundle(Some(1)))
         .await
         .unwrap();
     let first = new.encrypt(w.business, b"new phone").await.unwrap();
+    (peer, late, new, first)
+}
+
+/// A message from a consumer's old installation, delivered after the new
+/// one's identity was accepted, decrypts under the old (archived) session
+/// and makes the old identity trusted again: that is an identity change
+/// too, and must be reported (or refused) like any other.
+#[tokio::test]
+async fn a_late_message_from_a_replaced_identity_is_reported_as_a_change() {
+    let w = World::new();
+    let (peer, late, _new, first) = reinstalled(&w, "+447700900017").await;
     let decrypted = w
         .sessions
         .decrypt(w.business, peer, &first, w.expiry())
@@ -791,19 +798,7 @@ async fn a_late_message_from_a_replaced_identity_is_reported_as_a_change() {
 #[tokio::test]
 async fn a_late_message_from_a_replaced_identity_is_refused_under_refuse() {
     let mut w = World::new();
-    let (mut old, peer) = w.contact("+447700900018", 0).await;
-    let reply = w.encrypt(peer, b"welcome").await;
-    old.decrypt(w.business, &reply).await.unwrap();
-    let late = old
-        .encrypt(w.business, b"sent before the reinstall")
-        .await
-        .unwrap();
-
-    let mut new = ConsumerDevice::new(0);
-    new.start_session(w.business, &w.published().await.bundle(Some(1)))
-        .await
-        .unwrap();
-    let first = new.encrypt(w.business, b"new phone").await.unwrap();
+    let (peer, late, mut new, first) = reinstalled(&w, "+447700900018").await;
     w.decrypt(peer, &first).await.unwrap();
 
     // The host now refuses identity changes.
