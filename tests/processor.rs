@@ -930,6 +930,29 @@ impl Restartable {
         }
     }
 
+    /// Seven messages from `device`, on one chain (all but the first
+    /// written behind), each delivered once: their ids and ciphertexts.
+    async fn seven(
+        &self,
+        processor: &Processor,
+        device: &mut custodian::testing::ConsumerDevice,
+    ) -> Vec<(MessageId, custodian::signal::Ciphertext)> {
+        let mut sent = Vec::new();
+        for i in 0..7 {
+            let message = device
+                .encrypt(self.b, format!("m{i}").as_bytes())
+                .await
+                .unwrap();
+            let receipt = processor
+                .receive(&self.owner, self.b, Self::inbound(message.clone()))
+                .await
+                .unwrap();
+            assert!(receipt.delivered && !receipt.duplicate);
+            sent.push((receipt.id, message));
+        }
+        sent
+    }
+
     /// A first processor, and a device with a session answered by it: the
     /// device's next messages follow up on the session.
     async fn converse(&self) -> (Processor, custodian::testing::ConsumerDevice) {
@@ -960,16 +983,7 @@ async fn a_replay_after_a_restart_is_refused_even_once_its_copy_is_gone() {
     let w = Restartable::new();
     let (owner, b, inbound) = (&w.owner, w.b, Restartable::inbound);
     let (before, mut device) = w.converse().await;
-    let mut sent = Vec::new();
-    for i in 0..7 {
-        let message = device.encrypt(b, format!("m{i}").as_bytes()).await.unwrap();
-        let receipt = before
-            .receive(owner, b, inbound(message.clone()))
-            .await
-            .unwrap();
-        assert!(receipt.delivered && !receipt.duplicate);
-        sent.push((receipt.id, message));
-    }
+    let sent = w.seven(&before, &mut device).await;
     drop(before);
 
     let after = w.start();
@@ -1105,17 +1119,12 @@ async fn replay_on_a_chain_left_behind(restart: bool) {
     let w = Restartable::new();
     let (owner, b, inbound) = (&w.owner, w.b, Restartable::inbound);
     let (before, mut device) = w.converse().await;
-    // A run of messages on one chain: all but the first written behind.
-    let mut old_chain = Vec::new();
-    for i in 0..7 {
-        let message = device.encrypt(b, format!("m{i}").as_bytes()).await.unwrap();
-        let receipt = before
-            .receive(owner, b, inbound(message.clone()))
-            .await
-            .unwrap();
-        assert!(receipt.delivered && !receipt.duplicate);
-        old_chain.push(message);
-    }
+    let old_chain: Vec<_> = w
+        .seven(&before, &mut device)
+        .await
+        .into_iter()
+        .map(|(_, message)| message)
+        .collect();
     let after = if restart {
         drop(before);
         w.start()
