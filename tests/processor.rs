@@ -1136,27 +1136,16 @@ async fn replay_on_a_chain_left_behind(restart: bool) {
         before
     };
     // The business answers, and the device's next messages are on a new
-    // chain.
+    // chain; the conversation goes on 20 days later, so the session
+    // outlives the first messages, which the sweep deletes after their 30
+    // days.
     w.reply(&after, &mut device).await;
-    let next = device.encrypt(b, b"new chain").await.unwrap();
-    assert!(
-        after
-            .receive(owner, b, inbound(next))
-            .await
-            .unwrap()
-            .delivered
-    );
-    // The conversation goes on 20 days later, so the session outlives the
-    // first messages, which the sweep deletes after their 30 days.
-    w.clock.advance(20 * DAY);
-    let later = device.encrypt(b, b"still here").await.unwrap();
-    assert!(
-        after
-            .receive(owner, b, inbound(later))
-            .await
-            .unwrap()
-            .delivered
-    );
+    for (wait, text) in [(Duration::ZERO, "new chain"), (20 * DAY, "still here")] {
+        w.clock.advance(wait);
+        let message = device.encrypt(b, text.as_bytes()).await.unwrap();
+        let receipt = after.receive(owner, b, inbound(message)).await.unwrap();
+        assert!(receipt.delivered, "{text}");
+    }
     w.clock.advance(11 * DAY);
     after.sweep(&w.operator).await.unwrap();
 
