@@ -46,6 +46,8 @@ enum Race {
     ReportWhileDevice1Fails,
     /// The network lists every device twice.
     ListTwice,
+    /// The network lists this many devices, ids from 0.
+    ListMany(u32),
     /// The network answers every bundle request with device 0's bundle.
     BundleOfDevice0,
     /// The network answers every bundle request with the business's own.
@@ -86,6 +88,7 @@ impl Transport for Racing {
                 let devices = self.network.devices(b, c).await?;
                 Ok(devices.iter().chain(&devices).copied().collect())
             }
+            Race::ListMany(n) => Ok((0..n).collect()),
             Race::ReportThenNoDeviceList(id) => {
                 *self.race.lock().unwrap() = Race::None;
                 self.processor()
@@ -446,6 +449,39 @@ async fn a_device_listed_twice_is_sent_the_message_once() {
     for device in [0, 1] {
         assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
     }
+}
+
+/// A network that lists more devices than a consumer may have: the message
+/// fails as such, and not one bundle is fetched nor session stored for it.
+/// At the limit, the devices the consumer has get it.
+#[tokio::test]
+async fn a_list_of_more_devices_than_a_consumer_may_have_fails_the_message() {
+    use custodian::processor::MAX_DEVICES;
+    let limit = u32::try_from(MAX_DEVICES).unwrap();
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::ListMany(limit + 1));
+    let refused = d.send(b, 1).await;
+    assert_eq!(
+        d.processor
+            .message_status(&d.owner, b, refused)
+            .await
+            .unwrap(),
+        (Status::Failed, Some(FailureReason::TooManyDevices))
+    );
+    assert_eq!(d.store.census().await.unwrap().peers, 0);
+
+    d.race(Race::ListMany(limit));
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    d.settle(5).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for device in [0, 1] {
+        assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
+    }
+    assert!(received.values().all(|got| !got.contains_key(&refused)));
 }
 
 /// A network that answers device 1's bundle request with device 0's

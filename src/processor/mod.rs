@@ -412,6 +412,12 @@ struct InboundParts {
     identity_changed: bool,
 }
 
+/// The most devices a consumer may have: a longer list from the transport
+/// (distinct ids) fails the message as [`FailureReason::TooManyDevices`]
+/// rather than costing a bundle fetch, a stored session and a send for
+/// each. WhatsApp gives a consumer a phone and a few linked devices.
+pub const MAX_DEVICES: usize = 64;
+
 /// How often a compare-and-swap of a message's delivery state is retried:
 /// each lost race means its status moved forward, which it can do at most
 /// four times.
@@ -1110,6 +1116,10 @@ impl Processor {
                 // Each device once, however often the network lists it.
                 devices.sort_unstable();
                 devices.dedup();
+                if devices.len() > MAX_DEVICES {
+                    warn!(%business, id = %record.id, devices = devices.len(), "the transport listed more devices than a consumer may have");
+                    return DeviceOutcome::Fail(FailureReason::TooManyDevices);
+                }
                 devices
             }
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),

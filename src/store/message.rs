@@ -108,6 +108,9 @@ pub enum FailureReason {
     /// Its stored record can never be opened again: damaged, its key gone,
     /// or not the envelope sealed for it.
     Unreadable = 5,
+    /// The transport listed more than [`MAX_DEVICES`](crate::processor::MAX_DEVICES)
+    /// devices for the consumer: none was sent to.
+    TooManyDevices = 6,
 }
 
 impl FailureReason {
@@ -124,6 +127,7 @@ impl FailureReason {
             3 => Some(Self::Refused),
             4 => Some(Self::NoSession),
             5 => Some(Self::Unreadable),
+            6 => Some(Self::TooManyDevices),
             _ => None,
         }
     }
@@ -277,5 +281,25 @@ mod tests {
             assert_eq!(Status::from_code(from.code()), Some(from));
         }
         assert_eq!(Status::from_code(9), None);
+    }
+
+    #[test]
+    fn failure_reasons_round_trip_their_stored_codes() {
+        use FailureReason::*;
+        let all = [
+            Expired,
+            NoDevices,
+            Refused,
+            NoSession,
+            Unreadable,
+            TooManyDevices,
+        ];
+        for reason in all {
+            assert_eq!(FailureReason::from_code(reason.code()), Some(reason));
+        }
+        let codes: Vec<u8> = all.iter().map(|r| r.code()).collect();
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6], "stored codes never change");
+        assert_eq!(FailureReason::from_code(0), None);
+        assert_eq!(FailureReason::from_code(7), None);
     }
 }
