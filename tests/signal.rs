@@ -744,6 +744,48 @@ async fn sends_lost_from_memory_are_never_repeated_under_the_same_keys() {
     }
 }
 
+/// A device that skips many messages makes the business keep a key for
+/// each; past `max_record_len` its message is refused and nothing changes,
+/// while a business with room for them decrypts the same message.
+#[tokio::test]
+async fn a_record_past_its_limit_is_refused_and_changes_nothing() {
+    const LIMIT: usize = 16 << 10;
+    let small = World::with_config(SignalConfig {
+        max_record_len: LIMIT,
+        ..SignalConfig::default()
+    });
+    let roomy = World::new();
+    for w in [&small, &roomy] {
+        let (mut device, peer) = w.contact("+447700900019", 0).await;
+        let stored = w.store.peer(w.business, peer).await.unwrap().unwrap();
+        assert!(stored.len() < LIMIT / 4, "{} bytes", stored.len());
+        // 300 messages lost on the way: 300 keys kept for them.
+        let mut last = None;
+        for i in 0..=300 {
+            last = Some(
+                device
+                    .encrypt(w.business, format!("m{i}").as_bytes())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let last = last.unwrap();
+        let before = w.snapshot(peer).await;
+        let result = w.decrypt(peer, &last).await;
+        if std::ptr::eq(w, &small) {
+            assert!(
+                matches!(result, Err(SignalError::RecordTooLarge { len, max: LIMIT }) if len > LIMIT),
+                "{result:?}"
+            );
+            assert_eq!(w.snapshot(peer).await, before);
+        } else {
+            assert_eq!(result.unwrap(), b"m300");
+            let stored = w.store.peer(w.business, peer).await.unwrap().unwrap();
+            assert!(stored.len() > LIMIT, "{} bytes", stored.len());
+        }
+    }
+}
+
 /// A consumer at `number` whose old installation wrote a message it has not
 /// sent yet, then reinstalled: the message from before (`late`), and the
 /// new installation with its first message.

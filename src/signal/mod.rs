@@ -83,6 +83,7 @@ pub(crate) use peer::decode_peer_record;
 use peer::{Peer, RECEIVE_WINDOW};
 use rng::ThreadCsprng;
 use stores::{IdentityOverlay, PreKeyOverlay, SessionOverlay, SignedPreKeyOverlay};
+use zeroize::Zeroizing;
 
 /// What a storage-side failure was.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,6 +127,15 @@ pub enum SignalError {
     /// A prekey bundle is malformed or its signature does not verify.
     #[error("invalid prekey bundle: {0}")]
     BadBundle(&'static str),
+    /// The device's record would grow past
+    /// [`SignalConfig::max_record_len`]; nothing was changed.
+    #[error("the device's record would grow to {len} bytes, more than the {max} allowed")]
+    RecordTooLarge {
+        /// The length it would have had.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
     /// Storage, the key hierarchy or sealing failed; nothing was changed.
     #[error("storage failure: {0}")]
     Storage(StorageFailure),
@@ -177,6 +187,14 @@ pub struct SignalConfig {
     pub identity_policy: IdentityPolicy,
     /// Peers kept decoded in memory (least recently used evicted; default 65,536).
     pub peer_cache: usize,
+    /// The largest a device's stored record may grow, in bytes (default 4
+    /// MiB). The Signal library bounds a session's skipped message keys and
+    /// archived sessions, but a device that skips the most it may on every
+    /// chain of 40 sessions grows its record to tens of MB, re-sealed on
+    /// every persist. An operation that would store more fails with
+    /// [`SignalError::RecordTooLarge`] and changes nothing. A full session
+    /// measures about 1.3 MB; an ordinary one a few KB.
+    pub max_record_len: usize,
 }
 
 impl Default for SignalConfig {
@@ -188,6 +206,7 @@ impl Default for SignalConfig {
             prekey_low_water: 20,
             identity_policy: IdentityPolicy::AcceptAndReport,
             peer_cache: 65_536,
+            max_record_len: 4 << 20,
         }
     }
 }
@@ -907,6 +926,14 @@ impl Sessions {
             .vault
             .epoch_of(state.expiry)
             .ok_or(SealError::ExpiryOutOfRange(state.expiry))?;
+        let mut plaintext = Zeroizing::new(state.encode(&self.cache.incarnation()));
+        let max = self.config.max_record_len;
+        if plaintext.len() > max {
+            return Err(SignalError::RecordTooLarge {
+                len: plaintext.len(),
+                max,
+            });
+        }
         let key = match state.key.take() {
             Some(key) if key.epoch() == epoch && !key.is_spent() => key,
             _ => {
@@ -916,7 +943,6 @@ impl Sessions {
                 Box::new(RecordKey::new(&epoch_key, MessageId::random()))
             }
         };
-        let plaintext = state.encode(&self.cache.incarnation());
         let label = Label {
             kind: Kind::SignalSession,
             business,
@@ -924,7 +950,10 @@ impl Sessions {
             expiry: state.expiry,
             region: self.store.region(),
         };
-        let sealed = state.key.insert(key).seal_owned(&label, plaintext)?;
+        let sealed = state
+            .key
+            .insert(key)
+            .seal_owned(&label, std::mem::take(&mut *plaintext))?;
         batch.push(Op::PutPeer {
             business,
             peer,
