@@ -409,51 +409,63 @@ async fn a_redelivered_inbound_message_reaches_the_business_once() {
     assert!(messages.values().all(|&copies| copies == 1));
 }
 
+/// A receive creates no key, whatever it is given: a business's keys come
+/// with its first `publish_keys`, before which no consumer could have
+/// written to it. Malformed bytes, and a well-formed first message written
+/// to another business's bundle, are refused, and leave the business
+/// without a key ring (so without any key) or session.
 #[tokio::test]
-async fn a_malformed_inbound_message_creates_no_key() {
+async fn a_receive_creates_no_key() {
     use custodian::keys::{KeyId, KeyKind};
-    let d = Deployment::new(&[1], Faults::none(), Faults::none(), 9);
-    let b = BusinessId::new(1).unwrap();
-    d.publish_all().await;
-    let phone_key = KeyId {
-        business: b,
-        kind: KeyKind::PhoneIndex,
-        id: 0,
+    use custodian::signal::{Ciphertext, MessageKind, SignalError};
+    use custodian::store::KeyStore;
+    let w = Restartable::new();
+    let processor = w.start();
+
+    let elsewhere = Restartable::new();
+    elsewhere
+        .start()
+        .publish_keys(&elsewhere.owner, elsewhere.b)
+        .await
+        .unwrap();
+    let mut device = custodian::testing::ConsumerDevice::new(0);
+    let bundle = elsewhere.network.published().unwrap().bundle(Some(0));
+    device.start_session(elsewhere.b, &bundle).await.unwrap();
+    let first = device.encrypt(elsewhere.b, b"hello").await.unwrap();
+    assert_eq!(first.kind, MessageKind::FirstContact);
+    let garbage = |kind| Ciphertext {
+        kind,
+        bytes: vec![0x33; 40],
     };
-    let garbage = |kind| custodian::processor::Inbound {
-        from: number(1),
-        device: 0,
-        message: custodian::signal::Ciphertext {
-            kind,
-            bytes: vec![0x33; 40],
-        },
-    };
-    for kind in [
-        custodian::signal::MessageKind::FirstContact,
-        custodian::signal::MessageKind::FollowUp,
+    for message in [
+        first,
+        garbage(MessageKind::FirstContact),
+        garbage(MessageKind::FollowUp),
     ] {
-        let refused = d.processor.receive(&d.transport, b, garbage(kind)).await;
+        let refused = processor
+            .receive(&w.owner, w.b, Restartable::inbound(message))
+            .await;
         assert!(
             matches!(
                 refused,
-                Err(ProcessorError::Signal(
-                    custodian::signal::SignalError::InvalidMessage(_)
-                ))
+                Err(ProcessorError::Signal(SignalError::InvalidMessage(_)))
             ),
             "{refused:?}"
         );
     }
-    assert!(d.store.key(&phone_key).await.unwrap().is_none());
+    assert!(w.store.ring(w.b).await.unwrap().is_none());
+    assert_eq!(w.store.census().await.unwrap().peers, 0);
 
-    // The first message that parses creates it.
-    d.network.add_consumer(&number(1), 1).await;
-    d.network
-        .consumer_sends(&number(1), 0, b, b"hello")
-        .await
-        .unwrap();
-    d.network.pump(&d.processor, &d.transport).await;
-    assert_eq!(d.business.messages().len(), 1);
-    assert!(d.store.key(&phone_key).await.unwrap().is_some());
+    // Once it published, it has the index key, and messages reach it.
+    drop(processor);
+    let (_processor, _device) = w.converse().await;
+    assert_eq!(w.business.messages().len(), 1);
+    let phone_key = KeyId {
+        business: w.b,
+        kind: KeyKind::PhoneIndex,
+        id: 0,
+    };
+    assert!(w.store.key(&phone_key).await.unwrap().is_some());
 }
 
 #[tokio::test]

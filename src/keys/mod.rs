@@ -712,6 +712,70 @@ impl KeyManager {
         }
     }
 
+    /// `number` as `business`'s phone-number index knows it, if the business
+    /// has an index key: unlike [`phone_hash`](Self::phone_hash), this
+    /// never creates one. `None` means no consumer of the business was ever
+    /// indexed (nor its keys published through the processor).
+    pub async fn known_phone_hash(
+        &self,
+        business: BusinessId,
+        number: &PhoneNumber,
+    ) -> Result<Option<PhoneHash>, KeyError> {
+        let cached = self
+            .read()
+            .phone_index
+            .get(&business)
+            .map(|k| k.hash(number));
+        match cached {
+            Some(hash) => Ok(Some(hash)),
+            // Boxed, as in `phone_hash`: taken once per business and process.
+            None => Ok(Box::pin(self.load_phone_index_key(business))
+                .await?
+                .map(|key| key.hash(number))),
+        }
+    }
+
+    /// Make sure `business` has a phone index key (created if missing).
+    pub async fn ensure_phone_index(&self, business: BusinessId) -> Result<(), KeyError> {
+        if !self.read().phone_index.contains_key(&business) {
+            self.create_phone_index_key(business).await?;
+        }
+        Ok(())
+    }
+
+    /// `business`'s stored phone index key, if any, now cached.
+    async fn load_phone_index_key(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<Arc<PhoneIndexKey>>, KeyError> {
+        let id = KeyId {
+            business,
+            kind: KeyKind::PhoneIndex,
+            id: 0,
+        };
+        let Some(secret) = self.load_secret(id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.cache_phone_index_key(id, &secret)?))
+    }
+
+    /// Cache `secret` as `business`'s phone index key (unless a key is
+    /// cached already: the one stored, as this is); the key cached.
+    fn cache_phone_index_key(
+        &self,
+        id: KeyId,
+        secret: &[u8],
+    ) -> Result<Arc<PhoneIndexKey>, KeyError> {
+        let mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(secret).map_err(|_| KeyError::Unwrap(id))?;
+        Ok(self
+            .write()
+            .phone_index
+            .entry(id.business)
+            .or_insert_with(|| Arc::new(PhoneIndexKey(mac)))
+            .clone())
+    }
+
     /// Create (or, if another task did first, take) `business`'s phone index key.
     async fn create_phone_index_key(
         &self,
@@ -724,15 +788,7 @@ impl KeyManager {
         };
         let fresh = SecretKey::generate();
         let secret = self.store_secret(id, fresh.expose_secret()).await?;
-        let mac =
-            <Hmac<Sha256> as KeyInit>::new_from_slice(&secret).map_err(|_| KeyError::Unwrap(id))?;
-        let key = Arc::new(PhoneIndexKey(mac));
-        Ok(self
-            .write()
-            .phone_index
-            .entry(business)
-            .or_insert(key)
-            .clone())
+        self.cache_phone_index_key(id, &secret)
     }
 
     /// Store `secret` as the key of `business`'s `epoch` (wrapped under the

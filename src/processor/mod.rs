@@ -639,6 +639,9 @@ impl Processor {
     /// do not acknowledge: the transport's redelivery is handled. A
     /// redelivery or a replay of a stored message, however it arrives, is
     /// answered as a duplicate and reaches the business no second time.
+    /// A receive creates no key: a message for a business that has not
+    /// published its keys ([`publish_keys`](Self::publish_keys)) is
+    /// refused as [`SignalError::InvalidMessage`].
     pub async fn receive(
         &self,
         principal: &Principal,
@@ -667,9 +670,17 @@ impl Processor {
         self.authorize(principal, business)?;
         let now = self.clock.now();
         let (expiry, admission) = self.admit(business, Direction::Inbound, now)?;
-        // Parsed first: malformed bytes create no phone-hash key.
+        // Parsed first, and a receive creates no key: the business's keys
+        // come with its first `publish_keys`, before which no consumer
+        // could have written to it.
         let unbound = Unbound::parse(&inbound.message)?;
-        let phone = self.keys.phone_hash(business, &inbound.from).await?;
+        let phone = self
+            .keys
+            .known_phone_hash(business, &inbound.from)
+            .await?
+            .ok_or(SignalError::InvalidMessage(
+                "the business has published no keys",
+            ))?;
         let peer = PeerId {
             phone,
             device: inbound.device,
@@ -1722,6 +1733,8 @@ impl Processor {
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
+        // Its phone index too: a receive creates no key.
+        self.keys.ensure_phone_index(business).await?;
         self.sessions.maintain(business).await?;
         let keys = self.sessions.publish(business).await?;
         Ok(self.transport.publish_keys(business, &keys).await?)
@@ -1739,7 +1752,10 @@ impl Processor {
         device: u32,
     ) -> Result<bool, ProcessorError> {
         self.authorize(principal, business)?;
-        let phone = self.keys.phone_hash(business, consumer).await?;
+        let Some(phone) = self.keys.known_phone_hash(business, consumer).await? else {
+            // No consumer of the business was ever indexed.
+            return Ok(false);
+        };
         let reset = self
             .sessions
             .reset_device(business, PeerId { phone, device })
