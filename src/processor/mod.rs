@@ -2,10 +2,11 @@
 //! transport and business, with retention and visibility enforced on every
 //! path.
 //!
-//! - **Keys** ([`Processor::publish_keys`]): a business's keys are created
-//!   when it first publishes them, and kept in stock each time after;
-//!   nothing else creates them, so a message for a business that never
-//!   published is refused.
+//! - **Keys** ([`Processor::publish_keys`]): a business's Signal keys and
+//!   phone index are created when it first publishes, and its prekeys
+//!   restocked each time after (a send creates what it needs too). A
+//!   receive creates none: a message for a business that never published
+//!   is refused.
 //! - **Inbound** ([`Processor::receive`]): a consumer's Signal message is
 //!   decrypted, sealed and stored in the same commit as the session's
 //!   advance, then handed to the business (content and number released
