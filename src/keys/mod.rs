@@ -696,14 +696,7 @@ impl KeyManager {
         business: BusinessId,
         number: &PhoneNumber,
     ) -> Result<PhoneHash, KeyError> {
-        // Hashed in a plain function, under the cache's read lock: its
-        // working state stays on the stack, out of the caller's future.
-        let cached = self
-            .read()
-            .phone_index
-            .get(&business)
-            .map(|k| k.hash(number));
-        match cached {
+        match self.cached_phone_hash(business, number) {
             Some(hash) => Ok(hash),
             // Boxed: every message awaits this, and only the first creates.
             None => Ok(Box::pin(self.create_phone_index_key(business))
@@ -721,18 +714,23 @@ impl KeyManager {
         business: BusinessId,
         number: &PhoneNumber,
     ) -> Result<Option<PhoneHash>, KeyError> {
-        let cached = self
-            .read()
-            .phone_index
-            .get(&business)
-            .map(|k| k.hash(number));
-        match cached {
+        match self.cached_phone_hash(business, number) {
             Some(hash) => Ok(Some(hash)),
             // Boxed, as in `phone_hash`: taken once per business and process.
             None => Ok(Box::pin(self.load_phone_index_key(business))
                 .await?
                 .map(|key| key.hash(number))),
         }
+    }
+
+    /// `number` hashed under `business`'s cached index key, if cached. A
+    /// plain function, under the cache's read lock: the hash's working
+    /// state stays on the stack, out of the caller's future.
+    fn cached_phone_hash(&self, business: BusinessId, number: &PhoneNumber) -> Option<PhoneHash> {
+        self.read()
+            .phone_index
+            .get(&business)
+            .map(|k| k.hash(number))
     }
 
     /// Make sure `business` has a phone index key (created if missing).
