@@ -416,7 +416,7 @@ async fn a_redelivered_inbound_message_reaches_the_business_once() {
 /// without a key ring (so without any key) or session.
 #[tokio::test]
 async fn a_receive_creates_no_key() {
-    use custodian::keys::{KeyId, KeyKind};
+    use custodian::keys::KeyId;
     use custodian::signal::{Ciphertext, MessageKind, SignalError};
     use custodian::store::KeyStore;
     let w = Restartable::new();
@@ -460,11 +460,7 @@ async fn a_receive_creates_no_key() {
     drop(processor);
     let (_processor, _device) = w.converse().await;
     assert_eq!(w.business.messages().len(), 1);
-    let phone_key = KeyId {
-        business: w.b,
-        kind: KeyKind::PhoneIndex,
-        id: 0,
-    };
+    let phone_key = KeyId::phone_index(w.b);
     assert!(w.store.key(&phone_key).await.unwrap().is_some());
 }
 

@@ -746,11 +746,7 @@ impl KeyManager {
         &self,
         business: BusinessId,
     ) -> Result<Option<Arc<PhoneIndexKey>>, KeyError> {
-        let id = KeyId {
-            business,
-            kind: KeyKind::PhoneIndex,
-            id: 0,
-        };
+        let id = KeyId::phone_index(business);
         let Some(secret) = self.load_secret(id).await? else {
             return Ok(None);
         };
@@ -779,11 +775,7 @@ impl KeyManager {
         &self,
         business: BusinessId,
     ) -> Result<Arc<PhoneIndexKey>, KeyError> {
-        let id = KeyId {
-            business,
-            kind: KeyKind::PhoneIndex,
-            id: 0,
-        };
+        let id = KeyId::phone_index(business);
         let fresh = SecretKey::generate();
         let secret = self.store_secret(id, fresh.expose_secret()).await?;
         self.cache_phone_index_key(id, &secret)

@@ -85,6 +85,15 @@ impl KeyId {
         }
     }
 
+    /// The id of `business`'s phone index key.
+    pub fn phone_index(business: BusinessId) -> Self {
+        Self {
+            business,
+            kind: KeyKind::PhoneIndex,
+            id: 0,
+        }
+    }
+
     /// The associated data binding a wrapped key to its name and KEK version,
     /// so a blob moved to another row, or relabelled, fails to unwrap.
     fn aad(&self, kek_version: u32) -> [u8; 38] {

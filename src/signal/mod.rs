@@ -323,6 +323,11 @@ impl Parsed {
     }
 }
 
+/// A stored session the library cannot work with.
+fn corrupt_session<E>(_: E) -> SignalError {
+    SignalError::Storage(StorageFailure::Corrupt("session structure"))
+}
+
 /// Whether `a` and `b` are the same public key. A plain comparison:
 /// public keys are no secret, and the library's own `==` is constant-time,
 /// which costs an optimisation barrier a byte on every message.
@@ -645,9 +650,7 @@ fn protocol_error(e: SignalProtocolError, failure: Option<SignalError>) -> Signa
         | P::UnrecognizedMessageVersion(_) => {
             SignalError::InvalidMessage("unsupported message version")
         }
-        P::InvalidSessionStructure(_) => {
-            SignalError::Storage(StorageFailure::Corrupt("session structure"))
-        }
+        P::InvalidSessionStructure(_) => corrupt_session(()),
         P::InvalidState(..) | P::BackendError(..) => {
             SignalError::Storage(StorageFailure::Corrupt("Signal state"))
         }
@@ -880,14 +883,12 @@ impl Sessions {
         batch: Batch,
     ) -> Result<(), SignalError> {
         state.expiry = state.expiry.max(expiry);
-        let committed = match self.settle_left_unsure(business, peer, &mut state).await {
-            Ok(()) => {
-                self.seal_and_commit(business, peer, &mut state, batch)
-                    .await
-            }
-            Err(e) => Err(e),
+        let committed = async {
+            self.settle_left_unsure(business, peer, &mut state).await?;
+            self.seal_and_commit(business, peer, &mut state, batch)
+                .await
         };
-        match committed {
+        match committed.await {
             Ok(()) => {
                 // The snapshot now covers every counter sent: nothing is pending.
                 if let Some(session) = state.session.as_mut() {
@@ -1028,15 +1029,10 @@ impl Sessions {
         peer: PeerId,
         state: &mut Peer,
     ) -> Result<(), SignalError> {
-        let corrupt = || SignalError::Storage(StorageFailure::Corrupt("session structure"));
         for unsure in std::mem::take(&mut state.unsure) {
-            let mut stored = Vec::new();
-            for counter in unsure.next..unsure.end {
-                let id = message_id(business, peer, &unsure.chain, counter);
-                if self.store.message(business, id).await?.is_some() {
-                    stored.push(counter);
-                }
-            }
+            let stored = self
+                .stored_counters(business, peer, &unsure.chain, unsure.next..unsure.end)
+                .await?;
             let Some(&last) = stored.last() else {
                 continue;
             };
@@ -1045,29 +1041,48 @@ impl Sessions {
             };
             let Some(mut key) = session
                 .get_receiver_chain_key(&unsure.chain)
-                .map_err(|_| corrupt())?
+                .map_err(corrupt_session)?
             else {
                 continue;
             };
             for &counter in stored.iter().filter(|&&c| c < key.index()) {
                 session
                     .get_message_keys(&unsure.chain, counter)
-                    .map_err(|_| corrupt())?;
+                    .map_err(corrupt_session)?;
             }
             while key.index() <= last {
-                let (keys, next) = key.step_with_message_keys().map_err(|_| corrupt())?;
+                let (keys, next) = key.step_with_message_keys().map_err(corrupt_session)?;
                 if !stored.contains(&key.index()) {
                     session
                         .set_message_keys(&unsure.chain, keys)
-                        .map_err(|_| corrupt())?;
+                        .map_err(corrupt_session)?;
                 }
                 key = next;
             }
             session
                 .set_receiver_chain_key(&unsure.chain, &key)
-                .map_err(|_| corrupt())?;
+                .map_err(corrupt_session)?;
         }
         Ok(())
+    }
+
+    /// The counters in `counters` of `peer`'s receiving chain `chain` whose
+    /// message is stored, ascending.
+    async fn stored_counters(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        chain: &PublicKey,
+        counters: std::ops::Range<u32>,
+    ) -> Result<Vec<u32>, SignalError> {
+        let mut stored = Vec::new();
+        for counter in counters {
+            let id = message_id(business, peer, chain, counter);
+            if self.store.message(business, id).await?.is_some() {
+                stored.push(counter);
+            }
+        }
+        Ok(stored)
     }
 
     /// Which of `state`'s unsure counters on `chain` below `counter` a
@@ -1090,14 +1105,14 @@ impl Sessions {
         if counter < unsure.next {
             return Ok(());
         }
-        for earlier in unsure.next..counter.min(unsure.end) {
-            let id = message_id(business, peer, chain, earlier);
-            if self.store.message(business, id).await?.is_some()
-                && let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut())
-            {
-                session.get_message_keys(chain, earlier).map_err(|_| {
-                    SignalError::Storage(StorageFailure::Corrupt("session structure"))
-                })?;
+        let stored = self
+            .stored_counters(business, peer, chain, unsure.next..counter.min(unsure.end))
+            .await?;
+        if let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut()) {
+            for earlier in stored {
+                session
+                    .get_message_keys(chain, earlier)
+                    .map_err(corrupt_session)?;
             }
         }
         if counter.saturating_add(1) < unsure.end {
