@@ -7,7 +7,14 @@
 //! any other reload fast-forwards the sending chain past the lease, so a
 //! counter is never issued twice. The cache keeps that sound: if it ever has
 //! to drop a peer with unpersisted sends, it changes the process incarnation,
-//! so every older snapshot becomes untrusted.
+//! so every older snapshot becomes untrusted. State taken out for an
+//! operation is held with a [`Taken`], which does the same if the state is
+//! never put back: an error, or the operation's future dropped at an await.
+//!
+//! The cache is bounded twice: by a count of peers, and by bytes, each peer
+//! counting the length of its last encoding plus [`PEER_OVERHEAD`]. A
+//! device can grow its record to [`SignalConfig::max_record_len`]; the byte
+//! bound keeps many such devices from holding that much memory each.
 //!
 //! Receiving is write-behind too, for the plain case: a follow-up message
 //! that is the next on a receiving chain of the session in use, within 32
@@ -38,12 +45,23 @@ use foldhash::fast::RandomState;
 use hashlink::LruCache;
 use rand::Rng;
 
+use super::SignalConfig;
 use super::peer::Peer;
 use super::rng::ThreadCsprng;
 use crate::ids::BusinessId;
 use crate::store::PeerId;
 
 type Key = (BusinessId, PeerId);
+
+/// What a cached peer counts for besides its encoding: the decoded
+/// structures, its record key's schedule, its address.
+pub(super) const PEER_OVERHEAD: usize = 1024;
+
+/// The bytes a cached peer counts for. Stable while it is cached: state
+/// in the cache is not changed.
+fn weight(peer: &Peer) -> usize {
+    peer.encoded_len.saturating_add(PEER_OVERHEAD)
+}
 
 pub(super) struct PeerCache {
     inner: Mutex<Inner>,
@@ -52,6 +70,9 @@ pub(super) struct PeerCache {
 struct Inner {
     /// Boxed: a peer's state moves in and out on every operation.
     peers: LruCache<Key, Box<Peer>, RandomState>,
+    /// The sum of the cached peers' [`weight`]s, at most `budget`.
+    bytes: usize,
+    budget: usize,
     incarnation: [u8; 16],
     /// Bumped by [`PeerCache::clear`]; state loaded in an older
     /// generation is never put back.
@@ -65,10 +86,12 @@ fn fresh_incarnation() -> [u8; 16] {
 }
 
 impl PeerCache {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(config: &SignalConfig) -> Self {
         Self {
             inner: Mutex::new(Inner {
-                peers: LruCache::with_hasher(capacity.max(1), RandomState::default()),
+                peers: LruCache::with_hasher(config.peer_cache.max(1), RandomState::default()),
+                bytes: 0,
+                budget: config.peer_cache_bytes,
                 incarnation: fresh_incarnation(),
                 generation: 0,
             }),
@@ -87,7 +110,19 @@ impl PeerCache {
 
     /// Take a peer's state out (the caller holds the peer's address lock).
     pub(super) fn take(&self, key: &Key) -> Option<Box<Peer>> {
-        self.lock().peers.remove(key)
+        let mut inner = self.lock();
+        let peer = inner.peers.remove(key)?;
+        inner.bytes = inner.bytes.saturating_sub(weight(&peer));
+        Some(peer)
+    }
+
+    /// Hold `key`'s state, `dirty` as taken out, for one operation.
+    pub(super) fn taken(&self, key: Key, dirty: bool) -> Taken<'_> {
+        Taken {
+            cache: self,
+            key,
+            dirty: Some(dirty),
+        }
     }
 
     /// The generation state loaded from the store now belongs to. Read it
@@ -96,24 +131,34 @@ impl PeerCache {
         self.lock().generation
     }
 
-    /// Put a peer's state back, evicting the least recently used peer if full.
-    /// State of an older generation is discarded instead.
-    pub(super) fn put(&self, key: Key, peer: Box<Peer>) {
+    /// Put a peer's state back, evicting the least recently used peers
+    /// while either bound is exceeded. State of an older generation, or
+    /// larger than the whole byte budget, is discarded instead.
+    fn put(&self, key: Key, peer: Box<Peer>) {
         let mut inner = self.lock();
-        if peer.generation != inner.generation {
+        let weight = weight(&peer);
+        if peer.generation != inner.generation || weight > inner.budget {
             if peer.dirty {
                 inner.incarnation = fresh_incarnation();
             }
             return;
         }
-        if inner.peers.len() >= inner.peers.capacity()
-            && !inner.peers.contains_key(&key)
-            && let Some((_, evicted)) = inner.peers.remove_lru()
-            && evicted.dirty
-        {
-            // Its unpersisted sends are forgotten: no snapshot may be trusted now.
-            inner.incarnation = fresh_incarnation();
+        if let Some(old) = inner.peers.remove(&key) {
+            inner.bytes = inner.bytes.saturating_sub(self::weight(&old));
         }
+        while inner.peers.len() >= inner.peers.capacity()
+            || inner.bytes.saturating_add(weight) > inner.budget
+        {
+            let Some((_, evicted)) = inner.peers.remove_lru() else {
+                break;
+            };
+            inner.bytes = inner.bytes.saturating_sub(self::weight(&evicted));
+            if evicted.dirty {
+                // Its unpersisted sends are forgotten: no snapshot may be trusted now.
+                inner.incarnation = fresh_incarnation();
+            }
+        }
+        inner.bytes = inner.bytes.saturating_add(weight);
         inner.peers.insert(key, peer);
     }
 
@@ -132,6 +177,7 @@ impl PeerCache {
         inner.generation = inner.generation.wrapping_add(1);
         let dirty = inner.peers.iter().any(|(_, p)| p.dirty);
         inner.peers.clear();
+        inner.bytes = 0;
         if dirty {
             inner.incarnation = fresh_incarnation();
         }
@@ -139,10 +185,165 @@ impl PeerCache {
 
     /// Forget a peer whose stored state was deleted.
     pub(super) fn remove(&self, key: &Key) {
-        self.lock().peers.remove(key);
+        self.take(key);
     }
 
     pub(super) fn len(&self) -> usize {
         self.lock().peers.len()
+    }
+}
+
+/// A peer's state is out of the cache for one operation: [`put`](Self::put)
+/// it back when the operation is done with it. Dropped instead (the
+/// operation failed, or its future was dropped at an await), it forgets the
+/// state: the store keeps the last committed copy, and if the state as
+/// taken held unpersisted sends, no older snapshot is trusted any more, so
+/// a reload never issues their sending counters again.
+#[must_use = "dropping it forgets the peer's state"]
+pub(super) struct Taken<'c> {
+    cache: &'c PeerCache,
+    key: Key,
+    /// Whether the state as taken had unpersisted sends; `None` once put back.
+    dirty: Option<bool>,
+}
+
+impl Taken<'_> {
+    /// Put the state back (see [`PeerCache::put`]).
+    pub(super) fn put(mut self, peer: Box<Peer>) {
+        self.dirty = None;
+        self.cache.put(self.key, peer);
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(dirty) = self.dirty {
+            self.cache.discard(dirty);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::PhoneHash;
+
+    const B: usize = 10 * PEER_OVERHEAD;
+
+    fn key(n: u8) -> Key {
+        let business = BusinessId::new(1).unwrap_or_else(|| unreachable!());
+        let phone = PhoneHash::from_bytes([n; 16]);
+        (business, PeerId { phone, device: 0 })
+    }
+
+    /// A peer whose last encoding was `len` bytes.
+    fn peer(n: u8, len: usize, dirty: bool) -> Box<Peer> {
+        Box::new(Peer {
+            encoded_len: len,
+            dirty,
+            ..Peer::empty(key(n).1)
+        })
+    }
+
+    fn cache(count: usize, bytes: usize) -> PeerCache {
+        PeerCache::new(&SignalConfig {
+            peer_cache: count,
+            peer_cache_bytes: bytes,
+            ..SignalConfig::default()
+        })
+    }
+
+    fn put(cache: &PeerCache, n: u8, len: usize, dirty: bool) {
+        cache.taken(key(n), dirty).put(peer(n, len, dirty));
+    }
+
+    #[test]
+    fn large_records_evict_the_least_recently_used_by_bytes() {
+        let c = cache(100, B);
+        for n in 0..4 {
+            put(&c, n, 2 * PEER_OVERHEAD, false);
+        }
+        assert_eq!(c.len(), 3, "three peers of 3 KiB fit in 10 KiB");
+        assert!(c.take(&key(0)).is_none(), "the oldest went");
+        // A peer taken out no longer counts: two more fit after it.
+        let one = c.take(&key(1)).unwrap_or_else(|| unreachable!());
+        put(&c, 4, 2 * PEER_OVERHEAD, false);
+        assert_eq!(c.len(), 3);
+        c.taken(key(1), false).put(one);
+        assert_eq!(c.len(), 3, "putting it back evicted the oldest again");
+        assert!(c.take(&key(2)).is_none());
+    }
+
+    #[test]
+    fn a_peer_larger_than_the_budget_is_not_kept() {
+        let c = cache(100, B);
+        put(&c, 0, PEER_OVERHEAD, false);
+        let before = c.incarnation();
+        put(&c, 1, B, false);
+        assert_eq!(
+            (c.len(), c.incarnation()),
+            (1, before),
+            "clean: just not kept"
+        );
+        put(&c, 2, B, true);
+        assert_eq!(c.len(), 1);
+        assert_ne!(
+            c.incarnation(),
+            before,
+            "its unpersisted sends are forgotten"
+        );
+    }
+
+    #[test]
+    fn evicting_unpersisted_sends_makes_older_snapshots_untrusted() {
+        let c = cache(2, usize::MAX);
+        put(&c, 0, 0, true);
+        put(&c, 1, 0, false);
+        let before = c.incarnation();
+        put(&c, 2, 0, false);
+        assert_ne!(c.incarnation(), before, "a dirty peer was evicted");
+        let before = c.incarnation();
+        put(&c, 3, 0, false);
+        assert_eq!(c.incarnation(), before, "a clean one changes nothing");
+    }
+
+    #[test]
+    fn state_taken_and_dropped_is_forgotten_safely() {
+        let c = cache(100, usize::MAX);
+        let before = c.incarnation();
+        drop(c.taken(key(0), false));
+        assert_eq!(c.incarnation(), before, "nothing unpersisted was lost");
+        drop(c.taken(key(0), true));
+        assert_ne!(c.incarnation(), before, "unpersisted sends were lost");
+        let before = c.incarnation();
+        c.taken(key(0), true).put(peer(0, 0, true));
+        assert_eq!((c.len(), c.incarnation()), (1, before), "put back: kept");
+    }
+
+    #[test]
+    fn clear_forgets_every_peer_and_its_bytes() {
+        let c = cache(100, B);
+        for n in 0..3 {
+            put(&c, n, 2 * PEER_OVERHEAD, false);
+        }
+        let generation = c.generation();
+        c.clear();
+        assert_eq!(c.len(), 0);
+        // State loaded before the clear is not put back.
+        c.taken(key(0), false).put(peer(0, 0, false));
+        assert_eq!(c.len(), 0);
+        let fresh = Box::new(Peer {
+            generation: generation + 1,
+            ..*peer(1, 2 * PEER_OVERHEAD, false)
+        });
+        c.taken(key(1), false).put(fresh);
+        for n in 2..5 {
+            let p = Box::new(Peer {
+                generation: generation + 1,
+                ..*peer(n, 2 * PEER_OVERHEAD, false)
+            });
+            c.taken(key(n), false).put(p);
+        }
+        assert_eq!(c.len(), 3, "the budget is whole again after the clear");
     }
 }

@@ -77,7 +77,7 @@ mod tests;
 
 use crate::lock::Stripes;
 use account::Account;
-use cache::PeerCache;
+use cache::{PeerCache, Taken};
 #[cfg(any(test, fuzzing))]
 pub(crate) use peer::decode_peer_record;
 use peer::{Peer, RECEIVE_WINDOW};
@@ -187,6 +187,11 @@ pub struct SignalConfig {
     pub identity_policy: IdentityPolicy,
     /// Peers kept decoded in memory (least recently used evicted; default 65,536).
     pub peer_cache: usize,
+    /// The bytes peers kept in memory may count for (least recently used
+    /// evicted; default 256 MiB). Each counts its record's stored length
+    /// plus 1 KiB; decoded, a record takes more than its stored length. A
+    /// peer larger than this is not kept in memory.
+    pub peer_cache_bytes: usize,
     /// The largest a device's stored record may grow, in bytes (default 4
     /// MiB). The Signal library bounds a session's skipped message keys and
     /// archived sessions, but a device that skips the most it may on every
@@ -206,6 +211,7 @@ impl Default for SignalConfig {
             prekey_low_water: 20,
             identity_policy: IdentityPolicy::AcceptAndReport,
             peer_cache: 65_536,
+            peer_cache_bytes: 256 << 20,
             max_record_len: 4 << 20,
         }
     }
@@ -486,10 +492,9 @@ pub(crate) struct StagedDecrypt<'a> {
     sessions: &'a Sessions,
     business: BusinessId,
     peer: PeerId,
-    state: Option<Box<Peer>>,
-    /// Whether the committed state, taken out of the cache, had unpersisted
-    /// sends: noted in the cache if the staging is dropped uncommitted.
-    original_dirty: Option<bool>,
+    /// The committed state, out of the cache until the commit puts the new
+    /// state back; dropped uncommitted, it is forgotten.
+    state: (Box<Peer>, Taken<'a>),
     consumed: Option<u32>,
     /// The message's [`Parsed::id`].
     id: MessageId,
@@ -505,7 +510,7 @@ pub(crate) struct StagedDecrypt<'a> {
     expiry: Timestamp,
     decrypted: Decrypted,
     /// The device's address lock, held until the commit.
-    guard: Option<async_lock::MutexGuard<'a, ()>>,
+    guard: async_lock::MutexGuard<'a, ()>,
 }
 
 impl StagedDecrypt<'_> {
@@ -532,46 +537,46 @@ impl StagedDecrypt<'_> {
         self.commit_as(extra, true).await
     }
 
-    async fn commit_as(mut self, mut extra: Batch, stored: bool) -> Result<Decrypted, SignalError> {
-        let s = self.sessions;
-        let (business, peer) = (self.business, self.peer);
-        if let Some(id) = self.consumed {
+    async fn commit_as(self, mut extra: Batch, stored: bool) -> Result<Decrypted, SignalError> {
+        let StagedDecrypt {
+            sessions: s,
+            business,
+            peer,
+            state: (mut state, taken),
+            consumed,
+            id,
+            identity_written,
+            chain,
+            in_order,
+            expiry,
+            decrypted,
+            guard,
+        } = self;
+        if let Some(id) = consumed {
             extra.push(Op::ConsumeKey(KeyId {
                 business,
                 kind: KeyKind::SignalPreKey,
                 id: u64::from(id),
             }));
         }
-        let Some(mut state) = self.state.take() else {
-            return Err(SignalError::Storage(StorageFailure::Corrupt(
-                "staged state committed twice",
-            )));
-        };
-        self.original_dirty = None;
         let committed = if stored
-            && self.in_order
-            && self.consumed.is_none()
-            && !self.identity_written
-            && s.may_write_behind(&state, self.chain.as_ref(), self.expiry)
+            && in_order
+            && consumed.is_none()
+            && !identity_written
+            && s.may_write_behind(&state, chain.as_ref(), expiry)
         {
-            state.expiry = state.expiry.max(self.expiry);
-            match s.store.commit(extra).await {
-                Ok(()) => {
-                    s.cache.put((business, peer), state);
-                    Ok(())
-                }
-                Err(e) => {
-                    s.cache.discard(state.dirty);
-                    Err(e.into())
-                }
-            }
+            state.expiry = state.expiry.max(expiry);
+            s.store
+                .commit(extra)
+                .await
+                .map(|()| taken.put(state))
+                .map_err(Into::into)
         } else {
             // Persisted up to the chain's index: the receives that follow
             // on it may be written behind, one window's worth.
-            state.behind = self
-                .chain
-                .map(|(chain, index)| (chain, index.saturating_add(RECEIVE_WINDOW)));
-            s.commit_peer(business, peer, state, self.expiry, extra)
+            state.behind =
+                chain.map(|(chain, index)| (chain, index.saturating_add(RECEIVE_WINDOW)));
+            s.commit_peer(business, peer, (state, taken), expiry, extra)
                 .await
         };
         match committed {
@@ -582,7 +587,7 @@ impl StagedDecrypt<'_> {
             Err(SignalError::Storage(StorageFailure::Store(e)))
                 if matches!(*e, StoreError::Conflict) =>
             {
-                if stored && s.store.message(business, self.id).await?.is_some() {
+                if stored && s.store.message(business, id).await?.is_some() {
                     return Err(SignalError::DuplicateMessage);
                 }
                 return Err(SignalError::InvalidMessage(
@@ -591,31 +596,14 @@ impl StagedDecrypt<'_> {
             }
             Err(e) => return Err(e),
         }
-        drop(self.guard.take());
+        drop(guard);
         // Boxed: only first-contact messages refill.
-        if self.consumed.is_some()
+        if consumed.is_some()
             && let Err(e) = Box::pin(s.replenish_if_low(business)).await
         {
             tracing::warn!(%business, error = %e, "could not refill the one-time prekey pool");
         }
-        Ok(std::mem::replace(
-            &mut self.decrypted,
-            Decrypted {
-                plaintext: Vec::new(),
-                identity_changed: false,
-                first_contact: false,
-            },
-        ))
-    }
-}
-
-impl Drop for StagedDecrypt<'_> {
-    fn drop(&mut self) {
-        // Dropped without a commit: the store still has the old state, and a
-        // dirty original had sends that only lived in memory.
-        if let Some(dirty) = self.original_dirty.take() {
-            self.sessions.cache.discard(dirty);
-        }
+        Ok(decrypted)
     }
 }
 
@@ -665,7 +653,7 @@ impl Sessions {
         Self {
             vault,
             store,
-            cache: PeerCache::new(config.peer_cache),
+            cache: PeerCache::new(&config),
             config,
             accounts: RwLock::default(),
             address_locks: Stripes::new(),
@@ -790,16 +778,18 @@ impl Sessions {
         Ok(report)
     }
 
-    /// The committed state of `peer`: from memory, or opened from the store.
-    /// State that has expired or been shredded is no state.
+    /// The committed state of `peer`, out of the cache until it is put back:
+    /// from memory, or opened from the store. State that has expired or
+    /// been shredded is no state. The caller holds the address lock.
     async fn load_peer(
         &self,
         business: BusinessId,
         peer: PeerId,
-    ) -> Result<Box<Peer>, SignalError> {
+    ) -> Result<(Box<Peer>, Taken<'_>), SignalError> {
         if let Some(cached) = self.cache.take(&(business, peer)) {
             if cached.expiry > self.now() {
-                return Ok(cached);
+                let taken = self.cache.taken((business, peer), cached.dirty);
+                return Ok((cached, taken));
             }
             // Its retention is over, as the sealed copy's is: no state.
             self.cache.discard(cached.dirty);
@@ -807,11 +797,13 @@ impl Sessions {
         // Read before the store: a clear that runs after this makes the
         // state read below stale, and it is not put back.
         let generation = self.cache.generation();
+        let taken = self.cache.taken((business, peer), false);
         let Some(sealed) = self.store.peer(business, peer).await? else {
-            return Ok(Box::new(Peer {
+            let empty = Peer {
                 generation,
                 ..Peer::empty(peer)
-            }));
+            };
+            return Ok((Box::new(empty), taken));
         };
         let loaded = match self.vault.open(&sealed, business).await {
             Ok(opened) if opened.label().kind == Kind::SignalSession => {
@@ -830,10 +822,11 @@ impl Sessions {
             ) => Peer::empty(peer),
             Err(e) => return Err(SignalError::Storage(StorageFailure::Open(e))),
         };
-        Ok(Box::new(Peer {
+        let loaded = Peer {
             generation,
             ..loaded
-        }))
+        };
+        Ok((Box::new(loaded), taken))
     }
 
     /// The library's view of `state` for one operation.
@@ -857,18 +850,13 @@ impl Sessions {
     /// After a failed operation: keep the committed state unless the library
     /// wrote over it, in which case it is reloaded from the store next time.
     fn restore(
-        &self,
-        business: BusinessId,
-        peer: PeerId,
-        mut state: Box<Peer>,
+        (mut state, taken): (Box<Peer>, Taken<'_>),
         sessions: SessionOverlay,
         identities: &IdentityOverlay,
     ) {
-        if sessions.disturbed() || identities.written {
-            self.cache.discard(state.dirty);
-        } else {
+        if !sessions.disturbed() && !identities.written {
             state.session = sessions.into_record();
-            self.cache.put((business, peer), state);
+            taken.put(state);
         }
     }
 
@@ -878,34 +866,24 @@ impl Sessions {
         &self,
         business: BusinessId,
         peer: PeerId,
-        mut state: Box<Peer>,
+        (mut state, taken): (Box<Peer>, Taken<'_>),
         expiry: Timestamp,
         batch: Batch,
     ) -> Result<(), SignalError> {
         state.expiry = state.expiry.max(expiry);
-        let committed = async {
-            self.settle_left_unsure(business, peer, &mut state).await?;
-            self.seal_and_commit(business, peer, &mut state, batch)
-                .await
-        };
-        match committed.await {
-            Ok(()) => {
-                // The snapshot now covers every counter sent: nothing is pending.
-                if let Some(session) = state.session.as_mut() {
-                    session.clear_pending_reservation();
-                }
-                state.dirty = false;
-                state.sealed_expiry = state.expiry;
-                self.cache.put((business, peer), state);
-                Ok(())
-            }
-            Err(e) => {
-                // Not committed: the store keeps the old state, and any sends
-                // that only lived in memory are forgotten safely.
-                self.cache.discard(state.dirty);
-                Err(e)
-            }
+        // On an error (or a drop at an await) the store keeps the old state,
+        // and `taken` forgets any sends that only lived in memory safely.
+        self.settle_left_unsure(business, peer, &mut state).await?;
+        self.seal_and_commit(business, peer, &mut state, batch)
+            .await?;
+        // The snapshot now covers every counter sent: nothing is pending.
+        if let Some(session) = state.session.as_mut() {
+            session.clear_pending_reservation();
         }
+        state.dirty = false;
+        state.sealed_expiry = state.expiry;
+        taken.put(state);
+        Ok(())
     }
 
     async fn seal_and_commit(
@@ -1137,7 +1115,7 @@ impl Sessions {
         let first = matches!(message.message, CiphertextMessage::PreKeySignalMessage(_));
         let account = self.account(business).await?;
         let guard = self.address_locks.lock((business, peer)).await;
-        let mut state = self.load_peer(business, peer).await?;
+        let (mut state, taken) = self.load_peer(business, peer).await?;
         // A first-contact message on an existing session resends its setup;
         // one that changes the session's base key starts a new session.
         type Record = wacore_libsignal::protocol::SessionRecord;
@@ -1185,7 +1163,7 @@ impl Sessions {
         let decrypted = match result {
             Ok(decrypted) => decrypted,
             Err(e) => {
-                self.restore(business, peer, state, sessions, &identities);
+                Self::restore((state, taken), sessions, &identities);
                 return Err(protocol_error(e, prekeys.take_failure()));
             }
         };
@@ -1193,9 +1171,6 @@ impl Sessions {
             .consumed_prekey_id
             .map(u32::from)
             .or(prekeys.consumed);
-        // The committed state is out of the cache until the commit puts the
-        // new one back; losing it (a dropped staging) means a reload.
-        let original_dirty = Some(state.dirty);
         state.session = sessions.into_record();
         state.identity = identities.peer;
         // A first-contact message that repeats the setup of a session it
@@ -1211,7 +1186,6 @@ impl Sessions {
             if !session_identity
                 .is_some_and(|k| same_key(k.public_key(), m.identity_key().public_key()))
             {
-                self.cache.discard(state.dirty);
                 return Err(SignalError::InvalidMessage(
                     "identity key other than the session's",
                 ));
@@ -1223,19 +1197,13 @@ impl Sessions {
         let index_after = chain_index(state.session.as_ref());
         let in_order =
             next && same_session && index_after == Some(message.counter.saturating_add(1));
-        if let Err(e) = self
-            .settle_unsure(business, peer, &mut state, &message.chain, message.counter)
-            .await
-        {
-            self.cache.discard(state.dirty);
-            return Err(e);
-        }
+        self.settle_unsure(business, peer, &mut state, &message.chain, message.counter)
+            .await?;
         Ok(StagedDecrypt {
             sessions: self,
             business,
             peer,
-            state: Some(state),
-            original_dirty,
+            state: (state, taken),
             consumed,
             id: message.id(),
             identity_written: identities.written,
@@ -1250,7 +1218,7 @@ impl Sessions {
                 identity_changed: identities.replaced,
                 first_contact,
             },
-            guard: Some(guard),
+            guard,
         })
     }
 
@@ -1291,9 +1259,9 @@ impl Sessions {
     ) -> Result<Ciphertext, SignalError> {
         let account = self.account(business).await?;
         let _guard = self.address_locks.lock((business, peer)).await;
-        let mut state = self.load_peer(business, peer).await?;
+        let (mut state, taken) = self.load_peer(business, peer).await?;
         if state.session.is_none() {
-            self.cache.put((business, peer), state);
+            taken.put(state);
             return Err(SignalError::NoSession);
         }
         let (mut sessions, mut identities) = self.overlays(account, &mut state);
@@ -1307,7 +1275,7 @@ impl Sessions {
         {
             Ok(message) => message,
             Err(e) => {
-                self.restore(business, peer, state, sessions, &identities);
+                Self::restore((state, taken), sessions, &identities);
                 return Err(protocol_error(e, None));
             }
         };
@@ -1325,12 +1293,12 @@ impl Sessions {
         let epoch_moves =
             state.key.as_ref().map(|k| k.epoch()) != self.vault.epoch_of(state.expiry.max(expiry));
         if pending || epoch_moves || identities.written {
-            self.commit_peer(business, peer, state, expiry, Batch::new())
+            self.commit_peer(business, peer, (state, taken), expiry, Batch::new())
                 .await?;
         } else {
             state.expiry = state.expiry.max(expiry);
             state.dirty = true;
-            self.cache.put((business, peer), state);
+            taken.put(state);
         }
         Ok(Ciphertext { kind, bytes })
     }
@@ -1375,7 +1343,7 @@ impl Sessions {
             return Err(SignalError::BadBundle("the bundle is the business's own"));
         }
         let _guard = self.address_locks.lock((business, peer)).await;
-        let mut state = self.load_peer(business, peer).await?;
+        let (mut state, taken) = self.load_peer(business, peer).await?;
         let (mut sessions, mut identities) = self.overlays(account, &mut state);
         let result = process_prekey_bundle(
             &state.address,
@@ -1389,7 +1357,7 @@ impl Sessions {
         let change = match result {
             Ok(change) => change,
             Err(e) => {
-                self.restore(business, peer, state, sessions, &identities);
+                Self::restore((state, taken), sessions, &identities);
                 return Err(match e {
                     SignalProtocolError::SignatureValidationFailed => {
                         SignalError::BadBundle("signed prekey signature does not verify")
@@ -1400,7 +1368,7 @@ impl Sessions {
         };
         state.session = sessions.into_record();
         state.identity = identities.peer;
-        self.commit_peer(business, peer, state, expiry, Batch::new())
+        self.commit_peer(business, peer, (state, taken), expiry, Batch::new())
             .await?;
         Ok(match change {
             IdentityChange::ReplacedExisting => IdentityStatus::Changed,
@@ -1415,9 +1383,9 @@ impl Sessions {
         peer: PeerId,
     ) -> Result<bool, SignalError> {
         let _guard = self.address_locks.lock((business, peer)).await;
-        let state = self.load_peer(business, peer).await?;
+        let (state, taken) = self.load_peer(business, peer).await?;
         let has = state.session.is_some();
-        self.cache.put((business, peer), state);
+        taken.put(state);
         Ok(has)
     }
 
