@@ -183,9 +183,13 @@ impl PeerCache {
         }
     }
 
-    /// Forget a peer whose stored state was deleted.
-    pub(super) fn remove(&self, key: &Key) {
-        self.take(key);
+    /// Take `key`'s state out to delete it from the store: it is not in
+    /// memory to be written back, whenever the deletion lands. Hold the
+    /// guard until the deletion is committed, then call
+    /// [`Taken::deleted`].
+    pub(super) fn take_to_delete(&self, key: Key) -> Taken<'_> {
+        let dirty = self.take(&key).is_some_and(|peer| peer.dirty);
+        self.taken(key, dirty)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -212,6 +216,11 @@ impl Taken<'_> {
     pub(super) fn put(mut self, peer: Box<Peer>) {
         self.dirty = None;
         self.cache.put(self.key, peer);
+    }
+
+    /// The store deleted the state: no snapshot of it is left to distrust.
+    pub(super) fn deleted(mut self) {
+        self.dirty = None;
     }
 }
 

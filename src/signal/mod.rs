@@ -1419,11 +1419,14 @@ impl Sessions {
         peer: PeerId,
     ) -> Result<bool, SignalError> {
         let _guard = self.address_locks.lock((business, peer)).await;
+        // Out of memory before the deletion, which may land even if this
+        // future is dropped while it waits for it.
+        let taken = self.cache.take_to_delete((business, peer));
         let had = self.store.peer(business, peer).await?.is_some();
         let mut batch = Batch::new();
         batch.push(Op::DeletePeer { business, peer });
         self.store.commit(batch).await?;
-        self.cache.remove(&(business, peer));
+        taken.deleted();
         Ok(had)
     }
 
@@ -1443,14 +1446,17 @@ impl Sessions {
             .address_locks
             .lock_all(peers.iter().map(|&peer| (business, peer)))
             .await;
+        // Out of memory before the deletion (see `reset_device`).
+        let taken: Vec<Taken<'_>> = peers
+            .iter()
+            .map(|&peer| self.cache.take_to_delete((business, peer)))
+            .collect();
         let mut batch = Batch::new();
         for &peer in &peers {
             batch.push(Op::DeletePeer { business, peer });
         }
         self.store.commit(batch).await?;
-        for &peer in &peers {
-            self.cache.remove(&(business, peer));
-        }
+        taken.into_iter().for_each(Taken::deleted);
         Ok(peers.len())
     }
 }
