@@ -31,23 +31,26 @@ use async_trait::async_trait;
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{
-    Epoch, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyProvider, LocalKeyProvider,
-    ProviderError, SecretKey, WrappedKey,
+    Epoch, EpochLength, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyManager, KeyProvider,
+    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
 use custodian::processor::{
     DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
 };
-use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::signal::{
+    Ciphertext, PreKeyBundle, PublishedKeys, Sessions, SignalConfig, SignalError,
+};
 use custodian::store::{
     Batch, Census, Direction, ExpiredMessage, FailureReason, Hold, HoldScope, KeyStore,
     MemoryStore, MessageRecord, PeerId, Status, Storage, StoreError,
 };
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
-use custodian::time::{ManualClock, Timestamp};
+use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
     Transport, TransportError,
 };
+use custodian::vault::Vault;
 use custodian::visibility::{HoldAction, MemoryAuditSink};
 
 const T0: u64 = 1_767_225_600_000;
@@ -746,6 +749,161 @@ fn reads_and_exports_are_cancellation_safe() {
         p.billing_statement(&d.owner, d.b).await.unwrap();
         p.statistics(&d.operator).await.unwrap();
         assert_eq!(p.census(&d.operator).await.unwrap().messages, 1, "cut {n}");
+        done
+    }));
+}
+
+/// Signal sessions alone over the paused store, for the state they keep in
+/// memory between persists: a business with a session with one handset.
+struct Signal {
+    store: Arc<MemoryStore>,
+    sessions: Sessions,
+    clock: ManualClock,
+    b: BusinessId,
+    peer: PeerId,
+    handset: ConsumerDevice,
+}
+
+impl Signal {
+    /// After the handset's first-contact message and `sends` messages of
+    /// the business, which the store has not seen (sends are written
+    /// behind within the library's counter lease).
+    async fn new(sends: usize) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let paused: Arc<dyn Storage> = Arc::new(PausedStore(store.clone()));
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let keys = Arc::new(KeyManager::new(provider, paused.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        let sessions = Sessions::new(vault, paused, SignalConfig::default());
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let published = sessions.publish(b).await.unwrap();
+        let mut handset = ConsumerDevice::new(1);
+        handset
+            .start_session(b, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        let mut s = Self {
+            store,
+            sessions,
+            clock,
+            b,
+            peer: PeerId { phone, device: 1 },
+            handset,
+        };
+        let first = s.handset.encrypt(b, b"hello").await.unwrap();
+        s.sessions
+            .decrypt(b, s.peer, &first, s.expiry())
+            .await
+            .unwrap();
+        for i in 0..sends {
+            s.send_and_read(format!("unpersisted {i}").as_bytes()).await;
+        }
+        s
+    }
+
+    fn expiry(&self) -> Timestamp {
+        self.clock
+            .now()
+            .saturating_add(Duration::from_secs(30 * 24 * 3600))
+    }
+
+    fn encrypt(&self, content: &[u8]) -> impl Future<Output = Result<Ciphertext, SignalError>> {
+        self.sessions
+            .encrypt(self.b, self.peer, content, self.expiry())
+    }
+
+    /// The business sends `content`; the handset must read it (it refuses
+    /// a counter used before).
+    async fn send_and_read(&mut self, content: &[u8]) {
+        let out = self.encrypt(content).await.unwrap();
+        assert_eq!(self.handset.decrypt(self.b, &out).await.unwrap(), content);
+    }
+}
+
+#[test]
+fn a_dropped_decrypt_never_makes_a_send_reuse_a_counter() {
+    runtime().block_on(every_cut(|n| async move {
+        // The reply turns the ratchet, so its decrypt persists the session
+        // while the business's three sends live only in memory.
+        let mut s = Signal::new(3).await;
+        let reply = s.handset.encrypt(s.b, b"reply").await.unwrap();
+        let decrypt = s.sessions.decrypt(s.b, s.peer, &reply, s.expiry());
+        let done = poll_at_most(decrypt, n).await.is_some();
+        s.send_and_read(b"after the cut").await;
+        if !done {
+            // Decrypted again, or a duplicate if the cut decrypt's commit
+            // landed (its plaintext is lost: the processor stores the
+            // message in that commit, and a retried receive finds it).
+            let again = s.sessions.decrypt(s.b, s.peer, &reply, s.expiry());
+            match again.await {
+                Ok(d) => assert_eq!(d.plaintext, b"reply", "cut {n}"),
+                Err(e) => assert!(matches!(e, SignalError::DuplicateMessage), "cut {n}: {e}"),
+            }
+        }
+        s.send_and_read(b"after the reply").await;
+        done
+    }));
+}
+
+#[test]
+fn a_dropped_encrypt_never_makes_a_send_reuse_a_counter() {
+    // Sends that run past the persisted counter lease persist the session:
+    // cut one of those (or any other) at each suspension.
+    runtime().block_on(async {
+        for sends in [0, 62, 63, 64, 65, 126, 127, 128] {
+            every_cut(|n| async move {
+                let mut s = Signal::new(sends).await;
+                let done = poll_at_most(s.encrypt(b"cut"), n).await.is_some();
+                s.send_and_read(b"after the cut").await;
+                s.send_and_read(b"and again").await;
+                done
+            })
+            .await;
+        }
+    });
+}
+
+#[test]
+fn a_dropped_device_reset_never_leaves_the_deleted_session_in_memory() {
+    runtime().block_on(every_cut(|n| async move {
+        let s = Signal::new(3).await;
+        let (b, peer) = (s.b, s.peer);
+        let done = poll_at_most(s.sessions.reset_device(b, peer), n)
+            .await
+            .is_some();
+        let deleted = s.store.peer(b, peer).await.unwrap().is_none();
+        let sent = s.encrypt(b"after").await;
+        assert_eq!(
+            deleted,
+            matches!(sent, Err(SignalError::NoSession)),
+            "cut {n}: deleted {deleted}, the send gave {sent:?}"
+        );
+        assert_eq!(s.store.peer(b, peer).await.unwrap().is_none(), deleted);
+        done
+    }));
+}
+
+#[test]
+fn a_dropped_forget_never_leaves_a_deleted_session_in_memory() {
+    runtime().block_on(every_cut(|n| async move {
+        let s = Signal::new(3).await;
+        let (b, peer) = (s.b, s.peer);
+        let done = poll_at_most(s.sessions.forget(b, peer.phone), n)
+            .await
+            .is_some();
+        let deleted = s.store.peer(b, peer).await.unwrap().is_none();
+        let sent = s.encrypt(b"after").await;
+        assert_eq!(
+            deleted,
+            matches!(sent, Err(SignalError::NoSession)),
+            "cut {n}: deleted {deleted}, the send gave {sent:?}"
+        );
         done
     }));
 }
