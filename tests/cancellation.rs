@@ -1,0 +1,751 @@
+//! Cancellation safety: the future of every public entry point of the
+//! processor, dropped after each of its suspensions in turn (as a host's
+//! `timeout` or `select!` drops it), leaves nothing half-done. Afterwards
+//! nothing stays locked or claimed, no inbound message is lost or handed to
+//! its business twice, no outbound message is lost, no status is told twice
+//! or goes backwards, and the audit trail matches what the store holds.
+//!
+//! Every host seam here suspends once around each call (the store both
+//! before and after, as a SQLite commit lands even when its caller stopped
+//! waiting; the network and the business before, so a dropped call never
+//! reached them), which makes every `.await` a real suspension point. Each
+//! test builds a fresh deployment for every cut `n = 1, 2, ...`, polls the
+//! entry point `n` times and drops it, then goes on as a host would (retry,
+//! `retransmit_due`, sweep) and checks the promises; it stops at the first
+//! `n` at which the entry point completes.
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::keys::{
+    Epoch, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyProvider, LocalKeyProvider,
+    ProviderError, SecretKey, WrappedKey,
+};
+use custodian::processor::{
+    DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
+};
+use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::store::{
+    Batch, Census, Direction, ExpiredMessage, FailureReason, Hold, HoldScope, KeyStore,
+    MemoryStore, MessageRecord, PeerId, Status, Storage, StoreError,
+};
+use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
+};
+use custodian::visibility::{HoldAction, MemoryAuditSink};
+
+const T0: u64 = 1_767_225_600_000;
+const BUSINESS: u64 = 4242;
+/// More cuts than any entry point here has suspensions: a test that gets
+/// this far is looping.
+const MAX_CUTS: usize = 5_000;
+
+/// Pending once (waking itself at once): a suspension point.
+struct Pause(bool);
+
+impl Future for Pause {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+fn pause() -> Pause {
+    Pause(false)
+}
+
+/// Polls `future` at most `polls` times: its output, or `None` if it was
+/// dropped unfinished.
+async fn poll_at_most<F: Future>(future: F, polls: usize) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        for _ in 0..polls {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+        }
+        Poll::Ready(None)
+    })
+    .await
+}
+
+/// Runs `case(n)` for every cut `n = 1, 2, ...` until it reports that the
+/// entry point completed within `n` polls.
+async fn every_cut<F, Fut>(mut case: F)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for n in 1..MAX_CUTS {
+        if case(n).await {
+            return;
+        }
+    }
+    panic!("the entry point never completed");
+}
+
+/// A store whose every call suspends before and after it.
+struct PausedStore(Arc<MemoryStore>);
+
+#[async_trait]
+impl KeyStore for PausedStore {
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        pause().await;
+        let r = self.0.ring(business).await;
+        pause().await;
+        r
+    }
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        pause().await;
+        let r = self.0.put_ring(ring, expected).await;
+        pause().await;
+        r
+    }
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        pause().await;
+        let r = self.0.key(id).await;
+        pause().await;
+        r
+    }
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        pause().await;
+        let r = self.0.insert_key(key).await;
+        pause().await;
+        r
+    }
+    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
+        pause().await;
+        let r = self.0.rewrap_key(key, expected).await;
+        pause().await;
+        r
+    }
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        pause().await;
+        let r = self.0.destroy_key(id, at).await;
+        pause().await;
+        r
+    }
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        pause().await;
+        let r = self.0.delete_keys(ids).await;
+        pause().await;
+        r
+    }
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        pause().await;
+        let r = self
+            .0
+            .keys_wrapped_below(business, version, after, limit)
+            .await;
+        pause().await;
+        r
+    }
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        pause().await;
+        let r = self.0.count_wrapped_under(business, version).await;
+        pause().await;
+        r
+    }
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        pause().await;
+        let r = self.0.keys_of_kind(business, kind, after, limit).await;
+        pause().await;
+        r
+    }
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        pause().await;
+        let r = self.0.ended_epoch_keys(now, limit).await;
+        pause().await;
+        r
+    }
+}
+
+#[async_trait]
+impl Storage for PausedStore {
+    fn region(&self) -> Region {
+        self.0.region()
+    }
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        pause().await;
+        let r = self.0.commit(batch).await;
+        pause().await;
+        r
+    }
+    async fn peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        pause().await;
+        let r = self.0.peer(business, peer).await;
+        pause().await;
+        r
+    }
+    async fn peer_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, StoreError> {
+        pause().await;
+        let r = self.0.peer_devices(business, phone).await;
+        pause().await;
+        r
+    }
+    async fn message(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        pause().await;
+        let r = self.0.message(business, id).await;
+        pause().await;
+        r
+    }
+    async fn due_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        pause().await;
+        let r = self.0.due_messages(now, limit).await;
+        pause().await;
+        r
+    }
+    async fn expired_open_messages(
+        &self,
+        now: Timestamp,
+        after: Option<(Timestamp, BusinessId, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        pause().await;
+        let r = self.0.expired_open_messages(now, after, limit).await;
+        pause().await;
+        r
+    }
+    async fn cap_expiry(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        period: Duration,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Option<MessageId>, StoreError> {
+        pause().await;
+        let r = self
+            .0
+            .cap_expiry(business, direction, period, after, limit)
+            .await;
+        pause().await;
+        r
+    }
+    async fn delete_expired(
+        &self,
+        now: Timestamp,
+        abandon_before: Timestamp,
+        holds: &[HoldScope],
+        limit: usize,
+    ) -> Result<Vec<ExpiredMessage>, StoreError> {
+        pause().await;
+        let r = self
+            .0
+            .delete_expired(now, abandon_before, holds, limit)
+            .await;
+        pause().await;
+        r
+    }
+    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        pause().await;
+        let r = self.0.message_businesses().await;
+        pause().await;
+        r
+    }
+    async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        pause().await;
+        let r = self.0.message_epochs(business, phone).await;
+        pause().await;
+        r
+    }
+    async fn orphan_peers(
+        &self,
+        now: Timestamp,
+        after: Option<(BusinessId, PeerId)>,
+        limit: usize,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        pause().await;
+        let r = self.0.orphan_peers(now, after, limit).await;
+        pause().await;
+        r
+    }
+    async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        pause().await;
+        let r = self.0.holds().await;
+        pause().await;
+        r
+    }
+    async fn census(&self) -> Result<Census, StoreError> {
+        pause().await;
+        let r = self.0.census().await;
+        pause().await;
+        r
+    }
+    async fn scrub(&self) -> Result<(), StoreError> {
+        pause().await;
+        let r = self.0.scrub().await;
+        pause().await;
+        r
+    }
+}
+
+/// A key provider whose every call suspends before and after it.
+struct PausedProvider(LocalKeyProvider);
+
+#[async_trait]
+impl KeyProvider for PausedProvider {
+    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        pause().await;
+        let r = self.0.wrap(context, key).await;
+        pause().await;
+        r
+    }
+    async fn unwrap(
+        &self,
+        context: &KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, ProviderError> {
+        pause().await;
+        let r = self.0.unwrap(context, wrapped).await;
+        pause().await;
+        r
+    }
+}
+
+/// The simulated network, every call suspending first; it keeps the keys
+/// last published, for consumers the test drives by hand.
+struct PausedNetwork {
+    network: Arc<SimNetwork>,
+    published: Mutex<Option<PublishedKeys>>,
+}
+
+#[async_trait]
+impl Transport for PausedNetwork {
+    async fn devices(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+    ) -> Result<Vec<u32>, TransportError> {
+        pause().await;
+        self.network.devices(business, consumer).await
+    }
+    async fn fetch_bundle(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        pause().await;
+        self.network.fetch_bundle(business, consumer, device).await
+    }
+    async fn send(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError> {
+        pause().await;
+        self.network.send(business, consumer, device, message).await
+    }
+    async fn publish_keys(
+        &self,
+        business: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
+        pause().await;
+        self.network.publish_keys(business, keys).await?;
+        *self.published.lock().unwrap() = Some(keys.clone());
+        Ok(())
+    }
+    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
+        pause().await;
+        self.network.integrity_signals(report).await
+    }
+    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
+        pause().await;
+        self.network.billing(statement).await
+    }
+}
+
+/// The simulated business, every call suspending first.
+struct PausedBusiness(Arc<SimBusiness>);
+
+#[async_trait]
+impl BusinessSink for PausedBusiness {
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
+        pause().await;
+        self.0.deliver(message).await
+    }
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
+        pause().await;
+        self.0.status(update).await
+    }
+}
+
+struct Deployment {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    network: Arc<SimNetwork>,
+    transport: Arc<PausedNetwork>,
+    business: Arc<SimBusiness>,
+    audit: Arc<MemoryAuditSink>,
+    processor: Processor,
+    b: BusinessId,
+    owner: Principal,
+    carrier: Principal,
+    operator: Principal,
+}
+
+impl Deployment {
+    /// A deployment with one business that has published its keys; the
+    /// network and the business endpoint fail as `network` and `sink` say.
+    async fn new(network: Faults, sink: Faults) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
+        let transport = Arc::new(PausedNetwork {
+            network: sim.clone(),
+            published: Mutex::new(None),
+        });
+        let business = SimBusiness::new(clock.clone(), sink, 8);
+        let audit = Arc::new(MemoryAuditSink::new());
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let owner = Principal::new("owner");
+        let carrier = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let authorizer = StaticAuthorizer::new()
+            .operator(&operator)
+            .grant(&owner, b)
+            .grant(&carrier, b);
+        let host = Host {
+            storage: Arc::new(PausedStore(store.clone())),
+            key_provider: Arc::new(PausedProvider(
+                LocalKeyProvider::new(&SecretKey::generate()),
+            )),
+            transport: transport.clone(),
+            business: Arc::new(PausedBusiness(business.clone())),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: audit.clone(),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: Duration::from_secs(120),
+                batch: 1_000,
+            },
+            ..Policies::default()
+        };
+        let d = Self {
+            clock,
+            store,
+            network: sim,
+            transport,
+            business,
+            audit,
+            processor: Processor::new(host, policies).unwrap(),
+            b,
+            owner,
+            carrier,
+            operator,
+        };
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        d
+    }
+
+    /// A consumer device (not on the simulated network) with a session
+    /// with the business, from its published keys.
+    async fn handset(&self) -> ConsumerDevice {
+        let keys = self.transport.published.lock().unwrap().clone().unwrap();
+        let mut device = ConsumerDevice::new(1);
+        device
+            .start_session(self.b, &keys.bundle(Some(0)))
+            .await
+            .unwrap();
+        device
+    }
+
+    async fn inbound(&self, device: &mut ConsumerDevice, content: &[u8]) -> Inbound {
+        Inbound {
+            from: consumer(1),
+            device: device.device_id(),
+            message: device.encrypt(self.b, content).await.unwrap(),
+        }
+    }
+
+    async fn receive(
+        &self,
+        inbound: Inbound,
+    ) -> Result<custodian::processor::Receipt, ProcessorError> {
+        self.processor.receive(&self.carrier, self.b, inbound).await
+    }
+
+    fn outbound(&self, content: &[u8]) -> Outbound {
+        Outbound {
+            to: consumer(2),
+            content: content.to_vec(),
+            category: Category::Utility,
+        }
+    }
+
+    /// Run the world for `rounds` steps of a minute: the network moves,
+    /// due messages are retried.
+    async fn settle(&self, rounds: usize) {
+        for _ in 0..rounds {
+            self.network.pump(&self.processor, &self.carrier).await;
+            self.processor.retransmit_due(&self.operator).await.unwrap();
+            self.clock.advance(Duration::from_secs(60));
+        }
+    }
+
+    /// How many copies of each content the business got.
+    fn contents(&self) -> BTreeMap<Vec<u8>, u32> {
+        let copies = self.business.copies();
+        self.business
+            .contents()
+            .into_iter()
+            .map(|(_, id, content)| (content, copies[&id].total()))
+            .collect()
+    }
+
+    /// Every status the business was told, per message: each at most once,
+    /// never going backwards.
+    fn assert_statuses_told_once_forward(&self, n: usize) {
+        for (id, told) in self.business.statuses() {
+            for pair in told.windows(2) {
+                assert!(
+                    pair[0].0 < pair[1].0,
+                    "cut {n}: message {id} was told {told:?}"
+                );
+            }
+        }
+    }
+}
+
+fn consumer(i: u32) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn harness_suspends_at_every_host_call() {
+    // The harness itself: a receive does not finish in one poll, and does
+    // in enough.
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"hello").await;
+        assert!(poll_at_most(d.receive(inbound.clone()), 1).await.is_none());
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"hello").await;
+        assert!(poll_at_most(d.receive(inbound), 10_000).await.is_some());
+    });
+}
+
+#[test]
+fn send_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let sent = poll_at_most(d.processor.send(&d.owner, d.b, d.outbound(b"first")), n).await;
+        let second = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"second"))
+            .await
+            .unwrap();
+        d.settle(5).await;
+        // Either never accepted, or stored and delivered to every device.
+        let received = d.network.received(&consumer(2)).await;
+        let stored = d.store.census().await.unwrap().messages;
+        assert!(stored == 1 || stored == 2, "cut {n}");
+        for device in 0..2 {
+            let got = &received[&device];
+            assert_eq!(got.len() as u64, stored, "cut {n}: device {device}");
+            assert!(got.contains_key(&second));
+            if let Some(Ok(first)) = sent {
+                assert!(got.contains_key(&first), "cut {n}");
+            }
+        }
+        for id in received[&0].keys() {
+            let status = d
+                .processor
+                .message_status(&d.owner, d.b, *id)
+                .await
+                .unwrap();
+            assert_eq!(status, (Status::Delivered, None), "cut {n}");
+        }
+        d.assert_statuses_told_once_forward(n);
+        sent.is_some()
+    }));
+}
+
+#[test]
+fn sweep_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        // The network never takes the outbound message: it expires open.
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+        let done = poll_at_most(d.processor.sweep(&d.operator), n)
+            .await
+            .is_some();
+        let report = d.processor.sweep(&d.operator).await.unwrap();
+        assert!(report.complete, "cut {n}");
+        d.settle(2).await;
+        let census = d.store.census().await.unwrap();
+        assert_eq!((census.messages, census.peers), (0, 0), "cut {n}");
+        let told = &d.business.statuses()[&out];
+        assert_eq!(
+            told,
+            &[(Status::Failed, Some(FailureReason::NoDevices))],
+            "cut {n}"
+        );
+        // The consumer is forgotten, in memory too: its session is gone.
+        let late = d.inbound(&mut handset, b"late").await;
+        assert!(d.receive(late).await.is_err(), "cut {n}");
+        done
+    }));
+}
+
+#[test]
+fn publish_keys_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let done = poll_at_most(d.processor.publish_keys(&d.owner, d.b), n)
+            .await
+            .is_some();
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"hello").await;
+        assert!(d.receive(inbound).await.unwrap().delivered, "cut {n}");
+        done
+    }));
+}
+
+#[test]
+fn trust_new_identity_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"hello").await;
+        d.receive(inbound).await.unwrap();
+        let from = consumer(1);
+        let trust = d
+            .processor
+            .trust_new_identity(&d.owner, d.b, &from, handset.device_id());
+        let done = poll_at_most(trust, n).await.is_some();
+        d.processor
+            .trust_new_identity(&d.owner, d.b, &from, handset.device_id())
+            .await
+            .unwrap();
+        // Forgotten: a new session (from fresh keys) starts from scratch.
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"again").await;
+        assert!(d.receive(inbound).await.unwrap().delivered, "cut {n}");
+        done
+    }));
+}
+
+#[test]
+fn reads_and_exports_are_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let p = &d.processor;
+        let mut done = true;
+        done &= poll_at_most(p.message_status(&d.owner, d.b, id), n)
+            .await
+            .is_some();
+        done &= poll_at_most(p.export_integrity(&d.operator), n)
+            .await
+            .is_some();
+        done &= poll_at_most(p.billing_statement(&d.owner, d.b), n)
+            .await
+            .is_some();
+        done &= poll_at_most(p.statistics(&d.operator), n).await.is_some();
+        done &= poll_at_most(p.census(&d.operator), n).await.is_some();
+        // Each again, to the end.
+        p.message_status(&d.owner, d.b, id).await.unwrap();
+        assert_eq!(p.export_integrity(&d.operator).await.unwrap(), 1, "cut {n}");
+        p.billing_statement(&d.owner, d.b).await.unwrap();
+        p.statistics(&d.operator).await.unwrap();
+        assert_eq!(p.census(&d.operator).await.unwrap().messages, 1, "cut {n}");
+        done
+    }));
+}
