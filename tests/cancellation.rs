@@ -749,3 +749,30 @@ fn reads_and_exports_are_cancellation_safe() {
         done
     }));
 }
+
+#[test]
+fn export_billing_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        d.processor
+            .send(&d.owner, d.b, d.outbound(b"billable"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let done = poll_at_most(d.processor.export_billing(&d.operator), n)
+            .await
+            .is_some();
+        d.processor.export_billing(&d.operator).await.unwrap();
+        let billed: u64 = d
+            .network
+            .billing_statements()
+            .await
+            .iter()
+            .flat_map(|s| &s.records)
+            .map(|r| r.messages.get(Category::Utility))
+            .sum();
+        assert_eq!(billed, 1, "cut {n}");
+        done
+    }));
+}

@@ -1835,26 +1835,19 @@ impl Processor {
         let now = self.clock.now();
         let mut exported = 0;
         for business in self.billing.businesses() {
+            // Put back unless handed over, however this call ends: refused,
+            // the audit trail or the transport failing, or dropped halfway.
             let (statement, undo) = self.billing.take_closed_undoably(business, now);
-            let released = match self
+            let released = self
                 .gate
                 .release(statement, Party::Transport, Purpose::Billing)
-            {
-                Ok(released) => released.into_value(),
-                Err(_) => {
-                    // Refused, or the audit trail failed: the counts go
-                    // back (released to no one), for the next export.
-                    self.billing.undo(undo);
-                    return Err(ProcessorError::Denied);
-                }
-            };
+                .map_err(|_| ProcessorError::Denied)?
+                .into_value();
             if released.records.is_empty() {
                 continue;
             }
-            if let Err(e) = self.transport.billing(&released).await {
-                self.billing.undo(undo);
-                return Err(e.into());
-            }
+            self.transport.billing(&released).await?;
+            undo.keep();
             exported += 1;
         }
         Ok(exported)
