@@ -776,3 +776,49 @@ fn export_billing_is_cancellation_safe() {
         done
     }));
 }
+
+#[test]
+fn receive_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let first = d.inbound(&mut handset, b"first").await;
+        let done = poll_at_most(d.receive(first.clone()), n).await.is_some();
+        // The transport was not acknowledged: it delivers again.
+        d.receive(first).await.unwrap();
+        // Nothing stays locked: the conversation goes on.
+        let second = d.inbound(&mut handset, b"second").await;
+        d.receive(second).await.unwrap();
+        d.settle(5).await;
+        let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "cut {n}");
+        d.assert_statuses_told_once_forward(n);
+        done
+    }));
+}
+
+#[test]
+fn status_update_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        let update = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered);
+        let done = poll_at_most(update, n).await.is_some();
+        // Not acknowledged: the transport reports again.
+        d.processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        d.settle(5).await;
+        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+        assert_eq!(told, [Status::Sent, Status::Delivered], "cut {n}");
+        done
+    }));
+}

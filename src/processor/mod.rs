@@ -40,7 +40,7 @@
 //! carry business ids, message ids and device ids, never content or
 //! numbers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -331,8 +331,16 @@ pub struct Processor {
 /// claimed message (its attempt is running, and will leave it due again if
 /// it must be), so one attempt at a time is made per message without
 /// holding anything while the host is called.
+///
+/// With them, the writes that record what a business was told (a message
+/// handed over, a status reported) whose caller was dropped before the
+/// store answered (see [`Owing`]): whoever next takes the message up makes
+/// the write first, so a cancelled call never has the business told twice.
 #[derive(Default)]
-struct Claims(Mutex<HashSet<(BusinessId, MessageId), RandomState>>);
+struct Claims {
+    claimed: Mutex<HashSet<(BusinessId, MessageId), RandomState>>,
+    owed: Mutex<HashMap<(BusinessId, MessageId), Op, RandomState>>,
+}
 
 /// A claim on one message, given up when dropped.
 struct Claim<'a> {
@@ -344,29 +352,43 @@ impl Claims {
     /// Claim `id`, unless an attempt is under way for it.
     fn claim(&self, business: BusinessId, id: MessageId) -> Option<Claim<'_>> {
         let key = (business, id);
-        self.0
+        self.claimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key)
             .then_some(Claim { claims: self, key })
-    }
-
-    /// Whether an attempt is under way for `id`.
-    fn held(&self, business: BusinessId, id: MessageId) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&(business, id))
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.claims
-            .0
+            .claimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.key);
+    }
+}
+
+/// A write recording what a business was just told about a message, until
+/// the store answers. Dropped before that (its caller's future dropped at
+/// the commit), it leaves the write owed: the store may or may not have it,
+/// and a conditional write made twice changes nothing the second time.
+struct Owing<'a> {
+    claims: &'a Claims,
+    key: (BusinessId, MessageId),
+    op: Option<Op>,
+}
+
+impl Drop for Owing<'_> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.claims
+                .owed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(self.key, op);
+        }
     }
 }
 
@@ -638,6 +660,55 @@ impl Processor {
         }
     }
 
+    /// Commit `op`, which records what `business` was just told about
+    /// message `id`; `false` if its condition failed (the message changed,
+    /// or is gone). Should this future be dropped before the store answers,
+    /// the write is owed, and made before the message is next taken up
+    /// ([`take_up`](Self::take_up)).
+    async fn commit_told(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        op: Op,
+    ) -> Result<bool, ProcessorError> {
+        let mut owing = Owing {
+            claims: &self.claims,
+            key: (business, id),
+            op: Some(op.clone()),
+        };
+        let mut batch = Batch::new();
+        batch.push(op);
+        let committed = self.storage.commit(batch).await;
+        owing.op = None;
+        match committed {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Claim message `id` of `business` for an attempt, unless one is under
+    /// way; first make the write an attempt dropped halfway owes it.
+    async fn take_up(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<Claim<'_>>, ProcessorError> {
+        let Some(claim) = self.claims.claim(business, id) else {
+            return Ok(None);
+        };
+        let owed = self
+            .claims
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(business, id));
+        if let Some(op) = owed {
+            self.commit_told(business, id, op).await?;
+        }
+        Ok(Some(claim))
+    }
+
     /// Receive a consumer's message for `business` from the transport.
     /// Returns once the message is durably stored (and, if the business
     /// took it, handed over): acknowledge the transport then. On an error,
@@ -839,7 +910,18 @@ impl Processor {
     ) -> Result<bool, ProcessorError> {
         let now = self.clock.now();
         let next = self.after_attempt(&current, attempt, now);
-        if !self.write_delivery(business, id, current, next).await? {
+        let written = if let Attempt::Done = attempt {
+            let delivered = Op::UpdateDelivery {
+                business,
+                id,
+                expected: current,
+                delivery: next,
+            };
+            self.commit_told(business, id, delivered).await?
+        } else {
+            self.write_delivery(business, id, current, next).await?
+        };
+        if !written {
             return Ok(false);
         }
         match attempt {
@@ -1286,7 +1368,17 @@ impl Processor {
         };
         // If it changed meanwhile (a newer status, a device left to retry),
         // what changed it decides what is reported next.
-        self.write_delivery(business, id, stored, next).await?;
+        if told {
+            let reported = Op::UpdateDelivery {
+                business,
+                id,
+                expected: stored,
+                delivery: next,
+            };
+            self.commit_told(business, id, reported).await?;
+        } else {
+            self.write_delivery(business, id, stored, next).await?;
+        }
         if told && update.status == Status::Failed {
             self.statistics.record_message(
                 business,
@@ -1400,7 +1492,9 @@ impl Processor {
             // transport's `send`, say) leaves the report to it: only its
             // bookkeeping knows whether devices still wait for the message.
             // Should it miss this write, the retransmission loop reports it.
-            if pending == 0 && !self.claims.held(business, id) {
+            if pending == 0
+                && let Some(_claim) = self.take_up(business, id).await?
+            {
                 self.report_status(business, id, record.phone, Direction::Outbound, settled)
                     .await?;
             }
@@ -1511,9 +1605,8 @@ impl Processor {
         };
         if self.sink.status(&update).await.is_ok() {
             // Conditional: a message settled meanwhile stays settled.
-            let mut batch = Batch::new();
-            batch.push(Op::FailExpired { business, id });
-            self.storage.commit(batch).await?;
+            self.commit_told(business, id, Op::FailExpired { business, id })
+                .await?;
             self.statistics.record_message(
                 business,
                 record.phone,
@@ -1562,7 +1655,7 @@ impl Processor {
         for due in self.storage.due_messages(now, self.delivery.batch).await? {
             report.due += 1;
             // An attempt under way for it will leave it due again if it must be.
-            let Some(_claim) = self.claims.claim(due.business, due.id) else {
+            let Some(_claim) = self.take_up(due.business, due.id).await? else {
                 continue;
             };
             // Look again under the claim: a status may have arrived meanwhile.
@@ -1895,7 +1988,8 @@ impl ExpiryNotifier for FailureNotifier<'_> {
         let p = self.processor;
         // An attempt under way: it finds the message expired, or the next
         // sweep does.
-        let Some(_claim) = p.claims.claim(message.business, message.id) else {
+        let claim = p.take_up(message.business, message.id).await;
+        let Ok(Some(_claim)) = claim else {
             return false;
         };
         match p.storage.message(message.business, message.id).await {
