@@ -822,3 +822,27 @@ fn status_update_is_cancellation_safe() {
         done
     }));
 }
+
+#[test]
+fn a_message_claimed_by_a_send_in_flight_is_skipped_by_retransmission() {
+    // Not a cancellation: a send still under way when the retransmission
+    // loop finds its message due (it is stored due at once). The loop must
+    // skip it, not wait for it, nor take its claim away.
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let send = d.processor.send(&d.owner, d.b, d.outbound(b"hi"));
+        let mut send = std::pin::pin!(send);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while d.store.census().await.unwrap().messages == 0 {
+            assert!(send.as_mut().poll(&mut cx).is_pending());
+        }
+        let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+        assert_eq!((report.due, report.sent), (1, 0));
+        let id = send.await.unwrap();
+        d.settle(3).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&0][&id], 1, "sent once");
+    });
+}

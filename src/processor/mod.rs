@@ -356,7 +356,9 @@ impl Claims {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key)
-            .then_some(Claim { claims: self, key })
+            // Lazily: a claim built and dropped here would give up the
+            // holder's claim, under the lock its drop takes again.
+            .then(|| Claim { claims: self, key })
     }
 }
 
