@@ -554,6 +554,17 @@ impl Deployment {
         }
     }
 
+    /// Messages billed in the statements exported so far.
+    async fn billed(&self) -> u64 {
+        self.network
+            .billing_statements()
+            .await
+            .iter()
+            .flat_map(|s| &s.records)
+            .map(|r| r.messages.get(Category::Utility))
+            .sum()
+    }
+
     /// How many copies of each content the business got.
     fn contents(&self) -> BTreeMap<Vec<u8>, u32> {
         let copies = self.business.copies();
@@ -576,6 +587,15 @@ impl Deployment {
             }
         }
     }
+}
+
+/// Told delivered once, after sent. (Sent is told best effort: a call
+/// dropped while telling it may leave it untold.)
+fn assert_told_sent_delivered(told: &[Status], n: usize) {
+    assert!(
+        told == [Status::Sent, Status::Delivered] || told == [Status::Delivered],
+        "cut {n}: told {told:?}"
+    );
 }
 
 fn consumer(i: u32) -> PhoneNumber {
@@ -635,8 +655,13 @@ fn send_is_cancellation_safe() {
                 .await
                 .unwrap();
             assert_eq!(status, (Status::Delivered, None), "cut {n}");
+            let told: Vec<Status> = d.business.statuses()[id].iter().map(|s| s.0).collect();
+            assert_told_sent_delivered(&told, n);
         }
-        d.assert_statuses_told_once_forward(n);
+        // Every message sent is billed, once.
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, stored, "cut {n}");
         sent.is_some()
     }));
 }
@@ -764,15 +789,7 @@ fn export_billing_is_cancellation_safe() {
             .await
             .is_some();
         d.processor.export_billing(&d.operator).await.unwrap();
-        let billed: u64 = d
-            .network
-            .billing_statements()
-            .await
-            .iter()
-            .flat_map(|s| &s.records)
-            .map(|r| r.messages.get(Category::Utility))
-            .sum();
-        assert_eq!(billed, 1, "cut {n}");
+        assert_eq!(d.billed().await, 1, "cut {n}");
         done
     }));
 }
@@ -818,8 +835,89 @@ fn status_update_is_cancellation_safe() {
             .unwrap();
         d.settle(5).await;
         let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-        assert_eq!(told, [Status::Sent, Status::Delivered], "cut {n}");
+        assert_told_sent_delivered(&told, n);
         done
+    }));
+}
+
+#[test]
+fn retransmit_due_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        // The business and the network are down for the first minute: an
+        // inbound message waits for its business, an outbound one for the
+        // network.
+        let start = Timestamp::from_millis(T0);
+        let down = |f: Faults| f.with_outage(start, Duration::from_secs(60));
+        let d = Deployment::new(down(Faults::none()), down(Faults::none())).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(!d.receive(inbound).await.unwrap().delivered);
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(120));
+        let done = poll_at_most(d.processor.retransmit_due(&d.operator), n)
+            .await
+            .is_some();
+        d.settle(5).await;
+        assert_eq!(
+            d.contents(),
+            BTreeMap::from([(b"in".to_vec(), 1)]),
+            "cut {n}"
+        );
+        let received = d.network.received(&consumer(2)).await;
+        for device in 0..2 {
+            assert!(received[&device].contains_key(&out), "cut {n}");
+        }
+        let told: Vec<Status> = d.business.statuses()[&out].iter().map(|s| s.0).collect();
+        assert_told_sent_delivered(&told, n);
+        // Billed once, however the attempt that got it sent ended.
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, 1, "cut {n}");
+        done
+    }));
+}
+
+#[test]
+#[ignore = "open: a hold change audited before its commit, the commit dropped \
+            unanswered, leaves the audit trail saying it was made (see the report)"]
+fn holds_are_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let scope = HoldScope::Business(d.b);
+        let placed = poll_at_most(d.processor.place_hold(&d.operator, scope, "case-1"), n).await;
+        let stands = |holds: &[Hold]| holds.iter().any(|h| h.reference == "case-1");
+        let audited = |d: &Deployment| {
+            d.audit
+                .hold_events()
+                .iter()
+                .fold(0i32, |held, e| match e.action {
+                    HoldAction::Placed => held + 1,
+                    HoldAction::Released => held - 1,
+                })
+        };
+        // The audit trail says what the store holds.
+        let holds = d.store.holds().await.unwrap();
+        assert_eq!(audited(&d), i32::from(stands(&holds)), "cut {n}: placing");
+        d.processor
+            .place_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        let released =
+            poll_at_most(d.processor.release_hold(&d.operator, scope, "case-1"), n).await;
+        let holds = d.store.holds().await.unwrap();
+        assert_eq!(audited(&d), i32::from(stands(&holds)), "cut {n}: releasing");
+        d.processor
+            .release_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        assert!(d.store.holds().await.unwrap().is_empty());
+        assert_eq!(audited(&d), 0, "cut {n}");
+        placed.is_some() && released.is_some()
     }));
 }
 
