@@ -557,6 +557,17 @@ impl Deployment {
         }
     }
 
+    /// Messages billed in the statements exported so far.
+    async fn billed(&self) -> u64 {
+        self.network
+            .billing_statements()
+            .await
+            .iter()
+            .flat_map(|s| &s.records)
+            .map(|r| r.messages.get(Category::Utility))
+            .sum()
+    }
+
     /// How many copies of each content the business got.
     fn contents(&self) -> BTreeMap<Vec<u8>, u32> {
         let copies = self.business.copies();
@@ -579,6 +590,15 @@ impl Deployment {
             }
         }
     }
+}
+
+/// Told delivered once, after sent. (Sent is told best effort: a call
+/// dropped while telling it may leave it untold.)
+fn assert_told_sent_delivered(told: &[Status], n: usize) {
+    assert!(
+        told == [Status::Sent, Status::Delivered] || told == [Status::Delivered],
+        "cut {n}: told {told:?}"
+    );
 }
 
 fn consumer(i: u32) -> PhoneNumber {
@@ -638,8 +658,13 @@ fn send_is_cancellation_safe() {
                 .await
                 .unwrap();
             assert_eq!(status, (Status::Delivered, None), "cut {n}");
+            let told: Vec<Status> = d.business.statuses()[id].iter().map(|s| s.0).collect();
+            assert_told_sent_delivered(&told, n);
         }
-        d.assert_statuses_told_once_forward(n);
+        // Every message sent is billed, once.
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, stored, "cut {n}");
         sent.is_some()
     }));
 }
@@ -751,6 +776,176 @@ fn reads_and_exports_are_cancellation_safe() {
         assert_eq!(p.census(&d.operator).await.unwrap().messages, 1, "cut {n}");
         done
     }));
+}
+
+#[test]
+fn export_billing_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        d.processor
+            .send(&d.owner, d.b, d.outbound(b"billable"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let done = poll_at_most(d.processor.export_billing(&d.operator), n)
+            .await
+            .is_some();
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, 1, "cut {n}");
+        done
+    }));
+}
+
+#[test]
+fn receive_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let first = d.inbound(&mut handset, b"first").await;
+        let done = poll_at_most(d.receive(first.clone()), n).await.is_some();
+        // The transport was not acknowledged: it delivers again.
+        d.receive(first).await.unwrap();
+        // Nothing stays locked: the conversation goes on.
+        let second = d.inbound(&mut handset, b"second").await;
+        d.receive(second).await.unwrap();
+        d.settle(5).await;
+        let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "cut {n}");
+        d.assert_statuses_told_once_forward(n);
+        done
+    }));
+}
+
+#[test]
+fn status_update_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        let update = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered);
+        let done = poll_at_most(update, n).await.is_some();
+        // Not acknowledged: the transport reports again.
+        d.processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        d.settle(5).await;
+        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+        assert_told_sent_delivered(&told, n);
+        done
+    }));
+}
+
+#[test]
+fn retransmit_due_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        // The business and the network are down for the first minute: an
+        // inbound message waits for its business, an outbound one for the
+        // network.
+        let start = Timestamp::from_millis(T0);
+        let down = |f: Faults| f.with_outage(start, Duration::from_secs(60));
+        let d = Deployment::new(down(Faults::none()), down(Faults::none())).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(!d.receive(inbound).await.unwrap().delivered);
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(120));
+        let done = poll_at_most(d.processor.retransmit_due(&d.operator), n)
+            .await
+            .is_some();
+        d.settle(5).await;
+        assert_eq!(
+            d.contents(),
+            BTreeMap::from([(b"in".to_vec(), 1)]),
+            "cut {n}"
+        );
+        let received = d.network.received(&consumer(2)).await;
+        for device in 0..2 {
+            assert!(received[&device].contains_key(&out), "cut {n}");
+        }
+        let told: Vec<Status> = d.business.statuses()[&out].iter().map(|s| s.0).collect();
+        assert_told_sent_delivered(&told, n);
+        // Billed once, however the attempt that got it sent ended.
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, 1, "cut {n}");
+        done
+    }));
+}
+
+#[test]
+#[ignore = "open: a hold change audited before its commit, the commit dropped \
+            unanswered, leaves the audit trail saying it was made (see the report)"]
+fn holds_are_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let scope = HoldScope::Business(d.b);
+        let placed = poll_at_most(d.processor.place_hold(&d.operator, scope, "case-1"), n).await;
+        let stands = |holds: &[Hold]| holds.iter().any(|h| h.reference == "case-1");
+        let audited = |d: &Deployment| {
+            d.audit
+                .hold_events()
+                .iter()
+                .fold(0i32, |held, e| match e.action {
+                    HoldAction::Placed => held + 1,
+                    HoldAction::Released => held - 1,
+                })
+        };
+        // The audit trail says what the store holds.
+        let holds = d.store.holds().await.unwrap();
+        assert_eq!(audited(&d), i32::from(stands(&holds)), "cut {n}: placing");
+        d.processor
+            .place_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        let released =
+            poll_at_most(d.processor.release_hold(&d.operator, scope, "case-1"), n).await;
+        let holds = d.store.holds().await.unwrap();
+        assert_eq!(audited(&d), i32::from(stands(&holds)), "cut {n}: releasing");
+        d.processor
+            .release_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        assert!(d.store.holds().await.unwrap().is_empty());
+        assert_eq!(audited(&d), 0, "cut {n}");
+        placed.is_some() && released.is_some()
+    }));
+}
+
+#[test]
+fn a_message_claimed_by_a_send_in_flight_is_skipped_by_retransmission() {
+    // Not a cancellation: a send still under way when the retransmission
+    // loop finds its message due (it is stored due at once). The loop must
+    // skip it, not wait for it, nor take its claim away.
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let send = d.processor.send(&d.owner, d.b, d.outbound(b"hi"));
+        let mut send = std::pin::pin!(send);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while d.store.census().await.unwrap().messages == 0 {
+            assert!(send.as_mut().poll(&mut cx).is_pending());
+        }
+        let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+        assert_eq!((report.due, report.sent), (1, 0));
+        let id = send.await.unwrap();
+        d.settle(3).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&0][&id], 1, "sent once");
+    });
 }
 
 /// Signal sessions alone over the paused store, for the state they keep in

@@ -103,9 +103,30 @@ pub struct BillingStatement {
     pub dropped_periods: u64,
 }
 
-/// What a take removed from the ledger, to put back if it is not handed
-/// over; it opens for no one.
-pub(crate) struct Undo(BillingStatement);
+/// What a take removed from the ledger, put back when dropped unless
+/// [`keep`](Undo::keep) says it was handed over; it opens for no one. So
+/// nothing is lost to a refused release, a failed audit trail, a failed
+/// hand-over, or one abandoned halfway (its caller's future dropped).
+#[must_use]
+pub(crate) struct Undo<'a> {
+    ledger: &'a BillingLedger,
+    taken: Option<BillingStatement>,
+}
+
+impl Undo<'_> {
+    /// The statement reached billing's system of record: nothing goes back.
+    pub(crate) fn keep(mut self) {
+        self.taken = None;
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if let Some(statement) = self.taken.take() {
+            self.ledger.restore(&statement);
+        }
+    }
+}
 
 /// Settings of the [`BillingLedger`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,18 +217,19 @@ impl BillingLedger {
     /// already taken appears in a later take on its own: the counts of a
     /// period are the sum of its takes.
     pub fn take_closed(&self, business: BusinessId, now: Timestamp) -> Labelled<BillingStatement> {
-        self.take_closed_undoably(business, now).0
+        let (statement, undo) = self.take_closed_undoably(business, now);
+        undo.keep();
+        statement
     }
 
-    /// As [`take_closed`](Self::take_closed), with what undoes the take if
-    /// the statement cannot be released or handed over: the counts go back
-    /// to the ledger without being released to anyone, so neither a refused
-    /// release nor a failed audit trail loses them.
+    /// As [`take_closed`](Self::take_closed), with what undoes the take
+    /// unless the statement is handed over: the counts go back to the
+    /// ledger without being released to anyone.
     pub(crate) fn take_closed_undoably(
         &self,
         business: BusinessId,
         now: Timestamp,
-    ) -> (Labelled<BillingStatement>, Undo) {
+    ) -> (Labelled<BillingStatement>, Undo<'_>) {
         let open = self.grid.index(now);
         let statement = self
             .businesses
@@ -217,16 +239,14 @@ impl BillingLedger {
                 s
             })
             .unwrap_or_else(|| self.statement_of(business, now, &Ledger::default(), |_| true));
-        let undo = Undo(statement.clone());
+        let undo = Undo {
+            ledger: self,
+            taken: Some(statement.clone()),
+        };
         (
             Labelled::of_business(DataClass::Billing, business, statement),
             undo,
         )
-    }
-
-    /// Put back what [`take_closed_undoably`](Self::take_closed_undoably) took.
-    pub(crate) fn undo(&self, undo: Undo) {
-        self.restore(&undo.0);
     }
 
     /// Put back what a [`take_closed`](Self::take_closed) took, when it

@@ -35,12 +35,14 @@
 //!   move it backwards. No lock is held while the host's transport or
 //!   business is called: a host may call back into the processor from
 //!   there. Everything else runs concurrently.
+//! - **Cancellation**: every future may be dropped at any point and the
+//!   call made again (see [`Processor`]).
 //!
 //! Each entry point runs in a `tracing` span named for it; spans and events
 //! carry business ids, message ids and device ids, never content or
 //! numbers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -308,6 +310,16 @@ pub enum StatusChange {
 }
 
 /// The processor core: one per deployment, shared by every task.
+///
+/// Every future it returns is cancellation safe: a host may drop one at any
+/// point (a `timeout`, a `select!`) and call again. Nothing stays locked or
+/// claimed; a write the store may or may not have taken is conditional, and
+/// one that records what the business was told is made again, if need be,
+/// before the message is next taken up, so a dropped call never has a
+/// message handed over or a status told twice, nor a message sent unbilled.
+/// A dropped `receive` was not acknowledged: the transport's redelivery is
+/// answered as usual. A dropped `send` may have stored the message, which is
+/// then sent and reported like any other (its id is in its status reports).
 pub struct Processor {
     storage: Arc<dyn Storage>,
     keys: Arc<KeyManager>,
@@ -331,8 +343,16 @@ pub struct Processor {
 /// claimed message (its attempt is running, and will leave it due again if
 /// it must be), so one attempt at a time is made per message without
 /// holding anything while the host is called.
+///
+/// With them, the writes that record what a business was told (a message
+/// handed over, a status reported) whose caller was dropped before the
+/// store answered (see [`Owing`]): whoever next takes the message up makes
+/// the write first, so a cancelled call never has the business told twice.
 #[derive(Default)]
-struct Claims(Mutex<HashSet<(BusinessId, MessageId), RandomState>>);
+struct Claims {
+    claimed: Mutex<HashSet<(BusinessId, MessageId), RandomState>>,
+    owed: Mutex<HashMap<(BusinessId, MessageId), Owed, RandomState>>,
+}
 
 /// A claim on one message, given up when dropped.
 struct Claim<'a> {
@@ -344,29 +364,65 @@ impl Claims {
     /// Claim `id`, unless an attempt is under way for it.
     fn claim(&self, business: BusinessId, id: MessageId) -> Option<Claim<'_>> {
         let key = (business, id);
-        self.0
+        self.claimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key)
-            .then_some(Claim { claims: self, key })
-    }
-
-    /// Whether an attempt is under way for `id`.
-    fn held(&self, business: BusinessId, id: MessageId) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&(business, id))
+            // Lazily: a claim built and dropped here would give up the
+            // holder's claim, under the lock its drop takes again.
+            .then(|| Claim { claims: self, key })
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.claims
-            .0
+            .claimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.key);
+    }
+}
+
+/// A write recording what a business or the transport was told about a
+/// message, and what follows it.
+#[derive(Clone)]
+struct Owed {
+    op: Op,
+    accepted: Option<Accepted>,
+}
+
+/// An outbound message moved on from queued by a send's bookkeeping: what
+/// follows that write once it is known to have landed.
+#[derive(Clone, Copy)]
+struct Accepted {
+    phone: PhoneHash,
+    category: Category,
+    at: Timestamp,
+    /// The delivery state the write stores.
+    next: Delivery,
+}
+
+/// A write under way (see [`Owed`]), until the store answers. Dropped
+/// before that (its caller's future dropped at the commit), it leaves the
+/// write owed: the store may or may not have it (a SQLite commit lands
+/// even if no one waits for it), and a conditional write made twice
+/// changes nothing the second time.
+struct Owing<'a> {
+    claims: &'a Claims,
+    key: (BusinessId, MessageId),
+    owed: Option<Owed>,
+}
+
+impl Drop for Owing<'_> {
+    fn drop(&mut self) {
+        if let Some(owed) = self.owed.take() {
+            self.claims
+                .owed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(self.key, owed);
+        }
     }
 }
 
@@ -624,18 +680,100 @@ impl Processor {
         expected: Delivery,
         delivery: Delivery,
     ) -> Result<bool, ProcessorError> {
-        let mut batch = Batch::new();
-        batch.push(Op::UpdateDelivery {
+        self.commit_op(Op::UpdateDelivery {
             business,
             id,
             expected,
             delivery,
-        });
+        })
+        .await
+    }
+
+    /// Commit the conditional write `op`; `false` if its condition failed.
+    async fn commit_op(&self, op: Op) -> Result<bool, ProcessorError> {
+        let mut batch = Batch::new();
+        batch.push(op);
         match self.storage.commit(batch).await {
             Ok(()) => Ok(true),
             Err(StoreError::Conflict) => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Commit `op`, which records what the business or the transport was
+    /// just told about message `id` (and, if `accepted`, moves an outbound
+    /// message on from queued); `false` if its condition failed (the
+    /// message changed, or is gone). Should this future be dropped before
+    /// the store answers, the write is owed, and made, with what follows
+    /// it, before the message is next taken up ([`pay_owed`](Self::pay_owed)).
+    async fn commit_told(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        op: Op,
+        accepted: Option<Accepted>,
+    ) -> Result<bool, ProcessorError> {
+        let mut owing = Owing {
+            claims: &self.claims,
+            key: (business, id),
+            owed: Some(Owed {
+                op: op.clone(),
+                accepted,
+            }),
+        };
+        let written = self.commit_op(op).await;
+        owing.owed = None;
+        written
+    }
+
+    /// Make the write that a call dropped halfway owes message `id`, if
+    /// any. If it moved an outbound message on from queued, and landed now
+    /// or before (unseen: the stored state is still the one it wrote), the
+    /// message is counted taken and its business told it is sent.
+    async fn pay_owed(&self, business: BusinessId, id: MessageId) -> Result<(), ProcessorError> {
+        let owed = self
+            .claims
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(business, id));
+        let Some(owed) = owed else {
+            return Ok(());
+        };
+        let mut owing = Owing {
+            claims: &self.claims,
+            key: (business, id),
+            owed: Some(owed.clone()),
+        };
+        let mut landed = self.commit_op(owed.op).await?;
+        if let Some(accepted) = owed.accepted
+            && !landed
+        {
+            landed = self
+                .storage
+                .message(business, id)
+                .await?
+                .is_some_and(|m| m.delivery == accepted.next);
+        }
+        owing.owed = None;
+        if let Some(accepted) = owed.accepted.filter(|_| landed) {
+            self.on_accepted(business, id, accepted).await;
+        }
+        Ok(())
+    }
+
+    /// Claim message `id` of `business` for an attempt, unless one is under
+    /// way; first make the write an attempt dropped halfway owes it.
+    async fn take_up(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<Claim<'_>>, ProcessorError> {
+        let Some(claim) = self.claims.claim(business, id) else {
+            return Ok(None);
+        };
+        self.pay_owed(business, id).await?;
+        Ok(Some(claim))
     }
 
     /// Receive a consumer's message for `business` from the transport.
@@ -839,7 +977,18 @@ impl Processor {
     ) -> Result<bool, ProcessorError> {
         let now = self.clock.now();
         let next = self.after_attempt(&current, attempt, now);
-        if !self.write_delivery(business, id, current, next).await? {
+        let written = if let Attempt::Done = attempt {
+            let delivered = Op::UpdateDelivery {
+                business,
+                id,
+                expected: current,
+                delivery: next,
+            };
+            self.commit_told(business, id, delivered, None).await?
+        } else {
+            self.write_delivery(business, id, current, next).await?
+        };
+        if !written {
             return Ok(false);
         }
         match attempt {
@@ -974,7 +1123,20 @@ impl Processor {
         let mut races = 0;
         let next = loop {
             let next = self.after_send(current, outcome, now);
-            if self.write_delivery(business, id, current, next).await? {
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: current,
+                delivery: next,
+            };
+            let accepted = (current.status == Status::Queued && next.status == Status::Sent)
+                .then_some(Accepted {
+                    phone: record.phone,
+                    category: body.category,
+                    at: now,
+                    next,
+                });
+            if self.commit_told(business, id, op, accepted).await? {
                 break next;
             }
             races += 1;
@@ -986,15 +1148,13 @@ impl Processor {
             }
         };
         if current.status == Status::Queued && next.status == Status::Sent {
-            self.accepted(record, body.category, now);
-            self.notify(StatusUpdate {
-                business,
-                id,
-                status: Status::Sent,
-                failure: None,
+            let accepted = Accepted {
+                phone: record.phone,
+                category: body.category,
                 at: now,
-            })
-            .await;
+                next,
+            };
+            self.on_accepted(business, id, accepted).await;
         }
         // A settled status whose report is due is told now: this attempt's,
         // or one a delivery report wrote meanwhile and left to this attempt
@@ -1008,19 +1168,33 @@ impl Processor {
         Ok(())
     }
 
-    /// Count outbound `record` of `category` as taken by the transport at
-    /// `now`: billable, and sent. Called once, by whichever write first
-    /// moves it on from queued (a send's bookkeeping, or a delivery report
-    /// that came first).
-    fn accepted(&self, record: &MessageRecord, category: Category, now: Timestamp) {
-        self.billing.record(record.business, category, now);
+    /// Count an outbound message of `business` to `phone`, of `category`,
+    /// as taken by the transport at `now`: billable, and sent. Called once,
+    /// by whichever write first moves it on from queued (a send's
+    /// bookkeeping, or a delivery report that came first).
+    fn accepted(&self, business: BusinessId, phone: PhoneHash, category: Category, now: Timestamp) {
+        self.billing.record(business, category, now);
         self.statistics.record_message(
-            record.business,
-            record.phone,
+            business,
+            phone,
             Direction::Outbound,
             crate::integrity::Status::Sent,
             now,
         );
+    }
+
+    /// What follows a send's bookkeeping moving message `id` on from
+    /// queued: it is counted taken, and its business told it is sent.
+    async fn on_accepted(&self, business: BusinessId, id: MessageId, accepted: Accepted) {
+        self.accepted(business, accepted.phone, accepted.category, accepted.at);
+        self.notify(StatusUpdate {
+            business,
+            id,
+            status: Status::Sent,
+            failure: None,
+            at: accepted.at,
+        })
+        .await;
     }
 
     /// The category of outbound `record`, from its sealed body; `None` if
@@ -1286,7 +1460,17 @@ impl Processor {
         };
         // If it changed meanwhile (a newer status, a device left to retry),
         // what changed it decides what is reported next.
-        self.write_delivery(business, id, stored, next).await?;
+        if told {
+            let reported = Op::UpdateDelivery {
+                business,
+                id,
+                expected: stored,
+                delivery: next,
+            };
+            self.commit_told(business, id, reported, None).await?;
+        } else {
+            self.write_delivery(business, id, stored, next).await?;
+        }
         if told && update.status == Status::Failed {
             self.statistics.record_message(
                 business,
@@ -1329,6 +1513,10 @@ impl Processor {
                 "the transport reports delivered or read",
             ));
         }
+        // A send dropped halfway may owe the message its move on from
+        // queued: made first, it is billed and told sent by that move, and
+        // this report goes on from there.
+        self.pay_owed(business, id).await?;
         for _ in 0..MAX_STATUS_RACES {
             let record = self
                 .storage
@@ -1373,7 +1561,7 @@ impl Processor {
                 continue;
             }
             match queued_as {
-                Some(Some(category)) => self.accepted(&record, category, now),
+                Some(Some(category)) => self.accepted(business, record.phone, category, now),
                 Some(None) => {
                     warn!(%business, %id, "a message reported delivered cannot be billed: its body is unreadable");
                 }
@@ -1400,7 +1588,9 @@ impl Processor {
             // transport's `send`, say) leaves the report to it: only its
             // bookkeeping knows whether devices still wait for the message.
             // Should it miss this write, the retransmission loop reports it.
-            if pending == 0 && !self.claims.held(business, id) {
+            if pending == 0
+                && let Some(_claim) = self.take_up(business, id).await?
+            {
                 self.report_status(business, id, record.phone, Direction::Outbound, settled)
                     .await?;
             }
@@ -1511,9 +1701,8 @@ impl Processor {
         };
         if self.sink.status(&update).await.is_ok() {
             // Conditional: a message settled meanwhile stays settled.
-            let mut batch = Batch::new();
-            batch.push(Op::FailExpired { business, id });
-            self.storage.commit(batch).await?;
+            self.commit_told(business, id, Op::FailExpired { business, id }, None)
+                .await?;
             self.statistics.record_message(
                 business,
                 record.phone,
@@ -1562,7 +1751,7 @@ impl Processor {
         for due in self.storage.due_messages(now, self.delivery.batch).await? {
             report.due += 1;
             // An attempt under way for it will leave it due again if it must be.
-            let Some(_claim) = self.claims.claim(due.business, due.id) else {
+            let Some(_claim) = self.take_up(due.business, due.id).await? else {
                 continue;
             };
             // Look again under the claim: a status may have arrived meanwhile.
@@ -1835,26 +2024,19 @@ impl Processor {
         let now = self.clock.now();
         let mut exported = 0;
         for business in self.billing.businesses() {
+            // Put back unless handed over, however this call ends: refused,
+            // the audit trail or the transport failing, or dropped halfway.
             let (statement, undo) = self.billing.take_closed_undoably(business, now);
-            let released = match self
+            let released = self
                 .gate
                 .release(statement, Party::Transport, Purpose::Billing)
-            {
-                Ok(released) => released.into_value(),
-                Err(_) => {
-                    // Refused, or the audit trail failed: the counts go
-                    // back (released to no one), for the next export.
-                    self.billing.undo(undo);
-                    return Err(ProcessorError::Denied);
-                }
-            };
+                .map_err(|_| ProcessorError::Denied)?
+                .into_value();
             if released.records.is_empty() {
                 continue;
             }
-            if let Err(e) = self.transport.billing(&released).await {
-                self.billing.undo(undo);
-                return Err(e.into());
-            }
+            self.transport.billing(&released).await?;
+            undo.keep();
             exported += 1;
         }
         Ok(exported)
@@ -1902,7 +2084,8 @@ impl ExpiryNotifier for FailureNotifier<'_> {
         let p = self.processor;
         // An attempt under way: it finds the message expired, or the next
         // sweep does.
-        let Some(_claim) = p.claims.claim(message.business, message.id) else {
+        let claim = p.take_up(message.business, message.id).await;
+        let Ok(Some(_claim)) = claim else {
             return false;
         };
         match p.storage.message(message.business, message.id).await {

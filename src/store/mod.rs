@@ -124,7 +124,10 @@ pub trait Storage: KeyStore {
     fn region(&self) -> Region;
 
     /// Apply every operation of `batch`, or none of them. Once this returns
-    /// `Ok`, the batch is as durable as the backend promises.
+    /// `Ok`, the batch is as durable as the backend promises. A commit whose
+    /// future is dropped may still land (a `SqliteStore` hands the batch to
+    /// its writer thread at the first poll): callers write conditionally,
+    /// so that making an unanswered write again changes nothing.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 
     /// The sealed record of `peer` under `business`.
