@@ -37,6 +37,7 @@ use custodian::keys::{
 use custodian::processor::{
     DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
 };
+use custodian::retention::RetentionPolicy;
 use custodian::signal::{
     Ciphertext, PreKeyBundle, PublishedKeys, Sessions, SignalConfig, SignalError,
 };
@@ -1101,4 +1102,70 @@ fn a_dropped_forget_never_leaves_a_deleted_session_in_memory() {
         );
         done
     }));
+}
+
+#[test]
+fn a_dropped_sweep_never_leaves_a_deleted_session_in_memory() {
+    runtime().block_on(every_cut(|n| async move {
+        // Retention shortened to a day: the sweep deletes the consumer's
+        // session, which its first message had kept for 30 days.
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
+        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
+        d.processor
+            .set_retention_policy(&d.operator, shorter)
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let done = poll_at_most(d.processor.sweep(&d.operator), n)
+            .await
+            .is_some();
+        // Deleted or not yet, the processor holds what the store holds.
+        let kept = d.store.census().await.unwrap().peers == 1;
+        let late = d.inbound(&mut handset, b"late").await;
+        let received = d.receive(late).await;
+        assert_eq!(received.is_ok(), kept, "cut {n}: {received:?}");
+        done
+    }));
+}
+
+#[test]
+fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
+    runtime().block_on(async {
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let now = Timestamp::from_millis(T0);
+        let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
+        let id = KeyId::epoch(b, epoch);
+        // A key the manager has cached, destroyed early or at its end.
+        let keys = || async {
+            let store = Arc::new(MemoryStore::new());
+            let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+            let keys = KeyManager::new(provider, Arc::new(PausedStore(store.clone())));
+            keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
+            (store, keys)
+        };
+        every_cut(|n| async move {
+            let (store, keys) = keys().await;
+            let done = poll_at_most(keys.destroy_epoch(b, epoch, now), n)
+                .await
+                .is_some();
+            let live = matches!(store.key(&id).await.unwrap(), Some(KeyEntry::Wrapped(_)));
+            assert_eq!(keys.epoch_key(b, epoch).await.is_ok(), live, "cut {n}");
+            done
+        })
+        .await;
+        every_cut(|n| async move {
+            let (store, keys) = keys().await;
+            let ended = epoch.end();
+            let done = poll_at_most(keys.destroy_ended_epochs(ended), n)
+                .await
+                .is_some();
+            let live = store.key(&id).await.unwrap().is_some();
+            assert_eq!(keys.epoch_key(b, epoch).await.is_ok(), live, "cut {n}");
+            done
+        })
+        .await;
+    });
 }

@@ -809,14 +809,14 @@ impl KeyManager {
         epoch: Epoch,
         now: Timestamp,
     ) -> Result<bool, KeyError> {
-        let destroyed = self
+        let _forget = ForgetEpochs {
+            keys: self,
+            doomed: |key: &(BusinessId, Epoch)| *key == (business, epoch),
+        };
+        Ok(self
             .store
             .destroy_key(&KeyId::epoch(business, epoch), now)
-            .await?;
-        let mut cache = self.write();
-        cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
-        cache.epochs.remove(&(business, epoch));
-        Ok(destroyed)
+            .await?)
     }
 
     /// Destroy the keys of every epoch that ended at or before `now` (and
@@ -834,6 +834,12 @@ impl KeyManager {
         now: Timestamp,
         keep: &BTreeSet<(BusinessId, Epoch)>,
     ) -> Result<u64, KeyError> {
+        let forget = ForgetEpochs {
+            keys: self,
+            doomed: |(b, epoch): &(BusinessId, Epoch)| {
+                epoch.end() <= now && !keep.contains(&(*b, *epoch))
+            },
+        };
         let mut removed = 0;
         loop {
             // Spared entries come back on every page; asking for that many
@@ -849,13 +855,33 @@ impl KeyManager {
                 return Ok(removed);
             }
             removed += self.store.delete_keys(&doomed).await?;
-            // No destroyed key may outlive its stored copy in memory.
-            let mut cache = self.write();
-            cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
-            cache
-                .epochs
-                .retain(|(b, epoch), _| epoch.end() > now || keep.contains(&(*b, *epoch)));
+            forget.now();
         }
+    }
+}
+
+/// Forgets the cached epoch keys it names when dropped, however the call
+/// destroying them ends: no destroyed key may outlive its stored copy in
+/// memory, and a destruction whose future was dropped may land all the
+/// same (a SQLite commit does). Forgetting a key the store still has costs
+/// only a reload.
+struct ForgetEpochs<'a, F: Fn(&(BusinessId, Epoch)) -> bool> {
+    keys: &'a KeyManager,
+    doomed: F,
+}
+
+impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
+    fn now(&self) {
+        let mut cache = self.keys.write();
+        // Loads under way read the store again (see `Cache::epoch_destructions`).
+        cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
+        cache.epochs.retain(|key, _| !(self.doomed)(key));
+    }
+}
+
+impl<F: Fn(&(BusinessId, Epoch)) -> bool> Drop for ForgetEpochs<'_, F> {
+    fn drop(&mut self) {
+        self.now();
     }
 }
 

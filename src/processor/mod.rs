@@ -384,6 +384,18 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// Drops every peer's Signal state cached in memory when dropped, unless
+/// disarmed: after a sweep that deleted stored state, or may have.
+struct ClearSessions<'a>(Option<&'a Sessions>);
+
+impl Drop for ClearSessions<'_> {
+    fn drop(&mut self) {
+        if let Some(sessions) = self.0 {
+            sessions.clear_cache();
+        }
+    }
+}
+
 /// A write recording what a business or the transport was told about a
 /// message, and what follows it.
 #[derive(Clone)]
@@ -1874,15 +1886,15 @@ impl Processor {
             // active or its statistics are ever taken.
             self.integrity.expire(now);
             self.statistics.expire(now);
+            // A sweep that failed, or whose future is dropped at an await,
+            // may have deleted Signal state all the same: the cache is
+            // dropped then too.
+            let mut clear = ClearSessions(Some(&self.sessions));
             let swept = self.retention.sweep(now, &notifier).await;
-            // A sweep that failed may have deleted Signal state in its later
-            // stages all the same: drop the cache then too.
-            if swept
-                .as_ref()
-                .map_or(true, |report| report.peers_deleted > 0)
-            {
-                self.sessions.clear_cache();
+            if swept.as_ref().is_ok_and(|report| report.peers_deleted == 0) {
+                clear.0 = None;
             }
+            drop(clear);
             Ok(swept?)
         }
         .instrument(debug_span!("sweep"))
