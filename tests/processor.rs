@@ -730,6 +730,7 @@ async fn no_principal_reaches_another_tenant() {
     unauthorized(d.processor.sweep(&intruder).await.map(drop));
     unauthorized(d.processor.retransmit_due(&intruder).await.map(drop));
     unauthorized(d.processor.census(&intruder).await.map(drop));
+    unauthorized(d.processor.holds(&intruder).await.map(drop));
     unauthorized(d.processor.statistics(&intruder).await.map(drop));
     unauthorized(
         d.processor

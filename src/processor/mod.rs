@@ -63,7 +63,7 @@ use crate::retention::{
 };
 use crate::signal::{Ciphertext, Sessions, SignalConfig, SignalError, Unbound};
 use crate::store::{
-    Batch, Census, Delivery, Direction, FailureReason, HoldScope, MessageRecord, Op, PeerId,
+    Batch, Census, Delivery, Direction, FailureReason, Hold, HoldScope, MessageRecord, Op, PeerId,
     Status, Storage, StoreError,
 };
 use crate::time::{Clock, Timestamp};
@@ -1929,6 +1929,13 @@ impl Processor {
             .retention
             .release_hold(scope, reference, self.clock.now())
             .await?)
+    }
+
+    /// The legal holds in force (operators only): the holds the audit
+    /// trail says stand, a hold change whose call was dropped included.
+    pub async fn holds(&self, principal: &Principal) -> Result<Vec<Hold>, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self.retention.holds().await?)
     }
 
     /// Keep `business`'s Signal prekeys healthy and publish them through the

@@ -54,14 +54,17 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::ids::{BusinessId, Region};
 use crate::keys::KeyManager;
-use crate::store::{Batch, Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
+use crate::store::{Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
 use crate::time::Timestamp;
 use crate::visibility::{AuditError, AuditSink, HoldAction, HoldEvent};
 
 mod evaluate;
+mod gate;
 mod policy;
 mod residency;
 mod sweep;
+
+use gate::HoldGate;
 
 pub use evaluate::{Decision, PurgeReason, RecordFacts, effective_expiry, evaluate};
 pub use policy::{
@@ -115,8 +118,6 @@ pub struct Retention {
     keys: Arc<KeyManager>,
     audit: Arc<dyn AuditSink>,
     policy: RwLock<Arc<RetentionPolicy>>,
-    /// The holds in force, as last read or written by this instance.
-    holds: RwLock<Option<Arc<[HoldScope]>>>,
     /// The policy whose periods every stored message's expiry reflects
     /// (`None` until a sweep has applied one: stores outlive processes).
     applied: Mutex<Option<Arc<RetentionPolicy>>>,
@@ -133,7 +134,7 @@ pub struct Retention {
     /// Taken by every hold change and by every sweep step that deletes or
     /// shreds, which reads the holds afresh under it: a hold placed while
     /// a sweep runs is honoured from the sweep's next step on.
-    hold_gate: async_lock::Mutex<()>,
+    hold_gate: HoldGate,
 }
 
 impl std::fmt::Debug for Retention {
@@ -159,13 +160,12 @@ impl Retention {
             keys,
             audit,
             policy: RwLock::new(Arc::new(policy)),
-            holds: RwLock::new(None),
             applied: Mutex::new(None),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             batch: DEFAULT_BATCH,
             sweeping: async_lock::Mutex::new(()),
-            hold_gate: async_lock::Mutex::new(()),
+            hold_gate: HoldGate::new(),
         }
     }
 
@@ -223,21 +223,6 @@ impl Retention {
         check_residency(business, self.policy().region(business), store)
     }
 
-    async fn hold_scopes(&self) -> Result<Arc<[HoldScope]>, StoreError> {
-        if let Some(holds) = self.holds.read().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Ok(holds);
-        }
-        let scopes: Arc<[HoldScope]> = self
-            .storage
-            .holds()
-            .await?
-            .into_iter()
-            .map(|h| h.scope)
-            .collect();
-        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = Some(scopes.clone());
-        Ok(scopes)
-    }
-
     /// What retention says about `message` at `now`: the check every read
     /// makes before opening it.
     pub async fn decide(
@@ -245,7 +230,7 @@ impl Retention {
         message: &MessageRecord,
         now: Timestamp,
     ) -> Result<Decision, StoreError> {
-        let holds = self.hold_scopes().await?;
+        let holds = self.hold_gate.scopes(&*self.storage).await?;
         Ok(evaluate(
             &RecordFacts::from(message),
             now,
@@ -309,6 +294,7 @@ impl Retention {
 
     /// The legal holds in force.
     pub async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        let _gate = self.hold_gate.lock(&*self.storage).await?;
         self.storage.holds().await
     }
 
@@ -322,7 +308,7 @@ impl Retention {
         reference: &str,
         now: Timestamp,
     ) -> Result<(), HoldError> {
-        let _gate = self.hold_gate.lock().await;
+        let _gate = self.hold_gate.lock(&*self.storage).await?;
         let stored = self.storage.holds().await?;
         if stored
             .iter()
@@ -337,13 +323,12 @@ impl Retention {
             reference: reference.to_owned(),
         };
         self.audit.record_hold(&event)?;
-        let mut batch = Batch::new();
-        batch.push(Op::PutHold(Hold {
+        let put = Op::PutHold(Hold {
             scope,
             reference: reference.to_owned(),
             placed: now,
-        }));
-        if let Err(e) = self.storage.commit(batch).await {
+        });
+        if let Err(e) = self.hold_gate.write(&*self.storage, put).await {
             // The audit says placed; put the record straight (no hold stands).
             let _ = self.audit.record_hold(&HoldEvent {
                 action: HoldAction::Released,
@@ -351,7 +336,6 @@ impl Retention {
             });
             return Err(e.into());
         }
-        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 
@@ -365,7 +349,7 @@ impl Retention {
         reference: &str,
         now: Timestamp,
     ) -> Result<bool, HoldError> {
-        let _gate = self.hold_gate.lock().await;
+        let _gate = self.hold_gate.lock(&*self.storage).await?;
         let stored = self.storage.holds().await?;
         if !stored
             .iter()
@@ -380,12 +364,11 @@ impl Retention {
             reference: reference.to_owned(),
         };
         self.audit.record_hold(&event)?;
-        let mut batch = Batch::new();
-        batch.push(Op::DeleteHold {
+        let delete = Op::DeleteHold {
             scope,
             reference: reference.to_owned(),
-        });
-        if let Err(e) = self.storage.commit(batch).await {
+        };
+        if let Err(e) = self.hold_gate.write(&*self.storage, delete).await {
             // The audit says released; put the record straight (the hold stands).
             let _ = self.audit.record_hold(&HoldEvent {
                 action: HoldAction::Placed,
@@ -393,7 +376,6 @@ impl Retention {
             });
             return Err(e.into());
         }
-        *self.holds.write().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(true)
     }
 }

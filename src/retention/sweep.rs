@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::gate::HoldGate;
 use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyManager};
@@ -77,7 +78,7 @@ pub(super) struct Sweep<'a> {
     pub(super) shorten: Option<&'a RetentionPolicy>,
     pub(super) keys: &'a KeyManager,
     /// Held by every step that deletes or shreds (see [`Sweep::held`]).
-    pub(super) hold_gate: &'a async_lock::Mutex<()>,
+    pub(super) hold_gate: &'a HoldGate,
     pub(super) notifier: &'a dyn ExpiryNotifier,
     pub(super) now: Timestamp,
     pub(super) batch: usize,
@@ -116,7 +117,7 @@ impl<'a> Sweep<'a> {
 
     /// The holds in force now, and the gate that keeps them so for a step.
     async fn held(&self) -> Result<Held<'a>, SweepError> {
-        let gate = self.hold_gate.lock().await;
+        let gate = self.hold_gate.lock(self.storage).await?;
         let scopes = self
             .storage
             .holds()

@@ -1,0 +1,118 @@
+//! The legal holds as one process sees them: the gate that serialises hold
+//! changes with the sweep's deleting steps, the holds last read, and the
+//! write of a hold change whose call was dropped unanswered.
+//!
+//! A hold change is audited before it is written. If its call is dropped
+//! while the store writes it, the write may land or not (a SQLite commit
+//! lands with no one waiting), and the audit trail already says it was
+//! made. So the write is owed: made again (placing and releasing are
+//! idempotent) before anything next reads the holds under the gate, and
+//! the audit trail stays true.
+
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::store::{Batch, HoldScope, Op, Storage, StoreError};
+
+pub(super) struct HoldGate {
+    gate: async_lock::Mutex<()>,
+    /// A hold change audited and dropped before the store answered.
+    owed: Mutex<Option<Op>>,
+    /// The holds in force, as last read or written by this instance.
+    scopes: RwLock<Option<Arc<[HoldScope]>>>,
+}
+
+impl HoldGate {
+    pub(super) fn new() -> Self {
+        Self {
+            gate: async_lock::Mutex::new(()),
+            owed: Mutex::new(None),
+            scopes: RwLock::new(None),
+        }
+    }
+
+    /// Take the gate, once any owed hold change is written: the holds read
+    /// under it are the ones the audit trail says stand. Fails if the owed
+    /// write fails; it stays owed.
+    pub(super) async fn lock(
+        &self,
+        storage: &dyn Storage,
+    ) -> Result<async_lock::MutexGuard<'_, ()>, StoreError> {
+        let guard = self.gate.lock().await;
+        let owed = self
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(op) = owed
+            && let Err(e) = self.write(storage, op.clone()).await
+        {
+            *self.owed.lock().unwrap_or_else(PoisonError::into_inner) = Some(op);
+            return Err(e);
+        }
+        Ok(guard)
+    }
+
+    /// Write `op`, a hold change already audited, under the gate. An error
+    /// is the caller's to put straight; a drop before the store answers
+    /// leaves the write owed.
+    pub(super) async fn write(&self, storage: &dyn Storage, op: Op) -> Result<(), StoreError> {
+        let mut owing = Owing {
+            gate: self,
+            op: Some(op.clone()),
+        };
+        let mut batch = Batch::new();
+        batch.push(op);
+        let written = storage.commit(batch).await;
+        owing.op = None;
+        self.forget_scopes();
+        written
+    }
+
+    /// The scopes of the holds in force, read once and then kept until a
+    /// hold changes.
+    pub(super) async fn scopes(
+        &self,
+        storage: &dyn Storage,
+    ) -> Result<Arc<[HoldScope]>, StoreError> {
+        if let Some(scopes) = self
+            .scopes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(scopes);
+        }
+        let scopes: Arc<[HoldScope]> = storage
+            .holds()
+            .await?
+            .into_iter()
+            .map(|h| h.scope)
+            .collect();
+        *self.scopes.write().unwrap_or_else(PoisonError::into_inner) = Some(scopes.clone());
+        Ok(scopes)
+    }
+
+    fn forget_scopes(&self) {
+        *self.scopes.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// A hold change under way, until the store answers; dropped before, it
+/// leaves the write owed.
+struct Owing<'a> {
+    gate: &'a HoldGate,
+    op: Option<Op>,
+}
+
+impl Drop for Owing<'_> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            *self
+                .gate
+                .owed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(op);
+            self.gate.forget_scopes();
+        }
+    }
+}
