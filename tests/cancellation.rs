@@ -81,6 +81,15 @@ fn pause() -> Pause {
     Pause(false)
 }
 
+/// `call`, suspending before and after it: a store's write may land after
+/// its caller stopped waiting.
+async fn paused<T>(call: impl Future<Output = T>) -> T {
+    pause().await;
+    let output = call.await;
+    pause().await;
+    output
+}
+
 /// Polls `future` at most `polls` times: its output, or `None` if it was
 /// dropped unfinished.
 async fn poll_at_most<F: Future>(future: F, polls: usize) -> Option<F::Output> {
@@ -117,46 +126,25 @@ struct PausedStore(Arc<MemoryStore>);
 #[async_trait]
 impl KeyStore for PausedStore {
     async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
-        pause().await;
-        let r = self.0.ring(business).await;
-        pause().await;
-        r
+        paused(self.0.ring(business)).await
     }
     async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
-        pause().await;
-        let r = self.0.put_ring(ring, expected).await;
-        pause().await;
-        r
+        paused(self.0.put_ring(ring, expected)).await
     }
     async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        pause().await;
-        let r = self.0.key(id).await;
-        pause().await;
-        r
+        paused(self.0.key(id)).await
     }
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
-        pause().await;
-        let r = self.0.insert_key(key).await;
-        pause().await;
-        r
+        paused(self.0.insert_key(key)).await
     }
     async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
-        pause().await;
-        let r = self.0.rewrap_key(key, expected).await;
-        pause().await;
-        r
+        paused(self.0.rewrap_key(key, expected)).await
     }
     async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
-        pause().await;
-        let r = self.0.destroy_key(id, at).await;
-        pause().await;
-        r
+        paused(self.0.destroy_key(id, at)).await
     }
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
-        pause().await;
-        let r = self.0.delete_keys(ids).await;
-        pause().await;
-        r
+        paused(self.0.delete_keys(ids)).await
     }
     async fn keys_wrapped_below(
         &self,
@@ -165,23 +153,14 @@ impl KeyStore for PausedStore {
         after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        pause().await;
-        let r = self
-            .0
-            .keys_wrapped_below(business, version, after, limit)
-            .await;
-        pause().await;
-        r
+        paused(self.0.keys_wrapped_below(business, version, after, limit)).await
     }
     async fn count_wrapped_under(
         &self,
         business: BusinessId,
         version: u32,
     ) -> Result<u64, StoreError> {
-        pause().await;
-        let r = self.0.count_wrapped_under(business, version).await;
-        pause().await;
-        r
+        paused(self.0.count_wrapped_under(business, version)).await
     }
     async fn keys_of_kind(
         &self,
@@ -190,20 +169,14 @@ impl KeyStore for PausedStore {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        pause().await;
-        let r = self.0.keys_of_kind(business, kind, after, limit).await;
-        pause().await;
-        r
+        paused(self.0.keys_of_kind(business, kind, after, limit)).await
     }
     async fn ended_epoch_keys(
         &self,
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<KeyId>, StoreError> {
-        pause().await;
-        let r = self.0.ended_epoch_keys(now, limit).await;
-        pause().await;
-        r
+        paused(self.0.ended_epoch_keys(now, limit)).await
     }
 }
 
@@ -213,50 +186,35 @@ impl Storage for PausedStore {
         self.0.region()
     }
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        pause().await;
-        let r = self.0.commit(batch).await;
-        pause().await;
-        r
+        paused(self.0.commit(batch)).await
     }
     async fn peer(
         &self,
         business: BusinessId,
         peer: PeerId,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        pause().await;
-        let r = self.0.peer(business, peer).await;
-        pause().await;
-        r
+        paused(self.0.peer(business, peer)).await
     }
     async fn peer_devices(
         &self,
         business: BusinessId,
         phone: PhoneHash,
     ) -> Result<Vec<u32>, StoreError> {
-        pause().await;
-        let r = self.0.peer_devices(business, phone).await;
-        pause().await;
-        r
+        paused(self.0.peer_devices(business, phone)).await
     }
     async fn message(
         &self,
         business: BusinessId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        pause().await;
-        let r = self.0.message(business, id).await;
-        pause().await;
-        r
+        paused(self.0.message(business, id)).await
     }
     async fn due_messages(
         &self,
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        pause().await;
-        let r = self.0.due_messages(now, limit).await;
-        pause().await;
-        r
+        paused(self.0.due_messages(now, limit)).await
     }
     async fn expired_open_messages(
         &self,
@@ -264,10 +222,7 @@ impl Storage for PausedStore {
         after: Option<(Timestamp, BusinessId, MessageId)>,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        pause().await;
-        let r = self.0.expired_open_messages(now, after, limit).await;
-        pause().await;
-        r
+        paused(self.0.expired_open_messages(now, after, limit)).await
     }
     async fn cap_expiry(
         &self,
@@ -277,13 +232,7 @@ impl Storage for PausedStore {
         after: Option<MessageId>,
         limit: usize,
     ) -> Result<Option<MessageId>, StoreError> {
-        pause().await;
-        let r = self
-            .0
-            .cap_expiry(business, direction, period, after, limit)
-            .await;
-        pause().await;
-        r
+        paused(self.0.cap_expiry(business, direction, period, after, limit)).await
     }
     async fn delete_expired(
         &self,
@@ -292,29 +241,17 @@ impl Storage for PausedStore {
         holds: &[HoldScope],
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError> {
-        pause().await;
-        let r = self
-            .0
-            .delete_expired(now, abandon_before, holds, limit)
-            .await;
-        pause().await;
-        r
+        paused(self.0.delete_expired(now, abandon_before, holds, limit)).await
     }
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        pause().await;
-        let r = self.0.message_businesses().await;
-        pause().await;
-        r
+        paused(self.0.message_businesses()).await
     }
     async fn message_epochs(
         &self,
         business: BusinessId,
         phone: Option<PhoneHash>,
     ) -> Result<Vec<Epoch>, StoreError> {
-        pause().await;
-        let r = self.0.message_epochs(business, phone).await;
-        pause().await;
-        r
+        paused(self.0.message_epochs(business, phone)).await
     }
     async fn orphan_peers(
         &self,
@@ -322,28 +259,16 @@ impl Storage for PausedStore {
         after: Option<(BusinessId, PeerId)>,
         limit: usize,
     ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
-        pause().await;
-        let r = self.0.orphan_peers(now, after, limit).await;
-        pause().await;
-        r
+        paused(self.0.orphan_peers(now, after, limit)).await
     }
     async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
-        pause().await;
-        let r = self.0.holds().await;
-        pause().await;
-        r
+        paused(self.0.holds()).await
     }
     async fn census(&self) -> Result<Census, StoreError> {
-        pause().await;
-        let r = self.0.census().await;
-        pause().await;
-        r
+        paused(self.0.census()).await
     }
     async fn scrub(&self) -> Result<(), StoreError> {
-        pause().await;
-        let r = self.0.scrub().await;
-        pause().await;
-        r
+        paused(self.0.scrub()).await
     }
 }
 
@@ -353,20 +278,14 @@ struct PausedProvider(LocalKeyProvider);
 #[async_trait]
 impl KeyProvider for PausedProvider {
     async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
-        pause().await;
-        let r = self.0.wrap(context, key).await;
-        pause().await;
-        r
+        paused(self.0.wrap(context, key)).await
     }
     async fn unwrap(
         &self,
         context: &KekContext,
         wrapped: &[u8],
     ) -> Result<SecretKey, ProviderError> {
-        pause().await;
-        let r = self.0.unwrap(context, wrapped).await;
-        pause().await;
-        r
+        paused(self.0.unwrap(context, wrapped)).await
     }
 }
 
