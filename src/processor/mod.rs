@@ -1133,7 +1133,7 @@ impl Processor {
         // the status forward while the devices were being sent to.
         let mut current = decided_on;
         let mut races = 0;
-        let next = loop {
+        let (next, accepted) = loop {
             let next = self.after_send(current, outcome, now);
             let op = Op::UpdateDelivery {
                 business,
@@ -1149,7 +1149,7 @@ impl Processor {
                     next,
                 });
             if self.commit_told(business, id, op, accepted).await? {
-                break next;
+                break (next, accepted);
             }
             races += 1;
             match self.storage.message(business, id).await? {
@@ -1159,13 +1159,7 @@ impl Processor {
                 None => return Ok(()),
             }
         };
-        if current.status == Status::Queued && next.status == Status::Sent {
-            let accepted = Accepted {
-                phone: record.phone,
-                category: body.category,
-                at: now,
-                next,
-            };
+        if let Some(accepted) = accepted {
             self.on_accepted(business, id, accepted).await;
         }
         // A settled status whose report is due is told now: this attempt's,
