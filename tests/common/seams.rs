@@ -1,0 +1,485 @@
+//! The deployment the host-seam tests share: a processor over the
+//! in-memory store whose every host seam (store, key provider, network,
+//! business) suspends around each call, so that every `.await` of the
+//! processor is a real suspension point a test can cut, fail or interleave.
+#![allow(dead_code, reason = "each test binary uses a part of the harness")]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::keys::{
+    Epoch, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyProvider, LocalKeyProvider,
+    ProviderError, SecretKey, WrappedKey,
+};
+use custodian::processor::{
+    DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
+};
+use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::store::{
+    Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MemoryStore,
+    MessageRecord, PeerId, Storage, StoreError,
+};
+use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
+};
+use custodian::visibility::MemoryAuditSink;
+
+pub(crate) const T0: u64 = 1_767_225_600_000;
+pub(crate) const BUSINESS: u64 = 4242;
+
+/// Pending once (waking itself at once): a suspension point.
+pub(crate) struct Pause(bool);
+
+impl Future for Pause {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+pub(crate) fn pause() -> Pause {
+    Pause(false)
+}
+
+/// `call`, suspending before and after it: a store's write may land after
+/// its caller stopped waiting.
+pub(crate) async fn paused<T>(call: impl Future<Output = T>) -> T {
+    pause().await;
+    let output = call.await;
+    pause().await;
+    output
+}
+
+/// Polls `future` at most `polls` times: its output, or `None` if it was
+/// dropped unfinished.
+pub(crate) async fn poll_at_most<F: Future>(future: F, polls: usize) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        for _ in 0..polls {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+        }
+        Poll::Ready(None)
+    })
+    .await
+}
+
+/// A store whose every call suspends before and after it.
+pub(crate) struct PausedStore(pub(crate) Arc<MemoryStore>);
+
+#[async_trait]
+impl KeyStore for PausedStore {
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        paused(self.0.ring(business)).await
+    }
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        paused(self.0.put_ring(ring, expected)).await
+    }
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        paused(self.0.key(id)).await
+    }
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        paused(self.0.insert_key(key)).await
+    }
+    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
+        paused(self.0.rewrap_key(key, expected)).await
+    }
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        paused(self.0.destroy_key(id, at)).await
+    }
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        paused(self.0.delete_keys(ids)).await
+    }
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        paused(self.0.keys_wrapped_below(business, version, after, limit)).await
+    }
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        paused(self.0.count_wrapped_under(business, version)).await
+    }
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        paused(self.0.keys_of_kind(business, kind, after, limit)).await
+    }
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        paused(self.0.ended_epoch_keys(now, limit)).await
+    }
+}
+
+#[async_trait]
+impl Storage for PausedStore {
+    fn region(&self) -> Region {
+        self.0.region()
+    }
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        paused(self.0.commit(batch)).await
+    }
+    async fn peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        paused(self.0.peer(business, peer)).await
+    }
+    async fn peer_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, StoreError> {
+        paused(self.0.peer_devices(business, phone)).await
+    }
+    async fn message(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        paused(self.0.message(business, id)).await
+    }
+    async fn due_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        paused(self.0.due_messages(now, limit)).await
+    }
+    async fn expired_open_messages(
+        &self,
+        now: Timestamp,
+        after: Option<(Timestamp, BusinessId, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        paused(self.0.expired_open_messages(now, after, limit)).await
+    }
+    async fn cap_expiry(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        period: Duration,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Option<MessageId>, StoreError> {
+        paused(self.0.cap_expiry(business, direction, period, after, limit)).await
+    }
+    async fn delete_expired(
+        &self,
+        now: Timestamp,
+        abandon_before: Timestamp,
+        holds: &[HoldScope],
+        limit: usize,
+    ) -> Result<Vec<ExpiredMessage>, StoreError> {
+        paused(self.0.delete_expired(now, abandon_before, holds, limit)).await
+    }
+    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        paused(self.0.message_businesses()).await
+    }
+    async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        paused(self.0.message_epochs(business, phone)).await
+    }
+    async fn orphan_peers(
+        &self,
+        now: Timestamp,
+        after: Option<(BusinessId, PeerId)>,
+        limit: usize,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        paused(self.0.orphan_peers(now, after, limit)).await
+    }
+    async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        paused(self.0.holds()).await
+    }
+    async fn census(&self) -> Result<Census, StoreError> {
+        paused(self.0.census()).await
+    }
+    async fn scrub(&self) -> Result<(), StoreError> {
+        paused(self.0.scrub()).await
+    }
+}
+
+/// A key provider whose every call suspends before and after it.
+pub(crate) struct PausedProvider(pub(crate) LocalKeyProvider);
+
+#[async_trait]
+impl KeyProvider for PausedProvider {
+    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        paused(self.0.wrap(context, key)).await
+    }
+    async fn unwrap(
+        &self,
+        context: &KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, ProviderError> {
+        paused(self.0.unwrap(context, wrapped)).await
+    }
+}
+
+/// The simulated network, every call suspending first; it keeps the keys
+/// last published, for consumers the test drives by hand.
+pub(crate) struct PausedNetwork {
+    pub(crate) network: Arc<SimNetwork>,
+    pub(crate) published: Mutex<Option<PublishedKeys>>,
+}
+
+#[async_trait]
+impl Transport for PausedNetwork {
+    async fn devices(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+    ) -> Result<Vec<u32>, TransportError> {
+        pause().await;
+        self.network.devices(business, consumer).await
+    }
+    async fn fetch_bundle(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        pause().await;
+        self.network.fetch_bundle(business, consumer, device).await
+    }
+    async fn send(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError> {
+        pause().await;
+        self.network.send(business, consumer, device, message).await
+    }
+    async fn publish_keys(
+        &self,
+        business: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
+        pause().await;
+        self.network.publish_keys(business, keys).await?;
+        *self.published.lock().unwrap() = Some(keys.clone());
+        Ok(())
+    }
+    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
+        pause().await;
+        self.network.integrity_signals(report).await
+    }
+    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
+        pause().await;
+        self.network.billing(statement).await
+    }
+}
+
+/// The simulated business, every call suspending first.
+pub(crate) struct PausedBusiness(pub(crate) Arc<SimBusiness>);
+
+#[async_trait]
+impl BusinessSink for PausedBusiness {
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
+        pause().await;
+        self.0.deliver(message).await
+    }
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
+        pause().await;
+        self.0.status(update).await
+    }
+}
+
+pub(crate) struct Deployment {
+    pub(crate) clock: ManualClock,
+    pub(crate) store: Arc<MemoryStore>,
+    pub(crate) network: Arc<SimNetwork>,
+    pub(crate) transport: Arc<PausedNetwork>,
+    pub(crate) business: Arc<SimBusiness>,
+    pub(crate) audit: Arc<MemoryAuditSink>,
+    pub(crate) processor: Processor,
+    pub(crate) b: BusinessId,
+    pub(crate) owner: Principal,
+    pub(crate) carrier: Principal,
+    pub(crate) operator: Principal,
+}
+
+impl Deployment {
+    /// A deployment with one business that has published its keys; the
+    /// network and the business endpoint fail as `network` and `sink` say.
+    pub(crate) async fn new(network: Faults, sink: Faults) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
+        let transport = Arc::new(PausedNetwork {
+            network: sim.clone(),
+            published: Mutex::new(None),
+        });
+        let business = SimBusiness::new(clock.clone(), sink, 8);
+        let audit = Arc::new(MemoryAuditSink::new());
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let owner = Principal::new("owner");
+        let carrier = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let authorizer = StaticAuthorizer::new()
+            .operator(&operator)
+            .grant(&owner, b)
+            .grant(&carrier, b);
+        let host = Host {
+            storage: Arc::new(PausedStore(store.clone())),
+            key_provider: Arc::new(PausedProvider(
+                LocalKeyProvider::new(&SecretKey::generate()),
+            )),
+            transport: transport.clone(),
+            business: Arc::new(PausedBusiness(business.clone())),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: audit.clone(),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: Duration::from_secs(120),
+                batch: 1_000,
+            },
+            ..Policies::default()
+        };
+        let d = Self {
+            clock,
+            store,
+            network: sim,
+            transport,
+            business,
+            audit,
+            processor: Processor::new(host, policies).unwrap(),
+            b,
+            owner,
+            carrier,
+            operator,
+        };
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        d
+    }
+
+    /// A consumer device (not on the simulated network) with a session
+    /// with the business, from its published keys.
+    pub(crate) async fn handset(&self) -> ConsumerDevice {
+        let keys = self.transport.published.lock().unwrap().clone().unwrap();
+        let mut device = ConsumerDevice::new(1);
+        device
+            .start_session(self.b, &keys.bundle(Some(0)))
+            .await
+            .unwrap();
+        device
+    }
+
+    pub(crate) async fn inbound(&self, device: &mut ConsumerDevice, content: &[u8]) -> Inbound {
+        Inbound {
+            from: consumer(1),
+            device: device.device_id(),
+            message: device.encrypt(self.b, content).await.unwrap(),
+        }
+    }
+
+    pub(crate) async fn receive(
+        &self,
+        inbound: Inbound,
+    ) -> Result<custodian::processor::Receipt, ProcessorError> {
+        self.processor.receive(&self.carrier, self.b, inbound).await
+    }
+
+    pub(crate) fn outbound(&self, content: &[u8]) -> Outbound {
+        Outbound {
+            to: consumer(2),
+            content: content.to_vec(),
+            category: Category::Utility,
+        }
+    }
+
+    /// Run the world for `rounds` steps of a minute: the network moves,
+    /// due messages are retried.
+    pub(crate) async fn settle(&self, rounds: usize) {
+        for _ in 0..rounds {
+            self.network.pump(&self.processor, &self.carrier).await;
+            self.processor.retransmit_due(&self.operator).await.unwrap();
+            self.clock.advance(Duration::from_secs(60));
+        }
+    }
+
+    /// Messages billed in the statements exported so far.
+    pub(crate) async fn billed(&self) -> u64 {
+        self.network
+            .billing_statements()
+            .await
+            .iter()
+            .flat_map(|s| &s.records)
+            .map(|r| r.messages.get(Category::Utility))
+            .sum()
+    }
+
+    /// How many copies of each content the business got.
+    pub(crate) fn contents(&self) -> BTreeMap<Vec<u8>, u32> {
+        let copies = self.business.copies();
+        self.business
+            .contents()
+            .into_iter()
+            .map(|(_, id, content)| (content, copies[&id].total()))
+            .collect()
+    }
+
+    /// Every status the business was told, per message: each at most once,
+    /// never going backwards.
+    pub(crate) fn assert_statuses_told_once_forward(&self, n: usize) {
+        for (id, told) in self.business.statuses() {
+            for pair in told.windows(2) {
+                assert!(
+                    pair[0].0 < pair[1].0,
+                    "cut {n}: message {id} was told {told:?}"
+                );
+            }
+        }
+    }
+}
+
+pub(crate) fn consumer(i: u32) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+}
