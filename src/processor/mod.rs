@@ -1594,8 +1594,15 @@ impl Processor {
             // transport's `send`, say) leaves the report to it: only its
             // bookkeeping knows whether devices still wait for the message.
             // Should it miss this write, the retransmission loop reports it.
+            // Looked at again under the claim: an attempt that ended while
+            // this write was landing may have reported it already.
             if pending == 0
                 && let Some(_claim) = self.take_up(business, id).await?
+                && self
+                    .storage
+                    .message(business, id)
+                    .await?
+                    .is_some_and(|m| m.delivery == settled)
             {
                 self.report_status(business, id, record.phone, Direction::Outbound, settled)
                     .await?;
