@@ -1699,35 +1699,28 @@ impl Processor {
             .await
     }
 
-    /// Tell the business that `record`, still open, expired undelivered,
-    /// and mark it failed. If the business cannot be told now, it is due
-    /// again after a backoff (it never blocks the messages behind it).
-    /// Returns whether the business was told.
+    /// Mark `record`, still open, failed as expired undelivered, and tell
+    /// its business. Marked first, conditionally: a delivery report that
+    /// settled it meanwhile stands (and it is not told failed), and one
+    /// that comes while the business is told finds it failed and is
+    /// ignored, so no status is told after its failure. If the business
+    /// cannot be told now, the report is due again after a backoff (it
+    /// never blocks the messages behind it). Returns whether the business
+    /// was told.
     async fn fail_expired(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
-        let (business, id) = (record.business, record.id);
-        let update = StatusUpdate {
-            business,
-            id,
-            status: Status::Failed,
-            failure: Some(FailureReason::Expired),
-            at: self.clock.now(),
-        };
-        if self.sink.status(&update).await.is_ok() {
-            // Conditional: a message settled meanwhile stays settled.
-            self.commit_told(business, id, Op::FailExpired { business, id }, None)
-                .await?;
-            self.statistics.record_message(
-                business,
-                record.phone,
-                record.direction,
-                crate::integrity::Status::Failed,
-                update.at,
-            );
-            debug!(%business, %id, "expired undelivered; reported failed");
-            return Ok(true);
+        let (business, id, current) = (record.business, record.id, record.delivery);
+        let expired = Attempt::Fail(FailureReason::Expired);
+        let failed = self.after_attempt(&current, expired, self.clock.now());
+        if !self.write_delivery(business, id, current, failed).await? {
+            return Ok(false);
         }
-        self.postpone(record, update.at).await?;
-        Ok(false)
+        let told = self
+            .report_status(business, id, record.phone, record.direction, failed)
+            .await?;
+        if told {
+            debug!(%business, %id, "expired undelivered; reported failed");
+        }
+        Ok(told)
     }
 
     /// Make `record`'s next attempt, which could not be made at `now`, due
