@@ -33,8 +33,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::{BillingStatement, Category, IntegrityReport};
-use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::keys::{KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Inbound, Policies, Processor, Receipt};
+use custodian::retention::{Decision, Retention, RetentionPolicy};
 use custodian::signal::{PreKeyBundle, PublishedKeys};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
@@ -690,7 +691,7 @@ fn a_report_told_by_retransmission_while_its_write_landed_is_not_told_again() {
 /// `T0 + 1h`.
 fn hour_retention(w: &World) {
     let policy = format!("[business.{BUSINESS}]\nretention = \"1h\"\n");
-    let policy = custodian::retention::RetentionPolicy::from_toml(&policy).unwrap();
+    let policy = RetentionPolicy::from_toml(&policy).unwrap();
     w.processor
         .set_retention_policy(&w.operator, policy)
         .unwrap();
@@ -999,5 +1000,55 @@ fn a_report_racing_the_expiry_of_its_message_never_follows_its_failure() {
                 "cut {cut}: told {told:?}"
             );
         }
+    });
+}
+
+#[test]
+fn a_hold_placed_while_retention_reads_the_holds_is_seen_by_its_next_decision() {
+    // Retention keeps the holds it last read; a read that started before a
+    // hold was written and ends after must not keep the holds without it.
+    for_seeds(SEEDS, |seed| async move {
+        let w = World::new().await;
+        w.network.add_consumer(&consumer(2), 1).await;
+        let id = w
+            .processor
+            .send(&w.owner, w.b, w.outbound(b"hi"))
+            .await
+            .unwrap();
+        let record = w.store.message(w.b, id).await.unwrap().unwrap();
+        let store: Arc<dyn Storage> = Arc::new(PausedStore(w.store.clone()));
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let keys = Arc::new(KeyManager::new(provider, store.clone()));
+        let retention = Retention::new(
+            store,
+            keys,
+            RetentionPolicy::default(),
+            Arc::new(MemoryAuditSink::new()),
+        );
+        let later = record.expiry.saturating_add(Duration::from_secs(60));
+        let (retention, record) = (&retention, &record);
+        let decide = || {
+            task(async move {
+                for _ in 0..3 {
+                    retention.decide(record, later).await.unwrap();
+                }
+            })
+        };
+        let tasks = vec![
+            decide(),
+            task(async move {
+                retention
+                    .place_hold(HoldScope::Business(record.business), "case-1", later)
+                    .await
+                    .unwrap();
+            }),
+            decide(),
+        ];
+        interleave(seed, tasks);
+        let decision = retention.decide(record, later).await.unwrap();
+        assert!(
+            matches!(decision, Decision::Held { .. }),
+            "seed {seed}: {decision:?}"
+        );
     });
 }

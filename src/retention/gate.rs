@@ -18,7 +18,16 @@ pub(super) struct HoldGate {
     /// A hold change audited and dropped before the store answered.
     owed: Mutex<Option<Op>>,
     /// The holds in force, as last read or written by this instance.
-    scopes: RwLock<Option<Arc<[HoldScope]>>>,
+    scopes: RwLock<Scopes>,
+}
+
+/// The holds last read, and how many times they were forgotten: a read
+/// that a hold change overtook (it read the store before the change
+/// landed) is not kept.
+#[derive(Default)]
+struct Scopes {
+    read: Option<Arc<[HoldScope]>>,
+    forgotten: u64,
 }
 
 impl HoldGate {
@@ -26,7 +35,7 @@ impl HoldGate {
         Self {
             gate: async_lock::Mutex::new(()),
             owed: Mutex::new(None),
-            scopes: RwLock::new(None),
+            scopes: RwLock::default(),
         }
     }
 
@@ -74,26 +83,31 @@ impl HoldGate {
         &self,
         storage: &dyn Storage,
     ) -> Result<Arc<[HoldScope]>, StoreError> {
-        if let Some(scopes) = self
-            .scopes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
-            return Ok(scopes);
-        }
+        let forgotten = {
+            let cached = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(scopes) = cached.read.clone() {
+                return Ok(scopes);
+            }
+            cached.forgotten
+        };
         let scopes: Arc<[HoldScope]> = storage
             .holds()
             .await?
             .into_iter()
             .map(|h| h.scope)
             .collect();
-        *self.scopes.write().unwrap_or_else(PoisonError::into_inner) = Some(scopes.clone());
+        let mut cached = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        // A hold changed while the store was read: what was read may miss it.
+        if cached.forgotten == forgotten {
+            cached.read = Some(scopes.clone());
+        }
         Ok(scopes)
     }
 
     fn forget_scopes(&self) {
-        *self.scopes.write().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut cached = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        cached.read = None;
+        cached.forgotten = cached.forgotten.wrapping_add(1);
     }
 }
 
