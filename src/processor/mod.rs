@@ -1521,8 +1521,13 @@ impl Processor {
         }
         // A send dropped halfway may owe the message its move on from
         // queued: made first, it is billed and told sent by that move, and
-        // this report goes on from there.
-        self.pay_owed(business, id).await?;
+        // this report goes on from there. Made under the message's claim,
+        // as every owed write is: unclaimed, an attempt could take the
+        // message up meanwhile, find nothing owed and make the same move
+        // (billed and told twice). If an attempt holds the claim, it made
+        // the write when it took the message up.
+        let paid = self.take_up(business, id).await?;
+        drop(paid);
         for _ in 0..MAX_STATUS_RACES {
             let record = self
                 .storage
