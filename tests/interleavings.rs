@@ -243,9 +243,15 @@ impl std::ops::Deref for World {
 impl World {
     /// As [`Deployment::new`], with no faults.
     async fn new() -> Self {
+        Self::with_faults(Faults::none(), Faults::none()).await
+    }
+
+    /// As [`Deployment::new`]: the network and the business endpoint fail
+    /// as `network` and `sink` say.
+    async fn with_faults(network: Faults, sink: Faults) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
-        let sim = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 7));
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
@@ -254,7 +260,7 @@ impl World {
             inner: transport.clone(),
             sends: Mutex::default(),
         });
-        let business = SimBusiness::new(clock.clone(), Faults::none(), 8);
+        let business = SimBusiness::new(clock.clone(), sink, 8);
         let audit = Arc::new(MemoryAuditSink::new());
         let b = BusinessId::new(BUSINESS).unwrap();
         let owner = Principal::new("owner");
@@ -1131,5 +1137,69 @@ fn a_report_makes_a_dropped_sends_owed_write_under_the_claim() {
         w.processor.retransmit_due(&w.operator).await.unwrap();
         update.await.unwrap();
         assert_made_once(&w, 0, id).await;
+    });
+}
+
+#[test]
+fn outages_end_while_retransmission_races_new_traffic() {
+    // The business and the network are down for the first minute: the
+    // first messages wait, in both directions. The outage ends while the
+    // retransmission loop runs, more messages (one delivered twice at
+    // once) arrive and are sent, and the network moves.
+    for_seeds(SEEDS, |seed| async move {
+        let start = Timestamp::from_millis(T0);
+        let down = || Faults::none().with_outage(start, Duration::from_secs(60));
+        let w = World::with_faults(down(), down()).await;
+        let to = consumer(2);
+        w.network.add_consumer(&to, 2).await;
+        let mut handset = w.handset(1, 0).await;
+        let waiting_in = w.inbound(&mut handset, b"waiting in").await;
+        assert!(!w.receive(waiting_in).await.unwrap().delivered);
+        let waiting_out = w
+            .processor
+            .send(&w.owner, w.b, w.outbound(b"waiting out"))
+            .await
+            .unwrap();
+        let first = w.inbound(&mut handset, b"first").await;
+        let second = w.inbound(&mut handset, b"second").await;
+        w.clock.advance(Duration::from_secs(59));
+        let receipts = Receipts::default();
+        let sent = Sent::default();
+        let (w, r, s) = (&w, &receipts, &sent);
+        let retransmit = || {
+            task(async move {
+                for _ in 0..3 {
+                    w.processor.retransmit_due(&w.operator).await.unwrap();
+                    pause().await;
+                }
+            })
+        };
+        let tasks = vec![
+            retransmit(),
+            task(receive_into(w, first.clone(), r)),
+            task(async move {
+                for _ in 0..4 {
+                    pause().await;
+                }
+                w.clock.advance(Duration::from_secs(2));
+            }),
+            task(send_into(w, b"new out", s)),
+            task(receive_into(w, first, r)),
+            retransmit(),
+            task(receive_into(w, second, r)),
+            task(pump(w, 2)),
+        ];
+        interleave(seed, tasks);
+        redeliver(w, seed, r).await;
+        w.settle(5).await;
+        let want: &[&[u8]] = &[b"waiting in", b"first", b"second"];
+        assert_eq!(w.contents(), contents(want), "seed {seed}");
+        let ids: Vec<MessageId> = [waiting_out]
+            .into_iter()
+            .chain(sent.lock().unwrap().iter().copied())
+            .collect();
+        w.assert_devices_have_once(seed, &to, &ids).await;
+        w.assert_told(seed, &ids, &[Status::Delivered]);
+        w.billed_once(seed, 2).await;
     });
 }

@@ -2092,6 +2092,8 @@ impl Processor {
 }
 
 /// Reports expired undelivered messages to their businesses for the sweep.
+/// A message marked failed whose business could not be told is no longer
+/// open: the retransmission loop tells it, as any other failure.
 struct FailureNotifier<'a> {
     processor: &'a Processor,
 }
