@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use custodian::ids::BusinessId;
 use custodian::keys::{
-    Epoch, EpochLength, KeyEntry, KeyId, KeyManager, LocalKeyProvider, SecretKey,
+    Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
 use custodian::retention::RetentionPolicy;
 use custodian::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
@@ -631,4 +631,49 @@ fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
         })
         .await;
     });
+}
+
+#[test]
+fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
+    runtime().block_on(every_cut(|n| async move {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let paused: Arc<dyn Storage> = Arc::new(PausedStore(store.clone()));
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let keys = Arc::new(KeyManager::new(provider, paused.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        let config = SignalConfig::default();
+        let rotation = config.signed_prekey_rotation;
+        let grace = config.signed_prekey_grace;
+        let sessions = Sessions::new(vault, paused, config);
+        let b = BusinessId::new(BUSINESS).unwrap();
+        // A consumer fetched the first bundle, with no one-time prekey left
+        // for it: its first message rests on the first signed prekey alone.
+        let first = sessions.publish(b).await.unwrap();
+        clock.advance(rotation);
+        sessions.maintain(b).await.unwrap();
+        // The first signed prekey's grace is over: maintenance retires it.
+        clock.advance(grace);
+        let done = poll_at_most(sessions.maintain(b), n).await.is_some();
+        let first_kept = store
+            .keys_of_kind(b, KeyKind::SignalSignedPreKey, None, 16)
+            .await
+            .unwrap()
+            .iter()
+            .any(|k| k.id.id == u64::from(first.signed_prekey.id));
+        let mut handset = ConsumerDevice::new(1);
+        handset.start_session(b, &first.bundle(None)).await.unwrap();
+        let hello = handset.encrypt(b, b"hello").await.unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        let peer = PeerId { phone, device: 1 };
+        let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
+        let decrypted = sessions.decrypt(b, peer, &hello, expiry).await;
+        // Usable exactly as long as the store keeps it.
+        assert_eq!(decrypted.is_ok(), first_kept, "cut {n}: {decrypted:?}");
+        done
+    }));
 }
