@@ -17,8 +17,16 @@ pub(super) struct HoldGate {
     gate: async_lock::Mutex<()>,
     /// A hold change audited and dropped before the store answered.
     owed: Mutex<Option<Op>>,
-    /// The holds in force, as last read or written by this instance.
-    scopes: RwLock<Option<Arc<[HoldScope]>>>,
+    /// The holds in force, as last read by this instance.
+    scopes: RwLock<Scopes>,
+}
+
+/// The holds last read, and how many hold changes this instance has seen:
+/// a read that a change overtook is not kept.
+#[derive(Default)]
+struct Scopes {
+    changes: u64,
+    read: Option<Arc<[HoldScope]>>,
 }
 
 impl HoldGate {
@@ -26,7 +34,7 @@ impl HoldGate {
         Self {
             gate: async_lock::Mutex::new(()),
             owed: Mutex::new(None),
-            scopes: RwLock::new(None),
+            scopes: RwLock::default(),
         }
     }
 
@@ -69,31 +77,54 @@ impl HoldGate {
     }
 
     /// The scopes of the holds in force, read once and then kept until a
-    /// hold changes.
+    /// hold changes. An owed hold change is written first.
     pub(super) async fn scopes(
         &self,
         storage: &dyn Storage,
     ) -> Result<Arc<[HoldScope]>, StoreError> {
-        if let Some(scopes) = self
-            .scopes
-            .read()
+        let mut changes = match self.kept() {
+            Ok(scopes) => return Ok(scopes),
+            Err(changes) => changes,
+        };
+        let owes = self
+            .owed
+            .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
-            return Ok(scopes);
-        }
+            .is_some();
+        let _gate = if owes {
+            let gate = self.lock(storage).await?;
+            match self.kept() {
+                Ok(scopes) => return Ok(scopes),
+                Err(now) => changes = now,
+            }
+            Some(gate)
+        } else {
+            None
+        };
         let scopes: Arc<[HoldScope]> = storage
             .holds()
             .await?
             .into_iter()
             .map(|h| h.scope)
             .collect();
-        *self.scopes.write().unwrap_or_else(PoisonError::into_inner) = Some(scopes.clone());
+        let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        // A change written while the store was read may be missing from it.
+        if kept.changes == changes {
+            kept.read = Some(scopes.clone());
+        }
         Ok(scopes)
     }
 
+    /// The holds kept from the last read, or how many changes were seen.
+    fn kept(&self) -> Result<Arc<[HoldScope]>, u64> {
+        let kept = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
+        kept.read.clone().ok_or(kept.changes)
+    }
+
     fn forget_scopes(&self) {
-        *self.scopes.write().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        kept.changes += 1;
+        kept.read = None;
     }
 }
 
