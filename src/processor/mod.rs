@@ -320,6 +320,12 @@ pub enum StatusChange {
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).
+///
+/// A store or key provider that fails a call is treated alike: the write
+/// that records what the business was told may have landed with its answer
+/// lost, so it is owed as a dropped call's is, and the operation fails with
+/// the host's error. A failed `receive` is not acknowledged and its
+/// redelivery is answered as usual.
 pub struct Processor {
     storage: Arc<dyn Storage>,
     keys: Arc<KeyManager>,
@@ -415,11 +421,12 @@ struct Accepted {
     next: Delivery,
 }
 
-/// A write under way (see [`Owed`]), until the store answers. Dropped
-/// before that (its caller's future dropped at the commit), it leaves the
-/// write owed: the store may or may not have it (a SQLite commit lands
-/// even if no one waits for it), and a conditional write made twice
-/// changes nothing the second time.
+/// A write under way (see [`Owed`]), until the store answers it. Dropped
+/// before that (its caller's future dropped at the commit, or the store
+/// failing it), it leaves the write owed: the store may or may not have it
+/// (a SQLite commit lands even if no one waits for it; a networked store's
+/// answer may be lost), and a conditional write made twice changes nothing
+/// the second time.
 struct Owing<'a> {
     claims: &'a Claims,
     key: (BusinessId, MessageId),
@@ -715,9 +722,12 @@ impl Processor {
     /// Commit `op`, which records what the business or the transport was
     /// just told about message `id` (and, if `accepted`, moves an outbound
     /// message on from queued); `false` if its condition failed (the
-    /// message changed, or is gone). Should this future be dropped before
-    /// the store answers, the write is owed, and made, with what follows
-    /// it, before the message is next taken up ([`pay_owed`](Self::pay_owed)).
+    /// message changed, or is gone). Should the store fail, or this future
+    /// be dropped before it answers, the write is owed, and made, with what
+    /// follows it, before the message is next taken up
+    /// ([`pay_owed`](Self::pay_owed)): a failed write may have landed (a
+    /// networked store's answer lost), or not, and either way what was told
+    /// must not be told again.
     async fn commit_told(
         &self,
         business: BusinessId,
@@ -734,7 +744,9 @@ impl Processor {
             }),
         };
         let written = self.commit_op(op).await;
-        owing.owed = None;
+        if written.is_ok() {
+            owing.owed = None;
+        }
         written
     }
 
