@@ -324,8 +324,9 @@ pub enum StatusChange {
 /// A store or key provider that fails a call is treated alike: the write
 /// that records what the business was told may have landed with its answer
 /// lost, so it is owed as a dropped call's is, and the operation fails with
-/// the host's error. A failed `receive` is not acknowledged and its
-/// redelivery is answered as usual.
+/// the host's error (but a `send` whose message is stored returns its id:
+/// the retransmission loop goes on with it). A failed `receive` is not
+/// acknowledged and its redelivery is answered as usual.
 pub struct Processor {
     storage: Arc<dyn Storage>,
     keys: Arc<KeyManager>,
@@ -1066,7 +1067,11 @@ impl Processor {
 
     /// Send a business's message: sealed and stored first, then sent to
     /// every device of the recipient. Returns its id once it is stored;
-    /// delivery continues (and is retried) from there.
+    /// delivery continues (and is retried) from there, whatever the first
+    /// attempt met. An error means the message was not stored, unless the
+    /// store failed to answer the very write that stored it: that message
+    /// is then sent and reported like any other (its id is in its status
+    /// reports).
     pub async fn send(
         &self,
         principal: &Principal,
@@ -1122,8 +1127,16 @@ impl Processor {
         self.retention.stored(&admission);
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
-        self.attempt_outbound(&record, &body, Purpose::Delivery)
-            .await?;
+        // Stored, the message is accepted: an error of its first attempt
+        // (the store failing its bookkeeping) leaves it to the
+        // retransmission loop, which makes the write owed first. Refused
+        // now, it would be sent again by the business as well.
+        if let Err(e) = self
+            .attempt_outbound(&record, &body, Purpose::Delivery)
+            .await
+        {
+            warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+        }
         Ok(id)
     }
 
