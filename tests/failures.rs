@@ -853,3 +853,129 @@ fn a_failed_sweep_leaves_no_deleted_session_in_memory() {
         failed.is_empty()
     }));
 }
+
+/// A step of a KEK rotation, as a host runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rotation {
+    Add,
+    Promote,
+    Rewrap,
+    RaiseFloor,
+    Retire,
+}
+
+impl Rotation {
+    const ALL: [Self; 5] = [
+        Self::Add,
+        Self::Promote,
+        Self::Rewrap,
+        Self::RaiseFloor,
+        Self::Retire,
+    ];
+
+    async fn run(self, keys: &KeyManager, b: BusinessId, now: Timestamp) -> Result<(), String> {
+        let done = match self {
+            Self::Add => keys.add_kek_version(b, now).await.map(drop),
+            Self::Promote => keys.promote_kek_version(b, 2).await,
+            Self::Rewrap => keys.rewrap(b).await.map(drop),
+            Self::RaiseFloor => keys.raise_decrypt_floor(b, 2).await,
+            Self::Retire => keys.retire_kek_version(b, 1).await,
+        };
+        done.map_err(|e| format!("{e:?}"))
+    }
+}
+
+#[test]
+fn a_failed_kek_rotation_step_is_retried_to_the_end() {
+    runtime().block_on(async {
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let now = Timestamp::from_millis(T0);
+        let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
+        for failing in Rotation::ALL {
+            every_failure(|at| async move {
+                let (store, faults, keys, root) = key_manager(now, epoch).await;
+                let mut failed = Vec::new();
+                for step in Rotation::ALL {
+                    if step == failing {
+                        faults.fail_at(at.n, at.seams, at.strike);
+                    }
+                    let done = step.run(&keys, b, now).await;
+                    if step == failing {
+                        failed = faults.lift();
+                        assert_outcome(&done, &failed, at);
+                    }
+                    // The host runs a failed step again, to the end.
+                    if done.is_err() {
+                        let again = step.run(&keys, b, now).await;
+                        assert!(again.is_ok(), "{at:?}: {step:?} after {failed:?}: {again:?}");
+                    }
+                }
+                // The process sees the ring the store holds: version 1 is
+                // gone from memory as from the store.
+                let stored = store.ring(b).await.unwrap().unwrap();
+                let seen = keys.ring(b).await.unwrap();
+                assert_eq!(
+                    (seen.revision(), seen.floor(), seen.primary()),
+                    (stored.revision(), stored.floor(), stored.primary()),
+                    "{at:?}: {failing:?} after {failed:?}"
+                );
+                // (A version added twice, its first answer lost, stays
+                // unused above the floor.)
+                let floor = stored.floor();
+                assert!(stored.versions().iter().all(|v| v.version >= floor), "{at:?}");
+                // Every key opens, in this process and in a new one.
+                keys.epoch_key(b, epoch).await.unwrap();
+                let fresh = KeyManager::new(root, store);
+                fresh.epoch_key(b, epoch).await.unwrap();
+                failed.is_empty()
+            })
+            .await;
+        }
+    });
+}
+
+#[test]
+fn a_new_process_survives_every_host_failure_of_its_first_receive_and_send() {
+    // With nothing in memory, the first calls unwrap every key they need:
+    // the key provider and the key store fail under them too.
+    runtime().block_on(every_failure(|at| async move {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let mut handset = d.handset().await;
+        let first = d.inbound(&mut handset, b"first").await;
+        d.receive(first).await.unwrap();
+        d.restart();
+        let inbound = d.inbound(&mut handset, b"second").await;
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let received = d.receive(inbound.clone()).await;
+        let failed_receiving = d.faults.lift();
+        assert_outcome(&received, &failed_receiving, at);
+        if received.is_err() {
+            d.receive(inbound).await.unwrap();
+        }
+        // Whatever is owed is paid before the next restart (a crash loses
+        // what a process owes, as it loses a write not yet made).
+        d.settle(1).await;
+        d.restart();
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let sent = d.processor.send(&d.owner, d.b, d.outbound(b"out")).await;
+        let landed = first_commit_landed(&d.faults);
+        let failed_sending = d.faults.lift();
+        assert_outcome(&sent, &failed_sending, at);
+        if sent.is_err() {
+            d.processor
+                .send(&d.owner, d.b, d.outbound(b"out"))
+                .await
+                .unwrap();
+        }
+        d.settle(5).await;
+        let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "{at:?}: {failed_receiving:?}");
+        d.assert_statuses_told_once_forward(at.n);
+        let received = d.network.received(&consumer(2)).await;
+        let want = if sent.is_err() && landed { 2 } else { 1 };
+        assert_eq!(received[&0].len(), want, "{at:?}: {failed_sending:?}");
+        assert!(received[&0].values().all(|&c| c == 1), "{at:?}");
+        failed_receiving.is_empty() && failed_sending.is_empty()
+    }));
+}
