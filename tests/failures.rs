@@ -57,6 +57,16 @@ const WAYS: [(Seams, Strike); 3] = [
     (Seams::Provider, Strike::Before),
 ];
 
+/// A deployment with a small prekey pool: each test builds hundreds.
+async fn deployment(network: Faults, sink: Faults) -> Deployment {
+    let signal = SignalConfig {
+        prekey_pool: 4,
+        prekey_low_water: 2,
+        ..SignalConfig::default()
+    };
+    Deployment::with_signal(network, sink, signal).await
+}
+
 /// Where a failure was injected, for messages.
 #[derive(Debug, Clone, Copy)]
 struct At {
@@ -117,7 +127,7 @@ fn assert_told_sent_delivered(told: &[Status], at: At) {
 #[test]
 fn harness_fails_the_planned_call_only() {
     runtime().block_on(async {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         d.faults.fail_at(2, Seams::Store, Strike::Before);
         let census = || d.processor.census(&d.operator);
         assert!(census().await.is_ok());
@@ -135,12 +145,13 @@ fn harness_fails_the_planned_call_only() {
 #[test]
 fn receive_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         let mut handset = d.handset().await;
         let first = d.inbound(&mut handset, b"first").await;
         d.faults.fail_at(at.n, at.seams, at.strike);
         let got = d.receive(first.clone()).await;
         let failed = d.faults.lift();
+
         assert_outcome(&got, &failed, at);
         // Not acknowledged: the transport delivers it again, and it is
         // not burnt (decrypted then, or stored before).
@@ -150,7 +161,7 @@ fn receive_survives_every_host_failure() {
         // Nothing stays locked: the conversation goes on.
         let second = d.inbound(&mut handset, b"second").await;
         d.receive(second).await.unwrap();
-        d.settle(5).await;
+        d.settle(3).await;
         let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
         assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
         d.assert_statuses_told_once_forward(at.n);
@@ -161,13 +172,10 @@ fn receive_survives_every_host_failure() {
 #[test]
 fn send_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         d.network.add_consumer(&consumer(2), 2).await;
         d.faults.fail_at(at.n, at.seams, at.strike);
-        let sent = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"first"))
-            .await;
+        let sent = d.processor.send(&d.owner, d.b, d.outbound(b"first")).await;
         let landed = first_commit_landed(&d.faults);
         let failed = d.faults.lift();
         assert_outcome(&sent, &failed, at);
@@ -182,7 +190,7 @@ fn send_survives_every_host_failure() {
             .send(&d.owner, d.b, d.outbound(b"second"))
             .await
             .unwrap();
-        d.settle(5).await;
+        d.settle(3).await;
         // A send refused stored nothing, unless its store's answer to the
         // very write that stored it was lost: that message is sent as any.
         let stored = d.store.census().await.unwrap().messages;
@@ -217,7 +225,7 @@ fn send_survives_every_host_failure() {
 #[test]
 fn status_update_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         d.network.add_consumer(&consumer(2), 1).await;
         let id = d
             .processor
@@ -238,7 +246,7 @@ fn status_update_survives_every_host_failure() {
                 .await
                 .unwrap();
         }
-        d.settle(5).await;
+        d.settle(3).await;
         let status = d.processor.message_status(&d.owner, d.b, id).await;
         assert_eq!(status.unwrap(), (Status::Delivered, None), "{at:?}");
         let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
@@ -258,7 +266,7 @@ fn retransmit_due_survives_every_host_failure() {
         // network.
         let start = Timestamp::from_millis(T0);
         let down = |f: Faults| f.with_outage(start, Duration::from_secs(60));
-        let d = Deployment::new(down(Faults::none()), down(Faults::none())).await;
+        let d = deployment(down(Faults::none()), down(Faults::none())).await;
         d.network.add_consumer(&consumer(2), 2).await;
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"in").await;
@@ -273,7 +281,7 @@ fn retransmit_due_survives_every_host_failure() {
         let report = d.processor.retransmit_due(&d.operator).await;
         let failed = d.faults.lift();
         assert_outcome(&report, &failed, at);
-        d.settle(5).await;
+        d.settle(3).await;
         let want = BTreeMap::from([(b"in".to_vec(), 1)]);
         assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
         d.assert_statuses_told_once_forward(at.n);
@@ -294,7 +302,7 @@ fn retransmit_due_survives_every_host_failure() {
 fn sweep_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
         // The network never takes the outbound message: it expires open.
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"in").await;
         assert!(d.receive(inbound).await.unwrap().delivered);
@@ -325,7 +333,7 @@ fn sweep_survives_every_host_failure() {
 #[test]
 fn publish_keys_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         d.faults.fail_at(at.n, at.seams, at.strike);
         let published = d.processor.publish_keys(&d.owner, d.b).await;
         let failed = d.faults.lift();
@@ -341,7 +349,7 @@ fn publish_keys_survives_every_host_failure() {
 #[test]
 fn trust_new_identity_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"hello").await;
         d.receive(inbound).await.unwrap();
@@ -395,7 +403,7 @@ async fn holds_agree_with_the_audit(d: &Deployment, at: At, what: &str) -> bool 
 #[test]
 fn holds_survive_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         let scope = HoldScope::Business(d.b);
         d.faults.fail_at(at.n, at.seams, at.strike);
         let placed = d.processor.place_hold(&d.operator, scope, "case-1").await;
@@ -428,7 +436,7 @@ fn holds_survive_every_host_failure() {
 #[test]
 fn reads_and_exports_survive_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         d.network.add_consumer(&consumer(2), 1).await;
         let id = d
             .processor
@@ -469,7 +477,7 @@ fn a_store_outage_loses_no_message() {
                 seams: Seams::Store,
                 strike: Strike::Before,
             };
-            let d = Deployment::new(Faults::none(), Faults::none()).await;
+            let d = deployment(Faults::none(), Faults::none()).await;
             d.network.add_consumer(&consumer(2), 1).await;
             let mut handset = d.handset().await;
             let inbound = d.inbound(&mut handset, b"in").await;
@@ -492,7 +500,7 @@ fn a_store_outage_loses_no_message() {
                     .await
                     .unwrap();
             }
-            d.settle(5).await;
+            d.settle(3).await;
             assert_eq!(
                 d.contents(),
                 BTreeMap::from([(b"in".to_vec(), 1)]),
@@ -524,7 +532,7 @@ fn a_key_provider_outage_loses_no_message() {
             // a message each way waits for a retry.
             let start = Timestamp::from_millis(T0);
             let down = |f: Faults| f.with_outage(start, Duration::from_secs(60));
-            let mut d = Deployment::new(down(Faults::none()), down(Faults::none())).await;
+            let mut d = deployment(down(Faults::none()), down(Faults::none())).await;
             d.network.add_consumer(&consumer(2), 1).await;
             let mut handset = d.handset().await;
             let early = d.inbound(&mut handset, b"early").await;
@@ -559,7 +567,7 @@ fn a_key_provider_outage_loses_no_message() {
                     .await
                     .unwrap();
             }
-            d.settle(5).await;
+            d.settle(3).await;
             let want = BTreeMap::from([(b"early".to_vec(), 1), (b"in".to_vec(), 1)]);
             assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
             let received = d.network.received(&consumer(2)).await;
@@ -603,7 +611,12 @@ impl Signal {
             Arc::new(clock.clone()),
             EpochLength::DEFAULT,
         ));
-        let sessions = Sessions::new(vault, failing, SignalConfig::default());
+        let config = SignalConfig {
+            prekey_pool: 4,
+            prekey_low_water: 2,
+            ..SignalConfig::default()
+        };
+        let sessions = Sessions::new(vault, failing, config);
         let b = BusinessId::new(BUSINESS).unwrap();
         let published = sessions.publish(b).await.unwrap();
         let mut handset = ConsumerDevice::new(1);
@@ -737,7 +750,12 @@ fn a_failed_device_reset_or_forget_leaves_memory_as_the_store() {
 async fn key_manager(
     now: Timestamp,
     epoch: Epoch,
-) -> (Arc<MemoryStore>, Arc<HostFaults>, KeyManager, Arc<dyn KeyProvider>) {
+) -> (
+    Arc<MemoryStore>,
+    Arc<HostFaults>,
+    KeyManager,
+    Arc<dyn KeyProvider>,
+) {
     let b = BusinessId::new(BUSINESS).unwrap();
     let store = Arc::new(MemoryStore::new());
     let faults = Arc::new(HostFaults::default());
@@ -831,7 +849,7 @@ fn a_failed_sweep_leaves_no_deleted_session_in_memory() {
     runtime().block_on(every_failure(|at| async move {
         // Retention shortened to a day: the sweep deletes the consumer's
         // session, which its first message had kept for 30 days.
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let d = deployment(Faults::none(), Faults::none()).await;
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"in").await;
         assert!(d.receive(inbound).await.unwrap().delivered);
@@ -907,7 +925,10 @@ fn a_failed_kek_rotation_step_is_retried_to_the_end() {
                     // The host runs a failed step again, to the end.
                     if done.is_err() {
                         let again = step.run(&keys, b, now).await;
-                        assert!(again.is_ok(), "{at:?}: {step:?} after {failed:?}: {again:?}");
+                        assert!(
+                            again.is_ok(),
+                            "{at:?}: {step:?} after {failed:?}: {again:?}"
+                        );
                     }
                 }
                 // The process sees the ring the store holds: version 1 is
@@ -922,7 +943,10 @@ fn a_failed_kek_rotation_step_is_retried_to_the_end() {
                 // (A version added twice, its first answer lost, stays
                 // unused above the floor.)
                 let floor = stored.floor();
-                assert!(stored.versions().iter().all(|v| v.version >= floor), "{at:?}");
+                assert!(
+                    stored.versions().iter().all(|v| v.version >= floor),
+                    "{at:?}"
+                );
                 // Every key opens, in this process and in a new one.
                 keys.epoch_key(b, epoch).await.unwrap();
                 let fresh = KeyManager::new(root, store);
@@ -939,7 +963,7 @@ fn a_new_process_survives_every_host_failure_of_its_first_receive_and_send() {
     // With nothing in memory, the first calls unwrap every key they need:
     // the key provider and the key store fail under them too.
     runtime().block_on(every_failure(|at| async move {
-        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut d = deployment(Faults::none(), Faults::none()).await;
         d.network.add_consumer(&consumer(2), 1).await;
         let mut handset = d.handset().await;
         let first = d.inbound(&mut handset, b"first").await;
@@ -968,7 +992,7 @@ fn a_new_process_survives_every_host_failure_of_its_first_receive_and_send() {
                 .await
                 .unwrap();
         }
-        d.settle(5).await;
+        d.settle(3).await;
         let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
         assert_eq!(d.contents(), want, "{at:?}: {failed_receiving:?}");
         d.assert_statuses_told_once_forward(at.n);
@@ -977,5 +1001,66 @@ fn a_new_process_survives_every_host_failure_of_its_first_receive_and_send() {
         assert_eq!(received[&0].len(), want, "{at:?}: {failed_sending:?}");
         assert!(received[&0].values().all(|&c| c == 1), "{at:?}");
         failed_receiving.is_empty() && failed_sending.is_empty()
+    }));
+}
+
+#[test]
+fn a_failed_first_publish_is_retried_to_a_working_business() {
+    // A business's first keys: its KEK ring, identity, prekeys and phone
+    // index are created under the failure.
+    runtime().block_on(every_failure(|at| async move {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let faults = Arc::new(HostFaults::default());
+        let failing: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(store.clone(), faults.clone()));
+        let root: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
+            inner: root.clone(),
+            faults: faults.clone(),
+        });
+        let stack = |provider: Arc<dyn KeyProvider>| {
+            let keys = Arc::new(KeyManager::new(provider, failing.clone()));
+            let vault = Arc::new(Vault::new(
+                keys.clone(),
+                Arc::new(clock.clone()),
+                EpochLength::DEFAULT,
+            ));
+            // A small pool: each prekey is a store call or two.
+            let config = SignalConfig {
+                prekey_pool: 4,
+                prekey_low_water: 2,
+                ..SignalConfig::default()
+            };
+            let sessions = Sessions::new(vault, failing.clone(), config);
+            (keys, sessions)
+        };
+        let (keys, sessions) = stack(provider);
+        let b = BusinessId::new(BUSINESS).unwrap();
+        faults.fail_at(at.n, at.seams, at.strike);
+        let published = sessions.publish(b).await;
+        let phone = keys.phone_hash(b, &consumer(1)).await;
+        let failed = faults.lift();
+        assert_outcome(&published, &failed, at);
+        assert_outcome(&phone, &failed, at);
+        let published = sessions.publish(b).await.unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        // What this process published and hashes is what the store holds:
+        // a new process agrees.
+        let (fresh_keys, fresh) = stack(root);
+        assert_eq!(fresh_keys.phone_hash(b, &consumer(1)).await.unwrap(), phone);
+        let again = fresh.publish(b).await.unwrap();
+        assert_eq!(again.identity_key, published.identity_key, "{at:?}");
+        let mut handset = ConsumerDevice::new(1);
+        handset
+            .start_session(b, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let peer = PeerId { phone, device: 1 };
+        let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
+        let hello = handset.encrypt(b, b"hello").await.unwrap();
+        let read = sessions.decrypt(b, peer, &hello, expiry).await;
+        assert_eq!(read.unwrap().plaintext, b"hello", "{at:?}: {failed:?}");
+        failed.is_empty()
     }));
 }

@@ -24,7 +24,7 @@ use custodian::keys::{
 use custodian::processor::{
     DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
 };
-use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::signal::{PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MemoryStore,
     MessageRecord, PeerId, Storage, StoreError,
@@ -518,7 +518,9 @@ impl KeyStore for FailingStore {
         self.faults.store("key", self.inner.key(id)).await
     }
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
-        self.faults.store("insert_key", self.inner.insert_key(key)).await
+        self.faults
+            .store("insert_key", self.inner.insert_key(key))
+            .await
     }
     async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
         let call = self.inner.rewrap_key(key, expected);
@@ -529,7 +531,9 @@ impl KeyStore for FailingStore {
         self.faults.store("destroy_key", call).await
     }
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
-        self.faults.store("delete_keys", self.inner.delete_keys(ids)).await
+        self.faults
+            .store("delete_keys", self.inner.delete_keys(ids))
+            .await
     }
     async fn keys_wrapped_below(
         &self,
@@ -538,7 +542,9 @@ impl KeyStore for FailingStore {
         after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        let call = self.inner.keys_wrapped_below(business, version, after, limit);
+        let call = self
+            .inner
+            .keys_wrapped_below(business, version, after, limit);
         self.faults.store("keys_wrapped_below", call).await
     }
     async fn count_wrapped_under(
@@ -582,7 +588,9 @@ impl Storage for FailingStore {
         business: BusinessId,
         peer: PeerId,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.faults.store("peer", self.inner.peer(business, peer)).await
+        self.faults
+            .store("peer", self.inner.peer(business, peer))
+            .await
     }
     async fn peer_devices(
         &self,
@@ -597,7 +605,9 @@ impl Storage for FailingStore {
         business: BusinessId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        self.faults.store("message", self.inner.message(business, id)).await
+        self.faults
+            .store("message", self.inner.message(business, id))
+            .await
     }
     async fn due_messages(
         &self,
@@ -703,6 +713,7 @@ pub(crate) struct HostSeams {
     pub(crate) business: Arc<PausedBusiness>,
     pub(crate) authorizer: Arc<StaticAuthorizer>,
     pub(crate) audit: Arc<MemoryAuditSink>,
+    pub(crate) signal: SignalConfig,
 }
 
 impl HostSeams {
@@ -723,6 +734,7 @@ impl HostSeams {
                 receipt_timeout: Duration::from_secs(120),
                 batch: 1_000,
             },
+            signal: self.signal.clone(),
             ..Policies::default()
         };
         Processor::new(host, policies).unwrap()
@@ -751,6 +763,13 @@ impl Deployment {
     /// A deployment with one business that has published its keys; the
     /// network and the business endpoint fail as `network` and `sink` say.
     pub(crate) async fn new(network: Faults, sink: Faults) -> Self {
+        Self::with_signal(network, sink, SignalConfig::default()).await
+    }
+
+    /// A deployment as [`new`](Self::new) makes, whose Signal side runs
+    /// under `signal` (a small prekey pool makes a test's many
+    /// deployments cheap).
+    pub(crate) async fn with_signal(network: Faults, sink: Faults, signal: SignalConfig) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
         let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
@@ -772,9 +791,9 @@ impl Deployment {
         let storage: Arc<dyn Storage> =
             Arc::new(FailingStore::paused(store.clone(), faults.clone()));
         let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
-            inner: Arc::new(PausedProvider(LocalKeyProvider::new(
-                &SecretKey::generate(),
-            ))),
+            inner: Arc::new(PausedProvider(
+                LocalKeyProvider::new(&SecretKey::generate()),
+            )),
             faults: faults.clone(),
         });
         let seams = HostSeams {
@@ -784,6 +803,7 @@ impl Deployment {
             business: Arc::new(PausedBusiness(business.clone())),
             authorizer: Arc::new(authorizer),
             audit: audit.clone(),
+            signal,
         };
         let d = Self {
             processor: seams.processor(&clock),
