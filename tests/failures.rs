@@ -34,6 +34,7 @@ use custodian::ids::BusinessId;
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
+use custodian::processor::Outbound;
 use custodian::retention::RetentionPolicy;
 use custodian::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
 use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
@@ -276,6 +277,12 @@ fn retransmit_due_survives_every_host_failure() {
             .send(&d.owner, d.b, d.outbound(b"out"))
             .await
             .unwrap();
+        // To a number with no device: failed, its report due.
+        let nowhere = Outbound {
+            to: consumer(3),
+            ..d.outbound(b"nowhere")
+        };
+        let nowhere = d.processor.send(&d.owner, d.b, nowhere).await.unwrap();
         d.clock.advance(Duration::from_secs(120));
         d.faults.fail_at(at.n, at.seams, at.strike);
         let report = d.processor.retransmit_due(&d.operator).await;
@@ -291,6 +298,9 @@ fn retransmit_due_survives_every_host_failure() {
         }
         let told: Vec<Status> = d.business.statuses()[&out].iter().map(|s| s.0).collect();
         assert_told_sent_delivered(&told, at);
+        let told = &d.business.statuses()[&nowhere];
+        let want = [(Status::Failed, Some(FailureReason::NoDevices))];
+        assert_eq!(told, &want, "{at:?}: {failed:?}");
         d.clock.advance(Duration::from_secs(2 * 24 * 3600));
         d.processor.export_billing(&d.operator).await.unwrap();
         assert_eq!(d.billed().await, 1, "{at:?}: {failed:?}");
@@ -1061,6 +1071,38 @@ fn a_failed_first_publish_is_retried_to_a_working_business() {
         let hello = handset.encrypt(b, b"hello").await.unwrap();
         let read = sessions.decrypt(b, peer, &hello, expiry).await;
         assert_eq!(read.unwrap().plaintext, b"hello", "{at:?}: {failed:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
+    runtime().block_on(every_failure(|at| async move {
+        // The network is down past the message's retention: it expires
+        // open, and the sweep tells its business.
+        let start = Timestamp::from_millis(T0);
+        let down = Faults::none().with_outage(start, Duration::from_secs(40 * 24 * 3600));
+        let d = deployment(down, Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        // An hour past its retention: well within the grace for its report.
+        d.clock.advance(Duration::from_secs(30 * 24 * 3600 + 3600));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let swept = d.processor.sweep(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&swept, &failed, at);
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+        let report = d.processor.sweep(&d.operator).await.unwrap();
+        assert!(report.complete, "{at:?}");
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+        assert_eq!(d.store.census().await.unwrap().messages, 0, "{at:?}");
+        let told = &d.business.statuses()[&out];
+        let want = [(Status::Failed, Some(FailureReason::Expired))];
+        assert_eq!(told, &want, "{at:?}: {failed:?}");
         failed.is_empty()
     }));
 }
