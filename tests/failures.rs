@@ -1106,3 +1106,71 @@ fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
         failed.is_empty()
     }));
 }
+
+#[test]
+fn a_failed_follow_up_receive_is_not_burnt() {
+    // Follow-up messages on a session the business started: the second
+    // reply's session step is written behind (only the message is stored).
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let phone = consumer(1);
+        d.network.add_consumer(&phone, 1).await;
+        d.processor
+            .send(
+                &d.owner,
+                d.b,
+                Outbound {
+                    to: phone.clone(),
+                    ..d.outbound(b"hello")
+                },
+            )
+            .await
+            .unwrap();
+        d.settle(1).await;
+        for reply in [&b"one"[..], b"two"] {
+            d.network
+                .consumer_sends(&phone, 0, d.b, reply)
+                .await
+                .unwrap();
+        }
+        d.network
+            .consumer_sends(&phone, 0, d.b, b"three")
+            .await
+            .unwrap();
+        // The network delivers the replies, the store failing under them;
+        // one not acknowledged is delivered again.
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        d.network.pump(&d.processor, &d.carrier).await;
+        let failed = d.faults.lift();
+        d.settle(3).await;
+        let want = BTreeMap::from([
+            (b"one".to_vec(), 1),
+            (b"three".to_vec(), 1),
+            (b"two".to_vec(), 1),
+        ]);
+        assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
+        d.assert_statuses_told_once_forward(at.n);
+        // The conversation goes on both ways.
+        d.network
+            .consumer_sends(&phone, 0, d.b, b"four")
+            .await
+            .unwrap();
+        d.processor
+            .send(
+                &d.owner,
+                d.b,
+                Outbound {
+                    to: phone.clone(),
+                    ..d.outbound(b"bye")
+                },
+            )
+            .await
+            .unwrap();
+        d.settle(3).await;
+        assert_eq!(d.contents()[&b"four".to_vec()], 1, "{at:?}");
+        let got = d.network.received(&phone).await;
+        assert_eq!(got[&0].len(), 2, "{at:?}: {failed:?}");
+        assert!(got[&0].values().all(|&c| c == 1), "{at:?}");
+        failed.is_empty()
+    }));
+}
