@@ -342,18 +342,47 @@ fn sweep_survives_every_host_failure() {
 
 #[test]
 fn publish_keys_survives_every_host_failure() {
-    runtime().block_on(every_failure(|at| async move {
-        let d = deployment(Faults::none(), Faults::none()).await;
-        d.faults.fail_at(at.n, at.seams, at.strike);
-        let published = d.processor.publish_keys(&d.owner, d.b).await;
-        let failed = d.faults.lift();
-        assert_outcome(&published, &failed, at);
-        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
-        let mut handset = d.handset().await;
-        let inbound = d.inbound(&mut handset, b"hello").await;
-        assert!(d.receive(inbound).await.unwrap().delivered, "{at:?}");
-        failed.is_empty()
-    }));
+    runtime().block_on(async {
+        // With the signed prekey due for rotation or not.
+        for days in [0, 8] {
+            every_failure(|at| async move {
+                let d = deployment(Faults::none(), Faults::none()).await;
+                // A consumer holding the keys published before.
+                let early = d.handset().await;
+                d.clock.advance(Duration::from_secs(days * 24 * 3600));
+                d.faults.fail_at(at.n, at.seams, at.strike);
+                let published = d.processor.publish_keys(&d.owner, d.b).await;
+                let failed = d.faults.lift();
+                assert_outcome(&published, &failed, at);
+                d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+                // Every key published, before and after, starts a session.
+                let keys = d.transport.published.lock().unwrap().clone().unwrap();
+                let mut handsets = vec![early];
+                // (The early consumer took the first one-time prekey.)
+                for index in [None, Some(1), Some(keys.one_time_prekeys.len() - 1)] {
+                    let mut handset = ConsumerDevice::new(1);
+                    handset
+                        .start_session(d.b, &keys.bundle(index))
+                        .await
+                        .unwrap();
+                    handsets.push(handset);
+                }
+                for (i, handset) in handsets.iter_mut().enumerate() {
+                    let content = format!("hello {i}");
+                    let inbound = d.inbound(handset, content.as_bytes()).await;
+                    let receipt = d.receive(inbound).await;
+                    assert!(
+                        receipt.is_ok(),
+                        "{at:?}, {days} days: {failed:?}: {receipt:?}"
+                    );
+                    // (Each is the same number's device reinstalled: its new
+                    // identity is accepted and reported.)
+                }
+                failed.is_empty()
+            })
+            .await;
+        }
+    });
 }
 
 #[test]
