@@ -225,38 +225,52 @@ fn send_survives_every_host_failure() {
 
 #[test]
 fn status_update_survives_every_host_failure() {
-    runtime().block_on(every_failure(|at| async move {
-        let d = deployment(Faults::none(), Faults::none()).await;
-        d.network.add_consumer(&consumer(2), 1).await;
-        let id = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"hi"))
-            .await
-            .unwrap();
-        d.faults.fail_at(at.n, at.seams, at.strike);
-        let update = d
-            .processor
-            .status_update(&d.carrier, d.b, id, Status::Delivered)
+    runtime().block_on(async {
+        // The report comes after the send's bookkeeping, or before it (the
+        // network down when the message was sent: it is still queued).
+        for queued in [false, true] {
+            every_failure(|at| async move {
+                let start = Timestamp::from_millis(T0);
+                let network = if queued {
+                    Faults::none().with_outage(start, Duration::from_secs(60))
+                } else {
+                    Faults::none()
+                };
+                let d = deployment(network, Faults::none()).await;
+                d.network.add_consumer(&consumer(2), 1).await;
+                let id = d
+                    .processor
+                    .send(&d.owner, d.b, d.outbound(b"hi"))
+                    .await
+                    .unwrap();
+                d.faults.fail_at(at.n, at.seams, at.strike);
+                let update = d
+                    .processor
+                    .status_update(&d.carrier, d.b, id, Status::Delivered)
+                    .await;
+                let failed = d.faults.lift();
+                assert_outcome(&update, &failed, at);
+                // Not acknowledged: the transport reports again.
+                if update.is_err() {
+                    d.processor
+                        .status_update(&d.carrier, d.b, id, Status::Delivered)
+                        .await
+                        .unwrap();
+                }
+                d.settle(3).await;
+                let status = d.processor.message_status(&d.owner, d.b, id).await;
+                assert_eq!(status.unwrap(), (Status::Delivered, None), "{at:?}");
+                let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+                assert_told_sent_delivered(&told, at);
+                d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+                d.processor.export_billing(&d.operator).await.unwrap();
+                let billed = d.billed().await;
+                assert_eq!(billed, 1, "{at:?}, queued {queued}: {failed:?}");
+                failed.is_empty()
+            })
             .await;
-        let failed = d.faults.lift();
-        assert_outcome(&update, &failed, at);
-        // Not acknowledged: the transport reports again.
-        if update.is_err() {
-            d.processor
-                .status_update(&d.carrier, d.b, id, Status::Delivered)
-                .await
-                .unwrap();
         }
-        d.settle(3).await;
-        let status = d.processor.message_status(&d.owner, d.b, id).await;
-        assert_eq!(status.unwrap(), (Status::Delivered, None), "{at:?}");
-        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, at);
-        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
-        d.processor.export_billing(&d.operator).await.unwrap();
-        assert_eq!(d.billed().await, 1, "{at:?}: {failed:?}");
-        failed.is_empty()
-    }));
+    });
 }
 
 #[test]

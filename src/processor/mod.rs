@@ -411,8 +411,9 @@ struct Owed {
     accepted: Option<Accepted>,
 }
 
-/// An outbound message moved on from queued by a send's bookkeeping: what
-/// follows that write once it is known to have landed.
+/// An outbound message moved on from queued by a send's bookkeeping, or by
+/// a delivery report that came first: what follows that write once it is
+/// known to have landed.
 #[derive(Clone, Copy)]
 struct Accepted {
     phone: PhoneHash,
@@ -420,6 +421,9 @@ struct Accepted {
     at: Timestamp,
     /// The delivery state the write stores.
     next: Delivery,
+    /// Whether the business is told the message is sent (not when a
+    /// delivery report moved it on: it is told that instead).
+    tell_sent: bool,
 }
 
 /// A write under way (see [`Owed`]), until the store answers it. Dropped
@@ -751,10 +755,11 @@ impl Processor {
         written
     }
 
-    /// Make the write that a call dropped halfway owes message `id`, if
-    /// any. If it moved an outbound message on from queued, and landed now
-    /// or before (unseen: the stored state is still the one it wrote), the
-    /// message is counted taken and its business told it is sent.
+    /// Make the write that a call dropped halfway (or failed by the store)
+    /// owes message `id`, if any. If it moved an outbound message on from
+    /// queued, and landed now or before (unseen: the stored state is still
+    /// the one it wrote), the message is counted taken and, if a send's
+    /// bookkeeping moved it, its business told it is sent.
     async fn pay_owed(&self, business: BusinessId, id: MessageId) -> Result<(), ProcessorError> {
         let owed = self
             .claims
@@ -1172,6 +1177,7 @@ impl Processor {
                     category: body.category,
                     at: now,
                     next,
+                    tell_sent: true,
                 });
             if self.commit_told(business, id, op, accepted).await? {
                 break (next, accepted);
@@ -1214,10 +1220,14 @@ impl Processor {
         );
     }
 
-    /// What follows a send's bookkeeping moving message `id` on from
-    /// queued: it is counted taken, and its business told it is sent.
+    /// What follows a write moving message `id` on from queued: it is
+    /// counted taken, and (after a send's bookkeeping) its business told it
+    /// is sent.
     async fn on_accepted(&self, business: BusinessId, id: MessageId, accepted: Accepted) {
         self.accepted(business, accepted.phone, accepted.category, accepted.at);
+        if !accepted.tell_sent {
+            return;
+        }
         self.notify(StatusUpdate {
             business,
             id,
@@ -1584,10 +1594,29 @@ impl Processor {
                 },
                 pending_devices: pending,
             };
-            if !self
-                .write_delivery(business, id, record.delivery, settled)
-                .await?
-            {
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: record.delivery,
+                delivery: settled,
+            };
+            // Moving it on from queued counts it taken: should the store
+            // fail that write, it is owed with what follows it.
+            let accepted = match queued_as {
+                Some(Some(category)) => Some(Accepted {
+                    phone: record.phone,
+                    category,
+                    at: now,
+                    next: settled,
+                    tell_sent: false,
+                }),
+                _ => None,
+            };
+            let written = match accepted {
+                Some(_) => self.commit_told(business, id, op, accepted).await?,
+                None => self.commit_op(op).await?,
+            };
+            if !written {
                 // Another report won the race: decide again on what it left.
                 continue;
             }
