@@ -1217,3 +1217,51 @@ fn a_failed_follow_up_receive_is_not_burnt() {
         failed.is_empty()
     }));
 }
+
+#[test]
+fn a_failed_sweep_never_deletes_what_a_hold_keeps() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"held").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        let scope = HoldScope::Business(d.b);
+        d.processor
+            .place_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(40 * 24 * 3600));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let swept = d.processor.sweep(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&swept, &failed, at);
+        assert!(d.processor.sweep(&d.operator).await.unwrap().complete);
+        // The message, its session and its epoch key are kept.
+        let census = d.store.census().await.unwrap();
+        assert_eq!(
+            (census.messages, census.peers),
+            (1, 1),
+            "{at:?}: {failed:?}"
+        );
+        let now = d.clock.now();
+        let ended = d.store.ended_epoch_keys(now, 100).await.unwrap();
+        assert!(!ended.is_empty(), "{at:?}");
+        for id in ended {
+            let entry = d.store.key(&id).await.unwrap();
+            assert!(
+                matches!(entry, Some(KeyEntry::Wrapped(_))),
+                "{at:?}: {failed:?}"
+            );
+        }
+        // Released, the next sweep deletes it all.
+        d.processor
+            .release_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        assert!(d.processor.sweep(&d.operator).await.unwrap().complete);
+        let census = d.store.census().await.unwrap();
+        assert_eq!((census.messages, census.peers), (0, 0), "{at:?}");
+        assert!(d.store.ended_epoch_keys(now, 100).await.unwrap().is_empty());
+        failed.is_empty()
+    }));
+}
