@@ -7,7 +7,9 @@
 //! lands with no one waiting), and the audit trail already says it was
 //! made. So the write is owed: made again (placing and releasing are
 //! idempotent) before anything next reads the holds under the gate, and
-//! the audit trail stays true.
+//! the audit trail stays true. A write the store fails may have landed too
+//! (a networked store's answer lost): its caller audits the change undone
+//! and owes the write that undoes it.
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -61,8 +63,8 @@ impl HoldGate {
     }
 
     /// Write `op`, a hold change already audited, under the gate. An error
-    /// is the caller's to put straight; a drop before the store answers
-    /// leaves the write owed.
+    /// is the caller's to put straight (see [`owe`](Self::owe)); a drop
+    /// before the store answers leaves the write owed.
     pub(super) async fn write(&self, storage: &dyn Storage, op: Op) -> Result<(), StoreError> {
         let mut owing = Owing {
             gate: self,
@@ -74,6 +76,15 @@ impl HoldGate {
         owing.op = None;
         self.forget_scopes();
         written
+    }
+
+    /// Owe `op`, made before anything next reads the holds under the gate:
+    /// how a caller whose write failed (and may have landed, its answer
+    /// lost) makes the store agree with what the audit trail says. The
+    /// caller holds the gate.
+    pub(super) fn owe(&self, op: Op) {
+        *self.owed.lock().unwrap_or_else(PoisonError::into_inner) = Some(op);
+        self.forget_scopes();
     }
 
     /// The scopes of the holds in force, read once and then kept until a
