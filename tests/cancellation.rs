@@ -23,20 +23,23 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::task::Context;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use custodian::ids::BusinessId;
+use custodian::ids::{BusinessId, MessageId, PhoneHash};
 use custodian::keys::{
-    Epoch, EpochLength, KeyEntry, KeyId, KeyManager, LocalKeyProvider, SecretKey,
+    Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
-use custodian::retention::RetentionPolicy;
+use custodian::retention::{Decision, Retention, RetentionPolicy};
 use custodian::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
-use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
+use custodian::store::{
+    Delivery, Direction, FailureReason, HoldScope, KeyStore, MemoryStore, MessageRecord, PeerId,
+    Status, Storage,
+};
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::Vault;
-use custodian::visibility::HoldAction;
+use custodian::visibility::{HoldAction, MemoryAuditSink};
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -631,4 +634,157 @@ fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
         })
         .await;
     });
+}
+
+#[test]
+fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
+    runtime().block_on(every_cut(|n| async move {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let paused: Arc<dyn Storage> = Arc::new(PausedStore(store.clone()));
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let keys = Arc::new(KeyManager::new(provider, paused.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        let config = SignalConfig::default();
+        let rotation = config.signed_prekey_rotation;
+        let grace = config.signed_prekey_grace;
+        let sessions = Sessions::new(vault, paused, config);
+        let b = BusinessId::new(BUSINESS).unwrap();
+        // A consumer fetched the first bundle, with no one-time prekey left
+        // for it: its first message rests on the first signed prekey alone.
+        let first = sessions.publish(b).await.unwrap();
+        clock.advance(rotation);
+        sessions.maintain(b).await.unwrap();
+        // The first signed prekey's grace is over: maintenance retires it.
+        clock.advance(grace);
+        let done = poll_at_most(sessions.maintain(b), n).await.is_some();
+        let first_kept = store
+            .keys_of_kind(b, KeyKind::SignalSignedPreKey, None, 16)
+            .await
+            .unwrap()
+            .iter()
+            .any(|k| k.id.id == u64::from(first.signed_prekey.id));
+        let mut handset = ConsumerDevice::new(1);
+        handset.start_session(b, &first.bundle(None)).await.unwrap();
+        let hello = handset.encrypt(b, b"hello").await.unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        let peer = PeerId { phone, device: 1 };
+        let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
+        let decrypted = sessions.decrypt(b, peer, &hello, expiry).await;
+        // Usable exactly as long as the store keeps it.
+        assert_eq!(decrypted.is_ok(), first_kept, "cut {n}: {decrypted:?}");
+        done
+    }));
+}
+
+/// Retention alone over the paused store, and a message of its business
+/// past its retention: `decide` says `Held` while a hold stands, `Purge`
+/// once none does.
+struct Holding {
+    retention: Retention,
+    audit: Arc<MemoryAuditSink>,
+    expired: MessageRecord,
+    scope: HoldScope,
+    now: Timestamp,
+}
+
+impl Holding {
+    fn new() -> Self {
+        let store: Arc<dyn Storage> = Arc::new(PausedStore(Arc::new(MemoryStore::new())));
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let keys = Arc::new(KeyManager::new(provider, store.clone()));
+        let audit = Arc::new(MemoryAuditSink::new());
+        let retention = Retention::new(store, keys, RetentionPolicy::default(), audit.clone());
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let created = Timestamp::from_millis(T0);
+        let expired = MessageRecord {
+            business: b,
+            id: MessageId::from_bytes([7; 16]),
+            direction: Direction::Inbound,
+            phone: PhoneHash::from_bytes([9; 16]),
+            created,
+            expiry: created.saturating_add(Duration::from_secs(60)),
+            epoch: Epoch::containing(created, EpochLength::DEFAULT).unwrap(),
+            delivery: Delivery::queued(created),
+            sealed: Vec::new(),
+        };
+        Self {
+            retention,
+            audit,
+            expired,
+            scope: HoldScope::Business(b),
+            now: created.saturating_add(Duration::from_secs(3600)),
+        }
+    }
+
+    /// Whether `decide` says a hold keeps the expired message.
+    async fn held(&self) -> bool {
+        let decision = self.retention.decide(&self.expired, self.now).await;
+        matches!(decision.unwrap(), Decision::Held { .. })
+    }
+
+    /// Whether the audit trail says a hold stands.
+    fn audited(&self) -> bool {
+        self.audit
+            .hold_events()
+            .iter()
+            .fold(0i32, |held, e| match e.action {
+                HoldAction::Placed => held + 1,
+                HoldAction::Released => held - 1,
+            })
+            > 0
+    }
+}
+
+#[test]
+fn a_hold_change_dropped_unanswered_is_seen_by_the_next_decision() {
+    runtime().block_on(every_cut(|n| async move {
+        let h = Holding::new();
+        let placed = poll_at_most(h.retention.place_hold(h.scope, "case-1", h.now), n).await;
+        assert_eq!(h.held().await, h.audited(), "cut {n}: placing");
+        h.retention
+            .place_hold(h.scope, "case-1", h.now)
+            .await
+            .unwrap();
+        assert!(h.held().await, "cut {n}");
+        let released = poll_at_most(h.retention.release_hold(h.scope, "case-1", h.now), n).await;
+        assert_eq!(h.held().await, h.audited(), "cut {n}: releasing");
+        placed.is_some() && released.is_some()
+    }));
+}
+
+#[test]
+fn a_decision_overtaken_by_a_hold_release_keeps_no_stale_hold() {
+    runtime().block_on(every_cut(|n| async move {
+        let h = Holding::new();
+        h.retention
+            .place_hold(h.scope, "case-1", h.now)
+            .await
+            .unwrap();
+        // A decision reads the holds; the release lands while it waits.
+        let mut decision = std::pin::pin!(h.held());
+        let mut first = None;
+        std::future::poll_fn(|cx| {
+            for _ in 0..n {
+                if let Poll::Ready(held) = decision.as_mut().poll(cx) {
+                    first = Some(held);
+                    break;
+                }
+            }
+            Poll::Ready(())
+        })
+        .await;
+        let released = h.retention.release_hold(h.scope, "case-1", h.now).await;
+        assert!(released.unwrap());
+        let done = first.is_some();
+        if first.is_none() {
+            decision.await;
+        }
+        assert!(!h.held().await, "cut {n}: the released hold is still seen");
+        done
+    }));
 }

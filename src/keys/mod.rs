@@ -524,13 +524,25 @@ impl KeyManager {
     }
 
     /// Retire `version`: destroy its wrapped bytes for good. Only versions
-    /// below the floor, wrapping no key, may be retired.
+    /// below the floor, wrapping no key, may be retired. Retiring a version
+    /// retired already changes nothing (a retirement whose answer the store
+    /// lost is made again this way), and the version is forgotten in memory.
     pub async fn retire_kek_version(
         &self,
         business: BusinessId,
         version: u32,
     ) -> Result<(), KeyError> {
         let _wrapping = self.wrapping.write().await;
+        if let Some(ring) = self.load_ring(business).await?
+            && version < ring.floor()
+            && version < ring.next_version()
+            && ring.get(version).is_none()
+        {
+            let mut cache = self.write();
+            cache.cache_ring(business, ring);
+            cache.keks.remove(&(business, version));
+            return Ok(());
+        }
         let keys = self.store.count_wrapped_under(business, version).await?;
         if keys > 0 {
             return Err(KeyError::VersionInUse { version, keys });

@@ -320,6 +320,13 @@ pub enum StatusChange {
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).
+///
+/// A store or key provider that fails a call is treated alike: the write
+/// that records what the business was told may have landed with its answer
+/// lost, so it is owed as a dropped call's is, and the operation fails with
+/// the host's error (but a `send` whose message is stored returns its id:
+/// the retransmission loop goes on with it). A failed `receive` is not
+/// acknowledged and its redelivery is answered as usual.
 pub struct Processor {
     storage: Arc<dyn Storage>,
     keys: Arc<KeyManager>,
@@ -404,8 +411,9 @@ struct Owed {
     accepted: Option<Accepted>,
 }
 
-/// An outbound message moved on from queued by a send's bookkeeping: what
-/// follows that write once it is known to have landed.
+/// An outbound message moved on from queued by a send's bookkeeping, or by
+/// a delivery report that came first: what follows that write once it is
+/// known to have landed.
 #[derive(Clone, Copy)]
 struct Accepted {
     phone: PhoneHash,
@@ -413,13 +421,17 @@ struct Accepted {
     at: Timestamp,
     /// The delivery state the write stores.
     next: Delivery,
+    /// Whether the business is told the message is sent (not when a
+    /// delivery report moved it on: it is told that instead).
+    tell_sent: bool,
 }
 
-/// A write under way (see [`Owed`]), until the store answers. Dropped
-/// before that (its caller's future dropped at the commit), it leaves the
-/// write owed: the store may or may not have it (a SQLite commit lands
-/// even if no one waits for it), and a conditional write made twice
-/// changes nothing the second time.
+/// A write under way (see [`Owed`]), until the store answers it. Dropped
+/// before that (its caller's future dropped at the commit, or the store
+/// failing it), it leaves the write owed: the store may or may not have it
+/// (a SQLite commit lands even if no one waits for it; a networked store's
+/// answer may be lost), and a conditional write made twice changes nothing
+/// the second time.
 struct Owing<'a> {
     claims: &'a Claims,
     key: (BusinessId, MessageId),
@@ -715,9 +727,12 @@ impl Processor {
     /// Commit `op`, which records what the business or the transport was
     /// just told about message `id` (and, if `accepted`, moves an outbound
     /// message on from queued); `false` if its condition failed (the
-    /// message changed, or is gone). Should this future be dropped before
-    /// the store answers, the write is owed, and made, with what follows
-    /// it, before the message is next taken up ([`pay_owed`](Self::pay_owed)).
+    /// message changed, or is gone). Should the store fail, or this future
+    /// be dropped before it answers, the write is owed, and made, with what
+    /// follows it, before the message is next taken up
+    /// ([`pay_owed`](Self::pay_owed)): a failed write may have landed (a
+    /// networked store's answer lost), or not, and either way what was told
+    /// must not be told again.
     async fn commit_told(
         &self,
         business: BusinessId,
@@ -734,14 +749,17 @@ impl Processor {
             }),
         };
         let written = self.commit_op(op).await;
-        owing.owed = None;
+        if written.is_ok() {
+            owing.owed = None;
+        }
         written
     }
 
-    /// Make the write that a call dropped halfway owes message `id`, if
-    /// any. If it moved an outbound message on from queued, and landed now
-    /// or before (unseen: the stored state is still the one it wrote), the
-    /// message is counted taken and its business told it is sent.
+    /// Make the write that a call dropped halfway (or failed by the store)
+    /// owes message `id`, if any. If it moved an outbound message on from
+    /// queued, and landed now or before (unseen: the stored state is still
+    /// the one it wrote), the message is counted taken and, if a send's
+    /// bookkeeping moved it, its business told it is sent.
     async fn pay_owed(&self, business: BusinessId, id: MessageId) -> Result<(), ProcessorError> {
         let owed = self
             .claims
@@ -1054,7 +1072,11 @@ impl Processor {
 
     /// Send a business's message: sealed and stored first, then sent to
     /// every device of the recipient. Returns its id once it is stored;
-    /// delivery continues (and is retried) from there.
+    /// delivery continues (and is retried) from there, whatever the first
+    /// attempt met. An error means the message was not stored, unless the
+    /// store failed to answer the very write that stored it: that message
+    /// is then sent and reported like any other (its id is in its status
+    /// reports).
     pub async fn send(
         &self,
         principal: &Principal,
@@ -1110,8 +1132,16 @@ impl Processor {
         self.retention.stored(&admission);
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
-        self.attempt_outbound(&record, &body, Purpose::Delivery)
-            .await?;
+        // Stored, the message is accepted: an error of its first attempt
+        // (the store failing its bookkeeping) leaves it to the
+        // retransmission loop, which makes the write owed first. Refused
+        // now, it would be sent again by the business as well.
+        if let Err(e) = self
+            .attempt_outbound(&record, &body, Purpose::Delivery)
+            .await
+        {
+            warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+        }
         Ok(id)
     }
 
@@ -1147,6 +1177,7 @@ impl Processor {
                     category: body.category,
                     at: now,
                     next,
+                    tell_sent: true,
                 });
             if self.commit_told(business, id, op, accepted).await? {
                 break (next, accepted);
@@ -1189,10 +1220,14 @@ impl Processor {
         );
     }
 
-    /// What follows a send's bookkeeping moving message `id` on from
-    /// queued: it is counted taken, and its business told it is sent.
+    /// What follows a write moving message `id` on from queued: it is
+    /// counted taken, and (after a send's bookkeeping) its business told it
+    /// is sent.
     async fn on_accepted(&self, business: BusinessId, id: MessageId, accepted: Accepted) {
         self.accepted(business, accepted.phone, accepted.category, accepted.at);
+        if !accepted.tell_sent {
+            return;
+        }
         self.notify(StatusUpdate {
             business,
             id,
@@ -1564,10 +1599,29 @@ impl Processor {
                 },
                 pending_devices: pending,
             };
-            if !self
-                .write_delivery(business, id, record.delivery, settled)
-                .await?
-            {
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: record.delivery,
+                delivery: settled,
+            };
+            // Moving it on from queued counts it taken: should the store
+            // fail that write, it is owed with what follows it.
+            let accepted = match queued_as {
+                Some(Some(category)) => Some(Accepted {
+                    phone: record.phone,
+                    category,
+                    at: now,
+                    next: settled,
+                    tell_sent: false,
+                }),
+                _ => None,
+            };
+            let written = match accepted {
+                Some(_) => self.commit_told(business, id, op, accepted).await?,
+                None => self.commit_op(op).await?,
+            };
+            if !written {
                 // Another report won the race: decide again on what it left.
                 continue;
             }

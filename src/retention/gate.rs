@@ -7,7 +7,9 @@
 //! lands with no one waiting), and the audit trail already says it was
 //! made. So the write is owed: made again (placing and releasing are
 //! idempotent) before anything next reads the holds under the gate, and
-//! the audit trail stays true.
+//! the audit trail stays true. A write the store fails may have landed too
+//! (a networked store's answer lost): its caller audits the change undone
+//! and owes the write that undoes it.
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -17,17 +19,16 @@ pub(super) struct HoldGate {
     gate: async_lock::Mutex<()>,
     /// A hold change audited and dropped before the store answered.
     owed: Mutex<Option<Op>>,
-    /// The holds in force, as last read or written by this instance.
+    /// The holds in force, as last read by this instance.
     scopes: RwLock<Scopes>,
 }
 
-/// The holds last read, and how many times they were forgotten: a read
-/// that a hold change overtook (it read the store before the change
-/// landed) is not kept.
+/// The holds last read, and how many hold changes this instance has seen:
+/// a read that a change overtook is not kept.
 #[derive(Default)]
 struct Scopes {
+    changes: u64,
     read: Option<Arc<[HoldScope]>>,
-    forgotten: u64,
 }
 
 impl HoldGate {
@@ -62,8 +63,8 @@ impl HoldGate {
     }
 
     /// Write `op`, a hold change already audited, under the gate. An error
-    /// is the caller's to put straight; a drop before the store answers
-    /// leaves the write owed.
+    /// is the caller's to put straight (see [`owe`](Self::owe)); a drop
+    /// before the store answers leaves the write owed.
     pub(super) async fn write(&self, storage: &dyn Storage, op: Op) -> Result<(), StoreError> {
         let mut owing = Owing {
             gate: self,
@@ -77,18 +78,39 @@ impl HoldGate {
         written
     }
 
+    /// Owe `op`, made before anything next reads the holds under the gate:
+    /// how a caller whose write failed (and may have landed, its answer
+    /// lost) makes the store agree with what the audit trail says. The
+    /// caller holds the gate.
+    pub(super) fn owe(&self, op: Op) {
+        *self.owed.lock().unwrap_or_else(PoisonError::into_inner) = Some(op);
+        self.forget_scopes();
+    }
+
     /// The scopes of the holds in force, read once and then kept until a
-    /// hold changes.
+    /// hold changes. An owed hold change is written first.
     pub(super) async fn scopes(
         &self,
         storage: &dyn Storage,
     ) -> Result<Arc<[HoldScope]>, StoreError> {
-        let forgotten = {
-            let cached = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(scopes) = cached.read.clone() {
-                return Ok(scopes);
+        let mut changes = match self.kept() {
+            Ok(scopes) => return Ok(scopes),
+            Err(changes) => changes,
+        };
+        let owes = self
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        let _gate = if owes {
+            let gate = self.lock(storage).await?;
+            match self.kept() {
+                Ok(scopes) => return Ok(scopes),
+                Err(now) => changes = now,
             }
-            cached.forgotten
+            Some(gate)
+        } else {
+            None
         };
         let scopes: Arc<[HoldScope]> = storage
             .holds()
@@ -96,18 +118,24 @@ impl HoldGate {
             .into_iter()
             .map(|h| h.scope)
             .collect();
-        let mut cached = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
-        // A hold changed while the store was read: what was read may miss it.
-        if cached.forgotten == forgotten {
-            cached.read = Some(scopes.clone());
+        let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        // A change written while the store was read may be missing from it.
+        if kept.changes == changes {
+            kept.read = Some(scopes.clone());
         }
         Ok(scopes)
     }
 
+    /// The holds kept from the last read, or how many changes were seen.
+    fn kept(&self) -> Result<Arc<[HoldScope]>, u64> {
+        let kept = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
+        kept.read.clone().ok_or(kept.changes)
+    }
+
     fn forget_scopes(&self) {
-        let mut cached = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
-        cached.read = None;
-        cached.forgotten = cached.forgotten.wrapping_add(1);
+        let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
+        kept.changes += 1;
+        kept.read = None;
     }
 }
 

@@ -302,6 +302,9 @@ impl Retention {
     /// first: if the audit trail cannot record it, the hold is not placed.
     /// Placing a hold that stands already (same scope, same case) changes
     /// nothing. A sweep in progress honours it from its next step on.
+    /// If the store fails the write, no hold stands: the audit trail says
+    /// it was undone, and the store is made to agree (the write may have
+    /// landed) before the holds are next read.
     pub async fn place_hold(
         &self,
         scope: HoldScope,
@@ -328,11 +331,19 @@ impl Retention {
             reference: reference.to_owned(),
             placed: now,
         });
-        if let Err(e) = self.hold_gate.write(&*self.storage, put).await {
-            // The audit says placed; put the record straight (no hold stands).
-            let _ = self.audit.record_hold(&HoldEvent {
+        if let Err(e) = self.hold_gate.write(&*self.storage, put.clone()).await {
+            // The audit says placed; put the record straight (no hold
+            // stands), and the store with it: the write may have landed.
+            let undone = self.audit.record_hold(&HoldEvent {
                 action: HoldAction::Released,
                 ..event
+            });
+            self.hold_gate.owe(match undone {
+                Ok(()) => Op::DeleteHold {
+                    scope,
+                    reference: reference.to_owned(),
+                },
+                Err(_) => put,
             });
             return Err(e.into());
         }
@@ -341,8 +352,10 @@ impl Retention {
 
     /// Release the legal hold on `scope` for the case `reference`; holds of
     /// other cases on the same scope stand. Audited first: if the audit
-    /// trail cannot record it, the hold stays. Returns whether such a hold
-    /// was in force.
+    /// trail cannot record it, the hold stays; so it does if the store
+    /// fails the write (audited as undone, and the store made to agree
+    /// before the holds are next read). Returns whether such a hold was in
+    /// force.
     pub async fn release_hold(
         &self,
         scope: HoldScope,
@@ -351,12 +364,12 @@ impl Retention {
     ) -> Result<bool, HoldError> {
         let _gate = self.hold_gate.lock(&*self.storage).await?;
         let stored = self.storage.holds().await?;
-        if !stored
-            .iter()
-            .any(|h| h.scope == scope && h.reference == reference)
-        {
+        let Some(held) = stored
+            .into_iter()
+            .find(|h| h.scope == scope && h.reference == reference)
+        else {
             return Ok(false);
-        }
+        };
         let event = HoldEvent {
             at: now,
             action: HoldAction::Released,
@@ -368,11 +381,16 @@ impl Retention {
             scope,
             reference: reference.to_owned(),
         };
-        if let Err(e) = self.hold_gate.write(&*self.storage, delete).await {
-            // The audit says released; put the record straight (the hold stands).
-            let _ = self.audit.record_hold(&HoldEvent {
+        if let Err(e) = self.hold_gate.write(&*self.storage, delete.clone()).await {
+            // The audit says released; put the record straight (the hold
+            // stands), and the store with it: the write may have landed.
+            let undone = self.audit.record_hold(&HoldEvent {
                 action: HoldAction::Placed,
                 ..event
+            });
+            self.hold_gate.owe(match undone {
+                Ok(()) => Op::PutHold(held),
+                Err(_) => delete,
             });
             return Err(e.into());
         }

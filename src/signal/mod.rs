@@ -722,6 +722,13 @@ impl Sessions {
     /// anything changed.
     pub async fn maintain(&self, business: BusinessId) -> Result<Maintenance, SignalError> {
         let _guard = self.business_locks.lock(business).await;
+        // Out of memory until this completes: however it ends (an error,
+        // a dropped future), the next use reloads what the store kept, and
+        // a signed prekey retired below is not left usable in memory.
+        self.accounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&business);
         let keys = self.vault.keys();
         let now = self.now();
         let mut account = Account::load_or_create(keys, business, now).await?;

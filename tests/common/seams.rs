@@ -2,6 +2,9 @@
 //! in-memory store whose every host seam (store, key provider, network,
 //! business) suspends around each call, so that every `.await` of the
 //! processor is a real suspension point a test can cut, fail or interleave.
+//! Around the paused store and key provider, a [`HostFaults`] control makes
+//! a chosen call fail (or every call from it on, an outage) as a host's
+//! database or KMS does.
 #![allow(dead_code, reason = "each test binary uses a part of the harness")]
 
 use std::collections::BTreeMap;
@@ -21,7 +24,7 @@ use custodian::keys::{
 use custodian::processor::{
     DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
 };
-use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::signal::{PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MemoryStore,
     MessageRecord, PeerId, Storage, StoreError,
@@ -322,6 +325,422 @@ impl BusinessSink for PausedBusiness {
     }
 }
 
+/// Which host seams a [`HostFaults`] plan fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seams {
+    /// The store (its `KeyStore` and `Storage` calls).
+    Store,
+    /// The key provider.
+    Provider,
+    /// Both, counted together.
+    Both,
+}
+
+impl Seams {
+    fn includes(self, seam: Seam) -> bool {
+        matches!(
+            (self, seam),
+            (Self::Both, _) | (Self::Store, Seam::Store) | (Self::Provider, Seam::Provider)
+        )
+    }
+}
+
+/// One host seam.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seam {
+    Store,
+    Provider,
+}
+
+/// When an injected failure strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Strike {
+    /// Before the inner call: nothing was applied.
+    Before,
+    /// After the inner call: a write landed, and its answer was lost (a
+    /// networked database's reply, say). A read's answer is lost.
+    After,
+}
+
+/// What [`HostFaults`] is told to do: fail the `at`-th call (counted from
+/// when it was told) of `seams`, or every call from it on if `outage`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    pub(crate) at: usize,
+    pub(crate) seams: Seams,
+    pub(crate) strike: Strike,
+    pub(crate) outage: bool,
+}
+
+/// The failure control the store and key provider of a [`Deployment`]
+/// share: every call of theirs asks it whether to fail.
+#[derive(Default)]
+pub(crate) struct HostFaults {
+    state: Mutex<FaultState>,
+}
+
+#[derive(Default)]
+struct FaultState {
+    plan: Option<Plan>,
+    /// Calls of the planned seams since the plan was set, by name.
+    calls: Vec<&'static str>,
+    /// The calls failed, by name, and how.
+    failed: Vec<(&'static str, Strike)>,
+}
+
+impl HostFaults {
+    /// Fail call `plan.at` of `plan.seams` from now on (counting from 1);
+    /// forgets what failed before.
+    pub(crate) fn set(&self, plan: Plan) {
+        *self.state.lock().unwrap() = FaultState {
+            plan: Some(plan),
+            ..FaultState::default()
+        };
+    }
+
+    /// Fail only the `n`-th call of `seams` from now on.
+    pub(crate) fn fail_at(&self, n: usize, seams: Seams, strike: Strike) {
+        self.set(Plan {
+            at: n,
+            seams,
+            strike,
+            outage: false,
+        });
+    }
+
+    /// Fail every call of `seams` from the `n`-th on, until [`lift`](Self::lift).
+    pub(crate) fn outage_from(&self, n: usize, seams: Seams) {
+        self.set(Plan {
+            at: n,
+            seams,
+            strike: Strike::Before,
+            outage: true,
+        });
+    }
+
+    /// Fail nothing more; the calls failed so far (name and strike).
+    pub(crate) fn lift(&self) -> Vec<(&'static str, Strike)> {
+        let mut state = self.state.lock().unwrap();
+        state.plan = None;
+        state.failed.clone()
+    }
+
+    /// The calls failed so far.
+    pub(crate) fn failed(&self) -> Vec<(&'static str, Strike)> {
+        self.state.lock().unwrap().failed.clone()
+    }
+
+    /// The calls of the planned seams since the plan was set, by name.
+    pub(crate) fn calls(&self) -> Vec<&'static str> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Whether `call` of `seam` is to fail, and how.
+    fn strike(&self, seam: Seam, call: &'static str) -> Option<Strike> {
+        let mut state = self.state.lock().unwrap();
+        let plan = state.plan?;
+        if !plan.seams.includes(seam) {
+            return None;
+        }
+        state.calls.push(call);
+        let hit = if plan.outage {
+            state.calls.len() >= plan.at
+        } else {
+            state.calls.len() == plan.at
+        };
+        hit.then(|| {
+            state.failed.push((call, plan.strike));
+            plan.strike
+        })
+    }
+
+    /// Run `inner` (the call `call` of the store) unless it is to fail.
+    async fn store<T>(
+        &self,
+        call: &'static str,
+        inner: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let failure = || StoreError::Backend(format!("injected failure of {call}"));
+        match self.strike(Seam::Store, call) {
+            None => inner.await,
+            Some(Strike::Before) => Err(failure()),
+            Some(Strike::After) => {
+                let _lost = inner.await;
+                Err(failure())
+            }
+        }
+    }
+
+    /// Run `inner` (the call `call` of the key provider) unless it is to fail.
+    async fn provider<T>(
+        &self,
+        call: &'static str,
+        inner: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let failure = || ProviderError::Unavailable(format!("injected failure of {call}"));
+        match self.strike(Seam::Provider, call) {
+            None => inner.await,
+            Some(Strike::Before) => Err(failure()),
+            Some(Strike::After) => {
+                let _lost = inner.await;
+                Err(failure())
+            }
+        }
+    }
+}
+
+/// A store that fails as its [`HostFaults`] says, around another.
+pub(crate) struct FailingStore {
+    pub(crate) inner: Arc<dyn Storage>,
+    pub(crate) faults: Arc<HostFaults>,
+}
+
+impl FailingStore {
+    /// The paused `store`, failing as `faults` says.
+    pub(crate) fn paused(store: Arc<MemoryStore>, faults: Arc<HostFaults>) -> Self {
+        Self {
+            inner: Arc::new(PausedStore(store)),
+            faults,
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for FailingStore {
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        self.faults.store("ring", self.inner.ring(business)).await
+    }
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        let call = self.inner.put_ring(ring, expected);
+        self.faults.store("put_ring", call).await
+    }
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        self.faults.store("key", self.inner.key(id)).await
+    }
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        self.faults
+            .store("insert_key", self.inner.insert_key(key))
+            .await
+    }
+    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
+        let call = self.inner.rewrap_key(key, expected);
+        self.faults.store("rewrap_key", call).await
+    }
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        let call = self.inner.destroy_key(id, at);
+        self.faults.store("destroy_key", call).await
+    }
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        self.faults
+            .store("delete_keys", self.inner.delete_keys(ids))
+            .await
+    }
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        let call = self
+            .inner
+            .keys_wrapped_below(business, version, after, limit);
+        self.faults.store("keys_wrapped_below", call).await
+    }
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        let call = self.inner.count_wrapped_under(business, version);
+        self.faults.store("count_wrapped_under", call).await
+    }
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        let call = self.inner.keys_of_kind(business, kind, after, limit);
+        self.faults.store("keys_of_kind", call).await
+    }
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        let call = self.inner.ended_epoch_keys(now, limit);
+        self.faults.store("ended_epoch_keys", call).await
+    }
+}
+
+#[async_trait]
+impl Storage for FailingStore {
+    fn region(&self) -> Region {
+        self.inner.region()
+    }
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.faults.store("commit", self.inner.commit(batch)).await
+    }
+    async fn peer(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.faults
+            .store("peer", self.inner.peer(business, peer))
+            .await
+    }
+    async fn peer_devices(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+    ) -> Result<Vec<u32>, StoreError> {
+        let call = self.inner.peer_devices(business, phone);
+        self.faults.store("peer_devices", call).await
+    }
+    async fn message(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        self.faults
+            .store("message", self.inner.message(business, id))
+            .await
+    }
+    async fn due_messages(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let call = self.inner.due_messages(now, limit);
+        self.faults.store("due_messages", call).await
+    }
+    async fn expired_open_messages(
+        &self,
+        now: Timestamp,
+        after: Option<(Timestamp, BusinessId, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let call = self.inner.expired_open_messages(now, after, limit);
+        self.faults.store("expired_open_messages", call).await
+    }
+    async fn cap_expiry(
+        &self,
+        business: BusinessId,
+        direction: Direction,
+        period: Duration,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<Option<MessageId>, StoreError> {
+        let call = self
+            .inner
+            .cap_expiry(business, direction, period, after, limit);
+        self.faults.store("cap_expiry", call).await
+    }
+    async fn delete_expired(
+        &self,
+        now: Timestamp,
+        abandon_before: Timestamp,
+        holds: &[HoldScope],
+        limit: usize,
+    ) -> Result<Vec<ExpiredMessage>, StoreError> {
+        let call = self.inner.delete_expired(now, abandon_before, holds, limit);
+        self.faults.store("delete_expired", call).await
+    }
+    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        let call = self.inner.message_businesses();
+        self.faults.store("message_businesses", call).await
+    }
+    async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        let call = self.inner.message_epochs(business, phone);
+        self.faults.store("message_epochs", call).await
+    }
+    async fn orphan_peers(
+        &self,
+        now: Timestamp,
+        after: Option<(BusinessId, PeerId)>,
+        limit: usize,
+    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
+        let call = self.inner.orphan_peers(now, after, limit);
+        self.faults.store("orphan_peers", call).await
+    }
+    async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
+        self.faults.store("holds", self.inner.holds()).await
+    }
+    async fn census(&self) -> Result<Census, StoreError> {
+        self.faults.store("census", self.inner.census()).await
+    }
+    async fn scrub(&self) -> Result<(), StoreError> {
+        self.faults.store("scrub", self.inner.scrub()).await
+    }
+}
+
+/// A key provider that fails as its [`HostFaults`] says, around another.
+pub(crate) struct FailingProvider {
+    pub(crate) inner: Arc<dyn KeyProvider>,
+    pub(crate) faults: Arc<HostFaults>,
+}
+
+#[async_trait]
+impl KeyProvider for FailingProvider {
+    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
+        self.faults
+            .provider("wrap", self.inner.wrap(context, key))
+            .await
+    }
+    async fn unwrap(
+        &self,
+        context: &KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, ProviderError> {
+        self.faults
+            .provider("unwrap", self.inner.unwrap(context, wrapped))
+            .await
+    }
+}
+
+/// The host seams of a [`Deployment`], kept to build its processor again.
+pub(crate) struct HostSeams {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) provider: Arc<dyn KeyProvider>,
+    pub(crate) transport: Arc<PausedNetwork>,
+    pub(crate) business: Arc<PausedBusiness>,
+    pub(crate) authorizer: Arc<StaticAuthorizer>,
+    pub(crate) audit: Arc<MemoryAuditSink>,
+    pub(crate) signal: SignalConfig,
+}
+
+impl HostSeams {
+    fn processor(&self, clock: &ManualClock) -> Processor {
+        let host = Host {
+            storage: self.storage.clone(),
+            key_provider: self.provider.clone(),
+            transport: self.transport.clone(),
+            business: self.business.clone(),
+            authorizer: self.authorizer.clone(),
+            clock: Arc::new(clock.clone()),
+            audit: self.audit.clone(),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: Duration::from_secs(120),
+                batch: 1_000,
+            },
+            signal: self.signal.clone(),
+            ..Policies::default()
+        };
+        Processor::new(host, policies).unwrap()
+    }
+}
+
 pub(crate) struct Deployment {
     pub(crate) clock: ManualClock,
     pub(crate) store: Arc<MemoryStore>,
@@ -329,6 +748,10 @@ pub(crate) struct Deployment {
     pub(crate) transport: Arc<PausedNetwork>,
     pub(crate) business: Arc<SimBusiness>,
     pub(crate) audit: Arc<MemoryAuditSink>,
+    /// Fails the store's and the key provider's calls as a test plans.
+    pub(crate) faults: Arc<HostFaults>,
+    /// What the processor was built over, to build it again.
+    pub(crate) seams: HostSeams,
     pub(crate) processor: Processor,
     pub(crate) b: BusinessId,
     pub(crate) owner: Principal,
@@ -340,6 +763,13 @@ impl Deployment {
     /// A deployment with one business that has published its keys; the
     /// network and the business endpoint fail as `network` and `sink` say.
     pub(crate) async fn new(network: Faults, sink: Faults) -> Self {
+        Self::with_signal(network, sink, SignalConfig::default()).await
+    }
+
+    /// A deployment as [`new`](Self::new) makes, whose Signal side runs
+    /// under `signal` (a small prekey pool makes a test's many
+    /// deployments cheap).
+    pub(crate) async fn with_signal(network: Faults, sink: Faults, signal: SignalConfig) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
         let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
@@ -349,6 +779,7 @@ impl Deployment {
         });
         let business = SimBusiness::new(clock.clone(), sink, 8);
         let audit = Arc::new(MemoryAuditSink::new());
+        let faults = Arc::new(HostFaults::default());
         let b = BusinessId::new(BUSINESS).unwrap();
         let owner = Principal::new("owner");
         let carrier = Principal::new("transport");
@@ -357,34 +788,33 @@ impl Deployment {
             .operator(&operator)
             .grant(&owner, b)
             .grant(&carrier, b);
-        let host = Host {
-            storage: Arc::new(PausedStore(store.clone())),
-            key_provider: Arc::new(PausedProvider(
+        let storage: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(store.clone(), faults.clone()));
+        let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
+            inner: Arc::new(PausedProvider(
                 LocalKeyProvider::new(&SecretKey::generate()),
             )),
+            faults: faults.clone(),
+        });
+        let seams = HostSeams {
+            storage,
+            provider,
             transport: transport.clone(),
             business: Arc::new(PausedBusiness(business.clone())),
             authorizer: Arc::new(authorizer),
-            clock: Arc::new(clock.clone()),
             audit: audit.clone(),
-        };
-        let policies = Policies {
-            delivery: DeliveryConfig {
-                retry_base: Duration::from_secs(2),
-                retry_max: Duration::from_secs(60),
-                receipt_timeout: Duration::from_secs(120),
-                batch: 1_000,
-            },
-            ..Policies::default()
+            signal,
         };
         let d = Self {
+            processor: seams.processor(&clock),
             clock,
             store,
             network: sim,
             transport,
             business,
             audit,
-            processor: Processor::new(host, policies).unwrap(),
+            faults,
+            seams,
             b,
             owner,
             carrier,
@@ -392,6 +822,12 @@ impl Deployment {
         };
         d.processor.publish_keys(&d.owner, d.b).await.unwrap();
         d
+    }
+
+    /// The process restarts: a new processor over the same host, with
+    /// nothing in memory (no key unwrapped, no session loaded).
+    pub(crate) fn restart(&mut self) {
+        self.processor = self.seams.processor(&self.clock);
     }
 
     /// A consumer device (not on the simulated network) with a session

@@ -1,0 +1,1267 @@
+//! Host failures: the store or the key provider failing at each of their
+//! calls in turn, under every public entry point of the processor and the
+//! layers below it that keep promises of their own. A failed call returns
+//! the host's error (never a panic, never another error in its place) and
+//! changes nothing the promises rest on; the host then goes on as it would
+//! (the transport delivers again, the business sends again, retransmission
+//! and the sweep run) and every promise still holds: each inbound message
+//! reaches its business once, each accepted outbound message reaches each
+//! device once (no Signal counter used twice), statuses are told once and
+//! never backwards, billing counts each message once, holds agree with the
+//! audit trail, nothing stays locked, and no key is destroyed early or
+//! kept late.
+//!
+//! Each test builds a fresh deployment for every failure point `n = 1, 2,
+//! ...` and way of failing: the store's `n`-th call failing before it is
+//! made (nothing applied), or after (a write landed, its answer lost, as a
+//! networked database's reply is), or the key provider's `n`-th call
+//! failing. It stops once the entry point completes in fewer calls. Some
+//! tests take an outage instead: every call failing until it is lifted.
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custodian::ids::BusinessId;
+use custodian::keys::{
+    Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
+};
+use custodian::processor::Outbound;
+use custodian::retention::RetentionPolicy;
+use custodian::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
+use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
+use custodian::testing::{ConsumerDevice, Faults};
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::vault::Vault;
+use custodian::visibility::HoldAction;
+
+#[path = "common/seams.rs"]
+mod seams;
+use seams::*;
+
+/// More calls than any entry point here makes: a test that gets this far
+/// is looping.
+const MAX_CALLS: usize = 2_000;
+
+/// The ways a host call fails, each tried at every call in turn.
+const WAYS: [(Seams, Strike); 3] = [
+    (Seams::Store, Strike::Before),
+    (Seams::Store, Strike::After),
+    (Seams::Provider, Strike::Before),
+];
+
+/// A deployment with a small prekey pool: each test builds hundreds.
+async fn deployment(network: Faults, sink: Faults) -> Deployment {
+    let signal = SignalConfig {
+        prekey_pool: 4,
+        prekey_low_water: 2,
+        ..SignalConfig::default()
+    };
+    Deployment::with_signal(network, sink, signal).await
+}
+
+/// Where a failure was injected, for messages.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    n: usize,
+    seams: Seams,
+    strike: Strike,
+}
+
+/// Runs `case` for every way of failing and every call `n = 1, 2, ...`
+/// until it reports that no call failed (the entry point made fewer).
+async fn every_failure<F, Fut>(mut case: F)
+where
+    F: FnMut(At) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for (seams, strike) in WAYS {
+        let mut n = 1;
+        while !case(At { n, seams, strike }).await {
+            n += 1;
+            assert!(n < MAX_CALLS, "the entry point never completed");
+        }
+    }
+}
+
+/// What an entry point returned under an injected failure: `Ok` if no call
+/// failed; an error, only the host's own (never another in its place).
+fn assert_outcome<T: Debug, E: Debug>(got: &Result<T, E>, failed: &[(&str, Strike)], at: At) {
+    match got {
+        Ok(_) => {}
+        Err(e) => {
+            assert!(!failed.is_empty(), "{at:?}: failed with no failure: {e:?}");
+            assert!(
+                format!("{e:?}").contains("injected failure"),
+                "{at:?}: {failed:?} was reported as {e:?}"
+            );
+        }
+    }
+}
+
+/// Whether the failure struck the answer of the first commit of the calls
+/// made: the write that stores a new message landed, unanswered.
+fn first_commit_landed(faults: &HostFaults) -> bool {
+    let calls = faults.calls();
+    let first = calls.iter().position(|c| *c == "commit");
+    faults.failed().len() == 1
+        && faults.failed()[0] == ("commit", Strike::After)
+        && first == Some(calls.len() - 1)
+}
+
+/// Told delivered once, after sent (sent is best effort).
+fn assert_told_sent_delivered(told: &[Status], at: At) {
+    assert!(
+        told == [Status::Sent, Status::Delivered] || told == [Status::Delivered],
+        "{at:?}: told {told:?}"
+    );
+}
+
+#[test]
+fn harness_fails_the_planned_call_only() {
+    runtime().block_on(async {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        d.faults.fail_at(2, Seams::Store, Strike::Before);
+        let census = || d.processor.census(&d.operator);
+        assert!(census().await.is_ok());
+        let second = census().await;
+        assert!(format!("{second:?}").contains("injected failure of census"));
+        assert!(census().await.is_ok());
+        assert_eq!(d.faults.lift(), [("census", Strike::Before)]);
+        d.faults.outage_from(1, Seams::Store);
+        assert!(census().await.is_err() && census().await.is_err());
+        d.faults.lift();
+        assert!(census().await.is_ok());
+    });
+}
+
+#[test]
+fn receive_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let first = d.inbound(&mut handset, b"first").await;
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let got = d.receive(first.clone()).await;
+        let failed = d.faults.lift();
+
+        assert_outcome(&got, &failed, at);
+        // Not acknowledged: the transport delivers it again, and it is
+        // not burnt (decrypted then, or stored before).
+        if got.is_err() {
+            d.receive(first).await.unwrap();
+        }
+        // Nothing stays locked: the conversation goes on.
+        let second = d.inbound(&mut handset, b"second").await;
+        d.receive(second).await.unwrap();
+        d.settle(3).await;
+        let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
+        d.assert_statuses_told_once_forward(at.n);
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn send_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let sent = d.processor.send(&d.owner, d.b, d.outbound(b"first")).await;
+        let landed = first_commit_landed(&d.faults);
+        let failed = d.faults.lift();
+        assert_outcome(&sent, &failed, at);
+        // The business sends again what was refused.
+        if sent.is_err() {
+            d.processor
+                .send(&d.owner, d.b, d.outbound(b"first"))
+                .await
+                .unwrap();
+        }
+        d.processor
+            .send(&d.owner, d.b, d.outbound(b"second"))
+            .await
+            .unwrap();
+        d.settle(3).await;
+        // A send refused stored nothing, unless its store's answer to the
+        // very write that stored it was lost: that message is sent as any.
+        let stored = d.store.census().await.unwrap().messages;
+        let want = if sent.is_err() && landed { 3 } else { 2 };
+        assert_eq!(stored, want, "{at:?}: {failed:?} gave {sent:?}");
+        let received = d.network.received(&consumer(2)).await;
+        for device in 0..2 {
+            let got = &received[&device];
+            assert_eq!(got.len() as u64, stored, "{at:?}: device {device}");
+            assert!(got.values().all(|&copies| copies == 1), "{at:?}: {got:?}");
+            let contents = d.network.contents(&consumer(2), device).await;
+            assert_eq!(contents.len() as u64, stored, "{at:?}");
+        }
+        for id in received[&0].keys() {
+            let status = d
+                .processor
+                .message_status(&d.owner, d.b, *id)
+                .await
+                .unwrap();
+            assert_eq!(status, (Status::Delivered, None), "{at:?}");
+            let told: Vec<Status> = d.business.statuses()[id].iter().map(|s| s.0).collect();
+            assert_told_sent_delivered(&told, at);
+        }
+        // Every message sent is billed, once.
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, stored, "{at:?}: {failed:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn status_update_survives_every_host_failure() {
+    runtime().block_on(async {
+        // The report comes after the send's bookkeeping, or before it (the
+        // network down when the message was sent: it is still queued).
+        for queued in [false, true] {
+            every_failure(|at| async move {
+                let start = Timestamp::from_millis(T0);
+                let network = if queued {
+                    Faults::none().with_outage(start, Duration::from_secs(60))
+                } else {
+                    Faults::none()
+                };
+                let d = deployment(network, Faults::none()).await;
+                d.network.add_consumer(&consumer(2), 1).await;
+                let id = d
+                    .processor
+                    .send(&d.owner, d.b, d.outbound(b"hi"))
+                    .await
+                    .unwrap();
+                d.faults.fail_at(at.n, at.seams, at.strike);
+                let update = d
+                    .processor
+                    .status_update(&d.carrier, d.b, id, Status::Delivered)
+                    .await;
+                let failed = d.faults.lift();
+                assert_outcome(&update, &failed, at);
+                // Not acknowledged: the transport reports again.
+                if update.is_err() {
+                    d.processor
+                        .status_update(&d.carrier, d.b, id, Status::Delivered)
+                        .await
+                        .unwrap();
+                }
+                d.settle(3).await;
+                let status = d.processor.message_status(&d.owner, d.b, id).await;
+                assert_eq!(status.unwrap(), (Status::Delivered, None), "{at:?}");
+                let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+                assert_told_sent_delivered(&told, at);
+                d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+                d.processor.export_billing(&d.operator).await.unwrap();
+                let billed = d.billed().await;
+                assert_eq!(billed, 1, "{at:?}, queued {queued}: {failed:?}");
+                failed.is_empty()
+            })
+            .await;
+        }
+    });
+}
+
+#[test]
+fn retransmit_due_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        // The business and the network are down for the first minute: an
+        // inbound message waits for its business, an outbound one for the
+        // network.
+        let start = Timestamp::from_millis(T0);
+        let down = |f: Faults| f.with_outage(start, Duration::from_secs(60));
+        let d = deployment(down(Faults::none()), down(Faults::none())).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(!d.receive(inbound).await.unwrap().delivered);
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        // To a number with no device: failed, its report due.
+        let nowhere = Outbound {
+            to: consumer(3),
+            ..d.outbound(b"nowhere")
+        };
+        let nowhere = d.processor.send(&d.owner, d.b, nowhere).await.unwrap();
+        d.clock.advance(Duration::from_secs(120));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let report = d.processor.retransmit_due(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&report, &failed, at);
+        d.settle(3).await;
+        let want = BTreeMap::from([(b"in".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
+        d.assert_statuses_told_once_forward(at.n);
+        let received = d.network.received(&consumer(2)).await;
+        for device in 0..2 {
+            assert_eq!(received[&device].get(&out), Some(&1), "{at:?}: {failed:?}");
+        }
+        let told: Vec<Status> = d.business.statuses()[&out].iter().map(|s| s.0).collect();
+        assert_told_sent_delivered(&told, at);
+        let told = &d.business.statuses()[&nowhere];
+        let want = [(Status::Failed, Some(FailureReason::NoDevices))];
+        assert_eq!(told, &want, "{at:?}: {failed:?}");
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.processor.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, 1, "{at:?}: {failed:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn sweep_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        // The network never takes the outbound message: it expires open.
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let swept = d.processor.sweep(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&swept, &failed, at);
+        let report = d.processor.sweep(&d.operator).await.unwrap();
+        assert!(report.complete, "{at:?}");
+        d.settle(2).await;
+        let census = d.store.census().await.unwrap();
+        assert_eq!((census.messages, census.peers), (0, 0), "{at:?}");
+        let told = &d.business.statuses()[&out];
+        let want = [(Status::Failed, Some(FailureReason::NoDevices))];
+        assert_eq!(told, &want, "{at:?}: {failed:?}");
+        let late = d.inbound(&mut handset, b"later").await;
+        assert!(d.receive(late).await.is_err(), "{at:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn publish_keys_survives_every_host_failure() {
+    runtime().block_on(async {
+        // With the signed prekey due for rotation or not.
+        for days in [0, 8] {
+            every_failure(|at| async move {
+                let d = deployment(Faults::none(), Faults::none()).await;
+                // A consumer holding the keys published before.
+                let early = d.handset().await;
+                d.clock.advance(Duration::from_secs(days * 24 * 3600));
+                d.faults.fail_at(at.n, at.seams, at.strike);
+                let published = d.processor.publish_keys(&d.owner, d.b).await;
+                let failed = d.faults.lift();
+                assert_outcome(&published, &failed, at);
+                d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+                // Every key published, before and after, starts a session.
+                let keys = d.transport.published.lock().unwrap().clone().unwrap();
+                let mut handsets = vec![early];
+                // (The early consumer took the first one-time prekey.)
+                for index in [None, Some(1), Some(keys.one_time_prekeys.len() - 1)] {
+                    let mut handset = ConsumerDevice::new(1);
+                    handset
+                        .start_session(d.b, &keys.bundle(index))
+                        .await
+                        .unwrap();
+                    handsets.push(handset);
+                }
+                for (i, handset) in handsets.iter_mut().enumerate() {
+                    let content = format!("hello {i}");
+                    let inbound = d.inbound(handset, content.as_bytes()).await;
+                    let receipt = d.receive(inbound).await;
+                    assert!(
+                        receipt.is_ok(),
+                        "{at:?}, {days} days: {failed:?}: {receipt:?}"
+                    );
+                    // (Each is the same number's device reinstalled: its new
+                    // identity is accepted and reported.)
+                }
+                failed.is_empty()
+            })
+            .await;
+        }
+    });
+}
+
+#[test]
+fn trust_new_identity_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"hello").await;
+        d.receive(inbound).await.unwrap();
+        let from = consumer(1);
+        let device = handset.device_id();
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let trusted = d
+            .processor
+            .trust_new_identity(&d.owner, d.b, &from, device)
+            .await;
+        let failed = d.faults.lift();
+        assert_outcome(&trusted, &failed, at);
+        // Refused: the session stands (and goes on), unless its deletion
+        // landed unanswered.
+        let kept = d.store.census().await.unwrap().peers == 1;
+        let next = d.inbound(&mut handset, b"next").await;
+        assert_eq!(d.receive(next).await.is_ok(), kept, "{at:?}: {failed:?}");
+        if trusted.is_err() {
+            assert!(kept || failed == [("commit", Strike::After)], "{at:?}");
+        }
+        d.processor
+            .trust_new_identity(&d.owner, d.b, &from, device)
+            .await
+            .unwrap();
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"again").await;
+        assert!(d.receive(inbound).await.unwrap().delivered, "{at:?}");
+        failed.is_empty()
+    }));
+}
+
+/// The holds in force are what the audit trail says.
+async fn holds_agree_with_the_audit(d: &Deployment, at: At, what: &str) -> bool {
+    let listed = d.processor.holds(&d.operator).await.unwrap();
+    let stored = d.store.holds().await.unwrap();
+    assert_eq!(listed, stored, "{at:?}: {what}");
+    let audited = d
+        .audit
+        .hold_events()
+        .iter()
+        .fold(0i32, |held, e| match e.action {
+            HoldAction::Placed => held + 1,
+            HoldAction::Released => held - 1,
+        });
+    let stands = stored.iter().any(|h| h.reference == "case-1");
+    assert_eq!(audited, i32::from(stands), "{at:?}: {what}");
+    stands
+}
+
+#[test]
+fn holds_survive_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let scope = HoldScope::Business(d.b);
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let placed = d.processor.place_hold(&d.operator, scope, "case-1").await;
+        let failed_placing = d.faults.lift();
+        assert_outcome(&placed, &failed_placing, at);
+        let stands = holds_agree_with_the_audit(&d, at, "placing").await;
+        // A refused hold change changed nothing.
+        assert_eq!(stands, placed.is_ok(), "{at:?}: {failed_placing:?}");
+        d.processor
+            .place_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        holds_agree_with_the_audit(&d, at, "placed").await;
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let released = d.processor.release_hold(&d.operator, scope, "case-1").await;
+        let failed_releasing = d.faults.lift();
+        assert_outcome(&released, &failed_releasing, at);
+        let stands = holds_agree_with_the_audit(&d, at, "releasing").await;
+        assert_eq!(stands, released.is_err(), "{at:?}: {failed_releasing:?}");
+        d.processor
+            .release_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        assert!(d.store.holds().await.unwrap().is_empty());
+        holds_agree_with_the_audit(&d, at, "released").await;
+        failed_placing.is_empty() && failed_releasing.is_empty()
+    }));
+}
+
+#[test]
+fn reads_and_exports_survive_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"billable"))
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let p = &d.processor;
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let status = p.message_status(&d.owner, d.b, id).await;
+        let census = p.census(&d.operator).await;
+        let holds = p.holds(&d.operator).await;
+        let exported = p.export_billing(&d.operator).await;
+        let integrity = p.export_integrity(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&status, &failed, at);
+        assert_outcome(&census, &failed, at);
+        assert_outcome(&holds, &failed, at);
+        assert_outcome(&exported, &failed, at);
+        assert_outcome(&integrity, &failed, at);
+        assert_eq!(
+            p.message_status(&d.owner, d.b, id).await.unwrap(),
+            (Status::Sent, None)
+        );
+        assert_eq!(p.census(&d.operator).await.unwrap().messages, 1, "{at:?}");
+        p.export_billing(&d.operator).await.unwrap();
+        assert_eq!(d.billed().await, 1, "{at:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn a_store_outage_loses_no_message() {
+    runtime().block_on(async {
+        for from in 1..40 {
+            let at = At {
+                n: from,
+                seams: Seams::Store,
+                strike: Strike::Before,
+            };
+            let d = deployment(Faults::none(), Faults::none()).await;
+            d.network.add_consumer(&consumer(2), 1).await;
+            let mut handset = d.handset().await;
+            let inbound = d.inbound(&mut handset, b"in").await;
+            d.faults.outage_from(from, Seams::Store);
+            let received = d.receive(inbound.clone()).await;
+            let sent = d.processor.send(&d.owner, d.b, d.outbound(b"out")).await;
+            let retried = d.processor.retransmit_due(&d.operator).await;
+            let swept = d.processor.sweep(&d.operator).await;
+            let failed = d.faults.lift();
+            assert_outcome(&received, &failed, at);
+            assert_outcome(&sent, &failed, at);
+            assert_outcome(&retried, &failed, at);
+            assert_outcome(&swept, &failed, at);
+            if received.is_err() {
+                d.receive(inbound).await.unwrap();
+            }
+            if sent.is_err() {
+                d.processor
+                    .send(&d.owner, d.b, d.outbound(b"out"))
+                    .await
+                    .unwrap();
+            }
+            d.settle(3).await;
+            assert_eq!(
+                d.contents(),
+                BTreeMap::from([(b"in".to_vec(), 1)]),
+                "{at:?}"
+            );
+            let received = d.network.received(&consumer(2)).await;
+            let stored = d.store.census().await.unwrap().messages;
+            assert_eq!(received[&0].len() as u64, stored - 1, "{at:?}");
+            assert!(received[&0].values().all(|&c| c == 1), "{at:?}");
+            d.assert_statuses_told_once_forward(from);
+            if failed.is_empty() {
+                return;
+            }
+        }
+        panic!("the outage never ended before the calls did");
+    });
+}
+
+#[test]
+fn a_key_provider_outage_loses_no_message() {
+    runtime().block_on(async {
+        for from in 1..10 {
+            let at = At {
+                n: from,
+                seams: Seams::Provider,
+                strike: Strike::Before,
+            };
+            // The business and the network are down for the first minute:
+            // a message each way waits for a retry.
+            let start = Timestamp::from_millis(T0);
+            let down = |f: Faults| f.with_outage(start, Duration::from_secs(60));
+            let mut d = deployment(down(Faults::none()), down(Faults::none())).await;
+            d.network.add_consumer(&consumer(2), 1).await;
+            let mut handset = d.handset().await;
+            let early = d.inbound(&mut handset, b"early").await;
+            assert!(!d.receive(early).await.unwrap().delivered);
+            d.processor
+                .send(&d.owner, d.b, d.outbound(b"queued"))
+                .await
+                .unwrap();
+            d.clock.advance(Duration::from_secs(120));
+            // A new process, with no key unwrapped: every key needs the
+            // provider, which is down.
+            d.restart();
+            let inbound = d.inbound(&mut handset, b"in").await;
+            d.faults.outage_from(from, Seams::Provider);
+            let received = d.receive(inbound.clone()).await;
+            let sent = d.processor.send(&d.owner, d.b, d.outbound(b"out")).await;
+            let retried = d.processor.retransmit_due(&d.operator).await;
+            d.clock.advance(Duration::from_secs(60));
+            let again = d.processor.retransmit_due(&d.operator).await;
+            let failed = d.faults.lift();
+            for outcome in [&retried, &again] {
+                assert_outcome(outcome, &failed, at);
+            }
+            assert_outcome(&received, &failed, at);
+            assert_outcome(&sent, &failed, at);
+            if received.is_err() {
+                d.receive(inbound).await.unwrap();
+            }
+            if sent.is_err() {
+                d.processor
+                    .send(&d.owner, d.b, d.outbound(b"out"))
+                    .await
+                    .unwrap();
+            }
+            d.settle(3).await;
+            let want = BTreeMap::from([(b"early".to_vec(), 1), (b"in".to_vec(), 1)]);
+            assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
+            let received = d.network.received(&consumer(2)).await;
+            assert_eq!(received[&0].len(), 2, "{at:?}: {failed:?}");
+            assert!(received[&0].values().all(|&c| c == 1), "{at:?}");
+            d.assert_statuses_told_once_forward(from);
+            if failed.is_empty() {
+                return;
+            }
+        }
+        panic!("the outage never ended before the calls did");
+    });
+}
+
+/// Signal sessions alone over the failing store: a business with a
+/// session with one handset, sends written behind.
+struct Signal {
+    store: Arc<MemoryStore>,
+    faults: Arc<HostFaults>,
+    sessions: Sessions,
+    clock: ManualClock,
+    b: BusinessId,
+    peer: PeerId,
+    handset: ConsumerDevice,
+}
+
+impl Signal {
+    async fn new(sends: usize) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let faults = Arc::new(HostFaults::default());
+        let failing: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(store.clone(), faults.clone()));
+        let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
+            inner: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            faults: faults.clone(),
+        });
+        let keys = Arc::new(KeyManager::new(provider, failing.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        let config = SignalConfig {
+            prekey_pool: 4,
+            prekey_low_water: 2,
+            ..SignalConfig::default()
+        };
+        let sessions = Sessions::new(vault, failing, config);
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let published = sessions.publish(b).await.unwrap();
+        let mut handset = ConsumerDevice::new(1);
+        handset
+            .start_session(b, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        let mut s = Self {
+            store,
+            faults,
+            sessions,
+            clock,
+            b,
+            peer: PeerId { phone, device: 1 },
+            handset,
+        };
+        let first = s.handset.encrypt(b, b"hello").await.unwrap();
+        s.sessions
+            .decrypt(b, s.peer, &first, s.expiry())
+            .await
+            .unwrap();
+        for i in 0..sends {
+            s.send_and_read(format!("unpersisted {i}").as_bytes()).await;
+        }
+        s
+    }
+
+    fn expiry(&self) -> Timestamp {
+        self.clock
+            .now()
+            .saturating_add(Duration::from_secs(30 * 24 * 3600))
+    }
+
+    fn encrypt(&self, content: &[u8]) -> impl Future<Output = Result<Ciphertext, SignalError>> {
+        self.sessions
+            .encrypt(self.b, self.peer, content, self.expiry())
+    }
+
+    /// The business sends `content`; the handset must read it (it refuses
+    /// a counter used before).
+    async fn send_and_read(&mut self, content: &[u8]) {
+        let out = self.encrypt(content).await.unwrap();
+        assert_eq!(self.handset.decrypt(self.b, &out).await.unwrap(), content);
+    }
+}
+
+#[test]
+fn a_failed_decrypt_burns_no_message_and_reuses_no_counter() {
+    runtime().block_on(every_failure(|at| async move {
+        let mut s = Signal::new(3).await;
+        let reply = s.handset.encrypt(s.b, b"reply").await.unwrap();
+        s.faults.fail_at(at.n, at.seams, at.strike);
+        let got = s.sessions.decrypt(s.b, s.peer, &reply, s.expiry()).await;
+        let failed = s.faults.lift();
+        assert_outcome(&got, &failed, at);
+        s.send_and_read(b"after the failure").await;
+        if got.is_err() {
+            // Decrypted again, or, if the failed decrypt's commit landed
+            // unanswered, a duplicate (the processor stores the message in
+            // that commit, and a retried receive finds it).
+            let again = s.sessions.decrypt(s.b, s.peer, &reply, s.expiry()).await;
+            match again {
+                Ok(d) => assert_eq!(d.plaintext, b"reply", "{at:?}"),
+                Err(SignalError::DuplicateMessage) => {
+                    assert!(failed.contains(&("commit", Strike::After)), "{at:?}");
+                }
+                Err(e) => panic!("{at:?}: {failed:?}: {e}"),
+            }
+        }
+        s.send_and_read(b"after the reply").await;
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn a_failed_encrypt_reuses_no_counter() {
+    runtime().block_on(async {
+        for sends in [0, 63, 64] {
+            every_failure(|at| async move {
+                let mut s = Signal::new(sends).await;
+                s.faults.fail_at(at.n, at.seams, at.strike);
+                let got = s.encrypt(b"failed").await;
+                let failed = s.faults.lift();
+                assert_outcome(&got, &failed, at);
+                if let Ok(out) = got {
+                    let read = s.handset.decrypt(s.b, &out).await.unwrap();
+                    assert_eq!(read, b"failed");
+                }
+                s.send_and_read(b"after the failure").await;
+                s.send_and_read(b"and again").await;
+                failed.is_empty()
+            })
+            .await;
+        }
+    });
+}
+
+#[test]
+fn a_failed_device_reset_or_forget_leaves_memory_as_the_store() {
+    runtime().block_on(every_failure(|at| async move {
+        for forget in [false, true] {
+            let s = Signal::new(3).await;
+            let (b, peer) = (s.b, s.peer);
+            s.faults.fail_at(at.n, at.seams, at.strike);
+            let done = if forget {
+                s.sessions.forget(b, peer.phone).await.map(drop)
+            } else {
+                s.sessions.reset_device(b, peer).await.map(drop)
+            };
+            let failed = s.faults.lift();
+            assert_outcome(&done, &failed, at);
+            let deleted = s.store.peer(b, peer).await.unwrap().is_none();
+            assert!(deleted || done.is_err(), "{at:?}");
+            let sent = s.encrypt(b"after").await;
+            assert_eq!(
+                deleted,
+                matches!(sent, Err(SignalError::NoSession)),
+                "{at:?}: deleted {deleted}, the send gave {sent:?}"
+            );
+            if !failed.is_empty() {
+                return false;
+            }
+        }
+        true
+    }));
+}
+
+/// A key manager over the failing store and provider, which has sealed
+/// with the key of the epoch of `now`.
+async fn key_manager(
+    now: Timestamp,
+    epoch: Epoch,
+) -> (
+    Arc<MemoryStore>,
+    Arc<HostFaults>,
+    KeyManager,
+    Arc<dyn KeyProvider>,
+) {
+    let b = BusinessId::new(BUSINESS).unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let faults = Arc::new(HostFaults::default());
+    let root: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let provider = Arc::new(FailingProvider {
+        inner: root.clone(),
+        faults: faults.clone(),
+    });
+    let failing = Arc::new(FailingStore::paused(store.clone(), faults.clone()));
+    let keys = KeyManager::new(provider, failing);
+    keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
+    (store, faults, keys, root)
+}
+
+#[test]
+fn a_failed_epoch_destruction_keeps_memory_as_the_store() {
+    runtime().block_on(async {
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let now = Timestamp::from_millis(T0);
+        let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
+        let id = KeyId::epoch(b, epoch);
+        every_failure(|at| async move {
+            let (store, faults, keys, _) = key_manager(now, epoch).await;
+            faults.fail_at(at.n, at.seams, at.strike);
+            let destroyed = keys.destroy_epoch(b, epoch, now).await;
+            let failed = faults.lift();
+            assert_outcome(&destroyed, &failed, at);
+            let live = matches!(store.key(&id).await.unwrap(), Some(KeyEntry::Wrapped(_)));
+            assert_eq!(keys.epoch_key(b, epoch).await.is_ok(), live, "{at:?}");
+            assert!(!live || destroyed.is_err(), "{at:?}");
+            keys.destroy_epoch(b, epoch, now).await.unwrap();
+            assert!(keys.epoch_key(b, epoch).await.is_err(), "{at:?}");
+            failed.is_empty()
+        })
+        .await;
+        every_failure(|at| async move {
+            let (store, faults, keys, _) = key_manager(now, epoch).await;
+            // Not ended yet: nothing is destroyed early, failure or not.
+            faults.fail_at(at.n, at.seams, at.strike);
+            let early = keys.destroy_ended_epochs(now).await;
+            assert_outcome(&early, &faults.lift(), at);
+            assert!(keys.epoch_key(b, epoch).await.is_ok(), "{at:?}");
+            assert!(store.key(&id).await.unwrap().is_some(), "{at:?}");
+            let ended = epoch.end();
+            faults.fail_at(at.n, at.seams, at.strike);
+            let destroyed = keys.destroy_ended_epochs(ended).await;
+            let failed = faults.lift();
+            assert_outcome(&destroyed, &failed, at);
+            let live = store.key(&id).await.unwrap().is_some();
+            assert_eq!(keys.epoch_key(b, epoch).await.is_ok(), live, "{at:?}");
+            // The next run destroys it: not kept past its time.
+            keys.destroy_ended_epochs(ended).await.unwrap();
+            assert!(store.key(&id).await.unwrap().is_none(), "{at:?}");
+            assert!(keys.epoch_key(b, epoch).await.is_err(), "{at:?}");
+            failed.is_empty()
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_failed_rewrap_loses_no_key() {
+    runtime().block_on(async {
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let now = Timestamp::from_millis(T0);
+        let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
+        every_failure(|at| async move {
+            let (store, faults, keys, root) = key_manager(now, epoch).await;
+            let sealed = keys.epoch_key(b, epoch).await.unwrap();
+            let version = keys.add_kek_version(b, now).await.unwrap();
+            keys.promote_kek_version(b, version).await.unwrap();
+            faults.fail_at(at.n, at.seams, at.strike);
+            let rewrapped = keys.rewrap(b).await;
+            let failed = faults.lift();
+            assert_outcome(&rewrapped, &failed, at);
+            keys.rewrap(b).await.unwrap();
+            keys.raise_decrypt_floor(b, version).await.unwrap();
+            keys.retire_kek_version(b, version - 1).await.unwrap();
+            // A new process opens the key rewrapped, the same key.
+            let fresh = KeyManager::new(root, store);
+            let reopened = fresh.epoch_key(b, epoch).await.unwrap();
+            assert_eq!(reopened.epoch(), sealed.epoch(), "{at:?}");
+            failed.is_empty()
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_failed_sweep_leaves_no_deleted_session_in_memory() {
+    runtime().block_on(every_failure(|at| async move {
+        // Retention shortened to a day: the sweep deletes the consumer's
+        // session, which its first message had kept for 30 days.
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
+        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
+        d.processor
+            .set_retention_policy(&d.operator, shorter)
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let swept = d.processor.sweep(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&swept, &failed, at);
+        let kept = d.store.census().await.unwrap().peers == 1;
+        let late = d.inbound(&mut handset, b"late").await;
+        let received = d.receive(late).await;
+        assert_eq!(received.is_ok(), kept, "{at:?}: {received:?}");
+        assert!(d.processor.sweep(&d.operator).await.unwrap().complete);
+        failed.is_empty()
+    }));
+}
+
+/// A step of a KEK rotation, as a host runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rotation {
+    Add,
+    Promote,
+    Rewrap,
+    RaiseFloor,
+    Retire,
+}
+
+impl Rotation {
+    const ALL: [Self; 5] = [
+        Self::Add,
+        Self::Promote,
+        Self::Rewrap,
+        Self::RaiseFloor,
+        Self::Retire,
+    ];
+
+    async fn run(self, keys: &KeyManager, b: BusinessId, now: Timestamp) -> Result<(), String> {
+        let done = match self {
+            Self::Add => keys.add_kek_version(b, now).await.map(drop),
+            Self::Promote => keys.promote_kek_version(b, 2).await,
+            Self::Rewrap => keys.rewrap(b).await.map(drop),
+            Self::RaiseFloor => keys.raise_decrypt_floor(b, 2).await,
+            Self::Retire => keys.retire_kek_version(b, 1).await,
+        };
+        done.map_err(|e| format!("{e:?}"))
+    }
+}
+
+#[test]
+fn a_failed_kek_rotation_step_is_retried_to_the_end() {
+    runtime().block_on(async {
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let now = Timestamp::from_millis(T0);
+        let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
+        for failing in Rotation::ALL {
+            every_failure(|at| async move {
+                let (store, faults, keys, root) = key_manager(now, epoch).await;
+                let mut failed = Vec::new();
+                for step in Rotation::ALL {
+                    if step == failing {
+                        faults.fail_at(at.n, at.seams, at.strike);
+                    }
+                    let done = step.run(&keys, b, now).await;
+                    if step == failing {
+                        failed = faults.lift();
+                        assert_outcome(&done, &failed, at);
+                    }
+                    // The host runs a failed step again, to the end.
+                    if done.is_err() {
+                        let again = step.run(&keys, b, now).await;
+                        assert!(
+                            again.is_ok(),
+                            "{at:?}: {step:?} after {failed:?}: {again:?}"
+                        );
+                    }
+                }
+                // The process sees the ring the store holds: version 1 is
+                // gone from memory as from the store.
+                let stored = store.ring(b).await.unwrap().unwrap();
+                let seen = keys.ring(b).await.unwrap();
+                assert_eq!(
+                    (seen.revision(), seen.floor(), seen.primary()),
+                    (stored.revision(), stored.floor(), stored.primary()),
+                    "{at:?}: {failing:?} after {failed:?}"
+                );
+                // (A version added twice, its first answer lost, stays
+                // unused above the floor.)
+                let floor = stored.floor();
+                assert!(
+                    stored.versions().iter().all(|v| v.version >= floor),
+                    "{at:?}"
+                );
+                // Every key opens, in this process and in a new one.
+                keys.epoch_key(b, epoch).await.unwrap();
+                let fresh = KeyManager::new(root, store);
+                fresh.epoch_key(b, epoch).await.unwrap();
+                failed.is_empty()
+            })
+            .await;
+        }
+    });
+}
+
+#[test]
+fn a_new_process_survives_every_host_failure_of_its_first_receive_and_send() {
+    // With nothing in memory, the first calls unwrap every key they need:
+    // the key provider and the key store fail under them too.
+    runtime().block_on(every_failure(|at| async move {
+        let mut d = deployment(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let mut handset = d.handset().await;
+        let first = d.inbound(&mut handset, b"first").await;
+        d.receive(first).await.unwrap();
+        d.restart();
+        let inbound = d.inbound(&mut handset, b"second").await;
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let received = d.receive(inbound.clone()).await;
+        let failed_receiving = d.faults.lift();
+        assert_outcome(&received, &failed_receiving, at);
+        if received.is_err() {
+            d.receive(inbound).await.unwrap();
+        }
+        // Whatever is owed is paid before the next restart (a crash loses
+        // what a process owes, as it loses a write not yet made).
+        d.settle(1).await;
+        d.restart();
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let sent = d.processor.send(&d.owner, d.b, d.outbound(b"out")).await;
+        let landed = first_commit_landed(&d.faults);
+        let failed_sending = d.faults.lift();
+        assert_outcome(&sent, &failed_sending, at);
+        if sent.is_err() {
+            d.processor
+                .send(&d.owner, d.b, d.outbound(b"out"))
+                .await
+                .unwrap();
+        }
+        d.settle(3).await;
+        let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "{at:?}: {failed_receiving:?}");
+        d.assert_statuses_told_once_forward(at.n);
+        let received = d.network.received(&consumer(2)).await;
+        let want = if sent.is_err() && landed { 2 } else { 1 };
+        assert_eq!(received[&0].len(), want, "{at:?}: {failed_sending:?}");
+        assert!(received[&0].values().all(|&c| c == 1), "{at:?}");
+        failed_receiving.is_empty() && failed_sending.is_empty()
+    }));
+}
+
+#[test]
+fn a_failed_first_publish_is_retried_to_a_working_business() {
+    // A business's first keys: its KEK ring, identity, prekeys and phone
+    // index are created under the failure.
+    runtime().block_on(every_failure(|at| async move {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let faults = Arc::new(HostFaults::default());
+        let failing: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(store.clone(), faults.clone()));
+        let root: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
+            inner: root.clone(),
+            faults: faults.clone(),
+        });
+        let stack = |provider: Arc<dyn KeyProvider>| {
+            let keys = Arc::new(KeyManager::new(provider, failing.clone()));
+            let vault = Arc::new(Vault::new(
+                keys.clone(),
+                Arc::new(clock.clone()),
+                EpochLength::DEFAULT,
+            ));
+            // A small pool: each prekey is a store call or two.
+            let config = SignalConfig {
+                prekey_pool: 4,
+                prekey_low_water: 2,
+                ..SignalConfig::default()
+            };
+            let sessions = Sessions::new(vault, failing.clone(), config);
+            (keys, sessions)
+        };
+        let (keys, sessions) = stack(provider);
+        let b = BusinessId::new(BUSINESS).unwrap();
+        faults.fail_at(at.n, at.seams, at.strike);
+        let published = sessions.publish(b).await;
+        let phone = keys.phone_hash(b, &consumer(1)).await;
+        let failed = faults.lift();
+        assert_outcome(&published, &failed, at);
+        assert_outcome(&phone, &failed, at);
+        let published = sessions.publish(b).await.unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        // What this process published and hashes is what the store holds:
+        // a new process agrees.
+        let (fresh_keys, fresh) = stack(root);
+        assert_eq!(fresh_keys.phone_hash(b, &consumer(1)).await.unwrap(), phone);
+        let again = fresh.publish(b).await.unwrap();
+        assert_eq!(again.identity_key, published.identity_key, "{at:?}");
+        let mut handset = ConsumerDevice::new(1);
+        handset
+            .start_session(b, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let peer = PeerId { phone, device: 1 };
+        let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
+        let hello = handset.encrypt(b, b"hello").await.unwrap();
+        let read = sessions.decrypt(b, peer, &hello, expiry).await;
+        assert_eq!(read.unwrap().plaintext, b"hello", "{at:?}: {failed:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
+    runtime().block_on(every_failure(|at| async move {
+        // The network is down past the message's retention: it expires
+        // open, and the sweep tells its business.
+        let start = Timestamp::from_millis(T0);
+        let down = Faults::none().with_outage(start, Duration::from_secs(40 * 24 * 3600));
+        let d = deployment(down, Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let out = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"out"))
+            .await
+            .unwrap();
+        // An hour past its retention: well within the grace for its report.
+        d.clock.advance(Duration::from_secs(30 * 24 * 3600 + 3600));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let swept = d.processor.sweep(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&swept, &failed, at);
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+        let report = d.processor.sweep(&d.operator).await.unwrap();
+        assert!(report.complete, "{at:?}");
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+        assert_eq!(d.store.census().await.unwrap().messages, 0, "{at:?}");
+        let told = &d.business.statuses()[&out];
+        let want = [(Status::Failed, Some(FailureReason::Expired))];
+        assert_eq!(told, &want, "{at:?}: {failed:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn a_failed_follow_up_receive_is_not_burnt() {
+    // Follow-up messages on a session the business started: the second
+    // reply's session step is written behind (only the message is stored).
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let phone = consumer(1);
+        d.network.add_consumer(&phone, 1).await;
+        d.processor
+            .send(
+                &d.owner,
+                d.b,
+                Outbound {
+                    to: phone.clone(),
+                    ..d.outbound(b"hello")
+                },
+            )
+            .await
+            .unwrap();
+        d.settle(1).await;
+        for reply in [&b"one"[..], b"two"] {
+            d.network
+                .consumer_sends(&phone, 0, d.b, reply)
+                .await
+                .unwrap();
+        }
+        d.network
+            .consumer_sends(&phone, 0, d.b, b"three")
+            .await
+            .unwrap();
+        // The network delivers the replies, the store failing under them;
+        // one not acknowledged is delivered again.
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        d.network.pump(&d.processor, &d.carrier).await;
+        let failed = d.faults.lift();
+        d.settle(3).await;
+        let want = BTreeMap::from([
+            (b"one".to_vec(), 1),
+            (b"three".to_vec(), 1),
+            (b"two".to_vec(), 1),
+        ]);
+        assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
+        d.assert_statuses_told_once_forward(at.n);
+        // The conversation goes on both ways.
+        d.network
+            .consumer_sends(&phone, 0, d.b, b"four")
+            .await
+            .unwrap();
+        d.processor
+            .send(
+                &d.owner,
+                d.b,
+                Outbound {
+                    to: phone.clone(),
+                    ..d.outbound(b"bye")
+                },
+            )
+            .await
+            .unwrap();
+        d.settle(3).await;
+        assert_eq!(d.contents()[&b"four".to_vec()], 1, "{at:?}");
+        let got = d.network.received(&phone).await;
+        assert_eq!(got[&0].len(), 2, "{at:?}: {failed:?}");
+        assert!(got[&0].values().all(|&c| c == 1), "{at:?}");
+        failed.is_empty()
+    }));
+}
+
+#[test]
+fn a_failed_sweep_never_deletes_what_a_hold_keeps() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"held").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        let scope = HoldScope::Business(d.b);
+        d.processor
+            .place_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        d.clock.advance(Duration::from_secs(40 * 24 * 3600));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let swept = d.processor.sweep(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&swept, &failed, at);
+        assert!(d.processor.sweep(&d.operator).await.unwrap().complete);
+        // The message, its session and its epoch key are kept.
+        let census = d.store.census().await.unwrap();
+        assert_eq!(
+            (census.messages, census.peers),
+            (1, 1),
+            "{at:?}: {failed:?}"
+        );
+        let now = d.clock.now();
+        let ended = d.store.ended_epoch_keys(now, 100).await.unwrap();
+        assert!(!ended.is_empty(), "{at:?}");
+        for id in ended {
+            let entry = d.store.key(&id).await.unwrap();
+            assert!(
+                matches!(entry, Some(KeyEntry::Wrapped(_))),
+                "{at:?}: {failed:?}"
+            );
+        }
+        // Released, the next sweep deletes it all.
+        d.processor
+            .release_hold(&d.operator, scope, "case-1")
+            .await
+            .unwrap();
+        assert!(d.processor.sweep(&d.operator).await.unwrap().complete);
+        let census = d.store.census().await.unwrap();
+        assert_eq!((census.messages, census.peers), (0, 0), "{at:?}");
+        assert!(d.store.ended_epoch_keys(now, 100).await.unwrap().is_empty());
+        failed.is_empty()
+    }));
+}
