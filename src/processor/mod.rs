@@ -1556,8 +1556,13 @@ impl Processor {
         }
         // A send dropped halfway may owe the message its move on from
         // queued: made first, it is billed and told sent by that move, and
-        // this report goes on from there.
-        self.pay_owed(business, id).await?;
+        // this report goes on from there. Made under the message's claim,
+        // as every owed write is: unclaimed, an attempt could take the
+        // message up meanwhile, find nothing owed and make the same move
+        // (billed and told twice). If an attempt holds the claim, it made
+        // the write when it took the message up.
+        let paid = self.take_up(business, id).await?;
+        drop(paid);
         for _ in 0..MAX_STATUS_RACES {
             let record = self
                 .storage
@@ -1648,8 +1653,15 @@ impl Processor {
             // transport's `send`, say) leaves the report to it: only its
             // bookkeeping knows whether devices still wait for the message.
             // Should it miss this write, the retransmission loop reports it.
+            // Looked at again under the claim: an attempt that ended while
+            // this write was landing may have reported it already.
             if pending == 0
                 && let Some(_claim) = self.take_up(business, id).await?
+                && self
+                    .storage
+                    .message(business, id)
+                    .await?
+                    .is_some_and(|m| m.delivery == settled)
             {
                 self.report_status(business, id, record.phone, Direction::Outbound, settled)
                     .await?;
@@ -1746,35 +1758,28 @@ impl Processor {
             .await
     }
 
-    /// Tell the business that `record`, still open, expired undelivered,
-    /// and mark it failed. If the business cannot be told now, it is due
-    /// again after a backoff (it never blocks the messages behind it).
-    /// Returns whether the business was told.
+    /// Mark `record`, still open, failed as expired undelivered, and tell
+    /// its business. Marked first, conditionally: a delivery report that
+    /// settled it meanwhile stands (and it is not told failed), and one
+    /// that comes while the business is told finds it failed and is
+    /// ignored, so no status is told after its failure. If the business
+    /// cannot be told now, the report is due again after a backoff (it
+    /// never blocks the messages behind it). Returns whether the business
+    /// was told.
     async fn fail_expired(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
-        let (business, id) = (record.business, record.id);
-        let update = StatusUpdate {
-            business,
-            id,
-            status: Status::Failed,
-            failure: Some(FailureReason::Expired),
-            at: self.clock.now(),
-        };
-        if self.sink.status(&update).await.is_ok() {
-            // Conditional: a message settled meanwhile stays settled.
-            self.commit_told(business, id, Op::FailExpired { business, id }, None)
-                .await?;
-            self.statistics.record_message(
-                business,
-                record.phone,
-                record.direction,
-                crate::integrity::Status::Failed,
-                update.at,
-            );
-            debug!(%business, %id, "expired undelivered; reported failed");
-            return Ok(true);
+        let (business, id, current) = (record.business, record.id, record.delivery);
+        let expired = Attempt::Fail(FailureReason::Expired);
+        let failed = self.after_attempt(&current, expired, self.clock.now());
+        if !self.write_delivery(business, id, current, failed).await? {
+            return Ok(false);
         }
-        self.postpone(record, update.at).await?;
-        Ok(false)
+        let told = self
+            .report_status(business, id, record.phone, record.direction, failed)
+            .await?;
+        if told {
+            debug!(%business, %id, "expired undelivered; reported failed");
+        }
+        Ok(told)
     }
 
     /// Make `record`'s next attempt, which could not be made at `now`, due
@@ -2141,6 +2146,8 @@ impl Processor {
 }
 
 /// Reports expired undelivered messages to their businesses for the sweep.
+/// A message marked failed whose business could not be told is no longer
+/// open: the retransmission loop tells it, as any other failure.
 struct FailureNotifier<'a> {
     processor: &'a Processor,
 }
