@@ -1220,7 +1220,6 @@ fn outages_end_while_retransmission_races_new_traffic() {
 }
 
 #[test]
-#[ignore = "open defect: the message goes unbilled (see the interleave branch's report)"]
 fn a_report_dropped_after_moving_a_sending_message_on_leaves_it_billed_once() {
     // A send has handed its message to the network and is about to write
     // its bookkeeping; a delivery report moves the message on from queued

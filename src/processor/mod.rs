@@ -1183,6 +1183,11 @@ impl Processor {
                 break (next, accepted);
             }
             races += 1;
+            // A delivery report dropped after its write landed may owe
+            // the message the move on from queued that this write lost
+            // to: made now, while the stored state is still the one it
+            // wrote, it is counted (rewritten below, it would be lost).
+            self.pay_owed(business, id).await?;
             match self.storage.message(business, id).await? {
                 Some(stored) if races < MAX_STATUS_RACES => current = stored.delivery,
                 Some(_) => return Err(StoreError::Conflict.into()),
