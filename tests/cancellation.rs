@@ -31,7 +31,7 @@ use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
 use custodian::retention::{Decision, Retention, RetentionPolicy};
-use custodian::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
+use custodian::signal::{Sessions, SignalConfig, SignalError};
 use custodian::store::{
     Delivery, Direction, FailureReason, HoldScope, KeyStore, MemoryStore, MessageRecord, PeerId,
     Status, Storage,
@@ -413,79 +413,6 @@ fn a_message_claimed_by_a_send_in_flight_is_skipped_by_retransmission() {
         let received = d.network.received(&consumer(2)).await;
         assert_eq!(received[&0][&id], 1, "sent once");
     });
-}
-
-/// Signal sessions alone over the paused store, for the state they keep in
-/// memory between persists: a business with a session with one handset.
-struct Signal {
-    store: Arc<MemoryStore>,
-    sessions: Sessions,
-    clock: ManualClock,
-    b: BusinessId,
-    peer: PeerId,
-    handset: ConsumerDevice,
-}
-
-impl Signal {
-    /// After the handset's first-contact message and `sends` messages of
-    /// the business, which the store has not seen (sends are written
-    /// behind within the library's counter lease).
-    async fn new(sends: usize) -> Self {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let store = Arc::new(MemoryStore::new());
-        let paused: Arc<dyn Storage> = Arc::new(PausedStore(store.clone()));
-        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-        let keys = Arc::new(KeyManager::new(provider, paused.clone()));
-        let vault = Arc::new(Vault::new(
-            keys.clone(),
-            Arc::new(clock.clone()),
-            EpochLength::DEFAULT,
-        ));
-        let sessions = Sessions::new(vault, paused, SignalConfig::default());
-        let b = BusinessId::new(BUSINESS).unwrap();
-        let published = sessions.publish(b).await.unwrap();
-        let mut handset = ConsumerDevice::new(1);
-        handset
-            .start_session(b, &published.bundle(Some(0)))
-            .await
-            .unwrap();
-        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
-        let mut s = Self {
-            store,
-            sessions,
-            clock,
-            b,
-            peer: PeerId { phone, device: 1 },
-            handset,
-        };
-        let first = s.handset.encrypt(b, b"hello").await.unwrap();
-        s.sessions
-            .decrypt(b, s.peer, &first, s.expiry())
-            .await
-            .unwrap();
-        for i in 0..sends {
-            s.send_and_read(format!("unpersisted {i}").as_bytes()).await;
-        }
-        s
-    }
-
-    fn expiry(&self) -> Timestamp {
-        self.clock
-            .now()
-            .saturating_add(Duration::from_secs(30 * 24 * 3600))
-    }
-
-    fn encrypt(&self, content: &[u8]) -> impl Future<Output = Result<Ciphertext, SignalError>> {
-        self.sessions
-            .encrypt(self.b, self.peer, content, self.expiry())
-    }
-
-    /// The business sends `content`; the handset must read it (it refuses
-    /// a counter used before).
-    async fn send_and_read(&mut self, content: &[u8]) {
-        let out = self.encrypt(content).await.unwrap();
-        assert_eq!(self.handset.decrypt(self.b, &out).await.unwrap(), content);
-    }
 }
 
 #[test]

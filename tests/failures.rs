@@ -36,7 +36,7 @@ use custodian::keys::{
 };
 use custodian::processor::Outbound;
 use custodian::retention::RetentionPolicy;
-use custodian::signal::{Ciphertext, Sessions, SignalConfig, SignalError};
+use custodian::signal::{Sessions, SignalConfig, SignalError};
 use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
@@ -633,88 +633,6 @@ fn a_key_provider_outage_loses_no_message() {
         }
         panic!("the outage never ended before the calls did");
     });
-}
-
-/// Signal sessions alone over the failing store: a business with a
-/// session with one handset, sends written behind.
-struct Signal {
-    store: Arc<MemoryStore>,
-    faults: Arc<HostFaults>,
-    sessions: Sessions,
-    clock: ManualClock,
-    b: BusinessId,
-    peer: PeerId,
-    handset: ConsumerDevice,
-}
-
-impl Signal {
-    async fn new(sends: usize) -> Self {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let store = Arc::new(MemoryStore::new());
-        let faults = Arc::new(HostFaults::default());
-        let failing: Arc<dyn Storage> =
-            Arc::new(FailingStore::paused(store.clone(), faults.clone()));
-        let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
-            inner: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            faults: faults.clone(),
-        });
-        let keys = Arc::new(KeyManager::new(provider, failing.clone()));
-        let vault = Arc::new(Vault::new(
-            keys.clone(),
-            Arc::new(clock.clone()),
-            EpochLength::DEFAULT,
-        ));
-        let config = SignalConfig {
-            prekey_pool: 4,
-            prekey_low_water: 2,
-            ..SignalConfig::default()
-        };
-        let sessions = Sessions::new(vault, failing, config);
-        let b = BusinessId::new(BUSINESS).unwrap();
-        let published = sessions.publish(b).await.unwrap();
-        let mut handset = ConsumerDevice::new(1);
-        handset
-            .start_session(b, &published.bundle(Some(0)))
-            .await
-            .unwrap();
-        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
-        let mut s = Self {
-            store,
-            faults,
-            sessions,
-            clock,
-            b,
-            peer: PeerId { phone, device: 1 },
-            handset,
-        };
-        let first = s.handset.encrypt(b, b"hello").await.unwrap();
-        s.sessions
-            .decrypt(b, s.peer, &first, s.expiry())
-            .await
-            .unwrap();
-        for i in 0..sends {
-            s.send_and_read(format!("unpersisted {i}").as_bytes()).await;
-        }
-        s
-    }
-
-    fn expiry(&self) -> Timestamp {
-        self.clock
-            .now()
-            .saturating_add(Duration::from_secs(30 * 24 * 3600))
-    }
-
-    fn encrypt(&self, content: &[u8]) -> impl Future<Output = Result<Ciphertext, SignalError>> {
-        self.sessions
-            .encrypt(self.b, self.peer, content, self.expiry())
-    }
-
-    /// The business sends `content`; the handset must read it (it refuses
-    /// a counter used before).
-    async fn send_and_read(&mut self, content: &[u8]) {
-        let out = self.encrypt(content).await.unwrap();
-        assert_eq!(self.handset.decrypt(self.b, &out).await.unwrap(), content);
-    }
 }
 
 #[test]

@@ -18,23 +18,26 @@ use async_trait::async_trait;
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{
-    Epoch, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyProvider, LocalKeyProvider,
-    ProviderError, SecretKey, WrappedKey,
+    Epoch, EpochLength, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyManager, KeyProvider,
+    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
 use custodian::processor::{
     DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
 };
-use custodian::signal::{PreKeyBundle, PublishedKeys, SignalConfig};
+use custodian::signal::{
+    Ciphertext, PreKeyBundle, PublishedKeys, Sessions, SignalConfig, SignalError,
+};
 use custodian::store::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MemoryStore,
     MessageRecord, PeerId, Storage, StoreError,
 };
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
-use custodian::time::{ManualClock, Timestamp};
+use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
     Transport, TransportError,
 };
+use custodian::vault::Vault;
 use custodian::visibility::MemoryAuditSink;
 
 pub(crate) const T0: u64 = 1_767_225_600_000;
@@ -918,4 +921,93 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
+}
+
+/// Signal sessions alone over the paused store, failing as `faults` says
+/// (nothing fails until a test says so), for the state they keep in memory
+/// between persists: a business with a session with one handset.
+pub(crate) struct Signal {
+    pub(crate) store: Arc<MemoryStore>,
+    pub(crate) faults: Arc<HostFaults>,
+    pub(crate) sessions: Sessions,
+    pub(crate) clock: ManualClock,
+    pub(crate) b: BusinessId,
+    pub(crate) peer: PeerId,
+    pub(crate) handset: ConsumerDevice,
+}
+
+impl Signal {
+    /// After the handset's first-contact message and `sends` messages of
+    /// the business, which the store has not seen (sends are written
+    /// behind within the library's counter lease).
+    pub(crate) async fn new(sends: usize) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let faults = Arc::new(HostFaults::default());
+        let failing: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(store.clone(), faults.clone()));
+        let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
+            inner: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            faults: faults.clone(),
+        });
+        let keys = Arc::new(KeyManager::new(provider, failing.clone()));
+        let vault = Arc::new(Vault::new(
+            keys.clone(),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        ));
+        let config = SignalConfig {
+            prekey_pool: 4,
+            prekey_low_water: 2,
+            ..SignalConfig::default()
+        };
+        let sessions = Sessions::new(vault, failing, config);
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let published = sessions.publish(b).await.unwrap();
+        let mut handset = ConsumerDevice::new(1);
+        handset
+            .start_session(b, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        let mut s = Self {
+            store,
+            faults,
+            sessions,
+            clock,
+            b,
+            peer: PeerId { phone, device: 1 },
+            handset,
+        };
+        let first = s.handset.encrypt(b, b"hello").await.unwrap();
+        s.sessions
+            .decrypt(b, s.peer, &first, s.expiry())
+            .await
+            .unwrap();
+        for i in 0..sends {
+            s.send_and_read(format!("unpersisted {i}").as_bytes()).await;
+        }
+        s
+    }
+
+    pub(crate) fn expiry(&self) -> Timestamp {
+        self.clock
+            .now()
+            .saturating_add(Duration::from_secs(30 * 24 * 3600))
+    }
+
+    pub(crate) fn encrypt(
+        &self,
+        content: &[u8],
+    ) -> impl Future<Output = Result<Ciphertext, SignalError>> {
+        self.sessions
+            .encrypt(self.b, self.peer, content, self.expiry())
+    }
+
+    /// The business sends `content`; the handset must read it (it refuses
+    /// a counter used before).
+    pub(crate) async fn send_and_read(&mut self, content: &[u8]) {
+        let out = self.encrypt(content).await.unwrap();
+        assert_eq!(self.handset.decrypt(self.b, &out).await.unwrap(), content);
+    }
 }
