@@ -39,7 +39,7 @@ use custodian::store::{
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::Vault;
-use custodian::visibility::{HoldAction, MemoryAuditSink};
+use custodian::visibility::MemoryAuditSink;
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -62,15 +62,6 @@ where
         }
     }
     panic!("the entry point never completed");
-}
-
-/// Told delivered once, after sent. (Sent is told best effort: a call
-/// dropped while telling it may leave it untold.)
-fn assert_told_sent_delivered(told: &[Status], n: usize) {
-    assert!(
-        told == [Status::Sent, Status::Delivered] || told == [Status::Delivered],
-        "cut {n}: told {told:?}"
-    );
 }
 
 #[test]
@@ -113,20 +104,8 @@ fn send_is_cancellation_safe() {
                 assert!(got.contains_key(&first), "cut {n}");
             }
         }
-        for id in received[&0].keys() {
-            let status = d
-                .processor
-                .message_status(&d.owner, d.b, *id)
-                .await
-                .unwrap();
-            assert_eq!(status, (Status::Delivered, None), "cut {n}");
-            let told: Vec<Status> = d.business.statuses()[id].iter().map(|s| s.0).collect();
-            assert_told_sent_delivered(&told, n);
-        }
-        // Every message sent is billed, once.
-        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
-        d.processor.export_billing(&d.operator).await.unwrap();
-        assert_eq!(d.billed().await, stored, "cut {n}");
+        d.assert_delivered_and_billed(received[&0].keys(), stored, format_args!("cut {n}"))
+            .await;
         sent.is_some()
     }));
 }
@@ -300,7 +279,7 @@ fn status_update_is_cancellation_safe() {
             .unwrap();
         d.settle(5).await;
         let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, n);
+        assert_told_sent_delivered(&told, format_args!("cut {n}"));
         done
     }));
 }
@@ -338,7 +317,7 @@ fn retransmit_due_is_cancellation_safe() {
             assert!(received[&device].contains_key(&out), "cut {n}");
         }
         let told: Vec<Status> = d.business.statuses()[&out].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, n);
+        assert_told_sent_delivered(&told, format_args!("cut {n}"));
         // Billed once, however the attempt that got it sent ended.
         d.clock.advance(Duration::from_secs(2 * 24 * 3600));
         d.processor.export_billing(&d.operator).await.unwrap();
@@ -354,14 +333,7 @@ async fn holds_agree_with_the_audit(d: &Deployment, n: usize, what: &str) {
     let listed = d.processor.holds(&d.operator).await.unwrap();
     let stored = d.store.holds().await.unwrap();
     assert_eq!(listed, stored, "cut {n}: {what}");
-    let audited = d
-        .audit
-        .hold_events()
-        .iter()
-        .fold(0i32, |held, e| match e.action {
-            HoldAction::Placed => held + 1,
-            HoldAction::Released => held - 1,
-        });
+    let audited = holds_audited(&d.audit);
     let stands = stored.iter().any(|h| h.reference == "case-1");
     assert_eq!(audited, i32::from(stands), "cut {n}: {what}");
 }
@@ -656,14 +628,7 @@ impl Holding {
 
     /// Whether the audit trail says a hold stands.
     fn audited(&self) -> bool {
-        self.audit
-            .hold_events()
-            .iter()
-            .fold(0i32, |held, e| match e.action {
-                HoldAction::Placed => held + 1,
-                HoldAction::Released => held - 1,
-            })
-            > 0
+        holds_audited(&self.audit) > 0
     }
 }
 

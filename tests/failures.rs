@@ -41,7 +41,6 @@ use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, 
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::Vault;
-use custodian::visibility::HoldAction;
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -115,14 +114,6 @@ fn first_commit_landed(faults: &HostFaults) -> bool {
     faults.failed().len() == 1
         && faults.failed()[0] == ("commit", Strike::After)
         && first == Some(calls.len() - 1)
-}
-
-/// Told delivered once, after sent (sent is best effort).
-fn assert_told_sent_delivered(told: &[Status], at: At) {
-    assert!(
-        told == [Status::Sent, Status::Delivered] || told == [Status::Delivered],
-        "{at:?}: told {told:?}"
-    );
 }
 
 #[test]
@@ -205,20 +196,12 @@ fn send_survives_every_host_failure() {
             let contents = d.network.contents(&consumer(2), device).await;
             assert_eq!(contents.len() as u64, stored, "{at:?}");
         }
-        for id in received[&0].keys() {
-            let status = d
-                .processor
-                .message_status(&d.owner, d.b, *id)
-                .await
-                .unwrap();
-            assert_eq!(status, (Status::Delivered, None), "{at:?}");
-            let told: Vec<Status> = d.business.statuses()[id].iter().map(|s| s.0).collect();
-            assert_told_sent_delivered(&told, at);
-        }
-        // Every message sent is billed, once.
-        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
-        d.processor.export_billing(&d.operator).await.unwrap();
-        assert_eq!(d.billed().await, stored, "{at:?}: {failed:?}");
+        d.assert_delivered_and_billed(
+            received[&0].keys(),
+            stored,
+            format_args!("{at:?}: {failed:?}"),
+        )
+        .await;
         failed.is_empty()
     }));
 }
@@ -261,7 +244,7 @@ fn status_update_survives_every_host_failure() {
                 let status = d.processor.message_status(&d.owner, d.b, id).await;
                 assert_eq!(status.unwrap(), (Status::Delivered, None), "{at:?}");
                 let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-                assert_told_sent_delivered(&told, at);
+                assert_told_sent_delivered(&told, format_args!("{at:?}"));
                 d.clock.advance(Duration::from_secs(2 * 24 * 3600));
                 d.processor.export_billing(&d.operator).await.unwrap();
                 let billed = d.billed().await;
@@ -311,7 +294,7 @@ fn retransmit_due_survives_every_host_failure() {
             assert_eq!(received[&device].get(&out), Some(&1), "{at:?}: {failed:?}");
         }
         let told: Vec<Status> = d.business.statuses()[&out].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, at);
+        assert_told_sent_delivered(&told, format_args!("{at:?}"));
         let told = &d.business.statuses()[&nowhere];
         let want = [(Status::Failed, Some(FailureReason::NoDevices))];
         assert_eq!(told, &want, "{at:?}: {failed:?}");
@@ -440,14 +423,7 @@ async fn holds_agree_with_the_audit(d: &Deployment, at: At, what: &str) -> bool 
     let listed = d.processor.holds(&d.operator).await.unwrap();
     let stored = d.store.holds().await.unwrap();
     assert_eq!(listed, stored, "{at:?}: {what}");
-    let audited = d
-        .audit
-        .hold_events()
-        .iter()
-        .fold(0i32, |held, e| match e.action {
-            HoldAction::Placed => held + 1,
-            HoldAction::Released => held - 1,
-        });
+    let audited = holds_audited(&d.audit);
     let stands = stored.iter().any(|h| h.reference == "case-1");
     assert_eq!(audited, i32::from(stands), "{at:?}: {what}");
     stands

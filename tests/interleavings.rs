@@ -41,7 +41,7 @@ use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
-use custodian::visibility::{HoldAction, MemoryAuditSink};
+use custodian::visibility::MemoryAuditSink;
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -723,14 +723,7 @@ async fn assert_holds_as_audited(w: &World, seed: u64) {
     let listed = w.processor.holds(&w.operator).await.unwrap();
     let stored = w.store.holds().await.unwrap();
     assert_eq!(listed, stored, "seed {seed}");
-    let audited = w
-        .audit
-        .hold_events()
-        .iter()
-        .fold(0i32, |held, e| match e.action {
-            HoldAction::Placed => held + 1,
-            HoldAction::Released => held - 1,
-        });
+    let audited = holds_audited(&w.audit);
     assert_eq!(audited, stored.len() as i32, "seed {seed}: {stored:?}");
 }
 

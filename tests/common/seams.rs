@@ -29,7 +29,7 @@ use custodian::signal::{
 };
 use custodian::store::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MemoryStore,
-    MessageRecord, PeerId, Storage, StoreError,
+    MessageRecord, PeerId, Status, Storage, StoreError,
 };
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
@@ -38,7 +38,7 @@ use custodian::transport::{
     Transport, TransportError,
 };
 use custodian::vault::Vault;
-use custodian::visibility::MemoryAuditSink;
+use custodian::visibility::{HoldAction, MemoryAuditSink};
 
 pub(crate) const T0: u64 = 1_767_225_600_000;
 pub(crate) const BUSINESS: u64 = 4242;
@@ -899,6 +899,31 @@ impl Deployment {
             .collect()
     }
 
+    /// Each of the messages `ids` is delivered, and its business told so
+    /// (see [`assert_told_sent_delivered`]); the `sent` messages of the
+    /// business are billed, each once, in the statements exported two days
+    /// on.
+    pub(crate) async fn assert_delivered_and_billed<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a MessageId>,
+        sent: u64,
+        case: std::fmt::Arguments<'_>,
+    ) {
+        for id in ids {
+            let status = self
+                .processor
+                .message_status(&self.owner, self.b, *id)
+                .await
+                .unwrap();
+            assert_eq!(status, (Status::Delivered, None), "{case}");
+            let told: Vec<Status> = self.business.statuses()[id].iter().map(|s| s.0).collect();
+            assert_told_sent_delivered(&told, case);
+        }
+        self.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        self.processor.export_billing(&self.operator).await.unwrap();
+        assert_eq!(self.billed().await, sent, "{case}: billed");
+    }
+
     /// Every status the business was told, per message: each at most once,
     /// never going backwards.
     pub(crate) fn assert_statuses_told_once_forward(&self, n: usize) {
@@ -911,6 +936,27 @@ impl Deployment {
             }
         }
     }
+}
+
+/// Told delivered once, after sent. (Sent is told best effort: a call
+/// dropped or failed while telling it may leave it untold.)
+pub(crate) fn assert_told_sent_delivered(told: &[Status], case: std::fmt::Arguments<'_>) {
+    assert!(
+        told == [Status::Sent, Status::Delivered] || told == [Status::Delivered],
+        "{case}: told {told:?}"
+    );
+}
+
+/// How many holds the audit trail says stand: those placed less those
+/// released.
+pub(crate) fn holds_audited(audit: &MemoryAuditSink) -> i32 {
+    audit
+        .hold_events()
+        .iter()
+        .fold(0, |held, e| match e.action {
+            HoldAction::Placed => held + 1,
+            HoldAction::Released => held - 1,
+        })
 }
 
 pub(crate) fn consumer(i: u32) -> PhoneNumber {
