@@ -381,7 +381,7 @@ impl Rig {
                     for _ in 0..per_consumer {
                         let outbound = Outbound {
                             to: c.number.clone(),
-                            content: CONTENT.to_vec(),
+                            content: CONTENT.to_vec().into(),
                             category: Category::Service,
                         };
                         self.processor

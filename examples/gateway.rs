@@ -476,7 +476,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     let reply = Outbound {
                         to: number(i),
                         content: format!("business {b} to consumer {i}, update {round}: shipped")
-                            .into_bytes(),
+                            .into_bytes()
+                            .into(),
                         category: Category::Utility,
                     };
                     let t = Instant::now();

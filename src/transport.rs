@@ -12,6 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use zeroize::Zeroizing;
 
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
@@ -183,8 +184,8 @@ pub struct InboundMessage {
     pub from: PhoneNumber,
     /// From which of their devices.
     pub device: u32,
-    /// What they sent.
-    pub content: Vec<u8>,
+    /// What they sent; wiped from memory when dropped.
+    pub content: Zeroizing<Vec<u8>>,
     /// When the processor received it.
     pub received: Timestamp,
     /// The device presented a new identity key (a "security code changed" notice).

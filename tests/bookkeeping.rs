@@ -291,7 +291,7 @@ impl Deployment {
     async fn send(&self, b: BusinessId, to: usize) -> MessageId {
         let message = Outbound {
             to: number(to),
-            content: b"hello".to_vec(),
+            content: b"hello".to_vec().into(),
             category: Category::Service,
         };
         self.processor.send(&self.owner, b, message).await.unwrap()

@@ -403,7 +403,7 @@ fn a_dropped_decrypt_never_makes_a_send_reuse_a_counter() {
             // message in that commit, and a retried receive finds it).
             let again = s.sessions.decrypt(s.b, s.peer, &reply, s.expiry());
             match again.await {
-                Ok(d) => assert_eq!(d.plaintext, b"reply", "cut {n}"),
+                Ok(d) => assert_eq!(*d.plaintext, b"reply", "cut {n}"),
                 Err(e) => assert!(matches!(e, SignalError::DuplicateMessage), "cut {n}: {e}"),
             }
         }

@@ -2078,7 +2078,7 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
     let first = device.encrypt(b, b"hello").await.unwrap();
     assert_eq!(first.kind, MessageKind::FirstContact);
     let got = sessions.decrypt(b, peer, &first, expiry).await.unwrap();
-    assert_eq!(got.plaintext, b"hello");
+    assert_eq!(*got.plaintext, b"hello");
     for turn in 0..5 {
         let text = format!("business turn {turn}");
         let out = sessions
@@ -2093,7 +2093,8 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
                 .decrypt(b, peer, &back, expiry)
                 .await
                 .unwrap()
-                .plaintext,
+                .plaintext
+                .as_slice(),
             text.as_bytes()
         );
     }
@@ -2117,7 +2118,8 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
             .decrypt(b, peer, &back, expiry)
             .await
             .unwrap()
-            .plaintext,
+            .plaintext
+            .as_slice(),
         b"after restart"
     );
     let out = sessions

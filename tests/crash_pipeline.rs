@@ -177,7 +177,7 @@ fn crash_pipeline_child() {
                     // the session, and are written behind.
                     let answer = Outbound {
                         to: from.clone(),
-                        content: b"noted".to_vec(),
+                        content: b"noted".to_vec().into(),
                         category: Category::Service,
                     };
                     processor.send(&gateway, business(), answer).await.unwrap();

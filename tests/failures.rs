@@ -627,7 +627,7 @@ fn a_failed_decrypt_burns_no_message_and_reuses_no_counter() {
             // that commit, and a retried receive finds it).
             let again = s.sessions.decrypt(s.b, s.peer, &reply, s.expiry()).await;
             match again {
-                Ok(d) => assert_eq!(d.plaintext, b"reply", "{at:?}"),
+                Ok(d) => assert_eq!(*d.plaintext, b"reply", "{at:?}"),
                 Err(SignalError::DuplicateMessage) => {
                     assert!(failed.contains(&("commit", Strike::After)), "{at:?}");
                 }
@@ -1007,7 +1007,7 @@ fn a_failed_first_publish_is_retried_to_a_working_business() {
         let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
         let hello = handset.encrypt(b, b"hello").await.unwrap();
         let read = sessions.decrypt(b, peer, &hello, expiry).await;
-        assert_eq!(read.unwrap().plaintext, b"hello", "{at:?}: {failed:?}");
+        assert_eq!(*read.unwrap().plaintext, b"hello", "{at:?}: {failed:?}");
         failed.is_empty()
     }));
 }

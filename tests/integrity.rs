@@ -714,7 +714,7 @@ mod exports {
         network.add_consumer(&to, 1).await;
         let message = Outbound {
             to,
-            content: b"your order has shipped".to_vec(),
+            content: b"your order has shipped".to_vec().into(),
             category: Category::Utility,
         };
         processor.send(&owner, business, message).await.unwrap();

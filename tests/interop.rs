@@ -238,7 +238,7 @@ impl Processor {
         self.sessions
             .decrypt(self.business, peer, message, self.expiry())
             .await
-            .map(|d| d.plaintext)
+            .map(|d| d.plaintext.to_vec())
     }
 
     async fn encrypt(&self, peer: PeerId, plaintext: &[u8]) -> Ciphertext {
@@ -277,7 +277,7 @@ async fn first_contact_from_the_js_client_then_fifty_turns_each_way() {
         .await
         .unwrap();
     assert!(decrypted.first_contact);
-    assert_eq!(decrypted.plaintext, b"hello, business");
+    assert_eq!(*decrypted.plaintext, b"hello, business");
 
     converse(&p, &mut js, peer, 50).await;
     // The one-time prekey the client used is gone from the business's pool.

@@ -104,7 +104,7 @@ impl Deployment {
     async fn send(&self, b: BusinessId, to: PhoneNumber, content: &[u8]) -> MessageId {
         let message = Outbound {
             to,
-            content: content.to_vec(),
+            content: content.to_vec().into(),
             category: Category::Service,
         };
         self.processor
@@ -185,7 +185,7 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
             let text = format!("business {b} to consumer {i} round {round}").into_bytes();
             let outbound = Outbound {
                 to: number(i),
-                content: text.clone(),
+                content: text.clone().into(),
                 category: Category::Utility,
             };
             let id = d.processor.send(d.owner(b), b, outbound).await.unwrap();
@@ -201,7 +201,7 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
             businesses[0],
             Outbound {
                 to: nobody.clone(),
-                content: b"hello?".to_vec(),
+                content: b"hello?".to_vec().into(),
                 category: Category::Marketing,
             },
         )
@@ -671,7 +671,7 @@ async fn no_principal_reaches_another_tenant() {
                 b,
                 Outbound {
                     to: number(1),
-                    content: b"spoof".to_vec(),
+                    content: b"spoof".to_vec().into(),
                     category: Category::Service,
                 },
             )
@@ -789,7 +789,7 @@ impl custodian::transport::BusinessSink for EchoBot {
         let processor = self.processor.lock().unwrap().upgrade().unwrap();
         let reply = Outbound {
             to: message.from.clone(),
-            content: [b"re: ".as_slice(), &message.content].concat(),
+            content: [b"re: ".as_slice(), &message.content].concat().into(),
             category: Category::Service,
         };
         let id = processor
@@ -930,7 +930,7 @@ impl Restartable {
     async fn reply(&self, processor: &Processor, device: &mut custodian::testing::ConsumerDevice) {
         let reply = Outbound {
             to: number(7),
-            content: b"hi".to_vec(),
+            content: b"hi".to_vec().into(),
             category: Category::Service,
         };
         processor.send(&self.owner, self.b, reply).await.unwrap();

@@ -165,7 +165,7 @@ async fn run(steps: Vec<Step>) {
             Step::Answer if !delivered.is_empty() => {
                 let answer = Outbound {
                     to: consumer(),
-                    content: b"noted".to_vec(),
+                    content: b"noted".to_vec().into(),
                     category: Category::Service,
                 };
                 processor.send(owner, b, answer).await.unwrap();

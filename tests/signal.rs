@@ -103,7 +103,7 @@ impl World {
         self.sessions
             .decrypt(self.business, peer, message, expiry)
             .await
-            .map(|d| d.plaintext)
+            .map(|d| d.plaintext.to_vec())
     }
 
     async fn encrypt(&self, peer: PeerId, plaintext: &[u8]) -> Ciphertext {
@@ -404,7 +404,7 @@ async fn identity_change_is_accepted_and_reported_by_default() {
         .unwrap();
     assert!(decrypted.identity_changed);
     assert!(decrypted.first_contact);
-    assert_eq!(decrypted.plaintext, b"new phone, who dis");
+    assert_eq!(*decrypted.plaintext, b"new phone, who dis");
 }
 
 #[tokio::test]
@@ -436,7 +436,7 @@ async fn identity_change_is_refused_when_the_policy_says_so() {
         .decrypt(w.business, peer, &first, w.expiry())
         .await
         .unwrap();
-    assert_eq!(decrypted.plaintext, b"new phone, who dis");
+    assert_eq!(*decrypted.plaintext, b"new phone, who dis");
     assert!(decrypted.first_contact && !decrypted.identity_changed);
 }
 
@@ -827,7 +827,7 @@ async fn a_late_message_from_a_replaced_identity_is_reported_as_a_change() {
         .decrypt(w.business, peer, &late, w.expiry())
         .await
         .unwrap();
-    assert_eq!(decrypted.plaintext, b"sent before the reinstall");
+    assert_eq!(*decrypted.plaintext, b"sent before the reinstall");
     assert!(
         decrypted.identity_changed,
         "the trusted identity went back to the old one unreported"
@@ -909,6 +909,6 @@ async fn a_resent_setup_carrying_another_identity_key_is_refused() {
         .decrypt(w.business, peer, &resend, w.expiry())
         .await
         .unwrap();
-    assert_eq!(decrypted.plaintext, b"still me");
+    assert_eq!(*decrypted.plaintext, b"still me");
     assert!(!decrypted.identity_changed);
 }

@@ -270,7 +270,7 @@ fn inbound(id: MessageId) -> InboundMessage {
         id,
         from: number(1),
         device: 0,
-        content: id.to_string().into_bytes(),
+        content: id.to_string().into_bytes().into(),
         received: start(),
         identity_changed: false,
     }
@@ -606,7 +606,7 @@ impl Deployment {
     async fn send(&self, to: usize, text: &str) -> MessageId {
         let outbound = Outbound {
             to: number(to),
-            content: text.as_bytes().to_vec(),
+            content: text.as_bytes().to_vec().into(),
             category: Category::Utility,
         };
         self.processor
@@ -807,7 +807,7 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
             b,
             Outbound {
                 to: number(7),
-                content: b"hi back".to_vec(),
+                content: b"hi back".to_vec().into(),
                 category: Category::Service,
             },
         )

@@ -251,8 +251,8 @@ pub struct Receipt {
 pub struct Outbound {
     /// The recipient.
     pub to: PhoneNumber,
-    /// The content.
-    pub content: Vec<u8>,
+    /// The content; wiped from memory when dropped.
+    pub content: Zeroizing<Vec<u8>>,
     /// The billing category.
     pub category: Category,
 }
@@ -492,7 +492,7 @@ struct InboundParts {
     id: MessageId,
     from: PhoneNumber,
     device: u32,
-    content: Vec<u8>,
+    content: Zeroizing<Vec<u8>>,
     received: Timestamp,
     identity_changed: bool,
 }

@@ -4,6 +4,7 @@
 use crate::ids::{MessageId, PhoneNumber};
 use crate::integrity::Category;
 use crate::store::Direction;
+use zeroize::Zeroizing;
 
 const VERSION: u8 = 1;
 const IDENTITY_CHANGED: u8 = 1;
@@ -17,14 +18,14 @@ pub(super) struct InboundBody {
     pub(super) from: PhoneNumber,
     pub(super) device: u32,
     pub(super) identity_changed: bool,
-    pub(super) content: Vec<u8>,
+    pub(super) content: Zeroizing<Vec<u8>>,
 }
 
 /// The sealed body of an outbound message.
 pub(super) struct OutboundBody {
     pub(super) to: PhoneNumber,
     pub(super) category: Category,
-    pub(super) content: Vec<u8>,
+    pub(super) content: Zeroizing<Vec<u8>>,
 }
 
 fn put_phone(out: &mut Vec<u8>, phone: &PhoneNumber) {
@@ -97,7 +98,7 @@ impl InboundBody {
             from,
             device: u32::from_be_bytes([*d0, *d1, *d2, *d3]),
             identity_changed: flags & IDENTITY_CHANGED != 0,
-            content: content.to_vec(),
+            content: Zeroizing::new(content.to_vec()),
         })
     }
 }
@@ -124,7 +125,7 @@ impl OutboundBody {
         Ok(Self {
             to,
             category,
-            content: content.to_vec(),
+            content: Zeroizing::new(content.to_vec()),
         })
     }
 }
@@ -203,12 +204,12 @@ mod tests {
             garbage in prop::collection::vec(any::<u8>(), 0..64),
         ) {
             let number: PhoneNumber = format!("+{digits}").parse().unwrap();
-            let inbound = InboundBody { from: number.clone(), device, identity_changed: flag, content: content.clone() };
+            let inbound = InboundBody { from: number.clone(), device, identity_changed: flag, content: content.clone().into() };
             let back = InboundBody::decode(&inbound.encode()).unwrap();
-            prop_assert_eq!((back.from, back.device, back.identity_changed, back.content), (number.clone(), device, flag, content.clone()));
-            let outbound = OutboundBody { to: number.clone(), category: Category::ALL[category], content: content.clone() };
+            prop_assert_eq!((back.from, back.device, back.identity_changed, back.content.to_vec()), (number.clone(), device, flag, content.clone()));
+            let outbound = OutboundBody { to: number.clone(), category: Category::ALL[category], content: content.clone().into() };
             let back = OutboundBody::decode(&outbound.encode()).unwrap();
-            prop_assert_eq!((back.to, back.category, back.content), (number, Category::ALL[category], content.clone()));
+            prop_assert_eq!((back.to, back.category, back.content.to_vec()), (number, Category::ALL[category], content.clone()));
             let _ = InboundBody::decode(&garbage);
             let _ = OutboundBody::decode(&garbage);
             let id = MessageId::from_bytes([7; 16]);

@@ -359,8 +359,8 @@ fn message_id(business: BusinessId, peer: PeerId, chain: &PublicKey, counter: u3
 /// A decrypted message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Decrypted {
-    /// The plaintext.
-    pub plaintext: Vec<u8>,
+    /// The plaintext; wiped from memory when dropped.
+    pub plaintext: Zeroizing<Vec<u8>>,
     /// The device presented a new identity key and the policy accepted it:
     /// tell the business (a "security code changed" notice).
     pub identity_changed: bool,
@@ -1218,7 +1218,7 @@ impl Sessions {
             in_order,
             expiry,
             decrypted: Decrypted {
-                plaintext: decrypted.plaintext,
+                plaintext: Zeroizing::new(decrypted.plaintext),
                 // What the trusted identity did, not what the library
                 // reports: a message under an archived session brings back
                 // its older identity, which the library calls no change.

@@ -176,7 +176,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
         return;
     };
     let b = b.unwrap();
-    assert_eq!(a.decrypted().plaintext, b"+447700900301");
+    assert_eq!(*a.decrypted().plaintext, b"+447700900301");
     assert!(a.decrypted().first_contact);
     a.commit(Batch::new()).await.unwrap();
     let refused = b.commit(Batch::new()).await;

@@ -283,7 +283,7 @@ impl BusinessSink for SimBusiness {
         self.record().take(Leg::Deliver, now, || Item::Message {
             business: message.business,
             id: message.id,
-            content: message.content.clone(),
+            content: message.content.to_vec(),
         })
     }
 

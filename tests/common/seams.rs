@@ -863,7 +863,7 @@ impl Deployment {
     pub(crate) fn outbound(&self, content: &[u8]) -> Outbound {
         Outbound {
             to: consumer(2),
-            content: content.to_vec(),
+            content: content.to_vec().into(),
             category: Category::Utility,
         }
     }
