@@ -1073,10 +1073,12 @@ impl Processor {
     /// Send a business's message: sealed and stored first, then sent to
     /// every device of the recipient. Returns its id once it is stored;
     /// delivery continues (and is retried) from there, whatever the first
-    /// attempt met. An error means the message was not stored, unless the
-    /// store failed to answer the very write that stored it: that message
-    /// is then sent and reported like any other (its id is in its status
-    /// reports).
+    /// attempt met. A store that fails the write storing it is asked
+    /// whether the write landed (its answer may have been lost): if so, the
+    /// message is accepted. An error means the message was not stored,
+    /// unless the store could not answer that question either: a message
+    /// stored then is sent and reported like any other (its id is in its
+    /// status reports).
     pub async fn send(
         &self,
         principal: &Principal,
@@ -1128,7 +1130,15 @@ impl Processor {
             sealed,
             ..record.clone()
         })));
-        self.storage.commit(batch).await?;
+        if let Err(e) = self.storage.commit(batch).await {
+            // The write may have landed with its answer lost (a networked
+            // store): if the store now has the message, under this fresh
+            // id, it is accepted as if the commit had answered. Refused,
+            // it would be sent twice, once again by the business.
+            if !matches!(self.storage.message(business, id).await, Ok(Some(_))) {
+                return Err(e.into());
+            }
+        }
         self.retention.stored(&admission);
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
