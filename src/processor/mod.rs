@@ -1138,6 +1138,7 @@ impl Processor {
             if !matches!(self.storage.message(business, id).await, Ok(Some(_))) {
                 return Err(e.into());
             }
+            warn!(%business, %id, error = %e, "the store failed the write storing the message, but has it: accepted");
         }
         self.retention.stored(&admission);
         self.integrity.record_sent(business, phone, now);
