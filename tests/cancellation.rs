@@ -507,7 +507,10 @@ fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
         let keys = || async {
             let store = Arc::new(MemoryStore::new());
             let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-            let keys = KeyManager::new(provider, Arc::new(PausedStore(store.clone())));
+            let keys = KeyManager::new(
+                provider,
+                Arc::new(FailingStore::paused(store.clone(), Arc::default())),
+            );
             keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
             (store, keys)
         };
@@ -540,7 +543,8 @@ fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
     runtime().block_on(every_cut(|n| async move {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
-        let paused: Arc<dyn Storage> = Arc::new(PausedStore(store.clone()));
+        let paused: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(store.clone(), Arc::default()));
         let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
         let keys = Arc::new(KeyManager::new(provider, paused.clone()));
         let vault = Arc::new(Vault::new(
@@ -593,7 +597,10 @@ struct Holding {
 
 impl Holding {
     fn new() -> Self {
-        let store: Arc<dyn Storage> = Arc::new(PausedStore(Arc::new(MemoryStore::new())));
+        let store: Arc<dyn Storage> = Arc::new(FailingStore::paused(
+            Arc::new(MemoryStore::new()),
+            Arc::default(),
+        ));
         let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
         let keys = Arc::new(KeyManager::new(provider, store.clone()));
         let audit = Arc::new(MemoryAuditSink::new());

@@ -275,10 +275,11 @@ impl World {
         // The seams a restart would build on (no test here restarts: its
         // processor would not count the ciphertexts sent).
         let seams = HostSeams {
-            storage: Arc::new(PausedStore(store.clone())),
-            provider: Arc::new(PausedProvider(
-                LocalKeyProvider::new(&SecretKey::generate()),
-            )),
+            storage: Arc::new(FailingStore::paused(store.clone(), Arc::default())),
+            provider: Arc::new(FailingProvider {
+                inner: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+                faults: Arc::default(),
+            }),
             transport: transport.clone(),
             business: Arc::new(PausedBusiness(business.clone())),
             authorizer,
@@ -1030,7 +1031,8 @@ fn a_hold_placed_while_retention_reads_the_holds_is_seen_by_its_next_decision() 
             .await
             .unwrap();
         let record = w.store.message(w.b, id).await.unwrap().unwrap();
-        let store: Arc<dyn Storage> = Arc::new(PausedStore(w.store.clone()));
+        let store: Arc<dyn Storage> =
+            Arc::new(FailingStore::paused(w.store.clone(), Arc::default()));
         let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
         let keys = Arc::new(KeyManager::new(provider, store.clone()));
         let retention = Retention::new(

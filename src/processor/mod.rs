@@ -419,11 +419,9 @@ struct Accepted {
     phone: PhoneHash,
     category: Category,
     at: Timestamp,
-    /// The delivery state the write stores.
+    /// The delivery state the write stores: sent after a send's
+    /// bookkeeping, delivered or read after a report (told that instead).
     next: Delivery,
-    /// Whether the business is told the message is sent (not when a
-    /// delivery report moved it on: it is told that instead).
-    tell_sent: bool,
 }
 
 /// A write under way (see [`Owed`]), until the store answers it. Dropped
@@ -1188,7 +1186,6 @@ impl Processor {
                     category: body.category,
                     at: now,
                     next,
-                    tell_sent: true,
                 });
             if self.commit_told(business, id, op, accepted).await? {
                 break (next, accepted);
@@ -1241,7 +1238,7 @@ impl Processor {
     /// is sent.
     async fn on_accepted(&self, business: BusinessId, id: MessageId, accepted: Accepted) {
         self.accepted(business, accepted.phone, accepted.category, accepted.at);
-        if !accepted.tell_sent {
+        if accepted.next.status != Status::Sent {
             return;
         }
         self.notify(StatusUpdate {
@@ -1577,8 +1574,7 @@ impl Processor {
         // message up meanwhile, find nothing owed and make the same move
         // (billed and told twice). If an attempt holds the claim, it made
         // the write when it took the message up.
-        let paid = self.take_up(business, id).await?;
-        drop(paid);
+        drop(self.take_up(business, id).await?);
         for _ in 0..MAX_STATUS_RACES {
             let record = self
                 .storage
@@ -1629,7 +1625,6 @@ impl Processor {
                     category,
                     at: now,
                     next: settled,
-                    tell_sent: false,
                 }),
                 _ => None,
             };

@@ -88,175 +88,6 @@ pub(crate) async fn poll_at_most<F: Future>(future: F, polls: usize) -> Option<F
     .await
 }
 
-/// A store whose every call suspends before and after it.
-pub(crate) struct PausedStore(pub(crate) Arc<MemoryStore>);
-
-#[async_trait]
-impl KeyStore for PausedStore {
-    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
-        paused(self.0.ring(business)).await
-    }
-    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
-        paused(self.0.put_ring(ring, expected)).await
-    }
-    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        paused(self.0.key(id)).await
-    }
-    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
-        paused(self.0.insert_key(key)).await
-    }
-    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
-        paused(self.0.rewrap_key(key, expected)).await
-    }
-    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
-        paused(self.0.destroy_key(id, at)).await
-    }
-    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
-        paused(self.0.delete_keys(ids)).await
-    }
-    async fn keys_wrapped_below(
-        &self,
-        business: BusinessId,
-        version: u32,
-        after: Option<KeyId>,
-        limit: usize,
-    ) -> Result<Vec<WrappedKey>, StoreError> {
-        paused(self.0.keys_wrapped_below(business, version, after, limit)).await
-    }
-    async fn count_wrapped_under(
-        &self,
-        business: BusinessId,
-        version: u32,
-    ) -> Result<u64, StoreError> {
-        paused(self.0.count_wrapped_under(business, version)).await
-    }
-    async fn keys_of_kind(
-        &self,
-        business: BusinessId,
-        kind: KeyKind,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<WrappedKey>, StoreError> {
-        paused(self.0.keys_of_kind(business, kind, after, limit)).await
-    }
-    async fn ended_epoch_keys(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<KeyId>, StoreError> {
-        paused(self.0.ended_epoch_keys(now, limit)).await
-    }
-}
-
-#[async_trait]
-impl Storage for PausedStore {
-    fn region(&self) -> Region {
-        self.0.region()
-    }
-    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        paused(self.0.commit(batch)).await
-    }
-    async fn peer(
-        &self,
-        business: BusinessId,
-        peer: PeerId,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        paused(self.0.peer(business, peer)).await
-    }
-    async fn peer_devices(
-        &self,
-        business: BusinessId,
-        phone: PhoneHash,
-    ) -> Result<Vec<u32>, StoreError> {
-        paused(self.0.peer_devices(business, phone)).await
-    }
-    async fn message(
-        &self,
-        business: BusinessId,
-        id: MessageId,
-    ) -> Result<Option<MessageRecord>, StoreError> {
-        paused(self.0.message(business, id)).await
-    }
-    async fn due_messages(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<MessageRecord>, StoreError> {
-        paused(self.0.due_messages(now, limit)).await
-    }
-    async fn expired_open_messages(
-        &self,
-        now: Timestamp,
-        after: Option<(Timestamp, BusinessId, MessageId)>,
-        limit: usize,
-    ) -> Result<Vec<MessageRecord>, StoreError> {
-        paused(self.0.expired_open_messages(now, after, limit)).await
-    }
-    async fn cap_expiry(
-        &self,
-        business: BusinessId,
-        direction: Direction,
-        period: Duration,
-        after: Option<MessageId>,
-        limit: usize,
-    ) -> Result<Option<MessageId>, StoreError> {
-        paused(self.0.cap_expiry(business, direction, period, after, limit)).await
-    }
-    async fn delete_expired(
-        &self,
-        now: Timestamp,
-        abandon_before: Timestamp,
-        holds: &[HoldScope],
-        limit: usize,
-    ) -> Result<Vec<ExpiredMessage>, StoreError> {
-        paused(self.0.delete_expired(now, abandon_before, holds, limit)).await
-    }
-    async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        paused(self.0.message_businesses()).await
-    }
-    async fn message_epochs(
-        &self,
-        business: BusinessId,
-        phone: Option<PhoneHash>,
-    ) -> Result<Vec<Epoch>, StoreError> {
-        paused(self.0.message_epochs(business, phone)).await
-    }
-    async fn orphan_peers(
-        &self,
-        now: Timestamp,
-        after: Option<(BusinessId, PeerId)>,
-        limit: usize,
-    ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
-        paused(self.0.orphan_peers(now, after, limit)).await
-    }
-    async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
-        paused(self.0.holds()).await
-    }
-    async fn census(&self) -> Result<Census, StoreError> {
-        paused(self.0.census()).await
-    }
-    async fn scrub(&self) -> Result<(), StoreError> {
-        paused(self.0.scrub()).await
-    }
-}
-
-/// A key provider whose every call suspends before and after it.
-pub(crate) struct PausedProvider(pub(crate) LocalKeyProvider);
-
-#[async_trait]
-impl KeyProvider for PausedProvider {
-    async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
-        paused(self.0.wrap(context, key)).await
-    }
-    async fn unwrap(
-        &self,
-        context: &KekContext,
-        wrapped: &[u8],
-    ) -> Result<SecretKey, ProviderError> {
-        paused(self.0.unwrap(context, wrapped)).await
-    }
-}
-
 /// The simulated network, every call suspending first; it keeps the keys
 /// last published, for consumers the test drives by hand.
 pub(crate) struct PausedNetwork {
@@ -457,7 +288,8 @@ impl HostFaults {
         })
     }
 
-    /// Run `inner` (the call `call` of the store) unless it is to fail.
+    /// Run `inner` (the call `call` of the store), suspending before and
+    /// after it, unless it is to fail.
     async fn store<T>(
         &self,
         call: &'static str,
@@ -465,16 +297,17 @@ impl HostFaults {
     ) -> Result<T, StoreError> {
         let failure = || StoreError::Backend(format!("injected failure of {call}"));
         match self.strike(Seam::Store, call) {
-            None => inner.await,
+            None => paused(inner).await,
             Some(Strike::Before) => Err(failure()),
             Some(Strike::After) => {
-                let _lost = inner.await;
+                let _lost = paused(inner).await;
                 Err(failure())
             }
         }
     }
 
-    /// Run `inner` (the call `call` of the key provider) unless it is to fail.
+    /// Run `inner` (the call `call` of the key provider), suspending before
+    /// and after it, unless it is to fail.
     async fn provider<T>(
         &self,
         call: &'static str,
@@ -482,17 +315,19 @@ impl HostFaults {
     ) -> Result<T, ProviderError> {
         let failure = || ProviderError::Unavailable(format!("injected failure of {call}"));
         match self.strike(Seam::Provider, call) {
-            None => inner.await,
+            None => paused(inner).await,
             Some(Strike::Before) => Err(failure()),
             Some(Strike::After) => {
-                let _lost = inner.await;
+                let _lost = paused(inner).await;
                 Err(failure())
             }
         }
     }
 }
 
-/// A store that fails as its [`HostFaults`] says, around another.
+/// A store whose every call suspends before and after it (a SQLite commit
+/// lands even when its caller stopped waiting), and fails as its
+/// [`HostFaults`] says (by default, never).
 pub(crate) struct FailingStore {
     pub(crate) inner: Arc<dyn Storage>,
     pub(crate) faults: Arc<HostFaults>,
@@ -502,7 +337,7 @@ impl FailingStore {
     /// The paused `store`, failing as `faults` says.
     pub(crate) fn paused(store: Arc<MemoryStore>, faults: Arc<HostFaults>) -> Self {
         Self {
-            inner: Arc::new(PausedStore(store)),
+            inner: store,
             faults,
         }
     }
@@ -684,7 +519,8 @@ impl Storage for FailingStore {
     }
 }
 
-/// A key provider that fails as its [`HostFaults`] says, around another.
+/// A key provider whose every call suspends before and after it, and fails
+/// as its [`HostFaults`] says (by default, never).
 pub(crate) struct FailingProvider {
     pub(crate) inner: Arc<dyn KeyProvider>,
     pub(crate) faults: Arc<HostFaults>,
@@ -794,9 +630,7 @@ impl Deployment {
         let storage: Arc<dyn Storage> =
             Arc::new(FailingStore::paused(store.clone(), faults.clone()));
         let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
-            inner: Arc::new(PausedProvider(
-                LocalKeyProvider::new(&SecretKey::generate()),
-            )),
+            inner: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             faults: faults.clone(),
         });
         let seams = HostSeams {
