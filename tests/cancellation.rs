@@ -31,14 +31,13 @@ use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
 use custodian::retention::{Decision, Retention, RetentionPolicy};
-use custodian::signal::{Sessions, SignalConfig, SignalError};
+use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{
     Delivery, Direction, FailureReason, HoldScope, KeyStore, MemoryStore, MessageRecord, PeerId,
     Status, Storage,
 };
 use custodian::testing::{ConsumerDevice, Faults};
-use custodian::time::{Clock, ManualClock, Timestamp};
-use custodian::vault::Vault;
+use custodian::time::Timestamp;
 use custodian::visibility::MemoryAuditSink;
 
 #[path = "common/seams.rs"]
@@ -541,43 +540,35 @@ fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
 #[test]
 fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
     runtime().block_on(every_cut(|n| async move {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let store = Arc::new(MemoryStore::new());
-        let paused: Arc<dyn Storage> =
-            Arc::new(FailingStore::paused(store.clone(), Arc::default()));
-        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-        let keys = Arc::new(KeyManager::new(provider, paused.clone()));
-        let vault = Arc::new(Vault::new(
-            keys.clone(),
-            Arc::new(clock.clone()),
-            EpochLength::DEFAULT,
-        ));
+        let s = Signal::new(0).await;
         let config = SignalConfig::default();
-        let rotation = config.signed_prekey_rotation;
-        let grace = config.signed_prekey_grace;
-        let sessions = Sessions::new(vault, paused, config);
-        let b = BusinessId::new(BUSINESS).unwrap();
-        // A consumer fetched the first bundle, with no one-time prekey left
-        // for it: its first message rests on the first signed prekey alone.
-        let first = sessions.publish(b).await.unwrap();
-        clock.advance(rotation);
-        sessions.maintain(b).await.unwrap();
+        // A new device of the consumer fetched the bundle, with no one-time
+        // prekey left for it: its first message rests on the first signed
+        // prekey alone.
+        let first = s.sessions.publish(s.b).await.unwrap();
+        s.clock.advance(config.signed_prekey_rotation);
+        s.sessions.maintain(s.b).await.unwrap();
         // The first signed prekey's grace is over: maintenance retires it.
-        clock.advance(grace);
-        let done = poll_at_most(sessions.maintain(b), n).await.is_some();
-        let first_kept = store
-            .keys_of_kind(b, KeyKind::SignalSignedPreKey, None, 16)
+        s.clock.advance(config.signed_prekey_grace);
+        let done = poll_at_most(s.sessions.maintain(s.b), n).await.is_some();
+        let first_kept = s
+            .store
+            .keys_of_kind(s.b, KeyKind::SignalSignedPreKey, None, 16)
             .await
             .unwrap()
             .iter()
             .any(|k| k.id.id == u64::from(first.signed_prekey.id));
-        let mut handset = ConsumerDevice::new(1);
-        handset.start_session(b, &first.bundle(None)).await.unwrap();
-        let hello = handset.encrypt(b, b"hello").await.unwrap();
-        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
-        let peer = PeerId { phone, device: 1 };
-        let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
-        let decrypted = sessions.decrypt(b, peer, &hello, expiry).await;
+        let mut handset = ConsumerDevice::new(2);
+        handset
+            .start_session(s.b, &first.bundle(None))
+            .await
+            .unwrap();
+        let hello = handset.encrypt(s.b, b"hello").await.unwrap();
+        let peer = PeerId {
+            device: 2,
+            ..s.peer
+        };
+        let decrypted = s.sessions.decrypt(s.b, peer, &hello, s.expiry()).await;
         // Usable exactly as long as the store keeps it.
         assert_eq!(decrypted.is_ok(), first_kept, "cut {n}: {decrypted:?}");
         done
