@@ -118,6 +118,18 @@ pub trait KeyStore: Send + Sync {
 /// bookkeeping), and legal holds. Writes come as [`Batch`]es that take effect
 /// together or not at all, key deletions included, so a backend stores keys
 /// too.
+///
+/// A record the backend cannot decode (damaged, or not written by this
+/// crate) fails a read of that record with [`StoreError::Corrupt`], as it
+/// does the reads that guard a deletion ([`holds`](Self::holds),
+/// [`message_epochs`](Self::message_epochs)). The listings that only choose
+/// what to work on next ([`due_messages`](Self::due_messages),
+/// [`expired_open_messages`](Self::expired_open_messages),
+/// [`delete_expired`](Self::delete_expired),
+/// [`orphan_peers`](Self::orphan_peers)) skip it instead, without counting
+/// it against their `limit`, and never delete it: one damaged record must
+/// not stop retransmission or the sweep for every other. The backend says
+/// so in its log; it is left for an operator.
 #[async_trait]
 pub trait Storage: KeyStore {
     /// The region this store keeps data in; records are sealed for it.

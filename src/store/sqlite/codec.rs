@@ -14,6 +14,8 @@
 //! the wrong length is [`StoreError::Corrupt`] naming the column, never a
 //! panic. Error messages name tables and columns, never stored bytes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rusqlite::types::ValueRef;
 use rusqlite::{ErrorCode, Row};
 
@@ -70,6 +72,43 @@ pub(super) fn store_error(e: rusqlite::Error) -> StoreError {
         | E::Utf8Error(..) => StoreError::Corrupt(format!("SQLite value: {e}")),
         _ => StoreError::Backend(format!("SQLite: {e}")),
     }
+}
+
+/// Decode rows until `limit` of them decoded, skipping every row that does
+/// not: a listing only chooses what to work on next, and one damaged row
+/// must not stop the work on all the others. The query's last column must be
+/// the row's `rowid`. Each skipped row is counted in `damaged` and logged by
+/// table, rowid and the column that failed (never a stored value); it stays
+/// in the database for an operator. A failure of SQLite itself, rather than
+/// of a value, still fails the listing.
+pub(super) fn decodable<T>(
+    rows: &mut rusqlite::Rows<'_>,
+    limit: usize,
+    table: &str,
+    damaged: &AtomicU64,
+    mut decode: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<(i64, T)>, StoreError> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(row) = rows.next().db()? else { break };
+        let rowid: i64 = row
+            .get(row.as_ref().column_count().saturating_sub(1))
+            .db()?;
+        match decode(row) {
+            Ok(value) => out.push((rowid, value)),
+            Err(StoreError::Corrupt(what)) => {
+                damaged.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    table,
+                    rowid,
+                    error = %what,
+                    "a stored row does not decode: skipped, and kept for an operator"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// `?` for SQLite results inside the backend: `.db()?` maps the error
@@ -234,11 +273,17 @@ impl<'a, 'r> Cols<'a, 'r> {
     }
 }
 
-/// The columns of `messages` in the order [`message`] reads them.
-pub(super) const MESSAGE_COLUMNS: &str = "business, id, direction, phone, created, expiry, \
-     epoch, status, failure, attempts, next_attempt, pending_devices, sealed";
+/// The columns of `messages` in the order [`message`] reads them (a macro,
+/// so that queries can be `const`).
+macro_rules! message_columns {
+    () => {
+        "business, id, direction, phone, created, expiry, \
+         epoch, status, failure, attempts, next_attempt, pending_devices, sealed"
+    };
+}
+pub(super) use message_columns;
 
-/// A message row selected with [`MESSAGE_COLUMNS`].
+/// A message row selected with [`message_columns!`].
 pub(super) fn message(row: &Row<'_>) -> Result<MessageRecord, StoreError> {
     let c = Cols::new(row, "messages");
     Ok(MessageRecord {

@@ -17,6 +17,8 @@ mod tests;
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -275,6 +277,8 @@ pub struct SqliteStore {
     path: PathBuf,
     busy_timeout: Duration,
     readers: Readers,
+    /// Rows the listings skipped because they do not decode.
+    damaged: Arc<AtomicU64>,
     // Dropped last: queued writes finish before the file closes.
     writer: Writer,
 }
@@ -346,6 +350,7 @@ impl SqliteStore {
             path: path.to_owned(),
             busy_timeout: config.busy_timeout,
             readers: Readers::new(path.to_owned(), config.busy_timeout, config.readers),
+            damaged: Arc::default(),
             writer,
         })
     }
@@ -372,6 +377,22 @@ impl SqliteStore {
     /// not counted.
     pub fn group_commits(&self) -> GroupCommits {
         self.writer.committed()
+    }
+
+    /// How many times, since the store was opened, a listing skipped a row
+    /// that does not decode (a damaged or foreign value). Each skip is also
+    /// logged with the row's table and rowid and the column that failed.
+    ///
+    /// Listings that only choose what to work on next (messages due,
+    /// expired messages to fail or delete, Signal records to forget) skip
+    /// such a row rather than fail, so that one damaged row cannot stop the
+    /// retransmission or the sweep of every other. The row stays in the
+    /// file for an operator; it is never deleted by the sweep, and it is
+    /// counted again each time a listing passes it. Reads of one record,
+    /// and reads that guard a deletion (holds, a held business's epochs),
+    /// fail with [`StoreError::Corrupt`] instead.
+    pub fn damaged_rows_skipped(&self) -> u64 {
+        self.damaged.load(Ordering::Relaxed)
     }
 }
 
@@ -549,7 +570,8 @@ impl Storage for SqliteStore {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        self.readers.with(|c| reads::due_messages(c, now, limit))
+        self.readers
+            .with(|c| reads::due_messages(c, now, limit, &self.damaged))
     }
 
     async fn expired_open_messages(
@@ -559,7 +581,7 @@ impl Storage for SqliteStore {
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
         self.readers
-            .with(|c| reads::expired_open_messages(c, now, after, limit))
+            .with(|c| reads::expired_open_messages(c, now, after, limit, &self.damaged))
     }
 
     async fn cap_expiry(
@@ -583,8 +605,9 @@ impl Storage for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError> {
         let holds = holds.to_vec();
+        let damaged = Arc::clone(&self.damaged);
         self.writer
-            .write(move |c| writes::delete_expired(c, now, abandon_before, &holds, limit))
+            .write(move |c| writes::delete_expired(c, now, abandon_before, &holds, limit, &damaged))
             .await
     }
 
@@ -608,7 +631,7 @@ impl Storage for SqliteStore {
         limit: usize,
     ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
         self.readers
-            .with(|c| reads::orphan_peers(c, now, after, limit))
+            .with(|c| reads::orphan_peers(c, now, after, limit, &self.damaged))
     }
 
     async fn holds(&self) -> Result<Vec<Hold>, StoreError> {

@@ -7,13 +7,14 @@
 //! indexed lookups and bounded scans, not worth a thread hop each.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Row, params};
 
 use super::codec::{
-    self, Cols, Db, MESSAGE_COLUMNS, business_sql, key_id_sql, limit_sql, time_sql, u64_to_sql,
+    self, Cols, Db, business_sql, key_id_sql, limit_sql, message_columns, time_sql, u64_to_sql,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -319,8 +320,10 @@ pub(super) fn message(
     id: MessageId,
 ) -> Result<Option<MessageRecord>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE business = ?1 AND id = ?2"
+        .prepare_cached(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE business = ?1 AND id = ?2"
         ))
         .db()?;
     let mut rows = stmt
@@ -332,20 +335,48 @@ pub(super) fn message(
     }
 }
 
+/// The messages due at or before `?1`, earliest first. No `LIMIT`: rows
+/// that do not decode are skipped, and do not count against it.
+pub(super) const DUE: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    ", rowid FROM messages
+     WHERE next_attempt IS NOT NULL AND next_attempt <= ?1
+     ORDER BY next_attempt, business, id"
+);
+
+/// The messages expired at or before `?1` while open, in `(expiry,
+/// business, id)` order, from the start and after `(?2, ?3, ?4)`.
+/// `status IN (0, 1)` (queued, sent) is the condition of the partial index
+/// `messages_open`: the sweep finds the few open messages without walking
+/// every expired one, and pages by seeking past the last one. No `LIMIT`,
+/// as for [`DUE`].
+pub(super) const EXPIRED_OPEN: (&str, &str) = (
+    concat!(
+        "SELECT ",
+        message_columns!(),
+        ", rowid FROM messages
+         WHERE expiry <= ?1 AND status IN (0, 1)
+         ORDER BY expiry, business, id"
+    ),
+    concat!(
+        "SELECT ",
+        message_columns!(),
+        ", rowid FROM messages
+         WHERE expiry <= ?1 AND status IN (0, 1) AND (expiry, business, id) > (?2, ?3, ?4)
+         ORDER BY expiry, business, id"
+    ),
+);
+
 pub(super) fn due_messages(
     conn: &Connection,
     now: Timestamp,
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<MessageRecord>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE next_attempt IS NOT NULL AND next_attempt <= ?1
-             ORDER BY next_attempt, business, id LIMIT ?2"
-        ))
-        .db()?;
-    let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
-    collect(&mut rows, codec::message)
+    let mut stmt = conn.prepare_cached(DUE).db()?;
+    let mut rows = stmt.query(params![time_sql(now)]).db()?;
+    messages(&mut rows, limit, damaged)
 }
 
 pub(super) fn expired_open_messages(
@@ -353,36 +384,35 @@ pub(super) fn expired_open_messages(
     now: Timestamp,
     after: Option<(Timestamp, BusinessId, MessageId)>,
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<MessageRecord>, StoreError> {
-    // `status IN (0, 1)` (queued, sent) is the condition of the partial
-    // index `messages_open`: the sweep finds the few open messages without
-    // walking every expired one, and pages by seeking past the last one.
-    let first = format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages
-         WHERE expiry <= ?1 AND status IN (0, 1)
-         ORDER BY expiry, business, id LIMIT ?2"
-    );
-    let next = format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages
-         WHERE expiry <= ?1 AND status IN (0, 1) AND (expiry, business, id) > (?3, ?4, ?5)
-         ORDER BY expiry, business, id LIMIT ?2"
-    );
-    let (now, limit) = (time_sql(now), limit_sql(limit));
+    let (first, next) = EXPIRED_OPEN;
+    let now = time_sql(now);
     let mut stmt = conn
-        .prepare_cached(if after.is_some() { &next } else { &first })
+        .prepare_cached(if after.is_some() { next } else { first })
         .db()?;
     let mut rows = match after {
-        None => stmt.query(params![now, limit]),
+        None => stmt.query(params![now]),
         Some((t, b, id)) => stmt.query(params![
             now,
-            limit,
             time_sql(t),
             business_sql(b),
             &id.as_bytes()[..]
         ]),
     }
     .db()?;
-    collect(&mut rows, codec::message)
+    messages(&mut rows, limit, damaged)
+}
+
+/// Up to `limit` message rows selected with [`message_columns!`] and `rowid`,
+/// skipping those that do not decode.
+fn messages(
+    rows: &mut rusqlite::Rows<'_>,
+    limit: usize,
+    damaged: &AtomicU64,
+) -> Result<Vec<MessageRecord>, StoreError> {
+    let decoded = codec::decodable(rows, limit, "messages", damaged, codec::message)?;
+    Ok(decoded.into_iter().map(|(_, m)| m).collect())
 }
 
 pub(super) fn message_businesses(conn: &mut Connection) -> Result<Vec<BusinessId>, StoreError> {
@@ -446,11 +476,21 @@ pub(super) fn message_epochs(
     }
 }
 
+/// The peer records after `(?1, ?2, ?3)` in key order whose consumer has
+/// no message expiring after `?4`. No `LIMIT`, as for [`DUE`].
+pub(super) const ORPHAN_PEERS: &str = "SELECT business, phone, device, rowid FROM peers AS p
+     WHERE (business, phone, device) > (?1, ?2, ?3)
+       AND NOT EXISTS (SELECT 1 FROM messages AS m
+                       WHERE m.business = p.business AND m.phone = p.phone
+                         AND m.expiry > ?4)
+     ORDER BY business, phone, device";
+
 pub(super) fn orphan_peers(
     conn: &Connection,
     now: Timestamp,
     after: Option<(BusinessId, PeerId)>,
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
     // Business ids start at 1, so (business 0, …) is below every peer.
     let (business, phone, device) = match after {
@@ -461,26 +501,12 @@ pub(super) fn orphan_peers(
         ),
         None => (codec::u64_to_sql(0), Vec::new(), -1),
     };
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT business, phone, device FROM peers AS p
-             WHERE (business, phone, device) > (?1, ?2, ?3)
-               AND NOT EXISTS (SELECT 1 FROM messages AS m
-                               WHERE m.business = p.business AND m.phone = p.phone
-                                 AND m.expiry > ?4)
-             ORDER BY business, phone, device LIMIT ?5",
-        )
-        .db()?;
+    let mut stmt = conn.prepare_cached(ORPHAN_PEERS).db()?;
     let mut rows = stmt
-        .query(params![
-            business,
-            phone,
-            device,
-            time_sql(now),
-            limit_sql(limit)
-        ])
+        .query(params![business, phone, device, time_sql(now)])
         .db()?;
-    collect(&mut rows, codec::peer_key)
+    let decoded = codec::decodable(&mut rows, limit, "peers", damaged, codec::peer_key)?;
+    Ok(decoded.into_iter().map(|(_, p)| p).collect())
 }
 
 pub(super) fn holds(conn: &Connection) -> Result<Vec<Hold>, StoreError> {

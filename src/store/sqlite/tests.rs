@@ -426,7 +426,7 @@ fn tamper(path: &Path, sql: &str) {
 }
 
 #[test]
-fn malformed_rows_are_corrupt_errors_that_reveal_no_stored_bytes() {
+fn malformed_rows_are_refused_when_read_skipped_when_listed_and_reveal_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = populated(dir.path());
     // 0x5345435245540a = "SECRET\n": must never appear in an error.
@@ -464,17 +464,41 @@ fn malformed_rows_are_corrupt_errors_that_reveal_no_stored_bytes() {
             "messages.sealed",
         ),
     ];
+    let damaged = MessageId::from_bytes([1; 16]);
     for (sql, column) in cases {
         let copy = dir.path().join("tampered.db");
         std::fs::copy(&path, &copy).unwrap();
         tamper(&copy, sql);
         let store = SqliteStore::open(&copy, SqliteConfig::default()).unwrap();
-        let err = block_on(store.due_messages(Timestamp::MAX, 1000)).unwrap_err();
-        let StoreError::Corrupt(text) = &err else {
-            panic!("{sql}: {err:?}");
+        // A read of the record itself is refused, naming the column and
+        // nothing stored (the damaged id is not found at all).
+        match block_on(store.message(business(1), damaged)) {
+            Err(StoreError::Corrupt(text)) => {
+                assert!(text.contains(column), "{sql}: {text}");
+                assert!(!text.contains("SECRET"), "{sql}: {text}");
+            }
+            Ok(None) if *column == "messages.id" => {}
+            other => panic!("{sql}: {other:?}"),
+        }
+        // A listing skips it, and it takes no place in the limit: the
+        // first two are the messages on either side of it.
+        let ids = |limit| -> Vec<MessageId> {
+            let due = block_on(store.due_messages(Timestamp::MAX, limit)).unwrap();
+            due.iter().map(|m| m.id).collect()
         };
-        assert!(text.contains(column), "{sql}: {text}");
-        assert!(!text.contains("SECRET"), "{sql}: {text}");
+        let two = ids(2);
+        assert_eq!(
+            two,
+            [
+                MessageId::from_bytes([0; 16]),
+                MessageId::from_bytes([2; 16])
+            ],
+            "{sql}"
+        );
+        let all = ids(1000);
+        assert_eq!(all.len(), 49, "{sql}");
+        assert!(!all.contains(&damaged), "{sql}");
+        assert_eq!(store.damaged_rows_skipped(), 2, "{sql}");
         drop(store);
         std::fs::remove_file(&copy).unwrap();
     }
@@ -673,16 +697,10 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
         (writes::SWEEP.1, "messages_expiry (expiry<?)"),
         (writes::SWEEP_HELD.0, "messages_expiry"),
         (writes::SWEEP_HELD.1, "messages_expiry (expiry<?)"),
+        (reads::DUE, "messages_due"),
+        (reads::EXPIRED_OPEN.0, "messages_open"),
         (
-            "SELECT * FROM messages WHERE next_attempt IS NOT NULL AND next_attempt <= ?1 ORDER BY next_attempt, business, id LIMIT ?2",
-            "messages_due",
-        ),
-        (
-            "SELECT * FROM messages WHERE expiry <= ?1 AND status IN (0, 1) ORDER BY expiry, business, id LIMIT ?2",
-            "messages_open",
-        ),
-        (
-            "SELECT * FROM messages WHERE expiry <= ?1 AND status IN (0, 1) AND (expiry, business, id) > (?3, ?4, ?5) ORDER BY expiry, business, id LIMIT ?2",
+            reads::EXPIRED_OPEN.1,
             "messages_open ((expiry,business,id)>(?,?,?) AND expiry<?)",
         ),
         (
@@ -705,10 +723,7 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
             "SELECT business, id FROM wrapped_keys WHERE kind = 1 AND id <= ?1 ORDER BY id, business LIMIT ?2",
             "wrapped_keys_epoch_end",
         ),
-        (
-            "SELECT business, phone, device FROM peers AS p WHERE (business, phone, device) > (?1, ?2, ?3) ORDER BY business, phone, device LIMIT ?4",
-            "sqlite_autoindex_peers_1",
-        ),
+        (reads::ORPHAN_PEERS, "sqlite_autoindex_peers_1"),
     ];
     for (sql, index) in cases {
         let p = plan(&conn, sql);
@@ -806,7 +821,7 @@ fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
     }
     writes::apply_batch(&conn, &batch).unwrap();
     let now = Timestamp::from_millis(T0 + 1_000_000);
-    let gone = writes::delete_expired(&conn, now, now, &[], 10).unwrap();
+    let gone = writes::delete_expired(&conn, now, now, &[], 10, &Default::default()).unwrap();
     assert_eq!(gone.len(), 10);
     let steps = conn
         .prepare_cached(writes::SWEEP.1)
@@ -887,13 +902,58 @@ fn concurrent_commits_share_transactions_and_are_counted() {
     assert_eq!(store.group_commits(), after);
 }
 
-/// One row that no longer decodes fails the sweep (the error is returned,
-/// and the row is kept for an operator to look at), but not the rest of
-/// it: every other expired message is still deleted.
+/// A Signal record whose key no longer decodes is skipped by the scan for
+/// records to forget, in pages of any size, and kept; the others are found.
 #[test]
-fn a_row_that_does_not_decode_fails_the_sweep_but_no_other_deletion() {
+fn a_peer_row_that_does_not_decode_is_skipped_by_the_orphan_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let peer = |phone: u8| PeerId {
+        phone: PhoneHash::from_bytes([phone; 16]),
+        device: 0,
+    };
+    block_on(async {
+        let mut batch = Batch::new();
+        for phone in 1..=5 {
+            batch.push(Op::PutPeer {
+                business: business(1),
+                peer: peer(phone),
+                sealed: vec![phone; 20],
+            });
+        }
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    tamper(
+        &path,
+        "UPDATE peers SET phone = X'03' WHERE phone = X'03030303030303030303030303030303'",
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let expected: Vec<_> = [1, 2, 4, 5].map(|p| (business(1), peer(p))).to_vec();
+    for page in [1, 2, 3, 10] {
+        let mut found = Vec::new();
+        let mut after = None;
+        loop {
+            let orphans = block_on(store.orphan_peers(Timestamp::MAX, after, page)).unwrap();
+            let Some(&last) = orphans.last() else { break };
+            assert!(orphans.len() <= page);
+            found.extend(orphans);
+            after = Some(last);
+        }
+        assert_eq!(found, expected, "pages of {page}");
+    }
+    assert_eq!(block_on(store.census()).unwrap().peers, 5);
+    assert!(store.damaged_rows_skipped() >= 4);
+}
+
+/// One row that no longer decodes is kept for an operator, and stops none
+/// of the sweep: every other expired message is deleted, with the peers of
+/// its consumer, page after page across the damaged row.
+#[test]
+fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
-    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy, SweepError};
+    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy};
     use crate::visibility::MemoryAuditSink;
 
     struct Told;
@@ -905,12 +965,17 @@ fn a_row_that_does_not_decode_fails_the_sweep_but_no_other_deletion() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = populated(dir.path());
-    let damaged = "X'01010101010101010101010101010101'";
+    // Two damaged rows: one still open (its phone damaged), which the
+    // first stage skips, and one settled (its direction damaged), which the
+    // deleting stage skips; the others are settled.
+    let open = "X'01010101010101010101010101010101'";
+    let settled = "X'05050505050505050505050505050505'";
     tamper(
         &path,
         &format!(
-            "UPDATE messages SET status = 2, next_attempt = NULL WHERE id != {damaged};
-             UPDATE messages SET phone = X'0707' WHERE id = {damaged};"
+            "UPDATE messages SET status = 2, next_attempt = NULL WHERE id != {open};
+             UPDATE messages SET phone = X'0707' WHERE id = {open};
+             UPDATE messages SET direction = 9 WHERE id = {settled};"
         ),
     );
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
@@ -927,12 +992,17 @@ fn a_row_that_does_not_decode_fails_the_sweep_but_no_other_deletion() {
         Arc::new(MemoryAuditSink::new()),
     );
     let now = Timestamp::from_millis(T0 + 86_400_000);
-    let swept = block_on(retention.sweep(now, &Told));
-    assert!(
-        matches!(swept, Err(SweepError::Store(StoreError::Corrupt(_)))),
-        "{swept:?}"
-    );
-    assert_eq!(block_on(store.census()).unwrap().messages, 1);
+    // Pages of three, so that pages start, end and pass over the damaged rows.
+    let retention = retention.with_batch(3);
+    let swept = block_on(retention.sweep(now, &Told)).unwrap();
+    assert_eq!(swept.messages_deleted, before - 2, "{swept:?}");
+    assert!(swept.complete, "{swept:?}");
+    assert_eq!(block_on(store.census()).unwrap().messages, 2);
+    let kept = |id: u8| block_on(store.message(business(1), MessageId::from_bytes([id; 16])));
+    assert!(matches!(kept(1), Err(StoreError::Corrupt(_))));
+    assert!(matches!(kept(5), Err(StoreError::Corrupt(_))));
+    // Each page that passed over a damaged row counted it.
+    assert!(store.damaged_rows_skipped() >= 2);
 }
 
 /// Keys are inserted out of order, so the table's pages split and

@@ -1,6 +1,9 @@
 //! The write operations, each run by the writer thread inside a transaction
 //! (see [`writer`](super::writer)); none commits on its own.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::types::Null;
 use rusqlite::{Connection, params};
 
 use super::codec::{
@@ -437,9 +440,9 @@ macro_rules! not_held {
 macro_rules! select_doomed {
     ($filter:expr) => {
         concat!(
-            "SELECT business, id, phone, expiry, epoch, direction FROM messages WHERE ",
+            "SELECT business, id, phone, expiry, epoch, direction, rowid FROM messages WHERE ",
             $filter,
-            " ORDER BY expiry, business, id LIMIT ?2"
+            " ORDER BY expiry, business, id"
         )
     };
 }
@@ -468,13 +471,18 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 /// covers, earliest first. Two statements in the writer's transaction: read
 /// the first `limit` candidates in index order, then delete the index range
 /// they span. (Cheaper than `DELETE … RETURNING`, which buffers every row,
-/// and than deleting by a list of row ids.)
+/// and than deleting by a list of row ids.) A candidate that does not decode
+/// is skipped and kept (see [`codec::decodable`]): the hold filter compares
+/// its stored columns, and a damaged phone or business could slip past a
+/// hold. The selected rows are then deleted one by one instead, so that the
+/// range does not take the damaged row with it.
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
     abandon_before: Timestamp,
     holds: &[HoldScope],
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<ExpiredMessage>, StoreError> {
     if limit == 0 {
         return Ok(Vec::new());
@@ -495,35 +503,37 @@ pub(super) fn delete_expired(
     let (select, delete) = if holds.is_empty() { SWEEP } else { SWEEP_HELD };
     let now = time_sql(now);
     let abandon = time_sql(abandon_before);
-    let mut doomed = Vec::new();
-    {
+    let skipped = AtomicU64::new(0);
+    let doomed = {
         let mut stmt = conn.prepare_cached(select).db()?;
-        // `?3` is the delete's; the select leaves it unused.
-        let mut rows = stmt
-            .query(params![
-                now,
-                limit_sql(limit),
-                rusqlite::types::Null,
+        // `?2` and `?3` are the delete's; the select leaves them unused.
+        let mut rows = stmt.query(params![now, Null, Null, abandon]).db()?;
+        codec::decodable(&mut rows, limit, "messages", &skipped, codec::expired)?
+    };
+    let Some((_, last)) = doomed.last() else {
+        damaged.fetch_add(skipped.into_inner(), Ordering::Relaxed);
+        return Ok(Vec::new());
+    };
+    let deleted = if skipped.load(Ordering::Relaxed) == 0 {
+        conn.prepare_cached(delete)
+            .db()?
+            .execute(params![
+                time_sql(last.expiry),
+                business_sql(last.business),
+                &last.id.as_bytes()[..],
                 abandon
             ])
+            .db()?
+    } else {
+        let mut one = conn
+            .prepare_cached("DELETE FROM messages WHERE rowid = ?1")
             .db()?;
-        while let Some(row) = rows.next().db()? {
-            doomed.push(codec::expired(row)?);
+        let mut deleted = 0;
+        for (rowid, _) in &doomed {
+            deleted += one.execute([rowid]).db()?;
         }
-    }
-    let Some(last) = doomed.last() else {
-        return Ok(doomed);
+        deleted
     };
-    let deleted = conn
-        .prepare_cached(delete)
-        .db()?
-        .execute(params![
-            time_sql(last.expiry),
-            business_sql(last.business),
-            &last.id.as_bytes()[..],
-            abandon
-        ])
-        .db()?;
     if deleted != doomed.len() {
         // Impossible inside one transaction; refuse rather than report
         // deletions that did not happen.
@@ -532,5 +542,6 @@ pub(super) fn delete_expired(
             doomed.len()
         )));
     }
-    Ok(doomed)
+    damaged.fetch_add(skipped.into_inner(), Ordering::Relaxed);
+    Ok(doomed.into_iter().map(|(_, m)| m).collect())
 }
