@@ -455,6 +455,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut written: BTreeSet<Vec<u8>> = BTreeSet::new();
     let mut sent: Vec<(BusinessId, MessageId, usize)> = Vec::with_capacity(total_out);
     let mut next_report = total_out / 10;
+    let (mut retried, mut answered_otherwise) = (0usize, 0usize);
     for round in 0..o.messages {
         let consumers: Vec<usize> = (0..o.consumers).collect();
         for chunk in consumers.chunks(64) {
@@ -467,13 +468,17 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     .await?;
                 written.insert(text.into_bytes());
             }
-            // Businesses send concurrently, as a gateway's API handlers would.
+            // Businesses send concurrently, as a gateway's API handlers
+            // would, each message named by an idempotency key. One request
+            // in eight is made again by its business, as after a timeout:
+            // it must be answered with the first id, and send nothing.
             let sends = chunk.iter().map(|&i| {
                 let b = businesses[(i + round + 1) % businesses.len()];
                 let owner = &owners[&b];
                 let processor = &processor;
                 async move {
-                    let reply = Outbound {
+                    let key = format!("update/{i}/{round}");
+                    let reply = || Outbound {
                         to: number(i),
                         content: format!("business {b} to consumer {i}, update {round}: shipped")
                             .into_bytes()
@@ -481,13 +486,32 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                         category: Category::Utility,
                     };
                     let t = Instant::now();
-                    let id = processor.send(owner, b, reply).await;
-                    (b, i, id, t.elapsed())
+                    let id = processor
+                        .send_idempotent(owner, b, key.as_bytes(), reply())
+                        .await;
+                    let took = t.elapsed();
+                    let again = if (i + round).is_multiple_of(8) {
+                        Some(
+                            processor
+                                .send_idempotent(owner, b, key.as_bytes(), reply())
+                                .await,
+                        )
+                    } else {
+                        None
+                    };
+                    (b, i, id, again, took)
                 }
             });
-            for (b, i, id, took) in join_all(sends.collect()).await {
+            for (b, i, id, again, took) in join_all(sends.collect()).await {
                 send_latency.push(took);
-                sent.push((b, id?, i));
+                let id = id?;
+                if let Some(again) = again {
+                    retried += 1;
+                    if again? != id {
+                        answered_otherwise += 1;
+                    }
+                }
+                sent.push((b, id, i));
             }
             let pumped = network.pump(&processor, &transport).await;
             receive_latency.extend(pumped.receive_latencies);
@@ -668,9 +692,23 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             "{extra_copies} device copies beyond the first with no faults on"
         ));
     }
+    println!(
+        "idempotent sends made again by their business: {retried}; answered with another id: {answered_otherwise}"
+    );
+    if answered_otherwise > 0 {
+        broken.push(format!(
+            "{answered_otherwise} sends made again under their idempotency key were answered with another id"
+        ));
+    }
 
     // Retention: past 30 days nothing is readable and no number remains.
     let census = processor.census(&operator).await?;
+    if census.messages != (total_in + total_out) as u64 {
+        broken.push(format!(
+            "{} messages stored, not the {total_in} received and {total_out} sent",
+            census.messages
+        ));
+    }
     println!(
         "\nstore before retention: {} messages, {} Signal peer records, {} consumers, {} epoch keys",
         census.messages, census.peers, census.phones, census.epoch_keys

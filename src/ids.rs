@@ -101,10 +101,13 @@ impl<'de> Deserialize<'de> for BusinessId {
     }
 }
 
-/// The id of a stored record (a message, a sealed session): 128 random bits.
+/// The id of a stored record (a message, a sealed session): 128 bits.
 ///
-/// Ids are drawn from a cryptographically secure generator, so two records
-/// never share one in practice; the envelope derives each record's key from it.
+/// Ids are drawn from a cryptographically secure generator, or hashed from
+/// what names the record (an inbound message's Signal header; a host's
+/// idempotency key for a send, under its business's secret key), so two
+/// records never share one in practice; the envelope derives each record's
+/// key from it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId([u8; 16]);
 

@@ -204,6 +204,71 @@ fn send_survives_every_host_failure() {
     }));
 }
 
+/// The business retries a send named by an idempotency key after any
+/// failure of the store or the key provider, one call failing or all from
+/// one on (an outage; with the answers lost, every write lands unanswered,
+/// the double failure a plain `send` cannot resolve): the consumer's
+/// devices get the message once, and it is stored, told sent and billed
+/// once. So too after a restart, with nothing of the first call in memory.
+#[test]
+fn an_idempotent_send_retried_after_any_host_failure_is_sent_once() {
+    runtime().block_on(async {
+        for outage in [false, true] {
+            every_failure(|at| async move {
+                let d = deployment(Faults::none(), Faults::none()).await;
+                d.network.add_consumer(&consumer(2), 2).await;
+                let send = || {
+                    d.processor
+                        .send_idempotent(&d.owner, d.b, b"order-1", d.outbound(b"first"))
+                };
+                d.faults.set(Plan {
+                    at: at.n,
+                    seams: at.seams,
+                    strike: at.strike,
+                    outage,
+                });
+                let first = send().await;
+                let failed = d.faults.lift();
+                assert_outcome(&first, &failed, at);
+                let id = send().await.unwrap();
+                if let Ok(first) = first {
+                    assert_eq!(first, id, "{at:?}");
+                }
+                d.settle(3).await;
+                let case = format_args!("{at:?}, outage {outage}: {failed:?}");
+                assert_eq!(d.store.census().await.unwrap().messages, 1, "{case}");
+                let received = d.network.received(&consumer(2)).await;
+                for device in 0..2 {
+                    assert_eq!(received[&device], BTreeMap::from([(id, 1)]), "{case}");
+                }
+                d.assert_delivered_and_billed([id].iter(), 1, case).await;
+                failed.is_empty()
+            })
+            .await;
+        }
+
+        let mut d = deployment(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send_idempotent(&d.owner, d.b, b"order-2", d.outbound(b"second"))
+            .await
+            .unwrap();
+        d.restart();
+        let again = d
+            .processor
+            .send_idempotent(&d.owner, d.b, b"order-2", d.outbound(b"second"))
+            .await
+            .unwrap();
+        assert_eq!(again, id);
+        d.settle(3).await;
+        assert_eq!(
+            d.network.received(&consumer(2)).await[&0],
+            BTreeMap::from([(id, 1)])
+        );
+    });
+}
+
 #[test]
 fn status_update_survives_every_host_failure() {
     runtime().block_on(async {

@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -567,6 +567,66 @@ fn sends_to_one_consumer_interleave_with_reports_and_retransmission() {
         let all: Vec<MessageId> = ids.iter().copied().chain([next]).collect();
         w.assert_devices_have_once(seed, &consumer(2), &all).await;
         w.billed_once(seed, 4).await;
+    });
+}
+
+/// A business retrying one send under its idempotency key while the first
+/// call is still under way (a timeout, say), racing the network's reports
+/// and retransmission: every call that answers names the one message, a
+/// call that finds another under way says so, and the devices get it once.
+#[test]
+fn idempotent_sends_under_one_key_race_to_one_message() {
+    for_seeds(SEEDS, |seed| async move {
+        let w = World::new().await;
+        w.network.add_consumer(&consumer(2), 2).await;
+        let answered = Sent::default();
+        let under_way = AtomicUsize::new(0);
+        let to = consumer(2);
+        let (w, a, u, to) = (&w, &answered, &under_way, &to);
+        let attempt = || async move {
+            match w
+                .processor
+                .send_idempotent(&w.owner, w.b, b"order-1", w.outbound(b"one"))
+                .await
+            {
+                Ok(id) => a.lock().unwrap().push(id),
+                Err(custodian::processor::ProcessorError::SendUnderWay) => {
+                    u.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("seed {seed}: {e:?}"),
+            }
+        };
+        let tasks = vec![
+            task(attempt()),
+            task(attempt()),
+            task(attempt()),
+            task(pump(w, 4)),
+            task(read_what_arrived(w, to)),
+            task(async move {
+                for _ in 0..3 {
+                    w.processor.retransmit_due(&w.operator).await.unwrap();
+                }
+            }),
+        ];
+        interleave(seed, tasks);
+        // Once the first call answered, the next finds the message.
+        let id = w
+            .processor
+            .send_idempotent(&w.owner, w.b, b"order-1", w.outbound(b"one"))
+            .await
+            .unwrap();
+        let answered = answered.lock().unwrap().clone();
+        assert!(answered.iter().all(|a| *a == id), "seed {seed}");
+        assert_eq!(
+            answered.len() + under_way.load(Ordering::Relaxed),
+            3,
+            "seed {seed}"
+        );
+        w.settle(4).await;
+        assert_eq!(w.store.census().await.unwrap().messages, 1, "seed {seed}");
+        w.assert_devices_have_once(seed, &consumer(2), &[id]).await;
+        w.assert_told(seed, &[id], &[Status::Delivered, Status::Read]);
+        w.billed_once(seed, 1).await;
     });
 }
 

@@ -14,7 +14,8 @@ use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{
-    DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError, StatusChange,
+    DeliveryConfig, Host, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor, ProcessorError,
+    StatusChange,
 };
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
@@ -678,6 +679,21 @@ async fn no_principal_reaches_another_tenant() {
             .await
             .map(drop),
     );
+    unauthorized(
+        d.processor
+            .send_idempotent(
+                &intruder,
+                b,
+                b"order-1",
+                Outbound {
+                    to: number(1),
+                    content: b"spoof".to_vec().into(),
+                    category: Category::Service,
+                },
+            )
+            .await
+            .map(drop),
+    );
     let inbound = custodian::processor::Inbound {
         from: number(1),
         device: 0,
@@ -769,6 +785,91 @@ async fn no_principal_reaches_another_tenant() {
         before.3
     );
     let _ = d.clock.now();
+}
+
+/// A send named by an idempotency key is stored and sent once, however
+/// often the business calls again with that key (before or after it is
+/// delivered); the key cannot be used for another
+/// message, and the same key names unrelated messages in two businesses.
+#[tokio::test]
+async fn an_idempotent_send_reaches_the_consumer_once_however_often_it_is_made() {
+    let d = Deployment::new(&[7, 8], Faults::none(), Faults::none(), 21);
+    let (a, b) = (BusinessId::new(7).unwrap(), BusinessId::new(8).unwrap());
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 2).await;
+    d.network.add_consumer(&number(2), 1).await;
+    let outbound = |to: usize, content: &[u8], category| Outbound {
+        to: number(to),
+        content: content.to_vec().into(),
+        category,
+    };
+    let send = async |business, key: &'static [u8], message| {
+        d.processor
+            .send_idempotent(d.owner(business), business, key, message)
+            .await
+    };
+    let order = || outbound(1, b"your order shipped", Category::Utility);
+
+    let id = send(a, b"order-1", order()).await.unwrap();
+    // Again before the consumer's devices took it, and after.
+    assert_eq!(send(a, b"order-1", order()).await.unwrap(), id);
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(send(a, b"order-1", order()).await.unwrap(), id);
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+
+    // The key is the message's: another content, recipient or category
+    // under it is refused, and sends nothing.
+    for other in [
+        outbound(1, b"your order was lost", Category::Utility),
+        outbound(2, b"your order shipped", Category::Utility),
+        outbound(1, b"your order shipped", Category::Marketing),
+    ] {
+        let refused = send(a, b"order-1", other).await;
+        assert!(
+            matches!(refused, Err(ProcessorError::Invalid(_))),
+            "{refused:?}"
+        );
+    }
+    for key in [&b""[..], &[b'k'; MAX_IDEMPOTENCY_KEY_LEN + 1][..]] {
+        let refused = d
+            .processor
+            .send_idempotent(d.owner(a), a, key, order())
+            .await;
+        assert!(
+            matches!(refused, Err(ProcessorError::Invalid(_))),
+            "{refused:?}"
+        );
+    }
+    let longest = [b'k'; MAX_IDEMPOTENCY_KEY_LEN];
+    let other = d
+        .processor
+        .send_idempotent(d.owner(a), a, &longest, order())
+        .await
+        .unwrap();
+    // The same key in another business is another message.
+    let in_b = send(b, b"order-1", order()).await.unwrap();
+    assert!(in_b != id && other != id);
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+
+    let received = d.network.received(&number(1)).await;
+    assert_eq!(received.len(), 2, "both devices");
+    for messages in received.values() {
+        let want = BTreeMap::from([(id, 1), (other, 1), (in_b, 1)]);
+        assert_eq!(*messages, want);
+    }
+    assert!(d.network.received(&number(2)).await.is_empty());
+    assert_eq!(d.store.census().await.unwrap().messages, 3);
+    assert_eq!(
+        d.processor.message_status(d.owner(a), a, id).await.unwrap(),
+        (Status::Delivered, None)
+    );
+    let told_sent = d.business.statuses()[&id]
+        .iter()
+        .filter(|(s, _)| *s == Status::Sent)
+        .count();
+    assert_eq!(told_sent, 1);
 }
 
 /// A business whose webhook answers every message at once, by calling the

@@ -54,7 +54,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::ids::{BusinessId, PhoneHash, PhoneNumber};
+use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::store::{KeyStore, StoreError};
 use crate::time::Timestamp;
 
@@ -232,6 +232,19 @@ impl PhoneIndexKey {
         let mut hash = [0u8; PhoneHash::LEN];
         hash.copy_from_slice(&digest[..PhoneHash::LEN]);
         PhoneHash::from_bytes(hash)
+    }
+
+    /// The message id of the send that `key` names. The input starts with
+    /// a zero byte, which no phone number (always `+` first) does, so no
+    /// send key and number hash alike.
+    fn send_id(&self, key: &[u8]) -> MessageId {
+        let mut mac = self.0.clone();
+        mac.update(b"\0custodian send key\0");
+        mac.update(key);
+        let digest = mac.finalize().into_bytes();
+        let mut id = [0u8; MessageId::LEN];
+        id.copy_from_slice(&digest[..MessageId::LEN]);
+        MessageId::from_bytes(id)
     }
 }
 
@@ -715,6 +728,20 @@ impl KeyManager {
                 .await?
                 .hash(number)),
         }
+    }
+
+    /// The id of `business`'s message sent under the host's idempotency
+    /// `key` (see `Processor::send_idempotent`): HMAC-SHA256 under the
+    /// business's index key, with its own domain, truncated to 128 bits.
+    /// Stable for a business and key, unrelated across businesses, and
+    /// unpredictable to anyone without the index key.
+    pub async fn send_id(&self, business: BusinessId, key: &[u8]) -> Result<MessageId, KeyError> {
+        let cached = self.read().phone_index.get(&business).cloned();
+        let index = match cached {
+            Some(index) => index,
+            None => Box::pin(self.create_phone_index_key(business)).await?,
+        };
+        Ok(index.send_id(key))
     }
 
     /// `number` as `business`'s phone-number index knows it, if the business

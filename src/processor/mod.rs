@@ -130,6 +130,10 @@ pub enum ProcessorError {
     /// No such message (never stored, or deleted at the end of its retention).
     #[error("no such message")]
     NotFound,
+    /// Another call is sending under this idempotency key, and has not
+    /// stored its message yet: retry once it has answered.
+    #[error("a send under this idempotency key is under way")]
+    SendUnderWay,
     /// The request is malformed.
     #[error("invalid request: {0}")]
     Invalid(&'static str),
@@ -448,6 +452,72 @@ impl Drop for Owing<'_> {
     }
 }
 
+/// The devices an attempt on an outbound message has settled so far: sent
+/// to, or given up on for good (no session can be had, the network refused
+/// it). The rest of `listed` still need the message.
+#[derive(Default)]
+struct Reached {
+    listed: u64,
+    settled: u64,
+    sent: u32,
+}
+
+impl Reached {
+    /// The devices that still need the message.
+    fn pending(&self) -> u64 {
+        self.listed & !self.settled
+    }
+}
+
+/// An attempt sending a message to its recipient's devices. Dropped before
+/// it is done (its caller's future dropped at an await) after it reached a
+/// device, it leaves owed the write recording what it reached, as a
+/// finished attempt would have written it: the next attempt sends to the
+/// devices left, and a device that has the message does not get it again.
+struct Sending<'a> {
+    processor: &'a Processor,
+    record: &'a MessageRecord,
+    category: Category,
+    reached: Reached,
+    /// Set once the attempt's outcome is in hand, to be recorded.
+    done: bool,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        let reached = &self.reached;
+        if self.done || reached.sent == 0 {
+            return;
+        }
+        let (p, record) = (self.processor, self.record);
+        let now = p.clock.now();
+        let current = record.delivery;
+        let outcome = DeviceOutcome::Reached {
+            sent: reached.sent,
+            pending: reached.pending(),
+        };
+        let next = p.after_send(current, outcome, now);
+        let accepted =
+            (current.status == Status::Queued && next.status == Status::Sent).then_some(Accepted {
+                phone: record.phone,
+                category: self.category,
+                at: now,
+                next,
+            });
+        let op = Op::UpdateDelivery {
+            business: record.business,
+            id: record.id,
+            expected: current,
+            delivery: next,
+        };
+        p.claims
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((record.business, record.id), Owed { op, accepted });
+    }
+}
+
 impl std::fmt::Debug for Processor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Processor")
@@ -500,6 +570,10 @@ struct InboundParts {
 /// rather than costing a bundle fetch, a stored session and a send for
 /// each. WhatsApp gives a consumer a phone and a few linked devices.
 pub const MAX_DEVICES: usize = 64;
+
+/// The longest idempotency key [`Processor::send_idempotent`] takes, in
+/// bytes: room for any UUID or request id in text.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// How often a compare-and-swap of a message's delivery state is retried:
 /// each lost race means its status moved forward, which it can do at most
@@ -1077,6 +1151,10 @@ impl Processor {
     /// unless the store could not answer that question either: a message
     /// stored then is sent and reported like any other (its id is in its
     /// status reports).
+    ///
+    /// The business's own retries (after a timeout, a crash, or this
+    /// error) send the message again: [`send_idempotent`](Self::send_idempotent)
+    /// makes them safe.
     pub async fn send(
         &self,
         principal: &Principal,
@@ -1084,7 +1162,36 @@ impl Processor {
         outbound: Outbound,
     ) -> Result<MessageId, ProcessorError> {
         let span = debug_span!("send", %business);
-        self.send_in(principal, business, outbound)
+        self.send_in(principal, business, outbound, None)
+            .instrument(span)
+            .await
+    }
+
+    /// [`send`](Self::send), named by `key`, a value the business chooses
+    /// once per message (a UUID, say; 1 to [`MAX_IDEMPOTENCY_KEY_LEN`]
+    /// bytes): however often it is called again with the same key, after
+    /// whatever failure or crash on either side, the consumer gets the
+    /// message once.
+    ///
+    /// The message's id is derived from the key, under a secret of the
+    /// business. A call whose message is stored already returns its id and
+    /// sends nothing (delivery carries on from where it was); one whose
+    /// content, recipient or category differs from the stored message's is
+    /// refused as [`ProcessorError::Invalid`], unless the stored content can
+    /// no longer be read (past its retention): then the recipient alone is
+    /// compared. A call while another with the same key has not stored its
+    /// message yet is refused as [`ProcessorError::SendUnderWay`]. A key is
+    /// remembered as long as its message is stored: used again after the
+    /// sweep deleted it, it sends a new message under the same id.
+    pub async fn send_idempotent(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        key: &[u8],
+        outbound: Outbound,
+    ) -> Result<MessageId, ProcessorError> {
+        let span = debug_span!("send", %business, idempotent = true);
+        self.send_in(principal, business, outbound, Some(key))
             .instrument(span)
             .await
     }
@@ -1094,15 +1201,40 @@ impl Processor {
         principal: &Principal,
         business: BusinessId,
         outbound: Outbound,
+        key: Option<&[u8]>,
     ) -> Result<MessageId, ProcessorError> {
         self.authorize(principal, business)?;
         if outbound.content.len() > MAX_PLAINTEXT_LEN - 64 {
             return Err(ProcessorError::Invalid("content too large"));
         }
+        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN) {
+            return Err(ProcessorError::Invalid("idempotency key empty or too long"));
+        }
         let now = self.clock.now();
         let (expiry, admission) = self.admit(business, Direction::Outbound, now)?;
         let phone = self.keys.phone_hash(business, &outbound.to).await?;
-        let id = MessageId::random();
+        // The claim keeps the retransmission loop off the message (due at
+        // once) until this first attempt is done.
+        let (id, _claim) = match key {
+            // A fresh id: the claim is ours.
+            None => {
+                let id = MessageId::random();
+                (id, self.claims.claim(business, id))
+            }
+            Some(key) => {
+                let id = self.keys.send_id(business, key).await?;
+                let claim = self.take_up(business, id).await?;
+                if let Some(stored) = self.storage.message(business, id).await? {
+                    self.same_send(&stored, phone, &outbound).await?;
+                    debug!(%id, "a send under a key used before: its message is stored");
+                    return Ok(id);
+                }
+                if claim.is_none() {
+                    return Err(ProcessorError::SendUnderWay);
+                }
+                (id, claim)
+            }
+        };
         let body = OutboundBody {
             to: outbound.to,
             category: outbound.category,
@@ -1119,9 +1251,6 @@ impl Processor {
                 &Zeroizing::new(body.encode()),
             )
             .await?;
-        // A fresh id: the claim is ours, and keeps the retransmission loop
-        // off the message (due at once) until this first attempt is done.
-        let _claim = self.claims.claim(business, id);
         let sealed = std::mem::take(&mut record.sealed);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(MessageRecord {
@@ -1154,6 +1283,36 @@ impl Processor {
         Ok(id)
     }
 
+    /// Whether `stored`, found under the id of a send's idempotency key, is
+    /// the message of this send (`outbound`, to the consumer hashed to
+    /// `phone`); if not, the key was used for another.
+    async fn same_send(
+        &self,
+        stored: &MessageRecord,
+        phone: PhoneHash,
+        outbound: &Outbound,
+    ) -> Result<(), ProcessorError> {
+        let same = stored.direction == Direction::Outbound
+            && stored.phone == phone
+            && match self.due_body(stored).await? {
+                Stored::Content(StoredBody::Outbound(body)) => {
+                    body.to == outbound.to
+                        && body.category == outbound.category
+                        && body.content == outbound.content
+                }
+                Stored::Content(StoredBody::Inbound(_)) => false,
+                // Its content can no longer be compared: the recipient was.
+                Stored::Expired | Stored::Unreadable => true,
+            };
+        if same {
+            Ok(())
+        } else {
+            Err(ProcessorError::Invalid(
+                "the idempotency key was used for another message",
+            ))
+        }
+    }
+
     /// Encrypt and send an outbound message to the devices of its recipient
     /// that still need it (all of them, unless an earlier attempt left some
     /// pending); record the outcome. The caller holds the message's claim.
@@ -1166,7 +1325,18 @@ impl Processor {
         let (business, id) = (record.business, record.id);
         let decided_on = record.delivery;
         let only = (decided_on.pending_devices != 0).then_some(decided_on.pending_devices);
-        let outcome = self.send_to_devices(record, body, only, purpose).await;
+        let mut sending = Sending {
+            processor: self,
+            record,
+            category: body.category,
+            reached: Reached::default(),
+            done: false,
+        };
+        let outcome = self
+            .send_to_devices(record, body, only, purpose, &mut sending.reached)
+            .await;
+        // Done: the outcome is recorded below (and owed if that write fails).
+        sending.done = true;
         let now = self.clock.now();
         // Record it on the stored state: a delivery report may have moved
         // the status forward while the devices were being sent to.
@@ -1329,12 +1499,16 @@ impl Processor {
         }
     }
 
+    /// Send `record` to the devices of its recipient (those in `only`, if
+    /// given), noting in `reached` each device as it is settled for this
+    /// attempt (see [`Sending`]).
     async fn send_to_devices(
         &self,
         record: &MessageRecord,
         body: &OutboundBody,
         only: Option<u64>,
         purpose: Purpose,
+        reached: &mut Reached,
     ) -> DeviceOutcome {
         let business = record.business;
         let released = self.gate.release(
@@ -1369,13 +1543,15 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
+        let devices: Vec<(u32, u64)> = devices
+            .into_iter()
+            .map(|device| (device, Delivery::device_bit(device)))
+            .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0))
+            .collect();
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
-        let (mut sent, mut pending, mut refused) = (0u32, 0u64, false);
-        for device in devices {
-            let bit = Delivery::device_bit(device);
-            if only.is_some_and(|mask| mask & bit == 0) {
-                continue;
-            }
+        let mut refused = false;
+        reached.listed = devices.iter().fold(0, |mask, &(_, bit)| mask | bit);
+        for (device, bit) in devices {
             let peer = PeerId {
                 phone: record.phone,
                 device,
@@ -1385,11 +1561,12 @@ impl Processor {
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => continue,
-                Err(()) => {
-                    pending |= bit;
+                Ok(false) => {
+                    reached.settled |= bit;
                     continue;
                 }
+                // Pending: tried again later.
+                Err(()) => continue,
             }
             let ciphertext = match self
                 .sessions
@@ -1399,7 +1576,6 @@ impl Processor {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(%business, id = %record.id, device, error = %e, "encrypt failed");
-                    pending |= bit;
                     continue;
                 }
             };
@@ -1412,11 +1588,18 @@ impl Processor {
                 .send(business, &number, device, &message)
                 .await
             {
-                Ok(()) => sent += 1,
-                Err(TransportError::Refused(_)) => refused = true,
-                Err(_) => pending |= bit,
+                Ok(()) => {
+                    reached.settled |= bit;
+                    reached.sent += 1;
+                }
+                Err(TransportError::Refused(_)) => {
+                    refused = true;
+                    reached.settled |= bit;
+                }
+                Err(_) => {}
             }
         }
+        let (sent, pending) = (reached.sent, reached.pending());
         if sent == 0 && pending == 0 && only.is_none() {
             // No device took it: the network refused some, and no session
             // could be had with the rest.
@@ -1428,6 +1611,7 @@ impl Processor {
         }
         DeviceOutcome::Reached { sent, pending }
     }
+
     /// Make sure `peer` has a session, starting one from its bundle if not.
     /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
     /// `Err(())`: try again later.
