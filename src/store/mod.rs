@@ -127,7 +127,8 @@ pub trait KeyStore: Send + Sync {
 /// [`expired_open_messages`](Self::expired_open_messages),
 /// [`delete_expired`](Self::delete_expired),
 /// [`orphan_peers`](Self::orphan_peers)) skip it instead, without counting
-/// it against their `limit`, and never delete it: one damaged record must
+/// it against their `limit`, and never delete it, and
+/// [`cap_expiry`](Self::cap_expiry) pages past it: one damaged record must
 /// not stop retransmission or the sweep for every other. The backend says
 /// so in its log; it is left for an operator.
 #[async_trait]

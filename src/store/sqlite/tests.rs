@@ -704,7 +704,7 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
             "messages_open ((expiry,business,id)>(?,?,?) AND expiry<?)",
         ),
         (
-            "SELECT id FROM messages WHERE business = ?1 AND id > ?2 ORDER BY id LIMIT 1 OFFSET ?3",
+            writes::CAP_PAGE_END,
             "COVERING INDEX sqlite_autoindex_messages_1",
         ),
         (
@@ -900,6 +900,47 @@ fn concurrent_commits_share_transactions_and_are_counted() {
     ))));
     assert!(block_on(store.commit(too_big)).is_err());
     assert_eq!(store.group_commits(), after);
+}
+
+/// A message id that no longer decodes never ends a page of `cap_expiry`:
+/// paging goes on past it, in pages of any size, and every message of the
+/// business has its expiry capped, the damaged one included.
+#[test]
+fn a_damaged_id_does_not_stop_capping_expiries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    tamper(
+        &path,
+        "UPDATE messages SET id = X'0101' WHERE id = X'01010101010101010101010101010101'",
+    );
+    for page in [1, 2, 7, 100] {
+        let copy = dir.path().join(format!("capped-{page}.db"));
+        std::fs::copy(&path, &copy).unwrap();
+        let store = SqliteStore::open(&copy, SqliteConfig::default()).unwrap();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let period = Duration::from_millis(1);
+            after =
+                block_on(store.cap_expiry(business(1), Direction::Inbound, period, after, page))
+                    .unwrap();
+            pages += 1;
+            assert!(pages <= 60, "pages of {page} never ended");
+            if after.is_none() {
+                break;
+            }
+        }
+        drop(store);
+        let capped: i64 = Connection::open(&copy)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM messages WHERE expiry = created + 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(capped, 50, "pages of {page}");
+    }
 }
 
 /// A Signal record whose key no longer decodes is skipped by the scan for

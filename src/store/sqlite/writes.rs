@@ -212,6 +212,14 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
 /// after `after`) at their creation plus `period`, for those in `direction`
 /// whose expiry is later. Returns the last id looked at, if there may be
 /// more.
+/// The id that ends a page of `cap_expiry`: the `?3 + 1`-th of business
+/// `?1` after `?2`. Only a well-formed id ends a page (the next resumes
+/// after it); a damaged one is inside a page, never the end of one, so it
+/// cannot stop the paging.
+pub(super) const CAP_PAGE_END: &str = "SELECT id FROM messages
+     WHERE business = ?1 AND id > ?2 AND typeof(id) = 'blob' AND length(id) = 16
+     ORDER BY id LIMIT 1 OFFSET ?3";
+
 pub(super) fn cap_expiry(
     conn: &Connection,
     business: BusinessId,
@@ -228,12 +236,7 @@ pub(super) fn cap_expiry(
     // The page: `limit` ids of the business after `after`, by the
     // `(business, id)` unique index.
     let last: Option<Vec<u8>> = {
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id FROM messages WHERE business = ?1 AND id > ?2
-                 ORDER BY id LIMIT 1 OFFSET ?3",
-            )
-            .db()?;
+        let mut stmt = conn.prepare_cached(CAP_PAGE_END).db()?;
         let mut rows = stmt
             .query(params![business, after, limit_sql(limit.max(1) - 1)])
             .db()?;
