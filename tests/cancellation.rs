@@ -141,6 +141,57 @@ fn an_idempotent_send_dropped_anywhere_and_made_again_is_sent_once() {
     }));
 }
 
+/// A send dropped after it reached one of two devices, once that device's
+/// delivery report has moved the message on (the report wrote while the
+/// send held the message): what the send reached is recorded on the state
+/// the report left, so the other device still gets the message, and the
+/// first does not get it again.
+#[test]
+fn a_send_dropped_after_a_report_from_a_device_it_reached_still_reaches_the_rest() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
+        let mut polls = 0;
+        loop {
+            let polled = poll_at_most(send.as_mut(), 1).await;
+            assert!(polled.is_none(), "the send finished before a report came");
+            polls += 1;
+            assert!(polls < 10_000, "device 0 was never sent to");
+            d.network.pump(&d.processor, &d.carrier).await;
+            let received = d.network.received(&consumer(2)).await;
+            if received.get(&0).is_some_and(|r| !r.is_empty()) {
+                assert!(received.get(&1).is_none_or(|r| r.is_empty()));
+                break;
+            }
+        }
+        // Device 0's transport reports it delivered while the send holds
+        // the message (the simulated network reports once every device has
+        // it; a transport may report per device).
+        let received = d.network.received(&consumer(2)).await;
+        let id = *received[&0].keys().next().unwrap();
+        d.processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        let status = d.processor.message_status(&d.owner, d.b, id).await;
+        assert_eq!(status.unwrap().0, Status::Delivered);
+        drop(send);
+
+        d.settle(5).await;
+        let received = d.network.received(&consumer(2)).await;
+        for device in 0..2 {
+            assert_eq!(
+                received[&device],
+                BTreeMap::from([(id, 1)]),
+                "device {device}"
+            );
+        }
+        d.assert_delivered_and_billed([id].iter(), 1, format_args!("dropped after a report"))
+            .await;
+    });
+}
+
 #[test]
 fn sweep_is_cancellation_safe() {
     runtime().block_on(every_cut(|n| async move {

@@ -42,7 +42,7 @@
 //! carry business ids, message ids and device ids, never content or
 //! numbers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -362,7 +362,8 @@ pub struct Processor {
 #[derive(Default)]
 struct Claims {
     claimed: Mutex<HashSet<(BusinessId, MessageId), RandomState>>,
-    owed: Mutex<HashMap<(BusinessId, MessageId), Owed, RandomState>>,
+    /// In the order they were left owed.
+    owed: Mutex<HashMap<(BusinessId, MessageId), VecDeque<Owed>, RandomState>>,
 }
 
 /// A claim on one message, given up when dropped.
@@ -407,12 +408,29 @@ impl Drop for ClearSessions<'_> {
     }
 }
 
-/// A write recording what a business or the transport was told about a
-/// message, and what follows it.
+/// What a call dropped halfway, or failed by the store, owes a message.
 #[derive(Clone)]
-struct Owed {
-    op: Op,
-    accepted: Option<Accepted>,
+enum Owed {
+    /// A write recording what a business or the transport was told about
+    /// the message, and what follows it.
+    Write { op: Op, accepted: Option<Accepted> },
+    /// An attempt's bookkeeping: what it reached, recorded on the stored
+    /// state whatever a delivery report wrote meanwhile, as the attempt
+    /// would have recorded it.
+    Attempt(AttemptMade),
+}
+
+/// What an attempt on an outbound message reached, to be recorded on its
+/// stored delivery state (see [`Processor::record_attempt`]).
+#[derive(Clone, Copy)]
+struct AttemptMade {
+    /// The stored state the record is made on: the one the attempt was
+    /// decided on, then whatever a write made meanwhile left.
+    on: Delivery,
+    phone: PhoneHash,
+    category: Category,
+    outcome: DeviceOutcome,
+    at: Timestamp,
 }
 
 /// An outbound message moved on from queued by a send's bookkeeping, or by
@@ -438,16 +456,51 @@ struct Owing<'a> {
     claims: &'a Claims,
     key: (BusinessId, MessageId),
     owed: Option<Owed>,
+    /// Owed before whatever else is: a payment that did not finish keeps
+    /// its place.
+    first: bool,
+}
+
+impl<'a> Owing<'a> {
+    fn new(claims: &'a Claims, key: (BusinessId, MessageId), owed: Owed, first: bool) -> Self {
+        Self {
+            claims,
+            key,
+            owed: Some(owed),
+            first,
+        }
+    }
+}
+
+impl Claims {
+    /// Leave `owed` owed to `key`, after (or, if `first`, before) what is
+    /// owed it already.
+    fn owe(&self, key: (BusinessId, MessageId), owed: Owed, first: bool) {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.entry(key).or_default();
+        if first {
+            list.push_front(owed);
+        } else {
+            list.push_back(owed);
+        }
+    }
+
+    /// The first of what is owed to `key`, taken.
+    fn take_owed(&self, key: (BusinessId, MessageId)) -> Option<Owed> {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.get_mut(&key)?;
+        let first = list.pop_front();
+        if list.is_empty() {
+            all.remove(&key);
+        }
+        first
+    }
 }
 
 impl Drop for Owing<'_> {
     fn drop(&mut self) {
         if let Some(owed) = self.owed.take() {
-            self.claims
-                .owed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(self.key, owed);
+            self.claims.owe(self.key, owed, self.first);
         }
     }
 }
@@ -490,31 +543,18 @@ impl Drop for Sending<'_> {
             return;
         }
         let (p, record) = (self.processor, self.record);
-        let now = p.clock.now();
-        let current = record.delivery;
-        let outcome = DeviceOutcome::Reached {
-            sent: reached.sent,
-            pending: reached.pending(),
-        };
-        let next = p.after_send(current, outcome, now);
-        let accepted =
-            (current.status == Status::Queued && next.status == Status::Sent).then_some(Accepted {
-                phone: record.phone,
-                category: self.category,
-                at: now,
-                next,
-            });
-        let op = Op::UpdateDelivery {
-            business: record.business,
-            id: record.id,
-            expected: current,
-            delivery: next,
+        let made = AttemptMade {
+            on: record.delivery,
+            phone: record.phone,
+            category: self.category,
+            outcome: DeviceOutcome::Reached {
+                sent: reached.sent,
+                pending: reached.pending(),
+            },
+            at: p.clock.now(),
         };
         p.claims
-            .owed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert((record.business, record.id), Owed { op, accepted });
+            .owe((record.business, record.id), Owed::Attempt(made), false);
     }
 }
 
@@ -812,14 +852,11 @@ impl Processor {
         op: Op,
         accepted: Option<Accepted>,
     ) -> Result<bool, ProcessorError> {
-        let mut owing = Owing {
-            claims: &self.claims,
-            key: (business, id),
-            owed: Some(Owed {
-                op: op.clone(),
-                accepted,
-            }),
+        let owed = Owed::Write {
+            op: op.clone(),
+            accepted,
         };
+        let mut owing = Owing::new(&self.claims, (business, id), owed, false);
         let written = self.commit_op(op).await;
         if written.is_ok() {
             owing.owed = None;
@@ -827,39 +864,41 @@ impl Processor {
         written
     }
 
-    /// Make the write that a call dropped halfway (or failed by the store)
-    /// owes message `id`, if any. If it moved an outbound message on from
-    /// queued, and landed now or before (unseen: the stored state is still
-    /// the one it wrote), the message is counted taken and, if a send's
-    /// bookkeeping moved it, its business told it is sent.
+    /// Make what calls dropped halfway (or failed by the store) owe
+    /// message `id`, in the order they left it: the writes, and the
+    /// attempts' bookkeeping ([`record_attempt`](Self::record_attempt)). A
+    /// write that moved an outbound message on from queued, and landed now
+    /// or before (unseen: the stored state is still the one it wrote), has
+    /// the message counted taken and, if a send's bookkeeping moved it, its
+    /// business told it is sent.
     async fn pay_owed(&self, business: BusinessId, id: MessageId) -> Result<(), ProcessorError> {
-        let owed = self
-            .claims
-            .owed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(business, id));
-        let Some(owed) = owed else {
-            return Ok(());
-        };
-        let mut owing = Owing {
-            claims: &self.claims,
-            key: (business, id),
-            owed: Some(owed.clone()),
-        };
-        let mut landed = self.commit_op(owed.op).await?;
-        if let Some(accepted) = owed.accepted
-            && !landed
-        {
-            landed = self
-                .storage
-                .message(business, id)
-                .await?
-                .is_some_and(|m| m.delivery == accepted.next);
-        }
-        owing.owed = None;
-        if let Some(accepted) = owed.accepted.filter(|_| landed) {
-            self.on_accepted(business, id, accepted).await;
+        while let Some(owed) = self.claims.take_owed((business, id)) {
+            let mut owing = Owing::new(&self.claims, (business, id), owed.clone(), true);
+            match owed {
+                Owed::Write { op, accepted } => {
+                    let mut landed = self.commit_op(op).await?;
+                    if let Some(accepted) = accepted
+                        && !landed
+                    {
+                        landed = self
+                            .storage
+                            .message(business, id)
+                            .await?
+                            .is_some_and(|m| m.delivery == accepted.next);
+                    }
+                    owing.owed = None;
+                    if let Some(accepted) = accepted.filter(|_| landed) {
+                        self.on_accepted(business, id, accepted).await;
+                    }
+                }
+                Owed::Attempt(made) => {
+                    // Owed again, first, by `record_attempt` itself if it
+                    // stops. Boxed: it pays what is owed in turn when it
+                    // loses a race.
+                    owing.owed = None;
+                    Box::pin(self.record_attempt(business, id, made, true)).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -1335,47 +1374,19 @@ impl Processor {
         let outcome = self
             .send_to_devices(record, body, only, purpose, &mut sending.reached)
             .await;
-        // Done: the outcome is recorded below (and owed if that write fails).
+        // Done: the outcome is recorded below (and owed if that fails).
         sending.done = true;
-        let now = self.clock.now();
-        // Record it on the stored state: a delivery report may have moved
-        // the status forward while the devices were being sent to.
-        let mut current = decided_on;
-        let mut races = 0;
-        let (next, accepted) = loop {
-            let next = self.after_send(current, outcome, now);
-            let op = Op::UpdateDelivery {
-                business,
-                id,
-                expected: current,
-                delivery: next,
-            };
-            let accepted = (current.status == Status::Queued && next.status == Status::Sent)
-                .then_some(Accepted {
-                    phone: record.phone,
-                    category: body.category,
-                    at: now,
-                    next,
-                });
-            if self.commit_told(business, id, op, accepted).await? {
-                break (next, accepted);
-            }
-            races += 1;
-            // A delivery report dropped after its write landed may owe
-            // the message the move on from queued that this write lost
-            // to: made now, while the stored state is still the one it
-            // wrote, it is counted (rewritten below, it would be lost).
-            self.pay_owed(business, id).await?;
-            match self.storage.message(business, id).await? {
-                Some(stored) if races < MAX_STATUS_RACES => current = stored.delivery,
-                Some(_) => return Err(StoreError::Conflict.into()),
-                // Deleted meanwhile: nothing left to record.
-                None => return Ok(()),
-            }
+        let made = AttemptMade {
+            on: decided_on,
+            phone: record.phone,
+            category: body.category,
+            outcome,
+            at: self.clock.now(),
         };
-        if let Some(accepted) = accepted {
-            self.on_accepted(business, id, accepted).await;
-        }
+        let Some(next) = self.record_attempt(business, id, made, false).await? else {
+            // Deleted meanwhile: nothing left to record.
+            return Ok(());
+        };
         // A settled status whose report is due is told now: this attempt's,
         // or one a delivery report wrote meanwhile and left to this attempt
         // (see `status_update`; the write above saw it, or failed and took
@@ -1386,6 +1397,74 @@ impl Processor {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Record what an attempt on outbound message `id` reached on its
+    /// stored delivery state, conditionally: a delivery report may have
+    /// moved the status forward meanwhile, and the outcome is then recorded
+    /// on what it left. Moving the message on from queued counts it taken
+    /// and tells its business it is sent. Should the store fail, or this
+    /// future be dropped, before the record is made, it is owed, and made
+    /// before the message is next taken up (`first`, before what else is
+    /// owed: it is being paid). Returns the state recorded; `None` if the
+    /// message is gone.
+    async fn record_attempt(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        mut made: AttemptMade,
+        first: bool,
+    ) -> Result<Option<Delivery>, ProcessorError> {
+        let mut races = 0;
+        loop {
+            let current = made.on;
+            let next = self.after_send(current, made.outcome, made.at);
+            let accepted = (current.status == Status::Queued && next.status == Status::Sent)
+                .then_some(Accepted {
+                    phone: made.phone,
+                    category: made.category,
+                    at: made.at,
+                    next,
+                });
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: current,
+                delivery: next,
+            };
+            let mut owing = Owing::new(&self.claims, (business, id), Owed::Attempt(made), first);
+            let written = self.commit_op(op).await?;
+            if !written {
+                races += 1;
+                // A delivery report dropped after its write landed may owe
+                // the message the move on from queued that this write lost
+                // to: made now, while the stored state is still the one it
+                // wrote, it is counted (rewritten below, it would be lost).
+                self.pay_owed(business, id).await?;
+            }
+            let landed = written
+                || match self.storage.message(business, id).await? {
+                    // Deleted meanwhile: nothing left to record.
+                    None => {
+                        owing.owed = None;
+                        return Ok(None);
+                    }
+                    // Made before, its answer lost (an owed record, paid).
+                    Some(stored) if stored.delivery == next => true,
+                    Some(stored) if races < MAX_STATUS_RACES => {
+                        made.on = stored.delivery;
+                        false
+                    }
+                    Some(_) => return Err(StoreError::Conflict.into()),
+                };
+            owing.owed = None;
+            if landed {
+                if let Some(accepted) = accepted {
+                    self.on_accepted(business, id, accepted).await;
+                }
+                return Ok(Some(next));
+            }
+        }
     }
 
     /// Count an outbound message of `business` to `phone`, of `category`,
