@@ -1622,15 +1622,15 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
-        let devices: Vec<(u32, u64)> = devices
-            .into_iter()
-            .map(|device| (device, Delivery::device_bit(device)))
-            .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0))
-            .collect();
+        // The devices this attempt is for: all, or those left by the last.
+        let wanted = devices
+            .iter()
+            .map(|&device| (device, Delivery::device_bit(device)))
+            .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0));
+        reached.listed = wanted.clone().fold(0, |mask, (_, bit)| mask | bit);
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let mut refused = false;
-        reached.listed = devices.iter().fold(0, |mask, &(_, bit)| mask | bit);
-        for (device, bit) in devices {
+        for (device, bit) in wanted {
             let peer = PeerId {
                 phone: record.phone,
                 device,
