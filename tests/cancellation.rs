@@ -148,48 +148,88 @@ fn an_idempotent_send_dropped_anywhere_and_made_again_is_sent_once() {
 /// first does not get it again.
 #[test]
 fn a_send_dropped_after_a_report_from_a_device_it_reached_still_reaches_the_rest() {
+    runtime().block_on(send_dropped_after_a_report(None));
+}
+
+/// The same, with the report's write landing unanswered (the store failed
+/// it after applying it): both the report's write and the send's record
+/// are owed at once, and both are made, in order. The message is billed
+/// once, by the report that moved it on from queued.
+#[test]
+fn a_report_and_a_send_owed_at_once_are_both_made() {
     runtime().block_on(async {
-        let d = Deployment::new(Faults::none(), Faults::none()).await;
-        d.network.add_consumer(&consumer(2), 2).await;
-        let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
-        let mut polls = 0;
-        loop {
-            let polled = poll_at_most(send.as_mut(), 1).await;
-            assert!(polled.is_none(), "the send finished before a report came");
-            polls += 1;
-            assert!(polls < 10_000, "device 0 was never sent to");
-            d.network.pump(&d.processor, &d.carrier).await;
-            let received = d.network.received(&consumer(2)).await;
-            if received.get(&0).is_some_and(|r| !r.is_empty()) {
-                assert!(received.get(&1).is_none_or(|r| r.is_empty()));
-                break;
+        // The report's commit is its n-th store call: found by trying each.
+        for n in 1..20 {
+            if send_dropped_after_a_report(Some(n)).await {
+                return;
             }
         }
-        // Device 0's transport reports it delivered while the send holds
-        // the message (the simulated network reports once every device has
-        // it; a transport may report per device).
-        let received = d.network.received(&consumer(2)).await;
-        let id = *received[&0].keys().next().unwrap();
-        d.processor
-            .status_update(&d.carrier, d.b, id, Status::Delivered)
-            .await
-            .unwrap();
-        let status = d.processor.message_status(&d.owner, d.b, id).await;
-        assert_eq!(status.unwrap().0, Status::Delivered);
-        drop(send);
-
-        d.settle(5).await;
-        let received = d.network.received(&consumer(2)).await;
-        for device in 0..2 {
-            assert_eq!(
-                received[&device],
-                BTreeMap::from([(id, 1)]),
-                "device {device}"
-            );
-        }
-        d.assert_delivered_and_billed([id].iter(), 1, format_args!("dropped after a report"))
-            .await;
+        panic!("the report never committed");
     });
+}
+
+/// Drops a send to a consumer with two devices once it reached device 0
+/// and device 0 reported it delivered; if `fail_report` is `Some(n)`, the
+/// report's n-th store call fails after it applied. Returns whether that
+/// call was the report's commit (always, without one).
+async fn send_dropped_after_a_report(fail_report: Option<usize>) -> bool {
+    let d = Deployment::new(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 2).await;
+    let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
+    let mut polls = 0;
+    loop {
+        let polled = poll_at_most(send.as_mut(), 1).await;
+        assert!(polled.is_none(), "the send finished before a report came");
+        polls += 1;
+        assert!(polls < 10_000, "device 0 was never sent to");
+        d.network.pump(&d.processor, &d.carrier).await;
+        let received = d.network.received(&consumer(2)).await;
+        if received.get(&0).is_some_and(|r| !r.is_empty()) {
+            assert!(received.get(&1).is_none_or(|r| r.is_empty()));
+            break;
+        }
+    }
+    // Device 0's transport reports it delivered while the send holds the
+    // message (the simulated network reports once every device has it; a
+    // transport may report per device).
+    let received = d.network.received(&consumer(2)).await;
+    let id = *received[&0].keys().next().unwrap();
+    if let Some(n) = fail_report {
+        d.faults.fail_at(n, Seams::Store, Strike::After);
+    }
+    let reported = d
+        .processor
+        .status_update(&d.carrier, d.b, id, Status::Delivered)
+        .await;
+    let failed = d.faults.lift();
+    match fail_report {
+        None => assert!(reported.is_ok(), "{reported:?}"),
+        Some(_) if failed != [("commit", Strike::After)] => return false,
+        Some(_) => assert!(reported.is_err()),
+    }
+    let status = d
+        .store
+        .message(d.b, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .delivery
+        .status;
+    assert_eq!(status, Status::Delivered);
+    drop(send);
+
+    d.settle(5).await;
+    let received = d.network.received(&consumer(2)).await;
+    for device in 0..2 {
+        assert_eq!(
+            received[&device],
+            BTreeMap::from([(id, 1)]),
+            "device {device}"
+        );
+    }
+    let case = format_args!("report failing at {fail_report:?}");
+    d.assert_delivered_and_billed([id].iter(), 1, case).await;
+    true
 }
 
 #[test]

@@ -355,10 +355,12 @@ pub struct Processor {
 /// it must be), so one attempt at a time is made per message without
 /// holding anything while the host is called.
 ///
-/// With them, the writes that record what a business was told (a message
-/// handed over, a status reported) whose caller was dropped before the
-/// store answered (see [`Owing`]): whoever next takes the message up makes
-/// the write first, so a cancelled call never has the business told twice.
+/// With them, what calls dropped (or failed by the store) before the store
+/// answered owe each message (see [`Owing`]): the writes that record what a
+/// business was told (a message handed over, a status reported), and the
+/// bookkeeping of attempts that reached devices. Whoever next takes the
+/// message up makes them first, so a cancelled call never has the business
+/// told twice, nor a device sent a message it has.
 #[derive(Default)]
 struct Claims {
     claimed: Mutex<HashSet<(BusinessId, MessageId), RandomState>>,
@@ -383,6 +385,29 @@ impl Claims {
             // Lazily: a claim built and dropped here would give up the
             // holder's claim, under the lock its drop takes again.
             .then(|| Claim { claims: self, key })
+    }
+
+    /// Leave `owed` owed to `key`, after (or, if `first`, before) what is
+    /// owed it already.
+    fn owe(&self, key: (BusinessId, MessageId), owed: Owed, first: bool) {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.entry(key).or_default();
+        if first {
+            list.push_front(owed);
+        } else {
+            list.push_back(owed);
+        }
+    }
+
+    /// The first of what is owed to `key`, taken.
+    fn take_owed(&self, key: (BusinessId, MessageId)) -> Option<Owed> {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.get_mut(&key)?;
+        let first = list.pop_front();
+        if list.is_empty() {
+            all.remove(&key);
+        }
+        first
     }
 }
 
@@ -472,31 +497,6 @@ impl<'a> Owing<'a> {
     }
 }
 
-impl Claims {
-    /// Leave `owed` owed to `key`, after (or, if `first`, before) what is
-    /// owed it already.
-    fn owe(&self, key: (BusinessId, MessageId), owed: Owed, first: bool) {
-        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = all.entry(key).or_default();
-        if first {
-            list.push_front(owed);
-        } else {
-            list.push_back(owed);
-        }
-    }
-
-    /// The first of what is owed to `key`, taken.
-    fn take_owed(&self, key: (BusinessId, MessageId)) -> Option<Owed> {
-        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = all.get_mut(&key)?;
-        let first = list.pop_front();
-        if list.is_empty() {
-            all.remove(&key);
-        }
-        first
-    }
-}
-
 impl Drop for Owing<'_> {
     fn drop(&mut self) {
         if let Some(owed) = self.owed.take() {
@@ -524,9 +524,10 @@ impl Reached {
 
 /// An attempt sending a message to its recipient's devices. Dropped before
 /// it is done (its caller's future dropped at an await) after it reached a
-/// device, it leaves owed the write recording what it reached, as a
-/// finished attempt would have written it: the next attempt sends to the
-/// devices left, and a device that has the message does not get it again.
+/// device, it leaves what it reached owed ([`Owed::Attempt`]), to be
+/// recorded as a finished attempt would have: the next attempt sends to
+/// the devices left, and a device that has the message does not get it
+/// again.
 struct Sending<'a> {
     processor: &'a Processor,
     record: &'a MessageRecord,
@@ -873,9 +874,13 @@ impl Processor {
     /// business told it is sent.
     async fn pay_owed(&self, business: BusinessId, id: MessageId) -> Result<(), ProcessorError> {
         while let Some(owed) = self.claims.take_owed((business, id)) {
-            let mut owing = Owing::new(&self.claims, (business, id), owed.clone(), true);
             match owed {
                 Owed::Write { op, accepted } => {
+                    let again = Owed::Write {
+                        op: op.clone(),
+                        accepted,
+                    };
+                    let mut owing = Owing::new(&self.claims, (business, id), again, true);
                     let mut landed = self.commit_op(op).await?;
                     if let Some(accepted) = accepted
                         && !landed
@@ -891,11 +896,9 @@ impl Processor {
                         self.on_accepted(business, id, accepted).await;
                     }
                 }
+                // Owed again, first, by `record_attempt` itself if it stops.
+                // Boxed: it pays what is owed in turn when it loses a race.
                 Owed::Attempt(made) => {
-                    // Owed again, first, by `record_attempt` itself if it
-                    // stops. Boxed: it pays what is owed in turn when it
-                    // loses a race.
-                    owing.owed = None;
                     Box::pin(self.record_attempt(business, id, made, true)).await?;
                 }
             }
