@@ -1144,3 +1144,39 @@ async fn a_failed_ring_operation_on_a_new_business_creates_no_ring() {
     ));
     assert_eq!(f.store.ring(b).await.unwrap(), None, "a ring was created");
 }
+
+proptest::proptest! {
+    /// The id of a send named by an idempotency key is the same for the
+    /// same business and key, in this process and the next (a new key
+    /// manager over the same store); unrelated across keys and businesses;
+    /// and never a phone-number hash, whatever the key's bytes.
+    #[test]
+    fn send_ids_are_stable_per_business_and_key_and_unrelated_otherwise(
+        k1 in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64),
+        k2 in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64),
+        digits in 100_000_000u64..999_999_999_999,
+    ) {
+        let (a, b) = (business(96), business(97));
+        let number: PhoneNumber = format!("+{digits}").parse().unwrap();
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let store = Arc::new(MemoryStore::new());
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let keys = KeyManager::new(provider.clone(), store.clone());
+                let id = keys.send_id(a, &k1).await.unwrap();
+                proptest::prop_assert_eq!(keys.send_id(a, &k1).await.unwrap(), id);
+                let restarted = KeyManager::new(provider, store);
+                proptest::prop_assert_eq!(restarted.send_id(a, &k1).await.unwrap(), id);
+                proptest::prop_assert_ne!(keys.send_id(b, &k1).await.unwrap(), id);
+                if k1 != k2 {
+                    proptest::prop_assert_ne!(keys.send_id(a, &k2).await.unwrap(), id);
+                }
+                let as_key = keys.send_id(a, number.expose().as_bytes()).await.unwrap();
+                let hash = keys.phone_hash(a, &number).await.unwrap();
+                proptest::prop_assert_ne!(as_key.as_bytes(), hash.as_bytes());
+                Ok(())
+            })?;
+    }
+}
