@@ -507,6 +507,13 @@ async fn pump(w: &World, rounds: usize) {
     }
 }
 
+/// Retransmission passes, `rounds` of them, as its own task among the others.
+async fn retransmit(w: &World, rounds: usize) {
+    for _ in 0..rounds {
+        w.processor.retransmit_due(&w.operator).await.unwrap();
+    }
+}
+
 /// Reports read, racing the rest, every message device 0 of `number` has.
 async fn read_what_arrived(w: &World, number: &PhoneNumber) {
     for _ in 0..3 {
@@ -546,11 +553,7 @@ fn sends_to_one_consumer_interleave_with_reports_and_retransmission() {
             task(send_into(w, b"three", s)),
             task(pump(w, 4)),
             task(read_what_arrived(w, to)),
-            task(async move {
-                for _ in 0..3 {
-                    w.processor.retransmit_due(&w.operator).await.unwrap();
-                }
-            }),
+            task(retransmit(w, 3)),
         ];
         interleave(seed, tasks);
         w.settle(4).await;
@@ -602,11 +605,7 @@ fn idempotent_sends_under_one_key_race_to_one_message() {
             task(attempt()),
             task(pump(w, 4)),
             task(read_what_arrived(w, to)),
-            task(async move {
-                for _ in 0..3 {
-                    w.processor.retransmit_due(&w.operator).await.unwrap();
-                }
-            }),
+            task(retransmit(w, 3)),
         ];
         interleave(seed, tasks);
         // Once the first call answered, the next finds the message.
@@ -710,19 +709,12 @@ fn a_delivery_report_racing_retransmission_is_told_once() {
                     .unwrap();
             })
         };
-        let retransmit = || {
-            task(async move {
-                for _ in 0..4 {
-                    w.processor.retransmit_due(&w.operator).await.unwrap();
-                }
-            })
-        };
         let tasks = vec![
             report(Status::Delivered),
-            retransmit(),
+            task(retransmit(w, 4)),
             report(Status::Read),
-            retransmit(),
-            retransmit(),
+            task(retransmit(w, 4)),
+            task(retransmit(w, 4)),
         ];
         interleave(seed, tasks);
         w.settle(3).await;

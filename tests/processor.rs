@@ -665,32 +665,15 @@ async fn no_principal_reaches_another_tenant() {
         )
     };
 
+    let spoof = || Outbound {
+        to: number(1),
+        content: b"spoof".to_vec().into(),
+        category: Category::Service,
+    };
+    unauthorized(d.processor.send(&intruder, b, spoof()).await.map(drop));
     unauthorized(
         d.processor
-            .send(
-                &intruder,
-                b,
-                Outbound {
-                    to: number(1),
-                    content: b"spoof".to_vec().into(),
-                    category: Category::Service,
-                },
-            )
-            .await
-            .map(drop),
-    );
-    unauthorized(
-        d.processor
-            .send_idempotent(
-                &intruder,
-                b,
-                b"order-1",
-                Outbound {
-                    to: number(1),
-                    content: b"spoof".to_vec().into(),
-                    category: Category::Service,
-                },
-            )
+            .send_idempotent(&intruder, b, b"order-1", spoof())
             .await
             .map(drop),
     );
