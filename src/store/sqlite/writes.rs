@@ -208,10 +208,6 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
     done.map(drop).map_err(store_error)
 }
 
-/// Cap the expiry of up to `limit` messages of `business` (in id order
-/// after `after`) at their creation plus `period`, for those in `direction`
-/// whose expiry is later. Returns the last id looked at, if there may be
-/// more.
 /// The id that ends a page of `cap_expiry`: the `?3 + 1`-th of business
 /// `?1` after `?2`. Only a well-formed id ends a page (the next resumes
 /// after it); a damaged one is inside a page, never the end of one, so it
@@ -220,6 +216,10 @@ pub(super) const CAP_PAGE_END: &str = "SELECT id FROM messages
      WHERE business = ?1 AND id > ?2 AND typeof(id) = 'blob' AND length(id) = 16
      ORDER BY id LIMIT 1 OFFSET ?3";
 
+/// Cap the expiry of up to `limit` messages of `business` (in id order
+/// after `after`) at their creation plus `period`, for those in `direction`
+/// whose expiry is later. Returns the last id looked at, if there may be
+/// more.
 pub(super) fn cap_expiry(
     conn: &Connection,
     business: BusinessId,
