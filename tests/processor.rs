@@ -772,8 +772,8 @@ async fn no_principal_reaches_another_tenant() {
 
 /// A send named by an idempotency key is stored and sent once, however
 /// often the business calls again with that key (before or after it is
-/// delivered); the key cannot be used for another
-/// message, and the same key names unrelated messages in two businesses.
+/// delivered); the key cannot be used for another message, and the same
+/// key names unrelated messages in two businesses.
 #[tokio::test]
 async fn an_idempotent_send_reaches_the_consumer_once_however_often_it_is_made() {
     let d = Deployment::new(&[7, 8], Faults::none(), Faults::none(), 21);
