@@ -234,6 +234,11 @@ fn an_idempotent_send_retried_after_any_host_failure_is_sent_once() {
                 if let Ok(first) = first {
                     assert_eq!(first, id, "{at:?}");
                 }
+                // Attempted by the time the retry answers, whatever the
+                // first call stopped before: not left for retransmission.
+                let stored = d.store.message(d.b, id).await.unwrap().unwrap();
+                let attempts = stored.delivery.attempts;
+                assert!(attempts >= 1, "{at:?}, outage {outage}: {failed:?}");
                 d.settle(3).await;
                 let case = format_args!("{at:?}, outage {outage}: {failed:?}");
                 assert_eq!(d.store.census().await.unwrap().messages, 1, "{case}");

@@ -1217,7 +1217,8 @@ impl Processor {
     ///
     /// The message's id is derived from the key, under a secret of the
     /// business. A call whose message is stored already returns its id and
-    /// sends nothing (delivery carries on from where it was); one whose
+    /// sends nothing (delivery carries on from where it was, or, if the call
+    /// that stored it stopped before its first attempt, starts now); one whose
     /// content, recipient or category differs from the stored message's is
     /// refused as [`ProcessorError::Invalid`], unless the stored content can
     /// no longer be read (past its retention): then the recipient alone is
@@ -1267,8 +1268,20 @@ impl Processor {
                 let id = self.keys.send_id(business, key).await?;
                 let claim = self.take_up(business, id).await?;
                 if let Some(stored) = self.storage.message(business, id).await? {
-                    self.same_send(&stored, phone, &outbound).await?;
+                    let body = self.same_send(&stored, phone, &outbound).await?;
                     debug!(%id, "a send under a key used before: its message is stored");
+                    let d = stored.delivery;
+                    // The call that stored it was cut short before its
+                    // first attempt: made now, as that call would have.
+                    if let (Some(_claim), Some(body)) = (claim, body)
+                        && d.status == Status::Queued
+                        && d.attempts == 0
+                        && let Err(e) = self
+                            .attempt_outbound(&stored, &body, Purpose::Delivery)
+                            .await
+                    {
+                        warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+                    }
                     return Ok(id);
                 }
                 if claim.is_none() {
@@ -1325,33 +1338,30 @@ impl Processor {
         Ok(id)
     }
 
-    /// Whether `stored`, found under the id of a send's idempotency key, is
-    /// the message of this send (`outbound`, to the consumer hashed to
-    /// `phone`); if not, the key was used for another.
+    /// Check that `stored`, found under the id of a send's idempotency key,
+    /// is the message of this send (`outbound`, to the consumer hashed to
+    /// `phone`); if not, the key was used for another. Returns its body if
+    /// it can still be read.
     async fn same_send(
         &self,
         stored: &MessageRecord,
         phone: PhoneHash,
         outbound: &Outbound,
-    ) -> Result<(), ProcessorError> {
-        let same = stored.direction == Direction::Outbound
-            && stored.phone == phone
-            && match self.due_body(stored).await? {
-                Stored::Content(StoredBody::Outbound(body)) => {
-                    body.to == outbound.to
-                        && body.category == outbound.category
-                        && body.content == outbound.content
-                }
-                Stored::Content(StoredBody::Inbound(_)) => false,
-                // Its content can no longer be compared: the recipient was.
-                Stored::Expired | Stored::Unreadable => true,
-            };
-        if same {
-            Ok(())
-        } else {
-            Err(ProcessorError::Invalid(
-                "the idempotency key was used for another message",
-            ))
+    ) -> Result<Option<OutboundBody>, ProcessorError> {
+        let other = || ProcessorError::Invalid("the idempotency key was used for another message");
+        if stored.direction != Direction::Outbound || stored.phone != phone {
+            return Err(other());
+        }
+        match self.due_body(stored).await? {
+            Stored::Content(StoredBody::Outbound(body)) => {
+                let same = body.to == outbound.to
+                    && body.category == outbound.category
+                    && body.content == outbound.content;
+                if same { Ok(Some(body)) } else { Err(other()) }
+            }
+            Stored::Content(StoredBody::Inbound(_)) => Err(other()),
+            // Its content can no longer be compared: the recipient was.
+            Stored::Expired | Stored::Unreadable => Ok(None),
         }
     }
 
