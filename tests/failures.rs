@@ -859,6 +859,43 @@ fn a_failed_rewrap_loses_no_key() {
     });
 }
 
+/// An inbound message's delivery mark that lands unanswered leaves the
+/// message with nothing due, so nothing takes it up again to make the
+/// owed write: the sweep that deletes the message forgets it, and the
+/// process keeps nothing for it.
+#[test]
+fn what_is_owed_to_a_message_the_sweep_deleted_is_forgotten() {
+    runtime().block_on(async {
+        for n in 1..MAX_CALLS {
+            let d = deployment(Faults::none(), Faults::none()).await;
+            let mut handset = d.handset().await;
+            let first = d.inbound(&mut handset, b"first").await;
+            d.faults.fail_at(n, Seams::Store, Strike::After);
+            let got = d.receive(first.clone()).await;
+            let calls = d.faults.calls();
+            let failed = d.faults.lift();
+            // The second commit is the mark: the first stored the message.
+            let commits = calls.iter().filter(|c| **c == "commit").count();
+            if failed != [("commit", Strike::After)] || commits != 2 {
+                assert!(n < 60, "the receive never marked the message delivered");
+                continue;
+            }
+            assert!(got.is_err(), "{got:?}");
+            d.receive(first).await.unwrap();
+            d.settle(3).await;
+            assert_eq!(d.contents(), BTreeMap::from([(b"first".to_vec(), 1)]));
+            let owed = |d: &Deployment| format!("{:?}", d.processor);
+            assert!(owed(&d).contains("messages_owed: 1"), "{}", owed(&d));
+            d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+            let swept = d.processor.sweep(&d.operator).await.unwrap();
+            assert!(swept.messages_deleted >= 1, "{swept:?}");
+            assert!(owed(&d).contains("messages_owed: 0"), "{}", owed(&d));
+            return;
+        }
+        panic!("no call was the mark");
+    });
+}
+
 #[test]
 fn a_failed_sweep_leaves_no_deleted_session_in_memory() {
     runtime().block_on(every_failure(|at| async move {

@@ -561,9 +561,16 @@ impl Drop for Sending<'_> {
 
 impl std::fmt::Debug for Processor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let owed = self
+            .claims
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
         f.debug_struct("Processor")
             .field("region", &self.storage.region())
             .field("delivery", &self.delivery)
+            .field("messages_owed", &owed)
             .finish_non_exhaustive()
     }
 }
@@ -2235,10 +2242,38 @@ impl Processor {
                 clear.0 = None;
             }
             drop(clear);
+            self.forget_owed_of_deleted().await;
             Ok(swept?)
         }
         .instrument(debug_span!("sweep"))
         .await
+    }
+
+    /// Forget what is owed to messages the store no longer has: the sweep
+    /// deleted them, and nothing will take them up again (a write that
+    /// landed unanswered may have left a message with nothing due). Each is
+    /// looked at under its claim, so no call is working on it meanwhile.
+    async fn forget_owed_of_deleted(&self) {
+        let keys: Vec<(BusinessId, MessageId)> = self
+            .claims
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        for (business, id) in keys {
+            let Some(_claim) = self.claims.claim(business, id) else {
+                continue;
+            };
+            if let Ok(None) = self.storage.message(business, id).await {
+                self.claims
+                    .owed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&(business, id));
+            }
+        }
     }
 
     /// Place a legal hold on `scope` for the case `reference` (operators
