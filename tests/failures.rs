@@ -30,17 +30,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use custodian::ids::BusinessId;
+use custodian::ids::{BusinessId, MessageId};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
-use custodian::processor::Outbound;
+use custodian::processor::{Outbound, ProcessorError};
 use custodian::retention::RetentionPolicy;
-use custodian::signal::{Sessions, SignalConfig, SignalError};
+use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
-use custodian::vault::Vault;
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -114,6 +113,33 @@ fn first_commit_landed(faults: &HostFaults, at: At) -> bool {
     faults.failed() == [("commit", Strike::After)] && first == Some(at.n - 1)
 }
 
+/// `send` of `content` under the failure `at`, checked against what
+/// failed, and made again, as the business would, if it was refused.
+/// Returns the first call's answer and what failed.
+async fn send_under(
+    d: &Deployment,
+    at: At,
+    content: &[u8],
+) -> (
+    Result<MessageId, ProcessorError>,
+    Vec<(&'static str, Strike)>,
+) {
+    d.faults.fail_at(at.n, at.seams, at.strike);
+    let sent = d.processor.send(&d.owner, d.b, d.outbound(content)).await;
+    let landed = first_commit_landed(&d.faults, at);
+    let failed = d.faults.lift();
+    assert_outcome(&sent, &failed, at);
+    // Its storing write landed unanswered: the store, asked, says so.
+    assert!(!landed || sent.is_ok(), "{at:?}: {failed:?} gave {sent:?}");
+    if sent.is_err() {
+        d.processor
+            .send(&d.owner, d.b, d.outbound(content))
+            .await
+            .unwrap();
+    }
+    (sent, failed)
+}
+
 #[test]
 fn harness_fails_the_planned_call_only() {
     runtime().block_on(async {
@@ -164,20 +190,7 @@ fn send_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
         let d = deployment(Faults::none(), Faults::none()).await;
         d.network.add_consumer(&consumer(2), 2).await;
-        d.faults.fail_at(at.n, at.seams, at.strike);
-        let sent = d.processor.send(&d.owner, d.b, d.outbound(b"first")).await;
-        let landed = first_commit_landed(&d.faults, at);
-        let failed = d.faults.lift();
-        assert_outcome(&sent, &failed, at);
-        // Its storing write landed unanswered: the store, asked, says so.
-        assert!(!landed || sent.is_ok(), "{at:?}: {failed:?} gave {sent:?}");
-        // The business sends again what was refused.
-        if sent.is_err() {
-            d.processor
-                .send(&d.owner, d.b, d.outbound(b"first"))
-                .await
-                .unwrap();
-        }
+        let (sent, failed) = send_under(&d, at, b"first").await;
         d.processor
             .send(&d.owner, d.b, d.outbound(b"second"))
             .await
@@ -1033,18 +1046,7 @@ fn a_new_process_survives_every_host_failure_of_its_first_receive_and_send() {
         // what a process owes, as it loses a write not yet made).
         d.settle(1).await;
         d.restart();
-        d.faults.fail_at(at.n, at.seams, at.strike);
-        let sent = d.processor.send(&d.owner, d.b, d.outbound(b"out")).await;
-        let landed = first_commit_landed(&d.faults, at);
-        let failed_sending = d.faults.lift();
-        assert_outcome(&sent, &failed_sending, at);
-        assert!(!landed || sent.is_ok(), "{at:?}: {failed_sending:?}");
-        if sent.is_err() {
-            d.processor
-                .send(&d.owner, d.b, d.outbound(b"out"))
-                .await
-                .unwrap();
-        }
+        let (_, failed_sending) = send_under(&d, at, b"out").await;
         d.settle(3).await;
         let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
         assert_eq!(d.contents(), want, "{at:?}: {failed_receiving:?}");
@@ -1071,22 +1073,7 @@ fn a_failed_first_publish_is_retried_to_a_working_business() {
             inner: root.clone(),
             faults: faults.clone(),
         });
-        let stack = |provider: Arc<dyn KeyProvider>| {
-            let keys = Arc::new(KeyManager::new(provider, failing.clone()));
-            let vault = Arc::new(Vault::new(
-                keys.clone(),
-                Arc::new(clock.clone()),
-                EpochLength::DEFAULT,
-            ));
-            // A small pool: each prekey is a store call or two.
-            let config = SignalConfig {
-                prekey_pool: 4,
-                prekey_low_water: 2,
-                ..SignalConfig::default()
-            };
-            let sessions = Sessions::new(vault, failing.clone(), config);
-            (keys, sessions)
-        };
+        let stack = |provider| signal_stack(provider, failing.clone(), &clock);
         let (keys, sessions) = stack(provider);
         let b = BusinessId::new(BUSINESS).unwrap();
         faults.fail_at(at.n, at.seams, at.strike);

@@ -803,6 +803,27 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Keys and Signal sessions alone, over `storage` and `provider`, with a
+/// small prekey pool (each prekey is a store call or two).
+pub(crate) fn signal_stack(
+    provider: Arc<dyn KeyProvider>,
+    storage: Arc<dyn Storage>,
+    clock: &ManualClock,
+) -> (Arc<KeyManager>, Sessions) {
+    let keys = Arc::new(KeyManager::new(provider, storage.clone()));
+    let vault = Arc::new(Vault::new(
+        keys.clone(),
+        Arc::new(clock.clone()),
+        EpochLength::DEFAULT,
+    ));
+    let config = SignalConfig {
+        prekey_pool: 4,
+        prekey_low_water: 2,
+        ..SignalConfig::default()
+    };
+    (keys, Sessions::new(vault, storage, config))
+}
+
 /// Signal sessions alone over the paused store, failing as `faults` says
 /// (nothing fails until a test says so), for the state they keep in memory
 /// between persists: a business with a session with one handset.
@@ -830,18 +851,7 @@ impl Signal {
             inner: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             faults: faults.clone(),
         });
-        let keys = Arc::new(KeyManager::new(provider, failing.clone()));
-        let vault = Arc::new(Vault::new(
-            keys.clone(),
-            Arc::new(clock.clone()),
-            EpochLength::DEFAULT,
-        ));
-        let config = SignalConfig {
-            prekey_pool: 4,
-            prekey_low_water: 2,
-            ..SignalConfig::default()
-        };
-        let sessions = Sessions::new(vault, failing, config);
+        let (keys, sessions) = signal_stack(provider, failing, &clock);
         let b = BusinessId::new(BUSINESS).unwrap();
         let published = sessions.publish(b).await.unwrap();
         let mut handset = ConsumerDevice::new(1);
