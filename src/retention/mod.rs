@@ -5,7 +5,7 @@
 //!
 //! - **Nothing is readable after its retention period**: 30 days at most
 //!   ([`CEILING`], which no configuration can raise), shorter where the
-//!   business sets it, per class of message. [`evaluate`] decides for reads
+//!   business sets it, per class of message. [`evaluate()`] decides for reads
 //!   (an expired message is refused whether or not the sweep has run); the
 //!   sealed expiry stops the [`Vault`](crate::vault::Vault) from opening it;
 //!   and the key of its expiry epoch is destroyed when the epoch ends, which

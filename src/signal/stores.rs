@@ -2,7 +2,7 @@
 //!
 //! Each operation (decrypt, encrypt, start a session) builds these overlays
 //! from the committed state, lets the library read and write them, and only
-//! if the library succeeds turns what was written into one atomic [`Batch`]
+//! if the library succeeds turns what was written into one atomic [`Batch`](crate::store::Batch)
 //! (crate::store::Batch). A failed operation leaves nothing behind: the
 //! overlays are simply dropped.
 

@@ -1,0 +1,288 @@
+//! Claims and what is owed: one attempt at a time per message, and the
+//! writes (and attempts' bookkeeping) that calls dropped halfway, or failed
+//! by the store, leave for whoever next takes the message up.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, PoisonError};
+
+use foldhash::fast::RandomState;
+
+use super::outbound::DeviceOutcome;
+use super::{Processor, ProcessorError};
+use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::integrity::Category;
+use crate::store::{Delivery, Op};
+use crate::time::Timestamp;
+
+/// Messages an attempt is under way for. Not a lock: nobody waits for a
+/// claim. The retransmission loop and the sweep's expiry reports skip a
+/// claimed message (its attempt is running, and will leave it due again if
+/// it must be), so one attempt at a time is made per message without
+/// holding anything while the host is called.
+///
+/// With them, what calls dropped (or failed by the store) before the store
+/// answered owe each message (see [`Owing`]): the writes that record what a
+/// business was told (a message handed over, a status reported), and the
+/// bookkeeping of attempts that reached devices. Whoever next takes the
+/// message up makes them first, so a cancelled call never has the business
+/// told twice, nor a device sent a message it has.
+#[derive(Default)]
+pub(super) struct Claims {
+    claimed: Mutex<HashSet<(BusinessId, MessageId), RandomState>>,
+    /// In the order they were left owed.
+    owed: Mutex<HashMap<(BusinessId, MessageId), VecDeque<Owed>, RandomState>>,
+}
+
+/// A claim on one message, given up when dropped.
+pub(super) struct Claim<'a> {
+    claims: &'a Claims,
+    key: (BusinessId, MessageId),
+}
+
+impl Claims {
+    /// Claim `id`, unless an attempt is under way for it.
+    pub(super) fn claim(&self, business: BusinessId, id: MessageId) -> Option<Claim<'_>> {
+        let key = (business, id);
+        self.claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key)
+            // Lazily: a claim built and dropped here would give up the
+            // holder's claim, under the lock its drop takes again.
+            .then(|| Claim { claims: self, key })
+    }
+
+    /// Leave `owed` owed to `key`, after (or, if `first`, before) what is
+    /// owed it already.
+    pub(super) fn owe(&self, key: (BusinessId, MessageId), owed: Owed, first: bool) {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.entry(key).or_default();
+        if first {
+            list.push_front(owed);
+        } else {
+            list.push_back(owed);
+        }
+    }
+
+    /// How many messages are owed something.
+    pub(super) fn messages_owed(&self) -> usize {
+        self.owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The first of what is owed to `key`, taken.
+    pub(super) fn take_owed(&self, key: (BusinessId, MessageId)) -> Option<Owed> {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.get_mut(&key)?;
+        let first = list.pop_front();
+        if list.is_empty() {
+            all.remove(&key);
+        }
+        first
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.claims
+            .claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+/// What a call dropped halfway, or failed by the store, owes a message.
+#[derive(Clone)]
+pub(super) enum Owed {
+    /// A write recording what a business or the transport was told about
+    /// the message, and what follows it.
+    Write { op: Op, accepted: Option<Accepted> },
+    /// An attempt's bookkeeping: what it reached, recorded on the stored
+    /// state whatever a delivery report wrote meanwhile, as the attempt
+    /// would have recorded it.
+    Attempt(AttemptMade),
+}
+
+/// What an attempt on an outbound message reached, to be recorded on its
+/// stored delivery state (see [`Processor::record_attempt`]).
+#[derive(Clone, Copy)]
+pub(super) struct AttemptMade {
+    /// The stored state the record is made on: the one the attempt was
+    /// decided on, then whatever a write made meanwhile left.
+    pub(super) on: Delivery,
+    pub(super) phone: PhoneHash,
+    pub(super) category: Category,
+    pub(super) outcome: DeviceOutcome,
+    pub(super) at: Timestamp,
+}
+
+/// An outbound message moved on from queued by a send's bookkeeping, or by
+/// a delivery report that came first: what follows that write once it is
+/// known to have landed.
+#[derive(Clone, Copy)]
+pub(super) struct Accepted {
+    pub(super) phone: PhoneHash,
+    pub(super) category: Category,
+    pub(super) at: Timestamp,
+    /// The delivery state the write stores: sent after a send's
+    /// bookkeeping, delivered or read after a report (told that instead).
+    pub(super) next: Delivery,
+}
+
+/// A write under way (see [`Owed`]), until the store answers it. Dropped
+/// before that (its caller's future dropped at the commit, or the store
+/// failing it), it leaves the write owed: the store may or may not have it
+/// (a SQLite commit lands even if no one waits for it; a networked store's
+/// answer may be lost), and a conditional write made twice changes nothing
+/// the second time.
+pub(super) struct Owing<'a> {
+    pub(super) claims: &'a Claims,
+    pub(super) key: (BusinessId, MessageId),
+    pub(super) owed: Option<Owed>,
+    /// Owed before whatever else is: a payment that did not finish keeps
+    /// its place.
+    pub(super) first: bool,
+}
+
+impl<'a> Owing<'a> {
+    pub(super) fn new(
+        claims: &'a Claims,
+        key: (BusinessId, MessageId),
+        owed: Owed,
+        first: bool,
+    ) -> Self {
+        Self {
+            claims,
+            key,
+            owed: Some(owed),
+            first,
+        }
+    }
+}
+
+impl Drop for Owing<'_> {
+    fn drop(&mut self) {
+        if let Some(owed) = self.owed.take() {
+            self.claims.owe(self.key, owed, self.first);
+        }
+    }
+}
+
+impl Processor {
+    /// Commit `op`, which records what the business or the transport was
+    /// just told about message `id` (and, if `accepted`, moves an outbound
+    /// message on from queued); `false` if its condition failed (the
+    /// message changed, or is gone). Should the store fail, or this future
+    /// be dropped before it answers, the write is owed, and made, with what
+    /// follows it, before the message is next taken up
+    /// ([`pay_owed`](Self::pay_owed)): a failed write may have landed (a
+    /// networked store's answer lost), or not, and either way what was told
+    /// must not be told again.
+    pub(super) async fn commit_told(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        op: Op,
+        accepted: Option<Accepted>,
+    ) -> Result<bool, ProcessorError> {
+        let owed = Owed::Write {
+            op: op.clone(),
+            accepted,
+        };
+        let mut owing = Owing::new(&self.claims, (business, id), owed, false);
+        let written = self.commit_op(op).await;
+        if written.is_ok() {
+            owing.owed = None;
+        }
+        written
+    }
+
+    /// Make what calls dropped halfway (or failed by the store) owe
+    /// message `id`, in the order they left it: the writes, and the
+    /// attempts' bookkeeping ([`record_attempt`](Self::record_attempt)). A
+    /// write that moved an outbound message on from queued, and landed now
+    /// or before (unseen: the stored state is still the one it wrote), has
+    /// the message counted taken and, if a send's bookkeeping moved it, its
+    /// business told it is sent.
+    pub(super) async fn pay_owed(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<(), ProcessorError> {
+        while let Some(owed) = self.claims.take_owed((business, id)) {
+            match owed {
+                Owed::Write { op, accepted } => {
+                    let again = Owed::Write {
+                        op: op.clone(),
+                        accepted,
+                    };
+                    let mut owing = Owing::new(&self.claims, (business, id), again, true);
+                    let mut landed = self.commit_op(op).await?;
+                    if let Some(accepted) = accepted
+                        && !landed
+                    {
+                        landed = self
+                            .storage
+                            .message(business, id)
+                            .await?
+                            .is_some_and(|m| m.delivery == accepted.next);
+                    }
+                    owing.owed = None;
+                    if let Some(accepted) = accepted.filter(|_| landed) {
+                        self.on_accepted(business, id, accepted).await;
+                    }
+                }
+                // Owed again, first, by `record_attempt` itself if it stops.
+                // Boxed: it pays what is owed in turn when it loses a race.
+                Owed::Attempt(made) => {
+                    Box::pin(self.record_attempt(business, id, made, true)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Claim message `id` of `business` for an attempt, unless one is under
+    /// way; first make the write an attempt dropped halfway owes it.
+    pub(super) async fn take_up(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Option<Claim<'_>>, ProcessorError> {
+        let Some(claim) = self.claims.claim(business, id) else {
+            return Ok(None);
+        };
+        self.pay_owed(business, id).await?;
+        Ok(Some(claim))
+    }
+
+    /// Forget what is owed to messages the store no longer has: the sweep
+    /// deleted them, and nothing will take them up again (a write that
+    /// landed unanswered may have left a message with nothing due). Each is
+    /// looked at under its claim, so no call is working on it meanwhile.
+    pub(super) async fn forget_owed_of_deleted(&self) {
+        let keys: Vec<(BusinessId, MessageId)> = self
+            .claims
+            .owed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        for (business, id) in keys {
+            let Some(_claim) = self.claims.claim(business, id) else {
+                continue;
+            };
+            if let Ok(None) = self.storage.message(business, id).await {
+                self.claims
+                    .owed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&(business, id));
+            }
+        }
+    }
+}

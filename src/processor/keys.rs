@@ -1,0 +1,57 @@
+//! Keys: the key manager for operators, and a business's Signal keys.
+
+use tracing::info;
+
+use super::{Processor, ProcessorError};
+use crate::ids::{BusinessId, PhoneNumber};
+use crate::keys::KeyManager;
+use crate::store::PeerId;
+use crate::transport::Principal;
+
+impl Processor {
+    /// The key manager, for KEK rotation and early shredding (operators
+    /// only: it spans every business).
+    pub fn keys(&self, principal: &Principal) -> Result<&KeyManager, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(&self.keys)
+    }
+
+    /// Keep `business`'s Signal prekeys healthy and publish them through the
+    /// transport.
+    pub async fn publish_keys(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+    ) -> Result<(), ProcessorError> {
+        self.authorize(principal, business)?;
+        // Its phone index too: a receive creates no key.
+        self.keys.ensure_phone_index(business).await?;
+        self.sessions.maintain(business).await?;
+        let keys = self.sessions.publish(business).await?;
+        Ok(self.transport.publish_keys(business, &keys).await?)
+    }
+
+    /// Approve a changed identity key of one of `consumer`'s devices that
+    /// the identity policy refused: the device's session and trusted
+    /// identity are forgotten, and its next first-contact message starts a
+    /// new session. Returns whether the device had state.
+    pub async fn trust_new_identity(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<bool, ProcessorError> {
+        self.authorize(principal, business)?;
+        let Some(phone) = self.keys.known_phone_hash(business, consumer).await? else {
+            // No consumer of the business was ever indexed.
+            return Ok(false);
+        };
+        let reset = self
+            .sessions
+            .reset_device(business, PeerId { phone, device })
+            .await?;
+        info!(%business, device, "a changed identity key was approved");
+        Ok(reset)
+    }
+}

@@ -1,0 +1,677 @@
+//! Outbound: a business's message sealed and stored first, then encrypted
+//! for each of its recipient's devices and handed to the transport, with
+//! each attempt's outcome recorded on the stored delivery state.
+
+use tracing::{Instrument, debug, debug_span, warn};
+use zeroize::Zeroizing;
+
+use super::claims::{Accepted, AttemptMade, Owed, Owing};
+use super::payload::{OutboundBody, StoredBody, device_payload};
+use super::records::Stored;
+use super::{MAX_STATUS_RACES, Processor, ProcessorError};
+use crate::envelope::MAX_PLAINTEXT_LEN;
+use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
+use crate::integrity::Category;
+use crate::signal::SignalError;
+use crate::store::{
+    Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status, StoreError,
+};
+use crate::time::Timestamp;
+use crate::transport::{Outgoing, Principal, StatusUpdate, TransportError};
+use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
+
+/// A business's message to a consumer.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The recipient.
+    pub to: PhoneNumber,
+    /// The content; wiped from memory when dropped.
+    pub content: Zeroizing<Vec<u8>>,
+    /// The billing category.
+    pub category: Category,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("to", &self.to)
+            .field("content_len", &self.content.len())
+            .field("category", &self.category)
+            .finish()
+    }
+}
+
+/// The devices an attempt on an outbound message has settled so far: sent
+/// to, or given up on for good (no session can be had, the network refused
+/// it). The rest of `listed` still need the message.
+#[derive(Default)]
+struct Reached {
+    listed: u64,
+    settled: u64,
+    sent: u32,
+}
+
+impl Reached {
+    /// The devices that still need the message.
+    fn pending(&self) -> u64 {
+        self.listed & !self.settled
+    }
+}
+
+/// An attempt sending a message to its recipient's devices. Dropped before
+/// it is done (its caller's future dropped at an await) after it reached a
+/// device, it leaves what it reached owed ([`Owed::Attempt`]), to be
+/// recorded as a finished attempt would have: the next attempt sends to
+/// the devices left, and a device that has the message does not get it
+/// again.
+struct Sending<'a> {
+    processor: &'a Processor,
+    record: &'a MessageRecord,
+    category: Category,
+    reached: Reached,
+    /// Set once the attempt's outcome is in hand, to be recorded.
+    done: bool,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        let reached = &self.reached;
+        if self.done || reached.sent == 0 {
+            return;
+        }
+        let (p, record) = (self.processor, self.record);
+        let made = AttemptMade {
+            on: record.delivery,
+            phone: record.phone,
+            category: self.category,
+            outcome: DeviceOutcome::Reached {
+                sent: reached.sent,
+                pending: reached.pending(),
+            },
+            at: p.clock.now(),
+        };
+        p.claims
+            .owe((record.business, record.id), Owed::Attempt(made), false);
+    }
+}
+
+/// The outcome of one attempt to send an outbound message to devices.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum DeviceOutcome {
+    /// Sent to `sent` devices; the `pending` ones failed for now.
+    Reached { sent: u32, pending: u64 },
+    /// The device list could not be had: try again later.
+    Unreachable,
+    /// No device can be reached, for this reason.
+    Fail(FailureReason),
+}
+
+/// The most devices a consumer may have: a longer list from the transport
+/// (distinct ids) fails the message as [`FailureReason::TooManyDevices`]
+/// rather than costing a bundle fetch, a stored session and a send for
+/// each. WhatsApp gives a consumer a phone and a few linked devices.
+pub const MAX_DEVICES: usize = 64;
+
+/// The longest idempotency key [`Processor::send_idempotent`] takes, in
+/// bytes: room for any UUID or request id in text.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+impl Processor {
+    /// Send a business's message: sealed and stored first, then sent to
+    /// every device of the recipient. Returns its id once it is stored;
+    /// delivery continues (and is retried) from there, whatever the first
+    /// attempt met. A store that fails the write storing it is asked
+    /// whether the write landed (its answer may have been lost): if so, the
+    /// message is accepted. An error means the message was not stored,
+    /// unless the store could not answer that question either: a message
+    /// stored then is sent and reported like any other (its id is in its
+    /// status reports).
+    ///
+    /// The business's own retries (after a timeout, a crash, or this
+    /// error) send the message again: [`send_idempotent`](Self::send_idempotent)
+    /// makes them safe.
+    pub async fn send(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        outbound: Outbound,
+    ) -> Result<MessageId, ProcessorError> {
+        let span = debug_span!("send", %business);
+        self.send_in(principal, business, outbound, None)
+            .instrument(span)
+            .await
+    }
+
+    /// [`send`](Self::send), named by `key`, a value the business chooses
+    /// once per message (a UUID, say; 1 to [`MAX_IDEMPOTENCY_KEY_LEN`]
+    /// bytes): however often it is called again with the same key, after
+    /// whatever failure or crash on either side, the consumer gets the
+    /// message once.
+    ///
+    /// The message's id is derived from the key, under a secret of the
+    /// business. A call whose message is stored already returns its id and
+    /// sends nothing (delivery carries on from where it was, or, if the call
+    /// that stored it stopped before its first attempt, starts now); one whose
+    /// content, recipient or category differs from the stored message's is
+    /// refused as [`ProcessorError::Invalid`], unless the stored content can
+    /// no longer be read (past its retention): then the recipient alone is
+    /// compared. A call while another with the same key has not stored its
+    /// message yet is refused as [`ProcessorError::SendUnderWay`]. A key is
+    /// remembered as long as its message is stored: used again after the
+    /// sweep deleted it, it sends a new message under the same id.
+    pub async fn send_idempotent(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        key: &[u8],
+        outbound: Outbound,
+    ) -> Result<MessageId, ProcessorError> {
+        let span = debug_span!("send", %business, idempotent = true);
+        self.send_in(principal, business, outbound, Some(key))
+            .instrument(span)
+            .await
+    }
+
+    async fn send_in(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        outbound: Outbound,
+        key: Option<&[u8]>,
+    ) -> Result<MessageId, ProcessorError> {
+        self.authorize(principal, business)?;
+        if outbound.content.len() > MAX_PLAINTEXT_LEN - 64 {
+            return Err(ProcessorError::Invalid("content too large"));
+        }
+        if key.is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN) {
+            return Err(ProcessorError::Invalid("idempotency key empty or too long"));
+        }
+        let now = self.clock.now();
+        let (expiry, admission) = self.admit(business, Direction::Outbound, now)?;
+        let phone = self.keys.phone_hash(business, &outbound.to).await?;
+        // The claim keeps the retransmission loop off the message (due at
+        // once) until this first attempt is done.
+        let (id, _claim) = match key {
+            // A fresh id: the claim is ours.
+            None => {
+                let id = MessageId::random();
+                (id, self.claims.claim(business, id))
+            }
+            Some(key) => {
+                let id = self.keys.send_id(business, key).await?;
+                let claim = self.take_up(business, id).await?;
+                if let Some(stored) = self.storage.message(business, id).await? {
+                    let body = self.same_send(&stored, phone, &outbound).await?;
+                    debug!(%id, "a send under a key used before: its message is stored");
+                    let d = stored.delivery;
+                    // The call that stored it was cut short before its
+                    // first attempt: made now, as that call would have.
+                    if let (Some(_claim), Some(body)) = (claim, body)
+                        && d.status == Status::Queued
+                        && d.attempts == 0
+                        && let Err(e) = self
+                            .attempt_outbound(&stored, &body, Purpose::Delivery)
+                            .await
+                    {
+                        warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+                    }
+                    return Ok(id);
+                }
+                if claim.is_none() {
+                    return Err(ProcessorError::SendUnderWay);
+                }
+                (id, claim)
+            }
+        };
+        let body = OutboundBody {
+            to: outbound.to,
+            category: outbound.category,
+            content: outbound.content,
+        };
+        let mut record = self
+            .seal_record(
+                business,
+                id,
+                Direction::Outbound,
+                phone,
+                now,
+                expiry,
+                &Zeroizing::new(body.encode()),
+            )
+            .await?;
+        let sealed = std::mem::take(&mut record.sealed);
+        let mut batch = Batch::new();
+        batch.push(Op::PutMessage(Box::new(MessageRecord {
+            sealed,
+            ..record.clone()
+        })));
+        if let Err(e) = self.storage.commit(batch).await {
+            // The write may have landed with its answer lost (a networked
+            // store): if the store now has the message, under this fresh
+            // id, it is accepted as if the commit had answered. Refused,
+            // it would be sent twice, once again by the business.
+            if !matches!(self.storage.message(business, id).await, Ok(Some(_))) {
+                return Err(e.into());
+            }
+            warn!(%business, %id, error = %e, "the store failed the write storing the message, but has it: accepted");
+        }
+        self.retention.stored(&admission);
+        self.integrity.record_sent(business, phone, now);
+        debug!(%id, "outbound message stored");
+        // Stored, the message is accepted: an error of its first attempt
+        // (the store failing its bookkeeping) leaves it to the
+        // retransmission loop, which makes the write owed first. Refused
+        // now, it would be sent again by the business as well.
+        if let Err(e) = self
+            .attempt_outbound(&record, &body, Purpose::Delivery)
+            .await
+        {
+            warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+        }
+        Ok(id)
+    }
+
+    /// Check that `stored`, found under the id of a send's idempotency key,
+    /// is the message of this send (`outbound`, to the consumer hashed to
+    /// `phone`); if not, the key was used for another. Returns its body if
+    /// it can still be read.
+    async fn same_send(
+        &self,
+        stored: &MessageRecord,
+        phone: PhoneHash,
+        outbound: &Outbound,
+    ) -> Result<Option<OutboundBody>, ProcessorError> {
+        let other = || ProcessorError::Invalid("the idempotency key was used for another message");
+        if stored.direction != Direction::Outbound || stored.phone != phone {
+            return Err(other());
+        }
+        match self.due_body(stored).await? {
+            Stored::Content(StoredBody::Outbound(body)) => {
+                let same = body.to == outbound.to
+                    && body.category == outbound.category
+                    && body.content == outbound.content;
+                if same { Ok(Some(body)) } else { Err(other()) }
+            }
+            Stored::Content(StoredBody::Inbound(_)) => Err(other()),
+            // Its content can no longer be compared: the recipient was.
+            Stored::Expired | Stored::Unreadable => Ok(None),
+        }
+    }
+
+    /// Encrypt and send an outbound message to the devices of its recipient
+    /// that still need it (all of them, unless an earlier attempt left some
+    /// pending); record the outcome. The caller holds the message's claim.
+    pub(super) async fn attempt_outbound(
+        &self,
+        record: &MessageRecord,
+        body: &OutboundBody,
+        purpose: Purpose,
+    ) -> Result<(), ProcessorError> {
+        let (business, id) = (record.business, record.id);
+        let decided_on = record.delivery;
+        let only = (decided_on.pending_devices != 0).then_some(decided_on.pending_devices);
+        let mut sending = Sending {
+            processor: self,
+            record,
+            category: body.category,
+            reached: Reached::default(),
+            done: false,
+        };
+        let outcome = self
+            .send_to_devices(record, body, only, purpose, &mut sending.reached)
+            .await;
+        // Done: the outcome is recorded below (and owed if that fails).
+        sending.done = true;
+        let made = AttemptMade {
+            on: decided_on,
+            phone: record.phone,
+            category: body.category,
+            outcome,
+            at: self.clock.now(),
+        };
+        let Some(next) = self.record_attempt(business, id, made, false).await? else {
+            // Deleted meanwhile: nothing left to record.
+            return Ok(());
+        };
+        // A settled status whose report is due is told now: this attempt's,
+        // or one a delivery report wrote meanwhile and left to this attempt
+        // (see `status_update`; the write above saw it, or failed and took
+        // it in). One written after that write is told by the
+        // retransmission loop.
+        if !next.status.is_open() && next.next_attempt.is_some() && next.pending_devices == 0 {
+            self.report_status(business, id, record.phone, Direction::Outbound, next)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Record what an attempt on outbound message `id` reached on its
+    /// stored delivery state, conditionally: a delivery report may have
+    /// moved the status forward meanwhile, and the outcome is then recorded
+    /// on what it left. Moving the message on from queued counts it taken
+    /// and tells its business it is sent. Should the store fail, or this
+    /// future be dropped, before the record is made, it is owed, and made
+    /// before the message is next taken up (`first`, before what else is
+    /// owed: it is being paid). Returns the state recorded; `None` if the
+    /// message is gone.
+    pub(super) async fn record_attempt(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        mut made: AttemptMade,
+        first: bool,
+    ) -> Result<Option<Delivery>, ProcessorError> {
+        let mut races = 0;
+        loop {
+            let current = made.on;
+            let next = self.after_send(current, made.outcome, made.at);
+            let accepted = (current.status == Status::Queued && next.status == Status::Sent)
+                .then_some(Accepted {
+                    phone: made.phone,
+                    category: made.category,
+                    at: made.at,
+                    next,
+                });
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: current,
+                delivery: next,
+            };
+            let mut owing = Owing::new(&self.claims, (business, id), Owed::Attempt(made), first);
+            let written = self.commit_op(op).await?;
+            if !written {
+                races += 1;
+                // A delivery report dropped after its write landed may owe
+                // the message the move on from queued that this write lost
+                // to: made now, while the stored state is still the one it
+                // wrote, it is counted (rewritten below, it would be lost).
+                self.pay_owed(business, id).await?;
+            }
+            let landed = written
+                || match self.storage.message(business, id).await? {
+                    // Deleted meanwhile: nothing left to record.
+                    None => {
+                        owing.owed = None;
+                        return Ok(None);
+                    }
+                    // Made before, its answer lost (an owed record, paid).
+                    Some(stored) if stored.delivery == next => true,
+                    Some(stored) if races < MAX_STATUS_RACES => {
+                        made.on = stored.delivery;
+                        false
+                    }
+                    Some(_) => return Err(StoreError::Conflict.into()),
+                };
+            owing.owed = None;
+            if landed {
+                if let Some(accepted) = accepted {
+                    self.on_accepted(business, id, accepted).await;
+                }
+                return Ok(Some(next));
+            }
+        }
+    }
+
+    /// Count an outbound message of `business` to `phone`, of `category`,
+    /// as taken by the transport at `now`: billable, and sent. Called once,
+    /// by whichever write first moves it on from queued (a send's
+    /// bookkeeping, or a delivery report that came first).
+    pub(super) fn accepted(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        category: Category,
+        now: Timestamp,
+    ) {
+        self.billing.record(business, category, now);
+        self.statistics.record_message(
+            business,
+            phone,
+            Direction::Outbound,
+            crate::integrity::Status::Sent,
+            now,
+        );
+    }
+
+    /// What follows a write moving message `id` on from queued: it is
+    /// counted taken, and (after a send's bookkeeping) its business told it
+    /// is sent.
+    pub(super) async fn on_accepted(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        accepted: Accepted,
+    ) {
+        self.accepted(business, accepted.phone, accepted.category, accepted.at);
+        if accepted.next.status != Status::Sent {
+            return;
+        }
+        self.notify(StatusUpdate {
+            business,
+            id,
+            status: Status::Sent,
+            failure: None,
+            at: accepted.at,
+        })
+        .await;
+    }
+
+    /// The bookkeeping after sending to devices, for a message whose stored
+    /// delivery state is `current`.
+    fn after_send(&self, current: Delivery, outcome: DeviceOutcome, now: Timestamp) -> Delivery {
+        let attempts = current.attempts.saturating_add(1);
+        let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
+        match outcome {
+            // Settled meanwhile with no device left to send to: nothing to
+            // try again, only its report (if not yet made) is due.
+            DeviceOutcome::Unreachable
+                if !current.status.is_open() && current.pending_devices == 0 =>
+            {
+                self.settle_after_send(current, attempts, now)
+            }
+            // Nothing reachable now: try the same again later.
+            DeviceOutcome::Unreachable => Delivery {
+                attempts,
+                next_attempt: retry,
+                ..current
+            },
+            // Never reached anyone, and no one can be reached: failed.
+            DeviceOutcome::Fail(reason) if current.status == Status::Queued => Delivery {
+                status: Status::Failed,
+                failure: Some(reason),
+                attempts,
+                next_attempt: Some(now),
+                pending_devices: 0,
+            },
+            // Some devices have it; the rest cannot be reached: stop trying them.
+            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now),
+            DeviceOutcome::Reached { sent, pending } => {
+                let mut next = current;
+                if sent > 0 && current.status == Status::Queued {
+                    next.status = Status::Sent;
+                }
+                if pending != 0 {
+                    Delivery {
+                        attempts,
+                        next_attempt: retry,
+                        pending_devices: pending,
+                        ..next
+                    }
+                } else {
+                    self.settle_after_send(next, attempts, now)
+                }
+            }
+        }
+    }
+
+    /// Bookkeeping once every device that can be reached has the message:
+    /// an open message waits for its delivery report (and is sent again if
+    /// none comes); a delivered one has its status reported, unless that
+    /// was done meanwhile (nothing was due).
+    fn settle_after_send(&self, current: Delivery, attempts: u32, now: Timestamp) -> Delivery {
+        let next_attempt = if current.status.is_open() {
+            Some(now.saturating_add(self.delivery.receipt_timeout))
+        } else {
+            current.next_attempt.map(|_| now)
+        };
+        Delivery {
+            attempts,
+            next_attempt,
+            pending_devices: 0,
+            ..current
+        }
+    }
+
+    /// Send `record` to the devices of its recipient (those in `only`, if
+    /// given), noting in `reached` each device as it is settled for this
+    /// attempt (see [`Sending`]).
+    async fn send_to_devices(
+        &self,
+        record: &MessageRecord,
+        body: &OutboundBody,
+        only: Option<u64>,
+        purpose: Purpose,
+        reached: &mut Reached,
+    ) -> DeviceOutcome {
+        let business = record.business;
+        let released = self.gate.release(
+            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to.clone()),
+            Party::Transport,
+            purpose,
+        );
+        let number = match released {
+            Ok(number) => number.into_value(),
+            Err(denied) if denied.reason() == DenyReason::AuditFailed => {
+                return DeviceOutcome::Unreachable;
+            }
+            Err(_) => {
+                warn!(%business, id = %record.id, "visibility policy refused the number to the transport");
+                return DeviceOutcome::Fail(FailureReason::Refused);
+            }
+        };
+        let devices = match self.transport.devices(business, &number).await {
+            Ok(devices) if devices.is_empty() => {
+                return DeviceOutcome::Fail(FailureReason::NoDevices);
+            }
+            Ok(mut devices) => {
+                // Each device once, however often the network lists it.
+                devices.sort_unstable();
+                devices.dedup();
+                if devices.len() > MAX_DEVICES {
+                    warn!(%business, id = %record.id, devices = devices.len(), "the transport listed more devices than a consumer may have");
+                    return DeviceOutcome::Fail(FailureReason::TooManyDevices);
+                }
+                devices
+            }
+            Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
+            Err(_) => return DeviceOutcome::Unreachable,
+        };
+        // The devices this attempt is for: all, or those left by the last.
+        let wanted = devices
+            .iter()
+            .map(|&device| (device, Delivery::device_bit(device)))
+            .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0));
+        reached.listed = wanted.clone().fold(0, |mask, (_, bit)| mask | bit);
+        let payload = Zeroizing::new(device_payload(record.id, &body.content));
+        let mut refused = false;
+        for (device, bit) in wanted {
+            let peer = PeerId {
+                phone: record.phone,
+                device,
+            };
+            match self
+                .ensure_session(business, peer, &number, record.expiry)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    reached.settled |= bit;
+                    continue;
+                }
+                // Pending: tried again later.
+                Err(()) => continue,
+            }
+            let ciphertext = match self
+                .sessions
+                .encrypt(business, peer, &payload, record.expiry)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%business, id = %record.id, device, error = %e, "encrypt failed");
+                    continue;
+                }
+            };
+            let message = Outgoing {
+                id: record.id,
+                ciphertext,
+            };
+            match self
+                .transport
+                .send(business, &number, device, &message)
+                .await
+            {
+                Ok(()) => {
+                    reached.settled |= bit;
+                    reached.sent += 1;
+                }
+                Err(TransportError::Refused(_)) => {
+                    refused = true;
+                    reached.settled |= bit;
+                }
+                Err(_) => {}
+            }
+        }
+        let (sent, pending) = (reached.sent, reached.pending());
+        if sent == 0 && pending == 0 && only.is_none() {
+            // No device took it: the network refused some, and no session
+            // could be had with the rest.
+            return DeviceOutcome::Fail(if refused {
+                FailureReason::Refused
+            } else {
+                FailureReason::NoSession
+            });
+        }
+        DeviceOutcome::Reached { sent, pending }
+    }
+
+    /// Make sure `peer` has a session, starting one from its bundle if not.
+    /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
+    /// `Err(())`: try again later.
+    async fn ensure_session(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        number: &PhoneNumber,
+        expiry: Timestamp,
+    ) -> Result<bool, ()> {
+        match self.sessions.has_session(business, peer).await {
+            Ok(true) => return Ok(true),
+            Ok(false) => {}
+            Err(_) => return Err(()),
+        }
+        let bundle = match self
+            .transport
+            .fetch_bundle(business, number, peer.device)
+            .await
+        {
+            Ok(bundle) => bundle,
+            Err(TransportError::Refused(_)) => return Ok(false),
+            Err(_) => return Err(()),
+        };
+        match self
+            .sessions
+            .start_session(business, peer, &bundle, expiry)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(SignalError::BadBundle(why)) => {
+                warn!(%business, device = peer.device, why, "refused a bad prekey bundle");
+                Ok(false)
+            }
+            Err(SignalError::UntrustedIdentity) => Ok(false),
+            Err(_) => Err(()),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Retention: the sweep, legal holds and the retention policy, for
+//! operators.
+
+use std::sync::Arc;
+
+use tracing::{Instrument, debug_span, info, warn};
+
+use super::{Processor, ProcessorError};
+use crate::retention::{ExpiryNotifier, RetentionPolicy, SweepReport};
+use crate::signal::Sessions;
+use crate::store::{Hold, HoldScope, MessageRecord};
+use crate::transport::Principal;
+
+/// Drops every peer's Signal state cached in memory when dropped, unless
+/// disarmed: after a sweep that deleted stored state, or may have.
+struct ClearSessions<'a>(Option<&'a Sessions>);
+
+impl Drop for ClearSessions<'_> {
+    fn drop(&mut self) {
+        if let Some(sessions) = self.0 {
+            sessions.clear_cache();
+        }
+    }
+}
+
+/// Reports expired undelivered messages to their businesses for the sweep.
+/// A message marked failed whose business could not be told is no longer
+/// open: the retransmission loop tells it, as any other failure.
+struct FailureNotifier<'a> {
+    processor: &'a Processor,
+}
+
+#[async_trait::async_trait]
+impl ExpiryNotifier for FailureNotifier<'_> {
+    async fn expired_undelivered(&self, message: &MessageRecord) -> bool {
+        let p = self.processor;
+        // An attempt under way: it finds the message expired, or the next
+        // sweep does.
+        let claim = p.take_up(message.business, message.id).await;
+        let Ok(Some(_claim)) = claim else {
+            return false;
+        };
+        match p.storage.message(message.business, message.id).await {
+            Ok(Some(record)) if record.delivery.status.is_open() => {
+                p.fail_expired(&record).await.unwrap_or_else(|e| {
+                    warn!(business = %record.business, id = %record.id, error = %e, "could not fail an expired message");
+                    false
+                })
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Processor {
+    /// The retention policy in force (operators only: it names every
+    /// business with its own periods or region).
+    pub fn retention_policy(
+        &self,
+        principal: &Principal,
+    ) -> Result<Arc<RetentionPolicy>, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self.retention.policy())
+    }
+
+    /// Put a retention policy in force (operators only). Shorter periods
+    /// apply to reads at once, and to stored messages from the next sweep.
+    pub fn set_retention_policy(
+        &self,
+        principal: &Principal,
+        policy: RetentionPolicy,
+    ) -> Result<(), ProcessorError> {
+        self.authorize_operator(principal)?;
+        self.retention.set_policy(policy);
+        info!(principal = %principal, "retention policy replaced");
+        Ok(())
+    }
+
+    /// Run the retention sweep (operators only): expired undelivered
+    /// messages are reported failed to their businesses, then everything
+    /// retention no longer allows is deleted or shredded, no Signal state
+    /// the sweep deleted stays in memory, and the integrity monitor and the
+    /// statistics forget the consumers out of contact for the retention
+    /// ceiling.
+    pub async fn sweep(&self, principal: &Principal) -> Result<SweepReport, ProcessorError> {
+        self.authorize_operator(principal)?;
+        async {
+            let notifier = FailureNotifier { processor: self };
+            let now = self.clock.now();
+            // No consumer outlives retention in the integrity monitor or
+            // the statistics either, whether or not its business is still
+            // active or its statistics are ever taken.
+            self.integrity.expire(now);
+            self.statistics.expire(now);
+            // A sweep that failed, or whose future is dropped at an await,
+            // may have deleted Signal state all the same: the cache is
+            // dropped then too.
+            let mut clear = ClearSessions(Some(&self.sessions));
+            let swept = self.retention.sweep(now, &notifier).await;
+            if swept.as_ref().is_ok_and(|report| report.peers_deleted == 0) {
+                clear.0 = None;
+            }
+            drop(clear);
+            self.forget_owed_of_deleted().await;
+            Ok(swept?)
+        }
+        .instrument(debug_span!("sweep"))
+        .await
+    }
+
+    /// Place a legal hold on `scope` for the case `reference` (operators
+    /// only). Audited; a second case may hold the same scope.
+    pub async fn place_hold(
+        &self,
+        principal: &Principal,
+        scope: HoldScope,
+        reference: &str,
+    ) -> Result<(), ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self
+            .retention
+            .place_hold(scope, reference, self.clock.now())
+            .await?)
+    }
+
+    /// Release the legal hold on `scope` for the case `reference`
+    /// (operators only). Audited. Returns whether it was in force.
+    pub async fn release_hold(
+        &self,
+        principal: &Principal,
+        scope: HoldScope,
+        reference: &str,
+    ) -> Result<bool, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self
+            .retention
+            .release_hold(scope, reference, self.clock.now())
+            .await?)
+    }
+
+    /// The legal holds in force (operators only): the holds the audit
+    /// trail says stand, a hold change whose call was dropped included.
+    pub async fn holds(&self, principal: &Principal) -> Result<Vec<Hold>, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self.retention.holds().await?)
+    }
+}

@@ -1,0 +1,213 @@
+//! Retransmission: messages whose next attempt is due are handed over or
+//! sent again, and settled statuses and failures reported.
+
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::inbound::{Attempt, InboundParts};
+use super::payload::StoredBody;
+use super::records::Stored;
+use super::{Processor, ProcessorError};
+use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
+use crate::time::Timestamp;
+use crate::transport::Principal;
+use crate::visibility::Purpose;
+
+/// What [`Processor::retransmit_due`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetransmitReport {
+    /// Due messages looked at.
+    pub due: u64,
+    /// Inbound messages handed to the business.
+    pub delivered_to_business: u64,
+    /// Outbound messages handed to the transport.
+    pub sent: u64,
+    /// Failures reported to businesses.
+    pub failures_reported: u64,
+    /// Messages rescheduled after a transient failure.
+    pub rescheduled: u64,
+}
+
+impl Processor {
+    /// Fail `record`, whose stored content cannot be opened or decoded: it
+    /// can never be delivered, and its business is told why. Returns
+    /// whether the business was told.
+    async fn fail_unreadable(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
+        let (business, id, current) = (record.business, record.id, record.delivery);
+        warn!(%business, %id, "a stored message is unreadable: failed");
+        let failed = Attempt::Fail(FailureReason::Unreadable);
+        let next = self.after_attempt(&current, failed, self.clock.now());
+        if !self.write_delivery(business, id, current, next).await? {
+            return Ok(false);
+        }
+        self.report_status(business, id, record.phone, record.direction, next)
+            .await
+    }
+
+    /// Mark `record`, still open, failed as expired undelivered, and tell
+    /// its business. Marked first, conditionally: a delivery report that
+    /// settled it meanwhile stands (and it is not told failed), and one
+    /// that comes while the business is told finds it failed and is
+    /// ignored, so no status is told after its failure. If the business
+    /// cannot be told now, the report is due again after a backoff (it
+    /// never blocks the messages behind it). Returns whether the business
+    /// was told.
+    pub(super) async fn fail_expired(
+        &self,
+        record: &MessageRecord,
+    ) -> Result<bool, ProcessorError> {
+        let (business, id, current) = (record.business, record.id, record.delivery);
+        let expired = Attempt::Fail(FailureReason::Expired);
+        let failed = self.after_attempt(&current, expired, self.clock.now());
+        if !self.write_delivery(business, id, current, failed).await? {
+            return Ok(false);
+        }
+        let told = self
+            .report_status(business, id, record.phone, record.direction, failed)
+            .await?;
+        if told {
+            debug!(%business, %id, "expired undelivered; reported failed");
+        }
+        Ok(told)
+    }
+
+    /// Make `record`'s next attempt, which could not be made at `now`, due
+    /// again after a backoff, its state otherwise unchanged.
+    async fn postpone(&self, record: &MessageRecord, now: Timestamp) -> Result<(), ProcessorError> {
+        let d = record.delivery;
+        let later = Delivery {
+            attempts: d.attempts.saturating_add(1),
+            next_attempt: Some(now.saturating_add(self.delivery.backoff(d.attempts))),
+            ..d
+        };
+        self.write_delivery(record.business, record.id, d, later)
+            .await?;
+        Ok(())
+    }
+
+    /// Work through messages whose next attempt is due: hand inbound ones to
+    /// the business, send outbound ones again, report settled statuses and
+    /// failures (a message past its retention fails as expired). Operators
+    /// only. Run it periodically.
+    pub async fn retransmit_due(
+        &self,
+        principal: &Principal,
+    ) -> Result<RetransmitReport, ProcessorError> {
+        self.authorize_operator(principal)?;
+        self.retransmit_due_in()
+            .instrument(debug_span!("retransmit_due"))
+            .await
+    }
+
+    async fn retransmit_due_in(&self) -> Result<RetransmitReport, ProcessorError> {
+        let now = self.clock.now();
+        let mut report = RetransmitReport::default();
+        for due in self.storage.due_messages(now, self.delivery.batch).await? {
+            report.due += 1;
+            // An attempt under way for it will leave it due again if it must be.
+            let Some(_claim) = self.take_up(due.business, due.id).await? else {
+                continue;
+            };
+            // Look again under the claim: a status may have arrived meanwhile.
+            let Some(record) = self.storage.message(due.business, due.id).await? else {
+                continue;
+            };
+            let d = record.delivery;
+            if d.next_attempt.is_none_or(|t| t > now) {
+                continue;
+            }
+            let readable = self.retention.decide(&record, now).await?.readable();
+            let resend = record.direction == Direction::Outbound
+                && d.status != Status::Failed
+                && d.pending_devices != 0
+                && readable;
+            if !d.status.is_open() && !resend {
+                // Settled: its report is what is due (devices past
+                // retention are not sent to any more).
+                if self
+                    .report_status(
+                        record.business,
+                        record.id,
+                        record.phone,
+                        record.direction,
+                        d,
+                    )
+                    .await?
+                    && d.status == Status::Failed
+                {
+                    report.failures_reported += 1;
+                }
+                continue;
+            }
+            if !readable {
+                // Open, past retention: it can never be delivered now.
+                if self.fail_expired(&record).await? {
+                    report.failures_reported += 1;
+                } else {
+                    report.rescheduled += 1;
+                }
+                continue;
+            }
+            let body = match self.due_body(&record).await {
+                Ok(Stored::Content(body)) => body,
+                // Past its retention since the check: the next pass fails it.
+                Ok(Stored::Expired) => continue,
+                Ok(Stored::Unreadable) => {
+                    report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
+                    continue;
+                }
+                // Its key could not be had now (the provider or the store
+                // unavailable, a ring to repair): it waits, the rest go on.
+                Err(e) => {
+                    warn!(business = %record.business, id = %record.id, error = %e, "a due message's key is unavailable: postponed");
+                    self.postpone(&record, now).await?;
+                    report.rescheduled += 1;
+                    continue;
+                }
+            };
+            match body {
+                StoredBody::Inbound(body) => {
+                    let parts = InboundParts {
+                        id: record.id,
+                        from: body.from,
+                        device: body.device,
+                        content: body.content,
+                        received: record.created,
+                        identity_changed: body.identity_changed,
+                    };
+                    // Handing a message to its business is delivery, however
+                    // many attempts it takes.
+                    let attempt = self
+                        .hand_to_business(record.business, parts, Purpose::Delivery)
+                        .await;
+                    if self
+                        .settle_inbound(record.business, record.id, record.phone, d, attempt)
+                        .await?
+                    {
+                        report.delivered_to_business += 1;
+                    } else {
+                        report.rescheduled += 1;
+                    }
+                }
+                StoredBody::Outbound(body) => {
+                    // Sending it through the transport again is retransmission.
+                    let purpose = if d.attempts == 0 {
+                        Purpose::Delivery
+                    } else {
+                        Purpose::Retransmission
+                    };
+                    self.attempt_outbound(&record, &body, purpose).await?;
+                    match self
+                        .storage
+                        .message(record.business, record.id)
+                        .await?
+                        .map(|m| m.delivery.status)
+                    {
+                        Some(Status::Sent | Status::Delivered | Status::Read) => report.sent += 1,
+                        _ => report.rescheduled += 1,
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,276 @@
+//! Statuses: delivery reports from the transport, which only move a
+//! message forward, and the settled statuses reported to businesses.
+
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::claims::Accepted;
+use super::payload::OutboundBody;
+use super::records::Stored;
+use super::{MAX_STATUS_RACES, Processor, ProcessorError};
+use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::integrity::Category;
+use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Op, Status, StoreError};
+use crate::transport::{Principal, StatusUpdate};
+
+/// Whether a status update changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusChange {
+    /// The message moved to the new status.
+    Applied,
+    /// The update was stale or out of order (it would go backwards): ignored.
+    Ignored,
+}
+
+fn stats_status(status: Status) -> crate::integrity::Status {
+    match status {
+        Status::Queued | Status::Sent => crate::integrity::Status::Sent,
+        Status::Delivered => crate::integrity::Status::Delivered,
+        Status::Read => crate::integrity::Status::Read,
+        Status::Failed => crate::integrity::Status::Failed,
+    }
+}
+
+impl Processor {
+    /// The category of outbound `record`, from its sealed body; `None` if
+    /// the body cannot be read.
+    async fn category_of(
+        &self,
+        record: &MessageRecord,
+    ) -> Result<Option<Category>, ProcessorError> {
+        Ok(match self.open_message(record).await? {
+            Stored::Content(plaintext) => OutboundBody::decode(&plaintext).ok().map(|b| b.category),
+            Stored::Expired | Stored::Unreadable => None,
+        })
+    }
+
+    /// Report a status to the business, best effort (settled statuses are
+    /// reported reliably, see `report_status`).
+    pub(super) async fn notify(&self, update: StatusUpdate) {
+        if let Err(e) = self.sink.status(&update).await {
+            debug!(business = %update.business, id = %update.id, error = %e, "status not delivered");
+        }
+    }
+
+    /// Tell the business the settled status (delivered, read or failed) of
+    /// one of its messages, whose stored bookkeeping is `stored`; once
+    /// told, nothing is pending (devices not reached by then are not sent
+    /// to any more). If it cannot be told, the report is due again after a
+    /// backoff: a business always learns how its message ended. Returns
+    /// whether it was told.
+    pub(super) async fn report_status(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        phone: PhoneHash,
+        direction: Direction,
+        stored: Delivery,
+    ) -> Result<bool, ProcessorError> {
+        let update = StatusUpdate {
+            business,
+            id,
+            status: stored.status,
+            failure: stored.failure,
+            at: self.clock.now(),
+        };
+        let told = self.sink.status(&update).await.is_ok();
+        let next_attempt = if told {
+            None
+        } else {
+            Some(
+                update
+                    .at
+                    .saturating_add(self.delivery.backoff(stored.attempts)),
+            )
+        };
+        let next = Delivery {
+            next_attempt,
+            attempts: stored.attempts.saturating_add(u32::from(!told)),
+            pending_devices: 0,
+            ..stored
+        };
+        // If it changed meanwhile (a newer status, a device left to retry),
+        // what changed it decides what is reported next.
+        if told {
+            let reported = Op::UpdateDelivery {
+                business,
+                id,
+                expected: stored,
+                delivery: next,
+            };
+            self.commit_told(business, id, reported, None).await?;
+        } else {
+            self.write_delivery(business, id, stored, next).await?;
+        }
+        if told && update.status == Status::Failed {
+            self.statistics.record_message(
+                business,
+                phone,
+                direction,
+                crate::integrity::Status::Failed,
+                update.at,
+            );
+        }
+        Ok(told)
+    }
+
+    /// A delivery report from the transport for an outbound message:
+    /// `Delivered` or `Read`. Reports that would move the status backwards
+    /// (late, duplicated or out of order), and reports for a message past
+    /// its retention (which fails as expired), are ignored.
+    pub async fn status_update(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        id: MessageId,
+        status: Status,
+    ) -> Result<StatusChange, ProcessorError> {
+        let span = debug_span!("status_update", %business, %id, ?status);
+        self.status_update_in(principal, business, id, status)
+            .instrument(span)
+            .await
+    }
+
+    async fn status_update_in(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        id: MessageId,
+        status: Status,
+    ) -> Result<StatusChange, ProcessorError> {
+        self.authorize(principal, business)?;
+        if !matches!(status, Status::Delivered | Status::Read) {
+            return Err(ProcessorError::Invalid(
+                "the transport reports delivered or read",
+            ));
+        }
+        // A send dropped halfway may owe the message its move on from
+        // queued: made first, it is billed and told sent by that move, and
+        // this report goes on from there. Made under the message's claim,
+        // as every owed write is: unclaimed, an attempt could take the
+        // message up meanwhile, find nothing owed and make the same move
+        // (billed and told twice). If an attempt holds the claim, it made
+        // the write when it took the message up.
+        drop(self.take_up(business, id).await?);
+        for _ in 0..MAX_STATUS_RACES {
+            let record = self
+                .storage
+                .message(business, id)
+                .await?
+                .ok_or(ProcessorError::NotFound)?;
+            let now = self.clock.now();
+            if record.direction != Direction::Outbound
+                || !record.delivery.status.may_become(status)
+                || now >= record.expiry
+            {
+                return Ok(StatusChange::Ignored);
+            }
+            // Reported before the send's own bookkeeping moved it on from
+            // queued: this write does, and counts it taken (billable, sent).
+            // Its category is read before anything changes.
+            let queued_as = if record.delivery.status == Status::Queued {
+                Some(self.category_of(&record).await?)
+            } else {
+                None
+            };
+            // Settled, with the report to the business pending until it is
+            // told, unless devices still wait for a retry: the report
+            // follows that.
+            let pending = record.delivery.pending_devices;
+            let settled = Delivery {
+                status,
+                failure: None,
+                attempts: record.delivery.attempts,
+                next_attempt: if pending != 0 {
+                    record.delivery.next_attempt
+                } else {
+                    Some(now)
+                },
+                pending_devices: pending,
+            };
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: record.delivery,
+                delivery: settled,
+            };
+            // Moving it on from queued counts it taken: should the store
+            // fail that write, it is owed with what follows it.
+            let accepted = match queued_as {
+                Some(Some(category)) => Some(Accepted {
+                    phone: record.phone,
+                    category,
+                    at: now,
+                    next: settled,
+                }),
+                _ => None,
+            };
+            let written = match accepted {
+                Some(_) => self.commit_told(business, id, op, accepted).await?,
+                None => self.commit_op(op).await?,
+            };
+            if !written {
+                // Another report won the race: decide again on what it left.
+                continue;
+            }
+            match queued_as {
+                Some(Some(category)) => self.accepted(business, record.phone, category, now),
+                Some(None) => {
+                    warn!(%business, %id, "a message reported delivered cannot be billed: its body is unreadable");
+                }
+                None => {}
+            }
+            if record.delivery.status < Status::Delivered {
+                self.statistics.record_delivery(
+                    business,
+                    record.phone,
+                    now.saturating_duration_since(record.created),
+                    now,
+                );
+            }
+            if status == Status::Read {
+                self.statistics.record_message(
+                    business,
+                    record.phone,
+                    Direction::Outbound,
+                    stats_status(status),
+                    now,
+                );
+            }
+            // An attempt under way (a report that came from inside the
+            // transport's `send`, say) leaves the report to it: only its
+            // bookkeeping knows whether devices still wait for the message.
+            // Should it miss this write, the retransmission loop reports it.
+            // Looked at again under the claim: an attempt that ended while
+            // this write was landing may have reported it already.
+            if pending == 0
+                && let Some(_claim) = self.take_up(business, id).await?
+                && self
+                    .storage
+                    .message(business, id)
+                    .await?
+                    .is_some_and(|m| m.delivery == settled)
+            {
+                self.report_status(business, id, record.phone, Direction::Outbound, settled)
+                    .await?;
+            }
+            return Ok(StatusChange::Applied);
+        }
+        Err(StoreError::Conflict.into())
+    }
+
+    /// The status of one of `business`'s messages.
+    pub async fn message_status(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<(Status, Option<FailureReason>), ProcessorError> {
+        self.authorize(principal, business)?;
+        let record = self
+            .storage
+            .message(business, id)
+            .await?
+            .ok_or(ProcessorError::NotFound)?;
+        Ok((record.delivery.status, record.delivery.failure))
+    }
+}
