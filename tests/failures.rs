@@ -968,6 +968,17 @@ impl Rotation {
     }
 }
 
+/// `keys` uses the ring `store` holds for `b`.
+async fn assert_same_ring(keys: &KeyManager, store: &MemoryStore, b: BusinessId, why: String) {
+    let stored = store.ring(b).await.unwrap().unwrap();
+    let seen = keys.ring(b).await.unwrap();
+    assert_eq!(
+        (seen.revision(), seen.floor(), seen.primary()),
+        (stored.revision(), stored.floor(), stored.primary()),
+        "{why}"
+    );
+}
+
 #[test]
 fn a_failed_kek_rotation_step_is_retried_to_the_end() {
     runtime().block_on(async {
@@ -986,6 +997,12 @@ fn a_failed_kek_rotation_step_is_retried_to_the_end() {
                     if step == failing {
                         failed = faults.lift();
                         assert_outcome(&done, &failed, at);
+                        // Before any retry, the process already uses the
+                        // ring the store holds, whether the failed write
+                        // landed or not: never a floor or a primary the
+                        // store has moved past.
+                        assert_same_ring(&keys, &store, b, format!("{at:?}: {step:?} failed"))
+                            .await;
                     }
                     // The host runs a failed step again, to the end.
                     if done.is_err() {
@@ -998,15 +1015,16 @@ fn a_failed_kek_rotation_step_is_retried_to_the_end() {
                 }
                 // The process sees the ring the store holds: version 1 is
                 // gone from memory as from the store.
-                let stored = store.ring(b).await.unwrap().unwrap();
-                let seen = keys.ring(b).await.unwrap();
-                assert_eq!(
-                    (seen.revision(), seen.floor(), seen.primary()),
-                    (stored.revision(), stored.floor(), stored.primary()),
-                    "{at:?}: {failing:?} after {failed:?}"
-                );
+                assert_same_ring(
+                    &keys,
+                    &store,
+                    b,
+                    format!("{at:?}: {failing:?} after {failed:?}"),
+                )
+                .await;
                 // (A version added twice, its first answer lost, stays
                 // unused above the floor.)
+                let stored = store.ring(b).await.unwrap().unwrap();
                 let floor = stored.floor();
                 assert!(
                     stored.versions().iter().all(|v| v.version >= floor),

@@ -6,6 +6,7 @@
 )]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -772,11 +773,39 @@ async fn no_secret_byte_reaches_debug_output() {
 /// compare-and-swap but not yet cached what it wrote.
 struct PausingStore {
     inner: MemoryStore,
-    armed: std::sync::atomic::AtomicBool,
+    armed: AtomicBool,
+    /// Once set, the next `ring` read pauses after reading, as `armed` does
+    /// a write: the reader holds what the store had.
+    read_armed: AtomicBool,
+    /// Once set, the next `put_ring` is stored and answered with an error
+    /// (a networked store's answer lost).
+    lose_answer: AtomicBool,
     reached: Semaphore,
     release: Semaphore,
     /// `(a, b)`: asked for `a`'s ring, hand back `b`'s (a misfiled row).
     misfiled: Option<(BusinessId, BusinessId)>,
+}
+
+impl PausingStore {
+    fn new(misfiled: Option<(BusinessId, BusinessId)>) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            armed: false.into(),
+            read_armed: false.into(),
+            lose_answer: false.into(),
+            reached: Semaphore::new(0),
+            release: Semaphore::new(0),
+            misfiled,
+        }
+    }
+
+    /// Pause here if `trigger` was set, until released.
+    async fn pause_if(&self, trigger: &AtomicBool) {
+        if trigger.swap(false, Ordering::SeqCst) {
+            self.reached.add_permits(1);
+            self.release.acquire().await.unwrap().forget();
+        }
+    }
 }
 
 #[async_trait]
@@ -785,10 +814,12 @@ impl KeyStore for PausingStore {
         &self,
         business: BusinessId,
     ) -> Result<Option<custodian::keys::KekRing>, custodian::store::StoreError> {
-        match self.misfiled {
+        let ring = match self.misfiled {
             Some((a, b)) if a == business => self.inner.ring(b).await,
             _ => self.inner.ring(business).await,
-        }
+        };
+        self.pause_if(&self.read_armed).await;
+        ring
     }
 
     async fn put_ring(
@@ -797,9 +828,11 @@ impl KeyStore for PausingStore {
         expected: Option<u64>,
     ) -> Result<(), custodian::store::StoreError> {
         self.inner.put_ring(ring, expected).await?;
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.reached.add_permits(1);
-            self.release.acquire().await.unwrap().forget();
+        self.pause_if(&self.armed).await;
+        if self.lose_answer.swap(false, Ordering::SeqCst) {
+            return Err(custodian::store::StoreError::Backend(
+                "the answer was lost".into(),
+            ));
         }
         Ok(())
     }
@@ -882,13 +915,7 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
     let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
         &mut root.clone(),
     )));
-    let store = Arc::new(PausingStore {
-        inner: MemoryStore::new(),
-        armed: false.into(),
-        reached: Semaphore::new(0),
-        release: Semaphore::new(0),
-        misfiled: None,
-    });
+    let store = Arc::new(PausingStore::new(None));
     let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
     let b = business(90);
     let now = Timestamp::from_millis(1_767_225_600_000);
@@ -896,7 +923,7 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
     keys.promote_kek_version(b, v2).await.unwrap();
 
     // A slow administrator adds v3: stored, not yet cached.
-    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    store.armed.store(true, Ordering::SeqCst);
     let slow = tokio::spawn({
         let keys = keys.clone();
         async move { keys.add_kek_version(b, now).await }
@@ -943,6 +970,79 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
         (cached.revision(), cached.floor()),
         (stored.revision(), stored.floor()),
         "the manager caches an older ring than the store's"
+    );
+}
+
+/// A floor raise whose answer the store lost (the ring stored, an error
+/// returned) races a reader that read the ring before it landed. Neither
+/// may leave this process with the old ring: it would unwrap under the
+/// version the store's floor has put behind it, until the host retried.
+#[tokio::test]
+async fn a_ring_update_with_its_answer_lost_leaves_no_older_ring_cached() {
+    let root = [0x6e; 32];
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+        &mut root.clone(),
+    )));
+    let store = Arc::new(PausingStore::new(None));
+    let b = business(95);
+    let now = Timestamp::from_millis(1_767_225_600_000);
+    {
+        // Another process rotated to v2, with nothing wrapped under v1.
+        let other = KeyManager::new(provider.clone(), store.clone());
+        let v2 = other.add_kek_version(b, now).await.unwrap();
+        other.promote_kek_version(b, v2).await.unwrap();
+    }
+    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
+
+    // A reader (this process's first use of the ring) reads the old ring.
+    store.read_armed.store(true, Ordering::SeqCst);
+    let reader = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.ring(b).await.map(|r| r.floor()) }
+    });
+    store.reached.acquire().await.unwrap().forget();
+    // Meanwhile the floor is raised: stored, its answer lost.
+    store.lose_answer.store(true, Ordering::SeqCst);
+    let raised = keys.raise_decrypt_floor(b, 2).await;
+    assert!(raised.is_err(), "{raised:?}");
+    let stored = store.ring(b).await.unwrap().unwrap();
+    assert_eq!(stored.floor(), 2, "the raise landed");
+    store.release.add_permits(1);
+    // The reader's own call may use what it read; nothing after it may.
+    assert_eq!(reader.await.unwrap().unwrap(), 1);
+    let cached = keys.ring(b).await.unwrap();
+    assert_eq!(
+        (cached.revision(), cached.floor()),
+        (stored.revision(), stored.floor()),
+        "the manager uses an older ring than the store's"
+    );
+    // An epoch key planted under v1 by someone holding it is not unwrapped.
+    let kek1 = provider
+        .unwrap(
+            &KekContext {
+                business: b,
+                version: 1,
+            },
+            &stored.get(1).unwrap().wrapped,
+        )
+        .await
+        .unwrap();
+    let epoch = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    let id = KeyId::epoch(b, epoch);
+    store
+        .insert_key(wrap_epoch_key(kek1.expose_secret(), id, 1, &[0x43; 32]))
+        .await
+        .unwrap();
+    let loaded = keys.epoch_key(b, epoch).await;
+    assert!(
+        matches!(
+            loaded,
+            Err(KeyError::BelowFloor {
+                version: 1,
+                floor: 2
+            })
+        ),
+        "a version below the decrypt floor unwrapped: {loaded:?}"
     );
 }
 
@@ -1091,13 +1191,7 @@ async fn a_kek_unwrapped_during_its_retirement_is_not_cached() {
 async fn another_business_ring_is_refused_as_corrupt() {
     let (a, b) = (business(93), business(94));
     let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-    let store = Arc::new(PausingStore {
-        inner: MemoryStore::new(),
-        armed: false.into(),
-        reached: Semaphore::new(0),
-        release: Semaphore::new(0),
-        misfiled: Some((a, b)),
-    });
+    let store = Arc::new(PausingStore::new(Some((a, b))));
     let keys = KeyManager::new(provider, store.clone());
     let now = Timestamp::from_millis(1_767_225_600_000);
     let b_ring = keys.ring(b).await.unwrap();

@@ -257,6 +257,11 @@ struct Cache {
     keks: HashMap<(BusinessId, u32), Arc<Kek>, RandomState>,
     epochs: HashMap<(BusinessId, Epoch), Arc<EpochKey>, RandomState>,
     phone_index: HashMap<BusinessId, Arc<PhoneIndexKey>, RandomState>,
+    /// Bumped, under the write lock, whenever a business's ring is
+    /// forgotten (see [`Cache::forget_ring`]). A loader notes it before
+    /// reading a ring from the store and caches the ring only if it has not
+    /// moved since, as for `epoch_destructions`.
+    ring_forgets: u64,
     /// Bumped, under the write lock, after every destruction of epoch keys
     /// in the store. A loader notes it before reading a key from the store
     /// and caches the key only if it has not moved since: a key read just
@@ -277,6 +282,17 @@ impl Cache {
             *cached = ring;
         }
         cached.clone()
+    }
+
+    /// Forget `business`'s ring and KEKs, after a ring update whose outcome
+    /// is unknown (the store failed it, and may have taken it with its
+    /// answer lost): the next use reads the ring the store holds, so this
+    /// process never unwraps under a floor, or wraps under a primary, that
+    /// the store has moved past.
+    fn forget_ring(&mut self, business: BusinessId) {
+        self.rings.remove(&business);
+        self.keks.retain(|(b, _), _| *b != business);
+        self.ring_forgets += 1;
     }
 }
 
@@ -318,8 +334,7 @@ impl KeyManager {
         if let Some(ring) = self.stored_ring(business).await? {
             return Ok(ring);
         }
-        let ring = self.create_ring(business).await?;
-        Ok(self.write().cache_ring(business, ring))
+        self.create_ring(business).await
     }
 
     /// The ring the store holds for `business`, which must be `business`'s:
@@ -336,13 +351,29 @@ impl KeyManager {
 
     /// The KEK ring of `business` if one exists; never creates one.
     async fn stored_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
-        if let Some(ring) = self.read().rings.get(&business) {
-            return Ok(Some(ring.clone()));
-        }
+        let forgets = {
+            let cache = self.read();
+            if let Some(ring) = cache.rings.get(&business) {
+                return Ok(Some(ring.clone()));
+            }
+            cache.ring_forgets
+        };
         let Some(ring) = self.load_ring(business).await? else {
             return Ok(None);
         };
-        Ok(Some(self.write().cache_ring(business, ring)))
+        Ok(Some(self.cache_loaded(business, ring, forgets)))
+    }
+
+    /// Cache `ring`, read from the store when the count of forgotten rings
+    /// was `forgets`, unless a ring was forgotten since: what was read may
+    /// be what the store held before the update whose outcome is unknown.
+    /// Returns the ring to use.
+    fn cache_loaded(&self, business: BusinessId, ring: KekRing, forgets: u64) -> KekRing {
+        let mut cache = self.write();
+        if cache.ring_forgets != forgets {
+            return ring;
+        }
+        cache.cache_ring(business, ring)
     }
 
     /// The ring that must exist because a key wrapped under it does. Used
@@ -372,13 +403,15 @@ impl KeyManager {
         match self.store.put_ring(&ring, None).await {
             Ok(()) => {
                 let kek = Arc::new(Kek::new(1, &key));
-                self.write().keks.insert((business, 1), kek);
-                Ok(ring)
+                let mut cache = self.write();
+                cache.keks.insert((business, 1), kek);
+                Ok(cache.cache_ring(business, ring))
             }
             // Another caller created it first: use theirs.
-            Err(StoreError::Conflict) => {
-                self.load_ring(business).await?.ok_or(KeyError::Contention)
-            }
+            Err(StoreError::Conflict) => self
+                .stored_ring(business)
+                .await?
+                .ok_or(KeyError::Contention),
             Err(e) => Err(e.into()),
         }
     }
@@ -406,7 +439,10 @@ impl KeyManager {
                     return Ok(next);
                 }
                 Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.write().forget_ring(business);
+                    return Err(e.into());
+                }
             }
         }
         Err(KeyError::Contention)
@@ -426,12 +462,13 @@ impl KeyManager {
         let kek = Arc::new(Kek::new(version, &key));
         // The ring may have moved on while the provider answered: a version
         // put below the floor or retired meanwhile serves this one call (it
-        // was usable when asked for) but is not kept in memory.
+        // was usable when asked for) but is not kept in memory; nor is one
+        // whose ring was forgotten meanwhile (see `Cache::forget_ring`).
         let mut cache = self.write();
         if cache
             .rings
             .get(&business)
-            .is_none_or(|current| current.usable(version).is_ok())
+            .is_some_and(|current| current.usable(version).is_ok())
         {
             cache.keks.insert((business, version), kek.clone());
         }
@@ -468,7 +505,10 @@ impl KeyManager {
                     return Ok(version);
                 }
                 Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.write().forget_ring(business);
+                    return Err(e.into());
+                }
             }
         }
         Err(KeyError::Contention)
@@ -546,14 +586,14 @@ impl KeyManager {
         version: u32,
     ) -> Result<(), KeyError> {
         let _wrapping = self.wrapping.write().await;
+        let forgets = self.read().ring_forgets;
         if let Some(ring) = self.load_ring(business).await?
             && version < ring.floor()
             && version < ring.next_version()
             && ring.get(version).is_none()
         {
-            let mut cache = self.write();
-            cache.cache_ring(business, ring);
-            cache.keks.remove(&(business, version));
+            self.cache_loaded(business, ring, forgets);
+            self.write().keks.remove(&(business, version));
             return Ok(());
         }
         let keys = self.store.count_wrapped_under(business, version).await?;
