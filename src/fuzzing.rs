@@ -4,7 +4,8 @@
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
 //! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
-//! [`signal_message`], [`peer_record`], [`payload`]), so `cargo test`
+//! [`signal_message`], [`peer_record`], [`payload`], [`kek_ring`]), so
+//! `cargo test`
 //! replays those corpora through the very code the fuzzers run. Nothing here
 //! exists in a normal build.
 
@@ -17,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::envelope::{self, Envelope, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
-use crate::keys::{Epoch, EpochKey, SecretKey};
+use crate::keys::{Epoch, EpochKey, KekRing, SecretKey};
 use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::signal::{Ciphertext, MessageKind, Parsed, SignalError, decode_peer_record};
@@ -473,6 +474,102 @@ pub fn payload(data: &[u8]) -> PayloadDecodes {
     }
 }
 
+/// Fuzz check for a stored KEK ring (the JSON a store keeps it as), on any
+/// bytes: decoding never panics, and a ring that decodes keeps the ring's
+/// invariants (versions ascending and below the next version, the primary
+/// among them, the floor from 1 to the primary; a version below the floor
+/// may not unwrap), serialises to a ring equal to it, and every lifecycle
+/// step on it (adding a version; promoting, raising the floor to or
+/// retiring each version that matters) refuses or yields, one revision on,
+/// a ring that keeps them, whose floor did not go down and whose versions
+/// were all there before (or are the one added). Returns `ring`, or why the
+/// bytes were refused: `not-json`, or `corrupt` (JSON, but no valid ring).
+pub fn kek_ring(data: &[u8]) -> &'static str {
+    let ring = match serde_json::from_slice::<KekRing>(data) {
+        Ok(ring) => ring,
+        Err(e) if e.is_data() => return "corrupt",
+        Err(_) => return "not-json",
+    };
+    assert_ring(&ring);
+    let json = serde_json::to_vec(&ring).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        serde_json::from_slice::<KekRing>(&json).ok().as_ref(),
+        Some(&ring),
+        "a decoded ring does not survive a write and reload"
+    );
+    let after = |next: &KekRing, added: Option<u32>| {
+        assert_ring(next);
+        assert_eq!(
+            next.revision(),
+            ring.revision() + 1,
+            "a step skipped a revision"
+        );
+        assert_eq!(next.business(), ring.business());
+        assert!(next.floor() >= ring.floor(), "the floor went down");
+        assert!(next.next_version() >= ring.next_version());
+        for v in next.versions() {
+            let before = ring.get(v.version);
+            assert!(
+                before == Some(v) || Some(v.version) == added,
+                "version {} appeared or changed",
+                v.version
+            );
+        }
+    };
+    let t = Timestamp::from_millis(1);
+    if let Ok((next, version)) = ring.add_version(vec![0xaa], t) {
+        assert_eq!(version, ring.next_version(), "a version number was reused");
+        after(&next, Some(version));
+    }
+    let mut versions: Vec<u32> = vec![0, 1, u32::MAX, ring.primary(), ring.floor()];
+    versions.push(ring.next_version());
+    for v in ring.versions() {
+        versions.extend([
+            v.version.saturating_sub(1),
+            v.version,
+            v.version.saturating_add(1),
+        ]);
+    }
+    for v in versions {
+        for next in [ring.promote(v), ring.raise_floor(v), ring.retire(v)]
+            .into_iter()
+            .flatten()
+        {
+            after(&next, None);
+        }
+    }
+    "ring"
+}
+
+/// `ring` keeps a ring's invariants, as its accessors show them.
+fn assert_ring(ring: &KekRing) {
+    let versions = ring.versions();
+    assert!(
+        versions.windows(2).all(|w| w[0].version < w[1].version),
+        "versions out of order"
+    );
+    assert!(
+        versions
+            .iter()
+            .all(|v| v.version >= 1 && v.version < ring.next_version()),
+        "a version at or past the next"
+    );
+    assert!(ring.get(ring.primary()).is_some(), "no primary version");
+    assert!(
+        (1..=ring.primary()).contains(&ring.floor()),
+        "the floor is 0 or above the primary"
+    );
+    for v in [
+        0,
+        ring.floor().saturating_sub(1),
+        ring.floor(),
+        ring.primary(),
+    ] {
+        let usable = v >= ring.floor() && ring.get(v).is_some();
+        assert_eq!(ring.usable(v).is_ok(), usable, "version {v}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -563,6 +660,17 @@ mod tests {
     #[test]
     fn payload_corpus_replays_with_the_expected_results() {
         replay("payload", |bytes| payload(bytes).spelled());
+    }
+
+    #[test]
+    fn kek_ring_corpus_replays_with_the_expected_results() {
+        let mut rings = 0;
+        replay("kek_ring", |bytes| {
+            let outcome = kek_ring(bytes);
+            rings += usize::from(outcome == "ring");
+            outcome.to_owned()
+        });
+        assert!(rings >= 3, "too few rings that decode");
     }
 
     #[test]

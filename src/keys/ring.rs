@@ -260,6 +260,8 @@ impl KekRing {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn ring() -> KekRing {
@@ -350,5 +352,108 @@ mod tests {
         assert!(corrupt(at_last_revision(&two).promote(2)));
         assert!(corrupt(at_last_revision(&promoted).raise_floor(2)));
         assert!(corrupt(at_last_revision(&floored).retire(1)));
+    }
+
+    /// A lifecycle step, at a version from a small range (so that steps
+    /// meet the versions that exist).
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        Add,
+        Promote(u32),
+        RaiseFloor(u32),
+        Retire(u32),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            Just(Step::Add),
+            (0u32..8).prop_map(Step::Promote),
+            (0u32..8).prop_map(Step::RaiseFloor),
+            (0u32..8).prop_map(Step::Retire),
+        ]
+    }
+
+    /// The rules, as a model: the versions that exist, the primary, the
+    /// floor and the next version.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Model {
+        versions: Vec<u32>,
+        primary: u32,
+        floor: u32,
+        next: u32,
+    }
+
+    impl Model {
+        /// `step` applied, if the rules allow it.
+        fn apply(&self, step: Step) -> Option<Self> {
+            let mut next = self.clone();
+            let exists = |v: u32| self.versions.contains(&v);
+            match step {
+                Step::Add => {
+                    next.versions.push(self.next);
+                    next.next += 1;
+                }
+                Step::Promote(v) if v >= self.floor && exists(v) => next.primary = v,
+                Step::RaiseFloor(v) if (self.floor..=self.primary).contains(&v) => next.floor = v,
+                Step::Retire(v) if v < self.floor && exists(v) => {
+                    next.versions.retain(|&x| x != v);
+                }
+                _ => return None,
+            }
+            Some(next)
+        }
+
+        fn of(ring: &KekRing) -> Self {
+            Self {
+                versions: ring.versions().iter().map(|v| v.version).collect(),
+                primary: ring.primary(),
+                floor: ring.floor(),
+                next: ring.next_version(),
+            }
+        }
+    }
+
+    proptest! {
+        /// Any sequence of steps is taken exactly when the rules allow it,
+        /// one revision each; what is refused changes nothing; every ring
+        /// reached keeps its invariants, lets exactly the versions from the
+        /// floor up unwrap, never reuses a version number, and survives a
+        /// write and reload (the store's JSON).
+        #[test]
+        fn the_ring_follows_its_rules_through_any_rotation(
+            steps in proptest::collection::vec(step(), 0..40),
+        ) {
+            let t = Timestamp::from_millis(1);
+            let mut r = ring();
+            let mut model = Model::of(&r);
+            let mut taken = 0;
+            for step in steps {
+                let next = match step {
+                    Step::Add => r.add_version(vec![0xaa], t).map(|(next, v)| {
+                        assert_eq!(v, model.next);
+                        next
+                    }),
+                    Step::Promote(v) => r.promote(v),
+                    Step::RaiseFloor(v) => r.raise_floor(v),
+                    Step::Retire(v) => r.retire(v),
+                };
+                let allowed = model.apply(step);
+                prop_assert_eq!(next.is_ok(), allowed.is_some(), "{:?} on {:?}", step, model);
+                if let (Ok(next), Some(allowed)) = (next, allowed) {
+                    r = next;
+                    model = allowed;
+                    taken += 1;
+                }
+                prop_assert_eq!(&Model::of(&r), &model);
+                prop_assert_eq!(r.revision(), taken);
+                prop_assert!(r.check().is_ok());
+                for v in 0..model.next + 1 {
+                    let usable = v >= model.floor && model.versions.contains(&v);
+                    prop_assert_eq!(r.usable(v).is_ok(), usable, "version {}", v);
+                }
+                let json = serde_json::to_string(&r).unwrap();
+                prop_assert_eq!(serde_json::from_str::<KekRing>(&json).unwrap(), r.clone());
+            }
+        }
     }
 }
