@@ -1046,6 +1046,42 @@ async fn a_ring_update_with_its_answer_lost_leaves_no_older_ring_cached() {
     );
 }
 
+/// A slow ring update (adding v3) stores its ring; before it caches it, a
+/// floor raise stores a newer ring and loses its answer. The slow update
+/// must not cache its older ring after the raise forgot the ring: the
+/// process would unwrap under v1 again, behind the store's floor.
+#[tokio::test]
+async fn a_ring_written_before_an_update_with_its_answer_lost_is_not_cached_after_it() {
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let store = Arc::new(PausingStore::new(None));
+    let keys = Arc::new(KeyManager::new(provider, store.clone()));
+    let b = business(96);
+    let now = Timestamp::from_millis(1_767_225_600_000);
+    let v2 = keys.add_kek_version(b, now).await.unwrap();
+    keys.promote_kek_version(b, v2).await.unwrap();
+
+    store.armed.store(true, Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.add_kek_version(b, now).await }
+    });
+    store.reached.acquire().await.unwrap().forget();
+    store.lose_answer.store(true, Ordering::SeqCst);
+    let raised = keys.raise_decrypt_floor(b, v2).await;
+    assert!(raised.is_err(), "{raised:?}");
+    store.release.add_permits(1);
+    assert_eq!(slow.await.unwrap().unwrap(), 3);
+
+    let stored = store.ring(b).await.unwrap().unwrap();
+    assert_eq!(stored.floor(), 2, "the raise landed");
+    let cached = keys.ring(b).await.unwrap();
+    assert_eq!(
+        (cached.revision(), cached.floor()),
+        (stored.revision(), stored.floor()),
+        "the manager uses an older ring than the store's"
+    );
+}
+
 /// A seal creating an epoch's key under the primary KEK v1 races a
 /// rotation that promotes v2 and raises the decrypt floor to it. The floor
 /// may go up only once no key is wrapped below it: the new key must not end

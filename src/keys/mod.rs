@@ -258,9 +258,10 @@ struct Cache {
     epochs: HashMap<(BusinessId, Epoch), Arc<EpochKey>, RandomState>,
     phone_index: HashMap<BusinessId, Arc<PhoneIndexKey>, RandomState>,
     /// Bumped, under the write lock, whenever a business's ring is
-    /// forgotten (see [`Cache::forget_ring`]). A loader notes it before
-    /// reading a ring from the store and caches the ring only if it has not
-    /// moved since, as for `epoch_destructions`.
+    /// forgotten (see [`Cache::forget_ring`]). Whoever reads or writes a
+    /// ring notes it first, and caches the ring (and its KEKs) only if it
+    /// has not moved since, as for `epoch_destructions`: the store may hold
+    /// a newer ring by then, from the update whose outcome is unknown.
     ring_forgets: u64,
     /// Bumped, under the write lock, after every destruction of epoch keys
     /// in the store. A loader notes it before reading a key from the store
@@ -361,19 +362,26 @@ impl KeyManager {
         let Some(ring) = self.load_ring(business).await? else {
             return Ok(None);
         };
-        Ok(Some(self.cache_loaded(business, ring, forgets)))
+        Ok(Some(match self.unless_forgotten(forgets) {
+            Some(mut cache) => cache.cache_ring(business, ring),
+            None => ring,
+        }))
     }
 
-    /// Cache `ring`, read from the store when the count of forgotten rings
-    /// was `forgets`, unless a ring was forgotten since: what was read may
-    /// be what the store held before the update whose outcome is unknown.
-    /// Returns the ring to use.
-    fn cache_loaded(&self, business: BusinessId, ring: KekRing, forgets: u64) -> KekRing {
-        let mut cache = self.write();
-        if cache.ring_forgets != forgets {
-            return ring;
-        }
-        cache.cache_ring(business, ring)
+    /// How many rings were forgotten so far (see [`Cache::forget_ring`]):
+    /// noted before a ring is read from or written to the store.
+    fn forgets(&self) -> u64 {
+        self.read().ring_forgets
+    }
+
+    /// The cache, to keep a ring (and its KEKs) read from or written to the
+    /// store when `forgets` rings had been forgotten; `None` if one was
+    /// forgotten since: the store may hold a newer ring, from the update
+    /// whose outcome is unknown, and what was read or written then serves
+    /// the call at hand only.
+    fn unless_forgotten(&self, forgets: u64) -> Option<RwLockWriteGuard<'_, Cache>> {
+        let cache = self.write();
+        (cache.ring_forgets == forgets).then_some(cache)
     }
 
     /// The ring that must exist because a key wrapped under it does. Used
@@ -400,11 +408,15 @@ impl KeyManager {
             .await?;
         // The creation time of version 1 is informational; no clock is needed.
         let ring = KekRing::new(business, wrapped, Timestamp::UNIX_EPOCH);
+        let forgets = self.forgets();
         match self.store.put_ring(&ring, None).await {
             Ok(()) => {
-                let kek = Arc::new(Kek::new(1, &key));
-                let mut cache = self.write();
-                cache.keks.insert((business, 1), kek);
+                let Some(mut cache) = self.unless_forgotten(forgets) else {
+                    return Ok(ring);
+                };
+                cache
+                    .keks
+                    .insert((business, 1), Arc::new(Kek::new(1, &key)));
                 Ok(cache.cache_ring(business, ring))
             }
             // Another caller created it first: use theirs.
@@ -433,9 +445,12 @@ impl KeyManager {
                 .await?
                 .ok_or(KeyError::CorruptRing { business })?;
             let next = change(&current)?;
+            let forgets = self.forgets();
             match self.store.put_ring(&next, Some(current.revision())).await {
                 Ok(()) => {
-                    self.write().cache_ring(business, next.clone());
+                    if let Some(mut cache) = self.unless_forgotten(forgets) {
+                        cache.cache_ring(business, next.clone());
+                    }
                     return Ok(next);
                 }
                 Err(StoreError::Conflict) => continue,
@@ -495,13 +510,14 @@ impl KeyManager {
                 .wrap(&KekContext { business, version }, &key)
                 .await?;
             let (next, version) = current.add_version(wrapped, now)?;
+            let forgets = self.forgets();
             match self.store.put_ring(&next, Some(current.revision())).await {
                 Ok(()) => {
-                    let mut cache = self.write();
-                    cache.cache_ring(business, next);
-                    cache
-                        .keks
-                        .insert((business, version), Arc::new(Kek::new(version, &key)));
+                    if let Some(mut cache) = self.unless_forgotten(forgets) {
+                        cache.cache_ring(business, next);
+                        let kek = Arc::new(Kek::new(version, &key));
+                        cache.keks.insert((business, version), kek);
+                    }
                     return Ok(version);
                 }
                 Err(StoreError::Conflict) => continue,
@@ -586,14 +602,17 @@ impl KeyManager {
         version: u32,
     ) -> Result<(), KeyError> {
         let _wrapping = self.wrapping.write().await;
-        let forgets = self.read().ring_forgets;
+        let forgets = self.forgets();
         if let Some(ring) = self.load_ring(business).await?
             && version < ring.floor()
             && version < ring.next_version()
             && ring.get(version).is_none()
         {
-            self.cache_loaded(business, ring, forgets);
-            self.write().keks.remove(&(business, version));
+            let mut cache = self.write();
+            cache.keks.remove(&(business, version));
+            if cache.ring_forgets == forgets {
+                cache.cache_ring(business, ring);
+            }
             return Ok(());
         }
         let keys = self.store.count_wrapped_under(business, version).await?;
