@@ -934,10 +934,27 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
     store.release.add_permits(1);
     assert_eq!(slow.await.unwrap().unwrap(), 3);
 
+    assert_v1_behind_the_floor(&keys, &store, &provider, b, now).await;
+}
+
+/// `keys` uses the ring `store` holds for `b`, whose decrypt floor is 2,
+/// and refuses an epoch key that someone holding the old KEK v1 planted
+/// under it.
+async fn assert_v1_behind_the_floor(
+    keys: &KeyManager,
+    store: &PausingStore,
+    provider: &LocalKeyProvider,
+    b: BusinessId,
+    now: Timestamp,
+) {
     let stored = store.ring(b).await.unwrap().unwrap();
     assert_eq!(stored.floor(), 2);
-
-    // Someone holding the old KEK v1 plants an epoch key wrapped under it.
+    let cached = keys.ring(b).await.unwrap();
+    assert_eq!(
+        (cached.revision(), cached.floor()),
+        (stored.revision(), stored.floor()),
+        "the manager uses an older ring than the store's"
+    );
     let kek1 = provider
         .unwrap(
             &KekContext {
@@ -964,12 +981,6 @@ async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
             })
         ),
         "a version below the decrypt floor unwrapped: {loaded:?}"
-    );
-    let cached = keys.ring(b).await.unwrap();
-    assert_eq!(
-        (cached.revision(), cached.floor()),
-        (stored.revision(), stored.floor()),
-        "the manager caches an older ring than the store's"
     );
 }
 
@@ -1005,45 +1016,10 @@ async fn a_ring_update_with_its_answer_lost_leaves_no_older_ring_cached() {
     store.lose_answer.store(true, Ordering::SeqCst);
     let raised = keys.raise_decrypt_floor(b, 2).await;
     assert!(raised.is_err(), "{raised:?}");
-    let stored = store.ring(b).await.unwrap().unwrap();
-    assert_eq!(stored.floor(), 2, "the raise landed");
     store.release.add_permits(1);
     // The reader's own call may use what it read; nothing after it may.
     assert_eq!(reader.await.unwrap().unwrap(), 1);
-    let cached = keys.ring(b).await.unwrap();
-    assert_eq!(
-        (cached.revision(), cached.floor()),
-        (stored.revision(), stored.floor()),
-        "the manager uses an older ring than the store's"
-    );
-    // An epoch key planted under v1 by someone holding it is not unwrapped.
-    let kek1 = provider
-        .unwrap(
-            &KekContext {
-                business: b,
-                version: 1,
-            },
-            &stored.get(1).unwrap().wrapped,
-        )
-        .await
-        .unwrap();
-    let epoch = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
-    let id = KeyId::epoch(b, epoch);
-    store
-        .insert_key(wrap_epoch_key(kek1.expose_secret(), id, 1, &[0x43; 32]))
-        .await
-        .unwrap();
-    let loaded = keys.epoch_key(b, epoch).await;
-    assert!(
-        matches!(
-            loaded,
-            Err(KeyError::BelowFloor {
-                version: 1,
-                floor: 2
-            })
-        ),
-        "a version below the decrypt floor unwrapped: {loaded:?}"
-    );
+    assert_v1_behind_the_floor(&keys, &store, &provider, b, now).await;
 }
 
 /// A slow ring update (adding v3) stores its ring; before it caches it, a
@@ -1054,7 +1030,7 @@ async fn a_ring_update_with_its_answer_lost_leaves_no_older_ring_cached() {
 async fn a_ring_written_before_an_update_with_its_answer_lost_is_not_cached_after_it() {
     let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
     let store = Arc::new(PausingStore::new(None));
-    let keys = Arc::new(KeyManager::new(provider, store.clone()));
+    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
     let b = business(96);
     let now = Timestamp::from_millis(1_767_225_600_000);
     let v2 = keys.add_kek_version(b, now).await.unwrap();
@@ -1072,14 +1048,7 @@ async fn a_ring_written_before_an_update_with_its_answer_lost_is_not_cached_afte
     store.release.add_permits(1);
     assert_eq!(slow.await.unwrap().unwrap(), 3);
 
-    let stored = store.ring(b).await.unwrap().unwrap();
-    assert_eq!(stored.floor(), 2, "the raise landed");
-    let cached = keys.ring(b).await.unwrap();
-    assert_eq!(
-        (cached.revision(), cached.floor()),
-        (stored.revision(), stored.floor()),
-        "the manager uses an older ring than the store's"
-    );
+    assert_v1_behind_the_floor(&keys, &store, &provider, b, now).await;
 }
 
 /// A seal creating an epoch's key under the primary KEK v1 races a
