@@ -14,8 +14,8 @@ use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{
-    DeliveryConfig, Host, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor, ProcessorError,
-    StatusChange,
+    DeliveryConfig, Host, MAX_CONTENT_LEN, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor,
+    ProcessorError, StatusChange,
 };
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
@@ -814,6 +814,20 @@ async fn an_idempotent_send_reaches_the_consumer_once_however_often_it_is_made()
             "{refused:?}"
         );
     }
+    // Content longer than a send takes is refused before anything is
+    // stored, keyed or not.
+    let too_long = || outbound(1, &vec![b'x'; MAX_CONTENT_LEN + 1], Category::Utility);
+    let refused = send(a, b"order-2", too_long()).await;
+    assert!(
+        matches!(refused, Err(ProcessorError::Invalid(_))),
+        "{refused:?}"
+    );
+    let refused = d.processor.send(d.owner(a), a, too_long()).await;
+    assert!(
+        matches!(refused, Err(ProcessorError::Invalid(_))),
+        "{refused:?}"
+    );
+    assert_eq!(d.store.census().await.unwrap().messages, 1);
     for key in [&b""[..], &[b'k'; MAX_IDEMPOTENCY_KEY_LEN + 1][..]] {
         let refused = d
             .processor

@@ -78,7 +78,7 @@ mod visibility;
 
 use claims::Claims;
 pub use inbound::{Inbound, Receipt};
-pub use outbound::{MAX_DEVICES, MAX_IDEMPOTENCY_KEY_LEN, Outbound};
+pub use outbound::{MAX_CONTENT_LEN, MAX_DEVICES, MAX_IDEMPOTENCY_KEY_LEN, Outbound};
 pub use payload::{device_payload, parse_device_payload};
 #[cfg(any(test, fuzzing))]
 pub(crate) use payload::{reencode_inbound, reencode_outbound};

@@ -112,6 +112,12 @@ pub(super) enum DeviceOutcome {
 /// each. WhatsApp gives a consumer a phone and a few linked devices.
 pub const MAX_DEVICES: usize = 64;
 
+/// The longest content [`Processor::send`] takes, in bytes: what an
+/// envelope seals (`envelope::MAX_PLAINTEXT_LEN`, 64 MiB), less room for
+/// the stored body's header and recipient. Longer content is refused as
+/// [`ProcessorError::Invalid`] before anything is stored.
+pub const MAX_CONTENT_LEN: usize = MAX_PLAINTEXT_LEN - 64;
+
 /// The longest idempotency key [`Processor::send_idempotent`] takes, in
 /// bytes: room for any UUID or request id in text.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -125,7 +131,8 @@ impl Processor {
     /// message is accepted. An error means the message was not stored,
     /// unless the store could not answer that question either: a message
     /// stored then is sent and reported like any other (its id is in its
-    /// status reports).
+    /// status reports). Content longer than [`MAX_CONTENT_LEN`] is refused
+    /// as [`ProcessorError::Invalid`].
     ///
     /// The business's own retries (after a timeout, a crash, or this
     /// error) send the message again: [`send_idempotent`](Self::send_idempotent)
@@ -180,7 +187,7 @@ impl Processor {
         key: Option<&[u8]>,
     ) -> Result<MessageId, ProcessorError> {
         self.authorize(principal, business)?;
-        if outbound.content.len() > MAX_PLAINTEXT_LEN - 64 {
+        if outbound.content.len() > MAX_CONTENT_LEN {
             return Err(ProcessorError::Invalid("content too large"));
         }
         if key.is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN) {

@@ -193,6 +193,20 @@ mod tests {
 
     use super::*;
 
+    /// The longest content a send takes, to the longest number E.164
+    /// allows, still fits an envelope once encoded as a stored body.
+    #[test]
+    fn the_longest_content_to_the_longest_number_fits_an_envelope() {
+        let body = OutboundBody {
+            to: "+123456789012345".parse().unwrap(),
+            category: Category::ALL[3],
+            content: vec![0; super::super::MAX_CONTENT_LEN].into(),
+        };
+        let encoded = body.encode();
+        assert!(encoded.len() <= crate::envelope::MAX_PLAINTEXT_LEN);
+        assert_eq!(OutboundBody::decode(&encoded).unwrap().to, body.to);
+    }
+
     proptest! {
         #[test]
         fn bodies_round_trip_and_garbage_never_panics(
