@@ -1,0 +1,430 @@
+//! Inbound: a message decrypted against a device's state, its changes
+//! staged and committed (with whatever the caller stores beside them) only
+//! if the caller goes on.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use wacore_libsignal::protocol::{CiphertextMessage, PublicKey, UsePQRatchet, message_decrypt};
+use zeroize::Zeroizing;
+
+use super::cache::Taken;
+use super::peer::{Peer, RECEIVE_WINDOW};
+use super::rng::ThreadCsprng;
+use super::stores::{PreKeyOverlay, SignedPreKeyOverlay};
+use super::{
+    Ciphertext, Decrypted, Parsed, Sessions, SignalError, StorageFailure, corrupt_session,
+    message_id, protocol_error, same_key,
+};
+use crate::ids::{BusinessId, MessageId};
+use crate::keys::{KeyId, KeyKind};
+use crate::store::{Batch, Op, PeerId, StoreError};
+use crate::time::Timestamp;
+
+/// How much later than its stored copy's a session's expiry may be while
+/// receives are written behind: a stored copy outdated by a crash expires
+/// at most this much sooner than the one lost.
+const RECEIVE_LAG: Duration = Duration::from_secs(3600);
+
+/// A decrypted message whose state changes are staged but not committed
+/// (see [`Sessions::decrypt_staged`]). It holds the device's address lock.
+pub(crate) struct StagedDecrypt<'a> {
+    sessions: &'a Sessions,
+    business: BusinessId,
+    peer: PeerId,
+    /// The committed state, out of the cache until the commit puts the new
+    /// state back; dropped uncommitted, it is forgotten.
+    state: (Box<Peer>, Taken<'a>),
+    consumed: Option<u32>,
+    /// The message's [`Parsed::id`].
+    id: MessageId,
+    /// The library wrote the device's identity.
+    identity_written: bool,
+    /// The message's receiving chain and the index it left it at, if it is
+    /// a chain of the current session.
+    chain: Option<(PublicKey, u32)>,
+    /// The message was the next on its chain of the session in use: the
+    /// decrypt derived nothing but the next keys, as a decrypt from the
+    /// stored copy would again.
+    in_order: bool,
+    expiry: Timestamp,
+    decrypted: Decrypted,
+    /// The device's address lock, held until the commit.
+    guard: async_lock::MutexGuard<'a, ()>,
+}
+
+impl StagedDecrypt<'_> {
+    /// The decrypted message.
+    pub(crate) fn decrypted(&self) -> &Decrypted {
+        &self.decrypted
+    }
+
+    /// Commit the staged session change, the consumed prekey's deletion and
+    /// `extra`, atomically; return the decrypted message. The device's
+    /// address lock is released before the one-time prekey pool is
+    /// refilled, which is best effort: the message is committed whatever
+    /// the refill does.
+    pub(crate) async fn commit(self, extra: Batch) -> Result<Decrypted, SignalError> {
+        self.commit_as(extra, false).await
+    }
+
+    /// Commit as [`commit`](Self::commit) does, `extra` storing the message
+    /// under its [`Parsed::id`]. A stored id is never stored again, so the
+    /// store refuses a replay whatever the session's state: a plain step
+    /// along a receiving chain may then be written behind (see the cache
+    /// module). A replay fails with [`StoreError::Conflict`].
+    pub(crate) async fn commit_stored(self, extra: Batch) -> Result<Decrypted, SignalError> {
+        self.commit_as(extra, true).await
+    }
+
+    async fn commit_as(self, mut extra: Batch, stored: bool) -> Result<Decrypted, SignalError> {
+        let StagedDecrypt {
+            sessions: s,
+            business,
+            peer,
+            state: (mut state, taken),
+            consumed,
+            id,
+            identity_written,
+            chain,
+            in_order,
+            expiry,
+            decrypted,
+            guard,
+        } = self;
+        if let Some(id) = consumed {
+            extra.push(Op::ConsumeKey(KeyId {
+                business,
+                kind: KeyKind::SignalPreKey,
+                id: u64::from(id),
+            }));
+        }
+        let committed = if stored
+            && in_order
+            && consumed.is_none()
+            && !identity_written
+            && s.may_write_behind(&state, chain.as_ref(), expiry)
+        {
+            state.expiry = state.expiry.max(expiry);
+            s.store
+                .commit(extra)
+                .await
+                .map(|()| taken.put(state))
+                .map_err(Into::into)
+        } else {
+            // Persisted up to the chain's index: the receives that follow
+            // on it may be written behind, one window's worth.
+            state.behind =
+                chain.map(|(chain, index)| (chain, index.saturating_add(RECEIVE_WINDOW)));
+            s.commit_peer(business, peer, (state, taken), expiry, extra)
+                .await
+        };
+        match committed {
+            Ok(()) => {}
+            // The message is stored already (a replay), or its one-time
+            // prekey is consumed: another first message (from another
+            // device) used it while this one decrypted.
+            Err(SignalError::Storage(StorageFailure::Store(e)))
+                if matches!(*e, StoreError::Conflict) =>
+            {
+                if stored && s.store.message(business, id).await?.is_some() {
+                    return Err(SignalError::DuplicateMessage);
+                }
+                return Err(SignalError::InvalidMessage(
+                    "the one-time prekey was used already",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        drop(guard);
+        // Boxed: only first-contact messages refill.
+        if consumed.is_some()
+            && let Err(e) = Box::pin(s.replenish_if_low(business)).await
+        {
+            tracing::warn!(%business, error = %e, "could not refill the one-time prekey pool");
+        }
+        Ok(decrypted)
+    }
+}
+
+impl Sessions {
+    /// Decrypt `message` from `peer` on behalf of `business`. On success the
+    /// session advances, a consumed one-time prekey is deleted and the peer's
+    /// state is kept until at least `expiry` (the message's own expiry), all
+    /// in one commit; on any failure nothing changes.
+    pub async fn decrypt(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        message: &Ciphertext,
+        expiry: Timestamp,
+    ) -> Result<Decrypted, SignalError> {
+        self.decrypt_staged(
+            business,
+            peer,
+            &Parsed::new(message, business, peer)?,
+            expiry,
+        )
+        .await?
+        .commit(Batch::new())
+        .await
+    }
+
+    /// Whether a receive that stores its message, by `expiry`, may leave
+    /// `state`'s advance to `chain` (its receiving chain and new index)
+    /// unpersisted. It must stay within the window persisted last on that
+    /// chain, so a stored copy outdated by a crash is only ever unsure of
+    /// one window's counters ([`Peer::unsure`]); the copy must expire no
+    /// later than the message (and at most [`RECEIVE_LAG`] sooner), so no
+    /// copy outlives a stored message that it would take for new; and no
+    /// send may be waiting on a persisted lease, nor the record's epoch move.
+    fn may_write_behind(
+        &self,
+        state: &Peer,
+        chain: Option<&(PublicKey, u32)>,
+        expiry: Timestamp,
+    ) -> bool {
+        let (Some((chain, index)), Some((window, end))) = (chain, state.behind.as_ref()) else {
+            return false;
+        };
+        same_key(chain, window)
+            && index <= end
+            && !state
+                .session
+                .as_ref()
+                .is_some_and(|s| s.has_pending_reservation())
+            && state.sealed_expiry <= expiry
+            && expiry <= state.sealed_expiry.saturating_add(RECEIVE_LAG)
+            && state.key.as_ref().map(|k| k.epoch())
+                == self.vault.epoch_of(state.expiry.max(expiry))
+    }
+
+    /// Before `state` is persisted: settle every counter it is still unsure
+    /// of (see [`settle_unsure`](Self::settle_unsure)), on every receiving
+    /// chain. The new snapshot may outlive the stored messages that now
+    /// tell which counters a receive written behind had consumed (its
+    /// expiry is raised by the operation persisting it), so each chain is
+    /// moved past the last counter with a stored message, keeping the keys
+    /// of the counters skipped without one. The messages are still stored:
+    /// they expire no sooner than the snapshot loaded.
+    pub(super) async fn settle_left_unsure(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        state: &mut Peer,
+    ) -> Result<(), SignalError> {
+        for unsure in std::mem::take(&mut state.unsure) {
+            let stored = self
+                .stored_counters(business, peer, &unsure.chain, unsure.next..unsure.end)
+                .await?;
+            let Some(&last) = stored.last() else {
+                continue;
+            };
+            let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut()) else {
+                continue;
+            };
+            let Some(mut key) = session
+                .get_receiver_chain_key(&unsure.chain)
+                .map_err(corrupt_session)?
+            else {
+                continue;
+            };
+            for &counter in stored.iter().filter(|&&c| c < key.index()) {
+                session
+                    .get_message_keys(&unsure.chain, counter)
+                    .map_err(corrupt_session)?;
+            }
+            while key.index() <= last {
+                let (keys, next) = key.step_with_message_keys().map_err(corrupt_session)?;
+                if !stored.contains(&key.index()) {
+                    session
+                        .set_message_keys(&unsure.chain, keys)
+                        .map_err(corrupt_session)?;
+                }
+                key = next;
+            }
+            session
+                .set_receiver_chain_key(&unsure.chain, &key)
+                .map_err(corrupt_session)?;
+        }
+        Ok(())
+    }
+
+    /// The counters in `counters` of `peer`'s receiving chain `chain` whose
+    /// message is stored, ascending.
+    async fn stored_counters(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        chain: &PublicKey,
+        counters: std::ops::Range<u32>,
+    ) -> Result<Vec<u32>, SignalError> {
+        let mut stored = Vec::new();
+        for counter in counters {
+            let id = message_id(business, peer, chain, counter);
+            if self.store.message(business, id).await?.is_some() {
+                stored.push(counter);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Which of `state`'s unsure counters on `chain` below `counter` a
+    /// receive written behind had consumed, now that a message at `counter`
+    /// was decrypted: their keys, just kept for messages still to come, are
+    /// dropped, so a replay of one does not decrypt once its stored copy is
+    /// gone. Every counter below `counter` is then sure.
+    async fn settle_unsure(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        state: &mut Peer,
+        chain: &PublicKey,
+        counter: u32,
+    ) -> Result<(), SignalError> {
+        let Some(at) = state.unsure.iter().position(|u| same_key(&u.chain, chain)) else {
+            return Ok(());
+        };
+        let unsure = state.unsure[at];
+        if counter < unsure.next {
+            return Ok(());
+        }
+        let stored = self
+            .stored_counters(business, peer, chain, unsure.next..counter.min(unsure.end))
+            .await?;
+        if let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut()) {
+            for earlier in stored {
+                session
+                    .get_message_keys(chain, earlier)
+                    .map_err(corrupt_session)?;
+            }
+        }
+        if counter.saturating_add(1) < unsure.end {
+            state.unsure[at].next = counter + 1;
+        } else {
+            state.unsure.swap_remove(at);
+        }
+        Ok(())
+    }
+
+    /// Decrypt `message` but commit nothing yet: the result holds the
+    /// device's address lock and the staged writes, and its
+    /// [`commit`](StagedDecrypt::commit) adds the caller's own writes (the
+    /// message itself) to the same atomic batch. Dropping it changes nothing.
+    pub(crate) async fn decrypt_staged(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        message: &Parsed,
+        expiry: Timestamp,
+    ) -> Result<StagedDecrypt<'_>, SignalError> {
+        let first = matches!(message.message, CiphertextMessage::PreKeySignalMessage(_));
+        let account = self.account(business).await?;
+        let guard = self.address_locks.lock((business, peer)).await;
+        let (mut state, taken) = self.load_peer(business, peer).await?;
+        // A first-contact message on an existing session resends its setup;
+        // one that changes the session's base key starts a new session.
+        type Record = wacore_libsignal::protocol::SessionRecord;
+        // The index of the message's receiving chain in the session in use.
+        let chain_index = |session: Option<&Record>| {
+            let chain = session?
+                .session_state()?
+                .get_receiver_chain_key(&message.chain);
+            chain.ok()?.map(|k| k.index())
+        };
+        // Whether it could be the next message on that chain.
+        let next = !first && chain_index(state.session.as_ref()) == Some(message.counter);
+        // The base key naming the session in use (a key of another length
+        // names none, so no session counts as kept), where the decrypt may
+        // change that session and it matters: a first-contact message may
+        // start a new one, and the next message must not have used another.
+        let base_key = |session: Option<&Record>| -> Option<[u8; PublicKey::SERIALIZED_KEY_LEN]> {
+            session?.session_state()?.alice_base_key().try_into().ok()
+        };
+        let base_before = (first || next).then(|| base_key(state.session.as_ref()));
+        let (mut sessions, mut identities) = self.overlays(account.clone(), &mut state);
+        let mut prekeys = PreKeyOverlay {
+            keys: self.vault.keys(),
+            business,
+            consumed: None,
+            failure: Mutex::new(None),
+        };
+        let signed = SignedPreKeyOverlay { account };
+        // Not boxed on its own, though the library's future is large (about
+        // 2 KiB): a heap block that size takes glibc's slow path, which
+        // first consolidates its free lists, on every message. It rides in
+        // the one box `Processor::receive` makes; carried inline, an
+        // inbound burst ran about 3% faster.
+        let result = message_decrypt(
+            &message.message,
+            &state.address,
+            &mut sessions,
+            &mut identities,
+            &mut prekeys,
+            &signed,
+            &mut ThreadCsprng,
+            UsePQRatchet::No,
+        )
+        .await;
+        let decrypted = match result {
+            Ok(decrypted) => decrypted,
+            Err(e) => {
+                Self::restore((state, taken), sessions, &identities);
+                return Err(protocol_error(e, prekeys.take_failure()));
+            }
+        };
+        let consumed = decrypted
+            .consumed_prekey_id
+            .map(u32::from)
+            .or(prekeys.consumed);
+        state.session = sessions.into_record();
+        state.identity = identities.peer;
+        // A first-contact message that repeats the setup of a session it
+        // matches is decrypted under that session, not with the identity
+        // key it carries, which the library then trusts: anyone could swap
+        // their own in. It must be the key the session was set up with.
+        if let CiphertextMessage::PreKeySignalMessage(m) = &message.message {
+            let session_identity = state
+                .session
+                .as_ref()
+                .and_then(|s| s.session_state())
+                .and_then(|s| s.remote_identity_key().ok().flatten());
+            if !session_identity
+                .is_some_and(|k| same_key(k.public_key(), m.identity_key().public_key()))
+            {
+                return Err(SignalError::InvalidMessage(
+                    "identity key other than the session's",
+                ));
+            }
+        }
+        let same_session = matches!(base_before, Some(Some(before))
+            if base_key(state.session.as_ref()) == Some(before));
+        let first_contact = first && !same_session;
+        let index_after = chain_index(state.session.as_ref());
+        let in_order =
+            next && same_session && index_after == Some(message.counter.saturating_add(1));
+        self.settle_unsure(business, peer, &mut state, &message.chain, message.counter)
+            .await?;
+        Ok(StagedDecrypt {
+            sessions: self,
+            business,
+            peer,
+            state: (state, taken),
+            consumed,
+            id: message.id(),
+            identity_written: identities.written,
+            chain: index_after.map(|index| (message.chain, index)),
+            in_order,
+            expiry,
+            decrypted: Decrypted {
+                plaintext: Zeroizing::new(decrypted.plaintext),
+                // What the trusted identity did, not what the library
+                // reports: a message under an archived session brings back
+                // its older identity, which the library calls no change.
+                identity_changed: identities.replaced,
+                first_contact,
+            },
+            guard,
+        })
+    }
+}
