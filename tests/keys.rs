@@ -1011,15 +1011,26 @@ async fn a_ring_update_with_its_answer_lost_leaves_no_older_ring_cached() {
         let keys = keys.clone();
         async move { keys.ring(b).await.map(|r| r.floor()) }
     });
+    // The reader's own call may use what it read; nothing after it may.
+    let read = raise_the_floor_losing_the_answer(&keys, &store, b, reader).await;
+    assert_eq!(read.unwrap(), 1);
+    assert_v1_behind_the_floor(&keys, &store, &provider, b, now).await;
+}
+
+/// While `paused` waits in `store` (armed by the caller), raise `b`'s
+/// decrypt floor to 2: stored, its answer lost. Then let `paused` finish.
+async fn raise_the_floor_losing_the_answer<T: std::fmt::Debug>(
+    keys: &KeyManager,
+    store: &PausingStore,
+    b: BusinessId,
+    paused: tokio::task::JoinHandle<T>,
+) -> T {
     store.reached.acquire().await.unwrap().forget();
-    // Meanwhile the floor is raised: stored, its answer lost.
     store.lose_answer.store(true, Ordering::SeqCst);
     let raised = keys.raise_decrypt_floor(b, 2).await;
     assert!(raised.is_err(), "{raised:?}");
     store.release.add_permits(1);
-    // The reader's own call may use what it read; nothing after it may.
-    assert_eq!(reader.await.unwrap().unwrap(), 1);
-    assert_v1_behind_the_floor(&keys, &store, &provider, b, now).await;
+    paused.await.unwrap()
 }
 
 /// A slow ring update (adding v3) stores its ring; before it caches it, a
@@ -1041,12 +1052,8 @@ async fn a_ring_written_before_an_update_with_its_answer_lost_is_not_cached_afte
         let keys = keys.clone();
         async move { keys.add_kek_version(b, now).await }
     });
-    store.reached.acquire().await.unwrap().forget();
-    store.lose_answer.store(true, Ordering::SeqCst);
-    let raised = keys.raise_decrypt_floor(b, v2).await;
-    assert!(raised.is_err(), "{raised:?}");
-    store.release.add_permits(1);
-    assert_eq!(slow.await.unwrap().unwrap(), 3);
+    let added = raise_the_floor_losing_the_answer(&keys, &store, b, slow).await;
+    assert_eq!(added.unwrap(), 3);
 
     assert_v1_behind_the_floor(&keys, &store, &provider, b, now).await;
 }
