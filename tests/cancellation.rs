@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId, PhoneHash};
@@ -588,6 +588,44 @@ fn a_dropped_forget_never_leaves_a_deleted_session_in_memory() {
             matches!(sent, Err(SignalError::NoSession)),
             "cut {n}: deleted {deleted}, the send gave {sent:?}"
         );
+        done
+    }));
+}
+
+/// A receive admitted under one retention policy, while a shorter one is
+/// put in force and a sweep applies it before the message is stored, then
+/// dropped at any suspension (at its commit among them, landed but not
+/// answered): the next sweep applies the shorter policy to the message
+/// too, so it is deleted when that policy says, not when the old one did.
+#[test]
+fn a_receive_dropped_at_its_commit_still_gets_a_policy_changed_meanwhile() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        let mut receive = Box::pin(d.receive(inbound));
+        let mut cx = Context::from_waker(Waker::noop());
+        // The first poll admits it under the 30-day default.
+        let mut done = receive.as_mut().poll(&mut cx).is_ready();
+        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
+        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
+        d.processor
+            .set_retention_policy(&d.operator, shorter)
+            .unwrap();
+        d.processor.sweep(&d.operator).await.unwrap();
+        for _ in 1..n {
+            if done {
+                break;
+            }
+            done = receive.as_mut().poll(&mut cx).is_ready();
+        }
+        drop(receive);
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        for _ in 0..2 {
+            d.processor.sweep(&d.operator).await.unwrap();
+        }
+        let census = d.store.census().await.unwrap();
+        assert_eq!(census.messages, 0, "cut {n}: kept past the shorter policy");
         done
     }));
 }

@@ -101,7 +101,7 @@ impl Processor {
     ) -> Result<Receipt, ProcessorError> {
         self.authorize(principal, business)?;
         let now = self.clock.now();
-        let (expiry, admission) = self.admit(business, Direction::Inbound, now)?;
+        let (expiry, admitted) = self.admit(business, Direction::Inbound, now)?;
         // Parsed first, and a receive creates no key: the business's keys
         // come with its first `publish_keys`, before which no consumer
         // could have written to it.
@@ -159,7 +159,9 @@ impl Processor {
         let claim = self.claims.claim(business, id);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record)));
-        let decrypted = match staged.commit_stored(batch).await {
+        let committed = staged.commit_stored(batch).await;
+        drop(admitted);
+        let decrypted = match committed {
             Ok(decrypted) => decrypted,
             // A replay that a session outdated by a crash took for new.
             Err(SignalError::DuplicateMessage) => {
@@ -168,7 +170,6 @@ impl Processor {
             }
             Err(e) => return Err(e.into()),
         };
-        self.retention.stored(&admission);
         self.integrity.record_received(business, phone, now);
         self.statistics.record_message(
             business,

@@ -194,7 +194,7 @@ impl Processor {
             return Err(ProcessorError::Invalid("idempotency key empty or too long"));
         }
         let now = self.clock.now();
-        let (expiry, admission) = self.admit(business, Direction::Outbound, now)?;
+        let (expiry, admitted) = self.admit(business, Direction::Outbound, now)?;
         let phone = self.keys.phone_hash(business, &outbound.to).await?;
         // The claim keeps the retransmission loop off the message (due at
         // once) until this first attempt is done.
@@ -252,7 +252,9 @@ impl Processor {
             sealed,
             ..record.clone()
         })));
-        if let Err(e) = self.storage.commit(batch).await {
+        let committed = self.storage.commit(batch).await;
+        drop(admitted);
+        if let Err(e) = committed {
             // The write may have landed with its answer lost (a networked
             // store): if the store now has the message, under this fresh
             // id, it is accepted as if the commit had answered. Refused,
@@ -262,7 +264,6 @@ impl Processor {
             }
             warn!(%business, %id, error = %e, "the store failed the write storing the message, but has it: accepted");
         }
-        self.retention.stored(&admission);
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
         // Stored, the message is accepted: an error of its first attempt
