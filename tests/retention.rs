@@ -539,7 +539,8 @@ impl World {
 
 /// A message that arrived before retention was shortened, and is stored
 /// only after a sweep applied the shorter period (and found nothing to
-/// cap), is capped by the next sweep all the same.
+/// cap), is capped by the next sweep all the same: by the next that gets
+/// through the policy stage, not one stopped before it.
 #[tokio::test]
 async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_sweep() {
     for &backend in Backend::ALL {
@@ -562,6 +563,8 @@ async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_swe
             .store_admitted(arrived, b, 1, Direction::Inbound, false)
             .await;
         assert_eq!(late.record.expiry, w.now().saturating_add(CEILING));
+        let stopped = w.retention.sweep_steps(w.now(), &notices, 0).await;
+        assert!(!stopped.unwrap().complete);
         assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
         let stored = w.store.message(b, late.record.id).await.unwrap().unwrap();
         assert_eq!(stored.expiry, w.now().saturating_add(DAY), "{backend:?}");

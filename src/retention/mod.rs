@@ -137,6 +137,18 @@ pub struct Retention {
     hold_gate: HoldGate,
 }
 
+/// Marks the policy stale again when dropped, unless disarmed: a sweep
+/// that took the mark ends before its policy stage finished.
+struct StillStale<'a>(Option<&'a AtomicBool>);
+
+impl Drop for StillStale<'_> {
+    fn drop(&mut self) {
+        if let Some(stale) = self.0 {
+            stale.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 impl std::fmt::Debug for Retention {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Retention")
@@ -264,8 +276,11 @@ impl Retention {
         let _sweeping = self.sweeping.lock().await;
         let policy = self.policy();
         // Taken before the stage that applies the policy: a message stored
-        // late from here on marks the next sweep's.
+        // late from here on marks the next sweep's. Put back unless that
+        // stage finishes (the sweep stopped by its budget or an error
+        // before, or its future dropped): the next sweep applies it then.
         let stale = self.stale.swap(false, Ordering::SeqCst);
+        let mut still_stale = StillStale(stale.then_some(&self.stale));
         let applied = !stale
             && self
                 .applied
@@ -287,6 +302,7 @@ impl Retention {
         .run()
         .await?;
         if shortened {
+            still_stale.0 = None;
             *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
         }
         Ok(report)
