@@ -1,0 +1,228 @@
+//! Epoch keys: created under the primary KEK for sealing, loaded for
+//! opening, and destroyed when their epoch ends (or early), in the store
+//! and in memory.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::{Epoch, EpochKey, KeyEntry, KeyError, KeyId, KeyManager, PAGE, SecretKey, WrappedKey};
+use crate::ids::BusinessId;
+use crate::time::Timestamp;
+
+/// How many times loading an epoch key is retried when destroys race it.
+const LOAD_RETRIES: usize = 16;
+
+/// What loading an epoch key may do when the store has none.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Opening: a missing key is an error; nothing is written.
+    Existing,
+    /// Sealing: create the key (random, wrapped under the primary KEK).
+    CreateIfAbsent,
+}
+
+/// Forgets the cached epoch keys it names when dropped, however the call
+/// destroying them ends: no destroyed key may outlive its stored copy in
+/// memory, and a destruction whose future was dropped may land all the
+/// same (a SQLite commit does). Forgetting a key the store still has costs
+/// only a reload.
+struct ForgetEpochs<'a, F: Fn(&(BusinessId, Epoch)) -> bool> {
+    keys: &'a KeyManager,
+    doomed: F,
+}
+
+impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
+    fn now(&self) {
+        let mut cache = self.keys.write();
+        // Loads under way read the store again (see `Cache::epoch_destructions`).
+        cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
+        cache.epochs.retain(|key, _| !(self.doomed)(key));
+    }
+}
+
+impl<F: Fn(&(BusinessId, Epoch)) -> bool> Drop for ForgetEpochs<'_, F> {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
+
+impl KeyManager {
+    /// The key of `business`'s `epoch` if it is loaded already: the hot path
+    /// of sealing and opening, with no I/O and no future to build.
+    pub(crate) fn cached_epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+    ) -> Option<Arc<EpochKey>> {
+        self.read().epochs.get(&(business, epoch)).cloned()
+    }
+
+    /// Run `f` with the loaded key of `business`'s `epoch`, if it is loaded,
+    /// under the cache's read lock: no reference count to bump on the hot path.
+    pub(crate) fn with_cached_epoch_key<T>(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        f: impl FnOnce(&EpochKey) -> T,
+    ) -> Option<T> {
+        self.read().epochs.get(&(business, epoch)).map(|key| f(key))
+    }
+
+    /// The key of `business`'s `epoch` for sealing, created (random, wrapped
+    /// under the primary KEK) if the epoch has none yet. Refused once the
+    /// epoch has ended or its key was destroyed.
+    pub async fn epoch_key_for_seal(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        now: Timestamp,
+    ) -> Result<Arc<EpochKey>, KeyError> {
+        if epoch.end() <= now {
+            return Err(KeyError::EpochEnded { epoch });
+        }
+        if let Some(key) = self.cached_epoch_key(business, epoch) {
+            return Ok(key);
+        }
+        self.load_epoch_key(business, epoch, Load::CreateIfAbsent)
+            .await
+    }
+
+    /// The key of `business`'s `epoch`, for opening. Never writes: a missing
+    /// key or ring is an error, not something to create.
+    pub async fn epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+    ) -> Result<Arc<EpochKey>, KeyError> {
+        if let Some(key) = self.cached_epoch_key(business, epoch) {
+            return Ok(key);
+        }
+        self.load_epoch_key(business, epoch, Load::Existing).await
+    }
+
+    /// Read, unwrap and cache the key of `business`'s `epoch`.
+    async fn load_epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        load: Load,
+    ) -> Result<Arc<EpochKey>, KeyError> {
+        let id = KeyId::epoch(business, epoch);
+        for _ in 0..LOAD_RETRIES {
+            // Noted before the store is read: see `Cache::epoch_destructions`.
+            let destructions = self.read().epoch_destructions;
+            let entry = match (self.store.key(&id).await?, load) {
+                (Some(entry), _) => entry,
+                (None, Load::Existing) => return Err(KeyError::UnknownEpoch { business, epoch }),
+                (None, Load::CreateIfAbsent) => {
+                    let _wrapping = self.wrapping.read().await;
+                    let ring = self.ring(business).await?;
+                    let kek = self.kek(&ring, ring.primary()).await?;
+                    let secret = SecretKey::generate();
+                    let wrapped = WrappedKey::seal(id, &kek, secret.expose_secret())?;
+                    // Whatever is stored afterwards (ours, a concurrent
+                    // sealer's, or a tombstone) is what we use.
+                    self.store.insert_key(wrapped).await?
+                }
+            };
+            let wrapped = match entry {
+                KeyEntry::Wrapped(w) => w,
+                KeyEntry::Destroyed { .. } => {
+                    return Err(KeyError::EpochDestroyed { business, epoch });
+                }
+            };
+            let ring = self.ring_of_stored_key(business).await?;
+            let kek = self.kek(&ring, wrapped.kek_version).await?;
+            let secret = wrapped.open(&kek)?;
+            let secret = SecretKey::from_slice(&secret).ok_or(KeyError::Unwrap(wrapped.id))?;
+            let key = Arc::new(EpochKey::new(business, epoch, &secret));
+            let mut cache = self.write();
+            if cache.epoch_destructions != destructions {
+                // Keys were destroyed while this one loaded, maybe this very
+                // one: read the store again rather than revive it.
+                continue;
+            }
+            // A concurrent loader may have won; either copy is the same key.
+            return Ok(cache.epochs.entry((business, epoch)).or_insert(key).clone());
+        }
+        Err(KeyError::Contention)
+    }
+
+    /// Store `secret` as the key of `business`'s `epoch` (wrapped under the
+    /// primary KEK), for fixtures that need known epoch keys.
+    #[cfg(test)]
+    pub(crate) async fn install_epoch_key(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        secret: &SecretKey,
+    ) -> Result<(), KeyError> {
+        let ring = self.ring(business).await?;
+        let kek = self.kek(&ring, ring.primary()).await?;
+        let wrapped =
+            WrappedKey::seal(KeyId::epoch(business, epoch), &kek, secret.expose_secret())?;
+        match self.store.insert_key(wrapped).await? {
+            KeyEntry::Wrapped(w) if w.kek_version == kek.version => Ok(()),
+            _ => Err(KeyError::Contention),
+        }
+    }
+
+    /// Destroy the key of `business`'s `epoch` now, before the epoch ends:
+    /// every record of the epoch becomes unreadable and nothing more can be
+    /// sealed into it. Returns whether a live key was destroyed.
+    pub async fn destroy_epoch(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        now: Timestamp,
+    ) -> Result<bool, KeyError> {
+        let _forget = ForgetEpochs {
+            keys: self,
+            doomed: |key: &(BusinessId, Epoch)| *key == (business, epoch),
+        };
+        Ok(self
+            .store
+            .destroy_key(&KeyId::epoch(business, epoch), now)
+            .await?)
+    }
+
+    /// Destroy the keys of every epoch that ended at or before `now` (and
+    /// drop the tombstones of epochs destroyed early). Returns how many
+    /// entries were removed.
+    pub async fn destroy_ended_epochs(&self, now: Timestamp) -> Result<u64, KeyError> {
+        self.destroy_ended_epochs_except(now, &BTreeSet::new())
+            .await
+    }
+
+    /// [`destroy_ended_epochs`](Self::destroy_ended_epochs), sparing the
+    /// epochs in `keep` (those a legal hold still needs).
+    pub async fn destroy_ended_epochs_except(
+        &self,
+        now: Timestamp,
+        keep: &BTreeSet<(BusinessId, Epoch)>,
+    ) -> Result<u64, KeyError> {
+        let forget = ForgetEpochs {
+            keys: self,
+            doomed: |(b, epoch): &(BusinessId, Epoch)| {
+                epoch.end() <= now && !keep.contains(&(*b, *epoch))
+            },
+        };
+        let mut removed = 0;
+        loop {
+            // Spared entries come back on every page; asking for that many
+            // more guarantees progress.
+            let ended = self.store.ended_epoch_keys(now, PAGE + keep.len()).await?;
+            let doomed: Vec<KeyId> = ended
+                .into_iter()
+                .filter(|id| {
+                    !keep.contains(&(id.business, Epoch::ending_at(Timestamp::from_millis(id.id))))
+                })
+                .collect();
+            if doomed.is_empty() {
+                return Ok(removed);
+            }
+            removed += self.store.delete_keys(&doomed).await?;
+            forget.now();
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! KEK rings in the store and in memory: each business's ring created on
+//! first use, its KEKs unwrapped on demand, and its rotation (add, promote,
+//! rewrap, raise the decrypt floor, retire), every update compared against
+//! the stored revision.
+
+use std::sync::{Arc, RwLockWriteGuard};
+
+use super::{Cache, Kek, KekContext, KekRing, KeyError, KeyManager, PAGE, SecretKey, WrappedKey};
+use crate::ids::BusinessId;
+use crate::store::StoreError;
+use crate::time::Timestamp;
+
+/// How many times a ring update is retried when it races another.
+const RING_RETRIES: usize = 16;
+
+impl KeyManager {
+    /// The KEK ring of `business`, created with version 1 on first use.
+    pub async fn ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        if let Some(ring) = self.stored_ring(business).await? {
+            return Ok(ring);
+        }
+        self.create_ring(business).await
+    }
+
+    /// The ring the store holds for `business`, which must be `business`'s:
+    /// KEKs are unwrapped in the context of the ring's business, so a ring
+    /// stored under another business's id (misfiled, or copied there) would
+    /// have this business's keys wrapped under, and its ring updates applied
+    /// to, that business's KEKs.
+    async fn load_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
+        match self.store.ring(business).await? {
+            Some(ring) if ring.business() != business => Err(KeyError::CorruptRing { business }),
+            ring => Ok(ring),
+        }
+    }
+
+    /// The KEK ring of `business` if one exists; never creates one.
+    async fn stored_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
+        let forgets = {
+            let cache = self.read();
+            if let Some(ring) = cache.rings.get(&business) {
+                return Ok(Some(ring.clone()));
+            }
+            cache.ring_forgets
+        };
+        let Some(ring) = self.load_ring(business).await? else {
+            return Ok(None);
+        };
+        Ok(Some(match self.unless_forgotten(forgets) {
+            Some(mut cache) => cache.cache_ring(business, ring),
+            None => ring,
+        }))
+    }
+
+    /// How many rings were forgotten so far (see [`Cache::forget_ring`]):
+    /// noted before a ring is read from or written to the store.
+    fn forgets(&self) -> u64 {
+        self.read().ring_forgets
+    }
+
+    /// The cache, to keep a ring (and its KEKs) read from or written to the
+    /// store when `forgets` rings had been forgotten; `None` if one was
+    /// forgotten since: the store may hold a newer ring, from the update
+    /// whose outcome is unknown, and what was read or written then serves
+    /// the call at hand only.
+    fn unless_forgotten(&self, forgets: u64) -> Option<RwLockWriteGuard<'_, Cache>> {
+        let cache = self.write();
+        (cache.ring_forgets == forgets).then_some(cache)
+    }
+
+    /// The ring that must exist because a key wrapped under it does. Used
+    /// wherever a stored key is unwrapped, so that opening never writes: a
+    /// missing ring is reported, not replaced by a fresh one that could not
+    /// unwrap the key anyway.
+    pub(super) async fn ring_of_stored_key(
+        &self,
+        business: BusinessId,
+    ) -> Result<KekRing, KeyError> {
+        self.stored_ring(business)
+            .await?
+            .ok_or(KeyError::CorruptRing { business })
+    }
+
+    async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        let key = SecretKey::generate();
+        let wrapped = self
+            .provider
+            .wrap(
+                &KekContext {
+                    business,
+                    version: 1,
+                },
+                &key,
+            )
+            .await?;
+        // The creation time of version 1 is informational; no clock is needed.
+        let ring = KekRing::new(business, wrapped, Timestamp::UNIX_EPOCH);
+        let forgets = self.forgets();
+        match self.store.put_ring(&ring, None).await {
+            Ok(()) => {
+                let Some(mut cache) = self.unless_forgotten(forgets) else {
+                    return Ok(ring);
+                };
+                cache
+                    .keks
+                    .insert((business, 1), Arc::new(Kek::new(1, &key)));
+                Ok(cache.cache_ring(business, ring))
+            }
+            // Another caller created it first: use theirs.
+            Err(StoreError::Conflict) => self
+                .stored_ring(business)
+                .await?
+                .ok_or(KeyError::Contention),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Apply `change` to the stored ring, retrying if another update races it.
+    async fn update_ring<F>(&self, business: BusinessId, change: F) -> Result<KekRing, KeyError>
+    where
+        F: Fn(&KekRing) -> Result<KekRing, KeyError>,
+    {
+        if self.stored_ring(business).await?.is_none() {
+            // A change a new ring would refuse fails before one is created:
+            // a failed operation changes nothing.
+            change(&KekRing::new(business, Vec::new(), Timestamp::UNIX_EPOCH))?;
+            self.ring(business).await?;
+        }
+        for _ in 0..RING_RETRIES {
+            let current = self
+                .load_ring(business)
+                .await?
+                .ok_or(KeyError::CorruptRing { business })?;
+            let next = change(&current)?;
+            let forgets = self.forgets();
+            match self.store.put_ring(&next, Some(current.revision())).await {
+                Ok(()) => {
+                    if let Some(mut cache) = self.unless_forgotten(forgets) {
+                        cache.cache_ring(business, next.clone());
+                    }
+                    return Ok(next);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => {
+                    self.write().forget_ring(business);
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(KeyError::Contention)
+    }
+
+    /// The unwrapped KEK `version` of `ring`'s business, if it may unwrap.
+    pub(super) async fn kek(&self, ring: &KekRing, version: u32) -> Result<Arc<Kek>, KeyError> {
+        let business = ring.business();
+        let stored = ring.usable(version)?;
+        if let Some(kek) = self.read().keks.get(&(business, version)) {
+            return Ok(kek.clone());
+        }
+        let key = self
+            .provider
+            .unwrap(&KekContext { business, version }, &stored.wrapped)
+            .await?;
+        let kek = Arc::new(Kek::new(version, &key));
+        // The ring may have moved on while the provider answered: a version
+        // put below the floor or retired meanwhile serves this one call (it
+        // was usable when asked for) but is not kept in memory; nor is one
+        // whose ring was forgotten meanwhile (see `Cache::forget_ring`).
+        let mut cache = self.write();
+        if cache
+            .rings
+            .get(&business)
+            .is_some_and(|current| current.usable(version).is_ok())
+        {
+            cache.keks.insert((business, version), kek.clone());
+        }
+        Ok(kek)
+    }
+
+    /// Add a new KEK version to `business`'s ring, not yet primary, so every
+    /// node can unwrap with it before it is promoted. Returns the version.
+    pub async fn add_kek_version(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Result<u32, KeyError> {
+        self.ring(business).await?;
+        for _ in 0..RING_RETRIES {
+            let current = self
+                .load_ring(business)
+                .await?
+                .ok_or(KeyError::CorruptRing { business })?;
+            let version = current.next_version();
+            let key = SecretKey::generate();
+            let wrapped = self
+                .provider
+                .wrap(&KekContext { business, version }, &key)
+                .await?;
+            let (next, version) = current.add_version(wrapped, now)?;
+            let forgets = self.forgets();
+            match self.store.put_ring(&next, Some(current.revision())).await {
+                Ok(()) => {
+                    if let Some(mut cache) = self.unless_forgotten(forgets) {
+                        cache.cache_ring(business, next);
+                        let kek = Arc::new(Kek::new(version, &key));
+                        cache.keks.insert((business, version), kek);
+                    }
+                    return Ok(version);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => {
+                    self.write().forget_ring(business);
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(KeyError::Contention)
+    }
+
+    /// Make `version` the primary: new keys are wrapped under it from now on.
+    pub async fn promote_kek_version(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(), KeyError> {
+        self.update_ring(business, |r| r.promote(version))
+            .await
+            .map(drop)
+    }
+
+    /// Rewrap every key of `business` still wrapped under a version older than
+    /// the primary, without touching any content. Returns how many were rewrapped.
+    pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
+        let _wrapping = self.wrapping.read().await;
+        let ring = self.ring(business).await?;
+        let primary = self.kek(&ring, ring.primary()).await?;
+        let mut after = None;
+        let mut done = 0;
+        loop {
+            let page = self
+                .store
+                .keys_wrapped_below(business, primary.version, after, PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for old in page {
+                let kek = self.kek(&ring, old.kek_version).await?;
+                let secret = old.open(&kek)?;
+                let new = WrappedKey::seal(old.id, &primary, &secret)?;
+                if self.store.rewrap_key(new, old.kek_version).await? {
+                    done += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Raise `business`'s decrypt floor to `version`: older versions may no
+    /// longer unwrap. Refused while any key is still wrapped below it.
+    pub async fn raise_decrypt_floor(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(), KeyError> {
+        let _wrapping = self.wrapping.write().await;
+        if !self
+            .store
+            .keys_wrapped_below(business, version, None, 1)
+            .await?
+            .is_empty()
+        {
+            return Err(KeyError::NeedsRewrap { floor: version });
+        }
+        self.update_ring(business, |r| r.raise_floor(version))
+            .await?;
+        self.write()
+            .keks
+            .retain(|(b, v), _| *b != business || *v >= version);
+        Ok(())
+    }
+
+    /// Retire `version`: destroy its wrapped bytes for good. Only versions
+    /// below the floor, wrapping no key, may be retired. Retiring a version
+    /// retired already changes nothing (a retirement whose answer the store
+    /// lost is made again this way), and the version is forgotten in memory.
+    pub async fn retire_kek_version(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(), KeyError> {
+        let _wrapping = self.wrapping.write().await;
+        let forgets = self.forgets();
+        if let Some(ring) = self.load_ring(business).await?
+            && version < ring.floor()
+            && version < ring.next_version()
+            && ring.get(version).is_none()
+        {
+            let mut cache = self.write();
+            cache.keks.remove(&(business, version));
+            if cache.ring_forgets == forgets {
+                cache.cache_ring(business, ring);
+            }
+            return Ok(());
+        }
+        let keys = self.store.count_wrapped_under(business, version).await?;
+        if keys > 0 {
+            return Err(KeyError::VersionInUse { version, keys });
+        }
+        self.update_ring(business, |r| r.retire(version)).await?;
+        self.write().keks.remove(&(business, version));
+        Ok(())
+    }
+}
