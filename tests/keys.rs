@@ -904,6 +904,21 @@ impl KeyStore for PausingStore {
     }
 }
 
+/// A manager over a pausing store whose ring for `b` has v2 added and
+/// promoted (nothing wrapped under v1).
+async fn rotated_to_v2(
+    b: BusinessId,
+    now: Timestamp,
+) -> (Arc<LocalKeyProvider>, Arc<PausingStore>, Arc<KeyManager>) {
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let store = Arc::new(PausingStore::new(None));
+    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
+    let v2 = keys.add_kek_version(b, now).await.unwrap();
+    assert_eq!(v2, 2);
+    keys.promote_kek_version(b, v2).await.unwrap();
+    (provider, store, keys)
+}
+
 /// Two ring updates race: the first stores its ring, then a second stores
 /// a newer one (raising the decrypt floor) and caches it before the first
 /// caches its own. The manager must keep the newer ring: an older one
@@ -911,16 +926,10 @@ impl KeyStore for PausingStore {
 /// retired for cause, in this process until the ring next changes.
 #[tokio::test]
 async fn a_slow_ring_update_never_caches_over_a_newer_ring() {
-    let root = [0x6d; 32];
-    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
-        &mut root.clone(),
-    )));
-    let store = Arc::new(PausingStore::new(None));
-    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
     let b = business(90);
     let now = Timestamp::from_millis(1_767_225_600_000);
-    let v2 = keys.add_kek_version(b, now).await.unwrap();
-    keys.promote_kek_version(b, v2).await.unwrap();
+    let (provider, store, keys) = rotated_to_v2(b, now).await;
+    let v2 = 2;
 
     // A slow administrator adds v3: stored, not yet cached.
     store.armed.store(true, Ordering::SeqCst);
@@ -1039,13 +1048,9 @@ async fn raise_the_floor_losing_the_answer<T: std::fmt::Debug>(
 /// process would unwrap under v1 again, behind the store's floor.
 #[tokio::test]
 async fn a_ring_written_before_an_update_with_its_answer_lost_is_not_cached_after_it() {
-    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
-    let store = Arc::new(PausingStore::new(None));
-    let keys = Arc::new(KeyManager::new(provider.clone(), store.clone()));
     let b = business(96);
     let now = Timestamp::from_millis(1_767_225_600_000);
-    let v2 = keys.add_kek_version(b, now).await.unwrap();
-    keys.promote_kek_version(b, v2).await.unwrap();
+    let (provider, store, keys) = rotated_to_v2(b, now).await;
 
     store.armed.store(true, Ordering::SeqCst);
     let slow = tokio::spawn({

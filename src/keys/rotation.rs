@@ -132,22 +132,42 @@ impl KeyManager {
                 .await?
                 .ok_or(KeyError::CorruptRing { business })?;
             let next = change(&current)?;
-            let forgets = self.forgets();
-            match self.store.put_ring(&next, Some(current.revision())).await {
-                Ok(()) => {
-                    if let Some(mut cache) = self.unless_forgotten(forgets) {
-                        cache.cache_ring(business, next.clone());
-                    }
-                    return Ok(next);
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => {
-                    self.write().forget_ring(business);
-                    return Err(e.into());
-                }
+            if self.swap_ring(&current, &next, None).await? {
+                return Ok(next);
             }
         }
         Err(KeyError::Contention)
+    }
+
+    /// Store `next` in place of `current` (compared by revision) and cache
+    /// it, with `kek` (a version it adds) if given; `false` if another
+    /// update stored first. If the store fails the write, it may have taken
+    /// it with its answer lost: the business's ring is forgotten in memory
+    /// (see [`Cache::forget_ring`]).
+    async fn swap_ring(
+        &self,
+        current: &KekRing,
+        next: &KekRing,
+        kek: Option<Kek>,
+    ) -> Result<bool, KeyError> {
+        let business = next.business();
+        let forgets = self.forgets();
+        match self.store.put_ring(next, Some(current.revision())).await {
+            Ok(()) => {
+                if let Some(mut cache) = self.unless_forgotten(forgets) {
+                    cache.cache_ring(business, next.clone());
+                    if let Some(kek) = kek {
+                        cache.keks.insert((business, kek.version), Arc::new(kek));
+                    }
+                }
+                Ok(true)
+            }
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => {
+                self.write().forget_ring(business);
+                Err(e.into())
+            }
+        }
     }
 
     /// The unwrapped KEK `version` of `ring`'s business, if it may unwrap.
@@ -197,21 +217,11 @@ impl KeyManager {
                 .wrap(&KekContext { business, version }, &key)
                 .await?;
             let (next, version) = current.add_version(wrapped, now)?;
-            let forgets = self.forgets();
-            match self.store.put_ring(&next, Some(current.revision())).await {
-                Ok(()) => {
-                    if let Some(mut cache) = self.unless_forgotten(forgets) {
-                        cache.cache_ring(business, next);
-                        let kek = Arc::new(Kek::new(version, &key));
-                        cache.keks.insert((business, version), kek);
-                    }
-                    return Ok(version);
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => {
-                    self.write().forget_ring(business);
-                    return Err(e.into());
-                }
+            if self
+                .swap_ring(&current, &next, Some(Kek::new(version, &key)))
+                .await?
+            {
+                return Ok(version);
             }
         }
         Err(KeyError::Contention)
