@@ -207,7 +207,9 @@ impl Retention {
     }
 
     /// The policy in force, to give a new message its expiry by. Once the
-    /// message is stored, pass the admission to [`stored`](Self::stored).
+    /// write storing the message was made, pass the admission to
+    /// [`stored`](Self::stored), whatever came of the write (a failed one
+    /// may have landed with its answer lost).
     pub fn admit(&self) -> Admission {
         let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
         Admission {
@@ -216,8 +218,9 @@ impl Retention {
         }
     }
 
-    /// A message admitted with `admission` is stored. If the policy changed
-    /// in between, a sweep applying the new one may have passed it already:
+    /// A message admitted with `admission` is stored, or may be. If the
+    /// policy changed in between, a sweep applying the new one may have
+    /// passed it already:
     /// the next sweep applies the policy in force again, so that no message
     /// keeps an expiry longer than the policy allows.
     pub fn stored(&self, admission: &Admission) {
