@@ -220,9 +220,8 @@ impl Retention {
 
     /// A message admitted with `admission` is stored, or may be. If the
     /// policy changed in between, a sweep applying the new one may have
-    /// passed it already:
-    /// the next sweep applies the policy in force again, so that no message
-    /// keeps an expiry longer than the policy allows.
+    /// passed it already: the next sweep applies the policy in force again,
+    /// so that no message keeps an expiry longer than the policy allows.
     pub fn stored(&self, admission: &Admission) {
         if self.generation.load(Ordering::SeqCst) != admission.generation {
             self.stale.store(true, Ordering::SeqCst);
