@@ -265,24 +265,6 @@ impl std::fmt::Debug for Processor {
     }
 }
 
-/// A message admitted under the retention policy in force, on its way to
-/// the store. Dropped once its storing write was made, whatever came of it
-/// (stored; failed, perhaps with its answer lost; or its caller's future
-/// dropped at the commit, which may land all the same), it tells retention
-/// that the message may be stored: a policy put in force since, whose sweep
-/// may have passed before the message landed, is applied again by the next
-/// sweep, so no message keeps an expiry the policy no longer allows.
-struct Admitted<'a> {
-    retention: &'a Retention,
-    admission: Admission,
-}
-
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        self.retention.stored(&self.admission);
-    }
-}
-
 /// How often a compare-and-swap of a message's delivery state is retried:
 /// each lost race means its status moved forward, which it can do at most
 /// four times.
@@ -353,18 +335,12 @@ impl Processor {
         business: BusinessId,
         direction: Direction,
         now: Timestamp,
-    ) -> Result<(Timestamp, Admitted<'_>), ProcessorError> {
+    ) -> Result<(Timestamp, Admission<'_>), ProcessorError> {
         let admission = self.retention.admit();
         let policy = admission.policy();
         check_residency(business, policy.region(business), self.storage.region())?;
         let expiry = policy.expiry(business, direction, now);
-        Ok((
-            expiry,
-            Admitted {
-                retention: &self.retention,
-                admission,
-            },
-        ))
+        Ok((expiry, admission))
     }
 
     /// Change a message's delivery state if it is still `expected`; `false`

@@ -97,18 +97,46 @@ pub enum HoldError {
 /// off-peak can raise it with [`Retention::with_batch`].
 const DEFAULT_BATCH: usize = 65_536;
 
-/// The retention policy a new message was given its expiry by (see
-/// [`Retention::admit`]).
-#[derive(Debug, Clone)]
-pub struct Admission {
+/// A new message admitted under the retention policy in force (see
+/// [`Retention::admit`]): give it its expiry by [`policy`](Self::policy),
+/// and drop the admission once the write storing it was made, whatever came
+/// of that write (stored; failed, perhaps with its answer lost; or the
+/// caller's future dropped at the commit, which may land all the same).
+///
+/// Dropped, it tells retention that the message may be stored: if a policy
+/// was put in force since, a sweep applying it may have passed before the
+/// message landed, and the next sweep applies it again, so no message keeps
+/// an expiry the policy no longer allows. Dropping an admission whose
+/// message was never written costs that sweep a pass over the expiries,
+/// nothing more.
+#[must_use = "drop the admission once the message's storing write was made"]
+pub struct Admission<'a> {
+    retention: &'a Retention,
     policy: Arc<RetentionPolicy>,
     generation: u64,
 }
 
-impl Admission {
+impl Admission<'_> {
     /// The policy in force when the message arrived.
     pub fn policy(&self) -> &RetentionPolicy {
         &self.policy
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.retention.generation.load(Ordering::SeqCst) != self.generation {
+            self.retention.stale.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl std::fmt::Debug for Admission<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("policy", &self.policy)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
     }
 }
 
@@ -206,25 +234,15 @@ impl Retention {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The policy in force, to give a new message its expiry by. Once the
-    /// write storing the message was made, pass the admission to
-    /// [`stored`](Self::stored), whatever came of the write (a failed one
-    /// may have landed with its answer lost).
-    pub fn admit(&self) -> Admission {
+    /// Admit a new message under the policy in force, to give it its expiry
+    /// by; drop the admission once the write storing the message was made
+    /// (see [`Admission`]).
+    pub fn admit(&self) -> Admission<'_> {
         let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
         Admission {
+            retention: self,
             policy: policy.clone(),
             generation: self.generation.load(Ordering::SeqCst),
-        }
-    }
-
-    /// A message admitted with `admission` is stored, or may be. If the
-    /// policy changed in between, a sweep applying the new one may have
-    /// passed it already: the next sweep applies the policy in force again,
-    /// so that no message keeps an expiry longer than the policy allows.
-    pub fn stored(&self, admission: &Admission) {
-        if self.generation.load(Ordering::SeqCst) != admission.generation {
-            self.stale.store(true, Ordering::SeqCst);
         }
     }
 
