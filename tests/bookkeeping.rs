@@ -433,6 +433,44 @@ async fn an_early_shred_fails_its_message_and_holds_up_no_other_business() {
     assert_eq!(status, Status::Sent);
 }
 
+/// A message reported delivered while device 1 waits for a retry, whose
+/// epoch is then shredded early: device 1 can no longer get it, but the
+/// message stays delivered (a status never goes backwards) and its business
+/// is told delivered, once, not failed.
+#[tokio::test]
+async fn an_early_shred_never_fails_a_message_reported_delivered() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::ReportInsideSendThenDevice1Fails);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    let waiting = d.store.message(b, id).await.unwrap().unwrap();
+    assert_eq!(waiting.delivery.status, Status::Delivered);
+    assert_eq!(waiting.delivery.pending_devices, 0b10);
+    let keys = d.processor.keys(&d.operator).unwrap();
+    let now = d.clock.now();
+    assert!(keys.destroy_epoch(b, waiting.epoch, now).await.unwrap());
+
+    d.settle(3).await;
+    assert_eq!(
+        d.processor.message_status(&d.owner, b, id).await.unwrap(),
+        (Status::Delivered, None)
+    );
+    let settled = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(settled.pending_devices, 0, "device 1 is given up");
+    assert_eq!(settled.next_attempt, None, "nothing more is due");
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Delivered, None)],
+        "told delivered once"
+    );
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(received[&0].get(&id), Some(&1));
+    assert_eq!(received.get(&1).and_then(|r| r.get(&id)), None);
+}
+
 /// A network that lists a device twice: the device is sent the message
 /// once.
 #[tokio::test]

@@ -29,10 +29,19 @@ pub struct RetransmitReport {
 
 impl Processor {
     /// Fail `record`, whose stored content cannot be opened or decoded: it
-    /// can never be delivered, and its business is told why. Returns
-    /// whether the business was told.
+    /// can never be delivered, and its business is told why. One reported
+    /// delivered or read already, with devices left to retry, keeps its
+    /// status (a status never goes backwards): those devices are given up
+    /// and its business told the status it has. Returns whether the
+    /// business was told a failure.
     async fn fail_unreadable(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
         let (business, id, current) = (record.business, record.id, record.delivery);
+        if !current.status.may_become(Status::Failed) {
+            warn!(%business, %id, "a delivered message is unreadable: its devices left to retry are given up");
+            self.report_status(business, id, record.phone, record.direction, current)
+                .await?;
+            return Ok(false);
+        }
         warn!(%business, %id, "a stored message is unreadable: failed");
         let failed = Attempt::Fail(FailureReason::Unreadable);
         let next = self.after_attempt(&current, failed, self.clock.now());
