@@ -30,6 +30,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneHash};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
+use custodian::processor::StatusChange;
 use custodian::retention::{Decision, Retention, RetentionPolicy};
 use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{
@@ -138,6 +139,49 @@ fn an_idempotent_send_dropped_anywhere_and_made_again_is_sent_once() {
         d.assert_delivered_and_billed([id].iter(), 1, format_args!("cut {n}"))
             .await;
         dropped.is_some()
+    }));
+}
+
+/// A send named by a key, dropped once its message is stored and before
+/// its first attempt; retention is then shortened to a day, and two days
+/// on the business makes the send again: the message is past its
+/// retention, so it is neither sent nor told delivered, and fails as
+/// expired.
+#[test]
+fn an_idempotent_send_made_again_past_a_shortened_retention_sends_nothing() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let send = || {
+            d.processor
+                .send_idempotent(&d.owner, d.b, b"order-1", d.outbound(b"first"))
+        };
+        // The first cut at which the dropped call has stored the message.
+        assert!(poll_at_most(send(), n).await.is_none(), "cut {n}: finished");
+        if d.store.census().await.unwrap().messages == 0 {
+            return false;
+        }
+        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
+        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
+        d.processor
+            .set_retention_policy(&d.operator, shorter)
+            .unwrap();
+        d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let id = send().await.unwrap();
+        let report = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        assert_eq!(report, StatusChange::Ignored, "cut {n}");
+        d.settle(2).await;
+        assert_eq!(d.network.received(&consumer(2)).await.get(&0), None);
+        assert_eq!(
+            d.processor.message_status(&d.owner, d.b, id).await.unwrap(),
+            (Status::Failed, Some(FailureReason::Expired)),
+            "cut {n}"
+        );
+        true
     }));
 }
 

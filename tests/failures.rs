@@ -287,6 +287,43 @@ fn an_idempotent_send_retried_after_any_host_failure_is_sent_once() {
     });
 }
 
+/// A send made again under its key whose look for the stored message
+/// misses it (a replica behind the write that stored it, or that write
+/// still landing), so that its own write conflicts: the message stored is
+/// checked and taken up as one found under the key. Another message under
+/// the key is refused, and the same one is not sent again.
+#[test]
+fn an_idempotent_send_that_misses_its_stored_message_is_checked_against_it() {
+    runtime().block_on(async {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let send = |content: &'static [u8]| {
+            d.processor
+                .send_idempotent(&d.owner, d.b, b"order-1", d.outbound(content))
+        };
+        let id = send(b"first").await.unwrap();
+        d.faults.miss_message_reads(1);
+        assert!(
+            matches!(send(b"other").await, Err(ProcessorError::Invalid(_))),
+            "another message under the key"
+        );
+        d.faults.miss_message_reads(1);
+        assert_eq!(send(b"first").await.unwrap(), id);
+        d.settle(3).await;
+        let received = d.network.received(&consumer(2)).await;
+        for device in 0..2 {
+            assert_eq!(
+                received[&device],
+                BTreeMap::from([(id, 1)]),
+                "device {device}"
+            );
+        }
+        assert_eq!(d.store.census().await.unwrap().messages, 1);
+        d.assert_delivered_and_billed([id].iter(), 1, format_args!("missed reads"))
+            .await;
+    });
+}
+
 #[test]
 fn status_update_survives_every_host_failure() {
     runtime().block_on(async {

@@ -196,6 +196,11 @@ impl Processor {
         let now = self.clock.now();
         let (expiry, admitted) = self.admit(business, Direction::Outbound, now)?;
         let phone = self.keys.phone_hash(business, &outbound.to).await?;
+        let body = OutboundBody {
+            to: outbound.to,
+            category: outbound.category,
+            content: outbound.content,
+        };
         // The claim keeps the retransmission loop off the message (due at
         // once) until this first attempt is done.
         let (id, _claim) = match key {
@@ -208,20 +213,8 @@ impl Processor {
                 let id = self.keys.send_id(business, key).await?;
                 let claim = self.take_up(business, id).await?;
                 if let Some(stored) = self.storage.message(business, id).await? {
-                    let body = self.same_send(&stored, phone, &outbound).await?;
-                    debug!(%id, "a send under a key used before: its message is stored");
-                    let d = stored.delivery;
-                    // The call that stored it was cut short before its
-                    // first attempt: made now, as that call would have.
-                    if let (Some(_claim), Some(body)) = (claim, body)
-                        && d.status == Status::Queued
-                        && d.attempts == 0
-                        && let Err(e) = self
-                            .attempt_outbound(&stored, &body, Purpose::Delivery)
-                            .await
-                    {
-                        warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
-                    }
+                    self.resume_send(&stored, claim.is_some(), phone, &body, now)
+                        .await?;
                     return Ok(id);
                 }
                 if claim.is_none() {
@@ -229,11 +222,6 @@ impl Processor {
                 }
                 (id, claim)
             }
-        };
-        let body = OutboundBody {
-            to: outbound.to,
-            category: outbound.category,
-            content: outbound.content,
         };
         let mut record = self
             .seal_record(
@@ -256,13 +244,21 @@ impl Processor {
         drop(admitted);
         if let Err(e) = committed {
             // The write may have landed with its answer lost (a networked
-            // store): if the store now has the message, under this fresh
-            // id, it is accepted as if the commit had answered. Refused,
-            // it would be sent twice, once again by the business.
-            if !matches!(self.storage.message(business, id).await, Ok(Some(_))) {
+            // store): if the store now has the message, it is accepted as
+            // if the commit had answered. Refused, it would be sent twice,
+            // once again by the business.
+            let Ok(Some(stored)) = self.storage.message(business, id).await else {
                 return Err(e.into());
-            }
+            };
             warn!(%business, %id, error = %e, "the store failed the write storing the message, but has it: accepted");
+            if key.is_some() {
+                // Under a key, it may be another call's (one whose write
+                // landed after this call looked): checked and taken up as
+                // any message found under its key, never sent as this one.
+                self.integrity.record_sent(business, phone, now);
+                self.resume_send(&stored, true, phone, &body, now).await?;
+                return Ok(id);
+            }
         }
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
@@ -279,26 +275,63 @@ impl Processor {
         Ok(id)
     }
 
+    /// Take up `stored`, the message found under a send's idempotency key,
+    /// once checked to be this send's (see [`same_send`](Self::same_send)):
+    /// if the call that stored it stopped before its first attempt, and
+    /// this one holds its claim (`claimed`), the attempt is made now, as
+    /// that call would have.
+    async fn resume_send(
+        &self,
+        stored: &MessageRecord,
+        claimed: bool,
+        phone: PhoneHash,
+        body: &OutboundBody,
+        now: Timestamp,
+    ) -> Result<(), ProcessorError> {
+        let (business, id) = (stored.business, stored.id);
+        let stored_body = self.same_send(stored, phone, body, now).await?;
+        debug!(%id, "a send under a key used before: its message is stored");
+        let d = stored.delivery;
+        if let (true, Some(stored_body)) = (claimed, stored_body)
+            && d.status == Status::Queued
+            && d.attempts == 0
+            && let Err(e) = self
+                .attempt_outbound(stored, &stored_body, Purpose::Delivery)
+                .await
+        {
+            warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+        }
+        Ok(())
+    }
+
     /// Check that `stored`, found under the id of a send's idempotency key,
-    /// is the message of this send (`outbound`, to the consumer hashed to
+    /// is the message of this send (`body`, to the consumer hashed to
     /// `phone`); if not, the key was used for another. Returns its body if
-    /// it can still be read.
+    /// retention lets it be read at `now` and it can be.
     async fn same_send(
         &self,
         stored: &MessageRecord,
         phone: PhoneHash,
-        outbound: &Outbound,
+        body: &OutboundBody,
+        now: Timestamp,
     ) -> Result<Option<OutboundBody>, ProcessorError> {
         let other = || ProcessorError::Invalid("the idempotency key was used for another message");
         if stored.direction != Direction::Outbound || stored.phone != phone {
             return Err(other());
         }
+        if !self.retention.readable(stored, now) {
+            return Ok(None);
+        }
         match self.due_body(stored).await? {
-            Stored::Content(StoredBody::Outbound(body)) => {
-                let same = body.to == outbound.to
-                    && body.category == outbound.category
-                    && body.content == outbound.content;
-                if same { Ok(Some(body)) } else { Err(other()) }
+            Stored::Content(StoredBody::Outbound(stored_body)) => {
+                let same = stored_body.to == body.to
+                    && stored_body.category == body.category
+                    && stored_body.content == body.content;
+                if same {
+                    Ok(Some(stored_body))
+                } else {
+                    Err(other())
+                }
             }
             Stored::Content(StoredBody::Inbound(_)) => Err(other()),
             // Its content can no longer be compared: the recipient was.

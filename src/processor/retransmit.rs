@@ -124,7 +124,7 @@ impl Processor {
             if d.next_attempt.is_none_or(|t| t > now) {
                 continue;
             }
-            let readable = self.retention.decide(&record, now).await?.readable();
+            let readable = self.retention.readable(&record, now);
             let resend = record.direction == Direction::Outbound
                 && d.status != Status::Failed
                 && d.pending_devices != 0

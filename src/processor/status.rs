@@ -160,7 +160,7 @@ impl Processor {
             let now = self.clock.now();
             if record.direction != Direction::Outbound
                 || !record.delivery.status.may_become(status)
-                || now >= record.expiry
+                || !self.retention.readable(&record, now)
             {
                 return Ok(StatusChange::Ignored);
             }

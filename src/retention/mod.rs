@@ -255,6 +255,15 @@ impl Retention {
         check_residency(business, self.policy().region(business), store)
     }
 
+    /// Whether `message` may still be read at `now`: before its expiry
+    /// under the policy in force (a shortened period applies before the
+    /// sweep caps the stored expiry). The same answer as
+    /// [`decide`](Self::decide)'s [`Decision::readable`], without reading
+    /// the holds, which only matter once a message is past it.
+    pub fn readable(&self, message: &MessageRecord, now: Timestamp) -> bool {
+        now < effective_expiry(&RecordFacts::from(message), &self.policy())
+    }
+
     /// What retention says about `message` at `now`: the check every read
     /// makes before opening it.
     pub async fn decide(

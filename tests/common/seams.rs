@@ -211,6 +211,8 @@ pub(crate) struct Plan {
 #[derive(Default)]
 pub(crate) struct HostFaults {
     state: Mutex<FaultState>,
+    /// Reads of a message still to answer that there is none.
+    missed_reads: Mutex<usize>,
 }
 
 #[derive(Default)]
@@ -250,6 +252,21 @@ impl HostFaults {
             strike: Strike::Before,
             outage: true,
         });
+    }
+
+    /// Answer the next `n` reads of a message that there is none, as a
+    /// replica behind a write that landed does (or a write still landing
+    /// when the read is made).
+    pub(crate) fn miss_message_reads(&self, n: usize) {
+        *self.missed_reads.lock().unwrap() = n;
+    }
+
+    /// Whether this read of a message is to miss it.
+    fn misses_message(&self) -> bool {
+        let mut left = self.missed_reads.lock().unwrap();
+        let miss = *left > 0;
+        *left = left.saturating_sub(1);
+        miss
     }
 
     /// Fail nothing more; the calls failed so far (name and strike).
@@ -443,9 +460,14 @@ impl Storage for FailingStore {
         business: BusinessId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        self.faults
+        let read = self
+            .faults
             .store("message", self.inner.message(business, id))
-            .await
+            .await;
+        if self.faults.misses_message() {
+            return read.map(|_| None);
+        }
+        read
     }
     async fn due_messages(
         &self,
