@@ -18,7 +18,7 @@ use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
 use custodian::signal::{PreKeyBundle, PublishedKeys};
-use custodian::store::{FailureReason, MemoryStore, Status, Storage};
+use custodian::store::{Delivery, FailureReason, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
@@ -60,6 +60,11 @@ enum Race {
     /// Device 0's delivery report reaches the processor from inside its
     /// `send`; device 1's send then fails transiently.
     ReportInsideSendThenDevice1Fails,
+    /// The network lists devices 63 and 64 only (which share the last
+    /// pending bit), and device 63's first send fails transiently.
+    HighDevices63FailsOnce,
+    /// The network lists devices 63 and 64 only.
+    HighDevices,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -89,6 +94,7 @@ impl Transport for Racing {
                 Ok(devices.iter().chain(&devices).copied().collect())
             }
             Race::ListMany(n) => Ok((0..n).collect()),
+            Race::HighDevices63FailsOnce | Race::HighDevices => Ok(vec![63, 64]),
             Race::ReportThenNoDeviceList(id) => {
                 *self.race.lock().unwrap() = Race::None;
                 self.processor()
@@ -150,6 +156,10 @@ impl Transport for Racing {
                     () = tokio::task::yield_now() => {}
                 }
             }
+            return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::HighDevices63FailsOnce && device == 63 {
+            *self.race.lock().unwrap() = Race::HighDevices;
             return Err(TransportError::Unavailable("transient".into()));
         }
         if race == Race::ReportInsideSendThenDevice1Fails && device == 1 {
@@ -469,6 +479,27 @@ async fn an_early_shred_never_fails_a_message_reported_delivered() {
     let received = d.racing.network.received(&number(1)).await;
     assert_eq!(received[&0].get(&id), Some(&1));
     assert_eq!(received.get(&1).and_then(|r| r.get(&id)), None);
+}
+
+/// Devices 63 and above share one pending bit: device 63 failing for now
+/// while device 64 takes the message leaves the bit pending, so device 63
+/// is sent the message again (device 64 may get it again, which its
+/// payload's id lets it recognise).
+#[tokio::test]
+async fn a_device_sharing_the_last_pending_bit_is_not_left_without_the_message() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 65).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::HighDevices63FailsOnce);
+    let id = d.send(b, 1).await;
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(waiting.pending_devices, Delivery::device_bit(63));
+    d.settle(2).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for device in [63, 64] {
+        assert!(received[&device].contains_key(&id), "device {device}");
+    }
 }
 
 /// A network that lists a device twice: the device is sent the message

@@ -48,13 +48,44 @@ impl std::fmt::Debug for Outbound {
 struct Reached {
     listed: u64,
     settled: u64,
+    /// Devices listed that share the last bit (63 and above) and are not
+    /// settled: the bit stays pending while any of them needs the message.
+    shared_unsettled: u32,
     sent: u32,
 }
 
+/// The bit devices 63 and above share in [`Delivery::pending_devices`].
+const SHARED_BIT: u64 = Delivery::device_bit(63);
+
 impl Reached {
-    /// The devices that still need the message.
+    /// The devices `wanted` (id and bit) are listed for this attempt.
+    fn list(&mut self, wanted: impl Iterator<Item = (u32, u64)>) {
+        for (_, bit) in wanted {
+            self.listed |= bit;
+            self.shared_unsettled += u32::from(bit == SHARED_BIT);
+        }
+    }
+
+    /// A device, of pending bit `bit`, is settled.
+    fn settle(&mut self, bit: u64) {
+        if bit == SHARED_BIT {
+            self.shared_unsettled = self.shared_unsettled.saturating_sub(1);
+        } else {
+            self.settled |= bit;
+        }
+    }
+
+    /// The devices that still need the message (all of those sharing the
+    /// last bit while any of them does: one that has it may get it again,
+    /// which its payload's message id lets it recognise, but none is left
+    /// without it).
     fn pending(&self) -> u64 {
-        self.listed & !self.settled
+        let shared = if self.shared_unsettled > 0 {
+            SHARED_BIT
+        } else {
+            0
+        };
+        (self.listed & !self.settled & !SHARED_BIT) | (self.listed & shared)
     }
 }
 
@@ -613,7 +644,7 @@ impl Processor {
             .iter()
             .map(|&device| (device, Delivery::device_bit(device)))
             .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0));
-        reached.listed = wanted.clone().fold(0, |mask, (_, bit)| mask | bit);
+        reached.list(wanted.clone());
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let mut refused = false;
         for (device, bit) in wanted {
@@ -627,7 +658,7 @@ impl Processor {
             {
                 Ok(true) => {}
                 Ok(false) => {
-                    reached.settled |= bit;
+                    reached.settle(bit);
                     continue;
                 }
                 // Pending: tried again later.
@@ -654,12 +685,12 @@ impl Processor {
                 .await
             {
                 Ok(()) => {
-                    reached.settled |= bit;
+                    reached.settle(bit);
                     reached.sent += 1;
                 }
                 Err(TransportError::Refused(_)) => {
                     refused = true;
-                    reached.settled |= bit;
+                    reached.settle(bit);
                 }
                 Err(_) => {}
             }

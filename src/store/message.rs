@@ -148,7 +148,8 @@ pub struct Delivery {
     pub next_attempt: Option<Timestamp>,
     /// The recipient's devices the message must still be sent to after a
     /// partial failure: bit `d` for device `d` (devices 63 and above share
-    /// bit 63). Zero means none outstanding.
+    /// bit 63, set while any of them needs the message: all of them are
+    /// sent it again). Zero means none outstanding.
     #[serde(default)]
     pub pending_devices: u64,
 }
