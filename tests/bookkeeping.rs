@@ -65,6 +65,8 @@ enum Race {
     HighDevices63FailsOnce,
     /// The network lists devices 63 and 64 only.
     HighDevices,
+    /// The network takes a billing statement, and its answer is lost.
+    LoseBillingReply,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -76,6 +78,8 @@ struct Racing {
     in_webhook: Arc<Notify>,
     report: Mutex<Option<tokio::task::JoinHandle<()>>>,
     published: Mutex<Option<PublishedKeys>>,
+    /// Every billing statement handed over, as handed over.
+    billing: Mutex<Vec<BillingStatement>>,
 }
 
 impl Racing {
@@ -193,7 +197,12 @@ impl Transport for Racing {
     }
 
     async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
-        self.network.billing(s).await
+        self.billing.lock().unwrap().push(s.clone());
+        self.network.billing(s).await?;
+        if *self.race.lock().unwrap() == Race::LoseBillingReply {
+            return Err(TransportError::Unavailable("reply lost".into()));
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +264,7 @@ impl Deployment {
             in_webhook: in_webhook.clone(),
             report: Mutex::new(None),
             published: Mutex::new(None),
+            billing: Mutex::new(Vec::new()),
         });
         let webhook = Arc::new(SlowWebhook {
             business: SimBusiness::new(clock.clone(), Faults::none(), 2),
@@ -500,6 +510,42 @@ async fn a_device_sharing_the_last_pending_bit_is_not_left_without_the_message()
     for device in [63, 64] {
         assert!(received[&device].contains_key(&id), "device {device}");
     }
+}
+
+/// A billing statement the network took, whose answer was lost, is handed
+/// over again as it was, under the same id, before anything newer: the
+/// network, counting each id once, bills the message once; the next
+/// period's message follows in a statement of its own.
+#[tokio::test]
+async fn a_billing_statement_whose_answer_was_lost_is_handed_over_again_as_it_was() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.send(b, 1).await;
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    d.race(Race::LoseBillingReply);
+    assert!(d.processor.export_billing(&d.operator).await.is_err());
+    d.race(Race::None);
+    d.send(b, 1).await;
+    assert_eq!(d.processor.export_billing(&d.operator).await.unwrap(), 1);
+    let handed = d.racing.billing.lock().unwrap().clone();
+    assert_eq!(handed.len(), 2);
+    assert_eq!(
+        handed[0], handed[1],
+        "the same statement, under the same id"
+    );
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(d.processor.export_billing(&d.operator).await.unwrap(), 1);
+    let recorded = d.racing.network.billing_statements().await;
+    assert_eq!(recorded.len(), 2);
+    assert_ne!(recorded[0].id, recorded[1].id);
+    let billed: Vec<u64> = recorded
+        .iter()
+        .map(|s| s.records.iter().map(|r| r.messages.total()).sum())
+        .collect();
+    assert_eq!(billed, [1, 1]);
+    assert_eq!(d.processor.export_billing(&d.operator).await.unwrap(), 0);
 }
 
 /// A network that lists a device twice: the device is sent the message

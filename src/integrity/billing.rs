@@ -92,6 +92,12 @@ pub struct BillingRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct BillingStatement {
+    /// Names one take of closed periods (random). A take whose hand-over
+    /// failed, perhaps after billing's system of record applied it (its
+    /// answer lost), is handed over again as it was, under the same id:
+    /// count each id once. Statements that are not takes (a business's view
+    /// of its periods) have id 0.
+    pub id: u64,
     /// The business.
     pub business: BusinessId,
     /// When the statement was made.
@@ -103,10 +109,13 @@ pub struct BillingStatement {
     pub dropped_periods: u64,
 }
 
-/// What a take removed from the ledger, put back when dropped unless
-/// [`keep`](Undo::keep) says it was handed over; it opens for no one. So
+/// What a take removed from the ledger, kept aside when dropped unless
+/// [`keep`](Undo::keep) says it was handed over, to be handed over again as
+/// it is (same id, same counts) by the next take; it opens for no one. So
 /// nothing is lost to a refused release, a failed audit trail, a failed
-/// hand-over, or one abandoned halfway (its caller's future dropped).
+/// hand-over, or one abandoned halfway (its caller's future dropped), and
+/// nothing is counted twice by a system of record that applied a
+/// hand-over whose answer was lost.
 #[must_use]
 pub(crate) struct Undo<'a> {
     ledger: &'a BillingLedger,
@@ -123,7 +132,10 @@ impl Undo<'_> {
 impl Drop for Undo<'_> {
     fn drop(&mut self) {
         if let Some(statement) = self.taken.take() {
-            self.ledger.restore(&statement);
+            let business = statement.business;
+            self.ledger
+                .businesses
+                .update(business, Ledger::default, |l| l.unsent = Some(statement));
         }
     }
 }
@@ -165,6 +177,8 @@ pub struct BillingLedger {
 struct Ledger {
     periods: BTreeMap<u64, CategoryCounts>,
     dropped_periods: u64,
+    /// A take not known to have been handed over: the next take is this.
+    unsent: Option<BillingStatement>,
 }
 
 impl BillingLedger {
@@ -201,13 +215,24 @@ impl BillingLedger {
         });
     }
 
-    /// Every period kept for `business` (the open one included), labelled
-    /// [`DataClass::Billing`].
+    /// Every period kept for `business` (the open one included, and a take
+    /// not yet handed over), labelled [`DataClass::Billing`].
     pub fn statement(&self, business: BusinessId, now: Timestamp) -> Labelled<BillingStatement> {
         let statement = self
             .businesses
-            .with(business, |l| self.statement_of(business, now, l, |_| true))
-            .unwrap_or_else(|| self.statement_of(business, now, &Ledger::default(), |_| true));
+            .with(business, |l| {
+                let mut periods = l.periods.clone();
+                for record in l.unsent.iter().flat_map(|u| &u.records) {
+                    let counts = periods
+                        .entry(self.grid.index(record.period.start))
+                        .or_default();
+                    for &category in Category::ALL {
+                        counts.add(category, record.messages.get(category));
+                    }
+                }
+                self.statement_of(0, business, now, &periods, l.dropped_periods)
+            })
+            .unwrap_or_else(|| self.statement_of(0, business, now, &BTreeMap::new(), 0));
         Labelled::of_business(DataClass::Billing, business, statement)
     }
 
@@ -217,36 +242,47 @@ impl BillingLedger {
     /// already taken appears in a later take on its own: the counts of a
     /// period are the sum of its takes.
     pub fn take_closed(&self, business: BusinessId, now: Timestamp) -> Labelled<BillingStatement> {
-        let (statement, undo) = self.take_closed_undoably(business, now);
-        undo.keep();
-        statement
+        match self.take_closed_undoably(business, now) {
+            Some((statement, undo)) => {
+                undo.keep();
+                statement
+            }
+            None => {
+                let none = self.statement_of(0, business, now, &BTreeMap::new(), 0);
+                Labelled::of_business(DataClass::Billing, business, none)
+            }
+        }
     }
 
-    /// As [`take_closed`](Self::take_closed), with what undoes the take
-    /// unless the statement is handed over: the counts go back to the
-    /// ledger without being released to anyone.
+    /// As [`take_closed`](Self::take_closed), with what keeps the take
+    /// aside unless the statement is handed over (see [`Undo`]); a take
+    /// kept aside before is this take. `None` if there is nothing to take.
     pub(crate) fn take_closed_undoably(
         &self,
         business: BusinessId,
         now: Timestamp,
-    ) -> (Labelled<BillingStatement>, Undo<'_>) {
+    ) -> Option<(Labelled<BillingStatement>, Undo<'_>)> {
         let open = self.grid.index(now);
-        let statement = self
-            .businesses
-            .with(business, |l| {
-                let s = self.statement_of(business, now, l, |i| i < open);
-                l.periods.retain(|&i, _| i >= open);
-                s
+        let statement = self.businesses.with(business, |l| {
+            if let Some(unsent) = l.unsent.take() {
+                return Some(unsent);
+            }
+            let closed = l.periods.split_off(&open);
+            let closed = std::mem::replace(&mut l.periods, closed);
+            (!closed.is_empty()).then(|| {
+                // Never 0, the id of statements that are not takes.
+                let id = rand::random::<u64>().max(1);
+                self.statement_of(id, business, now, &closed, l.dropped_periods)
             })
-            .unwrap_or_else(|| self.statement_of(business, now, &Ledger::default(), |_| true));
+        })??;
         let undo = Undo {
             ledger: self,
             taken: Some(statement.clone()),
         };
-        (
+        Some((
             Labelled::of_business(DataClass::Billing, business, statement),
             undo,
-        )
+        ))
     }
 
     /// Put back what a [`take_closed`](Self::take_closed) took, when it
@@ -277,36 +313,40 @@ impl BillingLedger {
         self.businesses.remove(business)
     }
 
-    /// Every business with records, in id order.
+    /// Every business with records (or a take not yet handed over), in id
+    /// order.
     pub fn businesses(&self) -> Vec<BusinessId> {
         self.businesses
             .all()
             .into_iter()
-            .filter(|(_, l)| !lock(l).periods.is_empty())
+            .filter(|(_, l)| {
+                let l = lock(l);
+                !l.periods.is_empty() || l.unsent.is_some()
+            })
             .map(|(b, _)| b)
             .collect()
     }
 
     fn statement_of(
         &self,
+        id: u64,
         business: BusinessId,
         now: Timestamp,
-        ledger: &Ledger,
-        keep: impl Fn(u64) -> bool,
+        periods: &BTreeMap<u64, CategoryCounts>,
+        dropped_periods: u64,
     ) -> BillingStatement {
         BillingStatement {
+            id,
             business,
             generated_at: now,
-            records: ledger
-                .periods
+            records: periods
                 .iter()
-                .filter(|(i, _)| keep(**i))
                 .map(|(&i, &messages)| BillingRecord {
                     period: self.grid.period(i),
                     messages,
                 })
                 .collect(),
-            dropped_periods: ledger.dropped_periods,
+            dropped_periods,
         }
     }
 }

@@ -68,24 +68,27 @@ impl Processor {
 
     /// Hand the closed billing periods of every business to the transport,
     /// billing's system of record, released for billing (operators only).
-    /// What cannot be handed over stays for the next export. Returns how
-    /// many statements were handed over.
+    /// A statement that cannot be handed over (or whose answer is lost) is
+    /// handed over again by the next export, as it was and under the same
+    /// [`id`](BillingStatement::id), before anything newer of its business:
+    /// the system of record counts each id once. Returns how many statements
+    /// were handed over.
     pub async fn export_billing(&self, principal: &Principal) -> Result<usize, ProcessorError> {
         self.authorize_operator(principal)?;
         let now = self.clock.now();
         let mut exported = 0;
         for business in self.billing.businesses() {
-            // Put back unless handed over, however this call ends: refused,
-            // the audit trail or the transport failing, or dropped halfway.
-            let (statement, undo) = self.billing.take_closed_undoably(business, now);
+            // Kept aside unless handed over, however this call ends
+            // (refused, the audit trail or the transport failing, or
+            // dropped halfway), to be handed over again as it is.
+            let Some((statement, undo)) = self.billing.take_closed_undoably(business, now) else {
+                continue;
+            };
             let released = self
                 .gate
                 .release(statement, Party::Transport, Purpose::Billing)
                 .map_err(|_| ProcessorError::Denied)?
                 .into_value();
-            if released.records.is_empty() {
-                continue;
-            }
             self.transport.billing(&released).await?;
             undo.keep();
             exported += 1;

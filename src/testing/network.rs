@@ -515,7 +515,8 @@ impl SimNetwork {
         self.net.lock().await.integrity.clone()
     }
 
-    /// Every billing statement the processor exported to the network.
+    /// Every billing statement the processor exported to the network, each
+    /// once (one handed over again under its id is not counted again).
     pub async fn billing_statements(&self) -> Vec<BillingStatement> {
         self.net.lock().await.billing.clone()
     }
@@ -652,7 +653,12 @@ impl Transport for SimNetwork {
     }
 
     async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
-        self.net.lock().await.billing.push(statement.clone());
+        let mut net = self.net.lock().await;
+        // Billing's system of record: a statement handed over again (its
+        // answer lost) counts once.
+        if !net.billing.iter().any(|s| s.id == statement.id) {
+            net.billing.push(statement.clone());
+        }
         Ok(())
     }
 }
