@@ -34,7 +34,7 @@ use custodian::ids::{BusinessId, MessageId};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
-use custodian::processor::{Outbound, ProcessorError};
+use custodian::processor::{Inbound, Outbound, ProcessorError};
 use custodian::retention::RetentionPolicy;
 use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
@@ -321,6 +321,48 @@ fn an_idempotent_send_that_misses_its_stored_message_is_checked_against_it() {
         assert_eq!(d.store.census().await.unwrap().messages, 1);
         d.assert_delivered_and_billed([id].iter(), 1, format_args!("missed reads"))
             .await;
+    });
+}
+
+/// A message Signal refuses (a first contact on a one-time prekey another
+/// consumer used), received while the store fails the read that would
+/// tell a redelivery of a stored message: Signal's refusal is the answer,
+/// not the store's failure (a host drops a refused message, where it would
+/// retry a store failure).
+#[test]
+fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_stored() {
+    runtime().block_on(async {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut first = d.handset().await;
+        let inbound = d.inbound(&mut first, b"first").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+        // Another consumer's device, from the same bundle.
+        let mut second = d.handset().await;
+        let refused_message = Inbound {
+            from: consumer(3),
+            ..d.inbound(&mut second, b"second").await
+        };
+        // Which store call is the read, from a receive that fails nothing.
+        d.faults.set(Plan {
+            at: usize::MAX,
+            seams: Seams::Store,
+            strike: Strike::Before,
+            outage: false,
+        });
+        let refused = d.receive(refused_message.clone()).await;
+        assert!(
+            matches!(refused, Err(ProcessorError::Signal(_))),
+            "{refused:?}"
+        );
+        let read = d.faults.calls().iter().position(|&c| c == "message");
+        d.faults
+            .fail_at(read.unwrap() + 1, Seams::Store, Strike::Before);
+        let refused = d.receive(refused_message).await;
+        assert_eq!(d.faults.lift(), [("message", Strike::Before)]);
+        assert!(
+            matches!(refused, Err(ProcessorError::Signal(_))),
+            "{refused:?}"
+        );
     });
 }
 

@@ -137,9 +137,17 @@ impl Processor {
             Err(e) => {
                 // A redelivery that Signal no longer recognises as one (the
                 // session moved on, or was reset): the message is stored.
-                if self.storage.message(business, id).await?.is_some() {
-                    debug!(%id, "redelivery of a stored message");
-                    return Ok(duplicate);
+                // Should the store not say, Signal's answer stands: a
+                // message it refuses is refused whether stored or not.
+                match self.storage.message(business, id).await {
+                    Ok(Some(_)) => {
+                        debug!(%id, "redelivery of a stored message");
+                        return Ok(duplicate);
+                    }
+                    Ok(None) => {}
+                    Err(store) => {
+                        debug!(%id, error = %store, "whether a refused message is a redelivery is unknown");
+                    }
                 }
                 return Err(e.into());
             }
