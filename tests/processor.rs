@@ -967,6 +967,101 @@ fn a_business_may_reply_from_inside_its_webhook() {
     }
 }
 
+/// A business whose webhook, told a status, runs the retention sweep (a
+/// host that sweeps on any failure, say), and keeps what came of it.
+struct SweepingWebhook {
+    processor: std::sync::Mutex<std::sync::Weak<Processor>>,
+    operator: Principal,
+    sweeps: std::sync::Mutex<Vec<Result<(), ProcessorError>>>,
+}
+
+#[async_trait::async_trait]
+impl custodian::transport::BusinessSink for SweepingWebhook {
+    async fn deliver(
+        &self,
+        _: &custodian::transport::InboundMessage,
+    ) -> Result<(), custodian::transport::SinkError> {
+        Ok(())
+    }
+
+    async fn status(
+        &self,
+        _: &custodian::transport::StatusUpdate,
+    ) -> Result<(), custodian::transport::SinkError> {
+        let processor = self.processor.lock().unwrap().upgrade().unwrap();
+        let swept = processor.sweep(&self.operator).await.map(|_| ());
+        self.sweeps.lock().unwrap().push(swept);
+        Ok(())
+    }
+}
+
+/// A sweep tells a business its message expired undelivered, and the
+/// business's webhook runs a sweep from inside: that sweep is refused as
+/// under way, where it would wait for the sweep it is inside of forever.
+#[test]
+fn a_sweep_from_inside_the_business_told_by_a_sweep_is_refused_not_waited_for() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let start = Timestamp::from_millis(T0);
+        let down = Faults::none().with_outage(start, Duration::from_secs(40 * 86_400));
+        let network = Arc::new(SimNetwork::new(clock.clone(), down, 12));
+        let b = BusinessId::new(5).unwrap();
+        let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
+        let webhook = Arc::new(SweepingWebhook {
+            processor: std::sync::Mutex::new(std::sync::Weak::new()),
+            operator: operator.clone(),
+            sweeps: std::sync::Mutex::new(Vec::new()),
+        });
+        let host = Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: webhook.clone(),
+            authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).operator(&operator)),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let processor = Arc::new(Processor::new(host, Policies::default()).unwrap());
+        *webhook.processor.lock().unwrap() = Arc::downgrade(&processor);
+        network.add_consumer(&number(1), 1).await;
+        let message = Outbound {
+            to: number(1),
+            content: b"never delivered".to_vec().into(),
+            category: Category::Utility,
+        };
+        let id = processor.send(&owner, b, message).await.unwrap();
+        clock.advance(Duration::from_secs(31 * 86_400));
+        // Everything here is in memory: the sweep finishes in one poll,
+        // unless it waits for itself.
+        let sweep = processor.sweep(&operator);
+        let mut sweep = std::pin::pin!(sweep);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(swept) = sweep.as_mut().poll(&mut cx) else {
+            panic!("the sweep waits for the sweep its business started");
+        };
+        let swept = swept.unwrap();
+        assert_eq!((swept.failed_expired, swept.failures_unreported), (1, 0));
+        let sweeps = std::mem::take(&mut *webhook.sweeps.lock().unwrap());
+        assert!(
+            matches!(
+                sweeps.as_slice(),
+                [Err(ProcessorError::Sweep(
+                    custodian::retention::SweepError::InProgress
+                ))]
+            ),
+            "{sweeps:?}"
+        );
+        // Told, it was deleted with everything else expired.
+        assert!(matches!(
+            processor.message_status(&owner, b, id).await,
+            Err(ProcessorError::NotFound)
+        ));
+    });
+}
+
 /// One consumer device and a processor over a store, keys and network that
 /// outlive it: each [`Restartable::start`] is a fresh process.
 struct Restartable {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tracing::{Instrument, debug_span, info, warn};
 
 use super::{Processor, ProcessorError};
-use crate::retention::{ExpiryNotifier, RetentionPolicy, SweepReport};
+use crate::retention::{ExpiryNotifier, RetentionPolicy, SweepError, SweepReport};
 use crate::signal::Sessions;
 use crate::store::{Hold, HoldScope, MessageRecord};
 use crate::transport::Principal;
@@ -81,7 +81,9 @@ impl Processor {
     /// retention no longer allows is deleted or shredded, no Signal state
     /// the sweep deleted stays in memory, and the integrity monitor and the
     /// statistics forget the consumers out of contact for the retention
-    /// ceiling.
+    /// ceiling. One at a time: a sweep while another is under way (from
+    /// inside the business it tells, say) is refused as
+    /// [`SweepError::InProgress`].
     pub async fn sweep(&self, principal: &Principal) -> Result<SweepReport, ProcessorError> {
         self.authorize_operator(principal)?;
         async {
@@ -97,7 +99,9 @@ impl Processor {
             // dropped then too.
             let mut clear = ClearSessions(Some(&self.sessions));
             let swept = self.retention.sweep(now, &notifier).await;
-            if swept.as_ref().is_ok_and(|report| report.peers_deleted == 0) {
+            if matches!(&swept, Ok(report) if report.peers_deleted == 0)
+                || matches!(swept, Err(SweepError::InProgress))
+            {
                 clear.0 = None;
             }
             drop(clear);

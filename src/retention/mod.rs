@@ -158,6 +158,8 @@ pub struct Retention {
     stale: AtomicBool,
     batch: usize,
     /// One sweep at a time: two would report the same expired messages.
+    /// Taken without waiting: a sweep started from inside one would wait
+    /// for itself.
     sweeping: async_lock::Mutex<()>,
     /// Taken by every hold change and by every sweep step that deletes or
     /// shreds, which reads the holds afresh under it: a hold placed while
@@ -285,6 +287,8 @@ impl Retention {
     /// expired messages and the Signal state of consumers left without a
     /// live message, destroy the keys of ended epochs. Nothing a legal hold
     /// covers is touched. Idempotent; if interrupted, the next sweep finishes.
+    /// One at a time: while one is under way, another is refused as
+    /// [`SweepError::InProgress`] (it would only repeat its work).
     pub async fn sweep(
         &self,
         now: Timestamp,
@@ -302,7 +306,9 @@ impl Retention {
         notifier: &dyn ExpiryNotifier,
         max_steps: u64,
     ) -> Result<SweepReport, SweepError> {
-        let _sweeping = self.sweeping.lock().await;
+        let Some(_sweeping) = self.sweeping.try_lock() else {
+            return Err(SweepError::InProgress);
+        };
         let policy = self.policy();
         // Taken before the stage that applies the policy: a message stored
         // late from here on marks the next sweep's. Put back unless that

@@ -24,7 +24,8 @@ pub const REPORT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Told when a message expires before it was delivered, so it never fails
 /// silently. The processor tells the business; a host running retention on
-/// its own can log or count.
+/// its own can log or count. It is called during the sweep: a sweep it
+/// starts is refused as [`SweepError::InProgress`].
 #[async_trait]
 pub trait ExpiryNotifier: Send + Sync {
     /// `message` expired undelivered. Return `true` once whoever is waiting
@@ -68,6 +69,12 @@ pub enum SweepError {
     /// The key hierarchy failed.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// Another sweep of the same retention is under way (one at a time: two
+    /// would report the same expired messages); nothing was done. A sweep
+    /// started from inside one (its [`ExpiryNotifier`], or the business a
+    /// processor tells) gets this, where waiting would never end.
+    #[error("another sweep is under way")]
+    InProgress,
 }
 
 /// One sweep in progress.
