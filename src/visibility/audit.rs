@@ -102,7 +102,11 @@ impl<'de> Deserialize<'de> for DecisionId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// The value was handed over.
+    /// The value was released to be handed over. The decision is recorded
+    /// before the value leaves the gate (a release is never made that the
+    /// trail does not show), so an attempt whose hand-over then fails, and
+    /// each attempt made again, has an `Allow` of its own: the trail shows
+    /// every release, not only the hand-overs that succeeded.
     Allow,
     /// The value was kept.
     Deny,
