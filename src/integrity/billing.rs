@@ -350,3 +350,112 @@ impl BillingLedger {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::time::ManualClock;
+    use crate::visibility::{Gate, MemoryAuditSink, Party, Purpose, VisibilityPolicy};
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    /// `statement`, released to billing's system of record.
+    fn released(statement: Labelled<BillingStatement>) -> BillingStatement {
+        let gate = Gate::new(
+            VisibilityPolicy::published(),
+            Arc::new(MemoryAuditSink::new()),
+            Arc::new(ManualClock::new(Timestamp::from_millis(0))),
+        );
+        gate.release(statement, Party::Transport, Purpose::Billing)
+            .unwrap()
+            .into_value()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A billable message, `ms` after the start of day `day`.
+        Record(usize, u64, u64),
+        /// An export at `day` whose hand-over is kept (`true`) or fails,
+        /// perhaps with its answer lost (`false`).
+        Export(u64, bool),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..4usize, 0..8u64, 0..DAY_MS).prop_map(|(c, d, ms)| Step::Record(c, d, ms)),
+            1 => (0..9u64, any::<bool>()).prop_map(|(d, kept)| Step::Export(d, kept)),
+        ]
+    }
+
+    fn counted(statements: &BTreeMap<u64, BillingStatement>) -> u64 {
+        statements
+            .values()
+            .flat_map(|s| &s.records)
+            .map(|r| r.messages.total())
+            .sum()
+    }
+
+    proptest! {
+        /// Whatever becomes of each hand-over, a system of record that
+        /// counts each statement id once counts every message once: a
+        /// failed one is handed over again as it was, before anything newer,
+        /// and nothing is lost (what is not handed over yet is still in the
+        /// business's statement).
+        #[test]
+        fn every_message_is_billed_once_whatever_becomes_of_each_hand_over(
+            steps in proptest::collection::vec(step(), 0..60),
+        ) {
+            let ledger = BillingLedger::new(BillingConfig::default()).unwrap();
+            let business = BusinessId::new(1).unwrap();
+            let mut recorded = 0u64;
+            // What the system of record saw, by id, and every hand-over.
+            let mut seen: BTreeMap<u64, BillingStatement> = BTreeMap::new();
+            let mut last_failed: Option<BillingStatement> = None;
+            for step in steps {
+                match step {
+                    Step::Record(c, day, ms) => {
+                        let at = Timestamp::from_millis(day * DAY_MS + ms);
+                        ledger.record(business, Category::ALL[c], at);
+                        recorded += 1;
+                    }
+                    Step::Export(day, kept) => {
+                        let now = Timestamp::from_millis(day * DAY_MS);
+                        let Some((statement, undo)) = ledger.take_closed_undoably(business, now)
+                        else {
+                            prop_assert!(last_failed.is_none(), "a failed take was lost");
+                            continue;
+                        };
+                        let statement = released(statement);
+                        prop_assert!(statement.id != 0);
+                        prop_assert!(!statement.records.is_empty());
+                        if let Some(failed) = last_failed.take() {
+                            prop_assert_eq!(&statement, &failed, "handed over again as it was");
+                        }
+                        // Whether kept or not, the system of record may have
+                        // applied it (an answer lost).
+                        seen.entry(statement.id).or_insert_with(|| statement.clone());
+                        if kept {
+                            undo.keep();
+                        } else {
+                            drop(undo);
+                            last_failed = Some(statement);
+                        }
+                    }
+                }
+            }
+            let now = Timestamp::from_millis(9 * DAY_MS);
+            let left = released(ledger.statement(business, now));
+            let pending: u64 = left.records.iter().map(|r| r.messages.total()).sum();
+            let unsent = last_failed.as_ref().map_or(0, |s| {
+                s.records.iter().map(|r| r.messages.total()).sum()
+            });
+            // The failed take, applied or not: either the record or the
+            // ledger has it, never both counted as new.
+            prop_assert_eq!(counted(&seen) + pending - unsent, recorded);
+        }
+    }
+}
