@@ -29,6 +29,8 @@ enum Load {
 struct ForgetEpochs<'a, F: Fn(&(BusinessId, Epoch)) -> bool> {
     keys: &'a KeyManager,
     doomed: F,
+    /// An early destruction: bumps [`KeyManager::early_destructions`] too.
+    early: bool,
 }
 
 impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
@@ -37,6 +39,13 @@ impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
         // Loads under way read the store again (see `Cache::epoch_destructions`).
         cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
         cache.epochs.retain(|key, _| !(self.doomed)(key));
+        if self.early {
+            // After the key left the store and this cache: whoever notes
+            // the new count and then loads reads the destruction.
+            self.keys
+                .early_destructions
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -169,7 +178,9 @@ impl KeyManager {
 
     /// Destroy the key of `business`'s `epoch` now, before the epoch ends:
     /// every record of the epoch becomes unreadable and nothing more can be
-    /// sealed into it. Returns whether a live key was destroyed.
+    /// sealed into it. Signal sessions over this manager drop the state they
+    /// hold in memory on their next operation. Returns whether a live key
+    /// was destroyed.
     pub async fn destroy_epoch(
         &self,
         business: BusinessId,
@@ -179,6 +190,7 @@ impl KeyManager {
         let _forget = ForgetEpochs {
             keys: self,
             doomed: |key: &(BusinessId, Epoch)| *key == (business, epoch),
+            early: true,
         };
         Ok(self
             .store
@@ -206,6 +218,7 @@ impl KeyManager {
             doomed: |(b, epoch): &(BusinessId, Epoch)| {
                 epoch.end() <= now && !keep.contains(&(*b, *epoch))
             },
+            early: false,
         };
         let mut removed = 0;
         loop {
