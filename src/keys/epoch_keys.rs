@@ -5,9 +5,14 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::{Epoch, EpochKey, KeyEntry, KeyError, KeyId, KeyManager, PAGE, SecretKey, WrappedKey};
+use super::{
+    Epoch, EpochKey, EpochLength, KeyEntry, KeyError, KeyId, KeyManager, PAGE, SecretKey,
+    WrappedKey,
+};
 use crate::ids::BusinessId;
+use crate::retention::CEILING;
 use crate::time::Timestamp;
+use crate::vault::CLOCK_TOLERANCE;
 
 /// How many times loading an epoch key is retried when destroys race it.
 const LOAD_RETRIES: usize = 16;
@@ -79,7 +84,11 @@ impl KeyManager {
 
     /// The key of `business`'s `epoch` for sealing, created (random, wrapped
     /// under the primary KEK) if the epoch has none yet. Refused once the
-    /// epoch has ended or its key was destroyed.
+    /// epoch has ended or its key was destroyed, and, with nothing stored,
+    /// for an epoch that starts past the retention [`CEILING`] (and
+    /// [`CLOCK_TOLERANCE`]) from `now`: one ending more than that and the
+    /// longest [`EpochLength`] from `now`, whose key could seal only records
+    /// kept past the ceiling.
     pub async fn epoch_key_for_seal(
         &self,
         business: BusinessId,
@@ -88,6 +97,12 @@ impl KeyManager {
     ) -> Result<Arc<EpochKey>, KeyError> {
         if epoch.end() <= now {
             return Err(KeyError::EpochEnded { epoch });
+        }
+        // A key seals records expiring at most the longest epoch length
+        // before its epoch ends (see `envelope::seal`).
+        let horizon = CEILING + CLOCK_TOLERANCE + EpochLength::MAX;
+        if epoch.end() > now.saturating_add(horizon) {
+            return Err(KeyError::EpochBeyondCeiling { epoch, now });
         }
         if let Some(key) = self.cached_epoch_key(business, epoch) {
             return Ok(key);

@@ -161,6 +161,18 @@ pub enum KeyError {
         /// The epoch.
         epoch: Epoch,
     },
+    /// The epoch starts past the retention ceiling: every record its key
+    /// could seal would expire more than
+    /// [`CEILING`](crate::retention::CEILING) (give or take
+    /// [`CLOCK_TOLERANCE`](crate::vault::CLOCK_TOLERANCE)) from now, so no
+    /// key is made for it.
+    #[error("{epoch} starts past the retention ceiling from {now}")]
+    EpochBeyondCeiling {
+        /// The epoch.
+        epoch: Epoch,
+        /// The time the key was asked for at.
+        now: crate::time::Timestamp,
+    },
     /// No key was ever made for this epoch (or it was swept after ending).
     #[error("business {business} has no key for {epoch}")]
     UnknownEpoch {
