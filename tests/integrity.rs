@@ -762,3 +762,53 @@ fn a_window_flagged_for_spam_does_not_feed_the_fan_out_baseline() {
     assert_eq!(day1.current.baseline_new_recipients, None);
     assert_eq!(day1.current.new_recipient_threshold, 1_000);
 }
+
+/// Integrity windows and statistics periods remember the consumers they saw
+/// (64 bits of their phone hashes) until they end, so none may be longer
+/// than the retention ceiling: a 60-day window would keep a consumer
+/// messaged on its first day for 60 days, whatever the sweep does. Such
+/// configurations are refused, naming the field. Billing periods count
+/// messages only and may be longer. At the longest window accepted, the
+/// sweep's `expire` forgets a consumer at the ceiling.
+#[test]
+fn no_window_or_period_keeps_consumers_past_the_retention_ceiling() {
+    let ceiling = custodian::retention::CEILING;
+    for too_long in [
+        ceiling + Duration::from_secs(1),
+        Duration::from_millis(60 * DAY),
+        Duration::from_millis(366 * DAY),
+    ] {
+        let mut integrity = IntegrityConfig::default();
+        integrity.window = too_long;
+        assert_eq!(integrity.validate().unwrap_err().field, "window");
+        assert_eq!(
+            IntegrityMonitor::new(integrity).unwrap_err().field,
+            "window"
+        );
+        let mut statistics = StatisticsConfig::default();
+        statistics.period = too_long;
+        assert_eq!(
+            StatisticsCollector::new(statistics).unwrap_err().field,
+            "period"
+        );
+        let mut billing = BillingConfig::default();
+        billing.period = too_long;
+        BillingLedger::new(billing).unwrap();
+    }
+    let mut statistics = StatisticsConfig::default();
+    statistics.period = ceiling;
+    StatisticsCollector::new(statistics).unwrap();
+
+    let mut integrity = IntegrityConfig::default();
+    integrity.window = ceiling;
+    let monitor = IntegrityMonitor::new(integrity).unwrap();
+    let b = BusinessId::new(1).unwrap();
+    let start = Timestamp::from_millis(20_010 * DAY); // a 30-day boundary
+    let later = start.saturating_add(ceiling);
+    monitor.record_sent(b, consumer(1), start);
+    monitor.expire(later);
+    monitor.record_sent(b, consumer(1), later);
+    let current = signals(&monitor, b, later).current;
+    assert_eq!(current.period.start, later);
+    assert_eq!(current.new_recipients, 1, "forgotten, so new again");
+}

@@ -1165,6 +1165,57 @@ async fn sealing_refuses_an_expiry_beyond_the_retention_ceiling() {
     }
 }
 
+/// Nor does the key manager make a key, for `envelope::seal` to use
+/// directly, for an epoch that starts past the ceiling: a record sealed
+/// under it would open until its expiry, a year away say, and the sweep
+/// would keep the key until the epoch ends. The last epoch a record within
+/// the ceiling can fall in, at the longest epoch length, still gets one.
+#[tokio::test]
+async fn no_key_is_made_for_an_epoch_starting_past_the_retention_ceiling() {
+    let f = Fixture::new();
+    let b = business(33);
+    let keys = f.vault.keys();
+    let now = f.clock.now();
+    let horizon = custodian::retention::CEILING + custodian::vault::CLOCK_TOLERANCE;
+    let last = Epoch::ending_at(now.saturating_add(horizon + EpochLength::MAX));
+    keys.epoch_key_for_seal(b, last, now).await.unwrap();
+    // A vault with the longest epochs seals the full thirty days.
+    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+        &mut f.root.clone(),
+    )));
+    let longest = Vault::new(
+        Arc::new(KeyManager::new(provider, f.store.clone())),
+        Arc::new(f.clock.clone()),
+        EpochLength::new(EpochLength::MAX).unwrap(),
+    );
+    let sealed = longest
+        .seal(&f.label(b, horizon), b"thirty days")
+        .await
+        .unwrap();
+    assert_eq!(
+        *longest.open(&sealed, b).await.unwrap().plaintext,
+        b"thirty days"
+    );
+
+    let a_year_out = f.label(b, Duration::from_secs(365 * 24 * 3600)).expiry;
+    for epoch in [
+        Epoch::ending_at(last.end().saturating_add(Duration::from_millis(1))),
+        Epoch::ending_at(last.end().saturating_add(HOUR)),
+        f.vault.epoch_of(a_year_out).unwrap(),
+    ] {
+        let refused = keys.epoch_key_for_seal(b, epoch, now).await;
+        assert!(
+            matches!(refused, Err(KeyError::EpochBeyondCeiling { epoch: e, now: n }) if e == epoch && n == now),
+            "{epoch}: {refused:?}"
+        );
+        assert_eq!(
+            f.store.key(&KeyId::epoch(b, epoch)).await.unwrap(),
+            None,
+            "{epoch}: a key was made"
+        );
+    }
+}
+
 /// A load that unwrapped KEK v1 just before v1 was put below the floor and
 /// retired must not cache it afterwards: the retired version's key would
 /// stay in memory for the life of the process.

@@ -10,11 +10,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use custodian::envelope::Envelope;
 use custodian::ids::{BusinessId, PhoneNumber};
-use custodian::keys::{EpochLength, KeyKind, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::keys::{
+    Epoch, EpochLength, KeyError, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
+};
 use custodian::signal::{
     Ciphertext, IdentityPolicy, IdentityStatus, MessageKind, PublishedKeys, Sessions, SignalConfig,
-    SignalError,
+    SignalError, StorageFailure,
 };
 use custodian::store::{KeyStore, MemoryStore, PeerId, Storage};
 use custodian::testing::ConsumerDevice;
@@ -615,6 +618,83 @@ async fn session_state_expires_with_the_last_message_that_needs_it() {
         restarted.encrypt(w.business, peer, b"x", w.expiry()).await,
         Err(SignalError::NoSession)
     ));
+}
+
+/// The epoch a stored record is sealed in.
+fn epoch_of_record(sealed: &[u8]) -> Epoch {
+    Envelope::parse(sealed).unwrap().header().epoch()
+}
+
+/// An operator shreds the epoch a device's state is sealed in before it
+/// ends: the state held in memory goes with it, exactly as it would after
+/// `clear_cache` (which the second round calls), and nothing is sealed
+/// into the shredded epoch or brought back under the next.
+#[tokio::test]
+async fn an_epoch_shredded_early_takes_the_state_held_in_memory_with_it() {
+    for clear_cache in [false, true] {
+        let w = World::new();
+        let (mut phone, peer) = w.contact("+447700900017", 0).await;
+        let reply = w.encrypt(peer, b"welcome").await;
+        assert_eq!(phone.decrypt(w.business, &reply).await.unwrap(), b"welcome");
+        let expiry = w.expiry();
+        let stored = w.store.peer(w.business, peer).await.unwrap();
+        let shredded = epoch_of_record(stored.as_deref().unwrap());
+        assert_eq!(
+            Epoch::containing(expiry, EpochLength::DEFAULT),
+            Some(shredded)
+        );
+        assert!(
+            w.keys
+                .destroy_epoch(w.business, shredded, w.clock.now())
+                .await
+                .unwrap()
+        );
+        if clear_cache {
+            w.sessions.clear_cache();
+        }
+
+        assert!(!w.sessions.has_session(w.business, peer).await.unwrap());
+        assert!(matches!(
+            w.sessions.encrypt(w.business, peer, b"x", expiry).await,
+            Err(SignalError::NoSession)
+        ));
+        let follow_up = phone.encrypt(w.business, b"still there?").await.unwrap();
+        assert!(matches!(
+            w.decrypt(peer, &follow_up).await,
+            Err(SignalError::NoSession)
+        ));
+        // An hour on, the state would expire in the next epoch: it is not
+        // brought back under that epoch's key.
+        w.clock.advance(Duration::from_secs(3600));
+        let follow_up = phone.encrypt(w.business, b"hello?").await.unwrap();
+        assert!(matches!(
+            w.decrypt(peer, &follow_up).await,
+            Err(SignalError::NoSession)
+        ));
+        assert_eq!(w.store.peer(w.business, peer).await.unwrap(), stored);
+
+        // The device starts over. A session expiring in the shredded epoch
+        // is refused; one expiring later is sealed in the later epoch.
+        phone
+            .start_session(w.business, &w.published().await.bundle(Some(1)))
+            .await
+            .unwrap();
+        let first = phone.encrypt(w.business, b"again").await.unwrap();
+        assert!(matches!(
+            w.sessions.decrypt(w.business, peer, &first, expiry).await,
+            Err(SignalError::Storage(StorageFailure::Key(
+                KeyError::EpochDestroyed { .. }
+            )))
+        ));
+        assert_eq!(w.store.peer(w.business, peer).await.unwrap(), stored);
+        assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"again");
+        let resealed = w.store.peer(w.business, peer).await.unwrap().unwrap();
+        assert_eq!(
+            Some(epoch_of_record(&resealed)),
+            Epoch::containing(w.expiry(), EpochLength::DEFAULT)
+        );
+        assert_ne!(epoch_of_record(&resealed), shredded);
+    }
 }
 
 #[tokio::test]

@@ -404,7 +404,10 @@ impl<'a> Envelope<'a> {
 /// This is the whole cryptographic cost of sealing; a
 /// [`Vault`](crate::vault::Vault) adds finding the key and checking the
 /// expiry against its clock. Use it to seal many records of one epoch with a
-/// key fetched once from [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal).
+/// key fetched once from [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal),
+/// which makes no key for an epoch that starts past the retention ceiling.
+/// The expiry is checked only against the key's epoch: it is the caller's
+/// to keep it within the ceiling, as a vault does.
 pub fn seal(key: &EpochKey, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);

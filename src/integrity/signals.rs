@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::recipients::{Reach, RecipientTracker};
-use super::{ConfigError, Grid, PerBusiness, Period, hash_key, lock};
+use super::{ConfigError, Grid, PAST_CEILING, PerBusiness, Period, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::retention::CEILING;
 use crate::time::Timestamp;
@@ -20,9 +20,12 @@ use crate::visibility::{DataClass, Labelled};
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct IntegrityConfig {
-    /// Length of a window. Default: one day, which evens out the daily
-    /// rhythm of legitimate traffic; anomalies are still raised the moment
-    /// the open window crosses a threshold, not when it closes.
+    /// Length of a window, whole seconds from 1 second to the retention
+    /// [`CEILING`] (30 days): the open window remembers every consumer it
+    /// saw, so a longer one would keep them past the ceiling. Default: one
+    /// day, which evens out the daily rhythm of legitimate traffic;
+    /// anomalies are still raised the moment the open window crosses a
+    /// threshold, not when it closes.
     pub window: Duration,
     /// Weight of the newest window in the baseline (an exponentially
     /// weighted moving average of new recipients per window), in (0, 1].
@@ -83,8 +86,11 @@ impl Default for IntegrityConfig {
 impl IntegrityConfig {
     /// Checks every field against its documented range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        Grid::new(self.window, "window")?;
         let bad = |field, rule| Err(ConfigError { field, rule });
+        if self.window > CEILING {
+            return bad("window", PAST_CEILING);
+        }
+        Grid::new(self.window, "window")?;
         if !(self.baseline_weight > 0.0 && self.baseline_weight <= 1.0) {
             return bad("baseline_weight", "must be in (0, 1]");
         }

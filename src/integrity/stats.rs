@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Grid, PerBusiness, Period, hash_key, lock};
+use super::{ConfigError, Grid, PAST_CEILING, PerBusiness, Period, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::retention::CEILING;
 use crate::time::Timestamp;
@@ -52,7 +52,10 @@ const MAX_K: usize = 1_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StatisticsConfig {
-    /// Length of a statistics period. Default: one day (UTC).
+    /// Length of a statistics period, whole seconds from 1 second to the
+    /// retention [`CEILING`] (30 days): an open period remembers up to `k`
+    /// consumers per bucket, so a longer one would keep them past the
+    /// ceiling. Default: one day (UTC).
     pub period: Duration,
     /// A bucket is released only if at least `k` distinct consumers
     /// contributed to it; 2 to 1,000. Default 10.
@@ -197,6 +200,12 @@ impl StatisticsCollector {
                 rule: "must be from 2 to 1000",
             });
         }
+        if config.period > CEILING {
+            return Err(ConfigError {
+                field: "period",
+                rule: PAST_CEILING,
+            });
+        }
         if config.retained_periods == 0 {
             return Err(ConfigError {
                 field: "retained_periods",
@@ -294,8 +303,8 @@ impl StatisticsCollector {
     /// such periods are sealed (a late event counts in the first period
     /// after them). The processor runs it on every sweep, so no consumer
     /// outlives retention here, whether or not the statistics are ever
-    /// taken (with periods no longer than the ceiling; a longer open
-    /// period keeps its consumers until it closes).
+    /// taken (periods are no longer than the ceiling, so one that began
+    /// that long ago has closed).
     pub fn expire(&self, now: Timestamp) {
         let k = self.config.k;
         let cutoff = now.as_millis().saturating_sub(CEILING.as_millis() as u64);

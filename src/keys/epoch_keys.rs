@@ -5,9 +5,14 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::{Epoch, EpochKey, KeyEntry, KeyError, KeyId, KeyManager, PAGE, SecretKey, WrappedKey};
+use super::{
+    Epoch, EpochKey, EpochLength, KeyEntry, KeyError, KeyId, KeyManager, PAGE, SecretKey,
+    WrappedKey,
+};
 use crate::ids::BusinessId;
+use crate::retention::CEILING;
 use crate::time::Timestamp;
+use crate::vault::CLOCK_TOLERANCE;
 
 /// How many times loading an epoch key is retried when destroys race it.
 const LOAD_RETRIES: usize = 16;
@@ -29,6 +34,8 @@ enum Load {
 struct ForgetEpochs<'a, F: Fn(&(BusinessId, Epoch)) -> bool> {
     keys: &'a KeyManager,
     doomed: F,
+    /// An early destruction: bumps [`KeyManager::early_destructions`] too.
+    early: bool,
 }
 
 impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
@@ -37,6 +44,13 @@ impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
         // Loads under way read the store again (see `Cache::epoch_destructions`).
         cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
         cache.epochs.retain(|key, _| !(self.doomed)(key));
+        if self.early {
+            // After the key left the store and this cache: whoever notes
+            // the new count and then loads reads the destruction.
+            self.keys
+                .early_destructions
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -70,7 +84,11 @@ impl KeyManager {
 
     /// The key of `business`'s `epoch` for sealing, created (random, wrapped
     /// under the primary KEK) if the epoch has none yet. Refused once the
-    /// epoch has ended or its key was destroyed.
+    /// epoch has ended or its key was destroyed, and, with nothing stored,
+    /// for an epoch that starts past the retention [`CEILING`] (and
+    /// [`CLOCK_TOLERANCE`]) from `now`: one ending more than that and the
+    /// longest [`EpochLength`] from `now`, whose key could seal only records
+    /// kept past the ceiling.
     pub async fn epoch_key_for_seal(
         &self,
         business: BusinessId,
@@ -79,6 +97,12 @@ impl KeyManager {
     ) -> Result<Arc<EpochKey>, KeyError> {
         if epoch.end() <= now {
             return Err(KeyError::EpochEnded { epoch });
+        }
+        // A key seals records expiring at most the longest epoch length
+        // before its epoch ends (see `envelope::seal`).
+        let horizon = CEILING + CLOCK_TOLERANCE + EpochLength::MAX;
+        if epoch.end() > now.saturating_add(horizon) {
+            return Err(KeyError::EpochBeyondCeiling { epoch, now });
         }
         if let Some(key) = self.cached_epoch_key(business, epoch) {
             return Ok(key);
@@ -169,7 +193,9 @@ impl KeyManager {
 
     /// Destroy the key of `business`'s `epoch` now, before the epoch ends:
     /// every record of the epoch becomes unreadable and nothing more can be
-    /// sealed into it. Returns whether a live key was destroyed.
+    /// sealed into it. Signal sessions over this manager drop the state they
+    /// hold in memory on their next operation. Returns whether a live key
+    /// was destroyed.
     pub async fn destroy_epoch(
         &self,
         business: BusinessId,
@@ -179,6 +205,7 @@ impl KeyManager {
         let _forget = ForgetEpochs {
             keys: self,
             doomed: |key: &(BusinessId, Epoch)| *key == (business, epoch),
+            early: true,
         };
         Ok(self
             .store
@@ -206,6 +233,7 @@ impl KeyManager {
             doomed: |(b, epoch): &(BusinessId, Epoch)| {
                 epoch.end() <= now && !keep.contains(&(*b, *epoch))
             },
+            early: false,
         };
         let mut removed = 0;
         loop {

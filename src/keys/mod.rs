@@ -48,6 +48,7 @@ use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zeroize::Zeroizing;
@@ -160,6 +161,18 @@ pub enum KeyError {
         /// The epoch.
         epoch: Epoch,
     },
+    /// The epoch starts past the retention ceiling: every record its key
+    /// could seal would expire more than
+    /// [`CEILING`](crate::retention::CEILING) (give or take
+    /// [`CLOCK_TOLERANCE`](crate::vault::CLOCK_TOLERANCE)) from now, so no
+    /// key is made for it.
+    #[error("{epoch} starts past the retention ceiling from {now}")]
+    EpochBeyondCeiling {
+        /// The epoch.
+        epoch: Epoch,
+        /// The time the key was asked for at.
+        now: crate::time::Timestamp,
+    },
     /// No key was ever made for this epoch (or it was swept after ending).
     #[error("business {business} has no key for {epoch}")]
     UnknownEpoch {
@@ -206,6 +219,10 @@ pub struct KeyManager {
     /// under a version the new floor leaves behind, where nothing could
     /// unwrap it again.
     wrapping: async_lock::RwLock<()>,
+    /// Bumped after every early destruction of an epoch key (see
+    /// [`KeyManager::early_destructions`]), once the store and this cache
+    /// are rid of the key.
+    early_destructions: AtomicU64,
 }
 
 /// Unwrapped keys in memory. Keys are business ids and epochs, which the
@@ -277,7 +294,19 @@ impl KeyManager {
             store,
             cache: RwLock::default(),
             wrapping: async_lock::RwLock::new(()),
+            early_destructions: AtomicU64::new(0),
         }
+    }
+
+    /// How many times an epoch key was destroyed early
+    /// ([`destroy_epoch`](Self::destroy_epoch)), an attempt whose outcome
+    /// is unknown included. Whoever keeps state opened or keys derived
+    /// under an epoch key in memory (the Signal peer cache) notes it and
+    /// drops that state when it has moved: the epoch may be gone. One
+    /// atomic load, for the hot path; the end-of-epoch sweep does not move
+    /// it, as nothing may be opened or sealed in an ended epoch anyway.
+    pub(crate) fn early_destructions(&self) -> u64 {
+        self.early_destructions.load(Ordering::Acquire)
     }
 
     // The cache holds only derived state: after a panic elsewhere it is still

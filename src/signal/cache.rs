@@ -77,6 +77,26 @@ struct Inner {
     /// Bumped by [`PeerCache::clear`]; state loaded in an older
     /// generation is never put back.
     generation: u64,
+    /// The key manager's [`early_destructions`] when last seen: when it has
+    /// moved, an epoch key was destroyed early, and every peer is forgotten
+    /// (its session may have been opened, and its record key derived,
+    /// under that key).
+    ///
+    /// [`early_destructions`]: crate::keys::KeyManager::early_destructions
+    shreds: u64,
+}
+
+impl Inner {
+    /// See [`PeerCache::clear`].
+    fn clear(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        let dirty = self.peers.iter().any(|(_, p)| p.dirty);
+        self.peers.clear();
+        self.bytes = 0;
+        if dirty {
+            self.incarnation = fresh_incarnation();
+        }
+    }
 }
 
 fn fresh_incarnation() -> [u8; 16] {
@@ -94,6 +114,7 @@ impl PeerCache {
                 budget: config.peer_cache_bytes,
                 incarnation: fresh_incarnation(),
                 generation: 0,
+                shreds: 0,
             }),
         }
     }
@@ -109,8 +130,16 @@ impl PeerCache {
     }
 
     /// Take a peer's state out (the caller holds the peer's address lock).
-    pub(super) fn take(&self, key: &Key) -> Option<Box<Peer>> {
+    /// `shreds` is the key manager's
+    /// [`early_destructions`](crate::keys::KeyManager::early_destructions),
+    /// read before: if it has moved past the count last seen, every peer is
+    /// forgotten first, as by [`clear`](Self::clear).
+    pub(super) fn take(&self, key: &Key, shreds: u64) -> Option<Box<Peer>> {
         let mut inner = self.lock();
+        if inner.shreds < shreds {
+            inner.shreds = shreds;
+            inner.clear();
+        }
         let peer = inner.peers.remove(key)?;
         inner.bytes = inner.bytes.saturating_sub(weight(&peer));
         Some(peer)
@@ -173,22 +202,15 @@ impl PeerCache {
     /// Forget every peer: stored state was deleted behind the cache's back
     /// (a retention sweep). State taken out before is not put back.
     pub(super) fn clear(&self) {
-        let mut inner = self.lock();
-        inner.generation = inner.generation.wrapping_add(1);
-        let dirty = inner.peers.iter().any(|(_, p)| p.dirty);
-        inner.peers.clear();
-        inner.bytes = 0;
-        if dirty {
-            inner.incarnation = fresh_incarnation();
-        }
+        self.lock().clear();
     }
 
     /// Take `key`'s state out to delete it from the store: it is not in
     /// memory to be written back, whenever the deletion lands. Hold the
     /// guard until the deletion is committed, then call
     /// [`Taken::deleted`].
-    pub(super) fn take_to_delete(&self, key: Key) -> Taken<'_> {
-        let dirty = self.take(&key).is_some_and(|peer| peer.dirty);
+    pub(super) fn take_to_delete(&self, key: Key, shreds: u64) -> Taken<'_> {
+        let dirty = self.take(&key, shreds).is_some_and(|peer| peer.dirty);
         self.taken(key, dirty)
     }
 
@@ -273,14 +295,14 @@ mod tests {
             put(&c, n, 2 * PEER_OVERHEAD, false);
         }
         assert_eq!(c.len(), 3, "three peers of 3 KiB fit in 10 KiB");
-        assert!(c.take(&key(0)).is_none(), "the oldest went");
+        assert!(c.take(&key(0), 0).is_none(), "the oldest went");
         // A peer taken out no longer counts: two more fit after it.
-        let one = c.take(&key(1)).unwrap_or_else(|| unreachable!());
+        let one = c.take(&key(1), 0).unwrap_or_else(|| unreachable!());
         put(&c, 4, 2 * PEER_OVERHEAD, false);
         assert_eq!(c.len(), 3);
         c.taken(key(1), false).put(one);
         assert_eq!(c.len(), 3, "putting it back evicted the oldest again");
-        assert!(c.take(&key(2)).is_none());
+        assert!(c.take(&key(2), 0).is_none());
     }
 
     #[test]
@@ -327,6 +349,29 @@ mod tests {
         let before = c.incarnation();
         c.taken(key(0), true).put(peer(0, 0, true));
         assert_eq!((c.len(), c.incarnation()), (1, before), "put back: kept");
+    }
+
+    #[test]
+    fn an_early_shred_forgets_every_peer_at_the_next_take() {
+        let c = cache(100, usize::MAX);
+        put(&c, 0, 0, false);
+        put(&c, 1, 0, true);
+        let (generation, before) = (c.generation(), c.incarnation());
+        assert!(c.take(&key(0), 1).is_none(), "forgotten, not taken");
+        assert_eq!(c.len(), 0);
+        assert_eq!(c.generation(), generation + 1, "state out is not put back");
+        assert_ne!(c.incarnation(), before, "unpersisted sends were lost");
+        // Seen once, the count forgets nothing more.
+        let fresh = |n| {
+            Box::new(Peer {
+                generation: generation + 1,
+                ..*peer(n, 0, false)
+            })
+        };
+        c.taken(key(2), false).put(fresh(2));
+        assert!(c.take(&key(2), 1).is_some());
+        c.taken(key(2), false).put(fresh(2));
+        assert!(c.take(&key(2), 0).is_some(), "an older count is no news");
     }
 
     #[test]

@@ -659,15 +659,23 @@ impl Sessions {
         Ok(report)
     }
 
+    /// The key manager's count of epoch keys destroyed early: state in
+    /// memory from before it moved is not used (see [`PeerCache::take`]).
+    fn shreds(&self) -> u64 {
+        self.vault.keys().early_destructions()
+    }
+
     /// The committed state of `peer`, out of the cache until it is put back:
     /// from memory, or opened from the store. State that has expired or
-    /// been shredded is no state. The caller holds the address lock.
+    /// been shredded is no state, early shredding included: state in memory
+    /// is forgotten once an epoch key is destroyed early. The caller holds
+    /// the address lock.
     async fn load_peer(
         &self,
         business: BusinessId,
         peer: PeerId,
     ) -> Result<(Box<Peer>, Taken<'_>), SignalError> {
-        if let Some(cached) = self.cache.take(&(business, peer)) {
+        if let Some(cached) = self.cache.take(&(business, peer), self.shreds()) {
             if cached.expiry > self.now() {
                 let taken = self.cache.taken((business, peer), cached.dirty);
                 return Ok((cached, taken));
@@ -887,7 +895,7 @@ impl Sessions {
         let _guard = self.address_locks.lock((business, peer)).await;
         // Out of memory before the deletion, which may land even if this
         // future is dropped while it waits for it.
-        let taken = self.cache.take_to_delete((business, peer));
+        let taken = self.cache.take_to_delete((business, peer), self.shreds());
         let had = self.store.peer(business, peer).await?.is_some();
         let mut batch = Batch::new();
         batch.push(Op::DeletePeer { business, peer });
@@ -913,9 +921,10 @@ impl Sessions {
             .lock_all(peers.iter().map(|&peer| (business, peer)))
             .await;
         // Out of memory before the deletion (see `reset_device`).
+        let shreds = self.shreds();
         let taken: Vec<Taken<'_>> = peers
             .iter()
-            .map(|&peer| self.cache.take_to_delete((business, peer)))
+            .map(|&peer| self.cache.take_to_delete((business, peer), shreds))
             .collect();
         let mut batch = Batch::new();
         for &peer in &peers {

@@ -64,7 +64,7 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
     // its root, chain or message keys.
     let session = sessions
         .cache
-        .take(&(business, peer))
+        .take(&(business, peer), sessions.shreds())
         .and_then(|p| p.session)
         .unwrap();
     let mut record = Vec::new();
@@ -417,7 +417,10 @@ async fn write_signal_corpora() {
     }
 
     // Peer records: the device's real one, and variants of it.
-    let mut full = sessions.cache.take(&(business, peer)).unwrap();
+    let mut full = sessions
+        .cache
+        .take(&(business, peer), sessions.shreds())
+        .unwrap();
     assert!(full.session.is_some() && full.identity.is_some());
     let with_both = full.encode(&PEER_INCARNATION);
     let identity = full.identity.take();
