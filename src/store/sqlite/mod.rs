@@ -242,11 +242,13 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 ///   migrated forward.
 /// - **No panics on bad data.** A stored value this crate could not have
 ///   written is [`StoreError::Corrupt`].
-/// - **Shredded bytes leave the files.** Key rows are written and deleted
-///   with SQLite's `secure_delete` (so neither a deletion nor a page split
-///   leaves a copy of a key behind), and [`scrub`](Storage::scrub) (which
-///   every complete sweep ends with) empties the write-ahead log of older
-///   page images.
+/// - **Deleted bytes leave the files.** The writer runs with SQLite's
+///   `secure_delete` on: whatever a write frees (a deleted message, peer or
+///   key, an index entry an update replaced, the copies a page split leaves)
+///   is overwritten with zeros, in its page and in pages put on the
+///   freelist, so no deleted phone hash or destroyed key stays in the file.
+///   [`scrub`](Storage::scrub) (which every complete sweep ends with) then
+///   empties the write-ahead log of the older page images.
 ///
 /// Reads are short and run on the caller's thread; writes never block the
 /// caller's thread (they await a reply from the writer), and need no async
@@ -427,6 +429,8 @@ fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connectio
         ));
     }
     conn.pragma_update(None, "synchronous", config.durability.pragma())?;
+    // Every write zeroes what it frees (see `SqliteStore`'s promises).
+    conn.pragma_update(None, "secure_delete", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;

@@ -796,6 +796,70 @@ fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
     assert!(file_contains(&path, &secret(22)) && file_contains(&path, &secret(4)));
 }
 
+/// A consumer's phone hash is gone from the file once the sweep deleted
+/// their messages and Signal record and scrubbed: from the rows, from the
+/// `messages_phone`, expiry and peer indexes, and from the index entries an
+/// expiry cap replaced earlier, with other consumers' rows left around them.
+#[test]
+fn a_deleted_consumers_phone_hash_leaves_no_bytes_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // Beside 50 open messages (not swept) of another consumer.
+    let path = populated(dir.path());
+    let phone = PhoneHash::from_bytes(rand::random());
+    let peer = PeerId { phone, device: 1 };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..50u8 {
+            let mut m = record(0, &[i; 300]);
+            m.id = MessageId::from_bytes([0xc0 ^ i; 16]);
+            m.phone = phone;
+            m.delivery = Delivery {
+                status: Status::Delivered,
+                failure: None,
+                attempts: 1,
+                next_attempt: None,
+                pending_devices: 0,
+            };
+            batch.push(Op::PutMessage(Box::new(m)));
+        }
+        batch.push(Op::PutPeer {
+            business: business(1),
+            peer,
+            sealed: vec![3; 200],
+        });
+        store.commit(batch).await.unwrap();
+        // Rewrites each message's expiry in the expiry and phone indexes.
+        let period = Duration::from_millis(500);
+        let capped = store.cap_expiry(business(1), Direction::Inbound, period, None, 1000);
+        assert_eq!(capped.await.unwrap(), None);
+    });
+    drop(store);
+    assert!(
+        file_contains(&path, phone.as_bytes()),
+        "the test cannot see the phone hash"
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let now = Timestamp::from_millis(T0 + 86_400_000);
+        let gone = store.delete_expired(now, now, &[], 1000).await.unwrap();
+        assert_eq!(gone.len(), 50);
+        let mut batch = Batch::new();
+        batch.push(Op::DeletePeer {
+            business: business(1),
+            peer,
+        });
+        store.commit(batch).await.unwrap();
+        store.scrub().await.unwrap();
+        assert_eq!(store.census().await.unwrap().messages, 50);
+    });
+    drop(store);
+    assert!(
+        !file_contains(&path, phone.as_bytes()),
+        "the deleted consumer's phone hash is still in the file"
+    );
+}
+
 #[test]
 fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
     // 20,000 expired, settled messages; deleting the first 10 must not walk
