@@ -386,8 +386,9 @@ impl SqliteStore {
     /// logged with the row's table and rowid and the column that failed.
     ///
     /// Listings that only choose what to work on next (messages due,
-    /// expired messages to fail or delete, Signal records to forget) skip
-    /// such a row rather than fail, so that one damaged row cannot stop the
+    /// expired messages to fail or delete, Signal records to forget, ended
+    /// epoch keys to destroy, businesses whose expiries to cap) skip such a
+    /// row rather than fail, so that one damaged row cannot stop the
     /// retransmission or the sweep of every other. The row stays in the
     /// file for an operator; it is never deleted by the sweep, and it is
     /// counted again each time a listing passes it. Reads of one record,
@@ -525,7 +526,7 @@ impl KeyStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<KeyId>, StoreError> {
         self.readers
-            .with(|c| reads::ended_epoch_keys(c, now, limit))
+            .with(|c| reads::ended_epoch_keys(c, now, limit, &self.damaged))
     }
 }
 
@@ -616,7 +617,8 @@ impl Storage for SqliteStore {
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        self.readers.with(reads::message_businesses)
+        self.readers
+            .with(|c| reads::message_businesses(c, &self.damaged))
     }
 
     async fn message_epochs(

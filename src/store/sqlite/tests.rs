@@ -719,10 +719,7 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
             "SELECT 1 FROM messages WHERE business = ?1 AND phone = ?2 AND expiry > ?3",
             "messages_phone",
         ),
-        (
-            "SELECT business, id FROM wrapped_keys WHERE kind = 1 AND id <= ?1 ORDER BY id, business LIMIT ?2",
-            "wrapped_keys_epoch_end",
-        ),
+        (reads::ENDED_EPOCH_KEYS, "wrapped_keys_epoch_end"),
         (reads::ORPHAN_PEERS, "sqlite_autoindex_peers_1"),
     ];
     for (sql, index) in cases {
@@ -1108,6 +1105,170 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     assert!(matches!(kept(5), Err(StoreError::Corrupt(_))));
     // Each page that passed over a damaged row counted it.
     assert!(store.damaged_rows_skipped() >= 2);
+}
+
+/// A complete sweep of `store` at `now`, telling no one anything.
+fn sweep(store: &Arc<SqliteStore>, now: Timestamp) -> crate::retention::SweepReport {
+    use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
+    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy};
+    use crate::visibility::MemoryAuditSink;
+
+    struct Told;
+    #[async_trait::async_trait]
+    impl ExpiryNotifier for Told {
+        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+            true
+        }
+    }
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        store.clone(),
+    ));
+    let retention = Retention::new(
+        store.clone(),
+        keys,
+        RetentionPolicy::default(),
+        Arc::new(MemoryAuditSink::new()),
+    );
+    block_on(retention.sweep(now, &Told)).unwrap()
+}
+
+/// The epoch key of business `b` for the epoch ending at `end` (ms).
+fn epoch_key_of(b: u64, end: u64) -> WrappedKey {
+    WrappedKey {
+        id: KeyId {
+            business: business(b),
+            kind: KeyKind::Epoch,
+            id: end,
+        },
+        kek_version: 1,
+        blob: vec![0x5a; 48],
+    }
+}
+
+/// Epoch-key rows whose business does not decode, more than a page of them
+/// and before every other, are skipped and kept: the sweep still destroys
+/// every well-formed ended epoch key.
+#[test]
+fn damaged_epoch_key_rows_do_not_stop_the_destruction_of_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let ended = [epoch_key_of(1, T0), epoch_key_of(2, T0 + 3_600_000)];
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        for key in &ended {
+            store.insert_key(key.clone()).await.unwrap();
+        }
+    });
+    drop(store);
+    // 300 with a text business, one of business 0, all ended long before.
+    tamper(
+        &path,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+         INSERT INTO wrapped_keys
+             SELECT 'x', 1, (-9223372036854775807 - 1) + i, 1, X'00', NULL FROM n;
+         INSERT INTO wrapped_keys
+             VALUES (-9223372036854775807 - 1, 1, -9223372036854775807, 1, X'00', NULL);",
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let report = sweep(&store, Timestamp::from_millis(T0 + 86_400_000));
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.epoch_keys_destroyed, 2, "{report:?}");
+    for key in &ended {
+        assert_eq!(block_on(store.key(&key.id)).unwrap(), None);
+    }
+    assert!(store.damaged_rows_skipped() >= 301);
+    drop(store);
+    let kept: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM wrapped_keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept, 301, "the damaged rows were not kept");
+}
+
+/// A message whose business does not decode (text, or a real number
+/// between two businesses) is skipped by the listing of businesses, which
+/// goes on past it to list every other.
+#[test]
+fn a_damaged_business_does_not_stop_the_listing_of_businesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("businesses.db");
+    // Stored biased: above every small business and above 2.5.
+    let big = BusinessId::new(1 << 63 | 5).unwrap();
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for (i, b) in [business(1), business(1), business(2), business(2), big]
+            .into_iter()
+            .enumerate()
+        {
+            let mut m = record(i as u8, b"x");
+            m.business = b;
+            batch.push(Op::PutMessage(Box::new(m)));
+        }
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    tamper(
+        &path,
+        "UPDATE messages SET business = 'x' WHERE id = X'00000000000000000000000000000000';
+         UPDATE messages SET business = 2.5 WHERE id = X'02020202020202020202020202020202';",
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    assert_eq!(
+        block_on(store.message_businesses()).unwrap(),
+        [business(1), business(2), big]
+    );
+    assert_eq!(store.damaged_rows_skipped(), 2);
+}
+
+/// A message of a held business whose epoch does not decode may need any
+/// of the business's keys: all its ended epoch keys are kept, and every
+/// other business's ended keys are still destroyed.
+#[test]
+fn a_damaged_epoch_under_a_hold_keeps_that_business_keys_and_no_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.db");
+    let held = [
+        epoch_key_of(1, T0 + 3_600_000),
+        epoch_key_of(1, T0 + 7_200_000),
+    ];
+    let other = epoch_key_of(2, T0 + 3_600_000);
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..3 {
+            let mut m = record(i, b"x");
+            m.expiry = Timestamp::from_millis(T0 + 30 * 86_400_000);
+            batch.push(Op::PutMessage(Box::new(m)));
+        }
+        batch.push(Op::PutHold(Hold {
+            scope: HoldScope::Business(business(1)),
+            reference: "case-1".into(),
+            placed: Timestamp::from_millis(T0),
+        }));
+        store.commit(batch).await.unwrap();
+        for key in held.iter().chain([&other]) {
+            store.insert_key(key.clone()).await.unwrap();
+        }
+    });
+    drop(store);
+    tamper(
+        &path,
+        "UPDATE messages SET epoch = 'x' WHERE id = X'01010101010101010101010101010101'",
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let report = sweep(&store, Timestamp::from_millis(T0 + 86_400_000));
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.epoch_keys_destroyed, 1, "{report:?}");
+    assert_eq!(block_on(store.key(&other.id)).unwrap(), None);
+    for key in &held {
+        assert_eq!(
+            block_on(store.key(&key.id)).unwrap(),
+            Some(KeyEntry::Wrapped(key.clone())),
+            "a held business's key was destroyed"
+        );
+    }
 }
 
 /// Keys are inserted out of order, so the table's pages split and
