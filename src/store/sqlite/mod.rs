@@ -71,6 +71,8 @@ pub struct SqliteConfig {
     /// How long a statement waits for a lock held by another process before
     /// failing (default 5 s). Within one process there is no waiting: one
     /// thread writes, and readers never block under write-ahead logging.
+    /// At most [`MAX_BUSY_TIMEOUT`](Self::MAX_BUSY_TIMEOUT): a longer one is
+    /// refused at open.
     pub busy_timeout: Duration,
     /// Read-only connections kept open between reads (default 4). Reads
     /// never wait for one: a read that finds none idle opens another.
@@ -78,6 +80,12 @@ pub struct SqliteConfig {
     /// Most writes committed in one transaction (default 256): bounds the
     /// latency a write adds to the others in its group.
     pub max_group: NonZeroUsize,
+}
+
+impl SqliteConfig {
+    /// The longest [`busy_timeout`](Self::busy_timeout) SQLite takes
+    /// (`i32::MAX` milliseconds, about 24.8 days).
+    pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 }
 
 impl Default for SqliteConfig {
@@ -184,6 +192,20 @@ pub enum SqliteOpenError {
         /// SQLite's description.
         message: String,
     },
+    /// The configured [`busy_timeout`](SqliteConfig::busy_timeout) is longer
+    /// than SQLite can wait ([`SqliteConfig::MAX_BUSY_TIMEOUT`]). Nothing was
+    /// opened or created.
+    #[error(
+        "cannot open {}: a busy timeout of {requested:?} is longer than SQLite's longest, {:?}",
+        path.display(),
+        SqliteConfig::MAX_BUSY_TIMEOUT
+    )]
+    BusyTimeoutTooLong {
+        /// The file.
+        path: PathBuf,
+        /// The configured timeout.
+        requested: Duration,
+    },
     /// SQLite failed otherwise (locked, out of space, ...).
     #[error("SQLite failed on {}: {message}", path.display())]
     Backend {
@@ -199,6 +221,7 @@ impl From<SqliteOpenError> for StoreError {
         match e {
             SqliteOpenError::Io { .. }
             | SqliteOpenError::Backend { .. }
+            | SqliteOpenError::BusyTimeoutTooLong { .. }
             | SqliteOpenError::NewerSchema { .. }
             | SqliteOpenError::RegionMismatch { .. } => Self::Backend(e.to_string()),
             _ => Self::Corrupt(e.to_string()),
@@ -299,6 +322,14 @@ impl SqliteStore {
     /// there, migrating it if its schema is older than this build's.
     pub fn open(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, SqliteOpenError> {
         let path = path.as_ref();
+        // SQLite takes the timeout in `i32` milliseconds (rusqlite panics on
+        // a longer one): refused before anything is opened or created.
+        if config.busy_timeout > SqliteConfig::MAX_BUSY_TIMEOUT {
+            return Err(SqliteOpenError::BusyTimeoutTooLong {
+                path: path.to_owned(),
+                requested: config.busy_timeout,
+            });
+        }
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
             Ok(_) => {

@@ -411,6 +411,35 @@ fn a_store_refuses_to_open_as_another_region_untouched() {
     SqliteStore::open(&path, SqliteConfig::default()).unwrap();
 }
 
+/// A busy timeout longer than SQLite can wait is refused with its own
+/// error, before anything is created (rusqlite panics on one).
+#[test]
+fn a_busy_timeout_longer_than_sqlite_takes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("patient.db");
+    let config = |busy_timeout| SqliteConfig {
+        busy_timeout,
+        ..SqliteConfig::default()
+    };
+    let month = Duration::from_secs(30 * 86_400);
+    let err = SqliteStore::open(&path, config(month)).unwrap_err();
+    assert!(
+        matches!(err, SqliteOpenError::BusyTimeoutTooLong { requested, .. } if requested == month),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("busy timeout"), "{err}");
+    assert!(matches!(StoreError::from(err), StoreError::Backend(_)));
+    assert!(!path.exists(), "a refused open created the file");
+    // Just past the longest is refused; the longest itself opens.
+    let longest = SqliteConfig::MAX_BUSY_TIMEOUT;
+    let err = SqliteStore::open(&path, config(longest + Duration::from_millis(1))).unwrap_err();
+    assert!(
+        matches!(err, SqliteOpenError::BusyTimeoutTooLong { .. }),
+        "{err:?}"
+    );
+    drop(SqliteStore::open(&path, config(longest)).unwrap());
+}
+
 #[test]
 fn migrations_are_numbered_consecutively_up_to_the_schema_version() {
     let versions: Vec<u32> = schema::MIGRATIONS.iter().map(|m| m.version).collect();
