@@ -659,6 +659,41 @@ fn a_failing_task_in_a_group_fails_alone() {
     assert!(conn.is_autocommit(), "a transaction was left open");
 }
 
+/// A retried write that conflicts with the first try in the same group is
+/// not told `Conflict` when the first try then fails: it is answered by a
+/// run of its own, which stores the message.
+#[test]
+fn a_conflict_with_a_write_that_then_fails_is_not_answered_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let mut first = put_work(150, vec![1]);
+    let mut runs = 0;
+    // Stores message 150 the first time, fails the second (an I/O error, say).
+    let flaky: Work<()> = Box::new(move |c: &Connection| {
+        runs += 1;
+        if runs == 1 {
+            first(c)
+        } else {
+            Err(StoreError::Backend("injected".into()))
+        }
+    });
+    let (results, committed) = commit_as_group(&conn, vec![flaky, put_work(150, vec![2])]);
+    assert!(
+        matches!(results[0], Err(StoreError::Backend(_))),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok(), "{results:?}");
+    assert!(stored(&conn, 150), "the retry was not stored");
+    assert_eq!(
+        committed,
+        GroupCommits {
+            transactions: 1,
+            writes: 1
+        }
+    );
+    assert!(conn.is_autocommit(), "a transaction was left open");
+}
+
 #[test]
 fn a_group_commits_in_one_transaction_in_queue_order() {
     let dir = tempfile::tempdir().unwrap();
