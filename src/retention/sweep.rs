@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use super::gate::HoldGate;
 use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, PhoneHash};
-use crate::keys::{Epoch, KeyError, KeyManager};
+use crate::keys::{Epoch, KeyError, KeyKind, KeyManager};
 use crate::store::{Batch, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError};
 use crate::time::Timestamp;
 
@@ -336,6 +336,12 @@ impl<'a> Sweep<'a> {
 
     /// Stage 4: destroy the keys of ended epochs, except those still holding
     /// a message under a legal hold.
+    ///
+    /// If the epochs of a held business's messages cannot be read (a
+    /// damaged record: [`StoreError::Corrupt`]), which keys the hold needs
+    /// is unknown: every ended epoch key of that business is kept (and the
+    /// failure logged), and the other businesses' keys are destroyed as
+    /// usual. Any other failure fails the stage, destroying nothing.
     async fn destroy_ended_epochs(&mut self) -> Result<bool, SweepError> {
         if !self.step() {
             return Ok(false);
@@ -347,8 +353,17 @@ impl<'a> Sweep<'a> {
                 HoldScope::Business(b) => (b, None),
                 HoldScope::Consumer(b, p) => (b, Some(p)),
             };
-            for epoch in self.storage.message_epochs(business, phone).await? {
-                keep.insert((business, epoch));
+            match self.storage.message_epochs(business, phone).await {
+                Ok(epochs) => keep.extend(epochs.into_iter().map(|e| (business, e))),
+                Err(StoreError::Corrupt(what)) => {
+                    tracing::warn!(
+                        %business,
+                        error = %what,
+                        "a held business's message epochs do not decode: all its ended epoch keys are kept"
+                    );
+                    self.keep_ended_epochs(business, &mut keep).await?;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         self.report.epoch_keys_destroyed += self
@@ -356,5 +371,36 @@ impl<'a> Sweep<'a> {
             .destroy_ended_epochs_except(self.now, &keep)
             .await?;
         Ok(true)
+    }
+
+    /// Add every live key of an epoch of `business` that ended by now to
+    /// `keep`.
+    async fn keep_ended_epochs(
+        &self,
+        business: BusinessId,
+        keep: &mut BTreeSet<(BusinessId, Epoch)>,
+    ) -> Result<(), SweepError> {
+        let now = self.now.as_millis();
+        let mut after = None;
+        loop {
+            let keys = self
+                .storage
+                .keys_of_kind(business, KeyKind::Epoch, after, self.batch)
+                .await?;
+            let Some(last) = keys.last() else {
+                return Ok(());
+            };
+            after = Some(last.id.id);
+            for key in &keys {
+                // In id order, and an epoch key's id is its epoch's end.
+                if key.id.id > now {
+                    return Ok(());
+                }
+                keep.insert((
+                    business,
+                    Epoch::ending_at(Timestamp::from_millis(key.id.id)),
+                ));
+            }
+        }
     }
 }

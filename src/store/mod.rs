@@ -126,8 +126,10 @@ pub trait KeyStore: Send + Sync {
 /// what to work on next ([`due_messages`](Self::due_messages),
 /// [`expired_open_messages`](Self::expired_open_messages),
 /// [`delete_expired`](Self::delete_expired),
-/// [`orphan_peers`](Self::orphan_peers)) skip it instead, without counting
-/// it against their `limit`, and never delete it, and
+/// [`orphan_peers`](Self::orphan_peers),
+/// [`message_businesses`](Self::message_businesses),
+/// [`ended_epoch_keys`](KeyStore::ended_epoch_keys)) skip it instead,
+/// without counting it against their `limit`, and never delete it, and
 /// [`cap_expiry`](Self::cap_expiry) pages past it: one damaged record must
 /// not stop retransmission or the sweep for every other. The backend says
 /// so in its log; it is left for an operator.

@@ -94,21 +94,36 @@ pub(super) fn decodable<T>(
         let rowid: i64 = row
             .get(row.as_ref().column_count().saturating_sub(1))
             .db()?;
-        match decode(row) {
-            Ok(value) => out.push((rowid, value)),
-            Err(StoreError::Corrupt(what)) => {
-                damaged.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    table,
-                    rowid,
-                    error = %what,
-                    "a stored row does not decode: skipped, and kept for an operator"
-                );
-            }
-            Err(e) => return Err(e),
+        if let Some(value) = skip_damaged(decode(row), table, Some(rowid), damaged)? {
+            out.push((rowid, value));
         }
     }
     Ok(out)
+}
+
+/// A decoded value; `None` for a row that does not decode, counted in
+/// `damaged` and logged as [`decodable`] does (by `rowid` where the table
+/// has one); any other failure as it was.
+pub(super) fn skip_damaged<T>(
+    decoded: Result<T, StoreError>,
+    table: &str,
+    rowid: Option<i64>,
+    damaged: &AtomicU64,
+) -> Result<Option<T>, StoreError> {
+    match decoded {
+        Ok(value) => Ok(Some(value)),
+        Err(StoreError::Corrupt(what)) => {
+            damaged.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                table,
+                rowid,
+                error = %what,
+                "a stored row does not decode: skipped, and kept for an operator"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `?` for SQLite results inside the backend: `.db()?` maps the error

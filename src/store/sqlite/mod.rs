@@ -71,6 +71,8 @@ pub struct SqliteConfig {
     /// How long a statement waits for a lock held by another process before
     /// failing (default 5 s). Within one process there is no waiting: one
     /// thread writes, and readers never block under write-ahead logging.
+    /// At most [`MAX_BUSY_TIMEOUT`](Self::MAX_BUSY_TIMEOUT): a longer one is
+    /// refused at open.
     pub busy_timeout: Duration,
     /// Read-only connections kept open between reads (default 4). Reads
     /// never wait for one: a read that finds none idle opens another.
@@ -78,6 +80,12 @@ pub struct SqliteConfig {
     /// Most writes committed in one transaction (default 256): bounds the
     /// latency a write adds to the others in its group.
     pub max_group: NonZeroUsize,
+}
+
+impl SqliteConfig {
+    /// The longest [`busy_timeout`](Self::busy_timeout) SQLite takes
+    /// (`i32::MAX` milliseconds, about 24.8 days).
+    pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 }
 
 impl Default for SqliteConfig {
@@ -184,6 +192,20 @@ pub enum SqliteOpenError {
         /// SQLite's description.
         message: String,
     },
+    /// The configured [`busy_timeout`](SqliteConfig::busy_timeout) is longer
+    /// than SQLite can wait ([`SqliteConfig::MAX_BUSY_TIMEOUT`]). Nothing was
+    /// opened or created.
+    #[error(
+        "cannot open {}: a busy timeout of {requested:?} is longer than SQLite's longest, {:?}",
+        path.display(),
+        SqliteConfig::MAX_BUSY_TIMEOUT
+    )]
+    BusyTimeoutTooLong {
+        /// The file.
+        path: PathBuf,
+        /// The configured timeout.
+        requested: Duration,
+    },
     /// SQLite failed otherwise (locked, out of space, ...).
     #[error("SQLite failed on {}: {message}", path.display())]
     Backend {
@@ -199,6 +221,7 @@ impl From<SqliteOpenError> for StoreError {
         match e {
             SqliteOpenError::Io { .. }
             | SqliteOpenError::Backend { .. }
+            | SqliteOpenError::BusyTimeoutTooLong { .. }
             | SqliteOpenError::NewerSchema { .. }
             | SqliteOpenError::RegionMismatch { .. } => Self::Backend(e.to_string()),
             _ => Self::Corrupt(e.to_string()),
@@ -242,11 +265,13 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 ///   migrated forward.
 /// - **No panics on bad data.** A stored value this crate could not have
 ///   written is [`StoreError::Corrupt`].
-/// - **Shredded bytes leave the files.** Key rows are written and deleted
-///   with SQLite's `secure_delete` (so neither a deletion nor a page split
-///   leaves a copy of a key behind), and [`scrub`](Storage::scrub) (which
-///   every complete sweep ends with) empties the write-ahead log of older
-///   page images.
+/// - **Deleted bytes leave the files.** The writer runs with SQLite's
+///   `secure_delete` on: whatever a write frees (a deleted message, peer or
+///   key, an index entry an update replaced, the copies a page split leaves)
+///   is overwritten with zeros, in its page and in pages put on the
+///   freelist, so no deleted phone hash or destroyed key stays in the file.
+///   [`scrub`](Storage::scrub) (which every complete sweep ends with) then
+///   empties the write-ahead log of the older page images.
 ///
 /// Reads are short and run on the caller's thread; writes never block the
 /// caller's thread (they await a reply from the writer), and need no async
@@ -297,6 +322,14 @@ impl SqliteStore {
     /// there, migrating it if its schema is older than this build's.
     pub fn open(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, SqliteOpenError> {
         let path = path.as_ref();
+        // SQLite takes the timeout in `i32` milliseconds (rusqlite panics on
+        // a longer one): refused before anything is opened or created.
+        if config.busy_timeout > SqliteConfig::MAX_BUSY_TIMEOUT {
+            return Err(SqliteOpenError::BusyTimeoutTooLong {
+                path: path.to_owned(),
+                requested: config.busy_timeout,
+            });
+        }
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
             Ok(_) => {
@@ -384,8 +417,9 @@ impl SqliteStore {
     /// logged with the row's table and rowid and the column that failed.
     ///
     /// Listings that only choose what to work on next (messages due,
-    /// expired messages to fail or delete, Signal records to forget) skip
-    /// such a row rather than fail, so that one damaged row cannot stop the
+    /// expired messages to fail or delete, Signal records to forget, ended
+    /// epoch keys to destroy, businesses whose expiries to cap) skip such a
+    /// row rather than fail, so that one damaged row cannot stop the
     /// retransmission or the sweep of every other. The row stays in the
     /// file for an operator; it is never deleted by the sweep, and it is
     /// counted again each time a listing passes it. Reads of one record,
@@ -427,6 +461,8 @@ fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connectio
         ));
     }
     conn.pragma_update(None, "synchronous", config.durability.pragma())?;
+    // Every write zeroes what it frees (see `SqliteStore`'s promises).
+    conn.pragma_update(None, "secure_delete", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
@@ -521,7 +557,7 @@ impl KeyStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<KeyId>, StoreError> {
         self.readers
-            .with(|c| reads::ended_epoch_keys(c, now, limit))
+            .with(|c| reads::ended_epoch_keys(c, now, limit, &self.damaged))
     }
 }
 
@@ -612,7 +648,8 @@ impl Storage for SqliteStore {
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        self.readers.with(reads::message_businesses)
+        self.readers
+            .with(|c| reads::message_businesses(c, &self.damaged))
     }
 
     async fn message_epochs(

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, Row, params};
 
 use super::codec::{
@@ -252,26 +253,39 @@ pub(super) fn keys_of_kind(
     collect(&mut rows, |r| live_key(r, business))
 }
 
+/// The epoch keys (live or tombstones) that ended at or before `?1`,
+/// oldest first. No `LIMIT`: rows that do not decode are skipped, and do not
+/// count against it (as for [`DUE`]), so that however many of them come
+/// first, every page holds the well-formed keys after them.
+pub(super) const ENDED_EPOCH_KEYS: &str = "SELECT business, id FROM wrapped_keys
+     WHERE kind = 1 AND id <= ?1 ORDER BY id, business";
+
+/// Up to `limit` ended epoch keys, skipping (and counting in `damaged`) an
+/// entry whose business or id does not decode: it names no key that could
+/// be destroyed, and must not stop the destruction of every other. It is
+/// kept, and found again by every page (`wrapped_keys` has no rowid to log).
 pub(super) fn ended_epoch_keys(
     conn: &Connection,
     now: Timestamp,
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<KeyId>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT business, id FROM wrapped_keys
-             WHERE kind = 1 AND id <= ?1 ORDER BY id, business LIMIT ?2",
-        )
-        .db()?;
-    let mut rows = stmt.query(params![time_sql(now), limit_sql(limit)]).db()?;
-    collect(&mut rows, |r| {
-        let c = Cols::new(r, "wrapped_keys");
-        Ok(KeyId {
-            business: c.business(0, "business")?,
-            kind: KeyKind::Epoch,
-            id: c.u64(1, "id")?,
-        })
-    })
+    let mut stmt = conn.prepare_cached(ENDED_EPOCH_KEYS).db()?;
+    let mut rows = stmt.query([time_sql(now)]).db()?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(row) = rows.next().db()? else { break };
+        let c = Cols::new(row, "wrapped_keys");
+        let id = c.business(0, "business").and_then(|business| {
+            Ok(KeyId {
+                business,
+                kind: KeyKind::Epoch,
+                id: c.u64(1, "id")?,
+            })
+        });
+        out.extend(codec::skip_damaged(id, "wrapped_keys", None, damaged)?);
+    }
+    Ok(out)
 }
 
 pub(super) fn peer(
@@ -415,7 +429,15 @@ fn messages(
     Ok(decoded.into_iter().map(|(_, m)| m).collect())
 }
 
-pub(super) fn message_businesses(conn: &mut Connection) -> Result<Vec<BusinessId>, StoreError> {
+/// The businesses with messages, skipping (and counting in `damaged`) a
+/// `business` that does not decode: such a row belongs to no business, and
+/// must not stop the listing of the others. Paging seeks past the stored
+/// value itself, whatever its type (SQLite orders every value), so a
+/// damaged one is passed over once.
+pub(super) fn message_businesses(
+    conn: &mut Connection,
+    damaged: &AtomicU64,
+) -> Result<Vec<BusinessId>, StoreError> {
     // One index seek per business, however many messages each has, all in
     // one read transaction: the list is of one state.
     let tx = conn.transaction().db()?;
@@ -426,15 +448,15 @@ pub(super) fn message_businesses(conn: &mut Connection) -> Result<Vec<BusinessId
                 "SELECT business FROM messages WHERE business > ?1 ORDER BY business LIMIT 1",
             )
             .db()?;
-        let mut after = i64::MIN;
+        let mut after = Value::Integer(i64::MIN);
         loop {
-            let mut rows = stmt.query([after]).db()?;
+            let mut rows = stmt.query([&after]).db()?;
             let Some(row) = rows.next().db()? else {
                 break;
             };
-            let business = Cols::new(row, "messages").business(0, "business")?;
-            out.push(business);
-            after = business_sql(business);
+            let business = Cols::new(row, "messages").business(0, "business");
+            out.extend(codec::skip_damaged(business, "messages", None, damaged)?);
+            after = row.get(0).db()?;
         }
     }
     tx.finish().db()?;

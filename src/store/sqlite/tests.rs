@@ -411,6 +411,35 @@ fn a_store_refuses_to_open_as_another_region_untouched() {
     SqliteStore::open(&path, SqliteConfig::default()).unwrap();
 }
 
+/// A busy timeout longer than SQLite can wait is refused with its own
+/// error, before anything is created (rusqlite panics on one).
+#[test]
+fn a_busy_timeout_longer_than_sqlite_takes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("patient.db");
+    let config = |busy_timeout| SqliteConfig {
+        busy_timeout,
+        ..SqliteConfig::default()
+    };
+    let month = Duration::from_secs(30 * 86_400);
+    let err = SqliteStore::open(&path, config(month)).unwrap_err();
+    assert!(
+        matches!(err, SqliteOpenError::BusyTimeoutTooLong { requested, .. } if requested == month),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("busy timeout"), "{err}");
+    assert!(matches!(StoreError::from(err), StoreError::Backend(_)));
+    assert!(!path.exists(), "a refused open created the file");
+    // Just past the longest is refused; the longest itself opens.
+    let longest = SqliteConfig::MAX_BUSY_TIMEOUT;
+    let err = SqliteStore::open(&path, config(longest + Duration::from_millis(1))).unwrap_err();
+    assert!(
+        matches!(err, SqliteOpenError::BusyTimeoutTooLong { .. }),
+        "{err:?}"
+    );
+    drop(SqliteStore::open(&path, config(longest)).unwrap());
+}
+
 #[test]
 fn migrations_are_numbered_consecutively_up_to_the_schema_version() {
     let versions: Vec<u32> = schema::MIGRATIONS.iter().map(|m| m.version).collect();
@@ -630,6 +659,41 @@ fn a_failing_task_in_a_group_fails_alone() {
     assert!(conn.is_autocommit(), "a transaction was left open");
 }
 
+/// A retried write that conflicts with the first try in the same group is
+/// not told `Conflict` when the first try then fails: it is answered by a
+/// run of its own, which stores the message.
+#[test]
+fn a_conflict_with_a_write_that_then_fails_is_not_answered_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let mut first = put_work(150, vec![1]);
+    let mut runs = 0;
+    // Stores message 150 the first time, fails the second (an I/O error, say).
+    let flaky: Work<()> = Box::new(move |c: &Connection| {
+        runs += 1;
+        if runs == 1 {
+            first(c)
+        } else {
+            Err(StoreError::Backend("injected".into()))
+        }
+    });
+    let (results, committed) = commit_as_group(&conn, vec![flaky, put_work(150, vec![2])]);
+    assert!(
+        matches!(results[0], Err(StoreError::Backend(_))),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok(), "{results:?}");
+    assert!(stored(&conn, 150), "the retry was not stored");
+    assert_eq!(
+        committed,
+        GroupCommits {
+            transactions: 1,
+            writes: 1
+        }
+    );
+    assert!(conn.is_autocommit(), "a transaction was left open");
+}
+
 #[test]
 fn a_group_commits_in_one_transaction_in_queue_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -719,10 +783,7 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
             "SELECT 1 FROM messages WHERE business = ?1 AND phone = ?2 AND expiry > ?3",
             "messages_phone",
         ),
-        (
-            "SELECT business, id FROM wrapped_keys WHERE kind = 1 AND id <= ?1 ORDER BY id, business LIMIT ?2",
-            "wrapped_keys_epoch_end",
-        ),
+        (reads::ENDED_EPOCH_KEYS, "wrapped_keys_epoch_end"),
         (reads::ORPHAN_PEERS, "sqlite_autoindex_peers_1"),
     ];
     for (sql, index) in cases {
@@ -794,6 +855,70 @@ fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
         );
     }
     assert!(file_contains(&path, &secret(22)) && file_contains(&path, &secret(4)));
+}
+
+/// A consumer's phone hash is gone from the file once the sweep deleted
+/// their messages and Signal record and scrubbed: from the rows, from the
+/// `messages_phone`, expiry and peer indexes, and from the index entries an
+/// expiry cap replaced earlier, with other consumers' rows left around them.
+#[test]
+fn a_deleted_consumers_phone_hash_leaves_no_bytes_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // Beside 50 open messages (not swept) of another consumer.
+    let path = populated(dir.path());
+    let phone = PhoneHash::from_bytes(rand::random());
+    let peer = PeerId { phone, device: 1 };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..50u8 {
+            let mut m = record(0, &[i; 300]);
+            m.id = MessageId::from_bytes([0xc0 ^ i; 16]);
+            m.phone = phone;
+            m.delivery = Delivery {
+                status: Status::Delivered,
+                failure: None,
+                attempts: 1,
+                next_attempt: None,
+                pending_devices: 0,
+            };
+            batch.push(Op::PutMessage(Box::new(m)));
+        }
+        batch.push(Op::PutPeer {
+            business: business(1),
+            peer,
+            sealed: vec![3; 200],
+        });
+        store.commit(batch).await.unwrap();
+        // Rewrites each message's expiry in the expiry and phone indexes.
+        let period = Duration::from_millis(500);
+        let capped = store.cap_expiry(business(1), Direction::Inbound, period, None, 1000);
+        assert_eq!(capped.await.unwrap(), None);
+    });
+    drop(store);
+    assert!(
+        file_contains(&path, phone.as_bytes()),
+        "the test cannot see the phone hash"
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let now = Timestamp::from_millis(T0 + 86_400_000);
+        let gone = store.delete_expired(now, now, &[], 1000).await.unwrap();
+        assert_eq!(gone.len(), 50);
+        let mut batch = Batch::new();
+        batch.push(Op::DeletePeer {
+            business: business(1),
+            peer,
+        });
+        store.commit(batch).await.unwrap();
+        store.scrub().await.unwrap();
+        assert_eq!(store.census().await.unwrap().messages, 50);
+    });
+    drop(store);
+    assert!(
+        !file_contains(&path, phone.as_bytes()),
+        "the deleted consumer's phone hash is still in the file"
+    );
 }
 
 #[test]
@@ -1044,6 +1169,170 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     assert!(matches!(kept(5), Err(StoreError::Corrupt(_))));
     // Each page that passed over a damaged row counted it.
     assert!(store.damaged_rows_skipped() >= 2);
+}
+
+/// A complete sweep of `store` at `now`, telling no one anything.
+fn sweep(store: &Arc<SqliteStore>, now: Timestamp) -> crate::retention::SweepReport {
+    use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
+    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy};
+    use crate::visibility::MemoryAuditSink;
+
+    struct Told;
+    #[async_trait::async_trait]
+    impl ExpiryNotifier for Told {
+        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+            true
+        }
+    }
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        store.clone(),
+    ));
+    let retention = Retention::new(
+        store.clone(),
+        keys,
+        RetentionPolicy::default(),
+        Arc::new(MemoryAuditSink::new()),
+    );
+    block_on(retention.sweep(now, &Told)).unwrap()
+}
+
+/// The epoch key of business `b` for the epoch ending at `end` (ms).
+fn epoch_key_of(b: u64, end: u64) -> WrappedKey {
+    WrappedKey {
+        id: KeyId {
+            business: business(b),
+            kind: KeyKind::Epoch,
+            id: end,
+        },
+        kek_version: 1,
+        blob: vec![0x5a; 48],
+    }
+}
+
+/// Epoch-key rows whose business does not decode, more than a page of them
+/// and before every other, are skipped and kept: the sweep still destroys
+/// every well-formed ended epoch key.
+#[test]
+fn damaged_epoch_key_rows_do_not_stop_the_destruction_of_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let ended = [epoch_key_of(1, T0), epoch_key_of(2, T0 + 3_600_000)];
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        for key in &ended {
+            store.insert_key(key.clone()).await.unwrap();
+        }
+    });
+    drop(store);
+    // 300 with a text business, one of business 0, all ended long before.
+    tamper(
+        &path,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+         INSERT INTO wrapped_keys
+             SELECT 'x', 1, (-9223372036854775807 - 1) + i, 1, X'00', NULL FROM n;
+         INSERT INTO wrapped_keys
+             VALUES (-9223372036854775807 - 1, 1, -9223372036854775807, 1, X'00', NULL);",
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let report = sweep(&store, Timestamp::from_millis(T0 + 86_400_000));
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.epoch_keys_destroyed, 2, "{report:?}");
+    for key in &ended {
+        assert_eq!(block_on(store.key(&key.id)).unwrap(), None);
+    }
+    assert!(store.damaged_rows_skipped() >= 301);
+    drop(store);
+    let kept: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM wrapped_keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept, 301, "the damaged rows were not kept");
+}
+
+/// A message whose business does not decode (text, or a real number
+/// between two businesses) is skipped by the listing of businesses, which
+/// goes on past it to list every other.
+#[test]
+fn a_damaged_business_does_not_stop_the_listing_of_businesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("businesses.db");
+    // Stored biased: above every small business and above 2.5.
+    let big = BusinessId::new(1 << 63 | 5).unwrap();
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for (i, b) in [business(1), business(1), business(2), business(2), big]
+            .into_iter()
+            .enumerate()
+        {
+            let mut m = record(i as u8, b"x");
+            m.business = b;
+            batch.push(Op::PutMessage(Box::new(m)));
+        }
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    tamper(
+        &path,
+        "UPDATE messages SET business = 'x' WHERE id = X'00000000000000000000000000000000';
+         UPDATE messages SET business = 2.5 WHERE id = X'02020202020202020202020202020202';",
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    assert_eq!(
+        block_on(store.message_businesses()).unwrap(),
+        [business(1), business(2), big]
+    );
+    assert_eq!(store.damaged_rows_skipped(), 2);
+}
+
+/// A message of a held business whose epoch does not decode may need any
+/// of the business's keys: all its ended epoch keys are kept, and every
+/// other business's ended keys are still destroyed.
+#[test]
+fn a_damaged_epoch_under_a_hold_keeps_that_business_keys_and_no_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.db");
+    let held = [
+        epoch_key_of(1, T0 + 3_600_000),
+        epoch_key_of(1, T0 + 7_200_000),
+    ];
+    let other = epoch_key_of(2, T0 + 3_600_000);
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..3 {
+            let mut m = record(i, b"x");
+            m.expiry = Timestamp::from_millis(T0 + 30 * 86_400_000);
+            batch.push(Op::PutMessage(Box::new(m)));
+        }
+        batch.push(Op::PutHold(Hold {
+            scope: HoldScope::Business(business(1)),
+            reference: "case-1".into(),
+            placed: Timestamp::from_millis(T0),
+        }));
+        store.commit(batch).await.unwrap();
+        for key in held.iter().chain([&other]) {
+            store.insert_key(key.clone()).await.unwrap();
+        }
+    });
+    drop(store);
+    tamper(
+        &path,
+        "UPDATE messages SET epoch = 'x' WHERE id = X'01010101010101010101010101010101'",
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let report = sweep(&store, Timestamp::from_millis(T0 + 86_400_000));
+    assert!(report.complete, "{report:?}");
+    assert_eq!(report.epoch_keys_destroyed, 1, "{report:?}");
+    assert_eq!(block_on(store.key(&other.id)).unwrap(), None);
+    for key in &held {
+        assert_eq!(
+            block_on(store.key(&key.id)).unwrap(),
+            Some(KeyEntry::Wrapped(key.clone())),
+            "a held business's key was destroyed"
+        );
+    }
 }
 
 /// Keys are inserted out of order, so the table's pages split and

@@ -16,7 +16,16 @@
 //! again as a group: a write that fails (a conflict, say a replayed message)
 //! costs its group a rollback, not a sync per write. If `COMMIT` fails,
 //! every task is run again in a transaction of its own, so each caller gets
-//! the result of its own work. A task's work may run more than once for
+//! the result of its own work.
+//!
+//! A [`Conflict`](StoreError::Conflict) is answered only against committed
+//! state: callers read it as "another write committed first". In a group,
+//! a task may conflict with an earlier task's uncommitted write (a retried
+//! `PutMessage` beside the first try), and that write may then fail after
+//! all. So a task that conflicts while others share its transaction is set
+//! aside, and once the group is done (committed or failed) it runs again in
+//! a transaction of its own; that run's result is its answer. Conflicts are
+//! rare (replays, lost races), so the extra transaction is too. A task's work may run more than once for
 //! these reasons; it never half-applies, since its transaction commits or
 //! rolls back whole.
 //!
@@ -222,12 +231,27 @@ fn duplicate(e: &StoreError) -> StoreError {
     }
 }
 
-/// Commit `group` (emptied on return), replying to every task.
+/// Run `task` in a transaction of its own and reply with the result.
+fn alone(conn: &Connection, mut task: Box<dyn Task>, committed: impl Fn(usize)) {
+    match attempt(conn, std::slice::from_mut(&mut task)) {
+        Ok(()) => {
+            committed(1);
+            task.succeed();
+        }
+        Err(Failure::Begin(e) | Failure::Task(_, e) | Failure::Commit(e)) => task.fail(e),
+    }
+}
+
+/// Commit `group` (emptied on return), replying to every task. A task that
+/// conflicts within a group is answered by a run of its own afterwards (see
+/// the module docs).
 fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>, counts: &Counts) {
     let committed = |writes: usize| {
         counts.transactions.fetch_add(1, Ordering::Relaxed);
         counts.writes.fetch_add(writes as u64, Ordering::Relaxed);
     };
+    // Conflicts with what may be another task's uncommitted write.
+    let mut conflicted = Vec::new();
     while !group.is_empty() {
         match attempt(conn, group) {
             Ok(()) => {
@@ -239,6 +263,10 @@ fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>, counts: &Coun
                 // the wait that failed, once per task.
                 group.drain(..).for_each(|t| t.fail(duplicate(&e)));
             }
+            // Perhaps with another task's write: it goes again later, alone.
+            Err(Failure::Task(i, StoreError::Conflict)) if group.len() > 1 => {
+                conflicted.push(group.remove(i));
+            }
             // Its own failure: the others go again without it.
             Err(Failure::Task(i, e)) => group.remove(i).fail(e),
             Err(Failure::Commit(e)) if group.len() == 1 => {
@@ -247,19 +275,14 @@ fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>, counts: &Coun
                 }
             }
             Err(Failure::Commit(_)) => {
-                for mut task in group.drain(..) {
-                    match attempt(conn, std::slice::from_mut(&mut task)) {
-                        Ok(()) => {
-                            committed(1);
-                            task.succeed();
-                        }
-                        Err(Failure::Begin(e) | Failure::Task(_, e) | Failure::Commit(e)) => {
-                            task.fail(e);
-                        }
-                    }
+                for task in group.drain(..) {
+                    alone(conn, task, committed);
                 }
             }
         }
+    }
+    for task in conflicted {
+        alone(conn, task, committed);
     }
 }
 

@@ -78,15 +78,14 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             ]),
         Op::ConsumeKey(id) => {
             let (business, kind, key) = key_id_sql(id);
-            let n = shredding(conn, || {
-                conn.prepare_cached(
+            let n = conn
+                .prepare_cached(
                     "DELETE FROM wrapped_keys
                      WHERE business = ?1 AND kind = ?2 AND id = ?3 AND blob IS NOT NULL",
                 )
                 .db()?
                 .execute(params![business, kind, key])
-                .db()
-            })?;
+                .db()?;
             // Fails the batch: the key was consumed (or never existed).
             return if n == 1 {
                 Ok(())
@@ -274,25 +273,6 @@ pub(super) fn cap_expiry(
     .transpose()
 }
 
-/// Run `f` with SQLite overwriting deleted content with zeros
-/// (`secure_delete = ON`), so that the bytes of a destroyed key, a replaced
-/// wrapping or a retired KEK version linger neither in the page that held
-/// them nor in a page the deletion frees (`FAST` would leave those on the
-/// freelist). Every write to the key tables runs so, inserts included: an
-/// insert that splits a page moves other keys' cells, and without it the
-/// copies they leave behind in free space outlive those keys' destruction.
-/// Only key writes pay for it, and they are rare; messages and peers are
-/// sealed under keys that are shredded.
-fn shredding<T>(
-    conn: &Connection,
-    f: impl FnOnce() -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    conn.pragma_update(None, "secure_delete", "ON").db()?;
-    let out = f();
-    conn.pragma_update(None, "secure_delete", "OFF").db()?;
-    out
-}
-
 /// Store `ring` if the stored revision is `expected`. The outer error fails
 /// the transaction; the inner one is the caller's answer (a lost race).
 pub(super) fn put_ring(
@@ -316,32 +296,28 @@ pub(super) fn put_ring(
     }
     let json = serde_json::to_vec(ring)
         .map_err(|e| StoreError::Backend(format!("cannot encode a KEK ring: {e}")))?;
-    shredding(conn, || {
-        conn.prepare_cached(
-            "INSERT INTO kek_rings (business, revision, ring) VALUES (?1, ?2, ?3)
-             ON CONFLICT (business) DO UPDATE SET
-                 revision = excluded.revision, ring = excluded.ring",
-        )
-        .db()?
-        .execute(params![business, u64_to_sql(ring.revision()), json])
-        .db()
-    })?;
+    conn.prepare_cached(
+        "INSERT INTO kek_rings (business, revision, ring) VALUES (?1, ?2, ?3)
+         ON CONFLICT (business) DO UPDATE SET
+             revision = excluded.revision, ring = excluded.ring",
+    )
+    .db()?
+    .execute(params![business, u64_to_sql(ring.revision()), json])
+    .db()?;
     Ok(Ok(()))
 }
 
 /// Store `key` unless its id is taken; return what is stored afterwards.
-/// Shredding too: the page split it may cause copies other keys' cells.
 pub(super) fn insert_key(conn: &Connection, key: &WrappedKey) -> Result<KeyEntry, StoreError> {
     let (business, kind, id) = key_id_sql(&key.id);
-    let inserted = shredding(conn, || {
-        conn.prepare_cached(
+    let inserted = conn
+        .prepare_cached(
             "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL) ON CONFLICT DO NOTHING",
         )
         .db()?
         .execute(params![business, kind, id, key.kek_version, key.blob])
-        .db()
-    })?;
+        .db()?;
     if inserted == 1 {
         return Ok(KeyEntry::Wrapped(key.clone()));
     }
@@ -357,8 +333,8 @@ pub(super) fn rewrap_key(
     expected_version: u32,
 ) -> Result<bool, StoreError> {
     let (business, kind, id) = key_id_sql(&key.id);
-    let changed = shredding(conn, || {
-        conn.prepare_cached(
+    let changed = conn
+        .prepare_cached(
             "UPDATE wrapped_keys SET kek_version = ?4, blob = ?5
              WHERE business = ?1 AND kind = ?2 AND id = ?3
                AND blob IS NOT NULL AND kek_version = ?6",
@@ -372,8 +348,7 @@ pub(super) fn rewrap_key(
             key.blob,
             expected_version
         ])
-        .db()
-    })?;
+        .db()?;
     Ok(changed == 1)
 }
 
@@ -386,31 +361,26 @@ pub(super) fn destroy_key(
 ) -> Result<bool, StoreError> {
     let (business, kind, key) = key_id_sql(id);
     let was_live = matches!(reads::key(conn, id)?, Some(KeyEntry::Wrapped(_)));
-    shredding(conn, || {
-        conn.prepare_cached(
-            "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
-             VALUES (?1, ?2, ?3, NULL, NULL, ?4)
-             ON CONFLICT (business, kind, id) DO UPDATE SET
-                 kek_version = NULL, blob = NULL, destroyed_at = excluded.destroyed_at",
-        )
-        .db()?
-        .execute(params![business, kind, key, time_sql(at)])
-        .db()
-    })?;
+    conn.prepare_cached(
+        "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
+         VALUES (?1, ?2, ?3, NULL, NULL, ?4)
+         ON CONFLICT (business, kind, id) DO UPDATE SET
+             kek_version = NULL, blob = NULL, destroyed_at = excluded.destroyed_at",
+    )
+    .db()?
+    .execute(params![business, kind, key, time_sql(at)])
+    .db()?;
     Ok(was_live)
 }
 
 /// Remove the entry under `id`; whether there was one.
 pub(super) fn delete_key(conn: &Connection, id: &KeyId) -> Result<bool, StoreError> {
     let (business, kind, key) = key_id_sql(id);
-    let n = shredding(conn, || {
-        conn.prepare_cached(
-            "DELETE FROM wrapped_keys WHERE business = ?1 AND kind = ?2 AND id = ?3",
-        )
+    let n = conn
+        .prepare_cached("DELETE FROM wrapped_keys WHERE business = ?1 AND kind = ?2 AND id = ?3")
         .db()?
         .execute(params![business, kind, key])
-        .db()
-    })?;
+        .db()?;
     Ok(n == 1)
 }
 
