@@ -10,7 +10,10 @@
 //!   expiry <= ?` on an identical copy of the same file, with the same
 //!   pragmas as the store's writer (write-ahead log, `synchronous = FULL`,
 //!   32 MiB cache); peers and keys untouched; then the log checkpointed and
-//!   truncated, as the sweep ends (each sample prints both parts). `sqlite/custodian` sweeps in the default steps (65,536
+//!   truncated, as the sweep ends (each sample prints both parts);
+//!   `sqlite/bare_delete_zeroing` the same with `secure_delete = ON`, as
+//!   the store writes (what a deletion frees is overwritten with zeros, so
+//!   that no deleted phone hash stays in the file). `sqlite/custodian` sweeps in the default steps (65,536
 //!   messages), `sqlite/custodian_batch_262144` in steps of 262,144. Every
 //!   sample starts from a fresh copy of one template file (or, in memory, a
 //!   freshly filled store); only the sweep is timed.
@@ -232,10 +235,15 @@ fn open(run: &Path) -> Arc<dyn Storage> {
 
 /// The baseline: the same rows deleted by one bare statement, then the log
 /// checkpointed and truncated, as every complete sweep ends (so that no
-/// deleted page lingers in it); both parts are printed.
-fn bare_delete(template: &Path, run: &Path) -> Duration {
+/// deleted page lingers in it); both parts are printed. With `secure`, the
+/// statement zeroes what it frees (`secure_delete = ON`), as the store's
+/// writer does so that no deleted phone hash stays in the file.
+fn bare_delete(template: &Path, run: &Path, secure: bool) -> Duration {
     fresh_copy(template, run);
     let conn = Connection::open(run).unwrap();
+    let secure_delete = if secure { "ON" } else { "OFF" };
+    conn.pragma_update(None, "secure_delete", secure_delete)
+        .unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
     conn.pragma_update(None, "temp_store", "MEMORY").unwrap();
@@ -256,7 +264,7 @@ fn bare_delete(template: &Path, run: &Path) -> Duration {
         .unwrap();
     let truncate = start.elapsed();
     eprintln!(
-        "bare: DELETE {:.2} s ({:.0} rows/s), then log truncate {:.2} s",
+        "bare (secure_delete {secure_delete}): DELETE {:.2} s ({:.0} rows/s), then log truncate {:.2} s",
         delete.as_secs_f64(),
         ROWS as f64 / delete.as_secs_f64(),
         truncate.as_secs_f64()
@@ -338,9 +346,18 @@ fn bench_sweep(c: &mut Criterion, t: &Templates) {
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(1));
-    g.bench_function("sqlite/bare_delete", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| bare_delete(t.of(ROWS), &run)).sum())
-    });
+    for (name, secure) in [
+        ("sqlite/bare_delete", false),
+        ("sqlite/bare_delete_zeroing", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| bare_delete(t.of(ROWS), &run, secure))
+                    .sum()
+            })
+        });
+    }
     for (name, batch) in [
         ("sqlite/custodian", None),
         ("sqlite/custodian_batch_262144", Some(262_144)),

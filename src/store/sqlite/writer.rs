@@ -25,9 +25,10 @@
 //! all. So a task that conflicts while others share its transaction is set
 //! aside, and once the group is done (committed or failed) it runs again in
 //! a transaction of its own; that run's result is its answer. Conflicts are
-//! rare (replays, lost races), so the extra transaction is too. A task's work may run more than once for
-//! these reasons; it never half-applies, since its transaction commits or
-//! rolls back whole.
+//! rare (replays, lost races), so the extra transaction is too.
+//!
+//! A task's work may run more than once for these reasons; it never
+//! half-applies, since its transaction commits or rolls back whole.
 //!
 //! The one-shot replies are `futures-channel`'s: runtime-agnostic, small,
 //! maintained with the `futures` crates, and a reply whose sender is dropped
