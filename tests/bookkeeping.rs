@@ -327,6 +327,22 @@ impl Deployment {
         statement.records.iter().map(|r| r.messages.total()).sum()
     }
 
+    /// A message of `b` to a consumer with two devices, reported delivered
+    /// by device 0 from inside its send while device 1's send fails for
+    /// now: delivered, device 1 waiting for a retry, the business not told.
+    async fn delivered_with_device_1_waiting(&self, b: BusinessId) -> MessageId {
+        self.racing.network.add_consumer(&number(1), 2).await;
+        self.processor.publish_keys(&self.owner, b).await.unwrap();
+        self.race(Race::ReportInsideSendThenDevice1Fails);
+        let id = self.send(b, 1).await;
+        let waiting = self.store.message(b, id).await.unwrap().unwrap().delivery;
+        assert_eq!(waiting.status, Status::Delivered);
+        assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
+        let told = self.webhook.business.statuses();
+        assert_eq!(told.get(&id), None, "not told yet");
+        id
+    }
+
     /// Deliver what is in flight and retry what is due, `rounds` times.
     async fn settle(&self, rounds: usize) {
         for _ in 0..rounds {
@@ -461,17 +477,11 @@ async fn an_early_shred_fails_its_message_and_holds_up_no_other_business() {
 async fn an_early_shred_never_fails_a_message_reported_delivered() {
     let d = Deployment::new(Faults::none());
     let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
-    d.race(Race::ReportInsideSendThenDevice1Fails);
-    let id = d.send(b, 1).await;
-    d.race(Race::None);
-    let waiting = d.store.message(b, id).await.unwrap().unwrap();
-    assert_eq!(waiting.delivery.status, Status::Delivered);
-    assert_eq!(waiting.delivery.pending_devices, 0b10);
+    let id = d.delivered_with_device_1_waiting(b).await;
+    let epoch = d.store.message(b, id).await.unwrap().unwrap().epoch;
     let keys = d.processor.keys(&d.operator).unwrap();
     let now = d.clock.now();
-    assert!(keys.destroy_epoch(b, waiting.epoch, now).await.unwrap());
+    assert!(keys.destroy_epoch(b, epoch, now).await.unwrap());
 
     d.settle(3).await;
     assert_eq!(
@@ -696,14 +706,7 @@ async fn a_report_during_a_failed_device_list_call_is_told_once() {
 async fn a_report_from_inside_a_send_waits_for_the_devices_left_to_retry() {
     let d = Deployment::new(Faults::none());
     let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
-    d.race(Race::ReportInsideSendThenDevice1Fails);
-    let id = d.send(b, 1).await;
-    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
-    assert_eq!(waiting.status, Status::Delivered);
-    assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
-    assert_eq!(d.webhook.business.statuses().get(&id), None, "not told yet");
+    let id = d.delivered_with_device_1_waiting(b).await;
     d.settle(10).await;
     let received = d.racing.network.received(&number(1)).await;
     assert_eq!(received[&1].get(&id), Some(&1), "device 1");

@@ -323,7 +323,8 @@ impl Processor {
         let stored_body = self.same_send(stored, phone, body, now).await?;
         debug!(%id, "a send under a key used before: its message is stored");
         let d = stored.delivery;
-        if let (true, Some(stored_body)) = (claimed, stored_body)
+        if claimed
+            && let Some(stored_body) = stored_body
             && d.status == Status::Queued
             && d.attempts == 0
             && let Err(e) = self
