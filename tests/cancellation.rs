@@ -161,11 +161,7 @@ fn an_idempotent_send_made_again_past_a_shortened_retention_sends_nothing() {
         if d.store.census().await.unwrap().messages == 0 {
             return false;
         }
-        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
-        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
-        d.processor
-            .set_retention_policy(&d.operator, shorter)
-            .unwrap();
+        d.shorten_retention_to_a_day();
         d.clock.advance(Duration::from_secs(2 * 24 * 3600));
         let id = send().await.unwrap();
         let report = d
@@ -651,11 +647,7 @@ fn a_receive_dropped_at_its_commit_still_gets_a_policy_changed_meanwhile() {
         let mut cx = Context::from_waker(Waker::noop());
         // The first poll admits it under the 30-day default.
         let mut done = receive.as_mut().poll(&mut cx).is_ready();
-        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
-        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
-        d.processor
-            .set_retention_policy(&d.operator, shorter)
-            .unwrap();
+        d.shorten_retention_to_a_day();
         d.processor.sweep(&d.operator).await.unwrap();
         for _ in 1..n {
             if done {
@@ -683,11 +675,7 @@ fn a_dropped_sweep_never_leaves_a_deleted_session_in_memory() {
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"in").await;
         assert!(d.receive(inbound).await.unwrap().delivered);
-        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
-        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
-        d.processor
-            .set_retention_policy(&d.operator, shorter)
-            .unwrap();
+        d.shorten_retention_to_a_day();
         d.clock.advance(Duration::from_secs(2 * 24 * 3600));
         let done = poll_at_most(d.processor.sweep(&d.operator), n)
             .await

@@ -35,7 +35,6 @@ use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
 use custodian::processor::{Inbound, Outbound, ProcessorError};
-use custodian::retention::RetentionPolicy;
 use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults};
@@ -997,11 +996,7 @@ fn a_failed_sweep_leaves_no_deleted_session_in_memory() {
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"in").await;
         assert!(d.receive(inbound).await.unwrap().delivered);
-        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
-        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
-        d.processor
-            .set_retention_policy(&d.operator, shorter)
-            .unwrap();
+        d.shorten_retention_to_a_day();
         d.clock.advance(Duration::from_secs(2 * 24 * 3600));
         d.faults.fail_at(at.n, at.seams, at.strike);
         let swept = d.processor.sweep(&d.operator).await;

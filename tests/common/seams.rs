@@ -24,6 +24,7 @@ use custodian::keys::{
 use custodian::processor::{
     DeliveryConfig, Host, Inbound, Outbound, Policies, Processor, ProcessorError,
 };
+use custodian::retention::RetentionPolicy;
 use custodian::signal::{
     Ciphertext, PreKeyBundle, PublishedKeys, Sessions, SignalConfig, SignalError,
 };
@@ -722,6 +723,15 @@ impl Deployment {
             content: content.to_vec().into(),
             category: Category::Utility,
         }
+    }
+
+    /// Put a one-day retention in force for the business.
+    pub(crate) fn shorten_retention_to_a_day(&self) {
+        let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
+        let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
+        self.processor
+            .set_retention_policy(&self.operator, shorter)
+            .unwrap();
     }
 
     /// Run the world for `rounds` steps of a minute: the network moves,
