@@ -797,6 +797,15 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
 // Shredding
 
 /// Whether `needle` occurs in the database file or its log.
+/// The rows of `from` (a table, and perhaps a `WHERE` clause) in the
+/// database at `path`, counted by a connection of its own.
+fn count(path: &Path, from: &str) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row(&format!("SELECT count(*) FROM {from}"), [], |r| r.get(0))
+        .unwrap()
+}
+
 fn file_contains(path: &Path, needle: &[u8]) -> bool {
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
@@ -1056,14 +1065,7 @@ fn a_damaged_id_does_not_stop_capping_expiries() {
             }
         }
         drop(store);
-        let capped: i64 = Connection::open(&copy)
-            .unwrap()
-            .query_row(
-                "SELECT count(*) FROM messages WHERE expiry = created + 1",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let capped = count(&copy, "messages WHERE expiry = created + 1");
         assert_eq!(capped, 50, "pages of {page}");
     }
 }
@@ -1243,10 +1245,7 @@ fn damaged_epoch_key_rows_do_not_stop_the_destruction_of_the_others() {
     }
     assert!(store.damaged_rows_skipped() >= 301);
     drop(store);
-    let kept: i64 = Connection::open(&path)
-        .unwrap()
-        .query_row("SELECT count(*) FROM wrapped_keys", [], |r| r.get(0))
-        .unwrap();
+    let kept = count(&path, "wrapped_keys");
     assert_eq!(kept, 301, "the damaged rows were not kept");
 }
 
