@@ -725,6 +725,25 @@ impl Deployment {
         }
     }
 
+    /// Assert that `id` is the one message stored, that each of the first
+    /// `devices` devices of the consumer [`outbound`](Self::outbound) sends
+    /// to has it once and nothing else, and that it is delivered and
+    /// billed once.
+    pub(crate) async fn assert_sent_once(
+        &self,
+        id: MessageId,
+        devices: u32,
+        case: std::fmt::Arguments<'_>,
+    ) {
+        assert_eq!(self.store.census().await.unwrap().messages, 1, "{case}");
+        let received = self.network.received(&consumer(2)).await;
+        for device in 0..devices {
+            let got = &received[&device];
+            assert_eq!(got, &BTreeMap::from([(id, 1)]), "{case}: device {device}");
+        }
+        self.assert_delivered_and_billed([id].iter(), 1, case).await;
+    }
+
     /// Put a one-day retention in force for the business.
     pub(crate) fn shorten_retention_to_a_day(&self) {
         let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
