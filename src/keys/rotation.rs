@@ -34,6 +34,14 @@ impl KeyManager {
         }
     }
 
+    /// The stored ring of `business`, which must exist (it was created
+    /// before): read afresh for a compare-and-swap, and corrupt if gone.
+    async fn existing_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        self.load_ring(business)
+            .await?
+            .ok_or(KeyError::CorruptRing { business })
+    }
+
     /// The KEK ring of `business` if one exists; never creates one.
     async fn stored_ring(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
         let forgets = {
@@ -127,10 +135,7 @@ impl KeyManager {
             self.ring(business).await?;
         }
         for _ in 0..RING_RETRIES {
-            let current = self
-                .load_ring(business)
-                .await?
-                .ok_or(KeyError::CorruptRing { business })?;
+            let current = self.existing_ring(business).await?;
             let next = change(&current)?;
             if self.swap_ring(&current, &next, None).await? {
                 return Ok(next);
@@ -206,10 +211,7 @@ impl KeyManager {
     ) -> Result<u32, KeyError> {
         self.ring(business).await?;
         for _ in 0..RING_RETRIES {
-            let current = self
-                .load_ring(business)
-                .await?
-                .ok_or(KeyError::CorruptRing { business })?;
+            let current = self.existing_ring(business).await?;
             let version = current.next_version();
             let key = SecretKey::generate();
             let wrapped = self

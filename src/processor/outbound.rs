@@ -58,9 +58,9 @@ struct Reached {
 const SHARED_BIT: u64 = Delivery::device_bit(63);
 
 impl Reached {
-    /// The devices `wanted` (id and bit) are listed for this attempt.
-    fn list(&mut self, wanted: impl Iterator<Item = (u32, u64)>) {
-        for (_, bit) in wanted {
+    /// The devices of pending bits `bits` are listed for this attempt.
+    fn list(&mut self, bits: impl Iterator<Item = u64>) {
+        for bit in bits {
             self.listed |= bit;
             self.shared_unsettled += u32::from(bit == SHARED_BIT);
         }
@@ -645,7 +645,7 @@ impl Processor {
             .iter()
             .map(|&device| (device, Delivery::device_bit(device)))
             .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0));
-        reached.list(wanted.clone());
+        reached.list(wanted.clone().map(|(_, bit)| bit));
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let mut refused = false;
         for (device, bit) in wanted {
