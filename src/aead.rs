@@ -24,7 +24,8 @@ pub(crate) struct AeadError;
 /// An AES-256-GCM key schedule; the backend zeroizes it on drop (aes-gcm's
 /// `zeroize` feature). Not boxed: a per-record cipher lives and dies on one
 /// stack frame, and long-lived holders keep theirs behind an `Arc`, so
-/// neither is ever moved after use.
+/// neither is moved after use. Building one moves it at least once (into
+/// its `Arc`), and the copy left in the building frame is not wiped.
 pub(crate) struct Cipher(Aes256Gcm);
 
 impl Cipher {

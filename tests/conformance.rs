@@ -146,6 +146,7 @@ conformance!(
     census_counts_what_is_stored,
     extreme_values_round_trip_and_keep_their_order,
     a_batch_is_all_or_nothing,
+    a_fenced_batch_commits_only_for_the_stores_writer,
     a_failing_batch_fails_alone_among_concurrent_ones,
     readers_never_observe_half_a_batch,
     many_tasks_commit_concurrently_and_every_record_is_kept,
@@ -783,6 +784,69 @@ async fn ended_epoch_keys_are_oldest_first_with_tombstones_and_limited(backend: 
 
 // ---------------------------------------------------------------------------
 // Peers and messages
+
+/// A batch fenced by a writer commits only while that writer is the
+/// store's (the last to take it over), whole or not at all; unfenced
+/// batches commit whoever the writer is; the writer outlives a reopen.
+async fn a_fenced_batch_commits_only_for_the_stores_writer(backend: &mut Backend) {
+    use custodian::store::WriterId;
+
+    let (a, b) = (
+        WriterId::from_bytes([0xa; 16]),
+        WriterId::from_bytes([0xb; 16]),
+    );
+    let fenced = |writer: WriterId, ops: Vec<Op>| {
+        let mut batch = batch(ops);
+        batch.fenced(writer);
+        batch
+    };
+    let superseded = |result: Result<(), StoreError>| matches!(result, Err(StoreError::Superseded));
+    let s = &*backend.store;
+    // No writer yet: the batch's is not the store's.
+    assert!(superseded(
+        s.commit(fenced(a, vec![put_peer(1, peer(1, 0), 1)])).await
+    ));
+    assert_eq!(s.peer(business(1), peer(1, 0)).await.unwrap(), None);
+
+    s.take_over(a).await.unwrap();
+    let two = vec![put_peer(1, peer(1, 0), 1), put_peer(1, peer(1, 1), 2)];
+    s.commit(fenced(a, two)).await.unwrap();
+    commit(s, [put_peer(1, peer(2, 0), 3)]).await;
+
+    s.take_over(b).await.unwrap();
+    s.take_over(b).await.unwrap();
+    assert!(superseded(
+        s.commit(fenced(a, vec![put_peer(1, peer(1, 0), 9)])).await
+    ));
+    let two = vec![put_peer(1, peer(1, 1), 9), put_peer(1, peer(3, 0), 9)];
+    assert!(superseded(s.commit(fenced(a, two)).await));
+    assert_eq!(
+        s.peer(business(1), peer(1, 0)).await.unwrap(),
+        Some(bytes(1, 80))
+    );
+    assert_eq!(
+        s.peer(business(1), peer(1, 1)).await.unwrap(),
+        Some(bytes(2, 80))
+    );
+    assert_eq!(s.peer(business(1), peer(3, 0)).await.unwrap(), None);
+    s.commit(fenced(b, vec![put_peer(1, peer(1, 0), 4)]))
+        .await
+        .unwrap();
+    commit(s, [put_peer(1, peer(2, 0), 5)]).await;
+
+    backend.reopen().await;
+    let s = &*backend.store;
+    assert!(superseded(
+        s.commit(fenced(a, vec![put_peer(1, peer(1, 0), 9)])).await
+    ));
+    s.commit(fenced(b, vec![put_peer(1, peer(1, 0), 6)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.peer(business(1), peer(1, 0)).await.unwrap(),
+        Some(bytes(6, 80))
+    );
+}
 
 async fn peers_are_replaced_deleted_and_listed_by_device(backend: &mut Backend) {
     let s = &*backend.store;

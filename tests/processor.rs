@@ -1295,6 +1295,95 @@ async fn a_row_that_does_not_decode_blocks_neither_retransmission_nor_the_sweep(
     );
 }
 
+/// A second processor on the same store (another process, say) takes it
+/// over: the first can no longer write, so it never persists a session over
+/// the second's and reissues the sending counters the second uses (two
+/// messages under one message key). Its sends fail as superseded, and the
+/// consumer's device decrypts every message it gets, none a repeat.
+#[tokio::test]
+async fn a_processor_superseded_by_another_on_its_store_stops_writing() {
+    use custodian::store::StoreError;
+
+    let w = Restartable::new();
+    let (owner, b) = (&w.owner, w.b);
+    let (first, mut device) = w.converse().await;
+    let outbound = |text: String| Outbound {
+        to: number(7),
+        content: text.into_bytes().into(),
+        category: Category::Service,
+    };
+    for i in 0..3 {
+        first
+            .send(owner, b, outbound(format!("first {i}")))
+            .await
+            .unwrap();
+    }
+    let second = w.start();
+    second
+        .send(owner, b, outbound("second".into()))
+        .await
+        .unwrap();
+    // Past the sending counters the first leased before the second took
+    // over: it would have to lease more.
+    for i in 3..80 {
+        let sent = first.send(owner, b, outbound(format!("first {i}"))).await;
+        assert!(
+            matches!(sent, Err(ProcessorError::Store(StoreError::Superseded))),
+            "{i}: {sent:?}"
+        );
+    }
+    second
+        .send(owner, b, outbound("second again".into()))
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    for message in w.network.take_sent().remove(number(7).expose()).unwrap() {
+        let plaintext = device.decrypt(b, &message).await.unwrap();
+        let (_, content) = custodian::processor::parse_device_payload(&plaintext).unwrap();
+        texts.push(String::from_utf8(content.to_vec()).unwrap());
+    }
+    texts.sort();
+    assert_eq!(
+        texts,
+        ["first 0", "first 1", "first 2", "second", "second again"]
+    );
+}
+
+/// A first-contact message that used no one-time prekey decrypts in a new
+/// session under any device id: replayed as another device of its
+/// consumer, it is the duplicate it is, with the first copy's id, and the
+/// business gets it once.
+#[tokio::test]
+async fn a_first_message_replayed_as_another_device_is_a_duplicate() {
+    let w = Restartable::new();
+    let (owner, b, inbound) = (&w.owner, w.b, Restartable::inbound);
+    let processor = w.start();
+    processor.publish_keys(owner, b).await.unwrap();
+    let mut device = custodian::testing::ConsumerDevice::new(0);
+    device
+        .start_session(b, &w.network.published().unwrap().bundle(None))
+        .await
+        .unwrap();
+    let first = device.encrypt(b, b"hello").await.unwrap();
+    let receipt = processor
+        .receive(owner, b, inbound(first.clone()))
+        .await
+        .unwrap();
+    assert!(receipt.delivered && !receipt.duplicate);
+    let replay = custodian::processor::Inbound {
+        device: 7,
+        ..inbound(first)
+    };
+    let again = processor.receive(owner, b, replay).await.unwrap();
+    assert!(
+        again.duplicate && !again.delivered && again.id == receipt.id,
+        "{again:?}"
+    );
+    let messages = w.business.messages();
+    assert_eq!(messages.len(), 1);
+    assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
+}
+
 /// Receives written behind on one receiving chain are lost in a restart,
 /// and the consumer moves on to a new chain without sending on the old one
 /// again: the stored session, persisted by the messages that follow on the
@@ -1304,7 +1393,7 @@ async fn a_row_that_does_not_decode_blocks_neither_retransmission_nor_the_sweep(
 /// the business a second time.
 #[tokio::test]
 async fn a_replay_on_a_chain_left_behind_by_a_restart_is_refused_after_its_copy_expires() {
-    replay_on_a_chain_left_behind(true).await;
+    replay_on_a_chain_left_behind(true, Then::NewChain).await;
 }
 
 /// The same without a restart: a tampered message, which anyone on the
@@ -1312,13 +1401,39 @@ async fn a_replay_on_a_chain_left_behind_by_a_restart_is_refused_after_its_copy_
 /// memory, receives written behind included.
 #[tokio::test]
 async fn a_replay_on_a_chain_left_behind_by_a_tampered_message_is_refused_after_its_copy_expires() {
-    replay_on_a_chain_left_behind(false).await;
+    replay_on_a_chain_left_behind(false, Then::NewChain).await;
+}
+
+/// The same, but the consumer then starts a new session (a reinstall, say):
+/// the session whose counters the processor is unsure of is archived, not
+/// current, when it is next persisted, and its lost counters must be
+/// settled there all the same. Else a replay decrypts under the archived
+/// session once the messages guarding it are gone.
+#[tokio::test]
+async fn a_replay_on_a_session_left_behind_by_a_restart_is_refused_after_its_copy_expires() {
+    replay_on_a_chain_left_behind(true, Then::NewSession).await;
+}
+
+/// The same after a tampered message.
+#[tokio::test]
+async fn a_replay_on_a_session_left_behind_by_a_tampered_message_is_refused_after_its_copy_expires()
+{
+    replay_on_a_chain_left_behind(false, Then::NewSession).await;
+}
+
+/// What the consumer does once the receives written behind are lost.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Takes the business's reply: its next messages are on a new chain.
+    NewChain,
+    /// Starts a new session from the business's bundle.
+    NewSession,
 }
 
 /// Lose the receives written behind on a chain (by a restart, or else by a
-/// tampered message), move on to a new chain, let the first messages
-/// expire, replay them.
-async fn replay_on_a_chain_left_behind(restart: bool) {
+/// tampered message), move on to a new chain or session, let the first
+/// messages expire, replay them.
+async fn replay_on_a_chain_left_behind(restart: bool, then: Then) {
     const DAY: Duration = Duration::from_secs(24 * 3600);
     let w = Restartable::new();
     let (owner, b, inbound) = (&w.owner, w.b, Restartable::inbound);
@@ -1343,8 +1458,14 @@ async fn replay_on_a_chain_left_behind(restart: bool) {
     // chain; the conversation goes on 20 days later, so the session
     // outlives the first messages, which the sweep deletes after their 30
     // days.
-    w.reply(&after, &mut device).await;
-    for (wait, text) in [(Duration::ZERO, "new chain"), (20 * DAY, "still here")] {
+    match then {
+        Then::NewChain => w.reply(&after, &mut device).await,
+        Then::NewSession => device
+            .start_session(b, &w.network.published().unwrap().bundle(Some(1)))
+            .await
+            .unwrap(),
+    }
+    for (wait, text) in [(Duration::ZERO, "moved on"), (20 * DAY, "still here")] {
         w.clock.advance(wait);
         let message = device.encrypt(b, text.as_bytes()).await.unwrap();
         let receipt = after.receive(owner, b, inbound(message)).await.unwrap();

@@ -1,6 +1,6 @@
 //! Billing records: billable messages per business, category and period.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -135,7 +135,7 @@ impl Drop for Undo<'_> {
             let business = statement.business;
             self.ledger
                 .businesses
-                .update(business, Ledger::default, |l| l.unsent = Some(statement));
+                .update(business, Ledger::default, |l| l.unsent.push_back(statement));
         }
     }
 }
@@ -177,8 +177,10 @@ pub struct BillingLedger {
 struct Ledger {
     periods: BTreeMap<u64, CategoryCounts>,
     dropped_periods: u64,
-    /// A take not known to have been handed over: the next take is this.
-    unsent: Option<BillingStatement>,
+    /// Takes not known to have been handed over, oldest failure first: the
+    /// next takes are these. Several takes may be in flight at once (two
+    /// exports overlapping), and each that fails comes back here.
+    unsent: VecDeque<BillingStatement>,
 }
 
 impl BillingLedger {
@@ -255,8 +257,9 @@ impl BillingLedger {
     }
 
     /// As [`take_closed`](Self::take_closed), with what keeps the take
-    /// aside unless the statement is handed over (see [`Undo`]); a take
-    /// kept aside before is this take. `None` if there is nothing to take.
+    /// aside unless the statement is handed over (see [`Undo`]); the oldest
+    /// take kept aside before, if any, is this take. `None` if there is
+    /// nothing to take.
     pub(crate) fn take_closed_undoably(
         &self,
         business: BusinessId,
@@ -264,7 +267,7 @@ impl BillingLedger {
     ) -> Option<(Labelled<BillingStatement>, Undo<'_>)> {
         let open = self.grid.index(now);
         let statement = self.businesses.with(business, |l| {
-            if let Some(unsent) = l.unsent.take() {
+            if let Some(unsent) = l.unsent.pop_front() {
                 return Some(unsent);
             }
             let closed = l.periods.split_off(&open);
@@ -321,7 +324,7 @@ impl BillingLedger {
             .into_iter()
             .filter(|(_, l)| {
                 let l = lock(l);
-                !l.periods.is_empty() || l.unsent.is_some()
+                !l.periods.is_empty() || !l.unsent.is_empty()
             })
             .map(|(b, _)| b)
             .collect()
@@ -379,16 +382,24 @@ mod tests {
     enum Step {
         /// A billable message, `ms` after the start of day `day`.
         Record(usize, u64, u64),
-        /// An export at `day` whose hand-over is kept (`true`) or fails,
-        /// perhaps with its answer lost (`false`).
-        Export(u64, bool),
+        /// An export at `day`, its hand-over still in flight.
+        Export(u64),
+        /// The hand-over in flight at this index (modulo their number)
+        /// ends: kept (`true`) or failed, perhaps with its answer lost
+        /// (`false`).
+        HandedOver(usize, bool),
     }
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             3 => (0..4usize, 0..8u64, 0..DAY_MS).prop_map(|(c, d, ms)| Step::Record(c, d, ms)),
-            1 => (0..9u64, any::<bool>()).prop_map(|(d, kept)| Step::Export(d, kept)),
+            1 => (0..9u64).prop_map(Step::Export),
+            1 => (any::<usize>(), any::<bool>()).prop_map(|(i, kept)| Step::HandedOver(i, kept)),
         ]
+    }
+
+    fn total(statement: &BillingStatement) -> u64 {
+        statement.records.iter().map(|r| r.messages.total()).sum()
     }
 
     fn counted(statements: &BTreeMap<u64, BillingStatement>) -> u64 {
@@ -399,12 +410,44 @@ mod tests {
             .sum()
     }
 
+    /// Two exports overlap across a period boundary and both hand-overs
+    /// fail: both takes come back, the older first, and nothing is lost.
+    #[test]
+    fn overlapping_takes_that_both_fail_both_come_back() {
+        let ledger = BillingLedger::new(BillingConfig::default()).unwrap();
+        let business = BusinessId::new(1).unwrap();
+        ledger.record(business, Category::Marketing, Timestamp::from_millis(10));
+        let (a, undo_a) = ledger
+            .take_closed_undoably(business, Timestamp::from_millis(DAY_MS))
+            .unwrap();
+        ledger.record(
+            business,
+            Category::Utility,
+            Timestamp::from_millis(DAY_MS + 10),
+        );
+        let (b, undo_b) = ledger
+            .take_closed_undoably(business, Timestamp::from_millis(2 * DAY_MS))
+            .unwrap();
+        drop(undo_a);
+        drop(undo_b);
+        let now = Timestamp::from_millis(2 * DAY_MS);
+        assert_eq!(total(&released(ledger.statement(business, now))), 2);
+        let (again, undo) = ledger.take_closed_undoably(business, now).unwrap();
+        assert_eq!(released(again), released(a));
+        undo.keep();
+        let (again, undo) = ledger.take_closed_undoably(business, now).unwrap();
+        assert_eq!(released(again), released(b));
+        undo.keep();
+        assert!(ledger.take_closed_undoably(business, now).is_none());
+    }
+
     proptest! {
-        /// Whatever becomes of each hand-over, a system of record that
-        /// counts each statement id once counts every message once: a
-        /// failed one is handed over again as it was, before anything newer,
-        /// and nothing is lost (what is not handed over yet is still in the
-        /// business's statement).
+        /// Whatever becomes of each hand-over, and however many are in
+        /// flight at once, a system of record that counts each statement id
+        /// once counts every message once: a failed one is handed over
+        /// again as it was, before anything newer, and nothing is lost
+        /// (what is not handed over yet is still in the business's
+        /// statement).
         #[test]
         fn every_message_is_billed_once_whatever_becomes_of_each_hand_over(
             steps in proptest::collection::vec(step(), 0..60),
@@ -412,9 +455,12 @@ mod tests {
             let ledger = BillingLedger::new(BillingConfig::default()).unwrap();
             let business = BusinessId::new(1).unwrap();
             let mut recorded = 0u64;
-            // What the system of record saw, by id, and every hand-over.
+            // What the system of record saw, by id.
             let mut seen: BTreeMap<u64, BillingStatement> = BTreeMap::new();
-            let mut last_failed: Option<BillingStatement> = None;
+            // The hand-overs in flight, and the failed ones in the order
+            // they failed: the model of the ledger's takes kept aside.
+            let mut in_flight = Vec::new();
+            let mut failed: VecDeque<BillingStatement> = VecDeque::new();
             for step in steps {
                 match step {
                     Step::Record(c, day, ms) => {
@@ -422,19 +468,26 @@ mod tests {
                         ledger.record(business, Category::ALL[c], at);
                         recorded += 1;
                     }
-                    Step::Export(day, kept) => {
+                    Step::Export(day) => {
                         let now = Timestamp::from_millis(day * DAY_MS);
                         let Some((statement, undo)) = ledger.take_closed_undoably(business, now)
                         else {
-                            prop_assert!(last_failed.is_none(), "a failed take was lost");
+                            prop_assert!(failed.is_empty(), "a failed take was lost");
                             continue;
                         };
                         let statement = released(statement);
                         prop_assert!(statement.id != 0);
                         prop_assert!(!statement.records.is_empty());
-                        if let Some(failed) = last_failed.take() {
-                            prop_assert_eq!(&statement, &failed, "handed over again as it was");
+                        if let Some(oldest) = failed.pop_front() {
+                            prop_assert_eq!(&statement, &oldest, "handed over again as it was");
                         }
+                        in_flight.push((statement, undo));
+                    }
+                    Step::HandedOver(i, kept) => {
+                        if in_flight.is_empty() {
+                            continue;
+                        }
+                        let (statement, undo) = in_flight.remove(i % in_flight.len());
                         // Whether kept or not, the system of record may have
                         // applied it (an answer lost).
                         seen.entry(statement.id).or_insert_with(|| statement.clone());
@@ -442,20 +495,25 @@ mod tests {
                             undo.keep();
                         } else {
                             drop(undo);
-                            last_failed = Some(statement);
+                            failed.push_back(statement);
                         }
                     }
                 }
             }
+            // Hand-overs still in flight end unanswered (their futures dropped).
+            for (statement, undo) in in_flight.drain(..) {
+                drop(undo);
+                failed.push_back(statement);
+            }
             let now = Timestamp::from_millis(9 * DAY_MS);
-            let left = released(ledger.statement(business, now));
-            let pending: u64 = left.records.iter().map(|r| r.messages.total()).sum();
-            let unsent = last_failed.as_ref().map_or(0, |s| {
-                s.records.iter().map(|r| r.messages.total()).sum()
-            });
-            // The failed take, applied or not: either the record or the
+            let pending = total(&released(ledger.statement(business, now)));
+            let unsent: u64 = failed.iter().map(total).sum();
+            let applied_of_unsent: u64 =
+                failed.iter().filter(|s| seen.contains_key(&s.id)).map(total).sum();
+            // Each failed take, applied or not: either the record or the
             // ledger has it, never both counted as new.
-            prop_assert_eq!(counted(&seen) + pending - unsent, recorded);
+            prop_assert_eq!(counted(&seen) - applied_of_unsent + pending, recorded);
+            prop_assert!(pending >= unsent);
         }
     }
 }

@@ -1,5 +1,9 @@
 //! Secret key types. Each zeroizes on drop, lives in a `Box` so moving it
-//! leaves no copy behind, and prints as `..` in `Debug`.
+//! leaves no copy behind, and prints as `..` in `Debug`. Key bytes are
+//! copied straight into their box; a key schedule (AES, HMAC, HKDF) is built
+//! by its library and then boxed, and the compiler may leave a copy of it in
+//! the stack frame that built it, which nothing can wipe without `unsafe`
+//! (see `zeroize`'s documentation on stack copies).
 
 use std::fmt;
 
@@ -36,15 +40,20 @@ impl SecretKey {
 
     /// Take ownership of key bytes (the caller's copy is zeroized).
     pub fn from_bytes(bytes: &mut [u8; KEY_LEN]) -> Self {
-        let key = Box::new(*bytes);
+        let mut key = Box::new([0u8; KEY_LEN]);
+        key.copy_from_slice(&bytes[..]);
         bytes.zeroize();
         Self(key)
     }
 
     /// Copy key bytes from a slice of exactly [`SecretKey::LEN`] bytes.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let bytes: &[u8; KEY_LEN] = bytes.try_into().ok()?;
-        Some(Self(Box::new(*bytes)))
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        let mut key = Box::new([0u8; KEY_LEN]);
+        key.copy_from_slice(bytes);
+        Some(Self(key))
     }
 
     /// The key bytes. Every call site handles a secret: keep the borrow short

@@ -221,6 +221,16 @@ pub struct Policies {
 
 /// The processor core: one per deployment, shared by every task.
 ///
+/// One processor writes to a store at a time. It serialises each consumer
+/// device's Signal state in memory and persists a session's sending
+/// counters in leases (see the `signal` module); a processor started over
+/// a store another one is using (in this process or another) takes the
+/// store over ([`Storage::take_over`]) before it reads any session, and
+/// from then on every write of the older one fails as [`StoreError::Superseded`]: it can no longer store a
+/// message nor persist a session, so it never issues a sending counter the
+/// newer one uses (two messages under one message key). Its retention
+/// sweeps still run (they only delete what has expired). Stop it.
+///
 /// Every future it returns is cancellation safe: a host may drop one at any
 /// point (a `timeout`, a `select!`) and call again. Nothing stays locked or
 /// claimed; a write the store may or may not have taken is conditional, and
@@ -365,7 +375,7 @@ impl Processor {
     async fn commit_op(&self, op: Op) -> Result<bool, ProcessorError> {
         let mut batch = Batch::new();
         batch.push(op);
-        match self.storage.commit(batch).await {
+        match self.sessions.commit(batch).await {
             Ok(()) => Ok(true),
             Err(StoreError::Conflict) => Ok(false),
             Err(e) => Err(e.into()),

@@ -271,7 +271,7 @@ impl Processor {
             sealed,
             ..record.clone()
         })));
-        let committed = self.storage.commit(batch).await;
+        let committed = self.sessions.commit(batch).await;
         drop(admitted);
         if let Err(e) = committed {
             // The write may have landed with its answer lost (a networked

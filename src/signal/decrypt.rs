@@ -5,7 +5,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use wacore_libsignal::protocol::{CiphertextMessage, PublicKey, UsePQRatchet, message_decrypt};
+use wacore_libsignal::protocol::{
+    CiphertextMessage, PublicKey, SessionState, UsePQRatchet, message_decrypt,
+};
 use zeroize::Zeroizing;
 
 use super::cache::Taken;
@@ -106,8 +108,7 @@ impl StagedDecrypt<'_> {
             && s.may_write_behind(&state, chain.as_ref(), expiry)
         {
             state.expiry = state.expiry.max(expiry);
-            s.store
-                .commit(extra)
+            s.commit(extra)
                 .await
                 .map(|()| taken.put(state))
                 .map_err(Into::into)
@@ -207,6 +208,11 @@ impl Sessions {
     /// moved past the last counter with a stored message, keeping the keys
     /// of the counters skipped without one. The messages are still stored:
     /// they expire no sooner than the snapshot loaded.
+    ///
+    /// The session those chains are on was current when loaded, but the
+    /// operation may have archived it (a first-contact message or a bundle
+    /// starting another session, a message of an older one): it is settled
+    /// where it is, as an archived session decrypts a replay all the same.
     pub(super) async fn settle_left_unsure(
         &self,
         business: BusinessId,
@@ -217,35 +223,27 @@ impl Sessions {
             let stored = self
                 .stored_counters(business, peer, &unsure.chain, unsure.next..unsure.end)
                 .await?;
-            let Some(&last) = stored.last() else {
+            if stored.is_empty() {
                 continue;
-            };
-            let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut()) else {
-                continue;
-            };
-            let Some(mut key) = session
-                .get_receiver_chain_key(&unsure.chain)
-                .map_err(corrupt_session)?
-            else {
-                continue;
-            };
-            for &counter in stored.iter().filter(|&&c| c < key.index()) {
-                session
-                    .get_message_keys(&unsure.chain, counter)
-                    .map_err(corrupt_session)?;
             }
-            while key.index() <= last {
-                let (keys, next) = key.step_with_message_keys().map_err(corrupt_session)?;
-                if !stored.contains(&key.index()) {
-                    session
-                        .set_message_keys(&unsure.chain, keys)
-                        .map_err(corrupt_session)?;
+            let Some(record) = state.session.as_mut() else {
+                continue;
+            };
+            if let Some(session) = record.session_state_mut()
+                && settle_chain(session, &unsure.chain, &stored)?
+            {
+                continue;
+            }
+            for index in 0..record.previous_session_count() {
+                let Some(mut archived) = record.take_previous_session(index) else {
+                    break;
+                };
+                let settled = settle_chain(&mut archived, &unsure.chain, &stored);
+                record.restore_previous_session(index, archived);
+                if settled? {
+                    break;
                 }
-                key = next;
             }
-            session
-                .set_receiver_chain_key(&unsure.chain, &key)
-                .map_err(corrupt_session)?;
         }
         Ok(())
     }
@@ -377,6 +375,9 @@ impl Sessions {
             .consumed_prekey_id
             .map(u32::from)
             .or(prekeys.consumed);
+        // Wiped however this ends: a refusal below, a store error or the
+        // future dropped at the await.
+        let plaintext = Zeroizing::new(decrypted.plaintext);
         state.session = sessions.into_record();
         state.identity = identities.peer;
         // A first-contact message that repeats the setup of a session it
@@ -417,7 +418,7 @@ impl Sessions {
             in_order,
             expiry,
             decrypted: Decrypted {
-                plaintext: Zeroizing::new(decrypted.plaintext),
+                plaintext,
                 // What the trusted identity did, not what the library
                 // reports: a message under an archived session brings back
                 // its older identity, which the library calls no change.
@@ -427,4 +428,43 @@ impl Sessions {
             guard,
         })
     }
+}
+
+/// Settle `chain`'s counters of `session`, if it has that receiving chain
+/// (whether it did is returned): its keys for the counters in `stored`
+/// (ascending, not empty), whose messages a receive written behind
+/// consumed, are dropped, and the chain moves past the last of them,
+/// keeping the keys of the counters it skips without a stored message.
+fn settle_chain(
+    session: &mut SessionState,
+    chain: &PublicKey,
+    stored: &[u32],
+) -> Result<bool, SignalError> {
+    let Some(mut key) = session
+        .get_receiver_chain_key(chain)
+        .map_err(corrupt_session)?
+    else {
+        return Ok(false);
+    };
+    let Some(&last) = stored.last() else {
+        return Ok(true);
+    };
+    for &counter in stored.iter().filter(|&&c| c < key.index()) {
+        session
+            .get_message_keys(chain, counter)
+            .map_err(corrupt_session)?;
+    }
+    while key.index() <= last {
+        let (keys, next) = key.step_with_message_keys().map_err(corrupt_session)?;
+        if !stored.contains(&key.index()) {
+            session
+                .set_message_keys(chain, keys)
+                .map_err(corrupt_session)?;
+        }
+        key = next;
+    }
+    session
+        .set_receiver_chain_key(chain, &key)
+        .map_err(corrupt_session)?;
+    Ok(true)
 }

@@ -62,7 +62,7 @@ use wacore_libsignal::protocol::{
 use crate::envelope::{Kind, Label, RecordKey, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{KeyError, KeyId, KeyKind};
-use crate::store::{Batch, Op, PeerId, Storage, StoreError};
+use crate::store::{Batch, Op, PeerId, Storage, StoreError, WriterId};
 use crate::time::Timestamp;
 use crate::vault::{OpenError, Vault};
 
@@ -309,8 +309,9 @@ impl Parsed {
     }
 
     /// The id of this message: every redelivery and every replay of it has
-    /// the same, and no other message of the device's sessions has (a
-    /// ratchet key is fresh for each chain).
+    /// the same, whatever device it claims to come from, and no other
+    /// message of the consumer's sessions has (a ratchet key is fresh for
+    /// each chain).
     pub(crate) fn id(&self) -> MessageId {
         self.id
     }
@@ -342,12 +343,17 @@ fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
 }
 
 /// The id of message `counter` of receiving chain `chain` from `peer`.
+///
+/// Not of its device: the device is the transport's word, and a
+/// first-contact message that used no one-time prekey decrypts in a new
+/// session under any device id it is replayed as. Named by its consumer,
+/// chain and counter, it is the duplicate it is whatever device it claims
+/// (the ratchet key is fresh for each chain, so no two devices share one).
 fn message_id(business: BusinessId, peer: PeerId, chain: &PublicKey, counter: u32) -> MessageId {
     let mut h = Sha256::new();
-    h.update(b"custodian/v2/inbound-id");
+    h.update(b"custodian/v3/inbound-id");
     h.update(business.get().to_be_bytes());
     h.update(peer.phone.as_bytes());
-    h.update(peer.device.to_be_bytes());
     h.update(chain.serialize());
     h.update(counter.to_be_bytes());
     let digest = h.finalize();
@@ -479,6 +485,10 @@ pub struct Sessions {
     cache: PeerCache,
     address_locks: Stripes,
     business_locks: Stripes,
+    /// This instance's claim to write the store (see
+    /// [`Storage::take_over`]), taken before it first reads a peer's state.
+    writer: WriterId,
+    took_over: async_lock::OnceCell<()>,
 }
 
 impl fmt::Debug for Sessions {
@@ -532,6 +542,8 @@ impl Sessions {
             accounts: RwLock::default(),
             address_locks: Stripes::new(),
             business_locks: Stripes::new(),
+            writer: WriterId::random(),
+            took_over: async_lock::OnceCell::new(),
         }
     }
 
@@ -687,6 +699,9 @@ impl Sessions {
         // state read below stale, and it is not put back.
         let generation = self.cache.generation();
         let taken = self.cache.taken((business, peer), false);
+        // A state read before this instance took the store over could be
+        // older than what another instance persisted since.
+        self.take_over().await?;
         let Some(sealed) = self.store.peer(business, peer).await? else {
             let empty = Peer {
                 generation,
@@ -827,7 +842,7 @@ impl Sessions {
             peer,
             sealed,
         });
-        self.store.commit(batch).await?;
+        self.commit(batch).await?;
         Ok(())
     }
 
@@ -872,6 +887,26 @@ impl Sessions {
         Ok(self.store.peer_devices(business, phone).await?)
     }
 
+    /// Take the store over (once, see [`Storage::take_over`]): from then
+    /// on, another instance's writes of Signal state fail, and it stops.
+    async fn take_over(&self) -> Result<WriterId, StoreError> {
+        if self.took_over.get().is_none() {
+            self.took_over
+                .get_or_try_init(|| self.store.take_over(self.writer))
+                .await?;
+        }
+        Ok(self.writer)
+    }
+
+    /// Commit `batch` fenced by this instance: it fails whole as
+    /// [`StoreError::Superseded`] once another instance has taken the store
+    /// over, so that no session this one holds is persisted over the newer
+    /// instance's (which would reissue its sending counters).
+    pub(crate) async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
+        batch.fenced(self.take_over().await?);
+        self.store.commit(batch).await
+    }
+
     /// Drop every peer's state held in memory, so that the next operation
     /// on each reads the store. Call it after deleting Signal state behind
     /// this instance's back: the [`Processor`](crate::processor::Processor)
@@ -899,7 +934,7 @@ impl Sessions {
         let had = self.store.peer(business, peer).await?.is_some();
         let mut batch = Batch::new();
         batch.push(Op::DeletePeer { business, peer });
-        self.store.commit(batch).await?;
+        self.commit(batch).await?;
         taken.deleted();
         Ok(had)
     }
@@ -930,7 +965,7 @@ impl Sessions {
         for &peer in &peers {
             batch.push(Op::DeletePeer { business, peer });
         }
-        self.store.commit(batch).await?;
+        self.commit(batch).await?;
         taken.into_iter().for_each(Taken::deleted);
         Ok(peers.len())
     }

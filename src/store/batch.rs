@@ -1,5 +1,7 @@
 //! Atomic write batches: what one successful operation changes.
 
+use std::fmt;
+
 use smallvec::SmallVec;
 
 use super::{Delivery, Hold, HoldScope, MessageRecord};
@@ -165,6 +167,34 @@ impl std::fmt::Debug for Op {
     }
 }
 
+/// A processor writing to a store: random, one per processor (see
+/// [`Storage::take_over`](super::Storage::take_over)). Not a secret.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WriterId([u8; 16]);
+
+impl WriterId {
+    /// A fresh random writer id.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// The id with these bytes.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WriterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WriterId({})", hex::encode(self.0))
+    }
+}
+
 /// Writes that take effect together or not at all.
 ///
 /// Most batches are one write (a message stored, a delivery marked): that
@@ -172,6 +202,8 @@ impl std::fmt::Debug for Op {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     ops: SmallVec<[Op; 1]>,
+    /// The writer it is fenced by, if any (see [`Batch::fenced`]).
+    writer: Option<WriterId>,
 }
 
 impl Batch {
@@ -185,9 +217,25 @@ impl Batch {
         self.ops.push(op);
     }
 
-    /// Add every write of `other` after this batch's.
+    /// Add every write of `other` after this batch's (and its fence, if
+    /// this batch has none).
     pub fn append(&mut self, other: Batch) {
         self.ops.extend(other.ops);
+        self.writer = self.writer.or(other.writer);
+    }
+
+    /// Fence the batch by `writer`: it commits only while `writer` is the
+    /// store's writer; otherwise it fails whole with
+    /// [`StoreError::Superseded`](super::StoreError::Superseded) (see
+    /// [`Storage::take_over`](super::Storage::take_over)).
+    pub fn fenced(&mut self, writer: WriterId) {
+        self.writer = Some(writer);
+    }
+
+    /// The writer the batch is fenced by, if any: a backend checks it
+    /// before anything else.
+    pub fn writer(&self) -> Option<WriterId> {
+        self.writer
     }
 
     /// The writes, in order.
@@ -200,14 +248,13 @@ impl Batch {
         self.ops.into_vec()
     }
 
-    /// The write, if the batch is exactly one; otherwise the batch.
-    pub(crate) fn into_single(mut self) -> Result<Op, Batch> {
-        if self.ops.len() == 1
-            && let Some(op) = self.ops.pop()
-        {
-            Ok(op)
+    /// Take the write out if the batch is exactly one; otherwise leave the
+    /// batch as it is.
+    pub(crate) fn take_single(&mut self) -> Option<Op> {
+        if self.ops.len() == 1 {
+            self.ops.pop()
         } else {
-            Err(self)
+            None
         }
     }
 
@@ -250,9 +297,10 @@ mod tests {
                 assert_eq!(batch.clone().into_ops(), expected);
                 // Equal by their writes, whichever way they were built.
                 assert_eq!(batch, built(&ids, &[]));
-                match batch.into_single() {
-                    Ok(op) => assert_eq!((n, op), (1, delete(0))),
-                    Err(rest) => {
+                let mut rest = batch;
+                match rest.take_single() {
+                    Some(op) => assert_eq!((n, op), (1, delete(0))),
+                    None => {
                         assert_ne!(n, 1);
                         assert_eq!(rest.into_ops(), expected);
                     }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::{
     Batch, Census, Delivery, Direction, ExpiredMessage, FailureReason, Hold, HoldScope, KeyStore,
-    MessageRecord, Op, PeerId, Status, Storage, StoreError,
+    MessageRecord, Op, PeerId, Status, Storage, StoreError, WriterId,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -46,6 +46,8 @@ struct Inner {
     /// The messages of each consumer, for the questions asked by phone.
     by_phone: HashMap<(BusinessId, PhoneHash), PhoneIds, RandomState>,
     holds: BTreeMap<(HoldScope, String), Hold>,
+    /// The store's writer (see [`Storage::take_over`]).
+    writer: Option<WriterId>,
 }
 
 /// The ids of one consumer's messages (present while it has any),
@@ -540,16 +542,21 @@ impl Storage for MemoryStore {
         self.region
     }
 
-    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+    async fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
         // One lock for the whole batch: nothing can observe half of it, and
         // no operation can fail halfway (the conditions that fail a batch
         // are all checked before anything is applied).
         let mut inner = self.lock();
-        match batch.into_single() {
+        if let Some(writer) = batch.writer()
+            && inner.writer != Some(writer)
+        {
+            return Err(StoreError::Superseded);
+        }
+        match batch.take_single() {
             // Most batches are one operation: checked as it is applied, with
             // one lookup.
-            Ok(op) => inner.apply(op).then_some(()).ok_or(StoreError::Conflict),
-            Err(batch) => {
+            Some(op) => inner.apply(op).then_some(()).ok_or(StoreError::Conflict),
+            None => {
                 if !inner.conditions_hold(batch.ops()) {
                     return Err(StoreError::Conflict);
                 }
@@ -560,6 +567,11 @@ impl Storage for MemoryStore {
                 Ok(())
             }
         }
+    }
+
+    async fn take_over(&self, writer: WriterId) -> Result<(), StoreError> {
+        self.lock().writer = Some(writer);
+        Ok(())
     }
 
     async fn peer(

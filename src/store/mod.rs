@@ -20,7 +20,7 @@ mod message;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use batch::{Batch, Op, PeerId};
+pub use batch::{Batch, Op, PeerId, WriterId};
 pub use hold::{Hold, HoldScope};
 pub use memory::MemoryStore;
 pub use message::{
@@ -43,6 +43,11 @@ pub enum StoreError {
     /// The backend failed (I/O, connection, ...).
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// A fenced batch ([`Batch::fenced`]) named a writer that is not the
+    /// store's: another processor has taken over ([`Storage::take_over`]).
+    /// Nothing was written; this processor must stop writing.
+    #[error("another processor has taken over the store")]
+    Superseded,
 }
 
 /// Where wrapped keys and KEK rings live.
@@ -144,6 +149,21 @@ pub trait Storage: KeyStore {
     /// its writer thread at the first poll): callers write conditionally,
     /// so that making an unanswered write again changes nothing.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+
+    /// Make `writer` the store's writer: from this call's return on, a
+    /// batch fenced by another writer ([`Batch::fenced`]) fails whole with
+    /// [`StoreError::Superseded`]; batches fenced by `writer` commit as
+    /// usual, as do unfenced ones. The check is part of the batch's
+    /// commit, atomic with its writes. Taking over again as the same
+    /// writer changes nothing.
+    ///
+    /// A processor takes over once, before it reads Signal state it may
+    /// write back, and fences every write of that state: a processor
+    /// superseded by a newer one (another process on the same store, say)
+    /// can then never persist a Signal session over the newer one's, which
+    /// would reissue sending counters it used (two messages under one
+    /// message key).
+    async fn take_over(&self, writer: WriterId) -> Result<(), StoreError>;
 
     /// The sealed record of `peer` under `business`.
     async fn peer(&self, business: BusinessId, peer: PeerId)

@@ -439,6 +439,10 @@ impl Storage for FailingStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         self.faults.store("commit", self.inner.commit(batch)).await
     }
+    async fn take_over(&self, writer: custodian::store::WriterId) -> Result<(), StoreError> {
+        let call = self.inner.take_over(writer);
+        self.faults.store("take_over", call).await
+    }
     async fn peer(
         &self,
         business: BusinessId,

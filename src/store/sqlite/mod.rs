@@ -28,7 +28,7 @@ use self::reads::Readers;
 use self::writer::Writer;
 use super::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, PeerId,
-    Storage, StoreError,
+    Storage, StoreError, WriterId,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -573,6 +573,12 @@ impl Storage for SqliteStore {
         }
         self.writer
             .write(move |c| writes::apply_batch(c, &batch))
+            .await
+    }
+
+    async fn take_over(&self, writer: WriterId) -> Result<(), StoreError> {
+        self.writer
+            .write(move |c| writes::take_over(c, writer))
             .await
     }
 

@@ -227,6 +227,7 @@ fn attempt(conn: &Connection, tasks: &mut [Box<dyn Task>]) -> Result<(), Failure
 fn duplicate(e: &StoreError) -> StoreError {
     match e {
         StoreError::Conflict => StoreError::Conflict,
+        StoreError::Superseded => StoreError::Superseded,
         StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
         StoreError::Backend(m) => StoreError::Backend(m.clone()),
     }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::types::Null;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::codec::{
     self, Db, business_sql, key_id_sql, limit_sql, store_error, time_sql, u64_to_sql,
@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::ids::{BusinessId, MessageId};
 use crate::keys::{KekRing, KeyEntry, KeyId, WrappedKey};
 use crate::store::{
-    Batch, Direction, ExpiredMessage, FailureReason, HoldScope, Op, Status, StoreError,
+    Batch, Direction, ExpiredMessage, FailureReason, HoldScope, Op, Status, StoreError, WriterId,
 };
 use crate::time::Timestamp;
 
@@ -28,9 +28,36 @@ pub(super) fn scope_sql(scope: &HoldScope) -> (i64, i64, &[u8]) {
     }
 }
 
-/// Apply every operation of `batch`, in order.
+/// The name of the store's writer in `store_meta` (see
+/// `Storage::take_over`), its id in hex.
+const META_WRITER: &str = "writer";
+
+/// Apply every operation of `batch`, in order, if its fence holds.
 pub(super) fn apply_batch(conn: &Connection, batch: &Batch) -> Result<(), StoreError> {
+    if let Some(writer) = batch.writer() {
+        let stored: Option<String> = conn
+            .prepare_cached("SELECT value FROM store_meta WHERE name = ?1")
+            .db()?
+            .query_row([META_WRITER], |row| row.get(0))
+            .optional()
+            .db()?;
+        if stored.as_deref() != Some(hex::encode(writer.as_bytes()).as_str()) {
+            return Err(StoreError::Superseded);
+        }
+    }
     batch.ops().iter().try_for_each(|op| apply(conn, op))
+}
+
+/// Make `writer` the store's writer.
+pub(super) fn take_over(conn: &Connection, writer: WriterId) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO store_meta (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )
+    .db()?
+    .execute([META_WRITER, hex::encode(writer.as_bytes()).as_str()])
+    .db()?;
+    Ok(())
 }
 
 fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
