@@ -3,10 +3,10 @@
 //!
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
-//! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
-//! [`signal_message`], [`peer_record`], [`payload`], [`kek_ring`]), so
-//! `cargo test`
-//! replays those corpora through the very code the fuzzers run. Nothing here
+//! of the targets ([`envelope_parse`], [`envelope_open`], [`phone_number`],
+//! [`policy_file`], [`signal_message`], [`peer_record`], [`payload`],
+//! [`kek_ring`]), so `cargo test` replays those corpora through the very
+//! code the fuzzers run. Nothing here
 //! exists in a normal build.
 
 #![allow(
@@ -16,7 +16,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::envelope::{self, Envelope, Label, SealError};
+use crate::envelope::{self, Envelope, EnvelopeError, Header, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, KekRing, SecretKey};
 use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
@@ -55,6 +55,29 @@ pub fn seal_with_nonce(
 /// Open a parsed envelope with `key`; `None` on any authentication failure.
 pub fn open_with_key(envelope: &Envelope<'_>, key: &EpochKey) -> Option<Vec<u8>> {
     envelope.open(key).ok()
+}
+
+/// Fuzz check for parsing envelopes, on any bytes: parsing never panics,
+/// and an envelope that parses is canonical: its header, written again
+/// from the parsed fields as sealing writes it, is exactly the header bytes
+/// read, and with the ciphertext after it, exactly the input. So no header
+/// byte is skipped or read loosely (a reserved value ignored, a region in
+/// two spellings), and no two inputs parse to one envelope. Returns the
+/// parsed header, or why the bytes are not an envelope.
+pub fn envelope_parse(data: &[u8]) -> Result<Header, EnvelopeError> {
+    let envelope = Envelope::parse(data)?;
+    let header = envelope.reencode_header();
+    assert_eq!(
+        hex::encode(&header),
+        hex::encode(envelope.header_bytes()),
+        "the header read is not what its parsed fields encode to"
+    );
+    assert_eq!(
+        [&header[..], envelope.ciphertext()].concat(),
+        data,
+        "the header and ciphertext are not the whole input"
+    );
+    Ok(*envelope.header())
 }
 
 /// What opening some bytes as an envelope gave (see [`envelope_open`]).
