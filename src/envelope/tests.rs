@@ -402,7 +402,7 @@ async fn corpus_replays_with_the_manifests_exact_results() {
         valid >= 3 && entries.len() - valid >= 20,
         "corpus too small"
     );
-    for (name, expected) in entries {
+    for &(name, expected) in &entries {
         let bytes = std::fs::read(repo(CORPUS_DIR).join(name)).unwrap();
         // The fuzz target's check: what parses is canonical.
         let parsed = envelope_parse(&bytes);
@@ -416,6 +416,28 @@ async fn corpus_replays_with_the_manifests_exact_results() {
             ),
         }
     }
+    // Files the manifest does not name (inputs a fuzzer saved, a committed
+    // crash reproducer) have no expected result, but must not panic and
+    // must pass the same check.
+    let mut extra = 0;
+    for file in std::fs::read_dir(repo(CORPUS_DIR)).unwrap() {
+        let path = file.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if entries.iter().any(|&(named, _)| named == name) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let parsed = envelope_parse(&bytes);
+        if let Err(OpenError::Malformed(e)) = vault.open(&bytes, business(B)).await {
+            assert_eq!(parsed, Err(e), "{name}");
+        }
+        extra += 1;
+    }
+    assert_eq!(
+        entries.len() + extra,
+        std::fs::read_dir(repo(CORPUS_DIR)).unwrap().count(),
+        "a manifest entry is named twice"
+    );
 }
 
 #[test]
