@@ -130,16 +130,16 @@ pub struct IdParses {
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
 /// accepts exactly strict E.164 (`+`, 7 to 15 digits, no leading zero) and
 /// never prints more than its last two digits; [`Region`] accepts exactly
-/// its documented names; [`BusinessId`] accepts exactly the decimal numbers
+/// its documented names (2 to 15 bytes of `a-z`, `0-9` and `-`, with no
+/// `-` first or last); [`BusinessId`] accepts exactly the decimal numbers
 /// 1 to 2^64 - 1 without a sign or leading zero, and [`MessageId`] exactly
 /// 32 lowercase hexadecimal digits, each printing and serialising back to
 /// the text it parsed. Returns which parsers accepted the bytes.
 pub fn phone_number(data: &[u8]) -> IdParses {
-    let mut parses = IdParses::default();
-    if let Ok(region) = Region::from_bytes(data) {
-        assert_eq!(region.as_bytes(), data, "a region is the name it parsed");
-        parses.region = true;
-    }
+    let mut parses = IdParses {
+        region: region(data),
+        ..IdParses::default()
+    };
     let Ok(text) = std::str::from_utf8(data) else {
         return parses;
     };
@@ -161,6 +161,39 @@ pub fn phone_number(data: &[u8]) -> IdParses {
     }
     parses.phone_number = true;
     parses
+}
+
+/// The [`Region`] part of [`phone_number`]: whether `name` is one.
+fn region(name: &[u8]) -> bool {
+    // The documented rule, spelled out apart from `Region`'s own constants.
+    let expected = (2..=15).contains(&name.len())
+        && name
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'))
+        && !name.starts_with(b"-")
+        && !name.ends_with(b"-");
+    let parsed = Region::from_bytes(name);
+    assert_eq!(
+        parsed.is_ok(),
+        expected,
+        "region \"{}\"",
+        name.escape_ascii()
+    );
+    let Ok(region) = parsed else { return false };
+    assert_eq!(region.as_bytes(), name, "a region is the name it parsed");
+    assert_eq!(
+        region.to_string().as_bytes(),
+        name,
+        "a region prints as it parsed"
+    );
+    let json = serde_json::to_string(&region).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        json.as_bytes(),
+        [b"\"", name, b"\""].concat(),
+        "a region serialises as its name"
+    );
+    assert_eq!(serde_json::from_str::<Region>(&json).ok(), Some(region));
+    true
 }
 
 /// The [`BusinessId`] half of [`phone_number`]: whether `text` is one.
