@@ -187,6 +187,16 @@ fn corpus() -> Vec<(String, Vec<u8>, String)> {
         "Malformed(BadRegion)",
     );
     add(
+        "region-trailing-hyphen",
+        patched(48, b"e-"),
+        "Malformed(BadRegion)",
+    );
+    add(
+        "region-non-ascii",
+        patched(48, &[b'e', 0xe9]),
+        "Malformed(BadRegion)",
+    );
+    add(
         "expiry-at-epoch-end",
         patched(39, &epoch.to_be_bytes()),
         "Malformed(ExpiryNotBeforeEpoch)",
@@ -196,6 +206,22 @@ fn corpus() -> Vec<(String, Vec<u8>, String)> {
         patched(39, &(epoch - 86_400_001).to_be_bytes()),
         "Malformed(ExpiryBeforeEpoch)",
     );
+    // The bounds of the expiry's window, both in it: they parse, and the
+    // edited header fails to authenticate.
+    add(
+        "expiry-at-earliest-epoch-start",
+        patched(39, &(epoch - 86_400_000).to_be_bytes()),
+        "Decrypt",
+    );
+    add(
+        "expiry-just-before-epoch-end",
+        patched(39, &(epoch - 1).to_be_bytes()),
+        "Decrypt",
+    );
+    // An epoch that ends at 0 leaves no expiry before it.
+    let mut epoch_zero = patched(31, &0u64.to_be_bytes());
+    epoch_zero[39..47].copy_from_slice(&0u64.to_be_bytes());
+    add("epoch-zero", epoch_zero, "Malformed(ExpiryNotBeforeEpoch)");
     add(
         "ciphertext-length-below-tag",
         patched(92 + r, &15u32.to_be_bytes()),
@@ -205,6 +231,28 @@ fn corpus() -> Vec<(String, Vec<u8>, String)> {
         "ciphertext-length-oversized",
         patched(92 + r, &u32::MAX.to_be_bytes()),
         "Malformed(CiphertextLength(4294967295))",
+    );
+    // The longest ciphertext there may be (64 MiB and the tag), on a short
+    // input; one byte more.
+    let max = u32::try_from(MAX_CIPHERTEXT_LEN).unwrap();
+    add(
+        "ciphertext-length-max",
+        patched(92 + r, &max.to_be_bytes()),
+        "Malformed(Truncated(Ciphertext))",
+    );
+    add(
+        "ciphertext-length-max-plus-one",
+        patched(92 + r, &(max + 1).to_be_bytes()),
+        "Malformed(CiphertextLength(67108881))",
+    );
+    // The shortest ciphertext there may be (the tag alone), a byte short.
+    let tag = u32::try_from(TAG_LEN).unwrap();
+    let mut tag_only = patched(92 + r, &tag.to_be_bytes());
+    tag_only.truncate(header_len + TAG_LEN - 1);
+    add(
+        "ciphertext-length-tag-truncated",
+        tag_only,
+        "Malformed(Truncated(Ciphertext))",
     );
     let n = u32::try_from(base.len() - header_len).unwrap();
     add(
