@@ -3,10 +3,10 @@
 //!
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
-//! of the targets ([`envelope_open`], [`phone_number`], [`policy_file`],
-//! [`signal_message`], [`peer_record`], [`payload`], [`kek_ring`]), so
-//! `cargo test`
-//! replays those corpora through the very code the fuzzers run. Nothing here
+//! of the targets ([`envelope_parse`], [`envelope_open`], [`phone_number`],
+//! [`policy_file`], [`signal_message`], [`peer_record`], [`payload`],
+//! [`kek_ring`]), so `cargo test` replays those corpora through the very
+//! code the fuzzers run. Nothing here
 //! exists in a normal build.
 
 #![allow(
@@ -16,7 +16,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::envelope::{self, Envelope, Label, SealError};
+use crate::envelope::{self, Envelope, EnvelopeError, Header, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{Epoch, EpochKey, KekRing, SecretKey};
 use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
@@ -55,6 +55,29 @@ pub fn seal_with_nonce(
 /// Open a parsed envelope with `key`; `None` on any authentication failure.
 pub fn open_with_key(envelope: &Envelope<'_>, key: &EpochKey) -> Option<Vec<u8>> {
     envelope.open(key).ok()
+}
+
+/// Fuzz check for parsing envelopes, on any bytes: parsing never panics,
+/// and an envelope that parses is canonical: its header, written again
+/// from the parsed fields as sealing writes it, is exactly the header bytes
+/// read, and with the ciphertext after it, exactly the input. So no header
+/// byte is skipped or read loosely (a reserved value ignored, a region in
+/// two spellings), and no two inputs parse to one envelope. Returns the
+/// parsed header, or why the bytes are not an envelope.
+pub fn envelope_parse(data: &[u8]) -> Result<Header, EnvelopeError> {
+    let envelope = Envelope::parse(data)?;
+    let header = envelope.reencode_header();
+    assert_eq!(
+        hex::encode(&header),
+        hex::encode(envelope.header_bytes()),
+        "the header read is not what its parsed fields encode to"
+    );
+    assert_eq!(
+        [&header[..], envelope.ciphertext()].concat(),
+        data,
+        "the header and ciphertext are not the whole input"
+    );
+    Ok(*envelope.header())
 }
 
 /// What opening some bytes as an envelope gave (see [`envelope_open`]).
@@ -107,16 +130,16 @@ pub struct IdParses {
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
 /// accepts exactly strict E.164 (`+`, 7 to 15 digits, no leading zero) and
 /// never prints more than its last two digits; [`Region`] accepts exactly
-/// its documented names; [`BusinessId`] accepts exactly the decimal numbers
+/// its documented names (2 to 15 bytes of `a-z`, `0-9` and `-`, with no
+/// `-` first or last); [`BusinessId`] accepts exactly the decimal numbers
 /// 1 to 2^64 - 1 without a sign or leading zero, and [`MessageId`] exactly
 /// 32 lowercase hexadecimal digits, each printing and serialising back to
 /// the text it parsed. Returns which parsers accepted the bytes.
 pub fn phone_number(data: &[u8]) -> IdParses {
-    let mut parses = IdParses::default();
-    if let Ok(region) = Region::from_bytes(data) {
-        assert_eq!(region.as_bytes(), data, "a region is the name it parsed");
-        parses.region = true;
-    }
+    let mut parses = IdParses {
+        region: region(data),
+        ..IdParses::default()
+    };
     let Ok(text) = std::str::from_utf8(data) else {
         return parses;
     };
@@ -138,6 +161,39 @@ pub fn phone_number(data: &[u8]) -> IdParses {
     }
     parses.phone_number = true;
     parses
+}
+
+/// The [`Region`] part of [`phone_number`]: whether `name` is one.
+fn region(name: &[u8]) -> bool {
+    // The documented rule, spelled out apart from `Region`'s own constants.
+    let expected = (2..=15).contains(&name.len())
+        && name
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'))
+        && !name.starts_with(b"-")
+        && !name.ends_with(b"-");
+    let parsed = Region::from_bytes(name);
+    assert_eq!(
+        parsed.is_ok(),
+        expected,
+        "region \"{}\"",
+        name.escape_ascii()
+    );
+    let Ok(region) = parsed else { return false };
+    assert_eq!(region.as_bytes(), name, "a region is the name it parsed");
+    assert_eq!(
+        region.to_string().as_bytes(),
+        name,
+        "a region prints as it parsed"
+    );
+    let json = serde_json::to_string(&region).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        json.as_bytes(),
+        [b"\"", name, b"\""].concat(),
+        "a region serialises as its name"
+    );
+    assert_eq!(serde_json::from_str::<Region>(&json).ok(), Some(region));
+    true
 }
 
 /// The [`BusinessId`] half of [`phone_number`]: whether `text` is one.

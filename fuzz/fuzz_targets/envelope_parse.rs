@@ -1,12 +1,10 @@
-//! Any bytes: parsing never panics, and whatever parses serialises back to
-//! exactly the input.
+//! Any bytes: parsing never panics, and whatever parses is canonical: its
+//! header written again from the parsed fields, then its ciphertext, is
+//! exactly the input (checks in `custodian::fuzzing::envelope_parse`).
 #![no_main]
 
-use custodian::envelope::Envelope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(envelope) = Envelope::parse(data) {
-        assert_eq!(envelope.to_bytes(), data, "parse then to_bytes must round-trip");
-    }
+    let _ = custodian::fuzzing::envelope_parse(data);
 });

@@ -382,6 +382,30 @@ impl<'a> Envelope<'a> {
         self.ciphertext
     }
 
+    /// The header written again from the parsed fields, as sealing writes
+    /// it (for the fuzz checks, `crate::fuzzing::envelope_parse`): equal to
+    /// [`header_bytes`](Self::header_bytes) exactly when the parser read
+    /// every header byte into a field and accepted one spelling of it.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn reencode_header(&self) -> Vec<u8> {
+        let Header {
+            suite,
+            label,
+            epoch,
+            nonce,
+            commitment,
+        } = &self.header;
+        // `HeaderBytes` writes suite 1; a second suite must be written here too.
+        match suite {
+            Suite::V1 => {}
+        }
+        // Parsing took at least the tag.
+        let plaintext_len = self.ciphertext.len().saturating_sub(TAG_LEN);
+        HeaderBytes::new(label, *epoch, nonce, commitment, plaintext_len)
+            .as_slice()
+            .to_vec()
+    }
+
     /// Check the key commitment, then authenticate and decrypt under `key`,
     /// which must be the key of this envelope's business and epoch.
     pub(crate) fn open(&self, key: &EpochKey) -> Result<Vec<u8>, DecryptError> {
