@@ -161,6 +161,10 @@ impl From<SealError> for SignalError {
 
 /// What to do when a device presents an identity key other than the one
 /// trusted for it (the consumer reinstalled, or someone impersonates them).
+///
+/// The trusted key is kept with the device's session, and goes with it:
+/// once retention (or an early shred) has deleted the session, the next
+/// key the device presents is trusted on first use, under either policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdentityPolicy {
     /// Refuse: the message fails with [`SignalError::UntrustedIdentity`] and
