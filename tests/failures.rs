@@ -306,6 +306,12 @@ fn an_idempotent_send_that_misses_its_stored_message_is_checked_against_it() {
         d.settle(3).await;
         d.assert_sent_once(id, 2, format_args!("missed reads"))
             .await;
+        // One message sent, counted once for the spam-rate signals.
+        d.processor.export_integrity(&d.operator).await.unwrap();
+        let reports = d.network.integrity_reports().await;
+        let report = reports.iter().find(|r| r.business == d.b).unwrap();
+        let sent: u64 = report.history.iter().map(|w| w.sent).sum::<u64>() + report.current.sent;
+        assert_eq!(sent, 1, "{reports:?}");
     });
 }
 

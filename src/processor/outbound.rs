@@ -9,7 +9,7 @@ use super::claims::{Accepted, AttemptMade, Owed, Owing};
 use super::payload::{OutboundBody, StoredBody, device_payload};
 use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
-use crate::envelope::MAX_PLAINTEXT_LEN;
+use crate::envelope::{Envelope, MAX_PLAINTEXT_LEN};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::integrity::Category;
 use crate::signal::SignalError;
@@ -266,6 +266,10 @@ impl Processor {
             )
             .await?;
         let sealed = std::mem::take(&mut record.sealed);
+        // The seal's random nonce tells this call's write from another's
+        // under the same id, should the store answer with an error.
+        let nonce = |sealed: &[u8]| Envelope::parse(sealed).ok().map(|e| *e.header().nonce());
+        let ours = key.and_then(|_| nonce(&sealed));
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(MessageRecord {
             sealed,
@@ -284,9 +288,12 @@ impl Processor {
             warn!(%business, %id, error = %e, "the store failed the write storing the message, but has it: accepted");
             if key.is_some() {
                 // Under a key, it may be another call's (one whose write
-                // landed after this call looked): checked and taken up as
-                // any message found under its key, never sent as this one.
-                self.integrity.record_sent(business, phone, now);
+                // landed after this call looked, counted by that call):
+                // checked and taken up as any message found under its key,
+                // never sent as this one.
+                if ours.is_some() && nonce(&stored.sealed) == ours {
+                    self.integrity.record_sent(business, phone, now);
+                }
                 self.resume_send(&stored, true, phone, &body, now).await?;
                 return Ok(id);
             }
