@@ -824,3 +824,42 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
     );
     assert!(network.take_sent().is_empty(), "taken once");
 }
+
+/// A call carries no message, refused or not; a decision refused by an
+/// outage carries none either; and the copies of a run's decisions add up
+/// to its statistics.
+#[tokio::test]
+async fn copies_count_what_reached_the_other_end() {
+    let faults = all_faults();
+    assert!((0..EVENTS).all(|n| faults.fate(5, Leg::Call, n).copies() == 0));
+    let faults = faults.with_outage(
+        start().saturating_add(Duration::from_secs(100)),
+        Duration::from_secs(100),
+    );
+    let clock = ManualClock::new(start());
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 5);
+    let sink = SimBusiness::new(clock.clone(), faults, 5);
+    network.add_consumer(&number(1), 1).await;
+    for _ in 0..3000 {
+        let _ = network
+            .send(business(), &number(1), 0, &garbage_message())
+            .await;
+        let _ = sink.deliver(&inbound(MessageId::random())).await;
+        clock.advance(Duration::from_millis(100));
+    }
+    for (log, stats) in [
+        (network.fault_log().await, network.fault_stats().await),
+        (sink.fault_log(), sink.fault_stats()),
+    ] {
+        for (leg, s) in stats {
+            let decisions = log.iter().filter(|d| d.leg == leg);
+            let copies: u64 = decisions.clone().map(|d| u64::from(d.copies())).sum();
+            assert_eq!(copies, s.copies, "{leg:?}");
+            match leg {
+                Leg::Call => assert_eq!(copies, 0),
+                Leg::Deliver => assert!(s.outage > 0 && copies > 0, "{s:?}"),
+                _ => assert!(copies > 0, "{leg:?}: {s:?}"),
+            }
+        }
+    }
+}
