@@ -825,6 +825,61 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
     assert!(network.take_sent().is_empty(), "taken once");
 }
 
+/// The network keeps one entry per consumer message: while the processor
+/// acknowledges nothing, each message has one delivery attempt at a time,
+/// however many copies a duplicate fault made go unheard; once heard, it
+/// is delivered and the network keeps nothing.
+#[tokio::test]
+async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unheard() {
+    let duplicating = Faults {
+        duplicate: 0.5,
+        ..Faults::none()
+    };
+    let d = Deployment::new(duplicating, Faults::none(), 12).await;
+    let messages = 4;
+    for i in 0..messages {
+        d.network.add_consumer(&number(i), 1).await;
+        d.network
+            .consumer_sends(&number(i), 0, business(), format!("m{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // A carrier the processor does not know: every receive is refused.
+    let stranger = Principal::new("stranger");
+    let mut handed = 0;
+    for _ in 0..16 {
+        let report = d.network.pump(&d.processor, &stranger).await;
+        assert_eq!(report.acknowledged, 0);
+        handed += report.to_processor;
+        assert_eq!(
+            report.in_flight, messages as u64,
+            "one attempt scheduled per message"
+        );
+        d.clock.advance(REDELIVERY);
+    }
+    let stats = d.network.fault_stats().await[&Leg::Inbound];
+    assert_eq!(
+        stats.events,
+        16 * messages as u64,
+        "one attempt per message per round"
+    );
+    assert!(stats.duplicated > 0, "{stats:?}");
+    assert_eq!(handed, stats.copies);
+
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(report.in_flight, 0, "acknowledged: nothing kept");
+    assert_eq!(d.business.messages().len(), messages);
+    assert!(d.business.messages().values().all(|&n| n == 1));
+    d.clock.advance(REDELIVERY);
+    d.network.pump(&d.processor, &d.transport).await;
+    let events = d.network.fault_stats().await[&Leg::Inbound].events;
+    assert_eq!(
+        events,
+        17 * messages as u64,
+        "no attempt after the acknowledgement"
+    );
+}
+
 /// A call carries no message, refused or not; a decision refused by an
 /// outage carries none either; and the copies of a run's decisions add up
 /// to its statistics.
