@@ -19,7 +19,7 @@ use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
 use custodian::signal::{Ciphertext, MessageKind};
 use custodian::store::{MemoryStore, Status};
 use custodian::testing::{
-    Cause, Decision, Faults, Leg, LegStats, REDELIVERY, SimBusiness, SimNetwork,
+    Cause, Decision, Fate, Faults, Leg, LegStats, REDELIVERY, SimBusiness, SimNetwork,
 };
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
@@ -748,7 +748,10 @@ async fn lost_replies_and_injected_duplicates_never_count_as_the_processor_deliv
     d.run(Duration::from_secs(3600), true).await;
     let copies = d.business.copies();
     assert_eq!(copies.len(), 60);
-    assert!(copies.values().all(|c| c.handed == 1), "{copies:?}");
+    assert!(
+        copies.values().all(|c| c.handed == 1 && c.after_taken == 0),
+        "{copies:?}"
+    );
     assert!(copies.values().any(|c| c.reply_lost > 0));
     assert!(copies.values().any(|c| c.injected > 0));
     let stats = d.business.fault_stats()[&Leg::Deliver];
@@ -878,6 +881,63 @@ async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unh
         17 * messages as u64,
         "no attempt after the acknowledgement"
     );
+}
+
+/// A handover the processor makes after one returned `Ok` counts as a
+/// repeat, whatever becomes of it: taken with its reply lost, its request
+/// lost, or refused in an outage. A handover retried after one that
+/// failed is no repeat.
+#[tokio::test]
+async fn a_handover_repeated_after_one_was_taken_counts_whatever_its_outcome() {
+    let outage = start().saturating_add(Duration::from_secs(10));
+    let faults = Faults {
+        drop: 0.5,
+        ..Faults::none()
+    }
+    .with_outage(outage, Duration::from_secs(10));
+    // A seed whose first five handovers meet: taken, reply lost, reply
+    // lost, taken, request lost.
+    let clean = |f: Fate| !f.dropped;
+    let reply_lost = |f: Fate| f.dropped && f.reply_lost;
+    let request_lost = |f: Fate| f.dropped && !f.reply_lost;
+    let wanted: [&dyn Fn(Fate) -> bool; 5] =
+        [&clean, &reply_lost, &reply_lost, &clean, &request_lost];
+    let seed = (0..100_000u64)
+        .find(|&seed| (0..5).all(|n| wanted[n as usize](faults.fate(seed, Leg::Deliver, n))))
+        .unwrap();
+    let clock = ManualClock::new(start());
+    let sink = SimBusiness::new(clock.clone(), faults, seed);
+    let (a, b) = (MessageId::random(), MessageId::random());
+    assert!(sink.deliver(&inbound(a)).await.is_ok());
+    assert!(
+        sink.deliver(&inbound(b)).await.is_err(),
+        "reply lost: b not taken"
+    );
+    assert!(
+        sink.deliver(&inbound(a)).await.is_err(),
+        "a again, reply lost"
+    );
+    assert!(sink.deliver(&inbound(b)).await.is_ok(), "b retried, taken");
+    assert!(
+        sink.deliver(&inbound(a)).await.is_err(),
+        "a again, request lost"
+    );
+    clock.advance(Duration::from_secs(10));
+    assert!(
+        sink.deliver(&inbound(a)).await.is_err(),
+        "a again, in the outage"
+    );
+
+    let copies = sink.copies();
+    let expected = |reply_lost, after_taken| custodian::testing::Copies {
+        handed: 1,
+        reply_lost,
+        injected: 0,
+        after_taken,
+    };
+    assert_eq!(copies[&a], expected(1, 3));
+    assert_eq!(copies[&b], expected(1, 0));
+    assert_eq!(sink.messages(), BTreeMap::from([(a, 4), (b, 1)]));
 }
 
 /// A call carries no message, refused or not; a decision refused by an
