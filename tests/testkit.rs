@@ -940,6 +940,32 @@ async fn a_handover_repeated_after_one_was_taken_counts_whatever_its_outcome() {
     assert_eq!(sink.messages(), BTreeMap::from([(a, 4), (b, 1)]));
 }
 
+/// A server hands out each one-time prekey once, with the bundle a device
+/// starts a session from: messages on a session take none.
+#[tokio::test]
+async fn only_a_message_that_starts_a_session_takes_a_one_time_prekey() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 6).await;
+    let pool = d.network.one_time_prekeys_left(business()).await;
+    assert!(pool > 2, "{pool}");
+    d.network.add_consumer(&number(1), 2).await;
+    for (device, sends, left) in [(0, 3, pool - 1), (1, 2, pool - 2)] {
+        for n in 0..sends {
+            d.network
+                .consumer_sends(
+                    &number(1),
+                    device,
+                    business(),
+                    format!("{device}/{n}").as_bytes(),
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.network.one_time_prekeys_left(business()).await, left);
+    }
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.business.contents().len(), 5);
+}
+
 /// A call carries no message, refused or not; a decision refused by an
 /// outage carries none either; and the copies of a run's decisions add up
 /// to its statistics.

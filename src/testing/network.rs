@@ -305,8 +305,11 @@ impl SimNetwork {
     }
 
     /// A consumer's device sends `content` to `business`, starting a session
-    /// from the business's published keys if it has none. The message is now
-    /// in flight to the processor (one event on [`Leg::Inbound`]).
+    /// from the business's published keys if it has none. Starting one
+    /// takes the next one-time prekey while any is left (see
+    /// [`one_time_prekeys_left`](Self::one_time_prekeys_left)); later
+    /// messages take none. The message is now in flight to the processor
+    /// (one event on [`Leg::Inbound`]).
     pub async fn consumer_sends(
         &self,
         number: &PhoneNumber,
@@ -317,21 +320,21 @@ impl SimNetwork {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
         let net = &mut *net;
-        let bundle: PreKeyBundle = {
-            let (keys, next) = net
-                .published
-                .get_mut(&business)
-                .ok_or("the business has published no keys")?;
-            let index = (*next < keys.one_time_prekeys.len()).then_some(*next);
-            *next += 1;
-            keys.bundle(index)
-        };
+        let (keys, next) = net
+            .published
+            .get_mut(&business)
+            .ok_or("the business has published no keys")?;
         let consumer = net
             .consumers
             .get_mut(number.expose())
             .ok_or("no such consumer")?;
         let handset = consumer.devices.get_mut(&device).ok_or("no such device")?;
         if !handset.has_session(business) {
+            // The device fetches a bundle, and the server hands out each
+            // one-time prekey once, in order, while any is left.
+            let index = (*next < keys.one_time_prekeys.len()).then_some(*next);
+            *next += usize::from(index.is_some());
+            let bundle: PreKeyBundle = keys.bundle(index);
             handset
                 .start_session(business, &bundle)
                 .await
@@ -562,6 +565,22 @@ impl SimNetwork {
     /// once (one handed over again under its id is not counted again).
     pub async fn billing_statements(&self) -> Vec<BillingStatement> {
         self.net.lock().await.billing.clone()
+    }
+
+    /// One-time prekeys of `business`'s last published keys that no
+    /// device has taken yet (0 if it published none). Without one, a
+    /// device starts its session from the signed prekey alone, the weaker
+    /// path: a harness that starts many sessions publishes again
+    /// ([`Processor::publish_keys`]) before they run out.
+    pub async fn one_time_prekeys_left(&self, business: BusinessId) -> usize {
+        self.net
+            .lock()
+            .await
+            .published
+            .get(&business)
+            .map_or(0, |(keys, next)| {
+                keys.one_time_prekeys.len().saturating_sub(*next)
+            })
     }
 
     /// The device ids of `number`.
