@@ -1004,3 +1004,30 @@ async fn copies_count_what_reached_the_other_end() {
         }
     }
 }
+
+/// A consumer added with no device has none: it cannot send, and a
+/// message to it fails as to a number nobody has.
+#[tokio::test]
+async fn a_consumer_added_with_no_devices_has_none() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 3).await;
+    d.network.add_consumer(&number(1), 0).await;
+    assert!(d.network.devices_of(&number(1)).await.is_empty());
+    assert!(
+        d.network
+            .consumer_sends(&number(1), 0, business(), b"hello")
+            .await
+            .is_err()
+    );
+    let id = d.send(1, "to no device").await;
+    d.run(Duration::from_secs(60), true).await;
+    assert_eq!(
+        d.processor
+            .message_status(&d.owner, business(), id)
+            .await
+            .unwrap(),
+        (
+            Status::Failed,
+            Some(custodian::store::FailureReason::NoDevices)
+        )
+    );
+}

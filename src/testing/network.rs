@@ -289,15 +289,15 @@ impl SimNetwork {
         }
     }
 
-    /// Add a consumer with `devices` devices (ids 0..devices).
+    /// Add a consumer with `devices` devices (ids 0..devices). With 0,
+    /// the consumer has no device: it sends nothing, and the processor
+    /// finds no device to send to, as for a number nobody has.
     pub async fn add_consumer(&self, number: &PhoneNumber, devices: u32) {
         let mut net = self.net.lock().await;
         net.consumers.insert(
             number.expose().to_owned(),
             Consumer {
-                devices: (0..devices.max(1))
-                    .map(|d| (d, ConsumerDevice::new(d)))
-                    .collect(),
+                devices: (0..devices).map(|d| (d, ConsumerDevice::new(d))).collect(),
                 received: BTreeMap::new(),
                 contents: BTreeMap::new(),
             },
