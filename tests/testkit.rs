@@ -671,7 +671,8 @@ async fn retransmission_gets_every_message_to_every_device_despite_real_losses()
     let mut written = BTreeSet::new();
     for round in 0..3 {
         for i in 0..consumers {
-            sent.push((i, d.send(i, &format!("to {i}, round {round}")).await));
+            let text = format!("to {i}, round {round}");
+            sent.push((i, d.send(i, &text).await, text));
             let text = format!("from {i}, round {round}");
             d.network
                 .consumer_sends(
@@ -694,8 +695,8 @@ async fn retransmission_gets_every_message_to_every_device_despite_real_losses()
     assert_log_is_the_schedule(&d.network.fault_log().await, &network_faults, 77);
 
     let statuses = d.business.statuses();
-    let mut retransmitted = 0;
-    for (i, id) in &sent {
+    let (mut retransmitted, mut decrypted) = (0, 0);
+    for (i, id, text) in &sent {
         let received = d.network.received(&number(*i)).await;
         for device in d.network.devices_of(&number(*i)).await {
             let copies = received.get(&device).and_then(|r| r.get(id)).copied();
@@ -704,8 +705,10 @@ async fn retransmission_gets_every_message_to_every_device_despite_real_losses()
                 "{id} never reached device {device} of {i}"
             );
             retransmitted += copies.unwrap_or(0) - 1;
+            decrypted += u64::from(copies.unwrap_or(0));
             let shown = d.network.contents(&number(*i), device).await;
-            assert_eq!(shown.iter().filter(|(_, m, _)| m == id).count(), 1);
+            let first = shown.iter().find(|(_, m, _)| m == id).unwrap();
+            assert_eq!((first.0, &first.2[..]), (business(), text.as_bytes()));
         }
         assert!(
             statuses[id].iter().any(|(s, _)| *s == Status::Delivered),
@@ -714,6 +717,12 @@ async fn retransmission_gets_every_message_to_every_device_despite_real_losses()
         );
     }
     assert!(retransmitted > 0, "losses were made good by retransmission");
+    // Each ciphertext that reached a device was counted there once: a
+    // retransmission is a new ciphertext, while the copy of one the
+    // network duplicated fails to decrypt.
+    let to_device = stats[&Leg::ToDevice];
+    assert!(to_device.duplicated > 0, "{to_device:?}");
+    assert_eq!(decrypted, to_device.events - to_device.dropped);
     assert_eq!(d.network.resent_after_delivery().await, 0);
     // Inbound: the network's redeliveries got every message through, once.
     let contents: BTreeSet<Vec<u8>> = d
