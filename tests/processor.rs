@@ -173,7 +173,7 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
     for round in 0..3 {
         for i in 0..consumers {
             let b = businesses[(i + round) % 2];
-            let device = (i % 3) as u32 % (1 + (i % 3) as u32);
+            let device = (i + round) as u32 % (1 + (i % 3) as u32);
             let text = format!("consumer {i} round {round} to {b}").into_bytes();
             d.network
                 .consumer_sends(&number(i), device, b, &text)
