@@ -360,7 +360,9 @@ impl SimNetwork {
     /// messages to the processor (acting as `principal`; one not
     /// acknowledged is delivered again after [`REDELIVERY`]), business
     /// messages to devices (each decrypts, deduplicates by message id and
-    /// reports delivery), delivery reports to the processor.
+    /// reports delivery), delivery reports to the processor. What the
+    /// processor retries is no part of it: the harness calls
+    /// [`Processor::retransmit_due`] (see [the loop](super#driving-the-world)).
     pub async fn pump(&self, processor: &Processor, principal: &Principal) -> PumpReport {
         let now = self.clock.now();
         let mut report = PumpReport::default();
