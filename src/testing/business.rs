@@ -15,11 +15,14 @@
 //!   so later deliveries overtake it (the business's own queue is slow).
 //!
 //! The record keeps every copy with its cause, so a harness tells copies
-//! the fault injector made from copies the processor made:
-//! [`SimBusiness::messages`] counts only the handovers the processor was
-//! told succeeded, which is what "exactly once" is about.
+//! the fault injector made from copies the processor made. What "exactly
+//! once" is about is the processor handing a message over again after a
+//! handover returned `Ok`: the record counts each such handover when it
+//! is made, whatever became of it (taken, refused, request or reply
+//! lost), as [`Copies::after_taken`]; [`SimBusiness::messages`] gives 1
+//! for a message handed over exactly once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -52,10 +55,16 @@ pub struct Copies {
     pub reply_lost: u32,
     /// Duplicates the fault injector made.
     pub injected: u32,
+    /// Handovers made after one returned `Ok`, whatever their outcome
+    /// (those that returned `Ok` are in `handed` too): none when the
+    /// processor delivers exactly once. Counted when the call is made, so
+    /// a repeat shows though the business has no copy of it.
+    pub after_taken: u32,
 }
 
 impl Copies {
-    /// Every copy the business received.
+    /// Every copy the business received (a repeat refused or lost on the
+    /// way, counted in `after_taken` only, is no copy).
     pub fn total(&self) -> u32 {
         self.handed + self.reply_lost + self.injected
     }
@@ -96,7 +105,11 @@ struct Record {
     /// Taken, not yet shown (delayed).
     held: Vec<Arrival>,
     seq: u64,
+    /// Per message, its copies; an entry whose copies are all held back
+    /// (`total() == 0`) is not shown.
     copies: BTreeMap<MessageId, Copies>,
+    /// Messages a handover of which returned `Ok`.
+    taken: BTreeSet<MessageId>,
     contents: Vec<(BusinessId, MessageId, Vec<u8>)>,
     statuses: BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>>,
     status_log: Vec<(MessageId, Status, Option<FailureReason>, Cause)>,
@@ -149,6 +162,28 @@ impl Record {
                 }
             }
         }
+    }
+
+    /// A handover of `id` is made: a repeat if one returned `Ok` before.
+    fn handover(
+        &mut self,
+        id: MessageId,
+        now: Timestamp,
+        item: impl Fn() -> Item,
+    ) -> Result<(), SinkError> {
+        if self.taken.contains(&id) {
+            self.copies.entry(id).or_default().after_taken += 1;
+        }
+        let result = self.take(Leg::Deliver, now, item);
+        if result.is_ok() {
+            self.taken.insert(id);
+        }
+        result
+    }
+
+    /// Copies shown, with their repeats.
+    fn shown(&self) -> impl Iterator<Item = (&MessageId, &Copies)> {
+        self.copies.iter().filter(|(_, c)| c.total() > 0)
     }
 
     /// Decide the fate of a call on `leg` at `now`, and keep what the
@@ -211,6 +246,7 @@ impl SimBusiness {
                 held: Vec::new(),
                 seq: 0,
                 copies: BTreeMap::new(),
+                taken: BTreeSet::new(),
                 contents: Vec::new(),
                 statuses: BTreeMap::new(),
                 status_log: Vec::new(),
@@ -227,19 +263,22 @@ impl SimBusiness {
     }
 
     /// Inbound message ids shown so far, with how many times the processor
-    /// handed each over and was told it succeeded ([`Copies::handed`]).
-    /// A processor that delivers exactly once gives 1 for every id.
+    /// handed each over from the first handover that returned `Ok` on:
+    /// that one (once shown, [`Copies::handed`]) and every one after it
+    /// whatever its outcome ([`Copies::after_taken`]). A processor that
+    /// delivers exactly once gives 1 for every id; 0 is an id whose
+    /// handovers all failed, though the business has a copy (a lost reply).
     pub fn messages(&self) -> BTreeMap<MessageId, u32> {
         self.record()
-            .copies
-            .iter()
-            .map(|(id, c)| (*id, c.handed))
+            .shown()
+            .map(|(id, c)| (*id, u32::from(c.handed > 0) + c.after_taken))
             .collect()
     }
 
-    /// Every copy of each inbound message shown so far, by cause.
+    /// Every copy of each inbound message shown so far, by cause, with
+    /// the repeats made of it.
     pub fn copies(&self) -> BTreeMap<MessageId, Copies> {
-        self.record().copies.clone()
+        self.record().shown().map(|(id, c)| (*id, *c)).collect()
     }
 
     /// Contents shown so far: the first copy of each message (what a
@@ -280,7 +319,7 @@ impl SimBusiness {
 impl BusinessSink for SimBusiness {
     async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
         let now = self.clock.now();
-        self.record().take(Leg::Deliver, now, || Item::Message {
+        self.record().handover(message.id, now, || Item::Message {
             business: message.business,
             id: message.id,
             content: message.content.to_vec(),

@@ -126,6 +126,7 @@ impl Faults {
             delays[1] = Duration::ZERO;
         }
         Fate {
+            leg,
             failed,
             dropped,
             reply_lost,
@@ -186,6 +187,8 @@ impl Leg {
 /// `false` or zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fate {
+    /// The leg the event is on.
+    pub leg: Leg,
     /// The call is refused as unavailable.
     pub failed: bool,
     /// The message is lost (on a request–reply leg: the request, or only
@@ -203,10 +206,11 @@ pub struct Fate {
 }
 
 impl Fate {
-    /// How many copies of a message reach the other end: 0, 1 or 2 (for
-    /// a message leg; a [`Leg::Call`] carries none).
+    /// How many copies of a message reach the other end: 0, 1 or 2. A
+    /// [`Leg::Call`] carries no message, so none, refused or not. (An
+    /// outage is no part of the fate: see [`Decision::copies`].)
     pub fn copies(&self) -> u32 {
-        if self.failed || (self.dropped && !self.reply_lost) {
+        if self.leg == Leg::Call || self.failed || (self.dropped && !self.reply_lost) {
             0
         } else {
             1 + u32::from(self.duplicated)
@@ -232,6 +236,14 @@ impl Decision {
     /// The call was refused: an outage, or a failure.
     pub fn refused(&self) -> bool {
         self.outage || self.fate.failed
+    }
+
+    /// How many copies reached the other end, as applied: none if an
+    /// outage refused the event, otherwise its fate's
+    /// [`copies`](Fate::copies). Summed over a leg's decisions, this is
+    /// the leg's [`LegStats::copies`].
+    pub fn copies(&self) -> u32 {
+        if self.outage { 0 } else { self.fate.copies() }
     }
 }
 
@@ -305,7 +317,7 @@ impl Injector {
             stats.dropped += u64::from(fate.dropped);
             stats.replies_lost += u64::from(fate.reply_lost);
             stats.duplicated += u64::from(fate.duplicated);
-            let copies = if leg == Leg::Call { 0 } else { fate.copies() };
+            let copies = fate.copies();
             stats.copies += u64::from(copies);
             stats.delayed += fate.delays[..copies as usize]
                 .iter()

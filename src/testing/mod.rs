@@ -48,6 +48,124 @@
 //!   not be.
 //! - Wall-clock latencies.
 //!
+//! # Driving the world
+//!
+//! Nothing moves by itself. The harness publishes each business's keys
+//! ([`Processor::publish_keys`](crate::processor::Processor::publish_keys))
+//! before its consumers write to it, and again before the one-time
+//! prekeys run out ([`SimNetwork::one_time_prekeys_left`]). Then it runs a
+//! loop of three steps:
+//!
+//! 1. [`SimNetwork::pump`] moves everything due.
+//! 2. [`Processor::retransmit_due`](crate::processor::Processor::retransmit_due)
+//!    is the harness's job too. The network redelivers a consumer's
+//!    message until the processor acknowledges it, but it never sends a
+//!    business's ciphertext again, and the processor retries only when
+//!    asked. Without this step, a lost ciphertext never arrives and a
+//!    handover the business refused is never made again.
+//! 3. The harness advances the [`ManualClock`](crate::time::ManualClock).
+//!    Steps of about [`REDELIVERY`] suit the network; the processor's
+//!    retries follow its [`DeliveryConfig`](crate::processor::DeliveryConfig),
+//!    whose receipt timeout decides when a lost ciphertext is sent again.
+//!
+//! Before asserting, let the world settle: run past every outage, every
+//! delay and the retries they cause. A copy the business took late shows
+//! in [`SimBusiness::messages`] and [`SimBusiness::contents`] only once
+//! the clock has passed its delay: check [`SimBusiness::held_back`] is 0
+//! first. Other points to keep in mind:
+//!
+//! - During a network outage, [`pump`](SimNetwork::pump) moves nothing
+//!   and the network refuses every call. The business endpoint has
+//!   outages of its own, in its own [`Faults`].
+//! - A device counts the copies of each message it decrypted
+//!   ([`SimNetwork::received`]): those beyond the first are the
+//!   processor's retransmissions. A copy of one ciphertext that the
+//!   network duplicated fails to decrypt and is counted nowhere, so
+//!   device-side duplicates are not reported.
+//! - [`SimNetwork::add_consumer`] with 0 devices adds a consumer with no
+//!   device: it cannot send, and the processor's messages to it fail as
+//!   to a number nobody has.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use custodian::ids::{BusinessId, PhoneNumber};
+//! use custodian::integrity::Category;
+//! use custodian::keys::{LocalKeyProvider, SecretKey};
+//! use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
+//! use custodian::store::{MemoryStore, Status};
+//! use custodian::testing::{Faults, REDELIVERY, SimBusiness, SimNetwork};
+//! use custodian::time::{ManualClock, Timestamp};
+//! use custodian::transport::{Principal, StaticAuthorizer};
+//! use custodian::visibility::MemoryAuditSink;
+//!
+//! let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+//! let network = Arc::new(SimNetwork::new(clock.clone(), Faults::moderate(), 1));
+//! let business = SimBusiness::new(clock.clone(), Faults::moderate(), 2);
+//! let b = BusinessId::new(7).ok_or("zero")?;
+//! let carrier = Principal::new("carrier");
+//! let owner = Principal::new("owner");
+//! let operator = Principal::new("operator");
+//! let authorizer = StaticAuthorizer::new()
+//!     .operator(&operator)
+//!     .grant(&owner, b)
+//!     .grant(&carrier, b);
+//! let host = Host {
+//!     storage: Arc::new(MemoryStore::new()),
+//!     key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+//!     transport: network.clone(),
+//!     business: business.clone(),
+//!     authorizer: Arc::new(authorizer),
+//!     clock: Arc::new(clock.clone()),
+//!     audit: Arc::new(MemoryAuditSink::new()),
+//! };
+//! // A lost ciphertext is sent again two minutes after it was sent.
+//! let delivery = DeliveryConfig {
+//!     receipt_timeout: Duration::from_secs(120),
+//!     ..DeliveryConfig::default()
+//! };
+//! let policies = Policies { delivery, ..Policies::default() };
+//! let processor = Processor::new(host, policies)?;
+//!
+//! // Keys first, then traffic both ways.
+//! processor.publish_keys(&owner, b).await?;
+//! let alice: PhoneNumber = "+447700900001".parse()?;
+//! network.add_consumer(&alice, 2).await;
+//! network.consumer_sends(&alice, 1, b, b"hello").await?;
+//! let reply = Outbound {
+//!     to: alice.clone(),
+//!     content: b"hi back".to_vec().into(),
+//!     category: Category::Service,
+//! };
+//! let id = processor.send(&owner, b, reply).await?;
+//!
+//! // An hour of the loop: pump, retransmit, advance the clock.
+//! for _ in 0..120 {
+//!     network.pump(&processor, &carrier).await;
+//!     processor.retransmit_due(&operator).await?;
+//!     clock.advance(REDELIVERY);
+//! }
+//!
+//! // Settled: nothing moving, no copy held back.
+//! assert_eq!(network.in_flight().await, 0);
+//! assert_eq!(business.held_back(), 0);
+//! // The business has the consumer's message, handed over exactly once.
+//! assert_eq!(business.messages().into_values().collect::<Vec<_>>(), [1]);
+//! assert_eq!(business.contents()[0].2, b"hello");
+//! // Each of Alice's devices has the reply, and it was reported delivered.
+//! let received = network.received(&alice).await;
+//! for device in network.devices_of(&alice).await {
+//!     assert!(received[&device].contains_key(&id));
+//! }
+//! assert_eq!(processor.message_status(&owner, b, id).await?.0, Status::Delivered);
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! The kit's pieces can be used on their own:
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use custodian::testing::{ConsumerDevice, Faults, Leg};

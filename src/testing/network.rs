@@ -9,7 +9,9 @@
 //!   `Ok`), delivering it again every [`REDELIVERY`] until then; a lost
 //!   attempt (or a lost acknowledgement, so the processor sees the message
 //!   twice) costs time, never the message. The processor could not recover
-//!   a message it never saw; the network has to.
+//!   a message it never saw; the network has to. It keeps one entry per
+//!   message: copies a duplicate fault made are not messages of their
+//!   own, so however many copies go unheard, one attempt is scheduled.
 //! - **Processor → network** ([`Leg::Call`]): `devices`, `fetch_bundle`
 //!   and `send` are refused as unavailable (`fail`, outages); the processor
 //!   retries them.
@@ -54,6 +56,8 @@ struct InFlight<T> {
 /// A consumer's message on its way to the processor.
 #[derive(Clone)]
 struct ToProcessor {
+    /// Which message this is a copy or attempt of (see [`Net::unacked`]).
+    message: u64,
     business: BusinessId,
     inbound: Inbound,
     hop: Hop,
@@ -96,8 +100,17 @@ struct Consumer {
 
 struct Net {
     consumers: BTreeMap<String, Consumer>,
+    /// Each business's keys, and the next one-time prekey to hand out.
     published: BTreeMap<BusinessId, (PublishedKeys, usize)>,
     to_processor: Vec<InFlight<ToProcessor>>,
+    /// Consumer messages the processor has not acknowledged, by number,
+    /// with whether a delivery attempt is scheduled. One per message, as
+    /// a server keeps one entry per message it stores: a copy heard by
+    /// the processor removes it, and however many copies go unheard, the
+    /// message has one attempt scheduled at a time.
+    unacked: BTreeMap<u64, bool>,
+    /// The number the next consumer message takes.
+    next_message: u64,
     to_devices: Vec<InFlight<ToDevice>>,
     receipts: Vec<InFlight<Receipt>>,
     /// Devices that reported each outbound message delivered.
@@ -126,22 +139,23 @@ impl Net {
     }
 
     /// Start one delivery attempt of a consumer's message at `now`.
-    fn launch_inbound(&mut self, business: BusinessId, inbound: Inbound, now: Timestamp) {
+    fn launch_inbound(
+        &mut self,
+        message: u64,
+        business: BusinessId,
+        inbound: Inbound,
+        now: Timestamp,
+    ) {
         let fate = self.faults.decide(Leg::Inbound, now).fate;
         let item = |hop| ToProcessor {
+            message,
             business,
             inbound: inbound.clone(),
             hop,
         };
         if fate.dropped && !fate.reply_lost {
             // Lost on the way: no acknowledgement comes, so the network tries again.
-            let retry = item(Hop::Attempt);
-            Self::push(
-                &mut self.to_processor,
-                &mut self.seq,
-                now.saturating_add(REDELIVERY),
-                retry,
-            );
+            self.redeliver(item(Hop::Attempt), now);
             return;
         }
         let first = item(Hop::Arrive {
@@ -162,6 +176,27 @@ impl Net {
                 second,
             );
         }
+    }
+
+    /// Schedule the next attempt at delivering `item`'s message, after
+    /// [`REDELIVERY`], unless it was acknowledged or one is scheduled.
+    fn redeliver(&mut self, item: ToProcessor, now: Timestamp) {
+        let Some(scheduled) = self.unacked.get_mut(&item.message) else {
+            return;
+        };
+        if std::mem::replace(scheduled, true) {
+            return;
+        }
+        let retry = ToProcessor {
+            hop: Hop::Attempt,
+            ..item
+        };
+        Self::push(
+            &mut self.to_processor,
+            &mut self.seq,
+            now.saturating_add(REDELIVERY),
+            retry,
+        );
     }
 
     /// Copies of an event that survived its fate, as arrival times.
@@ -237,6 +272,8 @@ impl SimNetwork {
                 consumers: BTreeMap::new(),
                 published: BTreeMap::new(),
                 to_processor: Vec::new(),
+                unacked: BTreeMap::new(),
+                next_message: 0,
                 to_devices: Vec::new(),
                 receipts: Vec::new(),
                 reported_by: BTreeMap::new(),
@@ -252,15 +289,15 @@ impl SimNetwork {
         }
     }
 
-    /// Add a consumer with `devices` devices (ids 0..devices).
+    /// Add a consumer with `devices` devices (ids 0..devices). With 0,
+    /// the consumer has no device: it sends nothing, and the processor
+    /// finds no device to send to, as for a number nobody has.
     pub async fn add_consumer(&self, number: &PhoneNumber, devices: u32) {
         let mut net = self.net.lock().await;
         net.consumers.insert(
             number.expose().to_owned(),
             Consumer {
-                devices: (0..devices.max(1))
-                    .map(|d| (d, ConsumerDevice::new(d)))
-                    .collect(),
+                devices: (0..devices).map(|d| (d, ConsumerDevice::new(d))).collect(),
                 received: BTreeMap::new(),
                 contents: BTreeMap::new(),
             },
@@ -268,8 +305,11 @@ impl SimNetwork {
     }
 
     /// A consumer's device sends `content` to `business`, starting a session
-    /// from the business's published keys if it has none. The message is now
-    /// in flight to the processor (one event on [`Leg::Inbound`]).
+    /// from the business's published keys if it has none. Starting one
+    /// takes the next one-time prekey while any is left (see
+    /// [`one_time_prekeys_left`](Self::one_time_prekeys_left)); later
+    /// messages take none. The message is now in flight to the processor
+    /// (one event on [`Leg::Inbound`]).
     pub async fn consumer_sends(
         &self,
         number: &PhoneNumber,
@@ -280,21 +320,21 @@ impl SimNetwork {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
         let net = &mut *net;
-        let bundle: PreKeyBundle = {
-            let (keys, next) = net
-                .published
-                .get_mut(&business)
-                .ok_or("the business has published no keys")?;
-            let index = (*next < keys.one_time_prekeys.len()).then_some(*next);
-            *next += 1;
-            keys.bundle(index)
-        };
+        let (keys, next) = net
+            .published
+            .get_mut(&business)
+            .ok_or("the business has published no keys")?;
         let consumer = net
             .consumers
             .get_mut(number.expose())
             .ok_or("no such consumer")?;
         let handset = consumer.devices.get_mut(&device).ok_or("no such device")?;
         if !handset.has_session(business) {
+            // The device fetches a bundle, and the server hands out each
+            // one-time prekey once, in order, while any is left.
+            let index = (*next < keys.one_time_prekeys.len()).then_some(*next);
+            *next += usize::from(index.is_some());
+            let bundle: PreKeyBundle = keys.bundle(index);
             handset
                 .start_session(business, &bundle)
                 .await
@@ -309,7 +349,10 @@ impl SimNetwork {
             device,
             message,
         };
-        net.launch_inbound(business, inbound, now);
+        let message = net.next_message;
+        net.next_message += 1;
+        net.unacked.insert(message, false);
+        net.launch_inbound(message, business, inbound, now);
         Ok(())
     }
 
@@ -317,7 +360,9 @@ impl SimNetwork {
     /// messages to the processor (acting as `principal`; one not
     /// acknowledged is delivered again after [`REDELIVERY`]), business
     /// messages to devices (each decrypts, deduplicates by message id and
-    /// reports delivery), delivery reports to the processor.
+    /// reports delivery), delivery reports to the processor. What the
+    /// processor retries is no part of it: the harness calls
+    /// [`Processor::retransmit_due`] (see [the loop](super#driving-the-world)).
     pub async fn pump(&self, processor: &Processor, principal: &Principal) -> PumpReport {
         let now = self.clock.now();
         let mut report = PumpReport::default();
@@ -331,7 +376,17 @@ impl SimNetwork {
                 .into_iter()
                 .partition(|f| f.item.hop == Hop::Attempt);
             for flight in attempts {
-                net.launch_inbound(flight.item.business, flight.item.inbound, now);
+                let ToProcessor {
+                    message,
+                    business,
+                    inbound,
+                    ..
+                } = flight.item;
+                // Acknowledged since (by a copy that was on its way): nothing to do.
+                if let Some(scheduled) = net.unacked.get_mut(&message) {
+                    *scheduled = false;
+                    net.launch_inbound(message, business, inbound, now);
+                }
             }
             arrivals.extend(take_due(&mut net.to_processor, now));
             arrivals.sort_by_key(|f| (f.at, f.seq));
@@ -357,18 +412,11 @@ impl SimNetwork {
                 if acked {
                     report.acknowledged += 1;
                 }
-                if !heard {
+                if heard {
+                    net.unacked.remove(&flight.item.message);
+                } else {
                     // No acknowledgement reached the network: it delivers again later.
-                    let retry = ToProcessor {
-                        hop: Hop::Attempt,
-                        ..flight.item.clone()
-                    };
-                    Net::push(
-                        &mut net.to_processor,
-                        &mut net.seq,
-                        now.saturating_add(REDELIVERY),
-                        retry,
-                    );
+                    net.redeliver(flight.item.clone(), now);
                 }
             }
         }
@@ -519,6 +567,22 @@ impl SimNetwork {
     /// once (one handed over again under its id is not counted again).
     pub async fn billing_statements(&self) -> Vec<BillingStatement> {
         self.net.lock().await.billing.clone()
+    }
+
+    /// One-time prekeys of `business`'s last published keys that no
+    /// device has taken yet (0 if it published none). Without one, a
+    /// device starts its session from the signed prekey alone, the weaker
+    /// path: a harness that starts many sessions publishes again
+    /// ([`Processor::publish_keys`]) before they run out.
+    pub async fn one_time_prekeys_left(&self, business: BusinessId) -> usize {
+        self.net
+            .lock()
+            .await
+            .published
+            .get(&business)
+            .map_or(0, |(keys, next)| {
+                keys.one_time_prekeys.len().saturating_sub(*next)
+            })
     }
 
     /// The device ids of `number`.
