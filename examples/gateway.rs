@@ -53,7 +53,8 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
                [--faults none|moderate|heavy] [--seed N]
                [--store PATH [--root-key FILE] | --memory]
 
-  --businesses N    businesses (default 3)
+  --businesses N    businesses (default 3; at most 10000, and no more than
+                    --consumers: each business needs a consumer to write to)
   --consumers N     consumers, each with 1-3 devices (default 2000)
   --messages N      messages each consumer sends, and each receives (default 2)
   --faults KIND     network and business-endpoint faults (default moderate):
@@ -72,6 +73,12 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
                     (default: a fresh key, forgotten at exit)
   --memory          keep everything in memory instead of SQLite
   -h, --help        this text";
+
+/// The most businesses a run takes (`--businesses`).
+const MAX_BUSINESSES: u64 = 10_000;
+
+/// Business `n` (from 1) of the run is `BusinessId` `FIRST_BUSINESS + n`.
+const FIRST_BUSINESS: u64 = 1000;
 
 enum Parsed {
     Run(Options),
@@ -116,6 +123,17 @@ fn options() -> Result<Parsed, String> {
     }
     if o.consumers > 100_000 {
         return Err("--consumers: at most 100000 (numbers come from one range)".into());
+    }
+    if o.businesses > MAX_BUSINESSES {
+        return Err(format!(
+            "--businesses: at most {MAX_BUSINESSES} (each publishes its keys before any traffic)"
+        ));
+    }
+    if o.businesses > o.consumers as u64 {
+        return Err(format!(
+            "--businesses: at most --consumers ({}): a business with no consumer gets no traffic",
+            o.consumers
+        ));
     }
     if o.memory && o.store.is_some() {
         return Err("--store and --memory exclude each other".into());
@@ -382,9 +400,14 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let audit = Arc::new(MemoryAuditSink::new());
     let transport = Principal::new("transport");
     let operator = Principal::new("operator");
-    let businesses: Vec<BusinessId> = (1..=o.businesses)
-        .filter_map(|b| BusinessId::new(1000 + b))
-        .collect();
+    let businesses = (1..=o.businesses)
+        .map(|b| {
+            FIRST_BUSINESS
+                .checked_add(b)
+                .and_then(BusinessId::new)
+                .ok_or_else(|| format!("business {b} has no id"))
+        })
+        .collect::<Result<Vec<BusinessId>, String>>()?;
     let mut authorizer = StaticAuthorizer::new().operator(&operator);
     let mut owners = BTreeMap::new();
     for &b in &businesses {
