@@ -475,7 +475,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let wall = Instant::now();
     let mut send_latency = Vec::with_capacity(total_out);
     let mut receive_latency = Vec::with_capacity(total_in);
-    let mut written: BTreeSet<Vec<u8>> = BTreeSet::new();
+    // What each consumer wrote, with the business it wrote to.
+    let mut written: BTreeSet<(BusinessId, Vec<u8>)> = BTreeSet::new();
     let mut sent: Vec<(BusinessId, MessageId, usize)> = Vec::with_capacity(total_out);
     let mut next_report = total_out / 10;
     let (mut retried, mut answered_otherwise) = (0usize, 0usize);
@@ -489,7 +490,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                 network
                     .consumer_sends(&number(i), device, b, text.as_bytes())
                     .await?;
-                written.insert(text.into_bytes());
+                written.insert((b, text.into_bytes()));
             }
             // Businesses send concurrently, as a gateway's API handlers
             // would, each message named by an idempotency key. One request
@@ -620,31 +621,39 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    // Inbound: every consumer message handed to its business exactly once.
-    // The business sees extra copies when a reply was lost (the processor
-    // was told it failed and tried again) or when the injector duplicated
-    // a delivery; a business drops those by id. What the processor must
-    // never do is hand over again what the business already took.
+    // Inbound: every consumer message handed to its business exactly once,
+    // and to no other business. The business sees extra copies when a
+    // reply was lost (the processor was told it failed and tried again) or
+    // when the injector duplicated a delivery; a business drops those by
+    // id. What the processor must never do is hand over again what the
+    // business already took.
     let copies = sink.copies();
     let contents = sink.contents();
-    let received: BTreeSet<Vec<u8>> = contents.iter().map(|(_, _, c)| c.clone()).collect();
+    let received: BTreeSet<(BusinessId, Vec<u8>)> =
+        contents.iter().map(|(b, _, c)| (*b, c.clone())).collect();
     let never = written.difference(&received).count();
+    let elsewhere = received.difference(&written).count();
     let twice = copies.values().filter(|c| c.handed > 1).count();
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
         .values()
         .fold((0, 0), |(r, i), c| (r + c.reply_lost, i + c.injected));
     println!(
-        "\ninbound: {} of {} messages reached the businesses under {} ids; \
-         handed over more than once: {twice}; extra copies from lost replies: {lost_replies}, \
-         from injected duplicates: {injected}",
-        received.len(),
+        "\ninbound: {} of {} messages reached their business, under {} ids in all; \
+         reached another business: {elsewhere}; handed over more than once: {twice}; \
+         extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
+        written.len() - never,
         total_in,
         contents.len()
     );
     if never > 0 {
         broken.push(format!(
             "{never} consumer messages never reached their business"
+        ));
+    }
+    if elsewhere > 0 {
+        broken.push(format!(
+            "{elsewhere} messages reached a business their consumer did not write to"
         ));
     }
     if contents.len() != received.len() {
