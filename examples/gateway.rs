@@ -14,7 +14,11 @@
 //! missing on a device or sent again after it was reported delivered, a
 //! message without a final delivered status, or, after the sweep, any
 //! message, consumer or Signal record left in the store, any sealed copy
-//! still readable, any phone number in clear in the store's files.
+//! still readable (or refused for any reason but its destroyed epoch key),
+//! any consumer's phone hash or message's sealed bytes left in the store's
+//! files, any phone number in clear there. Before the sweep it shows the
+//! copies open and the scan finds the hashes and sealed bytes, so that
+//! their absence afterwards is retention's doing.
 //!
 //! ```sh
 //! cargo run --release --example gateway -- --help
@@ -35,7 +39,7 @@ use custodian::store::{
 use custodian::testing::{Cause, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::vault::Vault;
+use custodian::vault::{OpenError, Vault};
 use custodian::visibility::{MemoryAuditSink, Verdict};
 
 struct Options {
@@ -307,26 +311,114 @@ fn number(i: usize) -> PhoneNumber {
 /// clear in a file.
 const NUMBER_PREFIX: &[u8] = b"4477009";
 
-/// How many times any simulated number appears in clear in the files of the
-/// SQLite store at `path` (the database, its log and shared memory).
-fn numbers_in_clear(path: &Path) -> Result<(u64, usize), std::io::Error> {
-    let (mut bytes, mut hits) = (0u64, 0usize);
+/// What retention has to remove from the store's files, as stored: each
+/// consumer's keyed phone hash (per business: what messages, Signal
+/// records and the phone index are keyed by) and, for each stored message,
+/// the last 16 bytes of its sealed envelope (its authentication tag).
+struct Traces {
+    /// Pattern → (is a phone hash, its index among those of its kind).
+    patterns: foldhash::HashMap<u128, (bool, usize)>,
+    phones: usize,
+    sealed: usize,
+}
+
+impl Traces {
+    const LEN: usize = 16;
+
+    fn new(records: &[MessageRecord]) -> Self {
+        let mut patterns = foldhash::HashMap::default();
+        let mut phones = 0;
+        for record in records {
+            let key = u128::from_le_bytes(*record.phone.as_bytes());
+            patterns.entry(key).or_insert_with(|| {
+                phones += 1;
+                (true, phones - 1)
+            });
+        }
+        let mut sealed = 0;
+        for record in records {
+            let Some(tail) = record.sealed.last_chunk::<{ Self::LEN }>() else {
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) =
+                patterns.entry(u128::from_le_bytes(*tail))
+            {
+                e.insert((false, sealed));
+                sealed += 1;
+            }
+        }
+        Self {
+            patterns,
+            phones,
+            sealed,
+        }
+    }
+}
+
+/// What a scan of the store's files found.
+#[derive(Default)]
+struct FileScan {
+    bytes: u64,
+    /// Simulated numbers in clear (never stored so: a leak guard).
+    numbers_in_clear: usize,
+    /// Occurrences of phone hashes, and how many distinct ones.
+    phone_hits: usize,
+    phones_found: usize,
+    /// Occurrences of sealed-envelope tails, and of how many messages.
+    sealed_hits: usize,
+    sealed_found: usize,
+}
+
+/// Scan the files of the SQLite store at `path` (the database, its log
+/// and shared memory) for simulated numbers in clear and for `traces`.
+fn scan_store_files(path: &Path, traces: &Traces) -> Result<FileScan, std::io::Error> {
+    let mut scan = FileScan::default();
+    let mut phones = vec![false; traces.phones];
+    let mut sealed = vec![false; traces.sealed];
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);
-        match std::fs::read(&file) {
-            Ok(data) => {
-                bytes += data.len() as u64;
-                hits += data
-                    .windows(NUMBER_PREFIX.len())
-                    .filter(|w| *w == NUMBER_PREFIX)
-                    .count();
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let data = match std::fs::read(&file) {
+            Ok(data) => data,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
+        };
+        scan.bytes += data.len() as u64;
+        scan.numbers_in_clear += data
+            .windows(NUMBER_PREFIX.len())
+            .filter(|w| *w == NUMBER_PREFIX)
+            .count();
+        for window in data.array_windows::<{ Traces::LEN }>() {
+            match traces.patterns.get(&u128::from_le_bytes(*window)) {
+                Some(&(true, i)) => {
+                    scan.phone_hits += 1;
+                    phones[i] = true;
+                }
+                Some(&(false, i)) => {
+                    scan.sealed_hits += 1;
+                    sealed[i] = true;
+                }
+                None => {}
+            }
         }
     }
-    Ok((bytes, hits))
+    scan.phones_found = phones.iter().filter(|&&f| f).count();
+    scan.sealed_found = sealed.iter().filter(|&&f| f).count();
+    Ok(scan)
+}
+
+/// What refused to open a sealed copy, in a word.
+fn open_error_kind(e: &OpenError) -> &'static str {
+    match e {
+        OpenError::Malformed(_) => "malformed",
+        OpenError::WrongBusiness => "another business's",
+        OpenError::Expired { .. } => "expired",
+        OpenError::EpochDestroyed => "epoch key destroyed",
+        OpenError::UnknownEpoch => "no key for its epoch",
+        OpenError::Decrypt => "did not decrypt",
+        OpenError::Key(_) => "key hierarchy failed",
+        _ => "another error",
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -733,7 +825,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    // Retention: past 30 days nothing is readable and no number remains.
+    // Retention: past 30 days nothing is readable, and nothing that
+    // identifies a consumer is left in the store or its files.
     let census = processor.census(&operator).await?;
     if census.messages != (total_in + total_out) as u64 {
         broken.push(format!(
@@ -754,6 +847,69 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             samples.push(record);
         }
     }
+    if samples.is_empty() {
+        broken.push("no sealed message was copied before the sweep to try".into());
+    }
+    // Whoever holds the copies, the root key and the store, with the clock
+    // set back: a vault made afresh each time, so that no epoch key it
+    // opened before the sweep is still in its memory after.
+    let backup = || {
+        Vault::new(
+            Arc::new(KeyManager::new(
+                Arc::new(LocalKeyProvider::new(&root)),
+                storage.clone(),
+            )),
+            Arc::new(ManualClock::new(start)),
+            EpochLength::DEFAULT,
+        )
+    };
+    // Positive controls: before the sweep the copies open, and the scan
+    // finds the consumers' phone hashes and the sealed bytes in the files.
+    let vault = backup();
+    let mut refused: BTreeMap<&str, usize> = BTreeMap::new();
+    for record in &samples {
+        if let Err(e) = vault.open(&record.sealed, record.business).await {
+            *refused.entry(open_error_kind(&e)).or_default() += 1;
+        }
+    }
+    let refused_before: usize = refused.values().sum();
+    println!(
+        "before the sweep: {} of {} sealed messages copied from the store open with the root key",
+        samples.len() - refused_before,
+        samples.len()
+    );
+    if refused_before > 0 {
+        broken.push(format!(
+            "{refused_before} sealed copies did not open before the sweep ({refused:?}): \
+             their refusal after it would prove nothing"
+        ));
+    }
+    let traces = Traces::new(&samples);
+    let describe = |scan: &FileScan| {
+        format!(
+            "{} bytes; phone hashes {} times ({} of the {} consumers' hashes), \
+             sealed bytes of {} of {} messages; phone numbers in clear: {}",
+            scan.bytes,
+            scan.phone_hits,
+            scan.phones_found,
+            traces.phones,
+            scan.sealed_found,
+            traces.sealed,
+            scan.numbers_in_clear
+        )
+    };
+    if let Some(path) = &path {
+        let scan = scan_store_files(path, &traces)?;
+        println!("before the sweep, store files: {}", describe(&scan));
+        if scan.phone_hits == 0 || scan.sealed_found == 0 {
+            broken.push(
+                "before the sweep the scan found no phone hash or no sealed bytes in the store's \
+                 files: finding none after it would prove nothing"
+                    .into(),
+            );
+        }
+    }
+
     clock.advance(Duration::from_secs(31 * 24 * 3600));
     let sweep = processor.sweep(&operator).await?;
     println!(
@@ -790,50 +946,61 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             "{still_found} business messages still found after retention"
         ));
     }
-    // Even copies of the sealed bytes (a backup) stay unreadable, with the
-    // root key in hand and the clock set back: their epoch keys are gone.
-    let restored = Vault::new(
-        Arc::new(KeyManager::new(
-            Arc::new(LocalKeyProvider::new(&root)),
-            storage.clone(),
-        )),
-        Arc::new(ManualClock::new(start)),
-        EpochLength::DEFAULT,
-    );
-    let mut unreadable = 0;
+    // The same copies, now: each must be refused because its epoch key is
+    // gone (or, were the clock not set back, because it expired). Any other
+    // refusal is not retention's doing, and fails the run.
+    let vault = backup();
+    let (mut gone, mut still_open) = (BTreeMap::<&str, usize>::new(), 0usize);
+    let mut otherwise: BTreeMap<&str, usize> = BTreeMap::new();
     for record in &samples {
-        if restored
-            .open(&record.sealed, record.business)
-            .await
-            .is_err()
-        {
-            unreadable += 1;
+        match vault.open(&record.sealed, record.business).await {
+            Ok(_) => still_open += 1,
+            Err(
+                e @ (OpenError::EpochDestroyed | OpenError::UnknownEpoch | OpenError::Expired { .. }),
+            ) => *gone.entry(open_error_kind(&e)).or_default() += 1,
+            Err(e) => *otherwise.entry(open_error_kind(&e)).or_default() += 1,
         }
     }
+    let why = gone
+        .iter()
+        .map(|(kind, n)| format!("{kind}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     println!(
-        "{unreadable} of {} sealed messages copied before the sweep refuse to open with the root key and an old clock",
+        "after the sweep: {} of {} sealed copies refuse to open with the root key and an old clock{}",
+        gone.values().sum::<usize>(),
         samples.len(),
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({why})")
+        }
     );
-    if samples.is_empty() {
-        broken.push("no sealed message was copied before the sweep to try".into());
-    }
-    if unreadable != samples.len() {
+    if still_open > 0 {
         broken.push(format!(
-            "{} sealed copies still open after retention",
-            samples.len() - unreadable
+            "{still_open} sealed copies still open after retention"
+        ));
+    }
+    if !otherwise.is_empty() {
+        broken.push(format!(
+            "{} sealed copies were refused after the sweep for a reason other than a destroyed \
+             epoch key: {otherwise:?}",
+            otherwise.values().sum::<usize>()
         ));
     }
     match &path {
         Some(path) => {
-            let (bytes, hits) = numbers_in_clear(path)?;
-            println!("store files: {bytes} bytes, phone numbers in clear: {hits}");
-            if hits > 0 {
+            let scan = scan_store_files(path, &traces)?;
+            println!("after the sweep, store files: {}", describe(&scan));
+            if scan.phone_hits > 0 || scan.sealed_hits > 0 || scan.numbers_in_clear > 0 {
                 broken.push(format!(
-                    "{hits} phone numbers in clear in the store's files"
+                    "after the sweep the store's files still hold {} phone hashes, the sealed \
+                     bytes of {} messages and {} phone numbers in clear",
+                    scan.phone_hits, scan.sealed_found, scan.numbers_in_clear
                 ));
             }
         }
-        None => println!("store files: none to scan for phone numbers (--memory)"),
+        None => println!("store files: none to scan (--memory)"),
     }
 
     // The audit trail.
