@@ -234,16 +234,48 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn report_latencies(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "  {name:<22} n={:<6} p50 {:>7.1} µs   p90 {:>7.1} µs   p99 {:>7.1} µs   max {:>8.1} µs",
-        samples.len(),
-        percentile(&samples, 0.50).as_secs_f64() * 1e6,
-        percentile(&samples, 0.90).as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6,
-        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e6,
-    );
+/// Latency samples of the processor's calls (see the traffic loop).
+#[derive(Default)]
+struct Latencies {
+    /// Calls made with nothing else in flight.
+    receive_alone: Vec<Duration>,
+    send_alone: Vec<Duration>,
+    /// Calls made with others at once on this thread.
+    receive_loaded: Vec<Duration>,
+    send_loaded: Vec<Duration>,
+}
+
+impl Latencies {
+    fn receives(&self) -> usize {
+        self.receive_alone.len() + self.receive_loaded.len()
+    }
+
+    fn report(self, batch: usize, alone_every: usize) {
+        let line = |name: &str, mut samples: Vec<Duration>| {
+            samples.sort();
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "  {name:<18} n={:<6} p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms   max {:>8.3} ms",
+                samples.len(),
+                ms(percentile(&samples, 0.50)),
+                ms(percentile(&samples, 0.90)),
+                ms(percentile(&samples, 0.99)),
+                ms(samples.last().copied().unwrap_or_default()),
+            );
+        };
+        println!(
+            "latency of one processor call with nothing else in flight \
+             (every {alone_every}th batch of consumers, driven one at a time):"
+        );
+        line("receive (inbound)", self.receive_alone);
+        line("send (outbound)", self.send_alone);
+        println!(
+            "latency under load, up to {batch} calls at once on this one thread \
+             (each figure includes the other calls' work):"
+        );
+        line("receive (inbound)", self.receive_loaded);
+        line("send (outbound)", self.send_loaded);
+    }
 }
 
 fn report_faults(name: &str, stats: &BTreeMap<Leg, LegStats>) {
@@ -561,34 +593,46 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         devices_total
     );
 
-    // Traffic: every consumer writes, every consumer is written to.
+    // Traffic: every consumer writes, every consumer is written to, in
+    // batches of consumers. Latency is sampled two ways. Every
+    // `ALONE_EVERY`th batch is driven one consumer at a time: each message
+    // is received with nothing else in flight and each business's send is
+    // made alone, so a figure is one processor call's own time, its store
+    // writes included. The other batches make up to `BATCH` calls at once
+    // on this one thread, as a loaded gateway would: a figure there runs
+    // from the batch's start (a send) or the call's first poll (a receive,
+    // timed by the simulated network) to the call's end, and includes the
+    // other calls' work.
+    const BATCH: usize = 64;
+    const ALONE_EVERY: usize = 8;
     let total_in = o.consumers * o.messages;
     let total_out = o.consumers * o.messages;
     let wall = Instant::now();
-    let mut send_latency = Vec::with_capacity(total_out);
-    let mut receive_latency = Vec::with_capacity(total_in);
+    let mut latency = Latencies::default();
+    // Wall time spent in the batches of concurrent sends, and their calls.
+    let (mut send_batches, mut send_batch_calls) = (Duration::ZERO, 0usize);
     // What each consumer wrote, with the business it wrote to.
     let mut written: BTreeSet<(BusinessId, Vec<u8>)> = BTreeSet::new();
     let mut sent: Vec<(BusinessId, MessageId, usize)> = Vec::with_capacity(total_out);
     let mut next_report = total_out / 10;
     let (mut retried, mut answered_otherwise) = (0usize, 0usize);
+    let mut batch = 0usize;
     for round in 0..o.messages {
         let consumers: Vec<usize> = (0..o.consumers).collect();
-        for chunk in consumers.chunks(64) {
-            for &i in chunk {
+        for chunk in consumers.chunks(BATCH) {
+            let alone = batch.is_multiple_of(ALONE_EVERY);
+            batch += 1;
+            let message = |i: usize| {
                 let b = businesses[(i + round) % businesses.len()];
                 let device = (i as u32 + round as u32) % (1 + (i % 3) as u32);
-                let text = format!("consumer {i} message {round}: where is my order?");
-                network
-                    .consumer_sends(&number(i), device, b, text.as_bytes())
-                    .await?;
-                written.insert((b, text.into_bytes()));
-            }
-            // Businesses send concurrently, as a gateway's API handlers
-            // would, each message named by an idempotency key. One request
-            // in eight is made again by its business, as after a timeout:
-            // it must be answered with the first id, and send nothing.
-            let sends = chunk.iter().map(|&i| {
+                (b, device, format!("consumer {i} message {round}: where is my order?"))
+            };
+            // Businesses send as a gateway's API handlers would, each
+            // message named by an idempotency key. One request in eight is
+            // made again by its business, as after a timeout: it must be
+            // answered with the first id, and send nothing. Each call
+            // returns when its first send ended.
+            let send = |i: usize| {
                 let b = businesses[(i + round + 1) % businesses.len()];
                 let owner = &owners[&b];
                 let processor = &processor;
@@ -601,11 +645,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                             .into(),
                         category: Category::Utility,
                     };
-                    let t = Instant::now();
                     let id = processor
                         .send_idempotent(owner, b, key.as_bytes(), reply())
                         .await;
-                    let took = t.elapsed();
+                    let ended = Instant::now();
                     let again = if (i + round).is_multiple_of(8) {
                         Some(
                             processor
@@ -615,11 +658,52 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     } else {
                         None
                     };
-                    (b, i, id, again, took)
+                    (b, i, id, again, ended)
                 }
-            });
-            for (b, i, id, again, took) in join_all(sends.collect()).await {
-                send_latency.push(took);
+            };
+            let mut results = Vec::with_capacity(chunk.len());
+            let in_flight;
+            if alone {
+                for &i in chunk {
+                    let (b, device, text) = message(i);
+                    network
+                        .consumer_sends(&number(i), device, b, text.as_bytes())
+                        .await?;
+                    written.insert((b, text.into_bytes()));
+                    // Only this message is due (unless the network lost,
+                    // delayed or duplicated it).
+                    let pumped = network.pump(&processor, &transport).await;
+                    if pumped.receive_latencies.len() == 1 {
+                        latency.receive_alone.extend(pumped.receive_latencies);
+                    } else {
+                        latency.receive_loaded.extend(pumped.receive_latencies);
+                    }
+                    let started = Instant::now();
+                    let result = send(i).await;
+                    latency.send_alone.push(result.4 - started);
+                    results.push(result);
+                }
+                in_flight = network.in_flight().await;
+            } else {
+                for &i in chunk {
+                    let (b, device, text) = message(i);
+                    network
+                        .consumer_sends(&number(i), device, b, text.as_bytes())
+                        .await?;
+                    written.insert((b, text.into_bytes()));
+                }
+                let started = Instant::now();
+                results = join_all(chunk.iter().map(|&i| send(i)).collect()).await;
+                send_batches += started.elapsed();
+                send_batch_calls += results.len() + results.iter().filter(|r| r.3.is_some()).count();
+                latency
+                    .send_loaded
+                    .extend(results.iter().map(|r| r.4 - started));
+                let pumped = network.pump(&processor, &transport).await;
+                latency.receive_loaded.extend(pumped.receive_latencies);
+                in_flight = pumped.in_flight;
+            }
+            for (b, i, id, again, _) in results {
                 let id = id?;
                 if let Some(again) = again {
                     retried += 1;
@@ -629,16 +713,14 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 sent.push((b, id, i));
             }
-            let pumped = network.pump(&processor, &transport).await;
-            receive_latency.extend(pumped.receive_latencies);
             if sent.len() >= next_report {
                 next_report += (total_out / 10).max(1);
                 println!(
                     "  {:>3}% sent: {:>6} inbound handled, {:>6} outbound stored, {:>5} in flight",
                     sent.len() * 100 / total_out,
-                    receive_latency.len(),
+                    latency.receives(),
                     sent.len(),
-                    pumped.in_flight
+                    in_flight
                 );
             }
         }
@@ -658,7 +740,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     while step < MAX_STEPS {
         step += 1;
         let pumped = network.pump(&processor, &transport).await;
-        receive_latency.extend(pumped.receive_latencies);
+        latency.receive_loaded.extend(pumped.receive_latencies);
         retransmitted += processor.retransmit_due(&operator).await?.sent;
         clock.advance(STEP);
         let handed = sink.messages().values().filter(|&&n| n >= 1).count();
@@ -685,7 +767,6 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let elapsed = wall.elapsed();
-    let handled = receive_latency.len() + send_latency.len();
     println!(
         "\ntraffic settled: {} (after {} simulated seconds, {:.2} s of wall time; {} retransmissions)",
         if settled { "yes" } else { "NO" },
@@ -693,14 +774,30 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         elapsed.as_secs_f64(),
         retransmitted
     );
+    println!("throughput:");
     println!(
-        "throughput: {:.0} processor operations/s ({} receives incl. redeliveries, {} sends)",
-        handled as f64 / elapsed.as_secs_f64(),
-        receive_latency.len(),
-        send_latency.len()
+        "  end to end       {:>6.0} messages/s: {total_in} in and {total_out} out ({} receives with redeliveries) \
+         in {:.2} s of wall time,",
+        (total_in + total_out) as f64 / elapsed.as_secs_f64(),
+        latency.receives(),
+        elapsed.as_secs_f64(),
     );
-    report_latencies("receive (inbound)", receive_latency);
-    report_latencies("send (outbound)", send_latency);
+    for line in [
+        "which counts all this thread did besides the processor's calls: the simulated",
+        "consumers' own Signal work (encrypting each message, decrypting each device copy),",
+        "delivery reports, retransmissions and the simulation's bookkeeping",
+    ] {
+        println!("{:19}{line}", "");
+    }
+    if send_batch_calls > 0 {
+        println!(
+            "  processor sends  {:>6.0} calls/s: {send_batch_calls} send calls made up to {BATCH} at a time, \
+             in the {:.2} s those batches took",
+            send_batch_calls as f64 / send_batches.as_secs_f64(),
+            send_batches.as_secs_f64()
+        );
+    }
+    latency.report(BATCH, ALONE_EVERY);
     println!("\nfaults injected:");
     report_faults("network", &network.fault_stats().await);
     report_faults("business", &sink.fault_stats());
