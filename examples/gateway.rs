@@ -30,15 +30,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-use custodian::integrity::Category;
-use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::keys::{EpochLength, KeyKind, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError};
 use custodian::store::{
     FailureReason, MemoryStore, MessageRecord, SqliteConfig, SqliteStore, Status, Storage,
 };
+use custodian::signal::{PreKeyBundle, PublishedKeys};
 use custodian::testing::{Cause, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
 use custodian::vault::{OpenError, Vault};
 use custodian::visibility::{MemoryAuditSink, Verdict};
 
@@ -232,6 +233,42 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// What consumers wrote, and the Signal sessions they started doing so.
+#[derive(Default)]
+struct Writes {
+    /// Each message, with the business it was written to.
+    messages: BTreeSet<(BusinessId, Vec<u8>)>,
+    /// (consumer, device, business) with a session: the device wrote to
+    /// the business, or decrypted a message from it.
+    sessions: BTreeSet<(usize, u32, BusinessId)>,
+    /// Sessions the consumers' devices started (their first contacts).
+    started: usize,
+}
+
+impl Writes {
+    /// Consumer `i`'s `device` writes `text` to `b`.
+    async fn write(
+        &mut self,
+        network: &SimNetwork,
+        i: usize,
+        device: u32,
+        b: BusinessId,
+        text: String,
+    ) -> Result<(), String> {
+        if self.sessions.insert((i, device, b)) {
+            let heard = network.contents(&number(i), device).await;
+            if !heard.iter().any(|(from, _, _)| *from == b) {
+                self.started += 1;
+            }
+        }
+        network
+            .consumer_sends(&number(i), device, b, text.as_bytes())
+            .await?;
+        self.messages.insert((b, text.into_bytes()));
+        Ok(())
+    }
 }
 
 /// Latency samples of the processor's calls (see the traffic loop).
@@ -439,6 +476,119 @@ fn scan_store_files(path: &Path, traces: &Traces) -> Result<FileScan, std::io::E
     Ok(scan)
 }
 
+/// The gateway's link to the network, written as a host would write it for
+/// a key server that hands each one-time prekey out once and deletes it:
+/// a publish uploads only the one-time prekeys the server never had, so no
+/// key it handed out is offered again (a first message on a key used
+/// twice could not be decrypted). The processor's `publish_keys` hands it
+/// every key in its pool, those handed out but not yet used included.
+/// Everything else goes to the network as it is.
+struct KeyServerLink {
+    network: Arc<SimNetwork>,
+    uploaded: std::sync::Mutex<BTreeMap<BusinessId, Uploaded>>,
+}
+
+#[derive(Default)]
+struct Uploaded {
+    /// Every one-time prekey id uploaded.
+    ids: BTreeSet<u32>,
+    /// The identity and signed prekey last uploaded.
+    current: Option<([u8; 33], u32)>,
+    /// Publishes that uploaded something.
+    publishes: usize,
+}
+
+impl KeyServerLink {
+    fn uploaded(&self) -> std::sync::MutexGuard<'_, BTreeMap<BusinessId, Uploaded>> {
+        self.uploaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for KeyServerLink {
+    async fn devices(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+    ) -> Result<Vec<u32>, TransportError> {
+        self.network.devices(business, consumer).await
+    }
+
+    async fn fetch_bundle(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        self.network.fetch_bundle(business, consumer, device).await
+    }
+
+    async fn send(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError> {
+        self.network.send(business, consumer, device, message).await
+    }
+
+    async fn publish_keys(
+        &self,
+        business: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
+        let current = (keys.identity_key, keys.signed_prekey.id);
+        let mut fresh = keys.clone();
+        {
+            let uploaded = self.uploaded();
+            let before = uploaded.get(&business);
+            fresh
+                .one_time_prekeys
+                .retain(|k| before.is_none_or(|u| !u.ids.contains(&k.id)));
+            if fresh.one_time_prekeys.is_empty()
+                && before.is_some_and(|u| u.current == Some(current))
+            {
+                // Nothing the server does not have.
+                return Ok(());
+            }
+        }
+        self.network.publish_keys(business, &fresh).await?;
+        let mut uploaded = self.uploaded();
+        let entry = uploaded.entry(business).or_default();
+        entry
+            .ids
+            .extend(fresh.one_time_prekeys.iter().map(|k| k.id));
+        entry.current = Some(current);
+        entry.publishes += 1;
+        Ok(())
+    }
+
+    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
+        self.network.integrity_signals(report).await
+    }
+
+    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
+        self.network.billing(statement).await
+    }
+}
+
+/// Keep every business's Signal prekeys stocked and published, as a
+/// host's maintenance timer would (`publish_keys` refills the one-time
+/// pool below its low-water mark, rotates the signed prekey when due).
+async fn maintain_keys(
+    processor: &Processor,
+    owners: &BTreeMap<BusinessId, Principal>,
+) -> Result<(), String> {
+    for (&b, owner) in owners {
+        processor
+            .publish_keys(owner, b)
+            .await
+            .map_err(|e| format!("publishing the keys of business {b}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// What refused to open a sealed copy, in a word.
 fn open_error_kind(e: &OpenError) -> &'static str {
     match e {
@@ -546,11 +696,15 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         batch: 4096,
     };
     let receipt_timeout = delivery.receipt_timeout;
+    let link = Arc::new(KeyServerLink {
+        network: network.clone(),
+        uploaded: std::sync::Mutex::default(),
+    });
     let processor = Processor::new(
         Host {
             storage: storage.clone(),
             key_provider: Arc::new(LocalKeyProvider::new(&root)),
-            transport: network.clone(),
+            transport: link.clone(),
             business: sink.clone(),
             authorizer: Arc::new(authorizer),
             clock: Arc::new(clock.clone()),
@@ -611,8 +765,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut latency = Latencies::default();
     // Wall time spent in the batches of concurrent sends, and their calls.
     let (mut send_batches, mut send_batch_calls) = (Duration::ZERO, 0usize);
-    // What each consumer wrote, with the business it wrote to.
-    let mut written: BTreeSet<(BusinessId, Vec<u8>)> = BTreeSet::new();
+    let mut writes = Writes::default();
     let mut sent: Vec<(BusinessId, MessageId, usize)> = Vec::with_capacity(total_out);
     let mut next_report = total_out / 10;
     let (mut retried, mut answered_otherwise) = (0usize, 0usize);
@@ -666,10 +819,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             if alone {
                 for &i in chunk {
                     let (b, device, text) = message(i);
-                    network
-                        .consumer_sends(&number(i), device, b, text.as_bytes())
-                        .await?;
-                    written.insert((b, text.into_bytes()));
+                    writes.write(&network, i, device, b, text).await?;
                     // Only this message is due (unless the network lost,
                     // delayed or duplicated it).
                     let pumped = network.pump(&processor, &transport).await;
@@ -687,10 +837,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 for &i in chunk {
                     let (b, device, text) = message(i);
-                    network
-                        .consumer_sends(&number(i), device, b, text.as_bytes())
-                        .await?;
-                    written.insert((b, text.into_bytes()));
+                    writes.write(&network, i, device, b, text).await?;
                 }
                 let started = Instant::now();
                 results = join_all(chunk.iter().map(|&i| send(i)).collect()).await;
@@ -703,6 +850,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                 latency.receive_loaded.extend(pumped.receive_latencies);
                 in_flight = pumped.in_flight;
             }
+            // The businesses' keys are kept stocked as a host's timer would.
+            maintain_keys(&processor, &owners).await?;
             for (b, i, id, again, _) in results {
                 let id = id?;
                 if let Some(again) = again {
@@ -742,6 +891,9 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         let pumped = network.pump(&processor, &transport).await;
         latency.receive_loaded.extend(pumped.receive_latencies);
         retransmitted += processor.retransmit_due(&operator).await?.sent;
+        if step.is_multiple_of(6) {
+            maintain_keys(&processor, &owners).await?;
+        }
         clock.advance(STEP);
         let handed = sink.messages().values().filter(|&&n| n >= 1).count();
         // Settled: the processor was told the business took the final
@@ -820,8 +972,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let contents = sink.contents();
     let received: BTreeSet<(BusinessId, Vec<u8>)> =
         contents.iter().map(|(b, _, c)| (*b, c.clone())).collect();
-    let never = written.difference(&received).count();
-    let elsewhere = received.difference(&written).count();
+    let never = writes.messages.difference(&received).count();
+    let elsewhere = received.difference(&writes.messages).count();
     let twice = copies.values().filter(|c| c.handed > 1).count();
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
@@ -831,7 +983,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         "\ninbound: {} of {} messages reached their business, under {} ids in all; \
          reached another business: {elsewhere}; handed over more than once: {twice}; \
          extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
-        written.len() - never,
+        writes.messages.len() - never,
         total_in,
         contents.len()
     );
@@ -921,6 +1073,35 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             "{answered_otherwise} sends made again under their idempotency key were answered with another id"
         ));
     }
+
+    // One-time prekeys: each uploaded one no longer in the store was taken
+    // by the first message of a session a consumer started.
+    let uploaded: Vec<(BusinessId, BTreeSet<u32>, usize)> = link
+        .uploaded()
+        .iter()
+        .map(|(b, u)| (*b, u.ids.clone(), u.publishes))
+        .collect();
+    let (mut published, mut uploads, mut used) = (0usize, 0usize, 0usize);
+    for (b, ids, publishes) in uploaded {
+        let mut live = BTreeSet::new();
+        let mut after = None;
+        loop {
+            let page = storage
+                .keys_of_kind(b, KeyKind::SignalPreKey, after, 1024)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.id);
+            live.extend(page.iter().map(|k| k.id.id));
+        }
+        published += ids.len();
+        uploads += publishes;
+        used += ids.iter().filter(|&&id| !live.contains(&u64::from(id))).count();
+    }
+    println!(
+        "one-time prekeys: {published} published in {uploads} uploads (keys kept stocked after every batch \
+         and every simulated minute); {used} of the {} sessions consumers started took one",
+        writes.started
+    );
 
     // Retention: past 30 days nothing is readable, and nothing that
     // identifies a consumer is left in the store or its files.
