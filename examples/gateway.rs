@@ -14,7 +14,11 @@
 //! missing on a device or sent again after it was reported delivered, a
 //! message without a final delivered status, or, after the sweep, any
 //! message, consumer or Signal record left in the store, any sealed copy
-//! still readable, any phone number in clear in the store's files.
+//! still readable (or refused for any reason but its destroyed epoch key),
+//! any consumer's phone hash or message's sealed bytes left in the store's
+//! files, any phone number in clear there. Before the sweep it shows the
+//! copies open and the scan finds the hashes and sealed bytes, so that
+//! their absence afterwards is retention's doing.
 //!
 //! ```sh
 //! cargo run --release --example gateway -- --help
@@ -26,16 +30,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-use custodian::integrity::Category;
-use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::keys::{EpochLength, KeyKind, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError};
+use custodian::signal::{PreKeyBundle, PublishedKeys};
 use custodian::store::{
     FailureReason, MemoryStore, MessageRecord, SqliteConfig, SqliteStore, Status, Storage,
 };
 use custodian::testing::{Cause, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::vault::Vault;
+use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
+use custodian::vault::{OpenError, Vault};
 use custodian::visibility::{MemoryAuditSink, Verdict};
 
 struct Options {
@@ -53,7 +58,8 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
                [--faults none|moderate|heavy] [--seed N]
                [--store PATH [--root-key FILE] | --memory]
 
-  --businesses N    businesses (default 3)
+  --businesses N    businesses (default 3; at most 10000, and no more than
+                    --consumers: each business needs a consumer to write to)
   --consumers N     consumers, each with 1-3 devices (default 2000)
   --messages N      messages each consumer sends, and each receives (default 2)
   --faults KIND     network and business-endpoint faults (default moderate):
@@ -72,6 +78,12 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
                     (default: a fresh key, forgotten at exit)
   --memory          keep everything in memory instead of SQLite
   -h, --help        this text";
+
+/// The most businesses a run takes (`--businesses`).
+const MAX_BUSINESSES: u64 = 10_000;
+
+/// Business `n` (from 1) of the run is `BusinessId` `FIRST_BUSINESS + n`.
+const FIRST_BUSINESS: u64 = 1000;
 
 enum Parsed {
     Run(Options),
@@ -116,6 +128,17 @@ fn options() -> Result<Parsed, String> {
     }
     if o.consumers > 100_000 {
         return Err("--consumers: at most 100000 (numbers come from one range)".into());
+    }
+    if o.businesses > MAX_BUSINESSES {
+        return Err(format!(
+            "--businesses: at most {MAX_BUSINESSES} (each publishes its keys before any traffic)"
+        ));
+    }
+    if o.businesses > o.consumers as u64 {
+        return Err(format!(
+            "--businesses: at most --consumers ({}): a business with no consumer gets no traffic",
+            o.consumers
+        ));
     }
     if o.memory && o.store.is_some() {
         return Err("--store and --memory exclude each other".into());
@@ -212,16 +235,84 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn report_latencies(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "  {name:<22} n={:<6} p50 {:>7.1} µs   p90 {:>7.1} µs   p99 {:>7.1} µs   max {:>8.1} µs",
-        samples.len(),
-        percentile(&samples, 0.50).as_secs_f64() * 1e6,
-        percentile(&samples, 0.90).as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6,
-        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e6,
-    );
+/// What consumers wrote, and the Signal sessions they started doing so.
+#[derive(Default)]
+struct Writes {
+    /// Each message, with the business it was written to.
+    messages: BTreeSet<(BusinessId, Vec<u8>)>,
+    /// (consumer, device, business) with a session: the device wrote to
+    /// the business, or decrypted a message from it.
+    sessions: BTreeSet<(usize, u32, BusinessId)>,
+    /// Sessions the consumers' devices started (their first contacts).
+    started: usize,
+}
+
+impl Writes {
+    /// Consumer `i`'s `device` writes `text` to `b`.
+    async fn write(
+        &mut self,
+        network: &SimNetwork,
+        i: usize,
+        device: u32,
+        b: BusinessId,
+        text: String,
+    ) -> Result<(), String> {
+        if self.sessions.insert((i, device, b)) {
+            let heard = network.contents(&number(i), device).await;
+            if !heard.iter().any(|(from, _, _)| *from == b) {
+                self.started += 1;
+            }
+        }
+        network
+            .consumer_sends(&number(i), device, b, text.as_bytes())
+            .await?;
+        self.messages.insert((b, text.into_bytes()));
+        Ok(())
+    }
+}
+
+/// Latency samples of the processor's calls (see the traffic loop).
+#[derive(Default)]
+struct Latencies {
+    /// Calls made with nothing else in flight.
+    receive_alone: Vec<Duration>,
+    send_alone: Vec<Duration>,
+    /// Calls made with others at once on this thread.
+    receive_loaded: Vec<Duration>,
+    send_loaded: Vec<Duration>,
+}
+
+impl Latencies {
+    fn receives(&self) -> usize {
+        self.receive_alone.len() + self.receive_loaded.len()
+    }
+
+    fn report(self, batch: usize, alone_every: usize) {
+        let line = |name: &str, mut samples: Vec<Duration>| {
+            samples.sort();
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "  {name:<18} n={:<6} p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms   max {:>8.3} ms",
+                samples.len(),
+                ms(percentile(&samples, 0.50)),
+                ms(percentile(&samples, 0.90)),
+                ms(percentile(&samples, 0.99)),
+                ms(samples.last().copied().unwrap_or_default()),
+            );
+        };
+        println!(
+            "latency of one processor call with nothing else in flight \
+             (every {alone_every}th batch of consumers, driven one at a time):"
+        );
+        line("receive (inbound)", self.receive_alone);
+        line("send (outbound)", self.send_alone);
+        println!(
+            "latency under load, up to {batch} calls at once on this one thread \
+             (each figure includes the other calls' work):"
+        );
+        line("receive (inbound)", self.receive_loaded);
+        line("send (outbound)", self.send_loaded);
+    }
 }
 
 fn report_faults(name: &str, stats: &BTreeMap<Leg, LegStats>) {
@@ -289,26 +380,227 @@ fn number(i: usize) -> PhoneNumber {
 /// clear in a file.
 const NUMBER_PREFIX: &[u8] = b"4477009";
 
-/// How many times any simulated number appears in clear in the files of the
-/// SQLite store at `path` (the database, its log and shared memory).
-fn numbers_in_clear(path: &Path) -> Result<(u64, usize), std::io::Error> {
-    let (mut bytes, mut hits) = (0u64, 0usize);
+/// What retention has to remove from the store's files, as stored: each
+/// consumer's keyed phone hash (per business: what messages, Signal
+/// records and the phone index are keyed by) and, for each stored message,
+/// the last 16 bytes of its sealed envelope (its authentication tag).
+struct Traces {
+    /// Pattern → (is a phone hash, its index among those of its kind).
+    patterns: foldhash::HashMap<u128, (bool, usize)>,
+    phones: usize,
+    sealed: usize,
+}
+
+impl Traces {
+    const LEN: usize = 16;
+
+    fn new(records: &[MessageRecord]) -> Self {
+        let mut patterns = foldhash::HashMap::default();
+        let mut phones = 0;
+        for record in records {
+            let key = u128::from_le_bytes(*record.phone.as_bytes());
+            patterns.entry(key).or_insert_with(|| {
+                phones += 1;
+                (true, phones - 1)
+            });
+        }
+        let mut sealed = 0;
+        for record in records {
+            let Some(tail) = record.sealed.last_chunk::<{ Self::LEN }>() else {
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) =
+                patterns.entry(u128::from_le_bytes(*tail))
+            {
+                e.insert((false, sealed));
+                sealed += 1;
+            }
+        }
+        Self {
+            patterns,
+            phones,
+            sealed,
+        }
+    }
+}
+
+/// What a scan of the store's files found.
+#[derive(Default)]
+struct FileScan {
+    bytes: u64,
+    /// Simulated numbers in clear (never stored so: a leak guard).
+    numbers_in_clear: usize,
+    /// Occurrences of phone hashes, and how many distinct ones.
+    phone_hits: usize,
+    phones_found: usize,
+    /// Occurrences of sealed-envelope tails, and of how many messages.
+    sealed_hits: usize,
+    sealed_found: usize,
+}
+
+/// Scan the files of the SQLite store at `path` (the database, its log
+/// and shared memory) for simulated numbers in clear and for `traces`.
+fn scan_store_files(path: &Path, traces: &Traces) -> Result<FileScan, std::io::Error> {
+    let mut scan = FileScan::default();
+    let mut phones = vec![false; traces.phones];
+    let mut sealed = vec![false; traces.sealed];
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);
-        match std::fs::read(&file) {
-            Ok(data) => {
-                bytes += data.len() as u64;
-                hits += data
-                    .windows(NUMBER_PREFIX.len())
-                    .filter(|w| *w == NUMBER_PREFIX)
-                    .count();
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let data = match std::fs::read(&file) {
+            Ok(data) => data,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
+        };
+        scan.bytes += data.len() as u64;
+        scan.numbers_in_clear += data
+            .windows(NUMBER_PREFIX.len())
+            .filter(|w| *w == NUMBER_PREFIX)
+            .count();
+        for window in data.array_windows::<{ Traces::LEN }>() {
+            match traces.patterns.get(&u128::from_le_bytes(*window)) {
+                Some(&(true, i)) => {
+                    scan.phone_hits += 1;
+                    phones[i] = true;
+                }
+                Some(&(false, i)) => {
+                    scan.sealed_hits += 1;
+                    sealed[i] = true;
+                }
+                None => {}
+            }
         }
     }
-    Ok((bytes, hits))
+    scan.phones_found = phones.iter().filter(|&&f| f).count();
+    scan.sealed_found = sealed.iter().filter(|&&f| f).count();
+    Ok(scan)
+}
+
+/// The gateway's link to the network, written as a host would write it for
+/// a key server that hands each one-time prekey out once and deletes it:
+/// a publish uploads only the one-time prekeys the server never had, so no
+/// key it handed out is offered again (a first message on a key used
+/// twice could not be decrypted). The processor's `publish_keys` hands it
+/// every key in its pool, those handed out but not yet used included.
+/// Everything else goes to the network as it is.
+struct KeyServerLink {
+    network: Arc<SimNetwork>,
+    uploaded: std::sync::Mutex<BTreeMap<BusinessId, Uploaded>>,
+}
+
+#[derive(Default)]
+struct Uploaded {
+    /// Every one-time prekey id uploaded.
+    ids: BTreeSet<u32>,
+    /// The identity and signed prekey last uploaded.
+    current: Option<([u8; 33], u32)>,
+    /// Publishes that uploaded something.
+    publishes: usize,
+}
+
+impl KeyServerLink {
+    fn uploaded(&self) -> std::sync::MutexGuard<'_, BTreeMap<BusinessId, Uploaded>> {
+        self.uploaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for KeyServerLink {
+    async fn devices(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+    ) -> Result<Vec<u32>, TransportError> {
+        self.network.devices(business, consumer).await
+    }
+
+    async fn fetch_bundle(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        self.network.fetch_bundle(business, consumer, device).await
+    }
+
+    async fn send(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Outgoing,
+    ) -> Result<(), TransportError> {
+        self.network.send(business, consumer, device, message).await
+    }
+
+    async fn publish_keys(
+        &self,
+        business: BusinessId,
+        keys: &PublishedKeys,
+    ) -> Result<(), TransportError> {
+        let current = (keys.identity_key, keys.signed_prekey.id);
+        let mut fresh = keys.clone();
+        {
+            let uploaded = self.uploaded();
+            let before = uploaded.get(&business);
+            fresh
+                .one_time_prekeys
+                .retain(|k| before.is_none_or(|u| !u.ids.contains(&k.id)));
+            if fresh.one_time_prekeys.is_empty()
+                && before.is_some_and(|u| u.current == Some(current))
+            {
+                // Nothing the server does not have.
+                return Ok(());
+            }
+        }
+        self.network.publish_keys(business, &fresh).await?;
+        let mut uploaded = self.uploaded();
+        let entry = uploaded.entry(business).or_default();
+        entry
+            .ids
+            .extend(fresh.one_time_prekeys.iter().map(|k| k.id));
+        entry.current = Some(current);
+        entry.publishes += 1;
+        Ok(())
+    }
+
+    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
+        self.network.integrity_signals(report).await
+    }
+
+    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
+        self.network.billing(statement).await
+    }
+}
+
+/// Keep every business's Signal prekeys stocked and published, as a
+/// host's maintenance timer would (`publish_keys` refills the one-time
+/// pool below its low-water mark, rotates the signed prekey when due).
+async fn maintain_keys(
+    processor: &Processor,
+    owners: &BTreeMap<BusinessId, Principal>,
+) -> Result<(), String> {
+    for (&b, owner) in owners {
+        processor
+            .publish_keys(owner, b)
+            .await
+            .map_err(|e| format!("publishing the keys of business {b}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// What refused to open a sealed copy, in a word.
+fn open_error_kind(e: &OpenError) -> &'static str {
+    match e {
+        OpenError::Malformed(_) => "malformed",
+        OpenError::WrongBusiness => "another business's",
+        OpenError::Expired { .. } => "expired",
+        OpenError::EpochDestroyed => "epoch key destroyed",
+        OpenError::UnknownEpoch => "no key for its epoch",
+        OpenError::Decrypt => "did not decrypt",
+        OpenError::Key(_) => "key hierarchy failed",
+        _ => "another error",
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -382,9 +674,14 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let audit = Arc::new(MemoryAuditSink::new());
     let transport = Principal::new("transport");
     let operator = Principal::new("operator");
-    let businesses: Vec<BusinessId> = (1..=o.businesses)
-        .filter_map(|b| BusinessId::new(1000 + b))
-        .collect();
+    let businesses = (1..=o.businesses)
+        .map(|b| {
+            FIRST_BUSINESS
+                .checked_add(b)
+                .and_then(BusinessId::new)
+                .ok_or_else(|| format!("business {b} has no id"))
+        })
+        .collect::<Result<Vec<BusinessId>, String>>()?;
     let mut authorizer = StaticAuthorizer::new().operator(&operator);
     let mut owners = BTreeMap::new();
     for &b in &businesses {
@@ -399,11 +696,15 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         batch: 4096,
     };
     let receipt_timeout = delivery.receipt_timeout;
+    let link = Arc::new(KeyServerLink {
+        network: network.clone(),
+        uploaded: std::sync::Mutex::default(),
+    });
     let processor = Processor::new(
         Host {
             storage: storage.clone(),
             key_provider: Arc::new(LocalKeyProvider::new(&root)),
-            transport: network.clone(),
+            transport: link.clone(),
             business: sink.clone(),
             authorizer: Arc::new(authorizer),
             clock: Arc::new(clock.clone()),
@@ -446,33 +747,49 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         devices_total
     );
 
-    // Traffic: every consumer writes, every consumer is written to.
+    // Traffic: every consumer writes, every consumer is written to, in
+    // batches of consumers. Latency is sampled two ways. Every
+    // `ALONE_EVERY`th batch is driven one consumer at a time: each message
+    // is received with nothing else in flight and each business's send is
+    // made alone, so a figure is one processor call's own time, its store
+    // writes included. The other batches make up to `BATCH` calls at once
+    // on this one thread, as a loaded gateway would: a figure there runs
+    // from the batch's start (a send) or the call's first poll (a receive,
+    // timed by the simulated network) to the call's end, and includes the
+    // other calls' work.
+    const BATCH: usize = 64;
+    const ALONE_EVERY: usize = 8;
     let total_in = o.consumers * o.messages;
     let total_out = o.consumers * o.messages;
     let wall = Instant::now();
-    let mut send_latency = Vec::with_capacity(total_out);
-    let mut receive_latency = Vec::with_capacity(total_in);
-    let mut written: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut latency = Latencies::default();
+    // Wall time spent in the batches of concurrent sends, and their calls.
+    let (mut send_batches, mut send_batch_calls) = (Duration::ZERO, 0usize);
+    let mut writes = Writes::default();
     let mut sent: Vec<(BusinessId, MessageId, usize)> = Vec::with_capacity(total_out);
     let mut next_report = total_out / 10;
     let (mut retried, mut answered_otherwise) = (0usize, 0usize);
+    let mut batch = 0usize;
     for round in 0..o.messages {
         let consumers: Vec<usize> = (0..o.consumers).collect();
-        for chunk in consumers.chunks(64) {
-            for &i in chunk {
+        for chunk in consumers.chunks(BATCH) {
+            let alone = batch.is_multiple_of(ALONE_EVERY);
+            batch += 1;
+            let message = |i: usize| {
                 let b = businesses[(i + round) % businesses.len()];
                 let device = (i as u32 + round as u32) % (1 + (i % 3) as u32);
-                let text = format!("consumer {i} message {round}: where is my order?");
-                network
-                    .consumer_sends(&number(i), device, b, text.as_bytes())
-                    .await?;
-                written.insert(text.into_bytes());
-            }
-            // Businesses send concurrently, as a gateway's API handlers
-            // would, each message named by an idempotency key. One request
-            // in eight is made again by its business, as after a timeout:
-            // it must be answered with the first id, and send nothing.
-            let sends = chunk.iter().map(|&i| {
+                (
+                    b,
+                    device,
+                    format!("consumer {i} message {round}: where is my order?"),
+                )
+            };
+            // Businesses send as a gateway's API handlers would, each
+            // message named by an idempotency key. One request in eight is
+            // made again by its business, as after a timeout: it must be
+            // answered with the first id, and send nothing. Each call
+            // returns when its first send ended.
+            let send = |i: usize| {
                 let b = businesses[(i + round + 1) % businesses.len()];
                 let owner = &owners[&b];
                 let processor = &processor;
@@ -485,11 +802,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                             .into(),
                         category: Category::Utility,
                     };
-                    let t = Instant::now();
                     let id = processor
                         .send_idempotent(owner, b, key.as_bytes(), reply())
                         .await;
-                    let took = t.elapsed();
+                    let ended = Instant::now();
                     let again = if (i + round).is_multiple_of(8) {
                         Some(
                             processor
@@ -499,11 +815,49 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     } else {
                         None
                     };
-                    (b, i, id, again, took)
+                    (b, i, id, again, ended)
                 }
-            });
-            for (b, i, id, again, took) in join_all(sends.collect()).await {
-                send_latency.push(took);
+            };
+            let mut results = Vec::with_capacity(chunk.len());
+            let in_flight;
+            if alone {
+                for &i in chunk {
+                    let (b, device, text) = message(i);
+                    writes.write(&network, i, device, b, text).await?;
+                    // Only this message is due (unless the network lost,
+                    // delayed or duplicated it).
+                    let pumped = network.pump(&processor, &transport).await;
+                    if pumped.receive_latencies.len() == 1 {
+                        latency.receive_alone.extend(pumped.receive_latencies);
+                    } else {
+                        latency.receive_loaded.extend(pumped.receive_latencies);
+                    }
+                    let started = Instant::now();
+                    let result = send(i).await;
+                    latency.send_alone.push(result.4 - started);
+                    results.push(result);
+                }
+                in_flight = network.in_flight().await;
+            } else {
+                for &i in chunk {
+                    let (b, device, text) = message(i);
+                    writes.write(&network, i, device, b, text).await?;
+                }
+                let started = Instant::now();
+                results = join_all(chunk.iter().map(|&i| send(i)).collect()).await;
+                send_batches += started.elapsed();
+                send_batch_calls +=
+                    results.len() + results.iter().filter(|r| r.3.is_some()).count();
+                latency
+                    .send_loaded
+                    .extend(results.iter().map(|r| r.4 - started));
+                let pumped = network.pump(&processor, &transport).await;
+                latency.receive_loaded.extend(pumped.receive_latencies);
+                in_flight = pumped.in_flight;
+            }
+            // The businesses' keys are kept stocked as a host's timer would.
+            maintain_keys(&processor, &owners).await?;
+            for (b, i, id, again, _) in results {
                 let id = id?;
                 if let Some(again) = again {
                     retried += 1;
@@ -513,16 +867,14 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 sent.push((b, id, i));
             }
-            let pumped = network.pump(&processor, &transport).await;
-            receive_latency.extend(pumped.receive_latencies);
             if sent.len() >= next_report {
                 next_report += (total_out / 10).max(1);
                 println!(
                     "  {:>3}% sent: {:>6} inbound handled, {:>6} outbound stored, {:>5} in flight",
                     sent.len() * 100 / total_out,
-                    receive_latency.len(),
+                    latency.receives(),
                     sent.len(),
-                    pumped.in_flight
+                    in_flight
                 );
             }
         }
@@ -542,8 +894,11 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     while step < MAX_STEPS {
         step += 1;
         let pumped = network.pump(&processor, &transport).await;
-        receive_latency.extend(pumped.receive_latencies);
+        latency.receive_loaded.extend(pumped.receive_latencies);
         retransmitted += processor.retransmit_due(&operator).await?.sent;
+        if step.is_multiple_of(6) {
+            maintain_keys(&processor, &owners).await?;
+        }
         clock.advance(STEP);
         let handed = sink.messages().values().filter(|&&n| n >= 1).count();
         // Settled: the processor was told the business took the final
@@ -569,7 +924,6 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let elapsed = wall.elapsed();
-    let handled = receive_latency.len() + send_latency.len();
     println!(
         "\ntraffic settled: {} (after {} simulated seconds, {:.2} s of wall time; {} retransmissions)",
         if settled { "yes" } else { "NO" },
@@ -577,14 +931,31 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         elapsed.as_secs_f64(),
         retransmitted
     );
+    println!("throughput:");
     println!(
-        "throughput: {:.0} processor operations/s ({} receives incl. redeliveries, {} sends)",
-        handled as f64 / elapsed.as_secs_f64(),
-        receive_latency.len(),
-        send_latency.len()
+        "  end to end       {:>6.0} messages/s: {total_in} in and {total_out} out ({} receives with redeliveries) \
+         in {:.2} s of wall time,",
+        (total_in + total_out) as f64 / elapsed.as_secs_f64(),
+        latency.receives(),
+        elapsed.as_secs_f64(),
     );
-    report_latencies("receive (inbound)", receive_latency);
-    report_latencies("send (outbound)", send_latency);
+    for line in [
+        "which counts all this thread did besides the processor's calls: the simulated",
+        "consumers' own Signal work (encrypting each message, decrypting each device copy),",
+        "delivery reports, retransmissions and the simulation's bookkeeping",
+    ] {
+        println!("{:19}{line}", "");
+    }
+    if send_batch_calls > 0 {
+        println!(
+            "  processor sends  {:>6.0} calls/s: {send_batch_calls} send calls made up to {BATCH} at a time, \
+             in the {:.2} s those batches took\n{:19}(the simulated network's side of their calls included)",
+            send_batch_calls as f64 / send_batches.as_secs_f64(),
+            send_batches.as_secs_f64(),
+            ""
+        );
+    }
+    latency.report(BATCH, ALONE_EVERY);
     println!("\nfaults injected:");
     report_faults("network", &network.fault_stats().await);
     report_faults("business", &sink.fault_stats());
@@ -597,31 +968,39 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    // Inbound: every consumer message handed to its business exactly once.
-    // The business sees extra copies when a reply was lost (the processor
-    // was told it failed and tried again) or when the injector duplicated
-    // a delivery; a business drops those by id. What the processor must
-    // never do is hand over again what the business already took.
+    // Inbound: every consumer message handed to its business exactly once,
+    // and to no other business. The business sees extra copies when a
+    // reply was lost (the processor was told it failed and tried again) or
+    // when the injector duplicated a delivery; a business drops those by
+    // id. What the processor must never do is hand over again what the
+    // business already took.
     let copies = sink.copies();
     let contents = sink.contents();
-    let received: BTreeSet<Vec<u8>> = contents.iter().map(|(_, _, c)| c.clone()).collect();
-    let never = written.difference(&received).count();
+    let received: BTreeSet<(BusinessId, Vec<u8>)> =
+        contents.iter().map(|(b, _, c)| (*b, c.clone())).collect();
+    let never = writes.messages.difference(&received).count();
+    let elsewhere = received.difference(&writes.messages).count();
     let twice = copies.values().filter(|c| c.handed > 1).count();
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
         .values()
         .fold((0, 0), |(r, i), c| (r + c.reply_lost, i + c.injected));
     println!(
-        "\ninbound: {} of {} messages reached the businesses under {} ids; \
-         handed over more than once: {twice}; extra copies from lost replies: {lost_replies}, \
-         from injected duplicates: {injected}",
-        received.len(),
+        "\ninbound: {} of {} messages reached their business, under {} ids in all; \
+         reached another business: {elsewhere}; handed over more than once: {twice}; \
+         extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
+        writes.messages.len() - never,
         total_in,
         contents.len()
     );
     if never > 0 {
         broken.push(format!(
             "{never} consumer messages never reached their business"
+        ));
+    }
+    if elsewhere > 0 {
+        broken.push(format!(
+            "{elsewhere} messages reached a business their consumer did not write to"
         ));
     }
     if contents.len() != received.len() {
@@ -701,7 +1080,40 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    // Retention: past 30 days nothing is readable and no number remains.
+    // One-time prekeys: each uploaded one no longer in the store was taken
+    // by the first message of a session a consumer started.
+    let uploaded: Vec<(BusinessId, BTreeSet<u32>, usize)> = link
+        .uploaded()
+        .iter()
+        .map(|(b, u)| (*b, u.ids.clone(), u.publishes))
+        .collect();
+    let (mut published, mut uploads, mut used) = (0usize, 0usize, 0usize);
+    for (b, ids, publishes) in uploaded {
+        let mut live = BTreeSet::new();
+        let mut after = None;
+        loop {
+            let page = storage
+                .keys_of_kind(b, KeyKind::SignalPreKey, after, 1024)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.id);
+            live.extend(page.iter().map(|k| k.id.id));
+        }
+        published += ids.len();
+        uploads += publishes;
+        used += ids
+            .iter()
+            .filter(|&&id| !live.contains(&u64::from(id)))
+            .count();
+    }
+    println!(
+        "one-time prekeys: {published} published in {uploads} uploads (kept stocked after every batch \
+         and every simulated minute);\n  {used} of the {} sessions consumers started took one",
+        writes.started
+    );
+
+    // Retention: past 30 days nothing is readable, and nothing that
+    // identifies a consumer is left in the store or its files.
     let census = processor.census(&operator).await?;
     if census.messages != (total_in + total_out) as u64 {
         broken.push(format!(
@@ -722,6 +1134,69 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             samples.push(record);
         }
     }
+    if samples.is_empty() {
+        broken.push("no sealed message was copied before the sweep to try".into());
+    }
+    // Whoever holds the copies, the root key and the store, with the clock
+    // set back: a vault made afresh each time, so that no epoch key it
+    // opened before the sweep is still in its memory after.
+    let backup = || {
+        Vault::new(
+            Arc::new(KeyManager::new(
+                Arc::new(LocalKeyProvider::new(&root)),
+                storage.clone(),
+            )),
+            Arc::new(ManualClock::new(start)),
+            EpochLength::DEFAULT,
+        )
+    };
+    // Positive controls: before the sweep the copies open, and the scan
+    // finds the consumers' phone hashes and the sealed bytes in the files.
+    let vault = backup();
+    let mut refused: BTreeMap<&str, usize> = BTreeMap::new();
+    for record in &samples {
+        if let Err(e) = vault.open(&record.sealed, record.business).await {
+            *refused.entry(open_error_kind(&e)).or_default() += 1;
+        }
+    }
+    let refused_before: usize = refused.values().sum();
+    println!(
+        "before the sweep: {} of {} sealed messages copied from the store open with the root key",
+        samples.len() - refused_before,
+        samples.len()
+    );
+    if refused_before > 0 {
+        broken.push(format!(
+            "{refused_before} sealed copies did not open before the sweep ({refused:?}): \
+             their refusal after it would prove nothing"
+        ));
+    }
+    let traces = Traces::new(&samples);
+    let describe = |scan: &FileScan| {
+        format!(
+            "{} bytes; phone hashes {} times ({} of the {} consumers' hashes), \
+             sealed bytes of {} of {} messages; phone numbers in clear: {}",
+            scan.bytes,
+            scan.phone_hits,
+            scan.phones_found,
+            traces.phones,
+            scan.sealed_found,
+            traces.sealed,
+            scan.numbers_in_clear
+        )
+    };
+    if let Some(path) = &path {
+        let scan = scan_store_files(path, &traces)?;
+        println!("before the sweep, store files: {}", describe(&scan));
+        if scan.phone_hits == 0 || scan.sealed_found == 0 {
+            broken.push(
+                "before the sweep the scan found no phone hash or no sealed bytes in the store's \
+                 files: finding none after it would prove nothing"
+                    .into(),
+            );
+        }
+    }
+
     clock.advance(Duration::from_secs(31 * 24 * 3600));
     let sweep = processor.sweep(&operator).await?;
     println!(
@@ -758,50 +1233,63 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             "{still_found} business messages still found after retention"
         ));
     }
-    // Even copies of the sealed bytes (a backup) stay unreadable, with the
-    // root key in hand and the clock set back: their epoch keys are gone.
-    let restored = Vault::new(
-        Arc::new(KeyManager::new(
-            Arc::new(LocalKeyProvider::new(&root)),
-            storage.clone(),
-        )),
-        Arc::new(ManualClock::new(start)),
-        EpochLength::DEFAULT,
-    );
-    let mut unreadable = 0;
+    // The same copies, now: each must be refused because its epoch key is
+    // gone (or, were the clock not set back, because it expired). Any other
+    // refusal is not retention's doing, and fails the run.
+    let vault = backup();
+    let (mut gone, mut still_open) = (BTreeMap::<&str, usize>::new(), 0usize);
+    let mut otherwise: BTreeMap<&str, usize> = BTreeMap::new();
     for record in &samples {
-        if restored
-            .open(&record.sealed, record.business)
-            .await
-            .is_err()
-        {
-            unreadable += 1;
+        match vault.open(&record.sealed, record.business).await {
+            Ok(_) => still_open += 1,
+            Err(
+                e @ (OpenError::EpochDestroyed
+                | OpenError::UnknownEpoch
+                | OpenError::Expired { .. }),
+            ) => *gone.entry(open_error_kind(&e)).or_default() += 1,
+            Err(e) => *otherwise.entry(open_error_kind(&e)).or_default() += 1,
         }
     }
+    let why = gone
+        .iter()
+        .map(|(kind, n)| format!("{kind}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     println!(
-        "{unreadable} of {} sealed messages copied before the sweep refuse to open with the root key and an old clock",
+        "after the sweep: {} of {} sealed copies refuse to open with the root key and an old clock{}",
+        gone.values().sum::<usize>(),
         samples.len(),
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({why})")
+        }
     );
-    if samples.is_empty() {
-        broken.push("no sealed message was copied before the sweep to try".into());
-    }
-    if unreadable != samples.len() {
+    if still_open > 0 {
         broken.push(format!(
-            "{} sealed copies still open after retention",
-            samples.len() - unreadable
+            "{still_open} sealed copies still open after retention"
+        ));
+    }
+    if !otherwise.is_empty() {
+        broken.push(format!(
+            "{} sealed copies were refused after the sweep for a reason other than a destroyed \
+             epoch key: {otherwise:?}",
+            otherwise.values().sum::<usize>()
         ));
     }
     match &path {
         Some(path) => {
-            let (bytes, hits) = numbers_in_clear(path)?;
-            println!("store files: {bytes} bytes, phone numbers in clear: {hits}");
-            if hits > 0 {
+            let scan = scan_store_files(path, &traces)?;
+            println!("after the sweep, store files: {}", describe(&scan));
+            if scan.phone_hits > 0 || scan.sealed_hits > 0 || scan.numbers_in_clear > 0 {
                 broken.push(format!(
-                    "{hits} phone numbers in clear in the store's files"
+                    "after the sweep the store's files still hold {} phone hashes, the sealed \
+                     bytes of {} messages and {} phone numbers in clear",
+                    scan.phone_hits, scan.sealed_found, scan.numbers_in_clear
                 ));
             }
         }
-        None => println!("store files: none to scan for phone numbers (--memory)"),
+        None => println!("store files: none to scan (--memory)"),
     }
 
     // The audit trail.
