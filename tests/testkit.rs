@@ -1025,6 +1025,37 @@ async fn only_a_message_that_starts_a_session_takes_a_one_time_prekey() {
     assert_eq!(d.business.contents().len(), 5);
 }
 
+/// A one-time prekey the network handed out is not handed out again when
+/// the business publishes its keys anew while the first device's message
+/// is still on its way (the processor has not seen the key used): the
+/// second device gets another, and both first messages arrive.
+#[tokio::test]
+async fn a_republished_key_list_hands_out_no_key_twice() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 6).await;
+    let pool = d.network.one_time_prekeys_left(business()).await;
+    d.network.add_consumer(&number(1), 2).await;
+    d.network
+        .consumer_sends(&number(1), 0, business(), b"first device")
+        .await
+        .unwrap();
+    d.processor
+        .publish_keys(&d.owner, business())
+        .await
+        .unwrap();
+    assert_eq!(d.network.one_time_prekeys_left(business()).await, pool - 1);
+    d.network
+        .consumer_sends(&number(1), 1, business(), b"second device")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    let mut contents: Vec<Vec<u8>> = d.business.contents().into_iter().map(|c| c.2).collect();
+    contents.sort();
+    assert_eq!(
+        contents,
+        [b"first device".to_vec(), b"second device".to_vec()]
+    );
+}
+
 /// A call carries no message, refused or not; a decision refused by an
 /// outage carries none either; and the copies of a run's decisions add up
 /// to its statistics.

@@ -98,10 +98,15 @@ struct Consumer {
     contents: BTreeMap<u32, Vec<(BusinessId, MessageId, Vec<u8>)>>,
 }
 
+/// A one-time prekey the network handed out: its id and public key.
+type HandedOut = (u32, [u8; 33]);
+
 struct Net {
     consumers: BTreeMap<String, Consumer>,
-    /// Each business's keys, and the next one-time prekey to hand out.
-    published: BTreeMap<BusinessId, (PublishedKeys, usize)>,
+    /// Each business's last published keys, and the one-time prekeys
+    /// handed out (id and public key) since the first: each goes to one
+    /// device only, whatever is published again.
+    published: BTreeMap<BusinessId, (PublishedKeys, BTreeSet<HandedOut>)>,
     to_processor: Vec<InFlight<ToProcessor>>,
     /// Consumer messages the processor has not acknowledged, by number,
     /// with whether a delivery attempt is scheduled. One per message, as
@@ -320,7 +325,7 @@ impl SimNetwork {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
         let net = &mut *net;
-        let (keys, next) = net
+        let (keys, handed_out) = net
             .published
             .get_mut(&business)
             .ok_or("the business has published no keys")?;
@@ -332,8 +337,13 @@ impl SimNetwork {
         if !handset.has_session(business) {
             // The device fetches a bundle, and the server hands out each
             // one-time prekey once, in order, while any is left.
-            let index = (*next < keys.one_time_prekeys.len()).then_some(*next);
-            *next += usize::from(index.is_some());
+            let index = keys
+                .one_time_prekeys
+                .iter()
+                .position(|k| !handed_out.contains(&(k.id, k.public_key)));
+            if let Some(key) = index.and_then(|i| keys.one_time_prekeys.get(i)) {
+                handed_out.insert((key.id, key.public_key));
+            }
             let bundle: PreKeyBundle = keys.bundle(index);
             handset
                 .start_session(business, &bundle)
@@ -580,8 +590,11 @@ impl SimNetwork {
             .await
             .published
             .get(&business)
-            .map_or(0, |(keys, next)| {
-                keys.one_time_prekeys.len().saturating_sub(*next)
+            .map_or(0, |(keys, handed_out)| {
+                keys.one_time_prekeys
+                    .iter()
+                    .filter(|k| !handed_out.contains(&(k.id, k.public_key)))
+                    .count()
             })
     }
 
@@ -702,12 +715,17 @@ impl Transport for SimNetwork {
         business: BusinessId,
         keys: &PublishedKeys,
     ) -> Result<(), TransportError> {
-        // Fresh keys: consumers take one-time prekeys from the new list.
-        self.net
-            .lock()
-            .await
-            .published
-            .insert(business, (keys.clone(), 0));
+        // The new list replaces the old, but a one-time prekey handed out
+        // before (its first message still on its way, say) is not handed
+        // out again.
+        let mut net = self.net.lock().await;
+        match net.published.get_mut(&business) {
+            Some((published, _)) => *published = keys.clone(),
+            None => {
+                net.published
+                    .insert(business, (keys.clone(), BTreeSet::new()));
+            }
+        }
         Ok(())
     }
 
