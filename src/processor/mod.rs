@@ -226,10 +226,11 @@ pub struct Policies {
 /// counters in leases (see the `signal` module); a processor started over
 /// a store another one is using (in this process or another) takes the
 /// store over ([`Storage::take_over`]) before it reads any session, and
-/// from then on every write of the older one fails as [`StoreError::Superseded`]: it can no longer store a
-/// message nor persist a session, so it never issues a sending counter the
-/// newer one uses (two messages under one message key). Its retention
-/// sweeps still run (they only delete what has expired). Stop it.
+/// from then on every write of the older one fails as
+/// [`StoreError::Superseded`]: it can no longer store a message nor
+/// persist a session, so it never issues a sending counter the newer one
+/// uses (two messages under one message key). Its retention sweeps still
+/// run (they only delete what has expired). Stop it.
 ///
 /// Every future it returns is cancellation safe: a host may drop one at any
 /// point (a `timeout`, a `select!`) and call again. Nothing stays locked or

@@ -25,7 +25,9 @@
 //! all. So a task that conflicts while others share its transaction is set
 //! aside, and once the group is done (committed or failed) it runs again in
 //! a transaction of its own; that run's result is its answer. Conflicts are
-//! rare (replays, lost races), so the extra transaction is too.
+//! rare (replays, lost races), so the extra transaction is too. So is a
+//! fenced task refused as [`Superseded`](StoreError::Superseded): the
+//! take-over it lost to may be an uncommitted task of its group.
 //!
 //! A task's work may run more than once for these reasons; it never
 //! half-applies, since its transaction commits or rolls back whole.
@@ -266,7 +268,9 @@ fn commit_group(conn: &Connection, group: &mut Vec<Box<dyn Task>>, counts: &Coun
                 group.drain(..).for_each(|t| t.fail(duplicate(&e)));
             }
             // Perhaps with another task's write: it goes again later, alone.
-            Err(Failure::Task(i, StoreError::Conflict)) if group.len() > 1 => {
+            Err(Failure::Task(i, StoreError::Conflict | StoreError::Superseded))
+                if group.len() > 1 =>
+            {
                 conflicted.push(group.remove(i));
             }
             // Its own failure: the others go again without it.
