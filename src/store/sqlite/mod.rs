@@ -572,7 +572,7 @@ impl Storage for SqliteStore {
             return Ok(());
         }
         self.writer
-            .write(move |c| writes::apply_batch(c, &batch))
+            .write_fenced(batch.writer(), move |c| writes::apply_batch(c, &batch))
             .await
     }
 

@@ -44,12 +44,16 @@ use std::thread::JoinHandle;
 use futures_channel::oneshot;
 use rusqlite::Connection;
 
-use super::GroupCommits;
 use super::codec::store_error;
-use crate::store::StoreError;
+use super::{GroupCommits, writes};
+use crate::store::{StoreError, WriterId};
 
 /// A unit of work for the writer thread, with its reply.
 trait Task: Send {
+    /// The writer the task's batch is fenced by, if any: the task runs
+    /// only while that is the store's writer (see `Storage::take_over`).
+    fn fence(&self) -> Option<WriterId>;
+
     /// Do the work inside the current transaction; keep the output for the
     /// reply. An error aborts the transaction.
     fn run(&mut self, conn: &Connection) -> Result<(), StoreError>;
@@ -65,6 +69,7 @@ struct Typed<T, F> {
     work: F,
     output: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
+    fence: Option<WriterId>,
 }
 
 impl<T, F> Task for Typed<T, F>
@@ -72,6 +77,10 @@ where
     T: Send,
     F: FnMut(&Connection) -> Result<T, StoreError> + Send,
 {
+    fn fence(&self) -> Option<WriterId> {
+        self.fence
+    }
+
     fn run(&mut self, conn: &Connection) -> Result<(), StoreError> {
         self.output = None;
         self.output = Some((self.work)(conn)?);
@@ -150,11 +159,27 @@ impl Writer {
         T: Send + 'static,
         F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_fenced(None, work).await
+    }
+
+    /// [`write`](Self::write), fenced by `fence`: if that is not the
+    /// store's writer when `work` would run, it fails as
+    /// [`StoreError::Superseded`] instead.
+    pub(super) async fn write_fenced<T, F>(
+        &self,
+        fence: Option<WriterId>,
+        work: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let task = Box::new(Typed {
             work,
             output: None,
             reply,
+            fence,
         });
         self.queue
             .as_ref()
@@ -211,10 +236,32 @@ fn attempt(conn: &Connection, tasks: &mut [Box<dyn Task>]) -> Result<(), Failure
             .map_err(store_error)
     };
     sql("BEGIN IMMEDIATE").map_err(Failure::Begin)?;
+    // The store's writer, read when a fenced task first needs it: once a
+    // transaction, as nothing else writes while it holds the lock, unless
+    // a task in it (an unfenced one: a take-over) changes it.
+    let mut store_writer = None;
     let outcome = tasks
         .iter_mut()
         .enumerate()
-        .try_for_each(|(i, t)| t.run(conn).map_err(|e| Failure::Task(i, e)))
+        .try_for_each(|(i, t)| {
+            let fence = t.fence();
+            if let Some(fence) = fence {
+                let current = match store_writer {
+                    Some(current) => current,
+                    None => {
+                        *store_writer.insert(writes::writer(conn).map_err(|e| Failure::Task(i, e))?)
+                    }
+                };
+                if current != Some(fence) {
+                    return Err(Failure::Task(i, StoreError::Superseded));
+                }
+            }
+            t.run(conn).map_err(|e| Failure::Task(i, e))?;
+            if fence.is_none() {
+                store_writer = None;
+            }
+            Ok(())
+        })
         .and_then(|()| sql("COMMIT").map_err(Failure::Commit));
     outcome.inspect_err(|_| {
         if !conn.is_autocommit() {
@@ -314,6 +361,7 @@ pub(super) mod testing {
                 work,
                 output: None,
                 reply,
+                fence: None,
             }));
             answers.push(answer);
         }

@@ -32,20 +32,28 @@ pub(super) fn scope_sql(scope: &HoldScope) -> (i64, i64, &[u8]) {
 /// `Storage::take_over`), its id in hex.
 const META_WRITER: &str = "writer";
 
-/// Apply every operation of `batch`, in order, if its fence holds.
+/// Apply every operation of `batch`, in order. Its fence is the writer
+/// thread's to check (see `Writer::write_fenced`).
 pub(super) fn apply_batch(conn: &Connection, batch: &Batch) -> Result<(), StoreError> {
-    if let Some(writer) = batch.writer() {
-        let stored: Option<String> = conn
-            .prepare_cached("SELECT value FROM store_meta WHERE name = ?1")
-            .db()?
-            .query_row([META_WRITER], |row| row.get(0))
-            .optional()
-            .db()?;
-        if stored.as_deref() != Some(hex::encode(writer.as_bytes()).as_str()) {
-            return Err(StoreError::Superseded);
-        }
-    }
     batch.ops().iter().try_for_each(|op| apply(conn, op))
+}
+
+/// The store's writer, if one took it over.
+pub(super) fn writer(conn: &Connection) -> Result<Option<WriterId>, StoreError> {
+    let stored: Option<String> = conn
+        .prepare_cached("SELECT value FROM store_meta WHERE name = ?1")
+        .db()?
+        .query_row([META_WRITER], |row| row.get(0))
+        .optional()
+        .db()?;
+    stored
+        .map(|hex| {
+            let mut id = [0u8; 16];
+            hex::decode_to_slice(hex, &mut id)
+                .map_err(|_| codec::corrupt("store_meta", "the writer is not 16 bytes in hex"))?;
+            Ok(WriterId::from_bytes(id))
+        })
+        .transpose()
 }
 
 /// Make `writer` the store's writer.
