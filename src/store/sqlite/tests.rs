@@ -9,7 +9,7 @@ use rusqlite::{Connection, params};
 
 use super::codec::{business_sql, time_sql};
 use super::schema::{APPLICATION_ID, SCHEMA_VERSION};
-use super::writer::testing::{Work, commit_as_group};
+use super::writer::testing::{Work, commit_as_group, commit_fenced_as_group};
 use super::*;
 use crate::store::{Delivery, Direction, Op, Status};
 
@@ -625,6 +625,55 @@ fn stored(conn: &Connection, id: u8) -> bool {
     )
     .unwrap()
         == 1
+}
+
+/// Fenced writes within a group see a take-over made earlier in it, and
+/// one refused as superseded is answered by a run of its own, as a
+/// conflict is: the writer it lost to may not commit.
+#[test]
+fn fenced_writes_in_a_group_follow_the_take_overs_before_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let (a, b) = (
+        WriterId::from_bytes([0xa; 16]),
+        WriterId::from_bytes([0xb; 16]),
+    );
+    let take_over =
+        |w: WriterId| -> Work<()> { Box::new(move |c: &Connection| writes::take_over(c, w)) };
+    let superseded = |r: &Result<(), StoreError>| matches!(r, Err(StoreError::Superseded));
+
+    // A take-over, then a write fenced by it: one transaction.
+    let (results, committed) = commit_fenced_as_group(
+        &conn,
+        vec![(None, take_over(a)), (Some(a), put_work(160, vec![1]))],
+    );
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(committed.transactions, 1);
+
+    // Another writer's write is refused; the group's other write commits.
+    let (results, _) = commit_fenced_as_group(
+        &conn,
+        vec![
+            (Some(b), put_work(161, vec![2])),
+            (Some(a), put_work(162, vec![3])),
+        ],
+    );
+    assert!(superseded(&results[0]) && results[1].is_ok(), "{results:?}");
+
+    // A take-over within the group fences out the writes after it, not
+    // those before.
+    let (results, _) = commit_fenced_as_group(
+        &conn,
+        vec![
+            (Some(a), put_work(163, vec![4])),
+            (None, take_over(b)),
+            (Some(a), put_work(164, vec![5])),
+        ],
+    );
+    assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+    assert!(superseded(&results[2]), "{results:?}");
+    let kept: Vec<bool> = (160..=164).map(|id| stored(&conn, id)).collect();
+    assert_eq!(kept, [true, false, true, true, false]);
 }
 
 #[test]

@@ -353,15 +353,23 @@ pub(super) mod testing {
         conn: &Connection,
         works: Vec<Work<T>>,
     ) -> (Vec<Result<T, StoreError>>, GroupCommits) {
+        commit_fenced_as_group(conn, works.into_iter().map(|w| (None, w)).collect())
+    }
+
+    /// [`commit_as_group`], each work fenced by the writer beside it.
+    pub(crate) fn commit_fenced_as_group<T: Send + 'static>(
+        conn: &Connection,
+        works: Vec<(Option<WriterId>, Work<T>)>,
+    ) -> (Vec<Result<T, StoreError>>, GroupCommits) {
         let mut answers = Vec::new();
         let mut group: Vec<Box<dyn Task>> = Vec::new();
-        for work in works {
+        for (fence, work) in works {
             let (reply, answer) = oneshot::channel();
             group.push(Box::new(Typed {
                 work,
                 output: None,
                 reply,
-                fence: None,
+                fence,
             }));
             answers.push(answer);
         }
