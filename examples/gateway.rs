@@ -30,16 +30,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-use custodian::integrity::{BillingStatement, Category, IntegrityReport};
-use custodian::keys::{EpochLength, KeyKind, KeyManager, LocalKeyProvider, SecretKey};
+use custodian::integrity::Category;
+use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError};
-use custodian::signal::{PreKeyBundle, PublishedKeys};
 use custodian::store::{
     FailureReason, MemoryStore, MessageRecord, SqliteConfig, SqliteStore, Status, Storage,
 };
 use custodian::testing::{Cause, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
-use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
+use custodian::transport::{Principal, StaticAuthorizer};
 use custodian::vault::{OpenError, Vault};
 use custodian::visibility::{MemoryAuditSink, Verdict};
 
@@ -476,103 +475,6 @@ fn scan_store_files(path: &Path, traces: &Traces) -> Result<FileScan, std::io::E
     Ok(scan)
 }
 
-/// The gateway's link to the network, written as a host would write it for
-/// a key server that hands each one-time prekey out once and deletes it:
-/// a publish uploads only the one-time prekeys the server never had, so no
-/// key it handed out is offered again (a first message on a key used
-/// twice could not be decrypted). The processor's `publish_keys` hands it
-/// every key in its pool, those handed out but not yet used included.
-/// Everything else goes to the network as it is.
-struct KeyServerLink {
-    network: Arc<SimNetwork>,
-    uploaded: std::sync::Mutex<BTreeMap<BusinessId, Uploaded>>,
-}
-
-#[derive(Default)]
-struct Uploaded {
-    /// Every one-time prekey id uploaded.
-    ids: BTreeSet<u32>,
-    /// The identity and signed prekey last uploaded.
-    current: Option<([u8; 33], u32)>,
-    /// Publishes that uploaded something.
-    publishes: usize,
-}
-
-impl KeyServerLink {
-    fn uploaded(&self) -> std::sync::MutexGuard<'_, BTreeMap<BusinessId, Uploaded>> {
-        self.uploaded.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-#[async_trait::async_trait]
-impl Transport for KeyServerLink {
-    async fn devices(
-        &self,
-        business: BusinessId,
-        consumer: &PhoneNumber,
-    ) -> Result<Vec<u32>, TransportError> {
-        self.network.devices(business, consumer).await
-    }
-
-    async fn fetch_bundle(
-        &self,
-        business: BusinessId,
-        consumer: &PhoneNumber,
-        device: u32,
-    ) -> Result<PreKeyBundle, TransportError> {
-        self.network.fetch_bundle(business, consumer, device).await
-    }
-
-    async fn send(
-        &self,
-        business: BusinessId,
-        consumer: &PhoneNumber,
-        device: u32,
-        message: &Outgoing,
-    ) -> Result<(), TransportError> {
-        self.network.send(business, consumer, device, message).await
-    }
-
-    async fn publish_keys(
-        &self,
-        business: BusinessId,
-        keys: &PublishedKeys,
-    ) -> Result<(), TransportError> {
-        let current = (keys.identity_key, keys.signed_prekey.id);
-        let mut fresh = keys.clone();
-        {
-            let uploaded = self.uploaded();
-            let before = uploaded.get(&business);
-            fresh
-                .one_time_prekeys
-                .retain(|k| before.is_none_or(|u| !u.ids.contains(&k.id)));
-            if fresh.one_time_prekeys.is_empty()
-                && before.is_some_and(|u| u.current == Some(current))
-            {
-                // Nothing the server does not have.
-                return Ok(());
-            }
-        }
-        self.network.publish_keys(business, &fresh).await?;
-        let mut uploaded = self.uploaded();
-        let entry = uploaded.entry(business).or_default();
-        entry
-            .ids
-            .extend(fresh.one_time_prekeys.iter().map(|k| k.id));
-        entry.current = Some(current);
-        entry.publishes += 1;
-        Ok(())
-    }
-
-    async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
-        self.network.integrity_signals(report).await
-    }
-
-    async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
-        self.network.billing(statement).await
-    }
-}
-
 /// Keep every business's Signal prekeys stocked and published, as a
 /// host's maintenance timer would (`publish_keys` refills the one-time
 /// pool below its low-water mark, rotates the signed prekey when due).
@@ -696,15 +598,11 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         batch: 4096,
     };
     let receipt_timeout = delivery.receipt_timeout;
-    let link = Arc::new(KeyServerLink {
-        network: network.clone(),
-        uploaded: std::sync::Mutex::default(),
-    });
     let processor = Processor::new(
         Host {
             storage: storage.clone(),
             key_provider: Arc::new(LocalKeyProvider::new(&root)),
-            transport: link.clone(),
+            transport: network.clone(),
             business: sink.clone(),
             authorizer: Arc::new(authorizer),
             clock: Arc::new(clock.clone()),
@@ -1080,35 +978,15 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    // One-time prekeys: each uploaded one no longer in the store was taken
-    // by the first message of a session a consumer started.
-    let uploaded: Vec<(BusinessId, BTreeSet<u32>, usize)> = link
-        .uploaded()
-        .iter()
-        .map(|(b, u)| (*b, u.ids.clone(), u.publishes))
-        .collect();
-    let (mut published, mut uploads, mut used) = (0usize, 0usize, 0usize);
-    for (b, ids, publishes) in uploaded {
-        let mut live = BTreeSet::new();
-        let mut after = None;
-        loop {
-            let page = storage
-                .keys_of_kind(b, KeyKind::SignalPreKey, after, 1024)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.id);
-            live.extend(page.iter().map(|k| k.id.id));
-        }
-        published += ids.len();
-        uploads += publishes;
-        used += ids
-            .iter()
-            .filter(|&&id| !live.contains(&u64::from(id)))
-            .count();
+    // One-time prekeys: each the network handed out went to a session a
+    // consumer started.
+    let mut handed_out = 0;
+    for &b in owners.keys() {
+        handed_out += network.one_time_prekeys_handed_out(b).await;
     }
     println!(
-        "one-time prekeys: {published} published in {uploads} uploads (kept stocked after every batch \
-         and every simulated minute);\n  {used} of the {} sessions consumers started took one",
+        "one-time prekeys (published again after every batch and every simulated minute): \
+         {handed_out} of the {} sessions consumers started took one",
         writes.started
     );
 

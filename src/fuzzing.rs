@@ -6,8 +6,7 @@
 //! of the targets ([`envelope_parse`], [`envelope_open`], [`phone_number`],
 //! [`policy_file`], [`signal_message`], [`peer_record`], [`payload`],
 //! [`kek_ring`]), so `cargo test` replays those corpora through the very
-//! code the fuzzers run. Nothing here
-//! exists in a normal build.
+//! code the fuzzers run. Nothing here exists in a normal build.
 
 #![allow(
     clippy::panic,

@@ -598,6 +598,17 @@ impl SimNetwork {
             })
     }
 
+    /// One-time prekeys of `business` the network has handed out, each to
+    /// the one device that started a session from it.
+    pub async fn one_time_prekeys_handed_out(&self, business: BusinessId) -> usize {
+        self.net
+            .lock()
+            .await
+            .published
+            .get(&business)
+            .map_or(0, |(_, handed_out)| handed_out.len())
+    }
+
     /// The device ids of `number`.
     pub async fn devices_of(&self, number: &PhoneNumber) -> Vec<u32> {
         let net = self.net.lock().await;
