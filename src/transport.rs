@@ -155,12 +155,31 @@ pub trait Transport: Send + Sync {
         message: &Outgoing,
     ) -> Result<(), TransportError>;
 
-    /// Publish the keys consumers fetch to reach `business`.
+    /// Publish the keys consumers fetch to reach `business`. The one-time
+    /// prekeys replace those published before; they include keys handed
+    /// out before whose first messages may not have come yet. Hand each
+    /// one-time prekey out once, ever: a key handed out twice fails the
+    /// second session's first message.
     async fn publish_keys(
         &self,
         business: BusinessId,
         keys: &PublishedKeys,
     ) -> Result<(), TransportError>;
+
+    /// How many of the one-time prekeys `business` last published the
+    /// network has yet to hand out, if it keeps count (a WhatsApp server
+    /// does). [`Processor::publish_keys`](crate::processor::Processor::publish_keys)
+    /// refills the pool by it. `None`, the default, counts every one-time
+    /// prekey the processor still holds as available, those handed out
+    /// whose first message has not come yet included: the pool then
+    /// refills late, and more sessions start without a one-time prekey.
+    async fn one_time_prekey_count(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<usize>, TransportError> {
+        let _ = business;
+        Ok(None)
+    }
 
     /// Take a business's integrity signals (counts and anomalies, no
     /// content, no phone numbers), released to the transport for integrity:

@@ -192,6 +192,13 @@ impl Transport for Racing {
         self.network.publish_keys(b, k).await
     }
 
+    async fn one_time_prekey_count(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<usize>, TransportError> {
+        self.network.one_time_prekey_count(business).await
+    }
+
     async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
         self.network.integrity_signals(r).await
     }

@@ -735,10 +735,12 @@ fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
         // prekey alone.
         let first = s.sessions.publish(s.b).await.unwrap();
         s.clock.advance(config.signed_prekey_rotation);
-        s.sessions.maintain(s.b).await.unwrap();
+        s.sessions.maintain(s.b, None).await.unwrap();
         // The first signed prekey's grace is over: maintenance retires it.
         s.clock.advance(config.signed_prekey_grace);
-        let done = poll_at_most(s.sessions.maintain(s.b), n).await.is_some();
+        let done = poll_at_most(s.sessions.maintain(s.b, None), n)
+            .await
+            .is_some();
         let first_kept = s
             .store
             .keys_of_kind(s.b, KeyKind::SignalSignedPreKey, None, 16)

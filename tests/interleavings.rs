@@ -219,6 +219,12 @@ impl Transport for Counting {
     ) -> Result<(), TransportError> {
         self.inner.publish_keys(business, keys).await
     }
+    async fn one_time_prekey_count(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<usize>, TransportError> {
+        self.inner.one_time_prekey_count(business).await
+    }
     async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
         self.inner.integrity_signals(report).await
     }

@@ -1487,3 +1487,36 @@ async fn replay_on_a_chain_left_behind(restart: bool, then: Then) {
     let messages = w.business.messages();
     assert!(messages.values().all(|&copies| copies == 1), "{messages:?}");
 }
+
+/// Consumers whose first messages are still on their way hold one-time
+/// prekeys the network handed out: the business's key maintenance refills
+/// the pool by what the network has left, so later consumers still get
+/// one, and every first message still decrypts.
+#[tokio::test]
+async fn the_prekey_pool_refills_while_first_messages_are_on_their_way() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 11);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    let pool = d.network.one_time_prekeys_left(b).await;
+    let consumers = pool * 3;
+    for i in 0..consumers {
+        d.network.add_consumer(&number(i), 1).await;
+        d.network
+            .consumer_sends(&number(i), 0, b, format!("first from {i}").as_bytes())
+            .await
+            .unwrap();
+        // The host's maintenance timer, while nothing has arrived yet.
+        if i % 10 == 9 {
+            d.publish_all().await;
+        }
+    }
+    assert_eq!(
+        d.network.one_time_prekeys_handed_out(b).await,
+        consumers,
+        "every session started with a one-time prekey"
+    );
+    d.network.pump(&d.processor, &d.transport).await;
+    let messages = d.business.messages();
+    assert_eq!(messages.len(), consumers, "every first message decrypted");
+    assert!(messages.values().all(|&copies| copies == 1));
+}

@@ -205,6 +205,78 @@ async fn a_consumed_one_time_prekey_is_deleted_at_once_and_the_pool_refills() {
     assert!(now.one_time_prekeys.iter().all(|k| !used.contains(&k.id)));
 }
 
+/// The network's count of one-time prekeys it has left drives the refill;
+/// keys are published oldest first, and past the limit the oldest are
+/// deleted, so a first message made from one fails while one made from
+/// the newest decrypts.
+#[tokio::test]
+async fn the_pool_refills_by_the_networks_count_and_keeps_at_most_the_limit() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 4,
+        prekey_limit: 25,
+        ..SignalConfig::default()
+    };
+    let w = World::with_config(config);
+    let ids = |keys: &PublishedKeys| {
+        keys.one_time_prekeys
+            .iter()
+            .map(|k| k.id)
+            .collect::<Vec<_>>()
+    };
+    let first = w.published().await;
+    assert_eq!(first.one_time_prekeys.len(), 10);
+
+    // The network has enough left, or the store holds enough: nothing to do.
+    for left in [Some(10), Some(4), None] {
+        let report = w.sessions.maintain(w.business, left).await.unwrap();
+        assert_eq!((report.prekeys_added, report.prekeys_retired), (0, 0));
+    }
+    // Below the mark by the network's count, though all 10 are stored.
+    let report = w.sessions.maintain(w.business, Some(3)).await.unwrap();
+    assert_eq!((report.prekeys_added, report.prekeys_available), (7, 10));
+    // More than the store holds counts as what the store holds.
+    let report = w.sessions.maintain(w.business, Some(99)).await.unwrap();
+    assert_eq!((report.prekeys_added, report.prekeys_available), (0, 17));
+    // None left: 10 more make 27, 2 past the limit, and the oldest 2 go.
+    let report = w.sessions.maintain(w.business, Some(0)).await.unwrap();
+    assert_eq!(report.prekeys_added, 10);
+    assert_eq!(report.prekeys_retired, 2);
+    assert_eq!(report.prekeys_available, 10);
+
+    let now = ids(&w.published().await);
+    assert_eq!(now.len(), 25);
+    assert_eq!(now[..8], ids(&first)[2..], "the first keys, oldest first");
+    let stored = w
+        .store
+        .keys_of_kind(w.business, KeyKind::SignalPreKey, None, 100)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 25);
+
+    // A first message from a deleted key fails.
+    let mut late = ConsumerDevice::new(0);
+    late.start_session(w.business, &first.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+14155550191", &late).await;
+    let message = late.encrypt(w.business, b"too late").await.unwrap();
+    assert!(matches!(
+        w.decrypt(peer, &message).await,
+        Err(SignalError::InvalidMessage("unknown one-time prekey"))
+    ));
+    // One from the newest key decrypts.
+    let newest = w.published().await;
+    let mut fresh = ConsumerDevice::new(0);
+    fresh
+        .start_session(w.business, &newest.bundle(Some(24)))
+        .await
+        .unwrap();
+    let peer = w.peer("+14155550192", &fresh).await;
+    let message = fresh.encrypt(w.business, b"just in time").await.unwrap();
+    assert_eq!(w.decrypt(peer, &message).await.unwrap(), b"just in time");
+}
+
 #[tokio::test]
 async fn tampered_replayed_and_garbage_messages_change_nothing() {
     let w = World::new();
@@ -556,7 +628,7 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
     let w = World::new();
     let old = w.published().await;
     w.clock.advance(7 * DAY);
-    let report = w.sessions.maintain(w.business).await.unwrap();
+    let report = w.sessions.maintain(w.business, None).await.unwrap();
     assert!(report.rotated);
     let new = w.published().await;
     assert_ne!(new.signed_prekey.id, old.signed_prekey.id);
@@ -578,7 +650,7 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
 
     // After the grace period the replaced key is deleted; the new one remains.
     w.clock.advance(30 * DAY);
-    let report = w.sessions.maintain(w.business).await.unwrap();
+    let report = w.sessions.maintain(w.business, None).await.unwrap();
     assert!(report.rotated, "7 days passed again");
     assert_eq!(report.signed_retired, 1);
     let mut too_late = ConsumerDevice::new(0);

@@ -17,7 +17,9 @@ impl Processor {
     }
 
     /// Keep `business`'s Signal prekeys healthy and publish them through the
-    /// transport.
+    /// transport: the one-time pool is refilled by the count the transport
+    /// gives ([`Transport::one_time_prekey_count`](crate::transport::Transport::one_time_prekey_count)), or by the keys held if
+    /// it gives none (see [`Sessions::maintain`](crate::signal::Sessions::maintain)).
     pub async fn publish_keys(
         &self,
         principal: &Principal,
@@ -26,7 +28,8 @@ impl Processor {
         self.authorize(principal, business)?;
         // Its phone index too: a receive creates no key.
         self.keys.ensure_phone_index(business).await?;
-        self.sessions.maintain(business).await?;
+        let left = self.transport.one_time_prekey_count(business).await?;
+        self.sessions.maintain(business, left).await?;
         let keys = self.sessions.publish(business).await?;
         Ok(self.transport.publish_keys(business, &keys).await?)
     }

@@ -4,7 +4,7 @@
 //! ([`KeyKind::SignalIdentity`], [`KeyKind::SignalSignedPreKey`],
 //! [`KeyKind::SignalPreKey`]), so KEK rotation rewraps them like any other key.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use rand::RngExt;
@@ -16,7 +16,7 @@ use wacore_libsignal::protocol::{
 use super::rng::ThreadCsprng;
 use super::{PublicPreKey, SignalError, SignedPublicPreKey};
 use crate::ids::BusinessId;
-use crate::keys::{KeyId, KeyKind, KeyManager};
+use crate::keys::{KeyId, KeyKind, KeyManager, WrappedKey};
 use crate::time::Timestamp;
 
 /// Largest prekey id: the wire carries 24 bits.
@@ -115,7 +115,7 @@ impl Account {
             .iter()
             .filter_map(|r| r.id().ok().map(u32::from))
             .collect();
-        let id = free_ids(&taken, 1)
+        let id = next_ids(&taken, 1)
             .first()
             .copied()
             .ok_or(corrupt("no free signed prekey id"))?;
@@ -162,74 +162,108 @@ impl Account {
     }
 }
 
+/// Every stored key of `kind` of `business`, in id order.
+async fn list(
+    keys: &KeyManager,
+    business: BusinessId,
+    kind: KeyKind,
+) -> Result<Vec<WrappedKey>, SignalError> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = keys
+            .store()
+            .keys_of_kind(business, kind, after, PAGE)
+            .await
+            .map_err(|e| {
+                SignalError::Storage(super::StorageFailure::Store(std::sync::Arc::new(e)))
+            })?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.id);
+        all.extend(page);
+    }
+    Ok(all)
+}
+
 /// The live signed prekeys of `business`, oldest first.
 async fn load_signed(
     keys: &KeyManager,
     business: BusinessId,
 ) -> Result<Vec<SignedPreKeyRecord>, SignalError> {
     let mut records = Vec::new();
-    let mut after = None;
-    loop {
-        let page = keys
-            .store()
-            .keys_of_kind(business, KeyKind::SignalSignedPreKey, after, PAGE)
-            .await
-            .map_err(|e| {
-                SignalError::Storage(super::StorageFailure::Store(std::sync::Arc::new(e)))
-            })?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.id);
-        for wrapped in &page {
-            let bytes = keys.unwrap_secret(wrapped).await?;
-            records.push(
-                SignedPreKeyRecord::deserialize(&bytes).map_err(|_| corrupt("signed prekey"))?,
-            );
-        }
+    for wrapped in list(keys, business, KeyKind::SignalSignedPreKey).await? {
+        let bytes = keys.unwrap_secret(&wrapped).await?;
+        records
+            .push(SignedPreKeyRecord::deserialize(&bytes).map_err(|_| corrupt("signed prekey"))?);
     }
     records.sort_by_key(|r| r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0));
     Ok(records)
 }
 
-/// The one-time prekeys of `business`: ids and public keys.
+/// The stored one-time prekeys of `business`, oldest first (see
+/// [`oldest_first`]), with their ids.
+async fn list_one_time(
+    keys: &KeyManager,
+    business: BusinessId,
+) -> Result<Vec<(u32, WrappedKey)>, SignalError> {
+    let mut stored = BTreeMap::new();
+    for wrapped in list(keys, business, KeyKind::SignalPreKey).await? {
+        let id = u32::try_from(wrapped.id.id)
+            .ok()
+            .filter(|id| (1..=MAX_PREKEY_ID).contains(id))
+            .ok_or(corrupt("prekey id"))?;
+        stored.insert(id, wrapped);
+    }
+    Ok(oldest_first(stored.keys().copied().collect())
+        .into_iter()
+        .filter_map(|id| stored.remove(&id).map(|w| (id, w)))
+        .collect())
+}
+
+/// The ids of `business`'s one-time prekeys, oldest first.
+pub(super) async fn one_time_prekey_ids(
+    keys: &KeyManager,
+    business: BusinessId,
+) -> Result<Vec<u32>, SignalError> {
+    Ok(list_one_time(keys, business)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// The one-time prekeys of `business`, public halves, oldest first.
 pub(super) async fn one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
 ) -> Result<Vec<PublicPreKey>, SignalError> {
     let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = keys
-            .store()
-            .keys_of_kind(business, KeyKind::SignalPreKey, after, PAGE)
-            .await
-            .map_err(|e| {
-                SignalError::Storage(super::StorageFailure::Store(std::sync::Arc::new(e)))
-            })?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.id);
-        for wrapped in &page {
-            let bytes = keys.unwrap_secret(wrapped).await?;
-            let record = PreKeyRecord::deserialize(&bytes).map_err(|_| corrupt("prekey"))?;
-            out.push(PublicPreKey {
-                id: record.id().map_err(|_| corrupt("prekey"))?.into(),
-                public_key: record
-                    .public_key()
-                    .map_err(|_| corrupt("prekey"))?
-                    .serialize(),
-            });
+    for (id, wrapped) in list_one_time(keys, business).await? {
+        let bytes = keys.unwrap_secret(&wrapped).await?;
+        let record = PreKeyRecord::deserialize(&bytes).map_err(|_| corrupt("prekey"))?;
+        if record.id().ok().map(u32::from) != Some(id) {
+            return Err(corrupt("prekey"));
         }
+        out.push(PublicPreKey {
+            id,
+            public_key: record
+                .public_key()
+                .map_err(|_| corrupt("prekey"))?
+                .serialize(),
+        });
     }
     Ok(out)
 }
 
-/// Generate and store `count` one-time prekeys with ids not in `taken`.
+/// Generate and store `count` one-time prekeys with ids not in `taken`,
+/// following the newest of them.
 pub(super) async fn add_one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
     taken: &BTreeSet<u32>,
     count: usize,
 ) -> Result<usize, SignalError> {
-    let ids = free_ids(taken, count);
+    let ids = next_ids(taken, count);
     for &id in &ids {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut ThreadCsprng));
         let bytes = zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt("prekey"))?);
@@ -242,18 +276,116 @@ pub(super) async fn add_one_time_prekeys(
     Ok(ids.len())
 }
 
-/// `count` ids in `1..=MAX_PREKEY_ID` not in `taken`: consecutive from a
-/// random start, wrapping, so fresh ids rarely repeat ids used before.
-fn free_ids(taken: &BTreeSet<u32>, count: usize) -> Vec<u32> {
+/// Delete the one-time prekeys `ids` of `business`.
+pub(super) async fn delete_one_time_prekeys(
+    keys: &KeyManager,
+    business: BusinessId,
+    ids: &[u32],
+) -> Result<(), SignalError> {
+    let ids: Vec<KeyId> = ids
+        .iter()
+        .map(|&id| key_id(business, KeyKind::SignalPreKey, u64::from(id)))
+        .collect();
+    keys.store().delete_keys(&ids).await?;
+    Ok(())
+}
+
+/// `ids` (in `1..=MAX_PREKEY_ID`) oldest first. [`next_ids`] hands ids out
+/// consecutively after the newest, wrapping, so the live ones lie on an
+/// arc of the id circle far shorter than the circle: the oldest is the one
+/// after the widest gap between neighbours. A key outliving more than half
+/// the id space of later ones (8 million) would be taken for a newer one.
+pub(super) fn oldest_first(mut ids: Vec<u32>) -> Vec<u32> {
+    ids.sort_unstable();
+    ids.dedup();
+    let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+        return ids;
+    };
+    // The gap from the last around to the first, then those between
+    // neighbours: its length, and where the id after it is.
+    let mut widest = (MAX_PREKEY_ID - last + first, 0);
+    for (i, pair) in ids.windows(2).enumerate() {
+        if let [a, b] = pair
+            && b - a > widest.0
+        {
+            widest = (b - a, i + 1);
+        }
+    }
+    ids.rotate_left(widest.1);
+    ids
+}
+
+/// `count` ids in `1..=MAX_PREKEY_ID` not in `taken`: consecutive after the
+/// newest of `taken` (see [`oldest_first`]), wrapping, or from a random
+/// start if `taken` is empty.
+pub(super) fn next_ids(taken: &BTreeSet<u32>, count: usize) -> Vec<u32> {
+    let newest = oldest_first(taken.iter().copied().collect())
+        .last()
+        .copied();
+    let mut id = match newest {
+        Some(newest) => newest % MAX_PREKEY_ID + 1,
+        None => ThreadCsprng.random_range(1..=MAX_PREKEY_ID),
+    };
     let mut ids = Vec::with_capacity(count);
-    let mut id = ThreadCsprng.random_range(1..=MAX_PREKEY_ID);
     let mut tried = 0;
     while ids.len() < count && tried < MAX_PREKEY_ID {
         if !taken.contains(&id) {
             ids.push(id);
         }
-        id = if id == MAX_PREKEY_ID { 1 } else { id + 1 };
+        id = id % MAX_PREKEY_ID + 1;
         tried += 1;
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn ids_wrap_past_the_largest_and_stay_in_age_order() {
+        let taken = BTreeSet::from([MAX_PREKEY_ID - 1, MAX_PREKEY_ID]);
+        assert_eq!(next_ids(&taken, 3), vec![1, 2, 3]);
+        assert_eq!(
+            oldest_first(vec![3, MAX_PREKEY_ID, 1, MAX_PREKEY_ID - 1, 2]),
+            vec![MAX_PREKEY_ID - 1, MAX_PREKEY_ID, 1, 2, 3]
+        );
+        assert_eq!(oldest_first(Vec::new()), Vec::<u32>::new());
+        assert_eq!(oldest_first(vec![7]), vec![7]);
+    }
+
+    proptest! {
+        /// However keys are added and used up, the ids left come back in
+        /// the order they were made, and new ids are fresh and in range.
+        #[test]
+        fn ids_left_come_back_oldest_first(
+            start in prop_oneof![1..=MAX_PREKEY_ID, MAX_PREKEY_ID - 64..=MAX_PREKEY_ID],
+            rounds in proptest::collection::vec((1usize..40, any::<u64>(), any::<u64>()), 1..30),
+        ) {
+            // Ids live, in the order they were made.
+            let mut live = vec![start];
+            for (count, a, b) in rounds {
+                let taken: BTreeSet<u32> = live.iter().copied().collect();
+                let fresh = next_ids(&taken, count);
+                prop_assert_eq!(fresh.len(), count);
+                for id in &fresh {
+                    prop_assert!((1..=MAX_PREKEY_ID).contains(id));
+                    prop_assert!(!taken.contains(id));
+                }
+                prop_assert_eq!(fresh.iter().collect::<BTreeSet<_>>().len(), count);
+                live.extend(fresh);
+                // A quarter of the keys are used up, any of them.
+                let used = a & b;
+                live = live
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| used & (1 << (i % 64)) == 0)
+                    .map(|(_, id)| id)
+                    .collect();
+                prop_assert_eq!(oldest_first(live.clone()), live.clone());
+            }
+        }
+    }
 }

@@ -9,8 +9,9 @@
 //!   identity key pair and registration id, created on first use; signed
 //!   prekeys rotated on a schedule (default 7 days), the previous ones kept
 //!   for a grace period (default 30 days) so first messages in flight still
-//!   decrypt; a bounded pool of one-time prekeys, replenished below a
-//!   low-water mark. All private keys are wrapped under the business's KEK.
+//!   decrypt; a pool of one-time prekeys, replenished when the network has
+//!   fewer than a low-water mark left to hand out, and bounded. All private
+//!   keys are wrapped under the business's KEK.
 //! - **Peers.** One record per consumer device, keyed by the consumer's
 //!   [`PhoneHash`] and device id (the library never sees a phone number):
 //!   the session and the device's trusted identity, sealed in an envelope
@@ -187,6 +188,11 @@ pub struct SignalConfig {
     pub prekey_pool: usize,
     /// Replenish the pool when fewer than this remain (default 20).
     pub prekey_low_water: usize,
+    /// The most one-time prekeys kept, those handed out whose first message
+    /// has not come included (default 1,000; at least
+    /// [`prekey_pool`](Self::prekey_pool)). Past it the oldest are deleted:
+    /// a first message made from one of those fails as an unknown prekey.
+    pub prekey_limit: usize,
     /// What to do with a changed identity key (default accept and report).
     pub identity_policy: IdentityPolicy,
     /// Peers kept decoded in memory (least recently used evicted; default 65,536).
@@ -213,6 +219,7 @@ impl Default for SignalConfig {
             signed_prekey_grace: Duration::from_secs(30 * 24 * 3600),
             prekey_pool: 100,
             prekey_low_water: 20,
+            prekey_limit: 1000,
             identity_policy: IdentityPolicy::AcceptAndReport,
             peer_cache: 65_536,
             peer_cache_bytes: 256 << 20,
@@ -446,7 +453,8 @@ pub struct PublishedKeys {
     pub identity_key: [u8; 33],
     /// The current signed prekey.
     pub signed_prekey: SignedPublicPreKey,
-    /// The one-time prekeys available.
+    /// Every one-time prekey held, oldest first: those the network handed
+    /// out before, whose first messages may not have come yet, included.
     pub one_time_prekeys: Vec<PublicPreKey>,
 }
 
@@ -473,7 +481,10 @@ pub struct Maintenance {
     pub signed_retired: usize,
     /// One-time prekeys added.
     pub prekeys_added: usize,
-    /// One-time prekeys available afterwards.
+    /// One-time prekeys deleted, oldest first, to keep the number stored
+    /// within [`SignalConfig::prekey_limit`].
+    pub prekeys_retired: usize,
+    /// One-time prekeys the network can hand out afterwards, once published.
     pub prekeys_available: usize,
 }
 
@@ -593,7 +604,7 @@ impl Sessions {
     pub async fn publish(&self, business: BusinessId) -> Result<PublishedKeys, SignalError> {
         let mut one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
         if one_time_prekeys.len() < self.config.prekey_low_water {
-            self.maintain(business).await?;
+            self.maintain(business, None).await?;
             one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
         let account = self.account(business).await?;
@@ -608,9 +619,22 @@ impl Sessions {
 
     /// Keep `business`'s prekeys healthy: rotate the signed prekey when due,
     /// delete replaced ones past their grace period, refill the one-time pool
-    /// below its low-water mark. Run it periodically; publish afterwards if
+    /// below its low-water mark, and keep at most
+    /// [`prekey_limit`](SignalConfig::prekey_limit) one-time prekeys,
+    /// deleting the oldest. Run it periodically; publish afterwards if
     /// anything changed.
-    pub async fn maintain(&self, business: BusinessId) -> Result<Maintenance, SignalError> {
+    ///
+    /// `left` is how many of the one-time prekeys last published the network
+    /// has yet to hand out, if it says
+    /// ([`Transport::one_time_prekey_count`](crate::transport::Transport::one_time_prekey_count)).
+    /// Without it every one-time prekey stored counts as available, those
+    /// handed out whose first message has not come yet included, and the
+    /// pool refills late.
+    pub async fn maintain(
+        &self,
+        business: BusinessId,
+        left: Option<usize>,
+    ) -> Result<Maintenance, SignalError> {
         let _guard = self.business_locks.lock(business).await;
         // Out of memory until this completes: however it ends (an error,
         // a dropped future), the next use reloads what the store kept, and
@@ -659,15 +683,29 @@ impl Sessions {
             });
         }
 
-        let existing = account::one_time_prekeys(keys, business).await?;
-        report.prekeys_available = existing.len();
-        if existing.len() < self.config.prekey_low_water {
-            let taken: BTreeSet<u32> = existing.iter().map(|k| k.id).collect();
-            let wanted = self.config.prekey_pool.saturating_sub(existing.len());
+        let stored = account::one_time_prekey_ids(keys, business).await?;
+        // What the network can still hand out: the keys it has not handed
+        // out, if it says, and never more than the store holds.
+        let available = left.map_or(stored.len(), |left| left.min(stored.len()));
+        if available < self.config.prekey_low_water {
+            let taken: BTreeSet<u32> = stored.iter().copied().collect();
+            let wanted = self.config.prekey_pool.saturating_sub(available);
             report.prekeys_added =
                 account::add_one_time_prekeys(keys, business, &taken, wanted).await?;
-            report.prekeys_available += report.prekeys_added;
         }
+        // Keys handed out whose first message never came would pile up:
+        // past the limit the oldest go, never one added just now.
+        let limit = self.config.prekey_limit.max(self.config.prekey_pool);
+        report.prekeys_retired = (stored.len() + report.prekeys_added)
+            .saturating_sub(limit)
+            .min(stored.len());
+        if let Some(oldest) = stored.get(..report.prekeys_retired)
+            && !oldest.is_empty()
+        {
+            account::delete_one_time_prekeys(keys, business, oldest).await?;
+        }
+        let kept = stored.len() + report.prekeys_added - report.prekeys_retired;
+        report.prekeys_available = (available + report.prekeys_added).min(kept);
         self.accounts
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -864,7 +902,7 @@ impl Sessions {
             )
             .await?;
         if left.len() < self.config.prekey_low_water {
-            self.maintain(business).await?;
+            self.maintain(business, None).await?;
         }
         Ok(())
     }

@@ -53,8 +53,9 @@
 //! Nothing moves by itself. The harness publishes each business's keys
 //! ([`Processor::publish_keys`](crate::processor::Processor::publish_keys))
 //! before its consumers write to it, and again before the one-time
-//! prekeys run out ([`SimNetwork::one_time_prekeys_left`]). Then it runs a
-//! loop of three steps:
+//! prekeys run out ([`SimNetwork::one_time_prekeys_left`]): the network
+//! reports that count to the processor, which refills the pool by it.
+//! Then it runs a loop of three steps:
 //!
 //! 1. [`SimNetwork::pump`] moves everything due.
 //! 2. [`Processor::retransmit_due`](crate::processor::Processor::retransmit_due)

@@ -740,6 +740,13 @@ impl Transport for SimNetwork {
         Ok(())
     }
 
+    async fn one_time_prekey_count(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<usize>, TransportError> {
+        Ok(Some(self.one_time_prekeys_left(business).await))
+    }
+
     async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
         self.net.lock().await.integrity.push(report.clone());
         Ok(())

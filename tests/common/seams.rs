@@ -135,6 +135,13 @@ impl Transport for PausedNetwork {
         *self.published.lock().unwrap() = Some(keys.clone());
         Ok(())
     }
+    async fn one_time_prekey_count(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<usize>, TransportError> {
+        pause().await;
+        self.network.one_time_prekey_count(business).await
+    }
     async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
         pause().await;
         self.network.integrity_signals(report).await
