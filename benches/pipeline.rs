@@ -402,7 +402,7 @@ impl Rig {
         let sent = self.network.take_sent();
         for c in &self.consumers {
             let mut device = c.device.lock().await;
-            for message in sent.get(c.number.expose()).into_iter().flatten() {
+            for message in sent.get(&c.number).into_iter().flatten() {
                 device.decrypt(self.business, message).await.unwrap();
             }
         }

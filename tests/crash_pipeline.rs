@@ -182,7 +182,7 @@ fn crash_pipeline_child() {
                     };
                     processor.send(&gateway, business(), answer).await.unwrap();
                     let mut sent = network.take_sent();
-                    for m in sent.remove(from.expose()).unwrap_or_default() {
+                    for m in sent.remove(&from).unwrap_or_default() {
                         device.decrypt(business(), &m).await.unwrap();
                     }
                 }

@@ -1128,7 +1128,7 @@ impl Restartable {
             category: Category::Service,
         };
         processor.send(&self.owner, self.b, reply).await.unwrap();
-        for message in self.network.take_sent().remove(number(7).expose()).unwrap() {
+        for message in self.network.take_sent().remove(&number(7)).unwrap() {
             device.decrypt(self.b, &message).await.unwrap();
         }
     }
@@ -1338,7 +1338,7 @@ async fn a_processor_superseded_by_another_on_its_store_stops_writing() {
         .await
         .unwrap();
     let mut texts = Vec::new();
-    for message in w.network.take_sent().remove(number(7).expose()).unwrap() {
+    for message in w.network.take_sent().remove(&number(7)).unwrap() {
         let plaintext = device.decrypt(b, &message).await.unwrap();
         let (_, content) = custodian::processor::parse_device_payload(&plaintext).unwrap();
         texts.push(String::from_utf8(content.to_vec()).unwrap());

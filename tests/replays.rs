@@ -170,7 +170,7 @@ async fn run(steps: Vec<Step>) {
                 };
                 processor.send(owner, b, answer).await.unwrap();
                 let mut sent = world.network.take_sent();
-                for message in sent.remove(consumer().expose()).unwrap_or_default() {
+                for message in sent.remove(&consumer()).unwrap_or_default() {
                     device.decrypt(b, &message).await.unwrap();
                 }
             }

@@ -876,7 +876,7 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
         .await
         .unwrap();
     let mut sent = network.take_sent();
-    let to_seven = sent.remove(number(7).expose()).unwrap();
+    let to_seven = sent.remove(&number(7)).unwrap();
     assert!(sent.is_empty());
     assert_eq!(to_seven.len(), 1);
     let payload = device.decrypt(b, &to_seven[0]).await.unwrap();

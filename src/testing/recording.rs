@@ -1,6 +1,6 @@
 //! A transport that accepts everything and keeps it.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -19,7 +19,7 @@ use crate::transport::{Outgoing, Transport, TransportError};
 #[derive(Default)]
 pub struct RecordingTransport {
     keys: Mutex<Option<PublishedKeys>>,
-    sent: Mutex<BTreeMap<String, Vec<Ciphertext>>>,
+    sent: Mutex<HashMap<PhoneNumber, Vec<Ciphertext>>>,
 }
 
 impl std::fmt::Debug for RecordingTransport {
@@ -47,9 +47,9 @@ impl RecordingTransport {
             .clone()
     }
 
-    /// Take what the processor sent since the last call, per consumer
-    /// number (E.164), in the order sent.
-    pub fn take_sent(&self) -> BTreeMap<String, Vec<Ciphertext>> {
+    /// Take what the processor sent since the last call, per consumer, in
+    /// the order sent.
+    pub fn take_sent(&self) -> HashMap<PhoneNumber, Vec<Ciphertext>> {
         std::mem::take(&mut *self.sent.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
@@ -81,10 +81,10 @@ impl Transport for RecordingTransport {
         let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
         let ciphertext = message.ciphertext.clone();
         // The consumer's key is copied only the first time.
-        match sent.get_mut(consumer.expose()) {
+        match sent.get_mut(consumer) {
             Some(list) => list.push(ciphertext),
             None => {
-                sent.insert(consumer.expose().to_owned(), vec![ciphertext]);
+                sent.insert(consumer.clone(), vec![ciphertext]);
             }
         }
         Ok(())
