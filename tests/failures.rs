@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId};
+use custodian::integrity::{Direction, Status as StatsStatus};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
@@ -1188,20 +1189,25 @@ fn a_failed_first_publish_is_retried_to_a_working_business() {
     }));
 }
 
+/// Also counted failed once in the statistics (two consumers: a bucket
+/// of fewer is suppressed).
 #[test]
 fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
     runtime().block_on(every_failure(|at| async move {
-        // The network is down past the message's retention: it expires
-        // open, and the sweep tells its business.
+        // The network is down past the messages' retention: they expire
+        // open, and the sweep tells their business.
         let start = Timestamp::from_millis(T0);
         let down = Faults::none().with_outage(start, Duration::from_secs(40 * 24 * 3600));
         let d = deployment(down, Faults::none()).await;
-        d.network.add_consumer(&consumer(2), 1).await;
-        let out = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"out"))
-            .await
-            .unwrap();
+        let mut sent = Vec::new();
+        for i in [2, 3] {
+            d.network.add_consumer(&consumer(i), 1).await;
+            let message = Outbound {
+                to: consumer(i),
+                ..d.outbound(b"out")
+            };
+            sent.push(d.processor.send(&d.owner, d.b, message).await.unwrap());
+        }
         // An hour past its retention: well within the grace for its report.
         d.clock.advance(Duration::from_secs(30 * 24 * 3600 + 3600));
         d.faults.fail_at(at.n, at.seams, at.strike);
@@ -1213,9 +1219,21 @@ fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
         assert!(report.complete, "{at:?}");
         d.processor.retransmit_due(&d.operator).await.unwrap();
         assert_eq!(d.store.census().await.unwrap().messages, 0, "{at:?}");
-        let told = &d.business.statuses()[&out];
         let want = [(Status::Failed, Some(FailureReason::Expired))];
-        assert_eq!(told, &want, "{at:?}: {failed:?}");
+        for out in &sent {
+            let told = &d.business.statuses()[out];
+            assert_eq!(told, &want, "{at:?}: {failed:?}");
+        }
+        // Once the statistics' day is over, the two count once each.
+        d.clock.advance(Duration::from_secs(24 * 3600));
+        let statistics = d.processor.statistics(&d.operator).await.unwrap();
+        let counted: Vec<u64> = statistics
+            .iter()
+            .flat_map(|r| &r.messages)
+            .filter(|m| m.direction == Direction::Outbound && m.status == StatsStatus::Failed)
+            .map(|m| m.messages)
+            .collect();
+        assert_eq!(counted, [2], "{at:?}: {failed:?}");
         failed.is_empty()
     }));
 }

@@ -90,18 +90,22 @@ impl Processor {
         };
         // If it changed meanwhile (a newer status, a device left to retry),
         // what changed it decides what is reported next.
-        if told {
+        let written = if told {
             let reported = Op::UpdateDelivery {
                 business,
                 id,
                 expected: stored,
                 delivery: next,
             };
-            self.commit_told(business, id, reported, None).await?;
+            self.commit_told(business, id, reported, None).await
         } else {
-            self.write_delivery(business, id, stored, next).await?;
-        }
-        if told && update.status == Status::Failed {
+            self.write_delivery(business, id, stored, next).await
+        };
+        // A failure told is counted once: not when the told write lost a
+        // race (what changed the message reports it, and counts), but
+        // when it failed (it is owed, and lands before the message is
+        // taken up again).
+        if told && update.status == Status::Failed && !matches!(written, Ok(false)) {
             self.statistics.record_message(
                 business,
                 phone,
@@ -110,6 +114,7 @@ impl Processor {
                 update.at,
             );
         }
+        written?;
         Ok(told)
     }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
-use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport, StatisticsConfig};
 use custodian::keys::{
     Epoch, EpochLength, KekContext, KekRing, KeyEntry, KeyId, KeyKind, KeyManager, KeyProvider,
     LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
@@ -608,6 +608,12 @@ impl HostSeams {
                 batch: 1_000,
             },
             signal: self.signal.clone(),
+            // Small buckets are suppressed: two consumers make one.
+            statistics: {
+                let mut statistics = StatisticsConfig::default();
+                statistics.k = 2;
+                statistics
+            },
             ..Policies::default()
         };
         Processor::new(host, policies).unwrap()
