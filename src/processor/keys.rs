@@ -17,9 +17,12 @@ impl Processor {
     }
 
     /// Keep `business`'s Signal prekeys healthy and publish them through the
-    /// transport: the one-time pool is refilled by the count the transport
-    /// gives ([`Transport::one_time_prekey_count`](crate::transport::Transport::one_time_prekey_count)), or by the keys held if
-    /// it gives none (see [`Sessions::maintain`](crate::signal::Sessions::maintain)).
+    /// transport. The one-time pool is refilled by the transport's count of
+    /// keys left ([`Transport::one_time_prekey_count`]), or by the keys held
+    /// if it gives none ([`Sessions::maintain`]).
+    ///
+    /// [`Transport::one_time_prekey_count`]: crate::transport::Transport::one_time_prekey_count
+    /// [`Sessions::maintain`]: crate::signal::Sessions::maintain
     pub async fn publish_keys(
         &self,
         principal: &Principal,
