@@ -13,7 +13,7 @@ use std::time::Duration;
 use custodian::envelope::Envelope;
 use custodian::ids::{BusinessId, PhoneNumber};
 use custodian::keys::{
-    Epoch, EpochLength, KeyError, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
+    Epoch, EpochLength, KeyError, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
 use custodian::signal::{
     Ciphertext, IdentityPolicy, IdentityStatus, MessageKind, PublishedKeys, Sessions, SignalConfig,
@@ -1063,4 +1063,101 @@ async fn a_resent_setup_carrying_another_identity_key_is_refused() {
         .unwrap();
     assert_eq!(*decrypted.plaintext, b"still me");
     assert!(!decrypted.identity_changed);
+}
+
+mod prekey_pool {
+    use std::collections::BTreeSet;
+
+    use custodian::signal::PublicPreKey;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A network handing keys out and devices using some of them, with
+    /// maintenance by the network's count between: the pool holds what the
+    /// policy says. Keys are told apart by public key: an id whose key was
+    /// used up may come again.
+    fn run(steps: Vec<(usize, u64)>) -> Result<(), TestCaseError> {
+        let (pool, low_water, limit) = (12, 5, 30);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let w = World::with_config(SignalConfig {
+                prekey_pool: pool,
+                prekey_low_water: low_water,
+                prekey_limit: limit,
+                ..SignalConfig::default()
+            });
+            // The model: every key made, in the order made; those handed out.
+            let mut made: Vec<PublicPreKey> = w.published().await.one_time_prekeys;
+            let mut handed_out: Vec<PublicPreKey> = Vec::new();
+            for (hand_out, used) in steps {
+                let published = w.published().await.one_time_prekeys;
+                // Published: the keys kept, oldest first, each id once.
+                let kept: Vec<PublicPreKey> = made
+                    .iter()
+                    .copied()
+                    .filter(|k| published.contains(k))
+                    .collect();
+                prop_assert_eq!(&published, &kept);
+                let ids: BTreeSet<u32> = published.iter().map(|k| k.id).collect();
+                prop_assert_eq!(ids.len(), published.len());
+                // The network hands keys out oldest first, each once; the
+                // devices use some (their first messages consume them).
+                let fresh: Vec<PublicPreKey> = published
+                    .iter()
+                    .copied()
+                    .filter(|k| !handed_out.contains(k))
+                    .take(hand_out)
+                    .collect();
+                handed_out.extend(&fresh);
+                let consumed: Vec<KeyId> = fresh
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| used & (1 << (i % 64)) != 0)
+                    .map(|(_, k)| KeyId {
+                        business: w.business,
+                        kind: KeyKind::SignalPreKey,
+                        id: u64::from(k.id),
+                    })
+                    .collect();
+                w.store.delete_keys(&consumed).await.unwrap();
+                let stored = published.len() - consumed.len();
+                let left = published.iter().filter(|k| !handed_out.contains(k)).count();
+
+                let report = w.sessions.maintain(w.business, Some(left)).await.unwrap();
+                let after = w.published().await.one_time_prekeys;
+                let added: Vec<PublicPreKey> = after
+                    .iter()
+                    .copied()
+                    .filter(|k| !made.contains(k))
+                    .collect();
+                made.extend(&added);
+                let want_added = if left < low_water { pool - left } else { 0 };
+                prop_assert_eq!(report.prekeys_added, want_added);
+                prop_assert_eq!(added.len(), want_added);
+                prop_assert!(after.ends_with(&added), "new keys come last");
+                let want_retired = (stored + want_added).saturating_sub(limit);
+                prop_assert_eq!(report.prekeys_retired, want_retired);
+                prop_assert_eq!(after.len(), stored + want_added - want_retired);
+                prop_assert_eq!(
+                    report.prekeys_available,
+                    (left + want_added).min(after.len())
+                );
+            }
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn the_pool_follows_the_networks_count_and_the_limit(
+            steps in prop::collection::vec((0usize..16, any::<u64>()), 1..12),
+        ) {
+            run(steps)?;
+        }
+    }
 }

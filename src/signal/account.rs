@@ -317,7 +317,10 @@ pub(super) fn oldest_first(mut ids: Vec<u32>) -> Vec<u32> {
 
 /// `count` ids in `1..=MAX_PREKEY_ID` not in `taken`: consecutive after the
 /// newest of `taken` (see [`oldest_first`]), wrapping, or from a random
-/// start if `taken` is empty.
+/// start if `taken` is empty. Nothing records the ids made before, so the
+/// ids of the newest keys, once used up, are made again, with new keys:
+/// a first message naming one is either that key's, whose session
+/// exists, or one that fails to decrypt, as one naming a deleted key does.
 pub(super) fn next_ids(taken: &BTreeSet<u32>, count: usize) -> Vec<u32> {
     let newest = oldest_first(taken.iter().copied().collect())
         .last()
