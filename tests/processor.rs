@@ -1520,3 +1520,62 @@ async fn the_prekey_pool_refills_while_first_messages_are_on_their_way() {
     assert_eq!(messages.len(), consumers, "every first message decrypted");
     assert!(messages.values().all(|&copies| copies == 1));
 }
+
+/// Delivery settings under which retries would stop, or spin, are refused
+/// when the processor is built, naming the setting.
+#[test]
+fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
+    let host = || {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1)),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            authorizer: Arc::new(StaticAuthorizer::new()),
+            clock: Arc::new(clock),
+            audit: Arc::new(MemoryAuditSink::new()),
+        }
+    };
+    let ok = DeliveryConfig::default();
+    assert!(Processor::new(host(), Policies::default()).is_ok());
+    for (bad, field) in [
+        (
+            DeliveryConfig {
+                batch: 0,
+                ..ok.clone()
+            },
+            "batch",
+        ),
+        (
+            DeliveryConfig {
+                retry_base: Duration::ZERO,
+                ..ok.clone()
+            },
+            "retry_base",
+        ),
+        (
+            DeliveryConfig {
+                retry_max: ok.retry_base / 2,
+                ..ok.clone()
+            },
+            "retry_max",
+        ),
+        (
+            DeliveryConfig {
+                receipt_timeout: Duration::ZERO,
+                ..ok.clone()
+            },
+            "receipt_timeout",
+        ),
+    ] {
+        let policies = Policies {
+            delivery: bad,
+            ..Policies::default()
+        };
+        match Processor::new(host(), policies) {
+            Err(ProcessorError::Config(why)) => assert!(why.contains(field), "{why}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+}

@@ -194,6 +194,26 @@ impl Default for DeliveryConfig {
 }
 
 impl DeliveryConfig {
+    /// Whether these settings keep retrying: a zero batch would hand
+    /// nothing due to [`Processor::retransmit_due`], a zero wait would
+    /// retry on every pass. The error names the setting.
+    pub fn validate(&self) -> Result<(), ProcessorError> {
+        let invalid = |what: &str| Err(ProcessorError::Config(format!("delivery: {what}")));
+        if self.batch == 0 {
+            return invalid("batch must be at least 1");
+        }
+        if self.retry_base.is_zero() {
+            return invalid("retry_base must be more than zero");
+        }
+        if self.retry_max < self.retry_base {
+            return invalid("retry_max must be at least retry_base");
+        }
+        if self.receipt_timeout.is_zero() {
+            return invalid("receipt_timeout must be more than zero");
+        }
+        Ok(())
+    }
+
     fn backoff(&self, attempts: u32) -> Duration {
         let factor = 1u32 << attempts.min(20);
         self.retry_base.saturating_mul(factor).min(self.retry_max)
@@ -285,6 +305,7 @@ impl Processor {
     /// A processor over `host`'s seams, under `policies`.
     pub fn new(host: Host, policies: Policies) -> Result<Self, ProcessorError> {
         let config = |e: crate::integrity::ConfigError| ProcessorError::Config(e.to_string());
+        policies.delivery.validate()?;
         let keys = Arc::new(KeyManager::new(host.key_provider, host.storage.clone()));
         let vault = Arc::new(Vault::new(
             keys.clone(),
