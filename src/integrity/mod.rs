@@ -37,8 +37,8 @@
 //!   An anomaly is raised the moment the open window crosses the threshold.
 //! - **k-suppression**: a statistics bucket with fewer than
 //!   [`StatisticsConfig::k`] distinct consumers is left out of the export
-//!   (indistinguishable from an empty one), and so is any total it could be
-//!   recovered from; only closed periods are exported, and a closed period
+//!   (indistinguishable from an empty one), and so is any count it could be
+//!   recovered from by subtraction; only closed periods are exported, and a closed period
 //!   never changes, so two exports cannot be subtracted to single anyone out.
 //!
 //! # Example

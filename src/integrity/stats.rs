@@ -102,9 +102,12 @@ pub struct LatencyCount {
 /// One business's statistics for one closed period, k-suppressed.
 ///
 /// Buckets with fewer than `k` distinct consumers are absent, exactly like
-/// empty ones. If any latency bucket is suppressed, the outbound
-/// `delivered` count (which the latency buckets sum to) is suppressed too,
-/// so no suppressed bucket can be recovered by subtraction.
+/// empty ones, and so is a count a suppressed bucket could be recovered
+/// from by subtraction. Two sums tie the counts: the latency buckets add up
+/// to the outbound `delivered` count, and in each direction `sent` is about
+/// `delivered` plus `failed`. If any latency bucket is suppressed,
+/// outbound `delivered` is withheld; if one of `sent`, `delivered` and
+/// `failed` is withheld, so is `sent` (or `failed`, if `sent` was the one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StatisticsReport {
@@ -349,18 +352,39 @@ impl StatisticsCollector {
         p: &PeriodStats,
     ) -> Labelled<StatisticsReport> {
         let k = self.config.k;
-        let latency_suppressed = p.latency.iter().any(|b| b.suppressed(k));
+        // Released counts must not give a suppressed one away by
+        // subtraction. Two sums tie them: the latency buckets add up to the
+        // outbound delivered count, and in each direction sent is about
+        // delivered plus failed. Where a sum has exactly one count withheld,
+        // another is withheld with it.
+        let mut withheld = [[false; Status::ALL.len()]; 2];
+        for direction in Direction::ALL {
+            for &status in Status::ALL {
+                withheld[lane(direction)][status as usize] =
+                    p.messages[lane(direction)][status as usize].suppressed(k);
+            }
+        }
+        if p.latency.iter().any(|b| b.suppressed(k)) {
+            withheld[lane(Direction::Outbound)][Status::Delivered as usize] = true;
+        }
+        for lane in &mut withheld {
+            let sum = [Status::Sent, Status::Delivered, Status::Failed];
+            if sum.iter().filter(|&&s| lane[s as usize]).count() == 1 {
+                // Sent, unless it is the one: delivered may be the latency
+                // buckets' sum, so failed then.
+                let also = if lane[Status::Sent as usize] {
+                    Status::Failed
+                } else {
+                    Status::Sent
+                };
+                lane[also as usize] = true;
+            }
+        }
         let mut messages = Vec::new();
         for direction in Direction::ALL {
             for &status in Status::ALL {
                 let bucket = &p.messages[lane(direction)][status as usize];
-                // The latency buckets sum to the outbound delivered count:
-                // releasing it beside a suppressed bucket would give that
-                // bucket away by subtraction.
-                let complement = direction == Direction::Outbound
-                    && status == Status::Delivered
-                    && latency_suppressed;
-                if bucket.releasable(k) && !complement {
+                if bucket.releasable(k) && !withheld[lane(direction)][status as usize] {
                     messages.push(MessageCount {
                         direction,
                         status,
