@@ -149,6 +149,8 @@ pub struct Retention {
     /// The policy whose periods every stored message's expiry reflects
     /// (`None` until a sweep has applied one: stores outlive processes).
     applied: Mutex<Option<Arc<RetentionPolicy>>>,
+    /// Where a pass applying a policy stopped, for the next sweep.
+    resume: Mutex<Option<(Arc<RetentionPolicy>, sweep::Resume)>>,
     /// Counts policy changes, each made under the policy's write lock: the
     /// policy an [`Admission`] was given.
     generation: AtomicU64,
@@ -165,18 +167,6 @@ pub struct Retention {
     /// shreds, which reads the holds afresh under it: a hold placed while
     /// a sweep runs is honoured from the sweep's next step on.
     hold_gate: HoldGate,
-}
-
-/// Marks the policy stale again when dropped, unless disarmed: a sweep
-/// that took the mark ends before its policy stage finished.
-struct StillStale<'a>(Option<&'a AtomicBool>);
-
-impl Drop for StillStale<'_> {
-    fn drop(&mut self) {
-        if let Some(stale) = self.0 {
-            stale.store(true, Ordering::SeqCst);
-        }
-    }
 }
 
 impl std::fmt::Debug for Retention {
@@ -203,6 +193,7 @@ impl Retention {
             audit,
             policy: RwLock::new(Arc::new(policy)),
             applied: Mutex::new(None),
+            resume: Mutex::new(None),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             batch: DEFAULT_BATCH,
@@ -299,7 +290,10 @@ impl Retention {
 
     /// A sweep that stops after `max_steps` store operations; its report says
     /// whether it finished. For hosts that sweep in slices, and for tests
-    /// that interrupt it.
+    /// that interrupt it. Each slice destroys ended epochs' keys first (one
+    /// step) and goes on from where the last one stopped applying a
+    /// shortened policy: slices of three steps or more finish every stage
+    /// in time.
     pub async fn sweep_steps(
         &self,
         now: Timestamp,
@@ -311,21 +305,31 @@ impl Retention {
         };
         let policy = self.policy();
         // Taken before the stage that applies the policy: a message stored
-        // late from here on marks the next sweep's. Put back unless that
-        // stage finishes (the sweep stopped by its budget or an error
-        // before, or its future dropped): the next sweep applies it then.
-        let stale = self.stale.swap(false, Ordering::SeqCst);
-        let mut still_stale = StillStale(stale.then_some(&self.stale));
-        let applied = !stale
-            && self
-                .applied
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .is_some_and(|a| Arc::ptr_eq(a, &policy));
+        // late from here on marks the next sweep's. A message stored late
+        // may lie anywhere, behind where a pass stopped included: the pass
+        // starts again.
+        if self.stale.swap(false, Ordering::SeqCst) {
+            *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, &policy));
+        // A pass of this policy that a sweep's step budget stopped goes on
+        // where it stopped.
+        let resume = self
+            .resume
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(p, _)| Arc::ptr_eq(p, &policy))
+            .map(|&(_, at)| at);
         let (report, shortened) = sweep::Sweep {
             storage: &*self.storage,
-            shorten: (!applied).then_some(&*policy),
+            shorten: (!applied).then_some((&*policy, resume)),
             keys: &self.keys,
             hold_gate: &self.hold_gate,
             notifier,
@@ -336,9 +340,15 @@ impl Retention {
         }
         .run()
         .await?;
-        if shortened {
-            still_stale.0 = None;
-            *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+        match shortened {
+            sweep::Shortened::Done => {
+                *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+            }
+            sweep::Shortened::At(at) => {
+                *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = Some((policy, at));
+            }
+            sweep::Shortened::Failed => {}
         }
         Ok(report)
     }

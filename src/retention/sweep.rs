@@ -81,8 +81,8 @@ pub enum SweepError {
 pub(super) struct Sweep<'a> {
     pub(super) storage: &'a dyn Storage,
     /// A policy whose shortened periods are yet to be applied to the
-    /// messages already stored.
-    pub(super) shorten: Option<&'a RetentionPolicy>,
+    /// messages already stored, and where an earlier sweep's pass stopped.
+    pub(super) shorten: Option<(&'a RetentionPolicy, Option<Resume>)>,
     pub(super) keys: &'a KeyManager,
     /// Held by every step that deletes or shreds (see [`Sweep::held`]).
     pub(super) hold_gate: &'a HoldGate,
@@ -91,6 +91,26 @@ pub(super) struct Sweep<'a> {
     pub(super) batch: usize,
     pub(super) max_steps: u64,
     pub(super) report: SweepReport,
+}
+
+/// Where a pass applying a shortened policy stopped (its step budget spent):
+/// the next sweep goes on from there, so sweeps in slices smaller than the
+/// pass still finish it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Resume {
+    business: BusinessId,
+    direction: Direction,
+    after: Option<crate::ids::MessageId>,
+}
+
+/// How far the policy stage got.
+pub(super) enum Shortened {
+    /// Every stored message's expiry reflects the policy.
+    Done,
+    /// Stopped by the step budget, here.
+    At(Resume),
+    /// Failed: the next sweep starts the pass again.
+    Failed,
 }
 
 /// The holds in force, read under the hold gate, with the gate: no hold
@@ -141,16 +161,21 @@ impl<'a> Sweep<'a> {
     /// Run every stage to the end, or until the step budget is spent.
     /// Each stage is idempotent, so a sweep stopped anywhere (by the budget,
     /// an error or a crash) is finished by the next one.
-    /// The report says whether the sweep finished; the flag, whether the
-    /// policy's shortened periods now apply to every stored message.
+    /// The report says whether the sweep finished; the second value, how
+    /// far applying the policy's shortened periods got.
+    ///
+    /// Ended epochs' keys are destroyed first: it takes one step and needs
+    /// nothing from the other stages, so neither a small step budget nor a
+    /// business endpoint that does not answer (stage 2 tells businesses of
+    /// expired messages) keeps anything readable past its epoch. Expired
+    /// settled messages are deleted before stage 2 too, and again after it.
     ///
     /// A stage that fails does not stop the later ones: a record that
     /// cannot be read (damaged, say) must not keep everything else past
-    /// its retention, least of all the epoch keys, whose destruction makes
-    /// whatever is left unreadable. The first error is returned once every
-    /// stage has run. (Once the budget is spent, each later stage stops at
-    /// its first step.)
-    pub(super) async fn run(mut self) -> Result<(SweepReport, bool), SweepError> {
+    /// its retention. The first error is returned once every stage has
+    /// run. (Once the budget is spent, each later stage stops at its first
+    /// step.)
+    pub(super) async fn run(mut self) -> Result<(SweepReport, Shortened), SweepError> {
         let started = Instant::now();
         let mut failed = None;
         let mut done = |stage: Result<bool, SweepError>| {
@@ -160,15 +185,29 @@ impl<'a> Sweep<'a> {
                 false
             })
         };
-        let shortened = done(self.shorten_expiries().await);
-        let failed_open = done(self.fail_expired_open().await);
-        let deleted = done(self.delete_expired().await);
-        let forgotten = done(self.delete_orphan_peers().await);
         let destroyed = done(self.destroy_ended_epochs().await);
+        let shortened = match self.shorten_expiries().await {
+            Ok(None) => Shortened::Done,
+            Ok(Some(resume)) => Shortened::At(resume),
+            Err(e) => {
+                done(Err(e));
+                Shortened::Failed
+            }
+        };
+        // Settled messages go before businesses are told of expired open
+        // ones, which waits on their endpoints; those failed now go after.
+        let deleted_settled = done(self.delete_expired().await);
+        let failed_open = done(self.fail_expired_open().await);
+        let deleted = done(self.delete_expired().await) && deleted_settled;
+        let forgotten = done(self.delete_orphan_peers().await);
         if let Some(e) = failed {
             return Err(e);
         }
-        let complete = shortened && failed_open && deleted && forgotten && destroyed;
+        let complete = matches!(shortened, Shortened::Done)
+            && failed_open
+            && deleted
+            && forgotten
+            && destroyed;
         if complete {
             // What was deleted may live on in the store's own files; a store
             // that cannot scrub now does it at the next sweep.
@@ -181,25 +220,39 @@ impl<'a> Sweep<'a> {
         Ok((self.report, shortened))
     }
 
-    /// Stage 0 (after a policy change): cap the expiry of stored messages
+    /// Stage 1 (after a policy change): cap the expiry of stored messages
     /// at their creation plus the period now in force, wherever that is
-    /// shorter, a page of one business at a time. Reads already refuse
-    /// them; this lets the later stages delete them, and forget their
-    /// consumers, on time.
-    async fn shorten_expiries(&mut self) -> Result<bool, SweepError> {
-        let Some(policy) = self.shorten else {
-            return Ok(true);
+    /// shorter, a page of one business at a time, from where the last
+    /// sweep's pass stopped. Reads already refuse them; this lets the later
+    /// stages delete them, and forget their consumers, on time. Returns
+    /// where it stopped, or `None` once the pass is done.
+    async fn shorten_expiries(&mut self) -> Result<Option<Resume>, SweepError> {
+        let Some((policy, resume)) = self.shorten else {
+            return Ok(None);
         };
         for business in self.storage.message_businesses().await? {
+            if resume.is_some_and(|r| business < r.business) {
+                continue;
+            }
             for direction in Direction::ALL {
+                let resumed = resume.filter(|r| r.business == business);
+                if resumed.is_some_and(|r| direction < r.direction) {
+                    continue;
+                }
                 let period = policy.period(business, direction);
                 if period >= CEILING {
                     continue;
                 }
-                let mut after = None;
+                let mut after = resumed
+                    .filter(|r| r.direction == direction)
+                    .and_then(|r| r.after);
                 loop {
                     if !self.step() {
-                        return Ok(false);
+                        return Ok(Some(Resume {
+                            business,
+                            direction,
+                            after,
+                        }));
                     }
                     after = self
                         .storage
@@ -211,16 +264,18 @@ impl<'a> Sweep<'a> {
                 }
             }
         }
-        Ok(true)
+        Ok(None)
     }
 
-    /// Stage 1: every message that expired undelivered is reported, then
+    /// Stage 2: every message that expired undelivered is reported, then
     /// marked failed (and so becomes deletable). One not reported yet (its
     /// business unreachable) stays open for the next sweep, and this one
     /// pages past it, until [`REPORT_GRACE`] has passed: then it is failed
-    /// unreported.
+    /// unreported. A business that could not be told is not asked again
+    /// in the same sweep.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
+        let mut unreachable = BTreeSet::new();
         loop {
             let open = self
                 .storage
@@ -239,7 +294,14 @@ impl<'a> Sweep<'a> {
             }
             let mut batch = Batch::new();
             for m in open {
-                let told = self.notifier.expired_undelivered(&m).await;
+                // A business that could not be told once is not asked again
+                // in this sweep: an endpoint that times out would cost a
+                // timeout per message.
+                let told = !unreachable.contains(&m.business)
+                    && self.notifier.expired_undelivered(&m).await;
+                if !told {
+                    unreachable.insert(m.business);
+                }
                 if !told && m.expiry > self.abandon_before() {
                     continue;
                 }
@@ -264,8 +326,8 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// Stage 2: delete expired, settled, unheld messages. Their consumers'
-    /// Signal state goes in stage 3, in one pass over the peers: a step's
+    /// Stage 3: delete expired, settled, unheld messages. Their consumers'
+    /// Signal state goes in stage 4, in one pass over the peers: a step's
     /// messages span most consumers (they are taken in expiry order), so
     /// checking those consumers after every step would check most of them
     /// again and again.
@@ -286,8 +348,8 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// Stage 3: a full scan for Signal state no live message needs: the
-    /// consumers whose last messages stage 2 deleted (in this sweep or in
+    /// Stage 4: a full scan for Signal state no live message needs: the
+    /// consumers whose last messages stage 3 deleted (in this sweep or in
     /// one interrupted before), and any left by other means. Each peer is
     /// deleted only if its consumer still has no live message (one may have
     /// arrived since the page was listed: that peer stays, though the
@@ -334,7 +396,7 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// Stage 4: destroy the keys of ended epochs, except those still holding
+    /// Stage 0: destroy the keys of ended epochs, except those still holding
     /// a message under a legal hold.
     ///
     /// If the epochs of a held business's messages cannot be read (a
