@@ -713,7 +713,7 @@ mod exports {
     use custodian::store::MemoryStore;
     use custodian::testing::{Faults, SimBusiness, SimNetwork};
     use custodian::transport::{Principal, StaticAuthorizer};
-    use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent};
+    use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent, ShredEvent};
 
     use super::*;
 
@@ -734,6 +734,10 @@ mod exports {
 
         fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
             self.kept.record_hold(event)
+        }
+
+        fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
+            self.kept.record_shred(event)
         }
     }
 

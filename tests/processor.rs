@@ -716,12 +716,28 @@ async fn no_principal_reaches_another_tenant() {
     unauthorized(d.processor.export_integrity(&intruder).await.map(drop));
     unauthorized(d.processor.export_billing(&intruder).await.map(drop));
     unauthorized(d.processor.keys(&intruder).map(drop));
+    let epoch =
+        custodian::keys::Epoch::containing(d.clock.now(), custodian::keys::EpochLength::DEFAULT)
+            .unwrap();
+    unauthorized(
+        d.processor
+            .shred_epoch(&intruder, b, epoch, "case")
+            .await
+            .map(drop),
+    );
     unauthorized(d.processor.retention_policy(&intruder).map(drop));
     assert!(d.processor.retention_policy(&d.operator).is_ok());
     unauthorized(
         d.processor
             .set_retention_policy(&intruder, custodian::retention::RetentionPolicy::default()),
     );
+    // The epoch length is the processor's: another is refused, naming it.
+    let other_epochs = custodian::retention::RetentionPolicy::default()
+        .with_epoch_length(custodian::keys::EpochLength::new(Duration::from_secs(600)).unwrap());
+    assert!(matches!(
+        d.processor.set_retention_policy(&d.operator, other_epochs),
+        Err(ProcessorError::Config(why)) if why.contains("epoch length")
+    ));
     unauthorized(
         d.processor
             .set_visibility_policy(&intruder, VisibilityPolicy::default()),

@@ -15,8 +15,9 @@ use custodian::envelope::{Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, InUse, Periods, PolicyFile,
-    PurgeReason, REPORT_GRACE, RecordFacts, Retention, RetentionPolicy, check_residency, evaluate,
+    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse, Periods,
+    PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention, RetentionPolicy,
+    check_residency, evaluate,
 };
 use custodian::store::{
     Batch, Delivery, Direction, FailureReason, HoldScope, MemoryStore, MessageRecord, Op, PeerId,
@@ -24,7 +25,9 @@ use custodian::store::{
 };
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::{OpenError, Vault};
-use custodian::visibility::{HoldAction, MemoryAuditSink};
+use custodian::visibility::{
+    AuditError, AuditSink, HoldAction, HoldEvent, MemoryAuditSink, ShredEvent,
+};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -1197,6 +1200,88 @@ impl ExpiryNotifier for Counting {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.notices.expired_undelivered(message).await
     }
+}
+
+/// An early shred is refused while a legal hold covers a message of its
+/// epoch, and recorded in the audit trail before the key goes; once the
+/// hold is released it destroys the key, and the message is unreadable.
+#[tokio::test]
+async fn an_early_shred_honours_legal_holds_and_is_audited() {
+    let w = World::new(64);
+    let b = business(1);
+    let held = w.store(b, 1, Direction::Inbound, false).await;
+    let epoch = held.record.epoch;
+    w.retention
+        .place_hold(HoldScope::Consumer(b, held.record.phone), "case-7", w.now())
+        .await
+        .unwrap();
+    let refused = w
+        .retention
+        .shred_epoch(b, epoch, "request-1", w.now())
+        .await;
+    assert!(matches!(refused, Err(HoldError::Held)), "{refused:?}");
+    assert!(w.keys.epoch_key(b, epoch).await.is_ok());
+    assert!(
+        w.audit.shred_events().is_empty(),
+        "a refused shred is not recorded"
+    );
+    // Another business's hold covers nothing of this one.
+    let other = business(2);
+    w.retention
+        .release_hold(HoldScope::Consumer(b, held.record.phone), "case-7", w.now())
+        .await
+        .unwrap();
+    w.retention
+        .place_hold(HoldScope::Business(other), "case-8", w.now())
+        .await
+        .unwrap();
+    assert!(
+        w.retention
+            .shred_epoch(b, epoch, "request-1", w.now())
+            .await
+            .unwrap()
+    );
+    assert!(w.keys.epoch_key(b, epoch).await.is_err());
+    assert_eq!(w.read(&held.record).await, None);
+    let events = w.audit.shred_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (
+            events[0].business,
+            events[0].epoch_end,
+            events[0].reference.as_str()
+        ),
+        (b, epoch.end(), "request-1")
+    );
+}
+
+/// An early shred the audit trail cannot record destroys nothing.
+#[tokio::test]
+async fn an_early_shred_that_cannot_be_audited_destroys_nothing() {
+    struct Down;
+    impl AuditSink for Down {
+        fn record(&self, _: &custodian::visibility::Decision) -> Result<(), AuditError> {
+            Err(AuditError::OutOfService)
+        }
+        fn record_hold(&self, _: &HoldEvent) -> Result<(), AuditError> {
+            Err(AuditError::OutOfService)
+        }
+        fn record_shred(&self, _: &ShredEvent) -> Result<(), AuditError> {
+            Err(AuditError::OutOfService)
+        }
+    }
+    let w = World::new(64);
+    let b = business(1);
+    let m = w.store(b, 1, Direction::Inbound, false).await;
+    let retention = Retention::new(
+        w.store.clone(),
+        w.keys.clone(),
+        RetentionPolicy::default(),
+        Arc::new(Down),
+    );
+    let refused = retention.shred_epoch(b, m.record.epoch, "r", w.now()).await;
+    assert!(matches!(refused, Err(HoldError::Audit(_))), "{refused:?}");
+    assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
 }
 
 // ---- random timelines -----------------------------------------------------

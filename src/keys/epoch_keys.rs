@@ -196,6 +196,9 @@ impl KeyManager {
     /// sealed into it. Signal sessions over this manager drop the state they
     /// hold in memory on their next operation. Returns whether a live key
     /// was destroyed.
+    ///
+    /// Legal holds are not consulted and nothing is audited here: operators
+    /// shred through [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch).
     pub async fn destroy_epoch(
         &self,
         business: BusinessId,

@@ -9,8 +9,10 @@ use crate::store::PeerId;
 use crate::transport::Principal;
 
 impl Processor {
-    /// The key manager, for KEK rotation and early shredding (operators
-    /// only: it spans every business).
+    /// The key manager, for KEK rotation (operators only: it spans every
+    /// business). Shred early through [`shred_epoch`](Self::shred_epoch),
+    /// which honours legal holds and is audited; the key manager's own
+    /// `destroy_epoch` does neither.
     pub fn keys(&self, principal: &Principal) -> Result<&KeyManager, ProcessorError> {
         self.authorize_operator(principal)?;
         Ok(&self.keys)

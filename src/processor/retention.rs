@@ -6,6 +6,8 @@ use std::sync::Arc;
 use tracing::{Instrument, debug_span, info, warn};
 
 use super::{Processor, ProcessorError};
+use crate::ids::BusinessId;
+use crate::keys::Epoch;
 use crate::retention::{ExpiryNotifier, RetentionPolicy, SweepError, SweepReport};
 use crate::signal::Sessions;
 use crate::store::{Hold, HoldScope, MessageRecord};
@@ -65,12 +67,19 @@ impl Processor {
 
     /// Put a retention policy in force (operators only). Shorter periods
     /// apply to reads at once, and to stored messages from the next sweep.
+    /// The epoch length is the processor's from when it was built: a policy
+    /// with another is refused as [`ProcessorError::Config`].
     pub fn set_retention_policy(
         &self,
         principal: &Principal,
         policy: RetentionPolicy,
     ) -> Result<(), ProcessorError> {
         self.authorize_operator(principal)?;
+        if policy.epoch_length() != self.retention.policy().epoch_length() {
+            return Err(ProcessorError::Config(
+                "retention: the epoch length is set when the processor is built".into(),
+            ));
+        }
         self.retention.set_policy(policy);
         info!(principal = %principal, "retention policy replaced");
         Ok(())
@@ -125,6 +134,27 @@ impl Processor {
             .retention
             .place_hold(scope, reference, self.clock.now())
             .await?)
+    }
+
+    /// Destroy `business`'s key of `epoch` now, before the epoch ends, for
+    /// the case or request `reference` (operators only): every message and
+    /// Signal record sealed under it becomes unreadable. Refused while a
+    /// legal hold covers a message of that epoch; audited before the key
+    /// goes. See [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch).
+    pub async fn shred_epoch(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        epoch: Epoch,
+        reference: &str,
+    ) -> Result<bool, ProcessorError> {
+        self.authorize_operator(principal)?;
+        let destroyed = self
+            .retention
+            .shred_epoch(business, epoch, reference, self.clock.now())
+            .await?;
+        info!(principal = %principal, %business, "an epoch key was shredded early");
+        Ok(destroyed)
     }
 
     /// Release the legal hold on `scope` for the case `reference`

@@ -53,10 +53,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::ids::{BusinessId, Region};
-use crate::keys::KeyManager;
+use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
 use crate::time::Timestamp;
-use crate::visibility::{AuditError, AuditSink, HoldAction, HoldEvent};
+use crate::visibility::{AuditError, AuditSink, HoldAction, HoldEvent, ShredEvent};
 
 mod evaluate;
 mod gate;
@@ -84,6 +84,13 @@ pub enum HoldError {
     /// The audit trail could not record the change, so it was undone.
     #[error("the hold change could not be audited: {0}")]
     Audit(#[from] AuditError),
+    /// A legal hold covers a message sealed under the epoch key an early
+    /// shred would destroy: nothing was destroyed.
+    #[error("a legal hold covers a message of that epoch")]
+    Held,
+    /// The key hierarchy failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// Messages a sweep handles per store operation. Each step is one
@@ -351,6 +358,51 @@ impl Retention {
             sweep::Shortened::Failed => {}
         }
         Ok(report)
+    }
+
+    /// Destroy `business`'s key of `epoch` before the epoch ends, for the
+    /// case or request `reference` (a business leaving, a breach): every
+    /// record sealed under it becomes unreadable at once, in the store and
+    /// in every backup of it. Refused as [`HoldError::Held`] while a legal
+    /// hold covers a message of that epoch. Recorded in the audit trail
+    /// before the key is destroyed (nothing is destroyed if it cannot be);
+    /// a destroy that fails after it can be made again. Returns whether a
+    /// live key was destroyed.
+    ///
+    /// [`KeyManager::destroy_epoch`] does the same without the hold check
+    /// or the record: this is the call for operators.
+    pub async fn shred_epoch(
+        &self,
+        business: BusinessId,
+        epoch: Epoch,
+        reference: &str,
+        now: Timestamp,
+    ) -> Result<bool, HoldError> {
+        // Under the gate: no hold is placed between the check and the
+        // destroy.
+        let _gate = self.hold_gate.lock(&*self.storage).await?;
+        for hold in self.storage.holds().await? {
+            let (held, phone) = match hold.scope {
+                HoldScope::Business(b) => (b, None),
+                HoldScope::Consumer(b, p) => (b, Some(p)),
+            };
+            if held == business
+                && self
+                    .storage
+                    .message_epochs(business, phone)
+                    .await?
+                    .contains(&epoch)
+            {
+                return Err(HoldError::Held);
+            }
+        }
+        self.audit.record_shred(&ShredEvent {
+            at: now,
+            business,
+            epoch_end: epoch.end(),
+            reference: reference.to_owned(),
+        })?;
+        Ok(self.keys.destroy_epoch(business, epoch, now).await?)
     }
 
     /// The legal holds in force.

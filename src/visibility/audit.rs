@@ -188,6 +188,9 @@ pub trait AuditSink: Send + Sync {
 
     /// Record a legal hold being placed or released.
     fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError>;
+
+    /// Record an epoch key about to be destroyed before its epoch ends.
+    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError>;
 }
 
 impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
@@ -198,6 +201,25 @@ impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
     fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
         (**self).record_hold(event)
     }
+
+    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
+        (**self).record_shred(event)
+    }
+}
+
+/// An early shred: a business's epoch key destroyed before its epoch ends,
+/// on request (see `Retention::shred_epoch`), recorded before the key is
+/// destroyed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShredEvent {
+    /// When.
+    pub at: Timestamp,
+    /// Whose key.
+    pub business: BusinessId,
+    /// The end of the key's epoch.
+    pub epoch_end: Timestamp,
+    /// The case or request it serves.
+    pub reference: String,
 }
 
 /// What happened to a legal hold.
@@ -243,6 +265,7 @@ struct Ring {
     capacity: Option<usize>,
     recorded: u64,
     holds: Vec<HoldEvent>,
+    shreds: Vec<ShredEvent>,
 }
 
 impl MemoryAuditSink {
@@ -261,6 +284,7 @@ impl MemoryAuditSink {
                 capacity: Some(capacity),
                 recorded: 0,
                 holds: Vec::new(),
+                shreds: Vec::new(),
             }),
         }
     }
@@ -284,6 +308,11 @@ impl MemoryAuditSink {
     pub fn hold_events(&self) -> Vec<HoldEvent> {
         lock(&self.inner).holds.clone()
     }
+
+    /// Every early shred, oldest first (never dropped by the bound).
+    pub fn shred_events(&self) -> Vec<ShredEvent> {
+        lock(&self.inner).shreds.clone()
+    }
 }
 
 impl AuditSink for MemoryAuditSink {
@@ -299,6 +328,11 @@ impl AuditSink for MemoryAuditSink {
 
     fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
         lock(&self.inner).holds.push(event.clone());
+        Ok(())
+    }
+
+    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
+        lock(&self.inner).shreds.push(event.clone());
         Ok(())
     }
 }
@@ -413,23 +447,38 @@ impl<W: Write> Lines<W> {
     }
 }
 
-impl<W: Write + Send> AuditSink for JsonLinesSink<W> {
-    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
-        // Hold events are rare and suspend retention: always written at once,
-        // as `{"hold": {...}}` so readers tell them from release decisions.
+impl<W: Write + Send> JsonLinesSink<W> {
+    /// Write a rare event at once, as `{"<tag>": {...}}` so readers tell it
+    /// from release decisions.
+    fn write_event(
+        &self,
+        tag: &str,
+        event: &impl Serialize,
+        at: Timestamp,
+    ) -> Result<(), AuditError> {
         let mut lines = lock(&self.inner);
         if lines.failed {
             return Err(AuditError::OutOfService);
         }
         let start = lines.buf.len();
-        if let Err(e) = serde_json::to_writer(&mut lines.buf, &serde_json::json!({ "hold": event }))
-        {
+        if let Err(e) = serde_json::to_writer(&mut lines.buf, &serde_json::json!({ tag: event })) {
             lines.buf.truncate(start);
             return Err(AuditError::Encode(e.to_string()));
         }
         lines.buf.push(b'\n');
-        lines.last_write = Some(event.at);
+        lines.last_write = Some(at);
         lines.write_out()
+    }
+}
+
+impl<W: Write + Send> AuditSink for JsonLinesSink<W> {
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+        // Hold events are rare and suspend retention: written at once.
+        self.write_event("hold", event, event.at)
+    }
+
+    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
+        self.write_event("shred", event, event.at)
     }
 
     fn record(&self, decision: &Decision) -> Result<(), AuditError> {

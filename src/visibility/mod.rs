@@ -154,7 +154,7 @@ mod table;
 
 pub use audit::{
     AuditError, AuditSink, BadDecisionId, Decision, DecisionId, DenyReason, FlushPolicy,
-    HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, Verdict,
+    HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, ShredEvent, Verdict,
 };
 pub use file::{AllowEntry, PolicyError, PolicyFile, PolicyFormat};
 pub use release::{Denied, Gate, Labelled, Released};

@@ -371,6 +371,10 @@ mod tests {
         fn record_hold(&self, _: &crate::visibility::HoldEvent) -> Result<(), AuditError> {
             Err(AuditError::OutOfService)
         }
+
+        fn record_shred(&self, _: &crate::visibility::ShredEvent) -> Result<(), AuditError> {
+            Err(AuditError::OutOfService)
+        }
     }
 
     #[test]
