@@ -248,6 +248,7 @@ impl Rig {
             authorizer: Arc::new(
                 StaticAuthorizer::new()
                     .grant(&principal, business)
+                    .carrier(&principal, business)
                     .operator(&principal),
             ),
             // Real time: expiries and due times advance as they would in

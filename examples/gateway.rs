@@ -588,7 +588,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let mut owners = BTreeMap::new();
     for &b in &businesses {
         let owner = Principal::new(&format!("business-{b}"));
-        authorizer = authorizer.grant(&owner, b).grant(&transport, b);
+        authorizer = authorizer.grant(&owner, b).carrier(&transport, b);
         owners.insert(b, owner);
     }
     let delivery = DeliveryConfig {

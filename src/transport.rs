@@ -49,12 +49,22 @@ impl fmt::Display for Principal {
     }
 }
 
-/// Decides which principal may act for which business: the role the
-/// business manager plays. Every entry point of the processor asks it first.
+/// Decides which principal may act in which role: the part the business
+/// manager plays. Every entry point of the processor asks it first, for one
+/// of three roles: the business, the network carrying its messages, an
+/// operator. A business cannot hand in messages or reports as the network
+/// (a forged sender, a forged delivery), and the network cannot send as,
+/// configure or read for a business.
 pub trait Authorizer: Send + Sync {
-    /// Whether `principal` may act for `business` (send as it, receive for
-    /// it, read its messages and statuses).
+    /// Whether `principal` may act as `business`: send as it, read its
+    /// messages, statuses and bills, publish its keys, opt it in or out,
+    /// approve its consumers' new identity keys.
     fn may_act_for(&self, principal: &Principal, business: BusinessId) -> bool;
+
+    /// Whether `principal` may carry `business`'s messages, as the network
+    /// does: hand in consumers' messages (`receive`), delivery reports
+    /// (`status_update`), and spam and block reports.
+    fn may_carry_for(&self, principal: &Principal, business: BusinessId) -> bool;
 
     /// Whether `principal` may run maintenance that spans businesses
     /// (retransmission, the retention sweep, legal holds). Businesses may not.
@@ -62,10 +72,11 @@ pub trait Authorizer: Send + Sync {
 }
 
 /// An [`Authorizer`] from a fixed table: which principals act for which
-/// businesses, and which are operators.
+/// businesses, which carry their messages, and which are operators.
 #[derive(Debug, Clone, Default)]
 pub struct StaticAuthorizer {
     grants: HashMap<Principal, BTreeSet<BusinessId>>,
+    carriers: HashMap<Principal, BTreeSet<BusinessId>>,
     operators: BTreeSet<Principal>,
 }
 
@@ -84,6 +95,15 @@ impl StaticAuthorizer {
         self
     }
 
+    /// Let `principal` carry `business`'s messages.
+    pub fn carrier(mut self, principal: &Principal, business: BusinessId) -> Self {
+        self.carriers
+            .entry(principal.clone())
+            .or_default()
+            .insert(business);
+        self
+    }
+
     /// Let `principal` run maintenance.
     pub fn operator(mut self, principal: &Principal) -> Self {
         self.operators.insert(principal.clone());
@@ -94,6 +114,12 @@ impl StaticAuthorizer {
 impl Authorizer for StaticAuthorizer {
     fn may_act_for(&self, principal: &Principal, business: BusinessId) -> bool {
         self.grants
+            .get(principal)
+            .is_some_and(|b| b.contains(&business))
+    }
+
+    fn may_carry_for(&self, principal: &Principal, business: BusinessId) -> bool {
+        self.carriers
             .get(principal)
             .is_some_and(|b| b.contains(&business))
     }

@@ -260,7 +260,7 @@ impl Deployment {
         let mut authorizer = StaticAuthorizer::new().operator(&operator);
         for b in [1, 2] {
             let b = BusinessId::new(b).unwrap();
-            authorizer = authorizer.grant(&owner, b).grant(&transport, b);
+            authorizer = authorizer.grant(&owner, b).carrier(&transport, b);
         }
         let in_webhook = Arc::new(Notify::new());
         let racing = Arc::new(Racing {

@@ -122,6 +122,7 @@ fn crash_pipeline_child() {
             authorizer: Arc::new(
                 StaticAuthorizer::new()
                     .grant(&gateway, business())
+                    .carrier(&gateway, business())
                     .operator(&gateway),
             ),
             clock: Arc::new(clock()),
@@ -284,7 +285,11 @@ fn replay(path: &Path, replays: &[Acked]) {
             key_provider: key_provider(),
             transport: Arc::new(RecordingTransport::new()),
             business: sink.clone(),
-            authorizer: Arc::new(StaticAuthorizer::new().grant(&gateway, business())),
+            authorizer: Arc::new(
+                StaticAuthorizer::new()
+                    .grant(&gateway, business())
+                    .carrier(&gateway, business()),
+            ),
             clock: Arc::new(clock()),
             audit: Arc::new(MemoryAuditSink::new()),
         };

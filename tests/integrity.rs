@@ -756,7 +756,8 @@ mod exports {
             authorizer: Arc::new(
                 StaticAuthorizer::new()
                     .operator(&operator)
-                    .grant(&owner, business),
+                    .grant(&owner, business)
+                    .carrier(&owner, business),
             ),
             clock: Arc::new(clock.clone()),
             audit: audit.clone(),

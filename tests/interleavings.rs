@@ -276,7 +276,7 @@ impl World {
             StaticAuthorizer::new()
                 .operator(&operator)
                 .grant(&owner, b)
-                .grant(&carrier, b),
+                .carrier(&carrier, b),
         );
         // The seams a restart would build on (no test here restarts: its
         // processor would not count the ciphertexts sent).

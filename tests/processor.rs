@@ -62,7 +62,7 @@ impl Deployment {
         for &b in businesses {
             let b = BusinessId::new(b).unwrap();
             let owner = Principal::new(&format!("owner-of-{b}"));
-            authorizer = authorizer.grant(&owner, b).grant(&transport, b);
+            authorizer = authorizer.grant(&owner, b).carrier(&transport, b);
             owners.insert(b, owner);
         }
         let host = Host {
@@ -350,7 +350,8 @@ async fn statuses_never_go_backwards_and_duplicates_are_ignored() {
     let b = BusinessId::new(7).unwrap();
     d.network.add_consumer(&number(1), 1).await;
     let id = d.send(b, number(1), b"x").await;
-    let p = d.owner(b);
+    // The network reports statuses; the business reads them.
+    let p = &d.transport;
     assert_eq!(
         d.processor
             .status_update(p, b, id, Status::Read)
@@ -377,7 +378,11 @@ async fn statuses_never_go_backwards_and_duplicates_are_ignored() {
         Err(ProcessorError::Invalid(_))
     ));
     assert_eq!(
-        d.processor.message_status(p, b, id).await.unwrap().0,
+        d.processor
+            .message_status(d.owner(b), b, id)
+            .await
+            .unwrap()
+            .0,
         Status::Read
     );
     let seen: Vec<Status> = d.business.statuses()[&id].iter().map(|(s, _)| *s).collect();
@@ -945,7 +950,7 @@ fn a_business_may_reply_from_inside_its_webhook() {
                 key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
                 transport: network.clone(),
                 business: bot.clone(),
-                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
+                authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).carrier(&owner, b)),
                 clock: Arc::new(clock.clone()),
                 audit: Arc::new(MemoryAuditSink::new()),
             };
@@ -1037,7 +1042,12 @@ fn a_sweep_from_inside_the_business_told_by_a_sweep_is_refused_not_waited_for() 
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             transport: network.clone(),
             business: webhook.clone(),
-            authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).operator(&operator)),
+            authorizer: Arc::new(
+                StaticAuthorizer::new()
+                    .grant(&owner, b)
+                    .carrier(&owner, b)
+                    .operator(&operator),
+            ),
             clock: Arc::new(clock.clone()),
             audit: Arc::new(MemoryAuditSink::new()),
         };
@@ -1110,6 +1120,7 @@ impl Restartable {
     fn start(&self) -> Processor {
         let authorizer = StaticAuthorizer::new()
             .grant(&self.owner, self.b)
+            .carrier(&self.owner, self.b)
             .operator(&self.operator);
         Processor::new(
             Host {
@@ -1594,4 +1605,91 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
             other => panic!("{field}: {other:?}"),
         }
     }
+}
+
+/// The business and the network carrying its messages are different roles:
+/// the business cannot hand in a consumer's message or a delivery or abuse
+/// report (a forged sender, a forged delivery), and the network cannot send
+/// as the business, read for it or configure it. Each refusal changes
+/// nothing.
+#[tokio::test]
+async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 5);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let sent = d.send(b, number(1), b"hello").await;
+    let owner = d.owner(b).clone();
+    let carrier = d.transport.clone();
+    let before = (
+        d.store.census().await.unwrap(),
+        d.business.messages(),
+        d.business.statuses(),
+    );
+    let unauthorized = |r: Result<(), ProcessorError>| {
+        assert!(
+            matches!(r, Err(ProcessorError::Unauthorized { .. })),
+            "{r:?}"
+        )
+    };
+
+    // The business, acting as the network (refused before the message is
+    // even parsed).
+    let forged = custodian::processor::Inbound {
+        from: number(2),
+        device: 9,
+        message: custodian::signal::Ciphertext {
+            kind: custodian::signal::MessageKind::FirstContact,
+            bytes: vec![0x33; 80],
+        },
+    };
+    unauthorized(d.processor.receive(&owner, b, forged).await.map(drop));
+    unauthorized(
+        d.processor
+            .status_update(&owner, b, sent, Status::Read)
+            .await
+            .map(drop),
+    );
+    unauthorized(d.processor.report_spam(&owner, b));
+    unauthorized(d.processor.report_block(&owner, b));
+
+    // The network, acting as the business.
+    let spoof = || Outbound {
+        to: number(1),
+        content: b"spoof".to_vec().into(),
+        category: Category::Marketing,
+    };
+    unauthorized(d.processor.send(&carrier, b, spoof()).await.map(drop));
+    unauthorized(
+        d.processor
+            .send_idempotent(&carrier, b, b"k", spoof())
+            .await
+            .map(drop),
+    );
+    unauthorized(
+        d.processor
+            .message_status(&carrier, b, sent)
+            .await
+            .map(drop),
+    );
+    unauthorized(d.processor.billing_statement(&carrier, b).await.map(drop));
+    unauthorized(d.processor.publish_keys(&carrier, b).await);
+    unauthorized(
+        d.processor
+            .trust_new_identity(&carrier, b, &number(1), 0)
+            .await
+            .map(drop),
+    );
+    unauthorized(d.processor.opt_in(&carrier, b));
+    unauthorized(d.processor.opt_out(&carrier, b));
+
+    let after = (
+        d.store.census().await.unwrap(),
+        d.business.messages(),
+        d.business.statuses(),
+    );
+    assert_eq!(before, after);
+    // Each in its own role still gets through.
+    assert!(d.processor.message_status(&owner, b, sent).await.is_ok());
+    assert!(d.processor.report_spam(&carrier, b).is_ok());
 }

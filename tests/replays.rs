@@ -85,6 +85,7 @@ impl World {
                 authorizer: Arc::new(
                     StaticAuthorizer::new()
                         .grant(&self.owner, self.id)
+                        .carrier(&self.owner, self.id)
                         .operator(&self.operator),
                 ),
                 clock: Arc::new(self.clock.clone()),

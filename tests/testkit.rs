@@ -618,7 +618,7 @@ impl Deployment {
         let authorizer = StaticAuthorizer::new()
             .operator(&operator)
             .grant(&owner, self::business())
-            .grant(&transport, self::business());
+            .carrier(&transport, self::business());
         let host = Host {
             storage: Arc::new(MemoryStore::new()),
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
@@ -835,7 +835,7 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             transport: network.clone(),
             business: business.clone(),
-            authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
+            authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).carrier(&owner, b)),
             clock: Arc::new(clock.clone()),
             audit: Arc::new(MemoryAuditSink::new()),
         },

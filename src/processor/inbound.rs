@@ -99,7 +99,7 @@ impl Processor {
         business: BusinessId,
         inbound: Inbound,
     ) -> Result<Receipt, ProcessorError> {
-        self.authorize(principal, business)?;
+        self.authorize_carrier(principal, business)?;
         let now = self.clock.now();
         let (expiry, admitted) = self.admit(business, Direction::Inbound, now)?;
         // Parsed first, and a receive creates no key: the business's keys

@@ -347,6 +347,21 @@ impl Processor {
         }
     }
 
+    fn authorize_carrier(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+    ) -> Result<(), ProcessorError> {
+        if self.authorizer.may_carry_for(principal, business) {
+            Ok(())
+        } else {
+            warn!(principal = %principal, "refused: not a carrier for the business");
+            Err(ProcessorError::Unauthorized {
+                principal: principal.clone(),
+            })
+        }
+    }
+
     fn authorize_operator(&self, principal: &Principal) -> Result<(), ProcessorError> {
         if self.authorizer.may_operate(principal) {
             Ok(())

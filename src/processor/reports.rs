@@ -16,7 +16,7 @@ impl Processor {
         principal: &Principal,
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
-        self.authorize(principal, business)?;
+        self.authorize_carrier(principal, business)?;
         self.integrity
             .record_spam_report(business, self.clock.now());
         Ok(())
@@ -28,7 +28,7 @@ impl Processor {
         principal: &Principal,
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
-        self.authorize(principal, business)?;
+        self.authorize_carrier(principal, business)?;
         self.integrity.record_block(business, self.clock.now());
         Ok(())
     }

@@ -142,7 +142,7 @@ impl Processor {
         id: MessageId,
         status: Status,
     ) -> Result<StatusChange, ProcessorError> {
-        self.authorize(principal, business)?;
+        self.authorize_carrier(principal, business)?;
         if !matches!(status, Status::Delivered | Status::Read) {
             return Err(ProcessorError::Invalid(
                 "the transport reports delivered or read",

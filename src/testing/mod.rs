@@ -112,7 +112,7 @@
 //! let authorizer = StaticAuthorizer::new()
 //!     .operator(&operator)
 //!     .grant(&owner, b)
-//!     .grant(&carrier, b);
+//!     .carrier(&carrier, b);
 //! let host = Host {
 //!     storage: Arc::new(MemoryStore::new()),
 //!     key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),

@@ -666,7 +666,7 @@ impl Deployment {
         let authorizer = StaticAuthorizer::new()
             .operator(&operator)
             .grant(&owner, b)
-            .grant(&carrier, b);
+            .carrier(&carrier, b);
         let storage: Arc<dyn Storage> =
             Arc::new(FailingStore::paused(store.clone(), faults.clone()));
         let provider: Arc<dyn KeyProvider> = Arc::new(FailingProvider {
