@@ -1,8 +1,11 @@
 //! Data visibility: which party may see which class of data, for which
 //! purpose, decided in one place and audited every time.
 //!
-//! Every value that leaves the processor (to the transport, to the business,
-//! to an analytics export, to a log) is a [`Labelled`] value: it carries its
+//! Every value of a class the policy governs that leaves the processor (to
+//! the transport, to the business, to an export) is a [`Labelled`] value:
+//! message content, consumer numbers, integrity signals, statistics and
+//! billing. (What else leaves carries none of these: a message's id and
+//! status, the business's public keys.) A labelled value carries its
 //! [`DataClass`] (and the business it belongs to, if any), and the only way
 //! to take the value out is [`Gate::release`], naming the receiving [`Party`]
 //! and the [`Purpose`]. The gate consults the [`VisibilityPolicy`], writes one
@@ -57,7 +60,7 @@
 //!
 //! # Hard rules
 //!
-//! Three [`HardRule`]s hold for every policy that can exist; no file, builder
+//! Four [`HardRule`]s hold for every policy that can exist; no file, builder
 //! or configuration can loosen them, and a policy that tries is rejected with
 //! an error naming the offending cell:
 //!
@@ -67,7 +70,9 @@
 //! 3. opt-in services run in the processor: only the processor party may be
 //!    allowed the `opt_in_service` purpose, and even then a release for it
 //!    also needs the business the value belongs to to have opted in
-//!    ([`Gate::opt_in`]).
+//!    ([`Gate::opt_in`]);
+//! 4. consumer phone numbers never reach the rest of the company, for any
+//!    purpose.
 //!
 //! # Policy files
 //!

@@ -94,6 +94,9 @@ pub enum HardRule {
     /// Only the processor runs opt-in services; each release for one also
     /// needs the business's opt-in.
     OptInServicesOnlyInProcessor,
+    /// Consumer phone numbers never reach the rest of the company, for any
+    /// purpose.
+    NumbersStayOutOfTheRestOfTheCompany,
 }
 
 impl HardRule {
@@ -102,6 +105,7 @@ impl HardRule {
         Self::ContentStaysWithProcessorAndBusiness,
         Self::NoAdvertising,
         Self::OptInServicesOnlyInProcessor,
+        Self::NumbersStayOutOfTheRestOfTheCompany,
     ];
 
     /// Whether this rule forbids the cell.
@@ -114,6 +118,10 @@ impl HardRule {
             Self::NoAdvertising => matches!(purpose, Purpose::Advertising),
             Self::OptInServicesOnlyInProcessor => {
                 matches!(purpose, Purpose::OptInService) && !matches!(party, Party::Processor)
+            }
+            Self::NumbersStayOutOfTheRestOfTheCompany => {
+                matches!(class, DataClass::ConsumerPhoneNumber)
+                    && matches!(party, Party::RestOfCompany)
             }
         }
     }
@@ -140,6 +148,9 @@ impl fmt::Display for HardRule {
             Self::NoAdvertising => "nothing is released for advertising",
             Self::OptInServicesOnlyInProcessor => {
                 "only the processor may be allowed opt-in services"
+            }
+            Self::NumbersStayOutOfTheRestOfTheCompany => {
+                "consumer phone numbers never reach the rest of the company"
             }
         })
     }
@@ -498,6 +509,14 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err.rule, HardRule::OptInServicesOnlyInProcessor);
+        let err = b
+            .allow(
+                Party::RestOfCompany,
+                DataClass::ConsumerPhoneNumber,
+                Purpose::Analytics,
+            )
+            .unwrap_err();
+        assert_eq!(err.rule, HardRule::NumbersStayOutOfTheRestOfTheCompany);
         assert_eq!(
             b.build(),
             VisibilityPolicy::builder(Revision::new(2).unwrap()).build()
