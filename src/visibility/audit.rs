@@ -375,8 +375,10 @@ impl Default for FlushPolicy {
 /// Appends decisions to a writer (normally a file), one JSON object per line.
 ///
 /// After a write error the sink is out of service: every later `record`
-/// fails (so the gate keeps every value) until the host replaces the sink;
-/// the file may then end in a partial line, which readers should skip.
+/// fails (so the gate keeps every value) until the host replaces the sink.
+/// The file may then end in a partial line, which readers should skip, or
+/// in a whole line whose flush failed, whose value the gate kept. Lines the
+/// writer never took are kept for [`take_unwritten`](Self::take_unwritten).
 pub struct JsonLinesSink<W: Write + Send = File> {
     flush: FlushPolicy,
     inner: Mutex<Lines<W>>,
@@ -422,6 +424,14 @@ impl<W: Write + Send> JsonLinesSink<W> {
         lock(&self.inner).write_out()
     }
 
+    /// After a write error: the bytes of the lines the writer never took
+    /// (the first may be the rest of a partial line), taken out of the
+    /// sink. With [`FlushPolicy::Buffered`] they can hold decisions whose
+    /// values were released: keep them elsewhere before replacing the sink.
+    pub fn take_unwritten(&self) -> Vec<u8> {
+        std::mem::take(&mut lock(&self.inner).buf)
+    }
+
     /// Flushes, then returns the writer.
     pub fn into_inner(mut self) -> Result<W, AuditError> {
         let lines = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
@@ -438,8 +448,20 @@ impl<W: Write> Lines<W> {
         let Some(writer) = self.writer.as_mut() else {
             return Err(AuditError::OutOfService);
         };
-        let result = writer.write_all(&self.buf).and_then(|()| writer.flush());
-        self.buf.clear();
+        // What was not written stays, for `take_unwritten`.
+        let mut written = 0;
+        let result = loop {
+            let Some(rest) = self.buf.get(written..).filter(|r| !r.is_empty()) else {
+                break writer.flush();
+            };
+            match writer.write(rest) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.buf.drain(..written.min(self.buf.len()));
         result.map_err(|e| {
             self.failed = true;
             AuditError::Io(Arc::new(e))
@@ -616,6 +638,65 @@ mod tests {
             Err(AuditError::OutOfService)
         ));
         assert!(matches!(sink.flush(), Err(AuditError::OutOfService)));
+    }
+
+    /// Takes `room` bytes, then fails as a full disk does.
+    struct FillingWriter {
+        taken: Vec<u8>,
+        room: usize,
+    }
+    impl Write for FillingWriter {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let n = bytes.len().min(self.room);
+            if n == 0 {
+                return Err(io::Error::other("disk full"));
+            }
+            self.taken.extend_from_slice(&bytes[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A buffered decision whose value was released, and whose write the
+    /// disk refused, is not lost: the writer has a part of it, and the rest
+    /// is handed back.
+    #[test]
+    fn buffered_decisions_a_failed_write_did_not_take_are_handed_back() {
+        let line = |d: Decision| {
+            let mut l = serde_json::to_vec(&d).unwrap();
+            l.push(b'\n');
+            l
+        };
+        let first = line(decision(1, 0)).len();
+        let sink = JsonLinesSink::new(
+            FillingWriter {
+                taken: Vec::new(),
+                room: first + 10,
+            },
+            FlushPolicy::Buffered {
+                max_bytes: 1 << 20,
+                max_delay: Duration::from_secs(1),
+            },
+        );
+        sink.record(&decision(1, 0)).unwrap(); // written at once
+        sink.record(&decision(2, 10)).unwrap(); // buffered: its value leaves
+        assert!(matches!(
+            sink.record(&decision(3, 2_000)),
+            Err(AuditError::Io(_))
+        ));
+        let mut all = line(decision(1, 0));
+        all.extend(line(decision(2, 10)));
+        all.extend(line(decision(3, 2_000)));
+        let unwritten = sink.take_unwritten();
+        assert_eq!(all[first + 10..], unwritten[..]);
+        assert!(sink.take_unwritten().is_empty(), "taken once");
+        assert!(matches!(
+            sink.record(&decision(4, 3_000)),
+            Err(AuditError::OutOfService)
+        ));
     }
 
     proptest! {
