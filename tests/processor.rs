@@ -1693,3 +1693,31 @@ async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
     assert!(d.processor.message_status(&owner, b, sent).await.is_ok());
     assert!(d.processor.report_spam(&carrier, b).is_ok());
 }
+
+/// A message that can never be received is refused as permanent, so the
+/// transport can drop it; a message that can be is not refused at all.
+#[tokio::test]
+async fn a_message_that_can_never_be_received_is_refused_as_permanent() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 6);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    let inbound = |kind, bytes: Vec<u8>| custodian::processor::Inbound {
+        from: number(1),
+        device: 0,
+        message: custodian::signal::Ciphertext { kind, bytes },
+    };
+    use custodian::signal::MessageKind::{FirstContact, FollowUp};
+    for refused in [
+        inbound(FirstContact, vec![0x33; 80]),
+        inbound(FollowUp, vec![0x33; 80]),
+        inbound(FollowUp, Vec::new()),
+    ] {
+        let e = d
+            .processor
+            .receive(&d.transport, b, refused)
+            .await
+            .unwrap_err();
+        assert!(e.is_permanent(), "{e:?}");
+    }
+    assert_eq!(d.store.census().await.unwrap().messages, 0);
+}

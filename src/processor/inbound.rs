@@ -68,7 +68,12 @@ impl Processor {
     /// Receive a consumer's message for `business` from the transport.
     /// Returns once the message is durably stored (and, if the business
     /// took it, handed over): acknowledge the transport then. On an error,
-    /// do not acknowledge: the transport's redelivery is handled. A
+    /// do not acknowledge: the transport's redelivery is handled; unless
+    /// the error [`is_permanent`](ProcessorError::is_permanent) (the
+    /// message can never be received), when the transport can drop it. A
+    /// message from a device whose new identity key the policy refuses
+    /// ([`SignalError::UntrustedIdentity`]) is received once
+    /// [`trust_new_identity`](Self::trust_new_identity) approves it. A
     /// redelivery or a replay of a stored message, however it arrives, is
     /// answered as a duplicate and reaches the business no second time.
     /// A receive creates no key: a message for a business that has not

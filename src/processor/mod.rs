@@ -144,6 +144,32 @@ pub enum ProcessorError {
     Config(String),
 }
 
+impl ProcessorError {
+    /// Whether the request itself is refused, so that making it again
+    /// unchanged cannot succeed: a malformed, forged or undecryptable
+    /// message, one too large to store, an invalid request or setting. A
+    /// transport can acknowledge and drop a message whose `receive` failed
+    /// so, rather than redeliver it for ever. Failures of the host's seams
+    /// (store, keys, transport) are not permanent, nor is a refusal that
+    /// another call can lift: an identity key the policy refuses until
+    /// [`trust_new_identity`](Processor::trust_new_identity) approves it,
+    /// an authorizer or a policy that may change.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Signal(e) => matches!(
+                e,
+                SignalError::InvalidMessage(_)
+                    | SignalError::NoSession
+                    | SignalError::BadBundle(_)
+                    | SignalError::RecordTooLarge { .. }
+            ),
+            Self::Seal(e) => matches!(e, SealError::TooLarge(_)),
+            Self::Invalid(_) | Self::Config(_) | Self::NotFound => true,
+            _ => false,
+        }
+    }
+}
+
 /// What the host plugs in.
 pub struct Host {
     /// Where everything is stored.
