@@ -89,7 +89,7 @@ use custodian::time::SystemClock;
 use custodian::transport::{
     BusinessSink, InboundMessage, Principal, SinkError, StaticAuthorizer, StatusUpdate,
 };
-use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent, ShredEvent};
+use custodian::visibility::{AuditError, AuditSink, Change, Decision, HoldEvent};
 use hkdf::Hkdf;
 use rusqlite::{Connection, params};
 use sha2::Sha256;
@@ -193,7 +193,7 @@ impl AuditSink for Audit {
         Ok(())
     }
 
-    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
+    fn record_change(&self, event: &Change) -> Result<(), AuditError> {
         black_box(event);
         Ok(())
     }

@@ -713,7 +713,7 @@ mod exports {
     use custodian::store::MemoryStore;
     use custodian::testing::{Faults, SimBusiness, SimNetwork};
     use custodian::transport::{Principal, StaticAuthorizer};
-    use custodian::visibility::{AuditError, AuditSink, Decision, HoldEvent, ShredEvent};
+    use custodian::visibility::{AuditError, AuditSink, Change, Decision, HoldEvent};
 
     use super::*;
 
@@ -736,8 +736,8 @@ mod exports {
             self.kept.record_hold(event)
         }
 
-        fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
-            self.kept.record_shred(event)
+        fn record_change(&self, event: &Change) -> Result<(), AuditError> {
+            self.kept.record_change(event)
         }
     }
 

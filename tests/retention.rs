@@ -26,7 +26,7 @@ use custodian::store::{
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::{OpenError, Vault};
 use custodian::visibility::{
-    AuditError, AuditSink, HoldAction, HoldEvent, MemoryAuditSink, ShredEvent,
+    AuditError, AuditSink, Change, HoldAction, HoldEvent, MemoryAuditSink,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -1222,7 +1222,7 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
     assert!(matches!(refused, Err(HoldError::Held)), "{refused:?}");
     assert!(w.keys.epoch_key(b, epoch).await.is_ok());
     assert!(
-        w.audit.shred_events().is_empty(),
+        w.audit.changes().is_empty(),
         "a refused shred is not recorded"
     );
     // Another business's hold covers nothing of this one.
@@ -1243,15 +1243,14 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
     );
     assert!(w.keys.epoch_key(b, epoch).await.is_err());
     assert_eq!(w.read(&held.record).await, None);
-    let events = w.audit.shred_events();
-    assert_eq!(events.len(), 1);
     assert_eq!(
-        (
-            events[0].business,
-            events[0].epoch_end,
-            events[0].reference.as_str()
-        ),
-        (b, epoch.end(), "request-1")
+        w.audit.changes(),
+        [Change::Shred {
+            at: w.now(),
+            business: b,
+            epoch_end: epoch.end(),
+            reference: "request-1".into(),
+        }]
     );
 }
 
@@ -1266,7 +1265,7 @@ async fn an_early_shred_that_cannot_be_audited_destroys_nothing() {
         fn record_hold(&self, _: &HoldEvent) -> Result<(), AuditError> {
             Err(AuditError::OutOfService)
         }
-        fn record_shred(&self, _: &ShredEvent) -> Result<(), AuditError> {
+        fn record_change(&self, _: &Change) -> Result<(), AuditError> {
             Err(AuditError::OutOfService)
         }
     }

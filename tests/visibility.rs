@@ -15,7 +15,7 @@ use std::time::Duration;
 use custodian::ids::BusinessId;
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::visibility::{
-    DataClass, Decision, DenyReason, FlushPolicy, Gate, HardRule, JsonLinesSink, Labelled,
+    Change, DataClass, Decision, DenyReason, FlushPolicy, Gate, HardRule, JsonLinesSink, Labelled,
     MemoryAuditSink, Party, PolicyError, Purpose, Revision, System, Verdict, VisibilityPolicy,
 };
 use proptest::prelude::*;
@@ -692,7 +692,7 @@ fn a_new_policy_revision_decides_and_is_named_in_the_audit() {
         purposes = ["billing"]
     "#;
     h.gate
-        .replace_policy(VisibilityPolicy::from_toml(text).unwrap())
+        .replace_policy(VisibilityPolicy::from_toml(text).unwrap(), "operator")
         .unwrap();
     let stats = Labelled::new(DataClass::NonIdentifiableStatistics, 1u8);
     let denied = h
@@ -708,10 +708,16 @@ fn a_new_policy_revision_decides_and_is_named_in_the_audit() {
     );
     assert!(
         h.gate
-            .replace_policy(VisibilityPolicy::published())
+            .replace_policy(VisibilityPolicy::published(), "operator")
             .is_err()
     );
     assert!(h.audit.events().iter().all(|e| e.revision.get() == 3));
+    // The change is in the trail, once: the stale one was refused.
+    assert!(matches!(
+        &h.audit.changes()[..],
+        [Change::Policy { principal, revision, .. }]
+            if principal == "operator" && revision.get() == 3
+    ));
 }
 
 #[test]
@@ -730,7 +736,11 @@ fn opt_in_services_need_a_policy_cell_and_the_business_consent() {
         Purpose::OptInService
     ));
     let h = harness(policy);
-    h.gate.opt_in(business);
+    h.gate.set_opted_in(business, true, "owner").unwrap();
+    assert!(matches!(
+        &h.audit.changes()[..],
+        [Change::OptIn { business: b, enabled: true, .. }] if *b == business
+    ));
     let msg = |b| Labelled::of_business(DataClass::MessageContent, b, "help me".to_owned());
     assert!(
         h.gate

@@ -62,7 +62,7 @@ use crate::store::{Batch, Delivery, Direction, Op, Storage, StoreError};
 use crate::time::{Clock, Timestamp};
 use crate::transport::{Authorizer, BusinessSink, Principal, Transport, TransportError};
 use crate::vault::{OpenError, Vault};
-use crate::visibility::{AuditSink, Gate, PolicyError, VisibilityPolicy};
+use crate::visibility::{AuditError, AuditSink, Gate, PolicyError, VisibilityPolicy};
 
 mod claims;
 mod inbound;
@@ -123,6 +123,9 @@ pub enum ProcessorError {
     /// The visibility policy refused to release a value for this.
     #[error("the visibility policy does not allow this release")]
     Denied,
+    /// The audit trail could not record a change, so it was not made.
+    #[error("the change could not be audited: {0}")]
+    Audit(#[from] AuditError),
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),

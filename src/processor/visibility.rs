@@ -14,27 +14,29 @@ impl Processor {
     }
 
     /// Put a visibility policy in force (operators only); one that would
-    /// break a hard rule is refused.
+    /// break a hard rule is refused. Audited ([`Change::Policy`](crate::visibility::Change)).
     pub fn set_visibility_policy(
         &self,
         principal: &Principal,
         policy: VisibilityPolicy,
     ) -> Result<(), ProcessorError> {
         self.authorize_operator(principal)?;
-        self.gate.replace_policy(policy)?;
+        self.gate.replace_policy(policy, principal.name())?;
         info!(principal = %principal, "visibility policy replaced");
         Ok(())
     }
 
     /// `business` enables the opt-in services (an AI assistant, say) for its
-    /// data; only a principal acting for it can.
+    /// data; only a principal acting for it can. Audited
+    /// ([`Change::OptIn`](crate::visibility::Change)); kept in memory only,
+    /// so a host replays its businesses' choices after a restart.
     pub fn opt_in(
         &self,
         principal: &Principal,
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
-        self.gate.opt_in(business);
+        self.gate.set_opted_in(business, true, principal.name())?;
         info!(%business, principal = %principal, "opted in to opt-in services");
         Ok(())
     }
@@ -46,7 +48,7 @@ impl Processor {
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
-        self.gate.opt_out(business);
+        self.gate.set_opted_in(business, false, principal.name())?;
         info!(%business, principal = %principal, "opted out of opt-in services");
         Ok(())
     }

@@ -56,7 +56,7 @@ use crate::ids::{BusinessId, Region};
 use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
 use crate::time::Timestamp;
-use crate::visibility::{AuditError, AuditSink, HoldAction, HoldEvent, ShredEvent};
+use crate::visibility::{AuditError, AuditSink, Change, HoldAction, HoldEvent};
 
 mod evaluate;
 mod gate;
@@ -396,7 +396,7 @@ impl Retention {
                 return Err(HoldError::Held);
             }
         }
-        self.audit.record_shred(&ShredEvent {
+        self.audit.record_change(&Change::Shred {
             at: now,
             business,
             epoch_end: epoch.end(),

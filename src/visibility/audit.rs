@@ -189,8 +189,9 @@ pub trait AuditSink: Send + Sync {
     /// Record a legal hold being placed or released.
     fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError>;
 
-    /// Record an epoch key about to be destroyed before its epoch ends.
-    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError>;
+    /// Record an administrative change before it is made: an early shred,
+    /// a visibility policy put in force, a business opting in or out.
+    fn record_change(&self, change: &Change) -> Result<(), AuditError>;
 }
 
 impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
@@ -202,24 +203,58 @@ impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
         (**self).record_hold(event)
     }
 
-    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
-        (**self).record_shred(event)
+    fn record_change(&self, change: &Change) -> Result<(), AuditError> {
+        (**self).record_change(change)
     }
 }
 
-/// An early shred: a business's epoch key destroyed before its epoch ends,
-/// on request (see `Retention::shred_epoch`), recorded before the key is
-/// destroyed.
+/// An administrative change, recorded before it is made (a change the
+/// trail cannot record is not made).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShredEvent {
-    /// When.
-    pub at: Timestamp,
-    /// Whose key.
-    pub business: BusinessId,
-    /// The end of the key's epoch.
-    pub epoch_end: Timestamp,
-    /// The case or request it serves.
-    pub reference: String,
+#[serde(rename_all = "snake_case", tag = "change")]
+#[non_exhaustive]
+pub enum Change {
+    /// A business's epoch key destroyed before its epoch ends, on request
+    /// (see `Retention::shred_epoch`).
+    Shred {
+        /// When.
+        at: Timestamp,
+        /// Whose key.
+        business: BusinessId,
+        /// The end of the key's epoch.
+        epoch_end: Timestamp,
+        /// The case or request it serves.
+        reference: String,
+    },
+    /// A visibility policy put in force.
+    Policy {
+        /// When.
+        at: Timestamp,
+        /// Who put it in force.
+        principal: String,
+        /// Its revision.
+        revision: Revision,
+    },
+    /// A business enabled or disabled the opt-in services.
+    OptIn {
+        /// When.
+        at: Timestamp,
+        /// Who, for the business.
+        principal: String,
+        /// The business.
+        business: BusinessId,
+        /// Enabled (`true`) or disabled.
+        enabled: bool,
+    },
+}
+
+impl Change {
+    /// When it was made.
+    pub fn at(&self) -> Timestamp {
+        match self {
+            Self::Shred { at, .. } | Self::Policy { at, .. } | Self::OptIn { at, .. } => *at,
+        }
+    }
 }
 
 /// What happened to a legal hold.
@@ -265,7 +300,7 @@ struct Ring {
     capacity: Option<usize>,
     recorded: u64,
     holds: Vec<HoldEvent>,
-    shreds: Vec<ShredEvent>,
+    changes: Vec<Change>,
 }
 
 impl MemoryAuditSink {
@@ -284,7 +319,7 @@ impl MemoryAuditSink {
                 capacity: Some(capacity),
                 recorded: 0,
                 holds: Vec::new(),
-                shreds: Vec::new(),
+                changes: Vec::new(),
             }),
         }
     }
@@ -309,9 +344,10 @@ impl MemoryAuditSink {
         lock(&self.inner).holds.clone()
     }
 
-    /// Every early shred, oldest first (never dropped by the bound).
-    pub fn shred_events(&self) -> Vec<ShredEvent> {
-        lock(&self.inner).shreds.clone()
+    /// Every administrative change, oldest first (never dropped by the
+    /// bound).
+    pub fn changes(&self) -> Vec<Change> {
+        lock(&self.inner).changes.clone()
     }
 }
 
@@ -331,8 +367,8 @@ impl AuditSink for MemoryAuditSink {
         Ok(())
     }
 
-    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
-        lock(&self.inner).shreds.push(event.clone());
+    fn record_change(&self, change: &Change) -> Result<(), AuditError> {
+        lock(&self.inner).changes.push(change.clone());
         Ok(())
     }
 }
@@ -499,8 +535,8 @@ impl<W: Write + Send> AuditSink for JsonLinesSink<W> {
         self.write_event("hold", event, event.at)
     }
 
-    fn record_shred(&self, event: &ShredEvent) -> Result<(), AuditError> {
-        self.write_event("shred", event, event.at)
+    fn record_change(&self, change: &Change) -> Result<(), AuditError> {
+        self.write_event("admin", change, change.at())
     }
 
     fn record(&self, decision: &Decision) -> Result<(), AuditError> {

@@ -116,6 +116,10 @@ pub enum PolicyError {
         /// The error.
         source: Arc<std::io::Error>,
     },
+    /// The audit trail could not record the policy, so it was not put in
+    /// force.
+    #[error("the policy could not be audited: {0}")]
+    Unaudited(crate::visibility::AuditError),
 }
 
 /// A policy file as written: a revision and the list of allowed cells.

@@ -158,8 +158,8 @@ mod release;
 mod table;
 
 pub use audit::{
-    AuditError, AuditSink, BadDecisionId, Decision, DecisionId, DenyReason, FlushPolicy,
-    HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, ShredEvent, Verdict,
+    AuditError, AuditSink, BadDecisionId, Change, Decision, DecisionId, DenyReason, FlushPolicy,
+    HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, Verdict,
 };
 pub use file::{AllowEntry, PolicyError, PolicyFile, PolicyFormat};
 pub use release::{Denied, Gate, Labelled, Released};

@@ -7,7 +7,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use foldhash::fast::RandomState;
 
-use super::audit::{AuditError, AuditSink, Decision, DecisionId, DenyReason, Verdict};
+use super::audit::{AuditError, AuditSink, Change, Decision, DecisionId, DenyReason, Verdict};
 use super::file::PolicyError;
 use super::table::VisibilityPolicy;
 use super::{DataClass, Party, Purpose};
@@ -286,9 +286,16 @@ impl Gate {
         *self.policy.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Put `policy` in force. Its revision must be newer than the one in
-    /// force, so an old policy cannot be put back by mistake or replay.
-    pub fn replace_policy(&self, policy: VisibilityPolicy) -> Result<(), PolicyError> {
+    /// Put `policy` in force, for `principal` (who asked, as the audit
+    /// trail names them). Its revision must be newer than the one in force,
+    /// so an old policy cannot be put back by mistake or replay. Recorded in
+    /// the audit trail first ([`Change::Policy`]); a policy the trail cannot
+    /// record is not put in force ([`PolicyError::Unaudited`]).
+    pub fn replace_policy(
+        &self,
+        policy: VisibilityPolicy,
+        principal: &str,
+    ) -> Result<(), PolicyError> {
         let mut current = self.policy.write().unwrap_or_else(PoisonError::into_inner);
         if policy.revision() <= current.revision() {
             return Err(PolicyError::StaleRevision {
@@ -296,26 +303,46 @@ impl Gate {
                 offered: policy.revision(),
             });
         }
+        self.sink
+            .record_change(&Change::Policy {
+                at: self.clock.now(),
+                principal: principal.to_owned(),
+                revision: policy.revision(),
+            })
+            .map_err(PolicyError::Unaudited)?;
         *current = policy;
         Ok(())
     }
 
-    /// Record that `business` enabled opt-in services: releases of its values
-    /// for [`Purpose::OptInService`] are then decided by the policy (which
-    /// denies them unless a deployment's policy allows the processor the cell).
-    pub fn opt_in(&self, business: BusinessId) {
-        self.opted_in
+    /// Record that `business` enabled (`true`) or disabled opt-in services,
+    /// for `principal`: once enabled, releases of its values for
+    /// [`Purpose::OptInService`] are decided by the policy (which denies
+    /// them unless a deployment's policy allows the processor the cell).
+    /// Recorded in the audit trail first ([`Change::OptIn`]); a change the
+    /// trail cannot record is not made. Kept in memory only: a host replays
+    /// its businesses' choices when it builds the gate.
+    pub fn set_opted_in(
+        &self,
+        business: BusinessId,
+        enabled: bool,
+        principal: &str,
+    ) -> Result<(), AuditError> {
+        let mut opted_in = self
+            .opted_in
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(business);
-    }
-
-    /// Record that `business` disabled opt-in services.
-    pub fn opt_out(&self, business: BusinessId) {
-        self.opted_in
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&business);
+            .unwrap_or_else(PoisonError::into_inner);
+        self.sink.record_change(&Change::OptIn {
+            at: self.clock.now(),
+            principal: principal.to_owned(),
+            business,
+            enabled,
+        })?;
+        if enabled {
+            opted_in.insert(business);
+        } else {
+            opted_in.remove(&business);
+        }
+        Ok(())
     }
 
     /// Whether `business` has enabled opt-in services.
@@ -372,7 +399,7 @@ mod tests {
             Err(AuditError::OutOfService)
         }
 
-        fn record_shred(&self, _: &crate::visibility::ShredEvent) -> Result<(), AuditError> {
+        fn record_change(&self, _: &crate::visibility::Change) -> Result<(), AuditError> {
             Err(AuditError::OutOfService)
         }
     }
@@ -439,7 +466,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(denied.reason(), DenyReason::NotOptedIn);
 
-        gate.opt_in(business);
+        gate.set_opted_in(business, true, "owner").unwrap();
         assert!(
             gate.release(text(), Party::Processor, Purpose::OptInService)
                 .is_ok()
@@ -450,7 +477,7 @@ mod tests {
                 .is_err()
         );
 
-        gate.opt_out(business);
+        gate.set_opted_in(business, false, "owner").unwrap();
         assert!(
             gate.release(text(), Party::Processor, Purpose::OptInService)
                 .is_err()
@@ -461,12 +488,27 @@ mod tests {
     fn opt_in_alone_does_not_open_the_published_table() {
         let business = BusinessId::new(9).unwrap();
         let (gate, _) = gate(VisibilityPolicy::published());
-        gate.opt_in(business);
+        gate.set_opted_in(business, true, "owner").unwrap();
         let text = Labelled::of_business(DataClass::MessageContent, business, "hi");
         let denied = gate
             .release(text, Party::Processor, Purpose::OptInService)
             .unwrap_err();
         assert_eq!(denied.reason(), DenyReason::Policy);
+    }
+
+    #[test]
+    fn changes_the_trail_cannot_record_are_not_made() {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(0)));
+        let gate = Gate::new(VisibilityPolicy::published(), Arc::new(BrokenSink), clock);
+        let newer = VisibilityPolicy::builder(Revision::new(5).unwrap()).build();
+        assert!(matches!(
+            gate.replace_policy(newer, "operator"),
+            Err(PolicyError::Unaudited(_))
+        ));
+        assert_eq!(gate.policy(), VisibilityPolicy::published());
+        let business = BusinessId::new(9).unwrap();
+        assert!(gate.set_opted_in(business, true, "owner").is_err());
+        assert!(!gate.has_opted_in(business));
     }
 
     #[test]
@@ -486,16 +528,16 @@ mod tests {
     fn policies_only_move_forward() {
         let (gate, sink) = gate(VisibilityPolicy::published());
         let v3 = VisibilityPolicy::builder(Revision::new(3).unwrap()).build();
-        gate.replace_policy(v3).unwrap();
+        gate.replace_policy(v3, "operator").unwrap();
         let v2 = VisibilityPolicy::published()
             .to_builder(Revision::new(2).unwrap())
             .build();
         assert!(matches!(
-            gate.replace_policy(v2),
+            gate.replace_policy(v2, "operator"),
             Err(PolicyError::StaleRevision { .. })
         ));
         assert!(matches!(
-            gate.replace_policy(v3),
+            gate.replace_policy(v3, "operator"),
             Err(PolicyError::StaleRevision { .. })
         ));
         // The deny-all revision 3 is in force and is what the audit names.
