@@ -70,7 +70,7 @@
 //! 3. opt-in services run in the processor: only the processor party may be
 //!    allowed the `opt_in_service` purpose, and even then a release for it
 //!    also needs the business the value belongs to to have opted in
-//!    ([`Gate::opt_in`]);
+//!    ([`Gate::set_opted_in`]);
 //! 4. consumer phone numbers never reach the rest of the company, for any
 //!    purpose.
 //!
