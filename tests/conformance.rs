@@ -807,8 +807,10 @@ async fn a_fenced_batch_commits_only_for_the_stores_writer(backend: &mut Backend
         s.commit(fenced(a, vec![put_peer(1, peer(1, 0), 1)])).await
     ));
     assert_eq!(s.peer(business(1), peer(1, 0)).await.unwrap(), None);
+    assert!(superseded(s.commit(fenced(a, vec![])).await));
 
     s.take_over(a).await.unwrap();
+    s.commit(fenced(a, vec![])).await.unwrap();
     let two = vec![put_peer(1, peer(1, 0), 1), put_peer(1, peer(1, 1), 2)];
     s.commit(fenced(a, two)).await.unwrap();
     commit(s, [put_peer(1, peer(2, 0), 3)]).await;
@@ -820,6 +822,9 @@ async fn a_fenced_batch_commits_only_for_the_stores_writer(backend: &mut Backend
     ));
     let two = vec![put_peer(1, peer(1, 1), 9), put_peer(1, peer(3, 0), 9)];
     assert!(superseded(s.commit(fenced(a, two)).await));
+    // An empty batch asks only whether its writer is still the store's.
+    assert!(superseded(s.commit(fenced(a, vec![])).await));
+    s.commit(fenced(b, vec![])).await.unwrap();
     assert_eq!(
         s.peer(business(1), peer(1, 0)).await.unwrap(),
         Some(bytes(1, 80))
