@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, params};
 
-use super::codec::{business_sql, time_sql};
+use super::codec::{business_sql, time_sql, u64_to_sql};
 use super::schema::{APPLICATION_ID, SCHEMA_VERSION};
 use super::writer::testing::{Work, commit_as_group, commit_fenced_as_group};
 use super::*;
@@ -913,6 +913,59 @@ fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
         );
     }
     assert!(file_contains(&path, &secret(22)) && file_contains(&path, &secret(4)));
+}
+
+/// Destroying a key does not depend on reading it: a live key whose row
+/// no longer decodes (a KEK version out of range; a tombstone date beside
+/// the wrapped bytes) is replaced by a tombstone all the same, its bytes
+/// leave the file, and it is not inserted again.
+#[test]
+fn a_live_key_whose_row_does_not_decode_is_destroyed_all_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0x3c).collect() };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        store.insert_key(epoch_key(1, secret(1))).await.unwrap();
+        store.insert_key(epoch_key(2, secret(2))).await.unwrap();
+    });
+    drop(store);
+    tamper(
+        &path,
+        &format!(
+            "UPDATE wrapped_keys SET kek_version = {} WHERE id = {};
+             UPDATE wrapped_keys SET destroyed_at = 0 WHERE id = {};",
+            1_i64 << 40,
+            u64_to_sql(1),
+            u64_to_sql(2)
+        ),
+    );
+    assert!(file_contains(&path, &secret(1)), "the test cannot see keys");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let at = Timestamp::from_millis(T0);
+    block_on(async {
+        for n in [1, 2] {
+            let id = epoch_key(n.into(), vec![]).id;
+            let read = store.key(&id).await;
+            assert!(matches!(read, Err(StoreError::Corrupt(_))), "{n}: {read:?}");
+            assert!(store.destroy_key(&id, at).await.unwrap(), "{n}");
+            let tombstone = KeyEntry::Destroyed { at };
+            assert_eq!(store.key(&id).await.unwrap(), Some(tombstone.clone()));
+            let again = store
+                .insert_key(epoch_key(n.into(), secret(n)))
+                .await
+                .unwrap();
+            assert_eq!(again, tombstone, "{n}");
+        }
+    });
+    drop(store);
+    assert_eq!(count(&path, "wrapped_keys WHERE blob IS NOT NULL"), 0);
+    for n in [1, 2] {
+        assert!(
+            !file_contains(&path, &secret(n)),
+            "key {n}'s bytes are still in the file"
+        );
+    }
 }
 
 /// A consumer's phone hash is gone from the file once the sweep deleted

@@ -388,14 +388,24 @@ pub(super) fn rewrap_key(
 }
 
 /// Replace whatever is under `id` with a tombstone dated `at`; whether a
-/// live key was there.
+/// live key (wrapped bytes) was there. Nothing is decoded: a row that no
+/// longer decodes loses its bytes all the same.
 pub(super) fn destroy_key(
     conn: &Connection,
     id: &KeyId,
     at: Timestamp,
 ) -> Result<bool, StoreError> {
     let (business, kind, key) = key_id_sql(id);
-    let was_live = matches!(reads::key(conn, id)?, Some(KeyEntry::Wrapped(_)));
+    let was_live = conn
+        .prepare_cached(
+            "SELECT blob IS NOT NULL FROM wrapped_keys
+             WHERE business = ?1 AND kind = ?2 AND id = ?3",
+        )
+        .db()?
+        .query_row(params![business, kind, key], |row| row.get::<_, bool>(0))
+        .optional()
+        .db()?
+        .unwrap_or(false);
     conn.prepare_cached(
         "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
          VALUES (?1, ?2, ?3, NULL, NULL, ?4)
