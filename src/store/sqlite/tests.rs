@@ -968,6 +968,22 @@ fn a_live_key_whose_row_does_not_decode_is_destroyed_all_the_same() {
     }
 }
 
+/// Temporary tables and sorts stay in memory on every connection, never in
+/// a file outside the store (where no scrub reaches).
+#[test]
+fn every_connection_keeps_temporary_tables_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let reader = reads::open_read_only(&path, Duration::from_secs(1)).unwrap();
+    let writer = open_writer(&path, &SqliteConfig::default()).unwrap();
+    for (conn, name) in [(&reader, "reader"), (&writer, "writer")] {
+        let temp_store: i64 = conn
+            .pragma_query_value(None, "temp_store", |r| r.get(0))
+            .unwrap();
+        assert_eq!(temp_store, 2, "the {name}'s temporary tables go to files");
+    }
+}
+
 /// A consumer's phone hash is gone from the file once the sweep deleted
 /// their messages and Signal record and scrubbed: from the rows, from the
 /// `messages_phone`, expiry and peer indexes, and from the index entries an
