@@ -1251,19 +1251,31 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = populated(dir.path());
-    // Two damaged rows: one still open (its phone damaged), which the
-    // first stage skips, and one settled (its direction damaged), which the
-    // deleting stage skips; the others are settled.
+    // Damaged rows: one still open (its phone damaged), which the first
+    // stage skips, and settled ones, which the deleting stage skips: one
+    // damaged in a column it returns (direction), the others in columns it
+    // only filters by or does not return (status, a pending attempt given
+    // up on, failure, sealed); the others are settled.
     let open = "X'01010101010101010101010101010101'";
     let settled = "X'05050505050505050505050505050505'";
+    let row = |n: u8| format!("X'{}'", format!("{n:02x}").repeat(16));
     tamper(
         &path,
         &format!(
             "UPDATE messages SET status = 2, next_attempt = NULL WHERE id != {open};
              UPDATE messages SET phone = X'0707' WHERE id = {open};
-             UPDATE messages SET direction = 9 WHERE id = {settled};"
+             UPDATE messages SET direction = 9 WHERE id = {settled};
+             UPDATE messages SET status = 9 WHERE id = {};
+             UPDATE messages SET next_attempt = 'later' WHERE id = {};
+             UPDATE messages SET failure = 77 WHERE id = {};
+             UPDATE messages SET sealed = 5 WHERE id = {};",
+            row(9),
+            row(12),
+            row(20),
+            row(21),
         ),
     );
+    let damaged = [1, 5, 9, 12, 20, 21];
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let before = block_on(store.census()).unwrap().messages;
     assert!(before > 1);
@@ -1277,18 +1289,24 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
         RetentionPolicy::default(),
         Arc::new(MemoryAuditSink::new()),
     );
-    let now = Timestamp::from_millis(T0 + 86_400_000);
+    // Past the report grace: a pending attempt is given up on.
+    let now = Timestamp::from_millis(T0 + 2 * 86_400_000);
     // Pages of three, so that pages start, end and pass over the damaged rows.
     let retention = retention.with_batch(3);
     let swept = block_on(retention.sweep(now, &Told)).unwrap();
-    assert_eq!(swept.messages_deleted, before - 2, "{swept:?}");
+    let kept = damaged.len() as u64;
+    assert_eq!(swept.messages_deleted, before - kept, "{swept:?}");
     assert!(swept.complete, "{swept:?}");
-    assert_eq!(block_on(store.census()).unwrap().messages, 2);
-    let kept = |id: u8| block_on(store.message(business(1), MessageId::from_bytes([id; 16])));
-    assert!(matches!(kept(1), Err(StoreError::Corrupt(_))));
-    assert!(matches!(kept(5), Err(StoreError::Corrupt(_))));
+    assert_eq!(block_on(store.census()).unwrap().messages, kept);
+    for id in damaged {
+        let read = block_on(store.message(business(1), MessageId::from_bytes([id; 16])));
+        assert!(
+            matches!(read, Err(StoreError::Corrupt(_))),
+            "{id}: {read:?}"
+        );
+    }
     // Each page that passed over a damaged row counted it.
-    assert!(store.damaged_rows_skipped() >= 2);
+    assert!(store.damaged_rows_skipped() >= kept);
 }
 
 /// A complete sweep of `store` at `now`, telling no one anything.

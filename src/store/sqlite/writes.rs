@@ -458,7 +458,9 @@ macro_rules! not_held {
 macro_rules! select_doomed {
     ($filter:expr) => {
         concat!(
-            "SELECT business, id, phone, expiry, epoch, direction, rowid FROM messages WHERE ",
+            "SELECT ",
+            codec::swept_columns!(),
+            ", rowid FROM messages WHERE ",
             $filter,
             " ORDER BY expiry, business, id"
         )
@@ -490,10 +492,11 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 /// the first `limit` candidates in index order, then delete the index range
 /// they span. (Cheaper than `DELETE … RETURNING`, which buffers every row,
 /// and than deleting by a list of row ids.) A candidate that does not decode
-/// is skipped and kept (see [`codec::decodable`]): the hold filter compares
-/// its stored columns, and a damaged phone or business could slip past a
-/// hold. The selected rows are then deleted one by one instead, so that the
-/// range does not take the damaged row with it.
+/// (any column that [`codec::message`] would refuse) is skipped and kept
+/// (see [`codec::decodable`]): the filters compare its stored columns, and
+/// a damaged status, phone or business could slip past the check that it is
+/// settled or past a hold. The selected rows are then deleted one by one
+/// instead, so that the range does not take the damaged row with it.
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
