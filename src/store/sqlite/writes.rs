@@ -497,6 +497,10 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 /// a damaged status, phone or business could slip past the check that it is
 /// settled or past a hold. The selected rows are then deleted one by one
 /// instead, so that the range does not take the damaged row with it.
+///
+/// The holds are those passed and those stored, read in this transaction:
+/// a hold placed by another process since the caller read the holds is
+/// honoured too.
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
@@ -508,7 +512,14 @@ pub(super) fn delete_expired(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    if !holds.is_empty() {
+    // Decoded as `Storage::holds` reads them: a stored hold that does not
+    // decode fails the deletion it guards.
+    let stored = reads::holds(conn)?;
+    let scopes: Vec<&HoldScope> = holds
+        .iter()
+        .chain(stored.iter().map(|h| &h.scope))
+        .collect();
+    if !scopes.is_empty() {
         conn.prepare_cached("DELETE FROM temp.held")
             .db()?
             .execute([])
@@ -516,12 +527,12 @@ pub(super) fn delete_expired(
         let mut put = conn
             .prepare_cached("INSERT OR IGNORE INTO temp.held VALUES (?1, ?2)")
             .db()?;
-        for scope in holds {
+        for scope in &scopes {
             let (_, business, phone) = scope_sql(scope);
             put.execute(params![business, phone]).db()?;
         }
     }
-    let (select, delete) = if holds.is_empty() { SWEEP } else { SWEEP_HELD };
+    let (select, delete) = if scopes.is_empty() { SWEEP } else { SWEEP_HELD };
     let now = time_sql(now);
     let abandon = time_sql(abandon_before);
     let skipped = AtomicU64::new(0);
