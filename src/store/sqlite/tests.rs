@@ -260,6 +260,86 @@ fn a_custodian_database_with_unexpected_tables_is_refused_untouched() {
     assert!(err.to_string().contains("messages_due"), "{err}");
 }
 
+/// A custodian database whose tables have other columns, or whose indexes
+/// other keys or predicates, than its schema version creates is refused,
+/// naming the table or index and what differs, even where every name is right.
+#[test]
+fn a_custodian_database_with_other_columns_or_index_keys_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let holds_with = |placed: &str| {
+        format!(
+            "DROP TABLE holds; CREATE TABLE holds (
+                 kind INTEGER NOT NULL, business INTEGER NOT NULL, phone BLOB NOT NULL,
+                 reference TEXT NOT NULL, {placed},
+                 PRIMARY KEY (kind, business, phone, reference)
+             ) WITHOUT ROWID;"
+        )
+    };
+    let cases = [
+        (
+            "ALTER TABLE messages DROP COLUMN pending_devices".to_owned(),
+            "table messages: missing column pending_devices INTEGER NOT NULL",
+        ),
+        (
+            "ALTER TABLE peers ADD COLUMN note TEXT".to_owned(),
+            "table peers: unexpected column note TEXT",
+        ),
+        (
+            holds_with("placed TEXT NOT NULL"),
+            "table holds: missing column placed INTEGER NOT NULL, unexpected column placed TEXT NOT NULL",
+        ),
+        (
+            holds_with("placed INTEGER"),
+            "missing column placed INTEGER NOT NULL",
+        ),
+        (
+            holds_with("placed INTEGER NOT NULL DEFAULT 0"),
+            "unexpected column placed INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "DROP INDEX messages_expiry;
+             CREATE INDEX messages_expiry ON messages (expiry DESC, business, id);"
+                .to_owned(),
+            "index messages_expiry: missing key expiry, unexpected key expiry DESC",
+        ),
+        (
+            "DROP INDEX messages_open;
+             CREATE INDEX messages_open ON messages (expiry, business, id);"
+                .to_owned(),
+            "index messages_open: missing PARTIAL, as CREATE INDEX messages_open",
+        ),
+        (
+            "DROP INDEX messages_open;
+             CREATE INDEX messages_open ON messages (expiry, business, id) WHERE status IN (0);"
+                .to_owned(),
+            "unexpected PARTIAL, as CREATE INDEX messages_open ON messages (expiry, business, id) WHERE status IN (0)",
+        ),
+        (
+            "DROP INDEX messages_phone;
+             CREATE INDEX messages_phone ON messages (business, phone);"
+                .to_owned(),
+            "index messages_phone: missing key expiry",
+        ),
+    ];
+    for (sql, detail) in cases {
+        let copy = dir.path().join("altered.db");
+        std::fs::copy(&path, &copy).unwrap();
+        tamper(&copy, &sql);
+        let err = refused(&copy, |e| {
+            matches!(
+                e,
+                SqliteOpenError::UnexpectedSchema {
+                    version: SCHEMA_VERSION,
+                    ..
+                }
+            )
+        });
+        assert!(err.to_string().contains(detail), "{sql}: {err}");
+        std::fs::remove_file(&copy).unwrap();
+    }
+}
+
 #[test]
 fn damaged_files_never_panic() {
     // Flip bytes all over a real database: opening and reading may fail,
