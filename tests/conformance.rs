@@ -136,6 +136,7 @@ conformance!(
     due_messages_are_earliest_first_and_follow_updates,
     expired_open_messages_are_the_open_ones_earliest_first,
     delete_expired_spares_held_pending_and_live_messages,
+    delete_expired_also_spares_what_a_stored_hold_covers,
     message_epochs_are_distinct_sorted_and_filtered_by_phone,
     message_businesses_lists_each_business_once_in_order,
     cap_expiry_shortens_only_later_expiries_of_one_business_and_direction,
@@ -807,8 +808,10 @@ async fn a_fenced_batch_commits_only_for_the_stores_writer(backend: &mut Backend
         s.commit(fenced(a, vec![put_peer(1, peer(1, 0), 1)])).await
     ));
     assert_eq!(s.peer(business(1), peer(1, 0)).await.unwrap(), None);
+    assert!(superseded(s.commit(fenced(a, vec![])).await));
 
     s.take_over(a).await.unwrap();
+    s.commit(fenced(a, vec![])).await.unwrap();
     let two = vec![put_peer(1, peer(1, 0), 1), put_peer(1, peer(1, 1), 2)];
     s.commit(fenced(a, two)).await.unwrap();
     commit(s, [put_peer(1, peer(2, 0), 3)]).await;
@@ -820,6 +823,9 @@ async fn a_fenced_batch_commits_only_for_the_stores_writer(backend: &mut Backend
     ));
     let two = vec![put_peer(1, peer(1, 1), 9), put_peer(1, peer(3, 0), 9)];
     assert!(superseded(s.commit(fenced(a, two)).await));
+    // An empty batch asks only whether its writer is still the store's.
+    assert!(superseded(s.commit(fenced(a, vec![])).await));
+    s.commit(fenced(b, vec![])).await.unwrap();
     assert_eq!(
         s.peer(business(1), peer(1, 0)).await.unwrap(),
         Some(bytes(1, 80))
@@ -1453,6 +1459,62 @@ async fn cap_expiry_shortens_only_later_expiries_of_one_business_and_direction(
     assert_eq!(
         gone.iter().map(|m| (m.business, m.id)).collect::<Vec<_>>(),
         [key_of(1, 4)]
+    );
+}
+
+/// A hold stored but not among those passed (placed, say, by another
+/// process after the caller read the holds) is honoured all the same: the
+/// delete checks the stored holds in the step that deletes.
+async fn delete_expired_also_spares_what_a_stored_hold_covers(backend: &mut Backend) {
+    let s = &*backend.store;
+    let now = T0 + 100;
+    let ms = [
+        M::new(1, 1, 1, T0 + 10),
+        M::new(1, 2, 2, T0 + 20),
+        M::new(2, 3, 1, T0 + 30),
+        M::new(3, 4, 1, T0 + 40),
+    ];
+    commit(s, ms.iter().map(put)).await;
+    let holds = [
+        HoldScope::Consumer(business(1), phone(2)),
+        HoldScope::Business(business(2)),
+    ];
+    commit(
+        s,
+        holds.map(|scope| {
+            Op::PutHold(Hold {
+                scope,
+                reference: "case".into(),
+                placed: t(T0),
+            })
+        }),
+    )
+    .await;
+    let gone = s.delete_expired(t(now), t(T0), &[], 100).await.unwrap();
+    assert_eq!(
+        gone,
+        [
+            ExpiredMessage::from(&ms[0].record()),
+            ExpiredMessage::from(&ms[3].record())
+        ]
+    );
+    assert_eq!(s.census().await.unwrap().messages, 2);
+    // Released, the held ones go.
+    commit(
+        s,
+        holds.map(|scope| Op::DeleteHold {
+            scope,
+            reference: "case".into(),
+        }),
+    )
+    .await;
+    let gone = s.delete_expired(t(now), t(T0), &[], 100).await.unwrap();
+    assert_eq!(
+        gone,
+        [
+            ExpiredMessage::from(&ms[1].record()),
+            ExpiredMessage::from(&ms[2].record())
+        ]
     );
 }
 

@@ -668,6 +668,12 @@ impl Storage for MemoryStore {
             .filter(|m| !m.delivery.status.is_open())
             .filter(|m| m.delivery.next_attempt.is_none() || m.expiry <= abandon_before)
             .filter(|m| !holds.iter().any(|h| h.covers(m.business, m.phone)))
+            .filter(|m| {
+                !inner
+                    .holds
+                    .keys()
+                    .any(|(h, _)| h.covers(m.business, m.phone))
+            })
             .take(limit)
             .map(ExpiredMessage::from)
             .collect();

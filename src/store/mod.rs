@@ -221,11 +221,14 @@ pub trait Storage: KeyStore {
 
     /// Atomically delete and return up to `limit` messages that expired at or
     /// before `now` and are settled (delivered, read or failed) and covered
-    /// by none of `holds`, earliest first: those with nothing left to tell
-    /// anyone (no attempt pending), and those that expired at or before
-    /// `abandon_before` whatever is pending (a status report the business
-    /// could not take for that long is given up). An open message is never
-    /// deleted: it must be marked failed first.
+    /// by none of `holds` and no hold stored, earliest first: those with
+    /// nothing left to tell anyone (no attempt pending), and those that
+    /// expired at or before `abandon_before` whatever is pending (a status
+    /// report the business could not take for that long is given up). An
+    /// open message is never deleted: it must be marked failed first. The
+    /// stored holds are read in the same atomic step, so a hold stored since
+    /// `holds` was read (by another process on the same store, say) is
+    /// honoured too.
     async fn delete_expired(
         &self,
         now: Timestamp,

@@ -301,6 +301,35 @@ pub(super) use message_columns;
 /// A message row selected with [`message_columns!`].
 pub(super) fn message(row: &Row<'_>) -> Result<MessageRecord, StoreError> {
     let c = Cols::new(row, "messages");
+    let mut m = unsealed(&c)?;
+    m.sealed = c.blob(12, "sealed")?.to_vec();
+    Ok(m)
+}
+
+/// The columns the sweep selects: those of [`message_columns!`], with only
+/// the type of `sealed` (`typeof` reads no overflow page of a long value).
+macro_rules! swept_columns {
+    () => {
+        "business, id, direction, phone, created, expiry, \
+         epoch, status, failure, attempts, next_attempt, pending_devices, typeof(sealed)"
+    };
+}
+pub(super) use swept_columns;
+
+/// A row selected with [`swept_columns!`]: what the sweep returns of a
+/// message it deletes. Every column is decoded as [`message`] decodes it, so
+/// that a row that `message` refuses is refused here too, and kept.
+pub(super) fn expired(row: &Row<'_>) -> Result<ExpiredMessage, StoreError> {
+    let c = Cols::new(row, "messages");
+    let m = unsealed(&c)?;
+    match c.text(12, "sealed")?.as_str() {
+        "blob" => Ok(ExpiredMessage::from(&m)),
+        other => Err(c.bad("sealed", format_args!("expected a blob, found {other}"))),
+    }
+}
+
+/// Every column of [`message_columns!`] but `sealed`, left empty.
+fn unsealed(c: &Cols<'_, '_>) -> Result<MessageRecord, StoreError> {
     Ok(MessageRecord {
         business: c.business(0, "business")?,
         id: c.message_id(1, "id")?,
@@ -316,20 +345,7 @@ pub(super) fn message(row: &Row<'_>) -> Result<MessageRecord, StoreError> {
             next_attempt: c.opt_time(10, "next_attempt")?,
             pending_devices: c.u64(11, "pending_devices")?,
         },
-        sealed: c.blob(12, "sealed")?.to_vec(),
-    })
-}
-
-/// A row of `business, id, phone, expiry, epoch, direction`.
-pub(super) fn expired(row: &Row<'_>) -> Result<ExpiredMessage, StoreError> {
-    let c = Cols::new(row, "messages");
-    Ok(ExpiredMessage {
-        business: c.business(0, "business")?,
-        id: c.message_id(1, "id")?,
-        phone: c.phone(2, "phone")?,
-        expiry: c.time(3, "expiry")?,
-        epoch: Epoch::ending_at(c.time(4, "epoch")?),
-        direction: c.direction(5, "direction")?,
+        sealed: Vec::new(),
     })
 }
 

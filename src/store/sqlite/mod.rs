@@ -568,7 +568,9 @@ impl Storage for SqliteStore {
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        if batch.is_empty() {
+        // An empty batch changes nothing, but a fenced one still answers
+        // whether its writer is the store's: the fence is checked first.
+        if batch.is_empty() && batch.writer().is_none() {
             return Ok(());
         }
         self.writer

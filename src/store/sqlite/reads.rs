@@ -76,6 +76,7 @@ impl Readers {
     }
 }
 
+/// A read-only connection to the database at `path`.
 pub(super) fn open_read_only(
     path: &std::path::Path,
     busy: Duration,
@@ -85,6 +86,9 @@ pub(super) fn open_read_only(
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(busy)?;
+    // Sorts and temporary tables (a census's `UNION` of phone hashes, say)
+    // stay in memory, never in a file outside the store, as the writer's do.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }

@@ -8,7 +8,10 @@
 //!    id, a schema version this build knows, and a file as long as the header
 //!    says it is (when no write-ahead log could account for the difference);
 //! 2. the schema (through a read-only connection): exactly the tables and
-//!    indexes that [`MIGRATIONS`] create for that version.
+//!    indexes that [`MIGRATIONS`] create for that version, with their
+//!    columns (name, declared type, `NOT NULL`, default, primary key) and
+//!    index keys (columns, order, collation, uniqueness, and the predicate
+//!    of a partial index).
 //!
 //! Anything else is refused with a [`SqliteOpenError`] and left byte for byte
 //! as it was. Only then is the file opened for writing and migrated forward,
@@ -19,7 +22,7 @@
 //! complete, so a crash while creating one never leaves an empty or
 //! half-initialised file under the real name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -285,15 +288,157 @@ fn objects(conn: &Connection) -> Result<Objects, rusqlite::Error> {
     rows.collect()
 }
 
-/// What [`MIGRATIONS`] up to `version` create, found by running them on an
-/// empty in-memory database (the same SQLite build names the automatic
-/// indexes the same way).
-fn expected_objects(version: u32) -> Result<Objects, rusqlite::Error> {
+/// The shape of each table and index (`"table messages"`, `"index
+/// messages_expiry"`), as its list of features in order: a table's
+/// columns, an index's keys, and what each is (`WITHOUT ROWID`, `UNIQUE`,
+/// ...). SQLite's own tables are left out.
+type Shapes = BTreeMap<String, Vec<String>>;
+
+/// `t`, from `pragma_table_list`, is a table of the main schema, not one
+/// of SQLite's own.
+macro_rules! ours {
+    () => {
+        r"t.schema = 'main' AND t.type = 'table' AND t.name NOT LIKE 'sqlite\_%' ESCAPE '\'"
+    };
+}
+
+fn shapes(conn: &Connection) -> Result<Shapes, rusqlite::Error> {
+    let mut shapes = Shapes::new();
+    let mut stmt = conn.prepare(concat!(
+        "SELECT t.name, t.wr, t.strict FROM pragma_table_list AS t WHERE ",
+        ours!()
+    ))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let table = shapes
+            .entry(format!("table {}", r.get::<_, String>(0)?))
+            .or_default();
+        if r.get(1)? {
+            table.push("WITHOUT ROWID".to_owned());
+        }
+        if r.get(2)? {
+            table.push("STRICT".to_owned());
+        }
+    }
+    let mut stmt = conn.prepare(concat!(
+        "SELECT t.name, c.name, c.type, c.\"notnull\", c.dflt_value, c.pk, c.hidden
+         FROM pragma_table_list AS t, pragma_table_xinfo(t.name, 'main') AS c WHERE ",
+        ours!(),
+        " ORDER BY t.name, c.cid"
+    ))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let mut column = vec!["column".to_owned(), r.get(1)?];
+        let declared: String = r.get(2)?;
+        if !declared.is_empty() {
+            column.push(declared);
+        }
+        if r.get(3)? {
+            column.push("NOT NULL".to_owned());
+        }
+        if let Some(default) = r.get::<_, Option<String>>(4)? {
+            column.push(format!("DEFAULT {default}"));
+        }
+        match r.get::<_, i64>(5)? {
+            0 => {}
+            n => column.push(format!("PRIMARY KEY #{n}")),
+        }
+        match r.get::<_, i64>(6)? {
+            0 => {}
+            n => column.push(format!("HIDDEN {n}")),
+        }
+        shapes
+            .entry(format!("table {}", r.get::<_, String>(0)?))
+            .or_default()
+            .push(column.join(" "));
+    }
+    let mut stmt = conn.prepare(concat!(
+        "SELECT l.name, l.\"unique\", l.origin, l.partial,
+                x.seqno, x.cid, x.name, x.\"desc\", x.coll, x.\"key\",
+                (SELECT s.sql FROM sqlite_schema AS s WHERE s.type = 'index' AND s.name = l.name)
+         FROM pragma_table_list AS t, pragma_index_list(t.name, 'main') AS l,
+              pragma_index_xinfo(l.name, 'main') AS x WHERE ",
+        ours!(),
+        " ORDER BY l.name, x.seqno"
+    ))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let index = shapes
+            .entry(format!("index {}", r.get::<_, String>(0)?))
+            .or_default();
+        // Once per index: where it comes from, and what kind it is.
+        if r.get::<_, i64>(4)? == 0 {
+            index.push(format!("origin {}", r.get::<_, String>(2)?));
+            if r.get(1)? {
+                index.push("UNIQUE".to_owned());
+            }
+            // No pragma describes the predicate: the statement that made
+            // the index, kept verbatim, does.
+            if r.get(3)? {
+                index.push(match r.get::<_, Option<String>>(10)? {
+                    Some(sql) => format!("PARTIAL, as {sql}"),
+                    None => "PARTIAL".to_owned(),
+                });
+            }
+        }
+        // A key column, or one stored beside the keys (a rowid, say).
+        let mut key = vec![if r.get(9)? { "key" } else { "stored" }.to_owned()];
+        key.push(
+            match (r.get::<_, i64>(5)?, r.get::<_, Option<String>>(6)?) {
+                (_, Some(name)) => name,
+                (-1, None) => "rowid".to_owned(),
+                (_, None) => "an expression".to_owned(),
+            },
+        );
+        if r.get(7)? {
+            key.push("DESC".to_owned());
+        }
+        if let Some(collation) = r.get::<_, Option<String>>(8)?.filter(|c| c != "BINARY") {
+            key.push(format!("COLLATE {collation}"));
+        }
+        index.push(key.join(" "));
+    }
+    Ok(shapes)
+}
+
+/// How `found` differs from `expected`, object by object: the features
+/// missing and unexpected, or the same in another order.
+fn differences(found: &Shapes, expected: &Shapes) -> Vec<String> {
+    let objects: BTreeSet<&String> = found.keys().chain(expected.keys()).collect();
+    let mut out = Vec::new();
+    for object in objects {
+        let f = found.get(object).map_or(&[][..], Vec::as_slice);
+        let e = expected.get(object).map_or(&[][..], Vec::as_slice);
+        if f == e {
+            continue;
+        }
+        let mut what: Vec<String> = e
+            .iter()
+            .filter(|x| !f.contains(x))
+            .map(|x| format!("missing {x}"))
+            .chain(
+                f.iter()
+                    .filter(|x| !e.contains(x))
+                    .map(|x| format!("unexpected {x}")),
+            )
+            .collect();
+        if what.is_empty() {
+            what.push("the same columns or keys in another order".to_owned());
+        }
+        out.push(format!("{object}: {}", what.join(", ")));
+    }
+    out
+}
+
+/// An empty in-memory database with the schema [`MIGRATIONS`] create up to
+/// `version`: what a database of that version must look like (the same
+/// SQLite build names the automatic indexes the same way).
+fn reference(version: u32) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_in_memory()?;
     for m in MIGRATIONS.iter().filter(|m| m.version <= version) {
         conn.execute_batch(m.sql)?;
     }
-    objects(&conn)
+    Ok(conn)
 }
 
 fn pragma_u32(conn: &Connection, name: &str) -> Result<u32, rusqlite::Error> {
@@ -303,7 +448,8 @@ fn pragma_u32(conn: &Connection, name: &str) -> Result<u32, rusqlite::Error> {
 }
 
 /// Check, through a read-only connection, that the database is ours, of a
-/// known version, with exactly the schema of that version. Returns the version.
+/// known version, with exactly the schema of that version: its tables and
+/// indexes by name, then their columns and keys. Returns the version.
 pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenError> {
     let err = |e| sqlite_error(path, e);
     let application_id = pragma_u32(conn, "application_id").map_err(err)?;
@@ -321,8 +467,9 @@ pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenEr
             supported: SCHEMA_VERSION,
         });
     }
+    let reference = reference(version).map_err(err)?;
     let found = objects(conn).map_err(err)?;
-    let expected = expected_objects(version).map_err(err)?;
+    let expected = objects(&reference).map_err(err)?;
     if found != expected {
         let unexpected: Vec<&str> = found.difference(&expected).map(|o| o.1.as_str()).collect();
         let missing: Vec<&str> = expected.difference(&found).map(|o| o.1.as_str()).collect();
@@ -334,6 +481,17 @@ pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenEr
                 unexpected.join(", "),
                 missing.join(", ")
             ),
+        });
+    }
+    let differences = differences(
+        &shapes(conn).map_err(err)?,
+        &shapes(&reference).map_err(err)?,
+    );
+    if !differences.is_empty() {
+        return Err(SqliteOpenError::UnexpectedSchema {
+            path: path.to_owned(),
+            version,
+            detail: differences.join("; "),
         });
     }
     Ok(version)

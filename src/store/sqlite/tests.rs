@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, params};
 
-use super::codec::{business_sql, time_sql};
+use super::codec::{business_sql, time_sql, u64_to_sql};
 use super::schema::{APPLICATION_ID, SCHEMA_VERSION};
 use super::writer::testing::{Work, commit_as_group, commit_fenced_as_group};
 use super::*;
@@ -258,6 +258,86 @@ fn a_custodian_database_with_unexpected_tables_is_refused_untouched() {
         matches!(e, SqliteOpenError::UnexpectedSchema { .. })
     });
     assert!(err.to_string().contains("messages_due"), "{err}");
+}
+
+/// A custodian database whose tables have other columns, or whose indexes
+/// other keys or predicates, than its schema version creates is refused,
+/// naming the table or index and what differs, even where every name is right.
+#[test]
+fn a_custodian_database_with_other_columns_or_index_keys_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let holds_with = |placed: &str| {
+        format!(
+            "DROP TABLE holds; CREATE TABLE holds (
+                 kind INTEGER NOT NULL, business INTEGER NOT NULL, phone BLOB NOT NULL,
+                 reference TEXT NOT NULL, {placed},
+                 PRIMARY KEY (kind, business, phone, reference)
+             ) WITHOUT ROWID;"
+        )
+    };
+    let cases = [
+        (
+            "ALTER TABLE messages DROP COLUMN pending_devices".to_owned(),
+            "table messages: missing column pending_devices INTEGER NOT NULL",
+        ),
+        (
+            "ALTER TABLE peers ADD COLUMN note TEXT".to_owned(),
+            "table peers: unexpected column note TEXT",
+        ),
+        (
+            holds_with("placed TEXT NOT NULL"),
+            "table holds: missing column placed INTEGER NOT NULL, unexpected column placed TEXT NOT NULL",
+        ),
+        (
+            holds_with("placed INTEGER"),
+            "missing column placed INTEGER NOT NULL",
+        ),
+        (
+            holds_with("placed INTEGER NOT NULL DEFAULT 0"),
+            "unexpected column placed INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "DROP INDEX messages_expiry;
+             CREATE INDEX messages_expiry ON messages (expiry DESC, business, id);"
+                .to_owned(),
+            "index messages_expiry: missing key expiry, unexpected key expiry DESC",
+        ),
+        (
+            "DROP INDEX messages_open;
+             CREATE INDEX messages_open ON messages (expiry, business, id);"
+                .to_owned(),
+            "index messages_open: missing PARTIAL, as CREATE INDEX messages_open",
+        ),
+        (
+            "DROP INDEX messages_open;
+             CREATE INDEX messages_open ON messages (expiry, business, id) WHERE status IN (0);"
+                .to_owned(),
+            "unexpected PARTIAL, as CREATE INDEX messages_open ON messages (expiry, business, id) WHERE status IN (0)",
+        ),
+        (
+            "DROP INDEX messages_phone;
+             CREATE INDEX messages_phone ON messages (business, phone);"
+                .to_owned(),
+            "index messages_phone: missing key expiry",
+        ),
+    ];
+    for (sql, detail) in cases {
+        let copy = dir.path().join("altered.db");
+        std::fs::copy(&path, &copy).unwrap();
+        tamper(&copy, &sql);
+        let err = refused(&copy, |e| {
+            matches!(
+                e,
+                SqliteOpenError::UnexpectedSchema {
+                    version: SCHEMA_VERSION,
+                    ..
+                }
+            )
+        });
+        assert!(err.to_string().contains(detail), "{sql}: {err}");
+        std::fs::remove_file(&copy).unwrap();
+    }
 }
 
 #[test]
@@ -564,6 +644,12 @@ fn malformed_keys_rings_and_holds_are_corrupt_errors() {
     ));
     assert!(matches!(
         block_on(store.holds()),
+        Err(StoreError::Corrupt(_))
+    ));
+    // The stored holds guard the sweep's deletion: it fails rather than
+    // pass by a hold it cannot read.
+    assert!(matches!(
+        block_on(store.delete_expired(Timestamp::MAX, Timestamp::MAX, &[], 100)),
         Err(StoreError::Corrupt(_))
     ));
     drop(store);
@@ -915,6 +1001,75 @@ fn a_destroyed_or_rewrapped_key_leaves_no_bytes_in_the_file() {
     assert!(file_contains(&path, &secret(22)) && file_contains(&path, &secret(4)));
 }
 
+/// Destroying a key does not depend on reading it: a live key whose row
+/// no longer decodes (a KEK version out of range; a tombstone date beside
+/// the wrapped bytes) is replaced by a tombstone all the same, its bytes
+/// leave the file, and it is not inserted again.
+#[test]
+fn a_live_key_whose_row_does_not_decode_is_destroyed_all_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let secret = |tag: u8| -> Vec<u8> { (0..48).map(|i| i ^ tag ^ 0x3c).collect() };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        store.insert_key(epoch_key(1, secret(1))).await.unwrap();
+        store.insert_key(epoch_key(2, secret(2))).await.unwrap();
+    });
+    drop(store);
+    tamper(
+        &path,
+        &format!(
+            "UPDATE wrapped_keys SET kek_version = {} WHERE id = {};
+             UPDATE wrapped_keys SET destroyed_at = 0 WHERE id = {};",
+            1_i64 << 40,
+            u64_to_sql(1),
+            u64_to_sql(2)
+        ),
+    );
+    assert!(file_contains(&path, &secret(1)), "the test cannot see keys");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let at = Timestamp::from_millis(T0);
+    block_on(async {
+        for n in [1, 2] {
+            let id = epoch_key(n.into(), vec![]).id;
+            let read = store.key(&id).await;
+            assert!(matches!(read, Err(StoreError::Corrupt(_))), "{n}: {read:?}");
+            assert!(store.destroy_key(&id, at).await.unwrap(), "{n}");
+            let tombstone = KeyEntry::Destroyed { at };
+            assert_eq!(store.key(&id).await.unwrap(), Some(tombstone.clone()));
+            let again = store
+                .insert_key(epoch_key(n.into(), secret(n)))
+                .await
+                .unwrap();
+            assert_eq!(again, tombstone, "{n}");
+        }
+    });
+    drop(store);
+    assert_eq!(count(&path, "wrapped_keys WHERE blob IS NOT NULL"), 0);
+    for n in [1, 2] {
+        assert!(
+            !file_contains(&path, &secret(n)),
+            "key {n}'s bytes are still in the file"
+        );
+    }
+}
+
+/// Temporary tables and sorts stay in memory on every connection, never in
+/// a file outside the store (where no scrub reaches).
+#[test]
+fn every_connection_keeps_temporary_tables_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let reader = reads::open_read_only(&path, Duration::from_secs(1)).unwrap();
+    let writer = open_writer(&path, &SqliteConfig::default()).unwrap();
+    for (conn, name) in [(&reader, "reader"), (&writer, "writer")] {
+        let temp_store: i64 = conn
+            .pragma_query_value(None, "temp_store", |r| r.get(0))
+            .unwrap();
+        assert_eq!(temp_store, 2, "the {name}'s temporary tables go to files");
+    }
+}
+
 /// A consumer's phone hash is gone from the file once the sweep deleted
 /// their messages and Signal record and scrubbed: from the rows, from the
 /// `messages_phone`, expiry and peer indexes, and from the index entries an
@@ -1182,19 +1337,31 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = populated(dir.path());
-    // Two damaged rows: one still open (its phone damaged), which the
-    // first stage skips, and one settled (its direction damaged), which the
-    // deleting stage skips; the others are settled.
+    // Damaged rows: one still open (its phone damaged), which the first
+    // stage skips, and settled ones, which the deleting stage skips: one
+    // damaged in a column it returns (direction), the others in columns it
+    // only filters by or does not return (status, a pending attempt given
+    // up on, failure, sealed); the others are settled.
     let open = "X'01010101010101010101010101010101'";
     let settled = "X'05050505050505050505050505050505'";
+    let row = |n: u8| format!("X'{}'", format!("{n:02x}").repeat(16));
     tamper(
         &path,
         &format!(
             "UPDATE messages SET status = 2, next_attempt = NULL WHERE id != {open};
              UPDATE messages SET phone = X'0707' WHERE id = {open};
-             UPDATE messages SET direction = 9 WHERE id = {settled};"
+             UPDATE messages SET direction = 9 WHERE id = {settled};
+             UPDATE messages SET status = 9 WHERE id = {};
+             UPDATE messages SET next_attempt = 'later' WHERE id = {};
+             UPDATE messages SET failure = 77 WHERE id = {};
+             UPDATE messages SET sealed = 5 WHERE id = {};",
+            row(9),
+            row(12),
+            row(20),
+            row(21),
         ),
     );
+    let damaged = [1, 5, 9, 12, 20, 21];
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let before = block_on(store.census()).unwrap().messages;
     assert!(before > 1);
@@ -1208,18 +1375,24 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
         RetentionPolicy::default(),
         Arc::new(MemoryAuditSink::new()),
     );
-    let now = Timestamp::from_millis(T0 + 86_400_000);
+    // Past the report grace: a pending attempt is given up on.
+    let now = Timestamp::from_millis(T0 + 2 * 86_400_000);
     // Pages of three, so that pages start, end and pass over the damaged rows.
     let retention = retention.with_batch(3);
     let swept = block_on(retention.sweep(now, &Told)).unwrap();
-    assert_eq!(swept.messages_deleted, before - 2, "{swept:?}");
+    let kept = damaged.len() as u64;
+    assert_eq!(swept.messages_deleted, before - kept, "{swept:?}");
     assert!(swept.complete, "{swept:?}");
-    assert_eq!(block_on(store.census()).unwrap().messages, 2);
-    let kept = |id: u8| block_on(store.message(business(1), MessageId::from_bytes([id; 16])));
-    assert!(matches!(kept(1), Err(StoreError::Corrupt(_))));
-    assert!(matches!(kept(5), Err(StoreError::Corrupt(_))));
+    assert_eq!(block_on(store.census()).unwrap().messages, kept);
+    for id in damaged {
+        let read = block_on(store.message(business(1), MessageId::from_bytes([id; 16])));
+        assert!(
+            matches!(read, Err(StoreError::Corrupt(_))),
+            "{id}: {read:?}"
+        );
+    }
     // Each page that passed over a damaged row counted it.
-    assert!(store.damaged_rows_skipped() >= 2);
+    assert!(store.damaged_rows_skipped() >= kept);
 }
 
 /// A complete sweep of `store` at `now`, telling no one anything.

@@ -388,14 +388,24 @@ pub(super) fn rewrap_key(
 }
 
 /// Replace whatever is under `id` with a tombstone dated `at`; whether a
-/// live key was there.
+/// live key (wrapped bytes) was there. Nothing is decoded: a row that no
+/// longer decodes loses its bytes all the same.
 pub(super) fn destroy_key(
     conn: &Connection,
     id: &KeyId,
     at: Timestamp,
 ) -> Result<bool, StoreError> {
     let (business, kind, key) = key_id_sql(id);
-    let was_live = matches!(reads::key(conn, id)?, Some(KeyEntry::Wrapped(_)));
+    let was_live = conn
+        .prepare_cached(
+            "SELECT blob IS NOT NULL FROM wrapped_keys
+             WHERE business = ?1 AND kind = ?2 AND id = ?3",
+        )
+        .db()?
+        .query_row(params![business, kind, key], |row| row.get::<_, bool>(0))
+        .optional()
+        .db()?
+        .unwrap_or(false);
     conn.prepare_cached(
         "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
          VALUES (?1, ?2, ?3, NULL, NULL, ?4)
@@ -448,7 +458,9 @@ macro_rules! not_held {
 macro_rules! select_doomed {
     ($filter:expr) => {
         concat!(
-            "SELECT business, id, phone, expiry, epoch, direction, rowid FROM messages WHERE ",
+            "SELECT ",
+            codec::swept_columns!(),
+            ", rowid FROM messages WHERE ",
             $filter,
             " ORDER BY expiry, business, id"
         )
@@ -480,10 +492,15 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 /// the first `limit` candidates in index order, then delete the index range
 /// they span. (Cheaper than `DELETE … RETURNING`, which buffers every row,
 /// and than deleting by a list of row ids.) A candidate that does not decode
-/// is skipped and kept (see [`codec::decodable`]): the hold filter compares
-/// its stored columns, and a damaged phone or business could slip past a
-/// hold. The selected rows are then deleted one by one instead, so that the
-/// range does not take the damaged row with it.
+/// (any column that [`codec::message`] would refuse) is skipped and kept
+/// (see [`codec::decodable`]): the filters compare its stored columns, and
+/// a damaged status, phone or business could slip past the check that it is
+/// settled or past a hold. The selected rows are then deleted one by one
+/// instead, so that the range does not take the damaged row with it.
+///
+/// The holds are those passed and those stored, read in this transaction:
+/// a hold placed by another process since the caller read the holds is
+/// honoured too.
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
@@ -495,7 +512,14 @@ pub(super) fn delete_expired(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    if !holds.is_empty() {
+    // Decoded as `Storage::holds` reads them: a stored hold that does not
+    // decode fails the deletion it guards.
+    let stored = reads::holds(conn)?;
+    let scopes: Vec<&HoldScope> = holds
+        .iter()
+        .chain(stored.iter().map(|h| &h.scope))
+        .collect();
+    if !scopes.is_empty() {
         conn.prepare_cached("DELETE FROM temp.held")
             .db()?
             .execute([])
@@ -503,12 +527,12 @@ pub(super) fn delete_expired(
         let mut put = conn
             .prepare_cached("INSERT OR IGNORE INTO temp.held VALUES (?1, ?2)")
             .db()?;
-        for scope in holds {
+        for scope in &scopes {
             let (_, business, phone) = scope_sql(scope);
             put.execute(params![business, phone]).db()?;
         }
     }
-    let (select, delete) = if holds.is_empty() { SWEEP } else { SWEEP_HELD };
+    let (select, delete) = if scopes.is_empty() { SWEEP } else { SWEEP_HELD };
     let now = time_sql(now);
     let abandon = time_sql(abandon_before);
     let skipped = AtomicU64::new(0);
