@@ -285,6 +285,9 @@ pub trait BusinessSink: Send + Sync {
     /// one message made concurrently (a send's `sent` and a delivery
     /// report's `delivered`) may arrive out of order; the stored status
     /// never goes backwards, so keep the furthest one seen
-    /// (`queued < sent < delivered < read`; `failed` is final).
+    /// (`queued < sent < delivered < read`; `failed` is final). The final
+    /// statuses of a message (delivered, read, failed) are reported until
+    /// this returns `Ok`; `sent` is reported once, best effort: not again
+    /// if this fails, and not at all if a later status overtook it.
     async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError>;
 }
