@@ -202,6 +202,65 @@ fn a_report_and_a_send_owed_at_once_are_both_made() {
     });
 }
 
+/// A send stopped (the process restarting) once it reached device 0 of
+/// two, before its bookkeeping was written: the store has the message
+/// queued, no attempt recorded. Device 0's delivery report (the transport
+/// reports per device) reaches the new process before any retransmission:
+/// the message takes the status, device 1 is still sent it, and the
+/// business is told delivered once, and billed once.
+#[test]
+fn a_report_on_a_send_stopped_before_its_bookkeeping_still_reaches_every_device() {
+    runtime().block_on(async {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
+        let mut polls = 0;
+        while d.network.in_flight().await == 0 {
+            let polled = poll_at_most(send.as_mut(), 1).await;
+            assert!(polled.is_none(), "the send finished");
+            polls += 1;
+            assert!(polls < 10_000, "device 0 was never sent to");
+        }
+        drop(send);
+        d.restart();
+        let later = Timestamp::from_millis(T0 + 3_600_000);
+        let stored = d.store.due_messages(later, 10).await.unwrap();
+        let [stored] = stored.as_slice() else {
+            panic!("{} messages stored", stored.len());
+        };
+        let id = stored.id;
+        assert_eq!(
+            stored.delivery,
+            Delivery::queued(stored.created),
+            "nothing recorded"
+        );
+        // Device 0 gets it and reports it.
+        d.network.pump(&d.processor, &d.carrier).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&0].get(&id), Some(&1));
+        let reported = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        assert_eq!(reported, StatusChange::Applied);
+        assert_eq!(d.business.statuses().get(&id), None, "not told yet");
+
+        d.settle(5).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&1].get(&id), Some(&1), "device 1 gets it");
+        // Device 0 may be sent it again: it drops the copy by its id.
+        assert!(received[&0].contains_key(&id));
+        assert_eq!(
+            d.business.statuses()[&id],
+            [(Status::Delivered, None)],
+            "told delivered once"
+        );
+        d.assert_delivered_and_billed([id].iter(), 1, format_args!("restarted"))
+            .await;
+    });
+}
+
 /// Drops a send to a consumer with two devices once it reached device 0
 /// and device 0 reported it delivered; if `fail_report` is `Some(n)`, the
 /// report's n-th store call fails after it applied. Returns whether that
