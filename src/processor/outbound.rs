@@ -647,6 +647,15 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
+        // A message no device has yet whose devices left to retry are all
+        // gone from the list is tried on every device listed now.
+        let queued = record.delivery.status == Status::Queued;
+        let only = only.filter(|&mask| {
+            !queued
+                || devices
+                    .iter()
+                    .any(|&device| mask & Delivery::device_bit(device) != 0)
+        });
         // The devices this attempt is for: all, or those left by the last.
         let wanted = devices
             .iter()
@@ -704,9 +713,10 @@ impl Processor {
             }
         }
         let (sent, pending) = (reached.sent, reached.pending());
-        if sent == 0 && pending == 0 && only.is_none() {
+        if sent == 0 && pending == 0 && (only.is_none() || queued) {
             // No device took it: the network refused some, and no session
-            // could be had with the rest.
+            // could be had with the rest (on a retry of a message no
+            // device has, the devices tried before were given up on so).
             return DeviceOutcome::Fail(if refused {
                 FailureReason::Refused
             } else {
