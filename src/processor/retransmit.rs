@@ -32,22 +32,27 @@ pub struct RetransmitReport {
 }
 
 impl Processor {
-    /// Fail `record`, whose stored content cannot be opened or decoded: it
-    /// can never be delivered, and its business is told why. One reported
-    /// delivered or read already, with devices left to retry, keeps its
-    /// status (a status never goes backwards): those devices are given up
-    /// and its business told the status it has. Returns whether the
-    /// business was told a failure.
-    async fn fail_unreadable(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
+    /// Fail `record`, whose stored content cannot be had, for `reason`
+    /// (unreadable: it cannot be opened or decoded; expired: its envelope
+    /// says so, whatever its row says): it can never be delivered, and its
+    /// business is told why. One reported delivered or read already, with
+    /// devices left to retry, keeps its status (a status never goes
+    /// backwards): those devices are given up and its business told the
+    /// status it has. Returns whether the business was told a failure.
+    async fn fail_undeliverable(
+        &self,
+        record: &MessageRecord,
+        reason: FailureReason,
+    ) -> Result<bool, ProcessorError> {
         let (business, id, current) = (record.business, record.id, record.delivery);
         if !current.status.may_become(Status::Failed) {
-            warn!(%business, %id, "a delivered message is unreadable: its devices left to retry are given up");
+            warn!(%business, %id, ?reason, "a delivered message cannot be had: its devices left to retry are given up");
             self.report_status(business, id, record.phone, record.direction, current)
                 .await?;
             return Ok(false);
         }
-        warn!(%business, %id, "a stored message is unreadable: failed");
-        let failed = Attempt::Fail(FailureReason::Unreadable);
+        warn!(%business, %id, ?reason, "a stored message cannot be had: failed");
+        let failed = Attempt::Fail(reason);
         let next = self.after_attempt(&current, failed, self.clock.now());
         if !self.write_delivery(business, id, current, next).await? {
             return Ok(false);
@@ -187,10 +192,19 @@ impl Processor {
         }
         let body = match self.due_body(&record).await {
             Ok(Stored::Content(body)) => body,
-            // Past its retention since the check: the next pass fails it.
-            Ok(Stored::Expired) => return Ok(()),
+            // Past its retention since the check, or its row's expiry is
+            // not the one sealed in its envelope (an edited row): it can
+            // never be delivered now.
+            Ok(Stored::Expired) => {
+                let reason = FailureReason::Expired;
+                report.failures_reported +=
+                    u64::from(self.fail_undeliverable(&record, reason).await?);
+                return Ok(());
+            }
             Ok(Stored::Unreadable) => {
-                report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
+                let reason = FailureReason::Unreadable;
+                report.failures_reported +=
+                    u64::from(self.fail_undeliverable(&record, reason).await?);
                 return Ok(());
             }
             // Its key could not be had now (the provider or the store
