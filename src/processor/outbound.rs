@@ -563,6 +563,7 @@ impl Processor {
                 attempts,
                 next_attempt: Some(now),
                 pending_devices: 0,
+                ..current
             },
             // Some devices have it; the rest cannot be reached: stop trying them.
             DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now),

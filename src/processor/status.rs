@@ -216,6 +216,7 @@ impl Processor {
                     Some(now)
                 },
                 pending_devices: pending,
+                accepted_by: record.delivery.accepted_by,
             };
             let op = Op::UpdateDelivery {
                 business,
