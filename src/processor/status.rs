@@ -3,7 +3,7 @@
 
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::claims::Accepted;
+use super::claims::{Accepted, acceptance_token};
 use super::payload::OutboundBody;
 use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
@@ -216,7 +216,13 @@ impl Processor {
                     Some(now)
                 },
                 pending_devices: pending,
-                accepted_by: record.delivery.accepted_by,
+                // Moving it on from queued, this write is known by a token
+                // of its own; later writes keep the one there.
+                accepted_by: if record.delivery.status == Status::Queued {
+                    acceptance_token()
+                } else {
+                    record.delivery.accepted_by
+                },
             };
             let op = Op::UpdateDelivery {
                 business,
