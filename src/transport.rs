@@ -172,7 +172,13 @@ pub trait Transport: Send + Sync {
     ) -> Result<PreKeyBundle, TransportError>;
 
     /// Send `message` to one device of `consumer`. `Ok` means the network
-    /// accepted it; delivery is reported later as a status.
+    /// accepted it; delivery is reported later as a status, through
+    /// [`Processor::status_update`](crate::processor::Processor::status_update)
+    /// under `message.id`. A `Delivered` (or `Read`) report means one
+    /// device has the message (the first to have it may report it): the
+    /// processor still sends to the devices it has not reached. A device
+    /// may so be sent a message it has (after a crash, say): it drops the
+    /// copy by the message id in its payload.
     async fn send(
         &self,
         business: BusinessId,

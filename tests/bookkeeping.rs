@@ -54,6 +54,9 @@ enum Race {
     OwnBundle,
     /// The network refuses every send for good.
     RefuseSends,
+    /// The network refuses device 0's bundle for good, and device 1's send
+    /// fails for now; every send after that is refused for good.
+    NoBundle0Device1FailsThenRefused,
     /// The device list call brings in the delivery report of this message,
     /// then fails transiently.
     ReportThenNoDeviceList(MessageId),
@@ -120,6 +123,9 @@ impl Transport for Racing {
         let race = *self.race.lock().unwrap();
         match race {
             Race::BundleOfDevice0 => self.network.fetch_bundle(b, c, 0).await,
+            Race::NoBundle0Device1FailsThenRefused if device == 0 => {
+                Err(TransportError::Refused("no bundle".into()))
+            }
             Race::OwnBundle => Ok(self
                 .published
                 .lock()
@@ -168,6 +174,10 @@ impl Transport for Racing {
         }
         if race == Race::ReportInsideSendThenDevice1Fails && device == 1 {
             *self.race.lock().unwrap() = Race::None;
+            return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::NoBundle0Device1FailsThenRefused && device == 1 {
+            *self.race.lock().unwrap() = Race::RefuseSends;
             return Err(TransportError::Unavailable("transient".into()));
         }
         if race == Race::RefuseSends {
@@ -680,6 +690,35 @@ async fn a_message_every_device_refuses_fails_as_refused() {
         d.webhook.business.statuses()[&id],
         [(Status::Failed, Some(FailureReason::Refused))]
     );
+}
+
+/// No device of two takes a message: device 0's bundle is refused for
+/// good, device 1's send fails for now, and its retry is refused for good.
+/// The message fails as refused on that retry, not after waiting the
+/// receipt timeout for a report no device can send.
+#[tokio::test]
+async fn a_retry_that_reaches_no_device_fails_a_message_no_device_has_at_once() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::NoBundle0Device1FailsThenRefused);
+    let id = d.send(b, 1).await;
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(waiting.status, Status::Queued);
+    assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
+    d.clock.advance(Duration::from_secs(5));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(
+        d.processor.message_status(&d.owner, b, id).await.unwrap(),
+        (Status::Failed, Some(FailureReason::Refused))
+    );
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Failed, Some(FailureReason::Refused))]
+    );
+    let received = d.racing.network.received(&number(1)).await;
+    assert!(received.values().all(|got| !got.contains_key(&id)));
 }
 
 /// A delivery report that arrives while a retransmission asks for the

@@ -202,6 +202,168 @@ fn a_report_and_a_send_owed_at_once_are_both_made() {
     });
 }
 
+/// A send stopped (the process restarting) once it reached device 0 of
+/// two, before its bookkeeping was written: the store has the message
+/// queued, no attempt recorded. Device 0's delivery report (the transport
+/// reports per device) reaches the new process before any retransmission:
+/// the message takes the status, device 1 is still sent it, and the
+/// business is told delivered once, and billed once.
+#[test]
+fn a_report_on_a_send_stopped_before_its_bookkeeping_still_reaches_every_device() {
+    runtime().block_on(async {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
+        let mut polls = 0;
+        while d.network.in_flight().await == 0 {
+            let polled = poll_at_most(send.as_mut(), 1).await;
+            assert!(polled.is_none(), "the send finished");
+            polls += 1;
+            assert!(polls < 10_000, "device 0 was never sent to");
+        }
+        drop(send);
+        d.restart();
+        let later = Timestamp::from_millis(T0 + 3_600_000);
+        let stored = d.store.due_messages(later, 10).await.unwrap();
+        let [stored] = stored.as_slice() else {
+            panic!("{} messages stored", stored.len());
+        };
+        let id = stored.id;
+        assert_eq!(
+            stored.delivery,
+            Delivery::queued(stored.created),
+            "nothing recorded"
+        );
+        // Device 0 gets it and reports it.
+        d.network.pump(&d.processor, &d.carrier).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&0].get(&id), Some(&1));
+        let reported = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        assert_eq!(reported, StatusChange::Applied);
+        assert_eq!(d.business.statuses().get(&id), None, "not told yet");
+
+        d.settle(5).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&1].get(&id), Some(&1), "device 1 gets it");
+        // Device 0 may be sent it again: it drops the copy by its id.
+        assert!(received[&0].contains_key(&id));
+        assert_eq!(
+            d.business.statuses()[&id],
+            [(Status::Delivered, None)],
+            "told delivered once"
+        );
+        d.assert_delivered_and_billed([id].iter(), 1, format_args!("restarted"))
+            .await;
+    });
+}
+
+/// The one message stored, and its status, if any.
+async fn the_message(d: &Deployment) -> Option<(MessageId, Status)> {
+    let later = Timestamp::from_millis(T0 + 24 * 3_600_000);
+    let due = d.store.due_messages(later, 10).await.unwrap();
+    due.first().map(|m| (m.id, m.delivery.status))
+}
+
+/// Messages `d`'s business was billed for so far (its open period included).
+async fn billed_now(d: &Deployment) -> u64 {
+    let statement = d.processor.billing_statement(&d.owner, d.b).await.unwrap();
+    statement.records.iter().map(|r| r.messages.total()).sum()
+}
+
+/// A send's bookkeeping (queued to sent) lands, and the send is dropped
+/// there, its answer unseen: the write is owed. A delivery report that
+/// started while the send held the message (nothing owed yet to pay)
+/// writes delivered over it. The owed write, paid afterwards, finds the
+/// state it wrote gone, but its token kept: the message is billed once.
+#[test]
+fn an_owed_send_bookkeeping_written_over_by_a_report_is_billed_once() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
+        let mut polls = 0;
+        let id = loop {
+            let polled = poll_at_most(send.as_mut(), 1).await;
+            assert!(polled.is_none(), "the send finished");
+            polls += 1;
+            assert!(polls < 10_000, "never stored");
+            if let Some((id, _)) = the_message(&d).await {
+                break id;
+            }
+        };
+        // The report starts: the send holds the claim; it waits at its
+        // read of the message.
+        let mut report =
+            Box::pin(
+                d.processor
+                    .status_update(&d.carrier, d.b, id, Status::Delivered),
+            );
+        assert!(poll_at_most(report.as_mut(), 1).await.is_none());
+        // The send's bookkeeping lands; the send is dropped there.
+        while the_message(&d).await.map(|m| m.1) == Some(Status::Queued) {
+            let polled = poll_at_most(send.as_mut(), 1).await;
+            assert!(polled.is_none(), "the send finished");
+        }
+        drop(send);
+        assert_eq!(the_message(&d).await.map(|m| m.1), Some(Status::Sent));
+        assert_eq!(report.await.unwrap(), StatusChange::Applied);
+        d.settle(5).await;
+        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+        assert_eq!(
+            told,
+            [Status::Delivered],
+            "sent is not told after delivered"
+        );
+        assert_eq!(billed_now(&d).await, 1, "billed once");
+    });
+}
+
+/// A delivery report that moves the message on from queued (counting it)
+/// while the send holds it is dropped once its write landed: the write is
+/// owed. A second report (read) writes over it. The send then pays the
+/// owed write, which finds its token kept: billed once.
+#[test]
+fn an_owed_report_written_over_by_the_next_report_is_billed_once() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let mut send = Box::pin(d.processor.send(&d.owner, d.b, d.outbound(b"first")));
+        let id = loop {
+            let polled = poll_at_most(send.as_mut(), 1).await;
+            assert!(polled.is_none(), "the send finished");
+            if let Some((id, _)) = the_message(&d).await {
+                break id;
+            }
+        };
+        let mut first = Box::pin(
+            d.processor
+                .status_update(&d.carrier, d.b, id, Status::Delivered),
+        );
+        while the_message(&d).await.map(|m| m.1) != Some(Status::Delivered) {
+            let polled = poll_at_most(first.as_mut(), 1).await;
+            assert!(polled.is_none(), "the report finished");
+        }
+        drop(first);
+        let read = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Read)
+            .await
+            .unwrap();
+        assert_eq!(read, StatusChange::Applied);
+        assert_eq!(send.await.unwrap(), id);
+        d.settle(5).await;
+        assert_eq!(billed_now(&d).await, 1, "billed once");
+        assert_eq!(
+            d.processor.message_status(&d.owner, d.b, id).await.unwrap(),
+            (Status::Read, None)
+        );
+    });
+}
+
 /// Drops a send to a consumer with two devices once it reached device 0
 /// and device 0 reported it delivered; if `fail_report` is `Some(n)`, the
 /// report's n-th store call fails after it applied. Returns whether that

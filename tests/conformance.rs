@@ -277,6 +277,7 @@ impl M {
                 attempts: 3,
                 next_attempt: self.next.map(t),
                 pending_devices: 0,
+                accepted_by: 0,
             },
             sealed: bytes(
                 self.id ^ (self.business << 32),
@@ -990,6 +991,7 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
         attempts: 7,
         next_attempt: None,
         pending_devices: 0,
+        accepted_by: 0x8000_0000_0000_0001,
     };
     let update = |id, expected| Op::UpdateDelivery {
         business: business(1),
@@ -1017,11 +1019,16 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
         next_attempt: Some(t(T0 + 12_345)),
         ..stored
     };
+    let stale_token = Delivery {
+        accepted_by: stored.accepted_by ^ 0x8000_0000_0000_0001,
+        ..stored
+    };
     for stale in [
         vec![update(1, stale_status)],
         vec![update(1, stale_devices)],
         vec![update(1, stale_attempts)],
         vec![update(1, stale_due)],
+        vec![update(1, stale_token)],
         vec![update(2, stored)],
         vec![update(1, stale_status), put(&M::new(1, 9, 1, T0))],
         vec![put(&M::new(1, 9, 1, T0)), update(2, stored)],
@@ -1138,6 +1145,7 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         attempts: 1,
         next_attempt: Some(t(T0 + 25)),
         pending_devices: 0b101,
+        accepted_by: 0,
     };
     let done = Delivery {
         status: Status::Delivered,
@@ -1145,6 +1153,7 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         attempts: 1,
         next_attempt: None,
         pending_devices: 0,
+        accepted_by: 0,
     };
     commit(
         s,
@@ -1807,6 +1816,7 @@ async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
             attempts: u32::MAX,
             next_attempt: Some(t(1 << 63)),
             pending_devices: u64::MAX,
+            accepted_by: u64::MAX,
         },
         sealed: Vec::new(),
     };
@@ -1818,6 +1828,7 @@ async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
         epoch: Epoch::ending_at(t(0)),
         delivery: Delivery {
             next_attempt: Some(t(0)),
+            accepted_by: 0,
             ..big.delivery
         },
         ..big.clone()
@@ -2599,6 +2610,7 @@ impl Write {
                         attempts: 1,
                         next_attempt: due.map(|h| t(T0 + h * HOUR)),
                         pending_devices: 0,
+                        accepted_by: 0,
                     },
                 }
             }

@@ -459,6 +459,58 @@ fn retransmit_due_survives_every_host_failure() {
     }));
 }
 
+/// Two outbound messages due, to two consumers, and one store or key
+/// provider call of the retransmission pass failing, at each call in turn:
+/// the failure strikes one message's work, and the pass goes on with the
+/// other (the error counted). Only a failure to list the due messages
+/// fails the pass. Afterwards each device has its message once.
+#[test]
+fn a_failure_on_one_due_message_holds_up_none_behind_it() {
+    runtime().block_on(every_failure(|at| async move {
+        // The network is down for the first minute: both messages wait.
+        let start = Timestamp::from_millis(T0);
+        let down = Faults::none().with_outage(start, Duration::from_secs(60));
+        let d = deployment(down, Faults::none()).await;
+        let mut ids = Vec::new();
+        for to in [2, 3] {
+            d.network.add_consumer(&consumer(to), 1).await;
+            let out = Outbound {
+                to: consumer(to),
+                ..d.outbound(b"out")
+            };
+            ids.push(d.processor.send(&d.owner, d.b, out).await.unwrap());
+        }
+        d.clock.advance(Duration::from_secs(120));
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let report = d.processor.retransmit_due(&d.operator).await;
+        let failed = d.faults.lift();
+        assert_outcome(&report, &failed, at);
+        match &report {
+            Err(_) => assert_eq!(failed.first().map(|f| f.0), Some("due_messages")),
+            Ok(report) => assert!(report.errors <= 1, "{at:?}: {report:?}"),
+        }
+        if report.is_ok() {
+            let mut sent = 0;
+            for id in &ids {
+                let (status, _) = d
+                    .processor
+                    .message_status(&d.owner, d.b, *id)
+                    .await
+                    .unwrap();
+                sent += u32::from(status == Status::Sent);
+            }
+            assert!(sent >= 1, "{at:?}: {failed:?} held up both messages");
+        }
+        d.settle(3).await;
+        for (to, id) in [2, 3].into_iter().zip(&ids) {
+            let received = d.network.received(&consumer(to)).await;
+            assert_eq!(received[&0].get(id), Some(&1), "{at:?}: {failed:?}");
+        }
+        d.assert_statuses_told_once_forward(at.n);
+        failed.is_empty()
+    }));
+}
+
 #[test]
 fn sweep_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {

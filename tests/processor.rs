@@ -637,6 +637,54 @@ async fn a_message_row_naming_another_consumer_is_unreadable() {
     );
 }
 
+/// A stored message whose row was edited to say it is readable longer
+/// than its sealed envelope does (its expiry and creation moved later):
+/// the envelope, which opens as expired, is believed. The message fails
+/// as expired and its business is told, on the first pass that finds it
+/// due, rather than staying queued and due for ever.
+#[tokio::test]
+async fn a_message_row_whose_expiry_was_edited_later_fails_as_expired() {
+    use custodian::store::{Batch, FailureReason, MessageRecord, Op};
+
+    // The network is down past the message's retention.
+    let down = Faults::none().with_outage(
+        Timestamp::from_millis(T0),
+        Duration::from_secs(40 * 24 * 3600),
+    );
+    let d = Deployment::new(&[7], down, Faults::none(), 11);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(b, number(1), b"never").await;
+    d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+    let now = d.clock.now();
+    let stored = d.store.message(b, id).await.unwrap().unwrap();
+    assert_eq!(stored.delivery.status, Status::Queued);
+    let mut batch = Batch::new();
+    batch.push(Op::DeleteMessage { business: b, id });
+    batch.push(Op::PutMessage(Box::new(MessageRecord {
+        created: now,
+        expiry: now.saturating_add(Duration::from_secs(24 * 3600)),
+        ..stored
+    })));
+    d.store.commit(batch).await.unwrap();
+
+    let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(report.failures_reported, 1);
+    assert_eq!(
+        d.processor.message_status(d.owner(b), b, id).await.unwrap(),
+        (Status::Failed, Some(FailureReason::Expired))
+    );
+    assert_eq!(
+        d.business.statuses()[&id],
+        [(Status::Failed, Some(FailureReason::Expired))]
+    );
+    // Nothing is due any more.
+    d.clock.advance(Duration::from_secs(3600));
+    let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(report.due, 0);
+}
+
 /// A principal of business A tries every entry point on business B (and
 /// every operator entry point): each is refused, and nothing changes.
 #[tokio::test]

@@ -492,6 +492,7 @@ impl World {
                 attempts: 1,
                 next_attempt: None,
                 pending_devices: 0,
+                accepted_by: 0,
             }
         };
         let record = MessageRecord {
@@ -1362,7 +1363,7 @@ mod timelines {
                         Action::Deliver { which } => {
                             if !stored.is_empty() {
                                 let m = &stored[which % stored.len()].record;
-                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0 };
+                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0, accepted_by: 0 };
                                 if let Some(s) = w.store.message(m.business, m.id).await.unwrap()
                                     && s.delivery.status.may_become(Status::Delivered)
                                 {

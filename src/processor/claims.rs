@@ -117,6 +117,16 @@ pub(super) struct AttemptMade {
     pub(super) category: Category,
     pub(super) outcome: DeviceOutcome,
     pub(super) at: Timestamp,
+    /// The [`Delivery::accepted_by`] its record stores if it moves the
+    /// message on from queued: chosen once, so that a record owed, and
+    /// made again, is known by it.
+    pub(super) token: u64,
+}
+
+/// A fresh [`Delivery::accepted_by`] for a write that moves a message on
+/// from queued: random, never zero (the value of a queued message).
+pub(super) fn acceptance_token() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 /// An outbound message moved on from queued by a send's bookkeeping, or by
@@ -129,7 +139,17 @@ pub(super) struct Accepted {
     pub(super) at: Timestamp,
     /// The delivery state the write stores: sent after a send's
     /// bookkeeping, delivered or read after a report (told that instead).
+    /// Its [`Delivery::accepted_by`] names the write.
     pub(super) next: Delivery,
+}
+
+impl Accepted {
+    /// Whether `stored`, the message's state now, was made by this write
+    /// or built on it: its token is the write's, and every later write
+    /// keeps it.
+    pub(super) fn landed_in(&self, stored: &Delivery) -> bool {
+        stored.accepted_by == self.next.accepted_by
+    }
 }
 
 /// A write under way (see [`Owed`]), until the store answers it. Dropped
@@ -204,9 +224,10 @@ impl Processor {
     /// message `id`, in the order they left it: the writes, and the
     /// attempts' bookkeeping ([`record_attempt`](Self::record_attempt)). A
     /// write that moved an outbound message on from queued, and landed now
-    /// or before (unseen: the stored state is still the one it wrote), has
-    /// the message counted taken and, if a send's bookkeeping moved it, its
-    /// business told it is sent.
+    /// or before (unseen: the stored state still carries its
+    /// [`Delivery::accepted_by`], whatever was written over it since), has
+    /// the message counted taken and, if a send's bookkeeping moved it and
+    /// it is still sent, its business told it is sent.
     pub(super) async fn pay_owed(
         &self,
         business: BusinessId,
@@ -220,18 +241,22 @@ impl Processor {
                         accepted,
                     };
                     let mut owing = Owing::new(&self.claims, (business, id), again, true);
-                    let mut landed = self.commit_op(op).await?;
+                    let written = self.commit_op(op).await?;
+                    // What follows it, on the state it left: told sent only
+                    // if nothing moved the message on since.
+                    let mut follows = accepted.filter(|_| written);
                     if let Some(accepted) = accepted
-                        && !landed
+                        && !written
+                        && let Some(stored) = self.storage.message(business, id).await?
+                        && accepted.landed_in(&stored.delivery)
                     {
-                        landed = self
-                            .storage
-                            .message(business, id)
-                            .await?
-                            .is_some_and(|m| m.delivery == accepted.next);
+                        follows = Some(Accepted {
+                            next: stored.delivery,
+                            ..accepted
+                        });
                     }
                     owing.owed = None;
-                    if let Some(accepted) = accepted.filter(|_| landed) {
+                    if let Some(accepted) = follows {
                         self.on_accepted(business, id, accepted).await;
                     }
                 }

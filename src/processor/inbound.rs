@@ -314,7 +314,8 @@ impl Processor {
         }
     }
 
-    /// The bookkeeping after an attempt made on a message in `current` state.
+    /// The bookkeeping after an attempt made on a message in `current` state
+    /// (which write moved it on from queued kept).
     pub(super) fn after_attempt(
         &self,
         current: &Delivery,
@@ -329,6 +330,7 @@ impl Processor {
                 attempts,
                 next_attempt: None,
                 pending_devices: 0,
+                ..*current
             },
             Attempt::Retry => Delivery {
                 status: current.status,
@@ -336,6 +338,7 @@ impl Processor {
                 attempts,
                 next_attempt: Some(now.saturating_add(self.delivery.backoff(current.attempts))),
                 pending_devices: current.pending_devices,
+                ..*current
             },
             // Failed, and due at once: the failure is reported to the business.
             Attempt::Fail(reason) => Delivery {
@@ -344,6 +347,7 @@ impl Processor {
                 attempts,
                 next_attempt: Some(now),
                 pending_devices: 0,
+                ..*current
             },
         }
     }

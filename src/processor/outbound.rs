@@ -5,7 +5,7 @@
 use tracing::{Instrument, debug, debug_span, warn};
 use zeroize::Zeroizing;
 
-use super::claims::{Accepted, AttemptMade, Owed, Owing};
+use super::claims::{Accepted, AttemptMade, Owed, Owing, acceptance_token};
 use super::payload::{OutboundBody, StoredBody, device_payload};
 use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
@@ -120,6 +120,7 @@ impl Drop for Sending<'_> {
                 pending: reached.pending(),
             },
             at: p.clock.now(),
+            token: acceptance_token(),
         };
         p.claims
             .owe((record.business, record.id), Owed::Attempt(made), false);
@@ -408,6 +409,7 @@ impl Processor {
             category: body.category,
             outcome,
             at: self.clock.now(),
+            token: acceptance_token(),
         };
         let Some(next) = self.record_attempt(business, id, made, false).await? else {
             // Deleted meanwhile: nothing left to record.
@@ -444,14 +446,17 @@ impl Processor {
         let mut races = 0;
         loop {
             let current = made.on;
-            let next = self.after_send(current, made.outcome, made.at);
-            let accepted = (current.status == Status::Queued && next.status == Status::Sent)
-                .then_some(Accepted {
-                    phone: made.phone,
-                    category: made.category,
-                    at: made.at,
-                    next,
-                });
+            let mut next = self.after_send(current, made.outcome, made.at);
+            let moves_on = current.status == Status::Queued && next.status == Status::Sent;
+            if moves_on {
+                next.accepted_by = made.token;
+            }
+            let accepted = moves_on.then_some(Accepted {
+                phone: made.phone,
+                category: made.category,
+                at: made.at,
+                next,
+            });
             let op = Op::UpdateDelivery {
                 business,
                 id,
@@ -464,28 +469,44 @@ impl Processor {
                 races += 1;
                 // A delivery report dropped after its write landed may owe
                 // the message the move on from queued that this write lost
-                // to: made now, while the stored state is still the one it
-                // wrote, it is counted (rewritten below, it would be lost).
+                // to: made (and counted) now, before this record is made
+                // again on the state it left.
                 self.pay_owed(business, id).await?;
             }
-            let landed = written
-                || match self.storage.message(business, id).await? {
+            // The state it left, if it landed.
+            let landed = if written {
+                Some(next)
+            } else {
+                match self.storage.message(business, id).await? {
                     // Deleted meanwhile: nothing left to record.
                     None => {
                         owing.owed = None;
                         return Ok(None);
                     }
-                    // Made before, its answer lost (an owed record, paid).
-                    Some(stored) if stored.delivery == next => true,
+                    // Made before, its answer lost (an owed record, paid),
+                    // and perhaps written over since: a move on from
+                    // queued is known by its token, which later writes keep.
+                    Some(stored)
+                        if stored.delivery == next
+                            || accepted.is_some_and(|a| a.landed_in(&stored.delivery)) =>
+                    {
+                        Some(stored.delivery)
+                    }
                     Some(stored) if races < MAX_STATUS_RACES => {
                         made.on = stored.delivery;
-                        false
+                        None
                     }
                     Some(_) => return Err(StoreError::Conflict.into()),
-                };
+                }
+            };
             owing.owed = None;
-            if landed {
+            if let Some(left) = landed {
+                // Told sent only if nothing moved the message on since.
                 if let Some(accepted) = accepted {
+                    let accepted = Accepted {
+                        next: left,
+                        ..accepted
+                    };
                     self.on_accepted(business, id, accepted).await;
                 }
                 return Ok(Some(next));
@@ -563,6 +584,7 @@ impl Processor {
                 attempts,
                 next_attempt: Some(now),
                 pending_devices: 0,
+                ..current
             },
             // Some devices have it; the rest cannot be reached: stop trying them.
             DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now),
@@ -647,6 +669,15 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
+        // A message no device has yet whose devices left to retry are all
+        // gone from the list is tried on every device listed now.
+        let queued = record.delivery.status == Status::Queued;
+        let only = only.filter(|&mask| {
+            !queued
+                || devices
+                    .iter()
+                    .any(|&device| mask & Delivery::device_bit(device) != 0)
+        });
         // The devices this attempt is for: all, or those left by the last.
         let wanted = devices
             .iter()
@@ -704,9 +735,10 @@ impl Processor {
             }
         }
         let (sent, pending) = (reached.sent, reached.pending());
-        if sent == 0 && pending == 0 && only.is_none() {
+        if sent == 0 && pending == 0 && (only.is_none() || queued) {
             // No device took it: the network refused some, and no session
-            // could be had with the rest.
+            // could be had with the rest (on a retry of a message no
+            // device has, the devices tried before were given up on so).
             return DeviceOutcome::Fail(if refused {
                 FailureReason::Refused
             } else {

@@ -25,25 +25,34 @@ pub struct RetransmitReport {
     pub failures_reported: u64,
     /// Messages rescheduled after a transient failure.
     pub rescheduled: u64,
+    /// Messages left as they were after an error (the store or the key
+    /// provider failing): what was left undone is owed to them, or they
+    /// are still due, and the next pass takes them up again. Each is logged.
+    pub errors: u64,
 }
 
 impl Processor {
-    /// Fail `record`, whose stored content cannot be opened or decoded: it
-    /// can never be delivered, and its business is told why. One reported
-    /// delivered or read already, with devices left to retry, keeps its
-    /// status (a status never goes backwards): those devices are given up
-    /// and its business told the status it has. Returns whether the
-    /// business was told a failure.
-    async fn fail_unreadable(&self, record: &MessageRecord) -> Result<bool, ProcessorError> {
+    /// Fail `record`, whose stored content cannot be had, for `reason`
+    /// (unreadable: it cannot be opened or decoded; expired: its envelope
+    /// says so, whatever its row says): it can never be delivered, and its
+    /// business is told why. One reported delivered or read already, with
+    /// devices left to retry, keeps its status (a status never goes
+    /// backwards): those devices are given up and its business told the
+    /// status it has. Returns whether the business was told a failure.
+    async fn fail_undeliverable(
+        &self,
+        record: &MessageRecord,
+        reason: FailureReason,
+    ) -> Result<bool, ProcessorError> {
         let (business, id, current) = (record.business, record.id, record.delivery);
         if !current.status.may_become(Status::Failed) {
-            warn!(%business, %id, "a delivered message is unreadable: its devices left to retry are given up");
+            warn!(%business, %id, ?reason, "a delivered message cannot be had: its devices left to retry are given up");
             self.report_status(business, id, record.phone, record.direction, current)
                 .await?;
             return Ok(false);
         }
-        warn!(%business, %id, "a stored message is unreadable: failed");
-        let failed = Attempt::Fail(FailureReason::Unreadable);
+        warn!(%business, %id, ?reason, "a stored message cannot be had: failed");
+        let failed = Attempt::Fail(reason);
         let next = self.after_attempt(&current, failed, self.clock.now());
         if !self.write_delivery(business, id, current, next).await? {
             return Ok(false);
@@ -97,6 +106,11 @@ impl Processor {
     /// the business, send outbound ones again, report settled statuses and
     /// failures (a message past its retention fails as expired). Operators
     /// only. Run it periodically.
+    ///
+    /// A host error on one message (the store or the key provider failing)
+    /// is logged and counted in [`RetransmitReport::errors`], and the pass
+    /// goes on with the rest. An error is returned only if the due messages
+    /// cannot be listed.
     pub async fn retransmit_due(
         &self,
         principal: &Principal,
@@ -112,111 +126,139 @@ impl Processor {
         let mut report = RetransmitReport::default();
         for due in self.storage.due_messages(now, self.delivery.batch).await? {
             report.due += 1;
-            // An attempt under way for it will leave it due again if it must be.
-            let Some(_claim) = self.take_up(due.business, due.id).await? else {
-                continue;
-            };
-            // Look again under the claim: a status may have arrived meanwhile.
-            let Some(record) = self.storage.message(due.business, due.id).await? else {
-                continue;
-            };
-            let d = record.delivery;
-            if d.next_attempt.is_none_or(|t| t > now) {
-                continue;
-            }
-            let readable = self.retention.readable(&record, now);
-            let resend = record.direction == Direction::Outbound
-                && d.status != Status::Failed
-                && d.pending_devices != 0
-                && readable;
-            if !d.status.is_open() && !resend {
-                // Settled: its report is what is due (devices past
-                // retention are not sent to any more).
-                if self
-                    .report_status(
-                        record.business,
-                        record.id,
-                        record.phone,
-                        record.direction,
-                        d,
-                    )
-                    .await?
-                    && d.status == Status::Failed
-                {
-                    report.failures_reported += 1;
-                }
-                continue;
-            }
-            if !readable {
-                // Open, past retention: it can never be delivered now.
-                if self.fail_expired(&record).await? {
-                    report.failures_reported += 1;
-                } else {
-                    report.rescheduled += 1;
-                }
-                continue;
-            }
-            let body = match self.due_body(&record).await {
-                Ok(Stored::Content(body)) => body,
-                // Past its retention since the check: the next pass fails it.
-                Ok(Stored::Expired) => continue,
-                Ok(Stored::Unreadable) => {
-                    report.failures_reported += u64::from(self.fail_unreadable(&record).await?);
-                    continue;
-                }
-                // Its key could not be had now (the provider or the store
-                // unavailable, a ring to repair): it waits, the rest go on.
-                Err(e) => {
-                    warn!(business = %record.business, id = %record.id, error = %e, "a due message's key is unavailable: postponed");
-                    self.postpone(&record, now).await?;
-                    report.rescheduled += 1;
-                    continue;
-                }
-            };
-            match body {
-                StoredBody::Inbound(body) => {
-                    let parts = InboundParts {
-                        id: record.id,
-                        from: body.from,
-                        device: body.device,
-                        content: body.content,
-                        received: record.created,
-                        identity_changed: body.identity_changed,
-                    };
-                    // Handing a message to its business is delivery, however
-                    // many attempts it takes.
-                    let attempt = self
-                        .hand_to_business(record.business, parts, Purpose::Delivery)
-                        .await;
-                    if self
-                        .settle_inbound(record.business, record.id, record.phone, d, attempt)
-                        .await?
-                    {
-                        report.delivered_to_business += 1;
-                    } else {
-                        report.rescheduled += 1;
-                    }
-                }
-                StoredBody::Outbound(body) => {
-                    // Sending it through the transport again is retransmission.
-                    let purpose = if d.attempts == 0 {
-                        Purpose::Delivery
-                    } else {
-                        Purpose::Retransmission
-                    };
-                    self.attempt_outbound(&record, &body, purpose).await?;
-                    match self
-                        .storage
-                        .message(record.business, record.id)
-                        .await?
-                        .map(|m| m.delivery.status)
-                    {
-                        Some(Status::Sent | Status::Delivered | Status::Read) => report.sent += 1,
-                        _ => report.rescheduled += 1,
-                    }
-                }
+            // One message's error (the store or the key provider failing)
+            // holds up none behind it. Whatever it left undone is owed, or
+            // still due: the next pass takes it up again.
+            if let Err(e) = self.retransmit_one(&due, now, &mut report).await {
+                warn!(business = %due.business, id = %due.id, error = %e, "a due message could not be worked on: left for the next pass");
+                report.errors += 1;
             }
         }
         Ok(report)
+    }
+
+    /// Work on one message found due at `now` (see
+    /// [`retransmit_due`](Self::retransmit_due)), counting what was done in
+    /// `report`.
+    async fn retransmit_one(
+        &self,
+        due: &MessageRecord,
+        now: Timestamp,
+        report: &mut RetransmitReport,
+    ) -> Result<(), ProcessorError> {
+        // An attempt under way for it will leave it due again if it must be.
+        let Some(_claim) = self.take_up(due.business, due.id).await? else {
+            return Ok(());
+        };
+        // Look again under the claim: a status may have arrived meanwhile.
+        let Some(record) = self.storage.message(due.business, due.id).await? else {
+            return Ok(());
+        };
+        let d = record.delivery;
+        if d.next_attempt.is_none_or(|t| t > now) {
+            return Ok(());
+        }
+        let readable = self.retention.readable(&record, now);
+        let resend = record.direction == Direction::Outbound
+            && d.status != Status::Failed
+            && d.pending_devices != 0
+            && readable;
+        if !d.status.is_open() && !resend {
+            // Settled: its report is what is due (devices past
+            // retention are not sent to any more).
+            if self
+                .report_status(
+                    record.business,
+                    record.id,
+                    record.phone,
+                    record.direction,
+                    d,
+                )
+                .await?
+                && d.status == Status::Failed
+            {
+                report.failures_reported += 1;
+            }
+            return Ok(());
+        }
+        if !readable {
+            // Open, past retention: it can never be delivered now.
+            if self.fail_expired(&record).await? {
+                report.failures_reported += 1;
+            } else {
+                report.rescheduled += 1;
+            }
+            return Ok(());
+        }
+        let body = match self.due_body(&record).await {
+            Ok(Stored::Content(body)) => body,
+            // Past its retention since the check, or its row's expiry is
+            // not the one sealed in its envelope (an edited row): it can
+            // never be delivered now.
+            Ok(Stored::Expired) => {
+                let reason = FailureReason::Expired;
+                report.failures_reported +=
+                    u64::from(self.fail_undeliverable(&record, reason).await?);
+                return Ok(());
+            }
+            Ok(Stored::Unreadable) => {
+                let reason = FailureReason::Unreadable;
+                report.failures_reported +=
+                    u64::from(self.fail_undeliverable(&record, reason).await?);
+                return Ok(());
+            }
+            // Its key could not be had now (the provider or the store
+            // unavailable, a ring to repair): it waits, the rest go on.
+            Err(e) => {
+                warn!(business = %record.business, id = %record.id, error = %e, "a due message's key is unavailable: postponed");
+                self.postpone(&record, now).await?;
+                report.rescheduled += 1;
+                return Ok(());
+            }
+        };
+        match body {
+            StoredBody::Inbound(body) => {
+                let parts = InboundParts {
+                    id: record.id,
+                    from: body.from,
+                    device: body.device,
+                    content: body.content,
+                    received: record.created,
+                    identity_changed: body.identity_changed,
+                };
+                // Handing a message to its business is delivery, however
+                // many attempts it takes.
+                let attempt = self
+                    .hand_to_business(record.business, parts, Purpose::Delivery)
+                    .await;
+                if self
+                    .settle_inbound(record.business, record.id, record.phone, d, attempt)
+                    .await?
+                {
+                    report.delivered_to_business += 1;
+                } else {
+                    report.rescheduled += 1;
+                }
+            }
+            StoredBody::Outbound(body) => {
+                // Sending it through the transport again is retransmission.
+                let purpose = if d.attempts == 0 {
+                    Purpose::Delivery
+                } else {
+                    Purpose::Retransmission
+                };
+                self.attempt_outbound(&record, &body, purpose).await?;
+                match self
+                    .storage
+                    .message(record.business, record.id)
+                    .await?
+                    .map(|m| m.delivery.status)
+                {
+                    Some(Status::Sent | Status::Delivered | Status::Read) => report.sent += 1,
+                    _ => report.rescheduled += 1,
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,7 @@
 
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::claims::Accepted;
+use super::claims::{Accepted, acceptance_token};
 use super::payload::OutboundBody;
 use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
@@ -11,6 +11,11 @@ use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Op, Status, StoreError};
 use crate::transport::{Principal, StatusUpdate};
+
+/// Every device pending: an attempt on a message with this
+/// [`Delivery::pending_devices`] sends to every device listed (those
+/// sharing the last bit included).
+const ALL_DEVICES: u64 = u64::MAX;
 
 /// Whether a status update changed anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +127,14 @@ impl Processor {
     /// `Delivered` or `Read`. Reports that would move the status backwards
     /// (late, duplicated or out of order), and reports for a message past
     /// its retention (which fails as expired), are ignored.
+    ///
+    /// A report speaks for one device of the recipient: the message takes
+    /// the status, and devices an attempt has not reached are still sent
+    /// it, its business told the status once none is left. Those are the
+    /// devices a recorded attempt left to retry or, on a message still
+    /// queued with no attempt recorded (the process stopped, or the send
+    /// was dropped, before its bookkeeping), every device: a device that
+    /// has the message already drops the copy by its id.
     pub async fn status_update(
         &self,
         principal: &Principal,
@@ -179,18 +192,37 @@ impl Processor {
             };
             // Settled, with the report to the business pending until it is
             // told, unless devices still wait for a retry: the report
-            // follows that.
-            let pending = record.delivery.pending_devices;
+            // follows that. A report says one device has the message. On
+            // one still queued with no device pending, no attempt was
+            // recorded (a crash, or a send dropped, before its bookkeeping):
+            // which devices it reached is unknown, so every device stays
+            // pending, and the retransmission loop (or the attempt under
+            // way, recording its own outcome over this) sends to them all;
+            // a device that has the message drops the copy by its id.
+            let unrecorded =
+                record.delivery.status == Status::Queued && record.delivery.pending_devices == 0;
+            let pending = if unrecorded {
+                ALL_DEVICES
+            } else {
+                record.delivery.pending_devices
+            };
             let settled = Delivery {
                 status,
                 failure: None,
                 attempts: record.delivery.attempts,
                 next_attempt: if pending != 0 {
-                    record.delivery.next_attempt
+                    record.delivery.next_attempt.or(Some(now))
                 } else {
                     Some(now)
                 },
                 pending_devices: pending,
+                // Moving it on from queued, this write is known by a token
+                // of its own; later writes keep the one there.
+                accepted_by: if record.delivery.status == Status::Queued {
+                    acceptance_token()
+                } else {
+                    record.delivery.accepted_by
+                },
             };
             let op = Op::UpdateDelivery {
                 business,

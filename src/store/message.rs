@@ -152,6 +152,14 @@ pub struct Delivery {
     /// sent it again). Zero means none outstanding.
     #[serde(default)]
     pub pending_devices: u64,
+    /// Which write moved an outbound message on from queued (the move that
+    /// counts it taken: billed once): a random token, never zero, of that
+    /// write; zero while the message is queued, and for one that failed
+    /// from queued or an inbound one. Every later write keeps it, so
+    /// whoever made that write, its answer lost, can tell later whether it
+    /// landed, whatever was written over it since.
+    #[serde(default)]
+    pub accepted_by: u64,
 }
 
 impl Delivery {
@@ -170,6 +178,7 @@ impl Delivery {
             attempts: 0,
             next_attempt: Some(now),
             pending_devices: 0,
+            accepted_by: 0,
         }
     }
 }

@@ -293,7 +293,8 @@ impl<'a, 'r> Cols<'a, 'r> {
 macro_rules! message_columns {
     () => {
         "business, id, direction, phone, created, expiry, \
-         epoch, status, failure, attempts, next_attempt, pending_devices, sealed"
+         epoch, status, failure, attempts, next_attempt, pending_devices, sealed, \
+         accepted_by"
     };
 }
 pub(super) use message_columns;
@@ -344,6 +345,7 @@ fn unsealed(c: &Cols<'_, '_>) -> Result<MessageRecord, StoreError> {
             attempts: c.u32(9, "attempts")?,
             next_attempt: c.opt_time(10, "next_attempt")?,
             pending_devices: c.u64(11, "pending_devices")?,
+            accepted_by: c.u64(13, "accepted_by")?,
         },
         sealed: Vec::new(),
     })

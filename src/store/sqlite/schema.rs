@@ -54,10 +54,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: V2,
     },
+    Migration {
+        version: 3,
+        sql: V3,
+    },
 ];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: u32 = 2;
+pub(super) const SCHEMA_VERSION: u32 = 3;
 
 /// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
 /// `direction`, `status` and `failure` are the types' one-byte codes.
@@ -135,6 +139,14 @@ CREATE TABLE store_meta (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Version 3: a message's delivery bookkeeping records which write moved
+/// it on from queued (`Delivery::accepted_by`, biased like every unsigned
+/// 64-bit value: the default is zero biased). Rows stored before have
+/// zero, a token no write makes.
+const V3: &str = "
+ALTER TABLE messages ADD COLUMN accepted_by INTEGER NOT NULL DEFAULT -9223372036854775808;
 ";
 
 /// The name of the region in `store_meta` (schema version 2 and later).

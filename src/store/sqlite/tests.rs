@@ -471,6 +471,84 @@ fn a_version_1_database_keeps_its_data_through_the_migration() {
     assert_eq!(version, SCHEMA_VERSION);
 }
 
+/// A message stored by a version 2 build (before deliveries recorded
+/// which write moved them on from queued) reads with none recorded (zero),
+/// and a compare-and-swap expecting that is made.
+#[test]
+fn a_version_2_message_reads_with_no_acceptance_recorded_after_the_migration() {
+    use super::codec::u64_to_sql;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    let stored = MessageRecord {
+        delivery: Delivery {
+            status: Status::Sent,
+            attempts: 3,
+            pending_devices: 0b101,
+            ..Delivery::queued(Timestamp::from_millis(T0 + 5))
+        },
+        ..record(9, b"sealed")
+    };
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID as i32)
+            .unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        for m in &schema::MIGRATIONS[..2] {
+            conn.execute_batch(m.sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        let (m, d) = (&stored, stored.delivery);
+        conn.execute(
+            "INSERT INTO messages (business, id, direction, phone, created, expiry,
+                 epoch, status, failure, attempts, next_attempt, pending_devices, sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                business_sql(m.business),
+                &m.id.as_bytes()[..],
+                m.direction.code(),
+                &m.phone.as_bytes()[..],
+                time_sql(m.created),
+                time_sql(m.expiry),
+                time_sql(m.epoch.end()),
+                d.status.code(),
+                d.failure.map(|f| f.code()),
+                d.attempts,
+                d.next_attempt.map(time_sql),
+                u64_to_sql(d.pending_devices),
+                m.sealed,
+            ],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let read = store.message(stored.business, stored.id).await.unwrap();
+        assert_eq!(read.as_ref(), Some(&stored));
+        let moved = Delivery {
+            status: Status::Delivered,
+            accepted_by: 42,
+            ..stored.delivery
+        };
+        let mut batch = Batch::new();
+        batch.push(Op::UpdateDelivery {
+            business: stored.business,
+            id: stored.id,
+            expected: stored.delivery,
+            delivery: moved,
+        });
+        store.commit(batch).await.unwrap();
+        let read = store.message(stored.business, stored.id).await.unwrap();
+        assert_eq!(read.map(|m| m.delivery), Some(moved));
+    });
+    drop(store);
+    let version: u32 = Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+}
+
 #[test]
 fn a_store_refuses_to_open_as_another_region_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -1094,6 +1172,7 @@ fn a_deleted_consumers_phone_hash_leaves_no_bytes_in_the_file() {
                 attempts: 1,
                 next_attempt: None,
                 pending_devices: 0,
+                accepted_by: 0,
             };
             batch.push(Op::PutMessage(Box::new(m)));
         }
@@ -1154,6 +1233,7 @@ fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
             attempts: 1,
             next_attempt: None,
             pending_devices: 0,
+            accepted_by: 0,
         };
         batch.push(Op::PutMessage(Box::new(m)));
     }

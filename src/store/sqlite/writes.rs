@@ -132,8 +132,9 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             let n = conn
                 .prepare_cached(
                     "INSERT INTO messages (business, id, direction, phone, created, expiry,
-                         epoch, status, failure, attempts, next_attempt, pending_devices, sealed)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                         epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
+                         accepted_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                      ON CONFLICT (business, id) DO NOTHING",
                 )
                 .db()?
@@ -151,6 +152,7 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                     m.delivery.next_attempt.map(time_sql),
                     u64_to_sql(m.delivery.pending_devices),
                     m.sealed,
+                    u64_to_sql(m.delivery.accepted_by),
                 ])
                 .db()?;
             // Fails the batch: a message with this id is stored already.
@@ -169,9 +171,10 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             let n = conn
                 .prepare_cached(
                     "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5,
-                         next_attempt = ?6, pending_devices = ?7
+                         next_attempt = ?6, pending_devices = ?7, accepted_by = ?13
                      WHERE business = ?1 AND id = ?2 AND status = ?8 AND failure IS ?9
-                         AND attempts = ?10 AND next_attempt IS ?11 AND pending_devices = ?12",
+                         AND attempts = ?10 AND next_attempt IS ?11 AND pending_devices = ?12
+                         AND accepted_by = ?14",
                 )
                 .db()?
                 .execute(params![
@@ -187,6 +190,8 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                     expected.attempts,
                     expected.next_attempt.map(time_sql),
                     u64_to_sql(expected.pending_devices),
+                    u64_to_sql(delivery.accepted_by),
+                    u64_to_sql(expected.accepted_by),
                 ])
                 .db()?;
             // Fails the batch: the status moved on, or the message is gone.
