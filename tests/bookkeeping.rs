@@ -708,7 +708,8 @@ async fn a_retry_that_reaches_no_device_fails_a_message_no_device_has_at_once() 
     assert_eq!(waiting.status, Status::Queued);
     assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
     d.clock.advance(Duration::from_secs(5));
-    d.processor.retransmit_due(&d.operator).await.unwrap();
+    let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!((report.failures_reported, report.rescheduled), (1, 0));
     assert_eq!(
         d.processor.message_status(&d.owner, b, id).await.unwrap(),
         (Status::Failed, Some(FailureReason::Refused))

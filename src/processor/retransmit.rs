@@ -252,9 +252,17 @@ impl Processor {
                     .storage
                     .message(record.business, record.id)
                     .await?
-                    .map(|m| m.delivery.status)
+                    .map(|m| m.delivery)
                 {
-                    Some(Status::Sent | Status::Delivered | Status::Read) => report.sent += 1,
+                    Some(d)
+                        if matches!(d.status, Status::Sent | Status::Delivered | Status::Read) =>
+                    {
+                        report.sent += 1;
+                    }
+                    // Failed by this attempt, and its business told.
+                    Some(d) if d.status == Status::Failed && d.next_attempt.is_none() => {
+                        report.failures_reported += 1;
+                    }
                     _ => report.rescheduled += 1,
                 }
             }
