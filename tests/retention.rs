@@ -1284,6 +1284,83 @@ async fn an_early_shred_that_cannot_be_audited_destroys_nothing() {
     assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
 }
 
+/// Slices of three steps, with a settled message expiring before each (a
+/// busy store), still reach every stage: a consumer whose only message
+/// was deleted is forgotten.
+#[tokio::test]
+async fn sweeps_in_slices_of_three_take_every_stage_in_a_busy_store() {
+    let w = World::new(64);
+    let b = business(1);
+    // Consumer i's only message, stored a minute after consumer i-1's.
+    let mut stored = Vec::new();
+    for i in 0..20 {
+        stored.push(w.store(b, i, Direction::Inbound, false).await);
+        w.clock.advance(MINUTE);
+    }
+    // Message 0 expired; one more expires before every later slice.
+    w.clock
+        .advance(CEILING - 20 * MINUTE + Duration::from_secs(1));
+    let notices = Notices::default();
+    for _ in 0..15 {
+        w.retention.sweep_steps(w.now(), &notices, 3).await.unwrap();
+        w.clock.advance(MINUTE);
+    }
+    assert!(
+        w.store
+            .message(b, stored[0].record.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let peers = w.store.orphan_peers(w.now(), None, 1000).await.unwrap();
+    assert!(
+        !peers.iter().any(|(_, p)| p.phone == stored[0].record.phone),
+        "consumer 0's last message went 15 slices ago; its Signal state is still stored ({} orphan peers)",
+        peers.len()
+    );
+}
+
+/// Refuses one message (its attempt is under way elsewhere, say): the
+/// business itself is reachable.
+struct RefusesOne(MessageId, Mutex<Vec<MessageId>>);
+
+#[async_trait]
+impl ExpiryNotifier for RefusesOne {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+        if m.id == self.0 {
+            return false;
+        }
+        self.1.lock().unwrap().push(m.id);
+        true
+    }
+}
+
+/// One message its business could not take (its attempt under way, say)
+/// does not stop the sweep asking about the business's other messages
+/// past the grace, their last chance to be told.
+#[tokio::test]
+async fn one_message_a_business_could_not_take_leaves_its_last_chances_asked() {
+    let w = World::new(64);
+    let b = business(1);
+    let open = futures_all(&w, b, 3).await;
+    // The host was down: the sweep runs past the grace.
+    w.clock.advance(CEILING + REPORT_GRACE + MINUTE);
+    let first = open
+        .iter()
+        .map(|m| m.record.id)
+        .min_by_key(|id| *id)
+        .unwrap();
+    // The first in (expiry, business, id) order: same expiry, least id.
+    let notifier = RefusesOne(first, Mutex::new(Vec::new()));
+    let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+    let told = notifier.1.lock().unwrap().len();
+    assert_eq!(
+        (told, report.failures_unreported),
+        (2, 1),
+        "the business was reachable for the other two"
+    );
+}
+
 // ---- random timelines -----------------------------------------------------
 
 mod timelines {

@@ -49,7 +49,7 @@
 //! # }).unwrap();
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::ids::{BusinessId, Region};
@@ -158,6 +158,9 @@ pub struct Retention {
     applied: Mutex<Option<Arc<RetentionPolicy>>>,
     /// Where a pass applying a policy stopped, for the next sweep.
     resume: Mutex<Option<(Arc<RetentionPolicy>, sweep::Resume)>>,
+    /// The stage the next sweep starts with, after the keys' (see
+    /// `Sweep::run`): the one the last sweep's step budget stopped in.
+    next_stage: AtomicUsize,
     /// Counts policy changes, each made under the policy's write lock: the
     /// policy an [`Admission`] was given.
     generation: AtomicU64,
@@ -201,6 +204,7 @@ impl Retention {
             policy: RwLock::new(Arc::new(policy)),
             applied: Mutex::new(None),
             resume: Mutex::new(None),
+            next_stage: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             batch: DEFAULT_BATCH,
@@ -298,9 +302,10 @@ impl Retention {
     /// A sweep that stops after `max_steps` store operations; its report says
     /// whether it finished. For hosts that sweep in slices, and for tests
     /// that interrupt it. Each slice destroys ended epochs' keys first (one
-    /// step) and goes on from where the last one stopped applying a
-    /// shortened policy: slices of three steps or more finish every stage
-    /// in time.
+    /// step), then takes the other stages in turn from the one the last
+    /// slice's budget stopped in, and goes on applying a shortened policy
+    /// from where the last one stopped: slices of a few steps take every
+    /// stage in turn, however busy the store.
     pub async fn sweep_steps(
         &self,
         now: Timestamp,
@@ -334,7 +339,8 @@ impl Retention {
             .as_ref()
             .filter(|(p, _)| Arc::ptr_eq(p, &policy))
             .map(|&(_, at)| at);
-        let (report, shortened) = sweep::Sweep {
+        let first = self.next_stage.load(Ordering::SeqCst);
+        let (report, shortened, next) = sweep::Sweep {
             storage: &*self.storage,
             shorten: (!applied).then_some((&*policy, resume)),
             keys: &self.keys,
@@ -345,8 +351,9 @@ impl Retention {
             max_steps,
             report: SweepReport::default(),
         }
-        .run()
-        .await?;
+        .run(first)
+        .await;
+        self.next_stage.store(next, Ordering::SeqCst);
         match shortened {
             sweep::Shortened::Done => {
                 *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -357,7 +364,7 @@ impl Retention {
             }
             sweep::Shortened::Failed => {}
         }
-        Ok(report)
+        report
     }
 
     /// Destroy `business`'s key of `epoch` before the epoch ends, for the

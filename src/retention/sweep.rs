@@ -103,6 +103,11 @@ pub(super) struct Resume {
     after: Option<crate::ids::MessageId>,
 }
 
+/// The stages after the keys' (see [`Sweep::run`]): applying a shortened
+/// policy, deleting expired settled messages, failing expired open ones,
+/// deleting those, forgetting consumers left without a message.
+pub(super) const STAGES: usize = 5;
+
 /// How far the policy stage got.
 pub(super) enum Shortened {
     /// Every stored message's expiry reflects the policy.
@@ -160,22 +165,28 @@ impl<'a> Sweep<'a> {
 
     /// Run every stage to the end, or until the step budget is spent.
     /// Each stage is idempotent, so a sweep stopped anywhere (by the budget,
-    /// an error or a crash) is finished by the next one.
-    /// The report says whether the sweep finished; the second value, how
-    /// far applying the policy's shortened periods got.
+    /// an error or a crash) is finished by the next one. Returns the
+    /// report (or the first error), how far applying the policy's
+    /// shortened periods got, and the stage the next sweep starts with.
     ///
     /// Ended epochs' keys are destroyed first: it takes one step and needs
     /// nothing from the other stages, so neither a small step budget nor a
     /// business endpoint that does not answer (stage 2 tells businesses of
     /// expired messages) keeps anything readable past its epoch. Expired
     /// settled messages are deleted before stage 2 too, and again after it.
+    /// The other stages run in turn from `first`, the one a sweep stopped
+    /// by its budget stopped in: sweeps in slices too small for every stage
+    /// take each in turn, not the first ones again and again.
     ///
     /// A stage that fails does not stop the later ones: a record that
     /// cannot be read (damaged, say) must not keep everything else past
     /// its retention. The first error is returned once every stage has
     /// run. (Once the budget is spent, each later stage stops at its first
     /// step.)
-    pub(super) async fn run(mut self) -> Result<(SweepReport, Shortened), SweepError> {
+    pub(super) async fn run(
+        mut self,
+        first: usize,
+    ) -> (Result<SweepReport, SweepError>, Shortened, usize) {
         let started = Instant::now();
         let mut failed = None;
         let mut done = |stage: Result<bool, SweepError>| {
@@ -186,28 +197,39 @@ impl<'a> Sweep<'a> {
             })
         };
         let destroyed = done(self.destroy_ended_epochs().await);
-        let shortened = match self.shorten_expiries().await {
-            Ok(None) => Shortened::Done,
-            Ok(Some(resume)) => Shortened::At(resume),
-            Err(e) => {
-                done(Err(e));
-                Shortened::Failed
+        let mut shortened = Shortened::Done;
+        let mut finished = [false; STAGES];
+        let mut next = None;
+        for stage in (0..STAGES).map(|k| (first + k) % STAGES) {
+            finished[stage] = match stage {
+                0 => match self.shorten_expiries().await {
+                    Ok(None) => true,
+                    Ok(Some(resume)) => {
+                        shortened = Shortened::At(resume);
+                        false
+                    }
+                    Err(e) => {
+                        shortened = Shortened::Failed;
+                        done(Err(e))
+                    }
+                },
+                // Settled messages go before businesses are told of
+                // expired open ones, which waits on their endpoints; those
+                // failed then go after.
+                1 | 3 => done(self.delete_expired().await),
+                2 => done(self.fail_expired_open().await),
+                _ => done(self.delete_orphan_peers().await),
+            };
+            // The first stage the budget stopped, in this sweep's order.
+            if !finished[stage] && self.report.steps >= self.max_steps {
+                next = next.or(Some(stage));
             }
-        };
-        // Settled messages go before businesses are told of expired open
-        // ones, which waits on their endpoints; those failed now go after.
-        let deleted_settled = done(self.delete_expired().await);
-        let failed_open = done(self.fail_expired_open().await);
-        let deleted = done(self.delete_expired().await) && deleted_settled;
-        let forgotten = done(self.delete_orphan_peers().await);
-        if let Some(e) = failed {
-            return Err(e);
         }
-        let complete = matches!(shortened, Shortened::Done)
-            && failed_open
-            && deleted
-            && forgotten
-            && destroyed;
+        let next = next.unwrap_or(0);
+        if let Some(e) = failed {
+            return (Err(e), shortened, next);
+        }
+        let complete = destroyed && finished.iter().all(|&f| f);
         if complete {
             // What was deleted may live on in the store's own files; a store
             // that cannot scrub now does it at the next sweep.
@@ -217,7 +239,7 @@ impl<'a> Sweep<'a> {
         }
         self.report.complete = complete;
         self.report.elapsed = started.elapsed();
-        Ok((self.report, shortened))
+        (Ok(self.report), shortened, next)
     }
 
     /// Stage 1 (after a policy change): cap the expiry of stored messages
@@ -272,7 +294,7 @@ impl<'a> Sweep<'a> {
     /// business unreachable) stays open for the next sweep, and this one
     /// pages past it, until [`REPORT_GRACE`] has passed: then it is failed
     /// unreported. A business that could not be told is not asked again
-    /// in the same sweep.
+    /// in the same sweep, except of messages past the grace.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
         let mut unreachable = BTreeSet::new();
@@ -295,10 +317,14 @@ impl<'a> Sweep<'a> {
             let mut batch = Batch::new();
             for m in open {
                 // A business that could not be told once is not asked again
-                // in this sweep: an endpoint that times out would cost a
-                // timeout per message.
-                let told = !unreachable.contains(&m.business)
-                    && self.notifier.expired_undelivered(&m).await;
+                // in this sweep (an endpoint that times out would cost a
+                // timeout per message) about messages the next sweep can
+                // still tell it of; those past the grace are asked all the
+                // same, their last chance (a refusal may have been of one
+                // message, whose attempt was under way, say).
+                let last_chance = m.expiry <= self.abandon_before();
+                let ask = last_chance || !unreachable.contains(&m.business);
+                let told = ask && self.notifier.expired_undelivered(&m).await;
                 if !told {
                     unreachable.insert(m.business);
                 }
