@@ -20,7 +20,7 @@ use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
 use custodian::signal::{PreKeyBundle, PublishedKeys};
 use custodian::store::{Delivery, FailureReason, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
-use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
     Transport, TransportError,
@@ -472,9 +472,12 @@ async fn an_early_shred_fails_its_message_and_holds_up_no_other_business() {
     d.processor.publish_keys(&d.owner, b1).await.unwrap();
     d.processor.publish_keys(&d.owner, b2).await.unwrap();
     let epoch = d.store.message(b1, m1).await.unwrap().unwrap().epoch;
-    let now = d.clock.now();
-    let keys = d.processor.keys(&d.operator).unwrap();
-    assert!(keys.destroy_epoch(b1, epoch, now).await.unwrap());
+    assert!(
+        d.processor
+            .shred_epoch(&d.operator, b1, epoch, "case")
+            .await
+            .unwrap()
+    );
 
     let report = d.processor.retransmit_due(&d.operator).await.unwrap();
     assert_eq!(report.failures_reported, 1);
@@ -496,9 +499,12 @@ async fn an_early_shred_never_fails_a_message_reported_delivered() {
     let b = business(1);
     let id = d.delivered_with_device_1_waiting(b).await;
     let epoch = d.store.message(b, id).await.unwrap().unwrap().epoch;
-    let keys = d.processor.keys(&d.operator).unwrap();
-    let now = d.clock.now();
-    assert!(keys.destroy_epoch(b, epoch, now).await.unwrap());
+    assert!(
+        d.processor
+            .shred_epoch(&d.operator, b, epoch, "case")
+            .await
+            .unwrap()
+    );
 
     d.settle(3).await;
     assert_eq!(

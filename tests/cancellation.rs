@@ -865,7 +865,7 @@ fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
         };
         every_cut(|n| async move {
             let (store, keys) = keys().await;
-            let done = poll_at_most(keys.destroy_epoch(b, epoch, now), n)
+            let done = poll_at_most(keys.destroy_epoch_unchecked(b, epoch, now), n)
                 .await
                 .is_some();
             let live = matches!(store.key(&id).await.unwrap(), Some(KeyEntry::Wrapped(_)));

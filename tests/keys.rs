@@ -210,14 +210,14 @@ async fn destroying_an_epoch_key_makes_exactly_that_epochs_messages_unreadable()
     assert!(
         f.vault
             .keys()
-            .destroy_epoch(b, doomed, f.clock.now())
+            .destroy_epoch_unchecked(b, doomed, f.clock.now())
             .await
             .unwrap()
     );
     assert!(
         !f.vault
             .keys()
-            .destroy_epoch(b, doomed, f.clock.now())
+            .destroy_epoch_unchecked(b, doomed, f.clock.now())
             .await
             .unwrap()
     );
@@ -498,7 +498,11 @@ async fn a_key_load_racing_a_destroy_never_brings_the_key_back() {
         // The loader has read the live key from the store and waits on the KEK.
         gate.reached.acquire().await.unwrap().forget();
         match destroy {
-            Destroy::Early => assert!(keys.destroy_epoch(b, epoch, f.clock.now()).await.unwrap()),
+            Destroy::Early => assert!(
+                keys.destroy_epoch_unchecked(b, epoch, f.clock.now())
+                    .await
+                    .unwrap()
+            ),
             Destroy::AfterEnd => {
                 f.clock.set(epoch.end());
                 assert_eq!(keys.destroy_ended_epochs(f.clock.now()).await.unwrap(), 1);

@@ -560,7 +560,9 @@ async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_swe
                 },
             )
             .unwrap();
-        w.retention.set_policy(shorter);
+        w.retention
+            .set_policy(shorter, "operator", w.now())
+            .unwrap();
         let notices = Notices::default();
         assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
         let late = w
@@ -1092,7 +1094,7 @@ async fn sweeps_in_slices_smaller_than_a_policy_pass_finish_it() {
         }
         // Shortened after they were stored: only a pass over them caps
         // their expiry (3 businesses, 2 directions, 3 pages each).
-        w.retention.set_policy(policy);
+        w.retention.set_policy(policy, "operator", w.now()).unwrap();
         w.clock.advance(8 * DAY);
         let notices = Notices::default();
         let mut slices = 0;
@@ -1282,6 +1284,32 @@ async fn an_early_shred_that_cannot_be_audited_destroys_nothing() {
     let refused = retention.shred_epoch(b, m.record.epoch, "r", w.now()).await;
     assert!(matches!(refused, Err(HoldError::Audit(_))), "{refused:?}");
     assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
+    // Nor is a retention policy put in force.
+    let shorter = RetentionPolicy::default()
+        .with_default(Periods::both(DAY))
+        .unwrap();
+    assert!(retention.set_policy(shorter, "operator", w.now()).is_err());
+    assert_eq!(*retention.policy(), RetentionPolicy::default());
+}
+
+/// Putting a retention policy in force is recorded, naming who asked.
+#[tokio::test]
+async fn a_retention_policy_put_in_force_is_audited() {
+    let w = World::new(64);
+    let shorter = RetentionPolicy::default()
+        .with_default(Periods::both(DAY))
+        .unwrap();
+    w.retention
+        .set_policy(shorter.clone(), "operator-7", w.now())
+        .unwrap();
+    assert_eq!(*w.retention.policy(), shorter);
+    assert_eq!(
+        w.audit.changes(),
+        [Change::Retention {
+            at: w.now(),
+            principal: "operator-7".into(),
+        }]
+    );
 }
 
 /// Slices of three steps, with a settled message expiring before each (a
@@ -1457,7 +1485,9 @@ mod timelines {
                             let slot = if outbound { &mut periods.outbound } else { &mut periods.inbound };
                             *slot = (*slot).min(HOUR * hours as u32);
                             policy = policy.with_business(business(b), BusinessRetention { periods, region: None }).unwrap();
-                            w.retention.set_policy(policy.clone());
+                            w.retention
+                                .set_policy(policy.clone(), "operator", w.now())
+                                .unwrap();
                         }
                         Action::Hold { business: b, consumer } => {
                             let scope = match consumer {

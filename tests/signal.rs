@@ -717,7 +717,7 @@ async fn an_epoch_shredded_early_takes_the_state_held_in_memory_with_it() {
         );
         assert!(
             w.keys
-                .destroy_epoch(w.business, shredded, w.clock.now())
+                .destroy_epoch_unchecked(w.business, shredded, w.clock.now())
                 .await
                 .unwrap()
         );

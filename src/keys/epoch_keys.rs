@@ -197,9 +197,11 @@ impl KeyManager {
     /// hold in memory on their next operation. Returns whether a live key
     /// was destroyed.
     ///
-    /// Legal holds are not consulted and nothing is audited here: operators
-    /// shred through [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch).
-    pub async fn destroy_epoch(
+    /// Unchecked: legal holds are not consulted and nothing is audited.
+    /// Operators shred through
+    /// [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch)
+    /// (or `Processor::shred_epoch`), which do both.
+    pub async fn destroy_epoch_unchecked(
         &self,
         business: BusinessId,
         epoch: Epoch,

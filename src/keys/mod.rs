@@ -36,7 +36,7 @@
 //!
 //! let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
 //! keys.epoch_key_for_seal(business, epoch, now).await?;
-//! keys.destroy_epoch(business, epoch, now).await?;
+//! keys.destroy_epoch_unchecked(business, epoch, now).await?;
 //! assert!(keys.epoch_key(business, epoch).await.is_err());
 //! # Ok::<(), custodian::keys::KeyError>(())
 //! # }).unwrap();
@@ -299,7 +299,7 @@ impl KeyManager {
     }
 
     /// How many times an epoch key was destroyed early
-    /// ([`destroy_epoch`](Self::destroy_epoch)), an attempt whose outcome
+    /// ([`destroy_epoch_unchecked`](Self::destroy_epoch_unchecked)), an attempt whose outcome
     /// is unknown included. Whoever keeps state opened or keys derived
     /// under an epoch key in memory (the Signal peer cache) notes it and
     /// drops that state when it has moved: the epoch may be gone. One

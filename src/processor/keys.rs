@@ -12,7 +12,7 @@ impl Processor {
     /// The key manager, for KEK rotation (operators only: it spans every
     /// business). Shred early through [`shred_epoch`](Self::shred_epoch),
     /// which honours legal holds and is audited; the key manager's own
-    /// `destroy_epoch` does neither.
+    /// `destroy_epoch_unchecked` does neither.
     pub fn keys(&self, principal: &Principal) -> Result<&KeyManager, ProcessorError> {
         self.authorize_operator(principal)?;
         Ok(&self.keys)

@@ -68,7 +68,8 @@ impl Processor {
     /// Put a retention policy in force (operators only). Shorter periods
     /// apply to reads at once, and to stored messages from the next sweep.
     /// The epoch length is the processor's from when it was built: a policy
-    /// with another is refused as [`ProcessorError::Config`].
+    /// with another is refused as [`ProcessorError::Config`]. Audited
+    /// ([`Change::Retention`](crate::visibility::Change)).
     pub fn set_retention_policy(
         &self,
         principal: &Principal,
@@ -80,7 +81,8 @@ impl Processor {
                 "retention: the epoch length is set when the processor is built".into(),
             ));
         }
-        self.retention.set_policy(policy);
+        self.retention
+            .set_policy(policy, principal.name(), self.clock.now())?;
         info!(principal = %principal, "retention policy replaced");
         Ok(())
     }

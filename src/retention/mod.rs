@@ -229,13 +229,26 @@ impl Retention {
             .clone()
     }
 
-    /// Put `policy` in force. Shorter periods apply at once to reads of
-    /// messages already stored; the next sweep shortens their stored expiry
-    /// too, and deletes them (and forgets their consumers) once it passes.
-    pub fn set_policy(&self, policy: RetentionPolicy) {
+    /// Put `policy` in force, for `principal` (who asked, as the audit
+    /// trail names them), at `now`. Shorter periods apply at once to reads
+    /// of messages already stored; the next sweep shortens their stored
+    /// expiry too, and deletes them (and forgets their consumers) once it
+    /// passes. Recorded in the audit trail first ([`Change::Retention`]): a
+    /// policy the trail cannot record is not put in force.
+    pub fn set_policy(
+        &self,
+        policy: RetentionPolicy,
+        principal: &str,
+        now: Timestamp,
+    ) -> Result<(), AuditError> {
         let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        self.audit.record_change(&Change::Retention {
+            at: now,
+            principal: principal.to_owned(),
+        })?;
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Admit a new message under the policy in force, to give it its expiry
@@ -376,8 +389,10 @@ impl Retention {
     /// a destroy that fails after it can be made again. Returns whether a
     /// live key was destroyed.
     ///
-    /// [`KeyManager::destroy_epoch`] does the same without the hold check
-    /// or the record: this is the call for operators.
+    /// [`KeyManager::destroy_epoch_unchecked`] does the same without the
+    /// hold check or the record: this is the call for operators. A message
+    /// stored into that epoch while the shred runs is shredded with it
+    /// (storing does not wait for the hold gate), held or not.
     pub async fn shred_epoch(
         &self,
         business: BusinessId,
@@ -409,7 +424,10 @@ impl Retention {
             epoch_end: epoch.end(),
             reference: reference.to_owned(),
         })?;
-        Ok(self.keys.destroy_epoch(business, epoch, now).await?)
+        Ok(self
+            .keys
+            .destroy_epoch_unchecked(business, epoch, now)
+            .await?)
     }
 
     /// The legal holds in force.

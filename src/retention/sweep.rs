@@ -174,9 +174,10 @@ impl<'a> Sweep<'a> {
     /// business endpoint that does not answer (stage 2 tells businesses of
     /// expired messages) keeps anything readable past its epoch. Expired
     /// settled messages are deleted before stage 2 too, and again after it.
-    /// The other stages run in turn from `first`, the one a sweep stopped
-    /// by its budget stopped in: sweeps in slices too small for every stage
-    /// take each in turn, not the first ones again and again.
+    /// The other stages run from `first`, the one a sweep stopped by its
+    /// budget stopped in, to the last, then all of them in order: sweeps in
+    /// slices too small for every stage take each in turn, not the first
+    /// ones again and again.
     ///
     /// A stage that fails does not stop the later ones: a record that
     /// cannot be read (damaged, say) must not keep everything else past
@@ -200,7 +201,15 @@ impl<'a> Sweep<'a> {
         let mut shortened = Shortened::Done;
         let mut finished = [false; STAGES];
         let mut next = None;
-        for stage in (0..STAGES).map(|k| (first + k) % STAGES) {
+        // The stages from `first` on, then all of them in order: a sweep
+        // that can run to the end still has every stage after the ones it
+        // depends on (failed messages are deleted after they are failed).
+        let from = if first == 0 {
+            STAGES
+        } else {
+            first.min(STAGES)
+        };
+        for stage in (from..STAGES).chain(0..STAGES) {
             finished[stage] = match stage {
                 0 => match self.shorten_expiries().await {
                     Ok(None) => true,

@@ -190,7 +190,8 @@ pub trait AuditSink: Send + Sync {
     fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError>;
 
     /// Record an administrative change before it is made: an early shred,
-    /// a visibility policy put in force, a business opting in or out.
+    /// a retention or visibility policy put in force, a business opting in
+    /// or out.
     fn record_change(&self, change: &Change) -> Result<(), AuditError>;
 }
 
@@ -226,6 +227,13 @@ pub enum Change {
         /// The case or request it serves.
         reference: String,
     },
+    /// A retention policy put in force.
+    Retention {
+        /// When.
+        at: Timestamp,
+        /// Who put it in force.
+        principal: String,
+    },
     /// A visibility policy put in force.
     Policy {
         /// When.
@@ -252,7 +260,10 @@ impl Change {
     /// When it was made.
     pub fn at(&self) -> Timestamp {
         match self {
-            Self::Shred { at, .. } | Self::Policy { at, .. } | Self::OptIn { at, .. } => *at,
+            Self::Shred { at, .. }
+            | Self::Retention { at, .. }
+            | Self::Policy { at, .. }
+            | Self::OptIn { at, .. } => *at,
         }
     }
 }

@@ -307,12 +307,14 @@ pub(super) fn message(row: &Row<'_>) -> Result<MessageRecord, StoreError> {
     Ok(m)
 }
 
-/// The columns the sweep selects: those of [`message_columns!`], with only
-/// the type of `sealed` (`typeof` reads no overflow page of a long value).
+/// The columns the sweep selects: those of [`message_columns!`], in its
+/// order, with only the type of `sealed` (`typeof` reads no overflow page
+/// of a long value).
 macro_rules! swept_columns {
     () => {
         "business, id, direction, phone, created, expiry, \
-         epoch, status, failure, attempts, next_attempt, pending_devices, typeof(sealed)"
+         epoch, status, failure, attempts, next_attempt, pending_devices, typeof(sealed), \
+         accepted_by"
     };
 }
 pub(super) use swept_columns;

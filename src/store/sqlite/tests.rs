@@ -1421,7 +1421,8 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     // stage skips, and settled ones, which the deleting stage skips: one
     // damaged in a column it returns (direction), the others in columns it
     // only filters by or does not return (status, a pending attempt given
-    // up on, failure, sealed); the others are settled.
+    // up on, failure, sealed, the write that moved it on); the others are
+    // settled.
     let open = "X'01010101010101010101010101010101'";
     let settled = "X'05050505050505050505050505050505'";
     let row = |n: u8| format!("X'{}'", format!("{n:02x}").repeat(16));
@@ -1434,14 +1435,16 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
              UPDATE messages SET status = 9 WHERE id = {};
              UPDATE messages SET next_attempt = 'later' WHERE id = {};
              UPDATE messages SET failure = 77 WHERE id = {};
-             UPDATE messages SET sealed = 5 WHERE id = {};",
+             UPDATE messages SET sealed = 5 WHERE id = {};
+             UPDATE messages SET accepted_by = 'junk' WHERE id = {};",
             row(9),
             row(12),
             row(20),
             row(21),
+            row(24),
         ),
     );
-    let damaged = [1, 5, 9, 12, 20, 21];
+    let damaged = [1, 5, 9, 12, 20, 21, 24];
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let before = block_on(store.census()).unwrap().messages;
     assert!(before > 1);
