@@ -49,6 +49,7 @@
 //! # }).unwrap();
 //! ```
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -363,6 +364,7 @@ impl Retention {
             batch: self.batch,
             max_steps,
             report: SweepReport::default(),
+            unreachable: BTreeSet::new(),
         }
         .run(first)
         .await;

@@ -91,6 +91,8 @@ pub(super) struct Sweep<'a> {
     pub(super) batch: usize,
     pub(super) max_steps: u64,
     pub(super) report: SweepReport,
+    /// Businesses that could not be told of a message in this sweep.
+    pub(super) unreachable: BTreeSet<BusinessId>,
 }
 
 /// Where a pass applying a shortened policy stopped (its step budget spent):
@@ -306,7 +308,6 @@ impl<'a> Sweep<'a> {
     /// in the same sweep, except of messages past the grace.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
-        let mut unreachable = BTreeSet::new();
         loop {
             let open = self
                 .storage
@@ -332,10 +333,10 @@ impl<'a> Sweep<'a> {
                 // same, their last chance (a refusal may have been of one
                 // message, whose attempt was under way, say).
                 let last_chance = m.expiry <= self.abandon_before();
-                let ask = last_chance || !unreachable.contains(&m.business);
+                let ask = last_chance || !self.unreachable.contains(&m.business);
                 let told = ask && self.notifier.expired_undelivered(&m).await;
                 if !told {
-                    unreachable.insert(m.business);
+                    self.unreachable.insert(m.business);
                 }
                 if !told && m.expiry > self.abandon_before() {
                     continue;
