@@ -41,6 +41,14 @@ fn record(id: u8, sealed: &[u8]) -> MessageRecord {
 }
 
 /// A store with a little of everything, closed; returns the file.
+/// The schema version the file at `path` says it has.
+fn stored_version(path: &Path) -> u32 {
+    Connection::open(path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
 fn populated(dir: &Path) -> PathBuf {
     let path = dir.join("custodian.db");
     let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
@@ -464,11 +472,7 @@ fn a_version_1_database_keeps_its_data_through_the_migration() {
         );
     });
     drop(store);
-    let version: u32 = Connection::open(&path)
-        .unwrap()
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(stored_version(&path), SCHEMA_VERSION);
 }
 
 /// A message stored by a version 2 build (before deliveries recorded
@@ -542,11 +546,7 @@ fn a_version_2_message_reads_with_no_acceptance_recorded_after_the_migration() {
         assert_eq!(read.map(|m| m.delivery), Some(moved));
     });
     drop(store);
-    let version: u32 = Connection::open(&path)
-        .unwrap()
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(stored_version(&path), SCHEMA_VERSION);
 }
 
 #[test]
