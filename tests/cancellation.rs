@@ -108,6 +108,14 @@ fn send_is_cancellation_safe() {
         }
         d.assert_delivered_and_billed(received[&0].keys(), stored, format_args!("cut {n}"))
             .await;
+        // Counted for the integrity signals once per message stored, the
+        // dropped call's included (a business cannot dodge the fan-out
+        // detector by hanging up).
+        d.processor.export_integrity(&d.operator).await.unwrap();
+        let reports = d.network.integrity_reports().await;
+        let report = reports.iter().find(|r| r.business == d.b).unwrap();
+        let counted = report.history.iter().map(|w| w.sent).sum::<u64>() + report.current.sent;
+        assert_eq!(counted, stored, "cut {n}");
         sent.is_some()
     }));
 }

@@ -104,6 +104,10 @@ pub(super) enum Owed {
     /// state whatever a delivery report wrote meanwhile, as the attempt
     /// would have recorded it.
     Attempt(AttemptMade),
+    /// A send's count for the integrity signals, made if the write storing
+    /// its message landed (the send stopped before its answer): a business
+    /// hanging up at once is counted all the same.
+    CountSent { phone: PhoneHash, at: Timestamp },
 }
 
 /// What an attempt on an outbound message reached, to be recorded on its
@@ -264,6 +268,15 @@ impl Processor {
                 // Boxed: it pays what is owed in turn when it loses a race.
                 Owed::Attempt(made) => {
                     Box::pin(self.record_attempt(business, id, made, true)).await?;
+                }
+                Owed::CountSent { phone, at } => {
+                    let again = Owed::CountSent { phone, at };
+                    let mut owing = Owing::new(&self.claims, (business, id), again, true);
+                    let stored = self.storage.message(business, id).await?;
+                    owing.owed = None;
+                    if stored.is_some() {
+                        self.integrity.record_sent(business, phone, at);
+                    }
                 }
             }
         }

@@ -276,6 +276,16 @@ impl Processor {
             sealed,
             ..record.clone()
         })));
+        // Owed for the integrity signals if this call stops from here on
+        // before it counts: its write may have landed, and the message
+        // would then be sent by the retransmission loop uncounted (a
+        // business could dodge the fan-out detector by hanging up at once).
+        let mut uncounted = Owing::new(
+            &self.claims,
+            (business, id),
+            Owed::CountSent { phone, at: now },
+            false,
+        );
         let committed = self.sessions.commit(batch).await;
         drop(admitted);
         if let Err(e) = committed {
@@ -283,9 +293,16 @@ impl Processor {
             // store): if the store now has the message, it is accepted as
             // if the commit had answered. Refused, it would be sent twice,
             // once again by the business.
-            let Ok(Some(stored)) = self.storage.message(business, id).await else {
-                return Err(e.into());
+            let stored = match self.storage.message(business, id).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => {
+                    uncounted.owed = None;
+                    return Err(e.into());
+                }
+                // Unknown: still owed, made if the message is stored.
+                Err(_) => return Err(e.into()),
             };
+            uncounted.owed = None;
             warn!(%business, %id, error = %e, "the store failed the write storing the message, but has it: accepted");
             if key.is_some() {
                 // Under a key, it may be another call's (one whose write
@@ -299,6 +316,7 @@ impl Processor {
                 return Ok(id);
             }
         }
+        uncounted.owed = None;
         self.integrity.record_sent(business, phone, now);
         debug!(%id, "outbound message stored");
         // Stored, the message is accepted: an error of its first attempt
