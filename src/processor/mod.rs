@@ -365,41 +365,29 @@ impl Processor {
         })
     }
 
+    /// `principal` as the business.
     fn authorize(&self, principal: &Principal, business: BusinessId) -> Result<(), ProcessorError> {
-        if self.authorizer.may_act_for(principal, business) {
-            Ok(())
-        } else {
-            warn!(principal = %principal, "refused: not authorised for the business");
-            Err(ProcessorError::Unauthorized {
-                principal: principal.clone(),
-            })
-        }
+        let ok = self.authorizer.may_act_for(principal, business);
+        refuse_unless(ok, principal, "not authorised for the business")
     }
 
+    /// `principal` as the network carrying the business's messages.
     fn authorize_carrier(
         &self,
         principal: &Principal,
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
-        if self.authorizer.may_carry_for(principal, business) {
-            Ok(())
-        } else {
-            warn!(principal = %principal, "refused: not a carrier for the business");
-            Err(ProcessorError::Unauthorized {
-                principal: principal.clone(),
-            })
-        }
+        let ok = self.authorizer.may_carry_for(principal, business);
+        refuse_unless(ok, principal, "not a carrier for the business")
     }
 
+    /// `principal` as an operator.
     fn authorize_operator(&self, principal: &Principal) -> Result<(), ProcessorError> {
-        if self.authorizer.may_operate(principal) {
-            Ok(())
-        } else {
-            warn!(principal = %principal, "refused: not an operator");
-            Err(ProcessorError::Unauthorized {
-                principal: principal.clone(),
-            })
-        }
+        refuse_unless(
+            self.authorizer.may_operate(principal),
+            principal,
+            "not an operator",
+        )
     }
 
     /// The expiry of a `direction` message of `business` arriving at `now`,
@@ -447,4 +435,15 @@ impl Processor {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// `Ok` if `ok`; else a refusal of `principal`, logged with `why`.
+fn refuse_unless(ok: bool, principal: &Principal, why: &str) -> Result<(), ProcessorError> {
+    if ok {
+        return Ok(());
+    }
+    warn!(principal = %principal, "refused: {why}");
+    Err(ProcessorError::Unauthorized {
+        principal: principal.clone(),
+    })
 }

@@ -154,11 +154,11 @@ pub struct Retention {
     keys: Arc<KeyManager>,
     audit: Arc<dyn AuditSink>,
     policy: RwLock<Arc<RetentionPolicy>>,
-    /// The policy whose periods every stored message's expiry reflects
-    /// (`None` until a sweep has applied one: stores outlive processes).
-    applied: Mutex<Option<Arc<RetentionPolicy>>>,
-    /// Where a pass applying a policy stopped, for the next sweep.
-    resume: Mutex<Option<(Arc<RetentionPolicy>, sweep::Resume)>>,
+    /// The policy last applied to the stored messages' expiries, and where
+    /// its pass stopped for the next sweep to go on from (`None`: every
+    /// expiry reflects it). `None` until a sweep has applied one: stores
+    /// outlive processes.
+    pass: Mutex<Option<(Arc<RetentionPolicy>, Option<sweep::Resume>)>>,
     /// The stage the next sweep starts with, after the keys' (see
     /// `Sweep::run`): the one the last sweep's step budget stopped in.
     next_stage: AtomicUsize,
@@ -203,8 +203,7 @@ impl Retention {
             keys,
             audit,
             policy: RwLock::new(Arc::new(policy)),
-            applied: Mutex::new(None),
-            resume: Mutex::new(None),
+            pass: Mutex::new(None),
             next_stage: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
@@ -334,29 +333,23 @@ impl Retention {
         // late from here on marks the next sweep's. A message stored late
         // may lie anywhere, behind where a pass stopped included: the pass
         // starts again.
-        if self.stale.swap(false, Ordering::SeqCst) {
-            *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
-        let applied = self
-            .applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|a| Arc::ptr_eq(a, &policy));
-        // A pass of this policy that a sweep's step budget stopped goes on
-        // where it stopped.
-        let resume = self
-            .resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|(p, _)| Arc::ptr_eq(p, &policy))
-            .map(|&(_, at)| at);
+        let shorten = {
+            let mut pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+            if self.stale.swap(false, Ordering::SeqCst) {
+                *pass = None;
+            }
+            match pass.as_ref().filter(|(p, _)| Arc::ptr_eq(p, &policy)) {
+                // Every expiry reflects the policy in force.
+                Some((_, None)) => None,
+                // A pass a sweep's step budget stopped goes on there.
+                Some(&(_, Some(at))) => Some(Some(at)),
+                None => Some(None),
+            }
+        };
         let first = self.next_stage.load(Ordering::SeqCst);
         let (report, shortened, next) = sweep::Sweep {
             storage: &*self.storage,
-            shorten: (!applied).then_some((&*policy, resume)),
+            shorten: shorten.map(|resume| (&*policy, resume)),
             keys: &self.keys,
             hold_gate: &self.hold_gate,
             notifier,
@@ -369,16 +362,12 @@ impl Retention {
         .run(first)
         .await;
         self.next_stage.store(next, Ordering::SeqCst);
-        match shortened {
-            sweep::Shortened::Done => {
-                *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
-            }
-            sweep::Shortened::At(at) => {
-                *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = Some((policy, at));
-            }
-            sweep::Shortened::Failed => {}
-        }
+        let stopped = match shortened {
+            sweep::Shortened::Done => None,
+            sweep::Shortened::At(at) => Some(at),
+            sweep::Shortened::Failed => return report,
+        };
+        *self.pass.lock().unwrap_or_else(|p| p.into_inner()) = Some((policy, stopped));
         report
     }
 
@@ -406,14 +395,10 @@ impl Retention {
         // destroy.
         let _gate = self.hold_gate.lock(&*self.storage).await?;
         for hold in self.storage.holds().await? {
-            let (held, phone) = match hold.scope {
-                HoldScope::Business(b) => (b, None),
-                HoldScope::Consumer(b, p) => (b, Some(p)),
-            };
-            if held == business
+            if hold.scope.business() == business
                 && self
                     .storage
-                    .message_epochs(business, phone)
+                    .message_epochs(business, hold.scope.phone())
                     .await?
                     .contains(&epoch)
             {

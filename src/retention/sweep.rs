@@ -105,10 +105,30 @@ pub(super) struct Resume {
     after: Option<crate::ids::MessageId>,
 }
 
-/// The stages after the keys' (see [`Sweep::run`]): applying a shortened
-/// policy, deleting expired settled messages, failing expired open ones,
-/// deleting those, forgetting consumers left without a message.
-pub(super) const STAGES: usize = 5;
+/// A stage after the keys' (see [`Sweep::run`]).
+#[derive(Clone, Copy)]
+enum Stage {
+    /// Apply a shortened policy to the messages stored.
+    Shorten,
+    /// Delete expired settled messages, before businesses are told of
+    /// expired open ones (which waits on their endpoints).
+    DeleteSettled,
+    /// Fail expired open messages, telling their businesses.
+    FailOpen,
+    /// Delete those, now settled.
+    DeleteFailed,
+    /// Forget consumers left without a message.
+    Forget,
+}
+
+/// The stages in order; a sweep names where the next starts by index.
+const STAGES: [Stage; 5] = [
+    Stage::Shorten,
+    Stage::DeleteSettled,
+    Stage::FailOpen,
+    Stage::DeleteFailed,
+    Stage::Forget,
+];
 
 /// How far the policy stage got.
 pub(super) enum Shortened {
@@ -201,19 +221,22 @@ impl<'a> Sweep<'a> {
         };
         let destroyed = done(self.destroy_ended_epochs().await);
         let mut shortened = Shortened::Done;
-        let mut finished = [false; STAGES];
+        let mut finished = [false; STAGES.len()];
         let mut next = None;
         // The stages from `first` on, then all of them in order: a sweep
         // that can run to the end still has every stage after the ones it
         // depends on (failed messages are deleted after they are failed).
         let from = if first == 0 {
-            STAGES
+            STAGES.len()
         } else {
-            first.min(STAGES)
+            first.min(STAGES.len())
         };
-        for stage in (from..STAGES).chain(0..STAGES) {
-            finished[stage] = match stage {
-                0 => match self.shorten_expiries().await {
+        for index in (from..STAGES.len()).chain(0..STAGES.len()) {
+            let Some(&stage) = STAGES.get(index) else {
+                continue;
+            };
+            finished[index] = match stage {
+                Stage::Shorten => match self.shorten_expiries().await {
                     Ok(None) => true,
                     Ok(Some(resume)) => {
                         shortened = Shortened::At(resume);
@@ -224,16 +247,13 @@ impl<'a> Sweep<'a> {
                         done(Err(e))
                     }
                 },
-                // Settled messages go before businesses are told of
-                // expired open ones, which waits on their endpoints; those
-                // failed then go after.
-                1 | 3 => done(self.delete_expired().await),
-                2 => done(self.fail_expired_open().await),
-                _ => done(self.delete_orphan_peers().await),
+                Stage::DeleteSettled | Stage::DeleteFailed => done(self.delete_expired().await),
+                Stage::FailOpen => done(self.fail_expired_open().await),
+                Stage::Forget => done(self.delete_orphan_peers().await),
             };
             // The first stage the budget stopped, in this sweep's order.
-            if !finished[stage] && self.report.steps >= self.max_steps {
-                next = next.or(Some(stage));
+            if !finished[index] && self.report.steps >= self.max_steps {
+                next = next.or(Some(index));
             }
         }
         let next = next.unwrap_or(0);
@@ -447,11 +467,8 @@ impl<'a> Sweep<'a> {
         let held = self.held().await?;
         let mut keep: BTreeSet<(BusinessId, Epoch)> = BTreeSet::new();
         for hold in &held.scopes {
-            let (business, phone) = match *hold {
-                HoldScope::Business(b) => (b, None),
-                HoldScope::Consumer(b, p) => (b, Some(p)),
-            };
-            match self.storage.message_epochs(business, phone).await {
+            let business = hold.business();
+            match self.storage.message_epochs(business, hold.phone()).await {
                 Ok(epochs) => keep.extend(epochs.into_iter().map(|e| (business, e))),
                 Err(StoreError::Corrupt(what)) => {
                     tracing::warn!(

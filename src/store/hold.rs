@@ -23,6 +23,14 @@ impl HoldScope {
         }
     }
 
+    /// The consumer the hold concerns, if only one.
+    pub fn phone(&self) -> Option<PhoneHash> {
+        match *self {
+            Self::Business(_) => None,
+            Self::Consumer(_, p) => Some(p),
+        }
+    }
+
     /// Whether the hold covers data of `business` about `phone`.
     pub fn covers(&self, business: BusinessId, phone: PhoneHash) -> bool {
         match *self {
