@@ -34,7 +34,7 @@ impl Sessions {
         let account = self.account(business).await?;
         let _guard = self.address_locks.lock((business, peer)).await;
         let (mut state, taken) = self.load_peer(business, peer).await?;
-        if state.session.is_none() {
+        if !state.has_live_session() {
             taken.put(state);
             return Err(SignalError::NoSession);
         }

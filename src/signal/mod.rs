@@ -915,7 +915,7 @@ impl Sessions {
     ) -> Result<bool, SignalError> {
         let _guard = self.address_locks.lock((business, peer)).await;
         let (state, taken) = self.load_peer(business, peer).await?;
-        let has = state.session.is_some();
+        let has = state.has_live_session();
         taken.put(state);
         Ok(has)
     }

@@ -134,6 +134,16 @@ impl Peer {
         }
     }
 
+    /// Whether it holds a session that can send: a record with a current
+    /// state. A record without one (stored so, or left so by the library)
+    /// is no session, so the next send starts one from the device's bundle
+    /// instead of failing for ever.
+    pub(super) fn has_live_session(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.session_state().is_some())
+    }
+
     /// Encode for sealing; `incarnation` marks the session snapshot as this
     /// process's, so reloading it here does not skip sending counters. The
     /// buffer keeps room for the envelope, so sealing it makes no copy.

@@ -17,7 +17,7 @@ use wacore_libsignal::protocol::{
 };
 
 use super::account::Account;
-use super::{IdentityPolicy, SignalError, same_key};
+use super::{IdentityPolicy, SignalError, StorageFailure, same_key};
 use crate::ids::BusinessId;
 use crate::keys::{KeyId, KeyKind, KeyManager};
 
@@ -171,6 +171,13 @@ pub(super) struct PreKeyOverlay<'a> {
 }
 
 impl PreKeyOverlay<'_> {
+    /// Keeps `failure` to report it precisely, and gives the library an
+    /// error that stops the operation.
+    fn fail(&self, failure: SignalError) -> SignalProtocolError {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure);
+        SignalProtocolError::InvalidState("prekey store", "unavailable".to_owned())
+    }
+
     pub(super) fn take_failure(&self) -> Option<SignalError> {
         self.failure
             .lock()
@@ -188,15 +195,16 @@ impl PreKeyStore for PreKeyOverlay<'_> {
             id: u64::from(u32::from(prekey_id)),
         };
         match self.keys.load_secret(id).await {
-            Ok(Some(bytes)) => PreKeyRecord::deserialize(&bytes),
+            Ok(Some(bytes)) => PreKeyRecord::deserialize(&bytes).map_err(|_| {
+                // The business's own key is damaged, not the consumer's
+                // message: say so, or the transport would drop the message
+                // as permanently malformed.
+                self.fail(SignalError::Storage(StorageFailure::Corrupt(
+                    "one-time prekey",
+                )))
+            }),
             Ok(None) => Err(SignalProtocolError::InvalidPreKeyId),
-            Err(e) => {
-                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
-                Err(SignalProtocolError::InvalidState(
-                    "prekey store",
-                    "unavailable".to_owned(),
-                ))
-            }
+            Err(e) => Err(self.fail(e.into())),
         }
     }
 

@@ -511,3 +511,88 @@ async fn write_signal_corpora() {
         std::fs::write(dir.join(format!("{outcome}--{name}")), bytes).unwrap();
     }
 }
+
+/// A stored one-time prekey whose record does not decode is the business's
+/// damaged state, not the consumer's malformed message: reported as
+/// corrupt storage (which a transport retries), never as an invalid
+/// message (which it may drop for good), and nothing is changed.
+#[tokio::test]
+async fn a_corrupt_stored_one_time_prekey_is_reported_as_corrupt_state() {
+    let (sessions, keys, store, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let first = phone.encrypt(business, b"hello").await.unwrap();
+
+    let id = KeyId {
+        business,
+        kind: KeyKind::SignalPreKey,
+        id: u64::from(published.one_time_prekeys[0].id),
+    };
+    assert_eq!(
+        crate::store::KeyStore::delete_keys(&*store, &[id])
+            .await
+            .unwrap(),
+        1
+    );
+    keys.store_secret(id, b"\xff\xff\xff not a prekey record")
+        .await
+        .unwrap();
+    sessions.clear_cache();
+
+    let got = sessions.decrypt(business, peer, &first, expiry).await;
+    assert!(
+        matches!(
+            got,
+            Err(SignalError::Storage(StorageFailure::Corrupt(
+                "one-time prekey"
+            )))
+        ),
+        "a corrupt stored prekey reported as {got:?}"
+    );
+    assert!(!sessions.has_session(business, peer).await.unwrap());
+}
+
+/// A stored record flagged as holding a session whose record has no current
+/// state (the corpus's `session--session-flag-without-session`) is no
+/// session: the next send starts one from the device's bundle and goes
+/// through, instead of failing as `NoSession` for ever.
+#[tokio::test]
+async fn a_session_record_without_a_current_state_is_no_session() {
+    let (sessions, _keys, store, business, expiry) = fixture().await;
+    sessions.publish(business).await.unwrap();
+    let peer = PeerId {
+        phone: crate::ids::PhoneHash::from_bytes([0x70; 16]),
+        device: 1,
+    };
+    let mut plaintext = vec![0x70; 16];
+    plaintext.extend_from_slice(&1u32.to_be_bytes());
+    plaintext.extend_from_slice(&[0x02, 0x02]);
+    let label = crate::envelope::Label {
+        kind: crate::envelope::Kind::SignalSession,
+        business,
+        id: MessageId::random(),
+        expiry,
+        region: crate::ids::Region::LOCAL,
+    };
+    let sealed = sessions.vault.seal(&label, &plaintext).await.unwrap();
+    let mut batch = Batch::new();
+    batch.push(Op::PutPeer {
+        business,
+        peer,
+        sealed,
+    });
+    store.commit(batch).await.unwrap();
+    sessions.clear_cache();
+
+    assert!(!sessions.has_session(business, peer).await.unwrap());
+    let mut device = ConsumerDevice::new(1);
+    sessions
+        .start_session(business, peer, &device.bundle(true), expiry)
+        .await
+        .unwrap();
+    let sent = sessions
+        .encrypt(business, peer, b"hi", expiry)
+        .await
+        .unwrap();
+    assert_eq!(device.decrypt(business, &sent).await.unwrap(), b"hi");
+}
