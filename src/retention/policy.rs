@@ -70,7 +70,8 @@ impl Periods {
 pub struct BusinessRetention {
     /// Its retention periods.
     pub periods: Periods,
-    /// The region its content must be stored in ("local storage"), if pinned.
+    /// The region its content must be stored in ("local storage"), if
+    /// pinned: a named region, never [`Region::LOCAL`].
     pub region: Option<Region>,
 }
 
@@ -163,6 +164,7 @@ impl RetentionPolicy {
             &format!("business.{business}.outbound"),
             config.periods.outbound,
         )?;
+        check_region(&format!("business.{business}.region"), config.region)?;
         self.businesses.insert(business, config);
         Ok(self)
     }
@@ -218,8 +220,7 @@ impl RetentionPolicy {
 
     /// Parse and validate a TOML configuration.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile =
-            toml::from_str(text).map_err(|e| PolicyError::new("(file)", e.message()))?;
+        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::new("(file)", e))?;
         file.validate()
     }
 
@@ -413,6 +414,7 @@ impl PolicyFile {
                 b.inbound.as_deref(),
                 b.outbound.as_deref(),
             )?;
+            check_region(&format!("{prefix}.region"), b.region)?;
             policy.businesses.insert(
                 business,
                 BusinessRetention {
@@ -423,6 +425,19 @@ impl PolicyFile {
         }
         Ok(policy)
     }
+}
+
+/// A business is pinned to a named region, never to [`Region::LOCAL`]: that
+/// is what a store making no residency claim reports, so a pin to it would
+/// be met by any such store wherever it runs.
+fn check_region(field: &str, region: Option<Region>) -> Result<(), PolicyError> {
+    if region == Some(Region::LOCAL) {
+        return Err(PolicyError::new(
+            field,
+            "`local` is the region of a store that makes no residency claim; pin a named region",
+        ));
+    }
+    Ok(())
 }
 
 /// Parse `<integer><unit>`, unit one of `ms`, `s`, `m`, `h`, `d`.
@@ -495,6 +510,36 @@ mod tests {
         );
     }
 
+    /// A TOML file's error says where the problem is, as a JSON file's does.
+    #[test]
+    fn a_toml_error_names_its_line() {
+        let text = "retention = \"7d\"\n\n[business.1002]\nretension = \"3d\"\n";
+        let err = RetentionPolicy::from_toml(text).unwrap_err();
+        assert!(err.problem.contains("line 4"), "{err}");
+        assert!(err.problem.contains("retension"), "{err}");
+    }
+
+    /// `local` (what a store making no residency claim reports) is no pin:
+    /// a file or a builder naming it is refused, naming the field.
+    #[test]
+    fn a_business_cannot_be_pinned_to_local() {
+        let err = RetentionPolicy::from_toml("[business.5]\nregion = \"local\"\n").unwrap_err();
+        assert_eq!(err.field, "business.5.region");
+        let five = BusinessId::new(5).unwrap();
+        let pinned = |region: &str| BusinessRetention {
+            periods: Periods::both(CEILING),
+            region: Some(region.parse().unwrap()),
+        };
+        let err = RetentionPolicy::default()
+            .with_business(five, pinned("local"))
+            .unwrap_err();
+        assert_eq!(err.field, "business.5.region");
+        let policy = RetentionPolicy::default()
+            .with_business(five, pinned("eu"))
+            .unwrap();
+        assert_eq!(policy.region(five), Some("eu".parse().unwrap()));
+    }
+
     /// Mostly durations that load (1 to 30 of a unit), some that may not.
     fn duration_text() -> impl Strategy<Value = Option<String>> {
         prop_oneof![
@@ -523,7 +568,7 @@ mod tests {
             duration_text(),
             duration_text(),
             duration_text(),
-            prop::option::of(prop::sample::select(vec!["eu", "us", "in-south"])),
+            prop::option::of(prop::sample::select(vec!["eu", "us", "in-south", "local"])),
         )
             .prop_map(|(retention, inbound, outbound, region)| BusinessFile {
                 retention,
