@@ -460,7 +460,8 @@ pub fn peer_record(data: &[u8]) -> Result<PeerShape, &'static str> {
     assert!(first.clean, "a decoded peer is dirty or keyed");
     assert_eq!(
         first.address,
-        (hex::encode(peer.phone.as_bytes()), peer.device)
+        (crate::signal::ADDRESS_NAME.to_owned(), peer.device),
+        "the library address names the consumer"
     );
     let second = decode_peer_record(peer, &first.encoding, &PEER_INCARNATION, expiry)
         .unwrap_or_else(|e| panic!("a re-encoded record does not decode: {e}"));

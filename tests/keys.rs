@@ -1346,3 +1346,55 @@ proptest::proptest! {
             })?;
     }
 }
+
+/// The holders of content and numbers that cross the crate's seams print
+/// neither (their `Debug`s are written by hand: a derived one would).
+#[test]
+fn content_and_number_holders_print_neither() {
+    use custodian::integrity::Category;
+    use custodian::processor::{Inbound, Outbound};
+    use custodian::signal::{Ciphertext, Decrypted, MessageKind};
+    use custodian::transport::InboundMessage;
+    use zeroize::Zeroizing;
+
+    let number: PhoneNumber = "+447700900123".parse().unwrap();
+    let content = b"the consumer's secret words".to_vec();
+    let outbound = Outbound {
+        to: number.clone(),
+        content: Zeroizing::new(content.clone()),
+        category: Category::ALL[0],
+    };
+    let inbound = Inbound {
+        from: number.clone(),
+        device: 1,
+        message: Ciphertext {
+            kind: MessageKind::FollowUp,
+            bytes: content.clone(),
+        },
+    };
+    let message = InboundMessage {
+        business: BusinessId::new(1).unwrap(),
+        id: MessageId::from_bytes([3; 16]),
+        from: number,
+        device: 1,
+        content: Zeroizing::new(content.clone()),
+        received: Timestamp::from_millis(5),
+        identity_changed: false,
+    };
+    let decrypted = Decrypted {
+        plaintext: Zeroizing::new(content),
+        identity_changed: false,
+        first_contact: false,
+    };
+    for printed in [
+        format!("{outbound:?}"),
+        format!("{inbound:?}"),
+        format!("{message:?}"),
+        format!("{decrypted:?}"),
+    ] {
+        assert!(!printed.contains("7700900"), "{printed}");
+        assert!(!printed.contains("secret"), "{printed}");
+        // Nor the bytes as a list (a derived Debug of a Vec<u8>).
+        assert!(!printed.contains("116, 104, 101"), "{printed}");
+    }
+}

@@ -332,9 +332,23 @@ const MAX_STATUS_RACES: usize = 8;
 
 impl Processor {
     /// A processor over `host`'s seams, under `policies`.
+    ///
+    /// Refused ([`ProcessorError::Config`]) if a policy is invalid, or if
+    /// the host's `log` logger would keep the Signal library's records that
+    /// carry key material: turn the target
+    /// [`LIBRARY_LOG_TARGET`](crate::signal::LIBRARY_LOG_TARGET) off (see
+    /// [`library_logs_exposed`](crate::signal::library_logs_exposed)).
     pub fn new(host: Host, policies: Policies) -> Result<Self, ProcessorError> {
         let config = |e: crate::integrity::ConfigError| ProcessorError::Config(e.to_string());
         policies.delivery.validate()?;
+        if !policies.signal.allow_library_logs && crate::signal::library_logs_exposed() {
+            return Err(ProcessorError::Config(format!(
+                "the host's logger keeps the Signal library's records, some of which carry \
+                 key material (a message's MAC, part of its MAC key): turn the log target \
+                 `{}` off",
+                crate::signal::LIBRARY_LOG_TARGET
+            )));
+        }
         let keys = Arc::new(KeyManager::new(host.key_provider, host.storage.clone()));
         let vault = Arc::new(Vault::new(
             keys.clone(),

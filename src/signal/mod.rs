@@ -71,6 +71,7 @@ mod account;
 mod cache;
 mod decrypt;
 mod encrypt;
+mod logs;
 mod peer;
 mod rng;
 mod stores;
@@ -80,6 +81,9 @@ mod tests;
 use crate::lock::Stripes;
 use account::Account;
 use cache::{PeerCache, Taken};
+pub use logs::{LIBRARY_LOG_TARGET, library_logs_exposed};
+#[cfg(any(test, fuzzing))]
+pub(crate) use peer::ADDRESS_NAME;
 use peer::Peer;
 #[cfg(any(test, fuzzing))]
 pub(crate) use peer::decode_peer_record;
@@ -210,6 +214,12 @@ pub struct SignalConfig {
     /// [`SignalError::RecordTooLarge`] and changes nothing. A full session
     /// measures about 1.3 MB; an ordinary one a few KB.
     pub max_record_len: usize,
+    /// Let [`Processor::new`](crate::processor::Processor::new) start even
+    /// though the host's `log` logger would keep the Signal library's
+    /// records that carry key material (default `false`; see
+    /// [`library_logs_exposed`]). Only for a logger whose output is as
+    /// protected as the keys themselves.
+    pub allow_library_logs: bool,
 }
 
 impl Default for SignalConfig {
@@ -224,6 +234,7 @@ impl Default for SignalConfig {
             peer_cache: 65_536,
             peer_cache_bytes: 256 << 20,
             max_record_len: 4 << 20,
+            allow_library_logs: false,
         }
     }
 }

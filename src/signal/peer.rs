@@ -108,12 +108,17 @@ impl Unsure {
     }
 }
 
-/// The library address of a peer.
+/// The name of every peer's library address.
+pub(crate) const ADDRESS_NAME: &str = "consumer";
+
+/// The library address of a peer: the same name for every consumer. The
+/// library writes the address into its log records (at warn and error
+/// level, for a redelivered or a refused message) and its errors; the
+/// store overlays each hold one peer's state and never read it, so it
+/// names no one, where the phone hash would have linked log lines to the
+/// consumer past their messages' retention.
 fn address(peer: PeerId) -> ProtocolAddress {
-    ProtocolAddress::new(
-        &hex::encode(peer.phone.as_bytes()),
-        DeviceId::from(peer.device),
-    )
+    ProtocolAddress::new(ADDRESS_NAME, DeviceId::from(peer.device))
 }
 
 impl Peer {
