@@ -15,7 +15,8 @@
 //! says otherwise): turn the target [`LIBRARY_LOG_TARGET`] off, for example
 //! `RUST_LOG=info,wacore_libsignal=off` with `env_logger`, or the directive
 //! `wacore_libsignal=off` in a `tracing-subscriber` filter that bridges
-//! `log` records.
+//! `log` records. The question is asked when the processor starts: install
+//! the logger first, and keep the target off for as long as it runs.
 //!
 //! The library addresses every consumer by the same name (see the peer
 //! module), so its records name no one.
