@@ -29,9 +29,9 @@
 //! | data class | system of record | processor | business | transport | rest of company |
 //! |---|---|---|---|---|---|
 //! | message content | processor | delivery, retransmission | delivery | — (hard rule) | — (hard rule) |
-//! | consumer phone number | processor | delivery, retransmission | delivery | delivery, retransmission, integrity | — |
+//! | consumer phone number | processor | delivery, retransmission | delivery | delivery, retransmission, integrity | — (hard rule) |
 //! | non-identifiable statistics | processor | analytics | analytics | analytics | analytics |
-//! | integrity signals (per business) | transport client | — | — | integrity | — |
+//! | integrity signals (per business) | transport client | — | — | integrity | — (hard rule) |
 //! | business information | business manager | delivery, retransmission, integrity, billing | delivery, billing | delivery, retransmission, integrity, billing | billing, analytics |
 //! | billing (per business) | transport | billing | billing | billing | billing |
 //!
@@ -60,7 +60,7 @@
 //!
 //! # Hard rules
 //!
-//! Four [`HardRule`]s hold for every policy that can exist; no file, builder
+//! Five [`HardRule`]s hold for every policy that can exist; no file, builder
 //! or configuration can loosen them, and a policy that tries is rejected with
 //! an error naming the offending cell:
 //!
@@ -72,6 +72,8 @@
 //!    also needs the business the value belongs to to have opted in
 //!    ([`Gate::set_opted_in`]);
 //! 4. consumer phone numbers never reach the rest of the company, for any
+//!    purpose;
+//! 5. integrity signals never reach the rest of the company, for any
 //!    purpose.
 //!
 //! # Policy files

@@ -97,6 +97,9 @@ pub enum HardRule {
     /// Consumer phone numbers never reach the rest of the company, for any
     /// purpose.
     NumbersStayOutOfTheRestOfTheCompany,
+    /// Integrity signals never reach the rest of the company, for any
+    /// purpose: they are collected for the transport's client system.
+    IntegritySignalsStayOutOfTheRestOfTheCompany,
 }
 
 impl HardRule {
@@ -106,6 +109,7 @@ impl HardRule {
         Self::NoAdvertising,
         Self::OptInServicesOnlyInProcessor,
         Self::NumbersStayOutOfTheRestOfTheCompany,
+        Self::IntegritySignalsStayOutOfTheRestOfTheCompany,
     ];
 
     /// Whether this rule forbids the cell.
@@ -121,6 +125,10 @@ impl HardRule {
             }
             Self::NumbersStayOutOfTheRestOfTheCompany => {
                 matches!(class, DataClass::ConsumerPhoneNumber)
+                    && matches!(party, Party::RestOfCompany)
+            }
+            Self::IntegritySignalsStayOutOfTheRestOfTheCompany => {
+                matches!(class, DataClass::IntegritySignals)
                     && matches!(party, Party::RestOfCompany)
             }
         }
@@ -151,6 +159,9 @@ impl fmt::Display for HardRule {
             }
             Self::NumbersStayOutOfTheRestOfTheCompany => {
                 "consumer phone numbers never reach the rest of the company"
+            }
+            Self::IntegritySignalsStayOutOfTheRestOfTheCompany => {
+                "integrity signals never reach the rest of the company"
             }
         })
     }
@@ -517,6 +528,15 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err.rule, HardRule::NumbersStayOutOfTheRestOfTheCompany);
+        for purpose in [Purpose::Integrity, Purpose::Analytics, Purpose::Billing] {
+            let err = b
+                .allow(Party::RestOfCompany, DataClass::IntegritySignals, purpose)
+                .unwrap_err();
+            assert_eq!(
+                err.rule,
+                HardRule::IntegritySignalsStayOutOfTheRestOfTheCompany
+            );
+        }
         assert_eq!(
             b.build(),
             VisibilityPolicy::builder(Revision::new(2).unwrap()).build()
