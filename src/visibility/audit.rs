@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -422,10 +422,15 @@ impl Default for FlushPolicy {
 /// Appends decisions to a writer (normally a file), one JSON object per line.
 ///
 /// After a write error the sink is out of service: every later `record`
-/// fails (so the gate keeps every value) until the host replaces the sink.
-/// The file may then end in a partial line, which readers should skip, or
-/// in a whole line whose flush failed, whose value the gate kept. Lines the
-/// writer never took are kept for [`take_unwritten`](Self::take_unwritten).
+/// fails (so the gate keeps every value) until the host, the cause mended
+/// (space freed, say), calls [`resume`](Self::resume). Lines the writer
+/// never took are kept and written then, unless the host takes them
+/// ([`take_unwritten`](Self::take_unwritten)). The file may hold a whole
+/// line whose flush failed, whose value the gate kept (and releases later
+/// under the same decision id), and, if the failure cut a line and its rest
+/// was taken, or the process died mid-write, a partial line: the sink (or
+/// the next one opened on the file) ends it before its own first line, so
+/// a reader that skips lines that do not parse loses no other.
 pub struct JsonLinesSink<W: Write + Send = File> {
     flush: FlushPolicy,
     inner: Mutex<Lines<W>>,
@@ -436,6 +441,11 @@ struct Lines<W> {
     buf: Vec<u8>,
     last_write: Option<Timestamp>,
     failed: bool,
+    /// What the writer took ends mid-line.
+    mid_line: bool,
+    /// End that line before writing any other (its rest was taken, or it
+    /// was in the file when the sink opened it).
+    end_line: bool,
 }
 
 impl JsonLinesSink<File> {
@@ -445,10 +455,22 @@ impl JsonLinesSink<File> {
         Self::open_with(path, FlushPolicy::default())
     }
 
-    /// Appends to the file at `path`, creating it if needed.
+    /// Appends to the file at `path`, creating it if needed. A partial last
+    /// line (a writer stopped mid-line) is ended before the first new one.
     pub fn open_with(path: impl AsRef<Path>, flush: FlushPolicy) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self::new(file, flush))
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let mut last = [b'\n'];
+        if file.metadata()?.len() > 0 {
+            file.seek(SeekFrom::End(-1))?;
+            file.read_exact(&mut last)?;
+        }
+        let sink = Self::new(file, flush);
+        lock(&sink.inner).end_line = last[0] != b'\n';
+        Ok(sink)
     }
 }
 
@@ -462,6 +484,8 @@ impl<W: Write + Send> JsonLinesSink<W> {
                 buf: Vec::with_capacity(256),
                 last_write: None,
                 failed: false,
+                mid_line: false,
+                end_line: false,
             }),
         }
     }
@@ -476,10 +500,24 @@ impl<W: Write + Send> JsonLinesSink<W> {
     /// sink. With [`FlushPolicy::Buffered`] they can hold decisions whose
     /// values were released: keep them elsewhere before replacing the sink.
     pub fn take_unwritten(&self) -> Vec<u8> {
-        std::mem::take(&mut lock(&self.inner).buf)
+        let mut lines = lock(&self.inner);
+        lines.end_line |= lines.mid_line;
+        std::mem::take(&mut lines.buf)
     }
 
-    /// Flushes, then returns the writer.
+    /// Puts the sink back in service after a write error, once its cause is
+    /// mended, and writes the lines it holds (ending first a line the
+    /// failure cut, if its rest was taken). If writing fails again, the
+    /// sink stays out of service and the error is returned.
+    pub fn resume(&self) -> Result<(), AuditError> {
+        let mut lines = lock(&self.inner);
+        lines.failed = false;
+        lines.write_out()
+    }
+
+    /// Flushes, then returns the writer. On an error the sink is gone with
+    /// the lines it could not write: to keep them, [`flush`](Self::flush)
+    /// and [`take_unwritten`](Self::take_unwritten) first.
     pub fn into_inner(mut self) -> Result<W, AuditError> {
         let lines = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
         lines.write_out()?;
@@ -495,6 +533,9 @@ impl<W: Write> Lines<W> {
         let Some(writer) = self.writer.as_mut() else {
             return Err(AuditError::OutOfService);
         };
+        if std::mem::take(&mut self.end_line) {
+            self.buf.insert(0, b'\n');
+        }
         // What was not written stays, for `take_unwritten`.
         let mut written = 0;
         let result = loop {
@@ -508,6 +549,9 @@ impl<W: Write> Lines<W> {
                 Err(e) => break Err(e),
             }
         };
+        if let Some(&last) = written.checked_sub(1).and_then(|i| self.buf.get(i)) {
+            self.mid_line = last != b'\n';
+        }
         self.buf.drain(..written.min(self.buf.len()));
         result.map_err(|e| {
             self.failed = true;
@@ -744,6 +788,91 @@ mod tests {
             sink.record(&decision(4, 3_000)),
             Err(AuditError::OutOfService)
         ));
+    }
+
+    /// A disk whose free space the test sets.
+    #[derive(Clone, Default)]
+    struct Disk(Arc<Mutex<(Vec<u8>, usize)>>);
+    impl Write for Disk {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let mut disk = self.0.lock().unwrap();
+            let n = bytes.len().min(disk.1);
+            if n == 0 {
+                return Err(io::Error::other("disk full"));
+            }
+            disk.0.extend_from_slice(&bytes[..n]);
+            disk.1 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The decisions of the lines that parse, in order.
+    fn parsed(bytes: &[u8]) -> Vec<u64> {
+        bytes
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<Decision>(line).ok())
+            .map(|d| d.id.sequence())
+            .collect()
+    }
+
+    /// A disk that fills mid-line puts the sink out of service; freed, the
+    /// sink resumes and writes the rest, losing no decision. Had the host
+    /// taken the rest, the cut line is ended, so only it fails to parse.
+    #[test]
+    fn a_sink_resumes_after_its_disk_is_freed() {
+        for take in [false, true] {
+            let disk = Disk::default();
+            disk.0.lock().unwrap().1 = 250;
+            let sink = JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent);
+            sink.record(&decision(1, 0)).unwrap();
+            assert!(matches!(
+                sink.record(&decision(2, 1)),
+                Err(AuditError::Io(_))
+            ));
+            assert!(
+                matches!(sink.resume(), Err(AuditError::Io(_))),
+                "still full"
+            );
+            let taken = if take {
+                sink.take_unwritten()
+            } else {
+                Vec::new()
+            };
+            disk.0.lock().unwrap().1 = 1 << 20;
+            sink.resume().unwrap();
+            sink.record(&decision(3, 2)).unwrap();
+            let written = disk.0.lock().unwrap().0.clone();
+            // Decision 2's record failed: the gate kept its value, and will
+            // record it again under its id.
+            let expected: &[u64] = if take { &[1, 3] } else { &[1, 2, 3] };
+            assert_eq!(parsed(&written), expected, "take: {take}");
+            assert_eq!(taken.is_empty(), !take);
+            // Taken, the cut line stays, ended: one line that does not parse.
+            let lines = written.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+            assert_eq!(lines.count(), 3);
+        }
+    }
+
+    /// A file left ending mid-line (a process killed mid-write) keeps the
+    /// next sink's first decision on a line of its own.
+    #[test]
+    fn a_sink_opened_on_a_cut_line_ends_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut whole = serde_json::to_vec(&decision(1, 0)).unwrap();
+        whole.push(b'\n');
+        let cut = serde_json::to_vec(&decision(2, 1)).unwrap();
+        std::fs::write(&path, [&whole[..], &cut[..20]].concat()).unwrap();
+        let sink = JsonLinesSink::open(&path).unwrap();
+        sink.record(&decision(3, 2)).unwrap();
+        drop(sink);
+        let sink = JsonLinesSink::open(&path).unwrap();
+        sink.record(&decision(4, 3)).unwrap();
+        drop(sink);
+        assert_eq!(parsed(&std::fs::read(&path).unwrap()), [1, 3, 4]);
     }
 
     proptest! {
