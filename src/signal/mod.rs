@@ -79,6 +79,10 @@ mod tests;
 
 use crate::lock::Stripes;
 use account::Account;
+#[cfg(any(test, fuzzing))]
+pub(crate) use account::{
+    ONE_TIME_PREKEY, decode_identity, decode_one_time_prekey, decode_signed_prekey, encode_identity,
+};
 use cache::{PeerCache, Taken};
 use peer::Peer;
 #[cfg(any(test, fuzzing))]
