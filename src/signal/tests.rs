@@ -746,3 +746,118 @@ async fn a_session_record_without_a_current_state_is_no_session() {
         .unwrap();
     assert_eq!(device.decrypt(business, &sent).await.unwrap(), b"hi");
 }
+
+/// Real session records, made once by real Signal session setup between a
+/// business and a consumer device and serialised: after the device's first
+/// message (a session with a one-time prekey pending), after the
+/// business's reply, and after a few more messages each way.
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+fn real_sessions() -> &'static [Vec<u8>] {
+    REAL_SESSIONS.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(make_real_sessions())
+    })
+}
+
+static REAL_SESSIONS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+
+/// Make [`real_sessions`].
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+async fn make_real_sessions() -> Vec<Vec<u8>> {
+    let (sessions, keys, _, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let snapshot = |sessions: &Sessions| {
+        let taken = sessions
+            .cache
+            .take(&(business, peer), sessions.shreds())
+            .unwrap();
+        taken.session.as_ref().unwrap().serialize().unwrap()
+    };
+    let mut records = Vec::new();
+    let m = phone.encrypt(business, b"first").await.unwrap();
+    sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+    records.push(snapshot(&sessions));
+    sessions.clear_cache();
+    let reply = sessions
+        .encrypt(business, peer, b"reply", expiry)
+        .await
+        .unwrap();
+    phone.decrypt(business, &reply).await.unwrap();
+    records.push(snapshot(&sessions));
+    sessions.clear_cache();
+    for i in 0..3 {
+        let m = phone
+            .encrypt(business, format!("in {i}").as_bytes())
+            .await
+            .unwrap();
+        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+        let out = sessions
+            .encrypt(business, peer, b"out", expiry)
+            .await
+            .unwrap();
+        phone.decrypt(business, &out).await.unwrap();
+    }
+    records.push(snapshot(&sessions));
+    records
+}
+
+proptest::proptest! {
+    /// Any device's record, with or without a real session and a trusted
+    /// identity key, decodes under its own device and incarnation to the
+    /// same session bytes, identity and device, and under any other device
+    /// (another consumer, another device id, or both) is refused as the
+    /// record of another device.
+    #[test]
+    fn a_peer_record_round_trips_and_opens_only_for_its_device(
+        phone in proptest::prelude::any::<[u8; 16]>(),
+        device in proptest::prelude::any::<u32>(),
+        session in proptest::option::of(0..3_usize),
+        identity in proptest::option::of(proptest::prelude::any::<[u8; 32]>()),
+        incarnation in proptest::prelude::any::<[u8; 16]>(),
+        other_phone in proptest::prelude::any::<[u8; 16]>(),
+        other_device in proptest::prelude::any::<u32>(),
+        which in 0..3_u8,
+    ) {
+        use wacore_libsignal::protocol::{IdentityKey, PublicKey, SessionRecord};
+        use super::peer::{CorruptPeer, Peer};
+
+        let id = PeerId { phone: PhoneHash::from_bytes(phone), device };
+        let identity = identity.map(|k| {
+            IdentityKey::new(PublicKey::from_djb_public_key_bytes(&k).unwrap())
+        });
+        let mut peer = Peer::empty(id);
+        peer.session = session.map(|i| SessionRecord::deserialize(&real_sessions()[i]).unwrap());
+        peer.identity = identity;
+        // The session as held, which is what must come back (a record read
+        // without this process's incarnation, as here, has had its sending
+        // chain moved past its lease already).
+        let session_bytes = peer.session.as_ref().map(|s| s.serialize().unwrap());
+        let bytes = peer.encode(&incarnation);
+        let expiry = Timestamp::from_millis(5);
+
+        let back = Peer::decode(id, &bytes, &incarnation, expiry).unwrap();
+        proptest::prop_assert_eq!(
+            back.session.as_ref().map(|s| s.serialize().unwrap()),
+            session_bytes
+        );
+        proptest::prop_assert_eq!(back.identity, identity);
+        proptest::prop_assert_eq!(back.id, id);
+        proptest::prop_assert_eq!(back.address.name(), hex::encode(phone));
+        proptest::prop_assert_eq!(u32::from(back.address.device_id()), device);
+        proptest::prop_assert_eq!(back.encoded_len, bytes.len());
+
+        let other = match which {
+            0 => PeerId { phone: PhoneHash::from_bytes(other_phone), ..id },
+            1 => PeerId { device: other_device, ..id },
+            _ => PeerId { phone: PhoneHash::from_bytes(other_phone), device: other_device },
+        };
+        proptest::prop_assume!(other != id);
+        proptest::prop_assert_eq!(
+            Peer::decode(other, &bytes, &incarnation, expiry).err(),
+            Some(CorruptPeer("record of another device"))
+        );
+    }
+}
