@@ -100,16 +100,51 @@ impl KeyProvider for LocalKeyProvider {
     async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
+        self.wrap_with(&nonce, context, key)
+    }
+
+    async fn unwrap(
+        &self,
+        context: &KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, ProviderError> {
+        self.unwrap_blob(context, wrapped)
+    }
+}
+
+impl LocalKeyProvider {
+    /// [`KeyProvider::wrap`] with a caller-chosen nonce.
+    fn wrap_with(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        context: &KekContext,
+        key: &SecretKey,
+    ) -> Result<Vec<u8>, ProviderError> {
         let mut blob = Vec::with_capacity(LOCAL_BLOB_LEN);
         blob.push(LOCAL_BLOB_VERSION);
-        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(nonce);
         self.cipher
-            .seal_into(&nonce, &context.to_bytes(), key.expose_secret(), &mut blob)
+            .seal_into(nonce, &context.to_bytes(), key.expose_secret(), &mut blob)
             .map_err(|_| ProviderError::Unavailable("local wrap failed".into()))?;
         Ok(blob)
     }
 
-    async fn unwrap(
+    /// Wrap with a caller-chosen nonce (never do this outside fixtures):
+    /// the fuzz checks' way to re-make a blob that unwrapped.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn wrap_with_nonce(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        context: &KekContext,
+        key: &SecretKey,
+    ) -> Result<Vec<u8>, ProviderError> {
+        self.wrap_with(nonce, context, key)
+    }
+
+    /// [`KeyProvider::unwrap`], which never waits: refused as
+    /// [`ProviderError::Unwrap`] unless the blob is exactly 61 bytes,
+    /// starts with the version `0x01` and authenticates under `context`.
+    pub(crate) fn unwrap_blob(
         &self,
         context: &KekContext,
         wrapped: &[u8],

@@ -134,10 +134,32 @@ impl WrappedKey {
     pub(crate) fn seal(id: KeyId, kek: &Kek, secret: &[u8]) -> Result<Self, KeyError> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
+        Self::seal_with(id, kek, &nonce, secret)
+    }
+
+    /// Wrap with a caller-chosen nonce (never do this outside fixtures):
+    /// the fuzz checks' way to re-make a blob that opened.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn seal_with_nonce(
+        id: KeyId,
+        kek: &Kek,
+        nonce: &[u8; NONCE_LEN],
+        secret: &[u8],
+    ) -> Result<Self, KeyError> {
+        Self::seal_with(id, kek, nonce, secret)
+    }
+
+    /// [`seal`](Self::seal) under `nonce`.
+    fn seal_with(
+        id: KeyId,
+        kek: &Kek,
+        nonce: &[u8; NONCE_LEN],
+        secret: &[u8],
+    ) -> Result<Self, KeyError> {
         let mut blob = Vec::with_capacity(NONCE_LEN + secret.len() + crate::aead::TAG_LEN);
-        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(nonce);
         kek.cipher
-            .seal_into(&nonce, &id.aad(kek.version), secret, &mut blob)
+            .seal_into(nonce, &id.aad(kek.version), secret, &mut blob)
             .map_err(|_| KeyError::Unwrap(id))?;
         Ok(Self {
             id,

@@ -65,28 +65,14 @@ impl Account {
             Some(stored) => stored,
             None => {
                 // Wiped whatever happens, the store failing included.
-                let pair = zeroize::Zeroizing::new(
-                    IdentityKeyPair::generate(&mut ThreadCsprng)
-                        .serialize()
-                        .into_vec(),
+                let fresh = encode_identity(
+                    ThreadCsprng.random_range(1..=MAX_REGISTRATION_ID),
+                    &IdentityKeyPair::generate(&mut ThreadCsprng),
                 );
-                let mut fresh = zeroize::Zeroizing::new(Vec::with_capacity(4 + pair.len()));
-                let registration_id = ThreadCsprng.random_range(1..=MAX_REGISTRATION_ID);
-                fresh.extend_from_slice(&registration_id.to_be_bytes());
-                fresh.extend_from_slice(&pair);
                 keys.store_secret(id, &fresh).await?
             }
         };
-        let (registration_id, identity) = stored
-            .split_at_checked(4)
-            .ok_or(corrupt("identity record"))?;
-        let registration_id = u32::from_be_bytes(
-            registration_id
-                .try_into()
-                .map_err(|_| corrupt("identity record"))?,
-        );
-        let identity =
-            IdentityKeyPair::try_from(identity).map_err(|_| corrupt("identity key pair"))?;
+        let (registration_id, identity) = decode_identity(&stored)?;
         let mut account = Self {
             identity,
             registration_id,
@@ -193,8 +179,7 @@ async fn load_signed(
     let mut records = Vec::new();
     for wrapped in list(keys, business, KeyKind::SignalSignedPreKey).await? {
         let bytes = keys.unwrap_secret(&wrapped).await?;
-        records
-            .push(SignedPreKeyRecord::deserialize(&bytes).map_err(|_| corrupt("signed prekey"))?);
+        records.push(decode_signed_prekey(&bytes, wrapped.id.id)?);
     }
     records.sort_by_key(|r| r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0));
     Ok(records)
@@ -240,15 +225,12 @@ pub(super) async fn one_time_prekeys(
     let mut out = Vec::new();
     for (id, wrapped) in list_one_time(keys, business).await? {
         let bytes = keys.unwrap_secret(&wrapped).await?;
-        let record = PreKeyRecord::deserialize(&bytes).map_err(|_| corrupt("prekey"))?;
-        if record.id().ok().map(u32::from) != Some(id) {
-            return Err(corrupt("prekey"));
-        }
+        let record = decode_one_time_prekey(&bytes, id)?;
         out.push(PublicPreKey {
             id,
             public_key: record
                 .public_key()
-                .map_err(|_| corrupt("prekey"))?
+                .map_err(|_| corrupt(ONE_TIME_PREKEY))?
                 .serialize(),
         });
     }
@@ -266,7 +248,8 @@ pub(super) async fn add_one_time_prekeys(
     let ids = next_ids(taken, count);
     for &id in &ids {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut ThreadCsprng));
-        let bytes = zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt("prekey"))?);
+        let bytes =
+            zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt(ONE_TIME_PREKEY))?);
         keys.store_secret(
             key_id(business, KeyKind::SignalPreKey, u64::from(id)),
             &bytes,
@@ -288,6 +271,90 @@ pub(super) async fn delete_one_time_prekeys(
         .collect();
     keys.store().delete_keys(&ids).await?;
     Ok(())
+}
+
+/// The stored identity record: the registration id (4 bytes, big-endian)
+/// followed by the library's serialised identity key pair.
+pub(crate) fn encode_identity(
+    registration_id: u32,
+    pair: &IdentityKeyPair,
+) -> zeroize::Zeroizing<Vec<u8>> {
+    let pair = zeroize::Zeroizing::new(pair.serialize().into_vec());
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(4 + pair.len()));
+    out.extend_from_slice(&registration_id.to_be_bytes());
+    out.extend_from_slice(&pair);
+    out
+}
+
+/// Read back an identity record ([`encode_identity`]). Refused as corrupt
+/// `identity record` when shorter than a registration id or when the id is
+/// outside `1..=0x3FFF`, and as corrupt `identity key pair` when the pair
+/// does not decode or its public key is not its private key's. The pair is
+/// the library's protobuf, which is not canonical: what decodes re-encodes
+/// to a normal form.
+pub(crate) fn decode_identity(stored: &[u8]) -> Result<(u32, IdentityKeyPair), SignalError> {
+    let (registration_id, identity) = stored
+        .split_first_chunk::<4>()
+        .ok_or(corrupt("identity record"))?;
+    let registration_id = u32::from_be_bytes(*registration_id);
+    if !(1..=MAX_REGISTRATION_ID).contains(&registration_id) {
+        return Err(corrupt("identity record"));
+    }
+    let pair = IdentityKeyPair::try_from(identity).map_err(|_| corrupt("identity key pair"))?;
+    if !pair
+        .private_key()
+        .public_key()
+        .is_ok_and(|public| public == *pair.public_key())
+    {
+        return Err(corrupt("identity key pair"));
+    }
+    Ok((registration_id, pair))
+}
+
+/// The name of a damaged one-time prekey record in [`SignalError`]s.
+pub(crate) const ONE_TIME_PREKEY: &str = "one-time prekey";
+
+/// Read back the signed prekey record stored as prekey `id`. The library's
+/// decoder accepts any protobuf and defers every field to its accessors, so
+/// a record missing its key pair would load and fail only when a first
+/// message named it, as a malformed message. Refused as corrupt `signed
+/// prekey` unless it has the id it is stored under, a timestamp, a key pair
+/// whose public key is its private key's, and a 64-byte signature. Not
+/// canonical (a protobuf; a public key in the older 33-byte form is read):
+/// what decodes re-encodes to a normal form.
+pub(crate) fn decode_signed_prekey(
+    bytes: &[u8],
+    id: u64,
+) -> Result<SignedPreKeyRecord, SignalError> {
+    let bad = || corrupt("signed prekey");
+    let record = SignedPreKeyRecord::deserialize(bytes).map_err(|_| bad())?;
+    let pair = record.key_pair().map_err(|_| bad())?;
+    let sound = record.id().is_ok_and(|i| u64::from(u32::from(i)) == id)
+        && record.timestamp().is_ok()
+        && record.signature().is_ok_and(|s| s.len() == 64)
+        && matching(&pair);
+    sound.then_some(record).ok_or_else(bad)
+}
+
+/// Read back the one-time prekey record stored as prekey `id`. Refused as
+/// corrupt [`ONE_TIME_PREKEY`] unless it has that id and a key pair whose
+/// public key is its private key's: the library's decoder accepts any
+/// protobuf, and a record without a usable key pair would otherwise fail
+/// a first message naming it as malformed, not as the business's damaged
+/// state. Not canonical, as [`decode_signed_prekey`].
+pub(crate) fn decode_one_time_prekey(bytes: &[u8], id: u32) -> Result<PreKeyRecord, SignalError> {
+    let bad = || corrupt(ONE_TIME_PREKEY);
+    let record = PreKeyRecord::deserialize(bytes).map_err(|_| bad())?;
+    let pair = record.key_pair().map_err(|_| bad())?;
+    let sound = record.id().is_ok_and(|i| u32::from(i) == id) && matching(&pair);
+    sound.then_some(record).ok_or_else(bad)
+}
+
+/// Whether `pair`'s public key is its private key's.
+fn matching(pair: &KeyPair) -> bool {
+    pair.private_key
+        .public_key()
+        .is_ok_and(|public| public == pair.public_key)
 }
 
 /// `ids` (in `1..=MAX_PREKEY_ID`) oldest first. [`next_ids`] hands ids out

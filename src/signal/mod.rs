@@ -80,6 +80,10 @@ mod tests;
 
 use crate::lock::Stripes;
 use account::Account;
+#[cfg(any(test, fuzzing))]
+pub(crate) use account::{
+    ONE_TIME_PREKEY, decode_identity, decode_one_time_prekey, decode_signed_prekey, encode_identity,
+};
 use cache::{PeerCache, Taken};
 pub use logs::{LIBRARY_LOG_TARGET, library_logs_exposed};
 #[cfg(any(test, fuzzing))]

@@ -16,8 +16,8 @@ use wacore_libsignal::protocol::{
     SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord, SignedPreKeyStore,
 };
 
-use super::account::Account;
-use super::{IdentityPolicy, SignalError, StorageFailure, same_key};
+use super::account::{Account, decode_one_time_prekey};
+use super::{IdentityPolicy, SignalError, same_key};
 use crate::ids::BusinessId;
 use crate::keys::{KeyId, KeyKind, KeyManager};
 
@@ -195,14 +195,11 @@ impl PreKeyStore for PreKeyOverlay<'_> {
             id: u64::from(u32::from(prekey_id)),
         };
         match self.keys.load_secret(id).await {
-            Ok(Some(bytes)) => PreKeyRecord::deserialize(&bytes).map_err(|_| {
-                // The business's own key is damaged, not the consumer's
-                // message: say so, or the transport would drop the message
-                // as permanently malformed.
-                self.fail(SignalError::Storage(StorageFailure::Corrupt(
-                    "one-time prekey",
-                )))
-            }),
+            // The business's own key is damaged, not the consumer's
+            // message: say so, or the transport would drop the message as
+            // permanently malformed.
+            Ok(Some(bytes)) => decode_one_time_prekey(&bytes, prekey_id.into())
+                .map_err(|failure| self.fail(failure)),
             Ok(None) => Err(SignalProtocolError::InvalidPreKeyId),
             Err(e) => Err(self.fail(e.into())),
         }

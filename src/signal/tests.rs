@@ -552,6 +552,156 @@ async fn a_corrupt_stored_one_time_prekey_is_reported_as_corrupt_state() {
     assert!(!sessions.has_session(business, peer).await.unwrap());
 }
 
+/// A stored one-time prekey that the library's decoder accepts but that
+/// has no usable key pair (no fields at all; a private key of 31 bytes) or
+/// whose halves are of two pairs is corrupt state as well: the library's
+/// decoder defers every field to its accessors, so such a record used to
+/// get through the store and fail the first message naming it as
+/// malformed, which a transport may drop for good.
+#[tokio::test]
+async fn a_stored_one_time_prekey_without_a_sound_key_pair_is_corrupt_state() {
+    use wacore_libsignal::protocol::{KeyPair, PrivateKey};
+
+    let private = PrivateKey::deserialize(&[0x33; 32]).unwrap();
+    let other = PrivateKey::deserialize(&[0x44; 32]).unwrap();
+    for name in ["no fields", "31-byte private key", "halves of two pairs"] {
+        let (sessions, keys, store, business, expiry) = fixture().await;
+        let published = sessions.publish(business).await.unwrap();
+        let (mut phone, peer) = consumer(&keys, business, &published).await;
+        let first = phone.encrypt(business, b"hello").await.unwrap();
+        let prekey = published.one_time_prekeys[0].id;
+        let id = KeyId {
+            business,
+            kind: KeyKind::SignalPreKey,
+            id: u64::from(prekey),
+        };
+        let bytes = match name {
+            "no fields" => Vec::new(),
+            "31-byte private key" => {
+                // id (field 1), then a 31-byte private key (field 3).
+                let mut v = vec![0x08];
+                let mut rest = prekey;
+                while rest >= 0x80 {
+                    v.push(u8::try_from(rest & 0x7f).unwrap() | 0x80);
+                    rest >>= 7;
+                }
+                v.push(u8::try_from(rest).unwrap());
+                v.extend([0x1a, 31]);
+                v.extend([0x33; 31]);
+                v
+            }
+            _ => PreKeyRecord::new(
+                prekey.into(),
+                &KeyPair::new(other.public_key().unwrap(), private.clone()),
+            )
+            .serialize()
+            .unwrap(),
+        };
+        crate::store::KeyStore::delete_keys(&*store, &[id])
+            .await
+            .unwrap();
+        keys.store_secret(id, &bytes).await.unwrap();
+        sessions.clear_cache();
+        let got = sessions.decrypt(business, peer, &first, expiry).await;
+        assert!(
+            matches!(
+                got,
+                Err(SignalError::Storage(StorageFailure::Corrupt(
+                    "one-time prekey"
+                )))
+            ),
+            "{name}: reported as {got:?}"
+        );
+    }
+}
+
+/// A stored identity record with a registration id outside `1..=0x3FFF` or
+/// whose public key is not its private key's, and a stored signed prekey
+/// without a private key, are refused when the account loads, as corrupt
+/// state naming the record. They used to load: the business published a
+/// key it could not use.
+#[tokio::test]
+async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
+    use wacore_libsignal::protocol::{
+        GenericSignedPreKey, IdentityKey, IdentityKeyPair, KeyPair, PrivateKey, SignedPreKeyRecord,
+        Timestamp as SignalTimestamp,
+    };
+
+    let private = PrivateKey::deserialize(&[0x11; 32]).unwrap();
+    let pair = IdentityKeyPair::try_from(private.clone()).unwrap();
+    let other = PrivateKey::deserialize(&[0x22; 32]).unwrap();
+    let halves = IdentityKeyPair::new(IdentityKey::new(other.public_key().unwrap()), private);
+    let prekey = KeyPair::new(other.public_key().unwrap(), other.clone());
+    let signed = SignedPreKeyRecord::new(
+        9.into(),
+        SignalTimestamp::from_epoch_millis(1),
+        &prekey,
+        &[0x5a; 64],
+    );
+    // The sound record with its private key (field 3) left out.
+    let mut without_private = Vec::new();
+    for (field, bytes) in [
+        (2_u8, prekey.public_key.public_key_bytes().to_vec()),
+        (4, vec![0x5a; 64]),
+    ] {
+        without_private.extend([field << 3 | 2, u8::try_from(bytes.len()).unwrap()]);
+        without_private.extend(bytes);
+    }
+    without_private.extend([0x08, 9, 0x29]);
+    without_private.extend(1_u64.to_le_bytes());
+    assert!(SignedPreKeyRecord::deserialize(&without_private).is_ok());
+    // Each case: its name, the identity record, the signed prekey record
+    // if not the sound one, and the refusal.
+    type Case = (&'static str, Vec<u8>, Option<Vec<u8>>, &'static str);
+    let cases: [Case; 4] = [
+        (
+            "registration id 0",
+            account::encode_identity(0, &pair).to_vec(),
+            None,
+            "identity record",
+        ),
+        (
+            "registration id past 14 bits",
+            account::encode_identity(0x4000, &pair).to_vec(),
+            None,
+            "identity record",
+        ),
+        (
+            "halves of two pairs",
+            account::encode_identity(5, &halves).to_vec(),
+            None,
+            "identity key pair",
+        ),
+        (
+            "signed prekey without a private key",
+            account::encode_identity(5, &pair).to_vec(),
+            Some(without_private),
+            "signed prekey",
+        ),
+    ];
+    for (name, identity, signed_record, reason) in cases {
+        let (sessions, keys, _, business, _) = fixture().await;
+        let key = |kind, id| KeyId { business, kind, id };
+        keys.store_secret(key(KeyKind::SignalIdentity, 0), &identity)
+            .await
+            .unwrap();
+        // A sound signed prekey, so that only the case's record is at fault.
+        let record = signed_record.unwrap_or_else(|| signed.serialize().unwrap());
+        keys.store_secret(key(KeyKind::SignalSignedPreKey, 9), &record)
+            .await
+            .unwrap();
+        let got = sessions.publish(business).await;
+        assert!(
+            matches!(
+                &got,
+                Err(SignalError::Storage(StorageFailure::Corrupt(r))) if *r == reason
+            ),
+            "{name}: {:?}",
+            got.map(|_| "published")
+        );
+    }
+}
+
 /// A stored record flagged as holding a session whose record has no current
 /// state (the corpus's `session--session-flag-without-session`) is no
 /// session: the next send starts one from the device's bundle and goes
@@ -595,4 +745,119 @@ async fn a_session_record_without_a_current_state_is_no_session() {
         .await
         .unwrap();
     assert_eq!(device.decrypt(business, &sent).await.unwrap(), b"hi");
+}
+
+/// Real session records, made once by real Signal session setup between a
+/// business and a consumer device and serialised: after the device's first
+/// message (a session with a one-time prekey pending), after the
+/// business's reply, and after a few more messages each way.
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+fn real_sessions() -> &'static [Vec<u8>] {
+    REAL_SESSIONS.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(make_real_sessions())
+    })
+}
+
+static REAL_SESSIONS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+
+/// Make [`real_sessions`].
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+async fn make_real_sessions() -> Vec<Vec<u8>> {
+    let (sessions, keys, _, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let snapshot = |sessions: &Sessions| {
+        let taken = sessions
+            .cache
+            .take(&(business, peer), sessions.shreds())
+            .unwrap();
+        taken.session.as_ref().unwrap().serialize().unwrap()
+    };
+    let mut records = Vec::new();
+    let m = phone.encrypt(business, b"first").await.unwrap();
+    sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+    records.push(snapshot(&sessions));
+    sessions.clear_cache();
+    let reply = sessions
+        .encrypt(business, peer, b"reply", expiry)
+        .await
+        .unwrap();
+    phone.decrypt(business, &reply).await.unwrap();
+    records.push(snapshot(&sessions));
+    sessions.clear_cache();
+    for i in 0..3 {
+        let m = phone
+            .encrypt(business, format!("in {i}").as_bytes())
+            .await
+            .unwrap();
+        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+        let out = sessions
+            .encrypt(business, peer, b"out", expiry)
+            .await
+            .unwrap();
+        phone.decrypt(business, &out).await.unwrap();
+    }
+    records.push(snapshot(&sessions));
+    records
+}
+
+proptest::proptest! {
+    /// Any device's record, with or without a real session and a trusted
+    /// identity key, decodes under its own device and incarnation to the
+    /// same session bytes, identity and device, and under any other device
+    /// (another consumer, another device id, or both) is refused as the
+    /// record of another device.
+    #[test]
+    fn a_peer_record_round_trips_and_opens_only_for_its_device(
+        phone in proptest::prelude::any::<[u8; 16]>(),
+        device in proptest::prelude::any::<u32>(),
+        session in proptest::option::of(0..3_usize),
+        identity in proptest::option::of(proptest::prelude::any::<[u8; 32]>()),
+        incarnation in proptest::prelude::any::<[u8; 16]>(),
+        other_phone in proptest::prelude::any::<[u8; 16]>(),
+        other_device in proptest::prelude::any::<u32>(),
+        which in 0..3_u8,
+    ) {
+        use wacore_libsignal::protocol::{IdentityKey, PublicKey, SessionRecord};
+        use super::peer::{CorruptPeer, Peer};
+
+        let id = PeerId { phone: PhoneHash::from_bytes(phone), device };
+        let identity = identity.map(|k| {
+            IdentityKey::new(PublicKey::from_djb_public_key_bytes(&k).unwrap())
+        });
+        let mut peer = Peer::empty(id);
+        peer.session = session.map(|i| SessionRecord::deserialize(&real_sessions()[i]).unwrap());
+        peer.identity = identity;
+        // The session as held, which is what must come back (a record read
+        // without this process's incarnation, as here, has had its sending
+        // chain moved past its lease already).
+        let session_bytes = peer.session.as_ref().map(|s| s.serialize().unwrap());
+        let bytes = peer.encode(&incarnation);
+        let expiry = Timestamp::from_millis(5);
+
+        let back = Peer::decode(id, &bytes, &incarnation, expiry).unwrap();
+        proptest::prop_assert_eq!(
+            back.session.as_ref().map(|s| s.serialize().unwrap()),
+            session_bytes
+        );
+        proptest::prop_assert_eq!(back.identity, identity);
+        proptest::prop_assert_eq!(back.id, id);
+        proptest::prop_assert_eq!(back.address.name(), hex::encode(phone));
+        proptest::prop_assert_eq!(u32::from(back.address.device_id()), device);
+        proptest::prop_assert_eq!(back.encoded_len, bytes.len());
+
+        let other = match which {
+            0 => PeerId { phone: PhoneHash::from_bytes(other_phone), ..id },
+            1 => PeerId { device: other_device, ..id },
+            _ => PeerId { phone: PhoneHash::from_bytes(other_phone), device: other_device },
+        };
+        proptest::prop_assume!(other != id);
+        proptest::prop_assert_eq!(
+            Peer::decode(other, &bytes, &incarnation, expiry).err(),
+            Some(CorruptPeer("record of another device"))
+        );
+    }
 }
