@@ -845,7 +845,7 @@ proptest::proptest! {
         );
         proptest::prop_assert_eq!(back.identity, identity);
         proptest::prop_assert_eq!(back.id, id);
-        proptest::prop_assert_eq!(back.address.name(), hex::encode(phone));
+        proptest::prop_assert_eq!(back.address.name(), peer::ADDRESS_NAME);
         proptest::prop_assert_eq!(u32::from(back.address.device_id()), device);
         proptest::prop_assert_eq!(back.encoded_len, bytes.len());
 
