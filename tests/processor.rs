@@ -21,7 +21,10 @@ use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::visibility::{DataClass, MemoryAuditSink, Party, Verdict, VisibilityPolicy};
+use custodian::visibility::{
+    AuditError, AuditSink, Change, DataClass, Decision, HoldEvent, MemoryAuditSink, Party,
+    Revision, Verdict, VisibilityPolicy,
+};
 
 const T0: u64 = 1_767_225_600_000;
 
@@ -1652,6 +1655,61 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
             Err(ProcessorError::Config(why)) => assert!(why.contains(field), "{why}"),
             other => panic!("{field}: {other:?}"),
         }
+    }
+}
+
+/// The policies a processor starts with are in the audit trail before it
+/// runs, named by revision and digest (so a restart under an older or
+/// another table shows); a trail that cannot record them stops the start.
+#[test]
+fn the_policies_a_processor_starts_with_are_audited() {
+    struct Refusing;
+    impl AuditSink for Refusing {
+        fn record(&self, _: &Decision) -> Result<(), AuditError> {
+            Ok(())
+        }
+        fn record_hold(&self, _: &HoldEvent) -> Result<(), AuditError> {
+            Ok(())
+        }
+        fn record_change(&self, _: &Change) -> Result<(), AuditError> {
+            Err(AuditError::OutOfService)
+        }
+    }
+    let host = |audit: Arc<dyn AuditSink>| {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1)),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            authorizer: Arc::new(StaticAuthorizer::new()),
+            clock: Arc::new(clock),
+            audit,
+        }
+    };
+    let audit = Arc::new(MemoryAuditSink::new());
+    let older = VisibilityPolicy::published()
+        .to_builder(Revision::new(2).unwrap())
+        .build();
+    let policies = Policies {
+        visibility: older.clone(),
+        ..Policies::default()
+    };
+    Processor::new(host(audit.clone()), policies).unwrap();
+    assert_eq!(
+        audit.changes(),
+        [Change::Start {
+            at: Timestamp::from_millis(T0),
+            revision: Revision::new(2).unwrap(),
+            visibility: older.digest(),
+            retention: Policies::default().retention.digest(),
+        }]
+    );
+    assert_ne!(older.digest(), VisibilityPolicy::published().digest());
+
+    match Processor::new(host(Arc::new(Refusing)), Policies::default()) {
+        Err(ProcessorError::Audit(AuditError::OutOfService)) => {}
+        other => panic!("{:?}", other.map(|_| ())),
     }
 }
 

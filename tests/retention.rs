@@ -1308,6 +1308,7 @@ async fn a_retention_policy_put_in_force_is_audited() {
         [Change::Retention {
             at: w.now(),
             principal: "operator-7".into(),
+            digest: shorter.digest(),
         }]
     );
 }

@@ -62,7 +62,7 @@ use crate::store::{Batch, Delivery, Direction, Op, Storage, StoreError};
 use crate::time::{Clock, Timestamp};
 use crate::transport::{Authorizer, BusinessSink, Principal, Transport, TransportError};
 use crate::vault::{OpenError, Vault};
-use crate::visibility::{AuditError, AuditSink, Gate, PolicyError, VisibilityPolicy};
+use crate::visibility::{AuditError, AuditSink, Change, Gate, PolicyError, VisibilityPolicy};
 
 mod claims;
 mod inbound;
@@ -333,6 +333,10 @@ const MAX_STATUS_RACES: usize = 8;
 impl Processor {
     /// A processor over `host`'s seams, under `policies`.
     ///
+    /// The policies it starts with are recorded in the audit trail first
+    /// ([`Change::Start`]), and it does not start if the trail cannot
+    /// record them ([`ProcessorError::Audit`]).
+    ///
     /// Refused ([`ProcessorError::Config`]) if a policy is invalid, or if
     /// the host's `log` logger would keep the Signal library's records that
     /// carry key material: turn the target
@@ -349,6 +353,13 @@ impl Processor {
                 crate::signal::LIBRARY_LOG_TARGET
             )));
         }
+        // The policies in force from the start, which no change recorded.
+        host.audit.record_change(&Change::Start {
+            at: host.clock.now(),
+            revision: policies.visibility.revision(),
+            visibility: policies.visibility.digest(),
+            retention: policies.retention.digest(),
+        })?;
         let keys = Arc::new(KeyManager::new(host.key_provider, host.storage.clone()));
         let vault = Arc::new(Vault::new(
             keys.clone(),

@@ -245,6 +245,7 @@ impl Retention {
         self.audit.record_change(&Change::Retention {
             at: now,
             principal: principal.to_owned(),
+            digest: policy.digest(),
         })?;
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::SeqCst);

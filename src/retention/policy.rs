@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::de::{Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::ids::{BusinessId, Region};
 use crate::keys::EpochLength;
@@ -229,6 +230,16 @@ impl RetentionPolicy {
         let file: PolicyFile =
             serde_json::from_str(text).map_err(|e| PolicyError::new("(file)", e))?;
         file.validate()
+    }
+
+    /// What the policy says, in 64 hex digits: SHA-256 over its JSON file
+    /// form ([`to_file`](Self::to_file)). The audit trail names each policy
+    /// put in force by it.
+    pub fn digest(&self) -> String {
+        // A file of strings, numbers and a map with string keys: it always
+        // serialises.
+        let json = serde_json::to_vec(&self.to_file()).unwrap_or_default();
+        hex::encode(Sha256::digest(json))
     }
 
     /// The file form of this policy.

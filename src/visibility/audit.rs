@@ -233,6 +233,8 @@ pub enum Change {
         at: Timestamp,
         /// Who put it in force.
         principal: String,
+        /// What it says ([`RetentionPolicy::digest`](crate::retention::RetentionPolicy::digest)).
+        digest: String,
     },
     /// A visibility policy put in force.
     Policy {
@@ -242,6 +244,21 @@ pub enum Change {
         principal: String,
         /// Its revision.
         revision: Revision,
+        /// What it allows ([`VisibilityPolicy::digest`](super::VisibilityPolicy::digest)):
+        /// two tables given one revision are told apart.
+        digest: String,
+    },
+    /// A processor started, with these policies in force (from the host's
+    /// configuration, which no earlier change need have recorded).
+    Start {
+        /// When.
+        at: Timestamp,
+        /// The visibility policy's revision.
+        revision: Revision,
+        /// The visibility policy's digest.
+        visibility: String,
+        /// The retention policy's digest.
+        retention: String,
     },
     /// A business enabled or disabled the opt-in services.
     OptIn {
@@ -263,6 +280,7 @@ impl Change {
             Self::Shred { at, .. }
             | Self::Retention { at, .. }
             | Self::Policy { at, .. }
+            | Self::Start { at, .. }
             | Self::OptIn { at, .. } => *at,
         }
     }

@@ -308,6 +308,7 @@ impl Gate {
                 at: self.clock.now(),
                 principal: principal.to_owned(),
                 revision: policy.revision(),
+                digest: policy.digest(),
             })
             .map_err(PolicyError::Unaudited)?;
         *current = policy;
