@@ -1692,7 +1692,7 @@ fn the_policies_a_processor_starts_with_are_audited() {
         .to_builder(Revision::new(2).unwrap())
         .build();
     let policies = Policies {
-        visibility: older.clone(),
+        visibility: older,
         ..Policies::default()
     };
     Processor::new(host(audit.clone()), policies).unwrap();
