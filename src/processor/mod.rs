@@ -286,7 +286,9 @@ pub struct Policies {
 /// claimed; a write the store may or may not have taken is conditional, and
 /// one that records what the business was told is made again, if need be,
 /// before the message is next taken up, so a dropped call never has a
-/// message handed over or a status told twice, nor a message sent unbilled.
+/// message handed over or a status told twice, nor a message sent unbilled
+/// (while it runs: billing counts are kept in memory until exported, and a
+/// stop loses those not exported; see the README's security notes).
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).
