@@ -1,30 +1,12 @@
-//! What the Signal library writes to the host's `log` logger.
-//!
-//! `wacore-libsignal` logs through the [`log`] facade, and some of its
-//! records carry key material. When a message fails its MAC check it logs,
-//! at warn level, the MAC it expected: the correct MAC of the bytes it was
-//! given, computed under the message's secret key. Whoever can both hand
-//! the processor a message and read those logs can therefore forge a
-//! consumer's message: alter one, submit it, read the MAC, submit it again
-//! with that MAC. At error level it logs the first 4 bytes of the MAC key
-//! and both parties' identity keys (the consumer's is the same for every
-//! business it talks to). No such record may reach a log, so
-//! [`Processor::new`](crate::processor::Processor::new) refuses to start
-//! while the host's logger would keep them (unless
-//! [`SignalConfig::allow_library_logs`](super::SignalConfig::allow_library_logs)
-//! says otherwise): turn the target [`LIBRARY_LOG_TARGET`] off, for example
-//! `RUST_LOG=info,wacore_libsignal=off` with `env_logger`, or the directive
-//! `wacore_libsignal=off` in a `tracing-subscriber` filter that bridges
-//! `log` records. The question is asked when the processor starts: install
-//! the logger first, and keep the target off for as long as it runs.
-//!
-//! The library addresses every consumer by the same name (see the peer
-//! module), so its records name no one.
+//! What the Signal library writes to the host's `log` logger: records
+//! that carry key material (see [`library_logs_exposed`]). The library
+//! addresses every consumer by the same name (see the peer module), so its
+//! records name no one.
 
 use log::{Level, Metadata};
 
 /// The `log` target prefix of every record the Signal library writes: a
-/// host's filter must turn it off (see the [module docs](self)).
+/// host's filter must turn it off (see [`library_logs_exposed`]).
 pub const LIBRARY_LOG_TARGET: &str = "wacore_libsignal";
 
 /// The targets of the records that carry key material, and their levels:
@@ -38,9 +20,24 @@ const SECRET_RECORDS: [(&str, Level); 3] = [
 ];
 
 /// Whether the host's `log` logger, as set now, would keep a record of the
-/// Signal library that carries key material (see the [module
-/// docs](self)). `false` when no logger is set, or its filter turns the
-/// library's target off.
+/// Signal library that carries key material. `false` when no logger is
+/// set, or its filter turns the library's target ([`LIBRARY_LOG_TARGET`])
+/// off.
+///
+/// `wacore-libsignal` logs through the `log` facade. When a message fails
+/// its MAC check it logs, at warn level, the MAC it expected: the correct
+/// MAC of the bytes it was given, computed under the message's secret key,
+/// so whoever can both hand the processor a message and read those logs
+/// can forge a consumer's message (alter one, submit it, read the MAC,
+/// submit it again with that MAC). At error level it logs the first 4
+/// bytes of the MAC key and both parties' identity keys.
+/// [`Processor::new`](crate::processor::Processor::new) refuses to start
+/// while this is `true`, unless
+/// [`SignalConfig::allow_library_logs`](super::SignalConfig::allow_library_logs)
+/// says otherwise. Turn the target off: `RUST_LOG=info,wacore_libsignal=off`
+/// with `env_logger`, or the directive `wacore_libsignal=off` in a
+/// `tracing-subscriber` filter that bridges `log` records. The question is
+/// asked when the processor starts: install the logger first.
 pub fn library_logs_exposed() -> bool {
     let logger = log::logger();
     SECRET_RECORDS.iter().any(|&(target, level)| {
