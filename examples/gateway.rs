@@ -571,8 +571,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (Arc::new(MemoryStore::new()), "memory".into()),
     };
-    let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, o.seed));
-    let sink = SimBusiness::new(clock.clone(), sink_faults, o.seed.wrapping_add(1));
+    let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, o.seed)?);
+    let sink = SimBusiness::new(clock.clone(), sink_faults, o.seed.wrapping_add(1))?;
     let audit = Arc::new(MemoryAuditSink::new());
     let transport = Principal::new("transport");
     let operator = Principal::new("operator");

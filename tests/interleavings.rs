@@ -257,7 +257,7 @@ impl World {
     async fn with_faults(network: Faults, sink: Faults) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
-        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
@@ -266,7 +266,7 @@ impl World {
             inner: transport.clone(),
             sends: Mutex::default(),
         });
-        let business = SimBusiness::new(clock.clone(), sink, 8);
+        let business = SimBusiness::new(clock.clone(), sink, 8).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let b = BusinessId::new(BUSINESS).unwrap();
         let owner = Principal::new("owner");

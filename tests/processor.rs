@@ -52,8 +52,8 @@ impl Deployment {
         seed: u64,
     ) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
-        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
+        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
+        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let transport = Principal::new("transport");
         let operator = Principal::new("operator");
@@ -985,7 +985,7 @@ fn a_business_may_reply_from_inside_its_webhook() {
             .unwrap();
         runtime.block_on(async {
             let clock = ManualClock::new(Timestamp::from_millis(T0));
-            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 11));
+            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 11).unwrap());
             let b = BusinessId::new(5).unwrap();
             let owner = Principal::new("owner");
             let bot = Arc::new(EchoBot {
@@ -1077,7 +1077,7 @@ fn a_sweep_from_inside_the_business_told_by_a_sweep_is_refused_not_waited_for() 
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let start = Timestamp::from_millis(T0);
         let down = Faults::none().with_outage(start, Duration::from_secs(40 * 86_400));
-        let network = Arc::new(SimNetwork::new(clock.clone(), down, 12));
+        let network = Arc::new(SimNetwork::new(clock.clone(), down, 12).unwrap());
         let b = BusinessId::new(5).unwrap();
         let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
         let webhook = Arc::new(SweepingWebhook {
@@ -1154,7 +1154,7 @@ impl Restartable {
     fn new() -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         Self {
-            business: SimBusiness::new(clock.clone(), Faults::none(), 1),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
             clock,
             store: Arc::new(MemoryStore::new()),
             provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
@@ -1605,8 +1605,8 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
         Host {
             storage: Arc::new(MemoryStore::new()),
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1)),
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
             authorizer: Arc::new(StaticAuthorizer::new()),
             clock: Arc::new(clock),
             audit: Arc::new(MemoryAuditSink::new()),

@@ -19,7 +19,8 @@ use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
 use custodian::signal::{Ciphertext, MessageKind};
 use custodian::store::{MemoryStore, Status};
 use custodian::testing::{
-    Cause, Decision, Fate, Faults, Leg, LegStats, REDELIVERY, SimBusiness, SimNetwork,
+    Cause, Decision, Fate, Faults, InvalidFaults, Leg, LegStats, REDELIVERY, SimBusiness,
+    SimNetwork,
 };
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
@@ -222,7 +223,7 @@ fn garbage_message() -> Outgoing {
 async fn the_network_refuses_loses_duplicates_and_delays_at_the_configured_rates() {
     let faults = all_faults();
     let clock = ManualClock::new(start());
-    let network = SimNetwork::new(clock.clone(), faults.clone(), 99);
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 99).unwrap();
     network.add_consumer(&number(1), 1).await;
     let (mut accepted, mut refused) = (0u64, 0u64);
     for _ in 0..EVENTS {
@@ -280,7 +281,7 @@ fn inbound(id: MessageId) -> InboundMessage {
 async fn the_business_endpoint_refuses_loses_duplicates_and_delays_and_says_which() {
     let faults = all_faults();
     let clock = ManualClock::new(start());
-    let sink = SimBusiness::new(clock.clone(), faults.clone(), 3);
+    let sink = SimBusiness::new(clock.clone(), faults.clone(), 3).unwrap();
     let mut taken = BTreeSet::new();
     let mut errors = 0u64;
     for _ in 0..EVENTS {
@@ -352,7 +353,7 @@ async fn delayed_deliveries_and_statuses_show_late_and_out_of_order() {
         ..Faults::none()
     };
     let clock = ManualClock::new(start());
-    let sink = SimBusiness::new(clock.clone(), faults, 8);
+    let sink = SimBusiness::new(clock.clone(), faults, 8).unwrap();
     let ids: Vec<MessageId> = (0..200).map(|_| MessageId::random()).collect();
     for (i, id) in ids.iter().enumerate() {
         sink.deliver(&inbound(*id)).await.unwrap();
@@ -398,8 +399,8 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
         Duration::from_secs(20),
     );
     let clock = ManualClock::new(start());
-    let network = SimNetwork::new(clock.clone(), faults.clone(), 1);
-    let sink = SimBusiness::new(clock.clone(), faults, 1);
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 1).unwrap();
+    let sink = SimBusiness::new(clock.clone(), faults, 1).unwrap();
     network.add_consumer(&number(1), 2).await;
     let mut seen = Vec::new();
     for second in 0..40 {
@@ -431,7 +432,7 @@ async fn one_legs_schedule_does_not_depend_on_events_on_another() {
     let run = |with_statuses: bool| {
         let faults = faults.clone();
         async move {
-            let sink = SimBusiness::new(ManualClock::new(start()), faults, 21);
+            let sink = SimBusiness::new(ManualClock::new(start()), faults, 21).unwrap();
             let mut results = Vec::new();
             for i in 0..2000u32 {
                 results.push(sink.deliver(&inbound(MessageId::random())).await.is_ok());
@@ -610,8 +611,8 @@ const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
 impl Deployment {
     async fn new(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
         let clock = ManualClock::new(start());
-        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
-        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
+        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
+        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
         let transport = Principal::new("transport");
         let operator = Principal::new("operator");
         let owner = Principal::new("owner");
@@ -826,7 +827,7 @@ async fn lost_replies_and_injected_duplicates_never_count_as_the_processor_deliv
 async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
     let clock = ManualClock::new(start());
     let network = Arc::new(custodian::testing::RecordingTransport::new());
-    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
+    let business = SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap();
     let owner = Principal::new("owner");
     let b = BusinessId::new(3).unwrap();
     let processor = Processor::new(
@@ -965,7 +966,7 @@ async fn a_handover_repeated_after_one_was_taken_counts_whatever_its_outcome() {
         .find(|&seed| (0..5).all(|n| wanted[n as usize](faults.fate(seed, Leg::Deliver, n))))
         .unwrap();
     let clock = ManualClock::new(start());
-    let sink = SimBusiness::new(clock.clone(), faults, seed);
+    let sink = SimBusiness::new(clock.clone(), faults, seed).unwrap();
     let (a, b) = (MessageId::random(), MessageId::random());
     assert!(sink.deliver(&inbound(a)).await.is_ok());
     assert!(
@@ -1068,8 +1069,8 @@ async fn copies_count_what_reached_the_other_end() {
         Duration::from_secs(100),
     );
     let clock = ManualClock::new(start());
-    let network = SimNetwork::new(clock.clone(), faults.clone(), 5);
-    let sink = SimBusiness::new(clock.clone(), faults, 5);
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 5).unwrap();
+    let sink = SimBusiness::new(clock.clone(), faults, 5).unwrap();
     network.add_consumer(&number(1), 1).await;
     for _ in 0..3000 {
         let _ = network
@@ -1173,4 +1174,95 @@ async fn nothing_moves_during_a_network_outage_and_everything_after() {
             .0,
         Status::Delivered
     );
+}
+
+/// A setting that would inject less than it says is refused, with what is
+/// wrong, by `validate` and by both components, rather than run silently.
+#[test]
+fn a_setting_that_would_inject_less_than_it_says_is_refused() {
+    let clock = ManualClock::new(start());
+    let refused = |faults: Faults| -> Option<String> {
+        let network = SimNetwork::new(clock.clone(), faults.clone(), 1).err();
+        let business = SimBusiness::new(clock.clone(), faults.clone(), 1).err();
+        let why = faults.validate().err().map(|e| e.to_string());
+        assert_eq!(network.map(|e| e.to_string()), why);
+        assert_eq!(business.map(|e| e.to_string()), why);
+        why
+    };
+    // `none` has no longest delay: a delay set on it would delay nothing.
+    let delay_on_none = Faults {
+        delay: 1.0,
+        ..Faults::none()
+    };
+    assert_eq!(
+        delay_on_none.validate(),
+        Err(InvalidFaults::NoDelay {
+            delay: 1.0,
+            max_delay: Duration::ZERO
+        })
+    );
+    assert!(refused(delay_on_none).is_some());
+    // Delays are whole milliseconds.
+    let under_a_millisecond = Faults {
+        delay: 0.5,
+        max_delay: Duration::from_micros(999),
+        ..Faults::none()
+    };
+    assert!(refused(under_a_millisecond).unwrap().contains("max_delay"));
+    for value in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        for field in ["drop", "duplicate", "delay", "fail"] {
+            let mut faults = all_faults();
+            *match field {
+                "drop" => &mut faults.drop,
+                "duplicate" => &mut faults.duplicate,
+                "delay" => &mut faults.delay,
+                _ => &mut faults.fail,
+            } = value;
+            assert!(matches!(
+                faults.validate(),
+                Err(InvalidFaults::Probability { field: f, .. }) if f == field
+            ));
+            let why = refused(faults).unwrap();
+            assert!(why.starts_with(&format!("{field} is ")), "{why}");
+        }
+    }
+    // An outage that does not start before it ends never happens.
+    let later = start().saturating_add(Duration::from_secs(60));
+    let empty = Faults::none()
+        .with_outage(start(), Duration::from_secs(1))
+        .with_outage(later, Duration::ZERO);
+    assert_eq!(
+        empty.validate(),
+        Err(InvalidFaults::EmptyOutage {
+            index: 1,
+            from: later,
+            to: later
+        })
+    );
+    assert!(refused(empty).is_some());
+    let backwards = Faults {
+        outages: vec![(later, start())],
+        ..Faults::none()
+    };
+    assert!(
+        refused(backwards)
+            .unwrap()
+            .starts_with("outage 0 runs from")
+    );
+    // What is meant is taken.
+    for faults in [
+        Faults::none(),
+        Faults::moderate(),
+        all_faults(),
+        Faults {
+            drop: 1.0,
+            duplicate: 1.0,
+            delay: 1.0,
+            max_delay: Duration::from_millis(1),
+            fail: 1.0,
+            outages: vec![(start(), start().saturating_add(Duration::from_millis(1)))],
+        },
+    ] {
+        assert_eq!(refused(faults), None);
+    }
 }

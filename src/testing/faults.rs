@@ -32,7 +32,12 @@ use crate::time::Timestamp;
 /// The draws are independent: `drop` is the share of events not refused
 /// that are lost, `duplicate` the share of those not lost that arrive
 /// twice, `delay` the share of copies that arrive late (by a uniform delay
-/// up to `max_delay`, so later ones overtake them).
+/// up to `max_delay`, in whole milliseconds, so later ones overtake them).
+///
+/// One `Faults` covers every leg of the component it is given to (a
+/// [`SimNetwork`](super::SimNetwork) or a [`SimBusiness`](super::SimBusiness)):
+/// there is no setting per leg. The simulated components refuse a `Faults`
+/// that [`validate`](Self::validate) refuses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Faults {
     /// A message is lost.
@@ -42,13 +47,51 @@ pub struct Faults {
     /// A copy is held back by a random delay up to `max_delay`, so later
     /// ones overtake it.
     pub delay: f64,
-    /// The longest delay.
+    /// The longest delay, at least a millisecond if `delay` is above 0.
     pub max_delay: Duration,
     /// A call fails outright as unavailable.
     pub fail: f64,
-    /// Periods `[from, to)` during which every call fails as unavailable
-    /// and the network moves nothing.
+    /// Periods `[from, to)`, each `from` before its `to`, during which
+    /// every call on a leg that refuses calls (see the table) fails as
+    /// unavailable, and the network moves nothing.
     pub outages: Vec<(Timestamp, Timestamp)>,
+}
+
+/// Why [`Faults::validate`] refused a setting: one that would silently
+/// inject less than it says.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidFaults {
+    /// A probability is not in `[0, 1]` (or is NaN).
+    #[error("{field} is {value}: a probability is from 0 to 1")]
+    Probability {
+        /// The field: `drop`, `duplicate`, `delay` or `fail`.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// `delay` is above 0 but `max_delay` is under a millisecond, so every
+    /// delay drawn would be 0.
+    #[error(
+        "delay is {delay} but max_delay is {max_delay:?}: delays are whole milliseconds up to \
+         max_delay, so none would be late"
+    )]
+    NoDelay {
+        /// The share of copies to delay.
+        delay: f64,
+        /// The longest delay.
+        max_delay: Duration,
+    },
+    /// An outage does not start before it ends, so it never happens.
+    #[error("outage {index} runs from {from:?} to {to:?}: it must start before it ends")]
+    EmptyOutage {
+        /// Its place in `outages`.
+        index: usize,
+        /// Its start.
+        from: Timestamp,
+        /// Its end.
+        to: Timestamp,
+    },
 }
 
 impl Faults {
@@ -81,6 +124,37 @@ impl Faults {
     pub fn with_outage(mut self, start: Timestamp, length: Duration) -> Self {
         self.outages.push((start, start.saturating_add(length)));
         self
+    }
+
+    /// Refuse a setting that would inject less than it says: a probability
+    /// outside `[0, 1]` or NaN, a `delay` above 0 with a `max_delay` under
+    /// a millisecond, an outage that does not start before it ends.
+    /// [`SimNetwork::new`](super::SimNetwork::new) and
+    /// [`SimBusiness::new`](super::SimBusiness::new) run it.
+    pub fn validate(&self) -> Result<(), InvalidFaults> {
+        for (field, value) in [
+            ("drop", self.drop),
+            ("duplicate", self.duplicate),
+            ("delay", self.delay),
+            ("fail", self.fail),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(InvalidFaults::Probability { field, value });
+            }
+        }
+        if self.delay > 0.0 && self.max_delay < Duration::from_millis(1) {
+            return Err(InvalidFaults::NoDelay {
+                delay: self.delay,
+                max_delay: self.max_delay,
+            });
+        }
+        match self.outages.iter().position(|(from, to)| from >= to) {
+            Some(index) => {
+                let (from, to) = self.outages[index];
+                Err(InvalidFaults::EmptyOutage { index, from, to })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Whether `now` falls in one of the outages.

@@ -15,8 +15,10 @@
 //!   it, for harnesses and benchmarks that hand ciphertexts to devices
 //!   themselves.
 //! - [`Faults`]: loss, duplication, delay (so reordering), failures and
-//!   outages on each [`Leg`] of both, decided by a seeded pure function
-//!   ([`Faults::fate`]). Time is a [`ManualClock`](crate::time::ManualClock)
+//!   outages, decided by a seeded pure function ([`Faults::fate`]). Each
+//!   of the two components takes one `Faults`, which covers every [`Leg`]
+//!   of it: there is no setting per leg (the table on [`Faults`] says
+//!   which faults apply to which leg). Time is a [`ManualClock`](crate::time::ManualClock)
 //!   the harness advances; delays and outages are in its time.
 //!
 //! # What a seed reproduces
@@ -103,8 +105,8 @@
 //! use custodian::visibility::MemoryAuditSink;
 //!
 //! let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-//! let network = Arc::new(SimNetwork::new(clock.clone(), Faults::moderate(), 1));
-//! let business = SimBusiness::new(clock.clone(), Faults::moderate(), 2);
+//! let network = Arc::new(SimNetwork::new(clock.clone(), Faults::moderate(), 1)?);
+//! let business = SimBusiness::new(clock.clone(), Faults::moderate(), 2)?;
 //! let b = BusinessId::new(7).ok_or("zero")?;
 //! let carrier = Principal::new("carrier");
 //! let owner = Principal::new("owner");
@@ -191,7 +193,7 @@ mod recording;
 
 pub use business::{Cause, Copies, SimBusiness};
 pub use device::{ConsumerDevice, DeviceError};
-pub use faults::{Decision, Fate, Faults, Leg, LegStats};
+pub use faults::{Decision, Fate, Faults, InvalidFaults, Leg, LegStats};
 pub use join::join_all;
 pub use network::{PumpReport, REDELIVERY, SimNetwork};
 pub use recording::RecordingTransport;

@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::device::ConsumerDevice;
-use super::faults::{Decision, Faults, Injector, Leg, LegStats};
+use super::faults::{Decision, Faults, Injector, InvalidFaults, Leg, LegStats};
 use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
@@ -269,10 +269,12 @@ fn take_due<T>(queue: &mut Vec<InFlight<T>>, now: Timestamp) -> Vec<InFlight<T>>
 }
 
 impl SimNetwork {
-    /// A network with `faults` on every leg, deterministic under `seed`
-    /// (see [`Faults::fate`]), reading time from `clock`.
-    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Self {
-        Self {
+    /// A network with `faults` on each of its legs, deterministic under `seed`
+    /// (see [`Faults::fate`]), reading time from `clock`; refused if
+    /// [`Faults::validate`] refuses `faults`.
+    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Result<Self, InvalidFaults> {
+        faults.validate()?;
+        Ok(Self {
             net: async_lock::Mutex::new(Net {
                 consumers: BTreeMap::new(),
                 published: BTreeMap::new(),
@@ -291,7 +293,7 @@ impl SimNetwork {
                 billing: Vec::new(),
             }),
             clock,
-        }
+        })
     }
 
     /// Add a consumer with `devices` devices (ids 0..devices). With 0,

@@ -651,12 +651,12 @@ impl Deployment {
     pub(crate) async fn with_signal(network: Faults, sink: Faults, signal: SignalConfig) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
-        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
         });
-        let business = SimBusiness::new(clock.clone(), sink, 8);
+        let business = SimBusiness::new(clock.clone(), sink, 8).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let faults = Arc::new(HostFaults::default());
         let b = BusinessId::new(BUSINESS).unwrap();
