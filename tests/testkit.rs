@@ -16,7 +16,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
-use custodian::signal::{Ciphertext, MessageKind};
+use custodian::signal::{Ciphertext, IdentityPolicy, MessageKind, SignalConfig};
 use custodian::store::{MemoryStore, Status};
 use custodian::testing::{
     Cause, Decision, Fate, Faults, InvalidFaults, Leg, LegStats, REDELIVERY, SimBusiness,
@@ -609,7 +609,35 @@ struct Deployment {
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Deployment {
+    /// A deployment whose business has published its keys.
     async fn new(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
+        let d = Self::unpublished(network_faults, sink_faults, seed).await;
+        d.publish().await;
+        d
+    }
+
+    async fn unpublished(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
+        Self::build(network_faults, sink_faults, seed, SignalConfig::default()).await
+    }
+
+    /// Publish the business's keys, again while the network refuses or
+    /// loses them, as a host would.
+    async fn publish(&self) {
+        for _ in 0..100 {
+            let published = self.processor.publish_keys(&self.owner, business()).await;
+            if published.is_ok() {
+                return;
+            }
+        }
+        panic!("the network never took the keys");
+    }
+
+    async fn build(
+        network_faults: Faults,
+        sink_faults: Faults,
+        seed: u64,
+        signal: SignalConfig,
+    ) -> Self {
         let clock = ManualClock::new(start());
         let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
         let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
@@ -636,13 +664,10 @@ impl Deployment {
                 receipt_timeout: RECEIPT_TIMEOUT,
                 batch: 10_000,
             },
+            signal,
             ..Policies::default()
         };
         let processor = Processor::new(host, policies).unwrap();
-        processor
-            .publish_keys(&owner, self::business())
-            .await
-            .unwrap();
         Self {
             clock,
             network,
@@ -891,15 +916,33 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
 /// The network keeps one entry per consumer message: while the processor
 /// acknowledges nothing, each message has one delivery attempt at a time,
 /// however many copies a duplicate fault made go unheard; once heard, it
-/// is delivered and the network keeps nothing.
+/// is delivered and the network keeps nothing. Here the processor refuses
+/// each consumer's new identity key until the business approves it: a
+/// refusal another call lifts, so the network delivers again.
 #[tokio::test]
 async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unheard() {
     let duplicating = Faults {
         duplicate: 0.5,
         ..Faults::none()
     };
-    let d = Deployment::new(duplicating, Faults::none(), 12).await;
+    let refuse = SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    };
+    let d = Deployment::build(duplicating, Faults::none(), 12, refuse).await;
+    d.publish().await;
     let messages = 4;
+    for i in 0..messages {
+        d.network.add_consumer(&number(i), 1).await;
+        d.network
+            .consumer_sends(&number(i), 0, business(), b"first")
+            .await
+            .unwrap();
+    }
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.network.in_flight().await, 0);
+    // Every consumer has a new phone, with a new identity key.
+    let before = d.network.fault_stats().await[&Leg::Inbound];
     for i in 0..messages {
         d.network.add_consumer(&number(i), 1).await;
         d.network
@@ -907,12 +950,17 @@ async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unh
             .await
             .unwrap();
     }
-    // A carrier the processor does not know: every receive is refused.
-    let stranger = Principal::new("stranger");
     let mut handed = 0;
     for _ in 0..16 {
-        let report = d.network.pump(&d.processor, &stranger).await;
-        assert_eq!(report.acknowledged, 0);
+        let report = d.network.pump(&d.processor, &d.transport).await;
+        assert_eq!((report.acknowledged, report.refused), (0, 0));
+        assert!(
+            report
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("identity")),
+            "{report:?}"
+        );
         handed += report.to_processor;
         assert_eq!(
             report.in_flight, messages as u64,
@@ -922,22 +970,28 @@ async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unh
     }
     let stats = d.network.fault_stats().await[&Leg::Inbound];
     assert_eq!(
-        stats.events,
+        stats.events - before.events,
         16 * messages as u64,
         "one attempt per message per round"
     );
-    assert!(stats.duplicated > 0, "{stats:?}");
-    assert_eq!(handed, stats.copies);
+    assert!(stats.duplicated > before.duplicated, "{stats:?}");
+    assert_eq!(handed, stats.copies - before.copies);
 
+    for i in 0..messages {
+        d.processor
+            .trust_new_identity(&d.owner, business(), &number(i), 0)
+            .await
+            .unwrap();
+    }
     let report = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(report.in_flight, 0, "acknowledged: nothing kept");
-    assert_eq!(d.business.messages().len(), messages);
+    assert_eq!(d.business.messages().len(), 2 * messages);
     assert!(d.business.messages().values().all(|&n| n == 1));
     d.clock.advance(REDELIVERY);
     d.network.pump(&d.processor, &d.transport).await;
     let events = d.network.fault_stats().await[&Leg::Inbound].events;
     assert_eq!(
-        events,
+        events - before.events,
         17 * messages as u64,
         "no attempt after the acknowledgement"
     );
@@ -1265,4 +1319,44 @@ fn a_setting_that_would_inject_less_than_it_says_is_refused() {
     ] {
         assert_eq!(refused(faults), None);
     }
+}
+
+/// What the processor refuses for good is dropped, not delivered again
+/// for ever, and the report says so: here `pump` is given the wrong
+/// principal (the business's owner, no carrier), so the consumer's
+/// message and the device's delivery report are both refused.
+#[tokio::test]
+async fn pump_drops_what_the_processor_refuses_for_good_and_says_why() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 10).await;
+    d.network.add_consumer(&number(1), 1).await;
+    d.network
+        .consumer_sends(&number(1), 0, business(), b"hi")
+        .await
+        .unwrap();
+    d.send(1, "hello").await;
+    let report = d.network.pump(&d.processor, &d.owner).await;
+    assert_eq!(
+        (
+            report.to_processor,
+            report.acknowledged,
+            report.to_devices,
+            report.receipts,
+            report.refused,
+            report.in_flight
+        ),
+        (1, 0, 1, 1, 2, 0)
+    );
+    assert!(
+        report
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not allowed")),
+        "{report:?}"
+    );
+    for _ in 0..10 {
+        d.clock.advance(REDELIVERY);
+        let report = d.network.pump(&d.processor, &d.owner).await;
+        assert_eq!(report, custodian::testing::PumpReport::default());
+    }
+    assert!(d.business.contents().is_empty());
 }

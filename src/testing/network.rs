@@ -25,6 +25,11 @@
 //!   receipt timeout) is what gets it to every device.
 //!
 //! During an outage every call is refused and nothing in flight moves.
+//!
+//! The processor's refusals are no loss: a message or delivery report the
+//! processor refuses for good ([`ProcessorError::Unauthorized`], or an
+//! error that [`is_permanent`](ProcessorError::is_permanent)) is dropped,
+//! as a real network drops it, and counted in [`PumpReport::refused`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -229,6 +234,15 @@ pub struct PumpReport {
     pub to_devices: u64,
     /// Delivery reports handed to the processor.
     pub receipts: u64,
+    /// Of the consumer messages and delivery reports, those the processor
+    /// refused for good ([`ProcessorError::Unauthorized`]: `pump` was
+    /// given the wrong principal; or an error that
+    /// [`is_permanent`](ProcessorError::is_permanent)): the network drops
+    /// them, and delivers them again never.
+    pub refused: u64,
+    /// The last error the processor answered a consumer message or a
+    /// delivery report with, refused for good or not, as text.
+    pub last_error: Option<String>,
     /// Items still in flight afterwards.
     pub in_flight: u64,
     /// Wall-clock time of each [`Processor::receive`] call.
@@ -247,6 +261,12 @@ impl std::fmt::Debug for SimNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimNetwork").finish_non_exhaustive()
     }
+}
+
+/// Whether the processor refused a call for good: making it again cannot
+/// succeed, so the network drops what it carried.
+fn refused_for_good(e: &ProcessorError) -> bool {
+    matches!(e, ProcessorError::Unauthorized { .. }) || e.is_permanent()
 }
 
 /// Deliveries to the processor the network keeps in flight at once.
@@ -408,23 +428,30 @@ impl SimNetwork {
         for chunk in inbound.chunks(CONCURRENCY) {
             let calls = chunk.iter().map(|flight| async move {
                 let started = std::time::Instant::now();
-                let acked = processor
+                let result = processor
                     .receive(principal, flight.item.business, flight.item.inbound.clone())
-                    .await
-                    .is_ok();
-                (acked, started.elapsed())
+                    .await;
+                (result, started.elapsed())
             });
             let results = join_all(calls.collect()).await;
             let mut net = self.net.lock().await;
             let net = &mut *net;
-            for ((acked, took), flight) in results.into_iter().zip(chunk) {
+            for ((result, took), flight) in results.into_iter().zip(chunk) {
                 report.to_processor += 1;
                 report.receive_latencies.push(took);
-                let heard = acked && flight.item.hop == (Hop::Arrive { reply_lost: false });
+                let acked = result.is_ok();
+                let refused = result.as_ref().is_err_and(refused_for_good);
+                if let Err(e) = result {
+                    report.last_error = Some(e.to_string());
+                }
+                let heard = flight.item.hop == (Hop::Arrive { reply_lost: false });
                 if acked {
                     report.acknowledged += 1;
                 }
-                if heard {
+                if refused {
+                    report.refused += 1;
+                }
+                if heard && (acked || refused) {
                     net.unacked.remove(&flight.item.message);
                 } else {
                     // No acknowledgement reached the network: it delivers again later.
@@ -522,8 +549,12 @@ impl SimNetwork {
                     Ok(_) => {
                         net.reported.insert((*business, *id));
                     }
-                    Err(ProcessorError::NotFound) => {}
-                    Err(_) => {
+                    Err(e) if refused_for_good(&e) => {
+                        report.refused += 1;
+                        report.last_error = Some(e.to_string());
+                    }
+                    Err(e) => {
+                        report.last_error = Some(e.to_string());
                         let retry = Receipt {
                             business: *business,
                             id: *id,
