@@ -322,6 +322,14 @@ fn report_faults(name: &str, stats: &BTreeMap<Leg, LegStats>) {
             s.failed + s.outage,
             s.outage
         ),
+        Leg::Upload => format!(
+            "{} key publications and exports: {} refused ({} in the outage), {} lost ({} of them only the answer)",
+            s.events,
+            s.failed + s.outage,
+            s.outage,
+            s.dropped,
+            s.replies_lost
+        ),
         Leg::Inbound => format!(
             "{} deliveries to the processor: {} lost ({} of them only the ack), {} duplicated, {} late",
             s.events, s.dropped, s.replies_lost, s.duplicated, s.delayed
@@ -478,18 +486,28 @@ fn scan_store_files(path: &Path, traces: &Traces) -> Result<FileScan, std::io::E
 /// Keep every business's Signal prekeys stocked and published, as a
 /// host's maintenance timer would (`publish_keys` refills the one-time
 /// pool below its low-water mark, rotates the signed prekey when due).
+/// The network refuses or loses a publication now and then, as any call:
+/// the timer publishes again at its next tick, so that is counted (the
+/// return value), not fatal.
 async fn maintain_keys(
     processor: &Processor,
     owners: &BTreeMap<BusinessId, Principal>,
-) -> Result<(), String> {
+) -> Result<usize, String> {
+    let mut failed = 0;
     for (&b, owner) in owners {
-        processor
-            .publish_keys(owner, b)
-            .await
-            .map_err(|e| format!("publishing the keys of business {b}: {e}"))?;
+        match processor.publish_keys(owner, b).await {
+            Ok(()) => {}
+            Err(ProcessorError::Transport(_)) => failed += 1,
+            Err(e) => return Err(format!("publishing the keys of business {b}: {e}")),
+        }
     }
-    Ok(())
+    Ok(failed)
 }
+
+/// How many times a business's first publication is tried before the run
+/// gives up: the network refuses or loses some calls, and a host starting
+/// up tries again until its keys are out.
+const FIRST_PUBLICATION_TRIES: usize = 100;
 
 /// What refused to open a sealed copy, in a word.
 fn open_error_kind(e: &OpenError) -> &'static str {
@@ -630,15 +648,26 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..o.consumers {
         network.add_consumer(&number(i), 1 + (i % 3) as u32).await;
     }
+    let mut publications_failed = 0usize;
     for (&b, owner) in &owners {
-        processor.publish_keys(owner, b).await.map_err(|e| {
-            let hint = if o.store.is_some() {
-                " (is --root-key the key this store was made with?)"
-            } else {
-                ""
-            };
-            format!("publishing the keys of business {b}: {e}{hint}")
-        })?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match processor.publish_keys(owner, b).await {
+                Ok(()) => break,
+                Err(ProcessorError::Transport(_)) if tries < FIRST_PUBLICATION_TRIES => {
+                    publications_failed += 1;
+                }
+                Err(e) => {
+                    let hint = if o.store.is_some() {
+                        " (is --root-key the key this store was made with?)"
+                    } else {
+                        ""
+                    };
+                    return Err(format!("publishing the keys of business {b}: {e}{hint}").into());
+                }
+            }
+        }
     }
     println!(
         "{} consumer devices registered; businesses published their keys\n",
@@ -754,7 +783,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                 in_flight = pumped.in_flight;
             }
             // The businesses' keys are kept stocked as a host's timer would.
-            maintain_keys(&processor, &owners).await?;
+            publications_failed += maintain_keys(&processor, &owners).await?;
             for (b, i, id, again, _) in results {
                 let id = id?;
                 if let Some(again) = again {
@@ -795,7 +824,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         latency.receive_loaded.extend(pumped.receive_latencies);
         retransmitted += processor.retransmit_due(&operator).await?.sent;
         if step.is_multiple_of(6) {
-            maintain_keys(&processor, &owners).await?;
+            publications_failed += maintain_keys(&processor, &owners).await?;
         }
         clock.advance(STEP);
         let handed = sink.messages().values().filter(|&&n| n >= 1).count();
@@ -985,7 +1014,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         handed_out += network.one_time_prekeys_handed_out(b).await;
     }
     println!(
-        "one-time prekeys (published again after every batch and every simulated minute): \
+        "one-time prekeys (published again after every batch and every simulated minute; \
+         {publications_failed} publications refused or lost, made again at the next): \
          {handed_out} of the {} sessions consumers started took one",
         writes.started
     );

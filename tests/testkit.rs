@@ -15,7 +15,7 @@ use std::time::Duration;
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
-use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
+use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError};
 use custodian::signal::{Ciphertext, IdentityPolicy, MessageKind, SignalConfig};
 use custodian::store::{MemoryStore, Status};
 use custodian::testing::{
@@ -25,6 +25,7 @@ use custodian::testing::{
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, StaticAuthorizer, StatusUpdate, Transport,
+    TransportError,
 };
 use custodian::visibility::MemoryAuditSink;
 use proptest::prelude::*;
@@ -109,7 +110,7 @@ fn each_fault_happens_at_close_to_its_configured_rate() {
         let count = |f: &dyn Fn(&custodian::testing::Fate) -> bool| {
             fates.iter().filter(|x| f(x)).count() as u64
         };
-        let refusable = matches!(leg, Leg::Call | Leg::Deliver | Leg::Status);
+        let refusable = matches!(leg, Leg::Call | Leg::Upload | Leg::Deliver | Leg::Status);
         let carries = leg != Leg::Call;
         let failed = count(&|f| f.failed);
         if refusable {
@@ -128,13 +129,22 @@ fn each_fault_happens_at_close_to_its_configured_rate() {
         let dropped = count(&|f| f.dropped);
         assert_rate(&format!("{leg:?} drop"), dropped, offered, faults.drop);
         let replies = count(&|f| f.reply_lost);
-        if matches!(leg, Leg::Inbound | Leg::Deliver | Leg::Status) {
+        if matches!(leg, Leg::Inbound | Leg::Upload | Leg::Deliver | Leg::Status) {
             assert_rate(&format!("{leg:?} reply lost"), replies, dropped, 0.5);
         } else {
             assert_eq!(replies, 0, "{leg:?} has no replies to lose");
         }
         let kept = offered - dropped;
         let duplicated = count(&|f| f.duplicated);
+        if leg == Leg::Upload {
+            // One call, neither duplicated nor delayed: it reached the
+            // network unless refused or its request was lost.
+            assert_eq!(duplicated, 0, "an upload is not duplicated");
+            assert!(fates.iter().all(|f| f.delays == [Duration::ZERO; 2]));
+            let landed: u64 = fates.iter().map(|f| u64::from(f.copies())).sum();
+            assert_eq!(landed, kept + replies);
+            continue;
+        }
         assert_rate(
             &format!("{leg:?} duplicate"),
             duplicated,
@@ -189,7 +199,7 @@ fn no_faults_means_no_faults_and_certain_faults_always_happen() {
             assert_eq!(fate.delays, [Duration::ZERO; 2]);
             let fate = all.fate(5, leg, n);
             match leg {
-                Leg::Call | Leg::Deliver | Leg::Status => assert!(fate.failed),
+                Leg::Call | Leg::Upload | Leg::Deliver | Leg::Status => assert!(fate.failed),
                 _ => assert!(fate.dropped),
             }
         }
@@ -410,6 +420,8 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
             .await
             .is_ok();
         assert_eq!(devices_ok, send_ok);
+        let count_ok = network.one_time_prekey_count(business()).await.is_ok();
+        assert_eq!(devices_ok, count_ok);
         let net_ok = devices_ok;
         let sink_ok = sink.deliver(&inbound(MessageId::random())).await.is_ok();
         assert_eq!(net_ok, sink_ok);
@@ -420,7 +432,7 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
         assert_eq!(ok, !(10..30).contains(&second), "at {second} s");
     }
     let stats = network.fault_stats().await[&Leg::Call];
-    assert_eq!((stats.outage, stats.failed), (40, 0));
+    assert_eq!((stats.outage, stats.failed), (60, 0));
 }
 
 /// Two fault kinds on one leg never shift each other, and two legs never
@@ -713,7 +725,8 @@ async fn a_lost_ciphertext_never_reaches_the_device_by_itself() {
         drop: 1.0,
         ..Faults::none()
     };
-    let d = Deployment::new(lossy, Faults::none(), 4).await;
+    // Every key publication is lost too, and a send needs none.
+    let d = Deployment::unpublished(lossy, Faults::none(), 4).await;
     d.network.add_consumer(&number(1), 2).await;
     let id = d.send(1, "gone").await;
     // Long past any redelivery the network might make, with no
@@ -1319,6 +1332,98 @@ fn a_setting_that_would_inject_less_than_it_says_is_refused() {
     ] {
         assert_eq!(refused(faults), None);
     }
+}
+
+fn unavailable<T>(result: Result<T, ProcessorError>) -> bool {
+    matches!(
+        result,
+        Err(ProcessorError::Transport(TransportError::Unavailable(_)))
+    )
+}
+
+/// Key publication and the integrity and billing exports go through the
+/// network like any call: refused in its outage, taken once it ends.
+#[tokio::test]
+async fn key_publication_and_exports_are_refused_in_a_network_outage() {
+    let outage = Faults::none().with_outage(start(), Duration::from_secs(60));
+    let d = Deployment::unpublished(outage, Faults::none(), 9).await;
+    assert!(unavailable(
+        d.processor.publish_keys(&d.owner, business()).await
+    ));
+    assert!(
+        d.network
+            .consumer_sends(&number(1), 0, business(), b"hi")
+            .await
+            .is_err(),
+        "no keys to start a session from"
+    );
+    d.processor.report_spam(&d.transport, business()).unwrap();
+    assert!(unavailable(d.processor.export_integrity(&d.operator).await));
+    assert!(d.network.integrity_reports().await.is_empty());
+
+    d.clock.advance(Duration::from_secs(60));
+    d.processor
+        .publish_keys(&d.owner, business())
+        .await
+        .unwrap();
+    assert!(d.network.one_time_prekeys_left(business()).await > 0);
+    assert_eq!(d.processor.export_integrity(&d.operator).await.unwrap(), 1);
+    assert_eq!(d.network.integrity_reports().await.len(), 1);
+    let stats = d.network.fault_stats().await;
+    // In the outage: the prekey count before publishing, the export.
+    assert_eq!((stats[&Leg::Call].outage, stats[&Leg::Call].events), (1, 2));
+    assert_eq!(
+        (stats[&Leg::Upload].outage, stats[&Leg::Upload].events),
+        (1, 3)
+    );
+}
+
+/// An upload whose answer is lost reached the network, though the
+/// processor is told it failed: the keys are published, and a billing
+/// statement handed over again counts once. One whose request is lost
+/// did not reach it.
+#[tokio::test]
+async fn an_upload_whose_answer_is_lost_reached_the_network() {
+    let lossy = Faults {
+        drop: 1.0,
+        ..Faults::none()
+    };
+    // Uploads: keys (answer lost), integrity (request lost), billing
+    // twice (answer lost).
+    let answer_lost = [true, false, true, true];
+    let seed = (0..10_000u64)
+        .find(|&seed| {
+            (0..4).all(|n| lossy.fate(seed, Leg::Upload, n).reply_lost == answer_lost[n as usize])
+        })
+        .unwrap();
+    let d = Deployment::unpublished(lossy, Faults::none(), seed).await;
+    assert!(unavailable(
+        d.processor.publish_keys(&d.owner, business()).await
+    ));
+    assert!(
+        d.network.one_time_prekeys_left(business()).await > 0,
+        "the keys arrived"
+    );
+    d.processor.report_spam(&d.transport, business()).unwrap();
+    assert!(unavailable(d.processor.export_integrity(&d.operator).await));
+    assert!(d.network.integrity_reports().await.is_empty());
+    d.network.add_consumer(&number(1), 1).await;
+    d.send(1, "billed").await;
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    for _ in 0..2 {
+        assert!(unavailable(d.processor.export_billing(&d.operator).await));
+        assert_eq!(d.network.billing_statements().await.len(), 1);
+    }
+    let upload = d.network.fault_stats().await[&Leg::Upload];
+    assert_eq!(
+        (
+            upload.events,
+            upload.dropped,
+            upload.replies_lost,
+            upload.copies
+        ),
+        (4, 4, 3, 3)
+    );
 }
 
 /// What the processor refuses for good is dropped, not delivered again

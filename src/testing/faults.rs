@@ -24,6 +24,7 @@ use crate::time::Timestamp;
 /// | leg | `fail` / outages | `drop` | `duplicate` | `delay` |
 /// |---|---|---|---|---|
 /// | [`Leg::Call`] | refused as unavailable | - | - | - |
+/// | [`Leg::Upload`] | refused as unavailable | the request or its answer is lost: the processor gets an unavailable error, and the network has what it sent if only the answer was lost | - | - |
 /// | [`Leg::Inbound`] | - | the attempt or its acknowledgement is lost; the network delivers again after its timeout | delivered twice | arrives late |
 /// | [`Leg::ToDevice`] | - | lost for good | delivered twice | arrives late |
 /// | [`Leg::Receipt`] | - | lost for good | reported twice | arrives late |
@@ -184,15 +185,15 @@ impl Faults {
             }
         }
 
-        let refusable = matches!(leg, Leg::Call | Leg::Deliver | Leg::Status);
-        let failed = refusable && failed;
+        let failed = leg.refusable() && failed;
         let carries = leg != Leg::Call && !failed;
         let dropped = carries && dropped;
-        let reply_lost =
-            dropped && matches!(leg, Leg::Inbound | Leg::Deliver | Leg::Status) && reply_lost;
-        let duplicated = carries && !dropped && duplicated;
+        let reply_lost = dropped && leg != Leg::ToDevice && leg != Leg::Receipt && reply_lost;
+        // An upload is one call: it is not duplicated or delayed.
+        let travels = carries && leg != Leg::Upload;
+        let duplicated = travels && !dropped && duplicated;
         // A copy travels if the event was not lost, or if only its reply was.
-        let first_travels = carries && (!dropped || reply_lost);
+        let first_travels = travels && (!dropped || reply_lost);
         if !first_travels {
             delays[0] = Duration::ZERO;
         }
@@ -219,8 +220,13 @@ fn duration_ms(d: Duration) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Leg {
     /// A call from the processor to the network (`devices`, `fetch_bundle`,
-    /// `send`): refused or not.
+    /// `send`, `one_time_prekey_count`): refused or not.
     Call,
+    /// The processor handing the network something to keep
+    /// (`publish_keys`, `integrity_signals`, `billing`): refused, or lost
+    /// (the request, or only its answer, so the network has it while the
+    /// processor is told the call failed).
+    Upload,
     /// One attempt of the network to deliver a consumer's message to the
     /// processor.
     Inbound,
@@ -236,8 +242,9 @@ pub enum Leg {
 
 impl Leg {
     /// Every leg, in order.
-    pub const ALL: [Leg; 6] = [
+    pub const ALL: [Leg; 7] = [
         Leg::Call,
+        Leg::Upload,
         Leg::Inbound,
         Leg::ToDevice,
         Leg::Receipt,
@@ -245,6 +252,7 @@ impl Leg {
         Leg::Status,
     ];
 
+    /// Fixed for good: a leg's stream of fates is drawn from it.
     fn index(self) -> usize {
         match self {
             Leg::Call => 0,
@@ -253,7 +261,13 @@ impl Leg {
             Leg::Receipt => 3,
             Leg::Deliver => 4,
             Leg::Status => 5,
+            Leg::Upload => 6,
         }
+    }
+
+    /// Whether calls on the leg can be refused (`fail`, outages).
+    fn refusable(self) -> bool {
+        matches!(self, Leg::Call | Leg::Upload | Leg::Deliver | Leg::Status)
     }
 }
 
@@ -268,8 +282,8 @@ pub struct Fate {
     /// The message is lost (on a request–reply leg: the request, or only
     /// its reply, see `reply_lost`).
     pub dropped: bool,
-    /// Of a dropped exchange on [`Leg::Inbound`], [`Leg::Deliver`] or
-    /// [`Leg::Status`]: the request arrived and only the reply was lost,
+    /// Of a dropped exchange on [`Leg::Inbound`], [`Leg::Upload`],
+    /// [`Leg::Deliver`] or [`Leg::Status`]: the request arrived and only the reply was lost,
     /// so the receiver has it while the sender believes it failed (one
     /// dropped exchange in two).
     pub reply_lost: bool,
@@ -281,7 +295,8 @@ pub struct Fate {
 
 impl Fate {
     /// How many copies of a message reach the other end: 0, 1 or 2. A
-    /// [`Leg::Call`] carries no message, so none, refused or not. (An
+    /// [`Leg::Call`] carries no message, so none, refused or not; an
+    /// [`Leg::Upload`] that reached the network is one. (An
     /// outage is no part of the fate: see [`Decision::copies`].)
     pub fn copies(&self) -> u32 {
         if self.leg == Leg::Call || self.failed || (self.dropped && !self.reply_lost) {
@@ -374,8 +389,7 @@ impl Injector {
         let n = self.next[i];
         self.next[i] += 1;
         let fate = self.faults.fate(self.seed, leg, n);
-        let outage =
-            matches!(leg, Leg::Call | Leg::Deliver | Leg::Status) && self.faults.in_outage(now);
+        let outage = leg.refusable() && self.faults.in_outage(now);
         let decision = Decision {
             leg,
             n,

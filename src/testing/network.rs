@@ -12,9 +12,16 @@
 //!   a message it never saw; the network has to. It keeps one entry per
 //!   message: copies a duplicate fault made are not messages of their
 //!   own, so however many copies go unheard, one attempt is scheduled.
-//! - **Processor → network** ([`Leg::Call`]): `devices`, `fetch_bundle`
-//!   and `send` are refused as unavailable (`fail`, outages); the processor
-//!   retries them.
+//! - **Processor → network** ([`Leg::Call`]): `devices`, `fetch_bundle`,
+//!   `send` and `one_time_prekey_count` are refused as unavailable
+//!   (`fail`, outages); the processor retries them.
+//! - **Processor → network, to keep** ([`Leg::Upload`]): `publish_keys`,
+//!   `integrity_signals` and `billing` are refused as unavailable (`fail`,
+//!   outages), or lost (`drop`): the request, or only its answer, so the
+//!   network has the keys, report or statement while the processor is
+//!   told the call failed. The processor does not retry these by itself:
+//!   the harness publishes keys and exports again, as a host's timer
+//!   would.
 //! - **Network → device** ([`Leg::ToDevice`]): a ciphertext the network
 //!   accepted may be lost for good, duplicated or delayed.
 //! - **Device → processor** ([`Leg::Receipt`]): each device's delivery
@@ -216,6 +223,37 @@ impl Net {
             .iter()
             .map(|d| now.saturating_add(*d))
             .collect()
+    }
+
+    fn one_time_prekeys_left(&self, business: BusinessId) -> usize {
+        self.published
+            .get(&business)
+            .map_or(0, |(keys, handed_out)| {
+                keys.one_time_prekeys
+                    .iter()
+                    .filter(|k| !handed_out.contains(&(k.id, k.public_key)))
+                    .count()
+            })
+    }
+
+    /// Decide an upload at `now`: whether what it carries reaches the
+    /// network, and what the processor is told.
+    fn upload(&mut self, now: Timestamp) -> (bool, Result<(), TransportError>) {
+        let decision = self.faults.decide(Leg::Upload, now);
+        let answer = if decision.refused() {
+            Err(unavailable(decision))
+        } else if decision.fate.reply_lost {
+            Err(TransportError::Unavailable(
+                "simulated timeout: the answer was lost".into(),
+            ))
+        } else if decision.fate.dropped {
+            Err(TransportError::Unavailable(
+                "simulated timeout: the request was lost".into(),
+            ))
+        } else {
+            Ok(())
+        };
+        (decision.copies() > 0, answer)
     }
 
     fn in_flight(&self) -> u64 {
@@ -601,7 +639,8 @@ impl SimNetwork {
             .unwrap_or_default()
     }
 
-    /// Every integrity report the processor exported to the network.
+    /// Every integrity report the processor exported to the network (one
+    /// exported again, its answer lost, is here each time it arrived).
     pub async fn integrity_reports(&self) -> Vec<IntegrityReport> {
         self.net.lock().await.integrity.clone()
     }
@@ -618,17 +657,7 @@ impl SimNetwork {
     /// path: a harness that starts many sessions publishes again
     /// ([`Processor::publish_keys`]) before they run out.
     pub async fn one_time_prekeys_left(&self, business: BusinessId) -> usize {
-        self.net
-            .lock()
-            .await
-            .published
-            .get(&business)
-            .map_or(0, |(keys, handed_out)| {
-                keys.one_time_prekeys
-                    .iter()
-                    .filter(|k| !handed_out.contains(&(k.id, k.public_key)))
-                    .count()
-            })
+        self.net.lock().await.one_time_prekeys_left(business)
     }
 
     /// One-time prekeys of `business` the network has handed out, each to
@@ -759,39 +788,52 @@ impl Transport for SimNetwork {
         business: BusinessId,
         keys: &PublishedKeys,
     ) -> Result<(), TransportError> {
-        // The new list replaces the old, but a one-time prekey handed out
-        // before (its first message still on its way, say) is not handed
-        // out again.
         let mut net = self.net.lock().await;
-        match net.published.get_mut(&business) {
-            Some((published, _)) => *published = keys.clone(),
-            None => {
-                net.published
-                    .insert(business, (keys.clone(), BTreeSet::new()));
+        let (lands, answer) = net.upload(self.clock.now());
+        if lands {
+            // The new list replaces the old, but a one-time prekey handed
+            // out before (its first message still on its way, say) is not
+            // handed out again.
+            match net.published.get_mut(&business) {
+                Some((published, _)) => *published = keys.clone(),
+                None => {
+                    net.published
+                        .insert(business, (keys.clone(), BTreeSet::new()));
+                }
             }
         }
-        Ok(())
+        answer
     }
 
     async fn one_time_prekey_count(
         &self,
         business: BusinessId,
     ) -> Result<Option<usize>, TransportError> {
-        Ok(Some(self.one_time_prekeys_left(business).await))
+        let mut net = self.net.lock().await;
+        let decision = net.faults.decide(Leg::Call, self.clock.now());
+        if decision.refused() {
+            return Err(unavailable(decision));
+        }
+        Ok(Some(net.one_time_prekeys_left(business)))
     }
 
     async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
-        self.net.lock().await.integrity.push(report.clone());
-        Ok(())
+        let mut net = self.net.lock().await;
+        let (lands, answer) = net.upload(self.clock.now());
+        if lands {
+            net.integrity.push(report.clone());
+        }
+        answer
     }
 
     async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
         let mut net = self.net.lock().await;
+        let (lands, answer) = net.upload(self.clock.now());
         // Billing's system of record: a statement handed over again (its
         // answer lost) counts once.
-        if !net.billing.iter().any(|s| s.id == statement.id) {
+        if lands && !net.billing.iter().any(|s| s.id == statement.id) {
             net.billing.push(statement.clone());
         }
-        Ok(())
+        answer
     }
 }
