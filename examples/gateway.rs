@@ -36,7 +36,7 @@ use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, 
 use custodian::store::{
     FailureReason, MemoryStore, MessageRecord, SqliteConfig, SqliteStore, Status, Storage,
 };
-use custodian::testing::{Cause, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
+use custodian::testing::{Cause, Copies, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
 use custodian::vault::{OpenError, Vault};
@@ -509,6 +509,14 @@ async fn maintain_keys(
 /// up tries again until its keys are out.
 const FIRST_PUBLICATION_TRIES: usize = 100;
 
+/// Consumer messages handed over again after the business took them, and
+/// how many times in all: every repeat handover counts, whatever became
+/// of it (taken, refused, lost), not only those the business took.
+fn handed_again(copies: &BTreeMap<MessageId, Copies>) -> (usize, u32) {
+    let again = copies.values().filter(|c| c.after_taken > 0).count();
+    (again, copies.values().map(|c| c.after_taken).sum())
+}
+
 /// What refused to open a sealed copy, in a word.
 fn open_error_kind(e: &OpenError) -> &'static str {
     match e {
@@ -907,14 +915,15 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         contents.iter().map(|(b, _, c)| (*b, c.clone())).collect();
     let never = writes.messages.difference(&received).count();
     let elsewhere = received.difference(&writes.messages).count();
-    let twice = copies.values().filter(|c| c.handed > 1).count();
+    let (twice, repeats) = handed_again(&copies);
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
         .values()
         .fold((0, 0), |(r, i), c| (r + c.reply_lost, i + c.injected));
     println!(
         "\ninbound: {} of {} messages reached their business, under {} ids in all; \
-         reached another business: {elsewhere}; handed over more than once: {twice}; \
+         reached another business: {elsewhere}; handed over again after the business took them: \
+         {twice} ({repeats} repeat handovers, taken or not); \
          extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
         writes.messages.len() - never,
         total_in,
@@ -938,7 +947,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     if twice > 0 {
         broken.push(format!(
-            "{twice} consumer messages were handed over again after the business took them"
+            "{twice} consumer messages were handed over again after the business took them \
+             ({repeats} repeat handovers)"
         ));
     }
     if unacknowledged > 0 {
@@ -1229,5 +1239,32 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             eprintln!("BROKEN: {promise}");
         }
         Err(format!("{} promises broken (see above)", broken.len()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeat_handover_counts_whether_or_not_the_business_took_it() {
+        let id = |b| MessageId::from_bytes([b; 16]);
+        let copies = |handed, reply_lost, injected, after_taken| Copies {
+            handed,
+            reply_lost,
+            injected,
+            after_taken,
+        };
+        let seen = BTreeMap::from([
+            // Taken, then handed over again and refused (or lost).
+            (id(1), copies(1, 0, 0, 1)),
+            // Taken twice.
+            (id(2), copies(2, 0, 0, 1)),
+            // Taken, then again twice: its reply lost, then refused.
+            (id(3), copies(1, 1, 0, 2)),
+            // A lost reply before it was taken, and an injected copy: no repeat.
+            (id(4), copies(1, 1, 1, 0)),
+        ]);
+        assert_eq!(handed_again(&seen), (3, 4));
     }
 }
