@@ -60,7 +60,8 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
   --businesses N    businesses (default 3; at most 10000, and no more than
                     --consumers: each business needs a consumer to write to)
   --consumers N     consumers, each with 1-3 devices (default 2000)
-  --messages N      messages each consumer sends, and each receives (default 2)
+  --messages N      messages each consumer sends, and each receives (default 2;
+                    --consumers times --messages at most 1000000)
   --faults KIND     network and business-endpoint faults (default moderate):
                       none      no faults
                       moderate  5% lost, 5% duplicated, 20% delayed up to 60 s,
@@ -81,6 +82,12 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
 /// The most businesses a run takes (`--businesses`).
 const MAX_BUSINESSES: u64 = 10_000;
 
+/// The most messages a run sends each way (`--consumers` × `--messages`).
+const MAX_MESSAGES: usize = 1_000_000;
+
+/// The fault levels `--faults` takes (see [`faults`]).
+const FAULT_LEVELS: [&str; 3] = ["none", "moderate", "heavy"];
+
 /// Business `n` (from 1) of the run is `BusinessId` `FIRST_BUSINESS + n`.
 const FIRST_BUSINESS: u64 = 1000;
 
@@ -89,7 +96,8 @@ enum Parsed {
     Help,
 }
 
-fn options() -> Result<Parsed, String> {
+/// The options in `args` (the program's name left out).
+fn options(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     let mut o = Options {
         businesses: 3,
         consumers: 2000,
@@ -100,7 +108,7 @@ fn options() -> Result<Parsed, String> {
         memory: false,
         seed: 7,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -113,7 +121,16 @@ fn options() -> Result<Parsed, String> {
             "--messages" => {
                 o.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?
             }
-            "--faults" => o.faults = value()?,
+            "--faults" => {
+                o.faults = value()?;
+                if !FAULT_LEVELS.contains(&o.faults.as_str()) {
+                    return Err(format!(
+                        "--faults: unknown level {} (one of {})",
+                        o.faults,
+                        FAULT_LEVELS.join(", ")
+                    ));
+                }
+            }
             "--store" => o.store = Some(PathBuf::from(value()?)),
             "--root-key" => o.root_key = Some(PathBuf::from(value()?)),
             "--memory" => o.memory = true,
@@ -127,6 +144,14 @@ fn options() -> Result<Parsed, String> {
     }
     if o.consumers > 100_000 {
         return Err("--consumers: at most 100000 (numbers come from one range)".into());
+    }
+    if o.consumers
+        .checked_mul(o.messages)
+        .is_none_or(|n| n > MAX_MESSAGES)
+    {
+        return Err(format!(
+            "--consumers times --messages: at most {MAX_MESSAGES} (messages each way)"
+        ));
     }
     if o.businesses > MAX_BUSINESSES {
         return Err(format!(
@@ -533,7 +558,7 @@ fn open_error_kind(e: &OpenError) -> &'static str {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let options = match options() {
+    let options = match options(std::env::args().skip(1)) {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
             println!("{USAGE}");
@@ -1246,6 +1271,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
 mod tests {
     use super::*;
 
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
     #[test]
     fn a_repeat_handover_counts_whether_or_not_the_business_took_it() {
         let id = |b| MessageId::from_bytes([b; 16]);
@@ -1266,5 +1295,30 @@ mod tests {
             (id(4), copies(1, 1, 1, 0)),
         ]);
         assert_eq!(handed_again(&seen), (3, 4));
+    }
+
+    #[test]
+    fn too_many_messages_or_an_unknown_fault_level_is_a_usage_error() {
+        let refused =
+            |list: &[&str], what: &str| matches!(options(args(list)), Err(e) if e.contains(what));
+        let most = ["--consumers", "100000", "--messages", "10"];
+        assert!(matches!(options(args(&most)), Ok(Parsed::Run(_))));
+        let over = ["--consumers", "100000", "--messages", "11"];
+        assert!(refused(&over, "--consumers times --messages"));
+        let huge = usize::MAX.to_string();
+        assert!(refused(
+            &["--messages", &huge],
+            "--consumers times --messages"
+        ));
+        assert!(refused(
+            &["--faults", "bogus"],
+            "--faults: unknown level bogus"
+        ));
+        for level in FAULT_LEVELS {
+            assert!(matches!(
+                options(args(&["--faults", level])),
+                Ok(Parsed::Run(o)) if o.faults == level
+            ));
+        }
     }
 }
