@@ -36,7 +36,7 @@ use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, 
 use custodian::store::{
     FailureReason, MemoryStore, MessageRecord, SqliteConfig, SqliteStore, Status, Storage,
 };
-use custodian::testing::{Cause, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
+use custodian::testing::{Cause, Copies, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
 use custodian::vault::{OpenError, Vault};
@@ -60,7 +60,8 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
   --businesses N    businesses (default 3; at most 10000, and no more than
                     --consumers: each business needs a consumer to write to)
   --consumers N     consumers, each with 1-3 devices (default 2000)
-  --messages N      messages each consumer sends, and each receives (default 2)
+  --messages N      messages each consumer sends, and each receives (default 2;
+                    --consumers times --messages at most 1000000)
   --faults KIND     network and business-endpoint faults (default moderate):
                       none      no faults
                       moderate  5% lost, 5% duplicated, 20% delayed up to 60 s,
@@ -81,6 +82,12 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
 /// The most businesses a run takes (`--businesses`).
 const MAX_BUSINESSES: u64 = 10_000;
 
+/// The most messages a run sends each way (`--consumers` × `--messages`).
+const MAX_MESSAGES: usize = 1_000_000;
+
+/// The fault levels `--faults` takes (see [`faults`]).
+const FAULT_LEVELS: [&str; 3] = ["none", "moderate", "heavy"];
+
 /// Business `n` (from 1) of the run is `BusinessId` `FIRST_BUSINESS + n`.
 const FIRST_BUSINESS: u64 = 1000;
 
@@ -89,7 +96,8 @@ enum Parsed {
     Help,
 }
 
-fn options() -> Result<Parsed, String> {
+/// The options in `args` (the program's name left out).
+fn options(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     let mut o = Options {
         businesses: 3,
         consumers: 2000,
@@ -100,7 +108,7 @@ fn options() -> Result<Parsed, String> {
         memory: false,
         seed: 7,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -113,7 +121,16 @@ fn options() -> Result<Parsed, String> {
             "--messages" => {
                 o.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?
             }
-            "--faults" => o.faults = value()?,
+            "--faults" => {
+                o.faults = value()?;
+                if !FAULT_LEVELS.contains(&o.faults.as_str()) {
+                    return Err(format!(
+                        "--faults: unknown level {} (one of {})",
+                        o.faults,
+                        FAULT_LEVELS.join(", ")
+                    ));
+                }
+            }
             "--store" => o.store = Some(PathBuf::from(value()?)),
             "--root-key" => o.root_key = Some(PathBuf::from(value()?)),
             "--memory" => o.memory = true,
@@ -127,6 +144,14 @@ fn options() -> Result<Parsed, String> {
     }
     if o.consumers > 100_000 {
         return Err("--consumers: at most 100000 (numbers come from one range)".into());
+    }
+    if o.consumers
+        .checked_mul(o.messages)
+        .is_none_or(|n| n > MAX_MESSAGES)
+    {
+        return Err(format!(
+            "--consumers times --messages: at most {MAX_MESSAGES} (messages each way)"
+        ));
     }
     if o.businesses > MAX_BUSINESSES {
         return Err(format!(
@@ -322,6 +347,14 @@ fn report_faults(name: &str, stats: &BTreeMap<Leg, LegStats>) {
             s.failed + s.outage,
             s.outage
         ),
+        Leg::Upload => format!(
+            "{} key publications and exports: {} refused ({} in the outage), {} lost ({} of them only the answer)",
+            s.events,
+            s.failed + s.outage,
+            s.outage,
+            s.dropped,
+            s.replies_lost
+        ),
         Leg::Inbound => format!(
             "{} deliveries to the processor: {} lost ({} of them only the ack), {} duplicated, {} late",
             s.events, s.dropped, s.replies_lost, s.duplicated, s.delayed
@@ -478,17 +511,35 @@ fn scan_store_files(path: &Path, traces: &Traces) -> Result<FileScan, std::io::E
 /// Keep every business's Signal prekeys stocked and published, as a
 /// host's maintenance timer would (`publish_keys` refills the one-time
 /// pool below its low-water mark, rotates the signed prekey when due).
+/// The network refuses or loses a publication now and then, as any call:
+/// the timer publishes again at its next tick, so that is counted (the
+/// return value), not fatal.
 async fn maintain_keys(
     processor: &Processor,
     owners: &BTreeMap<BusinessId, Principal>,
-) -> Result<(), String> {
+) -> Result<usize, String> {
+    let mut failed = 0;
     for (&b, owner) in owners {
-        processor
-            .publish_keys(owner, b)
-            .await
-            .map_err(|e| format!("publishing the keys of business {b}: {e}"))?;
+        match processor.publish_keys(owner, b).await {
+            Ok(()) => {}
+            Err(ProcessorError::Transport(_)) => failed += 1,
+            Err(e) => return Err(format!("publishing the keys of business {b}: {e}")),
+        }
     }
-    Ok(())
+    Ok(failed)
+}
+
+/// How many times a business's first publication is tried before the run
+/// gives up: the network refuses or loses some calls, and a host starting
+/// up tries again until its keys are out.
+const FIRST_PUBLICATION_TRIES: usize = 100;
+
+/// Consumer messages handed over again after the business took them, and
+/// how many times in all: every repeat handover counts, whatever became
+/// of it (taken, refused, lost), not only those the business took.
+fn handed_again(copies: &BTreeMap<MessageId, Copies>) -> (usize, u32) {
+    let again = copies.values().filter(|c| c.after_taken > 0).count();
+    (again, copies.values().map(|c| c.after_taken).sum())
 }
 
 /// What refused to open a sealed copy, in a word.
@@ -507,7 +558,7 @@ fn open_error_kind(e: &OpenError) -> &'static str {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let options = match options() {
+    let options = match options(std::env::args().skip(1)) {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
             println!("{USAGE}");
@@ -571,8 +622,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (Arc::new(MemoryStore::new()), "memory".into()),
     };
-    let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, o.seed));
-    let sink = SimBusiness::new(clock.clone(), sink_faults, o.seed.wrapping_add(1));
+    let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, o.seed)?);
+    let sink = SimBusiness::new(clock.clone(), sink_faults, o.seed.wrapping_add(1))?;
     let audit = Arc::new(MemoryAuditSink::new());
     let transport = Principal::new("transport");
     let operator = Principal::new("operator");
@@ -630,15 +681,26 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..o.consumers {
         network.add_consumer(&number(i), 1 + (i % 3) as u32).await;
     }
+    let mut publications_failed = 0usize;
     for (&b, owner) in &owners {
-        processor.publish_keys(owner, b).await.map_err(|e| {
-            let hint = if o.store.is_some() {
-                " (is --root-key the key this store was made with?)"
-            } else {
-                ""
-            };
-            format!("publishing the keys of business {b}: {e}{hint}")
-        })?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match processor.publish_keys(owner, b).await {
+                Ok(()) => break,
+                Err(ProcessorError::Transport(_)) if tries < FIRST_PUBLICATION_TRIES => {
+                    publications_failed += 1;
+                }
+                Err(e) => {
+                    let hint = if o.store.is_some() {
+                        " (is --root-key the key this store was made with?)"
+                    } else {
+                        ""
+                    };
+                    return Err(format!("publishing the keys of business {b}: {e}{hint}").into());
+                }
+            }
+        }
     }
     println!(
         "{} consumer devices registered; businesses published their keys\n",
@@ -754,7 +816,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                 in_flight = pumped.in_flight;
             }
             // The businesses' keys are kept stocked as a host's timer would.
-            maintain_keys(&processor, &owners).await?;
+            publications_failed += maintain_keys(&processor, &owners).await?;
             for (b, i, id, again, _) in results {
                 let id = id?;
                 if let Some(again) = again {
@@ -795,7 +857,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         latency.receive_loaded.extend(pumped.receive_latencies);
         retransmitted += processor.retransmit_due(&operator).await?.sent;
         if step.is_multiple_of(6) {
-            maintain_keys(&processor, &owners).await?;
+            publications_failed += maintain_keys(&processor, &owners).await?;
         }
         clock.advance(STEP);
         let handed = sink.messages().values().filter(|&&n| n >= 1).count();
@@ -878,14 +940,15 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         contents.iter().map(|(b, _, c)| (*b, c.clone())).collect();
     let never = writes.messages.difference(&received).count();
     let elsewhere = received.difference(&writes.messages).count();
-    let twice = copies.values().filter(|c| c.handed > 1).count();
+    let (twice, repeats) = handed_again(&copies);
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
         .values()
         .fold((0, 0), |(r, i), c| (r + c.reply_lost, i + c.injected));
     println!(
         "\ninbound: {} of {} messages reached their business, under {} ids in all; \
-         reached another business: {elsewhere}; handed over more than once: {twice}; \
+         reached another business: {elsewhere}; handed over again after the business took them: \
+         {twice} ({repeats} repeat handovers, taken or not); \
          extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
         writes.messages.len() - never,
         total_in,
@@ -909,7 +972,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     }
     if twice > 0 {
         broken.push(format!(
-            "{twice} consumer messages were handed over again after the business took them"
+            "{twice} consumer messages were handed over again after the business took them \
+             ({repeats} repeat handovers)"
         ));
     }
     if unacknowledged > 0 {
@@ -985,7 +1049,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         handed_out += network.one_time_prekeys_handed_out(b).await;
     }
     println!(
-        "one-time prekeys (published again after every batch and every simulated minute): \
+        "one-time prekeys (published again after every batch and every simulated minute; \
+         {publications_failed} publications refused or lost, made again at the next): \
          {handed_out} of the {} sessions consumers started took one",
         writes.started
     );
@@ -1199,5 +1264,61 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             eprintln!("BROKEN: {promise}");
         }
         Err(format!("{} promises broken (see above)", broken.len()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn a_repeat_handover_counts_whether_or_not_the_business_took_it() {
+        let id = |b| MessageId::from_bytes([b; 16]);
+        let copies = |handed, reply_lost, injected, after_taken| Copies {
+            handed,
+            reply_lost,
+            injected,
+            after_taken,
+        };
+        let seen = BTreeMap::from([
+            // Taken, then handed over again and refused (or lost).
+            (id(1), copies(1, 0, 0, 1)),
+            // Taken twice.
+            (id(2), copies(2, 0, 0, 1)),
+            // Taken, then again twice: its reply lost, then refused.
+            (id(3), copies(1, 1, 0, 2)),
+            // A lost reply before it was taken, and an injected copy: no repeat.
+            (id(4), copies(1, 1, 1, 0)),
+        ]);
+        assert_eq!(handed_again(&seen), (3, 4));
+    }
+
+    #[test]
+    fn too_many_messages_or_an_unknown_fault_level_is_a_usage_error() {
+        let refused =
+            |list: &[&str], what: &str| matches!(options(args(list)), Err(e) if e.contains(what));
+        let most = ["--consumers", "100000", "--messages", "10"];
+        assert!(matches!(options(args(&most)), Ok(Parsed::Run(_))));
+        let over = ["--consumers", "100000", "--messages", "11"];
+        assert!(refused(&over, "--consumers times --messages"));
+        let huge = usize::MAX.to_string();
+        assert!(refused(
+            &["--messages", &huge],
+            "--consumers times --messages"
+        ));
+        assert!(refused(
+            &["--faults", "bogus"],
+            "--faults: unknown level bogus"
+        ));
+        for level in FAULT_LEVELS {
+            assert!(matches!(
+                options(args(&["--faults", level])),
+                Ok(Parsed::Run(o)) if o.faults == level
+            ));
+        }
     }
 }

@@ -274,7 +274,7 @@ impl Deployment {
         }
         let in_webhook = Arc::new(Notify::new());
         let racing = Arc::new(Racing {
-            network: Arc::new(SimNetwork::new(clock.clone(), network_faults, 1)),
+            network: Arc::new(SimNetwork::new(clock.clone(), network_faults, 1).unwrap()),
             processor: OnceLock::new(),
             transport: transport.clone(),
             race: Mutex::new(Race::None),
@@ -284,7 +284,7 @@ impl Deployment {
             billing: Mutex::new(Vec::new()),
         });
         let webhook = Arc::new(SlowWebhook {
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
             armed: Mutex::new(false),
             entered: in_webhook,
             go: Notify::new(),

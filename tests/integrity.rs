@@ -744,7 +744,7 @@ mod exports {
     #[tokio::test]
     async fn billing_an_export_could_not_audit_is_exported_later() {
         let clock = ManualClock::new(at(0, 0));
-        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
         let audit = Arc::new(Switchable::default());
         let business = BusinessId::new(17).unwrap();
         let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
@@ -752,7 +752,7 @@ mod exports {
             storage: Arc::new(MemoryStore::new()),
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             transport: network.clone(),
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
             authorizer: Arc::new(
                 StaticAuthorizer::new()
                     .operator(&operator)

@@ -255,9 +255,11 @@ impl World {
     /// As [`Deployment::new`]: the network and the business endpoint fail
     /// as `network` and `sink` say.
     async fn with_faults(network: Faults, sink: Faults) -> Self {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        // The business publishes its keys a millisecond before the start,
+        // before any outage.
+        let clock = ManualClock::new(Timestamp::from_millis(T0 - 1));
         let store = Arc::new(MemoryStore::new());
-        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
@@ -266,7 +268,7 @@ impl World {
             inner: transport.clone(),
             sends: Mutex::default(),
         });
-        let business = SimBusiness::new(clock.clone(), sink, 8);
+        let business = SimBusiness::new(clock.clone(), sink, 8).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let b = BusinessId::new(BUSINESS).unwrap();
         let owner = Principal::new("owner");
@@ -326,6 +328,7 @@ impl World {
             operator,
         };
         d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        d.clock.advance(Duration::from_millis(1));
         Self { d, counting }
     }
 

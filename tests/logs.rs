@@ -75,8 +75,8 @@ fn host() -> Host {
     Host {
         storage: Arc::new(MemoryStore::new()),
         key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1)),
-        business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+        transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
         authorizer: Arc::new(StaticAuthorizer::new()),
         clock: Arc::new(clock),
         audit: Arc::new(MemoryAuditSink::new()),

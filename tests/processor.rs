@@ -55,8 +55,8 @@ impl Deployment {
         seed: u64,
     ) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
-        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
-        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
+        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
+        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let transport = Principal::new("transport");
         let operator = Principal::new("operator");
@@ -117,9 +117,15 @@ impl Deployment {
             .unwrap()
     }
 
+    /// Every business publishes its keys, again while the network refuses
+    /// or loses them, as a host would.
     async fn publish_all(&self) {
         for (&b, owner) in &self.owners {
-            self.processor.publish_keys(owner, b).await.unwrap();
+            let mut tries = 0;
+            while let Err(e) = self.processor.publish_keys(owner, b).await {
+                tries += 1;
+                assert!(tries < 100, "the network never took the keys: {e}");
+            }
         }
     }
 
@@ -519,7 +525,6 @@ async fn an_unreadable_stored_message_fails_with_a_reason_and_blocks_nothing() {
     let down = Faults::none().with_outage(Timestamp::from_millis(T0), Duration::from_secs(600));
     let d = Deployment::new(&[7], down, Faults::none(), 8);
     let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
     d.network.add_consumer(&number(1), 2).await;
     let good = d.send(b, number(1), b"still goes").await;
     let stored = d.store.message(b, good).await.unwrap().unwrap();
@@ -656,7 +661,6 @@ async fn a_message_row_whose_expiry_was_edited_later_fails_as_expired() {
     );
     let d = Deployment::new(&[7], down, Faults::none(), 11);
     let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
     d.network.add_consumer(&number(1), 1).await;
     let id = d.send(b, number(1), b"never").await;
     d.clock.advance(Duration::from_secs(31 * 24 * 3600));
@@ -988,7 +992,7 @@ fn a_business_may_reply_from_inside_its_webhook() {
             .unwrap();
         runtime.block_on(async {
             let clock = ManualClock::new(Timestamp::from_millis(T0));
-            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 11));
+            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 11).unwrap());
             let b = BusinessId::new(5).unwrap();
             let owner = Principal::new("owner");
             let bot = Arc::new(EchoBot {
@@ -1080,7 +1084,7 @@ fn a_sweep_from_inside_the_business_told_by_a_sweep_is_refused_not_waited_for() 
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let start = Timestamp::from_millis(T0);
         let down = Faults::none().with_outage(start, Duration::from_secs(40 * 86_400));
-        let network = Arc::new(SimNetwork::new(clock.clone(), down, 12));
+        let network = Arc::new(SimNetwork::new(clock.clone(), down, 12).unwrap());
         let b = BusinessId::new(5).unwrap();
         let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
         let webhook = Arc::new(SweepingWebhook {
@@ -1157,7 +1161,7 @@ impl Restartable {
     fn new() -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         Self {
-            business: SimBusiness::new(clock.clone(), Faults::none(), 1),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
             clock,
             store: Arc::new(MemoryStore::new()),
             provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
@@ -1327,7 +1331,6 @@ async fn a_row_that_does_not_decode_blocks_neither_retransmission_nor_the_sweep(
     let down = Faults::none().with_outage(Timestamp::from_millis(T0), Duration::from_secs(600));
     let d = Deployment::on(store.clone(), &[7], down, Faults::none(), 9);
     let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
     d.network.add_consumer(&number(1), 2).await;
     let good = d.send(b, number(1), b"still goes").await;
     rusqlite::Connection::open(&path)
@@ -1362,7 +1365,9 @@ async fn a_row_that_does_not_decode_blocks_neither_retransmission_nor_the_sweep(
         "all but the damaged row"
     );
 
-    // The consumer still has its session; the processor must not.
+    // The consumer still has its session; the processor must not. (The
+    // business publishes its keys now the network is back.)
+    d.publish_all().await;
     d.network
         .consumer_sends(&number(1), 0, b, b"after retention")
         .await
@@ -1608,8 +1613,8 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
         Host {
             storage: Arc::new(MemoryStore::new()),
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1)),
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
             authorizer: Arc::new(StaticAuthorizer::new()),
             clock: Arc::new(clock),
             audit: Arc::new(MemoryAuditSink::new()),

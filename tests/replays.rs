@@ -118,7 +118,7 @@ async fn deliver(processor: &Processor, owner: &Principal, b: BusinessId, messag
 async fn run(steps: Vec<Step>) {
     let clock = ManualClock::new(Timestamp::from_millis(T0));
     let world = World {
-        business: SimBusiness::new(clock.clone(), Faults::none(), 1),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
         clock,
         store: Arc::new(MemoryStore::new()),
         provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),

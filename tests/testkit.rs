@@ -15,15 +15,17 @@ use std::time::Duration;
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
-use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
-use custodian::signal::{Ciphertext, MessageKind};
+use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError};
+use custodian::signal::{Ciphertext, IdentityPolicy, MessageKind, SignalConfig};
 use custodian::store::{MemoryStore, Status};
 use custodian::testing::{
-    Cause, Decision, Fate, Faults, Leg, LegStats, REDELIVERY, SimBusiness, SimNetwork,
+    Cause, Decision, Fate, Faults, InvalidFaults, Leg, LegStats, REDELIVERY, SimBusiness,
+    SimNetwork,
 };
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, StaticAuthorizer, StatusUpdate, Transport,
+    TransportError,
 };
 use custodian::visibility::MemoryAuditSink;
 use proptest::prelude::*;
@@ -108,7 +110,7 @@ fn each_fault_happens_at_close_to_its_configured_rate() {
         let count = |f: &dyn Fn(&custodian::testing::Fate) -> bool| {
             fates.iter().filter(|x| f(x)).count() as u64
         };
-        let refusable = matches!(leg, Leg::Call | Leg::Deliver | Leg::Status);
+        let refusable = matches!(leg, Leg::Call | Leg::Upload | Leg::Deliver | Leg::Status);
         let carries = leg != Leg::Call;
         let failed = count(&|f| f.failed);
         if refusable {
@@ -127,13 +129,22 @@ fn each_fault_happens_at_close_to_its_configured_rate() {
         let dropped = count(&|f| f.dropped);
         assert_rate(&format!("{leg:?} drop"), dropped, offered, faults.drop);
         let replies = count(&|f| f.reply_lost);
-        if matches!(leg, Leg::Inbound | Leg::Deliver | Leg::Status) {
+        if matches!(leg, Leg::Inbound | Leg::Upload | Leg::Deliver | Leg::Status) {
             assert_rate(&format!("{leg:?} reply lost"), replies, dropped, 0.5);
         } else {
             assert_eq!(replies, 0, "{leg:?} has no replies to lose");
         }
         let kept = offered - dropped;
         let duplicated = count(&|f| f.duplicated);
+        if leg == Leg::Upload {
+            // One call, neither duplicated nor delayed: it reached the
+            // network unless refused or its request was lost.
+            assert_eq!(duplicated, 0, "an upload is not duplicated");
+            assert!(fates.iter().all(|f| f.delays == [Duration::ZERO; 2]));
+            let landed: u64 = fates.iter().map(|f| u64::from(f.copies())).sum();
+            assert_eq!(landed, kept + replies);
+            continue;
+        }
         assert_rate(
             &format!("{leg:?} duplicate"),
             duplicated,
@@ -188,7 +199,7 @@ fn no_faults_means_no_faults_and_certain_faults_always_happen() {
             assert_eq!(fate.delays, [Duration::ZERO; 2]);
             let fate = all.fate(5, leg, n);
             match leg {
-                Leg::Call | Leg::Deliver | Leg::Status => assert!(fate.failed),
+                Leg::Call | Leg::Upload | Leg::Deliver | Leg::Status => assert!(fate.failed),
                 _ => assert!(fate.dropped),
             }
         }
@@ -222,7 +233,7 @@ fn garbage_message() -> Outgoing {
 async fn the_network_refuses_loses_duplicates_and_delays_at_the_configured_rates() {
     let faults = all_faults();
     let clock = ManualClock::new(start());
-    let network = SimNetwork::new(clock.clone(), faults.clone(), 99);
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 99).unwrap();
     network.add_consumer(&number(1), 1).await;
     let (mut accepted, mut refused) = (0u64, 0u64);
     for _ in 0..EVENTS {
@@ -280,7 +291,7 @@ fn inbound(id: MessageId) -> InboundMessage {
 async fn the_business_endpoint_refuses_loses_duplicates_and_delays_and_says_which() {
     let faults = all_faults();
     let clock = ManualClock::new(start());
-    let sink = SimBusiness::new(clock.clone(), faults.clone(), 3);
+    let sink = SimBusiness::new(clock.clone(), faults.clone(), 3).unwrap();
     let mut taken = BTreeSet::new();
     let mut errors = 0u64;
     for _ in 0..EVENTS {
@@ -352,7 +363,7 @@ async fn delayed_deliveries_and_statuses_show_late_and_out_of_order() {
         ..Faults::none()
     };
     let clock = ManualClock::new(start());
-    let sink = SimBusiness::new(clock.clone(), faults, 8);
+    let sink = SimBusiness::new(clock.clone(), faults, 8).unwrap();
     let ids: Vec<MessageId> = (0..200).map(|_| MessageId::random()).collect();
     for (i, id) in ids.iter().enumerate() {
         sink.deliver(&inbound(*id)).await.unwrap();
@@ -398,8 +409,8 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
         Duration::from_secs(20),
     );
     let clock = ManualClock::new(start());
-    let network = SimNetwork::new(clock.clone(), faults.clone(), 1);
-    let sink = SimBusiness::new(clock.clone(), faults, 1);
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 1).unwrap();
+    let sink = SimBusiness::new(clock.clone(), faults, 1).unwrap();
     network.add_consumer(&number(1), 2).await;
     let mut seen = Vec::new();
     for second in 0..40 {
@@ -409,6 +420,8 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
             .await
             .is_ok();
         assert_eq!(devices_ok, send_ok);
+        let count_ok = network.one_time_prekey_count(business()).await.is_ok();
+        assert_eq!(devices_ok, count_ok);
         let net_ok = devices_ok;
         let sink_ok = sink.deliver(&inbound(MessageId::random())).await.is_ok();
         assert_eq!(net_ok, sink_ok);
@@ -419,7 +432,7 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
         assert_eq!(ok, !(10..30).contains(&second), "at {second} s");
     }
     let stats = network.fault_stats().await[&Leg::Call];
-    assert_eq!((stats.outage, stats.failed), (40, 0));
+    assert_eq!((stats.outage, stats.failed), (60, 0));
 }
 
 /// Two fault kinds on one leg never shift each other, and two legs never
@@ -431,7 +444,7 @@ async fn one_legs_schedule_does_not_depend_on_events_on_another() {
     let run = |with_statuses: bool| {
         let faults = faults.clone();
         async move {
-            let sink = SimBusiness::new(ManualClock::new(start()), faults, 21);
+            let sink = SimBusiness::new(ManualClock::new(start()), faults, 21).unwrap();
             let mut results = Vec::new();
             for i in 0..2000u32 {
                 results.push(sink.deliver(&inbound(MessageId::random())).await.is_ok());
@@ -608,10 +621,38 @@ struct Deployment {
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Deployment {
+    /// A deployment whose business has published its keys.
     async fn new(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
+        let d = Self::unpublished(network_faults, sink_faults, seed).await;
+        d.publish().await;
+        d
+    }
+
+    async fn unpublished(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
+        Self::build(network_faults, sink_faults, seed, SignalConfig::default()).await
+    }
+
+    /// Publish the business's keys, again while the network refuses or
+    /// loses them, as a host would.
+    async fn publish(&self) {
+        for _ in 0..100 {
+            let published = self.processor.publish_keys(&self.owner, business()).await;
+            if published.is_ok() {
+                return;
+            }
+        }
+        panic!("the network never took the keys");
+    }
+
+    async fn build(
+        network_faults: Faults,
+        sink_faults: Faults,
+        seed: u64,
+        signal: SignalConfig,
+    ) -> Self {
         let clock = ManualClock::new(start());
-        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed));
-        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1);
+        let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
+        let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
         let transport = Principal::new("transport");
         let operator = Principal::new("operator");
         let owner = Principal::new("owner");
@@ -635,13 +676,10 @@ impl Deployment {
                 receipt_timeout: RECEIPT_TIMEOUT,
                 batch: 10_000,
             },
+            signal,
             ..Policies::default()
         };
         let processor = Processor::new(host, policies).unwrap();
-        processor
-            .publish_keys(&owner, self::business())
-            .await
-            .unwrap();
         Self {
             clock,
             network,
@@ -687,7 +725,8 @@ async fn a_lost_ciphertext_never_reaches_the_device_by_itself() {
         drop: 1.0,
         ..Faults::none()
     };
-    let d = Deployment::new(lossy, Faults::none(), 4).await;
+    // Every key publication is lost too, and a send needs none.
+    let d = Deployment::unpublished(lossy, Faults::none(), 4).await;
     d.network.add_consumer(&number(1), 2).await;
     let id = d.send(1, "gone").await;
     // Long past any redelivery the network might make, with no
@@ -826,7 +865,7 @@ async fn lost_replies_and_injected_duplicates_never_count_as_the_processor_deliv
 async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
     let clock = ManualClock::new(start());
     let network = Arc::new(custodian::testing::RecordingTransport::new());
-    let business = SimBusiness::new(clock.clone(), Faults::none(), 1);
+    let business = SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap();
     let owner = Principal::new("owner");
     let b = BusinessId::new(3).unwrap();
     let processor = Processor::new(
@@ -890,15 +929,33 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
 /// The network keeps one entry per consumer message: while the processor
 /// acknowledges nothing, each message has one delivery attempt at a time,
 /// however many copies a duplicate fault made go unheard; once heard, it
-/// is delivered and the network keeps nothing.
+/// is delivered and the network keeps nothing. Here the processor refuses
+/// each consumer's new identity key until the business approves it: a
+/// refusal another call lifts, so the network delivers again.
 #[tokio::test]
 async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unheard() {
     let duplicating = Faults {
         duplicate: 0.5,
         ..Faults::none()
     };
-    let d = Deployment::new(duplicating, Faults::none(), 12).await;
+    let refuse = SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    };
+    let d = Deployment::build(duplicating, Faults::none(), 12, refuse).await;
+    d.publish().await;
     let messages = 4;
+    for i in 0..messages {
+        d.network.add_consumer(&number(i), 1).await;
+        d.network
+            .consumer_sends(&number(i), 0, business(), b"first")
+            .await
+            .unwrap();
+    }
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.network.in_flight().await, 0);
+    // Every consumer has a new phone, with a new identity key.
+    let before = d.network.fault_stats().await[&Leg::Inbound];
     for i in 0..messages {
         d.network.add_consumer(&number(i), 1).await;
         d.network
@@ -906,12 +963,17 @@ async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unh
             .await
             .unwrap();
     }
-    // A carrier the processor does not know: every receive is refused.
-    let stranger = Principal::new("stranger");
     let mut handed = 0;
     for _ in 0..16 {
-        let report = d.network.pump(&d.processor, &stranger).await;
-        assert_eq!(report.acknowledged, 0);
+        let report = d.network.pump(&d.processor, &d.transport).await;
+        assert_eq!((report.acknowledged, report.refused), (0, 0));
+        assert!(
+            report
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("identity")),
+            "{report:?}"
+        );
         handed += report.to_processor;
         assert_eq!(
             report.in_flight, messages as u64,
@@ -921,22 +983,28 @@ async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unh
     }
     let stats = d.network.fault_stats().await[&Leg::Inbound];
     assert_eq!(
-        stats.events,
+        stats.events - before.events,
         16 * messages as u64,
         "one attempt per message per round"
     );
-    assert!(stats.duplicated > 0, "{stats:?}");
-    assert_eq!(handed, stats.copies);
+    assert!(stats.duplicated > before.duplicated, "{stats:?}");
+    assert_eq!(handed, stats.copies - before.copies);
 
+    for i in 0..messages {
+        d.processor
+            .trust_new_identity(&d.owner, business(), &number(i), 0)
+            .await
+            .unwrap();
+    }
     let report = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(report.in_flight, 0, "acknowledged: nothing kept");
-    assert_eq!(d.business.messages().len(), messages);
+    assert_eq!(d.business.messages().len(), 2 * messages);
     assert!(d.business.messages().values().all(|&n| n == 1));
     d.clock.advance(REDELIVERY);
     d.network.pump(&d.processor, &d.transport).await;
     let events = d.network.fault_stats().await[&Leg::Inbound].events;
     assert_eq!(
-        events,
+        events - before.events,
         17 * messages as u64,
         "no attempt after the acknowledgement"
     );
@@ -965,7 +1033,7 @@ async fn a_handover_repeated_after_one_was_taken_counts_whatever_its_outcome() {
         .find(|&seed| (0..5).all(|n| wanted[n as usize](faults.fate(seed, Leg::Deliver, n))))
         .unwrap();
     let clock = ManualClock::new(start());
-    let sink = SimBusiness::new(clock.clone(), faults, seed);
+    let sink = SimBusiness::new(clock.clone(), faults, seed).unwrap();
     let (a, b) = (MessageId::random(), MessageId::random());
     assert!(sink.deliver(&inbound(a)).await.is_ok());
     assert!(
@@ -1068,8 +1136,8 @@ async fn copies_count_what_reached_the_other_end() {
         Duration::from_secs(100),
     );
     let clock = ManualClock::new(start());
-    let network = SimNetwork::new(clock.clone(), faults.clone(), 5);
-    let sink = SimBusiness::new(clock.clone(), faults, 5);
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 5).unwrap();
+    let sink = SimBusiness::new(clock.clone(), faults, 5).unwrap();
     network.add_consumer(&number(1), 1).await;
     for _ in 0..3000 {
         let _ = network
@@ -1173,4 +1241,227 @@ async fn nothing_moves_during_a_network_outage_and_everything_after() {
             .0,
         Status::Delivered
     );
+}
+
+/// A setting that would inject less than it says is refused, with what is
+/// wrong, by `validate` and by both components, rather than run silently.
+#[test]
+fn a_setting_that_would_inject_less_than_it_says_is_refused() {
+    let clock = ManualClock::new(start());
+    let refused = |faults: Faults| -> Option<String> {
+        let network = SimNetwork::new(clock.clone(), faults.clone(), 1).err();
+        let business = SimBusiness::new(clock.clone(), faults.clone(), 1).err();
+        let why = faults.validate().err().map(|e| e.to_string());
+        assert_eq!(network.map(|e| e.to_string()), why);
+        assert_eq!(business.map(|e| e.to_string()), why);
+        why
+    };
+    // `none` has no longest delay: a delay set on it would delay nothing.
+    let delay_on_none = Faults {
+        delay: 1.0,
+        ..Faults::none()
+    };
+    assert_eq!(
+        delay_on_none.validate(),
+        Err(InvalidFaults::NoDelay {
+            delay: 1.0,
+            max_delay: Duration::ZERO
+        })
+    );
+    assert!(refused(delay_on_none).is_some());
+    // Delays are whole milliseconds.
+    let under_a_millisecond = Faults {
+        delay: 0.5,
+        max_delay: Duration::from_micros(999),
+        ..Faults::none()
+    };
+    assert!(refused(under_a_millisecond).unwrap().contains("max_delay"));
+    for value in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        for field in ["drop", "duplicate", "delay", "fail"] {
+            let mut faults = all_faults();
+            *match field {
+                "drop" => &mut faults.drop,
+                "duplicate" => &mut faults.duplicate,
+                "delay" => &mut faults.delay,
+                _ => &mut faults.fail,
+            } = value;
+            assert!(matches!(
+                faults.validate(),
+                Err(InvalidFaults::Probability { field: f, .. }) if f == field
+            ));
+            let why = refused(faults).unwrap();
+            assert!(why.starts_with(&format!("{field} is ")), "{why}");
+        }
+    }
+    // An outage that does not start before it ends never happens.
+    let later = start().saturating_add(Duration::from_secs(60));
+    let empty = Faults::none()
+        .with_outage(start(), Duration::from_secs(1))
+        .with_outage(later, Duration::ZERO);
+    assert_eq!(
+        empty.validate(),
+        Err(InvalidFaults::EmptyOutage {
+            index: 1,
+            from: later,
+            to: later
+        })
+    );
+    assert!(refused(empty).is_some());
+    let backwards = Faults {
+        outages: vec![(later, start())],
+        ..Faults::none()
+    };
+    assert!(
+        refused(backwards)
+            .unwrap()
+            .starts_with("outage 0 runs from")
+    );
+    // What is meant is taken.
+    for faults in [
+        Faults::none(),
+        Faults::moderate(),
+        all_faults(),
+        Faults {
+            drop: 1.0,
+            duplicate: 1.0,
+            delay: 1.0,
+            max_delay: Duration::from_millis(1),
+            fail: 1.0,
+            outages: vec![(start(), start().saturating_add(Duration::from_millis(1)))],
+        },
+    ] {
+        assert_eq!(refused(faults), None);
+    }
+}
+
+fn unavailable<T>(result: Result<T, ProcessorError>) -> bool {
+    matches!(
+        result,
+        Err(ProcessorError::Transport(TransportError::Unavailable(_)))
+    )
+}
+
+/// Key publication and the integrity and billing exports go through the
+/// network like any call: refused in its outage, taken once it ends.
+#[tokio::test]
+async fn key_publication_and_exports_are_refused_in_a_network_outage() {
+    let outage = Faults::none().with_outage(start(), Duration::from_secs(60));
+    let d = Deployment::unpublished(outage, Faults::none(), 9).await;
+    assert!(unavailable(
+        d.processor.publish_keys(&d.owner, business()).await
+    ));
+    assert!(
+        d.network
+            .consumer_sends(&number(1), 0, business(), b"hi")
+            .await
+            .is_err(),
+        "no keys to start a session from"
+    );
+    d.processor.report_spam(&d.transport, business()).unwrap();
+    assert!(unavailable(d.processor.export_integrity(&d.operator).await));
+    assert!(d.network.integrity_reports().await.is_empty());
+
+    d.clock.advance(Duration::from_secs(60));
+    d.processor
+        .publish_keys(&d.owner, business())
+        .await
+        .unwrap();
+    assert!(d.network.one_time_prekeys_left(business()).await > 0);
+    assert_eq!(d.processor.export_integrity(&d.operator).await.unwrap(), 1);
+    assert_eq!(d.network.integrity_reports().await.len(), 1);
+    let stats = d.network.fault_stats().await;
+    // In the outage: the prekey count before publishing, the export.
+    assert_eq!((stats[&Leg::Call].outage, stats[&Leg::Call].events), (1, 2));
+    assert_eq!(
+        (stats[&Leg::Upload].outage, stats[&Leg::Upload].events),
+        (1, 3)
+    );
+}
+
+/// An upload whose answer is lost reached the network, though the
+/// processor is told it failed: the keys are published, and a billing
+/// statement handed over again counts once. One whose request is lost
+/// did not reach it.
+#[tokio::test]
+async fn an_upload_whose_answer_is_lost_reached_the_network() {
+    let lossy = Faults {
+        drop: 1.0,
+        ..Faults::none()
+    };
+    // Uploads: keys (answer lost), integrity (request lost), billing
+    // twice (answer lost).
+    let answer_lost = [true, false, true, true];
+    let seed = (0..10_000u64)
+        .find(|&seed| {
+            (0..4).all(|n| lossy.fate(seed, Leg::Upload, n).reply_lost == answer_lost[n as usize])
+        })
+        .unwrap();
+    let d = Deployment::unpublished(lossy, Faults::none(), seed).await;
+    assert!(unavailable(
+        d.processor.publish_keys(&d.owner, business()).await
+    ));
+    assert!(
+        d.network.one_time_prekeys_left(business()).await > 0,
+        "the keys arrived"
+    );
+    d.processor.report_spam(&d.transport, business()).unwrap();
+    assert!(unavailable(d.processor.export_integrity(&d.operator).await));
+    assert!(d.network.integrity_reports().await.is_empty());
+    d.network.add_consumer(&number(1), 1).await;
+    d.send(1, "billed").await;
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    for _ in 0..2 {
+        assert!(unavailable(d.processor.export_billing(&d.operator).await));
+        assert_eq!(d.network.billing_statements().await.len(), 1);
+    }
+    let upload = d.network.fault_stats().await[&Leg::Upload];
+    assert_eq!(
+        (
+            upload.events,
+            upload.dropped,
+            upload.replies_lost,
+            upload.copies
+        ),
+        (4, 4, 3, 3)
+    );
+}
+
+/// What the processor refuses for good is dropped, not delivered again
+/// for ever, and the report says so: here `pump` is given the wrong
+/// principal (the business's owner, no carrier), so the consumer's
+/// message and the device's delivery report are both refused.
+#[tokio::test]
+async fn pump_drops_what_the_processor_refuses_for_good_and_says_why() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 10).await;
+    d.network.add_consumer(&number(1), 1).await;
+    d.network
+        .consumer_sends(&number(1), 0, business(), b"hi")
+        .await
+        .unwrap();
+    d.send(1, "hello").await;
+    let report = d.network.pump(&d.processor, &d.owner).await;
+    assert_eq!(
+        (
+            report.to_processor,
+            report.acknowledged,
+            report.to_devices,
+            report.receipts,
+            report.refused,
+            report.in_flight
+        ),
+        (1, 0, 1, 1, 2, 0)
+    );
+    assert!(
+        report
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not allowed")),
+        "{report:?}"
+    );
+    for _ in 0..10 {
+        d.clock.advance(REDELIVERY);
+        let report = d.network.pump(&d.processor, &d.owner).await;
+        assert_eq!(report, custodian::testing::PumpReport::default());
+    }
+    assert!(d.business.contents().is_empty());
 }

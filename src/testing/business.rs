@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::faults::{Decision, Faults, Injector, Leg, LegStats};
+use super::faults::{Decision, Faults, Injector, InvalidFaults, Leg, LegStats};
 use crate::ids::{BusinessId, MessageId};
 use crate::store::{FailureReason, Status};
 use crate::time::{Clock, ManualClock, Timestamp};
@@ -237,10 +237,12 @@ impl std::fmt::Debug for SimBusiness {
 }
 
 impl SimBusiness {
-    /// An endpoint with `faults`, deterministic under `seed` (see
-    /// [`Faults::fate`]), reading time from `clock`.
-    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Arc<Self> {
-        Arc::new(Self {
+    /// An endpoint with `faults` on both its legs, deterministic under
+    /// `seed` (see [`Faults::fate`]), reading time from `clock`; refused if
+    /// [`Faults::validate`] refuses `faults`.
+    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Result<Arc<Self>, InvalidFaults> {
+        faults.validate()?;
+        Ok(Arc::new(Self {
             record: Mutex::new(Record {
                 faults: Injector::new(faults, seed),
                 held: Vec::new(),
@@ -252,7 +254,7 @@ impl SimBusiness {
                 status_log: Vec::new(),
             }),
             clock,
-        })
+        }))
     }
 
     /// The record, with everything due by now shown.

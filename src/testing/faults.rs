@@ -24,6 +24,7 @@ use crate::time::Timestamp;
 /// | leg | `fail` / outages | `drop` | `duplicate` | `delay` |
 /// |---|---|---|---|---|
 /// | [`Leg::Call`] | refused as unavailable | - | - | - |
+/// | [`Leg::Upload`] | refused as unavailable | the request or its answer is lost: the processor gets an unavailable error, and the network has what it sent if only the answer was lost | - | - |
 /// | [`Leg::Inbound`] | - | the attempt or its acknowledgement is lost; the network delivers again after its timeout | delivered twice | arrives late |
 /// | [`Leg::ToDevice`] | - | lost for good | delivered twice | arrives late |
 /// | [`Leg::Receipt`] | - | lost for good | reported twice | arrives late |
@@ -32,7 +33,12 @@ use crate::time::Timestamp;
 /// The draws are independent: `drop` is the share of events not refused
 /// that are lost, `duplicate` the share of those not lost that arrive
 /// twice, `delay` the share of copies that arrive late (by a uniform delay
-/// up to `max_delay`, so later ones overtake them).
+/// up to `max_delay`, in whole milliseconds, so later ones overtake them).
+///
+/// One `Faults` covers every leg of the component it is given to (a
+/// [`SimNetwork`](super::SimNetwork) or a [`SimBusiness`](super::SimBusiness)):
+/// there is no setting per leg. The simulated components refuse a `Faults`
+/// that [`validate`](Self::validate) refuses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Faults {
     /// A message is lost.
@@ -42,13 +48,51 @@ pub struct Faults {
     /// A copy is held back by a random delay up to `max_delay`, so later
     /// ones overtake it.
     pub delay: f64,
-    /// The longest delay.
+    /// The longest delay, at least a millisecond if `delay` is above 0.
     pub max_delay: Duration,
     /// A call fails outright as unavailable.
     pub fail: f64,
-    /// Periods `[from, to)` during which every call fails as unavailable
-    /// and the network moves nothing.
+    /// Periods `[from, to)`, each `from` before its `to`, during which
+    /// every call on a leg that refuses calls (see the table) fails as
+    /// unavailable, and the network moves nothing.
     pub outages: Vec<(Timestamp, Timestamp)>,
+}
+
+/// Why [`Faults::validate`] refused a setting: one that would silently
+/// inject less than it says.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidFaults {
+    /// A probability is not in `[0, 1]` (or is NaN).
+    #[error("{field} is {value}: a probability is from 0 to 1")]
+    Probability {
+        /// The field: `drop`, `duplicate`, `delay` or `fail`.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// `delay` is above 0 but `max_delay` is under a millisecond, so every
+    /// delay drawn would be 0.
+    #[error(
+        "delay is {delay} but max_delay is {max_delay:?}: delays are whole milliseconds up to \
+         max_delay, so none would be late"
+    )]
+    NoDelay {
+        /// The share of copies to delay.
+        delay: f64,
+        /// The longest delay.
+        max_delay: Duration,
+    },
+    /// An outage does not start before it ends, so it never happens.
+    #[error("outage {index} runs from {from:?} to {to:?}: it must start before it ends")]
+    EmptyOutage {
+        /// Its place in `outages`.
+        index: usize,
+        /// Its start.
+        from: Timestamp,
+        /// Its end.
+        to: Timestamp,
+    },
 }
 
 impl Faults {
@@ -83,6 +127,37 @@ impl Faults {
         self
     }
 
+    /// Refuse a setting that would inject less than it says: a probability
+    /// outside `[0, 1]` or NaN, a `delay` above 0 with a `max_delay` under
+    /// a millisecond, an outage that does not start before it ends.
+    /// [`SimNetwork::new`](super::SimNetwork::new) and
+    /// [`SimBusiness::new`](super::SimBusiness::new) run it.
+    pub fn validate(&self) -> Result<(), InvalidFaults> {
+        for (field, value) in [
+            ("drop", self.drop),
+            ("duplicate", self.duplicate),
+            ("delay", self.delay),
+            ("fail", self.fail),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(InvalidFaults::Probability { field, value });
+            }
+        }
+        if self.delay > 0.0 && self.max_delay < Duration::from_millis(1) {
+            return Err(InvalidFaults::NoDelay {
+                delay: self.delay,
+                max_delay: self.max_delay,
+            });
+        }
+        match self.outages.iter().position(|(from, to)| from >= to) {
+            Some(index) => {
+                let (from, to) = self.outages[index];
+                Err(InvalidFaults::EmptyOutage { index, from, to })
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Whether `now` falls in one of the outages.
     pub fn in_outage(&self, now: Timestamp) -> bool {
         self.outages
@@ -110,15 +185,15 @@ impl Faults {
             }
         }
 
-        let refusable = matches!(leg, Leg::Call | Leg::Deliver | Leg::Status);
-        let failed = refusable && failed;
+        let failed = leg.refusable() && failed;
         let carries = leg != Leg::Call && !failed;
         let dropped = carries && dropped;
-        let reply_lost =
-            dropped && matches!(leg, Leg::Inbound | Leg::Deliver | Leg::Status) && reply_lost;
-        let duplicated = carries && !dropped && duplicated;
+        let reply_lost = dropped && leg != Leg::ToDevice && leg != Leg::Receipt && reply_lost;
+        // An upload is one call: it is not duplicated or delayed.
+        let travels = carries && leg != Leg::Upload;
+        let duplicated = travels && !dropped && duplicated;
         // A copy travels if the event was not lost, or if only its reply was.
-        let first_travels = carries && (!dropped || reply_lost);
+        let first_travels = travels && (!dropped || reply_lost);
         if !first_travels {
             delays[0] = Duration::ZERO;
         }
@@ -145,8 +220,13 @@ fn duration_ms(d: Duration) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Leg {
     /// A call from the processor to the network (`devices`, `fetch_bundle`,
-    /// `send`): refused or not.
+    /// `send`, `one_time_prekey_count`): refused or not.
     Call,
+    /// The processor handing the network something to keep
+    /// (`publish_keys`, `integrity_signals`, `billing`): refused, or lost
+    /// (the request, or only its answer, so the network has it while the
+    /// processor is told the call failed).
+    Upload,
     /// One attempt of the network to deliver a consumer's message to the
     /// processor.
     Inbound,
@@ -162,8 +242,9 @@ pub enum Leg {
 
 impl Leg {
     /// Every leg, in order.
-    pub const ALL: [Leg; 6] = [
+    pub const ALL: [Leg; 7] = [
         Leg::Call,
+        Leg::Upload,
         Leg::Inbound,
         Leg::ToDevice,
         Leg::Receipt,
@@ -171,6 +252,7 @@ impl Leg {
         Leg::Status,
     ];
 
+    /// Fixed for good: a leg's stream of fates is drawn from it.
     fn index(self) -> usize {
         match self {
             Leg::Call => 0,
@@ -179,7 +261,13 @@ impl Leg {
             Leg::Receipt => 3,
             Leg::Deliver => 4,
             Leg::Status => 5,
+            Leg::Upload => 6,
         }
+    }
+
+    /// Whether calls on the leg can be refused (`fail`, outages).
+    fn refusable(self) -> bool {
+        matches!(self, Leg::Call | Leg::Upload | Leg::Deliver | Leg::Status)
     }
 }
 
@@ -194,8 +282,8 @@ pub struct Fate {
     /// The message is lost (on a request–reply leg: the request, or only
     /// its reply, see `reply_lost`).
     pub dropped: bool,
-    /// Of a dropped exchange on [`Leg::Inbound`], [`Leg::Deliver`] or
-    /// [`Leg::Status`]: the request arrived and only the reply was lost,
+    /// Of a dropped exchange on [`Leg::Inbound`], [`Leg::Upload`],
+    /// [`Leg::Deliver`] or [`Leg::Status`]: the request arrived and only the reply was lost,
     /// so the receiver has it while the sender believes it failed (one
     /// dropped exchange in two).
     pub reply_lost: bool,
@@ -207,7 +295,8 @@ pub struct Fate {
 
 impl Fate {
     /// How many copies of a message reach the other end: 0, 1 or 2. A
-    /// [`Leg::Call`] carries no message, so none, refused or not. (An
+    /// [`Leg::Call`] carries no message, so none, refused or not; an
+    /// [`Leg::Upload`] that reached the network is one. (An
     /// outage is no part of the fate: see [`Decision::copies`].)
     pub fn copies(&self) -> u32 {
         if self.leg == Leg::Call || self.failed || (self.dropped && !self.reply_lost) {
@@ -300,8 +389,7 @@ impl Injector {
         let n = self.next[i];
         self.next[i] += 1;
         let fate = self.faults.fate(self.seed, leg, n);
-        let outage =
-            matches!(leg, Leg::Call | Leg::Deliver | Leg::Status) && self.faults.in_outage(now);
+        let outage = leg.refusable() && self.faults.in_outage(now);
         let decision = Decision {
             leg,
             n,

@@ -15,8 +15,10 @@
 //!   it, for harnesses and benchmarks that hand ciphertexts to devices
 //!   themselves.
 //! - [`Faults`]: loss, duplication, delay (so reordering), failures and
-//!   outages on each [`Leg`] of both, decided by a seeded pure function
-//!   ([`Faults::fate`]). Time is a [`ManualClock`](crate::time::ManualClock)
+//!   outages, decided by a seeded pure function ([`Faults::fate`]). Each
+//!   of the two components takes one `Faults`, which covers every [`Leg`]
+//!   of it: there is no setting per leg (the table on [`Faults`] says
+//!   which faults apply to which leg). Time is a [`ManualClock`](crate::time::ManualClock)
 //!   the harness advances; delays and outages are in its time.
 //!
 //! # What a seed reproduces
@@ -76,8 +78,17 @@
 //! first. Other points to keep in mind:
 //!
 //! - During a network outage, [`pump`](SimNetwork::pump) moves nothing
-//!   and the network refuses every call. The business endpoint has
-//!   outages of its own, in its own [`Faults`].
+//!   and the network refuses every call the processor makes, key
+//!   publication and the integrity and billing exports included. Those
+//!   also meet `fail` and `drop` ([`Leg::Upload`]), and the processor
+//!   does not retry them by itself: like a host's timer, the harness
+//!   publishes and exports again until a call succeeds. The business
+//!   endpoint has outages of its own, in its own [`Faults`].
+//! - The processor's refusals are not lost messages: a consumer message
+//!   or delivery report the processor refuses for good (the wrong
+//!   principal given to [`pump`](SimNetwork::pump), say) is dropped and
+//!   counted in [`PumpReport::refused`], with the error in
+//!   [`PumpReport::last_error`].
 //! - A device counts the copies of each message it decrypted
 //!   ([`SimNetwork::received`]): those beyond the first are the
 //!   processor's retransmissions. A copy of one ciphertext that the
@@ -103,8 +114,8 @@
 //! use custodian::visibility::MemoryAuditSink;
 //!
 //! let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-//! let network = Arc::new(SimNetwork::new(clock.clone(), Faults::moderate(), 1));
-//! let business = SimBusiness::new(clock.clone(), Faults::moderate(), 2);
+//! let network = Arc::new(SimNetwork::new(clock.clone(), Faults::moderate(), 1)?);
+//! let business = SimBusiness::new(clock.clone(), Faults::moderate(), 2)?;
 //! let b = BusinessId::new(7).ok_or("zero")?;
 //! let carrier = Principal::new("carrier");
 //! let owner = Principal::new("owner");
@@ -130,8 +141,15 @@
 //! let policies = Policies { delivery, ..Policies::default() };
 //! let processor = Processor::new(host, policies)?;
 //!
-//! // Keys first, then traffic both ways.
-//! processor.publish_keys(&owner, b).await?;
+//! // Keys first (the network may refuse or lose them, as any call: try
+//! // again), then traffic both ways.
+//! let mut tries = 0;
+//! while let Err(e) = processor.publish_keys(&owner, b).await {
+//!     tries += 1;
+//!     if tries == 10 {
+//!         return Err(e.into());
+//!     }
+//! }
 //! let alice: PhoneNumber = "+447700900001".parse()?;
 //! network.add_consumer(&alice, 2).await;
 //! network.consumer_sends(&alice, 1, b, b"hello").await?;
@@ -191,7 +209,7 @@ mod recording;
 
 pub use business::{Cause, Copies, SimBusiness};
 pub use device::{ConsumerDevice, DeviceError};
-pub use faults::{Decision, Fate, Faults, Leg, LegStats};
+pub use faults::{Decision, Fate, Faults, InvalidFaults, Leg, LegStats};
 pub use join::join_all;
 pub use network::{PumpReport, REDELIVERY, SimNetwork};
 pub use recording::RecordingTransport;

@@ -12,9 +12,16 @@
 //!   a message it never saw; the network has to. It keeps one entry per
 //!   message: copies a duplicate fault made are not messages of their
 //!   own, so however many copies go unheard, one attempt is scheduled.
-//! - **Processor → network** ([`Leg::Call`]): `devices`, `fetch_bundle`
-//!   and `send` are refused as unavailable (`fail`, outages); the processor
-//!   retries them.
+//! - **Processor → network** ([`Leg::Call`]): `devices`, `fetch_bundle`,
+//!   `send` and `one_time_prekey_count` are refused as unavailable
+//!   (`fail`, outages); the processor retries them.
+//! - **Processor → network, to keep** ([`Leg::Upload`]): `publish_keys`,
+//!   `integrity_signals` and `billing` are refused as unavailable (`fail`,
+//!   outages), or lost (`drop`): the request, or only its answer, so the
+//!   network has the keys, report or statement while the processor is
+//!   told the call failed. The processor does not retry these by itself:
+//!   the harness publishes keys and exports again, as a host's timer
+//!   would.
 //! - **Network → device** ([`Leg::ToDevice`]): a ciphertext the network
 //!   accepted may be lost for good, duplicated or delayed.
 //! - **Device → processor** ([`Leg::Receipt`]): each device's delivery
@@ -25,6 +32,11 @@
 //!   receipt timeout) is what gets it to every device.
 //!
 //! During an outage every call is refused and nothing in flight moves.
+//!
+//! The processor's refusals are no loss: a message or delivery report the
+//! processor refuses for good ([`ProcessorError::Unauthorized`], or an
+//! error that [`is_permanent`](ProcessorError::is_permanent)) is dropped,
+//! as a real network drops it, and counted in [`PumpReport::refused`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -32,7 +44,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::device::ConsumerDevice;
-use super::faults::{Decision, Faults, Injector, Leg, LegStats};
+use super::faults::{Decision, Faults, Injector, InvalidFaults, Leg, LegStats};
 use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
@@ -213,6 +225,37 @@ impl Net {
             .collect()
     }
 
+    fn one_time_prekeys_left(&self, business: BusinessId) -> usize {
+        self.published
+            .get(&business)
+            .map_or(0, |(keys, handed_out)| {
+                keys.one_time_prekeys
+                    .iter()
+                    .filter(|k| !handed_out.contains(&(k.id, k.public_key)))
+                    .count()
+            })
+    }
+
+    /// Decide an upload at `now`: whether what it carries reaches the
+    /// network, and what the processor is told.
+    fn upload(&mut self, now: Timestamp) -> (bool, Result<(), TransportError>) {
+        let decision = self.faults.decide(Leg::Upload, now);
+        let answer = if decision.refused() {
+            Err(unavailable(decision))
+        } else if decision.fate.reply_lost {
+            Err(TransportError::Unavailable(
+                "simulated timeout: the answer was lost".into(),
+            ))
+        } else if decision.fate.dropped {
+            Err(TransportError::Unavailable(
+                "simulated timeout: the request was lost".into(),
+            ))
+        } else {
+            Ok(())
+        };
+        (decision.copies() > 0, answer)
+    }
+
     fn in_flight(&self) -> u64 {
         (self.to_processor.len() + self.to_devices.len() + self.receipts.len()) as u64
     }
@@ -229,6 +272,15 @@ pub struct PumpReport {
     pub to_devices: u64,
     /// Delivery reports handed to the processor.
     pub receipts: u64,
+    /// Of the consumer messages and delivery reports, those the processor
+    /// refused for good ([`ProcessorError::Unauthorized`]: `pump` was
+    /// given the wrong principal; or an error that
+    /// [`is_permanent`](ProcessorError::is_permanent)): the network drops
+    /// them, and delivers them again never.
+    pub refused: u64,
+    /// The last error the processor answered a consumer message or a
+    /// delivery report with, refused for good or not, as text.
+    pub last_error: Option<String>,
     /// Items still in flight afterwards.
     pub in_flight: u64,
     /// Wall-clock time of each [`Processor::receive`] call.
@@ -247,6 +299,12 @@ impl std::fmt::Debug for SimNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimNetwork").finish_non_exhaustive()
     }
+}
+
+/// Whether the processor refused a call for good: making it again cannot
+/// succeed, so the network drops what it carried.
+fn refused_for_good(e: &ProcessorError) -> bool {
+    matches!(e, ProcessorError::Unauthorized { .. }) || e.is_permanent()
 }
 
 /// Deliveries to the processor the network keeps in flight at once.
@@ -269,10 +327,12 @@ fn take_due<T>(queue: &mut Vec<InFlight<T>>, now: Timestamp) -> Vec<InFlight<T>>
 }
 
 impl SimNetwork {
-    /// A network with `faults` on every leg, deterministic under `seed`
-    /// (see [`Faults::fate`]), reading time from `clock`.
-    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Self {
-        Self {
+    /// A network with `faults` on each of its legs, deterministic under `seed`
+    /// (see [`Faults::fate`]), reading time from `clock`; refused if
+    /// [`Faults::validate`] refuses `faults`.
+    pub fn new(clock: ManualClock, faults: Faults, seed: u64) -> Result<Self, InvalidFaults> {
+        faults.validate()?;
+        Ok(Self {
             net: async_lock::Mutex::new(Net {
                 consumers: BTreeMap::new(),
                 published: BTreeMap::new(),
@@ -291,7 +351,7 @@ impl SimNetwork {
                 billing: Vec::new(),
             }),
             clock,
-        }
+        })
     }
 
     /// Add a consumer with `devices` devices (ids 0..devices). With 0,
@@ -406,23 +466,30 @@ impl SimNetwork {
         for chunk in inbound.chunks(CONCURRENCY) {
             let calls = chunk.iter().map(|flight| async move {
                 let started = std::time::Instant::now();
-                let acked = processor
+                let result = processor
                     .receive(principal, flight.item.business, flight.item.inbound.clone())
-                    .await
-                    .is_ok();
-                (acked, started.elapsed())
+                    .await;
+                (result, started.elapsed())
             });
             let results = join_all(calls.collect()).await;
             let mut net = self.net.lock().await;
             let net = &mut *net;
-            for ((acked, took), flight) in results.into_iter().zip(chunk) {
+            for ((result, took), flight) in results.into_iter().zip(chunk) {
                 report.to_processor += 1;
                 report.receive_latencies.push(took);
-                let heard = acked && flight.item.hop == (Hop::Arrive { reply_lost: false });
+                let acked = result.is_ok();
+                let refused = result.as_ref().is_err_and(refused_for_good);
+                if let Err(e) = result {
+                    report.last_error = Some(e.to_string());
+                }
+                let heard = flight.item.hop == (Hop::Arrive { reply_lost: false });
                 if acked {
                     report.acknowledged += 1;
                 }
-                if heard {
+                if refused {
+                    report.refused += 1;
+                }
+                if heard && (acked || refused) {
                     net.unacked.remove(&flight.item.message);
                 } else {
                     // No acknowledgement reached the network: it delivers again later.
@@ -520,8 +587,12 @@ impl SimNetwork {
                     Ok(_) => {
                         net.reported.insert((*business, *id));
                     }
-                    Err(ProcessorError::NotFound) => {}
-                    Err(_) => {
+                    Err(e) if refused_for_good(&e) => {
+                        report.refused += 1;
+                        report.last_error = Some(e.to_string());
+                    }
+                    Err(e) => {
+                        report.last_error = Some(e.to_string());
                         let retry = Receipt {
                             business: *business,
                             id: *id,
@@ -568,7 +639,8 @@ impl SimNetwork {
             .unwrap_or_default()
     }
 
-    /// Every integrity report the processor exported to the network.
+    /// Every integrity report the processor exported to the network (one
+    /// exported again, its answer lost, is here each time it arrived).
     pub async fn integrity_reports(&self) -> Vec<IntegrityReport> {
         self.net.lock().await.integrity.clone()
     }
@@ -585,17 +657,7 @@ impl SimNetwork {
     /// path: a harness that starts many sessions publishes again
     /// ([`Processor::publish_keys`]) before they run out.
     pub async fn one_time_prekeys_left(&self, business: BusinessId) -> usize {
-        self.net
-            .lock()
-            .await
-            .published
-            .get(&business)
-            .map_or(0, |(keys, handed_out)| {
-                keys.one_time_prekeys
-                    .iter()
-                    .filter(|k| !handed_out.contains(&(k.id, k.public_key)))
-                    .count()
-            })
+        self.net.lock().await.one_time_prekeys_left(business)
     }
 
     /// One-time prekeys of `business` the network has handed out, each to
@@ -726,39 +788,52 @@ impl Transport for SimNetwork {
         business: BusinessId,
         keys: &PublishedKeys,
     ) -> Result<(), TransportError> {
-        // The new list replaces the old, but a one-time prekey handed out
-        // before (its first message still on its way, say) is not handed
-        // out again.
         let mut net = self.net.lock().await;
-        match net.published.get_mut(&business) {
-            Some((published, _)) => *published = keys.clone(),
-            None => {
-                net.published
-                    .insert(business, (keys.clone(), BTreeSet::new()));
+        let (lands, answer) = net.upload(self.clock.now());
+        if lands {
+            // The new list replaces the old, but a one-time prekey handed
+            // out before (its first message still on its way, say) is not
+            // handed out again.
+            match net.published.get_mut(&business) {
+                Some((published, _)) => *published = keys.clone(),
+                None => {
+                    net.published
+                        .insert(business, (keys.clone(), BTreeSet::new()));
+                }
             }
         }
-        Ok(())
+        answer
     }
 
     async fn one_time_prekey_count(
         &self,
         business: BusinessId,
     ) -> Result<Option<usize>, TransportError> {
-        Ok(Some(self.one_time_prekeys_left(business).await))
+        let mut net = self.net.lock().await;
+        let decision = net.faults.decide(Leg::Call, self.clock.now());
+        if decision.refused() {
+            return Err(unavailable(decision));
+        }
+        Ok(Some(net.one_time_prekeys_left(business)))
     }
 
     async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
-        self.net.lock().await.integrity.push(report.clone());
-        Ok(())
+        let mut net = self.net.lock().await;
+        let (lands, answer) = net.upload(self.clock.now());
+        if lands {
+            net.integrity.push(report.clone());
+        }
+        answer
     }
 
     async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
         let mut net = self.net.lock().await;
+        let (lands, answer) = net.upload(self.clock.now());
         // Billing's system of record: a statement handed over again (its
         // answer lost) counts once.
-        if !net.billing.iter().any(|s| s.id == statement.id) {
+        if lands && !net.billing.iter().any(|s| s.id == statement.id) {
             net.billing.push(statement.clone());
         }
-        Ok(())
+        answer
     }
 }

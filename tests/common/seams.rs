@@ -649,14 +649,16 @@ impl Deployment {
     /// under `signal` (a small prekey pool makes a test's many
     /// deployments cheap).
     pub(crate) async fn with_signal(network: Faults, sink: Faults, signal: SignalConfig) -> Self {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        // The business publishes its keys a millisecond before the start,
+        // before any outage.
+        let clock = ManualClock::new(Timestamp::from_millis(T0 - 1));
         let store = Arc::new(MemoryStore::new());
-        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7));
+        let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
         });
-        let business = SimBusiness::new(clock.clone(), sink, 8);
+        let business = SimBusiness::new(clock.clone(), sink, 8).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let faults = Arc::new(HostFaults::default());
         let b = BusinessId::new(BUSINESS).unwrap();
@@ -698,6 +700,7 @@ impl Deployment {
             operator,
         };
         d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        d.clock.advance(Duration::from_millis(1));
         d
     }
 
