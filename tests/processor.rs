@@ -1685,8 +1685,8 @@ fn the_policies_a_processor_starts_with_are_audited() {
         Host {
             storage: Arc::new(MemoryStore::new()),
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1)),
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2),
+            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
             authorizer: Arc::new(StaticAuthorizer::new()),
             clock: Arc::new(clock),
             audit,
