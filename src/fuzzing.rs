@@ -1300,42 +1300,22 @@ mod tests {
             signed_fields(&public, &secret, &signature[..63], true),
             bad,
         );
-        add(
-            spk,
-            "without-signature",
-            [
-                pb_small(1, id8),
-                pb(2, &public),
-                pb(3, &secret),
-                pb_fixed64(5, timestamp),
-            ]
-            .concat(),
-            bad,
-        );
-        add(
-            spk,
-            "without-private-key",
-            [
-                pb_small(1, id8),
-                pb(2, &public),
-                pb(4, &signature),
-                pb_fixed64(5, timestamp),
-            ]
-            .concat(),
-            bad,
-        );
-        add(
-            spk,
-            "without-id",
-            [
-                pb(2, &public),
-                pb(3, &secret),
-                pb(4, &signature),
-                pb_fixed64(5, timestamp),
-            ]
-            .concat(),
-            bad,
-        );
+        let every_field = [
+            pb_small(1, id8),
+            pb(2, &public),
+            pb(3, &secret),
+            pb(4, &signature),
+            pb_fixed64(5, timestamp),
+        ];
+        for (name, field) in [
+            ("without-signature", 3),
+            ("without-private-key", 2),
+            ("without-id", 0),
+        ] {
+            let mut fields = every_field.to_vec();
+            fields.remove(field);
+            add(spk, name, fields.concat(), bad);
+        }
         add(
             spk,
             "private-key-31-bytes",
