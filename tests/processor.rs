@@ -1665,7 +1665,8 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
 
 /// The policies a processor starts with are in the audit trail before it
 /// runs, named by revision and digest (so a restart under an older or
-/// another table shows); a trail that cannot record them stops the start.
+/// another table shows); a trail that cannot record them stops the start,
+/// and a processor that does not start records none.
 #[test]
 fn the_policies_a_processor_starts_with_are_audited() {
     struct Refusing;
@@ -1716,6 +1717,20 @@ fn the_policies_a_processor_starts_with_are_audited() {
         Err(ProcessorError::Audit(AuditError::OutOfService)) => {}
         other => panic!("{:?}", other.map(|_| ())),
     }
+
+    // A processor that does not start leaves no start in the trail.
+    let audit = Arc::new(MemoryAuditSink::new());
+    let mut billing = custodian::integrity::BillingConfig::default();
+    billing.retained_periods = 0;
+    let invalid = Policies {
+        billing,
+        ..Policies::default()
+    };
+    match Processor::new(host(audit.clone()), invalid) {
+        Err(ProcessorError::Config(_)) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(audit.changes(), []);
 }
 
 /// The business and the network carrying its messages are different roles:

@@ -355,7 +355,11 @@ impl Processor {
                 crate::signal::LIBRARY_LOG_TARGET
             )));
         }
-        // The policies in force from the start, which no change recorded.
+        let integrity = IntegrityMonitor::new(policies.integrity).map_err(config)?;
+        let statistics = StatisticsCollector::new(policies.statistics).map_err(config)?;
+        let billing = BillingLedger::new(policies.billing).map_err(config)?;
+        // Last, once nothing else can stop the start: the policies in force
+        // from the start, which no change recorded.
         host.audit.record_change(&Change::Start {
             at: host.clock.now(),
             revision: policies.visibility.revision(),
@@ -377,9 +381,9 @@ impl Processor {
                 host.audit.clone(),
             ),
             gate: Gate::new(policies.visibility, host.audit, host.clock.clone()),
-            integrity: IntegrityMonitor::new(policies.integrity).map_err(config)?,
-            statistics: StatisticsCollector::new(policies.statistics).map_err(config)?,
-            billing: BillingLedger::new(policies.billing).map_err(config)?,
+            integrity,
+            statistics,
+            billing,
             storage: host.storage,
             keys,
             vault,

@@ -41,7 +41,8 @@ const SECRET_RECORDS: [(&str, Level); 3] = [
 pub fn library_logs_exposed() -> bool {
     let logger = log::logger();
     SECRET_RECORDS.iter().any(|&(target, level)| {
-        level <= log::max_level()
+        level <= log::STATIC_MAX_LEVEL
+            && level <= log::max_level()
             && logger.enabled(&Metadata::builder().level(level).target(target).build())
     })
 }

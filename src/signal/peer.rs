@@ -53,7 +53,8 @@ pub(super) struct CorruptPeer(pub(super) &'static str);
 pub(super) struct Peer {
     /// The device, as its record is stored under.
     pub(super) id: PeerId,
-    /// The library's name for the peer: the phone hash in hex, never the number.
+    /// The library's name for the peer: the same for every consumer (see
+    /// [`address`]), so the library's logs name no one.
     pub(super) address: ProtocolAddress,
     pub(super) session: Option<SessionRecord>,
     pub(super) identity: Option<IdentityKey>,

@@ -441,14 +441,16 @@ impl Default for FlushPolicy {
 ///
 /// After a write error the sink is out of service: every later `record`
 /// fails (so the gate keeps every value) until the host, the cause mended
-/// (space freed, say), calls [`resume`](Self::resume). Lines the writer
-/// never took are kept and written then, unless the host takes them
+/// (space freed, say), calls [`resume`](Self::resume). The record whose
+/// write failed is withdrawn (it was refused, so what it says did not
+/// happen); lines buffered before it, whose records succeeded, are kept
+/// and written then, unless the host takes them
 /// ([`take_unwritten`](Self::take_unwritten)). The file may hold a whole
-/// line whose flush failed, whose value the gate kept (and releases later
-/// under the same decision id), and, if the failure cut a line and its rest
-/// was taken, or the process died mid-write, a partial line: the sink (or
-/// the next one opened on the file) ends it before its own first line, so
-/// a reader that skips lines that do not parse loses no other.
+/// line whose flush failed (with a writer that buffers), whose value the
+/// gate kept, and a partial line where a failed write or a dying process
+/// cut one: the sink (or the next one opened on the file) ends it before
+/// its own first line, so a reader that skips lines that do not parse
+/// loses no other.
 pub struct JsonLinesSink<W: Write + Send = File> {
     flush: FlushPolicy,
     inner: Mutex<Lines<W>>,
@@ -476,18 +478,34 @@ impl JsonLinesSink<File> {
     /// Appends to the file at `path`, creating it if needed. A partial last
     /// line (a writer stopped mid-line) is ended before the first new one.
     pub fn open_with(path: impl AsRef<Path>, flush: FlushPolicy) -> io::Result<Self> {
-        let mut file = OpenOptions::new()
+        let path = path.as_ref();
+        let readable = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
-            .open(path)?;
-        let mut last = [b'\n'];
-        if file.metadata()?.len() > 0 {
-            file.seek(SeekFrom::End(-1))?;
-            file.read_exact(&mut last)?;
-        }
+            .open(path);
+        let (file, cut) = match readable {
+            Ok(mut file) => {
+                let mut last = [b'\n'];
+                if file.metadata()?.len() > 0 {
+                    file.seek(SeekFrom::End(-1))?;
+                    file.read_exact(&mut last)?;
+                }
+                (file, last[0] != b'\n')
+            }
+            // An audit file the process may only append to: whether it
+            // ends mid-line is unknown, and an empty line does no harm.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                let file = OpenOptions::new().create(true).append(true).open(path)?;
+                let cut = file.metadata()?.len() > 0;
+                (file, cut)
+            }
+            Err(e) => return Err(e),
+        };
         let sink = Self::new(file, flush);
-        lock(&sink.inner).end_line = last[0] != b'\n';
+        if cut {
+            lock(&sink.inner).cut();
+        }
         Ok(sink)
     }
 }
@@ -544,6 +562,30 @@ impl<W: Write + Send> JsonLinesSink<W> {
 }
 
 impl<W: Write> Lines<W> {
+    /// The file ends mid-line: end that line before writing any other.
+    fn cut(&mut self) {
+        self.mid_line = true;
+        self.end_line = true;
+    }
+
+    /// [`write_out`](Self::write_out), the buffer's last `line` bytes being
+    /// the record the caller is writing: if the write fails, that record is
+    /// refused, so its line is withdrawn (what it says did not happen), and
+    /// if the writer took part of it, the cut is ended before the next line.
+    fn write_out_record(&mut self, line: usize) -> Result<(), AuditError> {
+        let result = self.write_out();
+        if result.is_err() {
+            match self.buf.len().checked_sub(line) {
+                Some(before) => self.buf.truncate(before),
+                None => {
+                    self.buf.clear();
+                    self.cut();
+                }
+            }
+        }
+        result
+    }
+
     fn write_out(&mut self) -> Result<(), AuditError> {
         if self.failed {
             return Err(AuditError::OutOfService);
@@ -598,7 +640,8 @@ impl<W: Write + Send> JsonLinesSink<W> {
         }
         lines.buf.push(b'\n');
         lines.last_write = Some(at);
-        lines.write_out()
+        let line = lines.buf.len() - start;
+        lines.write_out_record(line)
     }
 }
 
@@ -637,7 +680,8 @@ impl<W: Write + Send> AuditSink for JsonLinesSink<W> {
         };
         if due {
             lines.last_write = Some(decision.at);
-            lines.write_out()?;
+            let line = lines.buf.len() - start;
+            lines.write_out_record(line)?;
         }
         Ok(())
     }
@@ -796,9 +840,9 @@ mod tests {
             sink.record(&decision(3, 2_000)),
             Err(AuditError::Io(_))
         ));
+        // Decision 3's record failed (its value was kept): withdrawn.
         let mut all = line(decision(1, 0));
         all.extend(line(decision(2, 10)));
-        all.extend(line(decision(3, 2_000)));
         let unwritten = sink.take_unwritten();
         assert_eq!(all[first + 10..], unwritten[..]);
         assert!(sink.take_unwritten().is_empty(), "taken once");
@@ -837,41 +881,98 @@ mod tests {
     }
 
     /// A disk that fills mid-line puts the sink out of service; freed, the
-    /// sink resumes and writes the rest, losing no decision. Had the host
-    /// taken the rest, the cut line is ended, so only it fails to parse.
+    /// sink resumes and writes what it held. The record whose write failed
+    /// was refused, so its cut line is ended and nothing completes it: the
+    /// trail never says its value was released.
     #[test]
     fn a_sink_resumes_after_its_disk_is_freed() {
-        for take in [false, true] {
-            let disk = Disk::default();
-            disk.0.lock().unwrap().1 = 250;
-            let sink = JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent);
-            sink.record(&decision(1, 0)).unwrap();
-            assert!(matches!(
-                sink.record(&decision(2, 1)),
-                Err(AuditError::Io(_))
-            ));
-            assert!(
-                matches!(sink.resume(), Err(AuditError::Io(_))),
-                "still full"
-            );
-            let taken = if take {
-                sink.take_unwritten()
-            } else {
-                Vec::new()
-            };
-            disk.0.lock().unwrap().1 = 1 << 20;
-            sink.resume().unwrap();
-            sink.record(&decision(3, 2)).unwrap();
-            let written = disk.0.lock().unwrap().0.clone();
-            // Decision 2's record failed: the gate kept its value, and will
-            // record it again under its id.
-            let expected: &[u64] = if take { &[1, 3] } else { &[1, 2, 3] };
-            assert_eq!(parsed(&written), expected, "take: {take}");
-            assert_eq!(taken.is_empty(), !take);
-            // Taken, the cut line stays, ended: one line that does not parse.
-            let lines = written.split(|&b| b == b'\n').filter(|l| !l.is_empty());
-            assert_eq!(lines.count(), 3);
-        }
+        let disk = Disk::default();
+        disk.0.lock().unwrap().1 = 250;
+        let sink = JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent);
+        sink.record(&decision(1, 0)).unwrap();
+        assert!(matches!(
+            sink.record(&decision(2, 1)),
+            Err(AuditError::Io(_))
+        ));
+        assert!(
+            matches!(sink.resume(), Err(AuditError::Io(_))),
+            "still full"
+        );
+        assert!(matches!(
+            sink.record(&decision(3, 2)),
+            Err(AuditError::OutOfService)
+        ));
+        disk.0.lock().unwrap().1 = 1 << 20;
+        sink.resume().unwrap();
+        sink.record(&decision(4, 3)).unwrap();
+        let written = disk.0.lock().unwrap().0.clone();
+        assert_eq!(parsed(&written), [1, 4]);
+        // The cut line stays, ended: one line that does not parse.
+        let lines = written.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        assert_eq!(lines.count(), 3);
+    }
+
+    /// Through the gate: a release whose record failed is refused, and
+    /// after the sink resumes no line says it was allowed.
+    #[test]
+    fn a_resumed_sink_never_records_a_refused_release_as_allowed() {
+        use crate::time::ManualClock;
+        use crate::visibility::{DenyReason, Gate, Labelled, VisibilityPolicy};
+        let disk = Disk::default();
+        disk.0.lock().unwrap().1 = 250;
+        let sink = Arc::new(JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent));
+        let gate = Gate::new(
+            VisibilityPolicy::published(),
+            sink.clone(),
+            Arc::new(ManualClock::new(Timestamp::from_millis(1))),
+        );
+        let release = || {
+            gate.release(
+                Labelled::new(DataClass::ConsumerPhoneNumber, 1u8),
+                Party::Transport,
+                Purpose::Delivery,
+            )
+        };
+        assert!(release().is_ok());
+        let denied = release().unwrap_err();
+        assert_eq!(denied.reason(), DenyReason::AuditFailed);
+        let refused = denied.decision().id;
+        disk.0.lock().unwrap().1 = 1 << 20;
+        sink.resume().unwrap();
+        assert!(release().is_ok());
+        let written = disk.0.lock().unwrap().0.clone();
+        let decisions: Vec<Decision> = written
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect();
+        assert_eq!(decisions.len(), 2);
+        assert!(decisions.iter().all(|d| d.id != refused));
+    }
+
+    /// A sink opened on a cut file whose first write fails before the
+    /// writer takes a byte, and whose held lines the host takes, still ends
+    /// the cut line before its next decision.
+    #[test]
+    fn a_cut_file_whose_first_write_fails_still_ends_the_line() {
+        let disk = Disk::default();
+        disk.0.lock().unwrap().0 = b"{\"at\":17".to_vec();
+        let sink = JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent);
+        lock(&sink.inner).cut(); // as `open_with` finds the file
+        assert!(matches!(
+            sink.record(&decision(1, 0)),
+            Err(AuditError::Io(_))
+        ));
+        let _elsewhere = sink.take_unwritten();
+        disk.0.lock().unwrap().1 = 1 << 20;
+        sink.resume().unwrap();
+        sink.record(&decision(2, 1)).unwrap();
+        let written = disk.0.lock().unwrap().0.clone();
+        assert_eq!(
+            parsed(&written),
+            [2],
+            "{}",
+            String::from_utf8_lossy(&written)
+        );
     }
 
     /// A file left ending mid-line (a process killed mid-write) keeps the
