@@ -38,7 +38,7 @@ use custodian::store::{
 };
 use custodian::testing::{Cause, Copies, Faults, Leg, LegStats, SimBusiness, SimNetwork, join_all};
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::transport::{Principal, StaticAuthorizer, TransportError};
 use custodian::vault::{OpenError, Vault};
 use custodian::visibility::{MemoryAuditSink, Verdict};
 
@@ -522,7 +522,9 @@ async fn maintain_keys(
     for (&b, owner) in owners {
         match processor.publish_keys(owner, b).await {
             Ok(()) => {}
-            Err(ProcessorError::Transport(_)) => failed += 1,
+            // Unavailable (refused now, or lost): the next tick tries
+            // again. Refused for good is a broken run.
+            Err(ProcessorError::Transport(TransportError::Unavailable(_))) => failed += 1,
             Err(e) => return Err(format!("publishing the keys of business {b}: {e}")),
         }
     }
@@ -688,7 +690,9 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             tries += 1;
             match processor.publish_keys(owner, b).await {
                 Ok(()) => break,
-                Err(ProcessorError::Transport(_)) if tries < FIRST_PUBLICATION_TRIES => {
+                Err(ProcessorError::Transport(TransportError::Unavailable(_)))
+                    if tries < FIRST_PUBLICATION_TRIES =>
+                {
                     publications_failed += 1;
                 }
                 Err(e) => {
@@ -1320,5 +1324,79 @@ mod tests {
                 Ok(Parsed::Run(o)) if o.faults == level
             ));
         }
+    }
+
+    /// A publication the network refuses for good (`TransportError::Refused`:
+    /// retrying will not help) fails the run; only an unavailable network
+    /// is tried again at the next tick.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_publication_refused_for_good_fails_the_run() {
+        use async_trait::async_trait;
+        use custodian::integrity::{BillingStatement, IntegrityReport};
+        use custodian::signal::{PreKeyBundle, PublishedKeys};
+        use custodian::transport::{Outgoing, Transport};
+
+        struct RefusesKeys(Arc<SimNetwork>);
+        #[async_trait]
+        impl Transport for RefusesKeys {
+            async fn devices(
+                &self,
+                b: BusinessId,
+                c: &PhoneNumber,
+            ) -> Result<Vec<u32>, TransportError> {
+                self.0.devices(b, c).await
+            }
+            async fn fetch_bundle(
+                &self,
+                b: BusinessId,
+                c: &PhoneNumber,
+                d: u32,
+            ) -> Result<PreKeyBundle, TransportError> {
+                self.0.fetch_bundle(b, c, d).await
+            }
+            async fn send(
+                &self,
+                b: BusinessId,
+                c: &PhoneNumber,
+                d: u32,
+                m: &Outgoing,
+            ) -> Result<(), TransportError> {
+                self.0.send(b, c, d, m).await
+            }
+            async fn publish_keys(
+                &self,
+                _: BusinessId,
+                _: &PublishedKeys,
+            ) -> Result<(), TransportError> {
+                Err(TransportError::Refused("the business is blocked".into()))
+            }
+            async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
+                self.0.integrity_signals(r).await
+            }
+            async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
+                self.0.billing(s).await
+            }
+        }
+
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+        let b = BusinessId::new(FIRST_BUSINESS + 1).unwrap();
+        let owner = Principal::new("owner");
+        let host = Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: Arc::new(RefusesKeys(network)),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
+            authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b)),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let processor = Processor::new(host, Policies::default()).unwrap();
+        let owners = BTreeMap::from([(b, owner)]);
+        let outcome = maintain_keys(&processor, &owners).await;
+        assert!(
+            outcome.is_err(),
+            "a refusal for good was counted as retryable: {outcome:?}"
+        );
     }
 }

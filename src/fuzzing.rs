@@ -748,7 +748,10 @@ pub fn spell_key_record(outcome: Option<(KeyRecord, Result<(), &str>)>) -> Strin
 ///   [`KeyError::Unwrap`] naming the key.
 ///
 /// What decodes is sound (a registration id in range; the prekey id asked
-/// for; a public key that is the private key's; a 64-byte signature) and
+/// for; a public key that is the private key's; a 64-byte signature, which
+/// is not verified here: a record is read only after its wrapping
+/// authenticates, so a signature that does not verify is accepted, as the
+/// corpus's `signed-prekey-ok--signed-prekey-flipped-middle` records) and
 /// encodes back: the two blobs, which are canonical, to exactly the input
 /// (sealed again with the nonce they carry). The identity and prekey
 /// records are the library's protobufs, which are not canonical (field
@@ -837,6 +840,12 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
     let id = u64::from(KEY_RECORD_PREKEY_ID);
     let fields = |r: &wacore_libsignal::protocol::SignedPreKeyRecord| -> PreKeyFields {
         let pair = r.key_pair().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            pair.private_key
+                .public_key()
+                .is_ok_and(|public| public == pair.public_key),
+            "a prekey whose public key is not its private key's decoded"
+        );
         (
             r.id().map(u32::from).unwrap_or_else(|e| panic!("{e}")),
             r.timestamp().ok().map(|t| t.epoch_millis()),
@@ -880,6 +889,12 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
 fn one_time_prekey_record(record: &[u8]) -> Result<(), &'static str> {
     let fields = |r: &wacore_libsignal::protocol::PreKeyRecord| -> PreKeyFields {
         let pair = r.key_pair().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            pair.private_key
+                .public_key()
+                .is_ok_and(|public| public == pair.public_key),
+            "a prekey whose public key is not its private key's decoded"
+        );
         (
             r.id().map(u32::from).unwrap_or_else(|e| panic!("{e}")),
             None,

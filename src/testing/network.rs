@@ -33,10 +33,12 @@
 //!
 //! During an outage every call is refused and nothing in flight moves.
 //!
-//! The processor's refusals are no loss: a message or delivery report the
-//! processor refuses for good ([`ProcessorError::Unauthorized`], or an
-//! error that [`is_permanent`](ProcessorError::is_permanent)) is dropped,
-//! as a real network drops it, and counted in [`PumpReport::refused`].
+//! A message or delivery report the processor refuses for good (an error
+//! that [`is_permanent`](ProcessorError::is_permanent)) is dropped, as a
+//! real network drops it, and counted in [`PumpReport::refused`]; one
+//! refused otherwise (the wrong principal given to `pump`, a new identity
+//! not yet approved) is delivered again, and [`PumpReport::last_error`]
+//! says why.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -272,11 +274,12 @@ pub struct PumpReport {
     pub to_devices: u64,
     /// Delivery reports handed to the processor.
     pub receipts: u64,
-    /// Of the consumer messages and delivery reports, those the processor
-    /// refused for good ([`ProcessorError::Unauthorized`]: `pump` was
-    /// given the wrong principal; or an error that
+    /// Deliveries of consumer messages and delivery reports the processor
+    /// refused for good (an error that
     /// [`is_permanent`](ProcessorError::is_permanent)): the network drops
-    /// them, and delivers them again never.
+    /// what they carried, and delivers it again never. Counted per
+    /// delivery: a copy the network duplicated, or delivered again because
+    /// the answer was lost, counts again.
     pub refused: u64,
     /// The last error the processor answered a consumer message or a
     /// delivery report with, refused for good or not, as text.
@@ -299,12 +302,6 @@ impl std::fmt::Debug for SimNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimNetwork").finish_non_exhaustive()
     }
-}
-
-/// Whether the processor refused a call for good: making it again cannot
-/// succeed, so the network drops what it carried.
-fn refused_for_good(e: &ProcessorError) -> bool {
-    matches!(e, ProcessorError::Unauthorized { .. }) || e.is_permanent()
 }
 
 /// Deliveries to the processor the network keeps in flight at once.
@@ -478,7 +475,7 @@ impl SimNetwork {
                 report.to_processor += 1;
                 report.receive_latencies.push(took);
                 let acked = result.is_ok();
-                let refused = result.as_ref().is_err_and(refused_for_good);
+                let refused = result.as_ref().is_err_and(ProcessorError::is_permanent);
                 if let Err(e) = result {
                     report.last_error = Some(e.to_string());
                 }
@@ -587,7 +584,7 @@ impl SimNetwork {
                     Ok(_) => {
                         net.reported.insert((*business, *id));
                     }
-                    Err(e) if refused_for_good(&e) => {
+                    Err(e) if e.is_permanent() => {
                         report.refused += 1;
                         report.last_error = Some(e.to_string());
                     }
