@@ -833,24 +833,39 @@ fn identity_record(record: &[u8]) -> Result<(), &'static str> {
 /// id, timestamp, public and private key, signature.
 type PreKeyFields = (u32, Option<u64>, Vec<u8>, [u8; 32], Option<Vec<u8>>);
 
+/// A decoded prekey's key pair, which must be sound: its public key is its
+/// private key's. Serialised: public, private.
+fn halves(
+    pair: Result<
+        wacore_libsignal::protocol::KeyPair,
+        wacore_libsignal::protocol::SignalProtocolError,
+    >,
+) -> (Vec<u8>, [u8; 32]) {
+    let pair = pair.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        pair.private_key
+            .public_key()
+            .is_ok_and(|public| public == pair.public_key),
+        "a prekey whose public key is not its private key's decoded"
+    );
+    (
+        pair.public_key.serialize().to_vec(),
+        *pair.private_key.serialize(),
+    )
+}
+
 /// The [`KeyRecord::SignedPreKey`] part of [`key_records`].
 fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
     use wacore_libsignal::protocol::GenericSignedPreKey;
 
     let id = u64::from(KEY_RECORD_PREKEY_ID);
     let fields = |r: &wacore_libsignal::protocol::SignedPreKeyRecord| -> PreKeyFields {
-        let pair = r.key_pair().unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            pair.private_key
-                .public_key()
-                .is_ok_and(|public| public == pair.public_key),
-            "a prekey whose public key is not its private key's decoded"
-        );
+        let (public, private) = halves(r.key_pair());
         (
             r.id().map(u32::from).unwrap_or_else(|e| panic!("{e}")),
             r.timestamp().ok().map(|t| t.epoch_millis()),
-            pair.public_key.serialize().to_vec(),
-            *pair.private_key.serialize(),
+            public,
+            private,
             r.signature().ok(),
         )
     };
@@ -888,18 +903,12 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
 /// The [`KeyRecord::OneTimePreKey`] part of [`key_records`].
 fn one_time_prekey_record(record: &[u8]) -> Result<(), &'static str> {
     let fields = |r: &wacore_libsignal::protocol::PreKeyRecord| -> PreKeyFields {
-        let pair = r.key_pair().unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            pair.private_key
-                .public_key()
-                .is_ok_and(|public| public == pair.public_key),
-            "a prekey whose public key is not its private key's decoded"
-        );
+        let (public, private) = halves(r.key_pair());
         (
             r.id().map(u32::from).unwrap_or_else(|e| panic!("{e}")),
             None,
-            pair.public_key.serialize().to_vec(),
-            *pair.private_key.serialize(),
+            public,
+            private,
             None,
         )
     };

@@ -1604,22 +1604,26 @@ async fn the_prekey_pool_refills_while_first_messages_are_on_their_way() {
     assert!(messages.values().all(|&copies| copies == 1));
 }
 
+/// A host with no faults, no one authorised and `audit` as its trail, at
+/// `T0`: for checks of what `Processor::new` accepts.
+fn plain_host(audit: Arc<dyn AuditSink>) -> Host {
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
+        authorizer: Arc::new(StaticAuthorizer::new()),
+        clock: Arc::new(clock),
+        audit,
+    }
+}
+
 /// Delivery settings under which retries would stop, or spin, are refused
 /// when the processor is built, naming the setting.
 #[test]
 fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
-    let host = || {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
-        Host {
-            storage: Arc::new(MemoryStore::new()),
-            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
-            authorizer: Arc::new(StaticAuthorizer::new()),
-            clock: Arc::new(clock),
-            audit: Arc::new(MemoryAuditSink::new()),
-        }
-    };
+    let host = || plain_host(Arc::new(MemoryAuditSink::new()));
     let ok = DeliveryConfig::default();
     assert!(Processor::new(host(), Policies::default()).is_ok());
     for (bad, field) in [
@@ -1681,18 +1685,6 @@ fn the_policies_a_processor_starts_with_are_audited() {
             Err(AuditError::OutOfService)
         }
     }
-    let host = |audit: Arc<dyn AuditSink>| {
-        let clock = ManualClock::new(Timestamp::from_millis(T0));
-        Host {
-            storage: Arc::new(MemoryStore::new()),
-            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
-            business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
-            authorizer: Arc::new(StaticAuthorizer::new()),
-            clock: Arc::new(clock),
-            audit,
-        }
-    };
     let audit = Arc::new(MemoryAuditSink::new());
     let older = VisibilityPolicy::published()
         .to_builder(Revision::new(2).unwrap())
@@ -1701,7 +1693,7 @@ fn the_policies_a_processor_starts_with_are_audited() {
         visibility: older,
         ..Policies::default()
     };
-    Processor::new(host(audit.clone()), policies).unwrap();
+    Processor::new(plain_host(audit.clone()), policies).unwrap();
     assert_eq!(
         audit.changes(),
         [Change::Start {
@@ -1713,7 +1705,7 @@ fn the_policies_a_processor_starts_with_are_audited() {
     );
     assert_ne!(older.digest(), VisibilityPolicy::published().digest());
 
-    match Processor::new(host(Arc::new(Refusing)), Policies::default()) {
+    match Processor::new(plain_host(Arc::new(Refusing)), Policies::default()) {
         Err(ProcessorError::Audit(AuditError::OutOfService)) => {}
         other => panic!("{:?}", other.map(|_| ())),
     }
@@ -1726,7 +1718,7 @@ fn the_policies_a_processor_starts_with_are_audited() {
         billing,
         ..Policies::default()
     };
-    match Processor::new(host(audit.clone()), invalid) {
+    match Processor::new(plain_host(audit.clone()), invalid) {
         Err(ProcessorError::Config(_)) => {}
         other => panic!("{:?}", other.map(|_| ())),
     }
