@@ -687,6 +687,16 @@ impl KeyRecord {
 /// The prekey id the [`key_records`] prekey records are read back as.
 pub const KEY_RECORD_PREKEY_ID: u32 = 7;
 
+/// The identity key the [`key_records`] signed prekeys must be signed by:
+/// the public half of the private key of 32 bytes `0x11`.
+pub fn key_record_identity() -> wacore_libsignal::protocol::IdentityKey {
+    let private = wacore_libsignal::protocol::PrivateKey::deserialize(&[0x11; 32])
+        .unwrap_or_else(|e| panic!("{e}"));
+    wacore_libsignal::protocol::IdentityKey::new(
+        private.public_key().unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
 /// The KEK version the [`key_records`] wrapped keys are read under.
 pub const FIXTURE_KEK_VERSION: u32 = 3;
 
@@ -748,10 +758,8 @@ pub fn spell_key_record(outcome: Option<(KeyRecord, Result<(), &str>)>) -> Strin
 ///   [`KeyError::Unwrap`] naming the key.
 ///
 /// What decodes is sound (a registration id in range; the prekey id asked
-/// for; a public key that is the private key's; a 64-byte signature, which
-/// is not verified here: a record is read only after its wrapping
-/// authenticates, so a signature that does not verify is accepted, as the
-/// corpus's `signed-prekey-ok--signed-prekey-flipped-middle` records) and
+/// for; a public key that is the private key's; a signed prekey's
+/// signature by [`key_record_identity`]) and
 /// encodes back: the two blobs, which are canonical, to exactly the input
 /// (sealed again with the nonce they carry). The identity and prekey
 /// records are the library's protobufs, which are not canonical (field
@@ -859,6 +867,7 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
     use wacore_libsignal::protocol::GenericSignedPreKey;
 
     let id = u64::from(KEY_RECORD_PREKEY_ID);
+    let identity = key_record_identity();
     let fields = |r: &wacore_libsignal::protocol::SignedPreKeyRecord| -> PreKeyFields {
         let (public, private) = halves(r.key_pair());
         (
@@ -869,8 +878,8 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
             r.signature().ok(),
         )
     };
-    let decoded =
-        decode_signed_prekey(record, id).map_err(|e| corrupt_reason(e, &["signed prekey"]))?;
+    let decoded = decode_signed_prekey(record, id, &identity)
+        .map_err(|e| corrupt_reason(e, &["signed prekey"]))?;
     let got = fields(&decoded);
     assert_eq!(
         got.0, KEY_RECORD_PREKEY_ID,
@@ -885,7 +894,7 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
         "a bad signature decoded"
     );
     let encoding = decoded.serialize().unwrap_or_else(|e| panic!("{e}"));
-    let again = decode_signed_prekey(&encoding, id)
+    let again = decode_signed_prekey(&encoding, id, &identity)
         .unwrap_or_else(|e| panic!("a re-encoded signed prekey does not decode: {e}"));
     assert_eq!(
         fields(&again),
@@ -1121,6 +1130,7 @@ mod tests {
             KeyPair::new(private_key.public_key().unwrap(), private_key)
         };
         let identity = IdentityKeyPair::from(pair(0x11));
+        assert_eq!(*identity.identity_key(), key_record_identity());
         let other = pair(0x22);
         let prekey = pair(0x33);
         let id = KEY_RECORD_PREKEY_ID;
@@ -1322,6 +1332,16 @@ mod tests {
             spk,
             "signature-63-bytes",
             signed_fields(&public, &secret, &signature[..63], true),
+            bad,
+        );
+        let foreign = other
+            .private_key
+            .calculate_signature(&prekey.public_key.serialize(), &mut rng)
+            .unwrap();
+        add(
+            spk,
+            "signed-by-another-identity",
+            signed_fields(&public, &secret, &foreign, true),
             bad,
         );
         let every_field = [

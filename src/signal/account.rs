@@ -9,7 +9,7 @@ use std::fmt;
 
 use rand::RngExt;
 use wacore_libsignal::protocol::{
-    GenericSignedPreKey, IdentityKeyPair, KeyPair, PreKeyRecord, SignedPreKeyRecord,
+    GenericSignedPreKey, IdentityKey, IdentityKeyPair, KeyPair, PreKeyRecord, SignedPreKeyRecord,
     Timestamp as SignalTimestamp,
 };
 
@@ -73,10 +73,11 @@ impl Account {
             }
         };
         let (registration_id, identity) = decode_identity(&stored)?;
+        let signed = load_signed(keys, business, identity.identity_key()).await?;
         let mut account = Self {
             identity,
             registration_id,
-            signed: load_signed(keys, business).await?,
+            signed,
         };
         if account.signed.is_empty() {
             account.add_signed_prekey(keys, business, now).await?;
@@ -171,15 +172,17 @@ async fn list(
     Ok(all)
 }
 
-/// The live signed prekeys of `business`, oldest first.
+/// The live signed prekeys of `business`, signed by its `identity`, oldest
+/// first.
 async fn load_signed(
     keys: &KeyManager,
     business: BusinessId,
+    identity: &IdentityKey,
 ) -> Result<Vec<SignedPreKeyRecord>, SignalError> {
     let mut records = Vec::new();
     for wrapped in list(keys, business, KeyKind::SignalSignedPreKey).await? {
         let bytes = keys.unwrap_secret(&wrapped).await?;
-        records.push(decode_signed_prekey(&bytes, wrapped.id.id)?);
+        records.push(decode_signed_prekey(&bytes, wrapped.id.id, identity)?);
     }
     records.sort_by_key(|r| r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0));
     Ok(records)
@@ -319,19 +322,25 @@ pub(crate) const ONE_TIME_PREKEY: &str = "one-time prekey";
 /// a record missing its key pair would load and fail only when a first
 /// message named it, as a malformed message. Refused as corrupt `signed
 /// prekey` unless it has the id it is stored under, a timestamp, a key pair
-/// whose public key is its private key's, and a 64-byte signature. Not
-/// canonical (a protobuf; a public key in the older 33-byte form is read):
-/// what decodes re-encodes to a normal form.
+/// whose public key is its private key's, and a signature of that public
+/// key by `identity` (else the business would publish a bundle every
+/// consumer refuses). Not canonical (a protobuf; a public key in the older
+/// 33-byte form is read): what decodes re-encodes to a normal form.
 pub(crate) fn decode_signed_prekey(
     bytes: &[u8],
     id: u64,
+    identity: &IdentityKey,
 ) -> Result<SignedPreKeyRecord, SignalError> {
     let bad = || corrupt("signed prekey");
     let record = SignedPreKeyRecord::deserialize(bytes).map_err(|_| bad())?;
     let pair = record.key_pair().map_err(|_| bad())?;
     let sound = record.id().is_ok_and(|i| u64::from(u32::from(i)) == id)
         && record.timestamp().is_ok()
-        && record.signature().is_ok_and(|s| s.len() == 64)
+        && record.signature().is_ok_and(|s| {
+            identity
+                .public_key()
+                .verify_signature(&pair.public_key.serialize(), &s)
+        })
         && matching(&pair);
     sound.then_some(record).ok_or_else(bad)
 }

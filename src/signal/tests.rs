@@ -632,17 +632,25 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
     let other = PrivateKey::deserialize(&[0x22; 32]).unwrap();
     let halves = IdentityKeyPair::new(IdentityKey::new(other.public_key().unwrap()), private);
     let prekey = KeyPair::new(other.public_key().unwrap(), other.clone());
-    let signed = SignedPreKeyRecord::new(
-        9.into(),
-        SignalTimestamp::from_epoch_millis(1),
-        &prekey,
-        &[0x5a; 64],
-    );
+    let signature = pair
+        .private_key()
+        .calculate_signature(&prekey.public_key.serialize(), &mut rand::rng())
+        .unwrap();
+    let signed_with = |signature: &[u8]| {
+        SignedPreKeyRecord::new(
+            9.into(),
+            SignalTimestamp::from_epoch_millis(1),
+            &prekey,
+            signature,
+        )
+        .serialize()
+        .unwrap()
+    };
     // The sound record with its private key (field 3) left out.
     let mut without_private = Vec::new();
     for (field, bytes) in [
         (2_u8, prekey.public_key.public_key_bytes().to_vec()),
-        (4, vec![0x5a; 64]),
+        (4, signature.to_vec()),
     ] {
         without_private.extend([field << 3 | 2, u8::try_from(bytes.len()).unwrap()]);
         without_private.extend(bytes);
@@ -653,7 +661,7 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
     // Each case: its name, the identity record, the signed prekey record
     // if not the sound one, and the refusal.
     type Case = (&'static str, Vec<u8>, Option<Vec<u8>>, &'static str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         (
             "registration id 0",
             account::encode_identity(0, &pair).to_vec(),
@@ -678,6 +686,12 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
             Some(without_private),
             "signed prekey",
         ),
+        (
+            "signed prekey not signed by the identity",
+            account::encode_identity(5, &pair).to_vec(),
+            Some(signed_with(&[0x5a; 64])),
+            "signed prekey",
+        ),
     ];
     for (name, identity, signed_record, reason) in cases {
         let (sessions, keys, _, business, _) = fixture().await;
@@ -686,7 +700,7 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
             .await
             .unwrap();
         // A sound signed prekey, so that only the case's record is at fault.
-        let record = signed_record.unwrap_or_else(|| signed.serialize().unwrap());
+        let record = signed_record.unwrap_or_else(|| signed_with(&signature));
         keys.store_secret(key(KeyKind::SignalSignedPreKey, 9), &record)
             .await
             .unwrap();
@@ -700,6 +714,20 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
             got.map(|_| "published")
         );
     }
+    // The sound records load and publish.
+    let (sessions, keys, _, business, _) = fixture().await;
+    let key = |kind, id| KeyId { business, kind, id };
+    let identity = account::encode_identity(5, &pair);
+    keys.store_secret(key(KeyKind::SignalIdentity, 0), &identity)
+        .await
+        .unwrap();
+    keys.store_secret(
+        key(KeyKind::SignalSignedPreKey, 9),
+        &signed_with(&signature),
+    )
+    .await
+    .unwrap();
+    sessions.publish(business).await.unwrap();
 }
 
 /// A stored record flagged as holding a session whose record has no current
