@@ -23,18 +23,7 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
     let published = sessions.publish(business).await.unwrap();
     let (mut phone, peer) = consumer(&keys, business, &published).await;
     let number: PhoneNumber = NUMBER.parse().unwrap();
-    for i in 0..3 {
-        let m = phone
-            .encrypt(business, format!("in {i}").as_bytes())
-            .await
-            .unwrap();
-        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
-        let out = sessions
-            .encrypt(business, peer, b"out", expiry)
-            .await
-            .unwrap();
-        phone.decrypt(business, &out).await.unwrap();
-    }
+    round_trips(&sessions, &mut phone, business, peer, expiry).await;
 
     let mut secrets: Vec<Vec<u8>> = Vec::new();
     let account = sessions.account(business).await.unwrap();
@@ -86,6 +75,30 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
             !contains(blob, number.expose().as_bytes()),
             "a phone number is stored in clear"
         );
+    }
+}
+
+/// Three turns of a conversation: the consumer writes, the business
+/// decrypts and answers, the consumer decrypts (a ratchet step each way).
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+async fn round_trips(
+    sessions: &Sessions,
+    phone: &mut ConsumerDevice,
+    business: BusinessId,
+    peer: PeerId,
+    expiry: Timestamp,
+) {
+    for i in 0..3 {
+        let m = phone
+            .encrypt(business, format!("in {i}").as_bytes())
+            .await
+            .unwrap();
+        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
+        let out = sessions
+            .encrypt(business, peer, b"out", expiry)
+            .await
+            .unwrap();
+        phone.decrypt(business, &out).await.unwrap();
     }
 }
 
@@ -816,18 +829,7 @@ async fn make_real_sessions() -> Vec<Vec<u8>> {
     phone.decrypt(business, &reply).await.unwrap();
     records.push(snapshot(&sessions));
     sessions.clear_cache();
-    for i in 0..3 {
-        let m = phone
-            .encrypt(business, format!("in {i}").as_bytes())
-            .await
-            .unwrap();
-        sessions.decrypt(business, peer, &m, expiry).await.unwrap();
-        let out = sessions
-            .encrypt(business, peer, b"out", expiry)
-            .await
-            .unwrap();
-        phone.decrypt(business, &out).await.unwrap();
-    }
+    round_trips(&sessions, &mut phone, business, peer, expiry).await;
     records.push(snapshot(&sessions));
     records
 }
