@@ -252,12 +252,44 @@ impl BusinessSink for SlowWebhook {
 struct Deployment {
     clock: ManualClock,
     store: Arc<MemoryStore>,
+    key_provider: Arc<LocalKeyProvider>,
+    authorizer: Arc<StaticAuthorizer>,
     racing: Arc<Racing>,
     webhook: Arc<SlowWebhook>,
     processor: Arc<Processor>,
     transport: Principal,
     operator: Principal,
     owner: Principal,
+}
+
+/// A processor over these seams.
+fn start(
+    clock: &ManualClock,
+    store: &Arc<MemoryStore>,
+    key_provider: &Arc<LocalKeyProvider>,
+    authorizer: &Arc<StaticAuthorizer>,
+    racing: &Arc<Racing>,
+    webhook: &Arc<SlowWebhook>,
+) -> Arc<Processor> {
+    let host = Host {
+        storage: store.clone(),
+        key_provider: key_provider.clone(),
+        transport: racing.clone(),
+        business: webhook.clone(),
+        authorizer: authorizer.clone(),
+        clock: Arc::new(clock.clone()),
+        audit: Arc::new(MemoryAuditSink::new()),
+    };
+    let policies = Policies {
+        delivery: DeliveryConfig {
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            receipt_timeout: Duration::from_secs(120),
+            batch: 10_000,
+        },
+        ..Policies::default()
+    };
+    Arc::new(Processor::new(host, policies).unwrap())
 }
 
 impl Deployment {
@@ -289,29 +321,22 @@ impl Deployment {
             entered: in_webhook,
             go: Notify::new(),
         });
-        let host = Host {
-            storage: store.clone(),
-            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: racing.clone(),
-            business: webhook.clone(),
-            authorizer: Arc::new(authorizer),
-            clock: Arc::new(clock.clone()),
-            audit: Arc::new(MemoryAuditSink::new()),
-        };
-        let policies = Policies {
-            delivery: DeliveryConfig {
-                retry_base: Duration::from_secs(2),
-                retry_max: Duration::from_secs(60),
-                receipt_timeout: Duration::from_secs(120),
-                batch: 10_000,
-            },
-            ..Policies::default()
-        };
-        let processor = Arc::new(Processor::new(host, policies).unwrap());
+        let key_provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let authorizer = Arc::new(authorizer);
+        let processor = start(
+            &clock,
+            &store,
+            &key_provider,
+            &authorizer,
+            &racing,
+            &webhook,
+        );
         racing.processor.set(Arc::downgrade(&processor)).unwrap();
         Self {
             clock,
             store,
+            key_provider,
+            authorizer,
             racing,
             webhook,
             processor,
@@ -319,6 +344,19 @@ impl Deployment {
             operator,
             owner,
         }
+    }
+
+    /// The processor started next over the deployment's store and seams,
+    /// as after a stop (it takes the store over).
+    fn restart(&self) -> Arc<Processor> {
+        start(
+            &self.clock,
+            &self.store,
+            &self.key_provider,
+            &self.authorizer,
+            &self.racing,
+            &self.webhook,
+        )
     }
 
     fn race(&self, race: Race) {
@@ -579,6 +617,50 @@ async fn a_billing_statement_whose_answer_was_lost_is_handed_over_again_as_it_wa
         .collect();
     assert_eq!(billed, [1, 1]);
     assert_eq!(d.processor.export_billing(&d.operator).await.unwrap(), 0);
+}
+
+/// Billing is kept in the store, not in the processor: a take whose
+/// hand-over a stop cut short (the network took it, its answer lost) is
+/// handed over again, as it was, by the processor started next over the
+/// same store, and the counts no take holds yet are there too.
+#[tokio::test]
+async fn billing_outlives_the_processor_that_counted_it() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.send(b, 1).await;
+    d.send(b, 1).await;
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    d.race(Race::LoseBillingReply);
+    assert!(d.processor.export_billing(&d.operator).await.is_err());
+    d.race(Race::None);
+    d.send(b, 1).await;
+
+    let next = d.restart();
+    let statement = next.billing_statement(&d.owner, b).await.unwrap();
+    let billed: Vec<u64> = statement
+        .records
+        .iter()
+        .map(|r| r.messages.service)
+        .collect();
+    assert_eq!(billed, [2, 1], "both days, the one taken and the open one");
+    assert_eq!(next.export_billing(&d.operator).await.unwrap(), 1);
+    let handed = d.racing.billing.lock().unwrap().clone();
+    assert_eq!(handed.len(), 2);
+    assert_eq!(handed[0], handed[1], "the same take, under the same id");
+    assert_eq!(d.racing.network.billing_statements().await.len(), 1);
+
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(next.export_billing(&d.operator).await.unwrap(), 1);
+    let recorded = d.racing.network.billing_statements().await;
+    let billed: Vec<u64> = recorded
+        .iter()
+        .map(|s| s.records.iter().map(|r| r.messages.total()).sum())
+        .collect();
+    assert_eq!(billed, [2, 1]);
+    assert_eq!(next.export_billing(&d.operator).await.unwrap(), 0);
+    assert!(d.store.billing_businesses().await.unwrap().is_empty());
 }
 
 /// A network that lists a device twice: the device is sent the message

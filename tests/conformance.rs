@@ -18,10 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use custodian::ids::{BusinessId, MessageId, PhoneHash};
+use custodian::integrity::Category;
 use custodian::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use custodian::store::{
-    Batch, Census, Delivery, Direction, ExpiredMessage, FailureReason, Hold, HoldScope,
-    MemoryStore, MessageRecord, Op, PeerId, Status, Storage, StoreError,
+    Batch, BillingCount, BillingTake, Census, Delivery, Direction, ExpiredMessage, FailureReason,
+    Hold, HoldScope, MemoryStore, MessageRecord, Op, PeerId, Status, Storage, StoreError,
+    StoredBilling, TakeId,
 };
 #[cfg(feature = "sqlite")]
 use custodian::store::{Durability, SqliteConfig, SqliteStore};
@@ -152,6 +154,7 @@ conformance!(
     readers_never_observe_half_a_batch,
     many_tasks_commit_concurrently_and_every_record_is_kept,
     the_retention_sweep_runs_over_the_store,
+    billing_is_counted_taken_and_settled_as_documented,
     #[cfg(feature = "testing")]
     vault_and_signal_sessions_run_over_the_store,
 );
@@ -161,6 +164,32 @@ conformance!(
 
 const T0: u64 = 1_767_225_600_000;
 const HOUR: u64 = 3_600_000;
+const DAY: u64 = 24 * HOUR;
+
+fn take(n: u64) -> TakeId {
+    TakeId::new(n).unwrap()
+}
+
+/// A billable message of business `b` on `day` (days from `T0`).
+fn bill(b: u64, day: u64, category: Category) -> Op {
+    Op::Bill {
+        business: business(b),
+        start: t(T0 + day * DAY),
+        end: t(T0 + (day + 1) * DAY),
+        category,
+    }
+}
+
+/// A stored count.
+fn count(take_id: Option<u64>, day: u64, category: Category, count: u64) -> BillingCount {
+    BillingCount {
+        take: take_id.map(take),
+        start: t(T0 + day * DAY),
+        end: t(T0 + (day + 1) * DAY),
+        category,
+        count,
+    }
+}
 
 fn business(n: u64) -> BusinessId {
     BusinessId::new(n).unwrap()
@@ -2266,6 +2295,111 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
     assert_eq!(device.decrypt(b, &out).await.unwrap(), b"welcome back");
 }
 
+/// Counts add up per business, period and category; a take moves the
+/// periods ended by its time and no others, never an empty take, never
+/// twice under one id; a count made later for a taken period waits for the
+/// next take; settling forgets that take alone.
+async fn billing_is_counted_taken_and_settled_as_documented(backend: &mut Backend) {
+    let s = &*backend.store;
+    assert_eq!(
+        s.billing(business(1)).await.unwrap(),
+        StoredBilling::default()
+    );
+    let take_by = |id: u64, day: u64| Op::TakeBilling {
+        business: business(1),
+        id: take(id),
+        closed_by: t(T0 + day * DAY),
+        at: t(T0 + day * DAY + id),
+    };
+    // Nothing closed by day 0's start: no take.
+    commit(s, [bill(1, 0, Category::Marketing), take_by(1, 0)]).await;
+    assert!(s.billing(business(1)).await.unwrap().takes.is_empty());
+    commit(
+        s,
+        [
+            bill(1, 0, Category::Marketing),
+            bill(1, 0, Category::Service),
+            bill(1, 1, Category::Utility),
+            bill(2, 0, Category::Marketing),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.billing_businesses().await.unwrap(),
+        [business(1), business(2)]
+    );
+    // Day 0 closed by day 1's start; day 1 open.
+    commit(s, [take_by(2, 1), bill(1, 0, Category::Marketing)]).await;
+    // The same id again takes nothing more.
+    commit(s, [take_by(2, 3)]).await;
+    let stored = s.billing(business(1)).await.unwrap();
+    assert_eq!(
+        stored.counts,
+        [
+            count(None, 0, Category::Marketing, 1),
+            count(None, 1, Category::Utility, 1),
+            count(Some(2), 0, Category::Marketing, 2),
+            count(Some(2), 0, Category::Service, 1),
+        ]
+    );
+    assert_eq!(
+        stored.takes,
+        [BillingTake {
+            id: take(2),
+            at: t(T0 + DAY + 2)
+        }]
+    );
+    // A second take, then the first settled: the second stays, in order.
+    commit(s, [take_by(3, 2)]).await;
+    let takes = |b: StoredBilling| b.takes.iter().map(|t| t.id.get()).collect::<Vec<_>>();
+    assert_eq!(takes(s.billing(business(1)).await.unwrap()), [2, 3]);
+    commit(
+        s,
+        [Op::SettleBilling {
+            business: business(1),
+            id: take(2),
+        }],
+    )
+    .await;
+    let stored = s.billing(business(1)).await.unwrap();
+    assert_eq!(takes(stored.clone()), [3]);
+    assert_eq!(
+        stored.counts,
+        [
+            count(Some(3), 0, Category::Marketing, 1),
+            count(Some(3), 1, Category::Utility, 1),
+        ]
+    );
+    // Settling what is not there changes nothing; the other business's
+    // counts were never touched.
+    commit(
+        s,
+        [Op::SettleBilling {
+            business: business(1),
+            id: take(2),
+        }],
+    )
+    .await;
+    assert_eq!(s.billing(business(1)).await.unwrap(), stored);
+    assert_eq!(
+        s.billing(business(2)).await.unwrap().counts,
+        [count(None, 0, Category::Marketing, 1)]
+    );
+    commit(
+        s,
+        [Op::SettleBilling {
+            business: business(1),
+            id: take(3),
+        }],
+    )
+    .await;
+    assert_eq!(
+        s.billing(business(1)).await.unwrap(),
+        StoredBilling::default()
+    );
+    assert_eq!(s.billing_businesses().await.unwrap(), [business(2)]);
+}
+
 // ---------------------------------------------------------------------------
 // Durable backends only
 
@@ -2296,6 +2430,12 @@ mod durable {
             s.orphan_peers(Timestamp::MAX, None, 1000).await.unwrap(),
             s.holds().await.unwrap(),
             s.census().await.unwrap(),
+        );
+        out += &format!(
+            "{:?}\n{:?}\n{:?}\n",
+            s.billing_businesses().await.unwrap(),
+            s.billing(business(1)).await.unwrap(),
+            s.billing(business(2)).await.unwrap(),
         );
         for n in 0..20 {
             out += &format!(
@@ -2337,6 +2477,21 @@ mod durable {
             })],
         )
         .await;
+        commit(
+            &*s,
+            [
+                bill(2, 0, Category::Utility),
+                bill(2, 1, Category::Marketing),
+                Op::TakeBilling {
+                    business: business(2),
+                    id: take(7),
+                    closed_by: t(T0 + DAY),
+                    at: t(T0 + DAY),
+                },
+                bill(2, 0, Category::Service),
+            ],
+        )
+        .await;
         assert_eq!(
             s.delete_expired(t(T0 + 2 * HOUR), Timestamp::UNIX_EPOCH, &[], 100)
                 .await
@@ -2350,6 +2505,7 @@ mod durable {
         let after = snapshot(&*backend.store).await;
         assert_eq!(before, after);
         assert!(after.contains("Destroyed"), "{after}");
+        assert!(after.contains("take: Some(7)"), "{after}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2555,6 +2711,23 @@ enum Write {
         id: u64,
     },
     Consume(u64),
+    /// A billable message of `business` on `day`, of category `category`.
+    Bill {
+        business: u64,
+        day: u64,
+        category: usize,
+    },
+    /// Take `id` of `business`, of the days ended by day `closed_by`.
+    Take {
+        business: u64,
+        id: u64,
+        closed_by: u64,
+    },
+    /// Settle take `id` of `business`.
+    Settle {
+        business: u64,
+        id: u64,
+    },
 }
 
 const STATUSES: [Status; 5] = [
@@ -2623,6 +2796,30 @@ impl Write {
                 id: mid(id),
             },
             Self::Consume(n) => Op::ConsumeKey(prekey(n).id),
+            Self::Bill {
+                business: b,
+                day,
+                category,
+            } => Op::Bill {
+                business: business(b),
+                start: t(T0 + day * DAY),
+                end: t(T0 + (day + 1) * DAY),
+                category: Category::ALL[category],
+            },
+            Self::Take {
+                business: b,
+                id,
+                closed_by,
+            } => Op::TakeBilling {
+                business: business(b),
+                id: take(id),
+                closed_by: t(T0 + closed_by * DAY),
+                at: t(T0 + closed_by * DAY + id),
+            },
+            Self::Settle { business: b, id } => Op::SettleBilling {
+                business: business(b),
+                id: take(id),
+            },
         }
     }
 }
@@ -2654,6 +2851,15 @@ fn write() -> impl Strategy<Value = Write> {
         1 => at.clone().prop_map(|(business, id)| Write::FailExpired { business, id }),
         1 => at.prop_map(|(business, id)| Write::Delete { business, id }),
         1 => (1..=3u64).prop_map(Write::Consume),
+        2 => (1..=2u64, 0..4u64, 0..Category::ALL.len()).prop_map(|(business, day, category)| {
+            Write::Bill { business, day, category }
+        }),
+        1 => (1..=2u64, 1..=3u64, 0..5u64).prop_map(|(business, id, closed_by)| Write::Take {
+            business,
+            id,
+            closed_by
+        }),
+        1 => (1..=2u64, 1..=3u64).prop_map(|(business, id)| Write::Settle { business, id }),
     ]
 }
 
@@ -2668,6 +2874,8 @@ struct Seen {
     epochs: Vec<Vec<Epoch>>,
     messages: Vec<Option<MessageRecord>>,
     prekeys: Vec<Option<KeyEntry>>,
+    billing: Vec<StoredBilling>,
+    billing_businesses: Vec<BusinessId>,
 }
 
 async fn observe(s: &dyn Storage) -> Seen {
@@ -2680,8 +2888,11 @@ async fn observe(s: &dyn Storage) -> Seen {
         epochs: Vec::new(),
         messages: Vec::new(),
         prekeys: Vec::new(),
+        billing: Vec::new(),
+        billing_businesses: s.billing_businesses().await.unwrap(),
     };
     for b in 1..=2 {
+        seen.billing.push(s.billing(business(b)).await.unwrap());
         for p in [None, Some(phone(1)), Some(phone(2))] {
             seen.epochs
                 .push(s.message_epochs(business(b), p).await.unwrap());

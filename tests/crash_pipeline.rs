@@ -39,7 +39,7 @@ use custodian::integrity::Category;
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
 use custodian::signal::{Ciphertext, MessageKind};
-use custodian::store::{PeerId, SqliteConfig, SqliteStore, Storage};
+use custodian::store::{Direction, PeerId, SqliteConfig, SqliteStore, Status, Storage};
 use custodian::testing::{ConsumerDevice, RecordingTransport};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{
@@ -261,6 +261,25 @@ fn verify(path: &Path, acked: &[Acked], sent_at_most: usize) -> u64 {
                 m.text
             );
         }
+        // Each answer the business sent is billed exactly when it is
+        // recorded sent: in one write, which a kill cannot split.
+        let open = store
+            .expired_open_messages(Timestamp::MAX, None, usize::MAX)
+            .await
+            .unwrap();
+        let sent = open
+            .iter()
+            .filter(|m| m.direction == Direction::Outbound && m.delivery.status != Status::Queued)
+            .count() as u64;
+        let billed: u64 = store
+            .billing(business())
+            .await
+            .unwrap()
+            .counts
+            .iter()
+            .map(|c| c.count)
+            .sum();
+        assert_eq!(billed, sent, "answers billed, and answers recorded sent");
         let stored = store.census().await.unwrap().messages;
         assert!(
             stored >= acked.len() as u64 && stored <= sent_at_most as u64,

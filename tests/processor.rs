@@ -1713,7 +1713,7 @@ fn the_policies_a_processor_starts_with_are_audited() {
     // A processor that does not start leaves no start in the trail.
     let audit = Arc::new(MemoryAuditSink::new());
     let mut billing = custodian::integrity::BillingConfig::default();
-    billing.retained_periods = 0;
+    billing.period = Duration::from_millis(1_500);
     let invalid = Policies {
         billing,
         ..Policies::default()

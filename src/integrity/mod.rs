@@ -3,14 +3,17 @@
 //! and no phone number in clear, and released only through the visibility
 //! policy.
 //!
-//! Three collectors, each `Send + Sync`, each fed by the processor as
+//! Two collectors, each `Send + Sync`, each fed by the processor as
 //! messages flow, each exporting [`Labelled`] values that only
-//! [`Gate::release`](crate::visibility::Gate::release) can open:
+//! [`Gate::release`](crate::visibility::Gate::release) can open; and the
+//! billing ledger, which the store keeps (in the same writes that record a
+//! message sent, so that a count is made once and survives a stop), and
+//! the processor releases:
 //!
-//! | collector | what it keeps | export | class | released by the published table to |
+//! | kept by | what it keeps | export | class | released by the published table to |
 //! |---|---|---|---|---|
 //! | [`IntegrityMonitor`] | per business and window: messages sent and received, unique and new recipients, spam reports, blocks; anomalies | [`IntegrityReport`] | [`IntegritySignals`] | transport (integrity) only |
-//! | [`BillingLedger`] | per business and period: billable messages by [`Category`] | [`BillingStatement`] | [`Billing`] | transport, business, rest of company, processor (billing) |
+//! | the store ([`StoredBilling`]) | per business and period: billable messages by [`Category`] | [`BillingStatement`] | [`Billing`] | transport, business, rest of company, processor (billing) |
 //! | [`StatisticsCollector`] | per business and period: messages by direction and status, delivery-latency histogram | [`StatisticsReport`] | [`NonIdentifiableStatistics`] | rest of company, transport, business, processor (analytics) |
 //!
 //! Consumers appear only as [`PhoneHash`]es (keyed hashes the key hierarchy
@@ -80,6 +83,7 @@
 //! [`Billing`]: crate::visibility::DataClass::Billing
 //! [`NonIdentifiableStatistics`]: crate::visibility::DataClass::NonIdentifiableStatistics
 //! [`PhoneHash`]: crate::ids::PhoneHash
+//! [`StoredBilling`]: crate::store::StoredBilling
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -96,9 +100,8 @@ mod recipients;
 mod signals;
 mod stats;
 
-pub use billing::{
-    BillingConfig, BillingLedger, BillingRecord, BillingStatement, Category, CategoryCounts,
-};
+pub use billing::{BillingConfig, BillingRecord, BillingStatement, Category, CategoryCounts};
+pub(crate) use billing::{BillingPeriods, statement as billing_statement};
 pub use signals::{
     Anomaly, AnomalyKind, IntegrityConfig, IntegrityMonitor, IntegrityReport, WindowSignals,
 };
@@ -284,7 +287,6 @@ mod tests {
     fn collectors_can_be_shared_between_tasks() {
         fn shared<T: Send + Sync>() {}
         shared::<IntegrityMonitor>();
-        shared::<BillingLedger>();
         shared::<StatisticsCollector>();
     }
 

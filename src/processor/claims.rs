@@ -11,7 +11,7 @@ use super::outbound::DeviceOutcome;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
-use crate::store::{Delivery, Op};
+use crate::store::{Batch, Delivery};
 use crate::time::Timestamp;
 
 /// Messages an attempt is under way for. Not a lock: nobody waits for a
@@ -99,7 +99,10 @@ impl Drop for Claim<'_> {
 pub(super) enum Owed {
     /// A write recording what a business or the transport was told about
     /// the message, and what follows it.
-    Write { op: Op, accepted: Option<Accepted> },
+    Write {
+        batch: Batch,
+        accepted: Option<Accepted>,
+    },
     /// An attempt's bookkeeping: what it reached, recorded on the stored
     /// state whatever a delivery report wrote meanwhile, as the attempt
     /// would have recorded it.
@@ -139,7 +142,6 @@ pub(super) fn acceptance_token() -> u64 {
 #[derive(Clone, Copy)]
 pub(super) struct Accepted {
     pub(super) phone: PhoneHash,
-    pub(super) category: Category,
     pub(super) at: Timestamp,
     /// The delivery state the write stores: sent after a send's
     /// bookkeeping, delivered or read after a report (told that instead).
@@ -196,9 +198,9 @@ impl Drop for Owing<'_> {
 }
 
 impl Processor {
-    /// Commit `op`, which records what the business or the transport was
+    /// Commit `batch`, which records what the business or the transport was
     /// just told about message `id` (and, if `accepted`, moves an outbound
-    /// message on from queued); `false` if its condition failed (the
+    /// message on from queued and bills it); `false` if its condition failed (the
     /// message changed, or is gone). Should the store fail, or this future
     /// be dropped before it answers, the write is owed, and made, with what
     /// follows it, before the message is next taken up
@@ -209,15 +211,15 @@ impl Processor {
         &self,
         business: BusinessId,
         id: MessageId,
-        op: Op,
+        batch: Batch,
         accepted: Option<Accepted>,
     ) -> Result<bool, ProcessorError> {
         let owed = Owed::Write {
-            op: op.clone(),
+            batch: batch.clone(),
             accepted,
         };
         let mut owing = Owing::new(&self.claims, (business, id), owed, false);
-        let written = self.commit_op(op).await;
+        let written = self.commit_batch(batch).await;
         if written.is_ok() {
             owing.owed = None;
         }
@@ -239,13 +241,13 @@ impl Processor {
     ) -> Result<(), ProcessorError> {
         while let Some(owed) = self.claims.take_owed((business, id)) {
             match owed {
-                Owed::Write { op, accepted } => {
+                Owed::Write { batch, accepted } => {
                     let again = Owed::Write {
-                        op: op.clone(),
+                        batch: batch.clone(),
                         accepted,
                     };
                     let mut owing = Owing::new(&self.claims, (business, id), again, true);
-                    let written = self.commit_op(op).await?;
+                    let written = self.commit_batch(batch).await?;
                     // What follows it, on the state it left: told sent only
                     // if nothing moved the message on since.
                     let mut follows = accepted.filter(|_| written);

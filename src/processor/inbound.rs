@@ -287,7 +287,8 @@ impl Processor {
                 expected: current,
                 delivery: next,
             };
-            self.commit_told(business, id, delivered, None).await?
+            self.commit_told(business, id, delivered.into(), None)
+                .await?
         } else {
             self.write_delivery(business, id, current, next).await?
         };

@@ -50,7 +50,7 @@ use tracing::warn;
 use crate::envelope::SealError;
 use crate::ids::{BusinessId, MessageId};
 use crate::integrity::{
-    BillingConfig, BillingLedger, IntegrityConfig, IntegrityMonitor, StatisticsCollector,
+    BillingConfig, BillingPeriods, IntegrityConfig, IntegrityMonitor, StatisticsCollector,
     StatisticsConfig,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
@@ -286,9 +286,8 @@ pub struct Policies {
 /// claimed; a write the store may or may not have taken is conditional, and
 /// one that records what the business was told is made again, if need be,
 /// before the message is next taken up, so a dropped call never has a
-/// message handed over or a status told twice, nor a message sent unbilled
-/// (while it runs: billing counts are kept in memory until exported, and a
-/// stop loses those not exported; see the README's security notes).
+/// message handed over or a status told twice, nor a message sent unbilled:
+/// a message is billed in the store, in the write that records it sent.
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).
@@ -312,7 +311,7 @@ pub struct Processor {
     clock: Arc<dyn Clock>,
     integrity: IntegrityMonitor,
     statistics: StatisticsCollector,
-    billing: BillingLedger,
+    billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
 }
@@ -357,7 +356,7 @@ impl Processor {
         }
         let integrity = IntegrityMonitor::new(policies.integrity).map_err(config)?;
         let statistics = StatisticsCollector::new(policies.statistics).map_err(config)?;
-        let billing = BillingLedger::new(policies.billing).map_err(config)?;
+        let billing = BillingPeriods::new(&policies.billing).map_err(config)?;
         // Last, once nothing else can stop the start: the policies in force
         // from the start, which no change recorded.
         host.audit.record_change(&Change::Start {
@@ -458,8 +457,12 @@ impl Processor {
 
     /// Commit the conditional write `op`; `false` if its condition failed.
     async fn commit_op(&self, op: Op) -> Result<bool, ProcessorError> {
-        let mut batch = Batch::new();
-        batch.push(op);
+        self.commit_batch(op.into()).await
+    }
+
+    /// Commit the conditional writes of `batch`; `false` if a condition
+    /// failed (and nothing was written).
+    async fn commit_batch(&self, batch: Batch) -> Result<bool, ProcessorError> {
         match self.sessions.commit(batch).await {
             Ok(()) => Ok(true),
             Err(StoreError::Conflict) => Ok(false),

@@ -471,18 +471,20 @@ impl Processor {
             }
             let accepted = moves_on.then_some(Accepted {
                 phone: made.phone,
-                category: made.category,
                 at: made.at,
                 next,
             });
-            let op = Op::UpdateDelivery {
+            let mut batch = Batch::from(Op::UpdateDelivery {
                 business,
                 id,
                 expected: current,
                 delivery: next,
-            };
+            });
+            if moves_on {
+                batch.push(self.bill(business, made.category, made.at));
+            }
             let mut owing = Owing::new(&self.claims, (business, id), Owed::Attempt(made), first);
-            let written = self.commit_op(op).await?;
+            let written = self.commit_batch(batch).await?;
             if !written {
                 races += 1;
                 // A delivery report dropped after its write landed may owe
@@ -532,18 +534,24 @@ impl Processor {
         }
     }
 
-    /// Count an outbound message of `business` to `phone`, of `category`,
-    /// as taken by the transport at `now`: billable, and sent. Called once,
-    /// by whichever write first moves it on from queued (a send's
-    /// bookkeeping, or a delivery report that came first).
-    pub(super) fn accepted(
-        &self,
-        business: BusinessId,
-        phone: PhoneHash,
-        category: Category,
-        now: Timestamp,
-    ) {
-        self.billing.record(business, category, now);
+    /// The write that bills a message of `business` of `category` taken by
+    /// the transport at `at`: made in the batch that moves the message on
+    /// from queued, so it is counted exactly once, and durably.
+    pub(super) fn bill(&self, business: BusinessId, category: Category, at: Timestamp) -> Op {
+        let period = self.billing.of(at);
+        Op::Bill {
+            business,
+            start: period.start,
+            end: period.end,
+            category,
+        }
+    }
+
+    /// Count an outbound message of `business` to `phone` as taken by the
+    /// transport at `now`, in the statistics (its bill is written with the
+    /// move). Called once, by whichever write first moves it on from queued
+    /// (a send's bookkeeping, or a delivery report that came first).
+    pub(super) fn accepted(&self, business: BusinessId, phone: PhoneHash, now: Timestamp) {
         self.statistics.record_message(
             business,
             phone,
@@ -562,7 +570,7 @@ impl Processor {
         id: MessageId,
         accepted: Accepted,
     ) {
-        self.accepted(business, accepted.phone, accepted.category, accepted.at);
+        self.accepted(business, accepted.phone, accepted.at);
         if accepted.next.status != Status::Sent {
             return;
         }

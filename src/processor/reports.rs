@@ -3,10 +3,11 @@
 
 use super::{Processor, ProcessorError};
 use crate::ids::BusinessId;
-use crate::integrity::{BillingStatement, StatisticsReport};
-use crate::store::Census;
+use crate::integrity::{BillingStatement, StatisticsReport, billing_statement};
+use crate::store::{Census, Op, TakeId};
+use crate::time::Timestamp;
 use crate::transport::Principal;
-use crate::visibility::{Party, Purpose};
+use crate::visibility::{DataClass, Labelled, Party, Purpose};
 
 impl Processor {
     /// A consumer reported `business` for spam (the transport tells the
@@ -51,49 +52,87 @@ impl Processor {
         Ok(exported)
     }
 
-    /// `business`'s billing statement (every period kept, the open one
-    /// included), released to the business.
+    /// `business`'s billing statement (every period counted and not yet
+    /// in billing's system of record, the open one included), released to
+    /// the business.
     pub async fn billing_statement(
         &self,
         principal: &Principal,
         business: BusinessId,
     ) -> Result<BillingStatement, ProcessorError> {
         self.authorize(principal, business)?;
-        let statement = self.billing.statement(business, self.clock.now());
+        let stored = self.storage.billing(business).await?;
+        let statement = billing_statement(business, self.clock.now(), &stored, None);
         self.gate
-            .release(statement, Party::Business, Purpose::Billing)
+            .release(
+                Labelled::of_business(DataClass::Billing, business, statement),
+                Party::Business,
+                Purpose::Billing,
+            )
             .map(|r| r.into_value())
             .map_err(|_| ProcessorError::Denied)
     }
 
     /// Hand the closed billing periods of every business to the transport,
-    /// billing's system of record, released for billing (operators only).
-    /// A statement that cannot be handed over (or whose answer is lost) is
-    /// handed over again by the next export, as it was and under the same
-    /// [`id`](BillingStatement::id), before anything newer of its business:
-    /// the system of record counts each id once. Returns how many statements
-    /// were handed over.
+    /// billing's system of record, released for billing (operators only):
+    /// one statement per business, a take of its closed periods, which the
+    /// store keeps until the transport has it. A take that could not be
+    /// handed over (refused, failed, its answer lost, or cut short by a
+    /// stop) is handed over again by the next export, as it was and under
+    /// the same [`id`](BillingStatement::id), before anything newer of its
+    /// business: the system of record counts each id once. Returns how
+    /// many statements were handed over.
     pub async fn export_billing(&self, principal: &Principal) -> Result<usize, ProcessorError> {
         self.authorize_operator(principal)?;
         let now = self.clock.now();
         let mut exported = 0;
-        for business in self.billing.businesses() {
-            // Kept aside unless handed over, however this call ends
-            // (refused, the audit trail or the transport failing, or
-            // dropped halfway), to be handed over again as it is.
-            let Some((statement, undo)) = self.billing.take_closed_undoably(business, now) else {
+        for business in self.storage.billing_businesses().await? {
+            let Some((id, statement)) = self.billing_take(business, now).await? else {
                 continue;
             };
             let released = self
                 .gate
-                .release(statement, Party::Transport, Purpose::Billing)
+                .release(
+                    Labelled::of_business(DataClass::Billing, business, statement),
+                    Party::Transport,
+                    Purpose::Billing,
+                )
                 .map_err(|_| ProcessorError::Denied)?
                 .into_value();
             self.transport.billing(&released).await?;
-            undo.keep();
+            self.commit_op(Op::SettleBilling { business, id }).await?;
             exported += 1;
         }
         Ok(exported)
+    }
+
+    /// The oldest take of `business`'s billing not yet settled; if there
+    /// is none, a new take of the periods closed by `now`. `None` if there
+    /// is nothing to take.
+    async fn billing_take(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Result<Option<(TakeId, BillingStatement)>, ProcessorError> {
+        let mut stored = self.storage.billing(business).await?;
+        if stored.takes.is_empty() {
+            if !stored.counts.iter().any(|c| c.end <= now) {
+                return Ok(None);
+            }
+            let id = TakeId::new(rand::random()).unwrap_or(TakeId::MIN);
+            self.commit_op(Op::TakeBilling {
+                business,
+                id,
+                closed_by: now,
+                at: now,
+            })
+            .await?;
+            stored = self.storage.billing(business).await?;
+        }
+        Ok(stored.takes.first().map(|take| {
+            let statement = billing_statement(business, take.at, &stored, Some(take.id));
+            (take.id, statement)
+        }))
     }
 
     /// Closed periods of non-identifiable statistics, small buckets

@@ -9,7 +9,9 @@ use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
-use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Op, Status, StoreError};
+use crate::store::{
+    Batch, Delivery, Direction, FailureReason, MessageRecord, Op, Status, StoreError,
+};
 use crate::transport::{Principal, StatusUpdate};
 
 /// Every device pending: an attempt on a message with this
@@ -102,7 +104,7 @@ impl Processor {
                 expected: stored,
                 delivery: next,
             };
-            self.commit_told(business, id, reported, None).await
+            self.commit_told(business, id, reported.into(), None).await
         } else {
             self.write_delivery(business, id, stored, next).await
         };
@@ -230,27 +232,29 @@ impl Processor {
                 expected: record.delivery,
                 delivery: settled,
             };
-            // Moving it on from queued counts it taken: should the store
-            // fail that write, it is owed with what follows it.
-            let accepted = match queued_as {
-                Some(Some(category)) => Some(Accepted {
-                    phone: record.phone,
-                    category,
-                    at: now,
-                    next: settled,
-                }),
-                _ => None,
-            };
-            let written = match accepted {
-                Some(_) => self.commit_told(business, id, op, accepted).await?,
-                None => self.commit_op(op).await?,
+            // Moving it on from queued bills it, in the same write, and
+            // counts it taken: should the store fail that write, it is owed
+            // with what follows it.
+            let written = match queued_as {
+                Some(Some(category)) => {
+                    let mut batch = Batch::from(op);
+                    batch.push(self.bill(business, category, now));
+                    let accepted = Accepted {
+                        phone: record.phone,
+                        at: now,
+                        next: settled,
+                    };
+                    self.commit_told(business, id, batch, Some(accepted))
+                        .await?
+                }
+                _ => self.commit_op(op).await?,
             };
             if !written {
                 // Another report won the race: decide again on what it left.
                 continue;
             }
             match queued_as {
-                Some(Some(category)) => self.accepted(business, record.phone, category, now),
+                Some(Some(_)) => self.accepted(business, record.phone, now),
                 Some(None) => {
                     warn!(%business, %id, "a message reported delivered cannot be billed: its body is unreadable");
                 }

@@ -4,8 +4,9 @@ use std::fmt;
 
 use smallvec::SmallVec;
 
-use super::{Delivery, Hold, HoldScope, MessageRecord};
+use super::{Delivery, Hold, HoldScope, MessageRecord, TakeId};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::integrity::Category;
 use crate::keys::KeyId;
 use crate::time::Timestamp;
 
@@ -103,6 +104,40 @@ pub enum Op {
         /// The case it serves.
         reference: String,
     },
+    /// Count one billable message of `business` in the period from `start`
+    /// to `end`, of `category`, among the counts no take holds yet.
+    Bill {
+        /// The business.
+        business: BusinessId,
+        /// The first instant of the period.
+        start: Timestamp,
+        /// The first instant after it.
+        end: Timestamp,
+        /// The category.
+        category: Category,
+    },
+    /// Move every count of `business` that no take holds and whose period
+    /// ended at or before `closed_by` into a new take `id`, made `at`. If
+    /// there is no such count, no take is made; if `business` has a take
+    /// `id` already, nothing happens.
+    TakeBilling {
+        /// The business.
+        business: BusinessId,
+        /// The take's id.
+        id: TakeId,
+        /// Periods ending at or before this instant are taken.
+        closed_by: Timestamp,
+        /// When the take is made.
+        at: Timestamp,
+    },
+    /// Forget take `id` of `business` and its counts: billing's system of
+    /// record has them. No effect if there is no such take.
+    SettleBilling {
+        /// The business.
+        business: BusinessId,
+        /// The take.
+        id: TakeId,
+    },
 }
 
 impl fmt::Debug for Op {
@@ -163,6 +198,35 @@ impl fmt::Debug for Op {
                 .field("scope", scope)
                 .field("reference", reference)
                 .finish(),
+            Self::Bill {
+                business,
+                start,
+                end,
+                category,
+            } => f
+                .debug_struct("Bill")
+                .field("business", business)
+                .field("start", start)
+                .field("end", end)
+                .field("category", category)
+                .finish(),
+            Self::TakeBilling {
+                business,
+                id,
+                closed_by,
+                at,
+            } => f
+                .debug_struct("TakeBilling")
+                .field("business", business)
+                .field("id", id)
+                .field("closed_by", closed_by)
+                .field("at", at)
+                .finish(),
+            Self::SettleBilling { business, id } => f
+                .debug_struct("SettleBilling")
+                .field("business", business)
+                .field("id", id)
+                .finish(),
         }
     }
 }
@@ -204,6 +268,15 @@ pub struct Batch {
     ops: SmallVec<[Op; 1]>,
     /// The writer it is fenced by, if any (see [`Batch::fenced`]).
     writer: Option<WriterId>,
+}
+
+impl From<Op> for Batch {
+    /// The batch of `op` alone.
+    fn from(op: Op) -> Self {
+        let mut batch = Self::new();
+        batch.push(op);
+        batch
+    }
 }
 
 impl Batch {

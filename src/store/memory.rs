@@ -9,10 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Batch, Census, Delivery, Direction, ExpiredMessage, FailureReason, Hold, HoldScope, KeyStore,
-    MessageRecord, Op, PeerId, Status, Storage, StoreError, WriterId,
+    Batch, BillingCount, BillingTake, Census, Delivery, Direction, ExpiredMessage, FailureReason,
+    Hold, HoldScope, KeyStore, MessageRecord, Op, PeerId, Status, Storage, StoreError,
+    StoredBilling, TakeId, WriterId,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
+use crate::integrity::Category;
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
 use foldhash::fast::RandomState;
@@ -46,6 +48,7 @@ struct Inner {
     /// The messages of each consumer, for the questions asked by phone.
     by_phone: HashMap<(BusinessId, PhoneHash), PhoneIds, RandomState>,
     holds: BTreeMap<(HoldScope, String), Hold>,
+    billing: BTreeMap<BusinessId, Billing>,
     /// The store's writer (see [`Storage::take_over`]).
     writer: Option<WriterId>,
 }
@@ -61,6 +64,60 @@ struct PhoneIds {
     ids: Vec<MessageId>,
     /// The consumer's stored messages.
     live: usize,
+}
+
+/// One business's billing ledger.
+#[derive(Debug, Default)]
+struct Billing {
+    /// Each count, by take (`None` first), period and category.
+    counts: BTreeMap<(Option<TakeId>, Timestamp, Timestamp, Category), u64>,
+    /// The takes, oldest first.
+    takes: Vec<BillingTake>,
+}
+
+impl Billing {
+    fn take(&mut self, id: TakeId, closed_by: Timestamp, at: Timestamp) {
+        if self.takes.iter().any(|t| t.id == id) {
+            return;
+        }
+        let closed: Vec<_> = self
+            .counts
+            .iter()
+            .take_while(|((take, ..), _)| take.is_none())
+            .filter(|((_, _, end, _), _)| *end <= closed_by)
+            .map(|(&key, &count)| (key, count))
+            .collect();
+        if closed.is_empty() {
+            return;
+        }
+        for ((_, start, end, category), count) in closed {
+            self.counts.remove(&(None, start, end, category));
+            self.counts.insert((Some(id), start, end, category), count);
+        }
+        self.takes.push(BillingTake { id, at });
+    }
+
+    fn settle(&mut self, id: TakeId) {
+        self.takes.retain(|t| t.id != id);
+        self.counts.retain(|(take, ..), _| *take != Some(id));
+    }
+
+    fn stored(&self) -> StoredBilling {
+        StoredBilling {
+            counts: self
+                .counts
+                .iter()
+                .map(|(&(take, start, end, category), &count)| BillingCount {
+                    take,
+                    start,
+                    end,
+                    category,
+                    count,
+                })
+                .collect(),
+            takes: self.takes.clone(),
+        }
+    }
 }
 
 /// What the indexes hold for one stored message.
@@ -227,6 +284,37 @@ impl Inner {
             }
             Op::DeleteHold { scope, reference } => {
                 self.holds.remove(&(scope, reference));
+            }
+            Op::Bill {
+                business,
+                start,
+                end,
+                category,
+            } => {
+                let billing = self.billing.entry(business).or_default();
+                let count = billing
+                    .counts
+                    .entry((None, start, end, category))
+                    .or_default();
+                *count = count.saturating_add(1);
+            }
+            Op::TakeBilling {
+                business,
+                id,
+                closed_by,
+                at,
+            } => {
+                if let Some(billing) = self.billing.get_mut(&business) {
+                    billing.take(id, closed_by, at);
+                }
+            }
+            Op::SettleBilling { business, id } => {
+                if let Some(billing) = self.billing.get_mut(&business) {
+                    billing.settle(id);
+                    if billing.counts.is_empty() && billing.takes.is_empty() {
+                        self.billing.remove(&business);
+                    }
+                }
             }
         }
         true
@@ -746,5 +834,18 @@ impl Storage for MemoryStore {
             phones: phones.len() as u64,
             epoch_keys: epoch_keys as u64,
         })
+    }
+
+    async fn billing(&self, business: BusinessId) -> Result<StoredBilling, StoreError> {
+        Ok(self
+            .lock()
+            .billing
+            .get(&business)
+            .map(Billing::stored)
+            .unwrap_or_default())
+    }
+
+    async fn billing_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        Ok(self.lock().billing.keys().copied().collect())
     }
 }

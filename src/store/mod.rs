@@ -14,6 +14,7 @@ use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
 use crate::time::Timestamp;
 
 mod batch;
+mod billing;
 mod hold;
 mod memory;
 mod message;
@@ -21,6 +22,7 @@ mod message;
 mod sqlite;
 
 pub use batch::{Batch, Op, PeerId, WriterId};
+pub use billing::{BillingCount, BillingTake, StoredBilling, TakeId};
 pub use hold::{Hold, HoldScope};
 pub use memory::MemoryStore;
 pub use message::{
@@ -120,9 +122,9 @@ pub trait KeyStore: Send + Sync {
 /// Everything the processor stores beyond keys: Signal state (one sealed
 /// record per consumer device), messages (sealed, with their index fields in
 /// clear: business, id, direction, phone hash, expiry, epoch, delivery
-/// bookkeeping), and legal holds. Writes come as [`Batch`]es that take effect
-/// together or not at all, key deletions included, so a backend stores keys
-/// too.
+/// bookkeeping), legal holds, and the billing ledger (see [`StoredBilling`]).
+/// Writes come as [`Batch`]es that take effect together or not at all, key
+/// deletions included, so a backend stores keys too.
 ///
 /// A record the backend cannot decode (damaged, or not written by this
 /// crate) fails a read of that record with [`StoreError::Corrupt`], as it
@@ -262,6 +264,13 @@ pub trait Storage: KeyStore {
 
     /// How much the store holds.
     async fn census(&self) -> Result<Census, StoreError>;
+
+    /// What is stored of `business`'s billing: its counts and its takes
+    /// not yet settled, read in one atomic step.
+    async fn billing(&self, business: BusinessId) -> Result<StoredBilling, StoreError>;
+
+    /// The businesses with a stored billing count or take, ascending.
+    async fn billing_businesses(&self) -> Result<Vec<BusinessId>, StoreError>;
 
     /// Remove what deleted records left behind in the backend's own files,
     /// where it keeps older versions of its pages (a write-ahead log, say):

@@ -30,7 +30,7 @@ use custodian::signal::{
 };
 use custodian::store::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MemoryStore,
-    MessageRecord, PeerId, Status, Storage, StoreError,
+    MessageRecord, PeerId, Status, Storage, StoreError, StoredBilling,
 };
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
@@ -547,6 +547,14 @@ impl Storage for FailingStore {
     }
     async fn census(&self) -> Result<Census, StoreError> {
         self.faults.store("census", self.inner.census()).await
+    }
+    async fn billing(&self, business: BusinessId) -> Result<StoredBilling, StoreError> {
+        let call = self.inner.billing(business);
+        self.faults.store("billing", call).await
+    }
+    async fn billing_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        let call = self.inner.billing_businesses();
+        self.faults.store("billing_businesses", call).await
     }
     async fn scrub(&self) -> Result<(), StoreError> {
         self.faults.store("scrub", self.inner.scrub()).await

@@ -28,7 +28,7 @@ use self::reads::Readers;
 use self::writer::Writer;
 use super::{
     Batch, Census, Direction, ExpiredMessage, Hold, HoldScope, KeyStore, MessageRecord, PeerId,
-    Storage, StoreError, WriterId,
+    Storage, StoreError, StoredBilling, WriterId,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -685,6 +685,15 @@ impl Storage for SqliteStore {
 
     async fn census(&self) -> Result<Census, StoreError> {
         self.readers.with(reads::census)
+    }
+
+    async fn billing(&self, business: BusinessId) -> Result<StoredBilling, StoreError> {
+        self.readers.with(|c| reads::billing(c, business))
+    }
+
+    async fn billing_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
+        self.readers
+            .with(|c| reads::billing_businesses(c, &self.damaged))
     }
 
     /// Checkpoint the whole write-ahead log into the file and truncate the

@@ -18,8 +18,12 @@ use super::codec::{
     self, Cols, Db, business_sql, key_id_sql, limit_sql, message_columns, time_sql, u64_to_sql,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::integrity::Category;
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
-use crate::store::{Census, Hold, HoldScope, MessageRecord, PeerId, StoreError};
+use crate::store::{
+    BillingCount, BillingTake, Census, Hold, HoldScope, MessageRecord, PeerId, StoreError,
+    StoredBilling, TakeId,
+};
 use crate::time::Timestamp;
 
 /// Statements each connection keeps prepared.
@@ -557,6 +561,80 @@ pub(super) fn holds(conn: &Connection) -> Result<Vec<Hold>, StoreError> {
             placed: c.time(4, "placed")?,
         })
     })
+}
+
+pub(super) fn billing(
+    conn: &mut Connection,
+    business: BusinessId,
+) -> Result<StoredBilling, StoreError> {
+    // One read transaction: counts and takes of one state.
+    let tx = conn.transaction().db()?;
+    let takes = {
+        let mut stmt = tx
+            .prepare_cached("SELECT id, at FROM billing_takes WHERE business = ?1 ORDER BY rowid")
+            .db()?;
+        let mut rows = stmt.query([business_sql(business)]).db()?;
+        collect(&mut rows, |r| {
+            let c = Cols::new(r, "billing_takes");
+            Ok(BillingTake {
+                id: TakeId::new(c.u64(0, "id")?)
+                    .ok_or_else(|| codec::corrupt("billing_takes.id", "take id 0"))?,
+                at: c.time(1, "at")?,
+            })
+        })?
+    };
+    let counts = {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT take_id, period_start, period_end, category, count FROM billing
+                 WHERE business = ?1 ORDER BY take_id, period_start, period_end, category",
+            )
+            .db()?;
+        let mut rows = stmt.query([business_sql(business)]).db()?;
+        collect(&mut rows, |r| {
+            let c = Cols::new(r, "billing");
+            let take = TakeId::new(c.u64(0, "take_id")?);
+            if take.is_some_and(|id| !takes.iter().any(|t| t.id == id)) {
+                return Err(codec::corrupt("billing.take_id", "a take not stored"));
+            }
+            let category = u8::try_from(c.int(3, "category")?)
+                .ok()
+                .and_then(Category::from_code)
+                .ok_or_else(|| codec::corrupt("billing.category", "not a category code"))?;
+            let count = c.u64(4, "count")?;
+            if count == 0 {
+                return Err(codec::corrupt("billing.count", "a count of 0"));
+            }
+            Ok(BillingCount {
+                take,
+                start: c.time(1, "period_start")?,
+                end: c.time(2, "period_end")?,
+                category,
+                count,
+            })
+        })?
+    };
+    tx.finish().db()?;
+    Ok(StoredBilling { counts, takes })
+}
+
+pub(super) fn billing_businesses(
+    conn: &Connection,
+    damaged: &AtomicU64,
+) -> Result<Vec<BusinessId>, StoreError> {
+    // One statement: the list is of one state.
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT business FROM billing UNION SELECT business FROM billing_takes ORDER BY 1",
+        )
+        .db()?;
+    let mut rows = stmt.query([]).db()?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().db()? {
+        let business = Cols::new(row, "billing").business(0, "business");
+        out.extend(codec::skip_damaged(business, "billing", None, damaged)?);
+    }
+    Ok(out)
 }
 
 pub(super) fn census(conn: &mut Connection) -> Result<Census, StoreError> {

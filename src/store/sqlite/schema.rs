@@ -58,10 +58,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: V3,
     },
+    Migration {
+        version: 4,
+        sql: V4,
+    },
 ];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: u32 = 3;
+pub(super) const SCHEMA_VERSION: u32 = 4;
 
 /// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
 /// `direction`, `status` and `failure` are the types' one-byte codes.
@@ -147,6 +151,28 @@ CREATE TABLE store_meta (
 /// zero, a token no write makes.
 const V3: &str = "
 ALTER TABLE messages ADD COLUMN accepted_by INTEGER NOT NULL DEFAULT -9223372036854775808;
+";
+
+/// Version 4: the billing ledger (see `store::StoredBilling`). A count's
+/// `take_id` is zero (biased) while no take holds it; `category` is the
+/// category's one-byte code; `count` is biased. Takes keep the order they
+/// were made in by their row id.
+const V4: &str = "
+CREATE TABLE billing (
+    business     INTEGER NOT NULL,
+    take_id      INTEGER NOT NULL,
+    period_start INTEGER NOT NULL,
+    period_end   INTEGER NOT NULL,
+    category     INTEGER NOT NULL,
+    count        INTEGER NOT NULL,
+    PRIMARY KEY (business, take_id, period_start, period_end, category)
+) WITHOUT ROWID;
+CREATE TABLE billing_takes (
+    business INTEGER NOT NULL,
+    id       INTEGER NOT NULL,
+    at       INTEGER NOT NULL,
+    UNIQUE (business, id)
+);
 ";
 
 /// The name of the region in `store_meta` (schema version 2 and later).

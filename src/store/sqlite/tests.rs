@@ -1699,3 +1699,77 @@ fn keys_moved_by_page_splits_leave_no_bytes_once_destroyed() {
         "bytes of keys {left:?} are still in the file"
     );
 }
+
+/// A billing row this crate cannot have written (an unknown category, a
+/// count of zero, a count held by a take that is not stored, a take id of
+/// zero) fails the read of its business's billing, naming the column, and
+/// no other business's; a business that does not decode is skipped by the
+/// listing, which goes on past it.
+#[test]
+fn damaged_billing_rows_are_corrupt_errors_of_their_business_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("billing.db");
+    let bill = |b: u64| Op::Bill {
+        business: business(b),
+        start: Timestamp::from_millis(0),
+        end: Timestamp::from_millis(T0),
+        category: crate::integrity::Category::Utility,
+    };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for b in 1..=4 {
+            batch.push(bill(b));
+        }
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    let cases = [
+        ("UPDATE billing SET category = 9", "billing.category"),
+        ("UPDATE billing SET count = {zero}", "billing.count"),
+        ("UPDATE billing SET take_id = {seven}", "billing.take_id"),
+        (
+            "INSERT INTO billing_takes (business, id, at) VALUES ({b}, {zero}, 0)",
+            "billing_takes.id",
+        ),
+    ];
+    for (sql, column) in cases {
+        let b = business_sql(business(1));
+        let sql = sql
+            .replace("{zero}", &codec::u64_to_sql(0).to_string())
+            .replace("{seven}", &codec::u64_to_sql(7).to_string())
+            .replace("{b}", &b.to_string());
+        let copy = dir.path().join("case.db");
+        std::fs::copy(&path, &copy).unwrap();
+        let scoped = if sql.starts_with("UPDATE") {
+            format!("{sql} WHERE business = {b}")
+        } else {
+            sql
+        };
+        tamper(&copy, &scoped);
+        let store = SqliteStore::open(&copy, SqliteConfig::default()).unwrap();
+        match block_on(store.billing(business(1))) {
+            Err(StoreError::Corrupt(what)) => assert!(what.starts_with(column), "{what}"),
+            other => panic!("{scoped}: {other:?}"),
+        }
+        assert_eq!(
+            block_on(store.billing(business(2))).unwrap().counts.len(),
+            1
+        );
+        drop(store);
+        std::fs::remove_file(&copy).unwrap();
+    }
+    tamper(
+        &path,
+        &format!(
+            "UPDATE billing SET business = 'x' WHERE business = {}",
+            business_sql(business(1))
+        ),
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    assert_eq!(
+        block_on(store.billing_businesses()).unwrap(),
+        [business(2), business(3), business(4)]
+    );
+    assert_eq!(store.damaged_rows_skipped(), 1);
+}

@@ -243,6 +243,68 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             .db()?
             .execute(params![kind, business, phone, reference])
         }
+        Op::Bill {
+            business,
+            start,
+            end,
+            category,
+        } => conn
+            .prepare_cached(
+                "INSERT INTO billing (business, take_id, period_start, period_end, category, count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (business, take_id, period_start, period_end, category)
+                 DO UPDATE SET count = count + (count < ?7)",
+            )
+            .db()?
+            .execute(params![
+                business_sql(*business),
+                u64_to_sql(0),
+                time_sql(*start),
+                time_sql(*end),
+                category.code(),
+                u64_to_sql(1),
+                i64::MAX,
+            ]),
+        Op::TakeBilling {
+            business,
+            id,
+            closed_by,
+            at,
+        } => {
+            let (business, id) = (business_sql(*business), u64_to_sql(id.get()));
+            let taken = conn
+                .prepare_cached("SELECT 1 FROM billing_takes WHERE business = ?1 AND id = ?2")
+                .db()?
+                .exists(params![business, id])
+                .db()?;
+            if taken {
+                return Ok(());
+            }
+            let moved = conn
+                .prepare_cached(
+                    "UPDATE billing SET take_id = ?2
+                     WHERE business = ?1 AND take_id = ?3 AND period_end <= ?4",
+                )
+                .db()?
+                .execute(params![business, id, u64_to_sql(0), time_sql(*closed_by)])
+                .db()?;
+            if moved == 0 {
+                return Ok(());
+            }
+            conn.prepare_cached("INSERT INTO billing_takes (business, id, at) VALUES (?1, ?2, ?3)")
+                .db()?
+                .execute(params![business, id, time_sql(*at)])
+        }
+        Op::SettleBilling { business, id } => {
+            let (business, id) = (business_sql(*business), u64_to_sql(id.get()));
+            conn.prepare_cached("DELETE FROM billing WHERE business = ?1 AND take_id = ?2")
+                .db()?
+                .execute(params![business, id])
+                .db()?;
+            conn.prepare_cached("DELETE FROM billing_takes WHERE business = ?1 AND id = ?2")
+                .db()?
+                .execute(params![business, id])
+        }
     };
     done.map(drop).map_err(store_error)
 }
