@@ -12,7 +12,8 @@
 //! It exits non-zero, saying which, if a promise was broken: a consumer
 //! message not handed to its business exactly once, a business message
 //! missing on a device or sent again after it was reported delivered, a
-//! message without a final delivered status, or, after the sweep, any
+//! message without a final delivered status or not billed exactly once,
+//! or, after the sweep, any
 //! message, consumer or Signal record left in the store, any sealed copy
 //! still readable (or refused for any reason but its destroyed epoch key),
 //! any consumer's phone hash or message's sealed bytes left in the store's
@@ -530,6 +531,10 @@ async fn maintain_keys(
     }
     Ok(failed)
 }
+
+/// How many times billing is exported before the run gives up: the network
+/// refuses or loses some calls.
+const EXPORT_TRIES: usize = 100;
 
 /// How many times a business's first publication is tried before the run
 /// gives up: the network refuses or loses some calls, and a host starting
@@ -1237,6 +1242,37 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         None => println!("store files: none to scan (--memory)"),
+    }
+
+    // Billing: every business message was billed once, in the write that
+    // recorded it sent, and the store kept the counts (with the sweep's
+    // 31 days, every period is closed) until an export handed them over.
+    // An export the network refused or lost is made again, as a host's
+    // timer would; billing's system of record counts each take once.
+    let mut exports_failed = 0usize;
+    for _ in 0..EXPORT_TRIES {
+        match processor.export_billing(&operator).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(ProcessorError::Transport(TransportError::Unavailable(_))) => exports_failed += 1,
+            Err(e) => return Err(format!("exporting billing: {e}").into()),
+        }
+    }
+    let statements = network.billing_statements().await;
+    let billed: u64 = statements
+        .iter()
+        .flat_map(|s| &s.records)
+        .map(|r| r.messages.total())
+        .sum();
+    println!(
+        "billing: {billed} messages billed in {} statements ({exports_failed} exports refused or \
+         lost, made again)",
+        statements.len()
+    );
+    if billed != total_out as u64 {
+        broken.push(format!(
+            "{billed} messages billed, not the {total_out} business messages sent"
+        ));
     }
 
     // The audit trail.
