@@ -198,15 +198,15 @@ impl Drop for Owing<'_> {
 }
 
 impl Processor {
-    /// Commit `batch`, which records what the business or the transport was
-    /// just told about message `id` (and, if `accepted`, moves an outbound
-    /// message on from queued and bills it); `false` if its condition failed (the
-    /// message changed, or is gone). Should the store fail, or this future
-    /// be dropped before it answers, the write is owed, and made, with what
-    /// follows it, before the message is next taken up
-    /// ([`pay_owed`](Self::pay_owed)): a failed write may have landed (a
-    /// networked store's answer lost), or not, and either way what was told
-    /// must not be told again.
+    /// Commit `batch`, which records what the business or the transport
+    /// was just told about message `id` (and, if `accepted`, moves an
+    /// outbound message on from queued and bills it); `false` if its
+    /// condition failed (the message changed, or is gone). Should the
+    /// store fail, or this future be dropped before it answers, the write
+    /// is owed, and made, with what follows it, before the message is next
+    /// taken up ([`pay_owed`](Self::pay_owed)): a failed write may have
+    /// landed (a networked store's answer lost), or not, and either way
+    /// what was told must not be told again, nor a message billed twice.
     pub(super) async fn commit_told(
         &self,
         business: BusinessId,

@@ -135,6 +135,7 @@ pub trait KeyStore: Send + Sync {
 /// [`delete_expired`](Self::delete_expired),
 /// [`orphan_peers`](Self::orphan_peers),
 /// [`message_businesses`](Self::message_businesses),
+/// [`billing_businesses`](Self::billing_businesses),
 /// [`ended_epoch_keys`](KeyStore::ended_epoch_keys)) skip it instead,
 /// without counting it against their `limit`, and never delete it, and
 /// [`cap_expiry`](Self::cap_expiry) pages past it: one damaged record must
