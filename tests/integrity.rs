@@ -520,7 +520,9 @@ fn exports_are_releasable_only_to_the_parties_the_policy_allows() {
 
     let (gate, audit) = gate(now);
     let signals = monitor.export(business, now);
-    // A statement as the processor labels it.
+    // Billing statements are labelled as the processor labels them (which
+    // `exports::billing_counts_messages_per_category_and_period` checks
+    // through its audit trail): here, the policy table's cells.
     let bill = Labelled::of_business(DataClass::Billing, business, ());
     let stats = collector.closed_reports(business, now).remove(0);
     assert_eq!(signals.class(), DataClass::IntegritySignals);
@@ -635,7 +637,7 @@ mod exports {
     use custodian::testing::{Faults, SimBusiness, SimNetwork};
     use custodian::transport::{Outgoing, Transport, TransportError};
     use custodian::transport::{Principal, StaticAuthorizer};
-    use custodian::visibility::{AuditError, AuditSink, Change, Decision, HoldEvent};
+    use custodian::visibility::{AuditError, AuditSink, Change, Decision, HoldEvent, Verdict};
     use proptest::prelude::*;
 
     use super::*;
@@ -738,13 +740,8 @@ mod exports {
         let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
         let audit = Arc::new(MemoryAuditSink::new());
         let kek = SecretKey::generate();
-        let p = processor(
-            &clock,
-            Arc::new(MemoryStore::new()),
-            &kek,
-            network.clone(),
-            audit,
-        );
+        let store = Arc::new(MemoryStore::new());
+        let p = processor(&clock, store, &kek, network.clone(), audit.clone());
         let (business, other) = (BusinessId::new(17).unwrap(), BusinessId::new(18).unwrap());
         send(&p, &network, business, Category::Marketing, 3).await;
         send(&p, &network, business, Category::Utility, 1).await;
@@ -773,6 +770,26 @@ mod exports {
         assert_eq!(p.export_billing(&operator).await.unwrap(), 0);
         let statement = p.billing_statement(&owner, business).await.unwrap();
         assert_eq!(counts(&statement), [(0, 0, 0, 1)]);
+
+        // Each statement went through the gate labelled as billing of its
+        // business, and was audited so.
+        let released: Vec<(Party, Option<BusinessId>)> = audit
+            .events()
+            .iter()
+            .filter(|e| e.class == DataClass::Billing)
+            .inspect(|e| assert_eq!((e.purpose, e.verdict), (Purpose::Billing, Verdict::Allow)))
+            .map(|e| (e.party, e.business))
+            .collect();
+        use Party::{Business, Transport};
+        assert_eq!(
+            released,
+            [
+                (Business, Some(business)),
+                (Transport, Some(business)),
+                (Transport, Some(other)),
+                (Business, Some(business)),
+            ]
+        );
     }
 
     #[tokio::test]
@@ -1025,6 +1042,47 @@ mod exports {
             at(1, 0),
             "the take made before the stop"
         );
+    }
+
+    /// One business's damaged ledger (a category code this crate never
+    /// writes) holds up that business's billing alone: every other is
+    /// exported, and the export then reports the damage.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn a_damaged_billing_ledger_holds_up_its_business_alone() {
+        use custodian::store::{SqliteConfig, SqliteStore, StoreError};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let clock = ManualClock::new(at(0, 0));
+        let kek = SecretKey::generate();
+        let (b17, b18) = (BusinessId::new(17).unwrap(), BusinessId::new(18).unwrap());
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+        let start = || {
+            let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+            let audit = Arc::new(MemoryAuditSink::new());
+            processor(&clock, store, &kek, network.clone(), audit)
+        };
+        {
+            let p = start();
+            send(&p, &network, b17, Category::Utility, 1).await;
+            send(&p, &network, b18, Category::Utility, 1).await;
+        }
+        // Business ids are stored biased (XOR 2^63): 17 as i64::MIN + 17.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("UPDATE billing SET category = 9 WHERE business = -9223372036854775791")
+            .unwrap();
+        clock.advance(Duration::from_millis(DAY));
+        let p = start();
+        let result = p.export_billing(&Principal::new(OPERATOR)).await;
+        assert!(
+            matches!(result, Err(ProcessorError::Store(StoreError::Corrupt(_)))),
+            "{result:?}"
+        );
+        let exported = network.billing_statements().await;
+        let businesses: Vec<BusinessId> = exported.iter().map(|s| s.business).collect();
+        assert_eq!(businesses, [b18]);
     }
 }
 

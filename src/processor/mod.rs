@@ -287,7 +287,11 @@ pub struct Policies {
 /// one that records what the business was told is made again, if need be,
 /// before the message is next taken up, so a dropped call never has a
 /// message handed over or a status told twice, nor a message sent unbilled:
-/// a message is billed in the store, in the write that records it sent.
+/// a message is billed in the store, in the write that records it sent (or
+/// delivered, if its report came first). One exception: a message whose
+/// sealed body cannot be read when a delivery report moves it on (its epoch
+/// shredded early, or its record damaged) is not billed, since its category
+/// is in the body; that is logged.
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).

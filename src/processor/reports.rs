@@ -1,6 +1,8 @@
 //! Reports: integrity signals, billing and statistics, each released to
 //! the one party the visibility policy names for it; and the store's census.
 
+use tracing::warn;
+
 use super::{Processor, ProcessorError};
 use crate::ids::BusinessId;
 use crate::integrity::{BillingStatement, StatisticsReport, billing_statement};
@@ -80,30 +82,50 @@ impl Processor {
     /// handed over (refused, failed, its answer lost, or cut short by a
     /// stop) is handed over again by the next export, as it was and under
     /// the same [`id`](BillingStatement::id), before anything newer of its
-    /// business: the system of record counts each id once. Returns how
-    /// many statements were handed over.
+    /// business: the system of record counts each id once. Every business
+    /// is tried, whatever became of the others (one business's damaged
+    /// ledger, or a take the transport refuses, holds up that business
+    /// alone); returns how many statements were handed over, or, if any
+    /// business's failed, the first failure, once every other was tried.
     pub async fn export_billing(&self, principal: &Principal) -> Result<usize, ProcessorError> {
         self.authorize_operator(principal)?;
         let now = self.clock.now();
-        let mut exported = 0;
+        let (mut exported, mut failed) = (0, None);
         for business in self.storage.billing_businesses().await? {
-            let Some((id, statement)) = self.billing_take(business, now).await? else {
-                continue;
-            };
-            let released = self
-                .gate
-                .release(
-                    Labelled::of_business(DataClass::Billing, business, statement),
-                    Party::Transport,
-                    Purpose::Billing,
-                )
-                .map_err(|_| ProcessorError::Denied)?
-                .into_value();
-            self.transport.billing(&released).await?;
-            self.commit_op(Op::SettleBilling { business, id }).await?;
-            exported += 1;
+            match self.export_billing_of(business, now).await {
+                Ok(handed) => exported += usize::from(handed),
+                Err(e) => {
+                    warn!(%business, error = %e, "billing not exported");
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(exported)
+        failed.map_or(Ok(exported), Err)
+    }
+
+    /// Hand `business`'s oldest take to the transport (a new one of its
+    /// periods closed by `now`, if it has none), and forget it once handed
+    /// over; whether there was one.
+    async fn export_billing_of(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Result<bool, ProcessorError> {
+        let Some((id, statement)) = self.billing_take(business, now).await? else {
+            return Ok(false);
+        };
+        let released = self
+            .gate
+            .release(
+                Labelled::of_business(DataClass::Billing, business, statement),
+                Party::Transport,
+                Purpose::Billing,
+            )
+            .map_err(|_| ProcessorError::Denied)?
+            .into_value();
+        self.transport.billing(&released).await?;
+        self.commit_op(Op::SettleBilling { business, id }).await?;
+        Ok(true)
     }
 
     /// The oldest take of `business`'s billing not yet settled; if there
