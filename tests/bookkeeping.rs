@@ -18,7 +18,7 @@ use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
 use custodian::signal::{PreKeyBundle, PublishedKeys};
-use custodian::store::{Delivery, FailureReason, MemoryStore, Status, Storage};
+use custodian::store::{Batch, Delivery, FailureReason, MemoryStore, Op, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{
@@ -70,6 +70,10 @@ enum Race {
     HighDevices,
     /// The network takes a billing statement, and its answer is lost.
     LoseBillingReply,
+    /// The stored message is damaged (its body unreadable) once the
+    /// network took it, and its delivery report then reaches the processor
+    /// from inside its `send`.
+    DamageThenReportInsideSend,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -83,6 +87,8 @@ struct Racing {
     published: Mutex<Option<PublishedKeys>>,
     /// Every billing statement handed over, as handed over.
     billing: Mutex<Vec<BillingStatement>>,
+    /// The deployment's store.
+    store: Arc<MemoryStore>,
 }
 
 impl Racing {
@@ -186,6 +192,22 @@ impl Transport for Racing {
         self.network.send(b, c, device, m).await?;
         match race {
             Race::LoseReply => Err(TransportError::Unavailable("reply lost".into())),
+            Race::DamageThenReportInsideSend => {
+                let mut damaged = self.store.message(b, m.id).await.unwrap().unwrap();
+                damaged.sealed = b"damaged".to_vec();
+                let mut batch = Batch::new();
+                batch.push(Op::DeleteMessage {
+                    business: b,
+                    id: m.id,
+                });
+                batch.push(Op::PutMessage(Box::new(damaged)));
+                self.store.commit(batch).await.unwrap();
+                self.processor()
+                    .status_update(&self.transport, b, m.id, Status::Delivered)
+                    .await
+                    .unwrap();
+                Ok(())
+            }
             Race::ReportInsideSend | Race::ReportInsideSendThenDevice1Fails => {
                 self.processor()
                     .status_update(&self.transport, b, m.id, Status::Delivered)
@@ -314,6 +336,7 @@ impl Deployment {
             report: Mutex::new(None),
             published: Mutex::new(None),
             billing: Mutex::new(Vec::new()),
+            store: store.clone(),
         });
         let webhook = Arc::new(SlowWebhook {
             business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
@@ -661,6 +684,27 @@ async fn billing_outlives_the_processor_that_counted_it() {
     assert_eq!(billed, [2, 1]);
     assert_eq!(next.export_billing(&d.operator).await.unwrap(), 0);
     assert!(d.store.billing_businesses().await.unwrap().is_empty());
+}
+
+/// A delivery report that finds its message's body unreadable (damaged,
+/// or its epoch shredded early, once the send read it) cannot bill it: its
+/// category is in the body. The send's own record of what the transport
+/// took, which knows the category, bills it, once.
+#[tokio::test]
+async fn a_message_its_report_could_not_bill_is_billed_by_its_send() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::DamageThenReportInsideSend);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    let stored = d.store.message(b, id).await.unwrap().unwrap();
+    assert_eq!(stored.delivery.status, Status::Delivered);
+    assert_ne!(stored.delivery.accepted_by, 0, "billed");
+    assert_eq!(d.billed(b).await, 1);
+    d.settle(2).await;
+    assert_eq!(d.billed(b).await, 1, "once");
 }
 
 /// A network that lists a device twice: the device is sent the message

@@ -288,10 +288,12 @@ pub struct Policies {
 /// before the message is next taken up, so a dropped call never has a
 /// message handed over or a status told twice, nor a message sent unbilled:
 /// a message is billed in the store, in the write that records it sent (or
-/// delivered, if its report came first). One exception: a message whose
-/// sealed body cannot be read when a delivery report moves it on (its epoch
-/// shredded early, or its record damaged) is not billed, since its category
-/// is in the body; that is logged.
+/// delivered, if its report came first). A report that cannot read the
+/// message's body (its epoch shredded early, or its record damaged), which
+/// holds its category, leaves the bill to the send's own record; only if
+/// that record was lost too (a crash between the transport taking the
+/// message and the processor recording it) does the message go unbilled,
+/// which is logged.
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).

@@ -465,7 +465,12 @@ impl Processor {
         loop {
             let current = made.on;
             let mut next = self.after_send(current, made.outcome, made.at);
-            let moves_on = current.status == Status::Queued && next.status == Status::Sent;
+            // The first record of what the transport took bills the
+            // message: moving it on from queued, or after a delivery
+            // report that moved it on unbilled (its body unreadable then;
+            // this attempt read it).
+            let moves_on = current.accepted_by == 0
+                && matches!(next.status, Status::Sent | Status::Delivered | Status::Read);
             if moves_on {
                 next.accepted_by = made.token;
             }

@@ -218,9 +218,11 @@ impl Processor {
                     Some(now)
                 },
                 pending_devices: pending,
-                // Moving it on from queued, this write is known by a token
-                // of its own; later writes keep the one there.
-                accepted_by: if record.delivery.status == Status::Queued {
+                // Moving it on from queued and billing it, this write is
+                // known by a token of its own; later writes keep the one
+                // there. Unbilled (its category unreadable), it leaves zero:
+                // the send's own record bills it.
+                accepted_by: if matches!(queued_as, Some(Some(_))) {
                     acceptance_token()
                 } else {
                     record.delivery.accepted_by
@@ -256,7 +258,7 @@ impl Processor {
             match queued_as {
                 Some(Some(_)) => self.accepted(business, record.phone, now),
                 Some(None) => {
-                    warn!(%business, %id, "a message reported delivered cannot be billed: its body is unreadable");
+                    warn!(%business, %id, "a message reported delivered is left for its send's record to bill: its body is unreadable");
                 }
                 None => {}
             }

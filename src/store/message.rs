@@ -152,12 +152,15 @@ pub struct Delivery {
     /// sent it again). Zero means none outstanding.
     #[serde(default)]
     pub pending_devices: u64,
-    /// Which write moved an outbound message on from queued (the move that
-    /// counts it taken: billed once): a random token, never zero, of that
-    /// write; zero while the message is queued, and for one that failed
-    /// from queued or an inbound one. Every later write keeps it, so
-    /// whoever made that write, its answer lost, can tell later whether it
-    /// landed, whatever was written over it since.
+    /// Which write billed an outbound message, moving it on from queued
+    /// (the move that counts it taken: billed once): a random token, never
+    /// zero, of that write; zero while the message is queued, for one that
+    /// failed from queued or an inbound one, and for one a delivery report
+    /// moved on without billing it (its body, which holds its category,
+    /// unreadable then: the send's own record, which knows the category,
+    /// bills it). Every later write keeps it, so whoever made that write,
+    /// its answer lost, can tell later whether it landed, whatever was
+    /// written over it since.
     #[serde(default)]
     pub accepted_by: u64,
 }
