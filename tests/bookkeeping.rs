@@ -862,3 +862,49 @@ async fn a_report_from_inside_a_send_waits_for_the_devices_left_to_retry() {
         "told once"
     );
 }
+
+/// Only an attempt decided on a queued message bills it: a sent message
+/// with no token (as a row stored before tokens existed reads) is not
+/// billed, counted or told sent again by its retransmission.
+#[tokio::test]
+async fn a_sent_message_with_no_token_is_not_billed_again_by_its_retransmission() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    assert_eq!(d.billed(b).await, 1);
+    let stored = d.store.message(b, id).await.unwrap().unwrap();
+    assert_eq!(stored.delivery.status, Status::Sent);
+    let mut batch = Batch::new();
+    batch.push(Op::UpdateDelivery {
+        business: b,
+        id,
+        expected: stored.delivery,
+        delivery: Delivery {
+            accepted_by: 0,
+            ..stored.delivery
+        },
+    });
+    d.store.commit(batch).await.unwrap();
+    let told = || {
+        d.webhook
+            .business
+            .statuses()
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let before = told();
+    // No receipt: the receipt timeout passes, and it is sent again.
+    d.clock.advance(Duration::from_secs(121));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    let stored = d.store.message(b, id).await.unwrap().unwrap();
+    assert!(
+        stored.delivery.attempts >= 2,
+        "sent again: {:?}",
+        stored.delivery
+    );
+    assert_eq!(d.billed(b).await, 1, "billed once");
+    assert_eq!(told(), before, "told sent once");
+}

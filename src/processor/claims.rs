@@ -124,14 +124,18 @@ pub(super) struct AttemptMade {
     pub(super) category: Category,
     pub(super) outcome: DeviceOutcome,
     pub(super) at: Timestamp,
-    /// The [`Delivery::accepted_by`] its record stores if it moves the
-    /// message on from queued: chosen once, so that a record owed, and
-    /// made again, is known by it.
+    /// The [`Delivery::accepted_by`] its record stores if it bills the
+    /// message: chosen once, so that a record owed, and made again, is
+    /// known by it.
     pub(super) token: u64,
+    /// Whether the attempt was decided on a queued message: only such an
+    /// attempt bills (a message sent before may carry no token, as one
+    /// stored before tokens existed does, and is billed already).
+    pub(super) from_queued: bool,
 }
 
-/// A fresh [`Delivery::accepted_by`] for a write that moves a message on
-/// from queued: random, never zero (the value of a queued message).
+/// A fresh [`Delivery::accepted_by`] for a write that bills a message:
+/// random, never zero (the value of a message not billed).
 pub(super) fn acceptance_token() -> u64 {
     rand::random::<u64>().max(1)
 }

@@ -291,9 +291,10 @@ pub struct Policies {
 /// delivered, if its report came first). A report that cannot read the
 /// message's body (its epoch shredded early, or its record damaged), which
 /// holds its category, leaves the bill to the send's own record; only if
-/// that record was lost too (a crash between the transport taking the
-/// message and the processor recording it) does the message go unbilled,
-/// which is logged.
+/// no such record follows while the body is unreadable (a crash between
+/// the transport taking the message and the processor recording it, or
+/// the transport's answer lost) does the message go unbilled, which is
+/// logged.
 /// A dropped `receive` was not acknowledged: the transport's redelivery is
 /// answered as usual. A dropped `send` may have stored the message, which is
 /// then sent and reported like any other (its id is in its status reports).

@@ -121,6 +121,7 @@ impl Drop for Sending<'_> {
             },
             at: p.clock.now(),
             token: acceptance_token(),
+            from_queued: record.delivery.status == Status::Queued,
         };
         p.claims
             .owe((record.business, record.id), Owed::Attempt(made), false);
@@ -428,6 +429,7 @@ impl Processor {
             outcome,
             at: self.clock.now(),
             token: acceptance_token(),
+            from_queued: decided_on.status == Status::Queued,
         };
         let Some(next) = self.record_attempt(business, id, made, false).await? else {
             // Deleted meanwhile: nothing left to record.
@@ -448,8 +450,10 @@ impl Processor {
     /// Record what an attempt on outbound message `id` reached on its
     /// stored delivery state, conditionally: a delivery report may have
     /// moved the status forward meanwhile, and the outcome is then recorded
-    /// on what it left. Moving the message on from queued counts it taken
-    /// and tells its business it is sent. Should the store fail, or this
+    /// on what it left. The first record that the transport took a message
+    /// (moving it on from queued, or recording on a report that moved it
+    /// on unbilled) bills it and counts it taken, and, if it is sent, tells
+    /// its business so. Should the store fail, or this
     /// future be dropped, before the record is made, it is owed, and made
     /// before the message is next taken up (`first`, before what else is
     /// owed: it is being paid). Returns the state recorded; `None` if the
@@ -465,11 +469,12 @@ impl Processor {
         loop {
             let current = made.on;
             let mut next = self.after_send(current, made.outcome, made.at);
-            // The first record of what the transport took bills the
-            // message: moving it on from queued, or after a delivery
-            // report that moved it on unbilled (its body unreadable then;
-            // this attempt read it).
+            // The first record of what the transport took, of an attempt
+            // decided on a queued message, bills it: moving it on from
+            // queued, or after a delivery report that moved it on unbilled
+            // (its body unreadable then; this attempt read it).
             let moves_on = current.accepted_by == 0
+                && made.from_queued
                 && matches!(next.status, Status::Sent | Status::Delivered | Status::Read);
             if moves_on {
                 next.accepted_by = made.token;
@@ -540,8 +545,9 @@ impl Processor {
     }
 
     /// The write that bills a message of `business` of `category` taken by
-    /// the transport at `at`: made in the batch that moves the message on
-    /// from queued, so it is counted exactly once, and durably.
+    /// the transport at `at`: made in the batch of the conditional write
+    /// that sets the message's [`Delivery::accepted_by`], so it is counted
+    /// exactly once, and durably.
     pub(super) fn bill(&self, business: BusinessId, category: Category, at: Timestamp) -> Op {
         let period = self.billing.of(at);
         Op::Bill {
@@ -554,8 +560,8 @@ impl Processor {
 
     /// Count an outbound message of `business` to `phone` as taken by the
     /// transport at `now`, in the statistics (its bill is written with the
-    /// move). Called once, by whichever write first moves it on from queued
-    /// (a send's bookkeeping, or a delivery report that came first).
+    /// write). Called once, after whichever write bills it (a send's
+    /// bookkeeping, or a delivery report that came first).
     pub(super) fn accepted(&self, business: BusinessId, phone: PhoneHash, now: Timestamp) {
         self.statistics.record_message(
             business,
@@ -566,8 +572,8 @@ impl Processor {
         );
     }
 
-    /// What follows a write moving message `id` on from queued: it is
-    /// counted taken, and (after a send's bookkeeping) its business told it
+    /// What follows a write billing message `id`: it is counted taken, and
+    /// (after a send's bookkeeping that left it sent) its business told it
     /// is sent.
     pub(super) async fn on_accepted(
         &self,

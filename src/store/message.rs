@@ -152,15 +152,16 @@ pub struct Delivery {
     /// sent it again). Zero means none outstanding.
     #[serde(default)]
     pub pending_devices: u64,
-    /// Which write billed an outbound message, moving it on from queued
-    /// (the move that counts it taken: billed once): a random token, never
-    /// zero, of that write; zero while the message is queued, for one that
-    /// failed from queued or an inbound one, and for one a delivery report
-    /// moved on without billing it (its body, which holds its category,
-    /// unreadable then: the send's own record, which knows the category,
-    /// bills it). Every later write keeps it, so whoever made that write,
-    /// its answer lost, can tell later whether it landed, whatever was
-    /// written over it since.
+    /// Which write billed an outbound message (counting it taken: billed
+    /// once): a random token, never zero, of that write. Zero while the
+    /// message is queued; for one that failed from queued, or an inbound
+    /// one; for one a delivery report moved on without billing it (its
+    /// body, which holds its category, unreadable then: the record of the
+    /// send decided on it while queued, which knows the category, bills
+    /// it); and for one stored before this field existed (billed then).
+    /// Every later write keeps it, so whoever made that write, its answer
+    /// lost, can tell later whether it landed, whatever was written over
+    /// it since.
     #[serde(default)]
     pub accepted_by: u64,
 }
