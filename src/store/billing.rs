@@ -2,9 +2,11 @@
 //! business, period and category, and the takes of closed periods on their
 //! way to billing's system of record.
 //!
-//! A message is counted in the batch that moves it on from queued
-//! ([`Op::Bill`](super::Op::Bill) beside its delivery update), so a count
-//! is as durable as the message's state and made exactly once. An export
+//! A message is counted in the batch of the conditional delivery update
+//! that records it taken by the transport and sets its
+//! [`Delivery::accepted_by`](super::Delivery::accepted_by)
+//! ([`Op::Bill`](super::Op::Bill) beside that update), so a count is as
+//! durable as the message's state and made exactly once. An export
 //! moves closed periods into a take ([`Op::TakeBilling`](super::Op::TakeBilling)),
 //! hands the take over, and forgets it once billing has it
 //! ([`Op::SettleBilling`](super::Op::SettleBilling)): a take that a failure
