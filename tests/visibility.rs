@@ -34,7 +34,7 @@ const COLUMNS: [Purpose; 7] = [
     Purpose::OptInService,
 ];
 
-/// The published table (module docs, DESIGN.md §7), every cell written out:
+/// The published table (the module docs), every cell written out:
 /// delivery, retransmission, integrity, billing, analytics, advertising, opt-in service.
 #[rustfmt::skip]
 const PUBLISHED: [(Party, DataClass, [bool; 7]); 24] = {

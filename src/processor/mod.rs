@@ -31,8 +31,9 @@
 //! - **Concurrency**: operations on one consumer device are serialised (the
 //!   Signal layer); one attempt at a time is made per message (a claim the
 //!   retransmission loop skips), and every change of a message's delivery
-//!   state is a compare-and-swap on its status, so concurrent reports never
-//!   move it backwards. No lock is held while the host's transport or
+//!   state is a compare-and-swap of the whole state (status, attempts,
+//!   devices pending, billing token), so concurrent reports never move it
+//!   backwards, nor undo a device left to retry. No lock is held while the host's transport or
 //!   business is called: a host may call back into the processor from
 //!   there. Everything else runs concurrently.
 //! - **Cancellation**: every future may be dropped at any point and the
@@ -187,7 +188,8 @@ pub struct Host {
     pub authorizer: Arc<dyn Authorizer>,
     /// The time.
     pub clock: Arc<dyn Clock>,
-    /// Where every release decision and legal-hold change is recorded.
+    /// Where every release decision, legal-hold change and administrative
+    /// change (the policies a processor starts with included) is recorded.
     pub audit: Arc<dyn AuditSink>,
 }
 

@@ -1,8 +1,10 @@
 //! Where state lives: the storage traits a host implements, and the backends
 //! that ship with the crate.
 //!
-//! Stores hold only what is safe at rest: wrapped keys, sealed envelopes and
-//! keyed hashes. Each trait method is atomic on its own; methods that must
+//! Stores hold no content, phone number or key in clear: keys are wrapped,
+//! records sealed, numbers keyed hashes; what stays in clear is index and
+//! bookkeeping fields, KEK rings (their versions wrapped), holds and billing
+//! counts. Each trait method is atomic on its own; methods that must
 //! not lose a race (creating a key, rewrapping one, changing a KEK ring) take
 //! the value they expect to replace and refuse with [`StoreError::Conflict`]
 //! or report the winner, so concurrent callers never overwrite each other.

@@ -85,10 +85,12 @@
 //!   publishes and exports again until a call succeeds. The business
 //!   endpoint has outages of its own, in its own [`Faults`].
 //! - The processor's refusals are not lost messages: a consumer message
-//!   or delivery report the processor refuses for good (the wrong
-//!   principal given to [`pump`](SimNetwork::pump), say) is dropped and
-//!   counted in [`PumpReport::refused`], with the error in
-//!   [`PumpReport::last_error`].
+//!   or delivery report the processor refuses for good (an error that
+//!   [`is_permanent`](crate::processor::ProcessorError::is_permanent): a
+//!   malformed or forged message, say) is dropped and counted in
+//!   [`PumpReport::refused`]; one refused otherwise (the wrong principal
+//!   given to [`pump`](SimNetwork::pump), say) is delivered again. Either
+//!   way [`PumpReport::last_error`] says why.
 //! - A device counts the copies of each message it decrypted
 //!   ([`SimNetwork::received`]): those beyond the first are the
 //!   processor's retransmissions. A copy of one ciphertext that the

@@ -23,7 +23,7 @@
 //!
 //! The published table ([`VisibilityPolicy::published`], also `Default`, at
 //! [`Revision::PUBLISHED`]) implements the data-visibility matrix of the
-//! design (DESIGN.md §7). Each cell lists the purposes allowed; "—" is denied
+//! published data-privacy design of the WhatsApp Business Cloud API. Each cell lists the purposes allowed; "—" is denied
 //! for every purpose.
 //!
 //! | data class | system of record | processor | business | transport | rest of company |

@@ -264,7 +264,7 @@ impl<'de> Deserialize<'de> for Revision {
     }
 }
 
-/// The published table (DESIGN.md §7), as documented in the module docs.
+/// The published table, as documented in the module docs.
 const PUBLISHED: [Purposes; CELLS] = {
     use DataClass::*;
     use Party::{Business, Processor, RestOfCompany, Transport};
