@@ -137,7 +137,9 @@ pub struct BillingStatement {
 #[non_exhaustive]
 pub struct BillingConfig {
     /// Length of a billing period, whole seconds from 1 second to 366
-    /// days. Default: one day (UTC).
+    /// days. Default: one day (UTC). Counts are stored with their period's
+    /// bounds, so a processor started with another length leaves the
+    /// counts made before in the periods they were made in.
     pub period: Duration,
 }
 
