@@ -678,13 +678,25 @@ mod exports {
         transport: Arc<dyn Transport>,
         audit: Arc<dyn AuditSink>,
     ) -> Processor {
+        let host = host(clock, storage, kek, transport, audit);
+        Processor::new(host, Policies::default()).unwrap()
+    }
+
+    /// The host of [`processor`].
+    fn host(
+        clock: &ManualClock,
+        storage: Arc<dyn custodian::store::Storage>,
+        kek: &SecretKey,
+        transport: Arc<dyn Transport>,
+        audit: Arc<dyn AuditSink>,
+    ) -> Host {
         let (owner, operator) = (Principal::new(OWNER), Principal::new(OPERATOR));
         let mut authorizer = StaticAuthorizer::new().operator(&operator);
         for b in [17, 18] {
             let b = BusinessId::new(b).unwrap();
             authorizer = authorizer.grant(&owner, b).carrier(&owner, b);
         }
-        let host = Host {
+        Host {
             storage,
             key_provider: Arc::new(LocalKeyProvider::new(kek)),
             transport,
@@ -692,8 +704,7 @@ mod exports {
             authorizer: Arc::new(authorizer),
             clock: Arc::new(clock.clone()),
             audit,
-        };
-        Processor::new(host, Policies::default()).unwrap()
+        }
     }
 
     /// Send `n` messages of `category` from `business` to a consumer.
@@ -790,6 +801,56 @@ mod exports {
                 (Business, Some(business)),
             ]
         );
+    }
+
+    /// Counts keep the period they were made in: a processor started with
+    /// hourly periods over a store of daily counts bills the new messages
+    /// by the hour, and the export closes each period at its own end.
+    #[tokio::test]
+    async fn a_billing_period_changed_between_starts_keeps_earlier_counts_in_theirs() {
+        let clock = ManualClock::new(at(0, 0));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+        let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+        let kek = SecretKey::generate();
+        let business = BusinessId::new(17).unwrap();
+        let audit = || Arc::new(MemoryAuditSink::new());
+        let daily = processor(&clock, store.clone(), &kek, network.clone(), audit());
+        send(&daily, &network, business, Category::Utility, 2).await;
+        drop(daily);
+
+        let mut policies = Policies::default();
+        policies.billing.period = Duration::from_secs(3600);
+        let host = host(&clock, store.clone(), &kek, network.clone(), audit());
+        let hourly = Processor::new(host, policies).unwrap();
+        clock.advance(Duration::from_secs(90 * 60));
+        send(&hourly, &network, business, Category::Marketing, 1).await;
+        let statement = hourly
+            .billing_statement(&Principal::new(OWNER), business)
+            .await
+            .unwrap();
+        let periods: Vec<(Timestamp, Timestamp)> = statement
+            .records
+            .iter()
+            .map(|r| (r.period.start, r.period.end))
+            .collect();
+        let hour = |h: u64| at(0, h * 3_600_000);
+        assert_eq!(periods, [(hour(0), at(1, 0)), (hour(1), hour(2))]);
+        assert_eq!(counts(&statement), [(0, 2, 0, 0), (1, 0, 0, 0)]);
+
+        // After the hour, only the hourly period is closed.
+        clock.advance(Duration::from_secs(3600));
+        let operator = Principal::new(OPERATOR);
+        assert_eq!(hourly.export_billing(&operator).await.unwrap(), 1);
+        assert_eq!(hourly.export_billing(&operator).await.unwrap(), 0);
+        clock.advance(Duration::from_millis(DAY));
+        assert_eq!(hourly.export_billing(&operator).await.unwrap(), 1);
+        let exported: Vec<_> = network
+            .billing_statements()
+            .await
+            .iter()
+            .map(counts)
+            .collect();
+        assert_eq!(exported, [vec![(1, 0, 0, 0)], vec![(0, 2, 0, 0)]]);
     }
 
     #[tokio::test]
