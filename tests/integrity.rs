@@ -670,10 +670,10 @@ mod exports {
     const OPERATOR: &str = "operator";
 
     /// A processor for businesses 17 and 18 over `storage`, its keys under
-    /// `kek`, each consumer on the network with one device.
+    /// `kek`, with the published policies.
     fn processor(
         clock: &ManualClock,
-        storage: Arc<dyn custodian::store::Storage>,
+        storage: Arc<dyn Storage>,
         kek: &SecretKey,
         transport: Arc<dyn Transport>,
         audit: Arc<dyn AuditSink>,
@@ -685,7 +685,7 @@ mod exports {
     /// The host of [`processor`].
     fn host(
         clock: &ManualClock,
-        storage: Arc<dyn custodian::store::Storage>,
+        storage: Arc<dyn Storage>,
         kek: &SecretKey,
         transport: Arc<dyn Transport>,
         audit: Arc<dyn AuditSink>,
