@@ -893,18 +893,12 @@ fn signed_prekey_record(record: &[u8]) -> Result<(), &'static str> {
         got.4.as_ref().is_some_and(|s| s.len() == 64),
         "a bad signature decoded"
     );
-    let encoding = decoded.serialize().unwrap_or_else(|e| panic!("{e}"));
-    let again = decode_signed_prekey(&encoding, id, &identity)
-        .unwrap_or_else(|e| panic!("a re-encoded signed prekey does not decode: {e}"));
-    assert_eq!(
-        fields(&again),
-        got,
-        "a re-encoded signed prekey decodes to another"
-    );
-    assert_eq!(
-        again.serialize().ok(),
-        Some(encoding),
-        "encode∘decode of a signed prekey is not idempotent"
+    re_encoded(
+        "signed prekey",
+        &decoded,
+        |r| r.serialize(),
+        |b| decode_signed_prekey(b, id, &identity),
+        fields,
     );
     Ok(())
 }
@@ -928,20 +922,38 @@ fn one_time_prekey_record(record: &[u8]) -> Result<(), &'static str> {
         got.0, KEY_RECORD_PREKEY_ID,
         "a one-time prekey with another id decoded"
     );
-    let encoding = decoded.serialize().unwrap_or_else(|e| panic!("{e}"));
-    let again = decode_one_time_prekey(&encoding, KEY_RECORD_PREKEY_ID)
-        .unwrap_or_else(|e| panic!("a re-encoded one-time prekey does not decode: {e}"));
-    assert_eq!(
-        fields(&again),
-        got,
-        "a re-encoded one-time prekey decodes to another"
-    );
-    assert_eq!(
-        again.serialize().ok(),
-        Some(encoding),
-        "encode∘decode of a one-time prekey is not idempotent"
+    re_encoded(
+        "one-time prekey",
+        &decoded,
+        |r| r.serialize(),
+        |b| decode_one_time_prekey(b, KEY_RECORD_PREKEY_ID),
+        fields,
     );
     Ok(())
+}
+
+/// That `decoded`, a `what` record, re-encodes to bytes that decode to the
+/// same fields and re-encode to themselves.
+fn re_encoded<R, E: std::fmt::Display, F: PartialEq + std::fmt::Debug>(
+    what: &str,
+    decoded: &R,
+    serialize: impl Fn(&R) -> Result<Vec<u8>, wacore_libsignal::protocol::SignalProtocolError>,
+    decode: impl Fn(&[u8]) -> Result<R, E>,
+    fields: impl Fn(&R) -> F,
+) {
+    let encoding = serialize(decoded).unwrap_or_else(|e| panic!("{e}"));
+    let again =
+        decode(&encoding).unwrap_or_else(|e| panic!("a re-encoded {what} does not decode: {e}"));
+    assert_eq!(
+        fields(&again),
+        fields(decoded),
+        "a re-encoded {what} decodes to another"
+    );
+    assert_eq!(
+        serialize(&again).ok(),
+        Some(encoding),
+        "encode∘decode of a {what} is not idempotent"
+    );
 }
 
 /// The [`KeyRecord::ProviderBlob`] part of [`key_records`].

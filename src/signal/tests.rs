@@ -525,59 +525,27 @@ async fn write_signal_corpora() {
     }
 }
 
-/// A stored one-time prekey whose record does not decode is the business's
-/// damaged state, not the consumer's malformed message: reported as
-/// corrupt storage (which a transport retries), never as an invalid
-/// message (which it may drop for good), and nothing is changed.
-#[tokio::test]
-async fn a_corrupt_stored_one_time_prekey_is_reported_as_corrupt_state() {
-    let (sessions, keys, store, business, expiry) = fixture().await;
-    let published = sessions.publish(business).await.unwrap();
-    let (mut phone, peer) = consumer(&keys, business, &published).await;
-    let first = phone.encrypt(business, b"hello").await.unwrap();
-
-    let id = KeyId {
-        business,
-        kind: KeyKind::SignalPreKey,
-        id: u64::from(published.one_time_prekeys[0].id),
-    };
-    assert_eq!(
-        crate::store::KeyStore::delete_keys(&*store, &[id])
-            .await
-            .unwrap(),
-        1
-    );
-    keys.store_secret(id, b"\xff\xff\xff not a prekey record")
-        .await
-        .unwrap();
-    sessions.clear_cache();
-
-    let got = sessions.decrypt(business, peer, &first, expiry).await;
-    assert!(
-        matches!(
-            got,
-            Err(SignalError::Storage(StorageFailure::Corrupt(
-                "one-time prekey"
-            )))
-        ),
-        "a corrupt stored prekey reported as {got:?}"
-    );
-    assert!(!sessions.has_session(business, peer).await.unwrap());
-}
-
-/// A stored one-time prekey that the library's decoder accepts but that
-/// has no usable key pair (no fields at all; a private key of 31 bytes) or
-/// whose halves are of two pairs is corrupt state as well: the library's
-/// decoder defers every field to its accessors, so such a record used to
-/// get through the store and fail the first message naming it as
-/// malformed, which a transport may drop for good.
+/// A stored one-time prekey whose record does not decode, or that the
+/// library's decoder accepts but that has no usable key pair (no fields at
+/// all; a private key of 31 bytes) or whose halves are of two pairs, is
+/// the business's damaged state, not the consumer's malformed message:
+/// reported as corrupt storage (which a transport retries), never as an
+/// invalid message (which it may drop for good), and no session is
+/// started. The library's decoder defers every field to its accessors, so
+/// such a record used to get through the store and fail the first message
+/// naming it.
 #[tokio::test]
 async fn a_stored_one_time_prekey_without_a_sound_key_pair_is_corrupt_state() {
     use wacore_libsignal::protocol::{KeyPair, PrivateKey};
 
     let private = PrivateKey::deserialize(&[0x33; 32]).unwrap();
     let other = PrivateKey::deserialize(&[0x44; 32]).unwrap();
-    for name in ["no fields", "31-byte private key", "halves of two pairs"] {
+    for name in [
+        "not a record",
+        "no fields",
+        "31-byte private key",
+        "halves of two pairs",
+    ] {
         let (sessions, keys, store, business, expiry) = fixture().await;
         let published = sessions.publish(business).await.unwrap();
         let (mut phone, peer) = consumer(&keys, business, &published).await;
@@ -589,6 +557,7 @@ async fn a_stored_one_time_prekey_without_a_sound_key_pair_is_corrupt_state() {
             id: u64::from(prekey),
         };
         let bytes = match name {
+            "not a record" => b"\xff\xff\xff not a prekey record".to_vec(),
             "no fields" => Vec::new(),
             "31-byte private key" => {
                 // id (field 1), then a 31-byte private key (field 3).
@@ -610,9 +579,8 @@ async fn a_stored_one_time_prekey_without_a_sound_key_pair_is_corrupt_state() {
             .serialize()
             .unwrap(),
         };
-        crate::store::KeyStore::delete_keys(&*store, &[id])
-            .await
-            .unwrap();
+        let deleted = crate::store::KeyStore::delete_keys(&*store, &[id]).await;
+        assert_eq!(deleted.unwrap(), 1, "{name}");
         keys.store_secret(id, &bytes).await.unwrap();
         sessions.clear_cache();
         let got = sessions.decrypt(business, peer, &first, expiry).await;
@@ -624,6 +592,10 @@ async fn a_stored_one_time_prekey_without_a_sound_key_pair_is_corrupt_state() {
                 )))
             ),
             "{name}: reported as {got:?}"
+        );
+        assert!(
+            !sessions.has_session(business, peer).await.unwrap(),
+            "{name}"
         );
     }
 }
