@@ -1839,3 +1839,107 @@ async fn a_message_that_can_never_be_received_is_refused_as_permanent() {
     }
     assert_eq!(d.store.census().await.unwrap().messages, 0);
 }
+
+/// A business endpoint that takes `took` of the clock for every hand-over,
+/// recording when each began; down while `up` is false.
+struct SlowBusiness {
+    clock: ManualClock,
+    up: std::sync::atomic::AtomicBool,
+    took: Duration,
+    handed: std::sync::Mutex<Vec<(MessageId, Timestamp)>>,
+}
+
+#[async_trait::async_trait]
+impl custodian::transport::BusinessSink for SlowBusiness {
+    async fn deliver(
+        &self,
+        message: &custodian::transport::InboundMessage,
+    ) -> Result<(), custodian::transport::SinkError> {
+        if !self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(custodian::transport::SinkError("down".into()));
+        }
+        self.handed
+            .lock()
+            .unwrap()
+            .push((message.id, self.clock.now()));
+        self.clock.advance(self.took);
+        Ok(())
+    }
+
+    async fn status(
+        &self,
+        _update: &custodian::transport::StatusUpdate,
+    ) -> Result<(), custodian::transport::SinkError> {
+        Ok(())
+    }
+}
+
+/// `retransmit_due` decides whether each due message is still readable
+/// when it takes the message up, not when the pass began: behind a slow
+/// business endpoint, a message whose retention (shortened since it was
+/// stored) ends during the pass is not handed over after its expiry. (The
+/// pass's start time let it through, two hours late.)
+#[tokio::test]
+async fn a_due_message_is_not_handed_over_after_its_retention_ends() {
+    use custodian::retention::RetentionPolicy;
+
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 5).unwrap());
+    let sink = Arc::new(SlowBusiness {
+        clock: clock.clone(),
+        up: std::sync::atomic::AtomicBool::new(false),
+        took: Duration::from_secs(2 * 3600),
+        handed: std::sync::Mutex::new(Vec::new()),
+    });
+    let b = BusinessId::new(7).unwrap();
+    let transport = Principal::new("transport");
+    let operator = Principal::new("operator");
+    let owner = Principal::new("owner");
+    let authorizer = StaticAuthorizer::new()
+        .operator(&operator)
+        .grant(&owner, b)
+        .carrier(&transport, b);
+    let host = Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport: network.clone(),
+        business: sink.clone(),
+        authorizer: Arc::new(authorizer),
+        clock: Arc::new(clock.clone()),
+        audit: Arc::new(MemoryAuditSink::new()),
+    };
+    let processor = Processor::new(host, Policies::default()).unwrap();
+    processor.publish_keys(&owner, b).await.unwrap();
+    network.add_consumer(&number(1), 1).await;
+    network
+        .consumer_sends(&number(1), 0, b, b"first")
+        .await
+        .unwrap();
+    network
+        .consumer_sends(&number(1), 0, b, b"second")
+        .await
+        .unwrap();
+    network.pump(&processor, &transport).await;
+    assert!(
+        sink.handed.lock().unwrap().is_empty(),
+        "the business is down"
+    );
+
+    // The business's retention is shortened to one day; its endpoint comes
+    // back a minute before both messages' retention ends.
+    let shorter = RetentionPolicy::from_toml("[business.7]\nretention = \"1d\"\n").unwrap();
+    processor.set_retention_policy(&operator, shorter).unwrap();
+    clock.advance(Duration::from_secs(24 * 3600 - 60));
+    sink.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    processor.retransmit_due(&operator).await.unwrap();
+
+    let expiry = Timestamp::from_millis(T0).saturating_add(Duration::from_secs(24 * 3600));
+    let handed = sink.handed.lock().unwrap().clone();
+    assert!(!handed.is_empty());
+    for (id, at) in &handed {
+        assert!(
+            *at < expiry,
+            "message {id} handed to the business at {at}, past its retention ({expiry})"
+        );
+    }
+}

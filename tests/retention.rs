@@ -1390,6 +1390,106 @@ async fn one_message_a_business_could_not_take_leaves_its_last_chances_asked() {
     );
 }
 
+/// Slices of three steps over a store where two messages expire before
+/// every slice (batch 1): more work than the slices have steps for. The
+/// delete stage could spend every slice's budget; still every stage gets
+/// its turn: no three slices in a row go without deleting messages, nor
+/// without forgetting consumers, and a consumer whose only message went
+/// long ago is forgotten. (Slices that started in the stage their budget
+/// stopped spent them all on deletes, and forgot no one.)
+#[tokio::test]
+async fn sweeps_in_slices_too_small_for_the_work_take_every_stage_in_turn() {
+    let w = World::new(1);
+    let b = business(1);
+    let mut stored = Vec::new();
+    for i in 0..40 {
+        stored.push(w.store(b, i, Direction::Inbound, false).await);
+        w.clock.advance(Duration::from_secs(30));
+    }
+    // Messages 0 and 1 expired; two more expire before every later slice.
+    w.clock
+        .advance(CEILING - 40 * Duration::from_secs(30) + Duration::from_secs(31));
+    let notices = Notices::default();
+    let mut slices = Vec::new();
+    for _ in 0..15 {
+        slices.push(w.retention.sweep_steps(w.now(), &notices, 3).await.unwrap());
+        w.clock.advance(MINUTE);
+    }
+    for (i, three) in slices.windows(3).enumerate() {
+        assert!(
+            three.iter().any(|r| r.messages_deleted > 0),
+            "slices {i} to {} deleted nothing",
+            i + 2
+        );
+        assert!(
+            three.iter().any(|r| r.consumers_forgotten > 0),
+            "slices {i} to {} forgot no one",
+            i + 2
+        );
+    }
+    // Once no more expire, the slices catch up.
+    let mut caught_up = false;
+    for _ in 0..100 {
+        let report = w.retention.sweep_steps(w.now(), &notices, 3).await.unwrap();
+        if report.complete {
+            caught_up = true;
+            break;
+        }
+    }
+    assert!(caught_up);
+    assert!(
+        w.store
+            .message(b, stored[0].record.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let peers = w.store.orphan_peers(w.now(), None, 1000).await.unwrap();
+    assert_eq!(peers, Vec::new(), "consumers left without a message");
+}
+
+/// One business whose endpoint never answers (each sweep timed out by the
+/// host, as in the test above) keeps no other business's consumer from
+/// being forgotten: the stage that forgets consumers comes after the one
+/// that waits on the endpoint, and the next sweep starts after the stage
+/// the last was dropped in. (Sweeps that started over from the first
+/// stage never reached it: the consumer kept its Signal state and phone
+/// hash indefinitely.)
+#[tokio::test]
+async fn a_business_endpoint_that_never_answers_holds_up_no_forgetting() {
+    let w = World::new(64);
+    w.store(business(1), 1, Direction::Inbound, true).await;
+    let other = w.store(business(2), 2, Direction::Inbound, false).await;
+    w.clock.advance(31 * DAY);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    // A week of daily sweeps, each timed out by the host.
+    for _ in 0..7 {
+        let mut sweep = Box::pin(w.retention.sweep(w.now(), &Hangs));
+        for _ in 0..1000 {
+            assert!(sweep.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(sweep);
+        w.clock.advance(DAY);
+    }
+    assert!(
+        w.store
+            .message(business(2), other.record.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "business 2's message was deleted"
+    );
+    assert_eq!(
+        w.store
+            .peer_devices(business(2), other.record.phone)
+            .await
+            .unwrap(),
+        Vec::<u32>::new(),
+        "business 2's consumer has had no message for a week; its Signal state is still stored"
+    );
+}
+
 // ---- random timelines -----------------------------------------------------
 
 mod timelines {

@@ -137,15 +137,18 @@ impl Processor {
         Ok(report)
     }
 
-    /// Work on one message found due at `now` (see
+    /// Work on one message found due at `listed` (see
     /// [`retransmit_due`](Self::retransmit_due)), counting what was done in
-    /// `report`.
+    /// `report`. Its retention is checked at the time it is taken up: the
+    /// pass may have spent hours on the messages before it (a slow business
+    /// endpoint).
     async fn retransmit_one(
         &self,
         due: &MessageRecord,
-        now: Timestamp,
+        listed: Timestamp,
         report: &mut RetransmitReport,
     ) -> Result<(), ProcessorError> {
+        let now = self.clock.now().max(listed);
         // An attempt under way for it will leave it due again if it must be.
         let Some(_claim) = self.take_up(due.business, due.id).await? else {
             return Ok(());

@@ -160,7 +160,8 @@ pub struct Retention {
     /// outlive processes.
     pass: Mutex<Option<(Arc<RetentionPolicy>, Option<sweep::Resume>)>>,
     /// The stage the next sweep starts with, after the keys' (see
-    /// `Sweep::run`): the one the last sweep's step budget stopped in.
+    /// `Sweep::run`): the one after the stage where the last sweep's step
+    /// budget stopped it, or where it was dropped.
     next_stage: AtomicUsize,
     /// Counts policy changes, each made under the policy's write lock: the
     /// policy an [`Admission`] was given.
@@ -316,10 +317,13 @@ impl Retention {
     /// A sweep that stops after `max_steps` store operations; its report says
     /// whether it finished. For hosts that sweep in slices, and for tests
     /// that interrupt it. Each slice destroys ended epochs' keys first (one
-    /// step), then takes the other stages in turn from the one the last
-    /// slice's budget stopped in, and goes on applying a shortened policy
-    /// from where the last one stopped: slices of a few steps take every
-    /// stage in turn, however busy the store.
+    /// step), then takes the other stages in turn from the one after the
+    /// stage where the last slice's budget stopped it (or where the last
+    /// sweep was dropped), and goes on applying a shortened policy from
+    /// where the last one stopped: slices of a few steps take every stage
+    /// in turn, however busy the store, and a stage that never returns (a
+    /// business endpoint that does not answer, the sweep timed out) keeps
+    /// no other from its turn.
     pub async fn sweep_steps(
         &self,
         now: Timestamp,
@@ -347,8 +351,7 @@ impl Retention {
                 None => Some(None),
             }
         };
-        let first = self.next_stage.load(Ordering::SeqCst);
-        let (report, shortened, next) = sweep::Sweep {
+        let (report, shortened) = sweep::Sweep {
             storage: &*self.storage,
             shorten: shorten.map(|resume| (&*policy, resume)),
             keys: &self.keys,
@@ -359,10 +362,11 @@ impl Retention {
             max_steps,
             report: SweepReport::default(),
             unreachable: BTreeSet::new(),
+            capped: 0,
+            next_stage: &self.next_stage,
         }
-        .run(first)
+        .run()
         .await;
-        self.next_stage.store(next, Ordering::SeqCst);
         let stopped = match shortened {
             sweep::Shortened::Done => None,
             sweep::Shortened::At(at) => Some(at),

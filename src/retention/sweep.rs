@@ -2,6 +2,7 @@
 //! resumable steps.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -93,6 +94,11 @@ pub(super) struct Sweep<'a> {
     pub(super) report: SweepReport,
     /// Businesses that could not be told of a message in this sweep.
     pub(super) unreachable: BTreeSet<BusinessId>,
+    /// Pages of expiries the policy stage capped in this sweep.
+    pub(super) capped: u64,
+    /// The stage the next sweep starts with (see [`Sweep::run`]), kept
+    /// current as this one goes: a sweep dropped in a stage leaves it too.
+    pub(super) next_stage: &'a AtomicUsize,
 }
 
 /// Where a pass applying a shortened policy stopped (its step budget spent):
@@ -130,6 +136,11 @@ const STAGES: [Stage; 5] = [
     Stage::Forget,
 ];
 
+/// The index of the stage after `index`'s, in the next sweep's order.
+fn after_stage(index: usize) -> usize {
+    (index + 1) % STAGES.len()
+}
+
 /// How far the policy stage got.
 pub(super) enum Shortened {
     /// Every stored message's expiry reflects the policy.
@@ -163,6 +174,13 @@ impl<'a> Sweep<'a> {
         true
     }
 
+    /// Counts what this sweep changed that a later stage may have to act
+    /// on: expiries capped, messages failed or deleted, peers deleted.
+    fn changes(&self) -> u64 {
+        let r = &self.report;
+        self.capped + r.failed_expired + r.messages_deleted + r.peers_deleted
+    }
+
     /// Messages that expired at or before this are deleted even if their
     /// business is still to be told something.
     fn abandon_before(&self) -> Timestamp {
@@ -187,29 +205,30 @@ impl<'a> Sweep<'a> {
 
     /// Run every stage to the end, or until the step budget is spent.
     /// Each stage is idempotent, so a sweep stopped anywhere (by the budget,
-    /// an error or a crash) is finished by the next one. Returns the
-    /// report (or the first error), how far applying the policy's
-    /// shortened periods got, and the stage the next sweep starts with.
+    /// an error, a drop or a crash) is finished by the next one. Returns
+    /// the report (or the first error) and how far applying the policy's
+    /// shortened periods got.
     ///
     /// Ended epochs' keys are destroyed first: it takes one step and needs
     /// nothing from the other stages, so neither a small step budget nor a
     /// business endpoint that does not answer (stage 2 tells businesses of
     /// expired messages) keeps anything readable past its epoch. Expired
     /// settled messages are deleted before stage 2 too, and again after it.
-    /// The other stages run from `first`, the one a sweep stopped by its
-    /// budget stopped in, to the last, then all of them in order: sweeps in
-    /// slices too small for every stage take each in turn, not the first
-    /// ones again and again.
+    ///
+    /// The other stages run from where the last sweep stopped to the last,
+    /// then all of them in order. Where it stopped: after the stage that
+    /// spent its budget, or at the stage the budget left no step for, or
+    /// after the stage it was dropped in (a host timing out a sweep whose
+    /// business endpoint never answers). So no stage can keep the others
+    /// from their turn: not one that takes every slice's budget (deletes
+    /// that cannot keep pace), nor one that never returns.
     ///
     /// A stage that fails does not stop the later ones: a record that
     /// cannot be read (damaged, say) must not keep everything else past
     /// its retention. The first error is returned once every stage has
     /// run. (Once the budget is spent, each later stage stops at its first
     /// step.)
-    pub(super) async fn run(
-        mut self,
-        first: usize,
-    ) -> (Result<SweepReport, SweepError>, Shortened, usize) {
+    pub(super) async fn run(mut self) -> (Result<SweepReport, SweepError>, Shortened) {
         let started = Instant::now();
         let mut failed = None;
         let mut done = |stage: Result<bool, SweepError>| {
@@ -221,21 +240,33 @@ impl<'a> Sweep<'a> {
         };
         let destroyed = done(self.destroy_ended_epochs().await);
         let mut shortened = Shortened::Done;
-        let mut finished = [false; STAGES.len()];
+        // When each stage last ran to its end, by the count of changes
+        // then: run again (in the second round) only if something changed
+        // since, so that a slice can finish with no step to spare.
+        let mut finished: [Option<u64>; STAGES.len()] = [None; STAGES.len()];
         let mut next = None;
         // The stages from `first` on, then all of them in order: a sweep
         // that can run to the end still has every stage after the ones it
         // depends on (failed messages are deleted after they are failed).
+        let first = self.next_stage.load(Ordering::SeqCst);
         let from = if first == 0 {
             STAGES.len()
         } else {
             first.min(STAGES.len())
         };
         for index in (from..STAGES.len()).chain(0..STAGES.len()) {
-            let Some(&stage) = STAGES.get(index) else {
+            let (Some(&stage), Some(finished)) = (STAGES.get(index), finished.get_mut(index))
+            else {
                 continue;
             };
-            finished[index] = match stage {
+            if *finished == Some(self.changes()) {
+                continue;
+            }
+            if next.is_none() {
+                self.next_stage.store(after_stage(index), Ordering::SeqCst);
+            }
+            let steps = self.report.steps;
+            let ended = match stage {
                 Stage::Shorten => match self.shorten_expiries().await {
                     Ok(None) => true,
                     Ok(Some(resume)) => {
@@ -251,16 +282,19 @@ impl<'a> Sweep<'a> {
                 Stage::FailOpen => done(self.fail_expired_open().await),
                 Stage::Forget => done(self.delete_orphan_peers().await),
             };
-            // The first stage the budget stopped, in this sweep's order.
-            if !finished[index] && self.report.steps >= self.max_steps {
-                next = next.or(Some(index));
+            *finished = ended.then(|| self.changes());
+            // The first stage the budget stopped, in this sweep's order:
+            // the next sweep starts after it if it had steps, else with it.
+            if !ended && self.report.steps >= self.max_steps {
+                let ran = self.report.steps > steps;
+                next = next.or(Some(if ran { after_stage(index) } else { index }));
             }
         }
-        let next = next.unwrap_or(0);
+        self.next_stage.store(next.unwrap_or(0), Ordering::SeqCst);
         if let Some(e) = failed {
-            return (Err(e), shortened, next);
+            return (Err(e), shortened);
         }
-        let complete = destroyed && finished.iter().all(|&f| f);
+        let complete = destroyed && finished.iter().all(Option::is_some);
         if complete {
             // What was deleted may live on in the store's own files; a store
             // that cannot scrub now does it at the next sweep.
@@ -270,7 +304,7 @@ impl<'a> Sweep<'a> {
         }
         self.report.complete = complete;
         self.report.elapsed = started.elapsed();
-        (Ok(self.report), shortened, next)
+        (Ok(self.report), shortened)
     }
 
     /// Stage 1 (after a policy change): cap the expiry of stored messages
@@ -311,6 +345,7 @@ impl<'a> Sweep<'a> {
                         .storage
                         .cap_expiry(business, direction, period, after, self.batch)
                         .await?;
+                    self.capped += 1;
                     if after.is_none() {
                         break;
                     }
