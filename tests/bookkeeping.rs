@@ -74,6 +74,16 @@ enum Race {
     /// network took it, and its delivery report then reaches the processor
     /// from inside its `send`.
     DamageThenReportInsideSend,
+    /// The device list call brings in the delivery report of this message,
+    /// then lists the devices.
+    ReportInsideDeviceList(MessageId),
+    /// The network lists device 0 only, and its send fails for now.
+    Only0Fails,
+    /// The network lists devices 1 and 2 (device 0 unlinked, two new ones
+    /// linked); a send to device 2 never answers.
+    Lists12Device2Hangs,
+    /// The network lists devices 1 and 2.
+    Lists12,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -89,6 +99,8 @@ struct Racing {
     billing: Mutex<Vec<BillingStatement>>,
     /// The deployment's store.
     store: Arc<MemoryStore>,
+    /// A send is hanging (see [`Race::Lists12Device2Hangs`]).
+    hanging: std::sync::atomic::AtomicBool,
 }
 
 impl Racing {
@@ -108,6 +120,8 @@ impl Transport for Racing {
             }
             Race::ListMany(n) => Ok((0..n).collect()),
             Race::HighDevices63FailsOnce | Race::HighDevices => Ok(vec![63, 64]),
+            Race::Only0Fails => Ok(vec![0]),
+            Race::Lists12Device2Hangs | Race::Lists12 => Ok(vec![1, 2]),
             Race::ReportThenNoDeviceList(id) => {
                 *self.race.lock().unwrap() = Race::None;
                 self.processor()
@@ -115,6 +129,14 @@ impl Transport for Racing {
                     .await
                     .unwrap();
                 Err(TransportError::Unavailable("timed out".into()))
+            }
+            Race::ReportInsideDeviceList(id) => {
+                *self.race.lock().unwrap() = Race::None;
+                self.processor()
+                    .status_update(&self.transport, b, id, Status::Delivered)
+                    .await
+                    .unwrap();
+                self.network.devices(b, c).await
             }
             _ => self.network.devices(b, c).await,
         }
@@ -188,6 +210,14 @@ impl Transport for Racing {
         }
         if race == Race::RefuseSends {
             return Err(TransportError::Refused("blocked".into()));
+        }
+        if race == Race::Only0Fails && device == 0 {
+            return Err(TransportError::Unavailable("transient".into()));
+        }
+        if race == Race::Lists12Device2Hangs && device == 2 {
+            self.hanging
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
         }
         self.network.send(b, c, device, m).await?;
         match race {
@@ -337,6 +367,7 @@ impl Deployment {
             published: Mutex::new(None),
             billing: Mutex::new(Vec::new()),
             store: store.clone(),
+            hanging: std::sync::atomic::AtomicBool::new(false),
         });
         let webhook = Arc::new(SlowWebhook {
             business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
@@ -907,4 +938,177 @@ async fn a_sent_message_with_no_token_is_not_billed_again_by_its_retransmission(
     );
     assert_eq!(d.billed(b).await, 1, "billed once");
     assert_eq!(told(), before, "told sent once");
+}
+
+/// A retransmission that hands nothing over (the network is down, so the
+/// device list cannot be had) counts as rescheduled, not as sent (it
+/// counted as sent: the message's status was).
+#[tokio::test]
+async fn a_retransmission_that_reaches_no_device_is_not_counted_sent() {
+    let start = Timestamp::from_millis(T0);
+    let outage = Faults::none().with_outage(
+        start.saturating_add(Duration::from_secs(100)),
+        Duration::from_secs(600),
+    );
+    let d = Deployment::new(outage);
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(sent.status, Status::Sent);
+    // The receipt timeout passes during the outage: the retransmission
+    // cannot even list the devices.
+    d.clock.advance(Duration::from_secs(121));
+    let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+    let after = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(after.attempts, sent.attempts + 1, "an attempt was made");
+    assert_eq!(
+        (report.due, report.sent, report.rescheduled),
+        (1, 0, 1),
+        "nothing was handed to the transport: {report:?}"
+    );
+}
+
+/// Nothing is sent again after a delivery report. A retransmission (the
+/// receipt timeout passed) is under way when the message's delivery
+/// report comes in from the network (from inside the transport's `send`
+/// to device 0): device 1, whose earlier send the network had accepted,
+/// is not sent the message again. (It was.)
+#[tokio::test]
+async fn no_device_is_sent_the_message_again_after_its_report_is_taken() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!((sent.status, sent.pending_devices), (Status::Sent, 0));
+    // The network accepted both copies; the report is late, and the
+    // receipt timeout passes: the retransmission starts, and the report
+    // arrives while it sends to device 0.
+    d.clock.advance(Duration::from_secs(121));
+    d.race(Race::ReportInsideSend);
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    d.race(Race::None);
+    d.settle(3).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(
+        received[&1].get(&id),
+        Some(&1),
+        "device 1 was sent the message again after the processor took its delivery report"
+    );
+}
+
+/// A report that comes in before a retransmission to every device has
+/// sent to any (from inside the device list call) spares them all, and
+/// the message stays delivered: sparing every device is not a failure to
+/// reach one.
+#[tokio::test]
+async fn a_report_before_a_retransmission_sends_to_any_device_spares_them_all() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    d.clock.advance(Duration::from_secs(121));
+    d.race(Race::ReportInsideDeviceList(id));
+    let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+    d.settle(3).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for device in [0, 1] {
+        assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
+    }
+    let stored = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!((stored.status, stored.failure), (Status::Delivered, None));
+    assert_eq!(
+        (report.sent, report.failures_reported),
+        (0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        d.webhook.business.statuses().get(&id).map(Vec::as_slice),
+        Some(&[(Status::Sent, None), (Status::Delivered, None)][..])
+    );
+}
+
+/// A retry of a message no device has yet, whose only pending device is
+/// gone from the device list, is sent to every device listed now (devices
+/// 1 and 2). The process stops (here: the attempt is cut off and a new
+/// processor takes the store over, as after a crash) after device 1 took
+/// the message and before device 2 did. Device 1's delivery report then
+/// leaves every device pending, as on any message still queued (no record
+/// says which devices have it): device 2 gets the message, and device 1 a
+/// copy it drops by id. (The report kept only the stale pending bit of
+/// device 0, no longer listed: device 2 was never sent the message, and
+/// the business was told it was delivered.)
+#[tokio::test]
+async fn a_report_after_a_crashed_retry_to_a_new_device_list_leaves_no_device_out() {
+    use std::future::Future;
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Poll, Waker};
+
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 3).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::Only0Fails);
+    let id = d.send(b, 1).await;
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(
+        (waiting.status, waiting.pending_devices),
+        (Status::Queued, 0b1)
+    );
+
+    // The retry: device 0 is gone, devices 1 and 2 are listed; device 1
+    // takes the message, and the process stops while device 2's send is
+    // under way.
+    d.race(Race::Lists12Device2Hangs);
+    d.clock.advance(Duration::from_secs(5));
+    {
+        let retry = d.processor.retransmit_due(&d.operator);
+        let mut retry = std::pin::pin!(retry);
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..10_000 {
+            if d.racing.hanging.load(Ordering::SeqCst) {
+                break;
+            }
+            assert!(retry.as_mut().poll(&mut cx).is_pending());
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            d.racing.hanging.load(Ordering::SeqCst),
+            "device 2's send started"
+        );
+    }
+    let next = d.restart();
+    d.race(Race::Lists12);
+    // Device 1 has it (the network took it), and reports it delivered.
+    let received = d.racing.network.received(&number(1)).await;
+    assert!(received.is_empty(), "nothing decrypted yet");
+    assert_eq!(
+        next.status_update(&d.transport, b, id, Status::Delivered)
+            .await
+            .unwrap(),
+        custodian::processor::StatusChange::Applied
+    );
+    for _ in 0..10 {
+        d.clock.advance(Duration::from_secs(30));
+        next.retransmit_due(&d.operator).await.unwrap();
+        d.racing.network.pump(&next, &d.transport).await;
+    }
+    let received = d.racing.network.received(&number(1)).await;
+    assert!(received[&1].contains_key(&id), "device 1 has it");
+    let told = d.webhook.business.statuses();
+    assert_eq!(
+        received.get(&2).and_then(|r| r.get(&id)),
+        Some(&1),
+        "device 2 never got the message; the business was told {:?}",
+        told.get(&id)
+    );
+    assert_eq!(
+        told.get(&id).map(Vec::as_slice),
+        Some(&[(Status::Delivered, None)][..]),
+        "the business is told once"
+    );
 }

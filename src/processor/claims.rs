@@ -2,7 +2,7 @@
 //! writes (and attempts' bookkeeping) that calls dropped halfway, or failed
 //! by the store, leave for whoever next takes the message up.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 use foldhash::fast::RandomState;
@@ -28,7 +28,9 @@ use crate::time::Timestamp;
 /// told twice, nor a device sent a message it has.
 #[derive(Default)]
 pub(super) struct Claims {
-    claimed: Mutex<HashSet<(BusinessId, MessageId), RandomState>>,
+    /// Each message claimed, with whether a delivery report was applied to
+    /// it since (see [`note_report`](Self::note_report)).
+    claimed: Mutex<HashMap<(BusinessId, MessageId), bool, RandomState>>,
     /// In the order they were left owed.
     owed: Mutex<HashMap<(BusinessId, MessageId), VecDeque<Owed>, RandomState>>,
 }
@@ -43,13 +45,32 @@ impl Claims {
     /// Claim `id`, unless an attempt is under way for it.
     pub(super) fn claim(&self, business: BusinessId, id: MessageId) -> Option<Claim<'_>> {
         let key = (business, id);
+        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        if claimed.contains_key(&key) {
+            return None;
+        }
+        claimed.insert(key, false);
+        Some(Claim { claims: self, key })
+    }
+
+    /// Note that a delivery report was applied to `id`, for the attempt
+    /// under way on it, if any: an attempt sending the message again to
+    /// every device (its receipt overdue) sends it to no more of them.
+    pub(super) fn note_report(&self, business: BusinessId, id: MessageId) {
+        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reported) = claimed.get_mut(&(business, id)) {
+            *reported = true;
+        }
+    }
+
+    /// Whether a delivery report was applied to `id` while it was claimed.
+    pub(super) fn reported(&self, business: BusinessId, id: MessageId) -> bool {
         self.claimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(key)
-            // Lazily: a claim built and dropped here would give up the
-            // holder's claim, under the lock its drop takes again.
-            .then(|| Claim { claims: self, key })
+            .get(&(business, id))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Leave `owed` owed to `key`, after (or, if `first`, before) what is

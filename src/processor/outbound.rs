@@ -401,12 +401,13 @@ impl Processor {
     /// Encrypt and send an outbound message to the devices of its recipient
     /// that still need it (all of them, unless an earlier attempt left some
     /// pending); record the outcome. The caller holds the message's claim.
+    /// Returns how many devices the transport took it for.
     pub(super) async fn attempt_outbound(
         &self,
         record: &MessageRecord,
         body: &OutboundBody,
         purpose: Purpose,
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<u32, ProcessorError> {
         let (business, id) = (record.business, record.id);
         let decided_on = record.delivery;
         let only = (decided_on.pending_devices != 0).then_some(decided_on.pending_devices);
@@ -422,6 +423,10 @@ impl Processor {
             .await;
         // Done: the outcome is recorded below (and owed if that fails).
         sending.done = true;
+        let took = match outcome {
+            DeviceOutcome::Reached { sent, .. } => sent,
+            DeviceOutcome::Unreachable | DeviceOutcome::Fail(_) => 0,
+        };
         let made = AttemptMade {
             on: decided_on,
             phone: record.phone,
@@ -433,7 +438,7 @@ impl Processor {
         };
         let Some(next) = self.record_attempt(business, id, made, false).await? else {
             // Deleted meanwhile: nothing left to record.
-            return Ok(());
+            return Ok(took);
         };
         // A settled status whose report is due is told now: this attempt's,
         // or one a delivery report wrote meanwhile and left to this attempt
@@ -444,7 +449,7 @@ impl Processor {
             self.report_status(business, id, record.phone, Direction::Outbound, next)
                 .await?;
         }
-        Ok(())
+        Ok(took)
     }
 
     /// Record what an attempt on outbound message `id` reached on its
@@ -723,7 +728,14 @@ impl Processor {
         reached.list(wanted.clone().map(|(_, bit)| bit));
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let mut refused = false;
+        // Sent again to every device, its receipt overdue: once a report
+        // says the consumer has it, no more devices are sent it again.
+        let again = !queued && only.is_none();
         for (device, bit) in wanted {
+            if again && self.claims.reported(business, record.id) {
+                reached.settle(bit);
+                continue;
+            }
             let peer = PeerId {
                 phone: record.phone,
                 device,

@@ -19,7 +19,7 @@ pub struct RetransmitReport {
     pub due: u64,
     /// Inbound messages handed to the business.
     pub delivered_to_business: u64,
-    /// Outbound messages handed to the transport.
+    /// Outbound messages the transport took for at least one device.
     pub sent: u64,
     /// Failures reported to businesses.
     pub failures_reported: u64,
@@ -250,23 +250,26 @@ impl Processor {
                 } else {
                     Purpose::Retransmission
                 };
-                self.attempt_outbound(&record, &body, purpose).await?;
+                if self.attempt_outbound(&record, &body, purpose).await? > 0 {
+                    report.sent += 1;
+                    return Ok(());
+                }
                 match self
                     .storage
                     .message(record.business, record.id)
                     .await?
                     .map(|m| m.delivery)
                 {
-                    Some(d)
-                        if matches!(d.status, Status::Sent | Status::Delivered | Status::Read) =>
-                    {
-                        report.sent += 1;
-                    }
                     // Failed by this attempt, and its business told.
                     Some(d) if d.status == Status::Failed && d.next_attempt.is_none() => {
                         report.failures_reported += 1;
                     }
-                    _ => report.rescheduled += 1,
+                    // Left for another attempt.
+                    Some(d) if d.next_attempt.is_some() && d.status != Status::Failed => {
+                        report.rescheduled += 1;
+                    }
+                    // Settled meanwhile (a report), or deleted.
+                    _ => {}
                 }
             }
         }

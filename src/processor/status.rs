@@ -195,14 +195,15 @@ impl Processor {
             // Settled, with the report to the business pending until it is
             // told, unless devices still wait for a retry: the report
             // follows that. A report says one device has the message. On
-            // one still queued with no device pending, no attempt was
-            // recorded (a crash, or a send dropped, before its bookkeeping):
-            // which devices it reached is unknown, so every device stays
-            // pending, and the retransmission loop (or the attempt under
-            // way, recording its own outcome over this) sends to them all;
-            // a device that has the message drops the copy by its id.
-            let unrecorded =
-                record.delivery.status == Status::Queued && record.delivery.pending_devices == 0;
+            // one still queued, no record says any device took it: an
+            // attempt reached one unrecorded (a crash, a send dropped
+            // before its bookkeeping, the transport's answer lost), perhaps
+            // on a device list other than the one the devices left pending
+            // were on. Which devices it reached is unknown, so every device
+            // stays pending, and the retransmission loop (or the attempt
+            // under way, recording its own outcome over this) sends to them
+            // all; a device that has the message drops the copy by its id.
+            let unrecorded = record.delivery.status == Status::Queued;
             let pending = if unrecorded {
                 ALL_DEVICES
             } else {
@@ -255,6 +256,7 @@ impl Processor {
                 // Another report won the race: decide again on what it left.
                 continue;
             }
+            self.claims.note_report(business, id);
             match queued_as {
                 Some(Some(_)) => self.accepted(business, record.phone, now),
                 Some(None) => {
