@@ -1046,7 +1046,7 @@ async fn a_report_before_a_retransmission_sends_to_any_device_spares_them_all() 
 async fn a_report_after_a_crashed_retry_to_a_new_device_list_leaves_no_device_out() {
     use std::future::Future;
     use std::sync::atomic::Ordering;
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
 
     let d = Deployment::new(Faults::none());
     let b = business(1);
