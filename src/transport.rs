@@ -63,7 +63,8 @@ pub trait Authorizer: Send + Sync {
 
     /// Whether `principal` may carry `business`'s messages, as the network
     /// does: hand in consumers' messages (`receive`), delivery reports
-    /// (`status_update`), and spam and block reports.
+    /// (`status_update`), retry receipts (`retry_receipt`), and spam and
+    /// block reports.
     fn may_carry_for(&self, principal: &Principal, business: BusinessId) -> bool;
 
     /// Whether `principal` may run maintenance that spans businesses
@@ -178,7 +179,10 @@ pub trait Transport: Send + Sync {
     /// device has the message (the first to have it may report it): the
     /// processor still sends to the devices it has not reached. A device
     /// may so be sent a message it has (after a crash, say): it drops the
-    /// copy by the message id in its payload.
+    /// copy by the message id in its payload. A device that cannot decrypt
+    /// a message it does not have (reinstalled, its session lost) asks for
+    /// it again through
+    /// [`Processor::retry_receipt`](crate::processor::Processor::retry_receipt).
     async fn send(
         &self,
         business: BusinessId,

@@ -611,6 +611,41 @@ fn status_update_is_cancellation_safe() {
 }
 
 #[test]
+fn retry_receipt_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let first = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        d.settle(3).await;
+        // The consumer reinstalls: its device cannot decrypt what is sent
+        // on the old session, and asks for it again.
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"again"))
+            .await
+            .unwrap();
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0);
+        let done = poll_at_most(receipt, n).await.is_some();
+        // Not acknowledged: the network hands it in again.
+        d.processor
+            .retry_receipt(&d.carrier, d.b, id, 0)
+            .await
+            .unwrap();
+        d.settle(5).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert!(received[&0].contains_key(&id), "cut {n}: {received:?}");
+        d.assert_delivered_and_billed([first, id].iter(), 2, format_args!("cut {n}"))
+            .await;
+        done
+    }));
+}
+
+#[test]
 fn retransmit_due_is_cancellation_safe() {
     runtime().block_on(every_cut(|n| async move {
         // The business and the network are down for the first minute: an

@@ -411,6 +411,45 @@ fn status_update_survives_every_host_failure() {
 }
 
 #[test]
+fn retry_receipt_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 1).await;
+        let first = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        d.settle(3).await;
+        // The consumer reinstalls: its device cannot decrypt what is sent
+        // on the old session, and asks for it again.
+        d.network.add_consumer(&consumer(2), 1).await;
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"again"))
+            .await
+            .unwrap();
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+        let failed = d.faults.lift();
+        assert_outcome(&receipt, &failed, at);
+        // Not acknowledged: the network hands it in again.
+        if receipt.is_err() {
+            d.processor
+                .retry_receipt(&d.carrier, d.b, id, 0)
+                .await
+                .unwrap();
+        }
+        d.settle(5).await;
+        let received = d.network.received(&consumer(2)).await;
+        assert!(received[&0].contains_key(&id), "{at:?}: {received:?}");
+        d.assert_delivered_and_billed([first, id].iter(), 2, format_args!("{at:?}"))
+            .await;
+        failed.is_empty()
+    }));
+}
+
+#[test]
 fn retransmit_due_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
         // The business and the network are down for the first minute: an

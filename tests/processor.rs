@@ -17,6 +17,7 @@ use custodian::processor::{
     DeliveryConfig, Host, MAX_CONTENT_LEN, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor,
     ProcessorError, StatusChange,
 };
+use custodian::signal::{IdentityPolicy, SignalConfig};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
@@ -54,6 +55,26 @@ impl Deployment {
         sink_faults: Faults,
         seed: u64,
     ) -> Self {
+        let identity = IdentityPolicy::default();
+        Self::on_with(
+            store,
+            businesses,
+            network_faults,
+            sink_faults,
+            seed,
+            identity,
+        )
+    }
+
+    /// A deployment over `store`, taking changed identity keys by `identity`.
+    fn on_with(
+        store: Arc<dyn Storage>,
+        businesses: &[u64],
+        network_faults: Faults,
+        sink_faults: Faults,
+        seed: u64,
+        identity: IdentityPolicy,
+    ) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
         let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
@@ -83,6 +104,10 @@ impl Deployment {
                 retry_max: Duration::from_secs(60),
                 receipt_timeout: Duration::from_secs(120),
                 batch: 10_000,
+            },
+            signal: SignalConfig {
+                identity_policy: identity,
+                ..SignalConfig::default()
             },
             ..Policies::default()
         };
@@ -750,6 +775,12 @@ async fn no_principal_reaches_another_tenant() {
     unauthorized(
         d.processor
             .status_update(&intruder, b, b_message, Status::Read)
+            .await
+            .map(drop),
+    );
+    unauthorized(
+        d.processor
+            .retry_receipt(&intruder, b, b_message, 0)
             .await
             .map(drop),
     );
@@ -1768,6 +1799,12 @@ async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
             .await
             .map(drop),
     );
+    unauthorized(
+        d.processor
+            .retry_receipt(&owner, b, sent, 0)
+            .await
+            .map(drop),
+    );
     unauthorized(d.processor.report_spam(&owner, b));
     unauthorized(d.processor.report_block(&owner, b));
 
@@ -1942,4 +1979,117 @@ async fn a_due_message_is_not_handed_over_after_its_retention_ends() {
             "message {id} handed to the business at {at}, past its retention ({expiry})"
         );
     }
+}
+
+/// A consumer reinstalls (device 0 comes back with a new identity and no
+/// session; the network serves its new bundle). The device cannot decrypt
+/// the next message, sent on the old session, and its retry receipt has
+/// the processor archive that session: the message goes again over a new
+/// one, the new identity accepted and reported (the default policy).
+/// (Nothing asked for the new bundle: the business's messages reached no
+/// one, sent again every receipt timeout for the whole retention period.)
+#[tokio::test]
+async fn a_reinstalled_device_gets_the_business_messages() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let before = d.send(b, number(1), b"welcome").await;
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, before)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+    // The consumer reinstalls: same number, same device id, new keys.
+    d.network.add_consumer(&number(1), 1).await;
+    let after = d.send(b, number(1), b"your order shipped").await;
+    let retried = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(retried.retry_receipts, 1, "{retried:?}");
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    let received = d.network.received(&number(1)).await;
+    let status = d
+        .processor
+        .message_status(d.owner(b), b, after)
+        .await
+        .unwrap();
+    assert!(
+        received.get(&0).is_some_and(|r| r.contains_key(&after)),
+        "five minutes later the reinstalled device has not got the message; its status is \
+         {status:?}, its business was told {:?}",
+        d.business.statuses().get(&after)
+    );
+    assert_eq!(status, (Status::Delivered, None));
+    // And the next message goes over the new session, with no receipt.
+    let next = d.send(b, number(1), b"it was delivered").await;
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(pumped.retry_receipts, 0);
+    assert!(d.network.received(&number(1)).await[&0].contains_key(&next));
+}
+
+/// Under `IdentityPolicy::Refuse`, a retry receipt does not get a
+/// reinstalled device's new identity trusted: the network cannot swap in
+/// a key of its choosing by claiming a device could not decrypt. The
+/// message reaches the device once its business trusts the new identity.
+#[tokio::test]
+async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
+    let store = Arc::new(MemoryStore::new());
+    let d = Deployment::on_with(
+        store,
+        &[7],
+        Faults::none(),
+        Faults::none(),
+        9,
+        IdentityPolicy::Refuse,
+    );
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let before = d.send(b, number(1), b"welcome").await;
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, before)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+    d.network.add_consumer(&number(1), 1).await;
+    let after = d.send(b, number(1), b"your order shipped").await;
+    d.run(Duration::from_secs(600), Duration::from_secs(60))
+        .await;
+    let received = d.network.received(&number(1)).await;
+    assert!(
+        !received.get(&0).is_some_and(|r| r.contains_key(&after)),
+        "sent to a new identity the policy refuses"
+    );
+    assert!(matches!(
+        d.processor
+            .message_status(d.owner(b), b, after)
+            .await
+            .unwrap(),
+        (Status::Sent, None)
+    ));
+    // The consumer confirmed the new security code with the business.
+    assert!(
+        d.processor
+            .trust_new_identity(d.owner(b), b, &number(1), 0)
+            .await
+            .unwrap()
+    );
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    assert!(d.network.received(&number(1)).await[&0].contains_key(&after));
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, after)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
 }

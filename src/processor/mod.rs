@@ -22,7 +22,11 @@
 //!   transport. Until the transport reports it delivered, it is sent again
 //!   ([`Processor::retransmit_due`]) from the stored envelope; when its
 //!   retention ends it fails with an expired status, never silently.
-//! - **Statuses** ([`Processor::status_update`]) only move forward.
+//! - **Statuses** ([`Processor::status_update`]) only move forward. A
+//!   device that could not decrypt a message (the consumer reinstalled)
+//!   asks for it again ([`Processor::retry_receipt`]): its session is
+//!   archived, and the message sent over a new one, under the identity
+//!   policy.
 //! - **Tenant isolation**: every entry point names the acting [`Principal`]
 //!   and asks the [`Authorizer`]; a principal acting for one business can
 //!   neither read, send as, nor learn anything about another, and

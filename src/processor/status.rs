@@ -10,7 +10,7 @@ use super::{MAX_STATUS_RACES, Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
 use crate::store::{
-    Batch, Delivery, Direction, FailureReason, MessageRecord, Op, Status, StoreError,
+    Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status, StoreError,
 };
 use crate::transport::{Principal, StatusUpdate};
 
@@ -134,9 +134,9 @@ impl Processor {
     /// the status, and devices an attempt has not reached are still sent
     /// it, its business told the status once none is left. Those are the
     /// devices a recorded attempt left to retry or, on a message still
-    /// queued with no attempt recorded (the process stopped, or the send
-    /// was dropped, before its bookkeeping), every device: a device that
-    /// has the message already drops the copy by its id.
+    /// queued (no record says a device took it: the process stopped, or
+    /// the send was dropped, before its bookkeeping), every device: a
+    /// device that has the message already drops the copy by its id.
     pub async fn status_update(
         &self,
         principal: &Principal,
@@ -299,6 +299,94 @@ impl Processor {
                     .await?;
             }
             return Ok(StatusChange::Applied);
+        }
+        Err(StoreError::Conflict.into())
+    }
+
+    /// A retry receipt from the transport: `device` of the recipient of
+    /// outbound message `id` could not decrypt it (the consumer reinstalled
+    /// the app, or the device lost its session) and asks for it again.
+    ///
+    /// The device's session is archived, its trusted identity kept, so the
+    /// next message to it starts a new session from its bundle under the
+    /// identity policy: a reinstalled device's new identity is a change,
+    /// accepted (and reported) or refused until the business trusts it
+    /// ([`trust_new_identity`](Self::trust_new_identity)). A message still
+    /// open is due for the device at once; one delivered or read (another
+    /// device has it) is not sent again. Ignored for a message that failed
+    /// or is past its retention. Each receipt costs the device a bundle
+    /// fetch at the next attempt.
+    pub async fn retry_receipt(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        id: MessageId,
+        device: u32,
+    ) -> Result<StatusChange, ProcessorError> {
+        let span = debug_span!("retry_receipt", %business, %id, device);
+        self.retry_receipt_in(principal, business, id, device)
+            .instrument(span)
+            .await
+    }
+
+    async fn retry_receipt_in(
+        &self,
+        principal: &Principal,
+        business: BusinessId,
+        id: MessageId,
+        device: u32,
+    ) -> Result<StatusChange, ProcessorError> {
+        self.authorize_carrier(principal, business)?;
+        // What a dropped call owes the message is written first (see
+        // `status_update`).
+        drop(self.take_up(business, id).await?);
+        let mut archived = false;
+        for _ in 0..MAX_STATUS_RACES {
+            let record = self
+                .storage
+                .message(business, id)
+                .await?
+                .ok_or(ProcessorError::NotFound)?;
+            let now = self.clock.now();
+            if record.direction != Direction::Outbound
+                || record.delivery.status == Status::Failed
+                || !self.retention.readable(&record, now)
+            {
+                return Ok(StatusChange::Ignored);
+            }
+            if !archived {
+                let peer = PeerId {
+                    phone: record.phone,
+                    device,
+                };
+                self.sessions.archive_session(business, peer).await?;
+                archived = true;
+                debug!("a device's session was archived on its retry receipt");
+            }
+            let d = record.delivery;
+            if !d.status.is_open() {
+                return Ok(StatusChange::Applied);
+            }
+            // Queued with no device pending, it is for every device already.
+            let pending = if d.status == Status::Queued && d.pending_devices == 0 {
+                0
+            } else {
+                d.pending_devices | Delivery::device_bit(device)
+            };
+            let due = Delivery {
+                pending_devices: pending,
+                next_attempt: Some(now),
+                ..d
+            };
+            let op = Op::UpdateDelivery {
+                business,
+                id,
+                expected: d,
+                delivery: due,
+            };
+            if due == d || self.commit_op(op).await? {
+                return Ok(StatusChange::Applied);
+            }
         }
         Err(StoreError::Conflict.into())
     }

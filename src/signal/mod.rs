@@ -974,6 +974,37 @@ impl Sessions {
         self.cache.clear();
     }
 
+    /// Archive `peer`'s current session, keeping its trusted identity: the
+    /// device could not decrypt what it was sent (it was reinstalled, or
+    /// lost its session), so the next message to it starts a new session
+    /// from its bundle, under the identity policy (a reinstalled device's
+    /// new identity is a change). Messages the device sent on the old
+    /// session still decrypt. Returns whether it had a live session; the
+    /// stored state changes only if the commit succeeds.
+    pub async fn archive_session(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<bool, SignalError> {
+        let _guard = self.address_locks.lock((business, peer)).await;
+        let (mut state, taken) = self.load_peer(business, peer).await?;
+        if !state.has_live_session() {
+            taken.put(state);
+            return Ok(false);
+        }
+        if let Some(session) = state.session.as_mut()
+            && let Err(e) = session.archive_current_state()
+        {
+            // It cannot fail; were it to, nothing is written, and the state
+            // is read from the store again.
+            return Err(protocol_error(e, None));
+        }
+        let expiry = state.expiry;
+        self.commit_peer(business, peer, (state, taken), expiry, Batch::new())
+            .await?;
+        Ok(true)
+    }
+
     /// Forget one device's session and trusted identity, so that its next
     /// first-contact message is taken as a new contact: how a host approves
     /// an identity change that [`IdentityPolicy::Refuse`] refused (the

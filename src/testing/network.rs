@@ -25,7 +25,9 @@
 //! - **Network → device** ([`Leg::ToDevice`]): a ciphertext the network
 //!   accepted may be lost for good, duplicated or delayed.
 //! - **Device → processor** ([`Leg::Receipt`]): each device's delivery
-//!   report may be lost for good, duplicated or delayed. The network tells
+//!   report, or retry receipt (a business message it does not have and
+//!   cannot decrypt, see [`Processor::retry_receipt`]), may be lost for
+//!   good, duplicated or delayed. The network tells
 //!   the processor a message is delivered once every device of the consumer
 //!   has reported it, so a loss on either of these two legs leaves the
 //!   message unreported and the processor's retransmission (after its
@@ -94,6 +96,16 @@ struct ToDevice {
     message: Outgoing,
 }
 
+/// A retry receipt on its way to the processor: `device` could not decrypt
+/// business message `id` (it has no session, or another one: the consumer
+/// reinstalled) and asks for it again.
+#[derive(Clone, Copy)]
+struct Retry {
+    business: BusinessId,
+    id: MessageId,
+    device: u32,
+}
+
 /// A delivery report on its way to the processor: from one device
 /// (`device`: `Some`), or the network repeating a report the processor
 /// failed to take (`None`).
@@ -132,6 +144,7 @@ struct Net {
     next_message: u64,
     to_devices: Vec<InFlight<ToDevice>>,
     receipts: Vec<InFlight<Receipt>>,
+    retries: Vec<InFlight<Retry>>,
     /// Devices that reported each outbound message delivered.
     reported_by: BTreeMap<(BusinessId, MessageId), BTreeSet<u32>>,
     /// Messages whose delivery report the processor took.
@@ -259,7 +272,8 @@ impl Net {
     }
 
     fn in_flight(&self) -> u64 {
-        (self.to_processor.len() + self.to_devices.len() + self.receipts.len()) as u64
+        (self.to_processor.len() + self.to_devices.len() + self.receipts.len() + self.retries.len())
+            as u64
     }
 }
 
@@ -274,6 +288,11 @@ pub struct PumpReport {
     pub to_devices: u64,
     /// Delivery reports handed to the processor.
     pub receipts: u64,
+    /// Retry receipts handed to the processor: a device could not decrypt
+    /// a business message it did not have (see
+    /// [`Processor::retry_receipt`]). A processor that keeps its sessions
+    /// makes none but for consumers who reinstalled.
+    pub retry_receipts: u64,
     /// Deliveries of consumer messages and delivery reports the processor
     /// refused for good (an error that
     /// [`is_permanent`](ProcessorError::is_permanent)): the network drops
@@ -338,6 +357,7 @@ impl SimNetwork {
                 next_message: 0,
                 to_devices: Vec::new(),
                 receipts: Vec::new(),
+                retries: Vec::new(),
                 reported_by: BTreeMap::new(),
                 reported: BTreeSet::new(),
                 last_send: BTreeMap::new(),
@@ -511,8 +531,25 @@ impl SimNetwork {
             let Some(handset) = consumer.devices.get_mut(&device) else {
                 continue;
             };
-            // A copy it already decrypted (an injected duplicate) fails here.
+            // A copy it already decrypted (an injected duplicate) fails here,
+            // and is dropped; a message it does not have, and cannot
+            // decrypt, it asks for again.
             let Ok(plaintext) = handset.decrypt(business, &message.ciphertext).await else {
+                let has = consumer
+                    .received
+                    .get(&device)
+                    .is_some_and(|r| r.contains_key(&message.id));
+                if !has {
+                    let decision = net.faults.decide(Leg::Receipt, now);
+                    for at in Net::arrivals(decision, now) {
+                        let retry = Retry {
+                            business,
+                            id: message.id,
+                            device,
+                        };
+                        Net::push(&mut net.retries, &mut net.seq, at, retry);
+                    }
+                }
                 continue;
             };
             let Some((id, content)) = parse_device_payload(&plaintext) else {
@@ -601,6 +638,39 @@ impl SimNetwork {
                             &mut net.seq,
                             now.saturating_add(REDELIVERY),
                             retry,
+                        );
+                    }
+                }
+            }
+        }
+        let retries = take_due(&mut self.net.lock().await.retries, now);
+        for chunk in retries.chunks(CONCURRENCY) {
+            let calls = chunk.iter().map(|flight| {
+                let Retry {
+                    business,
+                    id,
+                    device,
+                } = flight.item;
+                processor.retry_receipt(principal, business, id, device)
+            });
+            let results = join_all(calls.collect()).await;
+            let mut net = self.net.lock().await;
+            let net = &mut *net;
+            for (result, flight) in results.into_iter().zip(chunk) {
+                report.retry_receipts += 1;
+                match result {
+                    Ok(_) => {}
+                    Err(e) if e.is_permanent() => {
+                        report.refused += 1;
+                        report.last_error = Some(e.to_string());
+                    }
+                    Err(e) => {
+                        report.last_error = Some(e.to_string());
+                        Net::push(
+                            &mut net.retries,
+                            &mut net.seq,
+                            now.saturating_add(REDELIVERY),
+                            flight.item,
                         );
                     }
                 }
