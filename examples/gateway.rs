@@ -689,6 +689,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         network.add_consumer(&number(i), 1 + (i % 3) as u32).await;
     }
     let mut publications_failed = 0usize;
+    // Retry receipts: a device could not decrypt a business message it did
+    // not have. No consumer reinstalls here, so each is a session the
+    // processor and a device disagree on.
+    let mut retry_receipts = 0u64;
     for (&b, owner) in &owners {
         let mut tries = 0;
         loop {
@@ -796,6 +800,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     // Only this message is due (unless the network lost,
                     // delayed or duplicated it).
                     let pumped = network.pump(&processor, &transport).await;
+                    retry_receipts += pumped.retry_receipts;
                     if pumped.receive_latencies.len() == 1 {
                         latency.receive_alone.extend(pumped.receive_latencies);
                     } else {
@@ -821,6 +826,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     .send_loaded
                     .extend(results.iter().map(|r| r.4 - started));
                 let pumped = network.pump(&processor, &transport).await;
+                retry_receipts += pumped.retry_receipts;
                 latency.receive_loaded.extend(pumped.receive_latencies);
                 in_flight = pumped.in_flight;
             }
@@ -863,6 +869,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     while step < MAX_STEPS {
         step += 1;
         let pumped = network.pump(&processor, &transport).await;
+        retry_receipts += pumped.retry_receipts;
         latency.receive_loaded.extend(pumped.receive_latencies);
         retransmitted += processor.retransmit_due(&operator).await?.sent;
         if step.is_multiple_of(6) {
@@ -1020,8 +1027,14 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let after_delivery = network.resent_after_delivery().await;
     println!(
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
-         retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}"
+         retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}; \
+         retry receipts (a copy a device could not decrypt): {retry_receipts}"
     );
+    if retry_receipts > 0 {
+        broken.push(format!(
+            "{retry_receipts} business messages a device could not decrypt"
+        ));
+    }
     if missing_copies > 0 {
         broken.push(format!(
             "{missing_copies} device copies of business messages missing"
