@@ -198,7 +198,11 @@ impl Processor {
     /// compared. A call while another with the same key has not stored its
     /// message yet is refused as [`ProcessorError::SendUnderWay`]. A key is
     /// remembered as long as its message is stored: used again after the
-    /// sweep deleted it, it sends a new message under the same id.
+    /// sweep deleted it, it sends a message again under the same id, which
+    /// a device that has the first drops as a copy (and reports
+    /// delivered). So a retry made after retention still reaches the
+    /// consumer once; but a key used again for another message never
+    /// reaches a device that kept the first. Never reuse a key.
     pub async fn send_idempotent(
         &self,
         principal: &Principal,
