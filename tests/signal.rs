@@ -1161,3 +1161,33 @@ mod prekey_pool {
         }
     }
 }
+
+/// A device with no state leaves nothing in memory when calls about it
+/// fail or find nothing: the cache is keyed by the consumer's phone hash,
+/// and only eviction would forget such an entry (a sweep clears the cache
+/// only once it deleted stored state). (Each call put an empty entry back.)
+#[tokio::test]
+async fn a_device_with_no_state_leaves_nothing_cached() {
+    let w = World::new();
+    w.published().await;
+    let device = ConsumerDevice::new(3);
+    let peer = w.peer("+447700900123", &device).await;
+    let cached = |w: &World| format!("{:?}", w.sessions).contains("cached_peers: 0");
+    assert!(cached(&w));
+    assert!(!w.sessions.has_session(w.business, peer).await.unwrap());
+    assert!(cached(&w), "after has_session: {:?}", w.sessions);
+    assert!(matches!(
+        w.sessions.encrypt(w.business, peer, b"x", w.expiry()).await,
+        Err(SignalError::NoSession)
+    ));
+    assert!(cached(&w), "after encrypt: {:?}", w.sessions);
+    let garbage = Ciphertext {
+        kind: MessageKind::FollowUp,
+        bytes: vec![0x33; 60],
+    };
+    assert!(w.decrypt(peer, &garbage).await.is_err());
+    assert!(cached(&w), "after a refused message: {:?}", w.sessions);
+    assert!(!w.sessions.archive_session(w.business, peer).await.unwrap());
+    assert!(cached(&w), "after archive_session: {:?}", w.sessions);
+    assert_eq!(w.store.peer(w.business, peer).await.unwrap(), None);
+}

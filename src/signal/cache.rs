@@ -234,9 +234,15 @@ pub(super) struct Taken<'c> {
 }
 
 impl Taken<'_> {
-    /// Put the state back (see [`PeerCache::put`]).
+    /// Put the state back (see [`PeerCache::put`]). A device with no state
+    /// (none stored, or a message from it refused before it had any) is
+    /// not kept: it would save no read, and its key names a consumer, whom
+    /// nothing forgets but eviction.
     pub(super) fn put(mut self, peer: Box<Peer>) {
         self.dirty = None;
+        if peer.session.is_none() && peer.identity.is_none() && !peer.dirty {
+            return;
+        }
         self.cache.put(self.key, peer);
     }
 
@@ -256,6 +262,9 @@ impl Drop for Taken<'_> {
 
 #[cfg(test)]
 mod tests {
+    use wacore_libsignal::protocol::IdentityKeyPair;
+
+    use super::super::rng::ThreadCsprng;
     use super::*;
     use crate::ids::PhoneHash;
 
@@ -267,11 +276,14 @@ mod tests {
         (business, PeerId { phone, device: 0 })
     }
 
-    /// A peer whose last encoding was `len` bytes.
+    /// A peer (a trusted identity, no session) whose last encoding was
+    /// `len` bytes.
     fn peer(n: u8, len: usize, dirty: bool) -> Box<Peer> {
+        let identity = *IdentityKeyPair::generate(&mut ThreadCsprng).identity_key();
         Box::new(Peer {
             encoded_len: len,
             dirty,
+            identity: Some(identity),
             ..Peer::empty(key(n).1)
         })
     }
