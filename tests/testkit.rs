@@ -1191,6 +1191,33 @@ async fn a_consumer_added_with_no_devices_has_none() {
     );
 }
 
+/// The network refuses a send to a device its consumer does not have, as
+/// it refuses that device's bundle: a harness sees no send counted taken
+/// that no device could get. (Sends to such a device were taken.)
+#[tokio::test]
+async fn a_send_to_a_device_the_consumer_does_not_have_is_refused() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 3).await;
+    d.network.add_consumer(&number(1), 2).await;
+    let refused = |r: Result<_, TransportError>| matches!(r, Err(TransportError::Refused(_)));
+    assert!(refused(
+        d.network
+            .fetch_bundle(business(), &number(1), 2)
+            .await
+            .map(drop)
+    ));
+    assert!(refused(
+        d.network
+            .send(business(), &number(1), 2, &garbage_message())
+            .await
+    ));
+    assert!(
+        d.network
+            .send(business(), &number(1), 1, &garbage_message())
+            .await
+            .is_ok()
+    );
+}
+
 /// During a network outage nothing in flight moves: not consumer
 /// messages, not ciphertexts, not reports. Once it ends, all of it does.
 #[tokio::test]

@@ -830,8 +830,11 @@ impl Transport for SimNetwork {
             net.last_send.insert(key, false);
             return Err(unavailable(decision));
         }
-        if !net.consumers.contains_key(consumer.expose()) {
+        let Some(known) = net.consumers.get(consumer.expose()) else {
             return Err(TransportError::Refused("no such consumer".into()));
+        };
+        if !known.devices.contains_key(&device) {
+            return Err(TransportError::Refused("no such device".into()));
         }
         let accepted_before = net.last_send.insert(key, true) == Some(true);
         if accepted_before && net.reported.contains(&(business, message.id)) {

@@ -16,6 +16,11 @@ use crate::transport::{Outgoing, Transport, TransportError};
 /// and there is no bundle to fetch (start each device's session from
 /// [`published`](Self::published) keys before the processor sends to it).
 /// No faults, no delays: for those, [`SimNetwork`](super::SimNetwork).
+///
+/// It serves one business: what it keeps is keyed by consumer number
+/// alone, and the keys are the last published. Give each business of a
+/// harness its own (or use [`SimNetwork`](super::SimNetwork)), or a
+/// ciphertext cannot be told apart from another business's.
 #[derive(Default)]
 pub struct RecordingTransport {
     keys: Mutex<Option<PublishedKeys>>,
