@@ -1398,3 +1398,50 @@ fn content_and_number_holders_print_neither() {
         assert!(!printed.contains("116, 104, 101"), "{printed}");
     }
 }
+
+/// Version 0 never existed (versions start at 1): retiring it is refused
+/// as `UnknownVersion`, not answered as a version retired already. (It was
+/// answered `Ok`.)
+#[tokio::test]
+async fn retiring_version_0_which_never_existed_is_refused() {
+    let keys = KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        Arc::new(MemoryStore::new()),
+    );
+    let b = business(7);
+    keys.ring(b).await.unwrap();
+    let answer = keys.retire_kek_version(b, 0).await;
+    assert!(
+        matches!(answer, Err(KeyError::UnknownVersion { version: 0, .. })),
+        "{answer:?}"
+    );
+}
+
+/// Raising the floor past the primary is refused as `FloorAbovePrimary`,
+/// whatever keys are stored. (While any key was wrapped under the primary,
+/// the answer was `NeedsRewrap`, a remedy that cannot help: `rewrap`
+/// rewraps to the primary.)
+#[tokio::test]
+async fn a_floor_above_the_primary_is_refused_as_such_not_as_needing_a_rewrap() {
+    let keys = KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        Arc::new(MemoryStore::new()),
+    );
+    let b = business(7);
+    let now = Timestamp::from_millis(1_767_225_600_000);
+    let epoch = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
+    let v2 = keys.add_kek_version(b, now).await.unwrap(); // added, not promoted
+    assert_eq!(keys.rewrap(b).await.unwrap(), 0);
+    let answer = keys.raise_decrypt_floor(b, v2).await;
+    assert!(
+        matches!(
+            answer,
+            Err(KeyError::FloorAbovePrimary {
+                primary: 1,
+                requested: 2
+            })
+        ),
+        "{answer:?}"
+    );
+}

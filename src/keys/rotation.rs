@@ -275,6 +275,14 @@ impl KeyManager {
         version: u32,
     ) -> Result<(), KeyError> {
         let _wrapping = self.wrapping.write().await;
+        // What the ring refuses (a floor above the primary, say) is refused
+        // as such: rewrapping, which wraps under the primary, cannot help.
+        match self.stored_ring(business).await? {
+            Some(ring) => ring.raise_floor(version)?,
+            None => {
+                KekRing::new(business, Vec::new(), Timestamp::UNIX_EPOCH).raise_floor(version)?
+            }
+        };
         if !self
             .store
             .keys_wrapped_below(business, version, None, 1)
@@ -302,9 +310,9 @@ impl KeyManager {
     ) -> Result<(), KeyError> {
         let _wrapping = self.wrapping.write().await;
         let forgets = self.forgets();
+        // Versions are numbered from 1: there never was a version 0.
         if let Some(ring) = self.load_ring(business).await?
-            && version < ring.floor()
-            && version < ring.next_version()
+            && (1..ring.floor().min(ring.next_version())).contains(&version)
             && ring.get(version).is_none()
         {
             let mut cache = self.write();

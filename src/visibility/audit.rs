@@ -448,9 +448,11 @@ impl Default for FlushPolicy {
 /// ([`take_unwritten`](Self::take_unwritten)). The file may hold a whole
 /// line whose flush failed (with a writer that buffers), whose value the
 /// gate kept, and a partial line where a failed write or a dying process
-/// cut one: the sink (or the next one opened on the file) ends it before
-/// its own first line, so a reader that skips lines that do not parse
-/// loses no other.
+/// cut one: the sink (or the next one opened on the file) ends it with
+/// ` <cut>` before its own first line, so that it never parses (even cut
+/// just before its `\n`), and a reader that skips lines that do not parse
+/// loses no other. (A file the sink may only append to, whose end it cannot
+/// read, gets that ending too: a line of its own if the file ended whole.)
 pub struct JsonLinesSink<W: Write + Send = File> {
     flush: FlushPolicy,
     inner: Mutex<Lines<W>>,
@@ -494,7 +496,8 @@ impl JsonLinesSink<File> {
                 (file, last[0] != b'\n')
             }
             // An audit file the process may only append to: whether it
-            // ends mid-line is unknown, and an empty line does no harm.
+            // ends mid-line is unknown, and a line that does not parse does
+            // no harm.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 let file = OpenOptions::new().create(true).append(true).open(path)?;
                 let cut = file.metadata()?.len() > 0;
@@ -561,6 +564,11 @@ impl<W: Write + Send> JsonLinesSink<W> {
     }
 }
 
+/// What ends a line a failure cut: text no JSON continues with (no quote
+/// closes a string before it, no bracket an object), so the line never
+/// parses, even when the cut took only its `\n`.
+const CUT: &[u8] = b" <cut>\n";
+
 impl<W: Write> Lines<W> {
     /// The file ends mid-line: end that line before writing any other.
     fn cut(&mut self) {
@@ -594,7 +602,7 @@ impl<W: Write> Lines<W> {
             return Err(AuditError::OutOfService);
         };
         if std::mem::take(&mut self.end_line) {
-            self.buf.insert(0, b'\n');
+            self.buf.splice(0..0, CUT.iter().copied());
         }
         // What was not written stays, for `take_unwritten`.
         let mut written = 0;
@@ -992,6 +1000,61 @@ mod tests {
         sink.record(&decision(4, 3)).unwrap();
         drop(sink);
         assert_eq!(parsed(&std::fs::read(&path).unwrap()), [1, 3, 4]);
+    }
+
+    /// A disk that fills with exactly one byte of a record's line left
+    /// unwritten (its `\n`): the record fails, the gate keeps the value
+    /// (`AuditFailed`), and on `resume` the cut line is ended so that it
+    /// does not parse. (Ended with a `\n`, it was a whole, parseable
+    /// `allow` line for the refused release.)
+    #[test]
+    fn a_line_cut_just_before_its_newline_is_not_completed_into_an_allow() {
+        use crate::time::ManualClock;
+        use crate::visibility::{DenyReason, Gate, Labelled, VisibilityPolicy};
+        let disk = Disk::default();
+        let sink = Arc::new(JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent));
+        let gate = Gate::new(
+            VisibilityPolicy::published(),
+            sink.clone(),
+            Arc::new(ManualClock::new(Timestamp::from_millis(1))),
+        );
+        let release = || {
+            gate.release(
+                Labelled::new(DataClass::ConsumerPhoneNumber, 1u8),
+                Party::Transport,
+                Purpose::Delivery,
+            )
+        };
+        disk.0.lock().unwrap().1 = 1 << 20;
+        let first = release().unwrap();
+        let line_len = {
+            let written = disk.0.lock().unwrap().0.len();
+            assert_eq!(
+                written,
+                serde_json::to_vec(first.decision()).unwrap().len() + 1
+            );
+            written
+        };
+        // Room for the next line (same length: the ids differ only in the
+        // sequence's last digit) but its newline.
+        disk.0.lock().unwrap().1 = line_len - 1;
+        let denied = release().unwrap_err();
+        assert_eq!(denied.reason(), DenyReason::AuditFailed);
+        let refused = denied.decision().id;
+        disk.0.lock().unwrap().1 = 1 << 20;
+        sink.resume().unwrap();
+        let written = disk.0.lock().unwrap().0.clone();
+        let allowed: Vec<DecisionId> = written
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<Decision>(line).ok())
+            .filter(|d| d.is_allowed())
+            .map(|d| d.id)
+            .collect();
+        assert!(
+            !allowed.contains(&refused),
+            "the trail says the refused release {refused} was allowed:\n{}",
+            String::from_utf8_lossy(&written)
+        );
     }
 
     proptest! {

@@ -361,7 +361,10 @@ impl SqliteStore {
             }
         }
         let mut conn = open_writer(path, &config).map_err(|e| open_error(path, e))?;
+        // In the file's own journal mode: a migration that meets damage is
+        // rolled back, and the file left as it was. Then the log.
         schema::migrate(path, &mut conn)?;
+        use_write_ahead_log(&conn).map_err(|e| open_error(path, e))?;
         let stored = schema::record_region(&conn, config.region.as_str())
             .map_err(|e| open_error(path, e))?;
         if stored != config.region.as_str() {
@@ -444,13 +447,9 @@ fn open_error(path: &Path, e: rusqlite::Error) -> SqliteOpenError {
     }
 }
 
-/// The one read-write connection, configured for the writer thread.
-fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(config.busy_timeout)?;
+/// Put the writer's connection in write-ahead logging (a write to the
+/// file's header, once).
+fn use_write_ahead_log(conn: &Connection) -> rusqlite::Result<()> {
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::SqliteFailure(
@@ -460,6 +459,17 @@ fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connectio
             )),
         ));
     }
+    Ok(())
+}
+
+/// The one read-write connection, configured for the writer thread but
+/// for its journal mode (see [`use_write_ahead_log`]).
+fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(config.busy_timeout)?;
     conn.pragma_update(None, "synchronous", config.durability.pragma())?;
     // Every write zeroes what it frees (see `SqliteStore`'s promises).
     conn.pragma_update(None, "secure_delete", "ON")?;

@@ -1773,3 +1773,152 @@ fn damaged_billing_rows_are_corrupt_errors_of_their_business_alone() {
     );
     assert_eq!(store.damaged_rows_skipped(), 1);
 }
+
+// ---------------------------------------------------------------------------
+// Damaged rows that a write must not turn into rows that decode
+
+/// A billing count this crate cannot have written (text where a biased
+/// integer belongs) fails the read of its business's billing. The next
+/// `Op::Bill` of the same period and category leaves it so. (The upsert's
+/// `count + (count < ?)` had SQLite convert the text to 0, which decodes,
+/// biased, as a count of 2^63, handed over at the next export.)
+#[test]
+fn a_damaged_billing_count_is_not_turned_into_a_count_by_the_next_bill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("billing.db");
+    let bill = Op::Bill {
+        business: business(1),
+        start: Timestamp::from_millis(0),
+        end: Timestamp::from_millis(T0),
+        category: crate::integrity::Category::Utility,
+    };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(store.commit(Batch::from(bill.clone()))).unwrap();
+    drop(store);
+    tamper(&path, "UPDATE billing SET count = 'garbage'");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    // As documented: the damaged row is refused.
+    assert!(matches!(
+        block_on(store.billing(business(1))),
+        Err(StoreError::Corrupt(_))
+    ));
+    // One more message billed in that period and category.
+    block_on(store.commit(Batch::from(bill))).unwrap();
+    let read = block_on(store.billing(business(1)));
+    assert!(
+        matches!(read, Err(StoreError::Corrupt(_))),
+        "a damaged count was turned into one that decodes: {read:?}"
+    );
+}
+
+/// A message whose expiry no longer decodes (text where a biased time
+/// belongs) is refused when read, and the sweep never deletes it (README:
+/// "The sweep never deletes it ... it stays for an operator"). Shortening
+/// retention leaves the damaged column as it is. (`expiry > created + ?`
+/// holds for any text, which SQLite orders after numbers, so `cap_expiry`
+/// set it to `created + period`: the row decoded, and the next sweep
+/// deleted it.)
+#[test]
+fn cap_expiry_does_not_repair_a_damaged_expiry_into_one_the_sweep_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    let damaged = MessageId::from_bytes([1; 16]);
+    // Every message settled (delivered, nothing pending); one with a damaged expiry.
+    tamper(
+        &path,
+        "UPDATE messages SET status = 2, next_attempt = NULL;
+         UPDATE messages SET expiry = 'soon' WHERE id = X'01010101010101010101010101010101'",
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    assert!(matches!(
+        block_on(store.message(business(1), damaged)),
+        Err(StoreError::Corrupt(_))
+    ));
+    // Retention of inbound messages shortened to one minute.
+    let mut after = None;
+    loop {
+        after = block_on(store.cap_expiry(
+            business(1),
+            Direction::Inbound,
+            Duration::from_secs(60),
+            after,
+            100,
+        ))
+        .unwrap();
+        if after.is_none() {
+            break;
+        }
+    }
+    let read = block_on(store.message(business(1), damaged));
+    assert!(
+        matches!(read, Err(StoreError::Corrupt(_))),
+        "cap_expiry rewrote the damaged expiry: {read:?}"
+    );
+    // And the sweep keeps it.
+    sweep(&store, Timestamp::from_millis(T0 + 2 * 86_400_000));
+    let read = block_on(store.message(business(1), damaged));
+    assert!(
+        matches!(read, Err(StoreError::Corrupt(_))),
+        "the damaged row was deleted by the sweep: {read:?}"
+    );
+}
+
+/// A file refused is left exactly as it was (`SqliteOpenError`), even when
+/// its migration refuses it. A version 1 database in a rollback journal (as
+/// the version 0 test makes one), whose `holds` table is damaged, passes
+/// every check made before writing (header, schema); the migration to
+/// version 2 meets the damage and refuses the file as `Corrupt`, in the
+/// file's own journal mode, so nothing is left of it. (The writer switched
+/// the file to write-ahead logging first, a write to its header.)
+#[test]
+fn a_file_refused_during_its_migration_is_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1-damaged.db");
+    let root: i64;
+    let page_size: i64;
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID as i32)
+            .unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0].sql).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let scope = HoldScope::Business(business(4));
+        let (kind, b, phone) = super::writes::scope_sql(&scope);
+        conn.execute(
+            "INSERT INTO holds VALUES (?1, ?2, ?3, 'case-1', ?4)",
+            params![kind, b, phone, time_sql(Timestamp::from_millis(T0))],
+        )
+        .unwrap();
+        root = conn
+            .query_row(
+                "SELECT rootpage FROM sqlite_schema WHERE name = 'holds'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        page_size = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap();
+    }
+    // Damage the holds table's one page (not the header page).
+    assert!(root > 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = ((root - 1) * page_size) as usize;
+    bytes[at..at + page_size as usize].fill(0xee);
+    std::fs::write(&path, &bytes).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let opened = SqliteStore::open(&path, SqliteConfig::default());
+    let refused = format!("{:?}", opened.as_ref().err());
+    assert!(opened.is_err(), "a damaged file opened: {opened:?}");
+    drop(opened);
+    let after = std::fs::read(&path).unwrap();
+    let changed: Vec<usize> = (0..before.len().max(after.len()))
+        .filter(|&i| before.get(i) != after.get(i))
+        .take(8)
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "the refused file ({refused}) was modified at bytes {changed:?}"
+    );
+}

@@ -253,7 +253,8 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 "INSERT INTO billing (business, take_id, period_start, period_end, category, count)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (business, take_id, period_start, period_end, category)
-                 DO UPDATE SET count = count + (count < ?7)",
+                 DO UPDATE SET count = count + (count < ?7)
+                 WHERE typeof(count) = 'integer'",
             )
             .db()?
             .execute(params![
@@ -349,13 +350,15 @@ pub(super) fn cap_expiry(
     // Stored times are biased (`t - 2^63`, see `codec`), so adding the
     // period to the stored value adds it to the time. Rows whose creation
     // plus the period would pass the largest time are left alone: their cap
-    // saturates there, which no expiry exceeds.
+    // saturates there, which no expiry exceeds. So is a row whose times are
+    // not integers (damaged): rewritten, it would decode, and be swept.
     let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
     let upto: &[u8] = last.as_deref().unwrap_or(&[0xff; MessageId::LEN]);
     conn.prepare_cached(
         "UPDATE messages SET expiry = created + ?3
          WHERE business = ?1 AND id > ?5 AND id <= ?6 AND direction = ?2
-           AND created <= ?4 AND expiry > created + ?3",
+           AND created <= ?4 AND expiry > created + ?3
+           AND typeof(expiry) = 'integer' AND typeof(created) = 'integer'",
     )
     .db()?
     .execute(params![
