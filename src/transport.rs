@@ -180,8 +180,8 @@ pub trait Transport: Send + Sync {
     /// processor still sends to the devices it has not reached. A device
     /// may so be sent a message it has (after a crash, say): it drops the
     /// copy by the message id in its payload. A device that cannot decrypt
-    /// a message it does not have (reinstalled, its session lost) asks for
-    /// it again through
+    /// a message it does not have (its session lost) asks for it again
+    /// through
     /// [`Processor::retry_receipt`](crate::processor::Processor::retry_receipt).
     async fn send(
         &self,

@@ -620,10 +620,15 @@ fn retry_receipt_is_cancellation_safe() {
             .send(&d.owner, d.b, d.outbound(b"hi"))
             .await
             .unwrap();
+        // The consumer answers (the business's session is acknowledged),
+        // then loses its sessions: its device cannot decrypt what is sent
+        // on the old one, and asks for it again.
+        d.network
+            .consumer_sends(&consumer(2), 0, d.b, b"thanks")
+            .await
+            .unwrap();
         d.settle(3).await;
-        // The consumer reinstalls: its device cannot decrypt what is sent
-        // on the old session, and asks for it again.
-        d.network.add_consumer(&consumer(2), 1).await;
+        d.network.lose_sessions(&consumer(2)).await;
         let id = d
             .processor
             .send(&d.owner, d.b, d.outbound(b"again"))

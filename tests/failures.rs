@@ -420,10 +420,15 @@ fn retry_receipt_survives_every_host_failure() {
             .send(&d.owner, d.b, d.outbound(b"hi"))
             .await
             .unwrap();
+        // The consumer answers (the business's session is acknowledged),
+        // then loses its sessions: its device cannot decrypt what is sent
+        // on the old one, and asks for it again.
+        d.network
+            .consumer_sends(&consumer(2), 0, d.b, b"thanks")
+            .await
+            .unwrap();
         d.settle(3).await;
-        // The consumer reinstalls: its device cannot decrypt what is sent
-        // on the old session, and asks for it again.
-        d.network.add_consumer(&consumer(2), 1).await;
+        d.network.lose_sessions(&consumer(2)).await;
         let id = d
             .processor
             .send(&d.owner, d.b, d.outbound(b"again"))
@@ -447,6 +452,56 @@ fn retry_receipt_survives_every_host_failure() {
             .await;
         failed.is_empty()
     }));
+}
+
+/// A retry receipt that fails leaves the device's Signal state as it was:
+/// the new session and the message's due write land together or not at
+/// all. (The session was replaced in a write of its own, before the one
+/// that failed.)
+#[test]
+fn a_failed_retry_receipt_leaves_the_session_as_it_was() {
+    runtime().block_on(async {
+        let mut checked = 0;
+        for n in 1..MAX_CALLS {
+            let d = deployment(Faults::none(), Faults::none()).await;
+            d.network.add_consumer(&consumer(2), 1).await;
+            d.processor
+                .send(&d.owner, d.b, d.outbound(b"hi"))
+                .await
+                .unwrap();
+            d.network
+                .consumer_sends(&consumer(2), 0, d.b, b"thanks")
+                .await
+                .unwrap();
+            d.settle(3).await;
+            d.network.lose_sessions(&consumer(2)).await;
+            let id = d
+                .processor
+                .send(&d.owner, d.b, d.outbound(b"again"))
+                .await
+                .unwrap();
+            let phone = d.store.message(d.b, id).await.unwrap().unwrap().phone;
+            let peer = PeerId { phone, device: 0 };
+            let before = d.store.peer(d.b, peer).await.unwrap();
+            assert!(before.is_some());
+            d.faults.fail_at(n, Seams::Store, Strike::Before);
+            let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+            let failed = d.faults.lift();
+            if failed.is_empty() {
+                break;
+            }
+            if receipt.is_err() {
+                checked += 1;
+                let after = d.store.peer(d.b, peer).await.unwrap();
+                assert!(
+                    after == before,
+                    "store call {n} failed ({failed:?}, nothing applied), the receipt \
+                     returned {receipt:?}, and the device's stored state changed"
+                );
+            }
+        }
+        assert!(checked > 0);
+    });
 }
 
 #[test]

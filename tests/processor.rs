@@ -21,7 +21,9 @@ use custodian::signal::{IdentityPolicy, SignalConfig};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+};
 use custodian::visibility::{
     AuditError, AuditSink, Change, DataClass, Decision, HoldEvent, MemoryAuditSink, Party,
     Revision, Verdict, VisibilityPolicy,
@@ -75,6 +77,29 @@ impl Deployment {
         seed: u64,
         identity: IdentityPolicy,
     ) -> Self {
+        let sink = |business: Arc<SimBusiness>| -> Arc<dyn BusinessSink> { business };
+        Self::on_with_sink(
+            store,
+            businesses,
+            network_faults,
+            sink_faults,
+            seed,
+            identity,
+            sink,
+        )
+    }
+
+    /// [`on_with`](Self::on_with), the endpoint the processor hands to made
+    /// by `sink` from the simulated business.
+    fn on_with_sink(
+        store: Arc<dyn Storage>,
+        businesses: &[u64],
+        network_faults: Faults,
+        sink_faults: Faults,
+        seed: u64,
+        identity: IdentityPolicy,
+        sink: impl FnOnce(Arc<SimBusiness>) -> Arc<dyn BusinessSink>,
+    ) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
         let business = SimBusiness::new(clock.clone(), sink_faults, seed + 1).unwrap();
@@ -93,7 +118,7 @@ impl Deployment {
             storage: store.clone(),
             key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             transport: network.clone(),
-            business: business.clone(),
+            business: sink(business.clone()),
             authorizer: Arc::new(authorizer),
             clock: Arc::new(clock.clone()),
             audit: audit.clone(),
@@ -1981,15 +2006,14 @@ async fn a_due_message_is_not_handed_over_after_its_retention_ends() {
     }
 }
 
-/// A consumer reinstalls (device 0 comes back with a new identity and no
-/// session; the network serves its new bundle). The device cannot decrypt
-/// the next message, sent on the old session, and its retry receipt has
-/// the processor archive that session: the message goes again over a new
-/// one, the new identity accepted and reported (the default policy).
-/// (Nothing asked for the new bundle: the business's messages reached no
-/// one, sent again every receipt timeout for the whole retention period.)
+/// A device that lost its sessions (restored from a backup without them)
+/// cannot decrypt the next message, sent on its old session, and its retry
+/// receipt has the processor start a new one from its bundle, its identity
+/// key the one trusted: the message goes again at once. (Nothing asked for
+/// a new session: the business's messages reached no one, sent again every
+/// receipt timeout for the whole retention period.)
 #[tokio::test]
-async fn a_reinstalled_device_gets_the_business_messages() {
+async fn a_device_that_lost_its_sessions_gets_the_message_again() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
@@ -2004,31 +2028,198 @@ async fn a_reinstalled_device_gets_the_business_messages() {
             .unwrap(),
         (Status::Delivered, None)
     );
-    // The consumer reinstalls: same number, same device id, new keys.
-    d.network.add_consumer(&number(1), 1).await;
+    // The consumer answers: the business's session is acknowledged, its
+    // next messages no longer carry what would start the session again.
+    d.network
+        .consumer_sends(&number(1), 0, b, b"thanks")
+        .await
+        .unwrap();
+    d.run(Duration::from_secs(120), Duration::from_secs(60))
+        .await;
+    d.network.lose_sessions(&number(1)).await;
     let after = d.send(b, number(1), b"your order shipped").await;
     let retried = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(retried.retry_receipts, 1, "{retried:?}");
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
+    d.run(Duration::from_secs(60), Duration::from_secs(30))
         .await;
-    let received = d.network.received(&number(1)).await;
-    let status = d
-        .processor
-        .message_status(d.owner(b), b, after)
-        .await
-        .unwrap();
-    assert!(
-        received.get(&0).is_some_and(|r| r.contains_key(&after)),
-        "five minutes later the reinstalled device has not got the message; its status is \
-         {status:?}, its business was told {:?}",
-        d.business.statuses().get(&after)
+    assert!(d.network.received(&number(1)).await[&0].contains_key(&after));
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, after)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
     );
-    assert_eq!(status, (Status::Delivered, None));
     // And the next message goes over the new session, with no receipt.
     let next = d.send(b, number(1), b"it was delivered").await;
     let pumped = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(pumped.retry_receipts, 0);
     assert!(d.network.received(&number(1)).await[&0].contains_key(&next));
+    assert_eq!(d.network.resent_after_delivery().await, 0);
+}
+
+/// A business endpoint that notes, for each inbound message handed over,
+/// whether it said the device's identity key changed, then hands it on to
+/// the simulated business.
+struct NotingIdentity {
+    inner: Arc<SimBusiness>,
+    changed: std::sync::Mutex<Vec<(MessageId, bool)>>,
+}
+
+#[async_trait::async_trait]
+impl BusinessSink for NotingIdentity {
+    async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
+        self.changed
+            .lock()
+            .unwrap()
+            .push((message.id, message.identity_changed));
+        self.inner.deliver(message).await
+    }
+
+    async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
+        self.inner.status(update).await
+    }
+}
+
+/// A consumer reinstalls (a new identity key on the same device). Its
+/// retry receipt gets it no session from its bundle: a bundle, served by
+/// the network, never replaces a trusted key, or the network could swap in
+/// its own unreported. Once the consumer writes, its new key is taken
+/// under the default policy and reported to the business, and the message
+/// reaches the device over the new session. (The receipt's bundle was
+/// taken, and nothing ever told the business the key changed.)
+#[tokio::test]
+async fn a_reinstalled_device_gets_its_messages_once_it_writes_and_the_change_is_reported() {
+    let noted: Arc<std::sync::Mutex<Option<Arc<NotingIdentity>>>> = Arc::default();
+    let slot = noted.clone();
+    let d = Deployment::on_with_sink(
+        Arc::new(MemoryStore::new()),
+        &[7],
+        Faults::none(),
+        Faults::none(),
+        9,
+        IdentityPolicy::AcceptAndReport,
+        move |business| {
+            let sink = Arc::new(NotingIdentity {
+                inner: business,
+                changed: std::sync::Mutex::default(),
+            });
+            *slot.lock().unwrap() = Some(sink.clone());
+            sink
+        },
+    );
+    let sink = noted.lock().unwrap().clone().unwrap();
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let before = d.send(b, number(1), b"welcome").await;
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, before)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+    // The consumer reinstalls: same number and device, a new identity key.
+    d.network.add_consumer(&number(1), 1).await;
+    let after = d.send(b, number(1), b"your order shipped").await;
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(pumped.retry_receipts, 1, "{pumped:?}");
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    let received = d.network.received(&number(1)).await;
+    assert!(
+        !received.get(&0).is_some_and(|r| r.contains_key(&after)),
+        "sent on a key taken from a bundle"
+    );
+    // The consumer writes: its new key is taken, and the business told.
+    d.network
+        .consumer_sends(&number(1), 0, b, b"new phone")
+        .await
+        .unwrap();
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    let changed = sink.changed.lock().unwrap().clone();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(changed[0].1, "the business was not told the key changed");
+    assert!(d.network.received(&number(1)).await[&0].contains_key(&after));
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, after)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+}
+
+/// A copy of a retry receipt the network hands in (its receipts leg
+/// duplicates and delays) after the message went again over the new
+/// session is ignored: acting on it would replace that working session,
+/// and leave the device pending, to be sent the message once more after
+/// its delivery report. (It did both.)
+#[tokio::test]
+async fn a_copy_of_a_retry_receipt_is_ignored() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let before = d.send(b, number(1), b"welcome").await;
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, before)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+    // The consumer answers: the business's session is acknowledged, its
+    // next messages no longer carry what would start the session again.
+    d.network
+        .consumer_sends(&number(1), 0, b, b"thanks")
+        .await
+        .unwrap();
+    d.run(Duration::from_secs(120), Duration::from_secs(60))
+        .await;
+    d.network.lose_sessions(&number(1)).await;
+    let after = d.send(b, number(1), b"your order shipped").await;
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(pumped.retry_receipts, 1, "{pumped:?}");
+    assert_eq!(
+        d.processor.retransmit_due(&d.operator).await.unwrap().sent,
+        1
+    );
+    // The network's copy of the same retry receipt comes in late.
+    assert_eq!(
+        d.processor
+            .retry_receipt(&d.transport, b, after, 0)
+            .await
+            .unwrap(),
+        StatusChange::Ignored
+    );
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        (pumped.receipts, pumped.retry_receipts),
+        (1, 0),
+        "{pumped:?}"
+    );
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        d.processor
+            .message_status(d.owner(b), b, after)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+    assert_eq!(
+        d.network.resent_after_delivery().await,
+        0,
+        "sent to the device again after its delivery report (copies it got: {:?})",
+        d.network.received(&number(1)).await
+    );
 }
 
 /// Under `IdentityPolicy::Refuse`, a retry receipt does not get a

@@ -16,8 +16,8 @@ use custodian::keys::{
     Epoch, EpochLength, KeyError, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
 use custodian::signal::{
-    Ciphertext, IdentityPolicy, IdentityStatus, MessageKind, PublishedKeys, Sessions, SignalConfig,
-    SignalError, StorageFailure,
+    Ciphertext, IdentityPolicy, MessageKind, PublishedKeys, Sessions, SignalConfig, SignalError,
+    StorageFailure,
 };
 use custodian::store::{KeyStore, MemoryStore, PeerId, Storage};
 use custodian::testing::ConsumerDevice;
@@ -391,12 +391,10 @@ async fn business_initiated_session_from_a_consumer_bundle() {
     let mut phone = ConsumerDevice::new(0);
     let peer = w.peer("+447700900005", &phone).await;
     let bundle = phone.bundle(true);
-    let status = w
-        .sessions
+    w.sessions
         .start_session(w.business, peer, &bundle, w.expiry())
         .await
         .unwrap();
-    assert_eq!(status, IdentityStatus::NewOrUnchanged);
     let first = w.encrypt(peer, b"your order shipped").await;
     assert_eq!(first.kind, MessageKind::FirstContact);
     assert_eq!(
@@ -480,6 +478,41 @@ async fn identity_change_is_accepted_and_reported_by_default() {
     assert!(decrypted.identity_changed);
     assert!(decrypted.first_contact);
     assert_eq!(*decrypted.plaintext, b"new phone, who dis");
+}
+
+/// A bundle never replaces the identity key trusted for a device, under
+/// either policy: the network serves bundles, and could otherwise swap in
+/// a key of its choosing unreported. Refused, it changes nothing; a bundle
+/// with the trusted key restarts the session. (Under the default policy, a
+/// bundle's new key was taken, and nothing reported it.)
+#[tokio::test]
+async fn a_bundle_never_replaces_a_trusted_identity() {
+    for policy in [IdentityPolicy::AcceptAndReport, IdentityPolicy::Refuse] {
+        let w = World::with_config(SignalConfig {
+            identity_policy: policy,
+            ..SignalConfig::default()
+        });
+        let (mut phone, peer) = w.contact("+447700900021", 0).await;
+        let before = w.snapshot(peer).await;
+        let mut reinstalled = ConsumerDevice::new(0);
+        let result = w
+            .sessions
+            .start_session(w.business, peer, &reinstalled.bundle(true), w.expiry())
+            .await;
+        assert!(
+            matches!(result, Err(SignalError::UntrustedIdentity)),
+            "{policy:?}: {result:?}"
+        );
+        assert_eq!(w.snapshot(peer).await, before, "{policy:?}");
+        // The trusted key's own bundle restarts the session.
+        w.sessions
+            .start_session(w.business, peer, &phone.bundle(true), w.expiry())
+            .await
+            .unwrap();
+        let out = w.encrypt(peer, b"again").await;
+        assert_eq!(out.kind, MessageKind::FirstContact, "{policy:?}");
+        assert_eq!(phone.decrypt(w.business, &out).await.unwrap(), b"again");
+    }
 }
 
 #[tokio::test]
@@ -1187,7 +1220,15 @@ async fn a_device_with_no_state_leaves_nothing_cached() {
     };
     assert!(w.decrypt(peer, &garbage).await.is_err());
     assert!(cached(&w), "after a refused message: {:?}", w.sessions);
-    assert!(!w.sessions.archive_session(w.business, peer).await.unwrap());
-    assert!(cached(&w), "after archive_session: {:?}", w.sessions);
+    let bad = Ciphertext {
+        kind: MessageKind::FirstContact,
+        bytes: vec![0x33; 80],
+    };
+    assert!(w.decrypt(peer, &bad).await.is_err());
+    assert!(
+        cached(&w),
+        "after a refused first contact: {:?}",
+        w.sessions
+    );
     assert_eq!(w.store.peer(w.business, peer).await.unwrap(), None);
 }

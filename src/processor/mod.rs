@@ -23,10 +23,9 @@
 //!   ([`Processor::retransmit_due`]) from the stored envelope; when its
 //!   retention ends it fails with an expired status, never silently.
 //! - **Statuses** ([`Processor::status_update`]) only move forward. A
-//!   device that could not decrypt a message (the consumer reinstalled)
-//!   asks for it again ([`Processor::retry_receipt`]): its session is
-//!   archived, and the message sent over a new one, under the identity
-//!   policy.
+//!   device that could not decrypt a message (it lost its session) asks
+//!   for it again ([`Processor::retry_receipt`]), and gets it over a new
+//!   session from its bundle, whose identity key must be the one trusted.
 //! - **Tenant isolation**: every entry point names the acting [`Principal`]
 //!   and asks the [`Authorizer`]; a principal acting for one business can
 //!   neither read, send as, nor learn anything about another, and
@@ -327,6 +326,7 @@ pub struct Processor {
     billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
+    receipts: status::Receipts,
 }
 
 impl std::fmt::Debug for Processor {
@@ -403,6 +403,7 @@ impl Processor {
             sink: host.business,
             authorizer: host.authorizer,
             clock: host.clock,
+            receipts: status::Receipts::new(policies.delivery.receipt_timeout),
             delivery: policies.delivery,
             claims: Claims::default(),
         })

@@ -835,6 +835,8 @@ impl Processor {
                 warn!(%business, device = peer.device, why, "refused a bad prekey bundle");
                 Ok(false)
             }
+            // Another key than the one trusted, never taken from a bundle:
+            // the device waits for its own message, or the business's trust.
             Err(SignalError::UntrustedIdentity) => Ok(false),
             Err(_) => Err(()),
         }

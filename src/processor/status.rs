@@ -3,16 +3,25 @@
 
 use tracing::{Instrument, debug, debug_span, warn};
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use foldhash::fast::RandomState;
+
 use super::claims::{Accepted, acceptance_token};
-use super::payload::OutboundBody;
+use super::payload::{OutboundBody, StoredBody};
 use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
+use crate::signal::{SignalError, StorageFailure};
 use crate::store::{
     Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status, StoreError,
 };
-use crate::transport::{Principal, StatusUpdate};
+use crate::time::Timestamp;
+use crate::transport::{Principal, StatusUpdate, TransportError};
+use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
 
 /// Every device pending: an attempt on a message with this
 /// [`Delivery::pending_devices`] sends to every device listed (those
@@ -26,6 +35,45 @@ pub enum StatusChange {
     Applied,
     /// The update was stale or out of order (it would go backwards): ignored.
     Ignored,
+}
+
+/// Retry receipts acted on lately, by message and device, for as long as
+/// a copy of one may follow it (the receipt timeout): a copy is ignored.
+/// In memory (a copy after a restart is acted on again), and pruned of
+/// older ones as it grows. Names no consumer.
+pub(super) struct Receipts {
+    window: Duration,
+    acted: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
+}
+
+impl Receipts {
+    /// Pruned of receipts older than the window past this many.
+    const PRUNE_PAST: usize = 1024;
+
+    pub(super) fn new(window: Duration) -> Self {
+        Self {
+            window,
+            acted: Mutex::default(),
+        }
+    }
+
+    /// Whether a receipt of `device` for `id` was acted on within the
+    /// window before `now`.
+    fn acted_on(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> bool {
+        self.acted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(business, id, device))
+            .is_some_and(|&at| now < at.saturating_add(self.window))
+    }
+
+    fn note(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) {
+        let mut acted = self.acted.lock().unwrap_or_else(PoisonError::into_inner);
+        if acted.len() >= Self::PRUNE_PAST {
+            acted.retain(|_, at| now < at.saturating_add(self.window));
+        }
+        acted.insert((business, id, device), now);
+    }
 }
 
 fn stats_status(status: Status) -> crate::integrity::Status {
@@ -304,18 +352,26 @@ impl Processor {
     }
 
     /// A retry receipt from the transport: `device` of the recipient of
-    /// outbound message `id` could not decrypt it (the consumer reinstalled
-    /// the app, or the device lost its session) and asks for it again.
+    /// outbound message `id` could not decrypt it (it lost its session, or
+    /// its consumer reinstalled) and asks for it again.
     ///
-    /// The device's session is archived, its trusted identity kept, so the
-    /// next message to it starts a new session from its bundle under the
-    /// identity policy: a reinstalled device's new identity is a change,
-    /// accepted (and reported) or refused until the business trusts it
-    /// ([`trust_new_identity`](Self::trust_new_identity)). A message still
-    /// open is due for the device at once; one delivered or read (another
-    /// device has it) is not sent again. Ignored for a message that failed
-    /// or is past its retention. Each receipt costs the device a bundle
-    /// fetch at the next attempt.
+    /// The device's bundle is fetched and a new session started from it in
+    /// place of the one it lost (kept archived); a message still open is
+    /// due for the device at once, in the same write, so nothing changes
+    /// unless both land. A message delivered or read (another device has
+    /// it) is not sent again; the new session serves the next. A bundle
+    /// never replaces the identity key trusted for a device (see
+    /// [`IdentityPolicy`](crate::signal::IdentityPolicy)): a reinstalled
+    /// device's new key, or one the network swapped in, is refused and the
+    /// receipt ignored. That device gets its messages once it writes (its
+    /// new key taken under the policy, and reported to the business) or
+    /// its business trusts the key
+    /// ([`trust_new_identity`](Self::trust_new_identity)). Ignored too: a
+    /// copy of a receipt acted on within the receipt timeout (a network
+    /// duplicate: acting again would replace a working session, and send
+    /// the message again after its report), and a receipt for a message
+    /// failed, unreadable or past its retention. Each receipt acted on
+    /// costs the device a one-time prekey.
     pub async fn retry_receipt(
         &self,
         principal: &Principal,
@@ -340,53 +396,99 @@ impl Processor {
         // What a dropped call owes the message is written first (see
         // `status_update`).
         drop(self.take_up(business, id).await?);
-        let mut archived = false;
-        for _ in 0..MAX_STATUS_RACES {
-            let record = self
-                .storage
-                .message(business, id)
-                .await?
-                .ok_or(ProcessorError::NotFound)?;
-            let now = self.clock.now();
-            if record.direction != Direction::Outbound
-                || record.delivery.status == Status::Failed
-                || !self.retention.readable(&record, now)
-            {
-                return Ok(StatusChange::Ignored);
-            }
-            if !archived {
-                let peer = PeerId {
-                    phone: record.phone,
-                    device,
+        let now = self.clock.now();
+        if self.receipts.acted_on(business, id, device, now) {
+            return Ok(StatusChange::Ignored);
+        }
+        let mut record = self
+            .storage
+            .message(business, id)
+            .await?
+            .ok_or(ProcessorError::NotFound)?;
+        if record.direction != Direction::Outbound
+            || record.delivery.status == Status::Failed
+            || !self.retention.readable(&record, now)
+        {
+            return Ok(StatusChange::Ignored);
+        }
+        let Stored::Content(StoredBody::Outbound(body)) = self.due_body(&record).await? else {
+            return Ok(StatusChange::Ignored);
+        };
+        let number = match self.gate.release(
+            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to),
+            Party::Transport,
+            Purpose::Retransmission,
+        ) {
+            Ok(released) => released.into_value(),
+            Err(denied) => {
+                return match denied.audit_error() {
+                    // The policy allows it: the network hands it in again.
+                    Some(e) if denied.reason() == DenyReason::AuditFailed => Err(e.clone().into()),
+                    _ => Ok(StatusChange::Ignored),
                 };
-                self.sessions.archive_session(business, peer).await?;
-                archived = true;
-                debug!("a device's session was archived on its retry receipt");
             }
+        };
+        let bundle = match self.transport.fetch_bundle(business, &number, device).await {
+            Ok(bundle) => bundle,
+            Err(TransportError::Refused(_)) => return Ok(StatusChange::Ignored),
+            Err(e) => return Err(e.into()),
+        };
+        let peer = PeerId {
+            phone: record.phone,
+            device,
+        };
+        for _ in 0..MAX_STATUS_RACES {
             let d = record.delivery;
-            if !d.status.is_open() {
-                return Ok(StatusChange::Applied);
+            let mut batch = Batch::new();
+            if d.status.is_open() {
+                // Queued with no device pending, it is for every device.
+                let pending = if d.status == Status::Queued && d.pending_devices == 0 {
+                    0
+                } else {
+                    d.pending_devices | Delivery::device_bit(device)
+                };
+                let due = Delivery {
+                    pending_devices: pending,
+                    next_attempt: Some(now),
+                    ..d
+                };
+                if due != d {
+                    batch.push(Op::UpdateDelivery {
+                        business,
+                        id,
+                        expected: d,
+                        delivery: due,
+                    });
+                }
             }
-            // Queued with no device pending, it is for every device already.
-            let pending = if d.status == Status::Queued && d.pending_devices == 0 {
-                0
-            } else {
-                d.pending_devices | Delivery::device_bit(device)
-            };
-            let due = Delivery {
-                pending_devices: pending,
-                next_attempt: Some(now),
-                ..d
-            };
-            let op = Op::UpdateDelivery {
-                business,
-                id,
-                expected: d,
-                delivery: due,
-            };
-            if due == d || self.commit_op(op).await? {
-                return Ok(StatusChange::Applied);
+            match self
+                .sessions
+                .start_session_with(business, peer, &bundle, record.expiry, batch)
+                .await
+            {
+                Ok(()) => {
+                    self.receipts.note(business, id, device, now);
+                    debug!("a new session was started on a retry receipt");
+                    return Ok(StatusChange::Applied);
+                }
+                Err(SignalError::Storage(StorageFailure::Store(e)))
+                    if matches!(*e, StoreError::Conflict) => {}
+                Err(SignalError::UntrustedIdentity) => {
+                    warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
+                    return Ok(StatusChange::Ignored);
+                }
+                Err(SignalError::BadBundle(why)) => {
+                    warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
+                    return Ok(StatusChange::Ignored);
+                }
+                Err(e) => return Err(e.into()),
             }
+            // A report or an attempt moved the message on: again on what
+            // it left.
+            record = match self.storage.message(business, id).await? {
+                Some(r) if r.delivery.status != Status::Failed => r,
+                _ => return Ok(StatusChange::Ignored),
+            };
         }
         Err(StoreError::Conflict.into())
     }

@@ -2,14 +2,12 @@
 //! encrypted for one device or several.
 
 use wacore_libsignal::protocol::{
-    CiphertextMessageType, DeviceId, IdentityChange, IdentityKey, PreKeyBundle as LibBundle,
-    PublicKey, SignalProtocolError, UsePQRatchet, message_encrypt, process_prekey_bundle,
+    CiphertextMessageType, DeviceId, IdentityKey, PreKeyBundle as LibBundle, PublicKey,
+    SignalProtocolError, UsePQRatchet, message_encrypt, process_prekey_bundle,
 };
 
 use super::rng::ThreadCsprng;
-use super::{
-    Ciphertext, IdentityStatus, MessageKind, PreKeyBundle, Sessions, SignalError, protocol_error,
-};
+use super::{Ciphertext, MessageKind, PreKeyBundle, Sessions, SignalError, protocol_error};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::store::{Batch, PeerId};
 use crate::time::Timestamp;
@@ -98,16 +96,37 @@ impl Sessions {
     }
 
     /// Start a session with `peer` from its prekey bundle (fetched through
-    /// the transport). The bundle's signature is verified, and it must be
-    /// `peer`'s device's, not the business's own; a bad bundle is refused
-    /// and changes nothing.
+    /// the transport), in place of any it has (kept as an archived state,
+    /// so that what the device sent on it still decrypts). The bundle's
+    /// signature is verified, and it must be `peer`'s device's, not the
+    /// business's own, with the identity key trusted for the device if one
+    /// is (see [`IdentityPolicy`](super::IdentityPolicy)); a bad bundle is
+    /// refused as [`SignalError::BadBundle`], one with another identity key
+    /// as [`SignalError::UntrustedIdentity`], and changes nothing.
     pub async fn start_session(
         &self,
         business: BusinessId,
         peer: PeerId,
         bundle: &PreKeyBundle,
         expiry: Timestamp,
-    ) -> Result<IdentityStatus, SignalError> {
+    ) -> Result<(), SignalError> {
+        self.start_session_with(business, peer, bundle, expiry, Batch::new())
+            .await
+    }
+
+    /// [`start_session`](Self::start_session), committing `extra` with the
+    /// new session: both land, or neither (a conditional write of `extra`
+    /// that fails fails the whole as [`StoreError::Conflict`]).
+    ///
+    /// [`StoreError::Conflict`]: crate::store::StoreError::Conflict
+    pub(crate) async fn start_session_with(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        bundle: &PreKeyBundle,
+        expiry: Timestamp,
+        extra: Batch,
+    ) -> Result<(), SignalError> {
         if bundle.device_id != peer.device {
             return Err(SignalError::BadBundle("the bundle is another device's"));
         }
@@ -128,26 +147,19 @@ impl Sessions {
             UsePQRatchet::No,
         )
         .await;
-        let change = match result {
-            Ok(change) => change,
-            Err(e) => {
-                Self::restore((state, taken), sessions, &identities);
-                return Err(match e {
-                    SignalProtocolError::SignatureValidationFailed => {
-                        SignalError::BadBundle("signed prekey signature does not verify")
-                    }
-                    other => protocol_error(other, None),
-                });
-            }
-        };
+        if let Err(e) = result {
+            Self::restore((state, taken), sessions, &identities);
+            return Err(match e {
+                SignalProtocolError::SignatureValidationFailed => {
+                    SignalError::BadBundle("signed prekey signature does not verify")
+                }
+                other => protocol_error(other, None),
+            });
+        }
         state.session = sessions.into_record();
         state.identity = identities.peer;
-        self.commit_peer(business, peer, (state, taken), expiry, Batch::new())
-            .await?;
-        Ok(match change {
-            IdentityChange::ReplacedExisting => IdentityStatus::Changed,
-            IdentityChange::NewOrUnchanged => IdentityStatus::NewOrUnchanged,
-        })
+        self.commit_peer(business, peer, (state, taken), expiry, extra)
+            .await
     }
 }
 

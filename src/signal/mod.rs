@@ -121,8 +121,10 @@ pub enum StorageFailure {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum SignalError {
-    /// The device's identity key changed and the [`IdentityPolicy`] refuses it.
-    #[error("the device's identity key changed and the identity policy refuses it")]
+    /// The device's identity key changed and the [`IdentityPolicy`] refuses
+    /// it, or a bundle brings another key than the one trusted for the
+    /// device (never taken from a bundle).
+    #[error("the device's identity key changed and is not trusted")]
     UntrustedIdentity,
     /// No session with the device: start one from its prekey bundle.
     #[error("no session with this device")]
@@ -174,6 +176,15 @@ impl From<SealError> for SignalError {
 /// The trusted key is kept with the device's session, and goes with it:
 /// once retention (or an early shred) has deleted the session, the next
 /// key the device presents is trusted on first use, under either policy.
+///
+/// The policy decides on a key a device presents in its own first-contact
+/// message. A bundle, which the network serves, never replaces a trusted
+/// key, under either policy: [`Sessions::start_session`] refuses one with
+/// another key as [`SignalError::UntrustedIdentity`], so the network cannot
+/// swap in a key of its choosing unreported. The new key is taken once the
+/// device writes (and reported, under [`AcceptAndReport`](Self::AcceptAndReport)),
+/// or once the business trusts it
+/// ([`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdentityPolicy {
     /// Refuse: the message fails with [`SignalError::UntrustedIdentity`] and
@@ -410,15 +421,6 @@ impl fmt::Debug for Decrypted {
             .field("first_contact", &self.first_contact)
             .finish()
     }
-}
-
-/// Whether starting a session replaced a trusted identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityStatus {
-    /// First time seen, or unchanged.
-    NewOrUnchanged,
-    /// Replaced a different trusted key (accepted under the policy).
-    Changed,
 }
 
 /// A one-time prekey, public half.
@@ -972,37 +974,6 @@ impl Sessions {
     /// reused.
     pub fn clear_cache(&self) {
         self.cache.clear();
-    }
-
-    /// Archive `peer`'s current session, keeping its trusted identity: the
-    /// device could not decrypt what it was sent (it was reinstalled, or
-    /// lost its session), so the next message to it starts a new session
-    /// from its bundle, under the identity policy (a reinstalled device's
-    /// new identity is a change). Messages the device sent on the old
-    /// session still decrypt. Returns whether it had a live session; the
-    /// stored state changes only if the commit succeeds.
-    pub async fn archive_session(
-        &self,
-        business: BusinessId,
-        peer: PeerId,
-    ) -> Result<bool, SignalError> {
-        let _guard = self.address_locks.lock((business, peer)).await;
-        let (mut state, taken) = self.load_peer(business, peer).await?;
-        if !state.has_live_session() {
-            taken.put(state);
-            return Ok(false);
-        }
-        if let Some(session) = state.session.as_mut()
-            && let Err(e) = session.archive_current_state()
-        {
-            // It cannot fail; were it to, nothing is written, and the state
-            // is read from the store again.
-            return Err(protocol_error(e, None));
-        }
-        let expiry = state.expiry;
-        self.commit_peer(business, peer, (state, taken), expiry, Batch::new())
-            .await?;
-        Ok(true)
     }
 
     /// Forget one device's session and trusted identity, so that its next

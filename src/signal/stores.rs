@@ -142,16 +142,22 @@ impl IdentityKeyStore for IdentityOverlay {
         Ok(change)
     }
 
+    /// A changed key is trusted only on receiving (a device's own message),
+    /// and only under [`IdentityPolicy::AcceptAndReport`]: one on sending
+    /// comes from a bundle the network served, which never replaces the
+    /// key trusted for a device (see [`IdentityPolicy`]).
     async fn is_trusted_identity(
         &self,
         _address: &ProtocolAddress,
         identity: &IdentityKey,
-        _direction: Direction,
+        direction: Direction,
     ) -> Result<bool> {
         Ok(match self.peer {
             None => true,
             Some(known) if same_key(known.public_key(), identity.public_key()) => true,
-            Some(_) => self.policy == IdentityPolicy::AcceptAndReport,
+            Some(_) => {
+                direction == Direction::Receiving && self.policy == IdentityPolicy::AcceptAndReport
+            }
         })
     }
 

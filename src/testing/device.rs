@@ -317,6 +317,13 @@ impl ConsumerDevice {
         Ok(result.plaintext)
     }
 
+    /// Lose every session, keeping the device's own keys (a phone restored
+    /// from a backup that had none): what it is sent on a lost session it
+    /// cannot decrypt, and asks for again.
+    pub fn lose_sessions(&mut self) {
+        self.sessions.0.clear();
+    }
+
     /// Whether the device has a session with `business`.
     pub fn has_session(&self, business: BusinessId) -> bool {
         self.sessions.0.contains_key(&business_address(business))

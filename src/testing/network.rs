@@ -386,6 +386,19 @@ impl SimNetwork {
         );
     }
 
+    /// Every device of `number` loses its sessions, keeping its keys (see
+    /// [`ConsumerDevice::lose_sessions`]). To reinstall instead (new keys),
+    /// add the consumer again.
+    pub async fn lose_sessions(&self, number: &PhoneNumber) {
+        let mut net = self.net.lock().await;
+        if let Some(consumer) = net.consumers.get_mut(number.expose()) {
+            consumer
+                .devices
+                .values_mut()
+                .for_each(ConsumerDevice::lose_sessions);
+        }
+    }
+
     /// A consumer's device sends `content` to `business`, starting a session
     /// from the business's published keys if it has none. Starting one
     /// takes the next one-time prekey while any is left (see
