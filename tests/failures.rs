@@ -457,7 +457,7 @@ fn retry_receipt_survives_every_host_failure() {
 /// A retry receipt that fails leaves the device's Signal state as it was:
 /// the new session and the message's due write land together or not at
 /// all. (The session was replaced in a write of its own, before the one
-/// that failed.)
+/// that failed.) Handed in again, it is acted on.
 #[test]
 fn a_failed_retry_receipt_leaves_the_session_as_it_was() {
     runtime().block_on(async {
@@ -497,6 +497,15 @@ fn a_failed_retry_receipt_leaves_the_session_as_it_was() {
                     after == before,
                     "store call {n} failed ({failed:?}, nothing applied), the receipt \
                      returned {receipt:?}, and the device's stored state changed"
+                );
+                // Handed in again, it is acted on, not taken for a copy.
+                assert_eq!(
+                    d.processor
+                        .retry_receipt(&d.carrier, d.b, id, 0)
+                        .await
+                        .unwrap(),
+                    custodian::processor::StatusChange::Applied,
+                    "store call {n}"
                 );
             }
         }

@@ -148,7 +148,6 @@ impl Processor {
         listed: Timestamp,
         report: &mut RetransmitReport,
     ) -> Result<(), ProcessorError> {
-        let now = self.clock.now().max(listed);
         // An attempt under way for it will leave it due again if it must be.
         let Some(_claim) = self.take_up(due.business, due.id).await? else {
             return Ok(());
@@ -157,6 +156,7 @@ impl Processor {
         let Some(record) = self.storage.message(due.business, due.id).await? else {
             return Ok(());
         };
+        let now = self.clock.now().max(listed);
         let d = record.delivery;
         if d.next_attempt.is_none_or(|t| t > now) {
             return Ok(());

@@ -1,13 +1,12 @@
 //! Statuses: delivery reports from the transport, which only move a
 //! message forward, and the settled statuses reported to businesses.
 
-use tracing::{Instrument, debug, debug_span, warn};
-
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use foldhash::fast::RandomState;
+use tracing::{Instrument, debug, debug_span, warn};
 
 use super::claims::{Accepted, acceptance_token};
 use super::payload::{OutboundBody, StoredBody};
@@ -15,7 +14,7 @@ use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
-use crate::signal::{SignalError, StorageFailure};
+use crate::signal::{PreKeyBundle, SignalError, StorageFailure};
 use crate::store::{
     Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status, StoreError,
 };
@@ -67,12 +66,43 @@ impl Receipts {
             .is_some_and(|&at| now < at.saturating_add(self.window))
     }
 
-    fn note(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) {
+    /// Note a receipt of `device` for `id` acted on at `now`, forgotten
+    /// again unless [`Noted::keep`] is called.
+    fn note(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> Noted<'_> {
         let mut acted = self.acted.lock().unwrap_or_else(PoisonError::into_inner);
         if acted.len() >= Self::PRUNE_PAST {
             acted.retain(|_, at| now < at.saturating_add(self.window));
         }
-        acted.insert((business, id, device), now);
+        let key = (business, id, device);
+        acted.insert(key, now);
+        Noted {
+            receipts: self,
+            key: Some(key),
+        }
+    }
+}
+
+/// A receipt noted as acted on, forgotten when dropped unless kept.
+struct Noted<'a> {
+    receipts: &'a Receipts,
+    key: Option<(BusinessId, MessageId, u32)>,
+}
+
+impl Noted<'_> {
+    fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Noted<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.receipts
+                .acted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+        }
     }
 }
 
@@ -369,9 +399,9 @@ impl Processor {
     /// ([`trust_new_identity`](Self::trust_new_identity)). Ignored too: a
     /// copy of a receipt acted on within the receipt timeout (a network
     /// duplicate: acting again would replace a working session, and send
-    /// the message again after its report), and a receipt for a message
-    /// failed, unreadable or past its retention. Each receipt acted on
-    /// costs the device a one-time prekey.
+    /// the message again after its report, and cost the device another
+    /// one-time prekey for its bundle), and a receipt for a message failed,
+    /// unreadable or past its retention.
     pub async fn retry_receipt(
         &self,
         principal: &Principal,
@@ -400,7 +430,7 @@ impl Processor {
         if self.receipts.acted_on(business, id, device, now) {
             return Ok(StatusChange::Ignored);
         }
-        let mut record = self
+        let record = self
             .storage
             .message(business, id)
             .await?
@@ -433,10 +463,32 @@ impl Processor {
             Err(TransportError::Refused(_)) => return Ok(StatusChange::Ignored),
             Err(e) => return Err(e.into()),
         };
+        // The bundle cost the device a one-time prekey: a copy of this
+        // receipt costs it no other, unless this one fails or is dropped
+        // (the network hands it in again).
+        let noted = self.receipts.note(business, id, device, now);
         let peer = PeerId {
             phone: record.phone,
             device,
         };
+        let started = self.start_on_receipt(record, peer, &bundle, now).await;
+        if started.is_ok() {
+            noted.keep();
+        }
+        started
+    }
+
+    /// Start a new session with `peer` from `bundle`, for a retry receipt
+    /// of message `record`, making the message due for it at once if it is
+    /// open, in the same write (see [`retry_receipt`](Self::retry_receipt)).
+    async fn start_on_receipt(
+        &self,
+        mut record: MessageRecord,
+        peer: PeerId,
+        bundle: &PreKeyBundle,
+        now: Timestamp,
+    ) -> Result<StatusChange, ProcessorError> {
+        let (business, id, device) = (record.business, record.id, peer.device);
         for _ in 0..MAX_STATUS_RACES {
             let d = record.delivery;
             let mut batch = Batch::new();
@@ -463,11 +515,10 @@ impl Processor {
             }
             match self
                 .sessions
-                .start_session_with(business, peer, &bundle, record.expiry, batch)
+                .start_session_with(business, peer, bundle, record.expiry, batch)
                 .await
             {
                 Ok(()) => {
-                    self.receipts.note(business, id, device, now);
                     debug!("a new session was started on a retry receipt");
                     return Ok(StatusChange::Applied);
                 }
