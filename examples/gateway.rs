@@ -365,7 +365,7 @@ fn report_faults(name: &str, stats: &BTreeMap<Leg, LegStats>) {
             s.events, s.dropped, s.duplicated, s.delayed
         ),
         Leg::Receipt => format!(
-            "{} device delivery reports: {} lost, {} duplicated, {} late",
+            "{} device delivery reports and retry receipts: {} lost, {} duplicated, {} late",
             s.events, s.dropped, s.duplicated, s.delayed
         ),
         Leg::Deliver | Leg::Status => format!(
@@ -1032,7 +1032,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     );
     if retry_receipts > 0 {
         broken.push(format!(
-            "{retry_receipts} business messages a device could not decrypt"
+            "{retry_receipts} retry receipts (a business message a device could not decrypt)"
         ));
     }
     if missing_copies > 0 {

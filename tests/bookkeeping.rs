@@ -1003,7 +1003,7 @@ async fn no_device_is_sent_the_message_again_after_its_report_is_taken() {
 /// A report that comes in before a retransmission to every device has
 /// sent to any (from inside the device list call) spares them all, and
 /// the message stays delivered: sparing every device is not a failure to
-/// reach one.
+/// reach one. (Every device was sent the message again after the report.)
 #[tokio::test]
 async fn a_report_before_a_retransmission_sends_to_any_device_spares_them_all() {
     let d = Deployment::new(Faults::none());

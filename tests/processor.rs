@@ -19,7 +19,7 @@ use custodian::processor::{
 };
 use custodian::signal::{IdentityPolicy, SignalConfig};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
-use custodian::testing::{Faults, SimBusiness, SimNetwork};
+use custodian::testing::{Faults, Leg, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Principal, SinkError, StaticAuthorizer, StatusUpdate,
@@ -2134,6 +2134,19 @@ async fn a_reinstalled_device_gets_its_messages_once_it_writes_and_the_change_is
         !received.get(&0).is_some_and(|r| r.contains_key(&after)),
         "sent on a key taken from a bundle"
     );
+    // Its later receipts for the message (one per retransmission) fetch no
+    // more bundles: each would cost the device a one-time prekey, and be
+    // refused again.
+    let calls = || async { d.network.fault_stats().await[&Leg::Call].events };
+    let before_receipt = calls().await;
+    assert_eq!(
+        d.processor
+            .retry_receipt(&d.transport, b, after, 0)
+            .await
+            .unwrap(),
+        StatusChange::Ignored
+    );
+    assert_eq!(calls().await, before_receipt, "a bundle was fetched again");
     // The consumer writes: its new key is taken, and the business told.
     d.network
         .consumer_sends(&number(1), 0, b, b"new phone")
@@ -2226,6 +2239,7 @@ async fn a_copy_of_a_retry_receipt_is_ignored() {
 /// reinstalled device's new identity trusted: the network cannot swap in
 /// a key of its choosing by claiming a device could not decrypt. The
 /// message reaches the device once its business trusts the new identity.
+/// (A guard: under `Refuse` a bundle's new key was refused before too.)
 #[tokio::test]
 async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
     let store = Arc::new(MemoryStore::new());

@@ -1449,7 +1449,7 @@ async fn sweeps_in_slices_too_small_for_the_work_take_every_stage_in_turn() {
 }
 
 /// One business whose endpoint never answers (each sweep timed out by the
-/// host, as in the test above) keeps no other business's consumer from
+/// host, as in `a_business_endpoint_that_never_answers_holds_up_no_shredding`) keeps no other business's consumer from
 /// being forgotten: the stage that forgets consumers comes after the one
 /// that waits on the endpoint, and the next sweep starts after the stage
 /// the last was dropped in. (Sweeps that started over from the first

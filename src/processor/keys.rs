@@ -39,10 +39,13 @@ impl Processor {
         Ok(self.transport.publish_keys(business, &keys).await?)
     }
 
-    /// Approve a changed identity key of one of `consumer`'s devices that
-    /// the identity policy refused: the device's session and trusted
-    /// identity are forgotten, and its next first-contact message starts a
-    /// new session. Returns whether the device had state.
+    /// Approve a changed identity key of one of `consumer`'s devices (one
+    /// the identity policy refused, or one a bundle brought): the device's
+    /// session and trusted identity are forgotten, and the next key it
+    /// presents (its next first-contact message, or the bundle the
+    /// transport serves for the next send) is trusted on first use. Nothing
+    /// here checks that key: confirm the security code out of band first.
+    /// Returns whether the device had state.
     pub async fn trust_new_identity(
         &self,
         principal: &Principal,

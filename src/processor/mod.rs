@@ -24,8 +24,9 @@
 //!   retention ends it fails with an expired status, never silently.
 //! - **Statuses** ([`Processor::status_update`]) only move forward. A
 //!   device that could not decrypt a message (it lost its session) asks
-//!   for it again ([`Processor::retry_receipt`]), and gets it over a new
-//!   session from its bundle, whose identity key must be the one trusted.
+//!   for it again ([`Processor::retry_receipt`]) and, while the message is
+//!   open, gets it over a new session from its bundle, whose identity key
+//!   must be the one trusted.
 //! - **Tenant isolation**: every entry point names the acting [`Principal`]
 //!   and asks the [`Authorizer`]; a principal acting for one business can
 //!   neither read, send as, nor learn anything about another, and

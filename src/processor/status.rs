@@ -27,54 +27,59 @@ use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
 /// sharing the last bit included).
 const ALL_DEVICES: u64 = u64::MAX;
 
-/// Whether a status update changed anything.
+/// Whether a status update or a retry receipt changed anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusChange {
-    /// The message moved to the new status.
+    /// The message moved to the new status (a retry receipt: a new session
+    /// was started for the device).
     Applied,
-    /// The update was stale or out of order (it would go backwards): ignored.
+    /// Nothing changed: the update was stale or out of order (it would go
+    /// backwards), or the retry receipt was a copy, for a message failed
+    /// or past its retention, or its bundle was refused.
     Ignored,
 }
 
-/// Retry receipts acted on lately, by message and device, for as long as
-/// a copy of one may follow it (the receipt timeout): a copy is ignored.
-/// In memory (a copy after a restart is acted on again), and pruned of
-/// older ones as it grows. Names no consumer.
+/// Retry receipts acted on lately, by message and device, each with the
+/// time until which another receipt of that device for that message is
+/// ignored: for as long as a copy of one may follow it (the receipt
+/// timeout), or, if its bundle was refused (another identity key), for
+/// the message's life, since every bundle fetched would cost the device a
+/// one-time prekey and be refused again. In memory (a receipt after a
+/// restart is acted on again), and pruned as it grows. Names no consumer.
 pub(super) struct Receipts {
     window: Duration,
-    acted: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
+    ignore: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
 }
 
 impl Receipts {
-    /// Pruned of receipts older than the window past this many.
+    /// Pruned of what it no longer ignores past this many.
     const PRUNE_PAST: usize = 1024;
 
     pub(super) fn new(window: Duration) -> Self {
         Self {
             window,
-            acted: Mutex::default(),
+            ignore: Mutex::default(),
         }
     }
 
-    /// Whether a receipt of `device` for `id` was acted on within the
-    /// window before `now`.
-    fn acted_on(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> bool {
-        self.acted
+    /// Whether a receipt of `device` for `id` is ignored at `now`.
+    fn ignored(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> bool {
+        self.ignore
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&(business, id, device))
-            .is_some_and(|&at| now < at.saturating_add(self.window))
+            .is_some_and(|&until| now < until)
     }
 
-    /// Note a receipt of `device` for `id` acted on at `now`, forgotten
-    /// again unless [`Noted::keep`] is called.
+    /// Note a receipt of `device` for `id` acted on at `now`: copies are
+    /// ignored for the window, or as [`Noted`] settles it.
     fn note(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> Noted<'_> {
-        let mut acted = self.acted.lock().unwrap_or_else(PoisonError::into_inner);
-        if acted.len() >= Self::PRUNE_PAST {
-            acted.retain(|_, at| now < at.saturating_add(self.window));
+        let mut ignore = self.ignore.lock().unwrap_or_else(PoisonError::into_inner);
+        if ignore.len() >= Self::PRUNE_PAST {
+            ignore.retain(|_, until| now < *until);
         }
         let key = (business, id, device);
-        acted.insert(key, now);
+        ignore.insert(key, now.saturating_add(self.window));
         Noted {
             receipts: self,
             key: Some(key),
@@ -82,15 +87,29 @@ impl Receipts {
     }
 }
 
-/// A receipt noted as acted on, forgotten when dropped unless kept.
+/// A receipt noted as acted on: forgotten when dropped (it failed, or its
+/// call was dropped: the network hands it in again) unless kept.
 struct Noted<'a> {
     receipts: &'a Receipts,
     key: Option<(BusinessId, MessageId, u32)>,
 }
 
 impl Noted<'_> {
+    /// Copies are ignored for the window.
     fn keep(mut self) {
         self.key = None;
+    }
+
+    /// Every receipt of the device for the message is ignored until `until`.
+    fn keep_until(mut self, until: Timestamp) {
+        if let Some(key) = self.key.take() {
+            let mut ignore = self
+                .receipts
+                .ignore
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            ignore.insert(key, until);
+        }
     }
 }
 
@@ -98,7 +117,7 @@ impl Drop for Noted<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             self.receipts
-                .acted
+                .ignore
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&key);
@@ -392,16 +411,18 @@ impl Processor {
     /// it) is not sent again; the new session serves the next. A bundle
     /// never replaces the identity key trusted for a device (see
     /// [`IdentityPolicy`](crate::signal::IdentityPolicy)): a reinstalled
-    /// device's new key, or one the network swapped in, is refused and the
-    /// receipt ignored. That device gets its messages once it writes (its
-    /// new key taken under the policy, and reported to the business) or
-    /// its business trusts the key
-    /// ([`trust_new_identity`](Self::trust_new_identity)). Ignored too: a
-    /// copy of a receipt acted on within the receipt timeout (a network
-    /// duplicate: acting again would replace a working session, and send
-    /// the message again after its report, and cost the device another
-    /// one-time prekey for its bundle), and a receipt for a message failed,
-    /// unreadable or past its retention.
+    /// device's new key, or one the network swapped in, is refused, and
+    /// the device's receipts for the message are ignored for its life (each
+    /// bundle fetched costs the device a one-time prekey). Under
+    /// `AcceptAndReport` that device gets its messages once it writes (its
+    /// new key taken, and reported to the business); under `Refuse`, once
+    /// its business calls [`trust_new_identity`](Self::trust_new_identity).
+    /// Until then it is sent each retransmission on its old session.
+    /// Ignored too: a copy of a receipt acted on within the receipt timeout
+    /// (a network duplicate: acting again would replace a working session,
+    /// send the message again after its report, and cost the device another
+    /// one-time prekey), and a receipt for a message failed, unreadable or
+    /// past its retention.
     pub async fn retry_receipt(
         &self,
         principal: &Principal,
@@ -427,7 +448,7 @@ impl Processor {
         // `status_update`).
         drop(self.take_up(business, id).await?);
         let now = self.clock.now();
-        if self.receipts.acted_on(business, id, device, now) {
+        if self.receipts.ignored(business, id, device, now) {
             return Ok(StatusChange::Ignored);
         }
         let record = self
@@ -471,22 +492,21 @@ impl Processor {
             phone: record.phone,
             device,
         };
-        let started = self.start_on_receipt(record, peer, &bundle, now).await;
-        if started.is_ok() {
-            noted.keep();
-        }
-        started
+        self.start_on_receipt(record, peer, &bundle, now, noted)
+            .await
     }
 
     /// Start a new session with `peer` from `bundle`, for a retry receipt
-    /// of message `record`, making the message due for it at once if it is
-    /// open, in the same write (see [`retry_receipt`](Self::retry_receipt)).
+    /// of message `record` (`noted`), making the message due for it at once
+    /// if it is open, in the same write (see
+    /// [`retry_receipt`](Self::retry_receipt)).
     async fn start_on_receipt(
         &self,
         mut record: MessageRecord,
         peer: PeerId,
         bundle: &PreKeyBundle,
         now: Timestamp,
+        noted: Noted<'_>,
     ) -> Result<StatusChange, ProcessorError> {
         let (business, id, device) = (record.business, record.id, peer.device);
         for _ in 0..MAX_STATUS_RACES {
@@ -519,16 +539,19 @@ impl Processor {
                 .await
             {
                 Ok(()) => {
+                    noted.keep();
                     debug!("a new session was started on a retry receipt");
                     return Ok(StatusChange::Applied);
                 }
                 Err(SignalError::Storage(StorageFailure::Store(e)))
                     if matches!(*e, StoreError::Conflict) => {}
                 Err(SignalError::UntrustedIdentity) => {
+                    noted.keep_until(record.expiry);
                     warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
                     return Ok(StatusChange::Ignored);
                 }
                 Err(SignalError::BadBundle(why)) => {
+                    noted.keep_until(record.expiry);
                     warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
                     return Ok(StatusChange::Ignored);
                 }
@@ -538,7 +561,10 @@ impl Processor {
             // it left.
             record = match self.storage.message(business, id).await? {
                 Some(r) if r.delivery.status != Status::Failed => r,
-                _ => return Ok(StatusChange::Ignored),
+                _ => {
+                    noted.keep();
+                    return Ok(StatusChange::Ignored);
+                }
             };
         }
         Err(StoreError::Conflict.into())

@@ -161,7 +161,8 @@ pub struct Retention {
     pass: Mutex<Option<(Arc<RetentionPolicy>, Option<sweep::Resume>)>>,
     /// The stage the next sweep starts with, after the keys' (see
     /// `Sweep::run`): the one after the stage where the last sweep's step
-    /// budget stopped it, or where it was dropped.
+    /// budget stopped it (or that stage itself, if the budget left it no
+    /// step), or after the one it was dropped in.
     next_stage: AtomicUsize,
     /// Counts policy changes, each made under the policy's write lock: the
     /// policy an [`Admission`] was given.
@@ -318,8 +319,9 @@ impl Retention {
     /// whether it finished. For hosts that sweep in slices, and for tests
     /// that interrupt it. Each slice destroys ended epochs' keys first (one
     /// step), then takes the other stages in turn from the one after the
-    /// stage where the last slice's budget stopped it (or where the last
-    /// sweep was dropped), and goes on applying a shortened policy from
+    /// stage where the last slice's budget stopped it (or that stage, if
+    /// the budget left it no step; or after the stage the last sweep was
+    /// dropped in), and goes on applying a shortened policy from
     /// where the last one stopped: slices of a few steps take every stage
     /// in turn, however busy the store, and a stage that never returns (a
     /// business endpoint that does not answer, the sweep timed out) keeps

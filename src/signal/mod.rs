@@ -25,7 +25,9 @@
 //!   concurrent callers cannot fork a ratchet; different addresses proceed
 //!   concurrently.
 //! - **Identity changes** (a consumer reinstalling) follow an
-//!   [`IdentityPolicy`]: refuse, or accept and report (the default).
+//!   [`IdentityPolicy`] when the device presents its new key in its own
+//!   message: refuse, or accept and report (the default). A prekey bundle
+//!   never replaces a trusted key, under either policy.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -181,10 +183,14 @@ impl From<SealError> for SignalError {
 /// message. A bundle, which the network serves, never replaces a trusted
 /// key, under either policy: [`Sessions::start_session`] refuses one with
 /// another key as [`SignalError::UntrustedIdentity`], so the network cannot
-/// swap in a key of its choosing unreported. The new key is taken once the
-/// device writes (and reported, under [`AcceptAndReport`](Self::AcceptAndReport)),
-/// or once the business trusts it
-/// ([`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity)).
+/// swap in a key of its choosing unreported. Under
+/// [`AcceptAndReport`](Self::AcceptAndReport) the new key is taken from the
+/// device's own first-contact message, and reported; under
+/// [`Refuse`](Self::Refuse), only once the business calls
+/// [`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity),
+/// which forgets the trusted key: the next key the device presents, in its
+/// own message or in a bundle the network serves, is then trusted on first
+/// use, unreported (confirm the security code out of band first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdentityPolicy {
     /// Refuse: the message fails with [`SignalError::UntrustedIdentity`] and

@@ -146,10 +146,12 @@ pub struct Delivery {
     /// An open message (queued or sent) always has one: that is how its
     /// retransmission, and its failure at expiry, can never be forgotten.
     pub next_attempt: Option<Timestamp>,
-    /// The recipient's devices the message must still be sent to after a
-    /// partial failure: bit `d` for device `d` (devices 63 and above share
-    /// bit 63, set while any of them needs the message: all of them are
-    /// sent it again). Zero means none outstanding.
+    /// The recipient's devices the message must still be sent to (left by a
+    /// partial failure, or asked for again by a retry receipt): bit `d` for
+    /// device `d` (devices 63 and above share bit 63, set while any of them
+    /// needs the message: all of them are sent it again). On a message sent
+    /// or settled, zero means none outstanding; on one still queued, every
+    /// device.
     #[serde(default)]
     pub pending_devices: u64,
     /// Which write billed an outbound message (counting it taken: billed

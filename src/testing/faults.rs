@@ -232,7 +232,7 @@ pub enum Leg {
     Inbound,
     /// A business message (a Signal ciphertext) on its way to one device.
     ToDevice,
-    /// A device's delivery report on its way back.
+    /// A device's delivery report or retry receipt on its way back.
     Receipt,
     /// The processor handing an inbound message to the business.
     Deliver,

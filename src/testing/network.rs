@@ -35,9 +35,10 @@
 //!
 //! During an outage every call is refused and nothing in flight moves.
 //!
-//! A message or delivery report the processor refuses for good (an error
-//! that [`is_permanent`](ProcessorError::is_permanent)) is dropped, as a
-//! real network drops it, and counted in [`PumpReport::refused`]; one
+//! A message, delivery report or retry receipt the processor refuses for
+//! good (an error that [`is_permanent`](ProcessorError::is_permanent)) is
+//! dropped, as a real network drops it, and counted in
+//! [`PumpReport::refused`]; one
 //! refused otherwise (the wrong principal given to `pump`, a new identity
 //! not yet approved) is delivered again, and [`PumpReport::last_error`]
 //! says why.
@@ -290,10 +291,13 @@ pub struct PumpReport {
     pub receipts: u64,
     /// Retry receipts handed to the processor: a device could not decrypt
     /// a business message it did not have (see
-    /// [`Processor::retry_receipt`]). A processor that keeps its sessions
-    /// makes none but for consumers who reinstalled.
+    /// [`Processor::retry_receipt`]). None are made while the processor and
+    /// every device keep their sessions: only devices that lost theirs
+    /// ([`lose_sessions`](SimNetwork::lose_sessions)) or were reinstalled
+    /// (the consumer added again) send them.
     pub retry_receipts: u64,
-    /// Deliveries of consumer messages and delivery reports the processor
+    /// Deliveries of consumer messages, delivery reports and retry receipts
+    /// the processor
     /// refused for good (an error that
     /// [`is_permanent`](ProcessorError::is_permanent)): the network drops
     /// what they carried, and delivers it again never. Counted per

@@ -535,36 +535,33 @@ pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenEr
     Ok(version)
 }
 
-/// Bring the database to [`SCHEMA_VERSION`], one step per transaction. The
-/// version is read again under the write lock: another process may have
-/// migrated it since [`verify`].
+/// Bring the database to [`SCHEMA_VERSION`], every step in one
+/// transaction: a step that fails (damage it meets) leaves the file as it
+/// was, the steps before it undone too. The version is read again under
+/// the write lock: another process may have migrated it since [`verify`].
 pub(super) fn migrate(path: &Path, conn: &mut Connection) -> Result<(), SqliteOpenError> {
     let err = |e| sqlite_error(path, e);
     // Up to date: no need for the write lock.
     if pragma_u32(conn, "user_version").map_err(err)? == SCHEMA_VERSION {
         return Ok(());
     }
-    for step in MIGRATIONS {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err)?;
-        let current = pragma_u32(&tx, "user_version").map_err(err)?;
-        if current > SCHEMA_VERSION {
-            return Err(SqliteOpenError::NewerSchema {
-                path: path.to_owned(),
-                found: current,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        if current + 1 != step.version {
-            continue;
-        }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(err)?;
+    let current = pragma_u32(&tx, "user_version").map_err(err)?;
+    if current > SCHEMA_VERSION {
+        return Err(SqliteOpenError::NewerSchema {
+            path: path.to_owned(),
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for step in MIGRATIONS.iter().filter(|step| step.version > current) {
         tx.execute_batch(step.sql).map_err(err)?;
         tx.pragma_update(None, "user_version", step.version)
             .map_err(err)?;
-        tx.commit().map_err(err)?;
     }
-    Ok(())
+    tx.commit().map_err(err)
 }
 
 /// Create a new, fully migrated database at `path`, unless one appears there
