@@ -84,6 +84,16 @@ enum Race {
     Lists12Device2Hangs,
     /// The network lists devices 1 and 2.
     Lists12,
+    /// Device 1 is handed a ciphertext it cannot decrypt (as on a session
+    /// it lost): it asks for the message again with a retry receipt.
+    GarbleDevice1,
+    /// As `GarbleDevice1`, and device 1's retry receipt reaches the
+    /// processor from inside that send (once the network took it), before
+    /// the attempt's own bookkeeping.
+    GarbleDevice1ThenReceipt,
+    /// A bundle request waits a turn of the scheduler (a network round
+    /// trip) before it is answered; each is counted in `bundles`.
+    YieldInBundle,
 }
 
 /// The simulated network, with one [`Race`] switched on.
@@ -101,6 +111,8 @@ struct Racing {
     store: Arc<MemoryStore>,
     /// A send is hanging (see [`Race::Lists12Device2Hangs`]).
     hanging: std::sync::atomic::AtomicBool,
+    /// Bundles fetched under [`Race::YieldInBundle`].
+    bundles: std::sync::atomic::AtomicU64,
 }
 
 impl Racing {
@@ -153,6 +165,12 @@ impl Transport for Racing {
             Race::BundleOfDevice0 => self.network.fetch_bundle(b, c, 0).await,
             Race::NoBundle0Device1FailsThenRefused if device == 0 => {
                 Err(TransportError::Refused("no bundle".into()))
+            }
+            Race::YieldInBundle => {
+                self.bundles
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                self.network.fetch_bundle(b, c, device).await
             }
             Race::OwnBundle => Ok(self
                 .published
@@ -218,6 +236,31 @@ impl Transport for Racing {
             self.hanging
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             std::future::pending::<()>().await;
+        }
+        if matches!(race, Race::GarbleDevice1 | Race::GarbleDevice1ThenReceipt) && device == 1 {
+            let garbled = Outgoing {
+                id: m.id,
+                ciphertext: custodian::signal::Ciphertext {
+                    kind: custodian::signal::MessageKind::FollowUp,
+                    bytes: vec![0x33; 60],
+                },
+            };
+            self.network.send(b, c, device, &garbled).await?;
+            if race == Race::GarbleDevice1ThenReceipt {
+                // Refused for now: the attempt's record would overwrite it.
+                let receipt = self
+                    .processor()
+                    .retry_receipt(&self.transport, b, m.id, 1)
+                    .await;
+                assert!(
+                    matches!(
+                        receipt,
+                        Err(custodian::processor::ProcessorError::AttemptUnderWay)
+                    ),
+                    "{receipt:?}"
+                );
+            }
+            return Ok(());
         }
         self.network.send(b, c, device, m).await?;
         match race {
@@ -368,6 +411,7 @@ impl Deployment {
             billing: Mutex::new(Vec::new()),
             store: store.clone(),
             hanging: std::sync::atomic::AtomicBool::new(false),
+            bundles: std::sync::atomic::AtomicU64::new(0),
         });
         let webhook = Arc::new(SlowWebhook {
             business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
@@ -1110,5 +1154,115 @@ async fn a_report_after_a_crashed_retry_to_a_new_device_list_leaves_no_device_ou
         told.get(&id).map(Vec::as_slice),
         Some(&[(Status::Delivered, None)][..]),
         "the business is told once"
+    );
+}
+
+// ---- retry receipts -------------------------------------------------------
+
+/// A device that cannot decrypt a message (device 1: its session lost)
+/// sends a retry receipt after the recipient's other device (device 0)
+/// reported the message delivered (a report speaks for one device):
+/// device 1 gets a new session, and the message once more over it. (The
+/// message, delivered, was not sent again: device 1 never got it.)
+#[tokio::test]
+async fn a_retry_receipt_after_another_devices_report_gets_the_device_the_message() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::GarbleDevice1);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!((sent.status, sent.pending_devices), (Status::Sent, 0));
+    // Device 0 has it: its report is taken first.
+    assert_eq!(
+        d.processor
+            .status_update(&d.transport, b, id, Status::Delivered)
+            .await
+            .unwrap(),
+        custodian::processor::StatusChange::Applied
+    );
+    // Device 1 cannot decrypt what it was handed, and asks again.
+    let pumped = d.racing.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(pumped.retry_receipts, 1, "{pumped:?}");
+    d.settle(20).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert!(received[&0].contains_key(&id), "device 0 has it");
+    assert!(
+        received.get(&1).is_some_and(|r| r.contains_key(&id)),
+        "device 1 asked for the message again (retry receipt) and never got it: {received:?}, \
+         stored {:?}",
+        d.store.message(b, id).await.unwrap().unwrap().delivery
+    );
+}
+
+/// Two copies of one retry receipt handed in at once (a network that
+/// duplicates, delivering both concurrently) cost the device one bundle
+/// (one of its one-time prekeys). (Both passed the copy check while the
+/// first waited on the network for the bundle: two bundles, and the
+/// session replaced twice.)
+#[tokio::test]
+async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
+    use std::sync::atomic::Ordering;
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let id = d.send(b, 1).await;
+    let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(sent.status, Status::Sent);
+    d.race(Race::YieldInBundle);
+    let (first, copy) = tokio::join!(
+        d.processor.retry_receipt(&d.transport, b, id, 0),
+        d.processor.retry_receipt(&d.transport, b, id, 0),
+    );
+    d.race(Race::None);
+    let fetched = d.racing.bundles.load(Ordering::SeqCst);
+    assert_eq!(
+        fetched, 1,
+        "two copies of one receipt fetched {fetched} bundles ({first:?}, {copy:?})"
+    );
+}
+
+/// Device 1 cannot decrypt what it was sent (its session lost), and its
+/// retry receipt reaches the processor while the send's attempt is still
+/// under way (before its bookkeeping): it is refused for now
+/// (`AttemptUnderWay`), and acted on when the network hands it in again.
+/// Device 0's report then comes first; device 1 still gets the message.
+/// (The receipt was acted on during the attempt, whose record, made over
+/// it, wiped the device's due write; the network's copy of the receipt
+/// was then ignored as a copy, and device 1 never got the message.)
+#[tokio::test]
+async fn a_retry_receipt_during_the_attempt_is_acted_on_after_it() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 2).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::GarbleDevice1ThenReceipt);
+    let id = d.send(b, 1).await;
+    d.race(Race::None);
+    // The network hands the receipt in again.
+    assert_eq!(
+        d.processor
+            .retry_receipt(&d.transport, b, id, 1)
+            .await
+            .unwrap(),
+        custodian::processor::StatusChange::Applied
+    );
+    let stored = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    // Device 0 has it: its report is taken (within the receipt timeout).
+    d.processor
+        .status_update(&d.transport, b, id, Status::Delivered)
+        .await
+        .unwrap();
+    d.settle(20).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert!(received[&0].contains_key(&id), "device 0 has it");
+    assert!(
+        received.get(&1).is_some_and(|r| r.contains_key(&id)),
+        "device 1's retry receipt was acted on during the attempt, yet device 1 never got the \
+         message: {received:?}; after the attempt's record the message stood at {stored:?} \
+         (device 1 not pending, next attempt at the receipt timeout)"
     );
 }

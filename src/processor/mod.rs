@@ -24,9 +24,8 @@
 //!   retention ends it fails with an expired status, never silently.
 //! - **Statuses** ([`Processor::status_update`]) only move forward. A
 //!   device that could not decrypt a message (it lost its session) asks
-//!   for it again ([`Processor::retry_receipt`]) and, while the message is
-//!   open, gets it over a new session from its bundle, whose identity key
-//!   must be the one trusted.
+//!   for it again ([`Processor::retry_receipt`]) and gets it over a new
+//!   session from its bundle, whose identity key must be the one trusted.
 //! - **Tenant isolation**: every entry point names the acting [`Principal`]
 //!   and asks the [`Authorizer`]; a principal acting for one business can
 //!   neither read, send as, nor learn anything about another, and
@@ -144,6 +143,11 @@ pub enum ProcessorError {
     /// stored its message yet: retry once it has answered.
     #[error("a send under this idempotency key is under way")]
     SendUnderWay,
+    /// An attempt to send the message is under way: hand the retry receipt
+    /// in again once it has ended (its bookkeeping would overwrite what
+    /// the receipt asks for).
+    #[error("an attempt on this message is under way")]
+    AttemptUnderWay,
     /// The request is malformed.
     #[error("invalid request: {0}")]
     Invalid(&'static str),

@@ -671,6 +671,24 @@ impl Processor {
         }
     }
 
+    /// Send `record`, settled (another device reported it), once more to
+    /// `device` alone, best effort: a retry receipt's device, given a new
+    /// session. No record is made of it, and nothing is retried; whether
+    /// the transport took it.
+    pub(super) async fn resend_to_device(
+        &self,
+        record: &MessageRecord,
+        body: &OutboundBody,
+        device: u32,
+    ) -> bool {
+        let only = Some(Delivery::device_bit(device));
+        let mut reached = Reached::default();
+        let outcome = self
+            .send_to_devices(record, body, only, Purpose::Retransmission, &mut reached)
+            .await;
+        matches!(outcome, DeviceOutcome::Reached { sent, .. } if sent > 0)
+    }
+
     /// Send `record` to the devices of its recipient (those in `only`, if
     /// given), noting in `reached` each device as it is settled for this
     /// attempt (see [`Sending`]).

@@ -39,55 +39,82 @@ pub enum StatusChange {
     Ignored,
 }
 
-/// Retry receipts acted on lately, by message and device, each with the
+/// Retry receipts acted on lately. By message and device, each with the
 /// time until which another receipt of that device for that message is
 /// ignored: for as long as a copy of one may follow it (the receipt
-/// timeout), or, if its bundle was refused (another identity key), for
-/// the message's life, since every bundle fetched would cost the device a
-/// one-time prekey and be refused again. In memory (a receipt after a
-/// restart is acted on again), and pruned as it grows. Names no consumer.
+/// timeout), or, if its bundle was refused (another identity key), for the
+/// message's life, since every bundle fetched would cost the device a
+/// one-time prekey and be refused again. And by device, when a receipt last
+/// started it a new session: a receipt for another message sent on the old
+/// one within the receipt timeout makes that message due on the new
+/// session, fetching no bundle. In memory (a receipt after a restart is
+/// acted on again), and pruned as it grows.
 pub(super) struct Receipts {
     window: Duration,
     ignore: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
+    restarted: Mutex<HashMap<(BusinessId, PeerId), Timestamp, RandomState>>,
 }
 
 impl Receipts {
-    /// Pruned of what it no longer ignores past this many.
+    /// Pruned of what it no longer holds past this many.
     const PRUNE_PAST: usize = 1024;
 
     pub(super) fn new(window: Duration) -> Self {
         Self {
             window,
             ignore: Mutex::default(),
+            restarted: Mutex::default(),
         }
     }
 
-    /// Whether a receipt of `device` for `id` is ignored at `now`.
-    fn ignored(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> bool {
-        self.ignore
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&(business, id, device))
-            .is_some_and(|&until| now < until)
-    }
-
-    /// Note a receipt of `device` for `id` acted on at `now`: copies are
-    /// ignored for the window, or as [`Noted`] settles it.
-    fn note(&self, business: BusinessId, id: MessageId, device: u32, now: Timestamp) -> Noted<'_> {
+    /// Note a receipt of `device` for `id` taken up at `now`, unless one is
+    /// ignored then: copies are ignored for the window, or as [`Noted`]
+    /// settles it.
+    fn take(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        device: u32,
+        now: Timestamp,
+    ) -> Option<Noted<'_>> {
         let mut ignore = self.ignore.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (business, id, device);
+        if ignore.get(&key).is_some_and(|&until| now < until) {
+            return None;
+        }
         if ignore.len() >= Self::PRUNE_PAST {
             ignore.retain(|_, until| now < *until);
         }
-        let key = (business, id, device);
         ignore.insert(key, now.saturating_add(self.window));
-        Noted {
+        Some(Noted {
             receipts: self,
             key: Some(key),
+        })
+    }
+
+    /// Whether a receipt started `peer` a new session within the window.
+    fn restarted_lately(&self, business: BusinessId, peer: PeerId, now: Timestamp) -> bool {
+        self.restarted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(business, peer))
+            .is_some_and(|&until| now < until)
+    }
+
+    /// A receipt started `peer` a new session at `now`.
+    fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp) {
+        let mut restarted = self
+            .restarted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if restarted.len() >= Self::PRUNE_PAST {
+            restarted.retain(|_, until| now < *until);
         }
+        restarted.insert((business, peer), now.saturating_add(self.window));
     }
 }
 
-/// A receipt noted as acted on: forgotten when dropped (it failed, or its
+/// A receipt noted as taken up: forgotten when dropped (it failed, or its
 /// call was dropped: the network hands it in again) unless kept.
 struct Noted<'a> {
     receipts: &'a Receipts,
@@ -407,8 +434,14 @@ impl Processor {
     /// The device's bundle is fetched and a new session started from it in
     /// place of the one it lost (kept archived); a message still open is
     /// due for the device at once, in the same write, so nothing changes
-    /// unless both land. A message delivered or read (another device has
-    /// it) is not sent again; the new session serves the next. A bundle
+    /// unless both land. A message delivered or read (another device
+    /// reported it) is sent to the device once more, best effort, with no
+    /// retry and nothing told the business. A receipt for another message
+    /// sent on the old session, within the receipt timeout of the new
+    /// session, fetches no bundle: the message goes over the new one. A
+    /// receipt while an attempt on the message is under way is refused for
+    /// now as [`ProcessorError::AttemptUnderWay`] (the attempt's record
+    /// would overwrite it): the network hands it in again. A bundle
     /// never replaces the identity key trusted for a device (see
     /// [`IdentityPolicy`](crate::signal::IdentityPolicy)): a reinstalled
     /// device's new key, or one the network swapped in, is refused, and
@@ -444,13 +477,15 @@ impl Processor {
         device: u32,
     ) -> Result<StatusChange, ProcessorError> {
         self.authorize_carrier(principal, business)?;
-        // What a dropped call owes the message is written first (see
-        // `status_update`).
-        drop(self.take_up(business, id).await?);
+        // Under the message's claim (what a dropped call owes it written
+        // first): an attempt's bookkeeping would overwrite what this asks.
+        let Some(_claim) = self.take_up(business, id).await? else {
+            return Err(ProcessorError::AttemptUnderWay);
+        };
         let now = self.clock.now();
-        if self.receipts.ignored(business, id, device, now) {
+        let Some(noted) = self.receipts.take(business, id, device, now) else {
             return Ok(StatusChange::Ignored);
-        }
+        };
         let record = self
             .storage
             .message(business, id)
@@ -462,11 +497,21 @@ impl Processor {
         {
             return Ok(StatusChange::Ignored);
         }
+        let peer = PeerId {
+            phone: record.phone,
+            device,
+        };
         let Stored::Content(StoredBody::Outbound(body)) = self.due_body(&record).await? else {
             return Ok(StatusChange::Ignored);
         };
+        // Sent on the session a receipt replaced lately: due on the new one.
+        if self.receipts.restarted_lately(business, peer, now) {
+            return self
+                .start_on_receipt(record, &body, peer, None, now, noted)
+                .await;
+        }
         let number = match self.gate.release(
-            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to),
+            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to.clone()),
             Party::Transport,
             Purpose::Retransmission,
         ) {
@@ -479,32 +524,29 @@ impl Processor {
                 };
             }
         };
+        // The bundle costs the device a one-time prekey: a copy of this
+        // receipt costs it no other, unless this one fails or is dropped
+        // (the network hands it in again, and `noted` is forgotten).
         let bundle = match self.transport.fetch_bundle(business, &number, device).await {
             Ok(bundle) => bundle,
             Err(TransportError::Refused(_)) => return Ok(StatusChange::Ignored),
             Err(e) => return Err(e.into()),
         };
-        // The bundle cost the device a one-time prekey: a copy of this
-        // receipt costs it no other, unless this one fails or is dropped
-        // (the network hands it in again).
-        let noted = self.receipts.note(business, id, device, now);
-        let peer = PeerId {
-            phone: record.phone,
-            device,
-        };
-        self.start_on_receipt(record, peer, &bundle, now, noted)
+        self.start_on_receipt(record, &body, peer, Some(&bundle), now, noted)
             .await
     }
 
-    /// Start a new session with `peer` from `bundle`, for a retry receipt
-    /// of message `record` (`noted`), making the message due for it at once
-    /// if it is open, in the same write (see
-    /// [`retry_receipt`](Self::retry_receipt)).
+    /// For a retry receipt of message `record` (`noted`, its content
+    /// `body`): start a new session with `peer` from `bundle` (none: one was
+    /// started lately), making the message due for it at once if it is
+    /// open, in the same write, or sending it to the device once more if it
+    /// is settled (see [`retry_receipt`](Self::retry_receipt)).
     async fn start_on_receipt(
         &self,
         mut record: MessageRecord,
+        body: &OutboundBody,
         peer: PeerId,
-        bundle: &PreKeyBundle,
+        bundle: Option<&PreKeyBundle>,
         now: Timestamp,
         noted: Noted<'_>,
     ) -> Result<StatusChange, ProcessorError> {
@@ -513,11 +555,12 @@ impl Processor {
             let d = record.delivery;
             let mut batch = Batch::new();
             if d.status.is_open() {
-                // Queued with no device pending, it is for every device.
-                let pending = if d.status == Status::Queued && d.pending_devices == 0 {
-                    0
-                } else {
-                    d.pending_devices | Delivery::device_bit(device)
+                // Queued, no record says which devices have it: with none
+                // pending it is for every device already, else all are.
+                let pending = match (d.status, d.pending_devices) {
+                    (Status::Queued, 0) => 0,
+                    (Status::Queued, _) => ALL_DEVICES,
+                    (_, pending) => pending | Delivery::device_bit(device),
                 };
                 let due = Delivery {
                     pending_devices: pending,
@@ -533,29 +576,44 @@ impl Processor {
                     });
                 }
             }
-            match self
-                .sessions
-                .start_session_with(business, peer, bundle, record.expiry, batch)
-                .await
-            {
-                Ok(()) => {
-                    noted.keep();
+            let written = match bundle {
+                Some(bundle) => match self
+                    .sessions
+                    .start_session_with(business, peer, bundle, record.expiry, batch)
+                    .await
+                {
+                    Ok(()) => true,
+                    Err(SignalError::Storage(StorageFailure::Store(e)))
+                        if matches!(*e, StoreError::Conflict) =>
+                    {
+                        false
+                    }
+                    Err(SignalError::UntrustedIdentity) => {
+                        noted.keep_until(record.expiry);
+                        warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
+                        return Ok(StatusChange::Ignored);
+                    }
+                    Err(SignalError::BadBundle(why)) => {
+                        noted.keep_until(record.expiry);
+                        warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
+                        return Ok(StatusChange::Ignored);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                None if batch.is_empty() => true,
+                None => self.commit_batch(batch).await?,
+            };
+            if written {
+                noted.keep();
+                if bundle.is_some() {
+                    self.receipts.restart(business, peer, now);
                     debug!("a new session was started on a retry receipt");
-                    return Ok(StatusChange::Applied);
                 }
-                Err(SignalError::Storage(StorageFailure::Store(e)))
-                    if matches!(*e, StoreError::Conflict) => {}
-                Err(SignalError::UntrustedIdentity) => {
-                    noted.keep_until(record.expiry);
-                    warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
-                    return Ok(StatusChange::Ignored);
+                // Another device reported it: no retry is due to make.
+                if !d.status.is_open() && !self.resend_to_device(&record, body, device).await {
+                    debug!("a settled message was not taken for a retry receipt's device");
                 }
-                Err(SignalError::BadBundle(why)) => {
-                    noted.keep_until(record.expiry);
-                    warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
-                    return Ok(StatusChange::Ignored);
-                }
-                Err(e) => return Err(e.into()),
+                return Ok(StatusChange::Applied);
             }
             // A report or an attempt moved the message on: again on what
             // it left.

@@ -180,6 +180,9 @@ pub struct Retention {
     /// shreds, which reads the holds afresh under it: a hold placed while
     /// a sweep runs is honoured from the sweep's next step on.
     hold_gate: HoldGate,
+    /// Businesses whose endpoint a sweep was waiting on when it was dropped
+    /// (see `Sweep::fail_expired_open`), until one answers.
+    hung: Mutex<BTreeSet<BusinessId>>,
 }
 
 impl std::fmt::Debug for Retention {
@@ -212,6 +215,7 @@ impl Retention {
             batch: DEFAULT_BATCH,
             sweeping: async_lock::Mutex::new(()),
             hold_gate: HoldGate::new(),
+            hung: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -365,6 +369,7 @@ impl Retention {
             report: SweepReport::default(),
             unreachable: BTreeSet::new(),
             capped: 0,
+            hung: &self.hung,
             next_stage: &self.next_stage,
         }
         .run()

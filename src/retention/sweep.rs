@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -96,6 +97,9 @@ pub(super) struct Sweep<'a> {
     pub(super) unreachable: BTreeSet<BusinessId>,
     /// Pages of expiries the policy stage capped in this sweep.
     pub(super) capped: u64,
+    /// Businesses whose endpoint a sweep was waiting on when it was
+    /// dropped, kept across sweeps until one answers.
+    pub(super) hung: &'a Mutex<BTreeSet<BusinessId>>,
     /// The stage the next sweep starts with (see [`Sweep::run`]), kept
     /// current as this one goes: a sweep dropped in a stage leaves it too.
     pub(super) next_stage: &'a AtomicUsize,
@@ -244,6 +248,9 @@ impl<'a> Sweep<'a> {
         // then: run again (in the second round) only if something changed
         // since, so that a slice can finish with no step to spare.
         let mut finished: [Option<u64>; STAGES.len()] = [None; STAGES.len()];
+        // The same, for the two delete stages' one work: one that ran to its
+        // end with nothing changed since leaves the other nothing to do.
+        let mut deleted_all = None;
         let mut next = None;
         // The stages from `first` on, then all of them in order: a sweep
         // that can run to the end still has every stage after the ones it
@@ -259,7 +266,12 @@ impl<'a> Sweep<'a> {
             else {
                 continue;
             };
+            let deletes = matches!(stage, Stage::DeleteSettled | Stage::DeleteFailed);
             if *finished == Some(self.changes()) {
+                continue;
+            }
+            if deletes && deleted_all == Some(self.changes()) {
+                *finished = deleted_all;
                 continue;
             }
             if next.is_none() {
@@ -283,6 +295,9 @@ impl<'a> Sweep<'a> {
                 Stage::Forget => done(self.delete_orphan_peers().await),
             };
             *finished = ended.then(|| self.changes());
+            if deletes && ended {
+                deleted_all = *finished;
+            }
             // The first stage the budget stopped, in this sweep's order:
             // the next sweep starts after it if it had steps, else with it.
             if !ended && self.report.steps >= self.max_steps {
@@ -361,6 +376,12 @@ impl<'a> Sweep<'a> {
     /// pages past it, until [`REPORT_GRACE`] has passed: then it is failed
     /// unreported. A business that could not be told is not asked again
     /// in the same sweep, except of messages past the grace.
+    ///
+    /// A business whose endpoint never answered (a sweep was dropped
+    /// waiting on it, a host timing it out) is asked of no message past the
+    /// grace until it answers one within it: those are failed unreported.
+    /// Asked again, it would hold up every message after it, every sweep,
+    /// and no other business's would ever be failed and deleted.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
         loop {
@@ -386,10 +407,22 @@ impl<'a> Sweep<'a> {
                 // timeout per message) about messages the next sweep can
                 // still tell it of; those past the grace are asked all the
                 // same, their last chance (a refusal may have been of one
-                // message, whose attempt was under way, say).
+                // message, whose attempt was under way, say), unless its
+                // endpoint never answered.
                 let last_chance = m.expiry <= self.abandon_before();
-                let ask = last_chance || !self.unreachable.contains(&m.business);
-                let told = ask && self.notifier.expired_undelivered(&m).await;
+                let ask = if last_chance {
+                    !self.is_hung(m.business)
+                } else {
+                    !self.unreachable.contains(&m.business)
+                };
+                let told = ask && {
+                    // What is decided already lands before the wait: a sweep
+                    // dropped in it loses none of it.
+                    if !batch.is_empty() {
+                        self.storage.commit(std::mem::take(&mut batch)).await?;
+                    }
+                    self.tell(&m).await
+                };
                 if !told {
                     self.unreachable.insert(m.business);
                 }
@@ -415,6 +448,32 @@ impl<'a> Sweep<'a> {
                 self.storage.commit(batch).await?;
             }
         }
+    }
+
+    /// Whether `business`'s endpoint never answered a sweep.
+    fn is_hung(&self, business: BusinessId) -> bool {
+        self.hung
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&business)
+    }
+
+    /// Tell `m`'s business that `m` expired undelivered; whether it took
+    /// it. Until its endpoint answers, the business counts as hung: a sweep
+    /// dropped meanwhile leaves it so for the next.
+    async fn tell(&self, m: &MessageRecord) -> bool {
+        let set = |hung: bool| {
+            let mut all = self.hung.lock().unwrap_or_else(PoisonError::into_inner);
+            if hung {
+                all.insert(m.business);
+            } else {
+                all.remove(&m.business);
+            }
+        };
+        set(true);
+        let told = self.notifier.expired_undelivered(m).await;
+        set(false);
+        told
     }
 
     /// Stage 3: delete expired, settled, unheld messages. Their consumers'

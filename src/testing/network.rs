@@ -153,8 +153,11 @@ struct Net {
     /// Per message and device, whether the network accepted the last send.
     last_send: BTreeMap<(BusinessId, MessageId, u32), bool>,
     /// Sends to a device the network had already accepted the message
-    /// for, made after the processor took the message's delivery report.
+    /// for, made after the processor took the message's delivery report
+    /// (and not asked for by the device's retry receipt).
     resent_after_report: u64,
+    /// Messages a device asked for again (a retry receipt), per device.
+    asked: BTreeSet<(BusinessId, MessageId, u32)>,
     seq: u64,
     faults: Injector,
     integrity: Vec<IntegrityReport>,
@@ -366,6 +369,7 @@ impl SimNetwork {
                 reported: BTreeSet::new(),
                 last_send: BTreeMap::new(),
                 resent_after_report: 0,
+                asked: BTreeSet::new(),
                 seq: 0,
                 faults: Injector::new(faults, seed),
                 integrity: Vec::new(),
@@ -557,6 +561,7 @@ impl SimNetwork {
                     .get(&device)
                     .is_some_and(|r| r.contains_key(&message.id));
                 if !has {
+                    net.asked.insert((business, message.id, device));
                     let decision = net.faults.decide(Leg::Receipt, now);
                     for at in Net::arrivals(decision, now) {
                         let retry = Retry {
@@ -764,7 +769,8 @@ impl SimNetwork {
             .unwrap_or_default()
     }
 
-    /// Items in flight: consumer messages, ciphertexts and delivery reports.
+    /// Items in flight: consumer messages, ciphertexts, delivery reports and
+    /// retry receipts.
     pub async fn in_flight(&self) -> u64 {
         self.net.lock().await.in_flight()
     }
@@ -773,8 +779,9 @@ impl SimNetwork {
     /// network had accepted, made after the processor took the message's
     /// delivery report (every device had it by then). A processor that
     /// honours delivery reports makes none: it may still retry a device
-    /// whose last send was refused, but it does not start another round.
-    /// With this at zero, every copy beyond the first that a device counts
+    /// whose last send was refused, or one that asked for the message
+    /// again (a retry receipt: not counted), but it does not start another
+    /// round. With this at zero, every copy beyond the first that a device counts
     /// in [`received`](Self::received) was a retransmission the processor
     /// made before it knew the message was delivered.
     pub async fn resent_after_delivery(&self) -> u64 {
@@ -854,7 +861,8 @@ impl Transport for SimNetwork {
             return Err(TransportError::Refused("no such device".into()));
         }
         let accepted_before = net.last_send.insert(key, true) == Some(true);
-        if accepted_before && net.reported.contains(&(business, message.id)) {
+        let asked = net.asked.remove(&key);
+        if accepted_before && !asked && net.reported.contains(&(business, message.id)) {
             net.resent_after_report += 1;
         }
         let decision = net.faults.decide(Leg::ToDevice, now);
