@@ -1225,6 +1225,42 @@ async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
     );
 }
 
+/// Three messages sent on a session the device lost bring three retry
+/// receipts: the first starts a new session from one bundle, and the other
+/// two go over it, fetching none (each bundle costs the device a one-time
+/// prekey, and would replace the session again). Every message reaches
+/// the device. (Each receipt fetched a bundle and replaced the session.)
+#[tokio::test]
+async fn receipts_for_messages_sent_on_one_lost_session_fetch_one_bundle() {
+    use std::sync::atomic::Ordering;
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let ids = [d.send(b, 1).await, d.send(b, 1).await, d.send(b, 1).await];
+    d.race(Race::YieldInBundle);
+    for id in ids {
+        assert_eq!(
+            d.processor
+                .retry_receipt(&d.transport, b, id, 0)
+                .await
+                .unwrap(),
+            custodian::processor::StatusChange::Applied
+        );
+    }
+    d.race(Race::None);
+    assert_eq!(
+        d.racing.bundles.load(Ordering::SeqCst),
+        1,
+        "bundles fetched"
+    );
+    d.settle(3).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for id in ids {
+        assert!(received[&0].contains_key(&id), "{received:?}");
+    }
+}
+
 /// Device 1 cannot decrypt what it was sent (its session lost), and its
 /// retry receipt reaches the processor while the send's attempt is still
 /// under way (before its bookkeeping): it is refused for now
