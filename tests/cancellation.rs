@@ -436,6 +436,59 @@ async fn send_dropped_after_a_report(fail_report: Option<usize>) -> bool {
     true
 }
 
+/// A sweep cut at the same point every time (a host's timeout), in the
+/// middle of applying a shortened policy, still finishes the pass over the
+/// sweeps: each goes on where the last was cut. (A pass cut before its end
+/// started again at its first page the next time.)
+#[test]
+fn a_policy_pass_cut_every_time_at_the_same_point_finishes() {
+    runtime().block_on(async {
+        // Messages both ways, past the one-day retention a policy puts in
+        // force: the pass caps two pages (one per direction).
+        let world = || async {
+            let d = Deployment::new(Faults::none(), Faults::none()).await;
+            let mut handset = d.handset().await;
+            let inbound = d.inbound(&mut handset, b"in").await;
+            assert!(d.receive(inbound).await.unwrap().delivered);
+            d.processor
+                .send(&d.owner, d.b, d.outbound(b"out"))
+                .await
+                .unwrap();
+            d.settle(2).await;
+            d.shorten_retention_to_a_day();
+            d.clock.advance(Duration::from_secs(3 * 24 * 3600));
+            d
+        };
+        let caps = |d: &Deployment| {
+            let calls = d.faults.calls();
+            calls.iter().filter(|c| **c == "cap_expiry").count()
+        };
+        // The poll at which a sweep is inside the pass's second page.
+        let mut cut = None;
+        for polls in 1..MAX_CUTS {
+            let d = world().await;
+            d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+            if poll_at_most(d.processor.sweep(&d.operator), polls)
+                .await
+                .is_some()
+            {
+                break;
+            }
+            if caps(&d) == 2 {
+                cut = Some(polls);
+                break;
+            }
+        }
+        let cut = cut.expect("a sweep never reached the pass's second page");
+        let d = world().await;
+        for _ in 0..8 {
+            poll_at_most(d.processor.sweep(&d.operator), cut).await;
+        }
+        let census = d.store.census().await.unwrap();
+        assert_eq!(census.messages, 0, "the pass never finished: {census:?}");
+    });
+}
+
 #[test]
 fn sweep_is_cancellation_safe() {
     runtime().block_on(every_cut(|n| async move {

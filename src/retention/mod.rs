@@ -158,7 +158,7 @@ pub struct Retention {
     /// its pass stopped for the next sweep to go on from (`None`: every
     /// expiry reflects it). `None` until a sweep has applied one: stores
     /// outlive processes.
-    pass: Mutex<Option<(Arc<RetentionPolicy>, Option<sweep::Resume>)>>,
+    pass: Mutex<sweep::Pass>,
     /// The stage the next sweep starts with, after the keys' (see
     /// `Sweep::run`): the one after the stage where the last sweep's step
     /// budget stopped it (or that stage itself, if the budget left it no
@@ -359,7 +359,8 @@ impl Retention {
         };
         let (report, shortened) = sweep::Sweep {
             storage: &*self.storage,
-            shorten: shorten.map(|resume| (&*policy, resume)),
+            shorten: shorten.map(|resume| (&policy, resume)),
+            pass: &self.pass,
             keys: &self.keys,
             hold_gate: &self.hold_gate,
             notifier,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -84,7 +84,10 @@ pub(super) struct Sweep<'a> {
     pub(super) storage: &'a dyn Storage,
     /// A policy whose shortened periods are yet to be applied to the
     /// messages already stored, and where an earlier sweep's pass stopped.
-    pub(super) shorten: Option<(&'a RetentionPolicy, Option<Resume>)>,
+    pub(super) shorten: Option<(&'a Arc<RetentionPolicy>, Option<Resume>)>,
+    /// Where passes stop, kept current as this one goes: a sweep dropped
+    /// in its pass (a host timing it out) leaves where it got to.
+    pub(super) pass: &'a Mutex<Pass>,
     pub(super) keys: &'a KeyManager,
     /// Held by every step that deletes or shreds (see [`Sweep::held`]).
     pub(super) hold_gate: &'a HoldGate,
@@ -144,6 +147,10 @@ const STAGES: [Stage; 5] = [
 fn after_stage(index: usize) -> usize {
     (index + 1) % STAGES.len()
 }
+
+/// The policy last applied to the stored messages' expiries, and where its
+/// pass stopped (`None`: every expiry reflects it).
+pub(super) type Pass = Option<(Arc<RetentionPolicy>, Option<Resume>)>;
 
 /// How far the policy stage got.
 pub(super) enum Shortened {
@@ -356,6 +363,14 @@ impl<'a> Sweep<'a> {
                             after,
                         }));
                     }
+                    // A sweep dropped from here on goes on from here.
+                    let here = Resume {
+                        business,
+                        direction,
+                        after,
+                    };
+                    *self.pass.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some((Arc::clone(policy), Some(here)));
                     after = self
                         .storage
                         .cap_expiry(business, direction, period, after, self.batch)
@@ -367,6 +382,10 @@ impl<'a> Sweep<'a> {
                 }
             }
         }
+        // Every expiry reflects the policy: a sweep dropped from here on
+        // leaves none to apply.
+        *self.pass.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((Arc::clone(policy), None));
         Ok(None)
     }
 
