@@ -667,26 +667,7 @@ fn status_update_is_cancellation_safe() {
 fn retry_receipt_is_cancellation_safe() {
     runtime().block_on(every_cut(|n| async move {
         let d = Deployment::new(Faults::none(), Faults::none()).await;
-        d.network.add_consumer(&consumer(2), 1).await;
-        let first = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"hi"))
-            .await
-            .unwrap();
-        // The consumer answers (the business's session is acknowledged),
-        // then loses its sessions: its device cannot decrypt what is sent
-        // on the old one, and asks for it again.
-        d.network
-            .consumer_sends(&consumer(2), 0, d.b, b"thanks")
-            .await
-            .unwrap();
-        d.settle(3).await;
-        d.network.lose_sessions(&consumer(2)).await;
-        let id = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"again"))
-            .await
-            .unwrap();
+        let (first, id) = d.sent_on_a_lost_session().await;
         let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0);
         let done = poll_at_most(receipt, n).await.is_some();
         // Not acknowledged: the network hands it in again.

@@ -414,26 +414,7 @@ fn status_update_survives_every_host_failure() {
 fn retry_receipt_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
         let d = deployment(Faults::none(), Faults::none()).await;
-        d.network.add_consumer(&consumer(2), 1).await;
-        let first = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"hi"))
-            .await
-            .unwrap();
-        // The consumer answers (the business's session is acknowledged),
-        // then loses its sessions: its device cannot decrypt what is sent
-        // on the old one, and asks for it again.
-        d.network
-            .consumer_sends(&consumer(2), 0, d.b, b"thanks")
-            .await
-            .unwrap();
-        d.settle(3).await;
-        d.network.lose_sessions(&consumer(2)).await;
-        let id = d
-            .processor
-            .send(&d.owner, d.b, d.outbound(b"again"))
-            .await
-            .unwrap();
+        let (first, id) = d.sent_on_a_lost_session().await;
         d.faults.fail_at(at.n, at.seams, at.strike);
         let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
         let failed = d.faults.lift();
@@ -464,22 +445,7 @@ fn a_failed_retry_receipt_leaves_the_session_as_it_was() {
         let mut checked = 0;
         for n in 1..MAX_CALLS {
             let d = deployment(Faults::none(), Faults::none()).await;
-            d.network.add_consumer(&consumer(2), 1).await;
-            d.processor
-                .send(&d.owner, d.b, d.outbound(b"hi"))
-                .await
-                .unwrap();
-            d.network
-                .consumer_sends(&consumer(2), 0, d.b, b"thanks")
-                .await
-                .unwrap();
-            d.settle(3).await;
-            d.network.lose_sessions(&consumer(2)).await;
-            let id = d
-                .processor
-                .send(&d.owner, d.b, d.outbound(b"again"))
-                .await
-                .unwrap();
+            let (_, id) = d.sent_on_a_lost_session().await;
             let phone = d.store.message(d.b, id).await.unwrap().unwrap().phone;
             let peer = PeerId { phone, device: 0 };
             let before = d.store.peer(d.b, peer).await.unwrap();

@@ -154,6 +154,29 @@ impl Deployment {
         &self.owners[&b]
     }
 
+    /// `to`, with one device, has `b`'s welcome, delivered.
+    async fn welcomed(&self, b: BusinessId, to: &PhoneNumber) {
+        self.network.add_consumer(to, 1).await;
+        let welcome = self.send(b, to.clone(), b"welcome").await;
+        self.run(Duration::from_secs(300), Duration::from_secs(60))
+            .await;
+        let status = self.processor.message_status(self.owner(b), b, welcome);
+        assert_eq!(status.await.unwrap(), (Status::Delivered, None));
+    }
+
+    /// [`welcomed`](Self::welcomed), and `to` answers: the business's
+    /// session is acknowledged, its next messages no longer carry what
+    /// would start the session again.
+    async fn in_conversation(&self, b: BusinessId, to: &PhoneNumber) {
+        self.welcomed(b, to).await;
+        self.network
+            .consumer_sends(to, 0, b, b"thanks")
+            .await
+            .unwrap();
+        self.run(Duration::from_secs(120), Duration::from_secs(60))
+            .await;
+    }
+
     /// `b` sends `content` to `to` (a service message); its id.
     async fn send(&self, b: BusinessId, to: PhoneNumber, content: &[u8]) -> MessageId {
         let message = Outbound {
@@ -2017,25 +2040,7 @@ async fn a_device_that_lost_its_sessions_gets_the_message_again() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
-    d.network.add_consumer(&number(1), 1).await;
-    let before = d.send(b, number(1), b"welcome").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, before)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
-    // The consumer answers: the business's session is acknowledged, its
-    // next messages no longer carry what would start the session again.
-    d.network
-        .consumer_sends(&number(1), 0, b, b"thanks")
-        .await
-        .unwrap();
-    d.run(Duration::from_secs(120), Duration::from_secs(60))
-        .await;
+    d.in_conversation(b, &number(1)).await;
     d.network.lose_sessions(&number(1)).await;
     let after = d.send(b, number(1), b"your order shipped").await;
     let retried = d.network.pump(&d.processor, &d.transport).await;
@@ -2111,17 +2116,7 @@ async fn a_reinstalled_device_gets_its_messages_once_it_writes_and_the_change_is
     let sink = noted.lock().unwrap().clone().unwrap();
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
-    d.network.add_consumer(&number(1), 1).await;
-    let before = d.send(b, number(1), b"welcome").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, before)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
+    d.welcomed(b, &number(1)).await;
     // The consumer reinstalls: same number and device, a new identity key.
     d.network.add_consumer(&number(1), 1).await;
     let after = d.send(b, number(1), b"your order shipped").await;
@@ -2177,25 +2172,7 @@ async fn a_copy_of_a_retry_receipt_is_ignored() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
-    d.network.add_consumer(&number(1), 1).await;
-    let before = d.send(b, number(1), b"welcome").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, before)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
-    // The consumer answers: the business's session is acknowledged, its
-    // next messages no longer carry what would start the session again.
-    d.network
-        .consumer_sends(&number(1), 0, b, b"thanks")
-        .await
-        .unwrap();
-    d.run(Duration::from_secs(120), Duration::from_secs(60))
-        .await;
+    d.in_conversation(b, &number(1)).await;
     d.network.lose_sessions(&number(1)).await;
     let after = d.send(b, number(1), b"your order shipped").await;
     let pumped = d.network.pump(&d.processor, &d.transport).await;
@@ -2253,17 +2230,7 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
     );
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
-    d.network.add_consumer(&number(1), 1).await;
-    let before = d.send(b, number(1), b"welcome").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, before)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
+    d.welcomed(b, &number(1)).await;
     d.network.add_consumer(&number(1), 1).await;
     let after = d.send(b, number(1), b"your order shipped").await;
     d.run(Duration::from_secs(600), Duration::from_secs(60))

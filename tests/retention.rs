@@ -1137,6 +1137,22 @@ impl ExpiryNotifier for Hangs {
     }
 }
 
+/// `days` daily sweeps, each told of expired messages by [`Hangs`] and
+/// timed out by the host while it hangs (one that does not finishes).
+fn daily_sweeps_timed_out(w: &World, days: usize) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..days {
+        let mut sweep = Box::pin(w.retention.sweep(w.now(), &Hangs));
+        for _ in 0..1000 {
+            if sweep.as_mut().poll(&mut cx).is_ready() {
+                break;
+            }
+        }
+        drop(sweep);
+        w.clock.advance(DAY);
+    }
+}
+
 /// One business whose endpoint never answers (the host times the sweep out)
 /// keeps nothing of another business readable: ended epochs' keys, and
 /// expired settled messages, go before any business is told anything.
@@ -1461,20 +1477,8 @@ async fn a_business_endpoint_that_never_answers_holds_up_no_forgetting() {
     w.store(business(1), 1, Direction::Inbound, true).await;
     let other = w.store(business(2), 2, Direction::Inbound, false).await;
     w.clock.advance(31 * DAY);
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
     // A week of daily sweeps, each timed out by the host.
-    for _ in 0..7 {
-        let mut sweep = Box::pin(w.retention.sweep(w.now(), &Hangs));
-        for _ in 0..1000 {
-            // Timed out while it hangs; the next may finish.
-            if sweep.as_mut().poll(&mut cx).is_ready() {
-                break;
-            }
-        }
-        drop(sweep);
-        w.clock.advance(DAY);
-    }
+    daily_sweeps_timed_out(&w, 7);
     assert!(
         w.store
             .message(business(2), other.record.id)
@@ -1720,20 +1724,8 @@ async fn a_hanging_endpoint_keeps_no_other_business_open_message_past_retention(
     w.clock.advance(MINUTE);
     let other = w.store(business(2), 2, Direction::Inbound, true).await;
     w.clock.advance(31 * DAY);
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
     // Two weeks of daily sweeps, each timed out by the host.
-    for _ in 0..14 {
-        let mut sweep = Box::pin(w.retention.sweep(w.now(), &Hangs));
-        for _ in 0..1000 {
-            // Timed out while it hangs; the next may finish.
-            if sweep.as_mut().poll(&mut cx).is_ready() {
-                break;
-            }
-        }
-        drop(sweep);
-        w.clock.advance(DAY);
-    }
+    daily_sweeps_timed_out(&w, 14);
     let row = w.store.message(business(2), other.record.id).await.unwrap();
     assert!(
         row.is_none(),

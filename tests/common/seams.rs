@@ -772,6 +772,31 @@ impl Deployment {
         self.assert_delivered_and_billed([id].iter(), 1, case).await;
     }
 
+    /// The business's message, "hi", delivered to the consumer's one
+    /// device, which answers (the business's session is acknowledged) and
+    /// then loses its sessions; and the message sent next, "again", which
+    /// the device cannot decrypt, and asks for again. Their ids.
+    pub(crate) async fn sent_on_a_lost_session(&self) -> (MessageId, MessageId) {
+        self.network.add_consumer(&consumer(2), 1).await;
+        let first = self
+            .processor
+            .send(&self.owner, self.b, self.outbound(b"hi"))
+            .await
+            .unwrap();
+        self.network
+            .consumer_sends(&consumer(2), 0, self.b, b"thanks")
+            .await
+            .unwrap();
+        self.settle(3).await;
+        self.network.lose_sessions(&consumer(2)).await;
+        let again = self
+            .processor
+            .send(&self.owner, self.b, self.outbound(b"again"))
+            .await
+            .unwrap();
+        (first, again)
+    }
+
     /// Put a one-day retention in force for the business.
     pub(crate) fn shorten_retention_to_a_day(&self) {
         let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
