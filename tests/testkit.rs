@@ -1523,3 +1523,35 @@ async fn pump_drops_what_the_processor_refuses_for_good() {
         assert_eq!(report, custodian::testing::PumpReport::default());
     }
 }
+
+/// `delay` is the share of copies that arrive late, whatever `max_delay`
+/// (at least the 1 ms `validate` asks): with `delay: 1.0` and a `max_delay`
+/// of 1 ms, every copy is late. (Delays were drawn from 0 ms, and a copy
+/// delayed by none was not late: half of them arrived on time, the rate
+/// silently `delay * max/(max+1)`.)
+#[tokio::test]
+async fn the_delay_rate_is_the_configured_one_for_a_short_max_delay() {
+    let faults = Faults {
+        delay: 1.0,
+        max_delay: Duration::from_millis(1),
+        ..Faults::none()
+    };
+    assert_eq!(faults.validate(), Ok(()));
+    // Through the simulated network, as a harness sees it.
+    let clock = ManualClock::new(start());
+    let network = SimNetwork::new(clock.clone(), faults.clone(), 99).unwrap();
+    network.add_consumer(&number(1), 1).await;
+    for _ in 0..2000 {
+        network
+            .send(business(), &number(1), 0, &garbage_message())
+            .await
+            .unwrap();
+    }
+    let s = network.fault_stats().await[&Leg::ToDevice];
+    assert_rate(
+        "late ciphertexts, max_delay 1 ms",
+        s.delayed,
+        s.copies,
+        faults.delay,
+    );
+}

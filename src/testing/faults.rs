@@ -33,7 +33,8 @@ use crate::time::Timestamp;
 /// The draws are independent: `drop` is the share of events not refused
 /// that are lost, `duplicate` the share of those not lost that arrive
 /// twice, `delay` the share of copies that arrive late (by a uniform delay
-/// up to `max_delay`, in whole milliseconds, so later ones overtake them).
+/// from 1 ms up to `max_delay`, in whole milliseconds, so later ones
+/// overtake them).
 ///
 /// One `Faults` covers every leg of the component it is given to (a
 /// [`SimNetwork`](super::SimNetwork) or a [`SimBusiness`](super::SimBusiness)):
@@ -179,7 +180,8 @@ impl Faults {
         let mut delays = [Duration::ZERO; 2];
         for delay in &mut delays {
             let late = rng.chance(self.delay);
-            let ms = rng.below(duration_ms(self.max_delay).saturating_add(1));
+            // From 1 ms: a copy delayed by none would not be late.
+            let ms = rng.below(duration_ms(self.max_delay)).saturating_add(1);
             if late {
                 *delay = Duration::from_millis(ms);
             }

@@ -53,7 +53,8 @@ impl RecordingTransport {
     }
 
     /// Take what the processor sent since the last call, per consumer, in
-    /// the order sent.
+    /// the order sent. The consumers come in no set order (a hash map):
+    /// a harness that must replay a run the same way visits them sorted.
     pub fn take_sent(&self) -> HashMap<PhoneNumber, Vec<Ciphertext>> {
         std::mem::take(&mut *self.sent.lock().unwrap_or_else(PoisonError::into_inner))
     }
