@@ -1296,3 +1296,59 @@ mod suppression {
         }
     }
 }
+
+/// A business that sends 2,000 messages a day, all at noon, to its 2,000
+/// customers, and is reported for spam by 1% of them (20 reports a day,
+/// half the default 2% spam rate), the reports arriving round the clock
+/// (one every 72 minutes, from its first sends on), is never flagged: the
+/// reports each morning count against the day before's sends too. (They
+/// met a threshold of `max(ceil(0.02 × 0), 10) = 10` before that day's
+/// sends, and flagged every window.)
+#[test]
+fn steady_traffic_under_the_spam_rate_is_not_flagged_for_morning_reports() {
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let business = BusinessId::new(31).unwrap();
+    const NOON: u64 = DAY / 2;
+    const EVERY: u64 = 72 * 60_000;
+    for day in 0..10 {
+        let reports = |range: std::ops::Range<u64>| {
+            for r in 0..20u64 {
+                let ms = r * EVERY;
+                if range.contains(&ms) {
+                    monitor.record_spam_report(business, at(day, ms));
+                }
+            }
+        };
+        // The first morning, nothing was sent yet to report.
+        if day > 0 {
+            reports(0..NOON);
+        }
+        for c in 0..2_000 {
+            monitor.record_sent(business, consumer(c), at(day, NOON + c));
+        }
+        reports(NOON..DAY);
+        let report = signals(&monitor, business, at(day, DAY - 1));
+        let reported = if day > 0 { 20 } else { 10 };
+        assert_eq!(
+            (report.current.sent, report.current.spam_reports),
+            (2_000, reported)
+        );
+        assert!(
+            !report.current.has_spam_anomaly(),
+            "day {day}: 20 reports for 2,000 messages (1%, under the 2% rate) flagged: {:?}",
+            report.current.anomalies
+        );
+    }
+}
+
+trait SpamAnomaly {
+    fn has_spam_anomaly(&self) -> bool;
+}
+
+impl SpamAnomaly for custodian::integrity::WindowSignals {
+    fn has_spam_anomaly(&self) -> bool {
+        self.anomalies
+            .iter()
+            .any(|a| a.kind == AnomalyKind::SpamReports)
+    }
+}

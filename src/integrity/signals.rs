@@ -50,7 +50,9 @@ pub struct IntegrityConfig {
     /// Default 1,000.
     pub cold_start_new_recipients: u64,
     /// A window is flagged when spam reports plus blocks reach this share
-    /// of the messages sent, in (0, 1]. Default 0.02.
+    /// of the messages sent in it and in the window just before (reports
+    /// come after the messages they are about, often a window later), in
+    /// (0, 1]. Default 0.02.
     pub spam_rate: f64,
     /// ... and at least this many. Default 10.
     pub min_spam_signals: u64,
@@ -458,9 +460,17 @@ impl BusinessSignals {
     }
 
     fn check_spam(&mut self, at: Timestamp, config: &IntegrityConfig) {
+        // Reports come after the messages they are about, often a window
+        // later: the window before counts too, if it is the one just past.
+        let start = self.open.period.start;
+        let before = self
+            .history
+            .back()
+            .filter(|p| p.period.end == start)
+            .map_or(0, |p| p.sent);
         let w = &mut self.open;
         let signals = w.spam_reports + w.blocks;
-        let by_rate = (config.spam_rate * w.sent as f64).ceil() as u64;
+        let by_rate = (config.spam_rate * w.sent.saturating_add(before) as f64).ceil() as u64;
         let threshold = by_rate.max(config.min_spam_signals);
         if signals >= threshold && !w.has(AnomalyKind::SpamReports) {
             w.anomalies.push(Anomaly {

@@ -105,6 +105,7 @@ impl Processor {
             // active or its statistics are ever taken.
             self.integrity.expire(now);
             self.statistics.expire(now);
+            self.receipts.expire(now);
             // A sweep that failed, or whose future is dropped at an await,
             // may have deleted Signal state all the same: the cache is
             // dropped then too.

@@ -48,7 +48,9 @@ pub enum StatusChange {
 /// started it a new session: a receipt for another message sent on the old
 /// one within the receipt timeout makes that message due on the new
 /// session, fetching no bundle. In memory (a receipt after a restart is
-/// acted on again), and pruned as it grows.
+/// acted on again). What no longer counts is dropped at every change and
+/// every sweep ([`expire`](Self::expire)): the device keys hold phone
+/// hashes, which outlive no retention.
 pub(super) struct Receipts {
     window: Duration,
     ignore: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
@@ -56,15 +58,18 @@ pub(super) struct Receipts {
 }
 
 impl Receipts {
-    /// Pruned of what it no longer holds past this many.
-    const PRUNE_PAST: usize = 1024;
-
     pub(super) fn new(window: Duration) -> Self {
         Self {
             window,
             ignore: Mutex::default(),
             restarted: Mutex::default(),
         }
+    }
+
+    /// Forget what no longer counts at `now`.
+    pub(super) fn expire(&self, now: Timestamp) {
+        lock(&self.ignore).retain(|_, until| now < *until);
+        lock(&self.restarted).retain(|_, until| now < *until);
     }
 
     /// Note a receipt of `device` for `id` taken up at `now`, unless one is
@@ -77,14 +82,12 @@ impl Receipts {
         device: u32,
         now: Timestamp,
     ) -> Option<Noted<'_>> {
-        let mut ignore = self.ignore.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ignore = lock(&self.ignore);
         let key = (business, id, device);
         if ignore.get(&key).is_some_and(|&until| now < until) {
             return None;
         }
-        if ignore.len() >= Self::PRUNE_PAST {
-            ignore.retain(|_, until| now < *until);
-        }
+        ignore.retain(|_, until| now < *until);
         ignore.insert(key, now.saturating_add(self.window));
         Some(Noted {
             receipts: self,
@@ -94,24 +97,21 @@ impl Receipts {
 
     /// Whether a receipt started `peer` a new session within the window.
     fn restarted_lately(&self, business: BusinessId, peer: PeerId, now: Timestamp) -> bool {
-        self.restarted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.restarted)
             .get(&(business, peer))
             .is_some_and(|&until| now < until)
     }
 
     /// A receipt started `peer` a new session at `now`.
     fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp) {
-        let mut restarted = self
-            .restarted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if restarted.len() >= Self::PRUNE_PAST {
-            restarted.retain(|_, until| now < *until);
-        }
+        let mut restarted = lock(&self.restarted);
+        restarted.retain(|_, until| now < *until);
         restarted.insert((business, peer), now.saturating_add(self.window));
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A receipt noted as taken up: forgotten when dropped (it failed, or its
@@ -143,11 +143,7 @@ impl Noted<'_> {
 impl Drop for Noted<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.receipts
-                .ignore
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
+            lock(&self.receipts.ignore).remove(&key);
         }
     }
 }
@@ -642,5 +638,49 @@ impl Processor {
             .await?
             .ok_or(ProcessorError::NotFound)?;
         Ok((record.delivery.status, record.delivery.failure))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PeerId;
+    use crate::time::Timestamp;
+
+    /// The retry-receipt memory keeps no consumer's phone hash (in
+    /// `PeerId`) past its window: each change drops what no longer counts,
+    /// as each sweep does (`Receipts::expire`). (Entries were dropped only
+    /// past 1,024 of them: a consumer whose device once asked for a message
+    /// again was remembered for as long as the processor ran.)
+    #[test]
+    fn a_receipt_restart_forgets_the_consumer_past_its_window() {
+        const DAY: u64 = 24 * 3600 * 1000;
+        let receipts = Receipts::new(Duration::from_secs(3600));
+        let business = BusinessId::new(7).unwrap();
+        let consumer = PeerId {
+            phone: PhoneHash::from_bytes([0xA5; 16]),
+            device: 1,
+        };
+        receipts.restart(business, consumer, Timestamp::from_millis(DAY));
+        // Forty days on, the receipt memory is used again for others.
+        let later = Timestamp::from_millis(41 * DAY);
+        for i in 0..10u8 {
+            let other = PeerId {
+                phone: PhoneHash::from_bytes([i; 16]),
+                device: 0,
+            };
+            receipts.restart(business, other, later);
+            assert!(!receipts.restarted_lately(business, consumer, later));
+        }
+        let kept = receipts
+            .restarted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .any(|(_, peer)| peer.phone == consumer.phone);
+        assert!(
+            !kept,
+            "a consumer's phone hash is still held 40 days after its last retry receipt"
+        );
     }
 }
