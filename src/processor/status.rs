@@ -148,6 +148,22 @@ impl Drop for Noted<'_> {
     }
 }
 
+/// The devices that still need a message once a device has it (a
+/// delivery report or a retry receipt says one did): those its recorded
+/// attempts left pending. On one still queued, no record says any device
+/// took it: an attempt reached one unrecorded (a crash, a send dropped
+/// before its bookkeeping, the transport's answer lost), perhaps on another
+/// device list than the one the devices left pending were on. Which devices
+/// it reached is unknown, so every device is; one that has the message
+/// drops the copy by its id.
+fn still_pending(d: &Delivery) -> u64 {
+    if d.status == Status::Queued {
+        ALL_DEVICES
+    } else {
+        d.pending_devices
+    }
+}
+
 fn stats_status(status: Status) -> crate::integrity::Status {
     match status {
         Status::Queued | Status::Sent => crate::integrity::Status::Sent,
@@ -314,21 +330,9 @@ impl Processor {
             };
             // Settled, with the report to the business pending until it is
             // told, unless devices still wait for a retry: the report
-            // follows that. A report says one device has the message. On
-            // one still queued, no record says any device took it: an
-            // attempt reached one unrecorded (a crash, a send dropped
-            // before its bookkeeping, the transport's answer lost), perhaps
-            // on a device list other than the one the devices left pending
-            // were on. Which devices it reached is unknown, so every device
-            // stays pending, and the retransmission loop (or the attempt
-            // under way, recording its own outcome over this) sends to them
-            // all; a device that has the message drops the copy by its id.
-            let unrecorded = record.delivery.status == Status::Queued;
-            let pending = if unrecorded {
-                ALL_DEVICES
-            } else {
-                record.delivery.pending_devices
-            };
+            // follows that (or the attempt under way, recording its own
+            // outcome over this, sends to them).
+            let pending = still_pending(&record.delivery);
             let settled = Delivery {
                 status,
                 failure: None,
@@ -551,13 +555,7 @@ impl Processor {
             let d = record.delivery;
             let mut batch = Batch::new();
             if d.status.is_open() {
-                // Queued, no record says which devices have it: with none
-                // pending it is for every device already, else all are.
-                let pending = match (d.status, d.pending_devices) {
-                    (Status::Queued, 0) => 0,
-                    (Status::Queued, _) => ALL_DEVICES,
-                    (_, pending) => pending | Delivery::device_bit(device),
-                };
+                let pending = still_pending(&d) | Delivery::device_bit(device);
                 let due = Delivery {
                     pending_devices: pending,
                     next_attempt: Some(now),

@@ -888,6 +888,25 @@ mod tests {
             .collect()
     }
 
+    /// A gate recording to a sink on `disk`, with that sink.
+    fn gated(disk: &Disk) -> (Arc<JsonLinesSink<Disk>>, crate::visibility::Gate) {
+        use crate::time::ManualClock;
+        use crate::visibility::{Gate, VisibilityPolicy};
+        let sink = Arc::new(JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent));
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1)));
+        let gate = Gate::new(VisibilityPolicy::published(), sink.clone(), clock);
+        (sink, gate)
+    }
+
+    /// A phone number released to the transport for delivery by `gate`.
+    fn release_number(
+        gate: &crate::visibility::Gate,
+    ) -> Result<crate::visibility::Released<u8>, crate::visibility::Denied<u8>> {
+        use crate::visibility::Labelled;
+        let number = Labelled::new(DataClass::ConsumerPhoneNumber, 1u8);
+        gate.release(number, Party::Transport, Purpose::Delivery)
+    }
+
     /// A disk that fills mid-line puts the sink out of service; freed, the
     /// sink resumes and writes what it held. The record whose write failed
     /// was refused, so its cut line is ended and nothing completes it: the
@@ -924,23 +943,11 @@ mod tests {
     /// after the sink resumes no line says it was allowed.
     #[test]
     fn a_resumed_sink_never_records_a_refused_release_as_allowed() {
-        use crate::time::ManualClock;
-        use crate::visibility::{DenyReason, Gate, Labelled, VisibilityPolicy};
+        use crate::visibility::DenyReason;
         let disk = Disk::default();
         disk.0.lock().unwrap().1 = 250;
-        let sink = Arc::new(JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent));
-        let gate = Gate::new(
-            VisibilityPolicy::published(),
-            sink.clone(),
-            Arc::new(ManualClock::new(Timestamp::from_millis(1))),
-        );
-        let release = || {
-            gate.release(
-                Labelled::new(DataClass::ConsumerPhoneNumber, 1u8),
-                Party::Transport,
-                Purpose::Delivery,
-            )
-        };
+        let (sink, gate) = gated(&disk);
+        let release = || release_number(&gate);
         assert!(release().is_ok());
         let denied = release().unwrap_err();
         assert_eq!(denied.reason(), DenyReason::AuditFailed);
@@ -1009,22 +1016,10 @@ mod tests {
     /// `allow` line for the refused release.)
     #[test]
     fn a_line_cut_just_before_its_newline_is_not_completed_into_an_allow() {
-        use crate::time::ManualClock;
-        use crate::visibility::{DenyReason, Gate, Labelled, VisibilityPolicy};
+        use crate::visibility::DenyReason;
         let disk = Disk::default();
-        let sink = Arc::new(JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent));
-        let gate = Gate::new(
-            VisibilityPolicy::published(),
-            sink.clone(),
-            Arc::new(ManualClock::new(Timestamp::from_millis(1))),
-        );
-        let release = || {
-            gate.release(
-                Labelled::new(DataClass::ConsumerPhoneNumber, 1u8),
-                Party::Transport,
-                Purpose::Delivery,
-            )
-        };
+        let (sink, gate) = gated(&disk);
+        let release = || release_number(&gate);
         disk.0.lock().unwrap().1 = 1 << 20;
         let first = release().unwrap();
         let line_len = {

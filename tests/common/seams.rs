@@ -797,6 +797,22 @@ impl Deployment {
         (first, again)
     }
 
+    /// After the world settles a while, the consumer's device has `again`
+    /// (see [`sent_on_a_lost_session`](Self::sent_on_a_lost_session)), and
+    /// it and `first` are delivered and billed once.
+    pub(crate) async fn assert_got_again(
+        &self,
+        first: MessageId,
+        again: MessageId,
+        case: std::fmt::Arguments<'_>,
+    ) {
+        self.settle(5).await;
+        let received = self.network.received(&consumer(2)).await;
+        assert!(received[&0].contains_key(&again), "{case}: {received:?}");
+        self.assert_delivered_and_billed([first, again].iter(), 2, case)
+            .await;
+    }
+
     /// Put a one-day retention in force for the business.
     pub(crate) fn shorten_retention_to_a_day(&self) {
         let shorter = format!("[business.{BUSINESS}]\nretention = \"1d\"\n");
