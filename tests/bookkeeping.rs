@@ -1225,6 +1225,29 @@ async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
     );
 }
 
+/// Two messages sent at once to a consumer the business has never written
+/// to cost its device one bundle (one of its one-time prekeys), and both
+/// reach it. (Both sends found no session while the first waited on the
+/// network for the bundle: two bundles, and the session started twice.)
+#[tokio::test]
+async fn two_first_sends_at_once_fetch_one_bundle() {
+    use std::sync::atomic::Ordering;
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 1).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::YieldInBundle);
+    let (first, second) = tokio::join!(d.send(b, 1), d.send(b, 1));
+    d.race(Race::None);
+    let fetched = d.racing.bundles.load(Ordering::SeqCst);
+    assert_eq!(fetched, 1, "two first sends fetched {fetched} bundles");
+    d.settle(2).await;
+    let received = d.racing.network.received(&number(1)).await;
+    for id in [first, second] {
+        assert!(received[&0].contains_key(&id), "{received:?}");
+    }
+}
+
 /// Three messages sent on a session the device lost bring three retry
 /// receipts: the first starts a new session from one bundle, and the other
 /// two go over it, fetching none (each bundle costs the device a one-time

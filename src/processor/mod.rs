@@ -58,6 +58,7 @@ use crate::integrity::{
     StatisticsConfig,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
+use crate::lock::Stripes;
 use crate::retention::{
     Admission, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, check_residency,
 };
@@ -332,6 +333,9 @@ pub struct Processor {
     delivery: DeliveryConfig,
     claims: Claims,
     receipts: status::Receipts,
+    /// Held by a send while it starts a session from a bundle, so that
+    /// sends to one device at once fetch one bundle between them.
+    starting: Stripes,
 }
 
 impl std::fmt::Debug for Processor {
@@ -409,6 +413,7 @@ impl Processor {
             authorizer: host.authorizer,
             clock: host.clock,
             receipts: status::Receipts::new(policies.delivery.receipt_timeout),
+            starting: Stripes::new(),
             delivery: policies.delivery,
             claims: Claims::default(),
         })
