@@ -829,14 +829,24 @@ impl Processor {
         number: &PhoneNumber,
         expiry: Timestamp,
     ) -> Result<bool, ()> {
-        if self.sessions.has_session(business, peer).await.map_err(drop)? {
+        if self
+            .sessions
+            .has_session(business, peer)
+            .await
+            .map_err(drop)?
+        {
             return Ok(true);
         }
         // Each bundle costs the device a one-time prekey: another send that
         // is starting a session with it first is waited for, and its
         // session used.
         let _starting = self.starting.lock((business, peer)).await;
-        if self.sessions.has_session(business, peer).await.map_err(drop)? {
+        if self
+            .sessions
+            .has_session(business, peer)
+            .await
+            .map_err(drop)?
+        {
             return Ok(true);
         }
         let bundle = match self

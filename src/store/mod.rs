@@ -137,12 +137,15 @@ pub trait KeyStore: Send + Sync {
 /// [`delete_expired`](Self::delete_expired),
 /// [`orphan_peers`](Self::orphan_peers),
 /// [`message_businesses`](Self::message_businesses),
-/// [`billing_businesses`](Self::billing_businesses),
-/// [`ended_epoch_keys`](KeyStore::ended_epoch_keys)) skip it instead,
+/// [`billing_businesses`](Self::billing_businesses)) skip it instead,
 /// without counting it against their `limit`, and never delete it, and
 /// [`cap_expiry`](Self::cap_expiry) pages past it: one damaged record must
 /// not stop retransmission or the sweep for every other. The backend says
-/// so in its log; it is left for an operator.
+/// so in its log; it is left for an operator. Keys are the exception:
+/// destroying one reads nothing of it, so
+/// [`ended_epoch_keys`](KeyStore::ended_epoch_keys) lists every key whose
+/// id decodes, and a damaged key is destroyed at its epoch's end like any
+/// other (nothing stays readable past retention).
 #[async_trait]
 pub trait Storage: KeyStore {
     /// The region this store keeps data in; records are sealed for it.

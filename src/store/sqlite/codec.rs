@@ -353,16 +353,23 @@ fn unsealed(c: &Cols<'_, '_>) -> Result<MessageRecord, StoreError> {
     })
 }
 
-/// A row of `business, phone, device` of `peers`.
-pub(super) fn peer_key(row: &Row<'_>) -> Result<(BusinessId, PeerId), StoreError> {
+/// A row of [`ORPHAN_PEERS`](super::reads::ORPHAN_PEERS): `business,
+/// phone, device` of `peers` and the type of `sealed`, so that a record the
+/// peer read refuses is refused here too, and kept (listed, it would be
+/// deleted).
+pub(super) fn orphan_peer(row: &Row<'_>) -> Result<(BusinessId, PeerId), StoreError> {
     let c = Cols::new(row, "peers");
-    Ok((
+    let key = (
         c.business(0, "business")?,
         PeerId {
             phone: c.phone(1, "phone")?,
             device: c.u32(2, "device")?,
         },
-    ))
+    );
+    match c.text(3, "sealed")?.as_str() {
+        "blob" => Ok(key),
+        other => Err(c.bad("sealed", format_args!("expected a blob, found {other}"))),
+    }
 }
 
 /// The primary-key columns of a key, as bound: business, kind, id.

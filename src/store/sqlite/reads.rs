@@ -507,8 +507,10 @@ pub(super) fn message_epochs(
 }
 
 /// The peer records after `(?1, ?2, ?3)` in key order whose consumer has
-/// no message expiring after `?4`. No `LIMIT`, as for [`DUE`].
-pub(super) const ORPHAN_PEERS: &str = "SELECT business, phone, device, rowid FROM peers AS p
+/// no message expiring after `?4`, with the type of `sealed` (see
+/// [`codec::orphan_peer`]). No `LIMIT`, as for [`DUE`].
+pub(super) const ORPHAN_PEERS: &str = "SELECT business, phone, device, typeof(sealed), rowid
+     FROM peers AS p
      WHERE (business, phone, device) > (?1, ?2, ?3)
        AND NOT EXISTS (SELECT 1 FROM messages AS m
                        WHERE m.business = p.business AND m.phone = p.phone
@@ -535,7 +537,7 @@ pub(super) fn orphan_peers(
     let mut rows = stmt
         .query(params![business, phone, device, time_sql(now)])
         .db()?;
-    let decoded = codec::decodable(&mut rows, limit, "peers", damaged, codec::peer_key)?;
+    let decoded = codec::decodable(&mut rows, limit, "peers", damaged, codec::orphan_peer)?;
     Ok(decoded.into_iter().map(|(_, p)| p).collect())
 }
 

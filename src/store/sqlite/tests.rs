@@ -1922,3 +1922,51 @@ fn a_file_refused_during_its_migration_is_left_as_it_was() {
         "the refused file ({refused}) was modified at bytes {changed:?}"
     );
 }
+
+/// A Signal record whose `sealed` is not a blob, which `Storage::peer`
+/// refuses, is not listed by `orphan_peers`, so the sweep keeps it for an
+/// operator, as it keeps such a message. (The listing decoded only the key
+/// columns, and the sweep deleted the record.)
+#[test]
+fn a_peer_record_that_does_not_decode_is_kept_by_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers.db");
+    let peer = |phone: u8| PeerId {
+        phone: PhoneHash::from_bytes([phone; 16]),
+        device: 0,
+    };
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for phone in 1..=2 {
+            batch.push(Op::PutPeer {
+                business: business(1),
+                peer: peer(phone),
+                sealed: vec![phone; 20],
+            });
+        }
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    tamper(
+        &path,
+        "UPDATE peers SET sealed = 'damaged' WHERE phone = X'01010101010101010101010101010101'",
+    );
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let read = block_on(store.peer(business(1), peer(1)));
+    assert!(matches!(read, Err(StoreError::Corrupt(_))), "{read:?}");
+    let listed = block_on(store.orphan_peers(Timestamp::MAX, None, 10)).unwrap();
+    let now = Timestamp::from_millis(T0 + 86_400_000);
+    let report = sweep(&store, now);
+    let after = block_on(store.peer(business(1), peer(1)));
+    assert!(
+        matches!(after, Err(StoreError::Corrupt(_))),
+        "the sweep deleted the damaged record ({report:?}): now {after:?}; \
+         orphan_peers listed {listed:?}"
+    );
+    assert_eq!(
+        listed,
+        [(business(1), peer(2))],
+        "the damaged record is listed"
+    );
+}

@@ -348,28 +348,41 @@ pub(super) fn cap_expiry(
         }
     };
     // Stored times are biased (`t - 2^63`, see `codec`), so adding the
-    // period to the stored value adds it to the time. Rows whose creation
-    // plus the period would pass the largest time are left alone: their cap
-    // saturates there, which no expiry exceeds. So is a row whose times are
-    // not integers (damaged): rewritten, it would decode, and be swept.
-    let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
-    let upto: &[u8] = last.as_deref().unwrap_or(&[0xff; MessageId::LEN]);
-    conn.prepare_cached(
-        "UPDATE messages SET expiry = created + ?3
-         WHERE business = ?1 AND id > ?5 AND id <= ?6 AND direction = ?2
-           AND created <= ?4 AND expiry > created + ?3
-           AND typeof(expiry) = 'integer' AND typeof(created) = 'integer'",
-    )
-    .db()?
-    .execute(params![
-        business,
-        direction.code(),
-        period,
-        i64::MAX - period,
-        after,
-        upto
-    ])
-    .db()?;
+    // period to the stored value adds it to the time. The period is bound
+    // as two integers (`low + high`, `high` 0 below 2^63 ms), which SQLite
+    // adds in that order without overflow in the rows updated: those whose
+    // creation plus the period does not pass the largest time (`created <=
+    // bound`). The rest are left alone: their cap saturates there, which no
+    // expiry exceeds, as it does for every row under a period of `u64::MAX`
+    // ms or more. So is a row whose times are not integers (damaged):
+    // rewritten, it would decode, and be swept.
+    let millis = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
+    if millis < u64::MAX {
+        let (low, high) = match i64::try_from(millis) {
+            Ok(low) => (low, 0),
+            // At most `u64::MAX - 1 - i64::MAX`, which is `i64::MAX`.
+            Err(_) => ((millis - i64::MAX.unsigned_abs()).cast_signed(), i64::MAX),
+        };
+        let bound = i64::MAX - low - high;
+        let upto: &[u8] = last.as_deref().unwrap_or(&[0xff; MessageId::LEN]);
+        conn.prepare_cached(
+            "UPDATE messages SET expiry = created + ?3 + ?7
+             WHERE business = ?1 AND id > ?5 AND id <= ?6 AND direction = ?2
+               AND created <= ?4 AND expiry > created + ?3 + ?7
+               AND typeof(expiry) = 'integer' AND typeof(created) = 'integer'",
+        )
+        .db()?
+        .execute(params![
+            business,
+            direction.code(),
+            low,
+            bound,
+            after,
+            upto,
+            high
+        ])
+        .db()?;
+    }
     last.map(|id| {
         <[u8; MessageId::LEN]>::try_from(id.as_slice())
             .map(MessageId::from_bytes)
