@@ -225,13 +225,13 @@ impl Processor {
         parts: InboundParts,
         purpose: Purpose,
     ) -> Attempt {
+        // Tried again later, whatever the reason: the audit trail may work
+        // again, and the policy may change (the message is decrypted, its
+        // session moved on: the consumer will not send it again). Under a
+        // policy that never allows it, its retention ends it.
         let refused = |reason: DenyReason| {
-            warn!(%business, id = %parts.id, ?reason, "visibility policy refused delivery to the business");
-            match reason {
-                // The audit trail failed: the policy allows it, try again.
-                DenyReason::AuditFailed => Attempt::Retry,
-                _ => Attempt::Fail(FailureReason::Refused),
-            }
+            warn!(%business, id = %parts.id, ?reason, "visibility policy refused delivery to the business; will retry");
+            Attempt::Retry
         };
         let content = match self.gate.release(
             Labelled::of_business(DataClass::MessageContent, business, parts.content),

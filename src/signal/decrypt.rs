@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use wacore_libsignal::protocol::consts::MAX_FORWARD_JUMPS;
 use wacore_libsignal::protocol::{
     CiphertextMessage, PublicKey, SessionState, UsePQRatchet, message_decrypt,
 };
@@ -330,8 +331,9 @@ impl Sessions {
                 .get_receiver_chain_key(&message.chain);
             chain.ok()?.map(|k| k.index())
         };
+        let index = chain_index(state.session.as_ref());
         // Whether it could be the next message on that chain.
-        let next = !first && chain_index(state.session.as_ref()) == Some(message.counter);
+        let next = !first && index == Some(message.counter);
         // The base key naming the session in use (a key of another length
         // names none, so no session counts as kept), where the decrypt may
         // change that session and it matters: a first-contact message may
@@ -368,6 +370,14 @@ impl Sessions {
             Ok(decrypted) => decrypted,
             Err(e) => {
                 Self::restore((state, taken), sessions, &identities);
+                // The library tries every session it keeps, and answers
+                // "decryption failed" whatever stopped each.
+                let jump = |i: u32| usize::try_from(message.counter.saturating_sub(i));
+                if index.is_some_and(|i| jump(i).is_ok_and(|jump| jump > MAX_FORWARD_JUMPS)) {
+                    return Err(SignalError::InvalidMessage(
+                        "message from too far into the future",
+                    ));
+                }
                 return Err(protocol_error(e, prekeys.take_failure()));
             }
         };

@@ -564,6 +564,10 @@ fn protocol_error(e: SignalProtocolError, failure: Option<SignalError>) -> Signa
         P::InvalidState(..) | P::BackendError(..) => {
             SignalError::Storage(StorageFailure::Corrupt("Signal state"))
         }
+        // The library's own words: "message from too far into the future"
+        // (more counters ahead than it derives keys for), "decryption
+        // failed"; fixed texts, which carry no key or content.
+        P::InvalidMessage(_, why) => SignalError::InvalidMessage(why),
         _ => SignalError::InvalidMessage("malformed message"),
     }
 }

@@ -155,7 +155,12 @@ pub trait Storage: KeyStore {
     /// `Ok`, the batch is as durable as the backend promises. A commit whose
     /// future is dropped may still land (a `SqliteStore` hands the batch to
     /// its writer thread at the first poll): callers write conditionally,
-    /// so that making an unanswered write again changes nothing.
+    /// so that making an unanswered write again changes nothing. It must
+    /// land before any read (of this store, this process) that begins once
+    /// the future is dropped, or never: a read waits for such a write to
+    /// land or fail. Otherwise the next operation reads the state before
+    /// it, and its own write lands over it (a session started twice from
+    /// one one-time prekey, a replay's key kept).
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 
     /// Make `writer` the store's writer: from this call's return on, a

@@ -407,6 +407,15 @@ pub struct GroupCommits {
 }
 
 impl SqliteStore {
+    /// The read connections, once every write whose caller stopped waiting
+    /// for it before this call has landed or failed: a commit dropped by its
+    /// caller is still applied by the writer thread, and a read that began
+    /// after the drop must not miss it (see [`Storage::commit`]).
+    async fn reads(&self) -> &Readers {
+        self.writer.settled().await;
+        &self.readers
+    }
+
     /// The transactions the writer committed since the store was opened,
     /// and the writes they held: writes per transaction is how many
     /// concurrent writes share each transaction's sync. Failed writes are
@@ -484,7 +493,7 @@ fn open_writer(path: &Path, config: &SqliteConfig) -> rusqlite::Result<Connectio
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
-        self.readers.with(|c| reads::ring(c, business))
+        self.reads().await.with(|c| reads::ring(c, business))
     }
 
     async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
@@ -495,7 +504,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        self.readers.with(|c| reads::key(c, id))
+        self.reads().await.with(|c| reads::key(c, id))
     }
 
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
@@ -537,7 +546,8 @@ impl KeyStore for SqliteStore {
         after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::keys_wrapped_below(c, business, version, after, limit))
     }
 
@@ -546,7 +556,8 @@ impl KeyStore for SqliteStore {
         business: BusinessId,
         version: u32,
     ) -> Result<u64, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::count_wrapped_under(c, business, version))
     }
 
@@ -557,7 +568,8 @@ impl KeyStore for SqliteStore {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::keys_of_kind(c, business, kind, after, limit))
     }
 
@@ -566,7 +578,8 @@ impl KeyStore for SqliteStore {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<KeyId>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::ended_epoch_keys(c, now, limit, &self.damaged))
     }
 }
@@ -599,7 +612,7 @@ impl Storage for SqliteStore {
         business: BusinessId,
         peer: PeerId,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.readers.with(|c| reads::peer(c, business, peer))
+        self.reads().await.with(|c| reads::peer(c, business, peer))
     }
 
     async fn peer_devices(
@@ -607,7 +620,8 @@ impl Storage for SqliteStore {
         business: BusinessId,
         phone: PhoneHash,
     ) -> Result<Vec<u32>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::peer_devices(c, business, phone))
     }
 
@@ -616,7 +630,7 @@ impl Storage for SqliteStore {
         business: BusinessId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        self.readers.with(|c| reads::message(c, business, id))
+        self.reads().await.with(|c| reads::message(c, business, id))
     }
 
     async fn due_messages(
@@ -624,7 +638,8 @@ impl Storage for SqliteStore {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::due_messages(c, now, limit, &self.damaged))
     }
 
@@ -634,7 +649,8 @@ impl Storage for SqliteStore {
         after: Option<(Timestamp, BusinessId, MessageId)>,
         limit: usize,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::expired_open_messages(c, now, after, limit, &self.damaged))
     }
 
@@ -666,7 +682,8 @@ impl Storage for SqliteStore {
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::message_businesses(c, &self.damaged))
     }
 
@@ -675,7 +692,8 @@ impl Storage for SqliteStore {
         business: BusinessId,
         phone: Option<PhoneHash>,
     ) -> Result<Vec<Epoch>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::message_epochs(c, business, phone))
     }
 
@@ -685,24 +703,26 @@ impl Storage for SqliteStore {
         after: Option<(BusinessId, PeerId)>,
         limit: usize,
     ) -> Result<Vec<(BusinessId, PeerId)>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::orphan_peers(c, now, after, limit, &self.damaged))
     }
 
     async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
-        self.readers.with(|c| reads::holds(c))
+        self.reads().await.with(|c| reads::holds(c))
     }
 
     async fn census(&self) -> Result<Census, StoreError> {
-        self.readers.with(reads::census)
+        self.reads().await.with(reads::census)
     }
 
     async fn billing(&self, business: BusinessId) -> Result<StoredBilling, StoreError> {
-        self.readers.with(|c| reads::billing(c, business))
+        self.reads().await.with(|c| reads::billing(c, business))
     }
 
     async fn billing_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {
-        self.readers
+        self.reads()
+            .await
             .with(|c| reads::billing_businesses(c, &self.damaged))
     }
 

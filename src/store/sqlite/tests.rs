@@ -1970,3 +1970,39 @@ fn a_peer_record_that_does_not_decode_is_kept_by_the_sweep() {
         "the damaged record is listed"
     );
 }
+
+/// A commit whose caller stopped waiting (a host's timeout) while the
+/// writer was held up is still applied, and a read begun after the drop
+/// waits for it instead of reading the state before it; once it has
+/// landed, reads wait for nothing. (The read ran at once and missed the
+/// write, which landed after it: the next operation on a Signal session
+/// read the state before the dropped one and wrote over it.)
+#[test]
+fn a_read_begun_after_a_dropped_commit_waits_for_it() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("late.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let written = record(1, b"landed late");
+    // Another connection holds the write lock: the writer thread waits.
+    let other = Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut commit = Box::pin(store.commit(Batch::from(Op::PutMessage(Box::new(written.clone())))));
+    assert!(commit.as_mut().poll(&mut cx).is_pending());
+    drop(commit);
+    let mut read = Box::pin(store.message(business(1), written.id));
+    assert!(
+        read.as_mut().poll(&mut cx).is_pending(),
+        "the read waits for the dropped commit"
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(block_on(read).unwrap(), Some(written));
+    // Nothing is left to wait for: a read with the write lock held elsewhere
+    // answers at once.
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut read = Box::pin(store.message(business(1), MessageId::from_bytes([2; 16])));
+    assert!(matches!(read.as_mut().poll(&mut cx), Poll::Ready(Ok(None))));
+    other.execute_batch("ROLLBACK").unwrap();
+}

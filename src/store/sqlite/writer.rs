@@ -32,13 +32,25 @@
 //! A task's work may run more than once for these reasons; it never
 //! half-applies, since its transaction commits or rolls back whole.
 //!
+//! A caller may stop waiting (its future dropped by a timeout): its task
+//! stays queued and is applied all the same. The store's reads must not miss
+//! it, so a caller that stops waiting before its answer counts its task as
+//! abandoned, the thread uncounts it once answered (the reply finding no one
+//! to take it), and while any is counted a read first queues a barrier,
+//! answered once everything queued before it has been answered
+//! ([`Writer::settled`]). Abandoned writes are rare, so reads almost never
+//! wait.
+//!
 //! The one-shot replies are `futures-channel`'s: runtime-agnostic, small,
 //! maintained with the `futures` crates, and a reply whose sender is dropped
 //! (the writer thread gone) completes with `Canceled` instead of hanging.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::task::{Context, Poll, ready};
 use std::thread::JoinHandle;
 
 use futures_channel::oneshot;
@@ -65,11 +77,71 @@ trait Task: Send {
     fn fail(self: Box<Self>, error: StoreError);
 }
 
+/// What the thread takes off its queue.
+enum Job {
+    /// A write.
+    Write(Box<dyn Task>),
+    /// Answered once every job queued before it has been answered.
+    Barrier(oneshot::Sender<()>),
+}
+
 struct Typed<T, F> {
     work: F,
     output: Option<T>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
+    reply: Reply<T>,
     fence: Option<WriterId>,
+}
+
+/// A task's reply, and the count of abandoned tasks it uncounts if its
+/// caller stopped waiting (see [`Answer`]).
+struct Reply<T> {
+    sender: oneshot::Sender<Result<T, StoreError>>,
+    abandoned: Arc<AtomicI64>,
+}
+
+impl<T> Reply<T> {
+    fn send(self, result: Result<T, StoreError>) {
+        // The caller stopped waiting; the work is done either way.
+        if self.sender.send(result).is_err() {
+            self.abandoned.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A caller's wait for its task's reply. Dropped before the reply, it closes
+/// the channel and counts the task as abandoned, unless a reply came in
+/// first (the task is done); the thread's reply then fails and uncounts it.
+/// The count may go below zero for a moment (uncounted first), never while
+/// a task it counts is unanswered.
+struct Answer<'w, T> {
+    receiver: oneshot::Receiver<Result<T, StoreError>>,
+    abandoned: &'w AtomicI64,
+    answered: bool,
+}
+
+impl<T> Future for Answer<'_, T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let reply = ready!(Pin::new(&mut self.receiver).poll(cx));
+        self.answered = true;
+        Poll::Ready(reply.map_err(|_| writer_gone())?)
+    }
+}
+
+impl<T> Drop for Answer<'_, T> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.receiver.close();
+        // Closed, the channel holds a reply only if one was sent before the
+        // close: the task is done. (A thread that stopped with the task
+        // unanswered lands nothing more, and is not waited for.)
+        if !matches!(self.receiver.try_recv(), Ok(Some(_))) {
+            self.abandoned.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl<T, F> Task for Typed<T, F>
@@ -92,21 +164,22 @@ where
         let result = this
             .output
             .ok_or_else(|| StoreError::Backend("write task committed without running".into()));
-        // The caller may have stopped waiting; the work is done either way.
-        let _ = this.reply.send(result);
+        this.reply.send(result);
     }
 
     fn fail(self: Box<Self>, error: StoreError) {
-        let _ = self.reply.send(Err(error));
+        self.reply.send(Err(error));
     }
 }
 
 /// The handle to the writer thread. Dropping it lets queued work finish,
 /// then closes the connection and joins the thread.
 pub(super) struct Writer {
-    queue: Option<mpsc::Sender<Box<dyn Task>>>,
+    queue: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Counts>,
+    /// Tasks whose callers stopped waiting and that are not answered yet.
+    abandoned: Arc<AtomicI64>,
 }
 
 /// What the writer has committed so far.
@@ -143,6 +216,7 @@ impl Writer {
             queue: Some(queue),
             thread: Some(thread),
             counts,
+            abandoned: Arc::default(),
         })
     }
 
@@ -174,19 +248,42 @@ impl Writer {
         T: Send + 'static,
         F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
+        let (sender, receiver) = oneshot::channel();
         let task = Box::new(Typed {
             work,
             output: None,
-            reply,
+            reply: Reply {
+                sender,
+                abandoned: self.abandoned.clone(),
+            },
             fence,
         });
         self.queue
             .as_ref()
             .ok_or_else(writer_gone)?
-            .send(task)
+            .send(Job::Write(task))
             .map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+        Answer {
+            receiver,
+            abandoned: &self.abandoned,
+            answered: false,
+        }
+        .await
+    }
+
+    /// Resolves once every task whose caller stopped waiting for it before
+    /// this call has landed or failed; at once when there is none. A
+    /// stopped thread lands nothing more, so it is not waited for.
+    pub(super) async fn settled(&self) {
+        if self.abandoned.load(Ordering::Acquire) <= 0 {
+            return;
+        }
+        let (done, settled) = oneshot::channel();
+        if let Some(queue) = &self.queue
+            && queue.send(Job::Barrier(done)).is_ok()
+        {
+            let _ = settled.await;
+        }
     }
 }
 
@@ -200,17 +297,33 @@ impl Drop for Writer {
     }
 }
 
-fn run(conn: Connection, tasks: mpsc::Receiver<Box<dyn Task>>, max_group: usize, counts: &Counts) {
+fn run(conn: Connection, jobs: mpsc::Receiver<Job>, max_group: usize, counts: &Counts) {
     let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group);
-    while let Ok(first) = tasks.recv() {
-        group.push(first);
+    let mut barrier = None;
+    while let Ok(first) = jobs.recv() {
+        match first {
+            Job::Write(task) => group.push(task),
+            Job::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        }
+        // A group ends at a barrier, which is answered once the group is
+        // (a task set aside in it included).
         while group.len() < max_group {
-            match tasks.try_recv() {
-                Ok(task) => group.push(task),
+            match jobs.try_recv() {
+                Ok(Job::Write(task)) => group.push(task),
+                Ok(Job::Barrier(done)) => {
+                    barrier = Some(done);
+                    break;
+                }
                 Err(_) => break,
             }
         }
         commit_group(&conn, &mut group, counts);
+        if let Some(done) = barrier.take() {
+            let _ = done.send(());
+        }
     }
     // Closing the last connection checkpoints the log into the file.
     let _ = conn.close();
@@ -364,11 +477,14 @@ pub(super) mod testing {
         let mut answers = Vec::new();
         let mut group: Vec<Box<dyn Task>> = Vec::new();
         for (fence, work) in works {
-            let (reply, answer) = oneshot::channel();
+            let (sender, answer) = oneshot::channel();
             group.push(Box::new(Typed {
                 work,
                 output: None,
-                reply,
+                reply: Reply {
+                    sender,
+                    abandoned: Arc::default(),
+                },
                 fence,
             }));
             answers.push(answer);

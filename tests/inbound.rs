@@ -1,0 +1,352 @@
+//! The inbound path when luck runs out: receives dropped at a commit that
+//! SQLite lands later, messages far ahead of their chain, a visibility
+//! policy that withholds content for a while.
+#![cfg(all(feature = "testing", feature = "sqlite"))]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use custodian::ids::{BusinessId, PhoneNumber};
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{Host, Inbound, Policies, Processor, ProcessorError, Receipt};
+use custodian::signal::{Ciphertext, SignalError};
+use custodian::store::{SqliteConfig, SqliteStore, Storage};
+use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::visibility::MemoryAuditSink;
+
+const T0: u64 = 1_767_225_600_000;
+
+/// A processor over a SQLite file, with a recording transport and a
+/// simulated business endpoint.
+struct World {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    clock: ManualClock,
+    store: Arc<SqliteStore>,
+    network: Arc<RecordingTransport>,
+    business: Arc<SimBusiness>,
+    processor: Processor,
+    carrier: Principal,
+    operator: Principal,
+    b: BusinessId,
+}
+
+impl World {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let config = SqliteConfig {
+            busy_timeout: std::time::Duration::from_secs(60),
+            ..SqliteConfig::default()
+        };
+        let store = Arc::new(SqliteStore::open(&path, config).unwrap());
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let network = Arc::new(RecordingTransport::new());
+        let business = SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap();
+        let carrier = Principal::new("carrier");
+        let operator = Principal::new("operator");
+        let b = BusinessId::new(5).unwrap();
+        let processor = Processor::new(
+            Host {
+                storage: store.clone(),
+                key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+                transport: network.clone(),
+                business: business.clone(),
+                authorizer: Arc::new(
+                    StaticAuthorizer::new()
+                        .grant(&carrier, b)
+                        .carrier(&carrier, b)
+                        .operator(&operator),
+                ),
+                clock: Arc::new(clock.clone()),
+                audit: Arc::new(MemoryAuditSink::new()),
+            },
+            Policies::default(),
+        )
+        .unwrap();
+        processor.publish_keys(&carrier, b).await.unwrap();
+        Self {
+            _dir: dir,
+            path,
+            clock,
+            store,
+            network,
+            business,
+            processor,
+            carrier,
+            operator,
+            b,
+        }
+    }
+
+    /// A consumer device with a session started from the published keys,
+    /// taking one-time prekey `prekey`.
+    async fn device(&self, prekey: usize) -> ConsumerDevice {
+        let mut device = ConsumerDevice::new(0);
+        let bundle = self.network.published().unwrap();
+        device
+            .start_session(self.b, &bundle.bundle(Some(prekey)))
+            .await
+            .unwrap();
+        device
+    }
+
+    async fn receive(
+        &self,
+        from: &PhoneNumber,
+        message: &Ciphertext,
+    ) -> Result<Receipt, ProcessorError> {
+        let inbound = Inbound {
+            from: from.clone(),
+            device: 0,
+            message: message.clone(),
+        };
+        self.processor.receive(&self.carrier, self.b, inbound).await
+    }
+
+    /// Another process takes the SQLite write lock (a backup, an older
+    /// processor on the same file, anything holding a write transaction):
+    /// the store's writer thread waits for it, and a commit queued
+    /// meanwhile lands once it is released, whether or not its caller
+    /// still waits. Readers are not held up (write-ahead log).
+    fn lock_writes(&self) -> WriteLock {
+        let conn = rusqlite::Connection::open(&self.path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        WriteLock(conn)
+    }
+
+    /// What the business was handed, as text, first copies only.
+    fn texts(&self) -> Vec<String> {
+        self.business
+            .contents()
+            .into_iter()
+            .map(|(_, _, c)| String::from_utf8_lossy(&c).into_owned())
+            .collect()
+    }
+}
+
+struct WriteLock(rusqlite::Connection);
+
+impl WriteLock {
+    fn release(self) {
+        self.0.execute_batch("ROLLBACK").unwrap();
+    }
+}
+
+/// Poll `future` once: whether it finished.
+async fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    let mut future = future;
+    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
+}
+
+fn consumer(i: u32) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+/// A consumer's first two messages both carry the session setup (a
+/// consumer writes twice before the business answers). The receive of the
+/// first is dropped at its commit (a host's timeout), which SQLite's writer
+/// applies later; the second, received meanwhile, waits for that commit to
+/// land and decrypts on the session it started. (It read the store before
+/// the commit landed, started the session again from the same one-time
+/// prekey, and its commit conflicted on it: refused for good as
+/// `InvalidMessage("the one-time prekey was used already")`, a valid
+/// message the transport may then drop.)
+#[tokio::test]
+async fn a_second_setup_message_waits_for_the_first_ones_dropped_commit() {
+    let w = World::new().await;
+    // Another consumer's message first: the processor has taken the store
+    // over and has the epoch key it seals with.
+    let mut other = w.device(0).await;
+    let hello = other.encrypt(w.b, b"hello").await.unwrap();
+    w.receive(&consumer(2), &hello).await.unwrap();
+
+    let from = consumer(1);
+    let mut device = w.device(1).await;
+    let first = device.encrypt(w.b, b"first").await.unwrap();
+    let second = device.encrypt(w.b, b"second").await.unwrap();
+
+    let lock = w.lock_writes();
+    let mut receive = Box::pin(w.receive(&from, &first));
+    assert!(
+        poll_once(receive.as_mut()).await.is_pending(),
+        "the first receive waits for its commit"
+    );
+    // The host gives up on it (a timeout): the commit is queued all the same.
+    drop(receive);
+    let mut next = Box::pin(w.receive(&from, &second));
+    assert!(poll_once(next.as_mut()).await.is_pending());
+    lock.release();
+    let refused = next.await;
+
+    // The first message landed: it is stored, and the business gets it.
+    w.processor.retransmit_due(&w.operator).await.unwrap();
+    let texts = w.texts();
+    assert!(texts.contains(&"first".to_owned()), "{texts:?}");
+    if let Err(e) = &refused
+        && e.is_permanent()
+    {
+        let again = w.receive(&from, &second).await;
+        panic!(
+            "a valid message was refused for good ({e}): the transport drops it and it is lost \
+             (the business has {texts:?}; the same bytes received again: {again:?})"
+        );
+    }
+}
+
+/// The receive of message 2 of a chain is dropped at its commit (a host's
+/// timeout) while SQLite's writer is held up, and the commit lands later.
+/// Message 3, received meanwhile, waits for it, so the session it persists
+/// holds no key for counter 2, and a replay of message 2 is refused, as a
+/// duplicate while it is stored and for good once its retention has ended.
+/// (Message 3 reloaded the state before message 2 landed, kept counter 2's
+/// key, and after retention the replay decrypted as new: the business was
+/// handed message 2 a second time.)
+#[tokio::test]
+async fn a_replay_after_retention_is_refused_when_a_receive_was_dropped_at_its_commit() {
+    let w = World::new().await;
+    let mut other = w.device(0).await;
+    let hello = other.encrypt(w.b, b"hello").await.unwrap();
+    w.receive(&consumer(2), &hello).await.unwrap();
+
+    let from = consumer(1);
+    let mut device = w.device(1).await;
+    let mut messages = Vec::new();
+    for i in 0..4 {
+        let text = format!("message {i}");
+        messages.push(device.encrypt(w.b, text.as_bytes()).await.unwrap());
+    }
+    for message in &messages[..2] {
+        let receipt = w.receive(&from, message).await.unwrap();
+        assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+    }
+    let lock = w.lock_writes();
+    let mut receive = Box::pin(w.receive(&from, &messages[2]));
+    assert!(poll_once(receive.as_mut()).await.is_pending());
+    drop(receive);
+    let mut next = Box::pin(w.receive(&from, &messages[3]));
+    assert!(poll_once(next.as_mut()).await.is_pending());
+    lock.release();
+    let receipt = next.await.unwrap();
+    assert!(receipt.delivered && !receipt.duplicate, "{receipt:?}");
+    // Message 2 landed: it is handed over by the retransmission loop.
+    w.processor.retransmit_due(&w.operator).await.unwrap();
+    assert_eq!(
+        w.texts(),
+        ["hello", "message 0", "message 1", "message 3", "message 2"]
+    );
+    // A replay while it is stored is a duplicate.
+    let replay = w.receive(&from, &messages[2]).await.unwrap();
+    assert!(replay.duplicate, "{replay:?}");
+
+    // The conversation goes on; message 2's retention ends.
+    let day = std::time::Duration::from_secs(24 * 3600);
+    w.clock.advance(29 * day);
+    let later = device.encrypt(w.b, b"message 4").await.unwrap();
+    assert!(w.receive(&from, &later).await.unwrap().delivered);
+    w.clock.advance(2 * day);
+    w.processor.sweep(&w.operator).await.unwrap();
+    assert!(
+        w.store.message(w.b, replay.id).await.unwrap().is_none(),
+        "swept"
+    );
+
+    let replay = w.receive(&from, &messages[2]).await;
+    let handed: Vec<u32> = w.business.messages().into_values().collect();
+    assert!(
+        !replay.as_ref().is_ok_and(|r| r.delivered || !r.duplicate)
+            && handed.iter().all(|&n| n == 1),
+        "a replay of message 2 was taken for new and handed to the business again: {replay:?} \
+         (handovers per message: {handed:?})"
+    );
+}
+
+/// A well-formed, authentic message more than the library's 2,000 counters
+/// ahead of its chain (the messages before it lost) is refused with the
+/// library's reason, not as malformed: the host can tell it from corrupted
+/// bytes. (It was `InvalidMessage("malformed message")`.)
+#[tokio::test]
+async fn a_message_too_far_ahead_of_its_chain_is_refused_as_such() {
+    let w = World::new().await;
+    let from = consumer(1);
+    let mut device = w.device(0).await;
+    let first = device.encrypt(w.b, b"first").await.unwrap();
+    assert!(w.receive(&from, &first).await.unwrap().delivered);
+    let mut last = None;
+    for _ in 0..2002 {
+        last = Some(device.encrypt(w.b, b"later").await.unwrap());
+    }
+    let refused = w.receive(&from, &last.unwrap()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ProcessorError::Signal(SignalError::InvalidMessage(
+                "message from too far into the future"
+            )))
+        ),
+        "a well-formed message too far ahead of its chain: {refused:?}"
+    );
+}
+
+/// An inbound message whose content the visibility policy in force denies
+/// its business is stored and retried: once the operator puts the policy
+/// right, the retransmission loop hands it over. (It was failed for good,
+/// with the transport named as refusing it, and never handed over: the
+/// consumer, whose session moved on, does not send it again.)
+#[tokio::test]
+async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows() {
+    use custodian::visibility::{DataClass, Party, Purpose, Revision, VisibilityPolicy};
+    let w = World::new().await;
+    let from = consumer(1);
+    let mut device = w.device(0).await;
+    let first = device.encrypt(w.b, b"first").await.unwrap();
+    assert!(w.receive(&from, &first).await.unwrap().delivered);
+
+    let published = VisibilityPolicy::default();
+    let tightened = published
+        .to_builder(Revision::new(1).unwrap())
+        .deny(
+            Party::Business,
+            DataClass::MessageContent,
+            Purpose::Delivery,
+        )
+        .build();
+    w.processor
+        .set_visibility_policy(&w.operator, tightened)
+        .unwrap();
+    let second = device.encrypt(w.b, b"second").await.unwrap();
+    let receipt = w.receive(&from, &second).await.unwrap();
+    assert!(!receipt.delivered && !receipt.duplicate, "{receipt:?}");
+
+    // The operator puts the published table back in force.
+    w.processor
+        .set_visibility_policy(
+            &w.operator,
+            published.to_builder(Revision::new(2).unwrap()).build(),
+        )
+        .unwrap();
+    for _ in 0..30 {
+        w.clock.advance(std::time::Duration::from_secs(60));
+        w.processor.retransmit_due(&w.operator).await.unwrap();
+    }
+    let status = w
+        .processor
+        .message_status(&w.carrier, w.b, receipt.id)
+        .await;
+    let told = w.business.statuses().get(&receipt.id).cloned();
+    assert_eq!(
+        w.texts(),
+        ["first", "second"],
+        "the message refused while the policy denied it was never handed over (its status: \
+         {status:?}; its business was told {told:?})"
+    );
+}
