@@ -167,6 +167,28 @@ impl Vault {
         Epoch::containing(expiry, self.epoch_length)
     }
 
+    /// The epoch a record expiring at `expiry` is sealed in at `now`, if it
+    /// may be sealed: its expiry in the future and at most the retention
+    /// [`CEILING`] away (give or take [`CLOCK_TOLERANCE`]). Whoever seals
+    /// records under the vault's keys, [`seal`](Self::seal) and the Signal
+    /// sessions, asks it first.
+    pub(crate) fn epoch_to_seal(
+        &self,
+        expiry: Timestamp,
+        now: Timestamp,
+    ) -> Result<Epoch, SealError> {
+        if expiry <= now {
+            return Err(SealError::ExpiryNotInFuture { expiry, now });
+        }
+        // Nothing stays readable past the ceiling: no configuration, and no
+        // caller of the vault, can raise it.
+        if expiry > now.saturating_add(CEILING + CLOCK_TOLERANCE) {
+            return Err(SealError::ExpiryBeyondCeiling { expiry, now });
+        }
+        self.epoch_of(expiry)
+            .ok_or(SealError::ExpiryOutOfRange(expiry))
+    }
+
     /// Seal `plaintext` as the record `label` describes, under the key of the
     /// epoch in which it expires (created on first use). The expiry must be
     /// in the future and at most the retention [`CEILING`] away (give or
@@ -176,23 +198,7 @@ impl Vault {
             return Err(SealError::TooLarge(plaintext.len()));
         }
         let now = self.clock.now();
-        if label.expiry <= now {
-            return Err(SealError::ExpiryNotInFuture {
-                expiry: label.expiry,
-                now,
-            });
-        }
-        // Nothing stays readable past the ceiling: no configuration, and no
-        // caller of the vault, can raise it.
-        if label.expiry > now.saturating_add(CEILING + CLOCK_TOLERANCE) {
-            return Err(SealError::ExpiryBeyondCeiling {
-                expiry: label.expiry,
-                now,
-            });
-        }
-        let epoch = self
-            .epoch_of(label.expiry)
-            .ok_or(SealError::ExpiryOutOfRange(label.expiry))?;
+        let epoch = self.epoch_to_seal(label.expiry, now)?;
         let seal = |key: &EpochKey| envelope::seal(key, label, plaintext);
         match self.keys.with_cached_epoch_key(label.business, epoch, seal) {
             Some(sealed) => sealed,

@@ -5,8 +5,8 @@
     reason = "tests assert by panicking"
 )]
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -15,10 +15,10 @@ use async_trait::async_trait;
 use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::keys::{
-    Epoch, EpochLength, KekContext, KeyEntry, KeyError, KeyId, KeyManager, KeyProvider,
-    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
+    Epoch, EpochLength, KekContext, KekRing, KeyEntry, KeyError, KeyId, KeyKind, KeyManager,
+    KeyProvider, LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
-use custodian::store::{KeyStore, MemoryStore};
+use custodian::store::{KeyStore, MemoryStore, StoreError};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::{OpenError, SealError, Vault};
 use hkdf::Hkdf;
@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 const HOUR: Duration = Duration::from_secs(3600);
+const T0: u64 = 1_767_225_600_000;
 
 struct Fixture {
     root: [u8; 32],
@@ -1444,4 +1445,553 @@ async fn a_floor_above_the_primary_is_refused_as_such_not_as_needing_a_rewrap() 
         ),
         "{answer:?}"
     );
+}
+
+/// A memory store whose `put_ring` can be made to pause after it applied
+/// (a write whose answer is still on its way) for one business, or to fail
+/// before it applies for another.
+struct ScriptedStore {
+    inner: MemoryStore,
+    /// Pause the next ring update (not creation) of this business, after it landed.
+    pause_update_of: Mutex<Option<BusinessId>>,
+    /// Fail every ring update (not creation) of this business.
+    fail_update_of: Mutex<Option<BusinessId>>,
+    reached: Semaphore,
+    release: Semaphore,
+}
+
+impl ScriptedStore {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryStore::new(),
+            pause_update_of: Mutex::new(None),
+            fail_update_of: Mutex::new(None),
+            reached: Semaphore::new(0),
+            release: Semaphore::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl KeyStore for ScriptedStore {
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        self.inner.ring(business).await
+    }
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        let b = ring.business();
+        if expected.is_some() && *self.fail_update_of.lock().unwrap() == Some(b) {
+            return Err(StoreError::Backend("injected ring write failure".into()));
+        }
+        let done = self.inner.put_ring(ring, expected).await;
+        let pause = expected.is_some() && {
+            let mut p = self.pause_update_of.lock().unwrap();
+            if *p == Some(b) {
+                *p = None;
+                true
+            } else {
+                false
+            }
+        };
+        if pause {
+            self.reached.add_permits(1);
+            self.release.acquire().await.unwrap().forget();
+        }
+        done
+    }
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        self.inner.key(id).await
+    }
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        self.inner.insert_key(key).await
+    }
+    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
+        self.inner.rewrap_key(key, expected).await
+    }
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        self.inner.destroy_key(id, at).await
+    }
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        self.inner.delete_keys(ids).await
+    }
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.inner
+            .keys_wrapped_below(business, version, after, limit)
+            .await
+    }
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner.count_wrapped_under(business, version).await
+    }
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.inner.keys_of_kind(business, kind, after, limit).await
+    }
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.ended_epoch_keys(now, limit).await
+    }
+}
+
+fn manager(store: &Arc<ScriptedStore>) -> Arc<KeyManager> {
+    Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ))
+}
+
+/// Once `promote_kek_version` returns `Ok`, new keys are wrapped under the
+/// new primary and the rotation goes through (rewrap, raise the floor),
+/// even if another business's ring write failed while the promotion was
+/// in flight. (The promotion's ring was not cached, as a ring had been
+/// forgotten meanwhile, and this business's older ring stayed cached for
+/// good: new epoch keys went on being wrapped under version 1, `rewrap`
+/// rewrapped nothing, and raising the floor was refused as
+/// `FloorAbovePrimary` however often it was retried.)
+#[tokio::test]
+async fn a_promotion_racing_another_business_failed_ring_write_takes_effect() {
+    let store = ScriptedStore::new();
+    let keys = manager(&store);
+    let (a, b) = (business(1), business(2));
+    let now = Timestamp::from_millis(T0);
+    // Both businesses have rings; A has a key under version 1 and a version 2.
+    let e1 = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    keys.epoch_key_for_seal(a, e1, now).await.unwrap();
+    keys.ring(b).await.unwrap();
+    let v2 = keys.add_kek_version(a, now).await.unwrap();
+
+    // A's promotion lands in the store; its answer is slow to come back.
+    *store.pause_update_of.lock().unwrap() = Some(a);
+    let promote = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.promote_kek_version(a, v2).await }
+    });
+    store.reached.acquire().await.unwrap().forget();
+    // Meanwhile an unrelated ring update of business B fails.
+    *store.fail_update_of.lock().unwrap() = Some(b);
+    let v = keys.add_kek_version(b, now).await;
+    assert!(matches!(v, Err(KeyError::Store(_))), "{v:?}");
+    *store.fail_update_of.lock().unwrap() = None;
+    store.release.add_permits(1);
+    promote.await.unwrap().unwrap();
+
+    // The store says version 2 is primary.
+    let stored = store.inner.ring(a).await.unwrap().unwrap();
+    assert_eq!(stored.primary(), v2);
+
+    // A new epoch key made after the promotion returned Ok.
+    let e2 = Epoch::containing(now.saturating_add(HOUR * 2), EpochLength::DEFAULT).unwrap();
+    keys.epoch_key_for_seal(a, e2, now).await.unwrap();
+    let Some(KeyEntry::Wrapped(w)) = store.inner.key(&KeyId::epoch(a, e2)).await.unwrap() else {
+        panic!("no key")
+    };
+    let primary_seen = keys.ring(a).await.unwrap().primary();
+    let rewrapped = keys.rewrap(a).await;
+    let mut floor = keys.raise_decrypt_floor(a, v2).await;
+    // The host retries the documented steps: still stuck.
+    for _ in 0..3 {
+        if floor.is_ok() {
+            break;
+        }
+        keys.rewrap(a).await.unwrap();
+        floor = keys.raise_decrypt_floor(a, v2).await;
+    }
+    assert!(
+        primary_seen == v2 && w.kek_version == v2 && floor.is_ok(),
+        "promotion returned Ok, but the process still sees primary {primary_seen}, \
+         wrapped a new epoch key under version {}, rewrap did {rewrapped:?} and \
+         raising the floor to {v2} gives {floor:?}",
+        w.kek_version
+    );
+}
+
+/// The default epoch length keeps at most 722 live keys per business, as
+/// its docs say: the expiries a vault accepts at one instant (the ceiling
+/// plus the clock tolerance ahead) fall in 722 hourly epochs when the
+/// instant is within a minute of an hour's end. (The docs said 721.)
+#[tokio::test]
+async fn the_default_epoch_length_keeps_at_most_722_live_keys() {
+    use custodian::envelope::{Kind, Label};
+    use custodian::ids::MessageId;
+    use custodian::retention::CEILING;
+    use custodian::time::{Clock, ManualClock};
+    use custodian::vault::{CLOCK_TOLERANCE, Vault};
+
+    let store = Arc::new(MemoryStore::new());
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ));
+    // 30 seconds before an hour boundary.
+    let hour = 3_600_000;
+    let now = Timestamp::from_millis(T0 / hour * hour + hour - 30_000);
+    let clock = ManualClock::new(now);
+    let vault = Vault::new(keys.clone(), Arc::new(clock.clone()), EpochLength::DEFAULT);
+    let b = business(3);
+    let last = now.saturating_add(CEILING + CLOCK_TOLERANCE);
+    let mut expiry = now.saturating_add(Duration::from_secs(1));
+    let mut expiries = Vec::new();
+    while expiry < last {
+        expiries.push(expiry);
+        expiry = expiry.saturating_add(HOUR);
+    }
+    expiries.push(last);
+    for expiry in expiries {
+        let label = Label {
+            kind: Kind::InboundMessage,
+            business: b,
+            id: MessageId::random(),
+            expiry,
+            region: "eu".parse().unwrap(),
+        };
+        vault.seal(&label, b"x").await.unwrap();
+    }
+    assert_eq!(clock.now(), now);
+    let live = store
+        .keys_of_kind(b, KeyKind::Epoch, None, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|w| w.id.id > now.as_millis())
+        .count();
+    assert_eq!(live, 722, "live epoch keys at one instant");
+}
+
+/// A Signal session is sealed under the same ceiling as every record: a
+/// decrypt asked to keep the session past it is refused, and stores
+/// nothing. (Sessions sealed their records themselves, checking the
+/// expiry against the epoch only, so a session given 30 days and 23 hours
+/// through the public `Sessions::decrypt` was sealed, and stayed readable,
+/// 23 hours past the ceiling.)
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_session_is_never_sealed_past_the_retention_ceiling() {
+    use custodian::envelope::Envelope;
+    use custodian::ids::PhoneNumber;
+    use custodian::retention::CEILING;
+    use custodian::signal::{Sessions, SignalConfig};
+    use custodian::store::{PeerId, Storage};
+    use custodian::testing::ConsumerDevice;
+    use custodian::time::{Clock, ManualClock};
+    use custodian::vault::Vault;
+
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ));
+    let vault = Arc::new(Vault::new(
+        keys.clone(),
+        Arc::new(clock.clone()),
+        EpochLength::DEFAULT,
+    ));
+    let sessions = Sessions::new(vault.clone(), store.clone(), SignalConfig::default());
+    let b = business(555);
+    let published = sessions.publish(b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    device
+        .start_session(b, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let number: PhoneNumber = "+447700900001".parse().unwrap();
+    let peer = PeerId {
+        phone: keys.phone_hash(b, &number).await.unwrap(),
+        device: 0,
+    };
+    let first = device.encrypt(b, b"hello").await.unwrap();
+    let now = clock.now();
+    let beyond = now.saturating_add(CEILING + HOUR * 23);
+    let decrypted = sessions.decrypt(b, peer, &first, beyond).await;
+    assert!(
+        matches!(
+            decrypted,
+            Err(custodian::signal::SignalError::Storage(
+                custodian::signal::StorageFailure::Seal(
+                    custodian::vault::SealError::ExpiryBeyondCeiling { .. }
+                )
+            ))
+        ),
+        "{:?}",
+        decrypted.map(|d| d.plaintext.len())
+    );
+    assert_eq!(store.peer(b, peer).await.unwrap(), None, "nothing stored");
+    // Within the ceiling, the same message decrypts.
+    let within = now.saturating_add(CEILING);
+    sessions.decrypt(b, peer, &first, within).await.unwrap();
+    let sealed = store.peer(b, peer).await.unwrap().unwrap();
+    let expiry = Envelope::parse(&sealed).unwrap().header().label().expiry;
+    assert_eq!(expiry, within);
+}
+
+/// A key store over a memory store whose rows can be moved: `key(to)`
+/// answers with the row stored under `from`, as a host's database whose
+/// rows were swapped around (or restored into the wrong place) would.
+struct MovedRows {
+    inner: MemoryStore,
+    moved: Mutex<Vec<(KeyId, KeyId)>>,
+}
+
+#[async_trait]
+impl KeyStore for MovedRows {
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        self.inner.ring(business).await
+    }
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        self.inner.put_ring(ring, expected).await
+    }
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        let from = self
+            .moved
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(to, _)| to == id)
+            .map(|(_, from)| *from);
+        self.inner.key(&from.unwrap_or(*id)).await
+    }
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        self.inner.insert_key(key).await
+    }
+    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
+        self.inner.rewrap_key(key, expected).await
+    }
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        self.inner.destroy_key(id, at).await
+    }
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        self.inner.delete_keys(ids).await
+    }
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.inner
+            .keys_wrapped_below(business, version, after, limit)
+            .await
+    }
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner.count_wrapped_under(business, version).await
+    }
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.inner.keys_of_kind(business, kind, after, limit).await
+    }
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.inner.ended_epoch_keys(now, limit).await
+    }
+}
+
+/// A wrapped key moved to another key's row (a host's store whose rows were
+/// swapped, or restored into the wrong place) is refused as that key: here
+/// the business's phone-index key, in an epoch's row, neither loads as the
+/// epoch's key nor has records sealed under it. (The manager checked the
+/// blob against the id it carried, not the id it asked for: the phone-index
+/// key, never destroyed, became the epoch's key, and shredding the epoch
+/// no longer removed the key its records were sealed with.)
+#[tokio::test]
+async fn a_wrapped_key_moved_to_another_row_is_refused() {
+    use custodian::envelope::{Envelope, Kind, Label};
+    use custodian::ids::{MessageId, PhoneNumber};
+    use custodian::time::ManualClock;
+    use custodian::vault::Vault;
+
+    let store = Arc::new(MovedRows {
+        inner: MemoryStore::new(),
+        moved: Mutex::new(Vec::new()),
+    });
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ));
+    let a = business(4);
+    let now = Timestamp::from_millis(T0);
+    // The business has a phone index key (every business that indexes a
+    // consumer has one).
+    let number: PhoneNumber = "+447700900001".parse().unwrap();
+    keys.phone_hash(a, &number).await.unwrap();
+    // The row of an epoch of A holds A's phone index key, moved there.
+    let epoch = Epoch::containing(now.saturating_add(HOUR), EpochLength::DEFAULT).unwrap();
+    let slot = KeyId::epoch(a, epoch);
+    store
+        .moved
+        .lock()
+        .unwrap()
+        .push((slot, KeyId::phone_index(a)));
+    let clock = ManualClock::new(now);
+    let vault = Vault::new(keys.clone(), Arc::new(clock), EpochLength::DEFAULT);
+    let label = Label {
+        kind: Kind::InboundMessage,
+        business: a,
+        id: MessageId::random(),
+        expiry: now.saturating_add(HOUR),
+        region: "eu".parse().unwrap(),
+    };
+    let sealed = vault
+        .seal(&label, b"sealed under the phone index key")
+        .await;
+    let loaded = keys.epoch_key(a, epoch).await;
+    assert!(
+        matches!(loaded, Err(KeyError::Unwrap(id)) if id == slot),
+        "the row of {slot:?} holds {:?}'s blob, yet loading it gives {loaded:?} \
+         and sealing into the epoch gives {:?}",
+        KeyId::phone_index(a),
+        sealed.map(|s| Envelope::parse(&s).unwrap().header().epoch())
+    );
+}
+
+/// A provider that fails its `fail_at`-th wrap (counted from 1).
+struct FailNthWrap {
+    inner: LocalKeyProvider,
+    calls: std::sync::atomic::AtomicUsize,
+    fail_at: usize,
+}
+
+#[async_trait]
+impl custodian::keys::KeyProvider for FailNthWrap {
+    async fn wrap(
+        &self,
+        context: &custodian::keys::KekContext,
+        key: &SecretKey,
+    ) -> Result<Vec<u8>, custodian::keys::ProviderError> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n == self.fail_at {
+            return Err(custodian::keys::ProviderError::Unavailable(
+                "injected".into(),
+            ));
+        }
+        self.inner.wrap(context, key).await
+    }
+    async fn unwrap(
+        &self,
+        context: &custodian::keys::KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, custodian::keys::ProviderError> {
+        self.inner.unwrap(context, wrapped).await
+    }
+}
+
+/// Adding a KEK version for a business with no ring yet, with the
+/// provider failing the wrap of the added version, creates no ring: a
+/// failed operation changes nothing. (The ring was created first, and
+/// stayed.)
+#[tokio::test]
+async fn a_failed_kek_addition_on_a_new_business_creates_no_ring() {
+    let store = Arc::new(MemoryStore::new());
+    let keys = KeyManager::new(
+        Arc::new(FailNthWrap {
+            inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut [0x3c; 32])),
+            calls: 0.into(),
+            fail_at: 2,
+        }),
+        store.clone(),
+    );
+    let b = business(6);
+    let added = keys.add_kek_version(b, Timestamp::from_millis(T0)).await;
+    assert!(matches!(added, Err(KeyError::Provider(_))), "{added:?}");
+    let ring = store.ring(b).await.unwrap();
+    assert!(ring.is_none(), "the failed addition left a ring: {ring:?}");
+}
+
+/// An epoch shredded early by a call whose caller stopped waiting (a
+/// host's timeout) while SQLite's writer was held up is shredded all the
+/// same, and a read begun after the drop sees it: the epoch's record does
+/// not open, from the store or from memory. (The read took the key before
+/// the queued tombstone landed and cached it, and the record went on
+/// opening after the shred.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_dropped_shred_that_lands_later_leaves_nothing_readable() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use custodian::store::{SqliteConfig, SqliteStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ));
+    let now = Timestamp::from_millis(T0);
+    let vault = Vault::new(
+        keys.clone(),
+        Arc::new(ManualClock::new(now)),
+        EpochLength::DEFAULT,
+    );
+    let a = business(5);
+    let label = Label {
+        kind: Kind::InboundMessage,
+        business: a,
+        id: MessageId::random(),
+        expiry: now.saturating_add(HOUR),
+        region: "eu".parse().unwrap(),
+    };
+    let sealed = vault.seal(&label, b"shred me").await.unwrap();
+    let epoch = vault.epoch_of(label.expiry).unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+
+    // Another connection holds the write lock: the shred is queued, and its
+    // caller gives up.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut shred = Box::pin(keys.destroy_epoch_unchecked(a, epoch, now));
+    assert!(shred.as_mut().poll(&mut cx).is_pending());
+    drop(shred);
+    // A message of the epoch is read meanwhile: it waits for the shred.
+    let mut open = Box::pin(vault.open(&sealed, a));
+    assert!(open.as_mut().poll(&mut cx).is_pending());
+    other.execute_batch("ROLLBACK").unwrap();
+    assert!(matches!(open.await, Err(OpenError::EpochDestroyed)));
+    assert!(matches!(
+        store.key(&KeyId::epoch(a, epoch)).await.unwrap(),
+        Some(KeyEntry::Destroyed { .. })
+    ));
+    assert!(matches!(
+        vault.open(&sealed, a).await,
+        Err(OpenError::EpochDestroyed)
+    ));
 }

@@ -11,8 +11,9 @@ use crate::time::Timestamp;
 /// The length of an expiry epoch: between one second and one day.
 ///
 /// Shorter epochs shred closer to each record's expiry and cost more keys;
-/// the default, one hour, keeps at most 721 live keys per business under the
-/// 30-day ceiling.
+/// the default, one hour, keeps at most 722 live keys per business under the
+/// 30-day ceiling (30 days and the vault's minute of clock tolerance span
+/// parts of 722 hours).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "u64", into = "u64")]
 pub struct EpochLength(NonZeroU64);

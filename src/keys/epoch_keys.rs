@@ -150,7 +150,10 @@ impl KeyManager {
                 }
             };
             let wrapped = match entry {
-                KeyEntry::Wrapped(w) => w,
+                KeyEntry::Wrapped(w) if w.id == id => w,
+                // Another key's blob in this key's row (moved there): it
+                // would unwrap, as that key.
+                KeyEntry::Wrapped(_) => return Err(KeyError::Unwrap(id)),
                 KeyEntry::Destroyed { .. } => {
                     return Err(KeyError::EpochDestroyed { business, epoch });
                 }

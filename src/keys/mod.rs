@@ -268,9 +268,15 @@ impl Cache {
     /// process never unwraps under a floor, or wraps under a primary, that
     /// the store has moved past.
     fn forget_ring(&mut self, business: BusinessId) {
+        self.drop_ring(business);
+        self.ring_forgets += 1;
+    }
+
+    /// Drop `business`'s ring and KEKs from memory: the next use reads the
+    /// store.
+    fn drop_ring(&mut self, business: BusinessId) {
         self.rings.remove(&business);
         self.keks.retain(|(b, _), _| *b != business);
-        self.ring_forgets += 1;
     }
 }
 
@@ -335,7 +341,7 @@ impl KeyManager {
         drop(wrapping);
         match stored {
             KeyEntry::Wrapped(stored) if stored == wrapped => Ok(Zeroizing::new(secret.to_vec())),
-            KeyEntry::Wrapped(stored) => self.unwrap_secret(&stored).await,
+            KeyEntry::Wrapped(stored) => self.unwrap_secret(id, &stored).await,
             KeyEntry::Destroyed { .. } => Err(KeyError::Unwrap(id)),
         }
     }
@@ -346,16 +352,22 @@ impl KeyManager {
         id: KeyId,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
         match self.store.key(&id).await? {
-            Some(KeyEntry::Wrapped(w)) => self.unwrap_secret(&w).await.map(Some),
+            Some(KeyEntry::Wrapped(w)) => self.unwrap_secret(id, &w).await.map(Some),
             Some(KeyEntry::Destroyed { .. }) | None => Ok(None),
         }
     }
 
-    /// Unwrap a stored key (its KEK version must be at or above the floor).
+    /// Unwrap the key the store gave as `id` (its KEK version must be at or
+    /// above the floor). Another key's blob, moved to `id`'s row, is
+    /// refused: it would unwrap, as that key.
     pub(crate) async fn unwrap_secret(
         &self,
+        id: KeyId,
         wrapped: &WrappedKey,
     ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        if wrapped.id != id {
+            return Err(KeyError::Unwrap(id));
+        }
         let ring = self.ring_of_stored_key(wrapped.id.business).await?;
         let kek = self.kek(&ring, wrapped.kek_version).await?;
         wrapped.open(&kek)

@@ -76,6 +76,23 @@ impl KeyManager {
         (cache.ring_forgets == forgets).then_some(cache)
     }
 
+    /// Cache `ring`, just written, with `kek` (a version it adds) if given,
+    /// unless a ring was forgotten since `forgets` (see
+    /// [`unless_forgotten`](Self::unless_forgotten)). Then the business's
+    /// ring is dropped from memory instead: the one cached is older than
+    /// the one written (the forgotten ring may be another business's).
+    fn cache_written(&self, ring: &KekRing, kek: Option<Kek>, forgets: u64) -> KekRing {
+        let business = ring.business();
+        let Some(mut cache) = self.unless_forgotten(forgets) else {
+            self.write().drop_ring(business);
+            return ring.clone();
+        };
+        if let Some(kek) = kek {
+            cache.keks.insert((business, kek.version), Arc::new(kek));
+        }
+        cache.cache_ring(business, ring.clone())
+    }
+
     /// The ring that must exist because a key wrapped under it does. Used
     /// wherever a stored key is unwrapped, so that opening never writes: a
     /// missing ring is reported, not replaced by a fresh one that could not
@@ -105,15 +122,7 @@ impl KeyManager {
         let ring = KekRing::new(business, wrapped, Timestamp::UNIX_EPOCH);
         let forgets = self.forgets();
         match self.store.put_ring(&ring, None).await {
-            Ok(()) => {
-                let Some(mut cache) = self.unless_forgotten(forgets) else {
-                    return Ok(ring);
-                };
-                cache
-                    .keks
-                    .insert((business, 1), Arc::new(Kek::new(1, &key)));
-                Ok(cache.cache_ring(business, ring))
-            }
+            Ok(()) => Ok(self.cache_written(&ring, Some(Kek::new(1, &key)), forgets)),
             // Another caller created it first: use theirs.
             Err(StoreError::Conflict) => self
                 .stored_ring(business)
@@ -159,12 +168,7 @@ impl KeyManager {
         let forgets = self.forgets();
         match self.store.put_ring(next, Some(current.revision())).await {
             Ok(()) => {
-                if let Some(mut cache) = self.unless_forgotten(forgets) {
-                    cache.cache_ring(business, next.clone());
-                    if let Some(kek) = kek {
-                        cache.keks.insert((business, kek.version), Arc::new(kek));
-                    }
-                }
+                self.cache_written(next, kek, forgets);
                 Ok(true)
             }
             Err(StoreError::Conflict) => Ok(false),
@@ -209,15 +213,29 @@ impl KeyManager {
         business: BusinessId,
         now: Timestamp,
     ) -> Result<u32, KeyError> {
-        self.ring(business).await?;
-        for _ in 0..RING_RETRIES {
-            let current = self.existing_ring(business).await?;
-            let version = current.next_version();
+        let wrap = |version: u32| async move {
             let key = SecretKey::generate();
             let wrapped = self
                 .provider
                 .wrap(&KekContext { business, version }, &key)
                 .await?;
+            Ok::<_, KeyError>((key, wrapped))
+        };
+        // A business with no ring yet: the version it adds (2, after the
+        // ring's first) is wrapped before the ring is created, so that a
+        // provider that fails creates no ring.
+        let mut prepared = None;
+        if self.stored_ring(business).await?.is_none() {
+            prepared = Some(wrap(2).await?);
+            self.ring(business).await?;
+        }
+        for _ in 0..RING_RETRIES {
+            let current = self.existing_ring(business).await?;
+            let version = current.next_version();
+            let (key, wrapped) = match prepared.take() {
+                Some(prepared) if version == 2 => prepared,
+                _ => wrap(version).await?,
+            };
             let (next, version) = current.add_version(wrapped, now)?;
             if self
                 .swap_ring(&current, &next, Some(Kek::new(version, &key)))

@@ -166,6 +166,14 @@ async fn list(
                 SignalError::Storage(super::StorageFailure::Store(std::sync::Arc::new(e)))
             })?;
         let Some(last) = page.last() else { break };
+        // Each key names itself: one of another business or kind in the
+        // listing (a store that moved it) is not one of these.
+        if page
+            .iter()
+            .any(|w| w.id.business != business || w.id.kind != kind)
+        {
+            return Err(corrupt("a key listed under another business or kind"));
+        }
         after = Some(last.id.id);
         all.extend(page);
     }
@@ -181,7 +189,7 @@ async fn load_signed(
 ) -> Result<Vec<SignedPreKeyRecord>, SignalError> {
     let mut records = Vec::new();
     for wrapped in list(keys, business, KeyKind::SignalSignedPreKey).await? {
-        let bytes = keys.unwrap_secret(&wrapped).await?;
+        let bytes = keys.unwrap_secret(wrapped.id, &wrapped).await?;
         records.push(decode_signed_prekey(&bytes, wrapped.id.id, identity)?);
     }
     records.sort_by_key(|r| r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0));
@@ -227,7 +235,7 @@ pub(super) async fn one_time_prekeys(
 ) -> Result<Vec<PublicPreKey>, SignalError> {
     let mut out = Vec::new();
     for (id, wrapped) in list_one_time(keys, business).await? {
-        let bytes = keys.unwrap_secret(&wrapped).await?;
+        let bytes = keys.unwrap_secret(wrapped.id, &wrapped).await?;
         let record = decode_one_time_prekey(&bytes, id)?;
         out.push(PublicPreKey {
             id,

@@ -867,17 +867,7 @@ impl Sessions {
         mut batch: Batch,
     ) -> Result<(), SignalError> {
         let now = self.now();
-        if state.expiry <= now {
-            return Err(SealError::ExpiryNotInFuture {
-                expiry: state.expiry,
-                now,
-            }
-            .into());
-        }
-        let epoch = self
-            .vault
-            .epoch_of(state.expiry)
-            .ok_or(SealError::ExpiryOutOfRange(state.expiry))?;
+        let epoch = self.vault.epoch_to_seal(state.expiry, now)?;
         let mut plaintext = Zeroizing::new(state.encode(&self.cache.incarnation()));
         let max = self.config.max_record_len;
         if plaintext.len() > max {

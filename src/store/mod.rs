@@ -57,7 +57,10 @@ pub enum StoreError {
 /// Where wrapped keys and KEK rings live.
 ///
 /// Implementations must make each method atomic. Keys are never stored in
-/// clear: everything passed here is already wrapped.
+/// clear: everything passed here is already wrapped. A write whose future
+/// is dropped lands before any read that begins after the drop, or never,
+/// as [`Storage::commit`] says: a key destroyed by a call given up on must
+/// not be read back, and cached, meanwhile.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// The KEK ring of `business`, if it has one.
