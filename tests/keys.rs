@@ -1995,3 +1995,54 @@ async fn a_dropped_shred_that_lands_later_leaves_nothing_readable() {
         Err(OpenError::EpochDestroyed)
     ));
 }
+
+/// A KEK promotion whose caller stopped waiting (a host's timeout) while
+/// SQLite's writer was held up lands all the same, and this process then
+/// wraps new keys under the promoted version. (It kept the ring from before
+/// the promotion cached, and went on wrapping under the old primary.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_dropped_promotion_that_lands_later_is_followed() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use custodian::store::{SqliteConfig, SqliteStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ));
+    let now = Timestamp::from_millis(T0);
+    let a = business(8);
+    let v2 = keys.add_kek_version(a, now).await.unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut promote = Box::pin(keys.promote_kek_version(a, v2));
+    assert!(promote.as_mut().poll(&mut cx).is_pending());
+    drop(promote);
+    other.execute_batch("ROLLBACK").unwrap();
+    let vault = Vault::new(
+        keys.clone(),
+        Arc::new(ManualClock::new(now)),
+        EpochLength::DEFAULT,
+    );
+    let label = Label {
+        kind: Kind::InboundMessage,
+        business: a,
+        id: MessageId::random(),
+        expiry: now.saturating_add(HOUR),
+        region: "eu".parse().unwrap(),
+    };
+    vault.seal(&label, b"after the promotion").await.unwrap();
+    let epoch = vault.epoch_of(label.expiry).unwrap();
+    let Some(KeyEntry::Wrapped(w)) = store.key(&KeyId::epoch(a, epoch)).await.unwrap() else {
+        panic!("no epoch key stored");
+    };
+    assert_eq!(w.kek_version, v2, "a new key wrapped under the old primary");
+}

@@ -164,18 +164,24 @@ impl KeyManager {
         next: &KekRing,
         kek: Option<Kek>,
     ) -> Result<bool, KeyError> {
-        let business = next.business();
         let forgets = self.forgets();
-        match self.store.put_ring(next, Some(current.revision())).await {
+        let unanswered = Unanswered {
+            keys: self,
+            business: next.business(),
+        };
+        let written = self.store.put_ring(next, Some(current.revision())).await;
+        match written {
             Ok(()) => {
+                unanswered.answered();
                 self.cache_written(next, kek, forgets);
                 Ok(true)
             }
-            Err(StoreError::Conflict) => Ok(false),
-            Err(e) => {
-                self.write().forget_ring(business);
-                Err(e.into())
+            Err(StoreError::Conflict) => {
+                unanswered.answered();
+                Ok(false)
             }
+            // Perhaps taken, its answer lost: `unanswered` forgets the ring.
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -347,5 +353,26 @@ impl KeyManager {
         self.update_ring(business, |r| r.retire(version)).await?;
         self.write().keks.remove(&(business, version));
         Ok(())
+    }
+}
+
+/// A ring update on its way to the store: dropped unanswered (the store
+/// failed it, or the caller stopped waiting, and the write may land all the
+/// same), it forgets the business's ring (see `Cache::forget_ring`).
+struct Unanswered<'k> {
+    keys: &'k KeyManager,
+    business: BusinessId,
+}
+
+impl Unanswered<'_> {
+    /// The store answered: nothing to forget.
+    fn answered(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.keys.write().forget_ring(self.business);
     }
 }
