@@ -81,7 +81,11 @@ impl StagedDecrypt<'_> {
     }
 
     async fn commit_as(self, mut extra: Batch, stored: bool) -> Result<Decrypted, SignalError> {
+        // `guard` first: bindings drop in reverse order, so if this future is
+        // dropped, the device's state is forgotten (`taken`) before its
+        // address lock lets the next operation load it.
         let StagedDecrypt {
+            guard,
             sessions: s,
             business,
             peer,
@@ -93,7 +97,6 @@ impl StagedDecrypt<'_> {
             in_order,
             expiry,
             decrypted,
-            guard,
         } = self;
         if let Some(id) = consumed {
             extra.push(Op::ConsumeKey(KeyId {

@@ -69,8 +69,9 @@ pub struct SqliteConfig {
     /// What an acknowledged write survives (default [`Durability::Full`]).
     pub durability: Durability,
     /// How long a statement waits for a lock held by another process before
-    /// failing (default 5 s). Within one process there is no waiting: one
-    /// thread writes, and readers never block under write-ahead logging.
+    /// failing (default 5 s). Within one process one thread writes, and
+    /// readers do not wait for it, but while a write whose caller stopped
+    /// waiting is queued (see the store's promises).
     /// At most [`MAX_BUSY_TIMEOUT`](Self::MAX_BUSY_TIMEOUT): a longer one is
     /// refused at open.
     pub busy_timeout: Duration,
@@ -257,8 +258,15 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 /// - **Group commit.** All writes go through one writer thread, which commits
 ///   whatever is queued together in one transaction; concurrent writers share
 ///   its cost. A write that fails is retried alone so it fails alone.
-/// - **Reads never wait for writes.** The file is in write-ahead-log mode;
-///   reads use their own read-only connections and see the last commit.
+/// - **Reads do not wait for writes**, with one exception. The file is in
+///   write-ahead-log mode; reads use their own read-only connections and see
+///   the last commit. The exception: a write whose caller stopped waiting
+///   (a host's timeout) is still applied, and while one is queued, a read
+///   first waits for every write queued before it to land or fail, so that
+///   no read begun after the drop misses it (see [`Storage::commit`]).
+///   Normally that is the time of a group commit; if another process holds
+///   the file's write lock, it is until the lock is released or the
+///   [`busy_timeout`](SqliteConfig::busy_timeout) fails the queued writes.
 /// - **Foreign files are left alone.** Opening refuses, with a
 ///   [`SqliteOpenError`] and without writing a byte, anything that is not a
 ///   custodian database of a known schema version. Older versions are

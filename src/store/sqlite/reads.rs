@@ -1,7 +1,8 @@
 //! Reads: a small pool of read-only connections, and the queries.
 //!
 //! Under write-ahead logging a reader sees the last committed transaction
-//! and is never blocked by the writer, nor blocks it. Each read is one
+//! and is not blocked by the writer, nor blocks it (but for a write its
+//! caller gave up on: see `SqliteStore::reads`). Each read is one
 //! statement, or one read transaction when it takes several, so a read never
 //! sees half of a batch. Reads run on the calling task's thread: they are
 //! indexed lookups and bounded scans, not worth a thread hop each.

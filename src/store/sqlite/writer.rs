@@ -108,11 +108,13 @@ impl<T> Reply<T> {
     }
 }
 
-/// A caller's wait for its task's reply. Dropped before the reply, it closes
-/// the channel and counts the task as abandoned, unless a reply came in
-/// first (the task is done); the thread's reply then fails and uncounts it.
-/// The count may go below zero for a moment (uncounted first), never while
-/// a task it counts is unanswered.
+/// A caller's wait for its task's reply. Dropped before the reply, it counts
+/// the task as abandoned, then closes the channel, and uncounts it if a
+/// reply came in before the close (the task is done); otherwise the
+/// thread's reply fails, and uncounts it then. Counted before the close, a
+/// task is never uncounted before it is counted, so the count never falls
+/// below the number of abandoned tasks unanswered (it may exceed it for a
+/// moment, costing a read a barrier).
 struct Answer<'w, T> {
     receiver: oneshot::Receiver<Result<T, StoreError>>,
     abandoned: &'w AtomicI64,
@@ -134,12 +136,13 @@ impl<T> Drop for Answer<'_, T> {
         if self.answered {
             return;
         }
+        self.abandoned.fetch_add(1, Ordering::AcqRel);
         self.receiver.close();
         // Closed, the channel holds a reply only if one was sent before the
         // close: the task is done. (A thread that stopped with the task
-        // unanswered lands nothing more, and is not waited for.)
-        if !matches!(self.receiver.try_recv(), Ok(Some(_))) {
-            self.abandoned.fetch_add(1, Ordering::AcqRel);
+        // unanswered lands nothing more: a barrier does not wait for it.)
+        if matches!(self.receiver.try_recv(), Ok(Some(_))) {
+            self.abandoned.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
