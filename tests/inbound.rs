@@ -88,6 +88,17 @@ impl World {
         }
     }
 
+    /// A world that has received another consumer's message ("hello"): the
+    /// processor has taken the store over and has the epoch key it seals
+    /// with, so a call's first write is its own.
+    async fn warmed() -> Self {
+        let w = Self::new().await;
+        let mut other = w.device(0).await;
+        let hello = other.encrypt(w.b, b"hello").await.unwrap();
+        w.receive(&consumer(2), &hello).await.unwrap();
+        w
+    }
+
     /// A consumer device with a session started from the published keys,
     /// taking one-time prekey `prekey`.
     async fn device(&self, prekey: usize) -> ConsumerDevice {
@@ -163,12 +174,7 @@ fn consumer(i: u32) -> PhoneNumber {
 /// message the transport may then drop.)
 #[tokio::test]
 async fn a_second_setup_message_waits_for_the_first_ones_dropped_commit() {
-    let w = World::new().await;
-    // Another consumer's message first: the processor has taken the store
-    // over and has the epoch key it seals with.
-    let mut other = w.device(0).await;
-    let hello = other.encrypt(w.b, b"hello").await.unwrap();
-    w.receive(&consumer(2), &hello).await.unwrap();
+    let w = World::warmed().await;
 
     let from = consumer(1);
     let mut device = w.device(1).await;
@@ -213,10 +219,7 @@ async fn a_second_setup_message_waits_for_the_first_ones_dropped_commit() {
 /// handed message 2 a second time.)
 #[tokio::test]
 async fn a_replay_after_retention_is_refused_when_a_receive_was_dropped_at_its_commit() {
-    let w = World::new().await;
-    let mut other = w.device(0).await;
-    let hello = other.encrypt(w.b, b"hello").await.unwrap();
-    w.receive(&consumer(2), &hello).await.unwrap();
+    let w = World::warmed().await;
 
     let from = consumer(1);
     let mut device = w.device(1).await;

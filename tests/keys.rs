@@ -1449,9 +1449,13 @@ async fn a_floor_above_the_primary_is_refused_as_such_not_as_needing_a_rewrap() 
 
 /// A memory store whose `put_ring` can be made to pause after it applied
 /// (a write whose answer is still on its way) for one business, or to fail
-/// before it applies for another.
+/// before it applies for another, and whose rows can be moved: `key(to)`
+/// answers with the row stored under `from`, as a host's database whose
+/// rows were swapped around (or restored into the wrong place) would.
 struct ScriptedStore {
     inner: MemoryStore,
+    /// `(to, from)`: reading `to` gives the row of `from`.
+    moved: Mutex<Vec<(KeyId, KeyId)>>,
     /// Pause the next ring update (not creation) of this business, after it landed.
     pause_update_of: Mutex<Option<BusinessId>>,
     /// Fail every ring update (not creation) of this business.
@@ -1464,6 +1468,7 @@ impl ScriptedStore {
     fn new() -> Arc<Self> {
         Arc::new(Self {
             inner: MemoryStore::new(),
+            moved: Mutex::new(Vec::new()),
             pause_update_of: Mutex::new(None),
             fail_update_of: Mutex::new(None),
             reached: Semaphore::new(0),
@@ -1499,7 +1504,14 @@ impl KeyStore for ScriptedStore {
         done
     }
     async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        self.inner.key(id).await
+        let from = self
+            .moved
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(to, _)| to == id)
+            .map(|(_, from)| *from);
+        self.inner.key(&from.unwrap_or(*id)).await
     }
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
         self.inner.insert_key(key).await
@@ -1746,80 +1758,6 @@ async fn a_session_is_never_sealed_past_the_retention_ceiling() {
     assert_eq!(expiry, within);
 }
 
-/// A key store over a memory store whose rows can be moved: `key(to)`
-/// answers with the row stored under `from`, as a host's database whose
-/// rows were swapped around (or restored into the wrong place) would.
-struct MovedRows {
-    inner: MemoryStore,
-    moved: Mutex<Vec<(KeyId, KeyId)>>,
-}
-
-#[async_trait]
-impl KeyStore for MovedRows {
-    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
-        self.inner.ring(business).await
-    }
-    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
-        self.inner.put_ring(ring, expected).await
-    }
-    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        let from = self
-            .moved
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(to, _)| to == id)
-            .map(|(_, from)| *from);
-        self.inner.key(&from.unwrap_or(*id)).await
-    }
-    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
-        self.inner.insert_key(key).await
-    }
-    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
-        self.inner.rewrap_key(key, expected).await
-    }
-    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
-        self.inner.destroy_key(id, at).await
-    }
-    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
-        self.inner.delete_keys(ids).await
-    }
-    async fn keys_wrapped_below(
-        &self,
-        business: BusinessId,
-        version: u32,
-        after: Option<KeyId>,
-        limit: usize,
-    ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.inner
-            .keys_wrapped_below(business, version, after, limit)
-            .await
-    }
-    async fn count_wrapped_under(
-        &self,
-        business: BusinessId,
-        version: u32,
-    ) -> Result<u64, StoreError> {
-        self.inner.count_wrapped_under(business, version).await
-    }
-    async fn keys_of_kind(
-        &self,
-        business: BusinessId,
-        kind: KeyKind,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.inner.keys_of_kind(business, kind, after, limit).await
-    }
-    async fn ended_epoch_keys(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<KeyId>, StoreError> {
-        self.inner.ended_epoch_keys(now, limit).await
-    }
-}
-
 /// A wrapped key moved to another key's row (a host's store whose rows were
 /// swapped, or restored into the wrong place) is refused as that key: here
 /// the business's phone-index key, in an epoch's row, neither loads as the
@@ -1834,16 +1772,8 @@ async fn a_wrapped_key_moved_to_another_row_is_refused() {
     use custodian::time::ManualClock;
     use custodian::vault::Vault;
 
-    let store = Arc::new(MovedRows {
-        inner: MemoryStore::new(),
-        moved: Mutex::new(Vec::new()),
-    });
-    let keys = Arc::new(KeyManager::new(
-        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
-            &mut [0x3c; 32],
-        ))),
-        store.clone(),
-    ));
+    let store = ScriptedStore::new();
+    let keys = manager(&store);
     let a = business(4);
     let now = Timestamp::from_millis(T0);
     // The business has a phone index key (every business that indexes a

@@ -1354,20 +1354,21 @@ fn a_damaged_id_does_not_stop_capping_expiries() {
     }
 }
 
-/// A Signal record whose key no longer decodes is skipped by the scan for
-/// records to forget, in pages of any size, and kept; the others are found.
-#[test]
-fn a_peer_row_that_does_not_decode_is_skipped_by_the_orphan_scan() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("peers.db");
-    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-    let peer = |phone: u8| PeerId {
+/// Device 0 of the consumer whose phone hash is `phone` repeated.
+fn peer(phone: u8) -> PeerId {
+    PeerId {
         phone: PhoneHash::from_bytes([phone; 16]),
         device: 0,
-    };
+    }
+}
+
+/// A new file at `path` holding the Signal records of `peer(1..=count)` of
+/// business 1, closed.
+fn store_peers(path: &Path, count: u8) {
+    let store = SqliteStore::open(path, SqliteConfig::default()).unwrap();
     block_on(async {
         let mut batch = Batch::new();
-        for phone in 1..=5 {
+        for phone in 1..=count {
             batch.push(Op::PutPeer {
                 business: business(1),
                 peer: peer(phone),
@@ -1376,7 +1377,15 @@ fn a_peer_row_that_does_not_decode_is_skipped_by_the_orphan_scan() {
         }
         store.commit(batch).await.unwrap();
     });
-    drop(store);
+}
+
+/// A Signal record whose key no longer decodes is skipped by the scan for
+/// records to forget, in pages of any size, and kept; the others are found.
+#[test]
+fn a_peer_row_that_does_not_decode_is_skipped_by_the_orphan_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers.db");
+    store_peers(&path, 5);
     tamper(
         &path,
         "UPDATE peers SET phone = X'03' WHERE phone = X'03030303030303030303030303030303'",
@@ -1931,23 +1940,7 @@ fn a_file_refused_during_its_migration_is_left_as_it_was() {
 fn a_peer_record_that_does_not_decode_is_kept_by_the_sweep() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("peers.db");
-    let peer = |phone: u8| PeerId {
-        phone: PhoneHash::from_bytes([phone; 16]),
-        device: 0,
-    };
-    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-    block_on(async {
-        let mut batch = Batch::new();
-        for phone in 1..=2 {
-            batch.push(Op::PutPeer {
-                business: business(1),
-                peer: peer(phone),
-                sealed: vec![phone; 20],
-            });
-        }
-        store.commit(batch).await.unwrap();
-    });
-    drop(store);
+    store_peers(&path, 2);
     tamper(
         &path,
         "UPDATE peers SET sealed = 'damaged' WHERE phone = X'01010101010101010101010101010101'",
