@@ -1863,6 +1863,55 @@ async fn a_failed_kek_addition_on_a_new_business_creates_no_ring() {
     assert!(ring.is_none(), "the failed addition left a ring: {ring:?}");
 }
 
+/// A key manager over a SQLite file, with a second connection to the file
+/// that can hold its write lock (as a backup would): the store's writer
+/// then waits, and a write given up on meanwhile lands once it is let go.
+#[cfg(feature = "sqlite")]
+struct OnDisk {
+    _dir: tempfile::TempDir,
+    store: Arc<custodian::store::SqliteStore>,
+    keys: Arc<KeyManager>,
+    other: rusqlite::Connection,
+}
+
+#[cfg(feature = "sqlite")]
+impl OnDisk {
+    fn new() -> Self {
+        use custodian::store::{SqliteConfig, SqliteStore};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+        let keys = Arc::new(KeyManager::new(
+            Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+                &mut [0x3c; 32],
+            ))),
+            store.clone(),
+        ));
+        let other = rusqlite::Connection::open(&path).unwrap();
+        Self {
+            _dir: dir,
+            store,
+            keys,
+            other,
+        }
+    }
+
+    fn hold_writes(&self) {
+        self.other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    }
+
+    fn release_writes(&self) {
+        self.other.execute_batch("ROLLBACK").unwrap();
+    }
+}
+
+/// Poll `future` once, with a waker that does nothing: whether it is pending.
+#[cfg(feature = "sqlite")]
+fn pending_after_a_poll<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    future.poll(&mut cx).is_pending()
+}
+
 /// An epoch shredded early by a call whose caller stopped waiting (a
 /// host's timeout) while SQLite's writer was held up is shredded all the
 /// same, and a read begun after the drop sees it: the epoch's record does
@@ -1872,23 +1921,10 @@ async fn a_failed_kek_addition_on_a_new_business_creates_no_ring() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn a_dropped_shred_that_lands_later_leaves_nothing_readable() {
-    use std::future::Future;
-    use std::task::{Context, Waker};
-
-    use custodian::store::{SqliteConfig, SqliteStore};
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keys.db");
-    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-    let keys = Arc::new(KeyManager::new(
-        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
-            &mut [0x3c; 32],
-        ))),
-        store.clone(),
-    ));
+    let disk = OnDisk::new();
     let now = Timestamp::from_millis(T0);
     let vault = Vault::new(
-        keys.clone(),
+        disk.keys.clone(),
         Arc::new(ManualClock::new(now)),
         EpochLength::DEFAULT,
     );
@@ -1902,22 +1938,19 @@ async fn a_dropped_shred_that_lands_later_leaves_nothing_readable() {
     };
     let sealed = vault.seal(&label, b"shred me").await.unwrap();
     let epoch = vault.epoch_of(label.expiry).unwrap();
-    let mut cx = Context::from_waker(Waker::noop());
 
-    // Another connection holds the write lock: the shred is queued, and its
-    // caller gives up.
-    let other = rusqlite::Connection::open(&path).unwrap();
-    other.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let mut shred = Box::pin(keys.destroy_epoch_unchecked(a, epoch, now));
-    assert!(shred.as_mut().poll(&mut cx).is_pending());
+    // The shred is queued behind the held lock, and its caller gives up.
+    disk.hold_writes();
+    let mut shred = Box::pin(disk.keys.destroy_epoch_unchecked(a, epoch, now));
+    assert!(pending_after_a_poll(shred.as_mut()));
     drop(shred);
     // A message of the epoch is read meanwhile: it waits for the shred.
     let mut open = Box::pin(vault.open(&sealed, a));
-    assert!(open.as_mut().poll(&mut cx).is_pending());
-    other.execute_batch("ROLLBACK").unwrap();
+    assert!(pending_after_a_poll(open.as_mut()));
+    disk.release_writes();
     assert!(matches!(open.await, Err(OpenError::EpochDestroyed)));
     assert!(matches!(
-        store.key(&KeyId::epoch(a, epoch)).await.unwrap(),
+        disk.store.key(&KeyId::epoch(a, epoch)).await.unwrap(),
         Some(KeyEntry::Destroyed { .. })
     ));
     assert!(matches!(
@@ -1933,32 +1966,17 @@ async fn a_dropped_shred_that_lands_later_leaves_nothing_readable() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn a_dropped_promotion_that_lands_later_is_followed() {
-    use std::future::Future;
-    use std::task::{Context, Waker};
-
-    use custodian::store::{SqliteConfig, SqliteStore};
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keys.db");
-    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-    let keys = Arc::new(KeyManager::new(
-        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
-            &mut [0x3c; 32],
-        ))),
-        store.clone(),
-    ));
+    let disk = OnDisk::new();
     let now = Timestamp::from_millis(T0);
     let a = business(8);
-    let v2 = keys.add_kek_version(a, now).await.unwrap();
-    let mut cx = Context::from_waker(Waker::noop());
-    let other = rusqlite::Connection::open(&path).unwrap();
-    other.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let mut promote = Box::pin(keys.promote_kek_version(a, v2));
-    assert!(promote.as_mut().poll(&mut cx).is_pending());
+    let v2 = disk.keys.add_kek_version(a, now).await.unwrap();
+    disk.hold_writes();
+    let mut promote = Box::pin(disk.keys.promote_kek_version(a, v2));
+    assert!(pending_after_a_poll(promote.as_mut()));
     drop(promote);
-    other.execute_batch("ROLLBACK").unwrap();
+    disk.release_writes();
     let vault = Vault::new(
-        keys.clone(),
+        disk.keys.clone(),
         Arc::new(ManualClock::new(now)),
         EpochLength::DEFAULT,
     );
@@ -1971,7 +1989,7 @@ async fn a_dropped_promotion_that_lands_later_is_followed() {
     };
     vault.seal(&label, b"after the promotion").await.unwrap();
     let epoch = vault.epoch_of(label.expiry).unwrap();
-    let Some(KeyEntry::Wrapped(w)) = store.key(&KeyId::epoch(a, epoch)).await.unwrap() else {
+    let Some(KeyEntry::Wrapped(w)) = disk.store.key(&KeyId::epoch(a, epoch)).await.unwrap() else {
         panic!("no epoch key stored");
     };
     assert_eq!(w.kek_version, v2, "a new key wrapped under the old primary");
