@@ -177,13 +177,25 @@ impl Vault {
         expiry: Timestamp,
         now: Timestamp,
     ) -> Result<Epoch, SealError> {
-        if expiry <= now {
-            return Err(SealError::ExpiryNotInFuture { expiry, now });
-        }
         // Nothing stays readable past the ceiling: no configuration, and no
         // caller of the vault, can raise it.
         if expiry > now.saturating_add(CEILING + CLOCK_TOLERANCE) {
             return Err(SealError::ExpiryBeyondCeiling { expiry, now });
+        }
+        self.epoch_to_reseal(expiry, now)
+    }
+
+    /// The epoch a record is sealed in again at `now`, with an expiry that
+    /// [`epoch_to_seal`](Self::epoch_to_seal) admitted before: in the
+    /// future, and not held to the ceiling again, which a clock stepped
+    /// back since would have moved.
+    pub(crate) fn epoch_to_reseal(
+        &self,
+        expiry: Timestamp,
+        now: Timestamp,
+    ) -> Result<Epoch, SealError> {
+        if expiry <= now {
+            return Err(SealError::ExpiryNotInFuture { expiry, now });
         }
         self.epoch_of(expiry)
             .ok_or(SealError::ExpiryOutOfRange(expiry))

@@ -1227,8 +1227,9 @@ async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
 
 /// Two messages sent at once to a consumer the business has never written
 /// to cost its device one bundle (one of its one-time prekeys), and both
-/// reach it. (Both sends found no session while the first waited on the
-/// network for the bundle: two bundles, and the session started twice.)
+/// reach it: the second goes at its next attempt, over the session the
+/// first started. (Both sends found no session while the first waited on
+/// the network for the bundle: two bundles, and the session started twice.)
 #[tokio::test]
 async fn two_first_sends_at_once_fetch_one_bundle() {
     use std::sync::atomic::Ordering;

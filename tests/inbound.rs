@@ -353,3 +353,60 @@ async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows
          {status:?}; its business was told {told:?})"
     );
 }
+
+/// The first message on a consumer's next chain (the device read a reply,
+/// and ratcheted), more than 2,000 counters into it, is refused with the
+/// library's reason too. (The check looked only at chains the session had,
+/// and the message was refused as `"decryption failed"`.)
+#[tokio::test]
+async fn a_message_too_far_into_a_new_chain_is_refused_as_such() {
+    use custodian::integrity::Category;
+    use custodian::processor::Outbound;
+    let w = World::new().await;
+    let from = consumer(1);
+    let mut device = w.device(0).await;
+    let first = device.encrypt(w.b, b"first").await.unwrap();
+    assert!(w.receive(&from, &first).await.unwrap().delivered);
+    let reply = Outbound {
+        to: from.clone(),
+        content: b"reply".to_vec().into(),
+        category: Category::Service,
+    };
+    w.processor.send(&w.carrier, w.b, reply).await.unwrap();
+    for message in &w.network.take_sent().remove(&from).unwrap() {
+        device.decrypt(w.b, message).await.unwrap();
+    }
+    let mut last = None;
+    for _ in 0..2002 {
+        last = Some(device.encrypt(w.b, b"later").await.unwrap());
+    }
+    let refused = w.receive(&from, &last.unwrap()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ProcessorError::Signal(SignalError::InvalidMessage(
+                "message from too far into the future"
+            )))
+        ),
+        "a well-formed message too far into a new chain: {refused:?}"
+    );
+}
+
+/// After the host's clock steps back by more than the vault's minute of
+/// tolerance (an NTP correction), a consumer's next message is received:
+/// its session, kept as long as the message before (30 days from the
+/// clock before the step), is sealed again. (Every seal of a session was
+/// held to the ceiling from the stepped-back clock, and the message was
+/// refused until the clock caught up.)
+#[tokio::test]
+async fn a_session_is_sealed_again_after_the_clock_steps_back() {
+    let w = World::new().await;
+    let from = consumer(1);
+    let mut device = w.device(0).await;
+    let first = device.encrypt(w.b, b"first").await.unwrap();
+    assert!(w.receive(&from, &first).await.unwrap().delivered);
+    w.clock.set(Timestamp::from_millis(T0 - 120_000));
+    let second = device.encrypt(w.b, b"second").await.unwrap();
+    let received = w.receive(&from, &second).await;
+    assert!(received.as_ref().is_ok_and(|r| r.delivered), "{received:?}");
+}

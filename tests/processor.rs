@@ -7,22 +7,24 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-use custodian::integrity::Category;
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{
     DeliveryConfig, Host, MAX_CONTENT_LEN, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor,
     ProcessorError, StatusChange,
 };
-use custodian::signal::{IdentityPolicy, SignalConfig};
+use custodian::signal::{IdentityPolicy, PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, Leg, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
-    BusinessSink, InboundMessage, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
 };
 use custodian::visibility::{
     AuditError, AuditSink, Change, DataClass, Decision, HoldEvent, MemoryAuditSink, Party,
@@ -2264,4 +2266,118 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
             .unwrap(),
         (Status::Delivered, None)
     );
+}
+
+/// `future`'s output, or `None` if it has not finished after `limit` of
+/// wall-clock time (a std thread keeps the time: no tokio timer here).
+async fn within<F: std::future::Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        output = future => Some(output),
+        _ = rx => None,
+    }
+}
+
+/// The simulated network; the first bundle request sends the consumer
+/// another message from inside the call (a host calling back in).
+struct CallsBack {
+    network: Arc<SimNetwork>,
+    processor: OnceLock<Weak<Processor>>,
+    owner: Principal,
+    armed: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Transport for CallsBack {
+    async fn devices(&self, b: BusinessId, c: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
+        self.network.devices(b, c).await
+    }
+    async fn fetch_bundle(
+        &self,
+        b: BusinessId,
+        c: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let processor = self.processor.get().unwrap().upgrade().unwrap();
+            let message = Outbound {
+                to: c.clone(),
+                content: b"from inside the bundle request".to_vec().into(),
+                category: Category::Service,
+            };
+            processor.send(&self.owner, b, message).await.unwrap();
+        }
+        self.network.fetch_bundle(b, c, device).await
+    }
+    async fn send(
+        &self,
+        b: BusinessId,
+        c: &PhoneNumber,
+        device: u32,
+        m: &Outgoing,
+    ) -> Result<(), TransportError> {
+        self.network.send(b, c, device, m).await
+    }
+    async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
+        self.network.publish_keys(b, k).await
+    }
+    async fn one_time_prekey_count(&self, b: BusinessId) -> Result<Option<usize>, TransportError> {
+        self.network.one_time_prekey_count(b).await
+    }
+    async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
+        self.network.integrity_signals(r).await
+    }
+    async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
+        self.network.billing(s).await
+    }
+}
+
+/// A transport that sends the consumer another message from inside a
+/// bundle request (a host calling back in) does not hang the send: the
+/// inner send leaves the device to a later attempt rather than wait for
+/// the start under way. (The outer send held a lock on the device across
+/// the request, and the inner one waited for it forever.)
+#[tokio::test]
+async fn a_send_from_inside_a_bundle_request_finishes() {
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let b = BusinessId::new(1).unwrap();
+    let owner = Principal::new("owner");
+    let carrier = Principal::new("transport");
+    let authorizer = StaticAuthorizer::new()
+        .grant(&owner, b)
+        .carrier(&carrier, b);
+    let transport = Arc::new(CallsBack {
+        network: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+        processor: OnceLock::new(),
+        owner: owner.clone(),
+        armed: AtomicBool::new(false),
+    });
+    let host = Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport: transport.clone(),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
+        authorizer: Arc::new(authorizer),
+        clock: Arc::new(clock.clone()),
+        audit: Arc::new(MemoryAuditSink::new()),
+    };
+    let processor = Arc::new(Processor::new(host, Policies::default()).unwrap());
+    transport.processor.set(Arc::downgrade(&processor)).unwrap();
+    transport.network.add_consumer(&number(1), 1).await;
+    processor.publish_keys(&owner, b).await.unwrap();
+    transport.armed.store(true, Ordering::SeqCst);
+    let message = Outbound {
+        to: number(1),
+        content: b"hello".to_vec().into(),
+        category: Category::Service,
+    };
+    let sent = within(Duration::from_secs(20), processor.send(&owner, b, message)).await;
+    let Some(sent) = sent else {
+        panic!("a send whose transport calls back into the processor never finished");
+    };
+    sent.unwrap();
 }

@@ -58,7 +58,6 @@ use crate::integrity::{
     StatisticsConfig,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
-use crate::lock::Stripes;
 use crate::retention::{
     Admission, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, check_residency,
 };
@@ -333,9 +332,8 @@ pub struct Processor {
     delivery: DeliveryConfig,
     claims: Claims,
     receipts: status::Receipts,
-    /// Held by a send while it starts a session from a bundle, so that
-    /// sends to one device at once fetch one bundle between them.
-    starting: Stripes,
+    /// The devices a send is starting a session with.
+    starting: outbound::Starting,
 }
 
 impl std::fmt::Debug for Processor {
@@ -413,7 +411,7 @@ impl Processor {
             authorizer: host.authorizer,
             clock: host.clock,
             receipts: status::Receipts::new(policies.delivery.receipt_timeout),
-            starting: Stripes::new(),
+            starting: outbound::Starting::default(),
             delivery: policies.delivery,
             claims: Claims::default(),
         })

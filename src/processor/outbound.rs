@@ -2,6 +2,10 @@
 //! for each of its recipient's devices and handed to the transport, with
 //! each attempt's outcome recorded on the stored delivery state.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use foldhash::fast::RandomState;
 use tracing::{Instrument, debug, debug_span, warn};
 use zeroize::Zeroizing;
 
@@ -837,10 +841,13 @@ impl Processor {
         {
             return Ok(true);
         }
-        // Each bundle costs the device a one-time prekey: another send that
-        // is starting a session with it first is waited for, and its
-        // session used.
-        let _starting = self.starting.lock((business, peer)).await;
+        // Each bundle costs the device a one-time prekey: while another send
+        // is starting a session with it, this one leaves the device for
+        // later, and goes over that session then. It does not wait: the
+        // host may be calling back from that send's bundle request.
+        let Some(_starting) = self.starting.begin(business, peer) else {
+            return Err(());
+        };
         if self
             .sessions
             .has_session(business, peer)
@@ -873,5 +880,41 @@ impl Processor {
             Err(SignalError::UntrustedIdentity) => Ok(false),
             Err(_) => Err(()),
         }
+    }
+}
+
+/// The devices a send is starting a session with (fetching a bundle), so
+/// that sends to one device at once fetch one bundle between them. Entries
+/// last as long as the start.
+#[derive(Debug, Default)]
+pub(super) struct Starting(Mutex<HashSet<(BusinessId, PeerId), RandomState>>);
+
+impl Starting {
+    /// Note that a send starts a session with `peer`, unless another is.
+    fn begin(&self, business: BusinessId, peer: PeerId) -> Option<Started<'_>> {
+        let key = (business, peer);
+        // The guard is gone before a `Started` can be, whose drop locks.
+        let inserted = self.lock().insert(key);
+        inserted.then(|| Started {
+            starting: self,
+            key,
+        })
+    }
+
+    // Nothing is left half-changed under this lock: a poisoned one is safe.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(BusinessId, PeerId), RandomState>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A start under way; the device is free again when it is dropped.
+struct Started<'s> {
+    starting: &'s Starting,
+    key: (BusinessId, PeerId),
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        self.starting.lock().remove(&self.key);
     }
 }

@@ -375,8 +375,9 @@ impl Sessions {
                 Self::restore((state, taken), sessions, &identities);
                 // The library tries every session it keeps, and answers
                 // "decryption failed" whatever stopped each.
-                let jump = |i: u32| usize::try_from(message.counter.saturating_sub(i));
-                if index.is_some_and(|i| jump(i).is_ok_and(|jump| jump > MAX_FORWARD_JUMPS)) {
+                // A chain the session does not have yet starts at 0.
+                let jump = usize::try_from(message.counter.saturating_sub(index.unwrap_or(0)));
+                if jump.is_ok_and(|jump| jump > MAX_FORWARD_JUMPS) {
                     return Err(SignalError::InvalidMessage(
                         "message from too far into the future",
                     ));

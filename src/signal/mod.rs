@@ -867,7 +867,13 @@ impl Sessions {
         mut batch: Batch,
     ) -> Result<(), SignalError> {
         let now = self.now();
-        let epoch = self.vault.epoch_to_seal(state.expiry, now)?;
+        // Only a raise of the stored copy's expiry is held to the ceiling:
+        // one admitted before stays admitted when the clock steps back.
+        let epoch = if state.expiry > state.sealed_expiry {
+            self.vault.epoch_to_seal(state.expiry, now)?
+        } else {
+            self.vault.epoch_to_reseal(state.expiry, now)?
+        };
         let mut plaintext = Zeroizing::new(state.encode(&self.cache.incarnation()));
         let max = self.config.max_record_len;
         if plaintext.len() > max {
