@@ -442,7 +442,9 @@ impl Retention {
     /// nothing. A sweep in progress honours it from its next step on.
     /// If the store fails the write, no hold stands: the audit trail says
     /// it was undone, and the store is made to agree (the write may have
-    /// landed) before the holds are next read.
+    /// landed) before the holds are next read. If the trail cannot record
+    /// the undo either, the hold stands, as the trail says: a failed hold
+    /// change errs on keeping the hold.
     pub async fn place_hold(
         &self,
         scope: HoldScope,
@@ -492,8 +494,9 @@ impl Retention {
     /// other cases on the same scope stand. Audited first: if the audit
     /// trail cannot record it, the hold stays; so it does if the store
     /// fails the write (audited as undone, and the store made to agree
-    /// before the holds are next read). Returns whether such a hold was in
-    /// force.
+    /// before the holds are next read), even if the trail cannot record
+    /// the undo: a failed hold change errs on keeping the hold, whatever
+    /// may be deleted under it. Returns whether such a hold was in force.
     pub async fn release_hold(
         &self,
         scope: HoldScope,
@@ -519,17 +522,15 @@ impl Retention {
             scope,
             reference: reference.to_owned(),
         };
-        if let Err(e) = self.hold_gate.write(&*self.storage, delete.clone()).await {
+        if let Err(e) = self.hold_gate.write(&*self.storage, delete).await {
             // The audit says released; put the record straight (the hold
             // stands), and the store with it: the write may have landed.
-            let undone = self.audit.record_hold(&HoldEvent {
+            // Kept even if the trail cannot say so: deletion is for good.
+            let _ = self.audit.record_hold(&HoldEvent {
                 action: HoldAction::Placed,
                 ..event
             });
-            self.hold_gate.owe(match undone {
-                Ok(()) => Op::PutHold(held),
-                Err(_) => delete,
-            });
+            self.hold_gate.owe(Op::PutHold(held));
             return Err(e.into());
         }
         Ok(true)

@@ -178,10 +178,14 @@ pub enum AuditError {
 
 /// Where decisions are recorded.
 ///
-/// `record` is called on every release, under no lock of the gate, from
-/// many threads at once: keep it short and synchronous (buffer, or hand off
-/// to a queue of your own). An error makes the gate keep the value (fail
-/// closed).
+/// `record` is called on every release, from many threads at once: keep it
+/// short and synchronous (buffer, or hand off to a queue of your own). An
+/// error makes the gate keep the value (fail closed). It runs under the
+/// gate's read locks of the policy (and, for an opt-in service, of the
+/// opt-ins), which releases share, so that a policy put in force or an
+/// opt-out is recorded before a decision it governs or after its value is
+/// out; `record_change` runs under the matching write lock. So a sink must
+/// not call back into the gate.
 pub trait AuditSink: Send + Sync {
     /// Record one decision.
     fn record(&self, decision: &Decision) -> Result<(), AuditError>;

@@ -221,17 +221,20 @@ impl Gate {
         party: Party,
         purpose: Purpose,
     ) -> Result<Released<T>, Denied<T>> {
-        let (allowed, revision) = {
-            let policy = self.policy.read().unwrap_or_else(PoisonError::into_inner);
-            (
-                policy.allows(party, value.class, purpose),
-                policy.revision(),
-            )
-        };
+        // Both read locks are held until the decision is recorded: a policy
+        // put in force, or an opt-out, is recorded before this decision and
+        // decides it, or after it, and the value is out by then.
+        let policy = self.policy.read().unwrap_or_else(PoisonError::into_inner);
+        let (allowed, revision) = (
+            policy.allows(party, value.class, purpose),
+            policy.revision(),
+        );
+        let opted_in = (purpose == Purpose::OptInService)
+            .then(|| self.opted_in.read().unwrap_or_else(PoisonError::into_inner));
         let reason = if !allowed {
             Some(DenyReason::Policy)
-        } else if purpose == Purpose::OptInService
-            && !value.business.is_some_and(|b| self.has_opted_in(b))
+        } else if let Some(opted_in) = &opted_in
+            && !value.business.is_some_and(|b| opted_in.contains(&b))
         {
             Some(DenyReason::NotOptedIn)
         } else {
