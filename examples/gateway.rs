@@ -168,6 +168,9 @@ fn options(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     if o.memory && o.store.is_some() {
         return Err("--store and --memory exclude each other".into());
     }
+    if o.root_key.is_some() && o.store.is_none() {
+        return Err("--root-key needs --store: it keeps the key of a store that is kept".into());
+    }
     Ok(Parsed::Run(o))
 }
 
@@ -1348,6 +1351,21 @@ mod tests {
             (id(4), copies(1, 1, 1, 0)),
         ]);
         assert_eq!(handed_again(&seen), (3, 4));
+    }
+
+    /// `--root-key FILE` goes only with `--store PATH`, as the usage text
+    /// says: with `--memory`, or with the temporary store, it is refused.
+    /// (It was accepted, and the run read or created a key file that
+    /// nothing was kept under.)
+    #[test]
+    fn root_key_without_a_kept_store_is_a_usage_error() {
+        for flags in [
+            &["--memory", "--root-key", "/nonexistent/k"][..],
+            &["--root-key", "/nonexistent/k"][..],
+        ] {
+            assert!(options(args(flags)).is_err(), "{flags:?} was accepted");
+        }
+        assert!(options(args(&["--store", "/tmp/s.db", "--root-key", "/tmp/k"])).is_ok());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -107,40 +107,88 @@ impl Clock for SystemClock {
 /// A clock that moves only when told to. Clones share one time, so a test
 /// can hand a clone to the crate and advance it from outside.
 #[derive(Debug, Clone, Default)]
-pub struct ManualClock(Arc<AtomicU64>);
+pub struct ManualClock(Arc<Manual>);
+
+#[derive(Debug, Default)]
+struct Manual {
+    /// The time it reads, in milliseconds.
+    millis: AtomicU64,
+    /// What advances added under a whole millisecond, in nanoseconds (below
+    /// 1,000,000): carried into `millis` as it fills.
+    nanos: AtomicU32,
+}
 
 impl ManualClock {
     /// A clock reading `start`.
     pub fn new(start: Timestamp) -> Self {
-        Self(Arc::new(AtomicU64::new(start.0)))
+        Self(Arc::new(Manual {
+            millis: AtomicU64::new(start.0),
+            nanos: AtomicU32::new(0),
+        }))
     }
 
-    /// Move the clock forward by `d` (saturating).
+    /// Move the clock forward by `d` (saturating). It reads whole
+    /// milliseconds; what `d` has under a millisecond is kept, and counts
+    /// once the steps add up to one (ten steps of 500 µs move it 5 ms).
     pub fn advance(&self, d: Duration) {
-        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        const MILLI: u32 = 1_000_000;
+        let mut carry = 0;
         // fetch_update never fails with a closure that always returns Some.
         let _ = self
             .0
+            .nanos
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                let sum = n + d.subsec_nanos() % MILLI;
+                carry = u64::from(sum >= MILLI);
+                Some(sum % MILLI)
+            });
+        let ms = u64::try_from(d.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(carry);
+        let _ = self
+            .0
+            .millis
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
                 Some(t.saturating_add(ms))
             });
     }
 
-    /// Set the clock to `t` (which may be earlier: tests of clock skew need it).
+    /// Set the clock to `t` (which may be earlier: tests of clock skew need
+    /// it), dropping what advances left under a millisecond.
     pub fn set(&self, t: Timestamp) {
-        self.0.store(t.0, Ordering::SeqCst);
+        self.0.nanos.store(0, Ordering::SeqCst);
+        self.0.millis.store(t.0, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        Timestamp(self.0.load(Ordering::SeqCst))
+        Timestamp(self.0.millis.load(Ordering::SeqCst))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Steps under a millisecond add up: ten of 500 µs move the clock
+    /// 5 ms, and 1.5 ms steps lose nothing. (Each call dropped what was
+    /// under a millisecond, so the ten steps moved it by 0.)
+    #[test]
+    fn manual_clock_keeps_sub_millisecond_steps() {
+        let clock = ManualClock::new(Timestamp::from_millis(1_000));
+        for _ in 0..10 {
+            clock.advance(Duration::from_micros(500));
+        }
+        assert_eq!(clock.now(), Timestamp::from_millis(1_005));
+        for _ in 0..4 {
+            clock.advance(Duration::from_micros(1_500));
+        }
+        assert_eq!(clock.now(), Timestamp::from_millis(1_011));
+        clock.set(Timestamp::from_millis(2_000));
+        clock.advance(Duration::from_micros(999));
+        assert_eq!(clock.now(), Timestamp::from_millis(2_000));
+    }
 
     #[test]
     fn manual_clock_clones_share_time() {

@@ -1555,3 +1555,91 @@ async fn the_delay_rate_is_the_configured_one_for_a_short_max_delay() {
         faults.delay,
     );
 }
+
+mod undecryptable {
+    use std::sync::Arc;
+
+    use custodian::ids::{BusinessId, PhoneNumber};
+    use custodian::integrity::Category;
+    use custodian::keys::{LocalKeyProvider, SecretKey};
+    use custodian::processor::{Host, Outbound, Policies, Processor};
+    use custodian::signal::{Ciphertext, MessageKind};
+    use custodian::store::MemoryStore;
+    use custodian::testing::{Faults, REDELIVERY, SimBusiness, SimNetwork};
+    use custodian::time::{ManualClock, Timestamp};
+    use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport};
+    use custodian::visibility::MemoryAuditSink;
+
+    /// A simulated device sends a retry receipt for a copy it cannot
+    /// decrypt even under the id of a message it has, as a real client,
+    /// which cannot read the id before decrypting, does; only Signal's own
+    /// duplicate refusal is dropped silently. (The device went by the id
+    /// beside the copy, and dropped a corrupt retransmission, or one made
+    /// on a stale session, with no receipt: the gateway's check for
+    /// messages a device could not decrypt could not see it.)
+    #[tokio::test]
+    async fn an_undecryptable_copy_of_a_message_it_has_is_asked_for_again() {
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+        let business = SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap();
+        let b = BusinessId::new(7).unwrap();
+        let carrier = Principal::new("carrier");
+        let owner = Principal::new("owner");
+        let authorizer = StaticAuthorizer::new()
+            .grant(&owner, b)
+            .carrier(&carrier, b);
+        let host = Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: business.clone(),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let processor = Processor::new(host, Policies::default()).unwrap();
+        processor.publish_keys(&owner, b).await.unwrap();
+        let alice: PhoneNumber = "+447700900001".parse().unwrap();
+        network.add_consumer(&alice, 1).await;
+        let id = processor
+            .send(
+                &owner,
+                b,
+                Outbound {
+                    to: alice.clone(),
+                    content: b"hi".to_vec().into(),
+                    category: Category::Service,
+                },
+            )
+            .await
+            .unwrap();
+        network.pump(&processor, &carrier).await;
+        assert_eq!(
+            network.received(&alice).await[&0][&id],
+            1,
+            "the real copy decrypted"
+        );
+
+        // Now a copy of the same message the device cannot decrypt (not a
+        // copy of the ciphertext it already decrypted).
+        let corrupt = Outgoing {
+            id,
+            ciphertext: Ciphertext {
+                kind: MessageKind::FollowUp,
+                bytes: vec![0x33; 40],
+            },
+        };
+        Transport::send(&*network, b, &alice, 0, &corrupt)
+            .await
+            .unwrap();
+        let mut retry_receipts = 0;
+        for _ in 0..4 {
+            retry_receipts += network.pump(&processor, &carrier).await.retry_receipts;
+            clock.advance(REDELIVERY);
+        }
+        assert_eq!(
+            retry_receipts, 1,
+            "a ciphertext the device could not decrypt was dropped as if it were a duplicate"
+        );
+    }
+}

@@ -22,12 +22,32 @@ type Result<T> = std::result::Result<T, SignalProtocolError>;
 
 /// Why a device operation failed: the library's own error, as a string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("device: {0}")]
-pub struct DeviceError(pub String);
+#[error("device: {message}")]
+pub struct DeviceError {
+    message: String,
+    duplicate: bool,
+}
+
+impl DeviceError {
+    /// The library's error, as a string.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the library refused a message as one it decrypted already
+    /// (a copy of the same ciphertext): what a real client drops silently,
+    /// where it asks again for any other message it cannot decrypt.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
 
 impl From<SignalProtocolError> for DeviceError {
     fn from(e: SignalProtocolError) -> Self {
-        Self(e.to_string())
+        Self {
+            duplicate: matches!(e, SignalProtocolError::DuplicatedMessage(..)),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -240,7 +260,12 @@ impl ConsumerDevice {
         business: BusinessId,
         bundle: &PreKeyBundle,
     ) -> std::result::Result<(), DeviceError> {
-        let key = |b: &[u8]| PublicKey::deserialize(b).map_err(|e| DeviceError(e.to_string()));
+        let key = |b: &[u8]| {
+            PublicKey::deserialize(b).map_err(|e| DeviceError {
+                message: e.to_string(),
+                duplicate: false,
+            })
+        };
         let one_time = match bundle.one_time_prekey {
             Some(k) => Some((k.id.into(), key(&k.public_key)?)),
             None => None,

@@ -552,15 +552,14 @@ impl SimNetwork {
             let Some(handset) = consumer.devices.get_mut(&device) else {
                 continue;
             };
-            // A copy it already decrypted (an injected duplicate) fails here,
-            // and is dropped; a message it does not have, and cannot
-            // decrypt, it asks for again.
-            let Ok(plaintext) = handset.decrypt(business, &message.ciphertext).await else {
-                let has = consumer
-                    .received
-                    .get(&device)
-                    .is_some_and(|r| r.contains_key(&message.id));
-                if !has {
+            // A copy of a ciphertext it already decrypted (an injected
+            // duplicate) Signal refuses as such, and it is dropped. Anything
+            // else it cannot decrypt it asks for again, as a real client,
+            // which cannot read the message's id before decrypting, does.
+            let plaintext = match handset.decrypt(business, &message.ciphertext).await {
+                Ok(plaintext) => plaintext,
+                Err(e) if e.is_duplicate() => continue,
+                Err(_) => {
                     net.asked.insert((business, message.id, device));
                     let decision = net.faults.decide(Leg::Receipt, now);
                     for at in Net::arrivals(decision, now) {
@@ -571,8 +570,8 @@ impl SimNetwork {
                         };
                         Net::push(&mut net.retries, &mut net.seq, at, retry);
                     }
+                    continue;
                 }
-                continue;
             };
             let Some((id, content)) = parse_device_payload(&plaintext) else {
                 continue;
