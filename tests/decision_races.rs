@@ -223,30 +223,34 @@ impl AuditSink for HoldsFailAfter {
     }
 }
 
+/// Retention over a store whose calls can be failed (`faults`) and an
+/// audit trail whose hold events can be failed (`audit.allowed`).
+fn failing_holds() -> (Arc<seams::HostFaults>, Arc<HoldsFailAfter>, Retention) {
+    let faults = Arc::new(seams::HostFaults::default());
+    let store = Arc::new(seams::FailingStore::paused(
+        Arc::new(MemoryStore::new()),
+        faults.clone(),
+    ));
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        store.clone(),
+    ));
+    let audit = Arc::new(HoldsFailAfter {
+        inner: MemoryAuditSink::new(),
+        allowed: Mutex::new(None),
+    });
+    let retention = Retention::new(store, keys, RetentionPolicy::default(), audit.clone());
+    (faults, audit, retention)
+}
+
 /// A hold whose store write fails, and whose undo the audit trail cannot
 /// record, stands, as the trail says (it says placed): a failed hold change
 /// errs on keeping the hold. (The docs said no hold stands.)
 #[test]
 fn a_failed_hold_placing_whose_undo_is_unaudited_keeps_the_hold() {
-    use seams::{FailingStore, HostFaults, Seams, Strike};
+    use seams::{Seams, Strike};
     seams::runtime().block_on(async {
-        let memory = Arc::new(MemoryStore::new());
-        let faults = Arc::new(HostFaults::default());
-        let store = Arc::new(FailingStore::paused(memory.clone(), faults.clone()));
-        let keys = Arc::new(KeyManager::new(
-            Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            store.clone(),
-        ));
-        let audit = Arc::new(HoldsFailAfter {
-            inner: MemoryAuditSink::new(),
-            allowed: Mutex::new(None),
-        });
-        let retention = Retention::new(
-            store.clone(),
-            keys,
-            RetentionPolicy::default(),
-            audit.clone(),
-        );
+        let (faults, audit, retention) = failing_holds();
         let now = Timestamp::from_millis(seams::T0);
         // Count the store calls of one place_hold (which succeeds).
         faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
@@ -277,25 +281,9 @@ fn a_failed_hold_placing_whose_undo_is_unaudited_keeps_the_hold() {
 /// said released: the hold was gone, and the sweep deleted what it held.)
 #[test]
 fn a_failed_hold_release_keeps_the_hold_even_unaudited() {
-    use seams::{FailingStore, HostFaults, Seams, Strike};
+    use seams::{Seams, Strike};
     seams::runtime().block_on(async {
-        let memory = Arc::new(MemoryStore::new());
-        let faults = Arc::new(HostFaults::default());
-        let store = Arc::new(FailingStore::paused(memory.clone(), faults.clone()));
-        let keys = Arc::new(KeyManager::new(
-            Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            store.clone(),
-        ));
-        let audit = Arc::new(HoldsFailAfter {
-            inner: MemoryAuditSink::new(),
-            allowed: Mutex::new(None),
-        });
-        let retention = Retention::new(
-            store.clone(),
-            keys,
-            RetentionPolicy::default(),
-            audit.clone(),
-        );
+        let (faults, audit, retention) = failing_holds();
         let now = Timestamp::from_millis(seams::T0);
         let other = HoldScope::Business(BusinessId::new(8).unwrap());
         let scope = HoldScope::Business(BusinessId::new(7).unwrap());
