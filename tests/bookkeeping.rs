@@ -388,6 +388,16 @@ fn start(
 }
 
 impl Deployment {
+    /// A deployment with no faults, business 1's keys published, and
+    /// consumer 1 with `devices` devices; and business 1.
+    async fn ready(devices: u32) -> (Self, BusinessId) {
+        let d = Self::new(Faults::none());
+        let b = business(1);
+        d.racing.network.add_consumer(&number(1), devices).await;
+        d.processor.publish_keys(&d.owner, b).await.unwrap();
+        (d, b)
+    }
+
     fn new(network_faults: Faults) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
@@ -522,10 +532,7 @@ fn business(n: u64) -> BusinessId {
 /// billed, once, and ends delivered.
 #[tokio::test]
 async fn a_report_that_beats_the_sends_bookkeeping_still_bills_once() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     d.send(b, 1).await;
     assert_eq!(d.billed(b).await, 1);
 
@@ -549,10 +556,7 @@ async fn a_report_that_beats_the_sends_bookkeeping_still_bills_once() {
 /// delivered. Billed once.
 #[tokio::test]
 async fn a_send_whose_reply_was_lost_is_billed_once_when_its_report_comes() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     d.race(Race::LoseReply);
     let id = d.send(b, 1).await;
     d.race(Race::None);
@@ -569,10 +573,7 @@ async fn a_send_whose_reply_was_lost_is_billed_once_when_its_report_comes() {
 /// returns, must not undo the retry. Device 1 gets the message.
 #[tokio::test]
 async fn a_slow_report_never_undoes_a_device_left_to_retry() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     *d.webhook.armed.lock().unwrap() = true;
     d.race(Race::ReportWhileDevice1Fails);
     let id = d.send(b, 1).await;
@@ -689,10 +690,7 @@ async fn a_device_sharing_the_last_pending_bit_is_not_left_without_the_message()
 /// period's message follows in a statement of its own.
 #[tokio::test]
 async fn a_billing_statement_whose_answer_was_lost_is_handed_over_again_as_it_was() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     d.send(b, 1).await;
     d.send(b, 1).await;
     d.clock.advance(Duration::from_secs(24 * 3600));
@@ -734,10 +732,7 @@ async fn a_billing_statement_whose_answer_was_lost_is_handed_over_again_as_it_wa
 /// took, which knows the category, bills it, once.
 #[tokio::test]
 async fn a_message_its_report_could_not_bill_is_billed_by_its_send() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     d.race(Race::DamageThenReportInsideSend);
     let id = d.send(b, 1).await;
     d.race(Race::None);
@@ -753,10 +748,7 @@ async fn a_message_its_report_could_not_bill_is_billed_by_its_send() {
 /// once.
 #[tokio::test]
 async fn a_device_listed_twice_is_sent_the_message_once() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::ListTwice);
     let id = d.send(b, 1).await;
     d.race(Race::None);
@@ -774,10 +766,7 @@ async fn a_device_listed_twice_is_sent_the_message_once() {
 async fn a_list_of_more_devices_than_a_consumer_may_have_fails_the_message() {
     use custodian::processor::MAX_DEVICES;
     let limit = u32::try_from(MAX_DEVICES).unwrap();
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::ListMany(limit + 1));
     let refused = d.send(b, 1).await;
     assert_eq!(
@@ -805,10 +794,7 @@ async fn a_list_of_more_devices_than_a_consumer_may_have_fails_the_message() {
 /// once the network answers right.
 #[tokio::test]
 async fn a_bundle_of_another_device_is_refused_and_the_device_still_gets_the_message() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::BundleOfDevice0);
     let id = d.send(b, 1).await;
     d.race(Race::None);
@@ -825,10 +811,7 @@ async fn a_bundle_of_another_device_is_refused_and_the_device_still_gets_the_mes
 /// network answers right.
 #[tokio::test]
 async fn the_business_own_bundle_is_refused_for_a_consumer_device() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     d.race(Race::OwnBundle);
     let first = d.send(b, 1).await;
     d.race(Race::None);
@@ -849,10 +832,7 @@ async fn the_business_own_bundle_is_refused_for_a_consumer_device() {
 /// refused, not for want of a session.
 #[tokio::test]
 async fn a_message_every_device_refuses_fails_as_refused() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::RefuseSends);
     let id = d.send(b, 1).await;
     assert_eq!(
@@ -872,10 +852,7 @@ async fn a_message_every_device_refuses_fails_as_refused() {
 /// receipt timeout for a report no device can send.
 #[tokio::test]
 async fn a_retry_that_reaches_no_device_fails_a_message_no_device_has_at_once() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::NoBundle0Device1FailsThenRefused);
     let id = d.send(b, 1).await;
     let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
@@ -900,10 +877,7 @@ async fn a_retry_that_reaches_no_device_fails_a_message_no_device_has_at_once() 
 /// device list, which then fails: the business is told delivered once.
 #[tokio::test]
 async fn a_report_during_a_failed_device_list_call_is_told_once() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     let id = d.send(b, 1).await;
     // Device 0 gets it; its report is lost, so it is sent again after the
     // receipt timeout, when the report comes after all.
@@ -943,10 +917,7 @@ async fn a_report_from_inside_a_send_waits_for_the_devices_left_to_retry() {
 /// billed, counted or told sent again by its retransmission.
 #[tokio::test]
 async fn a_sent_message_with_no_token_is_not_billed_again_by_its_retransmission() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     let id = d.send(b, 1).await;
     assert_eq!(d.billed(b).await, 1);
     let stored = d.store.message(b, id).await.unwrap().unwrap();
@@ -1021,10 +992,7 @@ async fn a_retransmission_that_reaches_no_device_is_not_counted_sent() {
 /// is not sent the message again. (It was.)
 #[tokio::test]
 async fn no_device_is_sent_the_message_again_after_its_report_is_taken() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     let id = d.send(b, 1).await;
     let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
     assert_eq!((sent.status, sent.pending_devices), (Status::Sent, 0));
@@ -1050,10 +1018,7 @@ async fn no_device_is_sent_the_message_again_after_its_report_is_taken() {
 /// reach one. (Every device was sent the message again after the report.)
 #[tokio::test]
 async fn a_report_before_a_retransmission_sends_to_any_device_spares_them_all() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     let id = d.send(b, 1).await;
     d.clock.advance(Duration::from_secs(121));
     d.race(Race::ReportInsideDeviceList(id));
@@ -1166,10 +1131,7 @@ async fn a_report_after_a_crashed_retry_to_a_new_device_list_leaves_no_device_ou
 /// message, delivered, was not sent again: device 1 never got it.)
 #[tokio::test]
 async fn a_retry_receipt_after_another_devices_report_gets_the_device_the_message() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::GarbleDevice1);
     let id = d.send(b, 1).await;
     d.race(Race::None);
@@ -1205,10 +1167,7 @@ async fn a_retry_receipt_after_another_devices_report_gets_the_device_the_messag
 #[tokio::test]
 async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
     use std::sync::atomic::Ordering;
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     let id = d.send(b, 1).await;
     let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
     assert_eq!(sent.status, Status::Sent);
@@ -1233,10 +1192,7 @@ async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
 #[tokio::test]
 async fn two_first_sends_at_once_fetch_one_bundle() {
     use std::sync::atomic::Ordering;
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     d.race(Race::YieldInBundle);
     let (first, second) = tokio::join!(d.send(b, 1), d.send(b, 1));
     d.race(Race::None);
@@ -1257,10 +1213,7 @@ async fn two_first_sends_at_once_fetch_one_bundle() {
 #[tokio::test]
 async fn receipts_for_messages_sent_on_one_lost_session_fetch_one_bundle() {
     use std::sync::atomic::Ordering;
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 1).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(1).await;
     let ids = [d.send(b, 1).await, d.send(b, 1).await, d.send(b, 1).await];
     d.race(Race::YieldInBundle);
     for id in ids {
@@ -1295,10 +1248,7 @@ async fn receipts_for_messages_sent_on_one_lost_session_fetch_one_bundle() {
 /// was then ignored as a copy, and device 1 never got the message.)
 #[tokio::test]
 async fn a_retry_receipt_during_the_attempt_is_acted_on_after_it() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 2).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    let (d, b) = Deployment::ready(2).await;
     d.race(Race::GarbleDevice1ThenReceipt);
     let id = d.send(b, 1).await;
     d.race(Race::None);

@@ -179,6 +179,17 @@ impl Deployment {
             .await;
     }
 
+    /// Business 7 and consumer 1 [in conversation](Self::in_conversation),
+    /// the consumer's devices lose their sessions, and the business sends
+    /// it a message: the business, and the message's id.
+    async fn sent_on_lost_sessions(&self) -> (BusinessId, MessageId) {
+        let b = BusinessId::new(7).unwrap();
+        self.publish_all().await;
+        self.in_conversation(b, &number(1)).await;
+        self.network.lose_sessions(&number(1)).await;
+        (b, self.send(b, number(1), b"your order shipped").await)
+    }
+
     /// `b` sends `content` to `to` (a service message); its id.
     async fn send(&self, b: BusinessId, to: PhoneNumber, content: &[u8]) -> MessageId {
         let message = Outbound {
@@ -2040,11 +2051,7 @@ async fn a_due_message_is_not_handed_over_after_its_retention_ends() {
 #[tokio::test]
 async fn a_device_that_lost_its_sessions_gets_the_message_again() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
-    let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
-    d.in_conversation(b, &number(1)).await;
-    d.network.lose_sessions(&number(1)).await;
-    let after = d.send(b, number(1), b"your order shipped").await;
+    let (b, after) = d.sent_on_lost_sessions().await;
     let retried = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(retried.retry_receipts, 1, "{retried:?}");
     d.run(Duration::from_secs(60), Duration::from_secs(30))
@@ -2172,11 +2179,7 @@ async fn a_reinstalled_device_gets_its_messages_once_it_writes_and_the_change_is
 #[tokio::test]
 async fn a_copy_of_a_retry_receipt_is_ignored() {
     let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
-    let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
-    d.in_conversation(b, &number(1)).await;
-    d.network.lose_sessions(&number(1)).await;
-    let after = d.send(b, number(1), b"your order shipped").await;
+    let (b, after) = d.sent_on_lost_sessions().await;
     let pumped = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(pumped.retry_receipts, 1, "{pumped:?}");
     assert_eq!(
