@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::keys::{
-    Epoch, EpochLength, KekContext, KekRing, KeyEntry, KeyError, KeyId, KeyKind, KeyManager,
-    KeyProvider, LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
+    Epoch, EpochLength, KekContext, KeyEntry, KeyError, KeyId, KeyKind, KeyManager, KeyProvider,
+    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
 use custodian::store::{KeyStore, MemoryStore, StoreError};
 use custodian::time::{Clock, ManualClock, Timestamp};
@@ -789,6 +789,12 @@ struct PausingStore {
     release: Semaphore,
     /// `(a, b)`: asked for `a`'s ring, hand back `b`'s (a misfiled row).
     misfiled: Option<(BusinessId, BusinessId)>,
+    /// Fail every ring update (not creation) of this business, before it
+    /// applies.
+    fail_update_of: Mutex<Option<BusinessId>>,
+    /// `(to, from)`: reading key `to` gives the row of key `from` (rows
+    /// swapped around, or restored into the wrong place).
+    moved: Mutex<Vec<(KeyId, KeyId)>>,
 }
 
 impl PausingStore {
@@ -801,6 +807,8 @@ impl PausingStore {
             reached: Semaphore::new(0),
             release: Semaphore::new(0),
             misfiled,
+            fail_update_of: Mutex::new(None),
+            moved: Mutex::new(Vec::new()),
         }
     }
 
@@ -832,6 +840,9 @@ impl KeyStore for PausingStore {
         ring: &custodian::keys::KekRing,
         expected: Option<u64>,
     ) -> Result<(), custodian::store::StoreError> {
+        if expected.is_some() && *self.fail_update_of.lock().unwrap() == Some(ring.business()) {
+            return Err(StoreError::Backend("injected ring write failure".into()));
+        }
         self.inner.put_ring(ring, expected).await?;
         self.pause_if(&self.armed).await;
         if self.lose_answer.swap(false, Ordering::SeqCst) {
@@ -843,7 +854,14 @@ impl KeyStore for PausingStore {
     }
 
     async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, custodian::store::StoreError> {
-        self.inner.key(id).await
+        let from = self
+            .moved
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(to, _)| to == id)
+            .map(|(_, from)| *from);
+        self.inner.key(&from.unwrap_or(*id)).await
     }
 
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, custodian::store::StoreError> {
@@ -1447,121 +1465,7 @@ async fn a_floor_above_the_primary_is_refused_as_such_not_as_needing_a_rewrap() 
     );
 }
 
-/// A memory store whose `put_ring` can be made to pause after it applied
-/// (a write whose answer is still on its way) for one business, or to fail
-/// before it applies for another, and whose rows can be moved: `key(to)`
-/// answers with the row stored under `from`, as a host's database whose
-/// rows were swapped around (or restored into the wrong place) would.
-struct ScriptedStore {
-    inner: MemoryStore,
-    /// `(to, from)`: reading `to` gives the row of `from`.
-    moved: Mutex<Vec<(KeyId, KeyId)>>,
-    /// Pause the next ring update (not creation) of this business, after it landed.
-    pause_update_of: Mutex<Option<BusinessId>>,
-    /// Fail every ring update (not creation) of this business.
-    fail_update_of: Mutex<Option<BusinessId>>,
-    reached: Semaphore,
-    release: Semaphore,
-}
-
-impl ScriptedStore {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            inner: MemoryStore::new(),
-            moved: Mutex::new(Vec::new()),
-            pause_update_of: Mutex::new(None),
-            fail_update_of: Mutex::new(None),
-            reached: Semaphore::new(0),
-            release: Semaphore::new(0),
-        })
-    }
-}
-
-#[async_trait]
-impl KeyStore for ScriptedStore {
-    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
-        self.inner.ring(business).await
-    }
-    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
-        let b = ring.business();
-        if expected.is_some() && *self.fail_update_of.lock().unwrap() == Some(b) {
-            return Err(StoreError::Backend("injected ring write failure".into()));
-        }
-        let done = self.inner.put_ring(ring, expected).await;
-        let pause = expected.is_some() && {
-            let mut p = self.pause_update_of.lock().unwrap();
-            if *p == Some(b) {
-                *p = None;
-                true
-            } else {
-                false
-            }
-        };
-        if pause {
-            self.reached.add_permits(1);
-            self.release.acquire().await.unwrap().forget();
-        }
-        done
-    }
-    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        let from = self
-            .moved
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(to, _)| to == id)
-            .map(|(_, from)| *from);
-        self.inner.key(&from.unwrap_or(*id)).await
-    }
-    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
-        self.inner.insert_key(key).await
-    }
-    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
-        self.inner.rewrap_key(key, expected).await
-    }
-    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
-        self.inner.destroy_key(id, at).await
-    }
-    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
-        self.inner.delete_keys(ids).await
-    }
-    async fn keys_wrapped_below(
-        &self,
-        business: BusinessId,
-        version: u32,
-        after: Option<KeyId>,
-        limit: usize,
-    ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.inner
-            .keys_wrapped_below(business, version, after, limit)
-            .await
-    }
-    async fn count_wrapped_under(
-        &self,
-        business: BusinessId,
-        version: u32,
-    ) -> Result<u64, StoreError> {
-        self.inner.count_wrapped_under(business, version).await
-    }
-    async fn keys_of_kind(
-        &self,
-        business: BusinessId,
-        kind: KeyKind,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.inner.keys_of_kind(business, kind, after, limit).await
-    }
-    async fn ended_epoch_keys(
-        &self,
-        now: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<KeyId>, StoreError> {
-        self.inner.ended_epoch_keys(now, limit).await
-    }
-}
-
-fn manager(store: &Arc<ScriptedStore>) -> Arc<KeyManager> {
+fn manager(store: &Arc<PausingStore>) -> Arc<KeyManager> {
     Arc::new(KeyManager::new(
         Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
             &mut [0x3c; 32],
@@ -1580,7 +1484,7 @@ fn manager(store: &Arc<ScriptedStore>) -> Arc<KeyManager> {
 /// `FloorAbovePrimary` however often it was retried.)
 #[tokio::test]
 async fn a_promotion_racing_another_business_failed_ring_write_takes_effect() {
-    let store = ScriptedStore::new();
+    let store = Arc::new(PausingStore::new(None));
     let keys = manager(&store);
     let (a, b) = (business(1), business(2));
     let now = Timestamp::from_millis(T0);
@@ -1591,7 +1495,7 @@ async fn a_promotion_racing_another_business_failed_ring_write_takes_effect() {
     let v2 = keys.add_kek_version(a, now).await.unwrap();
 
     // A's promotion lands in the store; its answer is slow to come back.
-    *store.pause_update_of.lock().unwrap() = Some(a);
+    store.armed.store(true, Ordering::SeqCst);
     let promote = tokio::spawn({
         let keys = keys.clone();
         async move { keys.promote_kek_version(a, v2).await }
@@ -1772,7 +1676,7 @@ async fn a_wrapped_key_moved_to_another_row_is_refused() {
     use custodian::time::ManualClock;
     use custodian::vault::Vault;
 
-    let store = ScriptedStore::new();
+    let store = Arc::new(PausingStore::new(None));
     let keys = manager(&store);
     let a = business(4);
     let now = Timestamp::from_millis(T0);
