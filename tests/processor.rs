@@ -190,6 +190,14 @@ impl Deployment {
         (b, self.send(b, number(1), b"your order shipped").await)
     }
 
+    /// Consumer 1's device 0 has `b`'s message `id`, and `b` reads it as
+    /// delivered.
+    async fn assert_delivered(&self, b: BusinessId, id: MessageId) {
+        assert!(self.network.received(&number(1)).await[&0].contains_key(&id));
+        let status = self.processor.message_status(self.owner(b), b, id).await;
+        assert_eq!(status.unwrap(), (Status::Delivered, None));
+    }
+
     /// `b` sends `content` to `to` (a service message); its id.
     async fn send(&self, b: BusinessId, to: PhoneNumber, content: &[u8]) -> MessageId {
         let message = Outbound {
@@ -2056,14 +2064,7 @@ async fn a_device_that_lost_its_sessions_gets_the_message_again() {
     assert_eq!(retried.retry_receipts, 1, "{retried:?}");
     d.run(Duration::from_secs(60), Duration::from_secs(30))
         .await;
-    assert!(d.network.received(&number(1)).await[&0].contains_key(&after));
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, after)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
+    d.assert_delivered(b, after).await;
     // And the next message goes over the new session, with no receipt.
     let next = d.send(b, number(1), b"it was delivered").await;
     let pumped = d.network.pump(&d.processor, &d.transport).await;
@@ -2161,14 +2162,7 @@ async fn a_reinstalled_device_gets_its_messages_once_it_writes_and_the_change_is
     let changed = sink.changed.lock().unwrap().clone();
     assert_eq!(changed.len(), 1, "{changed:?}");
     assert!(changed[0].1, "the business was not told the key changed");
-    assert!(d.network.received(&number(1)).await[&0].contains_key(&after));
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, after)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
+    d.assert_delivered(b, after).await;
 }
 
 /// A copy of a retry receipt the network hands in (its receipts leg
@@ -2261,14 +2255,7 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
     );
     d.run(Duration::from_secs(300), Duration::from_secs(60))
         .await;
-    assert!(d.network.received(&number(1)).await[&0].contains_key(&after));
-    assert_eq!(
-        d.processor
-            .message_status(d.owner(b), b, after)
-            .await
-            .unwrap(),
-        (Status::Delivered, None)
-    );
+    d.assert_delivered(b, after).await;
 }
 
 /// `future`'s output, or `None` if it has not finished after `limit` of
