@@ -10,10 +10,12 @@
 //! remains, and ends with a summary of the audit trail.
 //!
 //! It exits non-zero, saying which, if a promise was broken: a consumer
-//! message not handed to its business exactly once, a business message
-//! missing on a device or sent again after it was reported delivered, a
-//! message without a final delivered status or not billed exactly once,
-//! or, after the sweep, any
+//! message not handed to its business exactly once or under another
+//! sender, a business message missing on a device, altered there or sent
+//! again after it was reported delivered, a message without a final
+//! delivered status or not billed exactly once, a release in the audit
+//! trail the visibility policy forbids (or a handover without its
+//! releases), or, after the sweep, any
 //! message, consumer or Signal record left in the store, any sealed copy
 //! still readable (or refused for any reason but its destroyed epoch key),
 //! any consumer's phone hash or message's sealed bytes left in the store's
@@ -41,7 +43,7 @@ use custodian::testing::{Cause, Copies, Faults, Leg, LegStats, SimBusiness, SimN
 use custodian::time::{Clock, ManualClock, SystemClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer, TransportError};
 use custodian::vault::{OpenError, Vault};
-use custodian::visibility::{MemoryAuditSink, Verdict};
+use custodian::visibility::{DataClass, MemoryAuditSink, Party, Verdict, VisibilityPolicy};
 
 struct Options {
     businesses: u64,
@@ -266,8 +268,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// What consumers wrote, and the Signal sessions they started doing so.
 #[derive(Default)]
 struct Writes {
-    /// Each message, with the business it was written to.
-    messages: BTreeSet<(BusinessId, Vec<u8>)>,
+    /// Each message, with the business it was written to, and who wrote it
+    /// (consumer, device).
+    messages: BTreeMap<(BusinessId, Vec<u8>), (usize, u32)>,
     /// (consumer, device, business) with a session: the device wrote to
     /// the business, or decrypted a message from it.
     sessions: BTreeSet<(usize, u32, BusinessId)>,
@@ -294,7 +297,7 @@ impl Writes {
         network
             .consumer_sends(&number(i), device, b, text.as_bytes())
             .await?;
-        self.messages.insert((b, text.into_bytes()));
+        self.messages.insert((b, text.into_bytes()), (i, device));
         Ok(())
     }
 }
@@ -403,6 +406,11 @@ fn final_statuses(sink: &SimBusiness) -> BTreeMap<MessageId, (Status, Option<Fai
         }
     }
     told
+}
+
+/// What business `b` writes to consumer `i` in `round`.
+fn update(b: BusinessId, i: usize, round: usize) -> Vec<u8> {
+    format!("business {b} to consumer {i}, update {round}: shipped").into_bytes()
 }
 
 fn number(i: usize) -> PhoneNumber {
@@ -742,7 +750,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     // Wall time spent in the batches of concurrent sends, and their calls.
     let (mut send_batches, mut send_batch_calls) = (Duration::ZERO, 0usize);
     let mut writes = Writes::default();
-    let mut sent: Vec<(BusinessId, MessageId, usize)> = Vec::with_capacity(total_out);
+    // Each business message: its business, id, consumer and round.
+    let mut sent: Vec<(BusinessId, MessageId, usize, usize)> = Vec::with_capacity(total_out);
     let mut next_report = total_out / 10;
     let (mut retried, mut answered_otherwise) = (0usize, 0usize);
     let mut batch = 0usize;
@@ -773,9 +782,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                     let key = format!("update/{i}/{round}");
                     let reply = || Outbound {
                         to: number(i),
-                        content: format!("business {b} to consumer {i}, update {round}: shipped")
-                            .into_bytes()
-                            .into(),
+                        content: update(b, i, round).into(),
                         category: Category::Utility,
                     };
                     let id = processor
@@ -843,7 +850,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
                         answered_otherwise += 1;
                     }
                 }
-                sent.push((b, id, i));
+                sent.push((b, id, i, round));
             }
             if sent.len() >= next_report {
                 next_report += (total_out / 10).max(1);
@@ -886,7 +893,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         let told = final_statuses(&sink);
         let settled_out = sent
             .iter()
-            .filter(|(_, id, _)| told.contains_key(id))
+            .filter(|(_, id, _, _)| told.contains_key(id))
             .count();
         let held = sink.held_back();
         if handed >= total_in && settled_out == total_out && pumped.in_flight == 0 && held == 0 {
@@ -957,8 +964,29 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let contents = sink.contents();
     let received: BTreeSet<(BusinessId, Vec<u8>)> =
         contents.iter().map(|(b, _, c)| (*b, c.clone())).collect();
-    let never = writes.messages.difference(&received).count();
-    let elsewhere = received.difference(&writes.messages).count();
+    let never = writes
+        .messages
+        .keys()
+        .filter(|m| !received.contains(*m))
+        .count();
+    let elsewhere = received
+        .iter()
+        .filter(|m| !writes.messages.contains_key(*m))
+        .count();
+    // Each message's sender, as the business was told it, against the
+    // consumer and device that wrote it.
+    let senders = sink.senders();
+    let wrong_sender = contents
+        .iter()
+        .filter(|(b, id, content)| {
+            let wrote = writes.messages.get(&(*b, content.clone()));
+            match (wrote, senders.get(id)) {
+                (Some(&(i, device)), Some((from, d))) => *from != number(i) || *d != device,
+                (_, None) => true,
+                (None, Some(_)) => false,
+            }
+        })
+        .count();
     let (twice, repeats) = handed_again(&copies);
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
@@ -967,7 +995,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "\ninbound: {} of {} messages reached their business, under {} ids in all; \
          reached another business: {elsewhere}; handed over again after the business took them: \
-         {twice} ({repeats} repeat handovers, taken or not); \
+         {twice} ({repeats} repeat handovers, taken or not); with another sender: {wrong_sender}; \
          extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
         writes.messages.len() - never,
         total_in,
@@ -981,6 +1009,11 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     if elsewhere > 0 {
         broken.push(format!(
             "{elsewhere} messages reached a business their consumer did not write to"
+        ));
+    }
+    if wrong_sender > 0 {
+        broken.push(format!(
+            "{wrong_sender} consumer messages reached their business under another sender"
         ));
     }
     if contents.len() != received.len() {
@@ -1001,13 +1034,15 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
 
-    // Outbound: every device of the recipient has each message, decrypted
-    // copies beyond the first are retransmissions made before any delivery
-    // report came back, and each message ended delivered.
+    // Outbound: every device of the recipient has each message, from its
+    // business and as it was written; decrypted copies beyond the first are
+    // retransmissions made before any delivery report came back, and each
+    // message ended delivered.
     let told = final_statuses(&sink);
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let (mut missing_copies, mut extra_copies, mut not_delivered) = (0usize, 0u64, 0usize);
-    for (_, id, i) in &sent {
+    let mut altered_copies = 0usize;
+    for (b, id, i, round) in &sent {
         let last = told.get(id).copied();
         *by_status
             .entry(match last {
@@ -1020,22 +1055,37 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             not_delivered += 1;
         }
         let received = network.received(&number(*i)).await;
+        let written = update(*b, *i, *round);
         for device in network.devices_of(&number(*i)).await {
             match received.get(&device).and_then(|r| r.get(id)) {
                 Some(&n) => extra_copies += u64::from(n - 1),
                 None => missing_copies += 1,
+            }
+            let decrypted = network.contents(&number(*i), device).await;
+            if decrypted
+                .iter()
+                .any(|(from, got, content)| got == id && (from != b || *content != written))
+            {
+                altered_copies += 1;
             }
         }
     }
     let after_delivery = network.resent_after_delivery().await;
     println!(
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
+         from another business or altered: {altered_copies}; \
          retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}; \
          retry receipts (a copy a device could not decrypt): {retry_receipts}"
     );
     if retry_receipts > 0 {
         broken.push(format!(
             "{retry_receipts} retry receipts (a business message a device could not decrypt)"
+        ));
+    }
+    if altered_copies > 0 {
+        broken.push(format!(
+            "{altered_copies} device copies of business messages came from another business or \
+             differ from what it sent"
         ));
     }
     if missing_copies > 0 {
@@ -1095,7 +1145,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     );
     // Every stored message's sealed bytes, as a backup would hold them.
     let mut samples: Vec<MessageRecord> = Vec::new();
-    let outbound = sent.iter().map(|&(b, id, _)| (b, id));
+    let outbound = sent.iter().map(|&(b, id, _, _)| (b, id));
     let inbound = contents.iter().map(|&(b, id, _)| (b, id));
     for (b, id) in outbound.chain(inbound) {
         if let Some(record) = storage.message(b, id).await? {
@@ -1190,7 +1240,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
     let mut still_found = 0;
-    for (b, id, _) in &sent {
+    for (b, id, _, _) in &sent {
         match processor.message_status(&owners[b], *b, *id).await {
             Err(ProcessorError::NotFound) => {}
             _ => still_found += 1,
@@ -1310,6 +1360,54 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     println!("\naudit trail: {} release decisions", events.len());
     for (line, n) in summary {
         println!("  {n:>7}  {line}");
+    }
+    // No release the policy forbids, none of a business's data but its
+    // own, and every copy of a message the business was handed came
+    // through a release of its content and one of its sender's number.
+    let policy = VisibilityPolicy::default();
+    let forbidden = events
+        .iter()
+        .filter(|e| e.is_allowed() && !policy.allows(e.party, e.class, e.purpose))
+        .count();
+    let foreign = events
+        .iter()
+        .filter(|e| e.business.is_some_and(|b| !owners.contains_key(&b)))
+        .count();
+    let handovers = sink
+        .fault_stats()
+        .get(&Leg::Deliver)
+        .map_or(0, |s| s.events);
+    let released_to_business = |class: DataClass| {
+        events
+            .iter()
+            .filter(|e| e.is_allowed() && e.party == Party::Business && e.class == class)
+            .count() as u64
+    };
+    let (contents_released, numbers_released) = (
+        released_to_business(DataClass::MessageContent),
+        released_to_business(DataClass::ConsumerPhoneNumber),
+    );
+    println!(
+        "  forbidden by the policy: {forbidden}; of another business: {foreign}; \
+         {handovers} handovers to businesses, {contents_released} contents and \
+         {numbers_released} numbers released to them"
+    );
+    if forbidden > 0 {
+        broken.push(format!(
+            "{forbidden} releases in the audit trail the policy forbids"
+        ));
+    }
+    if foreign > 0 {
+        broken.push(format!(
+            "{foreign} release decisions in the audit trail for a business not in the run"
+        ));
+    }
+    if contents_released != handovers || numbers_released != handovers {
+        broken.push(format!(
+            "{handovers} messages handed to businesses, but the audit trail shows \
+             {contents_released} releases of their content and {numbers_released} of their \
+             senders' numbers"
+        ));
     }
 
     if broken.is_empty() {

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::faults::{Decision, Faults, Injector, InvalidFaults, Leg, LegStats};
-use crate::ids::{BusinessId, MessageId};
+use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::store::{FailureReason, Status};
 use crate::time::{Clock, ManualClock, Timestamp};
 use crate::transport::{BusinessSink, InboundMessage, SinkError, StatusUpdate};
@@ -82,6 +82,8 @@ enum Item {
     Message {
         business: BusinessId,
         id: MessageId,
+        from: PhoneNumber,
+        device: u32,
         content: Vec<u8>,
     },
     Status {
@@ -111,6 +113,8 @@ struct Record {
     /// Messages a handover of which returned `Ok`.
     taken: BTreeSet<MessageId>,
     contents: Vec<(BusinessId, MessageId, Vec<u8>)>,
+    /// The sender of each message's first copy.
+    senders: BTreeMap<MessageId, (PhoneNumber, u32)>,
     statuses: BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>>,
     status_log: Vec<(MessageId, Status, Option<FailureReason>, Cause)>,
 }
@@ -141,6 +145,8 @@ impl Record {
                 Item::Message {
                     business,
                     id,
+                    from,
+                    device,
                     content,
                 } => {
                     let copies = self.copies.entry(id).or_default();
@@ -148,6 +154,7 @@ impl Record {
                     copies.count(arrival.cause);
                     if first {
                         self.contents.push((business, id, content));
+                        self.senders.insert(id, (from, device));
                     }
                 }
                 Item::Status {
@@ -250,6 +257,7 @@ impl SimBusiness {
                 copies: BTreeMap::new(),
                 taken: BTreeSet::new(),
                 contents: Vec::new(),
+                senders: BTreeMap::new(),
                 statuses: BTreeMap::new(),
                 status_log: Vec::new(),
             }),
@@ -289,6 +297,12 @@ impl SimBusiness {
         self.record().contents.clone()
     }
 
+    /// The sender (number and device) of each message shown so far, as
+    /// its first copy named them.
+    pub fn senders(&self) -> BTreeMap<MessageId, (PhoneNumber, u32)> {
+        self.record().senders.clone()
+    }
+
     /// Statuses shown so far per message, in the order they showed:
     /// everything the processor sent that the business took (including
     /// those whose reply was lost), without the injector's duplicates.
@@ -324,6 +338,8 @@ impl BusinessSink for SimBusiness {
         self.record().handover(message.id, now, || Item::Message {
             business: message.business,
             id: message.id,
+            from: message.from.clone(),
+            device: message.device,
             content: message.content.to_vec(),
         })
     }
