@@ -1125,6 +1125,46 @@ async fn a_republished_key_list_hands_out_no_key_twice() {
     );
 }
 
+/// The business is told who sent each message: the number and device
+/// that wrote it, as the endpoint's record of senders shows.
+#[tokio::test]
+async fn the_business_sees_each_message_under_its_sender() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 6).await;
+    d.network.add_consumer(&number(1), 2).await;
+    d.network.add_consumer(&number(2), 1).await;
+    for (who, device) in [(1, 1), (2, 0), (1, 0)] {
+        d.network
+            .consumer_sends(
+                &number(who),
+                device,
+                business(),
+                format!("{who}/{device}").as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    d.network.pump(&d.processor, &d.transport).await;
+    let senders = d.business.senders();
+    let mut seen: Vec<(Vec<u8>, PhoneNumber, u32)> = d
+        .business
+        .contents()
+        .into_iter()
+        .map(|(_, id, content)| {
+            let (from, device) = senders[&id].clone();
+            (content, from, device)
+        })
+        .collect();
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen,
+        [
+            (b"1/0".to_vec(), number(1), 0),
+            (b"1/1".to_vec(), number(1), 1),
+            (b"2/0".to_vec(), number(2), 0),
+        ]
+    );
+}
+
 /// A call carries no message, refused or not; a decision refused by an
 /// outage carries none either; and the copies of a run's decisions add up
 /// to its statistics.
