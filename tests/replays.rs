@@ -16,13 +16,14 @@ use custodian::ids::{BusinessId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{Host, Inbound, Outbound, Policies, Processor};
-use custodian::signal::Ciphertext;
+use custodian::signal::{Ciphertext, MessageKind};
 use custodian::store::MemoryStore;
 use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
 use custodian::visibility::MemoryAuditSink;
 use proptest::prelude::*;
+use wacore_libsignal::protocol::{PreKeySignalMessage, SignalMessage};
 
 const T0: u64 = 1_767_225_600_000;
 
@@ -32,8 +33,9 @@ enum Step {
     Write,
     /// The transport delivers one message in flight (any of them).
     Deliver(usize),
-    /// The transport delivers an earlier message again.
-    Replay(usize),
+    /// The transport delivers an earlier message again, as it was or with
+    /// a key in it re-encoded (see [`reencoded`]).
+    Replay(usize, bool),
     /// The business writes to the device, which reads it: the device's
     /// next messages start a new receiving chain.
     Answer,
@@ -54,7 +56,7 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         5 => Just(Step::Write),
         5 => any::<usize>().prop_map(Step::Deliver),
-        3 => any::<usize>().prop_map(Step::Replay),
+        3 => (any::<usize>(), any::<bool>()).prop_map(|(i, re)| Step::Replay(i, re)),
         1 => Just(Step::Answer),
         2 => Just(Step::Restart),
         1 => (1u64..7200).prop_map(Step::Wait),
@@ -75,6 +77,20 @@ struct World {
 }
 
 impl World {
+    fn new() -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        Self {
+            business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
+            clock,
+            store: Arc::new(MemoryStore::new()),
+            provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            network: Arc::new(RecordingTransport::new()),
+            owner: Principal::new("owner"),
+            operator: Principal::new("operator"),
+            id: BusinessId::new(5).unwrap(),
+        }
+    }
+
     fn processor(&self) -> Processor {
         Processor::new(
             Host {
@@ -109,6 +125,33 @@ fn inbound(message: &Ciphertext) -> Inbound {
     }
 }
 
+/// `message` with its base key (a first-contact message's, outside the
+/// MAC) or its ratchet key re-encoded, its top bit set: the same X25519
+/// key, other bytes.
+fn reencoded(message: &Ciphertext) -> Ciphertext {
+    let key = match message.kind {
+        MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
+            .unwrap()
+            .base_key()
+            .serialize(),
+        MessageKind::FollowUp => SignalMessage::try_from(message.bytes.as_slice())
+            .unwrap()
+            .sender_ratchet_key()
+            .serialize(),
+    };
+    let at = message
+        .bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .unwrap();
+    let mut bytes = message.bytes.clone();
+    bytes[at + 32] ^= 0x80;
+    Ciphertext {
+        kind: message.kind,
+        bytes,
+    }
+}
+
 /// Deliver a message not delivered before: the business gets it.
 async fn deliver(processor: &Processor, owner: &Principal, b: BusinessId, message: &Ciphertext) {
     let receipt = processor.receive(owner, b, inbound(message)).await.unwrap();
@@ -116,17 +159,7 @@ async fn deliver(processor: &Processor, owner: &Principal, b: BusinessId, messag
 }
 
 async fn run(steps: Vec<Step>) {
-    let clock = ManualClock::new(Timestamp::from_millis(T0));
-    let world = World {
-        business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
-        clock,
-        store: Arc::new(MemoryStore::new()),
-        provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        network: Arc::new(RecordingTransport::new()),
-        owner: Principal::new("owner"),
-        operator: Principal::new("operator"),
-        id: BusinessId::new(5).unwrap(),
-    };
+    let world = World::new();
     let (b, owner) = (world.id, &world.owner);
     let mut processor = world.processor();
     processor.publish_keys(owner, b).await.unwrap();
@@ -154,9 +187,14 @@ async fn run(steps: Vec<Step>) {
                 deliver(&processor, owner, b, &message).await;
                 delivered.push(message);
             }
-            Step::Replay(i) if !delivered.is_empty() || !expired.is_empty() => {
+            Step::Replay(i, re) if !delivered.is_empty() || !expired.is_empty() => {
                 let earlier: Vec<&Ciphertext> = expired.iter().chain(&delivered).collect();
-                let replay = inbound(earlier[i % earlier.len()]);
+                let earlier = earlier[i % earlier.len()];
+                let replay = inbound(&if re {
+                    reencoded(earlier)
+                } else {
+                    earlier.clone()
+                });
                 let receipt = processor.receive(owner, b, replay).await;
                 assert!(
                     !receipt.as_ref().is_ok_and(|r| r.delivered),
@@ -218,4 +256,70 @@ proptest! {
             .unwrap()
             .block_on(run(steps));
     }
+}
+
+/// A consumer's first message that used no one-time prekey (the network
+/// served a bundle without one), handed in again as another consumer's,
+/// is a duplicate while its copy is stored: nothing is delivered, and no
+/// session is started for the number. (It was decrypted afresh in a new
+/// session for that number, named by it, and handed to the business a
+/// second time, credited to someone who never wrote it.)
+#[tokio::test]
+async fn a_first_contact_replayed_as_another_consumer_is_a_duplicate() {
+    let world = World::new();
+    let (b, owner) = (world.id, &world.owner);
+    let processor = world.processor();
+    processor.publish_keys(owner, b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    let bundle = world.network.published().unwrap().bundle(None);
+    device.start_session(b, &bundle).await.unwrap();
+    let first = device.encrypt(b, b"pay 100 to Bob").await.unwrap();
+    deliver(&processor, owner, b, &first).await;
+
+    let someone_else = Inbound {
+        from: "+447700900124".parse().unwrap(),
+        ..inbound(&first)
+    };
+    let replayed = processor.receive(owner, b, someone_else).await.unwrap();
+    assert!(replayed.duplicate && !replayed.delivered, "{replayed:?}");
+    assert_eq!(world.business.messages().len(), 1);
+    assert_eq!(processor.census(&world.operator).await.unwrap().peers, 1);
+}
+
+/// A first message that used no one-time prekey, replayed once its stored
+/// copy is gone but while its session lives (the consumer wrote again),
+/// is refused whether its base key comes as sent or re-encoded (top bit
+/// set: the same X25519 key, outside the MAC). (The re-encoded one ran
+/// X3DH again to the same secrets and reached the business a second
+/// time: the library knows a replay by its base key's bytes.)
+#[tokio::test]
+async fn a_first_contact_replayed_with_its_base_key_reencoded_is_refused() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let world = World::new();
+    let (b, owner) = (world.id, &world.owner);
+    let processor = world.processor();
+    processor.publish_keys(owner, b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    let bundle = world.network.published().unwrap().bundle(None);
+    device.start_session(b, &bundle).await.unwrap();
+    let first = device.encrypt(b, b"pay 100 to Bob").await.unwrap();
+    deliver(&processor, owner, b, &first).await;
+    world.clock.advance(20 * DAY);
+    let later = device.encrypt(b, b"thanks").await.unwrap();
+    deliver(&processor, owner, b, &later).await;
+    world.clock.advance(11 * DAY);
+    let swept = processor.sweep(&world.operator).await.unwrap();
+    assert_eq!(swept.messages_deleted, 1);
+
+    for replay in [first.clone(), reencoded(&first)] {
+        let receipt = processor.receive(owner, b, inbound(&replay)).await;
+        assert!(
+            !receipt.as_ref().is_ok_and(|r| r.delivered),
+            "a replay reached the business again: {receipt:?}"
+        );
+    }
+    assert_eq!(world.business.messages().len(), 2);
+    // The session still works.
+    let next = device.encrypt(b, b"one more").await.unwrap();
+    deliver(&processor, owner, b, &next).await;
 }

@@ -358,6 +358,39 @@ async fn a_replayed_first_contact_message_is_a_duplicate() {
     assert_eq!(w.snapshot(peer).await, before);
 }
 
+/// A first-contact message that used no one-time prekey, replayed with its
+/// base key re-encoded (top bit set: the same X25519 key; the base key is
+/// outside the MAC), is refused as malformed and changes nothing. (It ran
+/// X3DH again to the same secrets, decrypted a second time and replaced
+/// the session: the library knows a replay by the base key's bytes.)
+#[tokio::test]
+async fn a_first_contact_replayed_with_its_base_key_reencoded_changes_nothing() {
+    let w = World::new();
+    let mut phone = ConsumerDevice::new(0);
+    phone
+        .start_session(w.business, &w.published().await.bundle(None))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900013", &phone).await;
+    let first = phone.encrypt(w.business, b"pay 100 to Bob").await.unwrap();
+    assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"pay 100 to Bob");
+    let before = w.snapshot(peer).await;
+
+    let base = wacore_libsignal::protocol::PreKeySignalMessage::try_from(first.bytes.as_slice())
+        .unwrap()
+        .base_key()
+        .serialize();
+    let at = first.bytes.windows(33).position(|k| k == base).unwrap();
+    let mut replay = first.clone();
+    replay.bytes[at + 32] ^= 0x80;
+    let result = w.decrypt(peer, &replay).await;
+    assert!(
+        matches!(result, Err(SignalError::InvalidMessage(_))),
+        "{result:?}"
+    );
+    assert_eq!(w.snapshot(peer).await, before);
+}
+
 #[tokio::test]
 async fn out_of_order_delivery_decrypts_every_message_once() {
     let w = World::new();
@@ -411,6 +444,11 @@ async fn business_initiated_session_from_a_consumer_bundle() {
     );
 }
 
+/// A bundle with a bad signature, a bad key, another identity, another
+/// device's, or the business's own (as published, or its identity key
+/// re-encoded with the top bit set, the same X25519 key) is refused and
+/// stores nothing; so is one with a key so re-encoded. (The business's own
+/// key re-encoded passed for another's, and was taken.)
 #[tokio::test]
 async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     let w = World::new();
@@ -427,7 +465,19 @@ async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     let other_device = ConsumerDevice::new(peer.device + 1).bundle(true);
     let mut own = w.published().await.bundle(Some(0));
     own.device_id = peer.device;
-    for bad in [bad_signature, bad_key, swapped_identity, other_device, own] {
+    let mut own_reencoded = own;
+    own_reencoded.identity_key[32] ^= 0x80;
+    let mut reencoded = good;
+    reencoded.signed_prekey.public_key[32] ^= 0x80;
+    for bad in [
+        bad_signature,
+        bad_key,
+        swapped_identity,
+        other_device,
+        own,
+        own_reencoded,
+        reencoded,
+    ] {
         let result = w
             .sessions
             .start_session(w.business, peer, &bad, w.expiry())

@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 use super::payload::InboundBody;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
-use crate::signal::{Ciphertext, SignalError, Unbound};
+use crate::signal::{Ciphertext, Parsed, SignalError};
 use crate::store::{Batch, Delivery, Direction, FailureReason, Op, PeerId, Status};
 use crate::time::Timestamp;
 use crate::transport::{InboundMessage, Principal};
@@ -110,7 +110,7 @@ impl Processor {
         // Parsed first, and a receive creates no key: the business's keys
         // come with its first `publish_keys`, before which no consumer
         // could have written to it.
-        let unbound = Unbound::parse(&inbound.message)?;
+        let parsed = Parsed::new(&inbound.message, business)?;
         let phone = self
             .keys
             .known_phone_hash(business, &inbound.from)
@@ -122,7 +122,6 @@ impl Processor {
             phone,
             device: inbound.device,
         };
-        let parsed = unbound.bind(business, peer);
         let id = parsed.id();
         let duplicate = Receipt {
             id,

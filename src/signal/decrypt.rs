@@ -164,15 +164,10 @@ impl Sessions {
         message: &Ciphertext,
         expiry: Timestamp,
     ) -> Result<Decrypted, SignalError> {
-        self.decrypt_staged(
-            business,
-            peer,
-            &Parsed::new(message, business, peer)?,
-            expiry,
-        )
-        .await?
-        .commit(Batch::new())
-        .await
+        self.decrypt_staged(business, peer, &Parsed::new(message, business)?, expiry)
+            .await?
+            .commit(Batch::new())
+            .await
     }
 
     /// Whether a receive that stores its message, by `expiry`, may leave
@@ -220,12 +215,11 @@ impl Sessions {
     pub(super) async fn settle_left_unsure(
         &self,
         business: BusinessId,
-        peer: PeerId,
         state: &mut Peer,
     ) -> Result<(), SignalError> {
         for unsure in std::mem::take(&mut state.unsure) {
             let stored = self
-                .stored_counters(business, peer, &unsure.chain, unsure.next..unsure.end)
+                .stored_counters(business, &unsure.chain, unsure.next..unsure.end)
                 .await?;
             if stored.is_empty() {
                 continue;
@@ -252,18 +246,17 @@ impl Sessions {
         Ok(())
     }
 
-    /// The counters in `counters` of `peer`'s receiving chain `chain` whose
-    /// message is stored, ascending.
+    /// The counters in `counters` of receiving chain `chain` whose message
+    /// is stored, ascending.
     async fn stored_counters(
         &self,
         business: BusinessId,
-        peer: PeerId,
         chain: &PublicKey,
         counters: std::ops::Range<u32>,
     ) -> Result<Vec<u32>, SignalError> {
         let mut stored = Vec::new();
         for counter in counters {
-            let id = message_id(business, peer, chain, counter);
+            let id = message_id(business, chain, counter);
             if self.store.message(business, id).await?.is_some() {
                 stored.push(counter);
             }
@@ -279,7 +272,6 @@ impl Sessions {
     async fn settle_unsure(
         &self,
         business: BusinessId,
-        peer: PeerId,
         state: &mut Peer,
         chain: &PublicKey,
         counter: u32,
@@ -292,7 +284,7 @@ impl Sessions {
             return Ok(());
         }
         let stored = self
-            .stored_counters(business, peer, chain, unsure.next..counter.min(unsure.end))
+            .stored_counters(business, chain, unsure.next..counter.min(unsure.end))
             .await?;
         if let Some(session) = state.session.as_mut().and_then(|s| s.session_state_mut()) {
             for earlier in stored {
@@ -418,7 +410,7 @@ impl Sessions {
         let index_after = chain_index(state.session.as_ref());
         let in_order =
             next && same_session && index_after == Some(message.counter.saturating_add(1));
-        self.settle_unsure(business, peer, &mut state, &message.chain, message.counter)
+        self.settle_unsure(business, &mut state, &message.chain, message.counter)
             .await?;
         Ok(StagedDecrypt {
             sessions: self,

@@ -7,7 +7,9 @@ use wacore_libsignal::protocol::{
 };
 
 use super::rng::ThreadCsprng;
-use super::{Ciphertext, MessageKind, PreKeyBundle, Sessions, SignalError, protocol_error};
+use super::{
+    Ciphertext, MessageKind, PreKeyBundle, Sessions, SignalError, canonical, protocol_error,
+};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::store::{Batch, PeerId};
 use crate::time::Timestamp;
@@ -165,7 +167,12 @@ impl Sessions {
 
 fn to_library_bundle(bundle: &PreKeyBundle) -> Result<LibBundle, SignalError> {
     let key = |bytes: &[u8], what| {
-        PublicKey::deserialize(bytes).map_err(|_| SignalError::BadBundle(what))
+        // A key's other encodings are refused (see `canonical`): the
+        // business's own key so encoded would pass for another's.
+        PublicKey::deserialize(bytes)
+            .ok()
+            .filter(canonical)
+            .ok_or(SignalError::BadBundle(what))
     };
     let identity = IdentityKey::new(key(
         &bundle.identity_key,

@@ -288,7 +288,8 @@ impl fmt::Debug for Ciphertext {
 }
 
 /// A consumer's message, parsed for [`Sessions::decrypt_staged`]; its
-/// header names it.
+/// header names it. Parsing needs no key, so malformed bytes are refused
+/// before anything (the business's phone-hash key among them) is created.
 pub(crate) struct Parsed {
     message: CiphertextMessage,
     /// The sender's ratchet key: the receiving chain the message is on.
@@ -298,18 +299,15 @@ pub(crate) struct Parsed {
     id: MessageId,
 }
 
-/// A consumer's message parsed from the wire, before it is bound to its
-/// sender: parsing needs no key, so malformed bytes are refused before
-/// anything (the business's phone-hash key among them) is created.
-pub(crate) struct Unbound {
-    message: CiphertextMessage,
-    chain: PublicKey,
-    counter: u32,
-}
-
-impl Unbound {
-    /// Parse `message`; nothing is decrypted yet.
-    pub(crate) fn parse(message: &Ciphertext) -> Result<Self, SignalError> {
+impl Parsed {
+    /// Parse `message` to `business`; nothing is decrypted yet. A message
+    /// carrying a public key in other than its canonical encoding is
+    /// refused: X25519 ignores a key's top bit (and reduces it modulo the
+    /// field's prime), so such a key is another's bytes for the same key,
+    /// and a first-contact message's base key, outside the message's MAC,
+    /// could be re-encoded so that the library no longer recognises a
+    /// replay of it. No client encodes a key so.
+    pub(crate) fn new(message: &Ciphertext, business: BusinessId) -> Result<Self, SignalError> {
         let parsed = match message.kind {
             MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
                 .map(CiphertextMessage::PreKeySignalMessage),
@@ -318,43 +316,35 @@ impl Unbound {
         }
         .map_err(|e| protocol_error(e, None))?;
         let inner = match &parsed {
-            CiphertextMessage::PreKeySignalMessage(m) => m.message(),
+            CiphertextMessage::PreKeySignalMessage(m) => {
+                if !canonical(m.base_key()) || !canonical(m.identity_key().public_key()) {
+                    return Err(SignalError::InvalidMessage(
+                        "a key is not canonically encoded",
+                    ));
+                }
+                m.message()
+            }
             CiphertextMessage::SignalMessage(m) => m,
             _ => return Err(SignalError::InvalidMessage("malformed message")),
         };
         let (chain, counter) = (*inner.sender_ratchet_key(), inner.counter());
+        if !canonical(&chain) {
+            return Err(SignalError::InvalidMessage(
+                "a key is not canonically encoded",
+            ));
+        }
         Ok(Self {
+            id: message_id(business, &chain, counter),
             message: parsed,
             chain,
             counter,
         })
     }
 
-    /// The message as sent by `peer` to `business`.
-    pub(crate) fn bind(self, business: BusinessId, peer: PeerId) -> Parsed {
-        Parsed {
-            id: message_id(business, peer, &self.chain, self.counter),
-            chain: self.chain,
-            counter: self.counter,
-            message: self.message,
-        }
-    }
-}
-
-impl Parsed {
-    /// Parse `message` from `peer` to `business`; nothing is decrypted yet.
-    pub(crate) fn new(
-        message: &Ciphertext,
-        business: BusinessId,
-        peer: PeerId,
-    ) -> Result<Self, SignalError> {
-        Ok(Unbound::parse(message)?.bind(business, peer))
-    }
-
     /// The id of this message: every redelivery and every replay of it has
-    /// the same, whatever device it claims to come from, and no other
-    /// message of the consumer's sessions has (a ratchet key is fresh for
-    /// each chain).
+    /// the same, whatever consumer and device the transport says it comes
+    /// from, and no other message has (a ratchet key is fresh for each
+    /// chain).
     pub(crate) fn id(&self) -> MessageId {
         self.id
     }
@@ -385,18 +375,30 @@ fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
     a.serialize() == b.serialize()
 }
 
-/// The id of message `counter` of receiving chain `chain` from `peer`.
+/// Whether `key` is in its canonical encoding: a Curve25519 key (the only
+/// type the library decodes) whose u-coordinate is below the field's prime
+/// 2^255 - 19, its top bit clear.
+pub(super) fn canonical(key: &PublicKey) -> bool {
+    match key.public_key_bytes() {
+        [low, middle @ .., top] if middle.len() == 30 => {
+            *top < 0x7f || (*top == 0x7f && (middle.iter().any(|&b| b != 0xff) || *low < 0xed))
+        }
+        _ => false,
+    }
+}
+
+/// The id of message `counter` of receiving chain `chain` to `business`.
 ///
-/// Not of its device: the device is the transport's word, and a
-/// first-contact message that used no one-time prekey decrypts in a new
-/// session under any device id it is replayed as. Named by its consumer,
-/// chain and counter, it is the duplicate it is whatever device it claims
-/// (the ratchet key is fresh for each chain, so no two devices share one).
-fn message_id(business: BusinessId, peer: PeerId, chain: &PublicKey, counter: u32) -> MessageId {
+/// Not of its sender: the consumer and the device are the transport's
+/// word, and a first-contact message that used no one-time prekey
+/// decrypts in a new session under any number and device it is replayed
+/// as. Named by its chain and counter, it is the duplicate it is whoever
+/// it claims to come from (the ratchet key is fresh for each chain, so no
+/// two devices share one).
+fn message_id(business: BusinessId, chain: &PublicKey, counter: u32) -> MessageId {
     let mut h = Sha256::new();
-    h.update(b"custodian/v3/inbound-id");
+    h.update(b"custodian/v4/inbound-id");
     h.update(business.get().to_be_bytes());
-    h.update(peer.phone.as_bytes());
     h.update(chain.serialize());
     h.update(counter.to_be_bytes());
     let digest = h.finalize();
@@ -846,7 +848,7 @@ impl Sessions {
         state.expiry = state.expiry.max(expiry);
         // On an error (or a drop at an await) the store keeps the old state,
         // and `taken` forgets any sends that only lived in memory safely.
-        self.settle_left_unsure(business, peer, &mut state).await?;
+        self.settle_left_unsure(business, &mut state).await?;
         self.seal_and_commit(business, peer, &mut state, batch)
             .await?;
         // The snapshot now covers every counter sent: nothing is pending.

@@ -174,7 +174,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
         .decrypt_staged(
             business,
             peers[0],
-            &Parsed::new(&firsts[0], business, peers[0]).unwrap(),
+            &Parsed::new(&firsts[0], business).unwrap(),
             expiry,
         )
         .await
@@ -182,7 +182,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
     // The in-memory store never makes a task wait, so staging completes in
     // one poll unless the two addresses share a lock stripe (1 in 1,024):
     // then they are serialised and cannot race at all.
-    let second = Parsed::new(&firsts[1], business, peers[1]).unwrap();
+    let second = Parsed::new(&firsts[1], business).unwrap();
     let mut staging = std::pin::pin!(sessions.decrypt_staged(business, peers[1], &second, expiry));
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let std::task::Poll::Ready(b) = staging.as_mut().poll(&mut cx) else {
@@ -412,6 +412,19 @@ async fn write_signal_corpora() {
         let mut longer = bytes.clone();
         longer.push(0);
         damage(&mut files, &base, longer, "trailing-zero");
+        // The same key, another encoding: the base key's top bit (outside
+        // the MAC), or the ratchet key's.
+        let key = match PreKeySignalMessage::try_from(bytes.as_slice()) {
+            Ok(m) => m.base_key().serialize(),
+            Err(_) => SignalMessage::try_from(bytes.as_slice())
+                .unwrap()
+                .sender_ratchet_key()
+                .serialize(),
+        };
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+        let mut top = bytes.clone();
+        top[at + 32] ^= 0x80;
+        damage(&mut files, &base, top, "key-top-bit");
     }
     files.push(("empty".to_owned(), Vec::new()));
     files.push(("version-only".to_owned(), vec![0x33]));
