@@ -58,12 +58,29 @@ const WAYS: [(Seams, Strike); 3] = [
 
 /// A deployment with a small prekey pool: each test builds hundreds.
 async fn deployment(network: Faults, sink: Faults) -> Deployment {
+    deployment_over(Arc::new(MemoryStore::new()), network, sink).await
+}
+
+/// A [`deployment`] over `store`.
+async fn deployment_over(store: Arc<dyn Storage>, network: Faults, sink: Faults) -> Deployment {
     let signal = SignalConfig {
         prekey_pool: 4,
         prekey_low_water: 2,
         ..SignalConfig::default()
     };
-    Deployment::with_signal(network, sink, signal).await
+    Deployment::over(store, network, sink, signal).await
+}
+
+/// The messages the integrity signals of the deployment's business count
+/// received, in every window (exported now; 0 if the business is not in
+/// the export, the monitor having counted nothing for it).
+async fn received_counted(d: &Deployment) -> u64 {
+    d.processor.export_integrity(&d.operator).await.unwrap();
+    let reports = d.network.integrity_reports().await;
+    let report = reports.iter().rev().find(|r| r.business == d.b);
+    report.map_or(0, |r| {
+        r.history.iter().map(|w| w.received).sum::<u64>() + r.current.received
+    })
 }
 
 /// Where a failure was injected, for messages.
@@ -183,8 +200,92 @@ fn receive_survives_every_host_failure() {
         let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
         assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
         d.assert_statuses_told_once_forward(at.n);
+        // Each counted received once for the integrity signals.
+        assert_eq!(received_counted(&d).await, 2, "{at:?}: {failed:?}");
         failed.is_empty()
     }));
+}
+
+/// A receive whose storing write lands but whose answer is lost (a
+/// networked store's reply) fails, and the transport delivers the message
+/// again, twice, each answered as a duplicate: the message reaches the
+/// business once, and is counted received once for the integrity signals
+/// (so its consumer is known, and the business's reply to it is no
+/// fan-out to a new recipient). So too when the store cannot then say
+/// whether it has the message (every answer lost until the receive
+/// returns): the count is owed until the retransmission loop takes the
+/// message up. The next message, received and then delivered again, is
+/// counted once too. On the in-memory store and on SQLite. (The failed
+/// receive returned before counting, and a duplicate counts nothing: the
+/// message was never counted received.)
+#[test]
+fn a_received_message_whose_storing_write_lost_its_answer_is_counted_once() {
+    runtime().block_on(async {
+        for every_answer in [false, true] {
+            lost_storing_answer(|| (Arc::new(MemoryStore::new()), None), every_answer).await;
+            #[cfg(feature = "sqlite")]
+            lost_storing_answer(
+                || {
+                    use custodian::store::{SqliteConfig, SqliteStore};
+                    let dir = tempfile::tempdir().unwrap();
+                    let path = dir.path().join("store.db");
+                    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+                    (Arc::new(store), Some(dir))
+                },
+                every_answer,
+            )
+            .await;
+        }
+    });
+}
+
+/// The case of [`a_received_message_whose_storing_write_lost_its_answer_is_counted_once`]
+/// over the stores `store` makes (with the directory to keep, if any),
+/// the answers of the store's calls lost from the storing write on until
+/// the receive returns if `every_answer`, else that write's alone.
+async fn lost_storing_answer(
+    store: impl Fn() -> (Arc<dyn Storage>, Option<tempfile::TempDir>),
+    every_answer: bool,
+) {
+    for n in 1..MAX_CALLS {
+        let (store, _dir) = store();
+        let d = deployment_over(store, Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let first = d.inbound(&mut handset, b"first").await;
+        d.faults.set(Plan {
+            at: n,
+            seams: Seams::Store,
+            strike: Strike::After,
+            outage: every_answer,
+        });
+        let got = d.receive(first.clone()).await;
+        let first_commit = d.faults.calls().iter().position(|c| *c == "commit");
+        let failed = d.faults.lift();
+        assert!(!failed.is_empty(), "no call struck the storing write");
+        if !(failed[0] == ("commit", Strike::After) && first_commit == Some(n - 1)) {
+            continue;
+        }
+        assert!(every_answer || failed.len() == 1, "{failed:?}");
+        assert!(got.is_err(), "the answer was lost: the receive fails");
+        for _ in 0..2 {
+            assert!(d.receive(first.clone()).await.unwrap().duplicate);
+        }
+        // Counted by the failed receive, if the store could say it has the
+        // message; else owed...
+        let counted = received_counted(&d).await;
+        assert_eq!(counted, u64::from(!every_answer), "{failed:?}");
+        // ...and made when the retransmission loop hands it over.
+        d.settle(3).await;
+        let second = d.inbound(&mut handset, b"second").await;
+        assert!(!d.receive(second.clone()).await.unwrap().duplicate);
+        assert!(d.receive(second).await.unwrap().duplicate);
+        d.settle(3).await;
+        let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
+        assert_eq!(d.contents(), want, "stored and handed over once");
+        assert_eq!(received_counted(&d).await, 2, "{failed:?}");
+        return;
+    }
+    panic!("the storing write was never reached");
 }
 
 #[test]

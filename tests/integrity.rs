@@ -1341,6 +1341,39 @@ fn steady_traffic_under_the_spam_rate_is_not_flagged_for_morning_reports() {
     }
 }
 
+/// With no history kept (`history_windows: 0`, a valid setting), spam
+/// reports still count against the sends of the window before: 19 reports
+/// the day after 1,000 messages (1.9%, under the default 2%) are not
+/// flagged, as with the default history. (The window before was looked up
+/// in the history, so without one the reports met the floor of 10 alone.)
+#[test]
+fn spam_reports_count_against_the_window_before_with_no_history_kept() {
+    let mut config = IntegrityConfig::default();
+    config.history_windows = 0;
+    let with_history = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let without = IntegrityMonitor::new(config).unwrap();
+    let business = BusinessId::new(32).unwrap();
+    for monitor in [&with_history, &without] {
+        for c in 0..1_000 {
+            monitor.record_sent(business, consumer(c % 50), at(0, c));
+        }
+        for _ in 0..19 {
+            monitor.record_spam_report(business, at(1, 1_000));
+        }
+        let report = signals(monitor, business, at(1, 2_000));
+        assert_eq!(report.current.spam_reports, 19);
+        assert!(
+            !report.current.has_spam_anomaly(),
+            "19 reports for 1,000 messages flagged: {:?}",
+            report.current.anomalies
+        );
+        // The 20th reaches the rate.
+        monitor.record_spam_report(business, at(1, 3_000));
+        let report = signals(monitor, business, at(1, 4_000));
+        assert!(report.current.has_spam_anomaly());
+    }
+}
+
 trait SpamAnomaly {
     fn has_spam_anomaly(&self) -> bool;
 }

@@ -35,8 +35,9 @@
 //!   past windows) and [`IntegrityConfig::min_new_recipients`]; before the
 //!   baseline has [`IntegrityConfig::warmup_windows`] windows, a fixed
 //!   [`IntegrityConfig::cold_start_new_recipients`]; and spam reports plus
-//!   blocks above [`IntegrityConfig::spam_rate`] of messages sent. Flagged
-//!   windows do not feed the baseline, so an abuser cannot raise its own bar.
+//!   blocks reaching [`IntegrityConfig::spam_rate`] of the messages sent in
+//!   the window and the one before. Flagged windows do not feed the
+//!   baseline, so an abuser cannot raise its own bar.
 //!   An anomaly is raised the moment the open window crosses the threshold.
 //! - **k-suppression**: a statistics bucket with fewer than
 //!   [`StatisticsConfig::k`] distinct consumers is left out of the export

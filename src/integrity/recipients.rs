@@ -42,7 +42,8 @@ pub(super) struct RecipientTracker {
     current: HashMap<u64, Seen, RandomState>,
     previous: HashMap<u64, Seen, RandomState>,
     generation: usize,
-    rotations: u64,
+    /// The window of the last rotation, if any.
+    last_rotation: Option<u64>,
 }
 
 impl RecipientTracker {
@@ -52,13 +53,15 @@ impl RecipientTracker {
             current: HashMap::default(),
             previous: HashMap::default(),
             generation: (bound / 2).max(1),
-            rotations: 0,
+            last_rotation: None,
         }
     }
 
-    /// How many times a generation was dropped at the bound.
-    pub(super) fn rotations(&self) -> u64 {
-        self.rotations
+    /// The last window in which a generation was dropped at the bound (the
+    /// recipients it held, their last contact in that window or before,
+    /// forgotten), if one was.
+    pub(super) fn last_rotation(&self) -> Option<u64> {
+        self.last_rotation
     }
 
     /// A message sent to `key` in `window`.
@@ -108,7 +111,8 @@ impl RecipientTracker {
     fn insert(&mut self, key: u64, seen: Seen) {
         if self.current.len() >= self.generation {
             self.previous = std::mem::take(&mut self.current);
-            self.rotations += 1;
+            // Windows move forward: this is the latest.
+            self.last_rotation = Some(seen.contact);
         }
         self.current.insert(key, seen);
     }
@@ -162,7 +166,7 @@ mod tests {
         }
         // 1 was not touched for two generations: forgotten.
         assert_eq!(t.sent(1, 2), Reach::New);
-        assert!(t.rotations() > 0);
+        assert!(t.last_rotation().is_some());
     }
 
     proptest! {

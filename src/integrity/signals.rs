@@ -51,8 +51,12 @@ pub struct IntegrityConfig {
     pub cold_start_new_recipients: u64,
     /// A window is flagged when spam reports plus blocks reach this share
     /// of the messages sent in it and in the window just before (reports
-    /// come after the messages they are about, often a window later), in
-    /// (0, 1]. Default 0.02.
+    /// come after the messages they are about, often a window later; it
+    /// counts even with no history kept, `history_windows: 0`), in (0, 1].
+    /// Default 0.02. The share is taken to the nearest millionth (at least
+    /// one) and judged in whole numbers, so a share reached exactly flags:
+    /// 7% of 200 messages is 14 signals (though `0.07 * 200.0` is
+    /// 14.000000000000002 in floating point).
     pub spam_rate: f64,
     /// ... and at least this many. Default 10.
     pub min_spam_signals: u64,
@@ -60,8 +64,11 @@ pub struct IntegrityConfig {
     /// (at most about 5 MB per business). At the bound the recipients not
     /// messaged for longest are forgotten, and count as new if messaged
     /// again: new and unique recipient counts may then over-count (never
-    /// under-count), which errs towards flagging; the window reports it
-    /// ([`WindowSignals::recipient_bound_reached`]).
+    /// under-count), which errs towards flagging; every window whose counts
+    /// it may inflate reports it ([`WindowSignals::recipient_bound_reached`]):
+    /// the window the bound was reached in, and those after it while a
+    /// recipient then forgotten would still be remembered (within the
+    /// retention ceiling).
     pub max_tracked_recipients: usize,
     /// Closed windows kept per business for the report, at most 10,000.
     /// Default 30.
@@ -85,7 +92,27 @@ impl Default for IntegrityConfig {
     }
 }
 
+/// Parts of a share in [`IntegrityConfig::spam_rate_ppm`].
+const PER_MILLION: u64 = 1_000_000;
+
 impl IntegrityConfig {
+    /// [`spam_rate`](Self::spam_rate) in parts per million, to the nearest
+    /// and at least one (the rate is validated to (0, 1]).
+    fn spam_rate_ppm(&self) -> u64 {
+        // `as` saturates (a NaN, which validation refuses, gives 0).
+        ((self.spam_rate * PER_MILLION as f64).round() as u64).clamp(1, PER_MILLION)
+    }
+
+    /// The fewest spam signals that reach the spam rate of `sent` messages:
+    /// `ceil(ppm × sent / 10^6)`, in whole numbers (no floating-point
+    /// rounding moves a share reached exactly above it).
+    fn spam_share_of(&self, sent: u64) -> u64 {
+        let share =
+            (u128::from(self.spam_rate_ppm()) * u128::from(sent)).div_ceil(u128::from(PER_MILLION));
+        // At most `sent`: the rate is at most one.
+        u64::try_from(share).unwrap_or(u64::MAX)
+    }
+
     /// Checks every field against its documented range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, rule| Err(ConfigError { field, rule });
@@ -169,8 +196,11 @@ pub struct WindowSignals {
     pub new_recipient_threshold: u64,
     /// Anomalies raised, at most one of each kind.
     pub anomalies: Vec<Anomaly>,
-    /// The recipient bound was reached in this window: the recipient counts
-    /// may over-count.
+    /// The recipient counts may over-count: the recipient bound
+    /// ([`IntegrityConfig::max_tracked_recipients`]) was reached in this
+    /// window, or in an earlier one recent enough that a recipient it made
+    /// the monitor forget would otherwise still be remembered, and so is
+    /// counted new if messaged in this one.
     pub recipient_bound_reached: bool,
 }
 
@@ -228,10 +258,15 @@ pub struct IntegrityMonitor {
 struct BusinessSignals {
     open: WindowSignals,
     index: u64,
-    rotations_at_open: u64,
+    /// The first window whose contacts the tracker keeps (older ones are
+    /// past the retention ceiling, and forgotten).
+    kept_from: u64,
     recipients: RecipientTracker,
     baseline: Option<f64>,
     windows_closed: u64,
+    /// Messages sent in the window just before the open one: the spam rate
+    /// is judged against them too, whatever the history keeps.
+    sent_before: u64,
     history: VecDeque<WindowSignals>,
 }
 
@@ -265,9 +300,7 @@ impl IntegrityMonitor {
                 Reach::Returning => s.open.unique_recipients += 1,
                 Reach::Repeat => {}
             }
-            if s.recipients.rotations() != s.rotations_at_open {
-                s.open.recipient_bound_reached = true;
-            }
+            s.note_bound();
             s.check_spam(at, cfg);
         });
     }
@@ -279,6 +312,7 @@ impl IntegrityMonitor {
         self.update(business, at, |s, _| {
             s.open.received += 1;
             s.recipients.heard_from(key, s.index);
+            s.note_bound();
         });
     }
 
@@ -369,10 +403,11 @@ impl BusinessSignals {
         let mut s = Self {
             open: empty_window(grid.period(index)),
             index,
-            rotations_at_open: 0,
+            kept_from: 0,
             recipients: RecipientTracker::new(config.max_tracked_recipients),
             baseline: None,
             windows_closed: 0,
+            sent_before: 0,
             history: VecDeque::new(),
         };
         s.set_threshold(config);
@@ -403,6 +438,7 @@ impl BusinessSignals {
             self.baseline = self.baseline.map(|b| b * decay);
         }
         self.windows_closed = self.windows_closed.saturating_add(gaps + 1);
+        self.sent_before = if gaps == 0 { closed.sent } else { 0 };
         // Only windows with activity: a window closed by an export (or
         // another event) looks no different from one no event ever opened.
         let active =
@@ -420,10 +456,25 @@ impl BusinessSignals {
         // windows that started less than the ceiling before this one ends,
         // so at this window's end no contact kept is older than the ceiling.
         let horizon = CEILING.as_millis() as u64 / grid.len_ms.max(1);
-        self.recipients
-            .forget_before(index.saturating_add(1).saturating_sub(horizon));
-        self.rotations_at_open = self.recipients.rotations();
+        self.kept_from = index.saturating_add(1).saturating_sub(horizon);
+        self.recipients.forget_before(self.kept_from);
+        self.note_bound();
         self.set_threshold(config);
+    }
+
+    /// Report in the open window that its recipient counts may over-count,
+    /// if the tracker forgot recipients at the bound in a window whose
+    /// contacts it would still keep: one of them messaged now counts as
+    /// new. (Those forgotten by an older rotation had no contact since, and
+    /// are past the ceiling: forgotten anyway.)
+    fn note_bound(&mut self) {
+        if self
+            .recipients
+            .last_rotation()
+            .is_some_and(|window| window >= self.kept_from)
+        {
+            self.open.recipient_bound_reached = true;
+        }
     }
 
     fn set_threshold(&mut self, config: &IntegrityConfig) {
@@ -461,17 +512,11 @@ impl BusinessSignals {
 
     fn check_spam(&mut self, at: Timestamp, config: &IntegrityConfig) {
         // Reports come after the messages they are about, often a window
-        // later: the window before counts too, if it is the one just past.
-        let start = self.open.period.start;
-        let before = self
-            .history
-            .back()
-            .filter(|p| p.period.end == start)
-            .map_or(0, |p| p.sent);
+        // later: the window just before counts too.
         let w = &mut self.open;
         let signals = w.spam_reports + w.blocks;
-        let by_rate = (config.spam_rate * w.sent.saturating_add(before) as f64).ceil() as u64;
-        let threshold = by_rate.max(config.min_spam_signals);
+        let sent = w.sent.saturating_add(self.sent_before);
+        let threshold = config.spam_share_of(sent).max(config.min_spam_signals);
         if signals >= threshold && !w.has(AnomalyKind::SpamReports) {
             w.anomalies.push(Anomaly {
                 kind: AnomalyKind::SpamReports,
@@ -676,6 +721,31 @@ mod tests {
         assert_eq!(r.current.anomalies[0].threshold, 20);
     }
 
+    /// A spam rate reached exactly flags the window: 14 signals for 200
+    /// messages reach 7%. (The threshold was `ceil(0.07 * 200.0)` in
+    /// floating point, 15, as `0.07 * 200.0` is 14.000000000000002.)
+    #[test]
+    fn a_spam_rate_reached_exactly_is_flagged() {
+        let config = IntegrityConfig {
+            spam_rate: 0.07,
+            ..Default::default()
+        };
+        let m = IntegrityMonitor::new(config).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        let t = Timestamp::from_millis(DAY);
+        for i in 0..200 {
+            m.record_sent(b, hash(i), t);
+        }
+        for _ in 0..13 {
+            m.record_spam_report(b, t);
+        }
+        assert!(!signals(&m, b, DAY).is_flagged());
+        m.record_spam_report(b, t);
+        let r = signals(&m, b, DAY);
+        assert_eq!(r.current.anomalies[0].kind, AnomalyKind::SpamReports);
+        assert_eq!(r.current.anomalies[0].threshold, 14);
+    }
+
     #[test]
     fn the_bound_is_reported_when_reached() {
         let config = IntegrityConfig {
@@ -688,6 +758,37 @@ mod tests {
             m.record_sent(b, hash(i), Timestamp::from_millis(DAY));
         }
         assert!(signals(&m, b, DAY).current.recipient_bound_reached);
+    }
+
+    /// A recipient forgotten at the bound and messaged again in a later
+    /// window is counted new there, and that window reports that its
+    /// counts may over-count, until no recipient then forgotten would be
+    /// remembered anyway (past the retention ceiling). (Only the window in
+    /// which the bound was reached reported it.)
+    #[test]
+    fn an_over_count_from_the_bound_reached_in_an_earlier_window_is_reported() {
+        let config = IntegrityConfig {
+            max_tracked_recipients: 4,
+            ..Default::default()
+        };
+        let m = IntegrityMonitor::new(config).unwrap();
+        let b = BusinessId::new(1).unwrap();
+        // Day 10: five recipients, the bound reached: 0 and 1 forgotten.
+        for i in 0..5 {
+            m.record_sent(b, hash(i), Timestamp::from_millis(10 * DAY));
+        }
+        assert!(signals(&m, b, 10 * DAY).current.recipient_bound_reached);
+        // Day 11: 0, messaged the day before, is counted new.
+        m.record_sent(b, hash(0), Timestamp::from_millis(11 * DAY));
+        let r = signals(&m, b, 11 * DAY);
+        assert_eq!(r.current.new_recipients, 1);
+        assert!(r.current.recipient_bound_reached);
+        // Day 40: the recipients forgotten on day 10 (not contacted since)
+        // are past the ceiling, forgotten whatever the bound: 1 is new.
+        m.record_sent(b, hash(1), Timestamp::from_millis(40 * DAY));
+        let r = signals(&m, b, 40 * DAY);
+        assert_eq!(r.current.new_recipients, 1);
+        assert!(!r.current.recipient_bound_reached);
     }
 
     #[test]

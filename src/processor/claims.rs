@@ -132,6 +132,11 @@ pub(super) enum Owed {
     /// its message landed (the send stopped before its answer): a business
     /// hanging up at once is counted all the same.
     CountSent { phone: PhoneHash, at: Timestamp },
+    /// A receive's count for the integrity signals and the statistics, made
+    /// if the write storing its message at `at` landed (the store failed it
+    /// and could not then say): its redelivery is answered as a duplicate,
+    /// and counts nothing.
+    CountReceived { phone: PhoneHash, at: Timestamp },
 }
 
 /// What an attempt on an outbound message reached, to be recorded on its
@@ -303,6 +308,17 @@ impl Processor {
                     owing.owed = None;
                     if stored.is_some() {
                         self.integrity.record_sent(business, phone, at);
+                    }
+                }
+                Owed::CountReceived { phone, at } => {
+                    let again = Owed::CountReceived { phone, at };
+                    let mut owing = Owing::new(&self.claims, (business, id), again, true);
+                    let stored = self.storage.message(business, id).await?;
+                    owing.owed = None;
+                    // Stored by the failed write, or by an earlier receive
+                    // (counted by it) whose replay's write was refused.
+                    if stored.is_some_and(|stored| stored.created == at) {
+                        self.count_received(business, phone, at);
                     }
                 }
             }

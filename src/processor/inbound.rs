@@ -4,6 +4,7 @@
 use tracing::{Instrument, debug, debug_span, warn};
 use zeroize::Zeroizing;
 
+use super::claims::{Owed, Owing};
 use super::payload::InboundBody;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
@@ -180,16 +181,17 @@ impl Processor {
                 debug!(%id, "replay of a stored message");
                 return Ok(duplicate);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The write may have landed, its answer lost (a networked
+                // store): the message is then stored, its redelivery
+                // answered as a duplicate (counting nothing), and the
+                // retransmission loop hands it over. So it is counted now.
+                // Boxed: rare, and its future would grow every receive's.
+                Box::pin(self.count_if_landed(business, id, phone, now)).await;
+                return Err(e.into());
+            }
         };
-        self.integrity.record_received(business, phone, now);
-        self.statistics.record_message(
-            business,
-            phone,
-            Direction::Inbound,
-            crate::integrity::Status::Sent,
-            now,
-        );
+        self.count_received(business, phone, now);
         debug!(%id, "inbound message stored");
         let delivered = match claim {
             Some(_claim) => {
@@ -214,6 +216,50 @@ impl Processor {
             duplicate: false,
             delivered,
         })
+    }
+
+    /// Count a message received from `phone` at `at`, for the integrity
+    /// signals and the statistics.
+    pub(super) fn count_received(&self, business: BusinessId, phone: PhoneHash, at: Timestamp) {
+        self.integrity.record_received(business, phone, at);
+        self.statistics.record_message(
+            business,
+            phone,
+            Direction::Inbound,
+            crate::integrity::Status::Sent,
+            at,
+        );
+    }
+
+    /// Count message `id`, received from `phone` at `at`, whose storing
+    /// write failed, if the write landed all the same (its answer lost):
+    /// the store then has it, stored at `at` (a message stored by an
+    /// earlier receive, whose replay's write the store refused, carries
+    /// that receive's time, and was counted by it). Should the store not
+    /// say, the count is owed ([`Owed::CountReceived`]), and made when the
+    /// message is next taken up: the retransmission loop takes up a message
+    /// stored unanswered, to hand it over.
+    async fn count_if_landed(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        phone: PhoneHash,
+        at: Timestamp,
+    ) {
+        let owed = Owed::CountReceived { phone, at };
+        let mut owing = Owing::new(&self.claims, (business, id), owed, false);
+        match self.storage.message(business, id).await {
+            Ok(stored) => {
+                owing.owed = None;
+                if stored.is_some_and(|stored| stored.created == at) {
+                    warn!(%business, %id, "the store failed the write storing a received message, but has it: counted");
+                    self.count_received(business, phone, at);
+                }
+            }
+            Err(e) => {
+                debug!(%business, %id, error = %e, "whether a failed write stored a received message is unknown: its count is owed");
+            }
+        }
     }
 
     /// Release an inbound message's content and sender to its business for

@@ -1,7 +1,8 @@
 //! The deployment the host-seam tests share: a processor over the
-//! in-memory store whose every host seam (store, key provider, network,
-//! business) suspends around each call, so that every `.await` of the
-//! processor is a real suspension point a test can cut, fail or interleave.
+//! in-memory store (or another a test gives it) whose every host seam
+//! (store, key provider, network, business) suspends around each call, so
+//! that every `.await` of the processor is a real suspension point a test
+//! can cut, fail or interleave.
 //! Around the paused store and key provider, a [`HostFaults`] control makes
 //! a chosen call fail (or every call from it on, an outage) as a host's
 //! database or KMS does.
@@ -360,7 +361,7 @@ pub(crate) struct FailingStore {
 
 impl FailingStore {
     /// The paused `store`, failing as `faults` says.
-    pub(crate) fn paused(store: Arc<MemoryStore>, faults: Arc<HostFaults>) -> Self {
+    pub(crate) fn paused(store: Arc<dyn Storage>, faults: Arc<HostFaults>) -> Self {
         Self {
             inner: store,
             faults,
@@ -630,7 +631,8 @@ impl HostSeams {
 
 pub(crate) struct Deployment {
     pub(crate) clock: ManualClock,
-    pub(crate) store: Arc<MemoryStore>,
+    /// The store under the faults (its calls never fail).
+    pub(crate) store: Arc<dyn Storage>,
     pub(crate) network: Arc<SimNetwork>,
     pub(crate) transport: Arc<PausedNetwork>,
     pub(crate) business: Arc<SimBusiness>,
@@ -657,10 +659,21 @@ impl Deployment {
     /// under `signal` (a small prekey pool makes a test's many
     /// deployments cheap).
     pub(crate) async fn with_signal(network: Faults, sink: Faults, signal: SignalConfig) -> Self {
+        let store = Arc::new(MemoryStore::new());
+        Self::over(store, network, sink, signal).await
+    }
+
+    /// A deployment as [`with_signal`](Self::with_signal) makes, over
+    /// `store` (a SQLite store, say) in place of the in-memory one.
+    pub(crate) async fn over(
+        store: Arc<dyn Storage>,
+        network: Faults,
+        sink: Faults,
+        signal: SignalConfig,
+    ) -> Self {
         // The business publishes its keys a millisecond before the start,
         // before any outage.
         let clock = ManualClock::new(Timestamp::from_millis(T0 - 1));
-        let store = Arc::new(MemoryStore::new());
         let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
