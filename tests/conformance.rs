@@ -140,6 +140,7 @@ conformance!(
     delete_expired_spares_held_pending_and_live_messages,
     delete_expired_also_spares_what_a_stored_hold_covers,
     message_epochs_are_distinct_sorted_and_filtered_by_phone,
+    peer_epochs_are_read_from_the_sealed_headers_and_fail_on_one_that_does_not_parse,
     message_businesses_lists_each_business_once_in_order,
     cap_expiry_shortens_only_later_expiries_of_one_business_and_direction,
     a_peer_is_deleted_as_idle_only_while_its_consumer_has_no_live_message,
@@ -326,6 +327,22 @@ fn put_peer(b: u64, p: PeerId, seed: u64) -> Op {
         peer: p,
         sealed: bytes(seed, 80),
     }
+}
+
+/// A Signal peer record as sealed (envelope kind `03`), its header naming
+/// the epoch ending at `epoch_end`: the store reads only the header, so the
+/// ciphertext is any bytes.
+fn sealed_peer(b: u64, epoch_end: u64, seed: u64) -> Vec<u8> {
+    let mut out = b"CSTD\x01\x01\x03".to_vec();
+    out.extend_from_slice(&b.to_be_bytes());
+    out.extend_from_slice(&bytes(seed, 16));
+    out.extend_from_slice(&epoch_end.to_be_bytes());
+    out.extend_from_slice(&(epoch_end - 1).to_be_bytes());
+    out.extend_from_slice(b"\x02eu");
+    out.extend_from_slice(&bytes(seed ^ 1, 12 + 32));
+    out.extend_from_slice(&32u32.to_be_bytes());
+    out.extend_from_slice(&bytes(seed ^ 2, 32));
+    out
 }
 
 fn batch(ops: impl IntoIterator<Item = Op>) -> Batch {
@@ -1360,7 +1377,75 @@ async fn delete_expired_spares_held_pending_and_live_messages(backend: &mut Back
         .await
         .unwrap();
     assert_eq!(abandoned, [ExpiredMessage::from(&ms[9].record())]);
+    assert!(
+        abandoned[0].report_pending,
+        "deleted with its report still pending"
+    );
+    assert!(!released.iter().any(|m| m.report_pending));
     assert_eq!(s.census().await.unwrap().messages, 3);
+}
+
+async fn peer_epochs_are_read_from_the_sealed_headers_and_fail_on_one_that_does_not_parse(
+    backend: &mut Backend,
+) {
+    let s = &*backend.store;
+    let end = |h: u64| T0 + h * HOUR;
+    let sealed = |b: u64, p: PeerId, h: u64| Op::PutPeer {
+        business: business(b),
+        peer: p,
+        sealed: sealed_peer(b, end(h), h ^ (b << 8) ^ p.phone.as_bytes()[7] as u64),
+    };
+    commit(
+        s,
+        [
+            sealed(1, peer(1, 0), 5),
+            sealed(1, peer(1, 1), 2),
+            sealed(1, peer(2, 0), 2),
+            sealed(1, peer(3, 0), 9),
+            sealed(2, peer(1, 0), 7),
+        ],
+    )
+    .await;
+    let epochs = |hs: &[u64]| {
+        hs.iter()
+            .map(|&h| Epoch::ending_at(t(end(h))))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        s.peer_epochs(business(1), None).await.unwrap(),
+        epochs(&[2, 5, 9])
+    );
+    assert_eq!(
+        s.peer_epochs(business(1), Some(phone(1))).await.unwrap(),
+        epochs(&[2, 5])
+    );
+    assert_eq!(
+        s.peer_epochs(business(2), None).await.unwrap(),
+        epochs(&[7])
+    );
+    assert!(
+        s.peer_epochs(business(1), Some(phone(4)))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.peer_epochs(business(3), None).await.unwrap().is_empty());
+    // A record whose header does not parse fails every read that includes
+    // it: which epoch a hold must keep for it is unknown.
+    commit(s, [put_peer(1, peer(4, 0), 7)]).await;
+    for phone in [None, Some(phone(4))] {
+        assert!(
+            matches!(
+                s.peer_epochs(business(1), phone).await,
+                Err(StoreError::Corrupt(_))
+            ),
+            "{phone:?}"
+        );
+    }
+    assert_eq!(
+        s.peer_epochs(business(1), Some(phone(1))).await.unwrap(),
+        epochs(&[2, 5])
+    );
 }
 
 async fn message_businesses_lists_each_business_once_in_order(backend: &mut Backend) {
@@ -2613,8 +2698,14 @@ async fn the_retention_sweep_runs_over_the_store(backend: &mut Backend) {
         put(&M::new(1, 5, 3, now - HOUR)),
         put(&M::new(1, 6, 4, now - HOUR).status(Status::Sent).due(now)),
     ];
-    for phone_n in 1..=4 {
-        ops.push(put_peer(1, peer(phone_n, 0), phone_n));
+    // Each consumer's Signal record, sealed under the epoch of its latest
+    // message's expiry (the sweep keeps the held one's key).
+    for (phone_n, hours) in [(1, 10), (2, 12), (3, 10), (4, 10)] {
+        ops.push(Op::PutPeer {
+            business: business(1),
+            peer: peer(phone_n, 0),
+            sealed: sealed_peer(1, T0 + hours * HOUR, phone_n),
+        });
     }
     commit(&*s, ops).await;
     // Ended, with nothing held in it; ended, holding the held message;

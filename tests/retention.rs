@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use custodian::envelope::{Kind, Label};
+use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
@@ -506,16 +506,38 @@ impl World {
             delivery,
             sealed,
         };
+        let peer = self.peer_sealed(b, phone, expiry).await;
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record.clone())));
         batch.push(Op::PutPeer {
             business: b,
             peer: PeerId { phone, device: 0 },
-            sealed: vec![n as u8; 8],
+            sealed: peer,
         });
         self.store.commit(batch).await.unwrap();
         drop(admission);
         Stored { record, plaintext }
+    }
+
+    /// The consumer's Signal record after a message expiring at `expiry`,
+    /// sealed as the Signal layer seals it: with the latest expiry of any
+    /// message exchanged with the device (which may be a message deleted
+    /// since, its period shortened).
+    async fn peer_sealed(&self, b: BusinessId, phone: PhoneHash, expiry: Timestamp) -> Vec<u8> {
+        let stored = self
+            .store
+            .peer(b, PeerId { phone, device: 0 })
+            .await
+            .unwrap();
+        let before = stored.map(|s| Envelope::parse(&s).unwrap().header().label().expiry);
+        let label = Label {
+            kind: Kind::SignalSession,
+            business: b,
+            id: MessageId::random(),
+            expiry: before.map_or(expiry, |e| e.max(expiry)),
+            region: Region::LOCAL,
+        };
+        self.vault.seal(&label, b"session state").await.unwrap()
     }
 
     /// The read path: retention decides, then the vault opens.
@@ -772,6 +794,64 @@ async fn futures_all(w: &World, b: BusinessId, n: u32) -> Vec<Stored> {
         out.push(w.store(b, i, Direction::Outbound, true).await);
     }
     out
+}
+
+/// A message whose business was never told how it ended (one already
+/// failed, its failure report refused and due again; one delivered, its
+/// status report due again) is deleted past [`REPORT_GRACE`] all the same,
+/// counted in `failures_unreported` and logged. (Failed or delivered, it was
+/// no longer open, so the stage that fails open ones never saw it, and the
+/// delete stage dropped it without counting or logging: the failure was
+/// lost silently.)
+#[tokio::test]
+async fn a_message_deleted_with_its_report_pending_past_the_grace_is_counted_unreported() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 16);
+        let b = business(1);
+        let mut ended = Vec::new();
+        for (consumer, status, failure) in [
+            (1, Status::Failed, Some(FailureReason::Expired)),
+            (2, Status::Delivered, None),
+        ] {
+            let m = w.store(b, consumer, Direction::Outbound, true).await;
+            let pending = Delivery {
+                status,
+                failure,
+                attempts: 3,
+                next_attempt: Some(w.now().saturating_add(CEILING + HOUR)),
+                pending_devices: 0,
+                accepted_by: 0,
+            };
+            let mut batch = Batch::new();
+            batch.push(Op::UpdateDelivery {
+                business: b,
+                id: m.record.id,
+                expected: m.record.delivery,
+                delivery: pending,
+            });
+            w.store.commit(batch).await.unwrap();
+            ended.push(m);
+        }
+        let notices = Notices::default();
+        w.clock.advance(CEILING + HOUR);
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(report.messages_deleted, 0, "{backend:?}: within the grace");
+        w.clock.advance(REPORT_GRACE);
+        let report = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(
+            (
+                report.failed_expired,
+                report.messages_deleted,
+                report.failures_unreported
+            ),
+            (0, 2, 2),
+            "{backend:?}"
+        );
+        for m in &ended {
+            assert!(w.store.message(b, m.record.id).await.unwrap().is_none());
+        }
+        assert!(notices.told.lock().unwrap().is_empty(), "{backend:?}");
+    }
 }
 
 #[tokio::test]
@@ -1273,6 +1353,126 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
     );
 }
 
+/// A consumer whose Signal record outlives, in its epoch, every message
+/// stored: its first message (kept 30 days, the record sealed to its
+/// expiry) deleted early by a period shortened to a day, its second still
+/// live, and then a legal hold placed on it. Returns the two messages.
+async fn held_consumer_whose_signal_record_outlived_its_message(w: &World) -> (Stored, Stored) {
+    let b = business(1);
+    let first = w.store(b, 1, Direction::Inbound, false).await;
+    let shorter = RetentionPolicy::default()
+        .with_business(
+            b,
+            BusinessRetention {
+                periods: Periods::both(DAY),
+                region: None,
+            },
+        )
+        .unwrap();
+    w.retention
+        .set_policy(shorter, "operator", w.now())
+        .unwrap();
+    w.clock.advance(12 * HOUR);
+    // The record stays sealed to the first message's later expiry.
+    let second = w.store(b, 1, Direction::Inbound, false).await;
+    w.clock.advance(13 * HOUR);
+    let report = w
+        .retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    assert_eq!(report.messages_deleted, 1);
+    assert!(w.store.message(b, first.record.id).await.unwrap().is_none());
+    w.retention
+        .place_hold(
+            HoldScope::Consumer(b, first.record.phone),
+            "case-1",
+            w.now(),
+        )
+        .await
+        .unwrap();
+    (first, second)
+}
+
+/// A legal hold on a consumer keeps the epoch key its Signal record is
+/// sealed under, as well as its messages': the sweep spares the record, and
+/// its key with it, while the hold stands. (The sweep kept only the held
+/// messages' epoch keys: once the message whose expiry sealed the record
+/// was deleted, the record's key was destroyed when its epoch ended, and
+/// the held record could never be opened again.)
+#[tokio::test]
+async fn a_legal_hold_keeps_the_epoch_key_of_a_held_consumers_signal_record() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 16);
+        let b = business(1);
+        let (first, second) = held_consumer_whose_signal_record_outlived_its_message(&w).await;
+        let phone = first.record.phone;
+        // A month on, the sweep runs with the hold still standing.
+        w.clock.advance(31 * DAY);
+        w.retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert!(
+            w.store
+                .message(b, second.record.id)
+                .await
+                .unwrap()
+                .is_some(),
+            "{backend:?}"
+        );
+        assert_eq!(w.store.peer_devices(b, phone).await.unwrap(), [0]);
+        assert!(
+            w.keys.epoch_key(b, second.record.epoch).await.is_ok(),
+            "{backend:?}: the held message's epoch key was destroyed"
+        );
+        assert!(
+            w.keys.epoch_key(b, first.record.epoch).await.is_ok(),
+            "{backend:?}: the epoch key sealing the held Signal record was destroyed"
+        );
+        // Released, the next sweep catches up.
+        w.retention
+            .release_hold(HoldScope::Consumer(b, phone), "case-1", w.now())
+            .await
+            .unwrap();
+        w.retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert!(w.keys.epoch_key(b, first.record.epoch).await.is_err());
+        assert!(w.store.peer_devices(b, phone).await.unwrap().is_empty());
+    }
+}
+
+/// An early shred is refused while a legal hold covers a consumer whose
+/// Signal record is sealed under that epoch, though no message of the
+/// consumer is left in it. (The shred checked only the held consumer's
+/// messages' epochs, and destroyed the key sealing its Signal record.)
+#[tokio::test]
+async fn an_early_shred_is_refused_for_the_epoch_of_a_held_consumers_signal_record() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 16);
+        let b = business(1);
+        let (first, _) = held_consumer_whose_signal_record_outlived_its_message(&w).await;
+        let refused = w
+            .retention
+            .shred_epoch(b, first.record.epoch, "request-9", w.now())
+            .await;
+        assert!(
+            matches!(refused, Err(HoldError::Held)),
+            "{backend:?}: {refused:?}"
+        );
+        assert!(w.keys.epoch_key(b, first.record.epoch).await.is_ok());
+        assert!(
+            !w.audit
+                .changes()
+                .iter()
+                .any(|c| matches!(c, Change::Shred { .. })),
+            "a refused shred is not recorded"
+        );
+    }
+}
+
 /// An early shred the audit trail cannot record destroys nothing.
 #[tokio::test]
 async fn an_early_shred_that_cannot_be_audited_destroys_nothing() {
@@ -1763,4 +1963,37 @@ async fn slices_of_two_steps_complete_on_an_idle_store() {
             .map(|r| (r.steps, r.complete))
             .collect::<Vec<_>>()
     );
+}
+
+/// Slices of one step (the whole budget the keys' stage takes when it runs
+/// first) still get every stage its turn: a message expired a month ago is
+/// deleted, its consumer forgotten, its epoch key destroyed. (Every slice
+/// spent its one step destroying epoch keys, and no other stage ever had a
+/// step: nothing was ever deleted.)
+#[tokio::test]
+async fn sweeps_in_slices_of_one_step_take_every_stage_in_turn() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 16);
+        let b = business(1);
+        let m = w.store(b, 1, Direction::Inbound, false).await;
+        w.clock.advance(CEILING + HOUR);
+        let notices = Notices::default();
+        for _ in 0..12 {
+            let report = w.retention.sweep_steps(w.now(), &notices, 1).await.unwrap();
+            assert!(report.steps <= 1, "{backend:?}");
+        }
+        assert!(
+            w.store.message(b, m.record.id).await.unwrap().is_none(),
+            "{backend:?}: never deleted"
+        );
+        assert!(
+            w.store
+                .peer_devices(b, m.record.phone)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{backend:?}: never forgotten"
+        );
+        assert!(w.keys.epoch_key(b, m.record.epoch).await.is_err());
+    }
 }

@@ -523,10 +523,21 @@ async fn observe(s: &dyn Storage) -> Vec<String> {
             "epochs {bi} {:?}",
             s.message_epochs(b(bi), None).await.unwrap()
         ));
+        // The peers stored here are no envelopes: the same refusal.
+        out.push(format!(
+            "peer epochs {bi} {:?}",
+            s.peer_epochs(b(bi), None).await.map_err(|e| e.to_string())
+        ));
         for p in 0..3 {
             out.push(format!(
                 "epochs {bi} {p} {:?}",
                 s.message_epochs(b(bi), Some(ph(p))).await.unwrap()
+            ));
+            out.push(format!(
+                "peer epochs {bi} {p} {:?}",
+                s.peer_epochs(b(bi), Some(ph(p)))
+                    .await
+                    .map_err(|e| e.to_string())
             ));
             out.push(format!(
                 "devices {bi} {p} {:?}",

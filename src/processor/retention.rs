@@ -142,8 +142,9 @@ impl Processor {
     /// Destroy `business`'s key of `epoch` now, before the epoch ends, for
     /// the case or request `reference` (operators only): every message and
     /// Signal record sealed under it becomes unreadable. Refused while a
-    /// legal hold covers a message of that epoch; audited before the key
-    /// goes. See [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch).
+    /// legal hold covers a record of that epoch (a message, or a Signal
+    /// record); audited before the key goes. See
+    /// [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch).
     pub async fn shred_epoch(
         &self,
         principal: &Principal,

@@ -85,13 +85,32 @@ pub enum HoldError {
     /// The audit trail could not record the change, so it was undone.
     #[error("the hold change could not be audited: {0}")]
     Audit(#[from] AuditError),
-    /// A legal hold covers a message sealed under the epoch key an early
-    /// shred would destroy: nothing was destroyed.
-    #[error("a legal hold covers a message of that epoch")]
+    /// A legal hold covers a record sealed under the epoch key an early
+    /// shred would destroy (a message, or a consumer's Signal record):
+    /// nothing was destroyed.
+    #[error("a legal hold covers a record of that epoch")]
     Held,
     /// The key hierarchy failed.
     #[error(transparent)]
     Key(#[from] KeyError),
+}
+
+/// The epochs whose keys a legal hold on `scope` keeps from shredding:
+/// those of the messages it covers, and those its consumers' Signal records
+/// are sealed under (each sealed with the latest expiry of any message
+/// exchanged with the device, which may be one deleted since).
+async fn held_epochs(
+    storage: &dyn Storage,
+    scope: HoldScope,
+) -> Result<BTreeSet<Epoch>, StoreError> {
+    let (business, phone) = (scope.business(), scope.phone());
+    let mut epochs: BTreeSet<Epoch> = storage
+        .message_epochs(business, phone)
+        .await?
+        .into_iter()
+        .collect();
+    epochs.extend(storage.peer_epochs(business, phone).await?);
+    Ok(epochs)
 }
 
 /// Messages a sweep handles per store operation. Each step is one
@@ -159,10 +178,11 @@ pub struct Retention {
     /// expiry reflects it). `None` until a sweep has applied one: stores
     /// outlive processes.
     pass: Mutex<sweep::Pass>,
-    /// The stage the next sweep starts with, after the keys' (see
-    /// `Sweep::run`): the one after the stage where the last sweep's step
-    /// budget stopped it (or that stage itself, if the budget left it no
-    /// step), or after the one it was dropped in.
+    /// The stage the next sweep starts with (after the keys', which run
+    /// first out of turn but in slices of one step: see `Sweep::run`): the
+    /// one after the stage where the last sweep's step budget stopped it
+    /// (or that stage itself, if the budget left it no step), or after the
+    /// one it was dropped in.
     next_stage: AtomicUsize,
     /// Counts policy changes, each made under the policy's write lock: the
     /// policy an [`Admission`] was given.
@@ -329,7 +349,10 @@ impl Retention {
     /// where the last one stopped: slices of a few steps take every stage
     /// in turn, however busy the store, and a stage that never returns (a
     /// business endpoint that does not answer, the sweep timed out) keeps
-    /// no other from its turn.
+    /// no other from its turn. Slices of one step take the keys' stage in
+    /// its turn too, one stage a slice, so that every stage gets a step;
+    /// they never complete (nor scrub the store: see [`Storage::scrub`]),
+    /// as even a sweep with nothing to do takes two steps.
     pub async fn sweep_steps(
         &self,
         now: Timestamp,
@@ -388,10 +411,12 @@ impl Retention {
     /// case or request `reference` (a business leaving, a breach): every
     /// record sealed under it becomes unreadable at once, in the store and
     /// in every backup of it. Refused as [`HoldError::Held`] while a legal
-    /// hold covers a message of that epoch. Recorded in the audit trail
-    /// before the key is destroyed (nothing is destroyed if it cannot be);
-    /// a destroy that fails after it can be made again. Returns whether a
-    /// live key was destroyed.
+    /// hold covers a record sealed under it: a message, or a consumer's
+    /// Signal record (sealed under the epoch of the latest expiry of any
+    /// message exchanged with the device, which may be deleted already).
+    /// Recorded in the audit trail before the key is destroyed (nothing is
+    /// destroyed if it cannot be); a destroy that fails after it can be
+    /// made again. Returns whether a live key was destroyed.
     ///
     /// [`KeyManager::destroy_epoch_unchecked`] does the same without the
     /// hold check or the record: this is the call for operators. A message
@@ -409,9 +434,7 @@ impl Retention {
         let _gate = self.hold_gate.lock(&*self.storage).await?;
         for hold in self.storage.holds().await? {
             if hold.scope.business() == business
-                && self
-                    .storage
-                    .message_epochs(business, hold.scope.phone())
+                && held_epochs(&*self.storage, hold.scope)
                     .await?
                     .contains(&epoch)
             {

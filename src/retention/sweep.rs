@@ -41,8 +41,10 @@ pub struct SweepReport {
     /// Open messages that expired, marked failed (reported, or given up
     /// on past [`REPORT_GRACE`]).
     pub failed_expired: u64,
-    /// Of those, the ones whose business could not be told within
-    /// [`REPORT_GRACE`] (each is also logged).
+    /// Messages whose business could not be told how they ended within
+    /// [`REPORT_GRACE`] (each is also logged): open ones failed unreported
+    /// (counted in `failed_expired` too), and settled ones deleted with a
+    /// report still pending (counted in `messages_deleted` too).
     pub failures_unreported: u64,
     /// Messages deleted.
     pub messages_deleted: u64,
@@ -118,9 +120,11 @@ pub(super) struct Resume {
     after: Option<crate::ids::MessageId>,
 }
 
-/// A stage after the keys' (see [`Sweep::run`]).
+/// A stage of the sweep (see [`Sweep::run`]).
 #[derive(Clone, Copy)]
 enum Stage {
+    /// Destroy ended epochs' keys.
+    Keys,
     /// Apply a shortened policy to the messages stored.
     Shorten,
     /// Delete expired settled messages, before businesses are told of
@@ -135,7 +139,8 @@ enum Stage {
 }
 
 /// The stages in order; a sweep names where the next starts by index.
-const STAGES: [Stage; 5] = [
+const STAGES: [Stage; 6] = [
+    Stage::Keys,
     Stage::Shorten,
     Stage::DeleteSettled,
     Stage::FailOpen,
@@ -226,13 +231,16 @@ impl<'a> Sweep<'a> {
     /// expired messages) keeps anything readable past its epoch. Expired
     /// settled messages are deleted before stage 2 too, and again after it.
     ///
-    /// The other stages run from where the last sweep stopped to the last,
-    /// then all of them in order. Where it stopped: after the stage that
-    /// spent its budget, or at the stage the budget left no step for, or
-    /// after the stage it was dropped in (a host timing out a sweep whose
+    /// The stages run from where the last sweep stopped to the last, then
+    /// all of them in order. Where it stopped: after the stage that spent
+    /// its budget, or at the stage the budget left no step for, or after
+    /// the stage it was dropped in (a host timing out a sweep whose
     /// business endpoint never answers). So no stage can keep the others
     /// from their turn: not one that takes every slice's budget (deletes
-    /// that cannot keep pace), nor one that never returns.
+    /// that cannot keep pace), nor one that never returns. The keys' stage
+    /// runs first (and once), wherever the others start, except with a
+    /// budget of one step: there it takes its turn like the others, or no
+    /// other stage would ever get a step.
     ///
     /// A stage that fails does not stop the later ones: a record that
     /// cannot be read (damaged, say) must not keep everything else past
@@ -249,7 +257,6 @@ impl<'a> Sweep<'a> {
                 false
             })
         };
-        let destroyed = done(self.destroy_ended_epochs().await);
         let mut shortened = Shortened::Done;
         // When each stage last ran to its end, by the count of changes
         // then: run again (in the second round) only if something changed
@@ -268,7 +275,13 @@ impl<'a> Sweep<'a> {
         } else {
             first.min(STAGES.len())
         };
-        for index in (from..STAGES.len()).chain(0..STAGES.len()) {
+        // The keys' stage (index 0) first, out of turn, but in slices of
+        // one step: there it takes its turn.
+        let keys_first = self.max_steps > 1;
+        let turns = (from..STAGES.len())
+            .chain(0..STAGES.len())
+            .filter(|&index| !keys_first || index != 0);
+        for index in keys_first.then_some(0).into_iter().chain(turns) {
             let (Some(&stage), Some(finished)) = (STAGES.get(index), finished.get_mut(index))
             else {
                 continue;
@@ -281,11 +294,13 @@ impl<'a> Sweep<'a> {
                 *finished = deleted_all;
                 continue;
             }
-            if next.is_none() {
+            // Run out of turn, the keys' stage leaves the turn where it is.
+            if next.is_none() && !(keys_first && index == 0) {
                 self.next_stage.store(after_stage(index), Ordering::SeqCst);
             }
             let steps = self.report.steps;
             let ended = match stage {
+                Stage::Keys => done(self.destroy_ended_epochs().await),
                 Stage::Shorten => match self.shorten_expiries().await {
                     Ok(None) => true,
                     Ok(Some(resume)) => {
@@ -316,7 +331,7 @@ impl<'a> Sweep<'a> {
         if let Some(e) = failed {
             return (Err(e), shortened);
         }
-        let complete = destroyed && finished.iter().all(Option::is_some);
+        let complete = finished.iter().all(Option::is_some);
         if complete {
             // What was deleted may live on in the store's own files; a store
             // that cannot scrub now does it at the next sweep.
@@ -495,7 +510,10 @@ impl<'a> Sweep<'a> {
         told
     }
 
-    /// Stage 3: delete expired, settled, unheld messages. Their consumers'
+    /// Stage 3: delete expired, settled, unheld messages: those whose
+    /// business is still to be told something (a report pending) only past
+    /// [`REPORT_GRACE`], each counted in
+    /// [`SweepReport::failures_unreported`] and logged. Their consumers'
     /// Signal state goes in stage 4, in one pass over the peers: a step's
     /// messages span most consumers (they are taken in expiry order), so
     /// checking those consumers after every step would check most of them
@@ -514,6 +532,14 @@ impl<'a> Sweep<'a> {
                 return Ok(true);
             }
             self.report.messages_deleted += deleted.len() as u64;
+            for m in deleted.iter().filter(|m| m.report_pending) {
+                tracing::warn!(
+                    business = %m.business,
+                    id = %m.id,
+                    "deleted past the grace; its business could not be told how it ended"
+                );
+                self.report.failures_unreported += 1;
+            }
         }
     }
 
@@ -565,10 +591,10 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// Stage 0: destroy the keys of ended epochs, except those still holding
-    /// a message under a legal hold.
+    /// Stage 0: destroy the keys of ended epochs, except those still
+    /// sealing a record under a legal hold (a message, or a Signal record).
     ///
-    /// If the epochs of a held business's messages cannot be read (a
+    /// If the epochs of a held business's records cannot be read (a
     /// damaged record: [`StoreError::Corrupt`]), which keys the hold needs
     /// is unknown: every ended epoch key of that business is kept (and the
     /// failure logged), and the other businesses' keys are destroyed as
@@ -581,13 +607,13 @@ impl<'a> Sweep<'a> {
         let mut keep: BTreeSet<(BusinessId, Epoch)> = BTreeSet::new();
         for hold in &held.scopes {
             let business = hold.business();
-            match self.storage.message_epochs(business, hold.phone()).await {
+            match super::held_epochs(self.storage, *hold).await {
                 Ok(epochs) => keep.extend(epochs.into_iter().map(|e| (business, e))),
                 Err(StoreError::Corrupt(what)) => {
                     tracing::warn!(
                         %business,
                         error = %what,
-                        "a held business's message epochs do not decode: all its ended epoch keys are kept"
+                        "a held business's record epochs do not decode: all its ended epoch keys are kept"
                     );
                     self.keep_ended_epochs(business, &mut keep).await?;
                 }

@@ -794,6 +794,28 @@ impl Storage for MemoryStore {
         Ok(epochs.into_iter().collect())
     }
 
+    async fn peer_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        let inner = self.lock();
+        let from = (
+            business,
+            PeerId {
+                phone: phone.unwrap_or(PhoneHash::from_bytes([0; PhoneHash::LEN])),
+                device: 0,
+            },
+        );
+        let epochs = inner
+            .peers
+            .range(from..)
+            .take_while(|((b, p), _)| *b == business && phone.is_none_or(|ph| p.phone == ph))
+            .map(|(_, sealed)| super::peer_epoch(sealed))
+            .collect::<Result<BTreeSet<Epoch>, StoreError>>()?;
+        Ok(epochs.into_iter().collect())
+    }
+
     async fn orphan_peers(
         &self,
         now: Timestamp,

@@ -250,6 +250,10 @@ pub struct ExpiredMessage {
     pub epoch: Epoch,
     /// Its direction.
     pub direction: Direction,
+    /// Whether its business was still to be told something of it (an
+    /// attempt was due: its failure, or a status report): deleted past the
+    /// sweep's grace all the same, and so never told.
+    pub report_pending: bool,
 }
 
 impl From<&MessageRecord> for ExpiredMessage {
@@ -261,6 +265,7 @@ impl From<&MessageRecord> for ExpiredMessage {
             expiry: m.expiry,
             epoch: m.epoch,
             direction: m.direction,
+            report_pending: m.delivery.next_attempt.is_some(),
         }
     }
 }

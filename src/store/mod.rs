@@ -54,6 +54,14 @@ pub enum StoreError {
     Superseded,
 }
 
+/// The epoch a stored Signal peer record is sealed under, from its
+/// envelope's header: what [`Storage::peer_epochs`] reads in every backend.
+pub(crate) fn peer_epoch(sealed: &[u8]) -> Result<Epoch, StoreError> {
+    crate::envelope::Envelope::parse(sealed)
+        .map(|e| e.header().epoch())
+        .map_err(|e| StoreError::Corrupt(format!("peers.sealed: not an envelope: {e}")))
+}
+
 /// Where wrapped keys and KEK rings live.
 ///
 /// Implementations must make each method atomic. Keys are never stored in
@@ -134,7 +142,8 @@ pub trait KeyStore: Send + Sync {
 /// A record the backend cannot decode (damaged, or not written by this
 /// crate) fails a read of that record with [`StoreError::Corrupt`], as it
 /// does the reads that guard a deletion ([`holds`](Self::holds),
-/// [`message_epochs`](Self::message_epochs)). The listings that only choose
+/// [`message_epochs`](Self::message_epochs),
+/// [`peer_epochs`](Self::peer_epochs)). The listings that only choose
 /// what to work on next ([`due_messages`](Self::due_messages),
 /// [`expired_open_messages`](Self::expired_open_messages),
 /// [`delete_expired`](Self::delete_expired),
@@ -257,8 +266,23 @@ pub trait Storage: KeyStore {
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError>;
 
     /// The distinct epochs of the stored messages of `business` (only those
-    /// about `phone`, if given): what a legal hold must keep from shredding.
+    /// about `phone`, if given), ascending: with
+    /// [`peer_epochs`](Self::peer_epochs), what a legal hold must keep from
+    /// shredding.
     async fn message_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError>;
+
+    /// The distinct epochs the stored Signal peer records of `business`
+    /// (only `phone`'s, if given) are sealed under, ascending, as their
+    /// envelopes' headers say: a record is sealed with the latest expiry of
+    /// any message exchanged with its device, which may be a message deleted
+    /// since (a shortened period), so a legal hold must keep these epochs
+    /// too. A record whose header does not parse fails the read with
+    /// [`StoreError::Corrupt`].
+    async fn peer_epochs(
         &self,
         business: BusinessId,
         phone: Option<PhoneHash>,

@@ -534,6 +534,14 @@ impl Storage for FailingStore {
         let call = self.inner.message_epochs(business, phone);
         self.faults.store("message_epochs", call).await
     }
+    async fn peer_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        let call = self.inner.peer_epochs(business, phone);
+        self.faults.store("peer_epochs", call).await
+    }
     async fn orphan_peers(
         &self,
         now: Timestamp,

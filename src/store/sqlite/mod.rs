@@ -705,6 +705,16 @@ impl Storage for SqliteStore {
             .with(|c| reads::message_epochs(c, business, phone))
     }
 
+    async fn peer_epochs(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        self.reads()
+            .await
+            .with(|c| reads::peer_epochs(c, business, phone))
+    }
+
     async fn orphan_peers(
         &self,
         now: Timestamp,

@@ -507,6 +507,38 @@ pub(super) fn message_epochs(
     }
 }
 
+/// The epochs the peer records of `business` (only `phone`'s, if given)
+/// are sealed under, read from each record's envelope header.
+pub(super) fn peer_epochs(
+    conn: &Connection,
+    business: BusinessId,
+    phone: Option<PhoneHash>,
+) -> Result<Vec<Epoch>, StoreError> {
+    let mut stmt;
+    let mut rows = match phone {
+        None => {
+            stmt = conn
+                .prepare_cached("SELECT sealed FROM peers WHERE business = ?1")
+                .db()?;
+            stmt.query([business_sql(business)]).db()?
+        }
+        Some(p) => {
+            stmt = conn
+                .prepare_cached("SELECT sealed FROM peers WHERE business = ?1 AND phone = ?2")
+                .db()?;
+            stmt.query(params![business_sql(business), &p.as_bytes()[..]])
+                .db()?
+        }
+    };
+    let mut epochs = std::collections::BTreeSet::new();
+    while let Some(row) = rows.next().db()? {
+        epochs.insert(crate::store::peer_epoch(
+            Cols::new(row, "peers").blob(0, "sealed")?,
+        )?);
+    }
+    Ok(epochs.into_iter().collect())
+}
+
 /// The peer records after `(?1, ?2, ?3)` in key order whose consumer has
 /// no message expiring after `?4`, with the type of `sealed` (see
 /// [`codec::orphan_peer`]). No `LIMIT`, as for [`DUE`].
