@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
@@ -19,7 +19,7 @@ use custodian::processor::{
     ProcessorError, StatusChange,
 };
 use custodian::signal::{IdentityPolicy, PreKeyBundle, PublishedKeys, SignalConfig};
-use custodian::store::{HoldScope, MemoryStore, Status, Storage};
+use custodian::store::{FailureReason, HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, Leg, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
@@ -2253,7 +2253,10 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
             .await
             .unwrap()
     );
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
+    // The message's next overdue resend (its waits for a report doubling:
+    // sent again 2, 4 and 8 minutes after it was sent, then 16) goes over a
+    // session from the newly trusted key.
+    d.run(Duration::from_secs(600), Duration::from_secs(60))
         .await;
     d.assert_delivered(b, after).await;
 }
@@ -2272,19 +2275,39 @@ async fn within<F: std::future::Future>(limit: Duration, future: F) -> Option<F:
     }
 }
 
-/// The simulated network; the first bundle request sends the consumer
-/// another message from inside the call (a host calling back in).
-struct CallsBack {
+/// The simulated network, scripted: the next bundle request may send the
+/// consumer another message from inside the call (a host calling back
+/// in), sends to chosen devices fail for now, chosen devices are not
+/// listed yet (linked later), a delivery report may come in from inside a
+/// chosen device's send, and every send the network took is logged.
+struct Scripted {
     network: Arc<SimNetwork>,
     processor: OnceLock<Weak<Processor>>,
     owner: Principal,
+    carrier: Principal,
+    /// The next bundle request sends the consumer a message first.
     armed: AtomicBool,
+    /// Sends to these devices fail (unavailable).
+    failing: Mutex<BTreeSet<u32>>,
+    /// Devices of the consumer not listed yet.
+    unlinked: Mutex<BTreeSet<u32>>,
+    /// Before sending to this device, the transport hands in this report
+    /// for the message (once).
+    report_in_send: Mutex<Option<(u32, Status)>>,
+    /// Whether a delivery report came in (from a send, or by the test).
+    reported: AtomicBool,
+    /// Every send the network took: message, device, and whether after a
+    /// delivery report.
+    sends: Mutex<Vec<(MessageId, u32, bool)>>,
 }
 
 #[async_trait::async_trait]
-impl Transport for CallsBack {
+impl Transport for Scripted {
     async fn devices(&self, b: BusinessId, c: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
-        self.network.devices(b, c).await
+        let mut devices = self.network.devices(b, c).await?;
+        let unlinked = self.unlinked.lock().unwrap();
+        devices.retain(|d| !unlinked.contains(d));
+        Ok(devices)
     }
     async fn fetch_bundle(
         &self,
@@ -2310,6 +2333,25 @@ impl Transport for CallsBack {
         device: u32,
         m: &Outgoing,
     ) -> Result<(), TransportError> {
+        let report = {
+            let mut cue = self.report_in_send.lock().unwrap();
+            match *cue {
+                Some((d, _)) if d == device => cue.take().map(|(_, status)| status),
+                _ => None,
+            }
+        };
+        if let Some(status) = report {
+            let processor = self.processor.get().unwrap().upgrade().unwrap();
+            let _ = processor
+                .status_update(&self.carrier, b, m.id, status)
+                .await;
+            self.reported.store(true, Ordering::SeqCst);
+        }
+        if self.failing.lock().unwrap().contains(&device) {
+            return Err(TransportError::Unavailable("scripted".into()));
+        }
+        let after = self.reported.load(Ordering::SeqCst);
+        self.sends.lock().unwrap().push((m.id, device, after));
         self.network.send(b, c, device, m).await
     }
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
@@ -2326,6 +2368,140 @@ impl Transport for CallsBack {
     }
 }
 
+/// A processor over `store` sending through a [`Scripted`] network (a
+/// receipt timeout of two minutes), its keys published, for consumer
+/// `number(1)` with `devices` devices; the retransmission loop is run by
+/// hand.
+struct ScriptedDeployment {
+    clock: ManualClock,
+    transport: Arc<Scripted>,
+    business: Arc<SimBusiness>,
+    processor: Arc<Processor>,
+    b: BusinessId,
+    owner: Principal,
+    operator: Principal,
+}
+
+impl ScriptedDeployment {
+    async fn on(store: Arc<dyn Storage>, devices: u32) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let b = BusinessId::new(7).unwrap();
+        let owner = Principal::new("owner");
+        let carrier = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let authorizer = StaticAuthorizer::new()
+            .operator(&operator)
+            .grant(&owner, b)
+            .carrier(&carrier, b);
+        let transport = Arc::new(Scripted {
+            network: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 3).unwrap()),
+            processor: OnceLock::new(),
+            owner: owner.clone(),
+            carrier,
+            armed: AtomicBool::new(false),
+            failing: Mutex::default(),
+            unlinked: Mutex::default(),
+            report_in_send: Mutex::default(),
+            reported: AtomicBool::new(false),
+            sends: Mutex::default(),
+        });
+        let business = SimBusiness::new(clock.clone(), Faults::none(), 4).unwrap();
+        let host = Host {
+            storage: store,
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: transport.clone(),
+            business: business.clone(),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock.clone()),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let policies = Policies {
+            delivery: DeliveryConfig {
+                retry_base: Duration::from_secs(2),
+                retry_max: Duration::from_secs(60),
+                receipt_timeout: Duration::from_secs(120),
+                batch: 1_000,
+            },
+            ..Policies::default()
+        };
+        let processor = Arc::new(Processor::new(host, policies).unwrap());
+        transport.processor.set(Arc::downgrade(&processor)).unwrap();
+        transport.network.add_consumer(&number(1), devices).await;
+        processor.publish_keys(&owner, b).await.unwrap();
+        Self {
+            clock,
+            transport,
+            business,
+            processor,
+            b,
+            owner,
+            operator,
+        }
+    }
+
+    async fn new(devices: u32) -> Self {
+        Self::on(Arc::new(MemoryStore::new()), devices).await
+    }
+
+    /// The business sends `content` to `number(1)`; its id.
+    async fn send(&self, content: &[u8]) -> MessageId {
+        let message = Outbound {
+            to: number(1),
+            content: content.to_vec().into(),
+            category: Category::Utility,
+        };
+        self.processor
+            .send(&self.owner, self.b, message)
+            .await
+            .unwrap()
+    }
+
+    /// `secs` on, the retransmission loop runs once.
+    async fn retransmit_after(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+        self.processor.retransmit_due(&self.operator).await.unwrap();
+    }
+
+    /// Every `step` seconds for `secs`, the network is pumped and the
+    /// retransmission loop run.
+    async fn run(&self, secs: u64, step: u64) {
+        for _ in 0..secs / step {
+            let carrier = &self.transport.carrier;
+            self.transport.network.pump(&self.processor, carrier).await;
+            self.retransmit_after(step).await;
+        }
+    }
+
+    async fn status(&self, id: MessageId) -> (Status, Option<FailureReason>) {
+        let status = self.processor.message_status(&self.owner, self.b, id);
+        status.await.unwrap()
+    }
+
+    /// The statuses the business was told of `id`, in order.
+    fn told(&self, id: MessageId) -> Vec<Status> {
+        self.business
+            .statuses()
+            .get(&id)
+            .map(|s| s.iter().map(|(s, _)| *s).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends of `id` the network took, per device: all of them, and those
+    /// after a delivery report.
+    fn sends(&self, id: MessageId) -> (BTreeMap<u32, u32>, BTreeMap<u32, u32>) {
+        let (mut all, mut after_report) = (BTreeMap::new(), BTreeMap::new());
+        for &(m, d, after) in self.transport.sends.lock().unwrap().iter() {
+            if m == id {
+                *all.entry(d).or_insert(0) += 1;
+                if after {
+                    *after_report.entry(d).or_insert(0) += 1;
+                }
+            }
+        }
+        (all, after_report)
+    }
+}
+
 /// A transport that sends the consumer another message from inside a
 /// bundle request (a host calling back in) does not hang the send: the
 /// inner send leaves the device to a later attempt rather than wait for
@@ -2333,41 +2509,185 @@ impl Transport for CallsBack {
 /// the request, and the inner one waited for it forever.)
 #[tokio::test]
 async fn a_send_from_inside_a_bundle_request_finishes() {
-    let clock = ManualClock::new(Timestamp::from_millis(T0));
-    let b = BusinessId::new(1).unwrap();
-    let owner = Principal::new("owner");
-    let carrier = Principal::new("transport");
-    let authorizer = StaticAuthorizer::new()
-        .grant(&owner, b)
-        .carrier(&carrier, b);
-    let transport = Arc::new(CallsBack {
-        network: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
-        processor: OnceLock::new(),
-        owner: owner.clone(),
-        armed: AtomicBool::new(false),
-    });
-    let host = Host {
-        storage: Arc::new(MemoryStore::new()),
-        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        transport: transport.clone(),
-        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
-        authorizer: Arc::new(authorizer),
-        clock: Arc::new(clock.clone()),
-        audit: Arc::new(MemoryAuditSink::new()),
-    };
-    let processor = Arc::new(Processor::new(host, Policies::default()).unwrap());
-    transport.processor.set(Arc::downgrade(&processor)).unwrap();
-    transport.network.add_consumer(&number(1), 1).await;
-    processor.publish_keys(&owner, b).await.unwrap();
-    transport.armed.store(true, Ordering::SeqCst);
-    let message = Outbound {
-        to: number(1),
-        content: b"hello".to_vec().into(),
-        category: Category::Service,
-    };
-    let sent = within(Duration::from_secs(20), processor.send(&owner, b, message)).await;
-    let Some(sent) = sent else {
+    let d = ScriptedDeployment::new(1).await;
+    d.transport.armed.store(true, Ordering::SeqCst);
+    let Some(_id) = within(Duration::from_secs(20), d.send(b"hello")).await else {
         panic!("a send whose transport calls back into the processor never finished");
     };
-    sent.unwrap();
+}
+
+/// A message sent to both devices of its consumer gets no delivery report
+/// within the receipt timeout and is sent again to every device: device
+/// 0's copy fails for now, and device 1's send brings in the consumer's
+/// delivery report. No device is sent the message again after the report
+/// (a report says the consumer has it; device 1's copy, which brought it,
+/// is the last), and the business is told sent, then delivered, with no
+/// wait. (The resend left device 0 pending, as if it had
+/// never had the message: it was sent a third copy after the report, and
+/// the business's report waited for it.)
+#[tokio::test]
+async fn a_report_during_an_overdue_resend_has_no_device_sent_the_message_again() {
+    report_during_an_overdue_resend(ScriptedDeployment::new(2).await).await;
+}
+
+/// [`a_report_during_an_overdue_resend_has_no_device_sent_the_message_again`],
+/// on SQLite.
+#[tokio::test]
+async fn a_report_during_an_overdue_resend_has_no_device_sent_the_message_again_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = custodian::store::SqliteConfig::default();
+    let store = custodian::store::SqliteStore::open(dir.path().join("store.db"), config).unwrap();
+    report_during_an_overdue_resend(ScriptedDeployment::on(Arc::new(store), 2).await).await;
+}
+
+async fn report_during_an_overdue_resend(d: ScriptedDeployment) {
+    let id = d.send(b"your order shipped").await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
+    d.transport.failing.lock().unwrap().insert(0);
+    *d.transport.report_in_send.lock().unwrap() = Some((1, Status::Delivered));
+    d.retransmit_after(121).await;
+    assert!(d.transport.reported.load(Ordering::SeqCst));
+    assert_eq!(d.status(id).await, (Status::Delivered, None));
+    assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
+    // The network is back; the world goes on a while.
+    d.transport.failing.lock().unwrap().clear();
+    for _ in 0..5 {
+        d.retransmit_after(60).await;
+    }
+    // Device 1's send is the one that brought the report.
+    assert_eq!(
+        d.sends(id).1,
+        BTreeMap::from([(1, 1)]),
+        "a device was sent the message again after the consumer's delivery report"
+    );
+    assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
+}
+
+/// The same without the interleaving: the overdue resend's copy to device
+/// 0 fails for now, and the consumer's late delivery report comes in just
+/// after that attempt. No device is sent the message after the report.
+/// (The resend left device 0 pending, as if it had never had the message,
+/// and the report kept it so: it was sent the message once more after the
+/// report.)
+#[tokio::test]
+async fn a_report_after_an_overdue_resend_missed_a_device_has_it_sent_no_more() {
+    let d = ScriptedDeployment::new(2).await;
+    let id = d.send(b"your order shipped").await;
+    d.transport.failing.lock().unwrap().insert(0);
+    d.retransmit_after(121).await;
+    d.transport.failing.lock().unwrap().clear();
+    // The late report.
+    let carrier = &d.transport.carrier;
+    d.processor
+        .status_update(carrier, d.b, id, Status::Delivered)
+        .await
+        .unwrap();
+    d.transport.reported.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        d.retransmit_after(60).await;
+    }
+    assert_eq!(
+        d.sends(id).1,
+        BTreeMap::new(),
+        "sent again after the consumer's delivery report"
+    );
+    assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
+}
+
+/// A device linked after a message was sent, listed first by its overdue
+/// resend, never had it: a report during that resend does not keep it
+/// from the message, and its copy, failed for now, is sent once the
+/// network is back; the devices that had it are not sent it again.
+/// (Every device the resend had not reached by the report was left out,
+/// the new one included: it never got the message.)
+#[tokio::test]
+async fn a_device_linked_since_is_sent_the_message_after_a_report_during_its_resend() {
+    let d = ScriptedDeployment::new(3).await;
+    d.transport.unlinked.lock().unwrap().insert(2);
+    let id = d.send(b"your order shipped").await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
+    // Device 2 is linked; device 0's resend brings in the report, device
+    // 2's fails for now.
+    d.transport.unlinked.lock().unwrap().clear();
+    d.transport.failing.lock().unwrap().insert(2);
+    *d.transport.report_in_send.lock().unwrap() = Some((0, Status::Delivered));
+    d.retransmit_after(121).await;
+    assert_eq!(d.status(id).await, (Status::Delivered, None));
+    d.transport.failing.lock().unwrap().clear();
+    for _ in 0..5 {
+        d.retransmit_after(60).await;
+    }
+    // Device 0's send is the one that brought the report.
+    assert_eq!(d.sends(id).1, BTreeMap::from([(0, 1), (2, 1)]));
+    assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
+}
+
+/// A message to a consumer whose phone stays off (the network takes it,
+/// no delivery report comes) waits longer for its report each time it is
+/// sent again: a day holds a dozen copies, not one per receipt timeout,
+/// the first resend still at the receipt timeout and the rest at 4, 8, 16…
+/// minutes after the send (see `DeliveryConfig::receipt_timeout`). (It was
+/// sent again every receipt timeout for as long as it lived: 720 copies a
+/// day here, some 21,600 over 30 days.)
+#[tokio::test]
+async fn an_unreported_message_waits_ever_longer_for_its_report() {
+    let d = ScriptedDeployment::new(1).await;
+    let id = d.send(b"are you there?").await;
+    // The network is never pumped: no report comes.
+    let mut at = Vec::new();
+    for minute in 1..=24 * 60 {
+        d.retransmit_after(60).await;
+        if d.sends(id).0[&0] > at.len() as u32 + 1 {
+            at.push(minute);
+        }
+    }
+    assert_eq!(
+        at[..at.len().min(12)],
+        [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+        "minutes after the send it was sent again (of {} resends in all)",
+        at.len()
+    );
+}
+
+/// A device that lost its session asks for a message again (a retry
+/// receipt) after another device of its consumer reported the message
+/// delivered, and the send to it on its new session fails for now: the
+/// receipt is refused for now, the network hands it in again, and the
+/// device gets the message, its business told delivered once. (The one send was best effort: it was
+/// never retried, and the receipt, answered applied, was not handed in
+/// again.)
+#[tokio::test]
+async fn a_settled_messages_send_for_a_retry_receipt_is_retried_until_it_goes_out() {
+    let d = ScriptedDeployment::new(2).await;
+    let net = d.transport.network.clone();
+    d.send(b"hi").await;
+    d.run(180, 60).await;
+    // Both devices answer: the business's sessions with them are acknowledged.
+    for device in [0, 1] {
+        net.consumer_sends(&number(1), device, d.b, b"thanks")
+            .await
+            .unwrap();
+    }
+    d.run(180, 60).await;
+    net.lose_sessions(&number(1)).await;
+    // Device 0 reports the next message delivered (from inside the
+    // transport's send), device 1 cannot decrypt it.
+    *d.transport.report_in_send.lock().unwrap() = Some((0, Status::Delivered));
+    let again = d.send(b"again").await;
+    assert_eq!(d.status(again).await, (Status::Delivered, None));
+    // The devices' retry receipts come in while sends to device 1 fail.
+    d.transport.failing.lock().unwrap().insert(1);
+    let pumped = net.pump(&d.processor, &d.transport.carrier).await;
+    assert!(pumped.retry_receipts >= 1, "{pumped:?}");
+    d.transport.failing.lock().unwrap().clear();
+    // The network is fine from here on, for an hour.
+    d.run(3600, 60).await;
+    let received = net.received(&number(1)).await;
+    assert!(
+        received.get(&1).is_some_and(|got| got.contains_key(&again)),
+        "device 1 never got the message its business was told delivered: {received:?}"
+    );
+    // The report came before the send's own record: delivered is all it
+    // was told.
+    assert_eq!(d.told(again), vec![Status::Delivered]);
 }

@@ -55,7 +55,8 @@ impl Claims {
 
     /// Note that a delivery report was applied to `id`, for the attempt
     /// under way on it, if any: an attempt sending the message again to
-    /// every device (its receipt overdue) sends it to no more of them.
+    /// every device (its receipt overdue) sends it to no more of those
+    /// that had it.
     pub(super) fn note_report(&self, business: BusinessId, id: MessageId) {
         let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(reported) = claimed.get_mut(&(business, id)) {
@@ -150,6 +151,9 @@ pub(super) struct AttemptMade {
     pub(super) category: Category,
     pub(super) outcome: DeviceOutcome,
     pub(super) at: Timestamp,
+    /// When the message was stored: its age sets how long it waits for
+    /// its delivery report.
+    pub(super) created: Timestamp,
     /// The [`Delivery::accepted_by`] its record stores if it bills the
     /// message: chosen once, so that a record owed, and made again, is
     /// known by it.

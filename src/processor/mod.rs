@@ -215,7 +215,14 @@ pub struct DeliveryConfig {
     /// Longest wait between attempts.
     pub retry_max: Duration,
     /// How long a sent message waits for its delivery report before it is
-    /// sent again.
+    /// sent again to every device. Unanswered, it waits longer each time:
+    /// after its first send, this long; after each resend, as long as the
+    /// message has lived by then (so the wait doubles with each unanswered
+    /// resend: resent at 1, 2, 4, 8… times this after its first send), at
+    /// least this and at most [`MAX_RECEIPT_WAIT`] (or this, if longer).
+    /// A consumer whose phone stays off is sent a message some
+    /// `log2(MAX_RECEIPT_WAIT / receipt_timeout)` times in its first day,
+    /// then once a day until it expires.
     pub receipt_timeout: Duration,
     /// Messages handled per [`Processor::retransmit_due`] call.
     pub batch: usize,
@@ -257,7 +264,18 @@ impl DeliveryConfig {
         let factor = 1u32 << attempts.min(20);
         self.retry_base.saturating_mul(factor).min(self.retry_max)
     }
+
+    /// How long a message sent again at `age` (since it was stored) waits
+    /// for its delivery report (see [`receipt_timeout`](Self::receipt_timeout)).
+    fn receipt_wait(&self, age: Duration) -> Duration {
+        age.min(MAX_RECEIPT_WAIT).max(self.receipt_timeout)
+    }
 }
+
+/// The longest a message sent again waits for its delivery report before
+/// it is sent once more (unless [`DeliveryConfig::receipt_timeout`] is
+/// longer): a day.
+pub const MAX_RECEIPT_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Every policy and setting, with the published defaults.
 #[derive(Debug, Clone, Default)]

@@ -124,6 +124,7 @@ impl Drop for Sending<'_> {
                 pending: reached.pending(),
             },
             at: p.clock.now(),
+            created: record.created,
             token: acceptance_token(),
             from_queued: record.delivery.status == Status::Queued,
         };
@@ -441,6 +442,7 @@ impl Processor {
             category: body.category,
             outcome,
             at: self.clock.now(),
+            created: record.created,
             token: acceptance_token(),
             from_queued: decided_on.status == Status::Queued,
         };
@@ -481,7 +483,7 @@ impl Processor {
         let mut races = 0;
         loop {
             let current = made.on;
-            let mut next = self.after_send(current, made.outcome, made.at);
+            let mut next = self.after_send(current, made.outcome, made.at, made.created);
             // The first record of what the transport took, of an attempt
             // decided on a queued message, bills it: moving it on from
             // queued, or after a delivery report that moved it on unbilled
@@ -608,18 +610,33 @@ impl Processor {
         .await;
     }
 
-    /// The bookkeeping after sending to devices, for a message whose stored
-    /// delivery state is `current`.
-    fn after_send(&self, current: Delivery, outcome: DeviceOutcome, now: Timestamp) -> Delivery {
+    /// The bookkeeping after sending to devices, for a message stored at
+    /// `created` whose stored delivery state is `current`.
+    fn after_send(
+        &self,
+        current: Delivery,
+        outcome: DeviceOutcome,
+        now: Timestamp,
+        created: Timestamp,
+    ) -> Delivery {
         let attempts = current.attempts.saturating_add(1);
         let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
+        // Sent for the first time, it waits the receipt timeout for its
+        // report; sent again, as long as it has lived (see
+        // `DeliveryConfig::receipt_timeout`).
+        let wait = if current.status == Status::Queued {
+            self.delivery.receipt_timeout
+        } else {
+            self.delivery
+                .receipt_wait(now.saturating_duration_since(created))
+        };
         match outcome {
             // Settled meanwhile with no device left to send to: nothing to
             // try again, only its report (if not yet made) is due.
             DeviceOutcome::Unreachable
                 if !current.status.is_open() && current.pending_devices == 0 =>
             {
-                self.settle_after_send(current, attempts, now)
+                self.settle_after_send(current, attempts, now, wait)
             }
             // Nothing reachable now: try the same again later.
             DeviceOutcome::Unreachable => Delivery {
@@ -637,7 +654,7 @@ impl Processor {
                 ..current
             },
             // Some devices have it; the rest cannot be reached: stop trying them.
-            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now),
+            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now, wait),
             DeviceOutcome::Reached { sent, pending } => {
                 let mut next = current;
                 if sent > 0 && current.status == Status::Queued {
@@ -651,19 +668,25 @@ impl Processor {
                         ..next
                     }
                 } else {
-                    self.settle_after_send(next, attempts, now)
+                    self.settle_after_send(next, attempts, now, wait)
                 }
             }
         }
     }
 
     /// Bookkeeping once every device that can be reached has the message:
-    /// an open message waits for its delivery report (and is sent again if
-    /// none comes); a delivered one has its status reported, unless that
-    /// was done meanwhile (nothing was due).
-    fn settle_after_send(&self, current: Delivery, attempts: u32, now: Timestamp) -> Delivery {
+    /// an open message waits `wait` for its delivery report (and is sent
+    /// again if none comes); a delivered one has its status reported,
+    /// unless that was done meanwhile (nothing was due).
+    fn settle_after_send(
+        &self,
+        current: Delivery,
+        attempts: u32,
+        now: Timestamp,
+        wait: std::time::Duration,
+    ) -> Delivery {
         let next_attempt = if current.status.is_open() {
-            Some(now.saturating_add(self.delivery.receipt_timeout))
+            Some(now.saturating_add(wait))
         } else {
             current.next_attempt.map(|_| now)
         };
@@ -676,21 +699,29 @@ impl Processor {
     }
 
     /// Send `record`, settled (another device reported it), once more to
-    /// `device` alone, best effort: a retry receipt's device, given a new
-    /// session. No record is made of it, and nothing is retried; whether
-    /// the transport took it.
+    /// `device` alone: a retry receipt's device, given a new session. No
+    /// record is made of it. `Ok(true)`: the transport took it;
+    /// `Ok(false)`: the device cannot be sent it (gone from the list, the
+    /// network refused it, no session can be had); an error: it could not
+    /// be sent now (the receipt is to be handed in again).
     pub(super) async fn resend_to_device(
         &self,
         record: &MessageRecord,
         body: &OutboundBody,
         device: u32,
-    ) -> bool {
+    ) -> Result<bool, TransportError> {
         let only = Some(Delivery::device_bit(device));
         let mut reached = Reached::default();
         let outcome = self
             .send_to_devices(record, body, only, Purpose::Retransmission, &mut reached)
             .await;
-        matches!(outcome, DeviceOutcome::Reached { sent, .. } if sent > 0)
+        match outcome {
+            DeviceOutcome::Reached { sent, .. } if sent > 0 => Ok(true),
+            DeviceOutcome::Reached { pending: 0, .. } | DeviceOutcome::Fail(_) => Ok(false),
+            DeviceOutcome::Reached { .. } | DeviceOutcome::Unreachable => Err(
+                TransportError::Unavailable("the device could not be sent the message now".into()),
+            ),
+        }
     }
 
     /// Send `record` to the devices of its recipient (those in `only`, if
@@ -754,29 +785,42 @@ impl Processor {
         reached.list(wanted.clone().map(|(_, bit)| bit));
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let mut refused = false;
-        // Sent again to every device, its receipt overdue: once a report
-        // says the consumer has it, no more devices are sent it again.
+        // Sent again to every device, its receipt overdue. A device with a
+        // session already is taken to have been sent the message before
+        // (sending needs one, and a consumer's sessions are kept while a
+        // message to them lives): once a report says the consumer has it,
+        // such a device is not sent it again, and one whose copy fails now
+        // is not left pending (a report would not drop it: it would be sent
+        // the message after the report), but sent it with the next overdue
+        // resend, if no report comes first. A device with no session
+        // (linked since) never had it: it is sent it, and left pending if
+        // that fails, as on any attempt. (One linked since that was written
+        // to over a session of its own counts as having it: it gets the
+        // message with the next overdue resend, unless a report comes
+        // first.)
         let again = !queued && only.is_none();
+        let mut missed = false;
         for (device, bit) in wanted {
-            if again && self.claims.reported(business, record.id) {
-                reached.settle(bit);
-                continue;
-            }
             let peer = PeerId {
                 phone: record.phone,
                 device,
             };
-            match self
+            let had_it = match self
                 .ensure_session(business, peer, &number, record.expiry)
                 .await
             {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Session::Had) => again,
+                Ok(Session::Started) => false,
+                Ok(Session::Unreachable) => {
                     reached.settle(bit);
                     continue;
                 }
                 // Pending: tried again later.
                 Err(()) => continue,
+            };
+            if had_it && self.claims.reported(business, record.id) {
+                reached.settle(bit);
+                continue;
             }
             let ciphertext = match self
                 .sessions
@@ -786,6 +830,10 @@ impl Processor {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(%business, id = %record.id, device, error = %e, "encrypt failed");
+                    if had_it {
+                        reached.settle(bit);
+                        missed = true;
+                    }
                     continue;
                 }
             };
@@ -806,10 +854,20 @@ impl Processor {
                     refused = true;
                     reached.settle(bit);
                 }
+                Err(_) if had_it => {
+                    reached.settle(bit);
+                    missed = true;
+                }
                 Err(_) => {}
             }
         }
         let (sent, pending) = (reached.sent, reached.pending());
+        if sent == 0 && missed {
+            // Sent again to no device, some of them unavailable for now:
+            // the whole resend is tried again after a backoff (a report
+            // meanwhile settles it).
+            return DeviceOutcome::Unreachable;
+        }
         if sent == 0 && pending == 0 && (only.is_none() || queued) {
             // No device took it: the network refused some, and no session
             // could be had with the rest (on a retry of a message no
@@ -824,7 +882,6 @@ impl Processor {
     }
 
     /// Make sure `peer` has a session, starting one from its bundle if not.
-    /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
     /// `Err(())`: try again later.
     async fn ensure_session(
         &self,
@@ -832,14 +889,14 @@ impl Processor {
         peer: PeerId,
         number: &PhoneNumber,
         expiry: Timestamp,
-    ) -> Result<bool, ()> {
+    ) -> Result<Session, ()> {
         if self
             .sessions
             .has_session(business, peer)
             .await
             .map_err(drop)?
         {
-            return Ok(true);
+            return Ok(Session::Had);
         }
         // Each bundle costs the device a one-time prekey: while another send
         // is starting a session with it, this one leaves the device for
@@ -854,7 +911,7 @@ impl Processor {
             .await
             .map_err(drop)?
         {
-            return Ok(true);
+            return Ok(Session::Started);
         }
         let bundle = match self
             .transport
@@ -862,7 +919,7 @@ impl Processor {
             .await
         {
             Ok(bundle) => bundle,
-            Err(TransportError::Refused(_)) => return Ok(false),
+            Err(TransportError::Refused(_)) => return Ok(Session::Unreachable),
             Err(_) => return Err(()),
         };
         match self
@@ -870,17 +927,27 @@ impl Processor {
             .start_session(business, peer, &bundle, expiry)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(_) => Ok(Session::Started),
             Err(SignalError::BadBundle(why)) => {
                 warn!(%business, device = peer.device, why, "refused a bad prekey bundle");
-                Ok(false)
+                Ok(Session::Unreachable)
             }
             // Another key than the one trusted, never taken from a bundle:
             // the device waits for its own message, or the business's trust.
-            Err(SignalError::UntrustedIdentity) => Ok(false),
+            Err(SignalError::UntrustedIdentity) => Ok(Session::Unreachable),
             Err(_) => Err(()),
         }
     }
+}
+
+/// What [`Processor::ensure_session`] found for a device.
+enum Session {
+    /// It had a session already.
+    Had,
+    /// One was started now (by this send, or by another meanwhile).
+    Started,
+    /// None can be had (a bad bundle, another identity key, refused).
+    Unreachable,
 }
 
 /// The devices a send is starting a session with (fetching a bundle), so

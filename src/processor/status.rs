@@ -150,12 +150,13 @@ impl Drop for Noted<'_> {
 
 /// The devices that still need a message once a device has it (a
 /// delivery report or a retry receipt says one did): those its recorded
-/// attempts left pending. On one still queued, no record says any device
-/// took it: an attempt reached one unrecorded (a crash, a send dropped
-/// before its bookkeeping, the transport's answer lost), perhaps on another
-/// device list than the one the devices left pending were on. Which devices
-/// it reached is unknown, so every device is; one that has the message
-/// drops the copy by its id.
+/// attempts left pending, which never had it (an overdue resend leaves no
+/// device that had the message pending, see `send_to_devices`). On one
+/// still queued, no record says any device took it: an attempt reached one
+/// unrecorded (a crash, a send dropped before its bookkeeping, the
+/// transport's answer lost), perhaps on another device list than the one
+/// the devices left pending were on. Which devices it reached is unknown,
+/// so every device is; one that has the message drops the copy by its id.
 fn still_pending(d: &Delivery) -> u64 {
     if d.status == Status::Queued {
         ALL_DEVICES
@@ -435,8 +436,13 @@ impl Processor {
     /// place of the one it lost (kept archived); a message still open is
     /// due for the device at once, in the same write, so nothing changes
     /// unless both land. A message delivered or read (another device
-    /// reported it) is sent to the device once more, best effort, with no
-    /// retry and nothing told the business. A receipt for another message
+    /// reported it) is sent to the device once more, nothing told the
+    /// business (its status stays); should that send fail for now, the
+    /// receipt is refused with the transport's error, its new session
+    /// kept, and the network hands it in again: a copy within the receipt
+    /// timeout goes over that session, fetching no bundle, until the
+    /// message goes out or expires (a receipt for a message past its
+    /// retention is ignored). A receipt for another message
     /// sent on the old session, within the receipt timeout of the new
     /// session, fetches no bundle: the message goes over the new one. A
     /// receipt while an attempt on the message is under way is refused for
@@ -598,15 +604,28 @@ impl Processor {
                 None => self.commit_batch(batch).await?,
             };
             if written {
-                noted.keep();
                 if bundle.is_some() {
                     self.receipts.restart(business, peer, now);
                     debug!("a new session was started on a retry receipt");
                 }
-                // Another device reported it: no retry is due to make.
-                if !d.status.is_open() && !self.resend_to_device(&record, body, device).await {
-                    debug!("a settled message was not taken for a retry receipt's device");
+                // Another device reported it: no retry is due to make for
+                // it, so the receipt is refused for now if the device
+                // cannot be sent it now (`noted` forgotten: the network
+                // hands it in again, and its copy goes over the session
+                // started now).
+                if !d.status.is_open() {
+                    match self.resend_to_device(&record, body, device).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            debug!("a settled message cannot be sent to a retry receipt's device");
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "a settled message could not be sent to a retry receipt's device now");
+                            return Err(e.into());
+                        }
+                    }
                 }
+                noted.keep();
                 return Ok(StatusChange::Applied);
             }
             // A report or an attempt moved the message on: again on what

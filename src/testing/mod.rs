@@ -135,7 +135,8 @@
 //!     clock: Arc::new(clock.clone()),
 //!     audit: Arc::new(MemoryAuditSink::new()),
 //! };
-//! // A lost ciphertext is sent again two minutes after it was sent.
+//! // A lost ciphertext is sent again two minutes after it was sent (then
+//! // 4, 8, 16… minutes after, while no delivery report comes).
 //! let delivery = DeliveryConfig {
 //!     receipt_timeout: Duration::from_secs(120),
 //!     ..DeliveryConfig::default()

@@ -150,8 +150,9 @@ struct Net {
     reported_by: BTreeMap<(BusinessId, MessageId), BTreeSet<u32>>,
     /// Messages whose delivery report the processor took.
     reported: BTreeSet<(BusinessId, MessageId)>,
-    /// Per message and device, whether the network accepted the last send.
-    last_send: BTreeMap<(BusinessId, MessageId, u32), bool>,
+    /// Per message, the devices the network accepted a send of it for (a
+    /// later send refused does not take the copy back).
+    accepted: BTreeSet<(BusinessId, MessageId, u32)>,
     /// Sends to a device the network had already accepted the message
     /// for, made after the processor took the message's delivery report
     /// (and not asked for by the device's retry receipt).
@@ -367,7 +368,7 @@ impl SimNetwork {
                 retries: Vec::new(),
                 reported_by: BTreeMap::new(),
                 reported: BTreeSet::new(),
-                last_send: BTreeMap::new(),
+                accepted: BTreeSet::new(),
                 resent_after_report: 0,
                 asked: BTreeSet::new(),
                 seq: 0,
@@ -774,13 +775,13 @@ impl SimNetwork {
         self.net.lock().await.in_flight()
     }
 
-    /// Sends of a message to a device whose previous send of it the
-    /// network had accepted, made after the processor took the message's
-    /// delivery report (every device had it by then). A processor that
-    /// honours delivery reports makes none: it may still retry a device
-    /// whose last send was refused, or one that asked for the message
-    /// again (a retry receipt: not counted), but it does not start another
-    /// round. With this at zero, every copy beyond the first that a device counts
+    /// Sends of a message to a device the network had accepted a send of
+    /// it for before (whatever sends were refused since), made after the
+    /// processor took the message's delivery report (every device had it
+    /// by then). A processor that honours delivery reports makes none: it
+    /// may still retry a device every send to which was refused (it never
+    /// had the message), or one that asked for the message again (a retry
+    /// receipt: not counted), but it does not start another round. With this at zero, every copy beyond the first that a device counts
     /// in [`received`](Self::received) was a retransmission the processor
     /// made before it knew the message was delivered.
     pub async fn resent_after_delivery(&self) -> u64 {
@@ -850,7 +851,6 @@ impl Transport for SimNetwork {
         let decision = net.faults.decide(Leg::Call, now);
         let key = (business, message.id, device);
         if decision.refused() {
-            net.last_send.insert(key, false);
             return Err(unavailable(decision));
         }
         let Some(known) = net.consumers.get(consumer.expose()) else {
@@ -859,7 +859,7 @@ impl Transport for SimNetwork {
         if !known.devices.contains_key(&device) {
             return Err(TransportError::Refused("no such device".into()));
         }
-        let accepted_before = net.last_send.insert(key, true) == Some(true);
+        let accepted_before = !net.accepted.insert(key);
         let asked = net.asked.remove(&key);
         if accepted_before && !asked && net.reported.contains(&(business, message.id)) {
             net.resent_after_report += 1;
@@ -929,5 +929,50 @@ impl Transport for SimNetwork {
             net.billing.push(statement.clone());
         }
         answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::{Ciphertext, MessageKind};
+
+    /// A send to a device the network accepted the message for before is
+    /// counted once the processor took the message's report, whatever
+    /// sends of it were refused in between. (A refused send reset the
+    /// device, so a processor that sent a device the message again after
+    /// the report, its copy of an overdue resend having failed, went
+    /// uncounted.)
+    #[tokio::test]
+    async fn a_send_after_the_report_counts_though_one_in_between_was_refused() {
+        let t = |secs: u64| Timestamp::from_millis(1_767_225_600_000 + secs * 1000);
+        let clock = ManualClock::new(t(0));
+        let faults = Faults {
+            outages: vec![(t(100), t(200))],
+            ..Faults::none()
+        };
+        let network = SimNetwork::new(clock.clone(), faults, 1).unwrap();
+        let number: PhoneNumber = "+447700900001".parse().unwrap();
+        network.add_consumer(&number, 1).await;
+        let business = BusinessId::new(7).unwrap();
+        let message = Outgoing {
+            id: MessageId::random(),
+            ciphertext: Ciphertext {
+                kind: MessageKind::FollowUp,
+                bytes: vec![1, 2, 3],
+            },
+        };
+        network.send(business, &number, 0, &message).await.unwrap();
+        clock.advance(Duration::from_secs(150));
+        assert!(network.send(business, &number, 0, &message).await.is_err());
+        clock.advance(Duration::from_secs(100));
+        network
+            .net
+            .lock()
+            .await
+            .reported
+            .insert((business, message.id));
+        network.send(business, &number, 0, &message).await.unwrap();
+        assert_eq!(network.resent_after_delivery().await, 1);
     }
 }
