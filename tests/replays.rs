@@ -258,6 +258,23 @@ proptest! {
     }
 }
 
+/// A processor for `world`'s business, a consumer device that started its
+/// session from a bundle without a one-time prekey, and its first message,
+/// delivered.
+async fn first_contact_without_a_one_time_prekey(
+    world: &World,
+) -> (Processor, ConsumerDevice, Ciphertext) {
+    let (b, owner) = (world.id, &world.owner);
+    let processor = world.processor();
+    processor.publish_keys(owner, b).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    let bundle = world.network.published().unwrap().bundle(None);
+    device.start_session(b, &bundle).await.unwrap();
+    let first = device.encrypt(b, b"pay 100 to Bob").await.unwrap();
+    deliver(&processor, owner, b, &first).await;
+    (processor, device, first)
+}
+
 /// A consumer's first message that used no one-time prekey (the network
 /// served a bundle without one), handed in again as another consumer's,
 /// is a duplicate while its copy is stored: nothing is delivered, and no
@@ -268,13 +285,7 @@ proptest! {
 async fn a_first_contact_replayed_as_another_consumer_is_a_duplicate() {
     let world = World::new();
     let (b, owner) = (world.id, &world.owner);
-    let processor = world.processor();
-    processor.publish_keys(owner, b).await.unwrap();
-    let mut device = ConsumerDevice::new(0);
-    let bundle = world.network.published().unwrap().bundle(None);
-    device.start_session(b, &bundle).await.unwrap();
-    let first = device.encrypt(b, b"pay 100 to Bob").await.unwrap();
-    deliver(&processor, owner, b, &first).await;
+    let (processor, _, first) = first_contact_without_a_one_time_prekey(&world).await;
 
     let someone_else = Inbound {
         from: "+447700900124".parse().unwrap(),
@@ -297,13 +308,7 @@ async fn a_first_contact_replayed_with_its_base_key_reencoded_is_refused() {
     const DAY: Duration = Duration::from_secs(86_400);
     let world = World::new();
     let (b, owner) = (world.id, &world.owner);
-    let processor = world.processor();
-    processor.publish_keys(owner, b).await.unwrap();
-    let mut device = ConsumerDevice::new(0);
-    let bundle = world.network.published().unwrap().bundle(None);
-    device.start_session(b, &bundle).await.unwrap();
-    let first = device.encrypt(b, b"pay 100 to Bob").await.unwrap();
-    deliver(&processor, owner, b, &first).await;
+    let (processor, mut device, first) = first_contact_without_a_one_time_prekey(&world).await;
     world.clock.advance(20 * DAY);
     let later = device.encrypt(b, b"thanks").await.unwrap();
     deliver(&processor, owner, b, &later).await;

@@ -38,6 +38,19 @@ fn business(id: u64) -> BusinessId {
     BusinessId::new(id).unwrap()
 }
 
+/// The default policy with `b`'s messages (both directions) kept `period`.
+fn kept_for(b: BusinessId, period: Duration) -> RetentionPolicy {
+    RetentionPolicy::default()
+        .with_business(
+            b,
+            BusinessRetention {
+                periods: Periods::both(period),
+                region: None,
+            },
+        )
+        .unwrap()
+}
+
 // ---- policy ---------------------------------------------------------------
 
 #[test]
@@ -275,15 +288,7 @@ fn evaluate_keeps_until_expiry_then_purges_unless_held() {
 #[test]
 fn a_shortened_period_applies_at_once_to_messages_already_stored() {
     let r = facts(T0, T0 + CEILING.as_millis() as u64);
-    let shorter = RetentionPolicy::default()
-        .with_business(
-            business(1),
-            BusinessRetention {
-                periods: Periods::both(DAY),
-                region: None,
-            },
-        )
-        .unwrap();
+    let shorter = kept_for(business(1), DAY);
     let just_after = Timestamp::from_millis(T0 + DAY.as_millis() as u64);
     assert_eq!(
         evaluate(&r, just_after, &shorter, &[]),
@@ -573,15 +578,7 @@ async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_swe
         let w = World::on(backend, 3);
         let b = business(1);
         let arrived = w.retention.admit();
-        let shorter = RetentionPolicy::default()
-            .with_business(
-                b,
-                BusinessRetention {
-                    periods: Periods::both(DAY),
-                    region: None,
-                },
-            )
-            .unwrap();
+        let shorter = kept_for(b, DAY);
         w.retention
             .set_policy(shorter, "operator", w.now())
             .unwrap();
@@ -1360,15 +1357,7 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
 async fn held_consumer_whose_signal_record_outlived_its_message(w: &World) -> (Stored, Stored) {
     let b = business(1);
     let first = w.store(b, 1, Direction::Inbound, false).await;
-    let shorter = RetentionPolicy::default()
-        .with_business(
-            b,
-            BusinessRetention {
-                periods: Periods::both(DAY),
-                region: None,
-            },
-        )
-        .unwrap();
+    let shorter = kept_for(b, DAY);
     w.retention
         .set_policy(shorter, "operator", w.now())
         .unwrap();
