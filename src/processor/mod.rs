@@ -221,8 +221,10 @@ pub struct DeliveryConfig {
     /// resend: resent at 1, 2, 4, 8… times this after its first send), at
     /// least this and at most [`MAX_RECEIPT_WAIT`] (or this, if longer).
     /// A consumer whose phone stays off is sent a message some
-    /// `log2(MAX_RECEIPT_WAIT / receipt_timeout)` times in its first day,
-    /// then once a day until it expires.
+    /// `log2(MAX_RECEIPT_WAIT / receipt_timeout)` times in its first six
+    /// hours or so, then every six hours until it expires (some 120 times
+    /// over 30 days with the defaults, where a fixed wait of an hour sent
+    /// it 720).
     pub receipt_timeout: Duration,
     /// Messages handled per [`Processor::retransmit_due`] call.
     pub batch: usize,
@@ -274,8 +276,9 @@ impl DeliveryConfig {
 
 /// The longest a message sent again waits for its delivery report before
 /// it is sent once more (unless [`DeliveryConfig::receipt_timeout`] is
-/// longer): a day.
-pub const MAX_RECEIPT_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// longer): six hours, so that a message whose reports were lost still
+/// arrives within hours, not days.
+pub const MAX_RECEIPT_WAIT: Duration = Duration::from_secs(6 * 3600);
 
 /// Every policy and setting, with the published defaults.
 #[derive(Debug, Clone, Default)]
