@@ -781,7 +781,8 @@ impl SimNetwork {
     /// by then). A processor that honours delivery reports makes none: it
     /// may still retry a device every send to which was refused (it never
     /// had the message), or one that asked for the message again (a retry
-    /// receipt: not counted), but it does not start another round. With this at zero, every copy beyond the first that a device counts
+    /// receipt: not counted), but it does not start another round. With
+    /// this at zero, every copy beyond the first that a device counts
     /// in [`received`](Self::received) was a retransmission the processor
     /// made before it knew the message was delivered.
     pub async fn resent_after_delivery(&self) -> u64 {
