@@ -1573,3 +1573,57 @@ fn a_failed_sweep_never_deletes_what_a_hold_keeps() {
         failed.is_empty()
     }));
 }
+
+/// A consumer's first message that used no one-time prekey is received
+/// (counted once); in the same millisecond its replay is handed in as
+/// another number's, decrypts in a new session for that number (the id
+/// names no sender), and the write storing it fails before landing. The
+/// failed receive counts nothing: the message stored under the id is the
+/// first receive's, from another number. (It was counted received from
+/// the replay's number, which never wrote: the stored record's time
+/// matched, and its sender was not compared.)
+#[test]
+fn a_failed_replay_as_another_number_is_not_counted_received() {
+    runtime().block_on(async {
+        for n in 1..MAX_CALLS {
+            let d = Deployment::new(Faults::none(), Faults::none()).await;
+            let keys = d.transport.published.lock().unwrap().clone().unwrap();
+            let mut device = ConsumerDevice::new(1);
+            device.start_session(d.b, &keys.bundle(None)).await.unwrap();
+            let message = device.encrypt(d.b, b"first").await.unwrap();
+            let real = Inbound {
+                from: consumer(1),
+                device: 1,
+                message: message.clone(),
+            };
+            assert!(!d.receive(real).await.unwrap().duplicate);
+            assert_eq!(received_counted(&d).await, 1);
+
+            d.faults.set(Plan {
+                at: n,
+                seams: Seams::Store,
+                strike: Strike::Before,
+                outage: false,
+            });
+            let replay = Inbound {
+                from: consumer(3),
+                device: 1,
+                message,
+            };
+            let got = d.receive(replay).await;
+            let failed = d.faults.lift();
+            assert!(!failed.is_empty(), "no call struck: {got:?}");
+            if failed[0] != ("commit", Strike::Before) {
+                continue;
+            }
+            assert!(got.is_err(), "{got:?}");
+            assert_eq!(
+                received_counted(&d).await,
+                1,
+                "the failed replay under another number was counted received ({got:?})"
+            );
+            return;
+        }
+        panic!("the replay's storing write was never reached");
+    });
+}

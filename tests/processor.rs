@@ -2299,6 +2299,10 @@ struct Scripted {
     /// Every send the network took: message, device, and whether after a
     /// delivery report.
     sends: Mutex<Vec<(MessageId, u32, bool)>>,
+    /// Bundle requests made, per device (review).
+    bundles: Mutex<BTreeMap<u32, u32>>,
+    /// Sends to these devices never finish (review).
+    stalled: Mutex<BTreeSet<u32>>,
 }
 
 #[async_trait::async_trait]
@@ -2315,6 +2319,7 @@ impl Transport for Scripted {
         c: &PhoneNumber,
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
+        *self.bundles.lock().unwrap().entry(device).or_insert(0) += 1;
         if self.armed.swap(false, Ordering::SeqCst) {
             let processor = self.processor.get().unwrap().upgrade().unwrap();
             let message = Outbound {
@@ -2349,6 +2354,9 @@ impl Transport for Scripted {
         }
         if self.failing.lock().unwrap().contains(&device) {
             return Err(TransportError::Unavailable("scripted".into()));
+        }
+        if self.stalled.lock().unwrap().contains(&device) {
+            std::future::pending::<()>().await;
         }
         let after = self.reported.load(Ordering::SeqCst);
         self.sends.lock().unwrap().push((m.id, device, after));
@@ -2404,6 +2412,8 @@ impl ScriptedDeployment {
             report_in_send: Mutex::default(),
             reported: AtomicBool::new(false),
             sends: Mutex::default(),
+            bundles: Mutex::default(),
+            stalled: Mutex::default(),
         });
         let business = SimBusiness::new(clock.clone(), Faults::none(), 4).unwrap();
         let host = Host {
@@ -2594,34 +2604,6 @@ async fn a_report_after_an_overdue_resend_missed_a_device_has_it_sent_no_more() 
     assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
 }
 
-/// A device linked after a message was sent, listed first by its overdue
-/// resend, never had it: a report during that resend does not keep it
-/// from the message, and its copy, failed for now, is sent once the
-/// network is back; the devices that had it are not sent it again.
-/// (Every device the resend had not reached by the report was left out,
-/// the new one included: it never got the message.)
-#[tokio::test]
-async fn a_device_linked_since_is_sent_the_message_after_a_report_during_its_resend() {
-    let d = ScriptedDeployment::new(3).await;
-    d.transport.unlinked.lock().unwrap().insert(2);
-    let id = d.send(b"your order shipped").await;
-    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
-    // Device 2 is linked; device 0's resend brings in the report, device
-    // 2's fails for now.
-    d.transport.unlinked.lock().unwrap().clear();
-    d.transport.failing.lock().unwrap().insert(2);
-    *d.transport.report_in_send.lock().unwrap() = Some((0, Status::Delivered));
-    d.retransmit_after(121).await;
-    assert_eq!(d.status(id).await, (Status::Delivered, None));
-    d.transport.failing.lock().unwrap().clear();
-    for _ in 0..5 {
-        d.retransmit_after(60).await;
-    }
-    // Device 0's send is the one that brought the report.
-    assert_eq!(d.sends(id).1, BTreeMap::from([(0, 1), (2, 1)]));
-    assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
-}
-
 /// A message to a consumer whose phone stays off (the network takes it,
 /// no delivery report comes) waits longer for its report each time it is
 /// sent again: a day holds a dozen copies, not one per receipt timeout,
@@ -2691,4 +2673,128 @@ async fn a_settled_messages_send_for_a_retry_receipt_is_retried_until_it_goes_ou
     // The report came before the send's own record: delivered is all it
     // was told.
     assert_eq!(d.told(again), vec![Status::Delivered]);
+}
+
+/// A retry receipt on a message another device reported delivered, whose
+/// send to the receipt's device keeps failing for now, is refused each
+/// time the network hands it in, and fetches one bundle in all: its copies
+/// go over the session the first started. (Each copy handed in after the
+/// receipt timeout fetched a bundle, a one-time prekey of the device, and
+/// replaced the session again.)
+#[tokio::test]
+async fn a_refused_retry_receipt_fetches_one_bundle_however_often_it_is_handed_in() {
+    let d = ScriptedDeployment::new(2).await;
+    let id = d.send(b"your order shipped").await;
+    let carrier = &d.transport.carrier;
+    d.processor
+        .status_update(carrier, d.b, id, Status::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(d.status(id).await, (Status::Delivered, None));
+    // Device 1 lost its session and asks again; sends to it fail for now
+    // (its phone is off), for a while. The network hands the receipt in
+    // again every so often (here every receipt timeout and a second).
+    d.transport.failing.lock().unwrap().insert(1);
+    let before = d
+        .transport
+        .bundles
+        .lock()
+        .unwrap()
+        .get(&1)
+        .copied()
+        .unwrap_or(0);
+    let mut refused = 0;
+    for _ in 0..10 {
+        if d.processor
+            .retry_receipt(carrier, d.b, id, 1)
+            .await
+            .is_err()
+        {
+            refused += 1;
+        }
+        d.clock.advance(Duration::from_secs(121));
+    }
+    let fetched = d
+        .transport
+        .bundles
+        .lock()
+        .unwrap()
+        .get(&1)
+        .copied()
+        .unwrap_or(0)
+        - before;
+    assert_eq!(
+        refused, 10,
+        "the receipt is refused while the device cannot be sent to"
+    );
+    assert!(
+        fetched <= 1,
+        "one retry receipt, handed in again {refused} times, fetched {fetched} bundles \
+         (one-time prekeys) of device 1"
+    );
+}
+
+/// A message whose first send reaches one device at once and the other
+/// only after an hour of retries waits the receipt timeout for its report
+/// once every device has it, as after any first send. (It waited as long
+/// as it had lived, an hour: every attempt on a message no longer queued
+/// was taken for an overdue resend.)
+#[tokio::test]
+async fn a_first_send_finished_by_retries_waits_the_receipt_timeout() {
+    let d = ScriptedDeployment::new(2).await;
+    d.transport.failing.lock().unwrap().insert(1);
+    let id = d.send(b"your order shipped").await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1)]));
+    // Device 1 is retried for an hour (its sends failing), then reached.
+    for _ in 0..60 {
+        d.retransmit_after(60).await;
+    }
+    d.transport.failing.lock().unwrap().clear();
+    d.retransmit_after(60).await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
+    // No report comes: the receipt timeout (two minutes) and a little more.
+    for _ in 0..5 {
+        d.retransmit_after(60).await;
+    }
+    assert_eq!(
+        d.sends(id).0.get(&0),
+        Some(&2),
+        "five minutes after its first send reached every device, with no report, \
+         the message was not sent again (receipt timeout: two minutes)"
+    );
+}
+
+/// An overdue resend dropped after it reached device 0 but before device 1
+/// (its caller gone, the send to device 1 never returning) leaves no
+/// device pending: the consumer's report then has no device sent the
+/// message again. (Device 1, which had it from the first send, was left
+/// pending, and sent it again after the report.)
+#[tokio::test]
+async fn a_dropped_overdue_resend_has_no_device_sent_the_message_after_the_report() {
+    let d = ScriptedDeployment::new(2).await;
+    let id = d.send(b"your order shipped").await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
+    // The overdue resend reaches device 0, then hangs on device 1, and its
+    // caller gives up on it.
+    d.transport.stalled.lock().unwrap().insert(1);
+    d.clock.advance(Duration::from_secs(121));
+    let resend = d.processor.retransmit_due(&d.operator);
+    assert!(within(Duration::from_secs(2), resend).await.is_none());
+    d.transport.stalled.lock().unwrap().clear();
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 2), (1, 1)]));
+    // The consumer's report comes in.
+    let carrier = &d.transport.carrier;
+    d.processor
+        .status_update(carrier, d.b, id, Status::Delivered)
+        .await
+        .unwrap();
+    d.transport.reported.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        d.retransmit_after(60).await;
+    }
+    assert_eq!(
+        d.sends(id).1,
+        BTreeMap::new(),
+        "a device that had the message was sent it again after the consumer's report"
+    );
 }

@@ -55,8 +55,7 @@ impl Claims {
 
     /// Note that a delivery report was applied to `id`, for the attempt
     /// under way on it, if any: an attempt sending the message again to
-    /// every device (its receipt overdue) sends it to no more of those
-    /// that had it.
+    /// every device (its receipt overdue) sends it to no more of them.
     pub(super) fn note_report(&self, business: BusinessId, id: MessageId) {
         let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(reported) = claimed.get_mut(&(business, id)) {
@@ -321,7 +320,7 @@ impl Processor {
                     owing.owed = None;
                     // Stored by the failed write, or by an earlier receive
                     // (counted by it) whose replay's write was refused.
-                    if stored.is_some_and(|stored| stored.created == at) {
+                    if stored.is_some_and(|stored| stored.phone == phone && stored.created == at) {
                         self.count_received(business, phone, at);
                     }
                 }

@@ -233,7 +233,7 @@ impl Processor {
 
     /// Count message `id`, received from `phone` at `at`, whose storing
     /// write failed, if the write landed all the same (its answer lost):
-    /// the store then has it, stored at `at` (a message stored by an
+    /// the store then has it, from `phone`, stored at `at` (a message stored by an
     /// earlier receive, whose replay's write the store refused, carries
     /// that receive's time, and was counted by it). Should the store not
     /// say, the count is owed ([`Owed::CountReceived`]), and made when the
@@ -251,7 +251,7 @@ impl Processor {
         match self.storage.message(business, id).await {
             Ok(stored) => {
                 owing.owed = None;
-                if stored.is_some_and(|stored| stored.created == at) {
+                if stored.is_some_and(|stored| stored.phone == phone && stored.created == at) {
                     warn!(%business, %id, "the store failed the write storing a received message, but has it: counted");
                     self.count_received(business, phone, at);
                 }

@@ -621,14 +621,16 @@ impl Processor {
     ) -> Delivery {
         let attempts = current.attempts.saturating_add(1);
         let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
-        // Sent for the first time, it waits the receipt timeout for its
-        // report; sent again, as long as it has lived (see
+        // Sent for the first time (its last devices perhaps only by retries),
+        // it waits the receipt timeout for its report; sent again to every
+        // device, its report overdue, as long as it has lived (see
         // `DeliveryConfig::receipt_timeout`).
-        let wait = if current.status == Status::Queued {
-            self.delivery.receipt_timeout
-        } else {
+        let overdue = current.status == Status::Sent && current.pending_devices == 0;
+        let wait = if overdue {
             self.delivery
                 .receipt_wait(now.saturating_duration_since(created))
+        } else {
+            self.delivery.receipt_timeout
         };
         match outcome {
             // Settled meanwhile with no device left to send to: nothing to
@@ -782,45 +784,44 @@ impl Processor {
             .iter()
             .map(|&device| (device, Delivery::device_bit(device)))
             .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0));
-        reached.list(wanted.clone().map(|(_, bit)| bit));
-        let payload = Zeroizing::new(device_payload(record.id, &body.content));
-        let mut refused = false;
-        // Sent again to every device, its receipt overdue. A device with a
-        // session already is taken to have been sent the message before
-        // (sending needs one, and a consumer's sessions are kept while a
-        // message to them lives): once a report says the consumer has it,
-        // such a device is not sent it again, and one whose copy fails now
-        // is not left pending (a report would not drop it: it would be sent
-        // the message after the report), but sent it with the next overdue
-        // resend, if no report comes first. A device with no session
-        // (linked since) never had it: it is sent it, and left pending if
-        // that fails, as on any attempt. (One linked since that was written
-        // to over a session of its own counts as having it: it gets the
-        // message with the next overdue resend, unless a report comes
-        // first.)
+        // Sent again to every device, its report overdue: the devices had
+        // it (as far as the record tells), so once a report says the
+        // consumer has it, no more of them are sent it again, and none whose
+        // copy fails now is left pending (a report would not drop it: it
+        // would be sent the message after the report). They are all sent it
+        // again with the next overdue resend, unless a report comes first;
+        // if none took it now, the resend is made again after a backoff. (A
+        // device linked since the message was sent never had it, but is
+        // not told apart: with a report in first, it does not get it.)
         let again = !queued && only.is_none();
-        let mut missed = false;
+        if !again {
+            reached.list(wanted.clone().map(|(_, bit)| bit));
+        }
+        let payload = Zeroizing::new(device_payload(record.id, &body.content));
+        let (mut refused, mut missed) = (false, false);
         for (device, bit) in wanted {
+            if again && self.claims.reported(business, record.id) {
+                reached.settle(bit);
+                continue;
+            }
             let peer = PeerId {
                 phone: record.phone,
                 device,
             };
-            let had_it = match self
+            match self
                 .ensure_session(business, peer, &number, record.expiry)
                 .await
             {
-                Ok(Session::Had) => again,
-                Ok(Session::Started) => false,
-                Ok(Session::Unreachable) => {
+                Ok(true) => {}
+                Ok(false) => {
                     reached.settle(bit);
                     continue;
                 }
                 // Pending: tried again later.
-                Err(()) => continue,
-            };
-            if had_it && self.claims.reported(business, record.id) {
-                reached.settle(bit);
-                continue;
+                Err(()) => {
+                    missed = true;
+                    continue;
+                }
             }
             let ciphertext = match self
                 .sessions
@@ -830,10 +831,7 @@ impl Processor {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(%business, id = %record.id, device, error = %e, "encrypt failed");
-                    if had_it {
-                        reached.settle(bit);
-                        missed = true;
-                    }
+                    missed = true;
                     continue;
                 }
             };
@@ -854,18 +852,11 @@ impl Processor {
                     refused = true;
                     reached.settle(bit);
                 }
-                Err(_) if had_it => {
-                    reached.settle(bit);
-                    missed = true;
-                }
-                Err(_) => {}
+                Err(_) => missed = true,
             }
         }
         let (sent, pending) = (reached.sent, reached.pending());
-        if sent == 0 && missed {
-            // Sent again to no device, some of them unavailable for now:
-            // the whole resend is tried again after a backoff (a report
-            // meanwhile settles it).
+        if again && sent == 0 && missed {
             return DeviceOutcome::Unreachable;
         }
         if sent == 0 && pending == 0 && (only.is_none() || queued) {
@@ -882,6 +873,7 @@ impl Processor {
     }
 
     /// Make sure `peer` has a session, starting one from its bundle if not.
+    /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
     /// `Err(())`: try again later.
     async fn ensure_session(
         &self,
@@ -889,14 +881,14 @@ impl Processor {
         peer: PeerId,
         number: &PhoneNumber,
         expiry: Timestamp,
-    ) -> Result<Session, ()> {
+    ) -> Result<bool, ()> {
         if self
             .sessions
             .has_session(business, peer)
             .await
             .map_err(drop)?
         {
-            return Ok(Session::Had);
+            return Ok(true);
         }
         // Each bundle costs the device a one-time prekey: while another send
         // is starting a session with it, this one leaves the device for
@@ -911,7 +903,7 @@ impl Processor {
             .await
             .map_err(drop)?
         {
-            return Ok(Session::Started);
+            return Ok(true);
         }
         let bundle = match self
             .transport
@@ -919,7 +911,7 @@ impl Processor {
             .await
         {
             Ok(bundle) => bundle,
-            Err(TransportError::Refused(_)) => return Ok(Session::Unreachable),
+            Err(TransportError::Refused(_)) => return Ok(false),
             Err(_) => return Err(()),
         };
         match self
@@ -927,27 +919,17 @@ impl Processor {
             .start_session(business, peer, &bundle, expiry)
             .await
         {
-            Ok(_) => Ok(Session::Started),
+            Ok(_) => Ok(true),
             Err(SignalError::BadBundle(why)) => {
                 warn!(%business, device = peer.device, why, "refused a bad prekey bundle");
-                Ok(Session::Unreachable)
+                Ok(false)
             }
             // Another key than the one trusted, never taken from a bundle:
             // the device waits for its own message, or the business's trust.
-            Err(SignalError::UntrustedIdentity) => Ok(Session::Unreachable),
+            Err(SignalError::UntrustedIdentity) => Ok(false),
             Err(_) => Err(()),
         }
     }
-}
-
-/// What [`Processor::ensure_session`] found for a device.
-enum Session {
-    /// It had a session already.
-    Had,
-    /// One was started now (by this send, or by another meanwhile).
-    Started,
-    /// None can be had (a bad bundle, another identity key, refused).
-    Unreachable,
 }
 
 /// The devices a send is starting a session with (fetching a bundle), so

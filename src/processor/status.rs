@@ -102,11 +102,23 @@ impl Receipts {
             .is_some_and(|&until| now < until)
     }
 
-    /// A receipt started `peer` a new session at `now`.
+    /// A receipt started `peer` a new session at `now` (or a message went
+    /// over the one it started).
     fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp) {
         let mut restarted = lock(&self.restarted);
         restarted.retain(|_, until| now < *until);
         restarted.insert((business, peer), now.saturating_add(self.window));
+    }
+
+    /// The message a receipt asked for could not be sent to `peer` now over
+    /// the session the receipt started: the session counts as started
+    /// lately until `until` (the message's expiry) or until a message goes
+    /// over it, so that the receipt, handed in again, fetches no other
+    /// bundle (each costs the device a one-time prekey).
+    fn hold_restart(&self, business: BusinessId, peer: PeerId, until: Timestamp) {
+        let mut restarted = lock(&self.restarted);
+        let held = restarted.entry((business, peer)).or_insert(until);
+        *held = (*held).max(until);
     }
 }
 
@@ -150,13 +162,12 @@ impl Drop for Noted<'_> {
 
 /// The devices that still need a message once a device has it (a
 /// delivery report or a retry receipt says one did): those its recorded
-/// attempts left pending, which never had it (an overdue resend leaves no
-/// device that had the message pending, see `send_to_devices`). On one
-/// still queued, no record says any device took it: an attempt reached one
-/// unrecorded (a crash, a send dropped before its bookkeeping, the
-/// transport's answer lost), perhaps on another device list than the one
-/// the devices left pending were on. Which devices it reached is unknown,
-/// so every device is; one that has the message drops the copy by its id.
+/// attempts left pending. On one still queued, no record says any device
+/// took it: an attempt reached one unrecorded (a crash, a send dropped
+/// before its bookkeeping, the transport's answer lost), perhaps on another
+/// device list than the one the devices left pending were on. Which devices
+/// it reached is unknown, so every device is; one that has the message
+/// drops the copy by its id.
 fn still_pending(d: &Delivery) -> u64 {
     if d.status == Status::Queued {
         ALL_DEVICES
@@ -439,10 +450,11 @@ impl Processor {
     /// reported it) is sent to the device once more, nothing told the
     /// business (its status stays); should that send fail for now, the
     /// receipt is refused with the transport's error, its new session
-    /// kept, and the network hands it in again: a copy within the receipt
-    /// timeout goes over that session, fetching no bundle, until the
-    /// message goes out or expires (a receipt for a message past its
-    /// retention is ignored). A receipt for another message
+    /// kept, and the network hands it in again: each copy goes over that
+    /// session, fetching no other bundle, until the message goes out or
+    /// expires (a receipt for a message past its retention is ignored; a
+    /// restarted processor, which forgets the session was the receipt's,
+    /// fetches one more). A receipt for another message
     /// sent on the old session, within the receipt timeout of the new
     /// session, fetches no bundle: the message goes over the new one. A
     /// receipt while an attempt on the message is under way is refused for
@@ -615,12 +627,20 @@ impl Processor {
                 // started now).
                 if !d.status.is_open() {
                     match self.resend_to_device(&record, body, device).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            debug!("a settled message cannot be sent to a retry receipt's device");
+                        Ok(sent) => {
+                            if !sent {
+                                debug!(
+                                    "a settled message cannot be sent to a retry receipt's device"
+                                );
+                            }
+                            // A session held for the receipt is let go.
+                            if bundle.is_none() {
+                                self.receipts.restart(business, peer, now);
+                            }
                         }
                         Err(e) => {
                             debug!(error = %e, "a settled message could not be sent to a retry receipt's device now");
+                            self.receipts.hold_restart(business, peer, record.expiry);
                             return Err(e.into());
                         }
                     }
