@@ -2466,6 +2466,17 @@ impl ScriptedDeployment {
             .unwrap()
     }
 
+    /// The consumer's delivery report of `id` comes in (sends from now on
+    /// are logged as made after it).
+    async fn report_delivered(&self, id: MessageId) {
+        let carrier = &self.transport.carrier;
+        self.processor
+            .status_update(carrier, self.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        self.transport.reported.store(true, Ordering::SeqCst);
+    }
+
     /// `secs` on, the retransmission loop runs once.
     async fn retransmit_after(&self, secs: u64) {
         self.clock.advance(Duration::from_secs(secs));
@@ -2586,13 +2597,7 @@ async fn a_report_after_an_overdue_resend_missed_a_device_has_it_sent_no_more() 
     d.transport.failing.lock().unwrap().insert(0);
     d.retransmit_after(121).await;
     d.transport.failing.lock().unwrap().clear();
-    // The late report.
-    let carrier = &d.transport.carrier;
-    d.processor
-        .status_update(carrier, d.b, id, Status::Delivered)
-        .await
-        .unwrap();
-    d.transport.reported.store(true, Ordering::SeqCst);
+    d.report_delivered(id).await;
     for _ in 0..5 {
         d.retransmit_after(60).await;
     }
@@ -2685,12 +2690,9 @@ async fn a_settled_messages_send_for_a_retry_receipt_is_retried_until_it_goes_ou
 async fn a_refused_retry_receipt_fetches_one_bundle_however_often_it_is_handed_in() {
     let d = ScriptedDeployment::new(2).await;
     let id = d.send(b"your order shipped").await;
-    let carrier = &d.transport.carrier;
-    d.processor
-        .status_update(carrier, d.b, id, Status::Delivered)
-        .await
-        .unwrap();
+    d.report_delivered(id).await;
     assert_eq!(d.status(id).await, (Status::Delivered, None));
+    let carrier = &d.transport.carrier;
     // Device 1 lost its session and asks again; sends to it fail for now
     // (its phone is off), for a while. The network hands the receipt in
     // again every so often (here every receipt timeout and a second).
@@ -2783,12 +2785,7 @@ async fn a_dropped_overdue_resend_has_no_device_sent_the_message_after_the_repor
     d.transport.stalled.lock().unwrap().clear();
     assert_eq!(d.sends(id).0, BTreeMap::from([(0, 2), (1, 1)]));
     // The consumer's report comes in.
-    let carrier = &d.transport.carrier;
-    d.processor
-        .status_update(carrier, d.b, id, Status::Delivered)
-        .await
-        .unwrap();
-    d.transport.reported.store(true, Ordering::SeqCst);
+    d.report_delivered(id).await;
     for _ in 0..5 {
         d.retransmit_after(60).await;
     }
