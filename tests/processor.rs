@@ -18,6 +18,7 @@ use custodian::processor::{
     DeliveryConfig, Host, MAX_CONTENT_LEN, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor,
     ProcessorError, StatusChange,
 };
+use custodian::retention::HoldError;
 use custodian::signal::{IdentityPolicy, PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{FailureReason, HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{Faults, Leg, SimBusiness, SimNetwork};
@@ -2259,6 +2260,43 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
     d.run(Duration::from_secs(600), Duration::from_secs(60))
         .await;
     d.assert_delivered(b, after).await;
+}
+
+/// While a legal hold covers a consumer, approving a changed identity key
+/// is refused and forgets nothing (its Signal record is kept for the case);
+/// once the hold is released, the approval goes through. (The record,
+/// session and trusted identity were deleted under the hold.)
+#[tokio::test]
+async fn approving_a_new_identity_is_refused_while_a_hold_covers_the_consumer() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.welcomed(b, &number(1)).await;
+    let scope = HoldScope::Business(b);
+    d.processor
+        .place_hold(&d.operator, scope, "case-1")
+        .await
+        .unwrap();
+    let refused = d
+        .processor
+        .trust_new_identity(d.owner(b), b, &number(1), 0)
+        .await;
+    assert!(
+        matches!(refused, Err(ProcessorError::Hold(HoldError::ConsumerHeld))),
+        "{refused:?}"
+    );
+    assert_eq!(d.processor.census(&d.operator).await.unwrap().peers, 1);
+    d.processor
+        .release_hold(&d.operator, scope, "case-1")
+        .await
+        .unwrap();
+    assert!(
+        d.processor
+            .trust_new_identity(d.owner(b), b, &number(1), 0)
+            .await
+            .unwrap()
+    );
+    assert_eq!(d.processor.census(&d.operator).await.unwrap().peers, 0);
 }
 
 /// `future`'s output, or `None` if it has not finished after `limit` of

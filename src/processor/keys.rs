@@ -45,7 +45,11 @@ impl Processor {
     /// presents (its next first-contact message, or the bundle the
     /// transport serves for the next send) is trusted on first use. Nothing
     /// here checks that key: confirm the security code out of band first.
-    /// Returns whether the device had state.
+    /// Refused as [`HoldError::ConsumerHeld`] while a legal hold covers
+    /// the consumer (its state is kept for the case). Returns whether the
+    /// device had state.
+    ///
+    /// [`HoldError::ConsumerHeld`]: crate::retention::HoldError::ConsumerHeld
     pub async fn trust_new_identity(
         &self,
         principal: &Principal,
@@ -59,9 +63,14 @@ impl Processor {
             return Ok(false);
         };
         let reset = self
-            .sessions
-            .reset_device(business, PeerId { phone, device })
-            .await?;
+            .retention
+            .unless_held(
+                business,
+                phone,
+                self.sessions
+                    .reset_device(business, PeerId { phone, device }),
+            )
+            .await??;
         info!(%business, device, "a changed identity key was approved");
         Ok(reset)
     }

@@ -53,7 +53,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::ids::{BusinessId, Region};
+use crate::ids::{BusinessId, PhoneHash, Region};
 use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
 use crate::time::Timestamp;
@@ -90,6 +90,10 @@ pub enum HoldError {
     /// nothing was destroyed.
     #[error("a legal hold covers a record of that epoch")]
     Held,
+    /// A legal hold covers the consumer whose state the call would forget:
+    /// nothing was forgotten.
+    #[error("a legal hold covers the consumer")]
+    ConsumerHeld,
     /// The key hierarchy failed.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -451,6 +455,29 @@ impl Retention {
             .keys
             .destroy_epoch_unchecked(business, epoch, now)
             .await?)
+    }
+
+    /// Await `forget`, which forgets state about `phone` of `business`,
+    /// unless a legal hold covers it (refused as
+    /// [`HoldError::ConsumerHeld`], `forget` not run): under the hold gate,
+    /// so that no hold is placed between the check and the forgetting.
+    pub(crate) async fn unless_held<T>(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        forget: impl Future<Output = T>,
+    ) -> Result<T, HoldError> {
+        let _gate = self.hold_gate.lock(&*self.storage).await?;
+        if self
+            .storage
+            .holds()
+            .await?
+            .iter()
+            .any(|hold| hold.scope.covers(business, phone))
+        {
+            return Err(HoldError::ConsumerHeld);
+        }
+        Ok(forget.await)
     }
 
     /// The legal holds in force.
