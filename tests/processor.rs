@@ -2521,6 +2521,14 @@ impl ScriptedDeployment {
         self.processor.retransmit_due(&self.operator).await.unwrap();
     }
 
+    /// Each minute for `minutes`, the retransmission loop runs (the
+    /// network is not pumped).
+    async fn retransmit_each_minute(&self, minutes: u64) {
+        for _ in 0..minutes {
+            self.retransmit_after(60).await;
+        }
+    }
+
     /// Every `step` seconds for `secs`, the network is pumped and the
     /// retransmission loop run.
     async fn run(&self, secs: u64, step: u64) {
@@ -2610,9 +2618,7 @@ async fn report_during_an_overdue_resend(d: ScriptedDeployment) {
     assert_eq!(d.told(id), vec![Status::Sent, Status::Delivered]);
     // The network is back; the world goes on a while.
     d.transport.failing.lock().unwrap().clear();
-    for _ in 0..5 {
-        d.retransmit_after(60).await;
-    }
+    d.retransmit_each_minute(5).await;
     // Device 1's send is the one that brought the report.
     assert_eq!(
         d.sends(id).1,
@@ -2636,9 +2642,7 @@ async fn a_report_after_an_overdue_resend_missed_a_device_has_it_sent_no_more() 
     d.retransmit_after(121).await;
     d.transport.failing.lock().unwrap().clear();
     d.report_delivered(id).await;
-    for _ in 0..5 {
-        d.retransmit_after(60).await;
-    }
+    d.retransmit_each_minute(5).await;
     assert_eq!(
         d.sends(id).1,
         BTreeMap::new(),
@@ -2786,16 +2790,12 @@ async fn a_first_send_finished_by_retries_waits_the_receipt_timeout() {
     let id = d.send(b"your order shipped").await;
     assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1)]));
     // Device 1 is retried for an hour (its sends failing), then reached.
-    for _ in 0..60 {
-        d.retransmit_after(60).await;
-    }
+    d.retransmit_each_minute(60).await;
     d.transport.failing.lock().unwrap().clear();
     d.retransmit_after(60).await;
     assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
     // No report comes: the receipt timeout (two minutes) and a little more.
-    for _ in 0..5 {
-        d.retransmit_after(60).await;
-    }
+    d.retransmit_each_minute(5).await;
     assert_eq!(
         d.sends(id).0.get(&0),
         Some(&2),
@@ -2824,9 +2824,7 @@ async fn a_dropped_overdue_resend_has_no_device_sent_the_message_after_the_repor
     assert_eq!(d.sends(id).0, BTreeMap::from([(0, 2), (1, 1)]));
     // The consumer's report comes in.
     d.report_delivered(id).await;
-    for _ in 0..5 {
-        d.retransmit_after(60).await;
-    }
+    d.retransmit_each_minute(5).await;
     assert_eq!(
         d.sends(id).1,
         BTreeMap::new(),

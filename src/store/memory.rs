@@ -410,6 +410,23 @@ impl Inner {
         self.messages.get(&business)?.get(&id).map(|m| &**m)
     }
 
+    /// The peer records of `business` (only `phone`'s, if given), in key
+    /// order.
+    fn peers_of(
+        &self,
+        business: BusinessId,
+        phone: Option<PhoneHash>,
+    ) -> impl Iterator<Item = (&PeerId, &Vec<u8>)> {
+        let from = PeerId {
+            phone: phone.unwrap_or(PhoneHash::from_bytes([0; PhoneHash::LEN])),
+            device: 0,
+        };
+        self.peers
+            .range((business, from)..)
+            .take_while(move |((b, p), _)| *b == business && phone.is_none_or(|ph| p.phone == ph))
+            .map(|((_, p), sealed)| (p, sealed))
+    }
+
     /// The messages of `business`, in no particular order.
     fn of_business(&self, business: BusinessId) -> impl Iterator<Item = &MessageRecord> {
         self.messages
@@ -675,13 +692,10 @@ impl Storage for MemoryStore {
         business: BusinessId,
         phone: PhoneHash,
     ) -> Result<Vec<u32>, StoreError> {
-        let from = (business, PeerId { phone, device: 0 });
         Ok(self
             .lock()
-            .peers
-            .range(from..)
-            .take_while(|((b, p), _)| *b == business && p.phone == phone)
-            .map(|((_, p), _)| p.device)
+            .peers_of(business, Some(phone))
+            .map(|(p, _)| p.device)
             .collect())
     }
 
@@ -799,18 +813,9 @@ impl Storage for MemoryStore {
         business: BusinessId,
         phone: Option<PhoneHash>,
     ) -> Result<Vec<Epoch>, StoreError> {
-        let inner = self.lock();
-        let from = (
-            business,
-            PeerId {
-                phone: phone.unwrap_or(PhoneHash::from_bytes([0; PhoneHash::LEN])),
-                device: 0,
-            },
-        );
-        let epochs = inner
-            .peers
-            .range(from..)
-            .take_while(|((b, p), _)| *b == business && phone.is_none_or(|ph| p.phone == ph))
+        let epochs = self
+            .lock()
+            .peers_of(business, phone)
             .map(|(_, sealed)| super::peer_epoch(sealed))
             .collect::<Result<BTreeSet<Epoch>, StoreError>>()?;
         Ok(epochs.into_iter().collect())
