@@ -412,7 +412,7 @@ fn bench_shred(c: &mut Criterion, t: &Templates) {
                             let keys = keys(store.clone());
                             let start = Instant::now();
                             let destroyed = keys
-                                .destroy_ended_epochs(Timestamp::from_millis(NOW))
+                                .destroy_ended_epochs_unchecked(Timestamp::from_millis(NOW))
                                 .await
                                 .unwrap();
                             let elapsed = start.elapsed();

@@ -954,7 +954,7 @@ fn a_dropped_epoch_destruction_never_leaves_the_key_in_memory() {
         every_cut(|n| async move {
             let (store, keys) = keys().await;
             let ended = epoch.end();
-            let done = poll_at_most(keys.destroy_ended_epochs(ended), n)
+            let done = poll_at_most(keys.destroy_ended_epochs_unchecked(ended), n)
                 .await
                 .is_some();
             let live = store.key(&id).await.unwrap().is_some();
@@ -1064,14 +1064,23 @@ impl Holding {
 fn a_hold_change_dropped_unanswered_is_seen_by_the_next_decision() {
     runtime().block_on(every_cut(|n| async move {
         let h = Holding::new();
-        let placed = poll_at_most(h.retention.place_hold(h.scope, "case-1", h.now), n).await;
+        let placed = poll_at_most(
+            h.retention.place_hold("operator", h.scope, "case-1", h.now),
+            n,
+        )
+        .await;
         assert_eq!(h.held().await, h.audited(), "cut {n}: placing");
         h.retention
-            .place_hold(h.scope, "case-1", h.now)
+            .place_hold("operator", h.scope, "case-1", h.now)
             .await
             .unwrap();
         assert!(h.held().await, "cut {n}");
-        let released = poll_at_most(h.retention.release_hold(h.scope, "case-1", h.now), n).await;
+        let released = poll_at_most(
+            h.retention
+                .release_hold("operator", h.scope, "case-1", h.now),
+            n,
+        )
+        .await;
         assert_eq!(h.held().await, h.audited(), "cut {n}: releasing");
         placed.is_some() && released.is_some()
     }));
@@ -1082,7 +1091,7 @@ fn a_decision_overtaken_by_a_hold_release_keeps_no_stale_hold() {
     runtime().block_on(every_cut(|n| async move {
         let h = Holding::new();
         h.retention
-            .place_hold(h.scope, "case-1", h.now)
+            .place_hold("operator", h.scope, "case-1", h.now)
             .await
             .unwrap();
         // A decision reads the holds; the release lands while it waits.
@@ -1098,7 +1107,10 @@ fn a_decision_overtaken_by_a_hold_release_keeps_no_stale_hold() {
             Poll::Ready(())
         })
         .await;
-        let released = h.retention.release_hold(h.scope, "case-1", h.now).await;
+        let released = h
+            .retention
+            .release_hold("operator", h.scope, "case-1", h.now)
+            .await;
         assert!(released.unwrap());
         let done = first.is_some();
         if first.is_none() {

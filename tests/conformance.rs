@@ -2717,7 +2717,12 @@ async fn the_retention_sweep_runs_over_the_store(backend: &mut Backend) {
             .unwrap();
     }
     retention
-        .place_hold(HoldScope::Consumer(business(1), phone(3)), "case", t(now))
+        .place_hold(
+            "operator",
+            HoldScope::Consumer(business(1), phone(3)),
+            "case",
+            t(now),
+        )
         .await
         .unwrap();
 

@@ -21,7 +21,7 @@ use custodian::store::{HoldScope, MemoryStore};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::visibility::{
     AuditError, AuditSink, Change, DataClass, Decision, Gate, HoldEvent, Labelled, MemoryAuditSink,
-    Party, Purpose, Revision, VisibilityPolicy,
+    Party, Purpose, VisibilityPolicy,
 };
 
 /// An audit sink that records in memory and, when armed, holds the next
@@ -99,7 +99,7 @@ fn pausing_gate(policy: VisibilityPolicy) -> (Arc<PausingSink>, Gate) {
 #[test]
 fn an_opt_out_waits_for_a_release_being_decided() {
     let business = BusinessId::new(9).unwrap();
-    let mut b = VisibilityPolicy::published().to_builder(Revision::new(2).unwrap());
+    let mut b = VisibilityPolicy::published().to_builder(2).unwrap();
     b.allow(
         Party::Processor,
         DataClass::MessageContent,
@@ -155,9 +155,7 @@ fn an_opt_out_waits_for_a_release_being_decided() {
 #[test]
 fn a_policy_put_in_force_waits_for_a_release_being_decided() {
     let business = BusinessId::new(9).unwrap();
-    let v2 = VisibilityPolicy::published()
-        .to_builder(Revision::new(2).unwrap())
-        .build();
+    let v2 = VisibilityPolicy::published().to_builder(2).unwrap().build();
     let (sink, gate) = pausing_gate(v2);
 
     let (entered, go) = sink.arm();
@@ -174,7 +172,7 @@ fn a_policy_put_in_force_waits_for_a_release_being_decided() {
         // Deny-all, revision 3, put in force meanwhile: it waits for the
         // decision made under revision 2.
         let replacing = s.spawn(|| {
-            let v3 = VisibilityPolicy::builder(Revision::new(3).unwrap()).build();
+            let v3 = VisibilityPolicy::builder(3).unwrap().build();
             gate.replace_policy(v3, "operator")
         });
         assert!(
@@ -255,7 +253,10 @@ fn a_failed_hold_placing_whose_undo_is_unaudited_keeps_the_hold() {
         // Count the store calls of one place_hold (which succeeds).
         faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
         let other = HoldScope::Business(BusinessId::new(8).unwrap());
-        retention.place_hold(other, "count", now).await.unwrap();
+        retention
+            .place_hold("operator", other, "count", now)
+            .await
+            .unwrap();
         let calls = faults.calls();
         let commit = calls.iter().position(|c| *c == "commit").unwrap() + 1;
         // The same call again: its store write fails (nothing applied), and
@@ -263,7 +264,7 @@ fn a_failed_hold_placing_whose_undo_is_unaudited_keeps_the_hold() {
         let scope = HoldScope::Business(BusinessId::new(7).unwrap());
         faults.fail_at(commit, Seams::Store, Strike::Before);
         *audit.allowed.lock().unwrap() = Some(1);
-        let placed = retention.place_hold(scope, "case-1", now).await;
+        let placed = retention.place_hold("operator", scope, "case-1", now).await;
         assert!(placed.is_err(), "{placed:?}");
         faults.lift();
         let holds = retention.holds().await.unwrap();
@@ -287,18 +288,31 @@ fn a_failed_hold_release_keeps_the_hold_even_unaudited() {
         let now = Timestamp::from_millis(seams::T0);
         let other = HoldScope::Business(BusinessId::new(8).unwrap());
         let scope = HoldScope::Business(BusinessId::new(7).unwrap());
-        retention.place_hold(other, "count", now).await.unwrap();
-        retention.place_hold(scope, "case-1", now).await.unwrap();
+        retention
+            .place_hold("operator", other, "count", now)
+            .await
+            .unwrap();
+        retention
+            .place_hold("operator", scope, "case-1", now)
+            .await
+            .unwrap();
         // Count the store calls of one release_hold (which succeeds).
         faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
-        assert!(retention.release_hold(other, "count", now).await.unwrap());
+        assert!(
+            retention
+                .release_hold("operator", other, "count", now)
+                .await
+                .unwrap()
+        );
         let calls = faults.calls();
         let commit = calls.iter().position(|c| *c == "commit").unwrap() + 1;
         // The same call again: its store write fails (nothing applied), and
         // the audit takes the `released` event but not the undo.
         faults.fail_at(commit, Seams::Store, Strike::Before);
         *audit.allowed.lock().unwrap() = Some(1);
-        let released = retention.release_hold(scope, "case-1", now).await;
+        let released = retention
+            .release_hold("operator", scope, "case-1", now)
+            .await;
         assert!(released.is_err(), "{released:?}");
         faults.lift();
         let holds = retention.holds().await.unwrap();

@@ -790,11 +790,17 @@ fn trust_new_identity_survives_every_host_failure() {
     }));
 }
 
-/// The holds in force are what the audit trail says.
+/// The holds in force are what the audit trail says, and every hold event
+/// in it (an undo included) names the operator who asked.
 async fn holds_agree_with_the_audit(d: &Deployment, at: At, what: &str) -> bool {
     let listed = d.processor.holds(&d.operator).await.unwrap();
     let stored = d.store.holds().await.unwrap();
     assert_eq!(listed, stored, "{at:?}: {what}");
+    let events = d.audit.hold_events();
+    assert!(
+        events.iter().all(|e| e.principal == d.operator.name()),
+        "{at:?}: {what}: {events:?}"
+    );
     let audited = holds_audited(&d.audit);
     let stands = stored.iter().any(|h| h.reference == "case-1");
     assert_eq!(audited, i32::from(stands), "{at:?}: {what}");
@@ -1114,19 +1120,19 @@ fn a_failed_epoch_destruction_keeps_memory_as_the_store() {
             let (store, faults, keys, _) = key_manager(now, epoch).await;
             // Not ended yet: nothing is destroyed early, failure or not.
             faults.fail_at(at.n, at.seams, at.strike);
-            let early = keys.destroy_ended_epochs(now).await;
+            let early = keys.destroy_ended_epochs_unchecked(now).await;
             assert_outcome(&early, &faults.lift(), at);
             assert!(keys.epoch_key(b, epoch).await.is_ok(), "{at:?}");
             assert!(store.key(&id).await.unwrap().is_some(), "{at:?}");
             let ended = epoch.end();
             faults.fail_at(at.n, at.seams, at.strike);
-            let destroyed = keys.destroy_ended_epochs(ended).await;
+            let destroyed = keys.destroy_ended_epochs_unchecked(ended).await;
             let failed = faults.lift();
             assert_outcome(&destroyed, &failed, at);
             let live = store.key(&id).await.unwrap().is_some();
             assert_eq!(keys.epoch_key(b, epoch).await.is_ok(), live, "{at:?}");
             // The next run destroys it: not kept past its time.
-            keys.destroy_ended_epochs(ended).await.unwrap();
+            keys.destroy_ended_epochs_unchecked(ended).await.unwrap();
             assert!(store.key(&id).await.unwrap().is_none(), "{at:?}");
             assert!(keys.epoch_key(b, epoch).await.is_err(), "{at:?}");
             failed.is_empty()

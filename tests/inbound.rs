@@ -294,7 +294,7 @@ async fn a_message_too_far_ahead_of_its_chain_is_refused_as_such() {
 /// consumer, whose session moved on, does not send it again.)
 #[tokio::test]
 async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows() {
-    use custodian::visibility::{DataClass, Party, Purpose, Revision, VisibilityPolicy};
+    use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
     let w = World::new().await;
     let from = consumer(1);
     let mut device = w.device(0).await;
@@ -303,7 +303,8 @@ async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows
 
     let published = VisibilityPolicy::default();
     let tightened = published
-        .to_builder(Revision::new(1).unwrap())
+        .to_builder(1)
+        .unwrap()
         .deny(
             Party::Business,
             DataClass::MessageContent,
@@ -319,10 +320,7 @@ async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows
 
     // The operator puts the published table back in force.
     w.processor
-        .set_visibility_policy(
-            &w.operator,
-            published.to_builder(Revision::new(2).unwrap()).build(),
-        )
+        .set_visibility_policy(&w.operator, published.to_builder(2).unwrap().build())
         .unwrap();
     for _ in 0..30 {
         w.clock.advance(std::time::Duration::from_secs(60));

@@ -1126,7 +1126,12 @@ fn a_hold_placed_while_retention_reads_the_holds_is_seen_by_its_next_decision() 
             decide(),
             task(async move {
                 retention
-                    .place_hold(HoldScope::Business(record.business), "case-1", later)
+                    .place_hold(
+                        "operator",
+                        HoldScope::Business(record.business),
+                        "case-1",
+                        later,
+                    )
                     .await
                     .unwrap();
             }),

@@ -28,8 +28,8 @@ use custodian::transport::{
     Transport, TransportError,
 };
 use custodian::visibility::{
-    AuditError, AuditSink, Change, DataClass, Decision, HoldEvent, MemoryAuditSink, Party,
-    Revision, Verdict, VisibilityPolicy,
+    AuditError, AuditSink, Change, DataClass, Decision, HoldAction, HoldEvent, MemoryAuditSink,
+    Party, Revision, Verdict, VisibilityPolicy,
 };
 
 const T0: u64 = 1_767_225_600_000;
@@ -902,6 +902,13 @@ async fn no_principal_reaches_another_tenant() {
     unauthorized(
         d.processor
             .set_visibility_policy(&intruder, VisibilityPolicy::default()),
+    );
+    // Reading the visibility policy names its principal too (before, it
+    // took none, though every other entry point does).
+    unauthorized(d.processor.visibility_policy(&intruder).map(drop));
+    assert_eq!(
+        d.processor.visibility_policy(&d.operator).unwrap(),
+        VisibilityPolicy::default()
     );
     // Maintenance is for operators: a business cannot sweep, retransmit, hold or count.
     unauthorized(d.processor.sweep(&intruder).await.map(drop));
@@ -1787,9 +1794,7 @@ fn the_policies_a_processor_starts_with_are_audited() {
         }
     }
     let audit = Arc::new(MemoryAuditSink::new());
-    let older = VisibilityPolicy::published()
-        .to_builder(Revision::new(2).unwrap())
-        .build();
+    let older = VisibilityPolicy::published().to_builder(2).unwrap().build();
     let policies = Policies {
         visibility: older,
         ..Policies::default()
@@ -2297,6 +2302,95 @@ async fn approving_a_new_identity_is_refused_while_a_hold_covers_the_consumer() 
             .unwrap()
     );
     assert_eq!(d.processor.census(&d.operator).await.unwrap().peers, 0);
+}
+
+/// Early shreds and legal holds name the operator who made them in the
+/// audit trail, as every other administrative change does. Before,
+/// `Change::Shred` and `HoldEvent` had no field for it (only the case
+/// reference): the trail could not say who destroyed a business's
+/// messages early or lifted the hold that kept them.
+#[tokio::test]
+async fn shreds_and_holds_name_the_operator_in_the_audit_trail() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    let epoch =
+        custodian::keys::Epoch::containing(d.clock.now(), custodian::keys::EpochLength::DEFAULT)
+            .unwrap();
+    let scope = HoldScope::Business(b);
+    d.processor
+        .place_hold(&d.operator, scope, "case-1")
+        .await
+        .unwrap();
+    d.processor
+        .release_hold(&d.operator, scope, "case-1")
+        .await
+        .unwrap();
+    d.processor
+        .shred_epoch(&d.operator, b, epoch, "request-9")
+        .await
+        .unwrap();
+
+    let events = d.audit.hold_events();
+    let holds: Vec<(HoldAction, &str)> = events
+        .iter()
+        .map(|e| (e.action, e.principal.as_str()))
+        .collect();
+    assert_eq!(
+        holds,
+        [
+            (HoldAction::Placed, "operator"),
+            (HoldAction::Released, "operator")
+        ]
+    );
+    let shreds: Vec<String> = d
+        .audit
+        .changes()
+        .into_iter()
+        .filter_map(|c| match c {
+            Change::Shred { principal, .. } => Some(principal),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shreds, ["operator"]);
+}
+
+/// A legal hold keeps the epoch keys of what it covers from every checked
+/// call an operator has: an early shred is refused, and the sweep past the
+/// epoch's end keeps the key. Only the key manager's unchecked calls,
+/// named so, destroy it. Before, `Processor::keys` handed operators
+/// `KeyManager::destroy_ended_epochs`, which under a harmless name
+/// destroyed the keys a hold keeps (and live epochs, given a `now` ahead
+/// of the clock), with nothing in the audit trail.
+#[tokio::test]
+async fn only_the_unchecked_key_manager_calls_destroy_a_held_epoch_key() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.network.add_consumer(&number(1), 1).await;
+    d.publish_all().await;
+    let id = d.send(b, number(1), b"evidence").await;
+    let epoch = d.store.message(b, id).await.unwrap().unwrap().epoch;
+    d.processor
+        .place_hold(&d.operator, HoldScope::Business(b), "litigation-42")
+        .await
+        .unwrap();
+    let refused = d.processor.shred_epoch(&d.operator, b, epoch, "oops").await;
+    assert!(
+        matches!(refused, Err(ProcessorError::Hold(HoldError::Held))),
+        "{refused:?}"
+    );
+
+    d.clock
+        .set(Timestamp::from_millis(epoch.end().as_millis() + 3_600_000));
+    d.processor.sweep(&d.operator).await.unwrap();
+    let keys = d.processor.keys(&d.operator).unwrap();
+    assert!(keys.epoch_key(b, epoch).await.is_ok(), "the sweep took it");
+    assert!(
+        keys.destroy_ended_epochs_unchecked(d.clock.now())
+            .await
+            .unwrap()
+            >= 1
+    );
+    assert!(keys.epoch_key(b, epoch).await.is_err());
 }
 
 /// `future`'s output, or `None` if it has not finished after `limit` of

@@ -860,7 +860,12 @@ async fn failed_status_reason_is_expired() {
         let m = w.store(b, 1, Direction::Outbound, true).await;
         // Keep it from being deleted, to look at it: hold its consumer.
         w.retention
-            .place_hold(HoldScope::Consumer(b, m.record.phone), "case-1", w.now())
+            .place_hold(
+                "operator",
+                HoldScope::Consumer(b, m.record.phone),
+                "case-1",
+                w.now(),
+            )
             .await
             .unwrap();
         w.clock.advance(CEILING);
@@ -888,7 +893,7 @@ impl ExpiryNotifier for HoldsMidSweep<'_> {
     async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
         if !self.placed.swap(true, Ordering::SeqCst) {
             self.retention
-                .place_hold(self.scope, "case-mid-sweep", self.now)
+                .place_hold("operator", self.scope, "case-mid-sweep", self.now)
                 .await
                 .unwrap();
         }
@@ -940,11 +945,11 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
         let whole_business = w.store(b, 1, Direction::Inbound, false).await;
         let consumer_hold = HoldScope::Consumer(a, held_consumer.record.phone);
         w.retention
-            .place_hold(consumer_hold, "case-17", w.now())
+            .place_hold("operator", consumer_hold, "case-17", w.now())
             .await
             .unwrap();
         w.retention
-            .place_hold(HoldScope::Business(b), "case-18", w.now())
+            .place_hold("operator", HoldScope::Business(b), "case-18", w.now())
             .await
             .unwrap();
         w.clock.advance(CEILING + 2 * HOUR);
@@ -997,17 +1002,17 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
         // it standing, and two cases on one scope are released one by one.
         assert!(
             !w.retention
-                .release_hold(consumer_hold, "case-18", w.now())
+                .release_hold("operator", consumer_hold, "case-18", w.now())
                 .await
                 .unwrap()
         );
         w.retention
-            .place_hold(consumer_hold, "case-19", w.now())
+            .place_hold("operator", consumer_hold, "case-19", w.now())
             .await
             .unwrap();
         assert!(
             w.retention
-                .release_hold(consumer_hold, "case-17", w.now())
+                .release_hold("operator", consumer_hold, "case-17", w.now())
                 .await
                 .unwrap()
         );
@@ -1024,19 +1029,19 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
         // Releasing every hold lets the next sweep catch up.
         assert!(
             w.retention
-                .release_hold(consumer_hold, "case-19", w.now())
+                .release_hold("operator", consumer_hold, "case-19", w.now())
                 .await
                 .unwrap()
         );
         assert!(
             w.retention
-                .release_hold(HoldScope::Business(b), "case-18", w.now())
+                .release_hold("operator", HoldScope::Business(b), "case-18", w.now())
                 .await
                 .unwrap()
         );
         assert!(
             !w.retention
-                .release_hold(HoldScope::Business(b), "case-18", w.now())
+                .release_hold("operator", HoldScope::Business(b), "case-18", w.now())
                 .await
                 .unwrap()
         );
@@ -1308,12 +1313,17 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
     let held = w.store(b, 1, Direction::Inbound, false).await;
     let epoch = held.record.epoch;
     w.retention
-        .place_hold(HoldScope::Consumer(b, held.record.phone), "case-7", w.now())
+        .place_hold(
+            "operator",
+            HoldScope::Consumer(b, held.record.phone),
+            "case-7",
+            w.now(),
+        )
         .await
         .unwrap();
     let refused = w
         .retention
-        .shred_epoch(b, epoch, "request-1", w.now())
+        .shred_epoch("operator", b, epoch, "request-1", w.now())
         .await;
     assert!(matches!(refused, Err(HoldError::Held)), "{refused:?}");
     assert!(w.keys.epoch_key(b, epoch).await.is_ok());
@@ -1324,16 +1334,21 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
     // Another business's hold covers nothing of this one.
     let other = business(2);
     w.retention
-        .release_hold(HoldScope::Consumer(b, held.record.phone), "case-7", w.now())
+        .release_hold(
+            "operator",
+            HoldScope::Consumer(b, held.record.phone),
+            "case-7",
+            w.now(),
+        )
         .await
         .unwrap();
     w.retention
-        .place_hold(HoldScope::Business(other), "case-8", w.now())
+        .place_hold("operator", HoldScope::Business(other), "case-8", w.now())
         .await
         .unwrap();
     assert!(
         w.retention
-            .shred_epoch(b, epoch, "request-1", w.now())
+            .shred_epoch("operator", b, epoch, "request-1", w.now())
             .await
             .unwrap()
     );
@@ -1343,6 +1358,7 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
         w.audit.changes(),
         [Change::Shred {
             at: w.now(),
+            principal: "operator".into(),
             business: b,
             epoch_end: epoch.end(),
             reference: "request-1".into(),
@@ -1374,6 +1390,7 @@ async fn held_consumer_whose_signal_record_outlived_its_message(w: &World) -> (S
     assert!(w.store.message(b, first.record.id).await.unwrap().is_none());
     w.retention
         .place_hold(
+            "operator",
             HoldScope::Consumer(b, first.record.phone),
             "case-1",
             w.now(),
@@ -1421,7 +1438,7 @@ async fn a_legal_hold_keeps_the_epoch_key_of_a_held_consumers_signal_record() {
         );
         // Released, the next sweep catches up.
         w.retention
-            .release_hold(HoldScope::Consumer(b, phone), "case-1", w.now())
+            .release_hold("operator", HoldScope::Consumer(b, phone), "case-1", w.now())
             .await
             .unwrap();
         w.retention
@@ -1445,7 +1462,7 @@ async fn an_early_shred_is_refused_for_the_epoch_of_a_held_consumers_signal_reco
         let (first, _) = held_consumer_whose_signal_record_outlived_its_message(&w).await;
         let refused = w
             .retention
-            .shred_epoch(b, first.record.epoch, "request-9", w.now())
+            .shred_epoch("operator", b, first.record.epoch, "request-9", w.now())
             .await;
         assert!(
             matches!(refused, Err(HoldError::Held)),
@@ -1486,7 +1503,9 @@ async fn an_early_shred_that_cannot_be_audited_destroys_nothing() {
         RetentionPolicy::default(),
         Arc::new(Down),
     );
-    let refused = retention.shred_epoch(b, m.record.epoch, "r", w.now()).await;
+    let refused = retention
+        .shred_epoch("operator", b, m.record.epoch, "r", w.now())
+        .await;
     assert!(matches!(refused, Err(HoldError::Audit(_))), "{refused:?}");
     assert_eq!(w.read(&m.record).await, Some(m.plaintext.clone()));
     // Nor is a retention policy put in force.
@@ -1791,13 +1810,13 @@ mod timelines {
                                 Some(c) => HoldScope::Consumer(business(b), w.phone(business(b), c).await),
                                 None => HoldScope::Business(business(b)),
                             };
-                            w.retention.place_hold(scope, "case", w.now()).await.unwrap();
+                            w.retention.place_hold("operator", scope, "case", w.now()).await.unwrap();
                             if !holds.contains(&scope) { holds.push(scope); }
                         }
                         Action::Release { which } => {
                             if !holds.is_empty() {
                                 let scope = holds.remove(which % holds.len());
-                                prop_assert!(w.retention.release_hold(scope, "case", w.now()).await.unwrap());
+                                prop_assert!(w.retention.release_hold("operator", scope, "case", w.now()).await.unwrap());
                             }
                         }
                         Action::Sweep { steps } => {

@@ -283,7 +283,7 @@ proptest! {
     /// Any policy round-trips through its TOML and its JSON file.
     #[test]
     fn policy_files_round_trip(revision in 1u64..=Revision::MAX.get(), list in any_allow_list()) {
-        let mut b = VisibilityPolicy::builder(Revision::new(revision).unwrap());
+        let mut b = VisibilityPolicy::builder(revision).unwrap();
         for (&(party, class), purposes) in &list {
             for &purpose in purposes {
                 let _ = b.allow(party, class, purpose); // forbidden cells are refused
@@ -298,9 +298,7 @@ proptest! {
 
 #[test]
 fn the_published_table_round_trips_once_given_a_revision() {
-    let policy = VisibilityPolicy::published()
-        .to_builder(Revision::new(2).unwrap())
-        .build();
+    let policy = VisibilityPolicy::published().to_builder(2).unwrap().build();
     let toml = policy.to_toml();
     assert!(toml.contains("revision = 2\n"), "{toml}");
     assert!(toml.contains(
@@ -393,7 +391,7 @@ fn bad_policy_files_name_the_field_or_the_cell() {
         ),
         (
             format!("revision = 0\n{good}"),
-            "revision: a policy file's revision must be 1",
+            "revision: a policy's revision must be 1",
         ),
         (format!("revison = 2\n{good}"), "unknown field `revison`"),
         (good.clone(), "missing field `revision`"),
@@ -441,6 +439,34 @@ fn bad_policy_files_name_the_field_or_the_cell() {
     }
 }
 
+/// A policy built in code cannot carry [`Revision::PUBLISHED`] (0), nor a
+/// revision beyond [`Revision::MAX`]: the trail names revision 0 for the
+/// published table only. Before, `builder` and `to_builder` took any
+/// `Revision`, and `Revision::PUBLISHED` is a public constant: a deployment
+/// that loosened the published table "keeping its revision" had every
+/// decision of its gate audited as the published table's, releases the
+/// published table denies included.
+#[test]
+fn a_policy_built_in_code_cannot_claim_the_published_revision() {
+    let published = VisibilityPolicy::published();
+    for revision in [Revision::PUBLISHED.get(), Revision::MAX.get() + 1, u64::MAX] {
+        assert!(matches!(
+            published.to_builder(revision),
+            Err(PolicyError::Revision { revision: r }) if r == revision
+        ));
+        assert!(matches!(
+            VisibilityPolicy::builder(revision),
+            Err(PolicyError::Revision { revision: r }) if r == revision
+        ));
+    }
+    assert_eq!(
+        VisibilityPolicy::builder(0).unwrap_err().to_string(),
+        "revision: a policy's revision must be 1 to 9223372036854775807 (0 is the published table), not 0"
+    );
+    let max = published.to_builder(Revision::MAX.get()).unwrap().build();
+    assert_eq!(max.revision(), Revision::MAX);
+}
+
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("custodian-visibility-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -451,9 +477,7 @@ fn temp_path(name: &str) -> PathBuf {
 
 #[test]
 fn load_reads_toml_and_json_by_extension() {
-    let policy = VisibilityPolicy::published()
-        .to_builder(Revision::new(5).unwrap())
-        .build();
+    let policy = VisibilityPolicy::published().to_builder(5).unwrap().build();
     let toml = temp_path("policy.toml");
     std::fs::write(&toml, policy.to_toml()).unwrap();
     assert_eq!(VisibilityPolicy::load(&toml).unwrap(), policy);
@@ -724,7 +748,7 @@ fn a_new_policy_revision_decides_and_is_named_in_the_audit() {
 fn opt_in_services_need_a_policy_cell_and_the_business_consent() {
     let business = BusinessId::new(12).unwrap();
     let other = BusinessId::new(13).unwrap();
-    let text = VisibilityPolicy::published().to_builder(Revision::new(2).unwrap()).build().to_toml()
+    let text = VisibilityPolicy::published().to_builder(2).unwrap().build().to_toml()
         .replace(
             "class = \"message_content\"\npurposes = [\"delivery\", \"retransmission\"]",
             "class = \"message_content\"\npurposes = [\"delivery\", \"retransmission\", \"opt_in_service\"]",

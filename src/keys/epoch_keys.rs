@@ -224,14 +224,21 @@ impl KeyManager {
     /// Destroy the keys of every epoch that ended at or before `now` (and
     /// drop the tombstones of epochs destroyed early). Returns how many
     /// entries were removed.
-    pub async fn destroy_ended_epochs(&self, now: Timestamp) -> Result<u64, KeyError> {
+    ///
+    /// Unchecked: legal holds are not consulted (the key of an epoch a hold
+    /// still needs goes too), nothing is audited, and a `now` ahead of the
+    /// clock destroys live epochs early. Operators destroy ended epochs
+    /// through the retention sweep
+    /// ([`Retention::sweep`](crate::retention::Retention::sweep), or
+    /// `Processor::sweep`), which keeps the keys a hold needs.
+    pub async fn destroy_ended_epochs_unchecked(&self, now: Timestamp) -> Result<u64, KeyError> {
         self.destroy_ended_epochs_except(now, &BTreeSet::new())
             .await
     }
 
-    /// [`destroy_ended_epochs`](Self::destroy_ended_epochs), sparing the
-    /// epochs in `keep` (those a legal hold still needs).
-    pub async fn destroy_ended_epochs_except(
+    /// [`destroy_ended_epochs_unchecked`](Self::destroy_ended_epochs_unchecked),
+    /// sparing the epochs in `keep` (those a legal hold still needs).
+    pub(crate) async fn destroy_ended_epochs_except(
         &self,
         now: Timestamp,
         keep: &BTreeSet<(BusinessId, Epoch)>,

@@ -11,8 +11,11 @@ use crate::transport::Principal;
 impl Processor {
     /// The key manager, for KEK rotation (operators only: it spans every
     /// business). Shred early through [`shred_epoch`](Self::shred_epoch),
-    /// which honours legal holds and is audited; the key manager's own
-    /// `destroy_epoch_unchecked` does neither.
+    /// which honours legal holds and is audited, and destroy the keys of
+    /// ended epochs through [`sweep`](Self::sweep), which keeps those a
+    /// legal hold needs. The key manager's own `destroy_epoch_unchecked`
+    /// and `destroy_ended_epochs_unchecked` honour no hold and record
+    /// nothing.
     pub fn keys(&self, principal: &Principal) -> Result<&KeyManager, ProcessorError> {
         self.authorize_operator(principal)?;
         Ok(&self.keys)

@@ -135,7 +135,7 @@ impl Processor {
         self.authorize_operator(principal)?;
         Ok(self
             .retention
-            .place_hold(scope, reference, self.clock.now())
+            .place_hold(principal.name(), scope, reference, self.clock.now())
             .await?)
     }
 
@@ -155,7 +155,13 @@ impl Processor {
         self.authorize_operator(principal)?;
         let destroyed = self
             .retention
-            .shred_epoch(business, epoch, reference, self.clock.now())
+            .shred_epoch(
+                principal.name(),
+                business,
+                epoch,
+                reference,
+                self.clock.now(),
+            )
             .await?;
         info!(principal = %principal, %business, "an epoch key was shredded early");
         Ok(destroyed)
@@ -172,7 +178,7 @@ impl Processor {
         self.authorize_operator(principal)?;
         Ok(self
             .retention
-            .release_hold(scope, reference, self.clock.now())
+            .release_hold(principal.name(), scope, reference, self.clock.now())
             .await?)
     }
 

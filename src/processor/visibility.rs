@@ -8,9 +8,13 @@ use crate::transport::Principal;
 use crate::visibility::VisibilityPolicy;
 
 impl Processor {
-    /// The visibility policy in force.
-    pub fn visibility_policy(&self) -> VisibilityPolicy {
-        self.gate.policy()
+    /// The visibility policy in force (operators only).
+    pub fn visibility_policy(
+        &self,
+        principal: &Principal,
+    ) -> Result<VisibilityPolicy, ProcessorError> {
+        self.authorize_operator(principal)?;
+        Ok(self.gate.policy())
     }
 
     /// Put a visibility policy in force (operators only); one that would

@@ -411,8 +411,9 @@ impl Retention {
         report
     }
 
-    /// Destroy `business`'s key of `epoch` before the epoch ends, for the
-    /// case or request `reference` (a business leaving, a breach): every
+    /// Destroy `business`'s key of `epoch` before the epoch ends, for
+    /// `principal` (who asked, as the audit trail names them) and the case
+    /// or request `reference` (a business leaving, a breach): every
     /// record sealed under it becomes unreadable at once, in the store and
     /// in every backup of it. Refused as [`HoldError::Held`] while a legal
     /// hold covers a record sealed under it: a message, or a consumer's
@@ -428,6 +429,7 @@ impl Retention {
     /// (storing does not wait for the hold gate), held or not.
     pub async fn shred_epoch(
         &self,
+        principal: &str,
         business: BusinessId,
         epoch: Epoch,
         reference: &str,
@@ -447,6 +449,7 @@ impl Retention {
         }
         self.audit.record_change(&Change::Shred {
             at: now,
+            principal: principal.to_owned(),
             business,
             epoch_end: epoch.end(),
             reference: reference.to_owned(),
@@ -486,10 +489,11 @@ impl Retention {
         self.storage.holds().await
     }
 
-    /// Place a legal hold on `scope` for the case `reference`. Audited
-    /// first: if the audit trail cannot record it, the hold is not placed.
-    /// Placing a hold that stands already (same scope, same case) changes
-    /// nothing. A sweep in progress honours it from its next step on.
+    /// Place a legal hold on `scope` for `principal` (who asked, as the
+    /// audit trail names them) and the case `reference`. Audited first: if
+    /// the audit trail cannot record it, the hold is not placed. Placing a
+    /// hold that stands already (same scope, same case) changes nothing. A
+    /// sweep in progress honours it from its next step on.
     /// If the store fails the write, no hold stands: the audit trail says
     /// it was undone, and the store is made to agree (the write may have
     /// landed) before the holds are next read. If the trail cannot record
@@ -497,6 +501,7 @@ impl Retention {
     /// change errs on keeping the hold.
     pub async fn place_hold(
         &self,
+        principal: &str,
         scope: HoldScope,
         reference: &str,
         now: Timestamp,
@@ -511,6 +516,7 @@ impl Retention {
         }
         let event = HoldEvent {
             at: now,
+            principal: principal.to_owned(),
             action: HoldAction::Placed,
             scope,
             reference: reference.to_owned(),
@@ -540,7 +546,8 @@ impl Retention {
         Ok(())
     }
 
-    /// Release the legal hold on `scope` for the case `reference`; holds of
+    /// Release the legal hold on `scope` for the case `reference`, for
+    /// `principal` (who asked, as the audit trail names them); holds of
     /// other cases on the same scope stand. Audited first: if the audit
     /// trail cannot record it, the hold stays; so it does if the store
     /// fails the write (audited as undone, and the store made to agree
@@ -549,6 +556,7 @@ impl Retention {
     /// may be deleted under it. Returns whether such a hold was in force.
     pub async fn release_hold(
         &self,
+        principal: &str,
         scope: HoldScope,
         reference: &str,
         now: Timestamp,
@@ -563,6 +571,7 @@ impl Retention {
         };
         let event = HoldEvent {
             at: now,
+            principal: principal.to_owned(),
             action: HoldAction::Released,
             scope,
             reference: reference.to_owned(),

@@ -224,6 +224,8 @@ pub enum Change {
     Shred {
         /// When.
         at: Timestamp,
+        /// Who asked.
+        principal: String,
         /// Whose key.
         business: BusinessId,
         /// The end of the key's epoch.
@@ -306,6 +308,8 @@ pub enum HoldAction {
 pub struct HoldEvent {
     /// When.
     pub at: Timestamp,
+    /// Who asked.
+    pub principal: String,
     /// Placed or released.
     pub action: HoldAction,
     /// What the hold covers.
@@ -343,12 +347,13 @@ impl MemoryAuditSink {
     }
 
     /// A sink that keeps the latest `capacity` decisions (at least one),
-    /// dropping the oldest.
+    /// dropping the oldest. Memory grows with the decisions kept, not with
+    /// the bound.
     pub fn bounded(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
             inner: Mutex::new(Ring {
-                events: VecDeque::with_capacity(capacity),
+                events: VecDeque::with_capacity(capacity.min(1024)),
                 capacity: Some(capacity),
                 recorded: 0,
                 holds: Vec::new(),
@@ -771,6 +776,18 @@ mod tests {
         assert_eq!(sink.recorded(), 5);
         assert_eq!(sink.take().len(), 2);
         assert!(sink.events().is_empty());
+    }
+
+    /// A host may configure a generous bound ("keep the last N decisions",
+    /// N from its configuration, `usize::MAX` meaning "no practical
+    /// limit"). Before, `bounded` preallocated its whole bound: it crashed
+    /// at start with "capacity overflow" for `usize::MAX`, and reserved N
+    /// decisions of memory up front for a large but representable N.
+    #[test]
+    fn bounded_memory_sink_with_a_large_bound_does_not_panic() {
+        let sink = MemoryAuditSink::bounded(usize::MAX);
+        sink.record(&decision(1, 0)).unwrap();
+        assert_eq!(sink.events().len(), 1);
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub enum PolicyError {
     },
     /// The revision is 0 (reserved for the published table) or too large.
     #[error(
-        "revision: a policy file's revision must be 1 to 9223372036854775807 (0 is the published table), not {revision}"
+        "revision: a policy's revision must be 1 to 9223372036854775807 (0 is the published table), not {revision}"
     )]
     Revision {
         /// The revision given.
@@ -154,10 +154,7 @@ impl PolicyFile {
     /// The policy this file describes, starting from deny-all; the first
     /// problem in document order is reported, naming its field.
     pub fn compile(&self) -> Result<VisibilityPolicy, PolicyError> {
-        let revision = Revision::new(self.revision).ok_or(PolicyError::Revision {
-            revision: self.revision,
-        })?;
-        let mut builder = VisibilityPolicy::builder(revision);
+        let mut builder = VisibilityPolicy::builder(self.revision)?;
         let mut seen: Vec<(Party, DataClass, usize)> = Vec::new();
         for (i, entry) in self.allow.iter().enumerate() {
             let party: Party = parse_name(&entry.party, || format!("allow[{i}].party"))?;
@@ -357,9 +354,8 @@ mod tests {
     /// same for a table read back from its file.
     #[test]
     fn the_digest_names_what_a_table_allows() {
-        let two = Revision::new(2).unwrap();
-        let table = VisibilityPolicy::published().to_builder(two).build();
-        let mut looser = table.to_builder(two);
+        let table = VisibilityPolicy::published().to_builder(2).unwrap().build();
+        let mut looser = table.to_builder(2).unwrap();
         looser
             .allow(
                 Party::RestOfCompany,

@@ -455,7 +455,7 @@ mod tests {
     #[test]
     fn opt_in_service_needs_the_policy_cell_and_the_business_opt_in() {
         let business = BusinessId::new(9).unwrap();
-        let mut b = VisibilityPolicy::published().to_builder(Revision::new(2).unwrap());
+        let mut b = VisibilityPolicy::published().to_builder(2).unwrap();
         b.allow(
             Party::Processor,
             DataClass::MessageContent,
@@ -504,7 +504,7 @@ mod tests {
     fn changes_the_trail_cannot_record_are_not_made() {
         let clock = Arc::new(ManualClock::new(Timestamp::from_millis(0)));
         let gate = Gate::new(VisibilityPolicy::published(), Arc::new(BrokenSink), clock);
-        let newer = VisibilityPolicy::builder(Revision::new(5).unwrap()).build();
+        let newer = VisibilityPolicy::builder(5).unwrap().build();
         assert!(matches!(
             gate.replace_policy(newer, "operator"),
             Err(PolicyError::Unaudited(_))
@@ -531,11 +531,9 @@ mod tests {
     #[test]
     fn policies_only_move_forward() {
         let (gate, sink) = gate(VisibilityPolicy::published());
-        let v3 = VisibilityPolicy::builder(Revision::new(3).unwrap()).build();
+        let v3 = VisibilityPolicy::builder(3).unwrap().build();
         gate.replace_policy(v3, "operator").unwrap();
-        let v2 = VisibilityPolicy::published()
-            .to_builder(Revision::new(2).unwrap())
-            .build();
+        let v2 = VisibilityPolicy::published().to_builder(2).unwrap().build();
         assert!(matches!(
             gate.replace_policy(v2, "operator"),
             Err(PolicyError::StaleRevision { .. })

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{DataClass, Party, Purpose, System};
+use super::{DataClass, Party, PolicyError, Purpose, System};
 
 const PARTIES: usize = Party::ALL.len();
 const CLASSES: usize = DataClass::ALL.len();
@@ -208,7 +208,9 @@ const FORBIDDEN: [Purposes; CELLS] = {
 ///
 /// Revision 0 is the published table compiled into the crate; a policy
 /// loaded from a file or built in code has 1 to [`Revision::MAX`] (the
-/// largest integer TOML can write, so every revision round-trips).
+/// largest integer TOML can write, so every revision round-trips):
+/// [`VisibilityPolicy::builder`], [`VisibilityPolicy::to_builder`] and
+/// policy files refuse any other as [`PolicyError::Revision`].
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Revision(u64);
 
@@ -333,20 +335,30 @@ impl VisibilityPolicy {
         }
     }
 
-    /// A builder starting from deny-all, for a policy of `revision`.
-    pub const fn builder(revision: Revision) -> PolicyBuilder {
-        PolicyBuilder {
-            revision,
-            cells: [Purposes::NONE; CELLS],
+    /// A builder starting from deny-all, for a policy of `revision`: 1 to
+    /// [`Revision::MAX`], refused as [`PolicyError::Revision`] otherwise (0
+    /// is the published table's).
+    pub const fn builder(revision: u64) -> Result<PolicyBuilder, PolicyError> {
+        match Revision::new(revision) {
+            Some(revision) => Ok(PolicyBuilder {
+                revision,
+                cells: [Purposes::NONE; CELLS],
+            }),
+            None => Err(PolicyError::Revision { revision }),
         }
     }
 
-    /// A builder starting from this policy's table, for a policy of `revision`
-    /// (to derive a deployment's policy from the published one, say).
-    pub const fn to_builder(&self, revision: Revision) -> PolicyBuilder {
-        PolicyBuilder {
-            revision,
-            cells: self.cells,
+    /// A builder starting from this policy's table, for a policy of
+    /// `revision` (to derive a deployment's policy from the published one,
+    /// say): 1 to [`Revision::MAX`], refused as [`PolicyError::Revision`]
+    /// otherwise (0 is the published table's, whatever this table is).
+    pub const fn to_builder(&self, revision: u64) -> Result<PolicyBuilder, PolicyError> {
+        match Revision::new(revision) {
+            Some(revision) => Ok(PolicyBuilder {
+                revision,
+                cells: self.cells,
+            }),
+            None => Err(PolicyError::Revision { revision }),
         }
     }
 
@@ -494,7 +506,7 @@ mod tests {
 
     #[test]
     fn builder_refuses_content_to_transport_and_advertising() {
-        let mut b = VisibilityPolicy::builder(Revision::new(2).unwrap());
+        let mut b = VisibilityPolicy::builder(2).unwrap();
         let err = b
             .allow(
                 Party::Transport,
@@ -537,10 +549,7 @@ mod tests {
                 HardRule::IntegritySignalsStayOutOfTheRestOfTheCompany
             );
         }
-        assert_eq!(
-            b.build(),
-            VisibilityPolicy::builder(Revision::new(2).unwrap()).build()
-        );
+        assert_eq!(b.build(), VisibilityPolicy::builder(2).unwrap().build());
     }
 
     #[test]
@@ -556,7 +565,7 @@ mod tests {
         fn builder_allows_exactly_what_it_was_told_unless_forbidden(
             cells in proptest::collection::vec(any_cell(), 0..40),
         ) {
-            let mut b = VisibilityPolicy::builder(Revision::new(7).unwrap());
+            let mut b = VisibilityPolicy::builder(7).unwrap();
             let mut expected = std::collections::HashSet::new();
             for &(party, class, purpose) in &cells {
                 let forbidden = HardRule::breaking(party, class, purpose).is_some();
