@@ -224,7 +224,8 @@ pub enum Change {
     Shred {
         /// When.
         at: Timestamp,
-        /// Who asked.
+        /// Who asked (empty in trails written before shreds named them).
+        #[serde(default)]
         principal: String,
         /// Whose key.
         business: BusinessId,
@@ -308,7 +309,8 @@ pub enum HoldAction {
 pub struct HoldEvent {
     /// When.
     pub at: Timestamp,
-    /// Who asked.
+    /// Who asked (empty in trails written before holds named them).
+    #[serde(default)]
     pub principal: String,
     /// Placed or released.
     pub action: HoldAction,
@@ -763,6 +765,43 @@ mod tests {
         );
         let back: Decision = serde_json::from_str(&json).unwrap();
         assert_eq!(back, decision(1, 5));
+    }
+
+    /// Shreds and hold events name who asked; a trail written before they
+    /// did still reads back, the principal empty.
+    #[test]
+    fn shred_and_hold_records_read_back_old_and_new() {
+        let business = BusinessId::new(7).unwrap();
+        let hold = HoldEvent {
+            at: Timestamp::from_millis(5),
+            principal: "operator".into(),
+            action: HoldAction::Placed,
+            scope: HoldScope::Business(business),
+            reference: "case-1".into(),
+        };
+        let json = serde_json::to_string(&hold).unwrap();
+        assert!(json.contains(r#""principal":"operator""#), "{json}");
+        assert_eq!(serde_json::from_str::<HoldEvent>(&json).unwrap(), hold);
+        let old = json.replace(r#""principal":"operator","#, "");
+        let read: HoldEvent = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.principal, "");
+        assert_eq!(read.reference, "case-1");
+
+        let shred = Change::Shred {
+            at: Timestamp::from_millis(5),
+            principal: "operator".into(),
+            business,
+            epoch_end: Timestamp::from_millis(9),
+            reference: "breach".into(),
+        };
+        let json = serde_json::to_string(&shred).unwrap();
+        assert_eq!(serde_json::from_str::<Change>(&json).unwrap(), shred);
+        let old = json.replace(r#""principal":"operator","#, "");
+        assert_ne!(old, json);
+        let Change::Shred { principal, .. } = serde_json::from_str(&old).unwrap() else {
+            panic!("not a shred: {old}");
+        };
+        assert_eq!(principal, "");
     }
 
     #[test]
