@@ -477,8 +477,12 @@ mod tests {
         let a = MessageId::random();
         assert_ne!(a, MessageId::random());
         assert_eq!(a.to_string().parse::<MessageId>(), Ok(a));
+        // Upper case is refused (an id with letters: a random one has none
+        // about one time in three million).
+        let lettered = MessageId::from_bytes([0xab; 16]);
+        assert_eq!(lettered.to_string(), "ab".repeat(16));
         assert_eq!(
-            a.to_string().to_uppercase().parse::<MessageId>(),
+            lettered.to_string().to_uppercase().parse::<MessageId>(),
             Err(IdError::MessageId)
         );
         assert_eq!("00".parse::<MessageId>(), Err(IdError::MessageId));

@@ -312,8 +312,15 @@ async fn every_message_arrives_exactly_once_or_fails_with_a_reason_despite_fault
         )
         .await
         .unwrap();
-    // Long enough for every outage to end and every retry to land.
+    // Long enough for every outage to end and every retry to land: three
+    // hours a step of 30 s, then two days 10 minutes a step, since a
+    // message whose reports keep getting lost is sent again ever later
+    // (about 5 sends in the first three hours, each losing a device's copy
+    // or report one time in ten; with at least 12 by the end, a message
+    // losing every one is out of reach, about 5e-11 a run).
     d.run(Duration::from_secs(3 * 3600), Duration::from_secs(30))
+        .await;
+    d.run(Duration::from_secs(2 * 86_400), Duration::from_secs(600))
         .await;
 
     // Every consumer message reached the business, and the processor handed

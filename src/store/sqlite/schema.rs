@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
@@ -569,11 +570,16 @@ pub(super) fn migrate(path: &Path, conn: &mut Connection) -> Result<(), SqliteOp
 /// the same directory and hard-linked into place: the link either puts a
 /// complete database under `path` or fails because something is there.
 pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
+    // Unique to this process (its id, the time: a process that died
+    // building may have had the id) and, within it, to this call: threads
+    // reading the clock within one tick would build in one file otherwise.
+    static CREATES: AtomicU64 = AtomicU64::new(0);
+    let call = CREATES.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".creating-{}-{nanos}", std::process::id()));
+    tmp.push(format!(".creating-{}-{nanos}-{call}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let built = build(&tmp);
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
