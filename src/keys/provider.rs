@@ -43,6 +43,7 @@ pub enum ProviderError {
     #[error("wrapped key does not unwrap under this provider and context")]
     Unwrap,
     /// The provider could not be reached or refused the request; retrying may help.
+    /// Its text is logged as given: keep key material out of it.
     #[error("key provider unavailable: {0}")]
     Unavailable(String),
 }

@@ -33,7 +33,9 @@ pub use message::{
 #[cfg(feature = "sqlite")]
 pub use sqlite::{Durability, GroupCommits, SqliteConfig, SqliteOpenError, SqliteStore};
 
-/// A storage failure.
+/// A storage failure. Its text is logged as given: a backend keeps
+/// content, phone numbers and phone hashes out of it (a database's own
+/// error may quote the key values it refused).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

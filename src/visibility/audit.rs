@@ -160,7 +160,8 @@ impl Decision {
     }
 }
 
-/// Why an audit sink could not record a decision.
+/// Why an audit sink could not record a decision. Its text is logged as
+/// given: a sink keeps phone numbers and content out of it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
