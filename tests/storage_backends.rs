@@ -711,3 +711,88 @@ async fn cap_expiry_adds_the_whole_of_a_period_past_2_63_ms() {
         assert_eq!(in_sqlite.expiry, capped, "sqlite, {period:?} {expiry}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// The SQLite backend alone: the working directory (process-wide, so here
+// rather than beside the unit tests, which must not see it change).
+
+/// Whether `needle` occurs in the database file at `path` or its log.
+fn files_contain(path: &std::path::Path, needle: &[u8]) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    [path.to_owned(), std::path::PathBuf::from(wal)]
+        .iter()
+        .any(|p| {
+            std::fs::read(p)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+}
+
+/// Restores the working directory when dropped (even if the test panics).
+struct Cwd(std::path::PathBuf);
+impl Drop for Cwd {
+    fn drop(&mut self) {
+        let _ = std::env::set_current_dir(&self.0);
+    }
+}
+
+/// A store opened with a relative path keeps using its file after the
+/// process changes its working directory (a daemon's `chdir("/")`): fresh
+/// read connections read it, and a scrub empties its log. Before, `open`
+/// kept the path as given and every later connection resolved it again:
+/// reads beyond the pooled connections opened another file or none, and
+/// scrubs failed, leaving destroyed keys in the log.
+#[test]
+fn a_store_opened_by_a_relative_path_survives_a_change_of_directory() {
+    use custodian::store::KeyStore;
+    let epoch_key = |id: u64, blob: Vec<u8>| WrappedKey {
+        id: KeyId {
+            business: b(0),
+            kind: KeyKind::Epoch,
+            id,
+        },
+        kek_version: 1,
+        blob,
+    };
+    let home = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let _restore = Cwd(std::env::current_dir().unwrap());
+    std::env::set_current_dir(home.path()).unwrap();
+    // No pooled readers: every read opens a connection.
+    let config = SqliteConfig {
+        readers: 0,
+        ..SqliteConfig::default()
+    };
+    let store = SqliteStore::open("custodian.db", config).unwrap();
+    let absolute = home.path().canonicalize().unwrap().join("custodian.db");
+    assert_eq!(store.path(), absolute);
+    let secret: Vec<u8> = (0..48u8).map(|i| i ^ 0xa5).collect();
+    rt().block_on(async {
+        store
+            .insert_key(epoch_key(1, secret.clone()))
+            .await
+            .unwrap();
+        store.insert_key(epoch_key(2, vec![7; 48])).await.unwrap();
+        store.delete_keys(&[epoch_key(1, vec![]).id]).await.unwrap();
+    });
+    assert!(
+        files_contain(&absolute, &secret),
+        "the test cannot see the log"
+    );
+
+    std::env::set_current_dir(elsewhere.path()).unwrap();
+    let rt = rt();
+    let read = rt.block_on(store.key(&epoch_key(2, vec![]).id));
+    assert!(
+        matches!(read, Ok(Some(_))),
+        "a live key no longer reads: {read:?}"
+    );
+    let scrub = rt.block_on(store.scrub());
+    assert!(scrub.is_ok(), "scrub failed after a chdir: {scrub:?}");
+    assert!(
+        !files_contain(&absolute, &secret),
+        "the deleted key is still in the log after the scrub"
+    );
+    assert!(!elsewhere.path().join("custodian.db").exists());
+}

@@ -105,7 +105,10 @@ pub enum Op {
         reference: String,
     },
     /// Count one billable message of `business` in the period from `start`
-    /// to `end`, of `category`, among the counts no take holds yet.
+    /// to `end`, of `category`, among the counts no take holds yet. A
+    /// stored count that is not an integer (damaged) fails the batch as
+    /// [`StoreError::Corrupt`](super::StoreError::Corrupt): the bill is
+    /// refused, never dropped.
     Bill {
         /// The business.
         business: BusinessId,

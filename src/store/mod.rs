@@ -255,7 +255,10 @@ pub trait Storage: KeyStore {
     /// open message is never deleted: it must be marked failed first. The
     /// stored holds are read in the same atomic step, so a hold stored since
     /// `holds` was read (by another process on the same store, say) is
-    /// honoured too.
+    /// honoured too. Of a stored hold only what it covers is read: one whose
+    /// business decodes but whose scope does not is taken as a hold of that
+    /// whole business; one whose business does not decode fails the call
+    /// with [`StoreError::Corrupt`].
     async fn delete_expired(
         &self,
         now: Timestamp,
@@ -313,13 +316,14 @@ pub trait Storage: KeyStore {
     async fn billing_businesses(&self) -> Result<Vec<BusinessId>, StoreError>;
 
     /// Remove what deleted records left behind in the backend's own files,
-    /// where it keeps older versions of its pages (a write-ahead log, say):
-    /// after this, the bytes of deleted messages and destroyed keys are gone
-    /// from the files as well as from the records. Every complete sweep
-    /// calls it at its end, and logs a failure rather than failing: a
-    /// backend that cannot do it now (a reader holds an old snapshot) does
-    /// it at the next sweep. The default, for backends that keep no old
-    /// versions, does nothing.
+    /// where it keeps older versions of its pages (a write-ahead log, say)
+    /// or stale copies of rows it moved: after this, the bytes of deleted
+    /// messages and destroyed keys are gone from the files as well as from
+    /// the records (for `SqliteStore`, see its promises for what a
+    /// configuration may leave). Every complete sweep calls it at its end,
+    /// and logs a failure rather than failing: a backend that cannot do it
+    /// now (a reader holds an old snapshot) does it at the next sweep. The
+    /// default, for backends that keep no old versions, does nothing.
     async fn scrub(&self) -> Result<(), StoreError> {
         Ok(())
     }

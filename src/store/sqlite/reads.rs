@@ -598,6 +598,32 @@ pub(super) fn holds(conn: &Connection) -> Result<Vec<Hold>, StoreError> {
     })
 }
 
+/// What the stored holds cover, for the sweep: only their kind, business
+/// and phone are read. A hold whose business decodes but whose kind or
+/// phone does not is taken as a hold of the whole business (keeping data
+/// is the safe side); one whose business does not decode fails the read.
+pub(super) fn held_scopes(conn: &Connection) -> Result<Vec<HoldScope>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT kind, business, phone FROM holds")
+        .db()?;
+    let mut rows = stmt.query([]).db()?;
+    collect(&mut rows, |r| {
+        let c = Cols::new(r, "holds");
+        let business = c.business(1, "business")?;
+        Ok(match (c.int(0, "kind"), c.phone(2, "phone")) {
+            (Ok(2), Ok(phone)) => HoldScope::Consumer(business, phone),
+            (Ok(1), _) => HoldScope::Business(business),
+            _ => {
+                tracing::warn!(
+                    %business,
+                    "a stored hold's kind or phone does not decode: the sweep keeps the whole business"
+                );
+                HoldScope::Business(business)
+            }
+        })
+    })
+}
+
 pub(super) fn billing(
     conn: &mut Connection,
     business: BusinessId,

@@ -247,10 +247,19 @@ fn wal_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The path of the log's index (shared memory) beside `path`.
+fn shm_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-shm");
+    PathBuf::from(name)
+}
+
 /// Check the header of an existing file with plain reads: it must be a
 /// SQLite database of ours, of a schema version we know, and not shorter
-/// than its header says. Reads only.
-pub(super) fn inspect_header(path: &Path) -> Result<(), SqliteOpenError> {
+/// than its header says. Reads only. Whether the file is in write-ahead
+/// logging with neither a log nor its index beside it: then the file holds
+/// all there is to read.
+pub(super) fn inspect_header(path: &Path) -> Result<bool, SqliteOpenError> {
     let mut file = File::open(path).map_err(|e| io_error(path, e))?;
     let len = file.metadata().map_err(|e| io_error(path, e))?.len();
     if len == 0 {
@@ -304,15 +313,18 @@ pub(super) fn inspect_header(path: &Path) -> Result<(), SqliteOpenError> {
     // hold pages the file does not have yet, so the length proves nothing.
     let pages = u64::from(be32(&header, 28));
     let counted = pages != 0 && be32(&header, 24) == be32(&header, 92);
-    let log = std::fs::metadata(wal_path(path)).map_or(0, |m| m.len());
-    if counted && log == 0 && len < pages.saturating_mul(page_size) {
+    let log = std::fs::metadata(wal_path(path)).ok();
+    if counted && log.as_ref().is_none_or(|m| m.len() == 0) && len < pages.saturating_mul(page_size)
+    {
         return Err(SqliteOpenError::Truncated {
             path: path.to_owned(),
             expected: pages.saturating_mul(page_size),
             actual: len,
         });
     }
-    Ok(())
+    // File format versions 2 and 2: write-ahead logging.
+    let logging = header[18] == 2 && header[19] == 2;
+    Ok(logging && log.is_none() && !shm_path(path).exists())
 }
 
 /// The schema objects a database of `version` has: (type, name, table).
@@ -589,11 +601,7 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
     });
     // The temporary name goes whatever happened; its log and index are gone
     // with the connection that closed cleanly (or never existed).
-    for leftover in [tmp.clone(), wal_path(&tmp), {
-        let mut shm = tmp.as_os_str().to_owned();
-        shm.push("-shm");
-        PathBuf::from(shm)
-    }] {
+    for leftover in [tmp.clone(), wal_path(&tmp), shm_path(&tmp)] {
         let _ = std::fs::remove_file(leftover);
     }
     linked?;

@@ -73,16 +73,41 @@ fn populated(dir: &Path) -> PathBuf {
     path
 }
 
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// `open` must refuse `path` with an error `check` accepts, leaving its
-/// bytes as they were.
+/// bytes as they were and creating nothing beside it.
 fn refused(path: &Path, check: impl Fn(&SqliteOpenError) -> bool) -> SqliteOpenError {
-    let before = std::fs::read(path).unwrap();
-    let err = SqliteStore::open(path, SqliteConfig::default()).unwrap_err();
+    refused_as(path, SqliteConfig::default(), check)
+}
+
+/// [`refused`], opened with `config`.
+fn refused_as(
+    path: &Path,
+    config: SqliteConfig,
+    check: impl Fn(&SqliteOpenError) -> bool,
+) -> SqliteOpenError {
+    let dir = path.parent().unwrap();
+    let (before, files) = (std::fs::read(path).unwrap(), listing(dir));
+    let err = SqliteStore::open(path, config).unwrap_err();
     assert!(check(&err), "unexpected error: {err:?}");
     assert_eq!(
         std::fs::read(path).unwrap(),
         before,
         "a refused file was modified"
+    );
+    assert_eq!(
+        listing(dir),
+        files,
+        "refusing the file created files beside it"
     );
     err
 }
@@ -549,6 +574,10 @@ fn a_version_2_message_reads_with_no_acceptance_recorded_after_the_migration() {
     assert_eq!(stored_version(&path), SCHEMA_VERSION);
 }
 
+/// A store of another region is refused, its bytes as they were and
+/// nothing created beside it. Before, the read-only connection that checks
+/// the file left a `-wal` and a `-shm` file beside it (as it did for every
+/// file refused after a look inside: unexpected tables, say).
 #[test]
 fn a_store_refuses_to_open_as_another_region_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -557,14 +586,12 @@ fn a_store_refuses_to_open_as_another_region_untouched() {
         region: "eu-west".parse().unwrap(),
         ..SqliteConfig::default()
     };
-    let before = std::fs::read(&path).unwrap();
-    let err = SqliteStore::open(&path, eu).unwrap_err();
-    assert!(
-        matches!(&err, SqliteOpenError::RegionMismatch { stored, .. } if stored == Region::LOCAL.as_str()),
-        "{err:?}"
+    let err = refused_as(
+        &path,
+        eu,
+        |e| matches!(e, SqliteOpenError::RegionMismatch { stored, .. } if stored == Region::LOCAL.as_str()),
     );
     assert!(err.to_string().contains("eu-west"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), before);
     // Its own region opens it.
     SqliteStore::open(&path, SqliteConfig::default()).unwrap();
 }
@@ -701,7 +728,8 @@ fn malformed_keys_rings_and_holds_are_corrupt_errors() {
         &format!(
             "INSERT INTO wrapped_keys VALUES ({b}, 2, {z}, 1, X'00', {t});
              INSERT INTO wrapped_keys VALUES ({b}, 99, {z}, 1, X'00', NULL);
-             INSERT INTO holds VALUES (3, {b}, X'', 'ref', {t});",
+             INSERT INTO holds VALUES (3, {b}, X'', 'ref', {t});
+             INSERT INTO holds VALUES (1, 'x', X'', 'ref', {t});",
             z = codec::u64_to_sql(0),
             t = time_sql(Timestamp::from_millis(T0)),
         ),
@@ -725,7 +753,7 @@ fn malformed_keys_rings_and_holds_are_corrupt_errors() {
         Err(StoreError::Corrupt(_))
     ));
     // The stored holds guard the sweep's deletion: it fails rather than
-    // pass by a hold it cannot read.
+    // pass by a hold whose business it cannot read.
     assert!(matches!(
         block_on(store.delete_expired(Timestamp::MAX, Timestamp::MAX, &[], 100)),
         Err(StoreError::Corrupt(_))
@@ -1788,11 +1816,15 @@ fn damaged_billing_rows_are_corrupt_errors_of_their_business_alone() {
 
 /// A billing count this crate cannot have written (text where a biased
 /// integer belongs) fails the read of its business's billing. The next
-/// `Op::Bill` of the same period and category leaves it so. (The upsert's
+/// `Op::Bill` of the same period and category is refused as corrupt, with
+/// nothing of its batch applied, and leaves the row so. (The upsert's
 /// `count + (count < ?)` had SQLite convert the text to 0, which decodes,
-/// biased, as a count of 2^63, handed over at the next export.)
+/// biased, as a count of 2^63, handed over at the next export. Before, the
+/// upsert's `WHERE typeof(count) = 'integer'` then made the bill a silent
+/// no-op: the batch committed, the message was marked billed, and the bill
+/// was lost with nothing logged.)
 #[test]
-fn a_damaged_billing_count_is_not_turned_into_a_count_by_the_next_bill() {
+fn a_bill_over_a_damaged_count_is_refused_and_leaves_it_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("billing.db");
     let bill = Op::Bill {
@@ -1811,8 +1843,17 @@ fn a_damaged_billing_count_is_not_turned_into_a_count_by_the_next_bill() {
         block_on(store.billing(business(1))),
         Err(StoreError::Corrupt(_))
     ));
-    // One more message billed in that period and category.
-    block_on(store.commit(Batch::from(bill))).unwrap();
+    // One more message billed in that period and category, in a batch
+    // that stores a message too: refused whole.
+    let mut batch = Batch::from(bill);
+    batch.push(Op::PutMessage(Box::new(record(1, b"billed"))));
+    let result = block_on(store.commit(batch));
+    assert!(
+        matches!(&result, Err(StoreError::Corrupt(m)) if m.contains("billing.count")),
+        "a bill over a damaged count was not refused: {result:?}"
+    );
+    let message = block_on(store.message(business(1), MessageId::from_bytes([1; 16])));
+    assert_eq!(message.unwrap(), None, "part of a refused batch landed");
     let read = block_on(store.billing(business(1)));
     assert!(
         matches!(read, Err(StoreError::Corrupt(_))),
@@ -1998,4 +2039,339 @@ fn a_read_begun_after_a_dropped_commit_waits_for_it() {
     let mut read = Box::pin(store.message(business(1), MessageId::from_bytes([2; 16])));
     assert!(matches!(read.as_mut().poll(&mut cx), Poll::Ready(Ok(None))));
     other.execute_batch("ROLLBACK").unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The scrub, and what the sweep's guards read
+
+/// Message `i` of `business`, about `phone`, delivered and expired at
+/// `T0 + 1000`.
+fn settled(business: BusinessId, i: u32, phone: PhoneHash) -> MessageRecord {
+    let mut id = [0x11u8; 16];
+    id[..4].copy_from_slice(&i.to_be_bytes());
+    MessageRecord {
+        business,
+        id: MessageId::from_bytes(id),
+        phone,
+        delivery: Delivery {
+            status: Status::Delivered,
+            failure: None,
+            attempts: 1,
+            next_attempt: None,
+            pending_devices: 0,
+            accepted_by: 0,
+        },
+        ..record(0, &[0x5a; 100])
+    }
+}
+
+/// A stored hold whose placing time or kind or phone is damaged does not
+/// stop the sweep of other businesses; one whose kind or phone is damaged
+/// keeps its whole business. Before, the sweep decoded every hold in full
+/// (reference and placing time too) and failed on the first that did not
+/// decode: a damaged `placed` on a hold of business 2 stopped the deletion
+/// of every business's expired messages for as long as the row stayed.
+#[test]
+fn a_damaged_hold_stops_no_other_businesss_sweep_and_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holds.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let held = PhoneHash::from_bytes([4; 16]);
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..3 {
+            let phone = PhoneHash::from_bytes([3; 16]);
+            batch.push(Op::PutMessage(Box::new(settled(business(1), i, phone))));
+            // Business 3: one consumer held, one not.
+            batch.push(Op::PutMessage(Box::new(settled(business(3), i, held))));
+            batch.push(Op::PutMessage(Box::new(settled(
+                business(3),
+                10 + i,
+                phone,
+            ))));
+        }
+        batch.push(Op::PutHold(Hold {
+            scope: HoldScope::Business(business(2)),
+            reference: "case-7".into(),
+            placed: Timestamp::from_millis(T0),
+        }));
+        batch.push(Op::PutHold(Hold {
+            scope: HoldScope::Consumer(business(3), held),
+            reference: "case-8".into(),
+            placed: Timestamp::from_millis(T0),
+        }));
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    tamper(&path, "UPDATE holds SET placed = 'yesterday'");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let now = Timestamp::from_millis(T0 + 86_400_000);
+    let swept = block_on(store.delete_expired(now, now, &[], 100));
+    let gone = |swept: &Result<Vec<ExpiredMessage>, StoreError>| -> Vec<(u64, bool)> {
+        let mut gone: Vec<_> = swept
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.business.get(), m.phone == held))
+            .collect();
+        gone.sort_unstable();
+        gone
+    };
+    // The consumer hold as stored: only its consumer is kept.
+    assert!(
+        swept.is_ok(),
+        "the sweep stopped at a damaged hold: {swept:?}"
+    );
+    let expected: Vec<(u64, bool)> = [(1, false); 3].into_iter().chain([(3, false); 3]).collect();
+    assert_eq!(gone(&swept), expected);
+    drop(store);
+
+    // Its phone damaged: the whole of business 3 is kept.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("holds.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..3 {
+            batch.push(Op::PutMessage(Box::new(settled(business(1), i, held))));
+            batch.push(Op::PutMessage(Box::new(settled(business(3), 10 + i, held))));
+        }
+        batch.push(Op::PutHold(Hold {
+            scope: HoldScope::Consumer(business(3), PhoneHash::from_bytes([9; 16])),
+            reference: "case-9".into(),
+            placed: Timestamp::from_millis(T0),
+        }));
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    tamper(&path, "UPDATE holds SET phone = X'0909'");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let swept = block_on(store.delete_expired(now, now, &[], 100));
+    assert!(
+        swept.is_ok(),
+        "the sweep stopped at a damaged hold: {swept:?}"
+    );
+    assert_eq!(gone(&swept), [(1, true); 3]);
+    assert_eq!(block_on(store.census()).unwrap().messages, 3);
+}
+
+/// Statistics that a host gathered on the file (`ANALYZE`: `sqlite_stat4`
+/// samples index keys, `(business, phone, expiry)` of `messages_phone`
+/// among them) keep no deleted phone hash past a scrub. Before, nothing
+/// ever rewrote the samples: the phone hash stayed in the file for good.
+#[test]
+fn statistics_samples_keep_no_deleted_phone_hash_past_a_scrub() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custodian.db");
+    let phone = PhoneHash::from_bytes([
+        0xd7, 0x3b, 0x19, 0x88, 0x02, 0xee, 0x41, 0x5c, 0x9a, 0x07, 0x63, 0xf1, 0x2d, 0xb4, 0x70,
+        0x1e,
+    ]);
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..20 {
+            batch.push(Op::PutMessage(Box::new(settled(business(1), i, phone))));
+        }
+        store.commit(batch).await.unwrap();
+    });
+    drop(store);
+    // An operator gathers statistics.
+    tamper(&path, "ANALYZE");
+    assert!(count(&path, "sqlite_stat4") > 0, "no samples taken");
+    assert!(file_contains(&path, phone.as_bytes()));
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        let now = Timestamp::from_millis(T0 + 86_400_000);
+        let gone = store.delete_expired(now, now, &[], 1000).await.unwrap();
+        assert_eq!(gone.len(), 20);
+        assert_eq!(store.census().await.unwrap().phones, 0);
+        store.scrub().await.unwrap();
+    });
+    drop(store);
+    assert!(
+        !file_contains(&path, phone.as_bytes()),
+        "the deleted consumer's phone hash is still in the file ({} samples left)",
+        count(&path, "sqlite_stat4")
+    );
+    // The counts stay.
+    assert!(count(&path, "sqlite_stat1") > 0);
+}
+
+/// A pseudo-random 16-byte phone hash for consumer `i` (xorshift).
+fn phone_bytes(i: u32) -> [u8; 16] {
+    let mut x = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = [0u8; 16];
+    for b in &mut out {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    out
+}
+
+/// Store Signal records of 10,000 consumers at `path` with `config`, then
+/// delete every other consumer's (as the orphan sweep does); return the
+/// store and the consumers deleted.
+fn half_the_peers_deleted(path: &Path, config: SqliteConfig) -> (SqliteStore, Vec<u32>) {
+    const N: u32 = 10_000;
+    let store = SqliteStore::open(path, config).unwrap();
+    let peer = |i: u32| PeerId {
+        phone: PhoneHash::from_bytes(phone_bytes(i)),
+        device: 1,
+    };
+    block_on(async {
+        let mut batch = Batch::new();
+        for i in 0..N {
+            batch.push(Op::PutPeer {
+                business: business(1),
+                peer: peer(i),
+                sealed: vec![1; 40],
+            });
+            if batch.ops().len() >= 500 {
+                store.commit(std::mem::take(&mut batch)).await.unwrap();
+            }
+        }
+        store.commit(std::mem::take(&mut batch)).await.unwrap();
+        for i in (0..N).step_by(2) {
+            batch.push(Op::DeletePeer {
+                business: business(1),
+                peer: peer(i),
+            });
+            if batch.ops().len() >= 500 {
+                store.commit(std::mem::take(&mut batch)).await.unwrap();
+            }
+        }
+        store.commit(std::mem::take(&mut batch)).await.unwrap();
+        assert_eq!(store.census().await.unwrap().peers, u64::from(N / 2));
+    });
+    (store, (0..N).step_by(2).collect())
+}
+
+/// Which of `phones` (by consumer) are in the file at `path` or its log.
+fn phones_left(path: &Path, phones: &[u32]) -> Vec<u32> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut windows = std::collections::HashSet::new();
+    for file in [path.to_owned(), PathBuf::from(wal)] {
+        if let Ok(bytes) = std::fs::read(&file) {
+            windows.extend(bytes.windows(16).map(<[u8]>::to_vec));
+        }
+    }
+    phones
+        .iter()
+        .copied()
+        .filter(|&i| windows.contains(&phone_bytes(i)[..]))
+        .collect()
+}
+
+/// Deleted consumers' phone hashes are gone from the file after a scrub,
+/// stale copies included. `secure_delete` zeroes what a deletion frees, but
+/// when SQLite compacts or rebuilds a b-tree page in a rebalance it leaves
+/// the old bytes of cells it moved in the page's free space, unzeroed:
+/// once such a cell is deleted from where it lives now, its stale copy
+/// stays. Before, the scrub only emptied the log, and phone hashes of
+/// deleted consumers stayed in index leaf pages of `peers`; now it
+/// rewrites the file (`VACUUM`) first.
+#[test]
+fn a_scrub_leaves_no_copy_of_deleted_phone_hashes_that_rebalancing_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers.db");
+    let config = SqliteConfig {
+        durability: Durability::Normal,
+        ..SqliteConfig::default()
+    };
+    let (store, deleted) = half_the_peers_deleted(&path, config);
+    block_on(store.scrub()).unwrap();
+    drop(store);
+    let left = phones_left(&path, &deleted);
+    assert!(
+        left.is_empty(),
+        "phone hashes of {} deleted consumers are still in the file: {left:?}",
+        left.len()
+    );
+}
+
+/// With the scrub's `VACUUM` turned off, the stale copies stay past the
+/// scrub (as documented), and [`SqliteStore::vacuum`] removes them while
+/// the store stays open.
+#[test]
+fn vacuum_removes_what_a_scrub_without_it_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peers.db");
+    let config = SqliteConfig {
+        durability: Durability::Normal,
+        vacuum_on_scrub: false,
+        ..SqliteConfig::default()
+    };
+    let (store, deleted) = half_the_peers_deleted(&path, config);
+    block_on(store.scrub()).unwrap();
+    assert!(
+        !phones_left(&path, &deleted).is_empty(),
+        "the test cannot see the stale copies"
+    );
+    block_on(store.vacuum()).unwrap();
+    let left = phones_left(&path, &deleted);
+    assert!(left.is_empty(), "{} deleted phone hashes left", left.len());
+    // The store goes on working.
+    assert_eq!(block_on(store.census()).unwrap().peers, 5_000);
+    block_on(store.commit(Batch::from(Op::PutPeer {
+        business: business(1),
+        peer: PeerId {
+            phone: PhoneHash::from_bytes([1; 16]),
+            device: 1,
+        },
+        sealed: vec![2; 40],
+    })))
+    .unwrap();
+    assert_eq!(block_on(store.census()).unwrap().peers, 5_001);
+}
+
+/// The scrub's `VACUUM` runs between the writer's own transactions: under
+/// constant write load it is not starved of the write lock, and the log
+/// is emptied of a destroyed key all the same.
+#[test]
+fn a_scrub_under_constant_writes_still_rewrites_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("busy.db"), SqliteConfig::default()).unwrap());
+    let secret: Vec<u8> = (0..48u8).map(|i| i ^ 0x3c).collect();
+    block_on(async {
+        store
+            .insert_key(epoch_key(1, secret.clone()))
+            .await
+            .unwrap();
+        store.insert_key(epoch_key(2, vec![7; 48])).await.unwrap();
+        store.delete_keys(&[epoch_key(1, vec![]).id]).await.unwrap();
+    });
+    let path = store.path().to_owned();
+    assert!(file_contains(&path, &secret), "the test cannot see the log");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let peer = PeerId {
+                    phone: PhoneHash::from_bytes(phone_bytes(n)),
+                    device: 1,
+                };
+                block_on(store.commit(Batch::from(Op::PutPeer {
+                    business: business(1),
+                    peer,
+                    sealed: vec![1; 40],
+                })))
+                .unwrap();
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    block_on(store.scrub()).unwrap();
+    let left = file_contains(&path, &secret);
+    stop.store(true, Ordering::Relaxed);
+    assert!(load.join().unwrap() > 0);
+    assert!(!left, "the destroyed key is still in the files");
 }

@@ -39,7 +39,8 @@
 //! to take it), and while any is counted a read first queues a barrier,
 //! answered once everything queued before it has been answered
 //! ([`Writer::settled`]). Abandoned writes are rare, so reads almost never
-//! wait.
+//! wait. Work that must run outside a transaction (the scrub's `VACUUM`)
+//! is queued the same way, and runs between two groups ([`Writer::alone`]).
 //!
 //! The one-shot replies are `futures-channel`'s: runtime-agnostic, small,
 //! maintained with the `futures` crates, and a reply whose sender is dropped
@@ -81,8 +82,11 @@ trait Task: Send {
 enum Job {
     /// A write.
     Write(Box<dyn Task>),
-    /// Answered once every job queued before it has been answered.
-    Barrier(oneshot::Sender<()>),
+    /// Work outside any transaction, once every job queued before it has
+    /// been answered, and before any queued after it runs: a barrier, or
+    /// maintenance (a `VACUUM` cannot run inside a transaction). It sends
+    /// its own reply.
+    Alone(Box<dyn FnOnce(&Connection) + Send>),
 }
 
 struct Typed<T, F> {
@@ -274,6 +278,27 @@ impl Writer {
         .await
     }
 
+    /// Run `work` on the writer's connection outside any transaction,
+    /// between two groups: every write queued before it is answered first,
+    /// and every write queued after it waits for it. For what cannot run in
+    /// a transaction (`VACUUM`); it does not wait for the file's write lock
+    /// behind the store's own writes.
+    pub(super) async fn alone<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .as_ref()
+            .ok_or_else(writer_gone)?
+            .send(Job::Alone(Box::new(move |conn| {
+                let _ = reply.send(work(conn));
+            })))
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
     /// Resolves once every task whose caller stopped waiting for it before
     /// this call has landed or failed; at once when there is none. A
     /// stopped thread lands nothing more, so it is not waited for.
@@ -281,12 +306,7 @@ impl Writer {
         if self.abandoned.load(Ordering::Acquire) <= 0 {
             return;
         }
-        let (done, settled) = oneshot::channel();
-        if let Some(queue) = &self.queue
-            && queue.send(Job::Barrier(done)).is_ok()
-        {
-            let _ = settled.await;
-        }
+        let _ = self.alone(|_| Ok(())).await;
     }
 }
 
@@ -302,30 +322,30 @@ impl Drop for Writer {
 
 fn run(conn: Connection, jobs: mpsc::Receiver<Job>, max_group: usize, counts: &Counts) {
     let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group);
-    let mut barrier = None;
+    let mut after = None;
     while let Ok(first) = jobs.recv() {
         match first {
             Job::Write(task) => group.push(task),
-            Job::Barrier(done) => {
-                let _ = done.send(());
+            Job::Alone(work) => {
+                work(&conn);
                 continue;
             }
         }
-        // A group ends at a barrier, which is answered once the group is
-        // (a task set aside in it included).
+        // A group ends at work to run alone, which runs once the group is
+        // answered (a task set aside in it included).
         while group.len() < max_group {
             match jobs.try_recv() {
                 Ok(Job::Write(task)) => group.push(task),
-                Ok(Job::Barrier(done)) => {
-                    barrier = Some(done);
+                Ok(Job::Alone(work)) => {
+                    after = Some(work);
                     break;
                 }
                 Err(_) => break,
             }
         }
         commit_group(&conn, &mut group, counts);
-        if let Some(done) = barrier.take() {
-            let _ = done.send(());
+        if let Some(work) = after.take() {
+            work(&conn);
         }
     }
     // Closing the last connection checkpoints the log into the file.

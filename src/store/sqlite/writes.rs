@@ -248,24 +248,38 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             start,
             end,
             category,
-        } => conn
-            .prepare_cached(
-                "INSERT INTO billing (business, take_id, period_start, period_end, category, count)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (business, take_id, period_start, period_end, category)
-                 DO UPDATE SET count = count + (count < ?7)
-                 WHERE typeof(count) = 'integer'",
-            )
-            .db()?
-            .execute(params![
-                business_sql(*business),
-                u64_to_sql(0),
-                time_sql(*start),
-                time_sql(*end),
-                category.code(),
-                u64_to_sql(1),
-                i64::MAX,
-            ]),
+        } => {
+            let counted = conn
+                .prepare_cached(
+                    "INSERT INTO billing (business, take_id, period_start, period_end, category, count)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (business, take_id, period_start, period_end, category)
+                     DO UPDATE SET count = count + (count < ?7)
+                     WHERE typeof(count) = 'integer'",
+                )
+                .db()?
+                .execute(params![
+                    business_sql(*business),
+                    u64_to_sql(0),
+                    time_sql(*start),
+                    time_sql(*end),
+                    category.code(),
+                    u64_to_sql(1),
+                    i64::MAX,
+                ])
+                .db()?;
+            // Nothing updated: the stored count is not an integer. Counting
+            // the message as billed would lose the bill.
+            if counted == 0 {
+                return Err(codec::corrupt(
+                    "billing.count",
+                    format_args!(
+                        "not an integer for business {business}, {category:?}, period {start} to {end}: the bill cannot be counted"
+                    ),
+                ));
+            }
+            Ok(counted)
+        }
         Op::TakeBilling {
             business,
             id,
@@ -595,13 +609,8 @@ pub(super) fn delete_expired(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    // Decoded as `Storage::holds` reads them: a stored hold that does not
-    // decode fails the deletion it guards.
-    let stored = reads::holds(conn)?;
-    let scopes: Vec<&HoldScope> = holds
-        .iter()
-        .chain(stored.iter().map(|h| &h.scope))
-        .collect();
+    let stored = reads::held_scopes(conn)?;
+    let scopes: Vec<&HoldScope> = holds.iter().chain(&stored).collect();
     if !scopes.is_empty() {
         conn.prepare_cached("DELETE FROM temp.held")
             .db()?
