@@ -112,12 +112,7 @@ impl HoldGate {
         } else {
             None
         };
-        let scopes: Arc<[HoldScope]> = storage
-            .holds()
-            .await?
-            .into_iter()
-            .map(|h| h.scope)
-            .collect();
+        let scopes: Arc<[HoldScope]> = storage.held_scopes().await?.into();
         let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
         // A change written while the store was read may be missing from it.
         if kept.changes == changes {

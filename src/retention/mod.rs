@@ -438,11 +438,9 @@ impl Retention {
         // Under the gate: no hold is placed between the check and the
         // destroy.
         let _gate = self.hold_gate.lock(&*self.storage).await?;
-        for hold in self.storage.holds().await? {
-            if hold.scope.business() == business
-                && held_epochs(&*self.storage, hold.scope)
-                    .await?
-                    .contains(&epoch)
+        for scope in self.storage.held_scopes().await? {
+            if scope.business() == business
+                && held_epochs(&*self.storage, scope).await?.contains(&epoch)
             {
                 return Err(HoldError::Held);
             }
@@ -473,10 +471,10 @@ impl Retention {
         let _gate = self.hold_gate.lock(&*self.storage).await?;
         if self
             .storage
-            .holds()
+            .held_scopes()
             .await?
             .iter()
-            .any(|hold| hold.scope.covers(business, phone))
+            .any(|scope| scope.covers(business, phone))
         {
             return Err(HoldError::ConsumerHeld);
         }

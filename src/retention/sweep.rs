@@ -206,13 +206,7 @@ impl<'a> Sweep<'a> {
     /// The holds in force now, and the gate that keeps them so for a step.
     async fn held(&self) -> Result<Held<'a>, SweepError> {
         let gate = self.hold_gate.lock(self.storage).await?;
-        let scopes = self
-            .storage
-            .holds()
-            .await?
-            .into_iter()
-            .map(|h| h.scope)
-            .collect();
+        let scopes = self.storage.held_scopes().await?.into_iter().collect();
         Ok(Held {
             scopes,
             _gate: gate,

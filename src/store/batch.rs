@@ -105,10 +105,12 @@ pub enum Op {
         reference: String,
     },
     /// Count one billable message of `business` in the period from `start`
-    /// to `end`, of `category`, among the counts no take holds yet. A
-    /// stored count that is not an integer (damaged) fails the batch as
-    /// [`StoreError::Corrupt`](super::StoreError::Corrupt): the bill is
-    /// refused, never dropped.
+    /// to `end`, of `category`, among the counts no take holds yet. Over a
+    /// stored count that is not an integer (damaged: what it counted is
+    /// lost, and reads of the business's billing fail as
+    /// [`StoreError::Corrupt`](super::StoreError::Corrupt) until an operator
+    /// restores it) the bill is left out, logged, and the rest of the batch
+    /// applies: a damaged count stops no message's bookkeeping.
     Bill {
         /// The business.
         business: BusinessId,

@@ -305,6 +305,17 @@ pub trait Storage: KeyStore {
     /// The legal holds in force.
     async fn holds(&self) -> Result<Vec<Hold>, StoreError>;
 
+    /// What the legal holds in force cover: the scopes of
+    /// [`holds`](Self::holds), for the checks that guard a deletion (the
+    /// sweep, early shreds, forgetting a consumer). A backend that can read
+    /// a damaged hold's business but not the rest of its scope answers the
+    /// whole business (keeping data is the safe side), so that one damaged
+    /// hold stops no other business's sweep; one whose business it cannot
+    /// read fails the call.
+    async fn held_scopes(&self) -> Result<Vec<HoldScope>, StoreError> {
+        Ok(self.holds().await?.into_iter().map(|h| h.scope).collect())
+    }
+
     /// How much the store holds.
     async fn census(&self) -> Result<Census, StoreError>;
 

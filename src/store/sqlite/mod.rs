@@ -284,8 +284,9 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 /// - **Foreign files are left alone.** Opening refuses, with a
 ///   [`SqliteOpenError`] and without writing a byte, anything that is not a
 ///   custodian database of a known schema version, and creates nothing
-///   beside a file it refuses (but where the file has a log without its
-///   index, as a crash can leave: then the check creates the `-shm` index).
+///   beside a file it refuses (but where a crash left a log without its
+///   index, or a rollback journal: then the check, read-only, may create
+///   the log's files; it never rolls the journal back).
 ///   Older versions are migrated forward.
 /// - **No panics on bad data.** A stored value this crate could not have
 ///   written is [`StoreError::Corrupt`].
@@ -820,6 +821,10 @@ impl Storage for SqliteStore {
 
     async fn holds(&self) -> Result<Vec<Hold>, StoreError> {
         self.reads().await.with(|c| reads::holds(c))
+    }
+
+    async fn held_scopes(&self) -> Result<Vec<HoldScope>, StoreError> {
+        self.reads().await.with(|c| reads::held_scopes(c))
     }
 
     async fn census(&self) -> Result<Census, StoreError> {

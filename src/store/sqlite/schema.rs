@@ -242,23 +242,26 @@ fn io_error(path: &Path, source: std::io::Error) -> SqliteOpenError {
 
 /// The path of the write-ahead log beside `path`.
 fn wal_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
+    suffixed(path, "-wal")
 }
 
 /// The path of the log's index (shared memory) beside `path`.
 fn shm_path(path: &Path) -> PathBuf {
+    suffixed(path, "-shm")
+}
+
+/// `path` with `suffix` appended to its file name.
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push("-shm");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
 /// Check the header of an existing file with plain reads: it must be a
 /// SQLite database of ours, of a schema version we know, and not shorter
 /// than its header says. Reads only. Whether the file is in write-ahead
-/// logging with neither a log nor its index beside it: then the file holds
-/// all there is to read.
+/// logging with neither a log, its index nor a rollback journal beside it:
+/// then the file holds all there is to read.
 pub(super) fn inspect_header(path: &Path) -> Result<bool, SqliteOpenError> {
     let mut file = File::open(path).map_err(|e| io_error(path, e))?;
     let len = file.metadata().map_err(|e| io_error(path, e))?.len();
@@ -322,9 +325,12 @@ pub(super) fn inspect_header(path: &Path) -> Result<bool, SqliteOpenError> {
             actual: len,
         });
     }
-    // File format versions 2 and 2: write-ahead logging.
+    // File format versions 2 and 2: write-ahead logging. A rollback
+    // journal beside it (a crash while the file turned to the log) would be
+    // rolled back by a connection that may write: not logless then.
     let logging = header[18] == 2 && header[19] == 2;
-    Ok(logging && log.is_none() && !shm_path(path).exists())
+    let journal = suffixed(path, "-journal");
+    Ok(logging && log.is_none() && !shm_path(path).exists() && !journal.exists())
 }
 
 /// The schema objects a database of `version` has: (type, name, table).

@@ -268,15 +268,18 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                     i64::MAX,
                 ])
                 .db()?;
-            // Nothing updated: the stored count is not an integer. Counting
-            // the message as billed would lose the bill.
+            // Nothing updated: the stored count is not an integer, and what
+            // it counted is lost already. Refusing the batch would stall
+            // every send and report of the business in that category for
+            // the rest of the period, and restore nothing: the message goes
+            // unbilled, logged, and the count is for an operator to restore
+            // (the billing read refuses it until then).
             if counted == 0 {
-                return Err(codec::corrupt(
-                    "billing.count",
-                    format_args!(
-                        "not an integer for business {business}, {category:?}, period {start} to {end}: the bill cannot be counted"
-                    ),
-                ));
+                tracing::warn!(
+                    %business,
+                    ?category,
+                    "a stored billing count is damaged: a message is left out of it"
+                );
             }
             Ok(counted)
         }
