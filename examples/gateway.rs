@@ -10,9 +10,10 @@
 //! remains, and ends with a summary of the audit trail.
 //!
 //! It exits non-zero, saying which, if a promise was broken: a consumer
-//! message not handed to its business exactly once or under another
-//! sender, a business message missing on a device, altered there or sent
-//! again after it was reported delivered, a message without a final
+//! message not handed to its business exactly once or handed over under
+//! another sender or with other content, a business message missing on a
+//! device, altered on any copy there, carried under another id than its
+//! own, or sent again after it was reported delivered, a message without a final
 //! delivered status or not billed exactly once, a release in the audit
 //! trail the visibility policy forbids (or a handover without its
 //! releases), or, after the sweep, any
@@ -999,6 +1000,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         })
         .count();
     let (twice, repeats) = handed_again(&copies);
+    let altered_handovers = sink.altered_handovers();
     let unacknowledged = copies.values().filter(|c| c.handed == 0).count();
     let (lost_replies, injected): (u32, u32) = copies
         .values()
@@ -1007,6 +1009,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         "\ninbound: {} of {} messages reached their business, under {} ids in all; \
          reached another business: {elsewhere}; handed over again after the business took them: \
          {twice} ({repeats} repeat handovers, taken or not); with another sender: {wrong_sender}; \
+         handed over again with another sender or content: {altered_handovers}; \
          extra copies from lost replies: {lost_replies}, from injected duplicates: {injected}",
         writes.messages.len() - never,
         total_in,
@@ -1025,6 +1028,12 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     if wrong_sender > 0 {
         broken.push(format!(
             "{wrong_sender} consumer messages reached their business under another sender"
+        ));
+    }
+    if altered_handovers > 0 {
+        broken.push(format!(
+            "{altered_handovers} handovers of a consumer message named another sender or carried \
+             other content than its first"
         ));
     }
     if contents.len() != received.len() {
@@ -1046,9 +1055,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // Outbound: every device of the recipient has each message, from its
-    // business and as it was written; decrypted copies beyond the first are
-    // retransmissions made before any delivery report came back, and each
-    // message ended delivered.
+    // business and as it was written, under its own id, every copy alike;
+    // decrypted copies beyond the first are retransmissions made before
+    // any delivery report came back (no device sent again after it, and
+    // none asked with a retry receipt), and each message ended delivered.
     let told = final_statuses(&sink);
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let (mut missing_copies, mut extra_copies, mut not_delivered) = (0usize, 0u64, 0usize);
@@ -1082,9 +1092,13 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let after_delivery = network.resent_after_delivery().await;
+    let altered_later = network.altered_copies().await;
+    let mislabelled = network.mislabelled().await;
     println!(
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
          from another business or altered: {altered_copies}; \
+         later copies unlike the first: {altered_later}; \
+         under another id than their payload's: {mislabelled}; \
          retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}; \
          retry receipts (a copy a device could not decrypt): {retry_receipts}"
     );
@@ -1097,6 +1111,18 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         broken.push(format!(
             "{altered_copies} device copies of business messages came from another business or \
              differ from what it sent"
+        ));
+    }
+    if altered_later > 0 {
+        broken.push(format!(
+            "{altered_later} later device copies of business messages came from another business \
+             or differ from the first"
+        ));
+    }
+    if mislabelled > 0 {
+        broken.push(format!(
+            "{mislabelled} device copies of business messages were carried under another id than \
+             their payload's"
         ));
     }
     if missing_copies > 0 {

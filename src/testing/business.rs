@@ -20,7 +20,9 @@
 //! handover returned `Ok`: the record counts each such handover when it
 //! is made, whatever became of it (taken, refused, request or reply
 //! lost), as [`Copies::after_taken`]; [`SimBusiness::messages`] gives 1
-//! for a message handed over exactly once.
+//! for a message handed over exactly once. A handover naming another
+//! sender or carrying other content than the message's first is counted
+//! too, in [`SimBusiness::altered_handovers`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,6 +95,10 @@ enum Item {
     },
 }
 
+/// What a handover of a message carries besides its id: the business,
+/// the sender (number and device) and the content.
+type Handover = (BusinessId, PhoneNumber, u32, Vec<u8>);
+
 /// A copy the business took, shown in the record from `visible`.
 struct Arrival {
     visible: Timestamp,
@@ -112,6 +118,10 @@ struct Record {
     copies: BTreeMap<MessageId, Copies>,
     /// Messages a handover of which returned `Ok`.
     taken: BTreeSet<MessageId>,
+    /// What the first handover of each message carried.
+    first_handover: BTreeMap<MessageId, Handover>,
+    /// Handovers that carried other than the first of their message.
+    altered: u64,
     contents: Vec<(BusinessId, MessageId, Vec<u8>)>,
     /// The sender of each message's first copy.
     senders: BTreeMap<MessageId, (PhoneNumber, u32)>,
@@ -171,16 +181,32 @@ impl Record {
         }
     }
 
-    /// A handover of `id` is made: a repeat if one returned `Ok` before.
+    /// A handover of `id` is made: a repeat if one returned `Ok` before,
+    /// altered if it carries other than the first.
     fn handover(
         &mut self,
         id: MessageId,
         now: Timestamp,
-        item: impl Fn() -> Item,
+        handover: Handover,
     ) -> Result<(), SinkError> {
         if self.taken.contains(&id) {
             self.copies.entry(id).or_default().after_taken += 1;
         }
+        let first = self
+            .first_handover
+            .entry(id)
+            .or_insert_with(|| handover.clone());
+        if *first != handover {
+            self.altered += 1;
+        }
+        let (business, from, device, content) = handover;
+        let item = || Item::Message {
+            business,
+            id,
+            from: from.clone(),
+            device,
+            content: content.clone(),
+        };
         let result = self.take(Leg::Deliver, now, item);
         if result.is_ok() {
             self.taken.insert(id);
@@ -256,6 +282,8 @@ impl SimBusiness {
                 seq: 0,
                 copies: BTreeMap::new(),
                 taken: BTreeSet::new(),
+                first_handover: BTreeMap::new(),
+                altered: 0,
                 contents: Vec::new(),
                 senders: BTreeMap::new(),
                 statuses: BTreeMap::new(),
@@ -303,6 +331,16 @@ impl SimBusiness {
         self.record().senders.clone()
     }
 
+    /// Handovers of a message that named another business or sender
+    /// (number and device), or carried other content, than its first
+    /// handover did, whatever their outcome (counted when the call is
+    /// made): none when the processor hands each message over again as
+    /// it first did. [`contents`](Self::contents) and
+    /// [`senders`](Self::senders) show first copies only.
+    pub fn altered_handovers(&self) -> u64 {
+        self.record().altered
+    }
+
     /// Statuses shown so far per message, in the order they showed:
     /// everything the processor sent that the business took (including
     /// those whose reply was lost), without the injector's duplicates.
@@ -335,13 +373,13 @@ impl SimBusiness {
 impl BusinessSink for SimBusiness {
     async fn deliver(&self, message: &InboundMessage) -> Result<(), SinkError> {
         let now = self.clock.now();
-        self.record().handover(message.id, now, || Item::Message {
-            business: message.business,
-            id: message.id,
-            from: message.from.clone(),
-            device: message.device,
-            content: message.content.to_vec(),
-        })
+        let handover = (
+            message.business,
+            message.from.clone(),
+            message.device,
+            message.content.to_vec(),
+        );
+        self.record().handover(message.id, now, handover)
     }
 
     async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {

@@ -93,9 +93,13 @@
 //!   way [`PumpReport::last_error`] says why.
 //! - A device counts the copies of each message it decrypted
 //!   ([`SimNetwork::received`]): those beyond the first are the
-//!   processor's retransmissions. A copy of one ciphertext that the
-//!   network duplicated fails to decrypt and is counted nowhere, so
-//!   device-side duplicates are not reported.
+//!   processor's retransmissions, and any that differ from the first
+//!   are counted in [`SimNetwork::altered_copies`]. A copy of one
+//!   ciphertext that the network duplicated fails to decrypt and is
+//!   counted nowhere, so device-side duplicates are not reported.
+//! - The network reports delivery under the id it carried a ciphertext
+//!   under, as a real one must; a payload naming another id is counted
+//!   in [`SimNetwork::mislabelled`].
 //! - [`SimNetwork::add_consumer`] with 0 devices adds a consumer with no
 //!   device: it cannot send, and the processor's messages to it fail as
 //!   to a number nobody has.

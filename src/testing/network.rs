@@ -155,8 +155,14 @@ struct Net {
     accepted: BTreeSet<(BusinessId, MessageId, u32)>,
     /// Sends to a device the network had already accepted the message
     /// for, made after the processor took the message's delivery report
-    /// (and not asked for by the device's retry receipt).
+    /// (and not asked for by the device's retry receipt), refused or not.
     resent_after_report: u64,
+    /// Copies a device decrypted whose payload names another message id
+    /// than the one the network carried.
+    mislabelled: u64,
+    /// Copies of a message beyond a device's first whose content or
+    /// sending business differ from the first's.
+    altered_copies: u64,
     /// Messages a device asked for again (a retry receipt), per device.
     asked: BTreeSet<(BusinessId, MessageId, u32)>,
     seq: u64,
@@ -283,7 +289,7 @@ impl Net {
 }
 
 /// What one [`SimNetwork::pump`] did.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PumpReport {
     /// Consumer messages handed to the processor (including duplicates).
     pub to_processor: u64,
@@ -308,8 +314,9 @@ pub struct PumpReport {
     /// delivery: a copy the network duplicated, or delivered again because
     /// the answer was lost, counts again.
     pub refused: u64,
-    /// The last error the processor answered a consumer message or a
-    /// delivery report with, refused for good or not, as text.
+    /// The last error the processor answered a consumer message, a
+    /// delivery report or a retry receipt with, refused for good or not,
+    /// as text.
     pub last_error: Option<String>,
     /// Items still in flight afterwards.
     pub in_flight: u64,
@@ -370,6 +377,8 @@ impl SimNetwork {
                 reported: BTreeSet::new(),
                 accepted: BTreeSet::new(),
                 resent_after_report: 0,
+                mislabelled: 0,
+                altered_copies: 0,
                 asked: BTreeSet::new(),
                 seq: 0,
                 faults: Injector::new(faults, seed),
@@ -383,6 +392,14 @@ impl SimNetwork {
     /// Add a consumer with `devices` devices (ids 0..devices). With 0,
     /// the consumer has no device: it sends nothing, and the processor
     /// finds no device to send to, as for a number nobody has.
+    ///
+    /// Adding a number again reinstalls it: new devices, with new keys
+    /// and no sessions, and what the old ones received
+    /// ([`received`](Self::received), [`contents`](Self::contents)) is
+    /// forgotten. The network-wide counts
+    /// ([`resent_after_delivery`](Self::resent_after_delivery),
+    /// [`mislabelled`](Self::mislabelled),
+    /// [`altered_copies`](Self::altered_copies)) keep theirs.
     pub async fn add_consumer(&self, number: &PhoneNumber, devices: u32) {
         let mut net = self.net.lock().await;
         net.consumers.insert(
@@ -577,6 +594,9 @@ impl SimNetwork {
             let Some((id, content)) = parse_device_payload(&plaintext) else {
                 continue;
             };
+            if id != message.id {
+                net.mislabelled += 1;
+            }
             let copies = consumer
                 .received
                 .entry(device)
@@ -584,18 +604,22 @@ impl SimNetwork {
                 .entry(id)
                 .or_insert(0);
             *copies += 1;
+            let contents = consumer.contents.entry(device).or_default();
             if *copies == 1 {
-                consumer
-                    .contents
-                    .entry(device)
-                    .or_default()
-                    .push((business, id, content.to_vec()));
+                contents.push((business, id, content.to_vec()));
+            } else if !contents
+                .iter()
+                .any(|(b, got, c)| *got == id && *b == business && c == content)
+            {
+                net.altered_copies += 1;
             }
+            // Reported under the id the network carried: it cannot read
+            // the one inside.
             let decision = net.faults.decide(Leg::Receipt, now);
             for at in Net::arrivals(decision, now) {
                 let receipt = Receipt {
                     business,
-                    id,
+                    id: message.id,
                     number: number.clone(),
                     device: Some(device),
                 };
@@ -703,10 +727,14 @@ impl SimNetwork {
     }
 
     /// Business message ids each device of `number` decrypted, with how
-    /// many copies (device id → message id → copies). Copies beyond the
-    /// first are the processor's retransmissions (a device drops them by
-    /// id); a duplicate the network made of one ciphertext fails to decrypt
-    /// and is not counted.
+    /// many copies (device id → message id → copies). The id is the one
+    /// inside the payload, what the device reads; the network reports
+    /// delivery under the one it carried ([`Outgoing::id`]), and counts
+    /// copies where the two differ in [`mislabelled`](Self::mislabelled).
+    /// Copies beyond the first are the processor's retransmissions (a
+    /// device drops them by id, and [`altered_copies`](Self::altered_copies)
+    /// counts those that differ from the first); a duplicate the network
+    /// made of one ciphertext fails to decrypt and is not counted.
     pub async fn received(&self, number: &PhoneNumber) -> BTreeMap<u32, BTreeMap<MessageId, u32>> {
         let net = self.net.lock().await;
         net.consumers
@@ -715,7 +743,9 @@ impl SimNetwork {
             .unwrap_or_default()
     }
 
-    /// The contents a device of `number` received (first copies, in order).
+    /// The contents a device of `number` received, with the business that
+    /// sent each (first copies, in order: later ones that differ are
+    /// counted in [`altered_copies`](Self::altered_copies)).
     pub async fn contents(
         &self,
         number: &PhoneNumber,
@@ -778,15 +808,41 @@ impl SimNetwork {
     /// Sends of a message to a device the network had accepted a send of
     /// it for before (whatever sends were refused since), made after the
     /// processor took the message's delivery report (every device had it
-    /// by then). A processor that honours delivery reports makes none: it
-    /// may still retry a device every send to which was refused (it never
-    /// had the message), or one that asked for the message again (a retry
-    /// receipt: not counted), but it does not start another round. With
-    /// this at zero, every copy beyond the first that a device counts
-    /// in [`received`](Self::received) was a retransmission the processor
-    /// made before it knew the message was delivered.
+    /// by then), unless the device asked for the message again since (a
+    /// retry receipt: a device that cannot decrypt a copy asks, and the
+    /// send answering it is not counted). Counted when the call is made,
+    /// so a send the network refuses (an outage, `fail`) counts too.
+    /// Messages are told apart by the id the send carries
+    /// ([`Outgoing::id`]).
+    ///
+    /// A processor that honours delivery reports makes none: it may still
+    /// retry a device every send to which was refused (it never had the
+    /// message), or answer a device's retry receipt, but it does not
+    /// start another round. The copy an answer to a retry receipt carries
+    /// is counted in [`received`](Self::received), however long after the
+    /// report it was sent. So with this at zero, a device's copies beyond
+    /// the first were sent before the processor knew the message was
+    /// delivered, or at the device's request; with no retry receipts
+    /// ([`PumpReport::retry_receipts`]), all before.
     pub async fn resent_after_delivery(&self) -> u64 {
         self.net.lock().await.resent_after_report
+    }
+
+    /// Copies devices decrypted whose payload names another message id
+    /// than the one the network carried them under ([`Outgoing::id`],
+    /// which the network reports delivery under): none when the processor
+    /// labels every ciphertext with the id of the message inside it.
+    pub async fn mislabelled(&self) -> u64 {
+        self.net.lock().await.mislabelled
+    }
+
+    /// Copies of a message a device decrypted beyond its first (counted in
+    /// [`received`](Self::received)) whose content or sending business
+    /// differ from the first copy's (in [`contents`](Self::contents)):
+    /// none when the processor sends each message again as it first sent
+    /// it.
+    pub async fn altered_copies(&self) -> u64 {
+        self.net.lock().await.altered_copies
     }
 
     /// The faults met so far, per leg (legs with no events left out).
@@ -849,8 +905,15 @@ impl Transport for SimNetwork {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
         let net = &mut *net;
-        let decision = net.faults.decide(Leg::Call, now);
         let key = (business, message.id, device);
+        // Counted when the call is made, whatever the network answers.
+        if net.accepted.contains(&key)
+            && !net.asked.contains(&key)
+            && net.reported.contains(&(business, message.id))
+        {
+            net.resent_after_report += 1;
+        }
+        let decision = net.faults.decide(Leg::Call, now);
         if decision.refused() {
             return Err(unavailable(decision));
         }
@@ -860,11 +923,8 @@ impl Transport for SimNetwork {
         if !known.devices.contains_key(&device) {
             return Err(TransportError::Refused("no such device".into()));
         }
-        let accepted_before = !net.accepted.insert(key);
-        let asked = net.asked.remove(&key);
-        if accepted_before && !asked && net.reported.contains(&(business, message.id)) {
-            net.resent_after_report += 1;
-        }
+        net.accepted.insert(key);
+        net.asked.remove(&key);
         let decision = net.faults.decide(Leg::ToDevice, now);
         for at in Net::arrivals(decision, now) {
             let copy = ToDevice {
