@@ -1441,17 +1441,6 @@ fn a_peer_row_that_does_not_decode_is_skipped_by_the_orphan_scan() {
 /// its consumer, page after page across the damaged row.
 #[test]
 fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
-    use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
-    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy};
-    use crate::visibility::MemoryAuditSink;
-
-    struct Told;
-    #[async_trait::async_trait]
-    impl ExpiryNotifier for Told {
-        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
-            true
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let path = populated(dir.path());
     // Damaged rows: one still open (its phone damaged), which the first
@@ -1485,20 +1474,10 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let before = block_on(store.census()).unwrap().messages;
     assert!(before > 1);
-    let keys = Arc::new(KeyManager::new(
-        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        store.clone(),
-    ));
-    let retention = Retention::new(
-        store.clone(),
-        keys,
-        RetentionPolicy::default(),
-        Arc::new(MemoryAuditSink::new()),
-    );
     // Past the report grace: a pending attempt is given up on.
     let now = Timestamp::from_millis(T0 + 2 * 86_400_000);
     // Pages of three, so that pages start, end and pass over the damaged rows.
-    let retention = retention.with_batch(3);
+    let retention = retention(&store).with_batch(3);
     let swept = block_on(retention.sweep(now, &Told)).unwrap();
     let kept = damaged.len() as u64;
     assert_eq!(swept.messages_deleted, before - kept, "{swept:?}");
@@ -1515,30 +1494,37 @@ fn a_row_that_does_not_decode_is_kept_and_the_sweep_goes_on_around_it() {
     assert!(store.damaged_rows_skipped() >= kept);
 }
 
-/// A complete sweep of `store` at `now`, telling no one anything.
-fn sweep(store: &Arc<SqliteStore>, now: Timestamp) -> crate::retention::SweepReport {
+/// Tells no one anything of the messages a sweep deletes.
+struct Told;
+
+#[async_trait::async_trait]
+impl crate::retention::ExpiryNotifier for Told {
+    async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+        true
+    }
+}
+
+/// Retention over `store`, under the default policy and a fresh root key.
+fn retention(store: &Arc<SqliteStore>) -> crate::retention::Retention {
     use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
-    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy};
+    use crate::retention::{Retention, RetentionPolicy};
     use crate::visibility::MemoryAuditSink;
 
-    struct Told;
-    #[async_trait::async_trait]
-    impl ExpiryNotifier for Told {
-        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
-            true
-        }
-    }
     let keys = Arc::new(KeyManager::new(
         Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
         store.clone(),
     ));
-    let retention = Retention::new(
+    Retention::new(
         store.clone(),
         keys,
         RetentionPolicy::default(),
         Arc::new(MemoryAuditSink::new()),
-    );
-    block_on(retention.sweep(now, &Told)).unwrap()
+    )
+}
+
+/// A complete sweep of `store` at `now`, telling no one anything.
+fn sweep(store: &Arc<SqliteStore>, now: Timestamp) -> crate::retention::SweepReport {
+    block_on(retention(store).sweep(now, &Told)).unwrap()
 }
 
 /// The epoch key of business `b` for the epoch ending at `end` (ms).
@@ -2162,17 +2148,6 @@ fn a_damaged_hold_stops_no_other_businesss_sweep_and_keeps_its_own() {
 /// business 1's expired messages stayed.
 #[test]
 fn a_damaged_hold_stops_no_other_businesss_retention_sweep() {
-    use crate::keys::{KeyManager, LocalKeyProvider, SecretKey};
-    use crate::retention::{ExpiryNotifier, Retention, RetentionPolicy};
-    use crate::visibility::MemoryAuditSink;
-
-    struct Told;
-    #[async_trait::async_trait]
-    impl ExpiryNotifier for Told {
-        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
-            true
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("holds.db");
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
@@ -2192,18 +2167,8 @@ fn a_damaged_hold_stops_no_other_businesss_retention_sweep() {
         block_on(store.holds()),
         Err(StoreError::Corrupt(_))
     ));
-    let keys = Arc::new(KeyManager::new(
-        Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        store.clone(),
-    ));
-    let retention = Retention::new(
-        store.clone(),
-        keys,
-        RetentionPolicy::default(),
-        Arc::new(MemoryAuditSink::new()),
-    );
     let now = Timestamp::from_millis(T0 + 10 * 86_400_000);
-    let swept = block_on(retention.sweep(now, &Told));
+    let swept = block_on(retention(&store).sweep(now, &Told));
     assert!(swept.is_ok(), "a damaged hold stopped the sweep: {swept:?}");
     assert_eq!(swept.unwrap().messages_deleted, 3);
 }
