@@ -2426,12 +2426,12 @@ fn a_scrub_under_constant_writes_still_rewrites_the_file() {
     let path = store.path().to_owned();
     assert!(file_contains(&path, &secret), "the test cannot see the log");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let load = {
-        let (store, stop) = (store.clone(), stop.clone());
+        let (store, stop, written) = (store.clone(), stop.clone(), written.clone());
         std::thread::spawn(move || {
-            let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                n += 1;
+                let n = written.load(Ordering::Relaxed) + 1;
                 let peer = PeerId {
                     phone: PhoneHash::from_bytes(phone_bytes(n)),
                     device: 1,
@@ -2442,14 +2442,17 @@ fn a_scrub_under_constant_writes_still_rewrites_the_file() {
                     sealed: vec![1; 40],
                 })))
                 .unwrap();
+                written.store(n, Ordering::Relaxed);
             }
-            n
         })
     };
-    std::thread::sleep(Duration::from_millis(50));
+    // The load is on before the scrub starts (not a wall-clock guess).
+    while written.load(Ordering::Relaxed) < 8 && !load.is_finished() {
+        std::thread::yield_now();
+    }
     block_on(store.scrub()).unwrap();
     let left = file_contains(&path, &secret);
     stop.store(true, Ordering::Relaxed);
-    assert!(load.join().unwrap() > 0);
+    load.join().unwrap();
     assert!(!left, "the destroyed key is still in the files");
 }
