@@ -40,6 +40,26 @@ fn record(id: u8, sealed: &[u8]) -> MessageRecord {
     }
 }
 
+/// A delivery state settled for good: delivered on the first attempt,
+/// nothing left to do.
+const DELIVERED: Delivery = Delivery {
+    status: Status::Delivered,
+    failure: None,
+    attempts: 1,
+    next_attempt: None,
+    pending_devices: 0,
+    accepted_by: 0,
+};
+
+/// A legal hold on `scope` for the case `reference`, placed at `T0`.
+fn held_from_t0(scope: HoldScope, reference: &str) -> Op {
+    Op::PutHold(Hold {
+        scope,
+        reference: reference.into(),
+        placed: Timestamp::from_millis(T0),
+    })
+}
+
 /// A store with a little of everything, closed; returns the file.
 /// The schema version the file at `path` says it has.
 fn stored_version(path: &Path) -> u32 {
@@ -1194,14 +1214,7 @@ fn a_deleted_consumers_phone_hash_leaves_no_bytes_in_the_file() {
             let mut m = record(0, &[i; 300]);
             m.id = MessageId::from_bytes([0xc0 ^ i; 16]);
             m.phone = phone;
-            m.delivery = Delivery {
-                status: Status::Delivered,
-                failure: None,
-                attempts: 1,
-                next_attempt: None,
-                pending_devices: 0,
-                accepted_by: 0,
-            };
+            m.delivery = DELIVERED;
             batch.push(Op::PutMessage(Box::new(m)));
         }
         batch.push(Op::PutPeer {
@@ -1255,14 +1268,7 @@ fn the_sweep_deletes_by_an_index_scan_that_ends_with_the_rows_it_deletes() {
         id[..4].copy_from_slice(&i.to_be_bytes());
         m.id = MessageId::from_bytes(id);
         m.expiry = Timestamp::from_millis(T0 + u64::from(i));
-        m.delivery = Delivery {
-            status: Status::Delivered,
-            failure: None,
-            attempts: 1,
-            next_attempt: None,
-            pending_devices: 0,
-            accepted_by: 0,
-        };
+        m.delivery = DELIVERED;
         batch.push(Op::PutMessage(Box::new(m)));
     }
     writes::apply_batch(&conn, &batch).unwrap();
@@ -1633,11 +1639,7 @@ fn a_damaged_epoch_under_a_hold_keeps_that_business_keys_and_no_others() {
             m.expiry = Timestamp::from_millis(T0 + 30 * 86_400_000);
             batch.push(Op::PutMessage(Box::new(m)));
         }
-        batch.push(Op::PutHold(Hold {
-            scope: HoldScope::Business(business(1)),
-            reference: "case-1".into(),
-            placed: Timestamp::from_millis(T0),
-        }));
+        batch.push(held_from_t0(HoldScope::Business(business(1)), "case-1"));
         store.commit(batch).await.unwrap();
         for key in held.iter().chain([&other]) {
             store.insert_key(key.clone()).await.unwrap();
@@ -2038,14 +2040,7 @@ fn settled(business: BusinessId, i: u32, phone: PhoneHash) -> MessageRecord {
         business,
         id: MessageId::from_bytes(id),
         phone,
-        delivery: Delivery {
-            status: Status::Delivered,
-            failure: None,
-            attempts: 1,
-            next_attempt: None,
-            pending_devices: 0,
-            accepted_by: 0,
-        },
+        delivery: DELIVERED,
         ..record(0, &[0x5a; 100])
     }
 }
@@ -2075,16 +2070,11 @@ fn a_damaged_hold_stops_no_other_businesss_sweep_and_keeps_its_own() {
                 phone,
             ))));
         }
-        batch.push(Op::PutHold(Hold {
-            scope: HoldScope::Business(business(2)),
-            reference: "case-7".into(),
-            placed: Timestamp::from_millis(T0),
-        }));
-        batch.push(Op::PutHold(Hold {
-            scope: HoldScope::Consumer(business(3), held),
-            reference: "case-8".into(),
-            placed: Timestamp::from_millis(T0),
-        }));
+        batch.push(held_from_t0(HoldScope::Business(business(2)), "case-7"));
+        batch.push(held_from_t0(
+            HoldScope::Consumer(business(3), held),
+            "case-8",
+        ));
         store.commit(batch).await.unwrap();
     });
     drop(store);
@@ -2121,11 +2111,10 @@ fn a_damaged_hold_stops_no_other_businesss_sweep_and_keeps_its_own() {
             batch.push(Op::PutMessage(Box::new(settled(business(1), i, held))));
             batch.push(Op::PutMessage(Box::new(settled(business(3), 10 + i, held))));
         }
-        batch.push(Op::PutHold(Hold {
-            scope: HoldScope::Consumer(business(3), PhoneHash::from_bytes([9; 16])),
-            reference: "case-9".into(),
-            placed: Timestamp::from_millis(T0),
-        }));
+        batch.push(held_from_t0(
+            HoldScope::Consumer(business(3), PhoneHash::from_bytes([9; 16])),
+            "case-9",
+        ));
         store.commit(batch).await.unwrap();
     });
     drop(store);
@@ -2156,11 +2145,7 @@ fn a_damaged_hold_stops_no_other_businesss_retention_sweep() {
         let phone = PhoneHash::from_bytes([3; 16]);
         batch.push(Op::PutMessage(Box::new(settled(business(1), i, phone))));
     }
-    batch.push(Op::PutHold(Hold {
-        scope: HoldScope::Business(business(2)),
-        reference: "case-7".into(),
-        placed: Timestamp::from_millis(T0),
-    }));
+    batch.push(held_from_t0(HoldScope::Business(business(2)), "case-7"));
     block_on(store.commit(batch)).unwrap();
     tamper(&path, "UPDATE holds SET placed = 'yesterday'");
     assert!(matches!(
