@@ -1814,6 +1814,55 @@ async fn a_copy_a_device_asked_for_after_the_report_is_not_a_resend() {
     assert_eq!(d.network.altered_copies().await, 0);
 }
 
+/// A device has asked for a message again once its retry receipt reaches
+/// the processor, not when it sends one: a resend made while the receipt
+/// is still on its way (or after it was lost) answers nothing and counts
+/// in `resent_after_delivery`. Here every copy is late: after the
+/// report, a corrupted copy (itself a resend, counted) makes the device
+/// ask, and the message is sent again before the receipt arrives.
+/// Before, the device marked the message asked for as it sent its
+/// receipt, so such a resend, or any made after a receipt was lost, was
+/// not counted.
+#[tokio::test]
+async fn a_resend_before_the_retry_receipt_arrives_counts() {
+    let late = Faults {
+        delay: 1.0,
+        max_delay: Duration::from_secs(600),
+        ..Faults::none()
+    };
+    let d = Deployment::new(late, Faults::none(), 1).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(1, "hello").await;
+    d.run(Duration::from_secs(3600), true).await;
+    assert_eq!(d.status(id).await, Status::Delivered);
+    assert_eq!(d.network.resent_after_delivery().await, 0);
+
+    let corrupt = Outgoing {
+        id,
+        ..garbage_message()
+    };
+    d.network
+        .send(business(), &number(1), 0, &corrupt)
+        .await
+        .unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 1);
+    // The corrupted copy arrives (at most 600 s late); the receipt it
+    // prompts is at least a millisecond late, so it is still on its way.
+    d.clock.advance(Duration::from_secs(601));
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(pumped.retry_receipts, 0, "the receipt is on its way");
+    assert_eq!(d.network.in_flight().await, 1, "the receipt");
+    let again = Outgoing {
+        id,
+        ..garbage_message()
+    };
+    d.network
+        .send(business(), &number(1), 0, &again)
+        .await
+        .unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 2);
+}
+
 /// A device's copy of a message beyond its first that carries other
 /// content than the first is counted in `altered_copies`; one like the
 /// first is not. A Signal peer speaking as the business sends one id

@@ -163,7 +163,8 @@ struct Net {
     /// Copies of a message beyond a device's first whose content or
     /// sending business differ from the first's.
     altered_copies: u64,
-    /// Messages a device asked for again (a retry receipt), per device.
+    /// Messages a device asked for again, per device: its retry receipt
+    /// reached the processor, and no send was accepted since.
     asked: BTreeSet<(BusinessId, MessageId, u32)>,
     seq: u64,
     faults: Injector,
@@ -578,7 +579,6 @@ impl SimNetwork {
                 Ok(plaintext) => plaintext,
                 Err(e) if e.is_duplicate() => continue,
                 Err(_) => {
-                    net.asked.insert((business, message.id, device));
                     let decision = net.faults.decide(Leg::Receipt, now);
                     for at in Net::arrivals(decision, now) {
                         let retry = Retry {
@@ -689,7 +689,22 @@ impl SimNetwork {
                 }
             }
         }
-        let retries = take_due(&mut self.net.lock().await.retries, now);
+        let retries = {
+            let mut net = self.net.lock().await;
+            let retries = take_due(&mut net.retries, now);
+            // A device has asked once its receipt reaches the processor (one
+            // lost on the way asked nothing), marked before the call so that
+            // the sends answering it are not counted as resends.
+            for flight in &retries {
+                let Retry {
+                    business,
+                    id,
+                    device,
+                } = flight.item;
+                net.asked.insert((business, id, device));
+            }
+            retries
+        };
         for chunk in retries.chunks(CONCURRENCY) {
             let calls = chunk.iter().map(|flight| {
                 let Retry {
@@ -809,8 +824,9 @@ impl SimNetwork {
     /// it for before (whatever sends were refused since), made after the
     /// processor took the message's delivery report (every device had it
     /// by then), unless the device asked for the message again since (a
-    /// retry receipt: a device that cannot decrypt a copy asks, and the
-    /// send answering it is not counted). Counted when the call is made,
+    /// device that cannot decrypt a copy sends a retry receipt, and a send
+    /// made once the receipt reached the processor is not counted; one made
+    /// while it is on its way, or after it was lost, is). Counted when the call is made,
     /// so a send the network refuses (an outage, `fail`) counts too.
     /// Messages are told apart by the id the send carries
     /// ([`Outgoing::id`]).
