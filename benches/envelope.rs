@@ -102,7 +102,9 @@ fn envelope(c: &mut Criterion) {
             g.sample_size(20);
         }
         g.bench_function(BenchmarkId::new("seal", name), |b| {
-            b.iter(|| envelope::seal(&epoch_key, black_box(&label), black_box(&plaintext)).unwrap())
+            b.iter(|| {
+                envelope::seal(&epoch_key, black_box(&label), black_box(&plaintext), now).unwrap()
+            })
         });
         g.bench_function(BenchmarkId::new("vault_seal", name), |b| {
             b.iter(|| ready(vault.seal(black_box(&label), black_box(&plaintext))).unwrap())

@@ -369,14 +369,14 @@ impl<'de> Deserialize<'de> for Region {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
     /// `IMPLEMENTS` is true exactly when `T: Zeroize`: the inherent constant,
     /// which exists only under that bound, shadows the blanket trait's.
-    struct ZeroizeProbe<T>(std::marker::PhantomData<T>);
-    trait NoZeroize {
+    pub(crate) struct ZeroizeProbe<T>(std::marker::PhantomData<T>);
+    pub(crate) trait NoZeroize {
         const IMPLEMENTS: bool = false;
     }
     impl<T> NoZeroize for ZeroizeProbe<T> {}

@@ -46,12 +46,11 @@ use zeroize::Zeroizing;
 use crate::envelope::{self, Envelope, EnvelopeError, Header, Label};
 use crate::ids::BusinessId;
 use crate::keys::{Epoch, EpochKey, EpochLength, KeyError, KeyManager};
-use crate::retention::CEILING;
 use crate::time::{Clock, Timestamp};
 
 pub use crate::envelope::SealError;
 
-/// How far past the retention [`CEILING`] from now a sealed record's expiry
+/// How far past the retention [`CEILING`](crate::retention::CEILING) from now a sealed record's expiry
 /// may be: one minute, so that a record the processor gave the full 30
 /// days a moment ago is not refused because the clock stepped back since.
 pub const CLOCK_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -68,6 +67,9 @@ pub enum OpenError {
     #[error("the record belongs to another business")]
     WrongBusiness,
     /// The record's retention has ended; it may not be read, swept or not.
+    /// Reported once the record authenticated under its epoch key, so an
+    /// altered expiry is [`Decrypt`](Self::Decrypt); where that key is gone,
+    /// on the header's word.
     #[error("the record expired at {expiry}")]
     Expired {
         /// When it expired.
@@ -177,12 +179,9 @@ impl Vault {
         expiry: Timestamp,
         now: Timestamp,
     ) -> Result<Epoch, SealError> {
-        // Nothing stays readable past the ceiling: no configuration, and no
-        // caller of the vault, can raise it.
-        if expiry > now.saturating_add(CEILING + CLOCK_TOLERANCE) {
-            return Err(SealError::ExpiryBeyondCeiling { expiry, now });
-        }
-        self.epoch_to_reseal(expiry, now)
+        envelope::check_expiry(expiry, now)?;
+        self.epoch_of(expiry)
+            .ok_or(SealError::ExpiryOutOfRange(expiry))
     }
 
     /// The epoch a record is sealed in again at `now`, with an expiry that
@@ -203,7 +202,7 @@ impl Vault {
 
     /// Seal `plaintext` as the record `label` describes, under the key of the
     /// epoch in which it expires (created on first use). The expiry must be
-    /// in the future and at most the retention [`CEILING`] away (give or
+    /// in the future and at most the retention [`CEILING`](crate::retention::CEILING) away (give or
     /// take [`CLOCK_TOLERANCE`]).
     pub async fn seal(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         if plaintext.len() > envelope::MAX_PLAINTEXT_LEN {
@@ -211,7 +210,7 @@ impl Vault {
         }
         let now = self.clock.now();
         let epoch = self.epoch_to_seal(label.expiry, now)?;
-        let seal = |key: &EpochKey| envelope::seal(key, label, plaintext);
+        let seal = |key: &EpochKey| envelope::seal(key, label, plaintext, now);
         match self.keys.with_cached_epoch_key(label.business, epoch, seal) {
             Some(sealed) => sealed,
             // Once per epoch: boxed so the common path's future stays small.
@@ -230,22 +229,28 @@ impl Vault {
         if label.business != business {
             return Err(OpenError::WrongBusiness);
         }
-        if self.clock.now() >= label.expiry {
-            return Err(OpenError::Expired {
-                expiry: label.expiry,
-            });
-        }
+        // Authenticated before the expiry is believed: an altered header is
+        // `Decrypt`, like any other altered byte. Only where the key is gone
+        // can an expired record not be told from a forged one.
+        let expired = || OpenError::Expired {
+            expiry: label.expiry,
+        };
         let open = |key: &EpochKey| envelope.open(key).map_err(|_| OpenError::Decrypt);
-        let plaintext = match self
+        let opened = match self
             .keys
             .with_cached_epoch_key(business, header.epoch(), open)
         {
-            Some(opened) => opened?,
-            None => open(&*Box::pin(self.keys.epoch_key(business, header.epoch())).await?)?,
+            Some(opened) => opened,
+            None => match Box::pin(self.keys.epoch_key(business, header.epoch())).await {
+                Ok(key) => open(&key),
+                Err(_) if self.clock.now() >= label.expiry => return Err(expired()),
+                Err(e) => return Err(e.into()),
+            },
         };
-        Ok(Opened {
-            header,
-            plaintext: Zeroizing::new(plaintext),
-        })
+        let plaintext = Zeroizing::new(opened?);
+        if self.clock.now() >= label.expiry {
+            return Err(expired());
+        }
+        Ok(Opened { header, plaintext })
     }
 }

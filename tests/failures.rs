@@ -625,6 +625,33 @@ fn retransmit_due_survives_every_host_failure() {
     }));
 }
 
+/// A stored message sealed for another region than its store declares
+/// (rows copied, keys and all, from a store elsewhere) is failed as
+/// unreadable, and nothing of it is sent. Before, the region sealed into
+/// every envelope was never compared with the store's: the message went
+/// out.
+#[tokio::test]
+async fn a_message_sealed_for_another_region_is_unreadable() {
+    let start = Timestamp::from_millis(T0);
+    let down = Faults::none().with_outage(start, Duration::from_secs(60));
+    let d = deployment(down, Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 1).await;
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"sealed here"))
+        .await
+        .unwrap();
+    d.faults.declare_region("eu".parse().unwrap());
+    d.clock.advance(Duration::from_secs(120));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    d.settle(3).await;
+    assert_eq!(
+        d.processor.message_status(&d.owner, d.b, id).await.unwrap(),
+        (Status::Failed, Some(FailureReason::Unreadable))
+    );
+    assert!(d.network.received(&consumer(2)).await.is_empty());
+}
+
 /// Two outbound messages due, to two consumers, and one store or key
 /// provider call of the retransmission pass failing, at each call in turn:
 /// the failure strikes one message's work, and the pass goes on with the

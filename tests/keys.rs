@@ -12,7 +12,7 @@ use std::time::Duration;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use async_trait::async_trait;
-use custodian::envelope::{Envelope, Kind, Label};
+use custodian::envelope::{self, Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::keys::{
     Epoch, EpochLength, KekContext, KeyEntry, KeyError, KeyId, KeyKind, KeyManager, KeyProvider,
@@ -1242,6 +1242,82 @@ async fn no_key_is_made_for_an_epoch_starting_past_the_retention_ceiling() {
             "{epoch}: a key was made"
         );
     }
+}
+
+/// The key manager cannot know an epoch's length, so it makes keys for
+/// epochs up to a day past the ceiling; `envelope::seal`, given the time,
+/// holds the expiry to the ceiling as `Vault::seal` does. Here an hour
+/// epoch starting 20 h past the ceiling gets a key, and a record expiring
+/// in it is refused. Before, `envelope::seal` checked the expiry only
+/// against the key's epoch: the record opened 19 h past the ceiling.
+#[tokio::test]
+async fn envelope_seal_holds_the_expiry_to_the_ceiling() {
+    let f = Fixture::new();
+    let b = business(34);
+    let now = f.clock.now();
+    let ceiling = custodian::retention::CEILING + custodian::vault::CLOCK_TOLERANCE;
+    let beyond = f.label(b, ceiling + 20 * HOUR + Duration::from_secs(1800));
+    let epoch = f.vault.epoch_of(beyond.expiry).unwrap();
+    let key = f
+        .vault
+        .keys()
+        .epoch_key_for_seal(b, epoch, now)
+        .await
+        .unwrap();
+    let refused = envelope::seal(&key, &beyond, b"kept too long", now);
+    assert!(
+        matches!(refused, Err(SealError::ExpiryBeyondCeiling { expiry, now: n }) if expiry == beyond.expiry && n == now),
+        "{refused:?}"
+    );
+    let past = Label {
+        expiry: now,
+        ..beyond
+    };
+    let refused = envelope::seal(&key, &past, b"already expired", now);
+    assert!(
+        matches!(refused, Err(SealError::ExpiryNotInFuture { .. })),
+        "{refused:?}"
+    );
+    // The ceiling itself is sealed, and opens.
+    let within = f.label(b, ceiling);
+    let epoch = f.vault.epoch_of(within.expiry).unwrap();
+    let key = f
+        .vault
+        .keys()
+        .epoch_key_for_seal(b, epoch, now)
+        .await
+        .unwrap();
+    let sealed = envelope::seal(&key, &within, b"thirty days", now).unwrap();
+    assert_eq!(
+        *f.vault.open(&sealed, b).await.unwrap().plaintext,
+        b"thirty days"
+    );
+}
+
+/// A record is authenticated before its header's expiry is believed: one
+/// whose expiry bytes were altered to a past instant (still in its
+/// epoch's window, so it parses) is `Decrypt`, like any other altered
+/// byte, and one that did expire is `Expired`. Before, the expiry was
+/// checked first: the altered record was `Expired` at the forged instant,
+/// and the processor failed such a message as expired, not as damaged.
+#[tokio::test]
+async fn an_altered_expiry_is_a_decrypt_failure_not_an_expiry() {
+    let f = Fixture::new();
+    let b = business(35);
+    let now = f.clock.now();
+    let label = f.label(b, Duration::from_secs(1800));
+    let sealed = f.vault.seal(&label, b"still live").await.unwrap();
+    let mut forged = sealed.clone();
+    // The expiry field, bytes 39..47, one second in the past.
+    forged[39..47].copy_from_slice(&(now.as_millis() - 1000).to_be_bytes());
+    let got = f.vault.open(&forged, b).await;
+    assert!(matches!(got, Err(OpenError::Decrypt)), "{got:?}");
+    f.clock.advance(Duration::from_secs(1800));
+    let got = f.vault.open(&sealed, b).await;
+    assert!(
+        matches!(got, Err(OpenError::Expired { expiry }) if expiry == label.expiry),
+        "{got:?}"
+    );
 }
 
 /// A load that unwrapped KEK v1 just before v1 was put below the floor and

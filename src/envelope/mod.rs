@@ -58,7 +58,9 @@ use rand::Rng;
 use zeroize::Zeroizing;
 
 use crate::keys::{Epoch, EpochKey, EpochLength, KeyError};
+use crate::retention::CEILING;
 use crate::time::Timestamp;
+use crate::vault::CLOCK_TOLERANCE;
 
 mod codec;
 #[cfg(test)]
@@ -232,6 +234,13 @@ pub enum SealError {
     /// The expiry is so far away that no epoch can hold it.
     #[error("expiry {0} is beyond the last representable epoch")]
     ExpiryOutOfRange(Timestamp),
+    /// A record's key has sealed as many times as one key may (2^24): a
+    /// record sealed again that often needs a fresh key.
+    #[error("the record key has sealed as many times as it may")]
+    KeySpent,
+    /// The label names another record than the record key was derived for.
+    #[error("the label names another record than the record key's")]
+    WrongRecord,
     /// The epoch key could not be had (destroyed epoch, provider or store failure).
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -426,16 +435,38 @@ impl<'a> Envelope<'a> {
 /// the label's business for an epoch in which the label's expiry falls.
 ///
 /// This is the whole cryptographic cost of sealing; a
-/// [`Vault`](crate::vault::Vault) adds finding the key and checking the
-/// expiry against its clock. Use it to seal many records of one epoch with a
-/// key fetched once from [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal),
-/// which makes no key for an epoch that starts past the retention ceiling.
-/// The expiry is checked only against the key's epoch: it is the caller's
-/// to keep it within the ceiling, as a vault does.
-pub fn seal(key: &EpochKey, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+/// [`Vault`](crate::vault::Vault) adds finding the key. Use it to seal many
+/// records of one epoch with a key fetched once from
+/// [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal).
+/// The label's expiry must fall in the key's epoch, be after `now` (the
+/// caller's clock reading) and at most the retention [`CEILING`] (give or
+/// take [`CLOCK_TOLERANCE`]) from it, as [`Vault::seal`](crate::vault::Vault::seal)
+/// holds it: the key manager, which cannot know an epoch's length, makes
+/// keys for epochs up to a day further.
+pub fn seal(
+    key: &EpochKey,
+    label: &Label,
+    plaintext: &[u8],
+    now: Timestamp,
+) -> Result<Vec<u8>, SealError> {
+    check_expiry(label.expiry, now)?;
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
     seal_with_nonce(key, label, &nonce, plaintext)
+}
+
+/// Whether a record expiring at `expiry` may be sealed at `now`: its expiry
+/// in the future and at most the retention [`CEILING`] away (give or take
+/// [`CLOCK_TOLERANCE`]). Nothing stays readable past the ceiling: no
+/// configuration, and no caller, can raise it.
+pub(crate) fn check_expiry(expiry: Timestamp, now: Timestamp) -> Result<(), SealError> {
+    if expiry > now.saturating_add(CEILING + CLOCK_TOLERANCE) {
+        return Err(SealError::ExpiryBeyondCeiling { expiry, now });
+    }
+    if expiry <= now {
+        return Err(SealError::ExpiryNotInFuture { expiry, now });
+    }
+    Ok(())
 }
 
 /// [`seal`] with a caller-chosen nonce, which must never repeat for one key
@@ -604,8 +635,11 @@ impl RecordKey {
     ) -> Result<Vec<u8>, SealError> {
         let mut plaintext = Zeroizing::new(plaintext);
         check_seal(self.business, self.epoch, label, &plaintext)?;
-        if label.id != self.id || self.is_spent() {
-            return Err(SealError::WrongKey);
+        if label.id != self.id {
+            return Err(SealError::WrongRecord);
+        }
+        if self.is_spent() {
+            return Err(SealError::KeySpent);
         }
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);

@@ -578,6 +578,35 @@ fn known_answer_vectors_freeze_format_v1() {
     }
 }
 
+/// A record key refuses a label naming another record as `WrongRecord`
+/// and, once it has sealed as often as one key may, refuses as
+/// `KeySpent`. Before, both were `WrongKey`, documented as "the epoch key
+/// belongs to another business".
+#[test]
+fn a_record_key_names_why_it_refuses() {
+    let b = business(7);
+    let end = Timestamp::from_millis(1_767_229_200_000);
+    let key = fixture_epoch_key(b, Epoch::ending_at(end));
+    let label = Label {
+        kind: Kind::SignalSession,
+        business: b,
+        id: MessageId::from_bytes([9; 16]),
+        expiry: end.saturating_sub(std::time::Duration::from_secs(1)),
+        region: "eu".parse().unwrap(),
+    };
+    let mut record = RecordKey::new(&key, label.id);
+    let other = Label {
+        id: MessageId::from_bytes([8; 16]),
+        ..label
+    };
+    let err = record.seal_owned(&other, b"state".to_vec()).unwrap_err();
+    assert!(matches!(err, SealError::WrongRecord), "{err:?}");
+    record.seal_owned(&label, b"state".to_vec()).unwrap();
+    record.seals = RecordKey::MAX_SEALS;
+    let err = record.seal_owned(&label, b"state".to_vec()).unwrap_err();
+    assert!(matches!(err, SealError::KeySpent), "{err:?}");
+}
+
 fn arb_label() -> impl Strategy<Value = (Label, u64)> {
     (
         prop::sample::select(Kind::ALL),

@@ -468,4 +468,37 @@ mod tests {
             }
         }
     }
+
+    /// A stored phone-index secret of other than [`SecretKey::LEN`] bytes is
+    /// refused as unwrappable, as an epoch key is. Before, HMAC took a key
+    /// of any length: a one-byte secret became the key behind every phone
+    /// hash and send id of its business, open to brute force.
+    #[tokio::test]
+    async fn a_phone_index_key_of_the_wrong_length_is_refused() {
+        let keys = KeyManager::new(
+            Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(&mut [3; 32]))),
+            Arc::new(crate::store::MemoryStore::new()),
+        );
+        let business = BusinessId::new(11).unwrap();
+        let id = KeyId::phone_index(business);
+        // Wrapped and stored as every key is, under the primary KEK.
+        keys.store_secret(id, &[0x42]).await.unwrap();
+        let number: crate::ids::PhoneNumber = "+447700900123".parse().unwrap();
+        let got = keys.known_phone_hash(business, &number).await;
+        assert!(
+            matches!(got, Err(KeyError::Unwrap(named)) if named == id),
+            "{got:?}"
+        );
+    }
+
+    /// A `SecretKey` wipes itself on drop but offers no public `zeroize`: a
+    /// wiped key, all zeros, would stay usable as a root or KEK. Before, it
+    /// derived `Zeroize`.
+    #[test]
+    fn a_secret_key_wipes_itself_on_drop_but_cannot_be_wiped_while_in_use() {
+        use crate::ids::tests::{NoZeroize, ZeroizeProbe};
+        const { assert!(!ZeroizeProbe::<SecretKey>::IMPLEMENTS) };
+        fn zeroizes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<SecretKey>();
+    }
 }

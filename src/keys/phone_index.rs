@@ -118,12 +118,17 @@ impl KeyManager {
     }
 
     /// Cache `secret` as `business`'s phone index key (unless a key is
-    /// cached already: the one stored, as this is); the key cached.
+    /// cached already: the one stored, as this is); the key cached. Refused
+    /// unless [`SecretKey::LEN`] bytes, as an epoch key is: HMAC would take
+    /// a key of any length, a short one open to brute force.
     fn cache_phone_index_key(
         &self,
         id: KeyId,
         secret: &[u8],
     ) -> Result<Arc<PhoneIndexKey>, KeyError> {
+        if secret.len() != SecretKey::LEN {
+            return Err(KeyError::Unwrap(id));
+        }
         let mac =
             <Hmac<Sha256> as KeyInit>::new_from_slice(secret).map_err(|_| KeyError::Unwrap(id))?;
         Ok(self

@@ -1,5 +1,9 @@
-//! Secret key types. Each zeroizes on drop, lives in a `Box` so moving it
-//! leaves no copy behind, and prints as `..` in `Debug`. Key bytes are
+//! Secret key types. Each zeroizes on drop and prints as `..` in `Debug`.
+//! Those that outlive a call live in a `Box`, so that moving one leaves no
+//! copy behind; a record's [`Dek`], derived for one seal or open and
+//! dropped at its end, is kept inline to spare an allocation per record,
+//! so a move the compiler does not elide can leave a copy in a stack slot
+//! that later calls overwrite. Key bytes are
 //! copied straight into their box; a key schedule (AES, HMAC, HKDF) is built
 //! by its library and then boxed, and the compiler may leave a copy of it in
 //! the stack frame that built it, which nothing can wipe without `unsafe`
@@ -19,8 +23,19 @@ use crate::ids::{BusinessId, MessageId};
 /// sees it. Hosts implementing a provider read it with
 /// [`expose_secret`](Self::expose_secret) to hand it to their KMS, and build
 /// one from their KMS's answer with [`from_bytes`](Self::from_bytes).
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+///
+/// It is wiped on drop only: it has no public `zeroize`, which would leave a
+/// wiped key, all zeros, in use as a root or KEK.
+#[derive(Clone)]
 pub struct SecretKey(Box<[u8; KEY_LEN]>);
+
+impl Drop for SecretKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for SecretKey {}
 
 impl SecretKey {
     /// Length in bytes.
@@ -158,7 +173,8 @@ impl fmt::Debug for EpochKey {
     }
 }
 
-/// A record's data-encryption key. Derived, used once, never stored.
+/// A record's data-encryption key. Derived, used once, never stored; kept
+/// inline, not boxed (see the module's doc).
 pub(crate) struct Dek(Zeroizing<[u8; KEY_LEN]>);
 
 impl Dek {

@@ -76,9 +76,10 @@ impl Processor {
 
     /// The content sealed for the stored message `record`, if its envelope
     /// opens and is the one sealed for this very record (its business, id
-    /// and direction), so that no damaged or misplaced row is handed on
-    /// under another message's id. A failure that may pass (the key
-    /// hierarchy unavailable) is an error.
+    /// and direction) in this store's region, so that no damaged or
+    /// misplaced row is handed on under another message's id, nor a record
+    /// sealed for another region read here. A failure that may pass (the
+    /// key hierarchy unavailable) is an error.
     pub(super) async fn open_message(
         &self,
         record: &MessageRecord,
@@ -87,11 +88,14 @@ impl Processor {
             Ok(opened) => {
                 let label = opened.label();
                 Ok(
-                    if label.id == record.id && label.kind == message_kind(record.direction) {
-                        Stored::Content(opened.plaintext)
-                    } else {
+                    if label.id != record.id || label.kind != message_kind(record.direction) {
                         debug!(business = %record.business, id = %record.id, "a stored message holds another record's envelope");
                         Stored::Unreadable
+                    } else if label.region != self.storage.region() {
+                        debug!(business = %record.business, id = %record.id, "a stored message was sealed for another region");
+                        Stored::Unreadable
+                    } else {
+                        Stored::Content(opened.plaintext)
                     },
                 )
             }

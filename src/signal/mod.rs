@@ -781,7 +781,10 @@ impl Sessions {
             return Ok((Box::new(empty), taken));
         };
         let loaded = match self.vault.open(&sealed, business).await {
-            Ok(opened) if opened.label().kind == Kind::SignalSession => {
+            Ok(opened)
+                if opened.label().kind == Kind::SignalSession
+                    && opened.label().region == self.store.region() =>
+            {
                 let expiry = opened.label().expiry;
                 let plaintext = opened.plaintext;
                 Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
@@ -789,7 +792,7 @@ impl Sessions {
             }
             Ok(_) => {
                 return Err(SignalError::Storage(StorageFailure::Corrupt(
-                    "peer record of another kind",
+                    "peer record of another kind or region",
                 )));
             }
             Err(

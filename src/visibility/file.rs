@@ -151,8 +151,10 @@ pub struct AllowEntry {
 }
 
 impl PolicyFile {
-    /// The policy this file describes, starting from deny-all; the first
-    /// problem in document order is reported, naming its field.
+    /// The policy this file describes, starting from deny-all. One problem
+    /// is reported, naming its field: a bad revision, wherever the file
+    /// writes it, before any entry's; otherwise the first entry's problem in
+    /// document order.
     pub fn compile(&self) -> Result<VisibilityPolicy, PolicyError> {
         let mut builder = VisibilityPolicy::builder(self.revision)?;
         let mut seen: Vec<(Party, DataClass, usize)> = Vec::new();

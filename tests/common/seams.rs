@@ -222,6 +222,8 @@ pub(crate) struct HostFaults {
     state: Mutex<FaultState>,
     /// Reads of a message still to answer that there is none.
     missed_reads: Mutex<usize>,
+    /// The region the store declares in place of its own, if any.
+    region: Mutex<Option<Region>>,
 }
 
 #[derive(Default)]
@@ -268,6 +270,12 @@ impl HostFaults {
     /// when the read is made).
     pub(crate) fn miss_message_reads(&self, n: usize) {
         *self.missed_reads.lock().unwrap() = n;
+    }
+
+    /// The store declares `region` from now on, as one whose rows were
+    /// copied from a store elsewhere does.
+    pub(crate) fn declare_region(&self, region: Region) {
+        *self.region.lock().unwrap() = Some(region);
     }
 
     /// Whether this read of a message is to miss it.
@@ -442,7 +450,8 @@ impl KeyStore for FailingStore {
 #[async_trait]
 impl Storage for FailingStore {
     fn region(&self) -> Region {
-        self.inner.region()
+        let declared = *self.faults.region.lock().unwrap();
+        declared.unwrap_or_else(|| self.inner.region())
     }
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         self.faults.store("commit", self.inner.commit(batch)).await
