@@ -29,7 +29,7 @@ use crate::signal::{
 };
 use crate::store::{Direction, PeerId};
 use crate::time::Timestamp;
-use crate::visibility::{HardRule, VisibilityPolicy};
+use crate::visibility::{DecisionId, HardRule, VisibilityPolicy};
 
 /// The fixture key of `business`'s `epoch`: SHA-256 over a label, the
 /// business id and the epoch's end. The named corpus is sealed under these.
@@ -130,6 +130,8 @@ pub struct IdParses {
     pub business_id: bool,
     /// [`MessageId`]'s `FromStr`.
     pub message_id: bool,
+    /// [`DecisionId`]'s `FromStr` (the audit trail's decision ids).
+    pub decision_id: bool,
 }
 
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
@@ -137,9 +139,10 @@ pub struct IdParses {
 /// never prints more than its last two digits; [`Region`] accepts exactly
 /// its documented names (2 to 15 bytes of `a-z`, `0-9` and `-`, with no
 /// `-` first or last); [`BusinessId`] accepts exactly the decimal numbers
-/// 1 to 2^64 - 1 without a sign or leading zero, and [`MessageId`] exactly
-/// 32 lowercase hexadecimal digits, each printing and serialising back to
-/// the text it parsed. Returns which parsers accepted the bytes.
+/// 1 to 2^64 - 1 without a sign or leading zero, [`MessageId`] exactly
+/// 32 lowercase hexadecimal digits, and [`DecisionId`] exactly two runs of
+/// 16 joined by `-`, each printing and serialising back to the text it
+/// parsed. Returns which parsers accepted the bytes.
 pub fn phone_number(data: &[u8]) -> IdParses {
     let mut parses = IdParses {
         region: region(data),
@@ -150,6 +153,7 @@ pub fn phone_number(data: &[u8]) -> IdParses {
     };
     parses.business_id = business_id(text);
     parses.message_id = message_id(text);
+    parses.decision_id = decision_id(text);
     let Ok(number) = text.parse::<PhoneNumber>() else {
         return parses;
     };
@@ -219,6 +223,32 @@ fn business_id(text: &str) -> bool {
     let json = serde_json::to_string(&id).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(json, text, "a business id serialises as its number");
     assert_eq!(serde_json::from_str::<BusinessId>(&json).ok(), Some(id));
+    true
+}
+
+/// The [`DecisionId`] part of [`phone_number`]: whether `text` is one.
+fn decision_id(text: &str) -> bool {
+    let hex = |half: &str| {
+        half.len() == 16
+            && half
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let expected = text.len() == 33
+        && text.as_bytes()[16] == b'-'
+        && hex(&text[..16])
+        && hex(&text[17..]);
+    let parsed = text.parse::<DecisionId>();
+    assert_eq!(parsed.is_ok(), expected, "decision id {text:?}");
+    let Ok(id) = parsed else { return false };
+    assert_eq!(id.to_string(), text, "a decision id prints as it parsed");
+    let json = serde_json::to_string(&id).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        json,
+        format!("\"{text}\""),
+        "a decision id serialises as its text"
+    );
+    assert_eq!(serde_json::from_str::<DecisionId>(&json).ok(), Some(id));
     true
 }
 
@@ -1022,6 +1052,7 @@ mod tests {
                 "region" => parses.region,
                 "business" => parses.business_id,
                 "message" => parses.message_id,
+                "decision" => parses.decision_id,
                 _ => panic!("{name}: unknown parser {parser}"),
             };
             assert!(matches!(verdict, "ok" | "bad"), "{name}: unknown verdict");

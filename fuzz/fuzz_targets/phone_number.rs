@@ -1,7 +1,7 @@
-//! Any bytes: the phone-number, region, business-id and message-id parsers
-//! never panic, accept exactly their documented forms, and a phone number
-//! never prints more than its last two digits (checks in
-//! `custodian::fuzzing::phone_number`).
+//! Any bytes: the phone-number, region, business-id, message-id and
+//! decision-id parsers never panic, accept exactly their documented forms,
+//! and a phone number never prints more than its last two digits (checks
+//! in `custodian::fuzzing::phone_number`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
