@@ -229,15 +229,10 @@ fn business_id(text: &str) -> bool {
 /// The [`DecisionId`] part of [`phone_number`]: whether `text` is one.
 fn decision_id(text: &str) -> bool {
     let hex = |half: &str| {
-        half.len() == 16
-            && half
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        half.len() == 16 && half.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     };
-    let expected = text.len() == 33
-        && text.as_bytes()[16] == b'-'
-        && hex(&text[..16])
-        && hex(&text[17..]);
+    let expected =
+        text.len() == 33 && text.as_bytes()[16] == b'-' && hex(&text[..16]) && hex(&text[17..]);
     let parsed = text.parse::<DecisionId>();
     assert_eq!(parsed.is_ok(), expected, "decision id {text:?}");
     let Ok(id) = parsed else { return false };
