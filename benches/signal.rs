@@ -63,6 +63,7 @@ impl Ours {
         ));
         let config = SignalConfig {
             prekey_pool: 2_000,
+            prekey_limit: 2_000,
             prekey_low_water: 1,
             ..SignalConfig::default()
         };
@@ -72,7 +73,7 @@ impl Ours {
         Self {
             runtime,
             keys,
-            sessions: Sessions::new(vault, store, config),
+            sessions: Sessions::new(vault, store, config).unwrap(),
             business: BusinessId::new(1).unwrap(),
             expiry,
             next_number: 0,

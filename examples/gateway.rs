@@ -63,7 +63,8 @@ const USAGE: &str = "usage: gateway [--businesses N] [--consumers N] [--messages
 
   --businesses N    businesses (default 3; at most 10000, and no more than
                     --consumers: each business needs a consumer to write to)
-  --consumers N     consumers, each with 1-3 devices (default 2000)
+  --consumers N     consumers, each with 1-3 devices (default 2000; at most
+                    100000)
   --messages N      messages each consumer sends, and each receives (default 2;
                     --consumers times --messages at most 1000000)
   --faults KIND     network and business-endpoint faults (default moderate):
@@ -1177,7 +1178,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
     println!(
-        "\nstore before retention: {} messages, {} Signal peer records, {} consumers, {} epoch keys",
+        "\nstore before retention: {} messages, {} Signal peer records, {} consumer-business pairs, {} epoch keys",
         census.messages, census.peers, census.phones, census.epoch_keys
     );
     // Every stored message's sealed bytes, as a backup would hold them.
@@ -1255,7 +1256,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     clock.advance(Duration::from_secs(31 * 24 * 3600));
     let sweep = processor.sweep(&operator).await?;
     println!(
-        "advanced 31 days and swept in {:.2} s: {} messages deleted, {} peer records and {} consumers forgotten, {} epoch keys destroyed",
+        "advanced 31 days and swept in {:.2} s: {} messages deleted, {} peer records and {} consumer-business pairs forgotten, {} epoch keys destroyed",
         sweep.elapsed.as_secs_f64(),
         sweep.messages_deleted,
         sweep.peers_deleted,
@@ -1264,7 +1265,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     );
     let census = processor.census(&operator).await?;
     println!(
-        "store after retention: {} messages, {} Signal peer records, {} consumers, {} epoch keys",
+        "store after retention: {} messages, {} Signal peer records, {} consumer-business pairs, {} epoch keys",
         census.messages, census.peers, census.phones, census.epoch_keys
     );
     if !sweep.complete {
@@ -1361,21 +1362,29 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => return Err(format!("exporting billing: {e}").into()),
         }
     }
+    // Each business is billed for exactly the messages it sent.
     let statements = network.billing_statements().await;
-    let billed: u64 = statements
-        .iter()
-        .flat_map(|s| &s.records)
-        .map(|r| r.messages.total())
-        .sum();
+    let mut billed: BTreeMap<BusinessId, (u64, u64)> = BTreeMap::new();
+    for s in &statements {
+        let messages: u64 = s.records.iter().map(|r| r.messages.total()).sum();
+        billed.entry(s.business).or_default().0 += messages;
+    }
+    for &(b, ..) in &sent {
+        billed.entry(b).or_default().1 += 1;
+    }
+    let total: u64 = billed.values().map(|&(n, _)| n).sum();
     println!(
-        "billing: {billed} messages billed in {} statements ({exports_failed} exports refused or \
-         lost, made again)",
+        "billing: {total} messages billed to {} businesses in {} statements ({exports_failed} \
+         exports refused or lost, made again)",
+        billed.len(),
         statements.len()
     );
-    if billed != total_out as u64 {
-        broken.push(format!(
-            "{billed} messages billed, not the {total_out} business messages sent"
-        ));
+    for (b, (n, sent)) in billed {
+        if n != sent {
+            let line = format!("business {b}: {n} messages billed, not the {sent} it sent");
+            println!("  {line}");
+            broken.push(line);
+        }
     }
 
     // The audit trail.

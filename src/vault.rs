@@ -11,14 +11,15 @@
 //! use custodian::envelope::{Kind, Label};
 //! use custodian::ids::{BusinessId, MessageId};
 //! use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
-//! use custodian::store::MemoryStore;
+//! use custodian::store::{MemoryStore, Storage};
 //! use custodian::time::{Clock, ManualClock, Timestamp};
 //! use custodian::vault::{OpenError, Vault};
 //!
 //! let clock = ManualClock::new(Timestamp::from_millis(1_700_000_000_000));
+//! let store = Arc::new(MemoryStore::new());
 //! let keys = KeyManager::new(
 //!     Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-//!     Arc::new(MemoryStore::new()),
+//!     store.clone(),
 //! );
 //! let vault = Vault::new(Arc::new(keys), Arc::new(clock.clone()), EpochLength::DEFAULT);
 //!
@@ -28,7 +29,8 @@
 //!     business,
 //!     id: MessageId::random(),
 //!     expiry: clock.now().saturating_add(Duration::from_secs(3600)),
-//!     region: "eu".parse()?,
+//!     // The region of the store that keeps the record.
+//!     region: store.region(),
 //! };
 //! let sealed = vault.seal(&label, b"hello").await?;
 //! assert_eq!(*vault.open(&sealed, business).await?.plaintext, b"hello");

@@ -1911,6 +1911,11 @@ async fn census_counts_what_is_stored(backend: &mut Backend) {
             epoch_keys: 2,
         }
     );
+    // Consumer 3 of business 1 reaches business 2 too: it counts twice,
+    // once per business, its peer records alone counted.
+    commit(s, [put_peer(2, peer(3, 0), 2)]).await;
+    let c = s.census().await.unwrap();
+    assert_eq!((c.peers, c.phones), (4, 5), "{c:?}");
 }
 
 async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
@@ -2297,7 +2302,8 @@ async fn vault_and_signal_sessions_run_over_the_store(backend: &mut Backend) {
             Arc::new(clock.clone()),
             EpochLength::DEFAULT,
         ));
-        let sessions = Sessions::new(vault.clone(), store.clone(), SignalConfig::default());
+        let sessions =
+            Sessions::new(vault.clone(), store.clone(), SignalConfig::default()).unwrap();
         (keys, vault, sessions)
     };
 

@@ -208,7 +208,7 @@ impl Processor {
         ));
         (
             keys,
-            Sessions::new(vault, store.clone(), SignalConfig::default()),
+            Sessions::new(vault, store.clone(), SignalConfig::default()).unwrap(),
         )
     }
 

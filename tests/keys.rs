@@ -1705,7 +1705,7 @@ async fn a_session_is_never_sealed_past_the_retention_ceiling() {
         Arc::new(clock.clone()),
         EpochLength::DEFAULT,
     ));
-    let sessions = Sessions::new(vault.clone(), store.clone(), SignalConfig::default());
+    let sessions = Sessions::new(vault.clone(), store.clone(), SignalConfig::default()).unwrap();
     let b = business(555);
     let published = sessions.publish(b).await.unwrap();
     let mut device = ConsumerDevice::new(0);

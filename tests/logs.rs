@@ -136,7 +136,7 @@ async fn with_the_library_target_off_no_kept_record_carries_a_key_or_a_consumer(
         Arc::new(clock.clone()),
         EpochLength::DEFAULT,
     ));
-    let sessions = Sessions::new(vault, store, SignalConfig::default());
+    let sessions = Sessions::new(vault, store, SignalConfig::default()).unwrap();
     let business = BusinessId::new(555).unwrap();
     let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
     let number: PhoneNumber = "+447700900002".parse().unwrap();

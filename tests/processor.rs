@@ -1782,6 +1782,84 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
     }
 }
 
+/// Signal settings that would refuse every session, or waste or starve
+/// the prekeys, are refused when the processor is built, naming the
+/// setting. Before, `SignalConfig` was never checked: with
+/// `max_record_len: 0` the processor started, and every consumer's first
+/// message then failed for good as `RecordTooLarge` and was dropped.
+#[test]
+fn signal_settings_that_would_refuse_every_session_are_refused_at_start() {
+    let host = || plain_host(Arc::new(MemoryAuditSink::new()));
+    let ok = SignalConfig::default();
+    for (bad, field) in [
+        (
+            SignalConfig {
+                max_record_len: 0,
+                ..ok.clone()
+            },
+            "max_record_len",
+        ),
+        (
+            SignalConfig {
+                max_record_len: custodian::signal::MIN_RECORD_LEN - 1,
+                ..ok.clone()
+            },
+            "max_record_len",
+        ),
+        (
+            SignalConfig {
+                signed_prekey_rotation: Duration::ZERO,
+                ..ok.clone()
+            },
+            "signed_prekey_rotation",
+        ),
+        (
+            SignalConfig {
+                prekey_pool: 0,
+                ..ok.clone()
+            },
+            "prekey_pool",
+        ),
+        (
+            SignalConfig {
+                prekey_limit: ok.prekey_pool - 1,
+                ..ok.clone()
+            },
+            "prekey_limit",
+        ),
+        (
+            SignalConfig {
+                signed_prekey_grace: custodian::retention::CEILING + Duration::from_secs(1),
+                ..ok.clone()
+            },
+            "signed_prekey_grace",
+        ),
+    ] {
+        assert!(bad.validate().is_err(), "{field}");
+        let policies = Policies {
+            signal: bad,
+            ..Policies::default()
+        };
+        match Processor::new(host(), policies) {
+            Err(ProcessorError::Config(why)) => assert!(why.contains(field), "{why}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // The bounds themselves are accepted.
+    let edge = SignalConfig {
+        max_record_len: custodian::signal::MIN_RECORD_LEN,
+        prekey_pool: 1,
+        prekey_limit: 1,
+        signed_prekey_grace: custodian::retention::CEILING,
+        ..ok
+    };
+    let policies = Policies {
+        signal: edge,
+        ..Policies::default()
+    };
+    assert!(Processor::new(host(), policies).is_ok());
+}
+
 /// The policies a processor starts with are in the audit trail before it
 /// runs, named by revision and digest (so a restart under an older or
 /// another table shows); a trail that cannot record them stops the start,

@@ -319,12 +319,49 @@ fn content_is_refused_by_a_store_outside_its_region() {
 
 #[test]
 fn content_in_use_outside_its_region_is_dropped_after_the_ttl() {
-    let until = Timestamp::from_millis(T0).saturating_add(HOUR);
-    let mut held = InUse::new(b"plaintext".to_vec(), until);
-    assert!(held.get(Timestamp::from_millis(T0)).is_some());
+    let now = Timestamp::from_millis(T0);
+    let mut held = InUse::new(b"plaintext".to_vec(), now, &RetentionPolicy::default());
+    let until = now.saturating_add(HOUR);
+    assert_eq!(held.until(), until);
+    assert!(held.get(now).is_some());
     assert!(held.get(until).is_none());
     // Gone for good, even if the clock is set back.
-    assert!(held.get(Timestamp::from_millis(T0)).is_none());
+    assert!(held.get(now).is_none());
+}
+
+/// A value that says when it is wiped.
+struct Watched(Arc<AtomicBool>);
+
+impl zeroize::Zeroize for Watched {
+    fn zeroize(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Content in use outside its region is held for the policy's in-use TTL,
+/// no longer, and wiped once its time is up or when it is dropped. Before,
+/// `InUse::new` took any `until`, never read the policy's TTL, and only
+/// dropped the value, unwiped.
+#[test]
+fn content_in_use_is_held_for_the_policys_ttl_and_wiped() {
+    let now = Timestamp::from_millis(T0);
+    let policy = RetentionPolicy::default()
+        .with_in_use_ttl(15 * MINUTE)
+        .unwrap();
+    let wiped = Arc::new(AtomicBool::new(false));
+    let mut held = InUse::new(Watched(wiped.clone()), now, &policy);
+    assert!(held.get(now.saturating_add(14 * MINUTE)).is_some());
+    assert!(!wiped.load(Ordering::SeqCst));
+    assert!(held.get(now.saturating_add(15 * MINUTE)).is_none());
+    assert!(
+        wiped.load(Ordering::SeqCst),
+        "not wiped when its time was up"
+    );
+
+    let wiped = Arc::new(AtomicBool::new(false));
+    let held = InUse::new(Watched(wiped.clone()), now, &policy);
+    drop(held);
+    assert!(wiped.load(Ordering::SeqCst), "not wiped on drop");
 }
 
 // ---- the sweep ------------------------------------------------------------

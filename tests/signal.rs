@@ -70,7 +70,7 @@ impl World {
             Arc::new(clock.clone()),
             EpochLength::DEFAULT,
         ));
-        (keys, Sessions::new(vault, store.clone(), config))
+        (keys, Sessions::new(vault, store.clone(), config).unwrap())
     }
 
     /// The processor restarted: new caches and incarnation, same store.
@@ -984,7 +984,7 @@ async fn sends_lost_from_memory_are_never_repeated_under_the_same_keys() {
 /// while a business with room for them decrypts the same message.
 #[tokio::test]
 async fn a_record_past_its_limit_is_refused_and_changes_nothing() {
-    const LIMIT: usize = 16 << 10;
+    const LIMIT: usize = custodian::signal::MIN_RECORD_LEN;
     let small = World::with_config(SignalConfig {
         max_record_len: LIMIT,
         ..SignalConfig::default()
@@ -994,9 +994,9 @@ async fn a_record_past_its_limit_is_refused_and_changes_nothing() {
         let (mut device, peer) = w.contact("+447700900019", 0).await;
         let stored = w.store.peer(w.business, peer).await.unwrap().unwrap();
         assert!(stored.len() < LIMIT / 4, "{} bytes", stored.len());
-        // 300 messages lost on the way: 300 keys kept for them.
+        // 1,500 messages lost on the way: 1,500 keys kept for them.
         let mut last = None;
-        for i in 0..=300 {
+        for i in 0..=1500 {
             last = Some(
                 device
                     .encrypt(w.business, format!("m{i}").as_bytes())
@@ -1014,7 +1014,7 @@ async fn a_record_past_its_limit_is_refused_and_changes_nothing() {
             );
             assert_eq!(w.snapshot(peer).await, before);
         } else {
-            assert_eq!(result.unwrap(), b"m300");
+            assert_eq!(result.unwrap(), b"m1500");
             let stored = w.store.peer(w.business, peer).await.unwrap().unwrap();
             assert!(stored.len() > LIMIT, "{} bytes", stored.len());
         }

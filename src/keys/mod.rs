@@ -21,7 +21,7 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::sync::Arc;
 //! use custodian::ids::BusinessId;
-//! use custodian::keys::{Epoch, EpochLength, KeyManager, LocalKeyProvider, SecretKey};
+//! use custodian::keys::{Epoch, EpochLength, KeyError, KeyManager, LocalKeyProvider, SecretKey};
 //! use custodian::store::MemoryStore;
 //! use custodian::time::Timestamp;
 //!
@@ -37,7 +37,10 @@
 //! let epoch = Epoch::containing(now, EpochLength::DEFAULT).unwrap();
 //! keys.epoch_key_for_seal(business, epoch, now).await?;
 //! keys.destroy_epoch_unchecked(business, epoch, now).await?;
-//! assert!(keys.epoch_key(business, epoch).await.is_err());
+//! assert!(matches!(
+//!     keys.epoch_key(business, epoch).await,
+//!     Err(KeyError::EpochDestroyed { .. })
+//! ));
 //! # Ok::<(), custodian::keys::KeyError>(())
 //! # }).unwrap();
 //! ```

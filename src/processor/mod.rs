@@ -387,6 +387,7 @@ impl Processor {
     pub fn new(host: Host, policies: Policies) -> Result<Self, ProcessorError> {
         let config = |e: crate::integrity::ConfigError| ProcessorError::Config(e.to_string());
         policies.delivery.validate()?;
+        policies.signal.validate().map_err(config)?;
         if !policies.signal.allow_library_logs && crate::signal::library_logs_exposed() {
             return Err(ProcessorError::Config(format!(
                 "the host's logger keeps the Signal library's records, some of which carry \
@@ -413,7 +414,8 @@ impl Processor {
             policies.retention.epoch_length(),
         ));
         Ok(Self {
-            sessions: Sessions::new(vault.clone(), host.storage.clone(), policies.signal),
+            sessions: Sessions::new(vault.clone(), host.storage.clone(), policies.signal)
+                .map_err(config)?,
             retention: Retention::new(
                 host.storage.clone(),
                 keys.clone(),

@@ -125,7 +125,10 @@ impl Processor {
     }
 
     /// Place a legal hold on `scope` for the case `reference` (operators
-    /// only). Audited; a second case may hold the same scope.
+    /// only). Audited; a second case may hold the same scope. A hold on one
+    /// consumer writes the consumer's keyed phone hash to the audit trail,
+    /// where it stays after the hold is released and the consumer's data is
+    /// deleted (see [`HoldEvent`](crate::visibility::HoldEvent)).
     pub async fn place_hold(
         &self,
         principal: &Principal,

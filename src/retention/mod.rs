@@ -21,9 +21,9 @@
 //!   opened as another's. The processor keeps no content in memory beyond
 //!   the call that handles it: between attempts everything waits sealed in
 //!   the store. A host that takes content out of its region (a cache, an
-//!   opt-in service) holds it as [`InUse`], which gives it up once the
+//!   opt-in service) holds it as [`InUse`], which wipes it once the
 //!   in-use TTL ([`RetentionPolicy::in_use_ttl`], default 60 minutes) has
-//!   passed.
+//!   passed, or when it is dropped.
 //!
 //! Legal holds ([`Retention::place_hold`]) are explicit and audited. While
 //! one stands, what it covers is neither deleted nor shredded (it is still
@@ -492,6 +492,9 @@ impl Retention {
     /// the audit trail cannot record it, the hold is not placed. Placing a
     /// hold that stands already (same scope, same case) changes nothing. A
     /// sweep in progress honours it from its next step on.
+    /// A hold on one consumer writes the consumer's keyed phone hash to the
+    /// audit trail, where it stays after the hold is released and the
+    /// consumer's data is deleted (see [`HoldEvent`]).
     /// If the store fails the write, no hold stands: the audit trail says
     /// it was undone, and the store is made to agree (the write may have
     /// landed) before the holds are next read. If the trail cannot record

@@ -3,6 +3,9 @@
 
 use std::fmt;
 
+use zeroize::Zeroize;
+
+use super::RetentionPolicy;
 use crate::ids::{BusinessId, Region};
 use crate::time::Timestamp;
 
@@ -35,29 +38,38 @@ pub fn check_residency(
     }
 }
 
-/// Content held in memory outside its region, readable only until `until`.
-/// After that [`get`](Self::get) refuses and the value is dropped: the sealed
-/// copy in the business's own region is the one to go back to.
-pub struct InUse<T> {
+/// Content held in memory outside its region, readable for the policy's
+/// in-use TTL ([`RetentionPolicy::in_use_ttl`]). After that
+/// [`get`](Self::get) refuses and the value is wiped: the sealed copy in
+/// the business's own region is the one to go back to. The value is wiped
+/// on drop too.
+pub struct InUse<T: Zeroize> {
     value: Option<T>,
     until: Timestamp,
 }
 
-impl<T> InUse<T> {
-    /// Hold `value` until `until`.
-    pub fn new(value: T, until: Timestamp) -> Self {
+impl<T: Zeroize> InUse<T> {
+    /// Hold `value`, taken out of its region at `now`, for `policy`'s
+    /// in-use TTL.
+    pub fn new(value: T, now: Timestamp, policy: &RetentionPolicy) -> Self {
         Self {
             value: Some(value),
-            until,
+            until: now.saturating_add(policy.in_use_ttl()),
         }
     }
 
-    /// The value, if its time is not up at `now`; dropped for good once it is.
+    /// The value, if its time is not up at `now`; wiped for good once it is.
     pub fn get(&mut self, now: Timestamp) -> Option<&T> {
         if now >= self.until {
-            self.value = None;
+            self.wipe();
         }
         self.value.as_ref()
+    }
+
+    fn wipe(&mut self) {
+        if let Some(mut value) = self.value.take() {
+            value.zeroize();
+        }
     }
 
     /// When the value stops being usable.
@@ -66,7 +78,13 @@ impl<T> InUse<T> {
     }
 }
 
-impl<T> fmt::Debug for InUse<T> {
+impl<T: Zeroize> Drop for InUse<T> {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
+impl<T: Zeroize> fmt::Debug for InUse<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InUse")
             .field("held", &self.value.is_some())

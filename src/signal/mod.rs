@@ -42,12 +42,12 @@
 //! let store = Arc::new(MemoryStore::new());
 //! let keys = KeyManager::new(Arc::new(LocalKeyProvider::new(&SecretKey::generate())), store.clone());
 //! let vault = Arc::new(Vault::new(Arc::new(keys), Arc::new(SystemClock), EpochLength::DEFAULT));
-//! let sessions = Sessions::new(vault, store, SignalConfig::default());
+//! let sessions = Sessions::new(vault, store, SignalConfig::default())?;
 //!
 //! // What the host publishes through its transport, for consumers to reach the business.
 //! let published = sessions.publish(BusinessId::new(7).unwrap()).await?;
 //! assert_eq!(published.one_time_prekeys.len(), 100);
-//! # Ok::<(), custodian::signal::SignalError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
 
@@ -64,7 +64,9 @@ use wacore_libsignal::protocol::{
 
 use crate::envelope::{Kind, Label, RecordKey, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
+use crate::integrity::ConfigError;
 use crate::keys::{KeyError, KeyId, KeyKind};
+use crate::retention::CEILING;
 use crate::store::{Batch, Op, PeerId, Storage, StoreError, WriterId};
 use crate::time::Timestamp;
 use crate::vault::{OpenError, Vault};
@@ -205,11 +207,14 @@ pub enum IdentityPolicy {
 /// How the Signal side behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignalConfig {
-    /// How often the signed prekey is replaced (default 7 days).
+    /// How often the signed prekey is replaced (default 7 days; more than
+    /// zero).
     pub signed_prekey_rotation: Duration,
-    /// How long a replaced signed prekey still decrypts first messages (default 30 days).
+    /// How long a replaced signed prekey still decrypts first messages
+    /// (default 30 days; at most the retention [`CEILING`]: longer would
+    /// keep a private key past the time any message is kept).
     pub signed_prekey_grace: Duration,
-    /// One-time prekeys kept available (default 100).
+    /// One-time prekeys kept available (default 100; at least 1).
     pub prekey_pool: usize,
     /// Replenish the pool when fewer than this remain (default 20).
     pub prekey_low_water: usize,
@@ -233,7 +238,8 @@ pub struct SignalConfig {
     /// chain of 40 sessions grows its record to tens of MB, re-sealed on
     /// every persist. An operation that would store more fails with
     /// [`SignalError::RecordTooLarge`] and changes nothing. A full session
-    /// measures about 1.3 MB; an ordinary one a few KB.
+    /// measures about 1.3 MB; an ordinary one a few KB. At least
+    /// [`MIN_RECORD_LEN`].
     pub max_record_len: usize,
     /// Let [`Processor::new`](crate::processor::Processor::new) start even
     /// though the host's `log` logger would keep the Signal library's
@@ -241,6 +247,44 @@ pub struct SignalConfig {
     /// [`library_logs_exposed`]). Only for a logger whose output is as
     /// protected as the keys themselves.
     pub allow_library_logs: bool,
+}
+
+/// The least [`SignalConfig::max_record_len`] accepted: 64 KiB. A fresh
+/// session's record measures about 510 bytes; a device with the most
+/// archived sessions the Signal library keeps (40, plus the current one),
+/// each having carried a message both ways, about 17 KB. A smaller limit
+/// would refuse, for good, devices that did nothing unusual; 64 KiB leaves
+/// room for each session's other receiving chains and some skipped keys.
+pub const MIN_RECORD_LEN: usize = 64 << 10;
+
+impl SignalConfig {
+    /// Checks every field against its documented range. The error names
+    /// the field and the rule it breaks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, rule| Err(ConfigError { field, rule });
+        if self.signed_prekey_rotation.is_zero() {
+            return bad("signed_prekey_rotation", "must be more than zero");
+        }
+        if self.signed_prekey_grace > CEILING {
+            return bad(
+                "signed_prekey_grace",
+                "must be at most 30 days, the retention ceiling",
+            );
+        }
+        if self.prekey_pool == 0 {
+            return bad("prekey_pool", "must be at least 1");
+        }
+        if self.prekey_limit < self.prekey_pool {
+            return bad("prekey_limit", "must be at least prekey_pool");
+        }
+        if self.max_record_len < MIN_RECORD_LEN {
+            return bad(
+                "max_record_len",
+                "must be at least 64 KiB, what a device with the most archived sessions needs",
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for SignalConfig {
@@ -577,8 +621,15 @@ fn protocol_error(e: SignalProtocolError, failure: Option<SignalError>) -> Signa
 impl Sessions {
     /// Signal sessions sealed by `vault` and stored in `store`, which must be
     /// the store the vault's key manager uses (batches span both).
-    pub fn new(vault: Arc<Vault>, store: Arc<dyn Storage>, config: SignalConfig) -> Self {
-        Self {
+    ///
+    /// Refused if `config` is invalid (see [`SignalConfig::validate`]).
+    pub fn new(
+        vault: Arc<Vault>,
+        store: Arc<dyn Storage>,
+        config: SignalConfig,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
             vault,
             store,
             cache: PeerCache::new(&config),
@@ -588,7 +639,7 @@ impl Sessions {
             business_locks: Stripes::new(),
             writer: WriterId::random(),
             took_over: async_lock::OnceCell::new(),
-        }
+        })
     }
 
     /// The configuration.
@@ -724,9 +775,8 @@ impl Sessions {
         }
         // Keys handed out whose first message never came would pile up:
         // past the limit the oldest go, never one added just now.
-        let limit = self.config.prekey_limit.max(self.config.prekey_pool);
         report.prekeys_retired = (stored.len() + report.prekeys_added)
-            .saturating_sub(limit)
+            .saturating_sub(self.config.prekey_limit)
             .min(stored.len());
         if let Some(oldest) = stored.get(..report.prekeys_retired)
             && !oldest.is_empty()

@@ -122,7 +122,7 @@ async fn fixture() -> (
         Arc::new(clock.clone()),
         EpochLength::DEFAULT,
     ));
-    let sessions = Sessions::new(vault, store.clone(), SignalConfig::default());
+    let sessions = Sessions::new(vault, store.clone(), SignalConfig::default()).unwrap();
     let expiry = Timestamp::from_millis(1_767_225_600_000 + 86_400_000);
     (sessions, keys, store, BusinessId::new(9).unwrap(), expiry)
 }

@@ -277,7 +277,10 @@ pub struct Census {
     pub messages: u64,
     /// Stored Signal peer records.
     pub peers: u64,
-    /// Distinct consumers (phone hashes) with a message or a peer record.
+    /// Consumer–business pairs (distinct business and phone hash) with a
+    /// message or a peer record. A consumer of two businesses counts twice:
+    /// phone hashes are keyed per business, so no store can tell that two
+    /// hashes are one consumer.
     pub phones: u64,
     /// Live epoch keys.
     pub epoch_keys: u64,

@@ -201,9 +201,22 @@
 //! assert_eq!(bundle.device_id, 0);
 //! assert!(bundle.one_time_prekey.is_some());
 //!
-//! // The fault schedule is a pure function of the seed.
-//! let faults = Faults::moderate();
-//! assert_eq!(faults.fate(7, Leg::ToDevice, 3), faults.fate(7, Leg::ToDevice, 3));
+//! // Without faults every message to a device arrives, once.
+//! let none = Faults::none();
+//! assert!((0..1000).all(|n| none.fate(7, Leg::ToDevice, n).copies() == 1));
+//!
+//! // Moderate faults lose about 5% of them and duplicate about 5%; the
+//! // seed fixes which, so a failing run replays from its seed.
+//! let moderate = Faults::moderate();
+//! let copies = |seed| -> Vec<u32> {
+//!     (0..1000).map(|n| moderate.fate(seed, Leg::ToDevice, n).copies()).collect()
+//! };
+//! let run = copies(7);
+//! let lost = run.iter().filter(|&&c| c == 0).count();
+//! let doubled = run.iter().filter(|&&c| c == 2).count();
+//! assert!((20..=100).contains(&lost) && (20..=100).contains(&doubled));
+//! assert_eq!(run, copies(7));
+//! assert_ne!(run, copies(8));
 //! # });
 //! ```
 

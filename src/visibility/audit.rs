@@ -306,6 +306,15 @@ pub enum HoldAction {
 
 /// A legal hold placed or released: an audit event of its own, since holds
 /// suspend retention.
+///
+/// The trail keeps the event, [`scope`](Self::scope) included, for as long
+/// as the host keeps the trail. A hold on one consumer
+/// ([`HoldScope::Consumer`]) names the consumer by its keyed phone hash,
+/// which so stays in the trail after the hold is released and retention
+/// has deleted the consumer's messages and sessions: the trail must say
+/// what a hold covered. The hash is pseudonymous: only the business's
+/// phone-index key links it to a number
+/// ([`KeyManager::phone_hash`](crate::keys::KeyManager::phone_hash)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldEvent {
     /// When.

@@ -971,7 +971,7 @@ pub(crate) fn signal_stack(
         prekey_low_water: 2,
         ..SignalConfig::default()
     };
-    (keys, Sessions::new(vault, storage, config))
+    (keys, Sessions::new(vault, storage, config).unwrap())
 }
 
 /// Signal sessions alone over the paused store, failing as `faults` says
