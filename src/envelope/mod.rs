@@ -223,7 +223,7 @@ pub enum SealError {
         now: Timestamp,
     },
     /// The expiry is further from now than the retention ceiling
-    /// ([`CEILING`](crate::retention::CEILING)) allows.
+    /// ([`CEILING`]) allows.
     #[error("expiry {expiry} is more than the 30-day retention ceiling after now ({now})")]
     ExpiryBeyondCeiling {
         /// The expiry asked for.
