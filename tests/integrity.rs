@@ -189,8 +189,8 @@ fn steady_customer_traffic_is_not_flagged() {
     for day in 1..120 {
         let new = 5 + small.jitter.next(40);
         small.day(&monitor, day, 380, new);
-        for _ in 0..small.jitter.next(3) {
-            monitor.record_spam_report(small.id, at(day, DAY - 10));
+        for c in 0..small.jitter.next(3) {
+            monitor.record_spam_report(small.id, consumer(c), at(day, DAY - 10));
         }
     }
     let report = signals(&monitor, small.id, at(120, 0));
@@ -898,10 +898,12 @@ mod exports {
         AnswerLost,
     }
 
-    /// The simulated network, with billing hand-overs ending as told.
+    /// The simulated network, with billing hand-overs ending as told, and
+    /// refusing for good the integrity signals of `blocked`.
     struct Flaky {
         network: Arc<SimNetwork>,
         next: std::sync::Mutex<HandOver>,
+        blocked: Option<BusinessId>,
     }
 
     #[async_trait::async_trait]
@@ -938,6 +940,9 @@ mod exports {
             self.network.publish_keys(b, k).await
         }
         async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
+            if Some(r.business) == self.blocked {
+                return Err(TransportError::Refused("the business is blocked".into()));
+            }
             self.network.integrity_signals(r).await
         }
         async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
@@ -1005,6 +1010,7 @@ mod exports {
                 let flaky = Arc::new(Flaky {
                     network: network.clone(),
                     next: std::sync::Mutex::new(HandOver::Taken),
+                    blocked: None,
                 });
                 let store = Arc::new(MemoryStore::new());
                 let kek = SecretKey::generate();
@@ -1105,6 +1111,82 @@ mod exports {
         );
     }
 
+    /// A business whose integrity signals the transport refuses for good
+    /// holds up that business alone: every other's are handed over, at
+    /// every export, and the export then reports the refusal. Before, the
+    /// export stopped at the first refusal, so no business with a higher
+    /// id ever got its signals out.
+    #[tokio::test]
+    async fn one_refused_integrity_report_holds_up_no_other_business() {
+        let clock = ManualClock::new(at(0, 0));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+        let (b17, b18) = (BusinessId::new(17).unwrap(), BusinessId::new(18).unwrap());
+        let transport = Arc::new(Flaky {
+            network: network.clone(),
+            next: std::sync::Mutex::new(HandOver::Taken),
+            blocked: Some(b17),
+        });
+        let store = Arc::new(MemoryStore::new());
+        let audit = Arc::new(MemoryAuditSink::new());
+        let p = processor(&clock, store, &SecretKey::generate(), transport, audit);
+        let reporter: PhoneNumber = "+447700900123".parse().unwrap();
+        for b in [b17, b18] {
+            p.report_spam(&Principal::new(OWNER), b, &reporter)
+                .await
+                .unwrap();
+        }
+        for _ in 0..2 {
+            let result = p.export_integrity(&Principal::new(OPERATOR)).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(ProcessorError::Transport(TransportError::Refused(_)))
+                ),
+                "{result:?}"
+            );
+        }
+        let exported: Vec<BusinessId> = network
+            .integrity_reports()
+            .await
+            .iter()
+            .map(|r| r.business)
+            .collect();
+        assert_eq!(exported, [b18, b18]);
+    }
+
+    /// Through the processor, a consumer's spam reports and blocks count
+    /// once a window however often the transport passes them on, and
+    /// another consumer's count too. Before, every call counted: one
+    /// consumer reporting ten times got a small business flagged.
+    #[tokio::test]
+    async fn a_consumer_reporting_again_is_not_counted_again() {
+        let clock = ManualClock::new(at(0, 0));
+        let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+        let store = Arc::new(MemoryStore::new());
+        let audit = Arc::new(MemoryAuditSink::new());
+        let p = processor(
+            &clock,
+            store,
+            &SecretKey::generate(),
+            network.clone(),
+            audit,
+        );
+        let (b, carrier) = (BusinessId::new(17).unwrap(), Principal::new(OWNER));
+        let (one, other): (PhoneNumber, PhoneNumber) = (
+            "+447700900123".parse().unwrap(),
+            "+447700900124".parse().unwrap(),
+        );
+        for _ in 0..10 {
+            p.report_spam(&carrier, b, &one).await.unwrap();
+            p.report_block(&carrier, b, &one).await.unwrap();
+        }
+        p.report_spam(&carrier, b, &other).await.unwrap();
+        p.export_integrity(&Principal::new(OPERATOR)).await.unwrap();
+        let report = network.integrity_reports().await.pop().unwrap();
+        assert_eq!((report.current.spam_reports, report.current.blocks), (2, 1));
+        assert!(!report.is_flagged(), "{report:?}");
+    }
+
     /// One business's damaged ledger (a category code this crate never
     /// writes) holds up that business's billing alone: every other is
     /// exported, and the export then reports the damage.
@@ -1158,8 +1240,8 @@ fn a_window_flagged_for_spam_does_not_feed_the_fan_out_baseline() {
     for c in 0..900 {
         monitor.record_sent(business, consumer(c), at(0, c));
     }
-    for _ in 0..20 {
-        monitor.record_spam_report(business, at(0, 1_000));
+    for c in 0..20 {
+        monitor.record_spam_report(business, consumer(c), at(0, 1_000));
     }
     let day0 = signals(&monitor, business, at(0, 2_000));
     assert_eq!(day0.current.anomalies[0].kind, AnomalyKind::SpamReports);
@@ -1212,7 +1294,7 @@ fn no_window_or_period_keeps_consumers_past_the_retention_ceiling() {
     let start = Timestamp::from_millis(20_010 * DAY); // a 30-day boundary
     let later = start.saturating_add(ceiling);
     monitor.record_sent(b, consumer(1), start);
-    monitor.expire(later);
+    monitor.expire(later, &custodian::retention::RetentionPolicy::default());
     monitor.record_sent(b, consumer(1), later);
     let current = signals(&monitor, b, later).current;
     assert_eq!(current.period.start, later);
@@ -1315,7 +1397,7 @@ fn steady_traffic_under_the_spam_rate_is_not_flagged_for_morning_reports() {
             for r in 0..20u64 {
                 let ms = r * EVERY;
                 if range.contains(&ms) {
-                    monitor.record_spam_report(business, at(day, ms));
+                    monitor.record_spam_report(business, consumer(r), at(day, ms));
                 }
             }
         };
@@ -1357,8 +1439,8 @@ fn spam_reports_count_against_the_window_before_with_no_history_kept() {
         for c in 0..1_000 {
             monitor.record_sent(business, consumer(c % 50), at(0, c));
         }
-        for _ in 0..19 {
-            monitor.record_spam_report(business, at(1, 1_000));
+        for c in 0..19 {
+            monitor.record_spam_report(business, consumer(c), at(1, 1_000));
         }
         let report = signals(monitor, business, at(1, 2_000));
         assert_eq!(report.current.spam_reports, 19);
@@ -1368,10 +1450,43 @@ fn spam_reports_count_against_the_window_before_with_no_history_kept() {
             report.current.anomalies
         );
         // The 20th reaches the rate.
-        monitor.record_spam_report(business, at(1, 3_000));
+        monitor.record_spam_report(business, consumer(19), at(1, 3_000));
         let report = signals(monitor, business, at(1, 4_000));
         assert!(report.current.has_spam_anomaly());
     }
+}
+
+/// Spam reports and blocks count consumers, each once a window per kind:
+/// one consumer reporting and blocking a business `min_spam_signals` times
+/// (or one report delivered that often) counts once each and is not
+/// flagged, that many consumers are, and the same consumer reporting again
+/// in the next window counts again. Before, every call counted.
+#[test]
+fn spam_reports_and_blocks_count_each_consumer_once_a_window() {
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    let min = IntegrityConfig::default().min_spam_signals;
+    let (one, many) = (BusinessId::new(33).unwrap(), BusinessId::new(34).unwrap());
+    for b in [one, many] {
+        for c in 0..100 {
+            monitor.record_sent(b, consumer(c), at(0, c));
+        }
+    }
+    for i in 0..min {
+        monitor.record_spam_report(one, consumer(0), at(0, 1_000 + i));
+        monitor.record_block(one, consumer(0), at(0, 1_000 + i));
+        monitor.record_spam_report(many, consumer(i), at(0, 1_000 + i));
+    }
+    let report = signals(&monitor, one, at(0, 2_000)).current;
+    assert_eq!((report.spam_reports, report.blocks), (1, 1));
+    assert!(!report.has_spam_anomaly(), "{:?}", report.anomalies);
+    let report = signals(&monitor, many, at(0, 2_000)).current;
+    assert_eq!(report.spam_reports, min);
+    assert!(report.has_spam_anomaly());
+    // The next window counts the consumer again, once.
+    monitor.record_spam_report(one, consumer(0), at(1, 0));
+    monitor.record_spam_report(one, consumer(0), at(1, 1));
+    let report = signals(&monitor, one, at(1, 2)).current;
+    assert_eq!((report.spam_reports, report.blocks), (1, 0));
 }
 
 trait SpamAnomaly {

@@ -616,6 +616,141 @@ async fn expired_undelivered_messages_are_reported_failed() {
     drop(d);
 }
 
+/// The integrity monitor forgets a consumer when its business's retention
+/// does: two days after its message to a consumer, a business keeping
+/// messages for a day has the consumer forgotten by the sweep, in the store
+/// and in the monitor, so its next message to it is to a new recipient.
+/// Before, the monitor kept the consumer (8 bytes of its phone hash) for
+/// the 30-day ceiling, and counted it as returning.
+#[tokio::test]
+async fn the_integrity_monitor_forgets_a_consumer_with_its_business_retention() {
+    use custodian::retention::{BusinessRetention, Periods, RetentionPolicy};
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 7);
+    let b = BusinessId::new(7).unwrap();
+    let one_day = BusinessRetention {
+        periods: Periods::both(DAY),
+        region: None,
+    };
+    let retention = RetentionPolicy::default().with_business(b, one_day);
+    d.processor
+        .set_retention_policy(&d.operator, retention.unwrap())
+        .unwrap();
+    d.publish_all().await;
+    d.welcomed(b, &number(1)).await;
+    // Two days on, past the business's retention: the sweep forgets the
+    // consumer.
+    d.clock.advance(2 * DAY);
+    d.processor.sweep(&d.operator).await.unwrap();
+    let census = d.store.census().await.unwrap();
+    assert_eq!((census.messages, census.phones, census.peers), (0, 0, 0));
+
+    d.send(b, number(1), b"day three").await;
+    d.processor.export_integrity(&d.operator).await.unwrap();
+    let report = d.network.integrity_reports().await.pop().unwrap();
+    assert_eq!(
+        (report.current.sent, report.current.new_recipients),
+        (1, 1),
+        "{:?}",
+        report.current
+    );
+}
+
+/// An audit trail that runs `hook` once, on a thread of its own, after
+/// recording the first release for analytics: the work of another task
+/// while `Processor::statistics` is between its releases.
+struct Meanwhile {
+    kept: MemoryAuditSink,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl AuditSink for Meanwhile {
+    fn record(&self, decision: &Decision) -> Result<(), AuditError> {
+        self.kept.record(decision)?;
+        if decision.purpose == custodian::visibility::Purpose::Analytics {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                std::thread::spawn(hook).join().unwrap();
+            }
+        }
+        Ok(())
+    }
+    fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+        self.kept.record_hold(event)
+    }
+    fn record_change(&self, event: &Change) -> Result<(), AuditError> {
+        self.kept.record_change(event)
+    }
+}
+
+/// `Processor::statistics` removes only the reports it released: a
+/// business first counted while it releases the others' (with a message in
+/// a period already closed) keeps its report for the next call. Before,
+/// the call removed every closed period it then found, that business's
+/// included, unreleased.
+#[tokio::test]
+async fn statistics_removes_only_the_reports_it_released() {
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+    let (b7, b8) = (BusinessId::new(7).unwrap(), BusinessId::new(8).unwrap());
+    let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
+    let cell: Arc<OnceLock<Weak<Processor>>> = Arc::default();
+    let message = |to: usize| Outbound {
+        to: number(to),
+        content: b"hello".to_vec().into(),
+        category: Category::Service,
+    };
+    // Business 8's first message, sent back on the first day.
+    let hook = {
+        let (cell, clock, owner) = (cell.clone(), clock.clone(), owner.clone());
+        move || {
+            let processor = cell.get().and_then(Weak::upgrade).unwrap();
+            let now = clock.now();
+            clock.set(Timestamp::from_millis(T0));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(processor.send(&owner, b8, message(2)))
+                .unwrap();
+            clock.set(now);
+        }
+    };
+    let audit = Arc::new(Meanwhile {
+        kept: MemoryAuditSink::new(),
+        hook: Mutex::new(Some(Box::new(hook))),
+    });
+    let host = Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport: network.clone(),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
+        authorizer: Arc::new(
+            StaticAuthorizer::new()
+                .grant(&owner, b7)
+                .grant(&owner, b8)
+                .operator(&operator),
+        ),
+        clock: Arc::new(clock.clone()),
+        audit,
+    };
+    let processor = Arc::new(Processor::new(host, Policies::default()).unwrap());
+    cell.set(Arc::downgrade(&processor)).unwrap();
+    network.add_consumer(&number(1), 1).await;
+    network.add_consumer(&number(2), 1).await;
+    processor.send(&owner, b7, message(1)).await.unwrap();
+    clock.advance(Duration::from_secs(25 * 3600));
+
+    let businesses = |reports: Vec<custodian::integrity::StatisticsReport>| -> Vec<BusinessId> {
+        reports.iter().map(|r| r.business).collect()
+    };
+    let first = processor.statistics(&operator).await.unwrap();
+    assert_eq!(businesses(first), [b7]);
+    let second = processor.statistics(&operator).await.unwrap();
+    assert_eq!(businesses(second), [b8], "business 8's report was dropped");
+}
+
 /// A stored message whose record cannot be opened (damaged bytes) or is
 /// not its own (another message's envelope under its id) is failed as
 /// unreadable and its business told; it holds up nothing behind it, and
@@ -875,8 +1010,8 @@ async fn no_principal_reaches_another_tenant() {
             .await
             .map(drop),
     );
-    unauthorized(d.processor.report_spam(&intruder, b));
-    unauthorized(d.processor.report_block(&intruder, b));
+    unauthorized(d.processor.report_spam(&intruder, b, &number(1)).await);
+    unauthorized(d.processor.report_block(&intruder, b, &number(1)).await);
     unauthorized(d.processor.opt_in(&intruder, b));
     unauthorized(d.processor.opt_out(&intruder, b));
     // Integrity signals go to the transport only, exported by operators;
@@ -1965,8 +2100,8 @@ async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
             .await
             .map(drop),
     );
-    unauthorized(d.processor.report_spam(&owner, b));
-    unauthorized(d.processor.report_block(&owner, b));
+    unauthorized(d.processor.report_spam(&owner, b, &number(1)).await);
+    unauthorized(d.processor.report_block(&owner, b, &number(1)).await);
 
     // The network, acting as the business.
     let spoof = || Outbound {
@@ -2006,7 +2141,12 @@ async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
     assert_eq!(before, after);
     // Each in its own role still gets through.
     assert!(d.processor.message_status(&owner, b, sent).await.is_ok());
-    assert!(d.processor.report_spam(&carrier, b).is_ok());
+    assert!(
+        d.processor
+            .report_spam(&carrier, b, &number(1))
+            .await
+            .is_ok()
+    );
 }
 
 /// A message that can never be received is refused as permanent, so the

@@ -1489,7 +1489,10 @@ async fn key_publication_and_exports_are_refused_in_a_network_outage() {
             .is_err(),
         "no keys to start a session from"
     );
-    d.processor.report_spam(&d.transport, business()).unwrap();
+    d.processor
+        .report_spam(&d.transport, business(), &number(1))
+        .await
+        .unwrap();
     assert!(unavailable(d.processor.export_integrity(&d.operator).await));
     assert!(d.network.integrity_reports().await.is_empty());
 
@@ -1536,7 +1539,10 @@ async fn an_upload_whose_answer_is_lost_reached_the_network() {
         d.network.one_time_prekeys_left(business()).await > 0,
         "the keys arrived"
     );
-    d.processor.report_spam(&d.transport, business()).unwrap();
+    d.processor
+        .report_spam(&d.transport, business(), &number(1))
+        .await
+        .unwrap();
     assert!(unavailable(d.processor.export_integrity(&d.operator).await));
     assert!(d.network.integrity_reports().await.is_empty());
     d.network.add_consumer(&number(1), 1).await;

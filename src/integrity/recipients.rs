@@ -7,9 +7,9 @@
 //! bound, a recipient touched in the last `bound / 2` distinct recipients is
 //! always remembered, and one not touched for longer may be forgotten and
 //! counted as new again: over-counting, never under-counting, new recipients.
-//! A recipient neither messaged nor heard from since a given window can be
-//! forgotten outright ([`RecipientTracker::forget_before`]): the monitor
-//! keeps no consumer longer than the retention ceiling.
+//! A recipient neither messaged nor heard from since a given instant can
+//! be forgotten outright ([`RecipientTracker::forget_before`]): the monitor
+//! keeps no consumer longer than its business's retention.
 
 use std::collections::HashMap;
 
@@ -30,7 +30,8 @@ pub(super) enum Reach {
 }
 
 /// What is kept per recipient: the last window the business messaged it
-/// ([`NEVER_SENT`] if only heard from), and the last window of any contact.
+/// ([`NEVER_SENT`] if only heard from), and when (in Unix milliseconds)
+/// the last contact of any kind was.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     sent: u64,
@@ -42,7 +43,10 @@ pub(super) struct RecipientTracker {
     current: HashMap<u64, Seen, RandomState>,
     previous: HashMap<u64, Seen, RandomState>,
     generation: usize,
-    /// The window of the last rotation, if any.
+    /// The latest contact recorded (Unix milliseconds).
+    latest: u64,
+    /// The latest contact recorded when a generation was last dropped, if
+    /// one was.
     last_rotation: Option<u64>,
 }
 
@@ -53,31 +57,38 @@ impl RecipientTracker {
             current: HashMap::default(),
             previous: HashMap::default(),
             generation: (bound / 2).max(1),
+            latest: 0,
             last_rotation: None,
         }
     }
 
-    /// The last window in which a generation was dropped at the bound (the
-    /// recipients it held, their last contact in that window or before,
-    /// forgotten), if one was.
+    /// When a generation was last dropped at the bound, if one was: no
+    /// recipient it held (forgotten then) had a contact after it.
     pub(super) fn last_rotation(&self) -> Option<u64> {
         self.last_rotation
     }
 
-    /// A message sent to `key` in `window`.
-    pub(super) fn sent(&mut self, key: u64, window: u64) -> Reach {
-        let now = Seen {
-            sent: window,
-            contact: window,
-        };
+    /// A message sent to `key` in `window`, at `at` (Unix milliseconds).
+    pub(super) fn sent(&mut self, key: u64, window: u64, at: u64) -> Reach {
         let last = match self.current.get_mut(&key) {
-            Some(last) => Some(std::mem::replace(last, now).sent),
+            Some(seen) => {
+                seen.contact = seen.contact.max(at);
+                Some(std::mem::replace(&mut seen.sent, window))
+            }
             None => {
-                let last = self.previous.remove(&key).map(|s| s.sent);
-                self.insert(key, now);
-                last
+                let last = self.previous.remove(&key);
+                let contact = last.map_or(at, |s| s.contact.max(at));
+                self.insert(
+                    key,
+                    Seen {
+                        sent: window,
+                        contact,
+                    },
+                );
+                last.map(|s| s.sent)
             }
         };
+        self.latest = self.latest.max(at);
         match last {
             None => Reach::New,
             Some(w) if w == window => Reach::Repeat,
@@ -85,34 +96,36 @@ impl RecipientTracker {
         }
     }
 
-    /// A message received from `key` in `window`: the consumer is known
-    /// from now on, so replying to it is not fan-out.
-    pub(super) fn heard_from(&mut self, key: u64, window: u64) {
+    /// A message received from `key` at `at` (Unix milliseconds): the
+    /// consumer is known from now on, so replying to it is not fan-out.
+    pub(super) fn heard_from(&mut self, key: u64, at: u64) {
+        self.latest = self.latest.max(at);
         if let Some(seen) = self.current.get_mut(&key) {
-            seen.contact = seen.contact.max(window);
+            seen.contact = seen.contact.max(at);
             return;
         }
-        let sent = self.previous.remove(&key).map_or(NEVER_SENT, |s| s.sent);
+        let last = self.previous.remove(&key);
         self.insert(
             key,
             Seen {
-                sent,
-                contact: window,
+                sent: last.map_or(NEVER_SENT, |s| s.sent),
+                contact: last.map_or(at, |s| s.contact.max(at)),
             },
         );
     }
 
-    /// Forget every recipient with no contact in `window` or later.
-    pub(super) fn forget_before(&mut self, window: u64) {
-        self.current.retain(|_, s| s.contact >= window);
-        self.previous.retain(|_, s| s.contact >= window);
+    /// Forget every recipient with no contact at `cutoff` (Unix
+    /// milliseconds) or later.
+    pub(super) fn forget_before(&mut self, cutoff: u64) {
+        self.current.retain(|_, s| s.contact >= cutoff);
+        self.previous.retain(|_, s| s.contact >= cutoff);
     }
 
     fn insert(&mut self, key: u64, seen: Seen) {
         if self.current.len() >= self.generation {
             self.previous = std::mem::take(&mut self.current);
-            // Windows move forward: this is the latest.
-            self.last_rotation = Some(seen.contact);
+            // Those dropped had no contact after the latest so far.
+            self.last_rotation = Some(self.latest);
         }
         self.current.insert(key, seen);
     }
@@ -131,41 +144,41 @@ mod tests {
     #[test]
     fn counts_new_returning_and_repeat() {
         let mut t = RecipientTracker::new(100);
-        assert_eq!(t.sent(1, 0), Reach::New);
-        assert_eq!(t.sent(1, 0), Reach::Repeat);
-        assert_eq!(t.sent(1, 1), Reach::Returning);
+        assert_eq!(t.sent(1, 0, 0), Reach::New);
+        assert_eq!(t.sent(1, 0, 0), Reach::Repeat);
+        assert_eq!(t.sent(1, 1, 1), Reach::Returning);
         t.heard_from(2, 1);
-        assert_eq!(t.sent(2, 1), Reach::Returning);
-        assert_eq!(t.sent(2, 1), Reach::Repeat);
+        assert_eq!(t.sent(2, 1, 1), Reach::Returning);
+        assert_eq!(t.sent(2, 1, 1), Reach::Repeat);
     }
 
     #[test]
-    fn recipients_without_contact_since_a_window_are_forgotten() {
+    fn recipients_without_contact_since_an_instant_are_forgotten() {
         let mut t = RecipientTracker::new(100);
-        t.sent(1, 0);
+        t.sent(1, 0, 0);
         t.heard_from(2, 3);
-        t.sent(3, 2);
+        t.sent(3, 2, 2);
         t.heard_from(3, 5);
         t.forget_before(3);
         assert_eq!(t.len(), 2);
-        assert_eq!(t.sent(1, 6), Reach::New, "1 was last seen in window 0");
-        assert_eq!(t.sent(2, 6), Reach::Returning);
-        assert_eq!(t.sent(3, 6), Reach::Returning);
+        assert_eq!(t.sent(1, 6, 6), Reach::New, "1 was last seen at 0");
+        assert_eq!(t.sent(2, 6, 6), Reach::Returning);
+        assert_eq!(t.sent(3, 6, 6), Reach::Returning);
     }
 
     #[test]
     fn at_the_bound_old_recipients_are_forgotten_and_count_as_new() {
         let mut t = RecipientTracker::new(4); // generations of 2
         for k in 0..3 {
-            assert_eq!(t.sent(k, 0), Reach::New);
+            assert_eq!(t.sent(k, 0, 0), Reach::New);
         }
         // 0 and 1 moved to the previous generation; still remembered.
-        assert_eq!(t.sent(0, 1), Reach::Returning);
+        assert_eq!(t.sent(0, 1, 1), Reach::Returning);
         for k in 10..14 {
-            t.sent(k, 1);
+            t.sent(k, 1, 1);
         }
         // 1 was not touched for two generations: forgotten.
-        assert_eq!(t.sent(1, 2), Reach::New);
+        assert_eq!(t.sent(1, 2, 2), Reach::New);
         assert!(t.last_rotation().is_some());
     }
 
@@ -180,7 +193,7 @@ mod tests {
             let mut keys = keys;
             keys.sort_by_key(|k| k.1); // windows move forward
             for (key, window) in keys {
-                let reach = t.sent(key, window);
+                let reach = t.sent(key, window, window);
                 if ever.insert(key) {
                     prop_assert_eq!(reach, Reach::New);
                 }
@@ -200,7 +213,7 @@ mod tests {
                     Some(w) if w == window => Reach::Repeat,
                     Some(_) => Reach::Returning,
                 };
-                prop_assert_eq!(t.sent(key, window), expected);
+                prop_assert_eq!(t.sent(key, window, window), expected);
             }
         }
     }

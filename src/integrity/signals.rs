@@ -1,14 +1,16 @@
 //! Per-business integrity signals and the anomaly detector.
 
-use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use super::recipients::{Reach, RecipientTracker};
 use super::{ConfigError, Grid, PAST_CEILING, PerBusiness, Period, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
-use crate::retention::CEILING;
+use crate::retention::{CEILING, RetentionPolicy};
 use crate::time::Timestamp;
 use crate::visibility::{DataClass, Labelled};
 
@@ -61,14 +63,18 @@ pub struct IntegrityConfig {
     /// ... and at least this many. Default 10.
     pub min_spam_signals: u64,
     /// Most recipients remembered per business, at least 2. Default 200,000
-    /// (at most about 5 MB per business). At the bound the recipients not
+    /// (at most about 5 MB per business). It bounds too the consumers a
+    /// window remembers as having reported the business for spam, and
+    /// those it remembers as having blocked it (each counted once a
+    /// window): past the bound, every further report or block counts, which
+    /// errs towards flagging. At the bound the recipients not
     /// messaged for longest are forgotten, and count as new if messaged
     /// again: new and unique recipient counts may then over-count (never
     /// under-count), which errs towards flagging; every window whose counts
     /// it may inflate reports it ([`WindowSignals::recipient_bound_reached`]):
     /// the window the bound was reached in, and those after it while a
-    /// recipient then forgotten would still be remembered (within the
-    /// retention ceiling).
+    /// recipient then forgotten would still be remembered (within its
+    /// business's retention).
     pub max_tracked_recipients: usize,
     /// Closed windows kept per business for the report, at most 10,000.
     /// Default 30.
@@ -185,9 +191,9 @@ pub struct WindowSignals {
     /// The fan-out rate: new recipients per hour over the window (for the
     /// open window, over the part of it gone by when the report was made).
     pub new_recipients_per_hour: f64,
-    /// Spam reports against the business.
+    /// Consumers who reported the business for spam (each once).
     pub spam_reports: u64,
-    /// Consumers who blocked the business.
+    /// Consumers who blocked the business (each once).
     pub blocks: u64,
     /// The baseline (new recipients per window) the window was judged
     /// against; `None` while warming up.
@@ -247,6 +253,9 @@ impl IntegrityReport {
 /// [`export`](Self::export), which gives a value labelled
 /// [`DataClass::IntegritySignals`] for the gate to release. An event
 /// timestamped before the open window (late) counts in the open window.
+/// A consumer's spam reports count once a window, and so do its blocks:
+/// reported again, or the report delivered twice, it does not count again
+/// until the next window.
 #[derive(Debug)]
 pub struct IntegrityMonitor {
     config: IntegrityConfig,
@@ -258,10 +267,14 @@ pub struct IntegrityMonitor {
 struct BusinessSignals {
     open: WindowSignals,
     index: u64,
-    /// The first window whose contacts the tracker keeps (older ones are
-    /// past the retention ceiling, and forgotten).
+    /// The earliest contact kept (Unix milliseconds): older ones are past
+    /// the business's retention, or the ceiling, and forgotten.
     kept_from: u64,
     recipients: RecipientTracker,
+    /// The consumers who reported the business for spam in the open window.
+    spam_reporters: Counted,
+    /// The consumers who blocked the business in the open window.
+    blockers: Counted,
     baseline: Option<f64>,
     windows_closed: u64,
     /// Messages sent in the window just before the open one: the spam rate
@@ -291,7 +304,7 @@ impl IntegrityMonitor {
         let key = hash_key(&recipient);
         self.update(business, at, |s, cfg| {
             s.open.sent += 1;
-            match s.recipients.sent(key, s.index) {
+            match s.recipients.sent(key, s.index, at.as_millis()) {
                 Reach::New => {
                     s.open.unique_recipients += 1;
                     s.open.new_recipients += 1;
@@ -311,24 +324,32 @@ impl IntegrityMonitor {
         let key = hash_key(&sender);
         self.update(business, at, |s, _| {
             s.open.received += 1;
-            s.recipients.heard_from(key, s.index);
+            s.recipients.heard_from(key, at.as_millis());
             s.note_bound();
         });
     }
 
-    /// A consumer reported the business for spam at `at`.
-    pub fn record_spam_report(&self, business: BusinessId, at: Timestamp) {
+    /// `reporter` reported the business for spam at `at`: counted unless
+    /// it already reported the business in the open window.
+    pub fn record_spam_report(&self, business: BusinessId, reporter: PhoneHash, at: Timestamp) {
+        let key = hash_key(&reporter);
         self.update(business, at, |s, cfg| {
-            s.open.spam_reports += 1;
-            s.check_spam(at, cfg);
+            if count_once(&mut s.spam_reporters, key, at, cfg) {
+                s.open.spam_reports += 1;
+                s.check_spam(at, cfg);
+            }
         });
     }
 
-    /// A consumer blocked the business at `at`.
-    pub fn record_block(&self, business: BusinessId, at: Timestamp) {
+    /// `consumer` blocked the business at `at`: counted unless it already
+    /// blocked the business in the open window.
+    pub fn record_block(&self, business: BusinessId, consumer: PhoneHash, at: Timestamp) {
+        let key = hash_key(&consumer);
         self.update(business, at, |s, cfg| {
-            s.open.blocks += 1;
-            s.check_spam(at, cfg);
+            if count_once(&mut s.blockers, key, at, cfg) {
+                s.open.blocks += 1;
+                s.check_spam(at, cfg);
+            }
         });
     }
 
@@ -363,15 +384,24 @@ impl IntegrityMonitor {
             .collect()
     }
 
-    /// Closes, for every business, the windows that ended by `now`, and so
-    /// forgets the consumers out of contact for the retention ceiling, as
-    /// events and exports do for the business they concern. The processor
-    /// runs it on every sweep, so a business gone quiet keeps no consumer
-    /// past the ceiling either.
-    pub fn expire(&self, now: Timestamp) {
+    /// Closes, for every business, the windows that ended by `now`, and
+    /// forgets the consumers its retention no longer keeps: those not
+    /// messaged, heard from, nor counted reporting or blocking it for the
+    /// longest period `retention` keeps the business's messages (inbound
+    /// or outbound). Events and exports forget at the retention ceiling,
+    /// for the business they concern; the processor runs this on every
+    /// sweep, with its retention policy, so that no consumer outlives its
+    /// business's retention here, whether or not the business is active.
+    /// With a retention shorter than the window, a consumer so forgotten
+    /// counts again if messaged (or reporting) again in the same window:
+    /// an over-count, which errs towards flagging.
+    pub fn expire(&self, now: Timestamp, retention: &RetentionPolicy) {
         let index = self.grid.index(now);
-        for (_, cell) in self.businesses.all() {
-            lock(&cell).roll(index, self.grid, &self.config);
+        for (business, cell) in self.businesses.all() {
+            let kept = retention.periods(business).longest().min(CEILING);
+            let mut s = lock(&cell);
+            s.roll(index, self.grid, &self.config);
+            s.forget_before(now.saturating_sub(kept).as_millis());
         }
     }
 
@@ -405,6 +435,8 @@ impl BusinessSignals {
             index,
             kept_from: 0,
             recipients: RecipientTracker::new(config.max_tracked_recipients),
+            spam_reporters: Counted::default(),
+            blockers: Counted::default(),
             baseline: None,
             windows_closed: 0,
             sent_before: 0,
@@ -450,28 +482,40 @@ impl BusinessSignals {
             self.history.push_back(closed);
         }
         self.index = index;
+        // A new window counts each reporter anew.
+        self.spam_reporters = Counted::default();
+        self.blockers = Counted::default();
         // Nothing about a consumer outlives the retention ceiling here
-        // either: one not messaged nor heard from for that long is
-        // forgotten (and would count as new again). Kept: contacts in the
-        // windows that started less than the ceiling before this one ends,
-        // so at this window's end no contact kept is older than the ceiling.
-        let horizon = CEILING.as_millis() as u64 / grid.len_ms.max(1);
-        self.kept_from = index.saturating_add(1).saturating_sub(horizon);
-        self.recipients.forget_before(self.kept_from);
-        self.note_bound();
+        // either, sweep or none: one not messaged nor heard from for that
+        // long is forgotten (and would count as new again). Kept: contacts
+        // less than the ceiling before this window ends, so at its end no
+        // contact kept is older than the ceiling.
+        self.forget_before(grid.period(index).end.saturating_sub(CEILING).as_millis());
         self.set_threshold(config);
     }
 
+    /// Forget every consumer with no contact, report nor block at `cutoff`
+    /// (Unix milliseconds) or later.
+    fn forget_before(&mut self, cutoff: u64) {
+        let kept_from = self.kept_from.max(cutoff);
+        self.kept_from = kept_from;
+        self.recipients.forget_before(kept_from);
+        for counted in [&mut self.spam_reporters, &mut self.blockers] {
+            counted.retain(|_, at| *at >= kept_from);
+        }
+        self.note_bound();
+    }
+
     /// Report in the open window that its recipient counts may over-count,
-    /// if the tracker forgot recipients at the bound in a window whose
-    /// contacts it would still keep: one of them messaged now counts as
-    /// new. (Those forgotten by an older rotation had no contact since, and
-    /// are past the ceiling: forgotten anyway.)
+    /// if the tracker forgot recipients at the bound when their contacts
+    /// could still be kept: one of them messaged now counts as new. (Those
+    /// forgotten by an older rotation had no contact since, and are past
+    /// retention: forgotten anyway.)
     fn note_bound(&mut self) {
         if self
             .recipients
             .last_rotation()
-            .is_some_and(|window| window >= self.kept_from)
+            .is_some_and(|at| at >= self.kept_from)
         {
             self.open.recipient_bound_reached = true;
         }
@@ -545,6 +589,27 @@ impl BusinessSignals {
             generated_at: now,
             current: rate(&self.open, now),
             history: self.history.iter().map(|w| rate(w, w.period.end)).collect(),
+        }
+    }
+}
+
+/// The consumers counted for one kind of signal in the open window: 64
+/// bits of each one's phone hash, with when it was counted (Unix
+/// milliseconds), so that it is forgotten with its business's retention.
+type Counted = HashMap<u64, u64, RandomState>;
+
+/// Whether the consumer `key` counts at `at`: not if `counted` holds it
+/// already. Remembered if it counts, unless `counted` is at the bound
+/// ([`IntegrityConfig::max_tracked_recipients`]).
+fn count_once(counted: &mut Counted, key: u64, at: Timestamp, config: &IntegrityConfig) -> bool {
+    let full = counted.len() >= config.max_tracked_recipients;
+    match counted.entry(key) {
+        Entry::Occupied(_) => false,
+        Entry::Vacant(entry) => {
+            if !full {
+                entry.insert(at.as_millis());
+            }
+            true
         }
     }
 }
@@ -649,10 +714,11 @@ mod tests {
         let b = BusinessId::new(1).unwrap();
         m.record_sent(b, hash(1), Timestamp::from_millis(10 * DAY));
         m.record_received(b, hash(2), Timestamp::from_millis(10 * DAY));
-        m.expire(Timestamp::from_millis(39 * DAY));
+        let retention = RetentionPolicy::default();
+        m.expire(Timestamp::from_millis(39 * DAY), &retention);
         assert_eq!(tracked(&m, b), 2);
         // No event, no export: the expiry a sweep runs is enough.
-        m.expire(Timestamp::from_millis(40 * DAY));
+        m.expire(Timestamp::from_millis(40 * DAY), &retention);
         assert_eq!(tracked(&m, b), 0);
         // The window it closed keeps its counts.
         let r = signals(&m, b, 40 * DAY);
@@ -711,11 +777,11 @@ mod tests {
         for i in 0..1_000 {
             m.record_sent(b, hash(i % 50), t);
         }
-        for _ in 0..19 {
-            m.record_spam_report(b, t);
+        for i in 0..19 {
+            m.record_spam_report(b, hash(i), t);
         }
         assert!(!signals(&m, b, DAY).is_flagged());
-        m.record_block(b, t);
+        m.record_block(b, hash(0), t);
         let r = signals(&m, b, DAY);
         assert_eq!(r.current.anomalies[0].kind, AnomalyKind::SpamReports);
         assert_eq!(r.current.anomalies[0].threshold, 20);
@@ -736,11 +802,11 @@ mod tests {
         for i in 0..200 {
             m.record_sent(b, hash(i), t);
         }
-        for _ in 0..13 {
-            m.record_spam_report(b, t);
+        for i in 0..13 {
+            m.record_spam_report(b, hash(i), t);
         }
         assert!(!signals(&m, b, DAY).is_flagged());
-        m.record_spam_report(b, t);
+        m.record_spam_report(b, hash(13), t);
         let r = signals(&m, b, DAY);
         assert_eq!(r.current.anomalies[0].kind, AnomalyKind::SpamReports);
         assert_eq!(r.current.anomalies[0].threshold, 14);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, Grid, PAST_CEILING, PerBusiness, Period, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
-use crate::retention::CEILING;
+use crate::retention::{CEILING, RetentionPolicy};
 use crate::time::Timestamp;
 use crate::visibility::{DataClass, Labelled};
 
@@ -288,35 +288,52 @@ impl StatisticsCollector {
     /// The reports of every business's periods that ended by `now`, removed
     /// from the collector, in business then period order.
     pub fn take_closed(&self, now: Timestamp) -> Vec<Labelled<StatisticsReport>> {
-        let open = self.grid.index(now);
-        let mut out = Vec::new();
-        for (business, cell) in self.businesses.all() {
-            let mut s = lock(&cell);
-            s.sealed_below = s.sealed_below.max(open);
-            let keep = s.periods.split_off(&open);
-            let closed = std::mem::replace(&mut s.periods, keep);
-            out.extend(closed.iter().map(|(&i, p)| self.report(business, i, p)));
-        }
-        out
+        self.businesses()
+            .into_iter()
+            .flat_map(|business| self.take_closed_of(business, now))
+            .collect()
     }
 
-    /// Forgets the consumers counted in every closed period that began at
-    /// least the retention ceiling before `now` (so holds a contact that
-    /// old), keeping its counts and which of its buckets may be released;
-    /// such periods are sealed (a late event counts in the first period
-    /// after them). The processor runs it on every sweep, so no consumer
-    /// outlives retention here, whether or not the statistics are ever
-    /// taken (periods are no longer than the ceiling, so one that began
-    /// that long ago has closed).
-    pub fn expire(&self, now: Timestamp) {
+    /// The reports of `business`'s periods that ended by `now`, removed
+    /// from the collector, oldest first: after
+    /// [`closed_reports`](Self::closed_reports) with the same `now`,
+    /// exactly the reports it gave (it sealed them).
+    pub fn take_closed_of(
+        &self,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Vec<Labelled<StatisticsReport>> {
+        let open = self.grid.index(now);
+        self.businesses
+            .with(business, |s| {
+                s.sealed_below = s.sealed_below.max(open);
+                let keep = s.periods.split_off(&open);
+                let closed = std::mem::replace(&mut s.periods, keep);
+                closed
+                    .iter()
+                    .map(|(&i, p)| self.report(business, i, p))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Forgets, for every business, the consumers counted in every closed
+    /// period that began at least the longest period `retention` keeps the
+    /// business's messages (inbound or outbound) before `now` (so holds a
+    /// contact that old), keeping its counts and which of its buckets may
+    /// be released; such periods are sealed (a late event counts in the
+    /// first period after them). The processor runs it on every sweep, with
+    /// its retention policy, so no consumer outlives its business's
+    /// retention here, whether or not the statistics are ever taken.
+    pub fn expire(&self, now: Timestamp, retention: &RetentionPolicy) {
         let k = self.config.k;
-        let cutoff = now.as_millis().saturating_sub(CEILING.as_millis() as u64);
-        let below = self
-            .grid
-            .index(Timestamp::from_millis(cutoff))
-            .saturating_add(1)
-            .min(self.grid.index(now));
-        for (_, cell) in self.businesses.all() {
+        for (business, cell) in self.businesses.all() {
+            let kept = retention.periods(business).longest().min(CEILING);
+            let below = self
+                .grid
+                .index(now.saturating_sub(kept))
+                .saturating_add(1)
+                .min(self.grid.index(now));
             let mut s = lock(&cell);
             s.sealed_below = s.sealed_below.max(below);
             for (_, p) in s.periods.range_mut(..below) {
@@ -441,6 +458,46 @@ mod tests {
         assert_eq!(b.consumers, [3, 5, 9]);
     }
 
+    /// A business keeping its messages a day has its consumers forgotten
+    /// once the period that counted them began a day ago; another business,
+    /// on the default retention, keeps its own. Before, every business's
+    /// consumers were kept for the 30-day ceiling.
+    #[test]
+    fn a_consumer_is_forgotten_with_its_business_retention() {
+        use crate::retention::{BusinessRetention, Periods};
+
+        let c = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+        let (short, long) = (BusinessId::new(3).unwrap(), BusinessId::new(4).unwrap());
+        let day: u64 = 24 * 3600 * 1000;
+        let at = |ms| Timestamp::from_millis(100 * day + ms);
+        for b in [short, long] {
+            let consumer = PhoneHash::from_bytes([1; 16]);
+            c.record_message(b, consumer, Direction::Inbound, Status::Sent, at(0));
+        }
+        let one_day = BusinessRetention {
+            periods: Periods::both(Duration::from_secs(24 * 3600)),
+            region: None,
+        };
+        let policy = RetentionPolicy::default()
+            .with_business(short, one_day)
+            .unwrap();
+        let kept = |b| {
+            c.businesses
+                .with(b, |s| {
+                    s.periods
+                        .values()
+                        .flat_map(|p| p.messages.iter().flatten().chain(&p.latency))
+                        .map(|bucket| bucket.consumers.len())
+                        .sum::<usize>()
+                })
+                .unwrap()
+        };
+        c.expire(at(day - 1), &policy);
+        assert_eq!((kept(short), kept(long)), (1, 1));
+        c.expire(at(day), &policy);
+        assert_eq!((kept(short), kept(long)), (0, 1));
+    }
+
     #[test]
     fn no_consumer_is_kept_past_the_retention_ceiling_and_counts_stay_releasable() {
         let c = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
@@ -478,9 +535,10 @@ mod tests {
                 .unwrap()
         };
         // The period began at day 100: its consumers are kept until day 130.
-        c.expire(at(30 * day - 1));
+        let policy = RetentionPolicy::default();
+        c.expire(at(30 * day - 1), &policy);
         assert_eq!(kept(&c), 19);
-        c.expire(at(30 * day));
+        c.expire(at(30 * day), &policy);
         assert_eq!(kept(&c), 0);
         // A late event counts after the sealed period, not in it.
         c.record_message(b, consumer(42), Direction::Inbound, Status::Read, at(5));

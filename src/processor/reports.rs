@@ -4,54 +4,81 @@
 use tracing::warn;
 
 use super::{Processor, ProcessorError};
-use crate::ids::BusinessId;
-use crate::integrity::{BillingStatement, StatisticsReport, billing_statement};
+use crate::ids::{BusinessId, PhoneNumber};
+use crate::integrity::{BillingStatement, IntegrityReport, StatisticsReport, billing_statement};
 use crate::store::{Census, Op, TakeId};
 use crate::time::Timestamp;
 use crate::transport::Principal;
 use crate::visibility::{DataClass, Labelled, Party, Purpose};
 
 impl Processor {
-    /// A consumer reported `business` for spam (the transport tells the
+    /// `consumer` reported `business` for spam (the transport tells the
     /// processor, acting for the business's number): an integrity signal.
-    pub fn report_spam(
+    /// A consumer counts once a window, however often it reports (see
+    /// [`IntegrityMonitor`](crate::integrity::IntegrityMonitor)); it is
+    /// known there only by its keyed phone hash.
+    pub async fn report_spam(
         &self,
         principal: &Principal,
         business: BusinessId,
+        consumer: &PhoneNumber,
     ) -> Result<(), ProcessorError> {
         self.authorize_carrier(principal, business)?;
+        let reporter = self.keys.phone_hash(business, consumer).await?;
         self.integrity
-            .record_spam_report(business, self.clock.now());
+            .record_spam_report(business, reporter, self.clock.now());
         Ok(())
     }
 
-    /// A consumer blocked `business`: an integrity signal.
-    pub fn report_block(
+    /// `consumer` blocked `business`: an integrity signal, counted once a
+    /// window per consumer, as [`report_spam`](Self::report_spam).
+    pub async fn report_block(
         &self,
         principal: &Principal,
         business: BusinessId,
+        consumer: &PhoneNumber,
     ) -> Result<(), ProcessorError> {
         self.authorize_carrier(principal, business)?;
-        self.integrity.record_block(business, self.clock.now());
+        let blocker = self.keys.phone_hash(business, consumer).await?;
+        self.integrity
+            .record_block(business, blocker, self.clock.now());
         Ok(())
     }
 
     /// Hand every business's integrity signals to the transport, released
     /// for integrity (the only party and purpose the published table
-    /// allows). Operators only; businesses never see them. Returns how many
-    /// reports were handed over.
+    /// allows). Operators only; businesses never see them. Every business
+    /// is tried, whatever became of the others (a report the transport
+    /// refuses holds up that business alone); returns how many reports
+    /// were handed over, or, if any business's failed, the first failure,
+    /// once every other was tried.
     pub async fn export_integrity(&self, principal: &Principal) -> Result<usize, ProcessorError> {
         self.authorize_operator(principal)?;
-        let mut exported = 0;
+        let (mut exported, mut failed) = (0, None);
         for report in self.integrity.export_all(self.clock.now()) {
-            let report = self
-                .gate
-                .release(report, Party::Transport, Purpose::Integrity)
-                .map_err(|_| ProcessorError::Denied)?;
-            self.transport.integrity_signals(report.value()).await?;
-            exported += 1;
+            let business = report.business();
+            match self.export_integrity_of(report).await {
+                Ok(()) => exported += 1,
+                Err(e) => {
+                    warn!(?business, error = %e, "integrity signals not exported");
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(exported)
+        failed.map_or(Ok(exported), Err)
+    }
+
+    /// Release one business's integrity report to the transport and hand
+    /// it over.
+    async fn export_integrity_of(
+        &self,
+        report: Labelled<IntegrityReport>,
+    ) -> Result<(), ProcessorError> {
+        let report = self
+            .gate
+            .release(report, Party::Transport, Purpose::Integrity)
+            .map_err(|_| ProcessorError::Denied)?;
+        Ok(self.transport.integrity_signals(report.value()).await?)
     }
 
     /// `business`'s billing statement (every period counted and not yet
@@ -166,8 +193,9 @@ impl Processor {
     ) -> Result<Vec<StatisticsReport>, ProcessorError> {
         self.authorize_operator(principal)?;
         let now = self.clock.now();
+        let businesses = self.statistics.businesses();
         let mut released = Vec::new();
-        for business in self.statistics.businesses() {
+        for &business in &businesses {
             for report in self.statistics.closed_reports(business, now) {
                 let report = self
                     .gate
@@ -176,8 +204,13 @@ impl Processor {
                 released.push(report.into_value());
             }
         }
-        // Sealed by `closed_reports`: what it takes is what was released.
-        drop(self.statistics.take_closed(now));
+        // Every one released: taken from the businesses listed only (one
+        // first recorded since keeps its reports for the next call), whose
+        // closed periods `closed_reports` sealed, so what is taken is
+        // exactly what was released.
+        for business in businesses {
+            drop(self.statistics.take_closed_of(business, now));
+        }
         Ok(released)
     }
 

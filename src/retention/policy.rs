@@ -64,6 +64,12 @@ impl Periods {
             Direction::Outbound => self.outbound,
         }
     }
+
+    /// The longer of the two: how long anything about a consumer of the
+    /// business may be kept.
+    pub fn longest(&self) -> Duration {
+        self.inbound.max(self.outbound)
+    }
 }
 
 /// What the configuration says about one business.
