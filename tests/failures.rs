@@ -1660,3 +1660,70 @@ fn a_failed_replay_as_another_number_is_not_counted_received() {
         panic!("the replay's storing write was never reached");
     });
 }
+
+/// A consumer's first-contact message on a one-time prekey, decrypted
+/// while any store or key-provider call fails (before or after it
+/// applies): its prekey is consumed exactly when its session is stored,
+/// in one write, never one without the other; made again, it decrypts if
+/// nothing landed and is a duplicate if it did; and another device's
+/// first message on the same prekey is refused either way. (Review of the
+/// Signal layer: one-time prekeys used at most once across failures.)
+#[test]
+fn a_failed_first_contact_consumes_its_one_time_prekey_exactly_with_its_session() {
+    runtime().block_on(every_failure(|at| async move {
+        let s = Signal::new(0).await;
+        let published = s.sessions.publish(s.b).await.unwrap();
+        let bundle = published.bundle(Some(1));
+        let prekey = u64::from(bundle.one_time_prekey.unwrap().id);
+        let mut device = ConsumerDevice::new(2);
+        device.start_session(s.b, &bundle).await.unwrap();
+        let first = device.encrypt(s.b, b"first").await.unwrap();
+        let peer = PeerId {
+            device: 2,
+            ..s.peer
+        };
+        let prekey_stored = || async {
+            s.store
+                .keys_of_kind(s.b, custodian::keys::KeyKind::SignalPreKey, None, 100)
+                .await
+                .unwrap()
+                .iter()
+                .any(|k| k.id.id == prekey)
+        };
+
+        s.faults.fail_at(at.n, at.seams, at.strike);
+        let got = s.sessions.decrypt(s.b, peer, &first, s.expiry()).await;
+        let failed = s.faults.lift();
+        assert_outcome(&got, &failed, at);
+        let landed = s.store.peer(s.b, peer).await.unwrap().is_some();
+        assert_eq!(
+            landed,
+            !prekey_stored().await,
+            "{at:?}: session stored {landed}, prekey consumed {}",
+            !prekey_stored().await
+        );
+        assert!(got.is_err() || landed, "{at:?}");
+
+        let again = s.sessions.decrypt(s.b, peer, &first, s.expiry()).await;
+        match (got.is_ok() || landed, again) {
+            (false, Ok(d)) => assert_eq!(*d.plaintext, b"first", "{at:?}"),
+            (true, Err(SignalError::DuplicateMessage)) => {}
+            (landed, again) => panic!("{at:?}: landed {landed}, made again: {again:?}"),
+        }
+        assert!(!prekey_stored().await, "{at:?}");
+
+        let mut other = ConsumerDevice::new(3);
+        other.start_session(s.b, &bundle).await.unwrap();
+        let theirs = other.encrypt(s.b, b"me too").await.unwrap();
+        let other_peer = PeerId {
+            device: 3,
+            ..s.peer
+        };
+        let refused = s
+            .sessions
+            .decrypt(s.b, other_peer, &theirs, s.expiry())
+            .await;
+        assert!(refused.is_err(), "{at:?}: {refused:?}");
+        failed.is_empty()
+    }));
+}

@@ -10,19 +10,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use custodian::envelope::Envelope;
 use custodian::ids::{BusinessId, PhoneNumber};
 use custodian::keys::{
-    Epoch, EpochLength, KeyError, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
+    Epoch, EpochLength, KekRing, KeyEntry, KeyError, KeyId, KeyKind, KeyManager, LocalKeyProvider,
+    SecretKey, WrappedKey,
 };
 use custodian::signal::{
     Ciphertext, IdentityPolicy, MessageKind, PublishedKeys, Sessions, SignalConfig, SignalError,
     StorageFailure,
 };
-use custodian::store::{KeyStore, MemoryStore, PeerId, Storage};
+use custodian::store::{Batch, KeyStore, MemoryStore, Op, PeerId, Storage, StoreError};
 use custodian::testing::ConsumerDevice;
 use custodian::time::{Clock, ManualClock, Timestamp};
-use custodian::vault::Vault;
+use custodian::vault::{OpenError, Vault};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -61,10 +63,21 @@ impl World {
         clock: &ManualClock,
         config: SignalConfig,
     ) -> (Arc<KeyManager>, Sessions) {
+        Self::open_over(root, store.clone(), store, clock, config)
+    }
+
+    /// [`open`](Self::open), its keys kept in `keys` (over `store`).
+    fn open_over(
+        root: [u8; 32],
+        keys: Arc<dyn KeyStore>,
+        store: &Arc<MemoryStore>,
+        clock: &ManualClock,
+        config: SignalConfig,
+    ) -> (Arc<KeyManager>, Sessions) {
         let provider = Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
             &mut root.clone(),
         )));
-        let keys = Arc::new(KeyManager::new(provider, store.clone()));
+        let keys = Arc::new(KeyManager::new(provider, keys));
         let vault = Arc::new(Vault::new(
             keys.clone(),
             Arc::new(clock.clone()),
@@ -90,9 +103,13 @@ impl World {
     }
 
     async fn peer(&self, number: &str, device: &ConsumerDevice) -> PeerId {
+        self.peer_in(self.business, number, device).await
+    }
+
+    async fn peer_in(&self, business: BusinessId, number: &str, device: &ConsumerDevice) -> PeerId {
         let number: PhoneNumber = number.parse().unwrap();
         PeerId {
-            phone: self.keys.phone_hash(self.business, &number).await.unwrap(),
+            phone: self.keys.phone_hash(business, &number).await.unwrap(),
             device: device.device_id(),
         }
     }
@@ -118,9 +135,17 @@ impl World {
 
     /// Everything stored about the peer and the business's prekeys.
     async fn snapshot(&self, peer: PeerId) -> (Option<Vec<u8>>, Vec<u64>, Vec<u64>) {
+        self.snapshot_in(self.business, peer).await
+    }
+
+    async fn snapshot_in(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> (Option<Vec<u8>>, Vec<u64>, Vec<u64>) {
         let ids = |kind| async move {
             self.store
-                .keys_of_kind(self.business, kind, None, 10_000)
+                .keys_of_kind(business, kind, None, 10_000)
                 .await
                 .unwrap()
                 .iter()
@@ -128,7 +153,7 @@ impl World {
                 .collect::<Vec<_>>()
         };
         (
-            self.store.peer(self.business, peer).await.unwrap(),
+            self.store.peer(business, peer).await.unwrap(),
             ids(KeyKind::SignalPreKey).await,
             ids(KeyKind::SignalSignedPreKey).await,
         )
@@ -758,6 +783,105 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
     assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"current");
 }
 
+/// A key store that suspends once before each insert.
+struct YieldingKeys(Arc<MemoryStore>);
+
+#[async_trait]
+impl KeyStore for YieldingKeys {
+    async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
+        tokio::task::yield_now().await;
+        self.0.insert_key(key).await
+    }
+    async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
+        self.0.ring(business).await
+    }
+    async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
+        self.0.put_ring(ring, expected).await
+    }
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
+        self.0.key(id).await
+    }
+    async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
+        self.0.rewrap_key(key, expected).await
+    }
+    async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
+        self.0.destroy_key(id, at).await
+    }
+    async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
+        self.0.delete_keys(ids).await
+    }
+    async fn keys_wrapped_below(
+        &self,
+        business: BusinessId,
+        version: u32,
+        after: Option<KeyId>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.0
+            .keys_wrapped_below(business, version, after, limit)
+            .await
+    }
+    async fn count_wrapped_under(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<u64, StoreError> {
+        self.0.count_wrapped_under(business, version).await
+    }
+    async fn keys_of_kind(
+        &self,
+        business: BusinessId,
+        kind: KeyKind,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<WrappedKey>, StoreError> {
+        self.0.keys_of_kind(business, kind, after, limit).await
+    }
+    async fn ended_epoch_keys(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        self.0.ended_epoch_keys(now, limit).await
+    }
+}
+
+/// Two instances on one store rotate the signed prekey at once (a rolling
+/// restart): both pick the next id, and one's insert waits while the
+/// other's rotation runs whole. Both then publish the key the store holds,
+/// and a first message made from the loser's bundle decrypts after a
+/// restart. Before, the loser kept and published its own key, which no
+/// store held: after a restart every first message made from its bundle
+/// failed.
+#[tokio::test]
+async fn a_signed_prekey_rotation_raced_by_another_instance_publishes_the_stored_key() {
+    let mut w = World::new();
+    let waits = Arc::new(YieldingKeys(w.store.clone()));
+    let config = SignalConfig::default();
+    let (_, loser) = World::open_over(w.root, waits, &w.store, &w.clock, config);
+    w.published().await;
+    w.clock.advance(7 * DAY);
+    // Polled first, the loser waits at its insert while the winner rotates.
+    let (lost, won) = tokio::join!(
+        loser.maintain(w.business, None),
+        w.sessions.maintain(w.business, None)
+    );
+    assert!(lost.unwrap().rotated && won.unwrap().rotated, "raced");
+    let from_loser = loser.publish(w.business).await.unwrap();
+    assert_eq!(from_loser.signed_prekey, w.published().await.signed_prekey);
+
+    w.restart();
+    assert_eq!(from_loser.signed_prekey, w.published().await.signed_prekey);
+    let mut device = ConsumerDevice::new(0);
+    device
+        .start_session(w.business, &from_loser.bundle(None))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900661", &device).await;
+    let first = device.encrypt(w.business, b"hello").await.unwrap();
+    assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"hello");
+}
+
 #[tokio::test]
 async fn session_state_expires_with_the_last_message_that_needs_it() {
     let w = World::new();
@@ -875,10 +999,77 @@ async fn forgetting_a_consumer_deletes_every_device_state() {
     );
 }
 
+/// A first message written to one business, handed to another (the
+/// transport misroutes it), is refused and changes neither business's
+/// stored state nor one-time prekeys; the business it was written to then
+/// decrypts it.
+#[tokio::test]
+async fn a_first_contact_handed_to_another_business_changes_nothing() {
+    let w = World::new();
+    let other = BusinessId::new(556).unwrap();
+    w.sessions.publish(other).await.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    device
+        .start_session(w.business, &w.published().await.bundle(Some(0)))
+        .await
+        .unwrap();
+    let first = device.encrypt(w.business, b"for 555").await.unwrap();
+    let there = w.peer_in(other, "+447700900641", &device).await;
+    let here = w.peer("+447700900641", &device).await;
+    let before = (w.snapshot_in(other, there).await, w.snapshot(here).await);
+    let result = w.sessions.decrypt(other, there, &first, w.expiry()).await;
+    assert!(result.is_err(), "{result:?}");
+    let after = (w.snapshot_in(other, there).await, w.snapshot(here).await);
+    assert_eq!(after, before);
+    assert_eq!(w.decrypt(here, &first).await.unwrap(), b"for 555");
+}
+
+/// One business's sealed peer record copied into another business's row
+/// for the same device is refused as another business's, nothing is
+/// encrypted under it, and a new identity's first message does not
+/// overwrite it. (Taken for no state, a new identity would pass as first
+/// contact.)
+#[tokio::test]
+async fn a_peer_record_copied_to_another_business_is_refused_not_taken_for_none() {
+    let w = World::new();
+    let other = BusinessId::new(556).unwrap();
+    let (_phone, peer) = w.contact("+447700900651", 0).await;
+    let sealed = w.store.peer(w.business, peer).await.unwrap().unwrap();
+    let mut batch = Batch::new();
+    batch.push(Op::PutPeer {
+        business: other,
+        peer,
+        sealed: sealed.clone(),
+    });
+    w.store.commit(batch).await.unwrap();
+    let has = w.sessions.has_session(other, peer).await;
+    assert!(
+        matches!(
+            has,
+            Err(SignalError::Storage(StorageFailure::Open(
+                OpenError::WrongBusiness
+            )))
+        ),
+        "{has:?}"
+    );
+    let sent = w.sessions.encrypt(other, peer, b"x", w.expiry()).await;
+    assert!(matches!(sent, Err(SignalError::Storage(_))), "{sent:?}");
+    let mut impostor = ConsumerDevice::new(0);
+    let bundle = w.sessions.publish(other).await.unwrap().bundle(Some(0));
+    impostor.start_session(other, &bundle).await.unwrap();
+    let m = impostor.encrypt(other, b"new identity").await.unwrap();
+    let got = w.sessions.decrypt(other, peer, &m, w.expiry()).await;
+    assert!(got.is_err(), "{got:?}");
+    assert_eq!(w.store.peer(other, peer).await.unwrap(), Some(sealed));
+}
+
 mod fuzz {
     use std::sync::OnceLock;
 
     use proptest::prelude::*;
+    use wacore_libsignal::protocol::{
+        IdentityKey, KeyPair, PreKeySignalMessage, PublicKey, SignalMessage,
+    };
 
     use super::*;
 
@@ -887,40 +1078,207 @@ mod fuzz {
         world: World,
         peer: PeerId,
         follow_up: Ciphertext,
+        /// Public keys worth trying in each key field of a message.
+        keys: Vec<PublicKey>,
+        /// The consumer's and the business's identities.
+        identities: [IdentityKey; 2],
+        /// A one-time prekey id still stored, and the current signed prekey id.
+        prekey: u32,
+        signed: u32,
     }
 
     /// One conversation shared by every case: each case must leave it as it was.
     fn fixture() -> &'static Fixture {
         static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-        FIXTURE.get_or_init(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .unwrap();
-            let (world, peer, follow_up) = runtime.block_on(async {
-                let w = World::new();
-                let (mut phone, peer) = w.contact("+447700900099", 0).await;
-                let reply = w.encrypt(peer, b"hi").await;
-                phone.decrypt(w.business, &reply).await.unwrap();
-                let follow_up = phone.encrypt(w.business, b"kept for later").await.unwrap();
-                (w, peer, follow_up)
-            });
-            Fixture {
-                runtime,
-                world,
-                peer,
-                follow_up,
+        FIXTURE.get_or_init(make_fixture)
+    }
+
+    fn make_fixture() -> Fixture {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (world, peer, follow_up, phone) = runtime.block_on(async {
+            let w = World::new();
+            let (mut phone, peer) = w.contact("+447700900099", 0).await;
+            let reply = w.encrypt(peer, b"hi").await;
+            phone.decrypt(w.business, &reply).await.unwrap();
+            let follow_up = phone.encrypt(w.business, b"kept for later").await.unwrap();
+            (w, peer, follow_up, phone)
+        });
+        let published = runtime.block_on(world.published());
+        let identities = [
+            IdentityKey::decode(&phone.identity_key()).unwrap(),
+            IdentityKey::decode(&published.identity_key).unwrap(),
+        ];
+        let ratchet = SignalMessage::try_from(follow_up.bytes.as_slice()).unwrap();
+        let low_order = |hex: &str| {
+            let bytes: [u8; 32] = hex::decode(hex).unwrap().try_into().unwrap();
+            PublicKey::from_djb_public_key_bytes(&bytes).unwrap()
+        };
+        let keys = vec![
+            *ratchet.sender_ratchet_key(),
+            *identities[1].public_key(),
+            PublicKey::deserialize(&published.signed_prekey.public_key).unwrap(),
+            PublicKey::deserialize(&published.one_time_prekeys[1].public_key).unwrap(),
+            *identities[0].public_key(),
+            KeyPair::generate(&mut rand::rng()).public_key,
+            // Points of small order: 0, 1 and one of order 8.
+            low_order(&"00".repeat(32)),
+            low_order(&format!("01{}", "00".repeat(31))),
+            low_order("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+        ];
+        Fixture {
+            runtime,
+            world,
+            peer,
+            follow_up,
+            keys,
+            identities,
+            prekey: published.one_time_prekeys[1].id,
+            signed: published.signed_prekey.id,
+        }
+    }
+
+    /// The message is refused from the fixture's device and from another
+    /// device of its consumer, with no state, and nothing stored changes.
+    fn refused_without_change(kind: MessageKind, bytes: Vec<u8>) -> Result<(), TestCaseError> {
+        let f = fixture();
+        let message = Ciphertext { kind, bytes };
+        let stateless = PeerId {
+            device: 9,
+            ..f.peer
+        };
+        f.runtime.block_on(async {
+            let before = f.world.snapshot(f.peer).await;
+            for peer in [f.peer, stateless] {
+                let result = f.world.decrypt(peer, &message).await;
+                prop_assert!(result.is_err(), "decrypted: {:?}", result);
             }
+            prop_assert_eq!(f.world.snapshot(f.peer).await, before);
+            let stored = f.world.store.peer(f.world.business, stateless).await;
+            prop_assert_eq!(stored.unwrap(), None);
+            Ok(())
         })
     }
 
-    fn refused_without_change(kind: MessageKind, bytes: Vec<u8>) -> Result<(), TestCaseError> {
-        let f = fixture();
-        f.runtime.block_on(async {
-            let before = f.world.snapshot(f.peer).await;
-            let result = f.world.decrypt(f.peer, &Ciphertext { kind, bytes }).await;
-            prop_assert!(result.is_err(), "decrypted: {:?}", result);
-            prop_assert_eq!(f.world.snapshot(f.peer).await, before);
-            Ok(())
+    /// A message that parses, every field chosen by an attacker: a version,
+    /// keys (from [`Fixture::keys`], by index), counters, a body and a MAC
+    /// key, and the identities the MAC claims (the consumer's if true);
+    /// with a first-contact wrapper around it if `first` says.
+    #[derive(Debug, Clone)]
+    struct Shape {
+        version: u8,
+        ratchet: usize,
+        counter: u32,
+        previous: u32,
+        body: Vec<u8>,
+        mac_key: [u8; 32],
+        identities: (bool, bool),
+        first: Option<FirstShape>,
+    }
+
+    /// A first-contact wrapper: its registration id, one-time prekey id
+    /// (none, the stored one, or any), signed prekey id (the current one
+    /// if none), base key, and identity (a key of [`Fixture::keys`] or,
+    /// past them, the consumer's or the business's).
+    #[derive(Debug, Clone)]
+    struct FirstShape {
+        registration_id: u32,
+        prekey: Option<Option<u32>>,
+        signed: Option<u32>,
+        base: usize,
+        identity: usize,
+    }
+
+    fn counter() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            prop::sample::select(vec![0, 1, 2, 1999, 2000, 2001, u32::MAX - 1, u32::MAX]),
+            any::<u32>(),
+        ]
+    }
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        let first = (
+            any::<u32>(),
+            prop_oneof![
+                Just(None),
+                Just(Some(None)),
+                any::<u32>().prop_map(|i| Some(Some(i)))
+            ],
+            prop::option::of(any::<u32>()),
+            0usize..9,
+            0usize..11,
+        )
+            .prop_map(
+                |(registration_id, prekey, signed, base, identity)| FirstShape {
+                    registration_id,
+                    prekey,
+                    signed,
+                    base,
+                    identity,
+                },
+            );
+        (
+            prop_oneof![3 => Just(3u8), 1 => Just(2), 1 => Just(4), 1 => any::<u8>()],
+            0usize..9,
+            counter(),
+            counter(),
+            prop::collection::vec(any::<u8>(), 0..80),
+            any::<[u8; 32]>(),
+            any::<(bool, bool)>(),
+            prop::option::of(first),
+        )
+            .prop_map(
+                |(version, ratchet, counter, previous, body, mac_key, identities, first)| Shape {
+                    version,
+                    ratchet,
+                    counter,
+                    previous,
+                    body,
+                    mac_key,
+                    identities,
+                    first,
+                },
+            )
+    }
+
+    /// The message `s` describes, if the library builds it.
+    fn build(f: &Fixture, s: &Shape) -> Option<Ciphertext> {
+        let identity = |consumer: bool| &f.identities[usize::from(!consumer)];
+        let inner = SignalMessage::new(
+            s.version,
+            &s.mac_key,
+            f.keys[s.ratchet],
+            s.counter,
+            s.previous,
+            &s.body,
+            identity(s.identities.0),
+            identity(!s.identities.1),
+        )
+        .ok()?;
+        let Some(first) = &s.first else {
+            let bytes = inner.serialized().to_vec();
+            return Some(Ciphertext {
+                kind: MessageKind::FollowUp,
+                bytes,
+            });
+        };
+        let message = PreKeySignalMessage::new(
+            s.version,
+            first.registration_id,
+            first.prekey.map(|id| id.unwrap_or(f.prekey).into()),
+            first.signed.unwrap_or(f.signed).into(),
+            f.keys[first.base],
+            f.keys.get(first.identity).map_or_else(
+                || f.identities[first.identity - 9],
+                |k| IdentityKey::new(*k),
+            ),
+            inner,
+        )
+        .ok()?;
+        Some(Ciphertext {
+            kind: MessageKind::FirstContact,
+            bytes: message.serialized().to_vec(),
         })
     }
 
@@ -944,6 +1302,50 @@ mod fuzz {
             bytes[bit / 8] ^= 1 << (bit % 8);
             refused_without_change(MessageKind::FollowUp, bytes)?;
         }
+
+        /// Messages that parse, with every field an attacker's (the
+        /// business's own keys, low-order points, counters at the limits,
+        /// any prekey ids, the stored one-time prekey's among them): none
+        /// panics, decrypts or changes stored state.
+        #[test]
+        fn structured_hostile_messages_are_refused_without_change(s in shape()) {
+            if let Some(message) = build(fixture(), &s) {
+                refused_without_change(message.kind, message.bytes)?;
+            }
+        }
+    }
+
+    /// After hostile messages (a follow-up on the device's ratchet key past
+    /// the skip limit; a first contact on the stored one-time prekey, its
+    /// keys the zero point), the device's genuine follow-up still decrypts.
+    #[test]
+    fn the_genuine_follow_up_still_decrypts_after_hostile_messages() {
+        let f = make_fixture();
+        let hostile = |ratchet, counter, first| Shape {
+            version: 3,
+            ratchet,
+            counter,
+            previous: counter,
+            body: vec![0; 40],
+            mac_key: [7; 32],
+            identities: (true, true),
+            first,
+        };
+        let first = FirstShape {
+            registration_id: 1,
+            prekey: Some(None),
+            signed: None,
+            base: 6,
+            identity: 6,
+        };
+        f.runtime.block_on(async {
+            for s in [hostile(0, 2000, None), hostile(6, 0, Some(first))] {
+                let m = build(&f, &s).unwrap();
+                assert!(f.world.decrypt(f.peer, &m).await.is_err());
+            }
+            let follow_up = f.world.decrypt(f.peer, &f.follow_up).await;
+            assert_eq!(follow_up.unwrap(), b"kept for later");
+        });
     }
 }
 

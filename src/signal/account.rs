@@ -120,11 +120,20 @@ impl Account {
         );
         let bytes =
             zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt("signed prekey"))?);
-        keys.store_secret(
-            key_id(business, KeyKind::SignalSignedPreKey, u64::from(id)),
-            &bytes,
-        )
-        .await?;
+        let stored = keys
+            .store_secret(
+                key_id(business, KeyKind::SignalSignedPreKey, u64::from(id)),
+                &bytes,
+            )
+            .await?;
+        // Another instance rotating at the same time may have stored its
+        // own key under this id first: the store's is the one to publish
+        // and decrypt with, as `load_or_create` does for the identity.
+        let record = if *stored == *bytes {
+            record
+        } else {
+            decode_signed_prekey(&stored, u64::from(id), self.identity.identity_key())?
+        };
         self.signed.push(record);
         Ok(())
     }
@@ -405,6 +414,9 @@ pub(super) fn oldest_first(mut ids: Vec<u32>) -> Vec<u32> {
 /// ids of the newest keys, once used up, are made again, with new keys:
 /// a first message naming one is either that key's, whose session
 /// exists, or one that fails to decrypt, as one naming a deleted key does.
+/// One staged with the old key loaded would consume the new one at its
+/// commit, which deletes by id: the refill adds the ids such operations
+/// hold to `taken` (see `PreKeysInUse`).
 pub(super) fn next_ids(taken: &BTreeSet<u32>, count: usize) -> Vec<u32> {
     let newest = oldest_first(taken.iter().copied().collect())
         .last()

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::cache::Taken;
 use super::peer::{Peer, RECEIVE_WINDOW};
 use super::rng::ThreadCsprng;
-use super::stores::{PreKeyOverlay, SignedPreKeyOverlay};
+use super::stores::{PreKeyHold, PreKeyOverlay, SignedPreKeyOverlay};
 use super::{
     Ciphertext, Decrypted, Parsed, Sessions, SignalError, StorageFailure, corrupt_session,
     message_id, protocol_error, same_key,
@@ -39,6 +39,9 @@ pub(crate) struct StagedDecrypt<'a> {
     /// state back; dropped uncommitted, it is forgotten.
     state: (Box<Peer>, Taken<'a>),
     consumed: Option<u32>,
+    /// The one-time prekey loaded, held until the commit: no refill makes
+    /// its id again meanwhile (see `PreKeysInUse`).
+    prekey: Option<PreKeyHold<'a>>,
     /// The message's [`Parsed::id`].
     id: MessageId,
     /// The library wrote the device's identity.
@@ -91,6 +94,7 @@ impl StagedDecrypt<'_> {
             peer,
             state: (mut state, taken),
             consumed,
+            prekey,
             id,
             identity_written,
             chain,
@@ -141,6 +145,7 @@ impl StagedDecrypt<'_> {
             }
             Err(e) => return Err(e),
         }
+        drop(prekey);
         drop(guard);
         // Boxed: only first-contact messages refill.
         if consumed.is_some()
@@ -343,6 +348,8 @@ impl Sessions {
             business,
             consumed: None,
             failure: Mutex::new(None),
+            in_use: &self.prekeys_in_use,
+            held: Mutex::new(None),
         };
         let signed = SignedPreKeyOverlay { account };
         // Not boxed on its own, though the library's future is large (about
@@ -418,6 +425,7 @@ impl Sessions {
             peer,
             state: (state, taken),
             consumed,
+            prekey: prekeys.take_hold(),
             id: message.id(),
             identity_written: identities.written,
             chain: index_after.map(|index| (message.chain, index)),

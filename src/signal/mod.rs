@@ -95,7 +95,7 @@ pub(crate) use peer::ADDRESS_NAME;
 use peer::Peer;
 #[cfg(any(test, fuzzing))]
 pub(crate) use peer::decode_peer_record;
-use stores::{IdentityOverlay, SessionOverlay};
+use stores::{IdentityOverlay, PreKeysInUse, SessionOverlay};
 use zeroize::Zeroizing;
 
 /// What a storage-side failure was.
@@ -569,6 +569,8 @@ pub struct Sessions {
     cache: PeerCache,
     address_locks: Stripes,
     business_locks: Stripes,
+    /// One-time prekeys loaded by operations not yet done with them.
+    prekeys_in_use: PreKeysInUse,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
     writer: WriterId,
@@ -637,6 +639,7 @@ impl Sessions {
             accounts: RwLock::default(),
             address_locks: Stripes::new(),
             business_locks: Stripes::new(),
+            prekeys_in_use: PreKeysInUse::default(),
             writer: WriterId::random(),
             took_over: async_lock::OnceCell::new(),
         })
@@ -768,7 +771,13 @@ impl Sessions {
         // out, if it says, and never more than the store holds.
         let available = left.map_or(stored.len(), |left| left.min(stored.len()));
         if available < self.config.prekey_low_water {
-            let taken: BTreeSet<u32> = stored.iter().copied().collect();
+            // Nor an id a staged first message loaded, consumed since by
+            // another: its commit would consume the new key made under it.
+            let taken: BTreeSet<u32> = stored
+                .iter()
+                .copied()
+                .chain(self.prekeys_in_use.ids(business))
+                .collect();
             let wanted = self.config.prekey_pool.saturating_sub(available);
             report.prekeys_added =
                 account::add_one_time_prekeys(keys, business, &taken, wanted).await?;

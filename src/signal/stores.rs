@@ -6,10 +6,12 @@
 //! (crate::store::Batch). A failed operation leaves nothing behind: the
 //! overlays are simply dropped.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
 use wacore_libsignal::protocol::{
     Direction, GenericSignedPreKey, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore,
     PreKeyId, PreKeyRecord, PreKeyStore, ProtocolAddress, SessionRecord, SessionStore,
@@ -166,6 +168,70 @@ impl IdentityKeyStore for IdentityOverlay {
     }
 }
 
+/// The one-time prekey ids that operations have loaded and not yet
+/// committed or given up, per business. A refill never makes one of them
+/// again: ids are made again after the newest left, so once another
+/// device's first message consumed a key, its id could come back with a
+/// new key while a first message that loaded the old one is staged, whose
+/// commit (`ConsumeKey`, by id) would then consume the new key and store a
+/// session made with the old one, used twice.
+///
+/// The holds are this instance's alone. A newer instance that took the
+/// store over cannot harm a first message this one staged: that commit,
+/// its `ConsumeKey` in the fenced batch that stores the session, fails as
+/// `StoreError::Superseded` and consumes nothing. The other way round is
+/// not covered: a refill only inserts keys, unfenced, so a superseded
+/// instance still refilling (`maintain`, through `publish_keys`) can make
+/// again an id a newer one holds.
+#[derive(Default)]
+pub(super) struct PreKeysInUse(Mutex<HashMap<(BusinessId, u32), usize, RandomState>>);
+
+impl PreKeysInUse {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(BusinessId, u32), usize, RandomState>> {
+        // Each critical section is one map operation: a poisoned lock is safe.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Note that an operation loads prekey `id` of `business` (before it
+    /// reads the store), until the hold is dropped.
+    pub(super) fn hold(&self, business: BusinessId, id: u32) -> PreKeyHold<'_> {
+        *self.lock().entry((business, id)).or_default() += 1;
+        PreKeyHold {
+            in_use: self,
+            key: (business, id),
+        }
+    }
+
+    /// The ids of `business` held now. Read after listing the store: a
+    /// key missing from the listing but loaded by a staged operation was
+    /// held before it was loaded, so before it was consumed.
+    pub(super) fn ids(&self, business: BusinessId) -> Vec<u32> {
+        self.lock()
+            .keys()
+            .filter(|(b, _)| *b == business)
+            .map(|&(_, id)| id)
+            .collect()
+    }
+}
+
+/// A one-time prekey an operation loaded, held until it commits or gives up.
+pub(super) struct PreKeyHold<'a> {
+    in_use: &'a PreKeysInUse,
+    key: (BusinessId, u32),
+}
+
+impl Drop for PreKeyHold<'_> {
+    fn drop(&mut self) {
+        let mut map = self.in_use.lock();
+        if let Some(count) = map.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// The business's one-time prekeys, read from the key store on demand.
 pub(super) struct PreKeyOverlay<'a> {
     pub(super) keys: &'a KeyManager,
@@ -174,9 +240,18 @@ pub(super) struct PreKeyOverlay<'a> {
     pub(super) consumed: Option<u32>,
     /// A storage failure behind a `BackendError`, kept to report it precisely.
     pub(super) failure: Mutex<Option<SignalError>>,
+    /// Where the prekey loaded is held while the operation lasts.
+    pub(super) in_use: &'a PreKeysInUse,
+    /// The hold on the prekey the library loaded, if any.
+    pub(super) held: Mutex<Option<PreKeyHold<'a>>>,
 }
 
-impl PreKeyOverlay<'_> {
+impl<'a> PreKeyOverlay<'a> {
+    /// The hold on the prekey loaded, to keep until the operation commits.
+    pub(super) fn take_hold(&self) -> Option<PreKeyHold<'a>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Keeps `failure` to report it precisely, and gives the library an
     /// error that stops the operation.
     fn fail(&self, failure: SignalError) -> SignalProtocolError {
@@ -200,6 +275,9 @@ impl PreKeyStore for PreKeyOverlay<'_> {
             kind: KeyKind::SignalPreKey,
             id: u64::from(u32::from(prekey_id)),
         };
+        // Held before the store is read (see `PreKeysInUse::ids`).
+        let hold = self.in_use.hold(self.business, prekey_id.into());
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
         match self.keys.load_secret(id).await {
             // The business's own key is damaged, not the consumer's
             // message: say so, or the transport would drop the message as

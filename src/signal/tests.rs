@@ -78,6 +78,61 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
     }
 }
 
+/// Decimal-list and hex spellings of every 4-byte window of `secret`.
+fn spellings(secret: &[u8]) -> Vec<String> {
+    let list = |w: &[u8], f: fn(&u8) -> String| w.iter().map(f).collect::<Vec<_>>().join(", ");
+    secret
+        .windows(4)
+        .flat_map(|w| {
+            [
+                list(w, |b| b.to_string()),
+                list(w, |b| format!("{b:x}")),
+                hex::encode(w),
+                hex::encode_upper(w),
+            ]
+        })
+        .collect()
+}
+
+/// The holders of a business's Signal keys and of a device's session (the
+/// sessions, the account, a cached peer, a decrypted message, the keys
+/// published, a ciphertext) print no byte of a private key, of the
+/// session's root, chain or ratchet keys, or of the plaintext.
+#[tokio::test]
+async fn signal_state_holders_print_no_secret() {
+    let (sessions, keys, _, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let first = phone.encrypt(business, b"hello").await.unwrap();
+    let decrypted = sessions
+        .decrypt(business, peer, &first, expiry)
+        .await
+        .unwrap();
+    round_trips(&sessions, &mut phone, business, peer, expiry).await;
+
+    let account = sessions.account(business).await.unwrap();
+    let mut secrets = vec![account.identity.private_key().serialize().to_vec()];
+    for signed in &account.signed {
+        secrets.push(signed.private_key().unwrap().serialize().to_vec());
+    }
+    let cached = sessions
+        .cache
+        .take(&(business, peer), sessions.shreds())
+        .unwrap();
+    let state = cached.session.as_ref().unwrap().session_state().unwrap();
+    secrets.push(state.root_key().unwrap().key().to_vec());
+    secrets.push(state.get_sender_chain_key().unwrap().key().to_vec());
+    let ratchet = state.sender_ratchet_private_key().unwrap();
+    secrets.push(ratchet.serialize().to_vec());
+    secrets.push(b"hello".to_vec());
+
+    let printed =
+        format!("{sessions:?} {account:?} {cached:?} {decrypted:?} {published:?} {first:?}");
+    for spelling in secrets.iter().flat_map(|s| spellings(s)) {
+        assert!(!printed.contains(&spelling), "prints {spelling}: {printed}");
+    }
+}
+
 /// Three turns of a conversation: the consumer writes, the business
 /// decrypts and answers, the consumer decrypts (a ratchet step each way).
 #[allow(clippy::unwrap_used, reason = "a test fixture")]
@@ -200,6 +255,99 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
     // The loser's state was not stored: it has no session.
     assert!(!sessions.has_session(business, peers[1]).await.unwrap());
     assert!(sessions.has_session(business, peers[0]).await.unwrap());
+}
+
+/// The network hands the newest one-time prekey (id X, key K1) to two
+/// devices: the first's first message is staged, the second's commits
+/// (consuming X), and the pool is refilled by the network's count, which
+/// makes ids again after the newest left. The staged message is then
+/// refused, and any new key under X stays stored. Before, the refill made
+/// X again with a new key K2, and the staged commit's `ConsumeKey(X)`
+/// deleted K2 unused and stored a session made with K1, its second.
+#[tokio::test]
+async fn a_one_time_prekey_id_made_again_while_a_first_message_is_staged_is_not_used_twice() {
+    let (sessions, keys, _, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let bundle = published.bundle(Some(published.one_time_prekeys.len() - 1));
+    let x = bundle.one_time_prekey.unwrap();
+    let mut peers = Vec::new();
+    let mut firsts = Vec::new();
+    for n in ["+447700900501", "+447700900502"] {
+        let mut device = ConsumerDevice::new(0);
+        device.start_session(business, &bundle).await.unwrap();
+        firsts.push(device.encrypt(business, n.as_bytes()).await.unwrap());
+        let number: PhoneNumber = n.parse().unwrap();
+        peers.push(PeerId {
+            phone: keys.phone_hash(business, &number).await.unwrap(),
+            device: 0,
+        });
+    }
+    let staged = sessions
+        .decrypt_staged(
+            business,
+            peers[0],
+            &Parsed::new(&firsts[0], business).unwrap(),
+            expiry,
+        )
+        .await
+        .unwrap();
+    // Staging completes in one poll unless the two addresses share a lock
+    // stripe (1 in 1,024): then they cannot race at all.
+    let second = Parsed::new(&firsts[1], business).unwrap();
+    let mut decrypting = std::pin::pin!(async {
+        let staged = sessions.decrypt_staged(business, peers[1], &second, expiry);
+        staged.await.unwrap().commit(Batch::new()).await
+    });
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let std::task::Poll::Ready(committed) = decrypting.as_mut().poll(&mut cx) else {
+        return;
+    };
+    assert_eq!(*committed.unwrap().plaintext, b"+447700900502");
+
+    sessions.maintain(business, Some(0)).await.unwrap();
+    let refilled = sessions.publish(business).await.unwrap().one_time_prekeys;
+    let again = refilled.iter().find(|k| k.id == x.id).copied();
+    assert!(again.is_none_or(|k| k.public_key != x.public_key));
+
+    let late = staged.commit(Batch::new()).await;
+    assert!(
+        matches!(late, Err(SignalError::InvalidMessage(_))),
+        "{late:?}"
+    );
+    let stored = sessions.publish(business).await.unwrap().one_time_prekeys;
+    assert!(again.is_none_or(|k| stored.contains(&k)), "deleted unused");
+    assert!(!sessions.has_session(business, peers[0]).await.unwrap());
+}
+
+/// An instance superseded on its store (another took it over) while a
+/// first message is staged: the commit fails as `Superseded` and consumes
+/// nothing, as the one-time prekey's `ConsumeKey` is in the fenced batch
+/// that stores the session.
+#[tokio::test]
+async fn a_superseded_instances_staged_first_message_consumes_no_prekey() {
+    let (sessions, keys, store, business, expiry) = fixture().await;
+    let published = sessions.publish(business).await.unwrap();
+    let (mut phone, peer) = consumer(&keys, business, &published).await;
+    let first = phone.encrypt(business, b"hello").await.unwrap();
+    let parsed = Parsed::new(&first, business).unwrap();
+    let staged = sessions
+        .decrypt_staged(business, peer, &parsed, expiry)
+        .await
+        .unwrap();
+    store.take_over(WriterId::random()).await.unwrap();
+    let got = staged.commit(Batch::new()).await;
+    assert!(
+        matches!(&got, Err(SignalError::Storage(StorageFailure::Store(e)))
+            if matches!(**e, StoreError::Superseded)),
+        "{got:?}"
+    );
+    let prekey = KeyId {
+        business,
+        kind: KeyKind::SignalPreKey,
+        id: u64::from(published.one_time_prekeys[0].id),
+    };
+    assert!(keys.load_secret(prekey).await.unwrap().is_some());
+    assert_eq!(store.peer(business, peer).await.unwrap(), None);
 }
 
 /// Until the business replies, every message of the consumer is a
