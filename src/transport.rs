@@ -273,7 +273,10 @@ pub struct StatusUpdate {
     pub status: Status,
     /// Why it failed, for `Failed`.
     pub failure: Option<FailureReason>,
-    /// When.
+    /// When the processor told the business a settled status (delivered,
+    /// read or failed; each attempt to tell it has its own time), or, for
+    /// `Sent`, when it recorded the send. Not when a device got or read
+    /// the message.
     pub at: Timestamp,
 }
 

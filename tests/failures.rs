@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId};
-use custodian::integrity::{Direction, Status as StatsStatus};
+use custodian::integrity::{Direction, StatisticsReport, Status as StatsStatus};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
-use custodian::processor::{Inbound, Outbound, ProcessorError};
+use custodian::processor::{Inbound, Outbound, ProcessorError, StatusChange};
 use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults};
@@ -1480,15 +1480,145 @@ fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
         // Once the statistics' day is over, the two count once each.
         d.clock.advance(Duration::from_secs(24 * 3600));
         let statistics = d.processor.statistics(&d.operator).await.unwrap();
-        let counted: Vec<u64> = statistics
-            .iter()
-            .flat_map(|r| &r.messages)
-            .filter(|m| m.direction == Direction::Outbound && m.status == StatsStatus::Failed)
-            .map(|m| m.messages)
-            .collect();
+        let counted = statistics_counted(&statistics, Direction::Outbound, StatsStatus::Failed);
         assert_eq!(counted, [2], "{at:?}: {failed:?}");
         failed.is_empty()
     }));
+}
+
+/// The counts of `direction` messages in `status` in the `released`
+/// statistics, one per report that has one.
+fn statistics_counted(
+    released: &[StatisticsReport],
+    direction: Direction,
+    status: StatsStatus,
+) -> Vec<u64> {
+    released
+        .iter()
+        .flat_map(|r| &r.messages)
+        .filter(|m| m.direction == direction && m.status == status)
+        .map(|m| m.messages)
+        .collect()
+}
+
+/// A delivery report whose status write the store fails, before making it
+/// or after (it landed, its answer lost): the transport hands it in again,
+/// and it is ignored, the write owed and made first. The delivery counts
+/// once in the statistics, its latency too (two consumers, one message
+/// each: a bucket of fewer is suppressed). Before, the report counted
+/// nothing until its write answered, so a write landed unanswered was
+/// never counted.
+#[test]
+fn a_delivery_whose_status_write_fails_is_counted_once() {
+    runtime().block_on(async {
+        for strike in [Strike::Before, Strike::After] {
+            let d = deployment(Faults::none(), Faults::none()).await;
+            let mut sent = Vec::new();
+            for i in [2, 3] {
+                d.network.add_consumer(&consumer(i), 1).await;
+                let message = Outbound {
+                    to: consumer(i),
+                    ..d.outbound(b"out")
+                };
+                sent.push(d.processor.send(&d.owner, d.b, message).await.unwrap());
+            }
+            // The first report goes through; its store calls say which one
+            // writes the status.
+            d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+            let report = |id| {
+                d.processor
+                    .status_update(&d.carrier, d.b, id, Status::Delivered)
+            };
+            assert_eq!(report(sent[0]).await.unwrap(), StatusChange::Applied);
+            let write = 1 + d
+                .faults
+                .calls()
+                .iter()
+                .position(|c| *c == "commit")
+                .unwrap();
+            d.faults.fail_at(write, Seams::Store, strike);
+            let failed = report(sent[1]).await;
+            assert!(failed.is_err(), "{strike:?}: {failed:?}");
+            assert_eq!(d.faults.lift(), [("commit", strike)]);
+            // Handed in again: the owed write is made (or found made).
+            let again = report(sent[1]).await.unwrap();
+            assert_eq!(again, StatusChange::Ignored, "{strike:?}");
+            d.settle(3).await;
+            for &id in &sent {
+                let status = d.processor.message_status(&d.owner, d.b, id).await;
+                assert_eq!(status.unwrap(), (Status::Delivered, None), "{strike:?}");
+            }
+            d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+            let statistics = d.processor.statistics(&d.operator).await.unwrap();
+            let counted =
+                statistics_counted(&statistics, Direction::Outbound, StatsStatus::Delivered);
+            assert_eq!(counted, [2], "{strike:?}: {statistics:?}");
+            let latencies: u64 = statistics
+                .iter()
+                .flat_map(|r| &r.delivery_latency)
+                .map(|b| b.messages)
+                .sum();
+            assert_eq!(latencies, 2, "{strike:?}: {statistics:?}");
+        }
+    });
+}
+
+/// The same for an inbound message: its hand-over's write fails, before
+/// the store makes it or after (it landed, its answer lost), and the
+/// network hands the message in again, answered as a duplicate. It reaches
+/// the business once and counts delivered once. Before, the receive
+/// counted nothing until that write answered, and a duplicate counts
+/// nothing: a hand-over landed unanswered was never counted.
+#[test]
+fn an_inbound_delivery_whose_write_fails_is_counted_once() {
+    runtime().block_on(async {
+        for strike in [Strike::Before, Strike::After] {
+            // A full prekey pool: no receive here refills it, so each makes
+            // the same store calls.
+            let d = Deployment::new(Faults::none(), Faults::none()).await;
+            let keys = d.transport.published.lock().unwrap().clone().unwrap();
+            let mut inbound = Vec::new();
+            for (i, prekey) in [(1, 0), (3, 1), (4, 2)] {
+                let mut handset = ConsumerDevice::new(1);
+                let bundle = keys.bundle(Some(prekey));
+                handset.start_session(d.b, &bundle).await.unwrap();
+                inbound.push(Inbound {
+                    from: consumer(i),
+                    device: 1,
+                    message: handset.encrypt(d.b, b"hello").await.unwrap(),
+                });
+            }
+            let [first, second, third] = <[Inbound; 3]>::try_from(inbound).unwrap();
+            assert!(d.receive(first).await.unwrap().delivered);
+            // The second goes through; its store calls say which one
+            // records the hand-over (the last write).
+            d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+            assert!(d.receive(second).await.unwrap().delivered);
+            let write = 1 + d
+                .faults
+                .calls()
+                .iter()
+                .rposition(|c| *c == "commit")
+                .unwrap();
+            d.faults.fail_at(write, Seams::Store, strike);
+            let failed = d.receive(third.clone()).await;
+            assert!(failed.is_err(), "{strike:?}: {failed:?}");
+            assert_eq!(d.faults.lift(), [("commit", strike)]);
+            let again = d.receive(third).await.unwrap();
+            assert!(again.duplicate, "{strike:?}");
+            d.settle(3).await;
+            assert_eq!(
+                d.business.contents().len(),
+                3,
+                "{strike:?}: each handed over once"
+            );
+            d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+            let statistics = d.processor.statistics(&d.operator).await.unwrap();
+            let counted =
+                statistics_counted(&statistics, Direction::Inbound, StatsStatus::Delivered);
+            assert_eq!(counted, [3], "{strike:?}: {statistics:?}");
+        }
+    });
 }
 
 #[test]

@@ -339,6 +339,48 @@ async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows
     );
 }
 
+/// A redelivery's receipt says whether the business has the message: not
+/// while it is queued (a visibility policy withholds it), and so once it
+/// is handed over. Before, a duplicate's receipt always said `delivered:
+/// false`, which its docs read as queued for retry.
+#[tokio::test]
+async fn a_redeliverys_receipt_says_whether_the_business_has_the_message() {
+    use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
+    let w = World::new().await;
+    let from = consumer(1);
+    let mut device = w.device(0).await;
+    let published = VisibilityPolicy::default();
+    let tightened = published
+        .to_builder(1)
+        .unwrap()
+        .deny(
+            Party::Business,
+            DataClass::MessageContent,
+            Purpose::Delivery,
+        )
+        .build();
+    w.processor
+        .set_visibility_policy(&w.operator, tightened)
+        .unwrap();
+    let hello = device.encrypt(w.b, b"hello").await.unwrap();
+    let first = w.receive(&from, &hello).await.unwrap();
+    assert!(!first.delivered && !first.duplicate, "{first:?}");
+    let again = w.receive(&from, &hello).await.unwrap();
+    assert!(again.duplicate && !again.delivered, "queued: {again:?}");
+
+    w.processor
+        .set_visibility_policy(&w.operator, published.to_builder(2).unwrap().build())
+        .unwrap();
+    for _ in 0..30 {
+        w.clock.advance(std::time::Duration::from_secs(60));
+        w.processor.retransmit_due(&w.operator).await.unwrap();
+    }
+    assert_eq!(w.texts(), ["hello"]);
+    let again = w.receive(&from, &hello).await.unwrap();
+    assert!(again.duplicate && again.delivered, "handed over: {again:?}");
+    assert_eq!(w.business.messages().get(&first.id), Some(&1));
+}
+
 /// The first message on a consumer's next chain (the device read a reply,
 /// and ratcheted), more than 2,000 counters into it, is refused with the
 /// library's reason too. (The check looked only at chains the session had,

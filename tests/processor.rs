@@ -751,6 +751,38 @@ async fn statistics_removes_only_the_reports_it_released() {
     assert_eq!(businesses(second), [b8], "business 8's report was dropped");
 }
 
+/// A message that expired open, first swept past its report's grace with
+/// its business's endpoint down, is failed unreported and deleted in the
+/// same sweep: it counts once in `failures_unreported`. Before, the
+/// stage that failed it counted it, and the stage that deleted it (its
+/// failure report left pending) counted it again.
+#[tokio::test]
+async fn a_message_failed_unreported_and_deleted_in_one_sweep_counts_once() {
+    let b = BusinessId::new(7).unwrap();
+    let down = || {
+        let start = Timestamp::from_millis(T0);
+        Faults::none().with_outage(start, Duration::from_secs(60 * 24 * 3600))
+    };
+    let d = Deployment::new(&[7], down(), down(), 5);
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(b, number(1), b"never").await;
+    let (status, _) = d.processor.message_status(d.owner(b), b, id).await.unwrap();
+    assert_eq!(status, Status::Queued);
+    // No sweep ran until a day and an hour past its retention.
+    d.clock.advance(Duration::from_secs(31 * 24 * 3600 + 3600));
+    let report = d.processor.sweep(&d.operator).await.unwrap();
+    assert!(report.complete, "{report:?}");
+    assert_eq!(
+        (
+            report.failed_expired,
+            report.messages_deleted,
+            report.failures_unreported
+        ),
+        (1, 1, 1),
+        "{report:?}"
+    );
+}
+
 /// A stored message whose record cannot be opened (damaged bytes) or is
 /// not its own (another message's envelope under its id) is failed as
 /// unreadable and its business told; it holds up nothing behind it, and
@@ -1685,8 +1717,8 @@ async fn a_processor_superseded_by_another_on_its_store_stops_writing() {
 
 /// A first-contact message that used no one-time prekey decrypts in a new
 /// session under any device id: replayed as another device of its
-/// consumer, it is the duplicate it is, with the first copy's id, and the
-/// business gets it once.
+/// consumer, it is the duplicate it is, with the first copy's id (its
+/// receipt saying the business has it), and the business gets it once.
 #[tokio::test]
 async fn a_first_message_replayed_as_another_device_is_a_duplicate() {
     let w = Restartable::new();
@@ -1710,7 +1742,7 @@ async fn a_first_message_replayed_as_another_device_is_a_duplicate() {
     };
     let again = processor.receive(owner, b, replay).await.unwrap();
     assert!(
-        again.duplicate && !again.delivered && again.id == receipt.id,
+        again.duplicate && again.delivered && again.id == receipt.id,
         "{again:?}"
     );
     let messages = w.business.messages();

@@ -119,7 +119,9 @@ pub struct StatisticsReport {
     pub k: usize,
     /// Message counts by direction and status.
     pub messages: Vec<MessageCount>,
-    /// Outbound delivery latency histogram.
+    /// Outbound delivery latency histogram: from when the processor
+    /// accepted (stored) each message to the first report that a device
+    /// has it, time queued included.
     pub delivery_latency: Vec<LatencyCount>,
 }
 
@@ -243,9 +245,10 @@ impl StatisticsCollector {
     }
 
     /// An outbound message to `consumer` was delivered `latency` after it
-    /// was sent; `at` is the delivery time. Also counts the message as
-    /// outbound `delivered`, so call it instead of
-    /// [`record_message`](Self::record_message) for a delivery.
+    /// was accepted (the processor measures from when it stored the
+    /// message, so time queued in an outage counts); `at` is the delivery
+    /// time. Also counts the message as outbound `delivered`, so call it
+    /// instead of [`record_message`](Self::record_message) for a delivery.
     pub fn record_delivery(
         &self,
         business: BusinessId,

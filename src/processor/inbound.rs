@@ -9,7 +9,7 @@ use super::payload::InboundBody;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::signal::{Ciphertext, Parsed, SignalError};
-use crate::store::{Batch, Delivery, Direction, FailureReason, Op, PeerId, Status};
+use crate::store::{Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status};
 use crate::time::Timestamp;
 use crate::transport::{InboundMessage, Principal};
 use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
@@ -43,8 +43,24 @@ pub struct Receipt {
     pub id: MessageId,
     /// It was a duplicate of a message already received: nothing was done.
     pub duplicate: bool,
-    /// It was handed to the business already (else it is queued for retry).
+    /// The business has it: it was handed over (on a duplicate: the
+    /// stored message was, by this receive or an earlier one). `false`:
+    /// it is queued for retry, or failed (its retention ended first), or,
+    /// on a duplicate of a message no longer stored (past its retention),
+    /// whether it was handed over is unknown.
     pub delivered: bool,
+}
+
+impl Receipt {
+    /// The receipt of a duplicate of message `id`, stored as `stored`
+    /// (`None`: no longer stored).
+    fn duplicate(id: MessageId, stored: Option<&MessageRecord>) -> Self {
+        Self {
+            id,
+            duplicate: true,
+            delivered: stored.is_some_and(|m| m.delivery.status == Status::Delivered),
+        }
+    }
 }
 
 /// The outcome of one attempt to hand an inbound message to its business.
@@ -76,7 +92,9 @@ impl Processor {
     /// ([`SignalError::UntrustedIdentity`]) is received once
     /// [`trust_new_identity`](Self::trust_new_identity) approves it. A
     /// redelivery or a replay of a stored message, however it arrives, is
-    /// answered as a duplicate and reaches the business no second time.
+    /// answered as a duplicate and reaches the business no second time;
+    /// its receipt says whether the business has it, from the stored
+    /// message (a store that cannot say fails the receive).
     /// A receive creates no key: a message for a business that has not
     /// published its keys ([`publish_keys`](Self::publish_keys)) is
     /// refused as [`SignalError::InvalidMessage`].
@@ -124,11 +142,6 @@ impl Processor {
             device: inbound.device,
         };
         let id = parsed.id();
-        let duplicate = Receipt {
-            id,
-            duplicate: true,
-            delivered: false,
-        };
         let staged = match self
             .sessions
             .decrypt_staged(business, peer, &parsed, expiry)
@@ -137,7 +150,7 @@ impl Processor {
             Ok(staged) => staged,
             Err(SignalError::DuplicateMessage) => {
                 debug!(%id, "duplicate inbound message");
-                return Ok(duplicate);
+                return self.duplicate(business, id).await;
             }
             Err(e) => {
                 // A redelivery that Signal no longer recognises as one (the
@@ -145,9 +158,9 @@ impl Processor {
                 // Should the store not say, Signal's answer stands: a
                 // message it refuses is refused whether stored or not.
                 match self.storage.message(business, id).await {
-                    Ok(Some(_)) => {
+                    Ok(Some(stored)) => {
                         debug!(%id, "redelivery of a stored message");
-                        return Ok(duplicate);
+                        return Ok(Receipt::duplicate(id, Some(&stored)));
                     }
                     Ok(None) => {}
                     Err(store) => {
@@ -179,7 +192,7 @@ impl Processor {
             // A replay that a session outdated by a crash took for new.
             Err(SignalError::DuplicateMessage) => {
                 debug!(%id, "replay of a stored message");
-                return Ok(duplicate);
+                return self.duplicate(business, id).await;
             }
             Err(e) => {
                 // The write may have landed, its answer lost (a networked
@@ -216,6 +229,17 @@ impl Processor {
             duplicate: false,
             delivered,
         })
+    }
+
+    /// The receipt of a duplicate of message `id`: whether the business
+    /// has it, from the stored message.
+    async fn duplicate(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+    ) -> Result<Receipt, ProcessorError> {
+        let stored = self.storage.message(business, id).await?;
+        Ok(Receipt::duplicate(id, stored.as_ref()))
     }
 
     /// Count a message received from `phone` at `at`, for the integrity
@@ -332,16 +356,12 @@ impl Processor {
                 expected: current,
                 delivery: next,
             };
-            self.commit_told(business, id, delivered.into(), None)
-                .await?
-        } else {
-            self.write_delivery(business, id, current, next).await?
-        };
-        if !written {
-            return Ok(false);
-        }
-        match attempt {
-            Attempt::Done => {
+            // Counted unless the write lost a race: a write the store
+            // failed is owed, and lands before the message is taken up
+            // again (its redelivery, answered as a duplicate, counts
+            // nothing).
+            let written = self.commit_told(business, id, delivered.into(), None).await;
+            if !matches!(written, Ok(false)) {
                 self.statistics.record_message(
                     business,
                     phone,
@@ -349,8 +369,16 @@ impl Processor {
                     crate::integrity::Status::Delivered,
                     now,
                 );
-                Ok(true)
             }
+            written?
+        } else {
+            self.write_delivery(business, id, current, next).await?
+        };
+        if !written {
+            return Ok(false);
+        }
+        match attempt {
+            Attempt::Done => Ok(true),
             Attempt::Fail(_) => {
                 // Boxed: rare, and its future would grow every receive's.
                 Box::pin(self.report_status(business, id, phone, Direction::Inbound, next)).await?;

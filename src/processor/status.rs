@@ -372,34 +372,27 @@ impl Processor {
                 delivery: settled,
             };
             // Moving it on from queued bills it, in the same write, and
-            // counts it taken: should the store fail that write, it is owed
-            // with what follows it.
-            let written = match queued_as {
-                Some(Some(category)) => {
-                    let mut batch = Batch::from(op);
-                    batch.push(self.bill(business, category, now));
-                    let accepted = Accepted {
-                        phone: record.phone,
-                        at: now,
-                        next: settled,
-                    };
-                    self.commit_told(business, id, batch, Some(accepted))
-                        .await?
-                }
-                _ => self.commit_op(op).await?,
-            };
-            if !written {
+            // counts it taken. Should the store fail the write, it is owed
+            // with what follows it: it may have landed (its answer lost),
+            // and the report handed in again is then ignored.
+            let mut batch = Batch::from(op);
+            let mut accepted = None;
+            if let Some(Some(category)) = queued_as {
+                batch.push(self.bill(business, category, now));
+                accepted = Some(Accepted {
+                    phone: record.phone,
+                    at: now,
+                    next: settled,
+                });
+            }
+            let written = self.commit_told(business, id, batch, accepted).await;
+            if matches!(written, Ok(false)) {
                 // Another report won the race: decide again on what it left.
                 continue;
             }
-            self.claims.note_report(business, id);
-            match queued_as {
-                Some(Some(_)) => self.accepted(business, record.phone, now),
-                Some(None) => {
-                    warn!(%business, %id, "a message reported delivered is left for its send's record to bill: its body is unreadable");
-                }
-                None => {}
-            }
+            // Counted unless the write lost a race: a write the store
+            // failed is owed, and lands before the message is taken up
+            // again (as a failure told is counted, see `report_status`).
             if record.delivery.status < Status::Delivered {
                 self.statistics.record_delivery(
                     business,
@@ -416,6 +409,15 @@ impl Processor {
                     stats_status(status),
                     now,
                 );
+            }
+            written?;
+            self.claims.note_report(business, id);
+            match queued_as {
+                Some(Some(_)) => self.accepted(business, record.phone, now),
+                Some(None) => {
+                    warn!(%business, %id, "a message reported delivered is left for its send's record to bill: its body is unreadable");
+                }
+                None => {}
             }
             // An attempt under way (a report that came from inside the
             // transport's `send`, say) leaves the report to it: only its

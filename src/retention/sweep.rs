@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::gate::HoldGate;
 use super::{CEILING, RetentionPolicy};
-use crate::ids::{BusinessId, PhoneHash};
+use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyKind, KeyManager};
 use crate::store::{Batch, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError};
 use crate::time::Timestamp;
@@ -44,7 +44,8 @@ pub struct SweepReport {
     /// Messages whose business could not be told how they ended within
     /// [`REPORT_GRACE`] (each is also logged): open ones failed unreported
     /// (counted in `failed_expired` too), and settled ones deleted with a
-    /// report still pending (counted in `messages_deleted` too).
+    /// report still pending (counted in `messages_deleted` too). A message
+    /// failed unreported and then deleted in one sweep counts once.
     pub failures_unreported: u64,
     /// Messages deleted.
     pub messages_deleted: u64,
@@ -100,6 +101,10 @@ pub(super) struct Sweep<'a> {
     pub(super) report: SweepReport,
     /// Businesses that could not be told of a message in this sweep.
     pub(super) unreachable: BTreeSet<BusinessId>,
+    /// Messages this sweep failed unreported (stage 2), counted in
+    /// [`SweepReport::failures_unreported`] then: deleted by stage 3, with
+    /// the report the notifier left pending, they are not counted again.
+    pub(super) given_up: BTreeSet<(BusinessId, MessageId)>,
     /// Pages of expiries the policy stage capped in this sweep.
     pub(super) capped: u64,
     /// Businesses whose endpoint a sweep was waiting on when it was
@@ -117,7 +122,7 @@ pub(super) struct Sweep<'a> {
 pub(super) struct Resume {
     business: BusinessId,
     direction: Direction,
-    after: Option<crate::ids::MessageId>,
+    after: Option<MessageId>,
 }
 
 /// A stage of the sweep (see [`Sweep::run`]).
@@ -464,6 +469,7 @@ impl<'a> Sweep<'a> {
                         "expired undelivered; its business could not be told within the grace"
                     );
                     self.report.failures_unreported += 1;
+                    self.given_up.insert((m.business, m.id));
                 }
                 // Conditional: a message settled meanwhile stays settled.
                 batch.push(Op::FailExpired {
@@ -507,7 +513,8 @@ impl<'a> Sweep<'a> {
     /// Stage 3: delete expired, settled, unheld messages: those whose
     /// business is still to be told something (a report pending) only past
     /// [`REPORT_GRACE`], each counted in
-    /// [`SweepReport::failures_unreported`] and logged. Their consumers'
+    /// [`SweepReport::failures_unreported`] and logged (unless stage 2 of
+    /// this sweep did, failing it unreported). Their consumers'
     /// Signal state goes in stage 4, in one pass over the peers: a step's
     /// messages span most consumers (they are taken in expiry order), so
     /// checking those consumers after every step would check most of them
@@ -526,7 +533,10 @@ impl<'a> Sweep<'a> {
                 return Ok(true);
             }
             self.report.messages_deleted += deleted.len() as u64;
-            for m in deleted.iter().filter(|m| m.report_pending) {
+            let unreported = deleted
+                .iter()
+                .filter(|m| m.report_pending && !self.given_up.contains(&(m.business, m.id)));
+            for m in unreported {
                 tracing::warn!(
                     business = %m.business,
                     id = %m.id,
