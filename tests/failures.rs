@@ -213,8 +213,8 @@ fn receive_survives_every_host_failure() {
 /// (so its consumer is known, and the business's reply to it is no
 /// fan-out to a new recipient). So too when the store cannot then say
 /// whether it has the message (every answer lost until the receive
-/// returns): the count is owed until the retransmission loop takes the
-/// message up. The next message, received and then delivered again, is
+/// returns): the count is owed until the message is next taken up (here
+/// by its redelivery). The next message, received and then delivered again, is
 /// counted once too. On the in-memory store and on SQLite. (The failed
 /// receive returned before counting, and a duplicate counts nothing: the
 /// message was never counted received.)
@@ -271,10 +271,9 @@ async fn lost_storing_answer(
             assert!(d.receive(first.clone()).await.unwrap().duplicate);
         }
         // Counted by the failed receive, if the store could say it has the
-        // message; else owed...
-        let counted = received_counted(&d).await;
-        assert_eq!(counted, u64::from(!every_answer), "{failed:?}");
-        // ...and made when the retransmission loop hands it over.
+        // message; else owed, and made when the message is next taken up:
+        // by the first redelivery, answered as a duplicate.
+        assert_eq!(received_counted(&d).await, 1, "{failed:?}");
         d.settle(3).await;
         let second = d.inbound(&mut handset, b"second").await;
         assert!(!d.receive(second.clone()).await.unwrap().duplicate);
@@ -623,6 +622,54 @@ fn retransmit_due_survives_every_host_failure() {
         assert_eq!(d.billed().await, 1, "{at:?}: {failed:?}");
         failed.is_empty()
     }));
+}
+
+/// A receive that handed its message over, then failed to record the
+/// hand-over (the write is owed), is answered on redelivery as a duplicate
+/// the business has: the owed write is made before the stored status is
+/// read. Before, the status was read as it stood, `Queued`, and the
+/// receipt said the message was not delivered, though it would not be
+/// handed over again.
+#[test]
+fn a_redelivery_after_a_failed_delivered_mark_says_the_business_has_it() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let keys = d.transport.published.lock().unwrap().clone().unwrap();
+        let mut inbound = Vec::new();
+        for (i, prekey) in [(1, 0), (3, 1), (4, 2)] {
+            let mut handset = ConsumerDevice::new(1);
+            handset
+                .start_session(d.b, &keys.bundle(Some(prekey)))
+                .await
+                .unwrap();
+            inbound.push(Inbound {
+                from: consumer(i),
+                device: 1,
+                message: handset.encrypt(d.b, b"hello").await.unwrap(),
+            });
+        }
+        let [first, second, third] = <[Inbound; 3]>::try_from(inbound).unwrap();
+        assert!(d.receive(first).await.unwrap().delivered);
+        // Which store call records the hand-over (the last commit).
+        d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+        assert!(d.receive(second).await.unwrap().delivered);
+        let write = 1 + d
+            .faults
+            .calls()
+            .iter()
+            .rposition(|c| *c == "commit")
+            .unwrap();
+        d.faults.fail_at(write, Seams::Store, Strike::Before);
+        assert!(d.receive(third.clone()).await.is_err());
+        assert_eq!(d.faults.lift(), [("commit", Strike::Before)]);
+        assert_eq!(d.business.contents().len(), 3, "the business has all three");
+        let again = d.receive(third).await.unwrap();
+        assert!(again.duplicate);
+        assert!(
+            again.delivered,
+            "the business has the message, but the duplicate's receipt says it is not delivered"
+        );
+    });
 }
 
 /// A stored message sealed for another region than its store declares
@@ -1218,7 +1265,8 @@ fn what_is_owed_to_a_message_the_sweep_deleted_is_forgotten() {
                 continue;
             }
             assert!(got.is_err(), "{got:?}");
-            d.receive(first).await.unwrap();
+            // Not redelivered: a redelivery would take the message up, and
+            // make the owed write.
             d.settle(3).await;
             assert_eq!(d.contents(), BTreeMap::from([(b"first".to_vec(), 1)]));
             let owed = |d: &Deployment| format!("{:?}", d.processor);

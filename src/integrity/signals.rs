@@ -63,7 +63,8 @@ pub struct IntegrityConfig {
     /// ... and at least this many. Default 10.
     pub min_spam_signals: u64,
     /// Most recipients remembered per business, at least 2. Default 200,000
-    /// (at most about 5 MB per business). It bounds too the consumers a
+    /// (about 5 MB per business; up to about 12 MB with the report and
+    /// block sets below full too). It bounds too the consumers a
     /// window remembers as having reported the business for spam, and
     /// those it remembers as having blocked it (each counted once a
     /// window): past the bound, every further report or block counts, which

@@ -327,7 +327,10 @@ impl StatisticsCollector {
     /// be released; such periods are sealed (a late event counts in the
     /// first period after them). The processor runs it on every sweep, with
     /// its retention policy, so no consumer outlives its business's
-    /// retention here, whether or not the statistics are ever taken.
+    /// retention here by more than a period (the open one's consumers are
+    /// kept until it closes: forgetting them sooner would count a returning
+    /// consumer twice towards the `k` a bucket needs to be released),
+    /// whether or not the statistics are ever taken.
     pub fn expire(&self, now: Timestamp, retention: &RetentionPolicy) {
         let k = self.config.k;
         for (business, cell) in self.businesses.all() {

@@ -158,9 +158,9 @@ impl Processor {
                 // Should the store not say, Signal's answer stands: a
                 // message it refuses is refused whether stored or not.
                 match self.storage.message(business, id).await {
-                    Ok(Some(stored)) => {
+                    Ok(Some(_)) => {
                         debug!(%id, "redelivery of a stored message");
-                        return Ok(Receipt::duplicate(id, Some(&stored)));
+                        return self.duplicate(business, id).await;
                     }
                     Ok(None) => {}
                     Err(store) => {
@@ -232,12 +232,14 @@ impl Processor {
     }
 
     /// The receipt of a duplicate of message `id`: whether the business
-    /// has it, from the stored message.
+    /// has it, from the stored message, once what an earlier call left
+    /// owed to it is made (a hand-over whose delivered mark failed, say).
     async fn duplicate(
         &self,
         business: BusinessId,
         id: MessageId,
     ) -> Result<Receipt, ProcessorError> {
+        drop(self.take_up(business, id).await?);
         let stored = self.storage.message(business, id).await?;
         Ok(Receipt::duplicate(id, stored.as_ref()))
     }
@@ -261,8 +263,9 @@ impl Processor {
     /// earlier receive, whose replay's write the store refused, carries
     /// that receive's time, and was counted by it). Should the store not
     /// say, the count is owed ([`Owed::CountReceived`]), and made when the
-    /// message is next taken up: the retransmission loop takes up a message
-    /// stored unanswered, to hand it over.
+    /// message is next taken up: by its redelivery, answered as a
+    /// duplicate, or by the retransmission loop, which takes up a message
+    /// stored unanswered to hand it over.
     async fn count_if_landed(
         &self,
         business: BusinessId,

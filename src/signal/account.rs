@@ -102,7 +102,7 @@ impl Account {
             .iter()
             .filter_map(|r| r.id().ok().map(u32::from))
             .collect();
-        let id = next_ids(&taken, 1)
+        let id = next_ids(&taken, &BTreeSet::new(), 1)
             .first()
             .copied()
             .ok_or(corrupt("no free signed prekey id"))?;
@@ -263,9 +263,10 @@ pub(super) async fn add_one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
     taken: &BTreeSet<u32>,
+    held: &BTreeSet<u32>,
     count: usize,
 ) -> Result<usize, SignalError> {
-    let ids = next_ids(taken, count);
+    let ids = next_ids(taken, held, count);
     for &id in &ids {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut ThreadCsprng));
         let bytes =
@@ -408,16 +409,18 @@ pub(super) fn oldest_first(mut ids: Vec<u32>) -> Vec<u32> {
     ids
 }
 
-/// `count` ids in `1..=MAX_PREKEY_ID` not in `taken`: consecutive after the
-/// newest of `taken` (see [`oldest_first`]), wrapping, or from a random
-/// start if `taken` is empty. Nothing records the ids made before, so the
-/// ids of the newest keys, once used up, are made again, with new keys:
-/// a first message naming one is either that key's, whose session
-/// exists, or one that fails to decrypt, as one naming a deleted key does.
-/// One staged with the old key loaded would consume the new one at its
-/// commit, which deletes by id: the refill adds the ids such operations
-/// hold to `taken` (see `PreKeysInUse`).
-pub(super) fn next_ids(taken: &BTreeSet<u32>, count: usize) -> Vec<u32> {
+/// `count` ids in `1..=MAX_PREKEY_ID` in neither `taken` nor `held`:
+/// consecutive after the newest of `taken` (see [`oldest_first`]),
+/// wrapping, or from a random start if `taken` is empty. Nothing records
+/// the ids made before, so the ids of the newest keys, once used up, are
+/// made again, with new keys: a first message naming one is either that
+/// key's, whose session exists, or one that fails to decrypt, as one
+/// naming a deleted key does. One staged with the old key loaded would
+/// consume the new one at its commit, which deletes by id: the refill
+/// passes the ids such operations hold as `held` (see `PreKeysInUse`).
+/// They only exclude: a first message names any id it likes, in range or
+/// not, so they never say where the newest is.
+pub(super) fn next_ids(taken: &BTreeSet<u32>, held: &BTreeSet<u32>, count: usize) -> Vec<u32> {
     let newest = oldest_first(taken.iter().copied().collect())
         .last()
         .copied();
@@ -428,7 +431,7 @@ pub(super) fn next_ids(taken: &BTreeSet<u32>, count: usize) -> Vec<u32> {
     let mut ids = Vec::with_capacity(count);
     let mut tried = 0;
     while ids.len() < count && tried < MAX_PREKEY_ID {
-        if !taken.contains(&id) {
+        if !taken.contains(&id) && !held.contains(&id) {
             ids.push(id);
         }
         id = id % MAX_PREKEY_ID + 1;
@@ -446,7 +449,10 @@ mod tests {
     #[test]
     fn ids_wrap_past_the_largest_and_stay_in_age_order() {
         let taken = BTreeSet::from([MAX_PREKEY_ID - 1, MAX_PREKEY_ID]);
-        assert_eq!(next_ids(&taken, 3), vec![1, 2, 3]);
+        assert_eq!(next_ids(&taken, &BTreeSet::new(), 3), vec![1, 2, 3]);
+        // Held ids are skipped, never taken for the newest, in range or not.
+        let held = BTreeSet::from([1, u32::MAX]);
+        assert_eq!(next_ids(&taken, &held, 2), vec![2, 3]);
         assert_eq!(
             oldest_first(vec![3, MAX_PREKEY_ID, 1, MAX_PREKEY_ID - 1, 2]),
             vec![MAX_PREKEY_ID - 1, MAX_PREKEY_ID, 1, 2, 3]
@@ -467,7 +473,7 @@ mod tests {
             let mut live = vec![start];
             for (count, a, b) in rounds {
                 let taken: BTreeSet<u32> = live.iter().copied().collect();
-                let fresh = next_ids(&taken, count);
+                let fresh = next_ids(&taken, &BTreeSet::new(), count);
                 prop_assert_eq!(fresh.len(), count);
                 for id in &fresh {
                     prop_assert!((1..=MAX_PREKEY_ID).contains(id));

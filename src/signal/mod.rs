@@ -773,14 +773,11 @@ impl Sessions {
         if available < self.config.prekey_low_water {
             // Nor an id a staged first message loaded, consumed since by
             // another: its commit would consume the new key made under it.
-            let taken: BTreeSet<u32> = stored
-                .iter()
-                .copied()
-                .chain(self.prekeys_in_use.ids(business))
-                .collect();
+            let taken: BTreeSet<u32> = stored.iter().copied().collect();
+            let held = self.prekeys_in_use.ids(business);
             let wanted = self.config.prekey_pool.saturating_sub(available);
             report.prekeys_added =
-                account::add_one_time_prekeys(keys, business, &taken, wanted).await?;
+                account::add_one_time_prekeys(keys, business, &taken, &held, wanted).await?;
         }
         // Keys handed out whose first message never came would pile up:
         // past the limit the oldest go, never one added just now.

@@ -6,7 +6,7 @@
 //! (crate::store::Batch). A failed operation leaves nothing behind: the
 //! overlays are simply dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -205,7 +205,7 @@ impl PreKeysInUse {
     /// The ids of `business` held now. Read after listing the store: a
     /// key missing from the listing but loaded by a staged operation was
     /// held before it was loaded, so before it was consumed.
-    pub(super) fn ids(&self, business: BusinessId) -> Vec<u32> {
+    pub(super) fn ids(&self, business: BusinessId) -> BTreeSet<u32> {
         self.lock()
             .keys()
             .filter(|(b, _)| *b == business)

@@ -1024,3 +1024,23 @@ proptest::proptest! {
         );
     }
 }
+
+/// A first message may name any one-time prekey id, in range or not; the
+/// id it names is held while it is staged, and held ids only keep the
+/// refill from making them again. Before, they were taken for ids the
+/// business had made: one naming `u32::MAX` overflowed the refill's
+/// arithmetic (a panic with overflow checks; in release, new ids off the
+/// live arc, which the next retirement could take for the oldest).
+#[tokio::test]
+async fn a_held_prekey_id_out_of_range_does_not_upset_the_refill() {
+    let (sessions, keys, _store, business, _expiry) = fixture().await;
+    sessions.publish(business).await.unwrap();
+    let _hold = sessions.prekeys_in_use.hold(business, u32::MAX);
+    let report = sessions.maintain(business, Some(0)).await.unwrap();
+    assert!(report.prekeys_added > 0);
+    let ids = account::one_time_prekey_ids(&keys, business).await.unwrap();
+    assert!(
+        ids.iter()
+            .all(|&id| (1..=account::MAX_PREKEY_ID).contains(&id))
+    );
+}

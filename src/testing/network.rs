@@ -722,6 +722,14 @@ impl SimNetwork {
                 match result {
                     Ok(_) => {}
                     Err(e) if e.is_permanent() => {
+                        // Refused: the processor took nothing up, so the
+                        // device asked for nothing it will be sent.
+                        let Retry {
+                            business,
+                            id,
+                            device,
+                        } = flight.item;
+                        net.asked.remove(&(business, id, device));
                         report.refused += 1;
                         report.last_error = Some(e.to_string());
                     }
