@@ -206,18 +206,20 @@ async fn consumer(
     (phone, peer)
 }
 
-/// Two devices (two consumers) start sessions from the same published
-/// bundle, so their first messages name the same one-time prekey, and both
-/// decrypt before either commits: only the first commit may use it.
-#[tokio::test]
-async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
-    let (sessions, keys, _, business, expiry) = fixture().await;
-    let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
+/// The first messages of devices of `numbers`, each starting its session
+/// from `bundle` (its text its number), with their peers.
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+async fn first_contacts<const N: usize>(
+    keys: &KeyManager,
+    business: BusinessId,
+    bundle: &PreKeyBundle,
+    numbers: [&str; N],
+) -> (Vec<PeerId>, Vec<Ciphertext>) {
     let mut peers = Vec::new();
     let mut firsts = Vec::new();
-    for n in ["+447700900301", "+447700900302"] {
+    for n in numbers {
         let mut device = ConsumerDevice::new(0);
-        device.start_session(business, &bundle).await.unwrap();
+        device.start_session(business, bundle).await.unwrap();
         firsts.push(device.encrypt(business, n.as_bytes()).await.unwrap());
         let number: PhoneNumber = n.parse().unwrap();
         peers.push(PeerId {
@@ -225,6 +227,18 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
             device: 0,
         });
     }
+    (peers, firsts)
+}
+
+/// Two devices (two consumers) start sessions from the same published
+/// bundle, so their first messages name the same one-time prekey, and both
+/// decrypt before either commits: only the first commit may use it.
+#[tokio::test]
+async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
+    let (sessions, keys, _, business, expiry) = fixture().await;
+    let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
+    let (peers, firsts) =
+        first_contacts(&keys, business, &bundle, ["+447700900301", "+447700900302"]).await;
     let a = sessions
         .decrypt_staged(
             business,
@@ -270,18 +284,8 @@ async fn a_one_time_prekey_id_made_again_while_a_first_message_is_staged_is_not_
     let published = sessions.publish(business).await.unwrap();
     let bundle = published.bundle(Some(published.one_time_prekeys.len() - 1));
     let x = bundle.one_time_prekey.unwrap();
-    let mut peers = Vec::new();
-    let mut firsts = Vec::new();
-    for n in ["+447700900501", "+447700900502"] {
-        let mut device = ConsumerDevice::new(0);
-        device.start_session(business, &bundle).await.unwrap();
-        firsts.push(device.encrypt(business, n.as_bytes()).await.unwrap());
-        let number: PhoneNumber = n.parse().unwrap();
-        peers.push(PeerId {
-            phone: keys.phone_hash(business, &number).await.unwrap(),
-            device: 0,
-        });
-    }
+    let (peers, firsts) =
+        first_contacts(&keys, business, &bundle, ["+447700900501", "+447700900502"]).await;
     let staged = sessions
         .decrypt_staged(
             business,
