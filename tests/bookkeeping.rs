@@ -1276,3 +1276,98 @@ async fn a_retry_receipt_during_the_attempt_is_acted_on_after_it() {
          (device 1 not pending, next attempt at the receipt timeout)"
     );
 }
+
+/// A retry receipt from device 64 for a message another device reported
+/// delivered gets device 64 alone the message, though every device from
+/// 63 up shares one pending bit. Before, the resend asked for the devices
+/// of that bit: device 63, which had the message and never asked, was sent
+/// it again after the delivery report.
+#[tokio::test]
+async fn a_retry_receipt_of_a_high_device_gets_that_device_alone_the_message() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 65).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::HighDevices);
+    let id = d.send(b, 1).await;
+    let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!((sent.status, sent.pending_devices), (Status::Sent, 0));
+    let pumped = d.racing.network.pump(&d.processor, &d.transport).await;
+    d.processor
+        .status_update(&d.transport, b, id, Status::Delivered)
+        .await
+        .unwrap();
+    let after_report = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(after_report.status, Status::Delivered, "{pumped:?}");
+    let before = d.racing.network.received(&number(1)).await;
+    assert_eq!(before[&63].get(&id), Some(&1));
+    // Device 64 lost its session and asks for the message again.
+    d.processor
+        .retry_receipt(&d.transport, b, id, 64)
+        .await
+        .unwrap();
+    d.racing.network.pump(&d.processor, &d.transport).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(
+        received[&63].get(&id),
+        Some(&1),
+        "device 63 was sent the message again after its delivery report, answering device 64's \
+         retry receipt: {:?}",
+        received.get(&63)
+    );
+}
+
+/// Two messages sent on a session the device lost bring two retry
+/// receipts, handed in at once: one bundle is fetched between them (the
+/// other receipt is refused for now, and goes over the new session when
+/// handed in again). Before, nothing was held per device until the new
+/// session was committed: both fetched a bundle (two of the device's
+/// one-time prekeys), and the second replaced the session the first had
+/// just started.
+#[tokio::test]
+async fn receipts_for_two_messages_at_once_fetch_one_bundle() {
+    use std::sync::atomic::Ordering;
+    let (d, b) = Deployment::ready(1).await;
+    let (one, two) = (d.send(b, 1).await, d.send(b, 1).await);
+    d.race(Race::YieldInBundle);
+    let (first, second) = tokio::join!(
+        d.processor.retry_receipt(&d.transport, b, one, 0),
+        d.processor.retry_receipt(&d.transport, b, two, 0),
+    );
+    d.race(Race::None);
+    let fetched = d.racing.bundles.load(Ordering::SeqCst);
+    assert_eq!(
+        fetched, 1,
+        "two receipts for messages of one lost session, at once, fetched {fetched} bundles \
+         ({first:?}, {second:?})"
+    );
+}
+
+/// A message reported delivered by device 0 while device 1 waits for a
+/// retry: device 1's retry receipt gets it the message at once, and clears
+/// its retry, so no device is sent the message again. Before, the receipt's
+/// copy recorded nothing: device 1 stayed pending, and the retransmission
+/// loop sent it the message once more, answering no receipt.
+#[tokio::test]
+async fn a_receipt_answered_on_a_delivered_message_clears_its_devices_retry() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    let id = d.delivered_with_device_1_waiting(b).await;
+    d.racing.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        d.processor
+            .retry_receipt(&d.transport, b, id, 1)
+            .await
+            .unwrap(),
+        custodian::processor::StatusChange::Applied
+    );
+    let after_receipt = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    d.settle(5).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert_eq!(
+        received.get(&1).and_then(|r| r.get(&id)),
+        Some(&1),
+        "device 1 was sent the message again after its retry receipt was answered (the message \
+         delivered); after the receipt it stood at {after_receipt:?}"
+    );
+}

@@ -428,7 +428,7 @@ impl Processor {
             done: false,
         };
         let outcome = self
-            .send_to_devices(record, body, only, purpose, &mut sending.reached)
+            .send_to_devices(record, body, only, None, purpose, &mut sending.reached)
             .await;
         // Done: the outcome is recorded below (and owed if that fails).
         sending.done = true;
@@ -680,7 +680,7 @@ impl Processor {
     /// an open message waits `wait` for its delivery report (and is sent
     /// again if none comes); a delivered one has its status reported,
     /// unless that was done meanwhile (nothing was due).
-    fn settle_after_send(
+    pub(super) fn settle_after_send(
         &self,
         current: Delivery,
         attempts: u32,
@@ -715,7 +715,14 @@ impl Processor {
         let only = Some(Delivery::device_bit(device));
         let mut reached = Reached::default();
         let outcome = self
-            .send_to_devices(record, body, only, Purpose::Retransmission, &mut reached)
+            .send_to_devices(
+                record,
+                body,
+                only,
+                Some(device),
+                Purpose::Retransmission,
+                &mut reached,
+            )
             .await;
         match outcome {
             DeviceOutcome::Reached { sent, .. } if sent > 0 => Ok(true),
@@ -727,13 +734,15 @@ impl Processor {
     }
 
     /// Send `record` to the devices of its recipient (those in `only`, if
-    /// given), noting in `reached` each device as it is settled for this
+    /// given, and of them `exact` alone, if given: devices from 63 up share
+    /// one bit), noting in `reached` each device as it is settled for this
     /// attempt (see [`Sending`]).
     async fn send_to_devices(
         &self,
         record: &MessageRecord,
         body: &OutboundBody,
         only: Option<u64>,
+        exact: Option<u32>,
         purpose: Purpose,
         reached: &mut Reached,
     ) -> DeviceOutcome {
@@ -783,7 +792,9 @@ impl Processor {
         let wanted = devices
             .iter()
             .map(|&device| (device, Delivery::device_bit(device)))
-            .filter(|&(_, bit)| only.is_none_or(|mask| mask & bit != 0));
+            .filter(|&(device, bit)| {
+                only.is_none_or(|mask| mask & bit != 0) && exact.is_none_or(|e| e == device)
+            });
         // Sent again to every device, its report overdue: the devices had
         // it (as far as the record tells), so once a report says the
         // consumer has it, no more of them are sent it again, and none whose
@@ -932,15 +943,15 @@ impl Processor {
     }
 }
 
-/// The devices a send is starting a session with (fetching a bundle), so
-/// that sends to one device at once fetch one bundle between them. Entries
-/// last as long as the start.
+/// The devices a send or a retry receipt is starting a session with
+/// (fetching a bundle), so that those for one device at once fetch one
+/// bundle between them. Entries last as long as the start.
 #[derive(Debug, Default)]
 pub(super) struct Starting(Mutex<HashSet<(BusinessId, PeerId), RandomState>>);
 
 impl Starting {
     /// Note that a send starts a session with `peer`, unless another is.
-    fn begin(&self, business: BusinessId, peer: PeerId) -> Option<Started<'_>> {
+    pub(super) fn begin(&self, business: BusinessId, peer: PeerId) -> Option<Started<'_>> {
         let key = (business, peer);
         // The guard is gone before a `Started` can be, whose drop locks.
         let inserted = self.lock().insert(key);
@@ -957,7 +968,7 @@ impl Starting {
 }
 
 /// A start under way; the device is free again when it is dropped.
-struct Started<'s> {
+pub(super) struct Started<'s> {
     starting: &'s Starting,
     key: (BusinessId, PeerId),
 }

@@ -524,6 +524,13 @@ impl Processor {
         let Stored::Content(StoredBody::Outbound(body)) = self.due_body(&record).await? else {
             return Ok(StatusChange::Ignored);
         };
+        // One start per device at a time: receipts for two messages of one
+        // lost session, or a send's own start, fetch one bundle between
+        // them. This receipt, refused for now, is handed in again, and then
+        // finds the session started.
+        let Some(_starting) = self.starting.begin(business, peer) else {
+            return Err(ProcessorError::AttemptUnderWay);
+        };
         // Sent on the session a receipt replaced lately: due on the new one.
         if self.receipts.restarted_lately(business, peer, now) {
             return self
@@ -554,6 +561,37 @@ impl Processor {
         };
         self.start_on_receipt(record, &body, peer, Some(&bundle), now, noted)
             .await
+    }
+
+    /// Settled `record` was sent to `device` once more, for its retry
+    /// receipt: a retry left pending for the device is not made again
+    /// (unless the device shares its bit with others, from 63 up). If no
+    /// device is left, what was due is the report. Should the write fail
+    /// or lose a race, the retry is made, a copy the device drops by id.
+    async fn answered(&self, record: &MessageRecord, device: u32, now: Timestamp) {
+        let d = record.delivery;
+        let bit = Delivery::device_bit(device);
+        if device >= 63 || d.pending_devices & bit == 0 {
+            return;
+        }
+        let pending = d.pending_devices & !bit;
+        let next = if pending == 0 {
+            self.settle_after_send(d, d.attempts, now, Duration::ZERO)
+        } else {
+            Delivery {
+                pending_devices: pending,
+                ..d
+            }
+        };
+        let op = Op::UpdateDelivery {
+            business: record.business,
+            id: record.id,
+            expected: d,
+            delivery: next,
+        };
+        if let Err(e) = self.commit_op(op).await {
+            debug!(error = %e, "a device answered on its retry receipt is left pending");
+        }
     }
 
     /// For a retry receipt of message `record` (`noted`, its content
@@ -630,7 +668,9 @@ impl Processor {
                 if !d.status.is_open() {
                     match self.resend_to_device(&record, body, device).await {
                         Ok(sent) => {
-                            if !sent {
+                            if sent {
+                                self.answered(&record, device, now).await;
+                            } else {
                                 debug!(
                                     "a settled message cannot be sent to a retry receipt's device"
                                 );
