@@ -320,7 +320,9 @@ fn content_is_refused_by_a_store_outside_its_region() {
 #[test]
 fn content_in_use_outside_its_region_is_dropped_after_the_ttl() {
     let now = Timestamp::from_millis(T0);
-    let mut held = InUse::new(b"plaintext".to_vec(), now, &RetentionPolicy::default());
+    let expiry = now.saturating_add(CEILING);
+    let policy = RetentionPolicy::default();
+    let mut held = InUse::new(b"plaintext".to_vec(), now, expiry, &policy);
     let until = now.saturating_add(HOUR);
     assert_eq!(held.until(), until);
     assert!(held.get(now).is_some());
@@ -349,7 +351,8 @@ fn content_in_use_is_held_for_the_policys_ttl_and_wiped() {
         .with_in_use_ttl(15 * MINUTE)
         .unwrap();
     let wiped = Arc::new(AtomicBool::new(false));
-    let mut held = InUse::new(Watched(wiped.clone()), now, &policy);
+    let expiry = now.saturating_add(CEILING);
+    let mut held = InUse::new(Watched(wiped.clone()), now, expiry, &policy);
     assert!(held.get(now.saturating_add(14 * MINUTE)).is_some());
     assert!(!wiped.load(Ordering::SeqCst));
     assert!(held.get(now.saturating_add(15 * MINUTE)).is_none());
@@ -359,9 +362,28 @@ fn content_in_use_is_held_for_the_policys_ttl_and_wiped() {
     );
 
     let wiped = Arc::new(AtomicBool::new(false));
-    let held = InUse::new(Watched(wiped.clone()), now, &policy);
+    let held = InUse::new(Watched(wiped.clone()), now, expiry, &policy);
     drop(held);
     assert!(wiped.load(Ordering::SeqCst), "not wiped on drop");
+}
+
+/// Content in use is held no longer than its record is kept: read a
+/// minute before it expires, under a policy whose in-use TTL is 30 days,
+/// it is gone at the record's expiry. Before, it was held for the whole
+/// TTL from when it was read: content read on day 29 stayed usable to day
+/// 59, past the ceiling.
+#[test]
+fn content_in_use_is_held_no_longer_than_its_record() {
+    let now = Timestamp::from_millis(T0);
+    let expiry = now.saturating_add(MINUTE);
+    let policy = RetentionPolicy::default().with_in_use_ttl(CEILING).unwrap();
+    let mut held = InUse::new(b"plaintext".to_vec(), now, expiry, &policy);
+    assert_eq!(held.until(), expiry);
+    assert!(
+        held.get(expiry.saturating_sub(Duration::from_millis(1)))
+            .is_some()
+    );
+    assert!(held.get(expiry).is_none());
 }
 
 // ---- the sweep ------------------------------------------------------------
@@ -2040,5 +2062,137 @@ async fn sweeps_in_slices_of_one_step_take_every_stage_in_turn() {
             "{backend:?}: never forgotten"
         );
         assert!(w.keys.epoch_key(b, m.record.epoch).await.is_err());
+    }
+}
+
+/// Sweeps in slices of two steps apply a policy that shortened several
+/// businesses to every stored expiry, and one of them completes. Before, a
+/// slice that began at the policy stage took it twice: its second turn,
+/// with no budget left, went back to where the slice began, so the pass
+/// never got past its second business and no slice completed (nor
+/// scrubbed the store).
+#[tokio::test]
+async fn slices_of_two_steps_finish_applying_a_shortened_policy() {
+    let mut failures = Vec::new();
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 64);
+        let mut policy = RetentionPolicy::default();
+        let mut stored = Vec::new();
+        for id in 1..=3 {
+            policy = policy
+                .with_business(
+                    business(id),
+                    BusinessRetention {
+                        periods: Periods::both(7 * DAY),
+                        region: None,
+                    },
+                )
+                .unwrap();
+            stored.push(w.store(business(id), 1, Direction::Inbound, false).await);
+        }
+        w.retention.set_policy(policy, "operator", w.now()).unwrap();
+        w.clock.advance(DAY);
+        let notices = Notices::default();
+        let mut reports = Vec::new();
+        for _ in 0..40 {
+            reports.push(w.retention.sweep_steps(w.now(), &notices, 2).await.unwrap());
+            w.clock.advance(MINUTE);
+        }
+        let uncapped: Vec<BusinessId> = {
+            let mut out = Vec::new();
+            for m in &stored {
+                let row = w
+                    .store
+                    .message(m.record.business, m.record.id)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if row.expiry > row.created.saturating_add(7 * DAY) {
+                    out.push(m.record.business);
+                }
+            }
+            out
+        };
+        let complete = reports.iter().any(|r| r.complete);
+        if !uncapped.is_empty() || !complete {
+            failures.push(format!(
+                "{backend:?}: still uncapped: {uncapped:?}, any slice complete: {complete}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "40 slices of 2 steps after a shortened policy: {failures:?}"
+    );
+}
+
+/// Marks an expired message failed with its report still due, and says it
+/// could not tell the business: what the processor's `FailureNotifier`
+/// does when the business's endpoint refuses the failure report
+/// (`fail_expired` writes `Failed` with `next_attempt`, then the sink
+/// fails).
+struct MarksFailedUntold {
+    store: Arc<dyn Storage>,
+    clock: ManualClock,
+}
+
+#[async_trait]
+impl ExpiryNotifier for MarksFailedUntold {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+        let failed = Delivery {
+            status: Status::Failed,
+            failure: Some(FailureReason::Expired),
+            attempts: m.delivery.attempts + 1,
+            next_attempt: Some(self.clock.now().saturating_add(MINUTE)),
+            pending_devices: 0,
+            ..m.delivery
+        };
+        let mut batch = Batch::new();
+        batch.push(Op::UpdateDelivery {
+            business: m.business,
+            id: m.id,
+            expected: m.delivery,
+            delivery: failed,
+        });
+        self.store.commit(batch).await.unwrap();
+        false
+    }
+}
+
+/// A message whose business could not be told it failed is counted
+/// unreported once, though the sweep that gave up on it does not delete it
+/// (a hold keeps it) and the one after, once the hold is released, does.
+/// Before, the report the notifier left pending stayed, and the deleting
+/// sweep counted it again.
+#[tokio::test]
+async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 64);
+        let b = business(1);
+        let m = w.store(b, 1, Direction::Outbound, true).await;
+        let notifier = MarksFailedUntold {
+            store: w.store.clone(),
+            clock: w.clock.clone(),
+        };
+        let hold = HoldScope::Consumer(b, m.record.phone);
+        w.retention
+            .place_hold("operator", hold, "case-1", w.now())
+            .await
+            .unwrap();
+        w.clock.advance(CEILING + REPORT_GRACE + HOUR);
+        let first = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert_eq!(first.failures_unreported, 1, "{backend:?}: given up");
+        assert!(w.store.message(b, m.record.id).await.unwrap().is_some());
+        w.retention
+            .release_hold("operator", hold, "case-1", w.now())
+            .await
+            .unwrap();
+        let second = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert!(w.store.message(b, m.record.id).await.unwrap().is_none());
+        assert_eq!(
+            first.failures_unreported + second.failures_unreported,
+            1,
+            "{backend:?}: one message"
+        );
     }
 }

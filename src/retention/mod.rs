@@ -396,7 +396,6 @@ impl Retention {
             max_steps,
             report: SweepReport::default(),
             unreachable: BTreeSet::new(),
-            given_up: BTreeSet::new(),
             capped: 0,
             hung: &self.hung,
             next_stage: &self.next_stage,

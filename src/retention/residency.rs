@@ -39,7 +39,8 @@ pub fn check_residency(
 }
 
 /// Content held in memory outside its region, readable for the policy's
-/// in-use TTL ([`RetentionPolicy::in_use_ttl`]). After that
+/// in-use TTL ([`RetentionPolicy::in_use_ttl`]), and never past the
+/// record's own expiry. After that
 /// [`get`](Self::get) refuses and the value is wiped: the sealed copy in
 /// the business's own region is the one to go back to. The value is wiped
 /// on drop too.
@@ -49,12 +50,13 @@ pub struct InUse<T: Zeroize> {
 }
 
 impl<T: Zeroize> InUse<T> {
-    /// Hold `value`, taken out of its region at `now`, for `policy`'s
-    /// in-use TTL.
-    pub fn new(value: T, now: Timestamp, policy: &RetentionPolicy) -> Self {
+    /// Hold `value`, taken out of its region at `now` from a record
+    /// expiring at `expiry`, for `policy`'s in-use TTL or until the record
+    /// expires, whichever comes first.
+    pub fn new(value: T, now: Timestamp, expiry: Timestamp, policy: &RetentionPolicy) -> Self {
         Self {
             value: Some(value),
-            until: now.saturating_add(policy.in_use_ttl()),
+            until: now.saturating_add(policy.in_use_ttl()).min(expiry),
         }
     }
 

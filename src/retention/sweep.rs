@@ -12,7 +12,9 @@ use super::gate::HoldGate;
 use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyKind, KeyManager};
-use crate::store::{Batch, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError};
+use crate::store::{
+    Batch, Delivery, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError,
+};
 use crate::time::Timestamp;
 
 /// How long after its expiry a message is kept while its business cannot be
@@ -44,8 +46,9 @@ pub struct SweepReport {
     /// Messages whose business could not be told how they ended within
     /// [`REPORT_GRACE`] (each is also logged): open ones failed unreported
     /// (counted in `failed_expired` too), and settled ones deleted with a
-    /// report still pending (counted in `messages_deleted` too). A message
-    /// failed unreported and then deleted in one sweep counts once.
+    /// report still pending (counted in `messages_deleted` too). Each
+    /// counts once: one failed unreported has its report dropped, so its
+    /// deletion, in this sweep or a later one, does not count it again.
     pub failures_unreported: u64,
     /// Messages deleted.
     pub messages_deleted: u64,
@@ -101,10 +104,6 @@ pub(super) struct Sweep<'a> {
     pub(super) report: SweepReport,
     /// Businesses that could not be told of a message in this sweep.
     pub(super) unreachable: BTreeSet<BusinessId>,
-    /// Messages this sweep failed unreported (stage 2), counted in
-    /// [`SweepReport::failures_unreported`] then: deleted by stage 3, with
-    /// the report the notifier left pending, they are not counted again.
-    pub(super) given_up: BTreeSet<(BusinessId, MessageId)>,
     /// Pages of expiries the policy stage capped in this sweep.
     pub(super) capped: u64,
     /// Businesses whose endpoint a sweep was waiting on when it was
@@ -371,11 +370,16 @@ impl<'a> Sweep<'a> {
                     .and_then(|r| r.after);
                 loop {
                     if !self.step() {
-                        return Ok(Some(Resume {
+                        let at = Resume {
                             business,
                             direction,
                             after,
-                        }));
+                        };
+                        // A later turn of this sweep at the stage (its
+                        // budget spent, it takes no step) goes on from here,
+                        // not from where the sweep began.
+                        self.shorten = Some((policy, Some(at)));
+                        return Ok(Some(at));
                     }
                     // A sweep dropped from here on goes on from here.
                     let here = Resume {
@@ -400,6 +404,7 @@ impl<'a> Sweep<'a> {
         // leaves none to apply.
         *self.pass.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((Arc::clone(policy), None));
+        self.shorten = None;
         Ok(None)
     }
 
@@ -469,7 +474,7 @@ impl<'a> Sweep<'a> {
                         "expired undelivered; its business could not be told within the grace"
                     );
                     self.report.failures_unreported += 1;
-                    self.given_up.insert((m.business, m.id));
+                    self.drop_report(&m).await?;
                 }
                 // Conditional: a message settled meanwhile stays settled.
                 batch.push(Op::FailExpired {
@@ -481,6 +486,34 @@ impl<'a> Sweep<'a> {
             if !batch.is_empty() {
                 self.storage.commit(batch).await?;
             }
+        }
+    }
+
+    /// Give up telling `m`'s business how it ended (its failure counted
+    /// unreported): a report the notifier left pending when the business
+    /// refused it is dropped, so that neither the retransmission loop asks
+    /// again nor the deletion, in this sweep or a later one, counts it
+    /// again. A message changed meanwhile keeps what it has.
+    async fn drop_report(&self, m: &MessageRecord) -> Result<(), SweepError> {
+        let Some(now) = self.storage.message(m.business, m.id).await? else {
+            return Ok(());
+        };
+        let d = now.delivery;
+        if d.status.is_open() || d.next_attempt.is_none() {
+            return Ok(());
+        }
+        let op = Op::UpdateDelivery {
+            business: m.business,
+            id: m.id,
+            expected: d,
+            delivery: Delivery {
+                next_attempt: None,
+                ..d
+            },
+        };
+        match self.storage.commit(op.into()).await {
+            Ok(()) | Err(StoreError::Conflict) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -513,8 +546,8 @@ impl<'a> Sweep<'a> {
     /// Stage 3: delete expired, settled, unheld messages: those whose
     /// business is still to be told something (a report pending) only past
     /// [`REPORT_GRACE`], each counted in
-    /// [`SweepReport::failures_unreported`] and logged (unless stage 2 of
-    /// this sweep did, failing it unreported). Their consumers'
+    /// [`SweepReport::failures_unreported`] and logged (stage 2 dropped
+    /// the report of each it counted). Their consumers'
     /// Signal state goes in stage 4, in one pass over the peers: a step's
     /// messages span most consumers (they are taken in expiry order), so
     /// checking those consumers after every step would check most of them
@@ -533,9 +566,7 @@ impl<'a> Sweep<'a> {
                 return Ok(true);
             }
             self.report.messages_deleted += deleted.len() as u64;
-            let unreported = deleted
-                .iter()
-                .filter(|m| m.report_pending && !self.given_up.contains(&(m.business, m.id)));
+            let unreported = deleted.iter().filter(|m| m.report_pending);
             for m in unreported {
                 tracing::warn!(
                     business = %m.business,
