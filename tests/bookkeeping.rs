@@ -1371,3 +1371,64 @@ async fn a_receipt_answered_on_a_delivered_message_clears_its_devices_retry() {
          delivered); after the receipt it stood at {after_receipt:?}"
     );
 }
+
+/// A retry receipt for a delivered message, made after the device's
+/// session went (its identity approved anew), gets the device the message:
+/// the receipt lets go of the device's start guard once its session is
+/// written, and the copy starts the session it needs. Before, the receipt
+/// held the guard through its copy, which asked for the same guard, so
+/// every copy the network handed in was refused, for the message's life.
+#[tokio::test]
+async fn a_receipt_after_the_devices_session_went_gets_it_the_message() {
+    let (d, b) = Deployment::ready(2).await;
+    let one = d.send(b, 1).await;
+    let two = d.send(b, 1).await;
+    d.racing.network.pump(&d.processor, &d.transport).await;
+    for id in [one, two] {
+        let m = d.store.message(b, id).await.unwrap().unwrap().delivery;
+        if m.status.is_open() {
+            d.processor
+                .status_update(&d.transport, b, id, Status::Delivered)
+                .await
+                .unwrap();
+        }
+        let m = d.store.message(b, id).await.unwrap().unwrap().delivery;
+        assert_eq!(m.status, Status::Delivered, "{m:?}");
+    }
+    let copies =
+        |r: &std::collections::BTreeMap<u32, std::collections::BTreeMap<MessageId, u32>>,
+         id: MessageId| { r.get(&1).and_then(|m| m.get(&id)).copied().unwrap_or(0) };
+    // Device 1 asks for `one` again: a new session from a bundle.
+    assert_eq!(
+        d.processor
+            .retry_receipt(&d.transport, b, one, 1)
+            .await
+            .unwrap(),
+        custodian::processor::StatusChange::Applied
+    );
+    // The business approves device 1's identity: its session goes.
+    d.processor
+        .trust_new_identity(&d.owner, b, &number(1), 1)
+        .await
+        .unwrap();
+    d.racing.network.pump(&d.processor, &d.transport).await;
+    let before = copies(&d.racing.network.received(&number(1)).await, two);
+    // Device 1 asks for `two` too; the network hands the receipt in again
+    // while it is refused.
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let answer = d.processor.retry_receipt(&d.transport, b, two, 1).await;
+        let ok = answer.is_ok();
+        answers.push(format!("{answer:?}"));
+        if ok {
+            break;
+        }
+        d.clock.advance(Duration::from_secs(60));
+    }
+    d.racing.network.pump(&d.processor, &d.transport).await;
+    let after = copies(&d.racing.network.received(&number(1)).await, two);
+    assert!(
+        after > before,
+        "answers {answers:?}; device 1's copies of the message before {before}, after {after}"
+    );
+}

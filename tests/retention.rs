@@ -2159,11 +2159,13 @@ impl ExpiryNotifier for MarksFailedUntold {
     }
 }
 
-/// A message whose business could not be told it failed is counted
-/// unreported once, though the sweep that gave up on it does not delete it
-/// (a hold keeps it) and the one after, once the hold is released, does.
-/// Before, the report the notifier left pending stayed, and the deleting
-/// sweep counted it again.
+/// A message whose business could not be told it failed, kept past the
+/// grace by a legal hold, keeps its report due (the business is told once
+/// its endpoint answers) and is counted unreported once, when the sweep
+/// after the hold's release deletes it. Before, the report the notifier
+/// left pending stayed and the message was counted by both sweeps; and a
+/// first fix dropped the held message's report, so its business was
+/// never told while the hold stood.
 #[tokio::test]
 async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
     for &backend in Backend::ALL {
@@ -2181,8 +2183,16 @@ async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
             .unwrap();
         w.clock.advance(CEILING + REPORT_GRACE + HOUR);
         let first = w.retention.sweep(w.now(), &notifier).await.unwrap();
-        assert_eq!(first.failures_unreported, 1, "{backend:?}: given up");
-        assert!(w.store.message(b, m.record.id).await.unwrap().is_some());
+        assert_eq!(
+            first.failures_unreported, 0,
+            "{backend:?}: held, not given up"
+        );
+        let kept = w.store.message(b, m.record.id).await.unwrap().unwrap();
+        assert!(
+            kept.delivery.next_attempt.is_some(),
+            "{backend:?}: held, its report still due: {:?}",
+            kept.delivery
+        );
         w.retention
             .release_hold("operator", hold, "case-1", w.now())
             .await
@@ -2196,3 +2206,67 @@ async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
         );
     }
 }
+
+/// The processor's notifier when its business refuses the failure report
+/// ([`MarksFailedUntold`]), and the retransmission loop tries the report
+/// again, refused again (due an hour later), just as the sweep reads the
+/// message to give up on it.
+#[cfg(feature = "testing")]
+struct RefusedAgain {
+    marks: MarksFailedUntold,
+    faults: Arc<seams::HostFaults>,
+}
+
+#[cfg(feature = "testing")]
+#[async_trait]
+impl ExpiryNotifier for RefusedAgain {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+        let told = self.marks.expired_undelivered(m).await;
+        let later = self.marks.clock.now().saturating_add(HOUR);
+        self.faults.after_next_message_read(Box::new(move |read| {
+            let d = read.delivery;
+            Some(Batch::from(Op::UpdateDelivery {
+                business: read.business,
+                id: read.id,
+                expected: d,
+                delivery: Delivery {
+                    attempts: d.attempts + 1,
+                    next_attempt: Some(later),
+                    ..d
+                },
+            }))
+        }));
+        told
+    }
+}
+
+/// A failure given up past the grace counts unreported once, though the
+/// retransmission loop rewrote the message between the sweep's read of it
+/// and its write dropping the report: the sweep reads it again. Before,
+/// the lost race left the report pending, and the deletion later in the
+/// same sweep counted the message a second time.
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_failure_given_up_is_counted_once_when_its_report_is_rewritten_meanwhile() {
+    let faults = Arc::new(seams::HostFaults::default());
+    let memory: Arc<dyn Storage> = Arc::new(MemoryStore::new());
+    let store = Arc::new(seams::FailingStore::paused(memory.clone(), faults.clone()));
+    let w = World::over(store, None, 64);
+    let b = business(1);
+    let m = w.store(b, 1, Direction::Outbound, true).await;
+    w.clock.advance(CEILING + REPORT_GRACE + HOUR);
+    let notifier = RefusedAgain {
+        marks: MarksFailedUntold {
+            store: memory,
+            clock: w.clock.clone(),
+        },
+        faults,
+    };
+    let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+    assert!(w.store.message(b, m.record.id).await.unwrap().is_none());
+    assert_eq!(report.failures_unreported, 1, "{report:?}");
+}
+
+#[cfg(feature = "testing")]
+#[path = "common/seams.rs"]
+mod seams;

@@ -9,6 +9,7 @@ use foldhash::fast::RandomState;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::claims::{Accepted, acceptance_token};
+use super::outbound::Started;
 use super::payload::{OutboundBody, StoredBody};
 use super::records::Stored;
 use super::{MAX_STATUS_RACES, Processor, ProcessorError};
@@ -461,7 +462,9 @@ impl Processor {
     /// session, fetches no bundle: the message goes over the new one. A
     /// receipt while an attempt on the message is under way is refused for
     /// now as [`ProcessorError::AttemptUnderWay`] (the attempt's record
-    /// would overwrite it): the network hands it in again. A bundle
+    /// would overwrite it), and so is one while a send or another receipt
+    /// is starting a session with the device (one bundle between them):
+    /// the network hands it in again. A bundle
     /// never replaces the identity key trusted for a device (see
     /// [`IdentityPolicy`](crate::signal::IdentityPolicy)): a reinstalled
     /// device's new key, or one the network swapped in, is refused, and
@@ -525,16 +528,18 @@ impl Processor {
             return Ok(StatusChange::Ignored);
         };
         // One start per device at a time: receipts for two messages of one
-        // lost session, or a send's own start, fetch one bundle between
-        // them. This receipt, refused for now, is handed in again, and then
-        // finds the session started.
-        let Some(_starting) = self.starting.begin(business, peer) else {
+        // lost session fetch one bundle between them (one refused for now
+        // is handed in again, and finds the session the other started),
+        // and none starts a session while a send is starting one. Let go
+        // once the session is written, before any copy is sent: a send to
+        // a device with no session takes it too.
+        let Some(starting) = self.starting.begin(business, peer) else {
             return Err(ProcessorError::AttemptUnderWay);
         };
         // Sent on the session a receipt replaced lately: due on the new one.
         if self.receipts.restarted_lately(business, peer, now) {
             return self
-                .start_on_receipt(record, &body, peer, None, now, noted)
+                .start_on_receipt(record, &body, peer, None, now, noted, starting)
                 .await;
         }
         let number = match self.gate.release(
@@ -559,7 +564,7 @@ impl Processor {
             Err(TransportError::Refused(_)) => return Ok(StatusChange::Ignored),
             Err(e) => return Err(e.into()),
         };
-        self.start_on_receipt(record, &body, peer, Some(&bundle), now, noted)
+        self.start_on_receipt(record, &body, peer, Some(&bundle), now, noted, starting)
             .await
     }
 
@@ -599,6 +604,7 @@ impl Processor {
     /// started lately), making the message due for it at once if it is
     /// open, in the same write, or sending it to the device once more if it
     /// is settled (see [`retry_receipt`](Self::retry_receipt)).
+    #[allow(clippy::too_many_arguments)]
     async fn start_on_receipt(
         &self,
         mut record: MessageRecord,
@@ -607,8 +613,10 @@ impl Processor {
         bundle: Option<&PreKeyBundle>,
         now: Timestamp,
         noted: Noted<'_>,
+        starting: Started<'_>,
     ) -> Result<StatusChange, ProcessorError> {
         let (business, id, device) = (record.business, record.id, peer.device);
+        let mut starting = Some(starting);
         for _ in 0..MAX_STATUS_RACES {
             let d = record.delivery;
             let mut batch = Batch::new();
@@ -660,6 +668,7 @@ impl Processor {
                     self.receipts.restart(business, peer, now);
                     debug!("a new session was started on a retry receipt");
                 }
+                drop(starting.take());
                 // Another device reported it: no retry is due to make for
                 // it, so the receipt is refused for now if the device
                 // cannot be sent it now (`noted` forgotten: the network

@@ -467,14 +467,20 @@ impl<'a> Sweep<'a> {
                 if !told && m.expiry > self.abandon_before() {
                     continue;
                 }
+                // Past the grace, its business is given up on, unless a hold
+                // keeps the message: its report then stays due, and counts
+                // unreported only if still pending when it is deleted.
                 if !told {
-                    tracing::warn!(
-                        business = %m.business,
-                        id = %m.id,
-                        "expired undelivered; its business could not be told within the grace"
-                    );
-                    self.report.failures_unreported += 1;
-                    self.drop_report(&m).await?;
+                    let held = self.held().await?;
+                    if !held.covers(m.business, m.phone) {
+                        tracing::warn!(
+                            business = %m.business,
+                            id = %m.id,
+                            "expired undelivered; its business could not be told within the grace"
+                        );
+                        self.report.failures_unreported += 1;
+                        self.drop_report(&m).await?;
+                    }
                 }
                 // Conditional: a message settled meanwhile stays settled.
                 batch.push(Op::FailExpired {
@@ -490,31 +496,38 @@ impl<'a> Sweep<'a> {
     }
 
     /// Give up telling `m`'s business how it ended (its failure counted
-    /// unreported): a report the notifier left pending when the business
-    /// refused it is dropped, so that neither the retransmission loop asks
-    /// again nor the deletion, in this sweep or a later one, counts it
-    /// again. A message changed meanwhile keeps what it has.
+    /// unreported, no hold keeping it): a report the notifier left pending
+    /// when the business refused it is dropped, so that neither the
+    /// retransmission loop asks again nor the deletion, in this sweep or a
+    /// later one, counts it again. A message the retransmission loop keeps
+    /// rewriting meanwhile may keep its report (and be counted again).
     async fn drop_report(&self, m: &MessageRecord) -> Result<(), SweepError> {
-        let Some(now) = self.storage.message(m.business, m.id).await? else {
-            return Ok(());
-        };
-        let d = now.delivery;
-        if d.status.is_open() || d.next_attempt.is_none() {
-            return Ok(());
+        // Conditional: a message the retransmission loop rewrote meanwhile
+        // (its report refused again) is read again, a few times.
+        for _ in 0..3 {
+            let Some(now) = self.storage.message(m.business, m.id).await? else {
+                return Ok(());
+            };
+            let d = now.delivery;
+            if d.status.is_open() || d.next_attempt.is_none() {
+                return Ok(());
+            }
+            let op = Op::UpdateDelivery {
+                business: m.business,
+                id: m.id,
+                expected: d,
+                delivery: Delivery {
+                    next_attempt: None,
+                    ..d
+                },
+            };
+            match self.storage.commit(op.into()).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        let op = Op::UpdateDelivery {
-            business: m.business,
-            id: m.id,
-            expected: d,
-            delivery: Delivery {
-                next_attempt: None,
-                ..d
-            },
-        };
-        match self.storage.commit(op.into()).await {
-            Ok(()) | Err(StoreError::Conflict) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(())
     }
 
     /// Whether `business`'s endpoint never answered a sweep.

@@ -224,7 +224,13 @@ pub(crate) struct HostFaults {
     missed_reads: Mutex<usize>,
     /// The region the store declares in place of its own, if any.
     region: Mutex<Option<Region>>,
+    /// What to write right after the next read of a message.
+    after_read: Mutex<Option<AfterRead>>,
 }
+
+/// Another writer's write, made right after a read of a message: what it
+/// makes of the message read (nothing, if `None`).
+pub(crate) type AfterRead = Box<dyn FnOnce(&MessageRecord) -> Option<Batch> + Send>;
 
 #[derive(Default)]
 struct FaultState {
@@ -270,6 +276,13 @@ impl HostFaults {
     /// when the read is made).
     pub(crate) fn miss_message_reads(&self, n: usize) {
         *self.missed_reads.lock().unwrap() = n;
+    }
+
+    /// Right after the next read of a message, commit what `write` makes
+    /// of it: another writer landing between a caller's read and its
+    /// conditional write.
+    pub(crate) fn after_next_message_read(&self, write: AfterRead) {
+        *self.after_read.lock().unwrap() = Some(write);
     }
 
     /// The store declares `region` from now on, as one whose rows were
@@ -488,6 +501,12 @@ impl Storage for FailingStore {
             .await;
         if self.faults.misses_message() {
             return read.map(|_| None);
+        }
+        if let Ok(Some(m)) = &read {
+            let write = self.faults.after_read.lock().unwrap().take();
+            if let Some(batch) = write.and_then(|write| write(m)) {
+                self.inner.commit(batch).await?;
+            }
         }
         read
     }
