@@ -23,7 +23,9 @@ use crate::time::Timestamp;
 /// epoch key is destroyed); only the row waits, so that a business endpoint
 /// down for a while still learns of every failure. Past the grace the sweep
 /// deletes it anyway, counts it in [`SweepReport::failures_unreported`] and
-/// logs it: retention's ceiling outranks the report.
+/// logs it: retention's ceiling outranks the report. A legal hold suspends
+/// the grace: what it keeps is still to be told, and is asked about at
+/// every sweep.
 pub const REPORT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// Told when a message expires before it was delivered, so it never fails
@@ -438,6 +440,8 @@ impl<'a> Sweep<'a> {
             if !self.step() {
                 return Ok(false);
             }
+            // A hold suspends the grace: what it keeps stays to be told.
+            let holds = self.storage.held_scopes().await?;
             let mut batch = Batch::new();
             for m in open {
                 // A business that could not be told once is not asked again
@@ -447,7 +451,8 @@ impl<'a> Sweep<'a> {
                 // same, their last chance (a refusal may have been of one
                 // message, whose attempt was under way, say), unless its
                 // endpoint never answered.
-                let last_chance = m.expiry <= self.abandon_before();
+                let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
+                let last_chance = m.expiry <= self.abandon_before() && !kept;
                 let ask = if last_chance {
                     !self.is_hung(m.business)
                 } else {
@@ -464,12 +469,12 @@ impl<'a> Sweep<'a> {
                 if !told {
                     self.unreachable.insert(m.business);
                 }
-                if !told && m.expiry > self.abandon_before() {
+                if !told && !last_chance {
                     continue;
                 }
-                // Past the grace, its business is given up on, unless a hold
-                // keeps the message: its report then stays due, and counts
-                // unreported only if still pending when it is deleted.
+                // Past the grace, its business is given up on (unless a hold
+                // placed since the holds were read keeps the message: its
+                // report then stays due).
                 if !told {
                     let held = self.held().await?;
                     if !held.covers(m.business, m.phone) {
