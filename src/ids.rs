@@ -381,7 +381,7 @@ pub(crate) mod tests {
     }
     impl<T> NoZeroize for ZeroizeProbe<T> {}
     impl<T: Zeroize> ZeroizeProbe<T> {
-        const IMPLEMENTS: bool = true;
+        pub(crate) const IMPLEMENTS: bool = true;
     }
 
     #[test]

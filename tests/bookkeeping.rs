@@ -1432,3 +1432,36 @@ async fn a_receipt_after_the_devices_session_went_gets_it_the_message() {
         "answers {answers:?}; device 1's copies of the message before {before}, after {after}"
     );
 }
+
+/// A retry receipt of device 64, answered on a delivered message, leaves
+/// the retry pending for device 63, which shares its bit (every device
+/// from 63 up does): device 63 still gets the message. An answer clears a
+/// device's retry only where the bit is the device's alone.
+#[tokio::test]
+async fn an_answered_receipt_of_a_high_device_leaves_the_shared_retry_pending() {
+    let d = Deployment::new(Faults::none());
+    let b = business(1);
+    d.racing.network.add_consumer(&number(1), 65).await;
+    d.processor.publish_keys(&d.owner, b).await.unwrap();
+    d.race(Race::HighDevices63FailsOnce);
+    let id = d.send(b, 1).await;
+    d.processor
+        .status_update(&d.transport, b, id, Status::Delivered)
+        .await
+        .unwrap();
+    let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    let shared = Delivery::device_bit(63);
+    assert_eq!(
+        (waiting.status, waiting.pending_devices),
+        (Status::Delivered, shared)
+    );
+    d.processor
+        .retry_receipt(&d.transport, b, id, 64)
+        .await
+        .unwrap();
+    let after = d.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!(after.pending_devices, shared, "{after:?}");
+    d.settle(2).await;
+    let received = d.racing.network.received(&number(1)).await;
+    assert!(received[&63].contains_key(&id), "{:?}", received.get(&63));
+}

@@ -651,6 +651,49 @@ async fn a_message_sealed_for_another_region_is_unreadable() {
     assert!(d.network.received(&consumer(2)).await.is_empty());
 }
 
+/// A consumer's peer record (its Signal session) sealed for another region
+/// than its store declares is not used: after a restart, nothing is sent
+/// under it. Before, the peer load checked only the record's kind, so a
+/// session sealed in one region was loaded and used from a store that
+/// declares another.
+#[tokio::test]
+async fn a_session_sealed_for_another_region_is_not_used() {
+    let mut d = deployment(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 1).await;
+    let first = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"first"))
+        .await
+        .unwrap();
+    d.settle(3).await;
+    assert_eq!(
+        d.processor
+            .message_status(&d.owner, d.b, first)
+            .await
+            .unwrap(),
+        (Status::Delivered, None)
+    );
+    // The session's record was sealed in the store's own region; the store
+    // now declares another, and the restarted processor loads it afresh.
+    d.faults.declare_region("eu".parse().unwrap());
+    d.restart();
+    let second = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"second"))
+        .await
+        .unwrap();
+    d.settle(3).await;
+    let status = d
+        .processor
+        .message_status(&d.owner, d.b, second)
+        .await
+        .unwrap();
+    assert!(
+        !matches!(status.0, Status::Sent | Status::Delivered),
+        "sent under a session sealed for another region: {status:?}"
+    );
+}
+
 /// Two outbound messages due, to two consumers, and one store or key
 /// provider call of the retransmission pass failing, at each call in turn:
 /// the failure strikes one message's work, and the pass goes on with the

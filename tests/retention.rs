@@ -2207,6 +2207,92 @@ async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
     }
 }
 
+/// A held message that expired undelivered, past the report grace, whose
+/// business cannot be told, is neither failed nor given up on: it stays
+/// open, and the next sweep tells its business, the hold still standing.
+/// Before, the failing stage read no hold: past the grace it failed the
+/// message (a failed message is never asked about again), so its
+/// business was not told while the hold stood.
+#[tokio::test]
+async fn a_held_message_past_the_grace_stays_to_be_told_at_the_next_sweep() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 64);
+        let b = business(1);
+        let m = w.store(b, 1, Direction::Outbound, true).await;
+        let hold = HoldScope::Consumer(b, m.record.phone);
+        w.retention
+            .place_hold("operator", hold, "case-1", w.now())
+            .await
+            .unwrap();
+        w.clock.advance(CEILING + REPORT_GRACE + HOUR);
+        let notices = Notices::default();
+        notices.refuse.store(true, Ordering::SeqCst);
+        let first = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(
+            (first.failed_expired, first.failures_unreported),
+            (0, 0),
+            "{backend:?}: held, neither failed nor given up: {first:?}"
+        );
+        let kept = w.store.message(b, m.record.id).await.unwrap().unwrap();
+        assert!(
+            kept.delivery.status.is_open(),
+            "{backend:?}: held, still open: {:?}",
+            kept.delivery
+        );
+        notices.refuse.store(false, Ordering::SeqCst);
+        let second = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(
+            *notices.told.lock().unwrap(),
+            [m.record.id],
+            "{backend:?}: told at the next sweep: {second:?}"
+        );
+        assert_eq!(second.failed_expired, 1, "{backend:?}: {second:?}");
+    }
+}
+
+/// [`HoldsMidSweep`], whose business is not told.
+struct HoldsAndRefuses<'a>(HoldsMidSweep<'a>);
+
+#[async_trait]
+impl ExpiryNotifier for HoldsAndRefuses<'_> {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+        self.0.expired_undelivered(m).await;
+        false
+    }
+}
+
+/// A hold placed while the sweep asks a business of a message past the
+/// grace, which it is not told, keeps the message from being given up on:
+/// not counted unreported, and kept. Before, a message past the grace
+/// whose business was not told was counted unreported whatever hold
+/// stood; a check of the holds read before the business was asked alone
+/// would miss this one.
+#[tokio::test]
+async fn a_hold_placed_while_its_business_is_asked_keeps_a_failure_from_being_given_up() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 64);
+        let b = business(1);
+        let m = w.store(b, 1, Direction::Outbound, true).await;
+        w.clock.advance(CEILING + REPORT_GRACE + HOUR);
+        let notifier = HoldsAndRefuses(HoldsMidSweep {
+            retention: &w.retention,
+            scope: HoldScope::Consumer(b, m.record.phone),
+            now: w.now(),
+            placed: AtomicBool::new(false),
+        });
+        let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert!(notifier.0.placed.load(Ordering::SeqCst), "{backend:?}");
+        assert_eq!(
+            report.failures_unreported, 0,
+            "{backend:?}: held by then, not given up: {report:?}"
+        );
+        assert!(
+            w.store.message(b, m.record.id).await.unwrap().is_some(),
+            "{backend:?}: held"
+        );
+    }
+}
+
 /// The processor's notifier when its business refuses the failure report
 /// ([`MarksFailedUntold`]), and the retransmission loop tries the report
 /// again, refused again (due an hour later), just as the sweep reads the

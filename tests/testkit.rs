@@ -1869,6 +1869,50 @@ async fn a_resend_before_the_retry_receipt_arrives_counts() {
     assert_eq!(d.network.resent_after_delivery().await, 2);
 }
 
+/// A retry receipt the processor refuses for good asked for nothing: a
+/// send made after it is a resend, counted in `resent_after_delivery`.
+/// Here the message was delivered, then deleted by the sweep; a corrupted
+/// copy (a resend, counted) makes the device ask, the processor refuses
+/// the receipt (no such message), and the next copy counts too. Before,
+/// the device stayed marked as having asked, so every later send of the
+/// message to it went uncounted.
+#[tokio::test]
+async fn a_resend_after_a_refused_retry_receipt_counts() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(1, "hello").await;
+    d.run(Duration::from_secs(3600), true).await;
+    assert_eq!(d.status(id).await, Status::Delivered);
+    d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+    d.processor.sweep(&d.operator).await.unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 0);
+
+    let corrupt = Outgoing {
+        id,
+        ..garbage_message()
+    };
+    d.network
+        .send(business(), &number(1), 0, &corrupt)
+        .await
+        .unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 1);
+    let mut refused = 0;
+    for _ in 0..3 {
+        d.clock.advance(Duration::from_secs(1));
+        refused += d.network.pump(&d.processor, &d.transport).await.refused;
+    }
+    assert_eq!(refused, 1, "the retry receipt, for no message stored");
+    let again = Outgoing {
+        id,
+        ..garbage_message()
+    };
+    d.network
+        .send(business(), &number(1), 0, &again)
+        .await
+        .unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 2);
+}
+
 /// A device's copy of a message beyond its first that carries other
 /// content than the first is counted in `altered_copies`; one like the
 /// first is not. A Signal peer speaking as the business sends one id
