@@ -212,7 +212,8 @@ impl Vault {
         }
         let now = self.clock.now();
         let epoch = self.epoch_to_seal(label.expiry, now)?;
-        let seal = |key: &EpochKey| envelope::seal(key, label, plaintext, now);
+        // `epoch_to_seal` checked the expiry.
+        let seal = |key: &EpochKey| envelope::seal_admitted(key, label, plaintext);
         match self.keys.with_cached_epoch_key(label.business, epoch, seal) {
             Some(sealed) => sealed,
             // Once per epoch: boxed so the common path's future stays small.

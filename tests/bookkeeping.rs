@@ -388,6 +388,17 @@ fn start(
 }
 
 impl Deployment {
+    /// A deployment whose consumer 1 has 65 devices (those from 63 up share
+    /// one pending bit), its business's keys published, `race` on.
+    async fn with_65_devices(race: Race) -> (Self, BusinessId) {
+        let d = Self::new(Faults::none());
+        let b = business(1);
+        d.racing.network.add_consumer(&number(1), 65).await;
+        d.processor.publish_keys(&d.owner, b).await.unwrap();
+        d.race(race);
+        (d, b)
+    }
+
     /// A deployment with no faults, business 1's keys published, and
     /// consumer 1 with `devices` devices; and business 1.
     async fn ready(devices: u32) -> (Self, BusinessId) {
@@ -667,11 +678,7 @@ async fn an_early_shred_never_fails_a_message_reported_delivered() {
 /// payload's id lets it recognise).
 #[tokio::test]
 async fn a_device_sharing_the_last_pending_bit_is_not_left_without_the_message() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 65).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
-    d.race(Race::HighDevices63FailsOnce);
+    let (d, b) = Deployment::with_65_devices(Race::HighDevices63FailsOnce).await;
     let id = d.send(b, 1).await;
     let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
     assert_eq!(waiting.pending_devices, Delivery::device_bit(63));
@@ -1284,11 +1291,7 @@ async fn a_retry_receipt_during_the_attempt_is_acted_on_after_it() {
 /// it again after the delivery report.
 #[tokio::test]
 async fn a_retry_receipt_of_a_high_device_gets_that_device_alone_the_message() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 65).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
-    d.race(Race::HighDevices);
+    let (d, b) = Deployment::with_65_devices(Race::HighDevices).await;
     let id = d.send(b, 1).await;
     let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
     assert_eq!((sent.status, sent.pending_devices), (Status::Sent, 0));
@@ -1439,11 +1442,7 @@ async fn a_receipt_after_the_devices_session_went_gets_it_the_message() {
 /// device's retry only where the bit is the device's alone.
 #[tokio::test]
 async fn an_answered_receipt_of_a_high_device_leaves_the_shared_retry_pending() {
-    let d = Deployment::new(Faults::none());
-    let b = business(1);
-    d.racing.network.add_consumer(&number(1), 65).await;
-    d.processor.publish_keys(&d.owner, b).await.unwrap();
-    d.race(Race::HighDevices63FailsOnce);
+    let (d, b) = Deployment::with_65_devices(Race::HighDevices63FailsOnce).await;
     let id = d.send(b, 1).await;
     d.processor
         .status_update(&d.transport, b, id, Status::Delivered)

@@ -708,12 +708,7 @@ fn a_failure_on_one_due_message_holds_up_none_behind_it() {
         let d = deployment(down, Faults::none()).await;
         let mut ids = Vec::new();
         for to in [2, 3] {
-            d.network.add_consumer(&consumer(to), 1).await;
-            let out = Outbound {
-                to: consumer(to),
-                ..d.outbound(b"out")
-            };
-            ids.push(d.processor.send(&d.owner, d.b, out).await.unwrap());
+            ids.push(d.send_out_to(to).await);
         }
         d.clock.advance(Duration::from_secs(120));
         d.faults.fail_at(at.n, at.seams, at.strike);
@@ -1497,12 +1492,7 @@ fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
         let d = deployment(down, Faults::none()).await;
         let mut sent = Vec::new();
         for i in [2, 3] {
-            d.network.add_consumer(&consumer(i), 1).await;
-            let message = Outbound {
-                to: consumer(i),
-                ..d.outbound(b"out")
-            };
-            sent.push(d.processor.send(&d.owner, d.b, message).await.unwrap());
+            sent.push(d.send_out_to(i).await);
         }
         // An hour past its retention: well within the grace for its report.
         d.clock.advance(Duration::from_secs(30 * 24 * 3600 + 3600));
@@ -1558,12 +1548,7 @@ fn a_delivery_whose_status_write_fails_is_counted_once() {
             let d = deployment(Faults::none(), Faults::none()).await;
             let mut sent = Vec::new();
             for i in [2, 3] {
-                d.network.add_consumer(&consumer(i), 1).await;
-                let message = Outbound {
-                    to: consumer(i),
-                    ..d.outbound(b"out")
-                };
-                sent.push(d.processor.send(&d.owner, d.b, message).await.unwrap());
+                sent.push(d.send_out_to(i).await);
             }
             // The first report goes through; its store calls say which one
             // writes the status.

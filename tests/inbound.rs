@@ -41,6 +41,37 @@ struct World {
 }
 
 impl World {
+    /// The operator puts in force a policy that withholds message content
+    /// from businesses (revision 1).
+    fn withhold_content(&self) {
+        use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
+        let tightened = VisibilityPolicy::default()
+            .to_builder(1)
+            .unwrap()
+            .deny(
+                Party::Business,
+                DataClass::MessageContent,
+                Purpose::Delivery,
+            )
+            .build();
+        self.processor
+            .set_visibility_policy(&self.operator, tightened)
+            .unwrap();
+    }
+
+    /// The operator puts the published table back in force (revision 2),
+    /// and the retransmission loop runs for half an hour.
+    async fn release_content_and_retry(&self) {
+        let published = custodian::visibility::VisibilityPolicy::default();
+        self.processor
+            .set_visibility_policy(&self.operator, published.to_builder(2).unwrap().build())
+            .unwrap();
+        for _ in 0..30 {
+            self.clock.advance(std::time::Duration::from_secs(60));
+            self.processor.retransmit_due(&self.operator).await.unwrap();
+        }
+    }
+
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
@@ -294,38 +325,19 @@ async fn a_message_too_far_ahead_of_its_chain_is_refused_as_such() {
 /// consumer, whose session moved on, does not send it again.)
 #[tokio::test]
 async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows() {
-    use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
     let w = World::new().await;
     let from = consumer(1);
     let mut device = w.device(0).await;
     let first = device.encrypt(w.b, b"first").await.unwrap();
     assert!(w.receive(&from, &first).await.unwrap().delivered);
 
-    let published = VisibilityPolicy::default();
-    let tightened = published
-        .to_builder(1)
-        .unwrap()
-        .deny(
-            Party::Business,
-            DataClass::MessageContent,
-            Purpose::Delivery,
-        )
-        .build();
-    w.processor
-        .set_visibility_policy(&w.operator, tightened)
-        .unwrap();
+    w.withhold_content();
     let second = device.encrypt(w.b, b"second").await.unwrap();
     let receipt = w.receive(&from, &second).await.unwrap();
     assert!(!receipt.delivered && !receipt.duplicate, "{receipt:?}");
 
     // The operator puts the published table back in force.
-    w.processor
-        .set_visibility_policy(&w.operator, published.to_builder(2).unwrap().build())
-        .unwrap();
-    for _ in 0..30 {
-        w.clock.advance(std::time::Duration::from_secs(60));
-        w.processor.retransmit_due(&w.operator).await.unwrap();
-    }
+    w.release_content_and_retry().await;
     let status = w
         .processor
         .message_status(&w.carrier, w.b, receipt.id)
@@ -345,36 +357,17 @@ async fn a_message_withheld_by_a_visibility_policy_is_handed_over_once_it_allows
 /// false`, which its docs read as queued for retry.
 #[tokio::test]
 async fn a_redeliverys_receipt_says_whether_the_business_has_the_message() {
-    use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
     let w = World::new().await;
     let from = consumer(1);
     let mut device = w.device(0).await;
-    let published = VisibilityPolicy::default();
-    let tightened = published
-        .to_builder(1)
-        .unwrap()
-        .deny(
-            Party::Business,
-            DataClass::MessageContent,
-            Purpose::Delivery,
-        )
-        .build();
-    w.processor
-        .set_visibility_policy(&w.operator, tightened)
-        .unwrap();
+    w.withhold_content();
     let hello = device.encrypt(w.b, b"hello").await.unwrap();
     let first = w.receive(&from, &hello).await.unwrap();
     assert!(!first.delivered && !first.duplicate, "{first:?}");
     let again = w.receive(&from, &hello).await.unwrap();
     assert!(again.duplicate && !again.delivered, "queued: {again:?}");
 
-    w.processor
-        .set_visibility_policy(&w.operator, published.to_builder(2).unwrap().build())
-        .unwrap();
-    for _ in 0..30 {
-        w.clock.advance(std::time::Duration::from_secs(60));
-        w.processor.retransmit_due(&w.operator).await.unwrap();
-    }
+    w.release_content_and_retry().await;
     assert_eq!(w.texts(), ["hello"]);
     let again = w.receive(&from, &hello).await.unwrap();
     assert!(again.duplicate && again.delivered, "handed over: {again:?}");

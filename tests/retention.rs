@@ -499,6 +499,24 @@ impl World {
         }
     }
 
+    /// An operator places a legal hold on `scope` for `case`, now.
+    async fn hold(&self, scope: HoldScope, case: &str) {
+        let now = self.now();
+        self.retention
+            .place_hold("operator", scope, case, now)
+            .await
+            .unwrap();
+    }
+
+    /// The operator releases it.
+    async fn release(&self, scope: HoldScope, case: &str) {
+        let now = self.now();
+        self.retention
+            .release_hold("operator", scope, case, now)
+            .await
+            .unwrap();
+    }
+
     fn now(&self) -> Timestamp {
         self.clock.now()
     }
@@ -1003,14 +1021,8 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
         let other_consumer = w.store(a, 2, Direction::Inbound, false).await;
         let whole_business = w.store(b, 1, Direction::Inbound, false).await;
         let consumer_hold = HoldScope::Consumer(a, held_consumer.record.phone);
-        w.retention
-            .place_hold("operator", consumer_hold, "case-17", w.now())
-            .await
-            .unwrap();
-        w.retention
-            .place_hold("operator", HoldScope::Business(b), "case-18", w.now())
-            .await
-            .unwrap();
+        w.hold(consumer_hold, "case-17").await;
+        w.hold(HoldScope::Business(b), "case-18").await;
         w.clock.advance(CEILING + 2 * HOUR);
         let report = w
             .retention
@@ -1065,10 +1077,7 @@ async fn legal_holds_suspend_deletion_and_shredding_and_are_audited() {
                 .await
                 .unwrap()
         );
-        w.retention
-            .place_hold("operator", consumer_hold, "case-19", w.now())
-            .await
-            .unwrap();
+        w.hold(consumer_hold, "case-19").await;
         assert!(
             w.retention
                 .release_hold("operator", consumer_hold, "case-17", w.now())
@@ -1401,10 +1410,7 @@ async fn an_early_shred_honours_legal_holds_and_is_audited() {
         )
         .await
         .unwrap();
-    w.retention
-        .place_hold("operator", HoldScope::Business(other), "case-8", w.now())
-        .await
-        .unwrap();
+    w.hold(HoldScope::Business(other), "case-8").await;
     assert!(
         w.retention
             .shred_epoch("operator", b, epoch, "request-1", w.now())
@@ -2177,10 +2183,7 @@ async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
             clock: w.clock.clone(),
         };
         let hold = HoldScope::Consumer(b, m.record.phone);
-        w.retention
-            .place_hold("operator", hold, "case-1", w.now())
-            .await
-            .unwrap();
+        w.hold(hold, "case-1").await;
         w.clock.advance(CEILING + REPORT_GRACE + HOUR);
         let first = w.retention.sweep(w.now(), &notifier).await.unwrap();
         assert_eq!(
@@ -2193,10 +2196,7 @@ async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
             "{backend:?}: held, its report still due: {:?}",
             kept.delivery
         );
-        w.retention
-            .release_hold("operator", hold, "case-1", w.now())
-            .await
-            .unwrap();
+        w.release(hold, "case-1").await;
         let second = w.retention.sweep(w.now(), &notifier).await.unwrap();
         assert!(w.store.message(b, m.record.id).await.unwrap().is_none());
         assert_eq!(
@@ -2220,10 +2220,7 @@ async fn a_held_message_past_the_grace_stays_to_be_told_at_the_next_sweep() {
         let b = business(1);
         let m = w.store(b, 1, Direction::Outbound, true).await;
         let hold = HoldScope::Consumer(b, m.record.phone);
-        w.retention
-            .place_hold("operator", hold, "case-1", w.now())
-            .await
-            .unwrap();
+        w.hold(hold, "case-1").await;
         w.clock.advance(CEILING + REPORT_GRACE + HOUR);
         let notices = Notices::default();
         notices.refuse.store(true, Ordering::SeqCst);

@@ -633,6 +633,16 @@ fn direct(network: Arc<SimNetwork>) -> Arc<dyn Transport> {
 }
 
 impl Deployment {
+    /// Send device 0 of consumer 1 a copy of message `id` it cannot
+    /// decrypt (corrupted on the way), as the processor's transport would.
+    async fn garbled_copy(&self, id: MessageId) -> Result<(), TransportError> {
+        let copy = Outgoing {
+            id,
+            ..garbage_message()
+        };
+        self.network.send(business(), &number(1), 0, &copy).await
+    }
+
     /// A deployment whose business has published its keys.
     async fn new(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
         let d = Self::unpublished(network_faults, sink_faults, seed).await;
@@ -1687,11 +1697,7 @@ async fn a_send_after_the_report_counts_though_the_network_refuses_it() {
 
     // The message is sent to the device again, in the outage.
     d.clock.set(outage.saturating_add(Duration::from_secs(60)));
-    let again = Outgoing {
-        id,
-        ..garbage_message()
-    };
-    let refused = d.network.send(business(), &number(1), 0, &again).await;
+    let refused = d.garbled_copy(id).await;
     assert!(refused.is_err(), "refused in the outage");
     assert_eq!(d.network.resent_after_delivery().await, 1);
 }
@@ -1798,14 +1804,7 @@ async fn a_copy_a_device_asked_for_after_the_report_is_not_a_resend() {
     let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
     d.network.add_consumer(&number(1), 1).await;
     let id = d.send(1, "hello").await;
-    let corrupt = Outgoing {
-        id,
-        ..garbage_message()
-    };
-    d.network
-        .send(business(), &number(1), 0, &corrupt)
-        .await
-        .unwrap();
+    d.garbled_copy(id).await.unwrap();
     let pumped = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!((pumped.receipts, pumped.retry_receipts), (1, 1));
     assert_eq!(d.status(id).await, Status::Delivered);
@@ -1843,14 +1842,7 @@ async fn a_resend_before_the_retry_receipt_arrives_counts() {
     assert_eq!(d.status(id).await, Status::Delivered);
     assert_eq!(d.network.resent_after_delivery().await, 0);
 
-    let corrupt = Outgoing {
-        id,
-        ..garbage_message()
-    };
-    d.network
-        .send(business(), &number(1), 0, &corrupt)
-        .await
-        .unwrap();
+    d.garbled_copy(id).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 1);
     // The corrupted copy arrives (at most 600 s late); the receipt it
     // prompts is at least a millisecond late, so it is still on its way.
@@ -1858,14 +1850,7 @@ async fn a_resend_before_the_retry_receipt_arrives_counts() {
     let pumped = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(pumped.retry_receipts, 0, "the receipt is on its way");
     assert_eq!(d.network.in_flight().await, 1, "the receipt");
-    let again = Outgoing {
-        id,
-        ..garbage_message()
-    };
-    d.network
-        .send(business(), &number(1), 0, &again)
-        .await
-        .unwrap();
+    d.garbled_copy(id).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 2);
 }
 
@@ -1887,14 +1872,7 @@ async fn a_resend_after_a_refused_retry_receipt_counts() {
     d.processor.sweep(&d.operator).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 0);
 
-    let corrupt = Outgoing {
-        id,
-        ..garbage_message()
-    };
-    d.network
-        .send(business(), &number(1), 0, &corrupt)
-        .await
-        .unwrap();
+    d.garbled_copy(id).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 1);
     let mut refused = 0;
     for _ in 0..3 {
@@ -1902,14 +1880,7 @@ async fn a_resend_after_a_refused_retry_receipt_counts() {
         refused += d.network.pump(&d.processor, &d.transport).await.refused;
     }
     assert_eq!(refused, 1, "the retry receipt, for no message stored");
-    let again = Outgoing {
-        id,
-        ..garbage_message()
-    };
-    d.network
-        .send(business(), &number(1), 0, &again)
-        .await
-        .unwrap();
+    d.garbled_copy(id).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 2);
 }
 

@@ -383,7 +383,7 @@ impl KeyManager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use hkdf::Hkdf;
     use sha2::{Digest, Sha256};
 
@@ -403,7 +403,7 @@ mod tests {
     }
 
     /// Decimal-list and hex spellings of every 4-byte window of `secret`.
-    fn spellings(secret: &[u8]) -> Vec<String> {
+    pub(crate) fn spellings(secret: &[u8]) -> Vec<String> {
         let list = |w: &[u8], f: fn(&u8) -> String| w.iter().map(f).collect::<Vec<_>>().join(", ");
         secret
             .windows(4)

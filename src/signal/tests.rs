@@ -7,6 +7,7 @@ use wacore_libsignal::protocol::PreKeyRecord;
 
 use super::*;
 use crate::ids::PhoneNumber;
+use crate::keys::tests::spellings;
 use crate::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use crate::store::MemoryStore;
 use crate::testing::ConsumerDevice;
@@ -76,22 +77,6 @@ async fn no_private_key_or_session_secret_is_stored_in_clear() {
             "a phone number is stored in clear"
         );
     }
-}
-
-/// Decimal-list and hex spellings of every 4-byte window of `secret`.
-fn spellings(secret: &[u8]) -> Vec<String> {
-    let list = |w: &[u8], f: fn(&u8) -> String| w.iter().map(f).collect::<Vec<_>>().join(", ");
-    secret
-        .windows(4)
-        .flat_map(|w| {
-            [
-                list(w, |b| b.to_string()),
-                list(w, |b| format!("{b:x}")),
-                hex::encode(w),
-                hex::encode_upper(w),
-            ]
-        })
-        .collect()
 }
 
 /// The holders of a business's Signal keys and of a device's session (the

@@ -802,6 +802,19 @@ impl Deployment {
         }
     }
 
+    /// Add consumer `i` with one device, and send it "out"; its id.
+    pub(crate) async fn send_out_to(&self, i: u32) -> MessageId {
+        self.network.add_consumer(&consumer(i), 1).await;
+        let message = Outbound {
+            to: consumer(i),
+            ..self.outbound(b"out")
+        };
+        self.processor
+            .send(&self.owner, self.b, message)
+            .await
+            .unwrap()
+    }
+
     /// Assert that `id` is the one message stored, that each of the first
     /// `devices` devices of the consumer [`outbound`](Self::outbound) sends
     /// to has it once and nothing else, and that it is delivered and
