@@ -1409,9 +1409,12 @@ async fn a_receipt_after_the_devices_session_went_gets_it_the_message() {
             .unwrap(),
         custodian::processor::StatusChange::Applied
     );
-    // The business approves device 1's identity: its session goes.
+    // The consumer reinstalls, and the business approves device 1's new
+    // identity: its session goes.
+    d.racing.network.add_consumer(&number(1), 2).await;
+    let key = d.racing.network.identity(&number(1), 1).await.unwrap();
     d.processor
-        .trust_new_identity(&d.owner, b, &number(1), 1)
+        .trust_new_identity(&d.owner, b, &number(1), 1, key)
         .await
         .unwrap();
     d.racing.network.pump(&d.processor, &d.transport).await;

@@ -547,18 +547,20 @@ fn trust_new_identity_is_cancellation_safe() {
         let inbound = d.inbound(&mut handset, b"hello").await;
         d.receive(inbound).await.unwrap();
         let from = consumer(1);
+        // The consumer reinstalled, and confirmed the new key.
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        let mut reinstalled = d.handset().await;
+        let key = reinstalled.identity();
         let trust = d
             .processor
-            .trust_new_identity(&d.owner, d.b, &from, handset.device_id());
+            .trust_new_identity(&d.owner, d.b, &from, handset.device_id(), key);
         let done = poll_at_most(trust, n).await.is_some();
         d.processor
-            .trust_new_identity(&d.owner, d.b, &from, handset.device_id())
+            .trust_new_identity(&d.owner, d.b, &from, handset.device_id(), key)
             .await
             .unwrap();
-        // Forgotten: a new session (from fresh keys) starts from scratch.
-        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
-        let mut handset = d.handset().await;
-        let inbound = d.inbound(&mut handset, b"again").await;
+        // The new key is trusted: its session starts.
+        let inbound = d.inbound(&mut reinstalled, b"again").await;
         assert!(d.receive(inbound).await.unwrap().delivered, "cut {n}");
         done
     }));
@@ -828,21 +830,22 @@ fn a_dropped_encrypt_never_makes_a_send_reuse_a_counter() {
 }
 
 #[test]
-fn a_dropped_device_reset_never_leaves_the_deleted_session_in_memory() {
+fn a_dropped_approval_never_leaves_the_replaced_session_in_memory() {
     runtime().block_on(every_cut(|n| async move {
         let s = Signal::new(3).await;
         let (b, peer) = (s.b, s.peer);
-        let done = poll_at_most(s.sessions.reset_device(b, peer), n)
+        let before = s.store.peer(b, peer).await.unwrap();
+        let key = ConsumerDevice::new(1).identity();
+        let done = poll_at_most(s.sessions.trust_identity(b, peer, key, s.expiry()), n)
             .await
             .is_some();
-        let deleted = s.store.peer(b, peer).await.unwrap().is_none();
+        let replaced = s.store.peer(b, peer).await.unwrap() != before;
         let sent = s.encrypt(b"after").await;
         assert_eq!(
-            deleted,
+            replaced,
             matches!(sent, Err(SignalError::NoSession)),
-            "cut {n}: deleted {deleted}, the send gave {sent:?}"
+            "cut {n}: replaced {replaced}, the send gave {sent:?}"
         );
-        assert_eq!(s.store.peer(b, peer).await.unwrap().is_none(), deleted);
         done
     }));
 }

@@ -827,28 +827,31 @@ fn trust_new_identity_survives_every_host_failure() {
         d.receive(inbound).await.unwrap();
         let from = consumer(1);
         let device = handset.device_id();
+        // The consumer reinstalled, and confirmed the new key.
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        let mut reinstalled = d.handset().await;
+        let key = reinstalled.identity();
         d.faults.fail_at(at.n, at.seams, at.strike);
         let trusted = d
             .processor
-            .trust_new_identity(&d.owner, d.b, &from, device)
+            .trust_new_identity(&d.owner, d.b, &from, device, key)
             .await;
         let failed = d.faults.lift();
         assert_outcome(&trusted, &failed, at);
-        // Refused: the session stands (and goes on), unless its deletion
-        // landed unanswered.
-        let kept = d.store.census().await.unwrap().peers == 1;
+        // Refused: the session stands (and goes on), unless its
+        // replacement landed unanswered.
         let next = d.inbound(&mut handset, b"next").await;
-        assert_eq!(d.receive(next).await.is_ok(), kept, "{at:?}: {failed:?}");
-        if trusted.is_err() {
+        let kept = d.receive(next).await.is_ok();
+        if trusted.is_ok() {
+            assert!(!kept, "{at:?}: the old session outlived the approval");
+        } else {
             assert!(kept || failed == [("commit", Strike::After)], "{at:?}");
         }
         d.processor
-            .trust_new_identity(&d.owner, d.b, &from, device)
+            .trust_new_identity(&d.owner, d.b, &from, device, key)
             .await
             .unwrap();
-        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
-        let mut handset = d.handset().await;
-        let inbound = d.inbound(&mut handset, b"again").await;
+        let inbound = d.inbound(&mut reinstalled, b"again").await;
         assert!(d.receive(inbound).await.unwrap().delivered, "{at:?}");
         failed.is_empty()
     }));
@@ -1105,26 +1108,31 @@ fn a_failed_encrypt_reuses_no_counter() {
 }
 
 #[test]
-fn a_failed_device_reset_or_forget_leaves_memory_as_the_store() {
+fn a_failed_approval_or_forget_leaves_memory_as_the_store() {
     runtime().block_on(every_failure(|at| async move {
         for forget in [false, true] {
             let s = Signal::new(3).await;
             let (b, peer) = (s.b, s.peer);
+            let before = s.store.peer(b, peer).await.unwrap();
+            let key = ConsumerDevice::new(1).identity();
             s.faults.fail_at(at.n, at.seams, at.strike);
             let done = if forget {
                 s.sessions.forget(b, peer.phone).await.map(drop)
             } else {
-                s.sessions.reset_device(b, peer).await.map(drop)
+                s.sessions
+                    .trust_identity(b, peer, key, s.expiry())
+                    .await
+                    .map(drop)
             };
             let failed = s.faults.lift();
             assert_outcome(&done, &failed, at);
-            let deleted = s.store.peer(b, peer).await.unwrap().is_none();
-            assert!(deleted || done.is_err(), "{at:?}");
+            let replaced = s.store.peer(b, peer).await.unwrap() != before;
+            assert!(replaced || done.is_err(), "{at:?}");
             let sent = s.encrypt(b"after").await;
             assert_eq!(
-                deleted,
+                replaced,
                 matches!(sent, Err(SignalError::NoSession)),
-                "{at:?}: deleted {deleted}, the send gave {sent:?}"
+                "{at:?}: replaced {replaced}, the send gave {sent:?}"
             );
             if !failed.is_empty() {
                 return false;

@@ -915,8 +915,8 @@ fn sweep_races_traffic_around_expiry() {
 fn key_and_identity_changes_race_traffic_on_the_address() {
     // Consumer 1's two handsets make first contact (each consuming a
     // one-time prekey) while the business refills and publishes its keys,
-    // and one of them is reset; consumer 2's device 0 is reset while the
-    // business sends to it.
+    // and approves one of them's key; consumer 2's device 0's key is
+    // approved while the business sends to it.
     for_seeds(SEEDS, |seed| async move {
         let w = World::new().await;
         let to = consumer(2);
@@ -931,13 +931,14 @@ fn key_and_identity_changes_race_traffic_on_the_address() {
         let mut two = w.handset(2, 1).await;
         let from_one = w.inbound(&mut one, b"from one").await;
         let from_two = w.inbound(&mut two, b"from two").await;
+        let (two_key, to_key) = (two.identity(), w.network.identity(&to, 0).await.unwrap());
         let receipts = Receipts::default();
         let sent = Sent::default();
         let (w, r, s, to) = (&w, &receipts, &sent, &to);
-        let reset = |number: PhoneNumber, device| {
+        let approve = |number: PhoneNumber, device, key| {
             task(async move {
                 w.processor
-                    .trust_new_identity(&w.owner, w.b, &number, device)
+                    .trust_new_identity(&w.owner, w.b, &number, device, key)
                     .await
                     .unwrap();
             })
@@ -948,15 +949,15 @@ fn key_and_identity_changes_race_traffic_on_the_address() {
                 w.processor.publish_keys(&w.owner, w.b).await.unwrap();
             }),
             task(receive_into(w, from_two, r)),
-            reset(consumer(2), 0),
+            approve(consumer(2), 0, to_key),
             task(send_into(w, b"one", s)),
             task(send_into(w, b"two", s)),
-            reset(consumer(1), 2),
+            approve(consumer(1), 2, two_key),
             task(pump(w, 3)),
         ];
         interleave(seed, tasks);
-        // Handset one was not reset: its message is handed over once,
-        // however many deliveries it took.
+        // Handset one's message is handed over once, however many
+        // deliveries it took.
         let again = w.receive(from_one).await;
         assert!(again.is_ok(), "seed {seed}: {again:?}");
         w.settle(4).await;

@@ -183,7 +183,7 @@ async fn with_the_library_target_off_no_kept_record_carries_a_key_or_a_consumer(
 
     let records = std::mem::take(&mut *CAPTURE.records.lock().unwrap());
     let hash = hex::encode(peer.phone.as_bytes());
-    let identity = hex::encode(&phone.identity_key()[1..]);
+    let identity = hex::encode(&phone.identity().to_bytes()[1..]);
     let mut library_secrets = 0;
     for (target, text) in &records {
         assert!(!text.contains(&hash), "{target}: {text}");

@@ -20,8 +20,8 @@ use custodian::processor::{
 };
 use custodian::retention::HoldError;
 use custodian::signal::{IdentityPolicy, PreKeyBundle, PublishedKeys, SignalConfig};
-use custodian::store::{FailureReason, HoldScope, MemoryStore, Status, Storage};
-use custodian::testing::{Faults, Leg, SimBusiness, SimNetwork};
+use custodian::store::{FailureReason, HoldScope, MemoryStore, PeerId, Status, Storage};
+use custodian::testing::{ConsumerDevice, Faults, Leg, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
@@ -1038,7 +1038,13 @@ async fn no_principal_reaches_another_tenant() {
     unauthorized(d.processor.billing_statement(&intruder, b).await.map(drop));
     unauthorized(
         d.processor
-            .trust_new_identity(&intruder, b, &number(1), 0)
+            .trust_new_identity(
+                &intruder,
+                b,
+                &number(1),
+                0,
+                ConsumerDevice::new(0).identity(),
+            )
             .await
             .map(drop),
     );
@@ -2158,7 +2164,13 @@ async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
     unauthorized(d.processor.publish_keys(&carrier, b).await);
     unauthorized(
         d.processor
-            .trust_new_identity(&carrier, b, &number(1), 0)
+            .trust_new_identity(
+                &carrier,
+                b,
+                &number(1),
+                0,
+                ConsumerDevice::new(0).identity(),
+            )
             .await
             .map(drop),
     );
@@ -2510,9 +2522,10 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
         (Status::Sent, None)
     ));
     // The consumer confirmed the new security code with the business.
+    let key = d.network.identity(&number(1), 0).await.unwrap();
     assert!(
         d.processor
-            .trust_new_identity(d.owner(b), b, &number(1), 0)
+            .trust_new_identity(d.owner(b), b, &number(1), 0, key)
             .await
             .unwrap()
     );
@@ -2525,7 +2538,7 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
 }
 
 /// While a legal hold covers a consumer, approving a changed identity key
-/// is refused and forgets nothing (its Signal record is kept for the case);
+/// is refused and changes nothing (its Signal record is kept for the case);
 /// once the hold is released, the approval goes through. (The record,
 /// session and trusted identity were deleted under the hold.)
 #[tokio::test]
@@ -2534,6 +2547,17 @@ async fn approving_a_new_identity_is_refused_while_a_hold_covers_the_consumer() 
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
     d.welcomed(b, &number(1)).await;
+    let phone = d
+        .processor
+        .keys(&d.operator)
+        .unwrap()
+        .phone_hash(b, &number(1))
+        .await
+        .unwrap();
+    let peer = PeerId { phone, device: 0 };
+    let record = d.store.peer(b, peer).await.unwrap();
+    assert!(record.is_some());
+    let key = ConsumerDevice::new(0).identity();
     let scope = HoldScope::Business(b);
     d.processor
         .place_hold(&d.operator, scope, "case-1")
@@ -2541,24 +2565,24 @@ async fn approving_a_new_identity_is_refused_while_a_hold_covers_the_consumer() 
         .unwrap();
     let refused = d
         .processor
-        .trust_new_identity(d.owner(b), b, &number(1), 0)
+        .trust_new_identity(d.owner(b), b, &number(1), 0, key)
         .await;
     assert!(
         matches!(refused, Err(ProcessorError::Hold(HoldError::ConsumerHeld))),
         "{refused:?}"
     );
-    assert_eq!(d.processor.census(&d.operator).await.unwrap().peers, 1);
+    assert_eq!(d.store.peer(b, peer).await.unwrap(), record);
     d.processor
         .release_hold(&d.operator, scope, "case-1")
         .await
         .unwrap();
     assert!(
         d.processor
-            .trust_new_identity(d.owner(b), b, &number(1), 0)
+            .trust_new_identity(d.owner(b), b, &number(1), 0, key)
             .await
             .unwrap()
     );
-    assert_eq!(d.processor.census(&d.operator).await.unwrap().peers, 0);
+    assert_ne!(d.store.peer(b, peer).await.unwrap(), record);
 }
 
 /// Early shreds and legal holds name the operator who made them in the

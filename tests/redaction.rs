@@ -20,7 +20,7 @@ use custodian::integrity::Category;
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
 use custodian::store::{HoldScope, MemoryStore, PeerId, Storage};
-use custodian::testing::{Faults, SimBusiness, SimNetwork};
+use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
 use custodian::visibility::MemoryAuditSink;
@@ -227,11 +227,23 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
         .unwrap();
     let _ = w
         .processor
-        .trust_new_identity(&w.owner, business(), &number(0), 0)
+        .trust_new_identity(
+            &w.owner,
+            business(),
+            &number(0),
+            0,
+            ConsumerDevice::new(0).identity(),
+        )
         .await;
     let _ = w
         .processor
-        .trust_new_identity(&w.owner, business(), &number(1), 1)
+        .trust_new_identity(
+            &w.owner,
+            business(),
+            &number(1),
+            1,
+            ConsumerDevice::new(1).identity(),
+        )
         .await;
     w.processor
         .release_hold(&w.operator, scope, "case-1")

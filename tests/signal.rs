@@ -18,8 +18,8 @@ use custodian::keys::{
     SecretKey, WrappedKey,
 };
 use custodian::signal::{
-    Ciphertext, IdentityPolicy, MessageKind, PublishedKeys, Sessions, SignalConfig, SignalError,
-    StorageFailure,
+    Ciphertext, DeviceIdentity, IdentityPolicy, MessageKind, PublishedKeys, Sessions, SignalConfig,
+    SignalError, StorageFailure,
 };
 use custodian::store::{Batch, KeyStore, MemoryStore, Op, PeerId, Storage, StoreError};
 use custodian::testing::ConsumerDevice;
@@ -486,7 +486,7 @@ async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     let mut bad_key = good;
     bad_key.identity_key[0] = 0x07;
     let mut swapped_identity = good;
-    swapped_identity.identity_key = ConsumerDevice::new(0).identity_key();
+    swapped_identity.identity_key = ConsumerDevice::new(0).identity().to_bytes();
     let other_device = ConsumerDevice::new(peer.device + 1).bundle(true);
     let mut own = w.published().await.bundle(Some(0));
     own.device_id = peer.device;
@@ -525,26 +525,24 @@ async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     assert!(w.sessions.has_session(w.business, peer).await.unwrap());
 }
 
-async fn reinstall(w: &World, number: &str) -> (PeerId, Ciphertext) {
+async fn reinstall(w: &World, number: &str) -> (PeerId, Ciphertext, DeviceIdentity) {
     let (_, peer) = w.contact(number, 0).await;
     let mut reinstalled = ConsumerDevice::new(0);
     reinstalled
         .start_session(w.business, &w.published().await.bundle(Some(1)))
         .await
         .unwrap();
-    (
-        peer,
-        reinstalled
-            .encrypt(w.business, b"new phone, who dis")
-            .await
-            .unwrap(),
-    )
+    let first = reinstalled
+        .encrypt(w.business, b"new phone, who dis")
+        .await
+        .unwrap();
+    (peer, first, reinstalled.identity())
 }
 
 #[tokio::test]
 async fn identity_change_is_accepted_and_reported_by_default() {
     let w = World::new();
-    let (peer, first) = reinstall(&w, "+447700900007").await;
+    let (peer, first, _) = reinstall(&w, "+447700900007").await;
     let decrypted = w
         .sessions
         .decrypt(w.business, peer, &first, w.expiry())
@@ -575,7 +573,8 @@ async fn a_bundle_never_replaces_a_trusted_identity() {
             .start_session(w.business, peer, &reinstalled.bundle(true), w.expiry())
             .await;
         assert!(
-            matches!(result, Err(SignalError::UntrustedIdentity)),
+            matches!(result, Err(SignalError::UntrustedIdentity { presented })
+                if presented == reinstalled.identity()),
             "{policy:?}: {result:?}"
         );
         assert_eq!(w.snapshot(peer).await, before, "{policy:?}");
@@ -596,14 +595,14 @@ async fn identity_change_is_refused_when_the_policy_says_so() {
         identity_policy: IdentityPolicy::Refuse,
         ..SignalConfig::default()
     });
-    let (peer, first) = reinstall(&w, "+447700900008").await;
+    let (peer, first, new_key) = reinstall(&w, "+447700900008").await;
     let before = w.snapshot(peer).await;
     let result = w
         .sessions
         .decrypt(w.business, peer, &first, w.expiry())
         .await;
     assert!(
-        matches!(result, Err(SignalError::UntrustedIdentity)),
+        matches!(result, Err(SignalError::UntrustedIdentity { presented }) if presented == new_key),
         "{result:?}"
     );
     assert_eq!(
@@ -613,7 +612,12 @@ async fn identity_change_is_refused_when_the_policy_says_so() {
     );
     // The host approves the change (the consumer confirmed the new
     // security code): the device starts over, and the message decrypts.
-    assert!(w.sessions.reset_device(w.business, peer).await.unwrap());
+    assert!(
+        w.sessions
+            .trust_identity(w.business, peer, new_key, w.expiry())
+            .await
+            .unwrap()
+    );
     let decrypted = w
         .sessions
         .decrypt(w.business, peer, &first, w.expiry())
@@ -621,6 +625,103 @@ async fn identity_change_is_refused_when_the_policy_says_so() {
         .unwrap();
     assert_eq!(*decrypted.plaintext, b"new phone, who dis");
     assert!(decrypted.first_contact && !decrypted.identity_changed);
+    // Approving the key trusted already changes nothing: the session stays.
+    assert!(
+        !w.sessions
+            .trust_identity(w.business, peer, new_key, w.expiry())
+            .await
+            .unwrap()
+    );
+    assert!(w.sessions.has_session(w.business, peer).await.unwrap());
+}
+
+/// An approval trusts the key the business confirmed, not whichever key
+/// comes next. Before, approving forgot the device's trusted key, so the
+/// next first-contact message or bundle, from anyone the network let in
+/// first, was trusted on first use, unreported.
+#[tokio::test]
+async fn an_approval_trusts_the_confirmed_key_and_no_other() {
+    let w = World::with_config(SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    });
+    let (peer, first, new_key) = reinstall(&w, "+447700900022").await;
+    assert!(
+        w.sessions
+            .trust_identity(w.business, peer, new_key, w.expiry())
+            .await
+            .unwrap()
+    );
+    // Someone else's first message, got in before the consumer's: refused,
+    // naming their key, and nothing changes.
+    let mut intruder = ConsumerDevice::new(0);
+    intruder
+        .start_session(w.business, &w.published().await.bundle(Some(2)))
+        .await
+        .unwrap();
+    let forged = intruder.encrypt(w.business, b"it's me").await.unwrap();
+    let before = w.snapshot(peer).await;
+    let result = w.decrypt(peer, &forged).await;
+    assert!(
+        matches!(result, Err(SignalError::UntrustedIdentity { presented }) if presented == intruder.identity()),
+        "{result:?}"
+    );
+    assert_eq!(w.snapshot(peer).await, before);
+    // Nor is a bundle with their key taken for a send.
+    let result = w
+        .sessions
+        .start_session(w.business, peer, &intruder.bundle(true), w.expiry())
+        .await;
+    assert!(
+        matches!(result, Err(SignalError::UntrustedIdentity { presented }) if presented == intruder.identity()),
+        "{result:?}"
+    );
+    assert_eq!(w.snapshot(peer).await, before);
+    // The confirmed key's own message is taken.
+    assert_eq!(
+        w.decrypt(peer, &first).await.unwrap(),
+        b"new phone, who dis"
+    );
+}
+
+/// An approved key survives a restart (it is stored, not held in memory),
+/// and a bundle with it starts a session for a send.
+#[tokio::test]
+async fn an_approved_key_is_stored_and_its_bundle_is_taken() {
+    let mut w = World::with_config(SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    });
+    let (mut old, peer) = w.contact("+447700900023", 0).await;
+    let mut new = ConsumerDevice::new(0);
+    let new_key = new.identity();
+    assert!(
+        w.sessions
+            .trust_identity(w.business, peer, new_key, w.expiry())
+            .await
+            .unwrap()
+    );
+    // The old installation's session is gone with its key.
+    assert!(!w.sessions.has_session(w.business, peer).await.unwrap());
+    let config = w.sessions.config().clone();
+    w.sessions = World::open(w.root, &w.store, &w.clock, config).1;
+    let result = w
+        .sessions
+        .start_session(w.business, peer, &old.bundle(true), w.expiry())
+        .await;
+    assert!(
+        matches!(result, Err(SignalError::UntrustedIdentity { .. })),
+        "{result:?}"
+    );
+    w.sessions
+        .start_session(w.business, peer, &new.bundle(true), w.expiry())
+        .await
+        .unwrap();
+    let out = w.encrypt(peer, b"welcome back").await;
+    assert_eq!(
+        new.decrypt(w.business, &out).await.unwrap(),
+        b"welcome back"
+    );
 }
 
 // Worker threads, so that the tasks really overlap: on one thread a task
@@ -1107,7 +1208,7 @@ mod fuzz {
         });
         let published = runtime.block_on(world.published());
         let identities = [
-            IdentityKey::decode(&phone.identity_key()).unwrap(),
+            IdentityKey::decode(&phone.identity().to_bytes()).unwrap(),
             IdentityKey::decode(&published.identity_key).unwrap(),
         ];
         let ratchet = SignalMessage::try_from(follow_up.bytes.as_slice()).unwrap();
@@ -1488,8 +1589,9 @@ async fn a_late_message_from_a_replaced_identity_is_refused_under_refuse() {
     w.sessions = World::open(w.root, &w.store, &w.clock, config).1;
     let before = w.snapshot(peer).await;
     let result = w.decrypt(peer, &late).await;
+    // It names the old installation's key, not the trusted one.
     assert!(
-        matches!(result, Err(SignalError::UntrustedIdentity)),
+        matches!(result, Err(SignalError::UntrustedIdentity { presented }) if presented != new.identity()),
         "{result:?}"
     );
     assert_eq!(w.snapshot(peer).await, before);

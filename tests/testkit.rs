@@ -1055,8 +1055,9 @@ async fn an_unacknowledged_message_has_one_redelivery_however_many_copies_go_unh
     assert_eq!(handed, stats.copies - before.copies);
 
     for i in 0..messages {
+        let key = d.network.identity(&number(i), 0).await.unwrap();
         d.processor
-            .trust_new_identity(&d.owner, business(), &number(i), 0)
+            .trust_new_identity(&d.owner, business(), &number(i), 0, key)
             .await
             .unwrap();
     }

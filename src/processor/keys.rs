@@ -5,6 +5,8 @@ use tracing::info;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, PhoneNumber};
 use crate::keys::KeyManager;
+use crate::signal::DeviceIdentity;
+use crate::store::Direction;
 use crate::store::PeerId;
 use crate::transport::Principal;
 
@@ -42,39 +44,47 @@ impl Processor {
         Ok(self.transport.publish_keys(business, &keys).await?)
     }
 
-    /// Approve a changed identity key of one of `consumer`'s devices (one
-    /// the identity policy refused, or one a bundle brought): the device's
-    /// session and trusted identity are forgotten, and the next key it
-    /// presents (its next first-contact message, or the bundle the
-    /// transport serves for the next send) is trusted on first use. Nothing
-    /// here checks that key: confirm the security code out of band first.
-    /// Refused as [`HoldError::ConsumerHeld`] while a legal hold covers
-    /// the consumer (its state is kept for the case). Returns whether the
-    /// device had state.
+    /// Approve a changed identity key of one of `consumer`'s devices: the
+    /// key a refusal named ([`SignalError::UntrustedIdentity`]), once the
+    /// consumer confirmed its security code out of band. The device's
+    /// session and any key trusted for it are replaced by `identity`: its
+    /// own first-contact message with that key, or a bundle the transport
+    /// serves with it, then starts a session, and any other key is still
+    /// refused (the network cannot get its own key in first). Refused as
+    /// [`HoldError::ConsumerHeld`] while a legal hold covers the consumer
+    /// (its state is kept for the case). Returns whether anything changed
+    /// (`false` if that key was trusted already, or the business never
+    /// knew the consumer, whose first key is trusted on first use).
     ///
     /// [`HoldError::ConsumerHeld`]: crate::retention::HoldError::ConsumerHeld
+    /// [`SignalError::UntrustedIdentity`]: crate::signal::SignalError::UntrustedIdentity
     pub async fn trust_new_identity(
         &self,
         principal: &Principal,
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        identity: DeviceIdentity,
     ) -> Result<bool, ProcessorError> {
         self.authorize(principal, business)?;
         let Some(phone) = self.keys.known_phone_hash(business, consumer).await? else {
             // No consumer of the business was ever indexed.
             return Ok(false);
         };
-        let reset = self
+        // As long as a message the device sends now would keep it.
+        let (expiry, _admitted) = self.admit(business, Direction::Inbound, self.clock.now())?;
+        let changed = self
             .retention
             .unless_held(
                 business,
                 phone,
                 self.sessions
-                    .reset_device(business, PeerId { phone, device }),
+                    .trust_identity(business, PeerId { phone, device }, identity, expiry),
             )
             .await??;
-        info!(%business, device, "a changed identity key was approved");
-        Ok(reset)
+        if changed {
+            info!(%business, device, "a changed identity key was approved");
+        }
+        Ok(changed)
     }
 }

@@ -937,7 +937,7 @@ impl Processor {
             }
             // Another key than the one trusted, never taken from a bundle:
             // the device waits for its own message, or the business's trust.
-            Err(SignalError::UntrustedIdentity) => Ok(false),
+            Err(SignalError::UntrustedIdentity { .. }) => Ok(false),
             Err(_) => Err(()),
         }
     }

@@ -472,7 +472,8 @@ impl Processor {
     /// bundle fetched costs the device a one-time prekey). Under
     /// `AcceptAndReport` that device gets its messages once it writes (its
     /// new key taken, and reported to the business); under `Refuse`, once
-    /// its business calls [`trust_new_identity`](Self::trust_new_identity).
+    /// its business approves that key
+    /// ([`trust_new_identity`](Self::trust_new_identity)).
     /// Until then it is sent each retransmission on its old session.
     /// Ignored too: a copy of a receipt acted on within the receipt timeout
     /// (a network duplicate: acting again would replace a working session,
@@ -648,7 +649,7 @@ impl Processor {
                     {
                         false
                     }
-                    Err(SignalError::UntrustedIdentity) => {
+                    Err(SignalError::UntrustedIdentity { .. }) => {
                         noted.keep_until(record.expiry);
                         warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
                         return Ok(StatusChange::Ignored);

@@ -381,7 +381,11 @@ impl Sessions {
                         "message from too far into the future",
                     ));
                 }
-                return Err(protocol_error(e, prekeys.take_failure()));
+                return Err(protocol_error(
+                    e,
+                    prekeys.take_failure(),
+                    identities.refused(),
+                ));
             }
         };
         let consumed = decrypted

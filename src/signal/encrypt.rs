@@ -50,7 +50,7 @@ impl Sessions {
             Ok(message) => message,
             Err(e) => {
                 Self::restore((state, taken), sessions, &identities);
-                return Err(protocol_error(e, None));
+                return Err(protocol_error(e, None, identities.refused()));
             }
         };
         state.session = sessions.into_record();
@@ -155,7 +155,7 @@ impl Sessions {
                 SignalProtocolError::SignatureValidationFailed => {
                     SignalError::BadBundle("signed prekey signature does not verify")
                 }
-                other => protocol_error(other, None),
+                other => protocol_error(other, None, identities.refused()),
             });
         }
         state.session = sessions.into_record();

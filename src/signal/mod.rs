@@ -53,13 +53,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wacore_libsignal::protocol::{
-    CiphertextMessage, GenericSignedPreKey, PreKeySignalMessage, PublicKey, SignalMessage,
-    SignalProtocolError,
+    CiphertextMessage, GenericSignedPreKey, IdentityKey, PreKeySignalMessage, PublicKey,
+    SignalMessage, SignalProtocolError,
 };
 
 use crate::envelope::{Kind, Label, RecordKey, SealError};
@@ -129,7 +129,12 @@ pub enum SignalError {
     /// it, or a bundle brings another key than the one trusted for the
     /// device (never taken from a bundle).
     #[error("the device's identity key changed and is not trusted")]
-    UntrustedIdentity,
+    UntrustedIdentity {
+        /// The key the device (or its bundle) presented: the one to
+        /// approve, once its security code is confirmed, through
+        /// [`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity).
+        presented: DeviceIdentity,
+    },
     /// No session with the device: start one from its prekey bundle.
     #[error("no session with this device")]
     NoSession,
@@ -188,11 +193,11 @@ impl From<SealError> for SignalError {
 /// swap in a key of its choosing unreported. Under
 /// [`AcceptAndReport`](Self::AcceptAndReport) the new key is taken from the
 /// device's own first-contact message, and reported; under
-/// [`Refuse`](Self::Refuse), only once the business calls
-/// [`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity),
-/// which forgets the trusted key: the next key the device presents, in its
-/// own message or in a bundle the network serves, is then trusted on first
-/// use, unreported (confirm the security code out of band first).
+/// [`Refuse`](Self::Refuse), only once the business approves that very key
+/// (the [`DeviceIdentity`] the refusal names) through
+/// [`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity):
+/// the device's own message or a bundle with that key is then taken, and any
+/// other key is still refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdentityPolicy {
     /// Refuse: the message fails with [`SignalError::UntrustedIdentity`] and
@@ -202,6 +207,60 @@ pub enum IdentityPolicy {
     /// [`Decrypted::identity_changed`] is set.
     #[default]
     AcceptAndReport,
+}
+
+/// A consumer device's public identity key, in the 33-byte encoding a
+/// bundle carries (type byte `05`): the key a refusal
+/// ([`SignalError::UntrustedIdentity`]) names, and the one a business
+/// approves through
+/// [`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity)
+/// once the consumer confirmed its security code. It identifies the
+/// device, so its `Debug` shows none of it.
+///
+/// ```
+/// use custodian::signal::DeviceIdentity;
+///
+/// let mut key = [0u8; 33];
+/// key[0] = 0x05;
+/// key[1] = 9;
+/// let identity = DeviceIdentity::from_bytes(&key).expect("a Curve25519 key");
+/// assert_eq!(identity.to_bytes(), key);
+/// assert_eq!(format!("{identity:?}"), "DeviceIdentity(..)");
+/// // Another type byte, or a key in another than its canonical encoding,
+/// // is no identity key.
+/// key[0] = 0x06;
+/// assert!(DeviceIdentity::from_bytes(&key).is_none());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceIdentity([u8; 33]);
+
+impl DeviceIdentity {
+    /// The key encoded as `bytes`; `None` unless a Curve25519 public key in
+    /// its canonical encoding (see [`Sessions::decrypt`]).
+    pub fn from_bytes(bytes: &[u8; 33]) -> Option<Self> {
+        let key = PublicKey::deserialize(bytes).ok()?;
+        canonical(&key).then_some(Self(*bytes))
+    }
+
+    /// The 33-byte encoding.
+    pub fn to_bytes(&self) -> [u8; 33] {
+        self.0
+    }
+
+    /// The library's key. Valid by construction.
+    fn key(&self) -> Option<IdentityKey> {
+        IdentityKey::decode(&self.0).ok()
+    }
+
+    pub(crate) fn of(key: &IdentityKey) -> Self {
+        Self(key.serialize())
+    }
+}
+
+impl fmt::Debug for DeviceIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceIdentity(..)")
+    }
 }
 
 /// How the Signal side behaves.
@@ -358,7 +417,7 @@ impl Parsed {
             MessageKind::FollowUp => SignalMessage::try_from(message.bytes.as_slice())
                 .map(CiphertextMessage::SignalMessage),
         }
-        .map_err(|e| protocol_error(e, None))?;
+        .map_err(|e| protocol_error(e, None, None))?;
         let inner = match &parsed {
             CiphertextMessage::PreKeySignalMessage(m) => {
                 if !canonical(m.base_key()) || !canonical(m.identity_key().public_key()) {
@@ -586,15 +645,24 @@ impl fmt::Debug for Sessions {
     }
 }
 
-/// Translate a library error; `failure` is a storage error an overlay saw.
-fn protocol_error(e: SignalProtocolError, failure: Option<SignalError>) -> SignalError {
+/// Translate a library error; `failure` is a storage error an overlay saw,
+/// `refused` the identity key the identity overlay refused.
+fn protocol_error(
+    e: SignalProtocolError,
+    failure: Option<SignalError>,
+    refused: Option<DeviceIdentity>,
+) -> SignalError {
     use SignalProtocolError as P;
     if let Some(failure) = failure {
         return failure;
     }
     match e {
         P::DuplicatedMessage(..) => SignalError::DuplicateMessage,
-        P::UntrustedIdentity(_) => SignalError::UntrustedIdentity,
+        // The library refuses an identity only when the overlay does.
+        P::UntrustedIdentity(_) => match refused {
+            Some(presented) => SignalError::UntrustedIdentity { presented },
+            None => SignalError::Storage(StorageFailure::Corrupt("Signal state")),
+        },
         P::SessionNotFound(_) | P::NoSenderKeyState(_) => SignalError::NoSession,
         P::BadMac(_) => SignalError::InvalidMessage("MAC verification failed"),
         P::InvalidPreKeyId => SignalError::InvalidMessage("unknown one-time prekey"),
@@ -877,6 +945,7 @@ impl Sessions {
                 peer: state.identity,
                 written: false,
                 replaced: false,
+                refused: Mutex::new(None),
             },
         )
     }
@@ -1043,26 +1112,54 @@ impl Sessions {
         self.cache.clear();
     }
 
-    /// Forget one device's session and trusted identity, so that its next
-    /// first-contact message is taken as a new contact: how a host approves
-    /// an identity change that [`IdentityPolicy::Refuse`] refused (the
-    /// consumer confirmed the new security code). Returns whether the
-    /// device had state.
-    pub async fn reset_device(
+    /// Trust `identity` for one device, in place of its session and any
+    /// key trusted for it: how a host approves an identity change that
+    /// [`IdentityPolicy::Refuse`] refused (the consumer confirmed the new
+    /// security code). The device's next first-contact message with that
+    /// key, or a bundle with it, starts a session; any other key is still
+    /// refused. The record lives at least until `expiry`. Returns whether
+    /// anything changed (`false` if the key was trusted already, when the
+    /// session is kept).
+    pub async fn trust_identity(
         &self,
         business: BusinessId,
         peer: PeerId,
+        identity: DeviceIdentity,
+        expiry: Timestamp,
     ) -> Result<bool, SignalError> {
+        let key = identity
+            .key()
+            .ok_or(SignalError::Storage(StorageFailure::Corrupt(
+                "identity key",
+            )))?;
         let _guard = self.address_locks.lock((business, peer)).await;
-        // Out of memory before the deletion, which may land even if this
-        // future is dropped while it waits for it.
-        let taken = self.cache.take_to_delete((business, peer), self.shreds());
-        let had = self.store.peer(business, peer).await?.is_some();
-        let mut batch = Batch::new();
-        batch.push(Op::DeletePeer { business, peer });
-        self.commit(batch).await?;
-        taken.deleted();
-        Ok(had)
+        let (mut state, taken) = self.load_peer(business, peer).await?;
+        if state
+            .identity
+            .is_some_and(|known| same_key(known.public_key(), key.public_key()))
+        {
+            taken.put(state);
+            return Ok(false);
+        }
+        // A fresh record: nothing of the session the old key set up is
+        // kept (nor its counters left unsure: the device starts over).
+        let approved = Peer {
+            identity: Some(key),
+            expiry: state.expiry,
+            sealed_expiry: state.sealed_expiry,
+            key: state.key.take(),
+            generation: state.generation,
+            ..Peer::empty(peer)
+        };
+        self.commit_peer(
+            business,
+            peer,
+            (Box::new(approved), taken),
+            expiry,
+            Batch::new(),
+        )
+        .await?;
+        Ok(true)
     }
 
     /// Delete every device's state for `phone` under `business` (sessions
@@ -1081,7 +1178,8 @@ impl Sessions {
             .address_locks
             .lock_all(peers.iter().map(|&peer| (business, peer)))
             .await;
-        // Out of memory before the deletion (see `reset_device`).
+        // Out of memory before the deletion, which may land even if this
+        // future is dropped while it waits for it.
         let shreds = self.shreds();
         let taken: Vec<Taken<'_>> = peers
             .iter()

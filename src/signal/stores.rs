@@ -19,7 +19,7 @@ use wacore_libsignal::protocol::{
 };
 
 use super::account::{Account, decode_one_time_prekey};
-use super::{IdentityPolicy, SignalError, same_key};
+use super::{DeviceIdentity, IdentityPolicy, SignalError, same_key};
 use crate::ids::BusinessId;
 use crate::keys::{KeyId, KeyKind, KeyManager};
 
@@ -109,6 +109,20 @@ pub(super) struct IdentityOverlay {
     /// reports no change when a message decrypted under an archived session
     /// brings back that session's older identity; this does.
     pub(super) replaced: bool,
+    /// The key the policy (or a bundle) was refused with, for the error.
+    pub(super) refused: Mutex<Option<IdentityKey>>,
+}
+
+impl IdentityOverlay {
+    /// The key last refused, if one was.
+    pub(super) fn refused(&self) -> Option<DeviceIdentity> {
+        let refused = *self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        Some(DeviceIdentity::of(&refused?))
+    }
+
+    fn refuse(&self, identity: &IdentityKey) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(*identity);
+    }
 }
 
 #[async_trait]
@@ -133,6 +147,7 @@ impl IdentityKeyStore for IdentityOverlay {
             // The library saves an archived session's identity without
             // asking whether it is trusted: the policy decides here too.
             Some(_) if self.policy == IdentityPolicy::Refuse => {
+                self.refuse(identity);
                 return Err(SignalProtocolError::UntrustedIdentity(address.clone()));
             }
             Some(_) => IdentityChange::ReplacedExisting,
@@ -154,13 +169,17 @@ impl IdentityKeyStore for IdentityOverlay {
         identity: &IdentityKey,
         direction: Direction,
     ) -> Result<bool> {
-        Ok(match self.peer {
+        let trusted = match self.peer {
             None => true,
             Some(known) if same_key(known.public_key(), identity.public_key()) => true,
             Some(_) => {
                 direction == Direction::Receiving && self.policy == IdentityPolicy::AcceptAndReport
             }
-        })
+        };
+        if !trusted {
+            self.refuse(identity);
+        }
+        Ok(trusted)
     }
 
     async fn get_identity(&self, _address: &ProtocolAddress) -> Result<Option<IdentityKey>> {

@@ -15,7 +15,8 @@ use wacore_libsignal::protocol::{
 
 use crate::ids::BusinessId;
 use crate::signal::{
-    BUSINESS_DEVICE_ID, Ciphertext, MessageKind, PreKeyBundle, PublicPreKey, SignedPublicPreKey,
+    BUSINESS_DEVICE_ID, Ciphertext, DeviceIdentity, MessageKind, PreKeyBundle, PublicPreKey,
+    SignedPublicPreKey,
 };
 
 type Result<T> = std::result::Result<T, SignalProtocolError>;
@@ -213,9 +214,11 @@ impl ConsumerDevice {
         self.device_id
     }
 
-    /// The device's 33-byte identity key.
-    pub fn identity_key(&self) -> [u8; 33] {
-        self.identities.own.identity_key().serialize()
+    /// The device's identity key: what its owner confirms (the security
+    /// code) before a business approves it through
+    /// [`Processor::trust_new_identity`](crate::processor::Processor::trust_new_identity).
+    pub fn identity(&self) -> DeviceIdentity {
+        DeviceIdentity::of(self.identities.own.identity_key())
     }
 
     /// A prekey bundle for a business to start a session with this device,
@@ -236,7 +239,7 @@ impl ConsumerDevice {
         PreKeyBundle {
             registration_id: self.identities.registration_id,
             device_id: self.device_id,
-            identity_key: self.identity_key(),
+            identity_key: self.identity().to_bytes(),
             signed_prekey: SignedPublicPreKey {
                 id: signed.id().map(u32::from).unwrap_or(0),
                 public_key: signed

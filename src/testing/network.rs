@@ -54,7 +54,7 @@ use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::processor::{Inbound, Processor, ProcessorError, parse_device_payload};
-use crate::signal::{PreKeyBundle, PublishedKeys};
+use crate::signal::{DeviceIdentity, PreKeyBundle, PublishedKeys};
 use crate::store::Status;
 use crate::time::{Clock, ManualClock, Timestamp};
 use crate::transport::{Outgoing, Principal, Transport, TransportError};
@@ -820,6 +820,15 @@ impl SimNetwork {
             .get(number.expose())
             .map(|c| c.devices.keys().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// The identity key of `number`'s `device`, as its owner would confirm
+    /// it (the security code) before a business approves it through
+    /// [`Processor::trust_new_identity`].
+    pub async fn identity(&self, number: &PhoneNumber, device: u32) -> Option<DeviceIdentity> {
+        let net = self.net.lock().await;
+        let device = net.consumers.get(number.expose())?.devices.get(&device)?;
+        Some(device.identity())
     }
 
     /// Items in flight: consumer messages, ciphertexts, delivery reports and
