@@ -1,6 +1,7 @@
 //! Decisions racing changes: a release being decided while a policy is put
 //! in force or a business opts out, and legal-hold changes that fail
-//! half-way.
+//! half-way; and the two releases of an inbound hand-over, decided
+//! together.
 #![cfg(feature = "testing")]
 #![allow(
     clippy::unwrap_used,
@@ -323,4 +324,53 @@ fn a_failed_hold_release_keeps_the_hold_even_unaudited() {
             audit.inner.hold_events()
         );
     });
+}
+
+/// A message's content and its sender's number go to the business
+/// together or not at all: under a policy that withholds the number, the
+/// trail records the number's denial and no release of the content.
+/// Before, the content was released (an `Allow` recorded) before the
+/// number was asked for, and each retry of the refused hand-over, for as
+/// long as the policy stood, recorded another content release that never
+/// happened.
+#[tokio::test]
+async fn a_hand_over_the_policy_refuses_for_the_number_records_no_content_release() {
+    let d = seams::Deployment::new(Faults::none(), Faults::none()).await;
+    // The operator withholds consumers' numbers from businesses.
+    use custodian::testing::Faults;
+    use custodian::visibility::{DataClass, Party, Purpose, Verdict, VisibilityPolicy};
+    let policy = VisibilityPolicy::default()
+        .to_builder(1)
+        .unwrap()
+        .deny(
+            Party::Business,
+            DataClass::ConsumerPhoneNumber,
+            Purpose::Delivery,
+        )
+        .build();
+    d.processor
+        .set_visibility_policy(&d.operator, policy)
+        .unwrap();
+    let before = d.audit.events().len();
+
+    let mut device = d.handset().await;
+    let inbound = d.inbound(&mut device, b"secret").await;
+    let receipt = d.receive(inbound).await.unwrap();
+    assert!(!receipt.delivered, "{receipt:?}");
+    assert!(d.business.messages().is_empty(), "nothing was handed over");
+
+    let content_released: Vec<_> = d.audit.events()[before..]
+        .iter()
+        .filter(|e| {
+            e.class == DataClass::MessageContent
+                && e.party == Party::Business
+                && e.verdict == Verdict::Allow
+        })
+        .copied()
+        .collect();
+    assert!(
+        content_released.is_empty(),
+        "the trail records the content released to the business, which never got it: \
+         {content_released:?}"
+    );
 }

@@ -1898,3 +1898,63 @@ fn a_failed_first_contact_consumes_its_one_time_prekey_exactly_with_its_session(
         failed.is_empty()
     }));
 }
+
+/// A receive that handed its message over, then failed to record the
+/// hand-over (the write is owed), followed by a replay of the message that
+/// Signal takes for new (a first message that used no one-time prekey,
+/// handed in as another device's: a new session decrypts it) and the
+/// store refuses as a copy: the replay's receipt makes the owed write and
+/// says the business has the message. Before, the replay still held its
+/// own claim on the message when it answered as a duplicate, so the owed
+/// write was not made and the receipt said `delivered: false`.
+#[tokio::test]
+async fn a_replay_refused_at_the_commit_says_whether_the_business_has_it() {
+    use custodian::processor::Inbound;
+    use custodian::testing::ConsumerDevice;
+    let d = Deployment::new(Faults::none(), Faults::none()).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let first_contact = |prekey: Option<usize>, i: u32| {
+        let keys = keys.clone();
+        let b = d.b;
+        async move {
+            let mut handset = ConsumerDevice::new(1);
+            handset
+                .start_session(b, &keys.bundle(prekey))
+                .await
+                .unwrap();
+            Inbound {
+                from: consumer(i),
+                device: 1,
+                message: handset.encrypt(b, b"hello").await.unwrap(),
+            }
+        }
+    };
+    let first = first_contact(Some(0), 1).await;
+    // Their senders' bundles had no one-time prekey.
+    let second = first_contact(None, 3).await;
+    let third = first_contact(None, 4).await;
+    assert!(d.receive(first).await.unwrap().delivered);
+    // Which store call records the hand-over (the last commit).
+    d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+    assert!(d.receive(second).await.unwrap().delivered);
+    let write = 1 + d
+        .faults
+        .calls()
+        .iter()
+        .rposition(|c| *c == "commit")
+        .unwrap();
+    d.faults.fail_at(write, Seams::Store, Strike::Before);
+    assert!(d.receive(third.clone()).await.is_err());
+    assert_eq!(d.faults.lift(), [("commit", Strike::Before)]);
+    assert_eq!(d.business.contents().len(), 3, "the business has all three");
+
+    // The third, replayed as another device of its sender's.
+    let replay = Inbound { device: 2, ..third };
+    let again = d.receive(replay).await.unwrap();
+    assert!(again.duplicate, "{again:?}");
+    assert!(
+        again.delivered,
+        "the business has the message (it will not be handed over again), but the replay's \
+         receipt says it is not delivered: {again:?}"
+    );
+}

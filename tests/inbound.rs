@@ -436,3 +436,67 @@ async fn a_session_is_sealed_again_after_the_clock_steps_back() {
     let received = w.receive(&from, &second).await;
     assert!(received.as_ref().is_ok_and(|r| r.delivered), "{received:?}");
 }
+
+/// A receive creates no key, whatever came before it: after a spam report
+/// (which indexes the consumer's number, making the business's phone-index
+/// key), a message for a business that never published its keys is
+/// refused, and the business still has no Signal identity. Before, the
+/// report let the receive past its check, and the decrypt created the
+/// business's identity and signed prekey on the carrier's word before
+/// refusing the message.
+#[tokio::test]
+async fn a_receive_after_a_spam_report_creates_no_key() {
+    use custodian::keys::{KeyId, KeyKind};
+    use custodian::store::{KeyStore, MemoryStore};
+    // A well-formed first message, written to another business's bundle.
+    let w = World::new().await;
+    let mut device = w.device(0).await;
+    let message = device.encrypt(w.b, b"hello").await.unwrap();
+
+    let unpublished = BusinessId::new(77).unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let processor = Processor::new(
+        Host {
+            storage: store.clone(),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: Arc::new(RecordingTransport::new()),
+            business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
+            authorizer: Arc::new(StaticAuthorizer::new().carrier(&w.carrier, unpublished)),
+            clock: Arc::new(clock),
+            audit: Arc::new(MemoryAuditSink::new()),
+        },
+        Policies::default(),
+    )
+    .unwrap();
+    processor
+        .report_spam(&w.carrier, unpublished, &consumer(1))
+        .await
+        .unwrap();
+    let identity = KeyId {
+        business: unpublished,
+        kind: KeyKind::SignalIdentity,
+        id: 0,
+    };
+    assert!(store.key(&identity).await.unwrap().is_none());
+
+    let inbound = Inbound {
+        from: consumer(1),
+        device: device.device_id(),
+        message,
+    };
+    let refused = processor.receive(&w.carrier, unpublished, inbound).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ProcessorError::Signal(SignalError::InvalidMessage(
+                "the business has published no keys"
+            )))
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        store.key(&identity).await.unwrap().is_none(),
+        "a refused receive created the business's Signal identity"
+    );
+}

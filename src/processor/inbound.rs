@@ -192,6 +192,9 @@ impl Processor {
             // A replay that a session outdated by a crash took for new.
             Err(SignalError::DuplicateMessage) => {
                 debug!(%id, "replay of a stored message");
+                // Let go first: the duplicate's receipt takes up what an
+                // earlier receive left owed.
+                drop(claim);
                 return self.duplicate(business, id).await;
             }
             Err(e) => {
@@ -305,21 +308,16 @@ impl Processor {
             warn!(%business, id = %parts.id, ?reason, "visibility policy refused delivery to the business; will retry");
             Attempt::Retry
         };
-        let content = match self.gate.release(
+        // Both or neither: a hand-over the policy refuses for one records
+        // no release of the other.
+        let (content, from) = match self.gate.release_both(
             Labelled::of_business(DataClass::MessageContent, business, parts.content),
-            Party::Business,
-            purpose,
-        ) {
-            Ok(released) => released.into_value(),
-            Err(denied) => return refused(denied.reason()),
-        };
-        let from = match self.gate.release(
             Labelled::of_business(DataClass::ConsumerPhoneNumber, business, parts.from),
             Party::Business,
             purpose,
         ) {
-            Ok(released) => released.into_value(),
-            Err(denied) => return refused(denied.reason()),
+            Ok((content, from)) => (content.into_value(), from.into_value()),
+            Err(reason) => return refused(reason),
         };
         let message = InboundMessage {
             business,

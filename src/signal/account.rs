@@ -52,6 +52,22 @@ fn corrupt(what: &'static str) -> SignalError {
 }
 
 impl Account {
+    /// Load the account of `business`, if it has an identity (its first
+    /// signed prekey is made if it has none, as [`load_or_create`] does).
+    ///
+    /// [`load_or_create`]: Self::load_or_create
+    pub(super) async fn load(
+        keys: &KeyManager,
+        business: BusinessId,
+        now: Timestamp,
+    ) -> Result<Option<Self>, SignalError> {
+        let id = key_id(business, KeyKind::SignalIdentity, 0);
+        if keys.load_secret(id).await?.is_none() {
+            return Ok(None);
+        }
+        Self::load_or_create(keys, business, now).await.map(Some)
+    }
+
     /// Load the account of `business`, creating its identity and first
     /// signed prekey if it has none. Concurrent creators converge: the first
     /// stored identity wins.

@@ -318,7 +318,7 @@ impl Sessions {
         expiry: Timestamp,
     ) -> Result<StagedDecrypt<'_>, SignalError> {
         let first = matches!(message.message, CiphertextMessage::PreKeySignalMessage(_));
-        let account = self.account(business).await?;
+        let account = self.existing_account(business).await?;
         let guard = self.address_locks.lock((business, peer)).await;
         let (mut state, taken) = self.load_peer(business, peer).await?;
         // A first-contact message on an existing session resends its setup;

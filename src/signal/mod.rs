@@ -723,11 +723,27 @@ impl Sessions {
     }
 
     /// The business's account, loaded (or created) once and cached.
+    /// The account of `business`, created on first use.
     async fn account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
         match self.cached_account(business) {
             Some(account) => Ok(account),
             // Boxed: every message awaits this, and only the first loads.
-            None => Box::pin(self.load_account(business)).await,
+            None => Box::pin(self.load_account(business, true))
+                .await?
+                .ok_or(SignalError::Storage(StorageFailure::Corrupt(
+                    "Signal identity",
+                ))),
+        }
+    }
+
+    /// The account of `business`, if it has one: a message cannot be for
+    /// keys a business does not hold, nor make it any.
+    async fn existing_account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
+        match self.cached_account(business) {
+            Some(account) => Ok(account),
+            None => Box::pin(self.load_account(business, false)).await?.ok_or(
+                SignalError::InvalidMessage("the business has published no keys"),
+            ),
         }
     }
 
@@ -739,16 +755,28 @@ impl Sessions {
             .cloned()
     }
 
-    async fn load_account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
+    async fn load_account(
+        &self,
+        business: BusinessId,
+        create: bool,
+    ) -> Result<Option<Arc<Account>>, SignalError> {
         let _guard = self.business_locks.lock(business).await;
         if let Some(account) = self.cached_account(business) {
-            return Ok(account);
+            return Ok(Some(account));
         }
-        let account =
-            Arc::new(Account::load_or_create(self.vault.keys(), business, self.now()).await?);
+        let (keys, now) = (self.vault.keys(), self.now());
+        let account = if create {
+            Account::load_or_create(keys, business, now).await?
+        } else {
+            let Some(account) = Account::load(keys, business, now).await? else {
+                return Ok(None);
+            };
+            account
+        };
+        let account = Arc::new(account);
         let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
         accounts.insert(business, account.clone());
-        Ok(account)
+        Ok(Some(account))
     }
 
     /// The keys `business` publishes through the transport (created on first use).

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use foldhash::fast::RandomState;
 
@@ -169,6 +169,26 @@ impl<T> std::error::Error for Denied<T> {
     }
 }
 
+/// Why `policy` (and, for an opt-in service, `opted_in`) denies `value`'s
+/// cell to `party` for `purpose`, if it does.
+fn refusal<T>(
+    policy: &VisibilityPolicy,
+    opted_in: Option<&HashSet<BusinessId, RandomState>>,
+    value: &Labelled<T>,
+    party: Party,
+    purpose: Purpose,
+) -> Option<DenyReason> {
+    if !policy.allows(party, value.class, purpose) {
+        Some(DenyReason::Policy)
+    } else if let Some(opted_in) = opted_in
+        && !value.business.is_some_and(|b| opted_in.contains(&b))
+    {
+        Some(DenyReason::NotOptedIn)
+    } else {
+        None
+    }
+}
+
 /// The one place where labelled values are released.
 ///
 /// Holds the policy in force, the audit sink, the clock, the decision-id
@@ -225,25 +245,71 @@ impl Gate {
         // put in force, or an opt-out, is recorded before this decision and
         // decides it, or after it, and the value is out by then.
         let policy = self.policy.read().unwrap_or_else(PoisonError::into_inner);
-        let (allowed, revision) = (
-            policy.allows(party, value.class, purpose),
-            policy.revision(),
-        );
-        let opted_in = (purpose == Purpose::OptInService)
-            .then(|| self.opted_in.read().unwrap_or_else(PoisonError::into_inner));
-        let reason = if !allowed {
-            Some(DenyReason::Policy)
-        } else if let Some(opted_in) = &opted_in
-            && !value.business.is_some_and(|b| opted_in.contains(&b))
+        let opted_in = self.opted_in_for(purpose);
+        self.release_under(&policy, opted_in.as_deref(), value, party, purpose)
+    }
+
+    /// Release two values to `party` for `purpose`, both or neither (a
+    /// message's content and its sender's number, which are of no use to
+    /// the business apart): both cells are decided by one policy before
+    /// either is released, and a pair the policy refuses records the
+    /// refused cell's `Deny` and no `Allow`. The reason of the denial is
+    /// returned. Should the audit trail fail to record the second `Allow`,
+    /// the first stands recorded for a release the caller then does not
+    /// make (see [`Verdict::Allow`]).
+    pub(crate) fn release_both<A, B>(
+        &self,
+        first: Labelled<A>,
+        second: Labelled<B>,
+        party: Party,
+        purpose: Purpose,
+    ) -> Result<(Released<A>, Released<B>), DenyReason> {
+        let policy = self.policy.read().unwrap_or_else(PoisonError::into_inner);
+        let opted_in = self.opted_in_for(purpose);
+        let opted_in = opted_in.as_deref();
+        let refused = refusal(&policy, opted_in, &first, party, purpose);
+        if refused.is_none()
+            && let Some(reason) = refusal(&policy, opted_in, &second, party, purpose)
         {
-            Some(DenyReason::NotOptedIn)
-        } else {
-            None
-        };
+            // Only the refused cell's decision is recorded.
+            return Err(self
+                .release_under(&policy, opted_in, second, party, purpose)
+                .err()
+                .map_or(reason, |denied| denied.reason()));
+        }
+        let first = self
+            .release_under(&policy, opted_in, first, party, purpose)
+            .map_err(|d| d.reason())?;
+        let second = self
+            .release_under(&policy, opted_in, second, party, purpose)
+            .map_err(|d| d.reason())?;
+        Ok((first, second))
+    }
+
+    /// The opt-ins, read-locked, if `purpose` needs them.
+    fn opted_in_for(
+        &self,
+        purpose: Purpose,
+    ) -> Option<RwLockReadGuard<'_, HashSet<BusinessId, RandomState>>> {
+        (purpose == Purpose::OptInService)
+            .then(|| self.opted_in.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Decide and record the release of `value` under `policy` and, for an
+    /// opt-in service, `opted_in`.
+    fn release_under<T>(
+        &self,
+        policy: &VisibilityPolicy,
+        opted_in: Option<&HashSet<BusinessId, RandomState>>,
+        value: Labelled<T>,
+        party: Party,
+        purpose: Purpose,
+    ) -> Result<Released<T>, Denied<T>> {
+        let reason = refusal(policy, opted_in, &value, party, purpose);
         let mut decision = Decision {
             at: self.clock.now(),
             id: self.next_id(),
-            revision,
+            revision: policy.revision(),
             party,
             class: value.class,
             purpose,
@@ -550,5 +616,83 @@ mod tests {
         );
         assert!(r.is_err());
         assert_eq!(sink.events()[0].revision, Revision::new(3).unwrap());
+    }
+
+    proptest::proptest! {
+        /// Two values released together come out both or neither, under
+        /// any policy (any cells allowed, the opt-ins either way): both
+        /// allowed records the two `Allow`s, in order; otherwise one `Deny`
+        /// is recorded, of the first cell refused, with its reason, and no
+        /// `Allow`.
+        #[test]
+        fn two_values_are_released_both_or_neither(
+            cells in proptest::collection::vec(
+                (
+                    proptest::sample::select(Party::ALL),
+                    proptest::sample::select(DataClass::ALL),
+                    proptest::sample::select(Purpose::ALL),
+                ),
+                0..30,
+            ),
+            party in proptest::sample::select(Party::ALL),
+            purpose in proptest::sample::select(Purpose::ALL),
+            classes in (
+                proptest::sample::select(DataClass::ALL),
+                proptest::sample::select(DataClass::ALL),
+            ),
+            opted_in: bool,
+        ) {
+            let business = BusinessId::new(9).unwrap();
+            let mut builder = VisibilityPolicy::builder(2).unwrap();
+            for (party, class, purpose) in cells {
+                // Cells the hard rules forbid stay denied.
+                let _ = builder.allow(party, class, purpose);
+            }
+            let (gate, sink) = gate(builder.build());
+            gate.set_opted_in(business, opted_in, "owner").unwrap();
+            let before = sink.events().len();
+            let policy = gate.policy();
+            let refused = |class| {
+                if !policy.allows(party, class, purpose) {
+                    Some(DenyReason::Policy)
+                } else if purpose == Purpose::OptInService && !opted_in {
+                    Some(DenyReason::NotOptedIn)
+                } else {
+                    None
+                }
+            };
+            let expected = refused(classes.0).map(|r| (classes.0, r))
+                .or_else(|| refused(classes.1).map(|r| (classes.1, r)));
+            let released = gate.release_both(
+                Labelled::of_business(classes.0, business, "first"),
+                Labelled::of_business(classes.1, business, 2_u8),
+                party,
+                purpose,
+            );
+            let recorded: Vec<_> = sink.events()[before..]
+                .iter()
+                .map(|d| (d.class, d.verdict, d.reason))
+                .collect();
+            match expected {
+                None => {
+                    let (first, second) = released.unwrap();
+                    proptest::prop_assert_eq!((*first.value(), *second.value()), ("first", 2));
+                    proptest::prop_assert_eq!(
+                        recorded,
+                        vec![
+                            (classes.0, Verdict::Allow, None),
+                            (classes.1, Verdict::Allow, None),
+                        ]
+                    );
+                }
+                Some((class, reason)) => {
+                    proptest::prop_assert_eq!(released.err(), Some(reason));
+                    proptest::prop_assert_eq!(
+                        recorded,
+                        vec![(class, Verdict::Deny, Some(reason))]
+                    );
+                }
+            }
+        }
     }
 }
