@@ -129,6 +129,8 @@ conformance!(
     rewrap_replaces_only_a_live_key_under_the_expected_version,
     destroy_key_leaves_a_tombstone_that_blocks_reinsertion,
     delete_keys_removes_keys_and_tombstones_and_counts_them,
+    delete_epoch_keys_spares_the_businesses_of_holds_not_seen,
+    a_peer_is_not_deleted_as_idle_under_a_stored_hold,
     keys_wrapped_below_pages_in_key_order_within_the_business,
     count_wrapped_under_counts_live_keys_of_exactly_that_version,
     keys_of_kind_pages_by_id_and_skips_tombstones,
@@ -1733,6 +1735,110 @@ async fn a_peer_is_deleted_as_idle_only_while_its_consumer_has_no_live_message(
         s.peer_devices(business(2), phone(2)).await.unwrap(),
         [0],
         "another business's consumer is untouched"
+    );
+}
+
+/// A stored hold keeps a consumer's Signal record from the sweep's
+/// deletion, whether it covers the consumer or its whole business, read in
+/// the deletion's own commit: a hold another process stored since the
+/// sweep read the holds counts. (The deletion checked only for a live
+/// message.)
+async fn a_peer_is_not_deleted_as_idle_under_a_stored_hold(backend: &mut Backend) {
+    let s = &*backend.store;
+    let now = T0 + 100;
+    commit(
+        s,
+        [
+            put_peer(1, peer(1, 0), 1),
+            put_peer(1, peer(2, 0), 2),
+            put_peer(2, peer(1, 0), 3),
+            put_peer(3, peer(1, 0), 4),
+        ],
+    )
+    .await;
+    let hold = |scope| {
+        Op::PutHold(Hold {
+            scope,
+            reference: "case-1".to_owned(),
+            placed: t(now),
+        })
+    };
+    let idle = |b, p| Op::DeleteIdlePeer {
+        business: business(b),
+        peer: p,
+        now: t(now),
+    };
+    commit(
+        s,
+        [
+            hold(HoldScope::Consumer(business(1), phone(1))),
+            hold(HoldScope::Business(business(2))),
+        ],
+    )
+    .await;
+    commit(
+        s,
+        [
+            idle(1, peer(1, 0)),
+            idle(1, peer(2, 0)),
+            idle(2, peer(1, 0)),
+            idle(3, peer(1, 0)),
+        ],
+    )
+    .await;
+    assert_eq!(s.peer_devices(business(1), phone(1)).await.unwrap(), [0]);
+    assert!(
+        s.peer_devices(business(1), phone(2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.peer_devices(business(2), phone(1)).await.unwrap(), [0]);
+    assert!(
+        s.peer_devices(business(3), phone(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `delete_epoch_keys` deletes as `delete_keys` does, but spares every
+/// key of a business that a stored hold the caller has not seen covers,
+/// the holds read in the deletion's own step; holds the caller saw (it
+/// chose the keys by them) spare nothing more.
+async fn delete_epoch_keys_spares_the_businesses_of_holds_not_seen(backend: &mut Backend) {
+    let s = &*backend.store;
+    let keys: Vec<WrappedKey> = [1, 2, 3]
+        .into_iter()
+        .flat_map(|b| [epoch_key(b, T0), epoch_key(b, T0 + HOUR)])
+        .collect();
+    for k in &keys {
+        s.insert_key(k.clone()).await.unwrap();
+    }
+    let seen = HoldScope::Consumer(business(1), phone(1));
+    let unseen = HoldScope::Consumer(business(2), phone(1));
+    for scope in [seen, unseen] {
+        s.commit(Batch::from(Op::PutHold(Hold {
+            scope,
+            reference: "case-1".to_owned(),
+            placed: t(T0),
+        })))
+        .await
+        .unwrap();
+    }
+    assert_eq!(s.delete_epoch_keys(&ids(&keys), &[seen]).await.unwrap(), 4);
+    let left: Vec<KeyId> = s.ended_epoch_keys(t(T0 + 9 * HOUR), 10).await.unwrap();
+    assert_eq!(left, ids(&keys[2..4]), "business 2's keys are spared");
+    // Once seen, the hold spares nothing the caller did not keep.
+    assert_eq!(
+        s.delete_epoch_keys(&left, &[seen, unseen]).await.unwrap(),
+        2
+    );
+    assert!(
+        s.ended_epoch_keys(t(T0 + 9 * HOUR), 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

@@ -893,6 +893,14 @@ impl KeyStore for PausingStore {
         self.inner.delete_keys(ids).await
     }
 
+    async fn delete_epoch_keys(
+        &self,
+        ids: &[KeyId],
+        seen: &[custodian::store::HoldScope],
+    ) -> Result<u64, custodian::store::StoreError> {
+        self.inner.delete_epoch_keys(ids, seen).await
+    }
+
     async fn keys_wrapped_below(
         &self,
         business: BusinessId,

@@ -2353,3 +2353,103 @@ async fn a_failure_given_up_is_counted_once_when_its_report_is_rewritten_meanwhi
 #[cfg(feature = "testing")]
 #[path = "common/seams.rs"]
 mod seams;
+
+/// A world over `backend` whose store another process writes to as the
+/// returned control says.
+#[cfg(feature = "testing")]
+fn raced_on(backend: Backend) -> (World, Arc<seams::HostFaults>) {
+    let faults = Arc::new(seams::HostFaults::default());
+    let (inner, dir): (Arc<dyn Storage>, _) = match backend {
+        Backend::Memory => (Arc::new(MemoryStore::new()), None),
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let store = custodian::store::SqliteStore::open(
+                dir.path().join("store.db"),
+                custodian::store::SqliteConfig::default(),
+            )
+            .unwrap();
+            (Arc::new(store), Some(dir))
+        }
+    };
+    let store = Arc::new(seams::FailingStore::paused(inner, faults.clone()));
+    (World::over(store, dir, 64), faults)
+}
+
+/// Another process's legal hold on `scope`, stored directly.
+#[cfg(feature = "testing")]
+fn stored_hold(scope: HoldScope, now: Timestamp) -> Batch {
+    Batch::from(Op::PutHold(custodian::store::Hold {
+        scope,
+        reference: "case-7".into(),
+        placed: now,
+    }))
+}
+
+/// A legal hold another process stores between the sweep's read of the
+/// holds and its deletion of a consumer's Signal record keeps the record,
+/// on both backends: the deletion reads the stored holds in its own step,
+/// as the deletion of messages does. (It checked only for a live message,
+/// and deleted the held consumer's record.)
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_hold_stored_before_a_signal_record_is_deleted_keeps_it() {
+    for &backend in Backend::ALL {
+        let (w, faults) = raced_on(backend);
+        let b = business(1);
+        let m = w.store(b, 4, Direction::Inbound, false).await;
+        let phone = m.record.phone;
+        w.clock.advance(CEILING + HOUR);
+        let scope = HoldScope::Consumer(b, phone);
+        faults.before_next(seams::Deletion::IdlePeer, stored_hold(scope, w.now()));
+        w.retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert_eq!(w.store.held_scopes().await.unwrap(), [scope], "{backend:?}");
+        assert!(w.store.message(b, m.record.id).await.unwrap().is_none());
+        assert_eq!(
+            w.store.peer_devices(b, phone).await.unwrap(),
+            [0],
+            "{backend:?}: the held consumer's Signal record was deleted"
+        );
+    }
+}
+
+/// A legal hold another process stores between the sweep's read of the
+/// holds and its destruction of ended epoch keys keeps its business's
+/// keys, on both backends: the held message stays readable. (The keys
+/// went, so the message the hold kept could no longer be opened.) The
+/// next sweep, which reads the hold, destroys what it does not need.
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_hold_stored_before_epoch_keys_are_destroyed_keeps_them() {
+    for &backend in Backend::ALL {
+        let (w, faults) = raced_on(backend);
+        let b = business(1);
+        let m = w.store(b, 4, Direction::Inbound, false).await;
+        let other = w.store(b, 5, Direction::Inbound, false).await;
+        w.clock.advance(CEILING + 2 * DAY);
+        let scope = HoldScope::Consumer(b, m.record.phone);
+        faults.before_next(seams::Deletion::EpochKeys, stored_hold(scope, w.now()));
+        w.retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert!(w.store.message(b, m.record.id).await.unwrap().is_some());
+        assert!(
+            w.keys.epoch_key(b, m.record.epoch).await.is_ok(),
+            "{backend:?}: the held message's epoch key was destroyed"
+        );
+        assert!(w.store.message(b, other.record.id).await.unwrap().is_none());
+        // Read by the next sweep, the hold keeps only the epoch it needs.
+        w.retention
+            .sweep(w.now(), &Notices::default())
+            .await
+            .unwrap();
+        assert!(
+            w.keys.epoch_key(b, m.record.epoch).await.is_ok(),
+            "{backend:?}"
+        );
+    }
+}

@@ -416,6 +416,81 @@ async fn a_first_contact_replayed_with_its_base_key_reencoded_changes_nothing() 
     assert_eq!(w.snapshot(peer).await, before);
 }
 
+/// The canonical encodings of the Curve25519 points of small order.
+const SMALL_ORDER: [[u8; 32]; 5] = {
+    let mut one = [0; 32];
+    one[0] = 1;
+    let mut minus_one = [0xff; 32];
+    minus_one[0] = 0xec;
+    minus_one[31] = 0x7f;
+    [
+        [0; 32],
+        one,
+        *b"\xe0\xeb\x7a\x7c\x3b\x41\xb8\xae\x16\x56\xe3\xfa\xf1\x9f\xc4\x6a\xda\x09\x8d\xeb\x9c\x32\xb1\xfd\x86\x62\x05\x16\x5f\x49\xb8\x00",
+        *b"\x5f\x9c\x95\xbc\xa3\x50\x8c\x24\xb1\xd0\xb1\x55\x9c\x83\xef\x5b\x04\x44\x5c\xc4\x58\x1c\x8e\x86\xd8\x22\x4e\xdd\xd0\x9f\x11\x57",
+        minus_one,
+    ]
+};
+
+/// Each of [`SMALL_ORDER`] is a point of small order: multiplied by any
+/// clamped scalar (a multiple of the cofactor), it gives zero.
+#[test]
+fn the_small_order_points_are_of_small_order() {
+    use curve25519_dalek::montgomery::MontgomeryPoint;
+    for point in SMALL_ORDER {
+        for _ in 0..8 {
+            let scalar: [u8; 32] = rand::random();
+            assert_eq!(
+                MontgomeryPoint(point).mul_clamped(scalar),
+                MontgomeryPoint([0; 32]),
+                "{point:02x?}"
+            );
+        }
+    }
+}
+
+/// A first-contact message whose base key (outside the MAC) or whose
+/// sender's identity key is a point of small order is refused as such and
+/// changes nothing: no one holds such a key, and any agreement with it
+/// gives zeros. (The base key went to the library, which refused the
+/// message only once its MAC failed; an identity of small order, which
+/// anyone can speak for, was trusted.)
+#[tokio::test]
+async fn a_message_with_a_key_of_small_order_is_refused_as_such() {
+    let w = World::new();
+    let (mut phone, peer) = w.contact("+447700900024", 0).await;
+    let before = w.snapshot(peer).await;
+    // No reply yet: the device's next message repeats the setup.
+    let resend = phone.encrypt(w.business, b"again").await.unwrap();
+    let parsed =
+        wacore_libsignal::protocol::PreKeySignalMessage::try_from(resend.bytes.as_slice()).unwrap();
+    for key in [
+        parsed.base_key().serialize(),
+        parsed.identity_key().serialize(),
+    ] {
+        let at = resend.bytes.windows(33).position(|k| *k == key).unwrap();
+        for point in SMALL_ORDER {
+            let mut forged = resend.clone();
+            forged.bytes[at + 1..at + 33].copy_from_slice(&point);
+            let result = w.decrypt(peer, &forged).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(SignalError::InvalidMessage("a key is of small order"))
+                ),
+                "{point:02x?}: {result:?}"
+            );
+            assert_eq!(w.snapshot(peer).await, before);
+        }
+    }
+    // Nor is such a key an identity a business can approve.
+    for point in SMALL_ORDER {
+        let mut key = [5; 33];
+        key[1..].copy_from_slice(&point);
+        assert_eq!(DeviceIdentity::from_bytes(&key), None);
+    }
+}
+
 #[tokio::test]
 async fn out_of_order_delivery_decrypts_every_message_once() {
     let w = World::new();
@@ -472,8 +547,9 @@ async fn business_initiated_session_from_a_consumer_bundle() {
 /// A bundle with a bad signature, a bad key, another identity, another
 /// device's, or the business's own (as published, or its identity key
 /// re-encoded with the top bit set, the same X25519 key) is refused and
-/// stores nothing; so is one with a key so re-encoded. (The business's own
-/// key re-encoded passed for another's, and was taken.)
+/// stores nothing; so is one with a key so re-encoded, or one of small
+/// order. (The business's own key re-encoded passed for another's, and was
+/// taken; a one-time prekey of small order was taken.)
 #[tokio::test]
 async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     let w = World::new();
@@ -494,6 +570,14 @@ async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
     own_reencoded.identity_key[32] ^= 0x80;
     let mut reencoded = good;
     reencoded.signed_prekey.public_key[32] ^= 0x80;
+    // A one-time prekey of small order (outside the signature): no one
+    // holds it, and the agreement with it gives zeros.
+    let small_order = SMALL_ORDER.map(|point| {
+        let mut bundle = good;
+        let prekey = bundle.one_time_prekey.as_mut().unwrap();
+        prekey.public_key[1..].copy_from_slice(&point);
+        bundle
+    });
     for bad in [
         bad_signature,
         bad_key,
@@ -502,7 +586,10 @@ async fn a_bad_bundle_is_refused_and_nothing_is_stored() {
         own,
         own_reencoded,
         reencoded,
-    ] {
+    ]
+    .into_iter()
+    .chain(small_order)
+    {
         let result = w
             .sessions
             .start_session(w.business, peer, &bad, w.expiry())
@@ -910,6 +997,13 @@ impl KeyStore for YieldingKeys {
     }
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
         self.0.delete_keys(ids).await
+    }
+    async fn delete_epoch_keys(
+        &self,
+        ids: &[KeyId],
+        seen: &[custodian::store::HoldScope],
+    ) -> Result<u64, StoreError> {
+        self.0.delete_epoch_keys(ids, seen).await
     }
     async fn keys_wrapped_below(
         &self,

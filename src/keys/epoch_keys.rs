@@ -11,6 +11,7 @@ use super::{
 };
 use crate::ids::BusinessId;
 use crate::retention::CEILING;
+use crate::store::HoldScope;
 use crate::time::Timestamp;
 use crate::vault::CLOCK_TOLERANCE;
 
@@ -232,16 +233,22 @@ impl KeyManager {
     /// ([`Retention::sweep`](crate::retention::Retention::sweep), or
     /// `Processor::sweep`), which keeps the keys a hold needs.
     pub async fn destroy_ended_epochs_unchecked(&self, now: Timestamp) -> Result<u64, KeyError> {
-        self.destroy_ended_epochs_except(now, &BTreeSet::new())
+        self.destroy_ended_epochs_except(now, &BTreeSet::new(), None)
             .await
     }
 
     /// [`destroy_ended_epochs_unchecked`](Self::destroy_ended_epochs_unchecked),
-    /// sparing the epochs in `keep` (those a legal hold still needs).
+    /// sparing the epochs in `keep` (those the legal holds `seen` still
+    /// need) and, with holds `seen`, every key of a business that a hold
+    /// stored since covers ([`KeyStore::delete_epoch_keys`]): that
+    /// business's keys wait for the next sweep, and this call ends early.
+    ///
+    /// [`KeyStore::delete_epoch_keys`]: crate::store::KeyStore::delete_epoch_keys
     pub(crate) async fn destroy_ended_epochs_except(
         &self,
         now: Timestamp,
         keep: &BTreeSet<(BusinessId, Epoch)>,
+        seen: Option<&[HoldScope]>,
     ) -> Result<u64, KeyError> {
         let forget = ForgetEpochs {
             keys: self,
@@ -264,8 +271,17 @@ impl KeyManager {
             if doomed.is_empty() {
                 return Ok(removed);
             }
-            removed += self.store.delete_keys(&doomed).await?;
+            let deleted = match seen {
+                Some(seen) => self.store.delete_epoch_keys(&doomed, seen).await?,
+                None => self.store.delete_keys(&doomed).await?,
+            };
+            removed += deleted;
             forget.now();
+            if seen.is_some() && deleted < doomed.len() as u64 {
+                // Spared for a hold stored since: they would come back on
+                // every page.
+                return Ok(removed);
+            }
         }
     }
 }

@@ -675,7 +675,7 @@ impl<'a> Sweep<'a> {
         }
         self.report.epoch_keys_destroyed += self
             .keys
-            .destroy_ended_epochs_except(self.now, &keep)
+            .destroy_ended_epochs_except(self.now, &keep, Some(&held.scopes))
             .await?;
         Ok(true)
     }

@@ -7,9 +7,7 @@ use wacore_libsignal::protocol::{
 };
 
 use super::rng::ThreadCsprng;
-use super::{
-    Ciphertext, MessageKind, PreKeyBundle, Sessions, SignalError, canonical, protocol_error,
-};
+use super::{Ciphertext, MessageKind, PreKeyBundle, Sessions, SignalError, protocol_error, usable};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::store::{Batch, PeerId};
 use crate::time::Timestamp;
@@ -167,11 +165,12 @@ impl Sessions {
 
 fn to_library_bundle(bundle: &PreKeyBundle) -> Result<LibBundle, SignalError> {
     let key = |bytes: &[u8], what| {
-        // A key's other encodings are refused (see `canonical`): the
-        // business's own key so encoded would pass for another's.
+        // A key's other encodings are refused (see `usable`): the
+        // business's own key so encoded would pass for another's. So is a
+        // key of small order, which no one holds.
         PublicKey::deserialize(bytes)
             .ok()
-            .filter(canonical)
+            .filter(usable)
             .ok_or(SignalError::BadBundle(what))
     };
     let identity = IdentityKey::new(key(

@@ -236,10 +236,10 @@ pub struct DeviceIdentity([u8; 33]);
 
 impl DeviceIdentity {
     /// The key encoded as `bytes`; `None` unless a Curve25519 public key in
-    /// its canonical encoding (see [`Sessions::decrypt`]).
+    /// its canonical encoding, not of small order (see [`Sessions::decrypt`]).
     pub fn from_bytes(bytes: &[u8; 33]) -> Option<Self> {
         let key = PublicKey::deserialize(bytes).ok()?;
-        canonical(&key).then_some(Self(*bytes))
+        usable(&key).then_some(Self(*bytes))
     }
 
     /// The 33-byte encoding.
@@ -420,22 +420,15 @@ impl Parsed {
         .map_err(|e| protocol_error(e, None, None))?;
         let inner = match &parsed {
             CiphertextMessage::PreKeySignalMessage(m) => {
-                if !canonical(m.base_key()) || !canonical(m.identity_key().public_key()) {
-                    return Err(SignalError::InvalidMessage(
-                        "a key is not canonically encoded",
-                    ));
-                }
+                check_key(m.base_key())?;
+                check_key(m.identity_key().public_key())?;
                 m.message()
             }
             CiphertextMessage::SignalMessage(m) => m,
             _ => return Err(SignalError::InvalidMessage("malformed message")),
         };
         let (chain, counter) = (*inner.sender_ratchet_key(), inner.counter());
-        if !canonical(&chain) {
-            return Err(SignalError::InvalidMessage(
-                "a key is not canonically encoded",
-            ));
-        }
+        check_key(&chain)?;
         Ok(Self {
             id: message_id(business, &chain, counter),
             message: parsed,
@@ -478,16 +471,71 @@ fn same_key(a: &PublicKey, b: &PublicKey) -> bool {
     a.serialize() == b.serialize()
 }
 
+/// Refuse a message's `key` unless [`usable`], naming why.
+fn check_key(key: &PublicKey) -> Result<(), SignalError> {
+    if !canonical(key) {
+        return Err(SignalError::InvalidMessage(
+            "a key is not canonically encoded",
+        ));
+    }
+    if small_order(key) {
+        return Err(SignalError::InvalidMessage("a key is of small order"));
+    }
+    Ok(())
+}
+
+/// Whether `key` may stand for a party: in its [`canonical`] encoding, and
+/// not of [`small_order`].
+pub(super) fn usable(key: &PublicKey) -> bool {
+    canonical(key) && !small_order(key)
+}
+
 /// Whether `key` is in its canonical encoding: a Curve25519 key (the only
 /// type the library decodes) whose u-coordinate is below the field's prime
 /// 2^255 - 19, its top bit clear.
-pub(super) fn canonical(key: &PublicKey) -> bool {
+fn canonical(key: &PublicKey) -> bool {
     match key.public_key_bytes() {
         [low, middle @ .., top] if middle.len() == 30 => {
             *top < 0x7f || (*top == 0x7f && (middle.iter().any(|&b| b != 0xff) || *low < 0xed))
         }
         _ => false,
     }
+}
+
+/// The canonical encodings of the Curve25519 points of small order, on the
+/// curve or its twist: u = 0, 1 and p - 1, and the two of order 8 (the list
+/// libsodium refuses, less the encodings `canonical` refuses already).
+const SMALL_ORDER: [[u8; 32]; 5] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+];
+
+/// Whether `key` is a point of small order: a Diffie-Hellman with it gives
+/// zero, which anyone can compute, so it proves no one holds its private
+/// half. No client makes one; an intruder could, as an identity anyone
+/// could then speak for.
+fn small_order(key: &PublicKey) -> bool {
+    SMALL_ORDER
+        .iter()
+        .any(|point| point.as_slice() == key.public_key_bytes())
 }
 
 /// The id of message `counter` of receiving chain `chain` to `business`.

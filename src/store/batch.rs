@@ -41,8 +41,11 @@ pub enum Op {
         peer: PeerId,
     },
     /// Delete a peer's record unless a message of its consumer expires
-    /// after `now`: the retention sweep's delete, which must not race a
-    /// message that arrived since it looked.
+    /// after `now`, or a stored legal hold covers the consumer: the
+    /// retention sweep's delete, which must not race a message that
+    /// arrived since it looked, nor a hold stored since (by another
+    /// process on the store). A hold row whose scope does not decode
+    /// counts as covering its whole business.
     DeleteIdlePeer {
         /// The business.
         business: BusinessId,

@@ -232,7 +232,12 @@ impl Inner {
                 peer,
                 now,
             } => {
-                if !self.has_live_message(business, peer.phone, now) {
+                if !self.has_live_message(business, peer.phone, now)
+                    && !self
+                        .holds
+                        .keys()
+                        .any(|(scope, _)| scope.covers(business, peer.phone))
+                {
                     self.peers.remove(&(business, peer));
                 }
             }
@@ -569,6 +574,26 @@ impl KeyStore for MemoryStore {
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         Ok(ids.iter().filter(|id| inner.delete_key(id)).count() as u64)
+    }
+
+    async fn delete_epoch_keys(
+        &self,
+        ids: &[KeyId],
+        seen: &[HoldScope],
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let unseen: BTreeSet<BusinessId> = inner
+            .holds
+            .keys()
+            .map(|(scope, _)| scope)
+            .filter(|scope| !seen.contains(scope))
+            .map(HoldScope::business)
+            .collect();
+        Ok(ids
+            .iter()
+            .filter(|id| !unseen.contains(&id.business))
+            .filter(|id| inner.delete_key(id))
+            .count() as u64)
     }
 
     async fn keys_wrapped_below(

@@ -98,6 +98,16 @@ pub trait KeyStore: Send + Sync {
     /// Remove entries (live or tombstones) outright. Returns how many existed.
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError>;
 
+    /// Remove ended epoch keys `ids` as [`delete_keys`](Self::delete_keys)
+    /// does, except those of a business that a stored legal hold not among
+    /// `seen` covers, the holds read in the same atomic step: the sweep
+    /// destroys the keys the holds it read leave, and a hold stored since
+    /// (by another process on the store) keeps its business's keys until
+    /// the next sweep reads it. A hold row whose scope does not decode
+    /// counts as covering its whole business. Returns how many existed.
+    async fn delete_epoch_keys(&self, ids: &[KeyId], seen: &[HoldScope])
+    -> Result<u64, StoreError>;
+
     /// Up to `limit` live keys of `business` wrapped under a version below
     /// `version`, in id order, after `after` (for resumable paging).
     async fn keys_wrapped_below(

@@ -226,6 +226,17 @@ pub(crate) struct HostFaults {
     region: Mutex<Option<Region>>,
     /// What to write right after the next read of a message.
     after_read: Mutex<Option<AfterRead>>,
+    /// What to write right before the next deletion of a kind.
+    before_deletion: Mutex<Option<(Deletion, Batch)>>,
+}
+
+/// A deletion the retention sweep decides on the legal holds it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deletion {
+    /// A commit deleting a consumer's Signal record (`Op::DeleteIdlePeer`).
+    IdlePeer,
+    /// `KeyStore::delete_epoch_keys`.
+    EpochKeys,
 }
 
 /// Another writer's write, made right after a read of a message: what it
@@ -283,6 +294,13 @@ impl HostFaults {
     /// conditional write.
     pub(crate) fn after_next_message_read(&self, write: AfterRead) {
         *self.after_read.lock().unwrap() = Some(write);
+    }
+
+    /// Right before the next `deletion`, commit `write`: another process's
+    /// write (a legal hold, say) landing between the sweep's read of the
+    /// holds and the deletion it decided on them.
+    pub(crate) fn before_next(&self, deletion: Deletion, write: Batch) {
+        *self.before_deletion.lock().unwrap() = Some((deletion, write));
     }
 
     /// The store declares `region` from now on, as one whose rows were
@@ -388,6 +406,23 @@ impl FailingStore {
             faults,
         }
     }
+
+    /// Commit what [`HostFaults::before_next`] set for `deletion`, if it did.
+    async fn before(&self, deletion: Deletion) {
+        let write = {
+            let mut before = self.faults.before_deletion.lock().unwrap();
+            match before.take() {
+                Some((d, write)) if d == deletion => Some(write),
+                other => {
+                    *before = other;
+                    None
+                }
+            }
+        };
+        if let Some(write) = write {
+            self.inner.commit(write).await.unwrap();
+        }
+    }
 }
 
 #[async_trait]
@@ -419,6 +454,15 @@ impl KeyStore for FailingStore {
         self.faults
             .store("delete_keys", self.inner.delete_keys(ids))
             .await
+    }
+    async fn delete_epoch_keys(
+        &self,
+        ids: &[KeyId],
+        seen: &[HoldScope],
+    ) -> Result<u64, StoreError> {
+        self.before(Deletion::EpochKeys).await;
+        let call = self.inner.delete_epoch_keys(ids, seen);
+        self.faults.store("delete_epoch_keys", call).await
     }
     async fn keys_wrapped_below(
         &self,
@@ -467,6 +511,13 @@ impl Storage for FailingStore {
         declared.unwrap_or_else(|| self.inner.region())
     }
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch
+            .ops()
+            .iter()
+            .any(|op| matches!(op, custodian::store::Op::DeleteIdlePeer { .. }))
+        {
+            self.before(Deletion::IdlePeer).await;
+        }
         self.faults.store("commit", self.inner.commit(batch)).await
     }
     async fn take_over(&self, writer: custodian::store::WriterId) -> Result<(), StoreError> {

@@ -640,6 +640,28 @@ impl KeyStore for SqliteStore {
             .await
     }
 
+    async fn delete_epoch_keys(
+        &self,
+        ids: &[KeyId],
+        seen: &[HoldScope],
+    ) -> Result<u64, StoreError> {
+        let (ids, seen) = (ids.to_vec(), seen.to_vec());
+        self.writer
+            .write(move |c| {
+                let unseen: Vec<BusinessId> = reads::held_scopes(c)?
+                    .into_iter()
+                    .filter(|scope| !seen.contains(scope))
+                    .map(|scope| scope.business())
+                    .collect();
+                let mut n = 0;
+                for id in ids.iter().filter(|id| !unseen.contains(&id.business)) {
+                    n += u64::from(writes::delete_key(c, id)?);
+                }
+                Ok(n)
+            })
+            .await
+    }
+
     async fn keys_wrapped_below(
         &self,
         business: BusinessId,

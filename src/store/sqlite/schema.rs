@@ -458,6 +458,25 @@ fn shapes(conn: &Connection) -> Result<Shapes, rusqlite::Error> {
     Ok(shapes)
 }
 
+/// The statement that made each table (as the migrations, adding columns,
+/// left it), its spacing aside: no pragma lists a table's constraints (a
+/// `CHECK`, a conflict clause), and the statement does.
+fn statements(conn: &Connection) -> Result<BTreeMap<String, String>, rusqlite::Error> {
+    let mut stmt = conn.prepare(concat!(
+        "SELECT t.name, s.sql FROM pragma_table_list AS t, sqlite_schema AS s
+         WHERE s.type = 'table' AND s.name = t.name AND ",
+        ours!()
+    ))?;
+    let mut rows = stmt.query([])?;
+    let mut statements = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        let sql: Option<String> = r.get(1)?;
+        let words: Vec<&str> = sql.as_deref().unwrap_or("").split_whitespace().collect();
+        statements.insert(r.get(0)?, words.join(" "));
+    }
+    Ok(statements)
+}
+
 /// How `found` differs from `expected`, object by object: the features
 /// missing and unexpected, or the same in another order.
 fn differences(found: &Shapes, expected: &Shapes) -> Vec<String> {
@@ -506,7 +525,8 @@ fn pragma_u32(conn: &Connection, name: &str) -> Result<u32, rusqlite::Error> {
 
 /// Check, through a read-only connection, that the database is ours, of a
 /// known version, with exactly the schema of that version: its tables and
-/// indexes by name, then their columns and keys. Returns the version.
+/// indexes by name, then their columns and keys, then the statements that
+/// made the tables (their constraints). Returns the version.
 pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenError> {
     let err = |e| sqlite_error(path, e);
     let application_id = pragma_u32(conn, "application_id").map_err(err)?;
@@ -549,6 +569,25 @@ pub(super) fn verify(path: &Path, conn: &Connection) -> Result<u32, SqliteOpenEr
             path: path.to_owned(),
             version,
             detail: differences.join("; "),
+        });
+    }
+    let (found, expected) = (
+        statements(conn).map_err(err)?,
+        statements(&reference).map_err(err)?,
+    );
+    let other: Vec<&str> = found
+        .iter()
+        .filter(|&(table, sql)| expected.get(table) != Some(sql))
+        .map(|(table, _)| table.as_str())
+        .collect();
+    if !other.is_empty() {
+        return Err(SqliteOpenError::UnexpectedSchema {
+            path: path.to_owned(),
+            version,
+            detail: format!(
+                "tables [{}] have the columns and keys of this version, but other constraints",
+                other.join(", ")
+            ),
         });
     }
     Ok(version)
@@ -599,6 +638,13 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".creating-{}-{nanos}-{call}", std::process::id()));
     let tmp = PathBuf::from(tmp);
+    // Made here first, so that what the system refuses (a directory that
+    // does not exist, no permission) is an I/O error naming `path`.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io_error(path, e))?;
     let built = build(&tmp);
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
         Ok(()) => Ok(()),

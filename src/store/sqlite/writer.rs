@@ -321,7 +321,9 @@ impl Drop for Writer {
 }
 
 fn run(conn: Connection, jobs: mpsc::Receiver<Job>, max_group: usize, counts: &Counts) {
-    let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group);
+    // Room for a default group up front; a larger limit grows it as tasks
+    // come (reserving `usize::MAX` would kill the thread).
+    let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group.min(256));
     let mut after = None;
     while let Ok(first) = jobs.recv() {
         match first {

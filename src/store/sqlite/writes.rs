@@ -102,7 +102,10 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             .prepare_cached(
                 "DELETE FROM peers WHERE business = ?1 AND phone = ?2 AND device = ?3
                    AND NOT EXISTS (SELECT 1 FROM messages AS m
-                       WHERE m.business = ?1 AND m.phone = ?2 AND m.expiry > ?4)",
+                       WHERE m.business = ?1 AND m.phone = ?2 AND m.expiry > ?4)
+                   AND NOT EXISTS (SELECT 1 FROM holds AS h WHERE h.business = ?1
+                       AND (h.kind IS NOT 2 OR h.phone = ?2
+                            OR typeof(h.phone) IS NOT 'blob' OR length(h.phone) IS NOT 16))",
             )
             .db()?
             .execute(params![
