@@ -581,7 +581,34 @@ async fn opening_with_the_ring_missing_reports_a_corrupt_ring_and_writes_nothing
     assert_eq!(partial.ring(b).await.unwrap(), None, "no ring was created");
     assert_eq!(
         partial.key(&id).await.unwrap(),
-        Some(KeyEntry::Wrapped(wrapped))
+        Some(KeyEntry::Wrapped(wrapped.clone()))
+    );
+    // Nor does a write that would need a ring for another key: a fresh
+    // ring would make the stored keys unreadable for good. (Sealing into a
+    // new epoch, or hashing a number, made version 1 afresh; the lost ring
+    // could then not be put back.)
+    let later = f.label(b, 5 * HOUR);
+    let sealed_later = vault.seal(&later, b"y").await;
+    assert!(
+        matches!(&sealed_later, Err(SealError::Key(e)) if corrupt(e)),
+        "{sealed_later:?}"
+    );
+    let number: PhoneNumber = "+447700900123".parse().unwrap();
+    let hashed = vault.keys().phone_hash(b, &number).await;
+    assert!(matches!(&hashed, Err(e) if corrupt(e)), "{hashed:?}");
+    assert_eq!(partial.ring(b).await.unwrap(), None, "no ring was created");
+    // The lost ring put back, everything opens again.
+    let ring = f.store.ring(b).await.unwrap().unwrap();
+    partial.put_ring(&ring, None).await.unwrap();
+    let vault = Fixture::vault_over(f.root, &partial, &f.clock);
+    assert_eq!(
+        vault
+            .open(&sealed[0].0, b)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        sealed[0].1.as_slice()
     );
 }
 
@@ -790,6 +817,9 @@ struct PausingStore {
     /// Once set, the next `put_ring` is stored and answered with an error
     /// (a networked store's answer lost).
     lose_answer: AtomicBool,
+    /// Once set, the next `key` read pauses after reading: the reader
+    /// holds the row as it was.
+    key_read_armed: AtomicBool,
     reached: Semaphore,
     release: Semaphore,
     /// `(a, b)`: asked for `a`'s ring, hand back `b`'s (a misfiled row).
@@ -809,6 +839,7 @@ impl PausingStore {
             armed: false.into(),
             read_armed: false.into(),
             lose_answer: false.into(),
+            key_read_armed: false.into(),
             reached: Semaphore::new(0),
             release: Semaphore::new(0),
             misfiled,
@@ -866,7 +897,9 @@ impl KeyStore for PausingStore {
             .iter()
             .find(|(to, _)| to == id)
             .map(|(_, from)| *from);
-        self.inner.key(&from.unwrap_or(*id)).await
+        let read = self.inner.key(&from.unwrap_or(*id)).await;
+        self.pause_if(&self.key_read_armed).await;
+        read
     }
 
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, custodian::store::StoreError> {
@@ -1986,4 +2019,66 @@ async fn a_dropped_promotion_that_lands_later_is_followed() {
         panic!("no epoch key stored");
     };
     assert_eq!(w.kek_version, v2, "a new key wrapped under the old primary");
+}
+
+/// Rotate `b`'s KEK to version 2 completely (add, promote, rewrap the one
+/// key, raise the floor) while `read` waits on `store`, paused just after
+/// reading a key's row; then let it go on and return what it got.
+async fn across_a_rotation<T: Send + 'static>(
+    store: &Arc<PausingStore>,
+    keys: &Arc<KeyManager>,
+    b: BusinessId,
+    read: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    store.key_read_armed.store(true, Ordering::SeqCst);
+    let read = tokio::spawn(read);
+    store.reached.acquire().await.unwrap().forget();
+    let now = Timestamp::from_millis(T0);
+    let v2 = keys.add_kek_version(b, now).await.unwrap();
+    keys.promote_kek_version(b, v2).await.unwrap();
+    assert_eq!(keys.rewrap(b).await.unwrap(), 1);
+    keys.raise_decrypt_floor(b, v2).await.unwrap();
+    store.release.add_permits(1);
+    read.await.unwrap()
+}
+
+/// A load that read a key's row while it was wrapped under version 1, and
+/// meets the ring only after a complete rotation to version 2, reads the
+/// row again and gets the key: an epoch key, and a key that does not end
+/// with an epoch (the phone index's, through `known_phone_hash`; the
+/// Signal keys load the same way). Before, it failed as `BelowFloor
+/// { version: 1, floor: 2 }`, naming a remedy that did not apply.
+#[tokio::test]
+async fn a_key_read_just_before_a_rotation_completes_loads() {
+    let store = Arc::new(PausingStore::new(None));
+    let b = business(501);
+    let now = Timestamp::from_millis(T0);
+    let epoch = Epoch::containing(now.saturating_add(2 * HOUR), EpochLength::DEFAULT).unwrap();
+    manager(&store)
+        .epoch_key_for_seal(b, epoch, now)
+        .await
+        .unwrap();
+    // A restarted process (nothing cached) opens, and rotates meanwhile.
+    let keys = manager(&store);
+    let reader = keys.clone();
+    let loaded = across_a_rotation(&store, &keys, b, async move {
+        reader.epoch_key(b, epoch).await.map(drop)
+    })
+    .await;
+    assert!(loaded.is_ok(), "{loaded:?}");
+
+    let b = business(502);
+    let number: PhoneNumber = "+447700900123".parse().unwrap();
+    let expected = manager(&store).phone_hash(b, &number).await.unwrap();
+    let keys = manager(&store);
+    let reader = keys.clone();
+    let read = number.clone();
+    let loaded = across_a_rotation(&store, &keys, b, async move {
+        reader.known_phone_hash(b, &read).await
+    })
+    .await;
+    assert!(
+        matches!(&loaded, Ok(Some(hash)) if *hash == expected),
+        "{loaded:?}"
+    );
 }

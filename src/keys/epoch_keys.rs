@@ -160,7 +160,19 @@ impl KeyManager {
                 }
             };
             let ring = self.ring_of_stored_key(business).await?;
-            let kek = self.kek(&ring, wrapped.kek_version).await?;
+            let kek = match self.kek(&ring, wrapped.kek_version).await {
+                Ok(kek) => kek,
+                // Read before a rotation rewrapped it and moved the floor
+                // past its version: read the store again.
+                Err(KeyError::BelowFloor { .. } | KeyError::UnknownVersion { .. })
+                    if self.store.key(&id).await?.is_some_and(|again| {
+                        matches!(again, KeyEntry::Wrapped(w) if w.kek_version != wrapped.kek_version)
+                    }) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let secret = wrapped.open(&kek)?;
             let secret = SecretKey::from_slice(&secret).ok_or(KeyError::Unwrap(wrapped.id))?;
             let key = Arc::new(EpochKey::new(business, epoch, &secret));

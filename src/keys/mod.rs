@@ -9,7 +9,9 @@
 //!
 //! Every record is sealed under a key derived from the key of the epoch in
 //! which it expires. When the epoch ends its key is destroyed, and with it
-//! every record of the epoch, in the store and in every backup of it. KEKs
+//! every record of the epoch in the store. A backup of the store taken
+//! before keeps the wrapped key, readable for as long as the provider
+//! unwraps the KEK version that wrapped it (see [`KekContext`]). KEKs
 //! rotate without touching content: add a version, promote it, [rewrap] the
 //! epoch keys, raise the decrypt floor, retire the old version.
 //!
@@ -372,8 +374,20 @@ impl KeyManager {
             return Err(KeyError::Unwrap(id));
         }
         let ring = self.ring_of_stored_key(wrapped.id.business).await?;
-        let kek = self.kek(&ring, wrapped.kek_version).await?;
-        wrapped.open(&kek)
+        match self.kek(&ring, wrapped.kek_version).await {
+            Ok(kek) => wrapped.open(&kek),
+            // Read before a rotation rewrapped it and moved the floor past
+            // its version: the store has it under a newer one.
+            Err(e @ (KeyError::BelowFloor { .. } | KeyError::UnknownVersion { .. })) => {
+                match self.store.key(&id).await? {
+                    Some(KeyEntry::Wrapped(again)) if again.kek_version != wrapped.kek_version => {
+                        Box::pin(self.unwrap_secret(id, &again)).await
+                    }
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The key store, for callers that list wrapped keys.

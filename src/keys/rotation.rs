@@ -106,7 +106,20 @@ impl KeyManager {
             .ok_or(KeyError::CorruptRing { business })
     }
 
+    /// Create `business`'s ring, with version 1. Refused as
+    /// [`KeyError::CorruptRing`] while keys of the business are stored: they
+    /// are wrapped under a ring that went missing, and a fresh one would
+    /// make every one of them unreadable for good, where putting the lost
+    /// ring back could still save them.
     async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
+        if !self
+            .store
+            .keys_wrapped_below(business, u32::MAX, None, 1)
+            .await?
+            .is_empty()
+        {
+            return Err(KeyError::CorruptRing { business });
+        }
         let key = SecretKey::generate();
         let wrapped = self
             .provider
