@@ -37,7 +37,9 @@ use custodian::keys::{
 };
 use custodian::processor::{Inbound, Outbound, ProcessorError, StatusChange};
 use custodian::signal::{SignalConfig, SignalError};
-use custodian::store::{FailureReason, HoldScope, KeyStore, MemoryStore, PeerId, Status, Storage};
+use custodian::store::{
+    Batch, FailureReason, HoldScope, KeyStore, MemoryStore, Op, PeerId, Status, Storage,
+};
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
 
@@ -1957,4 +1959,68 @@ async fn a_replay_refused_at_the_commit_says_whether_the_business_has_it() {
         "the business has the message (it will not be handed over again), but the replay's \
          receipt says it is not delivered: {again:?}"
     );
+}
+
+/// A device whose stored Signal record cannot be read (here: a store that
+/// copied another device's record over its row, which the record's own
+/// device check refuses) is stuck, every receive failing, until the
+/// business approves its owner's new key: the approval writes over the
+/// record it cannot read, needing nothing of it. (It failed on the record,
+/// and left the device stuck until the damaged record expired.)
+#[tokio::test]
+async fn an_approval_replaces_a_record_it_cannot_read() {
+    let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    // Two devices of consumer 1 write to the business.
+    let mut one = d.handset().await;
+    let mut two = ConsumerDevice::new(2);
+    two.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+    for device in [&mut one, &mut two] {
+        let inbound = d.inbound(device, b"hello").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+    }
+    let phone = d
+        .processor
+        .keys(&d.operator)
+        .unwrap()
+        .phone_hash(d.b, &consumer(1))
+        .await
+        .unwrap();
+    let (p1, p2) = (PeerId { phone, device: 1 }, PeerId { phone, device: 2 });
+    // The store copies device 1's record over device 2's row; the process
+    // restarts (nothing in memory).
+    let copied = d.store.peer(d.b, p1).await.unwrap().unwrap();
+    d.store
+        .commit(Batch::from(Op::PutPeer {
+            business: d.b,
+            peer: p2,
+            sealed: copied,
+        }))
+        .await
+        .unwrap();
+    d.restart();
+    // Device 2 is stuck: its old session's messages fail on the record.
+    let stuck = d.inbound(&mut two, b"still me").await;
+    let stuck = Inbound { device: 2, ..stuck };
+    assert!(d.receive(stuck).await.is_err());
+    // Device 2's owner reinstalls and confirms the new key.
+    let mut reinstalled = ConsumerDevice::new(2);
+    reinstalled
+        .start_session(d.b, &keys.bundle(Some(2)))
+        .await
+        .unwrap();
+    let approved = d
+        .processor
+        .trust_new_identity(&d.owner, d.b, &consumer(1), 2, reinstalled.identity())
+        .await;
+    assert!(
+        matches!(approved, Ok(true)),
+        "approving device 2's new key failed on its unreadable record: {approved:?}"
+    );
+    let inbound = Inbound {
+        from: consumer(1),
+        device: 2,
+        message: reinstalled.encrypt(d.b, b"new phone").await.unwrap(),
+    };
+    assert!(d.receive(inbound).await.unwrap().delivered);
 }

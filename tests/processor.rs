@@ -3206,3 +3206,77 @@ async fn a_dropped_overdue_resend_has_no_device_sent_the_message_after_the_repor
         "a device that had the message was sent it again after the consumer's report"
     );
 }
+
+/// Approving a key for a device with no Signal state (a consumer the
+/// business never knew) changes nothing and answers `false`: the device's
+/// first key is trusted on first use anyway. (It stored a record for the
+/// consumer, its phone hash with no message, and answered `true`.)
+#[tokio::test]
+async fn approving_a_key_for_a_device_with_no_state_changes_nothing() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    let stranger = number(9);
+    let approved = d
+        .processor
+        .trust_new_identity(
+            d.owner(b),
+            b,
+            &stranger,
+            0,
+            ConsumerDevice::new(0).identity(),
+        )
+        .await
+        .unwrap();
+    assert!(!approved);
+    let phone = d
+        .processor
+        .keys(&d.operator)
+        .unwrap()
+        .phone_hash(b, &stranger)
+        .await
+        .unwrap();
+    assert!(d.store.peer_devices(b, phone).await.unwrap().is_empty());
+}
+
+/// Under `IdentityPolicy::Refuse`, a device whose retry receipt was
+/// ignored because the bundle had a new key gets the message once the
+/// business approves that key: the approval lets its receipts in again.
+/// (They stayed ignored for the message's life, so a delivered message,
+/// with no retransmission left, never reached the reinstalled device.)
+#[tokio::test]
+async fn an_approval_lets_the_devices_retry_receipts_in_again() {
+    let d = Deployment::on_with(
+        Arc::new(MemoryStore::new()),
+        &[7],
+        Faults::none(),
+        Faults::none(),
+        9,
+        IdentityPolicy::Refuse,
+    );
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(b, number(1), b"your order shipped").await;
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    d.assert_delivered(b, id).await;
+    // The consumer reinstalls; its device asks for the message again, and
+    // the bundle the network serves has the new key: refused.
+    d.network.add_consumer(&number(1), 1).await;
+    let refused = d.processor.retry_receipt(&d.transport, b, id, 0).await;
+    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+    let key = d.network.identity(&number(1), 0).await.unwrap();
+    assert!(
+        d.processor
+            .trust_new_identity(d.owner(b), b, &number(1), 0, key)
+            .await
+            .unwrap()
+    );
+    d.clock.advance(Duration::from_secs(600));
+    let again = d.processor.retry_receipt(&d.transport, b, id, 0).await;
+    assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+    d.run(Duration::from_secs(60), Duration::from_secs(60))
+        .await;
+    d.assert_delivered(b, id).await;
+}

@@ -2453,3 +2453,52 @@ async fn a_hold_stored_before_epoch_keys_are_destroyed_keeps_them() {
         );
     }
 }
+
+/// A legal hold another process stores on one business while the sweep
+/// destroys ended epoch keys spares that business's keys only: every
+/// other business's go, on every page, and the sweep reports itself
+/// incomplete, so that the next one, reading the hold, finishes. (The key
+/// stage stopped at the first page a key was spared on, and reported
+/// itself done: keys of businesses no hold covered outlived a sweep that
+/// said it was complete.)
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_hold_stored_mid_sweep_on_one_business_spares_no_other_business_keys() {
+    let (w, faults) = raced_on(Backend::Memory);
+    // One ended epoch key for each of 300 businesses: more than a page.
+    let end = T0;
+    for b in 1..=300 {
+        w.store
+            .insert_key(custodian::keys::WrappedKey {
+                id: custodian::keys::KeyId {
+                    business: business(b),
+                    kind: custodian::keys::KeyKind::Epoch,
+                    id: end,
+                },
+                kek_version: 1,
+                blob: vec![7; 60],
+            })
+            .await
+            .unwrap();
+    }
+    let now = Timestamp::from_millis(end).saturating_add(DAY);
+    faults.before_next(
+        seams::Deletion::EpochKeys,
+        stored_hold(HoldScope::Business(business(1)), now),
+    );
+    let report = w.retention.sweep(now, &Notices::default()).await.unwrap();
+    let left: Vec<BusinessId> = w
+        .store
+        .ended_epoch_keys(now, 1_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|id| id.business)
+        .collect();
+    assert_eq!(left, [business(1)], "{report:?}");
+    assert!(!report.complete, "{report:?}");
+    // The next sweep reads the hold (which needs no key: the business has
+    // no record) and finishes.
+    let report = w.retention.sweep(now, &Notices::default()).await.unwrap();
+    assert!(report.complete, "{report:?}");
+}

@@ -1885,6 +1885,72 @@ async fn a_resend_after_a_refused_retry_receipt_counts() {
     assert_eq!(d.network.resent_after_delivery().await, 2);
 }
 
+/// A retry receipt the processor refuses for now (here: `pump` given a
+/// principal that may not carry the business's traffic) asked for
+/// nothing yet: a send made before it is handed in again is a resend,
+/// counted. Before, only a receipt refused for good un-asked the device.
+#[tokio::test]
+async fn a_resend_while_a_retry_receipt_is_refused_for_now_counts() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(1, "hello").await;
+    d.run(Duration::from_secs(3600), true).await;
+    assert_eq!(d.status(id).await, Status::Delivered);
+    d.garbled_copy(id).await.unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 1);
+    let pumped = d.network.pump(&d.processor, &d.owner).await;
+    assert_eq!(
+        (pumped.retry_receipts, pumped.refused),
+        (1, 0),
+        "{pumped:?}"
+    );
+    assert_eq!(
+        d.network.in_flight().await,
+        1,
+        "the receipt, to hand in again"
+    );
+    d.garbled_copy(id).await.unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 2);
+}
+
+/// A retry receipt the processor ignores (a copy of one it answered
+/// within the receipt timeout) asks for nothing: a send made after it is
+/// a resend, counted; the answer to one it took up is not, though a copy
+/// of it came with it and was ignored. Before, any receipt the processor
+/// answered `Ok` left the device asking, so a later unrequested send went
+/// uncounted.
+#[tokio::test]
+async fn an_ignored_retry_receipt_asks_for_nothing() {
+    let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(1, "hello").await;
+    d.run(Duration::from_secs(3600), true).await;
+    assert_eq!(d.status(id).await, Status::Delivered);
+    // The device asks (a corrupted copy, counted), twice over: the first
+    // receipt is taken up, its copy ignored; the answer is not a resend.
+    d.garbled_copy(id).await.unwrap();
+    d.garbled_copy(id).await.unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 2);
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(pumped.retry_receipts, 2, "{pumped:?}");
+    d.run(Duration::from_secs(60), true).await;
+    assert_eq!(d.network.received(&number(1)).await[&0][&id], 2);
+    assert_eq!(d.network.resent_after_delivery().await, 2);
+    // Asked again within the receipt timeout: ignored, nothing sent.
+    d.garbled_copy(id).await.unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 3);
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        (pumped.retry_receipts, pumped.refused),
+        (1, 0),
+        "{pumped:?}"
+    );
+    d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.network.received(&number(1)).await[&0][&id], 2);
+    d.garbled_copy(id).await.unwrap();
+    assert_eq!(d.network.resent_after_delivery().await, 4);
+}
+
 /// A device's copy of a message beyond its first that carries other
 /// content than the first is counted in `altered_copies`; one like the
 /// first is not. A Signal peer speaking as the business sends one id

@@ -245,15 +245,19 @@ impl KeyManager {
     /// ([`Retention::sweep`](crate::retention::Retention::sweep), or
     /// `Processor::sweep`), which keeps the keys a hold needs.
     pub async fn destroy_ended_epochs_unchecked(&self, now: Timestamp) -> Result<u64, KeyError> {
-        self.destroy_ended_epochs_except(now, &BTreeSet::new(), None)
-            .await
+        let (removed, _) = self
+            .destroy_ended_epochs_except(now, &BTreeSet::new(), None)
+            .await?;
+        Ok(removed)
     }
 
     /// [`destroy_ended_epochs_unchecked`](Self::destroy_ended_epochs_unchecked),
     /// sparing the epochs in `keep` (those the legal holds `seen` still
     /// need) and, with holds `seen`, every key of a business that a hold
-    /// stored since covers ([`KeyStore::delete_epoch_keys`]): that
-    /// business's keys wait for the next sweep, and this call ends early.
+    /// stored since covers ([`KeyStore::delete_epoch_keys`]): those wait
+    /// for the holds to be read again, and the other businesses' keys go.
+    /// Returns how many entries were removed, and whether any was spared
+    /// so.
     ///
     /// [`KeyStore::delete_epoch_keys`]: crate::store::KeyStore::delete_epoch_keys
     pub(crate) async fn destroy_ended_epochs_except(
@@ -261,7 +265,7 @@ impl KeyManager {
         now: Timestamp,
         keep: &BTreeSet<(BusinessId, Epoch)>,
         seen: Option<&[HoldScope]>,
-    ) -> Result<u64, KeyError> {
+    ) -> Result<(u64, bool), KeyError> {
         let forget = ForgetEpochs {
             keys: self,
             doomed: |(b, epoch): &(BusinessId, Epoch)| {
@@ -270,18 +274,26 @@ impl KeyManager {
             early: false,
         };
         let mut removed = 0;
+        // The ids of pages the store did not delete in full: those it
+        // spared come back on every page.
+        let mut spared: BTreeSet<KeyId> = BTreeSet::new();
         loop {
-            // Spared entries come back on every page; asking for that many
-            // more guarantees progress.
-            let ended = self.store.ended_epoch_keys(now, PAGE + keep.len()).await?;
+            // Kept and spared entries come back on every page; asking for
+            // that many more guarantees progress.
+            let page = PAGE + keep.len() + spared.len();
+            let ended = self.store.ended_epoch_keys(now, page).await?;
             let doomed: Vec<KeyId> = ended
                 .into_iter()
                 .filter(|id| {
-                    !keep.contains(&(id.business, Epoch::ending_at(Timestamp::from_millis(id.id))))
+                    !spared.contains(id)
+                        && !keep.contains(&(
+                            id.business,
+                            Epoch::ending_at(Timestamp::from_millis(id.id)),
+                        ))
                 })
                 .collect();
             if doomed.is_empty() {
-                return Ok(removed);
+                return Ok((removed, !spared.is_empty()));
             }
             let deleted = match seen {
                 Some(seen) => self.store.delete_epoch_keys(&doomed, seen).await?,
@@ -290,9 +302,7 @@ impl KeyManager {
             removed += deleted;
             forget.now();
             if seen.is_some() && deleted < doomed.len() as u64 {
-                // Spared for a hold stored since: they would come back on
-                // every page.
-                return Ok(removed);
+                spared.extend(doomed);
             }
         }
     }

@@ -136,7 +136,7 @@ pub enum KeyError {
         /// How many keys it wraps.
         keys: u64,
     },
-    /// All 2^32 - 1 version numbers are used.
+    /// All the version numbers a ring can give (1 to 2^32 - 2) are used.
     #[error("KEK version numbers are exhausted")]
     VersionsExhausted,
     /// A stored ring breaks the ring invariants or cannot advance its

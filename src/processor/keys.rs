@@ -49,15 +49,20 @@ impl Processor {
     /// consumer confirmed its security code out of band. The device's
     /// session and any key trusted for it are replaced by `identity`: its
     /// own first-contact message with that key, or a bundle the transport
-    /// serves with it, then starts a session, and any other key is still
-    /// refused (the network cannot get its own key in first). Refused as
-    /// [`HoldError::ConsumerHeld`] while a legal hold covers the consumer
-    /// (its state is kept for the case). Returns whether anything changed
-    /// (`false` if that key was trusted already, or the business never
-    /// knew the consumer, whose first key is trusted on first use).
+    /// serves with it, then starts a session, and its retry receipts
+    /// ignored for a refused bundle count again. A bundle with any other
+    /// key is refused, so the network cannot get its own key in first; so
+    /// is a message with one under [`IdentityPolicy::Refuse`] (under
+    /// `AcceptAndReport` it is taken and reported, as any change is).
+    /// Refused as [`HoldError::ConsumerHeld`] while a legal hold covers the
+    /// consumer (its state is kept for the case). Returns whether anything
+    /// changed: `false` if that key was trusted already, or the device has
+    /// no state (it never wrote, or retention deleted its state), whose
+    /// next key is trusted on first use.
     ///
     /// [`HoldError::ConsumerHeld`]: crate::retention::HoldError::ConsumerHeld
     /// [`SignalError::UntrustedIdentity`]: crate::signal::SignalError::UntrustedIdentity
+    /// [`IdentityPolicy::Refuse`]: crate::signal::IdentityPolicy::Refuse
     pub async fn trust_new_identity(
         &self,
         principal: &Principal,
@@ -73,16 +78,18 @@ impl Processor {
         };
         // As long as a message the device sends now would keep it.
         let (expiry, _admitted) = self.admit(business, Direction::Inbound, self.clock.now())?;
+        let peer = PeerId { phone, device };
         let changed = self
             .retention
             .unless_held(
                 business,
                 phone,
                 self.sessions
-                    .trust_identity(business, PeerId { phone, device }, identity, expiry),
+                    .trust_identity(business, peer, identity, expiry),
             )
             .await??;
         if changed {
+            self.receipts.approved(business, peer);
             info!(%business, device, "a changed identity key was approved");
         }
         Ok(changed)

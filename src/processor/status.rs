@@ -44,8 +44,9 @@ pub enum StatusChange {
 /// time until which another receipt of that device for that message is
 /// ignored: for as long as a copy of one may follow it (the receipt
 /// timeout), or, if its bundle was refused (another identity key), for the
-/// message's life, since every bundle fetched would cost the device a
-/// one-time prekey and be refused again. And by device, when a receipt last
+/// message's life or until the business approves the device's new key,
+/// since every bundle fetched before would cost the device a one-time
+/// prekey and be refused again. And by device, when a receipt last
 /// started it a new session: a receipt for another message sent on the old
 /// one within the receipt timeout makes that message due on the new
 /// session, fetching no bundle. In memory (a receipt after a restart is
@@ -55,6 +56,10 @@ pub enum StatusChange {
 pub(super) struct Receipts {
     window: Duration,
     ignore: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
+    /// Of the receipts ignored, those whose bundle had another identity
+    /// key, by whose device they were: an approval of that device's new
+    /// key lets them in again. Locked after `ignore`.
+    refused: Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>,
     restarted: Mutex<HashMap<(BusinessId, PeerId), Timestamp, RandomState>>,
 }
 
@@ -63,14 +68,34 @@ impl Receipts {
         Self {
             window,
             ignore: Mutex::default(),
+            refused: Mutex::default(),
             restarted: Mutex::default(),
         }
     }
 
     /// Forget what no longer counts at `now`.
     pub(super) fn expire(&self, now: Timestamp) {
-        lock(&self.ignore).retain(|_, until| now < *until);
+        let mut ignore = lock(&self.ignore);
+        ignore.retain(|_, until| now < *until);
+        lock(&self.refused).retain(|key, _| ignore.contains_key(key));
+        drop(ignore);
         lock(&self.restarted).retain(|_, until| now < *until);
+    }
+
+    /// `peer`'s new identity key was approved: its receipts ignored for a
+    /// bundle with that key count again, and no session it was started
+    /// lately stands (the approval replaced it).
+    pub(super) fn approved(&self, business: BusinessId, peer: PeerId) {
+        let mut ignore = lock(&self.ignore);
+        lock(&self.refused).retain(|&(b, id, device), phone| {
+            let approved = b == business && device == peer.device && *phone == peer.phone;
+            if approved {
+                ignore.remove(&(b, id, device));
+            }
+            !approved
+        });
+        drop(ignore);
+        lock(&self.restarted).remove(&(business, peer));
     }
 
     /// Note a receipt of `device` for `id` taken up at `now`, unless one is
@@ -143,12 +168,17 @@ impl Noted<'_> {
     /// Every receipt of the device for the message is ignored until `until`.
     fn keep_until(mut self, until: Timestamp) {
         if let Some(key) = self.key.take() {
-            let mut ignore = self
-                .receipts
-                .ignore
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            lock(&self.receipts.ignore).insert(key, until);
+        }
+    }
+
+    /// Every receipt of the device of `phone` for the message is ignored
+    /// until `until`, or until its new identity key is approved.
+    fn refused_until(mut self, until: Timestamp, phone: PhoneHash) {
+        if let Some(key) = self.key.take() {
+            let mut ignore = lock(&self.receipts.ignore);
             ignore.insert(key, until);
+            lock(&self.receipts.refused).insert(key, phone);
         }
     }
 }
@@ -650,7 +680,7 @@ impl Processor {
                         false
                     }
                     Err(SignalError::UntrustedIdentity { .. }) => {
-                        noted.keep_until(record.expiry);
+                        noted.refused_until(record.expiry, record.phone);
                         warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
                         return Ok(StatusChange::Ignored);
                     }

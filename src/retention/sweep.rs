@@ -646,6 +646,7 @@ impl<'a> Sweep<'a> {
 
     /// Stage 0: destroy the keys of ended epochs, except those still
     /// sealing a record under a legal hold (a message, or a Signal record).
+    /// Unfinished if a hold stored since the holds were read spared any.
     ///
     /// If the epochs of a held business's records cannot be read (a
     /// damaged record: [`StoreError::Corrupt`]), which keys the hold needs
@@ -673,11 +674,14 @@ impl<'a> Sweep<'a> {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.report.epoch_keys_destroyed += self
+        let (destroyed, spared) = self
             .keys
             .destroy_ended_epochs_except(self.now, &keep, Some(&held.scopes))
             .await?;
-        Ok(true)
+        self.report.epoch_keys_destroyed += destroyed;
+        // Spared for a hold stored since the holds were read: the stage
+        // runs again, reading it.
+        Ok(!spared)
     }
 
     /// Add every live key of an epoch of `business` that ended by now to

@@ -1189,13 +1189,19 @@ impl Sessions {
     }
 
     /// Trust `identity` for one device, in place of its session and any
-    /// key trusted for it: how a host approves an identity change that
-    /// [`IdentityPolicy::Refuse`] refused (the consumer confirmed the new
-    /// security code). The device's next first-contact message with that
-    /// key, or a bundle with it, starts a session; any other key is still
-    /// refused. The record lives at least until `expiry`. Returns whether
-    /// anything changed (`false` if the key was trusted already, when the
-    /// session is kept).
+    /// key trusted for it: how a host approves an identity change (the
+    /// consumer confirmed the new security code). The device's next
+    /// first-contact message with that key, or a bundle with it, starts a
+    /// session; a bundle with any other key is refused, and so is a message
+    /// under [`IdentityPolicy::Refuse`] (under
+    /// [`AcceptAndReport`](IdentityPolicy::AcceptAndReport) it is taken and
+    /// reported, as any change is). A record that cannot be read (damaged,
+    /// or not this device's) is replaced: the approval needs nothing of
+    /// it. The record lives at least until `expiry`, or until a sweep finds
+    /// its consumer with no live message. Returns whether anything changed:
+    /// `false` if the key was trusted already (the session is kept), or the
+    /// device has no state (it never wrote, or retention deleted its state:
+    /// its next key is trusted on first use).
     pub async fn trust_identity(
         &self,
         business: BusinessId,
@@ -1209,11 +1215,31 @@ impl Sessions {
                 "identity key",
             )))?;
         let _guard = self.address_locks.lock((business, peer)).await;
-        let (mut state, taken) = self.load_peer(business, peer).await?;
-        if state
+        let loaded = self.load_peer(business, peer).await;
+        let unreadable = match &loaded {
+            Err(SignalError::Storage(StorageFailure::Corrupt(_) | StorageFailure::Open(_))) => true,
+            Err(SignalError::Storage(StorageFailure::Store(e))) => {
+                matches!(**e, StoreError::Corrupt(_))
+            }
+            _ => false,
+        };
+        let (mut state, taken) = match loaded {
+            Ok(loaded) => loaded,
+            // Written over: the approval needs nothing of it.
+            Err(_) if unreadable => {
+                let empty = Peer {
+                    generation: self.cache.generation(),
+                    ..Peer::empty(peer)
+                };
+                (Box::new(empty), self.cache.taken((business, peer), false))
+            }
+            Err(e) => return Err(e),
+        };
+        let trusted = state
             .identity
-            .is_some_and(|known| same_key(known.public_key(), key.public_key()))
-        {
+            .is_some_and(|known| same_key(known.public_key(), key.public_key()));
+        let stateless = !unreadable && state.session.is_none() && state.identity.is_none();
+        if trusted || stateless {
             taken.put(state);
             return Ok(false);
         }

@@ -43,6 +43,7 @@
 //! not yet approved) is delivered again, and [`PumpReport::last_error`]
 //! says why.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ use super::faults::{Decision, Faults, Injector, InvalidFaults, Leg, LegStats};
 use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
-use crate::processor::{Inbound, Processor, ProcessorError, parse_device_payload};
+use crate::processor::{Inbound, Processor, ProcessorError, StatusChange, parse_device_payload};
 use crate::signal::{DeviceIdentity, PreKeyBundle, PublishedKeys};
 use crate::store::Status;
 use crate::time::{Clock, ManualClock, Timestamp};
@@ -95,6 +96,15 @@ struct ToDevice {
     number: String,
     device: u32,
     message: Outgoing,
+}
+
+/// A device's ask for a message again (see `Net::asked`).
+#[derive(Debug, Default)]
+struct Asked {
+    /// Its receipts with the processor now.
+    calls: u32,
+    /// The processor took one up: its answer is owed.
+    applied: bool,
 }
 
 /// A retry receipt on its way to the processor: `device` could not decrypt
@@ -163,9 +173,10 @@ struct Net {
     /// Copies of a message beyond a device's first whose content or
     /// sending business differ from the first's.
     altered_copies: u64,
-    /// Messages a device asked for again, per device: its retry receipt
-    /// reached the processor, and no send was accepted since.
-    asked: BTreeSet<(BusinessId, MessageId, u32)>,
+    /// Messages a device asked for again, per device: a retry receipt of
+    /// its is with the processor, or the processor took one up
+    /// ([`StatusChange::Applied`]), and no send was accepted since.
+    asked: BTreeMap<(BusinessId, MessageId, u32), Asked>,
     seq: u64,
     faults: Injector,
     integrity: Vec<IntegrityReport>,
@@ -380,7 +391,7 @@ impl SimNetwork {
                 resent_after_report: 0,
                 mislabelled: 0,
                 altered_copies: 0,
-                asked: BTreeSet::new(),
+                asked: BTreeMap::new(),
                 seq: 0,
                 faults: Injector::new(faults, seed),
                 integrity: Vec::new(),
@@ -692,16 +703,16 @@ impl SimNetwork {
         let retries = {
             let mut net = self.net.lock().await;
             let retries = take_due(&mut net.retries, now);
-            // A device has asked once its receipt reaches the processor (one
-            // lost on the way asked nothing), marked before the call so that
-            // the sends answering it are not counted as resends.
+            // A device has asked while its receipt is with the processor
+            // (one lost on the way asked nothing), marked before the call
+            // so that the sends answering it are not counted as resends.
             for flight in &retries {
                 let Retry {
                     business,
                     id,
                     device,
                 } = flight.item;
-                net.asked.insert((business, id, device));
+                net.asked.entry((business, id, device)).or_default().calls += 1;
             }
             retries
         };
@@ -719,17 +730,26 @@ impl SimNetwork {
             let net = &mut *net;
             for (result, flight) in results.into_iter().zip(chunk) {
                 report.retry_receipts += 1;
+                let Retry {
+                    business,
+                    id,
+                    device,
+                } = flight.item;
+                // The receipt is back from the processor: the device still
+                // asks if the processor took it up (its answer not sent
+                // yet), or another of its receipts is with it. One refused
+                // or ignored asked for nothing it will be sent.
+                if let Entry::Occupied(mut asked) = net.asked.entry((business, id, device)) {
+                    let mark = asked.get_mut();
+                    mark.calls = mark.calls.saturating_sub(1);
+                    mark.applied |= matches!(result, Ok(StatusChange::Applied));
+                    if mark.calls == 0 && !mark.applied {
+                        asked.remove();
+                    }
+                }
                 match result {
                     Ok(_) => {}
                     Err(e) if e.is_permanent() => {
-                        // Refused: the processor took nothing up, so the
-                        // device asked for nothing it will be sent.
-                        let Retry {
-                            business,
-                            id,
-                            device,
-                        } = flight.item;
-                        net.asked.remove(&(business, id, device));
                         report.refused += 1;
                         report.last_error = Some(e.to_string());
                     }
@@ -842,8 +862,9 @@ impl SimNetwork {
     /// processor took the message's delivery report (every device had it
     /// by then), unless the device asked for the message again since (a
     /// device that cannot decrypt a copy sends a retry receipt, and a send
-    /// made once the receipt reached the processor is not counted; one made
-    /// while it is on its way, or after it was lost, is). Counted when the call is made,
+    /// made while the processor has the receipt, or after it took it up,
+    /// is not counted; one made while it is on its way, after it was lost,
+    /// or after the processor refused or ignored it, is). Counted when the call is made,
     /// so a send the network refuses (an outage, `fail`) counts too.
     /// Messages are told apart by the id the send carries
     /// ([`Outgoing::id`]).
@@ -941,7 +962,7 @@ impl Transport for SimNetwork {
         let key = (business, message.id, device);
         // Counted when the call is made, whatever the network answers.
         if net.accepted.contains(&key)
-            && !net.asked.contains(&key)
+            && !net.asked.contains_key(&key)
             && net.reported.contains(&(business, message.id))
         {
             net.resent_after_report += 1;
