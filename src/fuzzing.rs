@@ -24,8 +24,9 @@ use crate::keys::{
 use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::signal::{
-    Ciphertext, MessageKind, ONE_TIME_PREKEY, Parsed, SignalError, StorageFailure, decode_identity,
-    decode_one_time_prekey, decode_peer_record, decode_signed_prekey, encode_identity,
+    Ciphertext, DeviceIdentity, MessageKind, ONE_TIME_PREKEY, Parsed, SignalError, StorageFailure,
+    decode_identity, decode_one_time_prekey, decode_peer_record, decode_signed_prekey,
+    encode_identity,
 };
 use crate::store::{Direction, PeerId};
 use crate::time::Timestamp;
@@ -132,6 +133,9 @@ pub struct IdParses {
     pub message_id: bool,
     /// [`DecisionId`]'s `FromStr` (the audit trail's decision ids).
     pub decision_id: bool,
+    /// [`DeviceIdentity::from_bytes`] (a key a business approves), on
+    /// exactly 33 bytes.
+    pub device_identity: bool,
 }
 
 /// Fuzz check for the identifier parsers, on any bytes: [`PhoneNumber`]
@@ -142,10 +146,13 @@ pub struct IdParses {
 /// 1 to 2^64 - 1 without a sign or leading zero, [`MessageId`] exactly
 /// 32 lowercase hexadecimal digits, and [`DecisionId`] exactly two runs of
 /// 16 joined by `-`, each printing and serialising back to the text it
-/// parsed. Returns which parsers accepted the bytes.
+/// parsed; [`DeviceIdentity`] accepts exactly a Curve25519 key (type byte
+/// `05`) in its canonical encoding that is not of small order, gives back
+/// its bytes and prints none. Returns which parsers accepted the bytes.
 pub fn phone_number(data: &[u8]) -> IdParses {
     let mut parses = IdParses {
         region: region(data),
+        device_identity: device_identity(data),
         ..IdParses::default()
     };
     let Ok(text) = std::str::from_utf8(data) else {
@@ -170,6 +177,43 @@ pub fn phone_number(data: &[u8]) -> IdParses {
     }
     parses.phone_number = true;
     parses
+}
+
+/// The [`DeviceIdentity`] part of [`phone_number`]: whether `data` is one.
+fn device_identity(data: &[u8]) -> bool {
+    use wacore_libsignal::protocol::{PrivateKey, PublicKey};
+    let Ok(bytes) = <[u8; 33]>::try_from(data) else {
+        return false;
+    };
+    // The documented rule, spelled out apart from the Signal layer's: the
+    // u-coordinate, little-endian, below 2^255 - 19, and an agreement with
+    // it (under any key of ours) other than zeros, which a point of small
+    // order gives.
+    let prime_le: [u8; 32] = {
+        let mut p = [0xff; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        p
+    };
+    let below_prime = bytes[1..].iter().rev().lt(prime_le.iter().rev());
+    let contributes = || {
+        let ours = PrivateKey::deserialize(&[0x42; 32]).unwrap_or_else(|e| panic!("{e}"));
+        PublicKey::deserialize(&bytes)
+            .ok()
+            .and_then(|theirs| ours.calculate_agreement(&theirs).ok())
+            .is_some_and(|agreed| agreed != [0; 32])
+    };
+    let expected = bytes[0] == 0x05 && below_prime && contributes();
+    let parsed = DeviceIdentity::from_bytes(&bytes);
+    assert_eq!(parsed.is_some(), expected, "identity {bytes:02x?}");
+    let Some(identity) = parsed else { return false };
+    assert_eq!(
+        identity.to_bytes(),
+        bytes,
+        "an identity is the bytes it parsed"
+    );
+    assert_eq!(format!("{identity:?}"), "DeviceIdentity(..)");
+    true
 }
 
 /// The [`Region`] part of [`phone_number`]: whether `name` is one.
@@ -1034,6 +1078,23 @@ mod tests {
             .collect()
     }
 
+    proptest::proptest! {
+        /// Any 33 bytes, as the business may pass them, and keys of the
+        /// right type: [`DeviceIdentity::from_bytes`] keeps its rule (see
+        /// [`phone_number`]), never panicking.
+        #[test]
+        fn device_identities_parse_by_the_documented_rule(
+            mut bytes in proptest::array::uniform::<_, 33>(proptest::prelude::any::<u8>()),
+            typed: bool,
+        ) {
+            if typed {
+                bytes[0] = 0x05;
+            }
+            let accepted = device_identity(&bytes);
+            proptest::prop_assert!(!accepted || bytes[0] == 0x05);
+        }
+    }
+
     #[test]
     fn phone_number_corpus_replays_with_the_expected_results() {
         for (name, expected, bytes) in corpus("phone_number") {
@@ -1048,6 +1109,7 @@ mod tests {
                 "business" => parses.business_id,
                 "message" => parses.message_id,
                 "decision" => parses.decision_id,
+                "identity" => parses.device_identity,
                 _ => panic!("{name}: unknown parser {parser}"),
             };
             assert!(matches!(verdict, "ok" | "bad"), "{name}: unknown verdict");
