@@ -6,8 +6,7 @@ use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, PhoneNumber};
 use crate::keys::KeyManager;
 use crate::signal::DeviceIdentity;
-use crate::store::Direction;
-use crate::store::PeerId;
+use crate::store::{Direction, PeerId};
 use crate::transport::Principal;
 
 impl Processor {

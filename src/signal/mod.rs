@@ -226,10 +226,13 @@ pub enum IdentityPolicy {
 /// let identity = DeviceIdentity::from_bytes(&key).expect("a Curve25519 key");
 /// assert_eq!(identity.to_bytes(), key);
 /// assert_eq!(format!("{identity:?}"), "DeviceIdentity(..)");
-/// // Another type byte, or a key in another than its canonical encoding,
-/// // is no identity key.
+/// // Another type byte, a key in another than its canonical encoding, or
+/// // one of small order (here zero), is no identity key.
 /// key[0] = 0x06;
 /// assert!(DeviceIdentity::from_bytes(&key).is_none());
+/// let mut zero = [0u8; 33];
+/// zero[0] = 0x05;
+/// assert!(DeviceIdentity::from_bytes(&zero).is_none());
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeviceIdentity([u8; 33]);
@@ -771,7 +774,6 @@ impl Sessions {
     }
 
     /// The business's account, loaded (or created) once and cached.
-    /// The account of `business`, created on first use.
     async fn account(&self, business: BusinessId) -> Result<Arc<Account>, SignalError> {
         match self.cached_account(business) {
             Some(account) => Ok(account),
