@@ -36,7 +36,8 @@ use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
 use custodian::processor::{Inbound, Outbound, ProcessorError, StatusChange};
-use custodian::signal::{SignalConfig, SignalError};
+use custodian::retention::RetentionPolicy;
+use custodian::signal::{IdentityPolicy, SignalConfig, SignalError};
 use custodian::store::{
     Batch, FailureReason, HoldScope, KeyStore, MemoryStore, Op, PeerId, Status, Storage,
 };
@@ -2023,4 +2024,201 @@ async fn an_approval_replaces_a_record_it_cannot_read() {
         message: reinstalled.encrypt(d.b, b"new phone").await.unwrap(),
     };
     assert!(d.receive(inbound).await.unwrap().delivered);
+}
+
+/// The store calls `run` makes on `d`, by name, failing none of them.
+async fn calls_of<F: std::future::Future>(
+    d: &Deployment,
+    run: F,
+) -> (Vec<&'static str>, F::Output) {
+    d.faults.set(Plan {
+        at: usize::MAX,
+        seams: Seams::Store,
+        strike: Strike::Before,
+        outage: false,
+    });
+    let out = run.await;
+    let calls = d.faults.lift();
+    assert!(calls.is_empty(), "nothing failed: {calls:?}");
+    (d.faults.calls(), out)
+}
+
+/// A deployment where consumer 1's device 1 wrote once (its record holds
+/// its key, sealed for the default 30 days), then the business's inbound
+/// retention is cut to one day and the process restarts (nothing in
+/// memory); and the device's reinstalled key.
+async fn device_with_a_30_day_record() -> (Deployment, PeerId, ConsumerDevice) {
+    let mut d = Deployment::with_signal(
+        Faults::none(),
+        Faults::none(),
+        SignalConfig {
+            prekey_pool: 4,
+            prekey_low_water: 2,
+            ..SignalConfig::default()
+        },
+    )
+    .await;
+    let mut one = d.handset().await;
+    let inbound = d.inbound(&mut one, b"hello").await;
+    assert!(d.receive(inbound).await.unwrap().delivered);
+    let phone = d
+        .processor
+        .keys(&d.operator)
+        .unwrap()
+        .phone_hash(d.b, &consumer(1))
+        .await
+        .unwrap();
+    let shorter = format!("[business.{BUSINESS}]\ninbound = \"1d\"\n");
+    let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
+    d.restart();
+    d.processor
+        .set_retention_policy(&d.operator, shorter)
+        .unwrap();
+    let reinstalled = ConsumerDevice::new(1);
+    (d, PeerId { phone, device: 1 }, reinstalled)
+}
+
+/// An approval whose read of the device's record fails for a moment (the
+/// key store failing as the record's epoch key is read) fails, changing
+/// nothing: the host asks again. Before, it took the record for
+/// unreadable and wrote over it, losing its expiry (the latest of any
+/// message exchanged with the device): with inbound retention cut to a
+/// day, the approved key stayed pinned one day, not 30, after which any
+/// key was trusted on first use. Only a record damaged, or not this
+/// device's, is written over.
+#[tokio::test]
+async fn an_approval_whose_key_read_fails_changes_nothing() {
+    // Which store call reads the record's epoch key: the first `key` read
+    // after the record's `peer` read, in a twin deployment.
+    let (twin, peer, key) = device_with_a_30_day_record().await;
+    let twin_before = twin
+        .store
+        .peer_epochs(twin.b, Some(peer.phone))
+        .await
+        .unwrap();
+    let (calls, approved) = calls_of(
+        &twin,
+        twin.processor
+            .trust_new_identity(&twin.owner, twin.b, &consumer(1), 1, key.identity()),
+    )
+    .await;
+    assert!(matches!(approved, Ok(true)), "{approved:?}");
+    let read = calls.iter().position(|c| *c == "peer").unwrap();
+    let at = read + calls[read..].iter().position(|c| *c == "key").unwrap() + 1;
+    // Read, the record keeps its 30 days.
+    let twin_after = twin
+        .store
+        .peer_epochs(twin.b, Some(peer.phone))
+        .await
+        .unwrap();
+    assert_eq!(twin_before, twin_after);
+    drop(twin);
+
+    let (d, peer, key) = device_with_a_30_day_record().await;
+    let before = d.store.peer(d.b, peer).await.unwrap().unwrap();
+    let epochs_before = d.store.peer_epochs(d.b, Some(peer.phone)).await.unwrap();
+    d.faults.fail_at(at, Seams::Store, Strike::Before);
+    let approved = d
+        .processor
+        .trust_new_identity(&d.owner, d.b, &consumer(1), 1, key.identity())
+        .await;
+    let failed = d.faults.lift();
+    assert_eq!(
+        failed,
+        [("key", Strike::Before)],
+        "the epoch key's read failed"
+    );
+    let after = d.store.peer(d.b, peer).await.unwrap().unwrap();
+    let epochs_after = d.store.peer_epochs(d.b, Some(peer.phone)).await.unwrap();
+    assert!(
+        approved.is_err(),
+        "a key store failing one read made the approval write over the device's record \
+         ({approved:?}): sealed for {epochs_before:?} before, {epochs_after:?} after"
+    );
+    assert_eq!(before, after, "a failed approval changed the record");
+}
+
+/// Under `IdentityPolicy::Refuse`: consumer 2's one device had the
+/// business's message delivered, then reinstalled (a new identity key),
+/// and its retry receipt for the message was ignored, its bundle refused.
+/// The deployment, the message and the device's new key.
+async fn a_receipt_refused_for_a_new_key() -> (
+    Deployment,
+    custodian::ids::MessageId,
+    custodian::signal::DeviceIdentity,
+) {
+    let d = Deployment::with_signal(
+        Faults::none(),
+        Faults::none(),
+        SignalConfig {
+            prekey_pool: 4,
+            prekey_low_water: 2,
+            identity_policy: IdentityPolicy::Refuse,
+            ..SignalConfig::default()
+        },
+    )
+    .await;
+    d.network.add_consumer(&consumer(2), 1).await;
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your order shipped"))
+        .await
+        .unwrap();
+    d.settle(5).await;
+    let (status, _) = d.processor.message_status(&d.owner, d.b, id).await.unwrap();
+    assert_eq!(status, custodian::store::Status::Delivered);
+    d.network.add_consumer(&consumer(2), 1).await;
+    let refused = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+    let key = d.network.identity(&consumer(2), 0).await.unwrap();
+    (d, id, key)
+}
+
+/// An approval whose write landed but whose answer was lost, asked again
+/// (the key is trusted already: it answers `false`), still lets the
+/// device's refused retry receipts in again. Before, only a call that
+/// changed the record did, so the delivered message never reached the
+/// reinstalled device.
+#[tokio::test]
+async fn an_approval_asked_again_after_a_lost_answer_lets_receipts_in() {
+    // Which store call is the approval's commit, in a twin deployment.
+    let (twin, twin_id, key) = a_receipt_refused_for_a_new_key().await;
+    let (calls, approved) = calls_of(
+        &twin,
+        twin.processor
+            .trust_new_identity(&twin.owner, twin.b, &consumer(2), 0, key),
+    )
+    .await;
+    assert!(matches!(approved, Ok(true)), "{approved:?}");
+    let at = calls.iter().position(|c| *c == "commit").unwrap() + 1;
+    // Answered, the approval lets the receipt in.
+    twin.clock.advance(Duration::from_secs(600));
+    let receipt = twin
+        .processor
+        .retry_receipt(&twin.carrier, twin.b, twin_id, 0)
+        .await;
+    assert!(matches!(receipt, Ok(StatusChange::Applied)), "{receipt:?}");
+    drop(twin);
+
+    let (d, id, key) = a_receipt_refused_for_a_new_key().await;
+    d.faults.fail_at(at, Seams::Store, Strike::After);
+    let lost = d
+        .processor
+        .trust_new_identity(&d.owner, d.b, &consumer(2), 0, key)
+        .await;
+    assert_eq!(d.faults.lift(), [("commit", Strike::After)]);
+    assert!(lost.is_err(), "{lost:?}");
+    // The host asks again: the key is trusted (the write landed).
+    let again = d
+        .processor
+        .trust_new_identity(&d.owner, d.b, &consumer(2), 0, key)
+        .await;
+    assert!(again.is_ok(), "{again:?}");
+    d.clock.advance(Duration::from_secs(600));
+    let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+    assert!(
+        matches!(receipt, Ok(StatusChange::Applied)),
+        "the device's key is approved (asked again: {again:?}), yet its retry receipt \
+         is still ignored for the refused bundle: {receipt:?}"
+    );
 }

@@ -2082,3 +2082,34 @@ async fn a_key_read_just_before_a_rotation_completes_loads() {
         "{loaded:?}"
     );
 }
+
+/// A business's first use racing another's (two processes, or two tasks)
+/// uses the ring the other made: one that found no ring, then finds keys
+/// stored, reads the ring again. (The check that refuses a fresh ring
+/// while keys are stored answered `CorruptRing` there, the error for a
+/// damaged store.)
+#[tokio::test]
+async fn a_first_use_racing_another_uses_the_ring_it_made() {
+    let store = Arc::new(PausingStore::new(None));
+    let b = business(504);
+    let now = Timestamp::from_millis(T0);
+    let epoch = |hours| Epoch::containing(now.saturating_add(hours * HOUR), EpochLength::DEFAULT);
+    let (first, second) = (epoch(2).unwrap(), epoch(5).unwrap());
+    let keys = manager(&store);
+    // Paused just after reading the ring it finds missing.
+    store.read_armed.store(true, Ordering::SeqCst);
+    let sealing = tokio::spawn({
+        let keys = keys.clone();
+        async move { keys.epoch_key_for_seal(b, first, now).await.map(drop) }
+    });
+    store.reached.acquire().await.unwrap().forget();
+    // Another's first use meanwhile: the ring, and a key under it.
+    manager(&store)
+        .epoch_key_for_seal(b, second, now)
+        .await
+        .unwrap();
+    store.release.add_permits(1);
+    let sealed = sealing.await.unwrap();
+    assert!(sealed.is_ok(), "{sealed:?}");
+    assert!(keys.epoch_key(b, second).await.is_ok());
+}

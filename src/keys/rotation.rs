@@ -118,7 +118,11 @@ impl KeyManager {
             .await?
             .is_empty()
         {
-            return Err(KeyError::CorruptRing { business });
+            // Unless another caller created the ring, and a key, meanwhile.
+            return self
+                .stored_ring(business)
+                .await?
+                .ok_or(KeyError::CorruptRing { business });
         }
         let key = SecretKey::generate();
         let wrapped = self

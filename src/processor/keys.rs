@@ -87,8 +87,10 @@ impl Processor {
                     .trust_identity(business, peer, identity, expiry),
             )
             .await??;
+        // Whether or not this call changed it (an approval asked again, its
+        // first answer lost): the key is trusted now.
+        self.receipts.approved(business, peer);
         if changed {
-            self.receipts.approved(business, peer);
             info!(%business, device, "a changed identity key was approved");
         }
         Ok(changed)

@@ -114,6 +114,7 @@ impl Receipts {
             return None;
         }
         ignore.retain(|_, until| now < *until);
+        lock(&self.refused).retain(|key, _| ignore.contains_key(key));
         ignore.insert(key, now.saturating_add(self.window));
         Some(Noted {
             receipts: self,
@@ -801,5 +802,34 @@ mod tests {
             !kept,
             "a consumer's phone hash is still held 40 days after its last retry receipt"
         );
+    }
+
+    /// A receipt ignored for a refused bundle holds its consumer's phone
+    /// hash no longer than the receipt is ignored: the next receipt taken
+    /// up after that drops it, sweep or no sweep. (It stayed until the
+    /// next sweep.)
+    #[test]
+    fn a_refused_receipt_forgets_its_consumer_with_its_window() {
+        const DAY: u64 = 24 * 3600 * 1000;
+        let receipts = Receipts::new(Duration::from_secs(3600));
+        let business = BusinessId::new(7).unwrap();
+        let phone = PhoneHash::from_bytes([0xA5; 16]);
+        let noted = receipts
+            .take(
+                business,
+                MessageId::random(),
+                1,
+                Timestamp::from_millis(DAY),
+            )
+            .unwrap();
+        noted.refused_until(Timestamp::from_millis(3 * DAY), phone);
+        assert!(lock(&receipts.refused).values().any(|p| *p == phone));
+        // After the message's life, another consumer's receipt comes.
+        let later = Timestamp::from_millis(41 * DAY);
+        receipts
+            .take(business, MessageId::random(), 0, later)
+            .unwrap()
+            .keep();
+        assert!(lock(&receipts.refused).is_empty());
     }
 }

@@ -1199,7 +1199,8 @@ impl Sessions {
     /// [`AcceptAndReport`](IdentityPolicy::AcceptAndReport) it is taken and
     /// reported, as any change is). A record that cannot be read (damaged,
     /// or not this device's) is replaced: the approval needs nothing of
-    /// it. The record lives at least until `expiry`, or until a sweep finds
+    /// it; a key store or provider failing as it is read fails the
+    /// approval, which changes nothing. The record lives at least until `expiry`, or until a sweep finds
     /// its consumer with no live message. Returns whether anything changed:
     /// `false` if the key was trusted already (the session is kept), or the
     /// device has no state (it never wrote, or retention deleted its state:
@@ -1218,8 +1219,11 @@ impl Sessions {
             )))?;
         let _guard = self.address_locks.lock((business, peer)).await;
         let loaded = self.load_peer(business, peer).await;
+        // Unreadable for good: damaged, or not this device's. A key store
+        // or provider failing as the record is opened is no sign of that.
         let unreadable = match &loaded {
-            Err(SignalError::Storage(StorageFailure::Corrupt(_) | StorageFailure::Open(_))) => true,
+            Err(SignalError::Storage(StorageFailure::Corrupt(_))) => true,
+            Err(SignalError::Storage(StorageFailure::Open(e))) => !matches!(e, OpenError::Key(_)),
             Err(SignalError::Storage(StorageFailure::Store(e))) => {
                 matches!(**e, StoreError::Corrupt(_))
             }
