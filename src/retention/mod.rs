@@ -415,8 +415,9 @@ impl Retention {
     /// `principal` (who asked, as the audit trail names them) and the case
     /// or request `reference` (a business leaving, a breach): every
     /// record sealed under it becomes unreadable at once in the store (a
-    /// backup taken before keeps the wrapped key; see [`crate::keys`]). Refused as [`HoldError::Held`] while a legal
-    /// hold covers a record sealed under it: a message, or a consumer's
+    /// backup taken before keeps the wrapped key; see [`crate::keys`]).
+    /// Refused as [`HoldError::Held`] while a legal hold covers a record
+    /// sealed under it: a message, or a consumer's
     /// Signal record (sealed under the epoch of the latest expiry of any
     /// message exchanged with the device, which may be deleted already).
     /// Recorded in the audit trail before the key is destroyed (nothing is

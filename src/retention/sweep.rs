@@ -679,8 +679,8 @@ impl<'a> Sweep<'a> {
             .destroy_ended_epochs_except(self.now, &keep, Some(&held.scopes))
             .await?;
         self.report.epoch_keys_destroyed += destroyed;
-        // Spared for a hold stored since the holds were read: the stage
-        // runs again, reading it.
+        // Spared for a hold stored since the holds were read: the stage is
+        // unfinished (the sweep incomplete), and its next turn reads it.
         Ok(!spared)
     }
 
