@@ -1602,6 +1602,20 @@ fn a_delivery_whose_status_write_fails_is_counted_once() {
     });
 }
 
+/// Receive `inbound`, failing nothing; the number of its last store call
+/// that commits, the write recording its hand-over: the call to fail in
+/// another receive that makes the same calls.
+async fn hand_over_write(d: &Deployment, inbound: Inbound) -> usize {
+    d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+    assert!(d.receive(inbound).await.unwrap().delivered);
+    1 + d
+        .faults
+        .calls()
+        .iter()
+        .rposition(|c| *c == "commit")
+        .unwrap()
+}
+
 /// The same for an inbound message: its hand-over's write fails, before
 /// the store makes it or after (it landed, its answer lost), and the
 /// network hands the message in again, answered as a duplicate the
@@ -1631,16 +1645,7 @@ fn an_inbound_delivery_whose_write_fails_is_counted_once() {
             }
             let [first, second, third] = <[Inbound; 3]>::try_from(inbound).unwrap();
             assert!(d.receive(first).await.unwrap().delivered);
-            // The second goes through; its store calls say which one
-            // records the hand-over (the last write).
-            d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
-            assert!(d.receive(second).await.unwrap().delivered);
-            let write = 1 + d
-                .faults
-                .calls()
-                .iter()
-                .rposition(|c| *c == "commit")
-                .unwrap();
+            let write = hand_over_write(&d, second).await;
             d.faults.fail_at(write, Seams::Store, strike);
             let failed = d.receive(third.clone()).await;
             assert!(failed.is_err(), "{strike:?}: {failed:?}");
@@ -1937,15 +1942,7 @@ async fn a_replay_refused_at_the_commit_says_whether_the_business_has_it() {
     let second = first_contact(None, 3).await;
     let third = first_contact(None, 4).await;
     assert!(d.receive(first).await.unwrap().delivered);
-    // Which store call records the hand-over (the last commit).
-    d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
-    assert!(d.receive(second).await.unwrap().delivered);
-    let write = 1 + d
-        .faults
-        .calls()
-        .iter()
-        .rposition(|c| *c == "commit")
-        .unwrap();
+    let write = hand_over_write(&d, second).await;
     d.faults.fail_at(write, Seams::Store, Strike::Before);
     assert!(d.receive(third.clone()).await.is_err());
     assert_eq!(d.faults.lift(), [("commit", Strike::Before)]);

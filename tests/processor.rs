@@ -153,6 +153,13 @@ impl Deployment {
         }
     }
 
+    /// Business 7, in memory, under `IdentityPolicy::Refuse`.
+    fn refusing_new_identities() -> Self {
+        let store = Arc::new(MemoryStore::new());
+        let refuse = IdentityPolicy::Refuse;
+        Self::on_with(store, &[7], Faults::none(), Faults::none(), 9, refuse)
+    }
+
     fn owner(&self, b: BusinessId) -> &Principal {
         &self.owners[&b]
     }
@@ -2493,15 +2500,7 @@ async fn a_copy_of_a_retry_receipt_is_ignored() {
 /// (A guard: under `Refuse` a bundle's new key was refused before too.)
 #[tokio::test]
 async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
-    let store = Arc::new(MemoryStore::new());
-    let d = Deployment::on_with(
-        store,
-        &[7],
-        Faults::none(),
-        Faults::none(),
-        9,
-        IdentityPolicy::Refuse,
-    );
+    let d = Deployment::refusing_new_identities();
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
     d.welcomed(b, &number(1)).await;
@@ -3246,14 +3245,7 @@ async fn approving_a_key_for_a_device_with_no_state_changes_nothing() {
 /// with no retransmission left, never reached the reinstalled device.)
 #[tokio::test]
 async fn an_approval_lets_the_devices_retry_receipts_in_again() {
-    let d = Deployment::on_with(
-        Arc::new(MemoryStore::new()),
-        &[7],
-        Faults::none(),
-        Faults::none(),
-        9,
-        IdentityPolicy::Refuse,
-    );
+    let d = Deployment::refusing_new_identities();
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
     d.network.add_consumer(&number(1), 1).await;

@@ -724,6 +724,17 @@ impl Deployment {
         }
     }
 
+    /// A deployment over a network with `faults` whose business sent
+    /// consumer 1's one device "hello", delivered an hour on.
+    async fn delivered_hello(faults: Faults) -> (Self, MessageId) {
+        let d = Self::new(faults, Faults::none(), 1).await;
+        d.network.add_consumer(&number(1), 1).await;
+        let id = d.send(1, "hello").await;
+        d.run(Duration::from_secs(3600), true).await;
+        assert_eq!(d.status(id).await, Status::Delivered);
+        (d, id)
+    }
+
     async fn send(&self, to: usize, text: &str) -> MessageId {
         let outbound = Outbound {
             to: number(to),
@@ -1836,11 +1847,7 @@ async fn a_resend_before_the_retry_receipt_arrives_counts() {
         max_delay: Duration::from_secs(600),
         ..Faults::none()
     };
-    let d = Deployment::new(late, Faults::none(), 1).await;
-    d.network.add_consumer(&number(1), 1).await;
-    let id = d.send(1, "hello").await;
-    d.run(Duration::from_secs(3600), true).await;
-    assert_eq!(d.status(id).await, Status::Delivered);
+    let (d, id) = Deployment::delivered_hello(late).await;
     assert_eq!(d.network.resent_after_delivery().await, 0);
 
     d.garbled_copy(id).await.unwrap();
@@ -1864,11 +1871,7 @@ async fn a_resend_before_the_retry_receipt_arrives_counts() {
 /// message to it went uncounted.
 #[tokio::test]
 async fn a_resend_after_a_refused_retry_receipt_counts() {
-    let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
-    d.network.add_consumer(&number(1), 1).await;
-    let id = d.send(1, "hello").await;
-    d.run(Duration::from_secs(3600), true).await;
-    assert_eq!(d.status(id).await, Status::Delivered);
+    let (d, id) = Deployment::delivered_hello(Faults::none()).await;
     d.clock.advance(Duration::from_secs(31 * 24 * 3600));
     d.processor.sweep(&d.operator).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 0);
@@ -1891,11 +1894,7 @@ async fn a_resend_after_a_refused_retry_receipt_counts() {
 /// counted. Before, only a receipt refused for good un-asked the device.
 #[tokio::test]
 async fn a_resend_while_a_retry_receipt_is_refused_for_now_counts() {
-    let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
-    d.network.add_consumer(&number(1), 1).await;
-    let id = d.send(1, "hello").await;
-    d.run(Duration::from_secs(3600), true).await;
-    assert_eq!(d.status(id).await, Status::Delivered);
+    let (d, id) = Deployment::delivered_hello(Faults::none()).await;
     d.garbled_copy(id).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 1);
     let pumped = d.network.pump(&d.processor, &d.owner).await;
@@ -1921,11 +1920,7 @@ async fn a_resend_while_a_retry_receipt_is_refused_for_now_counts() {
 /// uncounted.
 #[tokio::test]
 async fn an_ignored_retry_receipt_asks_for_nothing() {
-    let d = Deployment::new(Faults::none(), Faults::none(), 1).await;
-    d.network.add_consumer(&number(1), 1).await;
-    let id = d.send(1, "hello").await;
-    d.run(Duration::from_secs(3600), true).await;
-    assert_eq!(d.status(id).await, Status::Delivered);
+    let (d, id) = Deployment::delivered_hello(Faults::none()).await;
     // The device asks (a corrupted copy, counted), twice over: the first
     // receipt is taken up, its copy ignored; the answer is not a resend.
     d.garbled_copy(id).await.unwrap();
