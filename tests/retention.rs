@@ -420,6 +420,23 @@ impl Backend {
         #[cfg(feature = "sqlite")]
         Self::Sqlite,
     ];
+
+    /// A fresh store, and the directory of its file if it has one.
+    fn fresh(self) -> (Arc<dyn Storage>, Option<tempfile::TempDir>) {
+        match self {
+            Self::Memory => (Arc::new(MemoryStore::new()), None),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let store = custodian::store::SqliteStore::open(
+                    dir.path().join("store.db"),
+                    custodian::store::SqliteConfig::default(),
+                )
+                .unwrap();
+                (Arc::new(store), Some(dir))
+            }
+        }
+    }
 }
 
 struct World {
@@ -450,22 +467,13 @@ impl World {
     /// A world over a SQLite store in a fresh file.
     #[cfg(feature = "sqlite")]
     fn sqlite(batch: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = custodian::store::SqliteStore::open(
-            dir.path().join("store.db"),
-            custodian::store::SqliteConfig::default(),
-        )
-        .unwrap();
-        Self::over(Arc::new(store), Some(dir), batch)
+        Self::on(Backend::Sqlite, batch)
     }
 
-    /// A world over `backend`.
+    /// A world over a fresh store of `backend`.
     fn on(backend: Backend, batch: usize) -> Self {
-        match backend {
-            Backend::Memory => Self::new(batch),
-            #[cfg(feature = "sqlite")]
-            Backend::Sqlite => Self::sqlite(batch),
-        }
+        let (store, dir) = backend.fresh();
+        Self::over(store, dir, batch)
     }
 
     fn over(store: Arc<dyn Storage>, dir: Option<tempfile::TempDir>, batch: usize) -> Self {
@@ -2359,19 +2367,7 @@ mod seams;
 #[cfg(feature = "testing")]
 fn raced_on(backend: Backend) -> (World, Arc<seams::HostFaults>) {
     let faults = Arc::new(seams::HostFaults::default());
-    let (inner, dir): (Arc<dyn Storage>, _) = match backend {
-        Backend::Memory => (Arc::new(MemoryStore::new()), None),
-        #[cfg(feature = "sqlite")]
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            let store = custodian::store::SqliteStore::open(
-                dir.path().join("store.db"),
-                custodian::store::SqliteConfig::default(),
-            )
-            .unwrap();
-            (Arc::new(store), Some(dir))
-        }
-    };
+    let (inner, dir) = backend.fresh();
     let store = Arc::new(seams::FailingStore::paused(inner, faults.clone()));
     (World::over(store, dir, 64), faults)
 }
