@@ -1977,13 +1977,7 @@ async fn an_approval_replaces_a_record_it_cannot_read() {
         let inbound = d.inbound(device, b"hello").await;
         assert!(d.receive(inbound).await.unwrap().delivered);
     }
-    let phone = d
-        .processor
-        .keys(&d.operator)
-        .unwrap()
-        .phone_hash(d.b, &consumer(1))
-        .await
-        .unwrap();
+    let phone = d.phone_of(1).await;
     let (p1, p2) = (PeerId { phone, device: 1 }, PeerId { phone, device: 2 });
     // The store copies device 1's record over device 2's row; the process
     // restarts (nothing in memory).
@@ -2058,13 +2052,7 @@ async fn device_with_a_30_day_record() -> (Deployment, PeerId, ConsumerDevice) {
     let mut one = d.handset().await;
     let inbound = d.inbound(&mut one, b"hello").await;
     assert!(d.receive(inbound).await.unwrap().delivered);
-    let phone = d
-        .processor
-        .keys(&d.operator)
-        .unwrap()
-        .phone_hash(d.b, &consumer(1))
-        .await
-        .unwrap();
+    let phone = d.phone_of(1).await;
     let shorter = format!("[business.{BUSINESS}]\ninbound = \"1d\"\n");
     let shorter = RetentionPolicy::from_toml(&shorter).unwrap();
     d.restart();

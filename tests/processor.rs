@@ -160,6 +160,16 @@ impl Deployment {
         Self::on_with(store, &[7], Faults::none(), Faults::none(), 9, refuse)
     }
 
+    /// `b` approves the identity key `to`'s `device` has on the network
+    /// (its owner confirmed it), which changes the device's record.
+    async fn approve_network_key(&self, b: BusinessId, to: &PhoneNumber, device: u32) {
+        let key = self.network.identity(to, device).await.unwrap();
+        let approved = self
+            .processor
+            .trust_new_identity(self.owner(b), b, to, device, key);
+        assert!(approved.await.unwrap());
+    }
+
     fn owner(&self, b: BusinessId) -> &Principal {
         &self.owners[&b]
     }
@@ -2521,13 +2531,7 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
         (Status::Sent, None)
     ));
     // The consumer confirmed the new security code with the business.
-    let key = d.network.identity(&number(1), 0).await.unwrap();
-    assert!(
-        d.processor
-            .trust_new_identity(d.owner(b), b, &number(1), 0, key)
-            .await
-            .unwrap()
-    );
+    d.approve_network_key(b, &number(1), 0).await;
     // The message's next overdue resend (its waits for a report doubling:
     // sent again 2, 4 and 8 minutes after it was sent, then 16) goes over a
     // session from the newly trusted key.
@@ -3258,13 +3262,7 @@ async fn an_approval_lets_the_devices_retry_receipts_in_again() {
     d.network.add_consumer(&number(1), 1).await;
     let refused = d.processor.retry_receipt(&d.transport, b, id, 0).await;
     assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
-    let key = d.network.identity(&number(1), 0).await.unwrap();
-    assert!(
-        d.processor
-            .trust_new_identity(d.owner(b), b, &number(1), 0, key)
-            .await
-            .unwrap()
-    );
+    d.approve_network_key(b, &number(1), 0).await;
     d.clock.advance(Duration::from_secs(600));
     let again = d.processor.retry_receipt(&d.transport, b, id, 0).await;
     assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");

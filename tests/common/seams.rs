@@ -838,6 +838,12 @@ impl Deployment {
         }
     }
 
+    /// The business's phone hash of consumer `i`.
+    pub(crate) async fn phone_of(&self, i: u32) -> PhoneHash {
+        let keys = self.processor.keys(&self.operator).unwrap();
+        keys.phone_hash(self.b, &consumer(i)).await.unwrap()
+    }
+
     pub(crate) async fn receive(
         &self,
         inbound: Inbound,
