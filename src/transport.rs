@@ -22,6 +22,8 @@ use crate::time::Timestamp;
 
 /// Who is calling: an opaque name the host's identity system gives a caller
 /// (an API token's subject, a service account). Not secret; it is logged.
+/// The processor refuses an empty name in every role, whatever the
+/// [`Authorizer`] says: the audit trail names who asked.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Principal(Arc<str>);
 

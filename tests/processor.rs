@@ -3270,3 +3270,39 @@ async fn an_approval_lets_the_devices_retry_receipts_in_again() {
         .await;
     d.assert_delivered(b, id).await;
 }
+
+/// An unnamed principal is refused in every role, though the host's
+/// authorizer grants it all three: the audit trail names who asked, and
+/// reads a trail written before it named anyone as the empty name, so an
+/// empty name would pass for none. Before, it was let in.
+#[tokio::test]
+async fn an_unnamed_principal_is_refused_in_every_role() {
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let b = BusinessId::new(7).unwrap();
+    let unnamed = Principal::new("");
+    let host = Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap()),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
+        authorizer: Arc::new(
+            StaticAuthorizer::new()
+                .grant(&unnamed, b)
+                .carrier(&unnamed, b)
+                .operator(&unnamed),
+        ),
+        clock: Arc::new(clock.clone()),
+        audit: Arc::new(MemoryAuditSink::new()),
+    };
+    let processor = Processor::new(host, Policies::default()).unwrap();
+    let refused = |r: Result<(), ProcessorError>| {
+        assert!(
+            matches!(&r, Err(ProcessorError::Unauthorized { principal }) if principal.name().is_empty()),
+            "{r:?}"
+        );
+    };
+    refused(processor.publish_keys(&unnamed, b).await);
+    refused(processor.report_spam(&unnamed, b, &number(1)).await);
+    refused(processor.sweep(&unnamed).await.map(drop));
+    refused(processor.census(&unnamed).await.map(drop));
+}

@@ -518,9 +518,17 @@ impl Processor {
 
 /// `Ok` if `ok`; else a refusal of `principal`, logged with `why`.
 fn refuse_unless(ok: bool, principal: &Principal, why: &str) -> Result<(), ProcessorError> {
-    if ok {
+    // An unnamed principal is refused whatever the authorizer says: the
+    // audit trail names who asked, and reads a trail written before it
+    // named anyone as the empty name.
+    if ok && !principal.name().is_empty() {
         return Ok(());
     }
+    let why = if principal.name().is_empty() {
+        "an unnamed principal"
+    } else {
+        why
+    };
     warn!(principal = %principal, "refused: {why}");
     Err(ProcessorError::Unauthorized {
         principal: principal.clone(),
