@@ -28,6 +28,10 @@ use custodian::transport::{
 use custodian::visibility::MemoryAuditSink;
 use tokio::sync::Notify;
 
+/// What a retry receipt got.
+type ReceiptOutcome =
+    Result<custodian::processor::StatusChange, custodian::processor::ProcessorError>;
+
 const T0: u64 = 1_767_225_600_000;
 
 /// What [`Racing`] does besides forwarding to the simulated network.
@@ -401,6 +405,27 @@ impl Deployment {
 
     /// A deployment with no faults, business 1's keys published, and
     /// consumer 1 with `devices` devices; and business 1.
+    /// Hand in device 0's retry receipts for `ids` at once, each
+    /// yielding while it fetches a bundle: how many bundles were fetched,
+    /// and what each receipt got.
+    async fn receipts_at_once(
+        &self,
+        b: BusinessId,
+        [one, two]: [MessageId; 2],
+    ) -> (u64, ReceiptOutcome, ReceiptOutcome) {
+        self.race(Race::YieldInBundle);
+        let (first, second) = tokio::join!(
+            self.processor.retry_receipt(&self.transport, b, one, 0),
+            self.processor.retry_receipt(&self.transport, b, two, 0),
+        );
+        self.race(Race::None);
+        let fetched = self
+            .racing
+            .bundles
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (fetched, first, second)
+    }
+
     async fn ready(devices: u32) -> (Self, BusinessId) {
         let d = Self::new(Faults::none());
         let b = business(1);
@@ -1173,18 +1198,11 @@ async fn a_retry_receipt_after_another_devices_report_gets_the_device_the_messag
 /// session replaced twice.)
 #[tokio::test]
 async fn two_copies_of_a_retry_receipt_at_once_fetch_one_bundle() {
-    use std::sync::atomic::Ordering;
     let (d, b) = Deployment::ready(1).await;
     let id = d.send(b, 1).await;
     let sent = d.store.message(b, id).await.unwrap().unwrap().delivery;
     assert_eq!(sent.status, Status::Sent);
-    d.race(Race::YieldInBundle);
-    let (first, copy) = tokio::join!(
-        d.processor.retry_receipt(&d.transport, b, id, 0),
-        d.processor.retry_receipt(&d.transport, b, id, 0),
-    );
-    d.race(Race::None);
-    let fetched = d.racing.bundles.load(Ordering::SeqCst);
+    let (fetched, first, copy) = d.receipts_at_once(b, [id, id]).await;
     assert_eq!(
         fetched, 1,
         "two copies of one receipt fetched {fetched} bundles ({first:?}, {copy:?})"
@@ -1329,16 +1347,9 @@ async fn a_retry_receipt_of_a_high_device_gets_that_device_alone_the_message() {
 /// just started.
 #[tokio::test]
 async fn receipts_for_two_messages_at_once_fetch_one_bundle() {
-    use std::sync::atomic::Ordering;
     let (d, b) = Deployment::ready(1).await;
     let (one, two) = (d.send(b, 1).await, d.send(b, 1).await);
-    d.race(Race::YieldInBundle);
-    let (first, second) = tokio::join!(
-        d.processor.retry_receipt(&d.transport, b, one, 0),
-        d.processor.retry_receipt(&d.transport, b, two, 0),
-    );
-    d.race(Race::None);
-    let fetched = d.racing.bundles.load(Ordering::SeqCst);
+    let (fetched, first, second) = d.receipts_at_once(b, [one, two]).await;
     assert_eq!(
         fetched, 1,
         "two receipts for messages of one lost session, at once, fetched {fetched} bundles \

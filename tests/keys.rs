@@ -77,6 +77,14 @@ impl Fixture {
         }
     }
 
+    /// The key of the epoch `label` expires in, made now if need be.
+    async fn key_to_seal(&self, label: &Label) -> Arc<custodian::keys::EpochKey> {
+        let epoch = self.vault.epoch_of(label.expiry).unwrap();
+        let keys = self.vault.keys();
+        let key = keys.epoch_key_for_seal(label.business, epoch, self.clock.now());
+        key.await.unwrap()
+    }
+
     /// Seal one message expiring in each of `hours` hours from now.
     async fn seal_across_epochs(
         &self,
@@ -1298,13 +1306,7 @@ async fn envelope_seal_holds_the_expiry_to_the_ceiling() {
     let now = f.clock.now();
     let ceiling = custodian::retention::CEILING + custodian::vault::CLOCK_TOLERANCE;
     let beyond = f.label(b, ceiling + 20 * HOUR + Duration::from_secs(1800));
-    let epoch = f.vault.epoch_of(beyond.expiry).unwrap();
-    let key = f
-        .vault
-        .keys()
-        .epoch_key_for_seal(b, epoch, now)
-        .await
-        .unwrap();
+    let key = f.key_to_seal(&beyond).await;
     let refused = envelope::seal(&key, &beyond, b"kept too long", now);
     assert!(
         matches!(refused, Err(SealError::ExpiryBeyondCeiling { expiry, now: n }) if expiry == beyond.expiry && n == now),
@@ -1321,13 +1323,7 @@ async fn envelope_seal_holds_the_expiry_to_the_ceiling() {
     );
     // The ceiling itself is sealed, and opens.
     let within = f.label(b, ceiling);
-    let epoch = f.vault.epoch_of(within.expiry).unwrap();
-    let key = f
-        .vault
-        .keys()
-        .epoch_key_for_seal(b, epoch, now)
-        .await
-        .unwrap();
+    let key = f.key_to_seal(&within).await;
     let sealed = envelope::seal(&key, &within, b"thirty days", now).unwrap();
     assert_eq!(
         *f.vault.open(&sealed, b).await.unwrap().plaintext,

@@ -442,6 +442,20 @@ impl StatisticsCollector {
 mod tests {
     use super::*;
 
+    /// How many consumer entries `c` keeps for `b`, over every period and
+    /// bucket.
+    fn consumers_kept(c: &StatisticsCollector, b: BusinessId) -> usize {
+        c.businesses
+            .with(b, |s| {
+                s.periods
+                    .values()
+                    .flat_map(|p| p.messages.iter().flatten().chain(&p.latency))
+                    .map(|bucket| bucket.consumers.len())
+                    .sum::<usize>()
+            })
+            .unwrap()
+    }
+
     #[test]
     fn latency_buckets_are_inclusive_upper_bounds() {
         assert_eq!(latency_bucket(Duration::ZERO), 0);
@@ -487,17 +501,7 @@ mod tests {
         let policy = RetentionPolicy::default()
             .with_business(short, one_day)
             .unwrap();
-        let kept = |b| {
-            c.businesses
-                .with(b, |s| {
-                    s.periods
-                        .values()
-                        .flat_map(|p| p.messages.iter().flatten().chain(&p.latency))
-                        .map(|bucket| bucket.consumers.len())
-                        .sum::<usize>()
-                })
-                .unwrap()
-        };
+        let kept = |b| consumers_kept(&c, b);
         c.expire(at(day - 1), &policy);
         assert_eq!((kept(short), kept(long)), (1, 1));
         c.expire(at(day), &policy);
@@ -529,17 +533,7 @@ mod tests {
                 at(i.into()),
             );
         }
-        let kept = |c: &StatisticsCollector| {
-            c.businesses
-                .with(b, |s| {
-                    s.periods
-                        .values()
-                        .flat_map(|p| p.messages.iter().flatten().chain(&p.latency))
-                        .map(|bucket| bucket.consumers.len())
-                        .sum::<usize>()
-                })
-                .unwrap()
-        };
+        let kept = |c: &StatisticsCollector| consumers_kept(c, b);
         // The period began at day 100: its consumers are kept until day 130.
         let policy = RetentionPolicy::default();
         c.expire(at(30 * day - 1), &policy);

@@ -191,6 +191,32 @@ async fn consumer(
     (phone, peer)
 }
 
+/// `first` from `peer`, decrypted and staged, nothing committed.
+#[allow(clippy::unwrap_used, reason = "a test fixture")]
+async fn staged<'s>(
+    sessions: &'s Sessions,
+    business: BusinessId,
+    peer: PeerId,
+    first: &Ciphertext,
+    expiry: Timestamp,
+) -> super::decrypt::StagedDecrypt<'s> {
+    let parsed = Parsed::new(first, business).unwrap();
+    sessions
+        .decrypt_staged(business, peer, &parsed, expiry)
+        .await
+        .unwrap()
+}
+
+/// What `future` gives if it completes in one poll.
+fn in_one_poll<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// The first messages of devices of `numbers`, each starting its session
 /// from `bundle` (its text its number), with their peers.
 #[allow(clippy::unwrap_used, reason = "a test fixture")]
@@ -224,22 +250,12 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
     let bundle = sessions.publish(business).await.unwrap().bundle(Some(0));
     let (peers, firsts) =
         first_contacts(&keys, business, &bundle, ["+447700900301", "+447700900302"]).await;
-    let a = sessions
-        .decrypt_staged(
-            business,
-            peers[0],
-            &Parsed::new(&firsts[0], business).unwrap(),
-            expiry,
-        )
-        .await
-        .unwrap();
+    let a = staged(&sessions, business, peers[0], &firsts[0], expiry).await;
     // The in-memory store never makes a task wait, so staging completes in
     // one poll unless the two addresses share a lock stripe (1 in 1,024):
     // then they are serialised and cannot race at all.
     let second = Parsed::new(&firsts[1], business).unwrap();
-    let mut staging = std::pin::pin!(sessions.decrypt_staged(business, peers[1], &second, expiry));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let std::task::Poll::Ready(b) = staging.as_mut().poll(&mut cx) else {
+    let Some(b) = in_one_poll(sessions.decrypt_staged(business, peers[1], &second, expiry)) else {
         return;
     };
     let b = b.unwrap();
@@ -271,24 +287,14 @@ async fn a_one_time_prekey_id_made_again_while_a_first_message_is_staged_is_not_
     let x = bundle.one_time_prekey.unwrap();
     let (peers, firsts) =
         first_contacts(&keys, business, &bundle, ["+447700900501", "+447700900502"]).await;
-    let staged = sessions
-        .decrypt_staged(
-            business,
-            peers[0],
-            &Parsed::new(&firsts[0], business).unwrap(),
-            expiry,
-        )
-        .await
-        .unwrap();
+    let staged = staged(&sessions, business, peers[0], &firsts[0], expiry).await;
     // Staging completes in one poll unless the two addresses share a lock
     // stripe (1 in 1,024): then they cannot race at all.
     let second = Parsed::new(&firsts[1], business).unwrap();
-    let mut decrypting = std::pin::pin!(async {
+    let Some(committed) = in_one_poll(async {
         let staged = sessions.decrypt_staged(business, peers[1], &second, expiry);
         staged.await.unwrap().commit(Batch::new()).await
-    });
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let std::task::Poll::Ready(committed) = decrypting.as_mut().poll(&mut cx) else {
+    }) else {
         return;
     };
     assert_eq!(*committed.unwrap().plaintext, b"+447700900502");

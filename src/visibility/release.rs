@@ -267,21 +267,20 @@ impl Gate {
         let policy = self.policy.read().unwrap_or_else(PoisonError::into_inner);
         let opted_in = self.opted_in_for(purpose);
         let opted_in = opted_in.as_deref();
-        let refused = refusal(&policy, opted_in, &first, party, purpose);
-        if refused.is_none()
-            && let Some(reason) = refusal(&policy, opted_in, &second, party, purpose)
-        {
+        let reasons = (
+            refusal(&policy, opted_in, &first, party, purpose),
+            refusal(&policy, opted_in, &second, party, purpose),
+        );
+        if let (None, Some(reason)) = reasons {
             // Only the refused cell's decision is recorded.
-            return Err(self
-                .release_under(&policy, opted_in, second, party, purpose)
-                .err()
-                .map_or(reason, |denied| denied.reason()));
+            let denied = self.record(&policy, second, party, purpose, Some(reason));
+            return Err(denied.err().map_or(reason, |d| d.reason()));
         }
         let first = self
-            .release_under(&policy, opted_in, first, party, purpose)
+            .record(&policy, first, party, purpose, reasons.0)
             .map_err(|d| d.reason())?;
         let second = self
-            .release_under(&policy, opted_in, second, party, purpose)
+            .record(&policy, second, party, purpose, reasons.1)
             .map_err(|d| d.reason())?;
         Ok((first, second))
     }
@@ -306,6 +305,19 @@ impl Gate {
         purpose: Purpose,
     ) -> Result<Released<T>, Denied<T>> {
         let reason = refusal(policy, opted_in, &value, party, purpose);
+        self.record(policy, value, party, purpose, reason)
+    }
+
+    /// Record the decision on `value` under `policy`: released unless
+    /// `reason` refuses it, or the trail cannot record it.
+    fn record<T>(
+        &self,
+        policy: &VisibilityPolicy,
+        value: Labelled<T>,
+        party: Party,
+        purpose: Purpose,
+        reason: Option<DenyReason>,
+    ) -> Result<Released<T>, Denied<T>> {
         let mut decision = Decision {
             at: self.clock.now(),
             id: self.next_id(),
