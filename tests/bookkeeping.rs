@@ -426,6 +426,16 @@ impl Deployment {
         (fetched, first, second)
     }
 
+    /// Hand in `device`'s retry receipt for `id`, which must start it a
+    /// new session.
+    async fn receipt_applied(&self, b: BusinessId, id: MessageId, device: u32) {
+        let receipt = self.processor.retry_receipt(&self.transport, b, id, device);
+        assert_eq!(
+            receipt.await.unwrap(),
+            custodian::processor::StatusChange::Applied
+        );
+    }
+
     async fn ready(devices: u32) -> (Self, BusinessId) {
         let d = Self::new(Faults::none());
         let b = business(1);
@@ -1242,13 +1252,7 @@ async fn receipts_for_messages_sent_on_one_lost_session_fetch_one_bundle() {
     let ids = [d.send(b, 1).await, d.send(b, 1).await, d.send(b, 1).await];
     d.race(Race::YieldInBundle);
     for id in ids {
-        assert_eq!(
-            d.processor
-                .retry_receipt(&d.transport, b, id, 0)
-                .await
-                .unwrap(),
-            custodian::processor::StatusChange::Applied
-        );
+        d.receipt_applied(b, id, 0).await;
     }
     d.race(Race::None);
     assert_eq!(
@@ -1278,13 +1282,7 @@ async fn a_retry_receipt_during_the_attempt_is_acted_on_after_it() {
     let id = d.send(b, 1).await;
     d.race(Race::None);
     // The network hands the receipt in again.
-    assert_eq!(
-        d.processor
-            .retry_receipt(&d.transport, b, id, 1)
-            .await
-            .unwrap(),
-        custodian::processor::StatusChange::Applied
-    );
+    d.receipt_applied(b, id, 1).await;
     let stored = d.store.message(b, id).await.unwrap().unwrap().delivery;
     // Device 0 has it: its report is taken (within the receipt timeout).
     d.processor
@@ -1368,13 +1366,7 @@ async fn a_receipt_answered_on_a_delivered_message_clears_its_devices_retry() {
     let b = business(1);
     let id = d.delivered_with_device_1_waiting(b).await;
     d.racing.network.pump(&d.processor, &d.transport).await;
-    assert_eq!(
-        d.processor
-            .retry_receipt(&d.transport, b, id, 1)
-            .await
-            .unwrap(),
-        custodian::processor::StatusChange::Applied
-    );
+    d.receipt_applied(b, id, 1).await;
     let after_receipt = d.store.message(b, id).await.unwrap().unwrap().delivery;
     d.settle(5).await;
     let received = d.racing.network.received(&number(1)).await;
@@ -1413,13 +1405,7 @@ async fn a_receipt_after_the_devices_session_went_gets_it_the_message() {
         |r: &std::collections::BTreeMap<u32, std::collections::BTreeMap<MessageId, u32>>,
          id: MessageId| { r.get(&1).and_then(|m| m.get(&id)).copied().unwrap_or(0) };
     // Device 1 asks for `one` again: a new session from a bundle.
-    assert_eq!(
-        d.processor
-            .retry_receipt(&d.transport, b, one, 1)
-            .await
-            .unwrap(),
-        custodian::processor::StatusChange::Applied
-    );
+    d.receipt_applied(b, one, 1).await;
     // The consumer reinstalls, and the business approves device 1's new
     // identity: its session goes.
     d.racing.network.add_consumer(&number(1), 2).await;
