@@ -15,9 +15,9 @@ use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse, Periods,
-    PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention, RetentionPolicy,
-    check_residency, evaluate,
+    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse,
+    MAX_SUPERSEDED, Periods, PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention,
+    RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
     Batch, Delivery, Direction, FailureReason, HoldScope, MemoryStore, MessageRecord, Op, PeerId,
@@ -679,6 +679,118 @@ async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_swe
         let stored = w.store.message(b, late.record.id).await.unwrap().unwrap();
         assert_eq!(stored.expiry, w.now().saturating_add(DAY), "{backend:?}");
     }
+}
+
+/// A period shortened and then lengthened again gives back nothing: every
+/// message stays bound by each period in force while it was stored,
+/// whether or not a sweep ran in between (one would have capped it); a
+/// message stored after the lengthening has the longer period.
+#[tokio::test]
+async fn a_period_lengthened_again_gives_back_nothing_a_shortening_took() {
+    for swept in [false, true] {
+        let w = World::new(3);
+        let b = business(1);
+        let ended = w.store(b, 0, Direction::Inbound, false).await;
+        w.clock.advance(DAY);
+        let bound = w.store(b, 1, Direction::Inbound, false).await;
+        w.retention
+            .set_policy(kept_for(b, 2 * DAY), "operator", w.now())
+            .unwrap();
+        w.clock.advance(DAY);
+        if swept {
+            assert!(
+                w.retention
+                    .sweep(w.now(), &Notices::default())
+                    .await
+                    .unwrap()
+                    .complete
+            );
+        }
+        assert!(
+            !w.retention.readable(&ended.record, w.now()),
+            "swept: {swept}"
+        );
+        w.retention
+            .set_policy(RetentionPolicy::default(), "operator", w.now())
+            .unwrap();
+        let after = w.store(b, 2, Direction::Inbound, false).await;
+        assert_eq!(w.read(&ended.record).await, None, "swept: {swept}");
+        assert!(w.read(&bound.record).await.is_some(), "swept: {swept}");
+        w.clock.advance(DAY);
+        assert_eq!(w.read(&bound.record).await, None, "swept: {swept}");
+        assert!(matches!(
+            w.retention.decide(&bound.record, w.now()).await.unwrap(),
+            Decision::Purge(PurgeReason::RetentionShortened { .. })
+        ));
+        assert_eq!(w.read(&after.record).await, Some(after.plaintext.clone()));
+        // Past the ceiling no message stored under the superseded policy
+        // remains, and it binds nothing stored since.
+        w.clock.advance(CEILING);
+        w.retention
+            .set_policy(kept_for(b, DAY), "operator", w.now())
+            .unwrap();
+        w.retention
+            .set_policy(RetentionPolicy::default(), "operator", w.now())
+            .unwrap();
+        let last = w.store(b, 3, Direction::Inbound, false).await;
+        w.clock.advance(2 * DAY);
+        assert_eq!(
+            w.read(&last.record).await,
+            Some(last.plaintext),
+            "swept: {swept}"
+        );
+    }
+}
+
+/// Past [`MAX_SUPERSEDED`] lengthenings, the oldest two bind as one: by the
+/// shorter of their periods, never by neither.
+#[tokio::test]
+async fn many_lengthenings_still_bind_what_each_shortening_ended() {
+    let w = World::new(3);
+    let b = business(1);
+    let first = w.store(b, 0, Direction::Inbound, false).await;
+    w.retention
+        .set_policy(kept_for(b, DAY), "operator", w.now())
+        .unwrap();
+    w.clock.advance(2 * DAY);
+    for _ in 0..MAX_SUPERSEDED + 3 {
+        w.retention
+            .set_policy(RetentionPolicy::default(), "operator", w.now())
+            .unwrap();
+        w.retention
+            .set_policy(kept_for(b, 20 * DAY), "operator", w.now())
+            .unwrap();
+        w.clock.advance(Duration::from_secs(60));
+    }
+    w.retention
+        .set_policy(RetentionPolicy::default(), "operator", w.now())
+        .unwrap();
+    assert_eq!(w.read(&first.record).await, None);
+}
+
+/// `decide` reads the holds afresh: a hold another instance stored (an
+/// operator's tool over the same store) makes an expired message `Held`,
+/// not `Purge`, though this instance decided about it before.
+#[tokio::test]
+async fn decide_sees_a_hold_another_instance_stored() {
+    let w = World::new(3);
+    let b = business(1);
+    let m = w.store(b, 0, Direction::Inbound, false).await.record;
+    w.clock.advance(CEILING + DAY);
+    let decided = w.retention.decide(&m, w.now()).await.unwrap();
+    assert!(matches!(decided, Decision::Purge(_)), "{decided:?}");
+    let tool = Retention::new(
+        w.store.clone(),
+        w.keys.clone(),
+        RetentionPolicy::default(),
+        Arc::new(MemoryAuditSink::new()),
+    );
+    let scope = HoldScope::Consumer(b, m.phone);
+    tool.place_hold("operator", scope, "case-1", w.now())
+        .await
+        .unwrap();
+    let decided = w.retention.decide(&m, w.now()).await.unwrap();
+    assert!(matches!(decided, Decision::Held { .. }), "{decided:?}");
 }
 
 #[tokio::test]

@@ -66,7 +66,10 @@ impl Processor {
     }
 
     /// Put a retention policy in force (operators only). Shorter periods
-    /// apply to reads at once, and to stored messages from the next sweep.
+    /// apply to reads at once, and to stored messages from the next sweep;
+    /// longer ones to messages stored from now on (each message stays
+    /// bound by every period in force while it was stored: see
+    /// [`Retention::set_policy`](crate::retention::Retention::set_policy)).
     /// The epoch length is the processor's from when it was built: a policy
     /// with another is refused as [`ProcessorError::Config`]. Audited
     /// ([`Change::Retention`](crate::visibility::Change)).

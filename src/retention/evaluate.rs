@@ -1,6 +1,8 @@
 //! The retention decision for one record: pure, cheap, the same for reads
 //! and for the sweep.
 
+use std::sync::Arc;
+
 use super::policy::RetentionPolicy;
 use crate::ids::{BusinessId, PhoneHash};
 use crate::store::{Direction, HoldScope, MessageRecord};
@@ -86,6 +88,29 @@ pub fn effective_expiry(record: &RecordFacts, policy: &RetentionPolicy) -> Times
     record.expiry.min(current)
 }
 
+/// A policy that one lengthening some period replaced, and when: it still
+/// binds every message stored while it was in force (see
+/// [`Retention::set_policy`](super::Retention::set_policy)).
+#[derive(Debug, Clone)]
+pub(super) struct Superseded {
+    pub(super) policy: Arc<RetentionPolicy>,
+    pub(super) until: Timestamp,
+}
+
+/// When `record` stops being readable under `policy` and every policy in
+/// `superseded` that was in force while it was stored.
+pub(super) fn bound_expiry(
+    record: &RecordFacts,
+    policy: &RetentionPolicy,
+    superseded: &[Superseded],
+) -> Timestamp {
+    superseded
+        .iter()
+        .filter(|s| record.created < s.until)
+        .map(|s| effective_expiry(record, &s.policy))
+        .fold(effective_expiry(record, policy), Timestamp::min)
+}
+
 /// Decide about `record` at `now`, under `policy` and the `holds` in force.
 pub fn evaluate(
     record: &RecordFacts,
@@ -93,7 +118,17 @@ pub fn evaluate(
     policy: &RetentionPolicy,
     holds: &[HoldScope],
 ) -> Decision {
-    let expiry = effective_expiry(record, policy);
+    decide_at(record, effective_expiry(record, policy), now, holds)
+}
+
+/// Decide about `record`, which stops being readable at `expiry`, at `now`
+/// and under the `holds` in force.
+pub(super) fn decide_at(
+    record: &RecordFacts,
+    expiry: Timestamp,
+    now: Timestamp,
+    holds: &[HoldScope],
+) -> Decision {
     if now < expiry {
         return Decision::Keep { until: expiry };
     }

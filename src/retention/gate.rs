@@ -1,6 +1,6 @@
 //! The legal holds as one process sees them: the gate that serialises hold
-//! changes with the sweep's deleting steps, the holds last read, and the
-//! write of a hold change whose call was dropped unanswered.
+//! changes with the sweep's deleting steps, and the write of a hold change
+//! whose call was dropped unanswered.
 //!
 //! A hold change is audited before it is written. If its call is dropped
 //! while the store writes it, the write may land or not (a SQLite commit
@@ -11,7 +11,7 @@
 //! (a networked store's answer lost): its caller audits the change undone
 //! and owes the write that undoes it.
 
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError};
 
 use crate::store::{Batch, HoldScope, Op, Storage, StoreError};
 
@@ -19,16 +19,6 @@ pub(super) struct HoldGate {
     gate: async_lock::Mutex<()>,
     /// A hold change audited and dropped before the store answered.
     owed: Mutex<Option<Op>>,
-    /// The holds in force, as last read by this instance.
-    scopes: RwLock<Scopes>,
-}
-
-/// The holds last read, and how many hold changes this instance has seen:
-/// a read that a change overtook is not kept.
-#[derive(Default)]
-struct Scopes {
-    changes: u64,
-    read: Option<Arc<[HoldScope]>>,
 }
 
 impl HoldGate {
@@ -36,7 +26,6 @@ impl HoldGate {
         Self {
             gate: async_lock::Mutex::new(()),
             owed: Mutex::new(None),
-            scopes: RwLock::default(),
         }
     }
 
@@ -74,7 +63,6 @@ impl HoldGate {
         batch.push(op);
         let written = storage.commit(batch).await;
         owing.op = None;
-        self.forget_scopes();
         written
     }
 
@@ -84,53 +72,22 @@ impl HoldGate {
     /// caller holds the gate.
     pub(super) fn owe(&self, op: Op) {
         *self.owed.lock().unwrap_or_else(PoisonError::into_inner) = Some(op);
-        self.forget_scopes();
     }
 
-    /// The scopes of the holds in force, read once and then kept until a
-    /// hold changes. An owed hold change is written first.
-    pub(super) async fn scopes(
-        &self,
-        storage: &dyn Storage,
-    ) -> Result<Arc<[HoldScope]>, StoreError> {
-        let mut changes = match self.kept() {
-            Ok(scopes) => return Ok(scopes),
-            Err(changes) => changes,
-        };
+    /// The scopes of the holds in force, read from the store once an owed
+    /// hold change is written.
+    pub(super) async fn scopes(&self, storage: &dyn Storage) -> Result<Vec<HoldScope>, StoreError> {
         let owes = self
             .owed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some();
         let _gate = if owes {
-            let gate = self.lock(storage).await?;
-            match self.kept() {
-                Ok(scopes) => return Ok(scopes),
-                Err(now) => changes = now,
-            }
-            Some(gate)
+            Some(self.lock(storage).await?)
         } else {
             None
         };
-        let scopes: Arc<[HoldScope]> = storage.held_scopes().await?.into();
-        let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
-        // A change written while the store was read may be missing from it.
-        if kept.changes == changes {
-            kept.read = Some(scopes.clone());
-        }
-        Ok(scopes)
-    }
-
-    /// The holds kept from the last read, or how many changes were seen.
-    fn kept(&self) -> Result<Arc<[HoldScope]>, u64> {
-        let kept = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
-        kept.read.clone().ok_or(kept.changes)
-    }
-
-    fn forget_scopes(&self) {
-        let mut kept = self.scopes.write().unwrap_or_else(PoisonError::into_inner);
-        kept.changes += 1;
-        kept.read = None;
+        storage.held_scopes().await
     }
 }
 
@@ -149,7 +106,6 @@ impl Drop for Owing<'_> {
                 .owed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(op);
-            self.gate.forget_scopes();
         }
     }
 }

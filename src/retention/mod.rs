@@ -65,6 +65,7 @@ mod policy;
 mod residency;
 mod sweep;
 
+use evaluate::Superseded;
 use gate::HoldGate;
 
 pub use evaluate::{Decision, PurgeReason, RecordFacts, effective_expiry, evaluate};
@@ -128,6 +129,10 @@ async fn held_epochs(
 /// off-peak can raise it with [`Retention::with_batch`].
 const DEFAULT_BATCH: usize = 65_536;
 
+/// The most policies [`Retention::set_policy`] keeps binding the messages
+/// stored under them apart; past it, the two oldest bind as one.
+pub const MAX_SUPERSEDED: usize = 32;
+
 /// A new message admitted under the retention policy in force (see
 /// [`Retention::admit`]): give it its expiry by [`policy`](Self::policy),
 /// and drop the admission once the write storing it was made, whatever came
@@ -177,6 +182,11 @@ pub struct Retention {
     keys: Arc<KeyManager>,
     audit: Arc<dyn AuditSink>,
     policy: RwLock<Arc<RetentionPolicy>>,
+    /// The policies replaced by ones that lengthened a period, while a
+    /// message stored under them may still be stored (see
+    /// [`set_policy`](Self::set_policy)); oldest first, at most
+    /// [`MAX_SUPERSEDED`].
+    superseded: RwLock<Vec<Superseded>>,
     /// The policy last applied to the stored messages' expiries, and where
     /// its pass stopped for the next sweep to go on from (`None`: every
     /// expiry reflects it). `None` until a sweep has applied one: stores
@@ -232,6 +242,7 @@ impl Retention {
             keys,
             audit,
             policy: RwLock::new(Arc::new(policy)),
+            superseded: RwLock::new(Vec::new()),
             pass: Mutex::new(None),
             next_stage: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
@@ -265,6 +276,17 @@ impl Retention {
     /// expiry too, and deletes them (and forgets their consumers) once it
     /// passes. Recorded in the audit trail first ([`Change::Retention`]): a
     /// policy the trail cannot record is not put in force.
+    ///
+    /// A longer period applies to messages stored from now on: every
+    /// message stays bound by each period in force while it was stored,
+    /// so that lengthening a period again never makes readable what a
+    /// shortening ended, whether or not a sweep ran in between. Those bounds
+    /// live in this instance (a message the sweep has not yet capped is
+    /// deleted at its stored expiry, unreadable until then); a process
+    /// started afresh knows only the stored expiries, which a sweep made
+    /// before the restart caps. Past [`MAX_SUPERSEDED`] such changes within
+    /// the [`CEILING`], the two oldest bind as one, by the shorter of
+    /// their periods: stricter, never looser.
     pub fn set_policy(
         &self,
         policy: RetentionPolicy,
@@ -277,6 +299,22 @@ impl Retention {
             principal: principal.to_owned(),
             digest: policy.digest(),
         })?;
+        // Before the new policy is in force: a reader between the two sees
+        // the old one bound twice, never the new one unbound.
+        let mut superseded = self.superseded.write().unwrap_or_else(|p| p.into_inner());
+        superseded.retain(|s| now < s.until.saturating_add(CEILING));
+        if policy.lengthens(&current) {
+            superseded.push(Superseded {
+                policy: current.clone(),
+                until: now,
+            });
+            if superseded.len() > MAX_SUPERSEDED {
+                let oldest = superseded.remove(0);
+                let next = &mut superseded[0];
+                next.policy = Arc::new(next.policy.shortest(&oldest.policy));
+            }
+        }
+        drop(superseded);
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -304,28 +342,39 @@ impl Retention {
     }
 
     /// Whether `message` may still be read at `now`: before its expiry
-    /// under the policy in force (a shortened period applies before the
-    /// sweep caps the stored expiry). The same answer as
+    /// under the policy in force and every one in force while it was
+    /// stored (a shortened period applies before the sweep caps the stored
+    /// expiry, and binds it however the period changes after). The same answer as
     /// [`decide`](Self::decide)'s [`Decision::readable`], without reading
     /// the holds, which only matter once a message is past it.
     pub fn readable(&self, message: &MessageRecord, now: Timestamp) -> bool {
-        now < effective_expiry(&RecordFacts::from(message), &self.policy())
+        now < self.expiry(&RecordFacts::from(message))
+    }
+
+    /// When `record` stops being readable: under the policy in force and
+    /// every policy superseded while it was stored.
+    fn expiry(&self, record: &RecordFacts) -> Timestamp {
+        let policy = self.policy();
+        let superseded = self.superseded.read().unwrap_or_else(|p| p.into_inner());
+        evaluate::bound_expiry(record, &policy, &superseded)
     }
 
     /// What retention says about `message` at `now`: the check every read
-    /// makes before opening it.
+    /// makes before opening it. Past its expiry, the holds are read from
+    /// the store, so that a hold another process stored is seen.
     pub async fn decide(
         &self,
         message: &MessageRecord,
         now: Timestamp,
     ) -> Result<Decision, StoreError> {
-        let holds = self.hold_gate.scopes(&*self.storage).await?;
-        Ok(evaluate(
-            &RecordFacts::from(message),
-            now,
-            &self.policy(),
-            &holds,
-        ))
+        let facts = RecordFacts::from(message);
+        let expiry = self.expiry(&facts);
+        let holds = if now < expiry {
+            Vec::new()
+        } else {
+            self.hold_gate.scopes(&*self.storage).await?
+        };
+        Ok(evaluate::decide_at(&facts, expiry, now, &holds))
     }
 
     /// Sweep everything retention no longer allows at `now`: report open

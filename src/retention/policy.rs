@@ -225,6 +225,41 @@ impl RetentionPolicy {
         self.businesses.iter().map(|(b, r)| (*b, r))
     }
 
+    /// Whether this policy keeps some business's messages of some class
+    /// longer than `before` does.
+    pub(crate) fn lengthens(&self, before: &Self) -> bool {
+        let named = self.businesses.keys().chain(before.businesses.keys());
+        Direction::ALL.into_iter().any(|d| {
+            self.default.of(d) > before.default.of(d)
+                || named
+                    .clone()
+                    .any(|&b| self.period(b, d) > before.period(b, d))
+        })
+    }
+
+    /// This policy with every period the shorter of its own and `other`'s,
+    /// business by business and class by class.
+    pub(crate) fn shortest(&self, other: &Self) -> Self {
+        let shorter = |a: Periods, b: Periods| Periods {
+            inbound: a.inbound.min(b.inbound),
+            outbound: a.outbound.min(b.outbound),
+        };
+        let mut merged = self.clone();
+        merged.default = shorter(self.default, other.default);
+        for &business in self.businesses.keys().chain(other.businesses.keys()) {
+            let periods = shorter(self.periods(business), other.periods(business));
+            merged
+                .businesses
+                .entry(business)
+                .or_insert(BusinessRetention {
+                    periods,
+                    region: self.region(business),
+                })
+                .periods = periods;
+        }
+        merged
+    }
+
     /// Parse and validate a TOML configuration.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::new("(file)", e))?;
@@ -642,6 +677,31 @@ mod tests {
                 prop_assert_eq!(RetentionPolicy::from_toml(&toml_text).unwrap(), policy.clone());
                 prop_assert_eq!(RetentionPolicy::from_json(&json_text).unwrap(), policy);
             }
+        }
+
+        /// Merged, two policies keep every business (named in either or
+        /// not) for the shorter of their periods, class by class; one
+        /// lengthens another exactly where some such period is longer.
+        #[test]
+        fn merged_policies_keep_the_shorter_period_everywhere(
+            a in policy_file(),
+            b in policy_file(),
+        ) {
+            let (Ok(a), Ok(b)) = (a.validate(), b.validate()) else {
+                return Ok(());
+            };
+            let merged = a.shortest(&b);
+            let mut longer = false;
+            for business in (1..7).filter_map(BusinessId::new) {
+                for d in Direction::ALL {
+                    let (pa, pb) = (a.period(business, d), b.period(business, d));
+                    prop_assert_eq!(merged.period(business, d), pa.min(pb));
+                    longer |= pa > pb;
+                }
+                prop_assert_eq!(merged.region(business), a.region(business));
+            }
+            prop_assert_eq!(a.lengthens(&b), longer);
+            prop_assert!(!merged.lengthens(&a) && !merged.lengthens(&b));
         }
     }
 }
