@@ -357,6 +357,38 @@ fn statistics_buckets_below_k_consumers_are_suppressed() {
     );
 }
 
+/// A period whose every bucket is suppressed has no report, as a period
+/// with no message has none: an empty report would say that the business
+/// had fewer than `k` consumers in it. Taken, it is gone all the same.
+#[test]
+fn a_period_whose_every_bucket_is_suppressed_has_no_report() {
+    let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+    let business = BusinessId::new(9).unwrap();
+    for c in 0..9 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Outbound,
+            Status::Sent,
+            at(0, 1),
+        );
+    }
+    collector.record_delivery(business, consumer(0), Duration::from_millis(300), at(0, 1));
+    assert!(statistics(&collector, business, at(1, 0)).is_empty());
+    assert!(collector.take_closed_of(business, at(1, 0)).is_empty());
+    // One consumer more makes a bucket of `k`: that period is reported.
+    for c in 0..10 {
+        collector.record_message(
+            business,
+            consumer(c),
+            Direction::Outbound,
+            Status::Sent,
+            at(1, 1),
+        );
+    }
+    assert_eq!(statistics(&collector, business, at(2, 0)).len(), 1);
+}
+
 /// Sent is about delivered plus failed: with one of the three suppressed,
 /// a second is withheld, so no two released counts give it away.
 #[test]

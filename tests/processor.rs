@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport, StatisticsConfig};
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{
     DeliveryConfig, Host, MAX_CONTENT_LEN, MAX_IDEMPOTENCY_KEY_LEN, Outbound, Policies, Processor,
@@ -718,7 +718,8 @@ async fn statistics_removes_only_the_reports_it_released() {
         content: b"hello".to_vec().into(),
         category: Category::Service,
     };
-    // Business 8's first message, sent back on the first day.
+    // Business 8's first messages (to two consumers: k is 2), sent back
+    // on the first day.
     let hook = {
         let (cell, clock, owner) = (cell.clone(), clock.clone(), owner.clone());
         move || {
@@ -728,9 +729,11 @@ async fn statistics_removes_only_the_reports_it_released() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();
-            runtime
-                .block_on(processor.send(&owner, b8, message(2)))
-                .unwrap();
+            for to in [3, 4] {
+                runtime
+                    .block_on(processor.send(&owner, b8, message(to)))
+                    .unwrap();
+            }
             clock.set(now);
         }
     };
@@ -752,11 +755,20 @@ async fn statistics_removes_only_the_reports_it_released() {
         clock: Arc::new(clock.clone()),
         audit,
     };
-    let processor = Arc::new(Processor::new(host, Policies::default()).unwrap());
+    let mut statistics = StatisticsConfig::default();
+    statistics.k = 2;
+    let policies = Policies {
+        statistics,
+        ..Policies::default()
+    };
+    let processor = Arc::new(Processor::new(host, policies).unwrap());
     cell.set(Arc::downgrade(&processor)).unwrap();
-    network.add_consumer(&number(1), 1).await;
-    network.add_consumer(&number(2), 1).await;
-    processor.send(&owner, b7, message(1)).await.unwrap();
+    for to in 1..=4 {
+        network.add_consumer(&number(to), 1).await;
+    }
+    for to in [1, 2] {
+        processor.send(&owner, b7, message(to)).await.unwrap();
+    }
     clock.advance(Duration::from_secs(25 * 3600));
 
     let businesses = |reports: Vec<custodian::integrity::StatisticsReport>| -> Vec<BusinessId> {
@@ -766,6 +778,81 @@ async fn statistics_removes_only_the_reports_it_released() {
     assert_eq!(businesses(first), [b7]);
     let second = processor.statistics(&operator).await.unwrap();
     assert_eq!(businesses(second), [b8], "business 8's report was dropped");
+}
+
+/// Two operators' `statistics` calls that overlap (one's release still
+/// being recorded while the other runs) release each closed period once.
+/// Before, both read the periods before either took them, and the day's
+/// counts reached the rest of the company twice.
+#[test]
+fn overlapping_statistics_calls_release_each_period_once() {
+    use std::sync::mpsc;
+
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (entered, was_entered) = mpsc::channel();
+    let (go, wait) = mpsc::channel::<()>();
+    let hook = move || {
+        entered.send(()).unwrap();
+        wait.recv().unwrap();
+    };
+    let audit = Arc::new(Meanwhile {
+        kept: MemoryAuditSink::new(),
+        hook: Mutex::new(Some(Box::new(hook))),
+    });
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 1).unwrap());
+    let b = BusinessId::new(7).unwrap();
+    let (owner, operator) = (Principal::new("owner"), Principal::new("operator"));
+    let host = Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport: network.clone(),
+        business: SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap(),
+        authorizer: Arc::new(StaticAuthorizer::new().grant(&owner, b).operator(&operator)),
+        clock: Arc::new(clock.clone()),
+        audit,
+    };
+    let mut statistics = StatisticsConfig::default();
+    statistics.k = 2;
+    let policies = Policies {
+        statistics,
+        ..Policies::default()
+    };
+    let processor = Arc::new(Processor::new(host, policies).unwrap());
+    runtime().block_on(async {
+        for to in [1, 2] {
+            network.add_consumer(&number(to), 1).await;
+            let message = Outbound {
+                to: number(to),
+                content: b"hello".to_vec().into(),
+                category: Category::Service,
+            };
+            processor.send(&owner, b, message).await.unwrap();
+        }
+    });
+    clock.advance(Duration::from_secs(25 * 3600));
+
+    let call = || {
+        let (processor, operator) = (processor.clone(), operator.clone());
+        std::thread::spawn(move || runtime().block_on(processor.statistics(&operator)))
+    };
+    let first = call();
+    was_entered.recv().unwrap();
+    let second = call();
+    // Time for the second to release, were it let through.
+    std::thread::sleep(Duration::from_millis(200));
+    go.send(()).unwrap();
+    let released: Vec<_> = [first, second]
+        .into_iter()
+        .flat_map(|call| call.join().unwrap().unwrap())
+        .map(|r| (r.business, r.period))
+        .collect();
+    assert_eq!(released.len(), 1, "{released:?}");
 }
 
 /// A message that expired open, first swept past its report's grace with

@@ -425,9 +425,13 @@ fn bad_policy_files_name_the_field_or_the_cell() {
         ),
         (
             r#"{"revision": 2, "allow": [{"party": "transport", "class": "billing"}]}"#,
-            "missing field `purposes`",
+            "allow[0]: missing field `purposes`",
         ),
-        (r#"{"revision": "2"}"#, "invalid type"),
+        (
+            r#"{"revision": 2, "allow": [{"party": "transport", "class": "billing", "purposes": "billing"}]}"#,
+            "allow[0].purposes: invalid type: string \"billing\", expected a sequence at line 1",
+        ),
+        (r#"{"revision": "2"}"#, "revision: invalid type"),
         (r#"{"revision": 2"#, "JSON policy file"),
     ];
     for (text, expected) in json_cases {

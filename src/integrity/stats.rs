@@ -264,8 +264,10 @@ impl StatisticsCollector {
     }
 
     /// The reports of `business`'s periods that ended by `now`, oldest
-    /// first, each labelled [`DataClass::NonIdentifiableStatistics`]. The
-    /// periods are sealed and kept: asking again gives the same reports.
+    /// first, each labelled [`DataClass::NonIdentifiableStatistics`]. A
+    /// period whose every bucket is suppressed has no report, as one with
+    /// no message has none. The periods are sealed and kept: asking again
+    /// gives the same reports.
     pub fn closed_reports(
         &self,
         business: BusinessId,
@@ -277,7 +279,7 @@ impl StatisticsCollector {
                 s.sealed_below = s.sealed_below.max(open);
                 s.periods
                     .range(..open)
-                    .map(|(&i, p)| self.report(business, i, p))
+                    .filter_map(|(&i, p)| self.report(business, i, p))
                     .collect()
             })
             .unwrap_or_default()
@@ -314,7 +316,7 @@ impl StatisticsCollector {
                 let closed = std::mem::replace(&mut s.periods, keep);
                 closed
                     .iter()
-                    .map(|(&i, p)| self.report(business, i, p))
+                    .filter_map(|(&i, p)| self.report(business, i, p))
                     .collect()
             })
             .unwrap_or_default()
@@ -368,12 +370,16 @@ impl StatisticsCollector {
             });
     }
 
+    /// The report of `business`'s period `index`, if any count of it may
+    /// be released: a period whose every bucket is suppressed has none,
+    /// as one with no message has none (an empty report would say that
+    /// the business had fewer than `k` consumers in it).
     fn report(
         &self,
         business: BusinessId,
         index: u64,
         p: &PeriodStats,
-    ) -> Labelled<StatisticsReport> {
+    ) -> Option<Labelled<StatisticsReport>> {
         let k = self.config.k;
         // Released counts must not give a suppressed one away by
         // subtraction. Two sums tie them: the latency buckets add up to the
@@ -426,7 +432,10 @@ impl StatisticsCollector {
                 up_to_ms: LATENCY_BOUNDS_MS.get(i).copied(),
                 messages: b.messages,
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if messages.is_empty() && delivery_latency.is_empty() {
+            return None;
+        }
         let report = StatisticsReport {
             business,
             period: self.grid.period(index),
@@ -434,7 +443,11 @@ impl StatisticsCollector {
             messages,
             delivery_latency,
         };
-        Labelled::of_business(DataClass::NonIdentifiableStatistics, business, report)
+        Some(Labelled::of_business(
+            DataClass::NonIdentifiableStatistics,
+            business,
+            report,
+        ))
     }
 }
 

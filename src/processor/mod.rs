@@ -349,6 +349,10 @@ pub struct Processor {
     clock: Arc<dyn Clock>,
     integrity: IntegrityMonitor,
     statistics: StatisticsCollector,
+    /// Held by [`statistics`](Self::statistics) from reading the closed
+    /// periods to taking them: two calls at once would both release the
+    /// periods neither had taken yet.
+    releasing_statistics: async_lock::Mutex<()>,
     billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
@@ -425,6 +429,7 @@ impl Processor {
             gate: Gate::new(policies.visibility, host.audit, host.clock.clone()),
             integrity,
             statistics,
+            releasing_statistics: async_lock::Mutex::new(()),
             billing,
             storage: host.storage,
             keys,

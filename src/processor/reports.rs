@@ -186,12 +186,15 @@ impl Processor {
 
     /// Closed periods of non-identifiable statistics, small buckets
     /// suppressed, released to the rest of the company for analytics
-    /// (operators only). They are removed only once every one was released.
+    /// (operators only). They are removed only once every one was released;
+    /// each is released once, however many calls overlap. A period whose
+    /// every bucket is suppressed is removed unreleased.
     pub async fn statistics(
         &self,
         principal: &Principal,
     ) -> Result<Vec<StatisticsReport>, ProcessorError> {
         self.authorize_operator(principal)?;
+        let _releasing = self.releasing_statistics.lock().await;
         let now = self.clock.now();
         let businesses = self.statistics.businesses();
         let mut released = Vec::new();

@@ -268,8 +268,8 @@ impl RetentionPolicy {
 
     /// Parse and validate a JSON configuration.
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile =
-            serde_json::from_str(text).map_err(|e| PolicyError::new("(file)", e))?;
+        let file: PolicyFile = crate::visibility::from_json_at(text)
+            .map_err(|(field, e)| PolicyError::new(field.as_deref().unwrap_or("(file)"), e))?;
         file.validate()
     }
 
@@ -543,7 +543,7 @@ mod tests {
     fn a_business_given_twice_is_refused_in_json_naming_it() {
         let text = r#"{"business": {"5": {"retention": "7d"}, "6": {}, "5": {"retention": "1d"}}}"#;
         let err = RetentionPolicy::from_json(text).unwrap_err();
-        assert_eq!(err.field, "(file)");
+        assert_eq!(err.field, "business");
         assert!(
             err.problem
                 .starts_with("business.5: business \"5\" is configured twice"),
@@ -560,6 +560,20 @@ mod tests {
             policy.periods(five),
             Periods::both(Duration::from_secs(7 * 86_400))
         );
+    }
+
+    /// A JSON file's error of shape names the field, with the line and
+    /// column: a value of the wrong type, an unknown field.
+    #[test]
+    fn a_json_error_names_the_field() {
+        let err = RetentionPolicy::from_json(r#"{"business": {"5": {"retention": 7}}}"#);
+        let err = err.unwrap_err();
+        assert_eq!(err.field, "business.5.retention");
+        assert!(err.problem.contains("line 1 column"), "{err}");
+        let err = RetentionPolicy::from_json(r#"{"retension": "7d"}"#).unwrap_err();
+        assert_eq!(err.field, "retension", "{err}");
+        let err = RetentionPolicy::from_json(r#"{"retention": "7d"} x"#).unwrap_err();
+        assert_eq!(err.field, "(file)", "{err}");
     }
 
     /// A TOML file's error says where the problem is, as a JSON file's does.

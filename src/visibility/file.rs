@@ -198,6 +198,20 @@ impl PolicyFile {
     }
 }
 
+/// `text` read as JSON, or where it went wrong (`allow[0].purposes`; none
+/// at the top level) and why (with the line and column).
+pub(crate) fn from_json_at<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (Option<String>, serde_json::Error)> {
+    let mut json = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let field = e.path().to_string();
+        ((field != ".").then_some(field), e.into_inner())
+    })?;
+    json.end().map_err(|e| (None, e))?;
+    Ok(value)
+}
+
 fn parse_name<T: std::str::FromStr<Err = UnknownName>>(
     name: &str,
     field: impl FnOnce() -> String,
@@ -220,9 +234,12 @@ impl VisibilityPolicy {
 
     /// The policy in a JSON policy file (see the module docs for the format).
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile = serde_json::from_str(text).map_err(|e| PolicyError::Syntax {
+        let file: PolicyFile = from_json_at(text).map_err(|(field, e)| PolicyError::Syntax {
             format: PolicyFormat::Json,
-            message: e.to_string(),
+            message: match field {
+                Some(field) => format!("{field}: {e}"),
+                None => e.to_string(),
+            },
         })?;
         file.compile()
     }
