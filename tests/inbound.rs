@@ -437,15 +437,15 @@ async fn a_session_is_sealed_again_after_the_clock_steps_back() {
     assert!(received.as_ref().is_ok_and(|r| r.delivered), "{received:?}");
 }
 
-/// A receive creates no key, whatever came before it: after a spam report
-/// (which indexes the consumer's number, making the business's phone-index
-/// key), a message for a business that never published its keys is
-/// refused, and the business still has no Signal identity. Before, the
-/// report let the receive past its check, and the decrypt created the
-/// business's identity and signed prekey on the carrier's word before
-/// refusing the message.
+/// Neither a receive nor a spam or block report creates a key: after the
+/// reports, a business that never published its keys has no key ring nor
+/// phone-index key, and a message for it is refused, leaving it without a
+/// Signal identity. Before, the reports made the phone-index key on the
+/// carrier's word, which let the receive past its check, and the decrypt
+/// created the business's identity and signed prekey before refusing the
+/// message.
 #[tokio::test]
-async fn a_receive_after_a_spam_report_creates_no_key() {
+async fn a_receive_after_spam_and_block_reports_creates_no_key() {
     use custodian::keys::{KeyId, KeyKind};
     use custodian::store::{KeyStore, MemoryStore};
     // A well-formed first message, written to another business's bundle.
@@ -473,6 +473,13 @@ async fn a_receive_after_a_spam_report_creates_no_key() {
         .report_spam(&w.carrier, unpublished, &consumer(1))
         .await
         .unwrap();
+    processor
+        .report_block(&w.carrier, unpublished, &consumer(2))
+        .await
+        .unwrap();
+    assert!(store.ring(unpublished).await.unwrap().is_none());
+    let index = KeyId::phone_index(unpublished);
+    assert!(store.key(&index).await.unwrap().is_none());
     let identity = KeyId {
         business: unpublished,
         kind: KeyKind::SignalIdentity,

@@ -16,7 +16,9 @@ impl Processor {
     /// processor, acting for the business's number): an integrity signal.
     /// A consumer counts once a window, however often it reports (see
     /// [`IntegrityMonitor`](crate::integrity::IntegrityMonitor)); it is
-    /// known there only by its keyed phone hash.
+    /// known there only by its keyed phone hash. A report creates no key:
+    /// one about a business that has neither published its keys nor sent
+    /// (so has messaged no one through this processor) counts nothing.
     pub async fn report_spam(
         &self,
         principal: &Principal,
@@ -24,14 +26,16 @@ impl Processor {
         consumer: &PhoneNumber,
     ) -> Result<(), ProcessorError> {
         self.authorize_carrier(principal, business)?;
-        let reporter = self.keys.phone_hash(business, consumer).await?;
-        self.integrity
-            .record_spam_report(business, reporter, self.clock.now());
+        if let Some(reporter) = self.keys.known_phone_hash(business, consumer).await? {
+            self.integrity
+                .record_spam_report(business, reporter, self.clock.now());
+        }
         Ok(())
     }
 
     /// `consumer` blocked `business`: an integrity signal, counted once a
-    /// window per consumer, as [`report_spam`](Self::report_spam).
+    /// window per consumer (and creating no key), as
+    /// [`report_spam`](Self::report_spam).
     pub async fn report_block(
         &self,
         principal: &Principal,
@@ -39,9 +43,10 @@ impl Processor {
         consumer: &PhoneNumber,
     ) -> Result<(), ProcessorError> {
         self.authorize_carrier(principal, business)?;
-        let blocker = self.keys.phone_hash(business, consumer).await?;
-        self.integrity
-            .record_block(business, blocker, self.clock.now());
+        if let Some(blocker) = self.keys.known_phone_hash(business, consumer).await? {
+            self.integrity
+                .record_block(business, blocker, self.clock.now());
+        }
         Ok(())
     }
 
