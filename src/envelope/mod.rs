@@ -31,6 +31,12 @@
 //! The envelope adds `112 + r` bytes to its plaintext: 114 with a two-letter
 //! region, never more than 127.
 //!
+//! The header names no KEK id or version, unlike the design's first
+//! sketch: a record is sealed under its business's epoch key (named by the
+//! business and the epoch), which a KEK only wraps. A KEK rotation rewraps
+//! the epoch keys and leaves every envelope as it is; binding the version
+//! into each record would mean rewriting every record on every rotation.
+//!
 //! # Parsing
 //!
 //! [`Envelope::parse`] is total: any input gives an envelope or one precise
