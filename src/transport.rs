@@ -181,9 +181,9 @@ pub trait Transport: Send + Sync {
     /// device has the message (the first to have it may report it): the
     /// processor still sends to the devices it has not reached of those
     /// listed ([`devices`](Self::devices)) when it sent the message. A
-    /// device linked after a device took it gets it only from a resend
-    /// made while no report has come: one overdue is sent again to every
-    /// device listed then. A device
+    /// device linked after a device took it is sure to get it only from a
+    /// resend made while no report has come (one overdue is sent again to
+    /// every device listed then). A device
     /// may so be sent a message it has (after a crash, say): it drops the
     /// copy by the message id in its payload. A device that cannot decrypt
     /// a message it does not have (its session lost) asks for it again

@@ -3394,14 +3394,14 @@ async fn an_unnamed_principal_is_refused_in_every_role() {
     refused(processor.census(&unnamed).await.map(drop));
 }
 
-/// A period shortened and then lengthened again gives back nothing the
-/// shortening ended, whether or not a sweep ran in between: a consumer's
+/// A period is lengthened only once a sweep has applied the policy in
+/// force, so that it gives back nothing a shortening ended: a consumer's
 /// message waiting for its business's endpoint (down), past a one-day
-/// retention put back to 30 days before any sweep, is not handed over when
-/// the endpoint returns, but failed as expired.
+/// retention, is not handed over when the endpoint returns, and one
+/// received after the lengthening is kept for the longer period.
 #[tokio::test]
 async fn content_a_shortened_retention_ended_is_not_handed_over_once_the_period_is_lengthened() {
-    use custodian::retention::RetentionPolicy;
+    use custodian::retention::{PolicyChangeError, RetentionPolicy};
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
     let down = Faults::none().with_outage(Timestamp::from_millis(T0), 3 * DAY);
@@ -3419,53 +3419,35 @@ async fn content_a_shortened_retention_ended_is_not_handed_over_once_the_period_
         .set_retention_policy(&d.operator, one_day)
         .unwrap();
     d.clock.advance(2 * DAY);
-    d.processor
-        .set_retention_policy(&d.operator, RetentionPolicy::default())
-        .unwrap();
+    let lengthen = || {
+        d.processor
+            .set_retention_policy(&d.operator, RetentionPolicy::default())
+    };
+    let refused = lengthen();
+    assert!(
+        matches!(
+            refused,
+            Err(ProcessorError::RetentionPolicy(
+                PolicyChangeError::Unapplied
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert!(d.processor.sweep(&d.operator).await.unwrap().complete);
+    lengthen().unwrap();
     d.clock.advance(DAY + Duration::from_secs(60));
     d.run(Duration::from_secs(300), Duration::from_secs(60))
         .await;
     assert!(d.business.messages().is_empty(), "handed over");
-    let census = d.processor.census(&d.operator).await.unwrap();
-    assert_eq!(
-        census.messages, 1,
-        "deleted at its stored expiry, not before"
-    );
-    // A message received now is kept for the period put back.
+    assert_eq!(d.processor.census(&d.operator).await.unwrap().messages, 0);
+    // (The sweep forgot consumer 1's session: a new consumer writes.)
+    d.network.add_consumer(&number(2), 1).await;
     d.network
-        .consumer_sends(&number(1), 0, b, b"after")
+        .consumer_sends(&number(2), 0, b, b"after")
         .await
         .unwrap();
     d.clock.advance(2 * DAY);
     d.run(Duration::from_secs(300), Duration::from_secs(60))
         .await;
     assert_eq!(d.business.messages().len(), 1);
-}
-
-/// The same for a delivered message of the business, which no
-/// retransmission fails (it is settled): a retry receipt for it, past a
-/// one-day retention put back to 30 days before any sweep, is ignored.
-#[tokio::test]
-async fn a_retry_receipt_past_a_shortened_retention_is_ignored_once_the_period_is_lengthened() {
-    use custodian::retention::RetentionPolicy;
-
-    const DAY: Duration = Duration::from_secs(24 * 3600);
-    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 13);
-    let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
-    d.welcomed(b, &number(1)).await;
-    let id = d.send(b, number(1), b"your code is 1234").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    d.assert_delivered(b, id).await;
-    let one_day = RetentionPolicy::from_toml("[business.7]\nretention = \"1d\"\n").unwrap();
-    d.processor
-        .set_retention_policy(&d.operator, one_day)
-        .unwrap();
-    d.clock.advance(2 * DAY);
-    d.processor
-        .set_retention_policy(&d.operator, RetentionPolicy::default())
-        .unwrap();
-    let change = d.processor.retry_receipt(&d.transport, b, id, 0).await;
-    assert_eq!(change.unwrap(), StatusChange::Ignored);
 }

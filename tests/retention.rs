@@ -15,8 +15,8 @@ use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse,
-    MAX_SUPERSEDED, Periods, PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention,
+    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse, Periods,
+    PolicyChangeError, PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention,
     RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
@@ -656,7 +656,8 @@ impl World {
 /// A message that arrived before retention was shortened, and is stored
 /// only after a sweep applied the shorter period (and found nothing to
 /// cap), is capped by the next sweep all the same: by the next that gets
-/// through the policy stage, not one stopped before it.
+/// through the policy stage, not one stopped before it; until then the
+/// period cannot be lengthened again.
 #[tokio::test]
 async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_sweep() {
     for &backend in Backend::ALL {
@@ -673,6 +674,11 @@ async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_swe
             .store_admitted(arrived, b, 1, Direction::Inbound, false)
             .await;
         assert_eq!(late.record.expiry, w.now().saturating_add(CEILING));
+        // Nor may the period be lengthened again before that sweep.
+        let lengthened = w
+            .retention
+            .set_policy(RetentionPolicy::default(), "operator", w.now());
+        assert!(matches!(lengthened, Err(PolicyChangeError::Unapplied)));
         let stopped = w.retention.sweep_steps(w.now(), &notices, 0).await;
         assert!(!stopped.unwrap().complete);
         assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
@@ -681,15 +687,20 @@ async fn a_message_stored_late_under_a_replaced_policy_is_capped_by_the_next_swe
     }
 }
 
-/// A period shortened and then lengthened again gives back nothing: every
-/// message stays bound by each period in force while it was stored,
-/// whether or not a sweep ran in between (one would have capped it); a
-/// message stored after the lengthening has the longer period.
+/// A period is lengthened only once a sweep has applied the policy in
+/// force: sooner, what a shortening ended would be readable again (and,
+/// after a restart, so would anything a process only remembered). Once
+/// shortened, swept and lengthened, what the shortening ended stays ended
+/// in the store, for a retention started afresh over it too, and what is
+/// stored since has the longer period.
 #[tokio::test]
-async fn a_period_lengthened_again_gives_back_nothing_a_shortening_took() {
-    for swept in [false, true] {
-        let w = World::new(3);
+async fn a_period_is_lengthened_only_once_a_sweep_applied_the_policy_in_force() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 3);
         let b = business(1);
+        let lengthen =
+            |r: &Retention| r.set_policy(RetentionPolicy::default(), "operator", w.now());
+        let notices = Notices::default();
         let ended = w.store(b, 0, Direction::Inbound, false).await;
         w.clock.advance(DAY);
         let bound = w.store(b, 1, Direction::Inbound, false).await;
@@ -697,75 +708,56 @@ async fn a_period_lengthened_again_gives_back_nothing_a_shortening_took() {
             .set_policy(kept_for(b, 2 * DAY), "operator", w.now())
             .unwrap();
         w.clock.advance(DAY);
-        if swept {
-            assert!(
-                w.retention
-                    .sweep(w.now(), &Notices::default())
-                    .await
-                    .unwrap()
-                    .complete
-            );
-        }
+        assert_eq!(w.read(&ended.record).await, None, "{backend:?}");
+        let refused = lengthen(&w.retention);
         assert!(
-            !w.retention.readable(&ended.record, w.now()),
-            "swept: {swept}"
+            matches!(refused, Err(PolicyChangeError::Unapplied)),
+            "{refused:?}"
         );
-        w.retention
-            .set_policy(RetentionPolicy::default(), "operator", w.now())
-            .unwrap();
-        let after = w.store(b, 2, Direction::Inbound, false).await;
-        assert_eq!(w.read(&ended.record).await, None, "swept: {swept}");
-        assert!(w.read(&bound.record).await.is_some(), "swept: {swept}");
-        w.clock.advance(DAY);
-        assert_eq!(w.read(&bound.record).await, None, "swept: {swept}");
+        // A sweep stopped before its policy stage has applied nothing.
+        let sliced = w.retention.sweep_steps(w.now(), &notices, 1).await;
+        assert!(!sliced.unwrap().complete);
         assert!(matches!(
-            w.retention.decide(&bound.record, w.now()).await.unwrap(),
-            Decision::Purge(PurgeReason::RetentionShortened { .. })
+            lengthen(&w.retention),
+            Err(PolicyChangeError::Unapplied)
         ));
-        assert_eq!(w.read(&after.record).await, Some(after.plaintext.clone()));
-        // Past the ceiling no message stored under the superseded policy
-        // remains, and it binds nothing stored since.
-        w.clock.advance(CEILING);
-        w.retention
-            .set_policy(kept_for(b, DAY), "operator", w.now())
-            .unwrap();
-        w.retention
-            .set_policy(RetentionPolicy::default(), "operator", w.now())
-            .unwrap();
-        let last = w.store(b, 3, Direction::Inbound, false).await;
-        w.clock.advance(2 * DAY);
-        assert_eq!(
-            w.read(&last.record).await,
-            Some(last.plaintext),
-            "swept: {swept}"
-        );
-    }
-}
+        assert_eq!(w.read(&ended.record).await, None, "{backend:?}");
 
-/// Past [`MAX_SUPERSEDED`] lengthenings, the oldest two bind as one: by the
-/// shorter of their periods, never by neither.
-#[tokio::test]
-async fn many_lengthenings_still_bind_what_each_shortening_ended() {
-    let w = World::new(3);
-    let b = business(1);
-    let first = w.store(b, 0, Direction::Inbound, false).await;
-    w.retention
-        .set_policy(kept_for(b, DAY), "operator", w.now())
-        .unwrap();
-    w.clock.advance(2 * DAY);
-    for _ in 0..MAX_SUPERSEDED + 3 {
-        w.retention
-            .set_policy(RetentionPolicy::default(), "operator", w.now())
-            .unwrap();
-        w.retention
-            .set_policy(kept_for(b, 20 * DAY), "operator", w.now())
-            .unwrap();
-        w.clock.advance(Duration::from_secs(60));
+        assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
+        lengthen(&w.retention).unwrap();
+        let after = w.store(b, 2, Direction::Inbound, false).await;
+        assert!(w.store.message(b, ended.record.id).await.unwrap().is_none());
+        assert!(w.read(&bound.record).await.is_some());
+        let fresh = Retention::new(
+            w.store.clone(),
+            w.keys.clone(),
+            RetentionPolicy::default(),
+            Arc::new(MemoryAuditSink::new()),
+        );
+        w.clock.advance(DAY);
+        assert_eq!(w.read(&bound.record).await, None, "{backend:?}");
+        let stored = w.store.message(b, bound.record.id).await.unwrap().unwrap();
+        assert!(!fresh.readable(&stored, w.now()), "{backend:?}");
+        assert_eq!(
+            w.read(&after.record).await,
+            Some(after.plaintext),
+            "{backend:?}"
+        );
+
+        // A process just started has applied nothing yet.
+        let started = Retention::new(
+            w.store.clone(),
+            w.keys.clone(),
+            kept_for(b, 2 * DAY),
+            Arc::new(MemoryAuditSink::new()),
+        );
+        assert!(matches!(
+            lengthen(&started),
+            Err(PolicyChangeError::Unapplied)
+        ));
+        assert!(started.sweep(w.now(), &notices).await.unwrap().complete);
+        lengthen(&started).unwrap();
     }
-    w.retention
-        .set_policy(RetentionPolicy::default(), "operator", w.now())
-        .unwrap();
-    assert_eq!(w.read(&first.record).await, None);
 }
 
 /// `decide` reads the holds afresh: a hold another instance stored (an

@@ -394,6 +394,10 @@ fn bad_policy_files_name_the_field_or_the_cell() {
             "revision: a policy's revision must be 1",
         ),
         (format!("revison = 2\n{good}"), "unknown field `revison`"),
+        (
+            format!("revision = 2\n{}", entry("processor", "billing", "\"billing\"")),
+            "allow[0].purposes: TOML parse error at line 5",
+        ),
         (good.clone(), "missing field `revision`"),
         (
             "revision = 2\n[[allow]]\nparty = \"processor\"\nclass = \"billing\"\npurposes = [\"billing\"]\nwhy = \"x\"\n"

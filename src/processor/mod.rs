@@ -59,7 +59,8 @@ use crate::integrity::{
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
 use crate::retention::{
-    Admission, HoldError, ResidencyError, Retention, RetentionPolicy, SweepError, check_residency,
+    Admission, HoldError, PolicyChangeError, ResidencyError, Retention, RetentionPolicy,
+    SweepError, check_residency,
 };
 use crate::signal::{Sessions, SignalConfig, SignalError};
 use crate::store::{Batch, Delivery, Direction, Op, Storage, StoreError};
@@ -124,6 +125,10 @@ pub enum ProcessorError {
     /// A legal hold could not be changed.
     #[error(transparent)]
     Hold(#[from] HoldError),
+    /// A retention policy was not put in force (see
+    /// [`set_retention_policy`](Processor::set_retention_policy)).
+    #[error(transparent)]
+    RetentionPolicy(#[from] PolicyChangeError),
     /// The visibility policy refused to release a value for this.
     #[error("the visibility policy does not allow this release")]
     Denied,

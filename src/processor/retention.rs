@@ -66,9 +66,11 @@ impl Processor {
     }
 
     /// Put a retention policy in force (operators only). Shorter periods
-    /// apply to reads at once, and to stored messages from the next sweep;
-    /// longer ones to messages stored from now on (each message stays
-    /// bound by every period in force while it was stored: see
+    /// apply to reads at once, and to stored messages from the next sweep.
+    /// A policy that lengthens a period is refused
+    /// ([`PolicyChangeError::Unapplied`](crate::retention::PolicyChangeError))
+    /// until a sweep has applied the one in force to the stored messages:
+    /// what a shortening ended stays ended (see
     /// [`Retention::set_policy`](crate::retention::Retention::set_policy)).
     /// The epoch length is the processor's from when it was built: a policy
     /// with another is refused as [`ProcessorError::Config`]. Audited

@@ -1,8 +1,6 @@
 //! The retention decision for one record: pure, cheap, the same for reads
 //! and for the sweep.
 
-use std::sync::Arc;
-
 use super::policy::RetentionPolicy;
 use crate::ids::{BusinessId, PhoneHash};
 use crate::store::{Direction, HoldScope, MessageRecord};
@@ -86,29 +84,6 @@ pub fn effective_expiry(record: &RecordFacts, policy: &RetentionPolicy) -> Times
         .created
         .saturating_add(policy.period(record.business, record.direction));
     record.expiry.min(current)
-}
-
-/// A policy that one lengthening some period replaced, and when: it still
-/// binds every message stored while it was in force (see
-/// [`Retention::set_policy`](super::Retention::set_policy)).
-#[derive(Debug, Clone)]
-pub(super) struct Superseded {
-    pub(super) policy: Arc<RetentionPolicy>,
-    pub(super) until: Timestamp,
-}
-
-/// When `record` stops being readable under `policy` and every policy in
-/// `superseded` that was in force while it was stored.
-pub(super) fn bound_expiry(
-    record: &RecordFacts,
-    policy: &RetentionPolicy,
-    superseded: &[Superseded],
-) -> Timestamp {
-    superseded
-        .iter()
-        .filter(|s| record.created < s.until)
-        .map(|s| effective_expiry(record, &s.policy))
-        .fold(effective_expiry(record, policy), Timestamp::min)
 }
 
 /// Decide about `record` at `now`, under `policy` and the `holds` in force.

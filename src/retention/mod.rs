@@ -65,7 +65,6 @@ mod policy;
 mod residency;
 mod sweep;
 
-use evaluate::Superseded;
 use gate::HoldGate;
 
 pub use evaluate::{Decision, PurgeReason, RecordFacts, effective_expiry, evaluate};
@@ -75,6 +74,23 @@ pub use policy::{
 };
 pub use residency::{InUse, ResidencyError, check_residency};
 pub use sweep::{ExpiryNotifier, REPORT_GRACE, SweepError, SweepReport};
+
+/// Why a retention policy was not put in force. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyChangeError {
+    /// The policy lengthens a period while the one in force is not yet
+    /// applied to every stored message: run a sweep first (see
+    /// [`Retention::set_policy`]).
+    #[error(
+        "a longer retention period is refused until a sweep has applied the policy in force \
+         to the stored messages"
+    )]
+    Unapplied,
+    /// The audit trail could not record the change.
+    #[error("the policy change could not be audited: {0}")]
+    Audit(#[from] AuditError),
+}
 
 /// Why a legal hold could not be placed or released. Nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -129,10 +145,6 @@ async fn held_epochs(
 /// off-peak can raise it with [`Retention::with_batch`].
 const DEFAULT_BATCH: usize = 65_536;
 
-/// The most policies [`Retention::set_policy`] keeps binding the messages
-/// stored under them apart; past it, the two oldest bind as one.
-pub const MAX_SUPERSEDED: usize = 32;
-
 /// A new message admitted under the retention policy in force (see
 /// [`Retention::admit`]): give it its expiry by [`policy`](Self::policy),
 /// and drop the admission once the write storing it was made, whatever came
@@ -182,11 +194,6 @@ pub struct Retention {
     keys: Arc<KeyManager>,
     audit: Arc<dyn AuditSink>,
     policy: RwLock<Arc<RetentionPolicy>>,
-    /// The policies replaced by ones that lengthened a period, while a
-    /// message stored under them may still be stored (see
-    /// [`set_policy`](Self::set_policy)); oldest first, at most
-    /// [`MAX_SUPERSEDED`].
-    superseded: RwLock<Vec<Superseded>>,
     /// The policy last applied to the stored messages' expiries, and where
     /// its pass stopped for the next sweep to go on from (`None`: every
     /// expiry reflects it). `None` until a sweep has applied one: stores
@@ -242,7 +249,6 @@ impl Retention {
             keys,
             audit,
             policy: RwLock::new(Arc::new(policy)),
-            superseded: RwLock::new(Vec::new()),
             pass: Mutex::new(None),
             next_stage: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
@@ -277,47 +283,42 @@ impl Retention {
     /// passes. Recorded in the audit trail first ([`Change::Retention`]): a
     /// policy the trail cannot record is not put in force.
     ///
-    /// A longer period applies to messages stored from now on: every
-    /// message stays bound by each period in force while it was stored,
-    /// so that lengthening a period again never makes readable what a
-    /// shortening ended, whether or not a sweep ran in between. Those bounds
-    /// live in this instance (a message the sweep has not yet capped is
-    /// deleted at its stored expiry, unreadable until then); a process
-    /// started afresh knows only the stored expiries, which a sweep made
-    /// before the restart caps. Past [`MAX_SUPERSEDED`] such changes within
-    /// the [`CEILING`], the two oldest bind as one, by the shorter of
-    /// their periods: stricter, never looser.
+    /// A policy that lengthens any period is refused
+    /// ([`PolicyChangeError::Unapplied`]) until a sweep has applied the one
+    /// in force to every stored message (its policy stage done, in one
+    /// sweep or over slices; a process just started has applied none yet).
+    /// Lengthened sooner, a period would give back what a shortening ended:
+    /// the messages it made unreadable, not yet capped in the store, would
+    /// be readable again. So a shortening is undone by sweeping first:
+    /// what it ended stays ended, in the store, and the longer period
+    /// applies to messages stored from then on.
     pub fn set_policy(
         &self,
         policy: RetentionPolicy,
         principal: &str,
         now: Timestamp,
-    ) -> Result<(), AuditError> {
+    ) -> Result<(), PolicyChangeError> {
         let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        if policy.lengthens(&current) && !self.applied(&current) {
+            return Err(PolicyChangeError::Unapplied);
+        }
         self.audit.record_change(&Change::Retention {
             at: now,
             principal: principal.to_owned(),
             digest: policy.digest(),
         })?;
-        // Before the new policy is in force: a reader between the two sees
-        // the old one bound twice, never the new one unbound.
-        let mut superseded = self.superseded.write().unwrap_or_else(|p| p.into_inner());
-        superseded.retain(|s| now < s.until.saturating_add(CEILING));
-        if policy.lengthens(&current) {
-            superseded.push(Superseded {
-                policy: current.clone(),
-                until: now,
-            });
-            if superseded.len() > MAX_SUPERSEDED {
-                let oldest = superseded.remove(0);
-                let next = &mut superseded[0];
-                next.policy = Arc::new(next.policy.shortest(&oldest.policy));
-            }
-        }
-        drop(superseded);
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether every stored message's expiry reflects `policy`: a sweep's
+    /// pass applied it, and no message was stored since under a policy
+    /// replaced before it.
+    fn applied(&self, policy: &Arc<RetentionPolicy>) -> bool {
+        let pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+        let done = matches!(pass.as_ref(), Some((p, None)) if Arc::ptr_eq(p, policy));
+        done && !self.stale.load(Ordering::SeqCst)
     }
 
     /// Admit a new message under the policy in force, to give it its expiry
@@ -342,21 +343,17 @@ impl Retention {
     }
 
     /// Whether `message` may still be read at `now`: before its expiry
-    /// under the policy in force and every one in force while it was
-    /// stored (a shortened period applies before the sweep caps the stored
-    /// expiry, and binds it however the period changes after). The same answer as
+    /// under the policy in force (a shortened period applies before the
+    /// sweep caps the stored expiry). The same answer as
     /// [`decide`](Self::decide)'s [`Decision::readable`], without reading
     /// the holds, which only matter once a message is past it.
     pub fn readable(&self, message: &MessageRecord, now: Timestamp) -> bool {
         now < self.expiry(&RecordFacts::from(message))
     }
 
-    /// When `record` stops being readable: under the policy in force and
-    /// every policy superseded while it was stored.
+    /// When `record` stops being readable under the policy in force.
     fn expiry(&self, record: &RecordFacts) -> Timestamp {
-        let policy = self.policy();
-        let superseded = self.superseded.read().unwrap_or_else(|p| p.into_inner());
-        evaluate::bound_expiry(record, &policy, &superseded)
+        effective_expiry(record, &self.policy())
     }
 
     /// What retention says about `message` at `now`: the check every read

@@ -199,17 +199,29 @@ impl PolicyFile {
 }
 
 /// `text` read as JSON, or where it went wrong (`allow[0].purposes`; none
-/// at the top level) and why (with the line and column).
+/// at the top level or in the syntax) and why (with the line and column).
 pub(crate) fn from_json_at<T: serde::de::DeserializeOwned>(
     text: &str,
 ) -> Result<T, (Option<String>, serde_json::Error)> {
     let mut json = serde_json::Deserializer::from_str(text);
-    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let field = e.path().to_string();
-        ((field != ".").then_some(field), e.into_inner())
-    })?;
+    let value = serde_path_to_error::deserialize(&mut json).map_err(named)?;
     json.end().map_err(|e| (None, e))?;
     Ok(value)
+}
+
+/// `text` read as TOML, or where it went wrong, as
+/// [`from_json_at`] says (the error shows the line).
+pub(crate) fn from_toml_at<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (Option<String>, toml::de::Error)> {
+    let toml = toml::Deserializer::parse(text).map_err(|e| (None, e))?;
+    serde_path_to_error::deserialize(toml).map_err(named)
+}
+
+/// Where a file's shape went wrong (none at the top level), and why.
+fn named<E>(e: serde_path_to_error::Error<E>) -> (Option<String>, E) {
+    let field = e.path().to_string();
+    ((field != ".").then_some(field), e.into_inner())
 }
 
 fn parse_name<T: std::str::FromStr<Err = UnknownName>>(
@@ -225,9 +237,12 @@ fn parse_name<T: std::str::FromStr<Err = UnknownName>>(
 impl VisibilityPolicy {
     /// The policy in a TOML policy file (see the module docs for the format).
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Syntax {
+        let file: PolicyFile = from_toml_at(text).map_err(|(field, e)| PolicyError::Syntax {
             format: PolicyFormat::Toml,
-            message: e.to_string(),
+            message: match field {
+                Some(field) => format!("{field}: {e}"),
+                None => e.to_string(),
+            },
         })?;
         file.compile()
     }

@@ -163,8 +163,8 @@ pub use audit::{
     AuditError, AuditSink, BadDecisionId, Change, Decision, DecisionId, DenyReason, FlushPolicy,
     HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, Verdict,
 };
-pub(crate) use file::from_json_at;
 pub use file::{AllowEntry, PolicyError, PolicyFile, PolicyFormat};
+pub(crate) use file::{from_json_at, from_toml_at};
 pub use release::{Denied, Gate, Labelled, Released};
 pub use table::{HardRule, HardRuleViolation, PolicyBuilder, Purposes, Revision, VisibilityPolicy};
 
