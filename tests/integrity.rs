@@ -1163,6 +1163,8 @@ mod exports {
         let p = processor(&clock, store, &SecretKey::generate(), transport, audit);
         let reporter: PhoneNumber = "+447700900123".parse().unwrap();
         for b in [b17, b18] {
+            // A report counts for a business with keys (see `report_spam`).
+            p.publish_keys(&Principal::new(OWNER), b).await.unwrap();
             p.report_spam(&Principal::new(OWNER), b, &reporter)
                 .await
                 .unwrap();
@@ -1188,7 +1190,8 @@ mod exports {
 
     /// Through the processor, a consumer's spam reports and blocks count
     /// once a window however often the transport passes them on, and
-    /// another consumer's count too. Before, every call counted: one
+    /// another consumer's count too (one made before the business had
+    /// keys counts nothing). Before, every call counted: one
     /// consumer reporting ten times got a small business flagged.
     #[tokio::test]
     async fn a_consumer_reporting_again_is_not_counted_again() {
@@ -1208,6 +1211,11 @@ mod exports {
             "+447700900123".parse().unwrap(),
             "+447700900124".parse().unwrap(),
         );
+        // Before the business has keys, a report counts nothing (nor makes
+        // one).
+        let early: PhoneNumber = "+447700900125".parse().unwrap();
+        p.report_spam(&carrier, b, &early).await.unwrap();
+        p.publish_keys(&carrier, b).await.unwrap();
         for _ in 0..10 {
             p.report_spam(&carrier, b, &one).await.unwrap();
             p.report_block(&carrier, b, &one).await.unwrap();

@@ -105,7 +105,12 @@ pub enum FailureReason {
     /// visibility policy in force would not release the consumer's number
     /// to the transport.
     Refused = 3,
-    /// No session could be established with any of the consumer's devices.
+    /// No session could be established with any of the consumer's devices
+    /// tried. On a retry, those are the devices the first attempt left
+    /// pending: one the transport refused then is not remembered, so a
+    /// message refused for one device and without a session for the rest
+    /// fails as `Refused` if one attempt found both out, `NoSession` if it
+    /// took two.
     NoSession = 4,
     /// Its stored record can never be opened again: damaged, its key gone,
     /// or not the envelope sealed for it.
