@@ -290,21 +290,33 @@ fn count(report: &StatisticsReport, direction: Direction, status: Status) -> Opt
         .map(|m| m.messages)
 }
 
+/// Each of `consumers` has a message of `business` going `direction`
+/// reach `status` at `t`.
+fn record_each(
+    collector: &StatisticsCollector,
+    business: BusinessId,
+    consumers: std::ops::Range<u64>,
+    (direction, status): (Direction, Status),
+    t: Timestamp,
+) {
+    for c in consumers {
+        collector.record_message(business, consumer(c), direction, status, t);
+    }
+}
+
 #[test]
 fn statistics_buckets_below_k_consumers_are_suppressed() {
     let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
     let business = BusinessId::new(9).unwrap();
     let t = at(0, 1_000);
     // Inbound delivered: 10 consumers (= k) -> released.
-    for c in 0..10 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Inbound,
-            Status::Delivered,
-            t,
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..10,
+        (Direction::Inbound, Status::Delivered),
+        t,
+    );
     // Outbound read: 500 messages but only 9 consumers -> suppressed.
     for i in 0..500 {
         collector.record_message(
@@ -316,9 +328,13 @@ fn statistics_buckets_below_k_consumers_are_suppressed() {
         );
     }
     // Outbound sent: 30 consumers -> released.
-    for c in 0..30 {
-        collector.record_message(business, consumer(c), Direction::Outbound, Status::Sent, t);
-    }
+    record_each(
+        &collector,
+        business,
+        0..30,
+        (Direction::Outbound, Status::Sent),
+        t,
+    );
     // Deliveries: 20 consumers within a second, one consumer after an hour.
     for c in 0..20 {
         collector.record_delivery(business, consumer(c), Duration::from_millis(300), t);
@@ -364,28 +380,24 @@ fn statistics_buckets_below_k_consumers_are_suppressed() {
 fn a_period_whose_every_bucket_is_suppressed_has_no_report() {
     let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
     let business = BusinessId::new(9).unwrap();
-    for c in 0..9 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Outbound,
-            Status::Sent,
-            at(0, 1),
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..9,
+        (Direction::Outbound, Status::Sent),
+        at(0, 1),
+    );
     collector.record_delivery(business, consumer(0), Duration::from_millis(300), at(0, 1));
     assert!(statistics(&collector, business, at(1, 0)).is_empty());
     assert!(collector.take_closed_of(business, at(1, 0)).is_empty());
     // One consumer more makes a bucket of `k`: that period is reported.
-    for c in 0..10 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Outbound,
-            Status::Sent,
-            at(1, 1),
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..10,
+        (Direction::Outbound, Status::Sent),
+        at(1, 1),
+    );
     assert_eq!(statistics(&collector, business, at(2, 0)).len(), 1);
 }
 
@@ -443,24 +455,20 @@ fn k_is_configurable() {
     config.k = 3;
     let collector = StatisticsCollector::new(config).unwrap();
     let business = BusinessId::new(9).unwrap();
-    for c in 0..3 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Inbound,
-            Status::Sent,
-            at(0, 0),
-        );
-    }
-    for c in 0..2 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Inbound,
-            Status::Read,
-            at(0, 0),
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..3,
+        (Direction::Inbound, Status::Sent),
+        at(0, 0),
+    );
+    record_each(
+        &collector,
+        business,
+        0..2,
+        (Direction::Inbound, Status::Read),
+        at(0, 0),
+    );
     let r = &statistics(&collector, business, at(1, 0))[0];
     assert_eq!(r.k, 3);
     assert_eq!(count(r, Direction::Inbound, Status::Sent), Some(3));
@@ -471,15 +479,13 @@ fn k_is_configurable() {
 fn released_statistics_never_change_so_exports_cannot_be_subtracted() {
     let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
     let business = BusinessId::new(10).unwrap();
-    for c in 0..12 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Inbound,
-            Status::Sent,
-            at(0, 10),
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..12,
+        (Direction::Inbound, Status::Sent),
+        at(0, 10),
+    );
     let first = statistics(&collector, business, at(1, 0));
     // A straggler timestamped in the exported period...
     collector.record_message(
@@ -493,15 +499,13 @@ fn released_statistics_never_change_so_exports_cannot_be_subtracted() {
     assert_eq!(statistics(&collector, business, at(1, 5)), first);
     assert_eq!(count(&first[0], Direction::Inbound, Status::Sent), Some(12));
     // ...and counts in the next period instead.
-    for c in 0..10 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Inbound,
-            Status::Sent,
-            at(1, 10),
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..10,
+        (Direction::Inbound, Status::Sent),
+        at(1, 10),
+    );
     let (gate, _) = gate(at(2, 0));
     let taken: Vec<StatisticsReport> = collector
         .take_closed(at(2, 0))
@@ -540,15 +544,13 @@ fn exports_are_releasable_only_to_the_parties_the_policy_allows() {
     let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
     monitor.record_sent(business, consumer(1), at(2, 0));
     let collector = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
-    for c in 0..10 {
-        collector.record_message(
-            business,
-            consumer(c),
-            Direction::Outbound,
-            Status::Sent,
-            at(2, 0),
-        );
-    }
+    record_each(
+        &collector,
+        business,
+        0..10,
+        (Direction::Outbound, Status::Sent),
+        at(2, 0),
+    );
 
     let (gate, audit) = gate(now);
     let signals = monitor.export(business, now);

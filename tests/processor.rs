@@ -701,6 +701,17 @@ impl AuditSink for Meanwhile {
     }
 }
 
+/// The default policies, with statistics buckets released from two
+/// consumers.
+fn statistics_of_two() -> Policies {
+    let mut statistics = StatisticsConfig::default();
+    statistics.k = 2;
+    Policies {
+        statistics,
+        ..Policies::default()
+    }
+}
+
 /// `Processor::statistics` removes only the reports it released: a
 /// business first counted while it releases the others' (with a message in
 /// a period already closed) keeps its report for the next call. Before,
@@ -755,13 +766,7 @@ async fn statistics_removes_only_the_reports_it_released() {
         clock: Arc::new(clock.clone()),
         audit,
     };
-    let mut statistics = StatisticsConfig::default();
-    statistics.k = 2;
-    let policies = Policies {
-        statistics,
-        ..Policies::default()
-    };
-    let processor = Arc::new(Processor::new(host, policies).unwrap());
+    let processor = Arc::new(Processor::new(host, statistics_of_two()).unwrap());
     cell.set(Arc::downgrade(&processor)).unwrap();
     for to in 1..=4 {
         network.add_consumer(&number(to), 1).await;
@@ -817,13 +822,7 @@ fn overlapping_statistics_calls_release_each_period_once() {
         clock: Arc::new(clock.clone()),
         audit,
     };
-    let mut statistics = StatisticsConfig::default();
-    statistics.k = 2;
-    let policies = Policies {
-        statistics,
-        ..Policies::default()
-    };
-    let processor = Arc::new(Processor::new(host, policies).unwrap());
+    let processor = Arc::new(Processor::new(host, statistics_of_two()).unwrap());
     runtime().block_on(async {
         for to in [1, 2] {
             network.add_consumer(&number(to), 1).await;

@@ -31,8 +31,10 @@ const ALL_DEVICES: u64 = u64::MAX;
 /// Whether a status update or a retry receipt changed anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusChange {
-    /// The message moved to the new status (a retry receipt: a new session
-    /// was started for the device).
+    /// The message moved to the new status (a retry receipt: the message
+    /// was made due, or sent, for the device over a new session, started
+    /// for it, or by a receipt for another message within the receipt
+    /// timeout).
     Applied,
     /// Nothing changed: the update was stale or out of order (it would go
     /// backwards), or the retry receipt was a copy, for a message failed
