@@ -74,18 +74,6 @@ async fn deployment_over(store: Arc<dyn Storage>, network: Faults, sink: Faults)
     Deployment::over(store, network, sink, signal).await
 }
 
-/// The messages the integrity signals of the deployment's business count
-/// received, in every window (exported now; 0 if the business is not in
-/// the export, the monitor having counted nothing for it).
-async fn received_counted(d: &Deployment) -> u64 {
-    d.processor.export_integrity(&d.operator).await.unwrap();
-    let reports = d.network.integrity_reports().await;
-    let report = reports.iter().rev().find(|r| r.business == d.b);
-    report.map_or(0, |r| {
-        r.history.iter().map(|w| w.received).sum::<u64>() + r.current.received
-    })
-}
-
 /// Where a failure was injected, for messages.
 #[derive(Debug, Clone, Copy)]
 struct At {
@@ -204,7 +192,7 @@ fn receive_survives_every_host_failure() {
         assert_eq!(d.contents(), want, "{at:?}: {failed:?}");
         d.assert_statuses_told_once_forward(at.n);
         // Each counted received once for the integrity signals.
-        assert_eq!(received_counted(&d).await, 2, "{at:?}: {failed:?}");
+        assert_eq!(d.received_counted().await, 2, "{at:?}: {failed:?}");
         failed.is_empty()
     }));
 }
@@ -276,7 +264,7 @@ async fn lost_storing_answer(
         // Counted by the failed receive, if the store could say it has the
         // message; else owed, and made when the message is next taken up:
         // by the first redelivery, answered as a duplicate.
-        assert_eq!(received_counted(&d).await, 1, "{failed:?}");
+        assert_eq!(d.received_counted().await, 1, "{failed:?}");
         d.settle(3).await;
         let second = d.inbound(&mut handset, b"second").await;
         assert!(!d.receive(second.clone()).await.unwrap().duplicate);
@@ -284,7 +272,7 @@ async fn lost_storing_answer(
         d.settle(3).await;
         let want = BTreeMap::from([(b"first".to_vec(), 1), (b"second".to_vec(), 1)]);
         assert_eq!(d.contents(), want, "stored and handed over once");
-        assert_eq!(received_counted(&d).await, 2, "{failed:?}");
+        assert_eq!(d.received_counted().await, 2, "{failed:?}");
         return;
     }
     panic!("the storing write was never reached");
@@ -1809,7 +1797,7 @@ fn a_failed_replay_as_another_number_is_not_counted_received() {
                 message: message.clone(),
             };
             assert!(!d.receive(real).await.unwrap().duplicate);
-            assert_eq!(received_counted(&d).await, 1);
+            assert_eq!(d.received_counted().await, 1);
 
             d.faults.set(Plan {
                 at: n,
@@ -1830,7 +1818,7 @@ fn a_failed_replay_as_another_number_is_not_counted_received() {
             }
             assert!(got.is_err(), "{got:?}");
             assert_eq!(
-                received_counted(&d).await,
+                d.received_counted().await,
                 1,
                 "the failed replay under another number was counted received ({got:?})"
             );

@@ -230,6 +230,18 @@ impl Drop for Owing<'_> {
     }
 }
 
+/// Runs its closure when dropped, unless disarmed: what a call does
+/// whether it ends or is dropped at an await.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 impl Processor {
     /// Commit `batch`, which records what the business or the transport
     /// was just told about message `id` (and, if `accepted`, moves an
@@ -240,21 +252,29 @@ impl Processor {
     /// taken up ([`pay_owed`](Self::pay_owed)): a failed write may have
     /// landed (a networked store's answer lost), or not, and either way
     /// what was told must not be told again, nor a message billed twice.
+    /// `count` (the statistics of what was told) runs unless the write
+    /// lost a race (what won it counts): when it lands, fails or is
+    /// dropped, as the write is then owed.
     pub(super) async fn commit_told(
         &self,
         business: BusinessId,
         id: MessageId,
         batch: Batch,
         accepted: Option<Accepted>,
+        count: impl FnOnce(),
     ) -> Result<bool, ProcessorError> {
         let owed = Owed::Write {
             batch: batch.clone(),
             accepted,
         };
         let mut owing = Owing::new(&self.claims, (business, id), owed, false);
+        let mut count = OnDrop(Some(count));
         let written = self.commit_batch(batch).await;
-        if written.is_ok() {
+        if let Ok(landed) = written {
             owing.owed = None;
+            if !landed {
+                count.0 = None;
+            }
         }
         written
     }

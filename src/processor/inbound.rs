@@ -185,8 +185,19 @@ impl Processor {
         let claim = self.claims.claim(business, id);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record)));
+        // Dropped before it answers, the write may land all the same (a
+        // SQLite commit does): the count is owed then, and made when the
+        // message is next taken up, as its redelivery is answered as a
+        // duplicate, which counts nothing.
+        let mut uncounted = Owing::new(
+            &self.claims,
+            (business, id),
+            Owed::CountReceived { phone, at: now },
+            false,
+        );
         let committed = staged.commit_stored(batch).await;
         drop(admitted);
+        uncounted.owed = None;
         let decrypted = match committed {
             Ok(decrypted) => decrypted,
             // A replay that a session outdated by a crash took for new.
@@ -358,11 +369,10 @@ impl Processor {
                 delivery: next,
             };
             // Counted unless the write lost a race: a write the store
-            // failed is owed, and lands before the message is taken up
-            // again (its redelivery, answered as a duplicate, counts
-            // nothing).
-            let written = self.commit_told(business, id, delivered.into(), None).await;
-            if !matches!(written, Ok(false)) {
+            // failed, or a call dropped, is owed, and lands before the
+            // message is taken up again (its redelivery, answered as a
+            // duplicate, counts nothing).
+            let count = || {
                 self.statistics.record_message(
                     business,
                     phone,
@@ -370,8 +380,9 @@ impl Processor {
                     crate::integrity::Status::Delivered,
                     now,
                 );
-            }
-            written?
+            };
+            self.commit_told(business, id, delivered.into(), None, count)
+                .await?
         } else {
             self.write_delivery(business, id, current, next).await?
         };

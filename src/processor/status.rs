@@ -286,23 +286,26 @@ impl Processor {
                 expected: stored,
                 delivery: next,
             };
-            self.commit_told(business, id, reported.into(), None).await
+            // A failure told is counted once: not when the told write lost
+            // a race (what changed the message reports it, and counts), but
+            // when it failed or the call was dropped (it is owed, and lands
+            // before the message is taken up again).
+            let count = || {
+                if update.status == Status::Failed {
+                    self.statistics.record_message(
+                        business,
+                        phone,
+                        direction,
+                        crate::integrity::Status::Failed,
+                        update.at,
+                    );
+                }
+            };
+            self.commit_told(business, id, reported.into(), None, count)
+                .await
         } else {
             self.write_delivery(business, id, stored, next).await
         };
-        // A failure told is counted once: not when the told write lost a
-        // race (what changed the message reports it, and counts), but
-        // when it failed (it is owed, and lands before the message is
-        // taken up again).
-        if told && update.status == Status::Failed && !matches!(written, Ok(false)) {
-            self.statistics.record_message(
-                business,
-                phone,
-                direction,
-                crate::integrity::Status::Failed,
-                update.at,
-            );
-        }
         written?;
         Ok(told)
     }
@@ -419,30 +422,33 @@ impl Processor {
                     next: settled,
                 });
             }
-            let written = self.commit_told(business, id, batch, accepted).await;
+            // Counted unless the write lost a race: a write the store
+            // failed, or a call dropped, is owed, and lands before the
+            // message is taken up again (as a failure told is counted, see
+            // `report_status`).
+            let count = || {
+                if record.delivery.status < Status::Delivered {
+                    self.statistics.record_delivery(
+                        business,
+                        record.phone,
+                        now.saturating_duration_since(record.created),
+                        now,
+                    );
+                }
+                if status == Status::Read {
+                    self.statistics.record_message(
+                        business,
+                        record.phone,
+                        Direction::Outbound,
+                        stats_status(status),
+                        now,
+                    );
+                }
+            };
+            let written = self.commit_told(business, id, batch, accepted, count).await;
             if matches!(written, Ok(false)) {
                 // Another report won the race: decide again on what it left.
                 continue;
-            }
-            // Counted unless the write lost a race: a write the store
-            // failed is owed, and lands before the message is taken up
-            // again (as a failure told is counted, see `report_status`).
-            if record.delivery.status < Status::Delivered {
-                self.statistics.record_delivery(
-                    business,
-                    record.phone,
-                    now.saturating_duration_since(record.created),
-                    now,
-                );
-            }
-            if status == Status::Read {
-                self.statistics.record_message(
-                    business,
-                    record.phone,
-                    Direction::Outbound,
-                    stats_status(status),
-                    now,
-                );
             }
             written?;
             self.claims.note_report(business, id);

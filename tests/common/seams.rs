@@ -951,6 +951,38 @@ impl Deployment {
         }
     }
 
+    /// The messages the integrity signals of the business count received,
+    /// in every window (exported now; 0 if the business is not in the
+    /// export, the monitor having counted nothing for it).
+    pub(crate) async fn received_counted(&self) -> u64 {
+        self.processor
+            .export_integrity(&self.operator)
+            .await
+            .unwrap();
+        let reports = self.network.integrity_reports().await;
+        let report = reports.iter().rev().find(|r| r.business == self.b);
+        report.map_or(0, |r| {
+            r.history.iter().map(|w| w.received).sum::<u64>() + r.current.received
+        })
+    }
+
+    /// Two days on, the statistics' counts of `direction` messages at
+    /// `status`, one per period whose bucket was released.
+    pub(crate) async fn statistics_counted(
+        &self,
+        direction: custodian::integrity::Direction,
+        status: custodian::integrity::Status,
+    ) -> Vec<u64> {
+        self.clock.advance(Duration::from_secs(2 * 24 * 3600));
+        let released = self.processor.statistics(&self.operator).await.unwrap();
+        released
+            .iter()
+            .flat_map(|r| &r.messages)
+            .filter(|m| m.direction == direction && m.status == status)
+            .map(|m| m.messages)
+            .collect()
+    }
+
     /// Messages billed in the statements exported so far.
     pub(crate) async fn billed(&self) -> u64 {
         self.network
