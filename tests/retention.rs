@@ -760,6 +760,40 @@ async fn a_period_is_lengthened_only_once_a_sweep_applied_the_policy_in_force() 
     }
 }
 
+/// A message admitted before a shortening and still being stored keeps a
+/// lengthening refused, swept or not (no sweep can have capped it); once
+/// it lands and a sweep applies the policy, the period is lengthened, and
+/// the message keeps the shorter one. A policy with the same periods put
+/// in force meanwhile keeps what the last pass applied.
+#[tokio::test]
+async fn a_lengthening_waits_for_messages_admitted_under_a_replaced_policy() {
+    let w = World::new(3);
+    let b = business(1);
+    let notices = Notices::default();
+    let lengthen = || {
+        w.retention
+            .set_policy(RetentionPolicy::default(), "operator", w.now())
+    };
+    let arrived = w.retention.admit();
+    w.retention
+        .set_policy(kept_for(b, 7 * DAY), "operator", w.now())
+        .unwrap();
+    assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
+    assert!(matches!(lengthen(), Err(PolicyChangeError::Unapplied)));
+    let late = w
+        .store_admitted(arrived, b, 1, Direction::Inbound, false)
+        .await;
+    assert!(matches!(lengthen(), Err(PolicyChangeError::Unapplied)));
+    assert!(w.retention.sweep(w.now(), &notices).await.unwrap().complete);
+    // The same periods again: nothing to apply.
+    w.retention
+        .set_policy(kept_for(b, 7 * DAY), "operator", w.now())
+        .unwrap();
+    lengthen().unwrap();
+    w.clock.advance(10 * DAY);
+    assert_eq!(w.read(&late.record).await, None);
+}
+
 /// `decide` reads the holds afresh: a hold another instance stored (an
 /// operator's tool over the same store) makes an expired message `Held`,
 /// not `Purge`, though this instance decided about it before.

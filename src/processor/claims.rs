@@ -254,7 +254,9 @@ impl Processor {
     /// what was told must not be told again, nor a message billed twice.
     /// `count` (the statistics of what was told) runs unless the write
     /// lost a race (what won it counts): when it lands, fails or is
-    /// dropped, as the write is then owed.
+    /// dropped, as the write is then owed. Should that owed write lose a
+    /// race when it is made (another report moved the message on first),
+    /// both count: a statistic made twice, never a status told twice.
     pub(super) async fn commit_told(
         &self,
         business: BusinessId,

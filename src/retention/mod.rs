@@ -173,8 +173,15 @@ impl Admission<'_> {
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        if self.retention.generation.load(Ordering::SeqCst) != self.generation {
-            self.retention.stale.store(true, Ordering::SeqCst);
+        // Under the policy's lock: no change moves the live admissions
+        // between the two counts meanwhile.
+        let retention = self.retention;
+        let _policy = retention.policy.read().unwrap_or_else(|p| p.into_inner());
+        if retention.generation.load(Ordering::SeqCst) == self.generation {
+            retention.live.fetch_sub(1, Ordering::SeqCst);
+        } else {
+            retention.live_replaced.fetch_sub(1, Ordering::SeqCst);
+            retention.stale.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -205,13 +212,18 @@ pub struct Retention {
     /// (or that stage itself, if the budget left it no step), or after the
     /// one it was dropped in.
     next_stage: AtomicUsize,
-    /// Counts policy changes, each made under the policy's write lock: the
-    /// policy an [`Admission`] was given.
+    /// Counts the policy changes that changed a period, each made under
+    /// the policy's write lock: the policy an [`Admission`] was given.
     generation: AtomicU64,
     /// A message given its expiry under a policy replaced before it was
     /// stored may have been stored behind a sweep applying the new one:
     /// the next sweep applies the policy in force again.
     stale: AtomicBool,
+    /// Admissions alive under the policy in force, and under policies
+    /// replaced since (their messages may land behind any sweep), each
+    /// changed under the policy's lock.
+    live: AtomicUsize,
+    live_replaced: AtomicUsize,
     batch: usize,
     /// One sweep at a time: two would report the same expired messages.
     /// Taken without waiting: a sweep started from inside one would wait
@@ -253,6 +265,8 @@ impl Retention {
             next_stage: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            live_replaced: AtomicUsize::new(0),
             batch: DEFAULT_BATCH,
             sweeping: async_lock::Mutex::new(()),
             hold_gate: HoldGate::new(),
@@ -286,12 +300,21 @@ impl Retention {
     /// A policy that lengthens any period is refused
     /// ([`PolicyChangeError::Unapplied`]) until a sweep has applied the one
     /// in force to every stored message (its policy stage done, in one
-    /// sweep or over slices; a process just started has applied none yet).
-    /// Lengthened sooner, a period would give back what a shortening ended:
-    /// the messages it made unreadable, not yet capped in the store, would
-    /// be readable again. So a shortening is undone by sweeping first:
-    /// what it ended stays ended, in the store, and the longer period
-    /// applies to messages stored from then on.
+    /// sweep or over slices, after the last message admitted under an
+    /// earlier policy was stored; a process just started has applied none
+    /// yet). Lengthened sooner, a period would give back what a shortening
+    /// ended: the messages it made unreadable, not yet capped in the store,
+    /// would be readable again. So a shortening is undone by sweeping
+    /// first: what it ended stays ended, in the store, and the longer
+    /// period applies to messages stored from then on. A policy with the
+    /// same periods (another region, say) keeps what the last pass applied.
+    ///
+    /// The policy in force lives in this instance, not in the store: a
+    /// shortening no sweep has applied yet is lost with the process, and a
+    /// process started with a longer policy reads by that one. Sweep after
+    /// shortening (the processor's [`sweep`](Self::sweep) caps the stored
+    /// expiries for good), and start a process with the policy last put in
+    /// force.
     pub fn set_policy(
         &self,
         policy: RetentionPolicy,
@@ -307,18 +330,32 @@ impl Retention {
             principal: principal.to_owned(),
             digest: policy.digest(),
         })?;
-        *current = Arc::new(policy);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let policy = Arc::new(policy);
+        if current.lengthens(&policy) || policy.lengthens(&current) {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let live = self.live.swap(0, Ordering::SeqCst);
+            self.live_replaced.fetch_add(live, Ordering::SeqCst);
+        } else {
+            // The same periods (a region or a TTL changed): what a pass
+            // applied of the old policy, it applied of this one.
+            let mut pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((applied, _)) = pass.as_mut()
+                && Arc::ptr_eq(applied, &current)
+            {
+                *applied = policy.clone();
+            }
+        }
+        *current = policy;
         Ok(())
     }
 
     /// Whether every stored message's expiry reflects `policy`: a sweep's
-    /// pass applied it, and no message was stored since under a policy
-    /// replaced before it.
+    /// pass applied it, no message was stored since under a policy
+    /// replaced before it, and none admitted under one is being stored.
     fn applied(&self, policy: &Arc<RetentionPolicy>) -> bool {
         let pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
         let done = matches!(pass.as_ref(), Some((p, None)) if Arc::ptr_eq(p, policy));
-        done && !self.stale.load(Ordering::SeqCst)
+        done && !self.stale.load(Ordering::SeqCst) && self.live_replaced.load(Ordering::SeqCst) == 0
     }
 
     /// Admit a new message under the policy in force, to give it its expiry
@@ -326,6 +363,7 @@ impl Retention {
     /// (see [`Admission`]).
     pub fn admit(&self) -> Admission<'_> {
         let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        self.live.fetch_add(1, Ordering::SeqCst);
         Admission {
             retention: self,
             policy: policy.clone(),
