@@ -156,7 +156,8 @@ const DEFAULT_BATCH: usize = 65_536;
 /// message landed, and the next sweep applies it again, so no message keeps
 /// an expiry the policy no longer allows. Dropping an admission whose
 /// message was never written costs that sweep a pass over the expiries,
-/// nothing more.
+/// nothing more. While it lives, a policy lengthening a period is refused
+/// once another has changed a period (see [`Retention::set_policy`]).
 #[must_use = "drop the admission once the message's storing write was made"]
 pub struct Admission<'a> {
     retention: &'a Retention,
@@ -312,9 +313,8 @@ impl Retention {
     /// The policy in force lives in this instance, not in the store: a
     /// shortening no sweep has applied yet is lost with the process, and a
     /// process started with a longer policy reads by that one. Sweep after
-    /// shortening (the processor's [`sweep`](Self::sweep) caps the stored
-    /// expiries for good), and start a process with the policy last put in
-    /// force.
+    /// shortening (a [`sweep`](Self::sweep) caps the stored expiries for
+    /// good), and start a process with the policy last put in force.
     pub fn set_policy(
         &self,
         policy: RetentionPolicy,
