@@ -679,20 +679,8 @@ fn a_receive_dropped_anywhere_is_counted_delivered_once() {
     use custodian::integrity::{Direction, Status as Stats};
     runtime().block_on(every_cut(|n| async move {
         let d = Deployment::new(Faults::none(), Faults::none()).await;
-        let keys = d.transport.published.lock().unwrap().clone().unwrap();
-        let mut inbound = Vec::new();
-        for (i, prekey) in [(1, 0), (3, 1), (4, 2)] {
-            let mut handset = ConsumerDevice::new(1);
-            let bundle = keys.bundle(Some(prekey));
-            handset.start_session(d.b, &bundle).await.unwrap();
-            inbound.push(custodian::processor::Inbound {
-                from: consumer(i),
-                device: 1,
-                message: handset.encrypt(d.b, b"hello").await.unwrap(),
-            });
-        }
-        let third = inbound.pop().unwrap();
-        for message in inbound {
+        let [first, second, third] = d.three_first_messages().await;
+        for message in [first, second] {
             assert!(d.receive(message).await.unwrap().delivered);
         }
         let done = poll_at_most(d.receive(third.clone()), n).await.is_some();

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId};
-use custodian::integrity::{Direction, StatisticsReport, Status as StatsStatus};
+use custodian::integrity::{Direction, Status as StatsStatus};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
 };
@@ -1512,25 +1512,10 @@ fn an_expired_open_message_is_reported_failed_once_whatever_fails() {
         // Once the statistics' day is over, the two count once each.
         d.clock.advance(Duration::from_secs(24 * 3600));
         let statistics = d.processor.statistics(&d.operator).await.unwrap();
-        let counted = statistics_counted(&statistics, Direction::Outbound, StatsStatus::Failed);
+        let counted = counted_in(&statistics, Direction::Outbound, StatsStatus::Failed);
         assert_eq!(counted, [2], "{at:?}: {failed:?}");
         failed.is_empty()
     }));
-}
-
-/// The counts of `direction` messages in `status` in the `released`
-/// statistics, one per report that has one.
-fn statistics_counted(
-    released: &[StatisticsReport],
-    direction: Direction,
-    status: StatsStatus,
-) -> Vec<u64> {
-    released
-        .iter()
-        .flat_map(|r| &r.messages)
-        .filter(|m| m.direction == direction && m.status == status)
-        .map(|m| m.messages)
-        .collect()
 }
 
 /// A delivery report whose status write the store fails, before making it
@@ -1577,8 +1562,7 @@ fn a_delivery_whose_status_write_fails_is_counted_once() {
             }
             d.clock.advance(Duration::from_secs(2 * 24 * 3600));
             let statistics = d.processor.statistics(&d.operator).await.unwrap();
-            let counted =
-                statistics_counted(&statistics, Direction::Outbound, StatsStatus::Delivered);
+            let counted = counted_in(&statistics, Direction::Outbound, StatsStatus::Delivered);
             assert_eq!(counted, [2], "{strike:?}: {statistics:?}");
             let latencies: u64 = statistics
                 .iter()
@@ -1619,19 +1603,7 @@ fn an_inbound_delivery_whose_write_fails_is_counted_once() {
             // A full prekey pool: no receive here refills it, so each makes
             // the same store calls.
             let d = Deployment::new(Faults::none(), Faults::none()).await;
-            let keys = d.transport.published.lock().unwrap().clone().unwrap();
-            let mut inbound = Vec::new();
-            for (i, prekey) in [(1, 0), (3, 1), (4, 2)] {
-                let mut handset = ConsumerDevice::new(1);
-                let bundle = keys.bundle(Some(prekey));
-                handset.start_session(d.b, &bundle).await.unwrap();
-                inbound.push(Inbound {
-                    from: consumer(i),
-                    device: 1,
-                    message: handset.encrypt(d.b, b"hello").await.unwrap(),
-                });
-            }
-            let [first, second, third] = <[Inbound; 3]>::try_from(inbound).unwrap();
+            let [first, second, third] = d.three_first_messages().await;
             assert!(d.receive(first).await.unwrap().delivered);
             let write = hand_over_write(&d, second).await;
             d.faults.fail_at(write, Seams::Store, strike);
@@ -1651,8 +1623,7 @@ fn an_inbound_delivery_whose_write_fails_is_counted_once() {
             );
             d.clock.advance(Duration::from_secs(2 * 24 * 3600));
             let statistics = d.processor.statistics(&d.operator).await.unwrap();
-            let counted =
-                statistics_counted(&statistics, Direction::Inbound, StatsStatus::Delivered);
+            let counted = counted_in(&statistics, Direction::Inbound, StatsStatus::Delivered);
             assert_eq!(counted, [3], "{strike:?}: {statistics:?}");
         }
     });

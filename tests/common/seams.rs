@@ -716,6 +716,21 @@ impl HostSeams {
     }
 }
 
+/// The counts of `direction` messages at `status` in the `released`
+/// statistics, one per report that has one.
+pub(crate) fn counted_in(
+    released: &[custodian::integrity::StatisticsReport],
+    direction: custodian::integrity::Direction,
+    status: custodian::integrity::Status,
+) -> Vec<u64> {
+    released
+        .iter()
+        .flat_map(|r| &r.messages)
+        .filter(|m| m.direction == direction && m.status == status)
+        .map(|m| m.messages)
+        .collect()
+}
+
 pub(crate) struct Deployment {
     pub(crate) clock: ManualClock,
     /// The store under the faults (its calls never fail).
@@ -975,12 +990,25 @@ impl Deployment {
     ) -> Vec<u64> {
         self.clock.advance(Duration::from_secs(2 * 24 * 3600));
         let released = self.processor.statistics(&self.operator).await.unwrap();
-        released
-            .iter()
-            .flat_map(|r| &r.messages)
-            .filter(|m| m.direction == direction && m.status == status)
-            .map(|m| m.messages)
-            .collect()
+        counted_in(&released, direction, status)
+    }
+
+    /// First messages, "hello", from device 1 of consumers 1, 3 and 4, each
+    /// on its own one-time prekey (0, 1, 2).
+    pub(crate) async fn three_first_messages(&self) -> [Inbound; 3] {
+        let keys = self.transport.published.lock().unwrap().clone().unwrap();
+        let mut inbound = Vec::new();
+        for (i, prekey) in [(1, 0), (3, 1), (4, 2)] {
+            let mut handset = ConsumerDevice::new(1);
+            let bundle = keys.bundle(Some(prekey));
+            handset.start_session(self.b, &bundle).await.unwrap();
+            inbound.push(Inbound {
+                from: consumer(i),
+                device: 1,
+                message: handset.encrypt(self.b, b"hello").await.unwrap(),
+            });
+        }
+        <[Inbound; 3]>::try_from(inbound).unwrap()
     }
 
     /// Messages billed in the statements exported so far.
