@@ -50,8 +50,8 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::ids::{BusinessId, PhoneHash, Region};
 use crate::keys::{Epoch, KeyError, KeyManager};
@@ -163,6 +163,9 @@ pub struct Admission<'a> {
     retention: &'a Retention,
     policy: Arc<RetentionPolicy>,
     generation: u64,
+    /// Held by every admission under the same periods: once a change
+    /// replaced them, an admission under them is alive while it is.
+    _admitted: Arc<()>,
 }
 
 impl Admission<'_> {
@@ -174,15 +177,9 @@ impl Admission<'_> {
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        // Under the policy's lock: no change moves the live admissions
-        // between the two counts meanwhile.
-        let retention = self.retention;
-        let _policy = retention.policy.read().unwrap_or_else(|p| p.into_inner());
-        if retention.generation.load(Ordering::SeqCst) == self.generation {
-            retention.live.fetch_sub(1, Ordering::SeqCst);
-        } else {
-            retention.live_replaced.fetch_sub(1, Ordering::SeqCst);
-            retention.stale.store(true, Ordering::SeqCst);
+        // Before the token goes (it is a field: dropped after this).
+        if self.retention.generation.load(Ordering::SeqCst) != self.generation {
+            self.retention.stale.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -196,12 +193,22 @@ impl std::fmt::Debug for Admission<'_> {
     }
 }
 
+/// The policy in force, and the token every admission under its periods
+/// holds.
+struct InForce {
+    policy: Arc<RetentionPolicy>,
+    admitted: Arc<()>,
+}
+
 /// Retention over one store: the policy in force, legal holds, the sweep.
 pub struct Retention {
     storage: Arc<dyn Storage>,
     keys: Arc<KeyManager>,
     audit: Arc<dyn AuditSink>,
-    policy: RwLock<Arc<RetentionPolicy>>,
+    policy: RwLock<InForce>,
+    /// The tokens of the periods replaced while admissions under them may
+    /// be alive (see [`Admission`]).
+    replaced: Mutex<Vec<Weak<()>>>,
     /// The policy last applied to the stored messages' expiries, and where
     /// its pass stopped for the next sweep to go on from (`None`: every
     /// expiry reflects it). `None` until a sweep has applied one: stores
@@ -220,11 +227,6 @@ pub struct Retention {
     /// stored may have been stored behind a sweep applying the new one:
     /// the next sweep applies the policy in force again.
     stale: AtomicBool,
-    /// Admissions alive under the policy in force, and under policies
-    /// replaced since (their messages may land behind any sweep), each
-    /// changed under the policy's lock.
-    live: AtomicUsize,
-    live_replaced: AtomicUsize,
     batch: usize,
     /// One sweep at a time: two would report the same expired messages.
     /// Taken without waiting: a sweep started from inside one would wait
@@ -261,13 +263,15 @@ impl Retention {
             storage,
             keys,
             audit,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: RwLock::new(InForce {
+                policy: Arc::new(policy),
+                admitted: Arc::new(()),
+            }),
+            replaced: Mutex::new(Vec::new()),
             pass: Mutex::new(None),
             next_stage: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
-            live: AtomicUsize::new(0),
-            live_replaced: AtomicUsize::new(0),
             batch: DEFAULT_BATCH,
             sweeping: async_lock::Mutex::new(()),
             hold_gate: HoldGate::new(),
@@ -288,6 +292,7 @@ impl Retention {
         self.policy
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .policy
             .clone()
     }
 
@@ -322,7 +327,8 @@ impl Retention {
         now: Timestamp,
     ) -> Result<(), PolicyChangeError> {
         let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
-        if policy.lengthens(&current) && !self.applied(&current) {
+        let longer = policy.lengthens(&current.policy);
+        if longer && !self.applied(&current.policy) {
             return Err(PolicyChangeError::Unapplied);
         }
         self.audit.record_change(&Change::Retention {
@@ -331,21 +337,23 @@ impl Retention {
             digest: policy.digest(),
         })?;
         let policy = Arc::new(policy);
-        if current.lengthens(&policy) || policy.lengthens(&current) {
+        if longer || current.policy.lengthens(&policy) {
             self.generation.fetch_add(1, Ordering::SeqCst);
-            let live = self.live.swap(0, Ordering::SeqCst);
-            self.live_replaced.fetch_add(live, Ordering::SeqCst);
+            let replaced = std::mem::replace(&mut current.admitted, Arc::new(()));
+            let mut tokens = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+            tokens.retain(|t| t.strong_count() > 0);
+            tokens.push(Arc::downgrade(&replaced));
         } else {
             // The same periods (a region or a TTL changed): what a pass
             // applied of the old policy, it applied of this one.
             let mut pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((applied, _)) = pass.as_mut()
-                && Arc::ptr_eq(applied, &current)
+                && Arc::ptr_eq(applied, &current.policy)
             {
                 *applied = policy.clone();
             }
         }
-        *current = policy;
+        current.policy = policy;
         Ok(())
     }
 
@@ -355,19 +363,24 @@ impl Retention {
     fn applied(&self, policy: &Arc<RetentionPolicy>) -> bool {
         let pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
         let done = matches!(pass.as_ref(), Some((p, None)) if Arc::ptr_eq(p, policy));
-        done && !self.stale.load(Ordering::SeqCst) && self.live_replaced.load(Ordering::SeqCst) == 0
+        let mut tokens = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.retain(|t| t.strong_count() > 0);
+        // Synchronises with the last admission's drop, whose `stale` is
+        // then seen.
+        fence(Ordering::Acquire);
+        done && tokens.is_empty() && !self.stale.load(Ordering::SeqCst)
     }
 
     /// Admit a new message under the policy in force, to give it its expiry
     /// by; drop the admission once the write storing the message was made
     /// (see [`Admission`]).
     pub fn admit(&self) -> Admission<'_> {
-        let policy = self.policy.read().unwrap_or_else(|p| p.into_inner());
-        self.live.fetch_add(1, Ordering::SeqCst);
+        let current = self.policy.read().unwrap_or_else(|p| p.into_inner());
         Admission {
             retention: self,
-            policy: policy.clone(),
+            policy: current.policy.clone(),
             generation: self.generation.load(Ordering::SeqCst),
+            _admitted: current.admitted.clone(),
         }
     }
 
