@@ -85,6 +85,19 @@ impl Claims {
         }
     }
 
+    /// Forget the received-count owed to `key`: a receive has just stored
+    /// the message (and counts it), so the write an earlier receive left
+    /// it owed for never landed (had it, this one would be a duplicate).
+    pub(super) fn forgive_count_received(&self, key: (BusinessId, MessageId)) {
+        let mut all = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = all.get_mut(&key) {
+            list.retain(|owed| !matches!(owed, Owed::CountReceived { .. }));
+            if list.is_empty() {
+                all.remove(&key);
+            }
+        }
+    }
+
     /// How many messages are owed something.
     pub(super) fn messages_owed(&self) -> usize {
         self.owed
