@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use crate::envelope::{self, Envelope, EnvelopeError, Header, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{
-    Epoch, EpochKey, Kek, KekContext, KekRing, KeyError, KeyId, KeyKind, LocalKeyProvider,
-    ProviderError, SecretKey, WrappedKey,
+    Epoch, EpochKey, Kek, KekCheck, KekContext, KekRing, KeyError, KeyId, KeyKind,
+    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
 use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
 use crate::retention::{CEILING, RetentionPolicy};
@@ -629,7 +629,7 @@ pub fn kek_ring(data: &[u8]) -> &'static str {
         }
     };
     let t = Timestamp::from_millis(1);
-    if let Ok((next, version)) = ring.add_version(vec![0xaa], t) {
+    if let Ok((next, version)) = ring.add_version(vec![0xaa], KekCheck::UNUSED, t) {
         assert_eq!(version, ring.next_version(), "a version number was reused");
         after(&next, Some(version));
     }

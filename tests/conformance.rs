@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use custodian::ids::{BusinessId, MessageId, PhoneHash};
 use custodian::integrity::Category;
-use custodian::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
+use custodian::keys::{
+    Epoch, KekCheck, KekContext, KekRing, KeyEntry, KeyId, KeyKind, SecretKey, WrappedKey,
+};
 use custodian::store::{
     Batch, BillingCount, BillingTake, Census, Delivery, Direction, ExpiredMessage, FailureReason,
     Hold, HoldScope, MemoryStore, MessageRecord, Op, PeerId, Status, Storage, StoreError,
@@ -379,10 +381,20 @@ fn key_of(b: u64, id: u64) -> (BusinessId, MessageId) {
 // ---------------------------------------------------------------------------
 // Keys
 
+/// The check value of a KEK made of `version`'s byte (the store keeps it as
+/// given).
+fn check(business: BusinessId, version: u32) -> KekCheck {
+    let mut key = [u8::try_from(version).unwrap(); 32];
+    KekCheck::of(
+        &SecretKey::from_bytes(&mut key),
+        &KekContext { business, version },
+    )
+}
+
 async fn kek_ring_put_is_compare_and_swap(backend: &mut Backend) {
     let s = &*backend.store;
     let b = business(7);
-    let r0 = KekRing::new(b, bytes(1, 48), t(T0));
+    let r0 = KekRing::new(b, bytes(1, 48), check(b, 1), t(T0));
     assert_eq!(s.ring(b).await.unwrap(), None);
     assert!(matches!(
         s.put_ring(&r0, Some(0)).await,
@@ -400,7 +412,9 @@ async fn kek_ring_put_is_compare_and_swap(backend: &mut Backend) {
         Err(StoreError::Conflict)
     ));
 
-    let (r1, _) = r0.add_version(bytes(2, 48), t(T0 + 1)).unwrap();
+    let (r1, _) = r0
+        .add_version(bytes(2, 48), check(b, 2), t(T0 + 1))
+        .unwrap();
     assert!(matches!(
         s.put_ring(&r1, Some(1)).await,
         Err(StoreError::Conflict)
@@ -419,14 +433,16 @@ async fn kek_ring_put_is_compare_and_swap(backend: &mut Backend) {
 
 async fn concurrent_ring_writers_exactly_one_wins_each_revision(backend: &mut Backend) {
     let b = business(3);
-    let r0 = KekRing::new(b, bytes(3, 48), t(T0));
+    let r0 = KekRing::new(b, bytes(3, 48), check(b, 1), t(T0));
     backend.store.put_ring(&r0, None).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..16u64 {
         let s = backend.store.clone();
         let r0 = r0.clone();
         tasks.push(tokio::spawn(async move {
-            let (next, _) = r0.add_version(bytes(100 + i, 48), t(T0 + i)).unwrap();
+            let (next, _) = r0
+                .add_version(bytes(100 + i, 48), check(b, 2), t(T0 + i))
+                .unwrap();
             (s.put_ring(&next, Some(0)).await, next)
         }));
     }
@@ -2148,7 +2164,12 @@ async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
         s.key(&top.id).await.unwrap(),
         Some(KeyEntry::Destroyed { at: Timestamp::MAX })
     );
-    let ring = KekRing::new(business(max), Vec::new(), Timestamp::MAX);
+    let ring = KekRing::new(
+        business(max),
+        Vec::new(),
+        check(business(max), 1),
+        Timestamp::MAX,
+    );
     s.put_ring(&ring, None).await.unwrap();
     assert_eq!(s.ring(business(max)).await.unwrap(), Some(ring));
 }
@@ -2646,7 +2667,7 @@ mod durable {
 
     async fn survives_reopen(mut backend: Backend) {
         let s = backend.store.clone();
-        let ring = KekRing::new(business(1), bytes(5, 48), t(T0));
+        let ring = KekRing::new(business(1), bytes(5, 48), check(business(1), 1), t(T0));
         s.put_ring(&ring, None).await.unwrap();
         for n in 0..20 {
             s.insert_key(key(1, KeyKind::SignalPreKey, n, 1))

@@ -2109,3 +2109,388 @@ async fn a_first_use_racing_another_uses_the_ring_it_made() {
     assert!(sealed.is_ok(), "{sealed:?}");
     assert!(keys.epoch_key(b, second).await.is_ok());
 }
+
+/// What a key provider answers is checked before the crate relies on it.
+mod provider_answers {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use custodian::envelope::{Envelope, Kind, Label};
+    use custodian::ids::{BusinessId, MessageId};
+    use custodian::keys::{
+        EpochLength, KekContext, KeyEntry, KeyError, KeyId, KeyManager, KeyProvider,
+        LocalKeyProvider, ProviderError, SecretKey,
+    };
+    use custodian::store::{KeyStore, MemoryStore};
+    use custodian::time::{Clock, ManualClock, Timestamp};
+    use custodian::vault::Vault;
+
+    use super::{HOUR, T0, business};
+
+    const ROOT: [u8; 32] = [0x5c; 32];
+
+    fn local() -> Arc<LocalKeyProvider> {
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut ROOT.clone(),
+        )))
+    }
+
+    fn vault(
+        provider: Arc<dyn KeyProvider>,
+        store: &Arc<MemoryStore>,
+        clock: &ManualClock,
+    ) -> Vault {
+        Vault::new(
+            Arc::new(KeyManager::new(provider, store.clone())),
+            Arc::new(clock.clone()),
+            EpochLength::DEFAULT,
+        )
+    }
+
+    fn label(clock: &ManualClock, business: BusinessId, expires_in: Duration) -> Label {
+        Label {
+            kind: Kind::InboundMessage,
+            business,
+            id: MessageId::random(),
+            expiry: clock.now().saturating_add(expires_in),
+            region: "eu".parse().unwrap(),
+        }
+    }
+
+    fn clock() -> ManualClock {
+        ManualClock::new(Timestamp::from_millis(T0))
+    }
+
+    /// A provider that answers its first `foreign` unwraps with key material
+    /// that is not the KEK (a KMS answering for another key, a corrupted
+    /// response): well-formed, 32 bytes, wrong. Then it recovers.
+    struct ForeignUnwrap {
+        inner: Arc<LocalKeyProvider>,
+        foreign: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl KeyProvider for ForeignUnwrap {
+        async fn wrap(
+            &self,
+            context: &KekContext,
+            key: &SecretKey,
+        ) -> Result<Vec<u8>, ProviderError> {
+            self.inner.wrap(context, key).await
+        }
+        async fn unwrap(
+            &self,
+            context: &KekContext,
+            wrapped: &[u8],
+        ) -> Result<SecretKey, ProviderError> {
+            let left = self.foreign.load(Ordering::SeqCst);
+            if left > 0 {
+                self.foreign.store(left - 1, Ordering::SeqCst);
+                return Ok(SecretKey::from_bytes(&mut [0xee; 32]));
+            }
+            self.inner.unwrap(context, wrapped).await
+        }
+    }
+
+    /// A KEK a provider unwraps is checked against the ring's check value
+    /// before it is cached or wraps anything: one wrong answer from the
+    /// provider is refused, and neither kept in memory nor made the key of new
+    /// epoch keys (which, sealed with success, were lost after a restart).
+    /// (Review of the key hierarchy.)
+    #[tokio::test]
+    async fn a_wrong_kek_from_the_provider_is_refused_neither_cached_nor_used() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = clock();
+        let b = business(21);
+        // The business's ring and first epoch key, made with a healthy provider.
+        let first = vault(local(), &store, &clock);
+        let old = first
+            .seal(&label(&clock, b, HOUR), b"before")
+            .await
+            .unwrap();
+        drop(first);
+
+        // A restarted process whose provider answers one unwrap wrongly.
+        let flaky = Arc::new(ForeignUnwrap {
+            inner: local(),
+            foreign: AtomicUsize::new(1),
+        });
+        let second = vault(flaky, &store, &clock);
+        // A new epoch: its key is created, wrapped under the primary KEK.
+        let sealed = second.seal(&label(&clock, b, 5 * HOUR), b"after").await;
+        // The provider is healthy again, yet this process keeps the wrong KEK.
+        let still_opens_old = second.open(&old, b).await.is_ok();
+
+        let third = vault(local(), &store, &clock);
+        match sealed {
+            // Accepted: it must be readable once the provider is healthy.
+            Ok(sealed) => {
+                let opened = third.open(&sealed, b).await;
+                assert!(
+                    opened.is_ok(),
+                    "a record sealed with success is lost after a restart: {opened:?}"
+                );
+            }
+            // Refused: fine, and the process must not keep the wrong KEK.
+            Err(_) => assert!(still_opens_old, "the wrong KEK stayed cached"),
+        }
+    }
+
+    /// A rewrap whose primary KEK the provider answers wrongly is refused:
+    /// it used to unwrap every key of the business with the right old KEK,
+    /// wrap it again under the wrong one and report success, and every record
+    /// of the business was lost after a restart.
+    #[tokio::test]
+    async fn a_rewrap_under_a_wrong_kek_is_refused_and_loses_no_key() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = clock();
+        let b = business(22);
+        let first = vault(local(), &store, &clock);
+        let mut sealed = Vec::new();
+        for h in 1..=3 {
+            let l = label(&clock, b, h * HOUR);
+            sealed.push(first.seal(&l, b"kept").await.unwrap());
+        }
+        let v2 = first.keys().add_kek_version(b, clock.now()).await.unwrap();
+        first.keys().promote_kek_version(b, v2).await.unwrap();
+        drop(first);
+
+        // A restarted process rotates; the provider answers its first unwrap
+        // (the primary's, version 2) wrongly.
+        let flaky = Arc::new(ForeignUnwrap {
+            inner: local(),
+            foreign: AtomicUsize::new(1),
+        });
+        let second = vault(flaky, &store, &clock);
+        let rewrapped = second.keys().rewrap(b).await;
+
+        let third = vault(local(), &store, &clock);
+        let mut lost = 0;
+        for s in &sealed {
+            if third.open(s, b).await.is_err() {
+                lost += 1;
+            }
+        }
+        assert_eq!(
+            lost,
+            0,
+            "rewrap answered {rewrapped:?}; {lost} of {} records unreadable after it",
+            sealed.len()
+        );
+    }
+
+    /// A provider whose `wrap` answers with bytes that its `unwrap` refuses
+    /// (a truncated answer, a KMS bug): well-formed as a `Vec<u8>`, useless.
+    struct BadWrap {
+        inner: Arc<LocalKeyProvider>,
+    }
+
+    #[async_trait]
+    impl KeyProvider for BadWrap {
+        async fn wrap(
+            &self,
+            context: &KekContext,
+            key: &SecretKey,
+        ) -> Result<Vec<u8>, ProviderError> {
+            let mut blob = self.inner.wrap(context, key).await?;
+            blob.pop();
+            Ok(blob)
+        }
+        async fn unwrap(
+            &self,
+            context: &KekContext,
+            wrapped: &[u8],
+        ) -> Result<SecretKey, ProviderError> {
+            self.inner.unwrap(context, wrapped).await
+        }
+    }
+
+    /// A KEK version's blob is unwrapped once before the version is stored:
+    /// a blob the provider's `wrap` answered that does not unwrap (a truncated
+    /// answer) is refused, instead of wrapping keys that were all unreadable
+    /// after a restart. For a new business's version 1 and an added version 2.
+    #[tokio::test]
+    async fn a_kek_blob_that_does_not_unwrap_is_refused_before_use() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = clock();
+        let bad: Arc<dyn KeyProvider> = Arc::new(BadWrap { inner: local() });
+
+        // Version 1 of a new business.
+        let b1 = business(31);
+        let v = vault(bad.clone(), &store, &clock);
+        let sealed1 = v.seal(&label(&clock, b1, HOUR), b"one").await;
+
+        // Version 2 of a business whose version 1 is sound.
+        let b2 = business(32);
+        let good = vault(local(), &store, &clock);
+        good.seal(&label(&clock, b2, HOUR), b"warm").await.unwrap();
+        let v = vault(bad, &store, &clock);
+        let added = v.keys().add_kek_version(b2, clock.now()).await;
+        let sealed2 = match added {
+            Ok(v2) => {
+                v.keys().promote_kek_version(b2, v2).await.unwrap();
+                v.seal(&label(&clock, b2, 3 * HOUR), b"two").await
+            }
+            Err(e) => Err(custodian::vault::SealError::Key(e)),
+        };
+
+        let restarted = vault(local(), &store, &clock);
+        let mut lost = Vec::new();
+        for (b, sealed) in [(b1, sealed1), (b2, sealed2)] {
+            if let Ok(sealed) = sealed {
+                let opened = restarted.open(&sealed, b).await;
+                if opened.is_err() {
+                    lost.push(format!("{b}: {opened:?}"));
+                }
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "sealed with success, unreadable after a restart: {lost:?}"
+        );
+    }
+
+    /// A provider whose unwraps for one business wait until released (a KMS
+    /// call that hangs for that business's key).
+    struct HangsFor {
+        inner: Arc<LocalKeyProvider>,
+        business: BusinessId,
+        reached: tokio::sync::Semaphore,
+        release: tokio::sync::Semaphore,
+    }
+
+    #[async_trait]
+    impl KeyProvider for HangsFor {
+        async fn wrap(
+            &self,
+            context: &KekContext,
+            key: &SecretKey,
+        ) -> Result<Vec<u8>, ProviderError> {
+            self.inner.wrap(context, key).await
+        }
+        async fn unwrap(
+            &self,
+            context: &KekContext,
+            wrapped: &[u8],
+        ) -> Result<SecretKey, ProviderError> {
+            if context.business == self.business {
+                self.reached.add_permits(1);
+                self.release.acquire().await.unwrap().forget();
+            }
+            self.inner.unwrap(context, wrapped).await
+        }
+    }
+
+    /// The lock that keeps a floor raise from racing key creation is one per
+    /// business: a provider call that hangs for business A while A creates an
+    /// epoch key, and an operator raising business B's floor, leave business
+    /// C free to create a key. (It was one lock for every business, held
+    /// across provider calls and writer-preferring: C waited on A's provider.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_hung_provider_call_for_one_business_stalls_no_other_businesss_keys() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = clock();
+        let (a, b, c) = (business(41), business(42), business(43));
+        let warm = vault(local(), &store, &clock);
+        for x in [a, b, c] {
+            warm.seal(&label(&clock, x, HOUR), b"ring").await.unwrap();
+        }
+        drop(warm);
+
+        let provider = Arc::new(HangsFor {
+            inner: local(),
+            business: a,
+            reached: tokio::sync::Semaphore::new(0),
+            release: tokio::sync::Semaphore::new(0),
+        });
+        let v = Arc::new(vault(provider.clone(), &store, &clock));
+        // B's and C's KEKs are unwrapped and cached: only A's provider call hangs.
+        for x in [b, c] {
+            v.seal(&label(&clock, x, HOUR), b"warm").await.unwrap();
+        }
+
+        // A creates the key of a new epoch and waits on its provider call.
+        let sealing_a = {
+            let (v, clock) = (v.clone(), clock.clone());
+            tokio::spawn(async move { v.seal(&label(&clock, a, 2 * HOUR), b"a").await.map(drop) })
+        };
+        provider.reached.acquire().await.unwrap().forget();
+        // An operator raises B's floor (to where it is: nothing to rewrap).
+        let raising_b = {
+            let v = v.clone();
+            tokio::spawn(async move { v.keys().raise_decrypt_floor(b, 1).await })
+        };
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        // C seals into a new epoch: it needs a new key, nothing of A's or B's.
+        let sealing_c = {
+            let (v, clock) = (v.clone(), clock.clone());
+            tokio::spawn(async move { v.seal(&label(&clock, c, 3 * HOUR), b"c").await.map(drop) })
+        };
+        for _ in 0..2_000 {
+            if sealing_c.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let c_done = sealing_c.is_finished();
+        let b_done = raising_b.is_finished();
+        provider.release.add_permits(1_000);
+        sealing_a.await.unwrap().unwrap();
+        raising_b.await.unwrap().unwrap();
+        sealing_c.await.unwrap().unwrap();
+        assert!(
+            c_done,
+            "business C's seal waited on business A's provider call (B's floor raise done: {b_done})"
+        );
+    }
+
+    /// One stored key that does not unwrap (a damaged row) is left under the
+    /// old version and reported once the others are rewrapped: it used to stop
+    /// the rewrap, leaving every key after it under the old version. Here the
+    /// business's earliest epoch key is damaged; its four later epoch keys move.
+    #[tokio::test]
+    async fn one_damaged_key_does_not_stop_the_rewrap_of_the_others() {
+        let store = Arc::new(MemoryStore::new());
+        let clock = clock();
+        let b = business(51);
+        let v = vault(local(), &store, &clock);
+        let mut sealed = Vec::new();
+        for h in 1..=5 {
+            sealed.push(v.seal(&label(&clock, b, h * HOUR), b"m").await.unwrap());
+        }
+        // Damage the earliest epoch's wrapped key in place.
+        let damaged = KeyId::epoch(b, Envelope::parse(&sealed[0]).unwrap().header().epoch());
+        let Some(KeyEntry::Wrapped(mut w)) = store.key(&damaged).await.unwrap() else {
+            panic!("no key")
+        };
+        let last = w.blob.len() - 1;
+        w.blob[last] ^= 1;
+        store.delete_keys(&[damaged]).await.unwrap();
+        store.insert_key(w).await.unwrap();
+
+        let v2 = v.keys().add_kek_version(b, clock.now()).await.unwrap();
+        v.keys().promote_kek_version(b, v2).await.unwrap();
+        let rewrapped = v.keys().rewrap(b).await;
+        let left: Vec<KeyId> = store
+            .keys_wrapped_below(b, v2, None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.id)
+            .filter(|id| *id != damaged)
+            .collect();
+        assert!(
+            matches!(rewrapped, Err(KeyError::Unwrap(id)) if id == damaged),
+            "{rewrapped:?}"
+        );
+        assert!(
+            left.is_empty(),
+            "rewrap answered {rewrapped:?}; {} sound keys left under version 1",
+            left.len()
+        );
+    }
+}

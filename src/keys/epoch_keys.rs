@@ -140,7 +140,7 @@ impl KeyManager {
                 (Some(entry), _) => entry,
                 (None, Load::Existing) => return Err(KeyError::UnknownEpoch { business, epoch }),
                 (None, Load::CreateIfAbsent) => {
-                    let _wrapping = self.wrapping.read().await;
+                    let _wrapping = self.wrapping(business).read_arc().await;
                     let ring = self.ring(business).await?;
                     let kek = self.kek(&ring, ring.primary()).await?;
                     let secret = SecretKey::generate();

@@ -72,7 +72,7 @@ mod wrapped;
 
 pub use epoch::{Epoch, EpochLength};
 use phone_index::PhoneIndexKey;
-pub use provider::{KekContext, KeyProvider, LocalKeyProvider, ProviderError};
+pub use provider::{KekCheck, KekContext, KeyProvider, LocalKeyProvider, ProviderError};
 pub use ring::{KekRing, KekVersion};
 pub(crate) use secret::Kek;
 pub use secret::{EpochKey, SecretKey};
@@ -186,6 +186,19 @@ pub enum KeyError {
         /// The epoch.
         epoch: Epoch,
     },
+    /// The key provider answered with a KEK whose check value is not the
+    /// one the ring stores (a provider answering for another key, or a
+    /// damaged reply), or the blob it just wrapped did not unwrap to the
+    /// key it was given. Nothing was wrapped under that key, nor kept.
+    #[error(
+        "the key provider's KEK version {version} of business {business} fails its check value"
+    )]
+    KekMismatch {
+        /// The business.
+        business: BusinessId,
+        /// The KEK version.
+        version: u32,
+    },
     /// Concurrent administrators kept changing the ring; try again.
     #[error("the KEK ring kept changing under concurrent updates")]
     Contention,
@@ -217,13 +230,15 @@ pub struct KeyManager {
     provider: Arc<dyn KeyProvider>,
     store: Arc<dyn KeyStore>,
     cache: RwLock<Cache>,
-    /// Shared by everything that wraps a key under the primary KEK and
-    /// stores it (creating a key, rewrapping); exclusive for raising the
-    /// decrypt floor and retiring a version. The floor is checked against
-    /// the stored keys and then raised: no key may be wrapped in between
-    /// under a version the new floor leaves behind, where nothing could
-    /// unwrap it again.
-    wrapping: async_lock::RwLock<()>,
+    /// One lock per business, shared by everything that wraps a key of it
+    /// under the primary KEK and stores it (creating a key, rewrapping);
+    /// exclusive for raising its decrypt floor and retiring a version. The
+    /// floor is checked against the stored keys and then raised: no key may
+    /// be wrapped in between under a version the new floor leaves behind,
+    /// where nothing could unwrap it again. Per business, as what it guards
+    /// is: a provider call that hangs for one business, held under its
+    /// lock, stalls no other's keys.
+    wrapping: std::sync::Mutex<HashMap<BusinessId, Arc<async_lock::RwLock<()>>, RandomState>>,
     /// Bumped after every early destruction of an epoch key (see
     /// [`KeyManager::early_destructions`]), once the store and this cache
     /// are rid of the key.
@@ -304,9 +319,20 @@ impl KeyManager {
             provider,
             store,
             cache: RwLock::default(),
-            wrapping: async_lock::RwLock::new(()),
+            wrapping: std::sync::Mutex::default(),
             early_destructions: AtomicU64::new(0),
         }
+    }
+
+    /// The wrapping lock of `business` (see the `wrapping` field): one per
+    /// business the process has wrapped a key of, a few bytes each.
+    fn wrapping(&self, business: BusinessId) -> Arc<async_lock::RwLock<()>> {
+        self.wrapping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(business)
+            .or_default()
+            .clone()
     }
 
     /// How many times an epoch key was destroyed early
@@ -338,7 +364,7 @@ impl KeyManager {
         id: KeyId,
         secret: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let wrapping = self.wrapping.read().await;
+        let wrapping = self.wrapping(id.business).read_arc().await;
         let ring = self.ring(id.business).await?;
         let kek = self.kek(&ring, ring.primary()).await?;
         let wrapped = WrappedKey::seal(id, &kek, secret)?;

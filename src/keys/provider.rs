@@ -4,7 +4,9 @@ use std::fmt;
 
 use async_trait::async_trait;
 use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit, Mac};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -31,6 +33,44 @@ impl KekContext {
         out[16..24].copy_from_slice(&self.business.get().to_be_bytes());
         out[24..].copy_from_slice(&self.version.to_be_bytes());
         out
+    }
+}
+
+/// A KEK's check value, stored beside its wrapped bytes: the first 16
+/// bytes of HMAC-SHA256, under the KEK, of a label and the KEK's context.
+/// The key a provider unwraps (or just wrapped) is compared with it before
+/// it is used, so a provider answering with the wrong key (a KMS answering
+/// for another key, a damaged reply) is refused
+/// ([`KeyError::KekMismatch`](super::KeyError::KekMismatch)) instead of
+/// wrapping keys that nothing could unwrap again. It tells nothing of the
+/// key: HMAC is a pseudorandom function of it.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KekCheck([u8; 16]);
+
+impl KekCheck {
+    /// No key's check value: for a ring built only to ask its rules
+    /// whether a change would be refused (and for tests of a ring's rules
+    /// and storage), never stored by the key manager.
+    pub(crate) const UNUSED: Self = Self([0; 16]);
+
+    /// The check value of `key`, the KEK of `context`.
+    pub fn of(key: &SecretKey, context: &KekContext) -> Self {
+        // A 32-byte key: HMAC takes a key of any length.
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret())
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        mac.update(b"custodian/v1/kek-check");
+        mac.update(&context.to_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut check = [0u8; 16];
+        check.copy_from_slice(&tag[..16]);
+        Self(check)
+    }
+}
+
+impl fmt::Debug for KekCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KekCheck({})", hex::encode(self.0))
     }
 }
 

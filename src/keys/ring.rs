@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::KeyError;
+use super::{KekCheck, KeyError};
 use crate::ids::BusinessId;
 use crate::time::Timestamp;
 
@@ -21,6 +21,8 @@ pub struct KekVersion {
     pub version: u32,
     /// The provider's blob.
     pub wrapped: Vec<u8>,
+    /// The KEK's check value: what the provider unwraps must match it.
+    pub check: KekCheck,
     /// When the version was added.
     pub created: Timestamp,
 }
@@ -94,13 +96,15 @@ impl From<KekRing> for RingParts {
 }
 
 impl KekRing {
-    /// A new ring whose version 1 (primary, floor) is `wrapped`.
-    pub fn new(business: BusinessId, wrapped: Vec<u8>, now: Timestamp) -> Self {
+    /// A new ring whose version 1 (primary, floor) is `wrapped`, the KEK
+    /// whose check value is `check`.
+    pub fn new(business: BusinessId, wrapped: Vec<u8>, check: KekCheck, now: Timestamp) -> Self {
         Self {
             business,
             versions: vec![KekVersion {
                 version: 1,
                 wrapped,
+                check,
                 created: now,
             }],
             next_version: 2,
@@ -194,14 +198,21 @@ impl KekRing {
         Ok(self)
     }
 
-    /// Add a new version (not primary yet). Returns the ring and the version.
-    pub fn add_version(&self, wrapped: Vec<u8>, now: Timestamp) -> Result<(Self, u32), KeyError> {
+    /// Add a new version (not primary yet), the KEK wrapped as `wrapped`
+    /// whose check value is `check`. Returns the ring and the version.
+    pub fn add_version(
+        &self,
+        wrapped: Vec<u8>,
+        check: KekCheck,
+        now: Timestamp,
+    ) -> Result<(Self, u32), KeyError> {
         let version = self.next_version;
         let mut next = self.clone();
         next.next_version = version.checked_add(1).ok_or(KeyError::VersionsExhausted)?;
         next.versions.push(KekVersion {
             version,
             wrapped,
+            check,
             created: now,
         });
         Ok((next.bumped()?, version))
@@ -268,6 +279,7 @@ mod tests {
         KekRing::new(
             BusinessId::new(7).unwrap(),
             vec![1],
+            KekCheck::UNUSED,
             Timestamp::from_millis(0),
         )
     }
@@ -275,7 +287,7 @@ mod tests {
     #[test]
     fn rotation_walks_add_promote_floor_retire() {
         let t = Timestamp::from_millis(1);
-        let (r, v2) = ring().add_version(vec![2], t).unwrap();
+        let (r, v2) = ring().add_version(vec![2], KekCheck::UNUSED, t).unwrap();
         assert_eq!((v2, r.primary(), r.floor(), r.revision()), (2, 1, 1, 1));
         let r = r.promote(2).unwrap();
         assert!(matches!(
@@ -297,14 +309,14 @@ mod tests {
         );
         assert_eq!(r.revision(), 4);
         // Version numbers are never reused after a retirement.
-        let (_, v3) = r.add_version(vec![3], t).unwrap();
+        let (_, v3) = r.add_version(vec![3], KekCheck::UNUSED, t).unwrap();
         assert_eq!(v3, 3);
     }
 
     #[test]
     fn floor_never_lowers_nor_passes_primary() {
         let (r, _) = ring()
-            .add_version(vec![2], Timestamp::from_millis(1))
+            .add_version(vec![2], KekCheck::UNUSED, Timestamp::from_millis(1))
             .unwrap();
         assert!(matches!(
             r.raise_floor(2),
@@ -339,14 +351,14 @@ mod tests {
     #[test]
     fn a_ring_at_the_last_revision_is_refused_as_corrupt_not_overflowed() {
         let t = Timestamp::from_millis(1);
-        let (two, _) = ring().add_version(vec![2], t).unwrap();
+        let (two, _) = ring().add_version(vec![2], KekCheck::UNUSED, t).unwrap();
         let promoted = two.promote(2).unwrap();
         let floored = promoted.raise_floor(2).unwrap();
         let corrupt = |r: Result<KekRing, KeyError>| matches!(r, Err(KeyError::CorruptRing { .. }));
         assert_eq!(at_last_revision(&ring()).revision(), u64::MAX);
         assert!(corrupt(
             at_last_revision(&ring())
-                .add_version(vec![2], t)
+                .add_version(vec![2], KekCheck::UNUSED, t)
                 .map(|(r, _)| r)
         ));
         assert!(corrupt(at_last_revision(&two).promote(2)));
@@ -429,7 +441,7 @@ mod tests {
             let mut taken = 0;
             for step in steps {
                 let next = match step {
-                    Step::Add => r.add_version(vec![0xaa], t).map(|(next, v)| {
+                    Step::Add => r.add_version(vec![0xaa], KekCheck::UNUSED, t).map(|(next, v)| {
                         assert_eq!(v, model.next);
                         next
                     }),

@@ -5,7 +5,9 @@
 
 use std::sync::{Arc, RwLockWriteGuard};
 
-use super::{Cache, Kek, KekContext, KekRing, KeyError, KeyManager, PAGE, SecretKey, WrappedKey};
+use super::{
+    Cache, Kek, KekCheck, KekContext, KekRing, KeyError, KeyManager, PAGE, SecretKey, WrappedKey,
+};
 use crate::ids::BusinessId;
 use crate::store::StoreError;
 use crate::time::Timestamp;
@@ -124,19 +126,9 @@ impl KeyManager {
                 .await?
                 .ok_or(KeyError::CorruptRing { business });
         }
-        let key = SecretKey::generate();
-        let wrapped = self
-            .provider
-            .wrap(
-                &KekContext {
-                    business,
-                    version: 1,
-                },
-                &key,
-            )
-            .await?;
+        let (key, wrapped, check) = self.new_kek(business, 1).await?;
         // The creation time of version 1 is informational; no clock is needed.
-        let ring = KekRing::new(business, wrapped, Timestamp::UNIX_EPOCH);
+        let ring = KekRing::new(business, wrapped, check, Timestamp::UNIX_EPOCH);
         let forgets = self.forgets();
         match self.store.put_ring(&ring, None).await {
             Ok(()) => Ok(self.cache_written(&ring, Some(Kek::new(1, &key)), forgets)),
@@ -149,6 +141,27 @@ impl KeyManager {
         }
     }
 
+    /// A new KEK, version `version` of `business`: generated, wrapped by the
+    /// provider, with its check value. The blob is unwrapped once before
+    /// anything is wrapped under the key: a provider whose blob does not
+    /// give the key back (a truncated answer, say) is refused now, not
+    /// found out after a restart, when every key under it would be lost.
+    async fn new_kek(
+        &self,
+        business: BusinessId,
+        version: u32,
+    ) -> Result<(SecretKey, Vec<u8>, KekCheck), KeyError> {
+        let context = KekContext { business, version };
+        let key = SecretKey::generate();
+        let wrapped = self.provider.wrap(&context, &key).await?;
+        let check = KekCheck::of(&key, &context);
+        let back = self.provider.unwrap(&context, &wrapped).await?;
+        if KekCheck::of(&back, &context) != check {
+            return Err(KeyError::KekMismatch { business, version });
+        }
+        Ok((key, wrapped, check))
+    }
+
     /// Apply `change` to the stored ring, retrying if another update races it.
     async fn update_ring<F>(&self, business: BusinessId, change: F) -> Result<KekRing, KeyError>
     where
@@ -157,7 +170,12 @@ impl KeyManager {
         if self.stored_ring(business).await?.is_none() {
             // A change a new ring would refuse fails before one is created:
             // a failed operation changes nothing.
-            change(&KekRing::new(business, Vec::new(), Timestamp::UNIX_EPOCH))?;
+            change(&KekRing::new(
+                business,
+                Vec::new(),
+                KekCheck::UNUSED,
+                Timestamp::UNIX_EPOCH,
+            ))?;
             self.ring(business).await?;
         }
         for _ in 0..RING_RETRIES {
@@ -209,10 +227,13 @@ impl KeyManager {
         if let Some(kek) = self.read().keks.get(&(business, version)) {
             return Ok(kek.clone());
         }
-        let key = self
-            .provider
-            .unwrap(&KekContext { business, version }, &stored.wrapped)
-            .await?;
+        let context = KekContext { business, version };
+        let key = self.provider.unwrap(&context, &stored.wrapped).await?;
+        // The wrong key, cached, would wrap new keys that no one could
+        // unwrap again.
+        if KekCheck::of(&key, &context) != stored.check {
+            return Err(KeyError::KekMismatch { business, version });
+        }
         let kek = Arc::new(Kek::new(version, &key));
         // The ring may have moved on while the provider answered: a version
         // put below the floor or retired meanwhile serves this one call (it
@@ -236,30 +257,22 @@ impl KeyManager {
         business: BusinessId,
         now: Timestamp,
     ) -> Result<u32, KeyError> {
-        let wrap = |version: u32| async move {
-            let key = SecretKey::generate();
-            let wrapped = self
-                .provider
-                .wrap(&KekContext { business, version }, &key)
-                .await?;
-            Ok::<_, KeyError>((key, wrapped))
-        };
         // A business with no ring yet: the version it adds (2, after the
         // ring's first) is wrapped before the ring is created, so that a
         // provider that fails creates no ring.
         let mut prepared = None;
         if self.stored_ring(business).await?.is_none() {
-            prepared = Some(wrap(2).await?);
+            prepared = Some(self.new_kek(business, 2).await?);
             self.ring(business).await?;
         }
         for _ in 0..RING_RETRIES {
             let current = self.existing_ring(business).await?;
             let version = current.next_version();
-            let (key, wrapped) = match prepared.take() {
+            let (key, wrapped, check) = match prepared.take() {
                 Some(prepared) if version == 2 => prepared,
-                _ => wrap(version).await?,
+                _ => self.new_kek(business, version).await?,
             };
-            let (next, version) = current.add_version(wrapped, now)?;
+            let (next, version) = current.add_version(wrapped, check, now)?;
             if self
                 .swap_ring(&current, &next, Some(Kek::new(version, &key)))
                 .await?
@@ -282,13 +295,18 @@ impl KeyManager {
     }
 
     /// Rewrap every key of `business` still wrapped under a version older than
-    /// the primary, without touching any content. Returns how many were rewrapped.
+    /// the primary, without touching any content. Returns how many were
+    /// rewrapped. A stored key that does not unwrap (a damaged row) is left
+    /// as it is and the others are rewrapped all the same; then the first
+    /// such is reported ([`KeyError::Unwrap`]), to be dealt with before the
+    /// floor can pass its version.
     pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
-        let _wrapping = self.wrapping.read().await;
+        let _wrapping = self.wrapping(business).read_arc().await;
         let ring = self.ring(business).await?;
         let primary = self.kek(&ring, ring.primary()).await?;
         let mut after = None;
         let mut done = 0;
+        let mut damaged = None;
         loop {
             let page = self
                 .store
@@ -298,14 +316,21 @@ impl KeyManager {
             after = Some(last.id);
             for old in page {
                 let kek = self.kek(&ring, old.kek_version).await?;
-                let secret = old.open(&kek)?;
+                let secret = match old.open(&kek) {
+                    Ok(secret) => secret,
+                    Err(e @ KeyError::Unwrap(_)) => {
+                        damaged.get_or_insert(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let new = WrappedKey::seal(old.id, &primary, &secret)?;
                 if self.store.rewrap_key(new, old.kek_version).await? {
                     done += 1;
                 }
             }
         }
-        Ok(done)
+        damaged.map_or(Ok(done), Err)
     }
 
     /// Raise `business`'s decrypt floor to `version`: older versions may no
@@ -315,14 +340,18 @@ impl KeyManager {
         business: BusinessId,
         version: u32,
     ) -> Result<(), KeyError> {
-        let _wrapping = self.wrapping.write().await;
+        let _wrapping = self.wrapping(business).write_arc().await;
         // What the ring refuses (a floor above the primary, say) is refused
         // as such: rewrapping, which wraps under the primary, cannot help.
         match self.stored_ring(business).await? {
             Some(ring) => ring.raise_floor(version)?,
-            None => {
-                KekRing::new(business, Vec::new(), Timestamp::UNIX_EPOCH).raise_floor(version)?
-            }
+            None => KekRing::new(
+                business,
+                Vec::new(),
+                KekCheck::UNUSED,
+                Timestamp::UNIX_EPOCH,
+            )
+            .raise_floor(version)?,
         };
         if !self
             .store
@@ -349,7 +378,7 @@ impl KeyManager {
         business: BusinessId,
         version: u32,
     ) -> Result<(), KeyError> {
-        let _wrapping = self.wrapping.write().await;
+        let _wrapping = self.wrapping(business).write_arc().await;
         let forgets = self.forgets();
         // Versions are numbered from 1: there never was a version 0.
         if let Some(ring) = self.load_ring(business).await?

@@ -11,6 +11,7 @@ use super::codec::{business_sql, time_sql, u64_to_sql};
 use super::schema::{APPLICATION_ID, SCHEMA_VERSION};
 use super::writer::testing::{Work, commit_as_group, commit_fenced_as_group};
 use super::*;
+use crate::keys::KekCheck;
 use crate::store::{Delivery, Direction, Op, Status};
 
 const T0: u64 = 1_767_225_600_000;
@@ -86,7 +87,12 @@ fn populated(dir: &Path) -> PathBuf {
             sealed: vec![1; 200],
         });
         store.commit(batch).await.unwrap();
-        let ring = KekRing::new(business(1), vec![9; 40], Timestamp::from_millis(T0));
+        let ring = KekRing::new(
+            business(1),
+            vec![9; 40],
+            KekCheck::UNUSED,
+            Timestamp::from_millis(T0),
+        );
         store.put_ring(&ring, None).await.unwrap();
     });
     drop(store);
@@ -838,6 +844,7 @@ fn malformed_keys_rings_and_holds_are_corrupt_errors() {
     let other = serde_json::to_vec(&KekRing::new(
         business(2),
         vec![1],
+        KekCheck::UNUSED,
         Timestamp::from_millis(0),
     ))
     .unwrap();
