@@ -911,7 +911,7 @@ mod exports {
         audit.down.store(true, Ordering::SeqCst);
         assert!(matches!(
             processor.export_billing(&operator).await,
-            Err(ProcessorError::Denied)
+            Err(ProcessorError::Audit(_))
         ));
         assert!(network.billing_statements().await.is_empty());
 

@@ -2636,3 +2636,188 @@ async fn a_hold_stored_mid_sweep_on_one_business_spares_no_other_business_keys()
     let report = w.retention.sweep(now, &Notices::default()).await.unwrap();
     assert!(report.complete, "{report:?}");
 }
+
+/// Damage in one business's rows, and shreds, in a SQLite store.
+#[cfg(feature = "sqlite")]
+mod sqlite_damage {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use custodian::ids::PhoneHash;
+    use custodian::keys::{KeyManager, LocalKeyProvider, SecretKey};
+    use custodian::retention::{Retention, RetentionPolicy};
+    use custodian::store::{
+        Batch, Hold, HoldScope, MessageRecord, Op, SqliteConfig, SqliteStore, Storage,
+    };
+    use custodian::time::Timestamp;
+    use custodian::visibility::MemoryAuditSink;
+
+    use super::{T0, business};
+
+    fn tamper(path: &Path, sql: &str) {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+    }
+
+    fn retention(store: Arc<dyn Storage>) -> Retention {
+        let keys = Arc::new(KeyManager::new(
+            Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            store.clone(),
+        ));
+        Retention::new(
+            store,
+            keys,
+            RetentionPolicy::default(),
+            Arc::new(MemoryAuditSink::new()),
+        )
+    }
+
+    /// One damaged hold row of business 2 (its `placed` not an integer) stops
+    /// no hold on business 1: placing and releasing a hold read that hold
+    /// alone. (They read every hold in full, and failed as corrupt.) (Review
+    /// of the storage layer.)
+    #[tokio::test]
+    async fn a_damaged_hold_of_one_business_stops_no_hold_on_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holds.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        store
+            .commit(Batch::from(Op::PutHold(Hold {
+                scope: HoldScope::Business(business(2)),
+                reference: "case-2".into(),
+                placed: Timestamp::from_millis(T0),
+            })))
+            .await
+            .unwrap();
+        drop(store);
+        tamper(&path, "UPDATE holds SET placed = 'yesterday'");
+        let store: Arc<dyn Storage> =
+            Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+        let retention = retention(store.clone());
+        let placed = retention
+            .place_hold(
+                "legal",
+                HoldScope::Business(business(1)),
+                "case-1",
+                Timestamp::from_millis(T0),
+            )
+            .await;
+        assert!(
+            placed.is_ok(),
+            "a damaged hold of business 2 stopped a hold on business 1: {placed:?}"
+        );
+        let scopes = store.held_scopes().await.unwrap();
+        assert!(scopes.contains(&HoldScope::Business(business(1))));
+    }
+
+    /// A legal hold on business 2 whose records' epochs cannot be read (a
+    /// Signal record that is not an envelope) keeps every ended epoch key of
+    /// business 2, without listing them: one of them damaged, business 1's
+    /// ended epoch key, under no hold, is destroyed all the same. (The keys
+    /// were listed in full, the damaged one failed the stage, and business 1's
+    /// key stayed readable past retention, sweep after sweep.)
+    #[tokio::test]
+    async fn a_damaged_key_of_a_held_business_keeps_no_other_businesss_ended_epoch_key() {
+        use custodian::keys::{KeyId, KeyKind, WrappedKey};
+        use custodian::retention::ExpiryNotifier;
+        use custodian::store::{KeyStore, PeerId};
+
+        struct Told;
+        #[async_trait::async_trait]
+        impl ExpiryNotifier for Told {
+            async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+                true
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let epoch_key = |b: u64, end: u64| WrappedKey {
+            id: KeyId {
+                business: business(b),
+                kind: KeyKind::Epoch,
+                id: end,
+            },
+            kek_version: 1,
+            blob: vec![0x42; 48],
+        };
+        store.insert_key(epoch_key(1, T0)).await.unwrap();
+        store.insert_key(epoch_key(2, T0)).await.unwrap();
+        let mut batch = Batch::new();
+        batch.push(Op::PutHold(Hold {
+            scope: HoldScope::Business(business(2)),
+            reference: "case-2".into(),
+            placed: Timestamp::from_millis(T0),
+        }));
+        // Not an envelope: the held business's record epochs do not decode.
+        batch.push(Op::PutPeer {
+            business: business(2),
+            peer: PeerId {
+                phone: PhoneHash::from_bytes([7; 16]),
+                device: 0,
+            },
+            sealed: vec![1, 2, 3],
+        });
+        store.commit(batch).await.unwrap();
+        drop(store);
+        tamper(
+            &path,
+            "UPDATE wrapped_keys SET kek_version = 'one' WHERE kind = 1 AND business = (SELECT business FROM holds)",
+        );
+        let store: Arc<dyn Storage> =
+            Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+        let retention = retention(store.clone());
+        let now = Timestamp::from_millis(T0 + 1);
+        let swept = retention.sweep(now, &Told).await;
+        let unheld = store.key(&epoch_key(1, T0).id).await.unwrap();
+        assert!(
+            unheld.is_none(),
+            "business 1's ended epoch key survived the sweep ({swept:?}): {unheld:?}"
+        );
+    }
+
+    /// An operator's early shred scrubs the store: the wrapped epoch key's
+    /// bytes leave SQLite's files at once. (They stayed in its log until the
+    /// next complete sweep, for whoever could read the files and use the KEK.)
+    #[tokio::test]
+    async fn an_early_shred_leaves_no_wrapped_key_in_the_stores_files() {
+        use custodian::keys::{Epoch, KeyId, KeyKind, WrappedKey};
+        use custodian::store::KeyStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shred.db");
+        let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+        let end = T0 + 86_400_000;
+        let secret: Vec<u8> = (0..48u8).map(|i| i ^ 0xa5).collect();
+        store
+            .insert_key(WrappedKey {
+                id: KeyId {
+                    business: business(1),
+                    kind: KeyKind::Epoch,
+                    id: end,
+                },
+                kek_version: 1,
+                blob: secret.clone(),
+            })
+            .await
+            .unwrap();
+        let retention = retention(store.clone());
+        let destroyed = retention
+            .shred_epoch(
+                "operator",
+                business(1),
+                Epoch::ending_at(Timestamp::from_millis(end)),
+                "erasure-request-1",
+                Timestamp::from_millis(T0),
+            )
+            .await
+            .unwrap();
+        assert!(destroyed, "the key was live");
+        assert!(
+            !super::file_contains(store.path(), &secret),
+            "the shredded epoch key's wrapped bytes are still in the store's files"
+        );
+    }
+}

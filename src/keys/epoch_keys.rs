@@ -246,13 +246,13 @@ impl KeyManager {
     /// `Processor::sweep`), which keeps the keys a hold needs.
     pub async fn destroy_ended_epochs_unchecked(&self, now: Timestamp) -> Result<u64, KeyError> {
         let (removed, _) = self
-            .destroy_ended_epochs_except(now, &BTreeSet::new(), None)
+            .destroy_ended_epochs_except(now, |_, _| false, None)
             .await?;
         Ok(removed)
     }
 
     /// [`destroy_ended_epochs_unchecked`](Self::destroy_ended_epochs_unchecked),
-    /// sparing the epochs in `keep` (those the legal holds `seen` still
+    /// sparing the epochs `keep` says of (those the legal holds `seen` still
     /// need) and, with holds `seen`, every key of a business that a hold
     /// stored since covers ([`KeyStore::delete_epoch_keys`]): those wait
     /// for the holds to be read again, and the other businesses' keys go.
@@ -263,36 +263,36 @@ impl KeyManager {
     pub(crate) async fn destroy_ended_epochs_except(
         &self,
         now: Timestamp,
-        keep: &BTreeSet<(BusinessId, Epoch)>,
+        keep: impl Fn(BusinessId, Epoch) -> bool,
         seen: Option<&[HoldScope]>,
     ) -> Result<(u64, bool), KeyError> {
         let forget = ForgetEpochs {
             keys: self,
-            doomed: |(b, epoch): &(BusinessId, Epoch)| {
-                epoch.end() <= now && !keep.contains(&(*b, *epoch))
-            },
+            doomed: |(b, epoch): &(BusinessId, Epoch)| epoch.end() <= now && !keep(*b, *epoch),
             early: false,
         };
         let mut removed = 0;
         // The ids of pages the store did not delete in full: those it
         // spared come back on every page.
         let mut spared: BTreeSet<KeyId> = BTreeSet::new();
+        // Kept and spared entries come back on every page: a page of
+        // nothing else is asked for again, twice as long.
+        let mut page = PAGE;
         loop {
-            // Kept and spared entries come back on every page; asking for
-            // that many more guarantees progress.
-            let page = PAGE + keep.len() + spared.len();
             let ended = self.store.ended_epoch_keys(now, page).await?;
+            let full = ended.len() >= page;
             let doomed: Vec<KeyId> = ended
                 .into_iter()
                 .filter(|id| {
                     !spared.contains(id)
-                        && !keep.contains(&(
-                            id.business,
-                            Epoch::ending_at(Timestamp::from_millis(id.id)),
-                        ))
+                        && !keep(id.business, Epoch::ending_at(Timestamp::from_millis(id.id)))
                 })
                 .collect();
             if doomed.is_empty() {
+                if full {
+                    page = page.saturating_mul(2);
+                    continue;
+                }
                 return Ok((removed, !spared.is_empty()));
             }
             let deleted = match seen {

@@ -8,6 +8,7 @@ use super::claims::{Owed, Owing};
 use super::payload::InboundBody;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
+use crate::retention::RecordFacts;
 use crate::signal::{Ciphertext, Parsed, SignalError};
 use crate::store::{Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status};
 use crate::time::Timestamp;
@@ -77,8 +78,11 @@ pub(super) struct InboundParts {
     pub(super) from: PhoneNumber,
     pub(super) device: u32,
     pub(super) content: Zeroizing<Vec<u8>>,
-    pub(super) received: Timestamp,
     pub(super) identity_changed: bool,
+    /// What retention looks at: it is asked again just before the
+    /// hand-over (a commit held up, or a policy shortened, may have ended
+    /// the message meanwhile).
+    pub(super) facts: RecordFacts,
 }
 
 impl Processor {
@@ -230,8 +234,14 @@ impl Processor {
                     from: inbound.from,
                     device: inbound.device,
                     content: decrypted.plaintext,
-                    received: now,
                     identity_changed,
+                    facts: RecordFacts {
+                        business,
+                        phone,
+                        direction: Direction::Inbound,
+                        created: now,
+                        expiry,
+                    },
                 };
                 let attempt = self
                     .hand_to_business(business, parts, Purpose::Delivery)
@@ -322,6 +332,21 @@ impl Processor {
             warn!(%business, id = %parts.id, ?reason, "visibility policy refused delivery to the business; will retry");
             Attempt::Retry
         };
+        // Its retention may have ended since it was last looked at (its
+        // storing commit held up, a policy shortened): then it is never
+        // handed over, and the retransmission loop fails it as expired.
+        if !self
+            .retention
+            .readable_facts(&parts.facts, self.clock.now())
+        {
+            debug!(%business, id = %parts.id, "retention ended before the hand-over");
+            return Attempt::Retry;
+        }
+        // Asked first: nothing is released for a call not made.
+        let Some(calling) = self.call_business(business) else {
+            debug!(%business, id = %parts.id, "business endpoint hung; will retry");
+            return Attempt::Retry;
+        };
         // Both or neither: a hand-over the policy refuses for one records
         // no release of the other.
         let (content, from) = match self.gate.release_both(
@@ -331,7 +356,10 @@ impl Processor {
             purpose,
         ) {
             Ok((content, from)) => (content.into_value(), from.into_value()),
-            Err(reason) => return refused(reason),
+            Err(reason) => {
+                calling.not_made();
+                return refused(reason);
+            }
         };
         let message = InboundMessage {
             business,
@@ -339,10 +367,12 @@ impl Processor {
             from,
             device: parts.device,
             content,
-            received: parts.received,
+            received: parts.facts.created,
             identity_changed: parts.identity_changed,
         };
-        match self.sink.deliver(&message).await {
+        let delivered = self.sink.deliver(&message).await;
+        calling.answered();
+        match delivered {
             Ok(()) => Attempt::Done,
             Err(e) => {
                 debug!(%business, id = %message.id, error = %e, "business unavailable; will retry");

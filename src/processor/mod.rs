@@ -67,9 +67,12 @@ use crate::store::{Batch, Delivery, Direction, Op, Storage, StoreError};
 use crate::time::{Clock, Timestamp};
 use crate::transport::{Authorizer, BusinessSink, Principal, Transport, TransportError};
 use crate::vault::{OpenError, Vault};
-use crate::visibility::{AuditError, AuditSink, Change, Gate, PolicyError, VisibilityPolicy};
+use crate::visibility::{
+    AuditError, AuditSink, Change, Denied, DenyReason, Gate, PolicyError, VisibilityPolicy,
+};
 
 mod claims;
+mod endpoint;
 mod inbound;
 mod keys;
 mod outbound;
@@ -132,7 +135,8 @@ pub enum ProcessorError {
     /// The visibility policy refused to release a value for this.
     #[error("the visibility policy does not allow this release")]
     Denied,
-    /// The audit trail could not record a change, so it was not made.
+    /// The audit trail could not record a change or a release, so it was
+    /// not made.
     #[error("the change could not be audited: {0}")]
     Audit(#[from] AuditError),
     /// The transport failed.
@@ -159,6 +163,19 @@ pub enum ProcessorError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+}
+
+/// A release refused: by the policy ([`ProcessorError::Denied`]), or, the
+/// policy allowing it, because the audit trail could not record it
+/// ([`ProcessorError::Audit`]): an operator looks at the trail, not the
+/// policy.
+impl<T> From<Denied<T>> for ProcessorError {
+    fn from(denied: Denied<T>) -> Self {
+        match denied.audit_error() {
+            Some(e) if denied.reason() == DenyReason::AuditFailed => Self::Audit(e.clone()),
+            _ => Self::Denied,
+        }
+    }
 }
 
 impl ProcessorError {
@@ -361,6 +378,8 @@ pub struct Processor {
     billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
+    /// Businesses whose endpoint left a call unanswered.
+    hung: endpoint::HungEndpoints,
     receipts: status::Receipts,
     /// The devices a send is starting a session with.
     starting: outbound::Starting,
@@ -447,6 +466,7 @@ impl Processor {
             starting: outbound::Starting::default(),
             delivery: policies.delivery,
             claims: Claims::default(),
+            hung: endpoint::HungEndpoints::default(),
         })
     }
 

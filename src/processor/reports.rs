@@ -82,7 +82,7 @@ impl Processor {
         let report = self
             .gate
             .release(report, Party::Transport, Purpose::Integrity)
-            .map_err(|_| ProcessorError::Denied)?;
+            .map_err(ProcessorError::from)?;
         Ok(self.transport.integrity_signals(report.value()).await?)
     }
 
@@ -104,7 +104,7 @@ impl Processor {
                 Purpose::Billing,
             )
             .map(|r| r.into_value())
-            .map_err(|_| ProcessorError::Denied)
+            .map_err(ProcessorError::from)
     }
 
     /// Hand the closed billing periods of every business to the transport,
@@ -153,7 +153,7 @@ impl Processor {
                 Party::Transport,
                 Purpose::Billing,
             )
-            .map_err(|_| ProcessorError::Denied)?
+            .map_err(ProcessorError::from)?
             .into_value();
         self.transport.billing(&released).await?;
         self.commit_op(Op::SettleBilling { business, id }).await?;
@@ -208,7 +208,7 @@ impl Processor {
                 let report = self
                     .gate
                     .release(report, Party::RestOfCompany, Purpose::Analytics)
-                    .map_err(|_| ProcessorError::Denied)?;
+                    .map_err(ProcessorError::from)?;
                 released.push(report.into_value());
             }
         }

@@ -7,6 +7,7 @@ use super::inbound::{Attempt, InboundParts};
 use super::payload::StoredBody;
 use super::records::Stored;
 use super::{Processor, ProcessorError};
+use crate::retention::RecordFacts;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
 use crate::time::Timestamp;
 use crate::transport::Principal;
@@ -124,7 +125,11 @@ impl Processor {
     async fn retransmit_due_in(&self) -> Result<RetransmitReport, ProcessorError> {
         let now = self.clock.now();
         let mut report = RetransmitReport::default();
-        for due in self.storage.due_messages(now, self.delivery.batch).await? {
+        let mut due = self.storage.due_messages(now, self.delivery.batch).await?;
+        // Hung businesses' last (see `endpoint`): a call that hangs holds
+        // up no other business's messages.
+        due.sort_by_key(|m| self.hung.contains(m.business));
+        for due in due {
             report.due += 1;
             // One message's error (the store or the key provider failing)
             // holds up none behind it. Whatever it left undone is owed, or
@@ -226,8 +231,8 @@ impl Processor {
                     from: body.from,
                     device: body.device,
                     content: body.content,
-                    received: record.created,
                     identity_changed: body.identity_changed,
+                    facts: RecordFacts::from(&record),
                 };
                 // Handing a message to its business is delivery, however
                 // many attempts it takes.

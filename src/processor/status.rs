@@ -21,7 +21,7 @@ use crate::store::{
 };
 use crate::time::Timestamp;
 use crate::transport::{Principal, StatusUpdate, TransportError};
-use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
+use crate::visibility::{DataClass, Labelled, Party, Purpose};
 
 /// Every device pending: an attempt on a message with this
 /// [`Delivery::pending_devices`] sends to every device listed (those
@@ -235,7 +235,12 @@ impl Processor {
     /// Report a status to the business, best effort (settled statuses are
     /// reported reliably, see `report_status`).
     pub(super) async fn notify(&self, update: StatusUpdate) {
-        if let Err(e) = self.sink.status(&update).await {
+        let Some(calling) = self.call_business(update.business) else {
+            return;
+        };
+        let told = self.sink.status(&update).await;
+        calling.answered();
+        if let Err(e) = told {
             debug!(business = %update.business, id = %update.id, error = %e, "status not delivered");
         }
     }
@@ -261,7 +266,14 @@ impl Processor {
             failure: stored.failure,
             at: self.clock.now(),
         };
-        let told = self.sink.status(&update).await.is_ok();
+        let told = match self.call_business(business) {
+            Some(calling) => {
+                let told = self.sink.status(&update).await.is_ok();
+                calling.answered();
+                told
+            }
+            None => false,
+        };
         let next_attempt = if told {
             None
         } else {
@@ -589,10 +601,10 @@ impl Processor {
         ) {
             Ok(released) => released.into_value(),
             Err(denied) => {
-                return match denied.audit_error() {
+                return match ProcessorError::from(denied) {
                     // The policy allows it: the network hands it in again.
-                    Some(e) if denied.reason() == DenyReason::AuditFailed => Err(e.clone().into()),
-                    _ => Ok(StatusChange::Ignored),
+                    ProcessorError::Denied => Ok(StatusChange::Ignored),
+                    audit => Err(audit),
                 };
             }
         };

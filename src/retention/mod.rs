@@ -399,7 +399,12 @@ impl Retention {
     /// [`decide`](Self::decide)'s [`Decision::readable`], without reading
     /// the holds, which only matter once a message is past it.
     pub fn readable(&self, message: &MessageRecord, now: Timestamp) -> bool {
-        now < self.expiry(&RecordFacts::from(message))
+        self.readable_facts(&RecordFacts::from(message), now)
+    }
+
+    /// [`readable`](Self::readable), from the facts retention looks at.
+    pub fn readable_facts(&self, facts: &RecordFacts, now: Timestamp) -> bool {
+        now < self.expiry(facts)
     }
 
     /// When `record` stops being readable under the policy in force.
@@ -519,7 +524,10 @@ impl Retention {
     /// message exchanged with the device, which may be deleted already).
     /// Recorded in the audit trail before the key is destroyed (nothing is
     /// destroyed if it cannot be); a destroy that fails after it can be
-    /// made again. Returns whether a live key was destroyed.
+    /// made again. Returns whether a live key was destroyed; then the store
+    /// is scrubbed ([`Storage::scrub`]), so that the wrapped key's bytes
+    /// leave its files too (a failed scrub is logged, and made by the next
+    /// complete sweep).
     ///
     /// [`KeyManager::destroy_epoch_unchecked`] does the same without the
     /// hold check or the record: this is the call for operators. A message
@@ -535,7 +543,7 @@ impl Retention {
     ) -> Result<bool, HoldError> {
         // Under the gate: no hold is placed between the check and the
         // destroy.
-        let _gate = self.hold_gate.lock(&*self.storage).await?;
+        let gate = self.hold_gate.lock(&*self.storage).await?;
         for scope in self.storage.held_scopes().await? {
             if scope.business() == business
                 && held_epochs(&*self.storage, scope).await?.contains(&epoch)
@@ -550,10 +558,15 @@ impl Retention {
             epoch_end: epoch.end(),
             reference: reference.to_owned(),
         })?;
-        Ok(self
+        let destroyed = self
             .keys
             .destroy_epoch_unchecked(business, epoch, now)
-            .await?)
+            .await?;
+        drop(gate);
+        if destroyed && let Err(e) = self.storage.scrub().await {
+            tracing::warn!(%business, error = %e, "the store could not be scrubbed after a shred: the next complete sweep scrubs it");
+        }
+        Ok(destroyed)
     }
 
     /// Await `forget`, which forgets state about `phone` of `business`,
@@ -606,11 +619,8 @@ impl Retention {
         now: Timestamp,
     ) -> Result<(), HoldError> {
         let _gate = self.hold_gate.lock(&*self.storage).await?;
-        let stored = self.storage.holds().await?;
-        if stored
-            .iter()
-            .any(|h| h.scope == scope && h.reference == reference)
-        {
+        // This hold alone: another's damage stops no hold on anyone.
+        if self.storage.hold(scope, reference).await?.is_some() {
             return Ok(());
         }
         let event = HoldEvent {
@@ -661,11 +671,7 @@ impl Retention {
         now: Timestamp,
     ) -> Result<bool, HoldError> {
         let _gate = self.hold_gate.lock(&*self.storage).await?;
-        let stored = self.storage.holds().await?;
-        let Some(held) = stored
-            .into_iter()
-            .find(|h| h.scope == scope && h.reference == reference)
-        else {
+        let Some(held) = self.storage.hold(scope, reference).await? else {
             return Ok(false);
         };
         let event = HoldEvent {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::gate::HoldGate;
 use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
-use crate::keys::{Epoch, KeyError, KeyKind, KeyManager};
+use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{
     Batch, Delivery, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError,
 };
@@ -659,6 +659,8 @@ impl<'a> Sweep<'a> {
         }
         let held = self.held().await?;
         let mut keep: BTreeSet<(BusinessId, Epoch)> = BTreeSet::new();
+        // Businesses all of whose ended epoch keys are kept.
+        let mut keep_all: BTreeSet<BusinessId> = BTreeSet::new();
         for hold in &held.scopes {
             let business = hold.business();
             match super::held_epochs(self.storage, *hold).await {
@@ -669,49 +671,22 @@ impl<'a> Sweep<'a> {
                         error = %what,
                         "a held business's record epochs do not decode: all its ended epoch keys are kept"
                     );
-                    self.keep_ended_epochs(business, &mut keep).await?;
+                    keep_all.insert(business);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         let (destroyed, spared) = self
             .keys
-            .destroy_ended_epochs_except(self.now, &keep, Some(&held.scopes))
+            .destroy_ended_epochs_except(
+                self.now,
+                |business, epoch| keep_all.contains(&business) || keep.contains(&(business, epoch)),
+                Some(&held.scopes),
+            )
             .await?;
         self.report.epoch_keys_destroyed += destroyed;
         // Spared for a hold stored since the holds were read: the stage is
         // unfinished (the sweep incomplete), and its next turn reads it.
         Ok(!spared)
-    }
-
-    /// Add every live key of an epoch of `business` that ended by now to
-    /// `keep`.
-    async fn keep_ended_epochs(
-        &self,
-        business: BusinessId,
-        keep: &mut BTreeSet<(BusinessId, Epoch)>,
-    ) -> Result<(), SweepError> {
-        let now = self.now.as_millis();
-        let mut after = None;
-        loop {
-            let keys = self
-                .storage
-                .keys_of_kind(business, KeyKind::Epoch, after, self.batch)
-                .await?;
-            let Some(last) = keys.last() else {
-                return Ok(());
-            };
-            after = Some(last.id.id);
-            for key in &keys {
-                // In id order, and an epoch key's id is its epoch's end.
-                if key.id.id > now {
-                    return Ok(());
-                }
-                keep.insert((
-                    business,
-                    Epoch::ending_at(Timestamp::from_millis(key.id.id)),
-                ));
-            }
-        }
     }
 }

@@ -315,6 +315,18 @@ pub trait Storage: KeyStore {
     /// The legal holds in force.
     async fn holds(&self) -> Result<Vec<Hold>, StoreError>;
 
+    /// The legal hold on `scope` for the case `reference`, if one is in
+    /// force: what placing and releasing a hold read, so that a damaged
+    /// hold of another scope or case stops neither. The default reads
+    /// every hold; a backend that can be damaged looks up this one alone.
+    async fn hold(&self, scope: HoldScope, reference: &str) -> Result<Option<Hold>, StoreError> {
+        Ok(self
+            .holds()
+            .await?
+            .into_iter()
+            .find(|h| h.scope == scope && h.reference == reference))
+    }
+
     /// What the legal holds in force cover: the scopes of
     /// [`holds`](Self::holds), for the checks that guard a deletion (the
     /// sweep, early shreds, forgetting a consumer). A backend that can read

@@ -567,7 +567,6 @@ impl SimNetwork {
         }
         let outbound = take_due(&mut self.net.lock().await.to_devices, now);
         for flight in outbound {
-            report.to_devices += 1;
             let ToDevice {
                 business,
                 number,
@@ -582,6 +581,9 @@ impl SimNetwork {
             let Some(handset) = consumer.devices.get_mut(&device) else {
                 continue;
             };
+            // Counted once a device is there to take it: a copy to a
+            // device gone since (a reinstall) reaches nobody.
+            report.to_devices += 1;
             // A copy of a ciphertext it already decrypted (an injected
             // duplicate) Signal refuses as such, and it is dropped. Anything
             // else it cannot decrypt it asks for again, as a real client,

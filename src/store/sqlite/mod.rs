@@ -845,6 +845,12 @@ impl Storage for SqliteStore {
         self.reads().await.with(|c| reads::holds(c))
     }
 
+    async fn hold(&self, scope: HoldScope, reference: &str) -> Result<Option<Hold>, StoreError> {
+        self.reads()
+            .await
+            .with(|c| reads::hold(c, scope, reference))
+    }
+
     async fn held_scopes(&self) -> Result<Vec<HoldScope>, StoreError> {
         self.reads().await.with(|c| reads::held_scopes(c))
     }

@@ -598,6 +598,31 @@ pub(super) fn holds(conn: &Connection) -> Result<Vec<Hold>, StoreError> {
     })
 }
 
+/// The hold on `scope` for the case `reference`, read alone: another
+/// hold's damage does not fail it.
+pub(super) fn hold(
+    conn: &Connection,
+    scope: HoldScope,
+    reference: &str,
+) -> Result<Option<Hold>, StoreError> {
+    let (kind, business, phone) = super::writes::scope_sql(&scope);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT placed FROM holds
+             WHERE kind = ?1 AND business = ?2 AND phone = ?3 AND reference = ?4",
+        )
+        .db()?;
+    let mut rows = stmt.query(params![kind, business, phone, reference]).db()?;
+    let Some(row) = rows.next().db()? else {
+        return Ok(None);
+    };
+    Ok(Some(Hold {
+        scope,
+        reference: reference.to_owned(),
+        placed: Cols::new(row, "holds").time(0, "placed")?,
+    }))
+}
+
 /// What the stored holds cover, for the sweep: only their kind, business
 /// and phone are read. A hold whose business decodes but whose kind or
 /// phone does not is taken as a hold of the whole business (keeping data

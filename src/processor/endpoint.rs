@@ -1,0 +1,104 @@
+//! Calls to the businesses' endpoints, and the endpoints that left one
+//! unanswered.
+//!
+//! A call dropped while it waits on a business's endpoint (a host timing
+//! out a receive or a retransmission pass) marks that endpoint hung. For a
+//! while the business is not called again: what would have been handed or
+//! reported to it waits, as if its endpoint had refused it. The while is
+//! [`DeliveryConfig::retry_base`](super::DeliveryConfig::retry_base),
+//! doubled with every further call it leaves unanswered, at most
+//! [`retry_max`](super::DeliveryConfig::retry_max). Then one call probes
+//! it; any answer clears the mark. A retransmission pass takes up the
+//! messages of hung businesses after every other's. Without this, a pass
+//! over the due messages would stop at the first message of a hung
+//! business on every run, and no other business's would be handed over.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use foldhash::fast::RandomState;
+
+use super::Processor;
+use crate::ids::BusinessId;
+use crate::time::Timestamp;
+
+/// Businesses whose endpoint left a call unanswered.
+#[derive(Default)]
+pub(super) struct HungEndpoints(Mutex<HashMap<BusinessId, Hung, RandomState>>);
+
+/// An endpoint that left calls unanswered.
+#[derive(Clone, Copy)]
+struct Hung {
+    /// When it was last called: the dropped call, or a probe since.
+    since: Timestamp,
+    /// How many calls in a row it left unanswered.
+    dropped: u32,
+}
+
+impl HungEndpoints {
+    fn lock(&self) -> MutexGuard<'_, HashMap<BusinessId, Hung, RandomState>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `business`'s endpoint left a call unanswered, and has not
+    /// answered since.
+    pub(super) fn contains(&self, business: BusinessId) -> bool {
+        self.lock().contains_key(&business)
+    }
+}
+
+/// A call to a business's endpoint under way. Dropped before
+/// [`answered`](Self::answered) or [`not_made`](Self::not_made), it marks
+/// the endpoint hung.
+pub(super) struct Calling<'a> {
+    processor: &'a Processor,
+    business: BusinessId,
+}
+
+impl Calling<'_> {
+    /// The endpoint answered (whatever it said): it is not hung.
+    pub(super) fn answered(self) {
+        self.processor.hung.lock().remove(&self.business);
+        std::mem::forget(self);
+    }
+
+    /// The call was not made after all (the policy refused what it would
+    /// have carried): nothing is learnt of the endpoint.
+    pub(super) fn not_made(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Calling<'_> {
+    fn drop(&mut self) {
+        let since = self.processor.clock.now();
+        let mut hung = self.processor.hung.lock();
+        let dropped = hung
+            .get(&self.business)
+            .map_or(1, |h| h.dropped.saturating_add(1));
+        hung.insert(self.business, Hung { since, dropped });
+    }
+}
+
+impl Processor {
+    /// A call to `business`'s endpoint, to be made now; `None` if its
+    /// endpoint is hung and not to be asked yet (see the module docs). A
+    /// probe of a hung endpoint is noted as its last call, so that calls
+    /// made meanwhile wait for its answer.
+    pub(super) fn call_business(&self, business: BusinessId) -> Option<Calling<'_>> {
+        let now = self.clock.now();
+        let mut hung = self.hung.lock();
+        if let Some(h) = hung.get_mut(&business) {
+            let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
+            if now < h.since.saturating_add(wait) {
+                return None;
+            }
+            h.since = now;
+        }
+        drop(hung);
+        Some(Calling {
+            processor: self,
+            business,
+        })
+    }
+}
