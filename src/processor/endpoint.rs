@@ -14,6 +14,7 @@
 //! business on every run, and no other business's would be handed over.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use foldhash::fast::RandomState;
@@ -24,7 +25,12 @@ use crate::time::Timestamp;
 
 /// Businesses whose endpoint left a call unanswered.
 #[derive(Default)]
-pub(super) struct HungEndpoints(Mutex<HashMap<BusinessId, Hung, RandomState>>);
+pub(super) struct HungEndpoints {
+    hung: Mutex<HashMap<BusinessId, Hung, RandomState>>,
+    /// Whether any is (or may be): with none, a call takes no lock. Set
+    /// under the lock with the first, cleared with the last.
+    any: AtomicBool,
+}
 
 /// An endpoint that left calls unanswered.
 #[derive(Clone, Copy)]
@@ -37,13 +43,39 @@ struct Hung {
 
 impl HungEndpoints {
     fn lock(&self) -> MutexGuard<'_, HashMap<BusinessId, Hung, RandomState>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.hung.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether any endpoint may be hung.
+    fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
     }
 
     /// Whether `business`'s endpoint left a call unanswered, and has not
     /// answered since.
     pub(super) fn contains(&self, business: BusinessId) -> bool {
-        self.lock().contains_key(&business)
+        self.any() && self.lock().contains_key(&business)
+    }
+
+    /// `business`'s endpoint answered.
+    fn clear(&self, business: BusinessId) {
+        if self.any() {
+            let mut hung = self.lock();
+            hung.remove(&business);
+            if hung.is_empty() {
+                self.any.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// `business`'s endpoint left a call unanswered, at `since`.
+    fn mark(&self, business: BusinessId, since: Timestamp) {
+        let mut hung = self.lock();
+        let dropped = hung
+            .get(&business)
+            .map_or(1, |h| h.dropped.saturating_add(1));
+        hung.insert(business, Hung { since, dropped });
+        self.any.store(true, Ordering::Release);
     }
 }
 
@@ -58,7 +90,7 @@ pub(super) struct Calling<'a> {
 impl Calling<'_> {
     /// The endpoint answered (whatever it said): it is not hung.
     pub(super) fn answered(self) {
-        self.processor.hung.lock().remove(&self.business);
+        self.processor.hung.clear(self.business);
         std::mem::forget(self);
     }
 
@@ -72,11 +104,7 @@ impl Calling<'_> {
 impl Drop for Calling<'_> {
     fn drop(&mut self) {
         let since = self.processor.clock.now();
-        let mut hung = self.processor.hung.lock();
-        let dropped = hung
-            .get(&self.business)
-            .map_or(1, |h| h.dropped.saturating_add(1));
-        hung.insert(self.business, Hung { since, dropped });
+        self.processor.hung.mark(self.business, since);
     }
 }
 
@@ -86,16 +114,17 @@ impl Processor {
     /// probe of a hung endpoint is noted as its last call, so that calls
     /// made meanwhile wait for its answer.
     pub(super) fn call_business(&self, business: BusinessId) -> Option<Calling<'_>> {
-        let now = self.clock.now();
-        let mut hung = self.hung.lock();
-        if let Some(h) = hung.get_mut(&business) {
-            let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
-            if now < h.since.saturating_add(wait) {
-                return None;
+        if self.hung.any() {
+            let now = self.clock.now();
+            let mut hung = self.hung.lock();
+            if let Some(h) = hung.get_mut(&business) {
+                let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
+                if now < h.since.saturating_add(wait) {
+                    return None;
+                }
+                h.since = now;
             }
-            h.since = now;
         }
-        drop(hung);
         Some(Calling {
             processor: self,
             business,
