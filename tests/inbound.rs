@@ -560,6 +560,96 @@ impl BusinessSink for Gated {
     }
 }
 
+/// A processor over a memory store for `businesses`, behind one
+/// [`Gated`] endpoint (every business's down at first), each business with
+/// a consumer device in session.
+struct Tenants {
+    clock: ManualClock,
+    sink: Arc<Gated>,
+    processor: Processor,
+    carrier: Principal,
+    operator: Principal,
+    devices: Vec<ConsumerDevice>,
+}
+
+impl Tenants {
+    async fn new(businesses: &[BusinessId]) -> Self {
+        use custodian::store::MemoryStore;
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let sink = Arc::new(Gated {
+            modes: Mutex::new(businesses.iter().map(|&b| (b, Endpoint::Down)).collect()),
+            handed: Mutex::new(Vec::new()),
+            hung_calls: Mutex::new(0),
+        });
+        let network = Arc::new(RecordingTransport::new());
+        let carrier = Principal::new("carrier");
+        let operator = Principal::new("operator");
+        let mut authorizer = StaticAuthorizer::new().operator(&operator);
+        for &b in businesses {
+            authorizer = authorizer.grant(&carrier, b).carrier(&carrier, b);
+        }
+        let processor = Processor::new(
+            Host {
+                storage: Arc::new(MemoryStore::new()),
+                key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+                transport: network.clone(),
+                business: sink.clone(),
+                authorizer: Arc::new(authorizer),
+                clock: Arc::new(clock.clone()),
+                audit: Arc::new(MemoryAuditSink::new()),
+            },
+            Policies::default(),
+        )
+        .unwrap();
+        let mut devices = Vec::new();
+        for &b in businesses {
+            processor.publish_keys(&carrier, b).await.unwrap();
+            let mut device = ConsumerDevice::new(0);
+            let keys = network.published().unwrap();
+            device
+                .start_session(b, &keys.bundle(Some(0)))
+                .await
+                .unwrap();
+            devices.push(device);
+        }
+        Self {
+            clock,
+            sink,
+            processor,
+            carrier,
+            operator,
+            devices,
+        }
+    }
+
+    /// The `i`th business's consumer writes `text`.
+    async fn inbound(&mut self, i: usize, b: BusinessId, text: &[u8]) -> Inbound {
+        Inbound {
+            from: consumer(1),
+            device: 0,
+            message: self.devices[i].encrypt(b, text).await.unwrap(),
+        }
+    }
+
+    fn set(&self, b: BusinessId, endpoint: Endpoint) {
+        self.sink.modes.lock().unwrap().insert(b, endpoint);
+    }
+
+    fn hung_calls(&self) -> u32 {
+        *self.sink.hung_calls.lock().unwrap()
+    }
+}
+
+/// Poll `future` at most `n` times: its output, if it finished.
+async fn poll_at_most<F: Future>(mut future: Pin<&mut F>, n: usize) -> Option<F::Output> {
+    for _ in 0..n {
+        if let Poll::Ready(out) = poll_once(future.as_mut()).await {
+            return Some(out);
+        }
+    }
+    None
+}
+
 /// A business endpoint that hangs (business A's) holds up no other
 /// business: the host's timeout drops the pass waiting on it, and the next
 /// passes take up A's messages after every other's, and ask A again only
@@ -568,74 +658,33 @@ impl BusinessSink for Gated {
 /// (Review of tenant isolation.)
 #[tokio::test]
 async fn a_hung_business_endpoint_holds_up_no_other_business() {
-    use custodian::store::MemoryStore;
-    let clock = ManualClock::new(Timestamp::from_millis(T0));
     let (a, b) = (BusinessId::new(1).unwrap(), BusinessId::new(2).unwrap());
-    let sink = Arc::new(Gated {
-        modes: Mutex::new([(a, Endpoint::Down), (b, Endpoint::Down)].into()),
-        handed: Mutex::new(Vec::new()),
-        hung_calls: Mutex::new(0),
-    });
-    let network = Arc::new(RecordingTransport::new());
-    let carrier = Principal::new("carrier");
-    let operator = Principal::new("operator");
-    let processor = Processor::new(
-        Host {
-            storage: Arc::new(MemoryStore::new()),
-            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: network.clone(),
-            business: sink.clone(),
-            authorizer: Arc::new(
-                StaticAuthorizer::new()
-                    .grant(&carrier, a)
-                    .carrier(&carrier, a)
-                    .grant(&carrier, b)
-                    .carrier(&carrier, b)
-                    .operator(&operator),
-            ),
-            clock: Arc::new(clock.clone()),
-            audit: Arc::new(MemoryAuditSink::new()),
-        },
-        Policies::default(),
-    )
-    .unwrap();
+    let mut t = Tenants::new(&[a, b]).await;
     // Each business's consumer writes while both endpoints are down: both
     // messages are queued, A's due first.
-    for (business, text) in [(a, &b"for A"[..]), (b, &b"for B"[..])] {
-        processor.publish_keys(&carrier, business).await.unwrap();
-        let mut device = ConsumerDevice::new(0);
-        let keys = network.published().unwrap();
-        device
-            .start_session(business, &keys.bundle(Some(0)))
-            .await
-            .unwrap();
-        let inbound = Inbound {
-            from: consumer(1),
-            device: 0,
-            message: device.encrypt(business, text).await.unwrap(),
-        };
-        let receipt = processor
-            .receive(&carrier, business, inbound)
+    for (i, (business, text)) in [(a, &b"for A"[..]), (b, &b"for B"[..])]
+        .into_iter()
+        .enumerate()
+    {
+        let inbound = t.inbound(i, business, text).await;
+        let receipt = t
+            .processor
+            .receive(&t.carrier, business, inbound)
             .await
             .unwrap();
         assert!(!receipt.delivered, "{receipt:?}");
-        clock.advance(Duration::from_secs(1));
+        t.clock.advance(Duration::from_secs(1));
     }
     // B's endpoint comes back; A's hangs. The host runs the loop every
     // minute, each pass under a timeout (polled a while, then dropped).
-    sink.modes.lock().unwrap().insert(b, Endpoint::Up);
-    sink.modes.lock().unwrap().insert(a, Endpoint::Hung);
+    t.set(b, Endpoint::Up);
+    t.set(a, Endpoint::Hung);
     let mut b_handed_in = None;
     for pass in 1..=10 {
-        clock.advance(Duration::from_secs(60));
-        let run = processor.retransmit_due(&operator);
-        let mut run = std::pin::pin!(run);
-        for _ in 0..1_000 {
-            if poll_once(run.as_mut()).await.is_ready() {
-                break;
-            }
-        }
-        let handed = sink.handed.lock().unwrap().clone();
+        t.clock.advance(Duration::from_secs(60));
+        let run = t.processor.retransmit_due(&t.operator);
+        drop(poll_at_most(std::pin::pin!(run), 1_000).await);
+        let handed = t.sink.handed.lock().unwrap().clone();
         if b_handed_in.is_none() && handed.iter().any(|(business, _)| *business == b) {
             b_handed_in = Some(pass);
         }
@@ -647,11 +696,48 @@ async fn a_hung_business_endpoint_holds_up_no_other_business() {
         "business B's message waited on business A's hung endpoint"
     );
     // A is asked again after a while, not on every pass.
-    let asked = *sink.hung_calls.lock().unwrap();
+    let asked = t.hung_calls();
     assert!(
         asked < 10,
         "A's hung endpoint was asked {asked} times in 10 passes"
     );
+}
+
+/// While a probe of a hung endpoint goes unanswered, no other call is
+/// made to it: a receive meanwhile stores its message and returns. (Once
+/// the backoff had passed, every call was another probe, each hanging
+/// until the host's timeout.) (Second look at the review fixes.)
+#[tokio::test]
+async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
+    let a = BusinessId::new(1).unwrap();
+    let mut t = Tenants::new(&[a]).await;
+    t.set(a, Endpoint::Hung);
+    let mut messages = Vec::new();
+    for text in [&b"one"[..], b"two", b"three"] {
+        messages.push(t.inbound(0, a, text).await);
+    }
+    let mut messages = messages.into_iter();
+    // The first call hangs; the host drops the receive: A is marked.
+    let first = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    assert!(poll_at_most(std::pin::pin!(first), 200).await.is_none());
+    assert_eq!(t.hung_calls(), 1);
+    // Past the backoff, the next receive probes, and hangs.
+    t.clock.advance(Duration::from_secs(3));
+    let probe = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    let mut probe = std::pin::pin!(probe);
+    assert!(poll_at_most(probe.as_mut(), 200).await.is_none());
+    assert_eq!(t.hung_calls(), 2);
+    // Another receive meanwhile, past the backoff too, asks nothing.
+    t.clock.advance(Duration::from_secs(3));
+    let third = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    let receipt = poll_at_most(std::pin::pin!(third), 200).await;
+    assert!(
+        receipt
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_ok_and(|r| !r.delivered)),
+        "{receipt:?}"
+    );
+    assert_eq!(t.hung_calls(), 2, "a call was made while the probe hung");
 }
 
 /// A message whose retention ends while its storing commit is held up (a

@@ -22,7 +22,11 @@ pub struct KekVersion {
     /// The provider's blob.
     pub wrapped: Vec<u8>,
     /// The KEK's check value: what the provider unwraps must match it.
-    pub check: KekCheck,
+    /// `None` for a version stored before check values existed, whose
+    /// unwrapped key is taken as the provider gives it (rotating adds a
+    /// version that has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<KekCheck>,
     /// When the version was added.
     pub created: Timestamp,
 }
@@ -104,7 +108,7 @@ impl KekRing {
             versions: vec![KekVersion {
                 version: 1,
                 wrapped,
-                check,
+                check: Some(check),
                 created: now,
             }],
             next_version: 2,
@@ -212,7 +216,7 @@ impl KekRing {
         next.versions.push(KekVersion {
             version,
             wrapped,
-            check,
+            check: Some(check),
             created: now,
         });
         Ok((next.bumped()?, version))

@@ -231,7 +231,10 @@ impl KeyManager {
         let key = self.provider.unwrap(&context, &stored.wrapped).await?;
         // The wrong key, cached, would wrap new keys that no one could
         // unwrap again.
-        if KekCheck::of(&key, &context) != stored.check {
+        if stored
+            .check
+            .is_some_and(|check| KekCheck::of(&key, &context) != check)
+        {
             return Err(KeyError::KekMismatch { business, version });
         }
         let kek = Arc::new(Kek::new(version, &key));
@@ -296,10 +299,12 @@ impl KeyManager {
 
     /// Rewrap every key of `business` still wrapped under a version older than
     /// the primary, without touching any content. Returns how many were
-    /// rewrapped. A stored key that does not unwrap (a damaged row) is left
-    /// as it is and the others are rewrapped all the same; then the first
-    /// such is reported ([`KeyError::Unwrap`]), to be dealt with before the
-    /// floor can pass its version.
+    /// rewrapped. A stored key that does not unwrap, or names a version the
+    /// ring cannot unwrap with (a damaged row), is left as it is and the
+    /// others are rewrapped all the same; then the first such is reported
+    /// ([`KeyError::Unwrap`], [`KeyError::BelowFloor`],
+    /// [`KeyError::UnknownVersion`]), to be dealt with before the floor can
+    /// pass its version.
     pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
         let _wrapping = self.wrapping(business).read_arc().await;
         let ring = self.ring(business).await?;
@@ -315,10 +320,19 @@ impl KeyManager {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             for old in page {
-                let kek = self.kek(&ring, old.kek_version).await?;
-                let secret = match old.open(&kek) {
+                // A row that names a version the ring has no usable KEK of,
+                // or that does not unwrap, is damaged: left, and reported.
+                let secret = match self.kek(&ring, old.kek_version).await {
+                    Ok(kek) => old.open(&kek),
+                    Err(e) => Err(e),
+                };
+                let secret = match secret {
                     Ok(secret) => secret,
-                    Err(e @ KeyError::Unwrap(_)) => {
+                    Err(
+                        e @ (KeyError::Unwrap(_)
+                        | KeyError::BelowFloor { .. }
+                        | KeyError::UnknownVersion { .. }),
+                    ) => {
                         damaged.get_or_insert(e);
                         continue;
                     }

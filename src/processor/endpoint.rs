@@ -6,9 +6,10 @@
 //! while the business is not called again: what would have been handed or
 //! reported to it waits, as if its endpoint had refused it. The while is
 //! [`DeliveryConfig::retry_base`](super::DeliveryConfig::retry_base),
-//! doubled with every further call it leaves unanswered, at most
+//! doubled with every probe it leaves unanswered, at most
 //! [`retry_max`](super::DeliveryConfig::retry_max). Then one call probes
-//! it; any answer clears the mark. A retransmission pass takes up the
+//! it, and no other is made until the probe is answered or dropped; any
+//! answer clears the mark. A retransmission pass takes up the
 //! messages of hung businesses after every other's. Without this, a pass
 //! over the due messages would stop at the first message of a hung
 //! business on every run, and no other business's would be handed over.
@@ -37,8 +38,11 @@ pub(super) struct HungEndpoints {
 struct Hung {
     /// When it was last called: the dropped call, or a probe since.
     since: Timestamp,
-    /// How many calls in a row it left unanswered.
+    /// How many calls in a row it left unanswered: the first, and each
+    /// probe since (calls already under way when it was marked count not).
     dropped: u32,
+    /// Whether a probe is under way.
+    probing: bool,
 }
 
 impl HungEndpoints {
@@ -68,14 +72,35 @@ impl HungEndpoints {
         }
     }
 
-    /// `business`'s endpoint left a call unanswered, at `since`.
-    fn mark(&self, business: BusinessId, since: Timestamp) {
+    /// `business`'s endpoint left a call unanswered, at `since`: a probe,
+    /// or a call made before it was marked.
+    fn mark(&self, business: BusinessId, since: Timestamp, probe: bool) {
         let mut hung = self.lock();
-        let dropped = hung
-            .get(&business)
-            .map_or(1, |h| h.dropped.saturating_add(1));
-        hung.insert(business, Hung { since, dropped });
+        match hung.get_mut(&business) {
+            Some(h) if probe => {
+                h.dropped = h.dropped.saturating_add(1);
+                h.since = since;
+                h.probing = false;
+            }
+            // Under way when the endpoint was marked: that mark counts it.
+            Some(_) => {}
+            None => {
+                let first = Hung {
+                    since,
+                    dropped: 1,
+                    probing: false,
+                };
+                hung.insert(business, first);
+            }
+        }
         self.any.store(true, Ordering::Release);
+    }
+
+    /// A probe of `business`'s endpoint was not made after all.
+    fn unprobe(&self, business: BusinessId) {
+        if let Some(h) = self.lock().get_mut(&business) {
+            h.probing = false;
+        }
     }
 }
 
@@ -85,6 +110,8 @@ impl HungEndpoints {
 pub(super) struct Calling<'a> {
     processor: &'a Processor,
     business: BusinessId,
+    /// Whether it probes a hung endpoint.
+    probe: bool,
 }
 
 impl Calling<'_> {
@@ -97,6 +124,9 @@ impl Calling<'_> {
     /// The call was not made after all (the policy refused what it would
     /// have carried): nothing is learnt of the endpoint.
     pub(super) fn not_made(self) {
+        if self.probe {
+            self.processor.hung.unprobe(self.business);
+        }
         std::mem::forget(self);
     }
 }
@@ -104,30 +134,34 @@ impl Calling<'_> {
 impl Drop for Calling<'_> {
     fn drop(&mut self) {
         let since = self.processor.clock.now();
-        self.processor.hung.mark(self.business, since);
+        self.processor.hung.mark(self.business, since, self.probe);
     }
 }
 
 impl Processor {
     /// A call to `business`'s endpoint, to be made now; `None` if its
-    /// endpoint is hung and not to be asked yet (see the module docs). A
-    /// probe of a hung endpoint is noted as its last call, so that calls
-    /// made meanwhile wait for its answer.
+    /// endpoint is hung and not to be asked yet (see the module docs): a
+    /// probe is under way, or the while since its last call has not
+    /// passed. Otherwise a call to a hung endpoint is its probe.
     pub(super) fn call_business(&self, business: BusinessId) -> Option<Calling<'_>> {
+        let mut probe = false;
         if self.hung.any() {
             let now = self.clock.now();
             let mut hung = self.hung.lock();
             if let Some(h) = hung.get_mut(&business) {
                 let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
-                if now < h.since.saturating_add(wait) {
+                if h.probing || now < h.since.saturating_add(wait) {
                     return None;
                 }
                 h.since = now;
+                h.probing = true;
+                probe = true;
             }
         }
         Some(Calling {
             processor: self,
             business,
+            probe,
         })
     }
 }
