@@ -2110,6 +2110,41 @@ async fn a_first_use_racing_another_uses_the_ring_it_made() {
     assert!(keys.epoch_key(b, second).await.is_ok());
 }
 
+/// A SQLite key store in a directory of its own, and the provider every
+/// process over it uses.
+#[cfg(feature = "sqlite")]
+struct SqliteKeys {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    provider: Arc<LocalKeyProvider>,
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteKeys {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        Self {
+            _dir: dir,
+            path,
+            provider,
+        }
+    }
+
+    /// A process over the store: the store, and its key manager.
+    fn open(&self) -> (Arc<custodian::store::SqliteStore>, KeyManager) {
+        use custodian::store::{SqliteConfig, SqliteStore};
+        let store = Arc::new(SqliteStore::open(&self.path, SqliteConfig::default()).unwrap());
+        (store.clone(), KeyManager::new(self.provider.clone(), store))
+    }
+
+    /// Another program edits the file.
+    fn edit(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(&self.path).unwrap()
+    }
+}
+
 /// A KEK ring stored before check values existed (no `check` field, the
 /// same schema version) still opens its keys: a version without a check
 /// value is taken as the provider unwraps it. (It was refused as corrupt,
@@ -2117,38 +2152,29 @@ async fn a_first_use_racing_another_uses_the_ring_it_made() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn a_ring_stored_before_kek_checks_still_opens_its_keys() {
-    use custodian::keys::{Epoch, KeyManager, LocalKeyProvider, SecretKey};
-    use custodian::store::{SqliteConfig, SqliteStore};
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.db");
-    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let s = SqliteKeys::new();
     let b = business(3);
-    let now = Timestamp::from_millis(T0);
     let epoch = Epoch::ending_at(Timestamp::from_millis(T0 + 3_600_000));
-    {
-        let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-        let keys = KeyManager::new(provider.clone(), store.clone());
-        keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
-    }
-    // The ring as the code before the change wrote it: no check values.
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let ring: Vec<u8> = conn
-            .query_row("SELECT ring FROM kek_rings", [], |r| r.get(0))
-            .unwrap();
-        let mut json: serde_json::Value = serde_json::from_slice(&ring).unwrap();
-        for v in json["versions"].as_array_mut().unwrap() {
-            assert!(v.as_object_mut().unwrap().remove("check").is_some());
-        }
-        conn.execute(
-            "UPDATE kek_rings SET ring = ?1",
-            [serde_json::to_vec(&json).unwrap()],
-        )
+    let (_, keys) = s.open();
+    keys.epoch_key_for_seal(b, epoch, Timestamp::from_millis(T0))
+        .await
         .unwrap();
+    drop(keys);
+    // The ring as the code before the change wrote it: no check values.
+    let conn = s.edit();
+    let ring: Vec<u8> = conn
+        .query_row("SELECT ring FROM kek_rings", [], |r| r.get(0))
+        .unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&ring).unwrap();
+    for v in json["versions"].as_array_mut().unwrap() {
+        assert!(v.as_object_mut().unwrap().remove("check").is_some());
     }
-    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-    let keys = KeyManager::new(provider, store);
+    conn.execute(
+        "UPDATE kek_rings SET ring = ?1",
+        [serde_json::to_vec(&json).unwrap()],
+    )
+    .unwrap();
+    let (_, keys) = s.open();
     let opened = keys.epoch_key(b, epoch).await;
     assert!(
         opened.is_ok(),
@@ -2164,38 +2190,28 @@ async fn a_ring_stored_before_kek_checks_still_opens_its_keys() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn rewrap_goes_on_past_a_key_whose_kek_version_is_damaged() {
-    use custodian::keys::{Epoch, KeyManager, LocalKeyProvider, SecretKey};
-    use custodian::store::{KeyStore, SqliteConfig, SqliteStore};
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store.db");
-    let provider = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+    let s = SqliteKeys::new();
     let b = business(3);
     let now = Timestamp::from_millis(T0);
-    let first = Epoch::ending_at(Timestamp::from_millis(T0 + 3_600_000));
-    let second = Epoch::ending_at(Timestamp::from_millis(T0 + 7_200_000));
-    {
-        let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-        let keys = KeyManager::new(provider.clone(), store.clone());
-        keys.epoch_key_for_seal(b, first, now).await.unwrap();
-        keys.epoch_key_for_seal(b, second, now).await.unwrap();
-        let v2 = keys.add_kek_version(b, now).await.unwrap();
-        keys.promote_kek_version(b, v2).await.unwrap();
+    let (_, keys) = s.open();
+    for end in [T0 + 3_600_000, T0 + 7_200_000] {
+        let epoch = Epoch::ending_at(Timestamp::from_millis(end));
+        keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
     }
+    let v2 = keys.add_kek_version(b, now).await.unwrap();
+    keys.promote_kek_version(b, v2).await.unwrap();
+    drop(keys);
     // The first key's row is damaged: its KEK version reads 0.
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let n = conn
-            .execute(
-                "UPDATE wrapped_keys SET kek_version = 0 WHERE (kind, id) =
-                 (SELECT kind, id FROM wrapped_keys ORDER BY kind, id LIMIT 1)",
-                [],
-            )
-            .unwrap();
-        assert_eq!(n, 1);
-    }
-    let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-    let keys = KeyManager::new(provider, store.clone());
+    let n = s
+        .edit()
+        .execute(
+            "UPDATE wrapped_keys SET kek_version = 0 WHERE (kind, id) =
+             (SELECT kind, id FROM wrapped_keys ORDER BY kind, id LIMIT 1)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let (store, keys) = s.open();
     let rewrapped = keys.rewrap(b).await;
     assert!(
         matches!(rewrapped, Err(KeyError::BelowFloor { version: 0, .. })),
