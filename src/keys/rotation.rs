@@ -322,10 +322,10 @@ impl KeyManager {
             for old in page {
                 // A row that names a version the ring has no usable KEK of,
                 // or that does not unwrap, is damaged: left, and reported.
-                let secret = match self.kek(&ring, old.kek_version).await {
-                    Ok(kek) => old.open(&kek),
-                    Err(e) => Err(e),
-                };
+                let secret = self
+                    .kek(&ring, old.kek_version)
+                    .await
+                    .and_then(|kek| old.open(&kek));
                 let secret = match secret {
                     Ok(secret) => secret,
                     Err(

@@ -236,6 +236,7 @@ impl Processor {
     /// reported reliably, see `report_status`).
     pub(super) async fn notify(&self, update: StatusUpdate) {
         let Some(calling) = self.call_business(update.business) else {
+            debug!(business = %update.business, id = %update.id, "business endpoint hung; status not told");
             return;
         };
         let told = self.sink.status(&update).await;
