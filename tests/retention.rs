@@ -2710,6 +2710,17 @@ mod sqlite_damage {
         );
         let scopes = store.held_scopes().await.unwrap();
         assert!(scopes.contains(&HoldScope::Business(business(1))));
+        let released = retention
+            .release_hold(
+                "legal",
+                HoldScope::Business(business(1)),
+                "case-1",
+                Timestamp::from_millis(T0),
+            )
+            .await;
+        assert!(matches!(released, Ok(true)), "{released:?}");
+        let scopes = store.held_scopes().await.unwrap();
+        assert!(!scopes.contains(&HoldScope::Business(business(1))));
     }
 
     /// A legal hold on business 2 whose records' epochs cannot be read (a
