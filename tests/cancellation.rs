@@ -1181,3 +1181,40 @@ fn a_decision_overtaken_by_a_hold_release_keeps_no_stale_hold() {
         done
     }));
 }
+
+/// `Sessions::forget` deletes a device whose first message was decrypted
+/// after it read the consumer's devices and before it took their locks: it
+/// reads them again under the locks. (It deleted only the devices it had
+/// read, and the new device's session outlived the forgetting.) (Review
+/// of the storage layer.)
+#[test]
+fn forgetting_a_consumer_deletes_a_device_added_while_it_took_its_locks() {
+    runtime().block_on(async {
+        let s = Signal::new(0).await;
+        let published = s.sessions.publish(s.b).await.unwrap();
+        let mut second = ConsumerDevice::new(2);
+        second
+            .start_session(s.b, &published.bundle(Some(1)))
+            .await
+            .unwrap();
+        let hello = second.encrypt(s.b, b"hello").await.unwrap();
+        let peer = PeerId {
+            device: 2,
+            ..s.peer
+        };
+        let forget = s.sessions.forget(s.b, s.peer.phone);
+        let mut forget = std::pin::pin!(forget);
+        // Through its read of the devices (paused before and after it).
+        for _ in 0..2 {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(forget.as_mut().poll(cx))).await;
+            assert!(polled.is_pending());
+        }
+        s.sessions
+            .decrypt(s.b, peer, &hello, s.expiry())
+            .await
+            .unwrap();
+        assert_eq!(forget.await.unwrap(), 2);
+        assert!(!s.sessions.has_session(s.b, peer).await.unwrap());
+        assert!(!s.sessions.has_session(s.b, s.peer).await.unwrap());
+    });
+}

@@ -1277,21 +1277,43 @@ impl Sessions {
     }
 
     /// Delete every device's state for `phone` under `business` (sessions
-    /// and trusted identities), in one commit. Returns how many devices had state.
+    /// and trusted identities), in one commit: those it finds under their
+    /// locks, so a device's first message decrypted while it takes them is
+    /// forgotten too. Returns how many devices had state.
     pub async fn forget(
         &self,
         business: BusinessId,
         phone: PhoneHash,
     ) -> Result<usize, SignalError> {
-        let devices = self.store.peer_devices(business, phone).await?;
+        let mut locked: Vec<u32> = self.store.peer_devices(business, phone).await?;
+        // Read again under the locks: a device whose first message was
+        // decrypted meanwhile is forgotten too, its lock taken with the
+        // others'. The devices only grow, so this ends.
+        let (_guards, devices) = loop {
+            let guards = self
+                .address_locks
+                .lock_all(
+                    locked
+                        .iter()
+                        .map(|&device| (business, PeerId { phone, device })),
+                )
+                .await;
+            let devices = self.store.peer_devices(business, phone).await?;
+            let added: Vec<u32> = devices
+                .iter()
+                .filter(|d| !locked.contains(d))
+                .copied()
+                .collect();
+            if added.is_empty() {
+                break (guards, devices);
+            }
+            drop(guards);
+            locked.extend(added);
+        };
         let peers: Vec<PeerId> = devices
             .iter()
             .map(|&device| PeerId { phone, device })
             .collect();
-        let _guards = self
-            .address_locks
-            .lock_all(peers.iter().map(|&peer| (business, peer)))
-            .await;
         // Out of memory before the deletion, which may land even if this
         // future is dropped while it waits for it.
         let shreds = self.shreds();
