@@ -2696,31 +2696,16 @@ mod sqlite_damage {
         let store: Arc<dyn Storage> =
             Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
         let retention = retention(store.clone());
-        let placed = retention
-            .place_hold(
-                "legal",
-                HoldScope::Business(business(1)),
-                "case-1",
-                Timestamp::from_millis(T0),
-            )
-            .await;
+        let (scope, at) = (HoldScope::Business(business(1)), Timestamp::from_millis(T0));
+        let placed = retention.place_hold("legal", scope, "case-1", at).await;
         assert!(
             placed.is_ok(),
             "a damaged hold of business 2 stopped a hold on business 1: {placed:?}"
         );
-        let scopes = store.held_scopes().await.unwrap();
-        assert!(scopes.contains(&HoldScope::Business(business(1))));
-        let released = retention
-            .release_hold(
-                "legal",
-                HoldScope::Business(business(1)),
-                "case-1",
-                Timestamp::from_millis(T0),
-            )
-            .await;
+        assert!(store.held_scopes().await.unwrap().contains(&scope));
+        let released = retention.release_hold("legal", scope, "case-1", at).await;
         assert!(matches!(released, Ok(true)), "{released:?}");
-        let scopes = store.held_scopes().await.unwrap();
-        assert!(!scopes.contains(&HoldScope::Business(business(1))));
+        assert!(!store.held_scopes().await.unwrap().contains(&scope));
     }
 
     /// A legal hold on business 2 whose records' epochs cannot be read (a
