@@ -444,6 +444,8 @@ struct GatedProvider {
     inner: LocalKeyProvider,
     /// Pause only the next unwrap of this KEK version (`None`: every unwrap).
     only: Option<u32>,
+    /// Pause only this business's unwraps (`None`: every business's).
+    business: Option<BusinessId>,
     armed: std::sync::atomic::AtomicBool,
     reached: Semaphore,
     release: Semaphore,
@@ -454,10 +456,19 @@ impl GatedProvider {
         Arc::new(Self {
             inner: LocalKeyProvider::new(&SecretKey::from_bytes(&mut root.clone())),
             only,
+            business: None,
             armed: true.into(),
             reached: Semaphore::new(0),
             release: Semaphore::new(0),
         })
+    }
+
+    /// Pausing every unwrap of `business` (a KMS call that hangs for that
+    /// business's key).
+    fn for_business(root: [u8; 32], business: BusinessId) -> Arc<Self> {
+        let mut gate = Arc::into_inner(Self::new(root, None)).unwrap();
+        gate.business = Some(business);
+        Arc::new(gate)
     }
 }
 
@@ -472,10 +483,11 @@ impl KeyProvider for GatedProvider {
         context: &KekContext,
         wrapped: &[u8],
     ) -> Result<SecretKey, ProviderError> {
-        let pause = self.only.is_none_or(|version| {
-            context.version == version
-                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-        });
+        let pause = self.business.is_none_or(|b| b == context.business)
+            && self.only.is_none_or(|version| {
+                context.version == version
+                    && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            });
         if pause {
             self.reached.add_permits(1);
             self.release.acquire().await.unwrap().forget();
@@ -2281,31 +2293,54 @@ mod provider_answers {
         ManualClock::new(Timestamp::from_millis(T0))
     }
 
-    /// A provider that answers its first `foreign` unwraps with key material
-    /// that is not the KEK (a KMS answering for another key, a corrupted
-    /// response): well-formed, 32 bytes, wrong. Then it recovers.
-    struct ForeignUnwrap {
+    /// The local provider, with one fault.
+    struct Faulty {
         inner: Arc<LocalKeyProvider>,
-        foreign: AtomicUsize,
+        fault: Fault,
+    }
+
+    enum Fault {
+        /// Its first so many unwraps answer key material that is not the
+        /// KEK (a KMS answering for another key, a damaged reply):
+        /// well-formed, 32 bytes, wrong. Then it recovers.
+        ForeignUnwraps(AtomicUsize),
+        /// Its wraps answer a blob cut short by a byte, which its unwrap
+        /// refuses (a truncated answer, a KMS bug).
+        TruncatedWraps,
+    }
+
+    impl Faulty {
+        fn new(fault: Fault) -> Arc<Self> {
+            Arc::new(Self {
+                inner: local(),
+                fault,
+            })
+        }
     }
 
     #[async_trait]
-    impl KeyProvider for ForeignUnwrap {
+    impl KeyProvider for Faulty {
         async fn wrap(
             &self,
             context: &KekContext,
             key: &SecretKey,
         ) -> Result<Vec<u8>, ProviderError> {
-            self.inner.wrap(context, key).await
+            let mut blob = self.inner.wrap(context, key).await?;
+            if let Fault::TruncatedWraps = self.fault {
+                blob.pop();
+            }
+            Ok(blob)
         }
         async fn unwrap(
             &self,
             context: &KekContext,
             wrapped: &[u8],
         ) -> Result<SecretKey, ProviderError> {
-            let left = self.foreign.load(Ordering::SeqCst);
-            if left > 0 {
-                self.foreign.store(left - 1, Ordering::SeqCst);
+            if let Fault::ForeignUnwraps(left) = &self.fault
+                && left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
                 return Ok(SecretKey::from_bytes(&mut [0xee; 32]));
             }
             self.inner.unwrap(context, wrapped).await
@@ -2331,10 +2366,7 @@ mod provider_answers {
         drop(first);
 
         // A restarted process whose provider answers one unwrap wrongly.
-        let flaky = Arc::new(ForeignUnwrap {
-            inner: local(),
-            foreign: AtomicUsize::new(1),
-        });
+        let flaky = Faulty::new(Fault::ForeignUnwraps(AtomicUsize::new(1)));
         let second = vault(flaky, &store, &clock);
         // A new epoch: its key is created, wrapped under the primary KEK.
         let sealed = second.seal(&label(&clock, b, 5 * HOUR), b"after").await;
@@ -2377,10 +2409,7 @@ mod provider_answers {
 
         // A restarted process rotates; the provider answers its first unwrap
         // (the primary's, version 2) wrongly.
-        let flaky = Arc::new(ForeignUnwrap {
-            inner: local(),
-            foreign: AtomicUsize::new(1),
-        });
+        let flaky = Faulty::new(Fault::ForeignUnwraps(AtomicUsize::new(1)));
         let second = vault(flaky, &store, &clock);
         let rewrapped = second.keys().rewrap(b).await;
 
@@ -2399,32 +2428,6 @@ mod provider_answers {
         );
     }
 
-    /// A provider whose `wrap` answers with bytes that its `unwrap` refuses
-    /// (a truncated answer, a KMS bug): well-formed as a `Vec<u8>`, useless.
-    struct BadWrap {
-        inner: Arc<LocalKeyProvider>,
-    }
-
-    #[async_trait]
-    impl KeyProvider for BadWrap {
-        async fn wrap(
-            &self,
-            context: &KekContext,
-            key: &SecretKey,
-        ) -> Result<Vec<u8>, ProviderError> {
-            let mut blob = self.inner.wrap(context, key).await?;
-            blob.pop();
-            Ok(blob)
-        }
-        async fn unwrap(
-            &self,
-            context: &KekContext,
-            wrapped: &[u8],
-        ) -> Result<SecretKey, ProviderError> {
-            self.inner.unwrap(context, wrapped).await
-        }
-    }
-
     /// A KEK version's blob is unwrapped once before the version is stored:
     /// a blob the provider's `wrap` answered that does not unwrap (a truncated
     /// answer) is refused, instead of wrapping keys that were all unreadable
@@ -2433,7 +2436,7 @@ mod provider_answers {
     async fn a_kek_blob_that_does_not_unwrap_is_refused_before_use() {
         let store = Arc::new(MemoryStore::new());
         let clock = clock();
-        let bad: Arc<dyn KeyProvider> = Arc::new(BadWrap { inner: local() });
+        let bad: Arc<dyn KeyProvider> = Faulty::new(Fault::TruncatedWraps);
 
         // Version 1 of a new business.
         let b1 = business(31);
@@ -2470,37 +2473,6 @@ mod provider_answers {
         );
     }
 
-    /// A provider whose unwraps for one business wait until released (a KMS
-    /// call that hangs for that business's key).
-    struct HangsFor {
-        inner: Arc<LocalKeyProvider>,
-        business: BusinessId,
-        reached: tokio::sync::Semaphore,
-        release: tokio::sync::Semaphore,
-    }
-
-    #[async_trait]
-    impl KeyProvider for HangsFor {
-        async fn wrap(
-            &self,
-            context: &KekContext,
-            key: &SecretKey,
-        ) -> Result<Vec<u8>, ProviderError> {
-            self.inner.wrap(context, key).await
-        }
-        async fn unwrap(
-            &self,
-            context: &KekContext,
-            wrapped: &[u8],
-        ) -> Result<SecretKey, ProviderError> {
-            if context.business == self.business {
-                self.reached.add_permits(1);
-                self.release.acquire().await.unwrap().forget();
-            }
-            self.inner.unwrap(context, wrapped).await
-        }
-    }
-
     /// The lock that keeps a floor raise from racing key creation is one per
     /// business: a provider call that hangs for business A while A creates an
     /// epoch key, and an operator raising business B's floor, leave business
@@ -2517,12 +2489,7 @@ mod provider_answers {
         }
         drop(warm);
 
-        let provider = Arc::new(HangsFor {
-            inner: local(),
-            business: a,
-            reached: tokio::sync::Semaphore::new(0),
-            release: tokio::sync::Semaphore::new(0),
-        });
+        let provider = super::GatedProvider::for_business(ROOT, a);
         let v = Arc::new(vault(provider.clone(), &store, &clock));
         // B's and C's KEKs are unwrapped and cached: only A's provider call hangs.
         for x in [b, c] {
