@@ -2103,6 +2103,37 @@ fn signal_settings_that_would_refuse_every_session_are_refused_at_start() {
             },
             "prekey_limit",
         ),
+        // Never refilled: every first message without a one-time prekey.
+        (
+            SignalConfig {
+                prekey_low_water: 0,
+                ..ok.clone()
+            },
+            "prekey_low_water",
+        ),
+        (
+            SignalConfig {
+                prekey_low_water: ok.prekey_pool + 1,
+                ..ok.clone()
+            },
+            "prekey_low_water",
+        ),
+        // Past the 24-bit ids (and, at `usize::MAX`, a panic in `publish`).
+        (
+            SignalConfig {
+                prekey_pool: usize::MAX,
+                prekey_limit: usize::MAX,
+                ..ok.clone()
+            },
+            "prekey_limit",
+        ),
+        (
+            SignalConfig {
+                prekey_limit: custodian::signal::MAX_PREKEY_LIMIT + 1,
+                ..ok.clone()
+            },
+            "prekey_limit",
+        ),
         (
             SignalConfig {
                 signed_prekey_grace: custodian::retention::CEILING + Duration::from_secs(1),
@@ -2125,6 +2156,7 @@ fn signal_settings_that_would_refuse_every_session_are_refused_at_start() {
     let edge = SignalConfig {
         max_record_len: custodian::signal::MIN_RECORD_LEN,
         prekey_pool: 1,
+        prekey_low_water: 1,
         prekey_limit: 1,
         signed_prekey_grace: custodian::retention::CEILING,
         ..ok
@@ -2134,6 +2166,11 @@ fn signal_settings_that_would_refuse_every_session_are_refused_at_start() {
         ..Policies::default()
     };
     assert!(Processor::new(host(), policies).is_ok());
+    let most = SignalConfig {
+        prekey_limit: custodian::signal::MAX_PREKEY_LIMIT,
+        ..SignalConfig::default()
+    };
+    assert!(most.validate().is_ok());
 }
 
 /// The policies a processor starts with are in the audit trail before it

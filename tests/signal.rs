@@ -1880,3 +1880,40 @@ async fn a_device_with_no_state_leaves_nothing_cached() {
     );
     assert_eq!(w.store.peer(w.business, peer).await.unwrap(), None);
 }
+
+/// A first message made from a signed prekey replaced more than the grace
+/// period ago is refused, whether or not `maintain` has deleted the key
+/// since (the periodic job may run daily; a restart loads every stored
+/// signed prekey, whatever its age). (It decrypted until `maintain` ran.)
+/// (Review of the prekey lifecycle.)
+#[tokio::test]
+async fn a_first_message_on_a_signed_prekey_past_its_grace_is_refused_without_maintain() {
+    let mut w = World::new();
+    let old = w.published().await;
+    w.clock.advance(7 * DAY);
+    assert!(w.sessions.maintain(w.business, None).await.unwrap().rotated);
+    // A day short of the grace's end, the replaced key still decrypts.
+    w.clock.advance(29 * DAY);
+    let mut early = ConsumerDevice::new(0);
+    early
+        .start_session(w.business, &old.bundle(None))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900501", &early).await;
+    let first = early.encrypt(w.business, b"in grace").await.unwrap();
+    assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"in grace");
+    // Past it, with no maintain since, and a restart in between.
+    w.clock.advance(2 * DAY);
+    w.restart();
+    let mut late = ConsumerDevice::new(0);
+    late.start_session(w.business, &old.bundle(None))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900502", &late).await;
+    let first = late.encrypt(w.business, b"past grace").await.unwrap();
+    let got = w.decrypt(peer, &first).await;
+    assert!(
+        matches!(got, Err(SignalError::InvalidMessage(_))),
+        "a first message on a signed prekey 31 days past its replacement: {got:?}"
+    );
+}

@@ -444,7 +444,7 @@ pub(super) fn next_ids(taken: &BTreeSet<u32>, held: &BTreeSet<u32>, count: usize
         Some(newest) => newest % MAX_PREKEY_ID + 1,
         None => ThreadCsprng.random_range(1..=MAX_PREKEY_ID),
     };
-    let mut ids = Vec::with_capacity(count);
+    let mut ids = Vec::with_capacity(count.min(MAX_PREKEY_ID as usize));
     let mut tried = 0;
     while ids.len() < count && tried < MAX_PREKEY_ID {
         if !taken.contains(&id) && !held.contains(&id) {

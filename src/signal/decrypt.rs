@@ -351,7 +351,11 @@ impl Sessions {
             in_use: &self.prekeys_in_use,
             held: Mutex::new(None),
         };
-        let signed = SignedPreKeyOverlay { account };
+        let signed = SignedPreKeyOverlay {
+            account,
+            now: self.now(),
+            grace: self.config.signed_prekey_grace,
+        };
         // Not boxed on its own, though the library's future is large (about
         // 2 KiB): a heap block that size takes glibc's slow path, which
         // first consolidates its free lists, on every message. It rides in

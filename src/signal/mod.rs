@@ -274,16 +274,25 @@ pub struct SignalConfig {
     pub signed_prekey_rotation: Duration,
     /// How long a replaced signed prekey still decrypts first messages
     /// (default 30 days; at most the retention [`CEILING`]: longer would
-    /// keep a private key past the time any message is kept).
+    /// keep a private key past the time any message is kept). Past it, a
+    /// first message on that key is refused whether or not
+    /// [`Sessions::maintain`] has deleted it yet. Rotation and grace count
+    /// from the times the keys were made, by the processor's clock: a clock
+    /// stepped far ahead while a key was rotated keeps the key it replaced,
+    /// and leaves the new one unrotated, until the clock reaches that time.
     pub signed_prekey_grace: Duration,
     /// One-time prekeys kept available (default 100; at least 1).
     pub prekey_pool: usize,
-    /// Replenish the pool when fewer than this remain (default 20).
+    /// Replenish the pool when fewer than this remain (default 20; at
+    /// least 1, at most [`prekey_pool`](Self::prekey_pool): at 0 the pool
+    /// would never be refilled, and every first message would come without
+    /// a one-time prekey).
     pub prekey_low_water: usize,
     /// The most one-time prekeys kept, those handed out whose first message
     /// has not come included (default 1,000; at least
-    /// [`prekey_pool`](Self::prekey_pool)). Past it the oldest are deleted:
-    /// a first message made from one of those fails as an unknown prekey.
+    /// [`prekey_pool`](Self::prekey_pool), at most [`MAX_PREKEY_LIMIT`]).
+    /// Past it the oldest are deleted: a first message made from one of
+    /// those fails as an unknown prekey.
     pub prekey_limit: usize,
     /// What to do with a changed identity key (default accept and report).
     pub identity_policy: IdentityPolicy,
@@ -311,6 +320,11 @@ pub struct SignalConfig {
     pub allow_library_logs: bool,
 }
 
+/// The most one-time prekeys [`SignalConfig::prekey_limit`] may keep:
+/// 100,000 per business, well inside the 2^24 prekey ids (each id is held
+/// out of use while a first message may still name it).
+pub const MAX_PREKEY_LIMIT: usize = 100_000;
+
 /// The least [`SignalConfig::max_record_len`] accepted: 64 KiB. A fresh
 /// session's record measures about 510 bytes; a device with the most
 /// archived sessions the Signal library keeps (40, plus the current one),
@@ -336,8 +350,14 @@ impl SignalConfig {
         if self.prekey_pool == 0 {
             return bad("prekey_pool", "must be at least 1");
         }
+        if self.prekey_low_water == 0 || self.prekey_low_water > self.prekey_pool {
+            return bad("prekey_low_water", "must be from 1 to prekey_pool");
+        }
         if self.prekey_limit < self.prekey_pool {
             return bad("prekey_limit", "must be at least prekey_pool");
+        }
+        if self.prekey_limit > MAX_PREKEY_LIMIT {
+            return bad("prekey_limit", "must be at most 100,000");
         }
         if self.max_record_len < MIN_RECORD_LEN {
             return bad(

@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
@@ -22,6 +23,7 @@ use super::account::{Account, decode_one_time_prekey};
 use super::{DeviceIdentity, IdentityPolicy, SignalError, same_key};
 use crate::ids::BusinessId;
 use crate::keys::{KeyId, KeyKind, KeyManager};
+use crate::time::Timestamp;
 
 type Result<T> = std::result::Result<T, SignalProtocolError>;
 
@@ -318,18 +320,32 @@ impl PreKeyStore for PreKeyOverlay<'_> {
     }
 }
 
-/// The business's live signed prekeys.
+/// The business's live signed prekeys: one replaced is usable for the
+/// grace period after its successor was made, whether or not `maintain`
+/// has deleted it yet.
 pub(super) struct SignedPreKeyOverlay {
     pub(super) account: Arc<Account>,
+    pub(super) now: Timestamp,
+    pub(super) grace: Duration,
 }
 
 #[async_trait]
 impl SignedPreKeyStore for SignedPreKeyOverlay {
     async fn get_signed_pre_key(&self, id: SignedPreKeyId) -> Result<SignedPreKeyRecord> {
-        self.account
-            .signed
+        let signed = &self.account.signed;
+        let i = signed
             .iter()
-            .find(|r| r.id().is_ok_and(|i| i == id))
+            .position(|r| r.id().is_ok_and(|i| i == id))
+            .ok_or(SignalProtocolError::InvalidSignedPreKeyId)?;
+        // Oldest first: the next one replaced it when it was made.
+        if let Some(next) = signed.get(i + 1) {
+            let replaced = Timestamp::from_millis(next.timestamp().map_or(0, |t| t.epoch_millis()));
+            if self.now >= replaced.saturating_add(self.grace) {
+                return Err(SignalProtocolError::InvalidSignedPreKeyId);
+            }
+        }
+        signed
+            .get(i)
             .cloned()
             .ok_or(SignalProtocolError::InvalidSignedPreKeyId)
     }
