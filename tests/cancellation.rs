@@ -1045,13 +1045,15 @@ fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
         let done = poll_at_most(s.sessions.maintain(s.b, None), n)
             .await
             .is_some();
-        let first_kept = s
-            .store
-            .keys_of_kind(s.b, KeyKind::SignalSignedPreKey, None, 16)
-            .await
-            .unwrap()
-            .iter()
-            .any(|k| k.id.id == u64::from(first.signed_prekey.id));
+        let stored = || async {
+            s.store
+                .keys_of_kind(s.b, KeyKind::SignalSignedPreKey, None, 16)
+                .await
+                .unwrap()
+                .iter()
+                .any(|k| k.id.id == u64::from(first.signed_prekey.id))
+        };
+        let first_kept = stored().await;
         let mut handset = ConsumerDevice::new(2);
         handset
             .start_session(s.b, &first.bundle(None))
@@ -1069,14 +1071,7 @@ fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
         );
         // Once maintenance ran to the end, it is gone from the store too.
         s.sessions.maintain(s.b, None).await.unwrap();
-        let kept = s
-            .store
-            .keys_of_kind(s.b, KeyKind::SignalSignedPreKey, None, 16)
-            .await
-            .unwrap()
-            .iter()
-            .any(|k| k.id.id == u64::from(first.signed_prekey.id));
-        assert!(!kept, "cut {n}");
+        assert!(!stored().await, "cut {n}");
         done
     }));
 }
