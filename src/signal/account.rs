@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 use rand::RngExt;
 use wacore_libsignal::protocol::{
@@ -104,6 +105,15 @@ impl Account {
     /// The current signed prekey.
     pub(super) fn current_signed(&self) -> Result<&SignedPreKeyRecord, SignalError> {
         self.signed.last().ok_or(corrupt("no signed prekey"))
+    }
+
+    /// Whether the signed prekey at `i` (oldest first) is past its
+    /// `grace`, at `now`: the grace runs from when the next one, which
+    /// replaced it, was made. The current one never is.
+    pub(super) fn past_grace(&self, i: usize, now: Timestamp, grace: Duration) -> bool {
+        self.signed
+            .get(i + 1)
+            .is_some_and(|next| now >= made_at(next).saturating_add(grace))
     }
 
     /// Generate, sign and store a new signed prekey; it becomes current.
@@ -205,6 +215,12 @@ async fn list(
     Ok(all)
 }
 
+/// When a signed prekey was made (its record's time stamp; the epoch if it
+/// has none).
+pub(super) fn made_at(record: &SignedPreKeyRecord) -> Timestamp {
+    Timestamp::from_millis(record.timestamp().map_or(0, |t| t.epoch_millis()))
+}
+
 /// The live signed prekeys of `business`, signed by its `identity`, oldest
 /// first.
 async fn load_signed(
@@ -217,7 +233,7 @@ async fn load_signed(
         let bytes = keys.unwrap_secret(wrapped.id, &wrapped).await?;
         records.push(decode_signed_prekey(&bytes, wrapped.id.id, identity)?);
     }
-    records.sort_by_key(|r| r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0));
+    records.sort_by_key(made_at);
     Ok(records)
 }
 

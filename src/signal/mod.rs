@@ -903,20 +903,17 @@ impl Sessions {
         let mut account = Account::load_or_create(keys, business, now).await?;
         let mut report = Maintenance::default();
 
-        let created = |r: &wacore_libsignal::protocol::SignedPreKeyRecord| {
-            Timestamp::from_millis(r.timestamp().map(|t| t.epoch_millis()).unwrap_or(0))
-        };
-        let current = created(account.current_signed()?);
+        let current = account::made_at(account.current_signed()?);
         if now >= current.saturating_add(self.config.signed_prekey_rotation) {
             account.add_signed_prekey(keys, business, now).await?;
             report.rotated = true;
         }
         // A signed prekey stays usable for the grace period after the next
         // one replaced it.
-        let replaced_at: Vec<Timestamp> = account.signed.iter().skip(1).map(created).collect();
+        let grace = self.config.signed_prekey_grace;
         let mut retired = Vec::new();
-        for (record, replaced) in account.signed.iter().zip(replaced_at) {
-            if now >= replaced.saturating_add(self.config.signed_prekey_grace) {
+        for (i, record) in account.signed.iter().enumerate() {
+            if account.past_grace(i, now, grace) {
                 let id = record
                     .id()
                     .map(u32::from)

@@ -333,20 +333,11 @@ pub(super) struct SignedPreKeyOverlay {
 impl SignedPreKeyStore for SignedPreKeyOverlay {
     async fn get_signed_pre_key(&self, id: SignedPreKeyId) -> Result<SignedPreKeyRecord> {
         let signed = &self.account.signed;
-        let i = signed
+        signed
             .iter()
             .position(|r| r.id().is_ok_and(|i| i == id))
-            .ok_or(SignalProtocolError::InvalidSignedPreKeyId)?;
-        // Oldest first: the next one replaced it when it was made.
-        if let Some(next) = signed.get(i + 1) {
-            let replaced = Timestamp::from_millis(next.timestamp().map_or(0, |t| t.epoch_millis()));
-            if self.now >= replaced.saturating_add(self.grace) {
-                return Err(SignalProtocolError::InvalidSignedPreKeyId);
-            }
-        }
-        signed
-            .get(i)
-            .cloned()
+            .filter(|&i| !self.account.past_grace(i, self.now, self.grace))
+            .and_then(|i| signed.get(i).cloned())
             .ok_or(SignalProtocolError::InvalidSignedPreKeyId)
     }
 
