@@ -44,7 +44,8 @@ use criterion::{
 use custodian::ids::{BusinessId, MessageId, PhoneHash};
 use custodian::keys::{Epoch, EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    BusinessRetention, ExpiryNotifier, Periods, RecordFacts, Retention, RetentionPolicy, evaluate,
+    BusinessRetention, ExpiryNotifier, Notice, Periods, RecordFacts, Retention, RetentionPolicy,
+    evaluate,
 };
 use custodian::store::{
     Batch, Delivery, Direction, HoldScope, MemoryStore, MessageRecord, Op, PeerId, SqliteConfig,
@@ -159,7 +160,7 @@ struct Unneeded;
 
 #[async_trait]
 impl ExpiryNotifier for Unneeded {
-    async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, _: &MessageRecord) -> Notice {
         unreachable!("every message in the benchmark is settled")
     }
 }

@@ -2797,14 +2797,14 @@ mod durable {
 /// nothing left to do.
 async fn the_retention_sweep_runs_over_the_store(backend: &mut Backend) {
     use custodian::keys::{KeyManager, LocalKeyProvider, SecretKey};
-    use custodian::retention::{ExpiryNotifier, Retention, RetentionPolicy};
+    use custodian::retention::{ExpiryNotifier, Notice, Retention, RetentionPolicy};
     use custodian::visibility::MemoryAuditSink;
 
     struct Told;
     #[async_trait::async_trait]
     impl ExpiryNotifier for Told {
-        async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
-            true
+        async fn expired_undelivered(&self, _: &MessageRecord) -> Notice {
+            Notice::Told
         }
     }
 

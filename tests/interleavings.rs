@@ -35,7 +35,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::{BillingStatement, IntegrityReport};
 use custodian::keys::{KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Inbound, Policies, Processor, Receipt};
-use custodian::retention::{Decision, Retention, RetentionPolicy};
+use custodian::retention::{Decision, REPORT_GRACE, Retention, RetentionPolicy, SweepReport};
 use custodian::signal::{PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
@@ -908,6 +908,68 @@ fn sweep_races_traffic_around_expiry() {
         let late = w.inbound(&mut handset, b"late").await;
         let late = w.receive(late).await;
         assert_eq!(late.is_ok(), kept, "seed {seed}: kept {kept}, {late:?}");
+    });
+}
+
+#[test]
+fn a_last_chance_sweep_leaves_the_attempts_under_way_to_end() {
+    // A send's first attempt and a receive's hand-over race the clock
+    // jumping past their messages' expiry and the report grace, and a
+    // sweep: each message's last chance to be told. The business answers
+    // all along: it is told how its message ended, and the consumer's
+    // message is acknowledged as handed over exactly when it was. Before,
+    // the sweep took an attempt under way for an unreachable business:
+    // it failed the message unreported and deleted it, and the attempt
+    // found it gone (sent, or handed over, and nobody told).
+    for_seeds(SEEDS, |seed| async move {
+        let w = World::new().await;
+        hour_retention(&w);
+        let to = consumer(2);
+        w.network.add_consumer(&to, 1).await;
+        let mut handset = w.handset(1, 0).await;
+        let inbound = w.inbound(&mut handset, b"in").await;
+        let (receipts, sent) = (Receipts::default(), Sent::default());
+        let swept = Mutex::new(Vec::<SweepReport>::new());
+        let (w, r, s, swept) = (&w, &receipts, &sent, &swept);
+        let tasks = vec![
+            task(receive_into(w, inbound, r)),
+            task(send_into(w, b"out", s)),
+            task(async move {
+                for _ in 0..4 {
+                    pause().await;
+                }
+                let late = Duration::from_secs(3600 + 60) + REPORT_GRACE;
+                w.clock.advance(late);
+                swept
+                    .lock()
+                    .unwrap()
+                    .push(w.processor.sweep(&w.operator).await.unwrap());
+            }),
+        ];
+        interleave(seed, tasks);
+        w.settle(3).await;
+        swept
+            .lock()
+            .unwrap()
+            .push(w.processor.sweep(&w.operator).await.unwrap());
+        for report in swept.lock().unwrap().iter() {
+            assert_eq!(report.failures_unreported, 0, "seed {seed}: {report:?}");
+        }
+        let out = sent.lock().unwrap()[0];
+        let told = w.business.statuses();
+        assert!(
+            told.contains_key(&out),
+            "seed {seed}: told nothing of {out}"
+        );
+        // Not acknowledged (it expired while it was sealed, say), the
+        // transport delivers it again.
+        let (inbound, receipt) = receipts.lock().unwrap()[0].clone();
+        let delivered = match receipt {
+            Ok(receipt) => receipt.delivered,
+            Err(_) => w.receive(inbound).await.unwrap().delivered,
+        };
+        let handed = w.contents().get(b"in".as_slice()).copied();
+        assert_eq!(handed, delivered.then_some(1), "seed {seed}");
     });
 }
 

@@ -15,8 +15,8 @@ use custodian::envelope::{Envelope, Kind, Label};
 use custodian::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
 use custodian::retention::{
-    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse, Periods,
-    PolicyChangeError, PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention,
+    Admission, BusinessRetention, CEILING, Decision, ExpiryNotifier, HoldError, InUse, Notice,
+    Periods, PolicyChangeError, PolicyFile, PurgeReason, REPORT_GRACE, RecordFacts, Retention,
     RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
@@ -397,12 +397,12 @@ struct Notices {
 
 #[async_trait]
 impl ExpiryNotifier for Notices {
-    async fn expired_undelivered(&self, message: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, message: &MessageRecord) -> Notice {
         if self.refuse.load(Ordering::SeqCst) {
-            return false;
+            return Notice::Untold;
         }
         self.told.lock().unwrap().push(message.id);
-        true
+        Notice::Told
     }
 }
 
@@ -1113,14 +1113,14 @@ struct HoldsMidSweep<'a> {
 
 #[async_trait]
 impl ExpiryNotifier for HoldsMidSweep<'_> {
-    async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, _: &MessageRecord) -> Notice {
         if !self.placed.swap(true, Ordering::SeqCst) {
             self.retention
                 .place_hold("operator", self.scope, "case-mid-sweep", self.now)
                 .await
                 .unwrap();
         }
-        true
+        Notice::Told
     }
 }
 
@@ -1425,11 +1425,11 @@ struct Hangs;
 
 #[async_trait]
 impl ExpiryNotifier for Hangs {
-    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
         if m.business == business(1) {
             std::future::pending::<()>().await;
         }
-        true
+        Notice::Told
     }
 }
 
@@ -1511,7 +1511,7 @@ struct Counting {
 
 #[async_trait]
 impl ExpiryNotifier for Counting {
-    async fn expired_undelivered(&self, message: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, message: &MessageRecord) -> Notice {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.notices.expired_undelivered(message).await
     }
@@ -1790,16 +1790,16 @@ struct RefusesOne(MessageId, Mutex<Vec<MessageId>>);
 
 #[async_trait]
 impl ExpiryNotifier for RefusesOne {
-    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
         if m.id == self.0 {
-            return false;
+            return Notice::Untold;
         }
         self.1.lock().unwrap().push(m.id);
-        true
+        Notice::Told
     }
 }
 
-/// One message its business could not take (its attempt under way, say)
+/// One message its business could not take (refused, say)
 /// does not stop the sweep asking about the business's other messages
 /// past the grace, their last chance to be told.
 #[tokio::test]
@@ -2290,7 +2290,7 @@ struct MarksFailedUntold {
 
 #[async_trait]
 impl ExpiryNotifier for MarksFailedUntold {
-    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
         let failed = Delivery {
             status: Status::Failed,
             failure: Some(FailureReason::Expired),
@@ -2307,7 +2307,7 @@ impl ExpiryNotifier for MarksFailedUntold {
             delivery: failed,
         });
         self.store.commit(batch).await.unwrap();
-        false
+        Notice::Untold
     }
 }
 
@@ -2398,9 +2398,9 @@ struct HoldsAndRefuses<'a>(HoldsMidSweep<'a>);
 
 #[async_trait]
 impl ExpiryNotifier for HoldsAndRefuses<'_> {
-    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
         self.0.expired_undelivered(m).await;
-        false
+        Notice::Untold
     }
 }
 
@@ -2449,7 +2449,7 @@ struct RefusedAgain {
 #[cfg(feature = "testing")]
 #[async_trait]
 impl ExpiryNotifier for RefusedAgain {
-    async fn expired_undelivered(&self, m: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
         let told = self.marks.expired_undelivered(m).await;
         let later = self.marks.clock.now().saturating_add(HOUR);
         self.faults.after_next_message_read(Box::new(move |read| {
@@ -2717,14 +2717,14 @@ mod sqlite_damage {
     #[tokio::test]
     async fn a_damaged_key_of_a_held_business_keeps_no_other_businesss_ended_epoch_key() {
         use custodian::keys::{KeyId, KeyKind, WrappedKey};
-        use custodian::retention::ExpiryNotifier;
+        use custodian::retention::{ExpiryNotifier, Notice};
         use custodian::store::{KeyStore, PeerId};
 
         struct Told;
         #[async_trait::async_trait]
         impl ExpiryNotifier for Told {
-            async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
-                true
+            async fn expired_undelivered(&self, _: &MessageRecord) -> Notice {
+                Notice::Told
             }
         }
         let dir = tempfile::tempdir().unwrap();

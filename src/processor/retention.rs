@@ -8,7 +8,7 @@ use tracing::{Instrument, debug_span, info, warn};
 use super::{Processor, ProcessorError};
 use crate::ids::BusinessId;
 use crate::keys::Epoch;
-use crate::retention::{ExpiryNotifier, RetentionPolicy, SweepError, SweepReport};
+use crate::retention::{ExpiryNotifier, Notice, RetentionPolicy, SweepError, SweepReport};
 use crate::signal::Sessions;
 use crate::store::{Hold, HoldScope, MessageRecord};
 use crate::transport::Principal;
@@ -34,22 +34,31 @@ struct FailureNotifier<'a> {
 
 #[async_trait::async_trait]
 impl ExpiryNotifier for FailureNotifier<'_> {
-    async fn expired_undelivered(&self, message: &MessageRecord) -> bool {
+    async fn expired_undelivered(&self, message: &MessageRecord) -> Notice {
         let p = self.processor;
-        // An attempt under way: it finds the message expired, or the next
-        // sweep does.
-        let claim = p.take_up(message.business, message.id).await;
-        let Ok(Some(_claim)) = claim else {
-            return false;
-        };
-        match p.storage.message(message.business, message.id).await {
-            Ok(Some(record)) if record.delivery.status.is_open() => {
-                p.fail_expired(&record).await.unwrap_or_else(|e| {
-                    warn!(business = %record.business, id = %record.id, error = %e, "could not fail an expired message");
-                    false
-                })
+        let (business, id) = (message.business, message.id);
+        // An attempt under way settles it, or the next sweep asks again.
+        let _claim = match p.take_up(business, id).await {
+            Ok(Some(claim)) => claim,
+            Ok(None) => return Notice::Busy,
+            Err(e) => {
+                warn!(%business, %id, error = %e, "could not fail an expired message");
+                return Notice::Untold;
             }
-            _ => false,
+        };
+        let failed = match p.storage.message(business, id).await {
+            Ok(Some(record)) if record.delivery.status.is_open() => p.fail_expired(&record).await,
+            // Settled (or deleted) since the sweep listed it.
+            Ok(_) => return Notice::Busy,
+            Err(e) => Err(e.into()),
+        };
+        match failed {
+            Ok(true) => Notice::Told,
+            Ok(false) => Notice::Untold,
+            Err(e) => {
+                warn!(%business, %id, error = %e, "could not fail an expired message");
+                Notice::Untold
+            }
         }
     }
 }

@@ -73,7 +73,7 @@ pub use policy::{
     RetentionPolicy, format_duration, parse_duration,
 };
 pub use residency::{InUse, ResidencyError, check_residency};
-pub use sweep::{ExpiryNotifier, REPORT_GRACE, SweepError, SweepReport};
+pub use sweep::{ExpiryNotifier, Notice, REPORT_GRACE, SweepError, SweepReport};
 
 /// Why a retention policy was not put in force. Nothing changed.
 #[derive(Debug, thiserror::Error)]

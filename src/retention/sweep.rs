@@ -34,9 +34,26 @@ pub const REPORT_GRACE: Duration = Duration::from_secs(24 * 3600);
 /// starts is refused as [`SweepError::InProgress`].
 #[async_trait]
 pub trait ExpiryNotifier: Send + Sync {
-    /// `message` expired undelivered. Return `true` once whoever is waiting
-    /// has been told; `false` leaves it for the next sweep.
-    async fn expired_undelivered(&self, message: &MessageRecord) -> bool;
+    /// `message` expired undelivered: tell whoever is waiting.
+    async fn expired_undelivered(&self, message: &MessageRecord) -> Notice;
+}
+
+/// What came of telling that a message expired undelivered
+/// ([`ExpiryNotifier::expired_undelivered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// Whoever is waiting was told: the message is marked failed.
+    Told,
+    /// They could not be told (the business refused, or was unreachable):
+    /// the message stays open, and its business is asked again at the next
+    /// sweep, until [`REPORT_GRACE`] has passed; then it is failed
+    /// unreported.
+    Untold,
+    /// The message is being settled elsewhere (an attempt to deliver it is
+    /// under way, or it settled since the sweep listed it): the sweep
+    /// leaves it as it is, to that attempt or to the next sweep, even past
+    /// the grace. Its business counts as reachable.
+    Busy,
 }
 
 /// What a sweep did.
@@ -449,8 +466,7 @@ impl<'a> Sweep<'a> {
                 // timeout per message) about messages the next sweep can
                 // still tell it of; those past the grace are asked all the
                 // same, their last chance (a refusal may have been of one
-                // message, whose attempt was under way, say), unless its
-                // endpoint never answered.
+                // message), unless its endpoint never answered.
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
                 let last_chance = m.expiry <= self.abandon_before() && !kept;
                 let ask = if last_chance {
@@ -458,20 +474,30 @@ impl<'a> Sweep<'a> {
                 } else {
                     !self.unreachable.contains(&m.business)
                 };
-                let told = ask && {
+                let notice = if ask {
                     // What is decided already lands before the wait: a sweep
                     // dropped in it loses none of it.
                     if !batch.is_empty() {
                         self.storage.commit(std::mem::take(&mut batch)).await?;
                     }
                     self.tell(&m).await
+                } else {
+                    Notice::Untold
                 };
-                if !told {
-                    self.unreachable.insert(m.business);
-                }
-                if !told && !last_chance {
-                    continue;
-                }
+                let told = match notice {
+                    Notice::Told => true,
+                    // Given up on, the attempt under way would find it
+                    // deleted when it ends: its business told nothing of a
+                    // message it may have delivered.
+                    Notice::Busy => continue,
+                    Notice::Untold => {
+                        self.unreachable.insert(m.business);
+                        if !last_chance {
+                            continue;
+                        }
+                        false
+                    }
+                };
                 // Past the grace, its business is given up on (unless a hold
                 // placed since the holds were read keeps the message: its
                 // report then stays due).
@@ -543,10 +569,10 @@ impl<'a> Sweep<'a> {
             .contains(&business)
     }
 
-    /// Tell `m`'s business that `m` expired undelivered; whether it took
-    /// it. Until its endpoint answers, the business counts as hung: a sweep
-    /// dropped meanwhile leaves it so for the next.
-    async fn tell(&self, m: &MessageRecord) -> bool {
+    /// Tell `m`'s business that `m` expired undelivered. Until its endpoint
+    /// answers, the business counts as hung: a sweep dropped meanwhile
+    /// leaves it so for the next.
+    async fn tell(&self, m: &MessageRecord) -> Notice {
         let set = |hung: bool| {
             let mut all = self.hung.lock().unwrap_or_else(PoisonError::into_inner);
             if hung {

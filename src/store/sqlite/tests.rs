@@ -1559,8 +1559,8 @@ struct Told;
 
 #[async_trait::async_trait]
 impl crate::retention::ExpiryNotifier for Told {
-    async fn expired_undelivered(&self, _: &MessageRecord) -> bool {
-        true
+    async fn expired_undelivered(&self, _: &MessageRecord) -> crate::retention::Notice {
+        crate::retention::Notice::Told
     }
 }
 
