@@ -685,6 +685,53 @@ async fn a_session_sealed_for_another_region_is_not_used() {
     );
 }
 
+/// A device whose session record is over the size limit in force (the
+/// limit lowered across a restart) cannot be sent to: the message fails
+/// at once, and its business is told, as with a device no session can be
+/// had with. Before, every encrypt error counted as "try again later", and
+/// the message was retried until its retention ended.
+#[tokio::test]
+async fn a_session_record_over_the_limit_fails_the_message_at_once() {
+    let mut d = deployment(Faults::none(), Faults::none()).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut handset = ConsumerDevice::new(0);
+    handset
+        .start_session(d.b, &keys.bundle(Some(0)))
+        .await
+        .unwrap();
+    // 1,500 messages skipped: the business keeps their keys, and the
+    // device's record grows past the smallest limit.
+    let mut last = None;
+    for i in 0..=1_500 {
+        last = Some(
+            handset
+                .encrypt(d.b, format!("{i}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    let inbound = Inbound {
+        from: consumer(1),
+        device: 0,
+        message: last.unwrap(),
+    };
+    assert!(d.receive(inbound).await.unwrap().delivered);
+    d.seams.signal.max_record_len = custodian::signal::MIN_RECORD_LEN;
+    d.restart();
+    d.network.add_consumer(&consumer(1), 1).await;
+    let reply = Outbound {
+        to: consumer(1),
+        ..d.outbound(b"reply")
+    };
+    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+    assert_eq!(
+        d.processor.message_status(&d.owner, d.b, id).await.unwrap(),
+        (Status::Failed, Some(FailureReason::NoSession))
+    );
+    let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+    assert_eq!(told, [Status::Failed]);
+}
+
 /// Two outbound messages due, to two consumers, and one store or key
 /// provider call of the retransmission pass failing, at each call in turn:
 /// the failure strikes one message's work, and the pass goes on with the

@@ -840,6 +840,14 @@ impl Processor {
                 .await
             {
                 Ok(c) => c,
+                // Over the size limit in force, the device's record stays
+                // so until the limit is raised: it is given up on, as one
+                // with no session is.
+                Err(e @ SignalError::RecordTooLarge { .. }) => {
+                    warn!(%business, id = %record.id, device, error = %e, "not sent to a device");
+                    reached.settle(bit);
+                    continue;
+                }
                 Err(e) => {
                     debug!(%business, id = %record.id, device, error = %e, "encrypt failed");
                     missed = true;
@@ -938,6 +946,10 @@ impl Processor {
             // Another key than the one trusted, never taken from a bundle:
             // the device waits for its own message, or the business's trust.
             Err(SignalError::UntrustedIdentity { .. }) => Ok(false),
+            Err(e @ SignalError::RecordTooLarge { .. }) => {
+                warn!(%business, device = peer.device, error = %e, "no session started");
+                Ok(false)
+            }
             Err(_) => Err(()),
         }
     }

@@ -106,7 +106,9 @@ pub enum FailureReason {
     /// to the transport.
     Refused = 3,
     /// No session could be established with any of the consumer's devices
-    /// tried. On a retry, those are the devices the first attempt left
+    /// tried (or, for a device, kept: its record grew past the size limit
+    /// in force, [`SignalConfig::max_record_len`](crate::signal::SignalConfig::max_record_len)).
+    /// On a retry, those are the devices the first attempt left
     /// pending: one the transport refused then is not remembered, so a
     /// message refused for one device and without a session for the rest
     /// fails as `Refused` if one attempt found both out, `NoSession` if it
