@@ -1293,13 +1293,14 @@ fn a_window_flagged_for_spam_does_not_feed_the_fan_out_baseline() {
     assert_eq!(day1.current.new_recipient_threshold, 1_000);
 }
 
-/// Integrity windows and statistics periods remember the consumers they saw
-/// (64 bits of their phone hashes) until they end, so none may be longer
-/// than the retention ceiling: a 60-day window would keep a consumer
-/// messaged on its first day for 60 days, whatever the sweep does. Such
-/// configurations are refused, naming the field. Billing periods count
-/// messages only and may be longer. At the longest window accepted, the
-/// sweep's `expire` forgets a consumer at the ceiling.
+/// Statistics periods remember the consumers they saw (64 bits of their
+/// phone hashes) until they end, and integrity windows count each
+/// consumer new once, so none may be longer than the retention ceiling: a
+/// 60-day period would keep a consumer counted on its first day for 60
+/// days, whatever the sweep does. Such configurations are refused, naming
+/// the field. Billing periods count messages only and may be longer. At
+/// the longest window accepted, the sweep's `expire` forgets a consumer at
+/// the ceiling.
 #[test]
 fn no_window_or_period_keeps_consumers_past_the_retention_ceiling() {
     let ceiling = custodian::retention::CEILING;
@@ -1341,6 +1342,59 @@ fn no_window_or_period_keeps_consumers_past_the_retention_ceiling() {
     let current = signals(&monitor, b, later).current;
     assert_eq!(current.period.start, later);
     assert_eq!(current.new_recipients, 1, "forgotten, so new again");
+}
+
+/// A consumer is remembered for the ceiling after its last contact,
+/// whatever the windows: with 30-day windows, a business that messages
+/// the same customers twice a month, never more than 20 days apart, counts
+/// them new in its first window only, and is flagged in none after it.
+/// Before, each window forgot every contact older than the ceiling before
+/// its end (with 30-day windows, the start of the new one): every customer
+/// was new in every window, and the business flagged in every one.
+#[test]
+fn a_consumer_is_remembered_for_the_ceiling_after_its_last_contact() {
+    let mut config = IntegrityConfig::default();
+    config.window = custodian::retention::CEILING;
+    let monitor = IntegrityMonitor::new(config).unwrap();
+    let b = BusinessId::new(1).unwrap();
+    let start = 10; // a 30-day boundary, in days from `START`
+    let customers = 1_001;
+    let mut new = Vec::new();
+    for month in 0..4 {
+        let window = start + month * 30;
+        for day in [window + 5, window + 25] {
+            for c in 0..customers {
+                monitor.record_sent(b, consumer(c), at(day, 0));
+            }
+        }
+        let current = signals(&monitor, b, at(window + 26, 0)).current;
+        new.push(current.new_recipients);
+        assert_eq!(
+            current.is_flagged(),
+            month == 0,
+            "month {month}: {current:?}"
+        );
+    }
+    assert_eq!(new, [customers, 0, 0, 0]);
+
+    // A reply two minutes after the consumer wrote, a window boundary
+    // between them, is no fan-out.
+    let boundary = at(start + 4 * 30, 0);
+    let wrote = Timestamp::from_millis(boundary.as_millis() - 60_000);
+    monitor.record_received(b, consumer(customers + 1), wrote);
+    let reply = boundary.saturating_add(Duration::from_secs(60));
+    monitor.record_sent(b, consumer(customers + 1), reply);
+    assert_eq!(signals(&monitor, b, reply).current.new_recipients, 0);
+
+    // Daily windows: messaged at 23:59 and again 29 days and a minute
+    // later, it is known; a minute past the ceiling, it is new.
+    let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+    monitor.record_sent(b, consumer(1), at(10, DAY - 60_000));
+    monitor.record_sent(b, consumer(2), at(10, DAY - 60_000));
+    monitor.record_sent(b, consumer(1), at(40, 0));
+    assert_eq!(signals(&monitor, b, at(40, 0)).current.new_recipients, 0);
+    monitor.record_sent(b, consumer(2), at(41, 0));
+    assert_eq!(signals(&monitor, b, at(41, 0)).current.new_recipients, 1);
 }
 
 mod suppression {

@@ -143,12 +143,15 @@ impl Period {
 const MIN_PERIOD: Duration = Duration::from_secs(1);
 /// Longest window or period accepted.
 const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
-/// Why an integrity window or statistics period longer than the retention
-/// ceiling is refused: each remembers consumers (64 bits of their phone
-/// hashes) for as long as it is open. Billing periods remember none and
-/// may be as long as [`MAX_PERIOD`].
+/// Why a statistics period longer than the retention ceiling is refused:
+/// it remembers consumers (64 bits of their phone hashes) for as long as
+/// it is open. Billing periods remember none and may be as long as
+/// [`MAX_PERIOD`].
 const PAST_CEILING: &str =
     "must be at most 30 days, the retention ceiling: it keeps the consumers it saw until it ends";
+/// Why an integrity window longer than the retention ceiling is refused.
+const WINDOW_PAST_CEILING: &str = "must be at most 30 days, the retention ceiling: a consumer is \
+     remembered for that long after its last contact";
 
 /// Fixed-length periods aligned to the Unix epoch.
 #[derive(Debug, Clone, Copy)]

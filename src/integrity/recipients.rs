@@ -8,8 +8,10 @@
 //! always remembered, and one not touched for longer may be forgotten and
 //! counted as new again: over-counting, never under-counting, new recipients.
 //! A recipient neither messaged nor heard from since a given instant can
-//! be forgotten outright ([`RecipientTracker::forget_before`]): the monitor
-//! keeps no consumer longer than its business's retention.
+//! be forgotten outright ([`RecipientTracker::forget_before`]), or from
+//! then on read as never seen and dropped within the hour
+//! ([`RecipientTracker::age`]): the monitor keeps no consumer longer than
+//! its business's retention.
 
 use std::collections::HashMap;
 
@@ -17,6 +19,10 @@ use foldhash::fast::RandomState;
 
 /// Marks a consumer the business heard from but never messaged.
 const NEVER_SENT: u64 = u64::MAX;
+
+/// How far [`RecipientTracker::age`] lets its cutoff move between the
+/// passes that drop what is past it (milliseconds): an hour.
+const AGE_STEP: u64 = 3_600_000;
 
 /// What a send to a recipient was, for this window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +54,10 @@ pub(super) struct RecipientTracker {
     /// The latest contact recorded when a generation was last dropped, if
     /// one was.
     last_rotation: Option<u64>,
+    /// Recipients whose last contact is older read as never seen.
+    cutoff: u64,
+    /// The cutoff of the last pass that dropped them.
+    dropped_before: u64,
 }
 
 impl RecipientTracker {
@@ -59,6 +69,8 @@ impl RecipientTracker {
             generation: (bound / 2).max(1),
             latest: 0,
             last_rotation: None,
+            cutoff: 0,
+            dropped_before: 0,
         }
     }
 
@@ -70,13 +82,16 @@ impl RecipientTracker {
 
     /// A message sent to `key` in `window`, at `at` (Unix milliseconds).
     pub(super) fn sent(&mut self, key: u64, window: u64, at: u64) -> Reach {
+        let cutoff = self.cutoff;
         let last = match self.current.get_mut(&key) {
             Some(seen) => {
+                let known = seen.contact >= cutoff;
                 seen.contact = seen.contact.max(at);
-                Some(std::mem::replace(&mut seen.sent, window))
+                let last = std::mem::replace(&mut seen.sent, window);
+                known.then_some(last)
             }
             None => {
-                let last = self.previous.remove(&key);
+                let last = self.previous.remove(&key).filter(|s| s.contact >= cutoff);
                 let contact = last.map_or(at, |s| s.contact.max(at));
                 self.insert(
                     key,
@@ -100,11 +115,15 @@ impl RecipientTracker {
     /// consumer is known from now on, so replying to it is not fan-out.
     pub(super) fn heard_from(&mut self, key: u64, at: u64) {
         self.latest = self.latest.max(at);
+        let cutoff = self.cutoff;
         if let Some(seen) = self.current.get_mut(&key) {
+            if seen.contact < cutoff {
+                seen.sent = NEVER_SENT;
+            }
             seen.contact = seen.contact.max(at);
             return;
         }
-        let last = self.previous.remove(&key);
+        let last = self.previous.remove(&key).filter(|s| s.contact >= cutoff);
         self.insert(
             key,
             Seen {
@@ -117,8 +136,24 @@ impl RecipientTracker {
     /// Forget every recipient with no contact at `cutoff` (Unix
     /// milliseconds) or later.
     pub(super) fn forget_before(&mut self, cutoff: u64) {
+        self.cutoff = self.cutoff.max(cutoff);
+        let cutoff = self.cutoff;
         self.current.retain(|_, s| s.contact >= cutoff);
         self.previous.retain(|_, s| s.contact >= cutoff);
+        self.dropped_before = cutoff;
+    }
+
+    /// From now on, every recipient with no contact at `cutoff` or later
+    /// reads as never seen; they are dropped once the cutoff has moved an
+    /// hour past the last pass that dropped them (a pass costs a look at
+    /// every recipient). Whether this made a pass.
+    pub(super) fn age(&mut self, cutoff: u64) -> bool {
+        self.cutoff = self.cutoff.max(cutoff);
+        if self.cutoff < self.dropped_before.saturating_add(AGE_STEP) {
+            return false;
+        }
+        self.forget_before(self.cutoff);
+        true
     }
 
     fn insert(&mut self, key: u64, seen: Seen) {

@@ -8,7 +8,7 @@ use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use super::recipients::{Reach, RecipientTracker};
-use super::{ConfigError, Grid, PAST_CEILING, PerBusiness, Period, hash_key, lock};
+use super::{ConfigError, Grid, PerBusiness, Period, WINDOW_PAST_CEILING, hash_key, lock};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::time::Timestamp;
@@ -23,8 +23,9 @@ use crate::visibility::{DataClass, Labelled};
 #[non_exhaustive]
 pub struct IntegrityConfig {
     /// Length of a window, whole seconds from 1 second to the retention
-    /// [`CEILING`] (30 days): the open window remembers every consumer it
-    /// saw, so a longer one would keep them past the ceiling. Default: one
+    /// [`CEILING`] (30 days): a consumer is remembered for the ceiling
+    /// after its last contact, so in a longer one a consumer in contact
+    /// only at its start and its end would count as new twice. Default: one
     /// day, which evens out the daily rhythm of legitimate traffic;
     /// anomalies are still raised the moment the open window crosses a
     /// threshold, not when it closes.
@@ -124,7 +125,7 @@ impl IntegrityConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, rule| Err(ConfigError { field, rule });
         if self.window > CEILING {
-            return bad("window", PAST_CEILING);
+            return bad("window", WINDOW_PAST_CEILING);
         }
         Grid::new(self.window, "window")?;
         if !(self.baseline_weight > 0.0 && self.baseline_weight <= 1.0) {
@@ -269,7 +270,8 @@ struct BusinessSignals {
     open: WindowSignals,
     index: u64,
     /// The earliest contact kept (Unix milliseconds): older ones are past
-    /// the business's retention, or the ceiling, and forgotten.
+    /// the business's retention, or the ceiling, and forgotten (read as
+    /// never seen, and dropped within the hour).
     kept_from: u64,
     recipients: RecipientTracker,
     /// The consumers who reported the business for spam in the open window.
@@ -362,6 +364,7 @@ impl IntegrityMonitor {
             .businesses
             .with(business, |s| {
                 s.roll(self.grid.index(now), self.grid, &self.config);
+                s.age(now);
                 s.report(business, now)
             })
             .unwrap_or_else(|| {
@@ -379,6 +382,7 @@ impl IntegrityMonitor {
             .map(|(business, cell)| {
                 let mut s = lock(&cell);
                 s.roll(self.grid.index(now), self.grid, &self.config);
+                s.age(now);
                 let report = s.report(business, now);
                 Labelled::of_business(DataClass::IntegritySignals, business, report)
             })
@@ -402,7 +406,7 @@ impl IntegrityMonitor {
             let kept = retention.periods(business).longest().min(CEILING);
             let mut s = lock(&cell);
             s.roll(index, self.grid, &self.config);
-            s.forget_before(now.saturating_sub(kept).as_millis());
+            s.forget_before(kept_from(now, kept));
         }
     }
 
@@ -423,6 +427,7 @@ impl IntegrityMonitor {
             || BusinessSignals::new(index, self.grid, &self.config),
             |s| {
                 s.roll(index, self.grid, &self.config);
+                s.age(at);
                 f(s, &self.config);
             },
         );
@@ -486,25 +491,40 @@ impl BusinessSignals {
         // A new window counts each reporter anew.
         self.spam_reporters = Counted::default();
         self.blockers = Counted::default();
-        // Nothing about a consumer outlives the retention ceiling here
-        // either, sweep or none: one not messaged nor heard from for that
-        // long is forgotten (and would count as new again). Kept: contacts
-        // less than the ceiling before this window ends, so at its end no
-        // contact kept is older than the ceiling.
-        self.forget_before(grid.period(index).end.saturating_sub(CEILING).as_millis());
         self.set_threshold(config);
+    }
+
+    /// Nothing about a consumer outlives the retention ceiling here either,
+    /// sweep or none: at `now`, one not messaged, heard from, nor counted
+    /// reporting or blocking for that long reads as never seen (and counts
+    /// as new again), and is dropped within the hour.
+    fn age(&mut self, now: Timestamp) {
+        let cutoff = kept_from(now, CEILING);
+        if cutoff <= self.kept_from {
+            return;
+        }
+        self.kept_from = cutoff;
+        if self.recipients.age(cutoff) {
+            self.forget_counted();
+        }
+        self.note_bound();
     }
 
     /// Forget every consumer with no contact, report nor block at `cutoff`
     /// (Unix milliseconds) or later.
     fn forget_before(&mut self, cutoff: u64) {
-        let kept_from = self.kept_from.max(cutoff);
-        self.kept_from = kept_from;
-        self.recipients.forget_before(kept_from);
+        self.kept_from = self.kept_from.max(cutoff);
+        self.recipients.forget_before(self.kept_from);
+        self.forget_counted();
+        self.note_bound();
+    }
+
+    /// Forget the reporters and blockers counted before `kept_from`.
+    fn forget_counted(&mut self) {
+        let kept_from = self.kept_from;
         for counted in [&mut self.spam_reporters, &mut self.blockers] {
             counted.retain(|_, at| *at >= kept_from);
         }
-        self.note_bound();
     }
 
     /// Report in the open window that its recipient counts may over-count,
@@ -592,6 +612,14 @@ impl BusinessSignals {
             history: self.history.iter().map(|w| rate(w, w.period.end)).collect(),
         }
     }
+}
+
+/// The earliest contact a retention of `kept` keeps at `now` (Unix
+/// milliseconds): one `kept` or more before is past it, as a message is
+/// at its expiry.
+fn kept_from(now: Timestamp, kept: Duration) -> u64 {
+    let kept = u64::try_from(kept.as_millis()).unwrap_or(u64::MAX);
+    now.as_millis().checked_sub(kept).map_or(0, |cutoff| cutoff + 1)
 }
 
 /// The consumers counted for one kind of signal in the open window: 64
