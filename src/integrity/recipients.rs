@@ -201,6 +201,26 @@ mod tests {
         assert_eq!(t.sent(3, 6, 6), Reach::Returning);
     }
 
+    /// Aged, a recipient past the cutoff reads as never seen at once, and
+    /// is dropped once the cutoff moved an hour past the last drop.
+    #[test]
+    fn aged_recipients_read_as_never_seen_and_are_dropped_within_the_hour() {
+        let mut t = RecipientTracker::new(100);
+        t.sent(1, 0, 10);
+        t.sent(2, 0, 10);
+        t.heard_from(3, 10);
+        t.sent(4, 0, 10);
+        assert!(!t.age(11), "no pass within the hour");
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.sent(1, 1, 20), Reach::New);
+        t.heard_from(2, 20);
+        assert_eq!(t.sent(2, 1, 20), Reach::Returning, "heard from, not messaged");
+        assert_eq!(t.sent(2, 1, 20), Reach::Repeat);
+        assert_eq!(t.sent(3, 1, 20), Reach::New);
+        assert!(t.age(AGE_STEP + 11));
+        assert_eq!(t.len(), 0, "every last contact is before the cutoff");
+    }
+
     #[test]
     fn at_the_bound_old_recipients_are_forgotten_and_count_as_new() {
         let mut t = RecipientTracker::new(4); // generations of 2
