@@ -740,6 +740,58 @@ async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
     assert_eq!(t.hung_calls(), 2, "a call was made while the probe hung");
 }
 
+/// A probe of a hung endpoint that is not made after all (the policy in
+/// force refused what it would have carried) leaves the endpoint as it
+/// was: the next call, past the backoff since the last call made, probes
+/// it. (The refused probe counted as a call: the next was put off a whole
+/// backoff, and while refusals went on the endpoint was never probed.)
+/// (Review of the outbound flow.)
+#[tokio::test]
+async fn a_probe_not_made_does_not_put_off_the_next() {
+    use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
+    let a = BusinessId::new(1).unwrap();
+    let mut t = Tenants::new(&[a]).await;
+    t.set(a, Endpoint::Hung);
+    let mut messages = Vec::new();
+    for text in [&b"one"[..], b"two", b"three"] {
+        messages.push(t.inbound(0, a, text).await);
+    }
+    let mut messages = messages.into_iter();
+    // The first call hangs; the host drops the receive: A is marked.
+    let first = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    assert!(poll_at_most(std::pin::pin!(first), 200).await.is_none());
+    // Past the backoff, a hand-over the policy refuses makes no call.
+    t.clock.advance(Duration::from_secs(3));
+    let policy = |revision, deny: bool| {
+        let mut builder = VisibilityPolicy::published().to_builder(revision).unwrap();
+        if deny {
+            builder.deny(
+                Party::Business,
+                DataClass::MessageContent,
+                Purpose::Delivery,
+            );
+        }
+        builder.build()
+    };
+    let set = |p| t.processor.set_visibility_policy(&t.operator, p).unwrap();
+    set(policy(2, true));
+    let refused = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    assert!(poll_at_most(std::pin::pin!(refused), 200).await.is_some());
+    assert_eq!(t.hung_calls(), 1);
+    // At once, the endpoint back and the policy as it was, the next call
+    // is the probe: the message is handed over.
+    set(policy(3, false));
+    t.set(a, Endpoint::Up);
+    let third = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    let receipt = poll_at_most(std::pin::pin!(third), 200).await;
+    assert!(
+        receipt
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_ok_and(|r| r.delivered)),
+        "{receipt:?}"
+    );
+}
+
 /// A message whose retention ends while its storing commit is held up (a
 /// backup holding SQLite's write lock past the business's one-minute
 /// retention) is not handed to its business: retention is asked again just
@@ -770,7 +822,6 @@ async fn a_message_whose_retention_ended_during_its_commit_is_not_handed_over() 
     w.clock.advance(Duration::from_secs(120));
     lock.release();
     let receipt = receive.await;
-    eprintln!("RECEIPT {receipt:?} {:?}", w.texts());
     let receipt = receipt.unwrap();
     assert!(!receipt.delivered, "{receipt:?}");
     w.processor.retransmit_due(&w.operator).await.unwrap();

@@ -96,10 +96,12 @@ impl HungEndpoints {
         self.any.store(true, Ordering::Release);
     }
 
-    /// A probe of `business`'s endpoint was not made after all.
-    fn unprobe(&self, business: BusinessId) {
+    /// A probe of `business`'s endpoint was not made after all: it is as
+    /// it was before, last called at `since`.
+    fn unprobe(&self, business: BusinessId, since: Timestamp) {
         if let Some(h) = self.lock().get_mut(&business) {
             h.probing = false;
+            h.since = since;
         }
     }
 }
@@ -110,8 +112,8 @@ impl HungEndpoints {
 pub(super) struct Calling<'a> {
     processor: &'a Processor,
     business: BusinessId,
-    /// Whether it probes a hung endpoint.
-    probe: bool,
+    /// If it probes a hung endpoint, when that was last called before.
+    probe: Option<Timestamp>,
 }
 
 impl Calling<'_> {
@@ -124,8 +126,8 @@ impl Calling<'_> {
     /// The call was not made after all (the policy refused what it would
     /// have carried): nothing is learnt of the endpoint.
     pub(super) fn not_made(self) {
-        if self.probe {
-            self.processor.hung.unprobe(self.business);
+        if let Some(since) = self.probe {
+            self.processor.hung.unprobe(self.business, since);
         }
         std::mem::forget(self);
     }
@@ -134,7 +136,8 @@ impl Calling<'_> {
 impl Drop for Calling<'_> {
     fn drop(&mut self) {
         let since = self.processor.clock.now();
-        self.processor.hung.mark(self.business, since, self.probe);
+        let probe = self.probe.is_some();
+        self.processor.hung.mark(self.business, since, probe);
     }
 }
 
@@ -144,7 +147,7 @@ impl Processor {
     /// probe is under way, or the while since its last call has not
     /// passed. Otherwise a call to a hung endpoint is its probe.
     pub(super) fn call_business(&self, business: BusinessId) -> Option<Calling<'_>> {
-        let mut probe = false;
+        let mut probe = None;
         if self.hung.any() {
             let now = self.clock.now();
             let mut hung = self.hung.lock();
@@ -153,9 +156,8 @@ impl Processor {
                 if h.probing || now < h.since.saturating_add(wait) {
                     return None;
                 }
-                h.since = now;
+                probe = Some(std::mem::replace(&mut h.since, now));
                 h.probing = true;
-                probe = true;
             }
         }
         Some(Calling {
