@@ -199,6 +199,22 @@ pub enum SqliteOpenError {
         /// The region it was opened as.
         configured: Region,
     },
+    /// There is no file, but the log of one is beside its path (left by a
+    /// crash, the file since deleted or moved away): a database made there
+    /// would take that log's pages as its own, bringing back what the old
+    /// file held, or damaging the new one. Nothing was created: move the
+    /// log away too (or put the file back) and open again.
+    #[error(
+        "{} does not exist, but {} beside it is the log of a database that was there: move it away, or put the database back",
+        path.display(),
+        log.display()
+    )]
+    OrphanedLog {
+        /// The missing file.
+        path: PathBuf,
+        /// The log beside it.
+        log: PathBuf,
+    },
     /// SQLite found the file damaged.
     #[error("{} is damaged: {message}", path.display())]
     Corrupt {
@@ -238,7 +254,8 @@ impl From<SqliteOpenError> for StoreError {
             | SqliteOpenError::Backend { .. }
             | SqliteOpenError::BusyTimeoutTooLong { .. }
             | SqliteOpenError::NewerSchema { .. }
-            | SqliteOpenError::RegionMismatch { .. } => Self::Backend(e.to_string()),
+            | SqliteOpenError::RegionMismatch { .. }
+            | SqliteOpenError::OrphanedLog { .. } => Self::Backend(e.to_string()),
             _ => Self::Corrupt(e.to_string()),
         }
     }

@@ -645,7 +645,9 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
         .create_new(true)
         .open(&tmp)
         .map_err(|e| io_error(path, e))?;
-    let built = build(&tmp);
+    // Checked last thing before the file appears: a log left beside it
+    // would be taken for its own.
+    let built = build(&tmp).and_then(|()| orphaned_log(path));
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -658,6 +660,29 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
     }
     linked?;
     sync_dir(path)
+}
+
+/// Refuses a log (write-ahead, or rollback journal) with anything in it
+/// beside `path`, where no database is. (One another process made there
+/// meanwhile has its own log: the link then leaves its file as it is.)
+fn orphaned_log(path: &Path) -> Result<(), SqliteOpenError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Ok(());
+    }
+    for log in [wal_path(path), suffixed(path, "-journal")] {
+        match std::fs::metadata(&log) {
+            Ok(m) if m.len() > 0 => {
+                return Err(SqliteOpenError::OrphanedLog {
+                    path: path.to_owned(),
+                    log,
+                });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&log, e)),
+        }
+    }
+    Ok(())
 }
 
 fn build(tmp: &Path) -> Result<(), SqliteOpenError> {

@@ -171,6 +171,46 @@ fn a_new_file_is_created_complete_and_reopens() {
     drop(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
 }
 
+/// A log a crash left beside a database since deleted is not taken up by
+/// a new database made there (SQLite would replay it into the new file,
+/// bringing back the old rows or damaging it): refused, naming the log,
+/// with nothing created. An empty log is no log. (Review of crash
+/// recovery.)
+#[test]
+fn a_new_database_is_not_made_beside_an_orphaned_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custodian.db");
+    let (wal, shm) = (
+        dir.path().join("custodian.db-wal"),
+        dir.path().join("custodian.db-shm"),
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(async {
+        for i in 0..50 {
+            let put = Op::PutMessage(Box::new(record(i, &[i; 300])));
+            store.commit(Batch::from(put)).await.unwrap();
+        }
+    });
+    // The log and its index as the crash leaves them; the file deleted.
+    let left = (std::fs::read(&wal).unwrap(), std::fs::read(&shm).unwrap());
+    drop(store);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&wal, &left.0).unwrap();
+    std::fs::write(&shm, &left.1).unwrap();
+    let files = listing(dir.path());
+    match SqliteStore::open(&path, SqliteConfig::default()) {
+        Err(SqliteOpenError::OrphanedLog { path: p, log }) => {
+            assert_eq!((p, log), (path.clone(), wal.clone()));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(listing(dir.path()), files, "created files beside the log");
+    // Moved away (emptied here), the log is none: the new database is.
+    std::fs::write(&wal, b"").unwrap();
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    assert_eq!(block_on(store.census()).unwrap().messages, 0);
+}
+
 #[test]
 fn concurrent_creators_of_one_file_all_open_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
