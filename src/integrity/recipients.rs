@@ -214,7 +214,11 @@ mod tests {
         assert_eq!(t.len(), 4);
         assert_eq!(t.sent(1, 1, 20), Reach::New);
         t.heard_from(2, 20);
-        assert_eq!(t.sent(2, 1, 20), Reach::Returning, "heard from, not messaged");
+        assert_eq!(
+            t.sent(2, 1, 20),
+            Reach::Returning,
+            "heard from, not messaged"
+        );
         assert_eq!(t.sent(2, 1, 20), Reach::Repeat);
         assert_eq!(t.sent(3, 1, 20), Reach::New);
         assert!(t.age(AGE_STEP + 11));

@@ -619,7 +619,9 @@ impl BusinessSignals {
 /// at its expiry.
 fn kept_from(now: Timestamp, kept: Duration) -> u64 {
     let kept = u64::try_from(kept.as_millis()).unwrap_or(u64::MAX);
-    now.as_millis().checked_sub(kept).map_or(0, |cutoff| cutoff + 1)
+    now.as_millis()
+        .checked_sub(kept)
+        .map_or(0, |cutoff| cutoff + 1)
 }
 
 /// The consumers counted for one kind of signal in the open window: 64
