@@ -5,7 +5,11 @@
 //! the transport, to the business, to an export) is a [`Labelled`] value:
 //! message content, consumer numbers, integrity signals, statistics and
 //! billing. (What else leaves carries none of these: a message's id and
-//! status, the business's public keys.) A labelled value carries its
+//! status, the business's public keys. The processor holds no business
+//! information, whose system of record is the business manager: the
+//! class is in the table for hosts that release it through a gate of
+//! their own, and a policy denying it changes nothing the processor
+//! does.) A labelled value carries its
 //! [`DataClass`] (and the business it belongs to, if any), and the only way
 //! to take the value out is [`Gate::release`], naming the receiving [`Party`]
 //! and the [`Purpose`]. The gate consults the [`VisibilityPolicy`], writes one
