@@ -41,13 +41,22 @@ impl Principal {
 
 impl fmt::Debug for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Principal({})", self.0)
+        write!(f, "Principal({self})")
     }
 }
 
+/// The name, its control characters escaped (`\n`, `\u{1b}`): a name
+/// cannot start a log line of its own, nor drive a terminal.
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -309,4 +318,17 @@ pub trait BusinessSink: Send + Sync {
     /// this returns `Ok`; `sent` is reported once, best effort: not again
     /// if this fails, and not at all if a later status overtook it.
     async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Principal;
+
+    #[test]
+    fn a_principal_prints_its_control_characters_escaped() {
+        let p = Principal::new("ops\n2026-12-06 INFO forged\u{1b}[2J é");
+        assert_eq!(p.to_string(), "ops\\n2026-12-06 INFO forged\\u{1b}[2J é");
+        assert_eq!(format!("{p:?}"), format!("Principal({p})"));
+        assert_eq!(p.name(), "ops\n2026-12-06 INFO forged\u{1b}[2J é");
+    }
 }
