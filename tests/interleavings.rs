@@ -940,18 +940,14 @@ fn a_last_chance_sweep_leaves_the_attempts_under_way_to_end() {
                 }
                 let late = Duration::from_secs(3600 + 60) + REPORT_GRACE;
                 w.clock.advance(late);
-                swept
-                    .lock()
-                    .unwrap()
-                    .push(w.processor.sweep(&w.operator).await.unwrap());
+                let report = w.processor.sweep(&w.operator).await.unwrap();
+                swept.lock().unwrap().push(report);
             }),
         ];
         interleave(seed, tasks);
         w.settle(3).await;
-        swept
-            .lock()
-            .unwrap()
-            .push(w.processor.sweep(&w.operator).await.unwrap());
+        let report = w.processor.sweep(&w.operator).await.unwrap();
+        swept.lock().unwrap().push(report);
         for report in swept.lock().unwrap().iter() {
             assert_eq!(report.failures_unreported, 0, "seed {seed}: {report:?}");
         }
