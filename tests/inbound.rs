@@ -703,12 +703,9 @@ async fn a_hung_business_endpoint_holds_up_no_other_business() {
     );
 }
 
-/// While a probe of a hung endpoint goes unanswered, no other call is
-/// made to it: a receive meanwhile stores its message and returns. (Once
-/// the backoff had passed, every call was another probe, each hanging
-/// until the host's timeout.) (Second look at the review fixes.)
-#[tokio::test]
-async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
+/// Business 1 with its endpoint hung, marked so by a receive the host
+/// dropped, and the consumer's next two messages.
+async fn marked_hung() -> (BusinessId, Tenants, std::vec::IntoIter<Inbound>) {
     let a = BusinessId::new(1).unwrap();
     let mut t = Tenants::new(&[a]).await;
     t.set(a, Endpoint::Hung);
@@ -717,10 +714,19 @@ async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
         messages.push(t.inbound(0, a, text).await);
     }
     let mut messages = messages.into_iter();
-    // The first call hangs; the host drops the receive: A is marked.
     let first = t.processor.receive(&t.carrier, a, messages.next().unwrap());
     assert!(poll_at_most(std::pin::pin!(first), 200).await.is_none());
     assert_eq!(t.hung_calls(), 1);
+    (a, t, messages)
+}
+
+/// While a probe of a hung endpoint goes unanswered, no other call is
+/// made to it: a receive meanwhile stores its message and returns. (Once
+/// the backoff had passed, every call was another probe, each hanging
+/// until the host's timeout.) (Second look at the review fixes.)
+#[tokio::test]
+async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
+    let (a, t, mut messages) = marked_hung().await;
     // Past the backoff, the next receive probes, and hangs.
     t.clock.advance(Duration::from_secs(3));
     let probe = t.processor.receive(&t.carrier, a, messages.next().unwrap());
@@ -749,17 +755,7 @@ async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
 #[tokio::test]
 async fn a_probe_not_made_does_not_put_off_the_next() {
     use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
-    let a = BusinessId::new(1).unwrap();
-    let mut t = Tenants::new(&[a]).await;
-    t.set(a, Endpoint::Hung);
-    let mut messages = Vec::new();
-    for text in [&b"one"[..], b"two", b"three"] {
-        messages.push(t.inbound(0, a, text).await);
-    }
-    let mut messages = messages.into_iter();
-    // The first call hangs; the host drops the receive: A is marked.
-    let first = t.processor.receive(&t.carrier, a, messages.next().unwrap());
-    assert!(poll_at_most(std::pin::pin!(first), 200).await.is_none());
+    let (a, t, mut messages) = marked_hung().await;
     // Past the backoff, a hand-over the policy refuses makes no call.
     t.clock.advance(Duration::from_secs(3));
     let policy = |revision, deny: bool| {

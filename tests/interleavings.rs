@@ -780,6 +780,16 @@ fn hour_retention(w: &World) {
         .unwrap();
 }
 
+/// A world whose business keeps messages an hour, with consumer 2 on the
+/// network (one device), and consumer 1's handset.
+async fn hour_world() -> (World, ConsumerDevice) {
+    let w = World::new().await;
+    hour_retention(&w);
+    w.network.add_consumer(&consumer(2), 1).await;
+    let handset = w.handset(1, 0).await;
+    (w, handset)
+}
+
 /// The holds in force are what the store and the audit trail say.
 async fn assert_holds_as_audited(w: &World, seed: u64) {
     let listed = w.processor.holds(&w.operator).await.unwrap();
@@ -812,11 +822,8 @@ fn sweep_races_traffic_around_expiry() {
     // report comes, both consumers write and are written to, and a hold
     // is placed and released.
     for_seeds(SEEDS, |seed| async move {
-        let w = World::new().await;
-        hour_retention(&w);
+        let (w, mut handset) = hour_world().await;
         let to = consumer(2);
-        w.network.add_consumer(&to, 1).await;
-        let mut handset = w.handset(1, 0).await;
         let old_in = w.inbound(&mut handset, b"old in").await;
         assert!(w.receive(old_in).await.unwrap().delivered);
         let old_out = w
@@ -922,11 +929,7 @@ fn a_last_chance_sweep_leaves_the_attempts_under_way_to_end() {
     // it failed the message unreported and deleted it, and the attempt
     // found it gone (sent, or handed over, and nobody told).
     for_seeds(SEEDS, |seed| async move {
-        let w = World::new().await;
-        hour_retention(&w);
-        let to = consumer(2);
-        w.network.add_consumer(&to, 1).await;
-        let mut handset = w.handset(1, 0).await;
+        let (w, mut handset) = hour_world().await;
         let inbound = w.inbound(&mut handset, b"in").await;
         let (receipts, sent) = (Receipts::default(), Sent::default());
         let swept = Mutex::new(Vec::<SweepReport>::new());
