@@ -45,18 +45,13 @@ impl fmt::Debug for Principal {
     }
 }
 
-/// The name, its control characters escaped (`\n`, `\u{1b}`): a name
-/// cannot start a log line of its own, nor drive a terminal.
+/// The name escaped as Rust escapes a string's `Debug` (`\\`, `\n`,
+/// `\u{2028}`, `\u{202e}`, quotes; no surrounding quotes): a name cannot
+/// start a log line of its own, reorder one, drive a terminal, nor pass
+/// for another name.
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                fmt::Write::write_char(f, c)?;
-            }
-        }
-        Ok(())
+        write!(f, "{}", self.0.escape_debug())
     }
 }
 
@@ -325,10 +320,14 @@ mod tests {
     use super::Principal;
 
     #[test]
-    fn a_principal_prints_its_control_characters_escaped() {
-        let p = Principal::new("ops\n2026-12-06 INFO forged\u{1b}[2J é");
-        assert_eq!(p.to_string(), "ops\\n2026-12-06 INFO forged\\u{1b}[2J é");
+    fn a_principal_prints_escaped() {
+        let name = "ops\n2026-12-06 INFO forged\u{1b}[2J\u{2028}\u{202e} é";
+        let p = Principal::new(name);
+        let shown = "ops\\n2026-12-06 INFO forged\\u{1b}[2J\\u{2028}\\u{202e} é";
+        assert_eq!(p.to_string(), shown);
         assert_eq!(format!("{p:?}"), format!("Principal({p})"));
-        assert_eq!(p.name(), "ops\n2026-12-06 INFO forged\u{1b}[2J é");
+        assert_eq!(p.name(), name);
+        // A backslash and an `n` do not pass for a newline.
+        assert_eq!(Principal::new("ops\\n").to_string(), "ops\\\\n");
     }
 }

@@ -788,6 +788,36 @@ async fn a_probe_not_made_does_not_put_off_the_next() {
     );
 }
 
+/// A hand-over that never ends (an endpoint that never answers, a host
+/// that never times the call out) is left to end past its message's
+/// expiry and the report grace, one grace more at most: then the sweep
+/// gives the message up, as one whose business could not be told, and
+/// deletes it. (It was kept for as long as the call was.) (Second look at
+/// the review fixes.)
+#[tokio::test]
+async fn a_stalled_hand_over_keeps_its_message_one_grace_more_at_most() {
+    use custodian::retention::{CEILING, REPORT_GRACE};
+    let a = BusinessId::new(1).unwrap();
+    let mut t = Tenants::new(&[a]).await;
+    t.set(a, Endpoint::Hung);
+    let inbound = t.inbound(0, a, b"hello").await;
+    let receive = t.processor.receive(&t.carrier, a, inbound);
+    let mut receive = std::pin::pin!(receive);
+    assert!(poll_at_most(receive.as_mut(), 200).await.is_none());
+    assert_eq!(t.hung_calls(), 1);
+    t.clock
+        .advance(CEILING + REPORT_GRACE + Duration::from_secs(3600));
+    let report = t.processor.sweep(&t.operator).await.unwrap();
+    assert_eq!(report.messages_deleted, 0, "{report:?}");
+    t.clock.advance(REPORT_GRACE);
+    let report = t.processor.sweep(&t.operator).await.unwrap();
+    assert_eq!(
+        (report.failures_unreported, report.messages_deleted),
+        (1, 1),
+        "{report:?}"
+    );
+}
+
 /// A message whose retention ends while its storing commit is held up (a
 /// backup holding SQLite's write lock past the business's one-minute
 /// retention) is not handed to its business: retention is asked again just

@@ -52,7 +52,9 @@ pub enum Notice {
     /// The message is being settled elsewhere (an attempt to deliver it is
     /// under way, or it settled since the sweep listed it): the sweep
     /// leaves it as it is, to that attempt or to the next sweep, even past
-    /// the grace. Its business counts as reachable.
+    /// the grace, for one grace more. Busy then, the attempt has stalled (a
+    /// call no one times out): the message is failed unreported, as one
+    /// whose business could not be told. Its business counts as reachable.
     Busy,
 }
 
@@ -484,12 +486,23 @@ impl<'a> Sweep<'a> {
                 } else {
                     Notice::Untold
                 };
+                // Under way a whole grace past the last chance, an attempt
+                // has stalled: it would keep the message for as long.
+                let stalled = m.expiry.saturating_add(REPORT_GRACE) <= self.abandon_before();
                 let told = match notice {
                     Notice::Told => true,
                     // Given up on, the attempt under way would find it
                     // deleted when it ends: its business told nothing of a
                     // message it may have delivered.
-                    Notice::Busy => continue,
+                    Notice::Busy if !(last_chance && stalled) => continue,
+                    Notice::Busy => {
+                        tracing::warn!(
+                            business = %m.business,
+                            id = %m.id,
+                            "an attempt on an expired message is still under way a day past the grace"
+                        );
+                        false
+                    }
                     Notice::Untold => {
                         self.unreachable.insert(m.business);
                         if !last_chance {
