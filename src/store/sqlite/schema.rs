@@ -663,15 +663,17 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
 }
 
 /// Refuses a log (write-ahead, or rollback journal) with anything in it
-/// beside `path`, where no database is. (One another process made there
-/// meanwhile has its own log: the link then leaves its file as it is.)
+/// beside `path`, where no database is. (A database another process made
+/// there meanwhile has its own log, written after the file appeared: the
+/// file is looked for after the log, and the link then leaves it as it
+/// is.)
 fn orphaned_log(path: &Path) -> Result<(), SqliteOpenError> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        return Ok(());
-    }
     for log in [wal_path(path), suffixed(path, "-journal")] {
         match std::fs::metadata(&log) {
             Ok(m) if m.len() > 0 => {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    return Ok(());
+                }
                 return Err(SqliteOpenError::OrphanedLog {
                     path: path.to_owned(),
                     log,
