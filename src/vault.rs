@@ -226,12 +226,39 @@ impl Vault {
     /// Open `bytes` on behalf of `business`: refused if the record belongs to
     /// another business, has expired, or its epoch key is gone.
     pub async fn open(&self, bytes: &[u8], business: BusinessId) -> Result<Opened, OpenError> {
+        self.open_until(bytes, business, false).await
+    }
+
+    /// [`open`](Self::open) a record past its expiry, until the end of the
+    /// epoch it is sealed in: one whose expiry, raised by writes made in
+    /// memory only, may lie later in that epoch than the sealed copy says
+    /// (a Signal session written behind). Past the epoch, nothing opens.
+    pub(crate) async fn open_in_epoch(
+        &self,
+        bytes: &[u8],
+        business: BusinessId,
+    ) -> Result<Opened, OpenError> {
+        self.open_until(bytes, business, true).await
+    }
+
+    /// Open `bytes` until its expiry, or, `in_epoch`, its epoch's end.
+    async fn open_until(
+        &self,
+        bytes: &[u8],
+        business: BusinessId,
+        in_epoch: bool,
+    ) -> Result<Opened, OpenError> {
         let envelope = Envelope::parse(bytes)?;
         let header = *envelope.header();
         let label = header.label();
         if label.business != business {
             return Err(OpenError::WrongBusiness);
         }
+        let until = if in_epoch {
+            header.epoch().end()
+        } else {
+            label.expiry
+        };
         // Authenticated before the expiry is believed: an altered header is
         // `Decrypt`, like any other altered byte. Only where the key is gone
         // can an expired record not be told from a forged one.
@@ -246,12 +273,12 @@ impl Vault {
             Some(opened) => opened,
             None => match Box::pin(self.keys.epoch_key(business, header.epoch())).await {
                 Ok(key) => open(&key),
-                Err(_) if self.clock.now() >= label.expiry => return Err(expired()),
+                Err(_) if self.clock.now() >= until => return Err(expired()),
                 Err(e) => return Err(e.into()),
             },
         };
         let plaintext = Zeroizing::new(opened?);
-        if self.clock.now() >= label.expiry {
+        if self.clock.now() >= until {
             return Err(expired());
         }
         Ok(Opened { header, plaintext })

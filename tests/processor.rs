@@ -2663,6 +2663,56 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
     d.assert_delivered(b, after).await;
 }
 
+/// A device's trusted key outlives a message received from it written
+/// behind (its record's expiry raised in memory only), though a sweep
+/// that deletes another consumer's state drops every cached one: the
+/// stored copy, sealed with the older expiry, is used until its epoch
+/// ends. (It was taken for no state in the last stretch of the message's
+/// life: a reinstalled device's new key went in on first use, under
+/// `Refuse`, unreported.) (Review of Signal sessions.)
+#[tokio::test]
+async fn a_trusted_key_outlives_a_message_received_written_behind() {
+    let d = Deployment::refusing_new_identities();
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.in_conversation(b, &number(2)).await;
+    d.in_conversation(b, &number(1)).await;
+    let keys = d.processor.keys(&d.operator).unwrap();
+    let phone = keys.phone_hash(b, &number(1)).await.unwrap();
+    let peer = PeerId { phone, device: 0 };
+    let stored = d.store.peer(b, peer).await.unwrap();
+    d.clock.advance(Duration::from_secs(60));
+    let one = number(1);
+    let again = d.network.consumer_sends(&one, 0, b, b"one more thing");
+    again.await.unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    assert!(
+        d.store.peer(b, peer).await.unwrap() == stored,
+        "written behind"
+    );
+    // Past the stored copy's expiry (a minute before the last message's),
+    // consumer 2's state is swept, and every cached one dropped with it.
+    d.clock
+        .advance(custodian::retention::CEILING - Duration::from_secs(30));
+    let swept = d.processor.sweep(&d.operator).await.unwrap();
+    assert!(swept.peers_deleted >= 1, "{swept:?}");
+    // Consumer 1's device comes back with a new key: refused.
+    d.network.add_consumer(&number(1), 1).await;
+    let new_key = d.network.consumer_sends(&one, 0, b, b"new phone");
+    new_key.await.unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    let texts: Vec<Vec<u8>> = d
+        .business
+        .contents()
+        .into_iter()
+        .map(|(_, _, c)| c)
+        .collect();
+    assert!(
+        texts.contains(&b"one more thing".to_vec()) && !texts.contains(&b"new phone".to_vec()),
+        "{texts:?}"
+    );
+}
+
 /// While a legal hold covers a consumer, approving a changed identity key
 /// is refused and changes nothing (its Signal record is kept for the case);
 /// once the hold is released, the approval goes through. (The record,

@@ -676,6 +676,77 @@ async fn a_bundle_never_replaces_a_trusted_identity() {
     }
 }
 
+/// A device's trusted key, and its session, outlive every message
+/// exchanged with it, however its state leaves memory (a restart here; a
+/// sweep or the cache's bound do the same). A send written behind raises
+/// the record's expiry in memory only; its stored copy, sealed with the
+/// older one, is still used past that until its epoch ends. (It was taken
+/// for no state once its own expiry passed: a bundle then replaced the
+/// trusted key on first use, under `Refuse`, in the last stretch of a
+/// message's life; and the device's session was lost.) (Review of Signal
+/// sessions; `tests/inbound.rs` has the same for a receive.)
+#[tokio::test]
+async fn a_trusted_key_outlives_a_message_sent_written_behind() {
+    let mut w = World::with_config(SignalConfig {
+        identity_policy: IdentityPolicy::Refuse,
+        ..SignalConfig::default()
+    });
+    // Five minutes into an hour: the messages below expire in one epoch.
+    w.clock.advance(Duration::from_secs(300));
+    let (mut phone, peer) = w.contact("+447700900031", 0).await;
+    let (mut other, other_peer) = w.contact("+447700900032", 0).await;
+    let mut stored = Vec::new();
+    for (phone, peer) in [(&mut phone, peer), (&mut other, other_peer)] {
+        let out = w.encrypt(peer, b"welcome").await;
+        assert_eq!(phone.decrypt(w.business, &out).await.unwrap(), b"welcome");
+        stored.push(w.snapshot(peer).await);
+    }
+    w.clock.advance(Duration::from_secs(600));
+    for (i, (phone, peer)) in [(&mut phone, peer), (&mut other, other_peer)]
+        .into_iter()
+        .enumerate()
+    {
+        let out = w.encrypt(peer, b"your code is 123456").await;
+        assert_eq!(
+            phone.decrypt(w.business, &out).await.unwrap(),
+            b"your code is 123456"
+        );
+        assert!(w.snapshot(peer).await == stored[i], "not written behind");
+    }
+    // Past the stored copy's expiry, before the last message's.
+    w.clock.advance(30 * DAY - Duration::from_secs(300));
+    w.restart();
+    let mut intruder = ConsumerDevice::new(0);
+    let taken = w
+        .sessions
+        .start_session(w.business, peer, &intruder.bundle(true), w.expiry())
+        .await;
+    assert!(
+        matches!(taken, Err(SignalError::UntrustedIdentity { .. })),
+        "{taken:?}"
+    );
+    let next = phone.encrypt(w.business, b"still here").await.unwrap();
+    assert_eq!(w.decrypt(peer, &next).await.unwrap(), b"still here");
+    let out = w.encrypt(peer, b"so are we").await;
+    assert_eq!(phone.decrypt(w.business, &out).await.unwrap(), b"so are we");
+    assert!(intruder.decrypt(w.business, &out).await.is_err());
+    // Its epoch over, a copy no message renewed is no state.
+    assert!(
+        w.sessions
+            .has_session(w.business, other_peer)
+            .await
+            .unwrap()
+    );
+    w.clock.advance(Duration::from_secs(3600));
+    w.restart();
+    assert!(
+        !w.sessions
+            .has_session(w.business, other_peer)
+            .await
+            .unwrap()
+    );
+}
+
 #[tokio::test]
 async fn identity_change_is_refused_when_the_policy_says_so() {
     let w = World::with_config(SignalConfig {

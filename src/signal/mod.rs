@@ -1005,7 +1005,16 @@ impl Sessions {
             };
             return Ok((Box::new(empty), taken));
         };
-        let loaded = match self.vault.open(&sealed, business).await {
+        let opened = match self.vault.open(&sealed, business).await {
+            // Sends and receives written behind raise the expiry in memory
+            // only, within the record's epoch: a copy sealed with an older
+            // one may serve a message that lives on. Taken for no state, it
+            // would let a new key in on first use while the device's
+            // messages live, and lose its session.
+            Err(OpenError::Expired { .. }) => self.vault.open_in_epoch(&sealed, business).await,
+            opened => opened,
+        };
+        let loaded = match opened {
             Ok(opened)
                 if opened.label().kind == Kind::SignalSession
                     && opened.label().region == self.store.region() =>
