@@ -3444,6 +3444,37 @@ async fn an_approval_lets_the_devices_retry_receipts_in_again() {
     d.assert_delivered(b, id).await;
 }
 
+/// Under `IdentityPolicy::AcceptAndReport`, a reinstalled device whose
+/// retry receipt was ignored (the bundle had its new key) gets the
+/// message once it writes: its new key, taken from its own message, lets
+/// its receipts in again, as an approval does. (They stayed ignored for
+/// the message's life.) (Review of Signal sessions.)
+#[tokio::test]
+async fn a_device_whose_new_key_was_taken_from_its_message_gets_its_messages() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    d.publish_all().await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(b, number(1), b"your order shipped").await;
+    d.run(Duration::from_secs(300), Duration::from_secs(60))
+        .await;
+    d.assert_delivered(b, id).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let refused = d.processor.retry_receipt(&d.transport, b, id, 0).await;
+    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+    // The reinstalled device writes: its new key is taken and reported.
+    let one = number(1);
+    let hi = d.network.consumer_sends(&one, 0, b, b"hi again");
+    hi.await.unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    d.clock.advance(Duration::from_secs(600));
+    let again = d.processor.retry_receipt(&d.transport, b, id, 0).await;
+    assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+    d.run(Duration::from_secs(60), Duration::from_secs(60))
+        .await;
+    d.assert_delivered(b, id).await;
+}
+
 /// An unnamed principal is refused in every role, though the host's
 /// authorizer grants it all three: the audit trail names who asked, and
 /// reads a trail written before it named anyone as the empty name, so an

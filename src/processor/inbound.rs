@@ -226,6 +226,12 @@ impl Processor {
         // write, left owed is for a write that never landed.
         self.claims.forgive_count_received((business, id));
         self.count_received(business, phone, now);
+        if identity_changed {
+            // Its new key taken from its own message (under
+            // `AcceptAndReport`): trusted now, as if approved, so the
+            // device's receipts ignored for a bundle count again.
+            self.receipts.approved(business, peer);
+        }
         debug!(%id, "inbound message stored");
         let delivered = match claim {
             Some(_claim) => {
