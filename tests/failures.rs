@@ -732,6 +732,36 @@ async fn a_session_record_over_the_limit_fails_the_message_at_once() {
     assert_eq!(told, [Status::Failed]);
 }
 
+/// A message refused because the keys kept for the messages it skips
+/// would grow its device's record past the limit is not refused for good:
+/// once the skipped messages arrive, it is received. (It was permanent,
+/// so a transport following `is_permanent` dropped a valid message.)
+/// (Review of Signal sessions.)
+#[tokio::test]
+async fn a_message_refused_for_its_records_size_is_received_once_the_skipped_ones_arrive() {
+    let mut d = deployment(Faults::none(), Faults::none()).await;
+    d.seams.signal.max_record_len = custodian::signal::MIN_RECORD_LEN;
+    d.restart();
+    let mut handset = d.handset().await;
+    let mut earlier = Vec::new();
+    for i in 0..1_000 {
+        earlier.push(d.inbound(&mut handset, format!("{i}").as_bytes()).await);
+    }
+    let ahead = d.inbound(&mut handset, b"ahead").await;
+    let refused = d.receive(ahead.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ProcessorError::Signal(SignalError::RecordTooLarge { .. })
+        ) && !refused.is_permanent(),
+        "{refused:?}"
+    );
+    for inbound in earlier {
+        assert!(d.receive(inbound).await.unwrap().delivered);
+    }
+    assert!(d.receive(ahead).await.unwrap().delivered);
+}
+
 /// Two outbound messages due, to two consumers, and one store or key
 /// provider call of the retransmission pass failing, at each call in turn:
 /// the failure strikes one message's work, and the pass goes on with the

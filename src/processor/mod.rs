@@ -187,15 +187,14 @@ impl ProcessorError {
     /// (store, keys, transport) are not permanent, nor is a refusal that
     /// another call can lift: an identity key the policy refuses until
     /// [`trust_new_identity`](Processor::trust_new_identity) approves it,
-    /// an authorizer or a policy that may change.
+    /// an authorizer or a policy that may change, a device's Signal record
+    /// grown past its limit ([`SignalError::RecordTooLarge`]: the keys it
+    /// keeps for messages skipped go as those messages arrive).
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Signal(e) => matches!(
                 e,
-                SignalError::InvalidMessage(_)
-                    | SignalError::NoSession
-                    | SignalError::BadBundle(_)
-                    | SignalError::RecordTooLarge { .. }
+                SignalError::InvalidMessage(_) | SignalError::NoSession | SignalError::BadBundle(_)
             ),
             Self::Seal(e) => matches!(e, SealError::TooLarge(_)),
             Self::Invalid(_) | Self::Config(_) | Self::NotFound => true,
