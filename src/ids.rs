@@ -19,6 +19,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::rng::OsRng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -115,9 +116,9 @@ impl MessageId {
     /// Length of a message id in bytes.
     pub const LEN: usize = 16;
 
-    /// A fresh random id from the thread-local CSPRNG.
+    /// A fresh random id from the operating system's generator.
     pub fn random() -> Self {
-        Self::random_from(&mut rand::rng())
+        Self::random_from(&mut OsRng)
     }
 
     /// A fresh random id from `rng` (inject a seeded generator for reproducible tests).

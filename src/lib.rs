@@ -9,6 +9,7 @@ pub mod keys;
 mod lock;
 pub mod processor;
 pub mod retention;
+mod rng;
 pub mod signal;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -65,6 +65,7 @@ use zeroize::Zeroizing;
 
 use crate::keys::{Epoch, EpochKey, EpochLength, KeyError};
 use crate::retention::CEILING;
+use crate::rng::OsRng;
 use crate::time::Timestamp;
 use crate::vault::CLOCK_TOLERANCE;
 
@@ -467,7 +468,7 @@ pub(crate) fn seal_admitted(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
     let mut nonce = [0u8; NONCE_LEN];
-    rand::rng().fill_bytes(&mut nonce);
+    OsRng.fill_bytes(&mut nonce);
     seal_with_nonce(key, label, &nonce, plaintext)
 }
 
@@ -658,7 +659,7 @@ impl RecordKey {
             return Err(SealError::KeySpent);
         }
         let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
+        OsRng.fill_bytes(&mut nonce);
         self.seals += 1;
         let len = plaintext.len();
         let header = HeaderBytes::new(label, self.epoch, &nonce, &self.commitment, len);

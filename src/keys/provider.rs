@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use super::secret::SecretKey;
 use crate::aead::{Cipher, NONCE_LEN};
 use crate::ids::BusinessId;
+use crate::rng::OsRng;
 
 /// What a wrapped KEK is bound to. A provider must refuse to unwrap under a
 /// different context (AWS KMS calls this the encryption context), so a KEK
@@ -140,7 +141,7 @@ impl fmt::Debug for LocalKeyProvider {
 impl KeyProvider for LocalKeyProvider {
     async fn wrap(&self, context: &KekContext, key: &SecretKey) -> Result<Vec<u8>, ProviderError> {
         let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
+        OsRng.fill_bytes(&mut nonce);
         self.wrap_with(&nonce, context, key)
     }
 

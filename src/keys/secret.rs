@@ -18,6 +18,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use super::Epoch;
 use crate::aead::{Cipher, KEY_LEN};
 use crate::ids::{BusinessId, MessageId};
+use crate::rng::OsRng;
 
 /// 256 bits of secret key material, as a [`KeyProvider`](super::KeyProvider)
 /// sees it. Hosts implementing a provider read it with
@@ -41,9 +42,9 @@ impl SecretKey {
     /// Length in bytes.
     pub const LEN: usize = KEY_LEN;
 
-    /// Fresh key material from the thread-local CSPRNG.
+    /// Fresh key material from the operating system's generator.
     pub fn generate() -> Self {
-        Self::generate_from(&mut rand::rng())
+        Self::generate_from(&mut OsRng)
     }
 
     /// Fresh key material from `rng`.

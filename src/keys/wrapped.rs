@@ -11,6 +11,7 @@ use super::epoch::Epoch;
 use super::secret::Kek;
 use crate::aead::NONCE_LEN;
 use crate::ids::BusinessId;
+use crate::rng::OsRng;
 use crate::time::Timestamp;
 
 /// What a wrapped key is for. Stored as its one-byte code.
@@ -133,7 +134,7 @@ impl WrappedKey {
     /// Wrap `secret` as `id` under `kek`.
     pub(crate) fn seal(id: KeyId, kek: &Kek, secret: &[u8]) -> Result<Self, KeyError> {
         let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
+        OsRng.fill_bytes(&mut nonce);
         Self::seal_with(id, kek, &nonce, secret)
     }
 

@@ -14,10 +14,10 @@ use wacore_libsignal::protocol::{
     Timestamp as SignalTimestamp,
 };
 
-use super::rng::ThreadCsprng;
 use super::{PublicPreKey, SignalError, SignedPublicPreKey};
 use crate::ids::BusinessId;
 use crate::keys::{KeyId, KeyKind, KeyManager, WrappedKey};
+use crate::rng::OsRng;
 use crate::time::Timestamp;
 
 /// Largest prekey id: the wire carries 24 bits.
@@ -83,8 +83,8 @@ impl Account {
             None => {
                 // Wiped whatever happens, the store failing included.
                 let fresh = encode_identity(
-                    ThreadCsprng.random_range(1..=MAX_REGISTRATION_ID),
-                    &IdentityKeyPair::generate(&mut ThreadCsprng),
+                    OsRng.random_range(1..=MAX_REGISTRATION_ID),
+                    &IdentityKeyPair::generate(&mut OsRng),
                 );
                 keys.store_secret(id, &fresh).await?
             }
@@ -132,11 +132,11 @@ impl Account {
             .first()
             .copied()
             .ok_or(corrupt("no free signed prekey id"))?;
-        let pair = KeyPair::generate(&mut ThreadCsprng);
+        let pair = KeyPair::generate(&mut OsRng);
         let signature = self
             .identity
             .private_key()
-            .calculate_signature(&pair.public_key.serialize(), &mut ThreadCsprng)
+            .calculate_signature(&pair.public_key.serialize(), &mut OsRng)
             .map_err(|_| corrupt("signing failed"))?;
         let record = SignedPreKeyRecord::new(
             id.into(),
@@ -300,7 +300,7 @@ pub(super) async fn add_one_time_prekeys(
 ) -> Result<usize, SignalError> {
     let ids = next_ids(taken, held, count);
     for &id in &ids {
-        let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut ThreadCsprng));
+        let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut OsRng));
         let bytes =
             zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt(ONE_TIME_PREKEY))?);
         keys.store_secret(
@@ -458,7 +458,7 @@ pub(super) fn next_ids(taken: &BTreeSet<u32>, held: &BTreeSet<u32>, count: usize
         .copied();
     let mut id = match newest {
         Some(newest) => newest % MAX_PREKEY_ID + 1,
-        None => ThreadCsprng.random_range(1..=MAX_PREKEY_ID),
+        None => OsRng.random_range(1..=MAX_PREKEY_ID),
     };
     let mut ids = Vec::with_capacity(count.min(MAX_PREKEY_ID as usize));
     let mut tried = 0;

@@ -55,8 +55,8 @@ use rand::Rng;
 
 use super::SignalConfig;
 use super::peer::Peer;
-use super::rng::ThreadCsprng;
 use crate::ids::BusinessId;
+use crate::rng::OsRng;
 use crate::store::PeerId;
 
 type Key = (BusinessId, PeerId);
@@ -109,7 +109,7 @@ impl Inner {
 
 fn fresh_incarnation() -> [u8; 16] {
     let mut incarnation = [0u8; 16];
-    ThreadCsprng.fill_bytes(&mut incarnation);
+    OsRng.fill_bytes(&mut incarnation);
     incarnation
 }
 
@@ -272,9 +272,9 @@ impl Drop for Taken<'_> {
 mod tests {
     use wacore_libsignal::protocol::IdentityKeyPair;
 
-    use super::super::rng::ThreadCsprng;
     use super::*;
     use crate::ids::PhoneHash;
+    use crate::rng::OsRng;
 
     const B: usize = 10 * PEER_OVERHEAD;
 
@@ -287,7 +287,7 @@ mod tests {
     /// A peer (a trusted identity, no session) whose last encoding was
     /// `len` bytes.
     fn peer(n: u8, len: usize, dirty: bool) -> Box<Peer> {
-        let identity = *IdentityKeyPair::generate(&mut ThreadCsprng).identity_key();
+        let identity = *IdentityKeyPair::generate(&mut OsRng).identity_key();
         Box::new(Peer {
             encoded_len: len,
             dirty,

@@ -13,7 +13,6 @@ use zeroize::Zeroizing;
 
 use super::cache::Taken;
 use super::peer::{Peer, RECEIVE_WINDOW};
-use super::rng::ThreadCsprng;
 use super::stores::{PreKeyHold, PreKeyOverlay, SignedPreKeyOverlay};
 use super::{
     Ciphertext, Decrypted, Parsed, Sessions, SignalError, StorageFailure, corrupt_session,
@@ -21,6 +20,7 @@ use super::{
 };
 use crate::ids::{BusinessId, MessageId};
 use crate::keys::{KeyId, KeyKind};
+use crate::rng::OsRng;
 use crate::store::{Batch, Op, PeerId, StoreError};
 use crate::time::Timestamp;
 
@@ -368,7 +368,7 @@ impl Sessions {
             &mut identities,
             &mut prekeys,
             &signed,
-            &mut ThreadCsprng,
+            &mut OsRng,
             UsePQRatchet::No,
         )
         .await;

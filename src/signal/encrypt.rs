@@ -6,9 +6,9 @@ use wacore_libsignal::protocol::{
     SignalProtocolError, UsePQRatchet, message_encrypt, process_prekey_bundle,
 };
 
-use super::rng::ThreadCsprng;
 use super::{Ciphertext, MessageKind, PreKeyBundle, Sessions, SignalError, protocol_error, usable};
 use crate::ids::{BusinessId, PhoneHash};
+use crate::rng::OsRng;
 use crate::store::{Batch, PeerId};
 use crate::time::Timestamp;
 
@@ -143,7 +143,7 @@ impl Sessions {
             &mut sessions,
             &mut identities,
             &lib_bundle,
-            &mut ThreadCsprng,
+            &mut OsRng,
             UsePQRatchet::No,
         )
         .await;

@@ -77,7 +77,6 @@ mod decrypt;
 mod encrypt;
 mod logs;
 mod peer;
-mod rng;
 mod stores;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
