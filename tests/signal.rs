@@ -745,6 +745,14 @@ async fn a_trusted_key_outlives_a_message_sent_written_behind() {
             .await
             .unwrap()
     );
+    // Memory, which knew the expiry, is believed: past it, no state,
+    // though the stored copy's epoch goes on.
+    let (mut third, third_peer) = w.contact("+447700900033", 0).await;
+    let out = w.encrypt(third_peer, b"welcome").await;
+    assert_eq!(third.decrypt(w.business, &out).await.unwrap(), b"welcome");
+    w.clock.advance(30 * DAY + Duration::from_secs(60));
+    let has = w.sessions.has_session(w.business, third_peer).await;
+    assert!(!has.unwrap());
 }
 
 #[tokio::test]

@@ -982,13 +982,16 @@ impl Sessions {
         business: BusinessId,
         peer: PeerId,
     ) -> Result<(Box<Peer>, Taken<'_>), SignalError> {
+        // Whether memory had the state, its retention over: the sealed
+        // copy's is then over too, however early it was sealed.
+        let mut expired = false;
         if let Some(cached) = self.cache.take(&(business, peer), self.shreds()) {
             if cached.expiry > self.now() {
                 let taken = self.cache.taken((business, peer), cached.dirty);
                 return Ok((cached, taken));
             }
-            // Its retention is over, as the sealed copy's is: no state.
             self.cache.discard(cached.dirty);
+            expired = true;
         }
         // Read before the store: a clear that runs after this makes the
         // state read below stale, and it is not put back.
@@ -1007,10 +1010,13 @@ impl Sessions {
         let opened = match self.vault.open(&sealed, business).await {
             // Sends and receives written behind raise the expiry in memory
             // only, within the record's epoch: a copy sealed with an older
-            // one may serve a message that lives on. Taken for no state, it
-            // would let a new key in on first use while the device's
-            // messages live, and lose its session.
-            Err(OpenError::Expired { .. }) => self.vault.open_in_epoch(&sealed, business).await,
+            // one may serve a message that lives on (unless memory, which
+            // knew, said not). Taken for no state, it would let a new key
+            // in on first use while the device's messages live, and lose
+            // its session.
+            Err(OpenError::Expired { .. }) if !expired => {
+                self.vault.open_in_epoch(&sealed, business).await
+            }
             opened => opened,
         };
         let loaded = match opened {
@@ -1019,9 +1025,16 @@ impl Sessions {
                     && opened.label().region == self.store.region() =>
             {
                 let expiry = opened.label().expiry;
+                let epoch_end = opened.header.epoch().end();
                 let plaintext = opened.plaintext;
-                Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
-                    .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))?
+                let mut loaded = Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
+                    .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))?;
+                // Opened past its expiry (see above): its state lives, in
+                // memory too, until its epoch ends, or a message renews it.
+                if expiry <= self.now() {
+                    loaded.expiry = epoch_end;
+                }
+                loaded
             }
             Ok(_) => {
                 return Err(SignalError::Storage(StorageFailure::Corrupt(
