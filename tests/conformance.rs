@@ -149,6 +149,7 @@ conformance!(
     cap_expiry_shortens_only_later_expiries_of_one_business_and_direction,
     a_peer_is_deleted_as_idle_only_while_its_consumer_has_no_live_message,
     orphan_peers_pages_through_every_idle_peer_in_key_order,
+    a_live_message_is_one_of_the_consumer_expiring_later,
     a_consumer_whose_messages_are_deleted_has_none_left,
     holds_are_placed_replaced_released_in_scope_order,
     census_counts_what_is_stored,
@@ -1856,6 +1857,27 @@ async fn delete_epoch_keys_spares_the_businesses_of_holds_not_seen(backend: &mut
             .unwrap()
             .is_empty()
     );
+}
+
+async fn a_live_message_is_one_of_the_consumer_expiring_later(backend: &mut Backend) {
+    let s = &*backend.store;
+    let expiry = T0 + DAY;
+    commit(
+        s,
+        [
+            put(&M::new(1, 1, 1, expiry)),
+            put(&M::new(1, 2, 1, expiry - HOUR)),
+        ],
+    )
+    .await;
+    let live = |b, p, now| s.has_live_message(business(b), phone(p), t(now));
+    assert!(live(1, 1, expiry - 1).await.unwrap());
+    assert!(
+        !live(1, 1, expiry).await.unwrap(),
+        "at its expiry, it is over"
+    );
+    assert!(!live(1, 2, T0).await.unwrap(), "another consumer");
+    assert!(!live(2, 1, T0).await.unwrap(), "another business");
 }
 
 async fn orphan_peers_pages_through_every_idle_peer_in_key_order(backend: &mut Backend) {

@@ -133,6 +133,28 @@ impl World {
             .unwrap()
     }
 
+    /// A message of `peer`'s consumer stored now, expiring with the
+    /// messages exchanged now.
+    async fn store_message(&self, peer: PeerId, n: u8) {
+        use custodian::ids::MessageId;
+        use custodian::store::{Delivery, Direction, MessageRecord};
+        let now = self.clock.now();
+        let expiry = self.expiry();
+        let record = MessageRecord {
+            business: self.business,
+            id: MessageId::from_bytes([n; 16]),
+            direction: Direction::Outbound,
+            phone: peer.phone,
+            created: now,
+            expiry,
+            epoch: Epoch::containing(expiry, EpochLength::DEFAULT).unwrap(),
+            delivery: Delivery::queued(now),
+            sealed: Vec::new(),
+        };
+        let put = Op::PutMessage(Box::new(record));
+        self.store.commit(Batch::from(put)).await.unwrap();
+    }
+
     /// Everything stored about the peer and the business's prekeys.
     async fn snapshot(&self, peer: PeerId) -> (Option<Vec<u8>>, Vec<u64>, Vec<u64>) {
         self.snapshot_in(self.business, peer).await
@@ -712,6 +734,8 @@ async fn a_trusted_key_outlives_a_message_sent_written_behind() {
             b"your code is 123456"
         );
         assert!(w.snapshot(peer).await == stored[i], "not written behind");
+        // The message is stored (as the processor stores what it sends).
+        w.store_message(peer, i as u8).await;
     }
     // Past the stored copy's expiry, before the last message's.
     w.clock.advance(30 * DAY - Duration::from_secs(300));
@@ -745,8 +769,8 @@ async fn a_trusted_key_outlives_a_message_sent_written_behind() {
             .await
             .unwrap()
     );
-    // Memory, which knew the expiry, is believed: past it, no state,
-    // though the stored copy's epoch goes on.
+    // With no message of its consumer left, a copy past its expiry is no
+    // state, though its epoch goes on.
     let (mut third, third_peer) = w.contact("+447700900033", 0).await;
     let out = w.encrypt(third_peer, b"welcome").await;
     assert_eq!(third.decrypt(w.business, &out).await.unwrap(), b"welcome");

@@ -982,16 +982,13 @@ impl Sessions {
         business: BusinessId,
         peer: PeerId,
     ) -> Result<(Box<Peer>, Taken<'_>), SignalError> {
-        // Whether memory had the state, its retention over: the sealed
-        // copy's is then over too, however early it was sealed.
-        let mut expired = false;
         if let Some(cached) = self.cache.take(&(business, peer), self.shreds()) {
             if cached.expiry > self.now() {
                 let taken = self.cache.taken((business, peer), cached.dirty);
                 return Ok((cached, taken));
             }
+            // Its retention is over: the stored copy decides, as below.
             self.cache.discard(cached.dirty);
-            expired = true;
         }
         // Read before the store: a clear that runs after this makes the
         // state read below stale, and it is not put back.
@@ -1010,12 +1007,22 @@ impl Sessions {
         let opened = match self.vault.open(&sealed, business).await {
             // Sends and receives written behind raise the expiry in memory
             // only, within the record's epoch: a copy sealed with an older
-            // one may serve a message that lives on (unless memory, which
-            // knew, said not). Taken for no state, it would let a new key
-            // in on first use while the device's messages live, and lose
-            // its session.
-            Err(OpenError::Expired { .. }) if !expired => {
-                self.vault.open_in_epoch(&sealed, business).await
+            // one may serve a message that lives on. Taken for no state
+            // while its consumer has a message, it would let a new key in
+            // on first use, and lose the device's session. So it is loaded
+            // until its epoch ends, while the consumer has a message (the
+            // rule the sweep keeps Signal state by).
+            Err(e @ OpenError::Expired { .. }) => {
+                let now = self.now();
+                if self
+                    .store
+                    .has_live_message(business, peer.phone, now)
+                    .await?
+                {
+                    self.vault.open_in_epoch(&sealed, business).await
+                } else {
+                    Err(e)
+                }
             }
             opened => opened,
         };

@@ -863,6 +863,15 @@ impl Storage for MemoryStore {
         Ok(epochs.into_iter().collect())
     }
 
+    async fn has_live_message(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        Ok(self.lock().has_live_message(business, phone, now))
+    }
+
     async fn orphan_peers(
         &self,
         now: Timestamp,

@@ -213,6 +213,18 @@ pub trait Storage: KeyStore {
         phone: PhoneHash,
     ) -> Result<Vec<u32>, StoreError>;
 
+    /// Whether `phone` has a stored message of `business` expiring after
+    /// `now`: its Signal state is needed (the rule [`orphan_peers`] keeps
+    /// state by).
+    ///
+    /// [`orphan_peers`]: Storage::orphan_peers
+    async fn has_live_message(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
     /// The stored message `id` of `business`.
     async fn message(
         &self,

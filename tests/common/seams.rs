@@ -541,6 +541,15 @@ impl Storage for FailingStore {
         let call = self.inner.peer_devices(business, phone);
         self.faults.store("peer_devices", call).await
     }
+    async fn has_live_message(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let call = self.inner.has_live_message(business, phone, now);
+        self.faults.store("has_live_message", call).await
+    }
     async fn message(
         &self,
         business: BusinessId,

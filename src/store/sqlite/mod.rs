@@ -847,6 +847,17 @@ impl Storage for SqliteStore {
             .with(|c| reads::peer_epochs(c, business, phone))
     }
 
+    async fn has_live_message(
+        &self,
+        business: BusinessId,
+        phone: PhoneHash,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.reads()
+            .await
+            .with(|c| reads::has_live_message(c, business, phone, now))
+    }
+
     async fn orphan_peers(
         &self,
         now: Timestamp,

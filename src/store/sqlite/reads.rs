@@ -337,6 +337,25 @@ pub(super) fn peer_devices(
     collect(&mut rows, |r| Cols::new(r, "peers").u32(0, "device"))
 }
 
+pub(super) fn has_live_message(
+    conn: &Connection,
+    business: BusinessId,
+    phone: PhoneHash,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM messages
+                            WHERE business = ?1 AND phone = ?2 AND expiry > ?3)",
+        )
+        .db()?;
+    stmt.query_row(
+        params![business_sql(business), &phone.as_bytes()[..], time_sql(now)],
+        |r| r.get::<_, bool>(0),
+    )
+    .db()
+}
+
 pub(super) fn message(
     conn: &Connection,
     business: BusinessId,
