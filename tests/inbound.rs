@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use custodian::ids::{BusinessId, PhoneNumber};
 use custodian::keys::{LocalKeyProvider, SecretKey};
-use custodian::processor::{Host, Inbound, Policies, Processor, ProcessorError, Receipt};
+use custodian::processor::{Host, Inbound, Outbound, Policies, Processor, ProcessorError, Receipt};
 use custodian::retention::RetentionPolicy;
 use custodian::signal::{Ciphertext, SignalError};
 use custodian::store::{SqliteConfig, SqliteStore, Storage};
@@ -816,6 +816,81 @@ async fn a_stalled_hand_over_keeps_its_message_one_grace_more_at_most() {
         (1, 1),
         "{report:?}"
     );
+}
+
+/// A device whose stored state has lapsed (past its own expiry, its
+/// consumer still writing from another device) keeps its trusted key but
+/// not its session: the messages that settle the counters its receives
+/// written behind consumed are swept with its other messages, and a
+/// replay of one, weeks later, would decrypt as new. (The whole state was
+/// brought back: the replays were handed over again.) (Second look at the
+/// review fixes.)
+#[tokio::test]
+async fn a_replay_after_a_devices_state_lapsed_is_not_taken_for_new() {
+    let w = World::new().await;
+    let bundle = w.network.published().unwrap();
+    let (mut phone, mut desktop) = (ConsumerDevice::new(0), ConsumerDevice::new(1));
+    phone
+        .start_session(w.b, &bundle.bundle(Some(0)))
+        .await
+        .unwrap();
+    desktop
+        .start_session(w.b, &bundle.bundle(Some(1)))
+        .await
+        .unwrap();
+    let from = consumer(1);
+    let receive = |device: u32, message: Ciphertext| {
+        let inbound = Inbound {
+            from: from.clone(),
+            device,
+            message,
+        };
+        w.processor.receive(&w.carrier, w.b, inbound)
+    };
+    w.clock.advance(Duration::from_secs(300));
+    let hello = phone.encrypt(w.b, b"hello").await.unwrap();
+    assert!(receive(0, hello).await.unwrap().delivered);
+    // The business answers; the phone's next messages are follow-ups on a
+    // new chain, the second and third written behind.
+    let answer = Outbound {
+        to: from.clone(),
+        content: b"noted".to_vec().into(),
+        category: custodian::integrity::Category::Service,
+    };
+    w.processor.send(&w.carrier, w.b, answer).await.unwrap();
+    for sent in w.network.take_sent().remove(&from).unwrap() {
+        phone.decrypt(w.b, &sent).await.unwrap();
+    }
+    w.clock.advance(Duration::from_secs(300));
+    let mut captured = Vec::new();
+    for text in [&b"one"[..], b"two", b"three"] {
+        let message = phone.encrypt(w.b, text).await.unwrap();
+        captured.push(message.clone());
+        assert!(receive(0, message).await.unwrap().delivered);
+    }
+    // The desktop writes ten minutes later: its message outlives the
+    // phone's.
+    w.clock.advance(Duration::from_secs(600));
+    let later = desktop.encrypt(w.b, b"from the desktop").await.unwrap();
+    assert!(receive(1, later).await.unwrap().delivered);
+    // Past the phone's messages' expiry: swept.
+    w.clock
+        .advance(custodian::retention::CEILING - Duration::from_secs(540));
+    let swept = w.processor.sweep(&w.operator).await.unwrap();
+    assert!(swept.messages_deleted >= 4, "{swept:?}");
+    // The phone writes again; days later, its old messages are replayed.
+    let again = phone.encrypt(w.b, b"four").await.unwrap();
+    drop(receive(0, again).await);
+    w.clock.advance(Duration::from_secs(3 * 24 * 3600));
+    for message in captured {
+        let replay = receive(0, message).await;
+        assert!(
+            !replay.as_ref().is_ok_and(|r| r.delivered && !r.duplicate),
+            "{replay:?}"
+        );
+    }
+    let texts = w.texts();
+    assert_eq!(texts.iter().filter(|t| *t == "two").count(), 1, "{texts:?}");
 }
 
 /// A message whose retention ends while its storing commit is held up (a

@@ -1007,11 +1007,11 @@ impl Sessions {
         let opened = match self.vault.open(&sealed, business).await {
             // Sends and receives written behind raise the expiry in memory
             // only, within the record's epoch: a copy sealed with an older
-            // one may serve a message that lives on. Taken for no state
-            // while its consumer has a message, it would let a new key in
-            // on first use, and lose the device's session. So it is loaded
-            // until its epoch ends, while the consumer has a message (the
-            // rule the sweep keeps Signal state by).
+            // one may be all that is left of a device whose messages live
+            // on. Taken for no state, it would let a new key in on first
+            // use. So its trusted key is kept until its epoch ends, while
+            // its consumer has a message (the rule the sweep keeps Signal
+            // state by); see below for its session.
             Err(e @ OpenError::Expired { .. }) => {
                 let now = self.now();
                 if self
@@ -1034,14 +1034,24 @@ impl Sessions {
                 let expiry = opened.label().expiry;
                 let epoch_end = opened.header.epoch().end();
                 let plaintext = opened.plaintext;
-                let mut loaded = Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
+                let loaded = Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
                     .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))?;
-                // Opened past its expiry (see above): its state lives, in
-                // memory too, until its epoch ends, or a message renews it.
-                if expiry <= self.now() {
-                    loaded.expiry = epoch_end;
+                if expiry > self.now() {
+                    loaded
+                } else {
+                    // Opened past its expiry (see above): its trusted key
+                    // only, until its epoch ends (in memory too) or a new
+                    // session renews it. Not its session: the messages that
+                    // settle the counters receives written behind consumed
+                    // may be swept, and a replay of one would decrypt again.
+                    Peer {
+                        identity: loaded.identity,
+                        expiry: epoch_end,
+                        sealed_expiry: expiry,
+                        encoded_len: loaded.encoded_len,
+                        ..Peer::empty(peer)
+                    }
                 }
-                loaded
             }
             Ok(_) => {
                 return Err(SignalError::Storage(StorageFailure::Corrupt(
