@@ -39,13 +39,13 @@
 //!   messages that settle it (unless a business's retention is shortened
 //!   meanwhile, which deletes messages early).
 //!
-//! A stored snapshot past its own expiry is still loaded until the end of
-//! its epoch while its consumer has a message: the expiry it had in memory
-//! (raised by sends and receives written behind, never past the epoch) may
-//! have been later, and a device's trusted key must outlive its messages. Within that stretch, a
-//! snapshot a crash outdated may have outlived the messages that settle
-//! it: a replay of one swept already decrypts again (the narrow case of
-//! the replay limit in the README's security notes).
+//! A stored snapshot past its own expiry still gives its trusted key until
+//! the end of its epoch, while its consumer has a message: the expiry it
+//! had in memory (raised by sends and receives written behind, never past
+//! the epoch) may have been later, and a device's trusted key must outlive
+//! its messages. Not its session: the messages that would settle its
+//! unsure counters may be swept by then, and a replay of one would
+//! decrypt again.
 
 use std::sync::{Mutex, MutexGuard};
 
