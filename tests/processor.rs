@@ -2666,8 +2666,8 @@ async fn a_retry_receipt_does_not_get_a_new_identity_trusted() {
 /// A device's trusted key outlives a message received from it written
 /// behind (its record's expiry raised in memory only), though a sweep
 /// that deletes another consumer's state drops every cached one: the
-/// stored copy, sealed with the older expiry, is used until its epoch
-/// ends. (It was taken for no state in the last stretch of the message's
+/// stored copy, sealed with the older expiry, gives its trusted key until
+/// its epoch ends. (It was taken for no state in the last stretch of the message's
 /// life: a reinstalled device's new key went in on first use, under
 /// `Refuse`, unreported.) (Review of Signal sessions.)
 #[tokio::test]
