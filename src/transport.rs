@@ -8,7 +8,7 @@
 //! transport only for delivery, content reaches only the business.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -45,13 +45,22 @@ impl fmt::Debug for Principal {
     }
 }
 
-/// The name escaped as Rust escapes a string's `Debug` (`\\`, `\n`,
-/// `\u{2028}`, `\u{202e}`, quotes; no surrounding quotes): a name cannot
-/// start a log line of its own, reorder one, drive a terminal, nor pass
-/// for another name.
+/// The name in double quotes, every character but printable ASCII
+/// escaped (`\"`, `\\`, `\u{a}`, `\u{2028}`, `\u{34f}`): a name cannot
+/// start a log line of its own, reorder one, drive a terminal, hide a
+/// character, nor pass for another name beside the fields logged with it
+/// (`"ops business=7"` is one name).
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.escape_debug())
+        f.write_char('"')?;
+        for c in self.0.chars() {
+            match c {
+                '"' | '\\' => write!(f, "\\{c}")?,
+                ' '..='~' => f.write_char(c)?,
+                _ => write!(f, "{}", c.escape_unicode())?,
+            }
+        }
+        f.write_char('"')
     }
 }
 
@@ -320,14 +329,20 @@ mod tests {
     use super::Principal;
 
     #[test]
-    fn a_principal_prints_escaped() {
-        let name = "ops\n2026-12-06 INFO forged\u{1b}[2J\u{2028}\u{202e} é";
+    fn a_principal_prints_quoted_and_escaped() {
+        let name = "ops\n2026-12-06 INFO forged\u{1b}[2J\u{2028}\u{202e}\u{34f} é";
         let p = Principal::new(name);
-        let shown = "ops\\n2026-12-06 INFO forged\\u{1b}[2J\\u{2028}\\u{202e} é";
+        let shown =
+            "\"ops\\u{a}2026-12-06 INFO forged\\u{1b}[2J\\u{2028}\\u{202e}\\u{34f} \\u{e9}\"";
         assert_eq!(p.to_string(), shown);
         assert_eq!(format!("{p:?}"), format!("Principal({p})"));
         assert_eq!(p.name(), name);
-        // A backslash and an `n` do not pass for a newline.
-        assert_eq!(Principal::new("ops\\n").to_string(), "ops\\\\n");
+        // No name prints as another, nor as a name and a field.
+        assert_eq!(Principal::new("ops\\n").to_string(), "\"ops\\\\n\"");
+        assert_eq!(
+            Principal::new("ops business=7").to_string(),
+            "\"ops business=7\""
+        );
+        assert_eq!(Principal::new("a\"b").to_string(), "\"a\\\"b\"");
     }
 }
