@@ -1825,6 +1825,40 @@ async fn one_message_a_business_could_not_take_leaves_its_last_chances_asked() {
     );
 }
 
+/// Answers every expired message as `notice`.
+struct Answers(Notice);
+
+#[async_trait]
+impl ExpiryNotifier for Answers {
+    async fn expired_undelivered(&self, _: &MessageRecord) -> Notice {
+        self.0
+    }
+}
+
+/// A message an attempt is under way on is left to it past the grace, for
+/// one grace more: then the attempt has stalled, and the message is given
+/// up on. One that settled since the sweep listed it is left as it is,
+/// whenever: nothing is counted unreported, nor its report dropped.
+/// (Settled was answered as busy: past two graces, counted unreported.)
+#[tokio::test]
+async fn an_attempt_under_way_is_waited_for_one_grace_and_a_settled_message_always() {
+    for (notice, past, unreported) in [
+        (Notice::Busy, REPORT_GRACE, 0),
+        (Notice::Busy, 2 * REPORT_GRACE + MINUTE, 3),
+        (Notice::Settled, 2 * REPORT_GRACE + MINUTE, 0),
+    ] {
+        let w = World::new(64);
+        futures_all(&w, business(1), 3).await;
+        w.clock.advance(CEILING + past);
+        let report = w.retention.sweep(w.now(), &Answers(notice)).await.unwrap();
+        assert_eq!(
+            (report.failures_unreported, report.failed_expired),
+            (unreported, unreported),
+            "{notice:?} {past:?}: {report:?}"
+        );
+    }
+}
+
 /// Slices of three steps over a store where two messages expire before
 /// every slice (batch 1): more work than the slices have steps for. The
 /// delete stage could spend every slice's budget; still every stage gets

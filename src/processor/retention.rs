@@ -48,8 +48,7 @@ impl ExpiryNotifier for FailureNotifier<'_> {
         };
         let failed = match p.storage.message(business, id).await {
             Ok(Some(record)) if record.delivery.status.is_open() => p.fail_expired(&record).await,
-            // Settled (or deleted) since the sweep listed it.
-            Ok(_) => return Notice::Busy,
+            Ok(_) => return Notice::Settled,
             Err(e) => Err(e.into()),
         };
         match failed {

@@ -49,13 +49,14 @@ pub enum Notice {
     /// sweep, until [`REPORT_GRACE`] has passed; then it is failed
     /// unreported.
     Untold,
-    /// The message is being settled elsewhere (an attempt to deliver it is
-    /// under way, or it settled since the sweep listed it): the sweep
-    /// leaves it as it is, to that attempt or to the next sweep, even past
-    /// the grace, for one grace more. Busy then, the attempt has stalled (a
-    /// call no one times out): the message is failed unreported, as one
-    /// whose business could not be told. Its business counts as reachable.
+    /// An attempt to deliver it is under way: the sweep leaves it to that
+    /// attempt (or the next sweep), even past the grace, for one grace
+    /// more. Busy then, the attempt has stalled (a call no one times out):
+    /// the message is failed unreported, as one whose business could not
+    /// be told. Its business counts as reachable.
     Busy,
+    /// It settled, or went, since the sweep listed it: nothing to tell.
+    Settled,
 }
 
 /// What a sweep did.
@@ -494,6 +495,7 @@ impl<'a> Sweep<'a> {
                     // Given up on, the attempt under way would find it
                     // deleted when it ends: its business told nothing of a
                     // message it may have delivered.
+                    Notice::Settled => continue,
                     Notice::Busy if !(last_chance && stalled) => continue,
                     Notice::Busy => {
                         tracing::warn!(
