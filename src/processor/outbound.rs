@@ -841,8 +841,8 @@ impl Processor {
             {
                 Ok(c) => c,
                 // Over the size limit in force, the device's record stays
-                // so until the limit is raised: it is given up on, as one
-                // with no session is.
+                // so until the limit is raised or the messages it skipped
+                // arrive: it is given up on, as one with no session is.
                 Err(e @ SignalError::RecordTooLarge { .. }) => {
                     warn!(%business, id = %record.id, device, error = %e, "not sent to a device");
                     reached.settle(bit);
