@@ -63,6 +63,10 @@ fn main() {
     }
     let mut status = 0;
     // SAFETY: waits for the child forked above.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        waited == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child failed"
+    );
     std::fs::write(format!("{out}.parent"), &sealed).expect("written");
 }
