@@ -3415,64 +3415,52 @@ async fn approving_a_key_for_a_device_with_no_state_changes_nothing() {
     assert!(d.store.peer_devices(b, phone).await.unwrap().is_empty());
 }
 
-/// Under `IdentityPolicy::Refuse`, a device whose retry receipt was
-/// ignored because the bundle had a new key gets the message once the
-/// business approves that key: the approval lets its receipts in again.
-/// (They stayed ignored for the message's life, so a delivered message,
-/// with no retransmission left, never reached the reinstalled device.)
+/// A device whose retry receipt was ignored because the bundle had a new
+/// key gets the message once that key is trusted: approved by the
+/// business (under `IdentityPolicy::Refuse`), or taken from the device's
+/// own message (under `AcceptAndReport`), either of which lets its
+/// receipts in again. (They stayed ignored for the message's life, so a
+/// delivered message, with no retransmission left, never reached the
+/// reinstalled device; under `AcceptAndReport` until the review of Signal
+/// sessions.)
 #[tokio::test]
-async fn an_approval_lets_the_devices_retry_receipts_in_again() {
-    let d = Deployment::refusing_new_identities();
-    let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
-    d.network.add_consumer(&number(1), 1).await;
-    let id = d.send(b, number(1), b"your order shipped").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    d.assert_delivered(b, id).await;
-    // The consumer reinstalls; its device asks for the message again, and
-    // the bundle the network serves has the new key: refused.
-    d.network.add_consumer(&number(1), 1).await;
-    let refused = d.processor.retry_receipt(&d.transport, b, id, 0).await;
-    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
-    d.approve_network_key(b, &number(1), 0).await;
-    d.clock.advance(Duration::from_secs(600));
-    let again = d.processor.retry_receipt(&d.transport, b, id, 0).await;
-    assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
-    d.run(Duration::from_secs(60), Duration::from_secs(60))
-        .await;
-    d.assert_delivered(b, id).await;
-}
-
-/// Under `IdentityPolicy::AcceptAndReport`, a reinstalled device whose
-/// retry receipt was ignored (the bundle had its new key) gets the
-/// message once it writes: its new key, taken from its own message, lets
-/// its receipts in again, as an approval does. (They stayed ignored for
-/// the message's life.) (Review of Signal sessions.)
-#[tokio::test]
-async fn a_device_whose_new_key_was_taken_from_its_message_gets_its_messages() {
-    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
-    let b = BusinessId::new(7).unwrap();
-    d.publish_all().await;
-    d.network.add_consumer(&number(1), 1).await;
-    let id = d.send(b, number(1), b"your order shipped").await;
-    d.run(Duration::from_secs(300), Duration::from_secs(60))
-        .await;
-    d.assert_delivered(b, id).await;
-    d.network.add_consumer(&number(1), 1).await;
-    let refused = d.processor.retry_receipt(&d.transport, b, id, 0).await;
-    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
-    // The reinstalled device writes: its new key is taken and reported.
-    let one = number(1);
-    let hi = d.network.consumer_sends(&one, 0, b, b"hi again");
-    hi.await.unwrap();
-    d.network.pump(&d.processor, &d.transport).await;
-    d.clock.advance(Duration::from_secs(600));
-    let again = d.processor.retry_receipt(&d.transport, b, id, 0).await;
-    assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
-    d.run(Duration::from_secs(60), Duration::from_secs(60))
-        .await;
-    d.assert_delivered(b, id).await;
+async fn a_new_key_once_trusted_lets_the_devices_retry_receipts_in_again() {
+    for refuse in [true, false] {
+        let d = if refuse {
+            Deployment::refusing_new_identities()
+        } else {
+            Deployment::new(&[7], Faults::none(), Faults::none(), 9)
+        };
+        let b = BusinessId::new(7).unwrap();
+        d.publish_all().await;
+        d.network.add_consumer(&number(1), 1).await;
+        let id = d.send(b, number(1), b"your order shipped").await;
+        d.run(Duration::from_secs(300), Duration::from_secs(60))
+            .await;
+        d.assert_delivered(b, id).await;
+        // The consumer reinstalls; its device asks for the message again,
+        // and the bundle the network serves has the new key: refused.
+        d.network.add_consumer(&number(1), 1).await;
+        let refused = d.processor.retry_receipt(&d.transport, b, id, 0).await;
+        assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+        if refuse {
+            d.approve_network_key(b, &number(1), 0).await;
+        } else {
+            let one = number(1);
+            let hi = d.network.consumer_sends(&one, 0, b, b"hi again");
+            hi.await.unwrap();
+            d.network.pump(&d.processor, &d.transport).await;
+        }
+        d.clock.advance(Duration::from_secs(600));
+        let again = d.processor.retry_receipt(&d.transport, b, id, 0).await;
+        assert!(
+            matches!(again, Ok(StatusChange::Applied)),
+            "refuse {refuse}: {again:?}"
+        );
+        d.run(Duration::from_secs(60), Duration::from_secs(60))
+            .await;
+        d.assert_delivered(b, id).await;
+    }
 }
 
 /// An unnamed principal is refused in every role, though the host's
