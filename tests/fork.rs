@@ -48,7 +48,8 @@ fn sealed_across_a_fork() -> (Vec<u8>, Vec<u8>) {
             std::fs::write(dir.join(name), bytes).unwrap();
         }
     }
-    let out = dir.join("sealed");
+    // Its own files: other runs may share the directory.
+    let out = dir.join(format!("sealed-{}", std::process::id()));
     // Nothing an earlier run left is read.
     for side in ["parent", "child"] {
         let _ = std::fs::remove_file(format!("{}.{side}", out.display()));
@@ -63,7 +64,12 @@ fn sealed_across_a_fork() -> (Vec<u8>, Vec<u8>) {
         .status()
         .unwrap();
     assert!(status.success(), "the fork helper failed to build or run");
-    let read = |side: &str| std::fs::read(format!("{}.{side}", out.display())).unwrap();
+    let read = |side: &str| {
+        let path = format!("{}.{side}", out.display());
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(path).unwrap();
+        bytes
+    };
     (read("parent"), read("child"))
 }
 

@@ -774,6 +774,78 @@ async fn a_trusted_key_outlives_a_message_sent_written_behind() {
     assert!(!refused(&w, other_peer).await);
 }
 
+/// A clock that answers scripted instants first (one a reading), then its
+/// base time.
+#[derive(Default)]
+struct ScriptClock(std::sync::Mutex<(u64, std::collections::VecDeque<u64>)>);
+
+impl ScriptClock {
+    fn set(&self, base: u64, script: &[u64]) {
+        *self.0.lock().unwrap() = (base, script.iter().copied().collect());
+    }
+}
+
+impl Clock for ScriptClock {
+    fn now(&self) -> Timestamp {
+        let mut inner = self.0.lock().unwrap();
+        Timestamp::from_millis(inner.1.pop_front().unwrap_or(inner.0))
+    }
+}
+
+/// A record whose expiry passes while it is loaded (opened a moment
+/// before it, looked at a moment after) is no state when its consumer has
+/// no message, as it is a moment later. (Taken for one opened past its
+/// expiry, it kept its trusted key without the check for a message: a
+/// reinstalled device's bundle was refused.) (Third look at the review
+/// fixes.)
+#[tokio::test]
+async fn a_record_expiring_while_it_is_loaded_keeps_nothing_without_a_message() {
+    let (business, number) = (BusinessId::new(555).unwrap(), "+447700900041");
+    let t0 = 1_767_225_600_000;
+    let expiry = t0 + 600_000;
+    for race in [false, true] {
+        let store = Arc::new(MemoryStore::new());
+        let clock = Arc::new(ScriptClock::default());
+        clock.set(t0, &[]);
+        let open = || {
+            let root = SecretKey::from_bytes(&mut [0x42; 32]);
+            let keys = Arc::new(KeyManager::new(
+                Arc::new(LocalKeyProvider::new(&root)),
+                store.clone(),
+            ));
+            let vault = Vault::new(keys.clone(), clock.clone(), EpochLength::DEFAULT);
+            let sessions = Sessions::new(Arc::new(vault), store.clone(), SignalConfig::default());
+            (keys, sessions.unwrap())
+        };
+        let (keys, first) = open();
+        let mut device = ConsumerDevice::new(0);
+        let published = first.publish(business).await.unwrap();
+        device
+            .start_session(business, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let number: PhoneNumber = number.parse().unwrap();
+        let peer = PeerId {
+            phone: keys.phone_hash(business, &number).await.unwrap(),
+            device: 0,
+        };
+        let hello = device.encrypt(business, b"hello").await.unwrap();
+        let until = Timestamp::from_millis(expiry);
+        first.decrypt(business, peer, &hello, until).await.unwrap();
+        // A restart, past the record's expiry; the vault's reading, the
+        // first, a moment before it.
+        let script: &[u64] = if race { &[expiry - 1] } else { &[] };
+        clock.set(expiry + 1, script);
+        let (_, after) = open();
+        // Loaded by the vault's reading: live, or no state.
+        after.has_session(business, peer).await.unwrap();
+        let reinstalled = ConsumerDevice::new(0).bundle(true);
+        let later = Timestamp::from_millis(expiry + 30 * 24 * 3600 * 1000);
+        let taken = after.start_session(business, peer, &reinstalled, later);
+        assert!(taken.await.is_ok(), "race {race}");
+    }
+}
+
 /// Whether a bundle with a new key for `peer` is refused.
 async fn refused(w: &World, peer: PeerId) -> bool {
     let intruder = ConsumerDevice::new(0).bundle(true);

@@ -1004,6 +1004,8 @@ impl Sessions {
             };
             return Ok((Box::new(empty), taken));
         };
+        // Whether it is opened past its expiry, by the rule below.
+        let mut lapsed = false;
         let opened = match self.vault.open(&sealed, business).await {
             // Sends and receives written behind raise the expiry in memory
             // only, within the record's epoch: a copy sealed with an older
@@ -1019,6 +1021,7 @@ impl Sessions {
                     .has_live_message(business, peer.phone, now)
                     .await?
                 {
+                    lapsed = true;
                     self.vault.open_in_epoch(&sealed, business).await
                 } else {
                     Err(e)
@@ -1036,7 +1039,7 @@ impl Sessions {
                 let plaintext = opened.plaintext;
                 let loaded = Peer::decode(peer, &plaintext, &self.cache.incarnation(), expiry)
                     .map_err(|e| SignalError::Storage(StorageFailure::Corrupt(e.0)))?;
-                if expiry > self.now() {
+                if !lapsed {
                     loaded
                 } else {
                     // Opened past its expiry (see above): its trusted key
