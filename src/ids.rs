@@ -19,9 +19,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::rng::OsRng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::rng::OsRng;
 
 /// Why a string is not a valid identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
