@@ -449,6 +449,48 @@ fn a_suppressed_status_count_is_not_given_away_by_the_others() {
     assert_eq!(r.messages.len(), 3);
 }
 
+/// Outbound, sent is about the latency buckets plus failed: with a slow
+/// delivery and a failure of one consumer both withheld, sent is withheld
+/// too, or sent less the released buckets would give that consumer's two
+/// messages away. Withheld parts of ten consumers together let it out.
+/// (Each sum was checked alone, and sent let out.) (Review of statistics.)
+#[test]
+fn what_fewer_than_k_consumers_make_up_is_not_given_away_by_the_sums() {
+    let business = BusinessId::new(9).unwrap();
+    let t = at(0, 1_000);
+    let fast = Duration::from_millis(500);
+    let slow = Duration::from_secs(2 * 3600);
+    // One consumer whose messages went slow and failed; or five whose went
+    // slow and five others' that failed (each bucket under k, the two
+    // together ten consumers).
+    for (slow_ones, failed_ones, released) in [(0..1, 0..1, false), (100..105, 200..205, true)] {
+        let c = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+        for i in 0..10 {
+            c.record_message(business, consumer(i), Direction::Outbound, Status::Sent, t);
+            c.record_delivery(business, consumer(i), fast, t);
+        }
+        for i in slow_ones {
+            let i = i + 1_000;
+            c.record_message(business, consumer(i), Direction::Outbound, Status::Sent, t);
+            c.record_delivery(business, consumer(i), slow, t);
+        }
+        for i in failed_ones {
+            let i = i + 1_000;
+            c.record_message(business, consumer(i), Direction::Outbound, Status::Sent, t);
+            c.record_message(
+                business,
+                consumer(i),
+                Direction::Outbound,
+                Status::Failed,
+                t,
+            );
+        }
+        let r = &statistics(&c, business, at(1, 0))[0];
+        let sent = count(r, Direction::Outbound, Status::Sent);
+        assert_eq!(sent.is_some(), released, "{r:?}");
+    }
+}
+
 #[test]
 fn k_is_configurable() {
     let mut config = StatisticsConfig::default();

@@ -188,6 +188,20 @@ impl Bucket {
     }
 }
 
+/// Whether `buckets` together count at least `k` distinct consumers.
+fn enough_together(buckets: &[&Bucket], k: usize) -> bool {
+    if buckets.iter().any(|b| b.releasable(k)) {
+        return true;
+    }
+    let mut all: Vec<u64> = buckets
+        .iter()
+        .flat_map(|b| b.consumers.iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all.len() >= k
+}
+
 fn latency_bucket(latency: Duration) -> usize {
     let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
     LATENCY_BOUNDS_MS
@@ -381,11 +395,14 @@ impl StatisticsCollector {
         p: &PeriodStats,
     ) -> Option<Labelled<StatisticsReport>> {
         let k = self.config.k;
-        // Released counts must not give a suppressed one away by
-        // subtraction. Two sums tie them: the latency buckets add up to the
-        // outbound delivered count, and in each direction sent is about
-        // delivered plus failed. Where a sum has exactly one count withheld,
-        // another is withheld with it.
+        // Released counts must not give away, by subtraction, what fewer
+        // than k consumers make up. Two sums tie them: the latency buckets
+        // add up to the outbound delivered count, and in each direction
+        // sent is about delivered plus failed (outbound, the latency
+        // buckets plus failed). A total is released only if the parts
+        // withheld from its sum come from at least k consumers together;
+        // a total withheld whose parts are all released takes failed with
+        // it.
         let mut withheld = [[false; Status::ALL.len()]; 2];
         for direction in Direction::ALL {
             for &status in Status::ALL {
@@ -393,20 +410,35 @@ impl StatisticsCollector {
                     p.messages[lane(direction)][status as usize].suppressed(k);
             }
         }
-        if p.latency.iter().any(|b| b.suppressed(k)) {
+        let hidden_latency: Vec<&Bucket> = p.latency.iter().filter(|b| b.suppressed(k)).collect();
+        if !hidden_latency.is_empty() {
             withheld[lane(Direction::Outbound)][Status::Delivered as usize] = true;
         }
-        for lane in &mut withheld {
-            let sum = [Status::Sent, Status::Delivered, Status::Failed];
-            if sum.iter().filter(|&&s| lane[s as usize]).count() == 1 {
-                // Sent, unless it is the one: delivered may be the latency
-                // buckets' sum, so failed then.
-                let also = if lane[Status::Sent as usize] {
-                    Status::Failed
-                } else {
-                    Status::Sent
-                };
-                lane[also as usize] = true;
+        for direction in Direction::ALL {
+            let (counts, lane) = (&p.messages[lane(direction)], &mut withheld[lane(direction)]);
+            let mut hidden: Vec<&Bucket> = Vec::new();
+            if lane[Status::Failed as usize] {
+                hidden.push(&counts[Status::Failed as usize]);
+            }
+            let delivered = &counts[Status::Delivered as usize];
+            match direction {
+                // Withheld for the latency buckets, delivered would give
+                // their hidden sum away: those count, and delivered only
+                // if it is itself too few.
+                Direction::Outbound => {
+                    hidden.extend(&hidden_latency);
+                    if delivered.suppressed(k) {
+                        hidden.push(delivered);
+                    }
+                }
+                Direction::Inbound if lane[Status::Delivered as usize] => hidden.push(delivered),
+                Direction::Inbound => {}
+            }
+            if !hidden.is_empty() && !enough_together(&hidden, k) {
+                lane[Status::Sent as usize] = true;
+            }
+            if lane[Status::Sent as usize] && hidden.is_empty() {
+                lane[Status::Failed as usize] = true;
             }
         }
         let mut messages = Vec::new();
