@@ -105,9 +105,11 @@ pub struct LatencyCount {
 /// empty ones, and so is a count a suppressed bucket could be recovered
 /// from by subtraction. Two sums tie the counts: the latency buckets add up
 /// to the outbound `delivered` count, and in each direction `sent` is about
-/// `delivered` plus `failed`. If any latency bucket is suppressed,
-/// outbound `delivered` is withheld; if one of `sent`, `delivered` and
-/// `failed` is withheld, so is `sent` (or `failed`, if `sent` was the one).
+/// `delivered` plus `failed` (outbound, the latency buckets plus `failed`).
+/// If any latency bucket is suppressed, outbound `delivered` is withheld;
+/// `sent` is released only if the counts withheld from its sum come from
+/// at least `k` consumers together; and a `sent` withheld whose parts are
+/// all released takes `failed` with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StatisticsReport {
