@@ -22,6 +22,7 @@ use foldhash::fast::RandomState;
 
 use super::Processor;
 use crate::ids::BusinessId;
+use crate::store::MessageRecord;
 use crate::time::Timestamp;
 
 /// Businesses whose endpoint left a call unanswered.
@@ -57,8 +58,16 @@ impl HungEndpoints {
 
     /// Whether `business`'s endpoint left a call unanswered, and has not
     /// answered since.
-    pub(super) fn contains(&self, business: BusinessId) -> bool {
+    fn contains(&self, business: BusinessId) -> bool {
         self.any() && self.lock().contains_key(&business)
+    }
+
+    /// Put the messages of hung businesses last in `due`, the order
+    /// otherwise kept: a call that hangs holds up no other business's.
+    pub(super) fn last(&self, due: &mut [MessageRecord]) {
+        if self.any() {
+            due.sort_by_cached_key(|m| self.contains(m.business));
+        }
     }
 
     /// `business`'s endpoint answered.
@@ -165,5 +174,18 @@ impl Processor {
             business,
             probe,
         })
+    }
+
+    /// Make `call` to `business`'s endpoint, unless it is not to be asked
+    /// now ([`call_business`](Self::call_business)): its answer, or `None`.
+    pub(super) async fn ask_business<T>(
+        &self,
+        business: BusinessId,
+        call: impl Future<Output = T>,
+    ) -> Option<T> {
+        let calling = self.call_business(business)?;
+        let answer = call.await;
+        calling.answered();
+        Some(answer)
     }
 }

@@ -126,9 +126,7 @@ impl Processor {
         let now = self.clock.now();
         let mut report = RetransmitReport::default();
         let mut due = self.storage.due_messages(now, self.delivery.batch).await?;
-        // Hung businesses' last (see `endpoint`): a call that hangs holds
-        // up no other business's messages.
-        due.sort_by_cached_key(|m| self.hung.contains(m.business));
+        self.hung.last(&mut due);
         for due in due {
             report.due += 1;
             // One message's error (the store or the key provider failing)

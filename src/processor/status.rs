@@ -235,12 +235,11 @@ impl Processor {
     /// Report a status to the business, best effort (settled statuses are
     /// reported reliably, see `report_status`).
     pub(super) async fn notify(&self, update: StatusUpdate) {
-        let Some(calling) = self.call_business(update.business) else {
+        let told = self.ask_business(update.business, self.sink.status(&update));
+        let Some(told) = told.await else {
             debug!(business = %update.business, id = %update.id, "business endpoint hung; status not told");
             return;
         };
-        let told = self.sink.status(&update).await;
-        calling.answered();
         if let Err(e) = told {
             debug!(business = %update.business, id = %update.id, error = %e, "status not delivered");
         }
@@ -267,14 +266,10 @@ impl Processor {
             failure: stored.failure,
             at: self.clock.now(),
         };
-        let told = match self.call_business(business) {
-            Some(calling) => {
-                let told = self.sink.status(&update).await.is_ok();
-                calling.answered();
-                told
-            }
-            None => false,
-        };
+        let told = self
+            .ask_business(business, self.sink.status(&update))
+            .await
+            .is_some_and(|answer| answer.is_ok());
         let next_attempt = if told {
             None
         } else {
