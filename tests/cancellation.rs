@@ -30,7 +30,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneHash};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
-use custodian::processor::StatusChange;
+use custodian::processor::{Outbound, StatusChange};
 use custodian::retention::{Decision, Retention, RetentionPolicy};
 use custodian::signal::{SignalConfig, SignalError};
 use custodian::store::{
@@ -562,6 +562,52 @@ fn trust_new_identity_is_cancellation_safe() {
         // The new key is trusted: its session starts.
         let inbound = d.inbound(&mut reinstalled, b"again").await;
         assert!(d.receive(inbound).await.unwrap().delivered, "cut {n}");
+        done
+    }));
+}
+
+/// Under `AcceptAndReport`, a reinstalled device whose retry receipt was
+/// refused (its bundle's key not trusted) writes with its new key, and the
+/// receive that takes the key is cut at every await, the transport handing
+/// the message in again: once the key is taken, the device's next receipt
+/// is acted on. (Cut after its write landed, the receive never let the
+/// device's receipts in again, and the redelivery, a duplicate, did not
+/// either: the device never got the message, until the review of
+/// suspicions.)
+#[test]
+fn a_receive_taking_a_new_key_lets_the_devices_receipts_in_however_it_is_cut() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut old = d.handset().await;
+        let hello = d.inbound(&mut old, b"hello").await;
+        assert!(d.receive(hello).await.unwrap().delivered);
+        d.network.add_consumer(&consumer(1), 2).await;
+        let reply = Outbound {
+            to: consumer(1),
+            ..d.outbound(b"your order shipped")
+        };
+        let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+        // Reinstalled, the device asks for the reply: its bundle's new key
+        // is refused.
+        let keys = d.transport.published.lock().unwrap().clone().unwrap();
+        let mut new = ConsumerDevice::new(old.device_id());
+        let serve = |bundle| d.transport.served.lock().unwrap().insert(1, bundle);
+        serve(new.bundle(true));
+        let refused = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+        // It writes with its new key, taken by a receive cut after `n`
+        // polls; the transport hands the message in again.
+        new.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+        let again = d.inbound(&mut new, b"reinstalled").await;
+        let done = poll_at_most(d.receive(again.clone()), n).await.is_some();
+        d.receive(again).await.unwrap();
+        d.clock.advance(Duration::from_secs(600));
+        serve(new.bundle(true));
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(
+            matches!(receipt, Ok(StatusChange::Applied)),
+            "cut {n}: the new key is trusted, yet its device's receipt is {receipt:?}"
+        );
         done
     }));
 }

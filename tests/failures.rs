@@ -762,6 +762,72 @@ async fn a_message_refused_for_its_records_size_is_received_once_the_skipped_one
     assert!(d.receive(ahead).await.unwrap().delivered);
 }
 
+/// A retry receipt whose new session would make its device's record
+/// larger than the limit (the lost session, archived, keeps the keys of
+/// the messages it skipped) is ignored, and so is every copy the network
+/// hands in: one bundle fetched in all, as a send gives such a device up.
+/// (Each copy failed as a passing error and fetched another bundle, one of
+/// the device's one-time prekeys, for as long as the message lived, until
+/// the review of suspicions.)
+#[tokio::test]
+async fn a_retry_receipt_whose_session_would_be_too_large_fetches_one_bundle() {
+    let mut d = deployment(Faults::none(), Faults::none()).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut handset = ConsumerDevice::new(0);
+    handset
+        .start_session(d.b, &keys.bundle(Some(0)))
+        .await
+        .unwrap();
+    let mut last = None;
+    for i in 0..=1_500 {
+        let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
+        last = Some(message.unwrap());
+    }
+    let inbound = Inbound {
+        from: consumer(1),
+        device: 0,
+        message: last.unwrap(),
+    };
+    assert!(d.receive(inbound).await.unwrap().delivered);
+    d.network.add_consumer(&consumer(1), 1).await;
+    let reply = Outbound {
+        to: consumer(1),
+        ..d.outbound(b"reply")
+    };
+    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+    let (status, _) = d.processor.message_status(&d.owner, d.b, id).await.unwrap();
+    assert_eq!(status, Status::Sent);
+    // Restarted with the smallest limit, the device (its data reinstalled,
+    // its identity kept) asks for the reply, again and again.
+    d.seams.signal.max_record_len = custodian::signal::MIN_RECORD_LEN;
+    d.restart();
+    let fetched = d
+        .transport
+        .fetched
+        .load(std::sync::atomic::Ordering::SeqCst);
+    for copy in 0..4 {
+        d.transport
+            .served
+            .lock()
+            .unwrap()
+            .insert(0, handset.bundle(true));
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+        assert!(
+            matches!(receipt, Ok(StatusChange::Ignored)),
+            "copy {copy}: {receipt:?}"
+        );
+    }
+    let now = d
+        .transport
+        .fetched
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        now - fetched,
+        1,
+        "bundles fetched for the copies of one receipt"
+    );
+}
+
 /// Two outbound messages due, to two consumers, and one store or key
 /// provider call of the retransmission pass failing, at each call in turn:
 /// the failure strikes one message's work, and the pass goes on with the

@@ -263,6 +263,8 @@ impl World {
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
+            served: Mutex::default(),
+            fetched: Default::default(),
         });
         let counting = Arc::new(Counting {
             inner: transport.clone(),

@@ -2809,45 +2809,56 @@ mod sqlite_damage {
     }
 
     /// An operator's early shred scrubs the store: the wrapped epoch key's
-    /// bytes leave SQLite's files at once. (They stayed in its log until the
-    /// next complete sweep, for whoever could read the files and use the KEK.)
+    /// bytes leave SQLite's files at once, also when the shred is made
+    /// again after one whose destroy landed but whose answer was lost (or
+    /// whose future the host dropped). (They stayed in its log until the
+    /// next complete sweep, for whoever could read the files and use the
+    /// KEK; made again, until the review of keys.)
     #[tokio::test]
     async fn an_early_shred_leaves_no_wrapped_key_in_the_stores_files() {
         use custodian::keys::{Epoch, KeyId, KeyKind, WrappedKey};
         use custodian::store::KeyStore;
 
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("shred.db");
-        let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-        let end = T0 + 86_400_000;
-        let secret: Vec<u8> = (0..48u8).map(|i| i ^ 0xa5).collect();
-        store
-            .insert_key(WrappedKey {
-                id: KeyId {
-                    business: business(1),
-                    kind: KeyKind::Epoch,
-                    id: end,
-                },
-                kek_version: 1,
-                blob: secret.clone(),
-            })
-            .await
-            .unwrap();
-        let retention = retention(store.clone());
-        let destroyed = retention
-            .shred_epoch(
-                "operator",
-                business(1),
-                Epoch::ending_at(Timestamp::from_millis(end)),
-                "erasure-request-1",
-                Timestamp::from_millis(T0),
-            )
-            .await
-            .unwrap();
-        assert!(destroyed, "the key was live");
-        assert!(
-            !super::file_contains(store.path(), &secret),
-            "the shredded epoch key's wrapped bytes are still in the store's files"
-        );
+        for again in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("shred.db");
+            let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+            let end = T0 + 86_400_000;
+            let secret: Vec<u8> = (0..48u8).map(|i| i ^ 0xa5).collect();
+            let id = KeyId {
+                business: business(1),
+                kind: KeyKind::Epoch,
+                id: end,
+            };
+            store
+                .insert_key(WrappedKey {
+                    id,
+                    kek_version: 1,
+                    blob: secret.clone(),
+                })
+                .await
+                .unwrap();
+            if again {
+                // An earlier shred's destroy landed; its answer was lost.
+                let now = Timestamp::from_millis(T0);
+                assert!(store.destroy_key(&id, now).await.unwrap());
+            }
+            let retention = retention(store.clone());
+            let destroyed = retention
+                .shred_epoch(
+                    "operator",
+                    business(1),
+                    Epoch::ending_at(Timestamp::from_millis(end)),
+                    "erasure-request-1",
+                    Timestamp::from_millis(T0),
+                )
+                .await
+                .unwrap();
+            assert_eq!(destroyed, !again, "whether this call found the key live");
+            assert!(
+                !super::file_contains(store.path(), &secret),
+                "made again {again}: the shredded epoch key's wrapped bytes are still in the store's files"
+            );
+        }
     }
 }

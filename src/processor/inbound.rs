@@ -199,7 +199,15 @@ impl Processor {
             Owed::CountReceived { phone, at: now },
             false,
         );
+        // Its new key taken from its own message (under `AcceptAndReport`):
+        // trusted once the write lands, as if approved, so the device's
+        // receipts ignored for a bundle count again. Let in however the
+        // write ends: dropped or failed, it may have landed, and a
+        // redelivery answered as a duplicate approves nothing (should it
+        // not have landed, a receipt fetches one bundle more, refused again).
+        let approval = identity_changed.then(|| self.receipts.approve_on_drop(business, peer));
         let committed = staged.commit_stored(batch).await;
+        drop(approval);
         drop(admitted);
         uncounted.owed = None;
         let decrypted = match committed {
@@ -226,12 +234,6 @@ impl Processor {
         // write, left owed is for a write that never landed.
         self.claims.forgive_count_received((business, id));
         self.count_received(business, phone, now);
-        if identity_changed {
-            // Its new key taken from its own message (under
-            // `AcceptAndReport`): trusted now, as if approved, so the
-            // device's receipts ignored for a bundle count again.
-            self.receipts.approved(business, peer);
-        }
         debug!(%id, "inbound message stored");
         let delivered = match claim {
             Some(_claim) => {

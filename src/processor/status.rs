@@ -100,6 +100,16 @@ impl Receipts {
         lock(&self.restarted).remove(&(business, peer));
     }
 
+    /// Approve `peer` (as [`approved`](Self::approved)) when the guard is
+    /// dropped, however the call holding it ends.
+    pub(super) fn approve_on_drop(&self, business: BusinessId, peer: PeerId) -> Approval<'_> {
+        Approval {
+            receipts: self,
+            business,
+            peer,
+        }
+    }
+
     /// Note a receipt of `device` for `id` taken up at `now`, unless one is
     /// ignored then: copies are ignored for the window, or as [`Noted`]
     /// settles it.
@@ -153,6 +163,19 @@ impl Receipts {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Approves a device's new identity key to the receipts when dropped.
+pub(super) struct Approval<'a> {
+    receipts: &'a Receipts,
+    business: BusinessId,
+    peer: PeerId,
+}
+
+impl Drop for Approval<'_> {
+    fn drop(&mut self) {
+        self.receipts.approved(self.business, self.peer);
+    }
 }
 
 /// A receipt noted as taken up: forgotten when dropped (it failed, or its
@@ -525,8 +548,12 @@ impl Processor {
     /// Ignored too: a copy of a receipt acted on within the receipt timeout
     /// (a network duplicate: acting again would replace a working session,
     /// send the message again after its report, and cost the device another
-    /// one-time prekey), and a receipt for a message failed, unreadable or
-    /// past its retention.
+    /// one-time prekey), a receipt for a message failed, unreadable or
+    /// past its retention, and, for the message's life, every receipt of a
+    /// device whose record the new session would make larger than
+    /// [`SignalConfig::max_record_len`](crate::signal::SignalConfig::max_record_len)
+    /// (a bundle fetched for each copy would drain its one-time prekeys; a
+    /// send gives such a device up).
     pub async fn retry_receipt(
         &self,
         principal: &Principal,
@@ -704,6 +731,14 @@ impl Processor {
                     Err(SignalError::BadBundle(why)) => {
                         noted.keep_until(record.expiry);
                         warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
+                        return Ok(StatusChange::Ignored);
+                    }
+                    // The device's record, its lost session archived, is
+                    // over the limit: so is every copy's, as a send to it
+                    // gives the device up. Not fetched again for each copy.
+                    Err(SignalError::RecordTooLarge { len, max }) => {
+                        noted.keep_until(record.expiry);
+                        warn!(%business, device, len, max, "a retry receipt's session would make its device's record too large: ignored");
                         return Ok(StatusChange::Ignored);
                     }
                     Err(e) => return Err(e.into()),

@@ -524,10 +524,12 @@ impl Retention {
     /// message exchanged with the device, which may be deleted already).
     /// Recorded in the audit trail before the key is destroyed (nothing is
     /// destroyed if it cannot be); a destroy that fails after it can be
-    /// made again. Returns whether a live key was destroyed; then the store
-    /// is scrubbed ([`Storage::scrub`]), so that the wrapped key's bytes
-    /// leave its files too (a failed scrub is logged, and made by the next
-    /// complete sweep).
+    /// made again. Returns whether this call destroyed a live key (not so
+    /// when made again after a call whose destroy landed, its answer lost
+    /// or its future dropped). Either way the store is then scrubbed
+    /// ([`Storage::scrub`]), so that the wrapped key's bytes leave its
+    /// files too, whichever call destroyed it (a failed scrub is logged,
+    /// and made by the next complete sweep).
     ///
     /// [`KeyManager::destroy_epoch_unchecked`] does the same without the
     /// hold check or the record: this is the call for operators. A message
@@ -563,7 +565,7 @@ impl Retention {
             .destroy_epoch_unchecked(business, epoch, now)
             .await?;
         drop(gate);
-        if destroyed && let Err(e) = self.storage.scrub().await {
+        if let Err(e) = self.storage.scrub().await {
             tracing::warn!(%business, error = %e, "the store could not be scrubbed after a shred: the next complete sweep scrubs it");
         }
         Ok(destroyed)

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -91,10 +92,16 @@ pub(crate) async fn poll_at_most<F: Future>(future: F, polls: usize) -> Option<F
 }
 
 /// The simulated network, every call suspending first; it keeps the keys
-/// last published, for consumers the test drives by hand.
+/// last published, for consumers the test drives by hand, and serves
+/// theirs.
 pub(crate) struct PausedNetwork {
     pub(crate) network: Arc<SimNetwork>,
     pub(crate) published: Mutex<Option<PublishedKeys>>,
+    /// Bundles served in place of the network's, by device (of a
+    /// hand-driven consumer device).
+    pub(crate) served: Mutex<BTreeMap<u32, PreKeyBundle>>,
+    /// Bundles fetched, served or not.
+    pub(crate) fetched: AtomicUsize,
 }
 
 #[async_trait]
@@ -114,7 +121,12 @@ impl Transport for PausedNetwork {
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
         pause().await;
-        self.network.fetch_bundle(business, consumer, device).await
+        self.fetched.fetch_add(1, Ordering::SeqCst);
+        let served = self.served.lock().unwrap().get(&device).cloned();
+        match served {
+            Some(bundle) => Ok(bundle),
+            None => self.network.fetch_bundle(business, consumer, device).await,
+        }
     }
     async fn send(
         &self,
@@ -789,6 +801,8 @@ impl Deployment {
         let transport = Arc::new(PausedNetwork {
             network: sim.clone(),
             published: Mutex::new(None),
+            served: Mutex::default(),
+            fetched: AtomicUsize::new(0),
         });
         let business = SimBusiness::new(clock.clone(), sink, 8).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
