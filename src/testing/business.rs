@@ -89,10 +89,27 @@ enum Item {
         content: Vec<u8>,
     },
     Status {
+        business: BusinessId,
         id: MessageId,
         status: Status,
         failure: Option<FailureReason>,
     },
+}
+
+/// A copy of a status the business took: which business it was told to,
+/// about which message, and why it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusCopy {
+    /// The business the processor told.
+    pub business: BusinessId,
+    /// The message it is about.
+    pub id: MessageId,
+    /// The status.
+    pub status: Status,
+    /// Why it failed, for [`Status::Failed`].
+    pub failure: Option<FailureReason>,
+    /// Why the copy is there.
+    pub cause: Cause,
 }
 
 /// What a handover of a message carries besides its id: the business,
@@ -122,11 +139,13 @@ struct Record {
     first_handover: BTreeMap<MessageId, Handover>,
     /// Handovers that carried other than the first of their message.
     altered: u64,
+    /// Handovers made per business, whatever their outcome.
+    handovers: BTreeMap<BusinessId, u64>,
     contents: Vec<(BusinessId, MessageId, Vec<u8>)>,
     /// The sender of each message's first copy.
     senders: BTreeMap<MessageId, (PhoneNumber, u32)>,
     statuses: BTreeMap<MessageId, Vec<(Status, Option<FailureReason>)>>,
-    status_log: Vec<(MessageId, Status, Option<FailureReason>, Cause)>,
+    status_log: Vec<StatusCopy>,
 }
 
 impl Record {
@@ -168,6 +187,7 @@ impl Record {
                     }
                 }
                 Item::Status {
+                    business,
                     id,
                     status,
                     failure,
@@ -175,7 +195,13 @@ impl Record {
                     if arrival.cause != Cause::Injected {
                         self.statuses.entry(id).or_default().push((status, failure));
                     }
-                    self.status_log.push((id, status, failure, arrival.cause));
+                    self.status_log.push(StatusCopy {
+                        business,
+                        id,
+                        status,
+                        failure,
+                        cause: arrival.cause,
+                    });
                 }
             }
         }
@@ -200,6 +226,7 @@ impl Record {
             self.altered += 1;
         }
         let (business, from, device, content) = handover;
+        *self.handovers.entry(business).or_default() += 1;
         let item = || Item::Message {
             business,
             id,
@@ -284,6 +311,7 @@ impl SimBusiness {
                 taken: BTreeSet::new(),
                 first_handover: BTreeMap::new(),
                 altered: 0,
+                handovers: BTreeMap::new(),
                 contents: Vec::new(),
                 senders: BTreeMap::new(),
                 statuses: BTreeMap::new(),
@@ -341,6 +369,14 @@ impl SimBusiness {
         self.record().altered
     }
 
+    /// Handovers the processor made to each business, whatever their
+    /// outcome (counted when the call is made; injected duplicates are
+    /// none): each should come with a release of its content, audited
+    /// under that business.
+    pub fn handovers(&self) -> BTreeMap<BusinessId, u64> {
+        self.record().handovers.clone()
+    }
+
     /// Statuses shown so far per message, in the order they showed:
     /// everything the processor sent that the business took (including
     /// those whose reply was lost), without the injector's duplicates.
@@ -348,8 +384,9 @@ impl SimBusiness {
         self.record().statuses.clone()
     }
 
-    /// Every status copy shown so far, in order, with its cause.
-    pub fn status_log(&self) -> Vec<(MessageId, Status, Option<FailureReason>, Cause)> {
+    /// Every status copy shown so far, in order, with the business it was
+    /// told to and its cause.
+    pub fn status_log(&self) -> Vec<StatusCopy> {
         self.record().status_log.clone()
     }
 
@@ -385,6 +422,7 @@ impl BusinessSink for SimBusiness {
     async fn status(&self, update: &StatusUpdate) -> Result<(), SinkError> {
         let now = self.clock.now();
         self.record().take(Leg::Status, now, || Item::Status {
+            business: update.business,
             id: update.id,
             status: update.status,
             failure: update.failure,

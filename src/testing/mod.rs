@@ -227,7 +227,7 @@ mod join;
 mod network;
 mod recording;
 
-pub use business::{Cause, Copies, SimBusiness};
+pub use business::{Cause, Copies, SimBusiness, StatusCopy};
 pub use device::{ConsumerDevice, DeviceError};
 pub use faults::{Decision, Fate, Faults, InvalidFaults, Leg, LegStats};
 pub use join::join_all;

@@ -177,6 +177,9 @@ struct Net {
     /// its is with the processor, or the processor took one up
     /// ([`StatusChange::Applied`]), and no send was accepted since.
     asked: BTreeMap<(BusinessId, MessageId, u32), Asked>,
+    /// The number each outbound message was sent to: a reinstall forgets
+    /// what the old devices reported, took and asked for.
+    recipients: BTreeMap<(BusinessId, MessageId), String>,
     seq: u64,
     faults: Injector,
     integrity: Vec<IntegrityReport>,
@@ -392,6 +395,7 @@ impl SimNetwork {
                 mislabelled: 0,
                 altered_copies: 0,
                 asked: BTreeMap::new(),
+                recipients: BTreeMap::new(),
                 seq: 0,
                 faults: Injector::new(faults, seed),
                 integrity: Vec::new(),
@@ -407,13 +411,28 @@ impl SimNetwork {
     ///
     /// Adding a number again reinstalls it: new devices, with new keys
     /// and no sessions, and what the old ones received
-    /// ([`received`](Self::received), [`contents`](Self::contents)) is
-    /// forgotten. The network-wide counts
+    /// ([`received`](Self::received), [`contents`](Self::contents)),
+    /// reported delivered and asked for again is forgotten (a message is
+    /// reported to the processor once every new device has reported it).
+    /// The network-wide counts
     /// ([`resent_after_delivery`](Self::resent_after_delivery),
     /// [`mislabelled`](Self::mislabelled),
     /// [`altered_copies`](Self::altered_copies)) keep theirs.
     pub async fn add_consumer(&self, number: &PhoneNumber, devices: u32) {
         let mut net = self.net.lock().await;
+        let net = &mut *net;
+        let sent_to: BTreeSet<(BusinessId, MessageId)> = net
+            .recipients
+            .iter()
+            .filter(|(_, to)| *to == number.expose())
+            .map(|(&message, _)| message)
+            .collect();
+        net.reported_by
+            .retain(|message, _| !sent_to.contains(message));
+        net.accepted
+            .retain(|&(b, id, _)| !sent_to.contains(&(b, id)));
+        net.asked
+            .retain(|&(b, id, _), _| !sent_to.contains(&(b, id)));
         net.consumers.insert(
             number.expose().to_owned(),
             Consumer {
@@ -981,6 +1000,9 @@ impl Transport for SimNetwork {
         }
         net.accepted.insert(key);
         net.asked.remove(&key);
+        net.recipients
+            .entry((business, message.id))
+            .or_insert_with(|| consumer.expose().to_owned());
         let decision = net.faults.decide(Leg::ToDevice, now);
         for at in Net::arrivals(decision, now) {
             let copy = ToDevice {
