@@ -1243,6 +1243,9 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     let after_delivery = network.resent_after_delivery().await;
     let altered_later = network.altered_copies().await;
     let mislabelled = network.mislabelled().await;
+    // Counted by the devices, so that a retry receipt lost on its way
+    // counts as well.
+    let undecryptable = network.undecryptable().await;
     println!(
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
          from another business or altered: {altered_copies}; \
@@ -1250,11 +1253,11 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
          later copies unlike the first: {altered_later}; \
          under another id than their payload's: {mislabelled}; \
          retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}; \
-         retry receipts (a copy a device could not decrypt): {retry_receipts}"
+         copies a device could not decrypt: {undecryptable} ({retry_receipts} retry receipts reached the processor)"
     );
-    if retry_receipts > 0 {
+    if undecryptable > 0 {
         broken.push(format!(
-            "{retry_receipts} retry receipts (a business message a device could not decrypt)"
+            "{undecryptable} copies of business messages a device could not decrypt"
         ));
     }
     if altered_copies > 0 {

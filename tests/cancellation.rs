@@ -1122,6 +1122,42 @@ fn a_dropped_maintenance_never_leaves_a_retired_signed_prekey_usable() {
     }));
 }
 
+/// Key maintenance holds up none of its business's consumers: while it
+/// waits on the store (parked at each of its calls in turn, refilling the
+/// one-time prekeys), a consumer with a session is sent a message and
+/// heard from. (Maintenance took the business's account out of memory
+/// first, so that every operation of the business waited for it to end,
+/// until the review of concurrency.)
+#[test]
+fn maintenance_holds_up_no_consumer_of_its_business() {
+    runtime().block_on(every_cut(|n| async move {
+        let mut s = Signal::new(0).await;
+        let mut maintain = Box::pin(s.sessions.maintain(s.b, Some(0)));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut done = false;
+        for _ in 0..n {
+            if let Poll::Ready(report) = maintain.as_mut().poll(&mut cx) {
+                assert!(report.unwrap().prekeys_added > 0);
+                done = true;
+                break;
+            }
+        }
+        let (b, peer, expiry) = (s.b, s.peer, s.expiry());
+        let sent = poll_at_most(s.sessions.encrypt(b, peer, b"reply", expiry), 1_000).await;
+        let sent = sent.unwrap_or_else(|| panic!("cut {n}: a send waited for maintenance"));
+        let heard = s.handset.decrypt(b, &sent.unwrap()).await.unwrap();
+        assert_eq!(heard, b"reply");
+        let hello = s.handset.encrypt(b, b"hi").await.unwrap();
+        let received = poll_at_most(s.sessions.decrypt(b, peer, &hello, expiry), 1_000).await;
+        let received = received.unwrap_or_else(|| panic!("cut {n}: a receive waited"));
+        assert_eq!(&received.unwrap().plaintext[..], b"hi");
+        if !done {
+            maintain.await.unwrap();
+        }
+        done
+    }));
+}
+
 /// Retention alone over the paused store, and a message of its business
 /// past its retention: `decide` says `Held` while a hold stands, `Purge`
 /// once none does.

@@ -1950,6 +1950,132 @@ async fn a_business_endpoint_that_never_answers_holds_up_no_forgetting() {
     );
 }
 
+/// A business whose endpoint never answers, with a consumer under a legal
+/// hold whose message is open, holds up no other business's expired
+/// messages, and no scrub: each daily sweep is timed out by the host. On
+/// SQLite, business 3's destroyed epoch key also leaves the files. (The
+/// held message was asked of at every sweep, which then hung before any
+/// later message, of any business, was failed: business 2's stayed stored
+/// for as long as the hold stood, and no sweep ever completed to scrub the
+/// store, until the review of the sweep.)
+#[tokio::test]
+async fn a_held_consumer_of_a_hung_business_holds_up_no_other_business() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 64);
+        let held = w.store(business(1), 1, Direction::Inbound, true).await;
+        w.hold(
+            HoldScope::Consumer(business(1), held.record.phone),
+            "case-1",
+        )
+        .await;
+        w.clock.advance(Duration::from_secs(60));
+        let open = w.store(business(2), 2, Direction::Inbound, true).await;
+        let settled = w.store(business(3), 3, Direction::Inbound, false).await;
+        let key = wrapped_epoch_key(&w, &settled.record).await;
+        w.clock.advance(31 * DAY);
+        // Daily sweeps, each timed out by the host after a second (on
+        // SQLite the store's calls take real time: no fixed count of polls
+        // stands for the host's timeout).
+        for _ in 0..4 {
+            let (timeout, timed_out) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(1));
+                let _ = timeout.send(());
+            });
+            tokio::select! {
+                _ = w.retention.sweep(w.now(), &Hangs) => {}
+                _ = timed_out => {}
+            }
+            w.clock.advance(DAY);
+        }
+        let kept = w.store.message(business(2), open.record.id).await.unwrap();
+        assert!(kept.is_none(), "{backend:?}: {kept:?}");
+        let held = w.store.message(business(1), held.record.id).await.unwrap();
+        assert!(held.is_some(), "{backend:?}: the hold keeps its message");
+        #[cfg(feature = "sqlite")]
+        if let Some(dir) = &w._dir {
+            let path = dir.path().join("store.db");
+            assert!(!file_contains(&path, &key), "{backend:?}");
+        }
+    }
+}
+
+/// A host sweeping in slices too small for any to complete (4 steps an
+/// hour, with a message a business never took and one it did expiring
+/// every hour; then slices of one step) still has the store scrubbed: once
+/// every stage that deletes has run to its end since the last scrub, in
+/// one slice or over several. (Only a
+/// slice that completed scrubbed: a destroyed epoch key stayed in the
+/// SQLite files for good, until the review of the sweep.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn slices_too_small_to_complete_still_scrub_the_store() {
+    let w = World::sqlite(64);
+    let first = w.store(business(3), 3, Direction::Inbound, false).await;
+    let key = wrapped_epoch_key(&w, &first.record).await;
+    let notices = Notices::default();
+    let (mut complete, mut early) = (0, Vec::new());
+    for hour in 0..(31 * 24 + 72) {
+        let a = w.store(business(1), 100 + hour % 50, Direction::Inbound, true);
+        let a = a.await;
+        let b = w.store(business(2), 200 + hour % 50, Direction::Inbound, false);
+        let b = b.await;
+        if hour < 24 {
+            early.extend([a.record, b.record]);
+        }
+        w.clock.advance(Duration::from_secs(3600));
+        if hour >= 30 * 24 {
+            let report = w.retention.sweep_steps(w.now(), &notices, 4).await.unwrap();
+            complete += u32::from(report.complete);
+        }
+    }
+    assert_eq!(complete, 0, "the test needs slices that never complete");
+    for m in early.iter().chain([&first.record]) {
+        assert!(w.store.message(m.business, m.id).await.unwrap().is_none());
+    }
+    let path = w._dir.as_ref().unwrap().path().join("store.db");
+    assert!(
+        !file_contains(&path, &key),
+        "a destroyed key is in the files"
+    );
+    // Slices of one step, one stage each: the stages that delete end in
+    // different slices, and the store is scrubbed once they all have.
+    let w = World::sqlite(64);
+    let last = w.store(business(4), 4, Direction::Inbound, false).await;
+    let key = wrapped_epoch_key(&w, &last.record).await;
+    w.clock.advance(31 * DAY);
+    for _ in 0..12 {
+        let report = w.retention.sweep_steps(w.now(), &notices, 1).await.unwrap();
+        assert!(!report.complete);
+    }
+    assert!(
+        w.store
+            .message(business(4), last.record.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let path = w._dir.as_ref().unwrap().path().join("store.db");
+    assert!(
+        !file_contains(&path, &key),
+        "one-step slices never scrubbed"
+    );
+}
+
+/// The wrapped bytes of the epoch key `m` is sealed under, as stored.
+async fn wrapped_epoch_key(w: &World, m: &MessageRecord) -> Vec<u8> {
+    use custodian::keys::{KeyEntry, KeyId, KeyKind};
+    let id = KeyId {
+        business: m.business,
+        kind: KeyKind::Epoch,
+        id: m.epoch.end().as_millis(),
+    };
+    match w.store.key(&id).await.unwrap() {
+        Some(KeyEntry::Wrapped(key)) => key.blob.to_vec(),
+        other => panic!("no epoch key: {other:?}"),
+    }
+}
+
 // ---- random timelines -----------------------------------------------------
 
 mod timelines {

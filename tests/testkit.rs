@@ -1854,7 +1854,8 @@ async fn a_copy_a_device_asked_for_after_the_report_is_not_a_resend() {
 }
 
 /// A device has asked for a message again once its retry receipt reaches
-/// the processor, not when it sends one: a resend made while the receipt
+/// the processor, not when it sends one (though it counts the copy it could
+/// not decrypt at once, in `undecryptable`): a resend made while the receipt
 /// is still on its way (or after it was lost) answers nothing and counts
 /// in `resent_after_delivery`. Here every copy is late: after the
 /// report, a corrupted copy (itself a resend, counted) makes the device
@@ -1880,6 +1881,9 @@ async fn a_resend_before_the_retry_receipt_arrives_counts() {
     let pumped = d.network.pump(&d.processor, &d.transport).await;
     assert_eq!(pumped.retry_receipts, 0, "the receipt is on its way");
     assert_eq!(d.network.in_flight().await, 1, "the receipt");
+    // The device counts the copy it could not decrypt all the same (a
+    // harness counting receipts alone missed those lost on their way).
+    assert_eq!(d.network.undecryptable().await, 1);
     d.garbled_copy(id).await.unwrap();
     assert_eq!(d.network.resent_after_delivery().await, 2);
 }

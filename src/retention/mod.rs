@@ -50,7 +50,7 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::ids::{BusinessId, PhoneHash, Region};
@@ -220,6 +220,10 @@ pub struct Retention {
     /// (or that stage itself, if the budget left it no step), or after the
     /// one it was dropped in.
     next_stage: AtomicUsize,
+    /// The stages that ran to their end since the store was last scrubbed,
+    /// one bit each (see `Sweep::run`): once every stage that deletes has,
+    /// the store is scrubbed, whether or not one sweep ran them all.
+    since_scrub: AtomicU8,
     /// Counts the policy changes that changed a period, each made under
     /// the policy's write lock: the policy an [`Admission`] was given.
     generation: AtomicU64,
@@ -270,6 +274,7 @@ impl Retention {
             replaced: Mutex::new(Vec::new()),
             pass: Mutex::new(None),
             next_stage: AtomicUsize::new(0),
+            since_scrub: AtomicU8::new(0),
             generation: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             batch: DEFAULT_BATCH,
@@ -457,8 +462,12 @@ impl Retention {
     /// business endpoint that does not answer, the sweep timed out) keeps
     /// no other from its turn. Slices of one step take the keys' stage in
     /// its turn too, one stage a slice, so that every stage gets a step;
-    /// they never complete (nor scrub the store: see [`Storage::scrub`]),
-    /// as even a sweep with nothing to do takes two steps.
+    /// they never complete, as even a sweep with nothing to do takes two
+    /// steps. The store is scrubbed ([`Storage::scrub`]) once every stage
+    /// that deletes (the keys', the two deleting messages, the one
+    /// forgetting consumers) has run to its end since it last was, in
+    /// one slice or several: slices too small to complete, and sweeps
+    /// dropped each time in the same stage, scrub it all the same.
     pub async fn sweep_steps(
         &self,
         now: Timestamp,
@@ -501,6 +510,7 @@ impl Retention {
             capped: 0,
             hung: &self.hung,
             next_stage: &self.next_stage,
+            since_scrub: &self.since_scrub,
         }
         .run()
         .await;
@@ -529,7 +539,7 @@ impl Retention {
     /// or its future dropped). Either way the store is then scrubbed
     /// ([`Storage::scrub`]), so that the wrapped key's bytes leave its
     /// files too, whichever call destroyed it (a failed scrub is logged,
-    /// and made by the next complete sweep).
+    /// and made by a later sweep).
     ///
     /// [`KeyManager::destroy_epoch_unchecked`] does the same without the
     /// hold check or the record: this is the call for operators. A message
@@ -566,7 +576,7 @@ impl Retention {
             .await?;
         drop(gate);
         if let Err(e) = self.storage.scrub().await {
-            tracing::warn!(%business, error = %e, "the store could not be scrubbed after a shred: the next complete sweep scrubs it");
+            tracing::warn!(%business, error = %e, "the store could not be scrubbed after a shred: a later sweep scrubs it");
         }
         Ok(destroyed)
     }

@@ -2,7 +2,7 @@
 //! resumable steps.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,9 @@ pub(super) struct Sweep<'a> {
     /// The stage the next sweep starts with (see [`Sweep::run`]), kept
     /// current as this one goes: a sweep dropped in a stage leaves it too.
     pub(super) next_stage: &'a AtomicUsize,
+    /// The stages that ran to their end since the store was last
+    /// scrubbed, one bit each by index, kept across sweeps.
+    pub(super) since_scrub: &'a AtomicU8,
 }
 
 /// Where a pass applying a shortened policy stopped (its step budget spent):
@@ -173,6 +176,23 @@ const STAGES: [Stage; 6] = [
     Stage::DeleteFailed,
     Stage::Forget,
 ];
+
+/// The stages that delete or destroy (by bit of their index): once each
+/// has run to its end since the store was last scrubbed, it is scrubbed.
+const DELETING: u8 = {
+    let (mut bits, mut index) = (0, 0);
+    while index < STAGES.len() {
+        let stage = STAGES[index];
+        if matches!(
+            stage,
+            Stage::Keys | Stage::DeleteSettled | Stage::DeleteFailed | Stage::Forget
+        ) {
+            bits |= 1 << index;
+        }
+        index += 1;
+    }
+    bits
+};
 
 /// The index of the stage after `index`'s, in the next sweep's order.
 fn after_stage(index: usize) -> usize {
@@ -312,6 +332,7 @@ impl<'a> Sweep<'a> {
             }
             if deletes && deleted_all == Some(self.changes()) {
                 *finished = deleted_all;
+                self.scrub_once_deleted(index).await;
                 continue;
             }
             // Run out of turn, the keys' stage leaves the turn where it is.
@@ -340,6 +361,9 @@ impl<'a> Sweep<'a> {
             if deletes && ended {
                 deleted_all = *finished;
             }
+            if ended {
+                self.scrub_once_deleted(index).await;
+            }
             // The first stage the budget stopped, in this sweep's order:
             // the next sweep starts after it if it had steps, else with it.
             if !ended && self.report.steps >= self.max_steps {
@@ -351,17 +375,30 @@ impl<'a> Sweep<'a> {
         if let Some(e) = failed {
             return (Err(e), shortened);
         }
-        let complete = finished.iter().all(Option::is_some);
-        if complete {
-            // What was deleted may live on in the store's own files; a store
-            // that cannot scrub now does it at the next sweep.
-            if let Err(e) = self.storage.scrub().await {
+        self.report.complete = finished.iter().all(Option::is_some);
+        self.report.elapsed = started.elapsed();
+        (Ok(self.report), shortened)
+    }
+
+    /// Stage `index` ran to its end: once every stage that deletes has since
+    /// the store was last scrubbed (in this sweep or earlier ones), what
+    /// they deleted, which may live on in the store's own files, is
+    /// scrubbed from them. A store that cannot scrub now is asked again
+    /// when the next such stage ends.
+    async fn scrub_once_deleted(&self, index: usize) {
+        let Some(bit) = u32::try_from(index).ok().and_then(|i| 1u8.checked_shl(i)) else {
+            return;
+        };
+        let ended = self.since_scrub.fetch_or(bit, Ordering::SeqCst) | bit;
+        if bit & DELETING == 0 || ended & DELETING != DELETING {
+            return;
+        }
+        match self.storage.scrub().await {
+            Ok(()) => self.since_scrub.store(0, Ordering::SeqCst),
+            Err(e) => {
                 tracing::warn!(error = %e, "the store could not scrub deleted records yet");
             }
         }
-        self.report.complete = complete;
-        self.report.elapsed = started.elapsed();
-        (Ok(self.report), shortened)
     }
 
     /// Stage 1 (after a policy change): cap the expiry of stored messages
@@ -441,7 +478,9 @@ impl<'a> Sweep<'a> {
     /// waiting on it, a host timing it out) is asked of no message past the
     /// grace until it answers one within it: those are failed unreported.
     /// Asked again, it would hold up every message after it, every sweep,
-    /// and no other business's would ever be failed and deleted.
+    /// and no other business's would ever be failed and deleted. Nor is it
+    /// asked of a message a hold keeps (which never reaches the grace's
+    /// end while held).
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
         loop {
@@ -470,10 +509,15 @@ impl<'a> Sweep<'a> {
                 // still tell it of; those past the grace are asked all the
                 // same, their last chance (a refusal may have been of one
                 // message), unless its endpoint never answered.
+                // Nor is a business whose endpoint never answered asked of
+                // a message a hold keeps: the message waits anyway, and
+                // asked, it would hold up every message after it, every
+                // sweep, for as long as the hold stands.
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
                 let last_chance = m.expiry <= self.abandon_before() && !kept;
-                let ask = if last_chance {
+                let ask = if last_chance || kept {
                     !self.is_hung(m.business)
+                        && (last_chance || !self.unreachable.contains(&m.business))
                 } else {
                     !self.unreachable.contains(&m.business)
                 };

@@ -695,12 +695,41 @@ pub struct Maintenance {
 /// The device id a business presents.
 pub const BUSINESS_DEVICE_ID: u32 = 0;
 
+/// The businesses' accounts in memory.
+type Accounts = HashMap<BusinessId, Arc<Account>, foldhash::fast::RandomState>;
+
+/// A business's account in memory while maintenance makes the next one:
+/// forgotten when dropped (maintenance failed or was dropped) unless
+/// [`replace`](Self::replace)d.
+struct StaleAccount<'a> {
+    accounts: &'a RwLock<Accounts>,
+    business: BusinessId,
+    replaced: bool,
+}
+
+impl StaleAccount<'_> {
+    fn replace(mut self, account: Account) {
+        self.replaced = true;
+        let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
+        accounts.insert(self.business, Arc::new(account));
+    }
+}
+
+impl Drop for StaleAccount<'_> {
+    fn drop(&mut self) {
+        if !self.replaced {
+            let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
+            accounts.remove(&self.business);
+        }
+    }
+}
+
 /// Signal sessions with consumers' devices, on behalf of many businesses.
 pub struct Sessions {
     vault: Arc<Vault>,
     store: Arc<dyn Storage>,
     config: SignalConfig,
-    accounts: RwLock<HashMap<BusinessId, Arc<Account>, foldhash::fast::RandomState>>,
+    accounts: RwLock<Accounts>,
     cache: PeerCache,
     address_locks: Stripes,
     business_locks: Stripes,
@@ -890,13 +919,16 @@ impl Sessions {
         left: Option<usize>,
     ) -> Result<Maintenance, SignalError> {
         let _guard = self.business_locks.lock(business).await;
-        // Out of memory until this completes: however it ends (an error,
-        // a dropped future), the next use reloads what the store kept, and
-        // a signed prekey retired below is not left usable in memory.
-        self.accounts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&business);
+        // The account in memory serves the business's consumers meanwhile
+        // (its identity never changes, and a signed prekey past its grace
+        // is refused where it is used). Should this not complete (an
+        // error, a dropped future), it is forgotten: the next use reloads
+        // what the store kept.
+        let stale = StaleAccount {
+            accounts: &self.accounts,
+            business,
+            replaced: false,
+        };
         let keys = self.vault.keys();
         let now = self.now();
         let mut account = Account::load_or_create(keys, business, now).await?;
@@ -959,10 +991,7 @@ impl Sessions {
         }
         let kept = stored.len() + report.prekeys_added - report.prekeys_retired;
         report.prekeys_available = (available + report.prekeys_added).min(kept);
-        self.accounts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(business, Arc::new(account));
+        stale.replace(account);
         Ok(report)
     }
 

@@ -365,9 +365,12 @@ pub trait Storage: KeyStore {
     /// or stale copies of rows it moved: after this, the bytes of deleted
     /// messages and destroyed keys are gone from the files as well as from
     /// the records (for `SqliteStore`, see its promises for what a
-    /// configuration may leave). Every complete sweep calls it at its end,
-    /// and logs a failure rather than failing: a backend that cannot do it
-    /// now (a reader holds an old snapshot) does it at the next sweep. The
+    /// configuration may leave). The sweep calls it once every stage that
+    /// deletes has run to its end since the last call, in one sweep or
+    /// several (slices, sweeps dropped each time in the stage that tells
+    /// businesses), and logs a failure rather than failing: a backend
+    /// that cannot do it now (a reader holds an old snapshot) is asked
+    /// again when the next such stage ends. The
     /// default, for backends that keep no old versions, does nothing.
     async fn scrub(&self) -> Result<(), StoreError> {
         Ok(())

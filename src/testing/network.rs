@@ -170,6 +170,9 @@ struct Net {
     /// Copies a device decrypted whose payload names another message id
     /// than the one the network carried.
     mislabelled: u64,
+    /// Copies a device could not decrypt (see
+    /// [`SimNetwork::undecryptable`]).
+    undecryptable: u64,
     /// Copies of a message beyond a device's first whose content or
     /// sending business differ from the first's.
     altered_copies: u64,
@@ -393,6 +396,7 @@ impl SimNetwork {
                 accepted: BTreeSet::new(),
                 resent_after_report: 0,
                 mislabelled: 0,
+                undecryptable: 0,
                 altered_copies: 0,
                 asked: BTreeMap::new(),
                 recipients: BTreeMap::new(),
@@ -611,6 +615,7 @@ impl SimNetwork {
                 Ok(plaintext) => plaintext,
                 Err(e) if e.is_duplicate() => continue,
                 Err(_) => {
+                    net.undecryptable += 1;
                     let decision = net.faults.decide(Leg::Receipt, now);
                     for at in Net::arrivals(decision, now) {
                         let retry = Retry {
@@ -909,6 +914,15 @@ impl SimNetwork {
     /// labels every ciphertext with the id of the message inside it.
     pub async fn mislabelled(&self) -> u64 {
         self.net.lock().await.mislabelled
+    }
+
+    /// Copies of business messages a device could not decrypt (other than
+    /// copies of one it already had), each answered with a retry receipt,
+    /// whether or not the receipt reached the processor
+    /// ([`PumpReport::retry_receipts`] counts those that did): none while
+    /// the processor and every device keep their sessions.
+    pub async fn undecryptable(&self) -> u64 {
+        self.net.lock().await.undecryptable
     }
 
     /// Copies of a message a device decrypted beyond its first (counted in

@@ -81,7 +81,8 @@ pub struct SqliteConfig {
     /// Most writes committed in one transaction (default 256): bounds the
     /// latency a write adds to the others in its group.
     pub max_group: NonZeroUsize,
-    /// Whether [`scrub`](Storage::scrub) (the end of every complete sweep)
+    /// Whether [`scrub`](Storage::scrub) (made by the sweep once its
+    /// deleting stages have run)
     /// rewrites the file with `VACUUM` (default `true`), the only way to
     /// clear the stale copies of rows that SQLite's page rebalancing leaves
     /// in live pages (see the store's promises). It costs about 0.6 s per
@@ -314,7 +315,8 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 ///   That is not all: when SQLite compacts or rebalances a b-tree page it
 ///   leaves the old bytes of the rows it moved in the page's free space,
 ///   and such a stale copy stays once the row is deleted. So
-///   [`scrub`](Storage::scrub), which every complete sweep ends with,
+///   [`scrub`](Storage::scrub), which the sweep makes once every stage
+///   that deletes has run to its end since the last one,
 ///   deletes the samples of any `sqlite_stat3`/`sqlite_stat4` table (index
 ///   keys a host's `ANALYZE` took, phone hashes among them; `sqlite_stat1`
 ///   holds counts only), rewrites the file with `VACUUM` (every live page
