@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::Category;
 use custodian::keys::{EpochLength, KeyManager, LocalKeyProvider, SecretKey};
-use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError};
+use custodian::processor::{
+    DeliveryConfig, Host, MAX_RECEIPT_WAIT, Outbound, Policies, Processor, ProcessorError,
+};
 use custodian::store::{
     FailureReason, MemoryStore, MessageRecord, SqliteConfig, SqliteStore, Status, Storage,
 };
@@ -405,13 +407,17 @@ struct Control {
     window: Duration,
     denied: usize,
     handovers: u64,
+    /// Retry receipts the processor took meanwhile.
+    retry_receipts: u64,
 }
 
 /// The control run between the traffic and the drain: the operator puts
 /// in force a policy withholding message content from businesses, consumer
 /// 0 writes to `b` (recorded in `writes`), and the network and the
 /// retransmission loop run `step` at a time until the policy has denied a
-/// release (at most 60 steps); then the published table is back in force.
+/// release (of that message, or of one due meanwhile; at most 180 steps,
+/// as the network may lose the message again and again); then the
+/// published table is back in force.
 #[allow(clippy::too_many_arguments)]
 async fn withheld_control(
     processor: &Processor,
@@ -438,10 +444,9 @@ async fn withheld_control(
     let (decisions, calls) = (audit.events().len(), sink.fault_stats());
     let text = "consumer 0, while content is withheld: where is my order?".to_owned();
     writes.write(network, 0, 0, b, text).await?;
-    let mut window = Duration::ZERO;
-    let mut denied = 0;
-    while denied == 0 && window < 60 * step {
-        network.pump(processor, transport).await;
+    let (mut window, mut denied, mut retry_receipts) = (Duration::ZERO, 0, 0);
+    while denied == 0 && window < 180 * step {
+        retry_receipts += network.pump(processor, transport).await.retry_receipts;
         processor.retransmit_due(operator).await?;
         clock.advance(step);
         window += step;
@@ -457,6 +462,7 @@ async fn withheld_control(
         window,
         denied,
         handovers: deliver(&sink.fault_stats()) - deliver(&calls),
+        retry_receipts,
     })
 }
 
@@ -986,6 +992,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         STEP,
     )
     .await?;
+    retry_receipts += control.retry_receipts;
     println!(
         "\ncontrol: message content withheld from businesses for {} simulated seconds: {} release \
          decisions denied, {} handovers meanwhile",
@@ -1050,18 +1057,18 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         retransmitted
     );
     // Settled is what the world shows at one instant: the processor keeps
-    // driving it past every timer it has (a receipt timeout and the
-    // longest backoff), so that a message handed over or sent again late
-    // shows in the checks below.
-    let quiet = receipt_timeout + retry_max + STEP;
+    // driving it past every timer it has (the longest wait for a delivery
+    // report, and the longest backoff), so that a message handed over or
+    // sent again late shows in the checks below.
+    let quiet = receipt_timeout.max(MAX_RECEIPT_WAIT) + retry_max + LATER_STEP;
     let (handed_before, mut quiet_retransmitted) = (sink.fault_stats(), 0);
     let mut waited = Duration::ZERO;
     while waited < quiet {
         let pumped = network.pump(&processor, &transport).await;
         retry_receipts += pumped.retry_receipts;
         quiet_retransmitted += processor.retransmit_due(&operator).await?.sent;
-        clock.advance(STEP);
-        waited += STEP;
+        clock.advance(LATER_STEP);
+        waited += LATER_STEP;
     }
     let calls = |stats: &BTreeMap<Leg, LegStats>, leg| stats.get(&leg).map_or(0, |s| s.events);
     let handed_after = sink.fault_stats();
@@ -1575,6 +1582,10 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         .filter(|e| e.is_allowed() && !RELEASES.contains(&(e.class, e.party, e.purpose)))
         .count();
     let denied = events.iter().filter(|e| !e.is_allowed()).count();
+    let outsider = events
+        .iter()
+        .filter(|e| e.business.is_some_and(|b| !owners.contains_key(&b)))
+        .count();
     let handed_to = sink.handovers();
     let handovers: u64 = handed_to.values().sum();
     let released_to = |class: DataClass, b: Option<BusinessId>| {
@@ -1598,8 +1609,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         })
         .count();
     println!(
-        "  outside the run's flows: {forbidden}; businesses whose handovers and releases differ: \
-         {foreign}; {handovers} handovers to businesses, {contents_released} contents and \
+        "  outside the run's flows: {forbidden}; of a business not in the run: {outsider}; \
+         businesses whose handovers and releases differ: {foreign}; {handovers} handovers to businesses, {contents_released} contents and \
          {numbers_released} numbers released to them"
     );
     if forbidden > 0 {
@@ -1618,6 +1629,11 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         broken.push(format!(
             "{} handovers to businesses while message content was withheld",
             control.handovers
+        ));
+    }
+    if outsider > 0 {
+        broken.push(format!(
+            "{outsider} release decisions in the audit trail for a business not in the run"
         ));
     }
     if foreign > 0 {

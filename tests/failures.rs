@@ -762,70 +762,255 @@ async fn a_message_refused_for_its_records_size_is_received_once_the_skipped_one
     assert!(d.receive(ahead).await.unwrap().delivered);
 }
 
-/// A retry receipt whose new session would make its device's record
-/// larger than the limit (the lost session, archived, keeps the keys of
-/// the messages it skipped) is ignored, and so is every copy the network
-/// hands in: one bundle fetched in all, as a send gives such a device up.
-/// (Each copy failed as a passing error and fetched another bundle, one of
-/// the device's one-time prekeys, for as long as the message lived, until
-/// the review of suspicions.)
-#[tokio::test]
-async fn a_retry_receipt_whose_session_would_be_too_large_fetches_one_bundle() {
-    let mut d = deployment(Faults::none(), Faults::none()).await;
+/// A deployment whose devices' Signal records may grow to the smallest
+/// limit, with consumer 1's device 0 driven by hand: 2,000 of its messages
+/// made, the first received, and the business's reply to it sent.
+async fn near_the_record_limit() -> (Deployment, ConsumerDevice, Vec<Inbound>, MessageId) {
+    let signal = SignalConfig {
+        prekey_pool: 4,
+        prekey_low_water: 2,
+        max_record_len: custodian::signal::MIN_RECORD_LEN,
+        ..SignalConfig::default()
+    };
+    let d = Deployment::with_signal(Faults::none(), Faults::none(), signal).await;
     let keys = d.transport.published.lock().unwrap().clone().unwrap();
     let mut handset = ConsumerDevice::new(0);
     handset
         .start_session(d.b, &keys.bundle(Some(0)))
         .await
         .unwrap();
-    let mut last = None;
-    for i in 0..=1_500 {
+    let mut messages = Vec::new();
+    for i in 0..2_000 {
         let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
-        last = Some(message.unwrap());
+        messages.push(Inbound {
+            from: consumer(1),
+            device: 0,
+            message: message.unwrap(),
+        });
     }
-    let inbound = Inbound {
-        from: consumer(1),
-        device: 0,
-        message: last.unwrap(),
-    };
-    assert!(d.receive(inbound).await.unwrap().delivered);
+    assert!(d.receive(messages[0].clone()).await.unwrap().delivered);
     d.network.add_consumer(&consumer(1), 1).await;
     let reply = Outbound {
         to: consumer(1),
         ..d.outbound(b"reply")
     };
     let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
-    let (status, _) = d.processor.message_status(&d.owner, d.b, id).await.unwrap();
-    assert_eq!(status, Status::Sent);
-    // Restarted with the smallest limit, the device (its data reinstalled,
-    // its identity kept) asks for the reply, again and again.
-    d.seams.signal.max_record_len = custodian::signal::MIN_RECORD_LEN;
-    d.restart();
-    let fetched = d
-        .transport
-        .fetched
-        .load(std::sync::atomic::Ordering::SeqCst);
-    for copy in 0..4 {
+    (d, handset, messages, id)
+}
+
+/// Receive every other one of `messages` from the third on, until the
+/// keys kept for those skipped would grow the record past its limit: the
+/// skipped ones, and the index of the one refused.
+async fn skip_to_the_limit(d: &Deployment, messages: &[Inbound]) -> (Vec<usize>, usize) {
+    let (mut skipped, mut i) = (Vec::new(), 2);
+    loop {
+        match d.receive(messages[i].clone()).await {
+            Ok(r) => assert!(r.delivered),
+            Err(ProcessorError::Signal(SignalError::RecordTooLarge { .. })) => {
+                return (skipped, i);
+            }
+            Err(e) => panic!("message {i}: {e:?}"),
+        }
+        skipped.push(i - 1);
+        i += 2;
+    }
+}
+
+/// A retry receipt whose new session would make its device's record
+/// larger than the limit (the lost session, archived, keeps the keys of the
+/// messages it skipped) is ignored, and so is every copy the network hands
+/// in: one bundle fetched in all. Once the skipped messages arrive and the
+/// record shrinks, the device's receipt is acted on. (Each copy failed as
+/// a passing error and fetched another bundle, one of the device's
+/// one-time prekeys, for as long as the message lived, until the review of
+/// suspicions; then, until the second look, the receipts stayed ignored for
+/// the message's life, record shrunk or not.)
+#[tokio::test]
+async fn a_retry_receipt_whose_session_would_be_too_large_waits_for_the_record_to_shrink() {
+    let (d, mut handset, messages, id) = near_the_record_limit().await;
+    let (skipped, refused) = skip_to_the_limit(&d, &messages).await;
+    let fetched = || {
         d.transport
-            .served
-            .lock()
-            .unwrap()
-            .insert(0, handset.bundle(true));
+            .fetched
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = fetched();
+    for copy in 0..4 {
+        let bundle = handset.bundle(true);
+        d.transport.served.lock().unwrap().insert(0, bundle);
         let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
         assert!(
             matches!(receipt, Ok(StatusChange::Ignored)),
             "copy {copy}: {receipt:?}"
         );
+        d.clock.advance(Duration::from_secs(30));
     }
-    let now = d
-        .transport
-        .fetched
-        .load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
-        now - fetched,
+        fetched() - before,
         1,
         "bundles fetched for the copies of one receipt"
     );
+    // The skipped messages arrive, and the one refused: the record shrinks.
+    for k in skipped.into_iter().chain([refused]) {
+        assert!(d.receive(messages[k].clone()).await.unwrap().delivered);
+    }
+    d.clock.advance(Duration::from_secs(600));
+    let bundle = handset.bundle(true);
+    d.transport.served.lock().unwrap().insert(0, bundle);
+    let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+    assert!(matches!(receipt, Ok(StatusChange::Applied)), "{receipt:?}");
+}
+
+/// A reinstalled device whose old session kept keys near the record limit
+/// cannot write (each of its messages is refused as too large: the new
+/// session beside the archived old one is over the limit), and each
+/// redelivery of its message lets in none of its receipts refused for the
+/// new key: nothing is fetched for a key never taken. (Each redelivery let
+/// them in again, and the next receipt fetched a bundle, until the second
+/// look.)
+#[tokio::test]
+async fn a_message_refused_before_its_write_approves_no_new_key() {
+    let (d, _, messages, id) = near_the_record_limit().await;
+    skip_to_the_limit(&d, &messages).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut new = ConsumerDevice::new(0);
+    let serve = |bundle| d.transport.served.lock().unwrap().insert(0, bundle);
+    serve(new.bundle(true));
+    let refused = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+    new.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+    let inbound = Inbound {
+        from: consumer(1),
+        device: 0,
+        message: new.encrypt(d.b, b"new phone").await.unwrap(),
+    };
+    let fetched = || {
+        d.transport
+            .fetched
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = fetched();
+    for cycle in 0..3 {
+        let r = d.receive(inbound.clone()).await;
+        assert!(
+            matches!(
+                r,
+                Err(ProcessorError::Signal(SignalError::RecordTooLarge { .. }))
+            ),
+            "cycle {cycle}: {r:?}"
+        );
+        d.clock.advance(Duration::from_secs(600));
+        serve(new.bundle(true));
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+        assert!(matches!(receipt, Ok(StatusChange::Ignored)), "{receipt:?}");
+    }
+    assert_eq!(fetched() - before, 0);
+}
+
+/// A receive that would take a reinstalled device's new key, whose write
+/// the store fails before making it, approves nothing: the device's
+/// receipts refused for that key stay ignored, and no bundle is fetched.
+/// (Each such receive let them in again, a bundle fetched for a key still
+/// refused, until the second look.)
+#[tokio::test]
+async fn a_receive_whose_write_failed_approves_nothing() {
+    let d = Deployment::new(Faults::none(), Faults::none()).await;
+    let mut old = d.handset().await;
+    let hello = d.inbound(&mut old, b"hello").await;
+    assert!(d.receive(hello).await.unwrap().delivered);
+    d.network.add_consumer(&consumer(1), 2).await;
+    let reply = Outbound {
+        to: consumer(1),
+        ..d.outbound(b"your order shipped")
+    };
+    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut new = ConsumerDevice::new(old.device_id());
+    let serve = |bundle| d.transport.served.lock().unwrap().insert(1, bundle);
+    serve(new.bundle(true));
+    let refused = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
+    new.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+    let again = d.inbound(&mut new, b"reinstalled").await;
+    let stored = d.store.census().await.unwrap().messages;
+    let fetched = || {
+        d.transport
+            .fetched
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = fetched();
+    for round in 0..3 {
+        // The store fails the receive's write before making it (the calls
+        // before it, failing, are skipped past).
+        for n in 1..MAX_CALLS {
+            d.faults.fail_at(n, Seams::Store, Strike::Before);
+            let r = d.receive(again.clone()).await;
+            let failed = d.faults.lift();
+            assert!(r.is_err() && !failed.is_empty(), "round {round}: {r:?}");
+            if failed[0].0 == "commit" {
+                break;
+            }
+        }
+        assert_eq!(d.store.census().await.unwrap().messages, stored);
+        d.clock.advance(Duration::from_secs(600));
+        serve(new.bundle(true));
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(matches!(receipt, Ok(StatusChange::Ignored)), "{receipt:?}");
+    }
+    assert_eq!(
+        fetched() - before,
+        0,
+        "bundles fetched for a key never taken"
+    );
+}
+
+/// A retry receipt of a device whose stored record cannot be read (here
+/// another device's record copied over its row) is ignored, and so is
+/// every copy: one bundle fetched in all. (Each copy failed as a passing
+/// error and fetched another, until the second look.)
+#[tokio::test]
+async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
+    let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut one = d.handset().await;
+    let mut two = ConsumerDevice::new(2);
+    two.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+    for device in [&mut one, &mut two] {
+        let inbound = d.inbound(device, b"hello").await;
+        assert!(d.receive(inbound).await.unwrap().delivered);
+    }
+    d.network.add_consumer(&consumer(1), 3).await;
+    let reply = Outbound {
+        to: consumer(1),
+        ..d.outbound(b"reply")
+    };
+    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+    let phone = d.phone_of(1).await;
+    let copied = d.store.peer(d.b, PeerId { phone, device: 1 }).await;
+    let damage = Op::PutPeer {
+        business: d.b,
+        peer: PeerId { phone, device: 2 },
+        sealed: copied.unwrap().unwrap(),
+    };
+    d.store.commit(Batch::from(damage)).await.unwrap();
+    d.restart();
+    let fetched = || {
+        d.transport
+            .fetched
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = fetched();
+    for copy in 0..4 {
+        let bundle = two.bundle(true);
+        d.transport.served.lock().unwrap().insert(2, bundle);
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 2).await;
+        assert!(
+            matches!(receipt, Ok(StatusChange::Ignored)),
+            "copy {copy}: {receipt:?}"
+        );
+        d.clock.advance(Duration::from_secs(30));
+    }
+    assert_eq!(fetched() - before, 1);
 }
 
 /// Two outbound messages due, to two consumers, and one store or key

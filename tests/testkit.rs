@@ -2056,6 +2056,33 @@ async fn a_reinstalled_consumers_old_devices_reports_do_not_count() {
     assert_eq!(report.receipts, 1, "both new devices have it");
 }
 
+/// A delivery report still on its way when its consumer reinstalls is the
+/// old device's: it is dropped, and the message waits for the new device.
+/// (It landed and counted for the new device of the same id, until the
+/// second look at the kit's review.)
+#[tokio::test]
+async fn a_reinstall_drops_the_old_devices_reports_on_their_way() {
+    let delayed = Faults {
+        delay: 1.0,
+        max_delay: Duration::from_secs(60),
+        ..Faults::none()
+    };
+    let d = Deployment::new(delayed, Faults::none(), 1).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let id = d.send(1, "hello").await;
+    d.clock.advance(Duration::from_secs(61));
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(report.receipts, 0, "the report is on its way");
+    assert_eq!(d.network.received(&number(1)).await[&0][&id], 1);
+    d.network.add_consumer(&number(1), 1).await;
+    d.clock.advance(Duration::from_secs(61));
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        report.receipts, 0,
+        "the old device's report counted for the new one"
+    );
+}
+
 /// A handover of a message after its first (here after a lost reply, so
 /// legitimately) that names another sender and carries other content is
 /// counted in `altered_handovers`, whatever its outcome; one like the

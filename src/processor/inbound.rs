@@ -202,12 +202,12 @@ impl Processor {
         // Its new key taken from its own message (under `AcceptAndReport`):
         // trusted once the write lands, as if approved, so the device's
         // receipts ignored for a bundle count again. Let in however the
-        // write ends: dropped or failed, it may have landed, and a
-        // redelivery answered as a duplicate approves nothing (should it
-        // not have landed, a receipt fetches one bundle more, refused again).
+        // write ends, unless it is known not to have landed: dropped or
+        // failed, it may have, and a redelivery answered as a duplicate
+        // approves nothing (should it not have, a receipt fetches one
+        // bundle more, refused again).
         let approval = identity_changed.then(|| self.receipts.approve_on_drop(business, peer));
         let committed = staged.commit_stored(batch).await;
-        drop(approval);
         drop(admitted);
         uncounted.owed = None;
         let decrypted = match committed {
@@ -226,10 +226,17 @@ impl Processor {
                 // answered as a duplicate (counting nothing), and the
                 // retransmission loop hands it over. So it is counted now.
                 // Boxed: rare, and its future would grow every receive's.
-                Box::pin(self.count_if_landed(business, id, phone, now)).await;
+                let landed = Box::pin(self.count_if_landed(business, id, phone, now)).await;
+                if let Some(approval) = approval
+                    && landed == Some(false)
+                {
+                    approval.cancel();
+                }
                 return Err(e.into());
             }
         };
+        drop(approval);
+        self.receipts.heard_from(business, peer);
         // Stored by this call: what an earlier one, dropped at its own
         // write, left owed is for a write that never landed.
         self.claims.forgive_count_received((business, id));
@@ -300,26 +307,31 @@ impl Processor {
     /// say, the count is owed ([`Owed::CountReceived`]), and made when the
     /// message is next taken up: by its redelivery, answered as a
     /// duplicate, or by the retransmission loop, which takes up a message
-    /// stored unanswered to hand it over.
+    /// stored unanswered to hand it over. Returns whether it landed, if
+    /// the store says.
     async fn count_if_landed(
         &self,
         business: BusinessId,
         id: MessageId,
         phone: PhoneHash,
         at: Timestamp,
-    ) {
+    ) -> Option<bool> {
         let owed = Owed::CountReceived { phone, at };
         let mut owing = Owing::new(&self.claims, (business, id), owed, false);
         match self.storage.message(business, id).await {
             Ok(stored) => {
                 owing.owed = None;
-                if stored.is_some_and(|stored| stored.phone == phone && stored.created == at) {
+                let landed =
+                    stored.is_some_and(|stored| stored.phone == phone && stored.created == at);
+                if landed {
                     warn!(%business, %id, "the store failed the write storing a received message, but has it: counted");
                     self.count_received(business, phone, at);
                 }
+                Some(landed)
             }
             Err(e) => {
                 debug!(%business, %id, error = %e, "whether a failed write stored a received message is unknown: its count is owed");
+                None
             }
         }
     }

@@ -62,6 +62,12 @@ pub(super) struct Receipts {
     /// key, by whose device they were: an approval of that device's new
     /// key lets them in again. Locked after `ignore`.
     refused: Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>,
+    /// Of the receipts ignored, those whose new session would have made
+    /// their device's record too large, by whose device they were: a
+    /// message received from that device (which may use up the keys its
+    /// record keeps for skipped messages) lets them in again. Locked after
+    /// `ignore`.
+    oversized: Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>,
     restarted: Mutex<HashMap<(BusinessId, PeerId), Timestamp, RandomState>>,
 }
 
@@ -71,6 +77,7 @@ impl Receipts {
             window,
             ignore: Mutex::default(),
             refused: Mutex::default(),
+            oversized: Mutex::default(),
             restarted: Mutex::default(),
         }
     }
@@ -80,6 +87,7 @@ impl Receipts {
         let mut ignore = lock(&self.ignore);
         ignore.retain(|_, until| now < *until);
         lock(&self.refused).retain(|key, _| ignore.contains_key(key));
+        lock(&self.oversized).retain(|key, _| ignore.contains_key(key));
         drop(ignore);
         lock(&self.restarted).retain(|_, until| now < *until);
     }
@@ -100,8 +108,24 @@ impl Receipts {
         lock(&self.restarted).remove(&(business, peer));
     }
 
+    /// A message from `peer` was received: its receipts ignored because
+    /// its record was too large count again.
+    pub(super) fn heard_from(&self, business: BusinessId, peer: PeerId) {
+        if lock(&self.oversized).is_empty() {
+            return;
+        }
+        let mut ignore = lock(&self.ignore);
+        lock(&self.oversized).retain(|&(b, id, device), phone| {
+            let heard = b == business && device == peer.device && *phone == peer.phone;
+            if heard {
+                ignore.remove(&(b, id, device));
+            }
+            !heard
+        });
+    }
+
     /// Approve `peer` (as [`approved`](Self::approved)) when the guard is
-    /// dropped, however the call holding it ends.
+    /// dropped, unless [`cancel`](Approval::cancel)led.
     pub(super) fn approve_on_drop(&self, business: BusinessId, peer: PeerId) -> Approval<'_> {
         Approval {
             receipts: self,
@@ -172,6 +196,13 @@ pub(super) struct Approval<'a> {
     peer: PeerId,
 }
 
+impl Approval<'_> {
+    /// Approve nothing: the key was not taken.
+    pub(super) fn cancel(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Approval<'_> {
     fn drop(&mut self) {
         self.receipts.approved(self.business, self.peer);
@@ -195,6 +226,16 @@ impl Noted<'_> {
     fn keep_until(mut self, until: Timestamp) {
         if let Some(key) = self.key.take() {
             lock(&self.receipts.ignore).insert(key, until);
+        }
+    }
+
+    /// Every receipt of the device of `phone` for the message is ignored
+    /// until `until`, or until a message from it is received.
+    fn oversized_until(mut self, until: Timestamp, phone: PhoneHash) {
+        if let Some(key) = self.key.take() {
+            let mut ignore = lock(&self.receipts.ignore);
+            ignore.insert(key, until);
+            lock(&self.receipts.oversized).insert(key, phone);
         }
     }
 
@@ -549,11 +590,13 @@ impl Processor {
     /// (a network duplicate: acting again would replace a working session,
     /// send the message again after its report, and cost the device another
     /// one-time prekey), a receipt for a message failed, unreadable or
-    /// past its retention, and, for the message's life, every receipt of a
-    /// device whose record the new session would make larger than
-    /// [`SignalConfig::max_record_len`](crate::signal::SignalConfig::max_record_len)
-    /// (a bundle fetched for each copy would drain its one-time prekeys; a
-    /// send gives such a device up).
+    /// past its retention, and every receipt of a device whose record the
+    /// new session would make larger than
+    /// [`SignalConfig::max_record_len`](crate::signal::SignalConfig::max_record_len),
+    /// until a message from the device is received (which may use up the
+    /// keys it keeps for skipped messages), or whose stored record cannot
+    /// be read, for the message's life (a bundle fetched for each copy
+    /// would drain its one-time prekeys; a send gives such a device up).
     pub async fn retry_receipt(
         &self,
         principal: &Principal,
@@ -734,11 +777,19 @@ impl Processor {
                         return Ok(StatusChange::Ignored);
                     }
                     // The device's record, its lost session archived, is
-                    // over the limit: so is every copy's, as a send to it
-                    // gives the device up. Not fetched again for each copy.
+                    // over the limit: so is every copy's until a message
+                    // from the device uses up the keys it keeps for
+                    // skipped ones. Not fetched again for each copy.
                     Err(SignalError::RecordTooLarge { len, max }) => {
+                        noted.oversized_until(record.expiry, record.phone);
+                        warn!(%business, device, len, max, "a retry receipt's session would make its device's record too large: ignored until the device writes");
+                        return Ok(StatusChange::Ignored);
+                    }
+                    // The device's stored record cannot be read: no copy
+                    // can start a session either (an operator's matter).
+                    Err(SignalError::Storage(StorageFailure::Corrupt(what))) => {
                         noted.keep_until(record.expiry);
-                        warn!(%business, device, len, max, "a retry receipt's session would make its device's record too large: ignored");
+                        warn!(%business, device, what, "a retry receipt's device has a damaged record: ignored");
                         return Ok(StatusChange::Ignored);
                     }
                     Err(e) => return Err(e.into()),

@@ -180,9 +180,9 @@ struct Net {
     /// its is with the processor, or the processor took one up
     /// ([`StatusChange::Applied`]), and no send was accepted since.
     asked: BTreeMap<(BusinessId, MessageId, u32), Asked>,
-    /// The number each outbound message was sent to: a reinstall forgets
-    /// what the old devices reported, took and asked for.
-    recipients: BTreeMap<(BusinessId, MessageId), String>,
+    /// The outbound messages sent to each number: a reinstall forgets what
+    /// the old devices reported, took and asked for.
+    recipients: BTreeMap<String, BTreeSet<(BusinessId, MessageId)>>,
     seq: u64,
     faults: Injector,
     integrity: Vec<IntegrityReport>,
@@ -425,18 +425,15 @@ impl SimNetwork {
     pub async fn add_consumer(&self, number: &PhoneNumber, devices: u32) {
         let mut net = self.net.lock().await;
         let net = &mut *net;
-        let sent_to: BTreeSet<(BusinessId, MessageId)> = net
-            .recipients
-            .iter()
-            .filter(|(_, to)| *to == number.expose())
-            .map(|(&message, _)| message)
-            .collect();
-        net.reported_by
-            .retain(|message, _| !sent_to.contains(message));
-        net.accepted
-            .retain(|&(b, id, _)| !sent_to.contains(&(b, id)));
-        net.asked
-            .retain(|&(b, id, _), _| !sent_to.contains(&(b, id)));
+        // What the old devices reported, took and asked for, counted or
+        // still on its way, is theirs.
+        let sent_to = net.recipients.remove(number.expose()).unwrap_or_default();
+        let theirs = |b: BusinessId, id: MessageId| sent_to.contains(&(b, id));
+        net.reported_by.retain(|&(b, id), _| !theirs(b, id));
+        net.accepted.retain(|&(b, id, _)| !theirs(b, id));
+        net.asked.retain(|&(b, id, _), _| !theirs(b, id));
+        net.receipts.retain(|f| f.item.number != number.expose());
+        net.retries.retain(|f| !theirs(f.item.business, f.item.id));
         net.consumers.insert(
             number.expose().to_owned(),
             Consumer {
@@ -1015,8 +1012,9 @@ impl Transport for SimNetwork {
         net.accepted.insert(key);
         net.asked.remove(&key);
         net.recipients
-            .entry((business, message.id))
-            .or_insert_with(|| consumer.expose().to_owned());
+            .entry(consumer.expose().to_owned())
+            .or_default()
+            .insert((business, message.id));
         let decision = net.faults.decide(Leg::ToDevice, now);
         for at in Net::arrivals(decision, now) {
             let copy = ToDevice {
