@@ -32,13 +32,14 @@ use custodian::keys::{
 };
 use custodian::processor::{Outbound, StatusChange};
 use custodian::retention::{Decision, Retention, RetentionPolicy};
-use custodian::signal::{SignalConfig, SignalError};
+use custodian::signal::{Sessions, SignalConfig, SignalError};
 use custodian::store::{
     Delivery, Direction, FailureReason, HoldScope, KeyStore, MemoryStore, MessageRecord, PeerId,
     Status, Storage,
 };
 use custodian::testing::{ConsumerDevice, Faults};
-use custodian::time::Timestamp;
+use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::vault::Vault;
 use custodian::visibility::MemoryAuditSink;
 
 #[path = "common/seams.rs"]
@@ -1154,6 +1155,78 @@ fn maintenance_holds_up_no_consumer_of_its_business() {
         if !done {
             maintain.await.unwrap();
         }
+        done
+    }));
+}
+
+/// With no grace (a setting allowed), a maintenance that rotates the
+/// signed prekey deletes the one it replaced in the same run: from that
+/// moment no first message on it decrypts (one waits for maintenance to
+/// end), while maintenance still runs (its account in memory held the
+/// deleted key as current, with no newer one beside it to retire it by,
+/// until the second look at the review of concurrency) nor after.
+#[test]
+fn a_signed_prekey_deleted_with_no_grace_is_refused_while_maintenance_runs() {
+    runtime().block_on(every_cut(|n| async move {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let paused: Arc<dyn Storage> = Arc::new(FailingStore::paused(
+            store.clone(),
+            Arc::new(HostFaults::default()),
+        ));
+        let keys = Arc::new(KeyManager::new(
+            Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            paused.clone(),
+        ));
+        let vault = Vault::new(keys.clone(), Arc::new(clock.clone()), EpochLength::DEFAULT);
+        let config = SignalConfig {
+            prekey_pool: 8,
+            prekey_low_water: 2,
+            signed_prekey_grace: Duration::ZERO,
+            ..SignalConfig::default()
+        };
+        let rotation = config.signed_prekey_rotation;
+        let sessions = Sessions::new(Arc::new(vault), paused, config).unwrap();
+        let b = BusinessId::new(BUSINESS).unwrap();
+        let first = sessions.publish(b).await.unwrap();
+        let mut handset = ConsumerDevice::new(2);
+        handset.start_session(b, &first.bundle(None)).await.unwrap();
+        let hello = handset.encrypt(b, b"hello").await.unwrap();
+        let phone = keys.phone_hash(b, &consumer(1)).await.unwrap();
+        let peer = PeerId { phone, device: 2 };
+        clock.advance(rotation);
+        let mut maintain = Box::pin(sessions.maintain(b, Some(0)));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut done = false;
+        for _ in 0..n {
+            if let Poll::Ready(report) = maintain.as_mut().poll(&mut cx) {
+                assert!(report.unwrap().rotated);
+                done = true;
+                break;
+            }
+        }
+        let deleted = !store
+            .keys_of_kind(b, KeyKind::SignalSignedPreKey, None, 16)
+            .await
+            .unwrap()
+            .iter()
+            .any(|k| k.id.id == u64::from(first.signed_prekey.id));
+        if deleted {
+            let expiry = clock.now().saturating_add(Duration::from_secs(30 * 86_400));
+            let decrypt = sessions.decrypt(b, peer, &hello, expiry);
+            // Refused, or waiting for maintenance to end.
+            let decrypted = poll_at_most(decrypt, 1_000).await;
+            assert!(
+                !matches!(decrypted, Some(Ok(_))),
+                "cut {n} (maintenance done: {done})"
+            );
+        }
+        if !done {
+            maintain.await.unwrap();
+        }
+        let expiry = clock.now().saturating_add(Duration::from_secs(30 * 86_400));
+        let after = sessions.decrypt(b, peer, &hello, expiry).await;
+        assert!(after.is_err(), "cut {n}: {after:?}");
         done
     }));
 }

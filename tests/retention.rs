@@ -2000,6 +2000,118 @@ async fn a_held_consumer_of_a_hung_business_holds_up_no_other_business() {
     }
 }
 
+/// An endpoint that hangs at its first call (slow one day: the host times
+/// that sweep out), then answers every call, recording what it was told.
+#[derive(Default)]
+struct SlowOnce {
+    calls: AtomicU64,
+    told: Mutex<Vec<MessageId>>,
+}
+
+#[async_trait]
+impl ExpiryNotifier for SlowOnce {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::future::pending::<()>().await;
+        }
+        self.told.lock().unwrap().push(m.id);
+        Notice::Told
+    }
+}
+
+/// A business whose endpoint was slow once (a sweep timed out asking it of
+/// a message a hold keeps) is told of its messages again once it answers:
+/// of its unheld one within the grace, and of the held one, asked after
+/// every other (a probe), before the hold is released. (Since the hung
+/// business was no longer asked of held messages, nothing ended its mark:
+/// its other message was failed unreported, and the held one too once
+/// released, until the second look at the review of the sweep.)
+#[tokio::test]
+async fn a_business_slow_once_is_told_of_its_messages_again() {
+    // With an unheld message beside the held one, and without.
+    for unheld in [true, false] {
+        let w = World::new(64);
+        let b = business(1);
+        let held = w.store(b, 1, Direction::Inbound, true).await;
+        let scope = HoldScope::Consumer(b, held.record.phone);
+        w.hold(scope, "case-1").await;
+        w.clock.advance(Duration::from_secs(12 * 3600));
+        let other = if unheld {
+            Some(w.store(b, 2, Direction::Inbound, true).await)
+        } else {
+            None
+        };
+        w.clock.advance(30 * DAY - Duration::from_secs(11 * 3600));
+        let notifier = SlowOnce::default();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut sweep = Box::pin(w.retention.sweep(w.now(), &notifier));
+        for _ in 0..1000 {
+            assert!(sweep.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(sweep);
+        let mut unreported = 0;
+        for _ in 0..3 {
+            w.clock.advance(DAY);
+            let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+            assert!(report.complete, "{report:?}");
+            unreported += report.failures_unreported;
+        }
+        // Told of the held message while the hold still stands.
+        let told = notifier.told.lock().unwrap().clone();
+        assert!(told.contains(&held.record.id), "unheld {unheld}: {told:?}");
+        if let Some(other) = other {
+            assert!(told.contains(&other.record.id), "{told:?}");
+        }
+        w.release(scope, "case-1").await;
+        w.clock.advance(DAY);
+        let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        unreported += report.failures_unreported;
+        assert_eq!(unreported, 0, "unheld {unheld}");
+    }
+}
+
+/// A complete sweep leaves nothing it deleted in the SQLite files, also
+/// when its deleting stages ended (and scrubbed) before its last
+/// deletions: here the sweep before was timed out while business 1 did
+/// not answer, so this one's first round ends the deleting stages, and its
+/// second fails, deletes and forgets business 1's message and consumer.
+/// (That consumer's phone hash stayed in the log until the next sweep,
+/// until the second look at the review of the sweep.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_complete_sweep_scrubs_what_it_deleted_after_its_first_scrub() {
+    let w = World::sqlite(64);
+    let hung = w.store(business(1), 1, Direction::Inbound, true).await;
+    w.clock.advance(DAY + Duration::from_secs(3600));
+    let early = w.store(business(2), 2, Direction::Inbound, false).await;
+    w.clock.advance(30 * DAY - Duration::from_secs(3600));
+    let (timeout, timed_out) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = timeout.send(());
+    });
+    tokio::select! {
+        _ = w.retention.sweep(w.now(), &Hangs) => panic!("the sweep should hang"),
+        _ = timed_out => {}
+    }
+    let path = w._dir.as_ref().unwrap().path().join("store.db");
+    let phones = [hung.record.phone, early.record.phone];
+    assert!(phones.iter().all(|p| file_contains(&path, p.as_bytes())));
+    w.clock.advance(DAY);
+    let report = w
+        .retention
+        .sweep(w.now(), &Notices::default())
+        .await
+        .unwrap();
+    assert!(
+        report.complete && report.messages_deleted == 2,
+        "{report:?}"
+    );
+    for phone in phones {
+        assert!(!file_contains(&path, phone.as_bytes()), "{report:?}");
+    }
+}
+
 /// A host sweeping in slices too small for any to complete (4 steps an
 /// hour, with a message a business never took and one it did expiring
 /// every hour; then slices of one step) still has the store scrubbed: once

@@ -511,6 +511,7 @@ impl Retention {
             hung: &self.hung,
             next_stage: &self.next_stage,
             since_scrub: &self.since_scrub,
+            scrubbed_after: None,
         }
         .run()
         .await;

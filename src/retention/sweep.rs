@@ -137,6 +137,8 @@ pub(super) struct Sweep<'a> {
     /// The stages that ran to their end since the store was last
     /// scrubbed, one bit each by index, kept across sweeps.
     pub(super) since_scrub: &'a AtomicU8,
+    /// What this sweep had deleted and destroyed when it last scrubbed.
+    pub(super) scrubbed_after: Option<u64>,
 }
 
 /// Where a pass applying a shortened policy stopped (its step budget spent):
@@ -241,6 +243,12 @@ impl<'a> Sweep<'a> {
     fn changes(&self) -> u64 {
         let r = &self.report;
         self.capped + r.failed_expired + r.messages_deleted + r.peers_deleted
+    }
+
+    /// Counts what this sweep deleted or destroyed.
+    fn deleted(&self) -> u64 {
+        let r = &self.report;
+        r.messages_deleted + r.peers_deleted + r.epoch_keys_destroyed
     }
 
     /// Messages that expired at or before this are deleted even if their
@@ -376,6 +384,11 @@ impl<'a> Sweep<'a> {
             return (Err(e), shortened);
         }
         self.report.complete = finished.iter().all(Option::is_some);
+        // A complete sweep leaves nothing it deleted in the store's files:
+        // one that scrubbed before its last deletions scrubs again.
+        if self.report.complete && self.scrubbed_after != Some(self.deleted()) {
+            self.scrub().await;
+        }
         self.report.elapsed = started.elapsed();
         (Ok(self.report), shortened)
     }
@@ -385,7 +398,7 @@ impl<'a> Sweep<'a> {
     /// they deleted, which may live on in the store's own files, is
     /// scrubbed from them. A store that cannot scrub now is asked again
     /// when the next such stage ends.
-    async fn scrub_once_deleted(&self, index: usize) {
+    async fn scrub_once_deleted(&mut self, index: usize) {
         let Some(bit) = u32::try_from(index).ok().and_then(|i| 1u8.checked_shl(i)) else {
             return;
         };
@@ -393,8 +406,15 @@ impl<'a> Sweep<'a> {
         if bit & DELETING == 0 || ended & DELETING != DELETING {
             return;
         }
+        self.scrub().await;
+    }
+
+    async fn scrub(&mut self) {
         match self.storage.scrub().await {
-            Ok(()) => self.since_scrub.store(0, Ordering::SeqCst),
+            Ok(()) => {
+                self.since_scrub.store(0, Ordering::SeqCst);
+                self.scrubbed_after = Some(self.deleted());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the store could not scrub deleted records yet");
             }
@@ -480,16 +500,20 @@ impl<'a> Sweep<'a> {
     /// Asked again, it would hold up every message after it, every sweep,
     /// and no other business's would ever be failed and deleted. Nor is it
     /// asked of a message a hold keeps (which never reaches the grace's
-    /// end while held).
+    /// end while held) until every other is dealt with: then of one such
+    /// message, a probe whose answer ends its mark.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
+        // Held messages of businesses whose endpoint never answered, one a
+        // business: asked last (see `probe_held`).
+        let mut probes: Vec<MessageRecord> = Vec::new();
         loop {
             let open = self
                 .storage
                 .expired_open_messages(self.now, after, self.batch)
                 .await?;
             let Some(last) = open.last() else {
-                return Ok(true);
+                return self.probe_held(probes).await;
             };
             after = Some((last.expiry, last.business, last.id));
             // Take the step before telling anyone, so a sweep stopped by its
@@ -510,14 +534,19 @@ impl<'a> Sweep<'a> {
                 // same, their last chance (a refusal may have been of one
                 // message), unless its endpoint never answered.
                 // Nor is a business whose endpoint never answered asked of
-                // a message a hold keeps: the message waits anyway, and
-                // asked, it would hold up every message after it, every
-                // sweep, for as long as the hold stands.
+                // a message a hold keeps until every other is dealt with:
+                // asked in its turn, it would hold up every message after
+                // it, every sweep, for as long as the hold stands.
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
+                if kept && self.is_hung(m.business) {
+                    if !probes.iter().any(|p| p.business == m.business) {
+                        probes.push(m);
+                    }
+                    continue;
+                }
                 let last_chance = m.expiry <= self.abandon_before() && !kept;
-                let ask = if last_chance || kept {
+                let ask = if last_chance {
                     !self.is_hung(m.business)
-                        && (last_chance || !self.unreachable.contains(&m.business))
                 } else {
                     !self.unreachable.contains(&m.business)
                 };
@@ -583,6 +612,37 @@ impl<'a> Sweep<'a> {
                 self.storage.commit(batch).await?;
             }
         }
+    }
+
+    /// Ask each business whose endpoint never answered of one expired
+    /// message a hold keeps, once every other expired message is dealt
+    /// with: an answer ends its mark, so that it is told of its messages
+    /// again, and a sweep dropped waiting has held up nothing else. One
+    /// told is marked failed (the hold keeps it stored).
+    async fn probe_held(&mut self, probes: Vec<MessageRecord>) -> Result<bool, SweepError> {
+        for m in probes {
+            if self.unreachable.contains(&m.business) {
+                continue;
+            }
+            if !self.step() {
+                return Ok(false);
+            }
+            match self.tell(&m).await {
+                Notice::Told => {
+                    let op = Op::FailExpired {
+                        business: m.business,
+                        id: m.id,
+                    };
+                    self.storage.commit(op.into()).await?;
+                    self.report.failed_expired += 1;
+                }
+                Notice::Untold => {
+                    self.unreachable.insert(m.business);
+                }
+                Notice::Busy | Notice::Settled => {}
+            }
+        }
+        Ok(true)
     }
 
     /// Give up telling `m`'s business how it ended (its failure counted

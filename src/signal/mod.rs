@@ -708,6 +708,13 @@ struct StaleAccount<'a> {
 }
 
 impl StaleAccount<'_> {
+    /// Forget it now: it may hold as current a signed prekey about to be
+    /// deleted (with no grace, one retired the moment it is replaced).
+    fn forget(&self) {
+        let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
+        accounts.remove(&self.business);
+    }
+
     fn replace(mut self, account: Account) {
         self.replaced = true;
         let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
@@ -957,6 +964,7 @@ impl Sessions {
             }
         }
         if !retired.is_empty() {
+            stale.forget();
             keys.store().delete_keys(&retired).await?;
             report.signed_retired = retired.len();
             let retired_ids: BTreeSet<u64> = retired.iter().map(|k| k.id).collect();

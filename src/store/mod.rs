@@ -368,7 +368,8 @@ pub trait Storage: KeyStore {
     /// configuration may leave). The sweep calls it once every stage that
     /// deletes has run to its end since the last call, in one sweep or
     /// several (slices, sweeps dropped each time in the stage that tells
-    /// businesses), and logs a failure rather than failing: a backend
+    /// businesses), and at the end of a complete sweep that deleted
+    /// anything after, and logs a failure rather than failing: a backend
     /// that cannot do it now (a reader holds an old snapshot) is asked
     /// again when the next such stage ends. The
     /// default, for backends that keep no old versions, does nothing.
