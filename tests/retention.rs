@@ -2070,6 +2070,45 @@ async fn a_business_slow_once_is_told_of_its_messages_again() {
     }
 }
 
+/// A business whose endpoint was slow once, with steady traffic (a
+/// message expiring every twelve hours, so that each sweep finds one past
+/// the grace first), is told again from the sweep after the one timed out:
+/// its message past the grace no longer bars the probe of one within it.
+/// (Not asked of the first, it counted as refusing, was asked of none of
+/// the others, and stayed marked for good: every message failed
+/// unreported, until the third look at the review of the sweep.)
+#[tokio::test]
+async fn a_business_slow_once_with_steady_traffic_is_told_again() {
+    let w = World::new(64);
+    let b = business(1);
+    for consumer in 0..16 {
+        w.clock.advance(Duration::from_secs(3600));
+        w.store(b, consumer, Direction::Inbound, true).await;
+        w.clock.advance(Duration::from_secs(11 * 3600));
+    }
+    // The first message expired an hour ago.
+    w.clock.advance(22 * DAY + Duration::from_secs(2 * 3600));
+    let notifier = SlowOnce::default();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut sweep = Box::pin(w.retention.sweep(w.now(), &notifier));
+    for _ in 0..1000 {
+        assert!(sweep.as_mut().poll(&mut cx).is_pending());
+    }
+    drop(sweep);
+    let mut unreported = 0;
+    for _ in 0..5 {
+        w.clock.advance(DAY);
+        let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert!(report.complete, "{report:?}");
+        unreported += report.failures_unreported;
+    }
+    let told = notifier.told.lock().unwrap().len();
+    assert!(
+        told >= 10 && unreported <= 2,
+        "told {told}, unreported {unreported}"
+    );
+}
+
 /// A complete sweep leaves nothing it deleted in the SQLite files, also
 /// when its deleting stages ended (and scrubbed) before its last
 /// deletions: here the sweep before was timed out while business 1 did

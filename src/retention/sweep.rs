@@ -495,17 +495,18 @@ impl<'a> Sweep<'a> {
     /// in the same sweep, except of messages past the grace.
     ///
     /// A business whose endpoint never answered (a sweep was dropped
-    /// waiting on it, a host timing it out) is asked of no message past the
-    /// grace until it answers one within it: those are failed unreported.
-    /// Asked again, it would hold up every message after it, every sweep,
-    /// and no other business's would ever be failed and deleted. Nor is it
-    /// asked of a message a hold keeps (which never reaches the grace's
-    /// end while held) until every other is dealt with: then of one such
-    /// message, a probe whose answer ends its mark.
+    /// waiting on it, a host timing it out) is asked of no message in its
+    /// turn until it answers: its messages past the grace are failed
+    /// unreported. Asked in turn, it would hold up every message after it,
+    /// every sweep, and no other business's would ever be failed and
+    /// deleted. Once every other message is dealt with, it is asked of one
+    /// of its others (within the grace, or kept by a hold, which never
+    /// reaches the grace's end while held), a probe whose answer ends its
+    /// mark.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
-        // Held messages of businesses whose endpoint never answered, one a
-        // business: asked last (see `probe_held`).
+        // A message of each business whose endpoint never answered, asked
+        // last (see `probe_held`).
         let mut probes: Vec<MessageRecord> = Vec::new();
         loop {
             let open = self
@@ -532,24 +533,22 @@ impl<'a> Sweep<'a> {
                 // timeout per message) about messages the next sweep can
                 // still tell it of; those past the grace are asked all the
                 // same, their last chance (a refusal may have been of one
-                // message), unless its endpoint never answered.
-                // Nor is a business whose endpoint never answered asked of
-                // a message a hold keeps until every other is dealt with:
-                // asked in its turn, it would hold up every message after
-                // it, every sweep, for as long as the hold stands.
+                // message). A business whose endpoint never answered is
+                // asked of none in its turn (asked, it would hold up every
+                // message after it, every sweep): its messages past the
+                // grace are failed unreported, and one of the others
+                // (within the grace, or kept by a hold) is its probe,
+                // asked once every other message is dealt with.
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
-                if kept && self.is_hung(m.business) {
+                let last_chance = m.expiry <= self.abandon_before() && !kept;
+                let hung = self.is_hung(m.business);
+                if hung && !last_chance {
                     if !probes.iter().any(|p| p.business == m.business) {
                         probes.push(m);
                     }
                     continue;
                 }
-                let last_chance = m.expiry <= self.abandon_before() && !kept;
-                let ask = if last_chance {
-                    !self.is_hung(m.business)
-                } else {
-                    !self.unreachable.contains(&m.business)
-                };
+                let ask = !hung && (last_chance || !self.unreachable.contains(&m.business));
                 let notice = if ask {
                     // What is decided already lands before the wait: a sweep
                     // dropped in it loses none of it.
@@ -579,7 +578,11 @@ impl<'a> Sweep<'a> {
                         false
                     }
                     Notice::Untold => {
-                        self.unreachable.insert(m.business);
+                        // Refused (not merely not asked, its endpoint
+                        // hung: its probe stays to be made).
+                        if ask {
+                            self.unreachable.insert(m.business);
+                        }
                         if !last_chance {
                             continue;
                         }
@@ -615,10 +618,11 @@ impl<'a> Sweep<'a> {
     }
 
     /// Ask each business whose endpoint never answered of one expired
-    /// message a hold keeps, once every other expired message is dealt
-    /// with: an answer ends its mark, so that it is told of its messages
-    /// again, and a sweep dropped waiting has held up nothing else. One
-    /// told is marked failed (the hold keeps it stored).
+    /// message (within the grace, or kept by a hold), once every other
+    /// expired message is dealt with: an answer ends its mark, so that it
+    /// is told of its messages again, and a sweep dropped waiting has held
+    /// up nothing else. One told is marked failed (a hold keeps it
+    /// stored).
     async fn probe_held(&mut self, probes: Vec<MessageRecord>) -> Result<bool, SweepError> {
         for m in probes {
             if self.unreachable.contains(&m.business) {

@@ -964,10 +964,21 @@ impl Sessions {
             }
         }
         if !retired.is_empty() {
-            stale.forget();
+            let retired_ids: BTreeSet<u64> = retired.iter().map(|k| k.id).collect();
+            // The account serving meanwhile refuses a retired key where it
+            // is used, unless it holds it as current (with no grace, one
+            // replaced just now): then it goes first.
+            let current = self.cached_account(business);
+            if current.is_some_and(|a| {
+                a.current_signed()
+                    .ok()
+                    .and_then(|r| r.id().ok())
+                    .is_some_and(|i| retired_ids.contains(&u64::from(u32::from(i))))
+            }) {
+                stale.forget();
+            }
             keys.store().delete_keys(&retired).await?;
             report.signed_retired = retired.len();
-            let retired_ids: BTreeSet<u64> = retired.iter().map(|k| k.id).collect();
             account.signed.retain(|r| {
                 r.id()
                     .is_ok_and(|i| !retired_ids.contains(&u64::from(u32::from(i))))
