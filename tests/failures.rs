@@ -816,6 +816,32 @@ async fn skip_to_the_limit(d: &Deployment, messages: &[Inbound]) -> (Vec<usize>,
     }
 }
 
+/// Four copies of `device`'s retry receipt for `id`, 30 s apart, each
+/// served `bundle`'s: each is ignored; how many bundles they fetched.
+async fn ignored_copies(
+    d: &Deployment,
+    id: MessageId,
+    device: u32,
+    mut bundle: impl FnMut() -> custodian::signal::PreKeyBundle,
+) -> usize {
+    let fetched = || {
+        d.transport
+            .fetched
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = fetched();
+    for copy in 0..4 {
+        d.transport.served.lock().unwrap().insert(device, bundle());
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, device).await;
+        assert!(
+            matches!(receipt, Ok(StatusChange::Ignored)),
+            "copy {copy}: {receipt:?}"
+        );
+        d.clock.advance(Duration::from_secs(30));
+    }
+    fetched() - before
+}
+
 /// A retry receipt whose new session would make its device's record
 /// larger than the limit (the lost session, archived, keeps the keys of the
 /// messages it skipped) is ignored, and so is every copy the network hands
@@ -829,27 +855,8 @@ async fn skip_to_the_limit(d: &Deployment, messages: &[Inbound]) -> (Vec<usize>,
 async fn a_retry_receipt_whose_session_would_be_too_large_waits_for_the_record_to_shrink() {
     let (d, mut handset, messages, id) = near_the_record_limit().await;
     let (skipped, refused) = skip_to_the_limit(&d, &messages).await;
-    let fetched = || {
-        d.transport
-            .fetched
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    let before = fetched();
-    for copy in 0..4 {
-        let bundle = handset.bundle(true);
-        d.transport.served.lock().unwrap().insert(0, bundle);
-        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
-        assert!(
-            matches!(receipt, Ok(StatusChange::Ignored)),
-            "copy {copy}: {receipt:?}"
-        );
-        d.clock.advance(Duration::from_secs(30));
-    }
-    assert_eq!(
-        fetched() - before,
-        1,
-        "bundles fetched for the copies of one receipt"
-    );
+    let fetched = ignored_copies(&d, id, 0, || handset.bundle(true)).await;
+    assert_eq!(fetched, 1, "bundles fetched for the copies of one receipt");
     // The skipped messages arrive, and the one refused: the record shrinks.
     for k in skipped.into_iter().chain([refused]) {
         assert!(d.receive(messages[k].clone()).await.unwrap().delivered);
@@ -994,23 +1001,7 @@ async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
     };
     d.store.commit(Batch::from(damage)).await.unwrap();
     d.restart();
-    let fetched = || {
-        d.transport
-            .fetched
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
-    let before = fetched();
-    for copy in 0..4 {
-        let bundle = two.bundle(true);
-        d.transport.served.lock().unwrap().insert(2, bundle);
-        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 2).await;
-        assert!(
-            matches!(receipt, Ok(StatusChange::Ignored)),
-            "copy {copy}: {receipt:?}"
-        );
-        d.clock.advance(Duration::from_secs(30));
-    }
-    assert_eq!(fetched() - before, 1);
+    assert_eq!(ignored_copies(&d, id, 2, || two.bundle(true)).await, 1);
 }
 
 /// Two outbound messages due, to two consumers, and one store or key

@@ -2008,6 +2008,28 @@ struct SlowOnce {
     told: Mutex<Vec<MessageId>>,
 }
 
+impl SlowOnce {
+    /// A sweep of `w` the host times out while this endpoint is slow, then
+    /// `days` daily sweeps, each complete: how many failures went
+    /// unreported.
+    async fn slow_then_daily(&self, w: &World, days: usize) -> u64 {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut sweep = Box::pin(w.retention.sweep(w.now(), self));
+        for _ in 0..1000 {
+            assert!(sweep.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(sweep);
+        let mut unreported = 0;
+        for _ in 0..days {
+            w.clock.advance(DAY);
+            let report = w.retention.sweep(w.now(), self).await.unwrap();
+            assert!(report.complete, "{report:?}");
+            unreported += report.failures_unreported;
+        }
+        unreported
+    }
+}
+
 #[async_trait]
 impl ExpiryNotifier for SlowOnce {
     async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
@@ -2043,19 +2065,7 @@ async fn a_business_slow_once_is_told_of_its_messages_again() {
         };
         w.clock.advance(30 * DAY - Duration::from_secs(11 * 3600));
         let notifier = SlowOnce::default();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut sweep = Box::pin(w.retention.sweep(w.now(), &notifier));
-        for _ in 0..1000 {
-            assert!(sweep.as_mut().poll(&mut cx).is_pending());
-        }
-        drop(sweep);
-        let mut unreported = 0;
-        for _ in 0..3 {
-            w.clock.advance(DAY);
-            let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
-            assert!(report.complete, "{report:?}");
-            unreported += report.failures_unreported;
-        }
+        let mut unreported = notifier.slow_then_daily(&w, 3).await;
         // Told of the held message while the hold still stands.
         let told = notifier.told.lock().unwrap().clone();
         assert!(told.contains(&held.record.id), "unheld {unheld}: {told:?}");
@@ -2089,19 +2099,7 @@ async fn a_business_slow_once_with_steady_traffic_is_told_again() {
     // The first message expired an hour ago.
     w.clock.advance(22 * DAY + Duration::from_secs(2 * 3600));
     let notifier = SlowOnce::default();
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let mut sweep = Box::pin(w.retention.sweep(w.now(), &notifier));
-    for _ in 0..1000 {
-        assert!(sweep.as_mut().poll(&mut cx).is_pending());
-    }
-    drop(sweep);
-    let mut unreported = 0;
-    for _ in 0..5 {
-        w.clock.advance(DAY);
-        let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
-        assert!(report.complete, "{report:?}");
-        unreported += report.failures_unreported;
-    }
+    let unreported = notifier.slow_then_daily(&w, 5).await;
     let told = notifier.told.lock().unwrap().len();
     assert!(
         told >= 10 && unreported <= 2,
