@@ -2107,6 +2107,97 @@ async fn a_business_slow_once_with_steady_traffic_is_told_again() {
     );
 }
 
+/// A sweep of `w` told by `notifier`, timed out by the host if it has not
+/// ended after a thousand polls: whether it ended.
+fn sweep_or_time_out(w: &World, notifier: &dyn ExpiryNotifier) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut sweep = Box::pin(w.retention.sweep(w.now(), notifier));
+    (0..1000).any(|_| sweep.as_mut().poll(&mut cx).is_ready())
+}
+
+/// A business whose endpoint never answers, with a message within the
+/// grace at every sweep (its probe, which hangs the sweep each day), holds
+/// up no deletion of another business: its message, told and failed, goes
+/// in the same sweep, within a day of its expiry. (The probe was asked at
+/// the end of the stage that tells businesses, before the deleting
+/// stages: the other business's message waited a whole sweep more, until
+/// the fourth look at the review of the sweep.)
+#[tokio::test]
+async fn a_hung_business_probe_holds_up_no_other_deletion() {
+    let w = World::new(64);
+    let mut other = None;
+    for consumer in 0..8 {
+        if consumer == 2 {
+            other = Some(w.store(business(2), 100, Direction::Inbound, true).await);
+        }
+        w.store(business(1), consumer, Direction::Inbound, true)
+            .await;
+        w.clock.advance(Duration::from_secs(12 * 3600));
+    }
+    let other = other.unwrap();
+    w.clock.set(other.record.created);
+    // An hour before business 2's message expires: business 1 (its first
+    // messages expired) is asked, hangs, and is marked.
+    w.clock.advance(30 * DAY - Duration::from_secs(3600));
+    assert!(!sweep_or_time_out(&w, &Hangs));
+    // A day later: business 2's message is told, failed and deleted;
+    // business 1's probe hangs the sweep at its end.
+    w.clock.advance(DAY);
+    assert!(!sweep_or_time_out(&w, &Hangs));
+    let kept = w.store.message(business(2), other.record.id).await.unwrap();
+    assert!(kept.is_none(), "{kept:?}");
+}
+
+/// A business whose endpoint was slow once, all of whose expired messages
+/// are past the grace at the next sweep, is asked of one of them (its
+/// probe), and of the others once it answered, in sweep slices too: not
+/// every failure goes unreported. (The probe had to be within the grace,
+/// so none was made; in slices the probe, made once every message was
+/// paged through, was never reached, until the fourth look.)
+#[tokio::test]
+async fn a_business_slow_once_is_probed_whatever_its_messages() {
+    // Four messages expired within the hour, swept whole.
+    let w = World::new(64);
+    for consumer in 0..4 {
+        w.store(business(1), consumer, Direction::Inbound, true)
+            .await;
+        w.clock.advance(Duration::from_secs(60));
+    }
+    w.clock.advance(30 * DAY);
+    let notifier = SlowOnce::default();
+    assert!(!sweep_or_time_out(&w, &notifier), "the first call hangs");
+    w.clock.advance(DAY);
+    let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+    let told = notifier.told.lock().unwrap().len();
+    assert!(
+        told >= 1 && report.failures_unreported < 4,
+        "told {told}: {report:?}"
+    );
+    // A backlog (a message every two hours), swept in slices of 3 steps
+    // through batches of 4.
+    let w = World::new(4);
+    for consumer in 0..48 {
+        w.store(business(1), consumer, Direction::Inbound, true)
+            .await;
+        w.clock.advance(Duration::from_secs(2 * 3600));
+    }
+    w.clock.set(Timestamp::from_millis(T0));
+    w.clock.advance(30 * DAY + Duration::from_secs(3600));
+    let notifier = SlowOnce::default();
+    assert!(!sweep_or_time_out(&w, &notifier), "the first call hangs");
+    for _ in 0..72 {
+        w.clock.advance(Duration::from_secs(3600));
+        w.retention
+            .sweep_steps(w.now(), &notifier, 3)
+            .await
+            .unwrap();
+    }
+    assert!(
+        !notifier.told.lock().unwrap().is_empty(),
+        "never asked again"
+    );
+}
+
 /// A complete sweep leaves nothing it deleted in the SQLite files, also
 /// when its deleting stages ended (and scrubbed) before its last
 /// deletions: here the sweep before was timed out while business 1 did

@@ -512,6 +512,7 @@ impl Retention {
             next_stage: &self.next_stage,
             since_scrub: &self.since_scrub,
             scrubbed_after: None,
+            probes: Vec::new(),
         }
         .run()
         .await;

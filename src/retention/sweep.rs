@@ -139,6 +139,10 @@ pub(super) struct Sweep<'a> {
     pub(super) since_scrub: &'a AtomicU8,
     /// What this sweep had deleted and destroyed when it last scrubbed.
     pub(super) scrubbed_after: Option<u64>,
+    /// A message of each business whose endpoint never answered, and
+    /// whether it was past the grace (failed already): asked once the
+    /// sweep's work is done (see [`Sweep::probe`]).
+    pub(super) probes: Vec<(MessageRecord, bool)>,
 }
 
 /// Where a pass applying a shortened policy stopped (its step budget spent):
@@ -380,14 +384,19 @@ impl<'a> Sweep<'a> {
             }
         }
         self.next_stage.store(next.unwrap_or(0), Ordering::SeqCst);
-        if let Some(e) = failed {
-            return (Err(e), shortened);
-        }
-        self.report.complete = finished.iter().all(Option::is_some);
+        self.report.complete = failed.is_none() && finished.iter().all(Option::is_some);
         // A complete sweep leaves nothing it deleted in the store's files:
         // one that scrubbed before its last deletions scrubs again.
         if self.report.complete && self.scrubbed_after != Some(self.deleted()) {
             self.scrub().await;
+        }
+        // Last, as a probe may never return: a sweep dropped waiting has
+        // done everything else.
+        if let Err(e) = self.probe().await {
+            failed.get_or_insert(e);
+        }
+        if let Some(e) = failed {
+            return (Err(e), shortened);
         }
         self.report.elapsed = started.elapsed();
         (Ok(self.report), shortened)
@@ -497,24 +506,20 @@ impl<'a> Sweep<'a> {
     /// A business whose endpoint never answered (a sweep was dropped
     /// waiting on it, a host timing it out) is asked of no message in its
     /// turn until it answers: its messages past the grace are failed
-    /// unreported. Asked in turn, it would hold up every message after it,
-    /// every sweep, and no other business's would ever be failed and
-    /// deleted. Once every other message is dealt with, it is asked of one
-    /// of its others (within the grace, or kept by a hold, which never
-    /// reaches the grace's end while held), a probe whose answer ends its
+    /// unreported, the others stay open. Asked in turn, it would hold up
+    /// every message after it, every sweep, and no other business's would
+    /// ever be failed and deleted. Its first message is its probe, asked
+    /// once the sweep's work is done ([`Sweep::probe`]): an answer ends its
     /// mark.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
         let mut after = None;
-        // A message of each business whose endpoint never answered, asked
-        // last (see `probe_held`).
-        let mut probes: Vec<MessageRecord> = Vec::new();
         loop {
             let open = self
                 .storage
                 .expired_open_messages(self.now, after, self.batch)
                 .await?;
             let Some(last) = open.last() else {
-                return self.probe_held(probes).await;
+                return Ok(true);
             };
             after = Some((last.expiry, last.business, last.id));
             // Take the step before telling anyone, so a sweep stopped by its
@@ -536,16 +541,17 @@ impl<'a> Sweep<'a> {
                 // message). A business whose endpoint never answered is
                 // asked of none in its turn (asked, it would hold up every
                 // message after it, every sweep): its messages past the
-                // grace are failed unreported, and one of the others
-                // (within the grace, or kept by a hold) is its probe,
-                // asked once every other message is dealt with.
+                // grace are failed unreported, the others stay open, and
+                // its first is its probe, asked once the sweep's work is
+                // done (see `probe`).
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
                 let last_chance = m.expiry <= self.abandon_before() && !kept;
                 let hung = self.is_hung(m.business);
+                let probe = hung && !self.probes.iter().any(|p| p.0.business == m.business);
+                if probe {
+                    self.probes.push((m.clone(), last_chance));
+                }
                 if hung && !last_chance {
-                    if !probes.iter().any(|p| p.business == m.business) {
-                        probes.push(m);
-                    }
                     continue;
                 }
                 let ask = !hung && (last_chance || !self.unreachable.contains(&m.business));
@@ -594,7 +600,8 @@ impl<'a> Sweep<'a> {
                 // report then stays due).
                 if !told {
                     let held = self.held().await?;
-                    if !held.covers(m.business, m.phone) {
+                    // A probe's failure is counted once it is asked.
+                    if !probe && !held.covers(m.business, m.phone) {
                         tracing::warn!(
                             business = %m.business,
                             id = %m.id,
@@ -617,36 +624,40 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// Ask each business whose endpoint never answered of one expired
-    /// message (within the grace, or kept by a hold), once every other
-    /// expired message is dealt with: an answer ends its mark, so that it
-    /// is told of its messages again, and a sweep dropped waiting has held
-    /// up nothing else. One told is marked failed (a hold keeps it
-    /// stored).
-    async fn probe_held(&mut self, probes: Vec<MessageRecord>) -> Result<bool, SweepError> {
-        for m in probes {
-            if self.unreachable.contains(&m.business) {
+    /// Ask each business whose endpoint never answered of its probe (its
+    /// first expired open message), once the sweep's work is done: an
+    /// answer ends its mark, so that it is asked in its turn again, and a
+    /// sweep dropped waiting has held up nothing. A probe within the grace
+    /// (or kept by a hold) that is told is marked failed (a step
+    /// permitting; else it is told again); one past the grace was failed
+    /// in its turn, and counts unreported unless told now.
+    async fn probe(&mut self) -> Result<(), SweepError> {
+        for (m, failed) in std::mem::take(&mut self.probes) {
+            if !self.is_hung(m.business) || self.unreachable.contains(&m.business) {
                 continue;
             }
-            if !self.step() {
-                return Ok(false);
-            }
-            match self.tell(&m).await {
-                Notice::Told => {
-                    let op = Op::FailExpired {
-                        business: m.business,
-                        id: m.id,
-                    };
-                    self.storage.commit(op.into()).await?;
-                    self.report.failed_expired += 1;
+            let told = matches!(self.tell(&m).await, Notice::Told);
+            if failed && !told {
+                let held = self.held().await?;
+                if !held.covers(m.business, m.phone) {
+                    tracing::warn!(
+                        business = %m.business,
+                        id = %m.id,
+                        "expired undelivered; its business could not be told within the grace"
+                    );
+                    self.report.failures_unreported += 1;
+                    self.drop_report(&m).await?;
                 }
-                Notice::Untold => {
-                    self.unreachable.insert(m.business);
-                }
-                Notice::Busy | Notice::Settled => {}
+            } else if !failed && told && self.step() {
+                let op = Op::FailExpired {
+                    business: m.business,
+                    id: m.id,
+                };
+                self.storage.commit(op.into()).await?;
+                self.report.failed_expired += 1;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Give up telling `m`'s business how it ended (its failure counted
