@@ -2198,6 +2198,126 @@ async fn a_business_slow_once_is_probed_whatever_its_messages() {
     );
 }
 
+/// An endpoint behind a notifier that, as the processor's own, looks the
+/// message up first and answers `Settled`, asking no one, if it is gone or
+/// no longer open; business 1's endpoint never answers.
+struct LooksUpFirst {
+    store: Arc<dyn Storage>,
+    /// Calls that reached business 1's endpoint.
+    calls: AtomicU64,
+}
+
+#[async_trait]
+impl ExpiryNotifier for LooksUpFirst {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
+        match self.store.message(m.business, m.id).await.unwrap() {
+            Some(r) if r.delivery.status.is_open() => {}
+            _ => return Notice::Settled,
+        }
+        if m.business == business(1) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        Notice::Told
+    }
+}
+
+/// A hung business's probe past the grace (failed and deleted in its turn)
+/// whose notifier finds it gone and asks no one does not end the mark: the
+/// next sweep does not ask the business in its turn, and another
+/// business's message goes within a day of its expiry. (`Settled` ended
+/// the mark: the business, asked in its turn again, hung the sweep before
+/// the other message, kept 46 hours past its expiry, until the fifth look
+/// at the review of the sweep.)
+#[tokio::test]
+async fn a_probe_that_reached_no_one_leaves_its_business_marked() {
+    let w = World::new(64);
+    let notifier = LooksUpFirst {
+        store: w.store.clone(),
+        calls: AtomicU64::new(0),
+    };
+    w.store(business(1), 1, Direction::Inbound, true).await;
+    w.clock.advance(DAY + Duration::from_secs(2 * 3600));
+    w.store(business(1), 2, Direction::Inbound, true).await;
+    w.clock.advance(Duration::from_secs(3600));
+    let other = w.store(business(2), 3, Direction::Inbound, true).await;
+    w.clock.set(Timestamp::from_millis(T0));
+    w.clock.advance(30 * DAY + Duration::from_secs(3600));
+    assert!(!sweep_or_time_out(&w, &notifier), "business 1 hangs");
+    w.clock.advance(DAY);
+    assert!(
+        sweep_or_time_out(&w, &notifier),
+        "its stale probe reaches no one"
+    );
+    assert_eq!(notifier.calls.load(Ordering::SeqCst), 1);
+    w.clock.advance(DAY);
+    sweep_or_time_out(&w, &notifier);
+    let kept = w.store.message(business(2), other.record.id).await.unwrap();
+    assert!(kept.is_none(), "{kept:?}");
+}
+
+/// Keeps every tracing event's level and fields, as a host's subscriber.
+struct Capture(Arc<Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(format!("{} ", event.metadata().level()));
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A hung business's probe past the grace, failed and deleted in its turn,
+/// is logged as unreported in its turn, before its probe (which may never
+/// return) is asked. (Its log and count waited for the probe: a business
+/// whose endpoint stayed down had a message a sweep deleted without a
+/// trace, until the fifth look at the review of the sweep.)
+#[tokio::test]
+async fn a_probe_past_the_grace_is_logged_before_it_is_asked() {
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let _guard = tracing::subscriber::set_default(Capture(logs.clone()));
+    // Other tests' threads may have cached the callsites as of no interest.
+    tracing::callsite::rebuild_interest_cache();
+    let w = World::new(64);
+    let m = w.store(business(1), 1, Direction::Inbound, true).await;
+    w.clock.advance(30 * DAY + Duration::from_secs(3600));
+    assert!(!sweep_or_time_out(&w, &Hangs), "business 1 hangs");
+    w.clock.advance(DAY);
+    assert!(!sweep_or_time_out(&w, &Hangs), "its probe hangs");
+    assert!(
+        w.store
+            .message(business(1), m.record.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let id = m.record.id.to_string();
+    let logs = logs.lock().unwrap();
+    let logged = logs
+        .iter()
+        .any(|l| l.starts_with("WARN") && l.contains("could not be told") && l.contains(&id));
+    assert!(logged, "{logs:#?}");
+}
+
 /// A complete sweep leaves nothing it deleted in the SQLite files, also
 /// when its deleting stages ended (and scrubbed) before its last
 /// deletions: here the sweep before was timed out while business 1 did

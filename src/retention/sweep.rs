@@ -139,10 +139,18 @@ pub(super) struct Sweep<'a> {
     pub(super) since_scrub: &'a AtomicU8,
     /// What this sweep had deleted and destroyed when it last scrubbed.
     pub(super) scrubbed_after: Option<u64>,
-    /// A message of each business whose endpoint never answered, and
-    /// whether it was past the grace (failed already): asked once the
-    /// sweep's work is done (see [`Sweep::probe`]).
-    pub(super) probes: Vec<(MessageRecord, bool)>,
+    /// A message of each business whose endpoint never answered, asked
+    /// once the sweep's work is done (see [`Sweep::probe`]).
+    pub(super) probes: Vec<Probe>,
+}
+
+/// A business's probe (see [`Sweep::probe`]).
+pub(super) struct Probe {
+    message: MessageRecord,
+    /// Past the grace: failed in its turn.
+    failed: bool,
+    /// And counted unreported then.
+    counted: bool,
 }
 
 /// Where a pass applying a shortened policy stopped (its step budget spent):
@@ -547,9 +555,13 @@ impl<'a> Sweep<'a> {
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
                 let last_chance = m.expiry <= self.abandon_before() && !kept;
                 let hung = self.is_hung(m.business);
-                let probe = hung && !self.probes.iter().any(|p| p.0.business == m.business);
+                let probe = hung && !self.probes.iter().any(|p| p.message.business == m.business);
                 if probe {
-                    self.probes.push((m.clone(), last_chance));
+                    self.probes.push(Probe {
+                        message: m.clone(),
+                        failed: last_chance,
+                        counted: false,
+                    });
                 }
                 if hung && !last_chance {
                     continue;
@@ -600,8 +612,7 @@ impl<'a> Sweep<'a> {
                 // report then stays due).
                 if !told {
                     let held = self.held().await?;
-                    // A probe's failure is counted once it is asked.
-                    if !probe && !held.covers(m.business, m.phone) {
+                    if !held.covers(m.business, m.phone) {
                         tracing::warn!(
                             business = %m.business,
                             id = %m.id,
@@ -609,6 +620,10 @@ impl<'a> Sweep<'a> {
                         );
                         self.report.failures_unreported += 1;
                         self.drop_report(&m).await?;
+                        // Uncounted, should its probe be told after all.
+                        if let Some(p) = self.probes.last_mut().filter(|_| probe) {
+                            p.counted = true;
+                        }
                     }
                 }
                 // Conditional: a message settled meanwhile stays settled.
@@ -629,32 +644,36 @@ impl<'a> Sweep<'a> {
     /// answer ends its mark, so that it is asked in its turn again, and a
     /// sweep dropped waiting has held up nothing. A probe within the grace
     /// (or kept by a hold) that is told is marked failed (a step
-    /// permitting; else it is told again); one past the grace was failed
-    /// in its turn, and counts unreported unless told now.
+    /// permitting; else it is told again). One past the grace was failed,
+    /// counted and logged in its turn (and is deleted by now): told after
+    /// all, it is uncounted; settled (its notifier found it gone, and
+    /// asked no one), the business stays marked.
     async fn probe(&mut self) -> Result<(), SweepError> {
-        for (m, failed) in std::mem::take(&mut self.probes) {
+        for p in std::mem::take(&mut self.probes) {
+            let m = &p.message;
             if !self.is_hung(m.business) || self.unreachable.contains(&m.business) {
                 continue;
             }
-            let told = matches!(self.tell(&m).await, Notice::Told);
-            if failed && !told {
-                let held = self.held().await?;
-                if !held.covers(m.business, m.phone) {
-                    tracing::warn!(
-                        business = %m.business,
-                        id = %m.id,
-                        "expired undelivered; its business could not be told within the grace"
-                    );
-                    self.report.failures_unreported += 1;
-                    self.drop_report(&m).await?;
+            let answer = self.tell(m).await;
+            match (p.failed, answer) {
+                (true, Notice::Told) if p.counted => {
+                    self.report.failures_unreported =
+                        self.report.failures_unreported.saturating_sub(1);
+                    tracing::info!(business = %m.business, id = %m.id, "its business was told after all");
                 }
-            } else if !failed && told && self.step() {
-                let op = Op::FailExpired {
-                    business: m.business,
-                    id: m.id,
-                };
-                self.storage.commit(op.into()).await?;
-                self.report.failed_expired += 1;
+                (true, Notice::Settled) => {
+                    let mut hung = self.hung.lock().unwrap_or_else(PoisonError::into_inner);
+                    hung.insert(m.business);
+                }
+                (false, Notice::Told) if self.step() => {
+                    let op = Op::FailExpired {
+                        business: m.business,
+                        id: m.id,
+                    };
+                    self.storage.commit(op.into()).await?;
+                    self.report.failed_expired += 1;
+                }
+                _ => {}
             }
         }
         Ok(())
