@@ -2200,11 +2200,13 @@ async fn a_business_slow_once_is_probed_whatever_its_messages() {
 
 /// An endpoint behind a notifier that, as the processor's own, looks the
 /// message up first and answers `Settled`, asking no one, if it is gone or
-/// no longer open; business 1's endpoint never answers.
+/// no longer open; business 1's endpoint never answers (or, `once`, only
+/// its first call).
 struct LooksUpFirst {
     store: Arc<dyn Storage>,
     /// Calls that reached business 1's endpoint.
     calls: AtomicU64,
+    once: bool,
 }
 
 #[async_trait]
@@ -2215,8 +2217,10 @@ impl ExpiryNotifier for LooksUpFirst {
             _ => return Notice::Settled,
         }
         if m.business == business(1) {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            std::future::pending::<()>().await;
+            let before = self.calls.fetch_add(1, Ordering::SeqCst);
+            if !self.once || before == 0 {
+                std::future::pending::<()>().await;
+            }
         }
         Notice::Told
     }
@@ -2235,6 +2239,7 @@ async fn a_probe_that_reached_no_one_leaves_its_business_marked() {
     let notifier = LooksUpFirst {
         store: w.store.clone(),
         calls: AtomicU64::new(0),
+        once: false,
     };
     w.store(business(1), 1, Direction::Inbound, true).await;
     w.clock.advance(DAY + Duration::from_secs(2 * 3600));
@@ -2254,6 +2259,37 @@ async fn a_probe_that_reached_no_one_leaves_its_business_marked() {
     sweep_or_time_out(&w, &notifier);
     let kept = w.store.message(business(2), other.record.id).await.unwrap();
     assert!(kept.is_none(), "{kept:?}");
+}
+
+/// A hung business's probe is a message still open when asked, if it has
+/// one (here within the grace, behind one past it): its notifier reaches
+/// the endpoint, which answers now, and the mark ends. (The probe was its
+/// first message, past the grace and deleted by then: a notifier that
+/// finds it gone asked no one, so the business stayed marked for as long
+/// as its first message each sweep was past the grace.)
+#[tokio::test]
+async fn a_probe_is_a_message_still_open() {
+    let w = World::new(64);
+    let notifier = LooksUpFirst {
+        store: w.store.clone(),
+        calls: AtomicU64::new(0),
+        once: true,
+    };
+    w.store(business(1), 1, Direction::Inbound, true).await;
+    w.clock.advance(DAY + Duration::from_secs(3600));
+    let open = w.store(business(1), 2, Direction::Inbound, true).await;
+    w.clock.set(Timestamp::from_millis(T0));
+    w.clock.advance(30 * DAY + Duration::from_secs(3600));
+    assert!(!sweep_or_time_out(&w, &notifier), "business 1 hangs");
+    w.clock.advance(DAY + Duration::from_secs(1800));
+    assert!(sweep_or_time_out(&w, &notifier));
+    assert_eq!(
+        notifier.calls.load(Ordering::SeqCst),
+        2,
+        "the probe reached it"
+    );
+    let probed = w.store.message(business(1), open.record.id).await.unwrap();
+    assert_eq!(probed.map(|m| m.delivery.status), Some(Status::Failed));
 }
 
 /// Keeps every tracing event's level and fields, as a host's subscriber.

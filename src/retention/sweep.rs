@@ -555,13 +555,27 @@ impl<'a> Sweep<'a> {
                 let kept = holds.iter().any(|h| h.covers(m.business, m.phone));
                 let last_chance = m.expiry <= self.abandon_before() && !kept;
                 let hung = self.is_hung(m.business);
-                let probe = hung && !self.probes.iter().any(|p| p.message.business == m.business);
+                // Its probe: its first message still open when asked (one
+                // past the grace is failed and deleted by then, and a
+                // notifier that finds it gone asks no one), else its first.
+                let earlier = self
+                    .probes
+                    .iter()
+                    .position(|p| p.message.business == m.business);
+                let probe = hung
+                    && earlier.is_none_or(|i| {
+                        !last_chance && self.probes.get(i).is_some_and(|p| p.failed)
+                    });
                 if probe {
-                    self.probes.push(Probe {
+                    let next = Probe {
                         message: m.clone(),
                         failed: last_chance,
                         counted: false,
-                    });
+                    };
+                    match earlier.and_then(|i| self.probes.get_mut(i)) {
+                        Some(p) => *p = next,
+                        None => self.probes.push(next),
+                    }
                 }
                 if hung && !last_chance {
                     continue;
@@ -640,7 +654,8 @@ impl<'a> Sweep<'a> {
     }
 
     /// Ask each business whose endpoint never answered of its probe (its
-    /// first expired open message), once the sweep's work is done: an
+    /// first expired open message within the grace or kept by a hold, else
+    /// its first), once the sweep's work is done: an
     /// answer ends its mark, so that it is asked in its turn again, and a
     /// sweep dropped waiting has held up nothing. A probe within the grace
     /// (or kept by a hold) that is told is marked failed (a step
