@@ -30,7 +30,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneHash};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, LocalKeyProvider, SecretKey,
 };
-use custodian::processor::{Outbound, StatusChange};
+use custodian::processor::StatusChange;
 use custodian::retention::{Decision, Retention, RetentionPolicy};
 use custodian::signal::{Sessions, SignalConfig, SignalError};
 use custodian::store::{
@@ -579,31 +579,13 @@ fn trust_new_identity_is_cancellation_safe() {
 fn a_receive_taking_a_new_key_lets_the_devices_receipts_in_however_it_is_cut() {
     runtime().block_on(every_cut(|n| async move {
         let d = Deployment::new(Faults::none(), Faults::none()).await;
-        let mut old = d.handset().await;
-        let hello = d.inbound(&mut old, b"hello").await;
-        assert!(d.receive(hello).await.unwrap().delivered);
-        d.network.add_consumer(&consumer(1), 2).await;
-        let reply = Outbound {
-            to: consumer(1),
-            ..d.outbound(b"your order shipped")
-        };
-        let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
-        // Reinstalled, the device asks for the reply: its bundle's new key
-        // is refused.
-        let keys = d.transport.published.lock().unwrap().clone().unwrap();
-        let mut new = ConsumerDevice::new(old.device_id());
-        let serve = |bundle| d.transport.served.lock().unwrap().insert(1, bundle);
-        serve(new.bundle(true));
-        let refused = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
-        assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
-        // It writes with its new key, taken by a receive cut after `n`
-        // polls; the transport hands the message in again.
-        new.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
-        let again = d.inbound(&mut new, b"reinstalled").await;
+        // Its new key taken by a receive cut after `n` polls; the
+        // transport hands the message in again.
+        let (id, mut new, again) = d.reinstalled_and_refused().await;
         let done = poll_at_most(d.receive(again.clone()), n).await.is_some();
         d.receive(again).await.unwrap();
         d.clock.advance(Duration::from_secs(600));
-        serve(new.bundle(true));
+        d.serve_new_install(&mut new);
         let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
         assert!(
             matches!(receipt, Ok(StatusChange::Applied)),

@@ -922,23 +922,7 @@ async fn a_message_refused_before_its_write_approves_no_new_key() {
 #[tokio::test]
 async fn a_receive_whose_write_failed_approves_nothing() {
     let d = Deployment::new(Faults::none(), Faults::none()).await;
-    let mut old = d.handset().await;
-    let hello = d.inbound(&mut old, b"hello").await;
-    assert!(d.receive(hello).await.unwrap().delivered);
-    d.network.add_consumer(&consumer(1), 2).await;
-    let reply = Outbound {
-        to: consumer(1),
-        ..d.outbound(b"your order shipped")
-    };
-    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
-    let keys = d.transport.published.lock().unwrap().clone().unwrap();
-    let mut new = ConsumerDevice::new(old.device_id());
-    let serve = |bundle| d.transport.served.lock().unwrap().insert(1, bundle);
-    serve(new.bundle(true));
-    let refused = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
-    assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
-    new.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
-    let again = d.inbound(&mut new, b"reinstalled").await;
+    let (id, mut new, again) = d.reinstalled_and_refused().await;
     let stored = d.store.census().await.unwrap().messages;
     let fetched = || {
         d.transport
@@ -960,7 +944,7 @@ async fn a_receive_whose_write_failed_approves_nothing() {
         }
         assert_eq!(d.store.census().await.unwrap().messages, stored);
         d.clock.advance(Duration::from_secs(600));
-        serve(new.bundle(true));
+        d.serve_new_install(&mut new);
         let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
         assert!(matches!(receipt, Ok(StatusChange::Ignored)), "{receipt:?}");
     }

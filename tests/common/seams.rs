@@ -876,6 +876,47 @@ impl Deployment {
         }
     }
 
+    /// Consumer 1's device 1 wrote, and was sent a reply; then it was
+    /// reinstalled (a new identity key), asked for the reply, and had its
+    /// retry receipt refused for the new key (the bundles served for it
+    /// are the new install's from now on). Returns the reply's id, the
+    /// new install (with a session), and its message, written with the
+    /// new key, not yet received.
+    pub(crate) async fn reinstalled_and_refused(&self) -> (MessageId, ConsumerDevice, Inbound) {
+        let mut old = self.handset().await;
+        let hello = self.inbound(&mut old, b"hello").await;
+        assert!(self.receive(hello).await.unwrap().delivered);
+        self.network.add_consumer(&consumer(1), 2).await;
+        let reply = Outbound {
+            to: consumer(1),
+            ..self.outbound(b"your order shipped")
+        };
+        let id = self.processor.send(&self.owner, self.b, reply).await;
+        let id = id.unwrap();
+        let keys = self.transport.published.lock().unwrap().clone().unwrap();
+        let mut new = ConsumerDevice::new(old.device_id());
+        self.serve_new_install(&mut new);
+        let refused = self
+            .processor
+            .retry_receipt(&self.carrier, self.b, id, 1)
+            .await;
+        assert!(
+            matches!(refused, Ok(custodian::processor::StatusChange::Ignored)),
+            "{refused:?}"
+        );
+        new.start_session(self.b, &keys.bundle(Some(1)))
+            .await
+            .unwrap();
+        let again = self.inbound(&mut new, b"reinstalled").await;
+        (id, new, again)
+    }
+
+    /// Serve a fresh bundle of `new`, consumer 1's device 1 reinstalled.
+    pub(crate) fn serve_new_install(&self, new: &mut ConsumerDevice) {
+        let bundle = new.bundle(true);
+        self.transport.served.lock().unwrap().insert(1, bundle);
+    }
+
     /// The business's phone hash of consumer `i`.
     pub(crate) async fn phone_of(&self, i: u32) -> PhoneHash {
         let keys = self.processor.keys(&self.operator).unwrap();
