@@ -2292,6 +2292,62 @@ async fn a_probe_is_a_message_still_open() {
     assert_eq!(probed.map(|m| m.delivery.status), Some(Status::Failed));
 }
 
+/// Business 1's endpoint never answers, but its message `stuck` has an
+/// attempt under way: the notifier answers `Busy` for it at once, as the
+/// processor's own does when an attempt holds the message. Others are told.
+struct DeadButBusy {
+    stuck: MessageId,
+}
+
+#[async_trait]
+impl ExpiryNotifier for DeadButBusy {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
+        if m.business != business(1) {
+            return Notice::Told;
+        }
+        if m.id == self.stuck {
+            return Notice::Busy;
+        }
+        std::future::pending::<()>().await;
+        Notice::Told
+    }
+}
+
+/// A hung business's probe answered `Busy` (an attempt under way: no one
+/// was asked) leaves the business marked: the next sweep does not ask it
+/// in its turn, and another business's message goes within a day of its
+/// expiry. (Any answer but a stale `Settled` ended the mark: every other
+/// sweep hung in its turn, and the other message stayed 46 hours past its
+/// expiry, until the sixth look at the review of the sweep.)
+#[tokio::test]
+async fn a_probe_that_found_an_attempt_under_way_leaves_its_business_marked() {
+    let w = World::new(64);
+    w.store(business(1), 1, Direction::Inbound, true).await;
+    w.clock.advance(Duration::from_secs(2 * 3600));
+    let stuck = w.store(business(1), 2, Direction::Inbound, true).await;
+    w.clock.advance(DAY);
+    w.store(business(1), 3, Direction::Inbound, true).await;
+    w.clock.advance(Duration::from_secs(3600));
+    let other = w.store(business(2), 4, Direction::Inbound, true).await;
+    let notifier = DeadButBusy {
+        stuck: stuck.record.id,
+    };
+    w.clock.set(Timestamp::from_millis(T0));
+    w.clock.advance(30 * DAY + Duration::from_secs(3600));
+    assert!(!sweep_or_time_out(&w, &notifier), "business 1 hangs");
+    w.clock.advance(DAY);
+    assert!(
+        sweep_or_time_out(&w, &notifier),
+        "its probe finds an attempt"
+    );
+    // Not asked in its turn, business 1 holds up nothing (its probe, asked
+    // last, may hang the sweep at its end).
+    w.clock.advance(DAY);
+    sweep_or_time_out(&w, &notifier);
+    let kept = w.store.message(business(2), other.record.id).await.unwrap();
+    assert!(kept.is_none(), "{kept:?}");
+}
+
 /// Keeps every tracing event's level and fields, as a host's subscriber.
 struct Capture(Arc<Mutex<Vec<String>>>);
 

@@ -661,8 +661,9 @@ impl<'a> Sweep<'a> {
     /// (or kept by a hold) that is told is marked failed (a step
     /// permitting; else it is told again). One past the grace was failed,
     /// counted and logged in its turn (and is deleted by now): told after
-    /// all, it is uncounted; settled (its notifier found it gone, and
-    /// asked no one), the business stays marked.
+    /// all, it is uncounted. A probe whose notifier reached no one (an
+    /// attempt under way, or its message settled or gone) leaves the
+    /// business marked.
     async fn probe(&mut self) -> Result<(), SweepError> {
         for p in std::mem::take(&mut self.probes) {
             let m = &p.message;
@@ -671,14 +672,16 @@ impl<'a> Sweep<'a> {
             }
             let answer = self.tell(m).await;
             match (p.failed, answer) {
+                // Its endpoint was not reached (an attempt under way, or
+                // the message settled or gone): still marked.
+                (_, Notice::Busy | Notice::Settled) => {
+                    let mut hung = self.hung.lock().unwrap_or_else(PoisonError::into_inner);
+                    hung.insert(m.business);
+                }
                 (true, Notice::Told) if p.counted => {
                     self.report.failures_unreported =
                         self.report.failures_unreported.saturating_sub(1);
                     tracing::info!(business = %m.business, id = %m.id, "its business was told after all");
-                }
-                (true, Notice::Settled) => {
-                    let mut hung = self.hung.lock().unwrap_or_else(PoisonError::into_inner);
-                    hung.insert(m.business);
                 }
                 (false, Notice::Told) if self.step() => {
                     let op = Op::FailExpired {
