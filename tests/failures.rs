@@ -824,11 +824,7 @@ async fn ignored_copies(
     device: u32,
     mut bundle: impl FnMut() -> custodian::signal::PreKeyBundle,
 ) -> usize {
-    let fetched = || {
-        d.transport
-            .fetched
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let fetched = || d.transport.bundles_fetched();
     let before = fetched();
     for copy in 0..4 {
         d.transport.served.lock().unwrap().insert(device, bundle());
@@ -891,11 +887,7 @@ async fn a_message_refused_before_its_write_approves_no_new_key() {
         device: 0,
         message: new.encrypt(d.b, b"new phone").await.unwrap(),
     };
-    let fetched = || {
-        d.transport
-            .fetched
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let fetched = || d.transport.bundles_fetched();
     let before = fetched();
     for cycle in 0..3 {
         let r = d.receive(inbound.clone()).await;
@@ -924,11 +916,7 @@ async fn a_receive_whose_write_failed_approves_nothing() {
     let d = Deployment::new(Faults::none(), Faults::none()).await;
     let (id, mut new, again) = d.reinstalled_and_refused().await;
     let stored = d.store.census().await.unwrap().messages;
-    let fetched = || {
-        d.transport
-            .fetched
-            .load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let fetched = || d.transport.bundles_fetched();
     let before = fetched();
     for round in 0..3 {
         // The store fails the receive's write before making it (the calls
@@ -955,13 +943,8 @@ async fn a_receive_whose_write_failed_approves_nothing() {
     );
 }
 
-/// A retry receipt of a device whose stored record cannot be read (here
-/// another device's record copied over its row) is ignored, and so is
-/// every copy: one bundle fetched in all. (Each copy failed as a passing
-/// error and fetched another, until the second look.)
-#[tokio::test]
-async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
-    let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+/// Consumer 1's devices 1 and 2 write to the business; the two devices.
+async fn two_devices_wrote(d: &Deployment) -> (ConsumerDevice, ConsumerDevice) {
     let keys = d.transport.published.lock().unwrap().clone().unwrap();
     let mut one = d.handset().await;
     let mut two = ConsumerDevice::new(2);
@@ -970,6 +953,17 @@ async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
         let inbound = d.inbound(device, b"hello").await;
         assert!(d.receive(inbound).await.unwrap().delivered);
     }
+    (one, two)
+}
+
+/// A retry receipt of a device whose stored record cannot be read (here
+/// another device's record copied over its row) is ignored, and so is
+/// every copy: one bundle fetched in all. (Each copy failed as a passing
+/// error and fetched another, until the second look.)
+#[tokio::test]
+async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
+    let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+    let (_, mut two) = two_devices_wrote(&d).await;
     d.network.add_consumer(&consumer(1), 3).await;
     let reply = Outbound {
         to: consumer(1),
@@ -2230,15 +2224,7 @@ async fn a_replay_refused_at_the_commit_says_whether_the_business_has_it() {
 #[tokio::test]
 async fn an_approval_replaces_a_record_it_cannot_read() {
     let mut d = Deployment::new(Faults::none(), Faults::none()).await;
-    let keys = d.transport.published.lock().unwrap().clone().unwrap();
-    // Two devices of consumer 1 write to the business.
-    let mut one = d.handset().await;
-    let mut two = ConsumerDevice::new(2);
-    two.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
-    for device in [&mut one, &mut two] {
-        let inbound = d.inbound(device, b"hello").await;
-        assert!(d.receive(inbound).await.unwrap().delivered);
-    }
+    let (_, mut two) = two_devices_wrote(&d).await;
     let phone = d.phone_of(1).await;
     let (p1, p2) = (PeerId { phone, device: 1 }, PeerId { phone, device: 2 });
     // The store copies device 1's record over device 2's row; the process
@@ -2258,6 +2244,7 @@ async fn an_approval_replaces_a_record_it_cannot_read() {
     let stuck = Inbound { device: 2, ..stuck };
     assert!(d.receive(stuck).await.is_err());
     // Device 2's owner reinstalls and confirms the new key.
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
     let mut reinstalled = ConsumerDevice::new(2);
     reinstalled
         .start_session(d.b, &keys.bundle(Some(2)))

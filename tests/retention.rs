@@ -2209,6 +2209,16 @@ struct LooksUpFirst {
     once: bool,
 }
 
+impl LooksUpFirst {
+    fn over(w: &World, once: bool) -> Self {
+        Self {
+            store: w.store.clone(),
+            calls: AtomicU64::new(0),
+            once,
+        }
+    }
+}
+
 #[async_trait]
 impl ExpiryNotifier for LooksUpFirst {
     async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
@@ -2236,11 +2246,7 @@ impl ExpiryNotifier for LooksUpFirst {
 #[tokio::test]
 async fn a_probe_that_reached_no_one_leaves_its_business_marked() {
     let w = World::new(64);
-    let notifier = LooksUpFirst {
-        store: w.store.clone(),
-        calls: AtomicU64::new(0),
-        once: false,
-    };
+    let notifier = LooksUpFirst::over(&w, false);
     w.store(business(1), 1, Direction::Inbound, true).await;
     w.clock.advance(DAY + Duration::from_secs(2 * 3600));
     w.store(business(1), 2, Direction::Inbound, true).await;
@@ -2270,11 +2276,7 @@ async fn a_probe_that_reached_no_one_leaves_its_business_marked() {
 #[tokio::test]
 async fn a_probe_is_a_message_still_open() {
     let w = World::new(64);
-    let notifier = LooksUpFirst {
-        store: w.store.clone(),
-        calls: AtomicU64::new(0),
-        once: true,
-    };
+    let notifier = LooksUpFirst::over(&w, true);
     w.store(business(1), 1, Direction::Inbound, true).await;
     w.clock.advance(DAY + Duration::from_secs(3600));
     let open = w.store(business(1), 2, Direction::Inbound, true).await;

@@ -42,6 +42,10 @@ pub enum StatusChange {
     Ignored,
 }
 
+/// Receipts ignored until their device is let in again, by whose device
+/// (its phone hash) they were.
+type Waiting = Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>;
+
 /// Retry receipts acted on lately. By message and device, each with the
 /// time until which another receipt of that device for that message is
 /// ignored: for as long as a copy of one may follow it (the receipt
@@ -61,13 +65,13 @@ pub(super) struct Receipts {
     /// Of the receipts ignored, those whose bundle had another identity
     /// key, by whose device they were: an approval of that device's new
     /// key lets them in again. Locked after `ignore`.
-    refused: Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>,
+    refused: Waiting,
     /// Of the receipts ignored, those whose new session would have made
     /// their device's record too large, by whose device they were: a
     /// message received from that device (which may use up the keys its
     /// record keeps for skipped messages) lets them in again. Locked after
     /// `ignore`.
-    oversized: Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>,
+    oversized: Waiting,
     restarted: Mutex<HashMap<(BusinessId, PeerId), Timestamp, RandomState>>,
 }
 
@@ -96,31 +100,28 @@ impl Receipts {
     /// bundle with that key count again, and no session it was started
     /// lately stands (the approval replaced it).
     pub(super) fn approved(&self, business: BusinessId, peer: PeerId) {
-        let mut ignore = lock(&self.ignore);
-        lock(&self.refused).retain(|&(b, id, device), phone| {
-            let approved = b == business && device == peer.device && *phone == peer.phone;
-            if approved {
-                ignore.remove(&(b, id, device));
-            }
-            !approved
-        });
-        drop(ignore);
+        self.let_in(&self.refused, business, peer);
         lock(&self.restarted).remove(&(business, peer));
     }
 
     /// A message from `peer` was received: its receipts ignored because
     /// its record was too large count again.
     pub(super) fn heard_from(&self, business: BusinessId, peer: PeerId) {
-        if lock(&self.oversized).is_empty() {
-            return;
+        if !lock(&self.oversized).is_empty() {
+            self.let_in(&self.oversized, business, peer);
         }
+    }
+
+    /// The receipts of `peer` that `waiting` (`refused` or `oversized`)
+    /// holds ignored count again.
+    fn let_in(&self, waiting: &Waiting, business: BusinessId, peer: PeerId) {
         let mut ignore = lock(&self.ignore);
-        lock(&self.oversized).retain(|&(b, id, device), phone| {
-            let heard = b == business && device == peer.device && *phone == peer.phone;
-            if heard {
+        lock(waiting).retain(|&(b, id, device), phone| {
+            let theirs = b == business && device == peer.device && *phone == peer.phone;
+            if theirs {
                 ignore.remove(&(b, id, device));
             }
-            !heard
+            !theirs
         });
     }
 
@@ -231,21 +232,25 @@ impl Noted<'_> {
 
     /// Every receipt of the device of `phone` for the message is ignored
     /// until `until`, or until a message from it is received.
-    fn oversized_until(mut self, until: Timestamp, phone: PhoneHash) {
-        if let Some(key) = self.key.take() {
-            let mut ignore = lock(&self.receipts.ignore);
-            ignore.insert(key, until);
-            lock(&self.receipts.oversized).insert(key, phone);
-        }
+    fn oversized_until(self, until: Timestamp, phone: PhoneHash) {
+        let waiting = &self.receipts.oversized;
+        self.wait_in(waiting, until, phone);
     }
 
     /// Every receipt of the device of `phone` for the message is ignored
     /// until `until`, or until its new identity key is approved.
-    fn refused_until(mut self, until: Timestamp, phone: PhoneHash) {
+    fn refused_until(self, until: Timestamp, phone: PhoneHash) {
+        let waiting = &self.receipts.refused;
+        self.wait_in(waiting, until, phone);
+    }
+
+    /// Ignored until `until`, or until `waiting` lets the device of `phone`
+    /// in again.
+    fn wait_in(mut self, waiting: &Waiting, until: Timestamp, phone: PhoneHash) {
         if let Some(key) = self.key.take() {
             let mut ignore = lock(&self.receipts.ignore);
             ignore.insert(key, until);
-            lock(&self.receipts.refused).insert(key, phone);
+            lock(waiting).insert(key, phone);
         }
     }
 }

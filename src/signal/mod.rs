@@ -725,8 +725,7 @@ impl StaleAccount<'_> {
 impl Drop for StaleAccount<'_> {
     fn drop(&mut self) {
         if !self.replaced {
-            let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
-            accounts.remove(&self.business);
+            self.forget();
         }
     }
 }

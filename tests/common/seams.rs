@@ -104,6 +104,13 @@ pub(crate) struct PausedNetwork {
     pub(crate) fetched: AtomicUsize,
 }
 
+impl PausedNetwork {
+    /// Bundles fetched so far.
+    pub(crate) fn bundles_fetched(&self) -> usize {
+        self.fetched.load(Ordering::SeqCst)
+    }
+}
+
 #[async_trait]
 impl Transport for PausedNetwork {
     async fn devices(
