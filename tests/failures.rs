@@ -2456,3 +2456,113 @@ async fn an_approval_asked_again_after_a_lost_answer_lets_receipts_in() {
          is still ignored for the refused bundle: {receipt:?}"
     );
 }
+
+/// Consumer 2 with two devices, device 1 not linked yet and device 0's
+/// bundle unavailable, sent the business's message: it stays queued, no
+/// device having it. Then device 1 is linked, and device 0's bundle is as
+/// `device_0` says (`None`: it can be had again; `Some(true)`: refused for
+/// good). Returns the message's id, after the retransmission loop has run
+/// for a few minutes.
+async fn queued_when_a_device_is_linked(device_0: Option<bool>) -> (Deployment, MessageId) {
+    let d = deployment(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 2).await;
+    d.transport.unlinked.lock().unwrap().insert(1);
+    d.transport.bundle_fails.lock().unwrap().insert(0, false);
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
+        .await
+        .unwrap();
+    let status = d.processor.message_status(&d.owner, d.b, id).await;
+    assert_eq!(status.unwrap(), (Status::Queued, None));
+    d.transport.unlinked.lock().unwrap().clear();
+    *d.transport.bundle_fails.lock().unwrap() =
+        device_0.map(|refused| (0, refused)).into_iter().collect();
+    d.settle(5).await;
+    (d, id)
+}
+
+/// A device linked while a message is still queued (no device has it) gets
+/// it with the device the last attempt left. Before, the attempt went to
+/// the devices that attempt left alone: the first took the message and
+/// reported it, and the linked one was never sent it.
+#[tokio::test]
+async fn a_device_linked_while_a_message_is_queued_gets_it() {
+    let (d, id) = queued_when_a_device_is_linked(None).await;
+    d.assert_sent_once(id, 2, format_args!("linked while queued"))
+        .await;
+}
+
+/// A queued message is not failed while a device listed could take it:
+/// with the device the last attempt left refused for good, the device
+/// linked since is tried and gets the message (again when no report comes:
+/// the network reports a message once every device has it). Before, it was
+/// never tried, and the message failed as `NoSession`.
+#[tokio::test]
+async fn a_queued_message_is_tried_on_a_device_linked_since() {
+    let (d, id) = queued_when_a_device_is_linked(Some(true)).await;
+    let received = d.network.received(&consumer(2)).await;
+    assert!(received[&1].contains_key(&id), "{received:?}");
+    assert!(!received.contains_key(&0), "{received:?}");
+    let status = d.processor.message_status(&d.owner, d.b, id).await;
+    assert_eq!(status.unwrap(), (Status::Sent, None));
+}
+
+/// How an expired message's business fares in
+/// [`expired_is_counted_failed`]: told, or not (its endpoint down), the
+/// sweep failing the message or the retransmission loop before it.
+#[derive(Debug, Clone, Copy)]
+enum Told {
+    Yes,
+    NotBySweep,
+    NotByRetransmission,
+}
+
+/// Messages to consumers 3 and 4 no device of which can be reached before
+/// they expire, and a sweep past the report's grace: the statistics'
+/// failed counts.
+async fn expired_is_counted_failed(told: Told) -> Vec<u64> {
+    const DAY: u64 = 24 * 3600 * 1000;
+    let down = |on: bool| Faults {
+        outages: if on {
+            vec![(
+                Timestamp::from_millis(T0),
+                Timestamp::from_millis(T0 + 40 * DAY),
+            )]
+        } else {
+            Vec::new()
+        },
+        ..Faults::none()
+    };
+    let d = deployment(down(true), down(!matches!(told, Told::Yes))).await;
+    let mut ids = Vec::new();
+    for i in [3, 4] {
+        ids.push(d.send_out_to(i).await);
+    }
+    d.clock.advance(Duration::from_secs(31 * 24 * 3600));
+    if matches!(told, Told::NotByRetransmission) {
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+        for &id in &ids {
+            let status = d.processor.message_status(&d.owner, d.b, id).await;
+            let failed = (Status::Failed, Some(FailureReason::Expired));
+            assert_eq!(status.unwrap(), failed);
+        }
+    }
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    let swept = d.processor.sweep(&d.operator).await.unwrap();
+    let unreported = if matches!(told, Told::Yes) { 0 } else { 2 };
+    assert_eq!(swept.failures_unreported, unreported, "{told:?}: {swept:?}");
+    d.statistics_counted(Direction::Outbound, StatsStatus::Failed)
+        .await
+}
+
+/// A message that expires undelivered is counted failed in the statistics
+/// once, whether or not its business could be told. Before, only a
+/// failure told was counted: an endpoint down past the grace took the
+/// failures out of the statistics.
+#[tokio::test]
+async fn an_expired_message_is_counted_failed_told_or_not() {
+    for told in [Told::Yes, Told::NotBySweep, Told::NotByRetransmission] {
+        assert_eq!(expired_is_counted_failed(told).await, [2], "{told:?}");
+    }
+}

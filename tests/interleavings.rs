@@ -260,12 +260,7 @@ impl World {
         let clock = ManualClock::new(Timestamp::from_millis(T0 - 1));
         let store = Arc::new(MemoryStore::new());
         let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
-        let transport = Arc::new(PausedNetwork {
-            network: sim.clone(),
-            published: Mutex::new(None),
-            served: Mutex::default(),
-            fetched: Default::default(),
-        });
+        let transport = Arc::new(PausedNetwork::new(sim.clone()));
         let counting = Arc::new(Counting {
             inner: transport.clone(),
             sends: Mutex::default(),

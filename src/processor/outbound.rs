@@ -779,15 +779,13 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
-        // A message no device has yet whose devices left to retry are all
-        // gone from the list is tried on every device listed now.
+        // A message no device has yet is tried on every device listed now:
+        // those the last attempt left, any linked since (narrowed to the
+        // first, it would be sent to none of those), and any given up on
+        // then (a bundle or the network may take it now). Only a retry
+        // receipt's device stays alone.
         let queued = record.delivery.status == Status::Queued;
-        let only = only.filter(|&mask| {
-            !queued
-                || devices
-                    .iter()
-                    .any(|&device| mask & Delivery::device_bit(device) != 0)
-        });
+        let only = only.filter(|_| !queued || exact.is_some());
         // The devices this attempt is for: all, or those left by the last.
         let wanted = devices
             .iter()

@@ -10,7 +10,7 @@ use crate::ids::BusinessId;
 use crate::keys::Epoch;
 use crate::retention::{ExpiryNotifier, Notice, RetentionPolicy, SweepError, SweepReport};
 use crate::signal::Sessions;
-use crate::store::{Hold, HoldScope, MessageRecord};
+use crate::store::{ExpiredMessage, Hold, HoldScope, MessageRecord, Status};
 use crate::transport::Principal;
 
 /// Drops every peer's Signal state cached in memory when dropped, unless
@@ -58,6 +58,21 @@ impl ExpiryNotifier for FailureNotifier<'_> {
                 warn!(%business, %id, error = %e, "could not fail an expired message");
                 Notice::Untold
             }
+        }
+    }
+
+    /// A failure its business was never told is counted in the statistics
+    /// now (they count one when it is told, `report_status`).
+    fn gave_up(&self, message: &ExpiredMessage) {
+        if message.status == Status::Failed {
+            let p = self.processor;
+            p.statistics.record_message(
+                message.business,
+                message.phone,
+                message.direction,
+                crate::integrity::Status::Failed,
+                p.clock.now(),
+            );
         }
     }
 }

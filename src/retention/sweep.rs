@@ -13,7 +13,8 @@ use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{
-    Batch, Delivery, Direction, HoldScope, MessageRecord, Op, PeerId, Storage, StoreError,
+    Batch, Delivery, Direction, ExpiredMessage, HoldScope, MessageRecord, Op, PeerId, Status,
+    Storage, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -36,6 +37,17 @@ pub const REPORT_GRACE: Duration = Duration::from_secs(24 * 3600);
 pub trait ExpiryNotifier: Send + Sync {
     /// `message` expired undelivered: tell whoever is waiting.
     async fn expired_undelivered(&self, message: &MessageRecord) -> Notice;
+
+    /// The sweep gave up telling how `message` ended, past
+    /// [`REPORT_GRACE`]: an open one it failed unreported (its status
+    /// `Failed` here), or a settled one it deleted with a report still
+    /// pending. Called once the write giving up landed, each message once
+    /// (as [`SweepReport::failures_unreported`] counts it); nothing is
+    /// asked of anyone. The processor counts the failures in its
+    /// statistics, which count a failure when its business is told.
+    fn gave_up(&self, message: &ExpiredMessage) {
+        let _ = message;
+    }
 }
 
 /// What came of telling that a message expired undelivered
@@ -540,6 +552,8 @@ impl<'a> Sweep<'a> {
             // A hold suspends the grace: what it keeps stays to be told.
             let holds = self.storage.held_scopes().await?;
             let mut batch = Batch::new();
+            // Those failed unreported, told to the notifier once failed.
+            let mut gave_up = Vec::new();
             for m in open {
                 // A business that could not be told once is not asked again
                 // in this sweep (an endpoint that times out would cost a
@@ -584,9 +598,7 @@ impl<'a> Sweep<'a> {
                 let notice = if ask {
                     // What is decided already lands before the wait: a sweep
                     // dropped in it loses none of it.
-                    if !batch.is_empty() {
-                        self.storage.commit(std::mem::take(&mut batch)).await?;
-                    }
+                    self.commit_failures(&mut batch, &mut gave_up).await?;
                     self.tell(&m).await
                 } else {
                     Notice::Untold
@@ -634,6 +646,11 @@ impl<'a> Sweep<'a> {
                         );
                         self.report.failures_unreported += 1;
                         self.drop_report(&m).await?;
+                        gave_up.push(ExpiredMessage {
+                            status: Status::Failed,
+                            report_pending: false,
+                            ..ExpiredMessage::from(&m)
+                        });
                         // Uncounted, should its probe be told after all.
                         if let Some(p) = self.probes.last_mut().filter(|_| probe) {
                             p.counted = true;
@@ -647,10 +664,24 @@ impl<'a> Sweep<'a> {
                 });
                 self.report.failed_expired += 1;
             }
-            if !batch.is_empty() {
-                self.storage.commit(batch).await?;
-            }
+            self.commit_failures(&mut batch, &mut gave_up).await?;
         }
+    }
+
+    /// Commit `batch` (if anything is in it), then tell the notifier of
+    /// the messages it failed unreported.
+    async fn commit_failures(
+        &self,
+        batch: &mut Batch,
+        gave_up: &mut Vec<ExpiredMessage>,
+    ) -> Result<(), SweepError> {
+        if !batch.is_empty() {
+            self.storage.commit(std::mem::take(batch)).await?;
+        }
+        for m in gave_up.drain(..) {
+            self.notifier.gave_up(&m);
+        }
+        Ok(())
     }
 
     /// Ask each business whose endpoint never answered of its probe (its
@@ -789,6 +820,7 @@ impl<'a> Sweep<'a> {
                     "deleted past the grace; its business could not be told how it ended"
                 );
                 self.report.failures_unreported += 1;
+                self.notifier.gave_up(m);
             }
         }
     }

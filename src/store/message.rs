@@ -159,8 +159,8 @@ pub struct Delivery {
     /// partial failure, or asked for again by a retry receipt): bit `d` for
     /// device `d` (devices 63 and above share bit 63, set while any of them
     /// needs the message: all of them are sent it again). On a message sent
-    /// or settled, zero means none outstanding; on one still queued, every
-    /// device.
+    /// or settled, zero means none outstanding. A message still queued (no
+    /// device has it) is sent to every device listed, whatever its bits.
     #[serde(default)]
     pub pending_devices: u64,
     /// Which write billed an outbound message (counting it taken: billed
@@ -257,6 +257,8 @@ pub struct ExpiredMessage {
     pub epoch: Epoch,
     /// Its direction.
     pub direction: Direction,
+    /// Its status when deleted.
+    pub status: Status,
     /// Whether its business was still to be told something of it (an
     /// attempt was due: its failure, or a status report): deleted past the
     /// sweep's grace all the same, and so never told.
@@ -272,6 +274,7 @@ impl From<&MessageRecord> for ExpiredMessage {
             expiry: m.expiry,
             epoch: m.epoch,
             direction: m.direction,
+            status: m.delivery.status,
             report_pending: m.delivery.next_attempt.is_some(),
         }
     }

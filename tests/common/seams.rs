@@ -8,7 +8,7 @@
 //! database or KMS does.
 #![allow(dead_code, reason = "each test binary uses a part of the harness")]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,9 +102,26 @@ pub(crate) struct PausedNetwork {
     pub(crate) served: Mutex<BTreeMap<u32, PreKeyBundle>>,
     /// Bundles fetched, served or not.
     pub(crate) fetched: AtomicUsize,
+    /// Devices left out of every device list (not linked yet).
+    pub(crate) unlinked: Mutex<BTreeSet<u32>>,
+    /// Devices whose bundle requests fail: `true` refused for good, `false`
+    /// unavailable for now.
+    pub(crate) bundle_fails: Mutex<BTreeMap<u32, bool>>,
 }
 
 impl PausedNetwork {
+    /// `network`, every call suspending first, nothing served or failed.
+    pub(crate) fn new(network: Arc<SimNetwork>) -> Self {
+        Self {
+            network,
+            published: Mutex::new(None),
+            served: Mutex::default(),
+            fetched: AtomicUsize::new(0),
+            unlinked: Mutex::default(),
+            bundle_fails: Mutex::default(),
+        }
+    }
+
     /// Bundles fetched so far.
     pub(crate) fn bundles_fetched(&self) -> usize {
         self.fetched.load(Ordering::SeqCst)
@@ -119,7 +136,10 @@ impl Transport for PausedNetwork {
         consumer: &PhoneNumber,
     ) -> Result<Vec<u32>, TransportError> {
         pause().await;
-        self.network.devices(business, consumer).await
+        let mut devices = self.network.devices(business, consumer).await?;
+        let unlinked = self.unlinked.lock().unwrap();
+        devices.retain(|d| !unlinked.contains(d));
+        Ok(devices)
     }
     async fn fetch_bundle(
         &self,
@@ -129,6 +149,11 @@ impl Transport for PausedNetwork {
     ) -> Result<PreKeyBundle, TransportError> {
         pause().await;
         self.fetched.fetch_add(1, Ordering::SeqCst);
+        match self.bundle_fails.lock().unwrap().get(&device) {
+            Some(true) => return Err(TransportError::Refused("no bundle".into())),
+            Some(false) => return Err(TransportError::Unavailable("timed out".into())),
+            None => {}
+        }
         let served = self.served.lock().unwrap().get(&device).cloned();
         match served {
             Some(bundle) => Ok(bundle),
@@ -805,12 +830,7 @@ impl Deployment {
         // before any outage.
         let clock = ManualClock::new(Timestamp::from_millis(T0 - 1));
         let sim = Arc::new(SimNetwork::new(clock.clone(), network, 7).unwrap());
-        let transport = Arc::new(PausedNetwork {
-            network: sim.clone(),
-            published: Mutex::new(None),
-            served: Mutex::default(),
-            fetched: AtomicUsize::new(0),
-        });
+        let transport = Arc::new(PausedNetwork::new(sim.clone()));
         let business = SimBusiness::new(clock.clone(), sink, 8).unwrap();
         let audit = Arc::new(MemoryAuditSink::new());
         let faults = Arc::new(HostFaults::default());
