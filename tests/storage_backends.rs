@@ -729,8 +729,23 @@ fn files_contain(path: &std::path::Path, needle: &[u8]) -> bool {
         })
 }
 
-/// Restores the working directory when dropped (even if the test panics).
-struct Cwd(std::path::PathBuf);
+/// In a working directory, restoring the one before when dropped (even if
+/// the test panics). One test at a time: the directory is the process's.
+struct Cwd(
+    std::path::PathBuf,
+    #[allow(dead_code)] std::sync::MutexGuard<'static, ()>,
+);
+impl Cwd {
+    fn enter(dir: &std::path::Path) -> Self {
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let one = ONE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cwd = Self(std::env::current_dir().unwrap(), one);
+        std::env::set_current_dir(dir).unwrap();
+        cwd
+    }
+}
 impl Drop for Cwd {
     fn drop(&mut self) {
         let _ = std::env::set_current_dir(&self.0);
@@ -757,8 +772,7 @@ fn a_store_opened_by_a_relative_path_survives_a_change_of_directory() {
     };
     let home = tempfile::tempdir().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
-    let _restore = Cwd(std::env::current_dir().unwrap());
-    std::env::set_current_dir(home.path()).unwrap();
+    let _cwd = Cwd::enter(home.path());
     // No pooled readers: every read opens a connection.
     let config = SqliteConfig {
         readers: 0,
@@ -795,4 +809,48 @@ fn a_store_opened_by_a_relative_path_survives_a_change_of_directory() {
         "the deleted key is still in the log after the scrub"
     );
     assert!(!elsewhere.path().join("custodian.db").exists());
+}
+
+/// A store created by a relative name beginning `file:` (a legal file
+/// name) is created as named, and opens again. Before, SQLite read the
+/// temporary name as a URI and built the database in another file, left
+/// beside it; an empty file took the name, and every open refused it.
+#[test]
+fn a_store_named_file_colon_is_created_as_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = Cwd::enter(dir.path());
+    let first = SqliteStore::open("file:store.db", SqliteConfig::default()).map(drop);
+    let again = SqliteStore::open("file:store.db", SqliteConfig::default()).map(drop);
+    drop(cwd);
+    assert!(first.is_ok() && again.is_ok(), "{first:?} then {again:?}");
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["file:store.db"], "left in the directory");
+}
+
+/// A new store and its logs are readable by their owner alone: they hold
+/// phone hashes, holds and, until a scrub, deleted rows. Before, they took
+/// the umask's mode (0644 as usual).
+#[cfg(unix)]
+#[test]
+fn a_new_store_and_its_logs_are_its_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    rt().block_on(
+        store.commit(Batch::from(Op::PutMessage(Box::new(plain_message(
+            0, 1_000, 2_000,
+        ))))),
+    )
+    .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "store{suffix}: {mode:o}");
+    }
 }

@@ -381,6 +381,8 @@ impl SqliteStore {
     /// Open the custodian database at `path`, creating it if nothing is
     /// there, migrating it if its schema is older than this build's. Once
     /// the file exists the path is made absolute (see [`path`](Self::path)).
+    /// A file it creates is readable and writable by its owner alone (mode
+    /// `0600` on Unix), and so are its logs.
     pub fn open(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, SqliteOpenError> {
         let path = path.as_ref();
         // SQLite takes the timeout in `i32` milliseconds (rusqlite panics on

@@ -635,19 +635,25 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let mut tmp = path.as_os_str().to_owned();
+    // Absolute: SQLite reads a name beginning `file:` as a URI, and would
+    // build somewhere else.
+    let mut tmp = std::path::absolute(path)
+        .map_err(|e| io_error(path, e))?
+        .into_os_string();
     tmp.push(format!(".creating-{}-{nanos}-{call}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     // Made here first, so that what the system refuses (a directory that
-    // does not exist, no permission) is an I/O error naming `path`.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| io_error(path, e))?;
+    // does not exist, no permission) is an I/O error naming `path`. Only
+    // its owner may read it (SQLite gives its logs the file's mode): it
+    // holds phone hashes, holds and, until a scrub, deleted rows.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(&tmp).map_err(|e| io_error(path, e))?;
     // Checked last thing before the file appears: a log left beside it
     // would be taken for its own.
-    let built = build(&tmp).and_then(|()| orphaned_log(path));
+    let built = build(&tmp, path).and_then(|()| orphaned_log(path));
     let linked = built.and_then(|()| match std::fs::hard_link(&tmp, path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -687,8 +693,10 @@ fn orphaned_log(path: &Path) -> Result<(), SqliteOpenError> {
     Ok(())
 }
 
-fn build(tmp: &Path) -> Result<(), SqliteOpenError> {
-    let err = |e| sqlite_error(tmp, e);
+/// Build the database for `path` in the file `tmp` (errors name `path`:
+/// the caller never sees `tmp`).
+fn build(tmp: &Path, path: &Path) -> Result<(), SqliteOpenError> {
+    let err = |e| sqlite_error(path, e);
     let mut conn = Connection::open_with_flags(
         tmp,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -706,16 +714,16 @@ fn build(tmp: &Path) -> Result<(), SqliteOpenError> {
         .map_err(err)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(SqliteOpenError::Backend {
-            path: tmp.to_owned(),
+            path: path.to_owned(),
             message: format!("cannot use write-ahead logging here (journal mode stays {mode})"),
         });
     }
-    migrate(tmp, &mut conn)?;
+    migrate(path, &mut conn)?;
     // Closing the last connection checkpoints the log into the file.
     conn.close().map_err(|(_, e)| err(e))?;
     File::open(tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| io_error(tmp, e))
+        .map_err(|e| io_error(path, e))
 }
 
 /// Make a new directory entry durable (a no-op where directories cannot be
