@@ -1757,7 +1757,7 @@ mod tests {
     async fn a_publication_refused_for_good_fails_the_run() {
         use async_trait::async_trait;
         use custodian::integrity::{BillingStatement, IntegrityReport};
-        use custodian::signal::{PreKeyBundle, PublishedKeys};
+        use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
         use custodian::transport::{Outgoing, Transport};
 
         struct RefusesKeys(Arc<SimNetwork>);
@@ -1786,6 +1786,15 @@ mod tests {
                 m: &Outgoing,
             ) -> Result<(), TransportError> {
                 self.0.send(b, c, d, m).await
+            }
+            async fn ask_resend(
+                &self,
+                business: BusinessId,
+                consumer: &PhoneNumber,
+                device: u32,
+                message: &Ciphertext,
+            ) -> Result<(), TransportError> {
+                self.0.ask_resend(business, consumer, device, message).await
             }
             async fn publish_keys(
                 &self,

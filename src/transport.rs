@@ -210,6 +210,30 @@ pub trait Transport: Send + Sync {
         message: &Outgoing,
     ) -> Result<(), TransportError>;
 
+    /// Ask one device of `consumer` to send `message` again over a new
+    /// session, as a WhatsApp client is asked by a retry receipt: the
+    /// business no longer holds the session, or the prekeys, the device
+    /// made it with ([`SignalError::needs_new_session`](crate::signal::SignalError::needs_new_session);
+    /// retention ended them while the consumer was silent, say). The
+    /// device starts a session from the business's published keys
+    /// ([`publish_keys`](Self::publish_keys)) and encrypts the message
+    /// again; a device that no longer has it ignores the request.
+    /// `message` is the ciphertext as the transport delivered it, for the
+    /// transport to tell which message is meant. `Ok` means the network
+    /// took the request;
+    /// [`Processor::receive`](crate::processor::Processor::receive) then
+    /// answers [`ResendAsked`](crate::processor::ProcessorError::ResendAsked):
+    /// the copy is to be dropped. Unavailable, the message is to be
+    /// delivered again (and the request made again); refused, the message
+    /// is refused for good, as the session's loss made it.
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError>;
+
     /// Publish the keys consumers fetch to reach `business`. The one-time
     /// prekeys replace those published before; they include keys handed
     /// out before whose first messages may not have come yet. Hand each

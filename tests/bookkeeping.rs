@@ -17,7 +17,7 @@ use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
-use custodian::signal::{PreKeyBundle, PublishedKeys};
+use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
 use custodian::store::{Batch, Delivery, FailureReason, MemoryStore, Op, Status, Storage};
 use custodian::testing::{Faults, SimBusiness, SimNetwork};
 use custodian::time::{ManualClock, Timestamp};
@@ -296,6 +296,17 @@ impl Transport for Racing {
         }
     }
 
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        self.network
+            .ask_resend(business, consumer, device, message)
+            .await
+    }
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
         *self.published.lock().unwrap() = Some(k.clone());
         self.network.publish_keys(b, k).await

@@ -409,11 +409,14 @@ fn an_idempotent_send_that_misses_its_stored_message_is_checked_against_it() {
     });
 }
 
-/// A message Signal refuses (a first contact on a one-time prekey another
-/// consumer used), received while the store fails the read that would
-/// tell a redelivery of a stored message: Signal's refusal is the answer,
-/// not the store's failure (a host drops a refused message, where it would
-/// retry a store failure).
+/// A message Signal refuses (a first contact whose MAC was altered),
+/// received while the store fails the read that would tell a redelivery
+/// of a stored message: Signal's refusal is the answer, not the store's
+/// failure (a host drops a refused message, where it would retry a store
+/// failure). One made on a prekey another consumer used is asked for
+/// again over a new session; then the store's failure is the answer (the
+/// message is delivered again, and asked for then): asked for when it may
+/// be stored, a message would reach its business twice.
 #[test]
 fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_stored() {
     runtime().block_on(async {
@@ -423,10 +426,23 @@ fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_store
         assert!(d.receive(inbound).await.unwrap().delivered);
         // Another consumer's device, from the same bundle.
         let mut second = d.handset().await;
-        let refused_message = Inbound {
+        let on_a_used_prekey = Inbound {
             from: consumer(3),
             ..d.inbound(&mut second, b"second").await
         };
+        // And another's, on a fresh prekey, its MAC altered.
+        let keys = d.transport.published.lock().unwrap().clone().unwrap();
+        let mut third = ConsumerDevice::new(1);
+        third
+            .start_session(d.b, &keys.bundle(Some(1)))
+            .await
+            .unwrap();
+        let mut altered = Inbound {
+            from: consumer(4),
+            ..d.inbound(&mut third, b"third").await
+        };
+        let mac = embedded_message_end(&altered.message.bytes) - 1;
+        altered.message.bytes[mac] ^= 1;
         // Which store call is the read, from a receive that fails nothing.
         d.faults.set(Plan {
             at: usize::MAX,
@@ -434,21 +450,69 @@ fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_store
             strike: Strike::Before,
             outage: false,
         });
-        let refused = d.receive(refused_message.clone()).await;
+        let asked = d.receive(on_a_used_prekey.clone()).await;
+        assert!(
+            matches!(asked, Err(ProcessorError::ResendAsked)),
+            "{asked:?}"
+        );
+        let refused = d.receive(altered.clone()).await;
         assert!(
             matches!(refused, Err(ProcessorError::Signal(_))),
             "{refused:?}"
         );
         let read = d.faults.calls().iter().position(|&c| c == "message");
-        d.faults
-            .fail_at(read.unwrap() + 1, Seams::Store, Strike::Before);
-        let refused = d.receive(refused_message).await;
-        assert_eq!(d.faults.lift(), [("message", Strike::Before)]);
-        assert!(
-            matches!(refused, Err(ProcessorError::Signal(_))),
-            "{refused:?}"
-        );
+        for (inbound, refusal) in [(altered, "signal"), (on_a_used_prekey, "store")] {
+            d.faults.set(Plan {
+                at: usize::MAX,
+                seams: Seams::Store,
+                strike: Strike::Before,
+                outage: false,
+            });
+            d.faults
+                .fail_at(read.unwrap() + 1, Seams::Store, Strike::Before);
+            let refused = d.receive(inbound).await;
+            assert_eq!(d.faults.lift(), [("message", Strike::Before)]);
+            let answer = match refused {
+                Err(ProcessorError::Signal(_)) => "signal",
+                Err(ProcessorError::Store(_)) => "store",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(answer, refusal);
+        }
     });
+}
+
+/// Where the Signal message a first-contact message embeds ends (its last
+/// byte is its MAC's): the end of protobuf field 4, after the version byte.
+fn embedded_message_end(first_contact: &[u8]) -> usize {
+    let varint = |at: &mut usize| {
+        let mut value = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = first_contact[*at];
+            *at += 1;
+            value |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        value
+    };
+    let mut at = 1;
+    loop {
+        let key = varint(&mut at);
+        let length = match key & 7 {
+            0 => {
+                varint(&mut at);
+                0
+            }
+            2 => varint(&mut at),
+            wire => panic!("wire type {wire}"),
+        };
+        at += length;
+        if key >> 3 == 4 {
+            return at;
+        }
+    }
 }
 
 #[test]

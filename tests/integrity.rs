@@ -1008,6 +1008,17 @@ mod exports {
         ) -> Result<(), TransportError> {
             self.network.send(b, c, device, m).await
         }
+        async fn ask_resend(
+            &self,
+            business: BusinessId,
+            consumer: &PhoneNumber,
+            device: u32,
+            message: &custodian::signal::Ciphertext,
+        ) -> Result<(), TransportError> {
+            self.network
+                .ask_resend(business, consumer, device, message)
+                .await
+        }
         async fn publish_keys(
             &self,
             b: BusinessId,

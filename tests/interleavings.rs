@@ -36,7 +36,7 @@ use custodian::integrity::{BillingStatement, IntegrityReport};
 use custodian::keys::{KeyManager, LocalKeyProvider, SecretKey};
 use custodian::processor::{DeliveryConfig, Host, Inbound, Policies, Processor, Receipt};
 use custodian::retention::{Decision, REPORT_GRACE, Retention, RetentionPolicy, SweepReport};
-use custodian::signal::{PreKeyBundle, PublishedKeys, SignalConfig};
+use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{HoldScope, MemoryStore, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
 use custodian::time::{ManualClock, Timestamp};
@@ -211,6 +211,17 @@ impl Transport for Counting {
             *self.sends.lock().unwrap().entry(key).or_insert(0) += 1;
         }
         sent
+    }
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        self.inner
+            .ask_resend(business, consumer, device, message)
+            .await
     }
     async fn publish_keys(
         &self,

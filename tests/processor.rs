@@ -19,7 +19,7 @@ use custodian::processor::{
     ProcessorError, StatusChange,
 };
 use custodian::retention::HoldError;
-use custodian::signal::{IdentityPolicy, PreKeyBundle, PublishedKeys, SignalConfig};
+use custodian::signal::{Ciphertext, IdentityPolicy, PreKeyBundle, PublishedKeys, SignalConfig};
 use custodian::store::{FailureReason, HoldScope, MemoryStore, PeerId, Status, Storage};
 use custodian::testing::{ConsumerDevice, Faults, Leg, SimBusiness, SimNetwork};
 use custodian::time::{Clock, ManualClock, Timestamp};
@@ -2950,6 +2950,17 @@ impl Transport for Scripted {
         let after = self.reported.load(Ordering::SeqCst);
         self.sends.lock().unwrap().push((m.id, device, after));
         self.network.send(b, c, device, m).await
+    }
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        self.network
+            .ask_resend(business, consumer, device, message)
+            .await
     }
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
         self.network.publish_keys(b, k).await

@@ -3442,3 +3442,92 @@ mod sqlite_damage {
         }
     }
 }
+
+/// How a consumer falls silent in [`written_after_retention`].
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Copy)]
+enum Silence {
+    /// The business answered; a sweep ran past the retention.
+    AnsweredSwept,
+    /// The business answered; no sweep ran (the session lapsed with its
+    /// sealed expiry).
+    AnsweredUnswept,
+    /// The business never answered: the device still writes first-contact
+    /// messages, on a one-time prekey long used.
+    Unanswered,
+}
+
+/// Consumer 1's device writes "hello" (and, `answered`, is answered), falls
+/// silent past the business's one-day retention, and writes "hello again";
+/// the first `unavailable` requests to send it again fail. Returns what the
+/// business was handed, and the requests made.
+#[cfg(feature = "testing")]
+async fn written_after_retention(silence: Silence, unavailable: usize) -> (Vec<Vec<u8>>, u64) {
+    use custodian::testing::Faults;
+    let d = seams::Deployment::new(Faults::none(), Faults::none()).await;
+    d.shorten_retention_to_a_day();
+    let alice = seams::consumer(1);
+    d.network.add_consumer(&alice, 1).await;
+    d.network
+        .consumer_sends(&alice, 0, d.b, b"hello")
+        .await
+        .unwrap();
+    d.settle(2).await;
+    if !matches!(silence, Silence::Unanswered) {
+        let reply = custodian::processor::Outbound {
+            to: alice.clone(),
+            ..d.outbound(b"how can we help?")
+        };
+        d.processor.send(&d.owner, d.b, reply).await.unwrap();
+        d.settle(5).await;
+    }
+    d.clock.advance(Duration::from_secs(2 * 24 * 3600));
+    if !matches!(silence, Silence::AnsweredUnswept) {
+        d.processor.sweep(&d.operator).await.unwrap();
+    }
+    d.transport
+        .resends_unavailable
+        .store(unavailable, std::sync::atomic::Ordering::SeqCst);
+    d.network
+        .consumer_sends(&alice, 0, d.b, b"hello again")
+        .await
+        .unwrap();
+    d.settle(5).await;
+    let handed = d.business.contents().into_iter().map(|(_, _, c)| c);
+    (handed.collect(), d.network.resends_asked().await)
+}
+
+/// A consumer who writes after retention ended the session its device
+/// writes on is heard: the processor asks the device to send the message
+/// again over a new session, and the business gets it once. Before, the
+/// message was refused for good (`NoSession`, or an unknown one-time
+/// prekey) and the network dropped it.
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_consumer_writing_after_retention_ended_its_session_is_heard() {
+    for silence in [
+        Silence::AnsweredSwept,
+        Silence::AnsweredUnswept,
+        Silence::Unanswered,
+    ] {
+        let (handed, asked) = written_after_retention(silence, 0).await;
+        let again = handed.iter().filter(|c| c.as_slice() == b"hello again");
+        assert_eq!(again.count(), 1, "{silence:?}: {handed:?}");
+        assert_eq!(asked, 1, "{silence:?}");
+    }
+}
+
+/// A request to send a message again that the network could not take is
+/// made again when the network delivers the message again, and the
+/// business gets it once.
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_request_to_send_again_the_network_could_not_take_is_made_again() {
+    let (handed, asked) = written_after_retention(Silence::AnsweredSwept, 1).await;
+    let again = handed.iter().filter(|c| c.as_slice() == b"hello again");
+    assert_eq!(again.count(), 1, "{handed:?}");
+    assert_eq!(
+        asked, 1,
+        "the unavailable request never reached the network"
+    );
+}

@@ -310,7 +310,7 @@ async fn the_pool_refills_by_the_networks_count_and_keeps_at_most_the_limit() {
     let message = late.encrypt(w.business, b"too late").await.unwrap();
     assert!(matches!(
         w.decrypt(peer, &message).await,
-        Err(SignalError::InvalidMessage("unknown one-time prekey"))
+        Err(SignalError::UnknownPreKey("one-time prekey"))
     ));
     // One from the newest key decrypts.
     let newest = w.published().await;
@@ -1137,7 +1137,7 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
     let first = too_late.encrypt(w.business, b"too late").await.unwrap();
     assert!(matches!(
         w.decrypt(peer, &first).await,
-        Err(SignalError::InvalidMessage(_))
+        Err(SignalError::UnknownPreKey("signed prekey"))
     ));
     let current = w.published().await;
     let mut fresh = ConsumerDevice::new(0);
@@ -2092,7 +2092,7 @@ async fn a_first_message_on_a_signed_prekey_past_its_grace_is_refused_without_ma
     let first = late.encrypt(w.business, b"past grace").await.unwrap();
     let got = w.decrypt(peer, &first).await;
     assert!(
-        matches!(got, Err(SignalError::InvalidMessage(_))),
+        matches!(got, Err(SignalError::UnknownPreKey("signed prekey"))),
         "a first message on a signed prekey 31 days past its replacement: {got:?}"
     );
 }

@@ -1775,6 +1775,15 @@ impl Transport for Relabel {
         };
         self.0.send(business, consumer, device, &relabelled).await
     }
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        self.0.ask_resend(business, consumer, device, message).await
+    }
     async fn publish_keys(
         &self,
         business: BusinessId,

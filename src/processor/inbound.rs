@@ -12,7 +12,7 @@ use crate::retention::RecordFacts;
 use crate::signal::{Ciphertext, Parsed, SignalError};
 use crate::store::{Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status};
 use crate::time::Timestamp;
-use crate::transport::{InboundMessage, Principal};
+use crate::transport::{InboundMessage, Principal, TransportError};
 use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
 
 /// A consumer's message as the transport delivers it.
@@ -161,15 +161,21 @@ impl Processor {
                 // session moved on, or was reset): the message is stored.
                 // Should the store not say, Signal's answer stands: a
                 // message it refuses is refused whether stored or not.
+                // (Not one that asks its device for the message again: the
+                // business would have it twice. It is delivered again.)
                 match self.storage.message(business, id).await {
                     Ok(Some(_)) => {
                         debug!(%id, "redelivery of a stored message");
                         return self.duplicate(business, id).await;
                     }
                     Ok(None) => {}
+                    Err(store) if e.needs_new_session() => return Err(store.into()),
                     Err(store) => {
                         debug!(%id, error = %store, "whether a refused message is a redelivery is unknown");
                     }
+                }
+                if e.needs_new_session() {
+                    return Err(self.ask_resend(business, &inbound, e).await);
                 }
                 return Err(e.into());
             }
@@ -284,6 +290,46 @@ impl Processor {
         drop(self.take_up(business, id).await?);
         let stored = self.storage.message(business, id).await?;
         Ok(Receipt::duplicate(id, stored.as_ref()))
+    }
+
+    /// Ask `inbound`'s device to send it again over a new session: it was
+    /// made on one the business no longer holds (`cause`). The error to
+    /// answer: [`ProcessorError::ResendAsked`] once the transport took the
+    /// request; the transport's error if it could not now (the message is
+    /// delivered again, and asked for again), `cause` if it refused for
+    /// good; a policy refusing the number to the transport, as any release
+    /// refused.
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        inbound: &Inbound,
+        cause: SignalError,
+    ) -> ProcessorError {
+        let released = self.gate.release(
+            Labelled::of_business(
+                DataClass::ConsumerPhoneNumber,
+                business,
+                inbound.from.clone(),
+            ),
+            Party::Transport,
+            Purpose::Delivery,
+        );
+        let number = match released {
+            Ok(number) => number.into_value(),
+            Err(denied) => return denied.into(),
+        };
+        let asked = self
+            .transport
+            .ask_resend(business, &number, inbound.device, &inbound.message)
+            .await;
+        match asked {
+            Ok(()) => {
+                debug!(device = inbound.device, error = %cause, "the message's session is gone; its device was asked to send it again");
+                ProcessorError::ResendAsked
+            }
+            Err(TransportError::Refused(_)) => cause.into(),
+            Err(e) => e.into(),
+        }
     }
 
     /// Count a message received from `phone` at `at`, for the integrity

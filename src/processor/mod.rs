@@ -157,6 +157,14 @@ pub enum ProcessorError {
     /// the receipt asks for).
     #[error("an attempt on this message is under way")]
     AttemptUnderWay,
+    /// The message was made on a session, or with prekeys, the business
+    /// no longer holds (retention ended them:
+    /// [`SignalError::needs_new_session`]), and its device was asked
+    /// ([`Transport::ask_resend`](crate::transport::Transport::ask_resend))
+    /// to send it again over a new session: acknowledge and drop this
+    /// copy.
+    #[error("the message's session is gone here; its device was asked to send it again")]
+    ResendAsked,
     /// The request is malformed.
     #[error("invalid request: {0}")]
     Invalid(&'static str),
@@ -194,8 +202,12 @@ impl ProcessorError {
         match self {
             Self::Signal(e) => matches!(
                 e,
-                SignalError::InvalidMessage(_) | SignalError::NoSession | SignalError::BadBundle(_)
+                SignalError::InvalidMessage(_)
+                    | SignalError::UnknownPreKey(_)
+                    | SignalError::NoSession
+                    | SignalError::BadBundle(_)
             ),
+            Self::ResendAsked => true,
             Self::Seal(e) => matches!(e, SealError::TooLarge(_)),
             Self::Invalid(_) | Self::Config(_) | Self::NotFound => true,
             _ => false,

@@ -143,6 +143,12 @@ pub enum SignalError {
     /// The message is malformed, forged, or for keys this business does not hold.
     #[error("invalid message: {0}")]
     InvalidMessage(&'static str),
+    /// A first-contact message names a prekey this business does not hold
+    /// (`"one-time prekey"`: used, or never made; `"signed prekey"`: past
+    /// its grace, or never made): its device is to start a new session
+    /// from the business's published keys.
+    #[error("unknown {0}")]
+    UnknownPreKey(&'static str),
     /// A prekey bundle is malformed or its signature does not verify.
     #[error("invalid prekey bundle: {0}")]
     BadBundle(&'static str),
@@ -158,6 +164,17 @@ pub enum SignalError {
     /// Storage, the key hierarchy or sealing failed; nothing was changed.
     #[error("storage failure: {0}")]
     Storage(StorageFailure),
+}
+
+impl SignalError {
+    /// Whether the message was made on a session, or with prekeys, this
+    /// business does not hold ([`NoSession`](Self::NoSession),
+    /// [`UnknownPreKey`](Self::UnknownPreKey)): the session the device
+    /// writes on ended with retention here, say. The device could make it
+    /// again over a new session, from the business's published keys.
+    pub fn needs_new_session(&self) -> bool {
+        matches!(self, Self::NoSession | Self::UnknownPreKey(_))
+    }
 }
 
 impl From<KeyError> for SignalError {
@@ -776,8 +793,8 @@ fn protocol_error(
         },
         P::SessionNotFound(_) | P::NoSenderKeyState(_) => SignalError::NoSession,
         P::BadMac(_) => SignalError::InvalidMessage("MAC verification failed"),
-        P::InvalidPreKeyId => SignalError::InvalidMessage("unknown one-time prekey"),
-        P::InvalidSignedPreKeyId => SignalError::InvalidMessage("unknown signed prekey"),
+        P::InvalidPreKeyId => SignalError::UnknownPreKey("one-time prekey"),
+        P::InvalidSignedPreKeyId => SignalError::UnknownPreKey("signed prekey"),
         P::SignatureValidationFailed => {
             SignalError::InvalidMessage("signature verification failed")
         }

@@ -287,7 +287,7 @@ impl ConsumerDevice {
             &mut self.sessions,
             &mut self.identities,
             &lib,
-            &mut rand::rng(),
+            &mut crate::rng::OsRng,
             UsePQRatchet::No,
         )
         .await?;
@@ -338,7 +338,7 @@ impl ConsumerDevice {
             &mut self.identities,
             &mut self.prekeys,
             &self.signed,
-            &mut rand::rng(),
+            &mut crate::rng::OsRng,
             UsePQRatchet::No,
         )
         .await?;

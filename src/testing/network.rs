@@ -55,7 +55,7 @@ use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::processor::{Inbound, Processor, ProcessorError, StatusChange, parse_device_payload};
-use crate::signal::{DeviceIdentity, PreKeyBundle, PublishedKeys};
+use crate::signal::{Ciphertext, DeviceIdentity, PreKeyBundle, PublishedKeys};
 use crate::store::Status;
 use crate::time::{Clock, ManualClock, Timestamp};
 use crate::transport::{Outgoing, Principal, Transport, TransportError};
@@ -79,6 +79,16 @@ struct ToProcessor {
     business: BusinessId,
     inbound: Inbound,
     hop: Hop,
+}
+
+/// A consumer's message as its device wrote it.
+struct Written {
+    business: BusinessId,
+    number: String,
+    device: u32,
+    /// The ciphertext the device sent.
+    ciphertext: Vec<u8>,
+    content: Vec<u8>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -151,6 +161,11 @@ struct Net {
     /// the processor removes it, and however many copies go unheard, the
     /// message has one attempt scheduled at a time.
     unacked: BTreeMap<u64, bool>,
+    /// What each of those messages carries, for its device to encrypt it
+    /// again when the processor asks (see [`SimNetwork::resends_asked`]).
+    unacked_content: BTreeMap<u64, Written>,
+    /// Requests the processor made to send a message again.
+    resends_asked: u64,
     /// The number the next consumer message takes.
     next_message: u64,
     to_devices: Vec<InFlight<ToDevice>>,
@@ -300,6 +315,69 @@ impl Net {
         (decision.copies() > 0, answer)
     }
 
+    /// `number`'s device writes `content` to `business`, starting a
+    /// session from the business's published keys if it has none, or
+    /// `fresh`: it then starts a new one. Starting one takes the next
+    /// one-time prekey while any is left. The message is then in flight to
+    /// the processor.
+    async fn write(
+        &mut self,
+        number: &PhoneNumber,
+        device: u32,
+        business: BusinessId,
+        content: &[u8],
+        fresh: bool,
+        now: Timestamp,
+    ) -> Result<(), String> {
+        let (keys, handed_out) = self
+            .published
+            .get_mut(&business)
+            .ok_or("the business has published no keys")?;
+        let consumer = self
+            .consumers
+            .get_mut(number.expose())
+            .ok_or("no such consumer")?;
+        let handset = consumer.devices.get_mut(&device).ok_or("no such device")?;
+        if fresh || !handset.has_session(business) {
+            // The device fetches a bundle, and the server hands out each
+            // one-time prekey once, in order, while any is left.
+            let index = keys
+                .one_time_prekeys
+                .iter()
+                .position(|k| !handed_out.contains(&(k.id, k.public_key)));
+            if let Some(key) = index.and_then(|i| keys.one_time_prekeys.get(i)) {
+                handed_out.insert((key.id, key.public_key));
+            }
+            let bundle: PreKeyBundle = keys.bundle(index);
+            handset
+                .start_session(business, &bundle)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let ciphertext = handset
+            .encrypt(business, content)
+            .await
+            .map_err(|e| e.to_string())?;
+        let message = self.next_message;
+        self.next_message += 1;
+        self.unacked.insert(message, false);
+        let written = Written {
+            business,
+            number: number.expose().to_owned(),
+            device,
+            ciphertext: ciphertext.bytes.clone(),
+            content: content.to_vec(),
+        };
+        self.unacked_content.insert(message, written);
+        let inbound = Inbound {
+            from: number.clone(),
+            device,
+            message: ciphertext,
+        };
+        self.launch_inbound(message, business, inbound, now);
+        Ok(())
+    }
+
     fn in_flight(&self) -> u64 {
         (self.to_processor.len() + self.to_devices.len() + self.receipts.len() + self.retries.len())
             as u64
@@ -387,6 +465,8 @@ impl SimNetwork {
                 published: BTreeMap::new(),
                 to_processor: Vec::new(),
                 unacked: BTreeMap::new(),
+                unacked_content: BTreeMap::new(),
+                resends_asked: 0,
                 next_message: 0,
                 to_devices: Vec::new(),
                 receipts: Vec::new(),
@@ -434,6 +514,9 @@ impl SimNetwork {
         net.asked.retain(|&(b, id, _), _| !theirs(b, id));
         net.receipts.retain(|f| f.item.number != number.expose());
         net.retries.retain(|f| !theirs(f.item.business, f.item.id));
+        // The new devices have none of the old ones' messages to send again.
+        net.unacked_content
+            .retain(|_, w| w.number != number.expose());
         net.consumers.insert(
             number.expose().to_owned(),
             Consumer {
@@ -472,46 +555,8 @@ impl SimNetwork {
     ) -> Result<(), String> {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
-        let net = &mut *net;
-        let (keys, handed_out) = net
-            .published
-            .get_mut(&business)
-            .ok_or("the business has published no keys")?;
-        let consumer = net
-            .consumers
-            .get_mut(number.expose())
-            .ok_or("no such consumer")?;
-        let handset = consumer.devices.get_mut(&device).ok_or("no such device")?;
-        if !handset.has_session(business) {
-            // The device fetches a bundle, and the server hands out each
-            // one-time prekey once, in order, while any is left.
-            let index = keys
-                .one_time_prekeys
-                .iter()
-                .position(|k| !handed_out.contains(&(k.id, k.public_key)));
-            if let Some(key) = index.and_then(|i| keys.one_time_prekeys.get(i)) {
-                handed_out.insert((key.id, key.public_key));
-            }
-            let bundle: PreKeyBundle = keys.bundle(index);
-            handset
-                .start_session(business, &bundle)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        let message = handset
-            .encrypt(business, content)
+        net.write(number, device, business, content, false, now)
             .await
-            .map_err(|e| e.to_string())?;
-        let inbound = Inbound {
-            from: number.clone(),
-            device,
-            message,
-        };
-        let message = net.next_message;
-        net.next_message += 1;
-        net.unacked.insert(message, false);
-        net.launch_inbound(message, business, inbound, now);
-        Ok(())
     }
 
     /// Move everything due, unless the network is in an outage: consumer
@@ -579,6 +624,7 @@ impl SimNetwork {
                 }
                 if heard && (acked || refused) {
                     net.unacked.remove(&flight.item.message);
+                    net.unacked_content.remove(&flight.item.message);
                 } else {
                     // No acknowledgement reached the network: it delivers again later.
                     net.redeliver(flight.item.clone(), now);
@@ -913,6 +959,16 @@ impl SimNetwork {
         self.net.lock().await.mislabelled
     }
 
+    /// Requests the processor made for a consumer's message again over a
+    /// new session ([`Transport::ask_resend`]: the message was made on a
+    /// session the processor no longer holds, as when retention ended it
+    /// while the consumer was silent), whether or not the device still had
+    /// it. None while the processor keeps every session its consumers
+    /// write on.
+    pub async fn resends_asked(&self) -> u64 {
+        self.net.lock().await.resends_asked
+    }
+
     /// Copies of business messages a device could not decrypt (other than
     /// copies of one it already had), each answered with a retry receipt,
     /// whether or not the receipt reached the processor
@@ -979,6 +1035,42 @@ impl Transport for SimNetwork {
             .and_then(|c| c.devices.get_mut(&device))
             .ok_or_else(|| TransportError::Refused("no such device".into()))?;
         Ok(handset.bundle(true))
+    }
+
+    /// The device, if it still has the message (the network has not had
+    /// it acknowledged), starts a new session from the business's
+    /// published keys and sends it again: a new message, in flight to the
+    /// processor. A device that has it not ignores the request.
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        let now = self.clock.now();
+        let mut net = self.net.lock().await;
+        let decision = net.faults.decide(Leg::Call, now);
+        if decision.refused() {
+            return Err(unavailable(decision));
+        }
+        net.resends_asked += 1;
+        let content = net.unacked_content.values().find(|w| {
+            w.business == business
+                && w.number == consumer.expose()
+                && w.device == device
+                && w.ciphertext == message.bytes
+        });
+        let Some(content) = content.map(|w| w.content.clone()) else {
+            return Ok(());
+        };
+        let written = net
+            .write(consumer, device, business, &content, true, now)
+            .await;
+        // What the device cannot do (the business's keys gone from the
+        // network), it does not: as a client, it shows the message unsent.
+        let _ = written;
+        Ok(())
     }
 
     async fn send(

@@ -13,8 +13,10 @@ use crate::transport::{Outgoing, Transport, TransportError};
 /// A [`Transport`] for harnesses and benchmarks that drive consumer devices
 /// themselves: every consumer has one device (0), every send is accepted and
 /// kept for the harness to hand to the device, the published keys are kept,
-/// and there is no bundle to fetch (start each device's session from
-/// [`published`](Self::published) keys before the processor sends to it).
+/// there is no bundle to fetch (start each device's session from
+/// [`published`](Self::published) keys before the processor sends to it),
+/// and no device to ask for a message again
+/// ([`ask_resend`](Transport::ask_resend) is refused).
 /// No faults, no delays: for those, [`SimNetwork`](super::SimNetwork).
 ///
 /// It serves one business: what it keeps is keyed by consumer number
@@ -94,6 +96,18 @@ impl Transport for RecordingTransport {
             }
         }
         Ok(())
+    }
+
+    async fn ask_resend(
+        &self,
+        _: BusinessId,
+        _: &PhoneNumber,
+        _: u32,
+        _: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        Err(TransportError::Refused(
+            "a recording transport asks no device for anything: the harness drives them".into(),
+        ))
     }
 
     async fn publish_keys(

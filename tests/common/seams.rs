@@ -107,6 +107,9 @@ pub(crate) struct PausedNetwork {
     /// Devices whose bundle requests fail: `true` refused for good, `false`
     /// unavailable for now.
     pub(crate) bundle_fails: Mutex<BTreeMap<u32, bool>>,
+    /// How many of the next requests to send a message again fail as
+    /// unavailable.
+    pub(crate) resends_unavailable: AtomicUsize,
 }
 
 impl PausedNetwork {
@@ -119,6 +122,7 @@ impl PausedNetwork {
             fetched: AtomicUsize::new(0),
             unlinked: Mutex::default(),
             bundle_fails: Mutex::default(),
+            resends_unavailable: AtomicUsize::new(0),
         }
     }
 
@@ -169,6 +173,26 @@ impl Transport for PausedNetwork {
     ) -> Result<(), TransportError> {
         pause().await;
         self.network.send(business, consumer, device, message).await
+    }
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        pause().await;
+        let fail = |n: usize| n.checked_sub(1);
+        if self
+            .resends_unavailable
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fail)
+            .is_ok()
+        {
+            return Err(TransportError::Unavailable("timed out".into()));
+        }
+        self.network
+            .ask_resend(business, consumer, device, message)
+            .await
     }
     async fn publish_keys(
         &self,
