@@ -1703,6 +1703,84 @@ mod tests {
         }
     }
 
+    /// Each refused file in the policy corpus is refused for the reason it
+    /// was written for, by the loader it was written for (a file refused
+    /// earlier, by a slip, would test nothing): its named refusal is in
+    /// that loader's error.
+    #[test]
+    fn policy_file_corpus_refusals_are_the_intended_ones() {
+        use crate::retention::RetentionPolicy;
+        let intended = [
+            ("advertising.json", "visibility-json", "advertising"),
+            ("bad-region.toml", "retention-toml", "business.1.region"),
+            (
+                "business-past-ceiling.json",
+                "retention-json",
+                "business.9.outbound",
+            ),
+            ("business-zero.toml", "retention-toml", "business.0"),
+            (
+                "content-to-transport.toml",
+                "visibility-toml",
+                "allow[0].purposes[0]",
+            ),
+            ("duplicate-business.json", "retention-json", "configured twice"),
+            ("duplicate-entry.toml", "visibility-toml", "allow[1]"),
+            (
+                "duplicate-purpose.toml",
+                "visibility-toml",
+                "allow[0].purposes[1]",
+            ),
+            (
+                "in-use-ttl-past-ceiling.json",
+                "retention-json",
+                "in_use_ttl",
+            ),
+            ("no-purposes.json", "visibility-json", "allow[0].purposes"),
+            ("not-utf8", "", ""),
+            ("overflowing-duration.toml", "retention-toml", "too long"),
+            ("retention-past-ceiling.toml", "retention-toml", "retention"),
+            ("revision-0.json", "visibility-json", "revision"),
+            ("revision-0.toml", "visibility-toml", "revision"),
+            ("unknown-class.toml", "visibility-toml", "allow[0].class"),
+            ("unknown-field.toml", "visibility-toml", "extra"),
+            ("zero-epoch.toml", "retention-toml", "epoch"),
+        ];
+        let refused: Vec<_> = corpus("policy_file")
+            .into_iter()
+            .filter_map(|(name, _, bytes)| Some((name.strip_prefix("none--")?.to_owned(), bytes)))
+            .collect();
+        let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
+        let listed: Vec<&str> = intended.iter().map(|(n, ..)| *n).collect();
+        assert_eq!(names, listed, "every refused file names its refusal here");
+        for ((name, bytes), (_, loader, why)) in refused.iter().zip(intended) {
+            let Ok(text) = std::str::from_utf8(bytes) else {
+                assert_eq!(loader, "", "{name}");
+                continue;
+            };
+            let error = match loader {
+                "visibility-toml" => VisibilityPolicy::from_toml(text)
+                    .err()
+                    .map(|e| e.to_string()),
+                "visibility-json" => VisibilityPolicy::from_json(text)
+                    .err()
+                    .map(|e| e.to_string()),
+                "retention-toml" => RetentionPolicy::from_toml(text)
+                    .err()
+                    .map(|e| e.to_string()),
+                "retention-json" => RetentionPolicy::from_json(text)
+                    .err()
+                    .map(|e| e.to_string()),
+                other => panic!("{name}: no loader {other}"),
+            };
+            let error = error.unwrap_or_else(|| panic!("{name}: {loader} accepted it"));
+            assert!(
+                error.contains(why),
+                "{name}: {loader} refused it for another reason: {error}"
+            );
+        }
+    }
+
     #[test]
     fn policy_file_corpus_replays_with_the_expected_results() {
         replay("policy_file", |bytes| {

@@ -236,6 +236,26 @@ mod ceiling {
         }
     }
 
+    /// A duration refused says what is wrong with it: no number, no unit,
+    /// which unit, or a number too large (before, a number past `u64` was
+    /// "not a duration", and a wrong unit "no unit").
+    #[test]
+    fn a_refused_duration_says_why() {
+        let why = |text| custodian::retention::parse_duration(text).unwrap_err();
+        assert!(why("d").contains("is not a duration like"), "{}", why("d"));
+        assert!(why("30").contains("has no unit"), "{}", why("30"));
+        for (text, unit) in [("1w", "\"w\""), ("30D", "\"D\""), ("1.5h", "\".5h\"")] {
+            assert!(
+                why(text).contains(&format!("has unit {unit}")),
+                "{}",
+                why(text)
+            );
+        }
+        for text in ["99999999999999999999d", "18446744073709551615d"] {
+            assert!(why(text).contains("is too long"), "{}", why(text));
+        }
+    }
+
     #[test]
     fn sub_millisecond_periods_are_refused_naming_the_field() {
         let odd = Periods::both(Duration::from_nanos(1_500_000));

@@ -476,18 +476,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| {
-        format!("{text:?} is not a duration like \"30d\", \"12h\", \"90m\" or \"45s\"")
-    })?;
-    let millis = match unit {
-        "ms" => Some(1),
-        "s" => Some(1000),
-        "m" => Some(60_000),
-        "h" => Some(3_600_000),
-        "d" => Some(86_400_000),
-        _ => None,
+    if digits.is_empty() {
+        return Err(format!(
+            "{text:?} is not a duration like \"30d\", \"12h\", \"90m\" or \"45s\""
+        ));
     }
-    .ok_or_else(|| format!("{text:?} has no unit: use ms, s, m, h or d"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "" => return Err(format!("{text:?} has no unit: use ms, s, m, h or d")),
+        _ => return Err(format!("{text:?} has unit {unit:?}: use ms, s, m, h or d")),
+    };
+    // Digits alone, so the one way to fail is a number past `u64`.
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is too long"))?;
     n.checked_mul(millis)
         .map(Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is too long"))

@@ -443,12 +443,16 @@ pub(crate) struct Parsed {
 
 impl Parsed {
     /// Parse `message` to `business`; nothing is decrypted yet. A message
-    /// carrying a public key in other than its canonical encoding is
-    /// refused: X25519 ignores a key's top bit (and reduces it modulo the
-    /// field's prime), so such a key is another's bytes for the same key,
-    /// and a first-contact message's base key, outside the message's MAC,
-    /// could be re-encoded so that the library no longer recognises a
-    /// replay of it. No client encodes a key so.
+    /// carrying a public key whose coordinate is not canonical is refused:
+    /// X25519 ignores a key's top bit (and reduces it modulo the field's
+    /// prime), so such a key is another's bytes for the same key, and a
+    /// first-contact message's base key, outside the message's MAC, could
+    /// be re-encoded so that the library no longer recognises a replay of
+    /// it. No client encodes a key so. What the library reads past a key's
+    /// 33 bytes, or in the low bits of a first-contact message's version
+    /// byte, it ignores, as libsignal does: those copies carry the same
+    /// keys, so the message's id and the replay check (which work on the
+    /// keys, not their bytes) take them for the message they copy.
     pub(crate) fn new(message: &Ciphertext, business: BusinessId) -> Result<Self, SignalError> {
         let parsed = match message.kind {
             MessageKind::FirstContact => PreKeySignalMessage::try_from(message.bytes.as_slice())
