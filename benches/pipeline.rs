@@ -316,6 +316,7 @@ impl Rig {
             .await
             .unwrap();
         Inbound {
+            resend_of: None,
             from: c.number.clone(),
             device: 0,
             message,

@@ -1792,9 +1792,12 @@ mod tests {
                 business: BusinessId,
                 consumer: &PhoneNumber,
                 device: u32,
+                id: MessageId,
                 message: &Ciphertext,
             ) -> Result<(), TransportError> {
-                self.0.ask_resend(business, consumer, device, message).await
+                self.0
+                    .ask_resend(business, consumer, device, id, message)
+                    .await
             }
             async fn publish_keys(
                 &self,

@@ -1724,7 +1724,11 @@ mod tests {
                 "visibility-toml",
                 "allow[0].purposes[0]",
             ),
-            ("duplicate-business.json", "retention-json", "configured twice"),
+            (
+                "duplicate-business.json",
+                "retention-json",
+                "configured twice",
+            ),
             ("duplicate-entry.toml", "visibility-toml", "allow[1]"),
             (
                 "duplicate-purpose.toml",

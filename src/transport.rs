@@ -219,7 +219,12 @@ pub trait Transport: Send + Sync {
     /// ([`publish_keys`](Self::publish_keys)) and encrypts the message
     /// again; a device that no longer has it ignores the request.
     /// `message` is the ciphertext as the transport delivered it, for the
-    /// transport to tell which message is meant. `Ok` means the network
+    /// transport to tell which message is meant; `id` is the id the
+    /// processor gave it: hand the message sent again to
+    /// [`Processor::receive`](crate::processor::Processor::receive) with
+    /// [`Inbound::resend_of`](crate::processor::Inbound::resend_of) set to
+    /// it, and the business gets it once however often it was asked for
+    /// (a copy delivered twice, an answer lost). `Ok` means the network
     /// took the request;
     /// [`Processor::receive`](crate::processor::Processor::receive) then
     /// answers [`ResendAsked`](crate::processor::ProcessorError::ResendAsked):
@@ -231,6 +236,7 @@ pub trait Transport: Send + Sync {
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError>;
 

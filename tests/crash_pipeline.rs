@@ -146,6 +146,7 @@ fn crash_pipeline_child() {
                 let message = device.encrypt(business(), text.as_bytes()).await.unwrap();
                 let from = number(run, c as u32);
                 let inbound = Inbound {
+                    resend_of: None,
                     from: from.clone(),
                     device: 0,
                     message: message.clone(),
@@ -315,6 +316,7 @@ fn replay(path: &Path, replays: &[Acked]) {
         let processor = Processor::new(host, Policies::default()).unwrap();
         for m in replays {
             let inbound = Inbound {
+                resend_of: None,
                 from: m.from.clone(),
                 device: 0,
                 message: m.message.clone(),

@@ -409,12 +409,13 @@ fn an_idempotent_send_that_misses_its_stored_message_is_checked_against_it() {
     });
 }
 
-/// A message Signal refuses (a first contact whose MAC was altered),
-/// received while the store fails the read that would tell a redelivery
-/// of a stored message: Signal's refusal is the answer, not the store's
-/// failure (a host drops a refused message, where it would retry a store
-/// failure). One made on a prekey another consumer used is asked for
-/// again over a new session; then the store's failure is the answer (the
+/// A message Signal refuses (one too far ahead of its chain), received
+/// while the store fails the read that would tell a redelivery of a
+/// stored message: Signal's refusal is the answer, not the store's failure
+/// (a host drops a refused message, where it would retry a store failure).
+/// One made on a state the business does not have (a prekey another
+/// consumer used, or altered so that it fails its MAC) is asked for again
+/// over a new session; then the store's failure is the answer (the
 /// message is delivered again, and asked for then): asked for when it may
 /// be stored, a message would reach its business twice.
 #[test]
@@ -443,31 +444,39 @@ fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_store
         };
         let mac = embedded_message_end(&altered.message.bytes) - 1;
         altered.message.bytes[mac] ^= 1;
-        // Which store call is the read, from a receive that fails nothing.
-        d.faults.set(Plan {
+        // And the first device's, 2,002 messages on (the ones before lost).
+        let mut too_far = None;
+        for _ in 0..2002 {
+            too_far = Some(d.inbound(&mut first, b"later").await);
+        }
+        let too_far = too_far.unwrap();
+        let cases = [
+            (too_far, "signal"),
+            (on_a_used_prekey, "store"),
+            (altered, "store"),
+        ];
+        let nothing_fails = Plan {
             at: usize::MAX,
             seams: Seams::Store,
             strike: Strike::Before,
             outage: false,
-        });
-        let asked = d.receive(on_a_used_prekey.clone()).await;
-        assert!(
-            matches!(asked, Err(ProcessorError::ResendAsked)),
-            "{asked:?}"
-        );
-        let refused = d.receive(altered.clone()).await;
-        assert!(
-            matches!(refused, Err(ProcessorError::Signal(_))),
-            "{refused:?}"
-        );
-        let read = d.faults.calls().iter().position(|&c| c == "message");
-        for (inbound, refusal) in [(altered, "signal"), (on_a_used_prekey, "store")] {
-            d.faults.set(Plan {
-                at: usize::MAX,
-                seams: Seams::Store,
-                strike: Strike::Before,
-                outage: false,
-            });
+        };
+        for (inbound, refusal) in cases {
+            // Refused as such when the store answers (asked for again, on a
+            // state the business lacks); which store call is the read, once
+            // a refusal dropped the device's state from memory.
+            for _ in 0..2 {
+                d.faults.set(nothing_fails);
+                let first = d.receive(inbound.clone()).await;
+                let expected = match first {
+                    Err(ProcessorError::Signal(_)) => "signal",
+                    Err(ProcessorError::ResendAsked) => "store",
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(expected, refusal);
+            }
+            let read = d.faults.calls().iter().position(|&c| c == "message");
+            d.faults.set(nothing_fails);
             d.faults
                 .fail_at(read.unwrap() + 1, Seams::Store, Strike::Before);
             let refused = d.receive(inbound).await;
@@ -775,6 +784,7 @@ async fn a_session_record_over_the_limit_fails_the_message_at_once() {
         );
     }
     let inbound = Inbound {
+        resend_of: None,
         from: consumer(1),
         device: 0,
         message: last.unwrap(),
@@ -847,6 +857,7 @@ async fn near_the_record_limit() -> (Deployment, ConsumerDevice, Vec<Inbound>, M
     for i in 0..2_000 {
         let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
         messages.push(Inbound {
+            resend_of: None,
             from: consumer(1),
             device: 0,
             message: message.unwrap(),
@@ -947,6 +958,7 @@ async fn a_message_refused_before_its_write_approves_no_new_key() {
     assert!(matches!(refused, Ok(StatusChange::Ignored)), "{refused:?}");
     new.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
     let inbound = Inbound {
+        resend_of: None,
         from: consumer(1),
         device: 0,
         message: new.encrypt(d.b, b"new phone").await.unwrap(),
@@ -2124,6 +2136,7 @@ fn a_failed_replay_as_another_number_is_not_counted_received() {
             device.start_session(d.b, &keys.bundle(None)).await.unwrap();
             let message = device.encrypt(d.b, b"first").await.unwrap();
             let real = Inbound {
+                resend_of: None,
                 from: consumer(1),
                 device: 1,
                 message: message.clone(),
@@ -2138,6 +2151,7 @@ fn a_failed_replay_as_another_number_is_not_counted_received() {
                 outage: false,
             });
             let replay = Inbound {
+                resend_of: None,
                 from: consumer(3),
                 device: 1,
                 message,
@@ -2251,6 +2265,7 @@ async fn a_replay_refused_at_the_commit_says_whether_the_business_has_it() {
                 .await
                 .unwrap();
             Inbound {
+                resend_of: None,
                 from: consumer(i),
                 device: 1,
                 message: handset.encrypt(b, b"hello").await.unwrap(),
@@ -2323,6 +2338,7 @@ async fn an_approval_replaces_a_record_it_cannot_read() {
         "approving device 2's new key failed on its unreadable record: {approved:?}"
     );
     let inbound = Inbound {
+        resend_of: None,
         from: consumer(1),
         device: 2,
         message: reinstalled.encrypt(d.b, b"new phone").await.unwrap(),
@@ -2572,6 +2588,41 @@ async fn a_queued_message_is_tried_on_a_device_linked_since() {
     assert_eq!(status.unwrap(), (Status::Sent, None));
 }
 
+/// A device given up on for a message no device has yet (its bundle
+/// refused: a bad signature) is not asked for a bundle again at its
+/// retries, each of which would cost it a one-time prekey; the device the
+/// network could not reach is.
+#[tokio::test]
+async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
+    let d = deployment(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 2).await;
+    d.transport.bundle_fails.lock().unwrap().insert(0, false);
+    let mut bad = ConsumerDevice::new(1).bundle(true);
+    bad.signed_prekey.signature[0] ^= 1;
+    d.transport.served.lock().unwrap().insert(1, bad);
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.transport.bundles_fetched(),
+        2,
+        "both devices fetched once"
+    );
+    let mut per_attempt = Vec::new();
+    for _ in 0..5 {
+        d.clock.advance(Duration::from_secs(60));
+        let before = d.transport.bundles_fetched();
+        let report = d.processor.retransmit_due(&d.operator).await.unwrap();
+        assert_eq!(report.due, 1);
+        per_attempt.push(d.transport.bundles_fetched() - before);
+    }
+    let status = d.processor.message_status(&d.owner, d.b, id).await;
+    assert_eq!(status.unwrap(), (Status::Queued, None));
+    assert_eq!(per_attempt, [1; 5], "bundles fetched per retry");
+}
+
 /// How an expired message's business fares in
 /// [`expired_is_counted_failed`]: told, or not (its endpoint down), the
 /// sweep failing the message or the retransmission loop before it.
@@ -2618,6 +2669,53 @@ async fn expired_is_counted_failed(told: Told) -> Vec<u64> {
     assert_eq!(swept.failures_unreported, unreported, "{told:?}: {swept:?}");
     d.statistics_counted(Direction::Outbound, StatsStatus::Failed)
         .await
+}
+
+/// A sweep that fails at any store call (the call failing, or its answer
+/// lost) loses no failure from the statistics: the next sweep counts each
+/// once. Before, a failure given up on was told to the statistics only
+/// with the page's last write: a sweep failing before it left the message
+/// failed, its report dropped, and counted nowhere.
+#[tokio::test]
+async fn a_failed_sweep_loses_no_failure_from_the_statistics() {
+    const DAY: u64 = 24 * 3600 * 1000;
+    let mut miscounted = Vec::new();
+    for strike in [Strike::Before, Strike::After] {
+        for n in 1..200 {
+            let down = Faults {
+                outages: vec![(
+                    Timestamp::from_millis(T0),
+                    Timestamp::from_millis(T0 + 40 * DAY),
+                )],
+                ..Faults::none()
+            };
+            let d = deployment(down.clone(), down).await;
+            for i in [3, 4] {
+                d.send_out_to(i).await;
+            }
+            d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+            d.faults.fail_at(n, Seams::Store, strike);
+            let first = d.processor.sweep(&d.operator).await;
+            let failed = d.faults.lift();
+            if failed.is_empty() {
+                assert!(first.is_ok(), "{first:?}");
+                break;
+            }
+            d.processor.sweep(&d.operator).await.unwrap();
+            assert_eq!(
+                d.store.census().await.unwrap().messages,
+                0,
+                "{strike:?} {n}"
+            );
+            let counted = d
+                .statistics_counted(Direction::Outbound, StatsStatus::Failed)
+                .await;
+            if counted != [2] {
+                miscounted.push((strike, n, failed, counted));
+            }
+        }
+    }
+    assert!(miscounted.is_empty(), "{miscounted:?}");
 }
 
 /// A message that expires undelivered is counted failed in the statistics

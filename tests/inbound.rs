@@ -159,6 +159,7 @@ impl World {
         message: &Ciphertext,
     ) -> Result<Receipt, ProcessorError> {
         let inbound = Inbound {
+            resend_of: None,
             from: from.clone(),
             device: 0,
             message: message.clone(),
@@ -499,6 +500,7 @@ async fn a_receive_after_spam_and_block_reports_creates_no_key() {
     assert!(store.key(&identity).await.unwrap().is_none());
 
     let inbound = Inbound {
+        resend_of: None,
         from: consumer(1),
         device: device.device_id(),
         message,
@@ -625,6 +627,7 @@ impl Tenants {
     /// The `i`th business's consumer writes `text`.
     async fn inbound(&mut self, i: usize, b: BusinessId, text: &[u8]) -> Inbound {
         Inbound {
+            resend_of: None,
             from: consumer(1),
             device: 0,
             message: self.devices[i].encrypt(b, text).await.unwrap(),
@@ -841,6 +844,7 @@ async fn a_replay_after_a_devices_state_lapsed_is_not_taken_for_new() {
     let from = consumer(1);
     let receive = |device: u32, message: Ciphertext| {
         let inbound = Inbound {
+            resend_of: None,
             from: from.clone(),
             device,
             message,

@@ -1013,10 +1013,11 @@ mod exports {
             business: BusinessId,
             consumer: &PhoneNumber,
             device: u32,
+            id: custodian::ids::MessageId,
             message: &custodian::signal::Ciphertext,
         ) -> Result<(), TransportError> {
             self.network
-                .ask_resend(business, consumer, device, message)
+                .ask_resend(business, consumer, device, id, message)
                 .await
         }
         async fn publish_keys(

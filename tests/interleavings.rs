@@ -217,10 +217,11 @@ impl Transport for Counting {
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
         self.inner
-            .ask_resend(business, consumer, device, message)
+            .ask_resend(business, consumer, device, id, message)
             .await
     }
     async fn publish_keys(
@@ -354,6 +355,7 @@ impl World {
 
     async fn inbound(&self, handset: &mut ConsumerDevice, content: &[u8]) -> Inbound {
         Inbound {
+            resend_of: None,
             from: consumer(1),
             device: handset.device_id(),
             message: handset.encrypt(self.b, content).await.unwrap(),

@@ -1514,6 +1514,7 @@ fn content_and_number_holders_print_neither() {
         category: Category::ALL[0],
     };
     let inbound = Inbound {
+        resend_of: None,
         from: number.clone(),
         device: 1,
         message: Ciphertext {

@@ -170,7 +170,7 @@ async fn with_the_library_target_off_no_kept_record_carries_a_key_or_a_consumer(
     assert!(
         matches!(
             refused,
-            Err(SignalError::InvalidMessage("MAC verification failed"))
+            Err(SignalError::Undecryptable("MAC verification failed"))
         ),
         "{refused:?}"
     );

@@ -1111,6 +1111,7 @@ async fn no_principal_reaches_another_tenant() {
             .map(drop),
     );
     let inbound = custodian::processor::Inbound {
+        resend_of: None,
         from: number(1),
         device: 0,
         message: custodian::signal::Ciphertext {
@@ -1586,6 +1587,7 @@ impl Restartable {
     /// `message` from the consumer's device.
     fn inbound(message: custodian::signal::Ciphertext) -> custodian::processor::Inbound {
         custodian::processor::Inbound {
+            resend_of: None,
             from: number(7),
             device: 0,
             message,
@@ -2258,6 +2260,7 @@ async fn the_business_and_its_carrier_cannot_act_in_each_others_role() {
     // The business, acting as the network (refused before the message is
     // even parsed).
     let forged = custodian::processor::Inbound {
+        resend_of: None,
         from: number(2),
         device: 9,
         message: custodian::signal::Ciphertext {
@@ -2341,6 +2344,7 @@ async fn a_message_that_can_never_be_received_is_refused_as_permanent() {
     let b = BusinessId::new(7).unwrap();
     d.publish_all().await;
     let inbound = |kind, bytes: Vec<u8>| custodian::processor::Inbound {
+        resend_of: None,
         from: number(1),
         device: 0,
         message: custodian::signal::Ciphertext { kind, bytes },
@@ -2956,10 +2960,11 @@ impl Transport for Scripted {
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
         self.network
-            .ask_resend(business, consumer, device, message)
+            .ask_resend(business, consumer, device, id, message)
             .await
     }
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {

@@ -119,6 +119,7 @@ fn consumer() -> PhoneNumber {
 
 fn inbound(message: &Ciphertext) -> Inbound {
     Inbound {
+        resend_of: None,
         from: consumer(),
         device: 0,
         message: message.clone(),

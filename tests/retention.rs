@@ -3475,18 +3475,43 @@ enum Silence {
     /// The business never answered: the device still writes first-contact
     /// messages, on a one-time prekey long used.
     Unanswered,
+    /// The business answered, a sweep ran, and the business wrote first
+    /// again: a new session from the device's bundle, which the device,
+    /// not having read that message yet, does not write on.
+    BusinessWroteFirst,
 }
 
-/// Consumer 1's device writes "hello" (and, `answered`, is answered), falls
-/// silent past the business's one-day retention, and writes "hello again";
-/// the first `unavailable` requests to send it again fail. Returns what the
-/// business was handed, and the requests made.
+/// What goes wrong on the way in [`written_after_retention`].
 #[cfg(feature = "testing")]
-async fn written_after_retention(silence: Silence, unavailable: usize) -> (Vec<Vec<u8>>, u64) {
+#[derive(Debug, Clone, Copy, Default)]
+struct Trouble {
+    /// The network delivers every message twice.
+    duplicated: bool,
+    /// Requests to send again that fail, the first of them.
+    unavailable: usize,
+    /// Requests to send again whose answer is lost, the first of them.
+    answers_lost: usize,
+}
+
+/// Consumer 1's device writes "hello" (and is answered, as `silence`
+/// says), falls silent past the business's one-day retention, and writes
+/// "hello again", with `trouble` on the way. Returns how many times the
+/// business was handed "hello again", and the requests to send it again
+/// that reached the network (asserting that every trouble planned came).
+#[cfg(feature = "testing")]
+async fn written_after_retention(silence: Silence, trouble: Trouble) -> (usize, u64) {
     use custodian::testing::Faults;
-    let d = seams::Deployment::new(Faults::none(), Faults::none()).await;
+    let network = Faults {
+        duplicate: if trouble.duplicated { 1.0 } else { 0.0 },
+        ..Faults::none()
+    };
+    let d = seams::Deployment::new(network, Faults::none()).await;
     d.shorten_retention_to_a_day();
     let alice = seams::consumer(1);
+    let reply = |text: &[u8]| custodian::processor::Outbound {
+        to: alice.clone(),
+        ..d.outbound(text)
+    };
     d.network.add_consumer(&alice, 1).await;
     d.network
         .consumer_sends(&alice, 0, d.b, b"hello")
@@ -3494,34 +3519,47 @@ async fn written_after_retention(silence: Silence, unavailable: usize) -> (Vec<V
         .unwrap();
     d.settle(2).await;
     if !matches!(silence, Silence::Unanswered) {
-        let reply = custodian::processor::Outbound {
-            to: alice.clone(),
-            ..d.outbound(b"how can we help?")
-        };
-        d.processor.send(&d.owner, d.b, reply).await.unwrap();
+        let answer = reply(b"how can we help?");
+        d.processor.send(&d.owner, d.b, answer).await.unwrap();
         d.settle(5).await;
     }
     d.clock.advance(Duration::from_secs(2 * 24 * 3600));
     if !matches!(silence, Silence::AnsweredUnswept) {
         d.processor.sweep(&d.operator).await.unwrap();
     }
+    if matches!(silence, Silence::BusinessWroteFirst) {
+        let news = reply(b"we have news");
+        d.processor.send(&d.owner, d.b, news).await.unwrap();
+    }
+    let ordering = std::sync::atomic::Ordering::SeqCst;
     d.transport
         .resends_unavailable
-        .store(unavailable, std::sync::atomic::Ordering::SeqCst);
+        .store(trouble.unavailable, ordering);
+    d.transport
+        .resend_answers_lost
+        .store(trouble.answers_lost, ordering);
     d.network
         .consumer_sends(&alice, 0, d.b, b"hello again")
         .await
         .unwrap();
     d.settle(5).await;
-    let handed = d.business.contents().into_iter().map(|(_, _, c)| c);
-    (handed.collect(), d.network.resends_asked().await)
+    let left = d.transport.resends_unavailable.load(ordering)
+        + d.transport.resend_answers_lost.load(ordering);
+    assert_eq!(
+        left, 0,
+        "{silence:?}, {trouble:?}: troubles that never came"
+    );
+    let handed = d.business.contents().into_iter();
+    let again = handed.filter(|(_, _, c)| c.as_slice() == b"hello again");
+    (again.count(), d.network.resends_asked().await)
 }
 
 /// A consumer who writes after retention ended the session its device
 /// writes on is heard: the processor asks the device to send the message
 /// again over a new session, and the business gets it once. Before, the
-/// message was refused for good (`NoSession`, or an unknown one-time
-/// prekey) and the network dropped it.
+/// message was refused for good (`NoSession`, an unknown one-time prekey,
+/// or, with the business's new session in place, a failed MAC) and the
+/// network dropped it.
 #[cfg(feature = "testing")]
 #[tokio::test]
 async fn a_consumer_writing_after_retention_ended_its_session_is_heard() {
@@ -3529,25 +3567,37 @@ async fn a_consumer_writing_after_retention_ended_its_session_is_heard() {
         Silence::AnsweredSwept,
         Silence::AnsweredUnswept,
         Silence::Unanswered,
+        Silence::BusinessWroteFirst,
     ] {
-        let (handed, asked) = written_after_retention(silence, 0).await;
-        let again = handed.iter().filter(|c| c.as_slice() == b"hello again");
-        assert_eq!(again.count(), 1, "{silence:?}: {handed:?}");
-        assert_eq!(asked, 1, "{silence:?}");
+        let heard = written_after_retention(silence, Trouble::default()).await;
+        assert_eq!(heard, (1, 1), "{silence:?}: handed over, asked");
     }
 }
 
-/// A request to send a message again that the network could not take is
-/// made again when the network delivers the message again, and the
-/// business gets it once.
+/// However often a message is asked for again (copies delivered twice, a
+/// request the network could not take, one whose answer was lost), the
+/// business gets it once: the device sends it again under the id asked
+/// for. Before, each request that reached the device handed it over
+/// again.
 #[cfg(feature = "testing")]
 #[tokio::test]
-async fn a_request_to_send_again_the_network_could_not_take_is_made_again() {
-    let (handed, asked) = written_after_retention(Silence::AnsweredSwept, 1).await;
-    let again = handed.iter().filter(|c| c.as_slice() == b"hello again");
-    assert_eq!(again.count(), 1, "{handed:?}");
-    assert_eq!(
-        asked, 1,
-        "the unavailable request never reached the network"
-    );
+async fn a_message_asked_for_again_reaches_the_business_once() {
+    let duplicated = Trouble {
+        duplicated: true,
+        ..Trouble::default()
+    };
+    let unavailable = Trouble {
+        unavailable: 1,
+        ..Trouble::default()
+    };
+    let answer_lost = Trouble {
+        answers_lost: 1,
+        ..Trouble::default()
+    };
+    for trouble in [duplicated, unavailable, answer_lost] {
+        for silence in [Silence::AnsweredSwept, Silence::Unanswered] {
+            let (handed, asked) = written_after_retention(silence, trouble).await;
+            assert_eq!(handed, 1, "{silence:?}, {trouble:?}: asked {asked}");
+        }
+    }
 }

@@ -988,6 +988,7 @@ async fn a_recording_transport_keeps_keys_and_ciphertexts_for_the_harness() {
         .unwrap();
     let first = device.encrypt(b, b"hello").await.unwrap();
     let inbound = custodian::processor::Inbound {
+        resend_of: None,
         from: number(7),
         device: 0,
         message: first,
@@ -1780,9 +1781,12 @@ impl Transport for Relabel {
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
-        self.0.ask_resend(business, consumer, device, message).await
+        self.0
+            .ask_resend(business, consumer, device, id, message)
+            .await
     }
     async fn publish_keys(
         &self,
@@ -2261,4 +2265,276 @@ async fn a_copy_to_a_device_gone_since_is_not_counted_handed_to_a_device() {
     let report = network.pump(&processor, &carrier).await;
     assert_eq!(report.retry_receipts, 0, "no device saw the copy");
     assert_eq!(report.to_devices, 0, "nothing reached a device: {report:?}");
+}
+
+/// The simulated device against the processor, driven by hand.
+mod by_hand {
+    use std::sync::Mutex;
+
+    use custodian::processor::{Inbound, Outbound, Processor};
+    use custodian::signal::{Ciphertext, MessageKind, PreKeyBundle, PublishedKeys};
+    use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
+
+    use super::*;
+
+    /// A network driven by hand: it serves the one device's bundle the test
+    /// put in, keeps the business's published keys and every ciphertext the
+    /// processor sends, and delivers nothing by itself.
+    #[derive(Default)]
+    struct Hand {
+        bundle: Mutex<Option<PreKeyBundle>>,
+        published: Mutex<Option<PublishedKeys>>,
+        sent: Mutex<Vec<Outgoing>>,
+        /// The messages the processor asked the device for again.
+        asked: Mutex<Vec<Ciphertext>>,
+    }
+
+    #[async_trait]
+    impl Transport for Hand {
+        async fn devices(
+            &self,
+            _: BusinessId,
+            _: &PhoneNumber,
+        ) -> Result<Vec<u32>, TransportError> {
+            Ok(vec![0])
+        }
+
+        async fn fetch_bundle(
+            &self,
+            _: BusinessId,
+            _: &PhoneNumber,
+            _: u32,
+        ) -> Result<PreKeyBundle, TransportError> {
+            let bundle = *self.bundle.lock().unwrap();
+            bundle.ok_or_else(|| TransportError::Refused("no bundle".into()))
+        }
+
+        async fn send(
+            &self,
+            _: BusinessId,
+            _: &PhoneNumber,
+            _: u32,
+            message: &Outgoing,
+        ) -> Result<(), TransportError> {
+            self.sent.lock().unwrap().push(message.clone());
+            Ok(())
+        }
+
+        async fn ask_resend(
+            &self,
+            _: BusinessId,
+            _: &PhoneNumber,
+            _: u32,
+            _: MessageId,
+            message: &Ciphertext,
+        ) -> Result<(), TransportError> {
+            self.asked.lock().unwrap().push(message.clone());
+            Ok(())
+        }
+
+        async fn publish_keys(
+            &self,
+            _: BusinessId,
+            keys: &PublishedKeys,
+        ) -> Result<(), TransportError> {
+            *self.published.lock().unwrap() = Some(keys.clone());
+            Ok(())
+        }
+
+        async fn one_time_prekey_count(
+            &self,
+            _: BusinessId,
+        ) -> Result<Option<usize>, TransportError> {
+            Ok(Some(100))
+        }
+
+        async fn integrity_signals(&self, _: &IntegrityReport) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        async fn billing(&self, _: &BillingStatement) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    struct HandWorld {
+        processor: Processor,
+        network: Arc<Hand>,
+        business: Arc<SimBusiness>,
+        b: BusinessId,
+        owner: Principal,
+        carrier: Principal,
+        consumer: PhoneNumber,
+    }
+
+    async fn hand_world() -> HandWorld {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let network = Arc::new(Hand::default());
+        let business = SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap();
+        let b = BusinessId::new(11).unwrap();
+        let owner = Principal::new("owner");
+        let carrier = Principal::new("carrier");
+        let authorizer = StaticAuthorizer::new()
+            .grant(&owner, b)
+            .carrier(&carrier, b);
+        let host = Host {
+            storage: Arc::new(MemoryStore::new()),
+            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+            transport: network.clone(),
+            business: business.clone(),
+            authorizer: Arc::new(authorizer),
+            clock: Arc::new(clock),
+            audit: Arc::new(MemoryAuditSink::new()),
+        };
+        let processor = Processor::new(host, Policies::default()).unwrap();
+        processor.publish_keys(&owner, b).await.unwrap();
+        HandWorld {
+            processor,
+            network,
+            business,
+            b,
+            owner,
+            carrier,
+            consumer: "+447700900001".parse().unwrap(),
+        }
+    }
+
+    impl HandWorld {
+        /// The business sends `text` to the consumer; the ciphertext the
+        /// processor handed the network for it.
+        async fn business_sends(&self, text: &str) -> Outgoing {
+            let before = self.network.sent.lock().unwrap().len();
+            let out = Outbound {
+                to: self.consumer.clone(),
+                content: text.as_bytes().to_vec().into(),
+                category: Category::Utility,
+            };
+            self.processor.send(&self.owner, self.b, out).await.unwrap();
+            let sent = self.network.sent.lock().unwrap();
+            assert_eq!(sent.len(), before + 1, "one ciphertext per send");
+            sent[before].clone()
+        }
+
+        /// The device sends `text` as the simulated network's consumers do
+        /// (`SimNetwork::consumer_sends`): starting a session from the
+        /// business's published keys if it has none.
+        async fn device_sends(&self, device: &mut ConsumerDevice, text: &str) -> Inbound {
+            if !device.has_session(self.b) {
+                let keys = self.network.published.lock().unwrap().clone().unwrap();
+                device
+                    .start_session(self.b, &keys.bundle(Some(0)))
+                    .await
+                    .unwrap();
+            }
+            Inbound {
+                resend_of: None,
+                from: self.consumer.clone(),
+                device: device.device_id(),
+                message: device.encrypt(self.b, text.as_bytes()).await.unwrap(),
+            }
+        }
+    }
+
+    /// A device that lost its sessions, then got a business message delayed on
+    /// the way that set up a session it had (unacknowledged then, so a first
+    /// contact), refuses it, and its next message reaches the business. Before,
+    /// the simulated device kept the one-time prekey the first message used,
+    /// set the session up again in its initial state (which the processor had
+    /// ratcheted past), and its next message failed its MAC, refused for good.
+    #[tokio::test]
+    async fn a_device_that_lost_its_sessions_is_heard_after_a_delayed_first_contact() {
+        let w = hand_world().await;
+        let mut device = ConsumerDevice::new(0);
+        *w.network.bundle.lock().unwrap() = Some(device.bundle(true));
+        let m1 = w.business_sends("m1").await;
+        let m2 = w.business_sends("m2").await;
+        assert_eq!(m1.ciphertext.kind, MessageKind::FirstContact);
+        assert_eq!(
+            m2.ciphertext.kind,
+            MessageKind::FirstContact,
+            "not acknowledged yet"
+        );
+        // The device reads m1 and replies; the processor takes the reply.
+        device.decrypt(w.b, &m1.ciphertext).await.unwrap();
+        let reply = w.device_sends(&mut device, "r1").await;
+        w.processor.receive(&w.carrier, w.b, reply).await.unwrap();
+        // The device loses its sessions; the delayed m2 reaches it now.
+        device.lose_sessions();
+        let late = device.decrypt(w.b, &m2.ciphertext).await;
+        // Its next message.
+        let next = w.device_sends(&mut device, "r2").await;
+        let kind = next.message.kind;
+        let got = w.processor.receive(&w.carrier, w.b, next).await;
+        let handed: Vec<Vec<u8>> = w
+            .business
+            .contents()
+            .into_iter()
+            .map(|(_, _, c)| c)
+            .collect();
+        assert!(
+            got.is_ok() && handed.contains(&b"r2".to_vec()),
+            "the device's message after the late m2 is lost: receive = {:?} (sent as {kind:?}; \
+             the late m2 decrypted: {})",
+            got.err(),
+            late.is_ok(),
+        );
+    }
+
+    /// A simulated device refuses a first-contact message on a one-time prekey
+    /// it used (as a real client, which deletes it once its session is made),
+    /// once it lost the session that message set up. Before, it kept the key.
+    #[tokio::test]
+    async fn a_device_refuses_a_first_contact_whose_one_time_prekey_it_used() {
+        let w = hand_world().await;
+        let mut device = ConsumerDevice::new(0);
+        *w.network.bundle.lock().unwrap() = Some(device.bundle(true));
+        let m1 = w.business_sends("m1").await;
+        let m2 = w.business_sends("m2").await;
+        device.decrypt(w.b, &m1.ciphertext).await.unwrap();
+        device.lose_sessions();
+        let late = device.decrypt(w.b, &m2.ciphertext).await;
+        assert!(
+            late.is_err(),
+            "a first-contact message set up again a session from a one-time prekey used before"
+        );
+    }
+
+    /// A device writing on a state the business does not have (it set a
+    /// lost session up again from a business message delayed on the way,
+    /// made on its signed prekey alone, which it keeps) is asked to send
+    /// the message again, and, sent again over a new session, it reaches
+    /// the business once. Before, it failed its MAC and was refused for
+    /// good.
+    #[tokio::test]
+    async fn a_device_writing_on_a_state_the_business_lacks_is_asked_to_send_again() {
+        let w = hand_world().await;
+        let mut device = ConsumerDevice::new(0);
+        *w.network.bundle.lock().unwrap() = Some(device.bundle(false));
+        let m1 = w.business_sends("m1").await;
+        let m2 = w.business_sends("m2").await;
+        device.decrypt(w.b, &m1.ciphertext).await.unwrap();
+        let reply = w.device_sends(&mut device, "r1").await;
+        w.processor.receive(&w.carrier, w.b, reply).await.unwrap();
+        device.lose_sessions();
+        device.decrypt(w.b, &m2.ciphertext).await.unwrap();
+        let next = w.device_sends(&mut device, "r2").await;
+        let got = w.processor.receive(&w.carrier, w.b, next.clone()).await;
+        assert!(matches!(got, Err(ProcessorError::ResendAsked)), "{got:?}");
+        assert_eq!(*w.network.asked.lock().unwrap(), [next.message]);
+        let keys = w.network.published.lock().unwrap().clone().unwrap();
+        device
+            .start_session(w.b, &keys.bundle(Some(1)))
+            .await
+            .unwrap();
+        let again = Inbound {
+            resend_of: None,
+            from: w.consumer.clone(),
+            device: 0,
+            message: device.encrypt(w.b, b"r2").await.unwrap(),
+        };
+        w.processor.receive(&w.carrier, w.b, again).await.unwrap();
+        let handed = w.business.contents().into_iter().map(|(_, _, c)| c);
+        let r2 = handed.filter(|c| c.as_slice() == b"r2").count();
+        assert_eq!(r2, 1);
+    }
 }

@@ -24,6 +24,11 @@ pub struct Inbound {
     pub device: u32,
     /// The Signal message.
     pub message: Ciphertext,
+    /// The id of the message this one sends again, when it answers a
+    /// request to ([`Transport::ask_resend`](crate::transport::Transport::ask_resend)):
+    /// it is received under that id, so the business gets the message once
+    /// however often it was asked for. `None` for every other message.
+    pub resend_of: Option<MessageId>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -32,6 +37,7 @@ impl std::fmt::Debug for Inbound {
             .field("from", &self.from)
             .field("device", &self.device)
             .field("message", &self.message)
+            .field("resend_of", &self.resend_of)
             .finish()
     }
 }
@@ -134,6 +140,11 @@ impl Processor {
         // come with its first `publish_keys`, before which no consumer
         // could have written to it.
         let parsed = Parsed::new(&inbound.message, business)?;
+        // A message sent again on request is the one asked for.
+        let parsed = match inbound.resend_of {
+            Some(id) => parsed.resent_as(id),
+            None => parsed,
+        };
         let phone = self
             .keys
             .known_phone_hash(business, &inbound.from)
@@ -175,7 +186,7 @@ impl Processor {
                     }
                 }
                 if e.needs_new_session() {
-                    return Err(self.ask_resend(business, &inbound, e).await);
+                    return Err(self.ask_resend(business, id, &inbound, e).await);
                 }
                 return Err(e.into());
             }
@@ -292,8 +303,8 @@ impl Processor {
         Ok(Receipt::duplicate(id, stored.as_ref()))
     }
 
-    /// Ask `inbound`'s device to send it again over a new session: it was
-    /// made on one the business no longer holds (`cause`). The error to
+    /// Ask `inbound`'s device to send it again over a new session, under
+    /// `id`: it was made on one the business no longer holds (`cause`). The error to
     /// answer: [`ProcessorError::ResendAsked`] once the transport took the
     /// request; the transport's error if it could not now (the message is
     /// delivered again, and asked for again), `cause` if it refused for
@@ -302,6 +313,7 @@ impl Processor {
     async fn ask_resend(
         &self,
         business: BusinessId,
+        id: MessageId,
         inbound: &Inbound,
         cause: SignalError,
     ) -> ProcessorError {
@@ -320,7 +332,7 @@ impl Processor {
         };
         let asked = self
             .transport
-            .ask_resend(business, &number, inbound.device, &inbound.message)
+            .ask_resend(business, &number, inbound.device, id, &inbound.message)
             .await;
         match asked {
             Ok(()) => {

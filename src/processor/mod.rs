@@ -204,6 +204,7 @@ impl ProcessorError {
                 e,
                 SignalError::InvalidMessage(_)
                     | SignalError::UnknownPreKey(_)
+                    | SignalError::Undecryptable(_)
                     | SignalError::NoSession
                     | SignalError::BadBundle(_)
             ),

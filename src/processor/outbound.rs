@@ -779,13 +779,11 @@ impl Processor {
             Err(TransportError::Refused(_)) => return DeviceOutcome::Fail(FailureReason::Refused),
             Err(_) => return DeviceOutcome::Unreachable,
         };
-        // A message no device has yet is tried on every device listed now:
-        // those the last attempt left, any linked since (narrowed to the
-        // first, it would be sent to none of those), and any given up on
-        // then (a bundle or the network may take it now). Only a retry
-        // receipt's device stays alone.
+        // A message no device has yet is left, by its last attempt, the
+        // devices to try next: those it could not reach and every one it
+        // did not try (linked since, say), not those it gave up on (see
+        // the end).
         let queued = record.delivery.status == Status::Queued;
-        let only = only.filter(|_| !queued || exact.is_some());
         // The devices this attempt is for: all, or those left by the last.
         let wanted = devices
             .iter()
@@ -886,6 +884,14 @@ impl Processor {
                 FailureReason::NoSession
             });
         }
+        // No device has it yet: every device this attempt did not try is
+        // still to be tried (one it gave up on, for a bad bundle say, is
+        // not: each bundle costs the device a one-time prekey).
+        let pending = if queued && sent == 0 && exact.is_none() {
+            pending | (only.unwrap_or(u64::MAX) & !reached.listed)
+        } else {
+            pending
+        };
         DeviceOutcome::Reached { sent, pending }
     }
 

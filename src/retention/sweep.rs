@@ -71,6 +71,17 @@ pub enum Notice {
     Settled,
 }
 
+/// What came of dropping a message's report ([`Sweep::drop_report`]).
+enum Dropped {
+    /// The message is settled, at this status, with no report pending.
+    Settled(Status),
+    /// The message is open: failing it is what leaves nothing pending.
+    Open,
+    /// The message is gone, or its report is still pending (rewritten
+    /// meanwhile): its deletion counts it.
+    No,
+}
+
 /// What a sweep did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SweepReport {
@@ -645,12 +656,19 @@ impl<'a> Sweep<'a> {
                             "expired undelivered; its business could not be told within the grace"
                         );
                         self.report.failures_unreported += 1;
-                        self.drop_report(&m).await?;
-                        gave_up.push(ExpiredMessage {
-                            status: Status::Failed,
+                        // Told to the notifier once nothing is pending: a
+                        // message settled already (failed by the notifier,
+                        // say) at once; an open one once the batch fails it.
+                        let given_up = |status| ExpiredMessage {
+                            status,
                             report_pending: false,
                             ..ExpiredMessage::from(&m)
-                        });
+                        };
+                        match self.drop_report(&m).await? {
+                            Dropped::Settled(status) => self.notifier.gave_up(&given_up(status)),
+                            Dropped::Open => gave_up.push(given_up(Status::Failed)),
+                            Dropped::No => {}
+                        }
                         // Uncounted, should its probe be told after all.
                         if let Some(p) = self.probes.last_mut().filter(|_| probe) {
                             p.counted = true;
@@ -669,14 +687,28 @@ impl<'a> Sweep<'a> {
     }
 
     /// Commit `batch` (if anything is in it), then tell the notifier of
-    /// the messages it failed unreported.
+    /// the messages it failed unreported. Should the commit fail, those it
+    /// failed all the same (its answer lost) are told of: found failed
+    /// with nothing pending, they would not be listed again.
     async fn commit_failures(
         &self,
         batch: &mut Batch,
         gave_up: &mut Vec<ExpiredMessage>,
     ) -> Result<(), SweepError> {
-        if !batch.is_empty() {
-            self.storage.commit(std::mem::take(batch)).await?;
+        let committed = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.storage.commit(std::mem::take(batch)).await
+        };
+        if let Err(e) = committed {
+            for m in std::mem::take(gave_up) {
+                let now = self.storage.message(m.business, m.id).await;
+                let d = now.ok().flatten().map(|now| now.delivery);
+                if d.is_some_and(|d| d.status == Status::Failed && d.next_attempt.is_none()) {
+                    self.notifier.gave_up(&m);
+                }
+            }
+            return Err(e.into());
         }
         for m in gave_up.drain(..) {
             self.notifier.gave_up(&m);
@@ -733,17 +765,21 @@ impl<'a> Sweep<'a> {
     /// when the business refused it is dropped, so that neither the
     /// retransmission loop asks again nor the deletion, in this sweep or a
     /// later one, counts it again. A message the retransmission loop keeps
-    /// rewriting meanwhile may keep its report (and be counted again).
-    async fn drop_report(&self, m: &MessageRecord) -> Result<(), SweepError> {
+    /// rewriting meanwhile may keep its report (and be counted again, as
+    /// its deletion finds it pending).
+    async fn drop_report(&self, m: &MessageRecord) -> Result<Dropped, SweepError> {
         // Conditional: a message the retransmission loop rewrote meanwhile
         // (its report refused again) is read again, a few times.
         for _ in 0..3 {
             let Some(now) = self.storage.message(m.business, m.id).await? else {
-                return Ok(());
+                return Ok(Dropped::No);
             };
             let d = now.delivery;
-            if d.status.is_open() || d.next_attempt.is_none() {
-                return Ok(());
+            if d.status.is_open() {
+                return Ok(Dropped::Open);
+            }
+            if d.next_attempt.is_none() {
+                return Ok(Dropped::Settled(d.status));
             }
             let op = Op::UpdateDelivery {
                 business: m.business,
@@ -754,13 +790,26 @@ impl<'a> Sweep<'a> {
                     ..d
                 },
             };
+            let dropped = Delivery {
+                next_attempt: None,
+                ..d
+            };
             match self.storage.commit(op.into()).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Dropped::Settled(d.status)),
                 Err(StoreError::Conflict) => {}
-                Err(e) => return Err(e.into()),
+                // Its answer lost, the write may have landed: read again.
+                Err(e) => {
+                    let again = self.storage.message(m.business, m.id).await;
+                    return match again {
+                        Ok(Some(again)) if again.delivery == dropped => {
+                            Ok(Dropped::Settled(d.status))
+                        }
+                        _ => Err(e.into()),
+                    };
+                }
             }
         }
-        Ok(())
+        Ok(Dropped::No)
     }
 
     /// Whether `business`'s endpoint never answered a sweep.

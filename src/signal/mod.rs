@@ -149,6 +149,14 @@ pub enum SignalError {
     /// from the business's published keys.
     #[error("unknown {0}")]
     UnknownPreKey(&'static str),
+    /// No session this business holds with the device decrypts the
+    /// message (`"MAC verification failed"`: one derived its key, and the
+    /// MAC failed; `"decryption failed"`): the device writes on a state the
+    /// business does not have (restored from a backup, set up again from
+    /// a prekey it kept), or the message was altered on the way. What
+    /// WhatsApp clients answer with a retry receipt.
+    #[error("undecryptable message: {0}")]
+    Undecryptable(&'static str),
     /// A prekey bundle is malformed or its signature does not verify.
     #[error("invalid prekey bundle: {0}")]
     BadBundle(&'static str),
@@ -169,11 +177,15 @@ pub enum SignalError {
 impl SignalError {
     /// Whether the message was made on a session, or with prekeys, this
     /// business does not hold ([`NoSession`](Self::NoSession),
-    /// [`UnknownPreKey`](Self::UnknownPreKey)): the session the device
+    /// [`UnknownPreKey`](Self::UnknownPreKey),
+    /// [`Undecryptable`](Self::Undecryptable)): the session the device
     /// writes on ended with retention here, say. The device could make it
     /// again over a new session, from the business's published keys.
     pub fn needs_new_session(&self) -> bool {
-        matches!(self, Self::NoSession | Self::UnknownPreKey(_))
+        matches!(
+            self,
+            Self::NoSession | Self::UnknownPreKey(_) | Self::Undecryptable(_)
+        )
     }
 }
 
@@ -488,6 +500,14 @@ impl Parsed {
         self.id
     }
 
+    /// This message, received under `id`: a device's message sent again
+    /// on request carries the id of the one asked for, so that however
+    /// often it is sent again, it is received once.
+    pub(crate) fn resent_as(mut self, id: MessageId) -> Self {
+        self.id = id;
+        self
+    }
+
     /// A first-contact message's embedded message, as the transport would
     /// carry it on its own: the same message, so it parses to the same id.
     #[cfg(any(test, fuzzing))]
@@ -796,7 +816,7 @@ fn protocol_error(
             None => SignalError::Storage(StorageFailure::Corrupt("Signal state")),
         },
         P::SessionNotFound(_) | P::NoSenderKeyState(_) => SignalError::NoSession,
-        P::BadMac(_) => SignalError::InvalidMessage("MAC verification failed"),
+        P::BadMac(_) => SignalError::Undecryptable("MAC verification failed"),
         P::InvalidPreKeyId => SignalError::UnknownPreKey("one-time prekey"),
         P::InvalidSignedPreKeyId => SignalError::UnknownPreKey("signed prekey"),
         P::SignatureValidationFailed => {
@@ -815,6 +835,7 @@ fn protocol_error(
         // The library's own words: "message from too far into the future"
         // (more counters ahead than it derives keys for), "decryption
         // failed"; fixed texts, which carry no key or content.
+        P::InvalidMessage(_, why @ "decryption failed") => SignalError::Undecryptable(why),
         P::InvalidMessage(_, why) => SignalError::InvalidMessage(why),
         _ => SignalError::InvalidMessage("malformed message"),
     }

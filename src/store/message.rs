@@ -159,8 +159,10 @@ pub struct Delivery {
     /// partial failure, or asked for again by a retry receipt): bit `d` for
     /// device `d` (devices 63 and above share bit 63, set while any of them
     /// needs the message: all of them are sent it again). On a message sent
-    /// or settled, zero means none outstanding. A message still queued (no
-    /// device has it) is sent to every device listed, whatever its bits.
+    /// or settled, zero means none outstanding. On one still queued (no
+    /// device has it), the devices to try: those the last attempt could
+    /// not reach and every device it did not try (linked since, say), not
+    /// those it gave up on; zero, every device.
     #[serde(default)]
     pub pending_devices: u64,
     /// Which write billed an outbound message (counting it taken: billed

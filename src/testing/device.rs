@@ -342,6 +342,12 @@ impl ConsumerDevice {
             UsePQRatchet::No,
         )
         .await?;
+        // Used once, as a client does: the library leaves deleting it to
+        // its caller. Kept, it would set up again a session the device
+        // lost, in a state its peer has ratcheted past.
+        if let Some(id) = result.consumed_prekey_id {
+            self.prekeys.0.remove(&u32::from(id));
+        }
         Ok(result.plaintext)
     }
 

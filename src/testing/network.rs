@@ -316,17 +316,18 @@ impl Net {
     }
 
     /// `number`'s device writes `content` to `business`, starting a
-    /// session from the business's published keys if it has none, or
-    /// `fresh`: it then starts a new one. Starting one takes the next
-    /// one-time prekey while any is left. The message is then in flight to
-    /// the processor.
+    /// session from the business's published keys if it has none, or if it
+    /// sends again, on request, the message `resend_of` names: it then
+    /// starts a new one. Starting one takes the next one-time prekey while
+    /// any is left. The message is then in flight to the processor.
+    #[allow(clippy::too_many_arguments, reason = "the network's own helper")]
     async fn write(
         &mut self,
         number: &PhoneNumber,
         device: u32,
         business: BusinessId,
         content: &[u8],
-        fresh: bool,
+        resend_of: Option<MessageId>,
         now: Timestamp,
     ) -> Result<(), String> {
         let (keys, handed_out) = self
@@ -338,7 +339,7 @@ impl Net {
             .get_mut(number.expose())
             .ok_or("no such consumer")?;
         let handset = consumer.devices.get_mut(&device).ok_or("no such device")?;
-        if fresh || !handset.has_session(business) {
+        if resend_of.is_some() || !handset.has_session(business) {
             // The device fetches a bundle, and the server hands out each
             // one-time prekey once, in order, while any is left.
             let index = keys
@@ -373,6 +374,7 @@ impl Net {
             from: number.clone(),
             device,
             message: ciphertext,
+            resend_of,
         };
         self.launch_inbound(message, business, inbound, now);
         Ok(())
@@ -555,7 +557,7 @@ impl SimNetwork {
     ) -> Result<(), String> {
         let now = self.clock.now();
         let mut net = self.net.lock().await;
-        net.write(number, device, business, content, false, now)
+        net.write(number, device, business, content, None, now)
             .await
     }
 
@@ -1046,6 +1048,7 @@ impl Transport for SimNetwork {
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
         let now = self.clock.now();
@@ -1065,7 +1068,7 @@ impl Transport for SimNetwork {
             return Ok(());
         };
         let written = net
-            .write(consumer, device, business, &content, true, now)
+            .write(consumer, device, business, &content, Some(id), now)
             .await;
         // What the device cannot do (the business's keys gone from the
         // network), it does not: as a client, it shows the message unsent.

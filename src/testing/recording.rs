@@ -5,7 +5,7 @@ use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use crate::ids::{BusinessId, PhoneNumber};
+use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
 use crate::transport::{Outgoing, Transport, TransportError};
@@ -103,6 +103,7 @@ impl Transport for RecordingTransport {
         _: BusinessId,
         _: &PhoneNumber,
         _: u32,
+        _: MessageId,
         _: &Ciphertext,
     ) -> Result<(), TransportError> {
         Err(TransportError::Refused(

@@ -110,6 +110,9 @@ pub(crate) struct PausedNetwork {
     /// How many of the next requests to send a message again fail as
     /// unavailable.
     pub(crate) resends_unavailable: AtomicUsize,
+    /// How many of the next requests to send a message again the network
+    /// takes, answering that it timed out (the answer lost).
+    pub(crate) resend_answers_lost: AtomicUsize,
 }
 
 impl PausedNetwork {
@@ -123,6 +126,7 @@ impl PausedNetwork {
             unlinked: Mutex::default(),
             bundle_fails: Mutex::default(),
             resends_unavailable: AtomicUsize::new(0),
+            resend_answers_lost: AtomicUsize::new(0),
         }
     }
 
@@ -179,20 +183,27 @@ impl Transport for PausedNetwork {
         business: BusinessId,
         consumer: &PhoneNumber,
         device: u32,
+        id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
         pause().await;
-        let fail = |n: usize| n.checked_sub(1);
-        if self
-            .resends_unavailable
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fail)
-            .is_ok()
-        {
-            return Err(TransportError::Unavailable("timed out".into()));
+        let once = |count: &AtomicUsize| {
+            let fewer = |n: usize| n.checked_sub(1);
+            count
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fewer)
+                .is_ok()
+        };
+        let timed_out = || Err(TransportError::Unavailable("timed out".into()));
+        if once(&self.resends_unavailable) {
+            return timed_out();
         }
         self.network
-            .ask_resend(business, consumer, device, message)
-            .await
+            .ask_resend(business, consumer, device, id, message)
+            .await?;
+        if once(&self.resend_answers_lost) {
+            return timed_out();
+        }
+        Ok(())
     }
     async fn publish_keys(
         &self,
@@ -921,6 +932,7 @@ impl Deployment {
 
     pub(crate) async fn inbound(&self, device: &mut ConsumerDevice, content: &[u8]) -> Inbound {
         Inbound {
+            resend_of: None,
             from: consumer(1),
             device: device.device_id(),
             message: device.encrypt(self.b, content).await.unwrap(),
@@ -1118,6 +1130,7 @@ impl Deployment {
             let bundle = keys.bundle(Some(prekey));
             handset.start_session(self.b, &bundle).await.unwrap();
             inbound.push(Inbound {
+                resend_of: None,
                 from: consumer(i),
                 device: 1,
                 message: handset.encrypt(self.b, b"hello").await.unwrap(),
