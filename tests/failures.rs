@@ -491,6 +491,128 @@ fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_store
     });
 }
 
+/// Read a protobuf varint at `*at`, moving past it.
+fn varint(bytes: &[u8], at: &mut usize) -> usize {
+    let mut value = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = bytes[*at];
+        *at += 1;
+        value |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    value
+}
+
+/// The byte range of field `field` of the protobuf in `bytes[from..to]`:
+/// its value's bytes (a length-delimited field's, or a varint).
+fn field_range(bytes: &[u8], from: usize, to: usize, field: usize) -> (usize, usize) {
+    let mut at = from;
+    while at < to {
+        let key = varint(bytes, &mut at);
+        let start = at;
+        let length = match key & 7 {
+            0 => {
+                varint(bytes, &mut at);
+                if key >> 3 == field {
+                    return (start, at);
+                }
+                continue;
+            }
+            2 => varint(bytes, &mut at),
+            wire => panic!("wire type {wire}"),
+        };
+        if key >> 3 == field {
+            return (at, at + length);
+        }
+        at += length;
+    }
+    panic!("no field {field}");
+}
+
+/// `first_contact` (a first-contact message) with the header of the
+/// message it embeds rewritten on the way: the ratchet key `other` (another
+/// first-contact message) carries, and counter `counter`. Its MAC fails.
+fn with_header_of(first_contact: &[u8], other: &[u8], counter: u8) -> Vec<u8> {
+    let mut bytes = first_contact.to_vec();
+    let (start, end) = field_range(&bytes, 1, bytes.len(), 4);
+    let (key, key_end) = field_range(&bytes, start + 1, end - 8, 1);
+    let (other_start, other_end) = field_range(other, 1, other.len(), 4);
+    let (theirs, theirs_end) = field_range(other, other_start + 1, other_end - 8, 1);
+    bytes[key..key_end].copy_from_slice(&other[theirs..theirs_end]);
+    let (at, at_end) = field_range(&bytes, start + 1, end - 8, 2);
+    assert_eq!(at_end, at + 1, "a one-byte counter");
+    bytes[at] = counter;
+    bytes
+}
+
+/// A message whose header was rewritten on the way (its MAC fails) to
+/// name another consumer's next message, or its own device's, costs no
+/// genuine message: its device is asked for it again under an id its
+/// bytes give, and both reach the business once. Before, it was asked
+/// for under the id its header names: sent again, it took that id, and
+/// the genuine message named was answered as a duplicate, never handed
+/// over.
+#[tokio::test]
+async fn a_header_rewritten_on_the_way_costs_no_genuine_message() {
+    for other_consumer in [true, false] {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let keys = d.transport.published.lock().unwrap().clone().unwrap();
+        let mut a = d.handset().await;
+        let mut b = ConsumerDevice::new(1);
+        b.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+        let from_b = |message| Inbound {
+            resend_of: None,
+            from: consumer(3),
+            device: 1,
+            message,
+        };
+        let a1 = d.inbound(&mut a, b"A one").await;
+        let a2 = d.inbound(&mut a, b"A two").await;
+        let b1 = from_b(b.encrypt(d.b, b"B one").await.unwrap());
+        let b2 = from_b(b.encrypt(d.b, b"B two").await.unwrap());
+        let (named, next) = if other_consumer {
+            (&b1, &b2)
+        } else {
+            (&a1, &a2)
+        };
+        let mut rewritten = a1.clone();
+        rewritten.message.bytes = with_header_of(&a1.message.bytes, &named.message.bytes, 1);
+        let asked = d.receive(rewritten).await;
+        assert!(
+            matches!(asked, Err(ProcessorError::ResendAsked)),
+            "{asked:?}"
+        );
+        let asked = *d.transport.asked.lock().unwrap().last().unwrap();
+        // The device sends "A one" again, over a new session, under the id
+        // asked for; the genuine next message of the chain named comes.
+        a.start_session(d.b, &keys.bundle(Some(2))).await.unwrap();
+        let resend = Inbound {
+            resend_of: Some(asked),
+            ..d.inbound(&mut a, b"A one").await
+        };
+        let resent = d.receive(resend).await.unwrap();
+        assert!(!resent.duplicate && resent.delivered, "{resent:?}");
+        if other_consumer {
+            assert!(d.receive(b1).await.unwrap().delivered);
+        }
+        let genuine = d.receive(next.clone()).await.unwrap();
+        assert!(!genuine.duplicate && genuine.delivered, "{genuine:?}");
+        let contents = d.contents();
+        for text in [
+            b"A one".as_slice(),
+            if other_consumer { b"B two" } else { b"A two" },
+        ] {
+            assert_eq!(
+                contents.get(text),
+                Some(&1),
+                "{other_consumer}: {contents:?}"
+            );
+        }
+    }
+}
+
 /// Where the Signal message a first-contact message embeds ends (its last
 /// byte is its MAC's): the end of protobuf field 4, after the version byte.
 fn embedded_message_end(first_contact: &[u8]) -> usize {
@@ -2716,6 +2838,49 @@ async fn a_failed_sweep_loses_no_failure_from_the_statistics() {
         }
     }
     assert!(miscounted.is_empty(), "{miscounted:?}");
+}
+
+/// A sweep dropped (a host's timeout) at each of its suspension points in
+/// turn, then a full sweep: each failure given up on is counted in the
+/// statistics once. Before, one whose failing write landed with the sweep
+/// gone waiting on it was left failed with nothing pending, and counted
+/// nowhere.
+#[tokio::test]
+async fn a_dropped_sweep_loses_no_failure_from_the_statistics() {
+    const DAY: u64 = 24 * 3600 * 1000;
+    let mut miscounted = Vec::new();
+    for n in 1..2_000 {
+        let down = Faults {
+            outages: vec![(
+                Timestamp::from_millis(T0),
+                Timestamp::from_millis(T0 + 40 * DAY),
+            )],
+            ..Faults::none()
+        };
+        let d = deployment(down.clone(), down).await;
+        for i in [3, 4] {
+            d.send_out_to(i).await;
+        }
+        d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+        if poll_at_most(d.processor.sweep(&d.operator), n)
+            .await
+            .is_some()
+        {
+            break;
+        }
+        d.processor.sweep(&d.operator).await.unwrap();
+        assert_eq!(d.store.census().await.unwrap().messages, 0, "cut {n}");
+        let counted = d
+            .statistics_counted(Direction::Outbound, StatsStatus::Failed)
+            .await;
+        if counted != [2] {
+            miscounted.push((n, counted));
+        }
+    }
+    assert!(
+        miscounted.is_empty(),
+        "(cut at poll, counted): {miscounted:?}"
+    );
 }
 
 /// A message that expires undelivered is counted failed in the statistics

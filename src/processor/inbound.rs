@@ -9,7 +9,7 @@ use super::payload::InboundBody;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::retention::RecordFacts;
-use crate::signal::{Ciphertext, Parsed, SignalError};
+use crate::signal::{Ciphertext, Parsed, SignalError, resend_id};
 use crate::store::{Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status};
 use crate::time::Timestamp;
 use crate::transport::{InboundMessage, Principal, TransportError};
@@ -167,29 +167,7 @@ impl Processor {
                 debug!(%id, "duplicate inbound message");
                 return self.duplicate(business, id).await;
             }
-            Err(e) => {
-                // A redelivery that Signal no longer recognises as one (the
-                // session moved on, or was reset): the message is stored.
-                // Should the store not say, Signal's answer stands: a
-                // message it refuses is refused whether stored or not.
-                // (Not one that asks its device for the message again: the
-                // business would have it twice. It is delivered again.)
-                match self.storage.message(business, id).await {
-                    Ok(Some(_)) => {
-                        debug!(%id, "redelivery of a stored message");
-                        return self.duplicate(business, id).await;
-                    }
-                    Ok(None) => {}
-                    Err(store) if e.needs_new_session() => return Err(store.into()),
-                    Err(store) => {
-                        debug!(%id, error = %store, "whether a refused message is a redelivery is unknown");
-                    }
-                }
-                if e.needs_new_session() {
-                    return Err(self.ask_resend(business, id, &inbound, e).await);
-                }
-                return Err(e.into());
-            }
+            Err(e) => return self.refused(business, id, &inbound, e).await,
         };
         let decrypted = staged.decrypted();
         let identity_changed = decrypted.identity_changed;
@@ -301,6 +279,49 @@ impl Processor {
         drop(self.take_up(business, id).await?);
         let stored = self.storage.message(business, id).await?;
         Ok(Receipt::duplicate(id, stored.as_ref()))
+    }
+
+    /// Answer `inbound`, which Signal refused (`cause`), its id `id`. A
+    /// redelivery that Signal no longer recognises as one (the session
+    /// moved on, or was reset) is stored: it is answered as a duplicate.
+    /// Should the store not say, Signal's answer stands: a message it
+    /// refuses is refused whether stored or not. One made on a state the
+    /// business does not hold is asked for again, under the id it was
+    /// asked for under before, or one its bytes give (never its header
+    /// alone: see [`resend_id`]), unless the message sent again is stored
+    /// already; should the store not say, its failure is the answer (the
+    /// message is delivered again, and asked for then: asked for when it
+    /// may be stored, it would reach the business twice).
+    async fn refused(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        inbound: &Inbound,
+        cause: SignalError,
+    ) -> Result<Receipt, ProcessorError> {
+        let ask = cause.needs_new_session();
+        match self.storage.message(business, id).await {
+            Ok(Some(_)) => {
+                debug!(%id, "redelivery of a stored message");
+                return self.duplicate(business, id).await;
+            }
+            Ok(None) => {}
+            Err(store) if ask => return Err(store.into()),
+            Err(store) => {
+                debug!(%id, error = %store, "whether a refused message is a redelivery is unknown");
+            }
+        }
+        if !ask {
+            return Err(cause.into());
+        }
+        let again = inbound
+            .resend_of
+            .unwrap_or_else(|| resend_id(business, &inbound.message));
+        if again != id && self.storage.message(business, again).await?.is_some() {
+            debug!(id = %again, "sent again and stored already");
+            return self.duplicate(business, again).await;
+        }
+        Err(self.ask_resend(business, again, inbound, cause).await)
     }
 
     /// Ask `inbound`'s device to send it again over a new session, under

@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::ids::{BusinessId, PhoneHash, Region};
 use crate::keys::{Epoch, KeyError, KeyManager};
-use crate::store::{Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
+use crate::store::{ExpiredMessage, Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
 use crate::time::Timestamp;
 use crate::visibility::{AuditError, AuditSink, Change, HoldAction, HoldEvent};
 
@@ -243,6 +243,9 @@ pub struct Retention {
     /// Businesses whose endpoint a sweep was waiting on when it was dropped
     /// (see `Sweep::fail_expired_open`), until one answers.
     hung: Mutex<BTreeSet<BusinessId>>,
+    /// Messages a sweep gave up telling of whose writes it did not see
+    /// end (see `Sweep::unsure`).
+    unsure: Mutex<Vec<ExpiredMessage>>,
 }
 
 impl std::fmt::Debug for Retention {
@@ -281,6 +284,7 @@ impl Retention {
             sweeping: async_lock::Mutex::new(()),
             hold_gate: HoldGate::new(),
             hung: Mutex::new(BTreeSet::new()),
+            unsure: Mutex::new(Vec::new()),
         }
     }
 
@@ -509,6 +513,7 @@ impl Retention {
             unreachable: BTreeSet::new(),
             capped: 0,
             hung: &self.hung,
+            unsure: &self.unsure,
             next_stage: &self.next_stage,
             since_scrub: &self.since_scrub,
             scrubbed_after: None,

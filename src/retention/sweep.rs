@@ -154,6 +154,9 @@ pub(super) struct Sweep<'a> {
     /// Businesses whose endpoint a sweep was waiting on when it was
     /// dropped, kept across sweeps until one answers.
     pub(super) hung: &'a Mutex<BTreeSet<BusinessId>>,
+    /// Messages a sweep gave up telling of whose writes it did not see
+    /// end (see [`Sweep::unsure`]), kept across sweeps.
+    pub(super) unsure: &'a Mutex<Vec<ExpiredMessage>>,
     /// The stage the next sweep starts with (see [`Sweep::run`]), kept
     /// current as this one goes: a sweep dropped in a stage leaves it too.
     pub(super) next_stage: &'a AtomicUsize,
@@ -543,6 +546,7 @@ impl<'a> Sweep<'a> {
     /// once the sweep's work is done ([`Sweep::probe`]): an answer ends its
     /// mark.
     async fn fail_expired_open(&mut self) -> Result<bool, SweepError> {
+        self.settle_unsure().await?;
         let mut after = None;
         loop {
             let open = self
@@ -563,7 +567,7 @@ impl<'a> Sweep<'a> {
             // A hold suspends the grace: what it keeps stays to be told.
             let holds = self.storage.held_scopes().await?;
             let mut batch = Batch::new();
-            // Those failed unreported, told to the notifier once failed.
+            // Those the batch fails unreported, told of once it lands.
             let mut gave_up = Vec::new();
             for m in open {
                 // A business that could not be told once is not asked again
@@ -609,7 +613,8 @@ impl<'a> Sweep<'a> {
                 let notice = if ask {
                     // What is decided already lands before the wait: a sweep
                     // dropped in it loses none of it.
-                    self.commit_failures(&mut batch, &mut gave_up).await?;
+                    self.commit_failures(std::mem::take(&mut batch), &mut gave_up)
+                        .await?;
                     self.tell(&m).await
                 } else {
                     Notice::Untold
@@ -659,15 +664,21 @@ impl<'a> Sweep<'a> {
                         // Told to the notifier once nothing is pending: a
                         // message settled already (failed by the notifier,
                         // say) at once; an open one once the batch fails it.
-                        let given_up = |status| ExpiredMessage {
-                            status,
+                        // Unsure meanwhile (see `unsure`).
+                        let given_up = ExpiredMessage {
+                            status: Status::Failed,
                             report_pending: false,
                             ..ExpiredMessage::from(&m)
                         };
+                        self.unsure(given_up, true);
                         match self.drop_report(&m).await? {
-                            Dropped::Settled(status) => self.notifier.gave_up(&given_up(status)),
-                            Dropped::Open => gave_up.push(given_up(Status::Failed)),
-                            Dropped::No => {}
+                            Dropped::Settled(status) => {
+                                self.unsure(given_up, false);
+                                self.notifier
+                                    .gave_up(&ExpiredMessage { status, ..given_up });
+                            }
+                            Dropped::Open => gave_up.push(given_up),
+                            Dropped::No => self.unsure(given_up, false),
                         }
                         // Uncounted, should its probe be told after all.
                         if let Some(p) = self.probes.last_mut().filter(|_| probe) {
@@ -682,36 +693,66 @@ impl<'a> Sweep<'a> {
                 });
                 self.report.failed_expired += 1;
             }
-            self.commit_failures(&mut batch, &mut gave_up).await?;
+            self.commit_failures(batch, &mut gave_up).await?;
         }
     }
 
     /// Commit `batch` (if anything is in it), then tell the notifier of
-    /// the messages it failed unreported. Should the commit fail, those it
-    /// failed all the same (its answer lost) are told of: found failed
-    /// with nothing pending, they would not be listed again.
+    /// `gave_up`, the messages it fails unreported. Should the commit fail,
+    /// or the sweep be dropped waiting, they stay unsure (see `unsure`).
     async fn commit_failures(
         &self,
-        batch: &mut Batch,
+        batch: Batch,
         gave_up: &mut Vec<ExpiredMessage>,
     ) -> Result<(), SweepError> {
-        let committed = if batch.is_empty() {
-            Ok(())
-        } else {
-            self.storage.commit(std::mem::take(batch)).await
-        };
-        if let Err(e) = committed {
-            for m in std::mem::take(gave_up) {
-                let now = self.storage.message(m.business, m.id).await;
-                let d = now.ok().flatten().map(|now| now.delivery);
-                if d.is_some_and(|d| d.status == Status::Failed && d.next_attempt.is_none()) {
-                    self.notifier.gave_up(&m);
-                }
-            }
-            return Err(e.into());
+        if !batch.is_empty() {
+            self.storage.commit(batch).await?;
         }
         for m in gave_up.drain(..) {
+            self.unsure(m, false);
             self.notifier.gave_up(&m);
+        }
+        Ok(())
+    }
+
+    /// Note `m`, a message this sweep gives up telling of, as unsure
+    /// (`true`: from before its writes start), or no longer (`false`: once
+    /// they ended, told or not). One that stays unsure (the sweep failed,
+    /// or was dropped, waiting on a write that may have landed) is
+    /// settled by the next sweep ([`settle_unsure`](Self::settle_unsure)):
+    /// found failed with nothing pending, it would be listed no more, and
+    /// its failure would be counted nowhere.
+    fn unsure(&self, m: ExpiredMessage, unsure: bool) {
+        let mut all = self.unsure.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|u| (u.business, u.id) != (m.business, m.id));
+        if unsure {
+            all.push(m);
+        }
+    }
+
+    /// Tell the notifier of each message an earlier sweep gave up telling
+    /// of without seeing its writes end, that they left settled with
+    /// nothing pending (one left open is asked again; one whose report
+    /// is still pending, counted when deleted). Run before the stages
+    /// that list or delete them.
+    async fn settle_unsure(&self) -> Result<(), SweepError> {
+        let unsure = self
+            .unsure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for m in unsure {
+            let now = self.storage.message(m.business, m.id).await?;
+            if let Some(d) = now.map(|now| now.delivery)
+                && !d.status.is_open()
+                && d.next_attempt.is_none()
+            {
+                self.notifier.gave_up(&ExpiredMessage {
+                    status: d.status,
+                    ..m
+                });
+            }
+            self.unsure(m, false);
         }
         Ok(())
     }
@@ -790,23 +831,10 @@ impl<'a> Sweep<'a> {
                     ..d
                 },
             };
-            let dropped = Delivery {
-                next_attempt: None,
-                ..d
-            };
             match self.storage.commit(op.into()).await {
                 Ok(()) => return Ok(Dropped::Settled(d.status)),
                 Err(StoreError::Conflict) => {}
-                // Its answer lost, the write may have landed: read again.
-                Err(e) => {
-                    let again = self.storage.message(m.business, m.id).await;
-                    return match again {
-                        Ok(Some(again)) if again.delivery == dropped => {
-                            Ok(Dropped::Settled(d.status))
-                        }
-                        _ => Err(e.into()),
-                    };
-                }
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(Dropped::No)
@@ -848,6 +876,7 @@ impl<'a> Sweep<'a> {
     /// checking those consumers after every step would check most of them
     /// again and again.
     async fn delete_expired(&mut self) -> Result<bool, SweepError> {
+        self.settle_unsure().await?;
         loop {
             if !self.step() {
                 return Ok(false);

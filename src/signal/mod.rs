@@ -627,6 +627,23 @@ fn message_id(business: BusinessId, chain: &PublicKey, counter: u32) -> MessageI
     MessageId::from_bytes(id)
 }
 
+/// The id a consumer's message that could not be decrypted is asked for
+/// again under ([`Inbound::resend_of`](crate::processor::Inbound::resend_of)):
+/// derived from all its bytes, never from its header alone (a header that
+/// failed its check is anyone's to write, and would name another
+/// message), in a space of its own. Every copy of those bytes has it.
+pub(crate) fn resend_id(business: BusinessId, message: &Ciphertext) -> MessageId {
+    let mut h = Sha256::new();
+    h.update(b"custodian/v4/resend-id");
+    h.update(business.get().to_be_bytes());
+    h.update([u8::from(message.kind == MessageKind::FirstContact)]);
+    h.update(&message.bytes);
+    let digest = h.finalize();
+    let mut id = [0u8; MessageId::LEN];
+    id.copy_from_slice(&digest[..MessageId::LEN]);
+    MessageId::from_bytes(id)
+}
+
 /// A decrypted message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Decrypted {

@@ -107,6 +107,8 @@ pub(crate) struct PausedNetwork {
     /// Devices whose bundle requests fail: `true` refused for good, `false`
     /// unavailable for now.
     pub(crate) bundle_fails: Mutex<BTreeMap<u32, bool>>,
+    /// The ids the processor asked messages for again under.
+    pub(crate) asked: Mutex<Vec<MessageId>>,
     /// How many of the next requests to send a message again fail as
     /// unavailable.
     pub(crate) resends_unavailable: AtomicUsize,
@@ -125,6 +127,7 @@ impl PausedNetwork {
             fetched: AtomicUsize::new(0),
             unlinked: Mutex::default(),
             bundle_fails: Mutex::default(),
+            asked: Mutex::default(),
             resends_unavailable: AtomicUsize::new(0),
             resend_answers_lost: AtomicUsize::new(0),
         }
@@ -187,6 +190,7 @@ impl Transport for PausedNetwork {
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
         pause().await;
+        self.asked.lock().unwrap().push(id);
         let once = |count: &AtomicUsize| {
             let fewer = |n: usize| n.checked_sub(1);
             count
