@@ -212,15 +212,17 @@ pub trait Transport: Send + Sync {
 
     /// Ask one device of `consumer` to send `message` again over a new
     /// session, as a WhatsApp client is asked by a retry receipt: the
-    /// business no longer holds the session, or the prekeys, the device
-    /// made it with ([`SignalError::needs_new_session`](crate::signal::SignalError::needs_new_session);
-    /// retention ended them while the consumer was silent, say). The
-    /// device starts a session from the business's published keys
+    /// business does not hold the session, or the prekeys, the device made
+    /// it with ([`SignalError::needs_new_session`](crate::signal::SignalError::needs_new_session):
+    /// retention ended them while the consumer was silent, say, or the
+    /// device writes on a state the business never had). The device starts
+    /// a session from the business's published keys
     /// ([`publish_keys`](Self::publish_keys)) and encrypts the message
-    /// again; a device that no longer has it ignores the request.
-    /// `message` is the ciphertext as the transport delivered it, for the
-    /// transport to tell which message is meant; `id` is the id the
-    /// processor gave it: hand the message sent again to
+    /// again; a device that no longer has it ignores the request (a client
+    /// answers only for what it sent lately). `message` is the ciphertext
+    /// as the transport delivered it, for the transport to tell which
+    /// message is meant; `id` is the id the processor asks for it under
+    /// (its bytes give it): hand the message sent again to
     /// [`Processor::receive`](crate::processor::Processor::receive) with
     /// [`Inbound::resend_of`](crate::processor::Inbound::resend_of) set to
     /// it, and the business gets it once however often it was asked for

@@ -2793,6 +2793,25 @@ async fn expired_is_counted_failed(told: Told) -> Vec<u64> {
         .await
 }
 
+/// Messages to consumers 3 and 4 that no device can take, their business's
+/// endpoint down as long: 32 days on, both are past the report's grace.
+async fn two_expired_untellable() -> Deployment {
+    const DAY: u64 = 24 * 3600 * 1000;
+    let down = Faults {
+        outages: vec![(
+            Timestamp::from_millis(T0),
+            Timestamp::from_millis(T0 + 40 * DAY),
+        )],
+        ..Faults::none()
+    };
+    let d = deployment(down.clone(), down).await;
+    for i in [3, 4] {
+        d.send_out_to(i).await;
+    }
+    d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+    d
+}
+
 /// A sweep that fails at any store call (the call failing, or its answer
 /// lost) loses no failure from the statistics: the next sweep counts each
 /// once. Before, a failure given up on was told to the statistics only
@@ -2800,22 +2819,10 @@ async fn expired_is_counted_failed(told: Told) -> Vec<u64> {
 /// failed, its report dropped, and counted nowhere.
 #[tokio::test]
 async fn a_failed_sweep_loses_no_failure_from_the_statistics() {
-    const DAY: u64 = 24 * 3600 * 1000;
     let mut miscounted = Vec::new();
     for strike in [Strike::Before, Strike::After] {
         for n in 1..200 {
-            let down = Faults {
-                outages: vec![(
-                    Timestamp::from_millis(T0),
-                    Timestamp::from_millis(T0 + 40 * DAY),
-                )],
-                ..Faults::none()
-            };
-            let d = deployment(down.clone(), down).await;
-            for i in [3, 4] {
-                d.send_out_to(i).await;
-            }
-            d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+            let d = two_expired_untellable().await;
             d.faults.fail_at(n, Seams::Store, strike);
             let first = d.processor.sweep(&d.operator).await;
             let failed = d.faults.lift();
@@ -2847,21 +2854,9 @@ async fn a_failed_sweep_loses_no_failure_from_the_statistics() {
 /// nowhere.
 #[tokio::test]
 async fn a_dropped_sweep_loses_no_failure_from_the_statistics() {
-    const DAY: u64 = 24 * 3600 * 1000;
     let mut miscounted = Vec::new();
     for n in 1..2_000 {
-        let down = Faults {
-            outages: vec![(
-                Timestamp::from_millis(T0),
-                Timestamp::from_millis(T0 + 40 * DAY),
-            )],
-            ..Faults::none()
-        };
-        let d = deployment(down.clone(), down).await;
-        for i in [3, 4] {
-            d.send_out_to(i).await;
-        }
-        d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+        let d = two_expired_untellable().await;
         if poll_at_most(d.processor.sweep(&d.operator), n)
             .await
             .is_some()

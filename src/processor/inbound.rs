@@ -325,12 +325,12 @@ impl Processor {
     }
 
     /// Ask `inbound`'s device to send it again over a new session, under
-    /// `id`: it was made on one the business no longer holds (`cause`). The error to
-    /// answer: [`ProcessorError::ResendAsked`] once the transport took the
-    /// request; the transport's error if it could not now (the message is
-    /// delivered again, and asked for again), `cause` if it refused for
-    /// good; a policy refusing the number to the transport, as any release
-    /// refused.
+    /// `id`: it was made on a state the business does not hold (`cause`).
+    /// The error to answer: [`ProcessorError::ResendAsked`] once the
+    /// transport took the request; the transport's error if it could not
+    /// now (the message is delivered again, and asked for again), `cause`
+    /// if it refused for good; a policy refusing the number to the
+    /// transport, as any release refused.
     async fn ask_resend(
         &self,
         business: BusinessId,

@@ -158,8 +158,8 @@ pub enum ProcessorError {
     #[error("an attempt on this message is under way")]
     AttemptUnderWay,
     /// The message was made on a session, or with prekeys, the business
-    /// no longer holds (retention ended them:
-    /// [`SignalError::needs_new_session`]), and its device was asked
+    /// does not hold ([`SignalError::needs_new_session`]: retention ended
+    /// them, say), and its device was asked
     /// ([`Transport::ask_resend`](crate::transport::Transport::ask_resend))
     /// to send it again over a new session: acknowledge and drop this
     /// copy.

@@ -41,9 +41,10 @@ pub trait ExpiryNotifier: Send + Sync {
     /// The sweep gave up telling how `message` ended, past
     /// [`REPORT_GRACE`]: an open one it failed unreported (its status
     /// `Failed` here), or a settled one it deleted with a report still
-    /// pending. Called once the write giving up landed, each message once
-    /// (as [`SweepReport::failures_unreported`] counts it); nothing is
-    /// asked of anyone. The processor counts the failures in its
+    /// pending. Called once the write giving up landed (by the next sweep,
+    /// should this one fail or be dropped before it sees that write end),
+    /// each message once (as [`SweepReport::failures_unreported`] counts
+    /// it); nothing is asked of anyone. The processor counts the failures in its
     /// statistics, which count a failure when its business is told.
     fn gave_up(&self, message: &ExpiredMessage) {
         let _ = message;
@@ -77,8 +78,9 @@ enum Dropped {
     Settled(Status),
     /// The message is open: failing it is what leaves nothing pending.
     Open,
-    /// The message is gone, or its report is still pending (rewritten
-    /// meanwhile): its deletion counts it.
+    /// The message is gone; its business was told meanwhile; or its
+    /// report is still pending (rewritten meanwhile: its deletion counts
+    /// it).
     No,
 }
 
@@ -819,8 +821,10 @@ impl<'a> Sweep<'a> {
             if d.status.is_open() {
                 return Ok(Dropped::Open);
             }
+            // Nothing pending: its business was told meanwhile (which
+            // counted it), by the retransmission loop, say.
             if d.next_attempt.is_none() {
-                return Ok(Dropped::Settled(d.status));
+                return Ok(Dropped::No);
             }
             let op = Op::UpdateDelivery {
                 business: m.business,
