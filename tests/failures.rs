@@ -2878,6 +2878,68 @@ async fn a_dropped_sweep_loses_no_failure_from_the_statistics() {
     );
 }
 
+/// A sweep paused at each of its suspension points in turn, or dropped
+/// there, while the retransmission loop (the business's endpoint back)
+/// tells the business of the same expired messages: each failure is
+/// counted once. Before, the sweep counted a failure its business had
+/// been told of, and counted, meanwhile.
+#[tokio::test]
+async fn a_sweep_racing_the_retransmission_loop_counts_each_failure_once() {
+    const DAY: u64 = 24 * 3600 * 1000;
+    let mut miscounted = Vec::new();
+    for dropped in [false, true] {
+        for n in 1..2_000 {
+            let down = Faults {
+                outages: vec![(
+                    Timestamp::from_millis(T0),
+                    Timestamp::from_millis(T0 + 32 * DAY + 30 * 60 * 1000),
+                )],
+                ..Faults::none()
+            };
+            let d = deployment(down.clone(), down).await;
+            for i in [3, 4] {
+                d.send_out_to(i).await;
+            }
+            d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+            // The endpoint is back; the retransmission loop runs meanwhile.
+            let meanwhile = || async {
+                d.clock.advance(Duration::from_secs(3600));
+                d.settle(3).await;
+            };
+            if dropped {
+                if poll_at_most(d.processor.sweep(&d.operator), n)
+                    .await
+                    .is_some()
+                {
+                    break;
+                }
+                meanwhile().await;
+            } else {
+                let sweep = d.processor.sweep(&d.operator);
+                let mut sweep = std::pin::pin!(sweep);
+                if poll_at_most(sweep.as_mut(), n).await.is_some() {
+                    break;
+                }
+                meanwhile().await;
+                sweep.await.unwrap();
+            }
+            d.processor.sweep(&d.operator).await.unwrap();
+            let counted: u64 = d
+                .statistics_counted(Direction::Outbound, StatsStatus::Failed)
+                .await
+                .iter()
+                .sum();
+            if counted != 2 {
+                miscounted.push((dropped, n, counted));
+            }
+        }
+    }
+    assert!(
+        miscounted.is_empty(),
+        "(dropped, cut at poll, counted): {miscounted:?}"
+    );
+}
+
 /// A message that expires undelivered is counted failed in the statistics
 /// once, whether or not its business could be told. Before, only a
 /// failure told was counted: an endpoint down past the grace took the

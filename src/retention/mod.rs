@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::ids::{BusinessId, PhoneHash, Region};
 use crate::keys::{Epoch, KeyError, KeyManager};
-use crate::store::{ExpiredMessage, Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
+use crate::store::{Hold, HoldScope, MessageRecord, Op, Storage, StoreError};
 use crate::time::Timestamp;
 use crate::visibility::{AuditError, AuditSink, Change, HoldAction, HoldEvent};
 
@@ -245,7 +245,7 @@ pub struct Retention {
     hung: Mutex<BTreeSet<BusinessId>>,
     /// Messages a sweep gave up telling of whose writes it did not see
     /// end (see `Sweep::unsure`).
-    unsure: Mutex<Vec<ExpiredMessage>>,
+    unsure: Mutex<Vec<sweep::GivenUp>>,
 }
 
 impl std::fmt::Debug for Retention {

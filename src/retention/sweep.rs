@@ -13,8 +13,8 @@ use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{
-    Batch, Delivery, Direction, ExpiredMessage, HoldScope, MessageRecord, Op, PeerId, Status,
-    Storage, StoreError,
+    Batch, Delivery, Direction, ExpiredMessage, FailureReason, HoldScope, MessageRecord, Op,
+    PeerId, Status, Storage, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -72,12 +72,23 @@ pub enum Notice {
     Settled,
 }
 
+/// A message the sweep gives up telling of, and the delivery state its
+/// own write leaves it in: found so after that write, the write landed;
+/// found otherwise, another settled it (the retransmission loop, telling
+/// its business, which counted it).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct GivenUp {
+    message: ExpiredMessage,
+    left: Delivery,
+}
+
 /// What came of dropping a message's report ([`Sweep::drop_report`]).
 enum Dropped {
     /// The message is settled, at this status, with no report pending.
     Settled(Status),
-    /// The message is open: failing it is what leaves nothing pending.
-    Open,
+    /// The message is open, as read: failing it is what leaves nothing
+    /// pending.
+    Open(Delivery),
     /// The message is gone; its business was told meanwhile; or its
     /// report is still pending (rewritten meanwhile: its deletion counts
     /// it).
@@ -158,7 +169,7 @@ pub(super) struct Sweep<'a> {
     pub(super) hung: &'a Mutex<BTreeSet<BusinessId>>,
     /// Messages a sweep gave up telling of whose writes it did not see
     /// end (see [`Sweep::unsure`]), kept across sweeps.
-    pub(super) unsure: &'a Mutex<Vec<ExpiredMessage>>,
+    pub(super) unsure: &'a Mutex<Vec<GivenUp>>,
     /// The stage the next sweep starts with (see [`Sweep::run`]), kept
     /// current as this one goes: a sweep dropped in a stage leaves it too.
     pub(super) next_stage: &'a AtomicUsize,
@@ -665,22 +676,29 @@ impl<'a> Sweep<'a> {
                         self.report.failures_unreported += 1;
                         // Told to the notifier once nothing is pending: a
                         // message settled already (failed by the notifier,
-                        // say) at once; an open one once the batch fails it.
-                        // Unsure meanwhile (see `unsure`).
-                        let given_up = ExpiredMessage {
-                            status: Status::Failed,
+                        // say) once its report is dropped; an open one once
+                        // the batch fails it.
+                        let message = ExpiredMessage {
                             report_pending: false,
                             ..ExpiredMessage::from(&m)
                         };
-                        self.unsure(given_up, true);
-                        match self.drop_report(&m).await? {
+                        match self.drop_report(&m, message).await? {
                             Dropped::Settled(status) => {
-                                self.unsure(given_up, false);
-                                self.notifier
-                                    .gave_up(&ExpiredMessage { status, ..given_up });
+                                self.notifier.gave_up(&ExpiredMessage { status, ..message })
                             }
-                            Dropped::Open => gave_up.push(given_up),
-                            Dropped::No => self.unsure(given_up, false),
+                            Dropped::Open(d) => {
+                                let left = Delivery {
+                                    status: Status::Failed,
+                                    failure: Some(FailureReason::Expired),
+                                    next_attempt: None,
+                                    pending_devices: 0,
+                                    ..d
+                                };
+                                let given_up = GivenUp { message, left };
+                                self.unsure(given_up, true);
+                                gave_up.push(given_up);
+                            }
+                            Dropped::No => {}
                         }
                         // Uncounted, should its probe be told after all.
                         if let Some(p) = self.probes.last_mut().filter(|_| probe) {
@@ -700,61 +718,67 @@ impl<'a> Sweep<'a> {
     }
 
     /// Commit `batch` (if anything is in it), then tell the notifier of
-    /// `gave_up`, the messages it fails unreported. Should the commit fail,
-    /// or the sweep be dropped waiting, they stay unsure (see `unsure`).
+    /// those of `gave_up`, the messages it fails unreported, that it failed
+    /// (a failing write is conditional). Should the commit fail, or the
+    /// sweep be dropped waiting, they stay unsure (see `unsure`).
     async fn commit_failures(
         &self,
         batch: Batch,
-        gave_up: &mut Vec<ExpiredMessage>,
+        gave_up: &mut Vec<GivenUp>,
     ) -> Result<(), SweepError> {
         if !batch.is_empty() {
             self.storage.commit(batch).await?;
         }
-        for m in gave_up.drain(..) {
-            self.unsure(m, false);
-            self.notifier.gave_up(&m);
+        for given_up in std::mem::take(gave_up) {
+            self.settle(given_up).await?;
         }
         Ok(())
     }
 
-    /// Note `m`, a message this sweep gives up telling of, as unsure
-    /// (`true`: from before its writes start), or no longer (`false`: once
-    /// they ended, told or not). One that stays unsure (the sweep failed,
-    /// or was dropped, waiting on a write that may have landed) is
-    /// settled by the next sweep ([`settle_unsure`](Self::settle_unsure)):
-    /// found failed with nothing pending, it would be listed no more, and
-    /// its failure would be counted nowhere.
-    fn unsure(&self, m: ExpiredMessage, unsure: bool) {
+    /// Note `given_up` as unsure (`true`: from before its write starts),
+    /// or no longer (`false`: once settled). One that stays unsure (the
+    /// sweep failed, or was dropped, waiting on a write that may have
+    /// landed) is settled by the next sweep
+    /// ([`settle_unsure`](Self::settle_unsure)): found failed with nothing
+    /// pending, it would be listed no more, and its failure would be
+    /// counted nowhere.
+    fn unsure(&self, given_up: GivenUp, unsure: bool) {
+        let m = given_up.message;
         let mut all = self.unsure.lock().unwrap_or_else(PoisonError::into_inner);
-        all.retain(|u| (u.business, u.id) != (m.business, m.id));
+        all.retain(|u| (u.message.business, u.message.id) != (m.business, m.id));
         if unsure {
-            all.push(m);
+            all.push(given_up);
         }
     }
 
-    /// Tell the notifier of each message an earlier sweep gave up telling
-    /// of without seeing its writes end, that they left settled with
-    /// nothing pending (one left open is asked again; one whose report
-    /// is still pending, counted when deleted). Run before the stages
-    /// that list or delete them.
+    /// Tell the notifier of `given_up` if the sweep's write left it as it
+    /// is (see [`GivenUp`]), and note it settled.
+    async fn settle(&self, given_up: GivenUp) -> Result<(), SweepError> {
+        let m = given_up.message;
+        let now = self.storage.message(m.business, m.id).await?;
+        if now.is_some_and(|now| now.delivery == given_up.left) {
+            let status = given_up.left.status;
+            self.notifier.gave_up(&ExpiredMessage { status, ..m });
+        }
+        self.unsure(given_up, false);
+        Ok(())
+    }
+
+    /// Settle each message an earlier sweep gave up telling of without
+    /// seeing its write end ([`settle`](Self::settle)). Run before the
+    /// stages that list or delete them. One whose read fails stays unsure,
+    /// holding up no sweep.
     async fn settle_unsure(&self) -> Result<(), SweepError> {
         let unsure = self
             .unsure
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        for m in unsure {
-            let now = self.storage.message(m.business, m.id).await?;
-            if let Some(d) = now.map(|now| now.delivery)
-                && !d.status.is_open()
-                && d.next_attempt.is_none()
-            {
-                self.notifier.gave_up(&ExpiredMessage {
-                    status: d.status,
-                    ..m
-                });
+        for given_up in unsure {
+            if let Err(e) = self.settle(given_up).await {
+                let m = given_up.message;
+                tracing::warn!(business = %m.business, id = %m.id, error = %e, "whether a failure given up was counted is unknown");
             }
-            self.unsure(m, false);
         }
         Ok(())
     }
@@ -810,7 +834,11 @@ impl<'a> Sweep<'a> {
     /// later one, counts it again. A message the retransmission loop keeps
     /// rewriting meanwhile may keep its report (and be counted again, as
     /// its deletion finds it pending).
-    async fn drop_report(&self, m: &MessageRecord) -> Result<Dropped, SweepError> {
+    async fn drop_report(
+        &self,
+        m: &MessageRecord,
+        message: ExpiredMessage,
+    ) -> Result<Dropped, SweepError> {
         // Conditional: a message the retransmission loop rewrote meanwhile
         // (its report refused again) is read again, a few times.
         for _ in 0..3 {
@@ -819,25 +847,42 @@ impl<'a> Sweep<'a> {
             };
             let d = now.delivery;
             if d.status.is_open() {
-                return Ok(Dropped::Open);
+                return Ok(Dropped::Open(d));
             }
             // Nothing pending: its business was told meanwhile (which
             // counted it), by the retransmission loop, say.
             if d.next_attempt.is_none() {
                 return Ok(Dropped::No);
             }
+            // Giving up counts as an attempt: what the write leaves is
+            // then told from what telling the business would (which
+            // leaves the attempts as they were, see `report_status`).
+            let left = Delivery {
+                next_attempt: None,
+                attempts: d.attempts.saturating_add(1),
+                ..d
+            };
             let op = Op::UpdateDelivery {
                 business: m.business,
                 id: m.id,
                 expected: d,
-                delivery: Delivery {
-                    next_attempt: None,
-                    ..d
-                },
+                delivery: left,
             };
+            // Unsure until the write is seen to end (see `unsure`).
+            let given_up = GivenUp {
+                message: ExpiredMessage {
+                    status: d.status,
+                    ..message
+                },
+                left,
+            };
+            self.unsure(given_up, true);
             match self.storage.commit(op.into()).await {
-                Ok(()) => return Ok(Dropped::Settled(d.status)),
-                Err(StoreError::Conflict) => {}
+                Ok(()) => {
+                    self.unsure(given_up, false);
+                    return Ok(Dropped::Settled(d.status));
+                }
+                Err(StoreError::Conflict) => self.unsure(given_up, false),
                 Err(e) => return Err(e.into()),
             }
         }

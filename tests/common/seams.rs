@@ -1154,14 +1154,15 @@ impl Deployment {
             .sum()
     }
 
-    /// How many copies of each content the business got.
+    /// How many copies of each content the business got, whatever the
+    /// messages they came as.
     pub(crate) fn contents(&self) -> BTreeMap<Vec<u8>, u32> {
         let copies = self.business.copies();
-        self.business
-            .contents()
-            .into_iter()
-            .map(|(_, id, content)| (content, copies[&id].total()))
-            .collect()
+        let mut contents = BTreeMap::new();
+        for (_, id, content) in self.business.contents() {
+            *contents.entry(content).or_default() += copies[&id].total();
+        }
+        contents
     }
 
     /// Each of the messages `ids` is delivered, and its business told so
