@@ -159,10 +159,8 @@ pub enum ProcessorError {
     AttemptUnderWay,
     /// The message was made on a session, or with prekeys, the business
     /// does not hold ([`SignalError::needs_new_session`]: retention ended
-    /// them, say), and its device was asked
-    /// ([`Transport::ask_resend`](crate::transport::Transport::ask_resend))
-    /// to send it again over a new session: acknowledge and drop this
-    /// copy.
+    /// them, say), and its device was asked ([`Transport::ask_resend`]) to
+    /// send it again over a new session: acknowledge and drop this copy.
     #[error("the message's session is gone here; its device was asked to send it again")]
     ResendAsked,
     /// The request is malformed.
