@@ -51,6 +51,32 @@ fn business() -> BusinessId {
 }
 
 /// Every kind of fault at once, at rates far enough apart to tell them apart.
+/// A processor over a memory store, `transport` and `business`, for
+/// business `b` (acted for by `owner`, carried by `carrier`), its keys
+/// published.
+async fn in_memory(
+    transport: Arc<dyn Transport>,
+    business: Arc<SimBusiness>,
+    clock: &ManualClock,
+    b: BusinessId,
+    owner: &Principal,
+    carrier: &Principal,
+) -> Processor {
+    let authorizer = StaticAuthorizer::new().grant(owner, b).carrier(carrier, b);
+    let host = Host {
+        storage: Arc::new(MemoryStore::new()),
+        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+        transport,
+        business,
+        authorizer: Arc::new(authorizer),
+        clock: Arc::new(clock.clone()),
+        audit: Arc::new(MemoryAuditSink::new()),
+    };
+    let processor = Processor::new(host, Policies::default()).unwrap();
+    processor.publish_keys(owner, b).await.unwrap();
+    processor
+}
+
 fn all_faults() -> Faults {
     Faults {
         drop: 0.1,
@@ -2148,14 +2174,13 @@ mod undecryptable {
 
     use custodian::ids::{BusinessId, PhoneNumber};
     use custodian::integrity::Category;
-    use custodian::keys::{LocalKeyProvider, SecretKey};
-    use custodian::processor::{Host, Outbound, Policies, Processor};
+    use custodian::processor::Outbound;
     use custodian::signal::{Ciphertext, MessageKind};
-    use custodian::store::MemoryStore;
     use custodian::testing::{Faults, REDELIVERY, SimBusiness, SimNetwork};
     use custodian::time::{ManualClock, Timestamp};
-    use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport};
-    use custodian::visibility::MemoryAuditSink;
+    use custodian::transport::{Outgoing, Principal, Transport};
+
+    use super::in_memory;
 
     /// A simulated device sends a retry receipt for a copy it cannot
     /// decrypt even under the id of a message it has, as a real client,
@@ -2172,20 +2197,8 @@ mod undecryptable {
         let b = BusinessId::new(7).unwrap();
         let carrier = Principal::new("carrier");
         let owner = Principal::new("owner");
-        let authorizer = StaticAuthorizer::new()
-            .grant(&owner, b)
-            .carrier(&carrier, b);
-        let host = Host {
-            storage: Arc::new(MemoryStore::new()),
-            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: network.clone(),
-            business: business.clone(),
-            authorizer: Arc::new(authorizer),
-            clock: Arc::new(clock.clone()),
-            audit: Arc::new(MemoryAuditSink::new()),
-        };
-        let processor = Processor::new(host, Policies::default()).unwrap();
-        processor.publish_keys(&owner, b).await.unwrap();
+        let transport: Arc<dyn Transport> = network.clone();
+        let processor = in_memory(transport, business.clone(), &clock, b, &owner, &carrier).await;
         let alice: PhoneNumber = "+447700900001".parse().unwrap();
         network.add_consumer(&alice, 1).await;
         let id = processor
@@ -2273,7 +2286,7 @@ mod by_hand {
 
     use custodian::processor::{Inbound, Outbound, Processor};
     use custodian::signal::{Ciphertext, MessageKind, PreKeyBundle, PublishedKeys};
-    use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
+    use custodian::transport::{Outgoing, Principal, Transport, TransportError};
 
     use super::*;
 
@@ -2374,20 +2387,8 @@ mod by_hand {
         let b = BusinessId::new(11).unwrap();
         let owner = Principal::new("owner");
         let carrier = Principal::new("carrier");
-        let authorizer = StaticAuthorizer::new()
-            .grant(&owner, b)
-            .carrier(&carrier, b);
-        let host = Host {
-            storage: Arc::new(MemoryStore::new()),
-            key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-            transport: network.clone(),
-            business: business.clone(),
-            authorizer: Arc::new(authorizer),
-            clock: Arc::new(clock),
-            audit: Arc::new(MemoryAuditSink::new()),
-        };
-        let processor = Processor::new(host, Policies::default()).unwrap();
-        processor.publish_keys(&owner, b).await.unwrap();
+        let transport: Arc<dyn Transport> = network.clone();
+        let processor = in_memory(transport, business.clone(), &clock, b, &owner, &carrier).await;
         HandWorld {
             processor,
             network,
