@@ -766,8 +766,10 @@ impl<'a> Sweep<'a> {
 
     /// Settle each message an earlier sweep gave up telling of without
     /// seeing its write end ([`settle`](Self::settle)). Run before the
-    /// stages that list or delete them. One whose read fails stays unsure,
-    /// holding up no sweep.
+    /// stages that list or delete them: a read that fails fails the sweep
+    /// (deleted meanwhile, the message would be counted nowhere), unless
+    /// the row is damaged, when the message is given up on, uncounted
+    /// (a damaged row would hold up every sweep).
     async fn settle_unsure(&self) -> Result<(), SweepError> {
         let unsure = self
             .unsure
@@ -775,9 +777,13 @@ impl<'a> Sweep<'a> {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         for given_up in unsure {
-            if let Err(e) = self.settle(given_up).await {
-                let m = given_up.message;
-                tracing::warn!(business = %m.business, id = %m.id, error = %e, "whether a failure given up was counted is unknown");
+            match self.settle(given_up).await {
+                Err(SweepError::Store(StoreError::Corrupt(e))) => {
+                    let m = given_up.message;
+                    tracing::warn!(business = %m.business, id = %m.id, error = %e, "whether a failure given up was counted is unknown: its row is damaged");
+                    self.unsure(given_up, false);
+                }
+                settled => settled?,
             }
         }
         Ok(())
