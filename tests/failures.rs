@@ -442,7 +442,9 @@ fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_store
             from: consumer(4),
             ..d.inbound(&mut third, b"third").await
         };
-        let mac = embedded_message_end(&altered.message.bytes) - 1;
+        // The last byte of the message it embeds is its MAC's.
+        let bytes = &altered.message.bytes;
+        let mac = field_range(bytes, 1, bytes.len(), 4).1 - 1;
         altered.message.bytes[mac] ^= 1;
         // And the first device's, 2,002 messages on (the ones before lost).
         let mut too_far = None;
@@ -609,39 +611,6 @@ async fn a_header_rewritten_on_the_way_costs_no_genuine_message() {
                 Some(&1),
                 "{other_consumer}: {contents:?}"
             );
-        }
-    }
-}
-
-/// Where the Signal message a first-contact message embeds ends (its last
-/// byte is its MAC's): the end of protobuf field 4, after the version byte.
-fn embedded_message_end(first_contact: &[u8]) -> usize {
-    let varint = |at: &mut usize| {
-        let mut value = 0;
-        for shift in (0..64).step_by(7) {
-            let byte = first_contact[*at];
-            *at += 1;
-            value |= usize::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        value
-    };
-    let mut at = 1;
-    loop {
-        let key = varint(&mut at);
-        let length = match key & 7 {
-            0 => {
-                varint(&mut at);
-                0
-            }
-            2 => varint(&mut at),
-            wire => panic!("wire type {wire}"),
-        };
-        at += length;
-        if key >> 3 == 4 {
-            return at;
         }
     }
 }
@@ -2796,11 +2765,16 @@ async fn expired_is_counted_failed(told: Told) -> Vec<u64> {
 /// Messages to consumers 3 and 4 that no device can take, their business's
 /// endpoint down as long: 32 days on, both are past the report's grace.
 async fn two_expired_untellable() -> Deployment {
-    const DAY: u64 = 24 * 3600 * 1000;
+    two_expired_down_for(Duration::from_secs(40 * 24 * 3600)).await
+}
+
+/// Messages to consumers 3 and 4, the network and their business's
+/// endpoint down for `down` from the start: 32 days on.
+async fn two_expired_down_for(down: Duration) -> Deployment {
     let down = Faults {
         outages: vec![(
             Timestamp::from_millis(T0),
-            Timestamp::from_millis(T0 + 40 * DAY),
+            Timestamp::from_millis(T0).saturating_add(down),
         )],
         ..Faults::none()
     };
@@ -2810,6 +2784,15 @@ async fn two_expired_untellable() -> Deployment {
     }
     d.clock.advance(Duration::from_secs(32 * 24 * 3600));
     d
+}
+
+/// A whole sweep after whatever a test did to `d`'s two expired messages
+/// (which it deletes, `case` says if not): the statistics' failed counts.
+async fn swept_then_counted(d: &Deployment, case: std::fmt::Arguments<'_>) -> Vec<u64> {
+    d.processor.sweep(&d.operator).await.unwrap();
+    assert_eq!(d.store.census().await.unwrap().messages, 0, "{case}");
+    d.statistics_counted(Direction::Outbound, StatsStatus::Failed)
+        .await
 }
 
 /// A sweep that fails at any store call (the call failing, or its answer
@@ -2830,15 +2813,7 @@ async fn a_failed_sweep_loses_no_failure_from_the_statistics() {
                 assert!(first.is_ok(), "{first:?}");
                 break;
             }
-            d.processor.sweep(&d.operator).await.unwrap();
-            assert_eq!(
-                d.store.census().await.unwrap().messages,
-                0,
-                "{strike:?} {n}"
-            );
-            let counted = d
-                .statistics_counted(Direction::Outbound, StatsStatus::Failed)
-                .await;
+            let counted = swept_then_counted(&d, format_args!("{strike:?} {n}")).await;
             if counted != [2] {
                 miscounted.push((strike, n, failed, counted));
             }
@@ -2859,11 +2834,7 @@ async fn a_dropped_sweep_loses_no_failure_from_the_statistics() {
         let Some(d) = after_a_sweep_cut_at(n).await else {
             break;
         };
-        d.processor.sweep(&d.operator).await.unwrap();
-        assert_eq!(d.store.census().await.unwrap().messages, 0, "cut {n}");
-        let counted = d
-            .statistics_counted(Direction::Outbound, StatsStatus::Failed)
-            .await;
+        let counted = swept_then_counted(&d, format_args!("cut {n}")).await;
         if counted != [2] {
             miscounted.push((n, counted));
         }
@@ -2910,11 +2881,7 @@ async fn an_unsure_failure_whose_settling_read_fails_is_not_lost() {
         d.faults.fail_at(read + 1, Seams::Store, Strike::Before);
         let _ = d.processor.sweep(&d.operator).await;
         assert_eq!(d.faults.lift(), [("message", Strike::Before)], "cut {n}");
-        d.processor.sweep(&d.operator).await.unwrap();
-        assert_eq!(d.store.census().await.unwrap().messages, 0, "cut {n}");
-        let counted = d
-            .statistics_counted(Direction::Outbound, StatsStatus::Failed)
-            .await;
+        let counted = swept_then_counted(&d, format_args!("cut {n}")).await;
         if counted != [2] {
             miscounted.push((n, counted));
         }
@@ -2932,22 +2899,12 @@ async fn an_unsure_failure_whose_settling_read_fails_is_not_lost() {
 /// been told of, and counted, meanwhile.
 #[tokio::test]
 async fn a_sweep_racing_the_retransmission_loop_counts_each_failure_once() {
-    const DAY: u64 = 24 * 3600 * 1000;
     let mut miscounted = Vec::new();
     for dropped in [false, true] {
         for n in 1..2_000 {
-            let down = Faults {
-                outages: vec![(
-                    Timestamp::from_millis(T0),
-                    Timestamp::from_millis(T0 + 32 * DAY + 30 * 60 * 1000),
-                )],
-                ..Faults::none()
-            };
-            let d = deployment(down.clone(), down).await;
-            for i in [3, 4] {
-                d.send_out_to(i).await;
-            }
-            d.clock.advance(Duration::from_secs(32 * 24 * 3600));
+            // Back half an hour after the sweep starts.
+            let down = Duration::from_secs(32 * 24 * 3600 + 30 * 60);
+            let d = two_expired_down_for(down).await;
             // The endpoint is back; the retransmission loop runs meanwhile.
             let meanwhile = || async {
                 d.clock.advance(Duration::from_secs(3600));
@@ -2970,12 +2927,8 @@ async fn a_sweep_racing_the_retransmission_loop_counts_each_failure_once() {
                 meanwhile().await;
                 sweep.await.unwrap();
             }
-            d.processor.sweep(&d.operator).await.unwrap();
-            let counted: u64 = d
-                .statistics_counted(Direction::Outbound, StatsStatus::Failed)
-                .await
-                .iter()
-                .sum();
+            let case = format_args!("{dropped} {n}");
+            let counted: u64 = swept_then_counted(&d, case).await.iter().sum();
             if counted != 2 {
                 miscounted.push((dropped, n, counted));
             }
