@@ -2714,6 +2714,40 @@ async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
     assert_eq!(per_attempt, [1; 5], "bundles fetched per retry");
 }
 
+/// A delivery report on a message still queued (an attempt reached a
+/// device unrecorded) sends it again to the devices the queued message
+/// left to try, not to one given up on for a bad bundle: asked for its
+/// bundle again, it would be given up on again, a one-time prekey spent.
+/// Before, the report made every device pending.
+#[tokio::test]
+async fn a_report_on_a_queued_message_does_not_fetch_a_device_given_up_on() {
+    let d = deployment(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 2).await;
+    d.transport.bundle_fails.lock().unwrap().insert(0, false);
+    let mut bad = ConsumerDevice::new(1).bundle(true);
+    bad.signed_prekey.signature[0] ^= 1;
+    d.transport.served.lock().unwrap().insert(1, bad);
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
+        .await
+        .unwrap();
+    let report = d
+        .processor
+        .status_update(&d.carrier, d.b, id, Status::Delivered)
+        .await;
+    assert!(matches!(report, Ok(StatusChange::Applied)), "{report:?}");
+    d.clock.advance(Duration::from_secs(60));
+    let before = d.transport.bundles_fetched();
+    let retried = d.processor.retransmit_due(&d.operator).await.unwrap();
+    assert_eq!(retried.due, 1);
+    assert_eq!(
+        d.transport.bundles_fetched() - before,
+        1,
+        "only the device the network could not reach is fetched"
+    );
+}
+
 /// How an expired message's business fares in
 /// [`expired_is_counted_failed`]: told, or not (its endpoint down), the
 /// sweep failing the message or the retransmission loop before it.

@@ -267,12 +267,15 @@ impl Drop for Noted<'_> {
 /// delivery report or a retry receipt says one did): those its recorded
 /// attempts left pending. On one still queued, no record says any device
 /// took it: an attempt reached one unrecorded (a crash, a send dropped
-/// before its bookkeeping, the transport's answer lost), perhaps on another
-/// device list than the one the devices left pending were on. Which devices
-/// it reached is unknown, so every device is; one that has the message
-/// drops the copy by its id.
+/// before its bookkeeping, the transport's answer lost). Its last recorded
+/// attempt left the devices to try (those it could not reach and every one
+/// it did not list, see `send_to_devices`), which any later attempt took
+/// its devices from; with no attempt recorded, that is every device. One
+/// given up on (a bad bundle) is not among them: asked for its bundle
+/// again, it would cost the device a one-time prekey to be given up on
+/// again. A device that has the message drops the copy by its id.
 fn still_pending(d: &Delivery) -> u64 {
-    if d.status == Status::Queued {
+    if d.status == Status::Queued && d.pending_devices == 0 {
         ALL_DEVICES
     } else {
         d.pending_devices
