@@ -5,7 +5,7 @@
 //! drive parsing and opening without a key store, and they hold the checks
 //! of the targets ([`envelope_parse`], [`envelope_open`], [`phone_number`],
 //! [`policy_file`], [`signal_message`], [`peer_record`], [`payload`],
-//! [`kek_ring`], [`key_records`]), so `cargo test` replays those corpora through the very
+//! [`kek_ring`], [`key_records`], [`message_row`]), so `cargo test` replays those corpora through the very
 //! code the fuzzers run. Nothing here exists in a normal build.
 
 #![allow(
@@ -1050,6 +1050,66 @@ fn wrapped_key_blob(blob: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Fuzz check for stored message rows of the SQLite backend, on any bytes
+/// read as the values of a row's columns (see [`row_values`]): decoding
+/// never panics; a row decodes to the one record written as exactly its
+/// values, or is refused as corrupt naming a column and quoting no stored
+/// value; and the sweep's selection, which reads only the type of the
+/// sealed body, refuses exactly the rows a read refuses (one it listed
+/// that a read refuses would be deleted unread). Returns `row`, or the
+/// column a refusal names.
+#[cfg(feature = "sqlite")]
+pub fn message_row(data: &[u8]) -> &'static str {
+    match crate::store::check_message_row(&row_values(data)) {
+        Ok(()) => "row",
+        Err(column) => column,
+    }
+}
+
+/// The values of a message row's columns that `data` spells, column by
+/// column: a tag byte (0 null, 1 integer, 2 real, 3 text, 4 blob, by its
+/// value modulo 5), then for an integer or a real 8 big-endian bytes, for
+/// a text or a blob a length byte and as many bytes. Bytes the input runs
+/// out of are zero for numbers and missing for the rest; columns past the
+/// input are null. A text is marked `SECRET` first, so that a refusal
+/// quoting it shows (the bytes read lossily as UTF-8 after it).
+#[cfg(feature = "sqlite")]
+fn row_values(data: &[u8]) -> [rusqlite::types::Value; 14] {
+    use rusqlite::types::Value;
+    let mut rest = data;
+    std::array::from_fn(|_| {
+        let Some((&tag, after)) = rest.split_first() else {
+            return Value::Null;
+        };
+        rest = after;
+        let mut take = |n: usize| {
+            let (taken, after) = rest.split_at(n.min(rest.len()));
+            rest = after;
+            taken
+        };
+        let mut number = || {
+            let mut bytes = [0; 8];
+            let taken = take(8);
+            bytes[..taken.len()].copy_from_slice(taken);
+            bytes
+        };
+        match tag % 5 {
+            1 => Value::Integer(i64::from_be_bytes(number())),
+            2 => Value::Real(f64::from_be_bytes(number())),
+            3 | 4 => {
+                let len = take(1).first().copied().unwrap_or(0);
+                let bytes = take(len.into());
+                if tag % 5 == 3 {
+                    Value::Text(format!("SECRET{}", String::from_utf8_lossy(bytes)))
+                } else {
+                    Value::Blob(bytes.to_vec())
+                }
+            }
+            _ => Value::Null,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -1626,15 +1686,12 @@ mod tests {
             .collect()
     }
 
-    const KEY_RECORDS_DIR: &str = "fuzz/corpus/key_records";
-
-    /// Rewrite the `key_records` corpus from [`key_records_cases`]. Run by
-    /// hand after a deliberate change:
-    /// `cargo test --all-features --lib write_key_records_corpus -- --ignored`.
-    #[test]
-    #[ignore = "rewrites fuzz/corpus; run by hand"]
-    fn write_key_records_corpus() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(KEY_RECORDS_DIR);
+    /// Rewrite `target`'s generated corpus files (those named with `--`)
+    /// as `cases`, the inputs a fuzzer saved left alone.
+    fn write_corpus(target: &str, cases: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
         if dir.exists() {
             for file in std::fs::read_dir(&dir).unwrap() {
                 let path = file.unwrap().path();
@@ -1644,9 +1701,44 @@ mod tests {
             }
         }
         std::fs::create_dir_all(&dir).unwrap();
-        for (name, bytes, _) in key_records_cases() {
+        for (name, bytes) in cases {
             std::fs::write(dir.join(name), bytes).unwrap();
         }
+    }
+
+    /// `target`'s named files on disk are exactly `cases`: none missing,
+    /// changed or left over (files without `--`, inputs a fuzzer saved,
+    /// are the replay's alone). `writer` is the test that rewrites them.
+    fn assert_corpus_is(
+        target: &str,
+        cases: impl IntoIterator<Item = (String, Vec<u8>)>,
+        writer: &str,
+    ) {
+        let run = format!("run `cargo test --all-features --lib {writer} -- --ignored`");
+        let on_disk: std::collections::BTreeMap<String, Vec<u8>> = corpus(target)
+            .into_iter()
+            .filter(|(_, expected, _)| expected.is_some())
+            .map(|(name, _, bytes)| (name, bytes))
+            .collect();
+        let generated: std::collections::BTreeMap<String, Vec<u8>> = cases.into_iter().collect();
+        assert_eq!(
+            on_disk.keys().collect::<Vec<_>>(),
+            generated.keys().collect::<Vec<_>>(),
+            "{run}"
+        );
+        for (name, bytes) in &generated {
+            assert_eq!(on_disk[name], *bytes, "{name}: {run}");
+        }
+    }
+
+    /// Rewrite the `key_records` corpus from [`key_records_cases`]. Run by
+    /// hand after a deliberate change:
+    /// `cargo test --all-features --lib write_key_records_corpus -- --ignored`.
+    #[test]
+    #[ignore = "rewrites fuzz/corpus; run by hand"]
+    fn write_key_records_corpus() {
+        let cases = key_records_cases().into_iter();
+        write_corpus("key_records", cases.map(|(name, bytes, _)| (name, bytes)));
     }
 
     #[test]
@@ -1679,28 +1771,182 @@ mod tests {
     }
 
     /// The named files on disk are exactly what [`key_records_cases`]
-    /// makes: none missing, changed or left over (files without `--`,
-    /// inputs a fuzzer saved, are the replay's alone).
+    /// makes.
     #[test]
     fn key_records_corpus_on_disk_is_what_the_generator_makes() {
-        let run = "run `cargo test --all-features --lib write_key_records_corpus -- --ignored`";
-        let on_disk: std::collections::BTreeMap<String, Vec<u8>> = corpus("key_records")
-            .into_iter()
-            .filter(|(_, expected, _)| expected.is_some())
-            .map(|(name, _, bytes)| (name, bytes))
-            .collect();
-        let generated: std::collections::BTreeMap<String, Vec<u8>> = key_records_cases()
-            .into_iter()
-            .map(|(name, bytes, _)| (name, bytes))
-            .collect();
-        assert_eq!(
-            on_disk.keys().collect::<Vec<_>>(),
-            generated.keys().collect::<Vec<_>>(),
-            "{run}"
+        let cases = key_records_cases().into_iter();
+        assert_corpus_is(
+            "key_records",
+            cases.map(|(name, bytes, _)| (name, bytes)),
+            "write_key_records_corpus",
         );
-        for (name, bytes) in &generated {
-            assert_eq!(on_disk[name], *bytes, "{name}: {run}");
+    }
+
+    /// The bytes [`row_values`] reads as `values`.
+    #[cfg(feature = "sqlite")]
+    fn row_bytes(values: &[rusqlite::types::Value]) -> Vec<u8> {
+        use rusqlite::types::Value;
+        let mut bytes = Vec::new();
+        for value in values {
+            match value {
+                Value::Null => bytes.push(0),
+                Value::Integer(v) => bytes.extend([&[1][..], &v.to_be_bytes()].concat()),
+                Value::Real(v) => bytes.extend([&[2][..], &v.to_be_bytes()].concat()),
+                Value::Text(t) => {
+                    bytes.extend([3, u8::try_from(t.len()).unwrap()]);
+                    bytes.extend(t.as_bytes());
+                }
+                Value::Blob(b) => {
+                    bytes.extend([4, u8::try_from(b.len()).unwrap()]);
+                    bytes.extend(b);
+                }
+            }
         }
+        bytes
+    }
+
+    /// The `message_row` corpus: rows as the store writes them, and each
+    /// column given a value of another type, or of its type but one the
+    /// store never writes; each input named by the check's outcome and
+    /// what was done to the row.
+    #[cfg(feature = "sqlite")]
+    fn message_row_cases() -> Vec<(String, Vec<u8>)> {
+        use rusqlite::types::Value::{self, Blob, Integer, Null, Real, Text};
+        let column = |name: &str| {
+            crate::store::MESSAGE_COLUMNS
+                .iter()
+                .position(|c| *c == name)
+                .unwrap()
+        };
+        // An inbound message, delivered: as `PutMessage` writes it (biased
+        // integers, codes, 16-byte ids).
+        let inbound: Vec<Value> = vec![
+            Integer(1 ^ i64::MIN),
+            Blob(vec![7; 16]),
+            Integer(1),
+            Blob(vec![9; 16]),
+            Integer(1_700_000_000_000 ^ i64::MIN),
+            Integer(1_702_592_000_000 ^ i64::MIN),
+            Integer(1_702_598_400_000 ^ i64::MIN),
+            Integer(2),
+            Null,
+            Integer(1),
+            Null,
+            Integer(i64::MIN),
+            Blob(b"sealed".to_vec()),
+            Integer(i64::MIN),
+        ];
+        let with = |changes: &[(&str, Value)]| {
+            let mut row = inbound.clone();
+            for (name, value) in changes {
+                row[column(name)] = value.clone();
+            }
+            row
+        };
+        let mut rows = vec![
+            ("inbound-delivered".to_owned(), inbound.clone()),
+            (
+                "outbound-failed-report-pending".to_owned(),
+                with(&[
+                    ("direction", Integer(2)),
+                    ("status", Integer(4)),
+                    ("failure", Integer(4)),
+                    ("attempts", Integer(7)),
+                    ("next_attempt", Integer(1_700_000_060_000 ^ i64::MIN)),
+                    ("pending_devices", Integer(5 ^ i64::MIN)),
+                    ("accepted_by", Integer(0x1234 ^ i64::MIN)),
+                ]),
+            ),
+            (
+                "extremes".to_owned(),
+                with(&[
+                    ("business", Integer(i64::MAX)),
+                    ("created", Integer(i64::MIN)),
+                    ("expiry", Integer(i64::MAX)),
+                    ("attempts", Integer(u32::MAX.into())),
+                    ("pending_devices", Integer(-1)),
+                    ("sealed", Blob(Vec::new())),
+                ]),
+            ),
+            ("empty".to_owned(), Vec::new()),
+        ];
+        let damaged: &[(&str, &str, Value)] = &[
+            ("business", "zero", Integer(i64::MIN)),
+            ("business", "text", Text(String::new())),
+            ("id", "15-bytes", Blob(vec![7; 15])),
+            ("id", "null", Null),
+            ("direction", "code-0", Integer(0)),
+            ("direction", "code-3", Integer(3)),
+            ("phone", "17-bytes", Blob(vec![9; 17])),
+            ("phone", "integer", Integer(9)),
+            ("created", "real", Real(1.5)),
+            ("expiry", "text", Text("soon".to_owned())),
+            ("epoch", "null", Null),
+            ("status", "code-5", Integer(5)),
+            ("status", "negative", Integer(-1)),
+            ("failure", "code-0", Integer(0)),
+            ("failure", "code-7", Integer(7)),
+            ("failure", "past-a-byte", Integer(257)),
+            ("attempts", "negative", Integer(-1)),
+            ("attempts", "past-u32", Integer(1 << 32)),
+            ("next_attempt", "real", Real(0.0)),
+            ("pending_devices", "blob", Blob(vec![0; 8])),
+            ("sealed", "null", Null),
+            ("sealed", "text", Text("body".to_owned())),
+            ("sealed", "integer", Integer(0)),
+            ("accepted_by", "null", Null),
+        ];
+        for (name, what, value) in damaged {
+            rows.push((format!("{name}-{what}"), with(&[(name, value.clone())])));
+        }
+        rows.push((
+            "status-and-business-both".to_owned(),
+            with(&[("status", Integer(9)), ("business", Null)]),
+        ));
+        rows.into_iter()
+            .map(|(name, row)| {
+                let bytes = row_bytes(&row);
+                (format!("{}--{name}", message_row(&bytes)), bytes)
+            })
+            .collect()
+    }
+
+    /// Rewrite the `message_row` corpus from [`message_row_cases`]. Run by
+    /// hand after a deliberate change:
+    /// `cargo test --all-features --lib write_message_row_corpus -- --ignored`.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    #[ignore = "rewrites fuzz/corpus; run by hand"]
+    fn write_message_row_corpus() {
+        write_corpus("message_row", message_row_cases());
+    }
+
+    /// The named `message_row` files are what [`message_row_cases`] makes,
+    /// and each damaged row is refused for the column that was damaged (a
+    /// row refused for another would test nothing).
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn message_row_corpus_on_disk_is_what_the_generator_makes() {
+        let cases = message_row_cases();
+        for (name, _) in &cases {
+            let (outcome, what) = name.split_once("--").unwrap();
+            let intended = crate::store::MESSAGE_COLUMNS
+                .iter()
+                .find(|c| what.starts_with(&format!("{c}-")));
+            match intended {
+                Some(_) if what.ends_with("-both") => assert_eq!(outcome, "business", "{name}"),
+                Some(column) => assert_eq!(outcome, *column, "{name}"),
+                None if what == "empty" => assert_eq!(outcome, "business", "{name}"),
+                None => assert_eq!(outcome, "row", "{name}"),
+            }
+        }
+        assert_corpus_is("message_row", cases, "write_message_row_corpus");
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn message_row_corpus_replays_with_the_expected_results() {
+        replay("message_row", |bytes| message_row(bytes).to_owned());
     }
 
     /// Each refused file in the policy corpus is refused for the reason it

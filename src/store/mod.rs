@@ -30,6 +30,10 @@ pub use memory::MemoryStore;
 pub use message::{
     Census, Delivery, Direction, ExpiredMessage, FailureReason, MessageRecord, Status,
 };
+#[cfg(all(feature = "sqlite", test))]
+pub(crate) use sqlite::MESSAGE_COLUMNS;
+#[cfg(all(feature = "sqlite", any(test, fuzzing)))]
+pub(crate) use sqlite::check_message_row;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{Durability, GroupCommits, SqliteConfig, SqliteOpenError, SqliteStore};
 

@@ -381,21 +381,38 @@ pub(super) fn key_id_sql(id: &KeyId) -> (i64, i64, i64) {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
+/// The checks on stored message rows that the fuzz target `message_row`
+/// and the property tests share (see [`crate::fuzzing::message_row`]).
+#[cfg(any(test, fuzzing))]
+pub(crate) mod checks {
+    #![allow(
+        clippy::panic,
+        reason = "a fuzz check reports a broken property by panicking"
+    )]
+
     use rusqlite::types::Value;
 
-    proptest! {
-        #[test]
-        fn biased_integers_round_trip_and_keep_unsigned_order(a: u64, b: u64) {
-            prop_assert_eq!(u64_from_sql(u64_to_sql(a)), a);
-            prop_assert_eq!(u64_to_sql(a).cmp(&u64_to_sql(b)), a.cmp(&b));
-        }
-    }
+    use super::*;
 
-    /// The values a stored message row holds, as the insert writes them.
+    /// The columns of [`message_columns!`], in order.
+    pub(crate) const COLUMNS: [&str; 14] = [
+        "business",
+        "id",
+        "direction",
+        "phone",
+        "created",
+        "expiry",
+        "epoch",
+        "status",
+        "failure",
+        "attempts",
+        "next_attempt",
+        "pending_devices",
+        "sealed",
+        "accepted_by",
+    ];
+
+    /// The values of `m`'s row, as the insert writes them.
     fn row_of(m: &MessageRecord) -> Vec<Value> {
         let d = &m.delivery;
         vec![
@@ -416,6 +433,81 @@ mod tests {
             Value::Blob(m.sealed.clone()),
             Value::Integer(u64_to_sql(d.accepted_by)),
         ]
+    }
+
+    /// Decode `values` (one per column of [`COLUMNS`]) as a message row is
+    /// read, and as the sweep selects it (the type of `sealed` in its
+    /// place). Decoding is total and exact: the row decodes to the one
+    /// record written as exactly these values, or is refused as `Corrupt`,
+    /// naming a column and quoting no stored value; the sweep's selection
+    /// refuses exactly the rows a read refuses (a row it listed that a read
+    /// refuses would be deleted unread) and agrees on the rest. Returns the
+    /// column a refusal names.
+    pub(crate) fn message_row(values: &[Value; 14]) -> Result<(), &'static str> {
+        let conn = rusqlite::Connection::open_in_memory()
+            .unwrap_or_else(|e| panic!("an in-memory database: {e}"));
+        let select = |sealed: &str| {
+            let mut columns: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
+            columns[12] = sealed.to_owned();
+            format!("SELECT {}", columns.join(", "))
+        };
+        let read = conn
+            .query_row(&select("?13"), rusqlite::params_from_iter(values), |row| {
+                Ok(message(row))
+            })
+            .unwrap_or_else(|e| panic!("a row of bound values: {e}"));
+        let swept = conn
+            .query_row(
+                &select("typeof(?13)"),
+                rusqlite::params_from_iter(values),
+                |row| Ok(expired(row)),
+            )
+            .unwrap_or_else(|e| panic!("a row of bound values: {e}"));
+        match read {
+            Ok(m) => {
+                assert_eq!(
+                    row_of(&m),
+                    values,
+                    "a row decodes to a record written otherwise"
+                );
+                assert_eq!(
+                    swept.ok(),
+                    Some(ExpiredMessage::from(&m)),
+                    "the sweep reads a row otherwise"
+                );
+                Ok(())
+            }
+            Err(StoreError::Corrupt(what)) => {
+                assert!(
+                    !what.contains("SECRET"),
+                    "a refusal quotes a stored value: {what}"
+                );
+                assert!(
+                    swept.is_err(),
+                    "the sweep lists a row a read refuses: {what}"
+                );
+                let column = COLUMNS
+                    .into_iter()
+                    .find(|c| what.starts_with(&format!("messages.{c}: ")));
+                Err(column.unwrap_or_else(|| panic!("a refusal names no column: {what}")))
+            }
+            Err(other) => panic!("a row is refused as other than corrupt: {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rusqlite::types::Value;
+
+    proptest! {
+        #[test]
+        fn biased_integers_round_trip_and_keep_unsigned_order(a: u64, b: u64) {
+            prop_assert_eq!(u64_from_sql(u64_to_sql(a)), a);
+            prop_assert_eq!(u64_to_sql(a).cmp(&u64_to_sql(b)), a.cmp(&b));
+        }
     }
 
     /// Any value SQLite can hold, its text and blobs marked so that an
@@ -459,79 +551,19 @@ mod tests {
         prop_oneof![30 => written, 2 => unwritten, 1 => any_value()].boxed()
     }
 
-    /// Decode `values` as a message row, and as the row the sweep selects
-    /// (the type of `sealed` in its place).
-    fn decode(
-        values: &[Value],
-    ) -> (
-        Result<MessageRecord, StoreError>,
-        Result<ExpiredMessage, StoreError>,
-    ) {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
-        let select = |sealed: &str| {
-            let mut columns: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
-            columns[12] = sealed.to_owned();
-            format!("SELECT {}", columns.join(", "))
-        };
-        let params = rusqlite::params_from_iter(values.iter());
-        let full = conn
-            .query_row(&select("?13"), params, |row| Ok(message(row)))
-            .unwrap();
-        let params = rusqlite::params_from_iter(values.iter());
-        let swept = conn
-            .query_row(&select("typeof(?13)"), params, |row| Ok(expired(row)))
-            .unwrap();
-        (full, swept)
-    }
-
-    const COLUMNS: [&str; 14] = [
-        "business",
-        "id",
-        "direction",
-        "phone",
-        "created",
-        "expiry",
-        "epoch",
-        "status",
-        "failure",
-        "attempts",
-        "next_attempt",
-        "pending_devices",
-        "sealed",
-        "accepted_by",
-    ];
-
-    fn any_row() -> impl Strategy<Value = Vec<Value>> {
-        (0..COLUMNS.len()).map(column_value).collect::<Vec<_>>()
+    fn any_row() -> impl Strategy<Value = [Value; 14]> {
+        std::array::from_fn(column_value)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
 
-        /// Decoding a message row is total and exact: any values decode to
-        /// the one record that is written as exactly those values, or fail
-        /// as `Corrupt`, naming a column and quoting no stored value. The
-        /// sweep's selection (which reads the type of `sealed`, not its
-        /// bytes) refuses exactly the rows a read refuses: a row it listed
-        /// that a read refuses would be deleted unread.
+        /// Any values of a message row decode exactly or are refused
+        /// naming a column, and the sweep's selection agrees (the checks of
+        /// [`checks::message_row`], on rows mostly as written).
         #[test]
         fn message_rows_decode_exactly_or_are_refused_naming_a_column(values in any_row()) {
-            let (full, swept) = decode(&values);
-            match &full {
-                Ok(m) => {
-                    prop_assert_eq!(&row_of(m), &values);
-                    prop_assert_eq!(swept.ok(), Some(ExpiredMessage::from(m)));
-                }
-                Err(StoreError::Corrupt(what)) => {
-                    prop_assert!(
-                        COLUMNS.iter().any(|c| what.starts_with(&format!("messages.{c}: "))),
-                        "{}", what
-                    );
-                    prop_assert!(!what.contains("SECRET"), "{}", what);
-                    prop_assert!(swept.is_err(), "the sweep lists a row a read refuses: {:?}", values);
-                }
-                Err(other) => prop_assert!(false, "not Corrupt: {other:?}"),
-            }
+            let _ = checks::message_row(&values);
         }
     }
 
