@@ -2984,3 +2984,25 @@ async fn an_expired_message_is_counted_failed_told_or_not() {
         assert_eq!(expired_is_counted_failed(told).await, [2], "{told:?}");
     }
 }
+
+/// After a restart and the clock stepped back three days, a consumer's
+/// next message is received: its session is sealed again under the stored
+/// key of the epoch it was admitted in. (The retention ceiling was checked
+/// before the stored key was looked for: every message of a consumer whose
+/// session was not in memory failed until the clock caught up.)
+#[tokio::test]
+async fn a_message_after_a_restart_and_the_clock_stepped_back_is_received() {
+    let mut d = deployment(Faults::none(), Faults::none()).await;
+    let mut device = d.handset().await;
+    let first = d.inbound(&mut device, b"one").await;
+    assert!(d.receive(first).await.unwrap().delivered);
+    d.restart();
+    let back = d
+        .clock
+        .now()
+        .saturating_sub(Duration::from_secs(3 * 24 * 3600));
+    d.clock.set(back);
+    let second = d.inbound(&mut device, b"two").await;
+    let got = d.receive(second).await;
+    assert!(matches!(got, Ok(ref r) if r.delivered), "{got:?}");
+}

@@ -137,9 +137,9 @@ async fn messages_sealed_under_kek_v1_open_after_rotation_and_v1_retirement() {
     ));
     assert!(matches!(
         keys.retire_kek_version(b, 1).await,
-        Err(KeyError::VersionInUse {
+        Err(KeyError::RetireAtOrAboveFloor {
             version: 1,
-            keys: 5
+            floor: 1
         })
     ));
 
@@ -2579,4 +2579,152 @@ mod provider_answers {
             left.len()
         );
     }
+}
+
+/// A stored epoch key seals again after the clock stepped back, however
+/// far ahead its epoch ends: the retention ceiling bounds only the keys
+/// made. (It was checked first: a key made three days later by the clock
+/// was refused, cached or after a restart.)
+#[tokio::test]
+async fn a_stored_epoch_key_seals_again_after_the_clock_steps_back() {
+    let f = Fixture::new();
+    let b = business(61);
+    let now = f.clock.now();
+    let later = now.saturating_add(Duration::from_secs(3 * 24 * 3600));
+    let expiry = later.saturating_add(custodian::retention::CEILING);
+    let epoch = Epoch::containing(expiry, EpochLength::DEFAULT).unwrap();
+    let keys = f.vault.keys();
+    keys.epoch_key_for_seal(b, epoch, later).await.unwrap();
+    let cached = keys.epoch_key_for_seal(b, epoch, now).await;
+    let restarted = f.restarted();
+    let loaded = restarted.keys().epoch_key_for_seal(b, epoch, now).await;
+    assert!(
+        cached.is_ok() && loaded.is_ok(),
+        "cached {:?}, after a restart {:?}",
+        cached.map(drop),
+        loaded.map(drop)
+    );
+    // The next epoch, which has no key, is not given one so far ahead.
+    let next = Epoch::containing(epoch.end(), EpochLength::DEFAULT).unwrap();
+    let refused = keys.epoch_key_for_seal(b, next, now).await;
+    assert!(
+        matches!(refused, Err(KeyError::EpochBeyondCeiling { .. })),
+        "{:?}",
+        refused.map(drop)
+    );
+    assert!(f.store.key(&KeyId::epoch(b, next)).await.unwrap().is_none());
+}
+
+/// An epoch shredded early, then swept at its end (its tombstone with it),
+/// takes no new key when the clock steps back before its end: nothing more
+/// is sealed into a shredded epoch. (The sweep left no trace, and a record
+/// was sealed into the epoch under a new key.)
+#[tokio::test]
+async fn a_shredded_and_swept_epoch_takes_no_key_when_the_clock_steps_back() {
+    let f = Fixture::new();
+    let b = business(31);
+    let label = f.label(b, Duration::from_secs(30 * 60));
+    let epoch = f.vault.epoch_of(label.expiry).unwrap();
+    f.vault.seal(&label, b"before the shred").await.unwrap();
+    let keys = f.vault.keys();
+    assert!(
+        keys.destroy_epoch_unchecked(b, epoch, f.clock.now())
+            .await
+            .unwrap()
+    );
+    f.clock.set(epoch.end());
+    assert_eq!(
+        keys.destroy_ended_epochs_unchecked(epoch.end())
+            .await
+            .unwrap(),
+        1
+    );
+    f.clock
+        .set(epoch.end().saturating_sub(Duration::from_secs(120)));
+    let again = f
+        .vault
+        .seal(&f.label(b, Duration::from_secs(60)), b"after the shred")
+        .await;
+    assert!(again.is_err(), "sealed into the shredded epoch");
+    assert!(
+        f.store
+            .key(&KeyId::epoch(b, epoch))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// A seal whose clock was read just before an epoch's end, reaching the
+/// key manager after the sweep destroyed the epoch, is refused: no key is
+/// made for an epoch the sweep passed. (One was, and stayed until the
+/// next sweep.)
+#[tokio::test]
+async fn a_seal_behind_the_sweep_at_an_epoch_end_makes_no_key() {
+    let f = Fixture::new();
+    let b = business(32);
+    let now = f.clock.now();
+    let epoch = Epoch::containing(
+        now.saturating_add(Duration::from_secs(1)),
+        EpochLength::DEFAULT,
+    )
+    .unwrap();
+    let keys = f.vault.keys();
+    keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
+    let swept = keys.destroy_ended_epochs_unchecked(epoch.end()).await;
+    assert_eq!(swept.unwrap(), 1);
+    let late = epoch.end().saturating_sub(Duration::from_millis(10));
+    let got = keys.epoch_key_for_seal(b, epoch, late).await;
+    assert!(
+        matches!(got, Err(KeyError::EpochEnded { .. })),
+        "{:?}",
+        got.map(drop)
+    );
+    assert!(
+        f.store
+            .key(&KeyId::epoch(b, epoch))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Retiring the primary is refused as a version at or above the floor,
+/// keys wrapped under it or not: the error does not send the operator to
+/// rewrap, which cannot take keys off the primary. (It was `VersionInUse`
+/// while keys were wrapped under it.)
+#[tokio::test]
+async fn retiring_the_primary_is_refused_as_at_or_above_the_floor() {
+    let f = Fixture::new();
+    let b = business(33);
+    f.vault.seal(&f.label(b, HOUR), b"x").await.unwrap();
+    let keys = f.vault.keys();
+    assert_eq!(keys.rewrap(b).await.unwrap(), 0);
+    let got = keys.retire_kek_version(b, 1).await;
+    assert!(
+        matches!(
+            got,
+            Err(KeyError::RetireAtOrAboveFloor {
+                version: 1,
+                floor: 1
+            })
+        ),
+        "{got:?}"
+    );
+}
+
+/// Key maintenance of a business with no ring (a mistyped id, one not
+/// onboarded yet) creates none: nothing to rewrap, the floor already
+/// where a first ring starts it, and a floor past that refused. (Both
+/// created the ring: a provider call and a ring written.)
+#[tokio::test]
+async fn key_maintenance_of_a_business_without_a_ring_creates_none() {
+    let f = Fixture::new();
+    let keys = f.vault.keys();
+    let (a, b) = (business(34), business(35));
+    assert_eq!(keys.rewrap(a).await.unwrap(), 0);
+    keys.raise_decrypt_floor(b, 1).await.unwrap();
+    assert!(keys.raise_decrypt_floor(b, 2).await.is_err());
+    assert_eq!(f.store.ring(a).await.unwrap(), None);
+    assert_eq!(f.store.ring(b).await.unwrap(), None);
 }

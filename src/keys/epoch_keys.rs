@@ -18,13 +18,16 @@ use crate::vault::CLOCK_TOLERANCE;
 /// How many times loading an epoch key is retried when destroys race it.
 const LOAD_RETRIES: usize = 16;
 
-/// What loading an epoch key may do when the store has none.
+/// What loading an epoch key is for.
 #[derive(Clone, Copy)]
 enum Load {
     /// Opening: a missing key is an error; nothing is written.
     Existing,
-    /// Sealing: create the key (random, wrapped under the primary KEK).
-    CreateIfAbsent,
+    /// Sealing at `now`: create the key (random, wrapped under the primary
+    /// KEK) if the store has none, unless the epoch starts past the
+    /// retention ceiling from `now`. Refused for an epoch ended epochs were
+    /// destroyed through.
+    Seal { now: Timestamp },
 }
 
 /// Forgets the cached epoch keys it names when dropped, however the call
@@ -37,6 +40,9 @@ struct ForgetEpochs<'a, F: Fn(&(BusinessId, Epoch)) -> bool> {
     doomed: F,
     /// An early destruction: bumps [`KeyManager::early_destructions`] too.
     early: bool,
+    /// For a destruction of the epochs ended by then: raises
+    /// [`Cache::ended_through`] to it.
+    ended_through: Option<Timestamp>,
 }
 
 impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
@@ -44,6 +50,7 @@ impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
         let mut cache = self.keys.write();
         // Loads under way read the store again (see `Cache::epoch_destructions`).
         cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
+        cache.ended_through = cache.ended_through.max(self.ended_through);
         cache.epochs.retain(|key, _| !(self.doomed)(key));
         if self.early {
             // After the key left the store and this cache: whoever notes
@@ -85,11 +92,15 @@ impl KeyManager {
 
     /// The key of `business`'s `epoch` for sealing, created (random, wrapped
     /// under the primary KEK) if the epoch has none yet. Refused once the
-    /// epoch has ended or its key was destroyed, and, with nothing stored,
-    /// for an epoch that starts past the retention [`CEILING`] (and
-    /// [`CLOCK_TOLERANCE`]) from `now`: one ending more than that and the
-    /// longest [`EpochLength`] from `now`, whose key could seal only records
-    /// kept past the ceiling.
+    /// epoch has ended (by `now`, or by the time ended epochs were
+    /// destroyed through, however far the clock stepped back since) or its
+    /// key was destroyed, and, with nothing stored, for an epoch that
+    /// starts past the retention [`CEILING`] (and [`CLOCK_TOLERANCE`]) from
+    /// `now`: one ending more than that and the longest [`EpochLength`]
+    /// from `now`, whose key could seal only records kept past the ceiling.
+    /// A key stored is used however far ahead its epoch ends: it was made
+    /// within the ceiling, and a clock stepped back since changes nothing
+    /// it seals.
     pub async fn epoch_key_for_seal(
         &self,
         business: BusinessId,
@@ -99,16 +110,10 @@ impl KeyManager {
         if epoch.end() <= now {
             return Err(KeyError::EpochEnded { epoch });
         }
-        // A key seals records expiring at most the longest epoch length
-        // before its epoch ends (see `envelope::seal`).
-        let horizon = CEILING + CLOCK_TOLERANCE + EpochLength::MAX;
-        if epoch.end() > now.saturating_add(horizon) {
-            return Err(KeyError::EpochBeyondCeiling { epoch, now });
-        }
         if let Some(key) = self.cached_epoch_key(business, epoch) {
             return Ok(key);
         }
-        self.load_epoch_key(business, epoch, Load::CreateIfAbsent)
+        self.load_epoch_key(business, epoch, Load::Seal { now })
             .await
     }
 
@@ -135,11 +140,24 @@ impl KeyManager {
         let id = KeyId::epoch(business, epoch);
         for _ in 0..LOAD_RETRIES {
             // Noted before the store is read: see `Cache::epoch_destructions`.
-            let destructions = self.read().epoch_destructions;
+            let (destructions, ended_through) = {
+                let cache = self.read();
+                (cache.epoch_destructions, cache.ended_through)
+            };
+            if matches!(load, Load::Seal { .. }) && ended_through >= Some(epoch.end()) {
+                return Err(KeyError::EpochEnded { epoch });
+            }
             let entry = match (self.store.key(&id).await?, load) {
                 (Some(entry), _) => entry,
                 (None, Load::Existing) => return Err(KeyError::UnknownEpoch { business, epoch }),
-                (None, Load::CreateIfAbsent) => {
+                (None, Load::Seal { now }) => {
+                    // A key seals records expiring at most the longest
+                    // epoch length before its epoch ends (see
+                    // `envelope::seal`).
+                    let horizon = CEILING + CLOCK_TOLERANCE + EpochLength::MAX;
+                    if epoch.end() > now.saturating_add(horizon) {
+                        return Err(KeyError::EpochBeyondCeiling { epoch, now });
+                    }
                     let _wrapping = self.wrapping(business).read_arc().await;
                     let ring = self.ring(business).await?;
                     let kek = self.kek(&ring, ring.primary()).await?;
@@ -227,6 +245,7 @@ impl KeyManager {
             keys: self,
             doomed: |key: &(BusinessId, Epoch)| *key == (business, epoch),
             early: true,
+            ended_through: None,
         };
         Ok(self
             .store
@@ -270,6 +289,7 @@ impl KeyManager {
             keys: self,
             doomed: |(b, epoch): &(BusinessId, Epoch)| epoch.end() <= now && !keep(*b, *epoch),
             early: false,
+            ended_through: Some(now),
         };
         let mut removed = 0;
         // The ids of pages the store did not delete in full: those it

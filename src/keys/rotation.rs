@@ -304,10 +304,13 @@ impl KeyManager {
     /// others are rewrapped all the same; then the first such is reported
     /// ([`KeyError::Unwrap`], [`KeyError::BelowFloor`],
     /// [`KeyError::UnknownVersion`]), to be dealt with before the floor can
-    /// pass its version.
+    /// pass its version. A business with no ring has nothing to rewrap, and
+    /// is given none.
     pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
         let _wrapping = self.wrapping(business).read_arc().await;
-        let ring = self.ring(business).await?;
+        let Some(ring) = self.stored_ring(business).await? else {
+            return Ok(0);
+        };
         let primary = self.kek(&ring, ring.primary()).await?;
         let mut after = None;
         let mut done = 0;
@@ -348,7 +351,10 @@ impl KeyManager {
     }
 
     /// Raise `business`'s decrypt floor to `version`: older versions may no
-    /// longer unwrap. Refused while any key is still wrapped below it.
+    /// longer unwrap. Refused while any key is still wrapped below it. A
+    /// business with no ring is given none: what its first ring would
+    /// refuse is refused, and the rest is so already (its floor starts at
+    /// its first version).
     pub async fn raise_decrypt_floor(
         &self,
         business: BusinessId,
@@ -357,16 +363,17 @@ impl KeyManager {
         let _wrapping = self.wrapping(business).write_arc().await;
         // What the ring refuses (a floor above the primary, say) is refused
         // as such: rewrapping, which wraps under the primary, cannot help.
-        match self.stored_ring(business).await? {
-            Some(ring) => ring.raise_floor(version)?,
-            None => KekRing::new(
+        let Some(ring) = self.stored_ring(business).await? else {
+            KekRing::new(
                 business,
                 Vec::new(),
                 KekCheck::UNUSED,
                 Timestamp::UNIX_EPOCH,
             )
-            .raise_floor(version)?,
+            .raise_floor(version)?;
+            return Ok(());
         };
+        ring.raise_floor(version)?;
         if !self
             .store
             .keys_wrapped_below(business, version, None, 1)
@@ -394,17 +401,22 @@ impl KeyManager {
     ) -> Result<(), KeyError> {
         let _wrapping = self.wrapping(business).write_arc().await;
         let forgets = self.forgets();
-        // Versions are numbered from 1: there never was a version 0.
-        if let Some(ring) = self.load_ring(business).await?
-            && (1..ring.floor().min(ring.next_version())).contains(&version)
-            && ring.get(version).is_none()
-        {
-            let mut cache = self.write();
-            cache.keks.remove(&(business, version));
-            if cache.ring_forgets == forgets {
-                cache.cache_ring(business, ring);
+        if let Some(ring) = self.load_ring(business).await? {
+            // Versions are numbered from 1: there never was a version 0.
+            if (1..ring.floor().min(ring.next_version())).contains(&version)
+                && ring.get(version).is_none()
+            {
+                let mut cache = self.write();
+                cache.keks.remove(&(business, version));
+                if cache.ring_forgets == forgets {
+                    cache.cache_ring(business, ring);
+                }
+                return Ok(());
             }
-            return Ok(());
+            // What the ring refuses (a version at or above the floor) is
+            // refused as such, before its keys are counted: no rewrap can
+            // take keys off the primary.
+            ring.retire(version)?;
         }
         let keys = self.store.count_wrapped_under(business, version).await?;
         if keys > 0 {
