@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, MessageId};
@@ -3005,4 +3006,108 @@ async fn a_message_after_a_restart_and_the_clock_stepped_back_is_received() {
     let second = d.inbound(&mut device, b"two").await;
     let got = d.receive(second).await;
     assert!(matches!(got, Ok(ref r) if r.delivered), "{got:?}");
+}
+
+/// Run `d`'s `publish_keys` alone for `head_start` polls, then alongside
+/// `other`: what `other` gave, or `None` if the publication ended alone.
+async fn publish_racing<T>(
+    d: &Deployment,
+    head_start: usize,
+    other: impl Future<Output = T>,
+) -> Option<T> {
+    let mut publish = std::pin::pin!(d.processor.publish_keys(&d.owner, d.b));
+    let alone = std::future::poll_fn(|cx| {
+        for _ in 0..head_start {
+            if let Poll::Ready(out) = publish.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+        }
+        Poll::Ready(None)
+    })
+    .await;
+    if let Some(out) = alone {
+        out.unwrap();
+        return None;
+    }
+    let (published, out) = tokio::join!(publish.as_mut(), other);
+    published.unwrap();
+    Some(out)
+}
+
+/// The pool a publication here refills and retires from: three consumers'
+/// first messages leave one key to hand out, so it retires the three
+/// oldest.
+fn small_pool() -> SignalConfig {
+    SignalConfig {
+        prekey_pool: 4,
+        prekey_low_water: 2,
+        prekey_limit: 4,
+        ..SignalConfig::default()
+    }
+}
+
+/// First messages received while `publish_keys` refills the pool and
+/// retires the oldest keys past the limit, at every interleaving, all
+/// reach the business: a key a first message under way loaded is not
+/// retired, and one gone by its commit has the device asked for the
+/// message again. (The commit's conflict was refused for good, and the
+/// network dropped the message.)
+#[tokio::test]
+async fn first_messages_received_while_publish_keys_retires_keys_all_arrive() {
+    let mut raced = 0;
+    for head_start in 0.. {
+        let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool()).await;
+        for i in 2..5 {
+            d.network.add_consumer(&consumer(i), 1).await;
+            let (from, text) = (consumer(i), format!("from {i}"));
+            let sent = d.network.consumer_sends(&from, 0, d.b, text.as_bytes());
+            sent.await.unwrap();
+        }
+        assert_eq!(d.network.one_time_prekeys_left(d.b).await, 1);
+        let pumped = d.network.pump(&d.processor, &d.carrier);
+        if publish_racing(&d, head_start, pumped).await.is_none() {
+            break;
+        }
+        raced += 1;
+        d.settle(30).await;
+        let contents = d.contents();
+        let missing: Vec<u32> = (2..5)
+            .filter(|i| !contents.contains_key(format!("from {i}").as_bytes()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "head start {head_start}: {missing:?} lost"
+        );
+    }
+    assert!(raced > 0);
+}
+
+/// The same with the key handed out twice: a first message on the oldest
+/// key, which the network's consumers took too, received while a
+/// publication retires it, is received or asked for again, never refused
+/// for good.
+#[tokio::test]
+async fn a_first_message_on_a_key_retired_while_it_is_received_is_asked_for_again() {
+    let mut raced = 0;
+    for head_start in 0.. {
+        let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool()).await;
+        for i in 2..5 {
+            d.network.add_consumer(&consumer(i), 1).await;
+            let from = consumer(i);
+            let sent = d.network.consumer_sends(&from, 0, d.b, b"queued");
+            sent.await.unwrap();
+        }
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"hello").await;
+        let Some(received) = publish_racing(&d, head_start, d.receive(inbound)).await else {
+            break;
+        };
+        raced += 1;
+        match received {
+            Ok(receipt) => assert!(receipt.delivered, "{receipt:?}"),
+            Err(ProcessorError::ResendAsked) => {}
+            Err(e) => panic!("head start {head_start}: refused as {e}"),
+        }
+    }
+    assert!(raced > 0);
 }

@@ -342,7 +342,12 @@ fn content_in_use_outside_its_region_is_dropped_after_the_ttl() {
     let now = Timestamp::from_millis(T0);
     let expiry = now.saturating_add(CEILING);
     let policy = RetentionPolicy::default();
-    let mut held = InUse::new(b"plaintext".to_vec(), now, expiry, &policy);
+    let mut held = InUse::new(
+        b"plaintext".to_vec(),
+        now,
+        &facts(now.as_millis(), expiry.as_millis()),
+        &policy,
+    );
     let until = now.saturating_add(HOUR);
     assert_eq!(held.until(), until);
     assert!(held.get(now).is_some());
@@ -372,7 +377,8 @@ fn content_in_use_is_held_for_the_policys_ttl_and_wiped() {
         .unwrap();
     let wiped = Arc::new(AtomicBool::new(false));
     let expiry = now.saturating_add(CEILING);
-    let mut held = InUse::new(Watched(wiped.clone()), now, expiry, &policy);
+    let record = facts(now.as_millis(), expiry.as_millis());
+    let mut held = InUse::new(Watched(wiped.clone()), now, &record, &policy);
     assert!(held.get(now.saturating_add(14 * MINUTE)).is_some());
     assert!(!wiped.load(Ordering::SeqCst));
     assert!(held.get(now.saturating_add(15 * MINUTE)).is_none());
@@ -382,7 +388,7 @@ fn content_in_use_is_held_for_the_policys_ttl_and_wiped() {
     );
 
     let wiped = Arc::new(AtomicBool::new(false));
-    let held = InUse::new(Watched(wiped.clone()), now, expiry, &policy);
+    let held = InUse::new(Watched(wiped.clone()), now, &record, &policy);
     drop(held);
     assert!(wiped.load(Ordering::SeqCst), "not wiped on drop");
 }
@@ -397,13 +403,37 @@ fn content_in_use_is_held_no_longer_than_its_record() {
     let now = Timestamp::from_millis(T0);
     let expiry = now.saturating_add(MINUTE);
     let policy = RetentionPolicy::default().with_in_use_ttl(CEILING).unwrap();
-    let mut held = InUse::new(b"plaintext".to_vec(), now, expiry, &policy);
+    let mut held = InUse::new(
+        b"plaintext".to_vec(),
+        now,
+        &facts(now.as_millis(), expiry.as_millis()),
+        &policy,
+    );
     assert_eq!(held.until(), expiry);
     assert!(
         held.get(expiry.saturating_sub(Duration::from_millis(1)))
             .is_some()
     );
     assert!(held.get(expiry).is_none());
+}
+
+/// Content in use is held no longer than its record's retention under the
+/// policy given: taken out half an hour after it was stored, just before
+/// the business's period was shortened to an hour ended it, it is gone
+/// when that hour is up. Before, it was bounded by the sealed expiry (30
+/// days) and held for the whole in-use TTL after retention refused every
+/// read of it.
+#[test]
+fn content_in_use_is_held_no_longer_than_a_shortened_retention() {
+    let now = Timestamp::from_millis(T0);
+    let record = facts(T0, now.saturating_add(CEILING).as_millis());
+    let shorter =
+        RetentionPolicy::from_toml("in_use_ttl = \"1d\"\n[business.1]\nretention = \"1h\"\n")
+            .unwrap();
+    let taken = now.saturating_add(30 * MINUTE);
+    let mut held = InUse::new(b"content".to_vec(), taken, &record, &shorter);
+    assert_eq!(held.until(), now.saturating_add(HOUR));
+    assert!(held.get(now.saturating_add(HOUR)).is_none());
 }
 
 // ---- the sweep ------------------------------------------------------------

@@ -8,6 +8,7 @@
 )]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,6 +26,7 @@ use custodian::store::{Batch, KeyStore, MemoryStore, Op, PeerId, Storage, StoreE
 use custodian::testing::ConsumerDevice;
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::{OpenError, Vault};
+use tokio::sync::Notify;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -1153,39 +1155,73 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
     assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"current");
 }
 
-/// A key store that suspends once before each insert.
-struct YieldingKeys(Arc<MemoryStore>);
+/// A key store over a memory store that suspends once before each insert
+/// (if `yield_inserts`), and, armed with a one-time prekey id, holds the
+/// answer of the next read of that key until released: an operation that
+/// loaded the key is suspended after the load, before it commits.
+struct HookedKeys {
+    inner: Arc<MemoryStore>,
+    yield_inserts: bool,
+    armed: AtomicU64,
+    reached: Notify,
+    release: Notify,
+}
+
+impl HookedKeys {
+    fn new(inner: &Arc<MemoryStore>, yield_inserts: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: inner.clone(),
+            yield_inserts,
+            armed: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+            release: Notify::new(),
+        })
+    }
+}
 
 #[async_trait]
-impl KeyStore for YieldingKeys {
+impl KeyStore for HookedKeys {
     async fn insert_key(&self, key: WrappedKey) -> Result<KeyEntry, StoreError> {
-        tokio::task::yield_now().await;
-        self.0.insert_key(key).await
+        if self.yield_inserts {
+            tokio::task::yield_now().await;
+        }
+        self.inner.insert_key(key).await
     }
     async fn ring(&self, business: BusinessId) -> Result<Option<KekRing>, StoreError> {
-        self.0.ring(business).await
+        self.inner.ring(business).await
     }
     async fn put_ring(&self, ring: &KekRing, expected: Option<u64>) -> Result<(), StoreError> {
-        self.0.put_ring(ring, expected).await
+        self.inner.put_ring(ring, expected).await
     }
     async fn key(&self, id: &KeyId) -> Result<Option<KeyEntry>, StoreError> {
-        self.0.key(id).await
+        let read = self.inner.key(id).await;
+        let armed = |armed| armed == id.id && id.kind == KeyKind::SignalPreKey;
+        let mine = self
+            .armed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
+                armed(a).then_some(u64::MAX)
+            });
+        if mine.is_ok() {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+        read
     }
     async fn rewrap_key(&self, key: WrappedKey, expected: u32) -> Result<bool, StoreError> {
-        self.0.rewrap_key(key, expected).await
+        self.inner.rewrap_key(key, expected).await
     }
     async fn destroy_key(&self, id: &KeyId, at: Timestamp) -> Result<bool, StoreError> {
-        self.0.destroy_key(id, at).await
+        self.inner.destroy_key(id, at).await
     }
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
-        self.0.delete_keys(ids).await
+        self.inner.delete_keys(ids).await
     }
     async fn delete_epoch_keys(
         &self,
         ids: &[KeyId],
         seen: &[custodian::store::HoldScope],
     ) -> Result<u64, StoreError> {
-        self.0.delete_epoch_keys(ids, seen).await
+        self.inner.delete_epoch_keys(ids, seen).await
     }
     async fn keys_wrapped_below(
         &self,
@@ -1194,7 +1230,7 @@ impl KeyStore for YieldingKeys {
         after: Option<KeyId>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.0
+        self.inner
             .keys_wrapped_below(business, version, after, limit)
             .await
     }
@@ -1203,7 +1239,7 @@ impl KeyStore for YieldingKeys {
         business: BusinessId,
         version: u32,
     ) -> Result<u64, StoreError> {
-        self.0.count_wrapped_under(business, version).await
+        self.inner.count_wrapped_under(business, version).await
     }
     async fn keys_of_kind(
         &self,
@@ -1212,14 +1248,14 @@ impl KeyStore for YieldingKeys {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<WrappedKey>, StoreError> {
-        self.0.keys_of_kind(business, kind, after, limit).await
+        self.inner.keys_of_kind(business, kind, after, limit).await
     }
     async fn ended_epoch_keys(
         &self,
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<KeyId>, StoreError> {
-        self.0.ended_epoch_keys(now, limit).await
+        self.inner.ended_epoch_keys(now, limit).await
     }
 }
 
@@ -1233,7 +1269,7 @@ impl KeyStore for YieldingKeys {
 #[tokio::test]
 async fn a_signed_prekey_rotation_raced_by_another_instance_publishes_the_stored_key() {
     let mut w = World::new();
-    let waits = Arc::new(YieldingKeys(w.store.clone()));
+    let waits = HookedKeys::new(&w.store, true);
     let config = SignalConfig::default();
     let (_, loser) = World::open_over(w.root, waits, &w.store, &w.clock, config);
     w.published().await;
@@ -2098,4 +2134,50 @@ async fn a_first_message_on_a_signed_prekey_past_its_grace_is_refused_without_ma
         matches!(got, Err(SignalError::UnknownPreKey("signed prekey"))),
         "a first message on a signed prekey 31 days past its replacement: {got:?}"
     );
+}
+
+/// A refill retiring the oldest one-time prekeys (the pool past
+/// `prekey_limit`) leaves one a first message under way loaded: the
+/// message is received. (The key was retired, and the message refused for
+/// good as `InvalidMessage` at its commit: the transport dropped it.)
+#[tokio::test]
+async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 5,
+        prekey_limit: 10,
+        ..SignalConfig::default()
+    };
+    let base = World::with_config(config.clone());
+    let gated = HookedKeys::new(&base.store, false);
+    let (keys, sessions) =
+        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
+    let w = World {
+        keys,
+        sessions,
+        ..base
+    };
+    let published = w.published().await;
+    assert_eq!(published.one_time_prekeys.len(), 10);
+    let oldest = published.one_time_prekeys[0].id;
+    let mut device = ConsumerDevice::new(1);
+    device
+        .start_session(w.business, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900101", &device).await;
+    let first = device.encrypt(w.business, b"hello").await.unwrap();
+    assert_eq!(first.kind, MessageKind::FirstContact);
+
+    gated.armed.store(u64::from(oldest), Ordering::SeqCst);
+    let (decrypted, maintained) = tokio::join!(w.decrypt(peer, &first), async {
+        gated.reached.notified().await;
+        // The network says every key was handed out: the pool is refilled
+        // and, past the limit, the oldest keys are retired.
+        let report = w.sessions.maintain(w.business, Some(0)).await.unwrap();
+        gated.release.notify_one();
+        report
+    });
+    assert!(maintained.prekeys_retired > 0, "{maintained:?}");
+    assert_eq!(decrypted.unwrap(), b"hello");
 }

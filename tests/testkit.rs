@@ -488,6 +488,28 @@ async fn an_outage_refuses_every_call_for_its_period_only() {
     assert_eq!((stats.outage, stats.failed), (60, 0));
 }
 
+/// An outage whose length has a part of a millisecond lasts to the first
+/// clock reading past its length: one of 1.5 ms still refuses calls at
+/// 1 ms, and one of 999 µs is a setting components take, refusing at its
+/// start. (The part was dropped: the first ended after 1 ms, and the
+/// second was refused as an outage that does not start before it ends.)
+#[tokio::test]
+async fn an_outage_lasts_its_whole_length_to_the_millisecond() {
+    let clock = ManualClock::new(start());
+    let faults = Faults::none().with_outage(start(), Duration::from_micros(1_500));
+    let network = SimNetwork::new(clock.clone(), faults, 1).unwrap();
+    network.add_consumer(&number(1), 1).await;
+    for (at, down) in [(0, true), (1, true), (2, false)] {
+        clock.set(start().saturating_add(Duration::from_millis(at)));
+        let answered = network.devices(business(), &number(1)).await.is_ok();
+        assert_eq!(answered, !down, "at {at} ms");
+    }
+    let short = Faults::none().with_outage(start(), Duration::from_micros(999));
+    assert_eq!(short.validate(), Ok(()));
+    assert!(short.in_outage(start()));
+    assert!(!short.in_outage(start().saturating_add(Duration::from_millis(1))));
+}
+
 /// Two fault kinds on one leg never shift each other, and two legs never
 /// shift each other: statuses interleaved or not, deliveries meet the same
 /// fates.

@@ -25,8 +25,7 @@ enum Load {
     Existing,
     /// Sealing at `now`: create the key (random, wrapped under the primary
     /// KEK) if the store has none, unless the epoch starts past the
-    /// retention ceiling from `now`. Refused for an epoch ended epochs were
-    /// destroyed through.
+    /// retention ceiling from `now`.
     Seal { now: Timestamp },
 }
 
@@ -40,9 +39,6 @@ struct ForgetEpochs<'a, F: Fn(&(BusinessId, Epoch)) -> bool> {
     doomed: F,
     /// An early destruction: bumps [`KeyManager::early_destructions`] too.
     early: bool,
-    /// For a destruction of the epochs ended by then: raises
-    /// [`Cache::ended_through`] to it.
-    ended_through: Option<Timestamp>,
 }
 
 impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
@@ -50,7 +46,6 @@ impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
         let mut cache = self.keys.write();
         // Loads under way read the store again (see `Cache::epoch_destructions`).
         cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
-        cache.ended_through = cache.ended_through.max(self.ended_through);
         cache.epochs.retain(|key, _| !(self.doomed)(key));
         if self.early {
             // After the key left the store and this cache: whoever notes
@@ -92,10 +87,8 @@ impl KeyManager {
 
     /// The key of `business`'s `epoch` for sealing, created (random, wrapped
     /// under the primary KEK) if the epoch has none yet. Refused once the
-    /// epoch has ended (by `now`, or by the time ended epochs were
-    /// destroyed through, however far the clock stepped back since) or its
-    /// key was destroyed, and, with nothing stored, for an epoch that
-    /// starts past the retention [`CEILING`] (and [`CLOCK_TOLERANCE`]) from
+    /// epoch has ended or its key was destroyed, and, with nothing stored,
+    /// for an epoch that starts past the retention [`CEILING`] (and [`CLOCK_TOLERANCE`]) from
     /// `now`: one ending more than that and the longest [`EpochLength`]
     /// from `now`, whose key could seal only records kept past the ceiling.
     /// A key stored is used however far ahead its epoch ends: it was made
@@ -140,13 +133,7 @@ impl KeyManager {
         let id = KeyId::epoch(business, epoch);
         for _ in 0..LOAD_RETRIES {
             // Noted before the store is read: see `Cache::epoch_destructions`.
-            let (destructions, ended_through) = {
-                let cache = self.read();
-                (cache.epoch_destructions, cache.ended_through)
-            };
-            if matches!(load, Load::Seal { .. }) && ended_through >= Some(epoch.end()) {
-                return Err(KeyError::EpochEnded { epoch });
-            }
+            let destructions = self.read().epoch_destructions;
             let entry = match (self.store.key(&id).await?, load) {
                 (Some(entry), _) => entry,
                 (None, Load::Existing) => return Err(KeyError::UnknownEpoch { business, epoch }),
@@ -245,7 +232,6 @@ impl KeyManager {
             keys: self,
             doomed: |key: &(BusinessId, Epoch)| *key == (business, epoch),
             early: true,
-            ended_through: None,
         };
         Ok(self
             .store
@@ -289,7 +275,6 @@ impl KeyManager {
             keys: self,
             doomed: |(b, epoch): &(BusinessId, Epoch)| epoch.end() <= now && !keep(*b, *epoch),
             early: false,
-            ended_through: Some(now),
         };
         let mut removed = 0;
         // The ids of pages the store did not delete in full: those it

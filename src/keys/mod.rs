@@ -266,14 +266,6 @@ struct Cache {
     /// before a concurrent destroy must not be cached after the destroy
     /// emptied the cache, or the epoch would stay readable in memory.
     epoch_destructions: u64,
-    /// The latest time ended epochs were destroyed through, set with the
-    /// bump of `epoch_destructions` that follows: no key is made, or loaded
-    /// for sealing, for an epoch ending at or before it. A seal whose clock
-    /// was read before an epoch's end and that loads the key after the
-    /// sweep took it would otherwise make a new one, as would a seal after
-    /// the clock stepped back past the end of an epoch the sweep destroyed
-    /// (its tombstone gone, if it was shredded early).
-    ended_through: Option<crate::time::Timestamp>,
 }
 
 impl Cache {

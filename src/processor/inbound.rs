@@ -215,6 +215,17 @@ impl Processor {
                 drop(claim);
                 return self.duplicate(business, id).await;
             }
+            // Its one-time prekey went while it decrypted (see
+            // `StagedDecrypt::commit_stored`): refused by the store, the
+            // write did not land, and the device is asked for the message
+            // again, as for a key gone before.
+            Err(e) if e.needs_new_session() => {
+                drop(claim);
+                if let Some(approval) = approval {
+                    approval.cancel();
+                }
+                return self.refused(business, id, &inbound, e).await;
+            }
             Err(e) => {
                 // The write may have landed, its answer lost (a networked
                 // store): the message is then stored, its redelivery

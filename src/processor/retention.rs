@@ -176,7 +176,9 @@ impl Processor {
     /// the case or request `reference` (operators only): every message and
     /// Signal record sealed under it becomes unreadable. Refused while a
     /// legal hold covers a record of that epoch (a message, or a Signal
-    /// record); audited before the key goes. See
+    /// record); audited before the key goes. Nothing more can be sealed
+    /// into the epoch: shredding the one new messages expire in stops the
+    /// business for up to one epoch length. See
     /// [`Retention::shred_epoch`](crate::retention::Retention::shred_epoch).
     pub async fn shred_epoch(
         &self,

@@ -552,6 +552,18 @@ impl Retention {
     /// hold check or the record: this is the call for operators. A message
     /// stored into that epoch while the shred runs is shredded with it
     /// (storing does not wait for the hold gate), held or not.
+    ///
+    /// Nothing more can be sealed into the epoch until it ends, even one
+    /// with no key yet (which returns `false`): a message or Signal record
+    /// that would expire in it is refused ([`KeyError::EpochDestroyed`]).
+    /// So shredding the epoch new records expire in (the current time plus
+    /// a retention period) stops the business for up to one epoch length:
+    /// its sends fail, and consumers' messages are refused, unacknowledged,
+    /// until their expiries pass the epoch (the transport delivers them
+    /// again; nothing is lost). A shred is for a breach or a business
+    /// leaving.
+    ///
+    /// [`KeyError::EpochDestroyed`]: crate::keys::KeyError::EpochDestroyed
     pub async fn shred_epoch(
         &self,
         principal: &str,

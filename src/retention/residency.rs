@@ -5,7 +5,7 @@ use std::fmt;
 
 use zeroize::Zeroize;
 
-use super::RetentionPolicy;
+use super::{RecordFacts, RetentionPolicy, effective_expiry};
 use crate::ids::{BusinessId, Region};
 use crate::time::Timestamp;
 
@@ -39,8 +39,8 @@ pub fn check_residency(
 }
 
 /// Content held in memory outside its region, readable for the policy's
-/// in-use TTL ([`RetentionPolicy::in_use_ttl`]), and never past the
-/// record's own expiry. After that
+/// in-use TTL ([`RetentionPolicy::in_use_ttl`]), and never past the end of
+/// its record's retention under that policy. After that
 /// [`get`](Self::get) refuses and the value is wiped: the sealed copy in
 /// the business's own region is the one to go back to. The value is wiped
 /// on drop too.
@@ -50,13 +50,15 @@ pub struct InUse<T: Zeroize> {
 }
 
 impl<T: Zeroize> InUse<T> {
-    /// Hold `value`, taken out of its region at `now` from a record
-    /// expiring at `expiry`, for `policy`'s in-use TTL or until the record
-    /// expires, whichever comes first.
-    pub fn new(value: T, now: Timestamp, expiry: Timestamp, policy: &RetentionPolicy) -> Self {
+    /// Hold `value`, taken out of its region at `now` from `record`, for
+    /// `policy`'s in-use TTL or until the record's retention under `policy`
+    /// ends ([`effective_expiry`]: its sealed expiry, or sooner if its
+    /// period was shortened since), whichever comes first.
+    pub fn new(value: T, now: Timestamp, record: &RecordFacts, policy: &RetentionPolicy) -> Self {
+        let ends = effective_expiry(record, policy);
         Self {
             value: Some(value),
-            until: now.saturating_add(policy.in_use_ttl()).min(expiry),
+            until: now.saturating_add(policy.in_use_ttl()).min(ends),
         }
     }
 

@@ -131,17 +131,22 @@ impl StagedDecrypt<'_> {
         match committed {
             Ok(()) => {}
             // The message is stored already (a replay), or its one-time
-            // prekey is consumed: another first message (from another
-            // device) used it while this one decrypted.
+            // prekey is gone since it was loaded: another first message (the
+            // network handed the key out twice) consumed it, or a refill
+            // retired it, while this one decrypted. Then it is refused as
+            // one on a key already gone is, its device to be asked for it
+            // again over a new session, not refused for good.
             Err(SignalError::Storage(StorageFailure::Store(e)))
                 if matches!(*e, StoreError::Conflict) =>
             {
                 if stored && s.store.message(business, id).await?.is_some() {
                     return Err(SignalError::DuplicateMessage);
                 }
-                return Err(SignalError::InvalidMessage(
-                    "the one-time prekey was used already",
-                ));
+                return Err(if consumed.is_some() {
+                    SignalError::UnknownPreKey("one-time prekey")
+                } else {
+                    SignalError::InvalidMessage("the store refused the session's change")
+                });
             }
             Err(e) => return Err(e),
         }

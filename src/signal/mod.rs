@@ -1047,25 +1047,31 @@ impl Sessions {
         // What the network can still hand out: the keys it has not handed
         // out, if it says, and never more than the store holds.
         let available = left.map_or(stored.len(), |left| left.min(stored.len()));
+        // The ids staged first messages loaded (read after the listing).
+        let held = self.prekeys_in_use.ids(business);
         if available < self.config.prekey_low_water {
             // Nor an id a staged first message loaded, consumed since by
             // another: its commit would consume the new key made under it.
             let taken: BTreeSet<u32> = stored.iter().copied().collect();
-            let held = self.prekeys_in_use.ids(business);
             let wanted = self.config.prekey_pool.saturating_sub(available);
             report.prekeys_added =
                 account::add_one_time_prekeys(keys, business, &taken, &held, wanted).await?;
         }
         // Keys handed out whose first message never came would pile up:
-        // past the limit the oldest go, never one added just now.
-        report.prekeys_retired = (stored.len() + report.prekeys_added)
-            .saturating_sub(self.config.prekey_limit)
-            .min(stored.len());
-        if let Some(oldest) = stored.get(..report.prekeys_retired)
-            && !oldest.is_empty()
-        {
-            account::delete_one_time_prekeys(keys, business, oldest).await?;
+        // past the limit the oldest go, never one added just now, nor one a
+        // first message under way loaded (its commit would find it gone, and
+        // its device be asked for it again).
+        let excess = (stored.len() + report.prekeys_added).saturating_sub(self.config.prekey_limit);
+        let oldest: Vec<u32> = stored
+            .iter()
+            .copied()
+            .filter(|id| !held.contains(id))
+            .take(excess)
+            .collect();
+        if !oldest.is_empty() {
+            account::delete_one_time_prekeys(keys, business, &oldest).await?;
         }
+        report.prekeys_retired = oldest.len();
         let kept = stored.len() + report.prekeys_added - report.prekeys_retired;
         report.prekeys_available = (available + report.prekeys_added).min(kept);
         stale.replace(account);

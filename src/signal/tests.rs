@@ -243,7 +243,9 @@ async fn first_contacts<const N: usize>(
 
 /// Two devices (two consumers) start sessions from the same published
 /// bundle, so their first messages name the same one-time prekey, and both
-/// decrypt before either commits: only the first commit may use it.
+/// decrypt before either commits: only the first commit may use it. The
+/// second is refused as one on a key gone already is (its device is asked
+/// for it again over a new session).
 #[tokio::test]
 async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
     let (sessions, keys, _, business, expiry) = fixture().await;
@@ -264,7 +266,7 @@ async fn a_one_time_prekey_decrypts_one_first_message_even_when_two_race() {
     a.commit(Batch::new()).await.unwrap();
     let refused = b.commit(Batch::new()).await;
     assert!(
-        matches!(refused, Err(SignalError::InvalidMessage(_))),
+        matches!(refused, Err(SignalError::UnknownPreKey("one-time prekey"))),
         "{refused:?}"
     );
     // The loser's state was not stored: it has no session.
@@ -306,7 +308,7 @@ async fn a_one_time_prekey_id_made_again_while_a_first_message_is_staged_is_not_
 
     let late = staged.commit(Batch::new()).await;
     assert!(
-        matches!(late, Err(SignalError::InvalidMessage(_))),
+        matches!(late, Err(SignalError::UnknownPreKey("one-time prekey"))),
         "{late:?}"
     );
     let stored = sessions.publish(business).await.unwrap().one_time_prekeys;

@@ -122,9 +122,18 @@ impl Faults {
         }
     }
 
-    /// Add an outage from `start` for `length`.
+    /// Add an outage from `start` for `length`. The clock reads whole
+    /// milliseconds, so the outage ends at the first reading not before
+    /// `start + length` (a part of a millisecond counts as a whole one).
     pub fn with_outage(mut self, start: Timestamp, length: Duration) -> Self {
-        self.outages.push((start, start.saturating_add(length)));
+        let whole = Duration::from_millis(u64::try_from(length.as_millis()).unwrap_or(u64::MAX));
+        let part = if length > whole {
+            Duration::from_millis(1)
+        } else {
+            Duration::ZERO
+        };
+        let end = start.saturating_add(whole).saturating_add(part);
+        self.outages.push((start, end));
         self
     }
 
@@ -222,7 +231,7 @@ fn duration_ms(d: Duration) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Leg {
     /// A call from the processor to the network (`devices`, `fetch_bundle`,
-    /// `send`, `one_time_prekey_count`): refused or not.
+    /// `send`, `ask_resend`, `one_time_prekey_count`): refused or not.
     Call,
     /// The processor handing the network something to keep
     /// (`publish_keys`, `integrity_signals`, `billing`): refused, or lost

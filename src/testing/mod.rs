@@ -11,7 +11,7 @@
 //! - [`SimBusiness`]: the businesses' endpoint, a
 //!   [`BusinessSink`](crate::transport::BusinessSink) that records what it is
 //!   handed, and why each copy came ([`Cause`]).
-//! - [`RecordingTransport`]: a transport that accepts everything and keeps
+//! - [`RecordingTransport`]: a transport that accepts every send and keeps
 //!   it, for harnesses and benchmarks that hand ciphertexts to devices
 //!   themselves.
 //! - [`Faults`]: loss, duplication, delay (so reordering), failures and

@@ -1,4 +1,4 @@
-//! A transport that accepts everything and keeps it.
+//! A transport that accepts every send and keeps it.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -16,7 +16,10 @@ use crate::transport::{Outgoing, Transport, TransportError};
 /// there is no bundle to fetch (start each device's session from
 /// [`published`](Self::published) keys before the processor sends to it),
 /// and no device to ask for a message again
-/// ([`ask_resend`](Transport::ask_resend) is refused).
+/// ([`ask_resend`](Transport::ask_resend) is refused). Integrity reports
+/// and billing statements are taken and dropped: the processor counts
+/// them handed over, so a harness that checks them needs
+/// [`SimNetwork`](super::SimNetwork), which keeps them.
 /// No faults, no delays: for those, [`SimNetwork`](super::SimNetwork).
 ///
 /// It serves one business: what it keeps is keyed by consumer number
