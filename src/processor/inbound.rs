@@ -218,13 +218,14 @@ impl Processor {
             // Its one-time prekey went while it decrypted (see
             // `StagedDecrypt::commit_stored`): refused by the store, the
             // write did not land, and the device is asked for the message
-            // again, as for a key gone before.
+            // again, as for a key gone before. Boxed: rare, and its future
+            // would grow every receive's.
             Err(e) if e.needs_new_session() => {
                 drop(claim);
                 if let Some(approval) = approval {
                     approval.cancel();
                 }
-                return self.refused(business, id, &inbound, e).await;
+                return Box::pin(self.refused(business, id, &inbound, e)).await;
             }
             Err(e) => {
                 // The write may have landed, its answer lost (a networked
