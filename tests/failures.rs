@@ -24,7 +24,7 @@
     reason = "tests assert by panicking"
 )]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
@@ -34,7 +34,8 @@ use std::time::Duration;
 use custodian::ids::{BusinessId, MessageId};
 use custodian::integrity::{Direction, Status as StatsStatus};
 use custodian::keys::{
-    Epoch, EpochLength, KeyEntry, KeyId, KeyManager, KeyProvider, LocalKeyProvider, SecretKey,
+    Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, KeyProvider, LocalKeyProvider,
+    SecretKey,
 };
 use custodian::processor::{Inbound, Outbound, ProcessorError, StatusChange};
 use custodian::retention::RetentionPolicy;
@@ -3110,4 +3111,42 @@ async fn a_first_message_on_a_key_retired_while_it_is_received_is_asked_for_agai
         }
     }
     assert!(raced > 0);
+}
+
+/// Two publications of one business's keys at once refill its pool once:
+/// the second counts the keys left after the first published its own, and
+/// deletes none the first published. (Both counted before either
+/// published: the second refilled again from the stale count, and retired
+/// keys the first had just handed the network.)
+#[tokio::test]
+async fn two_publications_at_once_refill_the_pool_once() {
+    let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool()).await;
+    for i in 2..5 {
+        d.network.add_consumer(&consumer(i), 1).await;
+        let from = consumer(i);
+        let sent = d.network.consumer_sends(&from, 0, d.b, b"queued");
+        sent.await.unwrap();
+    }
+    let one_time = || async {
+        let keys = d.store.keys_of_kind(d.b, KeyKind::SignalPreKey, None, 100);
+        let ids: BTreeSet<u64> = keys.await.unwrap().iter().map(|k| k.id.id).collect();
+        ids
+    };
+    let before = one_time().await;
+    let (first, second) = tokio::join!(
+        d.processor.publish_keys(&d.owner, d.b),
+        d.processor.publish_keys(&d.owner, d.b)
+    );
+    first.unwrap();
+    second.unwrap();
+    let after = one_time().await;
+    let made = after.difference(&before).count();
+    assert_eq!(made, 3, "keys made: {after:?}, from {before:?}");
+    let published = d.transport.published.lock().unwrap().clone().unwrap();
+    let served: BTreeSet<u64> = published
+        .one_time_prekeys
+        .iter()
+        .map(|k| u64::from(k.id))
+        .collect();
+    assert_eq!(served, after);
 }

@@ -25,7 +25,8 @@ impl Processor {
     /// Keep `business`'s Signal prekeys healthy and publish them through the
     /// transport. The one-time pool is refilled by the transport's count of
     /// keys left ([`Transport::one_time_prekey_count`]), or by the keys held
-    /// if it gives none ([`Sessions::maintain`]).
+    /// if it gives none ([`Sessions::maintain`]). Publications of one
+    /// business take turns.
     ///
     /// [`Transport::one_time_prekey_count`]: crate::transport::Transport::one_time_prekey_count
     /// [`Sessions::maintain`]: crate::signal::Sessions::maintain
@@ -35,6 +36,7 @@ impl Processor {
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
+        let _publishing = self.publishing.lock(business).await;
         // Its phone index too: a receive creates no key.
         self.keys.ensure_phone_index(business).await?;
         let left = self.transport.one_time_prekey_count(business).await?;

@@ -58,6 +58,7 @@ use crate::integrity::{
     StatisticsConfig,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
+use crate::lock::Stripes;
 use crate::retention::{
     Admission, HoldError, PolicyChangeError, ResidencyError, Retention, RetentionPolicy,
     SweepError, check_residency,
@@ -385,6 +386,11 @@ pub struct Processor {
     /// periods to taking them: two calls at once would both release the
     /// periods neither had taken yet.
     releasing_statistics: async_lock::Mutex<()>,
+    /// Held by [`publish_keys`](Self::publish_keys) for its business, from
+    /// the transport's count of keys left to the publication: two at once
+    /// would both refill from the first count, the second retiring keys
+    /// the first had just published.
+    publishing: Stripes,
     billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
@@ -464,6 +470,7 @@ impl Processor {
             integrity,
             statistics,
             releasing_statistics: async_lock::Mutex::new(()),
+            publishing: Stripes::new(),
             billing,
             storage: host.storage,
             keys,
