@@ -59,7 +59,10 @@ impl Processor {
     /// consumer (its state is kept for the case). Returns whether anything
     /// changed: `false` if that key was trusted already, or the device has
     /// no state (it never wrote, or retention deleted its state), whose
-    /// next key is trusted on first use.
+    /// next key is trusted on first use. The approval is kept as the
+    /// device's state is, with the consumer's messages: a sweep that finds
+    /// the consumer with none left deletes it, and the device's next key is
+    /// then trusted on first use too.
     ///
     /// [`HoldError::ConsumerHeld`]: crate::retention::HoldError::ConsumerHeld
     /// [`SignalError::UntrustedIdentity`]: crate::signal::SignalError::UntrustedIdentity
