@@ -88,12 +88,12 @@ impl KeyManager {
     /// The key of `business`'s `epoch` for sealing, created (random, wrapped
     /// under the primary KEK) if the epoch has none yet. Refused once the
     /// epoch has ended or its key was destroyed, and, with nothing stored,
-    /// for an epoch that starts past the retention [`CEILING`] (and [`CLOCK_TOLERANCE`]) from
-    /// `now`: one ending more than that and the longest [`EpochLength`]
-    /// from `now`, whose key could seal only records kept past the ceiling.
-    /// A key stored is used however far ahead its epoch ends: it was made
-    /// within the ceiling, and a clock stepped back since changes nothing
-    /// it seals.
+    /// for an epoch that starts past the retention [`CEILING`] (and
+    /// [`CLOCK_TOLERANCE`]) from `now`: one ending more than that and the
+    /// longest [`EpochLength`] from `now`, whose key could seal only records
+    /// kept past the ceiling. A key stored is used however far ahead its
+    /// epoch ends: it was made within the ceiling, and a clock stepped back
+    /// since changes nothing it seals.
     pub async fn epoch_key_for_seal(
         &self,
         business: BusinessId,
