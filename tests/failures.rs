@@ -2716,6 +2716,46 @@ async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
     assert_eq!(per_attempt, [1; 5], "bundles fetched per retry");
 }
 
+/// A device numbered 63 or above, linked while a message waits queued, gets
+/// it, though another device sharing the last bit of the devices pending
+/// was given up on: the devices to try keep the shared bit. (It counted as
+/// tried: the next attempt went to device 0 alone, and device 64 never got
+/// the message.)
+#[tokio::test]
+async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
+    let d = deployment(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&consumer(2), 65).await;
+    let unlinked = (1..=62).chain([64]);
+    d.transport.unlinked.lock().unwrap().extend(unlinked);
+    d.transport.bundle_fails.lock().unwrap().insert(0, false);
+    let mut bad = ConsumerDevice::new(63).bundle(true);
+    bad.signed_prekey.signature[0] ^= 1;
+    d.transport.served.lock().unwrap().insert(63, bad);
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
+        .await
+        .unwrap();
+    let status = d.processor.message_status(&d.owner, d.b, id).await;
+    assert_eq!(status.unwrap(), (Status::Queued, None));
+    d.transport.unlinked.lock().unwrap().remove(&64);
+    d.transport.bundle_fails.lock().unwrap().clear();
+    d.clock.advance(Duration::from_secs(60));
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    // Device 0 reports it, as a network does per device.
+    let report = d
+        .processor
+        .status_update(&d.carrier, d.b, id, Status::Delivered)
+        .await;
+    assert!(matches!(report, Ok(StatusChange::Applied)), "{report:?}");
+    d.settle(10).await;
+    let received = d.network.received(&consumer(2)).await;
+    assert!(
+        received.get(&64).is_some_and(|m| m.contains_key(&id)),
+        "{received:?}"
+    );
+}
+
 /// A delivery report on a message still queued (an attempt reached a
 /// device unrecorded) sends it again to the devices the queued message
 /// left to try, not to one given up on for a bad bundle: asked for its

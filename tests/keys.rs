@@ -616,6 +616,13 @@ async fn opening_with_the_ring_missing_reports_a_corrupt_ring_and_writes_nothing
     let number: PhoneNumber = "+447700900123".parse().unwrap();
     let hashed = vault.keys().phone_hash(b, &number).await;
     assert!(matches!(&hashed, Err(e) if corrupt(e)), "{hashed:?}");
+    // Nor is the rotation of its keys taken for done. (A rewrap answered
+    // that there was nothing to rewrap, and the floor rose, once they no
+    // longer made a ring.)
+    let rewrapped = vault.keys().rewrap(b).await;
+    assert!(matches!(&rewrapped, Err(e) if corrupt(e)), "{rewrapped:?}");
+    let raised = vault.keys().raise_decrypt_floor(b, 1).await;
+    assert!(matches!(&raised, Err(e) if corrupt(e)), "{raised:?}");
     assert_eq!(partial.ring(b).await.unwrap(), None, "no ring was created");
     // The lost ring put back, everything opens again.
     let ring = f.store.ring(b).await.unwrap().unwrap();

@@ -2181,3 +2181,47 @@ async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
     assert!(maintained.prekeys_retired > 0, "{maintained:?}");
     assert_eq!(decrypted.unwrap(), b"hello");
 }
+
+/// The pool counts a held key kept past the limit as handed out: of ten
+/// keys published, the six oldest handed out and a first message under way
+/// on the oldest, the refill adds six and retires six, keeping the held one
+/// and retiring a younger key never handed out in its place: nine can be
+/// handed out. (It reported ten, as if the oldest had gone.)
+#[tokio::test]
+async fn a_held_key_kept_past_the_limit_is_not_counted_available() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 5,
+        prekey_limit: 10,
+        ..SignalConfig::default()
+    };
+    let base = World::with_config(config.clone());
+    let gated = HookedKeys::new(&base.store, false);
+    let (keys, sessions) =
+        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
+    let w = World {
+        keys,
+        sessions,
+        ..base
+    };
+    let published = w.published().await;
+    let mut device = ConsumerDevice::new(1);
+    device
+        .start_session(w.business, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900102", &device).await;
+    let first = device.encrypt(w.business, b"hello").await.unwrap();
+
+    let oldest = published.one_time_prekeys[0].id;
+    gated.armed.store(u64::from(oldest), Ordering::SeqCst);
+    let (decrypted, report) = tokio::join!(w.decrypt(peer, &first), async {
+        gated.reached.notified().await;
+        let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
+        gated.release.notify_one();
+        report
+    });
+    assert_eq!(decrypted.unwrap(), b"hello");
+    assert_eq!((report.prekeys_added, report.prekeys_retired), (6, 6));
+    assert_eq!(report.prekeys_available, 9, "{report:?}");
+}

@@ -114,12 +114,7 @@ impl KeyManager {
     /// make every one of them unreadable for good, where putting the lost
     /// ring back could still save them.
     async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
-        if !self
-            .store
-            .keys_wrapped_below(business, u32::MAX, None, 1)
-            .await?
-            .is_empty()
-        {
+        if self.keys_stored(business).await? {
             // Unless another caller created the ring, and a key, meanwhile.
             return self
                 .stored_ring(business)
@@ -138,6 +133,29 @@ impl KeyManager {
                 .await?
                 .ok_or(KeyError::Contention),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether any key of `business` is stored, wrapped under a KEK.
+    async fn keys_stored(&self, business: BusinessId) -> Result<bool, KeyError> {
+        let any = self.store.keys_wrapped_below(business, u32::MAX, None, 1);
+        Ok(!any.await?.is_empty())
+    }
+
+    /// The ring of a business that may have none: `None` if it has no ring
+    /// and no key, [`KeyError::CorruptRing`] if keys are stored under a
+    /// ring that is missing (as [`ring`](Self::ring) answers).
+    async fn ring_if_any(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
+        match self.stored_ring(business).await? {
+            Some(ring) => Ok(Some(ring)),
+            None if self.keys_stored(business).await? => {
+                // Unless another caller created the ring, and a key, meanwhile.
+                self.stored_ring(business)
+                    .await?
+                    .map(Some)
+                    .ok_or(KeyError::CorruptRing { business })
+            }
+            None => Ok(None),
         }
     }
 
@@ -304,11 +322,12 @@ impl KeyManager {
     /// others are rewrapped all the same; then the first such is reported
     /// ([`KeyError::Unwrap`], [`KeyError::BelowFloor`],
     /// [`KeyError::UnknownVersion`]), to be dealt with before the floor can
-    /// pass its version. A business with no ring has nothing to rewrap, and
-    /// is given none.
+    /// pass its version. A business with no ring and no key has nothing to
+    /// rewrap, and is given no ring; keys stored under a ring that is
+    /// missing are [`KeyError::CorruptRing`].
     pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
         let _wrapping = self.wrapping(business).read_arc().await;
-        let Some(ring) = self.stored_ring(business).await? else {
+        let Some(ring) = self.ring_if_any(business).await? else {
             return Ok(0);
         };
         let primary = self.kek(&ring, ring.primary()).await?;
@@ -352,9 +371,10 @@ impl KeyManager {
 
     /// Raise `business`'s decrypt floor to `version`: older versions may no
     /// longer unwrap. Refused while any key is still wrapped below it. A
-    /// business with no ring is given none: what its first ring would
-    /// refuse is refused, and the rest is so already (its floor starts at
-    /// its first version).
+    /// business with no ring and no key is given no ring: what its first
+    /// ring would refuse is refused, and the rest is so already (its floor
+    /// starts at its first version). Keys stored under a ring that is
+    /// missing are [`KeyError::CorruptRing`].
     pub async fn raise_decrypt_floor(
         &self,
         business: BusinessId,
@@ -363,7 +383,7 @@ impl KeyManager {
         let _wrapping = self.wrapping(business).write_arc().await;
         // What the ring refuses (a floor above the primary, say) is refused
         // as such: rewrapping, which wraps under the primary, cannot help.
-        let Some(ring) = self.stored_ring(business).await? else {
+        let Some(ring) = self.ring_if_any(business).await? else {
             KekRing::new(
                 business,
                 Vec::new(),

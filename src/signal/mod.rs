@@ -1059,21 +1059,29 @@ impl Sessions {
         }
         // Keys handed out whose first message never came would pile up:
         // past the limit the oldest go, never one added just now, nor one a
-        // first message under way loaded (its commit would find it gone, and
-        // its device be asked for it again).
+        // first message under way had loaded when the holds were read (its
+        // commit would find it gone; one loading its key after that, as it
+        // goes, has its device asked for the message again).
         let excess = (stored.len() + report.prekeys_added).saturating_sub(self.config.prekey_limit);
-        let oldest: Vec<u32> = stored
+        let retired: Vec<(usize, u32)> = stored
             .iter()
             .copied()
-            .filter(|id| !held.contains(id))
+            .enumerate()
+            .filter(|(_, id)| !held.contains(id))
             .take(excess)
             .collect();
+        let oldest: Vec<u32> = retired.iter().map(|&(_, id)| id).collect();
         if !oldest.is_empty() {
             account::delete_one_time_prekeys(keys, business, &oldest).await?;
         }
         report.prekeys_retired = oldest.len();
-        let kept = stored.len() + report.prekeys_added - report.prekeys_retired;
-        report.prekeys_available = (available + report.prekeys_added).min(kept);
+        // The network hands out the oldest first: of those stored, the
+        // newest `available` are not handed out yet. A held key kept in
+        // place of an older one is handed out (a first message carries
+        // it), and a younger one goes instead.
+        let handed_out = stored.len() - available;
+        let unused_retired = retired.iter().filter(|&&(i, _)| i >= handed_out).count();
+        report.prekeys_available = available + report.prekeys_added - unused_retired;
         stale.replace(account);
         Ok(report)
     }

@@ -124,7 +124,9 @@ impl Faults {
 
     /// Add an outage from `start` for `length`. The clock reads whole
     /// milliseconds, so the outage ends at the first reading not before
-    /// `start + length` (a part of a millisecond counts as a whole one).
+    /// `start + length` (a part of a millisecond counts as a whole one),
+    /// or at [`Timestamp::MAX`] if there is none: that last reading is in
+    /// no outage.
     pub fn with_outage(mut self, start: Timestamp, length: Duration) -> Self {
         let whole = Duration::from_millis(u64::try_from(length.as_millis()).unwrap_or(u64::MAX));
         let part = if length > whole {
