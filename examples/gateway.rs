@@ -409,6 +409,8 @@ struct Control {
     handovers: u64,
     /// Retry receipts the processor took meanwhile.
     retry_receipts: u64,
+    /// Consumer messages the network handed the processor meanwhile.
+    receives: u64,
 }
 
 /// The control run between the traffic and the drain: the operator puts
@@ -444,9 +446,11 @@ async fn withheld_control(
     let (decisions, calls) = (audit.events().len(), sink.fault_stats());
     let text = "consumer 0, while content is withheld: where is my order?".to_owned();
     writes.write(network, 0, 0, b, text).await?;
-    let (mut window, mut denied, mut retry_receipts) = (Duration::ZERO, 0, 0);
+    let (mut window, mut denied, mut retry_receipts, mut receives) = (Duration::ZERO, 0, 0, 0);
     while denied == 0 && window < 180 * step {
-        retry_receipts += network.pump(processor, transport).await.retry_receipts;
+        let pumped = network.pump(processor, transport).await;
+        retry_receipts += pumped.retry_receipts;
+        receives += pumped.to_processor;
         processor.retransmit_due(operator).await?;
         clock.advance(step);
         window += step;
@@ -463,6 +467,7 @@ async fn withheld_control(
         denied,
         handovers: deliver(&sink.fault_stats()) - deliver(&calls),
         retry_receipts,
+        receives,
     })
 }
 
@@ -783,6 +788,23 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             ..Policies::default()
         },
     )?;
+    // A kept store is empty between runs (each ends by sweeping everything
+    // past retention): what a run cut short left would break the checks'
+    // counts, and its messages were sent to devices of that run.
+    if let Some(path) = &o.store {
+        let left = processor.census(&operator).await?;
+        if left.messages > 0 || left.phones > 0 || left.peers > 0 || left.epoch_keys > 0 {
+            return Err(format!(
+                "{} holds {} messages, {} phone numbers, {} Signal records and {} epoch keys                  left by a run that did not finish (a finished run leaves none): remove the                  file, or pass another --store",
+                path.display(),
+                left.messages,
+                left.phones,
+                left.peers,
+                left.epoch_keys
+            )
+            .into());
+        }
+    }
 
     println!(
         "custodian gateway: {} businesses, {} consumers, {} messages each way per consumer",
@@ -1083,7 +1105,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         "  end to end       {:>6.0} messages/s: {total_in} in and {total_out} out ({} receives with redeliveries) \
          in {:.2} s of wall time,",
         (total_in + total_out) as f64 / elapsed.as_secs_f64(),
-        latency.receives(),
+        latency.receives() as u64 + control.receives,
         elapsed.as_secs_f64(),
     );
     for line in [
@@ -1723,6 +1745,48 @@ mod tests {
             let outcome = run(o).await;
             assert!(outcome.is_ok(), "memory {memory}: {outcome:?}");
         }
+    }
+
+    /// A kept store that a run cut short left rows in is refused before
+    /// any traffic, naming what it holds: those rows would break the
+    /// checks' counts, and its messages went to devices of that run. (The
+    /// next run reported five broken promises the processor had kept.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_kept_store_a_run_left_unfinished_is_refused() {
+        use custodian::ids::PhoneHash;
+        use custodian::keys::Epoch;
+        use custodian::store::{Batch, Delivery, Direction, Op};
+
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = (dir.path().join("kept.db"), dir.path().join("root.key"));
+        let now = SystemClock.now();
+        let expiry = now.saturating_add(Duration::from_secs(3600));
+        let left = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let record = MessageRecord {
+            business: BusinessId::new(FIRST_BUSINESS + 1).unwrap(),
+            id: MessageId::random(),
+            direction: Direction::Outbound,
+            phone: PhoneHash::from_bytes([7; 16]),
+            created: now,
+            expiry,
+            epoch: Epoch::containing(expiry, EpochLength::DEFAULT).unwrap(),
+            delivery: Delivery::queued(now),
+            sealed: b"sealed".to_vec(),
+        };
+        let put = Batch::from(Op::PutMessage(Box::new(record)));
+        left.commit(put).await.unwrap();
+        drop(left);
+        let (path, key) = (path.to_string_lossy(), key.to_string_lossy());
+        let flags = ["--store", &path, "--root-key", &key, "--consumers", "3"];
+        let Ok(Parsed::Run(o)) = options(args(&flags)) else {
+            panic!("{flags:?} refused")
+        };
+        let refused = run(o).await.map_err(|e| e.to_string());
+        assert!(
+            matches!(&refused, Err(e) if e.contains("holds 1 messages")
+                && e.contains("left by a run that did not finish")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -38,8 +38,8 @@ use proptest::prelude::*;
 /// A store under test, and what the suite needs to know about its backend.
 struct Backend {
     store: Arc<dyn Storage>,
-    /// A write this backend cannot apply, if there is one.
-    unappliable: Option<fn() -> Op>,
+    /// A write this backend refuses, failing its batch.
+    unappliable: fn() -> Op,
     #[cfg(feature = "sqlite")]
     sqlite: Option<(tempfile::TempDir, SqliteConfig)>,
 }
@@ -48,7 +48,7 @@ impl Backend {
     fn memory() -> Self {
         Self {
             store: Arc::new(MemoryStore::new()),
-            unappliable: None,
+            unappliable: consume_a_missing_key,
             #[cfg(feature = "sqlite")]
             sqlite: None,
         }
@@ -65,7 +65,7 @@ impl Backend {
         let store = SqliteStore::open(dir.path().join("store.db"), config.clone()).unwrap();
         Self {
             store: Arc::new(store),
-            unappliable: Some(too_big_for_sqlite),
+            unappliable: too_big_for_sqlite,
             sqlite: Some((dir, config)),
         }
     }
@@ -82,6 +82,16 @@ impl Backend {
                 Arc::new(SqliteStore::open(dir.path().join("store.db"), config.clone()).unwrap());
         }
     }
+}
+
+/// Every store refuses to consume a key it does not hold (`Conflict`): the
+/// one write the memory store refuses.
+fn consume_a_missing_key() -> Op {
+    Op::ConsumeKey(KeyId {
+        business: business(1),
+        kind: KeyKind::SignalPreKey,
+        id: 999,
+    })
 }
 
 /// SQLite refuses any value over its length limit (10^9 bytes) with
@@ -2227,10 +2237,7 @@ async fn a_batch_is_all_or_nothing(backend: &mut Backend) {
         Delivery::queued(t(T0))
     );
 
-    let Some(unappliable) = backend.unappliable else {
-        // This backend has no write it cannot apply.
-        return;
-    };
+    let unappliable = backend.unappliable;
     let failing = batch([
         put(&M::new(1, 3, 5, T0)),
         put_peer(1, peer(1, 0), 99),
@@ -2247,7 +2254,10 @@ async fn a_batch_is_all_or_nothing(backend: &mut Backend) {
         put_peer(1, peer(2, 0), 98),
     ]);
     let err = s.commit(failing).await.unwrap_err();
-    assert!(matches!(err, StoreError::Backend(_)), "{err}");
+    assert!(
+        matches!(err, StoreError::Backend(_) | StoreError::Conflict),
+        "{err}"
+    );
     // Nothing of it happened, before or after the failing op.
     assert_eq!(s.message(business(1), mid(3)).await.unwrap(), None);
     assert_eq!(
@@ -2270,9 +2280,7 @@ async fn a_batch_is_all_or_nothing(backend: &mut Backend) {
 }
 
 async fn a_failing_batch_fails_alone_among_concurrent_ones(backend: &mut Backend) {
-    let Some(unappliable) = backend.unappliable else {
-        return;
-    };
+    let unappliable = backend.unappliable;
     // Good batches from many tasks, and bad ones among them: whichever
     // transactions they share, every good batch lands and every bad one fails.
     let mut tasks = Vec::new();
