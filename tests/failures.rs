@@ -2681,6 +2681,25 @@ async fn a_queued_message_is_tried_on_a_device_linked_since() {
     assert_eq!(status.unwrap(), (Status::Sent, None));
 }
 
+/// Consumer 2, with `devices` devices, sent the business's message while
+/// device 0's bundle is unavailable and device `bad`'s is refused (a bad
+/// signature: given up on): it stays queued. Its id.
+async fn queued_with_a_device_given_up(d: &Deployment, devices: u32, bad: u32) -> MessageId {
+    d.network.add_consumer(&consumer(2), devices).await;
+    d.transport.bundle_fails.lock().unwrap().insert(0, false);
+    let mut refused = ConsumerDevice::new(bad).bundle(true);
+    refused.signed_prekey.signature[0] ^= 1;
+    d.transport.served.lock().unwrap().insert(bad, refused);
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
+        .await
+        .unwrap();
+    let status = d.processor.message_status(&d.owner, d.b, id).await;
+    assert_eq!(status.unwrap(), (Status::Queued, None));
+    id
+}
+
 /// A device given up on for a message no device has yet (its bundle
 /// refused: a bad signature) is not asked for a bundle again at its
 /// retries, each of which would cost it a one-time prekey; the device the
@@ -2688,16 +2707,7 @@ async fn a_queued_message_is_tried_on_a_device_linked_since() {
 #[tokio::test]
 async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    d.network.add_consumer(&consumer(2), 2).await;
-    d.transport.bundle_fails.lock().unwrap().insert(0, false);
-    let mut bad = ConsumerDevice::new(1).bundle(true);
-    bad.signed_prekey.signature[0] ^= 1;
-    d.transport.served.lock().unwrap().insert(1, bad);
-    let id = d
-        .processor
-        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
-        .await
-        .unwrap();
+    let id = queued_with_a_device_given_up(&d, 2, 1).await;
     assert_eq!(
         d.transport.bundles_fetched(),
         2,
@@ -2724,20 +2734,9 @@ async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
 #[tokio::test]
 async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    d.network.add_consumer(&consumer(2), 65).await;
     let unlinked = (1..=62).chain([64]);
     d.transport.unlinked.lock().unwrap().extend(unlinked);
-    d.transport.bundle_fails.lock().unwrap().insert(0, false);
-    let mut bad = ConsumerDevice::new(63).bundle(true);
-    bad.signed_prekey.signature[0] ^= 1;
-    d.transport.served.lock().unwrap().insert(63, bad);
-    let id = d
-        .processor
-        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
-        .await
-        .unwrap();
-    let status = d.processor.message_status(&d.owner, d.b, id).await;
-    assert_eq!(status.unwrap(), (Status::Queued, None));
+    let id = queued_with_a_device_given_up(&d, 65, 63).await;
     d.transport.unlinked.lock().unwrap().remove(&64);
     d.transport.bundle_fails.lock().unwrap().clear();
     d.clock.advance(Duration::from_secs(60));
@@ -2764,16 +2763,7 @@ async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
 #[tokio::test]
 async fn a_report_on_a_queued_message_does_not_fetch_a_device_given_up_on() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    d.network.add_consumer(&consumer(2), 2).await;
-    d.transport.bundle_fails.lock().unwrap().insert(0, false);
-    let mut bad = ConsumerDevice::new(1).bundle(true);
-    bad.signed_prekey.signature[0] ^= 1;
-    d.transport.served.lock().unwrap().insert(1, bad);
-    let id = d
-        .processor
-        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
-        .await
-        .unwrap();
+    let id = queued_with_a_device_given_up(&d, 2, 1).await;
     let report = d
         .processor
         .status_update(&d.carrier, d.b, id, Status::Delivered)

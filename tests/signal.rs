@@ -2136,12 +2136,12 @@ async fn a_first_message_on_a_signed_prekey_past_its_grace_is_refused_without_ma
     );
 }
 
-/// A refill retiring the oldest one-time prekeys (the pool past
-/// `prekey_limit`) leaves one a first message under way loaded: the
-/// message is received. (The key was retired, and the message refused for
-/// good as `InvalidMessage` at its commit: the transport dropped it.)
-#[tokio::test]
-async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
+/// Ten one-time prekeys published, a first message on the oldest loads
+/// its key, and the pool is maintained meanwhile by the network's count
+/// `left`: the message's decrypt, and the maintenance report.
+async fn maintain_while_the_oldest_key_is_loaded(
+    left: usize,
+) -> (Result<Vec<u8>, SignalError>, custodian::signal::Maintenance) {
     let config = SignalConfig {
         prekey_pool: 10,
         prekey_low_water: 5,
@@ -2159,7 +2159,6 @@ async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
     };
     let published = w.published().await;
     assert_eq!(published.one_time_prekeys.len(), 10);
-    let oldest = published.one_time_prekeys[0].id;
     let mut device = ConsumerDevice::new(1);
     device
         .start_session(w.business, &published.bundle(Some(0)))
@@ -2169,16 +2168,26 @@ async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
     let first = device.encrypt(w.business, b"hello").await.unwrap();
     assert_eq!(first.kind, MessageKind::FirstContact);
 
+    let oldest = published.one_time_prekeys[0].id;
     gated.armed.store(u64::from(oldest), Ordering::SeqCst);
-    let (decrypted, maintained) = tokio::join!(w.decrypt(peer, &first), async {
+    tokio::join!(w.decrypt(peer, &first), async {
         gated.reached.notified().await;
-        // The network says every key was handed out: the pool is refilled
-        // and, past the limit, the oldest keys are retired.
-        let report = w.sessions.maintain(w.business, Some(0)).await.unwrap();
+        let report = w.sessions.maintain(w.business, Some(left)).await.unwrap();
         gated.release.notify_one();
         report
-    });
-    assert!(maintained.prekeys_retired > 0, "{maintained:?}");
+    })
+}
+
+/// A refill retiring the oldest one-time prekeys (the pool past
+/// `prekey_limit`) leaves one a first message under way loaded: the
+/// message is received. (The key was retired, and the message refused for
+/// good as `InvalidMessage` at its commit: the transport dropped it.)
+#[tokio::test]
+async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
+    // The network says every key was handed out: the pool is refilled
+    // and, past the limit, the oldest keys are retired.
+    let (decrypted, report) = maintain_while_the_oldest_key_is_loaded(0).await;
+    assert!(report.prekeys_retired > 0, "{report:?}");
     assert_eq!(decrypted.unwrap(), b"hello");
 }
 
@@ -2189,38 +2198,7 @@ async fn a_refill_retires_no_key_a_first_message_under_way_loaded() {
 /// handed out. (It reported ten, as if the oldest had gone.)
 #[tokio::test]
 async fn a_held_key_kept_past_the_limit_is_not_counted_available() {
-    let config = SignalConfig {
-        prekey_pool: 10,
-        prekey_low_water: 5,
-        prekey_limit: 10,
-        ..SignalConfig::default()
-    };
-    let base = World::with_config(config.clone());
-    let gated = HookedKeys::new(&base.store, false);
-    let (keys, sessions) =
-        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
-    let w = World {
-        keys,
-        sessions,
-        ..base
-    };
-    let published = w.published().await;
-    let mut device = ConsumerDevice::new(1);
-    device
-        .start_session(w.business, &published.bundle(Some(0)))
-        .await
-        .unwrap();
-    let peer = w.peer("+447700900102", &device).await;
-    let first = device.encrypt(w.business, b"hello").await.unwrap();
-
-    let oldest = published.one_time_prekeys[0].id;
-    gated.armed.store(u64::from(oldest), Ordering::SeqCst);
-    let (decrypted, report) = tokio::join!(w.decrypt(peer, &first), async {
-        gated.reached.notified().await;
-        let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
-        gated.release.notify_one();
-        report
-    });
+    let (decrypted, report) = maintain_while_the_oldest_key_is_loaded(4).await;
     assert_eq!(decrypted.unwrap(), b"hello");
     assert_eq!((report.prekeys_added, report.prekeys_retired), (6, 6));
     assert_eq!(report.prekeys_available, 9, "{report:?}");
