@@ -2630,6 +2630,27 @@ async fn an_approval_asked_again_after_a_lost_answer_lets_receipts_in() {
     );
 }
 
+/// Consumer 2, with `devices` devices, sent the business's message while
+/// device 0's bundle is unavailable and device `given_up`'s, if any, is
+/// refused (a bad signature): it stays queued. Its id.
+async fn queued_to(d: &Deployment, devices: u32, given_up: Option<u32>) -> MessageId {
+    d.network.add_consumer(&consumer(2), devices).await;
+    d.transport.bundle_fails.lock().unwrap().insert(0, false);
+    if let Some(bad) = given_up {
+        let mut refused = ConsumerDevice::new(bad).bundle(true);
+        refused.signed_prekey.signature[0] ^= 1;
+        d.transport.served.lock().unwrap().insert(bad, refused);
+    }
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
+        .await
+        .unwrap();
+    let status = d.processor.message_status(&d.owner, d.b, id).await;
+    assert_eq!(status.unwrap(), (Status::Queued, None));
+    id
+}
+
 /// Consumer 2 with two devices, device 1 not linked yet and device 0's
 /// bundle unavailable, sent the business's message: it stays queued, no
 /// device having it. Then device 1 is linked, and device 0's bundle is as
@@ -2638,16 +2659,8 @@ async fn an_approval_asked_again_after_a_lost_answer_lets_receipts_in() {
 /// for a few minutes.
 async fn queued_when_a_device_is_linked(device_0: Option<bool>) -> (Deployment, MessageId) {
     let d = deployment(Faults::none(), Faults::none()).await;
-    d.network.add_consumer(&consumer(2), 2).await;
     d.transport.unlinked.lock().unwrap().insert(1);
-    d.transport.bundle_fails.lock().unwrap().insert(0, false);
-    let id = d
-        .processor
-        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
-        .await
-        .unwrap();
-    let status = d.processor.message_status(&d.owner, d.b, id).await;
-    assert_eq!(status.unwrap(), (Status::Queued, None));
+    let id = queued_to(&d, 2, None).await;
     d.transport.unlinked.lock().unwrap().clear();
     *d.transport.bundle_fails.lock().unwrap() =
         device_0.map(|refused| (0, refused)).into_iter().collect();
@@ -2681,25 +2694,6 @@ async fn a_queued_message_is_tried_on_a_device_linked_since() {
     assert_eq!(status.unwrap(), (Status::Sent, None));
 }
 
-/// Consumer 2, with `devices` devices, sent the business's message while
-/// device 0's bundle is unavailable and device `bad`'s is refused (a bad
-/// signature: given up on): it stays queued. Its id.
-async fn queued_with_a_device_given_up(d: &Deployment, devices: u32, bad: u32) -> MessageId {
-    d.network.add_consumer(&consumer(2), devices).await;
-    d.transport.bundle_fails.lock().unwrap().insert(0, false);
-    let mut refused = ConsumerDevice::new(bad).bundle(true);
-    refused.signed_prekey.signature[0] ^= 1;
-    d.transport.served.lock().unwrap().insert(bad, refused);
-    let id = d
-        .processor
-        .send(&d.owner, d.b, d.outbound(b"your code is 123"))
-        .await
-        .unwrap();
-    let status = d.processor.message_status(&d.owner, d.b, id).await;
-    assert_eq!(status.unwrap(), (Status::Queued, None));
-    id
-}
-
 /// A device given up on for a message no device has yet (its bundle
 /// refused: a bad signature) is not asked for a bundle again at its
 /// retries, each of which would cost it a one-time prekey; the device the
@@ -2707,7 +2701,7 @@ async fn queued_with_a_device_given_up(d: &Deployment, devices: u32, bad: u32) -
 #[tokio::test]
 async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    let id = queued_with_a_device_given_up(&d, 2, 1).await;
+    let id = queued_to(&d, 2, Some(1)).await;
     assert_eq!(
         d.transport.bundles_fetched(),
         2,
@@ -2736,7 +2730,7 @@ async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
     let d = deployment(Faults::none(), Faults::none()).await;
     let unlinked = (1..=62).chain([64]);
     d.transport.unlinked.lock().unwrap().extend(unlinked);
-    let id = queued_with_a_device_given_up(&d, 65, 63).await;
+    let id = queued_to(&d, 65, Some(63)).await;
     d.transport.unlinked.lock().unwrap().remove(&64);
     d.transport.bundle_fails.lock().unwrap().clear();
     d.clock.advance(Duration::from_secs(60));
@@ -2763,7 +2757,7 @@ async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
 #[tokio::test]
 async fn a_report_on_a_queued_message_does_not_fetch_a_device_given_up_on() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    let id = queued_with_a_device_given_up(&d, 2, 1).await;
+    let id = queued_to(&d, 2, Some(1)).await;
     let report = d
         .processor
         .status_update(&d.carrier, d.b, id, Status::Delivered)
@@ -3065,16 +3059,26 @@ async fn publish_racing<T>(
     Some(out)
 }
 
-/// The pool a publication here refills and retires from: three consumers'
-/// first messages leave one key to hand out, so it retires the three
-/// oldest.
-fn small_pool() -> SignalConfig {
-    SignalConfig {
+/// A deployment whose pool holds four one-time prekeys, at most four:
+/// consumers 2 to 4 wrote "from <i>", each on its own key, their messages
+/// on their way. One key is left to hand out, so a publication refills
+/// the pool and retires the three oldest.
+async fn three_first_messages_on_their_way() -> Deployment {
+    let small_pool = SignalConfig {
         prekey_pool: 4,
         prekey_low_water: 2,
         prekey_limit: 4,
         ..SignalConfig::default()
+    };
+    let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool).await;
+    for i in 2..5 {
+        d.network.add_consumer(&consumer(i), 1).await;
+        let (from, text) = (consumer(i), format!("from {i}"));
+        let sent = d.network.consumer_sends(&from, 0, d.b, text.as_bytes());
+        sent.await.unwrap();
     }
+    assert_eq!(d.network.one_time_prekeys_left(d.b).await, 1);
+    d
 }
 
 /// First messages received while `publish_keys` refills the pool and
@@ -3087,14 +3091,7 @@ fn small_pool() -> SignalConfig {
 async fn first_messages_received_while_publish_keys_retires_keys_all_arrive() {
     let mut raced = 0;
     for head_start in 0.. {
-        let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool()).await;
-        for i in 2..5 {
-            d.network.add_consumer(&consumer(i), 1).await;
-            let (from, text) = (consumer(i), format!("from {i}"));
-            let sent = d.network.consumer_sends(&from, 0, d.b, text.as_bytes());
-            sent.await.unwrap();
-        }
-        assert_eq!(d.network.one_time_prekeys_left(d.b).await, 1);
+        let d = three_first_messages_on_their_way().await;
         let pumped = d.network.pump(&d.processor, &d.carrier);
         if publish_racing(&d, head_start, pumped).await.is_none() {
             break;
@@ -3121,13 +3118,7 @@ async fn first_messages_received_while_publish_keys_retires_keys_all_arrive() {
 async fn a_first_message_on_a_key_retired_while_it_is_received_is_asked_for_again() {
     let mut raced = 0;
     for head_start in 0.. {
-        let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool()).await;
-        for i in 2..5 {
-            d.network.add_consumer(&consumer(i), 1).await;
-            let from = consumer(i);
-            let sent = d.network.consumer_sends(&from, 0, d.b, b"queued");
-            sent.await.unwrap();
-        }
+        let d = three_first_messages_on_their_way().await;
         let mut handset = d.handset().await;
         let inbound = d.inbound(&mut handset, b"hello").await;
         let Some(received) = publish_racing(&d, head_start, d.receive(inbound)).await else {
@@ -3150,13 +3141,7 @@ async fn a_first_message_on_a_key_retired_while_it_is_received_is_asked_for_agai
 /// keys the first had just handed the network.)
 #[tokio::test]
 async fn two_publications_at_once_refill_the_pool_once() {
-    let d = Deployment::with_signal(Faults::none(), Faults::none(), small_pool()).await;
-    for i in 2..5 {
-        d.network.add_consumer(&consumer(i), 1).await;
-        let from = consumer(i);
-        let sent = d.network.consumer_sends(&from, 0, d.b, b"queued");
-        sent.await.unwrap();
-    }
+    let d = three_first_messages_on_their_way().await;
     let one_time = || async {
         let keys = d.store.keys_of_kind(d.b, KeyKind::SignalPreKey, None, 100);
         let ids: BTreeSet<u64> = keys.await.unwrap().iter().map(|k| k.id.id).collect();
