@@ -2203,3 +2203,56 @@ async fn a_held_key_kept_past_the_limit_is_not_counted_available() {
     assert_eq!((report.prekeys_added, report.prekeys_retired), (6, 6));
     assert_eq!(report.prekeys_available, 9, "{report:?}");
 }
+
+/// An epoch shredded while an operation holds a device's state (its first
+/// message loading a one-time prekey) takes no new record: the operation
+/// is refused, as it is when the shred comes first, and the stored record
+/// stays as it was. (The state was sealed again under the record key made
+/// before the shred: after the shred had returned, the device's new
+/// session was sealed under a key derived from the destroyed one.)
+#[tokio::test]
+async fn an_epoch_shredded_while_a_state_is_held_takes_no_record() {
+    let base = World::new();
+    let gated = HookedKeys::new(&base.store, false);
+    let config = SignalConfig::default();
+    let (keys, sessions) =
+        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
+    let w = World {
+        keys,
+        sessions,
+        ..base
+    };
+    let published = w.published().await;
+    let mut device = ConsumerDevice::new(1);
+    device
+        .start_session(w.business, &published.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900123", &device).await;
+    let first = device.encrypt(w.business, b"hello").await.unwrap();
+    assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"hello");
+    let before = w.store.peer(w.business, peer).await.unwrap().unwrap();
+    let shredded = Envelope::parse(&before).unwrap().header().epoch();
+
+    // The device starts over from another one-time prekey, whose load is
+    // held while the epoch its state is sealed in is shredded.
+    device
+        .start_session(w.business, &published.bundle(Some(1)))
+        .await
+        .unwrap();
+    let again = device.encrypt(w.business, b"again").await.unwrap();
+    let prekey = published.one_time_prekeys[1].id;
+    gated.armed.store(u64::from(prekey), Ordering::SeqCst);
+    let (decrypted, destroyed) = tokio::join!(w.decrypt(peer, &again), async {
+        gated.reached.notified().await;
+        let now = w.clock.now();
+        let destroyed = w.keys.destroy_epoch_unchecked(w.business, shredded, now);
+        let destroyed = destroyed.await.unwrap();
+        gated.release.notify_one();
+        destroyed
+    });
+    assert!(destroyed);
+    assert!(decrypted.is_err(), "{decrypted:?}");
+    let after = w.store.peer(w.business, peer).await.unwrap().unwrap();
+    assert_eq!(after, before, "a record was sealed into the shredded epoch");
+}

@@ -1274,12 +1274,18 @@ impl Sessions {
                 max,
             });
         }
+        // Read before the epoch's key is: see `Peer::key_shreds`.
+        let shreds = self.shreds();
         let key = match state.key.take() {
-            Some(key) if key.epoch() == epoch && !key.is_spent() => key,
+            Some(key) if key.epoch() == epoch && !key.is_spent() && state.key_shreds == shreds => {
+                key
+            }
             _ => {
-                // Boxed: a new record key is rare (a new peer, epoch or key).
+                // Boxed: a new record key is rare (a new peer, epoch or
+                // key, or an epoch shredded).
                 let epoch_key =
                     Box::pin(self.vault.keys().epoch_key_for_seal(business, epoch, now)).await?;
+                state.key_shreds = shreds;
                 Box::new(RecordKey::new(&epoch_key, MessageId::random()))
             }
         };
@@ -1440,6 +1446,7 @@ impl Sessions {
             expiry: state.expiry,
             sealed_expiry: state.sealed_expiry,
             key: state.key.take(),
+            key_shreds: state.key_shreds,
             generation: state.generation,
             ..Peer::empty(peer)
         };

@@ -64,6 +64,11 @@ pub(super) struct Peer {
     pub(super) expiry: Timestamp,
     /// Boxed: the state moves in and out of the cache, its key schedule must not.
     pub(super) key: Option<Box<RecordKey>>,
+    /// The key manager's count of epoch keys destroyed early when `key` was
+    /// made: once it moves, `key` is not used again (its epoch may be the
+    /// one destroyed, while an operation held the state), and the epoch's
+    /// key is asked for anew.
+    pub(super) key_shreds: u64,
     /// Sends since the last persist (write-behind; see the cache module).
     pub(super) dirty: bool,
     /// The cache generation it was loaded in: state loaded before the
@@ -131,6 +136,7 @@ impl Peer {
             identity: None,
             expiry: Timestamp::UNIX_EPOCH,
             key: None,
+            key_shreds: 0,
             dirty: false,
             generation: 0,
             encoded_len: 0,
@@ -237,6 +243,7 @@ impl Peer {
             identity,
             expiry,
             key: None,
+            key_shreds: 0,
             dirty: false,
             generation: 0,
             encoded_len: bytes.len(),
