@@ -793,9 +793,17 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     // counts, and its messages were sent to devices of that run.
     if let Some(path) = &o.store {
         let left = processor.census(&operator).await?;
-        if left.messages > 0 || left.phones > 0 || left.peers > 0 || left.epoch_keys > 0 {
+        let billed = storage.billing_businesses().await?.len();
+        if left.messages > 0
+            || left.phones > 0
+            || left.peers > 0
+            || left.epoch_keys > 0
+            || billed > 0
+        {
             return Err(format!(
-                "{} holds {} messages, {} phone numbers, {} Signal records and {} epoch keys                  left by a run that did not finish (a finished run leaves none): remove the                  file, or pass another --store",
+                "{} holds {} messages, {} phone numbers, {} Signal records, {} epoch keys \
+                 and the billing counts of {billed} businesses left by a run that did not \
+                 finish (a finished run leaves none): remove the file, or pass another --store",
                 path.display(),
                 left.messages,
                 left.phones,
@@ -1747,23 +1755,22 @@ mod tests {
         }
     }
 
-    /// A kept store that a run cut short left rows in is refused before
-    /// any traffic, naming what it holds: those rows would break the
-    /// checks' counts, and its messages went to devices of that run. (The
-    /// next run reported five broken promises the processor had kept.)
+    /// A kept store that a run cut short left rows in (a message; or only
+    /// billing counts, cut after its sweep) is refused before any traffic,
+    /// naming what it holds: those rows would break the checks' counts, and
+    /// its messages went to devices of that run. (The next run reported
+    /// broken promises the processor had kept.)
     #[tokio::test(flavor = "current_thread")]
     async fn a_kept_store_a_run_left_unfinished_is_refused() {
         use custodian::ids::PhoneHash;
         use custodian::keys::Epoch;
         use custodian::store::{Batch, Delivery, Direction, Op};
 
-        let dir = tempfile::tempdir().unwrap();
-        let (path, key) = (dir.path().join("kept.db"), dir.path().join("root.key"));
         let now = SystemClock.now();
         let expiry = now.saturating_add(Duration::from_secs(3600));
-        let left = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-        let record = MessageRecord {
-            business: BusinessId::new(FIRST_BUSINESS + 1).unwrap(),
+        let b = BusinessId::new(FIRST_BUSINESS + 1).unwrap();
+        let message = Op::PutMessage(Box::new(MessageRecord {
+            business: b,
             id: MessageId::random(),
             direction: Direction::Outbound,
             phone: PhoneHash::from_bytes([7; 16]),
@@ -1772,21 +1779,31 @@ mod tests {
             epoch: Epoch::containing(expiry, EpochLength::DEFAULT).unwrap(),
             delivery: Delivery::queued(now),
             sealed: b"sealed".to_vec(),
+        }));
+        let billed = Op::Bill {
+            business: b,
+            start: now,
+            end: expiry,
+            category: Category::Utility,
         };
-        let put = Batch::from(Op::PutMessage(Box::new(record)));
-        left.commit(put).await.unwrap();
-        drop(left);
-        let (path, key) = (path.to_string_lossy(), key.to_string_lossy());
-        let flags = ["--store", &path, "--root-key", &key, "--consumers", "3"];
-        let Ok(Parsed::Run(o)) = options(args(&flags)) else {
-            panic!("{flags:?} refused")
-        };
-        let refused = run(o).await.map_err(|e| e.to_string());
-        assert!(
-            matches!(&refused, Err(e) if e.contains("holds 1 messages")
-                && e.contains("left by a run that did not finish")),
-            "{refused:?}"
-        );
+        for (left, named) in [(message, "holds 1 messages"), (billed, "of 1 businesses")] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, key) = (dir.path().join("kept.db"), dir.path().join("root.key"));
+            let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+            store.commit(Batch::from(left)).await.unwrap();
+            drop(store);
+            let (path, key) = (path.to_string_lossy(), key.to_string_lossy());
+            let flags = ["--store", &path, "--root-key", &key, "--consumers", "3"];
+            let Ok(Parsed::Run(o)) = options(args(&flags)) else {
+                panic!("{flags:?} refused")
+            };
+            let refused = run(o).await.map_err(|e| e.to_string());
+            assert!(
+                matches!(&refused, Err(e) if e.contains(named)
+                    && e.contains("left by a run that did not finish")),
+                "{refused:?}"
+            );
+        }
     }
 
     #[test]

@@ -2630,11 +2630,11 @@ async fn an_approval_asked_again_after_a_lost_answer_lets_receipts_in() {
     );
 }
 
-/// Consumer 2, with `devices` devices, sent the business's message while
-/// device 0's bundle is unavailable and device `given_up`'s, if any, is
-/// refused (a bad signature): it stays queued. Its id.
-async fn queued_to(d: &Deployment, devices: u32, given_up: Option<u32>) -> MessageId {
-    d.network.add_consumer(&consumer(2), devices).await;
+/// Consumer 2, with two devices, sent the business's message while device
+/// 0's bundle is unavailable and device `given_up`'s, if any, is refused
+/// (a bad signature): it stays queued. Its id.
+async fn queued_to(d: &Deployment, given_up: Option<u32>) -> MessageId {
+    d.network.add_consumer(&consumer(2), 2).await;
     d.transport.bundle_fails.lock().unwrap().insert(0, false);
     if let Some(bad) = given_up {
         let mut refused = ConsumerDevice::new(bad).bundle(true);
@@ -2660,7 +2660,7 @@ async fn queued_to(d: &Deployment, devices: u32, given_up: Option<u32>) -> Messa
 async fn queued_when_a_device_is_linked(device_0: Option<bool>) -> (Deployment, MessageId) {
     let d = deployment(Faults::none(), Faults::none()).await;
     d.transport.unlinked.lock().unwrap().insert(1);
-    let id = queued_to(&d, 2, None).await;
+    let id = queued_to(&d, None).await;
     d.transport.unlinked.lock().unwrap().clear();
     *d.transport.bundle_fails.lock().unwrap() =
         device_0.map(|refused| (0, refused)).into_iter().collect();
@@ -2701,7 +2701,7 @@ async fn a_queued_message_is_tried_on_a_device_linked_since() {
 #[tokio::test]
 async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    let id = queued_to(&d, 2, Some(1)).await;
+    let id = queued_to(&d, Some(1)).await;
     assert_eq!(
         d.transport.bundles_fetched(),
         2,
@@ -2720,35 +2720,6 @@ async fn a_device_given_up_on_is_not_fetched_again_at_every_retry() {
     assert_eq!(per_attempt, [1; 5], "bundles fetched per retry");
 }
 
-/// A device numbered 63 or above, linked while a message waits queued, gets
-/// it, though another device sharing the last bit of the devices pending
-/// was given up on: the devices to try keep the shared bit. (It counted as
-/// tried: the next attempt went to device 0 alone, and device 64 never got
-/// the message.)
-#[tokio::test]
-async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
-    let d = deployment(Faults::none(), Faults::none()).await;
-    let unlinked = (1..=62).chain([64]);
-    d.transport.unlinked.lock().unwrap().extend(unlinked);
-    let id = queued_to(&d, 65, Some(63)).await;
-    d.transport.unlinked.lock().unwrap().remove(&64);
-    d.transport.bundle_fails.lock().unwrap().clear();
-    d.clock.advance(Duration::from_secs(60));
-    d.processor.retransmit_due(&d.operator).await.unwrap();
-    // Device 0 reports it, as a network does per device.
-    let report = d
-        .processor
-        .status_update(&d.carrier, d.b, id, Status::Delivered)
-        .await;
-    assert!(matches!(report, Ok(StatusChange::Applied)), "{report:?}");
-    d.settle(10).await;
-    let received = d.network.received(&consumer(2)).await;
-    assert!(
-        received.get(&64).is_some_and(|m| m.contains_key(&id)),
-        "{received:?}"
-    );
-}
-
 /// A delivery report on a message still queued (an attempt reached a
 /// device unrecorded) sends it again to the devices the queued message
 /// left to try, not to one given up on for a bad bundle: asked for its
@@ -2757,7 +2728,7 @@ async fn a_device_past_62_linked_while_a_message_is_queued_gets_it() {
 #[tokio::test]
 async fn a_report_on_a_queued_message_does_not_fetch_a_device_given_up_on() {
     let d = deployment(Faults::none(), Faults::none()).await;
-    let id = queued_to(&d, 2, Some(1)).await;
+    let id = queued_to(&d, Some(1)).await;
     let report = d
         .processor
         .status_update(&d.carrier, d.b, id, Status::Delivered)

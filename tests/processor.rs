@@ -2896,6 +2896,8 @@ struct Scripted {
     bundles: Mutex<BTreeMap<u32, u32>>,
     /// Sends to these devices never finish (review).
     stalled: Mutex<BTreeSet<u32>>,
+    /// The count of one-time prekeys left of these businesses never comes.
+    hung_counts: Mutex<BTreeSet<BusinessId>>,
 }
 
 #[async_trait::async_trait]
@@ -2971,6 +2973,9 @@ impl Transport for Scripted {
         self.network.publish_keys(b, k).await
     }
     async fn one_time_prekey_count(&self, b: BusinessId) -> Result<Option<usize>, TransportError> {
+        if self.hung_counts.lock().unwrap().contains(&b) {
+            std::future::pending::<()>().await;
+        }
         self.network.one_time_prekey_count(b).await
     }
     async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
@@ -3005,6 +3010,7 @@ impl ScriptedDeployment {
         let authorizer = StaticAuthorizer::new()
             .operator(&operator)
             .grant(&owner, b)
+            .grant(&owner, BusinessId::new(8).unwrap())
             .carrier(&carrier, b);
         let transport = Arc::new(Scripted {
             network: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 3).unwrap()),
@@ -3019,6 +3025,7 @@ impl ScriptedDeployment {
             sends: Mutex::default(),
             bundles: Mutex::default(),
             stalled: Mutex::default(),
+            hung_counts: Mutex::default(),
         });
         let business = SimBusiness::new(clock.clone(), Faults::none(), 4).unwrap();
         let host = Host {
@@ -3571,4 +3578,34 @@ async fn content_a_shortened_retention_ended_is_not_handed_over_once_the_period_
     d.run(Duration::from_secs(300), Duration::from_secs(60))
         .await;
     assert_eq!(d.business.messages().len(), 1);
+}
+
+/// A publication hung in a transport call (the count of keys left) holds
+/// up no other business's, while the business's own next publication
+/// waits its turn. (Publications took turns by a lock other businesses
+/// shared by hash: a hung call held theirs up too.)
+#[tokio::test]
+async fn a_hung_publication_holds_up_no_other_business() {
+    let d = ScriptedDeployment::new(1).await;
+    d.transport.hung_counts.lock().unwrap().insert(d.b);
+    let mut hung = Box::pin(d.processor.publish_keys(&d.owner, d.b));
+    // Polled first: it takes its turn, and waits in the count.
+    let first =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(hung.as_mut().poll(cx).is_pending()));
+    assert!(first.await);
+    let other = BusinessId::new(8).unwrap();
+    let later = async {
+        let other = d.processor.publish_keys(&d.owner, other).await;
+        let again = within(
+            Duration::from_millis(300),
+            d.processor.publish_keys(&d.owner, d.b),
+        );
+        (other, again.await)
+    };
+    let (other, again) = tokio::select! {
+        _ = &mut hung => panic!("the hung publication ended"),
+        done = within(Duration::from_secs(30), later) => done.expect("held up"),
+    };
+    assert!(other.is_ok(), "{other:?}");
+    assert!(again.is_none(), "the hung business published twice at once");
 }

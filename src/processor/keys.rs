@@ -36,7 +36,14 @@ impl Processor {
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
-        let _publishing = self.publishing.lock(business).await;
+        let publishing = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(business)
+            .or_default()
+            .clone();
+        let _publishing = publishing.lock().await;
         // Its phone index too: a receive creates no key.
         self.keys.ensure_phone_index(business).await?;
         let left = self.transport.one_time_prekey_count(business).await?;

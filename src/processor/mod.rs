@@ -58,7 +58,6 @@ use crate::integrity::{
     StatisticsConfig,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
-use crate::lock::Stripes;
 use crate::retention::{
     Admission, HoldError, PolicyChangeError, ResidencyError, Retention, RetentionPolicy,
     SweepError, check_residency,
@@ -389,8 +388,9 @@ pub struct Processor {
     /// Held by [`publish_keys`](Self::publish_keys) for its business, from
     /// the transport's count of keys left to the publication: two at once
     /// would both refill from the first count, the second retiring keys
-    /// the first had just published.
-    publishing: Stripes,
+    /// the first had just published. One lock per business, so that a
+    /// transport call that hangs for one holds up no other's.
+    publishing: std::sync::Mutex<std::collections::HashMap<BusinessId, Arc<async_lock::Mutex<()>>>>,
     billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
@@ -470,7 +470,7 @@ impl Processor {
             integrity,
             statistics,
             releasing_statistics: async_lock::Mutex::new(()),
-            publishing: Stripes::new(),
+            publishing: std::sync::Mutex::default(),
             billing,
             storage: host.storage,
             keys,

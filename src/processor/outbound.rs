@@ -886,11 +886,11 @@ impl Processor {
         }
         // No device has it yet: every device this attempt did not try is
         // still to be tried (one it gave up on, for a bad bundle say, is
-        // not: each bundle costs the device a one-time prekey). The last
-        // bit stays among them, whatever the devices sharing it came to:
-        // one linked since shares it too.
+        // not: each bundle costs the device a one-time prekey; so neither is
+        // the last bit once every device sharing it was given up on, at the
+        // cost of one linked since that shares it).
         let pending = if queued && sent == 0 && exact.is_none() {
-            pending | (only.unwrap_or(u64::MAX) & !(reached.listed & !SHARED_BIT))
+            pending | (only.unwrap_or(u64::MAX) & !reached.listed)
         } else {
             pending
         };

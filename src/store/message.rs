@@ -162,8 +162,9 @@ pub struct Delivery {
     /// or settled, zero means none outstanding. On one still queued (no
     /// device has it), the devices to try: those the last attempt could
     /// not reach and every device it did not try (linked since, say), not
-    /// those it gave up on (but bit 63 stays, for a device linked since
-    /// that shares it); zero, every device.
+    /// those it gave up on (nor bit 63 once all the devices sharing it
+    /// were: a device 63 or above linked since is not tried); zero, every
+    /// device.
     #[serde(default)]
     pub pending_devices: u64,
     /// Which write billed an outbound message (counting it taken: billed
