@@ -244,9 +244,11 @@ pub trait Transport: Send + Sync {
 
     /// Publish the keys consumers fetch to reach `business`. The one-time
     /// prekeys replace those published before; they include keys handed
-    /// out before whose first messages may not have come yet. Hand each
-    /// one-time prekey out once, ever: a key handed out twice fails the
-    /// second session's first message.
+    /// out before whose first messages may not have come yet, oldest first.
+    /// Hand them out in that order (the processor retires the oldest past
+    /// its limit, and counts the newest as not handed out yet), and each
+    /// once, ever: a first message on a key handed out twice, or on one
+    /// retired, has its device asked to send it again over a new session.
     async fn publish_keys(
         &self,
         business: BusinessId,
