@@ -1782,7 +1782,7 @@ mod tests {
         );
     }
 
-    /// The bytes [`row_values`] reads as `values`.
+    /// The bytes [`row_values`] reads as `values` (a text read back marked).
     #[cfg(feature = "sqlite")]
     fn row_bytes(values: &[rusqlite::types::Value]) -> Vec<u8> {
         use rusqlite::types::Value;
