@@ -2136,6 +2136,21 @@ async fn a_first_message_on_a_signed_prekey_past_its_grace_is_refused_without_ma
     );
 }
 
+/// A world under `config` whose keys are read through a [`HookedKeys`]
+/// (inserts not held up), and that store.
+fn gated_world(config: SignalConfig) -> (World, Arc<HookedKeys>) {
+    let base = World::with_config(config.clone());
+    let gated = HookedKeys::new(&base.store, false);
+    let (keys, sessions) =
+        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
+    let world = World {
+        keys,
+        sessions,
+        ..base
+    };
+    (world, gated)
+}
+
 /// Ten one-time prekeys published, a first message on the oldest loads
 /// its key, and the pool is maintained meanwhile by the network's count
 /// `left`: the message's decrypt, and the maintenance report.
@@ -2148,15 +2163,7 @@ async fn maintain_while_the_oldest_key_is_loaded(
         prekey_limit: 10,
         ..SignalConfig::default()
     };
-    let base = World::with_config(config.clone());
-    let gated = HookedKeys::new(&base.store, false);
-    let (keys, sessions) =
-        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
-    let w = World {
-        keys,
-        sessions,
-        ..base
-    };
+    let (w, gated) = gated_world(config);
     let published = w.published().await;
     assert_eq!(published.one_time_prekeys.len(), 10);
     let mut device = ConsumerDevice::new(1);
@@ -2212,16 +2219,7 @@ async fn a_held_key_kept_past_the_limit_is_not_counted_available() {
 /// session was sealed under a key derived from the destroyed one.)
 #[tokio::test]
 async fn an_epoch_shredded_while_a_state_is_held_takes_no_record() {
-    let base = World::new();
-    let gated = HookedKeys::new(&base.store, false);
-    let config = SignalConfig::default();
-    let (keys, sessions) =
-        World::open_over(base.root, gated.clone(), &base.store, &base.clock, config);
-    let w = World {
-        keys,
-        sessions,
-        ..base
-    };
+    let (w, gated) = gated_world(SignalConfig::default());
     let published = w.published().await;
     let mut device = ConsumerDevice::new(1);
     device
