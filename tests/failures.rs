@@ -3136,3 +3136,44 @@ async fn two_publications_at_once_refill_the_pool_once() {
         .collect();
     assert_eq!(served, after);
 }
+
+/// The statistics give nothing away beside the billing statement, which
+/// counts every outbound message sent, exactly, in periods as long: of
+/// three consumers' messages, two delivered at once and one two hours
+/// later (k is 2 here), no outbound count is released, as the billed total
+/// less the fast bucket would be the one slow delivery. (The fast bucket
+/// was released, and billing gave the suppressed one away.)
+#[tokio::test]
+async fn the_statistics_give_nothing_away_beside_the_billed_count() {
+    let d = deployment(Faults::none(), Faults::none()).await;
+    let fast = [d.send_out_to(2).await, d.send_out_to(3).await];
+    let slow = d.send_out_to(4).await;
+    for id in fast {
+        let change = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await;
+        assert!(matches!(change, Ok(StatusChange::Applied)), "{change:?}");
+    }
+    d.clock.advance(Duration::from_secs(2 * 3600));
+    let change = d
+        .processor
+        .status_update(&d.carrier, d.b, slow, Status::Delivered)
+        .await;
+    assert!(matches!(change, Ok(StatusChange::Applied)), "{change:?}");
+    let statement = d.processor.billing_statement(&d.owner, d.b).await.unwrap();
+    let billed: u64 = statement.records.iter().map(|r| r.messages.total()).sum();
+    assert_eq!(billed, 3);
+    d.clock.advance(Duration::from_secs(24 * 3600));
+    let reports = d.processor.statistics(&d.operator).await.unwrap();
+    for r in &reports {
+        let outbound = r
+            .messages
+            .iter()
+            .filter(|m| m.direction == Direction::Outbound);
+        assert!(
+            r.delivery_latency.is_empty() && outbound.count() == 0,
+            "{r:?}"
+        );
+    }
+}

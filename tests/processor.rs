@@ -2013,7 +2013,10 @@ fn plain_host(audit: Arc<dyn AuditSink>) -> Host {
 }
 
 /// Delivery settings under which retries would stop, or spin, are refused
-/// when the processor is built, naming the setting.
+/// when the processor is built, naming the setting: a wait under a
+/// millisecond among them, which times in whole milliseconds make zero.
+/// (One was let in, and a message was resent at every pass with no time
+/// passing.)
 #[test]
 fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
     let host = || plain_host(Arc::new(MemoryAuditSink::new()));
@@ -2044,6 +2047,20 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
         (
             DeliveryConfig {
                 receipt_timeout: Duration::ZERO,
+                ..ok.clone()
+            },
+            "receipt_timeout",
+        ),
+        (
+            DeliveryConfig {
+                retry_base: Duration::from_micros(999),
+                ..ok.clone()
+            },
+            "retry_base",
+        ),
+        (
+            DeliveryConfig {
+                receipt_timeout: Duration::from_nanos(1),
                 ..ok.clone()
             },
             "receipt_timeout",

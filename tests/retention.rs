@@ -3631,3 +3631,52 @@ async fn a_message_asked_for_again_reaches_the_business_once() {
         }
     }
 }
+
+/// A hold change whose write lands with its answer lost is put straight in
+/// the store at once, on both backends: a failed release leaves the hold
+/// stored, a failed placement leaves none, as the audit trail says. (The
+/// write that put it straight was owed in memory until the holds were
+/// next read: a restart lost it, and the sweep then deleted what a hold
+/// the trail said stood had kept.)
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_hold_change_whose_answer_was_lost_is_put_straight_at_once() {
+    use seams::{Seams, Strike};
+    let scope = HoldScope::Business(business(1));
+    for &backend in Backend::ALL {
+        for release in [false, true] {
+            // The store's calls counted from the change: find its commit.
+            let mut found = false;
+            for n in 1..12 {
+                let (w, faults) = raced_on(backend);
+                if release {
+                    let placed = w.retention.place_hold("ops", scope, "case-1", w.now());
+                    placed.await.unwrap();
+                }
+                faults.fail_at(n, Seams::Store, Strike::After);
+                let changed = if release {
+                    let released = w.retention.release_hold("ops", scope, "case-1", w.now());
+                    released.await.map(drop)
+                } else {
+                    w.retention
+                        .place_hold("ops", scope, "case-1", w.now())
+                        .await
+                };
+                let failed = faults.lift();
+                if failed != [("commit", Strike::After)] {
+                    continue;
+                }
+                assert!(changed.is_err(), "{backend:?} release {release}");
+                found = true;
+                let stored = w.store.holds().await.unwrap();
+                assert_eq!(
+                    stored.len(),
+                    usize::from(release),
+                    "{backend:?} release {release}"
+                );
+                break;
+            }
+            assert!(found, "{backend:?} release {release}: no commit failed");
+        }
+    }
+}

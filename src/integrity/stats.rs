@@ -404,7 +404,11 @@ impl StatisticsCollector {
         // buckets plus failed). A total is released only if the parts
         // withheld from its sum come from at least k consumers together;
         // a total withheld whose parts are all released takes failed with
-        // it.
+        // it. The outbound sent count is public all the same: the business
+        // is billed for each message sent, in periods as long, so what it
+        // withholds gives nothing away only if its parts do not either:
+        // when the parts withheld come from fewer than k consumers, the
+        // whole outbound row is (its latency buckets, delivered, failed).
         let mut withheld = [[false; Status::ALL.len()]; 2];
         for direction in Direction::ALL {
             for &status in Status::ALL {
@@ -416,6 +420,7 @@ impl StatisticsCollector {
         if !hidden_latency.is_empty() {
             withheld[lane(Direction::Outbound)][Status::Delivered as usize] = true;
         }
+        let mut latency_withheld = false;
         for direction in Direction::ALL {
             let (counts, lane) = (&p.messages[lane(direction)], &mut withheld[lane(direction)]);
             let mut hidden: Vec<&Bucket> = Vec::new();
@@ -438,6 +443,11 @@ impl StatisticsCollector {
             }
             if !hidden.is_empty() && !enough_together(&hidden, k) {
                 lane[Status::Sent as usize] = true;
+                if direction == Direction::Outbound {
+                    lane[Status::Delivered as usize] = true;
+                    lane[Status::Failed as usize] = true;
+                    latency_withheld = true;
+                }
             }
             if lane[Status::Sent as usize] && hidden.is_empty() {
                 lane[Status::Failed as usize] = true;
@@ -460,7 +470,7 @@ impl StatisticsCollector {
             .latency
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.releasable(k))
+            .filter(|(_, b)| b.releasable(k) && !latency_withheld)
             .map(|(i, b)| LatencyCount {
                 above_ms: if i == 0 { 0 } else { LATENCY_BOUNDS_MS[i - 1] },
                 up_to_ms: LATENCY_BOUNDS_MS.get(i).copied(),

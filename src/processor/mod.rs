@@ -276,20 +276,22 @@ impl Default for DeliveryConfig {
 impl DeliveryConfig {
     /// Whether these settings keep retrying: a zero batch would hand
     /// nothing due to [`Processor::retransmit_due`], a zero wait would
-    /// retry on every pass. The error names the setting.
+    /// retry on every pass. Times are kept in whole milliseconds, so a
+    /// wait under one is zero. The error names the setting.
     pub fn validate(&self) -> Result<(), ProcessorError> {
         let invalid = |what: &str| Err(ProcessorError::Config(format!("delivery: {what}")));
+        const MILLISECOND: Duration = Duration::from_millis(1);
         if self.batch == 0 {
             return invalid("batch must be at least 1");
         }
-        if self.retry_base.is_zero() {
-            return invalid("retry_base must be more than zero");
+        if self.retry_base < MILLISECOND {
+            return invalid("retry_base must be at least a millisecond");
         }
         if self.retry_max < self.retry_base {
             return invalid("retry_max must be at least retry_base");
         }
-        if self.receipt_timeout.is_zero() {
-            return invalid("receipt_timeout must be more than zero");
+        if self.receipt_timeout < MILLISECOND {
+            return invalid("receipt_timeout must be at least a millisecond");
         }
         Ok(())
     }

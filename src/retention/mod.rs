@@ -639,7 +639,9 @@ impl Retention {
     /// consumer's data is deleted (see [`HoldEvent`]).
     /// If the store fails the write, no hold stands: the audit trail says
     /// it was undone, and the store is made to agree (the write may have
-    /// landed) before the holds are next read. If the trail cannot record
+    /// landed) at once, or, should the store fail that too, before the
+    /// holds are next read (a process stopped before then leaves the store
+    /// as it last answered: ask again). If the trail cannot record
     /// the undo either, the hold stands, as the trail says: a failed hold
     /// change errs on keeping the hold.
     pub async fn place_hold(
@@ -674,13 +676,14 @@ impl Retention {
                 action: HoldAction::Released,
                 ..event
             });
-            self.hold_gate.owe(match undone {
+            let straight = match undone {
                 Ok(()) => Op::DeleteHold {
                     scope,
                     reference: reference.to_owned(),
                 },
                 Err(_) => put,
-            });
+            };
+            self.put_straight(straight).await;
             return Err(e.into());
         }
         Ok(())
@@ -690,9 +693,9 @@ impl Retention {
     /// `principal` (who asked, as the audit trail names them); holds of
     /// other cases on the same scope stand. Audited first: if the audit
     /// trail cannot record it, the hold stays; so it does if the store
-    /// fails the write (audited as undone, and the store made to agree
-    /// before the holds are next read), even if the trail cannot record
-    /// the undo: a failed hold change errs on keeping the hold, whatever
+    /// fails the write (audited as undone, and the store made to agree at
+    /// once, or, should the store fail that too, before the holds are next
+    /// read), even if the trail cannot record the undo: a failed hold change errs on keeping the hold, whatever
     /// may be deleted under it. Returns whether such a hold was in force.
     pub async fn release_hold(
         &self,
@@ -725,9 +728,25 @@ impl Retention {
                 action: HoldAction::Placed,
                 ..event
             });
-            self.hold_gate.owe(Op::PutHold(held));
+            self.put_straight(Op::PutHold(held)).await;
             return Err(e.into());
         }
         Ok(true)
+    }
+
+    /// Make the store agree with the audit trail after a hold change the
+    /// store failed (it may have landed, its answer lost): `op` is written
+    /// at once, so that a process stopped right after keeps what the trail
+    /// says, and owed (made before the holds are next read) only if the
+    /// store fails it again. The caller holds the gate.
+    async fn put_straight(&self, op: Op) {
+        if self
+            .hold_gate
+            .write(&*self.storage, op.clone())
+            .await
+            .is_err()
+        {
+            self.hold_gate.owe(op);
+        }
     }
 }
