@@ -2101,6 +2101,15 @@ fn signal_settings_that_would_refuse_every_session_are_refused_at_start() {
             },
             "max_record_len",
         ),
+        // A record past what a sealed record holds would fail to seal, a
+        // storage failure retried for ever (review).
+        (
+            SignalConfig {
+                max_record_len: custodian::envelope::MAX_PLAINTEXT_LEN + 1,
+                ..ok.clone()
+            },
+            "max_record_len",
+        ),
         (
             SignalConfig {
                 signed_prekey_rotation: Duration::ZERO,

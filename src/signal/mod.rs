@@ -338,7 +338,8 @@ pub struct SignalConfig {
     /// every persist. An operation that would store more fails with
     /// [`SignalError::RecordTooLarge`] and changes nothing. A full session
     /// measures about 1.3 MB; an ordinary one a few KB. At least
-    /// [`MIN_RECORD_LEN`].
+    /// [`MIN_RECORD_LEN`], and at most the most a sealed record holds
+    /// ([`MAX_PLAINTEXT_LEN`](crate::envelope::MAX_PLAINTEXT_LEN), 64 MiB).
     pub max_record_len: usize,
     /// Let [`Processor::new`](crate::processor::Processor::new) start even
     /// though the host's `log` logger would keep the Signal library's
@@ -391,6 +392,14 @@ impl SignalConfig {
             return bad(
                 "max_record_len",
                 "must be at least 64 KiB, what a device with the most archived sessions needs",
+            );
+        }
+        // Past it, a record would fail to seal, as a storage failure the
+        // transport retries for ever, not as `RecordTooLarge`.
+        if self.max_record_len > crate::envelope::MAX_PLAINTEXT_LEN {
+            return bad(
+                "max_record_len",
+                "must be at most 64 MiB, the most a sealed record holds",
             );
         }
         Ok(())
