@@ -1657,3 +1657,23 @@ impl SpamAnomaly for custodian::integrity::WindowSignals {
             .any(|a| a.kind == AnomalyKind::SpamReports)
     }
 }
+
+/// A window or period length that is not whole seconds is refused, naming
+/// the field, a part of a millisecond included. (One of 1 s and 1 µs was
+/// let in, and cut to whole seconds.)
+#[test]
+fn a_length_that_is_not_whole_seconds_is_refused() {
+    let odd = Duration::from_secs(1) + Duration::from_micros(1);
+    let mut integrity = IntegrityConfig::default();
+    integrity.window = odd;
+    assert_eq!(integrity.validate().unwrap_err().field, "window");
+    let mut statistics = StatisticsConfig::default();
+    statistics.period = odd;
+    assert_eq!(
+        StatisticsCollector::new(statistics).unwrap_err().field,
+        "period"
+    );
+    let mut billing = BillingConfig::default();
+    billing.period = odd;
+    assert_eq!(billing.validate().unwrap_err().field, "period");
+}

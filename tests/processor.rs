@@ -2117,6 +2117,15 @@ fn signal_settings_that_would_refuse_every_session_are_refused_at_start() {
             },
             "signed_prekey_rotation",
         ),
+        // Under a millisecond is zero to times in whole milliseconds:
+        // every `maintain` rotated (review).
+        (
+            SignalConfig {
+                signed_prekey_rotation: Duration::from_micros(999),
+                ..ok.clone()
+            },
+            "signed_prekey_rotation",
+        ),
         (
             SignalConfig {
                 prekey_pool: 0,

@@ -3680,3 +3680,66 @@ async fn a_hold_change_whose_answer_was_lost_is_put_straight_at_once() {
         }
     }
 }
+
+/// A read of the holds while a failed release's hold is put back waits for
+/// it: `decide` answers that the hold keeps an expired message, as the
+/// audit trail says, never that it may be purged. (Written at once, the
+/// straightening write was not owed meanwhile, and a read made then found
+/// no hold in the store.)
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_read_while_a_hold_is_put_back_sees_the_hold() {
+    use seams::{Seams, Strike, holds_audited};
+    use std::future::Future;
+    use std::task::Poll;
+
+    let b = business(1);
+    let scope = HoldScope::Business(b);
+    let mut found = false;
+    for n in 1..12 {
+        let (w, faults) = raced_on(Backend::Memory);
+        let m = w.store(b, 4, Direction::Inbound, false).await;
+        w.retention
+            .place_hold("ops", scope, "case-1", w.now())
+            .await
+            .unwrap();
+        let now = m.record.expiry.saturating_add(HOUR);
+        faults.fail_at(n, Seams::Store, Strike::After);
+        let mut release = Box::pin(w.retention.release_hold("ops", scope, "case-1", now));
+        let mut read: Option<std::pin::Pin<Box<dyn Future<Output = _> + '_>>> = None;
+        let mut decided = None;
+        let released = std::future::poll_fn(|cx| {
+            let released = release.as_mut().poll(cx);
+            // The trail says the hold stands again (placed, released,
+            // placed back): a reader comes now, its reads quick while the
+            // write putting the hold back is slow.
+            let events = w.audit.hold_events().len();
+            if read.is_none() && decided.is_none() && events == 3 && holds_audited(&w.audit) == 1 {
+                read = Some(Box::pin(w.retention.decide(&m.record, now)));
+            }
+            if let Some(f) = read.as_mut() {
+                for _ in 0..8 {
+                    if let Poll::Ready(d) = f.as_mut().poll(cx) {
+                        decided = Some(d);
+                        read = None;
+                        break;
+                    }
+                }
+            }
+            released
+        })
+        .await;
+        if let Some(f) = read.take() {
+            decided = Some(f.await);
+        }
+        if faults.lift() != [("commit", Strike::After)] {
+            continue;
+        }
+        found = true;
+        assert!(released.is_err());
+        let decided = decided.expect("a read made after the undo").unwrap();
+        assert!(matches!(decided, Decision::Held { .. }), "{decided:?}");
+        break;
+    }
+    assert!(found, "no commit failed");
+}

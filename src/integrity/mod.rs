@@ -161,7 +161,7 @@ struct Grid {
 
 impl Grid {
     fn new(length: Duration, field: &'static str) -> Result<Self, ConfigError> {
-        if !(MIN_PERIOD..=MAX_PERIOD).contains(&length) || length.subsec_millis() != 0 {
+        if !(MIN_PERIOD..=MAX_PERIOD).contains(&length) || length.subsec_nanos() != 0 {
             return Err(ConfigError {
                 field,
                 rule: "must be whole seconds, from 1 second to 366 days",

@@ -109,7 +109,11 @@ pub struct LatencyCount {
 /// If any latency bucket is suppressed, outbound `delivered` is withheld;
 /// `sent` is released only if the counts withheld from its sum come from
 /// at least `k` consumers together; and a `sent` withheld whose parts are
-/// all released takes `failed` with it.
+/// all released takes `failed` with it. Outbound `sent` is public all the
+/// same (each message sent is billed, in periods as long), so when the
+/// outbound counts withheld come from fewer than `k` consumers, the whole
+/// outbound row is withheld: `sent`, `delivered`, `failed` and every
+/// latency bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StatisticsReport {

@@ -41,14 +41,22 @@ impl HoldGate {
             .owed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(op) = owed
-            && let Err(e) = self.write(storage, op.clone()).await
-        {
-            *self.owed.lock().unwrap_or_else(PoisonError::into_inner) = Some(op);
-            return Err(e);
+            .clone();
+        if let Some(op) = owed {
+            self.pay(storage, op).await?;
         }
         Ok(guard)
+    }
+
+    /// Write `op`, owed meanwhile: a read of the holds while it is written
+    /// waits for the gate, as for any owed write, and does not read the
+    /// store before it agrees. No longer owed once written; owed still if
+    /// the store fails it. The caller holds the gate.
+    pub(super) async fn pay(&self, storage: &dyn Storage, op: Op) -> Result<(), StoreError> {
+        self.owe(op.clone());
+        self.write(storage, op).await?;
+        *self.owed.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        Ok(())
     }
 
     /// Write `op`, a hold change already audited, under the gate. An error

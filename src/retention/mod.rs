@@ -737,16 +737,9 @@ impl Retention {
     /// Make the store agree with the audit trail after a hold change the
     /// store failed (it may have landed, its answer lost): `op` is written
     /// at once, so that a process stopped right after keeps what the trail
-    /// says, and owed (made before the holds are next read) only if the
+    /// says, and stays owed (made before the holds are next read) if the
     /// store fails it again. The caller holds the gate.
     async fn put_straight(&self, op: Op) {
-        if self
-            .hold_gate
-            .write(&*self.storage, op.clone())
-            .await
-            .is_err()
-        {
-            self.hold_gate.owe(op);
-        }
+        let _owed_if_failed = self.hold_gate.pay(&*self.storage, op).await;
     }
 }

@@ -367,8 +367,10 @@ impl SignalConfig {
     /// the field and the rule it breaks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, rule| Err(ConfigError { field, rule });
-        if self.signed_prekey_rotation.is_zero() {
-            return bad("signed_prekey_rotation", "must be more than zero");
+        // Times are kept in whole milliseconds: a shorter period is zero,
+        // and every `maintain` would rotate.
+        if self.signed_prekey_rotation < Duration::from_millis(1) {
+            return bad("signed_prekey_rotation", "must be at least a millisecond");
         }
         if self.signed_prekey_grace > CEILING {
             return bad(
