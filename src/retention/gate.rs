@@ -9,7 +9,7 @@
 //! idempotent) before anything next reads the holds under the gate, and
 //! the audit trail stays true. A write the store fails may have landed too
 //! (a networked store's answer lost): its caller audits the change undone
-//! and owes the write that undoes it.
+//! and writes the undo at once, owed until it lands.
 
 use std::sync::{Mutex, PoisonError};
 

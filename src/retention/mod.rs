@@ -695,8 +695,9 @@ impl Retention {
     /// trail cannot record it, the hold stays; so it does if the store
     /// fails the write (audited as undone, and the store made to agree at
     /// once, or, should the store fail that too, before the holds are next
-    /// read), even if the trail cannot record the undo: a failed hold change errs on keeping the hold, whatever
-    /// may be deleted under it. Returns whether such a hold was in force.
+    /// read), even if the trail cannot record the undo: a failed hold
+    /// change errs on keeping the hold, whatever may be deleted under it.
+    /// Returns whether such a hold was in force.
     pub async fn release_hold(
         &self,
         principal: &str,
