@@ -1,6 +1,9 @@
-//! Per-address serialisation without per-address bookkeeping.
+//! Serialisation per key: striped, without per-key bookkeeping, or one
+//! lock of its own per key.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, PoisonError};
 
 use async_lock::{Mutex, MutexGuard};
 use foldhash::fast::RandomState;
@@ -55,5 +58,30 @@ impl Stripes {
 impl std::fmt::Debug for Stripes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Stripes({})", self.locks.len())
+    }
+}
+
+/// One lock per key, made on first use and kept (a few bytes each): unlike
+/// [`Stripes`], no key shares its lock, so an operation that hangs while
+/// holding one (a call out to a host) holds up no other key's. For keys
+/// there are few of, such as businesses.
+pub(crate) struct PerKey<K, L> {
+    locks: std::sync::Mutex<HashMap<K, Arc<L>, RandomState>>,
+}
+
+impl<K, L> Default for PerKey<K, L> {
+    fn default() -> Self {
+        Self {
+            locks: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl<K: Hash + Eq, L: Default> PerKey<K, L> {
+    /// The lock of `key`.
+    pub(crate) fn get(&self, key: K) -> Arc<L> {
+        // Each critical section is one map operation: a poisoned lock is safe.
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        locks.entry(key).or_default().clone()
     }
 }

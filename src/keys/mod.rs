@@ -59,6 +59,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use zeroize::Zeroizing;
 
 use crate::ids::BusinessId;
+use crate::lock::PerKey;
 use crate::store::{KeyStore, StoreError};
 
 mod epoch;
@@ -238,7 +239,7 @@ pub struct KeyManager {
     /// where nothing could unwrap it again. Per business, as what it guards
     /// is: a provider call that hangs for one business, held under its
     /// lock, stalls no other's keys.
-    wrapping: std::sync::Mutex<HashMap<BusinessId, Arc<async_lock::RwLock<()>>, RandomState>>,
+    wrapping: PerKey<BusinessId, async_lock::RwLock<()>>,
     /// Bumped after every early destruction of an epoch key (see
     /// [`KeyManager::early_destructions`]), once the store and this cache
     /// are rid of the key.
@@ -319,7 +320,7 @@ impl KeyManager {
             provider,
             store,
             cache: RwLock::default(),
-            wrapping: std::sync::Mutex::default(),
+            wrapping: PerKey::default(),
             early_destructions: AtomicU64::new(0),
         }
     }
@@ -327,12 +328,7 @@ impl KeyManager {
     /// The wrapping lock of `business` (see the `wrapping` field): one per
     /// business the process has wrapped a key of, a few bytes each.
     fn wrapping(&self, business: BusinessId) -> Arc<async_lock::RwLock<()>> {
-        self.wrapping
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(business)
-            .or_default()
-            .clone()
+        self.wrapping.get(business)
     }
 
     /// How many times an epoch key was destroyed early

@@ -17,11 +17,15 @@ const RING_RETRIES: usize = 16;
 
 impl KeyManager {
     /// The KEK ring of `business`, created with version 1 on first use.
+    /// Refused as [`KeyError::CorruptRing`] while keys of the business are
+    /// stored with no ring: they are wrapped under a ring that went
+    /// missing, and a fresh one would make every one of them unreadable for
+    /// good, where putting the lost ring back could still save them.
     pub async fn ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
-        if let Some(ring) = self.stored_ring(business).await? {
-            return Ok(ring);
+        match self.ring_if_any(business).await? {
+            Some(ring) => Ok(ring),
+            None => self.create_ring(business).await,
         }
-        self.create_ring(business).await
     }
 
     /// The ring the store holds for `business`, which must be `business`'s:
@@ -108,19 +112,9 @@ impl KeyManager {
             .ok_or(KeyError::CorruptRing { business })
     }
 
-    /// Create `business`'s ring, with version 1. Refused as
-    /// [`KeyError::CorruptRing`] while keys of the business are stored: they
-    /// are wrapped under a ring that went missing, and a fresh one would
-    /// make every one of them unreadable for good, where putting the lost
-    /// ring back could still save them.
+    /// Create `business`'s ring, with version 1: it has none, and no key
+    /// (see [`ring_if_any`](Self::ring_if_any)).
     async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
-        if self.keys_stored(business).await? {
-            // Unless another caller created the ring, and a key, meanwhile.
-            return self
-                .stored_ring(business)
-                .await?
-                .ok_or(KeyError::CorruptRing { business });
-        }
         let (key, wrapped, check) = self.new_kek(business, 1).await?;
         // The creation time of version 1 is informational; no clock is needed.
         let ring = KekRing::new(business, wrapped, check, Timestamp::UNIX_EPOCH);
@@ -136,27 +130,22 @@ impl KeyManager {
         }
     }
 
-    /// Whether any key of `business` is stored, wrapped under a KEK.
-    async fn keys_stored(&self, business: BusinessId) -> Result<bool, KeyError> {
-        let any = self.store.keys_wrapped_below(business, u32::MAX, None, 1);
-        Ok(!any.await?.is_empty())
-    }
-
     /// The ring of a business that may have none: `None` if it has no ring
     /// and no key, [`KeyError::CorruptRing`] if keys are stored under a
-    /// ring that is missing (as [`ring`](Self::ring) answers).
+    /// ring that is missing.
     async fn ring_if_any(&self, business: BusinessId) -> Result<Option<KekRing>, KeyError> {
-        match self.stored_ring(business).await? {
-            Some(ring) => Ok(Some(ring)),
-            None if self.keys_stored(business).await? => {
-                // Unless another caller created the ring, and a key, meanwhile.
-                self.stored_ring(business)
-                    .await?
-                    .map(Some)
-                    .ok_or(KeyError::CorruptRing { business })
-            }
-            None => Ok(None),
+        if let Some(ring) = self.stored_ring(business).await? {
+            return Ok(Some(ring));
         }
+        let keys = self.store.keys_wrapped_below(business, u32::MAX, None, 1);
+        if keys.await?.is_empty() {
+            return Ok(None);
+        }
+        // Unless another caller created the ring, and a key, meanwhile.
+        self.stored_ring(business)
+            .await?
+            .map(Some)
+            .ok_or(KeyError::CorruptRing { business })
     }
 
     /// A new KEK, version `version` of `business`: generated, wrapped by the

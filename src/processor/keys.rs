@@ -36,13 +36,7 @@ impl Processor {
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
-        let publishing = self
-            .publishing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(business)
-            .or_default()
-            .clone();
+        let publishing = self.publishing.get(business);
         let _publishing = publishing.lock().await;
         // Its phone index too: a receive creates no key.
         self.keys.ensure_phone_index(business).await?;

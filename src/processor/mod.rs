@@ -58,6 +58,7 @@ use crate::integrity::{
     StatisticsConfig,
 };
 use crate::keys::{KeyError, KeyManager, KeyProvider};
+use crate::lock::PerKey;
 use crate::retention::{
     Admission, HoldError, PolicyChangeError, ResidencyError, Retention, RetentionPolicy,
     SweepError, check_residency,
@@ -392,7 +393,7 @@ pub struct Processor {
     /// would both refill from the first count, the second retiring keys
     /// the first had just published. One lock per business, so that a
     /// transport call that hangs for one holds up no other's.
-    publishing: std::sync::Mutex<std::collections::HashMap<BusinessId, Arc<async_lock::Mutex<()>>>>,
+    publishing: PerKey<BusinessId, async_lock::Mutex<()>>,
     billing: BillingPeriods,
     delivery: DeliveryConfig,
     claims: Claims,
@@ -472,7 +473,7 @@ impl Processor {
             integrity,
             statistics,
             releasing_statistics: async_lock::Mutex::new(()),
-            publishing: std::sync::Mutex::default(),
+            publishing: PerKey::default(),
             billing,
             storage: host.storage,
             keys,
