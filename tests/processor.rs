@@ -1826,6 +1826,127 @@ async fn a_processor_superseded_by_another_on_its_store_stops_writing() {
     );
 }
 
+/// A processor superseded on its store makes no call out for a message
+/// its retransmission pass finds due: the attempt is leased in a fenced
+/// write first, which is refused. Unleased, the older processor handed the
+/// message to the business before its write was refused, and the newer
+/// one, finding it still due, handed it over again: the business got it
+/// twice.
+#[tokio::test]
+async fn a_superseded_processors_retransmission_makes_no_call_out() {
+    let mut w = Restartable::new();
+    let outage_start = Timestamp::from_millis(T0 + 60_000);
+    let outage = Faults::none().with_outage(outage_start, Duration::from_secs(60));
+    w.business = SimBusiness::new(w.clock.clone(), outage, 1).unwrap();
+    let (owner, operator, b) = (&w.owner, &w.operator, w.b);
+    let (first, mut device) = w.converse().await;
+
+    // Received while the business is down: stored, due for another attempt.
+    w.clock.set(outage_start);
+    let message = device.encrypt(b, b"while down").await.unwrap();
+    let receipt = first
+        .receive(owner, b, Restartable::inbound(message))
+        .await
+        .unwrap();
+    assert!(!receipt.delivered && !receipt.duplicate, "{receipt:?}");
+
+    // Another processor takes the store over.
+    let second = w.start();
+    let hello = Outbound {
+        to: number(7),
+        content: b"from the second".to_vec().into(),
+        category: Category::Service,
+    };
+    second.send(owner, b, hello).await.unwrap();
+
+    // Every message is due (the outbound ones for want of a delivery
+    // report): the older processor's pass makes none of their attempts.
+    w.clock.advance(Duration::from_secs(3600));
+    w.network.take_sent();
+    let older = first.retransmit_due(operator).await.unwrap();
+    assert!(older.due >= 2 && older.errors == older.due, "{older:?}");
+    assert!(
+        !w.business.messages().contains_key(&receipt.id),
+        "the superseded processor handed the message over"
+    );
+    assert!(w.network.take_sent().is_empty(), "it sent");
+    let newer = second.retransmit_due(operator).await.unwrap();
+    assert_eq!(newer.delivered_to_business, 1, "{newer:?}");
+    assert_eq!(w.business.messages().get(&receipt.id), Some(&1));
+}
+
+/// An open message is never due after its retention ends: sent again
+/// late in its life, it would wait hours for its report (as long as it
+/// has lived, up to six), so its next attempt is brought forward to its
+/// expiry, where the retransmission loop fails it as expired and tells the
+/// business, with no sweep needed.
+#[tokio::test]
+async fn a_message_sent_again_late_in_its_life_fails_at_its_expiry() {
+    let w = Restartable::new();
+    let (owner, operator, b) = (&w.owner, &w.operator, w.b);
+    let (processor, _device) = w.converse().await;
+    let hello = Outbound {
+        to: number(7),
+        content: b"unanswered".to_vec().into(),
+        category: Category::Service,
+    };
+    let id = processor.send(owner, b, hello).await.unwrap();
+    let expiry = w.store.message(b, id).await.unwrap().unwrap().expiry;
+
+    // An hour before its expiry, its report long overdue: sent again.
+    w.clock
+        .set(expiry.saturating_sub(Duration::from_secs(3600)));
+    let pass = processor.retransmit_due(operator).await.unwrap();
+    assert!(pass.sent >= 1, "{pass:?}");
+    let d = w.store.message(b, id).await.unwrap().unwrap().delivery;
+    assert_eq!((d.status, d.next_attempt), (Status::Sent, Some(expiry)));
+
+    w.clock.set(expiry.saturating_add(Duration::from_secs(1)));
+    processor.retransmit_due(operator).await.unwrap();
+    let told = w.business.statuses();
+    assert_eq!(
+        told[&id].last(),
+        Some(&(Status::Failed, Some(FailureReason::Expired)))
+    );
+}
+
+/// The same for a received message whose business cannot be reached: a
+/// hand-over failing a second before its expiry leaves it due at its
+/// expiry, not a backoff later.
+#[tokio::test]
+async fn a_hand_over_failing_just_before_expiry_leaves_it_due_at_expiry() {
+    let mut w = Restartable::new();
+    let down =
+        Faults::none().with_outage(Timestamp::from_millis(T0), Duration::from_secs(40 * 86_400));
+    w.business = SimBusiness::new(w.clock.clone(), down, 1).unwrap();
+    let (processor, mut device) = w.converse().await;
+    let message = device.encrypt(w.b, b"unheard").await.unwrap();
+    let receipt = processor
+        .receive(&w.owner, w.b, Restartable::inbound(message))
+        .await
+        .unwrap();
+    assert!(!receipt.delivered);
+    let expiry = w
+        .store
+        .message(w.b, receipt.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .expiry;
+
+    w.clock.set(expiry.saturating_sub(Duration::from_secs(1)));
+    processor.retransmit_due(&w.operator).await.unwrap();
+    let d = w
+        .store
+        .message(w.b, receipt.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .delivery;
+    assert!(d.attempts >= 2, "{d:?}");
+    assert_eq!(d.next_attempt, Some(expiry), "{d:?}");
+}
+
 /// A first-contact message that used no one-time prekey decrypts in a new
 /// session under any device id: replayed as another device of its
 /// consumer, it is the duplicate it is, with the first copy's id (its

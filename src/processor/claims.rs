@@ -166,6 +166,8 @@ pub(super) struct AttemptMade {
     /// When the message was stored: its age sets how long it waits for
     /// its delivery report.
     pub(super) created: Timestamp,
+    /// When its retention ends: no attempt is due after it.
+    pub(super) expiry: Timestamp,
     /// The [`Delivery::accepted_by`] its record stores if it bills the
     /// message: chosen once, so that a record owed, and made again, is
     /// known by it.

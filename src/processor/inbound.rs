@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 
 use super::claims::{Owed, Owing};
 use super::payload::InboundBody;
-use super::{Processor, ProcessorError};
+use super::{Processor, ProcessorError, due_by};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::retention::RecordFacts;
 use crate::signal::{Ciphertext, Parsed, SignalError, resend_id};
@@ -251,24 +251,25 @@ impl Processor {
         debug!(%id, "inbound message stored");
         let delivered = match claim {
             Some(_claim) => {
+                let facts = RecordFacts {
+                    business,
+                    phone,
+                    direction: Direction::Inbound,
+                    created: now,
+                    expiry,
+                };
                 let parts = InboundParts {
                     id,
                     from: inbound.from,
                     device: inbound.device,
                     content: decrypted.plaintext,
                     identity_changed,
-                    facts: RecordFacts {
-                        business,
-                        phone,
-                        direction: Direction::Inbound,
-                        created: now,
-                        expiry,
-                    },
+                    facts,
                 };
                 let attempt = self
                     .hand_to_business(business, parts, Purpose::Delivery)
                     .await;
-                self.settle_inbound(business, id, phone, Delivery::queued(now), attempt)
+                self.settle_inbound(&facts, id, Delivery::queued(now), attempt)
                     .await?
             }
             None => false,
@@ -497,14 +498,15 @@ impl Processor {
     /// message failed meanwhile (its retention ended) stays failed.
     pub(super) async fn settle_inbound(
         &self,
-        business: BusinessId,
+        facts: &RecordFacts,
         id: MessageId,
-        phone: PhoneHash,
         current: Delivery,
         attempt: Attempt,
     ) -> Result<bool, ProcessorError> {
+        let (business, phone) = (facts.business, facts.phone);
         let now = self.clock.now();
-        let next = self.after_attempt(&current, attempt, now);
+        let mut next = self.after_attempt(&current, attempt, now);
+        next.next_attempt = due_by(next.next_attempt, facts.expiry, now);
         let written = if let Attempt::Done = attempt {
             let delivered = Op::UpdateDelivery {
                 business,

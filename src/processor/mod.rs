@@ -566,6 +566,15 @@ impl Processor {
     }
 }
 
+/// A next attempt due at `at`, brought forward to `expiry` (or to `now`,
+/// if that is later): no attempt on a message is due after its retention
+/// ends, so the retransmission loop fails one still open as expired when
+/// it ends, whatever attempt was under way then (a sweep meanwhile leaves
+/// a message under way alone).
+fn due_by(at: Option<Timestamp>, expiry: Timestamp, now: Timestamp) -> Option<Timestamp> {
+    at.map(|t| t.min(expiry.max(now)))
+}
+
 /// `Ok` if `ok`; else a refusal of `principal`, logged with `why`.
 fn refuse_unless(ok: bool, principal: &Principal, why: &str) -> Result<(), ProcessorError> {
     // An unnamed principal is refused whatever the authorizer says: the

@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use super::claims::{Accepted, AttemptMade, Owed, Owing, acceptance_token};
 use super::payload::{OutboundBody, StoredBody, device_payload};
 use super::records::Stored;
-use super::{MAX_STATUS_RACES, Processor, ProcessorError};
+use super::{MAX_STATUS_RACES, Processor, ProcessorError, due_by};
 use crate::envelope::{Envelope, MAX_PLAINTEXT_LEN};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::integrity::Category;
@@ -125,6 +125,7 @@ impl Drop for Sending<'_> {
             },
             at: p.clock.now(),
             created: record.created,
+            expiry: record.expiry,
             token: acceptance_token(),
             from_queued: record.delivery.status == Status::Queued,
         };
@@ -363,11 +364,22 @@ impl Processor {
             && let Some(stored_body) = stored_body
             && d.status == Status::Queued
             && d.attempts == 0
-            && let Err(e) = self
-                .attempt_outbound(stored, &stored_body, Purpose::Delivery)
-                .await
         {
-            warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+            // Leased first, as the retransmission loop's attempts are: it
+            // may have been due already, and another processor may have
+            // taken the store over since it was stored.
+            let attempt = async {
+                match self.lease(stored.clone(), now).await? {
+                    Some(leased) => {
+                        self.attempt_outbound(&leased, &stored_body, Purpose::Delivery)
+                            .await
+                    }
+                    None => Ok(0),
+                }
+            };
+            if let Err(e) = attempt.await {
+                warn!(%business, %id, error = %e, "the first attempt failed; the message is due for another");
+            }
         }
         Ok(())
     }
@@ -443,6 +455,7 @@ impl Processor {
             outcome,
             at: self.clock.now(),
             created: record.created,
+            expiry: record.expiry,
             token: acceptance_token(),
             from_queued: decided_on.status == Status::Queued,
         };
@@ -484,6 +497,7 @@ impl Processor {
         loop {
             let current = made.on;
             let mut next = self.after_send(current, made.outcome, made.at, made.created);
+            next.next_attempt = due_by(next.next_attempt, made.expiry, made.at);
             // The first record of what the transport took, of an attempt
             // decided on a queued message, bills it: moving it on from
             // queued, or after a delivery report that moved it on unbilled

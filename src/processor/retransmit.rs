@@ -6,7 +6,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::inbound::{Attempt, InboundParts};
 use super::payload::StoredBody;
 use super::records::Stored;
-use super::{Processor, ProcessorError};
+use super::{Processor, ProcessorError, due_by};
 use crate::retention::RecordFacts;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
 use crate::time::Timestamp;
@@ -95,12 +95,50 @@ impl Processor {
         let d = record.delivery;
         let later = Delivery {
             attempts: d.attempts.saturating_add(1),
-            next_attempt: Some(now.saturating_add(self.delivery.backoff(d.attempts))),
+            next_attempt: due_by(
+                Some(now.saturating_add(self.delivery.backoff(d.attempts))),
+                record.expiry,
+                now,
+            ),
             ..d
         };
         self.write_delivery(record.business, record.id, d, later)
             .await?;
         Ok(())
+    }
+
+    /// Lease the attempt due on `record` before it is made: its next
+    /// attempt is put off by a backoff, in a conditional write fenced as
+    /// every write of this processor is. So a processor superseded on its
+    /// store makes no call out for a due message once another has taken
+    /// the store over (its lease is refused), and the newer one leaves an
+    /// attempt the older one leased before the take-over to it until the
+    /// lease ends. The attempt's own write replaces the lease; one dropped
+    /// or failed midway leaves it, as a failed attempt's backoff. Returns
+    /// the record as leased, or `None` if it changed meanwhile (what
+    /// changed it decides what is due).
+    pub(super) async fn lease(
+        &self,
+        mut record: MessageRecord,
+        now: Timestamp,
+    ) -> Result<Option<MessageRecord>, ProcessorError> {
+        let d = record.delivery;
+        let leased = Delivery {
+            next_attempt: due_by(
+                Some(now.saturating_add(self.delivery.backoff(d.attempts))),
+                record.expiry,
+                now,
+            ),
+            ..d
+        };
+        if !self
+            .write_delivery(record.business, record.id, d, leased)
+            .await?
+        {
+            return Ok(None);
+        }
+        record.delivery = leased;
+        Ok(Some(record))
     }
 
     /// Work through messages whose next attempt is due: hand inbound ones to
@@ -169,7 +207,21 @@ impl Processor {
             && d.status != Status::Failed
             && d.pending_devices != 0
             && readable;
-        if !d.status.is_open() && !resend {
+        let settled = !d.status.is_open() && !resend;
+        if !settled && !readable {
+            // Open, past retention: it can never be delivered now.
+            if self.fail_expired(&record).await? {
+                report.failures_reported += 1;
+            } else {
+                report.rescheduled += 1;
+            }
+            return Ok(());
+        }
+        let Some(record) = self.lease(record, now).await? else {
+            return Ok(());
+        };
+        let d = record.delivery;
+        if settled {
             // Settled: its report is what is due (devices past
             // retention are not sent to any more).
             if self
@@ -184,15 +236,6 @@ impl Processor {
                 && d.status == Status::Failed
             {
                 report.failures_reported += 1;
-            }
-            return Ok(());
-        }
-        if !readable {
-            // Open, past retention: it can never be delivered now.
-            if self.fail_expired(&record).await? {
-                report.failures_reported += 1;
-            } else {
-                report.rescheduled += 1;
             }
             return Ok(());
         }
@@ -224,23 +267,21 @@ impl Processor {
         };
         match body {
             StoredBody::Inbound(body) => {
+                let facts = RecordFacts::from(&record);
                 let parts = InboundParts {
                     id: record.id,
                     from: body.from,
                     device: body.device,
                     content: body.content,
                     identity_changed: body.identity_changed,
-                    facts: RecordFacts::from(&record),
+                    facts,
                 };
                 // Handing a message to its business is delivery, however
                 // many attempts it takes.
                 let attempt = self
                     .hand_to_business(record.business, parts, Purpose::Delivery)
                     .await;
-                if self
-                    .settle_inbound(record.business, record.id, record.phone, d, attempt)
-                    .await?
-                {
+                if self.settle_inbound(&facts, record.id, d, attempt).await? {
                     report.delivered_to_business += 1;
                 } else {
                     report.rescheduled += 1;
