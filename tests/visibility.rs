@@ -786,3 +786,319 @@ fn opt_in_services_need_a_policy_cell_and_the_business_consent() {
     assert_eq!(denied.reason(), DenyReason::NotOptedIn);
     assert_eq!(h.audit.events()[1].reason, Some(DenyReason::NotOptedIn));
 }
+
+/// A policy file saved with a byte-order mark (as some editors write
+/// UTF-8) loads alike in both formats: the TOML reader skipped it, and the
+/// JSON one refused it with an error naming nothing the operator could see.
+#[test]
+fn a_byte_order_mark_is_skipped_in_both_formats() {
+    let toml = VisibilityPolicy::from_toml("\u{feff}revision = 2").unwrap();
+    let json = VisibilityPolicy::from_json("\u{feff}{\"revision\": 2}").unwrap();
+    assert_eq!(toml, json);
+    assert_eq!(toml.revision().get(), 2);
+}
+
+/// What the processor releases, as the trail records it: the purpose of a
+/// release, and a decision the trail could not record.
+mod released_by_the_processor {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+    use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+    use custodian::keys::{LocalKeyProvider, SecretKey};
+    use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
+    use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
+    use custodian::store::{MemoryStore, Status};
+    use custodian::testing::{Faults, SimBusiness, SimNetwork};
+    use custodian::time::{ManualClock, Timestamp};
+    use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
+    use custodian::visibility::{
+        AuditError, AuditSink, Change, DataClass, Decision, HoldEvent, MemoryAuditSink, Party,
+        Purpose, Verdict, VisibilityPolicy,
+    };
+
+    /// An audit sink whose decisions can be made to fail.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryAuditSink,
+        down: AtomicBool,
+    }
+
+    impl AuditSink for Flaky {
+        fn record(&self, decision: &Decision) -> Result<(), AuditError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(AuditError::OutOfService);
+            }
+            self.inner.record(decision)
+        }
+        fn record_hold(&self, event: &HoldEvent) -> Result<(), AuditError> {
+            self.inner.record_hold(event)
+        }
+        fn record_change(&self, change: &Change) -> Result<(), AuditError> {
+            self.inner.record_change(change)
+        }
+    }
+
+    /// The simulated network, whose calls carrying a number can be made
+    /// to fail (a passing blip).
+    struct Blipping {
+        network: Arc<SimNetwork>,
+        down: AtomicBool,
+    }
+
+    impl Blipping {
+        fn up(&self) -> Result<(), TransportError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(TransportError::Unavailable("blip".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Blipping {
+        async fn devices(
+            &self,
+            b: BusinessId,
+            c: &PhoneNumber,
+        ) -> Result<Vec<u32>, TransportError> {
+            self.up()?;
+            self.network.devices(b, c).await
+        }
+        async fn fetch_bundle(
+            &self,
+            b: BusinessId,
+            c: &PhoneNumber,
+            d: u32,
+        ) -> Result<PreKeyBundle, TransportError> {
+            self.up()?;
+            self.network.fetch_bundle(b, c, d).await
+        }
+        async fn send(
+            &self,
+            b: BusinessId,
+            c: &PhoneNumber,
+            d: u32,
+            m: &Outgoing,
+        ) -> Result<(), TransportError> {
+            self.up()?;
+            self.network.send(b, c, d, m).await
+        }
+        async fn ask_resend(
+            &self,
+            b: BusinessId,
+            c: &PhoneNumber,
+            d: u32,
+            id: MessageId,
+            m: &Ciphertext,
+        ) -> Result<(), TransportError> {
+            self.up()?;
+            self.network.ask_resend(b, c, d, id, m).await
+        }
+        async fn publish_keys(
+            &self,
+            b: BusinessId,
+            k: &PublishedKeys,
+        ) -> Result<(), TransportError> {
+            self.network.publish_keys(b, k).await
+        }
+        async fn one_time_prekey_count(
+            &self,
+            b: BusinessId,
+        ) -> Result<Option<usize>, TransportError> {
+            self.network.one_time_prekey_count(b).await
+        }
+        async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
+            self.network.integrity_signals(r).await
+        }
+        async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
+            self.network.billing(s).await
+        }
+    }
+
+    struct World {
+        clock: ManualClock,
+        network: Arc<SimNetwork>,
+        transport: Arc<Blipping>,
+        audit: Arc<Flaky>,
+        processor: Processor,
+        owner: Principal,
+        carrier: Principal,
+        operator: Principal,
+        b: BusinessId,
+        to: PhoneNumber,
+    }
+
+    impl World {
+        /// A business with keys published and a consumer of one device,
+        /// under `visibility`.
+        async fn new(visibility: VisibilityPolicy) -> Self {
+            const T0: u64 = 1_767_225_600_000;
+            let clock = ManualClock::new(Timestamp::from_millis(T0));
+            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 3).unwrap());
+            let transport = Arc::new(Blipping {
+                network: network.clone(),
+                down: AtomicBool::new(false),
+            });
+            let audit = Arc::new(Flaky::default());
+            let (owner, carrier, operator) = (
+                Principal::new("owner"),
+                Principal::new("carrier"),
+                Principal::new("operator"),
+            );
+            let b = BusinessId::new(1).unwrap();
+            let authorizer = StaticAuthorizer::new()
+                .operator(&operator)
+                .grant(&owner, b)
+                .carrier(&carrier, b);
+            let host = Host {
+                storage: Arc::new(MemoryStore::new()),
+                key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+                transport: transport.clone(),
+                business: SimBusiness::new(clock.clone(), Faults::none(), 4).unwrap(),
+                authorizer: Arc::new(authorizer),
+                clock: Arc::new(clock.clone()),
+                audit: audit.clone(),
+            };
+            let policies = Policies {
+                visibility,
+                delivery: DeliveryConfig {
+                    retry_max: Duration::from_secs(60),
+                    ..DeliveryConfig::default()
+                },
+                ..Policies::default()
+            };
+            let processor = Processor::new(host, policies).unwrap();
+            processor.publish_keys(&owner, b).await.unwrap();
+            let to: PhoneNumber = "+447700900001".parse().unwrap();
+            network.add_consumer(&to, 1).await;
+            Self {
+                clock,
+                network,
+                transport,
+                audit,
+                processor,
+                owner,
+                carrier,
+                operator,
+                b,
+                to,
+            }
+        }
+
+        async fn send(&self) -> MessageId {
+            let outbound = Outbound {
+                to: self.to.clone(),
+                content: b"your order shipped".to_vec().into(),
+                category: Category::Service,
+            };
+            self.processor
+                .send(&self.owner, self.b, outbound)
+                .await
+                .unwrap()
+        }
+
+        async fn run(&self) {
+            for _ in 0..20 {
+                self.network.pump(&self.processor, &self.carrier).await;
+                self.processor.retransmit_due(&self.operator).await.unwrap();
+                self.clock.advance(Duration::from_secs(5));
+            }
+        }
+
+        async fn status(&self, id: MessageId) -> Status {
+            let status = self.processor.message_status(&self.owner, self.b, id);
+            status.await.unwrap().0
+        }
+
+        /// The purposes the consumer's number was released to the
+        /// transport for, in order, with their verdicts.
+        fn number_releases(&self) -> Vec<(Purpose, Verdict)> {
+            let events = self.audit.inner.events();
+            events
+                .iter()
+                .filter(|d| {
+                    d.class == DataClass::ConsumerPhoneNumber && d.party == Party::Transport
+                })
+                .map(|d| (d.purpose, d.verdict))
+                .collect()
+        }
+    }
+
+    /// The published table without the transport's number for
+    /// retransmission.
+    fn no_retransmission() -> VisibilityPolicy {
+        let mut policy = VisibilityPolicy::published().to_builder(1).unwrap();
+        policy.deny(
+            Party::Transport,
+            DataClass::ConsumerPhoneNumber,
+            Purpose::Retransmission,
+        );
+        policy.build()
+    }
+
+    /// A message whose first attempts reached no device (the network down
+    /// a moment, or the audit trail) is first transmitted for delivery, and
+    /// audited so. The purpose went by the attempts made: its first
+    /// transmission was a retransmission, the trail never showed its
+    /// number released for delivery, and a policy without the
+    /// retransmission cell failed it, never sent, as refused.
+    #[tokio::test]
+    async fn a_first_transmission_after_failed_attempts_is_for_delivery() {
+        for outage in ["network", "audit trail"] {
+            let w = World::new(no_retransmission()).await;
+            let down = match outage {
+                "network" => &w.transport.down,
+                _ => &w.audit.down,
+            };
+            down.store(true, Ordering::SeqCst);
+            let id = w.send().await;
+            w.run().await;
+            down.store(false, Ordering::SeqCst);
+            w.run().await;
+            let releases = w.number_releases();
+            assert_eq!(
+                w.status(id).await,
+                Status::Delivered,
+                "{outage}: {releases:?}"
+            );
+            assert_eq!(
+                releases.iter().find(|r| r.1 == Verdict::Allow),
+                Some(&(Purpose::Delivery, Verdict::Allow)),
+                "{outage}: {releases:?}"
+            );
+            let received = w.network.received(&w.to).await;
+            assert!(received.values().any(|m| m.contains_key(&id)), "{outage}");
+        }
+    }
+
+    /// A denial the trail could not record decides nothing: the message
+    /// stays due, as when an allowed release cannot be recorded. It was
+    /// failed as refused, and its business told so, on a decision the
+    /// trail never showed.
+    #[tokio::test]
+    async fn an_unrecorded_denial_fails_nothing() {
+        let mut policy = VisibilityPolicy::published().to_builder(1).unwrap();
+        policy.deny(
+            Party::Transport,
+            DataClass::ConsumerPhoneNumber,
+            Purpose::Delivery,
+        );
+        let w = World::new(policy.build()).await;
+        w.audit.down.store(true, Ordering::SeqCst);
+        let id = w.send().await;
+        w.run().await;
+        assert!(w.audit.inner.events().is_empty());
+        assert_eq!(w.status(id).await, Status::Queued);
+        // Recorded, the denial stands.
+        w.audit.down.store(false, Ordering::SeqCst);
+        w.run().await;
+        assert_eq!(w.status(id).await, Status::Failed);
+        assert_eq!(
+            w.number_releases().first(),
+            Some(&(Purpose::Delivery, Verdict::Deny))
+        );
+    }
+}

@@ -69,7 +69,7 @@ use crate::time::{Clock, Timestamp};
 use crate::transport::{Authorizer, BusinessSink, Principal, Transport, TransportError};
 use crate::vault::{OpenError, Vault};
 use crate::visibility::{
-    AuditError, AuditSink, Change, Denied, DenyReason, Gate, PolicyError, VisibilityPolicy,
+    AuditError, AuditSink, Change, Denied, Gate, PolicyError, VisibilityPolicy,
 };
 
 mod claims;
@@ -172,15 +172,15 @@ pub enum ProcessorError {
     Config(String),
 }
 
-/// A release refused: by the policy ([`ProcessorError::Denied`]), or, the
-/// policy allowing it, because the audit trail could not record it
+/// A release refused: by the policy ([`ProcessorError::Denied`]), or
+/// because the audit trail could not record the decision, whatever it was
 /// ([`ProcessorError::Audit`]): an operator looks at the trail, not the
-/// policy.
+/// policy, and nothing is decided on a decision the trail does not show.
 impl<T> From<Denied<T>> for ProcessorError {
     fn from(denied: Denied<T>) -> Self {
         match denied.audit_error() {
-            Some(e) if denied.reason() == DenyReason::AuditFailed => Self::Audit(e.clone()),
-            _ => Self::Denied,
+            Some(e) => Self::Audit(e.clone()),
+            None => Self::Denied,
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::store::{
 };
 use crate::time::Timestamp;
 use crate::transport::{Outgoing, Principal, StatusUpdate, TransportError};
-use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
+use crate::visibility::{DataClass, Labelled, Party, Purpose};
 
 /// A business's message to a consumer.
 #[derive(Clone, PartialEq, Eq)]
@@ -768,7 +768,8 @@ impl Processor {
         );
         let number = match released {
             Ok(number) => number.into_value(),
-            Err(denied) if denied.reason() == DenyReason::AuditFailed => {
+            // Not recorded, whatever the policy said: tried again.
+            Err(denied) if denied.audit_error().is_some() => {
                 return DeviceOutcome::Unreachable;
             }
             Err(_) => {

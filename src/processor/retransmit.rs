@@ -288,8 +288,10 @@ impl Processor {
                 }
             }
             StoredBody::Outbound(body) => {
-                // Sending it through the transport again is retransmission.
-                let purpose = if d.attempts == 0 {
+                // Sending it through the transport again is retransmission;
+                // until a device has taken it (attempts that reached none:
+                // the network or the audit trail down), it is delivery.
+                let purpose = if d.status == Status::Queued {
                     Purpose::Delivery
                 } else {
                     Purpose::Retransmission

@@ -248,7 +248,10 @@ impl VisibilityPolicy {
     }
 
     /// The policy in a JSON policy file (see the module docs for the format).
+    /// A leading byte-order mark, which some editors write, is skipped, as
+    /// the TOML reader skips it.
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let file: PolicyFile = from_json_at(text).map_err(|(field, e)| PolicyError::Syntax {
             format: PolicyFormat::Json,
             message: match field {
