@@ -11,6 +11,7 @@ mod codec;
 pub(crate) use codec::checks::COLUMNS as MESSAGE_COLUMNS;
 #[cfg(any(test, fuzzing))]
 pub(crate) use codec::checks::message_row as check_message_row;
+mod open_files;
 mod reads;
 mod schema;
 mod writer;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 
+use self::open_files::OpenFile;
 use self::reads::Readers;
 use self::writer::Writer;
 use super::{
@@ -368,8 +370,12 @@ pub struct SqliteStore {
     readers: Readers,
     /// Rows the listings skipped because they do not decode.
     damaged: Arc<AtomicU64>,
-    // Dropped last: queued writes finish before the file closes.
+    // Dropped after the readers: queued writes finish before the file
+    // closes.
     writer: Writer,
+    /// The store's hold on its file's descriptor: let go after every
+    /// connection closed (see `open_files`).
+    _file: OpenFile,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -418,8 +424,14 @@ impl SqliteStore {
             path: path.to_owned(),
             source,
         })?;
-        // Everything that can refuse the file runs before anything may write it.
-        let logless = schema::inspect_header(path)?;
+        // Everything that can refuse the file runs before anything may write
+        // it. Its header is read through the descriptor kept for it while a
+        // store has it open (see `open_files`).
+        let file = OpenFile::hold(path).map_err(|source| SqliteOpenError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let logless = schema::inspect_header(path, &file)?;
         {
             let conn = if logless {
                 open_checker(path, config.busy_timeout)
@@ -466,6 +478,7 @@ impl SqliteStore {
             readers: Readers::new(path.to_owned(), config.busy_timeout, config.readers),
             damaged: Arc::default(),
             writer,
+            _file: file,
         })
     }
 

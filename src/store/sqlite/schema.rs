@@ -24,12 +24,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
+use super::open_files::OpenFile;
 use super::{SqliteOpenError, codec};
 
 /// The `application_id` of a custodian database: "CUST" in ASCII.
@@ -257,32 +257,31 @@ fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Check the header of an existing file with plain reads: it must be a
-/// SQLite database of ours, of a schema version we know, and not shorter
-/// than its header says. Reads only. Whether the file is in write-ahead
-/// logging with neither a log, its index nor a rollback journal beside it:
-/// then the file holds all there is to read.
-pub(super) fn inspect_header(path: &Path) -> Result<bool, SqliteOpenError> {
-    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
-    let len = file.metadata().map_err(|e| io_error(path, e))?.len();
+/// Check the header of the existing file at `path` (read with plain reads
+/// through `file`, its descriptor): it must be a SQLite database of ours,
+/// of a schema version we know, and not shorter than its header says.
+/// Reads only. Whether the file is in write-ahead logging with neither a
+/// log, its index nor a rollback journal beside it: then the file holds
+/// all there is to read.
+pub(super) fn inspect_header(path: &Path, file: &OpenFile) -> Result<bool, SqliteOpenError> {
+    let mut header = [0u8; HEADER_LEN];
+    let (len, got) = file
+        .read_start(&mut header)
+        .map_err(|e| io_error(path, e))?;
     if len == 0 {
         return Err(SqliteOpenError::Empty {
             path: path.to_owned(),
         });
     }
-    let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match file.read(&mut header[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(path, e)),
-        }
-    }
-    if got < HEADER_LEN || &header[..16] != MAGIC {
+    if got < MAGIC.len() || header[..MAGIC.len()] != MAGIC[..] {
         return Err(SqliteOpenError::NotSqlite {
             path: path.to_owned(),
+        });
+    }
+    if got < HEADER_LEN {
+        return Err(SqliteOpenError::Corrupt {
+            path: path.to_owned(),
+            message: format!("the file ends inside its header ({got} of {HEADER_LEN} bytes)"),
         });
     }
     let application_id = be32(&header, 68);

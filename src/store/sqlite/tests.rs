@@ -241,9 +241,12 @@ fn garbage_is_refused_untouched() {
     std::fs::write(&path, &garbage).unwrap();
     let err = refused(&path, |e| matches!(e, SqliteOpenError::NotSqlite { .. }));
     assert!(err.to_string().contains("not a SQLite database"), "{err}");
-    // Short files too, including a bare SQLite magic.
-    std::fs::write(&path, b"SQLite format 3\0").unwrap();
+    // Short files too.
+    std::fs::write(&path, b"SQLite form").unwrap();
     refused(&path, |e| matches!(e, SqliteOpenError::NotSqlite { .. }));
+    // A bare SQLite magic is a SQLite file cut short.
+    std::fs::write(&path, b"SQLite format 3\0").unwrap();
+    refused(&path, |e| matches!(e, SqliteOpenError::Corrupt { .. }));
 }
 
 #[test]
@@ -308,9 +311,70 @@ fn a_truncated_database_is_refused_untouched() {
     std::fs::write(&path, &full[..full.len() / 2]).unwrap();
     let err = refused(&path, |e| matches!(e, SqliteOpenError::Truncated { .. }));
     assert!(err.to_string().contains("truncated"), "{err}");
-    // Cut inside the header: not even a SQLite file any more.
-    std::fs::write(&path, &full[..60]).unwrap();
+    // Cut inside the header: a damaged database, not another kind of file.
+    std::fs::write(&path, &full[..99]).unwrap();
+    let err = refused(&path, |e| matches!(e, SqliteOpenError::Corrupt { .. }));
+    assert!(err.to_string().contains("inside its header"), "{err}");
+    // Cut inside SQLite's magic: nothing says it was one.
+    std::fs::write(&path, &full[..10]).unwrap();
     refused(&path, |e| matches!(e, SqliteOpenError::NotSqlite { .. }));
+}
+
+/// The POSIX locks this process holds on `path` (Linux: `/proc/locks`,
+/// by inode).
+#[cfg(target_os = "linux")]
+fn locks_on(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = format!(":{}", std::fs::metadata(path).unwrap().ino());
+    let pid = std::process::id().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let mut fields = l.split_whitespace().skip(4);
+            fields.next() == Some(pid.as_str())
+                && fields.next().is_some_and(|f| f.ends_with(&inode))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Opening a file a store has open, and failing to, leaves that store's
+/// locks on it: closing any descriptor of a file releases every lock the
+/// process holds on it, and the header was read through a descriptor of its
+/// own, closed after. The store ran on with no lock: another process's
+/// SQLite could take the file for unused, checkpoint and delete the log
+/// under it.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_second_open_leaves_the_open_stores_locks_on_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(store.commit(Batch::from(Op::PutMessage(Box::new(record(1, b"x")))))).unwrap();
+    block_on(store.census()).unwrap();
+    let before = locks_on(&path);
+    assert!(!before.is_empty(), "an open store holds a lock on its file");
+
+    let elsewhere = SqliteConfig {
+        region: "eu".parse().unwrap(),
+        ..SqliteConfig::default()
+    };
+    let refused = SqliteStore::open(&path, elsewhere);
+    assert!(matches!(
+        refused,
+        Err(SqliteOpenError::RegionMismatch { .. })
+    ));
+    assert_eq!(locks_on(&path), before, "a refused open");
+
+    let second = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(second.census()).unwrap();
+    drop(second);
+    assert_eq!(locks_on(&path), before, "a second store, closed");
+    // The file is let go with the last store.
+    drop(store);
+    assert!(locks_on(&path).is_empty());
+    SqliteStore::open(&path, SqliteConfig::default()).unwrap();
 }
 
 #[test]

@@ -1,0 +1,133 @@
+//! The database files this process has open: one descriptor per file,
+//! kept while any store has the file open.
+//!
+//! On POSIX systems, closing any descriptor of a file releases every lock
+//! the process holds on it, SQLite's included (SQLite's "rogue
+//! `close(open(db))`"). A store whose locks went runs on: another
+//! process's SQLite, finding the file unused, may checkpoint and delete
+//! the write-ahead log under it (acknowledged writes lost), and the fence
+//! between processors no longer holds (two logs). So a store reads its
+//! file's header through the descriptor this registry keeps for that file
+//! (by device and inode), opened by the first store on it and closed,
+//! under the registry's lock, by the last, after that store's connections
+//! are closed. Elsewhere a descriptor's locks are its own, and each open
+//! reads through its own.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// A store's hold on its file's descriptor, which closes when the last
+/// hold on it is dropped.
+pub(super) struct OpenFile {
+    #[cfg(unix)]
+    key: (u64, u64),
+    #[cfg(not(unix))]
+    file: File,
+}
+
+#[cfg(unix)]
+mod registry {
+    use std::collections::BTreeMap;
+    use std::fs::File;
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+
+    /// Each open file's descriptor and the holds on it, by (device, inode).
+    pub(super) type Open = BTreeMap<(u64, u64), (usize, File)>;
+
+    static OPEN: Mutex<Open> = Mutex::new(BTreeMap::new());
+
+    /// The registry, whatever a thread that panicked holding it left (each
+    /// change is one map operation, never half made).
+    pub(super) fn lock() -> MutexGuard<'static, Open> {
+        OPEN.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl OpenFile {
+    /// A hold on the descriptor of the file at `path`: the one kept for a
+    /// store in this process, or a new one.
+    #[cfg(unix)]
+    pub(super) fn hold(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+
+        let mut open = registry::lock();
+        let meta = std::fs::metadata(path)?;
+        if let Some((holds, _)) = open.get_mut(&(meta.dev(), meta.ino())) {
+            *holds += 1;
+            return Ok(Self {
+                key: (meta.dev(), meta.ino()),
+            });
+        }
+        let file = File::open(path)?;
+        // The file the descriptor names (the path may have been replaced
+        // between the two looks).
+        let meta = file.metadata()?;
+        let key = (meta.dev(), meta.ino());
+        open.entry(key).or_insert((0, file)).0 += 1;
+        Ok(Self { key })
+    }
+
+    /// A descriptor of the file at `path`, its own.
+    #[cfg(not(unix))]
+    pub(super) fn hold(path: &Path) -> io::Result<Self> {
+        Ok(Self {
+            file: File::open(path)?,
+        })
+    }
+
+    /// The file's length, and as much of its start as it holds up to
+    /// `buf`'s length read into `buf` (positioned reads: the descriptor's
+    /// offset is not used).
+    pub(super) fn read_start(&self, buf: &mut [u8]) -> io::Result<(u64, usize)> {
+        #[cfg(unix)]
+        {
+            let open = registry::lock();
+            match open.get(&self.key) {
+                Some((_, file)) => read_start(file, buf),
+                None => Err(io::Error::other("the file's descriptor is not kept")),
+            }
+        }
+        #[cfg(not(unix))]
+        read_start(&self.file, buf)
+    }
+}
+
+fn read_start(file: &File, buf: &mut [u8]) -> io::Result<(u64, usize)> {
+    let len = file.metadata()?.len();
+    let mut got = 0;
+    while got < buf.len() {
+        match read_at(file, &mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((len, got))
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::windows::fs::FileExt::seek_read(file, buf, offset)
+}
+
+#[cfg(unix)]
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        // Removed, and so closed, under the lock: a store opening the file
+        // meanwhile either holds this descriptor or opens its own after.
+        let mut open = registry::lock();
+        if let Some((holds, _)) = open.get_mut(&self.key) {
+            *holds -= 1;
+            if *holds == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
