@@ -5,28 +5,23 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, PoisonError};
 
-use async_lock::{Mutex, MutexGuard};
+use async_lock::{Mutex, MutexGuardArc};
 use foldhash::fast::RandomState;
 
 /// A fixed set of async mutexes; a key always maps to the same one. Two
 /// operations on one key therefore never overlap, while operations on
 /// different keys share a mutex only when their keys collide (1 in
-/// [`Stripes::COUNT`]). Memory is constant however many keys there are.
+/// [`Stripes::COUNT`]). Memory is constant however many keys there are
+/// (4 KiB). An operation that hangs holding one holds up the keys that
+/// collide with its own: keep one set per tenant (see [`PerKey`]).
 pub(crate) struct Stripes {
-    locks: Box<[Mutex<()>]>,
+    locks: Box<[Arc<Mutex<()>>]>,
     hasher: RandomState,
 }
 
 impl Stripes {
     /// Number of mutexes.
-    pub(crate) const COUNT: usize = 1024;
-
-    pub(crate) fn new() -> Self {
-        Self {
-            locks: (0..Self::COUNT).map(|_| Mutex::new(())).collect(),
-            hasher: RandomState::default(),
-        }
-    }
+    pub(crate) const COUNT: usize = 256;
 
     fn index(&self, key: impl Hash) -> usize {
         // The remainder is below COUNT, so the cast is lossless.
@@ -34,8 +29,8 @@ impl Stripes {
     }
 
     /// Wait for, then hold, the mutex of `key`.
-    pub(crate) async fn lock(&self, key: impl Hash) -> MutexGuard<'_, ()> {
-        self.locks[self.index(key)].lock().await
+    pub(crate) async fn lock(&self, key: impl Hash) -> MutexGuardArc<()> {
+        self.locks[self.index(key)].lock_arc().await
     }
 
     /// Hold the mutexes of all `keys` at once. They are taken in index order,
@@ -43,15 +38,24 @@ impl Stripes {
     pub(crate) async fn lock_all<K: Hash>(
         &self,
         keys: impl IntoIterator<Item = K>,
-    ) -> Vec<MutexGuard<'_, ()>> {
+    ) -> Vec<MutexGuardArc<()>> {
         let mut indices: Vec<usize> = keys.into_iter().map(|k| self.index(k)).collect();
         indices.sort_unstable();
         indices.dedup();
         let mut guards = Vec::with_capacity(indices.len());
         for i in indices {
-            guards.push(self.locks[i].lock().await);
+            guards.push(self.locks[i].lock_arc().await);
         }
         guards
+    }
+}
+
+impl Default for Stripes {
+    fn default() -> Self {
+        Self {
+            locks: (0..Self::COUNT).map(|_| Arc::new(Mutex::new(()))).collect(),
+            hasher: RandomState::default(),
+        }
     }
 }
 

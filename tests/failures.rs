@@ -3177,3 +3177,90 @@ async fn the_statistics_give_nothing_away_beside_the_billed_count() {
         );
     }
 }
+
+/// A key provider that never answers for one business (its KMS key
+/// unreachable), and answers every other's at once.
+struct HangsFor {
+    inner: Arc<dyn KeyProvider>,
+    business: BusinessId,
+}
+
+#[async_trait::async_trait]
+impl KeyProvider for HangsFor {
+    async fn wrap(
+        &self,
+        context: &custodian::keys::KekContext,
+        key: &SecretKey,
+    ) -> Result<Vec<u8>, custodian::keys::ProviderError> {
+        if context.business == self.business {
+            std::future::pending::<()>().await;
+        }
+        self.inner.wrap(context, key).await
+    }
+    async fn unwrap(
+        &self,
+        context: &custodian::keys::KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, custodian::keys::ProviderError> {
+        if context.business == self.business {
+            std::future::pending::<()>().await;
+        }
+        self.inner.unwrap(context, wrapped).await
+    }
+}
+
+/// A key-provider call hung for one business holds up no other business's
+/// devices. Each device's operations are serialised under a lock held
+/// across the provider calls that open and seal its record; the locks were
+/// stripes shared by every business, so a device of business Y whose
+/// stripe a device of X held waited on X's provider (about 1 in 1,024 of
+/// Y's devices per X device waiting). The stripes are now per business.
+#[test]
+fn a_hung_key_provider_call_of_one_business_holds_up_no_other_business() {
+    runtime().block_on(async {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store: Arc<dyn Storage> = Arc::new(MemoryStore::new());
+        let local: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let (x, y) = (BusinessId::new(1).unwrap(), BusinessId::new(2).unwrap());
+        // Business X has a session with a consumer's device, stored.
+        let (keys, sessions) = signal_stack(local.clone(), store.clone(), &clock);
+        let published = sessions.publish(x).await.unwrap();
+        let mut handset = ConsumerDevice::new(1);
+        handset
+            .start_session(x, &published.bundle(Some(0)))
+            .await
+            .unwrap();
+        let phone = keys.phone_hash(x, &consumer(1)).await.unwrap();
+        let peer_x = PeerId { phone, device: 1 };
+        let first = handset.encrypt(x, b"hello").await.unwrap();
+        let expiry = clock.now().saturating_add(Duration::from_secs(24 * 3600));
+        sessions.decrypt(x, peer_x, &first, expiry).await.unwrap();
+        drop(sessions);
+
+        // Another process over the store, whose provider hangs for X: an
+        // operation on X's device holds its lock, waiting for ever.
+        let hanging = Arc::new(HangsFor {
+            inner: local,
+            business: x,
+        });
+        let (_keys, sessions) = signal_stack(hanging, store, &clock);
+        let mut stuck = Box::pin(sessions.has_session(x, peer_x));
+        assert!(poll_at_most(stuck.as_mut(), 100).await.is_none());
+        // Business Y's devices need no provider call: each completes at
+        // once. (Shared stripes: the chance that none of 20,000 collided
+        // with X's was below 1e-8.)
+        let phone = custodian::ids::PhoneHash::from_bytes([9; 16]);
+        let stalled: Vec<u32> = {
+            let mut stalled = Vec::new();
+            for device in 0..20_000u32 {
+                let has = sessions.has_session(y, PeerId { phone, device });
+                if poll_at_most(has, 100).await.is_none() {
+                    stalled.push(device);
+                }
+            }
+            stalled
+        };
+        assert!(stalled.is_empty(), "held up by business {x}: {stalled:?}");
+        drop(stuck);
+    });
+}

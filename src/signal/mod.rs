@@ -81,7 +81,7 @@ mod stores;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
 
-use crate::lock::Stripes;
+use crate::lock::{PerKey, Stripes};
 use account::Account;
 #[cfg(any(test, fuzzing))]
 pub(crate) use account::{
@@ -806,8 +806,12 @@ pub struct Sessions {
     config: SignalConfig,
     accounts: RwLock<Accounts>,
     cache: PeerCache,
-    address_locks: Stripes,
-    business_locks: Stripes,
+    /// Serialises each device's operations; a set of stripes per
+    /// business, so that an operation hung on one business's key provider
+    /// or store call holds up no other business's devices.
+    address_locks: PerKey<BusinessId, Stripes>,
+    /// Serialises a business's account loads and upkeep.
+    business_locks: PerKey<BusinessId, async_lock::Mutex<()>>,
     /// One-time prekeys loaded by operations not yet done with them.
     prekeys_in_use: PreKeysInUse,
     /// This instance's claim to write the store (see
@@ -886,8 +890,8 @@ impl Sessions {
             cache: PeerCache::new(&config),
             config,
             accounts: RwLock::default(),
-            address_locks: Stripes::new(),
-            business_locks: Stripes::new(),
+            address_locks: PerKey::default(),
+            business_locks: PerKey::default(),
             prekeys_in_use: PreKeysInUse::default(),
             writer: WriterId::random(),
             took_over: async_lock::OnceCell::new(),
@@ -940,7 +944,8 @@ impl Sessions {
         business: BusinessId,
         create: bool,
     ) -> Result<Option<Arc<Account>>, SignalError> {
-        let _guard = self.business_locks.lock(business).await;
+        let lock = self.business_locks.get(business);
+        let _guard = lock.lock().await;
         if let Some(account) = self.cached_account(business) {
             return Ok(Some(account));
         }
@@ -994,7 +999,8 @@ impl Sessions {
         business: BusinessId,
         left: Option<usize>,
     ) -> Result<Maintenance, SignalError> {
-        let _guard = self.business_locks.lock(business).await;
+        let lock = self.business_locks.get(business);
+        let _guard = lock.lock().await;
         // The account in memory serves the business's consumers meanwhile
         // (its identity never changes, and a signed prekey past its grace
         // is refused where it is used). Should this not complete (an
@@ -1345,7 +1351,7 @@ impl Sessions {
         business: BusinessId,
         peer: PeerId,
     ) -> Result<bool, SignalError> {
-        let _guard = self.address_locks.lock((business, peer)).await;
+        let _guard = self.address_locks.get(business).lock(peer).await;
         let (state, taken) = self.load_peer(business, peer).await?;
         let has = state.has_live_session();
         taken.put(state);
@@ -1418,7 +1424,7 @@ impl Sessions {
             .ok_or(SignalError::Storage(StorageFailure::Corrupt(
                 "identity key",
             )))?;
-        let _guard = self.address_locks.lock((business, peer)).await;
+        let _guard = self.address_locks.get(business).lock(peer).await;
         let loaded = self.load_peer(business, peer).await;
         // Unreadable for good: damaged, or not this device's. A key store
         // or provider failing as the record is opened is no sign of that.
@@ -1488,11 +1494,8 @@ impl Sessions {
         let (_guards, devices) = loop {
             let guards = self
                 .address_locks
-                .lock_all(
-                    locked
-                        .iter()
-                        .map(|&device| (business, PeerId { phone, device })),
-                )
+                .get(business)
+                .lock_all(locked.iter().map(|&device| PeerId { phone, device }))
                 .await;
             let devices = self.store.peer_devices(business, phone).await?;
             let added: Vec<u32> = devices
