@@ -1365,3 +1365,43 @@ fn forgetting_a_consumer_deletes_a_device_added_while_it_took_its_locks() {
         assert!(!s.sessions.has_session(s.b, s.peer).await.unwrap());
     });
 }
+
+/// A retransmission pass dropped anywhere on a settled message past its
+/// expiry, whose report its business has not taken, leaves the report due
+/// a backoff later, never at once: the attempt's lease brought an expired
+/// message's next attempt forward to the present whatever its status, so
+/// every pass cut after the lease found the report due again at once, with
+/// no backoff between them.
+#[test]
+fn a_pass_dropped_on_an_expired_settled_message_leaves_its_report_a_backoff_away() {
+    runtime().block_on(async {
+        let start = Timestamp::from_millis(T0 + 60_000);
+        let down = Faults::none().with_outage(start, Duration::from_secs(3 * 86_400));
+        let d = Deployment::new(Faults::none(), down).await;
+        d.shorten_retention_to_a_day();
+        let id = d.send_out_to(1).await;
+        d.clock.set(start);
+        let reported = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered);
+        assert_eq!(reported.await.unwrap(), StatusChange::Applied);
+        // Past its expiry, its report still owed to the business.
+        d.clock.advance(Duration::from_secs(86_400 + 3_600));
+        let d = &d;
+        let stored = || async { d.store.message(d.b, id).await.unwrap().unwrap().delivery };
+        assert_eq!(stored().await.status, Status::Delivered);
+        every_cut(|n| async move {
+            let due = stored().await.next_attempt.unwrap();
+            d.clock.set(due.max(d.clock.now()));
+            let now = d.clock.now();
+            let pass = poll_at_most(d.processor.retransmit_due(&d.operator), n).await;
+            let next = stored().await.next_attempt.unwrap();
+            assert!(
+                next > now || next == due,
+                "cut at {n}: due again at once ({next:?}, now {now:?})"
+            );
+            pass.is_some()
+        })
+        .await;
+    });
+}

@@ -506,7 +506,7 @@ impl Processor {
         let (business, phone) = (facts.business, facts.phone);
         let now = self.clock.now();
         let mut next = self.after_attempt(&current, attempt, now);
-        next.next_attempt = due_by(next.next_attempt, facts.expiry, now);
+        next = due_by(next, facts.expiry, now);
         let written = if let Attempt::Done = attempt {
             let delivered = Op::UpdateDelivery {
                 business,

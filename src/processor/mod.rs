@@ -566,13 +566,18 @@ impl Processor {
     }
 }
 
-/// A next attempt due at `at`, brought forward to `expiry` (or to `now`,
-/// if that is later): no attempt on a message is due after its retention
-/// ends, so the retransmission loop fails one still open as expired when
-/// it ends, whatever attempt was under way then (a sweep meanwhile leaves
-/// a message under way alone).
-fn due_by(at: Option<Timestamp>, expiry: Timestamp, now: Timestamp) -> Option<Timestamp> {
-    at.map(|t| t.min(expiry.max(now)))
+/// `next`, the delivery state of a message whose retention ends at
+/// `expiry`, with its next attempt brought forward to `expiry` (or to
+/// `now`, if that is later) while it is open: no attempt on an open message
+/// is due after its retention ends, so the retransmission loop fails it as
+/// expired when it ends, whatever attempt was under way then (a sweep
+/// meanwhile leaves a message under way alone). A settled one's report
+/// keeps its backoff, past its expiry too.
+fn due_by(mut next: Delivery, expiry: Timestamp, now: Timestamp) -> Delivery {
+    if next.status.is_open() {
+        next.next_attempt = next.next_attempt.map(|t| t.min(expiry.max(now)));
+    }
+    next
 }
 
 /// `Ok` if `ok`; else a refusal of `principal`, logged with `why`.

@@ -497,7 +497,7 @@ impl Processor {
         loop {
             let current = made.on;
             let mut next = self.after_send(current, made.outcome, made.at, made.created);
-            next.next_attempt = due_by(next.next_attempt, made.expiry, made.at);
+            next = due_by(next, made.expiry, made.at);
             // The first record of what the transport took, of an attempt
             // decided on a queued message, bills it: moving it on from
             // queued, or after a delivery report that moved it on unbilled

@@ -95,13 +95,10 @@ impl Processor {
         let d = record.delivery;
         let later = Delivery {
             attempts: d.attempts.saturating_add(1),
-            next_attempt: due_by(
-                Some(now.saturating_add(self.delivery.backoff(d.attempts))),
-                record.expiry,
-                now,
-            ),
+            next_attempt: Some(now.saturating_add(self.delivery.backoff(d.attempts))),
             ..d
         };
+        let later = due_by(later, record.expiry, now);
         self.write_delivery(record.business, record.id, d, later)
             .await?;
         Ok(())
@@ -124,13 +121,10 @@ impl Processor {
     ) -> Result<Option<MessageRecord>, ProcessorError> {
         let d = record.delivery;
         let leased = Delivery {
-            next_attempt: due_by(
-                Some(now.saturating_add(self.delivery.backoff(d.attempts))),
-                record.expiry,
-                now,
-            ),
+            next_attempt: Some(now.saturating_add(self.delivery.backoff(d.attempts))),
             ..d
         };
+        let leased = due_by(leased, record.expiry, now);
         if !self
             .write_delivery(record.business, record.id, d, leased)
             .await?

@@ -32,8 +32,10 @@ mod registry {
     use std::fs::File;
     use std::sync::{Mutex, MutexGuard, PoisonError};
 
-    /// Each open file's descriptor and the holds on it, by (device, inode).
-    pub(super) type Open = BTreeMap<(u64, u64), (usize, File)>;
+    /// Each open file's descriptors (one, unless the path was switched
+    /// between a look and an open: see `hold`) and the holds on them, by
+    /// (device, inode).
+    pub(super) type Open = BTreeMap<(u64, u64), (usize, Vec<File>)>;
 
     static OPEN: Mutex<Open> = Mutex::new(BTreeMap::new());
 
@@ -60,12 +62,13 @@ impl OpenFile {
             });
         }
         let file = File::open(path)?;
-        // The file the descriptor names (the path may have been replaced
-        // between the two looks).
-        let meta = file.metadata()?;
-        let key = (meta.dev(), meta.ino());
-        open.entry(key).or_insert((0, file)).0 += 1;
-        Ok(Self { key })
+        keep(&mut open, file)
+    }
+
+    /// A hold on `file`, a descriptor of a file a store may have open.
+    #[cfg(all(test, unix))]
+    pub(super) fn keep(file: File) -> io::Result<Self> {
+        keep(&mut registry::lock(), file)
     }
 
     /// A descriptor of the file at `path`, its own.
@@ -83,14 +86,37 @@ impl OpenFile {
         #[cfg(unix)]
         {
             let open = registry::lock();
-            match open.get(&self.key) {
-                Some((_, file)) => read_start(file, buf),
+            match open.get(&self.key).and_then(|(_, files)| files.first()) {
+                Some(file) => read_start(file, buf),
                 None => Err(io::Error::other("the file's descriptor is not kept")),
             }
         }
         #[cfg(not(unix))]
         read_start(&self.file, buf)
     }
+}
+
+/// A hold on the file `file` is a descriptor of, kept in `open`. The path
+/// it was opened by may have been switched, between the look in the
+/// registry and the open, to a file a store has open: the descriptor is
+/// then kept with that file's, as closing it would drop the store's locks.
+/// One that cannot be told is never closed.
+#[cfg(unix)]
+fn keep(open: &mut registry::Open, file: File) -> io::Result<OpenFile> {
+    use std::os::unix::fs::MetadataExt;
+
+    let meta = match file.metadata() {
+        Ok(meta) => meta,
+        Err(e) => {
+            std::mem::forget(file);
+            return Err(e);
+        }
+    };
+    let key = (meta.dev(), meta.ino());
+    let (holds, files) = open.entry(key).or_default();
+    *holds += 1;
+    files.push(file);
+    Ok(OpenFile { key })
 }
 
 fn read_start(file: &File, buf: &mut [u8]) -> io::Result<(u64, usize)> {

@@ -371,6 +371,15 @@ fn a_second_open_leaves_the_open_stores_locks_on_its_file() {
     block_on(second.census()).unwrap();
     drop(second);
     assert_eq!(locks_on(&path), before, "a second store, closed");
+    // A descriptor opened by a path switched, since the registry was
+    // looked in, to the store's file: kept, not closed.
+    let switched = std::fs::File::open(&path).unwrap();
+    drop(super::open_files::OpenFile::keep(switched).unwrap());
+    assert_eq!(
+        locks_on(&path),
+        before,
+        "a descriptor opened by a path switched back"
+    );
     // The file is let go with the last store.
     drop(store);
     assert!(locks_on(&path).is_empty());

@@ -1,0 +1,1103 @@
+//! Status updates and retransmission under every order of reports: a
+//! status never goes backwards, each final status is told to the business
+//! once and in order (a failure with its reason), reports for what is not
+//! the caller's, unknown or expired change nothing, and each device gets a
+//! message once, also across restarts, changing device lists, refusals and
+//! hung endpoints. `fuzz_status_sequences` mixes all of these under a seed
+//! (`FUZZ_SEEDS`, `FUZZ_FROM`, `FUZZ_HIGH=1`, `FUZZ_DEBUG=1` widen it).
+#![cfg(feature = "testing")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests assert by panicking"
+)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{
+    DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError, StatusChange,
+};
+use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
+use custodian::store::{Delivery, FailureReason, MemoryStore, Status, Storage};
+use custodian::testing::{Faults, SimNetwork};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{
+    BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
+    Transport, TransportError,
+};
+use custodian::visibility::MemoryAuditSink;
+
+const T0: u64 = 1_767_225_600_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendMode {
+    /// Fails for now.
+    Transient,
+    /// Refused for good.
+    Refused,
+}
+
+/// The simulated network, with a scriptable device list and send failures;
+/// every send the transport took is recorded.
+struct Net {
+    sim: Arc<SimNetwork>,
+    devices: Mutex<Option<Vec<u32>>>,
+    modes: Mutex<HashMap<u32, SendMode>>,
+    /// (message, device) of each send taken.
+    taken: Mutex<Vec<(MessageId, u32)>>,
+    devices_fail: Mutex<bool>,
+}
+
+impl Net {
+    fn taken_by(&self, id: MessageId) -> BTreeMap<u32, u32> {
+        let mut m = BTreeMap::new();
+        for &(i, d) in self.taken.lock().unwrap().iter() {
+            if i == id {
+                *m.entry(d).or_default() += 1;
+            }
+        }
+        m
+    }
+}
+
+#[async_trait]
+impl Transport for Net {
+    async fn devices(&self, b: BusinessId, c: &PhoneNumber) -> Result<Vec<u32>, TransportError> {
+        tokio::task::yield_now().await;
+        if *self.devices_fail.lock().unwrap() {
+            return Err(TransportError::Unavailable("down".into()));
+        }
+        if let Some(list) = self.devices.lock().unwrap().clone() {
+            return Ok(list);
+        }
+        self.sim.devices(b, c).await
+    }
+    async fn fetch_bundle(
+        &self,
+        b: BusinessId,
+        c: &PhoneNumber,
+        device: u32,
+    ) -> Result<PreKeyBundle, TransportError> {
+        self.sim.fetch_bundle(b, c, device).await
+    }
+    async fn send(
+        &self,
+        b: BusinessId,
+        c: &PhoneNumber,
+        device: u32,
+        m: &Outgoing,
+    ) -> Result<(), TransportError> {
+        tokio::task::yield_now().await;
+        let mode = self.modes.lock().unwrap().get(&device).copied();
+        match mode {
+            Some(SendMode::Transient) => return Err(TransportError::Unavailable("t".into())),
+            Some(SendMode::Refused) => return Err(TransportError::Refused("r".into())),
+            None => {}
+        }
+        self.sim.send(b, c, device, m).await?;
+        self.taken.lock().unwrap().push((m.id, device));
+        tokio::task::yield_now().await;
+        Ok(())
+    }
+    async fn ask_resend(
+        &self,
+        business: BusinessId,
+        consumer: &PhoneNumber,
+        device: u32,
+        id: MessageId,
+        message: &Ciphertext,
+    ) -> Result<(), TransportError> {
+        self.sim
+            .ask_resend(business, consumer, device, id, message)
+            .await
+    }
+    async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
+        self.sim.publish_keys(b, k).await
+    }
+    async fn one_time_prekey_count(
+        &self,
+        business: BusinessId,
+    ) -> Result<Option<usize>, TransportError> {
+        self.sim.one_time_prekey_count(business).await
+    }
+    async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
+        self.sim.integrity_signals(r).await
+    }
+    async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
+        self.sim.billing(s).await
+    }
+}
+
+/// A business endpoint recording each status it accepted (and each it
+/// was offered), failing the next `fail` calls.
+#[derive(Default)]
+struct Sink {
+    accepted: Mutex<Vec<(MessageId, Status, Option<FailureReason>)>>,
+    offered: Mutex<Vec<(MessageId, Status, Option<FailureReason>)>>,
+    fail: AtomicU32,
+    /// Business whose status calls never answer.
+    hang: Mutex<Option<BusinessId>>,
+}
+
+impl Sink {
+    fn told(&self, id: MessageId) -> Vec<(Status, Option<FailureReason>)> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, ..)| *i == id)
+            .map(|&(_, s, f)| (s, f))
+            .collect()
+    }
+    fn settled_told(&self, id: MessageId) -> Vec<(Status, Option<FailureReason>)> {
+        self.told(id)
+            .into_iter()
+            .filter(|(s, _)| *s != Status::Sent)
+            .collect()
+    }
+}
+
+#[async_trait]
+impl BusinessSink for Sink {
+    async fn deliver(&self, _message: &InboundMessage) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn status(&self, u: &StatusUpdate) -> Result<(), SinkError> {
+        tokio::task::yield_now().await;
+        if *self.hang.lock().unwrap() == Some(u.business) {
+            std::future::pending::<()>().await;
+        }
+        self.offered
+            .lock()
+            .unwrap()
+            .push((u.id, u.status, u.failure));
+        if self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(SinkError("down".into()));
+        }
+        self.accepted
+            .lock()
+            .unwrap()
+            .push((u.id, u.status, u.failure));
+        Ok(())
+    }
+}
+
+struct D {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    keys: Arc<LocalKeyProvider>,
+    authorizer: Arc<StaticAuthorizer>,
+    net: Arc<Net>,
+    sink: Arc<Sink>,
+    p: Arc<Processor>,
+    transport: Principal,
+    operator: Principal,
+    owner: Principal,
+}
+
+fn b(n: u64) -> BusinessId {
+    BusinessId::new(n).unwrap()
+}
+
+fn number(i: usize) -> PhoneNumber {
+    format!("+4477009{i:05}").parse().unwrap()
+}
+
+fn start(d: &D) -> Arc<Processor> {
+    build(&d.clock, &d.store, &d.keys, &d.authorizer, &d.net, &d.sink)
+}
+
+fn build(
+    clock: &ManualClock,
+    store: &Arc<MemoryStore>,
+    keys: &Arc<LocalKeyProvider>,
+    authorizer: &Arc<StaticAuthorizer>,
+    net: &Arc<Net>,
+    sink: &Arc<Sink>,
+) -> Arc<Processor> {
+    let host = Host {
+        storage: store.clone(),
+        key_provider: keys.clone(),
+        transport: net.clone(),
+        business: sink.clone(),
+        authorizer: authorizer.clone(),
+        clock: Arc::new(clock.clone()),
+        audit: Arc::new(MemoryAuditSink::new()),
+    };
+    let policies = Policies {
+        delivery: DeliveryConfig {
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            receipt_timeout: Duration::from_secs(120),
+            batch: 10_000,
+        },
+        ..Policies::default()
+    };
+    Arc::new(Processor::new(host, policies).unwrap())
+}
+
+impl D {
+    async fn new(devices: u32) -> Self {
+        let clock = ManualClock::new(Timestamp::from_millis(T0));
+        let store = Arc::new(MemoryStore::new());
+        let transport = Principal::new("transport");
+        let operator = Principal::new("operator");
+        let owner = Principal::new("owner");
+        let mut authorizer = StaticAuthorizer::new().operator(&operator);
+        for n in [1, 2] {
+            authorizer = authorizer.grant(&owner, b(n)).carrier(&transport, b(n));
+        }
+        let net = Arc::new(Net {
+            sim: Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 7).unwrap()),
+            devices: Mutex::new(None),
+            modes: Mutex::new(HashMap::new()),
+            taken: Mutex::new(Vec::new()),
+            devices_fail: Mutex::new(false),
+        });
+        let sink = Arc::new(Sink::default());
+        let keys = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
+        let authorizer = Arc::new(authorizer);
+        let p = build(&clock, &store, &keys, &authorizer, &net, &sink);
+        net.sim.add_consumer(&number(1), devices).await;
+        for n in [1, 2] {
+            p.publish_keys(&owner, b(n)).await.unwrap();
+        }
+        Self {
+            clock,
+            store,
+            keys,
+            authorizer,
+            net,
+            sink,
+            p,
+            transport,
+            operator,
+            owner,
+        }
+    }
+
+    async fn send(&self, business: BusinessId) -> MessageId {
+        let message = Outbound {
+            to: number(1),
+            content: b"hello".to_vec().into(),
+            category: Category::Service,
+        };
+        self.p.send(&self.owner, business, message).await.unwrap()
+    }
+
+    async fn delivery(&self, business: BusinessId, id: MessageId) -> Delivery {
+        self.store
+            .message(business, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .delivery
+    }
+
+    async fn report(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        status: Status,
+    ) -> Result<StatusChange, ProcessorError> {
+        self.p
+            .status_update(&self.transport, business, id, status)
+            .await
+    }
+
+    async fn retransmit(&self) {
+        self.p.retransmit_due(&self.operator).await.unwrap();
+    }
+
+    fn clock_now_days(&self) -> f64 {
+        use custodian::time::Clock;
+        (self.clock.now().as_millis() as f64 - T0 as f64) / 86_400_000.0
+    }
+
+    fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+}
+
+#[tokio::test]
+async fn in_order_and_duplicates_told_once() {
+    let d = D::new(1).await;
+    let id = d.send(b(1)).await;
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Applied
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Read).await.unwrap(),
+        StatusChange::Applied
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Read).await.unwrap(),
+        StatusChange::Ignored
+    );
+    for _ in 0..5 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    assert_eq!(
+        d.sink.told(id),
+        vec![
+            (Status::Sent, None),
+            (Status::Delivered, None),
+            (Status::Read, None)
+        ]
+    );
+    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
+}
+
+#[tokio::test]
+async fn read_before_delivered() {
+    let d = D::new(1).await;
+    let id = d.send(b(1)).await;
+    assert_eq!(
+        d.report(b(1), id, Status::Read).await.unwrap(),
+        StatusChange::Applied
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+    for _ in 0..5 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Read, None)]);
+    assert_eq!(d.delivery(b(1), id).await.status, Status::Read);
+}
+
+#[tokio::test]
+async fn unknown_other_business_invalid() {
+    let d = D::new(1).await;
+    let id = d.send(b(1)).await;
+    let before = d.delivery(b(1), id).await;
+    let other = d.report(b(2), id, Status::Delivered).await;
+    assert!(matches!(other, Err(ProcessorError::NotFound)), "{other:?}");
+    let unknown = d.report(b(1), MessageId::random(), Status::Delivered).await;
+    assert!(
+        matches!(unknown, Err(ProcessorError::NotFound)),
+        "{unknown:?}"
+    );
+    for s in [Status::Queued, Status::Sent, Status::Failed] {
+        let r = d.report(b(1), id, s).await;
+        assert!(matches!(r, Err(ProcessorError::Invalid(_))), "{s:?}: {r:?}");
+    }
+    let stranger = Principal::new("stranger");
+    let r =
+        d.p.status_update(&stranger, b(1), id, Status::Delivered)
+            .await;
+    assert!(
+        matches!(r, Err(ProcessorError::Unauthorized { .. })),
+        "{r:?}"
+    );
+    let r = d.p.retry_receipt(&d.transport, b(2), id, 0).await;
+    assert!(matches!(r, Err(ProcessorError::NotFound)), "{r:?}");
+    assert_eq!(d.delivery(b(1), id).await, before);
+    assert_eq!(d.sink.settled_told(id), vec![]);
+}
+
+#[tokio::test]
+async fn status_at_exact_expiry() {
+    let d = D::new(1).await;
+    let id = d.send(b(1)).await;
+    let rec = d.store.message(b(1), id).await.unwrap().unwrap();
+    d.clock.set(rec.expiry);
+    let before = d.delivery(b(1), id).await;
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+    assert_eq!(d.delivery(b(1), id).await, before);
+    d.retransmit().await;
+    assert_eq!(
+        d.sink.settled_told(id),
+        vec![(Status::Failed, Some(FailureReason::Expired))]
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Read).await.unwrap(),
+        StatusChange::Ignored
+    );
+    d.advance(3600);
+    d.retransmit().await;
+    assert_eq!(
+        d.sink.settled_told(id),
+        vec![(Status::Failed, Some(FailureReason::Expired))]
+    );
+}
+
+#[tokio::test]
+async fn sink_fails_then_retold_once() {
+    let d = D::new(1).await;
+    let id = d.send(b(1)).await;
+    d.sink.fail.store(3, Ordering::SeqCst);
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Applied
+    );
+    for _ in 0..10 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Delivered, None)]);
+    assert_eq!(d.delivery(b(1), id).await.next_attempt, None);
+}
+
+#[tokio::test]
+async fn read_while_delivered_report_owed() {
+    let d = D::new(1).await;
+    let id = d.send(b(1)).await;
+    d.sink.fail.store(1, Ordering::SeqCst);
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    d.report(b(1), id, Status::Read).await.unwrap();
+    for _ in 0..10 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    let told = d.sink.settled_told(id);
+    assert_eq!(told.last(), Some(&(Status::Read, None)), "{told:?}");
+    assert_eq!(
+        told.iter().filter(|t| t.0 == Status::Read).count(),
+        1,
+        "{told:?}"
+    );
+}
+
+#[tokio::test]
+async fn pending_device_then_restart() {
+    let d = D::new(2).await;
+    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    let id = d.send(b(1)).await;
+    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    assert_eq!(d.sink.settled_told(id), vec![]);
+    let p2 = start(&d);
+    d.net.modes.lock().unwrap().clear();
+    for _ in 0..5 {
+        d.advance(70);
+        p2.retransmit_due(&d.operator).await.unwrap();
+    }
+    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1), (1, 1)]));
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Delivered, None)]);
+}
+
+#[tokio::test]
+async fn pending_device_refused_for_good_still_reports() {
+    let d = D::new(2).await;
+    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    let id = d.send(b(1)).await;
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    d.net.modes.lock().unwrap().insert(1, SendMode::Refused);
+    for _ in 0..5 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Delivered, None)]);
+}
+
+#[tokio::test]
+async fn device_list_changes_between_attempts() {
+    let d = D::new(3).await;
+    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    *d.net.devices.lock().unwrap() = Some(vec![0, 1]);
+    let id = d.send(b(1)).await;
+    // device 1 unlinked, device 2 linked
+    *d.net.devices.lock().unwrap() = Some(vec![0, 2]);
+    d.net.modes.lock().unwrap().clear();
+    for _ in 0..3 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    // Device 1 (unlinked) is not sent it again; device 2 (linked since)
+    // gets it from the overdue resend to every device listed then.
+    let taken = d.net.taken_by(id);
+    assert_eq!(taken.get(&1), None, "{taken:?}");
+    assert_eq!(taken.get(&2), Some(&1), "{taken:?}");
+}
+
+#[tokio::test]
+async fn all_transient_until_expiry_fails_expired() {
+    let d = D::new(1).await;
+    d.net.modes.lock().unwrap().insert(0, SendMode::Transient);
+    let id = d.send(b(1)).await;
+    let rec = d.store.message(b(1), id).await.unwrap().unwrap();
+    d.clock.set(rec.expiry);
+    d.retransmit().await;
+    assert_eq!(
+        d.sink.settled_told(id),
+        vec![(Status::Failed, Some(FailureReason::Expired))]
+    );
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+}
+
+#[tokio::test]
+async fn failed_then_delivered_ignored() {
+    let d = D::new(1).await;
+    d.net.modes.lock().unwrap().insert(0, SendMode::Refused);
+    let id = d.send(b(1)).await;
+    assert_eq!(d.delivery(b(1), id).await.status, Status::Failed);
+    assert_eq!(
+        d.report(b(1), id, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+    d.advance(70);
+    d.retransmit().await;
+    assert_eq!(
+        d.sink.settled_told(id),
+        vec![(Status::Failed, Some(FailureReason::Refused))]
+    );
+}
+
+#[tokio::test]
+async fn receipt_for_unlisted_device() {
+    let d = D::new(2).await;
+    let id = d.send(b(1)).await;
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    let before = d.delivery(b(1), id).await;
+    let r = d.p.retry_receipt(&d.transport, b(1), id, 9).await;
+    assert!(matches!(r, Ok(StatusChange::Ignored)), "{r:?}");
+    assert_eq!(d.delivery(b(1), id).await, before);
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Delivered, None)]);
+}
+
+#[tokio::test]
+async fn sent_overdue_resend_count() {
+    let d = D::new(2).await;
+    let id = d.send(b(1)).await;
+    // no report ever comes: resent to every device every wait
+    for _ in 0..4 {
+        d.advance(200);
+        d.retransmit().await;
+    }
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    let n: u32 = d.net.taken_by(id).values().sum();
+    for _ in 0..4 {
+        d.advance(200);
+        d.retransmit().await;
+    }
+    assert_eq!(d.net.taken_by(id).values().sum::<u32>(), n);
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Delivered, None)]);
+}
+
+/// Polls `future` at most `polls` times: its output, or `None` if it was
+/// dropped unfinished.
+async fn poll_at_most<F: std::future::Future>(future: F, polls: usize) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut left = polls;
+    std::future::poll_fn(move |cx| match future.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending if left <= 1 => std::task::Poll::Ready(None),
+        std::task::Poll::Pending => {
+            left -= 1;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+fn rank(s: Status) -> u8 {
+    match s {
+        Status::Queued => 0,
+        Status::Sent => 1,
+        Status::Delivered => 2,
+        Status::Read => 3,
+        Status::Failed => 9,
+    }
+}
+
+fn forward(from: Status, to: Status) -> bool {
+    from == to
+        || match (from, to) {
+            (Status::Failed, _) | (Status::Read, _) => false,
+            (Status::Queued | Status::Sent, Status::Failed) => true,
+            (_, Status::Failed) => false,
+            (a, b) => rank(b) > rank(a),
+        }
+}
+
+async fn fuzz_one(seed: u64) -> Result<(), String> {
+    let mut rng = Rng(seed);
+    let high = std::env::var("FUZZ_HIGH").is_ok();
+    let d = D::new(if high { 66 } else { 3 }).await;
+    if high {
+        *d.net.devices.lock().unwrap() = Some(vec![0, 1, 63]);
+    }
+    let mut p = d.p.clone();
+    let mut ids: Vec<MessageId> = Vec::new();
+    let mut last: HashMap<MessageId, Status> = HashMap::new();
+    let mut log = Vec::new();
+    let mut billable = std::collections::HashSet::new();
+    for _ in 0..60 {
+        let op = rng.below(19);
+        let sends_before: HashMap<MessageId, u32> = ids
+            .iter()
+            .map(|id| (*id, d.net.taken_by(*id).values().sum()))
+            .collect();
+        let settled_before: HashMap<MessageId, bool> = ids
+            .iter()
+            .map(|id| (*id, !d.sink.settled_told(*id).is_empty()))
+            .collect();
+        match op {
+            0 if ids.len() < 4 => {
+                let m = Outbound {
+                    to: number(1),
+                    content: b"hi".to_vec().into(),
+                    category: Category::Service,
+                };
+                if let Ok(id) = p.send(&d.owner, b(1), m).await {
+                    ids.push(id);
+                }
+                log.push("send".to_string());
+            }
+            1 | 2 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let s = if op == 1 {
+                    Status::Delivered
+                } else {
+                    Status::Read
+                };
+                let r = p.status_update(&d.transport, b(1), id, s).await;
+                log.push(format!(
+                    "{s:?} {}: {r:?}",
+                    ids.iter().position(|i| *i == id).unwrap()
+                ));
+            }
+            3 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let dev = if high {
+                    [0, 1, 63, 64, 65][rng.below(5) as usize]
+                } else {
+                    [0, 1, 2, 9][rng.below(4) as usize]
+                };
+                let r = p.retry_receipt(&d.transport, b(1), id, dev).await;
+                log.push(format!(
+                    "receipt {} dev {dev}: {r:?}",
+                    ids.iter().position(|i| *i == id).unwrap()
+                ));
+            }
+            4 => {
+                let n = rng.below(3) as u32;
+                d.sink.fail.store(n, Ordering::SeqCst);
+                log.push(format!("sink fails {n}"));
+            }
+            5 => {
+                let dev = if high {
+                    [0, 1, 63, 64, 65][rng.below(5) as usize]
+                } else {
+                    rng.below(3) as u32
+                };
+                let mode = [None, Some(SendMode::Transient), Some(SendMode::Refused)]
+                    [rng.below(3) as usize];
+                match mode {
+                    None => d.net.modes.lock().unwrap().remove(&dev),
+                    Some(m) => d.net.modes.lock().unwrap().insert(dev, m),
+                };
+                log.push(format!("dev {dev} mode {mode:?}"));
+            }
+            6 => {
+                let list = if high {
+                    [
+                        Some(vec![0, 63]),
+                        Some(vec![0, 63, 64]),
+                        Some(vec![63, 64, 65]),
+                        Some(vec![1, 64]),
+                        Some(vec![0, 1, 63, 64, 65]),
+                    ][rng.below(5) as usize]
+                        .clone()
+                } else {
+                    [
+                        None,
+                        Some(vec![0]),
+                        Some(vec![0, 1]),
+                        Some(vec![1, 2]),
+                        Some(vec![0, 1, 2]),
+                    ][rng.below(5) as usize]
+                        .clone()
+                };
+                log.push(format!("list {list:?}"));
+                *d.net.devices.lock().unwrap() = list;
+            }
+            7 | 8 => {
+                let secs = 1 + rng.below(600);
+                d.advance(secs);
+                let r = p.retransmit_due(&d.operator).await;
+                log.push(format!("advance {secs} retransmit {r:?}"));
+            }
+            9 => {
+                p = start(&d);
+                log.push("restart".into());
+            }
+            10 => {
+                let f = rng.below(4) == 0;
+                *d.net.devices_fail.lock().unwrap() = f;
+                log.push(format!("devices fail {f}"));
+            }
+            11 => {
+                let secs = rng.below(3) * 86400 * 5;
+                for _ in 0..secs / 43200 {
+                    d.advance(43200);
+                    p.retransmit_due(&d.operator).await.unwrap();
+                }
+                let r = p.sweep(&d.operator).await.map(|_| ());
+                log.push(format!("advance {secs} sweep {r:?}"));
+            }
+            12 | 13 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let s = if rng.below(2) == 0 {
+                    Status::Delivered
+                } else {
+                    Status::Read
+                };
+                d.advance(1 + rng.below(200));
+                let (r1, r2) = tokio::join!(
+                    p.status_update(&d.transport, b(1), id, s),
+                    p.retransmit_due(&d.operator)
+                );
+                log.push(format!(
+                    "join {s:?} {}: {r1:?} / {r2:?}",
+                    ids.iter().position(|i| *i == id).unwrap()
+                ));
+            }
+            15 | 16 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let id2 = ids[rng.below(ids.len() as u64) as usize];
+                let dev = [0, 1, 2][rng.below(3) as usize];
+                d.advance(1 + rng.below(200));
+                let (r1, r2, r3) = tokio::join!(
+                    p.status_update(&d.transport, b(1), id, Status::Delivered),
+                    p.status_update(&d.transport, b(1), id2, Status::Read),
+                    p.retry_receipt(&d.transport, b(1), id, dev),
+                );
+                log.push(format!(
+                    "join3 {} {}: {r1:?} / {r2:?} / {r3:?}",
+                    ids.iter().position(|i| *i == id).unwrap(),
+                    ids.iter().position(|i| *i == id2).unwrap()
+                ));
+            }
+            17 if ids.len() < 6 => {
+                let m = Outbound {
+                    to: number(1),
+                    content: b"hi".to_vec().into(),
+                    category: Category::Service,
+                };
+                d.advance(1 + rng.below(200));
+                let (r1, r2) =
+                    tokio::join!(p.send(&d.owner, b(1), m), p.retransmit_due(&d.operator));
+                if let Ok(id) = r1 {
+                    ids.push(id);
+                }
+                log.push(format!("join send/retransmit: {r1:?} / {r2:?}"));
+            }
+            18 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                *d.sink.hang.lock().unwrap() = Some(b(1));
+                d.advance(1 + rng.below(200));
+                let s = if rng.below(2) == 0 {
+                    Status::Delivered
+                } else {
+                    Status::Read
+                };
+                let r1 = poll_at_most(p.status_update(&d.transport, b(1), id, s), 40).await;
+                d.advance(1 + rng.below(200));
+                let r2 = poll_at_most(p.retransmit_due(&d.operator), 400).await;
+                *d.sink.hang.lock().unwrap() = None;
+                log.push(format!(
+                    "hung {s:?} {}: {r1:?} / {r2:?}",
+                    ids.iter().position(|i| *i == id).unwrap()
+                ));
+            }
+            14 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let polls = 1 + rng.below(12) as usize;
+                let which = rng.below(3);
+                d.advance(1 + rng.below(200));
+                let done = match which {
+                    0 => poll_at_most(
+                        p.status_update(&d.transport, b(1), id, Status::Delivered),
+                        polls,
+                    )
+                    .await
+                    .map(|_| ()),
+                    1 => poll_at_most(p.retransmit_due(&d.operator), polls)
+                        .await
+                        .map(|_| ()),
+                    _ => poll_at_most(p.status_update(&d.transport, b(1), id, Status::Read), polls)
+                        .await
+                        .map(|_| ()),
+                };
+                log.push(format!(
+                    "cut {which} on {} after {polls}: {done:?}",
+                    ids.iter().position(|i| *i == id).unwrap()
+                ));
+            }
+            _ => {}
+        }
+        if !matches!(op, 3 | 15 | 16) {
+            for id in &ids {
+                let after: u32 = d.net.taken_by(*id).values().sum();
+                if settled_before.get(id).copied().unwrap_or(false)
+                    && after > sends_before.get(id).copied().unwrap_or(0)
+                {
+                    return Err(format!(
+                        "sent again after its settled status was told (op {op})\n{}",
+                        log.join("\n")
+                    ));
+                }
+            }
+        }
+        if std::env::var("FUZZ_DEBUG").is_ok() {
+            println!(
+                "{} @{}",
+                log.last().map_or("", |s| s.as_str()),
+                d.clock_now_days()
+            );
+            for id in &ids {
+                let m = d.store.message(b(1), *id).await.unwrap().map(|m| {
+                    (
+                        m.delivery.status,
+                        m.delivery.pending_devices,
+                        m.delivery
+                            .next_attempt
+                            .map(|t| (t.as_millis() as f64 - T0 as f64) / 86_400_000.0),
+                        (m.expiry.as_millis() as f64 - T0 as f64) / 86_400_000.0,
+                    )
+                });
+                println!("    {m:?} told {:?}", d.sink.told(*id));
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(m) = d.store.message(b(1), *id).await.unwrap() {
+                let s = m.delivery.status;
+                if let Some(&prev) = last.get(id)
+                    && !forward(prev, s)
+                {
+                    return Err(format!(
+                        "msg {i} went {prev:?} -> {s:?}\n{}",
+                        log.join("\n")
+                    ));
+                }
+                last.insert(*id, s);
+                if matches!(s, Status::Sent | Status::Delivered | Status::Read) {
+                    billable.insert(*id);
+                }
+            }
+        }
+    }
+    // Quiet the world; let everything settle past expiry.
+    d.sink.fail.store(0, Ordering::SeqCst);
+    d.net.modes.lock().unwrap().clear();
+    if !high {
+        *d.net.devices.lock().unwrap() = None;
+    }
+    *d.net.devices_fail.lock().unwrap() = false;
+    for _ in 0..20 {
+        d.advance(600);
+        let r = p.retransmit_due(&d.operator).await.unwrap();
+        for id in &ids {
+            if let Some(m) = d.store.message(b(1), *id).await.unwrap()
+                && matches!(
+                    m.delivery.status,
+                    Status::Sent | Status::Delivered | Status::Read
+                )
+            {
+                billable.insert(*id);
+            }
+        }
+        if std::env::var("FUZZ_DEBUG").is_ok() {
+            for id in &ids {
+                let m = d
+                    .store
+                    .message(b(1), *id)
+                    .await
+                    .unwrap()
+                    .map(|m| (m.delivery, m.expiry));
+                println!("{r:?} {m:?}");
+            }
+        }
+    }
+    d.advance(31 * 86400);
+    for _ in 0..10 {
+        d.advance(600);
+        p.retransmit_due(&d.operator).await.unwrap();
+    }
+    p.sweep(&d.operator).await.unwrap();
+    for _ in 0..5 {
+        d.advance(600);
+        p.retransmit_due(&d.operator).await.unwrap();
+    }
+    let statement = p.billing_statement(&d.owner, b(1)).await.unwrap();
+    let billed: u64 = statement.records.iter().map(|r| r.messages.total()).sum();
+    if billed != billable.len() as u64 {
+        return Err(format!(
+            "billed {billed}, billable {}\n{}",
+            billable.len(),
+            log.join("\n")
+        ));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let told = d.sink.settled_told(*id);
+        let all = d.sink.told(*id);
+        let bad = || format!("msg {i}: told {all:?}\n{}", log.join("\n"));
+        if told.is_empty() {
+            return Err(format!("never told a final status: {}", bad()));
+        }
+        let mut seen: Vec<Status> = Vec::new();
+        for (s, f) in &told {
+            if seen.contains(s) {
+                return Err(format!("told twice: {}", bad()));
+            }
+            if *s == Status::Failed && f.is_none() {
+                return Err(format!("failed without reason: {}", bad()));
+            }
+            if let Some(&prev) = seen.last()
+                && !forward(prev, *s)
+            {
+                return Err(format!("told backwards: {}", bad()));
+            }
+            seen.push(*s);
+        }
+        // Sent is never told after a settled status.
+        if let Some(pos) = all.iter().position(|(s, _)| *s != Status::Sent)
+            && all[pos..].iter().any(|(s, _)| *s == Status::Sent)
+        {
+            return Err(format!("sent after settled: {}", bad()));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_status_sequences() {
+    let seeds: u64 = std::env::var("FUZZ_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut failures = Vec::new();
+    let from: u64 = std::env::var("FUZZ_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in from..from + seeds {
+        if let Err(e) = rt.block_on(fuzz_one(seed)) {
+            failures.push((seed, e));
+        }
+    }
+    if let Some((seed, e)) = failures.first() {
+        panic!(
+            "{} of {seeds} seeds failed; first seed {seed}:\n{e}",
+            failures.len()
+        );
+    }
+}
+
+/// A hung endpoint: the report call cut by the host's timeout; the report
+/// is told once the endpoint answers again, exactly once; another
+/// business is not held up.
+#[tokio::test]
+async fn hung_endpoint_report_told_once_after_recovery() {
+    let d = D::new(1).await;
+    let id1 = d.send(b(1)).await;
+    let id2 = d.send(b(2)).await;
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    let cut = poll_at_most(d.report(b(1), id1, Status::Delivered), 50).await;
+    assert!(cut.is_none(), "{cut:?}");
+    assert_eq!(d.delivery(b(1), id1).await.status, Status::Delivered);
+    // Another business is not held up.
+    assert_eq!(
+        d.report(b(2), id2, Status::Delivered).await.unwrap(),
+        StatusChange::Applied
+    );
+    assert_eq!(d.sink.settled_told(id2), vec![(Status::Delivered, None)]);
+    // While hung, the retransmission pass does not wait on it.
+    d.advance(1);
+    let r = poll_at_most(d.p.retransmit_due(&d.operator), 200).await;
+    assert!(r.is_some(), "a pass waited on a hung endpoint");
+    *d.sink.hang.lock().unwrap() = None;
+    for _ in 0..10 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    assert_eq!(d.sink.settled_told(id1), vec![(Status::Delivered, None)]);
+    assert_eq!(d.delivery(b(1), id1).await.next_attempt, None);
+}
+
+/// A retention policy shortened under messages in flight: an open one's
+/// report is ignored past the new end and it fails as expired; one
+/// delivered whose report is still owed (the endpoint failing) is told
+/// delivered, never failed.
+#[tokio::test]
+async fn shortened_retention_and_statuses() {
+    let d = D::new(1).await;
+    let open = d.send(b(1)).await;
+    let delivered = d.send(b(1)).await;
+    d.sink.fail.store(1, Ordering::SeqCst);
+    d.report(b(1), delivered, Status::Delivered).await.unwrap();
+    let shorter =
+        custodian::retention::RetentionPolicy::from_toml("[business.1]\noutbound = \"1h\"\n")
+            .unwrap();
+    d.p.set_retention_policy(&d.operator, shorter).unwrap();
+    d.advance(3600);
+    let before = d.delivery(b(1), open).await;
+    assert_eq!(
+        d.report(b(1), open, Status::Delivered).await.unwrap(),
+        StatusChange::Ignored
+    );
+    assert_eq!(d.delivery(b(1), open).await, before);
+    assert_eq!(
+        d.report(b(1), delivered, Status::Read).await.unwrap(),
+        StatusChange::Ignored
+    );
+    for _ in 0..5 {
+        d.advance(70);
+        d.retransmit().await;
+    }
+    assert_eq!(
+        d.sink.settled_told(open),
+        vec![(Status::Failed, Some(FailureReason::Expired))]
+    );
+    assert_eq!(
+        d.sink.settled_told(delivered),
+        vec![(Status::Delivered, None)]
+    );
+}
