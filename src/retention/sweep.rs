@@ -578,7 +578,9 @@ impl<'a> Sweep<'a> {
                 return Ok(false);
             }
             // A hold suspends the grace: what it keeps stays to be told.
-            let holds = self.storage.held_scopes().await?;
+            // Read once a hold change owed is written, as every read of the
+            // holds that decides on them is.
+            let holds = self.hold_gate.scopes(self.storage).await?;
             let mut batch = Batch::new();
             // Those the batch fails unreported, told of once it lands.
             let mut gave_up = Vec::new();
