@@ -3264,3 +3264,68 @@ fn a_hung_key_provider_call_of_one_business_holds_up_no_other_business() {
         drop(stuck);
     });
 }
+
+/// An approval of a changed identity key waiting for its device, whose
+/// operation hangs on a host call, holds up no other business's holds (nor
+/// the sweep's deletions). The approval took the hold gate, which every
+/// business shares, before it waited for the device's lock and read its
+/// record (a store and key-provider call); it now reads the record first
+/// and takes the gate only to write it.
+#[test]
+fn an_approval_waiting_on_a_hung_device_holds_up_no_other_business_hold() {
+    runtime().block_on(async {
+        let y = BusinessId::new(BUSINESS + 1).unwrap();
+        let mut stalled = Vec::new();
+        let mut reached = 0;
+        for k in 1..200 {
+            let d = Deployment::new(Faults::none(), Faults::none()).await;
+            let mut handset = d.handset().await;
+            let hello = d.inbound(&mut handset, b"hello").await;
+            assert!(d.receive(hello).await.unwrap().delivered);
+            // The consumer reinstalled and confirmed the new key out of band.
+            d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+            let reinstalled = d.handset().await;
+            let key = reinstalled.identity();
+            // X's device's next message: its receive hangs at its k-th
+            // suspension (a host call that never answers).
+            let next = d.inbound(&mut handset, b"next").await;
+            d.faults.fail_at(usize::MAX, Seams::Both, Strike::Before);
+            let mut hung = Box::pin(d.receive(next));
+            if poll_at_most(hung.as_mut(), k).await.is_some() {
+                break;
+            }
+            let calls = d.faults.calls();
+            reached = k;
+            // Nothing of Y waits on that alone.
+            let listed = poll_at_most(d.processor.holds(&d.operator), 10_000).await;
+            assert!(listed.is_some(), "k={k}: holds() waits on X's hung receive");
+            // X's operator approves the new key: it may wait for the device.
+            let number = consumer(1);
+            let mut trust = Box::pin(d.processor.trust_new_identity(
+                &d.owner,
+                d.b,
+                &number,
+                handset.device_id(),
+                key,
+            ));
+            if poll_at_most(trust.as_mut(), 10_000).await.is_some() {
+                continue;
+            }
+            // Business Y places a hold: it has nothing to do with X.
+            let placed = poll_at_most(
+                d.processor
+                    .place_hold(&d.operator, HoldScope::Business(y), "case-y"),
+                10_000,
+            )
+            .await;
+            if placed.is_none() {
+                stalled.push((k, calls));
+            }
+        }
+        assert!(reached > 3, "the receive never hung");
+        assert!(
+            stalled.is_empty(),
+            "a hold of business {y} waited on business X's hung device at cuts {stalled:?}"
+        );
+    });
+}

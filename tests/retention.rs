@@ -3743,3 +3743,16 @@ async fn a_read_while_a_hold_is_put_back_sees_the_hold() {
     }
     assert!(found, "no commit failed");
 }
+
+/// A retention policy file saved with a byte-order mark loads alike as
+/// TOML and as JSON (the JSON reader refused it, with an error naming
+/// nothing the operator could see).
+#[test]
+fn a_byte_order_mark_is_skipped_in_both_policy_formats() {
+    let toml = RetentionPolicy::from_toml("\u{feff}[business.7]\nretention = \"1d\"\n").unwrap();
+    let json =
+        RetentionPolicy::from_json("\u{feff}{\"business\": {\"7\": {\"retention\": \"1d\"}}}")
+            .unwrap();
+    assert_eq!(toml, json);
+    assert_ne!(toml, RetentionPolicy::default());
+}

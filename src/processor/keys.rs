@@ -84,14 +84,13 @@ impl Processor {
         // As long as a message the device sends now would keep it.
         let (expiry, _admitted) = self.admit(business, Direction::Inbound, self.clock.now())?;
         let peer = PeerId { phone, device };
+        // The device's record is read before the hold gate is taken, and
+        // written under it: a key provider hung for this business holds up
+        // no other business's holds or sweeps.
+        let unheld = || self.retention.unheld(business, phone);
         let changed = self
-            .retention
-            .unless_held(
-                business,
-                phone,
-                self.sessions
-                    .trust_identity(business, peer, identity, expiry),
-            )
+            .sessions
+            .trust_identity_unless(business, peer, identity, expiry, unheld)
             .await??;
         // Whether or not this call changed it (an approval asked again, its
         // first answer lost): the key is trusted now.

@@ -600,17 +600,17 @@ impl Retention {
         Ok(destroyed)
     }
 
-    /// Await `forget`, which forgets state about `phone` of `business`,
-    /// unless a legal hold covers it (refused as
-    /// [`HoldError::ConsumerHeld`], `forget` not run): under the hold gate,
-    /// so that no hold is placed between the check and the forgetting.
-    pub(crate) async fn unless_held<T>(
+    /// The hold gate, once no legal hold is found to cover `phone` of
+    /// `business` (else [`HoldError::ConsumerHeld`]): held while state
+    /// about the consumer is forgotten, so that no hold is placed between
+    /// the check and the forgetting. The gate is every business's: make
+    /// no host call under it that one business's trouble could hang.
+    pub(crate) async fn unheld(
         &self,
         business: BusinessId,
         phone: PhoneHash,
-        forget: impl Future<Output = T>,
-    ) -> Result<T, HoldError> {
-        let _gate = self.hold_gate.lock(&*self.storage).await?;
+    ) -> Result<async_lock::MutexGuard<'_, ()>, HoldError> {
+        let gate = self.hold_gate.lock(&*self.storage).await?;
         if self
             .storage
             .held_scopes()
@@ -620,7 +620,7 @@ impl Retention {
         {
             return Err(HoldError::ConsumerHeld);
         }
-        Ok(forget.await)
+        Ok(gate)
     }
 
     /// The legal holds in force.

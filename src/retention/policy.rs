@@ -244,7 +244,8 @@ impl RetentionPolicy {
         file.validate()
     }
 
-    /// Parse and validate a JSON configuration.
+    /// Parse and validate a JSON configuration (a leading byte-order mark
+    /// skipped, as the TOML reader skips it).
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = crate::visibility::from_json_at(text)
             .map_err(|(field, e)| PolicyError::new(field.as_deref().unwrap_or("(file)"), e))?;

@@ -56,7 +56,7 @@ pub(crate) struct StagedDecrypt<'a> {
     expiry: Timestamp,
     decrypted: Decrypted,
     /// The device's address lock, held until the commit.
-    guard: async_lock::MutexGuardArc<()>,
+    guard: crate::lock::KeyedGuard<'a, (BusinessId, PeerId)>,
 }
 
 impl StagedDecrypt<'_> {
@@ -324,7 +324,7 @@ impl Sessions {
     ) -> Result<StagedDecrypt<'_>, SignalError> {
         let first = matches!(message.message, CiphertextMessage::PreKeySignalMessage(_));
         let account = self.existing_account(business).await?;
-        let guard = self.address_locks.get(business).lock(peer).await;
+        let guard = self.address_locks.lock((business, peer)).await;
         let (mut state, taken) = self.load_peer(business, peer).await?;
         // A first-contact message on an existing session resends its setup;
         // one that changes the session's base key starts a new session.

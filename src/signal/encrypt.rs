@@ -30,7 +30,7 @@ impl Sessions {
         expiry: Timestamp,
     ) -> Result<Ciphertext, SignalError> {
         let account = self.account(business).await?;
-        let _guard = self.address_locks.get(business).lock(peer).await;
+        let _guard = self.address_locks.lock((business, peer)).await;
         let (mut state, taken) = self.load_peer(business, peer).await?;
         if !state.has_live_session() {
             taken.put(state);
@@ -135,7 +135,7 @@ impl Sessions {
         if bundle.identity_key == account.identity.identity_key().serialize() {
             return Err(SignalError::BadBundle("the bundle is the business's own"));
         }
-        let _guard = self.address_locks.get(business).lock(peer).await;
+        let _guard = self.address_locks.lock((business, peer)).await;
         let (mut state, taken) = self.load_peer(business, peer).await?;
         let (mut sessions, mut identities) = self.overlays(account, &mut state);
         let result = process_prekey_bundle(

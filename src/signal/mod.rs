@@ -81,7 +81,7 @@ mod stores;
 #[cfg(all(test, feature = "testing"))]
 mod tests;
 
-use crate::lock::{PerKey, Stripes};
+use crate::lock::{Keyed, PerKey};
 use account::Account;
 #[cfg(any(test, fuzzing))]
 pub(crate) use account::{
@@ -806,10 +806,10 @@ pub struct Sessions {
     config: SignalConfig,
     accounts: RwLock<Accounts>,
     cache: PeerCache,
-    /// Serialises each device's operations; a set of stripes per
-    /// business, so that an operation hung on one business's key provider
-    /// or store call holds up no other business's devices.
-    address_locks: PerKey<BusinessId, Stripes>,
+    /// Serialises each device's operations, a lock of its own per device
+    /// in use: an operation hung on a call out for one device (its
+    /// business's key provider, say) holds up no other device's.
+    address_locks: Keyed<(BusinessId, PeerId)>,
     /// Serialises a business's account loads and upkeep.
     business_locks: PerKey<BusinessId, async_lock::Mutex<()>>,
     /// One-time prekeys loaded by operations not yet done with them.
@@ -890,7 +890,7 @@ impl Sessions {
             cache: PeerCache::new(&config),
             config,
             accounts: RwLock::default(),
-            address_locks: PerKey::default(),
+            address_locks: Keyed::default(),
             business_locks: PerKey::default(),
             prekeys_in_use: PreKeysInUse::default(),
             writer: WriterId::random(),
@@ -1351,7 +1351,7 @@ impl Sessions {
         business: BusinessId,
         peer: PeerId,
     ) -> Result<bool, SignalError> {
-        let _guard = self.address_locks.get(business).lock(peer).await;
+        let _guard = self.address_locks.lock((business, peer)).await;
         let (state, taken) = self.load_peer(business, peer).await?;
         let has = state.has_live_session();
         taken.put(state);
@@ -1419,12 +1419,39 @@ impl Sessions {
         identity: DeviceIdentity,
         expiry: Timestamp,
     ) -> Result<bool, SignalError> {
+        let unless = || async { Ok::<(), std::convert::Infallible>(()) };
+        match self
+            .trust_identity_unless(business, peer, identity, expiry, unless)
+            .await?
+        {
+            Ok(changed) => Ok(changed),
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`trust_identity`](Self::trust_identity), unless `unless` refuses
+    /// it: awaited under the device's lock once the record is read, before
+    /// anything is written, its answer kept until the write is made (a
+    /// guard, say), its error (an `Ok(Err(_))`) refusing the approval with
+    /// nothing written. The device's lock is taken first, and no host call
+    /// that reads the record is made under what `unless` takes.
+    pub(crate) async fn trust_identity_unless<G, E, Fut>(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        identity: DeviceIdentity,
+        expiry: Timestamp,
+        unless: impl FnOnce() -> Fut,
+    ) -> Result<Result<bool, E>, SignalError>
+    where
+        Fut: Future<Output = Result<G, E>>,
+    {
         let key = identity
             .key()
             .ok_or(SignalError::Storage(StorageFailure::Corrupt(
                 "identity key",
             )))?;
-        let _guard = self.address_locks.get(business).lock(peer).await;
+        let _guard = self.address_locks.lock((business, peer)).await;
         let loaded = self.load_peer(business, peer).await;
         // Unreadable for good: damaged, or not this device's. A key store
         // or provider failing as the record is opened is no sign of that.
@@ -1454,8 +1481,14 @@ impl Sessions {
         let stateless = !unreadable && state.session.is_none() && state.identity.is_none();
         if trusted || stateless {
             taken.put(state);
-            return Ok(false);
+            return Ok(Ok(false));
         }
+        // Refused: nothing written (the state in memory is forgotten, and
+        // read again by the device's next operation).
+        let _kept = match unless().await {
+            Ok(kept) => kept,
+            Err(e) => return Ok(Err(e)),
+        };
         // A fresh record: nothing of the session the old key set up is
         // kept (nor its counters left unsure: the device starts over).
         let approved = Peer {
@@ -1475,7 +1508,7 @@ impl Sessions {
             Batch::new(),
         )
         .await?;
-        Ok(true)
+        Ok(Ok(true))
     }
 
     /// Delete every device's state for `phone` under `business` (sessions
@@ -1494,8 +1527,11 @@ impl Sessions {
         let (_guards, devices) = loop {
             let guards = self
                 .address_locks
-                .get(business)
-                .lock_all(locked.iter().map(|&device| PeerId { phone, device }))
+                .lock_all(
+                    locked
+                        .iter()
+                        .map(|&device| (business, PeerId { phone, device })),
+                )
                 .await;
             let devices = self.store.peer_devices(business, phone).await?;
             let added: Vec<u32> = devices

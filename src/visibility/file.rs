@@ -200,9 +200,12 @@ impl PolicyFile {
 
 /// `text` read as JSON, or where it went wrong (`allow[0].purposes`; none
 /// at the top level or in the syntax) and why (with the line and column).
+/// A leading byte-order mark, which some editors write, is skipped, as the
+/// TOML reader skips it.
 pub(crate) fn from_json_at<T: serde::de::DeserializeOwned>(
     text: &str,
 ) -> Result<T, (Option<String>, serde_json::Error)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut json = serde_json::Deserializer::from_str(text);
     let value = serde_path_to_error::deserialize(&mut json).map_err(named)?;
     json.end().map_err(|e| (None, e))?;
@@ -251,7 +254,6 @@ impl VisibilityPolicy {
     /// A leading byte-order mark, which some editors write, is skipped, as
     /// the TOML reader skips it.
     pub fn from_json(text: &str) -> Result<Self, PolicyError> {
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let file: PolicyFile = from_json_at(text).map_err(|(field, e)| PolicyError::Syntax {
             format: PolicyFormat::Json,
             message: match field {
