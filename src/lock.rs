@@ -15,16 +15,27 @@ use foldhash::fast::RandomState;
 /// not with every key ever used: an entry goes when its last holder or
 /// waiter does (a waiter dropped included).
 pub(crate) struct Keyed<K> {
-    locks: std::sync::Mutex<Users<K>>,
+    locks: std::sync::Mutex<InUse<K>>,
 }
 
-/// Each key in use: how many hold or wait for its mutex, and the mutex.
-type Users<K> = HashMap<K, (usize, Arc<Mutex<()>>), RandomState>;
+/// The keys in use, and mutexes no one uses kept for the next keys (a
+/// mutex made for every operation costs it an allocation).
+struct InUse<K> {
+    /// Each key in use: how many hold or wait for its mutex, and the mutex.
+    users: HashMap<K, (usize, Arc<Mutex<()>>), RandomState>,
+    spare: Vec<Arc<Mutex<()>>>,
+}
+
+/// Mutexes kept for reuse, at most.
+const SPARE: usize = 64;
 
 impl<K> Default for Keyed<K> {
     fn default() -> Self {
         Self {
-            locks: std::sync::Mutex::default(),
+            locks: std::sync::Mutex::new(InUse {
+                users: HashMap::default(),
+                spare: Vec::new(),
+            }),
         }
     }
 }
@@ -45,10 +56,17 @@ struct User<'a, K: Hash + Eq + Copy> {
 impl<K: Hash + Eq + Copy> Drop for User<'_, K> {
     fn drop(&mut self) {
         let mut locks = self.keyed.map();
-        if let Some((users, _)) = locks.get_mut(&self.key) {
-            *users -= 1;
-            if *users == 0 {
-                locks.remove(&self.key);
+        let InUse { users, spare } = &mut *locks;
+        if let Some((count, _)) = users.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0
+                && let Some((_, mutex)) = users.remove(&self.key)
+                // No one else has it (a waiter's future dropped after
+                // its count may still): free, and unlocked.
+                && Arc::strong_count(&mutex) == 1
+                && spare.len() < SPARE
+            {
+                spare.push(mutex);
             }
         }
     }
@@ -56,7 +74,7 @@ impl<K: Hash + Eq + Copy> Drop for User<'_, K> {
 
 impl<K: Hash + Eq + Copy> Keyed<K> {
     // Each critical section is a few map operations: a poisoned lock is safe.
-    fn map(&self) -> std::sync::MutexGuard<'_, Users<K>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, InUse<K>> {
         self.locks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -64,7 +82,10 @@ impl<K: Hash + Eq + Copy> Keyed<K> {
     pub(crate) async fn lock(&self, key: K) -> KeyedGuard<'_, K> {
         let (user, mutex) = {
             let mut locks = self.map();
-            let (users, mutex) = locks.entry(key).or_default();
+            let InUse { users, spare } = &mut *locks;
+            let (users, mutex) = users
+                .entry(key)
+                .or_insert_with(|| (0, spare.pop().unwrap_or_default()));
             *users += 1;
             (User { keyed: self, key }, mutex.clone())
         };
@@ -93,7 +114,7 @@ impl<K: Hash + Eq + Copy> Keyed<K> {
     /// How many keys have an entry (held or waited for).
     #[cfg(test)]
     fn entries(&self) -> usize {
-        self.map().len()
+        self.map().users.len()
     }
 }
 

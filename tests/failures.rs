@@ -3329,3 +3329,159 @@ fn an_approval_waiting_on_a_hung_device_holds_up_no_other_business_hold() {
         );
     });
 }
+
+/// A key provider (a KMS) that, once armed, hangs every unwrap of one
+/// business's KEK versions at or above `from_version` (an outage of that
+/// business's newer key in the KMS). Records the versions asked for.
+struct HangsForVersion {
+    inner: Arc<dyn KeyProvider>,
+    business: BusinessId,
+    from_version: u32,
+    armed: std::sync::atomic::AtomicBool,
+    hung_on: std::sync::Mutex<Vec<u32>>,
+}
+
+#[async_trait::async_trait]
+impl KeyProvider for HangsForVersion {
+    async fn wrap(
+        &self,
+        context: &custodian::keys::KekContext,
+        key: &SecretKey,
+    ) -> Result<Vec<u8>, custodian::keys::ProviderError> {
+        self.inner.wrap(context, key).await
+    }
+    async fn unwrap(
+        &self,
+        context: &custodian::keys::KekContext,
+        wrapped: &[u8],
+    ) -> Result<SecretKey, custodian::keys::ProviderError> {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst)
+            && context.business == self.business
+            && context.version >= self.from_version
+        {
+            self.hung_on.lock().unwrap().push(context.version);
+            std::future::pending::<()>().await;
+        }
+        self.inner.unwrap(context, wrapped).await
+    }
+}
+
+/// An approval's write makes no key-provider call under the hold gate,
+/// which every business shares: the key it seals under is had first. Past
+/// an epoch since the device's last write, after a KEK rotation and a
+/// restart, the seal unwrapped the new primary KEK under the gate, and
+/// with that call hung for business X, business Y's holds waited.
+#[test]
+fn an_approval_hung_in_its_seal_holds_up_no_other_business_hold() {
+    runtime().block_on(async {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let y = BusinessId::new(BUSINESS + 1).unwrap();
+        // X's device writes: its record is sealed under an epoch key
+        // wrapped under KEK v1.
+        let mut handset = d.handset().await;
+        let hello = d.inbound(&mut handset, b"hello").await;
+        assert!(d.receive(hello).await.unwrap().delivered);
+        // The consumer reinstalled: a new identity key, confirmed out of band.
+        d.processor.publish_keys(&d.owner, d.b).await.unwrap();
+        let key = d.handset().await.identity();
+        // X's KEK is rotated: v2 becomes primary.
+        let keys = d.processor.keys(&d.operator).unwrap();
+        let v2 = keys.add_kek_version(d.b, d.clock.now()).await.unwrap();
+        keys.promote_kek_version(d.b, v2).await.unwrap();
+        // Restart over a provider that will hang X's v2 once armed.
+        let hanging = Arc::new(HangsForVersion {
+            inner: d.seams.provider.clone(),
+            business: d.b,
+            from_version: v2,
+            armed: std::sync::atomic::AtomicBool::new(false),
+            hung_on: std::sync::Mutex::new(Vec::new()),
+        });
+        d.seams.provider = hanging.clone();
+        d.restart();
+        // Two hours on (two default epochs): the approval's expiry is in an
+        // epoch no key exists for yet; the record is still live.
+        d.clock.advance(Duration::from_secs(2 * 3600));
+        hanging
+            .armed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+
+        let number = consumer(1);
+        let mut trust = Box::pin(d.processor.trust_new_identity(
+            &d.owner,
+            d.b,
+            &number,
+            handset.device_id(),
+            key,
+        ));
+        let done = poll_at_most(trust.as_mut(), 10_000).await;
+        assert!(
+            done.is_none(),
+            "the approval did not hang (precondition): {done:?}"
+        );
+        assert_eq!(
+            hanging.hung_on.lock().unwrap().as_slice(),
+            &[v2],
+            "the approval hung on X's v2 (the seal, not the read of its v1 record)"
+        );
+        // Business Y, nothing to do with X, places a hold.
+        let placed = poll_at_most(
+            d.processor
+                .place_hold(&d.operator, HoldScope::Business(y), "case-y"),
+            10_000,
+        )
+        .await;
+        assert!(
+            placed.is_some(),
+            "business {y}'s hold waits on business X's hung approval: it holds the \
+             process-wide hold gate across a key-provider call"
+        );
+        drop(trust);
+    });
+}
+
+/// Every approval of a held consumer is refused as `ConsumerHeld`, one
+/// that would change nothing included (a key trusted already, a device
+/// with no state): answered `Ok(false)`, it let the device's refused retry
+/// receipts count again.
+#[test]
+fn an_approval_of_a_held_consumer_is_refused_even_when_it_would_change_nothing() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let hello = d.inbound(&mut handset, b"hello").await;
+        assert!(d.receive(hello).await.unwrap().delivered);
+        d.processor
+            .place_hold(&d.operator, HoldScope::Business(d.b), "case-1")
+            .await
+            .unwrap();
+        let number = consumer(1);
+        // The key already trusted for the device.
+        let trusted = d
+            .processor
+            .trust_new_identity(
+                &d.owner,
+                d.b,
+                &number,
+                handset.device_id(),
+                handset.identity(),
+            )
+            .await;
+        // A device of the consumer with no state.
+        let stateless = d
+            .processor
+            .trust_new_identity(&d.owner, d.b, &number, 9, handset.identity())
+            .await;
+        let held = |r: &Result<bool, custodian::processor::ProcessorError>| {
+            matches!(
+                r,
+                Err(custodian::processor::ProcessorError::Hold(
+                    custodian::retention::HoldError::ConsumerHeld
+                ))
+            )
+        };
+        assert!(
+            held(&trusted) && held(&stateless),
+            "approvals of a held consumer answered {trusted:?} / {stateless:?}, not ConsumerHeld"
+        );
+    });
+}

@@ -84,9 +84,10 @@ impl Processor {
         // As long as a message the device sends now would keep it.
         let (expiry, _admitted) = self.admit(business, Direction::Inbound, self.clock.now())?;
         let peer = PeerId { phone, device };
-        // The device's record is read before the hold gate is taken, and
-        // written under it: a key provider hung for this business holds up
-        // no other business's holds or sweeps.
+        // The device's record is read, and the key it is sealed under had,
+        // before the hold gate is taken, and written under it: a key
+        // provider hung for this business holds up no other business's
+        // holds or sweeps.
         let unheld = || self.retention.unheld(business, phone);
         let changed = self
             .sessions

@@ -1268,6 +1268,23 @@ impl Sessions {
         Ok(())
     }
 
+    /// The epoch a record expiring at `expiry`, stored sealed to expire at
+    /// `sealed_expiry`, is sealed in. Only a raise of the stored copy's
+    /// expiry is held to the ceiling: one admitted before stays admitted
+    /// when the clock steps back.
+    fn epoch_for_seal(
+        &self,
+        expiry: Timestamp,
+        sealed_expiry: Timestamp,
+    ) -> Result<crate::keys::Epoch, SignalError> {
+        let now = self.now();
+        Ok(if expiry > sealed_expiry {
+            self.vault.epoch_to_seal(expiry, now)?
+        } else {
+            self.vault.epoch_to_reseal(expiry, now)?
+        })
+    }
+
     async fn seal_and_commit(
         &self,
         business: BusinessId,
@@ -1276,13 +1293,7 @@ impl Sessions {
         mut batch: Batch,
     ) -> Result<(), SignalError> {
         let now = self.now();
-        // Only a raise of the stored copy's expiry is held to the ceiling:
-        // one admitted before stays admitted when the clock steps back.
-        let epoch = if state.expiry > state.sealed_expiry {
-            self.vault.epoch_to_seal(state.expiry, now)?
-        } else {
-            self.vault.epoch_to_reseal(state.expiry, now)?
-        };
+        let epoch = self.epoch_for_seal(state.expiry, state.sealed_expiry)?;
         let mut plaintext = Zeroizing::new(state.encode(&self.cache.incarnation()));
         let max = self.config.max_record_len;
         if plaintext.len() > max {
@@ -1433,8 +1444,10 @@ impl Sessions {
     /// it: awaited under the device's lock once the record is read, before
     /// anything is written, its answer kept until the write is made (a
     /// guard, say), its error (an `Ok(Err(_))`) refusing the approval with
-    /// nothing written. The device's lock is taken first, and no host call
-    /// that reads the record is made under what `unless` takes.
+    /// nothing written; it is asked whether or not the approval would change
+    /// anything. The device's lock is taken first, and under what `unless`
+    /// takes only the store's write is made: the record is read, and the
+    /// key it is sealed under had, before.
     pub(crate) async fn trust_identity_unless<G, E, Fut>(
         &self,
         business: BusinessId,
@@ -1479,9 +1492,18 @@ impl Sessions {
             .identity
             .is_some_and(|known| same_key(known.public_key(), key.public_key()));
         let stateless = !unreadable && state.session.is_none() && state.identity.is_none();
-        if trusted || stateless {
-            taken.put(state);
-            return Ok(Ok(false));
+        let changes = !trusted && !stateless;
+        if changes {
+            // The key the write will seal under, had now: no call to the
+            // key provider is made under what `unless` takes.
+            let sealed = state.expiry.max(expiry);
+            let epoch = self.epoch_for_seal(sealed, state.sealed_expiry)?;
+            Box::pin(
+                self.vault
+                    .keys()
+                    .epoch_key_for_seal(business, epoch, self.now()),
+            )
+            .await?;
         }
         // Refused: nothing written (the state in memory is forgotten, and
         // read again by the device's next operation).
@@ -1489,6 +1511,10 @@ impl Sessions {
             Ok(kept) => kept,
             Err(e) => return Ok(Err(e)),
         };
+        if !changes {
+            taken.put(state);
+            return Ok(Ok(false));
+        }
         // A fresh record: nothing of the session the old key set up is
         // kept (nor its counters left unsure: the device starts over).
         let approved = Peer {
