@@ -3178,37 +3178,6 @@ async fn the_statistics_give_nothing_away_beside_the_billed_count() {
     }
 }
 
-/// A key provider that never answers for one business (its KMS key
-/// unreachable), and answers every other's at once.
-struct HangsFor {
-    inner: Arc<dyn KeyProvider>,
-    business: BusinessId,
-}
-
-#[async_trait::async_trait]
-impl KeyProvider for HangsFor {
-    async fn wrap(
-        &self,
-        context: &custodian::keys::KekContext,
-        key: &SecretKey,
-    ) -> Result<Vec<u8>, custodian::keys::ProviderError> {
-        if context.business == self.business {
-            std::future::pending::<()>().await;
-        }
-        self.inner.wrap(context, key).await
-    }
-    async fn unwrap(
-        &self,
-        context: &custodian::keys::KekContext,
-        wrapped: &[u8],
-    ) -> Result<SecretKey, custodian::keys::ProviderError> {
-        if context.business == self.business {
-            std::future::pending::<()>().await;
-        }
-        self.inner.unwrap(context, wrapped).await
-    }
-}
-
 /// A key-provider call hung for one business holds up no other business's
 /// devices. Each device's operations are serialised under a lock held
 /// across the provider calls that open and seal its record; the locks were
@@ -3239,9 +3208,12 @@ fn a_hung_key_provider_call_of_one_business_holds_up_no_other_business() {
 
         // Another process over the store, whose provider hangs for X: an
         // operation on X's device holds its lock, waiting for ever.
-        let hanging = Arc::new(HangsFor {
+        let hanging = Arc::new(HangsForVersion {
             inner: local,
             business: x,
+            from_version: 0,
+            armed: std::sync::atomic::AtomicBool::new(true),
+            hung_on: std::sync::Mutex::default(),
         });
         let (_keys, sessions) = signal_stack(hanging, store, &clock);
         let mut stuck = Box::pin(sessions.has_session(x, peer_x));
@@ -3331,8 +3303,9 @@ fn an_approval_waiting_on_a_hung_device_holds_up_no_other_business_hold() {
 }
 
 /// A key provider (a KMS) that, once armed, hangs every unwrap of one
-/// business's KEK versions at or above `from_version` (an outage of that
-/// business's newer key in the KMS). Records the versions asked for.
+/// business's KEK versions at or above `from_version` (its KMS key
+/// unreachable, or its newer one), and answers every other's at once.
+/// Records the versions asked for.
 struct HangsForVersion {
     inner: Arc<dyn KeyProvider>,
     business: BusinessId,
