@@ -505,8 +505,11 @@ impl Processor {
     ) -> Result<bool, ProcessorError> {
         let (business, phone) = (facts.business, facts.phone);
         let now = self.clock.now();
-        let mut next = self.after_attempt(&current, attempt, now);
-        next = due_by(next, facts.expiry, now);
+        let next = due_by(
+            self.after_attempt(&current, attempt, now),
+            facts.expiry,
+            now,
+        );
         let written = if let Attempt::Done = attempt {
             let delivered = Op::UpdateDelivery {
                 business,

@@ -1505,11 +1505,16 @@ impl Sessions {
             )
             .await?;
         }
-        // Refused: nothing written (the state in memory is forgotten, and
-        // read again by the device's next operation).
+        // Refused: nothing written, the state read kept (a record that
+        // could not be read is read again by the device's next operation).
         let _kept = match unless().await {
             Ok(kept) => kept,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => {
+                if !unreadable {
+                    taken.put(state);
+                }
+                return Ok(Err(e));
+            }
         };
         if !changes {
             taken.put(state);

@@ -1,5 +1,5 @@
-//! The database files this process has open: one descriptor per file,
-//! kept while any store has the file open.
+//! The database files this process has open: their descriptors, kept
+//! while any store has the file open.
 //!
 //! On POSIX systems, closing any descriptor of a file releases every lock
 //! the process holds on it, SQLite's included (SQLite's "rogue
@@ -7,10 +7,10 @@
 //! process's SQLite, finding the file unused, may checkpoint and delete
 //! the write-ahead log under it (acknowledged writes lost), and the fence
 //! between processors no longer holds (two logs). So a store reads its
-//! file's header through the descriptor this registry keeps for that file
-//! (by device and inode), opened by the first store on it and closed,
-//! under the registry's lock, by the last, after that store's connections
-//! are closed. Elsewhere a descriptor's locks are its own, and each open
+//! file's header through a descriptor this registry keeps for that file
+//! (by device and inode), opened by the first store on it, and every
+//! descriptor of the file it opened is closed, under the registry's lock,
+//! by the last, after that store's connections are closed. Elsewhere a descriptor's locks are its own, and each open
 //! reads through its own.
 
 use std::fs::File;
