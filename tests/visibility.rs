@@ -806,18 +806,19 @@ mod released_by_the_processor {
     use std::time::Duration;
 
     use custodian::ids::{BusinessId, MessageId, PhoneNumber};
-    use custodian::integrity::{BillingStatement, Category, IntegrityReport};
+    use custodian::integrity::Category;
     use custodian::keys::{LocalKeyProvider, SecretKey};
     use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
-    use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
     use custodian::store::{MemoryStore, Status};
     use custodian::testing::{Faults, SimBusiness, SimNetwork};
     use custodian::time::{ManualClock, Timestamp};
-    use custodian::transport::{Outgoing, Principal, StaticAuthorizer, Transport, TransportError};
+    use custodian::transport::{Principal, StaticAuthorizer};
     use custodian::visibility::{
         AuditError, AuditSink, Change, DataClass, Decision, HoldEvent, MemoryAuditSink, Party,
         Purpose, Verdict, VisibilityPolicy,
     };
+
+    const START: u64 = 1_767_225_600_000;
 
     /// An audit sink whose decisions can be made to fail.
     #[derive(Default)]
@@ -841,87 +842,9 @@ mod released_by_the_processor {
         }
     }
 
-    /// The simulated network, whose calls carrying a number can be made
-    /// to fail (a passing blip).
-    struct Blipping {
-        network: Arc<SimNetwork>,
-        down: AtomicBool,
-    }
-
-    impl Blipping {
-        fn up(&self) -> Result<(), TransportError> {
-            if self.down.load(Ordering::SeqCst) {
-                return Err(TransportError::Unavailable("blip".into()));
-            }
-            Ok(())
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Transport for Blipping {
-        async fn devices(
-            &self,
-            b: BusinessId,
-            c: &PhoneNumber,
-        ) -> Result<Vec<u32>, TransportError> {
-            self.up()?;
-            self.network.devices(b, c).await
-        }
-        async fn fetch_bundle(
-            &self,
-            b: BusinessId,
-            c: &PhoneNumber,
-            d: u32,
-        ) -> Result<PreKeyBundle, TransportError> {
-            self.up()?;
-            self.network.fetch_bundle(b, c, d).await
-        }
-        async fn send(
-            &self,
-            b: BusinessId,
-            c: &PhoneNumber,
-            d: u32,
-            m: &Outgoing,
-        ) -> Result<(), TransportError> {
-            self.up()?;
-            self.network.send(b, c, d, m).await
-        }
-        async fn ask_resend(
-            &self,
-            b: BusinessId,
-            c: &PhoneNumber,
-            d: u32,
-            id: MessageId,
-            m: &Ciphertext,
-        ) -> Result<(), TransportError> {
-            self.up()?;
-            self.network.ask_resend(b, c, d, id, m).await
-        }
-        async fn publish_keys(
-            &self,
-            b: BusinessId,
-            k: &PublishedKeys,
-        ) -> Result<(), TransportError> {
-            self.network.publish_keys(b, k).await
-        }
-        async fn one_time_prekey_count(
-            &self,
-            b: BusinessId,
-        ) -> Result<Option<usize>, TransportError> {
-            self.network.one_time_prekey_count(b).await
-        }
-        async fn integrity_signals(&self, r: &IntegrityReport) -> Result<(), TransportError> {
-            self.network.integrity_signals(r).await
-        }
-        async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
-            self.network.billing(s).await
-        }
-    }
-
     struct World {
         clock: ManualClock,
         network: Arc<SimNetwork>,
-        transport: Arc<Blipping>,
         audit: Arc<Flaky>,
         processor: Processor,
         owner: Principal,
@@ -933,15 +856,11 @@ mod released_by_the_processor {
 
     impl World {
         /// A business with keys published and a consumer of one device,
-        /// under `visibility`.
-        async fn new(visibility: VisibilityPolicy) -> Self {
-            const T0: u64 = 1_767_225_600_000;
-            let clock = ManualClock::new(Timestamp::from_millis(T0));
-            let network = Arc::new(SimNetwork::new(clock.clone(), Faults::none(), 3).unwrap());
-            let transport = Arc::new(Blipping {
-                network: network.clone(),
-                down: AtomicBool::new(false),
-            });
+        /// under `visibility`, a millisecond before [`START`], over a
+        /// network that fails as `network` says.
+        async fn new(visibility: VisibilityPolicy, network: Faults) -> Self {
+            let clock = ManualClock::new(Timestamp::from_millis(START - 1));
+            let network = Arc::new(SimNetwork::new(clock.clone(), network, 3).unwrap());
             let audit = Arc::new(Flaky::default());
             let (owner, carrier, operator) = (
                 Principal::new("owner"),
@@ -956,7 +875,7 @@ mod released_by_the_processor {
             let host = Host {
                 storage: Arc::new(MemoryStore::new()),
                 key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-                transport: transport.clone(),
+                transport: network.clone(),
                 business: SimBusiness::new(clock.clone(), Faults::none(), 4).unwrap(),
                 authorizer: Arc::new(authorizer),
                 clock: Arc::new(clock.clone()),
@@ -974,10 +893,10 @@ mod released_by_the_processor {
             processor.publish_keys(&owner, b).await.unwrap();
             let to: PhoneNumber = "+447700900001".parse().unwrap();
             network.add_consumer(&to, 1).await;
+            clock.advance(Duration::from_millis(1));
             Self {
                 clock,
                 network,
-                transport,
                 audit,
                 processor,
                 owner,
@@ -1047,16 +966,21 @@ mod released_by_the_processor {
     /// retransmission cell failed it, never sent, as refused.
     #[tokio::test]
     async fn a_first_transmission_after_failed_attempts_is_for_delivery() {
+        let start = Timestamp::from_millis(START);
+        let down = Faults::none().with_outage(start, Duration::from_secs(30));
         for outage in ["network", "audit trail"] {
-            let w = World::new(no_retransmission()).await;
-            let down = match outage {
-                "network" => &w.transport.down,
-                _ => &w.audit.down,
+            let network = if outage == "network" {
+                down.clone()
+            } else {
+                Faults::none()
             };
-            down.store(true, Ordering::SeqCst);
+            let w = World::new(no_retransmission(), network).await;
+            w.audit
+                .down
+                .store(outage == "audit trail", Ordering::SeqCst);
             let id = w.send().await;
             w.run().await;
-            down.store(false, Ordering::SeqCst);
+            w.audit.down.store(false, Ordering::SeqCst);
             w.run().await;
             let releases = w.number_releases();
             assert_eq!(
@@ -1086,7 +1010,7 @@ mod released_by_the_processor {
             DataClass::ConsumerPhoneNumber,
             Purpose::Delivery,
         );
-        let w = World::new(policy.build()).await;
+        let w = World::new(policy.build(), Faults::none()).await;
         w.audit.down.store(true, Ordering::SeqCst);
         let id = w.send().await;
         w.run().await;
