@@ -5,7 +5,7 @@
 //! drive parsing and opening without a key store, and they hold the checks
 //! of the targets ([`envelope_parse`], [`envelope_open`], [`phone_number`],
 //! [`policy_file`], [`signal_message`], [`peer_record`], [`payload`],
-//! [`kek_ring`], [`key_records`], [`message_row`]), so `cargo test` replays those corpora through the very
+//! [`kek_ring`], [`key_records`], [`message_row`], [`audit_line`]), so `cargo test` replays those corpora through the very
 //! code the fuzzers run. Nothing here exists in a normal build.
 
 #![allow(
@@ -30,7 +30,10 @@ use crate::signal::{
 };
 use crate::store::{Direction, PeerId};
 use crate::time::Timestamp;
-use crate::visibility::{DecisionId, HardRule, VisibilityPolicy};
+use crate::visibility::{
+    AuditSink, DecisionId, FlushPolicy, HardRule, JsonLinesSink, TrailEntry, TrailError,
+    VisibilityPolicy, read_trail,
+};
 
 /// The fixture key of `business`'s `epoch`: SHA-256 over a label, the
 /// business id and the epoch's end. The named corpus is sealed under these.
@@ -308,6 +311,48 @@ fn message_id(text: &str) -> bool {
     );
     assert_eq!(serde_json::from_str::<MessageId>(&json).ok(), Some(id));
     true
+}
+
+/// Fuzz check for reading the audit trail, on any bytes as one line:
+/// reading never panics, and an entry read is one a [`JsonLinesSink`]
+/// writes back as a line that reads as the same entry, alone and as a
+/// trail. Every cut of that line, ended as the sink ends a line a failure
+/// cut (` <cut>`), is unreadable (even cut just before its `\n`), and so are
+/// the bytes given so ended: a reader skipping unreadable lines never takes
+/// a cut line for an entry. Returns what the bytes read as.
+pub fn audit_line(data: &[u8]) -> Result<TrailEntry, TrailError> {
+    let cut_short = |line: &[u8]| {
+        let cut = [line, b" <cut>\n"].concat();
+        match TrailEntry::from_line(&cut) {
+            Err(TrailError::Unreadable { what, .. }) => {
+                assert_eq!(what, "a line cut short", "{}", cut.escape_ascii());
+            }
+            other => panic!("a cut line read as {other:?}: {}", cut.escape_ascii()),
+        }
+    };
+    cut_short(data);
+    let entry = TrailEntry::from_line(data)?;
+    let sink = JsonLinesSink::new(Vec::new(), FlushPolicy::EveryEvent);
+    let written = match &entry {
+        TrailEntry::Decision(decision) => sink.record(decision),
+        TrailEntry::Hold(event) => sink.record_hold(event),
+        TrailEntry::Change(change) => sink.record_change(change),
+    };
+    written.unwrap_or_else(|e| panic!("an entry read does not write: {e}"));
+    let line = sink
+        .into_inner()
+        .unwrap_or_else(|e| panic!("an entry read does not write: {e}"));
+    assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+    assert_eq!(line.last(), Some(&b'\n'), "a line written without its end");
+    let again = TrailEntry::from_line(&line)
+        .unwrap_or_else(|e| panic!("a written entry does not read: {e}"));
+    assert_eq!(again, entry, "an entry written reads as another");
+    let trail: Vec<_> = read_trail(&line[..]).map(|e| e.ok()).collect();
+    assert_eq!(trail, [Some(entry.clone())], "the line as a trail");
+    for end in 0..line.len() {
+        cut_short(&line[..end]);
+    }
+    Ok(entry)
 }
 
 /// Which loaders accepted a policy file (see [`policy_file`]).
@@ -2042,5 +2087,282 @@ mod tests {
                 (loads.retention_json, "retention-json"),
             ])
         });
+    }
+
+    /// What [`audit_line`] made of a line, as the corpus names it: the
+    /// entry's kind, or `cut`, `shape` or `json` for why it is none.
+    fn spell_audit_line(outcome: &Result<TrailEntry, TrailError>) -> String {
+        match outcome {
+            Ok(TrailEntry::Decision(_)) => "decision",
+            Ok(TrailEntry::Hold(_)) => "hold",
+            Ok(TrailEntry::Change(_)) => "change",
+            Err(TrailError::Unreadable { what, .. }) => match *what {
+                "a line cut short" => "cut",
+                "not the shape of an entry" => "shape",
+                "not a JSON object" => "json",
+                other => panic!("an unreadable line of no known kind: {other}"),
+            },
+            Err(e) => panic!("{e}"),
+        }
+        .to_owned()
+    }
+
+    /// The `audit_line` corpus: lines a sink writes of every kind, old
+    /// trails' lines, lines cut short, and lines that are no entry, each
+    /// with its expected outcome.
+    fn audit_line_cases() -> Vec<(String, Vec<u8>)> {
+        use crate::store::HoldScope;
+        use crate::visibility::{
+            Change, DataClass, Decision, DenyReason, HoldAction, HoldEvent, Party, Purpose,
+            Revision, Verdict,
+        };
+
+        let business = fixture_business();
+        let at = Timestamp::from_millis(1_767_225_600_000);
+        let decision = |verdict, reason, business| Decision {
+            at,
+            id: DecisionId::new(0x0123_4567_89ab_cdef, 42),
+            revision: Revision::PUBLISHED,
+            party: Party::Business,
+            class: DataClass::ConsumerPhoneNumber,
+            purpose: Purpose::Delivery,
+            verdict,
+            reason,
+            business,
+        };
+        let hold = |action, scope| HoldEvent {
+            at,
+            principal: "operator".into(),
+            action,
+            scope,
+            reference: "case \"7\" \u{e9}".into(),
+        };
+        let line = |entry: TrailEntry| {
+            let sink = JsonLinesSink::new(Vec::new(), FlushPolicy::EveryEvent);
+            match &entry {
+                TrailEntry::Decision(d) => sink.record(d),
+                TrailEntry::Hold(h) => sink.record_hold(h),
+                TrailEntry::Change(c) => sink.record_change(c),
+            }
+            .unwrap();
+            sink.into_inner().unwrap()
+        };
+        let allow = line(TrailEntry::Decision(decision(
+            Verdict::Allow,
+            None,
+            Some(business),
+        )));
+        let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).unwrap();
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("decision--allow", allow.clone()),
+            (
+                "decision--deny-audit-failed",
+                line(TrailEntry::Decision(decision(
+                    Verdict::Deny,
+                    Some(DenyReason::AuditFailed),
+                    Some(business),
+                ))),
+            ),
+            (
+                "decision--of-no-business",
+                line(TrailEntry::Decision(decision(
+                    Verdict::Deny,
+                    Some(DenyReason::NotOptedIn),
+                    None,
+                ))),
+            ),
+            (
+                "hold--placed-on-a-consumer",
+                line(TrailEntry::Hold(hold(
+                    HoldAction::Placed,
+                    HoldScope::Consumer(business, PhoneHash::from_bytes([0xa5; 16])),
+                ))),
+            ),
+            (
+                "hold--released-on-a-business",
+                line(TrailEntry::Hold(hold(
+                    HoldAction::Released,
+                    HoldScope::Business(business),
+                ))),
+            ),
+            (
+                "change--shred",
+                line(TrailEntry::Change(Change::Shred {
+                    at,
+                    principal: "operator".into(),
+                    business,
+                    epoch_end: at,
+                    reference: "erasure request".into(),
+                })),
+            ),
+            (
+                "change--policy",
+                line(TrailEntry::Change(Change::Policy {
+                    at,
+                    principal: "ops".into(),
+                    revision: Revision::MAX,
+                    digest: "00ff".into(),
+                })),
+            ),
+            (
+                "change--start",
+                line(TrailEntry::Change(Change::Start {
+                    at,
+                    revision: Revision::PUBLISHED,
+                    visibility: "ab".into(),
+                    retention: "cd".into(),
+                })),
+            ),
+            (
+                "change--opt-in",
+                line(TrailEntry::Change(Change::OptIn {
+                    at,
+                    principal: "business admin".into(),
+                    business,
+                    enabled: true,
+                })),
+            ),
+            (
+                "change--retention-without-its-end",
+                br#"{"admin":{"change":"retention","at":1,"principal":"ops","digest":"ab"}}"#
+                    .to_vec(),
+            ),
+            // Trails written before holds and shreds named who asked.
+            (
+                "hold--hold-of-an-old-trail",
+                text(&line(TrailEntry::Hold(hold(
+                    HoldAction::Placed,
+                    HoldScope::Business(business),
+                ))))
+                .replace(r#""principal":"operator","#, "")
+                .into_bytes(),
+            ),
+            (
+                "change--shred-of-an-old-trail",
+                format!(
+                    r#"{{"admin":{{"change":"shred","at":5,"business":{business},"epoch_end":9,"reference":"r"}}}}"#
+                )
+                .into_bytes(),
+            ),
+            // Lines a failure cut, as the sink ends them.
+            ("cut--cut-in-a-decision", [&allow[..40], b" <cut>\n"].concat()),
+            (
+                "cut--cut-before-its-newline",
+                [&allow[..allow.len() - 1], b" <cut>\n"].concat(),
+            ),
+            ("cut--cut-on-a-whole-file", b" <cut>\n".to_vec()),
+            (
+                "cut--cut-in-a-tag",
+                [&br#"{"hold":{"at":1"#[..], b" <cut>"].concat(),
+            ),
+            // No entry.
+            (
+                "shape--unknown-party",
+                text(&allow)
+                    .replace(r#""party":"business""#, r#""party":"stranger""#)
+                    .into_bytes(),
+            ),
+            (
+                "shape--without-a-verdict",
+                text(&allow).replace(r#","verdict":"allow""#, "").into_bytes(),
+            ),
+            (
+                "shape--a-field-twice",
+                text(&allow).replacen("{", r#"{"at":1,"#, 1).into_bytes(),
+            ),
+            (
+                "shape--bad-decision-id",
+                text(&allow).replace("-000000000000002a", "-2a").into_bytes(),
+            ),
+            ("shape--unknown-tag", br#"{"hold":{},"admin":{}}"#.to_vec()),
+            ("shape--empty-hold", br#"{"hold":{}}"#.to_vec()),
+            (
+                "shape--two-tags",
+                text(&line(TrailEntry::Hold(hold(
+                    HoldAction::Placed,
+                    HoldScope::Business(business),
+                ))))
+                .replace("}}\n", r#"},"admin":{"change":"start"}}"#)
+                .into_bytes(),
+            ),
+            ("json--empty", Vec::new()),
+            ("json--not-json", b"release allowed\n".to_vec()),
+            (
+                "json--an-array",
+                br#"[1,"0123456789abcdef-000000000000002a",0,"business","consumer_phone_number","delivery","allow",null,null]"#.to_vec(),
+            ),
+            ("json--after-its-end", [&allow[..allow.len() - 1], b"x\n"].concat()),
+            ("json--not-utf-8", b"{\"at\":\xff}".to_vec()),
+        ];
+        cases.sort_by(|a, b| a.0.cmp(b.0));
+        cases
+            .into_iter()
+            .map(|(name, bytes)| {
+                let outcome = spell_audit_line(&audit_line(&bytes));
+                assert_eq!(
+                    name.split_once("--").map(|n| n.0),
+                    Some(&*outcome),
+                    "{name}"
+                );
+                (name.to_owned(), bytes)
+            })
+            .collect()
+    }
+
+    /// Rewrite the `audit_line` corpus from [`audit_line_cases`]:
+    /// `cargo test --all-features --lib write_audit_line_corpus -- --ignored`.
+    #[test]
+    #[ignore = "rewrites fuzz/corpus; run by hand"]
+    fn write_audit_line_corpus() {
+        write_corpus("audit_line", audit_line_cases());
+    }
+
+    #[test]
+    fn audit_line_corpus_on_disk_is_what_the_generator_makes() {
+        assert_corpus_is("audit_line", audit_line_cases(), "write_audit_line_corpus");
+    }
+
+    proptest::proptest! {
+        /// The corpus's lines changed at random (bytes overwritten, cut
+        /// out, put in): [`audit_line`]'s checks hold on every one, so a
+        /// plain `cargo test` fuzzes the reader a little beyond its corpus.
+        #[test]
+        fn audit_lines_changed_at_random_keep_the_checks(
+            file: proptest::sample::Index,
+            edits in proptest::collection::vec(
+                (0u8..3, proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                1..6,
+            ),
+        ) {
+            static LINES: std::sync::LazyLock<Vec<(String, Vec<u8>)>> =
+                std::sync::LazyLock::new(audit_line_cases);
+            let mut line = LINES[file.index(LINES.len())].1.clone();
+            for (kind, at, byte) in edits {
+                let at = at.index(line.len() + 1);
+                match kind {
+                    0 if at < line.len() => line[at] = byte,
+                    1 if at < line.len() => {
+                        line.remove(at);
+                    }
+                    _ => line.insert(at, byte),
+                }
+            }
+            let _ = audit_line(&line);
+        }
+    }
+
+    #[test]
+    fn audit_line_corpus_replays_with_the_expected_results() {
+        let mut kinds = std::collections::BTreeSet::new();
+        replay("audit_line", |bytes| {
+            let outcome = spell_audit_line(&audit_line(bytes));
+            kinds.insert(outcome.clone());
+            outcome
+        });
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            ["change", "cut", "decision", "hold", "json", "shape"],
+            "the corpus lacks an outcome"
+        );
     }
 }

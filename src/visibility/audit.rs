@@ -330,6 +330,128 @@ pub struct HoldEvent {
     pub reference: String,
 }
 
+/// One line of the trail a [`JsonLinesSink`] writes: a release decision
+/// (a [`Decision`] object), or, tagged, a legal hold event
+/// (`{"hold": {...}}`) or an administrative change (`{"admin": {...}}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TrailEntry {
+    /// A release decision.
+    Decision(Decision),
+    /// A legal hold placed or released.
+    Hold(HoldEvent),
+    /// An administrative change.
+    Change(Change),
+}
+
+/// Why the trail could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrailError {
+    /// A line that is no entry: one a failed write or a dying process cut
+    /// (the sink ends such a line with ` <cut>`), or one damaged or not
+    /// written by a sink. Its text is not repeated here, whatever it holds.
+    /// The lines after it are read as usual: skipping it loses no other.
+    #[error("audit trail line {line} is no entry: {what} at column {column}")]
+    Unreadable {
+        /// Its number, from 1.
+        line: u64,
+        /// Where reading it stopped (0 when the JSON was whole).
+        column: usize,
+        /// What is wrong, in a few words.
+        what: &'static str,
+    },
+    /// The reader failed; nothing more is read.
+    #[error("reading the audit trail failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl TrailEntry {
+    /// Read one line of the trail, with or without its `\n`.
+    ///
+    /// # Errors
+    ///
+    /// [`TrailError::Unreadable`] (as line 1) if it is no entry.
+    pub fn from_line(line: &[u8]) -> Result<Self, TrailError> {
+        Self::read(line, 1)
+    }
+
+    fn read(line: &[u8], number: u64) -> Result<Self, TrailError> {
+        /// The tagged events, as `JsonLinesSink::write_event` writes them.
+        #[derive(Deserialize)]
+        enum Event {
+            #[serde(rename = "hold")]
+            Hold(HoldEvent),
+            #[serde(rename = "admin")]
+            Change(Change),
+        }
+        // A sink writes the tag first, with no space: the line's opening
+        // tells the shapes apart without reading it twice.
+        let object = line.starts_with(b"{");
+        let read = if line.starts_with(br#"{"hold":"#) || line.starts_with(br#"{"admin":"#) {
+            serde_json::from_slice(line).map(|event| match event {
+                Event::Hold(hold) => Self::Hold(hold),
+                Event::Change(change) => Self::Change(change),
+            })
+        } else if object {
+            serde_json::from_slice(line).map(Self::Decision)
+        } else {
+            // Not an array either, which would read as a decision's fields
+            // in order.
+            Err(serde::de::Error::custom("not an object"))
+        };
+        read.map_err(|e| TrailError::Unreadable {
+            line: number,
+            column: e.column(),
+            // Only the kind of failure: serde's own message may quote the
+            // line, and a damaged line may hold anything.
+            what: if line.ends_with(CUT) || line.ends_with(&CUT[..CUT.len() - 1]) {
+                "a line cut short"
+            } else if object && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok() {
+                "not the shape of an entry"
+            } else {
+                "not a JSON object"
+            },
+        })
+    }
+}
+
+/// Read a trail a [`JsonLinesSink`] wrote, one entry per line. A line that
+/// is no entry (one cut short, say) is a [`TrailError::Unreadable`] of its
+/// own, and reading goes on after it; a failed read
+/// ([`TrailError::Io`]) ends the iteration.
+///
+/// ```
+/// use custodian::visibility::{read_trail, TrailEntry, TrailError};
+///
+/// let trail = b"{\"admin\":{\"change\":\"retention\",\"at\":1,\"principal\":\"ops\",\"digest\":\"ab\"}}\n\
+///               {\"at\":2,\"id\":\"00 <cut>\n";
+/// let mut entries = read_trail(&trail[..]);
+/// assert!(matches!(entries.next(), Some(Ok(TrailEntry::Change(_)))));
+/// assert!(matches!(entries.next(), Some(Err(TrailError::Unreadable { line: 2, .. }))));
+/// assert!(entries.next().is_none());
+/// ```
+pub fn read_trail<R: io::BufRead>(
+    reader: R,
+) -> impl Iterator<Item = Result<TrailEntry, TrailError>> {
+    let mut lines = io::BufRead::split(reader, b'\n');
+    let mut number = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        number += 1;
+        Some(match lines.next()? {
+            Ok(line) => TrailEntry::read(&line, number),
+            Err(e) => {
+                failed = true;
+                Err(TrailError::Io(e))
+            }
+        })
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves the state consistent at each step,
     // so a panic elsewhere while holding the lock is no reason to stop auditing.
@@ -1122,7 +1244,164 @@ mod tests {
         );
     }
 
+    /// Any entry a processor records: every kind, with any text in its
+    /// free fields (so JSON escapes are written and read).
+    fn entry() -> impl Strategy<Value = TrailEntry> {
+        let at = any::<u64>().prop_map(Timestamp::from_millis);
+        let business = (1..=u64::MAX).prop_map(|b| BusinessId::new(b).unwrap());
+        let revision =
+            (0..=Revision::MAX.get()).prop_map(|r| Revision::new(r).unwrap_or(Revision::PUBLISHED));
+        let decision = (
+            at.clone(),
+            any::<(u64, u64)>(),
+            revision.clone(),
+            prop::sample::select(Party::ALL),
+            prop::sample::select(DataClass::ALL),
+            prop::sample::select(Purpose::ALL),
+            prop::option::of(prop::sample::select(vec![
+                DenyReason::Policy,
+                DenyReason::NotOptedIn,
+                DenyReason::AuditFailed,
+            ])),
+            prop::option::of(business.clone()),
+        )
+            .prop_map(
+                |(at, (i, s), revision, party, class, purpose, reason, business)| {
+                    TrailEntry::Decision(Decision {
+                        at,
+                        id: DecisionId::new(i, s),
+                        revision,
+                        party,
+                        class,
+                        purpose,
+                        verdict: if reason.is_some() {
+                            Verdict::Deny
+                        } else {
+                            Verdict::Allow
+                        },
+                        reason,
+                        business,
+                    })
+                },
+            );
+        let scope = prop_oneof![
+            business.clone().prop_map(HoldScope::Business),
+            (business.clone(), any::<[u8; 16]>())
+                .prop_map(|(b, h)| HoldScope::Consumer(b, crate::ids::PhoneHash::from_bytes(h))),
+        ];
+        let hold = (at.clone(), "\\PC{0,12}", any::<bool>(), scope, "\\PC{0,12}").prop_map(
+            |(at, principal, placed, scope, reference)| {
+                TrailEntry::Hold(HoldEvent {
+                    at,
+                    principal,
+                    action: if placed {
+                        HoldAction::Placed
+                    } else {
+                        HoldAction::Released
+                    },
+                    scope,
+                    reference,
+                })
+            },
+        );
+        let text = "\\PC{0,12}";
+        let change = prop_oneof![
+            (at.clone(), text, business.clone(), any::<u64>(), text).prop_map(
+                |(at, principal, business, end, reference)| Change::Shred {
+                    at,
+                    principal,
+                    business,
+                    epoch_end: Timestamp::from_millis(end),
+                    reference,
+                }
+            ),
+            (at.clone(), text, text).prop_map(|(at, principal, digest)| Change::Retention {
+                at,
+                principal,
+                digest
+            }),
+            (at.clone(), text, revision.clone(), text).prop_map(
+                |(at, principal, revision, digest)| Change::Policy {
+                    at,
+                    principal,
+                    revision,
+                    digest
+                }
+            ),
+            (at.clone(), revision, text, text).prop_map(|(at, revision, visibility, retention)| {
+                Change::Start {
+                    at,
+                    revision,
+                    visibility,
+                    retention,
+                }
+            }),
+            (at, text, business, any::<bool>()).prop_map(|(at, principal, business, enabled)| {
+                Change::OptIn {
+                    at,
+                    principal,
+                    business,
+                    enabled,
+                }
+            }),
+        ]
+        .prop_map(TrailEntry::Change);
+        prop_oneof![decision, hold, change]
+    }
+
+    /// The line a sink writes for `entry`.
+    fn written(entry: &TrailEntry) -> Vec<u8> {
+        let sink = JsonLinesSink::new(Vec::new(), FlushPolicy::EveryEvent);
+        match entry {
+            TrailEntry::Decision(d) => sink.record(d),
+            TrailEntry::Hold(h) => sink.record_hold(h),
+            TrailEntry::Change(c) => sink.record_change(c),
+        }
+        .unwrap();
+        sink.into_inner().unwrap()
+    }
+
     proptest! {
+        /// A trail reads back as the entries written, in order; a line cut
+        /// anywhere and ended as a sink ends it is one unreadable line,
+        /// and every other entry is read.
+        #[test]
+        fn a_trail_reads_back_and_a_cut_line_loses_no_other(
+            entries in prop::collection::vec(entry(), 1..8),
+            which: prop::sample::Index,
+            at: prop::sample::Index,
+        ) {
+            let lines: Vec<Vec<u8>> = entries.iter().map(written).collect();
+            let whole: Vec<TrailEntry> = read_trail(&lines.concat()[..]).map(Result::unwrap).collect();
+            prop_assert_eq!(&whole, &entries);
+
+            let cut = which.index(lines.len());
+            let mut trail = Vec::new();
+            for (i, line) in lines.iter().enumerate() {
+                if i == cut {
+                    trail.extend_from_slice(&line[..at.index(line.len())]);
+                    trail.extend_from_slice(CUT);
+                } else {
+                    trail.extend_from_slice(line);
+                }
+            }
+            let mut read = Vec::new();
+            for (i, entry) in read_trail(&trail[..]).enumerate() {
+                match entry {
+                    Ok(entry) => read.push(entry),
+                    Err(TrailError::Unreadable { line, what, .. }) => {
+                        prop_assert_eq!(line, cut as u64 + 1);
+                        prop_assert_eq!(i, cut);
+                        prop_assert_eq!(what, "a line cut short");
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let mut expected = entries.clone();
+            expected.remove(cut);
+            prop_assert_eq!(read, expected);
+        }
+
         #[test]
         fn decision_ids_round_trip_and_parse_strictly(instance: u64, sequence: u64, junk in "\\PC{0,40}") {
             let id = DecisionId::new(instance, sequence);

@@ -165,7 +165,8 @@ mod table;
 
 pub use audit::{
     AuditError, AuditSink, BadDecisionId, Change, Decision, DecisionId, DenyReason, FlushPolicy,
-    HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, Verdict,
+    HoldAction, HoldEvent, JsonLinesSink, MemoryAuditSink, TrailEntry, TrailError, Verdict,
+    read_trail,
 };
 pub use file::{AllowEntry, PolicyError, PolicyFile, PolicyFormat};
 pub(crate) use file::{from_json_at, from_toml_at};
