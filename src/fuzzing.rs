@@ -13,23 +13,28 @@
     reason = "a fuzz check reports a broken property by panicking"
 )]
 
+use std::future::Future;
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
+use wacore_libsignal::protocol::{PrivateKey, PublicKey};
 
 use crate::envelope::{self, Envelope, EnvelopeError, Header, Label, SealError};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber, Region};
 use crate::keys::{
-    Epoch, EpochKey, Kek, KekCheck, KekContext, KekRing, KeyError, KeyId, KeyKind,
-    LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
+    Epoch, EpochKey, EpochLength, Kek, KekCheck, KekContext, KekRing, KeyError, KeyId, KeyKind,
+    KeyManager, LocalKeyProvider, ProviderError, SecretKey, WrappedKey,
 };
 use crate::processor::{device_payload, parse_device_payload, reencode_inbound, reencode_outbound};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::signal::{
-    Ciphertext, DeviceIdentity, MessageKind, ONE_TIME_PREKEY, Parsed, SignalError, StorageFailure,
-    decode_identity, decode_one_time_prekey, decode_peer_record, decode_signed_prekey,
-    encode_identity,
+    Ciphertext, DeviceIdentity, MessageKind, ONE_TIME_PREKEY, Parsed, PreKeyBundle, PublicPreKey,
+    Sessions, SignalConfig, SignalError, SignedPublicPreKey, StorageFailure, decode_identity,
+    decode_one_time_prekey, decode_peer_record, decode_signed_prekey, encode_identity,
 };
-use crate::store::{Direction, PeerId};
-use crate::time::Timestamp;
+use crate::store::{Direction, MemoryStore, PeerId, Storage};
+use crate::time::{ManualClock, Timestamp};
+use crate::vault::Vault;
 use crate::visibility::{
     AuditSink, DecisionId, FlushPolicy, HardRule, JsonLinesSink, TrailEntry, TrailError,
     VisibilityPolicy, read_trail,
@@ -184,7 +189,6 @@ pub fn phone_number(data: &[u8]) -> IdParses {
 
 /// The [`DeviceIdentity`] part of [`phone_number`]: whether `data` is one.
 fn device_identity(data: &[u8]) -> bool {
-    use wacore_libsignal::protocol::{PrivateKey, PublicKey};
     let Ok(bytes) = <[u8; 33]>::try_from(data) else {
         return false;
     };
@@ -353,6 +357,201 @@ pub fn audit_line(data: &[u8]) -> Result<TrailEntry, TrailError> {
         cut_short(&line[..end]);
     }
     Ok(entry)
+}
+
+/// The length of a prekey bundle in the layout [`prekey_bundle`] reads,
+/// without its one-time prekey.
+pub const BUNDLE_LEN: usize = 4 + 4 + 33 + 4 + 33 + 64;
+
+/// The length of a one-time prekey in that layout: its id and key.
+pub const ONE_TIME_LEN: usize = 4 + 33;
+
+/// A prekey bundle from bytes: the registration id, the device id, the
+/// identity key, the signed prekey's id, key and signature, and, if
+/// [`ONE_TIME_LEN`] more bytes follow, a one-time prekey's id and key
+/// (ids big-endian); bytes missing are zeros, bytes after are ignored.
+pub fn bundle_from_bytes(data: &[u8]) -> PreKeyBundle {
+    let mut bytes = [0; BUNDLE_LEN + ONE_TIME_LEN];
+    let n = data.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&data[..n]);
+    let field = |at: usize, len: usize| &bytes[at..at + len];
+    let id = |at| {
+        let mut id = [0; 4];
+        id.copy_from_slice(field(at, 4));
+        u32::from_be_bytes(id)
+    };
+    let key = |at| {
+        let mut key = [0; 33];
+        key.copy_from_slice(field(at, 33));
+        key
+    };
+    let mut signature = [0; 64];
+    signature.copy_from_slice(field(78, 64));
+    PreKeyBundle {
+        registration_id: id(0),
+        device_id: id(4),
+        identity_key: key(8),
+        signed_prekey: SignedPublicPreKey {
+            id: id(41),
+            public_key: key(45),
+            signature,
+        },
+        one_time_prekey: (data.len() >= BUNDLE_LEN + ONE_TIME_LEN).then(|| PublicPreKey {
+            id: id(BUNDLE_LEN),
+            public_key: key(BUNDLE_LEN + 4),
+        }),
+    }
+}
+
+/// The bytes of `bundle` in the layout [`bundle_from_bytes`] reads.
+pub fn bundle_bytes(bundle: &PreKeyBundle) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BUNDLE_LEN + ONE_TIME_LEN);
+    out.extend_from_slice(&bundle.registration_id.to_be_bytes());
+    out.extend_from_slice(&bundle.device_id.to_be_bytes());
+    out.extend_from_slice(&bundle.identity_key);
+    out.extend_from_slice(&bundle.signed_prekey.id.to_be_bytes());
+    out.extend_from_slice(&bundle.signed_prekey.public_key);
+    out.extend_from_slice(&bundle.signed_prekey.signature);
+    if let Some(one_time) = &bundle.one_time_prekey {
+        out.extend_from_slice(&one_time.id.to_be_bytes());
+        out.extend_from_slice(&one_time.public_key);
+    }
+    out
+}
+
+/// The device a [`prekey_bundle`] check has a session with before it
+/// starts another from the bundle: its bundle, with its first one-time
+/// prekey if `one_time`. Its keys are fixed; its signature is drawn anew.
+pub fn fixture_device_bundle(one_time: bool) -> PreKeyBundle {
+    let private = |byte| match PrivateKey::deserialize(&[byte; 32]) {
+        Ok(key) => key,
+        Err(e) => unreachable!("a fixed private key: {e}"),
+    };
+    let public = |byte| {
+        let mut key = [0; 33];
+        let public = private(byte).public_key().map(|k| k.serialize());
+        key.copy_from_slice(&public.unwrap_or_else(|e| unreachable!("{e}")));
+        key
+    };
+    let signed = public(0x22);
+    let signature = private(0x21)
+        .calculate_signature(&signed, &mut crate::rng::OsRng)
+        .unwrap_or_else(|e| panic!("signing a fixed key: {e}"));
+    PreKeyBundle {
+        registration_id: 77,
+        device_id: fixture_peer().device,
+        identity_key: public(0x21),
+        signed_prekey: SignedPublicPreKey {
+            id: 5,
+            public_key: signed,
+            signature,
+        },
+        one_time_prekey: one_time.then(|| PublicPreKey {
+            id: 9,
+            public_key: public(0x23),
+        }),
+    }
+}
+
+/// Poll `future` once: everything the check awaits (an in-memory store, a
+/// local key provider, uncontended locks) is ready at once.
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut cx) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => panic!("an in-memory operation waited"),
+    }
+}
+
+/// Fuzz check for a consumer device's prekey bundle as the transport hands
+/// it over, on any bytes (in [`bundle_from_bytes`]'s layout): a business
+/// with a session with the device ([`fixture_device_bundle`]) starts
+/// another from the bundle. It never panics; it is taken exactly when the
+/// bundle is the device's, its keys usable (as [`DeviceIdentity::from_bytes`]
+/// has them), its signature good and its identity the one trusted for the
+/// device (a bundle the network serves never replaces that, see
+/// [`IdentityPolicy`](crate::signal::IdentityPolicy)). Any other is refused, as
+/// [`SignalError::UntrustedIdentity`] if another identity is all that is
+/// wrong, as [`SignalError::BadBundle`] otherwise, and changes nothing
+/// stored. A session started encrypts its first message as a first-contact
+/// one.
+pub fn prekey_bundle(data: &[u8]) -> Result<(), SignalError> {
+    let bundle = bundle_from_bytes(data);
+    let usable = |key: &[u8; 33]| DeviceIdentity::from_bytes(key).is_some();
+    let signed = PublicKey::deserialize(&bundle.identity_key).is_ok_and(|identity| {
+        identity.verify_signature(
+            &bundle.signed_prekey.public_key,
+            &bundle.signed_prekey.signature,
+        )
+    });
+    let sound = bundle.device_id == fixture_peer().device
+        && usable(&bundle.identity_key)
+        && usable(&bundle.signed_prekey.public_key)
+        && bundle
+            .one_time_prekey
+            .as_ref()
+            .is_none_or(|k| usable(&k.public_key))
+        && signed;
+    let trusted = bundle.identity_key == fixture_device_bundle(false).identity_key;
+
+    let (sessions, store) = bundle_world();
+    let (business, peer) = (fixture_business(), fixture_peer());
+    let expiry = Timestamp::from_millis(1_767_225_600_000 + 86_400_000);
+    let stored = || {
+        ready(store.peer(business, peer))
+            .unwrap_or_else(|e| panic!("reading the memory store: {e}"))
+    };
+    let before = stored();
+    let result = ready(sessions.start_session(business, peer, &bundle, expiry));
+    let after = stored();
+    match &result {
+        Ok(()) => {
+            assert!(sound && trusted, "a bundle taken: {bundle:?}");
+            assert_ne!(after, before, "a session started, nothing stored");
+            let first = ready(sessions.encrypt(business, peer, b"hello", expiry))
+                .unwrap_or_else(|e| panic!("a session started does not encrypt: {e}"));
+            assert_eq!(first.kind, MessageKind::FirstContact);
+        }
+        Err(e) => {
+            assert_eq!(
+                after, before,
+                "a refused bundle ({e}) changed what is stored"
+            );
+            match e {
+                SignalError::BadBundle(_) => {
+                    assert!(!sound, "a sound bundle refused as {e}: {bundle:?}");
+                }
+                SignalError::UntrustedIdentity { .. } => {
+                    assert!(sound && !trusted, "refused as untrusted: {bundle:?}");
+                }
+                other => panic!("a bundle refused as {other:?}"),
+            }
+        }
+    }
+    result
+}
+
+/// A business with a session with [`fixture_peer`] from
+/// [`fixture_device_bundle`]: its sessions and its store.
+fn bundle_world() -> (Sessions, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+    let keys = Arc::new(KeyManager::new(Arc::new(fixture_provider()), store.clone()));
+    let vault = Arc::new(Vault::new(keys, Arc::new(clock), EpochLength::DEFAULT));
+    let sessions = Sessions::new(vault, store.clone(), SignalConfig::default())
+        .unwrap_or_else(|e| panic!("the default configuration: {e}"));
+    let business = fixture_business();
+    ready(sessions.publish(business))
+        .unwrap_or_else(|e| panic!("publishing the business's keys: {e}"));
+    let expiry = Timestamp::from_millis(1_767_225_600_000 + 86_400_000);
+    ready(sessions.start_session(
+        business,
+        fixture_peer(),
+        &fixture_device_bundle(true),
+        expiry,
+    ))
+    .unwrap_or_else(|e| panic!("the fixture device's bundle: {e}"));
+    (sessions, store)
 }
 
 /// Which loaders accepted a policy file (see [`policy_file`]).
@@ -2363,6 +2562,221 @@ mod tests {
             kinds.into_iter().collect::<Vec<_>>(),
             ["change", "cut", "decision", "hold", "json", "shape"],
             "the corpus lacks an outcome"
+        );
+    }
+
+    /// A [`prekey_bundle`] outcome as the corpus names it: `ok`,
+    /// `untrusted`, or `bad-` and the reason.
+    fn spell_bundle(outcome: &Result<(), SignalError>) -> String {
+        match outcome {
+            Ok(()) => "ok".to_owned(),
+            Err(SignalError::UntrustedIdentity { .. }) => "untrusted".to_owned(),
+            Err(SignalError::BadBundle(why)) => format!("bad-{}", why.replace([' ', '\''], "-")),
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+
+    /// The `prekey_bundle` corpus: the fixture device's bundles, one with
+    /// another identity, and one for each refusal.
+    fn prekey_bundle_cases() -> Vec<(String, Vec<u8>)> {
+        let known = fixture_device_bundle(true);
+        let signed_by = |mut bundle: PreKeyBundle, byte: u8| {
+            let key = PrivateKey::deserialize(&[byte; 32]).unwrap();
+            bundle
+                .identity_key
+                .copy_from_slice(&key.public_key().unwrap().serialize());
+            bundle.signed_prekey.signature = key
+                .calculate_signature(&bundle.signed_prekey.public_key, &mut crate::rng::OsRng)
+                .unwrap();
+            bundle
+        };
+        let with = |change: &dyn Fn(&mut PreKeyBundle)| {
+            let mut bundle = known;
+            change(&mut bundle);
+            bundle_bytes(&bundle)
+        };
+        // The field's prime, 2^255 - 19, little-endian: a u-coordinate no
+        // key has, in the encoding the library would reduce.
+        let mut prime = [0xff; 33];
+        prime[0] = 0x05;
+        prime[1] = 0xed;
+        prime[32] = 0x7f;
+        let mut zero = [0; 33];
+        zero[0] = 0x05;
+        let mut untyped = known.identity_key;
+        untyped[0] = 0x06;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("ok--the-device", bundle_bytes(&known)),
+            (
+                "ok--the-device-without-a-one-time-prekey",
+                bundle_bytes(&fixture_device_bundle(false)),
+            ),
+            (
+                "ok--ids-at-their-largest",
+                with(&|b| {
+                    b.registration_id = u32::MAX;
+                    b.signed_prekey.id = 0x00ff_ffff;
+                    if let Some(k) = &mut b.one_time_prekey {
+                        k.id = 0x00ff_ffff;
+                    }
+                }),
+            ),
+            (
+                "untrusted--another-identity",
+                bundle_bytes(&signed_by(known, 0x31)),
+            ),
+            (
+                "bad-signed-prekey-signature-does-not-verify--a-bit-flipped",
+                with(&|b| {
+                    b.signed_prekey.signature[10] ^= 1;
+                }),
+            ),
+            (
+                "bad-signed-prekey-signature-does-not-verify--signed-by-another",
+                {
+                    let mut bundle = signed_by(known, 0x31);
+                    bundle.identity_key = known.identity_key;
+                    bundle_bytes(&bundle)
+                },
+            ),
+            (
+                "bad-signed-prekey-signature-does-not-verify--another-signed-prekey",
+                with(&|b| {
+                    b.signed_prekey.public_key = b.one_time_prekey.unwrap().public_key;
+                }),
+            ),
+            (
+                // The library asks whether an identity is trusted before it
+                // checks the signature: such a bundle was taken for the
+                // device presenting a new identity (`UntrustedIdentity`).
+                "bad-signed-prekey-signature-does-not-verify--another-identity-unsigned",
+                with(&|b| b.identity_key = signed_by(known, 0x31).identity_key),
+            ),
+            (
+                "bad-the-bundle-is-another-device-s--device-2",
+                with(&|b| b.device_id = 2),
+            ),
+            ("bad-the-bundle-is-another-device-s--empty", Vec::new()),
+            (
+                "bad-identity-key-is-not-a-valid-public-key--untyped",
+                with(&|b| {
+                    b.identity_key = untyped;
+                }),
+            ),
+            (
+                "bad-identity-key-is-not-a-valid-public-key--of-small-order",
+                with(&|b| {
+                    b.identity_key = zero;
+                }),
+            ),
+            (
+                "bad-identity-key-is-not-a-valid-public-key--not-reduced",
+                with(&|b| {
+                    b.identity_key = prime;
+                }),
+            ),
+            (
+                "bad-signed-prekey-is-not-a-valid-public-key--of-small-order",
+                with(&|b| {
+                    b.signed_prekey.public_key = zero;
+                }),
+            ),
+            (
+                "bad-one-time-prekey-is-not-a-valid-public-key--not-reduced",
+                with(&|b| {
+                    if let Some(k) = &mut b.one_time_prekey {
+                        k.public_key = prime;
+                    }
+                }),
+            ),
+            ("bad-signed-prekey-is-not-a-valid-public-key--cut-short", {
+                let mut bytes = bundle_bytes(&known);
+                bytes[4..8].copy_from_slice(&known.device_id.to_be_bytes());
+                bytes.truncate(20);
+                bytes
+            }),
+        ];
+        cases
+            .into_iter()
+            .map(|(name, bytes)| {
+                let outcome = spell_bundle(&prekey_bundle(&bytes));
+                assert_eq!(
+                    name.split_once("--").map(|n| n.0),
+                    Some(&*outcome),
+                    "{name}"
+                );
+                (name.to_owned(), bytes)
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(48))]
+        /// The corpus's bundles with bytes changed at random, mostly in the
+        /// ids, where a change keeps the keys usable and the signature good:
+        /// [`prekey_bundle`]'s checks hold on every one.
+        #[test]
+        fn bundles_changed_at_random_keep_the_checks(
+            file: proptest::sample::Index,
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()),
+                1..4,
+            ),
+        ) {
+            static BUNDLES: std::sync::LazyLock<Vec<(String, Vec<u8>)>> =
+                std::sync::LazyLock::new(prekey_bundle_cases);
+            let mut bytes = BUNDLES[file.index(BUNDLES.len())].1.clone();
+            for (at, byte, in_an_id) in edits {
+                // The ids: the registration and device ids, the signed and
+                // one-time prekeys' ids.
+                let ids = [0, 1, 2, 3, 4, 5, 6, 7, 41, 42, 43, 44, 142, 143, 144, 145];
+                let at = if in_an_id { ids[at.index(ids.len())] } else { at.index(BUNDLE_LEN + ONE_TIME_LEN) };
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = byte;
+                }
+            }
+            let _ = prekey_bundle(&bytes);
+        }
+    }
+
+    /// Rewrite the `prekey_bundle` corpus from [`prekey_bundle_cases`]:
+    /// `cargo test --all-features --lib write_prekey_bundle_corpus -- --ignored`.
+    /// The signatures are drawn anew each time, so every rewrite changes the
+    /// files that carry one.
+    #[test]
+    #[ignore = "rewrites fuzz/corpus; run by hand"]
+    fn write_prekey_bundle_corpus() {
+        write_corpus("prekey_bundle", prekey_bundle_cases());
+    }
+
+    #[test]
+    fn prekey_bundle_corpus_replays_with_the_expected_results() {
+        let mut outcomes = std::collections::BTreeSet::new();
+        replay("prekey_bundle", |bytes| {
+            let outcome = spell_bundle(&prekey_bundle(bytes));
+            outcomes.insert(outcome.clone());
+            outcome
+        });
+        assert!(outcomes.contains("ok") && outcomes.contains("untrusted"));
+        assert!(outcomes.len() >= 6, "too few refusals: {outcomes:?}");
+    }
+
+    /// The generator's cases keep their outcomes (their signatures are
+    /// drawn anew, so the files on disk are compared by name only).
+    #[test]
+    fn prekey_bundle_cases_keep_their_outcomes() {
+        let on_disk: std::collections::BTreeSet<String> = corpus("prekey_bundle")
+            .into_iter()
+            .filter(|(_, expected, _)| expected.is_some())
+            .map(|(name, _, _)| name)
+            .collect();
+        let generated: std::collections::BTreeSet<String> = prekey_bundle_cases()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            on_disk, generated,
+            "run `cargo test --all-features --lib write_prekey_bundle_corpus -- --ignored`"
         );
     }
 }

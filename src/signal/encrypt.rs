@@ -153,6 +153,12 @@ impl Sessions {
                 SignalProtocolError::SignatureValidationFailed => {
                     SignalError::BadBundle("signed prekey signature does not verify")
                 }
+                // The library asks whether the identity is trusted before it
+                // checks the signature: a bundle no key signed is bad, not a
+                // device presenting a new identity for approval.
+                SignalProtocolError::UntrustedIdentity(_) if !signed(bundle) => {
+                    SignalError::BadBundle("signed prekey signature does not verify")
+                }
                 other => protocol_error(other, None, identities.refused()),
             });
         }
@@ -161,6 +167,16 @@ impl Sessions {
         self.commit_peer(business, peer, (state, taken), expiry, extra)
             .await
     }
+}
+
+/// Whether `bundle`'s signed prekey bears its identity key's signature.
+fn signed(bundle: &PreKeyBundle) -> bool {
+    PublicKey::deserialize(&bundle.identity_key).is_ok_and(|identity| {
+        identity.verify_signature(
+            &bundle.signed_prekey.public_key,
+            &bundle.signed_prekey.signature,
+        )
+    })
 }
 
 fn to_library_bundle(bundle: &PreKeyBundle) -> Result<LibBundle, SignalError> {
