@@ -471,19 +471,45 @@ async fn withheld_control(
     })
 }
 
-/// Per outbound message, the furthest settled status (delivered, read or
+/// Per outbound message, the last settled status (delivered, read or
 /// failed) the business took with the processor told so.
 fn final_statuses(sink: &SimBusiness) -> BTreeMap<MessageId, (Status, Option<FailureReason>)> {
-    let mut told: BTreeMap<MessageId, (Status, Option<FailureReason>)> = BTreeMap::new();
+    let mut told: BTreeMap<MessageId, (u64, Status, Option<FailureReason>)> = BTreeMap::new();
     for copy in sink.status_log() {
-        let (id, status) = (copy.id, copy.status);
-        let settled = matches!(status, Status::Delivered | Status::Read | Status::Failed);
-        if copy.cause == Cause::Handed && settled && told.get(&id).is_none_or(|(s, _)| *s < status)
+        let settled = matches!(
+            copy.status,
+            Status::Delivered | Status::Read | Status::Failed
+        );
+        if copy.cause == Cause::Handed
+            && settled
+            && told.get(&copy.id).is_none_or(|(at, ..)| *at < copy.told)
         {
-            told.insert(id, (status, copy.failure));
+            told.insert(copy.id, (copy.told, copy.status, copy.failure));
         }
     }
-    told
+    told.into_iter()
+        .map(|(id, (_, status, failure))| (id, (status, failure)))
+        .collect()
+}
+
+/// The messages whose statuses, in the order the processor told them
+/// (whatever delays made of the order they showed in), went back: one
+/// below another told before it, or a failure after a delivery.
+fn statuses_gone_back(sink: &SimBusiness) -> usize {
+    let mut log = sink.status_log();
+    log.retain(|copy| copy.cause != Cause::Injected);
+    log.sort_by_key(|copy| copy.told);
+    let mut furthest: BTreeMap<MessageId, Status> = BTreeMap::new();
+    let mut back = BTreeSet::new();
+    for copy in log {
+        let before = furthest.entry(copy.id).or_insert(copy.status);
+        let delivered = matches!(*before, Status::Delivered | Status::Read);
+        if copy.status < *before || (copy.status == Status::Failed && delivered) {
+            back.insert(copy.id);
+        }
+        *before = (*before).max(copy.status);
+    }
+    back.len()
 }
 
 /// What business `b` writes to consumer `i` in `round`.
@@ -1277,6 +1303,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter(|copy| sender.get(&copy.id) != Some(&copy.business))
         .count();
+    let gone_back = statuses_gone_back(&sink);
     let after_delivery = network.resent_after_delivery().await;
     let altered_later = network.altered_copies().await;
     let mislabelled = network.mislabelled().await;
@@ -1287,6 +1314,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
          from another business or altered: {altered_copies}; \
          statuses told to another business than the sender: {misaddressed}; \
+         messages whose statuses went back: {gone_back}; \
          later copies unlike the first: {altered_later}; \
          under another id than their payload's: {mislabelled}; \
          retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}; \
@@ -1295,6 +1323,11 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     if undecryptable > 0 {
         broken.push(format!(
             "{undecryptable} copies of business messages a device could not decrypt"
+        ));
+    }
+    if gone_back > 0 {
+        broken.push(format!(
+            "{gone_back} business messages whose statuses went back"
         ));
     }
     if altered_copies > 0 {
@@ -1719,6 +1752,55 @@ mod tests {
             (id(4), copies(1, 1, 1, 0)),
         ]);
         assert_eq!(handed_again(&seen), (3, 4));
+    }
+
+    /// The outbound checks read the statuses in the order the processor
+    /// told them: the last one settled is the message's final status (not
+    /// the furthest), and a message whose statuses went back (one below
+    /// one told before it, or a failure after a delivery) is counted, so a
+    /// processor breaking that promise fails the run.
+    #[tokio::test]
+    async fn statuses_are_judged_in_the_order_they_were_told() {
+        use custodian::transport::{BusinessSink, StatusUpdate};
+        let sink = SimBusiness::new(
+            ManualClock::new(Timestamp::from_millis(0)),
+            Faults::none(),
+            1,
+        )
+        .unwrap();
+        let id = |b| MessageId::from_bytes([b; 16]);
+        let told = [
+            (1, Status::Sent),
+            (1, Status::Delivered),
+            (1, Status::Read),
+            (2, Status::Read),
+            (2, Status::Delivered),
+            (3, Status::Delivered),
+            (3, Status::Failed),
+            (4, Status::Sent),
+            (4, Status::Failed),
+            (5, Status::Sent),
+            (5, Status::Read),
+            (5, Status::Read),
+        ];
+        for (message, status) in told {
+            let failure = (status == Status::Failed).then_some(FailureReason::Expired);
+            let update = StatusUpdate {
+                business: BusinessId::new(1).unwrap(),
+                id: id(message),
+                status,
+                failure,
+                at: Timestamp::from_millis(0),
+            };
+            sink.status(&update).await.unwrap();
+        }
+        let last = |m| final_statuses(&sink).get(&id(m)).map(|(s, _)| *s);
+        assert_eq!(last(1), Some(Status::Read));
+        assert_eq!(last(2), Some(Status::Delivered));
+        assert_eq!(last(3), Some(Status::Failed));
+        assert_eq!(last(4), Some(Status::Failed));
+        assert_eq!(last(5), Some(Status::Read));
+        assert_eq!(statuses_gone_back(&sink), 2);
     }
 
     /// `--root-key FILE` goes only with `--store PATH`, as the usage text

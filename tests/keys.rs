@@ -1905,6 +1905,56 @@ async fn a_failed_kek_addition_on_a_new_business_creates_no_ring() {
     assert!(ring.is_none(), "the failed addition left a ring: {ring:?}");
 }
 
+/// Adding a KEK version to, or promoting one of, a business with no ring
+/// writes its first ring with the change made, in the one write that
+/// creates it: the store failing every ring update fails neither. (The
+/// first ring was created in a write of its own, then the change failed,
+/// and that ring stayed: a failed call changed the store.)
+#[tokio::test]
+async fn a_ring_change_on_a_new_business_is_made_in_the_write_that_creates_its_ring() {
+    let store = Arc::new(PausingStore::new(None));
+    let keys = KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3d; 32],
+        ))),
+        store.clone(),
+    );
+    let (b, c) = (business(7), business(8));
+    *store.fail_update_of.lock().unwrap() = Some(b);
+    assert_eq!(
+        keys.add_kek_version(b, Timestamp::from_millis(T0))
+            .await
+            .unwrap(),
+        2
+    );
+    let ring = store.ring(b).await.unwrap().unwrap();
+    let versions: Vec<u32> = ring.versions().iter().map(|v| v.version).collect();
+    assert_eq!(versions, [1, 2]);
+    assert_eq!(ring.primary(), 1);
+
+    *store.fail_update_of.lock().unwrap() = Some(c);
+    keys.promote_kek_version(c, 1).await.unwrap();
+    assert_eq!(store.ring(c).await.unwrap().unwrap().primary(), 1);
+    // A change the first ring refuses still creates none.
+    let d = business(9);
+    assert!(keys.promote_kek_version(d, 2).await.is_err());
+    assert!(store.ring(d).await.unwrap().is_none());
+
+    // The version added serves: a key wrapped under it opens after a
+    // restart.
+    *store.fail_update_of.lock().unwrap() = None;
+    keys.promote_kek_version(b, 2).await.unwrap();
+    let number: PhoneNumber = "+447700900123".parse().unwrap();
+    let hash = keys.phone_hash(b, &number).await.unwrap();
+    let restarted = KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3d; 32],
+        ))),
+        store.clone(),
+    );
+    assert_eq!(restarted.phone_hash(b, &number).await.unwrap(), hash);
+}
+
 /// A key manager over a SQLite file, with a second connection to the file
 /// that can hold its write lock (as a backup would): the store's writer
 /// then waits, and a write given up on meanwhile lands once it is let go.

@@ -156,6 +156,21 @@ struct BusinessStats {
 struct PeriodStats {
     messages: [[Bucket; 4]; 2],
     latency: [Bucket; LATENCY_BUCKETS],
+    /// What the period's report withholds, decided when its consumers
+    /// were forgotten: a total withheld unless the parts missing from it
+    /// come from `k` consumers together can be judged only while they are
+    /// known, and the period is sealed by then, so its report stays what
+    /// it was.
+    decided: Option<Withheld>,
+}
+
+/// What a period's report withholds (see [`withheld`]).
+#[derive(Debug, Clone, Copy)]
+struct Withheld {
+    /// Per direction and status, the message counts.
+    messages: [[bool; Status::ALL.len()]; 2],
+    /// Every latency bucket.
+    latency: bool,
 }
 
 /// A count, and the distinct consumers behind it, remembered up to k.
@@ -206,6 +221,71 @@ fn enough_together(buckets: &[&Bucket], k: usize) -> bool {
     all.sort_unstable();
     all.dedup();
     all.len() >= k
+}
+
+/// What the report of period `p` withholds, besides the buckets too few
+/// consumers make up.
+fn withheld(p: &PeriodStats, k: usize) -> Withheld {
+    // Released counts must not give away, by subtraction, what fewer
+    // than k consumers make up. Two sums tie them: the latency buckets
+    // add up to the outbound delivered count, and in each direction
+    // sent is about delivered plus failed (outbound, the latency
+    // buckets plus failed). A total is released only if the parts
+    // withheld from its sum come from at least k consumers together;
+    // a total withheld whose parts are all released takes failed with
+    // it. The outbound sent count is public all the same: the business
+    // is billed for each message sent, in periods as long, so what it
+    // withholds gives nothing away only if its parts do not either:
+    // when the parts withheld come from fewer than k consumers, the
+    // whole outbound row is (its latency buckets, delivered, failed).
+    let mut withheld = [[false; Status::ALL.len()]; 2];
+    for direction in Direction::ALL {
+        for &status in Status::ALL {
+            withheld[lane(direction)][status as usize] =
+                p.messages[lane(direction)][status as usize].suppressed(k);
+        }
+    }
+    let hidden_latency: Vec<&Bucket> = p.latency.iter().filter(|b| b.suppressed(k)).collect();
+    if !hidden_latency.is_empty() {
+        withheld[lane(Direction::Outbound)][Status::Delivered as usize] = true;
+    }
+    let mut latency_withheld = false;
+    for direction in Direction::ALL {
+        let (counts, lane) = (&p.messages[lane(direction)], &mut withheld[lane(direction)]);
+        let mut hidden: Vec<&Bucket> = Vec::new();
+        if lane[Status::Failed as usize] {
+            hidden.push(&counts[Status::Failed as usize]);
+        }
+        let delivered = &counts[Status::Delivered as usize];
+        match direction {
+            // Withheld for the latency buckets, delivered would give
+            // their hidden sum away: those count, and delivered only
+            // if it is itself too few.
+            Direction::Outbound => {
+                hidden.extend(&hidden_latency);
+                if delivered.suppressed(k) {
+                    hidden.push(delivered);
+                }
+            }
+            Direction::Inbound if lane[Status::Delivered as usize] => hidden.push(delivered),
+            Direction::Inbound => {}
+        }
+        if !hidden.is_empty() && !enough_together(&hidden, k) {
+            lane[Status::Sent as usize] = true;
+            if direction == Direction::Outbound {
+                lane[Status::Delivered as usize] = true;
+                lane[Status::Failed as usize] = true;
+                latency_withheld = true;
+            }
+        }
+        if lane[Status::Sent as usize] && hidden.is_empty() {
+            lane[Status::Failed as usize] = true;
+        }
+    }
+    Withheld {
+        messages: withheld,
+        latency: latency_withheld,
+    }
 }
 
 fn latency_bucket(latency: Duration) -> usize {
@@ -365,6 +445,9 @@ impl StatisticsCollector {
             let mut s = lock(&cell);
             s.sealed_below = s.sealed_below.max(below);
             for (_, p) in s.periods.range_mut(..below) {
+                if p.decided.is_none() {
+                    p.decided = Some(withheld(p, k));
+                }
                 for bucket in p.messages.iter_mut().flatten().chain(&mut p.latency) {
                     bucket.forget_consumers(k);
                 }
@@ -401,67 +484,12 @@ impl StatisticsCollector {
         p: &PeriodStats,
     ) -> Option<Labelled<StatisticsReport>> {
         let k = self.config.k;
-        // Released counts must not give away, by subtraction, what fewer
-        // than k consumers make up. Two sums tie them: the latency buckets
-        // add up to the outbound delivered count, and in each direction
-        // sent is about delivered plus failed (outbound, the latency
-        // buckets plus failed). A total is released only if the parts
-        // withheld from its sum come from at least k consumers together;
-        // a total withheld whose parts are all released takes failed with
-        // it. The outbound sent count is public all the same: the business
-        // is billed for each message sent, in periods as long, so what it
-        // withholds gives nothing away only if its parts do not either:
-        // when the parts withheld come from fewer than k consumers, the
-        // whole outbound row is (its latency buckets, delivered, failed).
-        let mut withheld = [[false; Status::ALL.len()]; 2];
-        for direction in Direction::ALL {
-            for &status in Status::ALL {
-                withheld[lane(direction)][status as usize] =
-                    p.messages[lane(direction)][status as usize].suppressed(k);
-            }
-        }
-        let hidden_latency: Vec<&Bucket> = p.latency.iter().filter(|b| b.suppressed(k)).collect();
-        if !hidden_latency.is_empty() {
-            withheld[lane(Direction::Outbound)][Status::Delivered as usize] = true;
-        }
-        let mut latency_withheld = false;
-        for direction in Direction::ALL {
-            let (counts, lane) = (&p.messages[lane(direction)], &mut withheld[lane(direction)]);
-            let mut hidden: Vec<&Bucket> = Vec::new();
-            if lane[Status::Failed as usize] {
-                hidden.push(&counts[Status::Failed as usize]);
-            }
-            let delivered = &counts[Status::Delivered as usize];
-            match direction {
-                // Withheld for the latency buckets, delivered would give
-                // their hidden sum away: those count, and delivered only
-                // if it is itself too few.
-                Direction::Outbound => {
-                    hidden.extend(&hidden_latency);
-                    if delivered.suppressed(k) {
-                        hidden.push(delivered);
-                    }
-                }
-                Direction::Inbound if lane[Status::Delivered as usize] => hidden.push(delivered),
-                Direction::Inbound => {}
-            }
-            if !hidden.is_empty() && !enough_together(&hidden, k) {
-                lane[Status::Sent as usize] = true;
-                if direction == Direction::Outbound {
-                    lane[Status::Delivered as usize] = true;
-                    lane[Status::Failed as usize] = true;
-                    latency_withheld = true;
-                }
-            }
-            if lane[Status::Sent as usize] && hidden.is_empty() {
-                lane[Status::Failed as usize] = true;
-            }
-        }
+        let withheld = p.decided.unwrap_or_else(|| withheld(p, k));
         let mut messages = Vec::new();
         for direction in Direction::ALL {
             for &status in Status::ALL {
                 let bucket = &p.messages[lane(direction)][status as usize];
-                if bucket.releasable(k) && !withheld[lane(direction)][status as usize] {
+                if bucket.releasable(k) && !withheld.messages[lane(direction)][status as usize] {
                     messages.push(MessageCount {
                         direction,
                         status,
@@ -474,7 +502,7 @@ impl StatisticsCollector {
             .latency
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.releasable(k) && !latency_withheld)
+            .filter(|(_, b)| b.releasable(k) && !withheld.latency)
             .map(|(i, b)| LatencyCount {
                 above_ms: if i == 0 { 0 } else { LATENCY_BOUNDS_MS[i - 1] },
                 up_to_ms: LATENCY_BOUNDS_MS.get(i).copied(),
@@ -502,6 +530,68 @@ impl StatisticsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The value of a report, released to the processor for analytics.
+    fn released(report: Labelled<StatisticsReport>) -> StatisticsReport {
+        let clock = crate::time::ManualClock::new(Timestamp::from_millis(0));
+        crate::visibility::Gate::new(
+            crate::visibility::VisibilityPolicy::published(),
+            std::sync::Arc::new(crate::visibility::MemoryAuditSink::new()),
+            std::sync::Arc::new(clock),
+        )
+        .release(
+            report,
+            crate::visibility::Party::Processor,
+            crate::visibility::Purpose::Analytics,
+        )
+        .unwrap()
+        .into_value()
+    }
+
+    /// A closed period's report is what it was after the sweep forgot its
+    /// consumers: its withheld parts' consumers counted together before
+    /// they were forgotten. (It was withheld after: with the consumers
+    /// gone, the parts counted none together.)
+    #[test]
+    fn a_closed_periods_report_outlives_its_consumers() {
+        let c = StatisticsCollector::new(StatisticsConfig::default()).unwrap();
+        let b = BusinessId::new(9).unwrap();
+        let day = 86_400_000;
+        let t = Timestamp::from_millis(1_767_225_600_000 + 1_000);
+        let consumer = |i: u8| PhoneHash::from_bytes([i; 16]);
+        for i in 0..10 {
+            c.record_message(b, consumer(i), Direction::Outbound, Status::Sent, t);
+        }
+        // Two latency buckets of 5 consumers each: each withheld, together
+        // the k = 10 the total they add up to needs.
+        for i in 0..10 {
+            let latency = Duration::from_secs(if i < 5 { 1 } else { 7_200 });
+            c.record_delivery(b, consumer(i), latency, t);
+        }
+        let now = t.saturating_add(Duration::from_millis(day));
+        let reports = |c: &StatisticsCollector| {
+            c.closed_reports(b, now)
+                .into_iter()
+                .map(released)
+                .collect::<Vec<_>>()
+        };
+        let before = reports(&c);
+        assert_eq!(before.len(), 1);
+        // The sent total: its withheld parts (the latency buckets) come
+        // from k consumers together.
+        assert!(
+            before[0].messages.iter().any(|m| m.status == Status::Sent),
+            "{before:?}"
+        );
+        c.expire(
+            t.saturating_add(Duration::from_millis(31 * day)),
+            &RetentionPolicy::default(),
+        );
+        assert_eq!(consumers_kept(&c, b), 0);
+        assert_eq!(reports(&c), before);
+        let taken: Vec<_> = c.take_closed_of(b, now).into_iter().map(released).collect();
+        assert_eq!(taken, before);
+    }
 
     /// How many consumer entries `c` keeps for `b`, over every period and
     /// bucket.

@@ -115,17 +115,43 @@ impl KeyManager {
     /// Create `business`'s ring, with version 1: it has none, and no key
     /// (see [`ring_if_any`](Self::ring_if_any)).
     async fn create_ring(&self, business: BusinessId) -> Result<KekRing, KeyError> {
-        let (key, wrapped, check) = self.new_kek(business, 1).await?;
-        // The creation time of version 1 is informational; no clock is needed.
-        let ring = KekRing::new(business, wrapped, check, Timestamp::UNIX_EPOCH);
-        let forgets = self.forgets();
-        match self.store.put_ring(&ring, None).await {
-            Ok(()) => Ok(self.cache_written(&ring, Some(Kek::new(1, &key)), forgets)),
+        match self
+            .create_ring_as(business, |ring| Ok((ring, None)))
+            .await?
+        {
+            Some(ring) => Ok(ring),
             // Another caller created it first: use theirs.
-            Err(StoreError::Conflict) => self
+            None => self
                 .stored_ring(business)
                 .await?
                 .ok_or(KeyError::Contention),
+        }
+    }
+
+    /// Create `business`'s ring, version 1, as `change` makes it (with the
+    /// KEK version it adds, if any), in the one write that creates it: an
+    /// operation on a business with no ring that fails leaves it with
+    /// none. `None` if another caller created one first.
+    async fn create_ring_as<F>(
+        &self,
+        business: BusinessId,
+        change: F,
+    ) -> Result<Option<KekRing>, KeyError>
+    where
+        F: FnOnce(KekRing) -> Result<(KekRing, Option<Kek>), KeyError>,
+    {
+        let (key, wrapped, check) = self.new_kek(business, 1).await?;
+        // The creation time of version 1 is informational; no clock is needed.
+        let first = KekRing::new(business, wrapped, check, Timestamp::UNIX_EPOCH);
+        let (ring, added) = change(first)?;
+        let forgets = self.forgets();
+        match self.store.put_ring(&ring, None).await {
+            Ok(()) => {
+                let first = ring.usable(1).is_ok().then(|| Kek::new(1, &key));
+                self.cache_written(&ring, first, forgets);
+                Ok(Some(self.cache_written(&ring, added, forgets)))
+            }
+            Err(StoreError::Conflict) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -174,16 +200,20 @@ impl KeyManager {
     where
         F: Fn(&KekRing) -> Result<KekRing, KeyError>,
     {
-        if self.stored_ring(business).await?.is_none() {
-            // A change a new ring would refuse fails before one is created:
-            // a failed operation changes nothing.
+        if self.ring_if_any(business).await?.is_none() {
+            // A change a new ring would refuse fails before the provider is
+            // asked for its first KEK; one it allows is made in the write
+            // that creates the ring.
             change(&KekRing::new(
                 business,
                 Vec::new(),
                 KekCheck::UNUSED,
                 Timestamp::UNIX_EPOCH,
             ))?;
-            self.ring(business).await?;
+            let created = self.create_ring_as(business, |first| Ok((change(&first)?, None)));
+            if let Some(ring) = created.await? {
+                return Ok(ring);
+            }
         }
         for _ in 0..RING_RETRIES {
             let current = self.existing_ring(business).await?;
@@ -267,13 +297,20 @@ impl KeyManager {
         business: BusinessId,
         now: Timestamp,
     ) -> Result<u32, KeyError> {
-        // A business with no ring yet: the version it adds (2, after the
-        // ring's first) is wrapped before the ring is created, so that a
-        // provider that fails creates no ring.
+        // A business with no ring yet: its first ring is written with the
+        // version added (2, after the ring's first), so that a call that
+        // fails leaves it with none.
         let mut prepared = None;
-        if self.stored_ring(business).await?.is_none() {
-            prepared = Some(self.new_kek(business, 2).await?);
-            self.ring(business).await?;
+        if self.ring_if_any(business).await?.is_none() {
+            let (key, wrapped, check) = self.new_kek(business, 2).await?;
+            let created = self.create_ring_as(business, |first| {
+                let (next, version) = first.add_version(wrapped.clone(), check, now)?;
+                Ok((next, Some(Kek::new(version, &key))))
+            });
+            if created.await?.is_some() {
+                return Ok(2);
+            }
+            prepared = Some((key, wrapped, check));
         }
         for _ in 0..RING_RETRIES {
             let current = self.existing_ring(business).await?;

@@ -110,6 +110,11 @@ pub struct StatusCopy {
     pub failure: Option<FailureReason>,
     /// Why the copy is there.
     pub cause: Cause,
+    /// When the processor told it, as a count of the copies the business
+    /// took: a copy told later has a larger number, whatever delays made
+    /// of the order they show in (an injected duplicate has one of its own,
+    /// after its original's).
+    pub told: u64,
 }
 
 /// What a handover of a message carries besides its id: the business,
@@ -201,6 +206,7 @@ impl Record {
                         status,
                         failure,
                         cause: arrival.cause,
+                        told: arrival.seq,
                     });
                 }
             }

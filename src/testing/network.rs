@@ -330,16 +330,16 @@ impl Net {
         resend_of: Option<MessageId>,
         now: Timestamp,
     ) -> Result<(), String> {
-        let (keys, handed_out) = self
-            .published
-            .get_mut(&business)
-            .ok_or("the business has published no keys")?;
         let consumer = self
             .consumers
             .get_mut(number.expose())
             .ok_or("no such consumer")?;
         let handset = consumer.devices.get_mut(&device).ok_or("no such device")?;
         if resend_of.is_some() || !handset.has_session(business) {
+            let (keys, handed_out) = self
+                .published
+                .get_mut(&business)
+                .ok_or("the business has published no keys")?;
             // The device fetches a bundle, and the server hands out each
             // one-time prekey once, in order, while any is left.
             let index = keys
