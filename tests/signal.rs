@@ -1155,6 +1155,85 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
     assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"current");
 }
 
+/// The ids of `w`'s business's stored one-time prekeys.
+async fn one_time_ids(w: &World) -> Vec<u64> {
+    w.store
+        .keys_of_kind(w.business, KeyKind::SignalPreKey, None, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| k.id.id)
+        .collect()
+}
+
+/// Two instances on one store (a rolling restart) refill the one-time
+/// pool at once: where both made a key under one id, the store keeps the
+/// first, and only the instance that stored it counts it added. (Both
+/// counted it: the reports added up to more keys than the store gained.)
+/// No key that is not stored is published.
+#[tokio::test]
+async fn a_refill_raced_by_another_instance_counts_only_the_keys_it_stored() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 5,
+        prekey_limit: 1000,
+        ..SignalConfig::default()
+    };
+    let w = World::with_config(config.clone());
+    let yielding = HookedKeys::new(&w.store, true);
+    let (_, other) = World::open_over(w.root, yielding, &w.store, &w.clock, config);
+    w.published().await;
+    let before = one_time_ids(&w).await.len();
+    // The network says it handed every key out: both instances refill.
+    let (a, b) = tokio::join!(
+        other.maintain(w.business, Some(0)),
+        w.sessions.maintain(w.business, Some(0))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let after = one_time_ids(&w).await.len();
+    assert_eq!(a.prekeys_added + b.prekeys_added, after - before);
+    let from_other = other.publish(w.business).await.unwrap();
+    let from_w = w.published().await;
+    assert_eq!(from_other.one_time_prekeys, from_w.one_time_prekeys);
+    assert_eq!(from_w.one_time_prekeys.len(), after);
+}
+
+/// Keys a first message's refill stored since the last publication count
+/// as available when the network's count comes: the publication after it
+/// takes them there. (They counted for nothing, and the upkeep refilled
+/// again: the pool published grew past its size.)
+#[tokio::test]
+async fn keys_stored_since_the_last_publication_count_as_available() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 5,
+        prekey_limit: 1000,
+        ..SignalConfig::default()
+    };
+    let w = World::with_config(config);
+    let published = w.published().await;
+    assert_eq!(published.one_time_prekeys.len(), 10);
+    // The network hands out the six oldest; their first messages come.
+    for i in 0..6 {
+        let mut device = ConsumerDevice::new(0);
+        device
+            .start_session(w.business, &published.bundle(Some(i)))
+            .await
+            .unwrap();
+        let peer = w.peer(&format!("+1415555020{i}"), &device).await;
+        let first = device.encrypt(w.business, b"hi").await.unwrap();
+        w.decrypt(peer, &first).await.unwrap();
+    }
+    // The sixth left four, below the mark: the decrypt refilled to ten.
+    assert_eq!(one_time_ids(&w).await.len(), 10);
+    // The network says 4 of the last publication are left.
+    let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
+    assert_eq!(report.prekeys_added, 0);
+    let after = w.published().await;
+    assert_eq!(after.one_time_prekeys.len(), 10);
+    assert_eq!(report.prekeys_available, 10);
+}
+
 /// A key store over a memory store that suspends once before each insert
 /// (if `yield_inserts`), and, armed with a one-time prekey id, holds the
 /// answer of the next read of that key until released: an operation that

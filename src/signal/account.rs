@@ -290,7 +290,9 @@ pub(super) async fn one_time_prekeys(
 }
 
 /// Generate and store `count` one-time prekeys with ids not in `taken`,
-/// following the newest of them.
+/// following the newest of them. Returns how many were stored: another
+/// instance refilling the same store may have stored its own key under an
+/// id first, and that key stays.
 pub(super) async fn add_one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
@@ -298,18 +300,20 @@ pub(super) async fn add_one_time_prekeys(
     held: &BTreeSet<u32>,
     count: usize,
 ) -> Result<usize, SignalError> {
-    let ids = next_ids(taken, held, count);
-    for &id in &ids {
+    let mut added = 0;
+    for id in next_ids(taken, held, count) {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut OsRng));
         let bytes =
             zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt(ONE_TIME_PREKEY))?);
-        keys.store_secret(
-            key_id(business, KeyKind::SignalPreKey, u64::from(id)),
-            &bytes,
-        )
-        .await?;
+        let stored = keys
+            .store_secret(
+                key_id(business, KeyKind::SignalPreKey, u64::from(id)),
+                &bytes,
+            )
+            .await?;
+        added += usize::from(*stored == *bytes);
     }
-    Ok(ids.len())
+    Ok(added)
 }
 
 /// Delete the one-time prekeys `ids` of `business`.

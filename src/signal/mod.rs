@@ -53,7 +53,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -308,6 +308,11 @@ pub struct SignalConfig {
     /// from the times the keys were made, by the processor's clock: a clock
     /// stepped far ahead while a key was rotated keeps the key it replaced,
     /// and leaves the new one unrotated, until the clock reaches that time.
+    /// A first message is judged by the business's keys as its decrypt
+    /// found them when it began: one that began before a rotation and
+    /// waited longer than the grace (on a device's lock, or a key provider)
+    /// can still be taken on the key replaced; with no grace, a wait of any
+    /// length.
     pub signed_prekey_grace: Duration,
     /// One-time prekeys kept available (default 100; at least 1).
     pub prekey_pool: usize,
@@ -814,6 +819,9 @@ pub struct Sessions {
     business_locks: PerKey<BusinessId, async_lock::Mutex<()>>,
     /// One-time prekeys loaded by operations not yet done with them.
     prekeys_in_use: PreKeysInUse,
+    /// The one-time prekey ids each business last published (through this
+    /// instance), sorted: those stored since are not at the network yet.
+    published: Mutex<HashMap<BusinessId, Vec<u32>>>,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
     writer: WriterId,
@@ -893,6 +901,7 @@ impl Sessions {
             address_locks: Keyed::default(),
             business_locks: PerKey::default(),
             prekeys_in_use: PreKeysInUse::default(),
+            published: Mutex::default(),
             writer: WriterId::random(),
             took_over: async_lock::OnceCell::new(),
         })
@@ -972,6 +981,12 @@ impl Sessions {
             one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
         let account = self.account(business).await?;
+        let mut ids: Vec<u32> = one_time_prekeys.iter().map(|k| k.id).collect();
+        ids.sort_unstable();
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(business, ids);
         Ok(PublishedKeys {
             registration_id: account.registration_id,
             device_id: BUSINESS_DEVICE_ID,
@@ -1062,8 +1077,23 @@ impl Sessions {
 
         let stored = account::one_time_prekey_ids(keys, business).await?;
         // What the network can still hand out: the keys it has not handed
-        // out, if it says, and never more than the store holds.
-        let available = left.map_or(stored.len(), |left| left.min(stored.len()));
+        // out, if it says, and those stored since the last publication (a
+        // first message's refill), which the publication after this
+        // upkeep takes there; never more than the store holds.
+        let unpublished = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&business)
+            .map_or(0, |last| {
+                stored
+                    .iter()
+                    .filter(|id| last.binary_search(id).is_err())
+                    .count()
+            });
+        let available = left.map_or(stored.len(), |left| {
+            left.saturating_add(unpublished).min(stored.len())
+        });
         // The ids staged first messages loaded (read after the listing).
         let held = self.prekeys_in_use.ids(business);
         if available < self.config.prekey_low_water {
