@@ -284,6 +284,12 @@ async fn the_pool_refills_by_the_networks_count_and_keeps_at_most_the_limit() {
     // Below the mark by the network's count, though all 10 are stored.
     let report = w.sessions.maintain(w.business, Some(3)).await.unwrap();
     assert_eq!((report.prekeys_added, report.prekeys_available), (7, 10));
+    // Before they are published, the keys added count as available, as the
+    // publication after the upkeep takes them to the network.
+    let report = w.sessions.maintain(w.business, Some(0)).await.unwrap();
+    assert_eq!((report.prekeys_added, report.prekeys_available), (0, 7));
+    // Published, as `Processor::publish_keys` does after its upkeep.
+    w.published().await;
     // More than the store holds counts as what the store holds.
     let report = w.sessions.maintain(w.business, Some(99)).await.unwrap();
     assert_eq!((report.prekeys_added, report.prekeys_available), (0, 17));
