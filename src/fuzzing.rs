@@ -353,6 +353,19 @@ pub fn audit_line(data: &[u8]) -> Result<TrailEntry, TrailError> {
     assert_eq!(again, entry, "an entry written reads as another");
     let trail: Vec<_> = read_trail(&line[..]).map(|e| e.ok()).collect();
     assert_eq!(trail, [Some(entry.clone())], "the line as a trail");
+    // Without its `\n`, the trail's last line is cut (its record refused).
+    let unended: Vec<_> = read_trail(&line[..line.len() - 1]).collect();
+    assert!(
+        matches!(
+            unended[..],
+            [Err(TrailError::Unreadable {
+                line: 1,
+                what: "a line cut short",
+                ..
+            })]
+        ),
+        "a last line without its end read as {unended:?}"
+    );
     for end in 0..line.len() {
         cut_short(&line[..end]);
     }
@@ -2474,6 +2487,39 @@ mod tests {
                 text(&allow).replace("-000000000000002a", "-2a").into_bytes(),
             ),
             ("shape--unknown-tag", br#"{"hold":{},"admin":{}}"#.to_vec()),
+            // Lines no sink writes.
+            (
+                "shape--a-field-no-decision-has",
+                text(&allow)
+                    .replace(r#""at":"#, r#""phone":"+447700900123","at":"#)
+                    .into_bytes(),
+            ),
+            (
+                "shape--allowed-with-a-reason",
+                text(&allow)
+                    .replace(r#""verdict":"allow""#, r#""verdict":"allow","reason":"policy""#)
+                    .into_bytes(),
+            ),
+            (
+                "shape--denied-without-a-reason",
+                text(&allow)
+                    .replace(r#""verdict":"allow""#, r#""verdict":"deny""#)
+                    .into_bytes(),
+            ),
+            (
+                "shape--a-field-no-hold-has",
+                text(&line(TrailEntry::Hold(hold(
+                    HoldAction::Placed,
+                    HoldScope::Business(business),
+                ))))
+                .replace(r#""action":"#, r#""number":"+447700900123","action":"#)
+                .into_bytes(),
+            ),
+            (
+                "shape--a-field-no-change-has",
+                br#"{"admin":{"change":"retention","at":1,"principal":"ops","digest":"ab","extra":1}}"#
+                    .to_vec(),
+            ),
             ("shape--empty-hold", br#"{"hold":{}}"#.to_vec()),
             (
                 "shape--two-tags",

@@ -1576,6 +1576,13 @@ impl Sessions {
     /// and trusted identities), in one commit: those it finds under their
     /// locks, so a device's first message decrypted while it takes them is
     /// forgotten too. Returns how many devices had state.
+    ///
+    /// It honours no legal hold, as the key manager's `_unchecked`
+    /// destructions do not: check that none covers the consumer
+    /// ([`Retention::holds`](crate::retention::Retention::holds)) before
+    /// calling it. The processor never calls it; its sweep deletes a
+    /// consumer's state only in a write the store refuses while a hold
+    /// covers them.
     pub async fn forget(
         &self,
         business: BusinessId,

@@ -128,7 +128,11 @@ pub enum DenyReason {
 }
 
 /// One release decision: the audit event. It never holds the value.
+///
+/// Read back, a field it does not have is refused (as by every audit
+/// record): a reader takes no line for a decision that a sink never wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Decision {
     /// When it was decided, from the gate's clock.
@@ -217,7 +221,7 @@ impl<S: AuditSink + ?Sized> AuditSink for Arc<S> {
 /// An administrative change, recorded before it is made (a change the
 /// trail cannot record is not made).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "change")]
+#[serde(rename_all = "snake_case", tag = "change", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum Change {
     /// A business's epoch key destroyed before its epoch ends, on request
@@ -316,6 +320,7 @@ pub enum HoldAction {
 /// phone-index key links it to a number
 /// ([`KeyManager::phone_hash`](crate::keys::KeyManager::phone_hash)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HoldEvent {
     /// When.
     pub at: Timestamp,
@@ -349,9 +354,12 @@ pub enum TrailEntry {
 #[non_exhaustive]
 pub enum TrailError {
     /// A line that is no entry: one a failed write or a dying process cut
-    /// (the sink ends such a line with ` <cut>`), or one damaged or not
-    /// written by a sink. Its text is not repeated here, whatever it holds.
-    /// The lines after it are read as usual: skipping it loses no other.
+    /// (the sink ends such a line with ` <cut>`; a trail's last line
+    /// without its `\n` is cut too, though it holds a whole entry: its
+    /// record was refused), or one damaged or not written by a sink (a
+    /// field no entry has, a denial without its reason). Its text is not
+    /// repeated here, whatever it holds. The lines after it are read as
+    /// usual: skipping it loses no other.
     #[error("audit trail line {line} is no entry: {what} at column {column}")]
     Unreadable {
         /// Its number, from 1.
@@ -367,7 +375,9 @@ pub enum TrailError {
 }
 
 impl TrailEntry {
-    /// Read one line of the trail, with or without its `\n`.
+    /// Read one line of the trail, with or without its `\n`. A line
+    /// alone cannot tell a whole entry from one cut just before its `\n`:
+    /// read a trail with [`read_trail`], which can.
     ///
     /// # Errors
     ///
@@ -394,7 +404,14 @@ impl TrailEntry {
                 Event::Change(change) => Self::Change(change),
             })
         } else if object {
-            serde_json::from_slice(line).map(Self::Decision)
+            // A decision says why it was denied, and only then.
+            serde_json::from_slice(line).and_then(|d: Decision| {
+                if d.is_allowed() == d.reason.is_none() {
+                    Ok(Self::Decision(d))
+                } else {
+                    Err(serde::de::Error::custom("verdict and reason disagree"))
+                }
+            })
         } else {
             // Not an array either, which would read as a decision's fields
             // in order.
@@ -417,9 +434,9 @@ impl TrailEntry {
 }
 
 /// Read a trail a [`JsonLinesSink`] wrote, one entry per line. A line that
-/// is no entry (one cut short, say) is a [`TrailError::Unreadable`] of its
-/// own, and reading goes on after it; a failed read
-/// ([`TrailError::Io`]) ends the iteration.
+/// is no entry (one cut short, say, or a last line without its `\n`) is a
+/// [`TrailError::Unreadable`] of its own, and reading goes on after it; a
+/// failed read ([`TrailError::Io`]) ends the iteration.
 ///
 /// ```
 /// use custodian::visibility::{read_trail, TrailEntry, TrailError};
@@ -432,23 +449,39 @@ impl TrailEntry {
 /// assert!(entries.next().is_none());
 /// ```
 pub fn read_trail<R: io::BufRead>(
-    reader: R,
+    mut reader: R,
 ) -> impl Iterator<Item = Result<TrailEntry, TrailError>> {
-    let mut lines = io::BufRead::split(reader, b'\n');
     let mut number = 0;
-    let mut failed = false;
+    let mut done = false;
     std::iter::from_fn(move || {
-        if failed {
+        if done {
             return None;
         }
-        number += 1;
-        Some(match lines.next()? {
-            Ok(line) => TrailEntry::read(&line, number),
-            Err(e) => {
-                failed = true;
-                Err(TrailError::Io(e))
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => {
+                done = true;
+                None
             }
-        })
+            Ok(_) => {
+                number += 1;
+                let Some(whole) = line.strip_suffix(b"\n") else {
+                    // Every line a sink writes ends with `\n`: this one's
+                    // write failed, or its process died, before the end.
+                    done = true;
+                    return Some(Err(TrailError::Unreadable {
+                        line: number,
+                        column: line.len(),
+                        what: "a line cut short",
+                    }));
+                };
+                Some(TrailEntry::read(whole, number))
+            }
+            Err(e) => {
+                done = true;
+                Some(Err(TrailError::Io(e)))
+            }
+        }
     })
 }
 
@@ -1400,6 +1433,36 @@ mod tests {
             let mut expected = entries.clone();
             expected.remove(cut);
             prop_assert_eq!(read, expected);
+        }
+
+        /// A trail whose last line lost its end, cut anywhere (its record
+        /// refused: a write failed, or the process died, and no sink
+        /// ended the line since): every other entry is read, and the last
+        /// line is cut, never an entry, even with only its `\n` lost.
+        #[test]
+        fn a_trail_whose_last_line_lost_its_end_reads_it_as_cut(
+            entries in prop::collection::vec(entry(), 1..6),
+            at: prop::sample::Index,
+        ) {
+            let lines: Vec<Vec<u8>> = entries.iter().map(written).collect();
+            let mut trail = lines.concat();
+            let last = lines.last().map_or(0, Vec::len);
+            trail.truncate(trail.len() - last + at.index(last));
+            let read: Vec<_> = read_trail(&trail[..]).collect();
+            let whole = entries.len() - 1;
+            for (entry, expected) in read.iter().zip(&entries[..whole]) {
+                prop_assert_eq!(entry.as_ref().ok(), Some(expected));
+            }
+            if at.index(last) == 0 {
+                prop_assert_eq!(read.len(), whole);
+            } else {
+                prop_assert_eq!(read.len(), whole + 1);
+                let cut = matches!(
+                    read[whole],
+                    Err(TrailError::Unreadable { what: "a line cut short", .. })
+                );
+                prop_assert!(cut, "{:?}", read[whole]);
+            }
         }
 
         #[test]
