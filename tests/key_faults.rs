@@ -936,3 +936,99 @@ fn ended_destruction(seed: u64) {
         }
     }
 }
+
+mod first_ring_races {
+    //! Two first uses of a business with no ring racing each other (an addition, a promotion, a plain first use)
+    //! end with one ring holding every version reported, each KEK cached
+    //! being the stored one (a key sealed now opens after a restart).
+
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use custodian::ids::{BusinessId, PhoneNumber};
+    use custodian::keys::{
+        KekContext, KeyManager, KeyProvider, LocalKeyProvider, ProviderError, SecretKey,
+    };
+    use custodian::store::{KeyStore, MemoryStore};
+    use custodian::time::Timestamp;
+
+    /// A local provider whose every call yields a few times first, so
+    /// first uses interleave.
+    struct Yielding(LocalKeyProvider, u64);
+
+    impl Yielding {
+        async fn pause(&self, salt: u64) {
+            for _ in 0..(self.1.wrapping_mul(salt) % 5) {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl KeyProvider for Yielding {
+        async fn wrap(
+            &self,
+            context: &KekContext,
+            key: &SecretKey,
+        ) -> Result<Vec<u8>, ProviderError> {
+            self.pause(u64::from(context.version) + 1).await;
+            self.0.wrap(context, key).await
+        }
+
+        async fn unwrap(
+            &self,
+            context: &KekContext,
+            wrapped: &[u8],
+        ) -> Result<SecretKey, ProviderError> {
+            self.pause(u64::from(context.version) + 7).await;
+            self.0.unwrap(context, wrapped).await
+        }
+    }
+
+    fn manager(store: &Arc<MemoryStore>, seed: u64) -> Arc<KeyManager> {
+        let provider = Yielding(
+            LocalKeyProvider::new(&SecretKey::from_bytes(&mut [0x5c; 32])),
+            seed,
+        );
+        Arc::new(KeyManager::new(Arc::new(provider), store.clone()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_first_uses_end_with_one_ring_and_usable_keks() {
+        let number: PhoneNumber = "+447700900123".parse().unwrap();
+        for seed in 0..40u64 {
+            let store = Arc::new(MemoryStore::new());
+            let keys = manager(&store, seed);
+            let b = BusinessId::new(100 + seed).unwrap();
+            let (a1, a2, p, h) = {
+                let (k1, k2, k3, k4) = (keys.clone(), keys.clone(), keys.clone(), keys.clone());
+                let n = number.clone();
+                let t = Timestamp::from_millis(1_767_225_600_000);
+                let a1 = tokio::spawn(async move { k1.add_kek_version(b, t).await });
+                let a2 = tokio::spawn(async move { k2.add_kek_version(b, t).await });
+                let p = tokio::spawn(async move { k3.promote_kek_version(b, 1).await });
+                let h = tokio::spawn(async move { k4.phone_hash(b, &n).await });
+                (
+                    a1.await.unwrap(),
+                    a2.await.unwrap(),
+                    p.await.unwrap(),
+                    h.await.unwrap(),
+                )
+            };
+            let (a1, a2) = (a1.unwrap(), a2.unwrap());
+            p.unwrap();
+            let hash = h.unwrap();
+            assert_ne!(a1, a2, "seed {seed}: one version reported twice");
+            let ring = store.ring(b).await.unwrap().unwrap();
+            let versions: Vec<u32> = ring.versions().iter().map(|v| v.version).collect();
+            assert_eq!(versions, [1, 2, 3], "seed {seed}");
+            // Each added version wraps: promote it, seal under it, restart.
+            keys.promote_kek_version(b, a1.max(a2)).await.unwrap();
+            let other: PhoneNumber = "+447700900124".parse().unwrap();
+            let later = keys.phone_hash(b, &other).await.unwrap();
+            let restarted = manager(&store, seed + 1);
+            assert_eq!(restarted.phone_hash(b, &number).await.unwrap(), hash);
+            assert_eq!(restarted.phone_hash(b, &other).await.unwrap(), later);
+        }
+    }
+}
