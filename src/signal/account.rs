@@ -290,18 +290,20 @@ pub(super) async fn one_time_prekeys(
 }
 
 /// Generate and store `count` one-time prekeys with ids not in `taken`,
-/// following the newest of them. Returns how many were stored: another
-/// instance refilling the same store may have stored its own key under an
-/// id first, and that key stays.
+/// following the newest of them. Returns how many ids were written, and
+/// how many of the keys under them are this call's: another instance
+/// refilling the same store may have stored its own key under an id first,
+/// and that key stays.
 pub(super) async fn add_one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
     taken: &BTreeSet<u32>,
     held: &BTreeSet<u32>,
     count: usize,
-) -> Result<usize, SignalError> {
-    let mut added = 0;
-    for id in next_ids(taken, held, count) {
+) -> Result<(usize, usize), SignalError> {
+    let ids = next_ids(taken, held, count);
+    let mut ours = 0;
+    for &id in &ids {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut OsRng));
         let bytes =
             zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt(ONE_TIME_PREKEY))?);
@@ -311,9 +313,9 @@ pub(super) async fn add_one_time_prekeys(
                 &bytes,
             )
             .await?;
-        added += usize::from(*stored == *bytes);
+        ours += usize::from(*stored == *bytes);
     }
-    Ok(added)
+    Ok((ids.len(), ours))
 }
 
 /// Delete the one-time prekeys `ids` of `business`.

@@ -53,7 +53,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -757,7 +757,9 @@ pub struct Maintenance {
     pub rotated: bool,
     /// Signed prekeys past their grace period, deleted.
     pub signed_retired: usize,
-    /// One-time prekeys added.
+    /// One-time prekeys added: stored by this upkeep (where another
+    /// instance on the store made a key under the same id first, the key
+    /// stored is that one, counted by its upkeep).
     pub prekeys_added: usize,
     /// One-time prekeys deleted, oldest first, to keep the number stored
     /// within [`SignalConfig::prekey_limit`].
@@ -819,9 +821,6 @@ pub struct Sessions {
     business_locks: PerKey<BusinessId, async_lock::Mutex<()>>,
     /// One-time prekeys loaded by operations not yet done with them.
     prekeys_in_use: PreKeysInUse,
-    /// The one-time prekey ids each business last published (through this
-    /// instance), sorted: those stored since are not at the network yet.
-    published: Mutex<HashMap<BusinessId, Vec<u32>>>,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
     writer: WriterId,
@@ -901,7 +900,6 @@ impl Sessions {
             address_locks: Keyed::default(),
             business_locks: PerKey::default(),
             prekeys_in_use: PreKeysInUse::default(),
-            published: Mutex::default(),
             writer: WriterId::random(),
             took_over: async_lock::OnceCell::new(),
         })
@@ -981,12 +979,6 @@ impl Sessions {
             one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
         let account = self.account(business).await?;
-        let mut ids: Vec<u32> = one_time_prekeys.iter().map(|k| k.id).collect();
-        ids.sort_unstable();
-        self.published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(business, ids);
         Ok(PublishedKeys {
             registration_id: account.registration_id,
             device_id: BUSINESS_DEVICE_ID,
@@ -1077,39 +1069,31 @@ impl Sessions {
 
         let stored = account::one_time_prekey_ids(keys, business).await?;
         // What the network can still hand out: the keys it has not handed
-        // out, if it says, and those stored since the last publication (a
-        // first message's refill), which the publication after this
-        // upkeep takes there; never more than the store holds.
-        let unpublished = self
-            .published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&business)
-            .map_or(0, |last| {
-                stored
-                    .iter()
-                    .filter(|id| last.binary_search(id).is_err())
-                    .count()
-            });
-        let available = left.map_or(stored.len(), |left| {
-            left.saturating_add(unpublished).min(stored.len())
-        });
+        // out, if it says, and never more than the store holds. Keys a
+        // first message's refill stored since the last publication count
+        // for nothing here, though the publication after this upkeep takes
+        // them there: the pool may be filled past its size (never past the
+        // limit). Counting them would leave a host that publishes only when
+        // the upkeep changed something with a network run dry.
+        let available = left.map_or(stored.len(), |left| left.min(stored.len()));
         // The ids staged first messages loaded (read after the listing).
         let held = self.prekeys_in_use.ids(business);
+        // Keys stored under new ids, whoever made them.
+        let mut written = 0;
         if available < self.config.prekey_low_water {
             // Nor an id a staged first message loaded, consumed since by
             // another: its commit would consume the new key made under it.
             let taken: BTreeSet<u32> = stored.iter().copied().collect();
             let wanted = self.config.prekey_pool.saturating_sub(available);
-            report.prekeys_added =
-                account::add_one_time_prekeys(keys, business, &taken, &held, wanted).await?;
+            let added = account::add_one_time_prekeys(keys, business, &taken, &held, wanted);
+            (written, report.prekeys_added) = added.await?;
         }
         // Keys handed out whose first message never came would pile up:
         // past the limit the oldest go, never one added just now, nor one a
         // first message under way had loaded when the holds were read (its
         // commit would find it gone; one loading its key after that, as it
         // goes, has its device asked for the message again).
-        let excess = (stored.len() + report.prekeys_added).saturating_sub(self.config.prekey_limit);
+        let excess = (stored.len() + written).saturating_sub(self.config.prekey_limit);
         let retired: Vec<(usize, u32)> = stored
             .iter()
             .copied()
@@ -1128,7 +1112,7 @@ impl Sessions {
         // it), and a younger one goes instead.
         let handed_out = stored.len() - available;
         let unused_retired = retired.iter().filter(|&&(i, _)| i >= handed_out).count();
-        report.prekeys_available = available + report.prekeys_added - unused_retired;
+        report.prekeys_available = available + written - unused_retired;
         stale.replace(account);
         Ok(report)
     }
