@@ -332,3 +332,400 @@ async fn a_first_contact_replayed_with_its_base_key_reencoded_is_refused() {
     let next = device.encrypt(b, b"one more").await.unwrap();
     deliver(&processor, owner, b, &next).await;
 }
+
+/// Messages sent again on request, stored under the id asked for (a
+/// review's tests): a replay of their bytes is refused across restarts and
+/// the sweeps that clear the session cache, as any other message's is.
+mod resent {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+    use custodian::integrity::Category;
+    use custodian::keys::{LocalKeyProvider, SecretKey};
+    use custodian::processor::{Host, Inbound, Outbound, Policies, Processor, ProcessorError};
+    use custodian::signal::Ciphertext;
+    use custodian::store::{MemoryStore, Storage};
+    use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
+    use custodian::time::{ManualClock, Timestamp};
+    use custodian::transport::{Principal, StaticAuthorizer};
+    use custodian::visibility::{AuditSink, MemoryAuditSink};
+
+    const T0: u64 = 1_767_225_600_000;
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    struct World {
+        clock: ManualClock,
+        store: Arc<MemoryStore>,
+        provider: Arc<LocalKeyProvider>,
+        business: Arc<SimBusiness>,
+        network: Arc<RecordingTransport>,
+        owner: Principal,
+        other: Principal,
+        operator: Principal,
+        id: BusinessId,
+        other_id: BusinessId,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let clock = ManualClock::new(Timestamp::from_millis(T0));
+            Self {
+                business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
+                clock,
+                store: Arc::new(MemoryStore::new()),
+                provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
+                network: Arc::new(RecordingTransport::new()),
+                owner: Principal::new("owner"),
+                other: Principal::new("other-carrier"),
+                operator: Principal::new("operator"),
+                id: BusinessId::new(5).unwrap(),
+                other_id: BusinessId::new(6).unwrap(),
+            }
+        }
+
+        fn processor(&self) -> Processor {
+            self.processor_with(Arc::new(MemoryAuditSink::new()))
+        }
+
+        fn processor_with(&self, audit: Arc<dyn AuditSink>) -> Processor {
+            Processor::new(
+                Host {
+                    storage: self.store.clone(),
+                    key_provider: self.provider.clone(),
+                    transport: self.network.clone(),
+                    business: self.business.clone(),
+                    authorizer: Arc::new(
+                        StaticAuthorizer::new()
+                            .grant(&self.owner, self.id)
+                            .carrier(&self.owner, self.id)
+                            .grant(&self.other, self.other_id)
+                            .carrier(&self.other, self.other_id)
+                            .operator(&self.operator),
+                    ),
+                    clock: Arc::new(self.clock.clone()),
+                    audit,
+                },
+                Policies::default(),
+            )
+            .unwrap()
+        }
+    }
+
+    fn consumer() -> PhoneNumber {
+        "+447700900123".parse().unwrap()
+    }
+
+    fn inbound(message: &Ciphertext, resend_of: Option<MessageId>) -> Inbound {
+        Inbound {
+            resend_of,
+            from: consumer(),
+            device: 0,
+            message: message.clone(),
+        }
+    }
+
+    /// A processor with published keys, a device with a session whose first
+    /// message was delivered and which read an answer from the business: its
+    /// next messages are plain follow-ups on a new receiving chain.
+    async fn conversation(world: &World) -> (Processor, ConsumerDevice) {
+        let processor = world.processor();
+        processor
+            .publish_keys(&world.owner, world.id)
+            .await
+            .unwrap();
+        let device = conversation_on(world, &processor).await;
+        (processor, device)
+    }
+
+    /// As [`conversation`], on `processor` (keys published already).
+    async fn conversation_on(world: &World, processor: &Processor) -> ConsumerDevice {
+        let (b, owner) = (world.id, &world.owner);
+        let mut device = ConsumerDevice::new(0);
+        let bundle = world.network.published().unwrap();
+        device
+            .start_session(b, &bundle.bundle(Some(0)))
+            .await
+            .unwrap();
+        let first = device.encrypt(b, b"hello").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&first, None))
+            .await
+            .unwrap();
+        assert!(r.delivered && !r.duplicate, "{r:?}");
+        let answer = Outbound {
+            to: consumer(),
+            content: b"noted".to_vec().into(),
+            category: Category::Service,
+        };
+        processor.send(owner, b, answer).await.unwrap();
+        for message in world.network.take_sent().remove(&consumer()).unwrap() {
+            device.decrypt(b, &message).await.unwrap();
+        }
+        device
+    }
+
+    /// A message received as sent again on request (`Inbound::resend_of`)
+    /// is stored under the id asked for, not its header's: a replay of its
+    /// bytes, named by its header, is not found stored, so its session step
+    /// is persisted, never written behind. A restarted processor then finds
+    /// its message key used, and the replay is refused. (Written behind, the
+    /// step was lost with the cache, the restart found no message stored
+    /// under the header's id for the counter, kept its key, and the replay
+    /// reached the business a second time.)
+    #[tokio::test]
+    async fn a_resent_message_written_behind_is_not_taken_for_new_after_a_restart() {
+        let world = World::new();
+        let (b, owner) = (world.id, &world.owner);
+        let (processor, mut device) = conversation(&world).await;
+        // The first message on the new chain persists the session (and opens
+        // the window receives may be written behind in).
+        let m1 = device.encrypt(b, b"m1").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&m1, None))
+            .await
+            .unwrap();
+        assert!(r.delivered && !r.duplicate, "{r:?}");
+        // The device sends a message again on request (the processor asked for
+        // it under `asked`): next on its chain, it is written behind.
+        let asked = MessageId::from_bytes([0x42; 16]);
+        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&m2, Some(asked)))
+            .await
+            .unwrap();
+        assert!(r.delivered && !r.duplicate && r.id == asked, "{r:?}");
+
+        // Control: before a restart, a replay of m2's bytes is no new message.
+        let before = processor.receive(owner, b, inbound(&m2, None)).await;
+        assert!(
+            !before.as_ref().is_ok_and(|r| !r.duplicate),
+            "control: {before:?}"
+        );
+
+        // The processor restarts; the conversation goes on.
+        drop(processor);
+        let processor = world.processor();
+        let m3 = device.encrypt(b, b"m3").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&m3, None))
+            .await
+            .unwrap();
+        assert!(r.delivered && !r.duplicate, "{r:?}");
+
+        // The network replays m2's bytes.
+        let replay = processor.receive(owner, b, inbound(&m2, None)).await;
+        let texts: Vec<String> = world
+            .business
+            .contents()
+            .into_iter()
+            .map(|(_, _, c)| String::from_utf8_lossy(&c).into_owned())
+            .collect();
+        let twice = texts.iter().filter(|t| *t == "m2, sent again").count();
+        assert!(
+            twice == 1 && !replay.as_ref().is_ok_and(|r| !r.duplicate),
+            "a replay of a resent message was taken for new after a restart and handed over again: \
+             {replay:?}; business has {texts:?}"
+        );
+    }
+
+    /// The same with the replay carrying the very same `resend_of` (an
+    /// exact replay by the network), once the sweep deleted the stored copy
+    /// and the session lives on: refused, as a plain message's is.
+    #[tokio::test]
+    async fn an_exact_replay_of_a_resent_message_after_restart_and_sweep_is_refused() {
+        let world = World::new();
+        let (b, owner) = (world.id, &world.owner);
+        let (processor, mut device) = conversation(&world).await;
+        let m1 = device.encrypt(b, b"m1").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m1, None))
+            .await
+            .unwrap();
+        let asked = MessageId::from_bytes([0x43; 16]);
+        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&m2, Some(asked)))
+            .await
+            .unwrap();
+        assert!(r.delivered, "{r:?}");
+        drop(processor);
+        let processor = world.processor();
+        let m3 = device.encrypt(b, b"m3").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m3, None))
+            .await
+            .unwrap();
+        // Twenty days on the consumer writes again (its session lives on);
+        // eleven more, and the sweep deletes the first messages.
+        world.clock.advance(20 * DAY);
+        let m4 = device.encrypt(b, b"m4").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m4, None))
+            .await
+            .unwrap();
+        world.clock.advance(11 * DAY);
+        processor.sweep(&world.operator).await.unwrap();
+        assert!(
+            world.store.message(b, asked).await.unwrap().is_none(),
+            "swept"
+        );
+
+        let replay = processor.receive(owner, b, inbound(&m2, Some(asked))).await;
+        let copies = world.business.messages();
+        assert!(
+            !replay.as_ref().is_ok_and(|r| r.delivered || !r.duplicate)
+                && copies.values().all(|&c| c == 1),
+            "an exact replay of a resent message reached the business again: {replay:?} ({copies:?})"
+        );
+    }
+
+    /// A carrier of another business receiving a message for this one is
+    /// refused, and nothing changes (the message is then received by the
+    /// right carrier, once).
+    #[tokio::test]
+    async fn a_receive_by_another_businesss_carrier_is_refused_and_changes_nothing() {
+        let world = World::new();
+        let (b, owner) = (world.id, &world.owner);
+        let processor = world.processor();
+        processor.publish_keys(owner, b).await.unwrap();
+        let mut device = ConsumerDevice::new(0);
+        let bundle = world.network.published().unwrap();
+        device
+            .start_session(b, &bundle.bundle(Some(0)))
+            .await
+            .unwrap();
+        let first = device.encrypt(b, b"hello").await.unwrap();
+        let refused = processor
+            .receive(&world.other, b, inbound(&first, None))
+            .await;
+        assert!(
+            matches!(refused, Err(ProcessorError::Unauthorized { .. })),
+            "{refused:?}"
+        );
+        assert!(world.business.messages().is_empty());
+        let r = processor
+            .receive(owner, b, inbound(&first, None))
+            .await
+            .unwrap();
+        assert!(r.delivered && !r.duplicate, "{r:?}");
+    }
+
+    /// The control: the same conversation with the message received as a
+    /// plain one (no `resend_of`); its exact replay after the restart and
+    /// the sweep is refused.
+    #[tokio::test]
+    async fn an_exact_replay_of_a_plain_message_after_restart_and_sweep_is_refused() {
+        let world = World::new();
+        let (b, owner) = (world.id, &world.owner);
+        let (processor, mut device) = conversation(&world).await;
+        let m1 = device.encrypt(b, b"m1").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m1, None))
+            .await
+            .unwrap();
+        let m2 = device.encrypt(b, b"m2").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&m2, None))
+            .await
+            .unwrap();
+        assert!(r.delivered, "{r:?}");
+        drop(processor);
+        let processor = world.processor();
+        let m3 = device.encrypt(b, b"m3").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m3, None))
+            .await
+            .unwrap();
+        world.clock.advance(20 * DAY);
+        let m4 = device.encrypt(b, b"m4").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m4, None))
+            .await
+            .unwrap();
+        world.clock.advance(11 * DAY);
+        processor.sweep(&world.operator).await.unwrap();
+        assert!(
+            world.store.message(b, r.id).await.unwrap().is_none(),
+            "swept"
+        );
+        let replay = processor.receive(owner, b, inbound(&m2, None)).await;
+        assert!(
+            !replay.as_ref().is_ok_and(|r| r.delivered || !r.duplicate),
+            "{replay:?}"
+        );
+        assert!(world.business.messages().values().all(|&c| c == 1));
+    }
+
+    /// With no restart at all: a routine sweep that deletes another
+    /// consumer's expired Signal state clears the whole session cache, and
+    /// the resent message's session step comes back from the stored copy,
+    /// its key used: the network's replay of its bytes is refused.
+    #[tokio::test]
+    async fn a_resent_message_is_refused_again_after_a_routine_sweep_of_another_consumer() {
+        let world = World::new();
+        let (b, owner) = (world.id, &world.owner);
+        let processor = world.processor();
+        processor.publish_keys(owner, b).await.unwrap();
+        // Another consumer writes once, at the start, and never again.
+        let mut gone = ConsumerDevice::new(0);
+        let bundle = world.network.published().unwrap();
+        gone.start_session(b, &bundle.bundle(Some(1)))
+            .await
+            .unwrap();
+        let once = gone.encrypt(b, b"once").await.unwrap();
+        let someone: PhoneNumber = "+447700900999".parse().unwrap();
+        let r = processor
+            .receive(
+                owner,
+                b,
+                Inbound {
+                    from: someone,
+                    ..inbound(&once, None)
+                },
+            )
+            .await
+            .unwrap();
+        assert!(r.delivered, "{r:?}");
+
+        // Twenty days later, our consumer's conversation (the same processor
+        // throughout: no restart).
+        world.clock.advance(20 * DAY);
+        let mut device = conversation_on(&world, &processor).await;
+        let m1 = device.encrypt(b, b"m1").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m1, None))
+            .await
+            .unwrap();
+        let asked = MessageId::from_bytes([0x44; 16]);
+        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
+        let r = processor
+            .receive(owner, b, inbound(&m2, Some(asked)))
+            .await
+            .unwrap();
+        assert!(r.delivered && !r.duplicate, "{r:?}");
+
+        // Eleven days on, the daily sweep deletes the other consumer's data.
+        world.clock.advance(11 * DAY);
+        let swept = processor.sweep(&world.operator).await.unwrap();
+        assert!(swept.messages_deleted >= 1, "{swept:?}");
+        let m3 = device.encrypt(b, b"m3").await.unwrap();
+        processor
+            .receive(owner, b, inbound(&m3, None))
+            .await
+            .unwrap();
+
+        let replay = processor.receive(owner, b, inbound(&m2, None)).await;
+        let copies = world
+            .business
+            .contents()
+            .iter()
+            .filter(|(_, _, c)| c == b"m2, sent again")
+            .count();
+        assert!(
+            copies == 1 && !replay.as_ref().is_ok_and(|r| !r.duplicate),
+            "a replay of a resent message was handed over again after a sweep: {replay:?} \
+             ({copies} copies)"
+        );
+    }
+}

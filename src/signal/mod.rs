@@ -467,6 +467,9 @@ pub(crate) struct Parsed {
     counter: u32,
     /// The id of the message (see [`Parsed::id`]).
     id: MessageId,
+    /// Received under an id its header does not give (see
+    /// [`Parsed::resent_as`]).
+    resent: bool,
 }
 
 impl Parsed {
@@ -505,6 +508,7 @@ impl Parsed {
             message: parsed,
             chain,
             counter,
+            resent: false,
         })
     }
 
@@ -520,6 +524,7 @@ impl Parsed {
     /// on request carries the id of the one asked for, so that however
     /// often it is sent again, it is received once.
     pub(crate) fn resent_as(mut self, id: MessageId) -> Self {
+        self.resent |= id != self.id;
         self.id = id;
         self
     }

@@ -158,7 +158,8 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Whether the value was handed over.
+    /// Whether the value was released to be handed over: the hand-over
+    /// may then have failed, or not been made (see [`Verdict::Allow`]).
     pub const fn is_allowed(&self) -> bool {
         matches!(self.verdict, Verdict::Allow)
     }
