@@ -1955,6 +1955,55 @@ async fn a_ring_change_on_a_new_business_is_made_in_the_write_that_creates_its_r
     assert_eq!(restarted.phone_hash(b, &number).await.unwrap(), hash);
 }
 
+/// An epoch key a caller holds to seal a batch seals nothing more once its
+/// epoch is shredded: such a record could never be opened. (It sealed on,
+/// and the records were lost without an error.)
+#[tokio::test]
+async fn a_held_epoch_key_seals_nothing_after_its_epoch_is_shredded() {
+    let store = Arc::new(MemoryStore::new());
+    let keys = Arc::new(KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        store.clone(),
+    ));
+    let clock = ManualClock::new(Timestamp::from_millis(T0));
+    let vault = Vault::new(keys.clone(), Arc::new(clock.clone()), EpochLength::DEFAULT);
+    let b = business(9);
+    let label = |id| Label {
+        kind: Kind::SignalSession,
+        business: b,
+        id,
+        expiry: clock.now().saturating_add(3 * HOUR),
+        region: "eu".parse().unwrap(),
+    };
+    let first = label(MessageId::random());
+    let epoch = vault.epoch_of(first.expiry).unwrap();
+    let key = keys
+        .epoch_key_for_seal(b, epoch, clock.now())
+        .await
+        .unwrap();
+    let sealed = envelope::seal(&key, &first, b"batch 1", clock.now()).unwrap();
+    assert_eq!(
+        &vault.open(&sealed, b).await.unwrap().plaintext[..],
+        b"batch 1"
+    );
+
+    assert!(
+        keys.destroy_epoch_unchecked(b, epoch, clock.now())
+            .await
+            .unwrap()
+    );
+    let after = envelope::seal(&key, &label(MessageId::random()), b"batch 2", clock.now());
+    assert!(
+        matches!(
+            after,
+            Err(envelope::SealError::Key(KeyError::EpochDestroyed { .. }))
+        ),
+        "{after:?}"
+    );
+}
+
 /// A key manager over a SQLite file, with a second connection to the file
 /// that can hold its write lock (as a backup would): the store's writer
 /// then waits, and a write given up on meanwhile lands once it is let go.

@@ -444,7 +444,10 @@ impl<'a> Envelope<'a> {
 /// This is the whole cryptographic cost of sealing; a
 /// [`Vault`](crate::vault::Vault) adds finding the key. Use it to seal many
 /// records of one epoch with a key fetched once from
-/// [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal).
+/// [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal):
+/// once its epoch is destroyed (shredded early, or ended and swept) by
+/// that key manager, the key seals no more
+/// ([`KeyError::EpochDestroyed`]).
 /// The label's expiry must fall in the key's epoch, be after `now` (the
 /// caller's clock reading) and at most the retention [`CEILING`] (give or
 /// take [`CLOCK_TOLERANCE`]) from it, as [`Vault::seal`](crate::vault::Vault::seal)
@@ -494,6 +497,13 @@ pub(crate) fn seal_with_nonce(
     nonce: &[u8; NONCE_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
+    if key.is_destroyed() {
+        // A record sealed now could never be opened: it would be lost.
+        return Err(SealError::Key(KeyError::EpochDestroyed {
+            business: key.business(),
+            epoch: key.epoch(),
+        }));
+    }
     check_seal(key.business(), key.epoch(), label, plaintext)?;
     let dek = key.dek(Suite::V1 as u8, &label.id);
     write_sealed(

@@ -46,7 +46,14 @@ impl<F: Fn(&(BusinessId, Epoch)) -> bool> ForgetEpochs<'_, F> {
         let mut cache = self.keys.write();
         // Loads under way read the store again (see `Cache::epoch_destructions`).
         cache.epoch_destructions = cache.epoch_destructions.wrapping_add(1);
-        cache.epochs.retain(|key, _| !(self.doomed)(key));
+        cache.epochs.retain(|key, loaded| {
+            let doomed = (self.doomed)(key);
+            if doomed {
+                // A copy a caller holds (to seal a batch) seals no more.
+                loaded.mark_destroyed();
+            }
+            !doomed
+        });
         if self.early {
             // After the key left the store and this cache: whoever notes
             // the new count and then loads reads the destruction.
@@ -215,8 +222,16 @@ impl KeyManager {
     /// Destroy the key of `business`'s `epoch` now, before the epoch ends:
     /// every record of the epoch becomes unreadable and nothing more can be
     /// sealed into it. Signal sessions over this manager drop the state they
-    /// hold in memory on their next operation. Returns whether a live key
-    /// was destroyed.
+    /// hold in memory on their next operation, and a copy of the key a
+    /// caller holds seals no more. Returns whether a live key was
+    /// destroyed.
+    ///
+    /// It takes effect in this key manager (and so in the processor that
+    /// owns it) at once. Another key manager over the same store, in
+    /// another process still running on it, keeps a copy it loaded until
+    /// it restarts: it can still open the epoch's records, and seal new
+    /// ones no one can open. Stop it before shredding (a processor taken
+    /// over already writes nothing).
     ///
     /// Unchecked: legal holds are not consulted and nothing is audited.
     /// Operators shred through

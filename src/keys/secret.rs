@@ -10,6 +10,8 @@
 //! (see `zeroize`'s documentation on stack copies).
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use hkdf::Hkdf;
 use sha2::{Digest, Sha256};
@@ -126,6 +128,9 @@ pub struct EpochKey {
     business: BusinessId,
     epoch: Epoch,
     prk: Box<Hkdf<Sha256>>,
+    /// Set, for every copy of a key loaded, when its epoch is destroyed:
+    /// a copy a caller holds then seals no more.
+    destroyed: Arc<AtomicBool>,
 }
 
 impl EpochKey {
@@ -138,7 +143,19 @@ impl EpochKey {
             business,
             epoch,
             prk: Box::new(hkdf),
+            destroyed: Arc::default(),
         }
+    }
+
+    /// Its epoch was destroyed (or its destruction was under way, and may
+    /// have landed): nothing more may be sealed under it.
+    pub(crate) fn mark_destroyed(&self) {
+        self.destroyed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`mark_destroyed`](Self::mark_destroyed) was called on it.
+    pub(crate) fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Acquire)
     }
 
     /// The business whose key this is.
