@@ -439,6 +439,12 @@ impl TrailEntry {
 /// [`TrailError::Unreadable`] of its own, and reading goes on after it; a
 /// failed read ([`TrailError::Io`]) ends the iteration.
 ///
+/// Under [`FlushPolicy::Buffered`] a crash loses the decisions still
+/// buffered, whose values were released: a last line without its `\n` may
+/// be one of them (a later record's write failed just after it), and is
+/// read as cut all the same. Under [`FlushPolicy::EveryEvent`] (the
+/// default) it is always a record that was refused.
+///
 /// ```
 /// use custodian::visibility::{read_trail, TrailEntry, TrailError};
 ///
