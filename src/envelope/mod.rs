@@ -447,7 +447,8 @@ impl<'a> Envelope<'a> {
 /// [`KeyManager::epoch_key_for_seal`](crate::keys::KeyManager::epoch_key_for_seal):
 /// once its epoch is destroyed (shredded early, or ended and swept) by
 /// that key manager, the key seals no more
-/// ([`KeyError::EpochDestroyed`]).
+/// ([`KeyError::EpochDestroyed`]); nor once a destruction of it failed,
+/// which may have landed: fetch the key again, and the key manager says.
 /// The label's expiry must fall in the key's epoch, be after `now` (the
 /// caller's clock reading) and at most the retention [`CEILING`] (give or
 /// take [`CLOCK_TOLERANCE`]) from it, as [`Vault::seal`](crate::vault::Vault::seal)

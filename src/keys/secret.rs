@@ -147,8 +147,10 @@ impl EpochKey {
         }
     }
 
-    /// Its epoch was destroyed (or its destruction was under way, and may
-    /// have landed): nothing more may be sealed under it.
+    /// Its epoch was destroyed, or its destruction failed or was dropped
+    /// (it may have landed, its answer lost): nothing more may be sealed
+    /// under this copy. The key manager, which reads the store again, gives
+    /// a live key anew.
     pub(crate) fn mark_destroyed(&self) {
         self.destroyed.store(true, Ordering::Release);
     }

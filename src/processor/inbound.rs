@@ -157,6 +157,18 @@ impl Processor {
             device: inbound.device,
         };
         let id = parsed.id();
+        // A message sent again whose bytes came before without the request
+        // named is stored under its header's id: that copy is the message,
+        // whatever the session remembers of it (a restart, or a sweep that
+        // cleared the cache, may have lost its step). Boxed: rare.
+        if let Some(header) = parsed.header_id()
+            && Box::pin(self.storage.message(business, header))
+                .await?
+                .is_some()
+        {
+            debug!(%id, "a message sent again came before");
+            return Box::pin(self.duplicate(business, header)).await;
+        }
         let staged = match self
             .sessions
             .decrypt_staged(business, peer, &parsed, expiry)

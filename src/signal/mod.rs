@@ -467,8 +467,10 @@ pub(crate) struct Parsed {
     counter: u32,
     /// The id of the message (see [`Parsed::id`]).
     id: MessageId,
-    /// Received under an id its header does not give (see
-    /// [`Parsed::resent_as`]).
+    /// The id its header gives: [`Parsed::id`] unless it was
+    /// [`resent_as`](Parsed::resent_as) another.
+    header: MessageId,
+    /// Received under an id its header does not give.
     resent: bool,
 }
 
@@ -503,8 +505,10 @@ impl Parsed {
         };
         let (chain, counter) = (*inner.sender_ratchet_key(), inner.counter());
         check_key(&chain)?;
+        let id = message_id(business, &chain, counter);
         Ok(Self {
-            id: message_id(business, &chain, counter),
+            id,
+            header: id,
             message: parsed,
             chain,
             counter,
@@ -524,9 +528,16 @@ impl Parsed {
     /// on request carries the id of the one asked for, so that however
     /// often it is sent again, it is received once.
     pub(crate) fn resent_as(mut self, id: MessageId) -> Self {
-        self.resent |= id != self.id;
+        self.resent = id != self.header;
         self.id = id;
         self
+    }
+
+    /// The id its header gives, if it is received under another (sent
+    /// again on request): a copy of its bytes received plain is stored
+    /// under that one.
+    pub(crate) fn header_id(&self) -> Option<MessageId> {
+        self.resent.then_some(self.header)
     }
 
     /// A first-contact message's embedded message, as the transport would
@@ -769,7 +780,9 @@ pub struct Maintenance {
     /// One-time prekeys deleted, oldest first, to keep the number stored
     /// within [`SignalConfig::prekey_limit`].
     pub prekeys_retired: usize,
-    /// One-time prekeys the network can hand out afterwards, once published.
+    /// One-time prekeys the network can hand out afterwards, once published,
+    /// by its count: not counting those a first message's refill stored
+    /// since the last publication, which the publication takes there too.
     pub prekeys_available: usize,
 }
 
