@@ -668,25 +668,7 @@ mod resent {
         let processor = world.processor();
         processor.publish_keys(owner, b).await.unwrap();
         // Another consumer writes once, at the start, and never again.
-        let mut gone = ConsumerDevice::new(0);
-        let bundle = world.network.published().unwrap();
-        gone.start_session(b, &bundle.bundle(Some(1)))
-            .await
-            .unwrap();
-        let once = gone.encrypt(b, b"once").await.unwrap();
-        let someone: PhoneNumber = "+447700900999".parse().unwrap();
-        let r = processor
-            .receive(
-                owner,
-                b,
-                Inbound {
-                    from: someone,
-                    ..inbound(&once, None)
-                },
-            )
-            .await
-            .unwrap();
-        assert!(r.delivered, "{r:?}");
+        writes_once(&world, &processor).await;
 
         // Twenty days later, our consumer's conversation (the same processor
         // throughout: no restart).
@@ -727,6 +709,25 @@ mod resent {
             "a replay of a resent message was handed over again after a sweep: {replay:?} \
              ({copies} copies)"
         );
+    }
+
+    /// Another consumer writes once to `world`'s business: its Signal
+    /// state expires with that message, and the sweep that deletes it
+    /// clears the session cache.
+    async fn writes_once(world: &World, processor: &Processor) {
+        let mut gone = ConsumerDevice::new(0);
+        let bundle = world.network.published().unwrap();
+        gone.start_session(world.id, &bundle.bundle(Some(1)))
+            .await
+            .unwrap();
+        let once = gone.encrypt(world.id, b"once").await.unwrap();
+        let someone: PhoneNumber = "+447700900999".parse().unwrap();
+        let inbound = Inbound {
+            from: someone,
+            ..inbound(&once, None)
+        };
+        let r = processor.receive(&world.owner, world.id, inbound).await;
+        assert!(r.unwrap().delivered);
     }
 
     fn copies(world: &World, text: &[u8]) -> usize {
@@ -790,30 +791,13 @@ mod resent {
         let processor = world.processor();
         processor.publish_keys(owner, b).await.unwrap();
         // Another consumer writes once, at the start, and never again.
-        let mut gone = ConsumerDevice::new(0);
-        let bundle = world.network.published().unwrap();
-        gone.start_session(b, &bundle.bundle(Some(1)))
-            .await
-            .unwrap();
-        let once = gone.encrypt(b, b"once").await.unwrap();
-        let someone: PhoneNumber = "+447700900999".parse().unwrap();
-        let r = processor
-            .receive(
-                owner,
-                b,
-                Inbound {
-                    from: someone,
-                    ..inbound(&once, None)
-                },
-            )
-            .await
-            .unwrap();
-        assert!(r.delivered, "{r:?}");
+        writes_once(&world, &processor).await;
         world
             .clock
             .advance(std::time::Duration::from_secs(20 * 86_400));
 
         // Our consumer's conversation, on the same processor.
+        let bundle = world.network.published().unwrap();
         let mut device = ConsumerDevice::new(0);
         device
             .start_session(b, &bundle.bundle(Some(0)))
