@@ -448,7 +448,7 @@ impl Sessions {
             consumed,
             prekey: prekeys.take_hold(),
             id: message.id(),
-            resent: message.resent,
+            resent: message.header_id().is_some(),
             identity_written: identities.written,
             chain: index_after.map(|index| (message.chain, index)),
             in_order,

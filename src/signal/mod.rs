@@ -470,8 +470,6 @@ pub(crate) struct Parsed {
     /// The id its header gives: [`Parsed::id`] unless it was
     /// [`resent_as`](Parsed::resent_as) another.
     header: MessageId,
-    /// Received under an id its header does not give.
-    resent: bool,
 }
 
 impl Parsed {
@@ -512,7 +510,6 @@ impl Parsed {
             message: parsed,
             chain,
             counter,
-            resent: false,
         })
     }
 
@@ -528,7 +525,6 @@ impl Parsed {
     /// on request carries the id of the one asked for, so that however
     /// often it is sent again, it is received once.
     pub(crate) fn resent_as(mut self, id: MessageId) -> Self {
-        self.resent = id != self.header;
         self.id = id;
         self
     }
@@ -537,7 +533,7 @@ impl Parsed {
     /// again on request): a copy of its bytes received plain is stored
     /// under that one.
     pub(crate) fn header_id(&self) -> Option<MessageId> {
-        self.resent.then_some(self.header)
+        (self.header != self.id).then_some(self.header)
     }
 
     /// A first-contact message's embedded message, as the transport would
