@@ -870,7 +870,7 @@ mod resent {
             .receive(owner, b, inbound(&m2, Some(asked)))
             .await
             .unwrap();
-        // Regression guard (holds now): handed over once.
+        // Handed over once.
         assert_eq!(copies(&world, b"m2, sent again"), 1, "{genuine:?}");
         assert!(
             genuine.duplicate && genuine.delivered,

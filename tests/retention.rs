@@ -4365,5 +4365,3 @@ async fn guard_one_step_slices_clear_everything_eventually() {
         );
     }
 }
-
-// ---- findings ----------------------------------------------------------------
