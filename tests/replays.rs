@@ -343,7 +343,9 @@ mod resent {
     use custodian::ids::{BusinessId, MessageId, PhoneNumber};
     use custodian::integrity::Category;
     use custodian::keys::{LocalKeyProvider, SecretKey};
-    use custodian::processor::{Host, Inbound, Outbound, Policies, Processor, ProcessorError};
+    use custodian::processor::{
+        Host, Inbound, Outbound, Policies, Processor, ProcessorError, Receipt,
+    };
     use custodian::signal::Ciphertext;
     use custodian::store::{MemoryStore, Storage};
     use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
@@ -447,11 +449,7 @@ mod resent {
             .start_session(b, &bundle.bundle(Some(0)))
             .await
             .unwrap();
-        let first = device.encrypt(b, b"hello").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&first, None))
-            .await
-            .unwrap();
+        let (_, r) = writes(world, processor, &mut device, b"hello", None).await;
         assert!(r.delivered && !r.duplicate, "{r:?}");
         let answer = Outbound {
             to: consumer(),
@@ -480,20 +478,19 @@ mod resent {
         let (processor, mut device) = conversation(&world).await;
         // The first message on the new chain persists the session (and opens
         // the window receives may be written behind in).
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
+        let (_, r) = writes(&world, &processor, &mut device, b"m1", None).await;
         assert!(r.delivered && !r.duplicate, "{r:?}");
         // The device sends a message again on request (the processor asked for
         // it under `asked`): next on its chain, it is written behind.
         let asked = MessageId::from_bytes([0x42; 16]);
-        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m2, Some(asked)))
-            .await
-            .unwrap();
+        let (m2, r) = writes(
+            &world,
+            &processor,
+            &mut device,
+            b"m2, sent again",
+            Some(asked),
+        )
+        .await;
         assert!(r.delivered && !r.duplicate && r.id == asked, "{r:?}");
 
         // Control: before a restart, a replay of m2's bytes is no new message.
@@ -506,11 +503,7 @@ mod resent {
         // The processor restarts; the conversation goes on.
         drop(processor);
         let processor = world.processor();
-        let m3 = device.encrypt(b, b"m3").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m3, None))
-            .await
-            .unwrap();
+        let (_, r) = writes(&world, &processor, &mut device, b"m3", None).await;
         assert!(r.delivered && !r.duplicate, "{r:?}");
 
         // The network replays m2's bytes.
@@ -537,33 +530,24 @@ mod resent {
         let world = World::new();
         let (b, owner) = (world.id, &world.owner);
         let (processor, mut device) = conversation(&world).await;
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m1", None).await;
         let asked = MessageId::from_bytes([0x43; 16]);
-        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m2, Some(asked)))
-            .await
-            .unwrap();
+        let (m2, r) = writes(
+            &world,
+            &processor,
+            &mut device,
+            b"m2, sent again",
+            Some(asked),
+        )
+        .await;
         assert!(r.delivered, "{r:?}");
         drop(processor);
         let processor = world.processor();
-        let m3 = device.encrypt(b, b"m3").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m3, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m3", None).await;
         // Twenty days on the consumer writes again (its session lives on);
         // eleven more, and the sweep deletes the first messages.
         world.clock.advance(20 * DAY);
-        let m4 = device.encrypt(b, b"m4").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m4, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m4", None).await;
         world.clock.advance(11 * DAY);
         processor.sweep(&world.operator).await.unwrap();
         assert!(
@@ -619,30 +603,14 @@ mod resent {
         let world = World::new();
         let (b, owner) = (world.id, &world.owner);
         let (processor, mut device) = conversation(&world).await;
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
-        let m2 = device.encrypt(b, b"m2").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m2, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m1", None).await;
+        let (m2, r) = writes(&world, &processor, &mut device, b"m2", None).await;
         assert!(r.delivered, "{r:?}");
         drop(processor);
         let processor = world.processor();
-        let m3 = device.encrypt(b, b"m3").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m3, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m3", None).await;
         world.clock.advance(20 * DAY);
-        let m4 = device.encrypt(b, b"m4").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m4, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m4", None).await;
         world.clock.advance(11 * DAY);
         processor.sweep(&world.operator).await.unwrap();
         assert!(
@@ -674,28 +642,23 @@ mod resent {
         // throughout: no restart).
         world.clock.advance(20 * DAY);
         let mut device = conversation_on(&world, &processor).await;
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m1", None).await;
         let asked = MessageId::from_bytes([0x44; 16]);
-        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m2, Some(asked)))
-            .await
-            .unwrap();
+        let (m2, r) = writes(
+            &world,
+            &processor,
+            &mut device,
+            b"m2, sent again",
+            Some(asked),
+        )
+        .await;
         assert!(r.delivered && !r.duplicate, "{r:?}");
 
         // Eleven days on, the daily sweep deletes the other consumer's data.
         world.clock.advance(11 * DAY);
         let swept = processor.sweep(&world.operator).await.unwrap();
         assert!(swept.messages_deleted >= 1, "{swept:?}");
-        let m3 = device.encrypt(b, b"m3").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m3, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m3", None).await;
 
         let replay = processor.receive(owner, b, inbound(&m2, None)).await;
         let copies = world
@@ -709,6 +672,23 @@ mod resent {
             "a replay of a resent message was handed over again after a sweep: {replay:?} \
              ({copies} copies)"
         );
+    }
+
+    /// `device` writes `text` (sent again on request for `resend_of`, if
+    /// given), and `processor` receives it: the message and its receipt.
+    async fn writes(
+        world: &World,
+        processor: &Processor,
+        device: &mut ConsumerDevice,
+        text: &[u8],
+        resend_of: Option<MessageId>,
+    ) -> (Ciphertext, Receipt) {
+        let message = device.encrypt(world.id, text).await.unwrap();
+        let receipt = processor
+            .receive(&world.owner, world.id, inbound(&message, resend_of))
+            .await
+            .unwrap();
+        (message, receipt)
     }
 
     /// Another consumer writes once to `world`'s business: its Signal
@@ -751,20 +731,12 @@ mod resent {
         let world = World::new();
         let (b, owner) = (world.id, &world.owner);
         let (processor, mut device) = conversation(&world).await;
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
+        let (_, r) = writes(&world, &processor, &mut device, b"m1", None).await;
         assert!(r.delivered && !r.duplicate, "{r:?}");
         // The device sends m2 again on request (asked for under `asked`); the
         // network replays its bytes plain, ahead of the genuine delivery.
         let asked = MessageId::from_bytes([0x51; 16]);
-        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
-        let r = processor
-            .receive(owner, b, inbound(&m2, None))
-            .await
-            .unwrap();
+        let (m2, r) = writes(&world, &processor, &mut device, b"m2, sent again", None).await;
         assert!(r.delivered && !r.duplicate, "{r:?}");
         assert_eq!(copies(&world, b"m2, sent again"), 1);
 
@@ -803,11 +775,7 @@ mod resent {
             .start_session(b, &bundle.bundle(Some(0)))
             .await
             .unwrap();
-        let first = device.encrypt(b, b"hello").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&first, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"hello", None).await;
         let answer = Outbound {
             to: consumer(),
             content: b"noted".to_vec().into(),
@@ -817,17 +785,9 @@ mod resent {
         for message in world.network.take_sent().remove(&consumer()).unwrap() {
             device.decrypt(b, &message).await.unwrap();
         }
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m1", None).await;
         let asked = MessageId::from_bytes([0x53; 16]);
-        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
-        let plain = processor
-            .receive(owner, b, inbound(&m2, None))
-            .await
-            .unwrap();
+        let (m2, plain) = writes(&world, &processor, &mut device, b"m2, sent again", None).await;
         assert!(plain.delivered && !plain.duplicate, "{plain:?}");
 
         // Eleven days on, the daily sweep deletes the other consumer's data.
@@ -854,17 +814,9 @@ mod resent {
         let world = World::new();
         let (b, owner) = (world.id, &world.owner);
         let (processor, mut device) = conversation(&world).await;
-        let m1 = device.encrypt(b, b"m1").await.unwrap();
-        processor
-            .receive(owner, b, inbound(&m1, None))
-            .await
-            .unwrap();
+        writes(&world, &processor, &mut device, b"m1", None).await;
         let asked = MessageId::from_bytes([0x52; 16]);
-        let m2 = device.encrypt(b, b"m2, sent again").await.unwrap();
-        let plain = processor
-            .receive(owner, b, inbound(&m2, None))
-            .await
-            .unwrap();
+        let (m2, plain) = writes(&world, &processor, &mut device, b"m2, sent again", None).await;
         assert!(plain.delivered && !plain.duplicate, "{plain:?}");
         let genuine = processor
             .receive(owner, b, inbound(&m2, Some(asked)))
