@@ -321,7 +321,8 @@ fn a_truncated_database_is_refused_untouched() {
 }
 
 /// The POSIX locks this process holds on `path` (Linux: `/proc/locks`,
-/// by inode).
+/// by inode), without each line's ordinal: its place in the machine's
+/// list, which other processes' locks move.
 #[cfg(target_os = "linux")]
 fn locks_on(path: &Path) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
@@ -335,7 +336,7 @@ fn locks_on(path: &Path) -> Vec<String> {
             fields.next() == Some(pid.as_str())
                 && fields.next().is_some_and(|f| f.ends_with(&inode))
         })
-        .map(str::to_owned)
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
         .collect()
 }
 
