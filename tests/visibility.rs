@@ -447,6 +447,30 @@ fn bad_policy_files_name_the_field_or_the_cell() {
     }
 }
 
+/// A policy file nesting arrays or inline tables very deep is refused with
+/// an error, never a stack overflow: the parsers bound their depth.
+#[test]
+fn deeply_nested_policy_files_are_refused_not_crashed() {
+    // On a thread of the default test stack, 2 MiB.
+    let refused = |parse: fn(&str) -> bool, text: String| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || parse(&text))
+            .unwrap()
+            .join()
+            .expect("the parser panicked")
+    };
+    let toml = |t: &str| VisibilityPolicy::from_toml(t).is_err();
+    let json = |t: &str| VisibilityPolicy::from_json(t).is_err();
+    for depth in [1_000, 100_000] {
+        let (open, close) = ("[".repeat(depth), "]".repeat(depth));
+        assert!(refused(toml, format!("revision = 1\nx = {open}{close}\n")), "{depth}");
+        assert!(refused(json, format!("{{\"revision\":1,\"x\":{open}{close}}}")), "{depth}");
+        let (open, close) = ("{a=".repeat(depth), "}".repeat(depth));
+        assert!(refused(toml, format!("revision = 1\nx = {open}1{close}\n")), "{depth}");
+    }
+}
+
 /// A policy built in code cannot carry [`Revision::PUBLISHED`] (0), nor a
 /// revision beyond [`Revision::MAX`]: the trail names revision 0 for the
 /// published table only. Before, `builder` and `to_builder` took any

@@ -598,7 +598,10 @@ impl Processor {
     /// (a network duplicate: acting again would replace a working session,
     /// send the message again after its report, and cost the device another
     /// one-time prekey), a receipt for a message failed, unreadable or
-    /// past its retention, and every receipt of a device whose record the
+    /// past its retention, one whose bundle the visibility policy does not
+    /// release the consumer's number to the transport to fetch (the
+    /// denial audited; one that cannot be audited is refused, and the
+    /// network hands it in again), and every receipt of a device whose record the
     /// new session would make larger than
     /// [`SignalConfig::max_record_len`](crate::signal::SignalConfig::max_record_len),
     /// until a message from the device is received (which may use up the
@@ -676,7 +679,9 @@ impl Processor {
             Ok(released) => released.into_value(),
             Err(denied) => {
                 return match ProcessorError::from(denied) {
-                    // The policy allows it: the network hands it in again.
+                    // The policy does not release the number to the
+                    // network: ignored. A decision that could not be
+                    // audited is refused, and the network hands it in again.
                     ProcessorError::Denied => Ok(StatusChange::Ignored),
                     audit => Err(audit),
                 };

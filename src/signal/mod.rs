@@ -777,8 +777,9 @@ pub struct Maintenance {
     /// within [`SignalConfig::prekey_limit`].
     pub prekeys_retired: usize,
     /// One-time prekeys the network can hand out afterwards, once published,
-    /// by its count: not counting those a first message's refill stored
-    /// since the last publication, which the publication takes there too.
+    /// by its count (without one, every key held). Keys a first message's
+    /// refill stored since the last publication, which the publication
+    /// takes there too, may be left out, some or all.
     pub prekeys_available: usize,
 }
 

@@ -976,6 +976,25 @@ mod tests {
         assert_eq!(principal, "");
     }
 
+    /// Lines no sink writes are refused, however close to one: a key
+    /// beside the entry, an entry twice, a field twice.
+    #[test]
+    fn lines_with_keys_no_sink_writes_are_refused() {
+        let hold = r#"{"hold":{"at":5,"principal":"op","action":"placed","scope":{"business":7},"reference":"c"}}"#;
+        assert!(TrailEntry::from_line(hold.as_bytes()).is_ok(), "the sink's own line");
+        let cases = [
+            r#"{"hold":{"at":5,"principal":"op","action":"placed","scope":{"business":7},"reference":"c"},"x":1}"#,
+            r#"{"hold":{"at":5,"principal":"op","action":"placed","scope":{"business":7},"reference":"c"},"hold":{"at":6,"principal":"op","action":"released","scope":{"business":7},"reference":"c"}}"#,
+            r#"{"admin":{"change":"retention","at":1,"principal":"ops","digest":"ab"},"admin":{"change":"retention","at":2,"principal":"x","digest":"cd"}}"#,
+            r#"{"admin":{"change":"retention","at":1,"principal":"ops","digest":"ab","change":"policy"}}"#,
+            r#"{"at":2,"id":"0000000000000abc-0000000000000001","revision":0,"party":"transport","class":"consumer_phone_number","purpose":"delivery","verdict":"allow","business":7,"business":8}"#,
+        ];
+        for line in cases {
+            let read = TrailEntry::from_line(line.as_bytes());
+            assert!(read.is_err(), "{line}\n  read as {read:?}");
+        }
+    }
+
     #[test]
     fn bounded_memory_sink_keeps_the_latest() {
         let sink = MemoryAuditSink::bounded(2);

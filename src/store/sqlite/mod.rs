@@ -244,6 +244,23 @@ pub enum SqliteOpenError {
         /// The configured timeout.
         requested: Duration,
     },
+    /// The file has another name (a hard link) besides the one opened and
+    /// any a creation under way gave it. SQLite names a database's log
+    /// after the name it was opened by, so processes opening one file by
+    /// two names write two logs, see none of each other's writes, and the
+    /// fence between them ([`Storage::take_over`]) does not hold: an older
+    /// processor would go on persisting sessions (two messages under one
+    /// message key). Nothing was opened: remove the other names.
+    #[error(
+        "{} has {links} names (hard links): SQLite would keep a log for each; remove the others",
+        path.display()
+    )]
+    MultipleLinks {
+        /// The file.
+        path: PathBuf,
+        /// How many names the file has.
+        links: u64,
+    },
     /// SQLite failed otherwise (locked, out of space, ...).
     #[error("SQLite failed on {}: {message}", path.display())]
     Backend {
@@ -262,7 +279,8 @@ impl From<SqliteOpenError> for StoreError {
             | SqliteOpenError::BusyTimeoutTooLong { .. }
             | SqliteOpenError::NewerSchema { .. }
             | SqliteOpenError::RegionMismatch { .. }
-            | SqliteOpenError::OrphanedLog { .. } => Self::Backend(e.to_string()),
+            | SqliteOpenError::OrphanedLog { .. }
+            | SqliteOpenError::MultipleLinks { .. } => Self::Backend(e.to_string()),
             _ => Self::Corrupt(e.to_string()),
         }
     }
@@ -424,6 +442,7 @@ impl SqliteStore {
             path: path.to_owned(),
             source,
         })?;
+        schema::single_name(path)?;
         // Everything that can refuse the file runs before anything may write
         // it. Its header is read through the descriptor kept for it while a
         // store has it open (see `open_files`).

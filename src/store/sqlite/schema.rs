@@ -625,6 +625,52 @@ pub(super) fn migrate(path: &Path, conn: &mut Connection) -> Result<(), SqliteOp
 /// first (then that one is opened as usual). Built under a temporary name in
 /// the same directory and hard-linked into place: the link either puts a
 /// complete database under `path` or fails because something is there.
+/// The temporary name [`create`] builds the file at `path` under, before
+/// linking it at `path`, begins with this (its path's, then this).
+const CREATING: &str = ".creating-";
+
+/// Refuses the file at `path` (canonical) if it has a name other than
+/// `path` and the temporary names of creations of `path` (one under way
+/// links the file there until it removes its own name; one that crashed
+/// left it): opened by another name, its log would be another file
+/// (see [`SqliteOpenError::MultipleLinks`]).
+#[cfg(unix)]
+pub(super) fn single_name(path: &Path) -> Result<(), SqliteOpenError> {
+    use std::os::unix::fs::MetadataExt;
+
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if meta.nlink() <= 1 {
+        return Ok(());
+    }
+    let mut prefix = path.file_name().unwrap_or_default().to_owned();
+    prefix.push(CREATING);
+    let prefix = prefix.as_encoded_bytes();
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let mut creating = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| io_error(path, e))? {
+        let Ok(entry) = entry else { continue };
+        if entry.file_name().as_encoded_bytes().starts_with(prefix)
+            && let Ok(m) = std::fs::symlink_metadata(entry.path())
+            && (m.dev(), m.ino()) == (meta.dev(), meta.ino())
+        {
+            creating += 1;
+        }
+    }
+    if meta.nlink() > 1 + creating {
+        return Err(SqliteOpenError::MultipleLinks {
+            path: path.to_owned(),
+            links: meta.nlink(),
+        });
+    }
+    Ok(())
+}
+
+/// Elsewhere, links are not counted.
+#[cfg(not(unix))]
+pub(super) fn single_name(_path: &Path) -> Result<(), SqliteOpenError> {
+    Ok(())
+}
+
 pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
     // Unique to this process (its id, the time: a process that died
     // building may have had the id) and, within it, to this call: threads
@@ -639,7 +685,7 @@ pub(super) fn create(path: &Path) -> Result<(), SqliteOpenError> {
     let mut tmp = std::path::absolute(path)
         .map_err(|e| io_error(path, e))?
         .into_os_string();
-    tmp.push(format!(".creating-{}-{nanos}-{call}", std::process::id()));
+    tmp.push(format!("{CREATING}{}-{nanos}-{call}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     // Made here first, so that what the system refuses (a directory that
     // does not exist, no permission) is an I/O error naming `path`. Only

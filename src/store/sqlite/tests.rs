@@ -233,6 +233,31 @@ fn concurrent_creators_of_one_file_all_open_the_same_database() {
     }
 }
 
+/// A file with a second name is refused by either: a process opening it
+/// by the other would keep its own log, and not be fenced. A name a
+/// creation of the file leaves (under way, or crashed) is not another.
+#[test]
+#[cfg(unix)]
+fn a_file_with_another_name_is_refused_by_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    drop(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let link = dir.path().join("link.db");
+    std::fs::hard_link(&path, &link).unwrap();
+    for name in [&path, &link] {
+        let err = refused(name, |e| matches!(e, SqliteOpenError::MultipleLinks { links: 2, .. }));
+        assert!(err.to_string().contains("2 names"), "{err}");
+    }
+    std::fs::remove_file(&link).unwrap();
+    let creating = dir.path().join("store.db.creating-1-2-3");
+    std::fs::hard_link(&path, &creating).unwrap();
+    drop(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    // Only the file's own creations count: another file's is a name.
+    let other = dir.path().join("other.db.creating-1-2-3");
+    std::fs::hard_link(&path, &other).unwrap();
+    refused(&path, |e| matches!(e, SqliteOpenError::MultipleLinks { links: 3, .. }));
+}
+
 #[test]
 fn garbage_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
