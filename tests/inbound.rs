@@ -724,43 +724,60 @@ async fn marked_hung() -> (BusinessId, Tenants, std::vec::IntoIter<Inbound>) {
 }
 
 /// While a probe of a hung endpoint goes unanswered, no other call is
-/// made to it: a receive meanwhile stores its message and returns. (Once
-/// the backoff had passed, every call was another probe, each hanging
-/// until the host's timeout.) (Second look at the review fixes.)
+/// made to it: a receive meanwhile stores its message and returns, and
+/// another pass asks nothing. (Once the backoff had passed, every call was
+/// another probe, each hanging until the host's timeout.) (Second look at
+/// the review fixes.) Only the retransmission loop probes: a receive past
+/// the backoff asks nothing either, and returns. (Whatever call came next
+/// was the probe: a carrier's receive, a send, a status update hung again
+/// at every probe.) (Review of status updates.)
 #[tokio::test]
 async fn no_call_is_made_to_a_hung_endpoint_while_its_probe_is_unanswered() {
     let (a, t, mut messages) = marked_hung().await;
-    // Past the backoff, the next receive probes, and hangs.
+    let stored_not_handed = |receipt: &Option<Result<Receipt, ProcessorError>>| {
+        receipt
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_ok_and(|r| !r.delivered))
+    };
+    // Past the backoff, a receive asks nothing.
     t.clock.advance(Duration::from_secs(3));
-    let probe = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    let second = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    let receipt = poll_at_most(std::pin::pin!(second), 200).await;
+    assert!(stored_not_handed(&receipt), "{receipt:?}");
+    assert_eq!(t.hung_calls(), 1, "a receive probed the hung endpoint");
+    // The loop probes, and hangs.
+    let probe = t.processor.retransmit_due(&t.operator);
     let mut probe = std::pin::pin!(probe);
     assert!(poll_at_most(probe.as_mut(), 200).await.is_none());
     assert_eq!(t.hung_calls(), 2);
-    // Another receive meanwhile, past the backoff too, asks nothing.
+    // Meanwhile, past the backoff too, a receive and another pass ask
+    // nothing.
     t.clock.advance(Duration::from_secs(3));
     let third = t.processor.receive(&t.carrier, a, messages.next().unwrap());
     let receipt = poll_at_most(std::pin::pin!(third), 200).await;
-    assert!(
-        receipt
-            .as_ref()
-            .is_some_and(|r| r.as_ref().is_ok_and(|r| !r.delivered)),
-        "{receipt:?}"
-    );
+    assert!(stored_not_handed(&receipt), "{receipt:?}");
+    let pass = t.processor.retransmit_due(&t.operator);
+    let pass = poll_at_most(std::pin::pin!(pass), 200).await;
+    assert!(pass.is_some_and(|p| p.is_ok()));
     assert_eq!(t.hung_calls(), 2, "a call was made while the probe hung");
 }
 
 /// A probe of a hung endpoint that is not made after all (the policy in
 /// force refused what it would have carried) leaves the endpoint as it
-/// was: the next call, past the backoff since the last call made, probes
-/// it. (The refused probe counted as a call: the next was put off a whole
-/// backoff, and while refusals went on the endpoint was never probed.)
-/// (Review of the outbound flow.)
+/// was: the next call of the loop, past the backoff since the last call
+/// made, probes it. (The refused probe counted as a call: the next was put
+/// off a whole backoff, and while refusals went on the endpoint was never
+/// probed.) (Review of the outbound flow.)
 #[tokio::test]
 async fn a_probe_not_made_does_not_put_off_the_next() {
     use custodian::visibility::{DataClass, Party, Purpose, VisibilityPolicy};
+    // Marked at T0 (the first message's hand-over dropped), asked again
+    // 2 s later; the first message due then too.
     let (a, t, mut messages) = marked_hung().await;
-    // Past the backoff, a hand-over the policy refuses makes no call.
-    t.clock.advance(Duration::from_secs(3));
+    // The second, stored at T0 + 1 s, due 2 s later.
+    t.clock.advance(Duration::from_secs(1));
+    let second = t.processor.receive(&t.carrier, a, messages.next().unwrap());
+    assert!(poll_at_most(std::pin::pin!(second), 200).await.is_some());
     let policy = |revision, deny: bool| {
         let mut builder = VisibilityPolicy::published().to_builder(revision).unwrap();
         if deny {
@@ -773,21 +790,25 @@ async fn a_probe_not_made_does_not_put_off_the_next() {
         builder.build()
     };
     let set = |p| t.processor.set_visibility_policy(&t.operator, p).unwrap();
+    // At T0 + 2.5 s, the first message's hand-over would probe; the policy
+    // refuses it, and no call is made.
+    t.clock.advance(Duration::from_millis(1_500));
     set(policy(2, true));
-    let refused = t.processor.receive(&t.carrier, a, messages.next().unwrap());
-    assert!(poll_at_most(std::pin::pin!(refused), 200).await.is_some());
+    let pass = t.processor.retransmit_due(&t.operator);
+    assert!(poll_at_most(std::pin::pin!(pass), 200).await.is_some());
     assert_eq!(t.hung_calls(), 1);
-    // At once, the endpoint back and the policy as it was, the next call
-    // is the probe: the message is handed over.
+    // At T0 + 3 s, the endpoint back and the policy as it was, the second
+    // message is due, and its hand-over is the probe: 2 s after the last
+    // call made, not after the refused one.
+    t.clock.advance(Duration::from_millis(500));
     set(policy(3, false));
     t.set(a, Endpoint::Up);
-    let third = t.processor.receive(&t.carrier, a, messages.next().unwrap());
-    let receipt = poll_at_most(std::pin::pin!(third), 200).await;
-    assert!(
-        receipt
-            .as_ref()
-            .is_some_and(|r| r.as_ref().is_ok_and(|r| r.delivered)),
-        "{receipt:?}"
+    let pass = t.processor.retransmit_due(&t.operator);
+    assert!(poll_at_most(std::pin::pin!(pass), 200).await.is_some());
+    assert_eq!(
+        t.sink.handed.lock().unwrap().len(),
+        1,
+        "the probe was put off by the one not made"
     );
 }
 

@@ -226,6 +226,24 @@ fn build(
     net: &Arc<Net>,
     sink: &Arc<Sink>,
 ) -> Arc<Processor> {
+    let delivery = DeliveryConfig {
+        retry_base: Duration::from_secs(2),
+        retry_max: Duration::from_secs(60),
+        receipt_timeout: Duration::from_secs(120),
+        batch: 10_000,
+    };
+    build_with(clock, store, keys, authorizer, net, sink, delivery)
+}
+
+fn build_with(
+    clock: &ManualClock,
+    store: &Arc<MemoryStore>,
+    keys: &Arc<LocalKeyProvider>,
+    authorizer: &Arc<StaticAuthorizer>,
+    net: &Arc<Net>,
+    sink: &Arc<Sink>,
+    delivery: DeliveryConfig,
+) -> Arc<Processor> {
     let host = Host {
         storage: store.clone(),
         key_provider: keys.clone(),
@@ -236,12 +254,7 @@ fn build(
         audit: Arc::new(MemoryAuditSink::new()),
     };
     let policies = Policies {
-        delivery: DeliveryConfig {
-            retry_base: Duration::from_secs(2),
-            retry_max: Duration::from_secs(60),
-            receipt_timeout: Duration::from_secs(120),
-            batch: 10_000,
-        },
+        delivery,
         ..Policies::default()
     };
     Arc::new(Processor::new(host, policies).unwrap())
@@ -1100,4 +1113,90 @@ async fn shortened_retention_and_statuses() {
         d.sink.settled_told(delivered),
         vec![(Status::Delivered, None)]
     );
+}
+
+/// Once its endpoint is marked hung, a business's calls a host waits on
+/// never probe it: a send (its `Sent` report) and a carrier's status update
+/// past the backoff return at once, what they would have told left to the
+/// retransmission loop, whose pass probes it. (Whatever call came next was
+/// the probe, and hung until the host's timeout, at every probe: a business
+/// retrying its send sent the consumer the message twice.) (Review of
+/// status updates.)
+#[tokio::test]
+async fn only_the_loop_probes_a_hung_endpoint() {
+    let d = D::new(1).await;
+    let m1 = d.send(b(1)).await;
+    let m2 = d.send(b(1)).await;
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    // Its first unanswered call (cut by the host's timeout) marks it.
+    let cut = poll_at_most(d.report(b(1), m1, Status::Delivered), 50).await;
+    assert!(cut.is_none(), "{cut:?}");
+    d.advance(3);
+    assert!(
+        poll_at_most(d.send(b(1)), 10_000).await.is_some(),
+        "a send past the backoff probed the hung endpoint"
+    );
+    let report = poll_at_most(d.report(b(1), m2, Status::Delivered), 10_000).await;
+    assert!(
+        matches!(report, Some(Ok(StatusChange::Applied))),
+        "a status update past the backoff probed the hung endpoint: {report:?}"
+    );
+    assert!(d.sink.settled_told(m2).is_empty());
+    // The loop's pass probes it (and hangs); answering, it is told.
+    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
+    assert!(pass.is_none(), "the loop did not probe the hung endpoint");
+    *d.sink.hang.lock().unwrap() = None;
+    d.advance(600);
+    d.retransmit().await;
+    assert_eq!(d.sink.settled_told(m2), vec![(Status::Delivered, None)]);
+}
+
+/// A pass whose listing a hung business's due messages fill still reaches
+/// the others': `batch` counts the messages of businesses whose endpoints
+/// answer. (The listing took the earliest `batch` due messages and put the
+/// hung business's last among them: a backlog of its messages kept every
+/// other business's out of the pass, one batch per pass.) (Review of
+/// status updates.)
+#[tokio::test]
+async fn a_hung_business_filling_the_listing_holds_up_no_other() {
+    let d = D::new(1).await;
+    let (m1, m2, m3) = (d.send(b(1)).await, d.send(b(1)).await, d.send(b(2)).await);
+    // On a processor that lists two due messages at a time.
+    let delivery = DeliveryConfig {
+        retry_base: Duration::from_secs(60),
+        retry_max: Duration::from_secs(600),
+        receipt_timeout: Duration::from_secs(120),
+        batch: 2,
+    };
+    let p = build_with(
+        &d.clock,
+        &d.store,
+        &d.keys,
+        &d.authorizer,
+        &d.net,
+        &d.sink,
+        delivery,
+    );
+    // Every report refused once: all three due again a minute later,
+    // business 1's two first.
+    d.sink.fail.store(3, Ordering::SeqCst);
+    for (business, id) in [(b(1), m1), (b(1), m2), (b(2), m3)] {
+        let told = p.status_update(&d.transport, business, id, Status::Delivered);
+        assert_eq!(told.await.unwrap(), StatusChange::Applied);
+    }
+    // Business 1's endpoint leaves a call unanswered: marked hung.
+    d.advance(100);
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    let cut = poll_at_most(p.status_update(&d.transport, b(1), m1, Status::Read), 50).await;
+    assert!(cut.is_none(), "{cut:?}");
+    // Inside its wait, a pass.
+    d.advance(25);
+    let pass = poll_at_most(p.retransmit_due(&d.operator), 10_000).await;
+    let report = pass.expect("the pass ended").unwrap();
+    assert_eq!(
+        d.sink.settled_told(m3),
+        vec![(Status::Delivered, None)],
+        "business 2's due report was left out of the pass ({report:?})"
+    );
+    assert!(d.sink.settled_told(m2).is_empty());
 }

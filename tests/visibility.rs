@@ -464,10 +464,19 @@ fn deeply_nested_policy_files_are_refused_not_crashed() {
     let json = |t: &str| VisibilityPolicy::from_json(t).is_err();
     for depth in [1_000, 100_000] {
         let (open, close) = ("[".repeat(depth), "]".repeat(depth));
-        assert!(refused(toml, format!("revision = 1\nx = {open}{close}\n")), "{depth}");
-        assert!(refused(json, format!("{{\"revision\":1,\"x\":{open}{close}}}")), "{depth}");
+        assert!(
+            refused(toml, format!("revision = 1\nx = {open}{close}\n")),
+            "{depth}"
+        );
+        assert!(
+            refused(json, format!("{{\"revision\":1,\"x\":{open}{close}}}")),
+            "{depth}"
+        );
         let (open, close) = ("{a=".repeat(depth), "}".repeat(depth));
-        assert!(refused(toml, format!("revision = 1\nx = {open}1{close}\n")), "{depth}");
+        assert!(
+            refused(toml, format!("revision = 1\nx = {open}1{close}\n")),
+            "{depth}"
+        );
     }
 }
 

@@ -9,7 +9,11 @@
 //! doubled with every probe it leaves unanswered, at most
 //! [`retry_max`](super::DeliveryConfig::retry_max). Then one call probes
 //! it, and no other is made until the probe is answered or dropped; any
-//! answer clears the mark. A retransmission pass takes up the
+//! answer clears the mark. Only the retransmission loop probes, on the
+//! message it is working on ([`HungEndpoints::arm`]): a call a host's
+//! caller waits on (a send's `Sent` report, a carrier's status update, a
+//! receive's hand-over) is not made to a hung endpoint, and what it would
+//! have carried is left to the loop. A retransmission pass takes up the
 //! messages of hung businesses after every other's. Without this, a pass
 //! over the due messages would stop at the first message of a hung
 //! business on every run, and no other business's would be handed over.
@@ -21,7 +25,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use foldhash::fast::RandomState;
 
 use super::Processor;
-use crate::ids::BusinessId;
+use crate::ids::{BusinessId, MessageId};
 use crate::store::MessageRecord;
 use crate::time::Timestamp;
 
@@ -44,6 +48,9 @@ struct Hung {
     dropped: u32,
     /// Whether a probe is under way.
     probing: bool,
+    /// The message the retransmission loop is working on: the only one a
+    /// call about may probe.
+    armed: Option<MessageId>,
 }
 
 impl HungEndpoints {
@@ -58,7 +65,7 @@ impl HungEndpoints {
 
     /// Whether `business`'s endpoint left a call unanswered, and has not
     /// answered since.
-    fn contains(&self, business: BusinessId) -> bool {
+    pub(super) fn contains(&self, business: BusinessId) -> bool {
         self.any() && self.lock().contains_key(&business)
     }
 
@@ -98,11 +105,23 @@ impl HungEndpoints {
                     since,
                     dropped: 1,
                     probing: false,
+                    armed: None,
                 };
                 hung.insert(business, first);
             }
         }
         self.any.store(true, Ordering::Release);
+    }
+
+    /// The retransmission loop is about to work on message `id` of
+    /// `business`: if its endpoint is hung, a call about `id` may probe it
+    /// (and none about another message), until another is armed.
+    pub(super) fn arm(&self, business: BusinessId, id: MessageId) {
+        if self.any()
+            && let Some(h) = self.lock().get_mut(&business)
+        {
+            h.armed = Some(id);
+        }
     }
 
     /// A probe of `business`'s endpoint was not made after all: it is as
@@ -151,18 +170,19 @@ impl Drop for Calling<'_> {
 }
 
 impl Processor {
-    /// A call to `business`'s endpoint, to be made now; `None` if its
-    /// endpoint is hung and not to be asked yet (see the module docs): a
-    /// probe is under way, or the while since its last call has not
-    /// passed. Otherwise a call to a hung endpoint is its probe.
-    pub(super) fn call_business(&self, business: BusinessId) -> Option<Calling<'_>> {
+    /// A call to `business`'s endpoint about message `id`, to be made now;
+    /// `None` if its endpoint is hung and not to be asked (see the module
+    /// docs): the retransmission loop is not working on `id`, a probe is
+    /// under way, or the while since its last call has not passed.
+    /// Otherwise a call to a hung endpoint is its probe.
+    pub(super) fn call_business(&self, business: BusinessId, id: MessageId) -> Option<Calling<'_>> {
         let mut probe = None;
         if self.hung.any() {
             let now = self.clock.now();
             let mut hung = self.hung.lock();
             if let Some(h) = hung.get_mut(&business) {
                 let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
-                if h.probing || now < h.since.saturating_add(wait) {
+                if h.armed != Some(id) || h.probing || now < h.since.saturating_add(wait) {
                     return None;
                 }
                 probe = Some(std::mem::replace(&mut h.since, now));
@@ -176,14 +196,16 @@ impl Processor {
         })
     }
 
-    /// Make `call` to `business`'s endpoint, unless it is not to be asked
-    /// now ([`call_business`](Self::call_business)): its answer, or `None`.
+    /// Make `call` to `business`'s endpoint about message `id`, unless it
+    /// is not to be asked now ([`call_business`](Self::call_business)): its
+    /// answer, or `None`.
     pub(super) async fn ask_business<T>(
         &self,
         business: BusinessId,
+        id: MessageId,
         call: impl Future<Output = T>,
     ) -> Option<T> {
-        let calling = self.call_business(business)?;
+        let calling = self.call_business(business, id)?;
         let answer = call.await;
         calling.answered();
         Some(answer)

@@ -467,7 +467,7 @@ impl Processor {
             return Attempt::Retry;
         }
         // Asked first: nothing is released for a call not made.
-        let Some(calling) = self.call_business(business) else {
+        let Some(calling) = self.call_business(business, parts.id) else {
             debug!(%business, id = %parts.id, "business endpoint hung; will retry");
             return Attempt::Retry;
         };

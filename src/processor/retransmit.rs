@@ -1,6 +1,8 @@
 //! Retransmission: messages whose next attempt is due are handed over or
 //! sent again, and settled statuses and failures reported.
 
+use std::collections::HashSet;
+
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::inbound::{Attempt, InboundParts};
@@ -140,6 +142,13 @@ impl Processor {
     /// failures (a message past its retention fails as expired). Operators
     /// only. Run it periodically.
     ///
+    /// A pass works on up to [`DeliveryConfig::batch`](super::DeliveryConfig::batch)
+    /// messages of businesses whose endpoints answer, earliest due first,
+    /// and then on the due messages of businesses whose endpoints left a
+    /// call unanswered (put off without a call, but for one probe at a
+    /// time): however many of those are due, they hold up none of the
+    /// others.
+    ///
     /// A host error on one message (the store or the key provider failing)
     /// is logged and counted in [`RetransmitReport::errors`], and the pass
     /// goes on with the rest. An error is returned only if the due messages
@@ -157,19 +166,46 @@ impl Processor {
     async fn retransmit_due_in(&self) -> Result<RetransmitReport, ProcessorError> {
         let now = self.clock.now();
         let mut report = RetransmitReport::default();
-        let mut due = self.storage.due_messages(now, self.delivery.batch).await?;
-        self.hung.last(&mut due);
-        for due in due {
-            report.due += 1;
-            // One message's error (the store or the key provider failing)
-            // holds up none behind it. Whatever it left undone is owed, or
-            // still due: the next pass takes it up again.
-            if let Err(e) = self.retransmit_one(&due, now, &mut report).await {
-                warn!(business = %due.business, id = %due.id, error = %e, "a due message could not be worked on: left for the next pass");
-                report.errors += 1;
+        let batch = self.delivery.batch;
+        // Messages of businesses whose endpoints answer, worked on.
+        let mut answering = 0;
+        let mut seen = HashSet::new();
+        loop {
+            let mut due = self.storage.due_messages(now, batch).await?;
+            let full = due.len() == batch;
+            self.hung.last(&mut due);
+            let (mut hung, mut new) = (false, false);
+            for due in due {
+                // Seen again: this pass left it due (an error, an attempt
+                // under way).
+                if !seen.insert((due.business, due.id)) {
+                    continue;
+                }
+                new = true;
+                if self.hung.contains(due.business) {
+                    hung = true;
+                } else if answering == batch {
+                    return Ok(report);
+                } else {
+                    answering += 1;
+                }
+                report.due += 1;
+                // One message's error (the store or the key provider failing)
+                // holds up none behind it. Whatever it left undone is owed, or
+                // still due: the next pass takes it up again.
+                if let Err(e) = self.retransmit_one(&due, now, &mut report).await {
+                    warn!(business = %due.business, id = %due.id, error = %e, "a due message could not be worked on: left for the next pass");
+                    report.errors += 1;
+                }
+            }
+            // A listing that hung businesses' messages filled may have
+            // left others out: those just worked on are put off (the
+            // endpoint was not asked, or was probed), so the next listing
+            // reaches further.
+            if !(full && hung && new) {
+                return Ok(report);
             }
         }
-        Ok(report)
     }
 
     /// Work on one message found due at `listed` (see
@@ -187,6 +223,8 @@ impl Processor {
         let Some(_claim) = self.take_up(due.business, due.id).await? else {
             return Ok(());
         };
+        // A call about it may probe its business's endpoint, if hung.
+        self.hung.arm(due.business, due.id);
         // Look again under the claim: a status may have arrived meanwhile.
         let Some(record) = self.storage.message(due.business, due.id).await? else {
             return Ok(());

@@ -307,7 +307,7 @@ impl Processor {
     /// Report a status to the business, best effort (settled statuses are
     /// reported reliably, see `report_status`).
     pub(super) async fn notify(&self, update: StatusUpdate) {
-        let told = self.ask_business(update.business, self.sink.status(&update));
+        let told = self.ask_business(update.business, update.id, self.sink.status(&update));
         let Some(told) = told.await else {
             debug!(business = %update.business, id = %update.id, "business endpoint hung; status not told");
             return;
@@ -339,7 +339,7 @@ impl Processor {
             at: self.clock.now(),
         };
         let told = self
-            .ask_business(business, self.sink.status(&update))
+            .ask_business(business, id, self.sink.status(&update))
             .await
             .is_some_and(|answer| answer.is_ok());
         let next_attempt = if told {

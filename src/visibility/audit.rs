@@ -981,7 +981,10 @@ mod tests {
     #[test]
     fn lines_with_keys_no_sink_writes_are_refused() {
         let hold = r#"{"hold":{"at":5,"principal":"op","action":"placed","scope":{"business":7},"reference":"c"}}"#;
-        assert!(TrailEntry::from_line(hold.as_bytes()).is_ok(), "the sink's own line");
+        assert!(
+            TrailEntry::from_line(hold.as_bytes()).is_ok(),
+            "the sink's own line"
+        );
         let cases = [
             r#"{"hold":{"at":5,"principal":"op","action":"placed","scope":{"business":7},"reference":"c"},"x":1}"#,
             r#"{"hold":{"at":5,"principal":"op","action":"placed","scope":{"business":7},"reference":"c"},"hold":{"at":6,"principal":"op","action":"released","scope":{"business":7},"reference":"c"}}"#,

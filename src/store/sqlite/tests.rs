@@ -245,7 +245,9 @@ fn a_file_with_another_name_is_refused_by_both() {
     let link = dir.path().join("link.db");
     std::fs::hard_link(&path, &link).unwrap();
     for name in [&path, &link] {
-        let err = refused(name, |e| matches!(e, SqliteOpenError::MultipleLinks { links: 2, .. }));
+        let err = refused(name, |e| {
+            matches!(e, SqliteOpenError::MultipleLinks { links: 2, .. })
+        });
         assert!(err.to_string().contains("2 names"), "{err}");
     }
     std::fs::remove_file(&link).unwrap();
@@ -255,7 +257,9 @@ fn a_file_with_another_name_is_refused_by_both() {
     // Only the file's own creations count: another file's is a name.
     let other = dir.path().join("other.db.creating-1-2-3");
     std::fs::hard_link(&path, &other).unwrap();
-    refused(&path, |e| matches!(e, SqliteOpenError::MultipleLinks { links: 3, .. }));
+    refused(&path, |e| {
+        matches!(e, SqliteOpenError::MultipleLinks { links: 3, .. })
+    });
 }
 
 #[test]
