@@ -621,7 +621,7 @@ fn kept_from(now: Timestamp, kept: Duration) -> u64 {
     let kept = u64::try_from(kept.as_millis()).unwrap_or(u64::MAX);
     now.as_millis()
         .checked_sub(kept)
-        .map_or(0, |cutoff| cutoff + 1)
+        .map_or(0, |cutoff| cutoff.saturating_add(1))
 }
 
 /// The consumers counted for one kind of signal in the open window: 64
@@ -670,6 +670,15 @@ mod tests {
     use std::sync::Arc;
 
     const DAY: u64 = 24 * 3600 * 1000;
+
+    /// The cut-off saturates at the end of time: with nothing kept, a clock
+    /// at its last millisecond keeps nothing, and does not overflow.
+    #[test]
+    fn kept_from_saturates() {
+        assert_eq!(kept_from(Timestamp::MAX, Duration::ZERO), u64::MAX);
+        assert_eq!(kept_from(Timestamp::from_millis(10), Duration::from_millis(3)), 8);
+        assert_eq!(kept_from(Timestamp::from_millis(2), Duration::from_millis(3)), 0);
+    }
 
     fn hash(i: u64) -> PhoneHash {
         let mut b = [0u8; 16];
