@@ -144,6 +144,8 @@ struct Sink {
     fail: AtomicU32,
     /// Business whose status calls never answer.
     hang: Mutex<Option<BusinessId>>,
+    /// The business of each status call made, answered or not.
+    calls: Mutex<Vec<BusinessId>>,
 }
 
 impl Sink {
@@ -155,6 +157,10 @@ impl Sink {
             .filter(|(i, ..)| *i == id)
             .map(|&(_, s, f)| (s, f))
             .collect()
+    }
+    fn calls_to(&self, business: BusinessId) -> usize {
+        let calls = self.calls.lock().unwrap();
+        calls.iter().filter(|&&b| b == business).count()
     }
     fn settled_told(&self, id: MessageId) -> Vec<(Status, Option<FailureReason>)> {
         self.told(id)
@@ -170,6 +176,7 @@ impl BusinessSink for Sink {
         Ok(())
     }
     async fn status(&self, u: &StatusUpdate) -> Result<(), SinkError> {
+        self.calls.lock().unwrap().push(u.business);
         tokio::task::yield_now().await;
         if *self.hang.lock().unwrap() == Some(u.business) {
             std::future::pending::<()>().await;
@@ -204,6 +211,7 @@ struct D {
     transport: Principal,
     operator: Principal,
     owner: Principal,
+    delivery: DeliveryConfig,
 }
 
 fn b(n: u64) -> BusinessId {
@@ -215,27 +223,30 @@ fn number(i: usize) -> PhoneNumber {
 }
 
 fn start(d: &D) -> Arc<Processor> {
-    build(&d.clock, &d.store, &d.keys, &d.authorizer, &d.net, &d.sink)
+    let delivery = d.delivery.clone();
+    build(
+        &d.clock,
+        &d.store,
+        &d.keys,
+        &d.authorizer,
+        &d.net,
+        &d.sink,
+        delivery,
+    )
+}
+
+/// Retries after `retry_base` seconds, doubling up to `retry_max`;
+/// `batch` due messages a pass.
+fn delivery(retry_base: u64, retry_max: u64, batch: usize) -> DeliveryConfig {
+    DeliveryConfig {
+        retry_base: Duration::from_secs(retry_base),
+        retry_max: Duration::from_secs(retry_max),
+        receipt_timeout: Duration::from_secs(120),
+        batch,
+    }
 }
 
 fn build(
-    clock: &ManualClock,
-    store: &Arc<MemoryStore>,
-    keys: &Arc<LocalKeyProvider>,
-    authorizer: &Arc<StaticAuthorizer>,
-    net: &Arc<Net>,
-    sink: &Arc<Sink>,
-) -> Arc<Processor> {
-    let delivery = DeliveryConfig {
-        retry_base: Duration::from_secs(2),
-        retry_max: Duration::from_secs(60),
-        receipt_timeout: Duration::from_secs(120),
-        batch: 10_000,
-    };
-    build_with(clock, store, keys, authorizer, net, sink, delivery)
-}
-
-fn build_with(
     clock: &ManualClock,
     store: &Arc<MemoryStore>,
     keys: &Arc<LocalKeyProvider>,
@@ -262,6 +273,10 @@ fn build_with(
 
 impl D {
     async fn new(devices: u32) -> Self {
+        Self::with(devices, delivery(2, 60, 10_000)).await
+    }
+
+    async fn with(devices: u32, delivery: DeliveryConfig) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(T0));
         let store = Arc::new(MemoryStore::new());
         let transport = Principal::new("transport");
@@ -281,7 +296,15 @@ impl D {
         let sink = Arc::new(Sink::default());
         let keys = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
         let authorizer = Arc::new(authorizer);
-        let p = build(&clock, &store, &keys, &authorizer, &net, &sink);
+        let p = build(
+            &clock,
+            &store,
+            &keys,
+            &authorizer,
+            &net,
+            &sink,
+            delivery.clone(),
+        );
         net.sim.add_consumer(&number(1), devices).await;
         for n in [1, 2] {
             p.publish_keys(&owner, b(n)).await.unwrap();
@@ -297,6 +320,7 @@ impl D {
             transport,
             operator,
             owner,
+            delivery,
         }
     }
 
@@ -1142,61 +1166,148 @@ async fn only_the_loop_probes_a_hung_endpoint() {
         "a status update past the backoff probed the hung endpoint: {report:?}"
     );
     assert!(d.sink.settled_told(m2).is_empty());
-    // The loop's pass probes it (and hangs); answering, it is told.
+    // The loop's pass probes it (and hangs). Answering, it is asked again
+    // as usual from the next pass on: told.
     let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
     assert!(pass.is_none(), "the loop did not probe the hung endpoint");
     *d.sink.hang.lock().unwrap() = None;
-    d.advance(600);
-    d.retransmit().await;
+    for _ in 0..2 {
+        d.advance(600);
+        d.retransmit().await;
+    }
     assert_eq!(d.sink.settled_told(m2), vec![(Status::Delivered, None)]);
 }
 
-/// A pass whose listing a hung business's due messages fill still reaches
-/// the others': `batch` counts the messages of businesses whose endpoints
-/// answer. (The listing took the earliest `batch` due messages and put the
-/// hung business's last among them: a backlog of its messages kept every
-/// other business's out of the pass, one batch per pass.) (Review of
-/// status updates.)
+/// A pass whose listings a hung business's due messages fill still reaches
+/// the others', and its probe comes last: `batch` counts the messages of
+/// businesses whose endpoints answer, and the one the probe is made with
+/// waits for the end of the pass. (The listing took the earliest `batch`
+/// due messages and put the hung business's last among them: a backlog of
+/// its messages kept every other business's out of the pass, one batch
+/// per pass; and a pass that probed hung on the probe before listing
+/// further.) (Review of status updates, and its second look.)
 #[tokio::test]
-async fn a_hung_business_filling_the_listing_holds_up_no_other() {
-    let d = D::new(1).await;
-    let (m1, m2, m3) = (d.send(b(1)).await, d.send(b(1)).await, d.send(b(2)).await);
-    // On a processor that lists two due messages at a time.
-    let delivery = DeliveryConfig {
-        retry_base: Duration::from_secs(60),
-        retry_max: Duration::from_secs(600),
-        receipt_timeout: Duration::from_secs(120),
-        batch: 2,
-    };
-    let p = build_with(
-        &d.clock,
-        &d.store,
-        &d.keys,
-        &d.authorizer,
-        &d.net,
-        &d.sink,
-        delivery,
-    );
-    // Every report refused once: all three due again a minute later,
-    // business 1's two first.
-    d.sink.fail.store(3, Ordering::SeqCst);
-    for (business, id) in [(b(1), m1), (b(1), m2), (b(2), m3)] {
-        let told = p.status_update(&d.transport, business, id, Status::Delivered);
-        assert_eq!(told.await.unwrap(), StatusChange::Applied);
+async fn a_hung_business_filling_the_listings_holds_up_no_other() {
+    for probing in [false, true] {
+        let d = D::with(1, delivery(60, 600, 2)).await;
+        let hung: Vec<MessageId> =
+            [d.send(b(1)).await, d.send(b(1)).await, d.send(b(1)).await].into();
+        let other = d.send(b(2)).await;
+        // Every report refused once: due again a backoff later, business
+        // 1's first.
+        d.sink.fail.store(3, Ordering::SeqCst);
+        for &id in &hung {
+            let told = d.report(b(1), id, Status::Delivered).await.unwrap();
+            assert_eq!(told, StatusChange::Applied);
+        }
+        d.advance(10);
+        d.sink.fail.store(1, Ordering::SeqCst);
+        let told = d.report(b(2), other, Status::Delivered).await.unwrap();
+        assert_eq!(told, StatusChange::Applied);
+        // Business 1's endpoint leaves a call unanswered: marked hung.
+        d.advance(90);
+        *d.sink.hang.lock().unwrap() = Some(b(1));
+        let cut = poll_at_most(d.report(b(1), hung[0], Status::Read), 50).await;
+        assert!(cut.is_none(), "{cut:?}");
+        // A pass inside its wait, or past it (its probe hangs).
+        d.advance(if probing { 61 } else { 31 });
+        let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
+        assert_eq!(pass.is_none(), probing, "probing {probing}: {pass:?}");
+        assert_eq!(
+            d.sink.settled_told(other),
+            vec![(Status::Delivered, None)],
+            "probing {probing}: business 2's due report was left out of the pass"
+        );
+        assert!(hung.iter().all(|&id| d.sink.settled_told(id).is_empty()));
     }
-    // Business 1's endpoint leaves a call unanswered: marked hung.
-    d.advance(100);
+}
+
+/// Nor is a hung business's backlog sent through the transport past
+/// `batch` in one pass: its outbound messages are sent, not put off, and
+/// count. (A pass with a batch of 2 sent ten.) (Second look.)
+#[tokio::test]
+async fn a_pass_sends_no_more_than_its_batch_of_a_hung_business() {
+    let d = D::with(1, delivery(60, 600, 2)).await;
+    let first = d.send(b(1)).await;
+    // The consumer's devices unreachable: ten messages queued.
+    let devices = d.net.sim.devices(b(1), &number(1)).await.unwrap();
+    for &device in &devices {
+        d.net
+            .modes
+            .lock()
+            .unwrap()
+            .insert(device, SendMode::Transient);
+    }
+    for _ in 0..10 {
+        d.send(b(1)).await;
+    }
+    d.net.modes.lock().unwrap().clear();
+    // Business 1's endpoint leaves a call unanswered.
+    d.advance(30);
     *d.sink.hang.lock().unwrap() = Some(b(1));
-    let cut = poll_at_most(p.status_update(&d.transport, b(1), m1, Status::Read), 50).await;
+    let cut = poll_at_most(d.report(b(1), first, Status::Delivered), 10_000).await;
     assert!(cut.is_none(), "{cut:?}");
-    // Inside its wait, a pass.
-    d.advance(25);
-    let pass = poll_at_most(p.retransmit_due(&d.operator), 10_000).await;
+    // The queued messages due, inside the endpoint's wait.
+    d.advance(40);
+    let before = d.net.taken.lock().unwrap().len();
+    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
     let report = pass.expect("the pass ended").unwrap();
-    assert_eq!(
-        d.sink.settled_told(m3),
-        vec![(Status::Delivered, None)],
-        "business 2's due report was left out of the pass ({report:?})"
+    let sent = d.net.taken.lock().unwrap().len() - before;
+    assert!(
+        sent <= 2 * devices.len(),
+        "a pass with a batch of 2 sent {sent}: {report:?}"
     );
-    assert!(d.sink.settled_told(m2).is_empty());
+}
+
+/// A call about the message the loop last probed with is no probe once the
+/// loop is done with it: a carrier's update about it past the backoff
+/// returns at once. (The loop's mark of the message outlived its work on
+/// it.) (Second look.)
+#[tokio::test]
+async fn a_carrier_update_about_the_loop_s_last_probe_is_no_probe() {
+    let d = D::new(1).await;
+    let (m1, m2) = (d.send(b(1)).await, d.send(b(1)).await);
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    let cut = poll_at_most(d.report(b(1), m1, Status::Delivered), 10_000).await;
+    assert!(cut.is_none(), "{cut:?}");
+    // The loop probes it with m1's report: cut too.
+    d.advance(3);
+    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
+    assert!(pass.is_none(), "the loop did not probe: {pass:?}");
+    let calls = d.sink.calls_to(b(1));
+    // Past the doubled backoff, the carrier's updates ask nothing.
+    d.advance(5);
+    for (id, status) in [(m2, Status::Delivered), (m1, Status::Read)] {
+        let told = poll_at_most(d.report(b(1), id, status), 10_000).await;
+        assert!(matches!(told, Some(Ok(StatusChange::Applied))), "{told:?}");
+    }
+    assert_eq!(d.sink.calls_to(b(1)), calls, "a carrier's update probed");
+}
+
+/// A business whose messages need no call of the loop (sent, never
+/// reported delivered) is asked again all the same, by the latest `Sent`
+/// report its hung endpoint missed, and its reports are made again once it
+/// answers. (It was never asked again: the loop had no call to make, and
+/// every `Sent` report was dropped.) (Second look.)
+#[tokio::test]
+async fn a_business_that_only_sends_is_asked_again_once_marked() {
+    let d = D::new(1).await;
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    // A send whose `Sent` report the host's timeout cuts marks it.
+    let cut = poll_at_most(d.send(b(1)), 10_000).await;
+    assert!(cut.is_none(), "the send was not cut at its report");
+    // The endpoint is fast again at once; the business sends, and the
+    // loop runs, a minute apart.
+    *d.sink.hang.lock().unwrap() = None;
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push(d.send(b(1)).await);
+        d.advance(60);
+        d.retransmit().await;
+    }
+    // The first send's report missed, then made by the loop's probe; the
+    // next sends' made at once.
+    for id in sent {
+        assert_eq!(d.sink.told(id), vec![(Status::Sent, None)]);
+    }
 }

@@ -676,8 +676,14 @@ mod tests {
     #[test]
     fn kept_from_saturates() {
         assert_eq!(kept_from(Timestamp::MAX, Duration::ZERO), u64::MAX);
-        assert_eq!(kept_from(Timestamp::from_millis(10), Duration::from_millis(3)), 8);
-        assert_eq!(kept_from(Timestamp::from_millis(2), Duration::from_millis(3)), 0);
+        assert_eq!(
+            kept_from(Timestamp::from_millis(10), Duration::from_millis(3)),
+            8
+        );
+        assert_eq!(
+            kept_from(Timestamp::from_millis(2), Duration::from_millis(3)),
+            0
+        );
     }
 
     fn hash(i: u64) -> PhoneHash {

@@ -9,14 +9,17 @@
 //! doubled with every probe it leaves unanswered, at most
 //! [`retry_max`](super::DeliveryConfig::retry_max). Then one call probes
 //! it, and no other is made until the probe is answered or dropped; any
-//! answer clears the mark. Only the retransmission loop probes, on the
-//! message it is working on ([`HungEndpoints::arm`]): a call a host's
-//! caller waits on (a send's `Sent` report, a carrier's status update, a
-//! receive's hand-over) is not made to a hung endpoint, and what it would
-//! have carried is left to the loop. A retransmission pass takes up the
-//! messages of hung businesses after every other's. Without this, a pass
-//! over the due messages would stop at the first message of a hung
-//! business on every run, and no other business's would be handed over.
+//! answer clears the mark. Only the retransmission loop probes, last in a
+//! pass, on one message of the business it sets aside for it
+//! ([`HungEndpoints::arm`]), or else by the latest `Sent` report the
+//! endpoint missed: a call a host's caller waits on (a send's `Sent`
+//! report, a carrier's status update, a receive's hand-over) is not made
+//! to a hung endpoint, and what it would have carried is left to the loop
+//! (a `Sent` report, best effort, is made only if it is the latest). A
+//! retransmission pass takes up the messages of hung businesses after
+//! every other's. Without this, a pass over the due messages would stop at
+//! the first message of a hung business on every run, and no other
+//! business's would be handed over.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,9 +51,11 @@ struct Hung {
     dropped: u32,
     /// Whether a probe is under way.
     probing: bool,
-    /// The message the retransmission loop is working on: the only one a
+    /// The message the retransmission loop probes with: the only one a
     /// call about may probe.
     armed: Option<MessageId>,
+    /// The latest message whose `Sent` report it missed.
+    missed_sent: Option<MessageId>,
 }
 
 impl HungEndpoints {
@@ -106,6 +111,7 @@ impl HungEndpoints {
                     dropped: 1,
                     probing: false,
                     armed: None,
+                    missed_sent: None,
                 };
                 hung.insert(business, first);
             }
@@ -113,15 +119,33 @@ impl HungEndpoints {
         self.any.store(true, Ordering::Release);
     }
 
-    /// The retransmission loop is about to work on message `id` of
-    /// `business`: if its endpoint is hung, a call about `id` may probe it
-    /// (and none about another message), until another is armed.
-    pub(super) fn arm(&self, business: BusinessId, id: MessageId) {
+    /// The retransmission loop probes `business`'s endpoint, if hung, with
+    /// message `id`: a call about `id` may probe it (and none about another
+    /// message) until the guard is dropped.
+    pub(super) fn arm(&self, business: BusinessId, id: MessageId) -> Armed<'_> {
         if self.any()
             && let Some(h) = self.lock().get_mut(&business)
         {
             h.armed = Some(id);
         }
+        Armed {
+            hung: self,
+            business,
+            id,
+        }
+    }
+
+    /// `business`'s endpoint, hung, was not told that message `id` is sent.
+    fn missed_sent(&self, business: BusinessId, id: MessageId) {
+        if let Some(h) = self.lock().get_mut(&business) {
+            h.missed_sent = Some(id);
+        }
+    }
+
+    /// The latest message whose `Sent` report `business`'s hung endpoint
+    /// missed, no longer remembered.
+    pub(super) fn take_missed_sent(&self, business: BusinessId) -> Option<MessageId> {
+        self.lock().get_mut(&business)?.missed_sent.take()
     }
 
     /// A probe of `business`'s endpoint was not made after all: it is as
@@ -130,6 +154,24 @@ impl HungEndpoints {
         if let Some(h) = self.lock().get_mut(&business) {
             h.probing = false;
             h.since = since;
+        }
+    }
+}
+
+/// A message the retransmission loop probes a hung endpoint with, until
+/// dropped.
+pub(super) struct Armed<'a> {
+    hung: &'a HungEndpoints,
+    business: BusinessId,
+    id: MessageId,
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.hung.lock().get_mut(&self.business)
+            && h.armed == Some(self.id)
+        {
+            h.armed = None;
         }
     }
 }
@@ -170,6 +212,35 @@ impl Drop for Calling<'_> {
 }
 
 impl Processor {
+    /// Whether `business`'s endpoint is hung and to be probed now: no probe
+    /// under way, and the while since its last call passed.
+    pub(super) fn probe_due(&self, business: BusinessId) -> bool {
+        if !self.hung.any() {
+            return false;
+        }
+        let now = self.clock.now();
+        self.hung.lock().get(&business).is_some_and(|h| {
+            let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
+            !h.probing && now >= h.since.saturating_add(wait)
+        })
+    }
+
+    /// The businesses whose endpoints are hung.
+    pub(super) fn hung_businesses(&self) -> Vec<BusinessId> {
+        if !self.hung.any() {
+            return Vec::new();
+        }
+        self.hung.lock().keys().copied().collect()
+    }
+
+    /// Note that `business`'s endpoint was not told message `id` is sent
+    /// because it is hung: the loop may probe it with that report.
+    pub(super) fn missed_sent(&self, business: BusinessId, id: MessageId) {
+        if self.hung.any() {
+            self.hung.missed_sent(business, id);
+        }
+    }
+
     /// A call to `business`'s endpoint about message `id`, to be made now;
     /// `None` if its endpoint is hung and not to be asked (see the module
     /// docs): the retransmission loop is not working on `id`, a probe is

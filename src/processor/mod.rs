@@ -259,8 +259,8 @@ pub struct DeliveryConfig {
     /// over 30 days with the defaults, where a fixed wait of an hour sent
     /// it 720).
     pub receipt_timeout: Duration,
-    /// Messages handled per [`Processor::retransmit_due`] call, of
-    /// businesses whose endpoints answer (a hung one's are put off besides).
+    /// Messages handled per [`Processor::retransmit_due`] call (a hung
+    /// business's that need only a call to it are put off besides).
     pub batch: usize,
 }
 

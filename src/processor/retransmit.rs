@@ -9,10 +9,11 @@ use super::inbound::{Attempt, InboundParts};
 use super::payload::StoredBody;
 use super::records::Stored;
 use super::{Processor, ProcessorError, due_by};
+use crate::ids::BusinessId;
 use crate::retention::RecordFacts;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
 use crate::time::Timestamp;
-use crate::transport::Principal;
+use crate::transport::{Principal, StatusUpdate};
 use crate::visibility::Purpose;
 
 /// What [`Processor::retransmit_due`] did.
@@ -143,11 +144,16 @@ impl Processor {
     /// only. Run it periodically.
     ///
     /// A pass works on up to [`DeliveryConfig::batch`](super::DeliveryConfig::batch)
-    /// messages of businesses whose endpoints answer, earliest due first,
-    /// and then on the due messages of businesses whose endpoints left a
-    /// call unanswered (put off without a call, but for one probe at a
-    /// time): however many of those are due, they hold up none of the
-    /// others.
+    /// messages, earliest due first, the messages of businesses whose
+    /// endpoints left a call unanswered after the others' in each listing:
+    /// what they would carry to the business is put off without a call,
+    /// and only those sent through the transport count against the batch,
+    /// so however many are due, they keep none of the others out of the
+    /// pass. Last, it probes each such endpoint due a probe, with one of
+    /// its due messages, or else with the latest `Sent` report it missed
+    /// (if that message is still sent): a probe that hangs until the
+    /// host's timeout holds up nothing else of the pass. Once it answers,
+    /// the business's messages are taken up as usual from the next pass.
     ///
     /// A host error on one message (the store or the key provider failing)
     /// is logged and counted in [`RetransmitReport::errors`], and the pass
@@ -167,64 +173,135 @@ impl Processor {
         let now = self.clock.now();
         let mut report = RetransmitReport::default();
         let batch = self.delivery.batch;
-        // Messages of businesses whose endpoints answer, worked on.
-        let mut answering = 0;
+        // Messages worked on with a call out: of businesses whose
+        // endpoints answer, or sent through the transport.
+        let mut worked = 0;
         let mut seen = HashSet::new();
-        loop {
+        // One message of each hung business due a probe, worked on last.
+        let mut probes: Vec<MessageRecord> = Vec::new();
+        'listings: loop {
             let mut due = self.storage.due_messages(now, batch).await?;
             let full = due.len() == batch;
             self.hung.last(&mut due);
             let (mut hung, mut new) = (false, false);
             for due in due {
                 // Seen again: this pass left it due (an error, an attempt
-                // under way).
+                // under way, the probe set aside).
                 if !seen.insert((due.business, due.id)) {
                     continue;
                 }
                 new = true;
-                if self.hung.contains(due.business) {
+                let put_off = self.hung.contains(due.business);
+                if put_off {
                     hung = true;
-                } else if answering == batch {
-                    return Ok(report);
-                } else {
-                    answering += 1;
+                    if self.probe_due(due.business)
+                        && !probes.iter().any(|p| p.business == due.business)
+                    {
+                        probes.push(due);
+                        continue;
+                    }
                 }
-                report.due += 1;
-                // One message's error (the store or the key provider failing)
-                // holds up none behind it. Whatever it left undone is owed, or
-                // still due: the next pass takes it up again.
-                if let Err(e) = self.retransmit_one(&due, now, &mut report).await {
-                    warn!(business = %due.business, id = %due.id, error = %e, "a due message could not be worked on: left for the next pass");
-                    report.errors += 1;
+                if worked >= batch {
+                    break 'listings;
+                }
+                let sent = report.sent;
+                self.work_on(&due, now, false, &mut report).await;
+                if !put_off || report.sent > sent {
+                    worked += 1;
                 }
             }
             // A listing that hung businesses' messages filled may have
-            // left others out: those just worked on are put off (the
-            // endpoint was not asked, or was probed), so the next listing
-            // reaches further.
+            // left others out: those just worked on are put off (their
+            // endpoint not asked), so the next listing reaches further.
             if !(full && hung && new) {
-                return Ok(report);
+                break;
             }
         }
+        // Last, as any of them may not answer: one probe of each hung
+        // endpoint due one, with one of its messages, or else with the
+        // latest `Sent` report it missed.
+        for due in probes {
+            self.work_on(&due, now, true, &mut report).await;
+        }
+        for business in self.hung_businesses() {
+            if self.probe_due(business) {
+                self.probe_with_sent(business).await;
+            }
+        }
+        Ok(report)
+    }
+
+    /// [`retransmit_one`](Self::retransmit_one), an error logged and
+    /// counted: one message's error (the store or the key provider
+    /// failing) holds up none behind it. Whatever it left undone is owed,
+    /// or still due: the next pass takes it up again.
+    async fn work_on(
+        &self,
+        due: &MessageRecord,
+        now: Timestamp,
+        probe: bool,
+        report: &mut RetransmitReport,
+    ) {
+        report.due += 1;
+        if let Err(e) = self.retransmit_one(due, now, probe, report).await {
+            warn!(business = %due.business, id = %due.id, error = %e, "a due message could not be worked on: left for the next pass");
+            report.errors += 1;
+        }
+    }
+
+    /// Probe `business`'s hung endpoint with the latest `Sent` report it
+    /// missed, if the message is still sent: a business whose messages
+    /// need no call of the loop (sent, never reported delivered) is asked
+    /// again all the same.
+    async fn probe_with_sent(&self, business: BusinessId) {
+        let Some(id) = self.hung.take_missed_sent(business) else {
+            return;
+        };
+        let claim = match self.take_up(business, id).await {
+            Ok(Some(claim)) => claim,
+            // Kept for the next pass: an attempt is under way.
+            Ok(None) => return self.missed_sent(business, id),
+            Err(e) => {
+                warn!(%business, %id, error = %e, "a missed sent report could not be made");
+                return;
+            }
+        };
+        let _armed = self.hung.arm(business, id);
+        if let Ok(Some(record)) = self.storage.message(business, id).await
+            && record.delivery.status == Status::Sent
+        {
+            let at = self.clock.now();
+            let update = StatusUpdate {
+                business,
+                id,
+                status: Status::Sent,
+                failure: None,
+                at,
+            };
+            self.notify(update).await;
+        }
+        drop(claim);
     }
 
     /// Work on one message found due at `listed` (see
     /// [`retransmit_due`](Self::retransmit_due)), counting what was done in
-    /// `report`. Its retention is checked at the time it is taken up: the
-    /// pass may have spent hours on the messages before it (a slow business
-    /// endpoint).
+    /// `report`; a call about it probes its business's endpoint if `probe`
+    /// and the endpoint is hung. Its retention is checked at the time it is
+    /// taken up: the pass may have spent hours on the messages before it (a
+    /// slow business endpoint).
     async fn retransmit_one(
         &self,
         due: &MessageRecord,
         listed: Timestamp,
+        probe: bool,
         report: &mut RetransmitReport,
     ) -> Result<(), ProcessorError> {
         // An attempt under way for it will leave it due again if it must be.
         let Some(_claim) = self.take_up(due.business, due.id).await? else {
             return Ok(());
         };
-        // A call about it may probe its business's endpoint, if hung.
-        self.hung.arm(due.business, due.id);
+        // A call about it probes its business's endpoint, if hung.
+        let _armed = probe.then(|| self.hung.arm(due.business, due.id));
         // Look again under the claim: a status may have arrived meanwhile.
         let Some(record) = self.storage.message(due.business, due.id).await? else {
             return Ok(());

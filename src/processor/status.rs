@@ -310,6 +310,9 @@ impl Processor {
         let told = self.ask_business(update.business, update.id, self.sink.status(&update));
         let Some(told) = told.await else {
             debug!(business = %update.business, id = %update.id, "business endpoint hung; status not told");
+            if update.status == Status::Sent {
+                self.missed_sent(update.business, update.id);
+            }
             return;
         };
         if let Err(e) = told {

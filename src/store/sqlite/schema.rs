@@ -656,10 +656,15 @@ pub(super) fn single_name(path: &Path) -> Result<(), SqliteOpenError> {
             creating += 1;
         }
     }
-    if meta.nlink() > 1 + creating {
+    // Counted again after the names: a creation may have removed its own
+    // name meanwhile (and none makes one once the file is there).
+    let links = std::fs::metadata(path)
+        .map_err(|e| io_error(path, e))?
+        .nlink();
+    if links > 1 + creating {
         return Err(SqliteOpenError::MultipleLinks {
             path: path.to_owned(),
-            links: meta.nlink(),
+            links,
         });
     }
     Ok(())

@@ -254,12 +254,53 @@ fn a_file_with_another_name_is_refused_by_both() {
     let creating = dir.path().join("store.db.creating-1-2-3");
     std::fs::hard_link(&path, &creating).unwrap();
     drop(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
-    // Only the file's own creations count: another file's is a name.
+    // Only the file's own creations count, beside it: another file's is a
+    // name, and so is one in another directory.
+    let three = |e: &SqliteOpenError| matches!(e, SqliteOpenError::MultipleLinks { links: 3, .. });
     let other = dir.path().join("other.db.creating-1-2-3");
     std::fs::hard_link(&path, &other).unwrap();
-    refused(&path, |e| {
-        matches!(e, SqliteOpenError::MultipleLinks { links: 3, .. })
-    });
+    refused(&path, three);
+    std::fs::remove_file(&other).unwrap();
+    let elsewhere = dir.path().join("sub");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::hard_link(&path, elsewhere.join("store.db.creating-1-2-4")).unwrap();
+    refused(&path, three);
+}
+
+/// A process opening the file the moment another's creation links it in
+/// place is not refused for the creation's own name, gone by the time it
+/// looked for it. (The names were counted before the creation removed its
+/// own, and looked for after: a file with one name was refused, in a few
+/// rounds of a thousand.) (Second look.)
+#[test]
+#[cfg(unix)]
+fn an_opener_racing_a_creation_is_not_refused() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for round in 0..300 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let go = AtomicBool::new(false);
+        let (created, opened) = std::thread::scope(|s| {
+            let opener = s.spawn(|| {
+                go.store(true, Ordering::SeqCst);
+                while std::fs::symlink_metadata(&path).is_err() {
+                    std::hint::spin_loop();
+                }
+                SqliteStore::open(&path, SqliteConfig::default())
+            });
+            while !go.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            let created = SqliteStore::open(&path, SqliteConfig::default());
+            (created, opener.join().unwrap())
+        });
+        assert!(created.is_ok(), "round {round}: {:?}", created.err());
+        assert!(
+            !matches!(opened, Err(SqliteOpenError::MultipleLinks { .. })),
+            "round {round}: {:?}",
+            opened.err()
+        );
+    }
 }
 
 #[test]
