@@ -1222,41 +1222,46 @@ async fn a_hung_business_filling_the_listings_holds_up_no_other() {
     }
 }
 
-/// Nor is a hung business's backlog sent through the transport past
-/// `batch` in one pass: its outbound messages are sent, not put off, and
-/// count. (A pass with a batch of 2 sent ten.) (Second look.)
+/// Nor does a hung business's backlog of sends go to the transport past
+/// `batch` in one pass, whether or not they reach a device: its outbound
+/// messages are sent, not put off, and count. (A pass with a batch of 2
+/// sent ten; then, counting only those that reached a device, tried ten
+/// that reached none.) (Second and third looks.)
 #[tokio::test]
 async fn a_pass_sends_no_more_than_its_batch_of_a_hung_business() {
-    let d = D::with(1, delivery(60, 600, 2)).await;
-    let first = d.send(b(1)).await;
-    // The consumer's devices unreachable: ten messages queued.
-    let devices = d.net.sim.devices(b(1), &number(1)).await.unwrap();
-    for &device in &devices {
-        d.net
-            .modes
-            .lock()
-            .unwrap()
-            .insert(device, SendMode::Transient);
+    for reachable in [true, false] {
+        let d = D::with(1, delivery(60, 600, 2)).await;
+        let first = d.send(b(1)).await;
+        // The consumer's devices unreachable: ten messages queued.
+        let devices = d.net.sim.devices(b(1), &number(1)).await.unwrap();
+        for &device in &devices {
+            d.net
+                .modes
+                .lock()
+                .unwrap()
+                .insert(device, SendMode::Transient);
+        }
+        for _ in 0..10 {
+            d.send(b(1)).await;
+        }
+        if reachable {
+            d.net.modes.lock().unwrap().clear();
+        }
+        // Business 1's endpoint leaves a call unanswered.
+        d.advance(30);
+        *d.sink.hang.lock().unwrap() = Some(b(1));
+        let cut = poll_at_most(d.report(b(1), first, Status::Delivered), 10_000).await;
+        assert!(cut.is_none(), "{cut:?}");
+        // The queued messages due, inside the endpoint's wait.
+        d.advance(40);
+        let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
+        let report = pass.expect("the pass ended").unwrap();
+        // Two sends, and the report the endpoint left unanswered, put off.
+        assert!(
+            report.due <= 3,
+            "reachable {reachable}: a pass with a batch of 2 worked on {report:?}"
+        );
     }
-    for _ in 0..10 {
-        d.send(b(1)).await;
-    }
-    d.net.modes.lock().unwrap().clear();
-    // Business 1's endpoint leaves a call unanswered.
-    d.advance(30);
-    *d.sink.hang.lock().unwrap() = Some(b(1));
-    let cut = poll_at_most(d.report(b(1), first, Status::Delivered), 10_000).await;
-    assert!(cut.is_none(), "{cut:?}");
-    // The queued messages due, inside the endpoint's wait.
-    d.advance(40);
-    let before = d.net.taken.lock().unwrap().len();
-    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
-    let report = pass.expect("the pass ended").unwrap();
-    let sent = d.net.taken.lock().unwrap().len() - before;
-    assert!(
-        sent <= 2 * devices.len(),
-        "a pass with a batch of 2 sent {sent}: {report:?}"
-    );
 }
 
 /// A call about the message the loop last probed with is no probe once the
@@ -1310,4 +1315,74 @@ async fn a_business_that_only_sends_is_asked_again_once_marked() {
     for id in sent {
         assert_eq!(d.sink.told(id), vec![(Status::Sent, None)]);
     }
+}
+
+/// The message a probe is made with, set aside to the end of the pass,
+/// takes no other business's place in it. (It stayed due, first in every
+/// listing: with as many hung businesses as the batch, a pass worked on
+/// nothing else.) (Third look.)
+#[tokio::test]
+async fn a_probe_set_aside_takes_no_place_in_the_pass() {
+    let d = D::with(1, delivery(60, 600, 1)).await;
+    let (m1, m2) = (d.send(b(1)).await, d.send(b(2)).await);
+    // Both reports refused once, business 1's due first.
+    d.sink.fail.store(2, Ordering::SeqCst);
+    for (business, id) in [(b(1), m1), (b(2), m2)] {
+        let told = d.report(business, id, Status::Delivered).await.unwrap();
+        assert_eq!(told, StatusChange::Applied);
+        d.advance(1);
+    }
+    // Business 1's endpoint leaves a call unanswered, and answers again.
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    let cut = poll_at_most(d.report(b(1), m1, Status::Read), 50).await;
+    assert!(cut.is_none(), "{cut:?}");
+    *d.sink.hang.lock().unwrap() = None;
+    // Past its wait: the probe, and business 2's report, in one pass.
+    d.advance(200);
+    d.retransmit().await;
+    assert_eq!(d.sink.settled_told(m2), vec![(Status::Delivered, None)]);
+    assert_eq!(d.sink.settled_told(m1), vec![(Status::Read, None)]);
+}
+
+/// A probe that hangs holds up no other business's probe: they are made at
+/// once. (They were made one after the other, and the first that hung had
+/// the pass cut before the others.) (Third look.)
+#[tokio::test]
+async fn a_hanging_probe_holds_up_no_other_probe() {
+    let d = D::new(1).await;
+    let (m1, m2) = (d.send(b(1)).await, d.send(b(2)).await);
+    // Both endpoints leave a call unanswered: both marked.
+    for (business, id) in [(b(1), m1), (b(2), m2)] {
+        *d.sink.hang.lock().unwrap() = Some(business);
+        let cut = poll_at_most(d.report(business, id, Status::Delivered), 50).await;
+        assert!(cut.is_none(), "{cut:?}");
+    }
+    // Business 1's still hangs, business 2's answers: past both waits, a
+    // pass probes both, and is cut on business 1's.
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    d.advance(3);
+    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
+    assert!(pass.is_none(), "business 1 was not probed");
+    assert_eq!(d.sink.settled_told(m2), vec![(Status::Delivered, None)]);
+}
+
+/// The latest `Sent` report an endpoint missed while hung is made once it
+/// answers the loop's probe with a due message. (Its answer forgot it.)
+/// (Third look.)
+#[tokio::test]
+async fn a_missed_sent_is_made_once_a_probe_is_answered() {
+    let d = D::new(1).await;
+    let m1 = d.send(b(1)).await;
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    let cut = poll_at_most(d.report(b(1), m1, Status::Delivered), 50).await;
+    assert!(cut.is_none(), "{cut:?}");
+    // A send meanwhile: its report missed.
+    let m2 = d.send(b(1)).await;
+    assert!(d.sink.told(m2).is_empty());
+    // Answering again, probed with m1's report: m2's made after it.
+    *d.sink.hang.lock().unwrap() = None;
+    d.advance(3);
+    d.retransmit().await;
+    assert_eq!(d.sink.settled_told(m1), vec![(Status::Delivered, None)]);
+    assert_eq!(d.sink.told(m2), vec![(Status::Sent, None)]);
 }

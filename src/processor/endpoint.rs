@@ -39,6 +39,9 @@ pub(super) struct HungEndpoints {
     /// Whether any is (or may be): with none, a call takes no lock. Set
     /// under the lock with the first, cleared with the last.
     any: AtomicBool,
+    /// The latest message whose `Sent` report each business's endpoint
+    /// missed while hung: kept once it answers, to be made then.
+    missed_sent: Mutex<HashMap<BusinessId, MessageId, RandomState>>,
 }
 
 /// An endpoint that left calls unanswered.
@@ -54,8 +57,6 @@ struct Hung {
     /// The message the retransmission loop probes with: the only one a
     /// call about may probe.
     armed: Option<MessageId>,
-    /// The latest message whose `Sent` report it missed.
-    missed_sent: Option<MessageId>,
 }
 
 impl HungEndpoints {
@@ -111,7 +112,6 @@ impl HungEndpoints {
                     dropped: 1,
                     probing: false,
                     armed: None,
-                    missed_sent: None,
                 };
                 hung.insert(business, first);
             }
@@ -135,17 +135,21 @@ impl HungEndpoints {
         }
     }
 
-    /// `business`'s endpoint, hung, was not told that message `id` is sent.
-    fn missed_sent(&self, business: BusinessId, id: MessageId) {
-        if let Some(h) = self.lock().get_mut(&business) {
-            h.missed_sent = Some(id);
-        }
+    fn missed(&self) -> MutexGuard<'_, HashMap<BusinessId, MessageId, RandomState>> {
+        self.missed_sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The latest message whose `Sent` report `business`'s hung endpoint
-    /// missed, no longer remembered.
+    /// `business`'s endpoint, hung, was not told that message `id` is sent.
+    fn missed_sent(&self, business: BusinessId, id: MessageId) {
+        self.missed().insert(business, id);
+    }
+
+    /// The latest message whose `Sent` report `business`'s endpoint missed
+    /// while hung, no longer remembered.
     pub(super) fn take_missed_sent(&self, business: BusinessId) -> Option<MessageId> {
-        self.lock().get_mut(&business)?.missed_sent.take()
+        self.missed().remove(&business)
     }
 
     /// A probe of `business`'s endpoint was not made after all: it is as
@@ -225,20 +229,31 @@ impl Processor {
         })
     }
 
-    /// The businesses whose endpoints are hung.
-    pub(super) fn hung_businesses(&self) -> Vec<BusinessId> {
-        if !self.hung.any() {
-            return Vec::new();
+    /// The businesses the retransmission loop is to call last in its
+    /// pass: those whose hung endpoints are due a probe, and those whose
+    /// endpoints answer again, not yet told the latest `Sent` report they
+    /// missed while hung.
+    pub(super) fn to_probe(&self) -> Vec<BusinessId> {
+        let mut businesses: Vec<BusinessId> = if self.hung.any() {
+            let hung: Vec<BusinessId> = self.hung.lock().keys().copied().collect();
+            hung.into_iter().filter(|&b| self.probe_due(b)).collect()
+        } else {
+            Vec::new()
+        };
+        let missed: Vec<BusinessId> = self.hung.missed().keys().copied().collect();
+        for business in missed {
+            if !self.hung.contains(business) && !businesses.contains(&business) {
+                businesses.push(business);
+            }
         }
-        self.hung.lock().keys().copied().collect()
+        businesses
     }
 
     /// Note that `business`'s endpoint was not told message `id` is sent
-    /// because it is hung: the loop may probe it with that report.
+    /// because it is hung: the loop makes that report later, as a probe if
+    /// need be.
     pub(super) fn missed_sent(&self, business: BusinessId, id: MessageId) {
-        if self.hung.any() {
-            self.hung.missed_sent(business, id);
-        }
+        self.hung.missed_sent(business, id);
     }
 
     /// A call to `business`'s endpoint about message `id`, to be made now;

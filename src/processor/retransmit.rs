@@ -9,7 +9,7 @@ use super::inbound::{Attempt, InboundParts};
 use super::payload::StoredBody;
 use super::records::Stored;
 use super::{Processor, ProcessorError, due_by};
-use crate::ids::BusinessId;
+use crate::ids::{BusinessId, MessageId};
 use crate::retention::RecordFacts;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
 use crate::time::Timestamp;
@@ -33,6 +33,24 @@ pub struct RetransmitReport {
     /// provider failing): what was left undone is owed to them, or they
     /// are still due, and the next pass takes them up again. Each is logged.
     pub errors: u64,
+}
+
+impl RetransmitReport {
+    /// Count `other`'s work in this one.
+    fn add(&mut self, other: &Self) {
+        self.due += other.due;
+        self.delivered_to_business += other.delivered_to_business;
+        self.sent += other.sent;
+        self.failures_reported += other.failures_reported;
+        self.rescheduled += other.rescheduled;
+        self.errors += other.errors;
+    }
+}
+
+/// Whether working on due message `m` may send it through the transport.
+fn needs_transport(m: &MessageRecord) -> bool {
+    let d = &m.delivery;
+    m.direction == Direction::Outbound && d.status != Status::Failed && d.pending_devices != 0
 }
 
 impl Processor {
@@ -149,11 +167,13 @@ impl Processor {
     /// what they would carry to the business is put off without a call,
     /// and only those sent through the transport count against the batch,
     /// so however many are due, they keep none of the others out of the
-    /// pass. Last, it probes each such endpoint due a probe, with one of
-    /// its due messages, or else with the latest `Sent` report it missed
-    /// (if that message is still sent): a probe that hangs until the
-    /// host's timeout holds up nothing else of the pass. Once it answers,
-    /// the business's messages are taken up as usual from the next pass.
+    /// pass. Last, it probes every such endpoint due a probe at once, each
+    /// with one of its due messages (set aside: it takes no other's place),
+    /// or else with the latest `Sent` report it missed (if that message is
+    /// still sent): a probe that hangs until the host's timeout holds up
+    /// nothing else of the pass. Once one answers, that report is made too,
+    /// and the business's messages are taken up as usual from the next
+    /// pass.
     ///
     /// A host error on one message (the store or the key provider failing)
     /// is logged and counted in [`RetransmitReport::errors`], and the pass
@@ -173,62 +193,87 @@ impl Processor {
         let now = self.clock.now();
         let mut report = RetransmitReport::default();
         let batch = self.delivery.batch;
-        // Messages worked on with a call out: of businesses whose
-        // endpoints answer, or sent through the transport.
+        // Messages worked on that count against the batch.
         let mut worked = 0;
         let mut seen = HashSet::new();
-        // One message of each hung business due a probe, worked on last.
+        // One due message of each hung business due a probe, set aside.
         let mut probes: Vec<MessageRecord> = Vec::new();
         'listings: loop {
-            let mut due = self.storage.due_messages(now, batch).await?;
-            let full = due.len() == batch;
+            // What this pass left due (set aside, an error, an attempt
+            // under way) comes first in a listing: listed besides the batch.
+            let limit = batch.saturating_add(seen.len());
+            let mut due = self.storage.due_messages(now, limit).await?;
+            let full = due.len() == limit;
             self.hung.last(&mut due);
-            let (mut hung, mut new) = (false, false);
+            let mut new = false;
             for due in due {
-                // Seen again: this pass left it due (an error, an attempt
-                // under way, the probe set aside).
                 if !seen.insert((due.business, due.id)) {
                     continue;
                 }
                 new = true;
-                let put_off = self.hung.contains(due.business);
-                if put_off {
-                    hung = true;
-                    if self.probe_due(due.business)
-                        && !probes.iter().any(|p| p.business == due.business)
-                    {
-                        probes.push(due);
-                        continue;
-                    }
+                let hung = self.hung.contains(due.business);
+                if hung
+                    && self.probe_due(due.business)
+                    && !probes.iter().any(|p| p.business == due.business)
+                {
+                    probes.push(due);
+                    continue;
                 }
                 if worked >= batch {
                     break 'listings;
                 }
-                let sent = report.sent;
-                self.work_on(&due, now, false, &mut report).await;
-                if !put_off || report.sent > sent {
+                // A hung business's message that needs only a call to it is
+                // put off, and counts not; one for the transport does.
+                if !hung || needs_transport(&due) {
                     worked += 1;
                 }
+                self.work_on(&due, now, false, &mut report).await;
             }
-            // A listing that hung businesses' messages filled may have
-            // left others out: those just worked on are put off (their
-            // endpoint not asked), so the next listing reaches further.
-            if !(full && hung && new) {
+            // A listing that hung businesses' messages filled may have left
+            // others out: those worked on are put off, so the next listing
+            // reaches further.
+            if !(full && new) || worked >= batch {
                 break;
             }
         }
-        // Last, as any of them may not answer: one probe of each hung
-        // endpoint due one, with one of its messages, or else with the
-        // latest `Sent` report it missed.
-        for due in probes {
-            self.work_on(&due, now, true, &mut report).await;
-        }
-        for business in self.hung_businesses() {
-            if self.probe_due(business) {
-                self.probe_with_sent(business).await;
-            }
+        // Last, as any may not answer, and all at once, as one that hangs
+        // holds up no other: a probe of each hung endpoint due one.
+        let probing: Vec<_> = self
+            .to_probe()
+            .into_iter()
+            .map(|business| {
+                let with = probes
+                    .iter()
+                    .position(|p| p.business == business)
+                    .map(|i| probes.swap_remove(i));
+                self.probe(business, with, now)
+            })
+            .collect();
+        for probed in futures_util::future::join_all(probing).await {
+            report.add(&probed);
         }
         Ok(report)
+    }
+
+    /// Probe `business`'s endpoint, if hung: with its due message `with`,
+    /// or else (if that made no call) with the latest `Sent` report the
+    /// endpoint missed while hung, which is made too once it answers.
+    async fn probe(
+        &self,
+        business: BusinessId,
+        with: Option<MessageRecord>,
+        now: Timestamp,
+    ) -> RetransmitReport {
+        let mut report = RetransmitReport::default();
+        if let Some(due) = with {
+            self.work_on(&due, now, true, &mut report).await;
+        }
+        // Not while a probe is under way, nor one unanswered: kept.
+        let callable = !self.hung.contains(business) || self.probe_due(business);
+        if callable && let Some(id) = self.hung.take_missed_sent(business) {
+            self.tell_missed_sent(business, id).await;
+        }
+        report
     }
 
     /// [`retransmit_one`](Self::retransmit_one), an error logged and
@@ -249,14 +294,10 @@ impl Processor {
         }
     }
 
-    /// Probe `business`'s hung endpoint with the latest `Sent` report it
-    /// missed, if the message is still sent: a business whose messages
-    /// need no call of the loop (sent, never reported delivered) is asked
-    /// again all the same.
-    async fn probe_with_sent(&self, business: BusinessId) {
-        let Some(id) = self.hung.take_missed_sent(business) else {
-            return;
-        };
+    /// Tell `business` that message `id` is sent, a report its hung
+    /// endpoint missed, if the message is still sent (a probe, if the
+    /// endpoint is still hung).
+    async fn tell_missed_sent(&self, business: BusinessId, id: MessageId) {
         let claim = match self.take_up(business, id).await {
             Ok(Some(claim)) => claim,
             // Kept for the next pass: an attempt is under way.
