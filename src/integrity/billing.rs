@@ -39,6 +39,7 @@ impl Category {
     ];
 
     /// The category's stored code, in the categories' order.
+    #[cfg(feature = "sqlite")]
     pub(crate) const fn code(self) -> u8 {
         match self {
             Self::Marketing => 1,
@@ -49,6 +50,7 @@ impl Category {
     }
 
     /// The category with this stored code.
+    #[cfg(feature = "sqlite")]
     pub(crate) const fn from_code(code: u8) -> Option<Self> {
         match code {
             1 => Some(Self::Marketing),
