@@ -1386,3 +1386,29 @@ async fn a_missed_sent_is_made_once_a_probe_is_answered() {
     assert_eq!(d.sink.settled_told(m1), vec![(Status::Delivered, None)]);
     assert_eq!(d.sink.told(m2), vec![(Status::Sent, None)]);
 }
+
+/// A missed `Sent` report the loop probes a still hung endpoint with, cut
+/// by the host's timeout, is made once the endpoint answers. (It was taken
+/// to be made and lost with the cut pass.) (Fourth look.)
+#[tokio::test]
+async fn a_missed_sent_cut_as_a_probe_is_made_later() {
+    let d = D::new(1).await;
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    // A send cut at its `Sent` report marks the endpoint; the next send's
+    // report is missed.
+    assert!(poll_at_most(d.send(b(1)), 10_000).await.is_none());
+    let m2 = d.send(b(1)).await;
+    // The pass probes with it, and is cut.
+    d.advance(3);
+    let calls = d.sink.calls_to(b(1));
+    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
+    assert!(pass.is_none(), "the loop did not probe");
+    assert_eq!(d.sink.calls_to(b(1)), calls + 1);
+    // Answering again, it is told.
+    *d.sink.hang.lock().unwrap() = None;
+    for _ in 0..4 {
+        d.advance(10);
+        d.retransmit().await;
+    }
+    assert_eq!(d.sink.told(m2), vec![(Status::Sent, None)]);
+}

@@ -147,9 +147,16 @@ impl HungEndpoints {
     }
 
     /// The latest message whose `Sent` report `business`'s endpoint missed
-    /// while hung, no longer remembered.
-    pub(super) fn take_missed_sent(&self, business: BusinessId) -> Option<MessageId> {
-        self.missed().remove(&business)
+    /// while hung, no longer remembered, but for the guard: dropped before
+    /// it is [`told`](MissedSent::told), it is remembered again (unless a
+    /// later one was missed meanwhile).
+    pub(super) fn take_missed_sent(&self, business: BusinessId) -> Option<MissedSent<'_>> {
+        let id = self.missed().remove(&business)?;
+        Some(MissedSent {
+            hung: self,
+            business,
+            id: Some(id),
+        })
     }
 
     /// A probe of `business`'s endpoint was not made after all: it is as
@@ -158,6 +165,34 @@ impl HungEndpoints {
         if let Some(h) = self.lock().get_mut(&business) {
             h.probing = false;
             h.since = since;
+        }
+    }
+}
+
+/// A `Sent` report a hung endpoint missed, taken to be made: remembered
+/// again when dropped, unless told.
+pub(super) struct MissedSent<'a> {
+    hung: &'a HungEndpoints,
+    business: BusinessId,
+    id: Option<MessageId>,
+}
+
+impl MissedSent<'_> {
+    /// The message whose report it is.
+    pub(super) fn id(&self) -> Option<MessageId> {
+        self.id
+    }
+
+    /// Made (answered), or no longer to be made: not remembered again.
+    pub(super) fn told(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for MissedSent<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.hung.missed().entry(self.business).or_insert(id);
         }
     }
 }

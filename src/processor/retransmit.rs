@@ -5,11 +5,12 @@ use std::collections::HashSet;
 
 use tracing::{Instrument, debug, debug_span, warn};
 
+use super::endpoint::MissedSent;
 use super::inbound::{Attempt, InboundParts};
 use super::payload::StoredBody;
 use super::records::Stored;
 use super::{Processor, ProcessorError, due_by};
-use crate::ids::{BusinessId, MessageId};
+use crate::ids::BusinessId;
 use crate::retention::RecordFacts;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
 use crate::time::Timestamp;
@@ -270,8 +271,8 @@ impl Processor {
         }
         // Not while a probe is under way, nor one unanswered: kept.
         let callable = !self.hung.contains(business) || self.probe_due(business);
-        if callable && let Some(id) = self.hung.take_missed_sent(business) {
-            self.tell_missed_sent(business, id).await;
+        if callable && let Some(missed) = self.hung.take_missed_sent(business) {
+            self.tell_missed_sent(business, missed).await;
         }
         report
     }
@@ -294,32 +295,46 @@ impl Processor {
         }
     }
 
-    /// Tell `business` that message `id` is sent, a report its hung
-    /// endpoint missed, if the message is still sent (a probe, if the
-    /// endpoint is still hung).
-    async fn tell_missed_sent(&self, business: BusinessId, id: MessageId) {
+    /// Make `missed`, a `Sent` report `business`'s endpoint missed while
+    /// hung, if its message is still sent (a probe, if the endpoint is
+    /// still hung). Kept for a later pass unless the call is answered or
+    /// the message moved on (a call dropped unanswered may have landed, as
+    /// any report's: the report is made again).
+    async fn tell_missed_sent(&self, business: BusinessId, missed: MissedSent<'_>) {
+        let Some(id) = missed.id() else { return };
         let claim = match self.take_up(business, id).await {
             Ok(Some(claim)) => claim,
-            // Kept for the next pass: an attempt is under way.
-            Ok(None) => return self.missed_sent(business, id),
+            // An attempt is under way.
+            Ok(None) => return,
             Err(e) => {
                 warn!(%business, %id, error = %e, "a missed sent report could not be made");
                 return;
             }
         };
         let _armed = self.hung.arm(business, id);
-        if let Ok(Some(record)) = self.storage.message(business, id).await
-            && record.delivery.status == Status::Sent
-        {
-            let at = self.clock.now();
-            let update = StatusUpdate {
-                business,
-                id,
-                status: Status::Sent,
-                failure: None,
-                at,
-            };
-            self.notify(update).await;
+        match self.storage.message(business, id).await {
+            Ok(Some(record)) if record.delivery.status == Status::Sent => {}
+            Ok(_) => return missed.told(),
+            Err(e) => {
+                warn!(%business, %id, error = %e, "a missed sent report could not be made");
+                return;
+            }
+        }
+        let update = StatusUpdate {
+            business,
+            id,
+            status: Status::Sent,
+            failure: None,
+            at: self.clock.now(),
+        };
+        let told = self
+            .ask_business(business, id, self.sink.status(&update))
+            .await;
+        if let Some(answer) = told {
+            if let Err(e) = answer {
+                debug!(%business, %id, error = %e, "status not delivered");
+            }
+            missed.told();
         }
         drop(claim);
     }
