@@ -155,7 +155,8 @@ impl HungEndpoints {
         Some(MissedSent {
             hung: self,
             business,
-            id: Some(id),
+            id,
+            kept: true,
         })
     }
 
@@ -174,25 +175,27 @@ impl HungEndpoints {
 pub(super) struct MissedSent<'a> {
     hung: &'a HungEndpoints,
     business: BusinessId,
-    id: Option<MessageId>,
+    id: MessageId,
+    /// Remembered again when dropped.
+    kept: bool,
 }
 
 impl MissedSent<'_> {
     /// The message whose report it is.
-    pub(super) fn id(&self) -> Option<MessageId> {
+    pub(super) fn id(&self) -> MessageId {
         self.id
     }
 
     /// Made (answered), or no longer to be made: not remembered again.
     pub(super) fn told(mut self) {
-        self.id = None;
+        self.kept = false;
     }
 }
 
 impl Drop for MissedSent<'_> {
     fn drop(&mut self) {
-        if let Some(id) = self.id {
-            self.hung.missed().entry(self.business).or_insert(id);
+        if self.kept {
+            self.hung.missed().entry(self.business).or_insert(self.id);
         }
     }
 }

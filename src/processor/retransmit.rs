@@ -301,7 +301,7 @@ impl Processor {
     /// the message moved on (a call dropped unanswered may have landed, as
     /// any report's: the report is made again).
     async fn tell_missed_sent(&self, business: BusinessId, missed: MissedSent<'_>) {
-        let Some(id) = missed.id() else { return };
+        let id = missed.id();
         let claim = match self.take_up(business, id).await {
             Ok(Some(claim)) => claim,
             // An attempt is under way.
