@@ -21,7 +21,7 @@ use custodian::store::MemoryStore;
 use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
 use custodian::time::{ManualClock, Timestamp};
 use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::visibility::MemoryAuditSink;
+use custodian::visibility::{AuditSink, MemoryAuditSink};
 use proptest::prelude::*;
 use wacore_libsignal::protocol::{PreKeySignalMessage, SignalMessage};
 
@@ -65,6 +65,8 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// One business (`id`, its owner also its carrier) and another's carrier
+/// (`other`, of `other_id`), on a store that outlives each processor.
 struct World {
     clock: ManualClock,
     store: Arc<MemoryStore>,
@@ -72,8 +74,10 @@ struct World {
     business: Arc<SimBusiness>,
     network: Arc<RecordingTransport>,
     owner: Principal,
+    other: Principal,
     operator: Principal,
     id: BusinessId,
+    other_id: BusinessId,
 }
 
 impl World {
@@ -86,12 +90,18 @@ impl World {
             provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
             network: Arc::new(RecordingTransport::new()),
             owner: Principal::new("owner"),
+            other: Principal::new("other-carrier"),
             operator: Principal::new("operator"),
             id: BusinessId::new(5).unwrap(),
+            other_id: BusinessId::new(6).unwrap(),
         }
     }
 
     fn processor(&self) -> Processor {
+        self.processor_with(Arc::new(MemoryAuditSink::new()))
+    }
+
+    fn processor_with(&self, audit: Arc<dyn AuditSink>) -> Processor {
         Processor::new(
             Host {
                 storage: self.store.clone(),
@@ -102,10 +112,12 @@ impl World {
                     StaticAuthorizer::new()
                         .grant(&self.owner, self.id)
                         .carrier(&self.owner, self.id)
+                        .grant(&self.other, self.other_id)
+                        .carrier(&self.other, self.other_id)
                         .operator(&self.operator),
                 ),
                 clock: Arc::new(self.clock.clone()),
-                audit: Arc::new(MemoryAuditSink::new()),
+                audit,
             },
             Policies::default(),
         )
@@ -337,93 +349,23 @@ async fn a_first_contact_replayed_with_its_base_key_reencoded_is_refused() {
 /// review's tests): a replay of their bytes is refused across restarts and
 /// the sweeps that clear the session cache, as any other message's is.
 mod resent {
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use custodian::ids::{BusinessId, MessageId, PhoneNumber};
+    use custodian::ids::{MessageId, PhoneNumber};
     use custodian::integrity::Category;
-    use custodian::keys::{LocalKeyProvider, SecretKey};
-    use custodian::processor::{
-        Host, Inbound, Outbound, Policies, Processor, ProcessorError, Receipt,
-    };
+    use custodian::processor::{Inbound, Outbound, Processor, ProcessorError, Receipt};
     use custodian::signal::Ciphertext;
-    use custodian::store::{MemoryStore, Storage};
-    use custodian::testing::{ConsumerDevice, Faults, RecordingTransport, SimBusiness};
-    use custodian::time::{ManualClock, Timestamp};
-    use custodian::transport::{Principal, StaticAuthorizer};
-    use custodian::visibility::{AuditSink, MemoryAuditSink};
+    use custodian::store::Storage;
+    use custodian::testing::ConsumerDevice;
 
-    const T0: u64 = 1_767_225_600_000;
+    use super::{World, consumer};
+
     const DAY: Duration = Duration::from_secs(86_400);
-
-    struct World {
-        clock: ManualClock,
-        store: Arc<MemoryStore>,
-        provider: Arc<LocalKeyProvider>,
-        business: Arc<SimBusiness>,
-        network: Arc<RecordingTransport>,
-        owner: Principal,
-        other: Principal,
-        operator: Principal,
-        id: BusinessId,
-        other_id: BusinessId,
-    }
-
-    impl World {
-        fn new() -> Self {
-            let clock = ManualClock::new(Timestamp::from_millis(T0));
-            Self {
-                business: SimBusiness::new(clock.clone(), Faults::none(), 1).unwrap(),
-                clock,
-                store: Arc::new(MemoryStore::new()),
-                provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-                network: Arc::new(RecordingTransport::new()),
-                owner: Principal::new("owner"),
-                other: Principal::new("other-carrier"),
-                operator: Principal::new("operator"),
-                id: BusinessId::new(5).unwrap(),
-                other_id: BusinessId::new(6).unwrap(),
-            }
-        }
-
-        fn processor(&self) -> Processor {
-            self.processor_with(Arc::new(MemoryAuditSink::new()))
-        }
-
-        fn processor_with(&self, audit: Arc<dyn AuditSink>) -> Processor {
-            Processor::new(
-                Host {
-                    storage: self.store.clone(),
-                    key_provider: self.provider.clone(),
-                    transport: self.network.clone(),
-                    business: self.business.clone(),
-                    authorizer: Arc::new(
-                        StaticAuthorizer::new()
-                            .grant(&self.owner, self.id)
-                            .carrier(&self.owner, self.id)
-                            .grant(&self.other, self.other_id)
-                            .carrier(&self.other, self.other_id)
-                            .operator(&self.operator),
-                    ),
-                    clock: Arc::new(self.clock.clone()),
-                    audit,
-                },
-                Policies::default(),
-            )
-            .unwrap()
-        }
-    }
-
-    fn consumer() -> PhoneNumber {
-        "+447700900123".parse().unwrap()
-    }
 
     fn inbound(message: &Ciphertext, resend_of: Option<MessageId>) -> Inbound {
         Inbound {
             resend_of,
-            from: consumer(),
-            device: 0,
-            message: message.clone(),
+            ..super::inbound(message)
         }
     }
 

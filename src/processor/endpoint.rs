@@ -261,10 +261,16 @@ impl Processor {
             return false;
         }
         let now = self.clock.now();
-        self.hung.lock().get(&business).is_some_and(|h| {
-            let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
-            !h.probing && now >= h.since.saturating_add(wait)
-        })
+        self.hung
+            .lock()
+            .get(&business)
+            .is_some_and(|h| !h.probing && self.waited(h, now))
+    }
+
+    /// Whether the while before `h` is probed again has passed at `now`.
+    fn waited(&self, h: &Hung, now: Timestamp) -> bool {
+        let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
+        now >= h.since.saturating_add(wait)
     }
 
     /// The businesses the retransmission loop is to call last in its
@@ -305,8 +311,7 @@ impl Processor {
             let now = self.clock.now();
             let mut hung = self.hung.lock();
             if let Some(h) = hung.get_mut(&business) {
-                let wait = self.delivery.backoff(h.dropped.saturating_sub(1));
-                if h.armed != Some(id) || h.probing || now < h.since.saturating_add(wait) {
+                if h.armed != Some(id) || h.probing || !self.waited(h, now) {
                     return None;
                 }
                 probe = Some(std::mem::replace(&mut h.since, now));

@@ -614,14 +614,17 @@ impl Processor {
         if accepted.next.status != Status::Sent {
             return;
         }
-        self.notify(StatusUpdate {
+        let update = StatusUpdate {
             business,
             id,
             status: Status::Sent,
             failure: None,
             at: accepted.at,
-        })
-        .await;
+        };
+        // Missed by a hung endpoint: the retransmission loop makes it.
+        if !self.notify(&update).await {
+            self.missed_sent(business, id);
+        }
     }
 
     /// The bookkeeping after sending to devices, for a message stored at

@@ -327,13 +327,7 @@ impl Processor {
             failure: None,
             at: self.clock.now(),
         };
-        let told = self
-            .ask_business(business, id, self.sink.status(&update))
-            .await;
-        if let Some(answer) = told {
-            if let Err(e) = answer {
-                debug!(%business, %id, error = %e, "status not delivered");
-            }
+        if self.notify(&update).await {
             missed.told();
         }
         drop(claim);

@@ -305,19 +305,19 @@ impl Processor {
     }
 
     /// Report a status to the business, best effort (settled statuses are
-    /// reported reliably, see `report_status`).
-    pub(super) async fn notify(&self, update: StatusUpdate) {
-        let told = self.ask_business(update.business, update.id, self.sink.status(&update));
+    /// reported reliably, see `report_status`). Returns whether its
+    /// endpoint was asked (and answered, whatever it said): not if it is
+    /// hung (see [`call_business`](Self::call_business)).
+    pub(super) async fn notify(&self, update: &StatusUpdate) -> bool {
+        let told = self.ask_business(update.business, update.id, self.sink.status(update));
         let Some(told) = told.await else {
             debug!(business = %update.business, id = %update.id, "business endpoint hung; status not told");
-            if update.status == Status::Sent {
-                self.missed_sent(update.business, update.id);
-            }
-            return;
+            return false;
         };
         if let Err(e) = told {
             debug!(business = %update.business, id = %update.id, error = %e, "status not delivered");
         }
+        true
     }
 
     /// Tell the business the settled status (delivered, read or failed) of
