@@ -711,22 +711,7 @@ mod resent {
             .advance(std::time::Duration::from_secs(20 * 86_400));
 
         // Our consumer's conversation, on the same processor.
-        let bundle = world.network.published().unwrap();
-        let mut device = ConsumerDevice::new(0);
-        device
-            .start_session(b, &bundle.bundle(Some(0)))
-            .await
-            .unwrap();
-        writes(&world, &processor, &mut device, b"hello", None).await;
-        let answer = Outbound {
-            to: consumer(),
-            content: b"noted".to_vec().into(),
-            category: Category::Service,
-        };
-        processor.send(owner, b, answer).await.unwrap();
-        for message in world.network.take_sent().remove(&consumer()).unwrap() {
-            device.decrypt(b, &message).await.unwrap();
-        }
+        let mut device = conversation_on(&world, &processor).await;
         writes(&world, &processor, &mut device, b"m1", None).await;
         let asked = MessageId::from_bytes([0x53; 16]);
         let (m2, plain) = writes(&world, &processor, &mut device, b"m2, sent again", None).await;
