@@ -1155,6 +1155,240 @@ async fn signed_prekeys_rotate_and_old_ones_work_through_their_grace_period() {
     assert_eq!(w.decrypt(peer, &first).await.unwrap(), b"current");
 }
 
+/// Flip the last bit of `w`'s stored wrapped key `id`: a damaged row (a
+/// disk error, a bad restore), as the store hands it back.
+async fn damage_key(w: &World, id: KeyId) {
+    let Some(KeyEntry::Wrapped(mut wrapped)) = w.store.key(&id).await.unwrap() else {
+        panic!("no live key {id:?}");
+    };
+    if let Some(last) = wrapped.blob.last_mut() {
+        *last ^= 1;
+    }
+    assert_eq!(w.store.delete_keys(&[id]).await.unwrap(), 1);
+    w.store.insert_key(wrapped).await.unwrap();
+}
+
+/// A damaged one-time prekey is left out of the publication and deleted by
+/// the upkeep; only a first message naming it fails. (It failed every
+/// publication and every upkeep of its business: with no publication, the
+/// network ran out of one-time prekeys, then served a signed prekey deleted
+/// past its grace.)
+#[tokio::test]
+async fn a_damaged_one_time_prekey_is_left_out_and_deleted_by_the_upkeep() {
+    let w = World::new();
+    let published = w.published().await;
+    let victim = published.one_time_prekeys[1].id;
+    let key = KeyId {
+        business: w.business,
+        kind: KeyKind::SignalPreKey,
+        id: u64::from(victim),
+    };
+    damage_key(&w, key).await;
+    let again = w.published().await;
+    assert_eq!(
+        again.one_time_prekeys.len(),
+        published.one_time_prekeys.len() - 1
+    );
+    assert!(again.one_time_prekeys.iter().all(|k| k.id != victim));
+    // The other keys still serve, and a first message naming that one fails.
+    let mut damaged = ConsumerDevice::new(0);
+    damaged
+        .start_session(w.business, &published.bundle(Some(1)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900021", &damaged).await;
+    let first = damaged.encrypt(w.business, b"hello").await.unwrap();
+    assert!(w.decrypt(peer, &first).await.is_err());
+    w.contact("+447700900022", 0).await;
+    let report = w.sessions.maintain(w.business, None).await.unwrap();
+    assert_eq!(report.damaged_deleted, 1);
+    assert!(!one_time_ids(&w).await.contains(&key.id));
+    assert_eq!(
+        w.sessions
+            .maintain(w.business, None)
+            .await
+            .unwrap()
+            .damaged_deleted,
+        0
+    );
+}
+
+/// A damaged signed prekey kept for its grace is skipped: after a restart,
+/// follow-ups and first messages on the current key decrypt, and the
+/// upkeep deletes it. (The account refused to load: every message of the
+/// business failed, the upkeep too, for good.)
+#[tokio::test]
+async fn a_damaged_replaced_signed_prekey_is_skipped_and_deleted() {
+    let mut w = World::new();
+    let (mut phone, peer) = w.contact("+447700900023", 0).await;
+    let reply = w.encrypt(peer, b"welcome").await;
+    phone.decrypt(w.business, &reply).await.unwrap();
+    let old = w.published().await.signed_prekey.id;
+    w.clock.advance(8 * DAY);
+    assert!(w.sessions.maintain(w.business, None).await.unwrap().rotated);
+    let key = KeyId {
+        business: w.business,
+        kind: KeyKind::SignalSignedPreKey,
+        id: u64::from(old),
+    };
+    damage_key(&w, key).await;
+    w.restart();
+    let follow_up = phone.encrypt(w.business, b"still there?").await.unwrap();
+    assert_eq!(w.decrypt(peer, &follow_up).await.unwrap(), b"still there?");
+    let current = w.published().await;
+    assert_ne!(current.signed_prekey.id, old);
+    w.contact("+447700900024", 0).await;
+    let report = w.sessions.maintain(w.business, None).await.unwrap();
+    assert_eq!((report.damaged_deleted, report.rotated), (1, false));
+    let (_, _, signed) = w.snapshot(peer).await;
+    assert_eq!(signed, vec![u64::from(current.signed_prekey.id)]);
+}
+
+/// With its only signed prekey damaged, a business makes a new one under
+/// another id: first messages from the old bundle fail as naming an
+/// unknown key, those from the new one decrypt. Its identity stays.
+#[tokio::test]
+async fn a_business_whose_signed_prekey_is_damaged_makes_a_new_one() {
+    let mut w = World::new();
+    let old = w.published().await;
+    damage_key(
+        &w,
+        KeyId {
+            business: w.business,
+            kind: KeyKind::SignalSignedPreKey,
+            id: u64::from(old.signed_prekey.id),
+        },
+    )
+    .await;
+    w.restart();
+    let new = w.published().await;
+    assert_ne!(new.signed_prekey.id, old.signed_prekey.id);
+    assert_eq!(new.identity_key, old.identity_key);
+    let mut late = ConsumerDevice::new(0);
+    late.start_session(w.business, &old.bundle(Some(0)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900025", &late).await;
+    let first = late.encrypt(w.business, b"old bundle").await.unwrap();
+    assert!(matches!(
+        w.decrypt(peer, &first).await,
+        Err(SignalError::UnknownPreKey("signed prekey"))
+    ));
+    w.contact("+447700900026", 0).await;
+}
+
+/// On SQLite, a prekey row that does not decode at all is skipped by the
+/// listings (and counted), and a refill whose next id it holds passes it
+/// by: the business's upkeep and publication go on. (The listing failed
+/// whole, and with it every upkeep and publication.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
+    use custodian::store::{SqliteConfig, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let sqlite = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 5,
+        ..SignalConfig::default()
+    };
+    let w = World::with_config(config.clone());
+    let (_, sessions) = World::open_over(w.root, sqlite.clone(), &w.store, &w.clock, config);
+    let published = sessions.publish(w.business).await.unwrap();
+    let ids: Vec<u32> = published.one_time_prekeys.iter().map(|k| k.id).collect();
+    let (victim, newest) = (ids[3], *ids.last().unwrap());
+    // Stored ids are the key id with its top bit flipped (SQLite's i64).
+    let sql_id = |id: u32| (u64::from(id) ^ (1 << 63)) as i64;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE wrapped_keys SET kek_version = 'damaged' WHERE kind = ?1 AND id = ?2",
+        rusqlite::params![KeyKind::SignalPreKey.code(), sql_id(victim)],
+    )
+    .unwrap();
+    // A row under the id the next refill would make first, damaged too.
+    conn.execute(
+        "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
+         SELECT business, kind, ?2, 'damaged', blob, NULL FROM wrapped_keys
+         WHERE kind = ?1 AND id = ?3",
+        rusqlite::params![
+            KeyKind::SignalPreKey.code(),
+            sql_id(newest + 1),
+            sql_id(newest)
+        ],
+    )
+    .unwrap();
+    let again = sessions.publish(w.business).await.unwrap();
+    assert_eq!(again.one_time_prekeys.len(), ids.len() - 1);
+    assert!(sqlite.damaged_rows_skipped() >= 1);
+    // The network handed out every key: the refill passes the damaged id.
+    let report = sessions.maintain(w.business, Some(0)).await.unwrap();
+    assert_eq!(report.prekeys_added, 10 - 1);
+    let after = sessions.publish(w.business).await.unwrap();
+    assert!(after.one_time_prekeys.iter().all(|k| k.id != newest + 1));
+    assert_eq!(after.one_time_prekeys.len(), ids.len() - 1 + 9);
+    // So does a rotation whose next id a damaged row holds; the upkeep
+    // deletes that row.
+    let signed = after.signed_prekey.id;
+    conn.execute(
+        "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
+         SELECT business, kind, ?2, 'damaged', blob, NULL FROM wrapped_keys
+         WHERE kind = ?1 AND id = ?3",
+        rusqlite::params![
+            KeyKind::SignalSignedPreKey.code(),
+            sql_id(signed + 1),
+            sql_id(signed)
+        ],
+    )
+    .unwrap();
+    w.clock.advance(8 * DAY);
+    let report = sessions.maintain(w.business, None).await.unwrap();
+    assert!(report.rotated);
+    assert_eq!(report.damaged_deleted, 1);
+    let rotated = sessions.publish(w.business).await.unwrap().signed_prekey.id;
+    assert_eq!(rotated, signed + 2);
+    let left: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM wrapped_keys WHERE kind = ?1 AND id = ?2",
+            rusqlite::params![KeyKind::SignalSignedPreKey.code(), sql_id(signed + 1)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+/// What every key shares failing (here the KEK ring's row, damaged) is no
+/// damage of each key: the upkeep and the publication fail, and delete
+/// nothing. Mended, every key serves again.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_damaged_kek_ring_deletes_no_prekey() {
+    use custodian::store::{SqliteConfig, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    let sqlite = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
+    let w = World::new();
+    let open = |w: &World| {
+        let config = SignalConfig::default();
+        World::open_over(w.root, sqlite.clone(), &w.store, &w.clock, config).1
+    };
+    let published = open(&w).publish(w.business).await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let ring: Vec<u8> = conn
+        .query_row("SELECT ring FROM kek_rings", [], |r| r.get(0))
+        .unwrap();
+    conn.execute("UPDATE kek_rings SET ring = x'00'", []).unwrap();
+    let sessions = open(&w);
+    w.clock.advance(40 * DAY);
+    assert!(sessions.maintain(w.business, Some(0)).await.is_err());
+    assert!(sessions.publish(w.business).await.is_err());
+    conn.execute("UPDATE kek_rings SET ring = ?1", [&ring]).unwrap();
+    let sessions = open(&w);
+    let again = sessions.publish(w.business).await.unwrap();
+    assert_eq!(again.signed_prekey, published.signed_prekey);
+    assert_eq!(again.one_time_prekeys, published.one_time_prekeys);
+}
+
 /// The ids of `w`'s business's stored one-time prekeys.
 async fn one_time_ids(w: &World) -> Vec<u64> {
     w.store

@@ -364,8 +364,13 @@ impl KeyManager {
         let ring = self.ring(id.business).await?;
         let kek = self.kek(&ring, ring.primary()).await?;
         let wrapped = WrappedKey::seal(id, &kek, secret)?;
-        let stored = self.store.insert_key(wrapped.clone()).await?;
+        let stored = match self.store.insert_key(wrapped.clone()).await {
+            // The entry already stored as `id` does not decode: damaged.
+            Err(StoreError::Corrupt(_)) => Err(KeyError::Unwrap(id)),
+            stored => stored.map_err(KeyError::from),
+        };
         drop(wrapping);
+        let stored = stored?;
         match stored {
             KeyEntry::Wrapped(stored) if stored == wrapped => Ok(Zeroizing::new(secret.to_vec())),
             KeyEntry::Wrapped(stored) => self.unwrap_secret(id, &stored).await,

@@ -14,9 +14,9 @@ use wacore_libsignal::protocol::{
     Timestamp as SignalTimestamp,
 };
 
-use super::{PublicPreKey, SignalError, SignedPublicPreKey};
+use super::{PublicPreKey, SignalError, SignedPublicPreKey, StorageFailure};
 use crate::ids::BusinessId;
-use crate::keys::{KeyId, KeyKind, KeyManager, WrappedKey};
+use crate::keys::{KeyError, KeyId, KeyKind, KeyManager, WrappedKey};
 use crate::rng::OsRng;
 use crate::time::Timestamp;
 
@@ -26,6 +26,9 @@ pub(super) const MAX_PREKEY_ID: u32 = 0x00FF_FFFF;
 const MAX_REGISTRATION_ID: u32 = 0x3FFF;
 /// Page size when listing prekeys.
 const PAGE: usize = 512;
+/// Ids tried in a row, making a prekey, past ones taken by damaged rows
+/// the listing skipped.
+const DAMAGED_ID_RETRIES: usize = 16;
 
 /// A business's identity and live signed prekeys, unwrapped.
 pub(super) struct Account {
@@ -33,6 +36,9 @@ pub(super) struct Account {
     pub(super) registration_id: u32,
     /// Oldest first; the last is current.
     pub(super) signed: Vec<SignedPreKeyRecord>,
+    /// The ids of stored signed prekeys that are damaged (see
+    /// [`is_damaged`]): never used, their ids never made again.
+    pub(super) damaged_signed: Vec<u64>,
 }
 
 impl fmt::Debug for Account {
@@ -40,6 +46,7 @@ impl fmt::Debug for Account {
         f.debug_struct("Account")
             .field("registration_id", &self.registration_id)
             .field("signed_prekeys", &self.signed.len())
+            .field("damaged_signed_prekeys", &self.damaged_signed.len())
             .finish_non_exhaustive()
     }
 }
@@ -49,7 +56,32 @@ fn key_id(business: BusinessId, kind: KeyKind, id: u64) -> KeyId {
 }
 
 fn corrupt(what: &'static str) -> SignalError {
-    SignalError::Storage(super::StorageFailure::Corrupt(what))
+    SignalError::Storage(StorageFailure::Corrupt(what))
+}
+
+/// Whether `e`, from unwrapping and decoding one stored key (or storing a
+/// key where one is stored), says that the key itself is damaged: it does
+/// not unwrap, or its record does not decode or is unsound. Not a failure
+/// of anything other keys share (the store, the provider, the KEK ring):
+/// the upkeep deletes a key for this. Such a key can never be used: it is
+/// skipped, and one prekey is no reason to stop a business. (Its identity
+/// is: that is refused whole.)
+pub(super) fn is_damaged(e: &SignalError) -> bool {
+    matches!(
+        e,
+        SignalError::Storage(StorageFailure::Corrupt(_) | StorageFailure::Key(KeyError::Unwrap(_)))
+    )
+}
+
+/// Log a damaged prekey of `business` (its id only: nothing of it is read).
+fn log_damaged(business: BusinessId, kind: &'static str, id: u64, e: &SignalError) {
+    tracing::warn!(
+        business = business.get(),
+        kind,
+        id,
+        error = %e,
+        "a stored prekey is damaged: never published nor used"
+    );
 }
 
 impl Account {
@@ -90,11 +122,12 @@ impl Account {
             }
         };
         let (registration_id, identity) = decode_identity(&stored)?;
-        let signed = load_signed(keys, business, identity.identity_key()).await?;
+        let (signed, damaged_signed) = load_signed(keys, business, identity.identity_key()).await?;
         let mut account = Self {
             identity,
             registration_id,
             signed,
+            damaged_signed,
         };
         if account.signed.is_empty() {
             account.add_signed_prekey(keys, business, now).await?;
@@ -123,15 +156,48 @@ impl Account {
         business: BusinessId,
         now: Timestamp,
     ) -> Result<(), SignalError> {
-        let taken: BTreeSet<u32> = self
+        let mut taken: BTreeSet<u32> = self
             .signed
             .iter()
             .filter_map(|r| r.id().ok().map(u32::from))
+            .chain(
+                self.damaged_signed
+                    .iter()
+                    .filter_map(|&id| u32::try_from(id).ok()),
+            )
+            // Only ids a rotation makes say where the newest is.
+            .filter(|id| (1..=MAX_PREKEY_ID).contains(id))
             .collect();
-        let id = next_ids(&taken, &BTreeSet::new(), 1)
-            .first()
-            .copied()
-            .ok_or(corrupt("no free signed prekey id"))?;
+        // An id can be taken by a row the listing skipped (one that does
+        // not decode): the store keeps it, and the next id is tried.
+        for _ in 0..DAMAGED_ID_RETRIES {
+            let id = next_ids(&taken, &BTreeSet::new(), 1)
+                .first()
+                .copied()
+                .ok_or(corrupt("no free signed prekey id"))?;
+            match self.store_signed_prekey(keys, business, id, now).await {
+                Err(e) if is_damaged(&e) => {
+                    log_damaged(business, "signed", u64::from(id), &e);
+                    self.damaged_signed.push(u64::from(id));
+                    taken.insert(id);
+                }
+                stored => {
+                    self.signed.push(stored?);
+                    return Ok(());
+                }
+            }
+        }
+        Err(corrupt("no free signed prekey id"))
+    }
+
+    /// Generate, sign and store a new signed prekey as `id`: the one stored.
+    async fn store_signed_prekey(
+        &self,
+        keys: &KeyManager,
+        business: BusinessId,
+        id: u32,
+        now: Timestamp,
+    ) -> Result<SignedPreKeyRecord, SignalError> {
         let pair = KeyPair::generate(&mut OsRng);
         let signature = self
             .identity
@@ -155,13 +221,11 @@ impl Account {
         // Another instance rotating at the same time may have stored its
         // own key under this id first: the store's is the one to publish
         // and decrypt with, as `load_or_create` does for the identity.
-        let record = if *stored == *bytes {
-            record
+        if *stored == *bytes {
+            Ok(record)
         } else {
-            decode_signed_prekey(&stored, u64::from(id), self.identity.identity_key())?
-        };
-        self.signed.push(record);
-        Ok(())
+            decode_signed_prekey(&stored, u64::from(id), self.identity.identity_key())
+        }
     }
 
     /// The public half of the current signed prekey.
@@ -222,19 +286,30 @@ pub(super) fn made_at(record: &SignedPreKeyRecord) -> Timestamp {
 }
 
 /// The live signed prekeys of `business`, signed by its `identity`, oldest
-/// first.
+/// first, and the ids of those that are damaged ([`is_damaged`]: logged).
 async fn load_signed(
     keys: &KeyManager,
     business: BusinessId,
     identity: &IdentityKey,
-) -> Result<Vec<SignedPreKeyRecord>, SignalError> {
-    let mut records = Vec::new();
+) -> Result<(Vec<SignedPreKeyRecord>, Vec<u64>), SignalError> {
+    let (mut records, mut damaged) = (Vec::new(), Vec::new());
     for wrapped in list(keys, business, KeyKind::SignalSignedPreKey).await? {
-        let bytes = keys.unwrap_secret(wrapped.id, &wrapped).await?;
-        records.push(decode_signed_prekey(&bytes, wrapped.id.id, identity)?);
+        let id = wrapped.id.id;
+        let record = match keys.unwrap_secret(wrapped.id, &wrapped).await {
+            Ok(bytes) => decode_signed_prekey(&bytes, id, identity),
+            Err(e) => Err(e.into()),
+        };
+        match record {
+            Ok(record) => records.push(record),
+            Err(e) if is_damaged(&e) => {
+                log_damaged(business, "signed", id, &e);
+                damaged.push(id);
+            }
+            Err(e) => return Err(e),
+        }
     }
     records.sort_by_key(made_at);
-    Ok(records)
+    Ok((records, damaged))
 }
 
 /// The stored one-time prekeys of `business`, oldest first (see
@@ -245,11 +320,11 @@ async fn list_one_time(
 ) -> Result<Vec<(u32, WrappedKey)>, SignalError> {
     let mut stored = BTreeMap::new();
     for wrapped in list(keys, business, KeyKind::SignalPreKey).await? {
-        let id = u32::try_from(wrapped.id.id)
-            .ok()
-            .filter(|id| (1..=MAX_PREKEY_ID).contains(id))
-            .ok_or(corrupt("prekey id"))?;
-        stored.insert(id, wrapped);
+        // One stored under an id no refill makes is none of the pool's.
+        match u32::try_from(wrapped.id.id) {
+            Ok(id) if (1..=MAX_PREKEY_ID).contains(&id) => _ = stored.insert(id, wrapped),
+            _ => log_damaged(business, "one-time", wrapped.id.id, &corrupt("prekey id")),
+        }
     }
     Ok(oldest_first(stored.keys().copied().collect())
         .into_iter()
@@ -257,40 +332,38 @@ async fn list_one_time(
         .collect())
 }
 
-/// The ids of `business`'s one-time prekeys, oldest first.
-pub(super) async fn one_time_prekey_ids(
-    keys: &KeyManager,
-    business: BusinessId,
-) -> Result<Vec<u32>, SignalError> {
-    Ok(list_one_time(keys, business)
-        .await?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect())
-}
-
-/// The one-time prekeys of `business`, public halves, oldest first.
+/// The one-time prekeys of `business`: the public halves of the sound
+/// ones, oldest first, and the ids of those that are damaged
+/// ([`is_damaged`]: logged).
 pub(super) async fn one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
-) -> Result<Vec<PublicPreKey>, SignalError> {
-    let mut out = Vec::new();
+) -> Result<(Vec<PublicPreKey>, Vec<u32>), SignalError> {
+    let (mut sound, mut damaged) = (Vec::new(), Vec::new());
     for (id, wrapped) in list_one_time(keys, business).await? {
-        let bytes = keys.unwrap_secret(wrapped.id, &wrapped).await?;
-        let record = decode_one_time_prekey(&bytes, id)?;
-        out.push(PublicPreKey {
-            id,
-            public_key: record
-                .public_key()
-                .map_err(|_| corrupt(ONE_TIME_PREKEY))?
-                .serialize(),
-        });
+        let public = match keys.unwrap_secret(wrapped.id, &wrapped).await {
+            Ok(bytes) => decode_one_time_prekey(&bytes, id)
+                .and_then(|record| record.public_key().map_err(|_| corrupt(ONE_TIME_PREKEY))),
+            Err(e) => Err(e.into()),
+        };
+        match public {
+            Ok(public) => sound.push(PublicPreKey {
+                id,
+                public_key: public.serialize(),
+            }),
+            Err(e) if is_damaged(&e) => {
+                log_damaged(business, "one-time", u64::from(id), &e);
+                damaged.push(id);
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(out)
+    Ok((sound, damaged))
 }
 
 /// Generate and store `count` one-time prekeys with ids not in `taken`,
-/// following the newest of them. Returns how many ids were written, and
+/// following the newest of them (an id held by a damaged row is skipped).
+/// Returns how many ids were written, and
 /// how many of the keys under them are this call's: another instance
 /// refilling the same store may have stored its own key under an id first,
 /// and that key stays.
@@ -301,21 +374,28 @@ pub(super) async fn add_one_time_prekeys(
     held: &BTreeSet<u32>,
     count: usize,
 ) -> Result<(usize, usize), SignalError> {
-    let ids = next_ids(taken, held, count);
-    let mut ours = 0;
-    for &id in &ids {
+    let (mut written, mut ours) = (0, 0);
+    for id in next_ids(taken, held, count) {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut OsRng));
         let bytes =
             zeroize::Zeroizing::new(record.serialize().map_err(|_| corrupt(ONE_TIME_PREKEY))?);
-        let stored = keys
-            .store_secret(
-                key_id(business, KeyKind::SignalPreKey, u64::from(id)),
-                &bytes,
-            )
-            .await?;
-        ours += usize::from(*stored == *bytes);
+        let key = key_id(business, KeyKind::SignalPreKey, u64::from(id));
+        match keys
+            .store_secret(key, &bytes)
+            .await
+            .map_err(SignalError::from)
+        {
+            Ok(stored) => {
+                written += 1;
+                ours += usize::from(*stored == *bytes);
+            }
+            // A row the listing skipped holds the id: it stays, and the
+            // next upkeep refills what this one could not.
+            Err(e) if is_damaged(&e) => log_damaged(business, "one-time", key.id, &e),
+            Err(e) => return Err(e),
+        }
     }
-    Ok((ids.len(), ours))
+    Ok((written, ours))
 }
 
 /// Delete the one-time prekeys `ids` of `business`.
@@ -377,7 +457,8 @@ pub(crate) const ONE_TIME_PREKEY: &str = "one-time prekey";
 /// decoder accepts any protobuf and defers every field to its accessors, so
 /// a record missing its key pair would load and fail only when a first
 /// message named it, as a malformed message. Refused as corrupt `signed
-/// prekey` unless it has the id it is stored under, a timestamp, a key pair
+/// prekey` unless it has the id it is stored under (in `1..=`[`MAX_PREKEY_ID`],
+/// the ids [`next_ids`] makes), a timestamp, a key pair
 /// whose public key is its private key's, and a signature of that public
 /// key by `identity` (else the business would publish a bundle every
 /// consumer refuses). Not canonical (a protobuf; a public key in the older
@@ -391,6 +472,7 @@ pub(crate) fn decode_signed_prekey(
     let record = SignedPreKeyRecord::deserialize(bytes).map_err(|_| bad())?;
     let pair = record.key_pair().map_err(|_| bad())?;
     let sound = record.id().is_ok_and(|i| u64::from(u32::from(i)) == id)
+        && (1..=u64::from(MAX_PREKEY_ID)).contains(&id)
         && record.timestamp().is_ok()
         && record.signature().is_ok_and(|s| {
             identity

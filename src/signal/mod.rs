@@ -776,6 +776,11 @@ pub struct Maintenance {
     /// One-time prekeys deleted, oldest first, to keep the number stored
     /// within [`SignalConfig::prekey_limit`].
     pub prekeys_retired: usize,
+    /// Stored prekeys, signed or one-time, that do not unwrap or decode (or
+    /// are unsound): never published nor used, each logged with its id
+    /// when found, and deleted. (A SQLite row that does not decode at all
+    /// is skipped by the store's listing, and stays for an operator.)
+    pub damaged_deleted: usize,
     /// One-time prekeys the network can hand out afterwards, once published,
     /// by its count (without one, every key held). Keys a first message's
     /// refill stored since the last publication, which the publication
@@ -988,10 +993,11 @@ impl Sessions {
 
     /// The keys `business` publishes through the transport (created on first use).
     pub async fn publish(&self, business: BusinessId) -> Result<PublishedKeys, SignalError> {
-        let mut one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
+        let (mut one_time_prekeys, _) =
+            account::one_time_prekeys(self.vault.keys(), business).await?;
         if one_time_prekeys.len() < self.config.prekey_low_water {
             self.maintain(business, None).await?;
-            one_time_prekeys = account::one_time_prekeys(self.vault.keys(), business).await?;
+            (one_time_prekeys, _) = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
         let account = self.account(business).await?;
         Ok(PublishedKeys {
@@ -1082,7 +1088,27 @@ impl Sessions {
             });
         }
 
-        let stored = account::one_time_prekey_ids(keys, business).await?;
+        // Damaged prekeys can never be used: they go (each was logged).
+        let (pool, damaged) = account::one_time_prekeys(keys, business).await?;
+        let damaged: Vec<KeyId> = damaged
+            .into_iter()
+            .map(|id| KeyId {
+                business,
+                kind: KeyKind::SignalPreKey,
+                id: u64::from(id),
+            })
+            .chain(account.damaged_signed.iter().map(|&id| KeyId {
+                business,
+                kind: KeyKind::SignalSignedPreKey,
+                id,
+            }))
+            .collect();
+        if !damaged.is_empty() {
+            keys.store().delete_keys(&damaged).await?;
+            account.damaged_signed.clear();
+            report.damaged_deleted = damaged.len();
+        }
+        let stored: Vec<u32> = pool.iter().map(|k| k.id).collect();
         // What the network can still hand out: the keys it has not handed
         // out, if it says, and never more than the store holds. Keys a
         // first message's refill stored since the last publication count

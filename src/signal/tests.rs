@@ -759,9 +759,10 @@ async fn a_stored_one_time_prekey_without_a_sound_key_pair_is_corrupt_state() {
 }
 
 /// A stored identity record with a registration id outside `1..=0x3FFF` or
-/// whose public key is not its private key's, and a stored signed prekey
-/// without a private key, are refused when the account loads, as corrupt
-/// state naming the record. They used to load: the business published a
+/// whose public key is not its private key's is refused when the account
+/// loads, as corrupt state naming the record; a signed prekey without a
+/// private key, not signed by the identity or under an id out of range is
+/// never used nor published. They used to load: the business published a
 /// key it could not use.
 #[tokio::test]
 async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
@@ -801,52 +802,37 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
     without_private.extend([0x08, 9, 0x29]);
     without_private.extend(1_u64.to_le_bytes());
     assert!(SignedPreKeyRecord::deserialize(&without_private).is_ok());
-    // Each case: its name, the identity record, the signed prekey record
-    // if not the sound one, and the refusal.
-    type Case = (&'static str, Vec<u8>, Option<Vec<u8>>, &'static str);
-    let cases: [Case; 5] = [
+    // An unsound identity is refused whole: nothing can stand in for it.
+    let identities: [(&str, Vec<u8>, &str); 3] = [
         (
             "registration id 0",
             account::encode_identity(0, &pair).to_vec(),
-            None,
             "identity record",
         ),
         (
             "registration id past 14 bits",
             account::encode_identity(0x4000, &pair).to_vec(),
-            None,
             "identity record",
         ),
         (
             "halves of two pairs",
             account::encode_identity(5, &halves).to_vec(),
-            None,
             "identity key pair",
         ),
-        (
-            "signed prekey without a private key",
-            account::encode_identity(5, &pair).to_vec(),
-            Some(without_private),
-            "signed prekey",
-        ),
-        (
-            "signed prekey not signed by the identity",
-            account::encode_identity(5, &pair).to_vec(),
-            Some(signed_with(&[0x5a; 64])),
-            "signed prekey",
-        ),
     ];
-    for (name, identity, signed_record, reason) in cases {
+    for (name, identity, reason) in identities {
         let (sessions, keys, _, business, _) = fixture().await;
         let key = |kind, id| KeyId { business, kind, id };
         keys.store_secret(key(KeyKind::SignalIdentity, 0), &identity)
             .await
             .unwrap();
-        // A sound signed prekey, so that only the case's record is at fault.
-        let record = signed_record.unwrap_or_else(|| signed_with(&signature));
-        keys.store_secret(key(KeyKind::SignalSignedPreKey, 9), &record)
-            .await
-            .unwrap();
+        // A sound signed prekey, so that only the identity is at fault.
+        keys.store_secret(
+            key(KeyKind::SignalSignedPreKey, 9),
+            &signed_with(&signature),
+        )
+        .await
+        .unwrap();
         let got = sessions.publish(business).await;
         assert!(
             matches!(
@@ -855,6 +841,56 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
             ),
             "{name}: {:?}",
             got.map(|_| "published")
+        );
+    }
+    // An unsound signed prekey is never used nor published: the business
+    // makes a new one, and its upkeep deletes the unsound one. So is one
+    // stored under an id no rotation makes (whose age the ids could not
+    // tell: the rotation's arithmetic on them overflowed).
+    let above = u64::from(account::MAX_PREKEY_ID) + 1;
+    let signed_cases: [(&str, u64, Vec<u8>); 3] = [
+        ("signed prekey without a private key", 9, without_private),
+        (
+            "signed prekey not signed by the identity",
+            9,
+            signed_with(&[0x5a; 64]),
+        ),
+        ("signed prekey under an id out of range", above, {
+            SignedPreKeyRecord::new(
+                u32::try_from(above).unwrap().into(),
+                SignalTimestamp::from_epoch_millis(1),
+                &prekey,
+                &signature,
+            )
+            .serialize()
+            .unwrap()
+        }),
+    ];
+    for (name, id, record) in signed_cases {
+        let (sessions, keys, _, business, _) = fixture().await;
+        let key = |kind, id| KeyId { business, kind, id };
+        keys.store_secret(
+            key(KeyKind::SignalIdentity, 0),
+            &account::encode_identity(5, &pair),
+        )
+        .await
+        .unwrap();
+        keys.store_secret(key(KeyKind::SignalSignedPreKey, id), &record)
+            .await
+            .unwrap();
+        let published = sessions.publish(business).await.unwrap();
+        assert_ne!(u64::from(published.signed_prekey.id), id, "{name}");
+        assert_ne!(
+            published.signed_prekey.public_key,
+            prekey.public_key.serialize().as_ref(),
+            "{name}"
+        );
+        // The publication's upkeep (its pool was empty) deleted it.
+        assert!(
+            keys.load_secret(key(KeyKind::SignalSignedPreKey, id))
+                .await
+                .unwrap()
+                .is_none()
         );
     }
     // The sound records load and publish.
@@ -871,6 +907,13 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
     .await
     .unwrap();
     sessions.publish(business).await.unwrap();
+    // Replaced at once (its time stamp is long past), kept for its grace.
+    assert!(
+        keys.load_secret(key(KeyKind::SignalSignedPreKey, 9))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 /// A stored record flagged as holding a session whose record has no current
@@ -1035,9 +1078,10 @@ async fn a_held_prekey_id_out_of_range_does_not_upset_the_refill() {
     let _hold = sessions.prekeys_in_use.hold(business, u32::MAX);
     let report = sessions.maintain(business, Some(0)).await.unwrap();
     assert!(report.prekeys_added > 0);
-    let ids = account::one_time_prekey_ids(&keys, business).await.unwrap();
+    let (pool, damaged) = account::one_time_prekeys(&keys, business).await.unwrap();
+    assert!(damaged.is_empty());
     assert!(
-        ids.iter()
-            .all(|&id| (1..=account::MAX_PREKEY_ID).contains(&id))
+        pool.iter()
+            .all(|k| (1..=account::MAX_PREKEY_ID).contains(&k.id))
     );
 }

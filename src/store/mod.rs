@@ -130,7 +130,10 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<u64, StoreError>;
 
     /// Up to `limit` live keys of `business` of `kind`, in id order, with ids
-    /// above `after`.
+    /// above `after`. An entry that does not decode is skipped (the SQLite
+    /// store counts it in `SqliteStore::damaged_rows_skipped`), not returned
+    /// as an error: the listing chooses prekeys to publish and retire, and
+    /// one damaged key must not stop that.
     async fn keys_of_kind(
         &self,
         business: BusinessId,

@@ -570,7 +570,8 @@ impl SqliteStore {
     ///
     /// Listings that only choose what to work on next (messages due,
     /// expired messages to fail or delete, Signal records to forget, ended
-    /// epoch keys to destroy, businesses whose expiries to cap) skip such a
+    /// epoch keys to destroy, businesses whose expiries to cap, a
+    /// business's Signal prekeys to publish or retire) skip such a
     /// row rather than fail, so that one damaged row cannot stop the
     /// retransmission or the sweep of every other. The row stays in the
     /// file for an operator; it is never deleted by the sweep, and it is
@@ -750,7 +751,7 @@ impl KeyStore for SqliteStore {
     ) -> Result<Vec<WrappedKey>, StoreError> {
         self.reads()
             .await
-            .with(|c| reads::keys_of_kind(c, business, kind, after, limit))
+            .with(|c| reads::keys_of_kind(c, business, kind, after, limit, &self.damaged))
     }
 
     async fn ended_epoch_keys(

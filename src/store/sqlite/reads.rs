@@ -232,12 +232,17 @@ pub(super) fn count_wrapped_under(
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+/// Up to `limit` live keys of `business` of `kind` with ids above `after`,
+/// skipping (and counting in `damaged`) a row that does not decode: one
+/// damaged prekey must not stop a business's key upkeep. No `LIMIT`, as
+/// for [`ENDED_EPOCH_KEYS`]: skipped rows do not count against it.
 pub(super) fn keys_of_kind(
     conn: &Connection,
     business: BusinessId,
     kind: KeyKind,
     after: Option<u64>,
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<WrappedKey>, StoreError> {
     let from = match after {
         None => 0,
@@ -248,18 +253,27 @@ pub(super) fn keys_of_kind(
         .prepare_cached(
             "SELECT kind, id, kek_version, blob, destroyed_at FROM wrapped_keys
              WHERE business = ?1 AND kind = ?2 AND id >= ?3 AND blob IS NOT NULL
-             ORDER BY id LIMIT ?4",
+             ORDER BY id",
         )
         .db()?;
     let mut rows = stmt
         .query(params![
             business_sql(business),
             kind.code(),
-            u64_to_sql(from),
-            limit_sql(limit)
+            u64_to_sql(from)
         ])
         .db()?;
-    collect(&mut rows, |r| live_key(r, business))
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(row) = rows.next().db()? else { break };
+        out.extend(codec::skip_damaged(
+            live_key(row, business),
+            "wrapped_keys",
+            None,
+            damaged,
+        )?);
+    }
+    Ok(out)
 }
 
 /// The epoch keys (live or tombstones) that ended at or before `?1`,
