@@ -3108,7 +3108,8 @@ impl ExpiryNotifier for HoldsAndRefuses<'_> {
 
 /// A hold placed while the sweep asks a business of a message past the
 /// grace, which it is not told, keeps the message from being given up on:
-/// not counted unreported, and kept. Before, a message past the grace
+/// not counted unreported, kept open, and asked about at the next sweep.
+/// Before, a message past the grace
 /// whose business was not told was counted unreported whatever hold
 /// stood; a check of the holds read before the business was asked alone
 /// would miss this one.
@@ -3128,12 +3129,24 @@ async fn a_hold_placed_while_its_business_is_asked_keeps_a_failure_from_being_gi
         let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
         assert!(notifier.0.placed.load(Ordering::SeqCst), "{backend:?}");
         assert_eq!(
-            report.failures_unreported, 0,
-            "{backend:?}: held by then, not given up: {report:?}"
+            (report.failures_unreported, report.failed_expired),
+            (0, 0),
+            "{backend:?}: held by then, neither given up nor failed: {report:?}"
         );
+        let kept = w.store.message(b, m.record.id).await.unwrap().unwrap();
         assert!(
-            w.store.message(b, m.record.id).await.unwrap().is_some(),
-            "{backend:?}: held"
+            kept.delivery.status.is_open(),
+            "{backend:?}: held, still open: {:?}",
+            kept.delivery
+        );
+        // Its business is told at the next sweep. (The message was failed
+        // all the same: listed by no later sweep, it was never told.)
+        let notices = Notices::default();
+        let next = w.retention.sweep(w.now(), &notices).await.unwrap();
+        assert_eq!(
+            *notices.told.lock().unwrap(),
+            [m.record.id],
+            "{backend:?}: told at the next sweep: {next:?}"
         );
     }
 }

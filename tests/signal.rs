@@ -1377,12 +1377,14 @@ async fn a_damaged_kek_ring_deletes_no_prekey() {
     let ring: Vec<u8> = conn
         .query_row("SELECT ring FROM kek_rings", [], |r| r.get(0))
         .unwrap();
-    conn.execute("UPDATE kek_rings SET ring = x'00'", []).unwrap();
+    conn.execute("UPDATE kek_rings SET ring = x'00'", [])
+        .unwrap();
     let sessions = open(&w);
     w.clock.advance(40 * DAY);
     assert!(sessions.maintain(w.business, Some(0)).await.is_err());
     assert!(sessions.publish(w.business).await.is_err());
-    conn.execute("UPDATE kek_rings SET ring = ?1", [&ring]).unwrap();
+    conn.execute("UPDATE kek_rings SET ring = ?1", [&ring])
+        .unwrap();
     let sessions = open(&w);
     let again = sessions.publish(w.business).await.unwrap();
     assert_eq!(again.signed_prekey, published.signed_prekey);

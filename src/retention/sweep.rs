@@ -668,44 +668,46 @@ impl<'a> Sweep<'a> {
                 // placed since the holds were read keeps the message: its
                 // report then stays due).
                 if !told {
-                    let held = self.held().await?;
-                    if !held.covers(m.business, m.phone) {
-                        tracing::warn!(
-                            business = %m.business,
-                            id = %m.id,
-                            "expired undelivered; its business could not be told within the grace"
-                        );
-                        self.report.failures_unreported += 1;
-                        // Told to the notifier once nothing is pending: a
-                        // message settled already (failed by the notifier,
-                        // say) once its report is dropped; an open one once
-                        // the batch fails it.
-                        let message = ExpiredMessage {
-                            report_pending: false,
-                            ..ExpiredMessage::from(&m)
-                        };
-                        match self.drop_report(&m, message).await? {
-                            Dropped::Settled(status) => {
-                                self.notifier.gave_up(&ExpiredMessage { status, ..message })
-                            }
-                            Dropped::Open(d) => {
-                                let left = Delivery {
-                                    status: Status::Failed,
-                                    failure: Some(FailureReason::Expired),
-                                    next_attempt: None,
-                                    pending_devices: 0,
-                                    ..d
-                                };
-                                let given_up = GivenUp { message, left };
-                                self.unsure(given_up, true);
-                                gave_up.push(given_up);
-                            }
-                            Dropped::No => {}
+                    if self.held().await?.covers(m.business, m.phone) {
+                        // Left open, not failed: failed, it would be
+                        // listed by no later sweep, and never told.
+                        continue;
+                    }
+                    tracing::warn!(
+                        business = %m.business,
+                        id = %m.id,
+                        "expired undelivered; its business could not be told within the grace"
+                    );
+                    self.report.failures_unreported += 1;
+                    // Told to the notifier once nothing is pending: a
+                    // message settled already (failed by the notifier,
+                    // say) once its report is dropped; an open one once
+                    // the batch fails it.
+                    let message = ExpiredMessage {
+                        report_pending: false,
+                        ..ExpiredMessage::from(&m)
+                    };
+                    match self.drop_report(&m, message).await? {
+                        Dropped::Settled(status) => {
+                            self.notifier.gave_up(&ExpiredMessage { status, ..message })
                         }
-                        // Uncounted, should its probe be told after all.
-                        if let Some(p) = self.probes.last_mut().filter(|_| probe) {
-                            p.counted = true;
+                        Dropped::Open(d) => {
+                            let left = Delivery {
+                                status: Status::Failed,
+                                failure: Some(FailureReason::Expired),
+                                next_attempt: None,
+                                pending_devices: 0,
+                                ..d
+                            };
+                            let given_up = GivenUp { message, left };
+                            self.unsure(given_up, true);
+                            gave_up.push(given_up);
                         }
+                        Dropped::No => {}
+                    }
+                    // Uncounted, should its probe be told after all.
+                    if let Some(p) = self.probes.last_mut().filter(|_| probe) {
+                        p.counted = true;
                     }
                 }
                 // Conditional: a message settled meanwhile stays settled.
