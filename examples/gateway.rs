@@ -1310,6 +1310,7 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
     // Counted by the devices, so that a retry receipt lost on its way
     // counts as well.
     let undecryptable = network.undecryptable().await;
+    let late = network.late().await;
     println!(
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
          from another business or altered: {altered_copies}; \
@@ -1318,7 +1319,8 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
          later copies unlike the first: {altered_later}; \
          under another id than their payload's: {mislabelled}; \
          retransmitted copies devices dropped by id: {extra_copies}; resent after delivery was reported: {after_delivery}; \
-         copies a device could not decrypt: {undecryptable} ({retry_receipts} retry receipts reached the processor)"
+         copies a device could not decrypt: {undecryptable}, and too late to (its conversation had turned on): {late} \
+         ({retry_receipts} retry receipts reached the processor)"
     );
     if undecryptable > 0 {
         broken.push(format!(

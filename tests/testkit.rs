@@ -2652,3 +2652,121 @@ mod by_hand {
         assert_eq!(r2, 1);
     }
 }
+
+/// Eight turns of a conversation (a consumer message, a business reply),
+/// under `faults` and a seed whose first copy to the device, or its
+/// duplicate (`duplicate`), the network delays two minutes or more, every
+/// other delivery on time; then that copy arrives. Returns the deployment
+/// and the retry receipts made.
+async fn late_first_copy(duplicate: bool) -> (Deployment, u64) {
+    const TURNS: u64 = 8;
+    let faults = Faults {
+        duplicate: if duplicate { 0.5 } else { 0.0 },
+        delay: 0.1,
+        max_delay: Duration::from_secs(600),
+        ..Faults::none()
+    };
+    let on_time = |s: u64, leg, n| faults.fate(s, leg, n).delays == [Duration::ZERO; 2];
+    let late = |f: &Fate| f.delays[usize::from(duplicate)] >= Duration::from_secs(120);
+    let seed = (1..2_000_000u64)
+        .find(|&s| {
+            let first = faults.fate(s, Leg::ToDevice, 0);
+            first.duplicated == duplicate
+                && first.delays[0].is_zero() == duplicate
+                && late(&first)
+                && (1..TURNS).all(|n| on_time(s, Leg::ToDevice, n))
+                && (0..TURNS).all(|n| on_time(s, Leg::Inbound, n))
+        })
+        .unwrap();
+    let d = Deployment::new(faults.clone(), Faults::none(), seed).await;
+    d.network.add_consumer(&number(1), 1).await;
+    let mut receipts = 0;
+    for turn in 0..TURNS {
+        d.network
+            .consumer_sends(&number(1), 0, business(), format!("c{turn}").as_bytes())
+            .await
+            .unwrap();
+        receipts += d
+            .network
+            .pump(&d.processor, &d.transport)
+            .await
+            .retry_receipts;
+        d.send(1, &format!("b{turn}")).await;
+        receipts += d
+            .network
+            .pump(&d.processor, &d.transport)
+            .await
+            .retry_receipts;
+        d.clock.advance(Duration::from_secs(1));
+    }
+    d.clock.advance(faults.max_delay);
+    for _ in 0..3 {
+        receipts += d
+            .network
+            .pump(&d.processor, &d.transport)
+            .await
+            .retry_receipts;
+        d.clock.advance(Duration::from_secs(1));
+    }
+    (d, receipts)
+}
+
+/// A copy the network duplicated that reaches the device after the
+/// conversation turned past its chain is still a copy of what the device
+/// has: counted nowhere, asked for by no retry receipt. (Signal could no
+/// longer say it was a duplicate: it was counted undecryptable, and asked
+/// for again, as the gateway's check then failed a correct processor.)
+#[tokio::test]
+async fn a_late_copy_of_a_ciphertext_the_device_decrypted_is_counted_nowhere() {
+    let (d, receipts) = late_first_copy(true).await;
+    assert_eq!(d.network.undecryptable().await, 0);
+    assert_eq!(d.network.late().await, 0);
+    assert_eq!(receipts, 0);
+    let received = d.network.received(&number(1)).await;
+    assert!(
+        received[&0].values().all(|&copies| copies == 1),
+        "{received:?}"
+    );
+}
+
+/// The only copy of a message, delayed until the conversation turned past
+/// its chain, is late, not undecryptable: no Signal client can decrypt it,
+/// so it is asked for again, and the message sent again reaches the device.
+#[tokio::test]
+async fn a_copy_delayed_past_its_chain_is_late_and_asked_for_again() {
+    let (d, _) = late_first_copy(false).await;
+    assert_eq!(d.network.undecryptable().await, 0);
+    assert_eq!(d.network.late().await, 1);
+    assert_eq!(d.network.received(&number(1)).await[&0].len(), 7);
+    // Its retry receipt may be delayed too.
+    d.run(Duration::from_secs(15 * 60), true).await;
+    // (A report the network delayed may have the processor send a
+    // message again after its receipt timeout.)
+    assert_eq!(d.network.received(&number(1)).await[&0].len(), 8);
+}
+
+/// A consumer's message whose delivery attempt the network delays past
+/// [`REDELIVERY`] is delivered again then, without waiting for the late
+/// copy: no acknowledgement could have come. (The network waited for the
+/// late copy, up to the longest delay.)
+#[tokio::test]
+async fn a_delayed_attempt_is_raced_by_a_redelivery() {
+    let faults = Faults {
+        delay: 1.0,
+        max_delay: Duration::from_secs(600),
+        ..Faults::none()
+    };
+    let delay = |s, n| faults.fate(s, Leg::Inbound, n).delays[0];
+    let seed = (1..100_000)
+        .find(|&s| delay(s, 0) > Duration::from_secs(120) && delay(s, 1) < Duration::from_secs(20))
+        .unwrap();
+    let d = Deployment::new(faults, Faults::none(), seed).await;
+    d.network.add_consumer(&number(1), 1).await;
+    d.network
+        .consumer_sends(&number(1), 0, business(), b"hi")
+        .await
+        .unwrap();
+    d.run_in_steps(REDELIVERY * 2, Duration::from_secs(1)).await;
+    let contents: Vec<Vec<u8>> = d.business.contents().into_iter().map(|c| c.2).collect();
+    assert_eq!(contents, [b"hi".to_vec()]);
+}

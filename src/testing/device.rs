@@ -37,7 +37,10 @@ impl DeviceError {
 
     /// Whether the library refused a message as one it decrypted already
     /// (a copy of the same ciphertext): what a real client drops silently,
-    /// where it asks again for any other message it cannot decrypt.
+    /// where it asks again for any other message it cannot decrypt. Only
+    /// on a sending chain the device still keeps (the last
+    /// `MAX_RECEIVER_CHAINS`, 5): a copy from an older one fails as any
+    /// message it cannot decrypt.
     pub fn is_duplicate(&self) -> bool {
         self.duplicate
     }

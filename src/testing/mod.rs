@@ -96,7 +96,11 @@
 //!   processor's retransmissions, and any that differ from the first
 //!   are counted in [`SimNetwork::altered_copies`]. A copy of one
 //!   ciphertext that the network duplicated fails to decrypt and is
-//!   counted nowhere, so device-side duplicates are not reported.
+//!   counted nowhere, so device-side duplicates are not reported, however
+//!   late it comes. A copy that comes after its conversation turned more
+//!   often than a device keeps chains for cannot be decrypted by any
+//!   Signal client: it is asked for again, and counted in
+//!   [`SimNetwork::late`], not in [`SimNetwork::undecryptable`].
 //! - The network reports delivery under the id it carried a ciphertext
 //!   under, as a real one must; a payload naming another id is counted
 //!   in [`SimNetwork::mislabelled`].

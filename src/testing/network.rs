@@ -44,10 +44,13 @@
 //! says why.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use wacore_libsignal::protocol::consts::MAX_RECEIVER_CHAINS;
+use wacore_libsignal::protocol::{PreKeySignalMessage, SignalMessage};
 
 use super::device::ConsumerDevice;
 use super::faults::{Decision, Faults, Injector, InvalidFaults, Leg, LegStats};
@@ -55,7 +58,7 @@ use super::join_all;
 use crate::ids::{BusinessId, MessageId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport};
 use crate::processor::{Inbound, Processor, ProcessorError, StatusChange, parse_device_payload};
-use crate::signal::{Ciphertext, DeviceIdentity, PreKeyBundle, PublishedKeys};
+use crate::signal::{Ciphertext, DeviceIdentity, MessageKind, PreKeyBundle, PublishedKeys};
 use crate::store::Status;
 use crate::time::{Clock, ManualClock, Timestamp};
 use crate::transport::{Outgoing, Principal, Transport, TransportError};
@@ -143,6 +146,83 @@ struct Consumer {
     received: BTreeMap<u32, BTreeMap<MessageId, u32>>,
     /// Contents received, per device, first copy only.
     contents: BTreeMap<u32, Vec<(BusinessId, MessageId, Vec<u8>)>>,
+    /// Per device and business, what it decrypted.
+    decrypted: BTreeMap<(u32, BusinessId), Decrypted>,
+}
+
+/// What a device decrypted from one business: enough to say why it could
+/// not decrypt a copy.
+#[derive(Default)]
+struct Decrypted {
+    /// Digests of the ciphertexts it decrypted.
+    copies: HashSet<[u8; 32]>,
+    /// The business's sending chains (its ratchet keys) it decrypted
+    /// messages on, in the order it first did, each with the network's
+    /// sequence number ([`Net::seq`]) then.
+    chains: Vec<(Vec<u8>, u64)>,
+}
+
+/// Why a device could not decrypt a copy.
+#[derive(Debug, PartialEq)]
+enum Undecryptable {
+    /// It decrypted that very ciphertext before: a copy the network made.
+    Copy,
+    /// It was sent on a chain the device has dropped since: it keeps the
+    /// last [`MAX_RECEIVER_CHAINS`] it took, as every Signal client does.
+    Late,
+    /// Anything else.
+    Other,
+}
+
+impl Decrypted {
+    /// The device decrypted `ciphertext` when the network's sequence
+    /// number was `seq`.
+    fn took(&mut self, ciphertext: &Ciphertext, seq: u64) {
+        self.copies.insert(Sha256::digest(&ciphertext.bytes).into());
+        if let Some(key) = sending_chain(ciphertext)
+            && !self.chains.iter().any(|(k, _)| *k == key)
+        {
+            self.chains.push((key, seq));
+        }
+    }
+
+    /// Why the device could not decrypt `ciphertext`, which the network
+    /// took when its sequence number became `sent`: late only if the
+    /// chain that pushed its own out came after that.
+    fn why(&self, ciphertext: &Ciphertext, sent: u64) -> Undecryptable {
+        if self
+            .copies
+            .contains(&<[u8; 32]>::from(Sha256::digest(&ciphertext.bytes)))
+        {
+            return Undecryptable::Copy;
+        }
+        let Some(key) = sending_chain(ciphertext) else {
+            return Undecryptable::Other;
+        };
+        let evicted_by = self
+            .chains
+            .iter()
+            .position(|(k, _)| *k == key)
+            .and_then(|i| self.chains.get(i + MAX_RECEIVER_CHAINS));
+        match evicted_by {
+            Some(&(_, turned)) if turned >= sent => Undecryptable::Late,
+            _ => Undecryptable::Other,
+        }
+    }
+}
+
+/// The sending chain (its ratchet key, serialized) `ciphertext` was made
+/// on, if it parses.
+fn sending_chain(ciphertext: &Ciphertext) -> Option<Vec<u8>> {
+    let bytes = ciphertext.bytes.as_slice();
+    let key = match ciphertext.kind {
+        MessageKind::FirstContact => *PreKeySignalMessage::try_from(bytes)
+            .ok()?
+            .message()
+            .sender_ratchet_key(),
+        MessageKind::FollowUp => *SignalMessage::try_from(bytes).ok()?.sender_ratchet_key(),
+    };
+    Some(key.serialize().to_vec())
 }
 
 /// A one-time prekey the network handed out: its id and public key.
@@ -188,6 +268,9 @@ struct Net {
     /// Copies a device could not decrypt (see
     /// [`SimNetwork::undecryptable`]).
     undecryptable: u64,
+    /// Copies that reached a device after its conversation turned past the
+    /// chain they were sent on (see [`SimNetwork::late`]).
+    late: u64,
     /// Copies of a message beyond a device's first whose content or
     /// sending business differ from the first's.
     altered_copies: u64,
@@ -251,6 +334,11 @@ impl Net {
                 now.saturating_add(fate.delays[1]),
                 second,
             );
+        }
+        // No acknowledgement can come before a copy arrives: delayed past
+        // the redelivery, the attempt is raced by the next.
+        if fate.delays[0] >= REDELIVERY && (!fate.duplicated || fate.delays[1] >= REDELIVERY) {
+            self.redeliver(item(Hop::Attempt), now);
         }
     }
 
@@ -402,7 +490,8 @@ pub struct PumpReport {
     /// [`Processor::retry_receipt`]). None are made while the processor and
     /// every device keep their sessions: only devices that lost theirs
     /// ([`lose_sessions`](SimNetwork::lose_sessions)) or were reinstalled
-    /// (the consumer added again) send them.
+    /// (the consumer added again) send them, and those a copy reached too
+    /// late to decrypt ([`SimNetwork::late`]).
     pub retry_receipts: u64,
     /// Deliveries of consumer messages, delivery reports and retry receipts
     /// the processor
@@ -479,6 +568,7 @@ impl SimNetwork {
                 resent_after_report: 0,
                 mislabelled: 0,
                 undecryptable: 0,
+                late: 0,
                 altered_copies: 0,
                 asked: BTreeMap::new(),
                 recipients: BTreeMap::new(),
@@ -525,6 +615,7 @@ impl SimNetwork {
                 devices: (0..devices).map(|d| (d, ConsumerDevice::new(d))).collect(),
                 received: BTreeMap::new(),
                 contents: BTreeMap::new(),
+                decrypted: BTreeMap::new(),
             },
         );
     }
@@ -539,6 +630,10 @@ impl SimNetwork {
                 .devices
                 .values_mut()
                 .for_each(ConsumerDevice::lose_sessions);
+            // Their chains went with them; what they had, they still have.
+            for decrypted in consumer.decrypted.values_mut() {
+                decrypted.chains.clear();
+            }
         }
     }
 
@@ -649,18 +744,28 @@ impl SimNetwork {
             let Some(handset) = consumer.devices.get_mut(&device) else {
                 continue;
             };
+            let decrypted = consumer.decrypted.entry((device, business)).or_default();
             // Counted once a device is there to take it: a copy to a
             // device gone since (a reinstall) reaches nobody.
             report.to_devices += 1;
             // A copy of a ciphertext it already decrypted (an injected
-            // duplicate) Signal refuses as such, and it is dropped. Anything
-            // else it cannot decrypt it asks for again, as a real client,
-            // which cannot read the message's id before decrypting, does.
+            // duplicate) is dropped: Signal refuses it as such, or, once
+            // the conversation turned past its chain, as undecryptable.
+            // Anything else it cannot decrypt it asks for again, as a real
+            // client, which cannot read the message's id before
+            // decrypting, does.
             let plaintext = match handset.decrypt(business, &message.ciphertext).await {
-                Ok(plaintext) => plaintext,
+                Ok(plaintext) => {
+                    decrypted.took(&message.ciphertext, net.seq);
+                    plaintext
+                }
                 Err(e) if e.is_duplicate() => continue,
                 Err(_) => {
-                    net.undecryptable += 1;
+                    match decrypted.why(&message.ciphertext, flight.seq) {
+                        Undecryptable::Copy => continue,
+                        Undecryptable::Late => net.late += 1,
+                        Undecryptable::Other => net.undecryptable += 1,
+                    }
                     let decision = net.faults.decide(Leg::Receipt, now);
                     for at in Net::arrivals(decision, now) {
                         let retry = Retry {
@@ -972,12 +1077,27 @@ impl SimNetwork {
     }
 
     /// Copies of business messages a device could not decrypt (other than
-    /// copies of one it already had), each answered with a retry receipt,
-    /// whether or not the receipt reached the processor
-    /// ([`PumpReport::retry_receipts`] counts those that did): none while
-    /// the processor and every device keep their sessions.
+    /// copies of one it already had, and those counted [`late`](Self::late)),
+    /// each answered with a retry receipt, whether or not the receipt
+    /// reached the processor ([`PumpReport::retry_receipts`] counts those
+    /// that did): none while the processor and every device keep their
+    /// sessions.
     pub async fn undecryptable(&self) -> u64 {
         self.net.lock().await.undecryptable
+    }
+
+    /// Copies of business messages that reached a device only after its
+    /// conversation with the business turned (a reply each way) past the
+    /// chain they were sent on, more often than a Signal client keeps
+    /// chains for (`MAX_RECEIVER_CHAINS`, 5), all of it after the network
+    /// took the copy: no Signal client can decrypt them, and each is asked
+    /// for again with a retry receipt, as for those counted in
+    /// [`undecryptable`](Self::undecryptable). A network's delays make
+    /// them (a [`Faults`] delay longer than five turns of a conversation);
+    /// a copy made on a chain the device had dropped before the network
+    /// took it is undecryptable, not late.
+    pub async fn late(&self) -> u64 {
+        self.net.lock().await.late
     }
 
     /// Copies of a message a device decrypted beyond its first (counted in
@@ -1182,6 +1302,56 @@ impl Transport for SimNetwork {
 mod tests {
     use super::*;
     use crate::signal::{Ciphertext, MessageKind};
+
+    /// A copy a device cannot decrypt is a copy of what it has if it
+    /// decrypted those bytes before; late if the chain it was made on was
+    /// pushed out (by the fifth chain after it) after the network took the
+    /// copy; anything else otherwise: one made on a chain dropped already
+    /// when the network took it, or on a chain the device never took.
+    #[tokio::test]
+    async fn why_a_copy_does_not_decrypt() {
+        // A device in the business's place, and a consumer's.
+        let name = BusinessId::new(7).unwrap();
+        let mut business = ConsumerDevice::new(1);
+        let mut phone = ConsumerDevice::new(0);
+        phone
+            .start_session(name, &business.bundle(true))
+            .await
+            .unwrap();
+        let first = phone.encrypt(name, b"hi").await.unwrap();
+        business.decrypt(name, &first).await.unwrap();
+        // Seven turns: the business's messages on a new chain each time
+        // (one the device takes, one held back), and the consumer's reply.
+        let (mut taken, mut held) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            let message = business.encrypt(name, b"to you").await.unwrap();
+            held.push(business.encrypt(name, b"held back").await.unwrap());
+            phone.decrypt(name, &message).await.unwrap();
+            taken.push(message);
+            let reply = phone.encrypt(name, b"to you too").await.unwrap();
+            business.decrypt(name, &reply).await.unwrap();
+        }
+        let mut decrypted = Decrypted::default();
+        for (seq, message) in (10..).step_by(10).zip(&taken) {
+            decrypted.took(message, seq);
+        }
+        let unseen = business.encrypt(name, b"never taken").await.unwrap();
+        for (copy, sent, why) in [
+            (&taken[0], 70, Undecryptable::Copy),
+            // The first chain was taken at 10, pushed out by the sixth at 60.
+            (&held[0], 60, Undecryptable::Late),
+            (&held[0], 5, Undecryptable::Late),
+            (&held[0], 61, Undecryptable::Other),
+            // The second, by the seventh at 70.
+            (&held[1], 70, Undecryptable::Late),
+            (&held[1], 71, Undecryptable::Other),
+            // The third is still kept: whatever fails on it is not late.
+            (&held[2], 0, Undecryptable::Other),
+            (&unseen, 0, Undecryptable::Other),
+        ] {
+            assert_eq!(decrypted.why(copy, sent), why, "sent at {sent}");
+        }
+    }
 
     /// A send to a device the network accepted the message for before is
     /// counted once the processor took the message's report, whatever
