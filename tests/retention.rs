@@ -2088,6 +2088,92 @@ async fn a_held_consumer_of_a_hung_business_holds_up_no_other_business() {
     }
 }
 
+/// Business 1's endpoint never answers while `hang` is set, business 2's
+/// refuses; then every business is told, and asked of business 2's
+/// message, the notifier places a hold on `scope` first (an operator's
+/// hold placed while the sweep asks business 2).
+struct HungThenHold<'a> {
+    retention: &'a Retention,
+    scope: HoldScope,
+    hang: AtomicBool,
+    placed: AtomicBool,
+    told: Mutex<Vec<MessageId>>,
+}
+
+#[async_trait]
+impl ExpiryNotifier for HungThenHold<'_> {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
+        if self.hang.load(Ordering::SeqCst) {
+            if m.business == business(1) {
+                std::future::pending::<()>().await;
+            }
+            return Notice::Untold;
+        }
+        if m.business == business(2) && !self.placed.swap(true, Ordering::SeqCst) {
+            let at = Timestamp::from_millis(T0);
+            let hold = self
+                .retention
+                .place_hold("operator", self.scope, "case-2", at);
+            hold.await.unwrap();
+        }
+        self.told.lock().unwrap().push(m.id);
+        Notice::Told
+    }
+}
+
+/// A hung business's message past the grace (its probe), whose hold was
+/// placed while the sweep asked another business, is left open in its
+/// turn; told by the probe, it is failed then, and not told again. (Left
+/// open, it stayed open once told: the next sweep told it again.)
+#[tokio::test]
+async fn a_probe_held_since_its_turn_is_failed_once_told() {
+    for &backend in Backend::ALL {
+        let w = World::on(backend, 64);
+        let other = w.store(business(2), 2, Direction::Outbound, true).await;
+        w.clock.advance(MINUTE);
+        let m = w.store(business(1), 1, Direction::Outbound, true).await;
+        let notifier = HungThenHold {
+            retention: &w.retention,
+            scope: HoldScope::Consumer(business(1), m.record.phone),
+            hang: AtomicBool::new(true),
+            placed: AtomicBool::new(false),
+            told: Mutex::new(Vec::new()),
+        };
+        // Both expired, within the grace: business 2 refuses, business 1
+        // hangs, and the host times the sweep out (business 1 hung).
+        w.clock.advance(CEILING + HOUR);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut sweep = Box::pin(w.retention.sweep(w.now(), &notifier));
+        assert!((0..1000).all(|_| sweep.as_mut().poll(&mut cx).is_pending()));
+        drop(sweep);
+        // Past the grace: business 2 is asked (a hold on business 1's
+        // consumer placed meanwhile), then business 1's probe.
+        notifier.hang.store(false, Ordering::SeqCst);
+        w.clock.advance(REPORT_GRACE + HOUR);
+        let second = w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert!(notifier.placed.load(Ordering::SeqCst), "{backend:?}");
+        let told = notifier.told.lock().unwrap().clone();
+        assert_eq!(
+            told,
+            [other.record.id, m.record.id],
+            "{backend:?}: {second:?}"
+        );
+        let after = w
+            .store
+            .message(business(1), m.record.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            after.delivery.status,
+            Status::Failed,
+            "{backend:?}: {second:?}"
+        );
+        w.retention.sweep(w.now(), &notifier).await.unwrap();
+        assert_eq!(notifier.told.lock().unwrap().len(), 2, "{backend:?}");
+    }
+}
+
 /// An endpoint that hangs at its first call (slow one day: the host times
 /// that sweep out), then answers every call, recording what it was told.
 #[derive(Default)]

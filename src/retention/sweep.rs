@@ -670,7 +670,11 @@ impl<'a> Sweep<'a> {
                 if !told {
                     if self.held().await?.covers(m.business, m.phone) {
                         // Left open, not failed: failed, it would be
-                        // listed by no later sweep, and never told.
+                        // listed by no later sweep, and never told. Its
+                        // probe, if it is one, fails it once told.
+                        if let Some(p) = self.probes.last_mut().filter(|_| probe) {
+                            p.failed = false;
+                        }
                         continue;
                     }
                     tracing::warn!(
