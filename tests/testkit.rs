@@ -751,7 +751,7 @@ impl Deployment {
         sink_faults: Faults,
         seed: u64,
         signal: SignalConfig,
-        wrap: fn(Arc<SimNetwork>) -> Arc<dyn Transport>,
+        wrap: impl FnOnce(Arc<SimNetwork>) -> Arc<dyn Transport>,
     ) -> Self {
         let clock = ManualClock::new(start());
         let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, seed).unwrap());
@@ -1876,23 +1876,50 @@ async fn a_send_after_the_report_counts_though_the_network_refuses_it() {
     assert_eq!(d.network.resent_after_delivery().await, 1);
 }
 
-/// Between the processor and the network: forwards every call, but labels
-/// each ciphertext with an id other than its message's, as a processor
-/// building its `Outgoing` wrongly would.
-struct Relabel(Arc<SimNetwork>);
+/// Between the processor and the network: forwards every call, keeping a
+/// copy of each message sent; with `relabel`, labels each ciphertext with
+/// an id other than its message's, as a processor building its `Outgoing`
+/// wrongly would; while `hold` is set, keeps a send back instead of
+/// forwarding it (what a faulty processor would send late).
+#[derive(Default)]
+struct Tap {
+    network: std::sync::OnceLock<Arc<SimNetwork>>,
+    relabel: bool,
+    hold: std::sync::atomic::AtomicBool,
+    sent: std::sync::Mutex<Vec<Outgoing>>,
+    held: std::sync::Mutex<Vec<Outgoing>>,
+}
 
-fn relabelled(network: Arc<SimNetwork>) -> Arc<dyn Transport> {
-    Arc::new(Relabel(network))
+impl Tap {
+    fn new(relabel: bool) -> Arc<Self> {
+        Arc::new(Self {
+            relabel,
+            ..Self::default()
+        })
+    }
+
+    /// What makes the processor's transport of the network: this tap.
+    fn wrap(self: &Arc<Self>) -> impl FnOnce(Arc<SimNetwork>) -> Arc<dyn Transport> {
+        let tap = self.clone();
+        move |network| {
+            let _ = tap.network.set(network);
+            tap
+        }
+    }
+
+    fn net(&self) -> &SimNetwork {
+        self.network.get().expect("wrapped before use")
+    }
 }
 
 #[async_trait]
-impl Transport for Relabel {
+impl Transport for Tap {
     async fn devices(
         &self,
         business: BusinessId,
         consumer: &PhoneNumber,
     ) -> Result<Vec<u32>, TransportError> {
-        self.0.devices(business, consumer).await
+        self.net().devices(business, consumer).await
     }
     async fn fetch_bundle(
         &self,
@@ -1900,7 +1927,7 @@ impl Transport for Relabel {
         consumer: &PhoneNumber,
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
-        self.0.fetch_bundle(business, consumer, device).await
+        self.net().fetch_bundle(business, consumer, device).await
     }
     async fn send(
         &self,
@@ -1909,11 +1936,21 @@ impl Transport for Relabel {
         device: u32,
         message: &Outgoing,
     ) -> Result<(), TransportError> {
-        let relabelled = Outgoing {
-            id: MessageId::random(),
+        if self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+            self.held.lock().unwrap().push(message.clone());
+            return Ok(());
+        }
+        self.sent.lock().unwrap().push(message.clone());
+        let id = if self.relabel {
+            MessageId::random()
+        } else {
+            message.id
+        };
+        let message = Outgoing {
+            id,
             ciphertext: message.ciphertext.clone(),
         };
-        self.0.send(business, consumer, device, &relabelled).await
+        self.net().send(business, consumer, device, &message).await
     }
     async fn ask_resend(
         &self,
@@ -1923,7 +1960,7 @@ impl Transport for Relabel {
         id: MessageId,
         message: &Ciphertext,
     ) -> Result<(), TransportError> {
-        self.0
+        self.net()
             .ask_resend(business, consumer, device, id, message)
             .await
     }
@@ -1932,19 +1969,19 @@ impl Transport for Relabel {
         business: BusinessId,
         keys: &PublishedKeys,
     ) -> Result<(), TransportError> {
-        self.0.publish_keys(business, keys).await
+        self.net().publish_keys(business, keys).await
     }
     async fn one_time_prekey_count(
         &self,
         business: BusinessId,
     ) -> Result<Option<usize>, TransportError> {
-        self.0.one_time_prekey_count(business).await
+        self.net().one_time_prekey_count(business).await
     }
     async fn integrity_signals(&self, report: &IntegrityReport) -> Result<(), TransportError> {
-        self.0.integrity_signals(report).await
+        self.net().integrity_signals(report).await
     }
     async fn billing(&self, statement: &BillingStatement) -> Result<(), TransportError> {
-        self.0.billing(statement).await
+        self.net().billing(statement).await
     }
 }
 
@@ -1962,7 +1999,7 @@ async fn delivery_is_reported_under_the_id_the_network_carried() {
         Faults::none(),
         1,
         SignalConfig::default(),
-        relabelled,
+        Tap::new(true).wrap(),
     )
     .await;
     d.publish().await;
@@ -2769,4 +2806,101 @@ async fn a_delayed_attempt_is_raced_by_a_redelivery() {
     d.run_in_steps(REDELIVERY * 2, Duration::from_secs(1)).await;
     let contents: Vec<Vec<u8>> = d.business.contents().into_iter().map(|c| c.2).collect();
     assert_eq!(contents, [b"hi".to_vec()]);
+}
+
+/// A deployment over a network without faults whose processor reaches it
+/// through `tap`, with consumer 1 (one device) in conversation: one
+/// message each way.
+async fn tapped(tap: &Arc<Tap>) -> Deployment {
+    let d = Deployment::build(
+        Faults::none(),
+        Faults::none(),
+        1,
+        SignalConfig::default(),
+        tap.wrap(),
+    )
+    .await;
+    d.publish().await;
+    d.network.add_consumer(&number(1), 1).await;
+    d.network
+        .consumer_sends(&number(1), 0, business(), b"hi")
+        .await
+        .unwrap();
+    d.network.pump(&d.processor, &d.transport).await;
+    d.send(1, "hello").await;
+    d.network.pump(&d.processor, &d.transport).await;
+    d
+}
+
+/// A ciphertext sent on a chain the business had left more than five
+/// times when the network took it is a sender's fault: undecryptable, not
+/// late, though no network delayed it. (It counted as late.)
+#[tokio::test]
+async fn a_ciphertext_sent_on_a_chain_left_long_ago_is_undecryptable() {
+    let tap = Tap::new(false);
+    let d = tapped(&tap).await;
+    // Sent on the conversation's chain then, and kept back.
+    tap.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    d.send(1, "kept back").await;
+    tap.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    for turn in 0..6 {
+        let text = format!("c{turn}");
+        d.network
+            .consumer_sends(&number(1), 0, business(), text.as_bytes())
+            .await
+            .unwrap();
+        d.network.pump(&d.processor, &d.transport).await;
+        d.send(1, &format!("b{turn}")).await;
+        d.network.pump(&d.processor, &d.transport).await;
+    }
+    assert_eq!(d.network.received(&number(1)).await[&0].len(), 7);
+    let stale = tap.held.lock().unwrap().pop().unwrap();
+    d.network
+        .send(business(), &number(1), 0, &stale)
+        .await
+        .unwrap();
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        (d.network.undecryptable().await, d.network.late().await),
+        (1, 0)
+    );
+    assert_eq!(report.retry_receipts, 1);
+}
+
+/// Other bytes than a message the device decrypted, under that message's
+/// key (Signal refuses them as a duplicate: a key used twice, as a rolled
+/// back session would), are undecryptable and asked for again, not
+/// dropped as a copy of it. (They were dropped, counted nowhere.)
+#[tokio::test]
+async fn other_bytes_under_a_used_message_key_are_undecryptable() {
+    let tap = Tap::new(false);
+    let d = tapped(&tap).await;
+    let sent = tap.sent.lock().unwrap().last().cloned().unwrap();
+    let mut bytes = sent.ciphertext.bytes.clone();
+    *bytes.last_mut().unwrap() ^= 1;
+    let altered = Outgoing {
+        id: MessageId::random(),
+        ciphertext: Ciphertext {
+            kind: sent.ciphertext.kind,
+            bytes,
+        },
+    };
+    d.network
+        .send(business(), &number(1), 0, &altered)
+        .await
+        .unwrap();
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        (d.network.undecryptable().await, d.network.late().await),
+        (1, 0)
+    );
+    assert_eq!(report.retry_receipts, 1);
+    // The same bytes again are a copy of what the device has: nothing.
+    d.network
+        .send(business(), &number(1), 0, &sent)
+        .await
+        .unwrap();
+    let report = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.network.undecryptable().await, 1);
+    assert_eq!(report.retry_receipts, 0);
 }

@@ -109,6 +109,9 @@ struct ToDevice {
     number: String,
     device: u32,
     message: Outgoing,
+    /// Whether its chain was current when the network took it (see
+    /// [`Decrypted::sent`]).
+    current: bool,
 }
 
 /// A device's ask for a message again (see `Net::asked`).
@@ -150,16 +153,18 @@ struct Consumer {
     decrypted: BTreeMap<(u32, BusinessId), Decrypted>,
 }
 
-/// What a device decrypted from one business: enough to say why it could
-/// not decrypt a copy.
+/// What a device decrypted from one business, and what the network took
+/// for it: enough to say why it could not decrypt a copy.
 #[derive(Default)]
 struct Decrypted {
     /// Digests of the ciphertexts it decrypted.
     copies: HashSet<[u8; 32]>,
     /// The business's sending chains (its ratchet keys) it decrypted
-    /// messages on, in the order it first did, each with the network's
-    /// sequence number ([`Net::seq`]) then.
-    chains: Vec<(Vec<u8>, u64)>,
+    /// messages on, in the order it first did.
+    chains: Vec<Vec<u8>>,
+    /// The sending chains the network took copies for it on, in the order
+    /// it first did.
+    sent: Vec<Vec<u8>>,
 }
 
 /// Why a device could not decrypt a copy.
@@ -167,46 +172,61 @@ struct Decrypted {
 enum Undecryptable {
     /// It decrypted that very ciphertext before: a copy the network made.
     Copy,
-    /// It was sent on a chain the device has dropped since: it keeps the
+    /// It was made on a chain the device has dropped since: it keeps the
     /// last [`MAX_RECEIVER_CHAINS`] it took, as every Signal client does.
+    /// The chain was among the last as many the business sent on when the
+    /// network took the copy: the network's delay made it late.
     Late,
     /// Anything else.
     Other,
 }
 
 impl Decrypted {
-    /// The device decrypted `ciphertext` when the network's sequence
-    /// number was `seq`.
-    fn took(&mut self, ciphertext: &Ciphertext, seq: u64) {
+    /// The network takes `ciphertext` for the device: whether its chain is
+    /// among the last [`MAX_RECEIVER_CHAINS`] the business sent it on.
+    fn sent(&mut self, ciphertext: &Ciphertext) -> bool {
+        let Some(key) = sending_chain(ciphertext) else {
+            return false;
+        };
+        let at = match self.sent.iter().position(|k| *k == key) {
+            Some(at) => at,
+            None => {
+                self.sent.push(key);
+                self.sent.len() - 1
+            }
+        };
+        self.sent.len() - at <= MAX_RECEIVER_CHAINS
+    }
+
+    /// The device decrypted `ciphertext`.
+    fn took(&mut self, ciphertext: &Ciphertext) {
         self.copies.insert(Sha256::digest(&ciphertext.bytes).into());
         if let Some(key) = sending_chain(ciphertext)
-            && !self.chains.iter().any(|(k, _)| *k == key)
+            && !self.chains.contains(&key)
         {
-            self.chains.push((key, seq));
+            self.chains.push(key);
         }
     }
 
-    /// Why the device could not decrypt `ciphertext`, which the network
-    /// took when its sequence number became `sent`: late only if the
-    /// chain that pushed its own out came after that.
-    fn why(&self, ciphertext: &Ciphertext, sent: u64) -> Undecryptable {
+    /// Why the device could not decrypt `ciphertext`, whose chain was
+    /// `current` when the network took it (see [`sent`](Self::sent)).
+    fn why(&self, ciphertext: &Ciphertext, current: bool) -> Undecryptable {
         if self
             .copies
             .contains(&<[u8; 32]>::from(Sha256::digest(&ciphertext.bytes)))
         {
             return Undecryptable::Copy;
         }
-        let Some(key) = sending_chain(ciphertext) else {
-            return Undecryptable::Other;
-        };
-        let evicted_by = self
-            .chains
-            .iter()
-            .position(|(k, _)| *k == key)
-            .and_then(|i| self.chains.get(i + MAX_RECEIVER_CHAINS));
-        match evicted_by {
-            Some(&(_, turned)) if turned >= sent => Undecryptable::Late,
-            _ => Undecryptable::Other,
+        let dropped = sending_chain(ciphertext).is_some_and(|key| {
+            self.chains
+                .iter()
+                .position(|k| *k == key)
+                .is_some_and(|at| self.chains.len() - at > MAX_RECEIVER_CHAINS)
+        });
+        if current && dropped {
+            Undecryptable::Late
+        } else {
+            Undecryptable::Other
         }
     }
 }
@@ -735,6 +755,7 @@ impl SimNetwork {
                 number,
                 device,
                 message,
+                current,
             } = flight.item;
             let mut net = self.net.lock().await;
             let net = &mut *net;
@@ -749,19 +770,20 @@ impl SimNetwork {
             // device gone since (a reinstall) reaches nobody.
             report.to_devices += 1;
             // A copy of a ciphertext it already decrypted (an injected
-            // duplicate) is dropped: Signal refuses it as such, or, once
-            // the conversation turned past its chain, as undecryptable.
-            // Anything else it cannot decrypt it asks for again, as a real
-            // client, which cannot read the message's id before
-            // decrypting, does.
+            // duplicate) is dropped: Signal refuses it as a duplicate, or,
+            // once the conversation turned past its chain, as
+            // undecryptable. Anything else it cannot decrypt it asks for
+            // again, as a real client, which cannot read the message's id
+            // before decrypting, does.
             let plaintext = match handset.decrypt(business, &message.ciphertext).await {
                 Ok(plaintext) => {
-                    decrypted.took(&message.ciphertext, net.seq);
+                    decrypted.took(&message.ciphertext);
                     plaintext
                 }
-                Err(e) if e.is_duplicate() => continue,
+                // Signal's refusal of a duplicate included: other bytes
+                // under a message key used already are a key used twice.
                 Err(_) => {
-                    match decrypted.why(&message.ciphertext, flight.seq) {
+                    match decrypted.why(&message.ciphertext, current) {
                         Undecryptable::Copy => continue,
                         Undecryptable::Late => net.late += 1,
                         Undecryptable::Other => net.undecryptable += 1,
@@ -1089,13 +1111,16 @@ impl SimNetwork {
     /// Copies of business messages that reached a device only after its
     /// conversation with the business turned (a reply each way) past the
     /// chain they were sent on, more often than a Signal client keeps
-    /// chains for (`MAX_RECEIVER_CHAINS`, 5), all of it after the network
+    /// chains for (`MAX_RECEIVER_CHAINS`, 5), though the chain was among
+    /// the last five the business had sent the device on when the network
     /// took the copy: no Signal client can decrypt them, and each is asked
     /// for again with a retry receipt, as for those counted in
     /// [`undecryptable`](Self::undecryptable). A network's delays make
-    /// them (a [`Faults`] delay longer than five turns of a conversation);
-    /// a copy made on a chain the device had dropped before the network
-    /// took it is undecryptable, not late.
+    /// them (a [`Faults`] delay longer than five turns of a conversation).
+    /// A copy made on a chain the business had left five times over when
+    /// the network took it (a sender's fault) is undecryptable, not late;
+    /// so is one whose bytes differ from a message the device decrypted
+    /// but that Signal refuses as a duplicate (a message key used twice).
     pub async fn late(&self) -> u64 {
         self.net.lock().await.late
     }
@@ -1218,12 +1243,14 @@ impl Transport for SimNetwork {
         if decision.refused() {
             return Err(unavailable(decision));
         }
-        let Some(known) = net.consumers.get(consumer.expose()) else {
+        let Some(known) = net.consumers.get_mut(consumer.expose()) else {
             return Err(TransportError::Refused("no such consumer".into()));
         };
         if !known.devices.contains_key(&device) {
             return Err(TransportError::Refused("no such device".into()));
         }
+        let decrypted = known.decrypted.entry((device, business)).or_default();
+        let current = decrypted.sent(&message.ciphertext);
         net.accepted.insert(key);
         net.asked.remove(&key);
         net.recipients
@@ -1237,6 +1264,7 @@ impl Transport for SimNetwork {
                 number: consumer.expose().to_owned(),
                 device,
                 message: message.clone(),
+                current,
             };
             Net::push(&mut net.to_devices, &mut net.seq, at, copy);
         }
@@ -1304,10 +1332,12 @@ mod tests {
     use crate::signal::{Ciphertext, MessageKind};
 
     /// A copy a device cannot decrypt is a copy of what it has if it
-    /// decrypted those bytes before; late if the chain it was made on was
-    /// pushed out (by the fifth chain after it) after the network took the
-    /// copy; anything else otherwise: one made on a chain dropped already
-    /// when the network took it, or on a chain the device never took.
+    /// decrypted those bytes before; late if the device dropped the chain
+    /// it was made on (five newer ones taken since), which was among the
+    /// last five the business sent it on when the network took the copy;
+    /// anything else otherwise: one made on a chain the business had left
+    /// five times over when sent (a sender's fault, whatever became of it
+    /// on the way), on one the device still keeps, or on one it never took.
     #[tokio::test]
     async fn why_a_copy_does_not_decrypt() {
         // A device in the business's place, and a consumer's.
@@ -1323,33 +1353,38 @@ mod tests {
         // Seven turns: the business's messages on a new chain each time
         // (one the device takes, one held back), and the consumer's reply.
         let (mut taken, mut held) = (Vec::new(), Vec::new());
+        let mut record = Decrypted::default();
+        let mut current = Vec::new();
         for _ in 0..7 {
             let message = business.encrypt(name, b"to you").await.unwrap();
-            held.push(business.encrypt(name, b"held back").await.unwrap());
+            let back = business.encrypt(name, b"held back").await.unwrap();
+            assert!(record.sent(&message));
             phone.decrypt(name, &message).await.unwrap();
+            record.took(&message);
+            // The held-back one, were it sent now: current.
+            current.push(record.sent(&back));
             taken.push(message);
+            held.push(back);
             let reply = phone.encrypt(name, b"to you too").await.unwrap();
             business.decrypt(name, &reply).await.unwrap();
         }
-        let mut decrypted = Decrypted::default();
-        for (seq, message) in (10..).step_by(10).zip(&taken) {
-            decrypted.took(message, seq);
-        }
+        assert!(current.iter().all(|&c| c));
+        // Sent now, the first two chains' are five chains behind.
+        let now: Vec<bool> = held.iter().map(|m| record.sent(m)).collect();
+        assert_eq!(now, [false, false, true, true, true, true, true]);
         let unseen = business.encrypt(name, b"never taken").await.unwrap();
-        for (copy, sent, why) in [
-            (&taken[0], 70, Undecryptable::Copy),
-            // The first chain was taken at 10, pushed out by the sixth at 60.
-            (&held[0], 60, Undecryptable::Late),
-            (&held[0], 5, Undecryptable::Late),
-            (&held[0], 61, Undecryptable::Other),
-            // The second, by the seventh at 70.
-            (&held[1], 70, Undecryptable::Late),
-            (&held[1], 71, Undecryptable::Other),
-            // The third is still kept: whatever fails on it is not late.
-            (&held[2], 0, Undecryptable::Other),
-            (&unseen, 0, Undecryptable::Other),
+        for (copy, was_current, why) in [
+            (&taken[0], true, Undecryptable::Copy),
+            (&taken[0], false, Undecryptable::Copy),
+            // Dropped by the device (the sixth and seventh chains came).
+            (&held[0], true, Undecryptable::Late),
+            (&held[1], true, Undecryptable::Late),
+            (&held[0], false, Undecryptable::Other),
+            // Kept by the device: whatever fails on it is not lateness.
+            (&held[2], true, Undecryptable::Other),
+            (&unseen, true, Undecryptable::Other),
         ] {
-            assert_eq!(decrypted.why(copy, sent), why, "sent at {sent}");
+            assert_eq!(record.why(copy, was_current), why);
         }
     }
 
