@@ -1907,8 +1907,9 @@ impl Tap {
         }
     }
 
+    /// The network (wrapped before the processor uses it).
     fn net(&self) -> &SimNetwork {
-        self.network.get().expect("wrapped before use")
+        self.network.get().unwrap()
     }
 }
 
