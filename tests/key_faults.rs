@@ -168,6 +168,9 @@ impl KeyStore for FlakyStore {
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
         self.write(self.inner.delete_keys(ids)).await
     }
+    async fn delete_keys_as_read(&self, keys: &[WrappedKey]) -> Result<u64, StoreError> {
+        self.write(self.inner.delete_keys_as_read(keys)).await
+    }
     async fn delete_epoch_keys(
         &self,
         ids: &[KeyId],

@@ -953,6 +953,13 @@ impl KeyStore for PausingStore {
         self.inner.delete_keys(ids).await
     }
 
+    async fn delete_keys_as_read(
+        &self,
+        keys: &[WrappedKey],
+    ) -> Result<u64, custodian::store::StoreError> {
+        self.inner.delete_keys_as_read(keys).await
+    }
+
     async fn delete_epoch_keys(
         &self,
         ids: &[KeyId],

@@ -1327,8 +1327,8 @@ async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
     let after = sessions.publish(w.business).await.unwrap();
     assert!(after.one_time_prekeys.iter().all(|k| k.id != newest + 1));
     assert_eq!(after.one_time_prekeys.len(), ids.len() - 1 + 9);
-    // So does a rotation whose next id a damaged row holds; the upkeep
-    // deletes that row.
+    // So does a rotation whose next id a damaged row holds. The row stays
+    // (as every row that does not decode, for an operator).
     let signed = after.signed_prekey.id;
     conn.execute(
         "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
@@ -1344,7 +1344,7 @@ async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
     w.clock.advance(8 * DAY);
     let report = sessions.maintain(w.business, None).await.unwrap();
     assert!(report.rotated);
-    assert_eq!(report.damaged_deleted, 1);
+    assert_eq!(report.damaged_deleted, 0);
     let rotated = sessions.publish(w.business).await.unwrap().signed_prekey.id;
     assert_eq!(rotated, signed + 2);
     let left: i64 = conn
@@ -1354,7 +1354,113 @@ async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(left, 0);
+    assert_eq!(left, 1);
+}
+
+/// Two instances' upkeeps find the newest one-time prekey damaged. One
+/// deletes it, refills (making a sound key under that id again, the
+/// newest sound one before it) and publishes, while the other's deletion
+/// waits: that deletion leaves the key made since. (It deleted by id: the
+/// sound, published key went, and a first message on it failed.)
+#[tokio::test]
+async fn a_damaged_key_made_again_under_its_id_meanwhile_is_not_deleted() {
+    let config = SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 5,
+        ..SignalConfig::default()
+    };
+    let w = World::with_config(config.clone());
+    let hooked = HookedKeys::new(&w.store, false);
+    let (_, held) = World::open_over(w.root, hooked.clone(), &w.store, &w.clock, config);
+    let newest = w.published().await.one_time_prekeys.last().unwrap().id;
+    let key = KeyId {
+        business: w.business,
+        kind: KeyKind::SignalPreKey,
+        id: u64::from(newest),
+    };
+    damage_key(&w, key).await;
+    hooked.hold_deletion.store(true, Ordering::SeqCst);
+    let waiting = async { held.maintain(w.business, None).await.unwrap() };
+    let meanwhile = async {
+        hooked.reached.notified().await;
+        // The network handed out every key: this one refills.
+        let report = w.sessions.maintain(w.business, Some(0)).await.unwrap();
+        let published = w.published().await;
+        hooked.release.notify_one();
+        (report, published)
+    };
+    let (late, (first, published)) = tokio::join!(waiting, meanwhile);
+    assert_eq!((first.damaged_deleted, late.damaged_deleted), (1, 0));
+    let index = published
+        .one_time_prekeys
+        .iter()
+        .position(|k| k.id == newest)
+        .expect("the refill made the id again");
+    let mut device = ConsumerDevice::new(0);
+    device
+        .start_session(w.business, &published.bundle(Some(index)))
+        .await
+        .unwrap();
+    let peer = w.peer("+447700900031", &device).await;
+    let message = device.encrypt(w.business, b"on the new key").await.unwrap();
+    assert_eq!(w.decrypt(peer, &message).await.unwrap(), b"on the new key");
+}
+
+/// Store `w`'s key `id` again under KEK `version` and id `new_id`.
+async fn rewrite(w: &World, id: KeyId, version: u32, new_id: u64) {
+    let Some(KeyEntry::Wrapped(mut wrapped)) = w.store.key(&id).await.unwrap() else {
+        panic!("no live key {id:?}");
+    };
+    wrapped.kek_version = version;
+    wrapped.id.id = new_id;
+    w.store.delete_keys(&[id]).await.unwrap();
+    w.store.insert_key(wrapped).await.unwrap();
+}
+
+/// A prekey no KEK can unwrap again (its version below the floor, or not
+/// in the ring) is damaged: left out, and deleted by the upkeep; so is a
+/// one-time prekey stored under an id no refill makes. (A version the
+/// ring could not use failed every publication and upkeep, and a replaced
+/// signed prekey restored under a retired version every message.)
+#[tokio::test]
+async fn prekeys_under_a_dead_kek_version_or_a_foreign_id_are_deleted() {
+    let w = World::new();
+    let published = w.published().await;
+    let key = |kind, id| KeyId {
+        business: w.business,
+        kind,
+        id,
+    };
+    let [a, b, c] = [0, 1, 2].map(|i| u64::from(published.one_time_prekeys[i].id));
+    // A backup of one, restored after a KEK rotation raised the floor past
+    // its version.
+    let Some(KeyEntry::Wrapped(backup)) =
+        w.store.key(&key(KeyKind::SignalPreKey, c)).await.unwrap()
+    else {
+        panic!("no key {c}");
+    };
+    let v2 = w
+        .keys
+        .add_kek_version(w.business, w.clock.now())
+        .await
+        .unwrap();
+    w.keys.promote_kek_version(w.business, v2).await.unwrap();
+    w.keys.rewrap(w.business).await.unwrap();
+    w.keys.raise_decrypt_floor(w.business, v2).await.unwrap();
+    w.store.delete_keys(&[backup.id]).await.unwrap();
+    w.store.insert_key(backup).await.unwrap();
+    rewrite(&w, key(KeyKind::SignalPreKey, a), 77, a).await;
+    // Moved under an id past 24 bits (it no longer unwraps there either).
+    rewrite(&w, key(KeyKind::SignalPreKey, b), v2, 1 << 40).await;
+    let again = w.published().await;
+    assert_eq!(
+        again.one_time_prekeys.len(),
+        published.one_time_prekeys.len() - 3
+    );
+    let report = w.sessions.maintain(w.business, None).await.unwrap();
+    assert_eq!(report.damaged_deleted, 3);
+    let ids = one_time_ids(&w).await;
+    assert!(!ids.contains(&a) && !ids.contains(&(1 << 40)) && !ids.contains(&c));
 }
 
 /// What every key shares failing (here the KEK ring's row, damaged) is no
@@ -1470,11 +1576,13 @@ async fn a_refill_raced_by_another_instance_keeps_the_limit() {
 /// A key store over a memory store that suspends once before each insert
 /// (if `yield_inserts`), and, armed with a one-time prekey id, holds the
 /// answer of the next read of that key until released: an operation that
-/// loaded the key is suspended after the load, before it commits.
+/// loaded the key is suspended after the load, before it commits. With
+/// `hold_deletion` set, the next deletion of keys as read waits likewise.
 struct HookedKeys {
     inner: Arc<MemoryStore>,
     yield_inserts: bool,
     armed: AtomicU64,
+    hold_deletion: std::sync::atomic::AtomicBool,
     reached: Notify,
     release: Notify,
 }
@@ -1485,6 +1593,7 @@ impl HookedKeys {
             inner: inner.clone(),
             yield_inserts,
             armed: AtomicU64::new(u64::MAX),
+            hold_deletion: std::sync::atomic::AtomicBool::new(false),
             reached: Notify::new(),
             release: Notify::new(),
         })
@@ -1527,6 +1636,13 @@ impl KeyStore for HookedKeys {
     }
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError> {
         self.inner.delete_keys(ids).await
+    }
+    async fn delete_keys_as_read(&self, keys: &[WrappedKey]) -> Result<u64, StoreError> {
+        if self.hold_deletion.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.delete_keys_as_read(keys).await
     }
     async fn delete_epoch_keys(
         &self,

@@ -162,6 +162,8 @@ enum Act {
     InsertKey(usize, usize, u32),
     DestroyKey(usize, usize, usize),
     DeleteKeys(Vec<(usize, usize)>),
+    /// Delete keys if stored as the key of (business, key, version) is.
+    DeleteKeysAsRead(Vec<(usize, usize, u32)>),
     Rewrap(usize, usize, u32, u32),
 }
 
@@ -221,6 +223,7 @@ fn act() -> impl Strategy<Value = Act> {
         2 => (0..3usize, 0..5usize, prop_oneof![1..4u32, Just(0), Just(u32::MAX)]).prop_map(|(a, k, v)| Act::InsertKey(a, k, v)),
         1 => (0..3usize, 0..5usize, ti).prop_map(|(a, k, at)| Act::DestroyKey(a, k, at)),
         1 => proptest::collection::vec((0..3usize, 0..5usize), 0..3).prop_map(Act::DeleteKeys),
+        1 => proptest::collection::vec((0..3usize, 0..5usize, 1..4u32), 0..3).prop_map(Act::DeleteKeysAsRead),
         1 => (0..3usize, 0..5usize, 1..4u32, 1..5u32).prop_map(|(a, k, e, v)| Act::Rewrap(a, k, e, v)),
     ]
 }
@@ -430,6 +433,10 @@ async fn run_act(a: &Act, prepared: Option<Batch>, s: &dyn Storage) -> String {
         Act::DeleteKeys(ks) => {
             let ids: Vec<KeyId> = ks.iter().map(|&(bi, k)| kid(bi, k)).collect();
             err(s.delete_keys(&ids).await)
+        }
+        Act::DeleteKeysAsRead(ks) => {
+            let keys: Vec<WrappedKey> = ks.iter().map(|&(bi, k, v)| wkey(bi, k, v)).collect();
+            err(s.delete_keys_as_read(&keys).await)
         }
         Act::Rewrap(bi, k, expected, v) => err(s.rewrap_key(wkey(*bi, *k, *v), *expected).await),
     }

@@ -99,6 +99,30 @@ impl KeyManager {
         cache.cache_ring(business, ring.clone())
     }
 
+    /// [`unwrap_secret`](Self::unwrap_secret) of a key a listing gave,
+    /// refused as [`KeyError::Unwrap`] also where the ring the store holds
+    /// now cannot unwrap with its KEK version (below the floor, or not in
+    /// the ring: retired, or never added): no ring will again, as a floor
+    /// only rises, a retired version never returns, and a version is in
+    /// the stored ring before any key is wrapped under it. (The ring in
+    /// memory may be behind the store's: its refusal alone says nothing of
+    /// the key.)
+    pub(crate) async fn unwrap_listed(
+        &self,
+        wrapped: &WrappedKey,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+        match self.unwrap_secret(wrapped.id, wrapped).await {
+            Err(e @ (KeyError::BelowFloor { .. } | KeyError::UnknownVersion { .. })) => {
+                let ring = self.existing_ring(wrapped.id.business).await?;
+                match ring.usable(wrapped.kek_version) {
+                    Ok(_) => Err(e),
+                    Err(_) => Err(KeyError::Unwrap(wrapped.id)),
+                }
+            }
+            unwrapped => unwrapped,
+        }
+    }
+
     /// The ring that must exist because a key wrapped under it does. Used
     /// wherever a stored key is unwrapped, so that opening never writes: a
     /// missing ring is reported, not replaced by a fresh one that could not

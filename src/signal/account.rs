@@ -36,9 +36,9 @@ pub(super) struct Account {
     pub(super) registration_id: u32,
     /// Oldest first; the last is current.
     pub(super) signed: Vec<SignedPreKeyRecord>,
-    /// The ids of stored signed prekeys that are damaged (see
-    /// [`is_damaged`]): never used, their ids never made again.
-    pub(super) damaged_signed: Vec<u64>,
+    /// Stored signed prekeys that are damaged (see [`is_damaged`]): never
+    /// used, their ids never made again.
+    pub(super) damaged_signed: Vec<WrappedKey>,
 }
 
 impl fmt::Debug for Account {
@@ -163,7 +163,7 @@ impl Account {
             .chain(
                 self.damaged_signed
                     .iter()
-                    .filter_map(|&id| u32::try_from(id).ok()),
+                    .filter_map(|w| u32::try_from(w.id.id).ok()),
             )
             // Only ids a rotation makes say where the newest is.
             .filter(|id| (1..=MAX_PREKEY_ID).contains(id))
@@ -176,9 +176,10 @@ impl Account {
                 .copied()
                 .ok_or(corrupt("no free signed prekey id"))?;
             match self.store_signed_prekey(keys, business, id, now).await {
+                // Kept: it does not decode, and the upkeep deletes only a
+                // key found damaged as it was read.
                 Err(e) if is_damaged(&e) => {
                     log_damaged(business, "signed", u64::from(id), &e);
-                    self.damaged_signed.push(u64::from(id));
                     taken.insert(id);
                 }
                 stored => {
@@ -286,16 +287,16 @@ pub(super) fn made_at(record: &SignedPreKeyRecord) -> Timestamp {
 }
 
 /// The live signed prekeys of `business`, signed by its `identity`, oldest
-/// first, and the ids of those that are damaged ([`is_damaged`]: logged).
+/// first, and those that are damaged ([`is_damaged`]: logged).
 async fn load_signed(
     keys: &KeyManager,
     business: BusinessId,
     identity: &IdentityKey,
-) -> Result<(Vec<SignedPreKeyRecord>, Vec<u64>), SignalError> {
+) -> Result<(Vec<SignedPreKeyRecord>, Vec<WrappedKey>), SignalError> {
     let (mut records, mut damaged) = (Vec::new(), Vec::new());
     for wrapped in list(keys, business, KeyKind::SignalSignedPreKey).await? {
         let id = wrapped.id.id;
-        let record = match keys.unwrap_secret(wrapped.id, &wrapped).await {
+        let record = match keys.unwrap_listed(&wrapped).await {
             Ok(bytes) => decode_signed_prekey(&bytes, id, identity),
             Err(e) => Err(e.into()),
         };
@@ -303,7 +304,7 @@ async fn load_signed(
             Ok(record) => records.push(record),
             Err(e) if is_damaged(&e) => {
                 log_damaged(business, "signed", id, &e);
-                damaged.push(id);
+                damaged.push(wrapped);
             }
             Err(e) => return Err(e),
         }
@@ -313,35 +314,39 @@ async fn load_signed(
 }
 
 /// The stored one-time prekeys of `business`, oldest first (see
-/// [`oldest_first`]), with their ids.
+/// [`oldest_first`]), with their ids; and those stored under an id no
+/// refill makes (logged), which are none of the pool's.
 async fn list_one_time(
     keys: &KeyManager,
     business: BusinessId,
-) -> Result<Vec<(u32, WrappedKey)>, SignalError> {
-    let mut stored = BTreeMap::new();
+) -> Result<(Vec<(u32, WrappedKey)>, Vec<WrappedKey>), SignalError> {
+    let (mut stored, mut misfiled) = (BTreeMap::new(), Vec::new());
     for wrapped in list(keys, business, KeyKind::SignalPreKey).await? {
-        // One stored under an id no refill makes is none of the pool's.
         match u32::try_from(wrapped.id.id) {
             Ok(id) if (1..=MAX_PREKEY_ID).contains(&id) => _ = stored.insert(id, wrapped),
-            _ => log_damaged(business, "one-time", wrapped.id.id, &corrupt("prekey id")),
+            _ => {
+                log_damaged(business, "one-time", wrapped.id.id, &corrupt("prekey id"));
+                misfiled.push(wrapped);
+            }
         }
     }
-    Ok(oldest_first(stored.keys().copied().collect())
+    let pool = oldest_first(stored.keys().copied().collect())
         .into_iter()
         .filter_map(|id| stored.remove(&id).map(|w| (id, w)))
-        .collect())
+        .collect();
+    Ok((pool, misfiled))
 }
 
 /// The one-time prekeys of `business`: the public halves of the sound
-/// ones, oldest first, and the ids of those that are damaged
-/// ([`is_damaged`]: logged).
+/// ones, oldest first, and those that are damaged ([`is_damaged`]: logged).
 pub(super) async fn one_time_prekeys(
     keys: &KeyManager,
     business: BusinessId,
-) -> Result<(Vec<PublicPreKey>, Vec<u32>), SignalError> {
-    let (mut sound, mut damaged) = (Vec::new(), Vec::new());
-    for (id, wrapped) in list_one_time(keys, business).await? {
-        let public = match keys.unwrap_secret(wrapped.id, &wrapped).await {
+) -> Result<(Vec<PublicPreKey>, Vec<WrappedKey>), SignalError> {
+    let (pool, mut damaged) = list_one_time(keys, business).await?;
+    let mut sound = Vec::new();
+    for (id, wrapped) in pool {
+        let public = match keys.unwrap_listed(&wrapped).await {
             Ok(bytes) => decode_one_time_prekey(&bytes, id)
                 .and_then(|record| record.public_key().map_err(|_| corrupt(ONE_TIME_PREKEY))),
             Err(e) => Err(e.into()),
@@ -353,7 +358,7 @@ pub(super) async fn one_time_prekeys(
             }),
             Err(e) if is_damaged(&e) => {
                 log_damaged(business, "one-time", u64::from(id), &e);
-                damaged.push(id);
+                damaged.push(wrapped);
             }
             Err(e) => return Err(e),
         }

@@ -1088,25 +1088,14 @@ impl Sessions {
             });
         }
 
-        // Damaged prekeys can never be used: they go (each was logged).
-        let (pool, damaged) = account::one_time_prekeys(keys, business).await?;
-        let damaged: Vec<KeyId> = damaged
-            .into_iter()
-            .map(|id| KeyId {
-                business,
-                kind: KeyKind::SignalPreKey,
-                id: u64::from(id),
-            })
-            .chain(account.damaged_signed.iter().map(|&id| KeyId {
-                business,
-                kind: KeyKind::SignalSignedPreKey,
-                id,
-            }))
-            .collect();
+        // Damaged prekeys can never be used: they go (each was logged),
+        // each if it is still as it was read (another instance may have
+        // deleted it and made a sound key under its id since).
+        let (pool, mut damaged) = account::one_time_prekeys(keys, business).await?;
+        damaged.append(&mut account.damaged_signed);
         if !damaged.is_empty() {
-            keys.store().delete_keys(&damaged).await?;
-            account.damaged_signed.clear();
-            report.damaged_deleted = damaged.len();
+            let gone = keys.store().delete_keys_as_read(&damaged).await?;
+            report.damaged_deleted = usize::try_from(gone).unwrap_or(usize::MAX);
         }
         let stored: Vec<u32> = pool.iter().map(|k| k.id).collect();
         // What the network can still hand out: the keys it has not handed

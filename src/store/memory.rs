@@ -576,6 +576,15 @@ impl KeyStore for MemoryStore {
         Ok(ids.iter().filter(|id| inner.delete_key(id)).count() as u64)
     }
 
+    async fn delete_keys_as_read(&self, keys: &[WrappedKey]) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let unchanged = |inner: &Inner, key: &WrappedKey| matches!(inner.keys.get(&key.id), Some(KeyEntry::Wrapped(w)) if w == key);
+        Ok(keys
+            .iter()
+            .filter(|key| unchanged(&inner, key) && inner.delete_key(&key.id))
+            .count() as u64)
+    }
+
     async fn delete_epoch_keys(
         &self,
         ids: &[KeyId],

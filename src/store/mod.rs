@@ -102,6 +102,12 @@ pub trait KeyStore: Send + Sync {
     /// Remove entries (live or tombstones) outright. Returns how many existed.
     async fn delete_keys(&self, ids: &[KeyId]) -> Result<u64, StoreError>;
 
+    /// Remove each of `keys` that is stored exactly as given (live, under
+    /// its KEK version, with its bytes), in one step with the check: one
+    /// replaced since it was read (rewrapped, or deleted and made again
+    /// under its id) stays. Returns how many were removed.
+    async fn delete_keys_as_read(&self, keys: &[WrappedKey]) -> Result<u64, StoreError>;
+
     /// Remove ended epoch keys `ids` as [`delete_keys`](Self::delete_keys)
     /// does, except those of a business that a stored legal hold not among
     /// `seen` covers, the holds read in the same atomic step: the sweep
@@ -113,7 +119,10 @@ pub trait KeyStore: Send + Sync {
     -> Result<u64, StoreError>;
 
     /// Up to `limit` live keys of `business` wrapped under a version below
-    /// `version`, in id order, after `after` (for resumable paging).
+    /// `version`, in id order, after `after` (for resumable paging). An
+    /// entry that does not decode is skipped, as by
+    /// [`keys_of_kind`](Self::keys_of_kind): the rewrap of every other key
+    /// goes on.
     async fn keys_wrapped_below(
         &self,
         business: BusinessId,

@@ -538,6 +538,11 @@ impl KeyStore for FailingStore {
             .store("delete_keys", self.inner.delete_keys(ids))
             .await
     }
+    async fn delete_keys_as_read(&self, keys: &[WrappedKey]) -> Result<u64, StoreError> {
+        self.faults
+            .store("delete_keys_as_read", self.inner.delete_keys_as_read(keys))
+            .await
+    }
     async fn delete_epoch_keys(
         &self,
         ids: &[KeyId],

@@ -698,6 +698,19 @@ impl KeyStore for SqliteStore {
             .await
     }
 
+    async fn delete_keys_as_read(&self, keys: &[WrappedKey]) -> Result<u64, StoreError> {
+        let keys = keys.to_vec();
+        self.writer
+            .write(move |c| {
+                let mut n = 0;
+                for key in &keys {
+                    n += u64::from(writes::delete_key_as_read(c, key)?);
+                }
+                Ok(n)
+            })
+            .await
+    }
+
     async fn delete_epoch_keys(
         &self,
         ids: &[KeyId],
@@ -729,7 +742,7 @@ impl KeyStore for SqliteStore {
     ) -> Result<Vec<WrappedKey>, StoreError> {
         self.reads()
             .await
-            .with(|c| reads::keys_wrapped_below(c, business, version, after, limit))
+            .with(|c| reads::keys_wrapped_below(c, business, version, after, limit, &self.damaged))
     }
 
     async fn count_wrapped_under(

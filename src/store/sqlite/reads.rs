@@ -16,7 +16,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, Row, params};
 
 use super::codec::{
-    self, Cols, Db, business_sql, key_id_sql, limit_sql, message_columns, time_sql, u64_to_sql,
+    self, Cols, Db, business_sql, key_id_sql, message_columns, time_sql, u64_to_sql,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
@@ -183,12 +183,18 @@ fn live_key(row: &Row<'_>, business: BusinessId) -> Result<WrappedKey, StoreErro
     }
 }
 
+/// Up to `limit` live keys of `business` wrapped below `version`, after
+/// `after`, skipping (and counting in `damaged`) a row that does not
+/// decode, as [`keys_of_kind`] does: one damaged key must not stop the
+/// rewrap of every other. (It stays, and keeps the floor from rising
+/// past its version until an operator mends or removes it.)
 pub(super) fn keys_wrapped_below(
     conn: &Connection,
     business: BusinessId,
     version: u32,
     after: Option<KeyId>,
     limit: usize,
+    damaged: &AtomicU64,
 ) -> Result<Vec<WrappedKey>, StoreError> {
     // Kinds are codes from 1: (0, anything) is below every key.
     let (kind, id) = match after {
@@ -201,19 +207,19 @@ pub(super) fn keys_wrapped_below(
             "SELECT kind, id, kek_version, blob, destroyed_at FROM wrapped_keys
              WHERE business = ?1 AND (kind, id) > (?2, ?3)
                AND blob IS NOT NULL AND kek_version < ?4
-             ORDER BY kind, id LIMIT ?5",
+             ORDER BY kind, id",
         )
         .db()?;
     let mut rows = stmt
-        .query(params![
-            business_sql(business),
-            kind,
-            id,
-            version,
-            limit_sql(limit)
-        ])
+        .query(params![business_sql(business), kind, id, version])
         .db()?;
-    collect(&mut rows, |r| live_key(r, business))
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(row) = rows.next().db()? else { break };
+        let key = live_key(row, business);
+        out.extend(codec::skip_damaged(key, "wrapped_keys", None, damaged)?);
+    }
+    Ok(out)
 }
 
 pub(super) fn count_wrapped_under(

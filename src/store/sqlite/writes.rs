@@ -532,6 +532,20 @@ pub(super) fn delete_key(conn: &Connection, id: &KeyId) -> Result<bool, StoreErr
     Ok(n == 1)
 }
 
+/// Delete `key` if it is stored exactly as given.
+pub(super) fn delete_key_as_read(conn: &Connection, key: &WrappedKey) -> Result<bool, StoreError> {
+    let (business, kind, id) = key_id_sql(&key.id);
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM wrapped_keys WHERE business = ?1 AND kind = ?2 AND id = ?3
+               AND kek_version = ?4 AND blob = ?5 AND destroyed_at IS NULL",
+        )
+        .db()?
+        .execute(params![business, kind, id, key.kek_version, key.blob])
+        .db()?;
+    Ok(n == 1)
+}
+
 /// The holds of one `delete_expired` call, in a table private to the writer
 /// connection (SQLite's temporary schema: never in the database file).
 pub(super) const CREATE_HELD: &str = "CREATE TEMP TABLE IF NOT EXISTS held (
