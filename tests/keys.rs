@@ -2767,3 +2767,44 @@ async fn key_maintenance_of_a_business_without_a_ring_creates_none() {
     assert_eq!(f.store.ring(a).await.unwrap(), None);
     assert_eq!(f.store.ring(b).await.unwrap(), None);
 }
+
+/// A key row that does not decode (here a live key that also carries a
+/// tombstone's time), which SQLite's rewrap listing skips, keeps the
+/// floor from rising past its version: mended, it unwraps again. (The
+/// floor rose past it, checked through that listing, and the mended epoch
+/// key was below the floor for good: every record of its epoch with it.)
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_key_row_that_does_not_decode_keeps_the_floor_down() {
+    let disk = OnDisk::new();
+    let (b, now) = (BusinessId::new(3).unwrap(), Timestamp::from_millis(T0));
+    let epoch = Epoch::ending_at(Timestamp::from_millis(T0 + 3_600_000));
+    disk.keys.epoch_key_for_seal(b, epoch, now).await.unwrap();
+    let v2 = disk.keys.add_kek_version(b, now).await.unwrap();
+    disk.keys.promote_kek_version(b, v2).await.unwrap();
+    let damaged = disk
+        .other
+        .execute(
+            "UPDATE wrapped_keys SET destroyed_at = 1 WHERE kind = 1",
+            [],
+        )
+        .unwrap();
+    assert_eq!(damaged, 1);
+    disk.keys.rewrap(b).await.unwrap();
+    assert!(matches!(
+        disk.keys.raise_decrypt_floor(b, v2).await,
+        Err(KeyError::NeedsRewrap { .. })
+    ));
+    disk.other
+        .execute("UPDATE wrapped_keys SET destroyed_at = NULL", [])
+        .unwrap();
+    let mended = KeyManager::new(
+        Arc::new(LocalKeyProvider::new(&SecretKey::from_bytes(
+            &mut [0x3c; 32],
+        ))),
+        disk.store.clone(),
+    );
+    mended.epoch_key(b, epoch).await.unwrap();
+    assert_eq!(mended.rewrap(b).await.unwrap(), 1);
+    mended.raise_decrypt_floor(b, v2).await.unwrap();
+}

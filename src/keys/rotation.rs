@@ -372,7 +372,11 @@ impl KeyManager {
     /// others are rewrapped all the same; then the first such is reported
     /// ([`KeyError::Unwrap`], [`KeyError::BelowFloor`],
     /// [`KeyError::UnknownVersion`]), to be dealt with before the floor can
-    /// pass its version. A business with no ring and no key has nothing to
+    /// pass its version. (A row that does not decode at all, which the
+    /// store's listing skips, is not reported here; it keeps the floor
+    /// down all the same: [`raise_decrypt_floor`](Self::raise_decrypt_floor)
+    /// refuses with [`KeyError::NeedsRewrap`] while any row of a version
+    /// below it is stored.) A business with no ring and no key has nothing to
     /// rewrap, and is given no ring; keys stored under a ring that is
     /// missing are [`KeyError::CorruptRing`].
     pub async fn rewrap(&self, business: BusinessId) -> Result<u64, KeyError> {
@@ -444,12 +448,21 @@ impl KeyManager {
             return Ok(());
         };
         ring.raise_floor(version)?;
-        if !self
+        let mut left = !self
             .store
             .keys_wrapped_below(business, version, None, 1)
             .await?
-            .is_empty()
-        {
+            .is_empty();
+        // A row the listing skips, one that does not decode, still holds
+        // its version down: each version's count says so (mended, it
+        // would unwrap again only while its version is at the floor).
+        for below in ring.versions().iter().map(|v| v.version) {
+            if left || below >= version {
+                break;
+            }
+            left = self.store.count_wrapped_under(business, below).await? > 0;
+        }
+        if left {
             return Err(KeyError::NeedsRewrap { floor: version });
         }
         self.update_ring(business, |r| r.raise_floor(version))
