@@ -1306,18 +1306,17 @@ async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
         rusqlite::params![KeyKind::SignalPreKey.code(), sql_id(victim)],
     )
     .unwrap();
+    // A damaged row of `kind` under the id after `id`, copied from it.
+    let damaged_after = |kind: KeyKind, id: u32| {
+        let insert =
+            "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
+             SELECT business, kind, ?2, 'damaged', blob, NULL FROM wrapped_keys
+             WHERE kind = ?1 AND id = ?3";
+        let params = rusqlite::params![kind.code(), sql_id(id + 1), sql_id(id)];
+        assert_eq!(conn.execute(insert, params).unwrap(), 1);
+    };
     // A row under the id the next refill would make first, damaged too.
-    conn.execute(
-        "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
-         SELECT business, kind, ?2, 'damaged', blob, NULL FROM wrapped_keys
-         WHERE kind = ?1 AND id = ?3",
-        rusqlite::params![
-            KeyKind::SignalPreKey.code(),
-            sql_id(newest + 1),
-            sql_id(newest)
-        ],
-    )
-    .unwrap();
+    damaged_after(KeyKind::SignalPreKey, newest);
     let again = sessions.publish(w.business).await.unwrap();
     assert_eq!(again.one_time_prekeys.len(), ids.len() - 1);
     assert!(sqlite.damaged_rows_skipped() >= 1);
@@ -1330,17 +1329,7 @@ async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
     // So does a rotation whose next id a damaged row holds. The row stays
     // (as every row that does not decode, for an operator).
     let signed = after.signed_prekey.id;
-    conn.execute(
-        "INSERT INTO wrapped_keys (business, kind, id, kek_version, blob, destroyed_at)
-         SELECT business, kind, ?2, 'damaged', blob, NULL FROM wrapped_keys
-         WHERE kind = ?1 AND id = ?3",
-        rusqlite::params![
-            KeyKind::SignalSignedPreKey.code(),
-            sql_id(signed + 1),
-            sql_id(signed)
-        ],
-    )
-    .unwrap();
+    damaged_after(KeyKind::SignalSignedPreKey, signed);
     w.clock.advance(8 * DAY);
     let report = sessions.maintain(w.business, None).await.unwrap();
     assert!(report.rotated);

@@ -713,6 +713,24 @@ impl Deployment {
         self.network.send(business(), &number(1), 0, &copy).await
     }
 
+    /// Hand `message` to device 0 of consumer 1 as the processor's
+    /// transport would, and let the network carry it: the copies devices
+    /// could not decrypt so far, those too late to, and the retry receipts
+    /// this made.
+    async fn hand_over(&self, message: &Outgoing) -> (u64, u64, u64) {
+        self.network
+            .send(business(), &number(1), 0, message)
+            .await
+            .unwrap();
+        let report = self.network.pump(&self.processor, &self.transport).await;
+        let late = self.network.late().await;
+        (
+            self.network.undecryptable().await,
+            late,
+            report.retry_receipts,
+        )
+    }
+
     /// A deployment whose business has published its keys.
     async fn new(network_faults: Faults, sink_faults: Faults, seed: u64) -> Self {
         let d = Self::unpublished(network_faults, sink_faults, seed).await;
@@ -2856,16 +2874,7 @@ async fn a_ciphertext_sent_on_a_chain_left_long_ago_is_undecryptable() {
     }
     assert_eq!(d.network.received(&number(1)).await[&0].len(), 7);
     let stale = tap.held.lock().unwrap().pop().unwrap();
-    d.network
-        .send(business(), &number(1), 0, &stale)
-        .await
-        .unwrap();
-    let report = d.network.pump(&d.processor, &d.transport).await;
-    assert_eq!(
-        (d.network.undecryptable().await, d.network.late().await),
-        (1, 0)
-    );
-    assert_eq!(report.retry_receipts, 1);
+    assert_eq!(d.hand_over(&stale).await, (1, 0, 1));
 }
 
 /// Other bytes than a message the device decrypted, under that message's
@@ -2886,22 +2895,7 @@ async fn other_bytes_under_a_used_message_key_are_undecryptable() {
             bytes,
         },
     };
-    d.network
-        .send(business(), &number(1), 0, &altered)
-        .await
-        .unwrap();
-    let report = d.network.pump(&d.processor, &d.transport).await;
-    assert_eq!(
-        (d.network.undecryptable().await, d.network.late().await),
-        (1, 0)
-    );
-    assert_eq!(report.retry_receipts, 1);
+    assert_eq!(d.hand_over(&altered).await, (1, 0, 1));
     // The same bytes again are a copy of what the device has: nothing.
-    d.network
-        .send(business(), &number(1), 0, &sent)
-        .await
-        .unwrap();
-    let report = d.network.pump(&d.processor, &d.transport).await;
-    assert_eq!(d.network.undecryptable().await, 1);
-    assert_eq!(report.retry_receipts, 0);
+    assert_eq!(d.hand_over(&sent).await, (1, 0, 0));
 }
