@@ -613,7 +613,9 @@ impl SimNetwork {
     /// The network-wide counts
     /// ([`resent_after_delivery`](Self::resent_after_delivery),
     /// [`mislabelled`](Self::mislabelled),
-    /// [`altered_copies`](Self::altered_copies)) keep theirs.
+    /// [`altered_copies`](Self::altered_copies)) keep theirs. A copy still
+    /// on its way to an old device reaches the new device with its id,
+    /// which cannot decrypt it ([`undecryptable`](Self::undecryptable)).
     pub async fn add_consumer(&self, number: &PhoneNumber, devices: u32) {
         let mut net = self.net.lock().await;
         let net = &mut *net;
@@ -767,7 +769,9 @@ impl SimNetwork {
             };
             let decrypted = consumer.decrypted.entry((device, business)).or_default();
             // Counted once a device is there to take it: a copy to a
-            // device gone since (a reinstall) reaches nobody.
+            // device id the consumer no longer has (a reinstall with
+            // fewer devices) reaches nobody. (One with the id, reinstalled,
+            // takes it, and cannot decrypt it: undecryptable.)
             report.to_devices += 1;
             // A copy of a ciphertext it already decrypted (an injected
             // duplicate) is dropped: Signal refuses it as a duplicate, or,
