@@ -776,10 +776,12 @@ pub struct Maintenance {
     /// One-time prekeys deleted, oldest first, to keep the number stored
     /// within [`SignalConfig::prekey_limit`].
     pub prekeys_retired: usize,
-    /// Stored prekeys, signed or one-time, that do not unwrap or decode (or
-    /// are unsound): never published nor used, each logged with its id
-    /// when found, and deleted. (A SQLite row that does not decode at all
-    /// is skipped by the store's listing, and stays for an operator.)
+    /// Stored prekeys, signed or one-time, that do not unwrap (under a KEK
+    /// version the store's ring can no longer use, too) or decode, are
+    /// unsound, or are stored under an id no refill makes: never published
+    /// nor used, each logged with its id when found, and deleted if still
+    /// stored as found. (A SQLite row that does not decode at all is
+    /// skipped by the store's listing, and stays for an operator.)
     pub damaged_deleted: usize,
     /// One-time prekeys the network can hand out afterwards, once published,
     /// by its count (without one, every key held). Keys a first message's
