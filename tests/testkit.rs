@@ -2899,3 +2899,30 @@ async fn other_bytes_under_a_used_message_key_are_undecryptable() {
     // The same bytes again are a copy of what the device has: nothing.
     assert_eq!(d.hand_over(&sent).await, (1, 0, 0));
 }
+
+/// A device that loses the session a retry receipt started, within the
+/// receipt timeout, gets a message made since that another device
+/// reported: its receipt fetches a bundle, as the message went over the
+/// session it lost. (Taken for a message sent on the session before, it
+/// was sent over the lost one, its next receipt ignored as a copy: the
+/// device never got it.)
+#[tokio::test]
+async fn a_device_that_loses_its_new_session_too_gets_what_was_sent_since() {
+    let (d, _) = Deployment::delivered_hello(Faults::none()).await;
+    d.network.lose_sessions(&number(1)).await;
+    let asked = d.send(1, "asked for again").await;
+    d.run(Duration::from_secs(60), true).await;
+    assert_eq!(d.status(asked).await, Status::Delivered);
+    // Within the receipt timeout, the new session is lost too.
+    d.network.lose_sessions(&number(1)).await;
+    let since = d.send(1, "made since").await;
+    // Another device of the consumer has it.
+    let update = d
+        .processor
+        .status_update(&d.transport, business(), since, Status::Delivered)
+        .await;
+    assert_eq!(update.unwrap(), custodian::processor::StatusChange::Applied);
+    d.run(RECEIPT_TIMEOUT * 10, true).await;
+    let received = d.network.received(&number(1)).await;
+    assert!(received[&0].contains_key(&since), "{received:?}");
+}

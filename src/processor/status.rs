@@ -72,7 +72,18 @@ pub(super) struct Receipts {
     /// record keeps for skipped messages) lets them in again. Locked after
     /// `ignore`.
     oversized: Waiting,
-    restarted: Mutex<HashMap<(BusinessId, PeerId), Timestamp, RandomState>>,
+    /// The devices a receipt started a new session with lately.
+    restarted: Mutex<HashMap<(BusinessId, PeerId), Restarted, RandomState>>,
+}
+
+/// A session a receipt started with a device.
+#[derive(Debug, Clone, Copy)]
+struct Restarted {
+    /// When it was started: messages made before went over the session it
+    /// replaced.
+    at: Timestamp,
+    /// When it no longer counts as started lately.
+    until: Timestamp,
 }
 
 impl Receipts {
@@ -93,7 +104,7 @@ impl Receipts {
         lock(&self.refused).retain(|key, _| ignore.contains_key(key));
         lock(&self.oversized).retain(|key, _| ignore.contains_key(key));
         drop(ignore);
-        lock(&self.restarted).retain(|_, until| now < *until);
+        lock(&self.restarted).retain(|_, r| now < r.until);
     }
 
     /// `peer`'s new identity key was approved: its receipts ignored for a
@@ -159,30 +170,47 @@ impl Receipts {
         })
     }
 
-    /// Whether a receipt started `peer` a new session within the window.
-    fn restarted_lately(&self, business: BusinessId, peer: PeerId, now: Timestamp) -> bool {
+    /// Whether a receipt started `peer` a new session within the window
+    /// after a message made at `created` (which went over the session it
+    /// replaced; one made in the same millisecond is taken to have).
+    fn restarted_lately(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        now: Timestamp,
+        created: Timestamp,
+    ) -> bool {
         lock(&self.restarted)
             .get(&(business, peer))
-            .is_some_and(|&until| now < until)
+            .is_some_and(|r| now < r.until && created <= r.at)
     }
 
-    /// A receipt started `peer` a new session at `now` (or a message went
-    /// over the one it started).
-    fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp) {
+    /// A receipt started `peer` a new session at `now` (`started`), or a
+    /// message went over the one it started.
+    fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp, started: bool) {
         let mut restarted = lock(&self.restarted);
-        restarted.retain(|_, until| now < *until);
-        restarted.insert((business, peer), now.saturating_add(self.window));
+        restarted.retain(|_, r| now < r.until);
+        let until = now.saturating_add(self.window);
+        restarted
+            .entry((business, peer))
+            .and_modify(|r| {
+                r.at = if started { now } else { r.at };
+                r.until = until;
+            })
+            .or_insert(Restarted { at: now, until });
     }
 
-    /// The message a receipt asked for could not be sent to `peer` now over
-    /// the session the receipt started: the session counts as started
+    /// The message a receipt asked for could not be sent to `peer` at `now`
+    /// over the session the receipt started: the session counts as started
     /// lately until `until` (the message's expiry) or until a message goes
     /// over it, so that the receipt, handed in again, fetches no other
     /// bundle (each costs the device a one-time prekey).
-    fn hold_restart(&self, business: BusinessId, peer: PeerId, until: Timestamp) {
+    fn hold_restart(&self, business: BusinessId, peer: PeerId, now: Timestamp, until: Timestamp) {
         let mut restarted = lock(&self.restarted);
-        let held = restarted.entry((business, peer)).or_insert(until);
-        *held = (*held).max(until);
+        let held = restarted
+            .entry((business, peer))
+            .or_insert(Restarted { at: now, until });
+        held.until = held.until.max(until);
     }
 }
 
@@ -580,8 +608,10 @@ impl Processor {
     /// expires (a receipt for a message past its retention is ignored; a
     /// restarted processor, which forgets the session was the receipt's,
     /// fetches one more). A receipt for another message
-    /// sent on the old session, within the receipt timeout of the new
-    /// session, fetches no bundle: the message goes over the new one. A
+    /// sent on the old session (made before the new one was started),
+    /// within the receipt timeout of the new session, fetches no bundle:
+    /// the message goes over the new one. One for a message made since
+    /// (the device lost the new session too) fetches one. A
     /// receipt while an attempt on the message is under way is refused for
     /// now as [`ProcessorError::AttemptUnderWay`] (the attempt's record
     /// would overwrite it), and so is one while a send or another receipt
@@ -669,7 +699,10 @@ impl Processor {
             return Err(ProcessorError::AttemptUnderWay);
         };
         // Sent on the session a receipt replaced lately: due on the new one.
-        if self.receipts.restarted_lately(business, peer, now) {
+        if self
+            .receipts
+            .restarted_lately(business, peer, now, record.created)
+        {
             return self
                 .start_on_receipt(record, &body, peer, None, now, noted, starting)
                 .await;
@@ -815,7 +848,7 @@ impl Processor {
             };
             if written {
                 if bundle.is_some() {
-                    self.receipts.restart(business, peer, now);
+                    self.receipts.restart(business, peer, now, true);
                     debug!("a new session was started on a retry receipt");
                 }
                 drop(starting.take());
@@ -836,12 +869,13 @@ impl Processor {
                             }
                             // A session held for the receipt is let go.
                             if bundle.is_none() {
-                                self.receipts.restart(business, peer, now);
+                                self.receipts.restart(business, peer, now, false);
                             }
                         }
                         Err(e) => {
                             debug!(error = %e, "a settled message could not be sent to a retry receipt's device now");
-                            self.receipts.hold_restart(business, peer, record.expiry);
+                            self.receipts
+                                .hold_restart(business, peer, now, record.expiry);
                             return Err(e.into());
                         }
                     }
@@ -899,7 +933,7 @@ mod tests {
             phone: PhoneHash::from_bytes([0xA5; 16]),
             device: 1,
         };
-        receipts.restart(business, consumer, Timestamp::from_millis(DAY));
+        receipts.restart(business, consumer, Timestamp::from_millis(DAY), true);
         // Forty days on, the receipt memory is used again for others.
         let later = Timestamp::from_millis(41 * DAY);
         for i in 0..10u8 {
@@ -907,8 +941,8 @@ mod tests {
                 phone: PhoneHash::from_bytes([i; 16]),
                 device: 0,
             };
-            receipts.restart(business, other, later);
-            assert!(!receipts.restarted_lately(business, consumer, later));
+            receipts.restart(business, other, later, true);
+            assert!(!receipts.restarted_lately(business, consumer, later, Timestamp::UNIX_EPOCH));
         }
         let kept = receipts
             .restarted
