@@ -83,14 +83,13 @@ impl RecipientTracker {
     /// A message sent to `key` in `window`, at `at` (Unix milliseconds).
     pub(super) fn sent(&mut self, key: u64, window: u64, at: u64) -> Reach {
         let cutoff = self.cutoff;
-        // A contact stamped before the cutoff (late, or the cutoff moved
-        // by a clock that stood ahead) counts as of the cutoff: stamped as
-        // it came, it read as never seen at once, and every message in a
-        // window counted the consumer new again.
-        let at = at.max(cutoff);
         let last = match self.current.get_mut(&key) {
             Some(seen) => {
-                let known = seen.contact >= cutoff;
+                // Sent to in this window already: a contact stamped before
+                // the cutoff (late, or the cutoff moved by a clock that
+                // stood ahead) reads as never seen, and every message of
+                // the window counted the consumer new again.
+                let known = seen.contact >= cutoff || seen.sent == window;
                 seen.contact = seen.contact.max(at);
                 let last = std::mem::replace(&mut seen.sent, window);
                 known.then_some(last)
@@ -121,8 +120,6 @@ impl RecipientTracker {
     pub(super) fn heard_from(&mut self, key: u64, at: u64) {
         self.latest = self.latest.max(at);
         let cutoff = self.cutoff;
-        // As in `sent`: known from now on, late or not.
-        let at = at.max(cutoff);
         if let Some(seen) = self.current.get_mut(&key) {
             if seen.contact < cutoff {
                 seen.sent = NEVER_SENT;

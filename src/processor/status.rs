@@ -611,7 +611,11 @@ impl Processor {
     /// sent on the old session (made before the new one was started),
     /// within the receipt timeout of the new session, fetches no bundle:
     /// the message goes over the new one. One for a message made since
-    /// (the device lost the new session too) fetches one. A
+    /// (the device lost the new session too) fetches one. (Not so for a
+    /// message made before but first sent to the device after, a
+    /// retransmission: should the device lose the new session within the
+    /// window and another device have reported the message, the copy goes
+    /// over the lost session, and the device does not get it.) A
     /// receipt while an attempt on the message is under way is refused for
     /// now as [`ProcessorError::AttemptUnderWay`] (the attempt's record
     /// would overwrite it), and so is one while a send or another receipt
