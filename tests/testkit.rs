@@ -713,6 +713,11 @@ impl Deployment {
         self.network.send(business(), &number(1), 0, &copy).await
     }
 
+    /// One pass of the network over what is due.
+    async fn pump(&self) -> PumpReport {
+        self.network.pump(&self.processor, &self.transport).await
+    }
+
     /// Hand `message` to device 0 of consumer 1 as the processor's
     /// transport would, and let the network carry it: the copies devices
     /// could not decrypt so far, those too late to, and the retry receipts
@@ -722,7 +727,7 @@ impl Deployment {
             .send(business(), &number(1), 0, message)
             .await
             .unwrap();
-        let report = self.network.pump(&self.processor, &self.transport).await;
+        let report = self.pump().await;
         let late = self.network.late().await;
         (
             self.network.undecryptable().await,
@@ -2742,26 +2747,14 @@ async fn late_first_copy(duplicate: bool) -> (Deployment, u64) {
             .consumer_sends(&number(1), 0, business(), format!("c{turn}").as_bytes())
             .await
             .unwrap();
-        receipts += d
-            .network
-            .pump(&d.processor, &d.transport)
-            .await
-            .retry_receipts;
+        receipts += d.pump().await.retry_receipts;
         d.send(1, &format!("b{turn}")).await;
-        receipts += d
-            .network
-            .pump(&d.processor, &d.transport)
-            .await
-            .retry_receipts;
+        receipts += d.pump().await.retry_receipts;
         d.clock.advance(Duration::from_secs(1));
     }
     d.clock.advance(faults.max_delay);
     for _ in 0..3 {
-        receipts += d
-            .network
-            .pump(&d.processor, &d.transport)
-            .await
-            .retry_receipts;
+        receipts += d.pump().await.retry_receipts;
         d.clock.advance(Duration::from_secs(1));
     }
     (d, receipts)
@@ -2845,9 +2838,9 @@ async fn tapped(tap: &Arc<Tap>) -> Deployment {
         .consumer_sends(&number(1), 0, business(), b"hi")
         .await
         .unwrap();
-    d.network.pump(&d.processor, &d.transport).await;
+    d.pump().await;
     d.send(1, "hello").await;
-    d.network.pump(&d.processor, &d.transport).await;
+    d.pump().await;
     d
 }
 
@@ -2868,9 +2861,9 @@ async fn a_ciphertext_sent_on_a_chain_left_long_ago_is_undecryptable() {
             .consumer_sends(&number(1), 0, business(), text.as_bytes())
             .await
             .unwrap();
-        d.network.pump(&d.processor, &d.transport).await;
+        d.pump().await;
         d.send(1, &format!("b{turn}")).await;
-        d.network.pump(&d.processor, &d.transport).await;
+        d.pump().await;
     }
     assert_eq!(d.network.received(&number(1)).await[&0].len(), 7);
     let stale = tap.held.lock().unwrap().pop().unwrap();
