@@ -353,6 +353,13 @@ impl D {
             .await
     }
 
+    /// A report the business's endpoint leaves unanswered for `polls`
+    /// polls: the host's timeout cuts the call.
+    async fn report_cut(&self, business: BusinessId, id: MessageId, status: Status, polls: usize) {
+        let cut = poll_at_most(self.report(business, id, status), polls).await;
+        assert!(cut.is_none(), "{cut:?}");
+    }
+
     async fn retransmit(&self) {
         self.p.retransmit_due(&self.operator).await.unwrap();
     }
@@ -1077,8 +1084,7 @@ async fn hung_endpoint_report_told_once_after_recovery() {
     let id1 = d.send(b(1)).await;
     let id2 = d.send(b(2)).await;
     *d.sink.hang.lock().unwrap() = Some(b(1));
-    let cut = poll_at_most(d.report(b(1), id1, Status::Delivered), 50).await;
-    assert!(cut.is_none(), "{cut:?}");
+    d.report_cut(b(1), id1, Status::Delivered, 50).await;
     assert_eq!(d.delivery(b(1), id1).await.status, Status::Delivered);
     // Another business is not held up.
     assert_eq!(
@@ -1153,8 +1159,7 @@ async fn only_the_loop_probes_a_hung_endpoint() {
     let m2 = d.send(b(1)).await;
     *d.sink.hang.lock().unwrap() = Some(b(1));
     // Its first unanswered call (cut by the host's timeout) marks it.
-    let cut = poll_at_most(d.report(b(1), m1, Status::Delivered), 50).await;
-    assert!(cut.is_none(), "{cut:?}");
+    d.report_cut(b(1), m1, Status::Delivered, 50).await;
     d.advance(3);
     assert!(
         poll_at_most(d.send(b(1)), 10_000).await.is_some(),
@@ -1207,8 +1212,7 @@ async fn a_hung_business_filling_the_listings_holds_up_no_other() {
         // Business 1's endpoint leaves a call unanswered: marked hung.
         d.advance(90);
         *d.sink.hang.lock().unwrap() = Some(b(1));
-        let cut = poll_at_most(d.report(b(1), hung[0], Status::Read), 50).await;
-        assert!(cut.is_none(), "{cut:?}");
+        d.report_cut(b(1), hung[0], Status::Read, 50).await;
         // A pass inside its wait, or past it (its probe hangs).
         d.advance(if probing { 61 } else { 31 });
         let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
@@ -1250,8 +1254,7 @@ async fn a_pass_sends_no_more_than_its_batch_of_a_hung_business() {
         // Business 1's endpoint leaves a call unanswered.
         d.advance(30);
         *d.sink.hang.lock().unwrap() = Some(b(1));
-        let cut = poll_at_most(d.report(b(1), first, Status::Delivered), 10_000).await;
-        assert!(cut.is_none(), "{cut:?}");
+        d.report_cut(b(1), first, Status::Delivered, 10_000).await;
         // The queued messages due, inside the endpoint's wait.
         d.advance(40);
         let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
@@ -1273,8 +1276,7 @@ async fn a_carrier_update_about_the_loop_s_last_probe_is_no_probe() {
     let d = D::new(1).await;
     let (m1, m2) = (d.send(b(1)).await, d.send(b(1)).await);
     *d.sink.hang.lock().unwrap() = Some(b(1));
-    let cut = poll_at_most(d.report(b(1), m1, Status::Delivered), 10_000).await;
-    assert!(cut.is_none(), "{cut:?}");
+    d.report_cut(b(1), m1, Status::Delivered, 10_000).await;
     // The loop probes it with m1's report: cut too.
     d.advance(3);
     let pass = poll_at_most(d.p.retransmit_due(&d.operator), 10_000).await;
@@ -1334,8 +1336,7 @@ async fn a_probe_set_aside_takes_no_place_in_the_pass() {
     }
     // Business 1's endpoint leaves a call unanswered, and answers again.
     *d.sink.hang.lock().unwrap() = Some(b(1));
-    let cut = poll_at_most(d.report(b(1), m1, Status::Read), 50).await;
-    assert!(cut.is_none(), "{cut:?}");
+    d.report_cut(b(1), m1, Status::Read, 50).await;
     *d.sink.hang.lock().unwrap() = None;
     // Past its wait: the probe, and business 2's report, in one pass.
     d.advance(200);
@@ -1354,8 +1355,7 @@ async fn a_hanging_probe_holds_up_no_other_probe() {
     // Both endpoints leave a call unanswered: both marked.
     for (business, id) in [(b(1), m1), (b(2), m2)] {
         *d.sink.hang.lock().unwrap() = Some(business);
-        let cut = poll_at_most(d.report(business, id, Status::Delivered), 50).await;
-        assert!(cut.is_none(), "{cut:?}");
+        d.report_cut(business, id, Status::Delivered, 50).await;
     }
     // Business 1's still hangs, business 2's answers: past both waits, a
     // pass probes both, and is cut on business 1's.
@@ -1374,8 +1374,7 @@ async fn a_missed_sent_is_made_once_a_probe_is_answered() {
     let d = D::new(1).await;
     let m1 = d.send(b(1)).await;
     *d.sink.hang.lock().unwrap() = Some(b(1));
-    let cut = poll_at_most(d.report(b(1), m1, Status::Delivered), 50).await;
-    assert!(cut.is_none(), "{cut:?}");
+    d.report_cut(b(1), m1, Status::Delivered, 50).await;
     // A send meanwhile: its report missed.
     let m2 = d.send(b(1)).await;
     assert!(d.sink.told(m2).is_empty());

@@ -614,13 +614,7 @@ impl Processor {
         if accepted.next.status != Status::Sent {
             return;
         }
-        let update = StatusUpdate {
-            business,
-            id,
-            status: Status::Sent,
-            failure: None,
-            at: accepted.at,
-        };
+        let update = sent_report(business, id, accepted.at);
         // Missed by a hung endpoint: the retransmission loop makes it.
         if !self.notify(&update).await {
             self.missed_sent(business, id);
@@ -1012,5 +1006,16 @@ pub(super) struct Started<'s> {
 impl Drop for Started<'_> {
     fn drop(&mut self) {
         self.starting.lock().remove(&self.key);
+    }
+}
+
+/// The report that message `id` of `business` is sent, at `at`.
+pub(super) fn sent_report(business: BusinessId, id: MessageId, at: Timestamp) -> StatusUpdate {
+    StatusUpdate {
+        business,
+        id,
+        status: Status::Sent,
+        failure: None,
+        at,
     }
 }

@@ -14,7 +14,7 @@ use crate::ids::BusinessId;
 use crate::retention::RecordFacts;
 use crate::store::{Delivery, Direction, FailureReason, MessageRecord, Status};
 use crate::time::Timestamp;
-use crate::transport::{Principal, StatusUpdate};
+use crate::transport::Principal;
 use crate::visibility::Purpose;
 
 /// What [`Processor::retransmit_due`] did.
@@ -320,13 +320,7 @@ impl Processor {
                 return;
             }
         }
-        let update = StatusUpdate {
-            business,
-            id,
-            status: Status::Sent,
-            failure: None,
-            at: self.clock.now(),
-        };
+        let update = super::outbound::sent_report(business, id, self.clock.now());
         if self.notify(&update).await {
             missed.told();
         }
