@@ -183,6 +183,24 @@ impl World {
         )
     }
 
+    /// What a new device of consumer `number`, starting a session from
+    /// `published`'s `index`-th one-time prekey (or none), sends first:
+    /// `text`, decrypted by the business, or why not.
+    async fn first_from(
+        &self,
+        published: &PublishedKeys,
+        index: Option<usize>,
+        number: &str,
+        text: &[u8],
+    ) -> Result<Vec<u8>, SignalError> {
+        let mut device = ConsumerDevice::new(0);
+        let bundle = published.bundle(index);
+        device.start_session(self.business, &bundle).await.unwrap();
+        let peer = self.peer(number, &device).await;
+        let first = device.encrypt(self.business, text).await.unwrap();
+        self.decrypt(peer, &first).await
+    }
+
     /// A consumer device with a session, after one first-contact message.
     async fn contact(&self, number: &str, device_id: u32) -> (ConsumerDevice, PeerId) {
         let mut device = ConsumerDevice::new(device_id);
@@ -1191,14 +1209,8 @@ async fn a_damaged_one_time_prekey_is_left_out_and_deleted_by_the_upkeep() {
     );
     assert!(again.one_time_prekeys.iter().all(|k| k.id != victim));
     // The other keys still serve, and a first message naming that one fails.
-    let mut damaged = ConsumerDevice::new(0);
-    damaged
-        .start_session(w.business, &published.bundle(Some(1)))
-        .await
-        .unwrap();
-    let peer = w.peer("+447700900021", &damaged).await;
-    let first = damaged.encrypt(w.business, b"hello").await.unwrap();
-    assert!(w.decrypt(peer, &first).await.is_err());
+    let first = w.first_from(&published, Some(1), "+447700900021", b"hello");
+    assert!(first.await.is_err());
     w.contact("+447700900022", 0).await;
     let report = w.sessions.maintain(w.business, None).await.unwrap();
     assert_eq!(report.damaged_deleted, 1);
@@ -1264,17 +1276,21 @@ async fn a_business_whose_signed_prekey_is_damaged_makes_a_new_one() {
     let new = w.published().await;
     assert_ne!(new.signed_prekey.id, old.signed_prekey.id);
     assert_eq!(new.identity_key, old.identity_key);
-    let mut late = ConsumerDevice::new(0);
-    late.start_session(w.business, &old.bundle(Some(0)))
-        .await
-        .unwrap();
-    let peer = w.peer("+447700900025", &late).await;
-    let first = late.encrypt(w.business, b"old bundle").await.unwrap();
     assert!(matches!(
-        w.decrypt(peer, &first).await,
+        w.first_from(&old, Some(0), "+447700900025", b"old bundle")
+            .await,
         Err(SignalError::UnknownPreKey("signed prekey"))
     ));
     w.contact("+447700900026", 0).await;
+}
+
+/// A key store in a SQLite file, `keys.db` in the directory returned.
+#[cfg(feature = "sqlite")]
+fn sqlite_keys() -> (tempfile::TempDir, Arc<custodian::store::SqliteStore>) {
+    use custodian::store::{SqliteConfig, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("keys.db"), SqliteConfig::default()).unwrap();
+    (dir, Arc::new(store))
 }
 
 /// On SQLite, a prekey row that does not decode at all is skipped by the
@@ -1284,10 +1300,8 @@ async fn a_business_whose_signed_prekey_is_damaged_makes_a_new_one() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn an_undecodable_prekey_row_is_skipped_by_upkeep_and_publication() {
-    use custodian::store::{SqliteConfig, SqliteStore};
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, sqlite) = sqlite_keys();
     let path = dir.path().join("keys.db");
-    let sqlite = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let config = SignalConfig {
         prekey_pool: 10,
         prekey_low_water: 5,
@@ -1385,14 +1399,8 @@ async fn a_damaged_key_made_again_under_its_id_meanwhile_is_not_deleted() {
         .iter()
         .position(|k| k.id == newest)
         .expect("the refill made the id again");
-    let mut device = ConsumerDevice::new(0);
-    device
-        .start_session(w.business, &published.bundle(Some(index)))
-        .await
-        .unwrap();
-    let peer = w.peer("+447700900031", &device).await;
-    let message = device.encrypt(w.business, b"on the new key").await.unwrap();
-    assert_eq!(w.decrypt(peer, &message).await.unwrap(), b"on the new key");
+    let first = w.first_from(&published, Some(index), "+447700900031", b"on the new key");
+    assert_eq!(first.await.unwrap(), b"on the new key");
 }
 
 /// Store `w`'s key `id` again under KEK `version` and id `new_id`.
@@ -1458,10 +1466,8 @@ async fn prekeys_under_a_dead_kek_version_or_a_foreign_id_are_deleted() {
 #[cfg(feature = "sqlite")]
 #[tokio::test]
 async fn a_damaged_kek_ring_deletes_no_prekey() {
-    use custodian::store::{SqliteConfig, SqliteStore};
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, sqlite) = sqlite_keys();
     let path = dir.path().join("keys.db");
-    let sqlite = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let w = World::new();
     let open = |w: &World| {
         let config = SignalConfig::default();
