@@ -20,8 +20,8 @@ use custodian::retention::{
     RetentionPolicy, check_residency, evaluate,
 };
 use custodian::store::{
-    Batch, Delivery, Direction, FailureReason, HoldScope, MemoryStore, MessageRecord, Op, PeerId,
-    Status, Storage,
+    Batch, Delivery, Direction, ExpiredMessage, FailureReason, HoldScope, MemoryStore,
+    MessageRecord, Op, PeerId, Status, Storage,
 };
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::{OpenError, Vault};
@@ -3138,6 +3138,76 @@ async fn a_failure_given_up_is_counted_unreported_once_across_sweeps() {
             1,
             "{backend:?}: one message"
         );
+    }
+}
+
+/// Delivers an expired message while the sweep asks about it (the
+/// retransmission loop's attempt ending, say), its status report told or
+/// still due as `told`, and says the business could not be told; keeps
+/// what the sweep gives up.
+struct DeliversMeanwhile {
+    store: Arc<dyn Storage>,
+    clock: ManualClock,
+    told: bool,
+    gave_up: Mutex<Vec<ExpiredMessage>>,
+}
+
+#[async_trait]
+impl ExpiryNotifier for DeliversMeanwhile {
+    async fn expired_undelivered(&self, m: &MessageRecord) -> Notice {
+        let delivered = Delivery {
+            status: Status::Delivered,
+            next_attempt: (!self.told).then(|| self.clock.now().saturating_add(MINUTE)),
+            pending_devices: 0,
+            ..m.delivery
+        };
+        let mut batch = Batch::new();
+        batch.push(Op::UpdateDelivery {
+            business: m.business,
+            id: m.id,
+            expected: m.delivery,
+            delivery: delivered,
+        });
+        self.store.commit(batch).await.unwrap();
+        Notice::Untold
+    }
+
+    fn gave_up(&self, message: &ExpiredMessage) {
+        self.gave_up.lock().unwrap().push(*message);
+    }
+}
+
+/// A message delivered while the sweep asked about it, past the grace, is
+/// no failure: its business told, nothing is counted or given up; its
+/// report still due, it is given up as delivered, counted unreported but
+/// not failed. (Both were counted failed, and the first unreported too.)
+#[tokio::test]
+async fn a_message_delivered_while_the_sweep_asks_counts_as_no_failure() {
+    for &backend in Backend::ALL {
+        for told in [true, false] {
+            let w = World::on(backend, 64);
+            let m = w.store(business(1), 1, Direction::Outbound, true).await;
+            w.clock.advance(CEILING + REPORT_GRACE + HOUR);
+            let notifier = DeliversMeanwhile {
+                store: w.store.clone(),
+                clock: w.clock.clone(),
+                told,
+                gave_up: Mutex::new(Vec::new()),
+            };
+            let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+            let gave_up = notifier.gave_up.into_inner().unwrap();
+            let given = gave_up.iter().map(|g| (g.id, g.status)).collect::<Vec<_>>();
+            let (unreported, given_up) = if told {
+                (0, vec![])
+            } else {
+                (1, vec![(m.record.id, Status::Delivered)])
+            };
+            assert_eq!(
+                (report.failed_expired, report.failures_unreported, given),
+                (0, unreported, given_up),
+                "{backend:?}, report told {told}: {report:?}"
+            );
+        }
     }
 }
 

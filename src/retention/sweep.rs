@@ -677,12 +677,6 @@ impl<'a> Sweep<'a> {
                         }
                         continue;
                     }
-                    tracing::warn!(
-                        business = %m.business,
-                        id = %m.id,
-                        "expired undelivered; its business could not be told within the grace"
-                    );
-                    self.report.failures_unreported += 1;
                     // Told to the notifier once nothing is pending: a
                     // message settled already (failed by the notifier,
                     // say) once its report is dropped; an open one once
@@ -691,9 +685,15 @@ impl<'a> Sweep<'a> {
                         report_pending: false,
                         ..ExpiredMessage::from(&m)
                     };
-                    match self.drop_report(&m, message).await? {
+                    let status = match self.drop_report(&m, message).await? {
+                        // Its business was told meanwhile, or its deletion
+                        // counts it: nothing is given up here.
+                        Dropped::No => continue,
+                        // Settled since it was listed (delivered, say),
+                        // it was failed by no one: no failure to count.
                         Dropped::Settled(status) => {
-                            self.notifier.gave_up(&ExpiredMessage { status, ..message })
+                            self.notifier.gave_up(&ExpiredMessage { status, ..message });
+                            status
                         }
                         Dropped::Open(d) => {
                             let left = Delivery {
@@ -706,12 +706,22 @@ impl<'a> Sweep<'a> {
                             let given_up = GivenUp { message, left };
                             self.unsure(given_up, true);
                             gave_up.push(given_up);
+                            Status::Failed
                         }
-                        Dropped::No => {}
-                    }
+                    };
+                    tracing::warn!(
+                        business = %m.business,
+                        id = %m.id,
+                        ?status,
+                        "expired; its business could not be told how it ended within the grace"
+                    );
+                    self.report.failures_unreported += 1;
                     // Uncounted, should its probe be told after all.
                     if let Some(p) = self.probes.last_mut().filter(|_| probe) {
                         p.counted = true;
+                    }
+                    if status != Status::Failed {
+                        continue;
                     }
                 }
                 // Conditional: a message settled meanwhile stays settled.
