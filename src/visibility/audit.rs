@@ -768,6 +768,9 @@ impl<W: Write> Lines<W> {
         if result.is_err() {
             match self.buf.len().checked_sub(line) {
                 Some(before) => self.buf.truncate(before),
+                // The writer took its line whole (its flush failed): no
+                // cut to end.
+                None if !self.mid_line => {}
                 None => {
                     self.buf.clear();
                     self.cut();
@@ -1114,9 +1117,10 @@ mod tests {
         ));
     }
 
-    /// A disk whose free space the test sets.
+    /// A disk whose free space, and whether its flushes fail, the test
+    /// sets.
     #[derive(Clone, Default)]
-    struct Disk(Arc<Mutex<(Vec<u8>, usize)>>);
+    struct Disk(Arc<Mutex<(Vec<u8>, usize, bool)>>);
     impl Write for Disk {
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
             let mut disk = self.0.lock().unwrap();
@@ -1129,6 +1133,9 @@ mod tests {
             Ok(n)
         }
         fn flush(&mut self) -> io::Result<()> {
+            if self.0.lock().unwrap().2 {
+                return Err(io::Error::other("flush failed"));
+            }
             Ok(())
         }
     }
@@ -1191,6 +1198,34 @@ mod tests {
         // The cut line stays, ended: one line that does not parse.
         let lines = written.split(|&b| b == b'\n').filter(|l| !l.is_empty());
         assert_eq!(lines.count(), 3);
+    }
+
+    /// A line the writer took whole before its flush failed is no cut: the
+    /// resumed sink writes its next line after it, and every line parses.
+    /// (It was ended with ` <cut>` on a line of its own, which a reader
+    /// took for a cut line.)
+    #[test]
+    fn a_failed_flush_of_a_whole_line_leaves_no_cut() {
+        let disk = Disk::default();
+        disk.0.lock().unwrap().1 = 1 << 20;
+        let sink = JsonLinesSink::new(disk.clone(), FlushPolicy::EveryEvent);
+        sink.record(&decision(1, 0)).unwrap();
+        disk.0.lock().unwrap().2 = true;
+        assert!(matches!(
+            sink.record(&decision(2, 1)),
+            Err(AuditError::Io(_))
+        ));
+        disk.0.lock().unwrap().2 = false;
+        sink.resume().unwrap();
+        sink.record(&decision(3, 2)).unwrap();
+        let written = disk.0.lock().unwrap().0.clone();
+        let lines = written.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        assert_eq!(
+            (parsed(&written), lines.count()),
+            (vec![1, 2, 3], 3),
+            "{}",
+            String::from_utf8_lossy(&written)
+        );
     }
 
     /// Through the gate: a release whose record failed is refused, and
