@@ -551,6 +551,14 @@ impl Processor {
         .await
     }
 
+    /// Fail as [`StoreError::Superseded`] once another processor has taken
+    /// the store over: an empty write, fenced as every write of this
+    /// processor is, made before a call out that no write of its own
+    /// precedes (so none starts after a take-over).
+    async fn still_the_writer(&self) -> Result<(), ProcessorError> {
+        Ok(self.sessions.commit(Batch::new()).await?)
+    }
+
     /// Commit the conditional write `op`; `false` if its condition failed.
     async fn commit_op(&self, op: Op) -> Result<bool, ProcessorError> {
         self.commit_batch(op.into()).await

@@ -320,6 +320,12 @@ impl Processor {
                 return;
             }
         }
+        // Kept in memory, not leased: a processor superseded on its store
+        // makes it no more.
+        if let Err(e) = self.still_the_writer().await {
+            warn!(%business, %id, error = %e, "a missed sent report could not be made");
+            return;
+        }
         let update = super::outbound::sent_report(business, id, self.clock.now());
         if self.notify(&update).await {
             missed.told();

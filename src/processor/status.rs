@@ -729,7 +729,10 @@ impl Processor {
         };
         // The bundle costs the device a one-time prekey: a copy of this
         // receipt costs it no other, unless this one fails or is dropped
-        // (the network hands it in again, and `noted` is forgotten).
+        // (the network hands it in again, and `noted` is forgotten). A
+        // processor superseded on its store fetches none (it could not
+        // store the session).
+        self.still_the_writer().await?;
         let bundle = match self.transport.fetch_bundle(business, &number, device).await {
             Ok(bundle) => bundle,
             Err(TransportError::Refused(_)) => return Ok(StatusChange::Ignored),
@@ -847,7 +850,8 @@ impl Processor {
                     }
                     Err(e) => return Err(e.into()),
                 },
-                None if batch.is_empty() => true,
+                // Written even if empty: fenced, it stops a processor
+                // superseded on its store from sending the copy.
                 None => self.commit_batch(batch).await?,
             };
             if written {
