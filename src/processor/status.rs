@@ -42,6 +42,9 @@ pub enum StatusChange {
     Ignored,
 }
 
+/// Receipts ignored, by message and device, each until when.
+type Ignored = HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>;
+
 /// Receipts ignored until their device is let in again, by whose device
 /// (its phone hash) they were.
 type Waiting = Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomState>>;
@@ -61,7 +64,7 @@ type Waiting = Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomStat
 /// hashes, which outlive no retention.
 pub(super) struct Receipts {
     window: Duration,
-    ignore: Mutex<HashMap<(BusinessId, MessageId, u32), Timestamp, RandomState>>,
+    ignore: Mutex<Ignored>,
     /// Of the receipts ignored, those whose bundle had another identity
     /// key, by whose device they were: an approval of that device's new
     /// key lets them in again. Locked after `ignore`.
@@ -99,12 +102,16 @@ impl Receipts {
 
     /// Forget what no longer counts at `now`.
     pub(super) fn expire(&self, now: Timestamp) {
-        let mut ignore = lock(&self.ignore);
+        self.forget_ignored_until(&mut lock(&self.ignore), now);
+        lock(&self.restarted).retain(|_, r| now < r.until);
+    }
+
+    /// Forget the receipts `ignore` (this one's, locked) ignores no longer
+    /// at `now`, with the phone hashes of their devices.
+    fn forget_ignored_until(&self, ignore: &mut Ignored, now: Timestamp) {
         ignore.retain(|_, until| now < *until);
         lock(&self.refused).retain(|key, _| ignore.contains_key(key));
         lock(&self.oversized).retain(|key, _| ignore.contains_key(key));
-        drop(ignore);
-        lock(&self.restarted).retain(|_, r| now < r.until);
     }
 
     /// `peer`'s new identity key was approved: its receipts ignored for a
@@ -161,8 +168,7 @@ impl Receipts {
         if ignore.get(&key).is_some_and(|&until| now < until) {
             return None;
         }
-        ignore.retain(|_, until| now < *until);
-        lock(&self.refused).retain(|key, _| ignore.contains_key(key));
+        self.forget_ignored_until(&mut ignore, now);
         ignore.insert(key, now.saturating_add(self.window));
         Some(Noted {
             receipts: self,
@@ -964,12 +970,13 @@ mod tests {
         );
     }
 
-    /// A receipt ignored for a refused bundle holds its consumer's phone
-    /// hash no longer than the receipt is ignored: the next receipt taken
-    /// up after that drops it, sweep or no sweep. (It stayed until the
-    /// next sweep.)
+    /// A receipt ignored for a refused bundle, or for a session too large,
+    /// holds its consumer's phone hash no longer than the receipt is
+    /// ignored: the next receipt taken up after that drops it, sweep or no
+    /// sweep. (It stayed until the next sweep: for a session too large, a
+    /// second look found, after the first fix too.)
     #[test]
-    fn a_refused_receipt_forgets_its_consumer_with_its_window() {
+    fn an_ignored_receipt_forgets_its_consumer_with_its_window() {
         const DAY: u64 = 24 * 3600 * 1000;
         let receipts = Receipts::new(Duration::from_secs(3600));
         let business = BusinessId::new(7).unwrap();
@@ -983,13 +990,26 @@ mod tests {
             )
             .unwrap();
         noted.refused_until(Timestamp::from_millis(3 * DAY), phone);
-        assert!(lock(&receipts.refused).values().any(|p| *p == phone));
+        let noted = receipts
+            .take(
+                business,
+                MessageId::random(),
+                2,
+                Timestamp::from_millis(DAY),
+            )
+            .unwrap();
+        noted.oversized_until(Timestamp::from_millis(3 * DAY), phone);
+        for waiting in [&receipts.refused, &receipts.oversized] {
+            assert!(lock(waiting).values().any(|p| *p == phone));
+        }
         // After the message's life, another consumer's receipt comes.
         let later = Timestamp::from_millis(41 * DAY);
         receipts
             .take(business, MessageId::random(), 0, later)
             .unwrap()
             .keep();
-        assert!(lock(&receipts.refused).is_empty());
+        for waiting in [&receipts.refused, &receipts.oversized] {
+            assert!(lock(waiting).is_empty());
+        }
     }
 }
