@@ -2677,3 +2677,57 @@ async fn an_epoch_shredded_while_a_state_is_held_takes_no_record() {
     let after = w.store.peer(w.business, peer).await.unwrap().unwrap();
     assert_eq!(after, before, "a record was sealed into the shredded epoch");
 }
+
+/// `device`'s next `n` messages.
+async fn messages(device: &mut ConsumerDevice, business: BusinessId, n: u32) -> Vec<Ciphertext> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(device.encrypt(business, &i.to_be_bytes()).await.unwrap());
+    }
+    out
+}
+
+/// A message on a session the business does not hold, or made with a
+/// one-time prekey it no longer has, is refused as such however far into
+/// its chain (its device is asked to start over), not as too far ahead:
+/// that reason is the library's answer only for a counter it would not
+/// derive keys up to. (Past 2,000 counters, every refusal was "too far
+/// into the future", which asks the device for nothing: the message was
+/// lost.) (Review.)
+#[tokio::test]
+async fn a_message_without_its_session_is_refused_as_such_however_far_in() {
+    let w = World::new();
+    // The business forgot the consumer (retention ended).
+    let (mut gone, peer) = w.contact("+447700900601", 0).await;
+    let reply = w.encrypt(peer, b"reply").await;
+    gone.decrypt(w.business, &reply).await.unwrap();
+    let sent = messages(&mut gone, w.business, 2002).await;
+    assert_eq!(w.sessions.forget(w.business, peer.phone).await.unwrap(), 1);
+    for message in [&sent[0], &sent[2001]] {
+        let refused = w.decrypt(peer, message).await;
+        assert!(
+            matches!(refused, Err(SignalError::NoSession)),
+            "{refused:?}"
+        );
+    }
+    // Two devices were handed one one-time prekey: the second's messages
+    // name a key the first used up.
+    let published = w.published().await;
+    let bundle = published.bundle(Some(0));
+    let mut first = ConsumerDevice::new(0);
+    first.start_session(w.business, &bundle).await.unwrap();
+    let hello = first.encrypt(w.business, b"hello").await.unwrap();
+    let peer = w.peer("+447700900602", &first).await;
+    assert_eq!(w.decrypt(peer, &hello).await.unwrap(), b"hello");
+    let mut second = ConsumerDevice::new(0);
+    second.start_session(w.business, &bundle).await.unwrap();
+    let peer = w.peer("+447700900603", &second).await;
+    let sent = messages(&mut second, w.business, 2002).await;
+    for message in [&sent[0], &sent[2001]] {
+        let refused = w.decrypt(peer, message).await;
+        assert!(
+            matches!(refused, Err(SignalError::UnknownPreKey(_))),
+            "{refused:?}"
+        );
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use wacore_libsignal::protocol::consts::MAX_FORWARD_JUMPS;
 use wacore_libsignal::protocol::{
-    CiphertextMessage, PublicKey, SessionState, UsePQRatchet, message_decrypt,
+    CiphertextMessage, PublicKey, SessionState, SignalProtocolError, UsePQRatchet, message_decrypt,
 };
 use zeroize::Zeroizing;
 
@@ -390,19 +390,26 @@ impl Sessions {
             Err(e) => {
                 Self::restore((state, taken), sessions, &identities);
                 // The library tries every session it keeps, and answers
-                // "decryption failed" whatever stopped each.
-                // A chain the session does not have yet starts at 0.
+                // "decryption failed" whatever stopped each: a counter too
+                // far ahead is told as such (a chain the session does not
+                // have yet starts at 0). A precise refusal (no session, an
+                // unknown prekey, an untrusted identity, a store's failure)
+                // stands: the device is asked for the message again.
+                let generic = matches!(
+                    &e,
+                    SignalProtocolError::InvalidMessage(_, "decryption failed")
+                );
+                let error = protocol_error(e, prekeys.take_failure(), identities.refused());
                 let jump = usize::try_from(message.counter.saturating_sub(index.unwrap_or(0)));
-                if jump.is_ok_and(|jump| jump > MAX_FORWARD_JUMPS) {
+                if generic
+                    && matches!(error, SignalError::Undecryptable(_))
+                    && jump.is_ok_and(|jump| jump > MAX_FORWARD_JUMPS)
+                {
                     return Err(SignalError::InvalidMessage(
                         "message from too far into the future",
                     ));
                 }
-                return Err(protocol_error(
-                    e,
-                    prekeys.take_failure(),
-                    identities.refused(),
-                ));
+                return Err(error);
             }
         };
         let consumed = decrypted
