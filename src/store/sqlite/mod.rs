@@ -485,16 +485,18 @@ impl SqliteStore {
         conn.execute_batch(writes::CREATE_HELD)
             .map_err(|e| open_error(path, e))?;
         let writer =
-            Writer::start(conn, config.max_group.get()).map_err(|source| SqliteOpenError::Io {
-                path: path.to_owned(),
-                source,
+            Writer::start(conn, file.named(path), config.max_group.get()).map_err(|source| {
+                SqliteOpenError::Io {
+                    path: path.to_owned(),
+                    source,
+                }
             })?;
         Ok(Self {
             region: config.region,
             path: path.to_owned(),
             busy_timeout: config.busy_timeout,
             vacuum_on_scrub: config.vacuum_on_scrub,
-            readers: Readers::new(path.to_owned(), config.busy_timeout, config.readers),
+            readers: Readers::new(file.named(path), config.busy_timeout, config.readers),
             damaged: Arc::default(),
             writer,
             _file: file,

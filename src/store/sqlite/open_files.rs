@@ -15,7 +15,9 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::store::StoreError;
 
 /// A store's hold on its file's descriptor, which closes when the last
 /// hold on it is dropped.
@@ -93,6 +95,58 @@ impl OpenFile {
         }
         #[cfg(not(unix))]
         read_start(&self.file, buf)
+    }
+}
+
+/// The file a store opened, and the path it opened it by: whether the path
+/// still names that file. A file replaced under a running store (a backup
+/// moved over it, say) or removed is no longer the store's to use: its
+/// writes would land in a file no path reaches (acknowledged, then lost
+/// when the process ends), and a connection opened by the path would read
+/// another database, mixing the store's log, which is named by the path
+/// too, with that file's pages.
+#[derive(Debug, Clone)]
+pub(super) struct Named {
+    path: PathBuf,
+    #[cfg(unix)]
+    key: (u64, u64),
+}
+
+impl Named {
+    /// The path the store opened the file by.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fails unless the path still names the file (on Unix; elsewhere a
+    /// file in use cannot be replaced or removed).
+    pub(super) fn check(&self) -> Result<(), StoreError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+
+            let named = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
+            if named.as_ref().ok() != Some(&self.key) {
+                let why = named.map_or_else(|e| e.to_string(), |_| "another file".into());
+                return Err(StoreError::Backend(format!(
+                    "{} no longer names the database file the store opened ({why}): \
+                     the file was replaced or removed; stop the store",
+                    self.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl OpenFile {
+    /// The file held, as named by `path`, the path it was opened by.
+    pub(super) fn named(&self, path: &Path) -> Named {
+        Named {
+            path: path.to_owned(),
+            #[cfg(unix)]
+            key: self.key,
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 //! sees half of a batch. Reads run on the calling task's thread: they are
 //! indexed lookups and bounded scans, not worth a thread hop each.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,6 +17,7 @@ use rusqlite::{Connection, OpenFlags, Row, params};
 use super::codec::{
     self, Cols, Db, business_sql, key_id_sql, message_columns, time_sql, u64_to_sql,
 };
+use super::open_files::Named;
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
 use crate::keys::{Epoch, KekRing, KeyEntry, KeyId, KeyKind, WrappedKey};
@@ -32,25 +32,29 @@ const STATEMENT_CACHE: usize = 48;
 
 /// Read-only connections, opened on demand, up to `keep` kept for reuse.
 pub(super) struct Readers {
-    path: PathBuf,
+    file: Named,
     busy_timeout: Duration,
     keep: usize,
     idle: Mutex<Vec<Connection>>,
 }
 
 impl Readers {
-    pub(super) fn new(path: PathBuf, busy_timeout: Duration, keep: usize) -> Self {
+    pub(super) fn new(file: Named, busy_timeout: Duration, keep: usize) -> Self {
         Self {
-            path,
+            file,
             busy_timeout,
             keep,
             idle: Mutex::new(Vec::new()),
         }
     }
 
-    /// Open a read-only connection to the database.
-    pub(super) fn open(&self) -> rusqlite::Result<Connection> {
-        open_read_only(&self.path, self.busy_timeout)
+    /// Open a read-only connection to the database, refused once its path
+    /// names another file (see [`Named`]): checked once the connection is
+    /// open, before it reads anything (its log included).
+    pub(super) fn open(&self) -> Result<Connection, StoreError> {
+        let conn = open_read_only(self.file.path(), self.busy_timeout).db()?;
+        self.file.check()?;
+        Ok(conn)
     }
 
     fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
@@ -67,7 +71,7 @@ impl Readers {
         let pooled = self.idle().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => self.open().db()?,
+            None => self.open()?,
         };
         let out = f(&mut conn);
         // A connection left inside a transaction (an error mid-read) is dropped.

@@ -211,6 +211,69 @@ fn a_new_database_is_not_made_beside_an_orphaned_log() {
     assert_eq!(block_on(store.census()).unwrap().messages, 0);
 }
 
+/// A file replaced under a running store (a backup moved over it), or
+/// removed, is no longer the store's: its writes fail (they would land in
+/// a file no path reaches, acknowledged, then lost), and so does a read
+/// that opens a connection by the path (it would read the other database,
+/// mixing the store's log, named by the path too, with that file's pages).
+/// The file put there is left intact. (Reads came from the other database,
+/// missing the store's own writes, and the store's log damaged that file
+/// for good.) (Review.)
+#[test]
+#[cfg(unix)]
+fn a_file_replaced_or_removed_under_a_running_store_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, other) = (dir.path().join("custodian.db"), dir.path().join("other.db"));
+    let ours = |i| Box::new(record(i, &[i; 300]));
+    let theirs = |i| {
+        Box::new(MessageRecord {
+            business: business(2),
+            ..record(i, &[i; 300])
+        })
+    };
+    // Every read opens a connection of its own.
+    let config = SqliteConfig {
+        readers: 0,
+        ..SqliteConfig::default()
+    };
+    let refused = |r: Option<&StoreError>| matches!(r, Some(StoreError::Backend(why)) if why.contains("no longer names"));
+    block_on(async {
+        let o = SqliteStore::open(&other, config.clone()).unwrap();
+        let mut batch = Batch::new();
+        (0..200).for_each(|i| batch.push(Op::PutMessage(theirs(i))));
+        o.commit(batch).await.unwrap();
+        drop(o);
+        let store = SqliteStore::open(&path, config.clone()).unwrap();
+        store.commit(Op::PutMessage(ours(1)).into()).await.unwrap();
+        store.scrub().await.unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let read = store
+            .message(business(2), MessageId::from_bytes([1; 16]))
+            .await;
+        assert!(refused(read.as_ref().err()), "{read:?}");
+        let mut batch = Batch::new();
+        (0..200).for_each(|i| batch.push(Op::PutMessage(ours(i))));
+        let written = store.commit(batch).await;
+        assert!(refused(written.as_ref().err()), "{written:?}");
+        drop(store);
+        // The file put there, as it was.
+        let store = SqliteStore::open(&path, config.clone()).unwrap();
+        assert_eq!(store.census().await.unwrap().messages, 200);
+        assert_eq!(store.message_businesses().await.unwrap(), [business(2)]);
+        drop(store);
+        let check: String = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        // Removed: its writes fail too.
+        let store = SqliteStore::open(&path, config.clone()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let written = store.commit(Op::PutMessage(ours(201)).into()).await;
+        assert!(refused(written.as_ref().err()), "{written:?}");
+    });
+}
+
 #[test]
 fn concurrent_creators_of_one_file_all_open_the_same_database() {
     let dir = tempfile::tempdir().unwrap();

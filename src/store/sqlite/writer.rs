@@ -58,6 +58,7 @@ use futures_channel::oneshot;
 use rusqlite::Connection;
 
 use super::codec::store_error;
+use super::open_files::Named;
 use super::{GroupCommits, writes};
 use crate::store::{StoreError, WriterId};
 
@@ -212,13 +213,15 @@ fn writer_gone() -> StoreError {
 impl Writer {
     /// Start the writer thread on `conn`, grouping at most `max_group` tasks
     /// per transaction.
-    pub(super) fn start(conn: Connection, max_group: usize) -> std::io::Result<Self> {
+    /// The file is `file`: no transaction begins once its path names
+    /// another (see [`Named`]).
+    pub(super) fn start(conn: Connection, file: Named, max_group: usize) -> std::io::Result<Self> {
         let (queue, tasks) = mpsc::channel();
         let counts = Arc::new(Counts::default());
         let counted = counts.clone();
         let thread = std::thread::Builder::new()
             .name("custodian-sqlite-writer".into())
-            .spawn(move || run(conn, tasks, max_group.max(1), &counted))?;
+            .spawn(move || run(conn, &file, tasks, max_group.max(1), &counted))?;
         Ok(Self {
             queue: Some(queue),
             thread: Some(thread),
@@ -320,7 +323,13 @@ impl Drop for Writer {
     }
 }
 
-fn run(conn: Connection, jobs: mpsc::Receiver<Job>, max_group: usize, counts: &Counts) {
+fn run(
+    conn: Connection,
+    file: &Named,
+    jobs: mpsc::Receiver<Job>,
+    max_group: usize,
+    counts: &Counts,
+) {
     // Room for a default group up front; a larger limit grows it as tasks
     // come (reserving `usize::MAX` would kill the thread).
     let mut group: Vec<Box<dyn Task>> = Vec::with_capacity(max_group.min(256));
@@ -345,7 +354,10 @@ fn run(conn: Connection, jobs: mpsc::Receiver<Job>, max_group: usize, counts: &C
                 Err(_) => break,
             }
         }
-        commit_group(&conn, &mut group, counts);
+        match file.check() {
+            Ok(()) => commit_group(&conn, &mut group, counts),
+            Err(e) => group.drain(..).for_each(|t| t.fail(duplicate(&e))),
+        }
         if let Some(work) = after.take() {
             work(&conn);
         }
