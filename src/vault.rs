@@ -71,7 +71,8 @@ pub enum OpenError {
     /// The record's retention has ended; it may not be read, swept or not.
     /// Reported once the record authenticated under its epoch key, so an
     /// altered expiry is [`Decrypt`](Self::Decrypt); where that key is gone,
-    /// on the header's word.
+    /// on the header's word (one out of reach for now is
+    /// [`Key`](Self::Key)).
     #[error("the record expired at {expiry}")]
     Expired {
         /// When it expired.
@@ -273,7 +274,14 @@ impl Vault {
             Some(opened) => opened,
             None => match Box::pin(self.keys.epoch_key(business, header.epoch())).await {
                 Ok(key) => open(&key),
-                Err(_) if self.clock.now() >= until => return Err(expired()),
+                // Gone (destroyed, or never made): past its expiry, on the
+                // header's word. Unreachable for now (a provider or store
+                // down) is no answer about the record.
+                Err(KeyError::EpochDestroyed { .. } | KeyError::UnknownEpoch { .. })
+                    if self.clock.now() >= until =>
+                {
+                    return Err(expired());
+                }
                 Err(e) => return Err(e.into()),
             },
         };
