@@ -75,7 +75,8 @@ pub(super) struct Receipts {
     /// record keeps for skipped messages) lets them in again. Locked after
     /// `ignore`.
     oversized: Waiting,
-    /// The devices a receipt started a new session with lately.
+    /// The devices a receipt started a new session with lately. Locked
+    /// after `ignore`, or alone.
     restarted: Mutex<HashMap<(BusinessId, PeerId), Restarted, RandomState>>,
 }
 
@@ -102,16 +103,17 @@ impl Receipts {
 
     /// Forget what no longer counts at `now`.
     pub(super) fn expire(&self, now: Timestamp) {
-        self.forget_ignored_until(&mut lock(&self.ignore), now);
-        lock(&self.restarted).retain(|_, r| now < r.until);
+        self.forget_past(&mut lock(&self.ignore), now);
     }
 
-    /// Forget the receipts `ignore` (this one's, locked) ignores no longer
-    /// at `now`, with the phone hashes of their devices.
-    fn forget_ignored_until(&self, ignore: &mut Ignored, now: Timestamp) {
+    /// Forget what no longer counts at `now`, `ignore` being this one's,
+    /// locked: the receipts it ignores no longer, with the phone hashes of
+    /// their devices, and the sessions no longer started lately.
+    fn forget_past(&self, ignore: &mut Ignored, now: Timestamp) {
         ignore.retain(|_, until| now < *until);
         lock(&self.refused).retain(|key, _| ignore.contains_key(key));
         lock(&self.oversized).retain(|key, _| ignore.contains_key(key));
+        lock(&self.restarted).retain(|_, r| now < r.until);
     }
 
     /// `peer`'s new identity key was approved: its receipts ignored for a
@@ -168,7 +170,7 @@ impl Receipts {
         if ignore.get(&key).is_some_and(|&until| now < until) {
             return None;
         }
-        self.forget_ignored_until(&mut ignore, now);
+        self.forget_past(&mut ignore, now);
         ignore.insert(key, now.saturating_add(self.window));
         Some(Noted {
             receipts: self,
@@ -972,9 +974,11 @@ mod tests {
 
     /// A receipt ignored for a refused bundle, or for a session too large,
     /// holds its consumer's phone hash no longer than the receipt is
-    /// ignored: the next receipt taken up after that drops it, sweep or no
-    /// sweep. (It stayed until the next sweep: for a session too large, a
-    /// second look found, after the first fix too.)
+    /// ignored, nor a session a receipt started longer than it counts as
+    /// started lately: the next receipt taken up after that drops it,
+    /// sweep or no sweep. (It stayed until the next sweep: for a session
+    /// too large, or started, a second and third look found, after the
+    /// first fix too.)
     #[test]
     fn an_ignored_receipt_forgets_its_consumer_with_its_window() {
         const DAY: u64 = 24 * 3600 * 1000;
@@ -1002,6 +1006,9 @@ mod tests {
         for waiting in [&receipts.refused, &receipts.oversized] {
             assert!(lock(waiting).values().any(|p| *p == phone));
         }
+        // A session a receipt started with its device, too.
+        let device = PeerId { phone, device: 3 };
+        receipts.restart(business, device, Timestamp::from_millis(DAY), true);
         // After the message's life, another consumer's receipt comes.
         let later = Timestamp::from_millis(41 * DAY);
         receipts
@@ -1011,5 +1018,6 @@ mod tests {
         for waiting in [&receipts.refused, &receipts.oversized] {
             assert!(lock(waiting).is_empty());
         }
+        assert!(lock(&receipts.restarted).is_empty());
     }
 }

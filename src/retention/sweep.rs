@@ -89,9 +89,11 @@ enum Dropped {
     /// The message is open, as read: failing it is what leaves nothing
     /// pending.
     Open(Delivery),
-    /// The message is gone; its business was told meanwhile; or its
-    /// report is still pending (rewritten meanwhile: its deletion counts
-    /// it).
+    /// Its business was told meanwhile that it ended so (by the
+    /// retransmission loop, say, which counted it).
+    Told(Status),
+    /// The message is gone, or its report is still pending (rewritten
+    /// meanwhile: its deletion counts it).
     No,
 }
 
@@ -164,6 +166,9 @@ pub(super) struct Sweep<'a> {
     pub(super) unreachable: BTreeSet<BusinessId>,
     /// Pages of expiries the policy stage capped in this sweep.
     pub(super) capped: u64,
+    /// Expired messages the fail stage found settled since it listed them
+    /// (or gone), failed by no one it counts: deletable now.
+    pub(super) settled_meanwhile: u64,
     /// Businesses whose endpoint a sweep was waiting on when it was
     /// dropped, kept across sweeps until one answers.
     pub(super) hung: &'a Mutex<BTreeSet<BusinessId>>,
@@ -290,10 +295,15 @@ impl<'a> Sweep<'a> {
     }
 
     /// Counts what this sweep changed that a later stage may have to act
-    /// on: expiries capped, messages failed or deleted, peers deleted.
+    /// on: expiries capped, messages failed, settled meanwhile or deleted,
+    /// peers deleted.
     fn changes(&self) -> u64 {
         let r = &self.report;
-        self.capped + r.failed_expired + r.messages_deleted + r.peers_deleted
+        self.capped
+            + self.settled_meanwhile
+            + r.failed_expired
+            + r.messages_deleted
+            + r.peers_deleted
     }
 
     /// Counts what this sweep deleted or destroyed.
@@ -642,7 +652,10 @@ impl<'a> Sweep<'a> {
                     // Given up on, the attempt under way would find it
                     // deleted when it ends: its business told nothing of a
                     // message it may have delivered.
-                    Notice::Settled => continue,
+                    Notice::Settled => {
+                        self.settled_meanwhile += 1;
+                        continue;
+                    }
                     Notice::Busy if !(last_chance && stalled) => continue,
                     Notice::Busy => {
                         tracing::warn!(
@@ -686,9 +699,18 @@ impl<'a> Sweep<'a> {
                         ..ExpiredMessage::from(&m)
                     };
                     let status = match self.drop_report(&m, message).await? {
-                        // Its business was told meanwhile, or its deletion
-                        // counts it: nothing is given up here.
-                        Dropped::No => continue,
+                        // Its business was told how it ended meanwhile:
+                        // nothing is given up here. A failure (the
+                        // notifier's, told since) counts as one.
+                        Dropped::Told(Status::Failed) => {
+                            self.report.failed_expired += 1;
+                            continue;
+                        }
+                        // Gone, or its deletion counts it.
+                        Dropped::Told(_) | Dropped::No => {
+                            self.settled_meanwhile += 1;
+                            continue;
+                        }
                         // Settled since it was listed (delivered, say),
                         // it was failed by no one: no failure to count.
                         Dropped::Settled(status) => {
@@ -721,6 +743,7 @@ impl<'a> Sweep<'a> {
                         p.counted = true;
                     }
                     if status != Status::Failed {
+                        self.settled_meanwhile += 1;
                         continue;
                     }
                 }
@@ -876,7 +899,7 @@ impl<'a> Sweep<'a> {
             // Nothing pending: its business was told meanwhile (which
             // counted it), by the retransmission loop, say.
             if d.next_attempt.is_none() {
-                return Ok(Dropped::No);
+                return Ok(Dropped::Told(d.status));
             }
             // Giving up counts as an attempt: what the write leaves is
             // then told from what telling the business would (which
