@@ -55,6 +55,10 @@ struct Net {
     devices_fail: Mutex<bool>,
     /// Bundles fetched.
     fetched: AtomicU32,
+    /// Billing statements are refused for now.
+    billing_fails: Mutex<bool>,
+    /// The keys last published.
+    published: Mutex<Option<PublishedKeys>>,
 }
 
 impl Net {
@@ -122,6 +126,7 @@ impl Transport for Net {
             .await
     }
     async fn publish_keys(&self, b: BusinessId, k: &PublishedKeys) -> Result<(), TransportError> {
+        *self.published.lock().unwrap() = Some(k.clone());
         self.sim.publish_keys(b, k).await
     }
     async fn one_time_prekey_count(
@@ -134,6 +139,9 @@ impl Transport for Net {
         self.sim.integrity_signals(r).await
     }
     async fn billing(&self, s: &BillingStatement) -> Result<(), TransportError> {
+        if *self.billing_fails.lock().unwrap() {
+            return Err(TransportError::Unavailable("billing down".into()));
+        }
         self.sim.billing(s).await
     }
 }
@@ -296,6 +304,8 @@ impl D {
             taken: Mutex::new(Vec::new()),
             devices_fail: Mutex::new(false),
             fetched: AtomicU32::new(0),
+            billing_fails: Mutex::new(false),
+            published: Mutex::new(None),
         });
         let sink = Arc::new(Sink::default());
         let keys = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
@@ -1473,4 +1483,50 @@ async fn a_superseded_processor_makes_no_missed_sent_report() {
     d.advance(3);
     d.p.retransmit_due(&d.operator).await.unwrap();
     assert!(d.sink.told(missed).is_empty(), "{:?}", d.sink.told(missed));
+}
+
+/// Nor does it ask a device to send a message again (nothing is written
+/// before that call), nor hand over a billing take an earlier export left
+/// (one read, not written). (Review, second look.)
+#[tokio::test]
+async fn a_superseded_processor_asks_no_resend_and_hands_over_no_billing() {
+    use custodian::processor::Inbound;
+    use custodian::testing::ConsumerDevice;
+    let d = D::new(1).await;
+    d.send(b(1)).await;
+    // A take made and refused by the transport: left to hand over.
+    d.advance(40 * 86_400);
+    *d.net.billing_fails.lock().unwrap() = true;
+    assert!(d.p.export_billing(&d.operator).await.is_err());
+    *d.net.billing_fails.lock().unwrap() = false;
+    // Two devices were handed one one-time prekey; the first used it up.
+    d.p.publish_keys(&d.owner, b(1)).await.unwrap();
+    let published = d.net.published.lock().unwrap().clone().unwrap();
+    let bundle = published.bundle(Some(0));
+    let mut messages = Vec::new();
+    for (device, text) in [(1, b"one"), (2, b"two")] {
+        let mut sender = ConsumerDevice::new(device);
+        sender.start_session(b(1), &bundle).await.unwrap();
+        messages.push(Inbound {
+            resend_of: None,
+            from: number(2),
+            device,
+            message: sender.encrypt(b(1), text).await.unwrap(),
+        });
+    }
+    let used = messages.remove(0);
+    d.p.receive(&d.transport, b(1), used).await.unwrap();
+    let _newer = d.take_over().await;
+    let answer = d.p.receive(&d.transport, b(1), messages.remove(0)).await;
+    assert!(
+        matches!(answer, Err(ProcessorError::Store(StoreError::Superseded))),
+        "{answer:?}"
+    );
+    let billed = d.p.export_billing(&d.operator).await;
+    assert!(
+        matches!(billed, Err(ProcessorError::Store(StoreError::Superseded))),
+        "{billed:?}"
+    );
+    assert_eq!(d.net.sim.resends_asked().await, 0);
+    assert!(d.net.sim.billing_statements().await.is_empty());
 }

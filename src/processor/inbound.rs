@@ -376,6 +376,11 @@ impl Processor {
             Ok(number) => number.into_value(),
             Err(denied) => return denied.into(),
         };
+        // Nothing written before it: a processor superseded on its store
+        // asks for nothing more.
+        if let Err(e) = self.still_the_writer().await {
+            return e;
+        }
         let asked = self
             .transport
             .ask_resend(business, &number, inbound.device, id, &inbound.message)

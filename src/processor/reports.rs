@@ -182,6 +182,10 @@ impl Processor {
             })
             .await?;
             stored = self.storage.billing(business).await?;
+        } else {
+            // Handed over with no write of its own first: a processor
+            // superseded on its store hands over none.
+            self.still_the_writer().await?;
         }
         Ok(stored.takes.first().map(|take| {
             let statement = billing_statement(business, take.at, &stored, Some(take.id));
