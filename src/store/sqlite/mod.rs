@@ -484,8 +484,11 @@ impl SqliteStore {
         }
         conn.execute_batch(writes::CREATE_HELD)
             .map_err(|e| open_error(path, e))?;
+        // One look at the path for all: a replacement the writer finds
+        // stops the readers too.
+        let named = file.named(path);
         let writer =
-            Writer::start(conn, file.named(path), config.max_group.get()).map_err(|source| {
+            Writer::start(conn, named.clone(), config.max_group.get()).map_err(|source| {
                 SqliteOpenError::Io {
                     path: path.to_owned(),
                     source,
@@ -496,7 +499,7 @@ impl SqliteStore {
             path: path.to_owned(),
             busy_timeout: config.busy_timeout,
             vacuum_on_scrub: config.vacuum_on_scrub,
-            readers: Readers::new(file.named(path), config.busy_timeout, config.readers),
+            readers: Readers::new(named, config.busy_timeout, config.readers),
             damaged: Arc::default(),
             writer,
             _file: file,

@@ -16,6 +16,9 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::store::StoreError;
 
@@ -104,12 +107,24 @@ impl OpenFile {
 /// writes would land in a file no path reaches (acknowledged, then lost
 /// when the process ends), and a connection opened by the path would read
 /// another database, mixing the store's log, which is named by the path
-/// too, with that file's pages.
+/// too, with that file's pages. Once found so, for good (clones share it).
 #[derive(Debug, Clone)]
 pub(super) struct Named {
     path: PathBuf,
     #[cfg(unix)]
     key: (u64, u64),
+    seen: Arc<Seen>,
+}
+
+/// What the checks of a [`Named`] found.
+#[derive(Debug)]
+struct Seen {
+    /// The path was found naming another file, or none.
+    gone: AtomicBool,
+    /// When it was last found naming the file, in milliseconds from
+    /// `since`.
+    at: AtomicU64,
+    since: Instant,
 }
 
 impl Named {
@@ -121,31 +136,60 @@ impl Named {
     /// Fails unless the path still names the file (on Unix; elsewhere a
     /// file in use cannot be replaced or removed).
     pub(super) fn check(&self) -> Result<(), StoreError> {
+        if self.seen.gone.load(Ordering::Acquire) {
+            return Err(self.gone(None));
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
 
             let named = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
             if named.as_ref().ok() != Some(&self.key) {
-                let why = named.map_or_else(|e| e.to_string(), |_| "another file".into());
-                return Err(StoreError::Backend(format!(
-                    "{} no longer names the database file the store opened ({why}): \
-                     the file was replaced or removed; stop the store",
-                    self.path.display()
-                )));
+                self.seen.gone.store(true, Ordering::Release);
+                return Err(self.gone(named.err()));
             }
         }
+        let at = u64::try_from(self.seen.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.seen.at.store(at, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// [`check`](Self::check), unless the path was found naming the file
+    /// within `lately`: for work whose own result the file's replacement
+    /// leaves whole (a pooled reader's, on the file it opened).
+    pub(super) fn check_lately(&self, lately: Duration) -> Result<(), StoreError> {
+        let at = Duration::from_millis(self.seen.at.load(Ordering::Relaxed));
+        if self.seen.since.elapsed().saturating_sub(at) < lately
+            && !self.seen.gone.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        self.check()
+    }
+
+    fn gone(&self, why: Option<io::Error>) -> StoreError {
+        let why = why.map_or_else(|| "another file".into(), |e| e.to_string());
+        StoreError::Backend(format!(
+            "{} no longer names the database file the store opened ({why}): \
+             the file was replaced or removed; stop the store",
+            self.path.display()
+        ))
     }
 }
 
 impl OpenFile {
-    /// The file held, as named by `path`, the path it was opened by.
+    /// The file held, as named by `path`, the path it was opened by (just
+    /// now: found naming it).
     pub(super) fn named(&self, path: &Path) -> Named {
         Named {
             path: path.to_owned(),
             #[cfg(unix)]
             key: self.key,
+            seen: Arc::new(Seen {
+                gone: AtomicBool::new(false),
+                at: AtomicU64::new(0),
+                since: Instant::now(),
+            }),
         }
     }
 }

@@ -30,6 +30,13 @@ use crate::time::Timestamp;
 /// Statements each connection keeps prepared.
 const STATEMENT_CACHE: usize = 48;
 
+/// How long a pooled reader reads without looking whether the store's
+/// path still names its file (see [`Named`]): a look is a system call,
+/// dearer than a read. On the file it opened, a pooled reader reads what
+/// the store wrote, replaced or not; the file put at the path, written by
+/// another, shares its log's name.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// Read-only connections, opened on demand, up to `keep` kept for reuse.
 pub(super) struct Readers {
     file: Named,
@@ -70,7 +77,13 @@ impl Readers {
     ) -> Result<T, StoreError> {
         let pooled = self.idle().pop();
         let mut conn = match pooled {
-            Some(c) => c,
+            Some(c) => match self.file.check_lately(RECHECK) {
+                Ok(()) => c,
+                Err(e) => {
+                    self.idle().clear();
+                    return Err(e);
+                }
+            },
             None => self.open()?,
         };
         let out = f(&mut conn);

@@ -215,8 +215,9 @@ fn a_new_database_is_not_made_beside_an_orphaned_log() {
 /// removed, is no longer the store's: its writes fail (they would land in
 /// a file no path reaches, acknowledged, then lost), and so does a read
 /// that opens a connection by the path (it would read the other database,
-/// mixing the store's log, named by the path too, with that file's pages).
-/// The file put there is left intact. (Reads came from the other database,
+/// mixing the store's log, named by the path too, with that file's pages),
+/// and its scrub; so do its pooled readers' once that is found (within a
+/// second). The file put there is left intact. (Reads came from the other database,
 /// missing the store's own writes, and the store's log damaged that file
 /// for good.) (Review.)
 #[test]
@@ -255,6 +256,8 @@ fn a_file_replaced_or_removed_under_a_running_store_is_not_used() {
         (0..200).for_each(|i| batch.push(Op::PutMessage(ours(i))));
         let written = store.commit(batch).await;
         assert!(refused(written.as_ref().err()), "{written:?}");
+        let scrubbed = store.scrub().await;
+        assert!(refused(scrubbed.as_ref().err()), "{scrubbed:?}");
         drop(store);
         // The file put there, as it was.
         let store = SqliteStore::open(&path, config.clone()).unwrap();
@@ -266,11 +269,17 @@ fn a_file_replaced_or_removed_under_a_running_store_is_not_used() {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
-        // Removed: its writes fail too.
-        let store = SqliteStore::open(&path, config.clone()).unwrap();
+        // Removed: its writes fail too, and then its pooled readers' reads
+        // (before, they read the file they opened, whose log another
+        // writing the file put at the path would share).
+        let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+        let id = MessageId::from_bytes([1; 16]);
+        assert!(store.message(business(2), id).await.unwrap().is_some());
         std::fs::remove_file(&path).unwrap();
         let written = store.commit(Op::PutMessage(ours(201)).into()).await;
         assert!(refused(written.as_ref().err()), "{written:?}");
+        let read = store.message(business(2), id).await;
+        assert!(refused(read.as_ref().err()), "{read:?}");
     });
 }
 

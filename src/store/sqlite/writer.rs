@@ -183,6 +183,8 @@ where
 /// The handle to the writer thread. Dropping it lets queued work finish,
 /// then closes the connection and joins the thread.
 pub(super) struct Writer {
+    /// The file written: no work runs once its path names another.
+    file: Named,
     queue: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Counts>,
@@ -219,10 +221,12 @@ impl Writer {
         let (queue, tasks) = mpsc::channel();
         let counts = Arc::new(Counts::default());
         let counted = counts.clone();
+        let checked = file.clone();
         let thread = std::thread::Builder::new()
             .name("custodian-sqlite-writer".into())
-            .spawn(move || run(conn, &file, tasks, max_group.max(1), &counted))?;
+            .spawn(move || run(conn, &checked, tasks, max_group.max(1), &counted))?;
         Ok(Self {
+            file,
             queue: Some(queue),
             thread: Some(thread),
             counts,
@@ -285,18 +289,20 @@ impl Writer {
     /// between two groups: every write queued before it is answered first,
     /// and every write queued after it waits for it. For what cannot run in
     /// a transaction (`VACUUM`); it does not wait for the file's write lock
-    /// behind the store's own writes.
+    /// behind the store's own writes. Refused once the file's path names
+    /// another (see [`Named`]).
     pub(super) async fn alone<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
+        let file = self.file.clone();
         self.queue
             .as_ref()
             .ok_or_else(writer_gone)?
             .send(Job::Alone(Box::new(move |conn| {
-                let _ = reply.send(work(conn));
+                let _ = reply.send(file.check().and_then(|()| work(conn)));
             })))
             .map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
