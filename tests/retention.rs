@@ -2464,8 +2464,11 @@ async fn a_probe_is_a_message_still_open() {
         2,
         "the probe reached it"
     );
+    // Failed, told and expired, nothing keeps it: that sweep deletes it.
+    // (It was left stored after a complete sweep, the probe made after
+    // the stages.) (Review, third look.)
     let probed = w.store.message(business(1), open.record.id).await.unwrap();
-    assert_eq!(probed.map(|m| m.delivery.status), Some(Status::Failed));
+    assert!(probed.is_none(), "{probed:?}");
 }
 
 /// Business 1's endpoint never answers, but its message `stuck` has an
@@ -3217,6 +3220,8 @@ async fn a_message_settled_while_the_sweep_asks_counts_as_it_ended_and_is_delete
             (FailedAndTold, Notice::Untold, REPORT_GRACE, (1, 0, None)),
             (Delivered, Notice::Settled, REPORT_GRACE, (0, 0, None)),
             (Delivered, Notice::Settled, Duration::ZERO, (0, 0, None)),
+            (Delivered, Notice::Untold, Duration::ZERO, (0, 0, None)),
+            (Delivered, Notice::Busy, Duration::ZERO, (0, 0, None)),
         ] {
             let w = World::on(backend, 64);
             let m = w.store(business(1), 1, Direction::Outbound, true).await;

@@ -512,7 +512,7 @@ impl Retention {
             report: SweepReport::default(),
             unreachable: BTreeSet::new(),
             capped: 0,
-            settled_meanwhile: 0,
+            asked: 0,
             hung: &self.hung,
             unsure: &self.unsure,
             next_stage: &self.next_stage,

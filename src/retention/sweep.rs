@@ -166,9 +166,10 @@ pub(super) struct Sweep<'a> {
     pub(super) unreachable: BTreeSet<BusinessId>,
     /// Pages of expiries the policy stage capped in this sweep.
     pub(super) capped: u64,
-    /// Expired messages the fail stage found settled since it listed them
-    /// (or gone), failed by no one it counts: deletable now.
-    pub(super) settled_meanwhile: u64,
+    /// Expired messages the fail stage asked their business about, or
+    /// found settled (or gone) since it listed them: any may have settled
+    /// meanwhile, failed by no one it counts, and be deletable now.
+    pub(super) asked: u64,
     /// Businesses whose endpoint a sweep was waiting on when it was
     /// dropped, kept across sweeps until one answers.
     pub(super) hung: &'a Mutex<BTreeSet<BusinessId>>,
@@ -295,15 +296,11 @@ impl<'a> Sweep<'a> {
     }
 
     /// Counts what this sweep changed that a later stage may have to act
-    /// on: expiries capped, messages failed, settled meanwhile or deleted,
-    /// peers deleted.
+    /// on: expiries capped, messages failed, asked about (or settled
+    /// meanwhile) or deleted, peers deleted.
     fn changes(&self) -> u64 {
         let r = &self.report;
-        self.capped
-            + self.settled_meanwhile
-            + r.failed_expired
-            + r.messages_deleted
-            + r.peers_deleted
+        self.capped + self.asked + r.failed_expired + r.messages_deleted + r.peers_deleted
     }
 
     /// Counts what this sweep deleted or destroyed.
@@ -449,8 +446,22 @@ impl<'a> Sweep<'a> {
         }
         // Last, as a probe may never return: a sweep dropped waiting has
         // done everything else.
+        let before = self.changes();
         if let Err(e) = self.probe().await {
             failed.get_or_insert(e);
+        }
+        // A probe told fails its message, which nothing keeps then: a
+        // complete sweep deletes it (and scrubs), as its stages would have.
+        if self.report.complete && self.changes() != before {
+            match self.delete_expired().await {
+                Ok(true) if self.scrubbed_after != Some(self.deleted()) => self.scrub().await,
+                Ok(true) => {}
+                Ok(false) => self.report.complete = false,
+                Err(e) => {
+                    self.report.complete = false;
+                    failed.get_or_insert(e);
+                }
+            }
         }
         if let Some(e) = failed {
             return (Err(e), shortened);
@@ -640,6 +651,9 @@ impl<'a> Sweep<'a> {
                     // dropped in it loses none of it.
                     self.commit_failures(std::mem::take(&mut batch), &mut gave_up)
                         .await?;
+                    // However it answers, the message may have settled
+                    // meanwhile (delivered, say): deletable now.
+                    self.asked += 1;
                     self.tell(&m).await
                 } else {
                     Notice::Untold
@@ -652,10 +666,7 @@ impl<'a> Sweep<'a> {
                     // Given up on, the attempt under way would find it
                     // deleted when it ends: its business told nothing of a
                     // message it may have delivered.
-                    Notice::Settled => {
-                        self.settled_meanwhile += 1;
-                        continue;
-                    }
+                    Notice::Settled => continue,
                     Notice::Busy if !(last_chance && stalled) => continue,
                     Notice::Busy => {
                         tracing::warn!(
@@ -708,7 +719,7 @@ impl<'a> Sweep<'a> {
                         }
                         // Gone, or its deletion counts it.
                         Dropped::Told(_) | Dropped::No => {
-                            self.settled_meanwhile += 1;
+                            self.asked += 1;
                             continue;
                         }
                         // Settled since it was listed (delivered, say),
@@ -743,7 +754,7 @@ impl<'a> Sweep<'a> {
                         p.counted = true;
                     }
                     if status != Status::Failed {
-                        self.settled_meanwhile += 1;
+                        self.asked += 1;
                         continue;
                     }
                 }

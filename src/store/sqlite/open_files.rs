@@ -107,7 +107,7 @@ impl OpenFile {
 /// writes would land in a file no path reaches (acknowledged, then lost
 /// when the process ends), and a connection opened by the path would read
 /// another database, mixing the store's log, which is named by the path
-/// too, with that file's pages. Once found so, for good (clones share it).
+/// too, with that file's pages. Clones share what their looks found.
 #[derive(Debug, Clone)]
 pub(super) struct Named {
     path: PathBuf,
@@ -119,7 +119,7 @@ pub(super) struct Named {
 /// What the checks of a [`Named`] found.
 #[derive(Debug)]
 struct Seen {
-    /// The path was found naming another file, or none.
+    /// The path was last found naming another file, or none.
     gone: AtomicBool,
     /// When it was last found naming the file, in milliseconds from
     /// `since`.
@@ -136,9 +136,6 @@ impl Named {
     /// Fails unless the path still names the file (on Unix; elsewhere a
     /// file in use cannot be replaced or removed).
     pub(super) fn check(&self) -> Result<(), StoreError> {
-        if self.seen.gone.load(Ordering::Acquire) {
-            return Err(self.gone(None));
-        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
@@ -151,12 +148,13 @@ impl Named {
         }
         let at = u64::try_from(self.seen.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.seen.at.store(at, Ordering::Relaxed);
+        self.seen.gone.store(false, Ordering::Release);
         Ok(())
     }
 
-    /// [`check`](Self::check), unless the path was found naming the file
-    /// within `lately`: for work whose own result the file's replacement
-    /// leaves whole (a pooled reader's, on the file it opened).
+    /// [`check`](Self::check), unless the path was last found naming the
+    /// file, within `lately`: for work whose own result the file's
+    /// replacement leaves whole (a pooled reader's, on the file it opened).
     pub(super) fn check_lately(&self, lately: Duration) -> Result<(), StoreError> {
         let at = Duration::from_millis(self.seen.at.load(Ordering::Relaxed));
         if self.seen.since.elapsed().saturating_sub(at) < lately

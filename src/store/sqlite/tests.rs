@@ -283,6 +283,33 @@ fn a_file_replaced_or_removed_under_a_running_store_is_not_used() {
     });
 }
 
+/// A store whose path names no file for a while (its directory moved away
+/// and back) is refused meanwhile, and works again once the path names its
+/// file again: a look that failed is not held against it. (Refused for
+/// good, with the first refusal's cause lost.) (Review, third look.)
+#[test]
+#[cfg(unix)]
+fn a_store_whose_path_names_its_file_again_works_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, away) = (root.path().join("data"), root.path().join("away"));
+    std::fs::create_dir(&dir).unwrap();
+    let store = SqliteStore::open(dir.join("custodian.db"), SqliteConfig::default()).unwrap();
+    let put = |i| Batch::from(Op::PutMessage(Box::new(record(i, b"x"))));
+    block_on(async {
+        store.commit(put(1)).await.unwrap();
+        std::fs::rename(&dir, &away).unwrap();
+        let refused = store.commit(put(2)).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Backend(why)) if why.contains("No such file")),
+            "{refused:?}"
+        );
+        std::fs::rename(&away, &dir).unwrap();
+        store.commit(put(3)).await.unwrap();
+        let id = MessageId::from_bytes([3; 16]);
+        assert!(store.message(business(1), id).await.unwrap().is_some());
+    });
+}
+
 #[test]
 fn concurrent_creators_of_one_file_all_open_the_same_database() {
     let dir = tempfile::tempdir().unwrap();
