@@ -59,6 +59,10 @@ struct Net {
     billing_fails: Mutex<bool>,
     /// The keys last published.
     published: Mutex<Option<PublishedKeys>>,
+    /// Devices whose bundle carries a bad signature.
+    bad_bundles: Mutex<Vec<u32>>,
+    /// Bundles fetched, by device.
+    fetched_of: Mutex<BTreeMap<u32, u32>>,
 }
 
 impl Net {
@@ -92,7 +96,12 @@ impl Transport for Net {
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
         self.fetched.fetch_add(1, Ordering::SeqCst);
-        self.sim.fetch_bundle(b, c, device).await
+        *self.fetched_of.lock().unwrap().entry(device).or_default() += 1;
+        let mut bundle = self.sim.fetch_bundle(b, c, device).await?;
+        if self.bad_bundles.lock().unwrap().contains(&device) {
+            bundle.signed_prekey.signature[0] ^= 1;
+        }
+        Ok(bundle)
     }
     async fn send(
         &self,
@@ -306,6 +315,8 @@ impl D {
             fetched: AtomicU32::new(0),
             billing_fails: Mutex::new(false),
             published: Mutex::new(None),
+            bad_bundles: Mutex::new(Vec::new()),
+            fetched_of: Mutex::new(BTreeMap::new()),
         });
         let sink = Arc::new(Sink::default());
         let keys = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
@@ -1529,4 +1540,31 @@ async fn a_superseded_processor_asks_no_resend_and_hands_over_no_billing() {
     );
     assert_eq!(d.net.sim.resends_asked().await, 0);
     assert!(d.net.sim.billing_statements().await.is_empty());
+}
+
+/// A device given up on for a bad bundle is asked for its bundle again (a
+/// one-time prekey of the device each time) at a few overdue resends in
+/// the message's life, the 1st, 2nd, 4th, 8th and so on, not at every
+/// one; the other device is sent each resend. (Over a week, it was asked
+/// at every one: 36 one-time prekeys of the device for one message.)
+/// (Review.)
+#[tokio::test]
+async fn a_device_given_up_for_a_bad_bundle_is_asked_for_it_rarely() {
+    let d = D::new(2).await;
+    d.net.bad_bundles.lock().unwrap().push(1);
+    let id = d.send(b(1)).await;
+    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
+    // A week, no report: resent as its report is overdue.
+    for _ in 0..(7 * 24 * 60) {
+        d.advance(60);
+        d.retransmit().await;
+    }
+    let resends = d.net.taken_by(id)[&0];
+    assert!(resends > 30, "{resends}");
+    let fetched = d.net.fetched_of.lock().unwrap()[&1];
+    // The send's, then one at each power of two of the resends.
+    assert!(
+        fetched <= 2 + resends.ilog2(),
+        "{fetched} for {resends} resends"
+    );
 }
