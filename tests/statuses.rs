@@ -59,10 +59,6 @@ struct Net {
     billing_fails: Mutex<bool>,
     /// The keys last published.
     published: Mutex<Option<PublishedKeys>>,
-    /// Devices whose bundle carries a bad signature.
-    bad_bundles: Mutex<Vec<u32>>,
-    /// Bundles fetched, by device.
-    fetched_of: Mutex<BTreeMap<u32, u32>>,
 }
 
 impl Net {
@@ -96,12 +92,7 @@ impl Transport for Net {
         device: u32,
     ) -> Result<PreKeyBundle, TransportError> {
         self.fetched.fetch_add(1, Ordering::SeqCst);
-        *self.fetched_of.lock().unwrap().entry(device).or_default() += 1;
-        let mut bundle = self.sim.fetch_bundle(b, c, device).await?;
-        if self.bad_bundles.lock().unwrap().contains(&device) {
-            bundle.signed_prekey.signature[0] ^= 1;
-        }
-        Ok(bundle)
+        self.sim.fetch_bundle(b, c, device).await
     }
     async fn send(
         &self,
@@ -315,8 +306,6 @@ impl D {
             fetched: AtomicU32::new(0),
             billing_fails: Mutex::new(false),
             published: Mutex::new(None),
-            bad_bundles: Mutex::new(Vec::new()),
-            fetched_of: Mutex::new(BTreeMap::new()),
         });
         let sink = Arc::new(Sink::default());
         let keys = Arc::new(LocalKeyProvider::new(&SecretKey::generate()));
@@ -616,6 +605,34 @@ async fn device_list_changes_between_attempts() {
     let taken = d.net.taken_by(id);
     assert_eq!(taken.get(&1), None, "{taken:?}");
     assert_eq!(taken.get(&2), Some(&1), "{taken:?}");
+}
+
+/// A device linked since the send gets the message from any overdue
+/// resend made before a report, the third as the first: after the report,
+/// none is made. (A rule asking devices with no session for their bundle
+/// at the 1st, 2nd, 4th... resend only, to spare one given up on, left it
+/// without the message for good.) (Review.)
+#[tokio::test]
+async fn a_device_linked_before_any_overdue_resend_gets_it_from_that_resend() {
+    let d = D::new(2).await;
+    *d.net.devices.lock().unwrap() = Some(vec![0]);
+    let id = d.send(b(1)).await;
+    // Two overdue resends, one pass each.
+    for _ in 0..2 {
+        d.advance(4000);
+        d.retransmit().await;
+    }
+    assert_eq!(d.delivery(b(1), id).await.attempts, 3);
+    // Device 1 linked now; the third overdue resend, then device 0's report.
+    *d.net.devices.lock().unwrap() = None;
+    d.advance(20_000);
+    d.retransmit().await;
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    for _ in 0..5 {
+        d.advance(30_000);
+        d.retransmit().await;
+    }
+    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 4), (1, 1)]));
 }
 
 #[tokio::test]
@@ -1540,31 +1557,4 @@ async fn a_superseded_processor_asks_no_resend_and_hands_over_no_billing() {
     );
     assert_eq!(d.net.sim.resends_asked().await, 0);
     assert!(d.net.sim.billing_statements().await.is_empty());
-}
-
-/// A device given up on for a bad bundle is asked for its bundle again (a
-/// one-time prekey of the device each time) at a few overdue resends in
-/// the message's life, the 1st, 2nd, 4th, 8th and so on, not at every
-/// one; the other device is sent each resend. (Over a week, it was asked
-/// at every one: 36 one-time prekeys of the device for one message.)
-/// (Review.)
-#[tokio::test]
-async fn a_device_given_up_for_a_bad_bundle_is_asked_for_it_rarely() {
-    let d = D::new(2).await;
-    d.net.bad_bundles.lock().unwrap().push(1);
-    let id = d.send(b(1)).await;
-    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
-    // A week, no report: resent as its report is overdue.
-    for _ in 0..(7 * 24 * 60) {
-        d.advance(60);
-        d.retransmit().await;
-    }
-    let resends = d.net.taken_by(id)[&0];
-    assert!(resends > 30, "{resends}");
-    let fetched = d.net.fetched_of.lock().unwrap()[&1];
-    // The send's, then one at each power of two of the resends.
-    assert!(
-        fetched <= 2 + resends.ilog2(),
-        "{fetched} for {resends} resends"
-    );
 }

@@ -816,12 +816,6 @@ impl Processor {
         if !again {
             reached.list(wanted.clone().map(|(_, bit)| bit));
         }
-        // A device with no session then (given up on, for a bad bundle
-        // say, or linked since) is asked for its bundle, which costs it a
-        // one-time prekey, at the first resends only, then at the 4th, the
-        // 8th and so on: one given up on is asked a few times in the
-        // message's life, not at every resend.
-        let may_start = !again || record.delivery.attempts.is_power_of_two();
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let (mut refused, mut missed) = (false, false);
         for (device, bit) in wanted {
@@ -834,7 +828,7 @@ impl Processor {
                 device,
             };
             match self
-                .ensure_session(business, peer, &number, record.expiry, may_start)
+                .ensure_session(business, peer, &number, record.expiry)
                 .await
             {
                 Ok(true) => {}
@@ -915,17 +909,15 @@ impl Processor {
         DeviceOutcome::Reached { sent, pending }
     }
 
-    /// Make sure `peer` has a session, starting one from its bundle if not
-    /// (if `may_start`). `Ok(false)`: the device cannot be reached (bad
-    /// bundle, refused); `Err(())`: try again later (as when not to be
-    /// started now).
+    /// Make sure `peer` has a session, starting one from its bundle if not.
+    /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
+    /// `Err(())`: try again later.
     async fn ensure_session(
         &self,
         business: BusinessId,
         peer: PeerId,
         number: &PhoneNumber,
         expiry: Timestamp,
-        may_start: bool,
     ) -> Result<bool, ()> {
         if self
             .sessions
@@ -934,9 +926,6 @@ impl Processor {
             .map_err(drop)?
         {
             return Ok(true);
-        }
-        if !may_start {
-            return Err(());
         }
         // Each bundle costs the device a one-time prekey: while another send
         // is starting a session with it, this one leaves the device for
