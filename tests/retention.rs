@@ -3090,16 +3090,21 @@ impl ExpiryNotifier for MarksFailedUntold {
             pending_devices: 0,
             ..m.delivery
         };
-        let mut batch = Batch::new();
-        batch.push(Op::UpdateDelivery {
-            business: m.business,
-            id: m.id,
-            expected: m.delivery,
-            delivery: failed,
-        });
-        self.store.commit(batch).await.unwrap();
+        rewrite(&*self.store, m, failed).await;
         Notice::Untold
     }
+}
+
+/// Write `delivery` over `m`'s, as it was listed, as the retransmission
+/// loop would while the sweep asks about it.
+async fn rewrite(store: &dyn Storage, m: &MessageRecord, delivery: Delivery) {
+    let op = Op::UpdateDelivery {
+        business: m.business,
+        id: m.id,
+        expected: m.delivery,
+        delivery,
+    };
+    store.commit(op.into()).await.unwrap();
 }
 
 /// A message whose business could not be told it failed, kept past the
@@ -3181,14 +3186,7 @@ impl ExpiryNotifier for SettlesMeanwhile {
             pending_devices: 0,
             ..m.delivery
         };
-        let mut batch = Batch::new();
-        batch.push(Op::UpdateDelivery {
-            business: m.business,
-            id: m.id,
-            expected: m.delivery,
-            delivery: settled,
-        });
-        self.store.commit(batch).await.unwrap();
+        rewrite(&*self.store, m, settled).await;
         self.answer
     }
 

@@ -985,24 +985,13 @@ mod tests {
         let receipts = Receipts::new(Duration::from_secs(3600));
         let business = BusinessId::new(7).unwrap();
         let phone = PhoneHash::from_bytes([0xA5; 16]);
-        let noted = receipts
-            .take(
-                business,
-                MessageId::random(),
-                1,
-                Timestamp::from_millis(DAY),
-            )
-            .unwrap();
-        noted.refused_until(Timestamp::from_millis(3 * DAY), phone);
-        let noted = receipts
-            .take(
-                business,
-                MessageId::random(),
-                2,
-                Timestamp::from_millis(DAY),
-            )
-            .unwrap();
-        noted.oversized_until(Timestamp::from_millis(3 * DAY), phone);
+        let take = |device| {
+            let now = Timestamp::from_millis(DAY);
+            receipts.take(business, MessageId::random(), device, now)
+        };
+        let until = Timestamp::from_millis(3 * DAY);
+        take(1).unwrap().refused_until(until, phone);
+        take(2).unwrap().oversized_until(until, phone);
         for waiting in [&receipts.refused, &receipts.oversized] {
             assert!(lock(waiting).values().any(|p| *p == phone));
         }

@@ -717,13 +717,16 @@ impl<'a> Sweep<'a> {
                             self.report.failed_expired += 1;
                             continue;
                         }
-                        // Gone, or its deletion counts it.
+                        // Told it was delivered (or read), gone, or its
+                        // report still due (its deletion counts it):
+                        // nothing to count here.
                         Dropped::Told(_) | Dropped::No => {
                             self.asked += 1;
                             continue;
                         }
-                        // Settled since it was listed (delivered, say),
-                        // it was failed by no one: no failure to count.
+                        // Settled since it was listed, its report now
+                        // dropped: a failure (the notifier's) counts as
+                        // one, a delivery as none.
                         Dropped::Settled(status) => {
                             self.notifier.gave_up(&ExpiredMessage { status, ..message });
                             status

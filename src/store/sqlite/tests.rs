@@ -217,9 +217,9 @@ fn a_new_database_is_not_made_beside_an_orphaned_log() {
 /// that opens a connection by the path (it would read the other database,
 /// mixing the store's log, named by the path too, with that file's pages),
 /// and its scrub; so do its pooled readers' once that is found (within a
-/// second). The file put there is left intact. (Reads came from the other database,
-/// missing the store's own writes, and the store's log damaged that file
-/// for good.) (Review.)
+/// second). The file put there is left intact. (Reads came from the other
+/// database, missing the store's own writes, and the store's log damaged
+/// that file for good.) (Review.)
 #[test]
 #[cfg(unix)]
 fn a_file_replaced_or_removed_under_a_running_store_is_not_used() {
