@@ -213,10 +213,9 @@ fn writer_gone() -> StoreError {
 }
 
 impl Writer {
-    /// Start the writer thread on `conn`, grouping at most `max_group` tasks
-    /// per transaction.
-    /// The file is `file`: no transaction begins once its path names
-    /// another (see [`Named`]).
+    /// Start the writer thread on `conn`, a connection to `file`, grouping
+    /// at most `max_group` tasks per transaction. No transaction begins
+    /// once the file's path names another (see [`Named`]).
     pub(super) fn start(conn: Connection, file: Named, max_group: usize) -> std::io::Result<Self> {
         let (queue, tasks) = mpsc::channel();
         let counts = Arc::new(Counts::default());
