@@ -201,6 +201,15 @@ impl World {
         self.decrypt(peer, &first).await
     }
 
+    /// A consumer device with a session, after its first-contact message
+    /// and a reply it read: it sends follow-ups.
+    async fn answered(&self, number: &str, device_id: u32) -> (ConsumerDevice, PeerId) {
+        let (mut device, peer) = self.contact(number, device_id).await;
+        let reply = self.encrypt(peer, b"welcome").await;
+        device.decrypt(self.business, &reply).await.unwrap();
+        (device, peer)
+    }
+
     /// A consumer device with a session, after one first-contact message.
     async fn contact(&self, number: &str, device_id: u32) -> (ConsumerDevice, PeerId) {
         let mut device = ConsumerDevice::new(device_id);
@@ -347,10 +356,8 @@ async fn the_pool_refills_by_the_networks_count_and_keeps_at_most_the_limit() {
 #[tokio::test]
 async fn tampered_replayed_and_garbage_messages_change_nothing() {
     let w = World::new();
-    let (mut phone, peer) = w.contact("+447700900002", 0).await;
     // After a reply the device sends follow-ups, whose last 8 bytes are the MAC.
-    let reply = w.encrypt(peer, b"welcome").await;
-    phone.decrypt(w.business, &reply).await.unwrap();
+    let (mut phone, peer) = w.answered("+447700900002", 0).await;
     let good = phone.encrypt(w.business, b"genuine").await.unwrap();
     assert_eq!(good.kind, MessageKind::FollowUp);
     let before = w.snapshot(peer).await;
@@ -1232,9 +1239,7 @@ async fn a_damaged_one_time_prekey_is_left_out_and_deleted_by_the_upkeep() {
 #[tokio::test]
 async fn a_damaged_replaced_signed_prekey_is_skipped_and_deleted() {
     let mut w = World::new();
-    let (mut phone, peer) = w.contact("+447700900023", 0).await;
-    let reply = w.encrypt(peer, b"welcome").await;
-    phone.decrypt(w.business, &reply).await.unwrap();
+    let (mut phone, peer) = w.answered("+447700900023", 0).await;
     let old = w.published().await.signed_prekey.id;
     w.clock.advance(8 * DAY);
     assert!(w.sessions.maintain(w.business, None).await.unwrap().rotated);
@@ -1935,9 +1940,7 @@ mod fuzz {
             .unwrap();
         let (world, peer, follow_up, phone) = runtime.block_on(async {
             let w = World::new();
-            let (mut phone, peer) = w.contact("+447700900099", 0).await;
-            let reply = w.encrypt(peer, b"hi").await;
-            phone.decrypt(w.business, &reply).await.unwrap();
+            let (mut phone, peer) = w.answered("+447700900099", 0).await;
             let follow_up = phone.encrypt(w.business, b"kept for later").await.unwrap();
             (w, peer, follow_up, phone)
         });
@@ -2263,9 +2266,7 @@ async fn a_record_past_its_limit_is_refused_and_changes_nothing() {
 /// sent yet, then reinstalled: the message from before (`late`), and the
 /// new installation with its first message.
 async fn reinstalled(w: &World, number: &str) -> (PeerId, Ciphertext, ConsumerDevice, Ciphertext) {
-    let (mut old, peer) = w.contact(number, 0).await;
-    let reply = w.encrypt(peer, b"welcome").await;
-    old.decrypt(w.business, &reply).await.unwrap();
+    let (mut old, peer) = w.answered(number, 0).await;
     let late = old
         .encrypt(w.business, b"sent before the reinstall")
         .await
@@ -2698,9 +2699,7 @@ async fn messages(device: &mut ConsumerDevice, business: BusinessId, n: u32) -> 
 async fn a_message_without_its_session_is_refused_as_such_however_far_in() {
     let w = World::new();
     // The business forgot the consumer (retention ended).
-    let (mut gone, peer) = w.contact("+447700900601", 0).await;
-    let reply = w.encrypt(peer, b"reply").await;
-    gone.decrypt(w.business, &reply).await.unwrap();
+    let (mut gone, peer) = w.answered("+447700900601", 0).await;
     let sent = messages(&mut gone, w.business, 2002).await;
     assert_eq!(w.sessions.forget(w.business, peer.phone).await.unwrap(), 1);
     for message in [&sent[0], &sent[2001]] {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use wacore_libsignal::protocol::consts::MAX_FORWARD_JUMPS;
 use wacore_libsignal::protocol::{
-    CiphertextMessage, PublicKey, SessionState, SignalProtocolError, UsePQRatchet, message_decrypt,
+    CiphertextMessage, PublicKey, SessionState, UsePQRatchet, message_decrypt,
 };
 use zeroize::Zeroizing;
 
@@ -395,14 +395,9 @@ impl Sessions {
                 // have yet starts at 0). A precise refusal (no session, an
                 // unknown prekey, an untrusted identity, a store's failure)
                 // stands: the device is asked for the message again.
-                let generic = matches!(
-                    &e,
-                    SignalProtocolError::InvalidMessage(_, "decryption failed")
-                );
                 let error = protocol_error(e, prekeys.take_failure(), identities.refused());
                 let jump = usize::try_from(message.counter.saturating_sub(index.unwrap_or(0)));
-                if generic
-                    && matches!(error, SignalError::Undecryptable(_))
+                if matches!(error, SignalError::Undecryptable("decryption failed"))
                     && jump.is_ok_and(|jump| jump > MAX_FORWARD_JUMPS)
                 {
                     return Err(SignalError::InvalidMessage(
