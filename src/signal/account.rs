@@ -346,16 +346,8 @@ pub(super) async fn one_time_prekeys(
     let (pool, mut damaged) = list_one_time(keys, business).await?;
     let mut sound = Vec::new();
     for (id, wrapped) in pool {
-        let public = match keys.unwrap_listed(&wrapped).await {
-            Ok(bytes) => decode_one_time_prekey(&bytes, id)
-                .and_then(|record| record.public_key().map_err(|_| corrupt(ONE_TIME_PREKEY))),
-            Err(e) => Err(e.into()),
-        };
-        match public {
-            Ok(public) => sound.push(PublicPreKey {
-                id,
-                public_key: public.serialize(),
-            }),
+        match public_one_time(keys, id, &wrapped).await {
+            Ok(public) => sound.push(public),
             Err(e) if is_damaged(&e) => {
                 log_damaged(business, "one-time", u64::from(id), &e);
                 damaged.push(wrapped);
@@ -364,6 +356,56 @@ pub(super) async fn one_time_prekeys(
         }
     }
     Ok((sound, damaged))
+}
+
+/// Whether `business` stores at least `wanted` one-time prekeys and the
+/// first `wanted` listed are all sound: a damaged one among them (logged)
+/// is left for the upkeep, which deletes it, as it would be published.
+pub(super) async fn holds_sound_one_time(
+    keys: &KeyManager,
+    business: BusinessId,
+    wanted: usize,
+) -> Result<bool, SignalError> {
+    let listed = keys
+        .store()
+        .keys_of_kind(business, KeyKind::SignalPreKey, None, wanted)
+        .await
+        .map_err(|e| SignalError::Storage(super::StorageFailure::Store(std::sync::Arc::new(e))))?;
+    if listed.len() < wanted {
+        return Ok(false);
+    }
+    for wrapped in &listed {
+        let public = match u32::try_from(wrapped.id.id) {
+            Ok(id) if (1..=MAX_PREKEY_ID).contains(&id) => {
+                public_one_time(keys, id, wrapped).await.map(drop)
+            }
+            _ => Err(corrupt("prekey id")),
+        };
+        match public {
+            Ok(()) => {}
+            Err(e) if is_damaged(&e) => {
+                log_damaged(business, "one-time", wrapped.id.id, &e);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// The public half of the one-time prekey `wrapped`, stored under `id`.
+async fn public_one_time(
+    keys: &KeyManager,
+    id: u32,
+    wrapped: &WrappedKey,
+) -> Result<PublicPreKey, SignalError> {
+    let bytes = keys.unwrap_listed(wrapped).await?;
+    let record = decode_one_time_prekey(&bytes, id)?;
+    let public = record.public_key().map_err(|_| corrupt(ONE_TIME_PREKEY))?;
+    Ok(PublicPreKey {
+        id,
+        public_key: public.serialize(),
+    })
 }
 
 /// Generate and store `count` one-time prekeys with ids not in `taken`,

@@ -1094,6 +1094,7 @@ impl Sessions {
         // each if it is still as it was read (another instance may have
         // deleted it and made a sound key under its id since).
         let (pool, mut damaged) = account::one_time_prekeys(keys, business).await?;
+        let damaged_one_time = damaged.len();
         damaged.append(&mut account.damaged_signed);
         if !damaged.is_empty() {
             let gone = keys.store().delete_keys_as_read(&damaged).await?;
@@ -1106,8 +1107,12 @@ impl Sessions {
         // for nothing here, though the publication after this upkeep takes
         // them there: the pool may be filled past its size (never past the
         // limit). Counting them would leave a host that publishes only when
-        // the upkeep changed something with a network run dry.
-        let available = left.map_or(stored.len(), |left| left.min(stored.len()));
+        // the upkeep changed something with a network run dry. Nor do the
+        // damaged keys count, which the network may hold (damaged at rest
+        // since they were published): a first message naming one fails.
+        let available = left.map_or(stored.len(), |left| {
+            left.saturating_sub(damaged_one_time).min(stored.len())
+        });
         // The ids staged first messages loaded (read after the listing).
         let held = self.prekeys_in_use.ids(business);
         // Keys stored under new ids, whoever made them.
@@ -1383,20 +1388,13 @@ impl Sessions {
         Ok(())
     }
 
-    /// Refill the one-time prekey pool if it fell below the low-water mark.
+    /// Refill the one-time prekey pool if fewer than the low-water mark of
+    /// its keys are sound (a damaged key among those read counts as
+    /// none: the upkeep deletes it, and refills if need be).
     async fn replenish_if_low(&self, business: BusinessId) -> Result<(), SignalError> {
-        let left = self
-            .vault
-            .keys()
-            .store()
-            .keys_of_kind(
-                business,
-                KeyKind::SignalPreKey,
-                None,
-                self.config.prekey_low_water,
-            )
-            .await?;
-        if left.len() < self.config.prekey_low_water {
+        let keys = self.vault.keys();
+        let wanted = self.config.prekey_low_water;
+        if !account::holds_sound_one_time(keys, business, wanted).await? {
             self.maintain(business, None).await?;
         }
         Ok(())
