@@ -9,7 +9,12 @@
 //! information, whose system of record is the business manager: the
 //! class is in the table for hosts that release it through a gate of
 //! their own, and a policy denying it changes nothing the processor
-//! does.) A labelled value carries its
+//! does. Nor is the processor's own column asked: it says what the
+//! processor may do with what it holds, which it does as this crate
+//! documents, so a policy denying one of its cells changes nothing
+//! either; only an opt-in service, which runs in the processor, would be
+//! released data under it, and the processor runs none yet.)
+//! A labelled value carries its
 //! [`DataClass`] (and the business it belongs to, if any), and the only way
 //! to take the value out is [`Gate::release`], naming the receiving [`Party`]
 //! and the [`Purpose`]. The gate consults the [`VisibilityPolicy`], writes one
