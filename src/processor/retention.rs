@@ -148,6 +148,7 @@ impl Processor {
             }
             drop(clear);
             self.forget_owed_of_deleted().await;
+            self.forget_receipts_of_deleted(now).await;
             Ok(swept?)
         }
         .instrument(debug_span!("sweep"))

@@ -60,8 +60,9 @@ type Waiting = Mutex<HashMap<(BusinessId, MessageId, u32), PhoneHash, RandomStat
 /// one within the receipt timeout makes that message due on the new
 /// session, fetching no bundle. In memory (a receipt after a restart is
 /// acted on again). What no longer counts is dropped at every change and
-/// every sweep ([`expire`](Self::expire)): the device keys hold phone
-/// hashes, which outlive no retention.
+/// every sweep ([`expire`](Self::expire)), and what is kept for a
+/// message's life goes with the message ([`cap`](Self::cap)): the device
+/// keys hold phone hashes, which outlive no retention.
 pub(super) struct Receipts {
     window: Duration,
     ignore: Mutex<Ignored>,
@@ -88,6 +89,9 @@ struct Restarted {
     at: Timestamp,
     /// When it no longer counts as started lately.
     until: Timestamp,
+    /// The message it is held for past the window, if any (see
+    /// [`Receipts::hold_restart`]).
+    held_for: Option<MessageId>,
 }
 
 impl Receipts {
@@ -204,21 +208,81 @@ impl Receipts {
             .and_modify(|r| {
                 r.at = if started { now } else { r.at };
                 r.until = until;
+                r.held_for = None;
             })
-            .or_insert(Restarted { at: now, until });
+            .or_insert(Restarted {
+                at: now,
+                until,
+                held_for: None,
+            });
     }
 
-    /// The message a receipt asked for could not be sent to `peer` at `now`
-    /// over the session the receipt started: the session counts as started
-    /// lately until `until` (the message's expiry) or until a message goes
-    /// over it, so that the receipt, handed in again, fetches no other
-    /// bundle (each costs the device a one-time prekey).
-    fn hold_restart(&self, business: BusinessId, peer: PeerId, now: Timestamp, until: Timestamp) {
-        let mut restarted = lock(&self.restarted);
+    /// Message `id`, which a receipt asked for, could not be sent to `peer`
+    /// at `now` over the session the receipt started: the session counts as
+    /// started lately until `until` (the message's expiry) or until a
+    /// message goes over it, so that the receipt, handed in again, fetches
+    /// no other bundle (each costs the device a one-time prekey).
+    fn hold_restart(
+        &self,
+        id: (BusinessId, MessageId),
+        peer: PeerId,
+        now: Timestamp,
+        until: Timestamp,
+    ) {
+        let (business, mut restarted) = (id.0, lock(&self.restarted));
+        let held = restarted.entry((business, peer)).or_insert(Restarted {
+            at: now,
+            until: now,
+            held_for: None,
+        });
+        if until > held.until {
+            (held.until, held.held_for) = (until, Some(id.1));
+        }
+    }
+
+    /// The messages something is kept for past the window at `now`: a
+    /// receipt ignored, or a session held, for the message's life.
+    pub(super) fn kept_for_messages(&self, now: Timestamp) -> Vec<(BusinessId, MessageId)> {
+        let past = now.saturating_add(self.window);
+        let mut kept: Vec<_> = lock(&self.ignore)
+            .iter()
+            .filter(|&(_, &until)| until > past)
+            .map(|(&(business, id, _), _)| (business, id))
+            .collect();
+        let restarted = lock(&self.restarted);
         let held = restarted
-            .entry((business, peer))
-            .or_insert(Restarted { at: now, until });
-        held.until = held.until.max(until);
+            .iter()
+            .filter_map(|(&(b, _), r)| Some((b, r.held_for?)));
+        kept.extend(held);
+        kept.sort_unstable();
+        kept.dedup();
+        kept
+    }
+
+    /// Nothing is kept for a message past its stored expiry (`expiries`:
+    /// `None` if it is gone), which a shortened retention may have brought
+    /// forward: its receipts ignored are ignored no longer, and a session
+    /// held for it counts as started lately for the window alone.
+    pub(super) fn cap(
+        &self,
+        expiries: &HashMap<(BusinessId, MessageId), Option<Timestamp>, RandomState>,
+        now: Timestamp,
+    ) {
+        let ends = |business, id| expiries.get(&(business, id)).map(|e| e.unwrap_or(now));
+        let mut ignore = lock(&self.ignore);
+        for (&(business, id, _), until) in ignore.iter_mut() {
+            if let Some(end) = ends(business, id) {
+                *until = (*until).min(end);
+            }
+        }
+        for (&(business, _), r) in lock(&self.restarted).iter_mut() {
+            let Some(end) = r.held_for.and_then(|id| ends(business, id)) else {
+                continue;
+            };
+            let lately = r.at.saturating_add(self.window);
+            r.until = r.until.min(end.max(lately));
+        }
+        self.forget_past(&mut ignore, now);
     }
 }
 
@@ -666,6 +730,21 @@ impl Processor {
             .await
     }
 
+    /// Keep nothing of retry receipts for a message past its stored
+    /// expiry (which a sweep may have brought forward, for a shortened
+    /// retention), nor once it is gone: receipts ignored for a message's
+    /// life hold its consumer's phone hash. A message that cannot be read
+    /// now is looked at again at the next sweep.
+    pub(super) async fn forget_receipts_of_deleted(&self, now: Timestamp) {
+        let mut expiries = HashMap::default();
+        for (business, id) in self.receipts.kept_for_messages(now) {
+            if let Ok(record) = self.storage.message(business, id).await {
+                expiries.insert((business, id), record.map(|r| r.expiry));
+            }
+        }
+        self.receipts.cap(&expiries, now);
+    }
+
     async fn retry_receipt_in(
         &self,
         principal: &Principal,
@@ -891,7 +970,7 @@ impl Processor {
                         Err(e) => {
                             debug!(error = %e, "a settled message could not be sent to a retry receipt's device now");
                             self.receipts
-                                .hold_restart(business, peer, now, record.expiry);
+                                .hold_restart((business, id), peer, now, record.expiry);
                             return Err(e.into());
                         }
                     }
@@ -1008,5 +1087,63 @@ mod tests {
             assert!(lock(waiting).is_empty());
         }
         assert!(lock(&receipts.restarted).is_empty());
+    }
+
+    /// What receipts keep for a message's life (a receipt ignored for a
+    /// refused bundle or a session too large, a session held for the
+    /// message) goes with the message's stored expiry, which a shortened
+    /// retention brings forward, and with the message once it is gone; kept
+    /// for another message, it stays. (It stayed until the expiry the
+    /// message had when the receipt came: a consumer's phone hash outlived
+    /// its messages by up to their old retention.)
+    #[test]
+    fn what_receipts_keep_for_a_message_goes_with_it() {
+        const DAY: u64 = 24 * 3600 * 1000;
+        let window = Duration::from_secs(3600);
+        let receipts = Receipts::new(window);
+        let business = BusinessId::new(7).unwrap();
+        let phone = PhoneHash::from_bytes([0xA5; 16]);
+        let (shortened, gone, other) = (
+            MessageId::random(),
+            MessageId::random(),
+            MessageId::random(),
+        );
+        let now = Timestamp::from_millis(DAY);
+        let old_expiry = Timestamp::from_millis(31 * DAY);
+        let take = |id, device| receipts.take(business, id, device, now).unwrap();
+        take(shortened, 1).refused_until(old_expiry, phone);
+        take(gone, 2).oversized_until(old_expiry, phone);
+        take(other, 3).keep_until(old_expiry);
+        let held = PeerId { phone, device: 4 };
+        receipts.restart(business, held, now, true);
+        receipts.hold_restart((business, gone), held, now, old_expiry);
+        let mut kept = receipts.kept_for_messages(now);
+        kept.sort_unstable();
+        let mut expected = vec![(business, shortened), (business, gone), (business, other)];
+        expected.sort_unstable();
+        assert_eq!(kept, expected);
+
+        // A sweep two days on: one message's retention was shortened to
+        // three days, another is gone; the third stands.
+        let sweep = Timestamp::from_millis(3 * DAY);
+        let expiries: HashMap<_, _, RandomState> = [
+            ((business, shortened), Some(Timestamp::from_millis(4 * DAY))),
+            ((business, gone), None),
+            ((business, other), Some(old_expiry)),
+        ]
+        .into_iter()
+        .collect();
+        receipts.cap(&expiries, sweep);
+        assert!(lock(&receipts.oversized).is_empty());
+        assert!(lock(&receipts.restarted).is_empty());
+        assert_eq!(lock(&receipts.refused).len(), 1);
+        let ignored = |id| lock(&receipts.ignore).get(&(business, id, 1)).copied();
+        assert_eq!(ignored(shortened), Some(Timestamp::from_millis(4 * DAY)));
+        let other_until = lock(&receipts.ignore).get(&(business, other, 3)).copied();
+        assert_eq!(other_until, Some(old_expiry));
+        // At the shortened expiry, the next change drops it.
+        receipts.expire(Timestamp::from_millis(4 * DAY));
+        assert!(lock(&receipts.refused).is_empty());
+        assert_eq!(receipts.kept_for_messages(sweep), vec![(business, other)]);
     }
 }
