@@ -76,7 +76,10 @@ pub struct IntegrityConfig {
     /// it may inflate reports it ([`WindowSignals::recipient_bound_reached`]):
     /// the window the bound was reached in, and those after it while a
     /// recipient then forgotten would still be remembered (within its
-    /// business's retention).
+    /// business's retention). Such a window does not feed the baseline, as a
+    /// flagged one does not (its over-count would raise the bar): a business
+    /// at the bound from its first window on is judged against
+    /// `cold_start_new_recipients`.
     pub max_tracked_recipients: usize,
     /// Closed windows kept per business for the report, at most 10,000.
     /// Default 30.
@@ -461,8 +464,9 @@ impl BusinessSignals {
         let alpha = config.baseline_weight;
         // A flagged window (for any anomaly, spam reports included) is kept
         // out of the baseline: an abuser must not raise its own bar by
-        // abusing.
-        if !closed.is_flagged() {
+        // abusing. So is one whose counts the bound may have inflated:
+        // over-counts must not raise it either.
+        if !closed.is_flagged() && !closed.recipient_bound_reached {
             let x = closed.new_recipients as f64;
             self.baseline = Some(match self.baseline {
                 None => x,
@@ -901,6 +905,60 @@ mod tests {
         let r = signals(&m, b, 40 * DAY);
         assert_eq!(r.current.new_recipients, 1);
         assert!(!r.current.recipient_bound_reached);
+    }
+
+    /// A window whose counts the bound may have inflated does not feed the
+    /// baseline: a business that outgrows the bound is judged against what
+    /// was measured before, and a fan-out after it is flagged as it is
+    /// without the bound. (The over-counts raised the baseline: the bound
+    /// made the detector flag less, where it promises to err towards
+    /// flagging. A review found it.)
+    #[test]
+    fn windows_over_the_bound_do_not_raise_the_baseline() {
+        let b = BusinessId::new(1).unwrap();
+        // Each day's window, as it stands at the end of the day.
+        let run = |bound: usize| {
+            let config = IntegrityConfig {
+                max_tracked_recipients: bound,
+                ..Default::default()
+            };
+            let m = IntegrityMonitor::new(config).unwrap();
+            let send = |i: u64, day: u64| {
+                m.record_sent(b, hash(i), Timestamp::from_millis(day * DAY + i));
+            };
+            // Ten days with the same 400 customers, then five on which 100
+            // new ones a day join them (past 500, half the bound of 1,000,
+            // the older half is forgotten), then a day with 600 consumers
+            // never messaged before.
+            let mut days = Vec::new();
+            for day in 0..16_u64 {
+                let joined = 100 * day.saturating_sub(9).min(5);
+                (0..400 + joined).for_each(|i| send(i, day));
+                if day == 15 {
+                    (10_000..10_600).for_each(|i| send(i, day));
+                }
+                days.push(signals(&m, b, day * DAY + DAY - 1).current);
+            }
+            days
+        };
+        let bounded = run(1_000);
+        let first = bounded.iter().position(|w| w.recipient_bound_reached);
+        let first = first.expect("the bound is reached");
+        assert!(first < 15);
+        for w in &bounded[first..] {
+            assert!(w.recipient_bound_reached);
+            assert_eq!(
+                w.baseline_new_recipients,
+                bounded[first].baseline_new_recipients
+            );
+        }
+        // The fan-out is flagged, as it is without the bound.
+        for last in [&bounded[15], &run(200_000)[15]] {
+            assert!(
+                last.anomalies.iter().any(|a| a.kind == AnomalyKind::FanOut),
+                "{last:?}"
+            );
+        }
     }
 
     #[test]
