@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use custodian::ids::{BusinessId, MessageId};
+use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::{Direction, Status as StatsStatus};
 use custodian::keys::{
     Epoch, EpochLength, KeyEntry, KeyId, KeyKind, KeyManager, KeyProvider, LocalKeyProvider,
@@ -1110,6 +1110,42 @@ async fn a_receive_whose_write_failed_approves_nothing() {
         0,
         "bundles fetched for a key never taken"
     );
+}
+
+/// A replay the store refuses as a copy of a stored message (written
+/// under another consumer's device, it carries another identity key for
+/// the device it is handed in as) approves nothing: that device's receipts
+/// refused for its new key stay ignored. (It let them in, a bundle fetched
+/// for a key never taken: the write known not to have landed, its approval
+/// was not cancelled. A review found it.)
+#[tokio::test]
+async fn a_replay_refused_as_a_copy_approves_nothing() {
+    let d = Deployment::new(Faults::none(), Faults::none()).await;
+    let (id, _new, _again) = d.reinstalled_and_refused().await;
+    // Another consumer's first message, on no one-time prekey, is stored.
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut other = ConsumerDevice::new(7);
+    other.start_session(d.b, &keys.bundle(None)).await.unwrap();
+    let message = other.encrypt(d.b, b"other").await.unwrap();
+    let real = Inbound {
+        resend_of: None,
+        from: consumer(5),
+        device: 7,
+        message: message.clone(),
+    };
+    assert!(!d.receive(real).await.unwrap().duplicate);
+    // Its replay, as consumer 1's device 1: a copy.
+    let replay = Inbound {
+        resend_of: None,
+        from: consumer(1),
+        device: 1,
+        message,
+    };
+    assert!(d.receive(replay).await.unwrap().duplicate);
+    let before = d.transport.bundles_fetched();
+    let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+    assert!(matches!(receipt, Ok(StatusChange::Ignored)), "{receipt:?}");
+    assert_eq!(d.transport.bundles_fetched(), before);
 }
 
 /// Consumer 1's devices 1 and 2 write to the business; the two devices.
@@ -2213,58 +2249,62 @@ fn a_failed_sweep_never_deletes_what_a_hold_keeps() {
 
 /// A consumer's first message that used no one-time prekey is received
 /// (counted once); in the same millisecond its replay is handed in as
-/// another number's, decrypts in a new session for that number (the id
-/// names no sender), and the write storing it fails before landing. The
-/// failed receive counts nothing: the message stored under the id is the
-/// first receive's, from another number. (It was counted received from
-/// the replay's number, which never wrote: the stored record's time
-/// matched, and its sender was not compared.)
+/// another number's, or as another device of the same consumer's, decrypts
+/// in a new session (the id names no sender), and the write storing it
+/// fails before landing. The failed receive counts nothing: the message
+/// stored under the id is the first receive's. (It was counted received
+/// again: the stored record's time matched, and its sender was not
+/// compared; then, the sender compared, as from another device of the
+/// same consumer, which a review found.)
 #[test]
-fn a_failed_replay_as_another_number_is_not_counted_received() {
+fn a_failed_replay_is_not_counted_received() {
     runtime().block_on(async {
-        for n in 1..MAX_CALLS {
-            let d = Deployment::new(Faults::none(), Faults::none()).await;
-            let keys = d.transport.published.lock().unwrap().clone().unwrap();
-            let mut device = ConsumerDevice::new(1);
-            device.start_session(d.b, &keys.bundle(None)).await.unwrap();
-            let message = device.encrypt(d.b, b"first").await.unwrap();
-            let real = Inbound {
-                resend_of: None,
-                from: consumer(1),
-                device: 1,
-                message: message.clone(),
-            };
-            assert!(!d.receive(real).await.unwrap().duplicate);
-            assert_eq!(d.received_counted().await, 1);
-
-            d.faults.set(Plan {
-                at: n,
-                seams: Seams::Store,
-                strike: Strike::Before,
-                outage: false,
-            });
-            let replay = Inbound {
-                resend_of: None,
-                from: consumer(3),
-                device: 1,
-                message,
-            };
-            let got = d.receive(replay).await;
-            let failed = d.faults.lift();
-            assert!(!failed.is_empty(), "no call struck: {got:?}");
-            if failed[0] != ("commit", Strike::Before) {
-                continue;
-            }
-            assert!(got.is_err(), "{got:?}");
-            assert_eq!(
-                d.received_counted().await,
-                1,
-                "the failed replay under another number was counted received ({got:?})"
-            );
-            return;
+        for (from, device) in [(consumer(3), 1), (consumer(1), 2)] {
+            assert!(failed_replay_counts_nothing(from, device).await);
         }
-        panic!("the replay's storing write was never reached");
     });
+}
+
+/// Whether the replay of a first message, handed in as from `device` of
+/// `from`, counted nothing when its storing write failed.
+async fn failed_replay_counts_nothing(from: PhoneNumber, device: u32) -> bool {
+    for n in 1..MAX_CALLS {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let keys = d.transport.published.lock().unwrap().clone().unwrap();
+        let mut phone = ConsumerDevice::new(1);
+        phone.start_session(d.b, &keys.bundle(None)).await.unwrap();
+        let message = phone.encrypt(d.b, b"first").await.unwrap();
+        let real = Inbound {
+            resend_of: None,
+            from: consumer(1),
+            device: 1,
+            message: message.clone(),
+        };
+        assert!(!d.receive(real).await.unwrap().duplicate);
+        assert_eq!(d.received_counted().await, 1);
+
+        d.faults.set(Plan {
+            at: n,
+            seams: Seams::Store,
+            strike: Strike::Before,
+            outage: false,
+        });
+        let replay = Inbound {
+            resend_of: None,
+            from: from.clone(),
+            device,
+            message,
+        };
+        let got = d.receive(replay).await;
+        let failed = d.faults.lift();
+        assert!(!failed.is_empty(), "no call struck: {got:?}");
+        if failed[0] != ("commit", Strike::Before) {
+            continue;
+        }
+        assert!(got.is_err(), "{got:?}");
+        return d.received_counted().await == 1;
+    }
+    panic!("the replay's storing write was never reached");
 }
 
 /// A consumer's first-contact message on a one-time prekey, decrypted

@@ -147,9 +147,14 @@ pub(super) enum Owed {
     CountSent { phone: PhoneHash, at: Timestamp },
     /// A receive's count for the integrity signals and the statistics, made
     /// if the write storing its message at `at` landed (the store failed it
-    /// and could not then say): its redelivery is answered as a duplicate,
-    /// and counts nothing.
-    CountReceived { phone: PhoneHash, at: Timestamp },
+    /// and could not then say; the record it stored ends with `tag`, see
+    /// [`seal_tag`](super::records::seal_tag)): its redelivery is answered
+    /// as a duplicate, and counts nothing.
+    CountReceived {
+        phone: PhoneHash,
+        at: Timestamp,
+        tag: [u8; 16],
+    },
 }
 
 /// What an attempt on an outbound message reached, to be recorded on its
@@ -350,14 +355,14 @@ impl Processor {
                         self.integrity.record_sent(business, phone, at);
                     }
                 }
-                Owed::CountReceived { phone, at } => {
-                    let again = Owed::CountReceived { phone, at };
+                Owed::CountReceived { phone, at, tag } => {
+                    let again = Owed::CountReceived { phone, at, tag };
                     let mut owing = Owing::new(&self.claims, (business, id), again, true);
                     let stored = self.storage.message(business, id).await?;
                     owing.owed = None;
-                    // Stored by the failed write, or by an earlier receive
+                    // Stored by the failed write, not by an earlier receive
                     // (counted by it) whose replay's write was refused.
-                    if stored.is_some_and(|stored| stored.phone == phone && stored.created == at) {
+                    if stored.is_some_and(|stored| stored.sealed.ends_with(&tag)) {
                         self.count_received(business, phone, at);
                     }
                 }

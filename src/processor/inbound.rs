@@ -6,6 +6,7 @@ use zeroize::Zeroizing;
 
 use super::claims::{Owed, Owing};
 use super::payload::InboundBody;
+use super::records::seal_tag;
 use super::{Processor, ProcessorError, due_by};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::retention::RecordFacts;
@@ -28,6 +29,9 @@ pub struct Inbound {
     /// request to ([`Transport::ask_resend`](crate::transport::Transport::ask_resend)):
     /// it is received under that id, so the business gets the message once
     /// however often it was asked for. `None` for every other message.
+    /// Name it on every redelivery of such a message too: a copy without
+    /// it is recognised, but its receipt cannot say whether the business
+    /// has the message ([`Receipt::id`]).
     pub resend_of: Option<MessageId>,
 }
 
@@ -46,7 +50,11 @@ impl std::fmt::Debug for Inbound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {
     /// The message's id, derived from its Signal header: the same for every
-    /// redelivery or replay of it, whatever the transport calls it.
+    /// redelivery or replay of it, whatever the transport calls it. (A
+    /// message sent again on request is stored under the id it was asked
+    /// for, [`Inbound::resend_of`]; a copy of it handed in without that id
+    /// is answered as a duplicate under its header's id, `delivered`
+    /// unknown, as for a message no longer stored.)
     pub id: MessageId,
     /// It was a duplicate of a message already received: nothing was done.
     pub duplicate: bool,
@@ -194,6 +202,7 @@ impl Processor {
             .await?;
         // A fresh record: nothing else can be attempting it.
         let claim = self.claims.claim(business, id);
+        let tag = seal_tag(&record);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record)));
         // Dropped before it answers, the write may land all the same (a
@@ -203,7 +212,11 @@ impl Processor {
         let mut uncounted = Owing::new(
             &self.claims,
             (business, id),
-            Owed::CountReceived { phone, at: now },
+            Owed::CountReceived {
+                phone,
+                at: now,
+                tag,
+            },
             false,
         );
         // Its new key taken from its own message (under `AcceptAndReport`):
@@ -219,9 +232,13 @@ impl Processor {
         uncounted.owed = None;
         let decrypted = match committed {
             Ok(decrypted) => decrypted,
-            // A replay that a session outdated by a crash took for new.
+            // A replay that a session outdated by a crash took for new:
+            // refused by the store, the write did not land.
             Err(SignalError::DuplicateMessage) => {
                 debug!(%id, "replay of a stored message");
+                if let Some(approval) = approval {
+                    approval.cancel();
+                }
                 // Let go first: the duplicate's receipt takes up what an
                 // earlier receive left owed.
                 drop(claim);
@@ -245,7 +262,7 @@ impl Processor {
                 // answered as a duplicate (counting nothing), and the
                 // retransmission loop hands it over. So it is counted now.
                 // Boxed: rare, and its future would grow every receive's.
-                let landed = Box::pin(self.count_if_landed(business, id, phone, now)).await;
+                let landed = Box::pin(self.count_if_landed(business, id, phone, now, tag)).await;
                 if let Some(approval) = approval
                     && landed == Some(false)
                 {
@@ -410,9 +427,10 @@ impl Processor {
 
     /// Count message `id`, received from `phone` at `at`, whose storing
     /// write failed, if the write landed all the same (its answer lost):
-    /// the store then has it, from `phone`, stored at `at` (a message stored by an
-    /// earlier receive, whose replay's write the store refused, carries
-    /// that receive's time, and was counted by it). Should the store not
+    /// the store then has the record that write stored, whose envelope
+    /// ends with `tag` (a message stored by an earlier receive, whose
+    /// replay's write the store refused, was counted by it, even one from
+    /// the same consumer in the same millisecond). Should the store not
     /// say, the count is owed ([`Owed::CountReceived`]), and made when the
     /// message is next taken up: by its redelivery, answered as a
     /// duplicate, or by the retransmission loop, which takes up a message
@@ -424,14 +442,14 @@ impl Processor {
         id: MessageId,
         phone: PhoneHash,
         at: Timestamp,
+        tag: [u8; 16],
     ) -> Option<bool> {
-        let owed = Owed::CountReceived { phone, at };
+        let owed = Owed::CountReceived { phone, at, tag };
         let mut owing = Owing::new(&self.claims, (business, id), owed, false);
         match self.storage.message(business, id).await {
             Ok(stored) => {
                 owing.owed = None;
-                let landed =
-                    stored.is_some_and(|stored| stored.phone == phone && stored.created == at);
+                let landed = stored.is_some_and(|stored| stored.sealed.ends_with(&tag));
                 if landed {
                     warn!(%business, %id, "the store failed the write storing a received message, but has it: counted");
                     self.count_received(business, phone, at);

@@ -30,6 +30,13 @@ pub(super) enum Stored<T> {
     Unreadable,
 }
 
+/// What tells the write storing `record` from any other write of its id:
+/// its envelope's last 16 bytes (the AEAD tag), which no two seals repeat.
+/// A stored record is the one that write stored if its envelope ends so.
+pub(super) fn seal_tag(record: &MessageRecord) -> [u8; 16] {
+    record.sealed.last_chunk().copied().unwrap_or_default()
+}
+
 impl Processor {
     pub(super) fn open_label(&self, record: &MessageRecord) -> Label {
         Label {
