@@ -1266,9 +1266,11 @@ async fn a_first_message_refills_a_pool_whose_sound_keys_fell_below_the_mark() {
 }
 
 /// The upkeep counts no damaged key among those the network has left: a
-/// damaged key it hands out makes a first message fail. (The network's
-/// count was taken as sound keys, and the pool not refilled, though only 2
-/// were left to hand out against a mark of 4. A review found it.)
+/// damaged key it hands out makes a first message fail. Nor does it take
+/// off one the network handed out already. (The network's count was taken
+/// as sound keys, and the pool not refilled, though only 2 were left to
+/// hand out against a mark of 4; then every damaged key was taken off it.
+/// Reviews found both.)
 #[tokio::test]
 async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     let config = SignalConfig {
@@ -1285,8 +1287,8 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
         .map(|k| k.id)
         .collect();
     // The network handed out the five oldest and has five left, the three
-    // newest of which are damaged at rest since.
-    for &id in &ids[7..] {
+    // newest of which are damaged at rest since; so is the oldest.
+    for &id in ids[7..].iter().chain(&ids[..1]) {
         let key = KeyId {
             business: w.business,
             kind: KeyKind::SignalPreKey,
@@ -1295,12 +1297,30 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
         damage_key(&w, key).await;
     }
     let report = w.sessions.maintain(w.business, Some(5)).await.unwrap();
-    assert_eq!(report.damaged_deleted, 3);
+    assert_eq!(report.damaged_deleted, 4);
     assert_eq!((report.prekeys_added, report.prekeys_available), (8, 10));
     let handed_out: Vec<u64> = ids[..5].iter().map(|&id| u64::from(id)).collect();
     let unhanded = one_time_ids(&w).await;
     let unhanded = unhanded.iter().filter(|id| !handed_out.contains(id));
     assert_eq!(unhanded.count(), 10);
+
+    // Of another ten, the network handed out six and has four left, at
+    // the mark: the oldest, handed out, is damaged. Nothing to refill.
+    let w = World::with_config(SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 4,
+        ..SignalConfig::default()
+    });
+    let published = w.published().await;
+    let oldest = KeyId {
+        business: w.business,
+        kind: KeyKind::SignalPreKey,
+        id: u64::from(published.one_time_prekeys[0].id),
+    };
+    damage_key(&w, oldest).await;
+    let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
+    assert_eq!(report.damaged_deleted, 1);
+    assert_eq!((report.prekeys_added, report.prekeys_available), (0, 4));
 }
 
 /// A damaged signed prekey kept for its grace is skipped: after a restart,

@@ -2893,6 +2893,32 @@ async fn other_bytes_under_a_used_message_key_are_undecryptable() {
     assert_eq!(d.hand_over(&sent).await, (1, 0, 0));
 }
 
+/// The network's copy of a ciphertext a device could not decrypt is
+/// counted nowhere, nor asked for again: the first copy was counted and
+/// asked for. (It was counted again, with a retry receipt of its own, as
+/// only copies of ciphertexts the device had decrypted were recognised. A
+/// review found it.)
+#[tokio::test]
+async fn a_network_copy_of_an_undecryptable_ciphertext_is_counted_once() {
+    let (d, _) = Deployment::delivered_hello(Faults {
+        duplicate: 1.0,
+        ..Faults::none()
+    })
+    .await;
+    let receipts = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(
+        (receipts.retry_receipts, d.network.undecryptable().await),
+        (0, 0)
+    );
+    d.network.lose_sessions(&number(1)).await;
+    // One send: one ciphertext to the one device, which the network copies.
+    d.send(1, "cannot be read").await;
+    let pumped = d.network.pump(&d.processor, &d.transport).await;
+    assert_eq!(d.network.undecryptable().await, 1);
+    // One receipt, and the network's copy of it.
+    assert_eq!(pumped.retry_receipts, 2, "{pumped:?}");
+}
+
 /// A device that loses the session a retry receipt started, within the
 /// receipt timeout, gets a message made since that another device
 /// reported: its receipt fetches a bundle, as the message went over the

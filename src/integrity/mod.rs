@@ -37,8 +37,8 @@
 //!   [`IntegrityConfig::cold_start_new_recipients`]; and spam reports plus
 //!   blocks reaching [`IntegrityConfig::spam_rate`] of the messages sent in
 //!   the window and the one before. Flagged windows do not feed the
-//!   baseline, so an abuser cannot raise its own bar; nor do windows whose
-//!   counts the recipient bound may have inflated.
+//!   baseline, so an abuser cannot raise its own bar; nor can windows whose
+//!   counts the recipient bound may have inflated raise it.
 //!   An anomaly is raised the moment the open window crosses the threshold.
 //! - **k-suppression**: a statistics bucket with fewer than
 //!   [`StatisticsConfig::k`] distinct consumers is left out of the export

@@ -76,10 +76,10 @@ pub struct IntegrityConfig {
     /// it may inflate reports it ([`WindowSignals::recipient_bound_reached`]):
     /// the window the bound was reached in, and those after it while a
     /// recipient then forgotten would still be remembered (within its
-    /// business's retention). Such a window does not feed the baseline, as a
-    /// flagged one does not (its over-count would raise the bar): a business
-    /// at the bound from its first window on is judged against
-    /// `cold_start_new_recipients`.
+    /// business's retention). Such a window cannot raise the baseline (its
+    /// over-count would raise the bar): it feeds it its count or the
+    /// baseline, whichever is lower, and a business at the bound from its
+    /// first window on is judged against `cold_start_new_recipients`.
     pub max_tracked_recipients: usize,
     /// Closed windows kept per business for the report, at most 10,000.
     /// Default 30.
@@ -464,14 +464,19 @@ impl BusinessSignals {
         let alpha = config.baseline_weight;
         // A flagged window (for any anomaly, spam reports included) is kept
         // out of the baseline: an abuser must not raise its own bar by
-        // abusing. So is one whose counts the bound may have inflated:
-        // over-counts must not raise it either.
-        if !closed.is_flagged() && !closed.recipient_bound_reached {
+        // abusing. One whose counts the bound may have inflated feeds it no
+        // more than the baseline (nothing, before there is one): its
+        // over-counts must not raise it, and its low counts still lower it.
+        if !closed.is_flagged() {
             let x = closed.new_recipients as f64;
-            self.baseline = Some(match self.baseline {
-                None => x,
-                Some(b) => alpha * x + (1.0 - alpha) * b,
-            });
+            self.baseline = match self.baseline {
+                None if closed.recipient_bound_reached => None,
+                None => Some(x),
+                Some(b) if closed.recipient_bound_reached => {
+                    Some(alpha * x.min(b) + (1.0 - alpha) * b)
+                }
+                Some(b) => Some(alpha * x + (1.0 - alpha) * b),
+            };
         }
         // Windows with no activity count as zero new recipients.
         let gaps = index - self.index - 1;
@@ -907,7 +912,7 @@ mod tests {
         assert!(!r.current.recipient_bound_reached);
     }
 
-    /// A window whose counts the bound may have inflated does not feed the
+    /// A window whose counts the bound may have inflated cannot raise the
     /// baseline: a business that outgrows the bound is judged against what
     /// was measured before, and a fan-out after it is flagged as it is
     /// without the bound. (The over-counts raised the baseline: the bound
@@ -945,12 +950,9 @@ mod tests {
         let first = bounded.iter().position(|w| w.recipient_bound_reached);
         let first = first.expect("the bound is reached");
         assert!(first < 15);
-        for w in &bounded[first..] {
-            assert!(w.recipient_bound_reached);
-            assert_eq!(
-                w.baseline_new_recipients,
-                bounded[first].baseline_new_recipients
-            );
+        for pair in bounded[first..].windows(2) {
+            assert!(pair[0].recipient_bound_reached);
+            assert!(pair[1].baseline_new_recipients <= pair[0].baseline_new_recipients);
         }
         // The fan-out is flagged, as it is without the bound.
         for last in [&bounded[15], &run(200_000)[15]] {
@@ -958,6 +960,44 @@ mod tests {
                 last.anomalies.iter().any(|a| a.kind == AnomalyKind::FanOut),
                 "{last:?}"
             );
+        }
+    }
+
+    /// Quiet windows after the bound was reached lower the baseline as they
+    /// do without it: a business that reached the bound once, then went
+    /// quiet, is flagged for a fan-out as it is without the bound. (Kept
+    /// out of the baseline, they froze it at its highest for as long as
+    /// the bound counted as reached, the retention. A review found it.)
+    #[test]
+    fn quiet_windows_after_the_bound_lower_the_baseline() {
+        let b = BusinessId::new(1).unwrap();
+        let run = |bound: usize| {
+            let config = IntegrityConfig {
+                max_tracked_recipients: bound,
+                min_new_recipients: 10,
+                ..Default::default()
+            };
+            let m = IntegrityMonitor::new(config).unwrap();
+            let send = |i: u64, day: u64| {
+                m.record_sent(b, hash(i), Timestamp::from_millis(day * DAY + i % 1_000));
+            };
+            // Eleven days of 100 new consumers each (the bound of 1,000
+            // reached on the last), twenty days of one message a day to a
+            // regular, then 300 new consumers in a day.
+            (0..1_100).for_each(|i| send(i, i / 100));
+            (11..31).for_each(|day| send(1_099, day));
+            (10_000..10_300).for_each(|i| send(i, 31));
+            signals(&m, b, 31 * DAY + DAY - 1)
+        };
+        let bounded = run(1_000);
+        assert!(bounded.history.iter().any(|w| w.recipient_bound_reached));
+        for r in [&bounded, &run(200_000)] {
+            let flagged = r
+                .current
+                .anomalies
+                .iter()
+                .any(|a| a.kind == AnomalyKind::FanOut);
+            assert!(flagged, "{:?}", r.current);
         }
     }
 

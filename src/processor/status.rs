@@ -82,16 +82,16 @@ pub(super) struct Receipts {
 }
 
 /// A session a receipt started with a device.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Restarted {
     /// When it was started: messages made before went over the session it
     /// replaced.
     at: Timestamp,
     /// When it no longer counts as started lately.
     until: Timestamp,
-    /// The message it is held for past the window, if any (see
-    /// [`Receipts::hold_restart`]).
-    held_for: Option<MessageId>,
+    /// The messages it is held for past the window, each until its expiry
+    /// (see [`Receipts::hold_restart`]): `until` is the latest.
+    held_for: Vec<(MessageId, Timestamp)>,
 }
 
 impl Receipts {
@@ -208,12 +208,12 @@ impl Receipts {
             .and_modify(|r| {
                 r.at = if started { now } else { r.at };
                 r.until = until;
-                r.held_for = None;
+                r.held_for.clear();
             })
             .or_insert(Restarted {
                 at: now,
                 until,
-                held_for: None,
+                held_for: Vec::new(),
             });
     }
 
@@ -233,11 +233,11 @@ impl Receipts {
         let held = restarted.entry((business, peer)).or_insert(Restarted {
             at: now,
             until: now,
-            held_for: None,
+            held_for: Vec::new(),
         });
-        if until > held.until {
-            (held.until, held.held_for) = (until, Some(id.1));
-        }
+        held.held_for.retain(|&(m, _)| m != id.1);
+        held.held_for.push((id.1, until));
+        held.until = held.until.max(until);
     }
 
     /// The messages something is kept for past the window at `now`: a
@@ -250,10 +250,9 @@ impl Receipts {
             .map(|(&(business, id, _), _)| (business, id))
             .collect();
         let restarted = lock(&self.restarted);
-        let held = restarted
-            .iter()
-            .filter_map(|(&(b, _), r)| Some((b, r.held_for?)));
-        kept.extend(held);
+        for (&(business, _), r) in restarted.iter() {
+            kept.extend(r.held_for.iter().map(|&(id, _)| (business, id)));
+        }
         kept.sort_unstable();
         kept.dedup();
         kept
@@ -262,7 +261,8 @@ impl Receipts {
     /// Nothing is kept for a message past its stored expiry (`expiries`:
     /// `None` if it is gone), which a shortened retention may have brought
     /// forward: its receipts ignored are ignored no longer, and a session
-    /// held for it counts as started lately for the window alone.
+    /// held for it is held for the other messages it is held for alone (or
+    /// counts as started lately for the window alone).
     pub(super) fn cap(
         &self,
         expiries: &HashMap<(BusinessId, MessageId), Option<Timestamp>, RandomState>,
@@ -276,11 +276,18 @@ impl Receipts {
             }
         }
         for (&(business, _), r) in lock(&self.restarted).iter_mut() {
-            let Some(end) = r.held_for.and_then(|id| ends(business, id)) else {
+            if r.held_for.is_empty() {
                 continue;
-            };
+            }
+            for (id, until) in &mut r.held_for {
+                if let Some(end) = ends(business, *id) {
+                    *until = (*until).min(end);
+                }
+            }
+            r.held_for.retain(|&(_, until)| now < until);
+            let held = r.held_for.iter().map(|&(_, until)| until).max();
             let lately = r.at.saturating_add(self.window);
-            r.until = r.until.min(end.max(lately));
+            r.until = r.until.min(held.unwrap_or(lately).max(lately));
         }
         self.forget_past(&mut ignore, now);
     }
@@ -1117,6 +1124,12 @@ mod tests {
         let held = PeerId { phone, device: 4 };
         receipts.restart(business, held, now, true);
         receipts.hold_restart((business, gone), held, now, old_expiry);
+        // Another device's session is held for two messages.
+        let both = PeerId { phone, device: 5 };
+        let other_expiry = Timestamp::from_millis(20 * DAY);
+        receipts.restart(business, both, now, true);
+        receipts.hold_restart((business, gone), both, now, old_expiry);
+        receipts.hold_restart((business, other), both, now, other_expiry);
         let mut kept = receipts.kept_for_messages(now);
         kept.sort_unstable();
         let mut expected = vec![(business, shortened), (business, gone), (business, other)];
@@ -1135,7 +1148,11 @@ mod tests {
         .collect();
         receipts.cap(&expiries, sweep);
         assert!(lock(&receipts.oversized).is_empty());
-        assert!(lock(&receipts.restarted).is_empty());
+        // The session held for the message gone alone is let go; the one
+        // held for the other message too stays held for it.
+        let restarted = lock(&receipts.restarted).clone();
+        assert_eq!(restarted.keys().collect::<Vec<_>>(), [&(business, both)]);
+        assert_eq!(restarted[&(business, both)].until, other_expiry);
         assert_eq!(lock(&receipts.refused).len(), 1);
         let ignored = |id| lock(&receipts.ignore).get(&(business, id, 1)).copied();
         assert_eq!(ignored(shortened), Some(Timestamp::from_millis(4 * DAY)));

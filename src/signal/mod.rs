@@ -1094,7 +1094,12 @@ impl Sessions {
         // each if it is still as it was read (another instance may have
         // deleted it and made a sound key under its id since).
         let (pool, mut damaged) = account::one_time_prekeys(keys, business).await?;
-        let damaged_one_time = damaged.len();
+        // Those the network may hold: under ids a refill makes.
+        let damaged_ids: BTreeSet<u32> = damaged
+            .iter()
+            .filter_map(|k| u32::try_from(k.id.id).ok())
+            .filter(|id| (1..=account::MAX_PREKEY_ID).contains(id))
+            .collect();
         damaged.append(&mut account.damaged_signed);
         if !damaged.is_empty() {
             let gone = keys.store().delete_keys_as_read(&damaged).await?;
@@ -1108,10 +1113,15 @@ impl Sessions {
         // them there: the pool may be filled past its size (never past the
         // limit). Counting them would leave a host that publishes only when
         // the upkeep changed something with a network run dry. Nor do the
-        // damaged keys count, which the network may hold (damaged at rest
-        // since they were published): a first message naming one fails.
+        // damaged keys the network holds (damaged at rest since they were
+        // published): a first message naming one fails. It holds the newest
+        // `left` of those it was given, taken to be the keys stored, sound
+        // and damaged, oldest first.
         let available = left.map_or(stored.len(), |left| {
-            left.saturating_sub(damaged_one_time).min(stored.len())
+            let given = account::oldest_first(stored.iter().chain(&damaged_ids).copied().collect());
+            let held = &given[given.len().saturating_sub(left)..];
+            let damaged_held = held.iter().filter(|id| damaged_ids.contains(id)).count();
+            (held.len() - damaged_held).min(stored.len())
         });
         // The ids staged first messages loaded (read after the listing).
         let held = self.prekeys_in_use.ids(business);

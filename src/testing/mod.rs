@@ -97,7 +97,8 @@
 //!   are counted in [`SimNetwork::altered_copies`]. A copy of one
 //!   ciphertext that the network duplicated fails to decrypt and is
 //!   counted nowhere, so device-side duplicates are not reported, however
-//!   late it comes. A copy that comes after its conversation turned more
+//!   late it comes; nor is it asked for again when the first copy could
+//!   not be decrypted either (that one was counted, and asked for). A copy that comes after its conversation turned more
 //!   often than a device keeps chains for cannot be decrypted by any
 //!   Signal client: it is asked for again, and counted in
 //!   [`SimNetwork::late`], not in [`SimNetwork::undecryptable`].

@@ -157,7 +157,7 @@ struct Consumer {
 /// for it: enough to say why it could not decrypt a copy.
 #[derive(Default)]
 struct Decrypted {
-    /// Digests of the ciphertexts it decrypted.
+    /// Digests of the ciphertexts it decrypted, or could not decrypt.
     copies: HashSet<[u8; 32]>,
     /// The business's sending chains (its ratchet keys) it decrypted
     /// messages on, in the order it first did.
@@ -209,12 +209,11 @@ impl Decrypted {
     }
 
     /// Why the device could not decrypt `ciphertext`, whose chain was
-    /// `current` when the network took it (see [`sent`](Self::sent)).
-    fn why(&self, ciphertext: &Ciphertext, current: bool) -> Undecryptable {
-        if self
-            .copies
-            .contains(&<[u8; 32]>::from(Sha256::digest(&ciphertext.bytes)))
-        {
+    /// `current` when the network took it (see [`sent`](Self::sent)): a
+    /// copy of one it decrypted or could not decrypt before is a copy,
+    /// whatever else it could be.
+    fn why(&mut self, ciphertext: &Ciphertext, current: bool) -> Undecryptable {
+        if !self.copies.insert(Sha256::digest(&ciphertext.bytes).into()) {
             return Undecryptable::Copy;
         }
         let dropped = sending_chain(ciphertext).is_some_and(|key| {
@@ -773,12 +772,12 @@ impl SimNetwork {
             // fewer devices) reaches nobody. (One with the id, reinstalled,
             // takes it, and cannot decrypt it: undecryptable.)
             report.to_devices += 1;
-            // A copy of a ciphertext it already decrypted (an injected
-            // duplicate) is dropped: Signal refuses it as a duplicate, or,
-            // once the conversation turned past its chain, as
-            // undecryptable. Anything else it cannot decrypt it asks for
-            // again, as a real client, which cannot read the message's id
-            // before decrypting, does.
+            // A copy of a ciphertext it already decrypted, or could not
+            // (an injected duplicate), is dropped: Signal refuses it as a
+            // duplicate, or as undecryptable, and the device asked for the
+            // message once already. Anything else it cannot decrypt it
+            // asks for again, as a real client, which cannot read the
+            // message's id before decrypting, does.
             let plaintext = match handset.decrypt(business, &message.ciphertext).await {
                 Ok(plaintext) => {
                     decrypted.took(&message.ciphertext);
@@ -1103,7 +1102,8 @@ impl SimNetwork {
     }
 
     /// Copies of business messages a device could not decrypt (other than
-    /// copies of one it already had, and those counted [`late`](Self::late)),
+    /// the network's copies of a ciphertext it had already, decrypted or
+    /// not, and those counted [`late`](Self::late)),
     /// each answered with a retry receipt, whether or not the receipt
     /// reached the processor ([`PumpReport::retry_receipts`] counts those
     /// that did): none while the processor and every device keep their
