@@ -30,8 +30,9 @@ pub struct Inbound {
     /// it is received under that id, so the business gets the message once
     /// however often it was asked for. `None` for every other message.
     /// Name it on every redelivery of such a message too: a copy without
-    /// it is recognised, but its receipt cannot say whether the business
-    /// has the message ([`Receipt::id`]).
+    /// it is recognised only as from the device that sent it, and its
+    /// receipt cannot say whether the business has the message
+    /// ([`Receipt::id`]).
     pub resend_of: Option<MessageId>,
 }
 
@@ -52,9 +53,12 @@ pub struct Receipt {
     /// The message's id, derived from its Signal header: the same for every
     /// redelivery or replay of it, whatever the transport calls it. (A
     /// message sent again on request is stored under the id it was asked
-    /// for, [`Inbound::resend_of`]; a copy of it handed in without that id
-    /// is answered as a duplicate under its header's id, `delivered`
-    /// unknown, as for a message no longer stored.)
+    /// for, [`Inbound::resend_of`]; a copy of it handed in without that id,
+    /// as from the device that sent it, is answered as a duplicate under
+    /// its header's id, `delivered` unknown, as for a message no longer
+    /// stored. As from another consumer or device, such a copy of one sent
+    /// on a bundle without a one-time prekey decrypts as new: see the
+    /// README's security notes.)
     pub id: MessageId,
     /// It was a duplicate of a message already received: nothing was done.
     pub duplicate: bool,
