@@ -1265,12 +1265,14 @@ async fn a_first_message_refills_a_pool_whose_sound_keys_fell_below_the_mark() {
     assert_eq!((report.damaged_deleted, report.prekeys_added), (0, 0));
 }
 
-/// The upkeep counts no damaged key among those the network has left: a
-/// damaged key it hands out makes a first message fail. Nor does it take
-/// off one the network handed out already. (The network's count was taken
-/// as sound keys, and the pool not refilled, though only 2 were left to
-/// hand out against a mark of 4; then every damaged key was taken off it.
-/// Reviews found both.)
+/// The upkeep counts no damaged key among those the network may have left:
+/// a damaged key it hands out makes a first message fail. Those found since
+/// the last publication, by the upkeep or a first message's refill, are
+/// taken off its count, whether or not it handed them out already (the
+/// pool refills early, never late). (The network's count was taken as
+/// sound keys, and the pool not refilled, though only 2 were left to hand
+/// out against a mark of 4; nor did damaged keys a refill had deleted
+/// count. Reviews found both.)
 #[tokio::test]
 async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     let config = SignalConfig {
@@ -1279,6 +1281,11 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
         ..SignalConfig::default()
     };
     let w = World::with_config(config);
+    let key = |id: u32| KeyId {
+        business: w.business,
+        kind: KeyKind::SignalPreKey,
+        id: u64::from(id),
+    };
     let ids: Vec<u32> = w
         .published()
         .await
@@ -1289,6 +1296,27 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     // The network handed out the five oldest and has five left, the three
     // newest of which are damaged at rest since; so is the oldest.
     for &id in ids[7..].iter().chain(&ids[..1]) {
+        damage_key(&w, key(id)).await;
+    }
+    let report = w.sessions.maintain(w.business, Some(5)).await.unwrap();
+    assert_eq!(report.damaged_deleted, 4);
+    assert_eq!((report.prekeys_added, report.prekeys_available), (9, 10));
+    let handed_out: Vec<u64> = ids[..5].iter().map(|&id| u64::from(id)).collect();
+    let unhanded = one_time_ids(&w).await;
+    let unhanded = unhanded.iter().filter(|id| !handed_out.contains(id));
+    assert_eq!(unhanded.count(), 11);
+
+    // Of another ten, the network handed out three and has seven left, two
+    // of them damaged since. The first message on the third is received,
+    // and its refill deletes them (seven sound keys stored: no refill).
+    let w = World::with_config(SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 6,
+        ..SignalConfig::default()
+    });
+    let published = w.published().await;
+    let ids: Vec<u32> = published.one_time_prekeys.iter().map(|k| k.id).collect();
+    for &id in &ids[3..5] {
         let key = KeyId {
             business: w.business,
             kind: KeyKind::SignalPreKey,
@@ -1296,31 +1324,16 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
         };
         damage_key(&w, key).await;
     }
-    let report = w.sessions.maintain(w.business, Some(5)).await.unwrap();
-    assert_eq!(report.damaged_deleted, 4);
-    assert_eq!((report.prekeys_added, report.prekeys_available), (8, 10));
-    let handed_out: Vec<u64> = ids[..5].iter().map(|&id| u64::from(id)).collect();
-    let unhanded = one_time_ids(&w).await;
-    let unhanded = unhanded.iter().filter(|id| !handed_out.contains(id));
-    assert_eq!(unhanded.count(), 10);
-
-    // Of another ten, the network handed out six and has four left, at
-    // the mark: the oldest, handed out, is damaged. Nothing to refill.
-    let w = World::with_config(SignalConfig {
-        prekey_pool: 10,
-        prekey_low_water: 4,
-        ..SignalConfig::default()
-    });
-    let published = w.published().await;
-    let oldest = KeyId {
-        business: w.business,
-        kind: KeyKind::SignalPreKey,
-        id: u64::from(published.one_time_prekeys[0].id),
-    };
-    damage_key(&w, oldest).await;
-    let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
-    assert_eq!(report.damaged_deleted, 1);
-    assert_eq!((report.prekeys_added, report.prekeys_available), (0, 4));
+    let first = w.first_from(&published, Some(2), "+447700900032", b"hello");
+    assert_eq!(first.await.unwrap(), b"hello");
+    assert_eq!(one_time_ids(&w).await.len(), 7);
+    // Five usable keys left with the network, against a mark of six.
+    let report = w.sessions.maintain(w.business, Some(7)).await.unwrap();
+    assert_eq!((report.damaged_deleted, report.prekeys_added), (0, 5));
+    // Published, the keys hold no damaged one: the network's count stands.
+    w.published().await;
+    let report = w.sessions.maintain(w.business, Some(6)).await.unwrap();
+    assert_eq!(report.prekeys_added, 0);
 }
 
 /// A damaged signed prekey kept for its grace is skipped: after a restart,

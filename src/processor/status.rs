@@ -197,29 +197,37 @@ impl Receipts {
             .is_some_and(|r| now < r.until && created <= r.at)
     }
 
-    /// A receipt started `peer` a new session at `now` (`started`), or a
-    /// message went over the one it started.
-    fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp, started: bool) {
+    /// A receipt started `peer` a new session at `now` (`started`), or
+    /// message `sent` went over the one it started: it counts as started
+    /// lately for the window from now, and for as long as it is held for
+    /// another message.
+    fn restart(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        now: Timestamp,
+        started: bool,
+        sent: Option<MessageId>,
+    ) {
         let mut restarted = lock(&self.restarted);
         restarted.retain(|_, r| now < r.until);
-        let until = now.saturating_add(self.window);
-        restarted
-            .entry((business, peer))
-            .and_modify(|r| {
-                r.at = if started { now } else { r.at };
-                r.until = until;
-                r.held_for.clear();
-            })
-            .or_insert(Restarted {
-                at: now,
-                until,
-                held_for: Vec::new(),
-            });
+        let r = restarted.entry((business, peer)).or_insert(Restarted {
+            at: now,
+            until: now,
+            held_for: Vec::new(),
+        });
+        if started {
+            r.at = now;
+        }
+        r.held_for
+            .retain(|&(id, until)| Some(id) != sent && now < until);
+        let held = r.held_for.iter().map(|&(_, until)| until).max();
+        r.until = held.unwrap_or(now).max(now.saturating_add(self.window));
     }
 
     /// Message `id`, which a receipt asked for, could not be sent to `peer`
     /// at `now` over the session the receipt started: the session counts as
-    /// started lately until `until` (the message's expiry) or until a
+    /// started lately until `until` (the message's expiry) or until the
     /// message goes over it, so that the receipt, handed in again, fetches
     /// no other bundle (each costs the device a one-time prekey).
     fn hold_restart(
@@ -240,13 +248,12 @@ impl Receipts {
         held.until = held.until.max(until);
     }
 
-    /// The messages something is kept for past the window at `now`: a
-    /// receipt ignored, or a session held, for the message's life.
+    /// The messages something is kept for at `now`: a receipt ignored, or
+    /// a session held.
     pub(super) fn kept_for_messages(&self, now: Timestamp) -> Vec<(BusinessId, MessageId)> {
-        let past = now.saturating_add(self.window);
         let mut kept: Vec<_> = lock(&self.ignore)
             .iter()
-            .filter(|&(_, &until)| until > past)
+            .filter(|&(_, &until)| now < until)
             .map(|(&(business, id, _), _)| (business, id))
             .collect();
         let restarted = lock(&self.restarted);
@@ -950,7 +957,7 @@ impl Processor {
             };
             if written {
                 if bundle.is_some() {
-                    self.receipts.restart(business, peer, now, true);
+                    self.receipts.restart(business, peer, now, true, None);
                     debug!("a new session was started on a retry receipt");
                 }
                 drop(starting.take());
@@ -969,9 +976,10 @@ impl Processor {
                                     "a settled message cannot be sent to a retry receipt's device"
                                 );
                             }
-                            // A session held for the receipt is let go.
+                            // A session held for the message is let go
+                            // (held for others, it stays held for them).
                             if bundle.is_none() {
-                                self.receipts.restart(business, peer, now, false);
+                                self.receipts.restart(business, peer, now, false, Some(id));
                             }
                         }
                         Err(e) => {
@@ -1035,7 +1043,7 @@ mod tests {
             phone: PhoneHash::from_bytes([0xA5; 16]),
             device: 1,
         };
-        receipts.restart(business, consumer, Timestamp::from_millis(DAY), true);
+        receipts.restart(business, consumer, Timestamp::from_millis(DAY), true, None);
         // Forty days on, the receipt memory is used again for others.
         let later = Timestamp::from_millis(41 * DAY);
         for i in 0..10u8 {
@@ -1043,7 +1051,7 @@ mod tests {
                 phone: PhoneHash::from_bytes([i; 16]),
                 device: 0,
             };
-            receipts.restart(business, other, later, true);
+            receipts.restart(business, other, later, true, None);
             assert!(!receipts.restarted_lately(business, consumer, later, Timestamp::UNIX_EPOCH));
         }
         let kept = receipts
@@ -1083,7 +1091,7 @@ mod tests {
         }
         // A session a receipt started with its device, too.
         let device = PeerId { phone, device: 3 };
-        receipts.restart(business, device, Timestamp::from_millis(DAY), true);
+        receipts.restart(business, device, Timestamp::from_millis(DAY), true, None);
         // After the message's life, another consumer's receipt comes.
         let later = Timestamp::from_millis(41 * DAY);
         receipts
@@ -1122,12 +1130,12 @@ mod tests {
         take(gone, 2).oversized_until(old_expiry, phone);
         take(other, 3).keep_until(old_expiry);
         let held = PeerId { phone, device: 4 };
-        receipts.restart(business, held, now, true);
+        receipts.restart(business, held, now, true, None);
         receipts.hold_restart((business, gone), held, now, old_expiry);
         // Another device's session is held for two messages.
         let both = PeerId { phone, device: 5 };
         let other_expiry = Timestamp::from_millis(20 * DAY);
-        receipts.restart(business, both, now, true);
+        receipts.restart(business, both, now, true, None);
         receipts.hold_restart((business, gone), both, now, old_expiry);
         receipts.hold_restart((business, other), both, now, other_expiry);
         let mut kept = receipts.kept_for_messages(now);
@@ -1162,5 +1170,45 @@ mod tests {
         receipts.expire(Timestamp::from_millis(4 * DAY));
         assert!(lock(&receipts.refused).is_empty());
         assert_eq!(receipts.kept_for_messages(sweep), vec![(business, other)]);
+    }
+
+    /// A session held for two messages is let go for the one that went
+    /// over it alone: it stays held for the other, as long as that one
+    /// lives. (Any message going over it let it go for all. A review found
+    /// it.)
+    #[test]
+    fn a_session_held_for_two_messages_stays_held_for_the_one_not_sent() {
+        const DAY: u64 = 24 * 3600 * 1000;
+        let window = Duration::from_secs(3600);
+        let receipts = Receipts::new(window);
+        let business = BusinessId::new(7).unwrap();
+        let peer = PeerId {
+            phone: PhoneHash::from_bytes([0xA5; 16]),
+            device: 1,
+        };
+        let at = |ms: u64| Timestamp::from_millis(DAY + ms);
+        let (m1, m2) = (MessageId::random(), MessageId::random());
+        let made = Timestamp::from_millis(DAY / 2);
+        receipts.restart(business, peer, at(0), true, None);
+        receipts.hold_restart(
+            (business, m1),
+            peer,
+            at(1),
+            Timestamp::from_millis(10 * DAY),
+        );
+        receipts.hold_restart(
+            (business, m2),
+            peer,
+            at(2),
+            Timestamp::from_millis(20 * DAY),
+        );
+        receipts.restart(business, peer, at(3), false, Some(m1));
+        // Past the window, the session is still held for m2.
+        let past = Timestamp::from_millis(15 * DAY);
+        assert!(receipts.restarted_lately(business, peer, past, made));
+        // Once m2 went over it too, it counts for the window alone.
+        receipts.restart(business, peer, past, false, Some(m2));
+        let later = past.saturating_add(window);
+        assert!(!receipts.restarted_lately(business, peer, later, made));
     }
 }

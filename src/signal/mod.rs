@@ -53,7 +53,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -843,6 +843,9 @@ pub struct Sessions {
     business_locks: PerKey<BusinessId, async_lock::Mutex<()>>,
     /// One-time prekeys loaded by operations not yet done with them.
     prekeys_in_use: PreKeysInUse,
+    /// Per business, the ids of the one-time prekeys found damaged since
+    /// it last published (the network may hold them).
+    damaged_unpublished: Mutex<HashMap<BusinessId, BTreeSet<u32>>>,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
     writer: WriterId,
@@ -922,6 +925,7 @@ impl Sessions {
             address_locks: Keyed::default(),
             business_locks: PerKey::default(),
             prekeys_in_use: PreKeysInUse::default(),
+            damaged_unpublished: Mutex::default(),
             writer: WriterId::random(),
             took_over: async_lock::OnceCell::new(),
         })
@@ -1001,6 +1005,11 @@ impl Sessions {
             self.maintain(business, None).await?;
             (one_time_prekeys, _) = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
+        // What it publishes holds no damaged key.
+        self.damaged_unpublished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&business);
         let account = self.account(business).await?;
         Ok(PublishedKeys {
             registration_id: account.registration_id,
@@ -1023,7 +1032,9 @@ impl Sessions {
     /// ([`Transport::one_time_prekey_count`](crate::transport::Transport::one_time_prekey_count)).
     /// Without it every one-time prekey stored counts as available, those
     /// handed out whose first message has not come yet included, and the
-    /// pool refills late.
+    /// pool refills late. The one-time prekeys found damaged since the last
+    /// [`publish`](Self::publish) (remembered in memory) are taken off it:
+    /// the network may hold them, and the pool refills early, never late.
     pub async fn maintain(
         &self,
         business: BusinessId,
@@ -1113,15 +1124,23 @@ impl Sessions {
         // them there: the pool may be filled past its size (never past the
         // limit). Counting them would leave a host that publishes only when
         // the upkeep changed something with a network run dry. Nor do the
-        // damaged keys the network holds (damaged at rest since they were
-        // published): a first message naming one fails. It holds the newest
-        // `left` of those it was given, taken to be the keys stored, sound
-        // and damaged, oldest first.
+        // damaged keys the network may hold (damaged at rest since they
+        // were published: a first message naming one fails), those found
+        // since the last publication, by this upkeep or one before (a
+        // first message's refill, say): all are taken off, though the
+        // network may have handed some out, so the pool refills early,
+        // never late.
+        let damaged_out = {
+            let mut unpublished = self
+                .damaged_unpublished
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let ids = unpublished.entry(business).or_default();
+            ids.extend(damaged_ids);
+            ids.len()
+        };
         let available = left.map_or(stored.len(), |left| {
-            let given = account::oldest_first(stored.iter().chain(&damaged_ids).copied().collect());
-            let held = &given[given.len().saturating_sub(left)..];
-            let damaged_held = held.iter().filter(|id| damaged_ids.contains(id)).count();
-            (held.len() - damaged_held).min(stored.len())
+            left.saturating_sub(damaged_out).min(stored.len())
         });
         // The ids staged first messages loaded (read after the listing).
         let held = self.prekeys_in_use.ids(business);
