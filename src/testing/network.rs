@@ -208,12 +208,20 @@ impl Decrypted {
         }
     }
 
+    /// The device could not decrypt `ciphertext`: a copy of it is a copy.
+    fn failed(&mut self, ciphertext: &Ciphertext) {
+        self.copies.insert(Sha256::digest(&ciphertext.bytes).into());
+    }
+
     /// Why the device could not decrypt `ciphertext`, whose chain was
     /// `current` when the network took it (see [`sent`](Self::sent)): a
     /// copy of one it decrypted or could not decrypt before is a copy,
     /// whatever else it could be.
-    fn why(&mut self, ciphertext: &Ciphertext, current: bool) -> Undecryptable {
-        if !self.copies.insert(Sha256::digest(&ciphertext.bytes).into()) {
+    fn why(&self, ciphertext: &Ciphertext, current: bool) -> Undecryptable {
+        if self
+            .copies
+            .contains(&<[u8; 32]>::from(Sha256::digest(&ciphertext.bytes)))
+        {
             return Undecryptable::Copy;
         }
         let dropped = sending_chain(ciphertext).is_some_and(|key| {
@@ -786,7 +794,9 @@ impl SimNetwork {
                 // Signal's refusal of a duplicate included: other bytes
                 // under a message key used already are a key used twice.
                 Err(_) => {
-                    match decrypted.why(&message.ciphertext, current) {
+                    let why = decrypted.why(&message.ciphertext, current);
+                    decrypted.failed(&message.ciphertext);
+                    match why {
                         Undecryptable::Copy => continue,
                         Undecryptable::Late => net.late += 1,
                         Undecryptable::Other => net.undecryptable += 1,
@@ -1390,6 +1400,9 @@ mod tests {
         ] {
             assert_eq!(record.why(copy, was_current), why);
         }
+        // One it could not decrypt before is a copy too.
+        record.failed(&held[2]);
+        assert_eq!(record.why(&held[2], true), Undecryptable::Copy);
     }
 
     /// A send to a device the network accepted the message for before is
