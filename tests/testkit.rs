@@ -705,11 +705,16 @@ fn direct(network: Arc<SimNetwork>) -> Arc<dyn Transport> {
 impl Deployment {
     /// Send device 0 of consumer 1 a copy of message `id` it cannot
     /// decrypt (corrupted on the way), as the processor's transport would.
+    /// Each is garbled another way: the device asks for each (for a copy
+    /// of the same bytes it would not).
     async fn garbled_copy(&self, id: MessageId) -> Result<(), TransportError> {
-        let copy = Outgoing {
+        let mut copy = Outgoing {
             id,
             ..garbage_message()
         };
+        copy.ciphertext
+            .bytes
+            .extend_from_slice(MessageId::random().as_bytes());
         self.network.send(business(), &number(1), 0, &copy).await
     }
 
