@@ -720,10 +720,38 @@ async fn main() {
         }
     };
     // `run` owns the temporary store: it is removed when `run` returns,
-    // whether it succeeded or not.
-    if let Err(e) = run(options).await {
-        eprintln!("gateway failed: {e}");
-        std::process::exit(1);
+    // whether it succeeded or not, or is dropped (interrupted).
+    tokio::select! {
+        ran = run(options) => {
+            if let Err(e) = ran {
+                eprintln!("gateway failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        (signal, code) = interrupted() => {
+            eprintln!("gateway interrupted ({signal}): its temporary store is removed");
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Wait for an interrupt (Ctrl-C) or, on Unix, a termination request: the
+/// signal's name, and the exit code a shell gives it. Waits for ever if
+/// none can be listened for.
+async fn interrupted() -> (&'static str, i32) {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => terminate.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<Option<()>>();
+    tokio::select! {
+        Ok(()) = tokio::signal::ctrl_c() => ("SIGINT", 130),
+        _ = terminate => ("SIGTERM", 143),
     }
 }
 

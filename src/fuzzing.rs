@@ -4,8 +4,9 @@
 //! They reach the pure envelope layer with known epoch keys, so a fuzzer can
 //! drive parsing and opening without a key store, and they hold the checks
 //! of the targets ([`envelope_parse`], [`envelope_open`], [`phone_number`],
-//! [`policy_file`], [`signal_message`], [`peer_record`], [`payload`],
-//! [`kek_ring`], [`key_records`], [`message_row`], [`audit_line`]), so `cargo test` replays those corpora through the very
+//! [`policy_file`], [`signal_message`], [`prekey_bundle`], [`peer_record`],
+//! [`payload`], [`kek_ring`], [`key_records`], [`message_row`],
+//! [`audit_line`]), so `cargo test` replays those corpora through the very
 //! code the fuzzers run. Nothing here exists in a normal build.
 
 #![allow(

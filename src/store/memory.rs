@@ -203,8 +203,10 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every critical section is a single map operation, so a panic
-        // elsewhere cannot leave the maps half-updated: recover the guard.
+        // Nothing under the lock panics (a batch is applied only once every
+        // condition of it was checked, and applying it cannot fail), so a
+        // panic elsewhere cannot leave the maps half-updated: recover the
+        // guard.
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
