@@ -27,7 +27,7 @@ use custodian::processor::{
 use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
 use custodian::store::{Delivery, FailureReason, MemoryStore, Status, Storage, StoreError};
 use custodian::testing::{Faults, SimNetwork};
-use custodian::time::{ManualClock, Timestamp};
+use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::transport::{
     BusinessSink, InboundMessage, Outgoing, Principal, SinkError, StaticAuthorizer, StatusUpdate,
     Transport, TransportError,
@@ -157,6 +157,8 @@ struct Sink {
     hang: Mutex<Option<BusinessId>>,
     /// The business of each status call made, answered or not.
     calls: Mutex<Vec<BusinessId>>,
+    /// The time each accepted `Sent` report carries, by message.
+    sent_at: Mutex<Vec<(MessageId, Timestamp)>>,
 }
 
 impl Sink {
@@ -207,6 +209,9 @@ impl BusinessSink for Sink {
             .lock()
             .unwrap()
             .push((u.id, u.status, u.failure));
+        if u.status == Status::Sent {
+            self.sent_at.lock().unwrap().push((u.id, u.at));
+        }
         Ok(())
     }
 }
@@ -1421,8 +1426,9 @@ async fn a_hanging_probe_holds_up_no_other_probe() {
 }
 
 /// The latest `Sent` report an endpoint missed while hung is made once it
-/// answers the loop's probe with a due message. (Its answer forgot it.)
-/// (Third look.)
+/// answers the loop's probe with a due message, at the time of the send.
+/// (Its answer forgot it; then, made, it carried the time it was made. A
+/// review found that.) (Third look.)
 #[tokio::test]
 async fn a_missed_sent_is_made_once_a_probe_is_answered() {
     let d = D::new(1).await;
@@ -1430,6 +1436,7 @@ async fn a_missed_sent_is_made_once_a_probe_is_answered() {
     *d.sink.hang.lock().unwrap() = Some(b(1));
     d.report_cut(b(1), m1, Status::Delivered, 50).await;
     // A send meanwhile: its report missed.
+    let sent = d.clock.now();
     let m2 = d.send(b(1)).await;
     assert!(d.sink.told(m2).is_empty());
     // Answering again, probed with m1's report: m2's made after it.
@@ -1438,6 +1445,11 @@ async fn a_missed_sent_is_made_once_a_probe_is_answered() {
     d.retransmit().await;
     assert_eq!(d.sink.settled_told(m1), vec![(Status::Delivered, None)]);
     assert_eq!(d.sink.told(m2), vec![(Status::Sent, None)]);
+    let at = d.sink.sent_at.lock().unwrap().clone();
+    assert_eq!(
+        at.iter().filter(|(id, _)| *id == m2).collect::<Vec<_>>(),
+        [&(m2, sent)]
+    );
 }
 
 /// A missed `Sent` report the loop probes a still hung endpoint with, cut

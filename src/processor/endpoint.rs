@@ -40,8 +40,9 @@ pub(super) struct HungEndpoints {
     /// under the lock with the first, cleared with the last.
     any: AtomicBool,
     /// The latest message whose `Sent` report each business's endpoint
-    /// missed while hung: kept once it answers, to be made then.
-    missed_sent: Mutex<HashMap<BusinessId, MessageId, RandomState>>,
+    /// missed while hung, with when its send was recorded: kept once it
+    /// answers, to be made then.
+    missed_sent: Mutex<HashMap<BusinessId, (MessageId, Timestamp), RandomState>>,
 }
 
 /// An endpoint that left calls unanswered.
@@ -135,15 +136,16 @@ impl HungEndpoints {
         }
     }
 
-    fn missed(&self) -> MutexGuard<'_, HashMap<BusinessId, MessageId, RandomState>> {
+    fn missed(&self) -> MutexGuard<'_, HashMap<BusinessId, (MessageId, Timestamp), RandomState>> {
         self.missed_sent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `business`'s endpoint, hung, was not told that message `id` is sent.
-    fn missed_sent(&self, business: BusinessId, id: MessageId) {
-        self.missed().insert(business, id);
+    /// `business`'s endpoint, hung, was not told that message `id` is sent
+    /// (its send recorded at `at`).
+    fn missed_sent(&self, business: BusinessId, id: MessageId, at: Timestamp) {
+        self.missed().insert(business, (id, at));
     }
 
     /// The latest message whose `Sent` report `business`'s endpoint missed
@@ -151,11 +153,12 @@ impl HungEndpoints {
     /// it is [`told`](MissedSent::told), it is remembered again (unless a
     /// later one was missed meanwhile).
     pub(super) fn take_missed_sent(&self, business: BusinessId) -> Option<MissedSent<'_>> {
-        let id = self.missed().remove(&business)?;
+        let (id, at) = self.missed().remove(&business)?;
         Some(MissedSent {
             hung: self,
             business,
             id,
+            at,
             kept: true,
         })
     }
@@ -176,6 +179,7 @@ pub(super) struct MissedSent<'a> {
     hung: &'a HungEndpoints,
     business: BusinessId,
     id: MessageId,
+    at: Timestamp,
     /// Remembered again when dropped.
     kept: bool,
 }
@@ -184,6 +188,11 @@ impl MissedSent<'_> {
     /// The message whose report it is.
     pub(super) fn id(&self) -> MessageId {
         self.id
+    }
+
+    /// When its send was recorded: the report's time.
+    pub(super) fn at(&self) -> Timestamp {
+        self.at
     }
 
     /// Made (answered), or no longer to be made: not remembered again.
@@ -195,7 +204,8 @@ impl MissedSent<'_> {
 impl Drop for MissedSent<'_> {
     fn drop(&mut self) {
         if self.kept {
-            self.hung.missed().entry(self.business).or_insert(self.id);
+            let missed = (self.id, self.at);
+            self.hung.missed().entry(self.business).or_insert(missed);
         }
     }
 }
@@ -294,10 +304,10 @@ impl Processor {
     }
 
     /// Note that `business`'s endpoint was not told message `id` is sent
-    /// because it is hung: the loop makes that report later, as a probe if
-    /// need be.
-    pub(super) fn missed_sent(&self, business: BusinessId, id: MessageId) {
-        self.hung.missed_sent(business, id);
+    /// (its send recorded at `at`) because it is hung: the loop makes that
+    /// report later, as a probe if need be.
+    pub(super) fn missed_sent(&self, business: BusinessId, id: MessageId, at: Timestamp) {
+        self.hung.missed_sent(business, id, at);
     }
 
     /// A call to `business`'s endpoint about message `id`, to be made now;

@@ -617,7 +617,7 @@ impl Processor {
         let update = sent_report(business, id, accepted.at);
         // Missed by a hung endpoint: the retransmission loop makes it.
         if !self.notify(&update).await {
-            self.missed_sent(business, id);
+            self.missed_sent(business, id, accepted.at);
         }
     }
 

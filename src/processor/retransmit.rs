@@ -326,7 +326,7 @@ impl Processor {
             warn!(%business, %id, error = %e, "a missed sent report could not be made");
             return;
         }
-        let update = super::outbound::sent_report(business, id, self.clock.now());
+        let update = super::outbound::sent_report(business, id, missed.at());
         if self.notify(&update).await {
             missed.told();
         }
