@@ -719,39 +719,56 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let temporary = !options.memory && options.store.is_none();
+    // Listening before the run starts (its first poll takes a second or
+    // two): a signal then would end the process and leave the store.
+    let interrupted = interrupted();
     // `run` owns the temporary store: it is removed when `run` returns,
     // whether it succeeded or not, or is dropped (interrupted).
     tokio::select! {
+        biased;
+        (signal, code) = interrupted => {
+            let removed = if temporary { ": its temporary store is removed" } else { "" };
+            eprintln!("gateway interrupted ({signal}){removed}");
+            std::process::exit(code);
+        }
         ran = run(options) => {
             if let Err(e) = ran {
                 eprintln!("gateway failed: {e}");
                 std::process::exit(1);
             }
         }
-        (signal, code) = interrupted() => {
-            eprintln!("gateway interrupted ({signal}): its temporary store is removed");
-            std::process::exit(code);
-        }
     }
 }
 
-/// Wait for an interrupt (Ctrl-C) or, on Unix, a termination request: the
-/// signal's name, and the exit code a shell gives it. Waits for ever if
-/// none can be listened for.
-async fn interrupted() -> (&'static str, i32) {
+/// Listen, from now on, for an interrupt (Ctrl-C) or, on Unix, a
+/// termination request: the future gives the signal's name, and the exit
+/// code a shell gives it. It waits for ever for one it cannot listen for.
+fn interrupted() -> impl Future<Output = (&'static str, i32)> {
     #[cfg(unix)]
-    let terminate = async {
+    {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => terminate.recv().await,
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = recv(interrupt.ok()) => ("SIGINT", 130),
+                _ = recv(terminate.ok()) => ("SIGTERM", 143),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => ("SIGINT", 130),
             Err(_) => std::future::pending().await,
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<Option<()>>();
-    tokio::select! {
-        Ok(()) = tokio::signal::ctrl_c() => ("SIGINT", 130),
-        _ = terminate => ("SIGTERM", 143),
     }
 }
 

@@ -1330,10 +1330,15 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     // Five usable keys left with the network, against a mark of six.
     let report = w.sessions.maintain(w.business, Some(7)).await.unwrap();
     assert_eq!((report.damaged_deleted, report.prekeys_added), (0, 5));
-    // Published, the keys hold no damaged one: the network's count stands.
-    w.published().await;
+    // Listed for publication, but the network did not take them: the
+    // damaged keys still count against what it has left.
+    let keys = w.published().await;
+    let report = w.sessions.maintain(w.business, Some(7)).await.unwrap();
+    assert_eq!(report.prekeys_available, 10);
+    // Taken: none of its keys is damaged, and its count stands.
+    w.sessions.published(w.business, &keys);
     let report = w.sessions.maintain(w.business, Some(6)).await.unwrap();
-    assert_eq!(report.prekeys_added, 0);
+    assert_eq!((report.prekeys_added, report.prekeys_available), (0, 6));
 }
 
 /// A damaged signed prekey kept for its grace is skipped: after a restart,

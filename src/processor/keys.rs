@@ -43,7 +43,9 @@ impl Processor {
         let left = self.transport.one_time_prekey_count(business).await?;
         self.sessions.maintain(business, left).await?;
         let keys = self.sessions.publish(business).await?;
-        Ok(self.transport.publish_keys(business, &keys).await?)
+        self.transport.publish_keys(business, &keys).await?;
+        self.sessions.published(business, &keys);
+        Ok(())
     }
 
     /// Approve a changed identity key of one of `consumer`'s devices: the

@@ -997,6 +997,25 @@ impl Sessions {
         Ok(Some(account))
     }
 
+    /// The network took `keys`, [`publish`](Self::publish)ed for
+    /// `business`: the damaged one-time prekeys found before they were
+    /// listed, which none of them is, no longer count against what it has
+    /// left (see [`maintain`](Self::maintain)). Call it once the transport
+    /// took them, not before: the network keeps its old keys otherwise.
+    pub fn published(&self, business: BusinessId, keys: &PublishedKeys) {
+        let listed: BTreeSet<u32> = keys.one_time_prekeys.iter().map(|k| k.id).collect();
+        let mut unpublished = self
+            .damaged_unpublished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(ids) = unpublished.get_mut(&business) {
+            ids.retain(|id| listed.contains(id));
+            if ids.is_empty() {
+                unpublished.remove(&business);
+            }
+        }
+    }
+
     /// The keys `business` publishes through the transport (created on first use).
     pub async fn publish(&self, business: BusinessId) -> Result<PublishedKeys, SignalError> {
         let (mut one_time_prekeys, _) =
@@ -1005,11 +1024,7 @@ impl Sessions {
             self.maintain(business, None).await?;
             (one_time_prekeys, _) = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
-        // What it publishes holds no damaged key.
-        self.damaged_unpublished
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&business);
+
         let account = self.account(business).await?;
         Ok(PublishedKeys {
             registration_id: account.registration_id,
@@ -1032,9 +1047,12 @@ impl Sessions {
     /// ([`Transport::one_time_prekey_count`](crate::transport::Transport::one_time_prekey_count)).
     /// Without it every one-time prekey stored counts as available, those
     /// handed out whose first message has not come yet included, and the
-    /// pool refills late. The one-time prekeys found damaged since the last
-    /// [`publish`](Self::publish) (remembered in memory) are taken off it:
-    /// the network may hold them, and the pool refills early, never late.
+    /// pool refills late. The one-time prekeys this instance found damaged
+    /// since the network took its last [`publish`](Self::publish)ed keys
+    /// ([`published`](Self::published)) are taken off it: the network may
+    /// hold them, and the pool refills early rather than late. (Remembered
+    /// in memory: those another instance found, or this one before a
+    /// restart, are not taken off.)
     pub async fn maintain(
         &self,
         business: BusinessId,
