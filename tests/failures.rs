@@ -39,7 +39,7 @@ use custodian::keys::{
 };
 use custodian::processor::{Inbound, Outbound, ProcessorError, StatusChange};
 use custodian::retention::RetentionPolicy;
-use custodian::signal::{IdentityPolicy, SignalConfig, SignalError};
+use custodian::signal::{Ciphertext, IdentityPolicy, SignalConfig, SignalError};
 use custodian::store::{
     Batch, FailureReason, HoldScope, KeyStore, MemoryStore, Op, PeerId, Status, Storage,
 };
@@ -1123,17 +1123,7 @@ async fn a_replay_refused_as_a_copy_approves_nothing() {
     let d = Deployment::new(Faults::none(), Faults::none()).await;
     let (id, _new, _again) = d.reinstalled_and_refused().await;
     // Another consumer's first message, on no one-time prekey, is stored.
-    let keys = d.transport.published.lock().unwrap().clone().unwrap();
-    let mut other = ConsumerDevice::new(7);
-    other.start_session(d.b, &keys.bundle(None)).await.unwrap();
-    let message = other.encrypt(d.b, b"other").await.unwrap();
-    let real = Inbound {
-        resend_of: None,
-        from: consumer(5),
-        device: 7,
-        message: message.clone(),
-    };
-    assert!(!d.receive(real).await.unwrap().duplicate);
+    let message = first_without_one_time_prekey(&d, consumer(5), 7).await;
     // Its replay, as consumer 1's device 1: a copy.
     let replay = Inbound {
         resend_of: None,
@@ -2265,22 +2255,33 @@ fn a_failed_replay_is_not_counted_received() {
     });
 }
 
+/// A first message from `device` of `from` on a bundle without a one-time
+/// prekey (one that can be replayed), received and stored.
+async fn first_without_one_time_prekey(
+    d: &Deployment,
+    from: PhoneNumber,
+    device: u32,
+) -> Ciphertext {
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut phone = ConsumerDevice::new(device);
+    phone.start_session(d.b, &keys.bundle(None)).await.unwrap();
+    let message = phone.encrypt(d.b, b"first").await.unwrap();
+    let real = Inbound {
+        resend_of: None,
+        from,
+        device,
+        message: message.clone(),
+    };
+    assert!(!d.receive(real).await.unwrap().duplicate);
+    message
+}
+
 /// Whether the replay of a first message, handed in as from `device` of
 /// `from`, counted nothing when its storing write failed.
 async fn failed_replay_counts_nothing(from: PhoneNumber, device: u32) -> bool {
     for n in 1..MAX_CALLS {
         let d = Deployment::new(Faults::none(), Faults::none()).await;
-        let keys = d.transport.published.lock().unwrap().clone().unwrap();
-        let mut phone = ConsumerDevice::new(1);
-        phone.start_session(d.b, &keys.bundle(None)).await.unwrap();
-        let message = phone.encrypt(d.b, b"first").await.unwrap();
-        let real = Inbound {
-            resend_of: None,
-            from: consumer(1),
-            device: 1,
-            message: message.clone(),
-        };
-        assert!(!d.receive(real).await.unwrap().duplicate);
+        let message = first_without_one_time_prekey(&d, consumer(1), 1).await;
         assert_eq!(d.received_counted().await, 1);
 
         d.faults.set(Plan {

@@ -44,6 +44,25 @@ impl World {
         Self::with_config(SignalConfig::default())
     }
 
+    /// A world whose one-time prekey pool is 10 keys, refilled below
+    /// `low_water`.
+    fn pool_of_ten(low_water: usize) -> Self {
+        Self::with_config(SignalConfig {
+            prekey_pool: 10,
+            prekey_low_water: low_water,
+            ..SignalConfig::default()
+        })
+    }
+
+    /// The id of the business's one-time prekey `id`.
+    fn one_time_key(&self, id: u32) -> KeyId {
+        KeyId {
+            business: self.business,
+            kind: KeyKind::SignalPreKey,
+            id: u64::from(id),
+        }
+    }
+
     fn with_config(config: SignalConfig) -> Self {
         let store = Arc::new(MemoryStore::new());
         let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
@@ -251,12 +270,7 @@ async fn first_contact_then_a_conversation_both_ways() {
 
 #[tokio::test]
 async fn a_consumed_one_time_prekey_is_deleted_at_once_and_the_pool_refills() {
-    let config = SignalConfig {
-        prekey_pool: 10,
-        prekey_low_water: 8,
-        ..SignalConfig::default()
-    };
-    let w = World::with_config(config);
+    let w = World::pool_of_ten(8);
     let published = w.published().await;
     assert_eq!(published.one_time_prekeys.len(), 10);
     let mut used = Vec::new();
@@ -1203,11 +1217,7 @@ async fn a_damaged_one_time_prekey_is_left_out_and_deleted_by_the_upkeep() {
     let w = World::new();
     let published = w.published().await;
     let victim = published.one_time_prekeys[1].id;
-    let key = KeyId {
-        business: w.business,
-        kind: KeyKind::SignalPreKey,
-        id: u64::from(victim),
-    };
+    let key = w.one_time_key(victim);
     damage_key(&w, key).await;
     let again = w.published().await;
     assert_eq!(
@@ -1239,21 +1249,11 @@ async fn a_damaged_one_time_prekey_is_left_out_and_deleted_by_the_upkeep() {
 /// found it.)
 #[tokio::test]
 async fn a_first_message_refills_a_pool_whose_sound_keys_fell_below_the_mark() {
-    let config = SignalConfig {
-        prekey_pool: 10,
-        prekey_low_water: 8,
-        ..SignalConfig::default()
-    };
-    let w = World::with_config(config);
+    let w = World::pool_of_ten(8);
     let published = w.published().await;
-    let key = |id: u32| KeyId {
-        business: w.business,
-        kind: KeyKind::SignalPreKey,
-        id: u64::from(id),
-    };
     // The three newest are damaged at rest.
     for k in &published.one_time_prekeys[7..] {
-        damage_key(&w, key(k.id)).await;
+        damage_key(&w, w.one_time_key(k.id)).await;
     }
     // A first message takes the oldest: 6 sound keys are left, 9 rows.
     let first = w.first_from(&published, Some(0), "+447700900031", b"hello");
@@ -1275,17 +1275,7 @@ async fn a_first_message_refills_a_pool_whose_sound_keys_fell_below_the_mark() {
 /// count. Reviews found both.)
 #[tokio::test]
 async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
-    let config = SignalConfig {
-        prekey_pool: 10,
-        prekey_low_water: 4,
-        ..SignalConfig::default()
-    };
-    let w = World::with_config(config);
-    let key = |id: u32| KeyId {
-        business: w.business,
-        kind: KeyKind::SignalPreKey,
-        id: u64::from(id),
-    };
+    let w = World::pool_of_ten(4);
     let ids: Vec<u32> = w
         .published()
         .await
@@ -1296,7 +1286,7 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     // The network handed out the five oldest and has five left, the three
     // newest of which are damaged at rest since; so is the oldest.
     for &id in ids[7..].iter().chain(&ids[..1]) {
-        damage_key(&w, key(id)).await;
+        damage_key(&w, w.one_time_key(id)).await;
     }
     let report = w.sessions.maintain(w.business, Some(5)).await.unwrap();
     assert_eq!(report.damaged_deleted, 4);
@@ -1309,20 +1299,11 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     // Of another ten, the network handed out three and has seven left, two
     // of them damaged since. The first message on the third is received,
     // and its refill deletes them (seven sound keys stored: no refill).
-    let w = World::with_config(SignalConfig {
-        prekey_pool: 10,
-        prekey_low_water: 6,
-        ..SignalConfig::default()
-    });
+    let w = World::pool_of_ten(6);
     let published = w.published().await;
     let ids: Vec<u32> = published.one_time_prekeys.iter().map(|k| k.id).collect();
     for &id in &ids[3..5] {
-        let key = KeyId {
-            business: w.business,
-            kind: KeyKind::SignalPreKey,
-            id: u64::from(id),
-        };
-        damage_key(&w, key).await;
+        damage_key(&w, w.one_time_key(id)).await;
     }
     let first = w.first_from(&published, Some(2), "+447700900032", b"hello");
     assert_eq!(first.await.unwrap(), b"hello");
@@ -1490,11 +1471,7 @@ async fn a_damaged_key_made_again_under_its_id_meanwhile_is_not_deleted() {
     let hooked = HookedKeys::new(&w.store, false);
     let (_, held) = World::open_over(w.root, hooked.clone(), &w.store, &w.clock, config);
     let newest = w.published().await.one_time_prekeys.last().unwrap().id;
-    let key = KeyId {
-        business: w.business,
-        kind: KeyKind::SignalPreKey,
-        id: u64::from(newest),
-    };
+    let key = w.one_time_key(newest);
     damage_key(&w, key).await;
     hooked.hold_deletion.store(true, Ordering::SeqCst);
     let waiting = async { held.maintain(w.business, None).await.unwrap() };
@@ -2548,11 +2525,7 @@ mod prekey_pool {
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| used & (1 << (i % 64)) != 0)
-                    .map(|(_, k)| KeyId {
-                        business: w.business,
-                        kind: KeyKind::SignalPreKey,
-                        id: u64::from(k.id),
-                    })
+                    .map(|(_, k)| w.one_time_key(k.id))
                     .collect();
                 w.store.delete_keys(&consumed).await.unwrap();
                 let stored = published.len() - consumed.len();
