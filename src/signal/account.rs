@@ -369,8 +369,7 @@ pub(super) async fn holds_sound_one_time(
     let listed = keys
         .store()
         .keys_of_kind(business, KeyKind::SignalPreKey, None, wanted)
-        .await
-        .map_err(|e| SignalError::Storage(super::StorageFailure::Store(std::sync::Arc::new(e))))?;
+        .await?;
     if listed.len() < wanted {
         return Ok(false);
     }

@@ -844,7 +844,8 @@ pub struct Sessions {
     /// One-time prekeys loaded by operations not yet done with them.
     prekeys_in_use: PreKeysInUse,
     /// Per business, the ids of the one-time prekeys found damaged since
-    /// it last published (the network may hold them).
+    /// the network took its last publication (it may hold them: see
+    /// [`Sessions::published`]).
     damaged_unpublished: Mutex<HashMap<BusinessId, BTreeSet<u32>>>,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
@@ -1024,7 +1025,6 @@ impl Sessions {
             self.maintain(business, None).await?;
             (one_time_prekeys, _) = account::one_time_prekeys(self.vault.keys(), business).await?;
         }
-
         let account = self.account(business).await?;
         Ok(PublishedKeys {
             registration_id: account.registration_id,
@@ -1144,10 +1144,10 @@ impl Sessions {
         // the upkeep changed something with a network run dry. Nor do the
         // damaged keys the network may hold (damaged at rest since they
         // were published: a first message naming one fails), those found
-        // since the last publication, by this upkeep or one before (a
-        // first message's refill, say): all are taken off, though the
-        // network may have handed some out, so the pool refills early,
-        // never late.
+        // since it took the last publication, by this upkeep or one
+        // before (a first message's refill, say): all are taken off,
+        // though it may have handed some out, so the pool refills early
+        // rather than late.
         let damaged_out = {
             let mut unpublished = self
                 .damaged_unpublished
