@@ -706,7 +706,10 @@ fn open_error_kind(e: &OpenError) -> &'static str {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+// One worker beside this thread: the run is driven here (it spawns
+// nothing), and the listener for signals on the worker, as the run over
+// memory may not yield for seconds.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let options = match options(std::env::args().skip(1)) {
         Ok(Parsed::Run(o)) => o,
@@ -719,25 +722,43 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let temporary = !options.memory && options.store.is_none();
-    // Listening before the run starts (its first poll takes a second or
-    // two): a signal then would end the process and leave the store.
-    let interrupted = interrupted();
-    // `run` owns the temporary store: it is removed when `run` returns,
-    // whether it succeeded or not, or is dropped (interrupted).
-    tokio::select! {
-        biased;
-        (signal, code) = interrupted => {
-            let removed = if temporary { ": its temporary store is removed" } else { "" };
-            eprintln!("gateway interrupted ({signal}){removed}");
-            std::process::exit(code);
-        }
-        ran = run(options) => {
-            if let Err(e) = ran {
-                eprintln!("gateway failed: {e}");
+    // The temporary store, removed when the run ends, whether it succeeded
+    // or not, or is interrupted.
+    let temporary = if options.memory || options.store.is_some() {
+        None
+    } else {
+        match tempfile::Builder::new()
+            .prefix("custodian-gateway-")
+            .tempdir()
+        {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                eprintln!("gateway failed: a temporary directory: {e}");
                 std::process::exit(1);
             }
         }
+    };
+    // Listening before the run starts: a signal would otherwise end the
+    // process and leave the store.
+    let interrupted = interrupted();
+    let removing = temporary.as_ref().map(|dir| dir.path().to_path_buf());
+    tokio::spawn(async move {
+        let (signal, code) = interrupted.await;
+        let removed = match removing {
+            Some(dir) => {
+                _ = std::fs::remove_dir_all(dir);
+                ": its temporary store is removed"
+            }
+            None => "",
+        };
+        eprintln!("gateway interrupted ({signal}){removed}");
+        std::process::exit(code);
+    });
+    let ran = run(options, temporary.as_ref().map(|dir| dir.path())).await;
+    drop(temporary);
+    if let Err(e) = ran {
+        eprintln!("gateway failed: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -772,7 +793,9 @@ fn interrupted() -> impl Future<Output = (&'static str, i32)> {
     }
 }
 
-async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
+/// Run the gateway as `o` says, its store in the directory `temporary` if
+/// it keeps none.
+async fn run(o: Options, temporary: Option<&Path>) -> Result<(), Box<dyn std::error::Error>> {
     let start = SystemClock.now();
     let clock = ManualClock::new(start);
     let (network_faults, sink_faults) = faults(&o.faults, start)?;
@@ -780,19 +803,9 @@ async fn run(o: Options) -> Result<(), Box<dyn std::error::Error>> {
         Some(path) => root_key(path)?,
         None => SecretKey::generate(),
     };
-    // Declared before the store, so dropped (and deleted) after it.
-    let temporary = if o.memory || o.store.is_some() {
-        None
-    } else {
-        Some(
-            tempfile::Builder::new()
-                .prefix("custodian-gateway-")
-                .tempdir()?,
-        )
-    };
-    let path = match (&o.store, &temporary) {
+    let path = match (&o.store, temporary) {
         (Some(path), _) => Some(path.clone()),
-        (None, Some(dir)) => Some(dir.path().join("store.db")),
+        (None, Some(dir)) => Some(dir.join("store.db")),
         (None, None) => None,
     };
     if let (Some(path), None) = (&o.store, &o.root_key)
@@ -1879,7 +1892,9 @@ mod tests {
             let Ok(Parsed::Run(o)) = options(args(&flags)) else {
                 panic!("{flags:?} refused")
             };
-            let outcome = run(o).await;
+            let dir = tempfile::tempdir().unwrap();
+            let temporary = (!memory).then_some(dir.path());
+            let outcome = run(o, temporary).await;
             assert!(outcome.is_ok(), "memory {memory}: {outcome:?}");
         }
     }
@@ -1926,7 +1941,7 @@ mod tests {
             let Ok(Parsed::Run(o)) = options(args(&flags)) else {
                 panic!("{flags:?} refused")
             };
-            let refused = run(o).await.map_err(|e| e.to_string());
+            let refused = run(o, None).await.map_err(|e| e.to_string());
             assert!(
                 matches!(&refused, Err(e) if e.contains(named)
                     && e.contains("left by a run that did not finish")),

@@ -1295,6 +1295,12 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     let unhanded = one_time_ids(&w).await;
     let unhanded = unhanded.iter().filter(|id| !handed_out.contains(id));
     assert_eq!(unhanded.count(), 11);
+    // Published and taken: the keys made under the damaged ones' ids are
+    // sound, and the network's count stands.
+    let keys = w.published().await;
+    w.sessions.published(w.business, &keys);
+    let report = w.sessions.maintain(w.business, Some(6)).await.unwrap();
+    assert_eq!((report.prekeys_added, report.prekeys_available), (0, 6));
 
     // Of another ten, the network handed out three and has seven left, two
     // of them damaged since. The first message on the third is received,

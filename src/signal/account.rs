@@ -409,7 +409,7 @@ async fn public_one_time(
 
 /// Generate and store `count` one-time prekeys with ids not in `taken`,
 /// following the newest of them (an id held by a damaged row is skipped).
-/// Returns how many ids were written, and
+/// Returns the ids written, and
 /// how many of the keys under them are this call's: another instance
 /// refilling the same store may have stored its own key under an id first,
 /// and that key stays.
@@ -419,8 +419,8 @@ pub(super) async fn add_one_time_prekeys(
     taken: &BTreeSet<u32>,
     held: &BTreeSet<u32>,
     count: usize,
-) -> Result<(usize, usize), SignalError> {
-    let (mut written, mut ours) = (0, 0);
+) -> Result<(Vec<u32>, usize), SignalError> {
+    let (mut written, mut ours) = (Vec::new(), 0);
     for id in next_ids(taken, held, count) {
         let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut OsRng));
         let bytes =
@@ -432,7 +432,7 @@ pub(super) async fn add_one_time_prekeys(
             .map_err(SignalError::from)
         {
             Ok(stored) => {
-                written += 1;
+                written.push(id);
                 ours += usize::from(*stored == *bytes);
             }
             // A row the listing skipped holds the id: it stays, and the

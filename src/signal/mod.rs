@@ -51,7 +51,7 @@
 //! # }).unwrap();
 //! ```
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -845,8 +845,9 @@ pub struct Sessions {
     prekeys_in_use: PreKeysInUse,
     /// Per business, the ids of the one-time prekeys found damaged since
     /// the network took its last publication (it may hold them: see
-    /// [`Sessions::published`]).
-    damaged_unpublished: Mutex<HashMap<BusinessId, BTreeSet<u32>>>,
+    /// [`Sessions::published`]), each with whether a refill made a sound
+    /// key under its id since.
+    damaged_unpublished: Mutex<HashMap<BusinessId, BTreeMap<u32, bool>>>,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
     writer: WriterId,
@@ -1000,9 +1001,10 @@ impl Sessions {
 
     /// The network took `keys`, [`publish`](Self::publish)ed for
     /// `business`: the damaged one-time prekeys found before they were
-    /// listed, which none of them is, no longer count against what it has
-    /// left (see [`maintain`](Self::maintain)). Call it once the transport
-    /// took them, not before: the network keeps its old keys otherwise.
+    /// listed (not among them, or made again under their ids by a refill)
+    /// no longer count against what it has left (see
+    /// [`maintain`](Self::maintain)). Call it once the transport took them,
+    /// not before: the network keeps its old keys otherwise.
     pub fn published(&self, business: BusinessId, keys: &PublishedKeys) {
         let listed: BTreeSet<u32> = keys.one_time_prekeys.iter().map(|k| k.id).collect();
         let mut unpublished = self
@@ -1010,14 +1012,16 @@ impl Sessions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(ids) = unpublished.get_mut(&business) {
-            ids.retain(|id| listed.contains(id));
+            ids.retain(|id, remade| listed.contains(id) && !*remade);
             if ids.is_empty() {
                 unpublished.remove(&business);
             }
         }
     }
 
-    /// The keys `business` publishes through the transport (created on first use).
+    /// The keys `business` publishes through the transport (created on
+    /// first use). Once the transport took them, say so
+    /// ([`published`](Self::published)).
     pub async fn publish(&self, business: BusinessId) -> Result<PublishedKeys, SignalError> {
         let (mut one_time_prekeys, _) =
             account::one_time_prekeys(self.vault.keys(), business).await?;
@@ -1154,7 +1158,7 @@ impl Sessions {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let ids = unpublished.entry(business).or_default();
-            ids.extend(damaged_ids);
+            ids.extend(damaged_ids.iter().map(|&id| (id, false)));
             ids.len()
         };
         let available = left.map_or(stored.len(), |left| {
@@ -1170,7 +1174,19 @@ impl Sessions {
             let taken: BTreeSet<u32> = stored.iter().copied().collect();
             let wanted = self.config.prekey_pool.saturating_sub(available);
             let added = account::add_one_time_prekeys(keys, business, &taken, &held, wanted);
-            (written, report.prekeys_added) = added.await?;
+            let (ids, ours) = added.await?;
+            // Made again under a damaged key's id: the network holds the
+            // damaged key under it until it takes a publication.
+            let mut unpublished = self
+                .damaged_unpublished
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(damaged) = unpublished.get_mut(&business) {
+                for id in &ids {
+                    damaged.entry(*id).and_modify(|remade| *remade = true);
+                }
+            }
+            (written, report.prekeys_added) = (ids.len(), ours);
         }
         // Keys handed out whose first message never came would pile up:
         // past the limit the oldest go, never one added just now, nor one a
