@@ -1302,6 +1302,18 @@ async fn the_upkeep_counts_no_damaged_key_the_network_has_left() {
     let report = w.sessions.maintain(w.business, Some(6)).await.unwrap();
     assert_eq!((report.prekeys_added, report.prekeys_available), (0, 6));
 
+    // Listed again, the newest is damaged while the network takes the
+    // keys, and made again meanwhile: the network holds the damaged one.
+    let keys = w.published().await;
+    let newest = keys.one_time_prekeys.last().unwrap().id;
+    damage_key(&w, w.one_time_key(newest)).await;
+    let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
+    assert_eq!(report.damaged_deleted, 1);
+    assert!(one_time_ids(&w).await.contains(&u64::from(newest)));
+    w.sessions.published(w.business, &keys);
+    let report = w.sessions.maintain(w.business, Some(4)).await.unwrap();
+    assert!(report.prekeys_added > 0, "{report:?}");
+
     // Of another ten, the network handed out three and has seven left, two
     // of them damaged since. The first message on the third is received,
     // and its refill deletes them (seven sound keys stored: no refill).

@@ -845,13 +845,23 @@ pub struct Sessions {
     prekeys_in_use: PreKeysInUse,
     /// Per business, the ids of the one-time prekeys found damaged since
     /// the network took its last publication (it may hold them: see
-    /// [`Sessions::published`]), each with whether a refill made a sound
-    /// key under its id since.
-    damaged_unpublished: Mutex<HashMap<BusinessId, BTreeMap<u32, bool>>>,
+    /// [`Sessions::published`]), each with what became of its id since.
+    damaged_unpublished: Mutex<HashMap<BusinessId, BTreeMap<u32, Remade>>>,
     /// This instance's claim to write the store (see
     /// [`Storage::take_over`]), taken before it first reads a peer's state.
     writer: WriterId,
     took_over: async_lock::OnceCell<()>,
+}
+
+/// What became of a damaged one-time prekey's id since it was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remade {
+    /// Nothing: the network may hold the damaged key under it.
+    Not,
+    /// A refill made a sound key under it, not listed for publication yet.
+    Since,
+    /// ... and a publication listed it.
+    Listed,
 }
 
 impl fmt::Debug for Sessions {
@@ -1001,8 +1011,8 @@ impl Sessions {
 
     /// The network took `keys`, [`publish`](Self::publish)ed for
     /// `business`: the damaged one-time prekeys found before they were
-    /// listed (not among them, or made again under their ids by a refill)
-    /// no longer count against what it has left (see
+    /// listed (not among them, or made again under their ids by a refill
+    /// before a listing) no longer count against what it has left (see
     /// [`maintain`](Self::maintain)). Call it once the transport took them,
     /// not before: the network keeps its old keys otherwise.
     pub fn published(&self, business: BusinessId, keys: &PublishedKeys) {
@@ -1012,7 +1022,7 @@ impl Sessions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(ids) = unpublished.get_mut(&business) {
-            ids.retain(|id, remade| listed.contains(id) && !*remade);
+            ids.retain(|id, remade| listed.contains(id) && *remade != Remade::Listed);
             if ids.is_empty() {
                 unpublished.remove(&business);
             }
@@ -1028,6 +1038,20 @@ impl Sessions {
         if one_time_prekeys.len() < self.config.prekey_low_water {
             self.maintain(business, None).await?;
             (one_time_prekeys, _) = account::one_time_prekeys(self.vault.keys(), business).await?;
+        }
+        // Made again before this listing: the network holds the sound key
+        // under its id once it takes it.
+        if let Some(ids) = self
+            .damaged_unpublished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&business)
+        {
+            for key in &one_time_prekeys {
+                if let Some(r @ Remade::Since) = ids.get_mut(&key.id) {
+                    *r = Remade::Listed;
+                }
+            }
         }
         let account = self.account(business).await?;
         Ok(PublishedKeys {
@@ -1158,7 +1182,7 @@ impl Sessions {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let ids = unpublished.entry(business).or_default();
-            ids.extend(damaged_ids.iter().map(|&id| (id, false)));
+            ids.extend(damaged_ids.iter().map(|&id| (id, Remade::Not)));
             ids.len()
         };
         let available = left.map_or(stored.len(), |left| {
@@ -1183,7 +1207,7 @@ impl Sessions {
                 .unwrap_or_else(PoisonError::into_inner);
             if let Some(damaged) = unpublished.get_mut(&business) {
                 for id in &ids {
-                    damaged.entry(*id).and_modify(|remade| *remade = true);
+                    damaged.entry(*id).and_modify(|r| *r = Remade::Since);
                 }
             }
             (written, report.prekeys_added) = (ids.len(), ours);
