@@ -467,16 +467,14 @@ impl BusinessSignals {
         // abusing. One whose counts the bound may have inflated feeds it no
         // more than the baseline (nothing, before there is one): its
         // over-counts must not raise it, and its low counts still lower it.
-        if !closed.is_flagged() {
-            let x = closed.new_recipients as f64;
-            self.baseline = match self.baseline {
-                None if closed.recipient_bound_reached => None,
-                None => Some(x),
-                Some(b) if closed.recipient_bound_reached => {
-                    Some(alpha * x.min(b) + (1.0 - alpha) * b)
-                }
-                Some(b) => Some(alpha * x + (1.0 - alpha) * b),
-            };
+        let x = closed.new_recipients as f64;
+        let fed = match self.baseline {
+            _ if closed.is_flagged() => None,
+            b if closed.recipient_bound_reached => b.map(|b| x.min(b)),
+            _ => Some(x),
+        };
+        if let Some(x) = fed {
+            self.baseline = Some(self.baseline.map_or(x, |b| alpha * x + (1.0 - alpha) * b));
         }
         // Windows with no activity count as zero new recipients.
         let gaps = index - self.index - 1;
@@ -912,6 +910,21 @@ mod tests {
         assert!(!r.current.recipient_bound_reached);
     }
 
+    /// A monitor that tracks at most `bound` recipients, as `config` says
+    /// otherwise.
+    fn bounded(bound: usize, config: IntegrityConfig) -> IntegrityMonitor {
+        let config = IntegrityConfig {
+            max_tracked_recipients: bound,
+            ..config
+        };
+        IntegrityMonitor::new(config).unwrap()
+    }
+
+    /// `b` sends to consumer `i` on `day`, at its `i`-th millisecond.
+    fn send_on(m: &IntegrityMonitor, b: BusinessId, i: u64, day: u64) {
+        m.record_sent(b, hash(i), Timestamp::from_millis(day * DAY + i));
+    }
+
     /// A window whose counts the bound may have inflated cannot raise the
     /// baseline: a business that outgrows the bound is judged against what
     /// was measured before, and a fan-out after it is flagged as it is
@@ -923,14 +936,8 @@ mod tests {
         let b = BusinessId::new(1).unwrap();
         // Each day's window, as it stands at the end of the day.
         let run = |bound: usize| {
-            let config = IntegrityConfig {
-                max_tracked_recipients: bound,
-                ..Default::default()
-            };
-            let m = IntegrityMonitor::new(config).unwrap();
-            let send = |i: u64, day: u64| {
-                m.record_sent(b, hash(i), Timestamp::from_millis(day * DAY + i));
-            };
+            let m = bounded(bound, IntegrityConfig::default());
+            let send = |i, day| send_on(&m, b, i, day);
             // Ten days with the same 400 customers, then five on which 100
             // new ones a day join them (past 500, half the bound of 1,000,
             // the older half is forgotten), then a day with 600 consumers
@@ -973,14 +980,11 @@ mod tests {
         let b = BusinessId::new(1).unwrap();
         let run = |bound: usize| {
             let config = IntegrityConfig {
-                max_tracked_recipients: bound,
                 min_new_recipients: 10,
                 ..Default::default()
             };
-            let m = IntegrityMonitor::new(config).unwrap();
-            let send = |i: u64, day: u64| {
-                m.record_sent(b, hash(i), Timestamp::from_millis(day * DAY + i % 1_000));
-            };
+            let m = bounded(bound, config);
+            let send = |i, day| send_on(&m, b, i, day);
             // Eleven days of 100 new consumers each (the bound of 1,000
             // reached on the last), twenty days of one message a day to a
             // regular, then 300 new consumers in a day.

@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use foldhash::fast::RandomState;
 
 use super::outbound::DeviceOutcome;
+use super::records::SealTag;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
@@ -147,13 +148,12 @@ pub(super) enum Owed {
     CountSent { phone: PhoneHash, at: Timestamp },
     /// A receive's count for the integrity signals and the statistics, made
     /// if the write storing its message at `at` landed (the store failed it
-    /// and could not then say; the record it stored ends with `tag`, see
-    /// [`seal_tag`](super::records::seal_tag)): its redelivery is answered
-    /// as a duplicate, and counts nothing.
+    /// and could not then say; `tag` tells the record it stored): its
+    /// redelivery is answered as a duplicate, and counts nothing.
     CountReceived {
         phone: PhoneHash,
         at: Timestamp,
-        tag: [u8; 16],
+        tag: SealTag,
     },
 }
 
@@ -362,7 +362,7 @@ impl Processor {
                     owing.owed = None;
                     // Stored by the failed write, not by an earlier receive
                     // (counted by it) whose replay's write was refused.
-                    if stored.is_some_and(|stored| stored.sealed.ends_with(&tag)) {
+                    if stored.is_some_and(|stored| tag.wrote(&stored)) {
                         self.count_received(business, phone, at);
                     }
                 }

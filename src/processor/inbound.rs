@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 
 use super::claims::{Owed, Owing};
 use super::payload::InboundBody;
-use super::records::seal_tag;
+use super::records::SealTag;
 use super::{Processor, ProcessorError, due_by};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::retention::RecordFacts;
@@ -206,7 +206,7 @@ impl Processor {
             .await?;
         // A fresh record: nothing else can be attempting it.
         let claim = self.claims.claim(business, id);
-        let tag = seal_tag(&record);
+        let tag = SealTag::of(&record);
         let mut batch = Batch::new();
         batch.push(Op::PutMessage(Box::new(record)));
         // Dropped before it answers, the write may land all the same (a
@@ -431,10 +431,10 @@ impl Processor {
 
     /// Count message `id`, received from `phone` at `at`, whose storing
     /// write failed, if the write landed all the same (its answer lost):
-    /// the store then has the record that write stored, whose envelope
-    /// ends with `tag` (a message stored by an earlier receive, whose
-    /// replay's write the store refused, was counted by it, even one from
-    /// the same consumer in the same millisecond). Should the store not
+    /// the store then has the record that write stored, which `tag` tells
+    /// (a message stored by an earlier receive, whose replay's write the
+    /// store refused, was counted by it, even one from the same consumer in
+    /// the same millisecond). Should the store not
     /// say, the count is owed ([`Owed::CountReceived`]), and made when the
     /// message is next taken up: by its redelivery, answered as a
     /// duplicate, or by the retransmission loop, which takes up a message
@@ -446,14 +446,14 @@ impl Processor {
         id: MessageId,
         phone: PhoneHash,
         at: Timestamp,
-        tag: [u8; 16],
+        tag: SealTag,
     ) -> Option<bool> {
         let owed = Owed::CountReceived { phone, at, tag };
         let mut owing = Owing::new(&self.claims, (business, id), owed, false);
         match self.storage.message(business, id).await {
             Ok(stored) => {
                 owing.owed = None;
-                let landed = stored.is_some_and(|stored| stored.sealed.ends_with(&tag));
+                let landed = stored.is_some_and(|stored| tag.wrote(&stored));
                 if landed {
                     warn!(%business, %id, "the store failed the write storing a received message, but has it: counted");
                     self.count_received(business, phone, at);

@@ -30,11 +30,21 @@ pub(super) enum Stored<T> {
     Unreadable,
 }
 
-/// What tells the write storing `record` from any other write of its id:
+/// What tells the write storing a record from any other write of its id:
 /// its envelope's last 16 bytes (the AEAD tag), which no two seals repeat.
-/// A stored record is the one that write stored if its envelope ends so.
-pub(super) fn seal_tag(record: &MessageRecord) -> [u8; 16] {
-    record.sealed.last_chunk().copied().unwrap_or_default()
+#[derive(Clone, Copy)]
+pub(super) struct SealTag([u8; 16]);
+
+impl SealTag {
+    /// The tag of `record`, about to be written.
+    pub(super) fn of(record: &MessageRecord) -> Self {
+        Self(record.sealed.last_chunk().copied().unwrap_or_default())
+    }
+
+    /// Whether `stored` is the record that write stored.
+    pub(super) fn wrote(self, stored: &MessageRecord) -> bool {
+        stored.sealed.ends_with(&self.0)
+    }
 }
 
 impl Processor {

@@ -197,18 +197,11 @@ impl Receipts {
             .is_some_and(|r| now < r.until && created <= r.at)
     }
 
-    /// A receipt started `peer` a new session at `now` (`started`), or
-    /// message `sent` went over the one it started: it counts as started
+    /// A receipt started `peer` a new session at `now` (`sent` is `None`),
+    /// or message `sent` went over the one it started: it counts as started
     /// lately for the window from now, and for as long as it is held for
     /// another message.
-    fn restart(
-        &self,
-        business: BusinessId,
-        peer: PeerId,
-        now: Timestamp,
-        started: bool,
-        sent: Option<MessageId>,
-    ) {
+    fn restart(&self, business: BusinessId, peer: PeerId, now: Timestamp, sent: Option<MessageId>) {
         let mut restarted = lock(&self.restarted);
         restarted.retain(|_, r| now < r.until);
         let r = restarted.entry((business, peer)).or_insert(Restarted {
@@ -216,7 +209,7 @@ impl Receipts {
             until: now,
             held_for: Vec::new(),
         });
-        if started {
+        if sent.is_none() {
             r.at = now;
         }
         r.held_for
@@ -957,7 +950,7 @@ impl Processor {
             };
             if written {
                 if bundle.is_some() {
-                    self.receipts.restart(business, peer, now, true, None);
+                    self.receipts.restart(business, peer, now, None);
                     debug!("a new session was started on a retry receipt");
                 }
                 drop(starting.take());
@@ -979,7 +972,7 @@ impl Processor {
                             // A session held for the message is let go
                             // (held for others, it stays held for them).
                             if bundle.is_none() {
-                                self.receipts.restart(business, peer, now, false, Some(id));
+                                self.receipts.restart(business, peer, now, Some(id));
                             }
                         }
                         Err(e) => {
@@ -1029,6 +1022,17 @@ mod tests {
     use crate::store::PeerId;
     use crate::time::Timestamp;
 
+    const DAY: u64 = 24 * 3600 * 1000;
+    /// The receipt timeout of every test's memory.
+    const WINDOW: Duration = Duration::from_secs(3600);
+    /// The consumer of every test.
+    const PHONE: PhoneHash = PhoneHash::from_bytes([0xA5; 16]);
+
+    /// Receipt memory with the test window, and the business it serves.
+    fn receipts() -> (Receipts, BusinessId) {
+        (Receipts::new(WINDOW), BusinessId::new(7).unwrap())
+    }
+
     /// The retry-receipt memory keeps no consumer's phone hash (in
     /// `PeerId`) past its window: each change drops what no longer counts,
     /// as each sweep does (`Receipts::expire`). (Entries were dropped only
@@ -1036,14 +1040,12 @@ mod tests {
     /// again was remembered for as long as the processor ran.)
     #[test]
     fn a_receipt_restart_forgets_the_consumer_past_its_window() {
-        const DAY: u64 = 24 * 3600 * 1000;
-        let receipts = Receipts::new(Duration::from_secs(3600));
-        let business = BusinessId::new(7).unwrap();
+        let (receipts, business) = receipts();
         let consumer = PeerId {
-            phone: PhoneHash::from_bytes([0xA5; 16]),
+            phone: PHONE,
             device: 1,
         };
-        receipts.restart(business, consumer, Timestamp::from_millis(DAY), true, None);
+        receipts.restart(business, consumer, Timestamp::from_millis(DAY), None);
         // Forty days on, the receipt memory is used again for others.
         let later = Timestamp::from_millis(41 * DAY);
         for i in 0..10u8 {
@@ -1051,7 +1053,7 @@ mod tests {
                 phone: PhoneHash::from_bytes([i; 16]),
                 device: 0,
             };
-            receipts.restart(business, other, later, true, None);
+            receipts.restart(business, other, later, None);
             assert!(!receipts.restarted_lately(business, consumer, later, Timestamp::UNIX_EPOCH));
         }
         let kept = receipts
@@ -1075,10 +1077,8 @@ mod tests {
     /// first fix too.)
     #[test]
     fn an_ignored_receipt_forgets_its_consumer_with_its_window() {
-        const DAY: u64 = 24 * 3600 * 1000;
-        let receipts = Receipts::new(Duration::from_secs(3600));
-        let business = BusinessId::new(7).unwrap();
-        let phone = PhoneHash::from_bytes([0xA5; 16]);
+        let (receipts, business) = receipts();
+        let phone = PHONE;
         let take = |device| {
             let now = Timestamp::from_millis(DAY);
             receipts.take(business, MessageId::random(), device, now)
@@ -1091,7 +1091,7 @@ mod tests {
         }
         // A session a receipt started with its device, too.
         let device = PeerId { phone, device: 3 };
-        receipts.restart(business, device, Timestamp::from_millis(DAY), true, None);
+        receipts.restart(business, device, Timestamp::from_millis(DAY), None);
         // After the message's life, another consumer's receipt comes.
         let later = Timestamp::from_millis(41 * DAY);
         receipts
@@ -1113,11 +1113,8 @@ mod tests {
     /// its messages by up to their old retention.)
     #[test]
     fn what_receipts_keep_for_a_message_goes_with_it() {
-        const DAY: u64 = 24 * 3600 * 1000;
-        let window = Duration::from_secs(3600);
-        let receipts = Receipts::new(window);
-        let business = BusinessId::new(7).unwrap();
-        let phone = PhoneHash::from_bytes([0xA5; 16]);
+        let (receipts, business) = receipts();
+        let phone = PHONE;
         let (shortened, gone, other) = (
             MessageId::random(),
             MessageId::random(),
@@ -1130,12 +1127,12 @@ mod tests {
         take(gone, 2).oversized_until(old_expiry, phone);
         take(other, 3).keep_until(old_expiry);
         let held = PeerId { phone, device: 4 };
-        receipts.restart(business, held, now, true, None);
+        receipts.restart(business, held, now, None);
         receipts.hold_restart((business, gone), held, now, old_expiry);
         // Another device's session is held for two messages.
         let both = PeerId { phone, device: 5 };
         let other_expiry = Timestamp::from_millis(20 * DAY);
-        receipts.restart(business, both, now, true, None);
+        receipts.restart(business, both, now, None);
         receipts.hold_restart((business, gone), both, now, old_expiry);
         receipts.hold_restart((business, other), both, now, other_expiry);
         let mut kept = receipts.kept_for_messages(now);
@@ -1178,18 +1175,15 @@ mod tests {
     /// it.)
     #[test]
     fn a_session_held_for_two_messages_stays_held_for_the_one_not_sent() {
-        const DAY: u64 = 24 * 3600 * 1000;
-        let window = Duration::from_secs(3600);
-        let receipts = Receipts::new(window);
-        let business = BusinessId::new(7).unwrap();
+        let (receipts, business) = receipts();
         let peer = PeerId {
-            phone: PhoneHash::from_bytes([0xA5; 16]),
+            phone: PHONE,
             device: 1,
         };
         let at = |ms: u64| Timestamp::from_millis(DAY + ms);
         let (m1, m2) = (MessageId::random(), MessageId::random());
         let made = Timestamp::from_millis(DAY / 2);
-        receipts.restart(business, peer, at(0), true, None);
+        receipts.restart(business, peer, at(0), None);
         receipts.hold_restart(
             (business, m1),
             peer,
@@ -1202,13 +1196,13 @@ mod tests {
             at(2),
             Timestamp::from_millis(20 * DAY),
         );
-        receipts.restart(business, peer, at(3), false, Some(m1));
+        receipts.restart(business, peer, at(3), Some(m1));
         // Past the window, the session is still held for m2.
         let past = Timestamp::from_millis(15 * DAY);
         assert!(receipts.restarted_lately(business, peer, past, made));
         // Once m2 went over it too, it counts for the window alone.
-        receipts.restart(business, peer, past, false, Some(m2));
-        let later = past.saturating_add(window);
+        receipts.restart(business, peer, past, Some(m2));
+        let later = past.saturating_add(WINDOW);
         assert!(!receipts.restarted_lately(business, peer, later, made));
     }
 }

@@ -322,9 +322,9 @@ async fn list_one_time(
 ) -> Result<(Vec<(u32, WrappedKey)>, Vec<WrappedKey>), SignalError> {
     let (mut stored, mut misfiled) = (BTreeMap::new(), Vec::new());
     for wrapped in list(keys, business, KeyKind::SignalPreKey).await? {
-        match u32::try_from(wrapped.id.id) {
-            Ok(id) if (1..=MAX_PREKEY_ID).contains(&id) => _ = stored.insert(id, wrapped),
-            _ => {
+        match refill_id(&wrapped) {
+            Some(id) => _ = stored.insert(id, wrapped),
+            None => {
                 log_damaged(business, "one-time", wrapped.id.id, &corrupt("prekey id"));
                 misfiled.push(wrapped);
             }
@@ -374,11 +374,9 @@ pub(super) async fn holds_sound_one_time(
         return Ok(false);
     }
     for wrapped in &listed {
-        let public = match u32::try_from(wrapped.id.id) {
-            Ok(id) if (1..=MAX_PREKEY_ID).contains(&id) => {
-                public_one_time(keys, id, wrapped).await.map(drop)
-            }
-            _ => Err(corrupt("prekey id")),
+        let public = match refill_id(wrapped) {
+            Some(id) => public_one_time(keys, id, wrapped).await.map(drop),
+            None => Err(corrupt("prekey id")),
         };
         match public {
             Ok(()) => {}
@@ -390,6 +388,14 @@ pub(super) async fn holds_sound_one_time(
         }
     }
     Ok(true)
+}
+
+/// The id `wrapped` is stored under, if it is one a refill makes (in
+/// `1..=MAX_PREKEY_ID`).
+pub(super) fn refill_id(wrapped: &WrappedKey) -> Option<u32> {
+    u32::try_from(wrapped.id.id)
+        .ok()
+        .filter(|id| (1..=MAX_PREKEY_ID).contains(id))
 }
 
 /// The public half of the one-time prekey `wrapped`, stored under `id`.

@@ -1152,11 +1152,7 @@ impl Sessions {
         // deleted it and made a sound key under its id since).
         let (pool, mut damaged) = account::one_time_prekeys(keys, business).await?;
         // Those the network may hold: under ids a refill makes.
-        let damaged_ids: BTreeSet<u32> = damaged
-            .iter()
-            .filter_map(|k| u32::try_from(k.id.id).ok())
-            .filter(|id| (1..=account::MAX_PREKEY_ID).contains(id))
-            .collect();
+        let damaged_ids: BTreeSet<u32> = damaged.iter().filter_map(account::refill_id).collect();
         damaged.append(&mut account.damaged_signed);
         if !damaged.is_empty() {
             let gone = keys.store().delete_keys_as_read(&damaged).await?;
