@@ -149,6 +149,7 @@ conformance!(
     ended_epoch_keys_are_oldest_first_with_tombstones_and_limited,
     peers_are_replaced_deleted_and_listed_by_device,
     messages_are_stored_once_and_delivery_updates_only_touch_stored_ones,
+    a_message_sent_again_is_known_by_its_headers_id_too,
     due_messages_are_earliest_first_and_follow_updates,
     expired_open_messages_are_the_open_ones_earliest_first,
     delete_expired_spares_held_pending_and_live_messages,
@@ -1186,6 +1187,115 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
     .await;
     assert_eq!(s.message(business(1), mid(1)).await.unwrap(), None);
     assert_eq!(s.census().await.unwrap().messages, 0);
+}
+
+fn put_resent(m: &M, header: u64) -> Op {
+    Op::PutResentMessage {
+        record: Box::new(m.record()),
+        header: mid(header),
+    }
+}
+
+/// A message stored under one id and known by another: either id reads it
+/// (its record has the one it is stored under), neither can be stored or
+/// made known again while it is stored, within a batch or across batches,
+/// across a reopen; deleted, by its own write or by the sweep, it frees
+/// both ids.
+async fn a_message_sent_again_is_known_by_its_headers_id_too(backend: &mut Backend) {
+    let resent = M::new(1, 1, 1, T0 + HOUR);
+    commit(backend.store.as_ref(), [put_resent(&resent, 2)]).await;
+    backend.reopen().await;
+    let s = &*backend.store;
+    for id in [1, 2] {
+        assert_eq!(
+            s.message(business(1), mid(id)).await.unwrap(),
+            Some(resent.record()),
+            "read by id {id}"
+        );
+        assert_eq!(s.message(business(2), mid(id)).await.unwrap(), None);
+    }
+
+    // Taken, either id, whichever way it would be stored, alone or after
+    // writes that would land: nothing changes.
+    let other = M::new(1, 3, 2, T0 + 2 * HOUR);
+    for refused in [
+        batch([put(&M::new(1, 2, 2, T0))]),
+        batch([put_resent(&other, 1)]),
+        batch([put_resent(&other, 2)]),
+        batch([put_resent(&M::new(1, 2, 2, T0), 4)]),
+        batch([put_resent(&M::new(1, 1, 2, T0), 4)]),
+        batch([put(&M::new(1, 9, 1, T0)), put(&M::new(1, 2, 2, T0))]),
+        batch([put_resent(&other, 4), put(&M::new(1, 4, 2, T0))]),
+        batch([put_resent(&other, 4), put_resent(&M::new(1, 5, 2, T0), 3)]),
+    ] {
+        assert!(
+            matches!(s.commit(refused.clone()).await, Err(StoreError::Conflict)),
+            "{refused:?}"
+        );
+        for id in [3, 4, 5, 9] {
+            assert_eq!(s.message(business(1), mid(id)).await.unwrap(), None);
+        }
+        assert_eq!(
+            s.message(business(1), mid(2)).await.unwrap(),
+            Some(resent.record())
+        );
+    }
+    // The same ids in another business are free.
+    commit(
+        s,
+        [
+            put(&M::new(2, 2, 1, T0 + HOUR)),
+            put_resent(&M::new(2, 9, 1, T0 + HOUR), 1),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.message(business(2), mid(1)).await.unwrap().map(|m| m.id),
+        Some(mid(9))
+    );
+
+    // Deleted in a batch, its ids are free again in the same batch.
+    let again = M::new(1, 2, 3, T0 + 2 * HOUR);
+    commit(
+        s,
+        [
+            Op::DeleteMessage {
+                business: business(1),
+                id: mid(1),
+            },
+            put(&again),
+            put_resent(&other, 1),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.message(business(1), mid(2)).await.unwrap(),
+        Some(again.record())
+    );
+    assert_eq!(
+        s.message(business(1), mid(1)).await.unwrap(),
+        Some(other.record())
+    );
+
+    // Swept, it frees both.
+    let swept = s
+        .delete_expired(t(T0 + 3 * HOUR), t(T0), &[], 100)
+        .await
+        .unwrap();
+    assert_eq!(swept.len(), 4, "{swept:?}");
+    for b in [1, 2] {
+        for id in [1, 2, 3, 9] {
+            assert_eq!(s.message(business(b), mid(id)).await.unwrap(), None);
+        }
+    }
+    commit(
+        s,
+        [
+            put(&M::new(1, 1, 1, T0 + HOUR)),
+            put(&M::new(2, 1, 1, T0 + HOUR)),
+        ],
+    )
+    .await;
 }
 
 async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backend) {

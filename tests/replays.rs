@@ -406,13 +406,13 @@ mod resent {
     }
 
     /// A message received as sent again on request (`Inbound::resend_of`)
-    /// is stored under the id asked for, not its header's: a replay of its
-    /// bytes, named by its header, is not found stored, so its session step
-    /// is persisted, never written behind. A restarted processor then finds
-    /// its message key used, and the replay is refused. (Written behind, the
-    /// step was lost with the cache, the restart found no message stored
-    /// under the header's id for the counter, kept its key, and the replay
-    /// reached the business a second time.)
+    /// is stored under the id asked for, and known by its header's: a
+    /// replay of its bytes after a restart, named by its header, is found
+    /// stored and refused, whatever the restarted session remembers of it.
+    /// (Before it was known by its header's id, a step written behind was
+    /// lost with the cache, the restart found no message under that id,
+    /// kept the counter's key, and the replay reached the business a second
+    /// time.)
     #[tokio::test]
     async fn a_resent_message_written_behind_is_not_taken_for_new_after_a_restart() {
         let world = World::new();
@@ -462,6 +462,49 @@ mod resent {
             "a replay of a resent message was taken for new after a restart and handed over again: \
              {replay:?}; business has {texts:?}"
         );
+    }
+
+    /// A first message that used no one-time prekey, sent again on request
+    /// over a session started from a bundle without one, handed in again
+    /// without the request named, as another consumer's or another
+    /// device's: a duplicate of the message stored under the id asked for,
+    /// which the business has, and no session is started for the sender
+    /// named. (Stored only under the id asked for, it decrypted as new in
+    /// a fresh session and reached the business a second time.)
+    #[tokio::test]
+    async fn a_resent_first_message_replayed_as_anyone_elses_is_a_duplicate() {
+        let others: [(PhoneNumber, u32); 2] =
+            [("+447700900124".parse().unwrap(), 0), (consumer(), 7)];
+        for (from, device) in others {
+            let world = World::new();
+            let (b, owner) = (world.id, &world.owner);
+            let processor = world.processor();
+            processor.publish_keys(owner, b).await.unwrap();
+            let mut handset = ConsumerDevice::new(0);
+            let bundle = world.network.published().unwrap().bundle(None);
+            handset.start_session(b, &bundle).await.unwrap();
+            let asked = MessageId::from_bytes([0x45; 16]);
+            let (resent, r) =
+                writes(&world, &processor, &mut handset, b"pay 100", Some(asked)).await;
+            assert!(r.delivered && !r.duplicate && r.id == asked, "{r:?}");
+
+            let replay = Inbound {
+                from: from.clone(),
+                device,
+                ..inbound(&resent, None)
+            };
+            let replayed = processor.receive(owner, b, replay).await.unwrap();
+            assert!(
+                replayed.duplicate && replayed.delivered && replayed.id == asked,
+                "{from:?}/{device}: {replayed:?}"
+            );
+            assert_eq!(world.business.messages().len(), 1, "{from:?}/{device}");
+            assert_eq!(
+                processor.census(&world.operator).await.unwrap().peers,
+                1,
+                "{from:?}/{device}"
+            );
+        }
     }
 
     /// The same with the replay carrying the very same `resend_of` (an

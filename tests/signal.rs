@@ -1087,6 +1087,49 @@ async fn many_tasks_on_one_address_never_fork_the_ratchet() {
     );
 }
 
+/// A device's late message under a session a bundle replaced (a retry
+/// receipt), after the business sent more than 2,000 messages on the new
+/// one: the library promotes the old session and, the record's counter
+/// lease too far ahead of it, drops its sending chain. Such a record is no
+/// session (before and after a restart): the next send starts one from the
+/// device's bundle, and reaches it. (It counted as a session that could
+/// send: every encrypt failed as corrupt state, no bundle was fetched, and
+/// the device was sent nothing again; a review's test.)
+#[tokio::test]
+async fn a_late_message_under_a_replaced_session_leaves_the_device_reachable() {
+    let mut w = World::new();
+    let b = w.business;
+    let (mut device, peer) = w.answered("+447700900011", 0).await;
+    let one = device.encrypt(b, b"one").await.unwrap();
+    let late = device.encrypt(b, b"two").await.unwrap();
+    assert_eq!(w.decrypt(peer, &one).await.unwrap(), b"one");
+    w.sessions
+        .start_session(b, peer, &device.bundle(true), w.expiry())
+        .await
+        .unwrap();
+    for _ in 0..2_100 {
+        w.encrypt(peer, b"notice").await;
+    }
+    assert_eq!(w.decrypt(peer, &late).await.unwrap(), b"two");
+    for restart in [false, true] {
+        if restart {
+            w.restart();
+        }
+        let has = w.sessions.has_session(b, peer).await.unwrap();
+        let sent = w.sessions.encrypt(b, peer, b"after", w.expiry()).await;
+        assert!(
+            !has && matches!(sent, Err(SignalError::NoSession)),
+            "restart {restart}: a session that cannot send: {has}, {sent:?}"
+        );
+    }
+    w.sessions
+        .start_session(b, peer, &device.bundle(true), w.expiry())
+        .await
+        .unwrap();
+    let after = w.encrypt(peer, b"after").await;
+    assert_eq!(device.decrypt(b, &after).await.unwrap(), b"after");
+}
+
 #[tokio::test]
 async fn a_restarted_processor_continues_from_stored_state() {
     let mut w = World::new();

@@ -8,7 +8,6 @@
 )]
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -508,31 +507,24 @@ fn a_policy_built_in_code_cannot_claim_the_published_revision() {
     assert_eq!(max.revision(), Revision::MAX);
 }
 
-fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("custodian-visibility-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    let _ = std::fs::remove_file(&path);
-    path
-}
-
 #[test]
 fn load_reads_toml_and_json_by_extension() {
     let policy = VisibilityPolicy::published().to_builder(5).unwrap().build();
-    let toml = temp_path("policy.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("policy.toml");
     std::fs::write(&toml, policy.to_toml()).unwrap();
     assert_eq!(VisibilityPolicy::load(&toml).unwrap(), policy);
-    let json = temp_path("policy.JSON");
+    let json = dir.path().join("policy.JSON");
     std::fs::write(&json, policy.to_json()).unwrap();
     assert_eq!(VisibilityPolicy::load(&json).unwrap(), policy);
 
-    let yaml = temp_path("policy.yaml");
+    let yaml = dir.path().join("policy.yaml");
     std::fs::write(&yaml, "revision: 5").unwrap();
     assert!(matches!(
         VisibilityPolicy::load(&yaml),
         Err(PolicyError::UnknownFormat { .. })
     ));
-    let missing = temp_path("missing.toml");
+    let missing = dir.path().join("missing.toml");
     assert!(matches!(
         VisibilityPolicy::load(&missing),
         Err(PolicyError::Io { .. })
@@ -650,7 +642,8 @@ fn count_allowed() -> usize {
 
 #[test]
 fn json_lines_sink_appends_one_parseable_line_per_decision() {
-    let path = temp_path("audit.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
     let business = BusinessId::new(5).unwrap();
     let clock = Arc::new(ManualClock::new(Timestamp::from_millis(START)));
     let mut released = Vec::new();
@@ -701,7 +694,8 @@ fn json_lines_sink_appends_one_parseable_line_per_decision() {
 
 #[test]
 fn buffered_json_lines_sink_writes_everything_by_flush() {
-    let path = temp_path("buffered.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buffered.jsonl");
     let sink = Arc::new(JsonLinesSink::open_with(&path, FlushPolicy::BUFFERED).unwrap());
     let h = harness(VisibilityPolicy::published());
     let gate = Gate::new(

@@ -30,9 +30,10 @@ pub struct Inbound {
     /// it is received under that id, so the business gets the message once
     /// however often it was asked for. `None` for every other message.
     /// Name it on every redelivery of such a message too: a copy without
-    /// it is recognised only as from the device that sent it, and its
-    /// receipt cannot say whether the business has the message
-    /// ([`Receipt::id`]).
+    /// it is a duplicate once the message is stored (known by the id its
+    /// header gives, [`Receipt::id`]), but one that comes first is stored
+    /// under that id, where a request for the message made again does not
+    /// look.
     pub resend_of: Option<MessageId>,
 }
 
@@ -53,12 +54,9 @@ pub struct Receipt {
     /// The message's id, derived from its Signal header: the same for every
     /// redelivery or replay of it, whatever the transport calls it. (A
     /// message sent again on request is stored under the id it was asked
-    /// for, [`Inbound::resend_of`]; a copy of it handed in without that id,
-    /// as from the device that sent it, is answered as a duplicate under
-    /// its header's id, `delivered` unknown, as for a message no longer
-    /// stored. As from another consumer or device, such a copy of one sent
-    /// on a bundle without a one-time prekey decrypts as new: see the
-    /// README's security notes.)
+    /// for, [`Inbound::resend_of`], and known by its header's too: a copy
+    /// of it handed in without the request named, as from any consumer or
+    /// device, is answered as a duplicate under the id asked for.)
     pub id: MessageId,
     /// It was a duplicate of a message already received: nothing was done.
     pub duplicate: bool,
@@ -168,12 +166,13 @@ impl Processor {
             phone,
             device: inbound.device,
         };
-        let id = parsed.id();
-        // A message sent again whose bytes came before without the request
-        // named is stored under its header's id: that copy is the message,
-        // whatever the session remembers of it (a restart, or a sweep that
-        // cleared the cache, may have lost its step). Boxed: rare.
-        if let Some(header) = parsed.header_id()
+        let (id, header) = (parsed.id(), parsed.header_id());
+        // A message sent again whose bytes came before, without the request
+        // named (stored under its header's id) or with it (known by that
+        // id), is stored: that copy is the message, whatever the session
+        // remembers of it (a restart, or a sweep that cleared the cache,
+        // may have lost its step). Boxed: rare.
+        if let Some(header) = header
             && Box::pin(self.storage.message(business, header))
                 .await?
                 .is_some()
@@ -208,7 +207,15 @@ impl Processor {
         let claim = self.claims.claim(business, id);
         let tag = SealTag::of(&record);
         let mut batch = Batch::new();
-        batch.push(Op::PutMessage(Box::new(record)));
+        // A message sent again is known by its header's id too: a copy of
+        // its bytes handed in plain, as from any consumer or device, is one.
+        batch.push(match header {
+            Some(header) => Op::PutResentMessage {
+                record: Box::new(record),
+                header,
+            },
+            None => Op::PutMessage(Box::new(record)),
+        });
         // Dropped before it answers, the write may land all the same (a
         // SQLite commit does): the count is owed then, and made when the
         // message is next taken up, as its redelivery is answered as a
@@ -314,14 +321,22 @@ impl Processor {
         })
     }
 
-    /// The receipt of a duplicate of message `id`: whether the business
-    /// has it, from the stored message, once what an earlier call left
-    /// owed to it is made (a hand-over whose delivered mark failed, say).
+    /// The receipt of a duplicate of message `id` (or of the message
+    /// known by `id`, answered under the id it is stored under): whether
+    /// the business has it, from the stored message, once what an earlier
+    /// call left owed to it is made (a hand-over whose delivered mark
+    /// failed, say).
     async fn duplicate(
         &self,
         business: BusinessId,
         id: MessageId,
     ) -> Result<Receipt, ProcessorError> {
+        // Known by `id`, stored under another (sent again on request): a
+        // copy of that message, answered under its id.
+        let id = match self.storage.message(business, id).await? {
+            Some(stored) => stored.id,
+            None => id,
+        };
         drop(self.take_up(business, id).await?);
         let stored = self.storage.message(business, id).await?;
         Ok(Receipt::duplicate(id, stored.as_ref()))

@@ -118,9 +118,9 @@ impl Processor {
     /// Run the retention sweep (operators only): expired undelivered
     /// messages are reported failed to their businesses, then everything
     /// retention no longer allows is deleted or shredded, no Signal state
-    /// the sweep deleted stays in memory, the integrity monitor forgets the
-    /// consumers out of contact for their business's retention, and the
-    /// statistics those out of contact for the retention ceiling. One at a
+    /// the sweep deleted stays in memory, and the integrity monitor and the
+    /// statistics forget the consumers out of contact for their business's
+    /// retention (its longest period, at most the ceiling). One at a
     /// time: a sweep while another is under way (from inside the business
     /// it tells, say) is refused as [`SweepError::InProgress`].
     pub async fn sweep(&self, principal: &Principal) -> Result<SweepReport, ProcessorError> {
@@ -129,9 +129,8 @@ impl Processor {
             let notifier = FailureNotifier { processor: self };
             let now = self.clock.now();
             // No consumer outlives its business's retention in the
-            // integrity monitor, nor the ceiling in the statistics, whether
-            // or not its business is still active or its statistics are
-            // ever taken.
+            // integrity monitor or the statistics, whether or not its
+            // business is still active or its statistics are ever taken.
             let policy = self.retention.policy();
             self.integrity.expire(now, &policy);
             self.statistics.expire(now, &policy);

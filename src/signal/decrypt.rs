@@ -44,10 +44,6 @@ pub(crate) struct StagedDecrypt<'a> {
     prekey: Option<PreKeyHold<'a>>,
     /// The message's [`Parsed::id`].
     id: MessageId,
-    /// It is stored under an id its header does not give (sent again on
-    /// request): a replay of its bytes, named by its header, would not be
-    /// found stored, so its session step is never written behind.
-    resent: bool,
     /// The library wrote the device's identity.
     identity_written: bool,
     /// The message's receiving chain and the index it left it at, if it is
@@ -79,12 +75,12 @@ impl StagedDecrypt<'_> {
     }
 
     /// Commit as [`commit`](Self::commit) does, `extra` storing the message
-    /// under its [`Parsed::id`]. A stored id is never stored again, so the
-    /// store refuses a replay whatever the session's state: a plain step
-    /// along a receiving chain may then be written behind (see the cache
-    /// module), unless the message was sent again on request and is stored
-    /// under the id asked for, which a replay of its bytes does not give.
-    /// A replay fails with [`StoreError::Conflict`].
+    /// under its [`Parsed::id`] (and, sent again on request, known by its
+    /// [`Parsed::header_id`] too: the id a replay of its bytes gives). A
+    /// stored id is never stored again, so the store refuses a replay
+    /// whatever the session's state: a plain step along a receiving chain
+    /// may then be written behind (see the cache module). A replay fails
+    /// with [`StoreError::Conflict`].
     pub(crate) async fn commit_stored(self, extra: Batch) -> Result<Decrypted, SignalError> {
         self.commit_as(extra, true).await
     }
@@ -102,7 +98,6 @@ impl StagedDecrypt<'_> {
             consumed,
             prekey,
             id,
-            resent,
             identity_written,
             chain,
             in_order,
@@ -117,7 +112,6 @@ impl StagedDecrypt<'_> {
             }));
         }
         let committed = if stored
-            && !resent
             && in_order
             && consumed.is_none()
             && !identity_written
@@ -450,7 +444,6 @@ impl Sessions {
             consumed,
             prekey: prekeys.take_hold(),
             id: message.id(),
-            resent: message.header_id().is_some(),
             identity_written: identities.written,
             chain: index_after.map(|index| (message.chain, index)),
             in_order,

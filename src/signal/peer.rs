@@ -147,13 +147,16 @@ impl Peer {
     }
 
     /// Whether it holds a session that can send: a record with a current
-    /// state. A record without one (stored so, or left so by the library)
-    /// is no session, so the next send starts one from the device's bundle
-    /// instead of failing for ever.
+    /// state that has a sending chain. A record without one (stored so, or
+    /// left so by the library: an archived state a late message promoted
+    /// loses its sending chain when the record's counter lease is too far
+    /// ahead of it) is no session, so the next send starts one from the
+    /// device's bundle instead of failing for ever.
     pub(super) fn has_live_session(&self) -> bool {
         self.session
             .as_ref()
-            .is_some_and(|s| s.session_state().is_some())
+            .and_then(|s| s.session_state())
+            .is_some_and(|s| s.get_sender_chain_key().is_ok())
     }
 
     /// Encode for sealing; `incarnation` marks the session snapshot as this

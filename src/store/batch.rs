@@ -64,6 +64,22 @@ pub enum Op {
     /// a stored message is never replaced, so an id is a guard against
     /// storing the same message twice.
     PutMessage(Box<MessageRecord>),
+    /// Store a new message under two ids: a consumer's message sent again
+    /// on request, stored under the id it was asked for (`record.id`) and
+    /// known by the id its own header gives (`header`), so that a copy of
+    /// it handed in without the request named is a copy too. If a message
+    /// stored under, or known by, either id exists, the whole batch fails
+    /// with [`StoreError::Conflict`](super::StoreError::Conflict); a
+    /// [`PutMessage`](Op::PutMessage) under an id some message is known by
+    /// fails the same way. Reading either id gives the message
+    /// ([`Storage::message`](super::Storage::message)); deleting it deletes
+    /// both.
+    PutResentMessage {
+        /// The message, under the id it was asked for.
+        record: Box<MessageRecord>,
+        /// The id its header gives.
+        header: MessageId,
+    },
     /// Change a stored message's delivery bookkeeping, if it is still
     /// exactly `expected` (every field: status, failure, attempts, next
     /// attempt, pending devices). If it is not, or the message is gone, the
@@ -178,6 +194,11 @@ impl fmt::Debug for Op {
                 .finish(),
             Self::ConsumeKey(id) => f.debug_tuple("ConsumeKey").field(id).finish(),
             Self::PutMessage(m) => f.debug_tuple("PutMessage").field(m).finish(),
+            Self::PutResentMessage { record, header } => f
+                .debug_struct("PutResentMessage")
+                .field("record", record)
+                .field("header", header)
+                .finish(),
             Self::UpdateDelivery {
                 business,
                 id,

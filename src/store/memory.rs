@@ -60,6 +60,11 @@ struct Inner {
     /// Per business, by id: hashed, as ids are random and a tree would
     /// miss the cache at every level; boxed, so growth moves pointers.
     messages: HashMap<BusinessId, HashMap<MessageId, Box<MessageRecord>, RandomState>, RandomState>,
+    /// Messages sent again on request ([`Op::PutResentMessage`]): the id
+    /// each is stored under, by the id its header gives.
+    known_as: HashMap<(BusinessId, MessageId), MessageId, RandomState>,
+    /// The same, the other way: a header's id by the id stored under.
+    headers: HashMap<(BusinessId, MessageId), MessageId, RandomState>,
     by_expiry: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     by_due: BTreeSet<(Timestamp, BusinessId, MessageId)>,
     /// The messages of each consumer, for the questions asked by phone.
@@ -249,13 +254,9 @@ impl Inner {
                 }
                 self.delete_key(&id);
             }
-            Op::PutMessage(m) => {
-                let entries = IndexEntries::of(&m);
-                match self.messages.entry(m.business).or_default().entry(m.id) {
-                    Entry::Occupied(_) => return false,
-                    Entry::Vacant(vacant) => vacant.insert(m),
-                };
-                self.index(&entries);
+            Op::PutMessage(m) => return self.put_message(m, None),
+            Op::PutResentMessage { record, header } => {
+                return self.put_message(record, Some(header));
             }
             Op::UpdateDelivery {
                 business,
@@ -350,7 +351,10 @@ impl Inner {
         let conditional = |op: &Op| {
             matches!(
                 op,
-                Op::ConsumeKey(_) | Op::UpdateDelivery { .. } | Op::PutMessage(_)
+                Op::ConsumeKey(_)
+                    | Op::UpdateDelivery { .. }
+                    | Op::PutMessage(_)
+                    | Op::PutResentMessage { .. }
             )
         };
         if !ops.iter().any(conditional) {
@@ -367,6 +371,18 @@ impl Inner {
                 .find(|(k, _)| *k == key)
                 .map(|(_, s)| *s)
                 .unwrap_or_else(|| self.record(key.0, key.1).map(|m| m.delivery))
+        };
+        // The headers' ids whose mapping the batch changed: to the id stored
+        // under, or `None` (forgotten with a message deleted).
+        type Headers = Vec<((BusinessId, MessageId), Option<MessageId>)>;
+        let mut headers: Headers = Vec::new();
+        let known = |headers: &Headers, key: (BusinessId, MessageId)| match headers
+            .iter()
+            .rev()
+            .find(|(h, _)| *h == key)
+        {
+            Some((_, id)) => id.is_some(),
+            None => self.known_as.contains_key(&key),
         };
         for op in ops {
             match op {
@@ -388,10 +404,23 @@ impl Inner {
                     seen.push(((*business, *id), Some(*delivery)));
                 }
                 Op::PutMessage(m) => {
-                    if current(&seen, (m.business, m.id)).is_some() {
+                    if current(&seen, (m.business, m.id)).is_some()
+                        || known(&headers, (m.business, m.id))
+                    {
                         return false;
                     }
                     seen.push(((m.business, m.id), Some(m.delivery)));
+                }
+                Op::PutResentMessage { record: m, header } => {
+                    let (id, header) = ((m.business, m.id), (m.business, *header));
+                    if [id, header]
+                        .iter()
+                        .any(|&k| current(&seen, k).is_some() || known(&headers, k))
+                    {
+                        return false;
+                    }
+                    seen.push((id, Some(m.delivery)));
+                    headers.push((header, Some(m.id)));
                 }
                 Op::FailExpired { business, id } => {
                     if let Some(d) = current(&seen, (*business, *id))
@@ -402,9 +431,42 @@ impl Inner {
                 }
                 Op::DeleteMessage { business, id } => {
                     seen.push(((*business, *id), None));
+                    let header = headers
+                        .iter()
+                        .rev()
+                        .find(|(h, of)| h.0 == *business && *of == Some(*id))
+                        .map(|(h, _)| h.1)
+                        .or_else(|| self.headers.get(&(*business, *id)).copied());
+                    if let Some(header) = header {
+                        headers.push(((*business, header), None));
+                    }
                 }
                 _ => {}
             }
+        }
+        true
+    }
+
+    /// Store `m`, known by `header` too if given, unless a message is
+    /// stored under or known by either id; whether it was stored.
+    fn put_message(&mut self, m: Box<MessageRecord>, header: Option<MessageId>) -> bool {
+        let business = m.business;
+        let taken = |inner: &Self, id| {
+            inner.known_as.contains_key(&(business, id))
+                || (Some(id) == header && inner.record(business, id).is_some())
+        };
+        if taken(self, m.id) || header.is_some_and(|h| taken(self, h)) {
+            return false;
+        }
+        let entries = IndexEntries::of(&m);
+        match self.messages.entry(business).or_default().entry(m.id) {
+            Entry::Occupied(_) => return false,
+            Entry::Vacant(vacant) => vacant.insert(m),
+        };
+        self.index(&entries);
+        if let Some(header) = header {
+            self.known_as.insert((business, header), entries.id);
+            self.headers.insert((business, entries.id), header);
         }
         true
     }
@@ -489,6 +551,11 @@ impl Inner {
         }
         if let Some(due) = e.due {
             self.by_due.remove(&(due, e.business, e.id));
+        }
+        if !self.headers.is_empty()
+            && let Some(header) = self.headers.remove(&(e.business, e.id))
+        {
+            self.known_as.remove(&(e.business, header));
         }
     }
 
@@ -757,7 +824,12 @@ impl Storage for MemoryStore {
         business: BusinessId,
         id: MessageId,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        Ok(self.lock().record(business, id).cloned())
+        let inner = self.lock();
+        let record = inner.record(business, id).or_else(|| {
+            let stored = inner.known_as.get(&(business, id))?;
+            inner.record(business, *stored)
+        });
+        Ok(record.cloned())
     }
 
     async fn due_messages(

@@ -241,7 +241,9 @@ pub trait Storage: KeyStore {
         now: Timestamp,
     ) -> Result<bool, StoreError>;
 
-    /// The stored message `id` of `business`.
+    /// The stored message `id` of `business`: stored under `id`, or known
+    /// by it (see [`Op::PutResentMessage`]; its record has the id it is
+    /// stored under).
     async fn message(
         &self,
         business: BusinessId,

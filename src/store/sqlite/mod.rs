@@ -328,7 +328,10 @@ const WAL_CHECKPOINT_PAGES: i64 = 16_384;
 ///   custodian database of a known schema version, and creates nothing
 ///   beside a file it refuses (but where a crash left a log without its
 ///   index, or a rollback journal: then the check, read-only, may create
-///   the log's files; it never rolls the journal back).
+///   the log's files; a journal a crash left hot beside a file whose
+///   header is a custodian database's is rolled back first, as SQLite
+///   would on any connection, so the file is checked as its last whole
+///   transaction left it; a foreign file's journal is never rolled back).
 ///   Older versions are migrated forward.
 /// - **No panics on bad data.** A stored value this crate could not have
 ///   written is [`StoreError::Corrupt`].
@@ -455,7 +458,7 @@ impl SqliteStore {
             let conn = if logless {
                 open_checker(path, config.busy_timeout)
             } else {
-                reads::open_read_only(path, config.busy_timeout)
+                open_read_only_recovered(path, config.busy_timeout)
             }
             .map_err(|e| open_error(path, e))?;
             let version = schema::verify(path, &conn)?;
@@ -618,6 +621,33 @@ fn open_checker(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "query_only", true)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
+}
+
+/// A read-only connection to `path`, whose header is a custodian
+/// database's. A rollback journal that a crash left hot beside it (the
+/// crash cut a transaction short: a migration, the switch to the log)
+/// cannot be rolled back read-only, and SQLite refuses every read
+/// (`SQLITE_READONLY_ROLLBACK`): it is rolled back first by a connection
+/// that may write, as any connection would, and the file is then as its
+/// last whole transaction left it.
+fn open_read_only_recovered(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
+    let conn = reads::open_read_only(path, busy)?;
+    match conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)) {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_READONLY_ROLLBACK =>
+        {
+            drop(conn);
+            let recovering = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            recovering.busy_timeout(busy)?;
+            recovering.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
+            drop(recovering);
+            reads::open_read_only(path, busy)
+        }
+        _ => Ok(conn),
+    }
 }
 
 /// Put the writer's connection in write-ahead logging (a write to the
@@ -874,10 +904,13 @@ impl Storage for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError> {
         let holds = holds.to_vec();
-        let damaged = Arc::clone(&self.damaged);
-        self.writer
-            .write(move |c| writes::delete_expired(c, now, abandon_before, &holds, limit, &damaged))
-            .await
+        let (deleted, skipped) = self
+            .writer
+            .write(move |c| writes::delete_expired(c, now, abandon_before, &holds, limit))
+            .await?;
+        // Counted once answered: a group commit may have run it again.
+        self.damaged.fetch_add(skipped, Ordering::Relaxed);
+        Ok(deleted)
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {

@@ -393,25 +393,37 @@ pub(super) fn has_live_message(
     .db()
 }
 
+/// A message by the id it is stored under, then by the one it is known by
+/// too (see `Op::PutResentMessage`): two statements, each on an index, the
+/// second asked only on a miss.
+pub(super) const MESSAGE: [&str; 2] = [
+    concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages WHERE business = ?1 AND id = ?2"
+    ),
+    concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages WHERE business = ?1 AND header_id = ?2"
+    ),
+];
+
 pub(super) fn message(
     conn: &Connection,
     business: BusinessId,
     id: MessageId,
 ) -> Result<Option<MessageRecord>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages WHERE business = ?1 AND id = ?2"
-        ))
-        .db()?;
-    let mut rows = stmt
-        .query(params![business_sql(business), &id.as_bytes()[..]])
-        .db()?;
-    match rows.next().db()? {
-        None => Ok(None),
-        Some(row) => codec::message(row).map(Some),
+    for sql in MESSAGE {
+        let mut stmt = conn.prepare_cached(sql).db()?;
+        let mut rows = stmt
+            .query(params![business_sql(business), &id.as_bytes()[..]])
+            .db()?;
+        if let Some(row) = rows.next().db()? {
+            return codec::message(row).map(Some);
+        }
     }
+    Ok(None)
 }
 
 /// The messages due at or before `?1`, earliest first. No `LIMIT`: rows

@@ -63,10 +63,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: V4,
     },
+    Migration {
+        version: 5,
+        sql: V5,
+    },
 ];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: u32 = 4;
+pub(super) const SCHEMA_VERSION: u32 = 5;
 
 /// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
 /// `direction`, `status` and `failure` are the types' one-byte codes.
@@ -174,6 +178,16 @@ CREATE TABLE billing_takes (
     at       INTEGER NOT NULL,
     UNIQUE (business, id)
 );
+";
+
+/// Version 5: a consumer's message sent again on request, stored under
+/// the id it was asked for, is known by the id its own header gives too
+/// (`header_id`; see `Op::PutResentMessage`). Rows stored before have
+/// none.
+const V5: &str = "
+ALTER TABLE messages ADD COLUMN header_id BLOB;
+CREATE UNIQUE INDEX messages_header ON messages (business, header_id)
+    WHERE header_id IS NOT NULL;
 ";
 
 /// The name of the region in `store_meta` (schema version 2 and later).

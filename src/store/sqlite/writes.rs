@@ -15,7 +15,8 @@ use std::time::Duration;
 use crate::ids::{BusinessId, MessageId};
 use crate::keys::{KekRing, KeyEntry, KeyId, WrappedKey};
 use crate::store::{
-    Batch, Direction, ExpiredMessage, FailureReason, HoldScope, Op, Status, StoreError, WriterId,
+    Batch, Direction, ExpiredMessage, FailureReason, HoldScope, MessageRecord, Op, Status,
+    StoreError, WriterId,
 };
 use crate::time::Timestamp;
 
@@ -131,39 +132,9 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 Err(StoreError::Conflict)
             };
         }
-        Op::PutMessage(m) => {
-            let n = conn
-                .prepare_cached(
-                    "INSERT INTO messages (business, id, direction, phone, created, expiry,
-                         epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
-                         accepted_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                     ON CONFLICT (business, id) DO NOTHING",
-                )
-                .db()?
-                .execute(params![
-                    business_sql(m.business),
-                    &m.id.as_bytes()[..],
-                    m.direction.code(),
-                    &m.phone.as_bytes()[..],
-                    time_sql(m.created),
-                    time_sql(m.expiry),
-                    time_sql(m.epoch.end()),
-                    m.delivery.status.code(),
-                    m.delivery.failure.map(|f| f.code()),
-                    m.delivery.attempts,
-                    m.delivery.next_attempt.map(time_sql),
-                    u64_to_sql(m.delivery.pending_devices),
-                    m.sealed,
-                    u64_to_sql(m.delivery.accepted_by),
-                ])
-                .db()?;
-            // Fails the batch: a message with this id is stored already.
-            return if n == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::Conflict)
-            };
+        Op::PutMessage(m) => return insert_message(conn, m, None),
+        Op::PutResentMessage { record, header } => {
+            return insert_message(conn, record, Some(*header));
         }
         Op::UpdateDelivery {
             business,
@@ -328,6 +299,67 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
         }
     };
     done.map(drop).map_err(store_error)
+}
+
+/// Store a message: plain, then known by a header's id too. Each form is
+/// its own statement, so that every lookup is on an index (the plain one
+/// asks only the small index of ids known by a header).
+pub(super) const INSERT_MESSAGE: (&str, &str) = (
+    "INSERT INTO messages (business, id, direction, phone, created, expiry,
+         epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
+         accepted_by, header_id)
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
+     WHERE NOT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND header_id = ?2)
+     ON CONFLICT (business, id) DO NOTHING",
+    "INSERT INTO messages (business, id, direction, phone, created, expiry,
+         epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
+         accepted_by, header_id)
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
+     WHERE NOT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND header_id IN (?2, ?15))
+       AND NOT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND id = ?15)
+     ON CONFLICT DO NOTHING",
+);
+
+/// Store message `m`, known by `header` too if given (see
+/// [`Op::PutResentMessage`]). Fails the batch if a message is stored under,
+/// or known by, either id.
+fn insert_message(
+    conn: &Connection,
+    m: &MessageRecord,
+    header: Option<MessageId>,
+) -> Result<(), StoreError> {
+    let sql = if header.is_some() {
+        INSERT_MESSAGE.1
+    } else {
+        INSERT_MESSAGE.0
+    };
+    let n = conn
+        .prepare_cached(sql)
+        .db()?
+        .execute(params![
+            business_sql(m.business),
+            &m.id.as_bytes()[..],
+            m.direction.code(),
+            &m.phone.as_bytes()[..],
+            time_sql(m.created),
+            time_sql(m.expiry),
+            time_sql(m.epoch.end()),
+            m.delivery.status.code(),
+            m.delivery.failure.map(|f| f.code()),
+            m.delivery.attempts,
+            m.delivery.next_attempt.map(time_sql),
+            u64_to_sql(m.delivery.pending_devices),
+            m.sealed,
+            u64_to_sql(m.delivery.accepted_by),
+            header.as_ref().map(|h| &h.as_bytes()[..]),
+        ])
+        .db()?;
+    // Fails the batch: a message with this id is stored already.
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict)
+    }
 }
 
 /// The id that ends a page of `cap_expiry`: the `?3 + 1`-th of business
@@ -617,17 +649,18 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 ///
 /// The holds are those passed and those stored, read in this transaction:
 /// a hold placed by another process since the caller read the holds is
-/// honoured too.
+/// honoured too. Returns, besides, how many candidates were skipped: the
+/// caller counts them once the transaction's answer is in (a group commit
+/// may run this again).
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
     abandon_before: Timestamp,
     holds: &[HoldScope],
     limit: usize,
-    damaged: &AtomicU64,
-) -> Result<Vec<ExpiredMessage>, StoreError> {
+) -> Result<(Vec<ExpiredMessage>, u64), StoreError> {
     if limit == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let stored = reads::held_scopes(conn)?;
     let scopes: Vec<&HoldScope> = holds.iter().chain(&stored).collect();
@@ -655,8 +688,7 @@ pub(super) fn delete_expired(
         codec::decodable(&mut rows, limit, "messages", &skipped, codec::expired)?
     };
     let Some((_, last)) = doomed.last() else {
-        damaged.fetch_add(skipped.into_inner(), Ordering::Relaxed);
-        return Ok(Vec::new());
+        return Ok((Vec::new(), skipped.into_inner()));
     };
     let deleted = if skipped.load(Ordering::Relaxed) == 0 {
         conn.prepare_cached(delete)
@@ -686,6 +718,6 @@ pub(super) fn delete_expired(
             doomed.len()
         )));
     }
-    damaged.fetch_add(skipped.into_inner(), Ordering::Relaxed);
-    Ok(doomed.into_iter().map(|(_, m)| m).collect())
+    let deleted = doomed.into_iter().map(|(_, m)| m).collect();
+    Ok((deleted, skipped.into_inner()))
 }
