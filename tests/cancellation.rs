@@ -1405,3 +1405,203 @@ fn a_pass_dropped_on_an_expired_settled_message_leaves_its_report_a_backoff_away
         .await;
     });
 }
+
+/// Poll `call` until `landed` says its write landed, then drop it: a
+/// host's timeout just after the store answered. It must not have
+/// answered by then.
+async fn cut_once_landed<F>(call: F, landed: impl AsyncFn() -> bool)
+where
+    F: Future,
+    F::Output: std::fmt::Debug,
+{
+    let mut call = Box::pin(call);
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..10_000 {
+        if let Poll::Ready(r) = call.as_mut().poll(&mut cx) {
+            panic!("the call answered {r:?} before the host timed it out");
+        }
+        if landed().await {
+            return;
+        }
+    }
+    panic!("the write never landed");
+}
+
+/// Consumer 2 (two devices, sessions acknowledged) lost its sessions; the
+/// business's next message went out and was reported delivered (device
+/// 0's report, say). Its id.
+async fn delivered_on_lost_sessions(d: &Deployment) -> MessageId {
+    d.network.add_consumer(&consumer(2), 2).await;
+    d.processor
+        .send(&d.owner, d.b, d.outbound(b"hi"))
+        .await
+        .unwrap();
+    for device in 0..2 {
+        d.network
+            .consumer_sends(&consumer(2), device, d.b, b"thanks")
+            .await
+            .unwrap();
+    }
+    d.settle(3).await;
+    d.network.lose_sessions(&consumer(2)).await;
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"again"))
+        .await
+        .unwrap();
+    let applied = d
+        .processor
+        .status_update(&d.carrier, d.b, id, Status::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(applied, StatusChange::Applied);
+    id
+}
+
+/// A retry receipt for a settled message, timed out by the host while its
+/// send to the device waits (the phone is off), once its new session is
+/// written, and handed in again after the receipt timeout, five times:
+/// every copy goes over the session the first started, as when the send
+/// fails. (The session was held for the message only on a failed send: a
+/// dropped one left it counted as new for the window alone, and each copy
+/// after it fetched a bundle, a one-time prekey, and replaced the session;
+/// a review's test.)
+#[test]
+fn a_retry_receipt_timed_out_in_its_send_fetches_one_bundle() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let id = delivered_on_lost_sessions(&d).await;
+        let peer = PeerId {
+            phone: d.phone_of(2).await,
+            device: 1,
+        };
+        let before = d.transport.bundles_fetched();
+        for _ in 0..5 {
+            let stored = d.store.peer(d.b, peer).await.unwrap();
+            let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1);
+            cut_once_landed(receipt, async || {
+                d.store.peer(d.b, peer).await.unwrap() != stored
+            })
+            .await;
+            d.clock.advance(Duration::from_secs(121));
+        }
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+    });
+}
+
+/// Two messages sent on a session the device lost bring two retry
+/// receipts; the first, timed out by the host once its new session is
+/// written, still counts as having started it: the second, within the
+/// receipt timeout, goes over it and fetches no bundle. (The new session
+/// was noted only once its write answered: the second receipt fetched
+/// another bundle and replaced it; a review's test.)
+#[test]
+fn a_receipt_cut_after_its_session_write_still_counts_the_session_started() {
+    runtime().block_on(async {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let (_, again) = d.sent_on_a_lost_session().await;
+        let more = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"more"))
+            .await
+            .unwrap();
+        let peer = PeerId {
+            phone: d.phone_of(2).await,
+            device: 0,
+        };
+        let before = d.transport.bundles_fetched();
+        let stored = d.store.peer(d.b, peer).await.unwrap();
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, again, 0);
+        cut_once_landed(receipt, async || {
+            d.store.peer(d.b, peer).await.unwrap() != stored
+        })
+        .await;
+        d.clock.advance(Duration::from_secs(5));
+        let other = d.processor.retry_receipt(&d.carrier, d.b, more, 0).await;
+        assert!(matches!(other, Ok(StatusChange::Applied)), "{other:?}");
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+    });
+}
+
+/// A device whose retry receipts are ignored because a new session would
+/// make its record too large gets them acted on once messages from it are
+/// received, here each receive timed out by the host just after its write
+/// landed (and handed in again, a duplicate). (Only a receive that
+/// answered let them in: they stayed ignored for the message's life, and
+/// the device never got the business's reply; a review's test.)
+#[test]
+fn a_receive_cut_after_its_write_lets_the_devices_oversized_receipts_in() {
+    use custodian::processor::{Inbound, Outbound, ProcessorError};
+    runtime().block_on(async {
+        let signal = SignalConfig {
+            prekey_pool: 4,
+            prekey_low_water: 2,
+            max_record_len: custodian::signal::MIN_RECORD_LEN,
+            ..SignalConfig::default()
+        };
+        let d = Deployment::with_signal(Faults::none(), Faults::none(), signal).await;
+        let keys = d.transport.published.lock().unwrap().clone().unwrap();
+        let mut handset = ConsumerDevice::new(0);
+        handset
+            .start_session(d.b, &keys.bundle(Some(0)))
+            .await
+            .unwrap();
+        let mut messages = Vec::new();
+        for i in 0..2_000 {
+            let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
+            messages.push(Inbound {
+                resend_of: None,
+                from: consumer(1),
+                device: 0,
+                message: message.unwrap(),
+            });
+        }
+        assert!(d.receive(messages[0].clone()).await.unwrap().delivered);
+        d.network.add_consumer(&consumer(1), 1).await;
+        let reply = Outbound {
+            to: consumer(1),
+            ..d.outbound(b"reply")
+        };
+        let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+        // Every other message from the third on, until the keys kept for
+        // those skipped would grow the record past its limit.
+        let (mut skipped, mut i) = (Vec::new(), 2);
+        let refused = loop {
+            match d.receive(messages[i].clone()).await {
+                Ok(r) => assert!(r.delivered),
+                Err(ProcessorError::Signal(SignalError::RecordTooLarge { .. })) => break i,
+                Err(e) => panic!("message {i}: {e:?}"),
+            }
+            skipped.push(i - 1);
+            i += 2;
+        };
+        // The device lost its session and asks for the reply: ignored.
+        d.transport
+            .served
+            .lock()
+            .unwrap()
+            .insert(0, handset.bundle(true));
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+        assert!(matches!(receipt, Ok(StatusChange::Ignored)), "{receipt:?}");
+        // The skipped messages arrive, and the one refused: the record
+        // shrinks.
+        for k in skipped.into_iter().chain([refused]) {
+            let census = async || d.store.census().await.unwrap().messages;
+            let stored = census().await;
+            cut_once_landed(d.receive(messages[k].clone()), async || {
+                census().await > stored
+            })
+            .await;
+            let again = d.receive(messages[k].clone()).await.unwrap();
+            assert!(again.duplicate, "{again:?}");
+        }
+        d.clock.advance(Duration::from_secs(600));
+        d.transport
+            .served
+            .lock()
+            .unwrap()
+            .insert(0, handset.bundle(true));
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 0).await;
+        assert!(matches!(receipt, Ok(StatusChange::Applied)), "{receipt:?}");
+    });
+}

@@ -230,14 +230,15 @@ impl Processor {
             },
             false,
         );
-        // Its new key taken from its own message (under `AcceptAndReport`):
-        // trusted once the write lands, as if approved, so the device's
-        // receipts ignored for a bundle count again. Let in however the
-        // write ends, unless it is known not to have landed: dropped or
-        // failed, it may have, and a redelivery answered as a duplicate
-        // approves nothing (should it not have, a receipt fetches one
-        // bundle more, refused again).
-        let approval = identity_changed.then(|| self.receipts.approve_on_drop(business, peer));
+        // Heard from once the write lands: the device's receipts ignored
+        // while its record was too large count again (the message may have
+        // used up keys it kept), and, its new key taken from its own
+        // message (under `AcceptAndReport`), so do those ignored for a
+        // bundle, as if approved. Let in however the write ends, unless it
+        // is known not to have landed: dropped or failed, it may have, and
+        // a redelivery answered as a duplicate lets nothing in (should it
+        // not have, a receipt fetches one bundle more, or is ignored again).
+        let heard = self.receipts.hear_on_drop(business, peer, identity_changed);
         let committed = staged.commit_stored(batch).await;
         drop(admitted);
         uncounted.owed = None;
@@ -247,9 +248,7 @@ impl Processor {
             // refused by the store, the write did not land.
             Err(SignalError::DuplicateMessage) => {
                 debug!(%id, "replay of a stored message");
-                if let Some(approval) = approval {
-                    approval.cancel();
-                }
+                heard.cancel();
                 // Let go first: the duplicate's receipt takes up what an
                 // earlier receive left owed.
                 drop(claim);
@@ -262,9 +261,7 @@ impl Processor {
             // would grow every receive's.
             Err(e) if e.needs_new_session() => {
                 drop(claim);
-                if let Some(approval) = approval {
-                    approval.cancel();
-                }
+                heard.cancel();
                 return Box::pin(self.refused(business, id, &inbound, e)).await;
             }
             Err(e) => {
@@ -274,16 +271,13 @@ impl Processor {
                 // retransmission loop hands it over. So it is counted now.
                 // Boxed: rare, and its future would grow every receive's.
                 let landed = Box::pin(self.count_if_landed(business, id, phone, now, tag)).await;
-                if let Some(approval) = approval
-                    && landed == Some(false)
-                {
-                    approval.cancel();
+                if landed == Some(false) {
+                    heard.cancel();
                 }
                 return Err(e.into());
             }
         };
-        drop(approval);
-        self.receipts.heard_from(business, peer);
+        drop(heard);
         // Stored by this call: what an earlier one, dropped at its own
         // write, left owed is for a write that never landed.
         self.claims.forgive_count_received((business, id));

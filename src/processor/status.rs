@@ -149,13 +149,22 @@ impl Receipts {
         });
     }
 
-    /// Approve `peer` (as [`approved`](Self::approved)) when the guard is
-    /// dropped, unless [`cancel`](Approval::cancel)led.
-    pub(super) fn approve_on_drop(&self, business: BusinessId, peer: PeerId) -> Approval<'_> {
-        Approval {
+    /// Hear from `peer` (as [`heard_from`](Self::heard_from)), and approve
+    /// it too if `approve` (as [`approved`](Self::approved)), when the
+    /// guard is dropped, unless [`cancel`](Heard::cancel)led: a receive's
+    /// write that may have landed lets the device's receipts in however
+    /// its call ends.
+    pub(super) fn hear_on_drop(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        approve: bool,
+    ) -> Heard<'_> {
+        Heard {
             receipts: self,
             business,
             peer,
+            approve,
         }
     }
 
@@ -218,11 +227,33 @@ impl Receipts {
         r.until = held.unwrap_or(now).max(now.saturating_add(self.window));
     }
 
-    /// Message `id`, which a receipt asked for, could not be sent to `peer`
-    /// at `now` over the session the receipt started: the session counts as
+    /// [`restart`](Self::restart) `peer` at `now` (a new session), and hold
+    /// it for settled message `held_for` until its expiry (as
+    /// [`hold_restart`](Self::hold_restart)), when the guard is dropped,
+    /// unless [`cancel`](Restarting::cancel)led.
+    fn restart_on_drop(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+        now: Timestamp,
+        held_for: Option<(MessageId, Timestamp)>,
+    ) -> Restarting<'_> {
+        Restarting {
+            receipts: self,
+            business,
+            peer,
+            now,
+            held_for,
+        }
+    }
+
+    /// Message `id`, which a receipt asked for, is to be sent to `peer` at
+    /// `now` over the session the receipt started: the session counts as
     /// started lately until `until` (the message's expiry) or until the
-    /// message goes over it, so that the receipt, handed in again, fetches
-    /// no other bundle (each costs the device a one-time prekey).
+    /// message goes over it ([`restart`](Self::restart) with it), so that
+    /// the receipt, handed in again because the send failed or its call
+    /// was dropped, fetches no other bundle (each costs the device a
+    /// one-time prekey).
     fn hold_restart(
         &self,
         id: (BusinessId, MessageId),
@@ -297,23 +328,57 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Approves a device's new identity key to the receipts when dropped.
-pub(super) struct Approval<'a> {
+/// A new session for a device, its write under way (see
+/// [`Receipts::restart_on_drop`]).
+struct Restarting<'a> {
     receipts: &'a Receipts,
     business: BusinessId,
     peer: PeerId,
+    now: Timestamp,
+    /// The settled message to be sent over it, and its expiry.
+    held_for: Option<(MessageId, Timestamp)>,
 }
 
-impl Approval<'_> {
-    /// Approve nothing: the key was not taken.
+impl Restarting<'_> {
+    /// Note nothing: the session was not written.
+    fn cancel(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Restarting<'_> {
+    fn drop(&mut self) {
+        self.receipts
+            .restart(self.business, self.peer, self.now, None);
+        if let Some((id, until)) = self.held_for {
+            self.receipts
+                .hold_restart((self.business, id), self.peer, self.now, until);
+        }
+    }
+}
+
+/// A message heard from a device, its write under way (see
+/// [`Receipts::hear_on_drop`]).
+pub(super) struct Heard<'a> {
+    receipts: &'a Receipts,
+    business: BusinessId,
+    peer: PeerId,
+    approve: bool,
+}
+
+impl Heard<'_> {
+    /// Hear nothing: the message was not stored.
     pub(super) fn cancel(self) {
         std::mem::forget(self);
     }
 }
 
-impl Drop for Approval<'_> {
+impl Drop for Heard<'_> {
     fn drop(&mut self) {
-        self.receipts.approved(self.business, self.peer);
+        if self.approve {
+            self.receipts.approved(self.business, self.peer);
+        }
+        self.receipts.heard_from(self.business, self.peer);
     }
 }
 
@@ -905,54 +970,71 @@ impl Processor {
                 }
             }
             let written = match bundle {
-                Some(bundle) => match self
-                    .sessions
-                    .start_session_with(business, peer, bundle, record.expiry, batch)
-                    .await
-                {
-                    Ok(()) => true,
-                    Err(SignalError::Storage(StorageFailure::Store(e)))
-                        if matches!(*e, StoreError::Conflict) =>
+                Some(bundle) => {
+                    // Noted as started, and held for a settled message
+                    // until it goes over it, however the call ends, unless
+                    // the write is known not to have landed: dropped or
+                    // failed, it may have, and a receipt sent on the old
+                    // session (this one's copy, another message's) would
+                    // fetch another bundle and replace it (should it not
+                    // have, such a message goes over the old session, and
+                    // its device asks again).
+                    let held_for = (!d.status.is_open()).then_some((id, record.expiry));
+                    let started = self.receipts.restart_on_drop(business, peer, now, held_for);
+                    match self
+                        .sessions
+                        .start_session_with(business, peer, bundle, record.expiry, batch)
+                        .await
                     {
-                        false
+                        Ok(()) => {
+                            drop(started);
+                            debug!("a new session was started on a retry receipt");
+                            true
+                        }
+                        Err(SignalError::Storage(StorageFailure::Store(e)))
+                            if matches!(*e, StoreError::Conflict) =>
+                        {
+                            started.cancel();
+                            false
+                        }
+                        Err(SignalError::UntrustedIdentity { .. }) => {
+                            started.cancel();
+                            noted.refused_until(record.expiry, record.phone);
+                            warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
+                            return Ok(StatusChange::Ignored);
+                        }
+                        Err(SignalError::BadBundle(why)) => {
+                            started.cancel();
+                            noted.keep_until(record.expiry);
+                            warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
+                            return Ok(StatusChange::Ignored);
+                        }
+                        // The device's record, its lost session archived, is
+                        // over the limit: so is every copy's until a message
+                        // from the device uses up the keys it keeps for
+                        // skipped ones. Not fetched again for each copy.
+                        Err(SignalError::RecordTooLarge { len, max }) => {
+                            started.cancel();
+                            noted.oversized_until(record.expiry, record.phone);
+                            warn!(%business, device, len, max, "a retry receipt's session would make its device's record too large: ignored until the device writes");
+                            return Ok(StatusChange::Ignored);
+                        }
+                        // The device's stored record cannot be read: no copy
+                        // can start a session either (an operator's matter).
+                        Err(SignalError::Storage(StorageFailure::Corrupt(what))) => {
+                            started.cancel();
+                            noted.keep_until(record.expiry);
+                            warn!(%business, device, what, "a retry receipt's device has a damaged record: ignored");
+                            return Ok(StatusChange::Ignored);
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(SignalError::UntrustedIdentity { .. }) => {
-                        noted.refused_until(record.expiry, record.phone);
-                        warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
-                        return Ok(StatusChange::Ignored);
-                    }
-                    Err(SignalError::BadBundle(why)) => {
-                        noted.keep_until(record.expiry);
-                        warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
-                        return Ok(StatusChange::Ignored);
-                    }
-                    // The device's record, its lost session archived, is
-                    // over the limit: so is every copy's until a message
-                    // from the device uses up the keys it keeps for
-                    // skipped ones. Not fetched again for each copy.
-                    Err(SignalError::RecordTooLarge { len, max }) => {
-                        noted.oversized_until(record.expiry, record.phone);
-                        warn!(%business, device, len, max, "a retry receipt's session would make its device's record too large: ignored until the device writes");
-                        return Ok(StatusChange::Ignored);
-                    }
-                    // The device's stored record cannot be read: no copy
-                    // can start a session either (an operator's matter).
-                    Err(SignalError::Storage(StorageFailure::Corrupt(what))) => {
-                        noted.keep_until(record.expiry);
-                        warn!(%business, device, what, "a retry receipt's device has a damaged record: ignored");
-                        return Ok(StatusChange::Ignored);
-                    }
-                    Err(e) => return Err(e.into()),
-                },
+                }
                 // Written even if empty: fenced, it stops a processor
                 // superseded on its store from sending the copy.
                 None => self.commit_batch(batch).await?,
             };
             if written {
-                if bundle.is_some() {
-                    self.receipts.restart(business, peer, now, None);
-                    debug!("a new session was started on a retry receipt");
-                }
                 drop(starting.take());
                 // Another device reported it: no retry is due to make for
                 // it, so the receipt is refused for now if the device
@@ -960,6 +1042,11 @@ impl Processor {
                 // hands it in again, and its copy goes over the session
                 // started now).
                 if !d.status.is_open() {
+                    // Held for the message until it goes out, whether the
+                    // send fails or the call is dropped while it waits:
+                    // the receipt, handed in again, goes over this session.
+                    self.receipts
+                        .hold_restart((business, id), peer, now, record.expiry);
                     match self.resend_to_device(&record, body, device).await {
                         Ok(sent) => {
                             if sent {
@@ -969,16 +1056,12 @@ impl Processor {
                                     "a settled message cannot be sent to a retry receipt's device"
                                 );
                             }
-                            // A session held for the message is let go
-                            // (held for others, it stays held for them).
-                            if bundle.is_none() {
-                                self.receipts.restart(business, peer, now, Some(id));
-                            }
+                            // Let go for the message (held for others, it
+                            // stays held for them).
+                            self.receipts.restart(business, peer, now, Some(id));
                         }
                         Err(e) => {
                             debug!(error = %e, "a settled message could not be sent to a retry receipt's device now");
-                            self.receipts
-                                .hold_restart((business, id), peer, now, record.expiry);
                             return Err(e.into());
                         }
                     }
