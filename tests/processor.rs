@@ -1826,6 +1826,36 @@ async fn a_processor_superseded_by_another_on_its_store_stops_writing() {
     );
 }
 
+/// A processor that has only published its keys has taken the store over:
+/// a newer one started after it supersedes it for good, and the older
+/// one's first session write fails. (It took the store over only at its
+/// first session, and took it back from the newer one, whose writes all
+/// failed as superseded from then on; a review's test.)
+#[tokio::test]
+async fn a_processor_that_only_published_keys_is_superseded_by_a_newer_one() {
+    let w = Restartable::new();
+    let (owner, b) = (&w.owner, w.b);
+    let older = w.start();
+    older.publish_keys(owner, b).await.unwrap();
+    let newer = w.start();
+    let mut device = custodian::testing::ConsumerDevice::new(0);
+    device
+        .start_session(b, &w.network.published().unwrap().bundle(Some(0)))
+        .await
+        .unwrap();
+    let mut writes = async |text: &[u8]| {
+        let message = device.encrypt(b, text).await.unwrap();
+        Restartable::inbound(message)
+    };
+    let first = writes(b"to the newer").await;
+    assert!(newer.receive(owner, b, first).await.unwrap().delivered);
+    let second = writes(b"to the older").await;
+    // Refused by the store's fence (through the Signal layer's write).
+    let refused = older.receive(owner, b, second.clone()).await;
+    assert!(format!("{refused:?}").contains("Superseded"), "{refused:?}");
+    assert!(newer.receive(owner, b, second).await.unwrap().delivered);
+}
+
 /// A processor superseded on its store makes no call out for a message
 /// its retransmission pass finds due: the attempt is leased in a fenced
 /// write first, which is refused. Unleased, the older processor handed the

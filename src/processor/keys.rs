@@ -26,7 +26,8 @@ impl Processor {
     /// transport. The one-time pool is refilled by the transport's count of
     /// keys left ([`Transport::one_time_prekey_count`]), or by the keys held
     /// if it gives none ([`Sessions::maintain`]). Publications of one
-    /// business take turns.
+    /// business take turns. The first call takes the store over, if no
+    /// session read did before (see [`Processor`]).
     ///
     /// [`Transport::one_time_prekey_count`]: crate::transport::Transport::one_time_prekey_count
     /// [`Sessions::maintain`]: crate::signal::Sessions::maintain
@@ -36,6 +37,11 @@ impl Processor {
         business: BusinessId,
     ) -> Result<(), ProcessorError> {
         self.authorize(principal, business)?;
+        // A deployment's first call: the store is taken over now, so that
+        // an instance started after this one supersedes it for good (taken
+        // over only at its first session, one that has only published its
+        // keys would take the store back from a newer one).
+        self.sessions.take_over().await?;
         let publishing = self.publishing.get(business);
         let _publishing = publishing.lock().await;
         // Its phone index too: a receive creates no key.

@@ -341,7 +341,10 @@ pub struct Policies {
 /// device's Signal state in memory and persists a session's sending
 /// counters in leases (see the `signal` module); a processor started over
 /// a store another one is using (in this process or another) takes the
-/// store over ([`Storage::take_over`]) before it reads any session, and
+/// store over ([`Storage::take_over`]) at its first
+/// [`publish_keys`](Self::publish_keys) or before it reads any session,
+/// whichever comes first (start it so: one built earlier whose first such
+/// call comes after takes the store back), and
 /// from then on every write of the older one fails as
 /// [`StoreError::Superseded`]: it can no longer store a message nor
 /// persist a session, so it never issues a sending counter the newer one

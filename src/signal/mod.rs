@@ -1507,7 +1507,9 @@ impl Sessions {
 
     /// Take the store over (once, see [`Storage::take_over`]): from then
     /// on, another instance's writes of Signal state fail, and it stops.
-    async fn take_over(&self) -> Result<WriterId, StoreError> {
+    /// Done before the first session is read, and by the processor's first
+    /// [`publish_keys`](crate::processor::Processor::publish_keys).
+    pub(crate) async fn take_over(&self) -> Result<WriterId, StoreError> {
         if self.took_over.get().is_none() {
             self.took_over
                 .get_or_try_init(|| self.store.take_over(self.writer))
