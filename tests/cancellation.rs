@@ -1605,3 +1605,205 @@ fn a_receive_cut_after_its_write_lets_the_devices_oversized_receipts_in() {
         assert!(matches!(receipt, Ok(StatusChange::Applied)), "{receipt:?}");
     });
 }
+
+/// A retry receipt for a settled message, timed out by the host once the
+/// network took its copy (in the write recording the device answered),
+/// lets go of the session it held for the message: the device's later
+/// receipt for it, past the receipt timeout, fetches a bundle. (The hold
+/// was let go after that write: cut there, it stood until the message's
+/// expiry, and the later receipt's copy went over a session the device had
+/// lost; a review's second look.)
+#[test]
+fn a_receipt_cut_after_its_copy_went_out_lets_its_session_go() {
+    runtime().block_on(receipt_after_copy_went_out(true));
+}
+
+/// The control of the test above: the first receipt answered.
+#[test]
+fn a_receipt_answered_after_its_copy_went_out_lets_its_session_go() {
+    runtime().block_on(receipt_after_copy_went_out(false));
+}
+
+async fn receipt_after_copy_went_out(cut: bool) {
+    {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        d.processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        for device in 0..2 {
+            d.network
+                .consumer_sends(&consumer(2), device, d.b, b"thanks")
+                .await
+                .unwrap();
+        }
+        d.settle(3).await;
+        d.network.lose_sessions(&consumer(2)).await;
+        // The business's next message: its send timed out once stored,
+        // before any attempt (queued, no device recorded).
+        let stored = d.store.census().await.unwrap().messages;
+        cut_once_landed(
+            d.processor.send(&d.owner, d.b, d.outbound(b"again")),
+            async || d.store.census().await.unwrap().messages > stored,
+        )
+        .await;
+        let later = d.clock.now().saturating_add(Duration::from_secs(3600));
+        let due = d.store.due_messages(later, 100).await.unwrap();
+        let queued: Vec<_> = due
+            .iter()
+            .filter(|m| m.delivery.status == Status::Queued)
+            .collect();
+        assert_eq!(queued.len(), 1, "{due:?}");
+        let id = queued[0].id;
+        // Device 0 reports it: device 1 is still to be sent it.
+        let applied = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        assert_eq!(applied, StatusChange::Applied);
+        let record = d.store.message(d.b, id).await.unwrap().unwrap();
+        assert_ne!(
+            record.delivery.pending_devices & 0b10,
+            0,
+            "{:?}",
+            record.delivery
+        );
+        // Device 1 asks for it: a new session, and the copy goes out; the
+        // host times the call out in the write that follows the send.
+        let before = d.transport.bundles_fetched();
+        let flying = d.network.in_flight().await;
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1);
+        if cut {
+            cut_once_landed(receipt, async || d.network.in_flight().await > flying).await;
+        } else {
+            assert!(matches!(receipt.await, Ok(StatusChange::Applied)));
+        }
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+        d.network.pump(&d.processor, &d.carrier).await;
+        let got = d.network.received(&consumer(2)).await;
+        assert_eq!(got[&1].get(&id), Some(&1), "device 1 got the copy: {got:?}");
+        // Past the receipt timeout, device 1 loses that session too and
+        // asks again: no session was started for it lately (the message
+        // went over the last one), so a bundle is fetched and the copy
+        // reaches it.
+        d.clock.advance(Duration::from_secs(121));
+        d.network.lose_sessions(&consumer(2)).await;
+        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+        d.network.pump(&d.processor, &d.carrier).await;
+        let got = d.network.received(&consumer(2)).await;
+        assert_eq!(
+            d.transport.bundles_fetched() - before,
+            2,
+            "the second receipt fetched no bundle: the session is still held for a message that went out"
+        );
+        assert_eq!(
+            got[&1].get(&id),
+            Some(&2),
+            "device 1 did not get the copy: {got:?}"
+        );
+    }
+}
+
+/// A retry receipt that failed before its session's write began (the
+/// device's record could not be read) notes no session started, nor holds
+/// one: handed in again, it fetches a bundle, and the device gets the
+/// message. (Every error but a conflict and the refusals noted it, and
+/// held it for the message: the copy went over the session the device
+/// had lost; a review's second look.)
+#[test]
+fn a_receipt_whose_session_was_never_written_notes_no_session() {
+    runtime().block_on(async {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let id = delivered_on_lost_sessions(&d).await;
+        let peer = PeerId {
+            phone: d.phone_of(2).await,
+            device: 1,
+        };
+        // A restart: the device's record is read from the store.
+        d.restart();
+        let stored = d.store.peer(d.b, peer).await.unwrap();
+        let before = d.transport.bundles_fetched();
+        // The read of the device's record, in `start_session_with` (the
+        // tenth store call of the receipt), fails before the store is
+        // asked: nothing is written.
+        d.faults.fail_at(10, Seams::Store, Strike::Before);
+        let failed = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(d.faults.lift(), [("peer", Strike::Before)]);
+        assert_eq!(d.store.peer(d.b, peer).await.unwrap(), stored, "the record changed");
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+        // The network hands the receipt in again.
+        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+        assert_eq!(
+            d.transport.bundles_fetched() - before,
+            2,
+            "the receipt handed in again fetched no bundle: a session never written was noted started"
+        );
+        d.network.pump(&d.processor, &d.carrier).await;
+        let got = d.network.received(&consumer(2)).await;
+        assert!(
+            got.get(&1).is_some_and(|g| g.contains_key(&id)),
+            "device 1 never got the message: {got:?}"
+        );
+    });
+}
+
+/// The control of the test above: failed at its first read, before any
+/// bundle.
+#[test]
+fn a_receipt_failed_before_its_bundle_is_acted_on_when_handed_in_again() {
+    runtime().block_on(async {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let id = delivered_on_lost_sessions(&d).await;
+        d.restart();
+        let before = d.transport.bundles_fetched();
+        d.faults.fail_at(1, Seams::Store, Strike::Before);
+        let failed = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(d.faults.lift(), [("message", Strike::Before)]);
+        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+        d.network.pump(&d.processor, &d.carrier).await;
+        let got = d.network.received(&consumer(2)).await;
+        assert!(got.get(&1).is_some_and(|g| g.contains_key(&id)), "{got:?}");
+    });
+}
+
+/// The same, the receipt timed out by the host while it reads the
+/// device's record, before any write.
+#[test]
+fn a_receipt_cut_before_its_session_write_notes_no_session() {
+    runtime().block_on(async {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let id = delivered_on_lost_sessions(&d).await;
+        let peer = PeerId {
+            phone: d.phone_of(2).await,
+            device: 1,
+        };
+        d.restart();
+        let stored = d.store.peer(d.b, peer).await.unwrap();
+        let before = d.transport.bundles_fetched();
+        // Counts the calls; fails none.
+        d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1);
+        cut_once_landed(receipt, async || d.faults.calls().contains(&"peer")).await;
+        // Cut in the read: no write after it.
+        let calls = d.faults.calls();
+        assert_eq!(calls.last(), Some(&"peer"), "{calls:?}");
+        d.faults.lift();
+        assert_eq!(d.store.peer(d.b, peer).await.unwrap(), stored, "the record changed");
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+        assert_eq!(
+            d.transport.bundles_fetched() - before,
+            2,
+            "the receipt handed in again fetched no bundle: a session never written was noted started"
+        );
+    });
+}

@@ -1227,6 +1227,20 @@ async fn a_message_sent_again_is_known_by_its_headers_id_too(backend: &mut Backe
         batch([put(&M::new(1, 9, 1, T0)), put(&M::new(1, 2, 2, T0))]),
         batch([put_resent(&other, 4), put(&M::new(1, 4, 2, T0))]),
         batch([put_resent(&other, 4), put_resent(&M::new(1, 5, 2, T0), 3)]),
+        // Its header given to another, then the id it named deleted again
+        // (a no-op): the header is still taken.
+        batch([
+            Op::DeleteMessage {
+                business: business(1),
+                id: mid(1),
+            },
+            put_resent(&other, 2),
+            Op::DeleteMessage {
+                business: business(1),
+                id: mid(1),
+            },
+            put(&M::new(1, 2, 2, T0)),
+        ]),
     ] {
         assert!(
             matches!(s.commit(refused.clone()).await, Err(StoreError::Conflict)),

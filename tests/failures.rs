@@ -3499,3 +3499,152 @@ fn an_approval_of_a_held_consumer_is_refused_even_when_it_would_change_nothing()
         );
     });
 }
+
+/// A message sent again on request racing a plain copy of its bytes (the
+/// copy sent again looked its header's id up before the plain copy was
+/// stored; a review's second look).
+mod resend_races {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use custodian::ids::MessageId;
+    use custodian::processor::Inbound;
+    use custodian::testing::Faults;
+
+    use super::seams::{Deployment, Plan, Seams, Strike};
+
+    /// The plain copy, from the same device, is stored under its header's
+    /// id H while the copy sent again (under A) decrypts: Signal finds the
+    /// step used, and the copy sent again is answered as a duplicate the
+    /// business has, under H. (It was answered under A, where nothing is
+    /// stored: `delivered: false`.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resent_copy_racing_its_plain_copy_is_answered_delivered() {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let plain = d.inbound(&mut handset, b"pay 100").await;
+        let asked = MessageId::from_bytes([0x47; 16]);
+        let resent = Inbound {
+            resend_of: Some(asked),
+            ..plain.clone()
+        };
+        // Count the store's calls (none fails).
+        d.faults.set(Plan {
+            at: usize::MAX,
+            seams: Seams::Store,
+            strike: Strike::Before,
+            outage: false,
+        });
+        let mut first = Box::pin(d.processor.receive(&d.carrier, d.b, resent));
+        let mut cx = Context::from_waker(Waker::noop());
+        let reads = |d: &Deployment| d.faults.calls().iter().filter(|c| **c == "message").count();
+        let mut polls = 0;
+        while reads(&d) == 0 {
+            assert!(first.as_mut().poll(&mut cx).is_pending(), "finished early");
+            polls += 1;
+            assert!(polls < 10_000, "no message read");
+        }
+        // Its look-up of the header's id is under way: one more poll reads.
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(reads(&d), 1);
+
+        let second = d.processor.receive(&d.carrier, d.b, plain).await.unwrap();
+        assert!(second.delivered && !second.duplicate, "{second:?}");
+        let header = second.id;
+
+        let first = first.await.unwrap();
+        let contents = d.contents();
+        assert_eq!(contents.values().sum::<u32>(), 1, "{contents:?}");
+        assert!(
+            first.duplicate && first.delivered,
+            "the business has the message (stored under {header:?}, delivered), \
+             yet the copy sent again is answered {first:?}"
+        );
+    }
+
+    /// The same with the plain copy handed in as from another device (the
+    /// message a first one, on a one-time prekey, which the plain copy
+    /// used): the copy sent again fails its decrypt, and is found stored
+    /// under its header's id, a duplicate: its device is not asked for it
+    /// again. (It was looked for under A only, and asked for: the device's
+    /// answer reached the business a second time.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resent_copy_racing_a_copy_from_another_device_is_not_asked_for_again() {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let plain = d.inbound(&mut handset, b"pay 100").await;
+        let asked = MessageId::from_bytes([0x48; 16]);
+        let resent = Inbound {
+            resend_of: Some(asked),
+            ..plain.clone()
+        };
+        let forged = Inbound {
+            device: 7,
+            ..plain.clone()
+        };
+        d.faults.set(Plan {
+            at: usize::MAX,
+            seams: Seams::Store,
+            strike: Strike::Before,
+            outage: false,
+        });
+        let mut first = Box::pin(d.processor.receive(&d.carrier, d.b, resent));
+        let mut cx = Context::from_waker(Waker::noop());
+        let reads = |d: &Deployment| d.faults.calls().iter().filter(|c| **c == "message").count();
+        let mut polls = 0;
+        while reads(&d) == 0 {
+            assert!(first.as_mut().poll(&mut cx).is_pending(), "finished early");
+            polls += 1;
+            assert!(polls < 10_000, "no message read");
+        }
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(reads(&d), 1);
+
+        let second = d.processor.receive(&d.carrier, d.b, forged).await.unwrap();
+        assert!(second.delivered && !second.duplicate, "{second:?}");
+        let first = first.await;
+        let asked_for: Vec<MessageId> = d.transport.asked.lock().unwrap().clone();
+
+        // What the device does when asked: the message again, over a new
+        // session, under the id asked for.
+        if asked_for.contains(&asked) {
+            let keys = d.transport.published.lock().unwrap().clone().unwrap();
+            handset
+                .start_session(d.b, &keys.bundle(Some(1)))
+                .await
+                .unwrap();
+            let again = Inbound {
+                resend_of: Some(asked),
+                ..d.inbound(&mut handset, b"pay 100").await
+            };
+            let third = d.processor.receive(&d.carrier, d.b, again).await;
+            assert!(third.is_ok(), "{third:?}");
+        }
+        let contents = d.contents();
+        assert!(
+            asked_for.is_empty() && contents.values().all(|&n| n == 1),
+            "the copy sent again was answered {first:?}, its device asked for it again \
+             ({asked_for:?}) though it is stored under {:?}; the business has {contents:?}",
+            second.id
+        );
+    }
+
+    /// The control, not interleaved: the plain copy first, then the copy
+    /// sent again, a duplicate the business has, under the header's id.
+    #[tokio::test(flavor = "current_thread")]
+    async fn control_a_resent_copy_after_its_plain_copy_is_answered_delivered() {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let plain = d.inbound(&mut handset, b"pay 100").await;
+        let resent = Inbound {
+            resend_of: Some(MessageId::from_bytes([0x47; 16])),
+            ..plain.clone()
+        };
+        let second = d.processor.receive(&d.carrier, d.b, plain).await.unwrap();
+        let first = d.processor.receive(&d.carrier, d.b, resent).await.unwrap();
+        assert!(
+            first.duplicate && first.delivered && first.id == second.id,
+            "{first:?}"
+        );
+    }
+}

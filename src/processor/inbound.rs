@@ -11,7 +11,9 @@ use super::{Processor, ProcessorError, due_by};
 use crate::ids::{BusinessId, MessageId, PhoneHash, PhoneNumber};
 use crate::retention::RecordFacts;
 use crate::signal::{Ciphertext, Parsed, SignalError, resend_id};
-use crate::store::{Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status};
+use crate::store::{
+    Batch, Delivery, Direction, FailureReason, MessageRecord, Op, PeerId, Status, StoreError,
+};
 use crate::time::Timestamp;
 use crate::transport::{InboundMessage, Principal, TransportError};
 use crate::visibility::{DataClass, DenyReason, Labelled, Party, Purpose};
@@ -178,7 +180,7 @@ impl Processor {
                 .is_some()
         {
             debug!(%id, "a message sent again came before");
-            return Box::pin(self.duplicate(business, header)).await;
+            return Box::pin(self.duplicate(business, id, Some(header))).await;
         }
         let staged = match self
             .sessions
@@ -188,9 +190,9 @@ impl Processor {
             Ok(staged) => staged,
             Err(SignalError::DuplicateMessage) => {
                 debug!(%id, "duplicate inbound message");
-                return self.duplicate(business, id).await;
+                return self.duplicate(business, id, header).await;
             }
-            Err(e) => return self.refused(business, id, &inbound, e).await,
+            Err(e) => return self.refused(business, (id, header), &inbound, e).await,
         };
         let decrypted = staged.decrypted();
         let identity_changed = decrypted.identity_changed;
@@ -252,7 +254,7 @@ impl Processor {
                 // Let go first: the duplicate's receipt takes up what an
                 // earlier receive left owed.
                 drop(claim);
-                return self.duplicate(business, id).await;
+                return self.duplicate(business, id, header).await;
             }
             // Its one-time prekey went while it decrypted (see
             // `StagedDecrypt::commit_stored`): refused by the store, the
@@ -262,7 +264,7 @@ impl Processor {
             Err(e) if e.needs_new_session() => {
                 drop(claim);
                 heard.cancel();
-                return Box::pin(self.refused(business, id, &inbound, e)).await;
+                return Box::pin(self.refused(business, (id, header), &inbound, e)).await;
             }
             Err(e) => {
                 // The write may have landed, its answer lost (a networked
@@ -315,19 +317,35 @@ impl Processor {
         })
     }
 
+    /// The message stored under (or known by) `id`, else under (or known
+    /// by) `header`: the id its own header gives a message sent again on
+    /// request, under which a plain copy of it is stored.
+    async fn stored_as(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        header: Option<MessageId>,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        match (self.storage.message(business, id).await?, header) {
+            (None, Some(header)) => self.storage.message(business, header).await,
+            (stored, _) => Ok(stored),
+        }
+    }
+
     /// The receipt of a duplicate of message `id` (or of the message
-    /// known by `id`, answered under the id it is stored under): whether
-    /// the business has it, from the stored message, once what an earlier
-    /// call left owed to it is made (a hand-over whose delivered mark
-    /// failed, say).
+    /// [`stored_as`](Self::stored_as) `id` and `header`, answered under
+    /// the id it is stored under): whether the business has it, from the
+    /// stored message, once what an earlier call left owed to it is made
+    /// (a hand-over whose delivered mark failed, say).
     async fn duplicate(
         &self,
         business: BusinessId,
         id: MessageId,
+        header: Option<MessageId>,
     ) -> Result<Receipt, ProcessorError> {
-        // Known by `id`, stored under another (sent again on request): a
-        // copy of that message, answered under its id.
-        let id = match self.storage.message(business, id).await? {
+        // Found by another id than it is stored under (sent again on
+        // request): a copy of that message, answered under its id.
+        let id = match self.stored_as(business, id, header).await? {
             Some(stored) => stored.id,
             None => id,
         };
@@ -336,9 +354,12 @@ impl Processor {
         Ok(Receipt::duplicate(id, stored.as_ref()))
     }
 
-    /// Answer `inbound`, which Signal refused (`cause`), its id `id`. A
+    /// Answer `inbound`, which Signal refused (`cause`), its id `id` (and,
+    /// sent again on request, `header` the id its header gives). A
     /// redelivery that Signal no longer recognises as one (the session
-    /// moved on, or was reset) is stored: it is answered as a duplicate.
+    /// moved on, or was reset), or a message sent again whose plain copy
+    /// took its one-time prekey meanwhile, is stored: it is answered as a
+    /// duplicate.
     /// Should the store not say, Signal's answer stands: a message it
     /// refuses is refused whether stored or not. One made on a state the
     /// business does not hold is asked for again, under the id it was
@@ -350,15 +371,15 @@ impl Processor {
     async fn refused(
         &self,
         business: BusinessId,
-        id: MessageId,
+        (id, header): (MessageId, Option<MessageId>),
         inbound: &Inbound,
         cause: SignalError,
     ) -> Result<Receipt, ProcessorError> {
         let ask = cause.needs_new_session();
-        match self.storage.message(business, id).await {
+        match self.stored_as(business, id, header).await {
             Ok(Some(_)) => {
                 debug!(%id, "redelivery of a stored message");
-                return self.duplicate(business, id).await;
+                return self.duplicate(business, id, header).await;
             }
             Ok(None) => {}
             Err(store) if ask => return Err(store.into()),
@@ -374,7 +395,7 @@ impl Processor {
             .unwrap_or_else(|| resend_id(business, &inbound.message));
         if again != id && self.storage.message(business, again).await?.is_some() {
             debug!(id = %again, "sent again and stored already");
-            return self.duplicate(business, again).await;
+            return self.duplicate(business, again, None).await;
         }
         Err(self.ask_resend(business, again, inbound, cause).await)
     }

@@ -2,6 +2,7 @@
 //! message forward, and the settled statuses reported to businesses.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -229,17 +230,20 @@ impl Receipts {
 
     /// [`restart`](Self::restart) `peer` at `now` (a new session), and hold
     /// it for settled message `held_for` until its expiry (as
-    /// [`hold_restart`](Self::hold_restart)), when the guard is dropped,
-    /// unless [`cancel`](Restarting::cancel)led.
-    fn restart_on_drop(
-        &self,
+    /// [`hold_restart`](Self::hold_restart)), when the guard is dropped
+    /// once `committing` (the session's write began), unless
+    /// [`cancel`](Restarting::cancel)led.
+    fn restart_on_drop<'a>(
+        &'a self,
+        committing: &'a AtomicBool,
         business: BusinessId,
         peer: PeerId,
         now: Timestamp,
         held_for: Option<(MessageId, Timestamp)>,
-    ) -> Restarting<'_> {
+    ) -> Restarting<'a> {
         Restarting {
             receipts: self,
+            committing,
             business,
             peer,
             now,
@@ -332,6 +336,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// [`Receipts::restart_on_drop`]).
 struct Restarting<'a> {
     receipts: &'a Receipts,
+    /// Set as the session's write begins: until then, nothing to note.
+    committing: &'a AtomicBool,
     business: BusinessId,
     peer: PeerId,
     now: Timestamp,
@@ -348,6 +354,9 @@ impl Restarting<'_> {
 
 impl Drop for Restarting<'_> {
     fn drop(&mut self) {
+        if !self.committing.load(Ordering::Relaxed) {
+            return;
+        }
         self.receipts
             .restart(self.business, self.peer, self.now, None);
         if let Some((id, until)) = self.held_for {
@@ -972,18 +981,28 @@ impl Processor {
             let written = match bundle {
                 Some(bundle) => {
                     // Noted as started, and held for a settled message
-                    // until it goes over it, however the call ends, unless
-                    // the write is known not to have landed: dropped or
-                    // failed, it may have, and a receipt sent on the old
-                    // session (this one's copy, another message's) would
-                    // fetch another bundle and replace it (should it not
-                    // have, such a message goes over the old session, and
-                    // its device asks again).
+                    // until it goes over it, however the call ends once the
+                    // write began, unless it is known not to have landed:
+                    // dropped or failed, it may have, and a receipt sent on
+                    // the old session (this one's copy, another message's)
+                    // would fetch another bundle and replace it (should it
+                    // not have, such a message goes over the old session,
+                    // and its device asks again).
                     let held_for = (!d.status.is_open()).then_some((id, record.expiry));
-                    let started = self.receipts.restart_on_drop(business, peer, now, held_for);
+                    let committing = AtomicBool::new(false);
+                    let started =
+                        self.receipts
+                            .restart_on_drop(&committing, business, peer, now, held_for);
                     match self
                         .sessions
-                        .start_session_with(business, peer, bundle, record.expiry, batch)
+                        .start_session_with(
+                            business,
+                            peer,
+                            bundle,
+                            record.expiry,
+                            batch,
+                            &committing,
+                        )
                         .await
                     {
                         Ok(()) => {
@@ -1049,6 +1068,10 @@ impl Processor {
                         .hold_restart((business, id), peer, now, record.expiry);
                     match self.resend_to_device(&record, body, device).await {
                         Ok(sent) => {
+                            // Let go for the message (held for others, it
+                            // stays held for them), before anything else
+                            // can drop the call.
+                            self.receipts.restart(business, peer, now, Some(id));
                             if sent {
                                 self.answered(&record, device, now).await;
                             } else {
@@ -1056,9 +1079,6 @@ impl Processor {
                                     "a settled message cannot be sent to a retry receipt's device"
                                 );
                             }
-                            // Let go for the message (held for others, it
-                            // stays held for them).
-                            self.receipts.restart(business, peer, now, Some(id));
                         }
                         Err(e) => {
                             debug!(error = %e, "a settled message could not be sent to a retry receipt's device now");

@@ -44,6 +44,9 @@ pub(crate) struct StagedDecrypt<'a> {
     prekey: Option<PreKeyHold<'a>>,
     /// The message's [`Parsed::id`].
     id: MessageId,
+    /// Its [`Parsed::header_id`]: sent again on request, it is known by
+    /// that id too.
+    header: Option<MessageId>,
     /// The library wrote the device's identity.
     identity_written: bool,
     /// The message's receiving chain and the index it left it at, if it is
@@ -98,6 +101,7 @@ impl StagedDecrypt<'_> {
             consumed,
             prekey,
             id,
+            header,
             identity_written,
             chain,
             in_order,
@@ -141,8 +145,12 @@ impl StagedDecrypt<'_> {
             Err(SignalError::Storage(StorageFailure::Store(e)))
                 if matches!(*e, StoreError::Conflict) =>
             {
-                if stored && s.store.message(business, id).await?.is_some() {
-                    return Err(SignalError::DuplicateMessage);
+                if stored {
+                    for id in std::iter::once(id).chain(header) {
+                        if s.store.message(business, id).await?.is_some() {
+                            return Err(SignalError::DuplicateMessage);
+                        }
+                    }
                 }
                 return Err(if consumed.is_some() {
                     SignalError::UnknownPreKey("one-time prekey")
@@ -444,6 +452,7 @@ impl Sessions {
             consumed,
             prekey: prekeys.take_hold(),
             id: message.id(),
+            header: message.header_id(),
             identity_written: identities.written,
             chain: index_after.map(|index| (message.chain, index)),
             in_order,

@@ -1,6 +1,8 @@
 //! Outbound: sessions started from a device's prekey bundle, and messages
 //! encrypted for one device or several.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use wacore_libsignal::protocol::{
     CiphertextMessageType, DeviceId, IdentityKey, PreKeyBundle as LibBundle, PublicKey,
     SignalProtocolError, UsePQRatchet, message_encrypt, process_prekey_bundle,
@@ -110,13 +112,16 @@ impl Sessions {
         bundle: &PreKeyBundle,
         expiry: Timestamp,
     ) -> Result<(), SignalError> {
-        self.start_session_with(business, peer, bundle, expiry, Batch::new())
+        let committing = AtomicBool::new(false);
+        self.start_session_with(business, peer, bundle, expiry, Batch::new(), &committing)
             .await
     }
 
     /// [`start_session`](Self::start_session), committing `extra` with the
     /// new session: both land, or neither (a conditional write of `extra`
-    /// that fails fails the whole as [`StoreError::Conflict`]).
+    /// that fails fails the whole as [`StoreError::Conflict`]). `committing`
+    /// is set as the commit begins: until then, however the call ends,
+    /// nothing was written.
     ///
     /// [`StoreError::Conflict`]: crate::store::StoreError::Conflict
     pub(crate) async fn start_session_with(
@@ -126,6 +131,7 @@ impl Sessions {
         bundle: &PreKeyBundle,
         expiry: Timestamp,
         extra: Batch,
+        committing: &AtomicBool,
     ) -> Result<(), SignalError> {
         if bundle.device_id != peer.device {
             return Err(SignalError::BadBundle("the bundle is another device's"));
@@ -164,6 +170,7 @@ impl Sessions {
         }
         state.session = sessions.into_record();
         state.identity = identities.peer;
+        committing.store(true, Ordering::Relaxed);
         self.commit_peer(business, peer, (state, taken), expiry, extra)
             .await
     }

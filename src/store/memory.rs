@@ -376,14 +376,16 @@ impl Inner {
         // under, or `None` (forgotten with a message deleted).
         type Headers = Vec<((BusinessId, MessageId), Option<MessageId>)>;
         let mut headers: Headers = Vec::new();
-        let known = |headers: &Headers, key: (BusinessId, MessageId)| match headers
+        // The id header `key` names now, if any.
+        let named = |headers: &Headers, key: (BusinessId, MessageId)| match headers
             .iter()
             .rev()
             .find(|(h, _)| *h == key)
         {
-            Some((_, id)) => id.is_some(),
-            None => self.known_as.contains_key(&key),
+            Some(&(_, id)) => id,
+            None => self.known_as.get(&key).copied(),
         };
+        let known = |headers: &Headers, key| named(headers, key).is_some();
         for op in ops {
             match op {
                 Op::ConsumeKey(id) => {
@@ -430,16 +432,18 @@ impl Inner {
                     }
                 }
                 Op::DeleteMessage { business, id } => {
-                    seen.push(((*business, *id), None));
+                    // The header that names the message stored under `id`
+                    // now, forgotten with it.
                     let header = headers
                         .iter()
-                        .rev()
-                        .find(|(h, of)| h.0 == *business && *of == Some(*id))
-                        .map(|(h, _)| h.1)
-                        .or_else(|| self.headers.get(&(*business, *id)).copied());
+                        .filter(|(h, of)| h.0 == *business && *of == Some(*id))
+                        .map(|&(h, _)| h)
+                        .chain(self.headers.get(&(*business, *id)).map(|&h| (*business, h)))
+                        .find(|&h| named(&headers, h) == Some(*id));
                     if let Some(header) = header {
-                        headers.push(((*business, header), None));
+                        headers.push((header, None));
                     }
+                    seen.push(((*business, *id), None));
                 }
                 _ => {}
             }

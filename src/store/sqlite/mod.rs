@@ -122,8 +122,9 @@ impl Default for SqliteConfig {
 }
 
 /// Why a SQLite database could not be opened. Whatever the reason, a file
-/// that is refused is left exactly as it was (see [`SqliteStore`]'s
-/// promises for the files beside it).
+/// that is refused is left exactly as it was, but for a rollback journal a
+/// crash left hot beside a custodian database's file, which is rolled back
+/// first (see [`SqliteStore`]'s promises for the files beside it).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SqliteOpenError {
@@ -623,6 +624,19 @@ fn open_checker(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Rows a write's listing skipped, added to the store's count when the
+/// work is let go: by its last run alone.
+struct SkippedOnDrop {
+    last: AtomicU64,
+    into: Arc<AtomicU64>,
+}
+
+impl Drop for SkippedOnDrop {
+    fn drop(&mut self) {
+        self.into.fetch_add(*self.last.get_mut(), Ordering::Relaxed);
+    }
+}
+
 /// A read-only connection to `path`, whose header is a custodian
 /// database's. A rollback journal that a crash left hot beside it (the
 /// crash cut a transaction short: a migration, the switch to the log)
@@ -904,13 +918,21 @@ impl Storage for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ExpiredMessage>, StoreError> {
         let holds = holds.to_vec();
-        let (deleted, skipped) = self
-            .writer
-            .write(move |c| writes::delete_expired(c, now, abandon_before, &holds, limit))
-            .await?;
-        // Counted once answered: a group commit may have run it again.
-        self.damaged.fetch_add(skipped, Ordering::Relaxed);
-        Ok(deleted)
+        // Counted from the listing's last run (a group commit may run it
+        // again), once the writer lets the work go, whether or not this
+        // call still waits for it.
+        let skips = SkippedOnDrop {
+            last: AtomicU64::new(0),
+            into: Arc::clone(&self.damaged),
+        };
+        self.writer
+            .write(move |c| {
+                let (deleted, skipped) =
+                    writes::delete_expired(c, now, abandon_before, &holds, limit)?;
+                skips.last.store(skipped, Ordering::Relaxed);
+                Ok(deleted)
+            })
+            .await
     }
 
     async fn message_businesses(&self) -> Result<Vec<BusinessId>, StoreError> {

@@ -14,7 +14,10 @@
 //!    of a partial index).
 //!
 //! Anything else is refused with a [`SqliteOpenError`] and left byte for byte
-//! as it was. Only then is the file opened for writing and migrated forward,
+//! as it was (but for a rollback journal a crash left hot beside a file
+//! whose header passed step 1: it is rolled back before step 2, as any
+//! SQLite connection would, so the file is checked as its last whole
+//! transaction left it). Only then is the file opened for writing and migrated forward,
 //! one step per version, each step in one transaction with its new
 //! `user_version`.
 //!
@@ -326,11 +329,18 @@ pub(super) fn inspect_header(path: &Path, file: &OpenFile) -> Result<bool, Sqlit
     };
     // The header's page count is valid only when its change counter matches
     // "version valid for"; with a non-empty log beside the file, the log may
-    // hold pages the file does not have yet, so the length proves nothing.
+    // hold pages the file does not have yet, so the length proves nothing;
+    // nor with a rollback journal: a crash in a commit that grew the file
+    // can leave page 1 (written first) counting pages not written yet,
+    // which rolling the journal back undoes.
     let pages = u64::from(be32(&header, 28));
     let counted = pages != 0 && be32(&header, 24) == be32(&header, 92);
     let log = std::fs::metadata(wal_path(path)).ok();
-    if counted && log.as_ref().is_none_or(|m| m.len() == 0) && len < pages.saturating_mul(page_size)
+    let journal = suffixed(path, "-journal");
+    if counted
+        && log.as_ref().is_none_or(|m| m.len() == 0)
+        && !journal.exists()
+        && len < pages.saturating_mul(page_size)
     {
         return Err(SqliteOpenError::Truncated {
             path: path.to_owned(),
@@ -342,7 +352,6 @@ pub(super) fn inspect_header(path: &Path, file: &OpenFile) -> Result<bool, Sqlit
     // journal beside it (a crash while the file turned to the log) would be
     // rolled back by a connection that may write: not logless then.
     let logging = header[18] == 2 && header[19] == 2;
-    let journal = suffixed(path, "-journal");
     Ok(logging && log.is_none() && !shm_path(path).exists() && !journal.exists())
 }
 

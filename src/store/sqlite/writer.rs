@@ -167,16 +167,25 @@ where
         Ok(())
     }
 
+    // The work (and what it holds) is let go before the reply: a caller
+    // answered finds whatever it left behind it done.
     fn succeed(self: Box<Self>) {
-        let this = *self;
-        let result = this
-            .output
+        let Self {
+            work,
+            output,
+            reply,
+            ..
+        } = *self;
+        drop(work);
+        let result = output
             .ok_or_else(|| StoreError::Backend("write task committed without running".into()));
-        this.reply.send(result);
+        reply.send(result);
     }
 
     fn fail(self: Box<Self>, error: StoreError) {
-        self.reply.send(Err(error));
+        let Self { work, reply, .. } = *self;
+        drop(work);
+        reply.send(Err(error));
     }
 }
 
