@@ -1384,10 +1384,10 @@ fn the_sweep_and_delivery_queries_use_their_indexes() {
         ),
         (reads::MESSAGE[0], "sqlite_autoindex_messages_1"),
         (reads::MESSAGE[1], "messages_header"),
-        (writes::INSERT_MESSAGE.0, "messages_header"),
-        (writes::INSERT_MESSAGE.1, "messages_header"),
+        (writes::KNOWN.0, "messages_header"),
+        (writes::KNOWN.1, "messages_header"),
         (
-            writes::INSERT_MESSAGE.1,
+            writes::KNOWN.1,
             "COVERING INDEX sqlite_autoindex_messages_1",
         ),
         (reads::ENDED_EPOCH_KEYS, "wrapped_keys_epoch_end"),

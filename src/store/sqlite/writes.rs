@@ -301,23 +301,16 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
     done.map(drop).map_err(store_error)
 }
 
-/// Store a message: plain, then known by a header's id too. Each form is
-/// its own statement, so that every lookup is on an index (the plain one
-/// asks only the small index of ids known by a header).
-pub(super) const INSERT_MESSAGE: (&str, &str) = (
-    "INSERT INTO messages (business, id, direction, phone, created, expiry,
-         epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
-         accepted_by, header_id)
-     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
-     WHERE NOT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND header_id = ?2)
-     ON CONFLICT (business, id) DO NOTHING",
-    "INSERT INTO messages (business, id, direction, phone, created, expiry,
-         epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
-         accepted_by, header_id)
-     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
-     WHERE NOT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND header_id IN (?2, ?15))
-       AND NOT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND id = ?15)
-     ON CONFLICT DO NOTHING",
+/// Whether a message is known by an id (see [`Op::PutResentMessage`]):
+/// by `?2`, a plain message's id; by `?2` or `?3`, or stored under `?3`,
+/// a message sent again and the id its header gives. Asked apart from the
+/// insert, on the small index of ids known by a header (an `INSERT …
+/// SELECT` reading the table it writes copies its row through a temporary
+/// table first).
+pub(super) const KNOWN: (&str, &str) = (
+    "SELECT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND header_id = ?2)",
+    "SELECT EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND header_id IN (?2, ?3))
+         OR EXISTS (SELECT 1 FROM messages WHERE business = ?1 AND id = ?3)",
 );
 
 /// Store message `m`, known by `header` too if given (see
@@ -328,17 +321,34 @@ fn insert_message(
     m: &MessageRecord,
     header: Option<MessageId>,
 ) -> Result<(), StoreError> {
-    let sql = if header.is_some() {
-        INSERT_MESSAGE.1
-    } else {
-        INSERT_MESSAGE.0
-    };
+    let (business, id) = (business_sql(m.business), &m.id.as_bytes()[..]);
+    let header = header.as_ref().map(|h| &h.as_bytes()[..]);
+    let known = match header {
+        None => conn
+            .prepare_cached(KNOWN.0)
+            .db()?
+            .query_row(params![business, id], |r| r.get::<_, bool>(0)),
+        Some(header) => conn
+            .prepare_cached(KNOWN.1)
+            .db()?
+            .query_row(params![business, id, header], |r| r.get::<_, bool>(0)),
+    }
+    .db()?;
+    if known {
+        return Err(StoreError::Conflict);
+    }
     let n = conn
-        .prepare_cached(sql)
+        .prepare_cached(
+            "INSERT INTO messages (business, id, direction, phone, created, expiry,
+                 epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
+                 accepted_by, header_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT DO NOTHING",
+        )
         .db()?
         .execute(params![
-            business_sql(m.business),
-            &m.id.as_bytes()[..],
+            business,
+            id,
             m.direction.code(),
             &m.phone.as_bytes()[..],
             time_sql(m.created),
@@ -351,10 +361,11 @@ fn insert_message(
             u64_to_sql(m.delivery.pending_devices),
             m.sealed,
             u64_to_sql(m.delivery.accepted_by),
-            header.as_ref().map(|h| &h.as_bytes()[..]),
+            header,
         ])
         .db()?;
-    // Fails the batch: a message with this id is stored already.
+    // Fails the batch: a message with this id (or known by `header`) is
+    // stored already.
     if n == 1 {
         Ok(())
     } else {
