@@ -1427,10 +1427,9 @@ where
     panic!("the write never landed");
 }
 
-/// Consumer 2 (two devices, sessions acknowledged) lost its sessions; the
-/// business's next message went out and was reported delivered (device
-/// 0's report, say). Its id.
-async fn delivered_on_lost_sessions(d: &Deployment) -> MessageId {
+/// Consumer 2, two devices, answered the business's first message on each
+/// (their sessions acknowledged), then lost its sessions.
+async fn answered_then_lost(d: &Deployment) {
     d.network.add_consumer(&consumer(2), 2).await;
     d.processor
         .send(&d.owner, d.b, d.outbound(b"hi"))
@@ -1444,6 +1443,13 @@ async fn delivered_on_lost_sessions(d: &Deployment) -> MessageId {
     }
     d.settle(3).await;
     d.network.lose_sessions(&consumer(2)).await;
+}
+
+/// Consumer 2 (two devices, sessions acknowledged) lost its sessions; the
+/// business's next message went out and was reported delivered (device
+/// 0's report, say). Its id.
+async fn delivered_on_lost_sessions(d: &Deployment) -> MessageId {
+    answered_then_lost(d).await;
     let id = d
         .processor
         .send(&d.owner, d.b, d.outbound(b"again"))
@@ -1531,50 +1537,9 @@ fn a_receipt_cut_after_its_session_write_still_counts_the_session_started() {
 /// the device never got the business's reply; a review's test.)
 #[test]
 fn a_receive_cut_after_its_write_lets_the_devices_oversized_receipts_in() {
-    use custodian::processor::{Inbound, Outbound, ProcessorError};
     runtime().block_on(async {
-        let signal = SignalConfig {
-            prekey_pool: 4,
-            prekey_low_water: 2,
-            max_record_len: custodian::signal::MIN_RECORD_LEN,
-            ..SignalConfig::default()
-        };
-        let d = Deployment::with_signal(Faults::none(), Faults::none(), signal).await;
-        let keys = d.transport.published.lock().unwrap().clone().unwrap();
-        let mut handset = ConsumerDevice::new(0);
-        handset
-            .start_session(d.b, &keys.bundle(Some(0)))
-            .await
-            .unwrap();
-        let mut messages = Vec::new();
-        for i in 0..2_000 {
-            let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
-            messages.push(Inbound {
-                resend_of: None,
-                from: consumer(1),
-                device: 0,
-                message: message.unwrap(),
-            });
-        }
-        assert!(d.receive(messages[0].clone()).await.unwrap().delivered);
-        d.network.add_consumer(&consumer(1), 1).await;
-        let reply = Outbound {
-            to: consumer(1),
-            ..d.outbound(b"reply")
-        };
-        let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
-        // Every other message from the third on, until the keys kept for
-        // those skipped would grow the record past its limit.
-        let (mut skipped, mut i) = (Vec::new(), 2);
-        let refused = loop {
-            match d.receive(messages[i].clone()).await {
-                Ok(r) => assert!(r.delivered),
-                Err(ProcessorError::Signal(SignalError::RecordTooLarge { .. })) => break i,
-                Err(e) => panic!("message {i}: {e:?}"),
-            }
-            skipped.push(i - 1);
-            i += 2;
-        };
+        let (d, mut handset, messages, id) = near_the_record_limit().await;
+        let (skipped, refused) = skip_to_the_limit(&d, &messages).await;
         // The device lost its session and asks for the reply: ignored.
         d.transport
             .served
@@ -1627,19 +1592,7 @@ fn a_receipt_answered_after_its_copy_went_out_lets_its_session_go() {
 async fn receipt_after_copy_went_out(cut: bool) {
     {
         let d = Deployment::new(Faults::none(), Faults::none()).await;
-        d.network.add_consumer(&consumer(2), 2).await;
-        d.processor
-            .send(&d.owner, d.b, d.outbound(b"hi"))
-            .await
-            .unwrap();
-        for device in 0..2 {
-            d.network
-                .consumer_sends(&consumer(2), device, d.b, b"thanks")
-                .await
-                .unwrap();
-        }
-        d.settle(3).await;
-        d.network.lose_sessions(&consumer(2)).await;
+        answered_then_lost(&d).await;
         // The business's next message: its send timed out once stored,
         // before any attempt (queued, no device recorded).
         let stored = d.store.census().await.unwrap().messages;
@@ -1733,23 +1686,30 @@ fn a_receipt_whose_session_was_never_written_notes_no_session() {
         let failed = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
         assert!(failed.is_err(), "{failed:?}");
         assert_eq!(d.faults.lift(), [("peer", Strike::Before)]);
-        assert_eq!(d.store.peer(d.b, peer).await.unwrap(), stored, "the record changed");
-        assert_eq!(d.transport.bundles_fetched() - before, 1);
-        // The network hands the receipt in again.
-        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
-        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
         assert_eq!(
-            d.transport.bundles_fetched() - before,
-            2,
-            "the receipt handed in again fetched no bundle: a session never written was noted started"
+            d.store.peer(d.b, peer).await.unwrap(),
+            stored,
+            "the record changed"
         );
-        d.network.pump(&d.processor, &d.carrier).await;
-        let got = d.network.received(&consumer(2)).await;
-        assert!(
-            got.get(&1).is_some_and(|g| g.contains_key(&id)),
-            "device 1 never got the message: {got:?}"
-        );
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+        let fetched = handed_in_again_reaches_device_1(&d, id).await;
+        assert_eq!(fetched - before, 2, "noted started");
     });
+}
+
+/// The network hands device 1's receipt for `id` in again: it is acted
+/// on, and the device gets the message. The bundles fetched by then.
+async fn handed_in_again_reaches_device_1(d: &Deployment, id: MessageId) -> usize {
+    let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+    assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
+    let fetched = d.transport.bundles_fetched();
+    d.network.pump(&d.processor, &d.carrier).await;
+    let got = d.network.received(&consumer(2)).await;
+    assert!(
+        got.get(&1).is_some_and(|g| g.contains_key(&id)),
+        "device 1 never got the message: {got:?}"
+    );
+    fetched
 }
 
 /// The control of the test above: failed at its first read, before any
@@ -1765,12 +1725,8 @@ fn a_receipt_failed_before_its_bundle_is_acted_on_when_handed_in_again() {
         let failed = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
         assert!(failed.is_err(), "{failed:?}");
         assert_eq!(d.faults.lift(), [("message", Strike::Before)]);
-        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
-        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
-        assert_eq!(d.transport.bundles_fetched() - before, 1);
-        d.network.pump(&d.processor, &d.carrier).await;
-        let got = d.network.received(&consumer(2)).await;
-        assert!(got.get(&1).is_some_and(|g| g.contains_key(&id)), "{got:?}");
+        let fetched = handed_in_again_reaches_device_1(&d, id).await;
+        assert_eq!(fetched - before, 1);
     });
 }
 
@@ -1796,14 +1752,13 @@ fn a_receipt_cut_before_its_session_write_notes_no_session() {
         let calls = d.faults.calls();
         assert_eq!(calls.last(), Some(&"peer"), "{calls:?}");
         d.faults.lift();
-        assert_eq!(d.store.peer(d.b, peer).await.unwrap(), stored, "the record changed");
-        assert_eq!(d.transport.bundles_fetched() - before, 1);
-        let again = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
-        assert!(matches!(again, Ok(StatusChange::Applied)), "{again:?}");
         assert_eq!(
-            d.transport.bundles_fetched() - before,
-            2,
-            "the receipt handed in again fetched no bundle: a session never written was noted started"
+            d.store.peer(d.b, peer).await.unwrap(),
+            stored,
+            "the record changed"
         );
+        assert_eq!(d.transport.bundles_fetched() - before, 1);
+        let fetched = handed_in_again_reaches_device_1(&d, id).await;
+        assert_eq!(fetched - before, 2, "noted started");
     });
 }

@@ -929,61 +929,6 @@ async fn a_message_refused_for_its_records_size_is_received_once_the_skipped_one
     assert!(d.receive(ahead).await.unwrap().delivered);
 }
 
-/// A deployment whose devices' Signal records may grow to the smallest
-/// limit, with consumer 1's device 0 driven by hand: 2,000 of its messages
-/// made, the first received, and the business's reply to it sent.
-async fn near_the_record_limit() -> (Deployment, ConsumerDevice, Vec<Inbound>, MessageId) {
-    let signal = SignalConfig {
-        prekey_pool: 4,
-        prekey_low_water: 2,
-        max_record_len: custodian::signal::MIN_RECORD_LEN,
-        ..SignalConfig::default()
-    };
-    let d = Deployment::with_signal(Faults::none(), Faults::none(), signal).await;
-    let keys = d.transport.published.lock().unwrap().clone().unwrap();
-    let mut handset = ConsumerDevice::new(0);
-    handset
-        .start_session(d.b, &keys.bundle(Some(0)))
-        .await
-        .unwrap();
-    let mut messages = Vec::new();
-    for i in 0..2_000 {
-        let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
-        messages.push(Inbound {
-            resend_of: None,
-            from: consumer(1),
-            device: 0,
-            message: message.unwrap(),
-        });
-    }
-    assert!(d.receive(messages[0].clone()).await.unwrap().delivered);
-    d.network.add_consumer(&consumer(1), 1).await;
-    let reply = Outbound {
-        to: consumer(1),
-        ..d.outbound(b"reply")
-    };
-    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
-    (d, handset, messages, id)
-}
-
-/// Receive every other one of `messages` from the third on, until the
-/// keys kept for those skipped would grow the record past its limit: the
-/// skipped ones, and the index of the one refused.
-async fn skip_to_the_limit(d: &Deployment, messages: &[Inbound]) -> (Vec<usize>, usize) {
-    let (mut skipped, mut i) = (Vec::new(), 2);
-    loop {
-        match d.receive(messages[i].clone()).await {
-            Ok(r) => assert!(r.delivered),
-            Err(ProcessorError::Signal(SignalError::RecordTooLarge { .. })) => {
-                return (skipped, i);
-            }
-            Err(e) => panic!("message {i}: {e:?}"),
-        }
-        skipped.push(i - 1);
-        i += 2;
-    }
-}
-
 /// Four copies of `device`'s retry receipt for `id`, 30 s apart, each
 /// served `bundle`'s: each is ignored; how many bundles they fetched.
 async fn ignored_copies(
@@ -3505,13 +3450,40 @@ fn an_approval_of_a_held_consumer_is_refused_even_when_it_would_change_nothing()
 /// stored; a review's second look).
 mod resend_races {
     use std::future::Future;
+    use std::pin::Pin;
     use std::task::{Context, Waker};
 
     use custodian::ids::MessageId;
-    use custodian::processor::Inbound;
+    use custodian::processor::{Inbound, ProcessorError, Receipt};
     use custodian::testing::Faults;
 
     use super::seams::{Deployment, Plan, Seams, Strike};
+
+    type Receiving<'a> = Pin<Box<dyn Future<Output = Result<Receipt, ProcessorError>> + 'a>>;
+
+    /// `resent`'s receive, polled until its look-up of its header's id is
+    /// under way (the store's calls counted from now, none failing).
+    fn header_looked_up(d: &Deployment, resent: Inbound) -> Receiving<'_> {
+        d.faults.set(Plan {
+            at: usize::MAX,
+            seams: Seams::Store,
+            strike: Strike::Before,
+            outage: false,
+        });
+        let mut first: Receiving<'_> = Box::pin(d.processor.receive(&d.carrier, d.b, resent));
+        let mut cx = Context::from_waker(Waker::noop());
+        let reads = || d.faults.calls().iter().filter(|c| **c == "message").count();
+        let mut polls = 0;
+        while reads() == 0 {
+            assert!(first.as_mut().poll(&mut cx).is_pending(), "finished early");
+            polls += 1;
+            assert!(polls < 10_000, "no message read");
+        }
+        // One more poll reads.
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(reads(), 1);
+        first
+    }
 
     /// The plain copy, from the same device, is stored under its header's
     /// id H while the copy sent again (under A) decrypts: Signal finds the
@@ -3528,25 +3500,7 @@ mod resend_races {
             resend_of: Some(asked),
             ..plain.clone()
         };
-        // Count the store's calls (none fails).
-        d.faults.set(Plan {
-            at: usize::MAX,
-            seams: Seams::Store,
-            strike: Strike::Before,
-            outage: false,
-        });
-        let mut first = Box::pin(d.processor.receive(&d.carrier, d.b, resent));
-        let mut cx = Context::from_waker(Waker::noop());
-        let reads = |d: &Deployment| d.faults.calls().iter().filter(|c| **c == "message").count();
-        let mut polls = 0;
-        while reads(&d) == 0 {
-            assert!(first.as_mut().poll(&mut cx).is_pending(), "finished early");
-            polls += 1;
-            assert!(polls < 10_000, "no message read");
-        }
-        // Its look-up of the header's id is under way: one more poll reads.
-        assert!(first.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(reads(&d), 1);
+        let first = header_looked_up(&d, resent);
 
         let second = d.processor.receive(&d.carrier, d.b, plain).await.unwrap();
         assert!(second.delivered && !second.duplicate, "{second:?}");
@@ -3582,23 +3536,7 @@ mod resend_races {
             device: 7,
             ..plain.clone()
         };
-        d.faults.set(Plan {
-            at: usize::MAX,
-            seams: Seams::Store,
-            strike: Strike::Before,
-            outage: false,
-        });
-        let mut first = Box::pin(d.processor.receive(&d.carrier, d.b, resent));
-        let mut cx = Context::from_waker(Waker::noop());
-        let reads = |d: &Deployment| d.faults.calls().iter().filter(|c| **c == "message").count();
-        let mut polls = 0;
-        while reads(&d) == 0 {
-            assert!(first.as_mut().poll(&mut cx).is_pending(), "finished early");
-            polls += 1;
-            assert!(polls < 10_000, "no message read");
-        }
-        assert!(first.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(reads(&d), 1);
+        let first = header_looked_up(&d, resent);
 
         let second = d.processor.receive(&d.carrier, d.b, forged).await.unwrap();
         assert!(second.delivered && !second.duplicate, "{second:?}");

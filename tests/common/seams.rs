@@ -1338,3 +1338,59 @@ impl Signal {
         assert_eq!(self.handset.decrypt(self.b, &out).await.unwrap(), content);
     }
 }
+
+/// A deployment whose devices' Signal records may grow to the smallest
+/// limit, with consumer 1's device 0 driven by hand: 2,000 of its messages
+/// made, the first received, and the business's reply to it sent.
+pub(crate) async fn near_the_record_limit() -> (Deployment, ConsumerDevice, Vec<Inbound>, MessageId)
+{
+    let signal = SignalConfig {
+        prekey_pool: 4,
+        prekey_low_water: 2,
+        max_record_len: custodian::signal::MIN_RECORD_LEN,
+        ..SignalConfig::default()
+    };
+    let d = Deployment::with_signal(Faults::none(), Faults::none(), signal).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut handset = ConsumerDevice::new(0);
+    handset
+        .start_session(d.b, &keys.bundle(Some(0)))
+        .await
+        .unwrap();
+    let mut messages = Vec::new();
+    for i in 0..2_000 {
+        let message = handset.encrypt(d.b, format!("{i}").as_bytes()).await;
+        messages.push(Inbound {
+            resend_of: None,
+            from: consumer(1),
+            device: 0,
+            message: message.unwrap(),
+        });
+    }
+    assert!(d.receive(messages[0].clone()).await.unwrap().delivered);
+    d.network.add_consumer(&consumer(1), 1).await;
+    let reply = Outbound {
+        to: consumer(1),
+        ..d.outbound(b"reply")
+    };
+    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+    (d, handset, messages, id)
+}
+
+/// Receive every other one of `messages` from the third on, until the
+/// keys kept for those skipped would grow the record past its limit: the
+/// skipped ones, and the index of the one refused.
+pub(crate) async fn skip_to_the_limit(d: &Deployment, messages: &[Inbound]) -> (Vec<usize>, usize) {
+    let (mut skipped, mut i) = (Vec::new(), 2);
+    loop {
+        match d.receive(messages[i].clone()).await {
+            Ok(r) => assert!(r.delivered),
+            Err(ProcessorError::Signal(SignalError::RecordTooLarge { .. })) => {
+                return (skipped, i);
+            }
+            Err(e) => panic!("message {i}: {e:?}"),
+        }
+        skipped.push(i - 1);
+        i += 2;
+    }
+}

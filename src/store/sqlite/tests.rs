@@ -1700,6 +1700,32 @@ fn concurrent_commits_share_transactions_and_are_counted() {
     assert_eq!(store.group_commits(), after);
 }
 
+/// Message `id` of business 1, delivered: settled.
+fn settled_id(id: u8) -> MessageRecord {
+    MessageRecord {
+        delivery: DELIVERED,
+        ..record(id, b"sealed")
+    }
+}
+
+/// A store at `path` with messages 1 to 3 settled and expired, the first
+/// damaged (a sweep's listing skips it), and `more`.
+fn stored_with_one_damaged(path: &Path, mut more: Batch) {
+    let store = SqliteStore::open(path, SqliteConfig::default()).unwrap();
+    for id in 1..=3 {
+        more.push(Op::PutMessage(Box::new(settled_id(id))));
+    }
+    block_on(store.commit(more)).unwrap();
+    drop(store);
+    tamper(
+        path,
+        &format!(
+            "UPDATE messages SET direction = 9 WHERE id = X'{}'",
+            "01".repeat(16)
+        ),
+    );
+}
+
 /// A sweep's listing that skipped a damaged row, run again by the group
 /// commit (another write of its group conflicted, and the group rolled
 /// back), counts the row once: the store counts what the run it answers
@@ -1709,14 +1735,10 @@ fn concurrent_commits_share_transactions_and_are_counted() {
 fn a_sweep_run_again_by_its_group_counts_a_damaged_row_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
-    let settled = |id: u8| MessageRecord {
-        delivery: DELIVERED,
-        ..record(id, b"sealed")
-    };
-    // Messages 1 to 3 expired, 4 not.
+    // Messages 1 to 3 expired (1 damaged), 4 not.
     let live = MessageRecord {
         expiry: Timestamp::from_millis(T0 + 1_000_000),
-        ..settled(4)
+        ..settled_id(4)
     };
     let puts = |ms: Vec<MessageRecord>| {
         let mut batch = Batch::new();
@@ -1724,17 +1746,7 @@ fn a_sweep_run_again_by_its_group_counts_a_damaged_row_once() {
             .for_each(|m| batch.push(Op::PutMessage(Box::new(m))));
         batch
     };
-    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-    let stored = vec![settled(1), settled(2), settled(3), live.clone()];
-    block_on(store.commit(puts(stored))).unwrap();
-    drop(store);
-    tamper(
-        &path,
-        &format!(
-            "UPDATE messages SET direction = 9 WHERE id = X'{}'",
-            "01".repeat(16)
-        ),
-    );
+    stored_with_one_damaged(&path, puts(vec![live.clone()]));
     let store = Arc::new(SqliteStore::open(&path, SqliteConfig::default()).unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1761,7 +1773,7 @@ fn a_sweep_run_again_by_its_group_counts_a_damaged_row_once() {
     let replay = rt.spawn({
         let store = store.clone();
         // A new message, and message 4 again: a conflict.
-        let batch = puts(vec![settled(9), live]);
+        let batch = puts(vec![settled_id(9), live]);
         async move { store.commit(batch).await }
     });
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -1786,24 +1798,7 @@ fn a_sweep_whose_caller_stopped_waiting_still_counts_its_damaged_row() {
     use std::future::Future;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
-    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
-    let mut batch = Batch::new();
-    for id in 1..=3 {
-        let m = MessageRecord {
-            delivery: DELIVERED,
-            ..record(id, b"sealed")
-        };
-        batch.push(Op::PutMessage(Box::new(m)));
-    }
-    block_on(store.commit(batch)).unwrap();
-    drop(store);
-    tamper(
-        &path,
-        &format!(
-            "UPDATE messages SET direction = 9 WHERE id = X'{}'",
-            "01".repeat(16)
-        ),
-    );
+    stored_with_one_damaged(&path, Batch::new());
     let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
     // Another connection holds the write lock: the sweep's write waits in
     // the writer while its caller gives up.
