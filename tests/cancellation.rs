@@ -1660,40 +1660,54 @@ async fn receipt_after_copy_went_out(cut: bool) {
     }
 }
 
-/// A retry receipt that failed before its session's write began (the
-/// device's record could not be read) notes no session started, nor holds
-/// one: handed in again, it fetches a bundle, and the device gets the
-/// message. (Every error but a conflict and the refusals noted it, and
-/// held it for the message: the copy went over the session the device
-/// had lost; a review's second look.)
+/// A retry receipt that failed, or was timed out by the host, before its
+/// session's write began (while it read the device's record) notes no
+/// session started, nor holds one: handed in again, it fetches a bundle,
+/// and the device gets the message. (Every error but a conflict and the
+/// refusals, and every drop, noted it, and held it for the message: the
+/// copy went over the session the device had lost; a review's second
+/// look.)
 #[test]
-fn a_receipt_whose_session_was_never_written_notes_no_session() {
+fn a_receipt_ended_before_its_session_write_notes_no_session() {
     runtime().block_on(async {
-        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
-        let id = delivered_on_lost_sessions(&d).await;
-        let peer = PeerId {
-            phone: d.phone_of(2).await,
-            device: 1,
-        };
-        // A restart: the device's record is read from the store.
-        d.restart();
-        let stored = d.store.peer(d.b, peer).await.unwrap();
-        let before = d.transport.bundles_fetched();
-        // The read of the device's record, in `start_session_with` (the
-        // tenth store call of the receipt), fails before the store is
-        // asked: nothing is written.
-        d.faults.fail_at(10, Seams::Store, Strike::Before);
-        let failed = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
-        assert!(failed.is_err(), "{failed:?}");
-        assert_eq!(d.faults.lift(), [("peer", Strike::Before)]);
-        assert_eq!(
-            d.store.peer(d.b, peer).await.unwrap(),
-            stored,
-            "the record changed"
-        );
-        assert_eq!(d.transport.bundles_fetched() - before, 1);
-        let fetched = handed_in_again_reaches_device_1(&d, id).await;
-        assert_eq!(fetched - before, 2, "noted started");
+        for cut in [false, true] {
+            let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+            let id = delivered_on_lost_sessions(&d).await;
+            let peer = PeerId {
+                phone: d.phone_of(2).await,
+                device: 1,
+            };
+            // A restart: the device's record is read from the store.
+            d.restart();
+            let stored = d.store.peer(d.b, peer).await.unwrap();
+            let before = d.transport.bundles_fetched();
+            if cut {
+                // Counts the calls; fails none.
+                d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
+                let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1);
+                cut_once_landed(receipt, async || d.faults.calls().contains(&"peer")).await;
+                let calls = d.faults.calls();
+                assert_eq!(
+                    calls.last(),
+                    Some(&"peer"),
+                    "no write after the read: {calls:?}"
+                );
+                d.faults.lift();
+            } else {
+                // The read of the device's record, in `start_session_with`
+                // (the tenth store call of the receipt), fails before the
+                // store is asked.
+                d.faults.fail_at(10, Seams::Store, Strike::Before);
+                let failed = d.processor.retry_receipt(&d.carrier, d.b, id, 1).await;
+                assert!(failed.is_err(), "{failed:?}");
+                assert_eq!(d.faults.lift(), [("peer", Strike::Before)]);
+            }
+            let now = d.store.peer(d.b, peer).await.unwrap();
+            assert_eq!(now, stored, "cut {cut}: the record changed");
+            assert_eq!(d.transport.bundles_fetched() - before, 1);
+            let fetched = handed_in_again_reaches_device_1(&d, id).await;
+            assert_eq!(fetched - before, 2, "cut {cut}: noted started");
+        }
     });
 }
 
@@ -1727,38 +1741,5 @@ fn a_receipt_failed_before_its_bundle_is_acted_on_when_handed_in_again() {
         assert_eq!(d.faults.lift(), [("message", Strike::Before)]);
         let fetched = handed_in_again_reaches_device_1(&d, id).await;
         assert_eq!(fetched - before, 1);
-    });
-}
-
-/// The same, the receipt timed out by the host while it reads the
-/// device's record, before any write.
-#[test]
-fn a_receipt_cut_before_its_session_write_notes_no_session() {
-    runtime().block_on(async {
-        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
-        let id = delivered_on_lost_sessions(&d).await;
-        let peer = PeerId {
-            phone: d.phone_of(2).await,
-            device: 1,
-        };
-        d.restart();
-        let stored = d.store.peer(d.b, peer).await.unwrap();
-        let before = d.transport.bundles_fetched();
-        // Counts the calls; fails none.
-        d.faults.fail_at(usize::MAX, Seams::Store, Strike::Before);
-        let receipt = d.processor.retry_receipt(&d.carrier, d.b, id, 1);
-        cut_once_landed(receipt, async || d.faults.calls().contains(&"peer")).await;
-        // Cut in the read: no write after it.
-        let calls = d.faults.calls();
-        assert_eq!(calls.last(), Some(&"peer"), "{calls:?}");
-        d.faults.lift();
-        assert_eq!(
-            d.store.peer(d.b, peer).await.unwrap(),
-            stored,
-            "the record changed"
-        );
-        assert_eq!(d.transport.bundles_fetched() - before, 1);
-        let fetched = handed_in_again_reaches_device_1(&d, id).await;
-        assert_eq!(fetched - before, 2, "noted started");
     });
 }
