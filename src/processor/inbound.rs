@@ -175,12 +175,10 @@ impl Processor {
         // remembers of it (a restart, or a sweep that cleared the cache,
         // may have lost its step). Boxed: rare.
         if let Some(header) = header
-            && Box::pin(self.storage.message(business, header))
-                .await?
-                .is_some()
+            && let Some(stored) = Box::pin(self.storage.message(business, header)).await?
         {
             debug!(%id, "a message sent again came before");
-            return Box::pin(self.duplicate(business, id, Some(header))).await;
+            return Box::pin(self.duplicate(business, stored.id, None)).await;
         }
         let staged = match self
             .sessions

@@ -987,7 +987,8 @@ impl Processor {
                     // the old session (this one's copy, another message's)
                     // would fetch another bundle and replace it (should it
                     // not have, such a message goes over the old session,
-                    // and its device asks again).
+                    // and its device asks again). A refused bundle ends the
+                    // call before the write: nothing to cancel.
                     let held_for = (!d.status.is_open()).then_some((id, record.expiry));
                     let committing = AtomicBool::new(false);
                     let started =
@@ -1017,13 +1018,11 @@ impl Processor {
                             false
                         }
                         Err(SignalError::UntrustedIdentity { .. }) => {
-                            started.cancel();
                             noted.refused_until(record.expiry, record.phone);
                             warn!(%business, device, "a retry receipt's bundle has another identity key: not taken from a bundle");
                             return Ok(StatusChange::Ignored);
                         }
                         Err(SignalError::BadBundle(why)) => {
-                            started.cancel();
                             noted.keep_until(record.expiry);
                             warn!(%business, device, why, "refused a retry receipt's bad prekey bundle");
                             return Ok(StatusChange::Ignored);
