@@ -1,8 +1,11 @@
 //! Where the crate's randomness comes from: the operating system's
 //! generator, asked on every draw.
 //!
-//! Keys, nonces, message ids, the cache's incarnation and every key the
-//! Signal library makes come from it. A generator kept in the process
+//! Keys, nonces, message ids, the cache's incarnation, every key the
+//! Signal library makes, and what a processor draws to tell itself apart
+//! (its store writer id, its gate's decision-id instance, its billing take
+//! ids and acceptance tokens) come from it; nothing in the crate draws
+//! from rand's `ThreadRng`. A generator kept in the process
 //! (rand's `ThreadRng`) is copied by a fork, or by a snapshot of its
 //! virtual machine restored more than once: workers forked from a parent
 //! that had drawn from it, or a worker respawned after one that crashed,
@@ -21,7 +24,11 @@
 //! wherever the vDSO does not offer it, each draw is the system call.
 //!
 //! What is drawn before a fork is copied all the same: build a processor
-//! in the process that uses it, never before a fork.
+//! in the process that uses it, never before a fork. Fork a process that
+//! runs other threads only as POSIX allows (the child calls only what is
+//! safe after a fork, then `exec`): a fork while another thread takes a
+//! vDSO state from the shared pool (its first draw) could leave a thread
+//! of the child waiting for good on the pool's lock at its own first draw.
 
 use std::convert::Infallible;
 

@@ -6,12 +6,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 use foldhash::fast::RandomState;
+use rand::RngExt;
 
 use super::outbound::DeviceOutcome;
 use super::records::SealTag;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
+use crate::rng::OsRng;
 use crate::store::{Batch, Delivery};
 use crate::time::Timestamp;
 
@@ -186,7 +188,7 @@ pub(super) struct AttemptMade {
 /// A fresh [`Delivery::accepted_by`] for a write that bills a message:
 /// random, never zero (the value of a message not billed).
 pub(super) fn acceptance_token() -> u64 {
-    rand::random::<u64>().max(1)
+    OsRng.random::<u64>().max(1)
 }
 
 /// An outbound message moved on from queued by a send's bookkeeping, or by

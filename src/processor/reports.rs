@@ -1,11 +1,13 @@
 //! Reports: integrity signals, billing and statistics, each released to
 //! the one party the visibility policy names for it; and the store's census.
 
+use rand::RngExt;
 use tracing::warn;
 
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, PhoneNumber};
 use crate::integrity::{BillingStatement, IntegrityReport, StatisticsReport, billing_statement};
+use crate::rng::OsRng;
 use crate::store::{Census, Op, TakeId};
 use crate::time::Timestamp;
 use crate::transport::Principal;
@@ -173,7 +175,7 @@ impl Processor {
             if !stored.counts.iter().any(|c| c.end <= now) {
                 return Ok(None);
             }
-            let id = TakeId::new(rand::random()).unwrap_or(TakeId::MIN);
+            let id = TakeId::new(OsRng.random()).unwrap_or(TakeId::MIN);
             self.commit_op(Op::TakeBilling {
                 business,
                 id,

@@ -2,12 +2,14 @@
 
 use std::fmt;
 
+use rand::RngExt;
 use smallvec::SmallVec;
 
 use super::{Delivery, Hold, HoldScope, MessageRecord, TakeId};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::integrity::Category;
 use crate::keys::KeyId;
+use crate::rng::OsRng;
 use crate::time::Timestamp;
 
 /// One consumer device, as Signal state is keyed: the consumer's phone hash
@@ -260,7 +262,9 @@ impl fmt::Debug for Op {
     }
 }
 
-/// A processor writing to a store: random, one per processor (see
+/// A processor writing to a store: random, one per processor, drawn from
+/// the operating system's generator (two processors forked from one parent
+/// draw different ids; see
 /// [`Storage::take_over`](super::Storage::take_over)). Not a secret.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WriterId([u8; 16]);
@@ -268,7 +272,7 @@ pub struct WriterId([u8; 16]);
 impl WriterId {
     /// A fresh random writer id.
     pub fn random() -> Self {
-        Self(rand::random())
+        Self(OsRng.random())
     }
 
     /// The id with these bytes.

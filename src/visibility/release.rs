@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use foldhash::fast::RandomState;
+use rand::RngExt;
 
 use super::audit::{AuditError, AuditSink, Change, Decision, DecisionId, DenyReason, Verdict};
 use super::file::PolicyError;
 use super::table::VisibilityPolicy;
 use super::{DataClass, Party, Purpose};
 use crate::ids::BusinessId;
+use crate::rng::OsRng;
 use crate::time::Clock;
 
 /// A value with its data class, and the business it belongs to if any.
@@ -208,7 +210,7 @@ impl Gate {
     /// A gate deciding by `policy`, recording to `sink`, reading time from `clock`.
     /// Its decision-id instance is drawn at random.
     pub fn new(policy: VisibilityPolicy, sink: Arc<dyn AuditSink>, clock: Arc<dyn Clock>) -> Self {
-        Self::with_instance(policy, sink, clock, rand::random())
+        Self::with_instance(policy, sink, clock, OsRng.random())
     }
 
     /// As [`Gate::new`], with a chosen decision-id instance (for reproducible
