@@ -6,6 +6,10 @@
     clippy::panic,
     reason = "tests assert by panicking"
 )]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "keys of test consumers, in one process: rand's thread generator will do"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

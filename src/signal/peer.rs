@@ -339,7 +339,7 @@ mod tests {
         };
         let mut peer = Peer::empty(id);
         peer.identity = Some(IdentityKey::new(
-            KeyPair::generate(&mut rand::rng()).public_key,
+            KeyPair::generate(&mut crate::rng::OsRng).public_key,
         ));
         let bytes = peer.encode(&[1; 16]);
         assert!(bytes.capacity() - bytes.len() >= SEAL_ROOM);

@@ -778,7 +778,7 @@ async fn stored_account_keys_that_decode_but_are_unsound_are_refused_on_load() {
     let prekey = KeyPair::new(other.public_key().unwrap(), other.clone());
     let signature = pair
         .private_key()
-        .calculate_signature(&prekey.public_key.serialize(), &mut rand::rng())
+        .calculate_signature(&prekey.public_key.serialize(), &mut crate::rng::OsRng)
         .unwrap();
     let signed_with = |signature: &[u8]| {
         SignedPreKeyRecord::new(

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use rand::RngExt;
 use wacore_libsignal::protocol::{
     CiphertextMessage, CiphertextMessageType, DeviceId, Direction, GenericSignedPreKey,
     IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KeyPair,
@@ -14,6 +15,7 @@ use wacore_libsignal::protocol::{
 };
 
 use crate::ids::BusinessId;
+use crate::rng::OsRng;
 use crate::signal::{
     BUSINESS_DEVICE_ID, Ciphertext, DeviceIdentity, MessageKind, PreKeyBundle, PublicPreKey,
     SignedPublicPreKey,
@@ -189,7 +191,7 @@ fn business_address(business: BusinessId) -> ProtocolAddress {
 impl ConsumerDevice {
     /// A freshly installed device with id `device_id` (0 is a primary phone).
     pub fn new(device_id: u32) -> Self {
-        let mut rng = rand::rng();
+        let mut rng = OsRng;
         let own = IdentityKeyPair::generate(&mut rng);
         let pair = KeyPair::generate(&mut rng);
         let signature = own
@@ -203,7 +205,7 @@ impl ConsumerDevice {
             sessions: Sessions::default(),
             identities: Identities {
                 own,
-                registration_id: rand::random_range(1..0x3FFF),
+                registration_id: OsRng.random_range(1..0x3FFF),
                 known: HashMap::new(),
             },
             prekeys: PreKeys::default(),
@@ -230,7 +232,7 @@ impl ConsumerDevice {
         let one_time_prekey = with_one_time.then(|| {
             let id = self.next_prekey;
             self.next_prekey += 1;
-            let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut rand::rng()));
+            let record = PreKeyRecord::new(id.into(), &KeyPair::generate(&mut OsRng));
             let public_key = record
                 .public_key()
                 .map(|k| k.serialize())

@@ -1551,7 +1551,7 @@ fn a_deleted_consumers_phone_hash_leaves_no_bytes_in_the_file() {
     let dir = tempfile::tempdir().unwrap();
     // Beside 50 open messages (not swept) of another consumer.
     let path = populated(dir.path());
-    let phone = PhoneHash::from_bytes(rand::random());
+    let phone = PhoneHash::from_bytes(rand::RngExt::random(&mut crate::rng::OsRng));
     let peer = PeerId { phone, device: 1 };
     let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
     block_on(async {
