@@ -517,6 +517,29 @@ fn update(b: BusinessId, i: usize, round: usize) -> Vec<u8> {
     format!("business {b} to consumer {i}, update {round}: shipped").into_bytes()
 }
 
+/// Device copies of business messages, among those each consumer's
+/// devices decrypted (`received`, by consumer, then device, then id), that
+/// were not sent to that consumer (`sent`: business, id, consumer, round).
+fn misdelivered(
+    sent: &[(BusinessId, MessageId, usize, usize)],
+    received: &BTreeMap<usize, BTreeMap<u32, BTreeMap<MessageId, u32>>>,
+) -> usize {
+    let mut sent_to: BTreeMap<usize, BTreeSet<MessageId>> = BTreeMap::new();
+    for &(_, id, i, _) in sent {
+        sent_to.entry(i).or_default().insert(id);
+    }
+    received
+        .iter()
+        .flat_map(|(i, devices)| devices.values().map(move |ids| (i, ids)))
+        .map(|(i, ids)| {
+            let theirs = sent_to.get(i);
+            ids.keys()
+                .filter(|id| !theirs.is_some_and(|t| t.contains(id)))
+                .count()
+        })
+        .sum()
+}
+
 fn number(i: usize) -> PhoneNumber {
     // Valid E.164: a UK mobile range reserved for drama, plenty of room.
     format!("+4477009{i:05}")
@@ -1354,6 +1377,12 @@ async fn run(o: Options, temporary: Option<&Path>) -> Result<(), Box<dyn std::er
             }
         }
     }
+    // No device of any consumer has a business message sent to another.
+    let mut by_consumer = BTreeMap::new();
+    for i in 0..o.consumers {
+        by_consumer.insert(i, network.received(&number(i)).await);
+    }
+    let misdelivered = misdelivered(&sent, &by_consumer);
     // Every status about a message went to the business that sent it.
     let sender: BTreeMap<MessageId, BusinessId> = sent.iter().map(|&(b, id, ..)| (id, b)).collect();
     let misaddressed = sink
@@ -1372,6 +1401,7 @@ async fn run(o: Options, temporary: Option<&Path>) -> Result<(), Box<dyn std::er
     println!(
         "outbound: final statuses {by_status:?}; device copies missing: {missing_copies}; \
          from another business or altered: {altered_copies}; \
+         on a device of another consumer than the recipient: {misdelivered}; \
          statuses told to another business than the sender: {misaddressed}; \
          messages whose statuses went back: {gone_back}; \
          later copies unlike the first: {altered_later}; \
@@ -1394,6 +1424,12 @@ async fn run(o: Options, temporary: Option<&Path>) -> Result<(), Box<dyn std::er
         broken.push(format!(
             "{altered_copies} device copies of business messages came from another business or \
              differ from what it sent"
+        ));
+    }
+    if misdelivered > 0 {
+        broken.push(format!(
+            "{misdelivered} device copies of business messages reached a consumer they were not \
+             sent to"
         ));
     }
     if misaddressed > 0 {
@@ -1812,6 +1848,29 @@ mod tests {
             (id(4), copies(1, 1, 1, 0)),
         ]);
         assert_eq!(handed_again(&seen), (3, 4));
+    }
+
+    /// A business message a device of another consumer than its recipient
+    /// decrypted is counted, so a processor handing one business's content
+    /// to a stranger fails the run; one on its recipient's devices is not.
+    /// (Before, the checks looked only at each recipient's devices: review
+    /// of the test kit.)
+    #[test]
+    fn a_business_message_on_another_consumers_device_is_counted() {
+        let b = BusinessId::new(1).unwrap();
+        let id = |n| MessageId::from_bytes([n; 16]);
+        let sent = [(b, id(1), 1, 0), (b, id(2), 2, 0)];
+        let on = |ids: &[MessageId]| ids.iter().map(|&i| (i, 1)).collect::<BTreeMap<_, _>>();
+        let mut received = BTreeMap::from([
+            (1, BTreeMap::from([(0, on(&[id(1)])), (1, on(&[id(1)]))])),
+            (2, BTreeMap::from([(0, on(&[id(2)]))])),
+            (3, BTreeMap::new()),
+        ]);
+        assert_eq!(misdelivered(&sent, &received), 0);
+        // Consumer 2's second device and consumer 3 decrypted consumer 1's.
+        received.get_mut(&2).unwrap().insert(1, on(&[id(1), id(2)]));
+        received.get_mut(&3).unwrap().insert(0, on(&[id(1)]));
+        assert_eq!(misdelivered(&sent, &received), 2);
     }
 
     /// The outbound checks read the statuses in the order the processor

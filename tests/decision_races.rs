@@ -9,6 +9,7 @@
     reason = "tests assert by panicking"
 )]
 
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
@@ -373,4 +374,120 @@ async fn a_hand_over_the_policy_refuses_for_the_number_records_no_content_releas
         "the trail records the content released to the business, which never got it: \
          {content_released:?}"
     );
+}
+
+/// A policy put in force while a send's attempt waits on the network
+/// decides the attempt's later calls: the operator withholds consumers'
+/// numbers from the network once the first device's bundle is fetched,
+/// and the number goes out for no call after (no send to that device, no
+/// bundle for the second), the refusal recorded under the new table.
+/// Before, the number released when the attempt began was used for every
+/// device of the consumer, under the table the trail said was replaced.
+/// (Review of the visibility policy.)
+#[tokio::test]
+async fn a_number_withheld_mid_attempt_goes_to_the_network_no_more() {
+    use custodian::testing::Faults;
+    use custodian::visibility::{Verdict, VisibilityPolicy};
+    let d = seams::Deployment::new(Faults::none(), Faults::none()).await;
+    d.network.add_consumer(&d.outbound(b"").to, 2).await;
+    let mut withheld = Some(
+        VisibilityPolicy::default()
+            .to_builder(1)
+            .unwrap()
+            .deny(
+                Party::Transport,
+                DataClass::ConsumerPhoneNumber,
+                Purpose::Delivery,
+            )
+            .build(),
+    );
+    let send = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your order shipped"));
+    let mut send = std::pin::pin!(send);
+    std::future::poll_fn(|cx| {
+        let polled = send.as_mut().poll(cx);
+        if d.transport.bundles_fetched() == 1
+            && let Some(policy) = withheld.take()
+        {
+            d.processor
+                .set_visibility_policy(&d.operator, policy)
+                .unwrap();
+        }
+        polled
+    })
+    .await
+    .unwrap();
+    assert!(withheld.is_none(), "the first device's bundle was fetched");
+    assert_eq!(d.transport.bundles_fetched(), 1, "a bundle fetched after");
+    let received = d.network.received(&d.outbound(b"").to).await;
+    assert!(received.values().all(BTreeMap::is_empty), "{received:?}");
+    let refused = d.audit.events().into_iter().any(|e| {
+        e.revision.get() == 1
+            && e.party == Party::Transport
+            && e.class == DataClass::ConsumerPhoneNumber
+            && e.verdict != Verdict::Allow
+    });
+    assert!(refused, "the refusal under the new table is recorded");
+}
+
+/// A device an attempt could not reach, of a message another device has,
+/// waits while the operator withholds numbers from the network for
+/// retransmission, and is sent the message once the published table is
+/// back. Before, the policy's refusal gave it up for good, as a network's
+/// refusal does. (Review of the visibility policy.)
+#[tokio::test]
+async fn a_device_left_pending_while_numbers_are_withheld_is_sent_the_message_after() {
+    use std::time::Duration;
+
+    use custodian::store::Status;
+    use custodian::testing::Faults;
+    use custodian::visibility::VisibilityPolicy;
+    let d = seams::Deployment::new(Faults::none(), Faults::none()).await;
+    let to = d.outbound(b"").to;
+    d.network.add_consumer(&to, 2).await;
+    d.transport.sends_unavailable.lock().unwrap().insert(1);
+    let withheld = VisibilityPolicy::default()
+        .to_builder(1)
+        .unwrap()
+        .deny(
+            Party::Transport,
+            DataClass::ConsumerPhoneNumber,
+            Purpose::Retransmission,
+        )
+        .build();
+    d.processor
+        .set_visibility_policy(&d.operator, withheld)
+        .unwrap();
+    let id = d
+        .processor
+        .send(&d.owner, d.b, d.outbound(b"your order shipped"))
+        .await
+        .unwrap();
+    // Device 0 has it, and the network says so; device 1 is pending.
+    d.processor
+        .status_update(&d.carrier, d.b, id, Status::Delivered)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        d.clock.advance(Duration::from_secs(5));
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+    }
+    let back = VisibilityPolicy::default().to_builder(2).unwrap().build();
+    d.processor
+        .set_visibility_policy(&d.operator, back)
+        .unwrap();
+    for _ in 0..24 * 60 {
+        d.clock.advance(Duration::from_secs(60));
+        d.network.pump(&d.processor, &d.carrier).await;
+        d.processor.retransmit_due(&d.operator).await.unwrap();
+    }
+    let received = d.network.received(&to).await;
+    for device in [0, 1] {
+        assert_eq!(
+            received.get(&device).and_then(|m| m.get(&id)),
+            Some(&1),
+            "{received:?}"
+        );
+    }
 }

@@ -250,7 +250,9 @@ fn businesses_are_judged_against_their_own_baseline() {
 /// consumer still counts once a window. (Each message counted its
 /// consumer new again: 3 consumers messaged 100 times counted as 300.)
 /// Contacts stamped before the cutoff read as never seen: over-counted
-/// new recipients, never under-counted.
+/// new recipients, never under-counted. Their replies between the sends
+/// change nothing (each reply made the consumer's next send count it new
+/// again: review of the integrity signals).
 #[test]
 fn after_an_event_stamped_far_ahead_consumers_count_once_a_window() {
     let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
@@ -259,6 +261,7 @@ fn after_an_event_stamped_far_ahead_consumers_count_once_a_window() {
     for round in 0..100 {
         for c in 0..3 {
             monitor.record_sent(business, consumer(c), at(0, 3_600_000 + round));
+            monitor.record_received(business, consumer(c), at(0, 3_600_000 + round));
         }
     }
     let report = signals(&monitor, business, at(0, 3_700_000));
@@ -269,6 +272,45 @@ fn after_an_event_stamped_far_ahead_consumers_count_once_a_window() {
             report.current.new_recipients
         ),
         (301, 4, 4)
+    );
+}
+
+/// Windows no event opened feed the baseline as the zeros an export
+/// closing them would have: the same traffic is judged alike whether or
+/// not anyone read the signals meanwhile. A business flagged for a
+/// cold-start fan-out, quiet for eight days, then reaching 300 new
+/// recipients in a day is flagged against the warmed-up minimum either
+/// way. (Without exports it kept no baseline, and stayed on the cold-start
+/// threshold of 1,000: review of the integrity signals.)
+#[test]
+fn quiet_windows_count_alike_whether_or_not_the_signals_were_exported() {
+    let run = |export_daily: bool| {
+        let monitor = IntegrityMonitor::new(IntegrityConfig::default()).unwrap();
+        let business = BusinessId::new(8).unwrap();
+        for i in 0..1_001 {
+            monitor.record_sent(business, consumer(i), at(0, i));
+        }
+        assert!(
+            signals(&monitor, business, at(0, 2_000))
+                .current
+                .is_flagged()
+        );
+        if export_daily {
+            for day in 1..9 {
+                drop(monitor.export(business, at(day, 0)));
+            }
+        }
+        for i in 0..300 {
+            monitor.record_sent(business, consumer(10_000 + i), at(9, i));
+        }
+        signals(&monitor, business, at(9, 1_000)).current
+    };
+    let (quiet, exported) = (run(false), run(true));
+    assert!(exported.is_flagged(), "{exported:?}");
+    assert_eq!(
+        (quiet.is_flagged(), quiet.new_recipient_threshold),
+        (exported.is_flagged(), exported.new_recipient_threshold),
+        "not exported: {quiet:?}\nexported daily: {exported:?}"
     );
 }
 

@@ -2951,6 +2951,39 @@ async fn approving_a_new_identity_is_refused_while_a_hold_covers_the_consumer() 
     assert_ne!(d.store.peer(b, peer).await.unwrap(), record);
 }
 
+/// A hold on a whole business refuses approvals for its consumers even
+/// before any is indexed (the business has no phone-index key yet, so the
+/// approval would change nothing). Before, it answered `Ok(false)` there
+/// without asking the holds. (Review of key management.)
+#[tokio::test]
+async fn an_approval_under_a_business_hold_is_refused_before_any_consumer_is_indexed() {
+    let d = Deployment::new(&[7], Faults::none(), Faults::none(), 9);
+    let b = BusinessId::new(7).unwrap();
+    let scope = HoldScope::Business(b);
+    d.processor
+        .place_hold(&d.operator, scope, "case-1")
+        .await
+        .unwrap();
+    let key = ConsumerDevice::new(0).identity();
+    let refused = d
+        .processor
+        .trust_new_identity(d.owner(b), b, &number(1), 0, key)
+        .await;
+    assert!(
+        matches!(refused, Err(ProcessorError::Hold(HoldError::ConsumerHeld))),
+        "{refused:?}"
+    );
+    d.processor
+        .release_hold(&d.operator, scope, "case-1")
+        .await
+        .unwrap();
+    let approved = d
+        .processor
+        .trust_new_identity(d.owner(b), b, &number(1), 0, key)
+        .await;
+    assert!(matches!(approved, Ok(false)), "{approved:?}");
+}
+
 /// Early shreds and legal holds name the operator who made them in the
 /// audit trail, as every other administrative change does. Before,
 /// `Change::Shred` and `HoldEvent` had no field for it (only the case

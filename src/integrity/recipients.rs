@@ -115,13 +115,16 @@ impl RecipientTracker {
         }
     }
 
-    /// A message received from `key` at `at` (Unix milliseconds): the
-    /// consumer is known from now on, so replying to it is not fan-out.
-    pub(super) fn heard_from(&mut self, key: u64, at: u64) {
+    /// A message received from `key` at `at` (Unix milliseconds), in
+    /// `window`: the consumer is known from now on, so replying to it is
+    /// not fan-out.
+    pub(super) fn heard_from(&mut self, key: u64, window: u64, at: u64) {
         self.latest = self.latest.max(at);
         let cutoff = self.cutoff;
         if let Some(seen) = self.current.get_mut(&key) {
-            if seen.contact < cutoff {
+            // Forgotten, as `sent` reads it, unless sent to in this window
+            // (whose sends then count it once, whatever the cutoff).
+            if seen.contact < cutoff && seen.sent != window {
                 seen.sent = NEVER_SENT;
             }
             seen.contact = seen.contact.max(at);
@@ -186,7 +189,7 @@ mod tests {
         assert_eq!(t.sent(1, 0, 0), Reach::New);
         assert_eq!(t.sent(1, 0, 0), Reach::Repeat);
         assert_eq!(t.sent(1, 1, 1), Reach::Returning);
-        t.heard_from(2, 1);
+        t.heard_from(2, 1, 1);
         assert_eq!(t.sent(2, 1, 1), Reach::Returning);
         assert_eq!(t.sent(2, 1, 1), Reach::Repeat);
     }
@@ -195,9 +198,9 @@ mod tests {
     fn recipients_without_contact_since_an_instant_are_forgotten() {
         let mut t = RecipientTracker::new(100);
         t.sent(1, 0, 0);
-        t.heard_from(2, 3);
+        t.heard_from(2, 3, 3);
         t.sent(3, 2, 2);
-        t.heard_from(3, 5);
+        t.heard_from(3, 5, 5);
         t.forget_before(3);
         assert_eq!(t.len(), 2);
         assert_eq!(t.sent(1, 6, 6), Reach::New, "1 was last seen at 0");
@@ -212,12 +215,12 @@ mod tests {
         let mut t = RecipientTracker::new(100);
         t.sent(1, 0, 10);
         t.sent(2, 0, 10);
-        t.heard_from(3, 10);
+        t.heard_from(3, 0, 10);
         t.sent(4, 0, 10);
         assert!(!t.age(11), "no pass within the hour");
         assert_eq!(t.len(), 4);
         assert_eq!(t.sent(1, 1, 20), Reach::New);
-        t.heard_from(2, 20);
+        t.heard_from(2, 1, 20);
         assert_eq!(
             t.sent(2, 1, 20),
             Reach::Returning,

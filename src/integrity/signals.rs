@@ -330,7 +330,7 @@ impl IntegrityMonitor {
         let key = hash_key(&sender);
         self.update(business, at, |s, _| {
             s.open.received += 1;
-            s.recipients.heard_from(key, at.as_millis());
+            s.recipients.heard_from(key, s.index, at.as_millis());
             s.note_bound();
         });
     }
@@ -476,11 +476,13 @@ impl BusinessSignals {
         if let Some(x) = fed {
             self.baseline = Some(self.baseline.map_or(x, |b| alpha * x + (1.0 - alpha) * b));
         }
-        // Windows with no activity count as zero new recipients.
+        // Windows with no activity count as zero new recipients, as if
+        // each had been closed (by an export, say): a baseline there was
+        // decays, and none starts at zero.
         let gaps = index - self.index - 1;
         if gaps > 0 {
             let decay = (1.0 - alpha).powi(i32::try_from(gaps).unwrap_or(i32::MAX));
-            self.baseline = self.baseline.map(|b| b * decay);
+            self.baseline = Some(self.baseline.map_or(0.0, |b| b * decay));
         }
         self.windows_closed = self.windows_closed.saturating_add(gaps + 1);
         self.sent_before = if gaps == 0 { closed.sent } else { 0 };

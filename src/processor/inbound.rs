@@ -412,6 +412,12 @@ impl Processor {
         inbound: &Inbound,
         cause: SignalError,
     ) -> ProcessorError {
+        // Nothing written before it: a processor superseded on its store
+        // asks for nothing more. (Looked at first: the number is released
+        // just before the call that uses it, under the policy in force then.)
+        if let Err(e) = self.still_the_writer().await {
+            return e;
+        }
         let released = self.gate.release(
             Labelled::of_business(
                 DataClass::ConsumerPhoneNumber,
@@ -425,11 +431,6 @@ impl Processor {
             Ok(number) => number.into_value(),
             Err(denied) => return denied.into(),
         };
-        // Nothing written before it: a processor superseded on its store
-        // asks for nothing more.
-        if let Err(e) = self.still_the_writer().await {
-            return e;
-        }
         let asked = self
             .transport
             .ask_resend(business, &number, inbound.device, id, &inbound.message)

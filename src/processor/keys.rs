@@ -5,8 +5,9 @@ use tracing::info;
 use super::{Processor, ProcessorError};
 use crate::ids::{BusinessId, PhoneNumber};
 use crate::keys::KeyManager;
+use crate::retention::HoldError;
 use crate::signal::DeviceIdentity;
-use crate::store::{Direction, PeerId};
+use crate::store::{Direction, HoldScope, PeerId};
 use crate::transport::Principal;
 
 impl Processor {
@@ -86,7 +87,15 @@ impl Processor {
     ) -> Result<bool, ProcessorError> {
         self.authorize(principal, business)?;
         let Some(phone) = self.keys.known_phone_hash(business, consumer).await? else {
-            // No consumer of the business was ever indexed.
+            // No consumer of the business was ever indexed: nothing to
+            // change, but a hold on the whole business covers the consumer.
+            let holds = self.retention.holds().await?;
+            if holds
+                .iter()
+                .any(|h| h.scope == HoldScope::Business(business))
+            {
+                return Err(HoldError::ConsumerHeld.into());
+            }
             return Ok(false);
         };
         // As long as a message the device sends now would keep it.

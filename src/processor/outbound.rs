@@ -22,7 +22,7 @@ use crate::store::{
 };
 use crate::time::Timestamp;
 use crate::transport::{Outgoing, Principal, StatusUpdate, TransportError};
-use crate::visibility::{DataClass, Labelled, Party, Purpose};
+use crate::visibility::{DataClass, Denied, Gate, Labelled, Party, Purpose, Revision};
 
 /// A business's message to a consumer.
 #[derive(Clone, PartialEq, Eq)]
@@ -758,15 +758,19 @@ impl Processor {
         reached: &mut Reached,
     ) -> DeviceOutcome {
         let business = record.business;
-        let released = self.gate.release(
-            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to.clone()),
-            Party::Transport,
-            purpose,
-        );
-        let number = match released {
-            Ok(number) => number.into_value(),
+        let queued = record.delivery.status == Status::Queued;
+        let mut number = match NumberOut::release(&self.gate, business, &body.to, purpose) {
+            Ok(number) => number,
             // Not recorded, whatever the policy said: tried again.
             Err(denied) if denied.audit_error().is_some() => {
+                return DeviceOutcome::Unreachable;
+            }
+            // A message a device has: the devices it has not reached wait
+            // for a policy that releases the number (the operator may be
+            // withholding it for now), as a handover the policy refuses
+            // waits; they are not given up on.
+            Err(_) if !queued => {
+                warn!(%business, id = %record.id, "visibility policy refused the number to the transport; tried again");
                 return DeviceOutcome::Unreachable;
             }
             Err(_) => {
@@ -774,7 +778,7 @@ impl Processor {
                 return DeviceOutcome::Fail(FailureReason::Refused);
             }
         };
-        let devices = match self.transport.devices(business, &number).await {
+        let devices = match self.transport.devices(business, &number.number).await {
             Ok(devices) if devices.is_empty() => {
                 return DeviceOutcome::Fail(FailureReason::NoDevices);
             }
@@ -795,7 +799,6 @@ impl Processor {
         // devices to try next: those it could not reach and every one it
         // did not try (linked since, say), not those it gave up on (see
         // the end).
-        let queued = record.delivery.status == Status::Queued;
         // The devices this attempt is for: all, or those left by the last.
         let wanted = devices
             .iter()
@@ -828,7 +831,7 @@ impl Processor {
                 device,
             };
             match self
-                .ensure_session(business, peer, &number, record.expiry)
+                .ensure_session(business, peer, &mut number, record.expiry)
                 .await
             {
                 Ok(true) => {}
@@ -866,9 +869,16 @@ impl Processor {
                 id: record.id,
                 ciphertext,
             };
+            // The policy changed while this attempt waited, and now keeps
+            // the number from the network: the devices left wait for the
+            // next attempt (which fails the message, if nothing reached it).
+            let Some(number) = number.current() else {
+                missed = true;
+                break;
+            };
             match self
                 .transport
-                .send(business, &number, device, &message)
+                .send(business, number, device, &message)
                 .await
             {
                 Ok(()) => {
@@ -916,7 +926,7 @@ impl Processor {
         &self,
         business: BusinessId,
         peer: PeerId,
-        number: &PhoneNumber,
+        number: &mut NumberOut<'_>,
         expiry: Timestamp,
     ) -> Result<bool, ()> {
         if self
@@ -942,6 +952,7 @@ impl Processor {
         {
             return Ok(true);
         }
+        let number = number.current().ok_or(())?;
         let bundle = match self
             .transport
             .fetch_bundle(business, number, peer.device)
@@ -970,6 +981,67 @@ impl Processor {
             }
             Err(_) => Err(()),
         }
+    }
+}
+
+/// A consumer's number released to the transport for one attempt's
+/// calls, released again whenever the policy in force has changed since:
+/// each of them goes out under the table in force as it starts, not under
+/// the one in force when the attempt began (the attempt waits on the
+/// network between them, for up to [`MAX_DEVICES`] devices).
+struct NumberOut<'a> {
+    gate: &'a Gate,
+    business: BusinessId,
+    purpose: Purpose,
+    number: PhoneNumber,
+    /// The revision that released it; `None` once a newer one refused it.
+    revision: Option<Revision>,
+}
+
+impl<'a> NumberOut<'a> {
+    /// Release `number` of `business`'s consumer to the transport.
+    fn release(
+        gate: &'a Gate,
+        business: BusinessId,
+        number: &PhoneNumber,
+        purpose: Purpose,
+    ) -> Result<Self, Denied<PhoneNumber>> {
+        let released = gate.release(
+            Labelled::of_business(DataClass::ConsumerPhoneNumber, business, number.clone()),
+            Party::Transport,
+            purpose,
+        )?;
+        let revision = Some(released.decision().revision);
+        Ok(Self {
+            gate,
+            business,
+            purpose,
+            number: released.into_value(),
+            revision,
+        })
+    }
+
+    /// The number, if the policy in force releases it: released again
+    /// (and the decision recorded) if the policy changed since it last
+    /// was; `None` once a newer policy refused it (or its release could not
+    /// be recorded).
+    fn current(&mut self) -> Option<&PhoneNumber> {
+        let decided = self.revision?;
+        if self.gate.revision() != decided {
+            self.revision = match Self::release(
+                self.gate,
+                self.business,
+                &self.number,
+                self.purpose,
+            ) {
+                Ok(again) => again.revision,
+                Err(_) => {
+                    warn!(business = %self.business, "visibility policy put in force mid-attempt refused the number to the transport");
+                    None
+                }
+            };
+        }
+        self.revision.map(|_| &self.number)
     }
 }
 

@@ -879,6 +879,13 @@ impl Processor {
                 .start_on_receipt(record, &body, peer, None, now, noted, starting)
                 .await;
         }
+        // The bundle costs the device a one-time prekey: a copy of this
+        // receipt costs it no other, unless this one fails or is dropped
+        // (the network hands it in again, and `noted` is forgotten). A
+        // processor superseded on its store fetches none (it could not
+        // store the session). (Looked at first: the number is released
+        // just before the call that uses it, under the policy in force then.)
+        self.still_the_writer().await?;
         let number = match self.gate.release(
             Labelled::of_business(DataClass::ConsumerPhoneNumber, business, body.to.clone()),
             Party::Transport,
@@ -895,12 +902,6 @@ impl Processor {
                 };
             }
         };
-        // The bundle costs the device a one-time prekey: a copy of this
-        // receipt costs it no other, unless this one fails or is dropped
-        // (the network hands it in again, and `noted` is forgotten). A
-        // processor superseded on its store fetches none (it could not
-        // store the session).
-        self.still_the_writer().await?;
         let bundle = match self.transport.fetch_bundle(business, &number, device).await {
             Ok(bundle) => bundle,
             Err(TransportError::Refused(_)) => return Ok(StatusChange::Ignored),

@@ -988,7 +988,11 @@ impl SimNetwork {
     /// Copies beyond the first are the processor's retransmissions (a
     /// device drops them by id, and [`altered_copies`](Self::altered_copies)
     /// counts those that differ from the first); a duplicate the network
-    /// made of one ciphertext fails to decrypt and is not counted.
+    /// made of one ciphertext fails to decrypt and is not counted. Nor is
+    /// a retransmission of the very bytes sent before, which the device
+    /// cannot tell from such a duplicate: a processor resending stored
+    /// ciphertexts (this crate's encrypts each copy afresh) would have its
+    /// copies beyond the first counted here as none.
     pub async fn received(&self, number: &PhoneNumber) -> BTreeMap<u32, BTreeMap<MessageId, u32>> {
         let net = self.net.lock().await;
         net.consumers

@@ -10,7 +10,7 @@ use rand::RngExt;
 
 use super::audit::{AuditError, AuditSink, Change, Decision, DecisionId, DenyReason, Verdict};
 use super::file::PolicyError;
-use super::table::VisibilityPolicy;
+use super::table::{Revision, VisibilityPolicy};
 use super::{DataClass, Party, Purpose};
 use crate::ids::BusinessId;
 use crate::rng::OsRng;
@@ -367,6 +367,16 @@ impl Gate {
     /// The policy in force.
     pub fn policy(&self) -> VisibilityPolicy {
         *self.policy.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The revision of the policy in force: a value released under an
+    /// older one is released again before it is used again (a decision
+    /// decides a use, not every use after it).
+    pub fn revision(&self) -> Revision {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .revision()
     }
 
     /// Put `policy` in force, for `principal` (who asked, as the audit
