@@ -123,7 +123,9 @@ impl RecipientTracker {
         let cutoff = self.cutoff;
         if let Some(seen) = self.current.get_mut(&key) {
             // Forgotten, as `sent` reads it, unless sent to in this window
-            // (whose sends then count it once, whatever the cutoff).
+            // (whose sends then count it once, until the hourly drop of
+            // those without contact since the cutoff forgets it: counted
+            // again then, an over-count).
             if seen.contact < cutoff && seen.sent != window {
                 seen.sent = NEVER_SENT;
             }

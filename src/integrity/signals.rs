@@ -476,13 +476,27 @@ impl BusinessSignals {
         if let Some(x) = fed {
             self.baseline = Some(self.baseline.map_or(x, |b| alpha * x + (1.0 - alpha) * b));
         }
-        // Windows with no activity count as zero new recipients, as if
-        // each had been closed (by an export, say): a baseline there was
-        // decays, and none starts at zero.
+        // Windows with no activity count as zero new recipients, fed as an
+        // export closing each (at its start) would have fed them: a
+        // baseline there was decays; none starts at zero, unless every one
+        // of them reads as one the bound may have inflated (forgot
+        // recipients whose contacts were still kept), which feeds nothing.
+        // The last is the least likely to: its cutoff is the latest.
         let gaps = index - self.index - 1;
         if gaps > 0 {
             let decay = (1.0 - alpha).powi(i32::try_from(gaps).unwrap_or(i32::MAX));
-            self.baseline = Some(self.baseline.map_or(0.0, |b| b * decay));
+            let last_gap = kept_from(grid.period(index - 1).start, CEILING);
+            self.baseline = match self.baseline {
+                Some(b) => Some(b * decay),
+                None if self
+                    .recipients
+                    .last_rotation()
+                    .is_none_or(|at| at < last_gap) =>
+                {
+                    Some(0.0)
+                }
+                None => None,
+            };
         }
         self.windows_closed = self.windows_closed.saturating_add(gaps + 1);
         self.sent_before = if gaps == 0 { closed.sent } else { 0 };

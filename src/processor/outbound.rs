@@ -758,19 +758,10 @@ impl Processor {
         reached: &mut Reached,
     ) -> DeviceOutcome {
         let business = record.business;
-        let queued = record.delivery.status == Status::Queued;
         let mut number = match NumberOut::release(&self.gate, business, &body.to, purpose) {
             Ok(number) => number,
             // Not recorded, whatever the policy said: tried again.
             Err(denied) if denied.audit_error().is_some() => {
-                return DeviceOutcome::Unreachable;
-            }
-            // A message a device has: the devices it has not reached wait
-            // for a policy that releases the number (the operator may be
-            // withholding it for now), as a handover the policy refuses
-            // waits; they are not given up on.
-            Err(_) if !queued => {
-                warn!(%business, id = %record.id, "visibility policy refused the number to the transport; tried again");
                 return DeviceOutcome::Unreachable;
             }
             Err(_) => {
@@ -799,6 +790,7 @@ impl Processor {
         // devices to try next: those it could not reach and every one it
         // did not try (linked since, say), not those it gave up on (see
         // the end).
+        let queued = record.delivery.status == Status::Queued;
         // The devices this attempt is for: all, or those left by the last.
         let wanted = devices
             .iter()

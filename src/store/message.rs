@@ -101,10 +101,9 @@ pub enum FailureReason {
     Expired = 1,
     /// The consumer has no device to deliver to.
     NoDevices = 2,
-    /// The transport refused it permanently, or (an outbound message no
-    /// device has yet) the visibility policy in force would not release
-    /// the consumer's number to the transport. (Devices a message has not
-    /// reached while another has it wait for a policy that releases it.)
+    /// The transport refused it permanently, or (an outbound message) the
+    /// visibility policy in force would not release the consumer's number
+    /// to the transport.
     Refused = 3,
     /// No session could be established with any of the consumer's devices
     /// tried (or, for a device, kept: its record grew past the size limit

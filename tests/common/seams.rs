@@ -107,8 +107,6 @@ pub(crate) struct PausedNetwork {
     /// Devices whose bundle requests fail: `true` refused for good, `false`
     /// unavailable for now.
     pub(crate) bundle_fails: Mutex<BTreeMap<u32, bool>>,
-    /// Devices whose next send fails as unavailable (once each).
-    pub(crate) sends_unavailable: Mutex<BTreeSet<u32>>,
     /// The ids the processor asked messages for again under.
     pub(crate) asked: Mutex<Vec<MessageId>>,
     /// How many of the next requests to send a message again fail as
@@ -129,7 +127,6 @@ impl PausedNetwork {
             fetched: AtomicUsize::new(0),
             unlinked: Mutex::default(),
             bundle_fails: Mutex::default(),
-            sends_unavailable: Mutex::default(),
             asked: Mutex::default(),
             resends_unavailable: AtomicUsize::new(0),
             resend_answers_lost: AtomicUsize::new(0),
@@ -182,9 +179,6 @@ impl Transport for PausedNetwork {
         message: &Outgoing,
     ) -> Result<(), TransportError> {
         pause().await;
-        if self.sends_unavailable.lock().unwrap().remove(&device) {
-            return Err(TransportError::Unavailable("timed out".into()));
-        }
         self.network.send(business, consumer, device, message).await
     }
     async fn ask_resend(
