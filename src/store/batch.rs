@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use rand::RngExt;
+use rand::Rng;
 use smallvec::SmallVec;
 
 use super::{Delivery, Hold, HoldScope, MessageRecord, TakeId};
@@ -272,7 +272,9 @@ pub struct WriterId([u8; 16]);
 impl WriterId {
     /// A fresh random writer id.
     pub fn random() -> Self {
-        Self(OsRng.random())
+        let mut id = [0; 16];
+        OsRng.fill_bytes(&mut id);
+        Self(id)
     }
 
     /// The id with these bytes.
