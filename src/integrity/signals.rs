@@ -476,12 +476,17 @@ impl BusinessSignals {
         if let Some(x) = fed {
             self.baseline = Some(self.baseline.map_or(x, |b| alpha * x + (1.0 - alpha) * b));
         }
-        // Windows with no activity count as zero new recipients, fed as an
-        // export closing each (at its start) would have fed them: a
-        // baseline there was decays; none starts at zero, unless every one
-        // of them reads as one the bound may have inflated (forgot
-        // recipients whose contacts were still kept), which feeds nothing.
-        // The last is the least likely to: its cutoff is the latest.
+        // Windows with no activity count as zero new recipients, fed much
+        // as an export closing each (at its start) would have fed them: a
+        // baseline there was decays (in one step, so its last bit may
+        // round otherwise); none starts at zero, unless every one of them
+        // reads as one the bound may have inflated (forgot recipients
+        // whose contacts were still kept within the retention ceiling),
+        // which feeds nothing. The last is the least likely to: its cutoff
+        // is the latest. (A sweep under a business's shorter retention,
+        // made at those windows' starts, would have read them as not
+        // inflated sooner: without one, the bound errs towards the
+        // cold-start threshold there.)
         let gaps = index - self.index - 1;
         if gaps > 0 {
             let decay = (1.0 - alpha).powi(i32::try_from(gaps).unwrap_or(i32::MAX));
