@@ -486,7 +486,9 @@ impl BusinessSignals {
         // is the latest. (A sweep under a business's shorter retention,
         // made at those windows' starts, would have read them as not
         // inflated sooner: without one, the bound errs towards the
-        // cold-start threshold there.)
+        // cold-start threshold there. With windows under an hour, an
+        // export at their starts moves the tracker's hourly drop, which
+        // can change when the bound is next reached.)
         let gaps = index - self.index - 1;
         if gaps > 0 {
             let decay = (1.0 - alpha).powi(i32::try_from(gaps).unwrap_or(i32::MAX));
