@@ -1096,30 +1096,59 @@ async fn two_devices_wrote(d: &Deployment) -> (ConsumerDevice, ConsumerDevice) {
     (one, two)
 }
 
-/// A retry receipt of a device whose stored record cannot be read (here
-/// another device's record copied over its row) is ignored, and so is
-/// every copy: one bundle fetched in all. (Each copy failed as a passing
-/// error and fetched another, until the second look.)
-#[tokio::test]
-async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
-    let mut d = Deployment::new(Faults::none(), Faults::none()).await;
-    let (_, mut two) = two_devices_wrote(&d).await;
-    d.network.add_consumer(&consumer(1), 3).await;
-    let reply = Outbound {
-        to: consumer(1),
-        ..d.outbound(b"reply")
-    };
-    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+/// How a test damages a device's stored record.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// Another device's record copied over its row (a store that swapped
+    /// rows): it opens, and names another device.
+    Swapped,
+    /// One bit of its sealed bytes flipped: it fails its authentication.
+    Flipped,
+}
+
+/// Damage the stored record of consumer 1's device 2 (`how`), from
+/// device 1's, and restart the process (nothing of it cached).
+async fn damage_device_two(d: &mut Deployment, how: Damage) {
     let phone = d.phone_of(1).await;
-    let copied = d.store.peer(d.b, PeerId { phone, device: 1 }).await;
+    let stored = |device| d.store.peer(d.b, PeerId { phone, device });
+    let sealed = match how {
+        Damage::Swapped => stored(1).await.unwrap().unwrap(),
+        Damage::Flipped => {
+            let mut sealed = stored(2).await.unwrap().unwrap();
+            let last = sealed.len() - 1;
+            sealed[last] ^= 1;
+            sealed
+        }
+    };
     let damage = Op::PutPeer {
         business: d.b,
         peer: PeerId { phone, device: 2 },
-        sealed: copied.unwrap().unwrap(),
+        sealed,
     };
     d.store.commit(Batch::from(damage)).await.unwrap();
     d.restart();
-    assert_eq!(ignored_copies(&d, id, 2, || two.bundle(true)).await, 1);
+}
+
+/// A retry receipt of a device whose stored record cannot be read
+/// (another device's, or failing its authentication) is ignored, and so
+/// is every copy: one bundle fetched in all. (Each copy failed as a
+/// passing error and fetched another, until the second look; one failing
+/// its authentication, until a send was made to give such a device up.)
+#[tokio::test]
+async fn a_receipt_of_a_device_whose_record_is_damaged_fetches_one_bundle() {
+    for how in [Damage::Swapped, Damage::Flipped] {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let (_, mut two) = two_devices_wrote(&d).await;
+        d.network.add_consumer(&consumer(1), 3).await;
+        let reply = Outbound {
+            to: consumer(1),
+            ..d.outbound(b"reply")
+        };
+        let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+        damage_device_two(&mut d, how).await;
+        let copies = ignored_copies(&d, id, 2, || two.bundle(true)).await;
+        assert_eq!(copies, 1, "{how:?}");
+    }
 }
 
 /// Two outbound messages due, to two consumers, and one store or key
@@ -3585,4 +3614,63 @@ mod resend_races {
             "{first:?}"
         );
     }
+}
+
+/// A device whose stored Signal record cannot be read is given up on by a
+/// send, as one whose record is over the size limit is (no attempt can
+/// read it, and a bundle fetched for each would drain its one-time
+/// prekeys): its consumer's other devices having the message and a
+/// delivery report in, the business is told; a consumer whose only device
+/// it is has the message fail (`NoSession`). (It was taken for a passing
+/// failure: the device stayed pending at every attempt until the message
+/// expired, the `Delivered` report held back from the business for the
+/// message's life, and a message to it alone failed as expired, 30 days on.)
+#[tokio::test]
+async fn a_send_gives_up_a_device_whose_record_is_damaged() {
+    let mut broken = Vec::new();
+    let cases = [Damage::Swapped, Damage::Flipped].map(|how| [(how, false), (how, true)]);
+    for (how, alone) in cases.into_iter().flatten() {
+        let mut d = Deployment::new(Faults::none(), Faults::none()).await;
+        let _devices = two_devices_wrote(&d).await;
+        d.network.add_consumer(&consumer(1), 3).await;
+        damage_device_two(&mut d, how).await;
+        if alone {
+            // The consumer's only device is the damaged one.
+            d.transport.unlinked.lock().unwrap().extend([0, 1]);
+        }
+        let reply = Outbound {
+            to: consumer(1),
+            ..d.outbound(b"reply")
+        };
+        let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+        if !alone {
+            // Devices 0 and 1 took it; the network reports it delivered.
+            let report = d
+                .processor
+                .status_update(&d.carrier, d.b, id, Status::Delivered)
+                .await;
+            assert!(matches!(report, Ok(StatusChange::Applied)), "{report:?}");
+        }
+        // A day of retransmission passes, ten minutes apart.
+        for _ in 0..144 {
+            d.clock.advance(Duration::from_secs(600));
+            d.processor.retransmit_due(&d.operator).await.unwrap();
+        }
+        let told = d.business.statuses().get(&id).cloned().unwrap_or_default();
+        let stored = d.store.message(d.b, id).await.unwrap().unwrap().delivery;
+        let expected = if alone {
+            (Status::Failed, Some(FailureReason::NoSession))
+        } else {
+            (Status::Delivered, None)
+        };
+        if !told.contains(&expected) {
+            broken.push(format!(
+                "{how:?}, alone {alone}: a day on, the business was told {told:?}, not \
+                 {expected:?}; \
+                 stored {:?}, pending devices {:#b}, {} attempts",
+                stored.status, stored.pending_devices, stored.attempts
+            ));
+        }
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
 }

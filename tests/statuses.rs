@@ -1570,3 +1570,61 @@ async fn a_superseded_processor_asks_no_resend_and_hands_over_no_billing() {
     assert_eq!(d.net.sim.resends_asked().await, 0);
     assert!(d.net.sim.billing_statements().await.is_empty());
 }
+
+/// A hung business's due messages that go to the transport count against
+/// `batch` (`DeliveryConfig::batch`), whatever devices they are due for:
+/// queued messages whose earlier attempts could not get the device list
+/// (`pending_devices == 0`: every device), and sent messages whose
+/// delivery report is overdue (resent to every device). (Only messages
+/// with pending devices counted: a backlog of either kind went out whole
+/// in one pass.)
+#[tokio::test]
+async fn a_hung_business_s_sends_with_no_pending_devices_count_against_the_batch() {
+    let mut broken = Vec::new();
+    for overdue in [false, true] {
+        let config = DeliveryConfig {
+            retry_base: Duration::from_secs(60),
+            retry_max: Duration::from_secs(600),
+            receipt_timeout: Duration::from_secs(10),
+            batch: 2,
+        };
+        let d = D::with(1, config).await;
+        let first = d.send(b(1)).await;
+        // Queued: the device list cannot be had at the first attempt.
+        // Overdue: sent to the device, no report comes.
+        *d.net.devices_fail.lock().unwrap() = !overdue;
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.push(d.send(b(1)).await);
+        }
+        *d.net.devices_fail.lock().unwrap() = false;
+        for &id in &ids {
+            let delivery = d.delivery(b(1), id).await;
+            let status = if overdue {
+                Status::Sent
+            } else {
+                Status::Queued
+            };
+            assert_eq!((delivery.status, delivery.pending_devices), (status, 0));
+        }
+        let copies = |id| d.net.taken_by(id).values().sum::<u32>();
+        let taken_before: u32 = ids.iter().map(|&id| copies(id)).sum();
+        // Business 1's endpoint leaves a call unanswered.
+        d.advance(59);
+        *d.sink.hang.lock().unwrap() = Some(b(1));
+        d.report_cut(b(1), first, Status::Delivered, 10_000).await;
+        // Every message due, inside the endpoint's wait (no probe).
+        d.advance(11);
+        let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
+        let report = pass.expect("the pass ended").unwrap();
+        let taken_after: u32 = ids.iter().map(|&id| copies(id)).sum();
+        let sent_in_pass = taken_after - taken_before;
+        if sent_in_pass > 2 {
+            broken.push(format!(
+                "overdue {overdue}: a pass with a batch of 2 sent {sent_in_pass} messages \
+                 of a hung business to the transport: {report:?}"
+            ));
+        }
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
+}

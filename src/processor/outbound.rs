@@ -912,8 +912,8 @@ impl Processor {
     }
 
     /// Make sure `peer` has a session, starting one from its bundle if not.
-    /// `Ok(false)`: the device cannot be reached (bad bundle, refused);
-    /// `Err(())`: try again later.
+    /// `Ok(false)`: the device cannot be reached (bad bundle, refused, its
+    /// stored record unreadable for good); `Err(())`: try again later.
     async fn ensure_session(
         &self,
         business: BusinessId,
@@ -921,13 +921,8 @@ impl Processor {
         number: &mut NumberOut<'_>,
         expiry: Timestamp,
     ) -> Result<bool, ()> {
-        if self
-            .sessions
-            .has_session(business, peer)
-            .await
-            .map_err(drop)?
-        {
-            return Ok(true);
+        if let Some(reachable) = self.session_settles(business, peer).await? {
+            return Ok(reachable);
         }
         // Each bundle costs the device a one-time prekey: while another send
         // is starting a session with it, this one leaves the device for
@@ -936,13 +931,8 @@ impl Processor {
         let Some(_starting) = self.starting.begin(business, peer) else {
             return Err(());
         };
-        if self
-            .sessions
-            .has_session(business, peer)
-            .await
-            .map_err(drop)?
-        {
-            return Ok(true);
+        if let Some(reachable) = self.session_settles(business, peer).await? {
+            return Ok(reachable);
         }
         let number = number.current().ok_or(())?;
         let bundle = match self
@@ -970,6 +960,28 @@ impl Processor {
             Err(e @ SignalError::RecordTooLarge { .. }) => {
                 warn!(%business, device = peer.device, error = %e, "no session started");
                 Ok(false)
+            }
+            Err(_) => Err(()),
+        }
+    }
+
+    /// Whether `peer`'s stored record settles its reachability:
+    /// `Some(true)`, it has a session; `Some(false)`, the record can never
+    /// be read (no attempt would read it: the device is given up on, as
+    /// one whose record is over the size limit is, not tried again until
+    /// the message expires); `None`, it has no session. `Err(())`: try
+    /// again later.
+    async fn session_settles(
+        &self,
+        business: BusinessId,
+        peer: PeerId,
+    ) -> Result<Option<bool>, ()> {
+        match self.sessions.has_session(business, peer).await {
+            Ok(true) => Ok(Some(true)),
+            Ok(false) => Ok(None),
+            Err(e) if e.record_unreadable() => {
+                warn!(%business, device = peer.device, error = %e, "not sent to a device whose record is damaged");
+                Ok(Some(false))
             }
             Err(_) => Err(()),
         }

@@ -48,10 +48,15 @@ impl RetransmitReport {
     }
 }
 
-/// Whether working on due message `m` may send it through the transport.
+/// Whether working on due message `m` may send it through the transport:
+/// an open one is tried again on its devices (every one, if it has none
+/// pending: its attempts could not list them, or its report is overdue),
+/// a settled one on those it has pending; a failed one only has its
+/// report due.
 fn needs_transport(m: &MessageRecord) -> bool {
     let d = &m.delivery;
-    m.direction == Direction::Outbound && d.status != Status::Failed && d.pending_devices != 0
+    m.direction == Direction::Outbound
+        && (d.status.is_open() || (d.status != Status::Failed && d.pending_devices != 0))
 }
 
 impl Processor {

@@ -1038,12 +1038,14 @@ impl Processor {
                             warn!(%business, device, len, max, "a retry receipt's session would make its device's record too large: ignored until the device writes");
                             return Ok(StatusChange::Ignored);
                         }
-                        // The device's stored record cannot be read: no copy
-                        // can start a session either (an operator's matter).
-                        Err(SignalError::Storage(StorageFailure::Corrupt(what))) => {
+                        // The device's stored record cannot be read (damaged,
+                        // not this device's, failing its authentication): no
+                        // copy can start a session either (an operator's
+                        // matter).
+                        Err(e) if e.record_unreadable() => {
                             started.cancel();
                             noted.keep_until(record.expiry);
-                            warn!(%business, device, what, "a retry receipt's device has a damaged record: ignored");
+                            warn!(%business, device, error = %e, "a retry receipt's device has a damaged record: ignored");
                             return Ok(StatusChange::Ignored);
                         }
                         Err(e) => return Err(e.into()),

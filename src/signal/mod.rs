@@ -187,6 +187,18 @@ impl SignalError {
             Self::NoSession | Self::UnknownPreKey(_) | Self::Undecryptable(_)
         )
     }
+
+    /// Whether the device's stored record can never be read: damaged, or
+    /// not this device's. A key store or provider failing as the record is
+    /// opened is no sign of that: it may pass.
+    pub(crate) fn record_unreadable(&self) -> bool {
+        match self {
+            Self::Storage(StorageFailure::Corrupt(_)) => true,
+            Self::Storage(StorageFailure::Open(e)) => !matches!(e, OpenError::Key(_)),
+            Self::Storage(StorageFailure::Store(e)) => matches!(**e, StoreError::Corrupt(_)),
+            _ => false,
+        }
+    }
 }
 
 impl From<KeyError> for SignalError {
@@ -1597,14 +1609,10 @@ impl Sessions {
         let loaded = self.load_peer(business, peer).await;
         // Unreadable for good: damaged, or not this device's. A key store
         // or provider failing as the record is opened is no sign of that.
-        let unreadable = match &loaded {
-            Err(SignalError::Storage(StorageFailure::Corrupt(_))) => true,
-            Err(SignalError::Storage(StorageFailure::Open(e))) => !matches!(e, OpenError::Key(_)),
-            Err(SignalError::Storage(StorageFailure::Store(e))) => {
-                matches!(**e, StoreError::Corrupt(_))
-            }
-            _ => false,
-        };
+        let unreadable = loaded
+            .as_ref()
+            .err()
+            .is_some_and(SignalError::record_unreadable);
         let (mut state, taken) = match loaded {
             Ok(loaded) => loaded,
             // Written over: the approval needs nothing of it.

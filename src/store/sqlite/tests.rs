@@ -2993,3 +2993,48 @@ fn a_scrub_under_constant_writes_still_rewrites_the_file() {
     load.join().unwrap();
     assert!(!left, "the destroyed key is still in the files");
 }
+
+/// A file holding an object named like SQLite's statistics tables that is
+/// not one of them as `ANALYZE` makes it (which only a file edited under
+/// `writable_schema` can: SQLite reserves the names, yet loads what such
+/// a file holds) is refused as an unexpected schema: here triggers that
+/// copy each deleted message's phone hash, or a destroyed key's wrapped
+/// bytes, into `sqlite_stat1`, which a scrub keeps (the schema check left
+/// out every object so named, and a sweep and a scrub left the hash, and
+/// the key, in the file), and a statistics table of another shape. The
+/// file `ANALYZE` left is opened.
+#[test]
+fn objects_named_like_the_statistics_tables_are_refused_unless_they_are_them() {
+    let hidden = |name: &str, on: &str, when: &str, column: &str| {
+        format!(
+            "PRAGMA writable_schema = ON;
+             INSERT INTO sqlite_schema (type, name, tbl_name, rootpage, sql) VALUES
+               ('trigger', '{name}', '{on}', 0,
+                'CREATE TRIGGER {name} {when} ON {on} BEGIN
+                   INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (''x'', ''y'', old.{column});
+                 END');
+             PRAGMA writable_schema = OFF;"
+        )
+    };
+    let cases = [
+        hidden("sqlite_stat_keep", "messages", "AFTER DELETE", "phone"),
+        hidden("sqlite_stat1x", "wrapped_keys", "BEFORE UPDATE", "blob"),
+        "PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema SET sql = 'CREATE TABLE sqlite_stat1(tbl,idx,stat,extra)'
+           WHERE name = 'sqlite_stat1';
+         PRAGMA writable_schema = OFF;"
+            .to_owned(),
+    ];
+    for tampering in &cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = populated(dir.path());
+        tamper(&path, "ANALYZE");
+        SqliteStore::open(&path, SqliteConfig::default()).expect("ANALYZE's file is opened");
+        tamper(&path, tampering);
+        let opened = SqliteStore::open(&path, SqliteConfig::default());
+        assert!(
+            matches!(opened, Err(SqliteOpenError::UnexpectedSchema { .. })),
+            "{tampering}: {opened:?}"
+        );
+    }
+}
