@@ -40,7 +40,7 @@ use custodian::store::{
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
 use custodian::vault::Vault;
-use custodian::visibility::MemoryAuditSink;
+use custodian::visibility::{Change, MemoryAuditSink};
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -522,6 +522,46 @@ fn sweep_is_cancellation_safe() {
         let late = d.inbound(&mut handset, b"late").await;
         assert!(d.receive(late).await.is_err(), "cut {n}");
         done
+    }));
+}
+
+/// An early shred dropped anywhere, then made again, destroys the epoch's
+/// key: nothing sealed under it opens, the cached Signal state sealed
+/// under it is gone with it (the consumer's next message over it is
+/// refused, not decrypted from memory), and the trail records the shred
+/// before the key went (once for each call that reached the trail).
+#[test]
+fn shred_epoch_is_cancellation_safe() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        let id = d.receive(inbound).await.unwrap().id;
+        let epoch = d.store.message(d.b, id).await.unwrap().unwrap().epoch;
+        let shred = || d.processor.shred_epoch(&d.operator, d.b, epoch, "case-1");
+        let done = poll_at_most(shred(), n).await;
+        let shreds = |d: &Deployment| {
+            let changes = d.audit.changes();
+            changes
+                .iter()
+                .filter(|c| matches!(c, Change::Shred { .. }))
+                .count()
+        };
+        let keys = d.processor.keys(&d.operator).unwrap();
+        if shreds(&d) == 0 {
+            assert!(keys.epoch_key(d.b, epoch).await.is_ok(), "cut {n}");
+        }
+        let again = shred().await.unwrap();
+        // A first call that answered destroyed it; one dropped may have
+        // (its write lands), and the second destroyed it otherwise.
+        if let Some(first) = &done {
+            assert!(matches!(first, Ok(true)) && !again, "cut {n}: {first:?}");
+        }
+        assert!(keys.epoch_key(d.b, epoch).await.is_err(), "cut {n}");
+        assert!((1..=2).contains(&shreds(&d)), "cut {n}");
+        let late = d.inbound(&mut handset, b"late").await;
+        assert!(d.receive(late).await.is_err(), "cut {n}");
+        done.is_some()
     }));
 }
 

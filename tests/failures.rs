@@ -45,6 +45,7 @@ use custodian::store::{
 };
 use custodian::testing::{ConsumerDevice, Faults};
 use custodian::time::{Clock, ManualClock, Timestamp};
+use custodian::visibility::Change;
 
 #[path = "common/seams.rs"]
 mod seams;
@@ -1361,6 +1362,55 @@ fn holds_survive_every_host_failure() {
         assert!(d.store.holds().await.unwrap().is_empty());
         holds_agree_with_the_audit(&d, at, "released").await;
         failed_placing.is_empty() && failed_releasing.is_empty()
+    }));
+}
+
+/// An early shred under a failing store or key provider: refused with the
+/// host's error, it destroyed the key only if its destroying write landed
+/// (its answer lost), and the trail records the shred before the key goes;
+/// made again, it destroys the key (or finds it gone), and the Signal
+/// state sealed under it is not used from memory.
+#[test]
+fn an_early_shred_survives_every_host_failure() {
+    runtime().block_on(every_failure(|at| async move {
+        let d = deployment(Faults::none(), Faults::none()).await;
+        let mut handset = d.handset().await;
+        let inbound = d.inbound(&mut handset, b"in").await;
+        let id = d.receive(inbound).await.unwrap().id;
+        let epoch = d.store.message(d.b, id).await.unwrap().unwrap().epoch;
+        let keys = d.processor.keys(&d.operator).unwrap();
+        let shreds = || {
+            let changes = d.audit.changes();
+            changes
+                .iter()
+                .filter(|c| matches!(c, Change::Shred { .. }))
+                .count()
+        };
+        d.faults.fail_at(at.n, at.seams, at.strike);
+        let shred = d
+            .processor
+            .shred_epoch(&d.operator, d.b, epoch, "case-1")
+            .await;
+        let failed = d.faults.lift();
+        assert_outcome(&shred, &failed, at);
+        let live = keys.epoch_key(d.b, epoch).await.is_ok();
+        if let Ok(destroyed) = shred {
+            assert!(destroyed && !live, "{at:?}");
+        }
+        assert!(
+            live || shreds() == 1,
+            "{at:?}: {failed:?}: destroyed unrecorded"
+        );
+        let again = d
+            .processor
+            .shred_epoch(&d.operator, d.b, epoch, "case-1")
+            .await
+            .unwrap();
+        assert_eq!(again, live, "{at:?}: {failed:?}");
+        assert!(keys.epoch_key(d.b, epoch).await.is_err(), "{at:?}");
+        let late = d.inbound(&mut handset, b"late").await;
+        assert!(d.receive(late).await.is_err(), "{at:?}: {failed:?}");
+        failed.is_empty()
     }));
 }
 

@@ -4576,3 +4576,38 @@ async fn guard_one_step_slices_clear_everything_eventually() {
         );
     }
 }
+
+/// A sweep that destroys an epoch key drops the Signal state the processor
+/// caches in memory, though it deleted none stored: consumer 1's first
+/// device wrote under an epoch that has ended, its second a week on, so
+/// the consumer keeps its stored records (the first now unreadable), and
+/// the process kept the first device's session state, with the key its
+/// record was sealed under, in memory past the epoch. (The cache was
+/// dropped only after a sweep that deleted stored Signal state.)
+#[cfg(feature = "testing")]
+#[tokio::test]
+async fn a_sweep_that_destroys_an_epoch_key_drops_the_cached_signal_state() {
+    use custodian::testing::{ConsumerDevice, Faults};
+    let d = seams::Deployment::new(Faults::none(), Faults::none()).await;
+    let keys = d.transport.published.lock().unwrap().clone().unwrap();
+    let mut one = d.handset().await;
+    let hello = d.inbound(&mut one, b"hello").await;
+    assert!(d.receive(hello).await.unwrap().delivered);
+    d.clock.advance(7 * DAY);
+    let mut two = ConsumerDevice::new(2);
+    two.start_session(d.b, &keys.bundle(Some(1))).await.unwrap();
+    let later = d.inbound(&mut two, b"a week on").await;
+    assert!(d.receive(later).await.unwrap().delivered);
+    let cached = |d: &seams::Deployment| format!("{:?}", d.processor);
+    assert!(cached(&d).contains("cached_peers: 2"), "{}", cached(&d));
+    d.clock.advance(24 * DAY);
+    let report = d.processor.sweep(&d.operator).await.unwrap();
+    assert!(
+        report.complete
+            && report.messages_deleted == 1
+            && report.epoch_keys_destroyed >= 1
+            && report.peers_deleted == 0,
+        "{report:?}"
+    );
+    assert!(cached(&d).contains("cached_peers: 0"), "{}", cached(&d));
+}

@@ -414,13 +414,18 @@ impl std::fmt::Debug for Processor {
             .field("region", &self.storage.region())
             .field("delivery", &self.delivery)
             .field("messages_owed", &self.claims.messages_owed())
+            .field("sessions", &self.sessions)
             .finish_non_exhaustive()
     }
 }
 
-/// How often a compare-and-swap of a message's delivery state is retried:
-/// each lost race means its status moved forward, which it can do at most
-/// four times.
+/// How often a compare-and-swap of a message's delivery state is retried.
+/// Each lost race means another write landed: its status moved forward
+/// (at most four times), or an attempt or a retry receipt recorded itself
+/// (each one write). Past that, the call answers [`StoreError::Conflict`],
+/// a passing error: the network hands the report in again.
+///
+/// [`StoreError::Conflict`]: crate::store::StoreError::Conflict
 const MAX_STATUS_RACES: usize = 8;
 
 impl Processor {

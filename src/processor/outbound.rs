@@ -1039,8 +1039,15 @@ impl<'a> NumberOut<'a> {
                 self.purpose,
             ) {
                 Ok(again) => again.revision,
-                Err(_) => {
-                    warn!(business = %self.business, "visibility policy put in force mid-attempt refused the number to the transport");
+                Err(denied) => {
+                    match denied.audit_error() {
+                        Some(e) => {
+                            warn!(business = %self.business, error = %e, "the audit trail could not record the number's release under a policy put in force mid-attempt");
+                        }
+                        None => {
+                            warn!(business = %self.business, "visibility policy put in force mid-attempt refused the number to the transport");
+                        }
+                    }
                     None
                 }
             };

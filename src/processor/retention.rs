@@ -14,7 +14,10 @@ use crate::store::{ExpiredMessage, Hold, HoldScope, MessageRecord, Status};
 use crate::transport::Principal;
 
 /// Drops every peer's Signal state cached in memory when dropped, unless
-/// disarmed: after a sweep that deleted stored state, or may have.
+/// disarmed: after a sweep that deleted stored state or destroyed an epoch
+/// key (a device's state, and the key its record is sealed under, may be
+/// of an epoch that ended while its consumer keeps other records), or may
+/// have.
 struct ClearSessions<'a>(Option<&'a Sessions>);
 
 impl Drop for ClearSessions<'_> {
@@ -140,7 +143,7 @@ impl Processor {
             // dropped then too.
             let mut clear = ClearSessions(Some(&self.sessions));
             let swept = self.retention.sweep(now, &notifier).await;
-            if matches!(&swept, Ok(report) if report.peers_deleted == 0)
+            if matches!(&swept, Ok(report) if report.peers_deleted == 0 && report.epoch_keys_destroyed == 0)
                 || matches!(swept, Err(SweepError::InProgress))
             {
                 clear.0 = None;

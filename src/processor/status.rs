@@ -586,6 +586,12 @@ impl Processor {
     /// queued (no record says a device took it: the process stopped, or
     /// the send was dropped, before its bookkeeping), every device: a
     /// device that has the message already drops the copy by its id.
+    ///
+    /// A report whose write loses a race to the message's other writes
+    /// (attempts, receipts, other reports) more than a few times in a row
+    /// is refused as a passing [`StoreError::Conflict`]: hand it in again.
+    ///
+    /// [`StoreError::Conflict`]: crate::store::StoreError::Conflict
     pub async fn status_update(
         &self,
         principal: &Principal,

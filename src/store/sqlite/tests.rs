@@ -3038,3 +3038,27 @@ fn objects_named_like_the_statistics_tables_are_refused_unless_they_are_them() {
         );
     }
 }
+
+/// The holds a sweep's `delete_expired` runs under (their consumers' phone
+/// hashes) are kept for the call alone, whether it deletes anything or
+/// not: a consumer hold released since is in no table of the writer's
+/// after it. (They stayed in its temporary table until a later call under
+/// holds.)
+#[test]
+fn a_sweep_step_keeps_no_hold_past_its_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = writer_conn(dir.path());
+    let held = |conn: &Connection| {
+        conn.query_row("SELECT count(*) FROM temp.held", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    let scopes = [
+        HoldScope::Consumer(business(1), PhoneHash::from_bytes([9; 16])),
+        HoldScope::Business(business(2)),
+    ];
+    for now in [T0 - 1, T0 + 86_400_000] {
+        let now = Timestamp::from_millis(now);
+        writes::delete_expired(&conn, now, now, &scopes, 100).unwrap();
+        assert_eq!(held(&conn), 0, "at {now:?}");
+    }
+}

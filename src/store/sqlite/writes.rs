@@ -663,6 +663,11 @@ pub(super) const SWEEP_HELD: (&str, &str) = (
 /// honoured too. Returns, besides, how many candidates were skipped: the
 /// caller counts them once the transaction's answer is in (a group commit
 /// may run this again).
+///
+/// The holds' consumers (phone hashes) are in `temp.held` for the call
+/// alone: emptied before it returns, and, should the transaction fail,
+/// rolled back with it. (They stayed until a later call with holds: a
+/// released consumer hold's hash, in the writer's memory.)
 pub(super) fn delete_expired(
     conn: &Connection,
     now: Timestamp,
@@ -675,15 +680,29 @@ pub(super) fn delete_expired(
     }
     let stored = reads::held_scopes(conn)?;
     let scopes: Vec<&HoldScope> = holds.iter().chain(&stored).collect();
+    let deleted = delete_unheld(conn, now, abandon_before, &scopes, limit);
     if !scopes.is_empty() {
         conn.prepare_cached("DELETE FROM temp.held")
             .db()?
             .execute([])
             .db()?;
+    }
+    deleted
+}
+
+/// [`delete_expired`] under the holds `scopes`.
+fn delete_unheld(
+    conn: &Connection,
+    now: Timestamp,
+    abandon_before: Timestamp,
+    scopes: &[&HoldScope],
+    limit: usize,
+) -> Result<(Vec<ExpiredMessage>, u64), StoreError> {
+    if !scopes.is_empty() {
         let mut put = conn
             .prepare_cached("INSERT OR IGNORE INTO temp.held VALUES (?1, ?2)")
             .db()?;
-        for scope in &scopes {
+        for scope in scopes {
             let (_, business, phone) = scope_sql(scope);
             put.execute(params![business, phone]).db()?;
         }
