@@ -412,17 +412,17 @@ fn an_idempotent_send_that_misses_its_stored_message_is_checked_against_it() {
     });
 }
 
-/// A message Signal refuses (one too far ahead of its chain), received
-/// while the store fails the read that would tell a redelivery of a
-/// stored message: Signal's refusal is the answer, not the store's failure
-/// (a host drops a refused message, where it would retry a store failure).
-/// One made on a state the business does not have (a prekey another
-/// consumer used, or altered so that it fails its MAC) is asked for again
-/// over a new session; then the store's failure is the answer (the
-/// message is delivered again, and asked for then): asked for when it may
-/// be stored, a message would reach its business twice.
+/// A message made on a state the business does not have (a prekey another
+/// consumer used, altered so that it fails its MAC, or more than 2,000
+/// counters ahead of its chain) is asked for again over a new session;
+/// received while the store fails the read that would tell a redelivery
+/// of a stored message, the store's failure is the answer (the message is
+/// delivered again, and asked for then): asked for when it may be stored,
+/// a message would reach its business twice. (The one too far ahead was
+/// refused for good, Signal's refusal the answer whatever the store said:
+/// such a message was lost.)
 #[test]
-fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_stored() {
+fn a_message_asked_for_again_is_refused_as_such_when_the_store_cannot_say_if_it_is_stored() {
     runtime().block_on(async {
         let d = deployment(Faults::none(), Faults::none()).await;
         let mut first = d.handset().await;
@@ -456,7 +456,7 @@ fn a_refused_message_is_refused_as_such_when_the_store_cannot_say_if_it_is_store
         }
         let too_far = too_far.unwrap();
         let cases = [
-            (too_far, "signal"),
+            (too_far, "store"),
             (on_a_used_prekey, "store"),
             (altered, "store"),
         ];
@@ -1095,6 +1095,37 @@ async fn two_devices_wrote(d: &Deployment) -> (ConsumerDevice, ConsumerDevice) {
         assert!(d.receive(inbound).await.unwrap().delivered);
     }
     (one, two)
+}
+
+/// On SQLite, a device whose stored row is damaged (its record not a blob:
+/// the store answers `StoreError::Corrupt` for the row) is given up on by a
+/// send, as one whose record does not open is: a message to it alone fails
+/// at once (`NoSession`).
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_send_gives_up_a_device_whose_stored_row_is_damaged() {
+    use custodian::store::{SqliteConfig, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    let mut d = deployment_over(Arc::new(store), Faults::none(), Faults::none()).await;
+    let _devices = two_devices_wrote(&d).await;
+    d.network.add_consumer(&consumer(1), 3).await;
+    d.transport.unlinked.lock().unwrap().extend([0, 1]);
+    let damaged = rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE peers SET sealed = 7 WHERE device = 2", [])
+        .unwrap();
+    assert_eq!(damaged, 1);
+    d.restart();
+    let reply = Outbound {
+        to: consumer(1),
+        ..d.outbound(b"reply")
+    };
+    let id = d.processor.send(&d.owner, d.b, reply).await.unwrap();
+    d.processor.retransmit_due(&d.operator).await.unwrap();
+    let told = d.business.statuses().get(&id).cloned().unwrap_or_default();
+    assert_eq!(told, [(Status::Failed, Some(FailureReason::NoSession))]);
 }
 
 /// How a test damages a device's stored record.

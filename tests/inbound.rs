@@ -317,11 +317,13 @@ async fn a_replay_after_retention_is_refused_when_a_receive_was_dropped_at_its_c
 }
 
 /// A well-formed, authentic message more than the library's 2,000 counters
-/// ahead of its chain (the messages before it lost) is refused with the
-/// library's reason, not as malformed: the host can tell it from corrupted
-/// bytes. (It was `InvalidMessage("malformed message")`.)
+/// ahead of its chain (the messages before it lost) is not lost: its
+/// device is asked to send it again over a new session, as for any
+/// message no session the business holds decrypts. (It was refused as
+/// `InvalidMessage("malformed message")`, then with the library's reason,
+/// `"message from too far into the future"`: refused for good.)
 #[tokio::test]
-async fn a_message_too_far_ahead_of_its_chain_is_refused_as_such() {
+async fn a_message_too_far_ahead_of_its_chain_is_asked_for_again() {
     let w = World::new().await;
     let from = consumer(1);
     let mut device = w.device(0).await;
@@ -387,11 +389,11 @@ async fn a_redeliverys_receipt_says_whether_the_business_has_the_message() {
 }
 
 /// The first message on a consumer's next chain (the device read a reply,
-/// and ratcheted), more than 2,000 counters into it, is refused with the
-/// library's reason too. (The check looked only at chains the session had,
-/// and the message was refused as `"decryption failed"`.)
+/// and ratcheted), more than 2,000 counters into it, is asked for again
+/// too (a chain the session does not have: the crate cannot tell it from
+/// one of a session it no longer holds).
 #[tokio::test]
-async fn a_message_too_far_into_a_new_chain_is_refused_as_such() {
+async fn a_message_too_far_into_a_new_chain_is_asked_for_again() {
     use custodian::integrity::Category;
     use custodian::processor::Outbound;
     let w = World::new().await;
@@ -412,7 +414,10 @@ async fn a_message_too_far_into_a_new_chain_is_refused_as_such() {
 }
 
 /// `device` writes 2,002 messages, and the last reaches the processor
-/// alone: it is refused as too far ahead.
+/// alone: it is refused as one its device is to send again over a new
+/// session (the recording transport refuses to ask devices for anything,
+/// so that refusal is the answer: over a transport that asks, it is
+/// `ProcessorError::ResendAsked`).
 async fn refused_too_far_ahead(w: &World, from: &PhoneNumber, device: &mut ConsumerDevice) {
     let mut last = None;
     for _ in 0..2002 {
@@ -421,10 +426,10 @@ async fn refused_too_far_ahead(w: &World, from: &PhoneNumber, device: &mut Consu
     let refused = w.receive(from, &last.unwrap()).await;
     assert!(
         matches!(
-            refused,
-            Err(ProcessorError::Signal(SignalError::InvalidMessage(
+            &refused,
+            Err(ProcessorError::Signal(e @ SignalError::Undecryptable(
                 "message from too far into the future"
-            )))
+            ))) if e.needs_new_session()
         ),
         "a well-formed message too far ahead: {refused:?}"
     );

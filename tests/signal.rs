@@ -2877,3 +2877,79 @@ async fn a_message_without_its_session_is_refused_as_such_however_far_in() {
         );
     }
 }
+
+/// The business's session with a device ended (retention) and the
+/// business then started a new one from the device's bundle (to send it a
+/// message), while the device, not having read that one yet, still writes
+/// on its old session. Its message is made on a session the business does
+/// not hold, and is refused as such (`needs_new_session`: its device is
+/// asked to send it again), however far into its chain. (Past 2,000
+/// counters it was refused as "too far into the future", which asks for
+/// nothing: the message was lost.)
+#[tokio::test]
+async fn a_message_on_a_session_replaced_meanwhile_is_asked_for_however_far_in() {
+    let w = World::new();
+    let b = w.business;
+    let (mut device, peer) = w.answered("+447700900701", 0).await;
+    let sent = messages(&mut device, b, 2002).await;
+    // Retention ended the session while the business read nothing more ...
+    assert_eq!(w.sessions.forget(b, peer.phone).await.unwrap(), 1);
+    // ... and the business wrote to the consumer: a new session, from the
+    // device's bundle.
+    w.sessions
+        .start_session(b, peer, &device.bundle(true), w.expiry())
+        .await
+        .unwrap();
+    let near = w.decrypt(peer, &sent[0]).await;
+    assert!(
+        matches!(&near, Err(e) if e.needs_new_session()),
+        "counter 0: {near:?}"
+    );
+    let far = w.decrypt(peer, &sent[2001]).await;
+    assert!(
+        matches!(&far, Err(e) if e.needs_new_session()),
+        "counter 2001: {far:?}"
+    );
+}
+
+/// The same with a one-time prekey: a device's first-contact messages (it
+/// has read no reply, so every message repeats the setup) named the
+/// business's newest one-time prekey, which the first consumed; the refill
+/// then made its id again with a new key, and retention ended the session.
+/// The business no longer holds the prekey the messages were made with:
+/// each is asked for again, however far into its chain.
+#[tokio::test]
+async fn a_message_on_a_one_time_prekey_made_again_is_asked_for_however_far_in() {
+    let w = World::with_config(SignalConfig {
+        prekey_pool: 10,
+        prekey_low_water: 10,
+        ..SignalConfig::default()
+    });
+    let b = w.business;
+    let published = w.published().await;
+    let newest = published.one_time_prekeys.len() - 1;
+    let bundle = published.bundle(Some(newest));
+    let x = bundle.one_time_prekey.unwrap();
+    let mut device = ConsumerDevice::new(0);
+    device.start_session(b, &bundle).await.unwrap();
+    let peer = w.peer("+447700900702", &device).await;
+    let sent = messages(&mut device, b, 2002).await;
+    assert_eq!(sent[0].kind, MessageKind::FirstContact);
+    assert!(w.decrypt(peer, &sent[0]).await.is_ok());
+    // The refill makes ids again after the newest left: X, with a new key.
+    w.sessions.maintain(b, Some(0)).await.unwrap();
+    let again = w.published().await.one_time_prekeys;
+    let remade = again.iter().find(|k| k.id == x.id).copied().unwrap();
+    assert_ne!(remade.public_key, x.public_key);
+    assert_eq!(w.sessions.forget(b, peer.phone).await.unwrap(), 1);
+    let near = w.decrypt(peer, &sent[1]).await;
+    assert!(
+        matches!(&near, Err(e) if e.needs_new_session()),
+        "counter 1: {near:?}"
+    );
+    let far = w.decrypt(peer, &sent[2001]).await;
+    assert!(
+        matches!(&far, Err(e) if e.needs_new_session()),
+        "counter 2001: {far:?}"
+    );
+}

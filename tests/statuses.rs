@@ -1628,3 +1628,52 @@ async fn a_hung_business_s_sends_with_no_pending_devices_count_against_the_batch
     }
     assert!(broken.is_empty(), "{broken:#?}");
 }
+
+/// A hung business's open messages past their retention need no transport
+/// (they are only failed as expired, and that report is put off for the
+/// hung endpoint), so they do not count against `batch`: here ten of them,
+/// queued while the device list could not be had, leave business 2's due
+/// message its place in a pass's batch of 2. (Counting every open message
+/// as a send, a first fix had them fill the batch.)
+#[tokio::test]
+async fn a_hung_business_s_expired_messages_do_not_count_against_the_batch() {
+    let config = DeliveryConfig {
+        retry_base: Duration::from_secs(60),
+        retry_max: Duration::from_secs(600),
+        receipt_timeout: Duration::from_secs(10),
+        batch: 2,
+    };
+    let d = D::with(1, config).await;
+    *d.net.devices_fail.lock().unwrap() = true;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(d.send(b(1)).await);
+    }
+    *d.net.devices_fail.lock().unwrap() = false;
+    for &id in &ids {
+        let delivery = d.delivery(b(1), id).await;
+        assert_eq!(
+            (delivery.status, delivery.pending_devices),
+            (Status::Queued, 0)
+        );
+    }
+    // Their retention ends (no pass ran meanwhile).
+    d.advance(31 * 86_400);
+    let first = d.send(b(1)).await;
+    // Business 2's message: queued, due again after the backoff.
+    *d.net.devices_fail.lock().unwrap() = true;
+    let other = d.send(b(2)).await;
+    *d.net.devices_fail.lock().unwrap() = false;
+    // Business 1's endpoint leaves a call unanswered.
+    d.advance(59);
+    *d.sink.hang.lock().unwrap() = Some(b(1));
+    d.report_cut(b(1), first, Status::Delivered, 10_000).await;
+    d.advance(11);
+    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
+    let report = pass.expect("the pass ended").unwrap();
+    assert!(
+        !d.net.taken_by(other).is_empty(),
+        "business 2's due message was left out of the pass, whose batch business 1's \
+         expired messages (no transport call) used up: {report:?}"
+    );
+}

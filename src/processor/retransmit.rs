@@ -48,14 +48,16 @@ impl RetransmitReport {
     }
 }
 
-/// Whether working on due message `m` may send it through the transport:
-/// an open one is tried again on its devices (every one, if it has none
-/// pending: its attempts could not list them, or its report is overdue),
-/// a settled one on those it has pending; a failed one only has its
-/// report due.
-fn needs_transport(m: &MessageRecord) -> bool {
+/// Whether working on due message `m`, readable under its retention, may
+/// send it through the transport: an open one is tried again on its
+/// devices (every one, if it has none pending: its attempts could not
+/// list them, or its report is overdue), a settled one on those it has
+/// pending; a failed one, or one past its retention (failed as expired,
+/// or its report made), only has its report due.
+fn needs_transport(m: &MessageRecord, readable: bool) -> bool {
     let d = &m.delivery;
-    m.direction == Direction::Outbound
+    readable
+        && m.direction == Direction::Outbound
         && (d.status.is_open() || (d.status != Status::Failed && d.pending_devices != 0))
 }
 
@@ -230,7 +232,7 @@ impl Processor {
                 }
                 // A hung business's message that needs only a call to it is
                 // put off, and counts not; one for the transport does.
-                if !hung || needs_transport(&due) {
+                if !hung || needs_transport(&due, self.retention.readable(&due, now)) {
                     worked += 1;
                 }
                 self.work_on(&due, now, false, &mut report).await;

@@ -15,7 +15,7 @@ use super::cache::Taken;
 use super::peer::{Peer, RECEIVE_WINDOW};
 use super::stores::{PreKeyHold, PreKeyOverlay, SignedPreKeyOverlay};
 use super::{
-    Ciphertext, Decrypted, Parsed, Sessions, SignalError, StorageFailure, corrupt_session,
+    Ciphertext, Decrypted, Parsed, Sessions, SignalError, StorageFailure, TOO_FAR, corrupt_session,
     message_id, protocol_error, same_key,
 };
 use crate::ids::{BusinessId, MessageId};
@@ -394,17 +394,20 @@ impl Sessions {
                 // The library tries every session it keeps, and answers
                 // "decryption failed" whatever stopped each: a counter too
                 // far ahead is told as such (a chain the session does not
-                // have yet starts at 0). A precise refusal (no session, an
-                // unknown prekey, an untrusted identity, a store's failure)
-                // stands: the device is asked for the message again.
+                // have yet starts at 0), and is undecryptable all the same:
+                // past the keys the library derives, or on a session the
+                // business no longer holds (which it cannot tell apart:
+                // both are a chain the session does not have), the device
+                // is asked for it again over a new session, as a client
+                // asks for any message it cannot decrypt. A precise refusal
+                // (no session, an unknown prekey, an untrusted identity, a
+                // store's failure) stands.
                 let error = protocol_error(e, prekeys.take_failure(), identities.refused());
                 let jump = usize::try_from(message.counter.saturating_sub(index.unwrap_or(0)));
                 if matches!(error, SignalError::Undecryptable("decryption failed"))
                     && jump.is_ok_and(|jump| jump > MAX_FORWARD_JUMPS)
                 {
-                    return Err(SignalError::InvalidMessage(
-                        "message from too far into the future",
-                    ));
+                    return Err(SignalError::Undecryptable(TOO_FAR));
                 }
                 return Err(error);
             }

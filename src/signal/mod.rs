@@ -151,10 +151,13 @@ pub enum SignalError {
     UnknownPreKey(&'static str),
     /// No session this business holds with the device decrypts the
     /// message (`"MAC verification failed"`: one derived its key, and the
-    /// MAC failed; `"decryption failed"`): the device writes on a state the
-    /// business does not have (restored from a backup, set up again from
-    /// a prekey it kept), or the message was altered on the way. What
-    /// WhatsApp clients answer with a retry receipt.
+    /// MAC failed; `"decryption failed"`; `"message from too far into the
+    /// future"`: more counters past its chain's last than the library
+    /// derives keys for, the messages between lost, or a chain of a
+    /// session the business no longer holds): the device writes on a
+    /// state the business does not have (restored from a backup, set up
+    /// again from a prekey it kept), or the message was altered on the
+    /// way. What WhatsApp clients answer with a retry receipt.
     #[error("undecryptable message: {0}")]
     Undecryptable(&'static str),
     /// A prekey bundle is malformed or its signature does not verify.
@@ -190,12 +193,12 @@ impl SignalError {
 
     /// Whether the device's stored record can never be read: damaged, or
     /// not this device's. A key store or provider failing as the record is
-    /// opened is no sign of that: it may pass.
+    /// opened is no sign of that: it may pass; nor is another stored row
+    /// (the store's writer, say) found damaged.
     pub(crate) fn record_unreadable(&self) -> bool {
         match self {
             Self::Storage(StorageFailure::Corrupt(_)) => true,
             Self::Storage(StorageFailure::Open(e)) => !matches!(e, OpenError::Key(_)),
-            Self::Storage(StorageFailure::Store(e)) => matches!(**e, StoreError::Corrupt(_)),
             _ => false,
         }
     }
@@ -885,6 +888,12 @@ impl fmt::Debug for Sessions {
     }
 }
 
+/// The library's refusal of a counter more than [`MAX_FORWARD_JUMPS`]
+/// past its chain's last (its own words).
+///
+/// [`MAX_FORWARD_JUMPS`]: wacore_libsignal::protocol::consts::MAX_FORWARD_JUMPS
+pub(super) const TOO_FAR: &str = "message from too far into the future";
+
 /// Translate a library error; `failure` is a storage error an overlay saw,
 /// `refused` the identity key the identity overlay refused.
 fn protocol_error(
@@ -923,7 +932,9 @@ fn protocol_error(
         // The library's own words: "message from too far into the future"
         // (more counters ahead than it derives keys for), "decryption
         // failed"; fixed texts, which carry no key or content.
-        P::InvalidMessage(_, why @ "decryption failed") => SignalError::Undecryptable(why),
+        P::InvalidMessage(_, why @ ("decryption failed" | TOO_FAR)) => {
+            SignalError::Undecryptable(why)
+        }
         P::InvalidMessage(_, why) => SignalError::InvalidMessage(why),
         _ => SignalError::InvalidMessage("malformed message"),
     }
@@ -1280,7 +1291,25 @@ impl Sessions {
         // A state read before this instance took the store over could be
         // older than what another instance persisted since.
         self.take_over().await?;
-        let Some(sealed) = self.store.peer(business, peer).await? else {
+        let stored = match self.store.peer(business, peer).await {
+            Ok(stored) => stored,
+            // The row itself is damaged: a record that can never be read,
+            // as one that does not open is (see `record_unreadable`; the
+            // store's other rows failing so are not the record's).
+            Err(StoreError::Corrupt(what)) => {
+                tracing::warn!(
+                    business = business.get(),
+                    device = peer.device,
+                    what,
+                    "a stored Signal record is damaged"
+                );
+                return Err(SignalError::Storage(StorageFailure::Corrupt(
+                    "stored Signal record",
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(sealed) = stored else {
             let empty = Peer {
                 generation,
                 ..Peer::empty(peer)

@@ -1106,11 +1106,14 @@ impl SimNetwork {
     }
 
     /// Requests the processor made for a consumer's message again over a
-    /// new session ([`Transport::ask_resend`]: the message was made on a
-    /// session the processor no longer holds, as when retention ended it
-    /// while the consumer was silent), whether or not the device still had
-    /// it. None while the processor keeps every session its consumers
-    /// write on.
+    /// new session ([`Transport::ask_resend`]: no state the processor
+    /// holds decrypts it, as when retention ended its session while the
+    /// consumer was silent), whether or not the device still had it. A
+    /// processor that keeps every session its consumers write on makes
+    /// some all the same where the network delays a consumer's message
+    /// past five turns of its conversation (Signal keeps the last five
+    /// receiving chains: no client decrypts it then), or past the 2,000
+    /// counters the library derives keys for; without delays, none.
     pub async fn resends_asked(&self) -> u64 {
         self.net.lock().await.resends_asked
     }

@@ -359,7 +359,9 @@ pub(super) fn inspect_header(path: &Path, file: &OpenFile) -> Result<bool, Sqlit
 type Objects = BTreeSet<(String, String, String)>;
 
 /// Every schema object but the statistics tables a host's `ANALYZE`
-/// makes, as SQLite makes them. Only those are left out: any other object
+/// makes, as SQLite makes them (`sqlite_stat3` by versions 3.8.2 to 3.29
+/// built with it; `sqlite_stat2`, by versions before any that reads this
+/// schema, cannot be made). Only those are left out: any other object
 /// named like them (which SQLite reserves, so only a file edited under
 /// `writable_schema` holds one) is compared, and refused, as every
 /// object is. SQLite loads such an object all the same: a trigger named
@@ -370,6 +372,7 @@ fn objects(conn: &Connection) -> Result<Objects, rusqlite::Error> {
         "SELECT type, name, tbl_name FROM sqlite_schema \
          WHERE (type, name, sql) NOT IN (VALUES \
            ('table', 'sqlite_stat1', 'CREATE TABLE sqlite_stat1(tbl,idx,stat)'), \
+           ('table', 'sqlite_stat3', 'CREATE TABLE sqlite_stat3(tbl,idx,neq,nlt,ndlt,sample)'), \
            ('table', 'sqlite_stat4', 'CREATE TABLE sqlite_stat4(tbl,idx,neq,nlt,ndlt,sample)'))",
     )?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;

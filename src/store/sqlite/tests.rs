@@ -3062,3 +3062,35 @@ fn a_sweep_step_keeps_no_hold_past_its_call() {
         assert_eq!(held(&conn), 0, "at {now:?}");
     }
 }
+
+/// A file an older SQLite built with `SQLITE_ENABLE_STAT3` analysed
+/// (3.8.2, the first to read this schema, to 3.29: such a `sqlite3` CLI
+/// opens the store) holds `sqlite_stat3`, made by `ANALYZE` as `CREATE
+/// TABLE sqlite_stat3(tbl,idx,neq,nlt,ndlt,sample)`, and is opened (a
+/// scrub deletes its samples). (Modern SQLite no longer makes the table,
+/// so it is made here as the old one did: a table of those columns, given
+/// the reserved name under `writable_schema`.)
+#[test]
+fn a_file_an_older_sqlite_analysed_with_stat3_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    tamper(
+        &path,
+        "ANALYZE;
+         CREATE TABLE old_stat3(tbl,idx,neq,nlt,ndlt,sample);
+         PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema
+            SET name = 'sqlite_stat3', tbl_name = 'sqlite_stat3',
+                sql = 'CREATE TABLE sqlite_stat3(tbl,idx,neq,nlt,ndlt,sample)'
+          WHERE name = 'old_stat3';
+         PRAGMA writable_schema = OFF;",
+    );
+    // SQLite itself reads the file and the table as the old one left them.
+    let check: String = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let opened = SqliteStore::open(&path, SqliteConfig::default());
+    assert!(opened.is_ok(), "{opened:?}");
+}
