@@ -192,6 +192,25 @@ impl Processor {
             }
             Err(e) => return self.refused(business, (id, header), &inbound, e).await,
         };
+        // A message more counters into its chain than Signal derives keys
+        // for at once may have come before, too far ahead, and been asked
+        // for again under the id its bytes give (see `refused`): the
+        // message sent again, stored first, is this one; stored after, it
+        // finds this one under that id (and is a duplicate). Boxed: rare.
+        let asked_as = match header {
+            None if parsed.far_into_its_chain() => Some(resend_id(business, &inbound.message)),
+            _ => None,
+        };
+        if let Some(again) = asked_as
+            && Box::pin(self.storage.message(business, again))
+                .await?
+                .is_some()
+        {
+            drop(staged);
+            debug!(%id, "a message sent again on request came before");
+            return Box::pin(self.duplicate(business, again, None)).await;
+        }
+        let header = header.or(asked_as);
         let decrypted = staged.decrypted();
         let identity_changed = decrypted.identity_changed;
         let body = Zeroizing::new(InboundBody::encode_fields(
@@ -209,6 +228,8 @@ impl Processor {
         let mut batch = Batch::new();
         // A message sent again is known by its header's id too: a copy of
         // its bytes handed in plain, as from any consumer or device, is one.
+        // (So is one far into its chain by the id it would have been asked
+        // for again under.)
         batch.push(match header {
             Some(header) => Op::PutResentMessage {
                 record: Box::new(record),

@@ -551,6 +551,14 @@ impl Parsed {
         (self.header != self.id).then_some(self.header)
     }
 
+    /// Whether it is more counters into its chain than the library derives
+    /// keys for at once: an earlier copy may have been refused as too far
+    /// ahead, and asked for again (see [`resend_id`]).
+    pub(crate) fn far_into_its_chain(&self) -> bool {
+        usize::try_from(self.counter)
+            .is_ok_and(|counter| counter > wacore_libsignal::protocol::consts::MAX_FORWARD_JUMPS)
+    }
+
     /// A first-contact message's embedded message, as the transport would
     /// carry it on its own: the same message, so it parses to the same id.
     #[cfg(any(test, fuzzing))]

@@ -3094,3 +3094,27 @@ fn a_file_an_older_sqlite_analysed_with_stat3_is_opened() {
     let opened = SqliteStore::open(&path, SqliteConfig::default());
     assert!(opened.is_ok(), "{opened:?}");
 }
+
+/// Such a file's `sqlite_stat3` samples (index keys: phone hashes among
+/// them) are deleted by a scrub.
+#[test]
+fn a_scrub_deletes_the_samples_of_an_older_sqlites_stat3() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = populated(dir.path());
+    tamper(
+        &path,
+        "ANALYZE;
+         CREATE TABLE old_stat3(tbl,idx,neq,nlt,ndlt,sample);
+         INSERT INTO old_stat3 VALUES ('messages', 'x', '1', '0', '0', X'0707070707');
+         PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema
+            SET name = 'sqlite_stat3', tbl_name = 'sqlite_stat3',
+                sql = 'CREATE TABLE sqlite_stat3(tbl,idx,neq,nlt,ndlt,sample)'
+          WHERE name = 'old_stat3';
+         PRAGMA writable_schema = OFF;",
+    );
+    let store = SqliteStore::open(&path, SqliteConfig::default()).unwrap();
+    block_on(store.scrub()).unwrap();
+    drop(store);
+    assert_eq!(count(&path, "sqlite_stat3"), 0);
+}
