@@ -1582,13 +1582,7 @@ async fn a_superseded_processor_asks_no_resend_and_hands_over_no_billing() {
 async fn a_hung_business_s_sends_with_no_pending_devices_count_against_the_batch() {
     let mut broken = Vec::new();
     for overdue in [false, true] {
-        let config = DeliveryConfig {
-            retry_base: Duration::from_secs(60),
-            retry_max: Duration::from_secs(600),
-            receipt_timeout: Duration::from_secs(10),
-            batch: 2,
-        };
-        let d = D::with(1, config).await;
+        let d = D::with(1, batch_of_two()).await;
         let first = d.send(b(1)).await;
         // Queued: the device list cannot be had at the first attempt.
         // Overdue: sent to the device, no report comes.
@@ -1637,13 +1631,7 @@ async fn a_hung_business_s_sends_with_no_pending_devices_count_against_the_batch
 /// as a send, a first fix had them fill the batch.)
 #[tokio::test]
 async fn a_hung_business_s_expired_messages_do_not_count_against_the_batch() {
-    let config = DeliveryConfig {
-        retry_base: Duration::from_secs(60),
-        retry_max: Duration::from_secs(600),
-        receipt_timeout: Duration::from_secs(10),
-        batch: 2,
-    };
-    let d = D::with(1, config).await;
+    let d = D::with(1, batch_of_two()).await;
     *d.net.devices_fail.lock().unwrap() = true;
     let mut ids = Vec::new();
     for _ in 0..10 {
@@ -1676,4 +1664,14 @@ async fn a_hung_business_s_expired_messages_do_not_count_against_the_batch() {
         "business 2's due message was left out of the pass, whose batch business 1's \
          expired messages (no transport call) used up: {report:?}"
     );
+}
+
+/// Passes of two messages, retried within minutes, reports waited for 10 s.
+fn batch_of_two() -> DeliveryConfig {
+    DeliveryConfig {
+        retry_base: Duration::from_secs(60),
+        retry_max: Duration::from_secs(600),
+        receipt_timeout: Duration::from_secs(10),
+        batch: 2,
+    }
 }
