@@ -69,7 +69,10 @@ pub enum Op {
     /// Store a new message under two ids: a consumer's message sent again
     /// on request, stored under the id it was asked for (`record.id`) and
     /// known by the id its own header gives (`header`), so that a copy of
-    /// it handed in without the request named is a copy too. If a message
+    /// it handed in without the request named is a copy too; or one far
+    /// into its chain, stored under its own id and known by the one it
+    /// would be asked for again under, so that the message sent again is
+    /// a copy of it. If a message
     /// stored under, or known by, either id exists, the whole batch fails
     /// with [`StoreError::Conflict`](super::StoreError::Conflict); a
     /// [`PutMessage`](Op::PutMessage) under an id some message is known by
