@@ -526,10 +526,10 @@ fn sweep_is_cancellation_safe() {
 }
 
 /// An early shred dropped anywhere, then made again, destroys the epoch's
-/// key: nothing sealed under it opens, the cached Signal state sealed
-/// under it is gone with it (the consumer's next message over it is
-/// refused, not decrypted from memory), and the trail records the shred
-/// before the key went (once for each call that reached the trail).
+/// key (nothing sealed under it opens, and the consumer's next message,
+/// which would be sealed into the epoch, is refused), and the trail
+/// records the shred before the key went (once for each call that
+/// reached the trail).
 #[test]
 fn shred_epoch_is_cancellation_safe() {
     runtime().block_on(every_cut(|n| async move {

@@ -1399,8 +1399,9 @@ fn holds_survive_every_host_failure() {
 /// An early shred under a failing store or key provider: refused with the
 /// host's error, it destroyed the key only if its destroying write landed
 /// (its answer lost), and the trail records the shred before the key goes;
-/// made again, it destroys the key (or finds it gone), and the Signal
-/// state sealed under it is not used from memory.
+/// made again, it destroys the key (or finds it gone), and the
+/// consumer's next message, which would be sealed into the epoch, is
+/// refused.
 #[test]
 fn an_early_shred_survives_every_host_failure() {
     runtime().block_on(every_failure(|at| async move {
