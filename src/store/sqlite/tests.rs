@@ -491,9 +491,10 @@ fn a_truncated_database_is_refused_untouched() {
 
 /// The POSIX locks this process holds on `path` (Linux: `/proc/locks`,
 /// by inode), without each line's ordinal: its place in the machine's
-/// list, which other processes' locks move.
+/// list, which other processes' locks move. Each once: the list has been
+/// seen to show one lock twice, the other tests' connections busy.
 #[cfg(target_os = "linux")]
-fn locks_on(path: &Path) -> Vec<String> {
+fn locks_on(path: &Path) -> std::collections::BTreeSet<String> {
     use std::os::unix::fs::MetadataExt;
     let inode = format!(":{}", std::fs::metadata(path).unwrap().ino());
     let pid = std::process::id().to_string();
