@@ -9,9 +9,18 @@
     reason = "tests assert by panicking"
 )]
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use custodian::testing::{Faults, Leg};
+use custodian::ids::{BusinessId, PhoneNumber};
+use custodian::keys::{LocalKeyProvider, SecretKey};
+use custodian::processor::{Host, Policies, Processor};
+use custodian::store::MemoryStore;
+use custodian::testing::{Faults, Leg, REDELIVERY, SimBusiness, SimNetwork};
+use custodian::time::{ManualClock, Timestamp};
+use custodian::transport::{Principal, StaticAuthorizer};
+use custodian::visibility::MemoryAuditSink;
 
 const N: u64 = 2002;
 
@@ -59,18 +68,6 @@ fn find_seeds() {
         println!("dup {dup}: seed {seed:?}");
     }
 }
-
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use custodian::ids::{BusinessId, PhoneNumber};
-use custodian::keys::{LocalKeyProvider, SecretKey};
-use custodian::processor::{Host, Policies, Processor};
-use custodian::store::MemoryStore;
-use custodian::testing::{REDELIVERY, SimBusiness, SimNetwork};
-use custodian::time::{ManualClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::visibility::MemoryAuditSink;
 
 /// A consumer's device writes N messages at once, the network delays each
 /// (seeded), and the last (counter 2,001) reaches the processor before any
