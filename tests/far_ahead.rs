@@ -10,17 +10,10 @@
 )]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use custodian::ids::{BusinessId, PhoneNumber};
-use custodian::keys::{LocalKeyProvider, SecretKey};
-use custodian::processor::{Host, Policies, Processor};
-use custodian::store::MemoryStore;
-use custodian::testing::{Faults, Leg, REDELIVERY, SimBusiness, SimNetwork};
-use custodian::time::{ManualClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::visibility::MemoryAuditSink;
+use custodian::testing::{Faults, Leg, REDELIVERY, World};
 
 const N: u64 = 2002;
 
@@ -79,59 +72,44 @@ async fn run(faults: Faults, seed: u64) -> (BTreeMap<Vec<u8>, usize>, u64) {
         last_first(&a),
         "the seed no longer sends the last message first"
     );
-    let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-    let network = Arc::new(SimNetwork::new(clock.clone(), faults, seed).unwrap());
-    let business = SimBusiness::new(clock.clone(), Faults::none(), 2).unwrap();
     let b = BusinessId::new(7).unwrap();
-    let (carrier, owner, operator) = (
-        Principal::new("carrier"),
-        Principal::new("owner"),
-        Principal::new("operator"),
-    );
-    let authorizer = StaticAuthorizer::new()
-        .operator(&operator)
-        .grant(&owner, b)
-        .carrier(&carrier, b);
-    let host = Host {
-        storage: Arc::new(MemoryStore::new()),
-        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        transport: network.clone(),
-        business: business.clone(),
-        authorizer: Arc::new(authorizer),
-        clock: Arc::new(clock.clone()),
-        audit: Arc::new(MemoryAuditSink::new()),
-    };
-    let processor = Processor::new(host, Policies::default()).unwrap();
-    processor.publish_keys(&owner, b).await.unwrap();
+    let world = World::builder()
+        .business(b)
+        .network_faults(faults)
+        .seed(seed)
+        .build()
+        .unwrap();
+    world.publish_keys(1).await.unwrap();
     let alice: PhoneNumber = "+447700900001".parse().unwrap();
-    network.add_consumer(&alice, 1).await;
+    world.network.add_consumer(&alice, 1).await;
     for i in 0..N {
-        network
+        world
+            .network
             .consumer_sends(&alice, 0, b, format!("m{i}").as_bytes())
             .await
             .unwrap();
     }
+    let pump = async |step| {
+        world.clock.advance(step);
+        world.network.pump(&world.processor, &world.carrier).await;
+    };
     for _ in 0..50 {
-        clock.advance(Duration::from_millis(1));
-        network.pump(&processor, &carrier).await;
+        pump(Duration::from_millis(1)).await;
     }
     // Small steps: a few arrivals per pump.
     for _ in 0..2_500 {
-        clock.advance(Duration::from_millis(10));
-        network.pump(&processor, &carrier).await;
+        pump(Duration::from_millis(10)).await;
     }
+    world.clock.advance(REDELIVERY);
     for _ in 0..40 {
-        clock.advance(REDELIVERY);
-        network.pump(&processor, &carrier).await;
-        processor.retransmit_due(&operator).await.unwrap();
+        world.turn(REDELIVERY).await.unwrap();
     }
-    assert_eq!(network.in_flight().await, 0);
-    assert_eq!(business.held_back(), 0);
+    assert!(world.settled().await);
     let mut shown = BTreeMap::new();
-    for (_, _, content) in business.contents() {
+    for (_, _, content) in world.business.contents() {
         *shown.entry(content).or_insert(0) += 1;
     }
-    (shown, network.resends_asked().await)
+    (shown, world.network.resends_asked().await)
 }
 
 fn summary(shown: &BTreeMap<Vec<u8>, usize>) -> (usize, Vec<(String, usize)>) {

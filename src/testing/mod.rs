@@ -20,6 +20,10 @@
 //!   of it: there is no setting per leg (the table on [`Faults`] says
 //!   which faults apply to which leg). Time is a [`ManualClock`](crate::time::ManualClock)
 //!   the harness advances; delays and outages are in its time.
+//! - [`World`]: all of it put together, a processor over a `SimNetwork`
+//!   and a `SimBusiness` with a manual clock, an in-memory audit trail and a
+//!   principal for each role, whose [`turn`](World::turn) runs one step of
+//!   the loop below.
 //!
 //! # What a seed reproduces
 //!
@@ -111,86 +115,59 @@
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! use std::sync::Arc;
 //! use std::time::Duration;
 //!
 //! use custodian::ids::{BusinessId, PhoneNumber};
 //! use custodian::integrity::Category;
-//! use custodian::keys::{LocalKeyProvider, SecretKey};
-//! use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
-//! use custodian::store::{MemoryStore, Status};
-//! use custodian::testing::{Faults, REDELIVERY, SimBusiness, SimNetwork};
-//! use custodian::time::{ManualClock, Timestamp};
-//! use custodian::transport::{Principal, StaticAuthorizer};
-//! use custodian::visibility::MemoryAuditSink;
+//! use custodian::processor::{DeliveryConfig, Outbound, Policies};
+//! use custodian::store::Status;
+//! use custodian::testing::{Faults, REDELIVERY, World};
 //!
-//! let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-//! let network = Arc::new(SimNetwork::new(clock.clone(), Faults::moderate(), 1)?);
-//! let business = SimBusiness::new(clock.clone(), Faults::moderate(), 2)?;
-//! let b = BusinessId::new(7).ok_or("zero")?;
-//! let carrier = Principal::new("carrier");
-//! let owner = Principal::new("owner");
-//! let operator = Principal::new("operator");
-//! let authorizer = StaticAuthorizer::new()
-//!     .operator(&operator)
-//!     .grant(&owner, b)
-//!     .carrier(&carrier, b);
-//! let host = Host {
-//!     storage: Arc::new(MemoryStore::new()),
-//!     key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-//!     transport: network.clone(),
-//!     business: business.clone(),
-//!     authorizer: Arc::new(authorizer),
-//!     clock: Arc::new(clock.clone()),
-//!     audit: Arc::new(MemoryAuditSink::new()),
-//! };
 //! // A lost ciphertext is sent again two minutes after it was sent (then
 //! // 4, 8, 16… minutes after, while no delivery report comes).
 //! let delivery = DeliveryConfig {
 //!     receipt_timeout: Duration::from_secs(120),
 //!     ..DeliveryConfig::default()
 //! };
-//! let policies = Policies { delivery, ..Policies::default() };
-//! let processor = Processor::new(host, policies)?;
+//! let b = BusinessId::new(7).ok_or("zero")?;
+//! let world = World::builder()
+//!     .business(b)
+//!     .network_faults(Faults::moderate())
+//!     .business_faults(Faults::moderate())
+//!     .seed(1)
+//!     .policies(Policies { delivery, ..Policies::default() })
+//!     .build()?;
+//! let owner = world.owner(b).ok_or("no owner")?;
 //!
-//! // Keys first (the network may refuse or lose them, as any call: try
-//! // again), then traffic both ways.
-//! let mut tries = 0;
-//! while let Err(e) = processor.publish_keys(&owner, b).await {
-//!     tries += 1;
-//!     if tries == 10 {
-//!         return Err(e.into());
-//!     }
-//! }
+//! // Keys first (the network may refuse or lose them, as any call: each
+//! // business's is tried up to 10 times), then traffic both ways.
+//! world.publish_keys(10).await?;
 //! let alice: PhoneNumber = "+447700900001".parse()?;
-//! network.add_consumer(&alice, 2).await;
-//! network.consumer_sends(&alice, 1, b, b"hello").await?;
+//! world.network.add_consumer(&alice, 2).await;
+//! world.network.consumer_sends(&alice, 1, b, b"hello").await?;
 //! let reply = Outbound {
 //!     to: alice.clone(),
 //!     content: b"hi back".to_vec().into(),
 //!     category: Category::Service,
 //! };
-//! let id = processor.send(&owner, b, reply).await?;
+//! let id = world.processor.send(owner, b, reply).await?;
 //!
 //! // An hour of the loop: pump, retransmit, advance the clock.
 //! for _ in 0..120 {
-//!     network.pump(&processor, &carrier).await;
-//!     processor.retransmit_due(&operator).await?;
-//!     clock.advance(REDELIVERY);
+//!     world.turn(REDELIVERY).await?;
 //! }
 //!
 //! // Settled: nothing moving, no copy held back.
-//! assert_eq!(network.in_flight().await, 0);
-//! assert_eq!(business.held_back(), 0);
+//! assert!(world.settled().await);
 //! // The business has the consumer's message, handed over exactly once.
-//! assert_eq!(business.messages().into_values().collect::<Vec<_>>(), [1]);
-//! assert_eq!(business.contents()[0].2, b"hello");
+//! assert_eq!(world.business.messages().into_values().collect::<Vec<_>>(), [1]);
+//! assert_eq!(world.business.contents()[0].2, b"hello");
 //! // Each of Alice's devices has the reply, and it was reported delivered.
-//! let received = network.received(&alice).await;
-//! for device in network.devices_of(&alice).await {
+//! let received = world.network.received(&alice).await;
+//! for device in world.network.devices_of(&alice).await {
 //!     assert!(received[&device].contains_key(&id));
 //! }
-//! assert_eq!(processor.message_status(&owner, b, id).await?.0, Status::Delivered);
+//! assert_eq!(world.processor.message_status(owner, b, id).await?.0, Status::Delivered);
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
@@ -231,6 +208,7 @@ mod faults;
 mod join;
 mod network;
 mod recording;
+mod world;
 
 pub use business::{Cause, Copies, SimBusiness, StatusCopy};
 pub use device::{ConsumerDevice, DeviceError};
@@ -238,3 +216,4 @@ pub use faults::{Decision, Fate, Faults, InvalidFaults, Leg, LegStats};
 pub use join::join_all;
 pub use network::{PumpReport, REDELIVERY, SimNetwork};
 pub use recording::RecordingTransport;
+pub use world::{World, WorldBuilder, WorldError};
