@@ -108,6 +108,7 @@ fn record(n: u64, rows: u64) -> MessageRecord {
             attempts: 1,
             next_attempt: None,
             pending_devices: 0,
+            overdue_at: None,
             accepted_by: 0,
         },
         sealed: vec![(n % 251) as u8; SEALED],

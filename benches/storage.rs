@@ -71,6 +71,7 @@ fn record(n: u64, phone_n: u64, expiry: u64, status: Status, sealed: usize) -> M
             attempts: 1,
             next_attempt: None,
             pending_devices: 0,
+            overdue_at: None,
             accepted_by: 0,
         }
     };

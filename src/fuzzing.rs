@@ -1333,7 +1333,7 @@ pub fn message_row(data: &[u8]) -> &'static str {
 /// input are null. A text is marked `SECRET` first, so that a refusal
 /// quoting it shows (the bytes read lossily as UTF-8 after it).
 #[cfg(feature = "sqlite")]
-fn row_values(data: &[u8]) -> [rusqlite::types::Value; 14] {
+fn row_values(data: &[u8]) -> [rusqlite::types::Value; crate::store::MESSAGE_COLUMNS.len()] {
     use rusqlite::types::Value;
     let mut rest = data;
     std::array::from_fn(|_| {
@@ -2099,6 +2099,7 @@ mod tests {
             Integer(i64::MIN),
             Blob(b"sealed".to_vec()),
             Integer(i64::MIN),
+            Null,
         ];
         let with = |changes: &[(&str, Value)]| {
             let mut row = inbound.clone();
@@ -2119,6 +2120,18 @@ mod tests {
                     ("next_attempt", Integer(1_700_000_060_000 ^ i64::MIN)),
                     ("pending_devices", Integer(5 ^ i64::MIN)),
                     ("accepted_by", Integer(0x1234 ^ i64::MIN)),
+                ]),
+            ),
+            (
+                "outbound-sent-devices-pending".to_owned(),
+                with(&[
+                    ("direction", Integer(2)),
+                    ("status", Integer(1)),
+                    ("attempts", Integer(3)),
+                    ("next_attempt", Integer(1_700_000_008_000 ^ i64::MIN)),
+                    ("pending_devices", Integer(2 ^ i64::MIN)),
+                    ("accepted_by", Integer(0x1234 ^ i64::MIN)),
+                    ("overdue_at", Integer(1_700_003_600_000 ^ i64::MIN)),
                 ]),
             ),
             (
@@ -2159,6 +2172,8 @@ mod tests {
             ("sealed", "text", Text("body".to_owned())),
             ("sealed", "integer", Integer(0)),
             ("accepted_by", "null", Null),
+            ("overdue_at", "text", Text("later".to_owned())),
+            ("overdue_at", "real", Real(2.5)),
         ];
         for (name, what, value) in damaged {
             rows.push((format!("{name}-{what}"), with(&[(name, value.clone())])));

@@ -323,6 +323,7 @@ impl M {
                 attempts: 3,
                 next_attempt: self.next.map(t),
                 pending_devices: 0,
+                overdue_at: None,
                 accepted_by: 0,
             },
             sealed: bytes(
@@ -1067,6 +1068,7 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
         attempts: 7,
         next_attempt: None,
         pending_devices: 0,
+        overdue_at: None,
         accepted_by: 0x8000_0000_0000_0001,
     };
     let update = |id, expected| Op::UpdateDelivery {
@@ -1344,6 +1346,7 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         attempts: 1,
         next_attempt: Some(t(T0 + 25)),
         pending_devices: 0b101,
+        overdue_at: Some(t(T0 + 120)),
         accepted_by: 0,
     };
     let done = Delivery {
@@ -1352,6 +1355,7 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         attempts: 1,
         next_attempt: None,
         pending_devices: 0,
+        overdue_at: None,
         accepted_by: 0,
     };
     commit(
@@ -1376,6 +1380,21 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         msg_keys(&s.due_messages(t(T0 + 100), 100).await.unwrap()),
         [key_of(1, 4), key_of(2, 1), key_of(1, 2), key_of(1, 5)]
     );
+    // The state reads back whole, and a write expecting another time for
+    // the resend to every device loses, changing nothing.
+    assert_eq!(stored(s, 1, 2).await, later);
+    let mut lost = Batch::new();
+    lost.push(Op::UpdateDelivery {
+        business: business(1),
+        id: mid(2),
+        expected: Delivery {
+            overdue_at: None,
+            ..later
+        },
+        delivery: done,
+    });
+    assert!(matches!(s.commit(lost).await, Err(StoreError::Conflict)));
+    assert_eq!(stored(s, 1, 2).await, later);
 }
 
 async fn expired_open_messages_are_the_open_ones_earliest_first(backend: &mut Backend) {
@@ -2213,6 +2232,7 @@ async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
             attempts: u32::MAX,
             next_attempt: Some(t(1 << 63)),
             pending_devices: u64::MAX,
+            overdue_at: None,
             accepted_by: u64::MAX,
         },
         sealed: Vec::new(),
@@ -3166,6 +3186,7 @@ impl Write {
                         attempts: 1,
                         next_attempt: due.map(|h| t(T0 + h * HOUR)),
                         pending_devices: 0,
+                        overdue_at: None,
                         accepted_by: 0,
                     },
                 }

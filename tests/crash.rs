@@ -120,6 +120,7 @@ fn delivered(seq: u64) -> Delivery {
         attempts: (seq % 1000) as u32,
         next_attempt: None,
         pending_devices: 0,
+        overdue_at: None,
         accepted_by: 0,
     }
 }

@@ -325,6 +325,51 @@ fn quiet_windows_count_alike_whether_or_not_the_signals_were_exported() {
     );
 }
 
+/// An export in the middle of a window changes nothing the window counts,
+/// at the recipient bound too: consumers past the retention ceiling are
+/// dropped hour by hour of the epoch, whichever event (an export, a send)
+/// comes first in an hour. Daily windows, a bound of 6: A messaged at
+/// 0:00, C at 1:15, B at 2:00; 30 days and an hour on, an export (or not);
+/// half an hour later five consumers never messaged, then B again. Either
+/// way A is dropped, C (past the ceiling, but in the hour being dropped
+/// from) holds a place, the bound forgets B, and the window counts B new
+/// and says the bound may have inflated its counts. (The export's pass
+/// dropped only A, the send's A and C: B counted new only where the
+/// signals were read: review of integrity and billing.)
+#[test]
+fn an_export_mid_window_changes_no_count_at_the_recipient_bound() {
+    const HOUR: u64 = 3_600_000;
+    let business = BusinessId::new(7).unwrap();
+    let run = |export: bool| {
+        let mut config = IntegrityConfig::default();
+        config.max_tracked_recipients = 6;
+        let monitor = IntegrityMonitor::new(config).unwrap();
+        monitor.record_sent(business, consumer(1), at(0, 0));
+        monitor.record_sent(business, consumer(3), at(0, HOUR + HOUR / 4));
+        monitor.record_sent(business, consumer(2), at(0, 2 * HOUR));
+        if export {
+            drop(monitor.export(business, at(30, HOUR)));
+        }
+        let t = HOUR + HOUR / 2;
+        for i in 10..15 {
+            monitor.record_sent(business, consumer(i), at(30, t + i));
+        }
+        monitor.record_sent(business, consumer(2), at(30, t + 100));
+        signals(&monitor, business, at(30, t + 200)).current
+    };
+    let (read, unread) = (run(true), run(false));
+    assert_eq!(
+        (
+            read.new_recipients,
+            read.unique_recipients,
+            read.recipient_bound_reached
+        ),
+        (6, 6, true),
+        "exported: {read:?}"
+    );
+    assert_eq!(read, unread);
+}
+
 #[test]
 fn many_tasks_can_record_at_once() {
     let monitor = Arc::new(IntegrityMonitor::new(IntegrityConfig::default()).unwrap());

@@ -752,6 +752,7 @@ fn retention_fuzz(rig: Rig, seed: u64) {
                         attempts: 1,
                         next_attempt: None,
                         pending_devices: 0,
+                        overdue_at: None,
                         accepted_by: 0,
                     },
                     sealed,

@@ -2228,6 +2228,45 @@ fn delivery_settings_that_would_stop_or_spin_retries_are_refused() {
     }
 }
 
+/// A period or window out of range is refused naming it by its place in
+/// `Policies`, with the range that place accepts: statistics periods and
+/// integrity windows up to 30 days (they remember consumers for as long),
+/// billing periods up to 366 days. (Each said "period: must be … from 1
+/// second to 366 days": the three could not be told apart, and a host that
+/// followed the message with 60 days was refused again: review of
+/// integrity and billing.)
+#[test]
+fn periods_out_of_range_are_refused_naming_the_setting_and_its_range() {
+    let refusal = |policies: Policies| match Processor::new(
+        plain_host(Arc::new(MemoryAuditSink::new())),
+        policies,
+    ) {
+        Err(ProcessorError::Config(why)) => why,
+        other => panic!("{other:?}"),
+    };
+    let to_30_days = "must be whole seconds, from 1 second to 30 days";
+    for bad in [Duration::ZERO, Duration::from_millis(1_500)] {
+        let mut policies = Policies::default();
+        policies.statistics.period = bad;
+        assert_eq!(
+            refusal(policies),
+            format!("statistics.period: {to_30_days}")
+        );
+        let mut policies = Policies::default();
+        policies.integrity.window = bad;
+        assert_eq!(refusal(policies), format!("integrity.window: {to_30_days}"));
+        let mut policies = Policies::default();
+        policies.billing.period = bad;
+        assert_eq!(
+            refusal(policies),
+            "billing.period: must be whole seconds, from 1 second to 366 days"
+        );
+    }
+    let mut policies = Policies::default();
+    policies.billing.period = Duration::from_secs(60 * 24 * 3600);
+    assert!(Processor::new(plain_host(Arc::new(MemoryAuditSink::new())), policies).is_ok());
+}
+
 /// Signal settings that would refuse every session, or waste or starve
 /// the prekeys, are refused when the processor is built, naming the
 /// setting. Before, `SignalConfig` was never checked: with
@@ -3551,10 +3590,13 @@ async fn a_refused_retry_receipt_fetches_one_bundle_however_often_it_is_handed_i
 }
 
 /// A message whose first send reaches one device at once and the other
-/// only after an hour of retries waits the receipt timeout for its report
-/// once every device has it, as after any first send. (It waited as long
-/// as it had lived, an hour: every attempt on a message no longer queued
-/// was taken for an overdue resend.)
+/// only after an hour of retries is sent again to every device on the
+/// receipt timeout's schedule meanwhile (after 2, 4, 8, 16 and 32
+/// minutes: no report comes), and once every device has it waits at least
+/// the receipt timeout for its report, then until that schedule's next
+/// resend. (It waited as long as it had lived, an hour: every attempt on a
+/// message no longer queued was taken for an overdue resend. Then the
+/// device left pending held back every resend to the other: review.)
 #[tokio::test]
 async fn a_first_send_finished_by_retries_waits_the_receipt_timeout() {
     let d = ScriptedDeployment::new(2).await;
@@ -3563,16 +3605,19 @@ async fn a_first_send_finished_by_retries_waits_the_receipt_timeout() {
     assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1)]));
     // Device 1 is retried for an hour (its sends failing), then reached.
     d.retransmit_each_minute(60).await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 6)]));
     d.transport.failing.lock().unwrap().clear();
     d.retransmit_after(60).await;
-    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 1), (1, 1)]));
-    // No report comes: the receipt timeout (two minutes) and a little more.
-    d.retransmit_each_minute(5).await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 6), (1, 1)]));
+    // No report comes: the receipt timeout (two minutes) is past at 63
+    // minutes, the schedule's next resend due at 64.
+    d.retransmit_each_minute(2).await;
+    assert_eq!(d.sends(id).0, BTreeMap::from([(0, 6), (1, 1)]));
+    d.retransmit_each_minute(1).await;
     assert_eq!(
-        d.sends(id).0.get(&0),
-        Some(&2),
-        "five minutes after its first send reached every device, with no report, \
-         the message was not sent again (receipt timeout: two minutes)"
+        d.sends(id).0,
+        BTreeMap::from([(0, 7), (1, 2)]),
+        "the resend due 64 minutes after the first send"
     );
 }
 

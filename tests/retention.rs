@@ -656,6 +656,7 @@ impl World {
                 attempts: 1,
                 next_attempt: None,
                 pending_devices: 0,
+                overdue_at: None,
                 accepted_by: 0,
             }
         };
@@ -1128,6 +1129,7 @@ async fn a_message_deleted_with_its_report_pending_past_the_grace_is_counted_unr
                 attempts: 3,
                 next_attempt: Some(w.now().saturating_add(CEILING + HOUR)),
                 pending_devices: 0,
+                overdue_at: None,
                 accepted_by: 0,
             };
             let mut batch = Batch::new();
@@ -2786,7 +2788,7 @@ mod timelines {
                         Action::Deliver { which } => {
                             if !stored.is_empty() {
                                 let m = &stored[which % stored.len()].record;
-                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0, accepted_by: 0 };
+                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0, overdue_at: None, accepted_by: 0 };
                                 if let Some(s) = w.store.message(m.business, m.id).await.unwrap()
                                     && s.delivery.status.may_become(Status::Delivered)
                                 {

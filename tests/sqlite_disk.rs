@@ -53,6 +53,7 @@ fn msg(i: u32, sealed_len: usize) -> MessageRecord {
             attempts: 1,
             next_attempt: None,
             pending_devices: 0,
+            overdue_at: None,
             accepted_by: 0,
         },
         sealed: vec![(i % 251) as u8; sealed_len],

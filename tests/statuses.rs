@@ -612,6 +612,54 @@ async fn device_list_changes_between_attempts() {
     assert_eq!(taken.get(&2), Some(&1), "{taken:?}");
 }
 
+/// One device failing for now, again and again, holds back no overdue
+/// resend to the others: no report comes for the copy device 0 took (lost
+/// on the way, say), so it is sent again to every device on the receipt
+/// timeout's schedule (after 1, 2, 4… timeouts, at most six hours apart),
+/// device 2, linked since, included, while device 1's own retries go on
+/// beside. Once device 1 takes it and reports, the rest report too.
+/// (Every attempt went to device 1 alone while it stayed pending: device 0
+/// was never sent the message again, nor device 2 at all, and at expiry
+/// the message failed as expired.) (Review.)
+#[tokio::test]
+async fn a_device_failing_for_now_holds_back_no_overdue_resend_to_the_others() {
+    let d = D::new(3).await; // receipt timeout 120 s, retries 2 s to 60 s apart
+    *d.net.devices.lock().unwrap() = Some(vec![0, 1]);
+    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    let id = d.send(b(1)).await;
+    assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
+    *d.net.devices.lock().unwrap() = None;
+    // A day, one pass a minute, no report.
+    for _ in 0..(24 * 60) {
+        d.advance(60);
+        d.retransmit().await;
+    }
+    let taken = d.net.taken_by(id);
+    let state = d.delivery(b(1), id).await;
+    // Resent to every device at about 2, 4, 8… 256 minutes, then every
+    // six hours: 12 sends in the day, one pass a minute rounding up.
+    assert_eq!(taken.get(&1), None, "{taken:?}");
+    assert!((10..=13).contains(&taken[&0]), "{taken:?} {state:?}");
+    assert_eq!(taken.get(&2), Some(&(taken[&0] - 1)), "{taken:?}");
+    assert_eq!(
+        (state.status, state.pending_devices),
+        (Status::Sent, 0b10),
+        "{state:?}"
+    );
+    // Device 1 back: its retry reaches it within a retry's wait, and with
+    // every device's report the business is told delivered.
+    d.net.modes.lock().unwrap().clear();
+    for _ in 0..2 {
+        d.advance(60);
+        d.retransmit().await;
+    }
+    assert_eq!(d.net.taken_by(id).get(&1), Some(&1));
+    d.report(b(1), id, Status::Delivered).await.unwrap();
+    d.advance(60);
+    d.retransmit().await;
+    assert_eq!(d.sink.settled_told(id), vec![(Status::Delivered, None)]);
+}
+
 /// A device linked since the send gets the message from any overdue
 /// resend made before a report, the third as the first: after the report,
 /// none is made. (A rule asking devices with no session for their bundle

@@ -282,6 +282,7 @@ async fn op(w: &W, reference: &dyn Storage) -> Op {
                     attempts: 2,
                     next_attempt: next.map(t),
                     pending_devices: pending,
+                    overdue_at: None,
                     accepted_by: accepted,
                 },
                 sealed: vec![7; sealed_len * 5],
@@ -317,6 +318,7 @@ async fn op(w: &W, reference: &dyn Storage) -> Op {
                     attempts,
                     next_attempt: next.map(t),
                     pending_devices: pending,
+                    overdue_at: None,
                     accepted_by: accepted,
                 },
             }
@@ -672,6 +674,7 @@ fn plain_message(id: usize, created: u64, expiry: u64) -> MessageRecord {
             attempts: 1,
             next_attempt: None,
             pending_devices: 0,
+            overdue_at: None,
             accepted_by: 0,
         },
         sealed: vec![1; 8],

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Grid, Period};
+use super::{ConfigError, Grid, Period, UP_TO_A_YEAR};
 use crate::ids::BusinessId;
 use crate::store::{StoredBilling, TakeId};
 use crate::time::Timestamp;
@@ -168,7 +168,7 @@ pub(crate) struct BillingPeriods(Grid);
 impl BillingPeriods {
     /// The periods of `config`; refused if its period is out of range.
     pub(crate) fn new(config: &BillingConfig) -> Result<Self, ConfigError> {
-        Grid::new(config.period, "period").map(Self)
+        Grid::new(config.period, "period", UP_TO_A_YEAR).map(Self)
     }
 
     /// The period holding `at`.

@@ -95,6 +95,7 @@ use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{BusinessId, PhoneHash};
+use crate::retention::CEILING;
 use crate::time::Timestamp;
 
 mod billing;
@@ -142,12 +143,31 @@ impl Period {
 
 /// Shortest window or period accepted.
 const MIN_PERIOD: Duration = Duration::from_secs(1);
-/// Longest window or period accepted.
-const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The lengths a [`Grid`] accepts: whole seconds from [`MIN_PERIOD`] to
+/// `max`; `rule` says so.
+#[derive(Debug, Clone, Copy)]
+struct Lengths {
+    max: Duration,
+    rule: &'static str,
+}
+
+/// Billing periods, which remember no consumer: up to a leap year.
+const UP_TO_A_YEAR: Lengths = Lengths {
+    max: Duration::from_secs(366 * 24 * 3600),
+    rule: "must be whole seconds, from 1 second to 366 days",
+};
+
+/// Statistics periods and integrity windows, which remember consumers for
+/// as long: up to the retention ceiling.
+const UP_TO_THE_CEILING: Lengths = Lengths {
+    max: CEILING,
+    rule: "must be whole seconds, from 1 second to 30 days",
+};
 /// Why a statistics period longer than the retention ceiling is refused:
 /// it remembers consumers (64 bits of their phone hashes) for as long as
 /// it is open. Billing periods remember none and may be as long as
-/// [`MAX_PERIOD`].
+/// [`UP_TO_A_YEAR`] says.
 const PAST_CEILING: &str =
     "must be at most 30 days, the retention ceiling: it keeps the consumers it saw until it ends";
 /// Why an integrity window longer than the retention ceiling is refused.
@@ -161,11 +181,11 @@ struct Grid {
 }
 
 impl Grid {
-    fn new(length: Duration, field: &'static str) -> Result<Self, ConfigError> {
-        if !(MIN_PERIOD..=MAX_PERIOD).contains(&length) || length.subsec_nanos() != 0 {
+    fn new(length: Duration, field: &'static str, lengths: Lengths) -> Result<Self, ConfigError> {
+        if !(MIN_PERIOD..=lengths.max).contains(&length) || length.subsec_nanos() != 0 {
             return Err(ConfigError {
                 field,
-                rule: "must be whole seconds, from 1 second to 366 days",
+                rule: lengths.rule,
             });
         }
         // In range: at most 366 days of milliseconds.
@@ -297,7 +317,7 @@ mod tests {
 
     #[test]
     fn grid_aligns_periods_to_the_epoch() {
-        let g = Grid::new(Duration::from_secs(3600), "window").unwrap();
+        let g = Grid::new(Duration::from_secs(3600), "window", UP_TO_THE_CEILING).unwrap();
         let t = Timestamp::from_millis(3 * 3_600_000 + 5);
         assert_eq!(g.index(t), 3);
         let p = g.period(3);
@@ -315,7 +335,15 @@ mod tests {
             Duration::from_millis(1_500),
             Duration::from_secs(367 * 24 * 3600),
         ] {
-            assert_eq!(Grid::new(bad, "period").unwrap_err().field, "period");
+            let err = Grid::new(bad, "period", UP_TO_A_YEAR).unwrap_err();
+            assert_eq!(err.to_string(), format!("period: {}", UP_TO_A_YEAR.rule));
         }
+        let month = Duration::from_secs(31 * 24 * 3600);
+        assert!(Grid::new(month, "period", UP_TO_A_YEAR).is_ok());
+        let err = Grid::new(month, "window", UP_TO_THE_CEILING).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "window: must be whole seconds, from 1 second to 30 days"
+        );
     }
 }

@@ -49,10 +49,8 @@ pub(super) struct RecipientTracker {
     current: HashMap<u64, Seen, RandomState>,
     previous: HashMap<u64, Seen, RandomState>,
     generation: usize,
-    /// The latest contact recorded (Unix milliseconds).
-    latest: u64,
-    /// The latest contact recorded when a generation was last dropped, if
-    /// one was.
+    /// The latest contact (Unix milliseconds) of any recipient forgotten
+    /// at the bound, if one was.
     last_rotation: Option<u64>,
     /// Recipients whose last contact is older read as never seen.
     cutoff: u64,
@@ -67,15 +65,16 @@ impl RecipientTracker {
             current: HashMap::default(),
             previous: HashMap::default(),
             generation: (bound / 2).max(1),
-            latest: 0,
             last_rotation: None,
             cutoff: 0,
             dropped_before: 0,
         }
     }
 
-    /// When a generation was last dropped at the bound, if one was: no
-    /// recipient it held (forgotten then) had a contact after it.
+    /// The latest contact of any recipient forgotten at the bound (a
+    /// generation dropped whole), if one was: none of them had a contact
+    /// after it. One forgotten only after the retention ceiling passed its
+    /// contact, before an hourly pass dropped it, is forgotten anyway.
     pub(super) fn last_rotation(&self) -> Option<u64> {
         self.last_rotation
     }
@@ -107,7 +106,6 @@ impl RecipientTracker {
                 last.map(|s| s.sent)
             }
         };
-        self.latest = self.latest.max(at);
         match last {
             None => Reach::New,
             Some(w) if w == window => Reach::Repeat,
@@ -119,7 +117,6 @@ impl RecipientTracker {
     /// `window`: the consumer is known from now on, so replying to it is
     /// not fan-out.
     pub(super) fn heard_from(&mut self, key: u64, window: u64, at: u64) {
-        self.latest = self.latest.max(at);
         let cutoff = self.cutoff;
         if let Some(seen) = self.current.get_mut(&key) {
             // Forgotten, as `sent` reads it, unless sent to in this window
@@ -146,30 +143,39 @@ impl RecipientTracker {
     /// milliseconds) or later.
     pub(super) fn forget_before(&mut self, cutoff: u64) {
         self.cutoff = self.cutoff.max(cutoff);
-        let cutoff = self.cutoff;
-        self.current.retain(|_, s| s.contact >= cutoff);
-        self.previous.retain(|_, s| s.contact >= cutoff);
-        self.dropped_before = cutoff;
+        self.drop_before(self.cutoff);
+    }
+
+    /// Drop every recipient with no contact at `before` or later.
+    fn drop_before(&mut self, before: u64) {
+        self.current.retain(|_, s| s.contact >= before);
+        self.previous.retain(|_, s| s.contact >= before);
+        self.dropped_before = self.dropped_before.max(before);
     }
 
     /// From now on, every recipient with no contact at `cutoff` or later
-    /// reads as never seen; they are dropped once the cutoff has moved an
-    /// hour past the last pass that dropped them (a pass costs a look at
-    /// every recipient). Whether this made a pass.
+    /// reads as never seen; they are dropped hour by hour (a pass costs a
+    /// look at every recipient): once the cutoff enters an hour of the
+    /// Unix epoch past the last pass, those with no contact since that
+    /// hour began. So what the tracker holds, and where it reaches its
+    /// bound, depends on the hours its events fall in, not on which event
+    /// (an export, say) came first in an hour. Whether this made a pass.
     pub(super) fn age(&mut self, cutoff: u64) -> bool {
         self.cutoff = self.cutoff.max(cutoff);
-        if self.cutoff < self.dropped_before.saturating_add(AGE_STEP) {
+        let hour = self.cutoff - self.cutoff % AGE_STEP;
+        if hour <= self.dropped_before {
             return false;
         }
-        self.forget_before(self.cutoff);
+        self.drop_before(hour);
         true
     }
 
     fn insert(&mut self, key: u64, seen: Seen) {
         if self.current.len() >= self.generation {
-            self.previous = std::mem::take(&mut self.current);
-            // Those dropped had no contact after the latest so far.
-            self.last_rotation = Some(self.latest);
+            let dropped = std::mem::replace(&mut self.previous, std::mem::take(&mut self.current));
+            if let Some(last) = dropped.values().map(|s| s.contact).max() {
+                self.last_rotation = Some(self.last_rotation.map_or(last, |r| r.max(last)));
+            }
         }
         self.current.insert(key, seen);
     }

@@ -8,7 +8,9 @@ use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use super::recipients::{Reach, RecipientTracker};
-use super::{ConfigError, Grid, PerBusiness, Period, WINDOW_PAST_CEILING, hash_key, lock};
+use super::{
+    ConfigError, Grid, PerBusiness, Period, UP_TO_THE_CEILING, WINDOW_PAST_CEILING, hash_key, lock,
+};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::time::Timestamp;
@@ -130,7 +132,7 @@ impl IntegrityConfig {
         if self.window > CEILING {
             return bad("window", WINDOW_PAST_CEILING);
         }
-        Grid::new(self.window, "window")?;
+        Grid::new(self.window, "window", UP_TO_THE_CEILING)?;
         if !(self.baseline_weight > 0.0 && self.baseline_weight <= 1.0) {
             return bad("baseline_weight", "must be in (0, 1]");
         }
@@ -294,7 +296,7 @@ impl IntegrityMonitor {
     pub fn new(config: IntegrityConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Self {
-            grid: Grid::new(config.window, "window")?,
+            grid: Grid::new(config.window, "window", UP_TO_THE_CEILING)?,
             config,
             businesses: PerBusiness::new(),
         })
@@ -486,9 +488,7 @@ impl BusinessSignals {
         // is the latest. (A sweep under a business's shorter retention,
         // made at those windows' starts, would have read them as not
         // inflated sooner: without one, the bound errs towards the
-        // cold-start threshold there. With windows under an hour, an
-        // export at their starts moves the tracker's hourly drop, which
-        // can change when the bound is next reached.)
+        // cold-start threshold there.)
         let gaps = index - self.index - 1;
         if gaps > 0 {
             let decay = (1.0 - alpha).powi(i32::try_from(gaps).unwrap_or(i32::MAX));
@@ -779,9 +779,15 @@ mod tests {
         m.record_received(b, hash(2), last);
         drop(m.export(b, Timestamp::from_millis(39 * DAY + 120_000)));
         assert_eq!(tracked(&m, b), 2, "29 days and a minute on");
-        // 30 days and a minute on, the business still active: forgotten.
+        // 30 days and a minute on, the business still active: read as
+        // never seen at once (one messaged again is new), dropped at its
+        // first event in the next hour of the epoch.
         m.record_sent(b, hash(3), Timestamp::from_millis(40 * DAY + 120_000));
-        assert_eq!(tracked(&m, b), 1);
+        m.record_sent(b, hash(1), Timestamp::from_millis(40 * DAY + 180_000));
+        let r = signals(&m, b, 40 * DAY + 180_000);
+        assert_eq!(r.current.new_recipients, 2);
+        m.record_sent(b, hash(3), Timestamp::from_millis(40 * DAY + 3_600_000));
+        assert_eq!(tracked(&m, b), 2, "hash(3) and hash(1) again");
     }
 
     #[test]

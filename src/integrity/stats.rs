@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Grid, PAST_CEILING, PerBusiness, Period, hash_key, lock};
+use super::{
+    ConfigError, Grid, PAST_CEILING, PerBusiness, Period, UP_TO_THE_CEILING, hash_key, lock,
+};
 use crate::ids::{BusinessId, PhoneHash};
 use crate::retention::{CEILING, RetentionPolicy};
 use crate::time::Timestamp;
@@ -318,7 +320,7 @@ impl StatisticsCollector {
             });
         }
         Ok(Self {
-            grid: Grid::new(config.period, "period")?,
+            grid: Grid::new(config.period, "period", UP_TO_THE_CEILING)?,
             config,
             businesses: PerBusiness::new(),
         })

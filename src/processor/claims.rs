@@ -183,6 +183,10 @@ pub(super) struct AttemptMade {
     /// attempt bills (a message sent before may carry no token, as one
     /// stored before tokens existed does, and is billed already).
     pub(super) from_queued: bool,
+    /// Whether the attempt sent a sent message to every device, its
+    /// report overdue (not to its pending devices alone): its record sets
+    /// when the next such resend is due.
+    pub(super) overdue: bool,
 }
 
 /// A fresh [`Delivery::accepted_by`] for a write that bills a message:

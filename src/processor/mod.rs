@@ -253,6 +253,10 @@ pub struct DeliveryConfig {
     /// message has lived by then (so the wait doubles with each unanswered
     /// resend: resent at 1, 2, 4, 8… times this after its first send), at
     /// least this and at most [`MAX_RECEIPT_WAIT`] (or this, if longer).
+    /// A device that could not be sent the message for now is retried on
+    /// its own after `retry_base`, doubling to `retry_max`, and these
+    /// resends to every device are made all the same; once the last such
+    /// device has it, the message waits at least this for its report.
     /// A consumer whose phone stays off is sent a message some
     /// `log2(MAX_RECEIPT_WAIT / receipt_timeout)` times in its first six
     /// hours or so, then every six hours until it expires (some 120 times
@@ -441,9 +445,12 @@ impl Processor {
     /// [`LIBRARY_LOG_TARGET`](crate::signal::LIBRARY_LOG_TARGET) off (see
     /// [`library_logs_exposed`](crate::signal::library_logs_exposed)).
     pub fn new(host: Host, policies: Policies) -> Result<Self, ProcessorError> {
-        let config = |e: crate::integrity::ConfigError| ProcessorError::Config(e.to_string());
+        // Named by its place in `Policies`: `statistics.period`, say.
+        let config = |section: &'static str| {
+            move |e: crate::integrity::ConfigError| ProcessorError::Config(format!("{section}.{e}"))
+        };
         policies.delivery.validate()?;
-        policies.signal.validate().map_err(config)?;
+        policies.signal.validate().map_err(config("signal"))?;
         if !policies.signal.allow_library_logs && crate::signal::library_logs_exposed() {
             return Err(ProcessorError::Config(format!(
                 "the host's logger keeps the Signal library's records, some of which carry \
@@ -452,9 +459,10 @@ impl Processor {
                 crate::signal::LIBRARY_LOG_TARGET
             )));
         }
-        let integrity = IntegrityMonitor::new(policies.integrity).map_err(config)?;
-        let statistics = StatisticsCollector::new(policies.statistics).map_err(config)?;
-        let billing = BillingPeriods::new(&policies.billing).map_err(config)?;
+        let integrity = IntegrityMonitor::new(policies.integrity).map_err(config("integrity"))?;
+        let statistics =
+            StatisticsCollector::new(policies.statistics).map_err(config("statistics"))?;
+        let billing = BillingPeriods::new(&policies.billing).map_err(config("billing"))?;
         // Last, once nothing else can stop the start: the policies in force
         // from the start, which no change recorded.
         host.audit.record_change(&Change::Start {
@@ -471,7 +479,7 @@ impl Processor {
         ));
         Ok(Self {
             sessions: Sessions::new(vault.clone(), host.storage.clone(), policies.signal)
-                .map_err(config)?,
+                .map_err(config("signal"))?,
             retention: Retention::new(
                 host.storage.clone(),
                 keys.clone(),

@@ -104,6 +104,8 @@ struct Sending<'a> {
     record: &'a MessageRecord,
     category: Category,
     reached: Reached,
+    /// Whether it sends to every device, the message's report overdue.
+    overdue: bool,
     /// Set once the attempt's outcome is in hand, to be recorded.
     done: bool,
 }
@@ -128,6 +130,7 @@ impl Drop for Sending<'_> {
             expiry: record.expiry,
             token: acceptance_token(),
             from_queued: record.delivery.status == Status::Queued,
+            overdue: self.overdue,
         };
         p.claims
             .owe((record.business, record.id), Owed::Attempt(made), false);
@@ -431,12 +434,19 @@ impl Processor {
     ) -> Result<u32, ProcessorError> {
         let (business, id) = (record.business, record.id);
         let decided_on = record.delivery;
-        let only = (decided_on.pending_devices != 0).then_some(decided_on.pending_devices);
+        let overdue = decided_on.status == Status::Sent
+            && (decided_on.pending_devices == 0
+                || decided_on
+                    .overdue_at
+                    .is_some_and(|at| at <= self.clock.now()));
+        let only =
+            (decided_on.pending_devices != 0 && !overdue).then_some(decided_on.pending_devices);
         let mut sending = Sending {
             processor: self,
             record,
             category: body.category,
             reached: Reached::default(),
+            overdue,
             done: false,
         };
         let outcome = self
@@ -458,6 +468,7 @@ impl Processor {
             expiry: record.expiry,
             token: acceptance_token(),
             from_queued: decided_on.status == Status::Queued,
+            overdue,
         };
         let Some(next) = self.record_attempt(business, id, made, false).await? else {
             // Deleted meanwhile: nothing left to record.
@@ -496,7 +507,8 @@ impl Processor {
         let mut races = 0;
         loop {
             let current = made.on;
-            let mut next = self.after_send(current, made.outcome, made.at, made.created);
+            let mut next =
+                self.after_send(current, made.outcome, made.at, made.created, made.overdue);
             next = due_by(next, made.expiry, made.at);
             // The first record of what the transport took, of an attempt
             // decided on a queued message, bills it: moving it on from
@@ -622,26 +634,68 @@ impl Processor {
     }
 
     /// The bookkeeping after sending to devices, for a message stored at
-    /// `created` whose stored delivery state is `current`.
+    /// `created` whose stored delivery state is `current`; `overdue`: the
+    /// attempt was a sent message's resend to every device, its report
+    /// overdue.
     fn after_send(
         &self,
         current: Delivery,
         outcome: DeviceOutcome,
         now: Timestamp,
         created: Timestamp,
+        overdue: bool,
     ) -> Delivery {
         let attempts = current.attempts.saturating_add(1);
-        let retry = Some(now.saturating_add(self.delivery.backoff(current.attempts)));
-        // Sent for the first time (its last devices perhaps only by retries),
-        // it waits the receipt timeout for its report; sent again to every
-        // device, its report overdue, as long as it has lived (see
-        // `DeliveryConfig::receipt_timeout`).
-        let overdue = current.status == Status::Sent && current.pending_devices == 0;
-        let wait = if overdue {
+        let retry = now.saturating_add(self.delivery.backoff(current.attempts));
+        // When it is next sent to every device, its report overdue (see
+        // `DeliveryConfig::receipt_timeout`). Sent for the first time, the
+        // receipt timeout on; sent again to every device, as long as it has
+        // lived. A retry of pending devices alone keeps the time set before
+        // while devices stay pending, and once none is, waits at least the
+        // receipt timeout from their send.
+        let fresh = now.saturating_add(if overdue {
             self.delivery
                 .receipt_wait(now.saturating_duration_since(created))
         } else {
             self.delivery.receipt_timeout
+        });
+        let set = match current {
+            Delivery {
+                status: Status::Sent,
+                overdue_at: Some(at),
+                pending_devices,
+                ..
+            } if pending_devices != 0 => Some(at),
+            _ => None,
+        };
+        let kept = set.filter(|_| !overdue);
+        let once_settled = kept.map_or(fresh, |at| at.max(fresh));
+        // A sent message left with devices pending retries them, and is
+        // sent to every device when `resend` is due, whichever comes
+        // first (after a backoff, if that resend is due already: it reached
+        // no device).
+        let pending_left = |next: Delivery, pending: u64, resend: Timestamp| {
+            if next.status == Status::Sent && pending != 0 {
+                Delivery {
+                    attempts,
+                    next_attempt: Some(if resend > now {
+                        retry.min(resend)
+                    } else {
+                        retry
+                    }),
+                    pending_devices: pending,
+                    overdue_at: Some(resend),
+                    ..next
+                }
+            } else {
+                Delivery {
+                    attempts,
+                    next_attempt: Some(retry),
+                    pending_devices: pending,
+                    overdue_at: None,
+                    ..next
+                }
+            }
         };
         match outcome {
             // Settled meanwhile with no device left to send to: nothing to
@@ -649,14 +703,12 @@ impl Processor {
             DeviceOutcome::Unreachable
                 if !current.status.is_open() && current.pending_devices == 0 =>
             {
-                self.settle_after_send(current, attempts, now, wait)
+                self.settle_after_send(current, attempts, now, once_settled)
             }
             // Nothing reachable now: try the same again later.
-            DeviceOutcome::Unreachable => Delivery {
-                attempts,
-                next_attempt: retry,
-                ..current
-            },
+            DeviceOutcome::Unreachable => {
+                pending_left(current, current.pending_devices, set.unwrap_or(fresh))
+            }
             // Never reached anyone, and no one can be reached: failed.
             DeviceOutcome::Fail(reason) if current.status == Status::Queued => Delivery {
                 status: Status::Failed,
@@ -664,42 +716,38 @@ impl Processor {
                 attempts,
                 next_attempt: Some(now),
                 pending_devices: 0,
+                overdue_at: None,
                 ..current
             },
             // Some devices have it; the rest cannot be reached: stop trying them.
-            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now, wait),
+            DeviceOutcome::Fail(_) => self.settle_after_send(current, attempts, now, once_settled),
             DeviceOutcome::Reached { sent, pending } => {
                 let mut next = current;
                 if sent > 0 && current.status == Status::Queued {
                     next.status = Status::Sent;
                 }
                 if pending != 0 {
-                    Delivery {
-                        attempts,
-                        next_attempt: retry,
-                        pending_devices: pending,
-                        ..next
-                    }
+                    pending_left(next, pending, kept.unwrap_or(fresh))
                 } else {
-                    self.settle_after_send(next, attempts, now, wait)
+                    self.settle_after_send(next, attempts, now, once_settled)
                 }
             }
         }
     }
 
     /// Bookkeeping once every device that can be reached has the message:
-    /// an open message waits `wait` for its delivery report (and is sent
-    /// again if none comes); a delivered one has its status reported,
+    /// an open message waits for its delivery report until `due` (and is
+    /// sent again if none comes); a delivered one has its status reported,
     /// unless that was done meanwhile (nothing was due).
     pub(super) fn settle_after_send(
         &self,
         current: Delivery,
         attempts: u32,
         now: Timestamp,
-        wait: std::time::Duration,
+        due: Timestamp,
     ) -> Delivery {
         let next_attempt = if current.status.is_open() {
-            Some(now.saturating_add(wait))
+            Some(due)
         } else {
             current.next_attempt.map(|_| now)
         };
@@ -707,6 +755,7 @@ impl Processor {
             attempts,
             next_attempt,
             pending_devices: 0,
+            overdue_at: None,
             ..current
         }
     }
@@ -807,14 +856,24 @@ impl Processor {
         // if none took it now, the resend is made again after a backoff. (A
         // device linked since the message was sent never had it, but is
         // not told apart: with a report in first, it does not get it.)
+        // Those its record left pending never had it: they are sent it
+        // whatever a report says, and left pending if their copy fails.
         let again = !queued && only.is_none();
-        if !again {
-            reached.list(wanted.clone().map(|(_, bit)| bit));
-        }
+        let lacking = if again {
+            record.delivery.pending_devices
+        } else {
+            u64::MAX
+        };
+        reached.list(
+            wanted
+                .clone()
+                .map(|(_, bit)| bit)
+                .filter(|bit| bit & lacking != 0),
+        );
         let payload = Zeroizing::new(device_payload(record.id, &body.content));
         let (mut refused, mut missed) = (false, false);
         for (device, bit) in wanted {
-            if again && self.claims.reported(business, record.id) {
+            if again && bit & lacking == 0 && self.claims.reported(business, record.id) {
                 reached.settle(bit);
                 continue;
             }

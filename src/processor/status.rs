@@ -662,6 +662,8 @@ impl Processor {
                     Some(now)
                 },
                 pending_devices: pending,
+                // Settled: no resend to every device is due.
+                overdue_at: None,
                 // Moving it on from queued and billing it, this write is
                 // known by a token of its own; later writes keep the one
                 // there. Unbilled (its category unreadable), it leaves zero:
@@ -930,7 +932,7 @@ impl Processor {
         }
         let pending = d.pending_devices & !bit;
         let next = if pending == 0 {
-            self.settle_after_send(d, d.attempts, now, Duration::ZERO)
+            self.settle_after_send(d, d.attempts, now, now)
         } else {
             Delivery {
                 pending_devices: pending,
@@ -974,6 +976,13 @@ impl Processor {
                 let due = Delivery {
                     pending_devices: pending,
                     next_attempt: Some(now),
+                    // Sent, its resend to every device stays due when it
+                    // was: its next attempt, if no device was pending.
+                    overdue_at: match (d.status, d.pending_devices) {
+                        (Status::Sent, 0) => d.next_attempt,
+                        (Status::Sent, _) => d.overdue_at,
+                        _ => None,
+                    },
                     ..d
                 };
                 if due != d {

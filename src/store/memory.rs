@@ -170,6 +170,7 @@ fn failed_expired(delivery: Delivery) -> Delivery {
         failure: Some(FailureReason::Expired),
         next_attempt: None,
         pending_devices: 0,
+        overdue_at: None,
         ..delivery
     }
 }

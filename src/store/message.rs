@@ -167,6 +167,16 @@ pub struct Delivery {
     /// device.
     #[serde(default)]
     pub pending_devices: u64,
+    /// On a sent message with devices pending: when it is next sent again
+    /// to every device, its delivery report overdue (see
+    /// [`DeliveryConfig::receipt_timeout`](crate::processor::DeliveryConfig::receipt_timeout)),
+    /// whatever the retries of the pending devices meet meanwhile. With
+    /// none pending, [`next_attempt`](Self::next_attempt) is that time;
+    /// on a message not sent, this is not read. Set by every write that
+    /// leaves a sent message's devices pending; `None` on one stored
+    /// before this field existed, until its next attempt sets it.
+    #[serde(default)]
+    pub overdue_at: Option<Timestamp>,
     /// Which write billed an outbound message (counting it taken: billed
     /// once): a random token, never zero, of that write. Zero while the
     /// message is queued; for one that failed from queued, or an inbound
@@ -197,6 +207,7 @@ impl Delivery {
             attempts: 0,
             next_attempt: Some(now),
             pending_devices: 0,
+            overdue_at: None,
             accepted_by: 0,
         }
     }

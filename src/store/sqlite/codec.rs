@@ -294,7 +294,7 @@ macro_rules! message_columns {
     () => {
         "business, id, direction, phone, created, expiry, \
          epoch, status, failure, attempts, next_attempt, pending_devices, sealed, \
-         accepted_by"
+         accepted_by, overdue_at"
     };
 }
 pub(super) use message_columns;
@@ -314,7 +314,7 @@ macro_rules! swept_columns {
     () => {
         "business, id, direction, phone, created, expiry, \
          epoch, status, failure, attempts, next_attempt, pending_devices, typeof(sealed), \
-         accepted_by"
+         accepted_by, overdue_at"
     };
 }
 pub(super) use swept_columns;
@@ -347,6 +347,7 @@ fn unsealed(c: &Cols<'_, '_>) -> Result<MessageRecord, StoreError> {
             attempts: c.u32(9, "attempts")?,
             next_attempt: c.opt_time(10, "next_attempt")?,
             pending_devices: c.u64(11, "pending_devices")?,
+            overdue_at: c.opt_time(14, "overdue_at")?,
             accepted_by: c.u64(13, "accepted_by")?,
         },
         sealed: Vec::new(),
@@ -395,7 +396,7 @@ pub(crate) mod checks {
     use super::*;
 
     /// The columns of [`message_columns!`], in order.
-    pub(crate) const COLUMNS: [&str; 14] = [
+    pub(crate) const COLUMNS: [&str; 15] = [
         "business",
         "id",
         "direction",
@@ -410,6 +411,7 @@ pub(crate) mod checks {
         "pending_devices",
         "sealed",
         "accepted_by",
+        "overdue_at",
     ];
 
     /// The values of `m`'s row, as the insert writes them.
@@ -432,6 +434,8 @@ pub(crate) mod checks {
             Value::Integer(u64_to_sql(d.pending_devices)),
             Value::Blob(m.sealed.clone()),
             Value::Integer(u64_to_sql(d.accepted_by)),
+            d.overdue_at
+                .map_or(Value::Null, |t| Value::Integer(time_sql(t))),
         ]
     }
 
@@ -443,7 +447,7 @@ pub(crate) mod checks {
     /// refuses exactly the rows a read refuses (a row it listed that a read
     /// refuses would be deleted unread) and agrees on the rest. Returns the
     /// column a refusal names.
-    pub(crate) fn message_row(values: &[Value; 14]) -> Result<(), &'static str> {
+    pub(crate) fn message_row(values: &[Value; COLUMNS.len()]) -> Result<(), &'static str> {
         let conn = rusqlite::Connection::open_in_memory()
             .unwrap_or_else(|e| panic!("an in-memory database: {e}"));
         let select = |sealed: &str| {
@@ -544,14 +548,14 @@ mod tests {
             7 => (int(0..5), int(-1..12)),
             8 => (or_null(int(1..7)), int(-1..20)),
             9 => (int(0..1 << 32), any_int()),
-            10 => (or_null(any_int()), or_null(any_int())),
+            10 | 14 => (or_null(any_int()), or_null(any_int())),
             12 => (blob(0..40), any_value().boxed()),
             _ => (any_int(), any_int()),
         };
         prop_oneof![30 => written, 2 => unwritten, 1 => any_value()].boxed()
     }
 
-    fn any_row() -> impl Strategy<Value = [Value; 14]> {
+    fn any_row() -> impl Strategy<Value = [Value; checks::COLUMNS.len()]> {
         std::array::from_fn(column_value)
     }
 

@@ -70,10 +70,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: V5,
     },
+    Migration {
+        version: 6,
+        sql: V6,
+    },
 ];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: u32 = 5;
+pub(super) const SCHEMA_VERSION: u32 = 6;
 
 /// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
 /// `direction`, `status` and `failure` are the types' one-byte codes.
@@ -191,6 +195,13 @@ const V5: &str = "
 ALTER TABLE messages ADD COLUMN header_id BLOB;
 CREATE UNIQUE INDEX messages_header ON messages (business, header_id)
     WHERE header_id IS NOT NULL;
+";
+
+/// Version 6: a sent message with devices pending records when it is next
+/// sent again to every device (`Delivery::overdue_at`). Rows stored before
+/// have none; the next attempt on one sets it.
+const V6: &str = "
+ALTER TABLE messages ADD COLUMN overdue_at INTEGER;
 ";
 
 /// The name of the region in `store_meta` (schema version 2 and later).

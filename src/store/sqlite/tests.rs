@@ -49,6 +49,7 @@ const DELIVERED: Delivery = Delivery {
     attempts: 1,
     next_attempt: None,
     pending_devices: 0,
+    overdue_at: None,
     accepted_by: 0,
 };
 

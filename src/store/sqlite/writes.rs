@@ -145,10 +145,11 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
             let n = conn
                 .prepare_cached(
                     "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5,
-                         next_attempt = ?6, pending_devices = ?7, accepted_by = ?13
+                         next_attempt = ?6, pending_devices = ?7, accepted_by = ?13,
+                         overdue_at = ?15
                      WHERE business = ?1 AND id = ?2 AND status = ?8 AND failure IS ?9
                          AND attempts = ?10 AND next_attempt IS ?11 AND pending_devices = ?12
-                         AND accepted_by = ?14",
+                         AND accepted_by = ?14 AND overdue_at IS ?16",
                 )
                 .db()?
                 .execute(params![
@@ -166,6 +167,8 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                     u64_to_sql(expected.pending_devices),
                     u64_to_sql(delivery.accepted_by),
                     u64_to_sql(expected.accepted_by),
+                    delivery.overdue_at.map(time_sql),
+                    expected.overdue_at.map(time_sql),
                 ])
                 .db()?;
             // Fails the batch: the status moved on, or the message is gone.
@@ -178,7 +181,7 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
         Op::FailExpired { business, id } => conn
             .prepare_cached(
                 "UPDATE messages SET status = ?3, failure = ?4, next_attempt = NULL,
-                     pending_devices = ?5
+                     pending_devices = ?5, overdue_at = NULL
                  WHERE business = ?1 AND id = ?2 AND status IN (0, 1)",
             )
             .db()?
@@ -341,8 +344,8 @@ fn insert_message(
         .prepare_cached(
             "INSERT INTO messages (business, id, direction, phone, created, expiry,
                  epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
-                 accepted_by, header_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                 accepted_by, header_id, overdue_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
              ON CONFLICT DO NOTHING",
         )
         .db()?
@@ -362,6 +365,7 @@ fn insert_message(
             m.sealed,
             u64_to_sql(m.delivery.accepted_by),
             header,
+            m.delivery.overdue_at.map(time_sql),
         ])
         .db()?;
     // Fails the batch: a message with this id (or known by `header`) is
