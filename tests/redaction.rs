@@ -17,13 +17,10 @@ use std::time::Duration;
 
 use custodian::ids::{BusinessId, PhoneNumber};
 use custodian::integrity::Category;
-use custodian::keys::{LocalKeyProvider, SecretKey};
-use custodian::processor::{DeliveryConfig, Host, Outbound, Policies, Processor};
+use custodian::processor::{DeliveryConfig, Outbound, Policies};
 use custodian::store::{HoldScope, MemoryStore, PeerId, Storage};
-use custodian::testing::{ConsumerDevice, Faults, SimBusiness, SimNetwork};
-use custodian::time::{ManualClock, Timestamp};
-use custodian::transport::{Principal, StaticAuthorizer};
-use custodian::visibility::MemoryAuditSink;
+use custodian::testing::{ConsumerDevice, Faults, World};
+use custodian::time::Timestamp;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -92,39 +89,11 @@ fn number(i: usize) -> PhoneNumber {
     format!("+4477009{i:05}").parse().unwrap()
 }
 
-struct World {
-    clock: ManualClock,
-    network: Arc<SimNetwork>,
-    processor: Processor,
-    transport: Principal,
-    operator: Principal,
-    owner: Principal,
-}
-
 fn world(network_faults: Faults, sink_faults: Faults) -> World {
     world_on(Arc::new(MemoryStore::new()), network_faults, sink_faults)
 }
 
 fn world_on(store: Arc<MemoryStore>, network_faults: Faults, sink_faults: Faults) -> World {
-    let clock = ManualClock::new(Timestamp::from_millis(T0));
-    let network = Arc::new(SimNetwork::new(clock.clone(), network_faults, 11).unwrap());
-    let sink = SimBusiness::new(clock.clone(), sink_faults, 12).unwrap();
-    let transport = Principal::new("transport");
-    let operator = Principal::new("operator");
-    let owner = Principal::new("owner");
-    let authorizer = StaticAuthorizer::new()
-        .operator(&operator)
-        .grant(&owner, business())
-        .carrier(&transport, business());
-    let host = Host {
-        storage: store,
-        key_provider: Arc::new(LocalKeyProvider::new(&SecretKey::generate())),
-        transport: network.clone(),
-        business: sink,
-        authorizer: Arc::new(authorizer),
-        clock: Arc::new(clock.clone()),
-        audit: Arc::new(MemoryAuditSink::new()),
-    };
     let policies = Policies {
         delivery: DeliveryConfig {
             retry_base: Duration::from_secs(2),
@@ -134,14 +103,16 @@ fn world_on(store: Arc<MemoryStore>, network_faults: Faults, sink_faults: Faults
         },
         ..Policies::default()
     };
-    World {
-        clock,
-        network,
-        processor: Processor::new(host, policies).unwrap(),
-        transport,
-        operator,
-        owner,
-    }
+    World::builder()
+        .business(business())
+        .network_faults(network_faults)
+        .business_faults(sink_faults)
+        .seed(11)
+        .start(Timestamp::from_millis(T0))
+        .storage(store)
+        .policies(policies)
+        .build()
+        .unwrap()
 }
 
 /// Every spelling of a consumer a log line must not carry: the number's
@@ -175,7 +146,11 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
     };
     let w = world(faults.clone(), faults);
     for _ in 0..50 {
-        if w.processor.publish_keys(&w.owner, business()).await.is_ok() {
+        if w.processor
+            .publish_keys(w.owner(business()).unwrap(), business())
+            .await
+            .is_ok()
+        {
             break;
         }
     }
@@ -196,7 +171,7 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
             let _ = w
                 .processor
                 .send(
-                    &w.owner,
+                    w.owner(business()).unwrap(),
                     business(),
                     Outbound {
                         to: number(i),
@@ -208,7 +183,7 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
             contents.push(text);
         }
         for _ in 0..20 {
-            w.network.pump(&w.processor, &w.transport).await;
+            w.network.pump(&w.processor, &w.carrier).await;
             let _ = w.processor.retransmit_due(&w.operator).await;
             w.clock.advance(Duration::from_secs(10));
         }
@@ -228,7 +203,7 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
     let _ = w
         .processor
         .trust_new_identity(
-            &w.owner,
+            w.owner(business()).unwrap(),
             business(),
             &number(0),
             0,
@@ -238,7 +213,7 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
     let _ = w
         .processor
         .trust_new_identity(
-            &w.owner,
+            w.owner(business()).unwrap(),
             business(),
             &number(1),
             1,
@@ -252,7 +227,7 @@ async fn tracing_events_and_spans_name_no_consumer_and_carry_no_content() {
     // A reinstalled consumer: its old session is gone, retry receipts come.
     w.network.add_consumer(&number(2), 2).await;
     for _ in 0..20 {
-        w.network.pump(&w.processor, &w.transport).await;
+        w.network.pump(&w.processor, &w.carrier).await;
         let _ = w.processor.retransmit_due(&w.operator).await;
         w.clock.advance(Duration::from_secs(30));
     }
@@ -288,7 +263,7 @@ async fn memory_store_debug_shows_counts_not_consumers() {
     let store = Arc::new(MemoryStore::new());
     let w = world_on(store.clone(), Faults::none(), Faults::none());
     w.processor
-        .publish_keys(&w.owner, business())
+        .publish_keys(w.owner(business()).unwrap(), business())
         .await
         .unwrap();
     w.network.add_consumer(&number(1), 1).await;
@@ -296,7 +271,7 @@ async fn memory_store_debug_shows_counts_not_consumers() {
         .consumer_sends(&number(1), 0, business(), b"hello")
         .await
         .unwrap();
-    w.network.pump(&w.processor, &w.transport).await;
+    w.network.pump(&w.processor, &w.carrier).await;
     let keys = w.processor.keys(&w.operator).unwrap();
     let hash = keys.phone_hash(business(), &number(1)).await.unwrap();
     let peer = PeerId {

@@ -87,12 +87,13 @@ impl World {
     /// One turn of the loop the [module documentation](super) describes:
     /// [`pump`](SimNetwork::pump) everything due, run
     /// [`retransmit_due`](Processor::retransmit_due), then advance the
-    /// clock by `step`. What the pump did, or the retransmission's error.
+    /// clock by `step`, whatever the retransmission returned. What the
+    /// pump did, or the retransmission's error.
     pub async fn turn(&self, step: Duration) -> Result<PumpReport, ProcessorError> {
         let report = self.network.pump(&self.processor, &self.carrier).await;
-        self.processor.retransmit_due(&self.operator).await?;
+        let retransmitted = self.processor.retransmit_due(&self.operator).await;
         self.clock.advance(step);
-        Ok(report)
+        retransmitted.map(|_| report)
     }
 
     /// Whether the world has settled: nothing in flight on the network and
