@@ -3116,3 +3116,43 @@ fn older_sqlites_stat3(path: &Path) {
          PRAGMA writable_schema = OFF;",
     );
 }
+
+/// A refused integer column is named, its value not quoted, as no stored
+/// value is: a damaged row's values stay out of the logs the error reaches.
+/// (Out-of-range counts and unknown codes were quoted: review of the
+/// parsers.)
+#[test]
+fn a_refused_integer_column_is_named_and_its_value_not_quoted() {
+    let conn = Connection::open_in_memory().unwrap();
+    let read = |stored: i64, column: &'static str| {
+        conn.query_row("SELECT ?1", [stored], |row| {
+            let c = super::codec::Cols::new(row, "messages");
+            Ok(match column {
+                "attempts" => c.u32(0, column).err(),
+                "status" => c.status(0, column).err(),
+                "direction" => c.direction(0, column).err(),
+                "failure" => c.failure(0, column).err(),
+                _ => c.key_kind(0, column).err(),
+            })
+        })
+        .unwrap()
+        .unwrap()
+        .to_string()
+    };
+    for (stored, column) in [
+        (123_456_789_012, "attempts"),
+        (-987_654, "attempts"),
+        (271, "status"),
+        (250, "status"),
+        (333, "direction"),
+        (444, "failure"),
+        (555, "kind"),
+    ] {
+        let text = read(stored, column);
+        assert!(text.contains(&format!("messages.{column}: ")), "{text}");
+        assert!(
+            !text.contains(&stored.to_string()),
+            "a refusal quotes the stored value: {text}"
+        );
+    }
+}
