@@ -4613,3 +4613,69 @@ async fn a_sweep_that_destroys_an_epoch_key_drops_the_cached_signal_state() {
     );
     assert!(cached(&d).contains("cached_peers: 0"), "{}", cached(&d));
 }
+
+/// Refuses every report, and records each message the sweep says it gave
+/// up telling of (`gave_up`: the processor counts those failures in its
+/// statistics).
+#[derive(Default)]
+struct RefusesAndCounts {
+    gave_up: Mutex<Vec<(MessageId, Status)>>,
+}
+
+#[async_trait]
+impl ExpiryNotifier for RefusesAndCounts {
+    async fn expired_undelivered(&self, _: &MessageRecord) -> Notice {
+        Notice::Untold
+    }
+    fn gave_up(&self, message: &ExpiredMessage) {
+        self.gave_up
+            .lock()
+            .unwrap()
+            .push((message.id, message.status));
+    }
+}
+
+/// A sent message left with a device pending (a resend to every device
+/// due at `overdue_at`) that the sweep fails unreported past the grace is
+/// given up on as any open message: `ExpiryNotifier::gave_up` is told, so
+/// the processor counts the failure. (The sweep's idea of what its write
+/// left kept `overdue_at`, which `FailExpired` clears: the two never
+/// matched, and the failure was counted nowhere: second look at the
+/// overdue-resend fix.)
+#[tokio::test]
+async fn a_sent_message_with_a_device_pending_given_up_is_counted() {
+    for &backend in Backend::ALL {
+        for overdue_at in [None, Some(Timestamp::from_millis(T0 + 120_000))] {
+            let w = World::on(backend, 16);
+            let b = business(1);
+            let m = w.store(b, 1, Direction::Outbound, true).await;
+            // Device 0 took it, device 1 failed for now.
+            let sent = Delivery {
+                status: Status::Sent,
+                failure: None,
+                attempts: 1,
+                next_attempt: Some(Timestamp::from_millis(T0 + 2_000)),
+                pending_devices: 0b10,
+                overdue_at,
+                accepted_by: 7,
+            };
+            let mut batch = Batch::new();
+            batch.push(Op::UpdateDelivery {
+                business: b,
+                id: m.record.id,
+                expected: m.record.delivery,
+                delivery: sent,
+            });
+            w.store.commit(batch).await.unwrap();
+            let notifier = RefusesAndCounts::default();
+            w.clock.advance(CEILING + REPORT_GRACE + MINUTE);
+            let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
+            assert_eq!(report.failures_unreported, 1, "{backend:?} {overdue_at:?}");
+            assert_eq!(
+                *notifier.gave_up.lock().unwrap(),
+                [(m.record.id, Status::Failed)],
+                "{backend:?} {overdue_at:?}"
+            );
+        }
+    }
+}

@@ -13,8 +13,8 @@ use super::{CEILING, RetentionPolicy};
 use crate::ids::{BusinessId, MessageId, PhoneHash};
 use crate::keys::{Epoch, KeyError, KeyManager};
 use crate::store::{
-    Batch, Delivery, Direction, ExpiredMessage, FailureReason, HoldScope, MessageRecord, Op,
-    PeerId, Status, Storage, StoreError,
+    Batch, Delivery, Direction, ExpiredMessage, HoldScope, MessageRecord, Op, PeerId, Status,
+    Storage, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -732,13 +732,7 @@ impl<'a> Sweep<'a> {
                             status
                         }
                         Dropped::Open(d) => {
-                            let left = Delivery {
-                                status: Status::Failed,
-                                failure: Some(FailureReason::Expired),
-                                next_attempt: None,
-                                pending_devices: 0,
-                                ..d
-                            };
+                            let left = d.failed_expired();
                             let given_up = GivenUp { message, left };
                             self.unsure(given_up, true);
                             gave_up.push(given_up);

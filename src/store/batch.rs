@@ -103,7 +103,8 @@ pub enum Op {
         delivery: Delivery,
     },
     /// Mark a message failed because its retention ended, if it is still
-    /// open (queued or sent); otherwise no effect. Nothing stays pending.
+    /// open (queued or sent); otherwise no effect. Nothing stays pending:
+    /// its delivery becomes [`Delivery::failed_expired`].
     FailExpired {
         /// The business.
         business: BusinessId,

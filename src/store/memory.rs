@@ -10,9 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Batch, BillingCount, BillingTake, Census, Delivery, Direction, ExpiredMessage, FailureReason,
-    Hold, HoldScope, KeyStore, MessageRecord, Op, PeerId, Status, Storage, StoreError,
-    StoredBilling, TakeId, WriterId,
+    Batch, BillingCount, BillingTake, Census, Delivery, Direction, ExpiredMessage, Hold, HoldScope,
+    KeyStore, MessageRecord, Op, PeerId, Storage, StoreError, StoredBilling, TakeId, WriterId,
 };
 use crate::ids::{BusinessId, MessageId, PhoneHash, Region};
 use crate::integrity::Category;
@@ -163,18 +162,6 @@ impl IndexEntries {
     }
 }
 
-/// What [`Op::FailExpired`] makes of an open message's `delivery`.
-fn failed_expired(delivery: Delivery) -> Delivery {
-    Delivery {
-        status: Status::Failed,
-        failure: Some(FailureReason::Expired),
-        next_attempt: None,
-        pending_devices: 0,
-        overdue_at: None,
-        ..delivery
-    }
-}
-
 impl MemoryStore {
     /// An empty store in [`Region::LOCAL`].
     pub fn new() -> Self {
@@ -289,7 +276,7 @@ impl Inner {
                     if let Some(due) = m.delivery.next_attempt {
                         self.by_due.remove(&(due, business, id));
                     }
-                    m.delivery = failed_expired(m.delivery);
+                    m.delivery = m.delivery.failed_expired();
                 }
             }
             Op::DeleteMessage { business, id } => {
@@ -429,7 +416,7 @@ impl Inner {
                     if let Some(d) = current(&seen, (*business, *id))
                         && d.status.is_open()
                     {
-                        seen.push(((*business, *id), Some(failed_expired(d))));
+                        seen.push(((*business, *id), Some(d.failed_expired())));
                     }
                 }
                 Op::DeleteMessage { business, id } => {

@@ -192,6 +192,20 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// What [`Op::FailExpired`](super::Op::FailExpired) makes of an open
+    /// message's delivery state: failed as expired, with nothing due and
+    /// no device pending.
+    pub fn failed_expired(self) -> Self {
+        Self {
+            status: Status::Failed,
+            failure: Some(FailureReason::Expired),
+            next_attempt: None,
+            pending_devices: 0,
+            overdue_at: None,
+            ..self
+        }
+    }
+
     /// The bit of device `device` in [`pending_devices`](Self::pending_devices).
     pub const fn device_bit(device: u32) -> u64 {
         1 << if device < 63 { device } else { 63 }

@@ -30,7 +30,7 @@ pub use memory::MemoryStore;
 pub use message::{
     Census, Delivery, Direction, ExpiredMessage, FailureReason, MessageRecord, Status,
 };
-#[cfg(all(feature = "sqlite", test))]
+#[cfg(all(feature = "sqlite", any(test, fuzzing)))]
 pub(crate) use sqlite::MESSAGE_COLUMNS;
 #[cfg(all(feature = "sqlite", any(test, fuzzing)))]
 pub(crate) use sqlite::check_message_row;

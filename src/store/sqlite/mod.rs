@@ -7,7 +7,7 @@
 //! values out and maps SQLite's errors.
 
 mod codec;
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) use codec::checks::COLUMNS as MESSAGE_COLUMNS;
 #[cfg(any(test, fuzzing))]
 pub(crate) use codec::checks::message_row as check_message_row;
