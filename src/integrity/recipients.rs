@@ -73,8 +73,9 @@ impl RecipientTracker {
 
     /// The latest contact of any recipient forgotten at the bound (a
     /// generation dropped whole), if one was: none of them had a contact
-    /// after it. One forgotten only after the retention ceiling passed its
-    /// contact, before an hourly pass dropped it, is forgotten anyway.
+    /// after it. Older than the retention cutoff, it says that all of
+    /// them were past the ceiling (not yet dropped by an hourly pass), so
+    /// forgotten anyway.
     pub(super) fn last_rotation(&self) -> Option<u64> {
         self.last_rotation
     }
