@@ -509,6 +509,18 @@ struct Stored {
 }
 
 impl World {
+    /// Move stored message `m` on to `delivery`, as a send or a report would.
+    async fn set_delivery(&self, m: &Stored, delivery: Delivery) {
+        let mut batch = Batch::new();
+        batch.push(Op::UpdateDelivery {
+            business: m.record.business,
+            id: m.record.id,
+            expected: m.record.delivery,
+            delivery,
+        });
+        self.store.commit(batch).await.unwrap();
+    }
+
     /// A world over the in-memory store.
     fn new(batch: usize) -> Self {
         Self::over(Arc::new(MemoryStore::new()), None, batch)
@@ -1132,14 +1144,7 @@ async fn a_message_deleted_with_its_report_pending_past_the_grace_is_counted_unr
                 overdue_at: None,
                 accepted_by: 0,
             };
-            let mut batch = Batch::new();
-            batch.push(Op::UpdateDelivery {
-                business: b,
-                id: m.record.id,
-                expected: m.record.delivery,
-                delivery: pending,
-            });
-            w.store.commit(batch).await.unwrap();
+            w.set_delivery(&m, pending).await;
             ended.push(m);
         }
         let notices = Notices::default();
@@ -4659,14 +4664,7 @@ async fn a_sent_message_with_a_device_pending_given_up_is_counted() {
                 overdue_at,
                 accepted_by: 7,
             };
-            let mut batch = Batch::new();
-            batch.push(Op::UpdateDelivery {
-                business: b,
-                id: m.record.id,
-                expected: m.record.delivery,
-                delivery: sent,
-            });
-            w.store.commit(batch).await.unwrap();
+            w.set_delivery(&m, sent).await;
             let notifier = RefusesAndCounts::default();
             w.clock.advance(CEILING + REPORT_GRACE + MINUTE);
             let report = w.retention.sweep(w.now(), &notifier).await.unwrap();
