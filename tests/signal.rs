@@ -143,6 +143,18 @@ impl World {
         self.sessions.publish(self.business).await.unwrap()
     }
 
+    /// Each of `sent`'s messages at `counters` is refused as one to ask
+    /// for again over a new session.
+    async fn asked_for_again(&self, peer: PeerId, sent: &[Ciphertext], counters: [usize; 2]) {
+        for i in counters {
+            let got = self.decrypt(peer, &sent[i]).await;
+            assert!(
+                matches!(&got, Err(e) if e.needs_new_session()),
+                "counter {i}: {got:?}"
+            );
+        }
+    }
+
     async fn decrypt(&self, peer: PeerId, message: &Ciphertext) -> Result<Vec<u8>, SignalError> {
         let expiry = self.expiry();
         self.sessions
@@ -2900,16 +2912,7 @@ async fn a_message_on_a_session_replaced_meanwhile_is_asked_for_however_far_in()
         .start_session(b, peer, &device.bundle(true), w.expiry())
         .await
         .unwrap();
-    let near = w.decrypt(peer, &sent[0]).await;
-    assert!(
-        matches!(&near, Err(e) if e.needs_new_session()),
-        "counter 0: {near:?}"
-    );
-    let far = w.decrypt(peer, &sent[2001]).await;
-    assert!(
-        matches!(&far, Err(e) if e.needs_new_session()),
-        "counter 2001: {far:?}"
-    );
+    w.asked_for_again(peer, &sent, [0, 2001]).await;
 }
 
 /// The same with a one-time prekey: a device's first-contact messages (it
@@ -2942,14 +2945,5 @@ async fn a_message_on_a_one_time_prekey_made_again_is_asked_for_however_far_in()
     let remade = again.iter().find(|k| k.id == x.id).copied().unwrap();
     assert_ne!(remade.public_key, x.public_key);
     assert_eq!(w.sessions.forget(b, peer.phone).await.unwrap(), 1);
-    let near = w.decrypt(peer, &sent[1]).await;
-    assert!(
-        matches!(&near, Err(e) if e.needs_new_session()),
-        "counter 1: {near:?}"
-    );
-    let far = w.decrypt(peer, &sent[2001]).await;
-    assert!(
-        matches!(&far, Err(e) if e.needs_new_session()),
-        "counter 2001: {far:?}"
-    );
+    w.asked_for_again(peer, &sent, [1, 2001]).await;
 }

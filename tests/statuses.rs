@@ -22,7 +22,8 @@ use custodian::ids::{BusinessId, MessageId, PhoneNumber};
 use custodian::integrity::{BillingStatement, Category, IntegrityReport};
 use custodian::keys::{LocalKeyProvider, SecretKey};
 use custodian::processor::{
-    DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError, StatusChange,
+    DeliveryConfig, Host, Outbound, Policies, Processor, ProcessorError, RetransmitReport,
+    StatusChange,
 };
 use custodian::signal::{Ciphertext, PreKeyBundle, PublishedKeys};
 use custodian::store::{Delivery, FailureReason, MemoryStore, Status, Storage, StoreError};
@@ -377,6 +378,19 @@ impl D {
     async fn report_cut(&self, business: BusinessId, id: MessageId, status: Status, polls: usize) {
         let cut = poll_at_most(self.report(business, id, status), polls).await;
         assert!(cut.is_none(), "{cut:?}");
+    }
+
+    /// Business 1's endpoint leaves a call unanswered (`first`'s delivery
+    /// report, cut); `later` seconds on, a retransmission pass runs to its
+    /// end.
+    async fn pass_with_business_1_hung(&self, first: MessageId, later: u64) -> RetransmitReport {
+        *self.sink.hang.lock().unwrap() = Some(b(1));
+        self.report_cut(b(1), first, Status::Delivered, 10_000)
+            .await;
+        self.advance(later);
+        let pass = poll_at_most(self.p.retransmit_due(&self.operator), 100_000).await;
+        pass.unwrap_or_else(|| panic!("the pass never ended"))
+            .unwrap()
     }
 
     /// A newer processor takes the store over (its first write does).
@@ -1360,12 +1374,8 @@ async fn a_pass_sends_no_more_than_its_batch_of_a_hung_business() {
         }
         // Business 1's endpoint leaves a call unanswered.
         d.advance(30);
-        *d.sink.hang.lock().unwrap() = Some(b(1));
-        d.report_cut(b(1), first, Status::Delivered, 10_000).await;
         // The queued messages due, inside the endpoint's wait.
-        d.advance(40);
-        let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
-        let report = pass.expect("the pass ended").unwrap();
+        let report = d.pass_with_business_1_hung(first, 40).await;
         // Two sends, and the report the endpoint left unanswered, put off.
         assert!(
             report.due <= 3,
@@ -1653,12 +1663,8 @@ async fn a_hung_business_s_sends_with_no_pending_devices_count_against_the_batch
         let taken_before: u32 = ids.iter().map(|&id| copies(id)).sum();
         // Business 1's endpoint leaves a call unanswered.
         d.advance(59);
-        *d.sink.hang.lock().unwrap() = Some(b(1));
-        d.report_cut(b(1), first, Status::Delivered, 10_000).await;
         // Every message due, inside the endpoint's wait (no probe).
-        d.advance(11);
-        let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
-        let report = pass.expect("the pass ended").unwrap();
+        let report = d.pass_with_business_1_hung(first, 11).await;
         let taken_after: u32 = ids.iter().map(|&id| copies(id)).sum();
         let sent_in_pass = taken_after - taken_before;
         if sent_in_pass > 2 {
@@ -1702,11 +1708,7 @@ async fn a_hung_business_s_expired_messages_do_not_count_against_the_batch() {
     *d.net.devices_fail.lock().unwrap() = false;
     // Business 1's endpoint leaves a call unanswered.
     d.advance(59);
-    *d.sink.hang.lock().unwrap() = Some(b(1));
-    d.report_cut(b(1), first, Status::Delivered, 10_000).await;
-    d.advance(11);
-    let pass = poll_at_most(d.p.retransmit_due(&d.operator), 100_000).await;
-    let report = pass.expect("the pass ended").unwrap();
+    let report = d.pass_with_business_1_hung(first, 11).await;
     assert!(
         !d.net.taken_by(other).is_empty(),
         "business 2's due message was left out of the pass, whose batch business 1's \
