@@ -109,6 +109,7 @@ fn record(n: u64, rows: u64) -> MessageRecord {
             next_attempt: None,
             pending_devices: 0,
             overdue_at: None,
+            told: None,
             accepted_by: 0,
         },
         sealed: vec![(n % 251) as u8; SEALED],

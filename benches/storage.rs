@@ -72,6 +72,7 @@ fn record(n: u64, phone_n: u64, expiry: u64, status: Status, sealed: usize) -> M
             next_attempt: None,
             pending_devices: 0,
             overdue_at: None,
+            told: None,
             accepted_by: 0,
         }
     };

@@ -2100,6 +2100,7 @@ mod tests {
             Blob(b"sealed".to_vec()),
             Integer(i64::MIN),
             Null,
+            Null,
         ];
         let with = |changes: &[(&str, Value)]| {
             let mut row = inbound.clone();
@@ -2132,6 +2133,18 @@ mod tests {
                     ("pending_devices", Integer(2 ^ i64::MIN)),
                     ("accepted_by", Integer(0x1234 ^ i64::MIN)),
                     ("overdue_at", Integer(1_700_003_600_000 ^ i64::MIN)),
+                ]),
+            ),
+            (
+                "outbound-delivered-told-devices-pending".to_owned(),
+                with(&[
+                    ("direction", Integer(2)),
+                    ("status", Integer(2)),
+                    ("attempts", Integer(2)),
+                    ("next_attempt", Integer(1_700_000_004_000 ^ i64::MIN)),
+                    ("pending_devices", Integer(2 ^ i64::MIN)),
+                    ("accepted_by", Integer(0x1234 ^ i64::MIN)),
+                    ("told", Integer(2)),
                 ]),
             ),
             (
@@ -2174,6 +2187,8 @@ mod tests {
             ("accepted_by", "null", Null),
             ("overdue_at", "text", Text("later".to_owned())),
             ("overdue_at", "real", Real(2.5)),
+            ("told", "code-5", Integer(5)),
+            ("told", "text", Text("delivered".to_owned())),
         ];
         for (name, what, value) in damaged {
             rows.push((format!("{name}-{what}"), with(&[(name, value.clone())])));

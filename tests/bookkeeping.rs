@@ -550,7 +550,8 @@ impl Deployment {
 
     /// A message of `b` to a consumer with two devices, reported delivered
     /// by device 0 from inside its send while device 1's send fails for
-    /// now: delivered, device 1 waiting for a retry, the business not told.
+    /// now: delivered, device 1 waiting for a retry, the business told so
+    /// (by the send's record: the report came while it held the message).
     async fn delivered_with_device_1_waiting(&self, b: BusinessId) -> MessageId {
         self.racing.network.add_consumer(&number(1), 2).await;
         self.processor.publish_keys(&self.owner, b).await.unwrap();
@@ -559,8 +560,13 @@ impl Deployment {
         let waiting = self.store.message(b, id).await.unwrap().unwrap().delivery;
         assert_eq!(waiting.status, Status::Delivered);
         assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
+        assert_eq!(waiting.told, Some(Status::Delivered));
         let told = self.webhook.business.statuses();
-        assert_eq!(told.get(&id), None, "not told yet");
+        assert_eq!(
+            told.get(&id).map(Vec::as_slice),
+            Some(&[(Status::Delivered, None)][..]),
+            "told ahead of device 1"
+        );
         id
     }
 
@@ -626,19 +632,25 @@ async fn a_send_whose_reply_was_lost_is_billed_once_when_its_report_comes() {
     assert_eq!(d.billed(b).await, 1);
 }
 
-/// Device 0's report is in the business's (slow) webhook while device 1's
-/// send fails and is left to retry: the report's write, when the webhook
-/// returns, must not undo the retry. Device 1 gets the message.
+/// Device 0's report comes while device 1's send fails and is left to
+/// retry, and the business's webhook is slow: the send's record tells it
+/// the report ahead of device 1, and the report's own write, made while
+/// the send held the message, never undoes the retry. Device 1 gets the
+/// message; the business is told delivered once.
 #[tokio::test]
 async fn a_slow_report_never_undoes_a_device_left_to_retry() {
     let (d, b) = Deployment::ready(2).await;
     *d.webhook.armed.lock().unwrap() = true;
     d.race(Race::ReportWhileDevice1Fails);
-    let id = d.send(b, 1).await;
+    let let_go = async {
+        d.webhook.entered.notified().await;
+        d.webhook.go.notify_one();
+    };
+    let (id, ()) = tokio::join!(d.send(b, 1), let_go);
     let waiting = d.store.message(b, id).await.unwrap().unwrap().delivery;
     assert_eq!(waiting.status, Status::Delivered);
     assert_eq!(waiting.pending_devices, 0b10, "device 1 waits for a retry");
-    d.webhook.go.notify_one();
+    assert_eq!(waiting.told, Some(Status::Delivered));
     let report = d.racing.report.lock().unwrap().take().unwrap();
     report.await.unwrap();
     let after = d.store.message(b, id).await.unwrap().unwrap().delivery;
@@ -648,6 +660,11 @@ async fn a_slow_report_never_undoes_a_device_left_to_retry() {
     for device in [0, 1] {
         assert_eq!(received[&device].get(&id), Some(&1), "device {device}");
     }
+    assert_eq!(
+        d.webhook.business.statuses()[&id],
+        [(Status::Delivered, None)],
+        "told delivered once"
+    );
 }
 
 /// A business's epoch shredded early while one of its messages is due: the

@@ -324,6 +324,7 @@ impl M {
                 next_attempt: self.next.map(t),
                 pending_devices: 0,
                 overdue_at: None,
+                told: None,
                 accepted_by: 0,
             },
             sealed: bytes(
@@ -1069,6 +1070,7 @@ async fn messages_are_stored_once_and_delivery_updates_only_touch_stored_ones(
         next_attempt: None,
         pending_devices: 0,
         overdue_at: None,
+        told: None,
         accepted_by: 0x8000_0000_0000_0001,
     };
     let update = |id, expected| Op::UpdateDelivery {
@@ -1347,6 +1349,7 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         next_attempt: Some(t(T0 + 25)),
         pending_devices: 0b101,
         overdue_at: Some(t(T0 + 120)),
+        told: None,
         accepted_by: 0,
     };
     let done = Delivery {
@@ -1356,6 +1359,7 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
         next_attempt: None,
         pending_devices: 0,
         overdue_at: None,
+        told: None,
         accepted_by: 0,
     };
     commit(
@@ -1395,6 +1399,35 @@ async fn due_messages_are_earliest_first_and_follow_updates(backend: &mut Backen
     });
     assert!(matches!(s.commit(lost).await, Err(StoreError::Conflict)));
     assert_eq!(stored(s, 1, 2).await, later);
+    // Delivered with a device still pending, its business told ahead:
+    // that reads back whole too, and a write expecting it untold loses.
+    let told = Delivery {
+        status: Status::Delivered,
+        pending_devices: 0b100,
+        overdue_at: None,
+        told: Some(Status::Delivered),
+        ..later
+    };
+    commit(
+        s,
+        [Op::UpdateDelivery {
+            business: business(1),
+            id: mid(2),
+            expected: later,
+            delivery: told,
+        }],
+    )
+    .await;
+    assert_eq!(stored(s, 1, 2).await, told);
+    let mut lost = Batch::new();
+    lost.push(Op::UpdateDelivery {
+        business: business(1),
+        id: mid(2),
+        expected: Delivery { told: None, ..told },
+        delivery: done,
+    });
+    assert!(matches!(s.commit(lost).await, Err(StoreError::Conflict)));
+    assert_eq!(stored(s, 1, 2).await, told);
 }
 
 async fn expired_open_messages_are_the_open_ones_earliest_first(backend: &mut Backend) {
@@ -2233,6 +2266,7 @@ async fn extreme_values_round_trip_and_keep_their_order(backend: &mut Backend) {
             next_attempt: Some(t(1 << 63)),
             pending_devices: u64::MAX,
             overdue_at: None,
+            told: None,
             accepted_by: u64::MAX,
         },
         sealed: Vec::new(),
@@ -3187,6 +3221,7 @@ impl Write {
                         next_attempt: due.map(|h| t(T0 + h * HOUR)),
                         pending_devices: 0,
                         overdue_at: None,
+                        told: None,
                         accepted_by: 0,
                     },
                 }

@@ -121,6 +121,7 @@ fn delivered(seq: u64) -> Delivery {
         next_attempt: None,
         pending_devices: 0,
         overdue_at: None,
+        told: None,
         accepted_by: 0,
     }
 }

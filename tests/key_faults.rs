@@ -753,6 +753,7 @@ fn retention_fuzz(rig: Rig, seed: u64) {
                         next_attempt: None,
                         pending_devices: 0,
                         overdue_at: None,
+                        told: None,
                         accepted_by: 0,
                     },
                     sealed,

@@ -669,6 +669,7 @@ impl World {
                 next_attempt: None,
                 pending_devices: 0,
                 overdue_at: None,
+                told: None,
                 accepted_by: 0,
             }
         };
@@ -1142,6 +1143,7 @@ async fn a_message_deleted_with_its_report_pending_past_the_grace_is_counted_unr
                 next_attempt: Some(w.now().saturating_add(CEILING + HOUR)),
                 pending_devices: 0,
                 overdue_at: None,
+                told: None,
                 accepted_by: 0,
             };
             w.set_delivery(&m, pending).await;
@@ -2793,7 +2795,7 @@ mod timelines {
                         Action::Deliver { which } => {
                             if !stored.is_empty() {
                                 let m = &stored[which % stored.len()].record;
-                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0, overdue_at: None, accepted_by: 0 };
+                                let delivery = Delivery { status: Status::Delivered, failure: None, attempts: 1, next_attempt: None, pending_devices: 0, overdue_at: None, accepted_by: 0, told: None };
                                 if let Some(s) = w.store.message(m.business, m.id).await.unwrap()
                                     && s.delivery.status.may_become(Status::Delivered)
                                 {
@@ -4663,6 +4665,7 @@ async fn a_sent_message_with_a_device_pending_given_up_is_counted() {
                 pending_devices: 0b10,
                 overdue_at,
                 accepted_by: 7,
+                told: None,
             };
             w.set_delivery(&m, sent).await;
             let notifier = RefusesAndCounts::default();

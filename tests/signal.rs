@@ -2947,3 +2947,47 @@ async fn a_message_on_a_one_time_prekey_made_again_is_asked_for_however_far_in()
     assert_eq!(w.sessions.forget(b, peer.phone).await.unwrap(), 1);
     w.asked_for_again(peer, &sent, [1, 2001]).await;
 }
+
+/// A repeated first-contact message whose identity key was
+/// swapped on the way (the MAC covers the session's identities, not the
+/// field) is refused and changes nothing; the genuine copy then decrypts,
+/// with no identity change reported. (Review.)
+#[tokio::test]
+async fn a_repeated_setup_with_a_swapped_identity_changes_nothing() {
+    use wacore_libsignal::protocol::{IdentityKeyPair, PreKeySignalMessage};
+    let w = World::new();
+    let b = w.business;
+    let (mut device, peer) = w.contact("+447700900077", 0).await;
+    let second = device.encrypt(b, b"two").await.unwrap();
+    assert_eq!(second.kind, MessageKind::FirstContact);
+    let m = PreKeySignalMessage::try_from(second.bytes.as_slice()).unwrap();
+    let evil = *IdentityKeyPair::generate(&mut rand::rng()).identity_key();
+    let forged = PreKeySignalMessage::new(
+        m.message_version(),
+        m.registration_id(),
+        m.pre_key_id(),
+        m.signed_pre_key_id(),
+        *m.base_key(),
+        evil,
+        m.message().clone(),
+    )
+    .unwrap();
+    let forged = Ciphertext {
+        kind: MessageKind::FirstContact,
+        bytes: forged.serialized().to_vec(),
+    };
+    let before = w.snapshot(peer).await;
+    let got = w.decrypt(peer, &forged).await;
+    assert!(
+        matches!(got, Err(SignalError::InvalidMessage(_))),
+        "{got:?}"
+    );
+    assert_eq!(w.snapshot(peer).await, before, "nothing stored changed");
+    let d = w
+        .sessions
+        .decrypt(b, peer, &second, w.expiry())
+        .await
+        .unwrap();
+    assert_eq!(&d.plaintext[..], b"two");
+    assert!(!d.identity_changed);
+}

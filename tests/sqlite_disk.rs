@@ -54,6 +54,7 @@ fn msg(i: u32, sealed_len: usize) -> MessageRecord {
             next_attempt: None,
             pending_devices: 0,
             overdue_at: None,
+            told: None,
             accepted_by: 0,
         },
         sealed: vec![(i % 251) as u8; sealed_len],

@@ -283,6 +283,7 @@ async fn op(w: &W, reference: &dyn Storage) -> Op {
                     next_attempt: next.map(t),
                     pending_devices: pending,
                     overdue_at: None,
+                    told: None,
                     accepted_by: accepted,
                 },
                 sealed: vec![7; sealed_len * 5],
@@ -319,6 +320,7 @@ async fn op(w: &W, reference: &dyn Storage) -> Op {
                     next_attempt: next.map(t),
                     pending_devices: pending,
                     overdue_at: None,
+                    told: None,
                     accepted_by: accepted,
                 },
             }
@@ -675,6 +677,7 @@ fn plain_message(id: usize, created: u64, expiry: u64) -> MessageRecord {
             next_attempt: None,
             pending_devices: 0,
             overdue_at: None,
+            told: None,
             accepted_by: 0,
         },
         sealed: vec![1; 8],

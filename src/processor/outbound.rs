@@ -482,6 +482,14 @@ impl Processor {
         if !next.status.is_open() && next.next_attempt.is_some() && next.pending_devices == 0 {
             self.report_status(business, id, record.phone, Direction::Outbound, next)
                 .await?;
+        } else if matches!(next.status, Status::Delivered | Status::Read)
+            && next.pending_devices != 0
+            && !next.told_already()
+        {
+            // Devices still to be sent it: its business is told the status
+            // ahead of them (a report that came while this attempt held
+            // the message, or whose telling the business refused).
+            self.tell_ahead(business, id, next).await?;
         }
         Ok(took)
     }

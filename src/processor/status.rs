@@ -501,6 +501,51 @@ impl Processor {
         true
     }
 
+    /// Tell the business the status (delivered or read) of one of its
+    /// messages whose devices are still being sent it, `stored` under its
+    /// claim, and record that it was told ([`Delivery::told`]), so that the
+    /// report owed once no device is left is not made again. Should the
+    /// business not take it, that report is made as it was; should the
+    /// record fail or this future be dropped, the record is owed, as every
+    /// record of what the business was told is (see `commit_told`).
+    pub(super) async fn tell_ahead(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        stored: Delivery,
+    ) -> Result<(), ProcessorError> {
+        let update = StatusUpdate {
+            business,
+            id,
+            status: stored.status,
+            failure: None,
+            at: self.clock.now(),
+        };
+        match self
+            .ask_business(business, id, self.sink.status(&update))
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                debug!(%business, %id, error = %e, "status not told ahead of the devices pending");
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+        let told = Op::UpdateDelivery {
+            business,
+            id,
+            expected: stored,
+            delivery: Delivery {
+                told: Some(stored.status),
+                ..stored
+            },
+        };
+        self.commit_told(business, id, told.into(), None, || {})
+            .await?;
+        Ok(())
+    }
+
     /// Tell the business the settled status (delivered, read or failed) of
     /// one of its messages, whose stored bookkeeping is `stored`; once
     /// told, nothing is pending (devices not reached by then are not sent
@@ -522,10 +567,13 @@ impl Processor {
             failure: stored.failure,
             at: self.clock.now(),
         };
-        let told = self
-            .ask_business(business, id, self.sink.status(&update))
-            .await
-            .is_some_and(|answer| answer.is_ok());
+        // Told already, while devices were still being sent it: the
+        // report is settled without another call.
+        let told = stored.told_already()
+            || self
+                .ask_business(business, id, self.sink.status(&update))
+                .await
+                .is_some_and(|answer| answer.is_ok());
         let next_attempt = if told {
             None
         } else {
@@ -581,7 +629,11 @@ impl Processor {
     ///
     /// A report speaks for one device of the recipient: the message takes
     /// the status, and devices an attempt has not reached are still sent
-    /// it, its business told the status once none is left. Those are the
+    /// it. Its business is told the status at once if a recorded attempt
+    /// left those devices (a device failing for now holds back no report
+    /// of a message the consumer has), and otherwise once none is left
+    /// (the report then made, should the business not have taken the
+    /// first, or should that not have been recorded). Those are the
     /// devices a recorded attempt left to retry or, on a message still
     /// queued (no record says a device took it: the process stopped, or
     /// the send was dropped, before its bookkeeping), every device: a
@@ -673,6 +725,7 @@ impl Processor {
                 } else {
                     record.delivery.accepted_by
                 },
+                told: record.delivery.told,
             };
             let op = Op::UpdateDelivery {
                 business,
@@ -730,6 +783,23 @@ impl Processor {
                     warn!(%business, %id, "a message reported delivered is left for its send's record to bill: its body is unreadable");
                 }
                 None => {}
+            }
+            // Devices a recorded attempt left to retry still wait for the
+            // message: its business is told the status now, not once the
+            // last of them has it (a device failing for days would hold
+            // the report back as long). Not so on one no record says a
+            // device took: its attempt, under way or owed, reports.
+            // Told under the message's claim, as it stands: an attempt
+            // under way tells it when it has recorded its outcome.
+            if record.delivery.pending_devices != 0
+                && let Some(_claim) = self.take_up(business, id).await?
+                && self
+                    .storage
+                    .message(business, id)
+                    .await?
+                    .is_some_and(|m| m.delivery == settled)
+            {
+                self.tell_ahead(business, id, settled).await?;
             }
             // An attempt under way (a report that came from inside the
             // transport's `send`, say) leaves the report to it: only its

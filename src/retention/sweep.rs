@@ -905,8 +905,9 @@ impl<'a> Sweep<'a> {
                 return Ok(Dropped::Open(d));
             }
             // Nothing pending: its business was told meanwhile (which
-            // counted it), by the retransmission loop, say.
-            if d.next_attempt.is_none() {
+            // counted it), by the retransmission loop, say, or told its
+            // status while devices were still being sent it.
+            if d.next_attempt.is_none() || d.told_already() {
                 return Ok(Dropped::Told(d.status));
             }
             // Giving up counts as an attempt: what the write leaves is

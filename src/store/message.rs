@@ -189,6 +189,15 @@ pub struct Delivery {
     /// it since.
     #[serde(default)]
     pub accepted_by: u64,
+    /// The settled status (delivered or read) its business was told ahead
+    /// of the report owed on it: a delivery report is told at once while
+    /// devices of the recipient are still being sent the message, and the
+    /// report that comes due once none is left, its status still this one,
+    /// is not made again (see [`told_already`](Self::told_already)). `None`
+    /// otherwise, and on a message stored before this field existed.
+    /// Every later write keeps it: a status that moves on is told anew.
+    #[serde(default)]
+    pub told: Option<Status>,
 }
 
 impl Delivery {
@@ -204,6 +213,12 @@ impl Delivery {
             overdue_at: None,
             ..self
         }
+    }
+
+    /// Whether its business was told its status already (see
+    /// [`told`](Self::told)): a report due on it has nothing to tell.
+    pub fn told_already(&self) -> bool {
+        self.told == Some(self.status)
     }
 
     /// The bit of device `device` in [`pending_devices`](Self::pending_devices).
@@ -223,6 +238,7 @@ impl Delivery {
             pending_devices: 0,
             overdue_at: None,
             accepted_by: 0,
+            told: None,
         }
     }
 }
@@ -304,7 +320,7 @@ impl From<&MessageRecord> for ExpiredMessage {
             epoch: m.epoch,
             direction: m.direction,
             status: m.delivery.status,
-            report_pending: m.delivery.next_attempt.is_some(),
+            report_pending: m.delivery.next_attempt.is_some() && !m.delivery.told_already(),
         }
     }
 }

@@ -274,6 +274,21 @@ impl<'a, 'r> Cols<'a, 'r> {
         Status::from_code(c).ok_or_else(|| self.bad(column, "an unknown code"))
     }
 
+    pub(super) fn opt_status(
+        &self,
+        idx: usize,
+        column: &str,
+    ) -> Result<Option<Status>, StoreError> {
+        match self.opt_int(idx, column)? {
+            None => Ok(None),
+            Some(v) => u8::try_from(v)
+                .ok()
+                .and_then(Status::from_code)
+                .map(Some)
+                .ok_or_else(|| self.bad(column, "an unknown code")),
+        }
+    }
+
     pub(super) fn failure(
         &self,
         idx: usize,
@@ -296,7 +311,7 @@ macro_rules! message_columns {
     () => {
         "business, id, direction, phone, created, expiry, \
          epoch, status, failure, attempts, next_attempt, pending_devices, sealed, \
-         accepted_by, overdue_at"
+         accepted_by, overdue_at, told"
     };
 }
 pub(super) use message_columns;
@@ -316,7 +331,7 @@ macro_rules! swept_columns {
     () => {
         "business, id, direction, phone, created, expiry, \
          epoch, status, failure, attempts, next_attempt, pending_devices, typeof(sealed), \
-         accepted_by, overdue_at"
+         accepted_by, overdue_at, told"
     };
 }
 pub(super) use swept_columns;
@@ -351,6 +366,7 @@ fn unsealed(c: &Cols<'_, '_>) -> Result<MessageRecord, StoreError> {
             pending_devices: c.u64(11, "pending_devices")?,
             overdue_at: c.opt_time(14, "overdue_at")?,
             accepted_by: c.u64(13, "accepted_by")?,
+            told: c.opt_status(15, "told")?,
         },
         sealed: Vec::new(),
     })
@@ -398,7 +414,7 @@ pub(crate) mod checks {
     use super::*;
 
     /// The columns of [`message_columns!`], in order.
-    pub(crate) const COLUMNS: [&str; 15] = [
+    pub(crate) const COLUMNS: [&str; 16] = [
         "business",
         "id",
         "direction",
@@ -414,6 +430,7 @@ pub(crate) mod checks {
         "sealed",
         "accepted_by",
         "overdue_at",
+        "told",
     ];
 
     /// The values of `m`'s row, as the insert writes them.
@@ -438,6 +455,8 @@ pub(crate) mod checks {
             Value::Integer(u64_to_sql(d.accepted_by)),
             d.overdue_at
                 .map_or(Value::Null, |t| Value::Integer(time_sql(t))),
+            d.told
+                .map_or(Value::Null, |s| Value::Integer(s.code().into())),
         ]
     }
 
@@ -560,6 +579,7 @@ mod tests {
             2 => (int(1..3), int(-1..12)),
             7 => (int(0..5), int(-1..12)),
             8 => (or_null(int(1..7)), int(-1..20)),
+            15 => (or_null(int(2..4)), or_null(int(-1..12))),
             9 => (int(0..1 << 32), any_int()),
             10 | 14 => (or_null(any_int()), or_null(any_int())),
             12 => (blob(0..40), any_value().boxed()),

@@ -74,10 +74,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: V6,
     },
+    Migration {
+        version: 7,
+        sql: V7,
+    },
 ];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: u32 = 6;
+pub(super) const SCHEMA_VERSION: u32 = 7;
 
 /// Version 1. Unsigned 64-bit values are biased (see `codec`); `kind`,
 /// `direction`, `status` and `failure` are the types' one-byte codes.
@@ -202,6 +206,13 @@ CREATE UNIQUE INDEX messages_header ON messages (business, header_id)
 /// have none; the next attempt on one sets it.
 const V6: &str = "
 ALTER TABLE messages ADD COLUMN overdue_at INTEGER;
+";
+
+/// Version 7: the settled status a message's business was told ahead of
+/// the report owed on it (`Delivery::told`, a status code). Rows stored
+/// before have none: their report is made as it was.
+const V7: &str = "
+ALTER TABLE messages ADD COLUMN told INTEGER;
 ";
 
 /// The name of the region in `store_meta` (schema version 2 and later).

@@ -50,6 +50,7 @@ const DELIVERED: Delivery = Delivery {
     next_attempt: None,
     pending_devices: 0,
     overdue_at: None,
+    told: None,
     accepted_by: 0,
 };
 

@@ -146,10 +146,10 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                 .prepare_cached(
                     "UPDATE messages SET status = ?3, failure = ?4, attempts = ?5,
                          next_attempt = ?6, pending_devices = ?7, accepted_by = ?13,
-                         overdue_at = ?15
+                         overdue_at = ?15, told = ?17
                      WHERE business = ?1 AND id = ?2 AND status = ?8 AND failure IS ?9
                          AND attempts = ?10 AND next_attempt IS ?11 AND pending_devices = ?12
-                         AND accepted_by = ?14 AND overdue_at IS ?16",
+                         AND accepted_by = ?14 AND overdue_at IS ?16 AND told IS ?18",
                 )
                 .db()?
                 .execute(params![
@@ -169,6 +169,8 @@ fn apply(conn: &Connection, op: &Op) -> Result<(), StoreError> {
                     u64_to_sql(expected.accepted_by),
                     delivery.overdue_at.map(time_sql),
                     expected.overdue_at.map(time_sql),
+                    delivery.told.map(Status::code),
+                    expected.told.map(Status::code),
                 ])
                 .db()?;
             // Fails the batch: the status moved on, or the message is gone.
@@ -344,8 +346,8 @@ fn insert_message(
         .prepare_cached(
             "INSERT INTO messages (business, id, direction, phone, created, expiry,
                  epoch, status, failure, attempts, next_attempt, pending_devices, sealed,
-                 accepted_by, header_id, overdue_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 accepted_by, header_id, overdue_at, told)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
              ON CONFLICT DO NOTHING",
         )
         .db()?
@@ -366,6 +368,7 @@ fn insert_message(
             u64_to_sql(m.delivery.accepted_by),
             header,
             m.delivery.overdue_at.map(time_sql),
+            m.delivery.told.map(Status::code),
         ])
         .db()?;
     // Fails the batch: a message with this id (or known by `header`) is
