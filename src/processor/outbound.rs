@@ -489,7 +489,8 @@ impl Processor {
             // Devices still to be sent it: its business is told the status
             // ahead of them (a report that came while this attempt held
             // the message, or whose telling the business refused).
-            self.tell_ahead(business, id, next).await?;
+            self.tell_ahead(business, id, next, next.next_attempt)
+                .await?;
         }
         Ok(took)
     }

@@ -504,15 +504,18 @@ impl Processor {
     /// Tell the business the status (delivered or read) of one of its
     /// messages whose devices are still being sent it, `stored` under its
     /// claim, and record that it was told ([`Delivery::told`]), so that the
-    /// report owed once no device is left is not made again. Should the
-    /// business not take it, that report is made as it was; should the
-    /// record fail or this future be dropped, the record is owed, as every
-    /// record of what the business was told is (see `commit_told`).
+    /// report owed once no device is left is not made again, with the
+    /// devices' next attempt due at `retry`. Should the business not take
+    /// it, the message stays due as it was (the next attempt on those
+    /// devices tells it again); should the record fail or this future be
+    /// dropped, the record is owed, as every record of what the business
+    /// was told is (see `commit_told`).
     pub(super) async fn tell_ahead(
         &self,
         business: BusinessId,
         id: MessageId,
         stored: Delivery,
+        retry: Option<Timestamp>,
     ) -> Result<(), ProcessorError> {
         let update = StatusUpdate {
             business,
@@ -538,6 +541,7 @@ impl Processor {
             expected: stored,
             delivery: Delivery {
                 told: Some(stored.status),
+                next_attempt: retry,
                 ..stored
             },
         };
@@ -629,11 +633,12 @@ impl Processor {
     ///
     /// A report speaks for one device of the recipient: the message takes
     /// the status, and devices an attempt has not reached are still sent
-    /// it. Its business is told the status at once if a recorded attempt
-    /// left those devices (a device failing for now holds back no report
-    /// of a message the consumer has), and otherwise once none is left
-    /// (the report then made, should the business not have taken the
-    /// first, or should that not have been recorded). Those are the
+    /// it. Its business is told the status once: at once if a recorded
+    /// attempt left those devices (a device failing for now holds back no
+    /// report of a message the consumer has; should this call not tell it,
+    /// another holding the message or the business refusing, the message
+    /// is due at once, and the retransmission loop tells it with an attempt
+    /// on those devices), and otherwise once none is left. Those are the
     /// devices a recorded attempt left to retry or, on a message still
     /// queued (no record says a device took it: the process stopped, or
     /// the send was dropped, before its bookkeeping), every device: a
@@ -704,11 +709,17 @@ impl Processor {
             // follows that (or the attempt under way, recording its own
             // outcome over this, sends to them).
             let pending = still_pending(&record.delivery);
+            // Devices a recorded attempt left to retry still wait for it:
+            // the status is told ahead of them, due now until it is, so
+            // that a call that cannot tell it (another holds the message,
+            // the call is dropped, the business refuses) leaves it to the
+            // retransmission loop (an attempt on those devices tells it).
+            let ahead = record.delivery.pending_devices != 0;
             let settled = Delivery {
                 status,
                 failure: None,
                 attempts: record.delivery.attempts,
-                next_attempt: if pending != 0 {
+                next_attempt: if pending != 0 && !ahead {
                     record.delivery.next_attempt.or(Some(now))
                 } else {
                     Some(now)
@@ -784,14 +795,12 @@ impl Processor {
                 }
                 None => {}
             }
-            // Devices a recorded attempt left to retry still wait for the
-            // message: its business is told the status now, not once the
-            // last of them has it (a device failing for days would hold
-            // the report back as long). Not so on one no record says a
-            // device took: its attempt, under way or owed, reports.
-            // Told under the message's claim, as it stands: an attempt
-            // under way tells it when it has recorded its outcome.
-            if record.delivery.pending_devices != 0
+            // Told ahead of the devices left to retry now, not once the
+            // last of them has the message (a device failing for days would
+            // hold the report back as long), under the message's claim, as
+            // it stands. Not so on one no record says a device took: its
+            // attempt, under way or owed, reports.
+            if ahead
                 && let Some(_claim) = self.take_up(business, id).await?
                 && self
                     .storage
@@ -799,7 +808,8 @@ impl Processor {
                     .await?
                     .is_some_and(|m| m.delivery == settled)
             {
-                self.tell_ahead(business, id, settled).await?;
+                let retry = record.delivery.next_attempt;
+                self.tell_ahead(business, id, settled, retry).await?;
             }
             // An attempt under way (a report that came from inside the
             // transport's `send`, say) leaves the report to it: only its
