@@ -795,12 +795,18 @@ impl Processor {
                 }
                 None => {}
             }
-            // Told ahead of the devices left to retry now, not once the
-            // last of them has the message (a device failing for days would
-            // hold the report back as long), under the message's claim, as
-            // it stands. Not so on one no record says a device took: its
-            // attempt, under way or owed, reports.
-            if ahead
+            // Told under the message's claim, as it stands (an attempt
+            // that ended while this write was landing may have told it
+            // already). With devices a recorded attempt left to retry, the
+            // status is told ahead of them, not once the last of them has
+            // the message (a device failing for days would hold the report
+            // back as long). Not so on a message no record says a device
+            // took: an attempt under way (a report that came from inside
+            // the transport's `send`, say) leaves the report to it, as only
+            // its bookkeeping knows whether devices still wait for the
+            // message; should it miss this write, the retransmission loop
+            // reports it.
+            if (ahead || pending == 0)
                 && let Some(_claim) = self.take_up(business, id).await?
                 && self
                     .storage
@@ -808,25 +814,13 @@ impl Processor {
                     .await?
                     .is_some_and(|m| m.delivery == settled)
             {
-                let retry = record.delivery.next_attempt;
-                self.tell_ahead(business, id, settled, retry).await?;
-            }
-            // An attempt under way (a report that came from inside the
-            // transport's `send`, say) leaves the report to it: only its
-            // bookkeeping knows whether devices still wait for the message.
-            // Should it miss this write, the retransmission loop reports it.
-            // Looked at again under the claim: an attempt that ended while
-            // this write was landing may have reported it already.
-            if pending == 0
-                && let Some(_claim) = self.take_up(business, id).await?
-                && self
-                    .storage
-                    .message(business, id)
-                    .await?
-                    .is_some_and(|m| m.delivery == settled)
-            {
-                self.report_status(business, id, record.phone, Direction::Outbound, settled)
-                    .await?;
+                if ahead {
+                    let retry = record.delivery.next_attempt;
+                    self.tell_ahead(business, id, settled, retry).await?;
+                } else {
+                    self.report_status(business, id, record.phone, Direction::Outbound, settled)
+                        .await?;
+                }
             }
             return Ok(StatusChange::Applied);
         }

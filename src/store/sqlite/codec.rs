@@ -274,31 +274,18 @@ impl<'a, 'r> Cols<'a, 'r> {
         Status::from_code(c).ok_or_else(|| self.bad(column, "an unknown code"))
     }
 
-    pub(super) fn opt_status(
+    /// A one-byte code that may be null (a failure reason, a status told).
+    pub(super) fn opt_code<T>(
         &self,
         idx: usize,
         column: &str,
-    ) -> Result<Option<Status>, StoreError> {
+        decode: fn(u8) -> Option<T>,
+    ) -> Result<Option<T>, StoreError> {
         match self.opt_int(idx, column)? {
             None => Ok(None),
             Some(v) => u8::try_from(v)
                 .ok()
-                .and_then(Status::from_code)
-                .map(Some)
-                .ok_or_else(|| self.bad(column, "an unknown code")),
-        }
-    }
-
-    pub(super) fn failure(
-        &self,
-        idx: usize,
-        column: &str,
-    ) -> Result<Option<FailureReason>, StoreError> {
-        match self.opt_int(idx, column)? {
-            None => Ok(None),
-            Some(v) => u8::try_from(v)
-                .ok()
-                .and_then(FailureReason::from_code)
+                .and_then(decode)
                 .map(Some)
                 .ok_or_else(|| self.bad(column, "an unknown code")),
         }
@@ -360,13 +347,13 @@ fn unsealed(c: &Cols<'_, '_>) -> Result<MessageRecord, StoreError> {
         epoch: Epoch::ending_at(c.time(6, "epoch")?),
         delivery: Delivery {
             status: c.status(7, "status")?,
-            failure: c.failure(8, "failure")?,
+            failure: c.opt_code(8, "failure", FailureReason::from_code)?,
             attempts: c.u32(9, "attempts")?,
             next_attempt: c.opt_time(10, "next_attempt")?,
             pending_devices: c.u64(11, "pending_devices")?,
             overdue_at: c.opt_time(14, "overdue_at")?,
             accepted_by: c.u64(13, "accepted_by")?,
-            told: c.opt_status(15, "told")?,
+            told: c.opt_code(15, "told", Status::from_code)?,
         },
         sealed: Vec::new(),
     })

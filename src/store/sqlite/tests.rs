@@ -12,7 +12,7 @@ use super::schema::{APPLICATION_ID, SCHEMA_VERSION};
 use super::writer::testing::{Work, commit_as_group, commit_fenced_as_group};
 use super::*;
 use crate::keys::KekCheck;
-use crate::store::{Delivery, Direction, Op, Status};
+use crate::store::{Delivery, Direction, FailureReason, Op, Status};
 
 const T0: u64 = 1_767_225_600_000;
 
@@ -3132,7 +3132,8 @@ fn a_refused_integer_column_is_named_and_its_value_not_quoted() {
                 "attempts" => c.u32(0, column).err(),
                 "status" => c.status(0, column).err(),
                 "direction" => c.direction(0, column).err(),
-                "failure" => c.failure(0, column).err(),
+                "failure" => c.opt_code(0, column, FailureReason::from_code).err(),
+                "told" => c.opt_code(0, column, Status::from_code).err(),
                 _ => c.key_kind(0, column).err(),
             })
         })
@@ -3147,6 +3148,7 @@ fn a_refused_integer_column_is_named_and_its_value_not_quoted() {
         (250, "status"),
         (333, "direction"),
         (444, "failure"),
+        (666, "told"),
         (555, "kind"),
     ] {
         let text = read(stored, column);
