@@ -704,16 +704,13 @@ impl Processor {
             } else {
                 None
             };
-            // Settled, with the report to the business pending until it is
-            // told, unless devices still wait for a retry: the report
-            // follows that (or the attempt under way, recording its own
-            // outcome over this, sends to them).
+            // Settled, with the report to the business due now until it is
+            // told: by this call if it can, else by the retransmission loop
+            // (an attempt on the devices still pending tells it, if any).
+            // Not so on a message no record says a device took (every
+            // device pending): its attempt, under way or owed, records its
+            // outcome over this and reports.
             let pending = still_pending(&record.delivery);
-            // Devices a recorded attempt left to retry still wait for it:
-            // the status is told ahead of them, due now until it is, so
-            // that a call that cannot tell it (another holds the message,
-            // the call is dropped, the business refuses) leaves it to the
-            // retransmission loop (an attempt on those devices tells it).
             let ahead = record.delivery.pending_devices != 0;
             let settled = Delivery {
                 status,
