@@ -638,7 +638,10 @@ impl Processor {
     /// report of a message the consumer has; should this call not tell it,
     /// another holding the message or the business refusing, the message
     /// is due at once, and the retransmission loop tells it with an attempt
-    /// on those devices), and otherwise once none is left. Those are the
+    /// on those devices, or, should the business's endpoint refuse that
+    /// too or be hung, with the devices' next attempts, at most
+    /// [`retry_max`](crate::processor::DeliveryConfig::retry_max) apart), and
+    /// otherwise once none is left. Those are the
     /// devices a recorded attempt left to retry or, on a message still
     /// queued (no record says a device took it: the process stopped, or
     /// the send was dropped, before its bookkeeping), every device: a
