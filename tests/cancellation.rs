@@ -740,6 +740,48 @@ fn status_update_is_cancellation_safe() {
     }));
 }
 
+/// A delivery report told ahead of a device failing for now (its bundle
+/// unavailable), dropped at any await, the record that its business was
+/// told included (owed then, and made before the message is next taken
+/// up): the business is told delivered once, and the device gets the
+/// message once its bundle is served.
+#[test]
+fn a_report_told_ahead_of_a_failing_device_is_told_once_however_it_is_cut() {
+    runtime().block_on(every_cut(|n| async move {
+        let d = Deployment::new(Faults::none(), Faults::none()).await;
+        d.network.add_consumer(&consumer(2), 2).await;
+        d.transport.bundle_fails.lock().unwrap().insert(1, false);
+        let id = d
+            .processor
+            .send(&d.owner, d.b, d.outbound(b"hi"))
+            .await
+            .unwrap();
+        let pending = d.store.message(d.b, id).await.unwrap().unwrap().delivery;
+        assert_eq!(pending.pending_devices, 0b10, "device 1 waits");
+        let update = d
+            .processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered);
+        let done = poll_at_most(update, n).await.is_some();
+        // Not acknowledged: the transport reports again.
+        d.processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+            .await
+            .unwrap();
+        // Passes a minute apart: a call cut in the business's endpoint
+        // left it hung, and the next probe finds it answering.
+        d.settle(3).await;
+        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+        assert_told_sent_delivered(&told, format_args!("cut {n}, device 1 failing"));
+        d.transport.bundle_fails.lock().unwrap().clear();
+        d.settle(5).await;
+        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
+        assert_told_sent_delivered(&told, format_args!("cut {n}"));
+        let received = d.network.received(&consumer(2)).await;
+        assert_eq!(received[&1].get(&id), Some(&1), "cut {n}");
+        done
+    }));
+}
+
 /// A receive dropped at any await, the write recording its hand-over
 /// included (owed then, and made when the message is next taken up): the
 /// hand-over is counted delivered once in the statistics. Before, a call
