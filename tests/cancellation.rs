@@ -714,6 +714,24 @@ fn receive_is_cancellation_safe() {
     }));
 }
 
+/// Report `id` delivered, the call dropped after `n` polls, then in full
+/// (not acknowledged, the transport reports again); whether the first call
+/// completed.
+async fn delivered_cut_at(d: &Deployment, id: MessageId, n: usize) -> bool {
+    let report = || {
+        d.processor
+            .status_update(&d.carrier, d.b, id, Status::Delivered)
+    };
+    let done = poll_at_most(report(), n).await.is_some();
+    report().await.unwrap();
+    done
+}
+
+/// The statuses `id`'s business was told, in order.
+fn told(d: &Deployment, id: MessageId) -> Vec<Status> {
+    d.business.statuses()[&id].iter().map(|s| s.0).collect()
+}
+
 #[test]
 fn status_update_is_cancellation_safe() {
     runtime().block_on(every_cut(|n| async move {
@@ -724,18 +742,9 @@ fn status_update_is_cancellation_safe() {
             .send(&d.owner, d.b, d.outbound(b"hi"))
             .await
             .unwrap();
-        let update = d
-            .processor
-            .status_update(&d.carrier, d.b, id, Status::Delivered);
-        let done = poll_at_most(update, n).await.is_some();
-        // Not acknowledged: the transport reports again.
-        d.processor
-            .status_update(&d.carrier, d.b, id, Status::Delivered)
-            .await
-            .unwrap();
+        let done = delivered_cut_at(&d, id, n).await;
         d.settle(5).await;
-        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, format_args!("cut {n}"));
+        assert_told_sent_delivered(&told(&d, id), format_args!("cut {n}"));
         done
     }));
 }
@@ -758,24 +767,14 @@ fn a_report_told_ahead_of_a_failing_device_is_told_once_however_it_is_cut() {
             .unwrap();
         let pending = d.store.message(d.b, id).await.unwrap().unwrap().delivery;
         assert_eq!(pending.pending_devices, 0b10, "device 1 waits");
-        let update = d
-            .processor
-            .status_update(&d.carrier, d.b, id, Status::Delivered);
-        let done = poll_at_most(update, n).await.is_some();
-        // Not acknowledged: the transport reports again.
-        d.processor
-            .status_update(&d.carrier, d.b, id, Status::Delivered)
-            .await
-            .unwrap();
+        let done = delivered_cut_at(&d, id, n).await;
         // Passes a minute apart: a call cut in the business's endpoint
         // left it hung, and the next probe finds it answering.
         d.settle(3).await;
-        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, format_args!("cut {n}, device 1 failing"));
+        assert_told_sent_delivered(&told(&d, id), format_args!("cut {n}, device 1 failing"));
         d.transport.bundle_fails.lock().unwrap().clear();
         d.settle(5).await;
-        let told: Vec<Status> = d.business.statuses()[&id].iter().map(|s| s.0).collect();
-        assert_told_sent_delivered(&told, format_args!("cut {n}"));
+        assert_told_sent_delivered(&told(&d, id), format_args!("cut {n}"));
         let received = d.network.received(&consumer(2)).await;
         assert_eq!(received[&1].get(&id), Some(&1), "cut {n}");
         done

@@ -353,6 +353,16 @@ impl D {
         self.p.send(&self.owner, business, message).await.unwrap()
     }
 
+    /// List devices 0 and 1 only, device 1's sends failing for now.
+    fn fail_device_1_for_now(&self) {
+        *self.net.devices.lock().unwrap() = Some(vec![0, 1]);
+        self.net
+            .modes
+            .lock()
+            .unwrap()
+            .insert(1, SendMode::Transient);
+    }
+
     async fn delivery(&self, business: BusinessId, id: MessageId) -> Delivery {
         self.store
             .message(business, id)
@@ -639,8 +649,7 @@ async fn device_list_changes_between_attempts() {
 #[tokio::test]
 async fn a_device_failing_for_now_holds_back_no_overdue_resend_to_the_others() {
     let d = D::new(3).await; // receipt timeout 120 s, retries 2 s to 60 s apart
-    *d.net.devices.lock().unwrap() = Some(vec![0, 1]);
-    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    d.fail_device_1_for_now();
     let id = d.send(b(1)).await;
     assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
     *d.net.devices.lock().unwrap() = None;
@@ -686,8 +695,7 @@ async fn a_device_failing_for_now_holds_back_no_overdue_resend_to_the_others() {
 #[tokio::test]
 async fn a_device_failing_for_now_holds_back_no_report_of_a_message_the_consumer_has() {
     let d = D::new(2).await;
-    *d.net.devices.lock().unwrap() = Some(vec![0, 1]);
-    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    d.fail_device_1_for_now();
     let id = d.send(b(1)).await;
     let refused = d.send(b(1)).await;
     assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
@@ -1797,8 +1805,7 @@ fn batch_of_two() -> DeliveryConfig {
 /// are hours apart by then (at most six).
 async fn device_1_failing_for_a_day() -> (D, MessageId) {
     let d = D::with(2, delivery(60, 6 * 3600, 10_000)).await;
-    *d.net.devices.lock().unwrap() = Some(vec![0, 1]);
-    d.net.modes.lock().unwrap().insert(1, SendMode::Transient);
+    d.fail_device_1_for_now();
     let id = d.send(b(1)).await;
     assert_eq!(d.net.taken_by(id), BTreeMap::from([(0, 1)]));
     for _ in 0..24 * 60 {

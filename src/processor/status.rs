@@ -501,6 +501,36 @@ impl Processor {
         true
     }
 
+    /// Tell `business` the status of its message `id` in `stored`, at
+    /// `at`: whether its endpoint took it (not if it is hung, see
+    /// [`call_business`](Self::call_business)).
+    async fn tell_status(
+        &self,
+        business: BusinessId,
+        id: MessageId,
+        stored: Delivery,
+        at: Timestamp,
+    ) -> bool {
+        let update = StatusUpdate {
+            business,
+            id,
+            status: stored.status,
+            failure: stored.failure,
+            at,
+        };
+        match self
+            .ask_business(business, id, self.sink.status(&update))
+            .await
+        {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                debug!(%business, %id, error = %e, "status not told");
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Tell the business the status (delivered or read) of one of its
     /// messages whose devices are still being sent it, `stored` under its
     /// claim, and record that it was told ([`Delivery::told`]), so that the
@@ -517,23 +547,11 @@ impl Processor {
         stored: Delivery,
         retry: Option<Timestamp>,
     ) -> Result<(), ProcessorError> {
-        let update = StatusUpdate {
-            business,
-            id,
-            status: stored.status,
-            failure: None,
-            at: self.clock.now(),
-        };
-        match self
-            .ask_business(business, id, self.sink.status(&update))
+        if !self
+            .tell_status(business, id, stored, self.clock.now())
             .await
         {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                debug!(%business, %id, error = %e, "status not told ahead of the devices pending");
-                return Ok(());
-            }
-            None => return Ok(()),
+            return Ok(());
         }
         let told = Op::UpdateDelivery {
             business,
@@ -564,28 +582,14 @@ impl Processor {
         direction: Direction,
         stored: Delivery,
     ) -> Result<bool, ProcessorError> {
-        let update = StatusUpdate {
-            business,
-            id,
-            status: stored.status,
-            failure: stored.failure,
-            at: self.clock.now(),
-        };
+        let at = self.clock.now();
         // Told already, while devices were still being sent it: the
         // report is settled without another call.
-        let told = stored.told_already()
-            || self
-                .ask_business(business, id, self.sink.status(&update))
-                .await
-                .is_some_and(|answer| answer.is_ok());
+        let told = stored.told_already() || self.tell_status(business, id, stored, at).await;
         let next_attempt = if told {
             None
         } else {
-            Some(
-                update
-                    .at
-                    .saturating_add(self.delivery.backoff(stored.attempts)),
-            )
+            Some(at.saturating_add(self.delivery.backoff(stored.attempts)))
         };
         let next = Delivery {
             next_attempt,
@@ -607,13 +611,13 @@ impl Processor {
             // when it failed or the call was dropped (it is owed, and lands
             // before the message is taken up again).
             let count = || {
-                if update.status == Status::Failed {
+                if stored.status == Status::Failed {
                     self.statistics.record_message(
                         business,
                         phone,
                         direction,
                         crate::integrity::Status::Failed,
-                        update.at,
+                        at,
                     );
                 }
             };
