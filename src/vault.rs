@@ -208,9 +208,8 @@ impl Vault {
     /// in the future and at most the retention [`CEILING`](crate::retention::CEILING) away (give or
     /// take [`CLOCK_TOLERANCE`]).
     pub async fn seal(&self, label: &Label, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
-        if plaintext.len() > envelope::MAX_PLAINTEXT_LEN {
-            return Err(SealError::TooLarge(plaintext.len()));
-        }
+        // Before the epoch's key is made: a refused seal changes nothing.
+        envelope::check_len(plaintext.len())?;
         let now = self.clock.now();
         let epoch = self.epoch_to_seal(label.expiry, now)?;
         // `epoch_to_seal` checked the expiry.

@@ -336,6 +336,9 @@ async fn sealing_refuses_past_expiry_and_oversized_plaintext() {
         f.vault.seal(&label, &huge).await,
         Err(SealError::TooLarge(_))
     ));
+    // Refused before anything changed: no key was made for its epoch.
+    let epoch = f.vault.epoch_of(label.expiry).unwrap();
+    assert_eq!(f.store.key(&KeyId::epoch(b, epoch)).await.unwrap(), None);
 }
 
 #[tokio::test]

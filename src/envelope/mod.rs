@@ -517,6 +517,15 @@ pub(crate) fn seal_with_nonce(
     )
 }
 
+/// Whether a plaintext of `len` bytes may be sealed: at most
+/// [`MAX_PLAINTEXT_LEN`].
+pub(crate) fn check_len(len: usize) -> Result<(), SealError> {
+    if len > MAX_PLAINTEXT_LEN {
+        return Err(SealError::TooLarge(len));
+    }
+    Ok(())
+}
+
 /// The checks every seal makes before any cryptography.
 fn check_seal(
     business: BusinessId,
@@ -524,9 +533,7 @@ fn check_seal(
     label: &Label,
     plaintext: &[u8],
 ) -> Result<(), SealError> {
-    if plaintext.len() > MAX_PLAINTEXT_LEN {
-        return Err(SealError::TooLarge(plaintext.len()));
-    }
+    check_len(plaintext.len())?;
     if business != label.business {
         return Err(SealError::WrongKey);
     }

@@ -414,6 +414,27 @@ const MANIFEST: &str = "tests/data/envelope_corpus.txt";
 
 /// Rewrite the corpus files and manifest from `corpus()`. Run by hand after
 /// a deliberate change: `cargo test write_corpus -- --ignored`.
+/// A plaintext of the largest length is admitted; one byte more is
+/// refused, before any cryptography.
+#[test]
+fn the_largest_plaintext_is_admitted_and_one_byte_more_refused() {
+    assert!(check_len(MAX_PLAINTEXT_LEN).is_ok());
+    assert!(matches!(
+        check_len(MAX_PLAINTEXT_LEN + 1),
+        Err(SealError::TooLarge(n)) if n == MAX_PLAINTEXT_LEN + 1
+    ));
+    let l = label(Kind::InboundMessage, B, 1, T0 + HOUR, "eu");
+    let key = fixture_epoch_key(
+        l.business,
+        Epoch::ending_at(Timestamp::from_millis(T0 + 2 * HOUR)),
+    );
+    let huge = vec![0; MAX_PLAINTEXT_LEN + 1];
+    assert!(matches!(
+        seal_with_nonce(&key, &l, &[0; 12], &huge),
+        Err(SealError::TooLarge(n)) if n == MAX_PLAINTEXT_LEN + 1
+    ));
+}
+
 #[test]
 #[ignore = "rewrites tests/data and fuzz/corpus; run by hand"]
 fn write_corpus() {

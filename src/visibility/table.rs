@@ -504,6 +504,27 @@ mod tests {
         assert_eq!(p, VisibilityPolicy::default());
     }
 
+    /// The check the published table passes when the crate compiles fails
+    /// a table with any one forbidden cell allowed.
+    #[test]
+    fn the_compile_time_check_refuses_every_forbidden_cell() {
+        let mut forbidden = 0;
+        for &party in Party::ALL {
+            for &class in DataClass::ALL {
+                for &purpose in Purpose::ALL {
+                    if HardRule::breaking(party, class, purpose).is_some() {
+                        let mut cells = PUBLISHED;
+                        cells[cell(party, class)] = cells[cell(party, class)].with(purpose);
+                        assert!(!respects_hard_rules(&cells), "{party} {class} {purpose}");
+                        forbidden += 1;
+                    }
+                }
+            }
+        }
+        assert!(forbidden > 0);
+        assert!(respects_hard_rules(&PUBLISHED));
+    }
+
     #[test]
     fn builder_refuses_content_to_transport_and_advertising() {
         let mut b = VisibilityPolicy::builder(2).unwrap();
@@ -562,16 +583,27 @@ mod tests {
 
     proptest! {
         #[test]
-        fn builder_allows_exactly_what_it_was_told_unless_forbidden(
-            cells in proptest::collection::vec(any_cell(), 0..40),
+        fn builder_allows_exactly_what_it_was_last_told_unless_forbidden(
+            from_published in any::<bool>(),
+            steps in proptest::collection::vec((any::<bool>(), any_cell()), 0..40),
         ) {
-            let mut b = VisibilityPolicy::builder(7).unwrap();
-            let mut expected = std::collections::HashSet::new();
-            for &(party, class, purpose) in &cells {
-                let forbidden = HardRule::breaking(party, class, purpose).is_some();
-                prop_assert_eq!(b.allow(party, class, purpose).is_err(), forbidden);
-                if !forbidden {
-                    expected.insert((party, class, purpose));
+            let mut b = if from_published {
+                VisibilityPolicy::published().to_builder(7).unwrap()
+            } else {
+                VisibilityPolicy::builder(7).unwrap()
+            };
+            let mut expected: std::collections::HashSet<_> =
+                b.build().allowed_cells().collect();
+            for &(allow, (party, class, purpose)) in &steps {
+                if allow {
+                    let forbidden = HardRule::breaking(party, class, purpose).is_some();
+                    prop_assert_eq!(b.allow(party, class, purpose).is_err(), forbidden);
+                    if !forbidden {
+                        expected.insert((party, class, purpose));
+                    }
+                } else {
+                    b.deny(party, class, purpose);
+                    expected.remove(&(party, class, purpose));
                 }
             }
             let policy = b.build();
@@ -585,7 +617,7 @@ mod tests {
                     }
                 }
             }
-            prop_assert_eq!(policy.allowed_cells().count(), expected.len());
+            prop_assert_eq!(policy.allowed_cells().collect::<std::collections::HashSet<_>>(), expected);
         }
 
         #[test]
