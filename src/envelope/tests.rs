@@ -412,10 +412,8 @@ const CORPUS_DIR: &str = "fuzz/corpus/envelope_parse";
 const OPEN_CORPUS_DIR: &str = "fuzz/corpus/envelope_open";
 const MANIFEST: &str = "tests/data/envelope_corpus.txt";
 
-/// Rewrite the corpus files and manifest from `corpus()`. Run by hand after
-/// a deliberate change: `cargo test write_corpus -- --ignored`.
 /// A plaintext of the largest length is admitted; one byte more is
-/// refused, before any cryptography.
+/// refused.
 #[test]
 fn the_largest_plaintext_is_admitted_and_one_byte_more_refused() {
     assert!(check_len(MAX_PLAINTEXT_LEN).is_ok());
@@ -435,6 +433,8 @@ fn the_largest_plaintext_is_admitted_and_one_byte_more_refused() {
     ));
 }
 
+/// Rewrite the corpus files and manifest from `corpus()`. Run by hand after
+/// a deliberate change: `cargo test write_corpus -- --ignored`.
 #[test]
 #[ignore = "rewrites tests/data and fuzz/corpus; run by hand"]
 fn write_corpus() {
