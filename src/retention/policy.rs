@@ -682,6 +682,37 @@ mod tests {
             }
         }
 
+        /// The builder makes the policy a file makes from the same settings,
+        /// and the policy lists back what it was given.
+        #[test]
+        fn the_builder_makes_what_the_file_makes(file in policy_file()) {
+            let Ok(loaded) = file.validate() else {
+                return Ok(());
+            };
+            let listed: Vec<_> = loaded.businesses().map(|(b, r)| (b, *r)).collect();
+            let mut built = RetentionPolicy::default()
+                .with_default(loaded.default_periods())
+                .unwrap()
+                .with_epoch_length(loaded.epoch_length())
+                .with_in_use_ttl(loaded.in_use_ttl())
+                .unwrap();
+            for (business, retention) in &listed {
+                built = built.with_business(*business, *retention).unwrap();
+            }
+            prop_assert_eq!(&built, &loaded);
+            let named: Vec<String> = listed.iter().map(|(b, _)| b.to_string()).collect();
+            let in_file: Vec<&String> = file.business.keys().collect();
+            prop_assert_eq!(named.iter().collect::<Vec<_>>(), in_file);
+            for (business, retention) in listed {
+                prop_assert_eq!(loaded.periods(business), retention.periods);
+                prop_assert_eq!(loaded.region(business), retention.region);
+            }
+            let epoch = file.epoch.as_deref().map_or(Ok(EpochLength::DEFAULT), |text| {
+                parse_duration(text).map(|d| EpochLength::new(d).unwrap())
+            });
+            prop_assert_eq!(loaded.epoch_length(), epoch.unwrap());
+        }
+
         /// One policy lengthens another exactly where it keeps some
         /// business's messages of some class longer (a business named in
         /// either, or in neither: by the defaults).
