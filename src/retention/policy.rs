@@ -713,6 +713,18 @@ mod tests {
             prop_assert_eq!(loaded.epoch_length(), epoch.unwrap());
         }
 
+        /// A policy's digest is SHA-256 over its JSON file form, in hex: two
+        /// policies share one exactly when they say the same.
+        #[test]
+        fn a_digest_names_what_a_policy_says(a in policy_file(), b in policy_file()) {
+            let (Ok(a), Ok(b)) = (a.validate(), b.validate()) else {
+                return Ok(());
+            };
+            let json = serde_json::to_vec(&a.to_file()).unwrap();
+            prop_assert_eq!(a.digest(), hex::encode(Sha256::digest(json)));
+            prop_assert_eq!(a.digest() == b.digest(), a == b);
+        }
+
         /// One policy lengthens another exactly where it keeps some
         /// business's messages of some class longer (a business named in
         /// either, or in neither: by the defaults).
