@@ -300,9 +300,7 @@ impl BusinessSink for Endpoint {
             return Err(SinkError("down".into()));
         }
         let copy = Zeroizing::new(message.content.to_vec());
-        let mut contents = self.contents.lock().unwrap();
-        contents.reserve_exact(1);
-        contents.push(copy);
+        self.contents.lock().unwrap().push(copy);
         Ok(())
     }
 
