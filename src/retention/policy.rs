@@ -595,6 +595,27 @@ mod tests {
         assert_eq!(policy.region(five), Some("eu".parse().unwrap()));
     }
 
+    /// A duration is written in the largest unit that says it exactly,
+    /// and read back the same.
+    #[test]
+    fn a_duration_is_written_in_its_largest_exact_unit() {
+        for (ms, text) in [
+            (0, "0ms"),
+            (999, "999ms"),
+            (1000, "1s"),
+            (1500, "1500ms"),
+            (90_000, "90s"),
+            (120_000, "2m"),
+            (7_200_000, "2h"),
+            (90_000_000, "25h"),
+            (2_592_000_000, "30d"),
+        ] {
+            let d = Duration::from_millis(ms);
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d));
+        }
+    }
+
     /// Mostly durations that load (1 to 30 of a unit), some that may not.
     fn duration_text() -> impl Strategy<Value = Option<String>> {
         prop_oneof![
