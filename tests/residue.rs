@@ -198,9 +198,14 @@ static TURN: Mutex<()> = Mutex::new(());
 /// Wait for this test's turn; it starts with no key learnt.
 fn turn() -> MutexGuard<'static, ()> {
     let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_keys();
+    turn
+}
+
+/// Look for no key until one is learnt again, and count afresh.
+fn forget_keys() {
     KEYS_LEARNT.store(0, Ordering::Release);
     FREED_KEYS.store(0, Ordering::Relaxed);
-    turn
 }
 
 /// What a watch saw: freed blocks holding the digits, the sentinel.
@@ -431,7 +436,7 @@ fn the_processor_over_sqlite_frees_no_number_and_no_content() {
 /// dropped, and no block it freed, at any point, held its root key or
 /// either of the business's KEKs.
 fn run(rt: &tokio::runtime::Runtime, storage: Arc<dyn Storage>, len: usize) {
-    KEYS_LEARNT.store(0, Ordering::Release);
+    forget_keys();
     let w = rt.block_on(World::new(storage));
     let number: PhoneNumber = NUMBER.parse().unwrap();
     let mut device = ConsumerDevice::new(0);
